@@ -1,0 +1,1 @@
+"""Benchmarks: the model zoo (``zoo``), the runner (``bench``), the suite and plots."""

@@ -1,0 +1,110 @@
+"""Capture: lower a Dynamo FX graph to ATen graphs with AOTAutograd.
+
+Inference graphs (no input needs a gradient) come back as one graph; training graphs as a
+forward and a backward graph. Each ATen graph is handed to ``compile_aten`` (the pipeline),
+which returns a callable taking the graph's flat arguments.
+
+Freezing: in inference, the arguments that are the model's parameters and buffers are marked
+*frozen*. The pipeline turns them into constants so passes can fold them (BatchNorm folding,
+weight transposes, casts), and checks on every call that they are still the same tensors at the
+same version; when one changed (``load_state_dict``, an optimizer step between evaluations) it
+refits: the folded constants are recomputed from the new weights before the call runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+_graph_ids = itertools.count()
+
+
+def frozen_mask(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> List[bool]:
+    """Which Dynamo graph inputs are module parameters or buffers (candidates for freezing)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mask = []
+    for i, value in enumerate(example_inputs):
+        if isinstance(value, torch.nn.Parameter):
+            mask.append(True)
+            continue
+        source = ""
+        if i < len(placeholders):
+            grapharg = placeholders[i].meta.get("grapharg")
+            source = str(getattr(grapharg, "source", "")) if grapharg is not None else ""
+        mask.append(isinstance(value, torch.Tensor) and "_buffers" in source)
+    return mask
+
+
+def lower(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    compile_aten: Callable[..., Callable],
+) -> Callable:
+    """Run AOTAutograd over ``gm`` and compile each resulting ATen graph with ``compile_aten``.
+
+    ``compile_aten(aten_gm, role=..., name=..., frozen=...)`` gets the ATen graph, its role
+    (inference | forward | backward), a readable name, and for inference the frozen mask.
+    """
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graph_id = next(_graph_ids)
+    mask = frozen_mask(gm, example_inputs)
+
+    def compiler(role: str):
+        def compile_one(aten_gm: fx.GraphModule, aot_args: Sequence[Any]) -> Callable:
+            n_placeholders = sum(1 for n in aten_gm.graph.nodes if n.op == "placeholder")
+            # AOT keeps Dynamo's argument order in inference; if it ever adds arguments
+            # (subclasses, tokens) the mask no longer lines up, so nothing is frozen.
+            frozen: Optional[List[bool]] = None
+            if role == "inference" and n_placeholders == len(mask) and any(mask):
+                frozen = mask
+            fn = compile_aten(aten_gm, role=role, name=f"graph{graph_id}.{role}", frozen=frozen)
+            return make_boxed_func(fn)
+
+        return compile_one
+
+    return aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+    )(gm, example_inputs)
+
+
+def is_symbolic(gm: fx.GraphModule) -> bool:
+    """True when the graph's shapes are symbolic (Dynamo marked a dimension dynamic)."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape):
+            return True
+    return False
+
+
+def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
+    """A copy of ``gm`` with concrete shapes: engines are built per concrete input shape."""
+    if not is_symbolic(gm):
+        return _copy(gm)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def run(*flat):
+        return torch.fx.Interpreter(gm).run(*flat)
+
+    needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    with contextlib.nullcontext() if needs_grad else torch.no_grad():
+        return make_fx(run, tracing_mode="fake")(*args)
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    import copy
+
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph)
+    return new
+
+
+__all__ = ["lower", "frozen_mask", "specialize", "is_symbolic"]

@@ -1,0 +1,161 @@
+"""Engine: runs a compiled graph as straight-line Python over kernels and ATen calls.
+
+The partitioned graph is turned into the source of one Python function: each kernel group is
+one call, every other node (views, getitem, mutation epilogues, groups ATen runs) is a direct
+ATen call, and values are deleted after their last use so memory is returned as eagerly as in
+eager mode. Constants (frozen weights and folded values) are read from a table each call, so a
+refit only swaps or updates table entries and never regenerates code.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from .fx_passes.constant_fold import ConstantProgram
+from .kernels.base import Kernel, KernelGroup
+
+
+class GroupCall:
+    """Graph target standing for one kernel group until its kernel is chosen."""
+
+    def __init__(self, index: int, group: KernelGroup):
+        self.index, self.group = index, group
+        self.kernel: Kernel | None = None
+        self.__name__ = f"kernel_{index}"
+
+    def __call__(self, *args: Any) -> Tuple[Any, ...]:
+        return (self.kernel or self.group.reference)(*args)
+
+    def __repr__(self) -> str:
+        return f"<{self.__name__} {self.group.kind}>"
+
+
+class Engine:
+    """A compiled graph for one set of input shapes."""
+
+    def __init__(
+        self,
+        graph: fx.Graph,
+        n_args: int,
+        constants: Dict[str, Any],
+        programs: Sequence[ConstantProgram] = (),
+        frozen: Dict[int, str] | None = None,
+        args: Sequence[Any] = (),
+    ):
+        self.constants = constants
+        self.programs = list(programs)
+        self.frozen = dict(frozen or {})  # arg index -> constant name
+        self._const_names = list(constants)
+        self.source, self._fn = _generate(graph, self._const_names)
+        self._table = [constants[n] for n in self._const_names]
+        self.n_args = n_args
+        self._bind(args)
+
+    def __call__(self, args: Sequence[Any]) -> Any:
+        if self._bound and self._stale(args):
+            self.refit(args)
+        return self._fn(args, self._table)
+
+    def _bind(self, args: Sequence[Any]) -> None:
+        # the user's own tensor objects and versions: any in-place update bumps the version
+        self._bound = {i: (args[i], args[i]._version) for i in self.frozen}
+
+    def _stale(self, args: Sequence[Any]) -> bool:
+        for i, (tensor, version) in self._bound.items():
+            if args[i] is not tensor or tensor._version != version:
+                return True
+        return False
+
+    def refit(self, args: Sequence[Any]) -> None:
+        """Rebind frozen weights to ``args`` and recompute every folded constant from them."""
+        for i, name in self.frozen.items():
+            self.constants[name] = args[i].detach()
+        for program in self.programs:
+            for name, value in program.run(self.constants).items():
+                old = self.constants.get(name)
+                if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and \
+                        old.shape == value.shape and old.dtype == value.dtype:
+                    old.copy_(value)  # folded constants own their memory: update in place
+                else:
+                    self.constants[name] = value
+        self._table[:] = [self.constants[n] for n in self._const_names]
+        self._bind(args)
+
+
+# --------------------------------------------------------------------------- code generation
+def _generate(graph: fx.Graph, const_names: List[str]) -> Tuple[str, Callable]:
+    globals_: Dict[str, Any] = {}
+    names: Dict[fx.Node, str] = {}
+    ids: Dict[int, str] = {}
+    const_index = {n: i for i, n in enumerate(const_names)}
+
+    def glob(obj: Any, hint: str) -> str:
+        key = id(obj)
+        if key not in ids:
+            base = "".join(c if c.isalnum() else "_" for c in hint)[:40] or "g"
+            name = f"{base}_{len(globals_)}"
+            globals_[name] = obj
+            ids[key] = name
+        return ids[key]
+
+    def fmt(a: Any) -> str:
+        if isinstance(a, fx.Node):
+            return names[a]
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(fmt(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' if len(a) == 1 else ''})"
+        if a is None or isinstance(a, (bool, int, str)):
+            return repr(a)
+        if isinstance(a, float) and math.isfinite(a):
+            return repr(a)
+        return glob(a, type(a).__name__)
+
+    nodes = list(graph.nodes)
+    last_use: Dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        for inp in node.all_input_nodes:
+            last_use[inp] = node
+    frees: Dict[fx.Node, List[str]] = {}
+
+    lines = ["def run(args, CONST):"]
+    placeholder_index = 0
+    for node in nodes:
+        var = f"v{len(names)}"
+        if node.op == "placeholder":
+            index = node.meta.get("arg_index", placeholder_index)
+            placeholder_index += 1
+            names[node] = var
+            lines.append(f"    {var} = args[{index}]")
+        elif node.op == "get_attr":
+            names[node] = var
+            lines.append(f"    {var} = CONST[{const_index[node.target]}]")
+        elif node.op == "call_function":
+            names[node] = var
+            if node.target is operator.getitem:
+                lines.append(f"    {var} = {fmt(node.args[0])}[{fmt(node.args[1])}]")
+            else:
+                fn = glob(node.target, getattr(node.target, "__name__", "fn"))
+                call_args = [fmt(a) for a in node.args]
+                call_args += [f"{k}={fmt(v)}" for k, v in node.kwargs.items()]
+                lines.append(f"    {var} = {fn}({', '.join(call_args)})")
+        elif node.op == "output":
+            lines.append(f"    return {fmt(node.args[0])}")
+            continue
+        else:
+            raise NotImplementedError(f"engine cannot run node op {node.op!r} ({node})")
+        for inp in node.all_input_nodes:
+            if last_use.get(inp) is node and inp.op != "get_attr":
+                frees.setdefault(node, []).append(names[inp])
+        if not node.users and node.op == "call_function":
+            frees.setdefault(node, []).append(var)
+        if node in frees:
+            lines.append(f"    del {', '.join(dict.fromkeys(frees[node]))}")
+    source = "\n".join(lines) + "\n"
+    code = compile(source, "<compile_backend engine>", "exec")
+    scope: Dict[str, Any] = dict(globals_)
+    exec(code, scope)  # our own generated source, built from the graph above
+    return source, scope["run"]

@@ -1,0 +1,75 @@
+"""The pass registry and what every pass receives.
+
+A pass is ``fn(gm, ctx) -> int``: it rewrites ``gm`` in place and returns how many times it
+fired, which the report shows under the pass's registered name. Passes run in registration
+order (see ``fx_passes/__init__.py``); see ``fx_passes/README.md`` for the invariants they keep.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass may know.
+
+    training: the graph is part of a training step (forward or backward): numerics and
+        buffers must stay exactly as eager computes them (no BN folding, no weight caching).
+    precision: the Options precision (fp32 | tf32 | fp16 | bf16).
+    device: where the graph runs.
+    Frozen weights appear in the graph as ``get_attr`` nodes; anything computed only from them
+    can be folded (``constant_fold``) and is recomputed on refit.
+    """
+
+    training: bool = False
+    precision: str = "fp32"
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+
+PassFn = Callable[[fx.GraphModule, PassContext], int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    name: str
+    fn: PassFn
+    inference_only: bool = False
+
+
+class PassRegistry:
+    """Ordered passes; later issues register more without touching the pipeline."""
+
+    def __init__(self) -> None:
+        self._passes: List[Pass] = []
+
+    def register(self, name: str, *, inference_only: bool = False, before: Optional[str] = None):
+        def deco(fn: PassFn) -> PassFn:
+            p = Pass(name, fn, inference_only)
+            if any(q.name == name for q in self._passes):
+                raise ValueError(f"pass {name!r} registered twice")
+            if before is None:
+                self._passes.append(p)
+            else:
+                idx = [q.name for q in self._passes].index(before)
+                self._passes.insert(idx, p)
+            return fn
+
+        return deco
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(p.name for p in self._passes)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for p in self._passes:
+            if p.inference_only and ctx.training:
+                continue
+            counts[p.name] = counts.get(p.name, 0) + int(p.fn(gm, ctx))
+        gm.graph.lint()
+        gm.recompile()
+        return counts

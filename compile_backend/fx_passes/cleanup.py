@@ -1,0 +1,20 @@
+"""Dead-code elimination (the other clean-up rules live in cleanup_rules.py)."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .base import PassContext
+
+
+def eliminate_dead_code(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Remove nodes whose values nobody uses; mutating ops are impure and stay."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    # get_attr constants left without users are dropped from the module too
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [k for k in list(gm._buffers) + list(gm._parameters) if k not in used]:
+        gm._buffers.pop(name, None)
+        gm._parameters.pop(name, None)
+    for name in [k for k, v in list(vars(gm).items()) if k.startswith("_folded_") and k not in used]:
+        delattr(gm, name)
+    return before - len(gm.graph.nodes)

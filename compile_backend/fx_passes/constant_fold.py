@@ -1,0 +1,169 @@
+"""Freezing and constant folding, with a re-runnable constant program for weight refit.
+
+``freeze`` turns the frozen placeholders (model parameters and buffers, in inference) into
+``get_attr`` constants. ``constant_fold`` then evaluates every node that depends only on
+constants (weight transposes, casts, BatchNorm-folded weights, concatenated QKV weights) once,
+stores the results as new constants ``_folded_<i>`` and records the computation as a
+:class:`ConstantProgram`. When a frozen weight changes, the engine re-runs that program from the
+new weights (refit) instead of recompiling; folded constants own their storage, so a refit
+writes into them in place and never into the user's tensors.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, List, Sequence
+
+import torch
+import torch.fx as fx
+
+from .base import PassContext
+
+FROZEN_PREFIX = "_frozen_"
+FOLDED_PREFIX = "_folded_"
+_PROGRAM = "constant_program"
+_MAX_GROWTH_BYTES = 1 << 20  # folding may not create much more data than its inputs hold
+_NEVER_FOLD = (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like)
+
+
+class ConstantProgram:
+    """The folded part of a graph: recomputes every folded constant from the frozen weights."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: List[str], outputs: List[str]):
+        self.gm, self.inputs, self.outputs = gm, inputs, outputs
+
+    def run(self, constants: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        with torch.no_grad():
+            values = self.gm(*[constants[name] for name in self.inputs])
+        return dict(zip(self.outputs, values))
+
+
+def freeze(gm: fx.GraphModule, frozen: Sequence[bool], args: Sequence[Any]) -> Dict[int, str]:
+    """Replace frozen placeholders by get_attr constants; returns {arg index: attribute name}."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mutated = _mutated_placeholders(gm)
+    bound: Dict[int, str] = {}
+    for i, (node, is_frozen) in enumerate(zip(placeholders, frozen)):
+        if not is_frozen or not isinstance(args[i], torch.Tensor) or node in mutated:
+            continue
+        name = f"{FROZEN_PREFIX}{i}"
+        gm.register_buffer(name, args[i].detach())  # detach shares storage and version counter
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+        bound[i] = name
+    gm.recompile()
+    return bound
+
+
+def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Evaluate nodes computed only from constants once; returns the number of folded nodes."""
+    if ctx.training:
+        return 0
+    graph = gm.graph
+    const: Dict[fx.Node, bool] = {}
+    for node in graph.nodes:
+        const[node] = node.op == "get_attr" or (node.op == "call_function" and _foldable(node, const))
+    folded = [n for n in graph.nodes if n.op == "call_function" and const[n]]
+    if not folded:
+        return 0
+    boundary = [n for n in folded if any(not const.get(u, False) or u.op == "output" for u in n.users)]
+    boundary = [n for n in boundary if not _is_scalar_val(n)]
+    sources = [n for n in graph.nodes if n.op == "get_attr" and any(u in folded for u in n.users)]
+    program = _extract(gm, sources, folded, boundary)
+    values = program.run({s.target: _attr(gm, s.target) for s in sources})
+    if not _growth_ok(values, [_attr(gm, s.target) for s in sources]):
+        return 0
+    source_ptrs = {_attr(gm, s.target).untyped_storage().data_ptr() for s in sources
+                   if isinstance(_attr(gm, s.target), torch.Tensor)}
+    start = len(gm.meta.get(_PROGRAM, []))
+    names = []
+    for j, node in enumerate(boundary):
+        name = f"{FOLDED_PREFIX}{start}_{j}"
+        value = values[node.name]
+        _set_constant(gm, name, _owned(value, source_ptrs))
+        with graph.inserting_before(node):
+            attr = graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        names.append(name)
+    program.outputs = names
+    gm.meta.setdefault(_PROGRAM, []).append(program)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return len(folded)
+
+
+def constant_programs(gm: fx.GraphModule) -> List[ConstantProgram]:
+    return list(gm.meta.get(_PROGRAM, []))
+
+
+def _foldable(node: fx.Node, const: Dict[fx.Node, bool]) -> bool:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
+            return False
+        if target.overloadpacket in _NEVER_FOLD:
+            return False
+    elif target is not operator.getitem:
+        return False
+    return all(const.get(i, False) for i in node.all_input_nodes)
+
+
+def _is_scalar_val(node: fx.Node) -> bool:
+    return not isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _extract(gm, sources, folded, boundary) -> ConstantProgram:
+    sub = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for s in sources:
+        env[s] = sub.placeholder(s.target.replace(".", "_"))
+    for node in folded:
+        env[node] = sub.node_copy(node, lambda n: env[n])
+    sub.output(tuple(env[n] for n in boundary))
+    program_gm = fx.GraphModule(gm, sub)
+    return ConstantProgram(program_gm, [s.target for s in sources], [n.name for n in boundary])
+
+
+def _set_constant(gm: fx.GraphModule, name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        gm.register_buffer(name, value)
+    else:
+        setattr(gm, name, value)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _owned(value: Any, source_ptrs: set) -> Any:
+    """Folded constants own their memory so a refit can update them in place."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value._base is not None or value.untyped_storage().data_ptr() in source_ptrs:
+        return value.clone()
+    return value
+
+
+def _growth_ok(values: Dict[str, Any], inputs: List[Any]) -> bool:
+    out_bytes = sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+    in_bytes = sum(v.numel() * v.element_size() for v in inputs if isinstance(v, torch.Tensor))
+    return out_bytes <= in_bytes + _MAX_GROWTH_BYTES
+
+
+def _mutated_placeholders(gm: fx.GraphModule) -> set:
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            schema = node.target._schema
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write and i < len(node.args):
+                    a = node.args[i]
+                    if isinstance(a, fx.Node) and a.op == "placeholder":
+                        out.add(a)
+    return out

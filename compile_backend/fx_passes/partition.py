@@ -1,0 +1,394 @@
+"""Partitioner: decides which ATen nodes share one kernel.
+
+Contract (the pipeline relies on it): ``partition(gm) -> list[GroupSpec]``; each node appears in
+at most one group; a group's nodes are in graph order and every group can run as one unit
+(no node outside the group both consumes a group value and feeds a later group node).
+Nodes in no group (views, metadata ops, getitem, mutation epilogues) run as plain ATen calls.
+
+Policy, in priority order (earlier groups claim nodes first):
+1. attention: each ``compile_backend.attention`` op alone.
+2. gemm / conv: mm, addmm, bmm, baddbmm or convolution with its epilogue chain: the single-user
+   chain of fusable element-wise ops after it (bias, activation, residual add, scaling, cast),
+   through row-major reshapes (``view``) that the epilogue treats as free.
+3. reduction: softmax, log-softmax, layer norm, sum/mean/amax/amin/var/std/logsumexp, with their
+   element-wise prologue (producers used only by the group) and epilogue; further reductions of
+   the same shape over the same dims join (a decomposed RMS or layer norm is one group).
+4. pointwise: the remaining fusable element-wise ops, grown along their users while the output
+   shape stays the group's shape (smaller operands broadcast).
+5. aten: any other op (embedding, pooling, cat, ops no generated kernel can express), alone.
+
+Never in a group: views of computed values (except the reshapes above and size-1 reshapes
+inside reductions), getitem (except of a grouped multi-output reduction), mutating ops (copy_,
+in-place ops), random ops, placeholders, constants.
+
+Dependency safety: every input a group reads from outside precedes the group's first node in
+graph order. That makes the groups acyclic and lets :func:`partition` move each group's nodes
+next to each other (still a topological order), so the group can run where its last node is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_GEMMS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
+_REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
+               aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.logsumexp)
+_RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
+_UNIT_VIEWS = _RESHAPES + (aten.unsqueeze, aten.squeeze)
+
+
+@dataclasses.dataclass
+class GroupSpec:
+    kind: str  # gemm | conv | pointwise | reduction | attention | aten
+    nodes: List[fx.Node]
+    anchor: Optional[fx.Node] = None
+
+    @property
+    def ops(self) -> Tuple[str, ...]:
+        """The ATen ops the group covers, in graph order."""
+        return tuple(_op_name(n.target) for n in self.nodes)
+
+
+def partition(gm: fx.GraphModule) -> List[GroupSpec]:
+    """Group the nodes of ``gm`` into kernels (and make each group's nodes adjacent)."""
+    _hoist_constants(gm.graph)
+    builder = _Partitioner(gm.graph)
+    groups = builder.run()
+    _make_adjacent(gm.graph, groups)
+    return groups
+
+
+def classify(node: fx.Node) -> Optional[str]:
+    """Kind of a single node, or None for nodes that are not kernels (views, metadata)."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return None
+    if t.namespace == "compile_backend" and t._opname == "attention":
+        return "attention"
+    if _is_view_op(t) or t._schema.is_mutable:
+        return None
+    packet = t.overloadpacket
+    if packet in _GEMMS:
+        return "gemm"
+    if packet is aten.convolution:
+        return "conv"
+    if packet in _REDUCTIONS:
+        return "reduction"
+    if fusable_pointwise(node):
+        return "pointwise"
+    return "aten"
+
+
+def fusable_pointwise(node: fx.Node) -> bool:
+    """An element-wise op a generated kernel can compute (checked against the code generator)."""
+    t = node.target
+    if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
+        return False
+    if torch.Tag.nondeterministic_seeded in t.tags or not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    packet = t.overloadpacket
+    if packet is aten._to_copy:
+        if not set(node.kwargs) <= {"dtype", "memory_format"}:
+            return False  # device / layout changes are not element-wise work
+    elif t is not prims.convert_element_type.default and torch.Tag.pointwise not in t.tags:
+        return False
+    reason = _codegen_reason(node)
+    return reason is None
+
+
+def _codegen_reason(node: fx.Node) -> Optional[str]:
+    try:
+        from ..kernels import expr
+    except ImportError:  # code generator absent: trust the op tags
+        return None
+    return expr.unsupported_reason(node)
+
+
+# ----------------------------------------------------------------------------- the policy
+class _Partitioner:
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.kind = {n: classify(n) for n in self.nodes}
+        self.group_of: Dict[fx.Node, int] = {}
+        self.groups: List[GroupSpec] = []
+
+    def run(self) -> List[GroupSpec]:
+        for n in self.nodes:
+            if self.kind[n] == "attention":
+                self._add(GroupSpec("attention", [n], n))
+        for n in self.nodes:
+            if self.kind[n] in ("gemm", "conv") and n not in self.group_of:
+                self._add(GroupSpec(self.kind[n], self._epilogue_chain(n), n))
+        for n in self.nodes:
+            if self.kind[n] == "reduction" and n not in self.group_of:
+                self._add(GroupSpec("reduction", self._reduction_group(n)))
+        for n in self.nodes:
+            if self.kind[n] == "pointwise" and n not in self.group_of:
+                self._add(GroupSpec("pointwise", self._pointwise_group(n)))
+        for n in self.nodes:
+            if self.kind[n] is not None and n not in self.group_of:
+                self._add(GroupSpec("aten", [n]))
+        self.groups.sort(key=lambda g: self.index[g.nodes[0]])
+        return self.groups
+
+    def _add(self, group: GroupSpec) -> None:
+        group.nodes.sort(key=self.index.__getitem__)
+        for n in group.nodes:
+            assert n not in self.group_of, f"{n.name} would be in two groups"
+            self.group_of[n] = len(self.groups)
+        self.groups.append(group)
+
+    def _free(self, n: fx.Node) -> bool:
+        return n not in self.group_of
+
+    def _safe(self, members: Set[fx.Node], extra: Sequence[fx.Node] = ()) -> bool:
+        """Every outside input of ``members | extra`` precedes their first node."""
+        nodes = members.union(extra)
+        first = min(self.index[n] for n in nodes)
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a not in nodes and self.index[a] >= first:
+                    return False
+        return True
+
+    # gemm / conv ------------------------------------------------------------------------
+    def _epilogue_chain(self, anchor: fx.Node) -> List[fx.Node]:
+        chain, members = [anchor], {anchor}
+        numel = _numel(anchor)
+        cur = anchor
+        while True:
+            users = list(cur.users)
+            if len(users) != 1:
+                break
+            u = users[0]
+            if not self._free(u) or _numel(u) != numel:
+                break
+            if _is_reshape(u):
+                pass
+            elif not (self.kind[u] == "pointwise" and _shape(u) == _shape(cur)):
+                break
+            if not self._safe(members, [u]):
+                break
+            chain.append(u)
+            members.add(u)
+            cur = u
+        while len(chain) > 1 and _is_reshape(chain[-1]):
+            chain.pop()  # a trailing reshape is free outside the kernel
+        return chain
+
+    # reductions -------------------------------------------------------------------------
+    def _reduction_group(self, anchor: fx.Node) -> List[fx.Node]:
+        x_shape, dims = _reduction_frame(anchor)
+        members = {anchor} | self._getitems(anchor)
+        self._grow_prologue(members, x_shape)
+        changed = True
+        while changed:
+            changed = False
+            for n in sorted({u for m in members for u in m.users}, key=self.index.__getitem__):
+                if n in members or not self._free(n) or n.op != "call_function":
+                    continue
+                add = self._reduction_member(n, members, x_shape, dims)
+                if add and self._safe(members, add):
+                    members.update(add)
+                    changed = True
+        return self._trim_views(members)
+
+    def _reduction_member(self, n: fx.Node, members, x_shape, dims) -> List[fx.Node]:
+        if self.kind[n] == "reduction":
+            if _reduction_frame(n) == (x_shape, dims):
+                return [n, *self._getitems(n)]
+            return []
+        if self.kind[n] == "pointwise" and _fits(_shape(n), x_shape):
+            return [n]
+        if _is_unit_view(n) and n.args[0] in members:
+            return [n]
+        return []
+
+    def _grow_prologue(self, members: Set[fx.Node], x_shape) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for m in list(members):
+                for p in m.all_input_nodes:
+                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise":
+                        continue
+                    if _shape(p) != x_shape or any(u not in members for u in p.users):
+                        continue
+                    if self._safe(members, [p]):
+                        members.add(p)
+                        changed = True
+
+    def _getitems(self, n: fx.Node) -> Set[fx.Node]:
+        return {u for u in n.users if u.target is operator.getitem}
+
+    def _trim_views(self, members: Set[fx.Node]) -> List[fx.Node]:
+        """Drop views that end a group (their value is as cheap to make outside)."""
+        members = set(members)
+        changed = True
+        while changed:
+            changed = False
+            for n in list(members):
+                if _is_unit_view(n) and not any(u in members for u in n.users):
+                    members.discard(n)
+                    changed = True
+        return list(members)
+
+    # pointwise --------------------------------------------------------------------------
+    def _pointwise_group(self, seed: fx.Node) -> List[fx.Node]:
+        members = {seed}
+        shape = _shape(seed)
+        changed = True
+        while changed:
+            changed = False
+            for n in sorted({u for m in members for u in m.users}, key=self.index.__getitem__):
+                if n in members or not self._free(n) or self.kind.get(n) != "pointwise":
+                    continue
+                if _shape(n) != shape or not self._safe(members, [n]):
+                    continue
+                members.add(n)
+                changed = True
+        return list(members)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _hoist_constants(graph: fx.Graph) -> None:
+    """Put every get_attr right after the placeholders: constants are available from the start
+    (constant folding leaves them next to their first user, which would fence groups)."""
+    anchor = None
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            anchor = n
+    consts = [n for n in graph.nodes if n.op == "get_attr"]
+    for n in consts:
+        if anchor is None:
+            first = next(iter(graph.nodes))
+            if first is not n:
+                first.prepend(n)
+        elif n.prev is not anchor:
+            anchor.append(n)
+        anchor = n
+
+
+def _make_adjacent(graph: fx.Graph, groups: List[GroupSpec]) -> None:
+    """Move each group's later nodes right behind its first one (valid: their outside inputs
+    all precede the first node, and their users all follow their old position)."""
+    for g in groups:
+        prev = g.nodes[0]
+        for n in g.nodes[1:]:
+            if n.prev is not prev:
+                prev.append(n)
+            prev = n
+
+
+def validate(gm: fx.GraphModule, groups: List[GroupSpec]) -> None:
+    """Raise AssertionError when ``groups`` break the partition contract."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    owner: Dict[fx.Node, int] = {}
+    for gi, g in enumerate(groups):
+        assert g.kind in ("gemm", "conv", "pointwise", "reduction", "attention", "aten"), g.kind
+        assert g.nodes == sorted(g.nodes, key=index.__getitem__), f"group {gi} not in graph order"
+        for n in g.nodes:
+            assert n not in owner, f"{n.name} is in groups {owner[n]} and {gi}"
+            owner[n] = gi
+            assert not (isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable), \
+                f"mutating {n.name} in group {gi}"
+    for gi, g in enumerate(groups):
+        inside = set(g.nodes)
+        last = index[g.nodes[-1]]
+        for n in g.nodes:
+            for u in n.users:
+                # an outside user of a group value must come after the whole group
+                assert u in inside or index[u] > last, f"{u.name} reads group {gi} before it completes"
+            for a in n.all_input_nodes:
+                assert a in inside or index[a] < index[g.nodes[0]], \
+                    f"group {gi} reads {a.name}, which is computed inside its span"
+
+
+def _op_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}" if target.namespace != "aten" else target._opname
+    return getattr(target, "__name__", str(target))
+
+
+def _is_view_op(t) -> bool:
+    return t.is_view or t.overloadpacket is aten._unsafe_view or torch.Tag.view_copy in t.tags
+
+
+def _is(node: fx.Node, packets) -> bool:
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.overloadpacket in packets
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    """A reshape that keeps row-major element order (input contiguous)."""
+    if not _is(node, _RESHAPES):
+        return False
+    src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return isinstance(src, torch.Tensor) and src.is_contiguous()
+
+
+def _is_unit_view(node: fx.Node) -> bool:
+    """A reshape that only adds or removes size-1 dims."""
+    if not _is(node, _UNIT_VIEWS) or not isinstance(node.args[0], fx.Node):
+        return False
+    a, b = _shape(node.args[0]), _shape(node)
+    return [s for s in a if s != 1] == [s for s in b if s != 1]
+
+
+def _shape(node: fx.Node) -> Tuple[int, ...]:
+    v = node.meta.get("val")
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def _numel(node: fx.Node) -> int:
+    v = node.meta.get("val")
+    return v.numel() if isinstance(v, torch.Tensor) else -1
+
+
+def _fits(shape: Tuple[int, ...], frame: Tuple[int, ...]) -> bool:
+    """``shape`` broadcasts to the reduction frame (a row value, a per-row value, a constant)."""
+    if len(shape) > len(frame):
+        return False
+    return all(s in (1, f) for s, f in zip(reversed(shape), reversed(frame)))
+
+
+def _reduction_frame(node: fx.Node) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(shape reduced over, sorted reduced dims) of a reduction node."""
+    x = node.args[0]
+    shape = _shape(x)
+    rank = len(shape)
+    packet = node.target.overloadpacket
+    if packet in (aten._softmax, aten._log_softmax):
+        dims = [node.args[1]]
+    elif packet is aten.native_layer_norm:
+        dims = list(range(rank - len(node.args[1]), rank))
+    else:
+        dims = _argument(node, "dim")
+        if dims is None or dims == []:
+            dims = list(range(rank))  # no dim argument (sum.default, var.default): everything
+        elif isinstance(dims, int):
+            dims = [dims]
+    return shape, tuple(sorted(d % rank for d in dims)) if rank else ()
+
+
+def _argument(node: fx.Node, name: str):
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, arg.default_value if arg.has_default_value() else None)
+    return None
+
+
+__all__ = ["GroupSpec", "partition", "classify", "fusable_pointwise", "validate"]

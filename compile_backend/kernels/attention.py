@@ -1,0 +1,505 @@
+"""Flash-attention forward for ``compile_backend::attention`` (see ``compile_backend/ops.py``).
+
+Three layers plus a reference, as every kernel here:
+
+* ``_flash_attention_fwd`` (@triton.jit): one program per (block of BLOCK_M query rows,
+  batch x head). It walks the keys in blocks of BLOCK_N keeping, per query row, the running
+  maximum ``m``, the running softmax denominator ``l`` and an fp32 output accumulator
+  (online softmax), so the [Sq, Sk] score matrix never exists in memory.
+* ``flash_attention(q, k, v, mask, scale, causal, config)``: checks inputs, reads the mask's
+  broadcast strides, allocates the output and launches.
+* ``build_attention(group, ctx)``: turns a KernelGroup holding one fused attention node into a
+  :class:`Kernel`, or raises :class:`Unsupported` so the engine falls back to ATen SDPA.
+* ``attention_reference(...)``: the same function in plain PyTorch, in fp32.
+
+Fully masked query rows (every key masked out by the mask, e.g. an all-False bool row or an
+all ``-inf`` additive row) produce zeros. That is what SDPA returns on CPU (its "safe" softmax,
+PyTorch >= 2.5) and, on CUDA (torch 2.11, H100), for an all ``-inf`` additive row; for an
+all-False *bool* row CUDA SDPA returned neither zeros, NaN nor the mean of v, so on such
+inputs the engine's validation rejects this kernel and runs ATen (benchmarks/notes/attention.md).
+
+This module imports Triton at the top: only the builder loader (``select._load``) and tests
+import it, never ``import compile_backend``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+import triton
+import triton.language as tl
+
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: largest head dim (of q/k and of v) the kernel keeps in registers; the D block is padded to
+#: the next power of two with masked loads, so 80 or 96 work too
+MAX_HEAD_DIM = 128
+_POW2_BLOCKS = (16, 32, 64, 128, 256)
+_WARPS = (1, 2, 4, 8, 16)
+
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Tuning knobs of the kernel (an autotuner may try :func:`candidate_configs`).
+
+    block_m: query rows per program; block_n: keys per inner step (both powers of two >= 16,
+    tl.dot's smallest tile); num_warps / num_stages: Triton launch options.
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in _POW2_BLOCKS:
+                raise ValueError(f"AttentionConfig.{name} must be one of {_POW2_BLOCKS}, got {value!r}")
+        if isinstance(self.num_warps, bool) or self.num_warps not in _WARPS:
+            raise ValueError(f"AttentionConfig.num_warps must be one of {_WARPS}, got {self.num_warps!r}")
+        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"AttentionConfig.num_stages must be an integer in 1..8, got {self.num_stages!r}")
+
+    def as_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def _pow2_at_least(n: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, int(n) - 1).bit_length())
+
+
+def default_config(
+    head_dim: int, head_dim_v: int, seq_q: int, seq_k: int, dtype: torch.dtype, causal: bool = False
+) -> AttentionConfig:
+    """Heuristic config, from the H100 sweeps in benchmarks/notes/attention.md.
+
+    fp16/bf16: (64, 64, 4 warps, 3 stages), except non-causal d <= 64 with long keys, where
+    (128, 64, 4, 3) is faster (s2048: 472 vs 504 us). Short sequences are latency-bound: smaller
+    programs keep more of them resident per SM. fp32: (128, 32, 8, 2), a narrow key block for
+    registers. Blocks never exceed the sequence rounded up to a power of two (decode: Sq = 1
+    gets 16 rows, not 64).
+    """
+    if dtype == torch.float32:
+        block_m, block_n, num_stages = 128, 32, 2
+    else:
+        long_keys = seq_k > 1024 and max(head_dim, head_dim_v) <= 64 and not causal
+        block_m, block_n, num_stages = (128 if long_keys else 64), 64, 3
+    block_m = min(block_m, _pow2_at_least(seq_q))
+    block_n = min(block_n, _pow2_at_least(seq_k))
+    num_warps = 8 if dtype == torch.float32 and block_m >= 128 else 4
+    return AttentionConfig(block_m, block_n, num_warps, num_stages)
+
+
+def candidate_configs(
+    head_dim: int, head_dim_v: int, seq_q: int, seq_k: int, dtype: torch.dtype, causal: bool = False
+) -> List[AttentionConfig]:
+    """The search space for an autotuner: the heuristic default first, then the sweep.
+
+    Some entries may not fit a GPU (fp32 with wide blocks: shared memory); Triton raises at
+    compile time and the tuner skips them.
+    """
+    space = [default_config(head_dim, head_dim_v, seq_q, seq_k, dtype, causal)]
+    for block_m in (64, 128):
+        for block_n in (32, 64, 128):
+            for num_warps in (4, 8):
+                for num_stages in (2, 3, 4):
+                    if block_m > _pow2_at_least(seq_q) or block_n > _pow2_at_least(seq_k):
+                        continue
+                    cfg = AttentionConfig(block_m, block_n, num_warps, num_stages)
+                    if cfg not in space:
+                        space.append(cfg)
+    return space
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Plain PyTorch, computed in fp32; returns q's dtype. Fully masked rows give zeros.
+
+    An additive mask is first rounded to q's dtype, as the fused op does before SDPA.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    sq, sk = scores.shape[-2], scores.shape[-1]
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(q.dtype).float()
+    if causal:
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    dead_rows = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead_rows, 0.0)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    # Masks only where a tail can exist (constexpr), so full tiles compile to plain loads.
+    if MASK_ROWS and MASK_COLS:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=row_ok[:, None], other=0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=col_ok[None, :], other=0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    # UPCAST_DOT: Triton's CPU interpreter computes bf16 dots wrongly (3.9); bf16 x bf16
+    # products are exact in fp32, so an fp32 dot of the upcast tiles is the same arithmetic.
+    if UPCAST_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _attend_key_blocks(
+    acc, l_i, m_i, q,
+    k_base, v_base, mask_rows,
+    offs_m, offs_n, offs_d, offs_dv,
+    lo, hi,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, KEY_TAIL: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online softmax over key blocks [lo, hi); CAUSAL/KEY_TAIL say which masks this range needs.
+
+    m_i is kept in the scaled log2 domain. SCALE_IN_EXP (scale > 0, no additive mask): the
+    scale is applied to the row max and inside exp2's argument (one FMA per score) instead of
+    a separate multiply of every score; a positive scale keeps the row max where it was.
+    """
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < head_dim_v
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        col_ok = cols < seq_k
+        # K^T tile [BLOCK_D, BLOCK_N]: padded head-dim lanes load 0 and add nothing to q.k
+        k_t = _load_tile(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                         d_ok, col_ok, not EVEN_D, KEY_TAIL)
+        qk = _dot(q, k_t, None, DOT_PRECISION, UPCAST_DOT)
+        if SCALE_IN_EXP:
+            row_scale = qk_scale
+        else:
+            qk = qk * qk_scale  # log2 domain
+            row_scale = 1.0
+        if MASK_KIND == 2:
+            bias = _load_tile(mask_rows + cols[None, :] * stride_mn, row_ok, col_ok, not EVEN_M, KEY_TAIL)
+            # the fused op rounds an additive mask to q's dtype before SDPA: do the same
+            qk += bias.to(q.dtype).to(tl.float32) * 1.4426950408889634
+        if MASK_KIND == 1:
+            keep = _load_tile(mask_rows + cols[None, :] * stride_mn, row_ok, col_ok, not EVEN_M, KEY_TAIL)
+            qk = tl.where(keep != 0, qk, float("-inf"))
+        if CAUSAL:
+            qk = tl.where(cols[None, :] <= offs_m[:, None], qk, float("-inf"))
+        if KEY_TAIL:
+            qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * row_scale)
+        if MASK_KIND != 0:
+            # a row with no visible key so far keeps m = -inf; subtract 0 instead so that
+            # exp2(-inf - -inf) never makes a NaN (its p and alpha are then exactly 0)
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(qk * row_scale - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                       col_ok, dv_ok, KEY_TAIL, not EVEN_DV)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_attention_fwd(
+    Q, K, V, Mask, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        # the last query blocks see the most keys: start them first so they do not end the launch
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < seq_q
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   row_ok, offs_d < head_dim, not EVEN_M, not EVEN_D)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # int64 rows: Sq * Sk mask elements can pass 2**31 on long sequences
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    # Keys [0, unmasked_hi) are inside Sk and (causal) left of every row of this block: no
+    # per-element masking there. The rest [unmasked_hi, hi) takes the tail/diagonal masks.
+    full_blocks_end = (seq_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M)
+        unmasked_hi = tl.minimum(full_blocks_end, (start_m // BLOCK_N) * BLOCK_N)
+    else:
+        hi = seq_k
+        unmasked_hi = full_blocks_end
+    acc, l_i, m_i = _attend_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d, offs_dv, 0, unmasked_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+        MASK_KIND, False, False, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT, BLOCK_N)
+    if CAUSAL or not EVEN_N:  # else the range is empty: emit no second loop at all
+        acc, l_i, m_i = _attend_key_blocks(
+            acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d, offs_dv, unmasked_hi, hi,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+            MASK_KIND, CAUSAL, not EVEN_N, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT,
+            BLOCK_N)
+
+    if MASK_KIND != 0:
+        # every key masked out: l = 0 and acc = 0; return 0 like SDPA's safe softmax
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc * (1.0 / l_i)[:, None]
+    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
+    dv_ok = offs_dv < head_dim_v
+    if EVEN_M and EVEN_DV:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any) -> Optional[str]:
+    """None when the kernel supports these tensors (real or meta), else the reason it does not."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.dim() != 4:
+            return f"{name} must be 4-d [B, H, S, D], got {t.dim()}-d"
+        if t.dtype != q.dtype:
+            return f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} not supported (fp16, bf16, fp32)"
+    (bq, hq, seq_q, d), (bk, hk, seq_k, dk), (bv, hv, seq_v, dv) = q.shape, k.shape, v.shape
+    if (bq, hq) != (bk, hk) or (bq, hq) != (bv, hv):
+        return f"batch/head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if dk != d or seq_v != seq_k:
+        return f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
+    if not (1 <= d <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
+        return f"head dims {d}/{dv} outside 1..{MAX_HEAD_DIM}"
+    if seq_k == 0:
+        return "no keys (Sk = 0)"
+    if bq * hq > 65535:
+        return f"batch x heads = {bq * hq} exceeds the grid's second axis (65535)"
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            return "mask is not a tensor"
+        if mask.dtype != torch.bool and mask.dtype not in MASK_FLOAT_DTYPES:
+            return f"mask dtype {mask.dtype} not supported (bool, fp16, bf16, fp32)"
+        # by hand: torch.broadcast_shapes costs ~10 us per call on the launch path
+        target = (bq, hq, seq_q, seq_k)
+        if mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(mask.shape), reversed(target))):
+            return f"mask {tuple(mask.shape)} does not broadcast to {target}"
+    return None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    config: Optional[AttentionConfig] = None,
+    allow_tf32: bool = True,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, as ``compile_backend::attention``; output contiguous.
+
+    allow_tf32 only matters for fp32 inputs: False computes both products in full fp32.
+    """
+    problem = check_attention_inputs(q, k, v, mask)
+    if problem is not None:
+        raise ValueError(f"flash_attention: {problem}")
+    if not (q.device == k.device == v.device) or (mask is not None and mask.device != q.device):
+        raise ValueError("flash_attention: q, k, v and mask must be on one device")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError("flash_attention: needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if config is None:
+        config = default_config(q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2], q.dtype, bool(causal))
+    return _launch(q, k, v, mask, scale, bool(causal), config, allow_tf32)
+
+
+def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, allow_tf32: bool) -> torch.Tensor:
+    """Allocate and launch, no checks: callers have validated (flash_attention) or built for
+    exactly these shapes and dtypes (build_attention)."""
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k, head_dim_v = k.shape[2], v.shape[3]
+    out = torch.empty((batch, heads, seq_q, head_dim_v), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
+    else:
+        # broadcast dims get stride 0: a [B,1,1,Sk] padding mask is read in place, never copied
+        mask_arg = mask.expand(batch, heads, seq_q, seq_k)
+        if mask.dtype == torch.bool:
+            mask_kind, mask_arg = MASK_BOOL, mask_arg.view(torch.uint8)
+        else:
+            mask_kind = MASK_ADDITIVE
+        mask_strides = mask_arg.stride()
+
+    block_d, block_dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    grid = (triton.cdiv(seq_q, config.block_m), batch * heads)
+    _flash_attention_fwd[grid](
+        q, k, v, mask_arg, out,
+        *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+        heads, seq_q, seq_k, head_dim, head_dim_v, scale * 1.4426950408889634,
+        MASK_KIND=mask_kind, CAUSAL=causal, SCALE_IN_EXP=scale > 0 and mask_kind != MASK_ADDITIVE,
+        EVEN_M=seq_q % config.block_m == 0, EVEN_N=seq_k % config.block_n == 0,
+        EVEN_D=head_dim == block_d, EVEN_DV=head_dim_v == block_dv,
+        DOT_PRECISION="tf32" if allow_tf32 else "ieee",
+        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# builder
+# ----------------------------------------------------------------------------------------------
+
+_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal")
+
+
+def _attention_node(group: KernelGroup) -> fx.Node:
+    calls = [n for n in group.gm.graph.nodes if n.op == "call_function"]
+    target = torch.ops.compile_backend.attention.default
+    if len(calls) != 1 or calls[0].target not in (target, torch.ops.compile_backend.attention):
+        raise Unsupported(f"expected one compile_backend.attention call, got {list(group.ops)}")
+    node = calls[0]
+    if len(group.outputs) != 1 or group.outputs[0] is not node:
+        raise Unsupported("the group must return exactly the attention output")
+    return node
+
+
+def _node_args(node: fx.Node) -> Dict[str, Any]:
+    args = dict(zip(_ARG_NAMES, node.args))
+    args.update({k: val for k, val in node.kwargs.items() if k in _ARG_NAMES})
+    missing = [n for n in _ARG_NAMES if n not in args and n != "mask"]
+    if missing:
+        raise Unsupported(f"attention node lacks arguments {missing}")
+    args.setdefault("mask", None)
+    return args
+
+
+def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[AttentionConfig] = None) -> Kernel:
+    """Kernel for a group holding one ``compile_backend.attention`` node (placeholders q, k, v
+    and optionally mask; scale and causal constants), or Unsupported with the reason."""
+    if group.kind != "attention":
+        raise Unsupported(f"group kind {group.kind!r} is not attention")
+    node = _attention_node(group)
+    args = _node_args(node)
+    placeholders = group.placeholders
+    positions: Dict[str, Optional[int]] = {}
+    for name in ("q", "k", "v", "mask"):
+        arg = args[name]
+        if arg is None and name == "mask":
+            positions[name] = None
+        elif isinstance(arg, fx.Node) and arg in placeholders:
+            positions[name] = placeholders.index(arg)
+        else:
+            raise Unsupported(f"attention {name} must be a group input, got {arg!r}")
+    scale, causal = args["scale"], args["causal"]
+    if isinstance(scale, fx.Node) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise Unsupported(f"attention scale must be a constant number, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise Unsupported(f"attention causal must be a constant bool, got {causal!r}")
+
+    metas = {name: (meta_of(args[name]) if positions[name] is not None else None) for name in positions}
+    problem = check_attention_inputs(metas["q"], metas["k"], metas["v"], metas["mask"])
+    if problem is not None:
+        raise Unsupported(problem)
+    q_meta, k_meta, v_meta = metas["q"], metas["k"], metas["v"]
+    # fp32 attention may use TF32 tensor cores only when the user's precision allows it
+    precision = getattr(ctx.options, "precision", "fp32")
+    allow_tf32 = precision != "fp32"
+    if config is None:
+        config = default_config(q_meta.shape[-1], v_meta.shape[-1], q_meta.shape[-2], k_meta.shape[-2],
+                                q_meta.dtype, causal)
+    scale = float(scale)
+    iq, ik, iv, im = positions["q"], positions["k"], positions["v"], positions["mask"]
+    shapes = tuple(tuple(m.shape) for m in (q_meta, k_meta, v_meta))
+    mask_shape = tuple(metas["mask"].shape) if im is not None else None
+
+    def run(*inputs: Any):
+        # the builder checked dtypes and shapes on the metas; only re-check the shapes (cheap)
+        # so an engine handing other shapes gets an error instead of a wrong launch
+        q, k, v = inputs[iq], inputs[ik], inputs[iv]
+        mask = inputs[im] if im is not None else None
+        if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
+            raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
+                             f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
+        return (_launch(q, k, v, mask, scale, causal, config, allow_tf32),)
+
+    return Kernel(kind="attention", impl="triton", ops=group.ops, fn=run, config=config.as_dict())

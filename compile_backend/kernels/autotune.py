@@ -1,0 +1,369 @@
+"""Generic auto-tuner: pick the fastest of several candidate implementations of one problem.
+
+Any template (GEMM, convolution, later pointwise / reduction / attention launch parameters)
+describes its problem as a :class:`TuningKey` and its options as :class:`Candidate` s, ordered
+by the template's own heuristic (the first is what runs with tuning off), and calls
+``Tuner.choose(key, candidates, make_inputs)``.
+
+What the tuner does, by ``Options.autotune``:
+- ``"off"``: the first candidate that compiles (on CUDA: and runs once) wins; nothing timed.
+- ``"fast"`` / ``"max"``: candidates are compiled in parallel (a thread pool; Triton's compile
+  is the slow part), then each is timed with CUDA events: warm-up, then the median of repeats,
+  the inputs rotated over enough copies that L2 does not flatter small problems. A candidate
+  that fails to compile or to run (e.g. out of shared memory) is skipped with a debug log.
+- a number of seconds: a budget for the whole graph, shared by every ``choose`` of one tuner;
+  candidates are timed in heuristic order until it runs out, then the best so far wins.
+- on CPU (the Triton interpreter) there is nothing worth timing: the heuristic choice wins,
+  unless the tuner was given a timer explicitly (tests do, to exercise the timing path).
+
+Winners go to the :class:`~.timing_cache.TimingCache`; a later process with the same key
+compiles only the cached winner and reports ``from_cache=True``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .timing_cache import TimingCache, current_environment
+
+log = logging.getLogger("compile_backend")
+
+#: how thorough a level is; a cached winner is reused when it was tuned at least as thoroughly
+LEVEL_RANK = {"off": 0, "budget": 1, "fast": 2, "max": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningSettings:
+    """Timing effort per level: repeats are chosen to fill ``target_ms``, within bounds."""
+
+    min_reps: int
+    max_reps: int
+    target_ms: float
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min_reps <= self.max_reps) or self.target_ms <= 0:
+            raise ValueError(f"invalid tuning settings {self}")
+
+
+SETTINGS = {
+    "fast": TuningSettings(min_reps=5, max_reps=30, target_ms=15.0),
+    "budget": TuningSettings(min_reps=5, max_reps=30, target_ms=15.0),
+    "max": TuningSettings(min_reps=10, max_reps=100, target_ms=60.0),
+}
+
+
+def tuning_level(autotune: Any) -> str:
+    """'off' | 'fast' | 'max' | 'budget' (a number of seconds) for an ``Options.autotune`` value."""
+    if isinstance(autotune, str):
+        if autotune not in ("off", "fast", "max"):
+            raise ValueError(f"autotune must be off, fast, max or seconds, got {autotune!r}")
+        return autotune
+    if isinstance(autotune, (int, float)) and not isinstance(autotune, bool) and autotune > 0:
+        return "budget"
+    raise ValueError(f"autotune must be off, fast, max or seconds, got {autotune!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningKey:
+    """What makes two tuning problems the same. Everything here must be JSON-able."""
+
+    kind: str  # gemm | conv | pointwise | ...
+    template: str  # hash of the generated source the candidates share
+    shapes: Tuple[Tuple[int, ...], ...]
+    strides: Tuple[Tuple[int, ...], ...]
+    dtypes: Tuple[str, ...]
+    extra: str = ""  # epilogue signature, precision, anything else that changes the winner
+
+    def as_dict(self) -> Dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def describe(self) -> str:
+        shapes = " ".join("x".join(map(str, s)) for s in self.shapes)
+        return f"{self.kind} [{shapes}] {','.join(sorted(set(self.dtypes)))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One way to run the problem.
+
+    config: JSON-able parameters that identify the candidate across processes (stored in the
+        timing cache as the winner).
+    compile: builds the candidate and returns ``runner(*inputs)``; may raise (skipped).
+    """
+
+    name: str
+    config: Mapping[str, Any]
+    compile: Callable[[], Callable[..., Any]]
+    impl: str = "triton"
+
+    def config_json(self) -> Any:
+        return json.loads(json.dumps(dict(self.config), sort_keys=True))
+
+
+@dataclasses.dataclass
+class Choice:
+    candidate: Candidate
+    runner: Callable[..., Any]
+    from_cache: bool = False
+    timings_ms: Dict[str, float] = dataclasses.field(default_factory=dict)
+    tuned: bool = False  # candidates were timed in this process
+
+
+class TuningBudget:
+    """Seconds left for tuning, shared by every group of a graph."""
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"tuning budget must be positive, got {seconds}")
+        self.seconds = float(seconds)
+        self._deadline: Optional[float] = None
+
+    def start(self) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.seconds
+
+    def remaining(self) -> float:
+        self.start()
+        return max(0.0, self._deadline - time.monotonic())
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining() <= 0.0
+
+
+# --------------------------------------------------------------------------- timers
+class CudaEventTimer:
+    """Per-launch CUDA event timings. Before each launch a spin kernel keeps the GPU busy
+    long enough for the host to queue the launch, so host launch overhead is not counted."""
+
+    def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
+        spin = int(min(2e6, max(2e4, 2.5 * host_s * 2e9)))  # cycles; ~2 GHz clocks
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            if hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(spin)
+            starts[i].record()
+            runner(*input_sets[i % len(input_sets)])
+            ends[i].record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+
+class WallClockTimer:
+    """Host-clock timings, for CPU runs (the interpreter) where there are no device events."""
+
+    def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
+        out = []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            runner(*input_sets[i % len(input_sets)])
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def sync(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- tuner
+class Tuner:
+    """Chooses among candidates; one instance per compilation so a seconds budget is shared."""
+
+    def __init__(
+        self,
+        autotune: Any = "fast",
+        cache: Optional[TimingCache] = None,
+        device: Optional[torch.device] = None,
+        progress: Optional[Callable[[str], None]] = None,
+        timer: Any = None,
+        compile_workers: Optional[int] = None,
+        progress_after_s: float = 2.0,
+    ):
+        self.level = tuning_level(autotune)
+        self.budget = TuningBudget(float(autotune)) if self.level == "budget" else None
+        self.cache = cache
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.progress = progress
+        on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        # without a device to time on (CPU / interpreter) tuning would only measure Python
+        self.timer = timer if timer is not None else (CudaEventTimer() if on_cuda else None)
+        self.compile_workers = compile_workers or max(1, min(8, os.cpu_count() or 1))
+        self.progress_after_s = progress_after_s  # tunings shorter than this print nothing
+        self.settings = SETTINGS.get(self.level, SETTINGS["fast"])
+        self.env = current_environment(self.device)
+        self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0}
+
+    @property
+    def times(self) -> bool:
+        return self.timer is not None and self.level != "off"
+
+    def choose(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs: Callable[[], Sequence[Any]]) -> Choice:
+        if not candidates:
+            raise ValueError(f"no candidates to choose from for {key.describe()}")
+        if not self.times:
+            return self._heuristic(key, candidates, make_inputs)
+        cached = self._from_cache(key, candidates)
+        if cached is not None:
+            return cached
+        if self.budget is not None and self.budget.exhausted:
+            return self._heuristic(key, candidates, make_inputs)
+        return self._tune(key, candidates, make_inputs)
+
+    # ------------------------------------------------------------------ paths
+    def _heuristic(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs) -> Choice:
+        probe_inputs = None
+        for cand in candidates:
+            try:
+                runner = cand.compile()
+                if self.device.type == "cuda":  # resource errors show only at launch
+                    probe_inputs = probe_inputs if probe_inputs is not None else make_inputs()
+                    runner(*probe_inputs)
+                    torch.cuda.synchronize()
+            except Exception as exc:
+                log.debug("compile_backend: candidate %s for %s skipped: %s", cand.name, key.describe(), exc)
+                continue
+            self.stats["heuristic"] += 1
+            return Choice(cand, runner)
+        raise RuntimeError(f"every candidate failed for {key.describe()}")
+
+    def _from_cache(self, key: TuningKey, candidates: Sequence[Candidate]) -> Optional[Choice]:
+        if self.cache is None:
+            return None
+        record = self.cache.get(key.as_dict(), self.env)
+        if record is None or LEVEL_RANK.get(record.get("level"), 0) < LEVEL_RANK[self.level]:
+            return None
+        for cand in candidates:
+            if cand.config_json() == record.get("winner"):
+                try:
+                    runner = cand.compile()
+                except Exception as exc:
+                    log.debug("compile_backend: cached winner %s no longer compiles: %s", cand.name, exc)
+                    return None
+                self.stats["from_cache"] += 1
+                return Choice(cand, runner, from_cache=True, timings_ms=dict(record.get("timings_ms", {})))
+        return None  # the winner is not among today's candidates: tune again
+
+    def _tune(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs) -> Choice:
+        t0 = time.monotonic()
+        if self.budget is not None:
+            self.budget.start()
+        label = key.describe()
+        runners = self._compile_all(key, candidates)
+        input_sets = self._input_sets(make_inputs)
+        timings: Dict[str, float] = {}
+        best: Optional[Tuple[float, Candidate]] = None
+        chatty = False
+        for i, cand in enumerate(candidates):
+            runner = runners.get(cand.name)
+            if runner is None:
+                continue
+            if self.budget is not None and self.budget.exhausted and best is not None:
+                break
+            ms = self._time_one(key, cand, runner, input_sets)
+            if ms is None:
+                continue
+            timings[cand.name] = ms
+            if best is None or ms < best[0]:
+                best = (ms, cand)
+            if time.monotonic() - t0 >= self.progress_after_s:  # only long tunings earn progress lines
+                chatty = True
+                self._say(f"tuning {label}: {i + 1}/{len(candidates)} candidates, best {best[0]:.4f} ms ({best[1].name})")
+        self.stats["seconds"] += time.monotonic() - t0
+        if best is None:
+            raise RuntimeError(f"every candidate failed for {label}")
+        winner = best[1]
+        if chatty:
+            self._say(f"tuned {label}: {winner.name} {best[0]:.4f} ms in {time.monotonic() - t0:.1f}s")
+        self.stats["tuned"] += 1
+        self.stats["candidates_timed"] += len(timings)
+        if self.cache is not None:
+            try:
+                self.cache.put(key.as_dict(), self.env, {
+                    "winner": winner.config_json(), "name": winner.name, "impl": winner.impl,
+                    "level": self.level, "timings_ms": timings,
+                })
+            except OSError as exc:
+                log.warning("compile_backend: could not write timing cache: %s", exc)
+        return Choice(winner, runners[winner.name], timings_ms=timings, tuned=True)
+
+    def _compile_all(self, key: TuningKey, candidates: Sequence[Candidate]) -> Dict[str, Callable]:
+        def build(cand: Candidate):
+            try:
+                return cand.compile()
+            except Exception as exc:
+                log.debug("compile_backend: candidate %s for %s failed to compile: %s", cand.name, key.describe(), exc)
+                return None
+
+        if self.compile_workers <= 1 or len(candidates) <= 1:
+            built = [build(c) for c in candidates]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:
+                built = list(pool.map(build, candidates))
+        return {c.name: r for c, r in zip(candidates, built) if r is not None}
+
+    def _input_sets(self, make_inputs) -> List[Sequence[Any]]:
+        first = make_inputs()
+        nbytes = sum(x.numel() * x.element_size() for x in first if isinstance(x, torch.Tensor))
+        l2 = 0
+        if self.device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 << 20)
+        copies = 1 if nbytes == 0 else int(min(8, max(1, math.ceil(2 * l2 / nbytes))))
+        return [first] + [make_inputs() for _ in range(copies - 1)]
+
+    def _time_one(self, key: TuningKey, cand: Candidate, runner, input_sets) -> Optional[float]:
+        try:
+            runner(*input_sets[0])  # warm-up: lazy compile, autotune-free first launch
+            self.timer.sync()
+            t0 = time.perf_counter()
+            runner(*input_sets[-1])
+            host_s = time.perf_counter() - t0
+            self.timer.sync()
+            estimate = self.timer.measure(runner, input_sets, 2, host_s)
+            per_run = max(min(estimate), 1e-4)
+            reps = int(min(self.settings.max_reps, max(self.settings.min_reps, self.settings.target_ms / per_run)))
+            return statistics.median(self.timer.measure(runner, input_sets, reps, host_s))
+        except Exception as exc:  # out of resources, illegal config, ...: skip, never crash
+            log.debug("compile_backend: candidate %s for %s failed to run: %s", cand.name, key.describe(), exc)
+            if self.device.type == "cuda":
+                try:
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass
+            return None
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+        else:
+            print(f"[compile_backend] {message}", file=sys.stderr, flush=True)
+
+
+def tuner_for(ctx: Any) -> Tuner:
+    """The tuner of one compilation (a ``KernelContext``), created on first use and kept on it
+    so that a seconds budget is shared by every group the context builds."""
+    tuner = getattr(ctx, "tuner", None)
+    if tuner is None:
+        tuner = Tuner(
+            autotune=ctx.options.autotune,
+            cache=getattr(ctx, "timing_cache", None),
+            device=ctx.device,
+            progress=getattr(ctx, "progress", None),
+        )
+        try:
+            ctx.tuner = tuner
+        except Exception:  # a frozen context: the tuner then lives per build
+            pass
+    return tuner

@@ -1,0 +1,115 @@
+"""What every kernel builder takes and returns.
+
+A *group* is a piece of the ATen graph that the partitioner decided should become one kernel
+(a GEMM with its epilogue, a pointwise chain, a row reduction, an attention block, or a single
+op ATen must run). A *builder* turns a group into a :class:`Kernel`, or raises
+:class:`Unsupported` with a reason; the selector then tries the next builder and finally ATen.
+
+This module imports neither Triton nor CUDA: builders import Triton lazily inside ``build``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+KINDS = ("gemm", "conv", "pointwise", "reduction", "attention", "aten")
+
+
+class Unsupported(Exception):
+    """A builder cannot serve this group; the message says why (it goes into the report)."""
+
+
+@dataclasses.dataclass
+class KernelGroup:
+    """One unit of work for a kernel builder.
+
+    gm: a standalone ATen graph: placeholders are the group's inputs in order; the output node
+        returns a tuple with one entry per group output. Every node carries ``meta['val']``
+        (a tensor on the ``meta`` device with the real shape, stride and dtype, or a Python
+        scalar) so builders can read shapes without running anything.
+    anchor: name of the GEMM/conv/attention node in ``gm`` for template kinds, else None.
+    """
+
+    kind: str
+    gm: fx.GraphModule
+    anchor: Optional[str] = None
+    name: str = "group"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"group kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def ops(self) -> Tuple[str, ...]:
+        return tuple(op_name(n.target) for n in self.gm.graph.nodes if n.op == "call_function")
+
+    @property
+    def placeholders(self) -> List[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def outputs(self) -> List[fx.Node]:
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        return list(out.args[0])
+
+    def reference(self, *inputs: Any) -> Tuple[Any, ...]:
+        """Plain ATen execution of the group: the ground truth every kernel is checked against."""
+        return tuple(self.gm(*inputs))
+
+
+@dataclasses.dataclass
+class Kernel:
+    """A compiled group: call it with the group's inputs, get a tuple of its outputs."""
+
+    kind: str
+    impl: str  # triton | cublas | cudnn | aten
+    ops: Tuple[str, ...]
+    fn: Callable[..., Tuple[Any, ...]]
+    config: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: Optional[str] = None  # generated source, kept for the report / debug dump
+    tuned_from_cache: bool = False
+
+    def __call__(self, *args: Any) -> Tuple[Any, ...]:
+        return self.fn(*args)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "ops": list(self.ops), "impl": self.impl, "config": dict(self.config)}
+
+
+@dataclasses.dataclass
+class KernelContext:
+    """What a builder may know about the compilation: options, device, tuning, progress."""
+
+    options: Any  # compile_backend.options.Options
+    device: torch.device
+    interpret: bool  # Triton runs under TRITON_INTERPRET=1 (CPU tensors)
+    timing_cache: Any = None  # kernels.timing_cache.TimingCache or None
+    progress: Optional[Callable[[str], None]] = None
+
+    @property
+    def autotune(self) -> Any:
+        return self.options.autotune
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+
+def op_name(target: Any) -> str:
+    """'aten.addmm' style name for an FX call_function target."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"{target._qualified_op_name.replace('::', '.')}"
+    return getattr(target, "__name__", str(target))
+
+
+def meta_of(node: fx.Node) -> Any:
+    return node.meta.get("val")
+
+
+def tensor_inputs(inputs: Sequence[Any]) -> List[torch.Tensor]:
+    return [x for x in inputs if isinstance(x, torch.Tensor)]

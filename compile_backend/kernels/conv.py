@@ -1,0 +1,255 @@
+"""2-D convolution as an implicit GEMM with a fused epilogue: launcher, reference, builder.
+
+Layers:
+
+* the @triton.jit kernel: :func:`gemm_template.render_conv` (rows = output pixels, columns =
+  output channels of one group, reduction over (kh, kw, input channel) with the channel
+  innermost, so channels-last activations are read along contiguous memory);
+* :func:`conv2d` (direct launcher) and :class:`ConvRunner`;
+* :func:`conv2d_reference`: ``torch.nn.functional.conv2d`` in fp64;
+* :func:`build_conv`: a ``conv`` KernelGroup (aten.convolution + epilogue chain: folded-BN bias
+  add, ReLU, residual add, ...) -> :class:`Kernel`, tuned among template configs and cuDNN
+  followed by the same epilogue as one Triton kernel.
+
+Stride, padding, dilation and groups are supported. On CUDA the untuned choice is cuDNN + the
+fused epilogue kernel (it won most ResNet-50 shapes, see benchmarks/notes/gemm.md); tuning
+times the template configs against it. Depthwise and other thin-group convolutions are correct
+in the template but slow (tiny reductions on tensor cores). Transposed and non-2-D convolutions
+go to ATen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import gemm_template as tpl
+from .autotune import Candidate, TuningKey, tuning_level
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .gemm import (FLOAT_DTYPES, GemmConfig, TemplateTuning, _dtypes, _fit, _Probe, _shapes, _strides,
+                   _warmed, candidate_configs, choose_kernel_of, device_limits, dtype_name, epilogue_only,
+                   heuristic_config, triton_cdiv)
+
+
+class ConvRunner:
+    """Launches a generated conv kernel; ``loads``/``outs`` are viewed in (n, c, h, w) space."""
+
+    def __init__(self, kernel, config: GemmConfig, stride, padding, dilation, groups: int):
+        if config.split_k != 1:
+            raise ValueError("the convolution template has no split-K")
+        self.kernel, self.config, self.groups = kernel, config, groups
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> None:
+        cfg = self.config
+        nb, c, ih, iw = x.shape
+        oc, cg, kh, kw = w.shape
+        oh, ow = outs[0].shape[2], outs[0].shape[3]
+        ocg = oc // self.groups
+        m = nb * oh * ow
+        io = list(loads) + list(outs)
+        grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(ocg, cfg.block_n), self.groups)
+        self.kernel[grid](
+            x, w, *io, m, ih, iw, oh, ow, cg, ocg, *x.stride(), *w.stride(),
+            *self.stride, *self.padding, *self.dilation, *[s for t in io for s in t.stride()],
+            KH=kh, KW=kw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
+           dilation=(1, 1), groups: int = 1, *, relu: bool = False, residual: Optional[torch.Tensor] = None,
+           config: Optional[GemmConfig] = None, precision: str = "fp32") -> torch.Tensor:
+    """``relu(conv2d(x, w) + bias) + residual`` in one kernel; output in x's memory format.
+
+    The epilogue runs in fp32 and rounds once (ReLU before the residual add when both are set).
+    """
+    if x.dim() != 4 or w.dim() != 4 or x.dtype not in FLOAT_DTYPES or w.dtype != x.dtype:
+        raise ValueError(f"conv2d takes 4-D fp32/fp16/bf16 x and w, got {tuple(x.shape)} {x.dtype}, {tuple(w.shape)} {w.dtype}")
+    if x.shape[1] != w.shape[1] * groups or w.shape[0] % groups:
+        raise ValueError(f"conv2d: channels {x.shape[1]} / weight {tuple(w.shape)} do not fit groups={groups}")
+    oh = conv_output_size(x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])
+    ow = conv_output_size(x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])
+    shape = (x.shape[0], w.shape[0], oh, ow)
+    fmt = torch.channels_last if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
+    out = torch.empty(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
+    loads, lines = [], ["acc_v = acc"]
+    if bias is not None:
+        loads.append(bias.view(1, -1, 1, 1).expand(shape))
+        lines.append("acc_v = acc_v + r0.to(tl.float32)")
+    if relu:
+        lines.append("acc_v = tl.maximum(acc_v, 0.0)")
+    if residual is not None:
+        loads.append(residual.expand(shape))
+        lines.append(f"acc_v = acc_v + r{len(loads) - 1}.to(tl.float32)")
+    spec = tpl.EpilogueSpec(loads=tuple(f"r{i}" for i in range(len(loads))), lines=tuple(lines), stores=("acc_v",))
+    interpret = x.device.type == "cpu"
+    source, name = tpl.render_conv(spec, tpl.dot_fields(dtype_name(x.dtype), precision, interpret, False))
+    cfg = config or conv_heuristic(shape[0] * oh * ow, w.shape[0] // groups, w.shape[1], x.dtype, interpret)
+    ConvRunner(tpl.load_kernel(source, name), cfg, stride, padding, dilation, groups)(x, w, loads, [out])
+    return out
+
+
+def conv2d_reference(x, w, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, *,
+                     relu=False, residual=None) -> torch.Tensor:
+    out = torch.nn.functional.conv2d(x.double(), w.double(), None if bias is None else bias.double(),
+                                     stride, padding, dilation, groups)
+    if relu:
+        out = out.relu()
+    if residual is not None:
+        out = out + residual.double()
+    return out.to(x.dtype)
+
+
+def conv_heuristic(m: int, ocg: int, cg: int, dtype: torch.dtype, interpret: bool,
+                   sm_count: int = 132, smem_bytes: int = 227 * 1024) -> GemmConfig:
+    """The template config used without tuning (on CUDA the untuned choice is cuDNN)."""
+    if interpret:
+        return GemmConfig(_fit(m, 16, 64), _fit(ocg, 16, 64), _fit(cg, 16, 64), 8, 1, 4, 1)
+    cfg = heuristic_config(m, ocg, cg, 1, dtype, sm_count=sm_count, smem_bytes=smem_bytes)
+    if cfg.block_m * cfg.block_n > 128 * 128:
+        cfg = dataclasses.replace(cfg, block_m=128, block_n=min(cfg.block_n, 128), num_warps=8, num_stages=4)
+    return _clamp_k(cfg, cg)
+
+
+def _clamp_k(cfg: GemmConfig, cg: int) -> GemmConfig:
+    # the reduction walks one (kh, kw) tap at a time: a block wider than the channels is waste
+    return dataclasses.replace(cfg, block_k=min(cfg.block_k, max(16, _fit(cg, 16, 128))))
+
+
+# ------------------------------------------------------------------------------- group builder
+def build_conv(group: KernelGroup, ctx: KernelContext) -> Kernel:
+    """Kernel for a ``conv`` group: aten.convolution followed by its epilogue chain."""
+    return choose_kernel_of(group, ctx, conv_candidates(group, ctx))
+
+
+def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
+                    configs: Optional[Sequence[GemmConfig]] = None) -> TemplateTuning:
+    """Candidates for a conv group, heuristic first; ``vendor`` (default: on CUDA) adds cuDNN +
+    a fused epilogue kernel; ``configs`` replaces the template configs (tests)."""
+    anchor = next((n for n in group.gm.graph.nodes if n.name == group.anchor), None)
+    if anchor is None or getattr(anchor.target, "overloadpacket", None) is not torch.ops.aten.convolution:
+        raise Unsupported(f"anchor {group.anchor!r} is not aten.convolution")
+    x_node, w_node, b_node, stride, padding, dilation, transposed, _, groups = anchor.args[:9]
+    x_val, w_val, out_val = meta_of(x_node), meta_of(w_node), meta_of(anchor)
+    if transposed:
+        raise Unsupported("transposed convolution")
+    if x_val.dim() != 4:
+        raise Unsupported(f"{x_val.dim() - 2}-D convolution; the template is 2-D")
+    if x_val.dtype not in FLOAT_DTYPES or w_val.dtype != x_val.dtype:
+        raise Unsupported(f"convolution dtypes {x_val.dtype}/{w_val.dtype}")
+    if max(x_val.numel(), out_val.numel(), w_val.numel()) >= 2**31:
+        raise Unsupported("tensor too large for the template's 32-bit indexing")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    oc, cg, kh, kw = w_val.shape
+    ocg = oc // groups
+    nb, _, oh, ow = out_val.shape
+    m = nb * oh * ow
+    anchor_loads = []
+    if b_node is not None:
+        anchor_loads.append(tpl.LoadPlan(b_node, tuple(out_val.shape), pre_view=(1, oc, 1, 1)))
+    plan = tpl.plan_epilogue(group, anchor, "acc_v", anchor_loads)
+    from . import expr
+
+    value = "(acc + x0)" if anchor_loads else "acc"
+    main_lines = [f"acc_v = {expr.round_to(value, out_val.dtype)}"]
+    interpret = ctx.device.type != "cuda"
+    dot = tpl.dot_fields(dtype_name(x_val.dtype), ctx.options.precision, interpret, False)
+    main_src, main_name = tpl.render_conv(tpl.epilogue_spec(plan, main_lines), dot)
+    vendor_skip = len(anchor_loads)
+    vendor_src, vendor_name = tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"], skip_loads=vendor_skip), dot)
+    anchor_shape = plan.anchor_shape
+
+    def loads_of(env, skip: int):
+        return [tpl.to_anchor_space(env[lp.source], lp, anchor_shape) for lp in plan.loads[skip:]]
+
+    def triton_candidate(cfg: GemmConfig) -> Candidate:
+        def compile_():
+            runner = ConvRunner(tpl.load_kernel(main_src, main_name), cfg, stride, padding, dilation, groups)
+
+            def run(*inputs):
+                env = tpl.bind_group(plan, group, inputs)
+                outs, views = tpl.allocate_outputs(plan, anchor_shape, env[x_node].device)
+                runner(env[x_node], env[w_node], loads_of(env, 0), views)
+                return tpl.group_outputs(plan, env, outs)
+
+            return _warmed(run, probe)
+
+        return Candidate(f"triton {cfg.name}", {"impl": "triton", **cfg.as_dict()}, compile_, "triton")
+
+    # no chain: every stored value is the anchor's result (or a reshape of it)
+    trivial = not plan.chain_ops and all(var == "acc_v" for var, *_ in plan.stores)
+
+    def vendor_candidate() -> Candidate:
+
+        def compile_():
+            kernel = None if trivial else tpl.load_kernel(vendor_src, vendor_name)
+
+            def run(*inputs):
+                env = tpl.bind_group(plan, group, inputs)
+                args = torch.fx.node.map_arg(anchor.args, lambda a: env[a])
+                acc = anchor.target(*args)  # cuDNN
+                if trivial:
+                    return tpl.group_outputs(plan, env, [acc.reshape(shape) for _, shape, *_ in plan.stores])
+                outs, views = tpl.allocate_outputs(plan, anchor_shape, acc.device)
+                pix = [_pixels_by_channel(t, copy=True) for t in loads_of(env, vendor_skip)]
+                targets = [_pixels_by_channel(v, copy=False) for v in views]
+                dense = [t if t is not None else torch.empty((1, m, oc), dtype=v.dtype, device=v.device)
+                         for t, v in zip(targets, views)]
+                epilogue_only(kernel, _pixels_by_channel(acc, copy=True), pix, dense)
+                for t, d, v in zip(targets, dense, views):
+                    if t is None:  # an output layout that is no (pixel, channel) matrix
+                        v.copy_(d.view(nb, oh, ow, oc).permute(0, 3, 1, 2))
+                return tpl.group_outputs(plan, env, outs)
+
+            return _warmed(run, probe)
+
+        return Candidate("cudnn" + ("" if trivial else " + triton epilogue"), {"impl": "cudnn"}, compile_, "cudnn")
+
+    probe = _Probe(group, ctx.device)
+    level = tuning_level(ctx.options.autotune)
+    if configs is None and interpret:
+        configs = [conv_heuristic(m, ocg, cg, x_val.dtype, True)]
+    elif configs is None:
+        sms, smem = device_limits(ctx.device)
+        # tiles over 128x128 spill here (the per-row pixel indices cost registers): 5-10x slower
+        # on H100 in run 1 (benchmarks/notes/gemm.md)
+        pool = [_clamp_k(c, cg) for c in candidate_configs(m, ocg, cg * kh * kw, 1, x_val.dtype,
+                                                           {"off": "fast", "max": "max"}.get(level, "fast"), sms, smem)
+                if c.split_k == 1 and c.block_m * c.block_n <= 128 * 128]
+        configs = list(dict.fromkeys(pool))[: 8 if level != "max" else None]
+    candidates: List[Candidate] = [triton_candidate(c) for c in configs]
+    if ctx.device.type == "cuda" if vendor is None else vendor:
+        # cuDNN first: untuned, it beat the template on 21 of 23 ResNet-50 shapes (run 1); its
+        # epilogue as one Triton kernel, or (timed too) as the group's own ATen ops
+        vendors = [vendor_candidate()]
+        if not trivial:
+            vendors.append(Candidate("cudnn + aten epilogue", {"impl": "cudnn", "epilogue": "aten"},
+                                     lambda: _warmed(group.reference, probe), "cudnn"))
+        candidates[0:0] = vendors
+    key = TuningKey(
+        kind="conv", template=tpl.source_hash(main_src + vendor_src),
+        shapes=_shapes(group), strides=_strides(group), dtypes=_dtypes(group),
+        extra=f"s={stride} p={padding} d={dilation} g={groups} {'|'.join(plan.chain_ops)} precision={ctx.options.precision}",
+    )
+    return TemplateTuning("conv", key, candidates, probe.make, {"triton": main_src, "cudnn": vendor_src})
+
+
+def _pair(v: Any) -> Tuple[int, int]:
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return (int(v[0]), int(v[-1]))
+
+
+def _pixels_by_channel(t: torch.Tensor, copy: bool) -> Optional[torch.Tensor]:
+    """[N, C, H, W] as a (1, N*H*W, C) matrix: a view for channels-last data; otherwise a copy
+    (``copy``) or None."""
+    p = t.permute(0, 2, 3, 1)
+    shape = (1, p.shape[0] * p.shape[1] * p.shape[2], p.shape[3])
+    try:
+        return p.view(shape)
+    except RuntimeError:
+        return p.reshape(shape) if copy else None

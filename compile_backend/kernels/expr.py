@@ -1,0 +1,647 @@
+"""ATen pointwise ops as Triton expressions: one readable line of generated code per op.
+
+Used by the pointwise and reduction code generators and by GEMM/conv templates for fused
+epilogues. This module never imports Triton; it only writes Triton source text.
+
+Numerics rule (how a fused chain matches eager, op by op)
+---------------------------------------------------------
+* Every value lives in the kernel in its *compute type*: fp32 for fp16/bf16/fp32 storage, fp64
+  for fp64, the integer type itself for integers, ``tl.int1`` for bool. Loads convert with
+  :func:`to_compute`, stores with :func:`to_storage`.
+* An op converts its operands to the op's compute type (the compute type of its result dtype,
+  or for comparisons of the promoted operand dtype, following torch's type promotion), computes,
+  and, when its result dtype (``meta['val'].dtype``) is fp16/bf16, rounds the result to that
+  dtype and back (``x.to(tl.float16).to(tl.float32)``): eager writes every intermediate to memory
+  in its dtype, so rounding after each op keeps a fused chain equal to eager up to the
+  implementations of transcendental functions. ``round_intermediates=False`` skips those roundings
+  (faster, slightly more accurate than eager, like Inductor's default).
+* Python scalars are literals in the op's compute type (eager's "opmath" for reduced floats).
+* Division and sqrt are IEEE-rounded (``div_rn``, ``sqrt_rn``); rsqrt/exp/log/sin/cos use the
+  hardware approximations (a few ulp, as CUDA's eager kernels do for rsqrt); tanh and general
+  pow use small helper functions (``HELPERS``) built from ``exp``/``log2`` because libdevice is
+  unavailable under the Triton interpreter.
+* bf16 rounding goes through ``cb_round_bf16``/``cb_to_bf16``: a native round-to-nearest-even
+  conversion on the GPU, integer arithmetic under the interpreter (whose conversion truncates).
+* Where eager deviates from the naive formula, eager wins: floor division is exact Python
+  floor division (``cb_floordiv``: 1.5 // 0.3 == 4), a pow exponent is first rounded to a
+  reduced-float tensor's dtype, Python-scalar kernel arguments are not rounded (wrapped numbers).
+* maximum/minimum/clamp propagate NaN like torch; relu(NaN) is NaN.
+
+API
+---
+``emit_pointwise(nodes, names, helpers=None, round_intermediates=True) -> list[str]``: for each
+FX node in ``nodes`` (graph order) one line ``v_<node> = <expr>``; ``names`` maps every input
+node to the Triton variable holding it (compute type) and receives the new names. Helper
+functions the lines call are added to ``helpers``; put ``helper_source(<kernel code>)`` in the
+generated module: it defines every ``cb_*`` helper the code calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+
+import torch
+import torch.fx as fx
+
+from .base import Unsupported, meta_of
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+_TL_NAMES = {
+    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
+    torch.float64: "tl.float64", torch.int8: "tl.int8", torch.uint8: "tl.uint8",
+    torch.int16: "tl.int16", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.bool: "tl.int1",
+}
+REDUCED_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def tl_type(dtype: torch.dtype) -> str:
+    if dtype not in _TL_NAMES:
+        raise Unsupported(f"dtype {dtype} has no Triton type here")
+    return _TL_NAMES[dtype]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value of storage dtype ``dtype`` is held in inside a kernel."""
+    return torch.float32 if dtype in REDUCED_FLOATS else dtype
+
+
+def to_compute(expr: str, storage: torch.dtype) -> str:
+    """Expression converting a loaded value of dtype ``storage`` to its compute type."""
+    return f"{expr}.to(tl.float32)" if storage in REDUCED_FLOATS else expr
+
+
+def to_storage(expr: str, storage: torch.dtype) -> str:
+    """Expression converting a compute-type value to dtype ``storage`` for a store."""
+    if storage == torch.bfloat16:
+        return f"cb_to_bf16({expr})"
+    return f"{expr}.to({tl_type(storage)})" if storage in REDUCED_FLOATS else expr
+
+
+def round_to(expr: str, dtype: torch.dtype) -> str:
+    """Round a compute-type value to a reduced float dtype and back (what eager's store does)."""
+    if dtype == torch.bfloat16:
+        return f"cb_round_bf16({expr})"
+    return f"{expr}.to({tl_type(dtype)}).to(tl.float32)" if dtype in REDUCED_FLOATS else expr
+
+
+def convert(expr: str, src: torch.dtype, dst: torch.dtype) -> str:
+    """Convert a value between compute types of storage dtypes ``src`` and ``dst`` (with rounding)."""
+    if dst == torch.bool:
+        return expr if src == torch.bool else f"({expr} != 0)"
+    cs, cd = compute_dtype(src), compute_dtype(dst)
+    out = expr if cs == cd else f"{expr}.to({tl_type(cd)})"
+    if dst in REDUCED_FLOATS and src != dst:
+        out = round_to(out, dst)  # e.g. fp32 -> fp16, bf16 -> fp16: one rounding, as eager's cast
+    return out
+
+
+def literal(value: Any, dtype: torch.dtype) -> str:
+    """A Python scalar as a Triton literal of compute type ``compute_dtype(dtype)``."""
+    cd = compute_dtype(dtype)
+    if cd == torch.bool:
+        return "True" if bool(value) else "False"
+    if isinstance(value, bool):
+        value = int(value)
+    if cd.is_floating_point:
+        v = float(value)
+        text = 'float("nan")' if math.isnan(v) else (
+            ('float("inf")' if v > 0 else '-float("inf")') if math.isinf(v) else repr(v))
+        # Python floats become fp32 constants in Triton: keep fp64 exact with an explicit tensor
+        return f"tl.full([], {text}, tl.float64)" if cd == torch.float64 else text
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise Unsupported(f"float scalar {value} in an integer op")
+        value = int(value)
+    return str(int(value))
+
+
+# ----------------------------------------------------------------------------------- promotion
+def _category(dtype: torch.dtype) -> int:
+    if dtype == torch.bool:
+        return 0
+    if dtype.is_floating_point:
+        return 2
+    if dtype.is_complex:
+        return 3
+    return 1
+
+
+def promote(operands: Sequence[Any]) -> torch.dtype:
+    """torch's result_type over Vars (tensors, 0-dim or not) and Python scalars."""
+    groups: List[Optional[torch.dtype]] = [None, None, None]  # dim tensors, 0-dim tensors, scalars
+    for a in operands:
+        if isinstance(a, Var):
+            dt, g = a.dtype, (2 if a.scalar else 0 if a.ndim > 0 else 1)
+        elif isinstance(a, bool):
+            dt, g = torch.bool, 2
+        elif isinstance(a, int):
+            dt, g = torch.int64, 2
+        elif isinstance(a, float):
+            dt, g = torch.get_default_dtype(), 2
+        else:
+            continue
+        groups[g] = dt if groups[g] is None else torch.promote_types(groups[g], dt)
+    result: Optional[torch.dtype] = None
+    for dt in groups:  # combine from the highest priority group down
+        if dt is None:
+            continue
+        if result is None:
+            result = dt
+        elif _category(dt) > _category(result):
+            result = torch.promote_types(result, dt)
+    if result is None:
+        raise Unsupported("no operands to promote")
+    return result
+
+
+# ------------------------------------------------------------------------------------ lowering
+@dataclasses.dataclass(frozen=True)
+class Var:
+    """An operand inside a kernel: its variable name (compute type), dtype and rank.
+
+    scalar: the variable is a Python number passed as a kernel argument; it promotes and
+    converts like a Python scalar literal (no rounding to a reduced float), as in eager.
+    """
+
+    name: str
+    dtype: torch.dtype
+    ndim: int = 1
+    scalar: bool = False
+
+
+def _as(a: Any, dtype: torch.dtype) -> str:
+    """Operand ``a`` (Var or Python scalar) in the compute type of ``dtype``."""
+    if isinstance(a, Var):
+        if a.scalar:  # Triton promotes scalar arguments like literals
+            return f"({a.name} != 0)" if dtype == torch.bool and a.dtype != torch.bool else a.name
+        return convert(a.name, a.dtype, dtype)
+    return literal(a, dtype)
+
+
+def _div(a: str, b: str, cd: torch.dtype) -> str:
+    return f"tl.div_rn({a}, {b})" if cd == torch.float32 else f"{a} / {b}"
+
+
+def _kw(args: Sequence[Any], kwargs: Dict[str, Any], i: int, name: str, default: Any = None) -> Any:
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _binary(fmt: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        return fmt.format(a=_as(args[0], out), b=_as(args[1], out))
+    return lower
+
+
+def _unary_float(fmt: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        if not out.is_floating_point:
+            raise Unsupported(f"{fmt} on non-float result {out}")
+        return fmt.format(a=_as(args[0], out))
+    return lower
+
+
+def _compare(op: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        dt = promote(args[:2])
+        return f"{_as(args[0], dt)} {op} {_as(args[1], dt)}"
+    return lower
+
+
+def _add(sign: str, reverse: bool = False) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        a, b = (args[1], args[0]) if reverse else (args[0], args[1])
+        alpha = _kw(args, kwargs, 2, "alpha", 1)
+        bb = _as(b, out)
+        if alpha != 1:
+            bb = f"{bb} * {literal(alpha, out)}"
+        if out == torch.bool:
+            return f"{_as(a, out)} | {bb}"
+        return f"{_as(a, out)} {sign} {bb}"
+    return lower
+
+
+def _div_op(args, kwargs, out, helpers):
+    mode = kwargs.get("rounding_mode", args[2] if len(args) > 2 else None)
+    cd = compute_dtype(out)
+    if not cd.is_floating_point:
+        raise Unsupported(f"integer division with rounding_mode={mode!r}")
+    a, b = _as(args[0], out), _as(args[1], out)
+    q = _div(a, b, cd)
+    if mode is None:
+        return q
+    if mode == "floor":
+        helpers.add("floordiv")
+        if not isinstance(args[1], Var):
+            b = f"tl.full([], {b}, {tl_type(cd)})"
+        return f"cb_floordiv({a}, {b}, tl.floor({q}))"
+    if mode == "trunc":
+        helpers.add("trunc")
+        return f"cb_trunc({q})"
+    raise Unsupported(f"div rounding_mode={mode!r}")
+
+
+def _pow_scalar_exponent(args, kwargs, out, helpers):
+    x, e = _as(args[0], out), args[1]
+    if not compute_dtype(out).is_floating_point:
+        if e == 2:
+            return f"{x} * {x}"
+        raise Unsupported(f"integer pow with exponent {e}")
+    special = {0: None, 1: "{x}", 2: "{x} * {x}", 3: "{x} * {x} * {x}", 0.5: "tl.sqrt_rn({x})",
+               -0.5: "tl.rsqrt({x})", -1: _div("1.0", "{x}", compute_dtype(out)),
+               -2: _div("1.0", "({x} * {x})", compute_dtype(out))}
+    if e in special:
+        if special[e] is None:  # x ** 0 is 1 even for NaN
+            return f"tl.full([], 1.0, {tl_type(compute_dtype(out))})"
+        return special[e].format(x=x)
+    if out in REDUCED_FLOATS:  # eager converts the exponent to the tensor's dtype first
+        e = float(torch.tensor(float(e), dtype=out))
+    helpers.add("pow")
+    return f"cb_pow({x}, {literal(e, out)})"
+
+
+def _pow_scalar_base(args, kwargs, out, helpers):
+    base, e = args[0], _as(args[1], out)
+    if not compute_dtype(out).is_floating_point or base <= 0:
+        raise Unsupported(f"pow with scalar base {base}")
+    return f"tl.exp2({e} * {literal(math.log2(base), out)})"
+
+
+def _pow_tensor(args, kwargs, out, helpers):
+    if not compute_dtype(out).is_floating_point:
+        raise Unsupported("integer pow")
+    helpers.add("pow")
+    return f"cb_pow({_as(args[0], out)}, {_as(args[1], out)})"
+
+
+def _clamp(args, kwargs, out, helpers):
+    lo, hi = _kw(args, kwargs, 1, "min"), _kw(args, kwargs, 2, "max")
+    x = _as(args[0], out)
+    nan = ", propagate_nan=tl.PropagateNan.ALL" if out.is_floating_point else ""
+    if lo is not None:
+        x = f"tl.maximum({x}, {_as(lo, out)}{nan})"
+    if hi is not None:
+        x = f"tl.minimum({x}, {_as(hi, out)}{nan})"
+    return x
+
+
+def _minmax(fn: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        nan = ", propagate_nan=tl.PropagateNan.ALL" if out.is_floating_point else ""
+        return f"tl.{fn}({_as(args[0], out)}, {_as(args[1], out)}{nan})"
+    return lower
+
+
+def _where(args, kwargs, out, helpers):
+    return f"tl.where({_as(args[0], torch.bool)}, {_as(args[1], out)}, {_as(args[2], out)})"
+
+
+def _masked_fill(args, kwargs, out, helpers):
+    return f"tl.where({_as(args[1], torch.bool)}, {_as(args[2], out)}, {_as(args[0], out)})"
+
+
+def _gelu(args, kwargs, out, helpers):
+    x = _as(args[0], out)
+    if kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
+        helpers.add("tanh")
+        return f"0.5 * {x} * (1.0 + cb_tanh(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})))"
+    return f"0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476))"
+
+
+def _constant(value_index: int) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        value = args[value_index] if len(args) > value_index else kwargs.get("fill_value", kwargs.get("value"))
+        if isinstance(value, Var):
+            return _as(value, out)  # fill.Tensor with a 0-dim tensor
+        return f"tl.full([], {literal(value, out)}, {tl_type(compute_dtype(out))})"
+    return lower
+
+
+def _convert(args, kwargs, out, helpers):
+    return _as(args[0], out)
+
+
+def _logical(op: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        return f"{_as(args[0], torch.bool)} {op} {_as(args[1], torch.bool)}"
+    return lower
+
+
+def _bitwise(op: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        if compute_dtype(out).is_floating_point:
+            raise Unsupported("bitwise op on floats")
+        return f"{_as(args[0], out)} {op} {_as(args[1], out)}"
+    return lower
+
+
+def _bitwise_not(args, kwargs, out, helpers):
+    return f"{_as(args[0], out)} == 0" if out == torch.bool else f"~{_as(args[0], out)}"
+
+
+def _leaky_relu(args, kwargs, out, helpers):
+    x = _as(args[0], out)
+    return f"tl.where({x} < 0, {x} * {literal(_kw(args, kwargs, 1, 'negative_slope', 0.01), out)}, {x})"
+
+
+def _hardtanh(args, kwargs, out, helpers):
+    lo, hi = _kw(args, kwargs, 1, "min_val", -1.0), _kw(args, kwargs, 2, "max_val", 1.0)
+    return _clamp([args[0], lo, hi], {}, out, helpers)
+
+
+def _addc(op: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        value = _kw(args, kwargs, 3, "value", 1)
+        a, b, c = (_as(x, out) for x in args[:3])
+        inner = f"{b} * {c}" if op == "mul" else _div(b, c, compute_dtype(out))
+        scale = "" if value == 1 else f"{literal(value, out)} * "
+        return f"{a} + {scale}{inner}"
+    return lower
+
+
+def _sign(args, kwargs, out, helpers):
+    x = _as(args[0], out)
+    return f"({x} > 0).to({tl_type(compute_dtype(out))}) - ({x} < 0).to({tl_type(compute_dtype(out))})"
+
+
+def _with_helper(name: str, fmt: str) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        if not out.is_floating_point:
+            raise Unsupported(f"{name} on non-float result {out}")
+        helpers.add(name)
+        return fmt.format(a=_as(args[0], out))
+    return lower
+
+
+# packet -> lowering(args, kwargs, out_dtype, helpers) -> expression in compute(out_dtype)
+LOWERINGS: Dict[Any, Callable] = {
+    aten.add: _add("+"), aten.sub: _add("-"), aten.rsub: _add("-", reverse=True),
+    aten.mul: lambda a, k, o, h: _binary("{a} & {b}" if o == torch.bool else "{a} * {b}")(a, k, o, h), aten.div: _div_op, aten.true_divide: _div_op,
+    aten.neg: lambda a, k, o, h: f"-{_as(a[0], o)}",
+    aten.abs: lambda a, k, o, h: f"tl.abs({_as(a[0], o)})",
+    aten.exp: _unary_float("tl.exp({a})"), aten.exp2: _unary_float("tl.exp2({a})"),
+    aten.log: _unary_float("tl.log({a})"), aten.log2: _unary_float("tl.log2({a})"),
+    aten.sqrt: _unary_float("tl.sqrt_rn({a})"), aten.rsqrt: _unary_float("tl.rsqrt({a})"),
+    aten.reciprocal: lambda a, k, o, h: _div("1.0", _as(a[0], o), compute_dtype(o)) if o.is_floating_point
+    else _raise("integer reciprocal"),
+    aten.sin: _unary_float("tl.sin({a})"), aten.cos: _unary_float("tl.cos({a})"),
+    aten.erf: _unary_float("tl.erf({a})"), aten.sigmoid: _unary_float("tl.sigmoid({a})"),
+    aten.tanh: _with_helper("tanh", "cb_tanh({a})"),
+    aten.floor: lambda a, k, o, h: f"tl.floor({_as(a[0], o)})" if o.is_floating_point else _as(a[0], o),
+    aten.ceil: lambda a, k, o, h: f"tl.ceil({_as(a[0], o)})" if o.is_floating_point else _as(a[0], o),
+    aten.trunc: lambda a, k, o, h: _with_helper("trunc", "cb_trunc({a})")(a, k, o, h) if o.is_floating_point
+    else _as(a[0], o),
+    aten.sign: _sign,
+    aten.relu: lambda a, k, o, h: f"tl.where({_as(a[0], o)} < 0, 0, {_as(a[0], o)})",
+    aten.silu: _unary_float("{a} * tl.sigmoid({a})"),
+    aten.gelu: _gelu, aten.leaky_relu: _leaky_relu, aten.hardtanh: _hardtanh,
+    aten.hardsigmoid: _unary_float("tl.minimum(tl.maximum({a} / 6.0 + 0.5, 0.0), 1.0)"),
+    aten.hardswish: _unary_float("{a} * tl.minimum(tl.maximum({a} + 3.0, 0.0), 6.0) / 6.0"),
+    aten.pow: None,  # overload-dependent, see _lowering_for
+    aten.maximum: _minmax("maximum"), aten.minimum: _minmax("minimum"),
+    aten.clamp: _clamp, aten.clamp_min: lambda a, k, o, h: _clamp([a[0], a[1], None], {}, o, h),
+    aten.clamp_max: lambda a, k, o, h: _clamp([a[0], None, a[1]], {}, o, h),
+    aten.where: _where, aten.masked_fill: _masked_fill,
+    aten.eq: _compare("=="), aten.ne: _compare("!="), aten.lt: _compare("<"),
+    aten.gt: _compare(">"), aten.le: _compare("<="), aten.ge: _compare(">="),
+    aten.logical_not: lambda a, k, o, h: f"{_as(a[0], torch.bool)} == 0",
+    aten.logical_and: _logical("&"), aten.logical_or: _logical("|"), aten.logical_xor: _logical("^"),
+    aten.bitwise_and: _bitwise("&"), aten.bitwise_or: _bitwise("|"), aten.bitwise_xor: _bitwise("^"),
+    aten.bitwise_not: _bitwise_not,
+    aten._to_copy: _convert, prims.convert_element_type: _convert, aten.clone: _convert,
+    aten.fill: _constant(1), aten.full: _constant(1), aten.full_like: _constant(1),
+    aten.scalar_tensor: _constant(0),
+    aten.zeros_like: lambda a, k, o, h: f"tl.full([], 0, {tl_type(compute_dtype(o))})",
+    aten.ones_like: lambda a, k, o, h: f"tl.full([], 1, {tl_type(compute_dtype(o))})",
+    aten.addcmul: _addc("mul"), aten.addcdiv: _addc("div"),
+}
+
+# ops whose value does not depend on any tensor operand's elements (they broadcast a constant)
+CONSTANT_OPS = frozenset({aten.fill, aten.full, aten.full_like, aten.scalar_tensor,
+                          aten.zeros_like, aten.ones_like})
+
+HELPERS = {
+    "tanh": '''
+@triton.jit
+def cb_tanh(x):
+    # tanh from exp: a short odd series near 0 avoids the cancellation in 1 - exp(-2|x|)
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 - x2 * 0.008863235529902197)))))
+    t = tl.where(ax < 0.25, small, big)
+    return tl.where(x < 0, -t, t)
+''',
+    "pow": '''
+@triton.jit
+def cb_pow(x, e):
+    # x ** e for float x and e, with torch's sign rule for negative x and integral e
+    mag = tl.exp2(e * tl.log2(tl.abs(x)))
+    integral = e == tl.floor(e)
+    odd = integral & (tl.abs(e - 2.0 * tl.floor(e * 0.5)) == 1.0)
+    r = tl.where(x < 0, tl.where(integral, tl.where(odd, -mag, mag), float("nan")), mag)
+    return tl.where(e == 0, 1.0, r)
+''',
+    "floordiv": '''
+@triton.jit
+def cb_floordiv(a, b, q):
+    # Python floor division as eager computes it: q = floor(a / b) may be one too high when the
+    # rounded quotient reaches an integer (1.5 / 0.3f); the exact remainder a - q*b tells
+    r = tl.fma(-q, b, a)
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1.0, q)
+''',
+    "trunc": '''
+@triton.jit
+def cb_trunc(x):
+    return tl.where(x < 0, tl.ceil(x), tl.floor(x))
+''',
+}
+
+
+# fp32 -> bf16 rounding. The GPU converts with round-to-nearest-even; the Triton interpreter
+# truncates, so under TRITON_INTERPRET=1 the helpers round with integer arithmetic instead
+# (same results as the GPU; NaN stays NaN).
+_BF16_NATIVE = '''
+@triton.jit
+def cb_round_bf16(x):
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def cb_to_bf16(x):
+    return x.to(tl.bfloat16)
+'''
+_BF16_INTERPRETED = '''
+@triton.jit
+def cb_round_bf16(x):
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def cb_to_bf16(x):
+    return cb_round_bf16(x).to(tl.bfloat16)
+'''
+
+
+def helper_source(code_or_names: Any) -> str:
+    """Source of the ``cb_*`` helper functions generated code calls, in a fixed order.
+
+    Pass the generated kernel code (a str: the helpers it calls are found in it) or the set of
+    helper names that ``lower``/``emit_pointwise`` collected (then the bf16 rounding helpers,
+    which ``round_to``/``to_storage``/``convert`` may use without recording it, are included
+    too; unused jit functions cost nothing).
+    """
+    import os
+
+    if isinstance(code_or_names, str):
+        code = code_or_names
+        bf16 = "cb_round_bf16(" in code or "cb_to_bf16(" in code
+        names = [h for h in sorted(HELPERS) if f"cb_{h}(" in code]
+    else:
+        bf16, names = True, sorted(set(code_or_names))
+    out = [_BF16_INTERPRETED if os.environ.get("TRITON_INTERPRET") == "1" else _BF16_NATIVE] if bf16 else []
+    return "".join(out + [HELPERS[h] for h in names])
+
+
+def _lowering_for(target: Any) -> Callable:
+    if not isinstance(target, torch._ops.OpOverload):
+        raise Unsupported(f"{target} is not an ATen op")
+    packet = target.overloadpacket
+    if packet is aten.pow:
+        overload = target._overloadname
+        return {"Tensor_Scalar": _pow_scalar_exponent, "Scalar": _pow_scalar_base,
+                "Tensor_Tensor": _pow_tensor}.get(overload) or _raise(f"pow.{overload}")
+    if packet not in LOWERINGS:
+        raise Unsupported(f"no Triton expression for {target}")
+    return LOWERINGS[packet]
+
+
+def _raise(what: str):
+    raise Unsupported(f"no Triton expression for {what}")
+
+
+def lower(target: Any, args: Sequence[Any], kwargs: Dict[str, Any], out_dtype: torch.dtype,
+          helpers: Optional[Set[str]] = None) -> str:
+    """Expression (compute type of ``out_dtype``, before rounding) for one op on Vars/scalars."""
+    if out_dtype not in _TL_NAMES:
+        raise Unsupported(f"result dtype {out_dtype}")
+    for a in args:
+        if isinstance(a, Var) and a.dtype not in _TL_NAMES:
+            raise Unsupported(f"operand dtype {a.dtype}")
+    return _lowering_for(target)(list(args), dict(kwargs), out_dtype, helpers if helpers is not None else set())
+
+
+def is_supported(node: fx.Node) -> bool:
+    return unsupported_reason(node) is None
+
+
+def unsupported_reason(node: fx.Node) -> Optional[str]:
+    """Why ``node`` cannot become a pointwise line, or None. Checks op, dtypes and arguments."""
+    try:
+        _lowering_for(node.target)
+        val = meta_of(node)
+        if not isinstance(val, torch.Tensor):
+            return f"{node.name} has no tensor meta['val']"
+        args = [_var_for(a) if isinstance(a, fx.Node) else a for a in node.args]
+        kwargs = {k: (_var_for(v) if isinstance(v, fx.Node) else v) for k, v in node.kwargs.items()}
+        lower(node.target, args, kwargs, val.dtype, set())
+    except Unsupported as e:
+        return str(e)
+    return None
+
+
+def _var_for(node: fx.Node, name: Optional[str] = None) -> Any:
+    val = meta_of(node)
+    if isinstance(val, torch.Tensor):
+        return Var(name or node.name, val.dtype, val.dim())
+    if isinstance(val, (bool, int, float)):
+        return val if name is None else Var(name, _scalar_dtype(val), 0, scalar=True)
+    raise Unsupported(f"{node.name} has no usable meta['val']")
+
+
+def _scalar_dtype(v: Any) -> torch.dtype:
+    return torch.bool if isinstance(v, bool) else (torch.int64 if isinstance(v, int) else torch.float32)
+
+
+def var_name(node: fx.Node) -> str:
+    return f"v_{node.name}"
+
+
+def emit_pointwise(nodes: Sequence[fx.Node], names: Dict[fx.Node, str], helpers: Optional[Set[str]] = None,
+                   round_intermediates: bool = True) -> List[str]:
+    """One line per node: ``v_<name> = <expr>``; ``names`` maps inputs to Triton variables.
+
+    Input variables must hold values in their compute type (see module docstring); a tensor
+    input whose meta['val'] is a Python scalar (a kernel scalar argument) is treated as a 0-dim
+    tensor of the scalar's dtype (bool, int64 or fp32). New names are added to ``names``.
+    """
+    helpers = helpers if helpers is not None else set()
+    lines = []
+    for node in nodes:
+        val = meta_of(node)
+        if not isinstance(val, torch.Tensor):
+            raise Unsupported(f"{node.name} has no tensor meta['val']")
+
+        def operand(a: Any) -> Any:
+            if isinstance(a, fx.Node):
+                if a not in names:
+                    raise Unsupported(f"{node.name} reads {a.name}, which is not available in the kernel")
+                return _var_for(a, names[a])
+            if isinstance(a, (list, tuple)) or a is None or isinstance(a, (bool, int, float, str, torch.dtype)):
+                return a
+            if isinstance(a, (torch.device, torch.layout, torch.memory_format)):
+                return a
+            raise Unsupported(f"{node.name} has an argument of type {type(a).__name__}")
+
+        args = [operand(a) for a in node.args]
+        kwargs = {k: operand(v) for k, v in node.kwargs.items()}
+        expr = lower(node.target, args, kwargs, val.dtype, helpers)
+        if round_intermediates:
+            expr = round_to(f"({expr})", val.dtype) if val.dtype in REDUCED_FLOATS else expr
+        name = var_name(node)
+        lines.append(f"{name} = {expr}")
+        names[node] = name
+    return lines
+
+
+# ------------------------------------------------------------------- reductions (used by reduction.py)
+REDUCE_HELPERS = '''
+@triton.jit
+def cb_maximum(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def cb_minimum(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+'''
+
+
+# kind -> (reduce a [XBLOCK, RBLOCK] tile along the row, combine a loop accumulator with a chunk).
+# nanmax/nanmin propagate NaN like torch.amax/amin; max/min (cheaper) serve softmax's row max.
+REDUCE_OPS = {
+    "sum": ("tl.sum({x}, 1)", "{acc} + {x}"),
+    "max": ("tl.max({x}, 1)", "tl.maximum({acc}, {x})"),
+    "min": ("tl.min({x}, 1)", "tl.minimum({acc}, {x})"),
+    "nanmax": ("tl.reduce({x}, 1, cb_maximum)", "cb_maximum({acc}, {x})"),
+    "nanmin": ("tl.reduce({x}, 1, cb_minimum)", "cb_minimum({acc}, {x})"),
+}
+
+
+def reduce_neutral(kind: str, dtype: torch.dtype) -> str:
+    """The value masked-out lanes take in a reduction of ``kind`` (compute dtype ``dtype``)."""
+    if kind == "sum":
+        return "0"
+    is_max = kind.endswith("max")
+    if dtype.is_floating_point:
+        return '-float("inf")' if is_max else 'float("inf")'
+    info = torch.iinfo(dtype)
+    return str(info.min if is_max else info.max)

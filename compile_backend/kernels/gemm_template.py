@@ -1,0 +1,499 @@
+"""Triton source templates for GEMM and implicit-GEMM convolution, with a generated epilogue.
+
+The main loops (pointer-based GEMM with swizzling and split-K; persistent TMA GEMM; implicit-GEMM
+convolution) are fixed text; what varies per group is the epilogue, described by an :class:`EpilogueSpec`: tensors to load at the tile's coordinates,
+Triton statements computing from ``acc`` (the anchor's accumulator, fp32 or int32) and the
+loaded tiles, and the values to store. Every loaded or stored tensor is addressed through its
+strides in the anchor's logical index space ([B,] M, N for GEMM; N, C, H, W for convolution),
+so broadcasting (a bias, a per-row scale) is just a zero stride.
+
+Generated source is imported through ``launch.load_source`` (a file per source, since Triton
+reads a kernel's source through ``inspect``). This module never imports Triton itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Dict, Sequence, Tuple
+
+# ---------------------------------------------------------------------------------- epilogue
+
+
+@dataclasses.dataclass(frozen=True)
+class EpilogueSpec:
+    """The part of a kernel after the accumulator is complete.
+
+    loads: variable names; the i-th is loaded (raw dtype) from pointer ``L{i}``.
+    lines: Triton statements over ``acc`` and the loaded names.
+    stores: variable names; the j-th is stored to pointer ``O{j}``, cast to its element type.
+    int_acc: the accumulator is int32 (int8 GEMM); lines see it as is.
+    helpers: source of helper functions the lines call, placed at module level.
+    """
+
+    loads: Tuple[str, ...] = ()
+    lines: Tuple[str, ...] = ()
+    stores: Tuple[str, ...] = ("acc",)
+    int_acc: bool = False
+    helpers: str = ""  # module-level @triton.jit helpers the lines call (expr.helper_source)
+
+    def __post_init__(self) -> None:
+        if not self.stores:
+            raise ValueError("an epilogue must store at least one value")
+        names = list(self.loads)
+        if len(set(names)) != len(names) or any(not n.isidentifier() for n in names + list(self.stores)):
+            raise ValueError(f"epilogue names must be distinct identifiers: {self}")
+
+
+def _epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str) -> list:
+    out = []
+    for i, name in enumerate(spec.loads):
+        out.append(f"{name} = tl.load(L{i} + {offset(f'l{i}')}, mask={mask}, other=0)")
+    out.extend(spec.lines)
+    for j, name in enumerate(spec.stores):
+        out.append(f"tl.store(O{j} + {offset(f'o{j}')}, {name}.to(O{j}.dtype.element_ty), mask={mask})")
+    return [indent + line for line in out]
+
+
+def _io_params(spec: EpilogueSpec, ndim: int) -> Tuple[str, str]:
+    ptrs = [f"L{i}" for i in range(len(spec.loads))] + [f"O{j}" for j in range(len(spec.stores))]
+    strides = [f"{p.lower()}_s{d}" for p in ptrs for d in range(ndim)]
+    return ", ".join(ptrs), ", ".join(strides)
+
+
+# ---------------------------------------------------------------------------------- GEMM
+
+_GEMM = '''\
+import triton
+import triton.language as tl
+{helpers}
+
+@triton.jit
+def {name}(
+    A, B, WS, {ptrs},
+    M, N, K,
+    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
+    ws_sk, ws_sb, ws_sm, ws_sn,
+    {strides},
+    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # MODE 0: main loop + epilogue; 1: split-K partial sums into WS; 2: epilogue over WS
+    # (the split-K partials summed, or an accumulator computed elsewhere, e.g. by cuBLAS)
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row-tiles share each column of B while it is in L2
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    group_size = min(grid_m - group_id * GROUP_M, GROUP_M)
+    pid_m = group_id * GROUP_M + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MODE == 2:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
+        ws_mask = (rm < M)[:, None] & (rn < N)[None, :]
+        ws_ptrs = WS + pid_b * ws_sb + rm[:, None] * ws_sm + rn[None, :] * ws_sn
+        for s in range(SPLIT_K):
+            acc += tl.load(ws_ptrs + s * ws_sk, mask=ws_mask, other=0).to({acc_type})
+    else:
+        # rows/columns past the edge read a valid row instead (never stored), so the main
+        # loop needs no M/N masks
+        ram = rm % M
+        rbn = rn % N
+        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_per_split
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = A + pid_b * stride_ab + ram[:, None] * stride_am + (k_lo + rk)[None, :] * stride_ak
+        b_ptrs = B + pid_b * stride_bb + (k_lo + rk)[:, None] * stride_bk + rbn[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
+        for k in range(0, k_per_split, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_left = K - k_lo - k
+                a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other={zero})
+                b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other={zero})
+            acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if MODE == 1:
+        tl.store(WS + pid_k * ws_sk + pid_b * ws_sb + rm[:, None] * ws_sm + rn[None, :] * ws_sn, acc, mask=mask)
+    else:
+{epilogue}
+'''
+
+
+def dot_fields(operand: str, precision: str, interpret: bool, int_acc: bool) -> Dict[str, str]:
+    """Template fields for the main loop's dot.
+
+    operand: the operands' dtype name (float32 | float16 | bfloat16 | int8 | float8_e4m3fn).
+    fp32 operands use tf32 only when ``precision`` allows it. The Triton interpreter multiplies
+    bf16 operands as raw 16-bit integers (seen on Triton 3.9), so there, and only there, bf16
+    tiles are upcast to fp32 before the dot: the products are exact in fp32 either way.
+    """
+    acc_type = "tl.int32" if int_acc else "tl.float32"
+    dot_args = f", out_dtype={acc_type}"
+    if operand == "float32":
+        dot_args += ", input_precision=" + ("'tf32'" if precision in ("tf32", "fp16", "bf16") else "'ieee'")
+    upcast = interpret and operand == "bfloat16"
+    return {
+        "acc_type": acc_type,
+        "dot_args": dot_args,
+        "zero": "0" if operand == "int8" else "0.0",
+        "dot_a": "a.to(tl.float32)" if upcast else "a",
+        "dot_b": "b.to(tl.float32)" if upcast else "b",
+    }
+
+
+def render_gemm(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
+    """Source of a GEMM kernel with ``spec`` as epilogue (``dot``: :func:`dot_fields`) and its
+    name. Loads and stores are addressed in the 3-D index space (batch, m, n)."""
+
+    def offset(p: str) -> str:
+        return f"pid_b * {p}_s0 + rm[:, None] * {p}_s1 + rn[None, :] * {p}_s2"
+
+    ptrs, strides = _io_params(spec, 3)
+    body = "\n".join(_epilogue_body(spec, offset, "mask", " " * 8))
+    return _finish(_GEMM, "gemm", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
+
+
+_GEMM_TMA = '''\
+import triton
+import triton.language as tl
+{helpers}
+
+@triton.jit
+def {name}(
+    A_DESC, B_DESC, {ptrs},
+    M, N, K,
+    {strides},
+    A_KMAJOR: tl.constexpr, B_KMAJOR: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # persistent: NUM_SMS programs walk the output tiles in grouped order; operands arrive
+    # through TMA (out-of-bounds reads are zero, so no masks); the epilogue uses pointers.
+    # A_KMAJOR: A is [M, K] with unit K stride (else its transpose is); B_KMAJOR: B^T is [N, K]
+    # with unit K stride (nn.Linear weights), else B is [K, N] with unit N stride.
+    start = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    width = GROUP_M * grid_n
+    pid_b = 0
+    # the epilogue recomputes its tile from its own counter: the software pipeliner may then
+    # overlap the next tile's loads with this tile's epilogue
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, grid_m * grid_n, NUM_SMS, flatten=True):
+        group_id = tile // width
+        group_size = min(grid_m - group_id * GROUP_M, GROUP_M)
+        off_m = (group_id * GROUP_M + (tile % width) % group_size) * BLOCK_M
+        off_n = ((tile % width) // group_size) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
+        for ki in range(k_tiles):
+            if A_KMAJOR:
+                a = A_DESC.load([off_m, ki * BLOCK_K])
+            else:
+                a = A_DESC.load([ki * BLOCK_K, off_m]).T
+            if B_KMAJOR:
+                b = B_DESC.load([off_n, ki * BLOCK_K]).T
+            else:
+                b = B_DESC.load([ki * BLOCK_K, off_n])
+            acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
+        tile_c += NUM_SMS
+        group_c = tile_c // width
+        size_c = min(grid_m - group_c * GROUP_M, GROUP_M)
+        rm = (group_c * GROUP_M + (tile_c % width) % size_c) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = ((tile_c % width) // size_c) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+{epilogue}
+'''
+
+
+def render_gemm_tma(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
+    """The persistent TMA variant of :func:`render_gemm` (2-D problems, Hopper and later):
+    same epilogue, same (batch = 0, m, n) index space for loads and stores."""
+
+    def offset(p: str) -> str:
+        return f"pid_b * {p}_s0 + rm[:, None] * {p}_s1 + rn[None, :] * {p}_s2"
+
+    ptrs, strides = _io_params(spec, 3)
+    body = "\n".join(_epilogue_body(spec, offset, "mask", " " * 8))
+    return _finish(_GEMM_TMA, "gemm_tma", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
+
+
+# ---------------------------------------------------------------------------------- conv
+
+_CONV = '''\
+import triton
+import triton.language as tl
+{helpers}
+
+@triton.jit
+def {name}(
+    X, W, {ptrs},
+    M, IH, IW, OH, OW, CG, OCG,
+    sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    {strides},
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # implicit GEMM per group g: rows = output pixels (n, oh, ow), columns = output channels
+    # of the group, reduction = (kh, kw, input channel) with the channel innermost, so a
+    # channels-last input is read along contiguous memory
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(OCG, BLOCK_N)
+    width = GROUP_M * grid_n
+    group_id = pid // width
+    group_size = min(grid_m - group_id * GROUP_M, GROUP_M)
+    pid_m = group_id * GROUP_M + (pid % width) % group_size
+    pid_n = (pid % width) // group_size
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pix = rm % M
+    ow = pix % OW
+    oh = (pix // OW) % OH
+    nb = (pix // OW // OH).to(tl.int64)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    oc = g * OCG + rn % OCG
+    x_base = X + nb * sx_n + (g * CG) * sx_c
+    w_base = W + oc.to(tl.int64) * sw_o
+    rk = tl.arange(0, BLOCK_K)
+    c_blocks = tl.cdiv(CG, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
+    for it in range(0, KH * KW * c_blocks):
+        tap = it // c_blocks
+        c0 = (it % c_blocks) * BLOCK_K
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        inside = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        c_ok = (c0 + rk) < CG
+        a = tl.load(x_base[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (c0 + rk)[None, :] * sx_c,
+                    mask=inside[:, None] & c_ok[None, :], other={zero})
+        b = tl.load(w_base[None, :] + (c0 + rk)[:, None] * sw_c + kh * sw_h + kw * sw_w,
+                    mask=c_ok[:, None], other={zero})
+        acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
+    mask = (rm < M)[:, None] & (rn < OCG)[None, :]
+    oc_out = g * OCG + rn
+{epilogue}
+'''
+
+
+def render_conv(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
+    """Source of an implicit-GEMM 2-D convolution kernel; loads and stores are addressed in the
+    output's (n, c, h, w) index space."""
+
+    def offset(p: str) -> str:
+        return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None] + oc_out[None, :] * {p}_s1"
+
+    ptrs, strides = _io_params(spec, 4)
+    body = "\n".join(_epilogue_body(spec, offset, "mask", " " * 4))
+    return _finish(_CONV, "conv", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
+
+
+def _finish(template: str, kind: str, **fields: str) -> Tuple[str, str]:
+    # the name carries the hash of everything else, so equal sources get equal names
+    digest = hashlib.sha256(template.format(name="KERNEL", **fields).encode()).hexdigest()[:16]
+    name = f"{kind}_{digest}"
+    return template.format(name=name, **fields), name
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_kernel(source: str, name: str):
+    """The @triton.jit function ``name`` of generated ``source`` (imported once per process,
+    through the loader the pointwise kernels share)."""
+    from .launch import load_source
+
+    return getattr(load_source(source), name)
+
+
+# ---------------------------------------------------------------------------------- FX epilogue
+# A template group is: view-like ops on its inputs (the "prologue", run through ATen: they cost
+# nothing), the anchor (GEMM or convolution), then a chain of pointwise ops and reshapes that
+# read the anchor's result. The chain becomes the kernel's epilogue; tensors it reads besides
+# the anchor's result are loaded at the tile's coordinates.
+
+#: ops that only reshape a chain value (row-major order kept), so the kernel needs no code
+_RESHAPES = ("view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "flatten", "alias")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadPlan:
+    """A tensor the epilogue reads: ``source`` (a group input or prologue node), optionally
+    viewed as ``pre_view``, broadcast to ``shape`` (a reshape of the anchor's shape)."""
+
+    source: object  # fx.Node
+    shape: Tuple[int, ...]
+    pre_view: Tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass
+class EpiloguePlan:
+    """How a group's chain becomes an epilogue, and how to bind it at run time."""
+
+    anchor_shape: Tuple[int, ...]
+    prologue: list  # fx nodes run through ATen before the launch
+    loads: list  # LoadPlan per loaded tensor, in EpilogueSpec.loads order
+    lines: list  # Triton lines (after the anchor's own lines)
+    stores: list  # (variable, shape, dtype, stride) per stored value
+    outputs: list  # per group output: ("store", j) or ("value", fx node)
+    helpers: set
+    chain_ops: Tuple[str, ...] = ()
+
+
+def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPlan] = ()) -> EpiloguePlan:
+    """Analyse ``group`` around its ``anchor`` node; raises Unsupported for what a template
+    epilogue cannot express. ``anchor_var`` is the Triton variable holding the anchor's value in
+    its compute type; loads in ``anchor_loads`` come first (named ``x0``, ``x1``, ...)."""
+    import torch
+    import torch.fx as fx
+
+    from . import expr
+    from .base import Unsupported, meta_of, op_name
+
+    anchor_val = meta_of(anchor)
+    anchor_shape = tuple(anchor_val.shape)
+    numel = anchor_val.numel()
+    nodes = [n for n in group.gm.graph.nodes if n.op == "call_function"]
+    downstream = {anchor}
+    for n in nodes:
+        if any(x in downstream for x in n.all_input_nodes):
+            downstream.add(n)
+    prologue = []
+    for n in nodes:
+        if n in downstream:
+            continue
+        target = n.target
+        if not (isinstance(target, torch._ops.OpOverload) and target.is_view):
+            raise Unsupported(f"{op_name(target)} computes an operand inside the group; only views may")
+        prologue.append(n)
+    loads = list(anchor_loads)
+    names: Dict[object, str] = {anchor: anchor_var}
+    load_lines = []
+    loaded_shape: Dict[object, Tuple[int, ...]] = {}
+
+    def load(source, shape) -> None:
+        if source in names:
+            if loaded_shape.get(source, shape) != shape:
+                raise Unsupported(f"{source.name} is read at two different shapes in the epilogue")
+            return
+        val = meta_of(source)
+        if not isinstance(val, torch.Tensor):
+            raise Unsupported(f"epilogue operand {source.name} is not a tensor")
+        i = len(loads)
+        loads.append(LoadPlan(source, shape))
+        loaded_shape[source] = shape
+        names[source] = f"x{i}"
+        load_lines.append(f"x{i} = {expr.to_compute(f'r{i}', val.dtype)}")
+
+    helpers: set = set()
+    lines = []
+    chain_ops = []
+    for n in nodes:
+        if n not in downstream or n is anchor:
+            continue
+        val = meta_of(n)
+        if not isinstance(val, torch.Tensor) or val.numel() != numel:
+            raise Unsupported(f"{n.name} ({op_name(n.target)}) changes the number of elements of the GEMM result")
+        packet = getattr(n.target, "overloadpacket", None)
+        if packet is not None and packet.__name__ in _RESHAPES and n.args[0] in downstream:
+            names[n] = names[n.args[0]]
+            continue
+        reason = expr.unsupported_reason(n)
+        if reason is not None:
+            raise Unsupported(f"epilogue op {op_name(n.target)}: {reason}")
+        for x in n.all_input_nodes:
+            if x not in downstream:
+                load(x, tuple(val.shape))
+        lines.extend(expr.emit_pointwise([n], names, helpers))
+        chain_ops.append(op_name(n.target))
+    stores, outputs, stored = [], [], {}
+    for out in group.outputs:
+        if out in downstream:
+            if out not in stored:
+                val = meta_of(out)
+                stored[out] = len(stores)
+                stores.append((names[out], tuple(val.shape), val.dtype, tuple(val.stride())))
+            outputs.append(("store", stored[out]))
+        elif isinstance(out, fx.Node):
+            outputs.append(("value", out))
+        else:
+            raise Unsupported("group output is not a node")
+    for i, lp in enumerate(anchor_loads):
+        load_lines.insert(i, f"x{i} = {expr.to_compute(f'r{i}', meta_of(lp.source).dtype)}")
+    return EpiloguePlan(anchor_shape, prologue, loads, load_lines + lines, stores, outputs, helpers,
+                        tuple(chain_ops))
+
+
+def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool = False,
+                  skip_loads: int = 0) -> EpilogueSpec:
+    """The kernel epilogue of ``plan`` after ``anchor_lines``; ``skip_loads`` leaves out the
+    first anchor loads (when the anchor's value comes from cuBLAS with its bias applied)."""
+    from . import expr
+
+    n = len(plan.loads)
+    return EpilogueSpec(
+        loads=tuple(f"r{i}" for i in range(skip_loads, n)),
+        lines=tuple(plan.lines[skip_loads:n]) + tuple(anchor_lines) + tuple(plan.lines[n:]),
+        stores=tuple(s[0] for s in plan.stores),
+        int_acc=int_acc,
+        helpers=expr.helper_source(plan.helpers),
+    )
+
+
+def bind_group(plan: EpiloguePlan, group, inputs: Sequence[object]) -> Dict[object, object]:
+    """Values of the group's placeholders and prologue nodes for one call."""
+    import torch.fx as fx
+
+    env = dict(zip(group.placeholders, inputs))
+    for n in plan.prologue:
+        args = fx.node.map_arg(n.args, lambda x: env[x])
+        kwargs = fx.node.map_arg(n.kwargs, lambda x: env[x])
+        env[n] = n.target(*args, **kwargs)
+    return env
+
+
+def to_anchor_space(t, plan_load: LoadPlan, anchor_shape: Sequence[int]):
+    """View of ``t`` broadcast to the anchor's logical shape (a copy only when no view exists)."""
+    if plan_load.pre_view is not None:
+        t = t.view(plan_load.pre_view)
+    t = t.expand(plan_load.shape)
+    try:
+        return t.view(tuple(anchor_shape))
+    except RuntimeError:
+        return t.reshape(tuple(anchor_shape))
+
+
+def allocate_outputs(plan: EpiloguePlan, anchor_shape: Sequence[int], device) -> Tuple[list, list]:
+    """Output tensors (as the group returns them) and their views in the anchor's shape."""
+    import torch
+
+    outs, views = [], []
+    for _, shape, dtype, stride in plan.stores:
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        try:
+            v = t.view(tuple(anchor_shape))
+        except RuntimeError:  # strides that are no reshape of the anchor: write densely
+            t = torch.empty(shape, dtype=dtype, device=device)
+            v = t.view(tuple(anchor_shape))
+        outs.append(t)
+        views.append(v)
+    return outs, views
+
+
+def group_outputs(plan: EpiloguePlan, env: Dict[object, object], stored: Sequence[object]) -> tuple:
+    return tuple(stored[ref] if kind == "store" else env[ref] for kind, ref in plan.outputs)

@@ -1,0 +1,188 @@
+"""Shared pieces of the generated pointwise/reduction kernels: configs, heuristics, loading.
+
+* Configs are frozen dataclasses validated at construction; builders take one as a parameter
+  (``config=None`` means "use the heuristic") so an autotuner can rebuild a group with others,
+  and ``Kernel.config`` carries ``dataclasses.asdict(config)``.
+* :func:`load_source` turns generated source into a module, once per distinct source per
+  process (the memo is keyed by the source text itself), so the same group compiles once.
+  The source goes to a file because ``triton.jit`` reads its function's source with ``inspect``.
+
+Importing this module does not import Triton; the generated modules do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from types import ModuleType
+from typing import Dict, Tuple
+
+_POW2 = tuple(1 << i for i in range(20))
+
+
+def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in _POW2 or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PointwiseConfig:
+    """Launch parameters of a generated pointwise kernel: BLOCK elements per program."""
+
+    block: int = 1024
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_pow2("block", self.block, 16, 1 << 16)
+        _check_pow2("num_warps", self.num_warps, 1, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReductionConfig:
+    """Launch parameters of a generated row reduction.
+
+    xblock rows per program; rblock row elements per step. persistent: the whole row is held
+    in registers (rblock >= row length) and read once; otherwise the kernel loops over the row
+    in rblock chunks, re-reading it once per reduction stage.
+    """
+
+    xblock: int = 1
+    rblock: int = 1024
+    num_warps: int = 4
+    persistent: bool = True
+
+    def __post_init__(self) -> None:
+        _check_pow2("xblock", self.xblock, 1, 4096)
+        _check_pow2("rblock", self.rblock, 1, 1 << 16)
+        _check_pow2("num_warps", self.num_warps, 1, 32)
+        if not isinstance(self.persistent, bool):
+            raise ValueError(f"persistent must be True or False, got {self.persistent!r}")
+        if self.xblock * self.rblock > (1 << 16):
+            raise ValueError(f"xblock * rblock must be at most 65536, got {self.xblock * self.rblock}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def pointwise_heuristic(numel: int) -> PointwiseConfig:
+    """Enough elements per thread for 16-byte accesses, fewer programs on large tensors."""
+    if numel >= (1 << 22):
+        return PointwiseConfig(block=2048, num_warps=8)
+    if numel >= 4096:
+        return PointwiseConfig(block=1024, num_warps=4)
+    return PointwiseConfig(block=max(16, min(1024, next_pow2(numel))), num_warps=4 if numel > 1024 else 2)
+
+
+# rows up to this many elements are held in registers (one read of the row); rows up to
+# PERSISTENT_MAX_LIGHT too when the kernel reads a single row-shaped input (e.g. softmax):
+# on H100 a 32768-element fp16 softmax row in 16 warps used 127 registers, no spills, and ran
+# at 70% of copy bandwidth against 47% for the looped kernel (benchmarks/notes/codegen.md)
+PERSISTENT_MAX = 16384
+PERSISTENT_MAX_LIGHT = 32768
+
+
+def reduction_heuristic(rows: int, row_len: int, row_contiguous: bool, row_inputs: int = 1) -> ReductionConfig:
+    """Persistent when the row fits; several rows per program for short rows or when the
+    reduced dim is strided and the kept dim is contiguous (column reductions)."""
+    rp2 = next_pow2(row_len)
+    if row_contiguous and row_inputs <= 1 and PERSISTENT_MAX < rp2 <= PERSISTENT_MAX_LIGHT:
+        return ReductionConfig(xblock=1, rblock=rp2, num_warps=16, persistent=True)
+    if not row_contiguous:
+        # column-style: coalesce along rows, loop over the reduced dim in small chunks
+        xblock = min(64, next_pow2(rows))
+        rblock = min(rp2, max(1, 4096 // xblock))
+        return ReductionConfig(xblock=xblock, rblock=rblock, num_warps=4, persistent=rblock >= row_len)
+    if rp2 <= PERSISTENT_MAX:
+        xblock = max(1, min(next_pow2(rows), 2048 // rp2)) if rp2 < 2048 else 1
+        elems = xblock * rp2
+        warps = 1 if elems <= 256 else 2 if elems <= 512 else 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+        return ReductionConfig(xblock=xblock, rblock=rp2, num_warps=warps, persistent=True)
+    return ReductionConfig(xblock=1, rblock=4096, num_warps=8, persistent=False)
+
+
+_MODULES: Dict[str, ModuleType] = {}
+_LOCK = threading.Lock()
+_stats = {"compiled": 0, "reused": 0}
+
+
+def load_source(source: str) -> ModuleType:
+    """Import generated source as a module, memoised by the source text."""
+    with _LOCK:
+        mod = _MODULES.get(source)
+        if mod is not None:
+            _stats["reused"] += 1
+            return mod
+        digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+        directory = os.path.join(tempfile.gettempdir(), f"compile_backend_gen_{os.getuid()}")
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"k_{digest}.py")
+        if not os.path.exists(path) or open(path).read() != source:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+        name = f"compile_backend_gen_{digest}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[source] = mod
+        _stats["compiled"] += 1
+        return mod
+
+
+def memo_stats() -> Tuple[int, int]:
+    """(distinct sources loaded, loads served from the memo) in this process."""
+    return _stats["compiled"], _stats["reused"]
+
+
+# ------------------------------------------------------------------------ graph/launch helpers
+def is_view_op(target) -> bool:
+    import torch
+
+    return isinstance(target, torch._ops.OpOverload) and (
+        target.is_view or torch.Tag.view_copy in target.tags or target.overloadpacket is torch.ops.aten._unsafe_view)
+
+
+def map_nodes(value, env):
+    """Replace FX nodes in an argument structure with their values from ``env``."""
+    import torch.fx as fx
+
+    if isinstance(value, fx.Node):
+        return env[value]
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_nodes(v, env) for v in value)
+    return value
+
+
+def dense_order(shape, stride):
+    """Dims from outermost to innermost in memory (stable), or None when the strides are not
+    a dense, non-overlapping permutation of ``shape``."""
+    dims = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
+    expected = 1
+    for d in reversed(dims):
+        if shape[d] != 1 and stride[d] != expected:
+            return None
+        expected *= shape[d]
+    return tuple(dims)
+
+
+def strides_for(shape, order):
+    """Strides of a dense tensor of ``shape`` whose dims lie in memory in ``order`` (outer first)."""
+    stride = [0] * len(shape)
+    running = 1
+    for d in reversed(order):
+        stride[d] = running
+        running *= max(1, shape[d])
+    return tuple(stride)
+
+
+def output_order(meta):
+    """Memory order to allocate an output like its reference (row-major when not dense)."""
+    order = dense_order(tuple(meta.shape), tuple(meta.stride()))
+    return order if order is not None else tuple(range(meta.dim()))

@@ -1,0 +1,289 @@
+"""Generated Triton kernels for fused pointwise groups.
+
+Layers: ``_source`` writes the @triton.jit kernel (one flat loop over the output elements,
+one line per ATen op, see ``expr``); ``PointwiseLauncher`` checks inputs, evaluates view ops
+of inputs on the host, allocates outputs and launches; ``build_pointwise`` is the builder the
+engine calls. ``group.reference`` (plain ATen) is the reference every test compares against.
+
+Indexing: the iteration space is the outputs' shape, walked in the memory order of the first
+output (so channels-last outputs are written contiguously). Dims are dropped when of size 1
+and merged when every operand is mergeable, so the common all-contiguous case (with
+broadcast operands) needs no div/mod at all for the contiguous tensors. Each operand is read
+through its own strides (stride 0 for broadcast dims, any non-contiguous layout); sizes and
+strides are runtime arguments; sizes are literals in the source (cheap div/mod by constants).
+Generated modules are memoised by their source (``launch.load_source``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from . import expr
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name
+from .launch import (PointwiseConfig, is_view_op, load_source, map_nodes, output_order,
+                     pointwise_heuristic, strides_for)
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass
+class PointwisePlan:
+    """What the group computes, independent of the runtime strides."""
+
+    placeholders: List[fx.Node]
+    host_views: List[fx.Node]  # view ops of inputs: evaluated with torch on the host
+    compute: List[fx.Node]  # pointwise ops in graph order (only those the outputs need)
+    outputs: List[fx.Node]  # the group's outputs as the graph lists them
+    stored: List[fx.Node]  # distinct computed outputs (written by the kernel)
+    operands: List[fx.Node]  # tensor inputs/host views the kernel reads
+    scalars: List[fx.Node]  # scalar inputs the kernel reads
+    shape: Tuple[int, ...]  # iteration shape
+    order: Tuple[int, ...]  # iteration dims, outermost first (memory order of stored[0])
+
+
+def analyze(group: KernelGroup) -> PointwisePlan:
+    """Check the group is a pointwise DAG Triton can run; raise Unsupported with the reason."""
+    placeholders, host_views, sources = [], [], set()
+    by_node: Dict[fx.Node, str] = {}
+    for node in group.gm.graph.nodes:
+        val = meta_of(node)
+        if node.op == "placeholder":
+            placeholders.append(node)
+            if isinstance(val, torch.Tensor):
+                sources.add(node)
+            elif not isinstance(val, (bool, int, float)) or isinstance(val, torch.SymInt):
+                raise Unsupported(f"input {node.name} is neither a tensor nor a Python scalar")
+        elif node.op == "call_function":
+            if node.target is operator.getitem:
+                raise Unsupported("getitem in a pointwise group")
+            if is_view_op(node.target):
+                if not all(a in sources for a in node.all_input_nodes):
+                    raise Unsupported(f"{op_name(node.target)} of a computed value inside a pointwise group")
+                host_views.append(node)
+                sources.add(node)
+                continue
+            reason = expr.unsupported_reason(node)
+            if reason is not None:
+                raise Unsupported(f"{op_name(node.target)}: {reason}")
+            by_node[node] = "compute"
+        elif node.op not in ("output",):
+            raise Unsupported(f"{node.op} node {node.name} in a pointwise group")
+    outputs = group.outputs
+    for o in outputs:
+        if not isinstance(o, fx.Node) or not isinstance(meta_of(o), torch.Tensor):
+            raise Unsupported("a group output is not a tensor node")
+    needed = _needed(outputs)
+    compute = [n for n in group.gm.graph.nodes if n in by_node and n in needed]
+    stored = list(dict.fromkeys(o for o in outputs if o in by_node))
+    shape = tuple(meta_of(stored[0]).shape) if stored else ()
+    for o in stored:
+        if tuple(meta_of(o).shape) != shape:
+            raise Unsupported(f"outputs of different shapes: {shape} and {tuple(meta_of(o).shape)}")
+    for n in compute:
+        _check_broadcasts(meta_of(n).shape, shape, n.name)
+    used = [a for n in compute for a in n.all_input_nodes]
+    operands = [n for n in dict.fromkeys(used) if n in sources]
+    scalars = [n for n in dict.fromkeys(used) if n.op == "placeholder" and n not in sources]
+    order = output_order(meta_of(stored[0])) if stored else ()
+    return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order)
+
+
+def _needed(outputs: Sequence[fx.Node]) -> set:
+    seen, stack = set(), list(outputs)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+def _check_broadcasts(shape: Sequence[int], target: Sequence[int], what: str) -> None:
+    if len(shape) > len(target) or any(
+            s not in (1, t) for s, t in zip(reversed(tuple(shape)), reversed(tuple(target)))):
+        raise Unsupported(f"{what} of shape {tuple(shape)} does not broadcast to the output shape {tuple(target)}")
+
+
+def expanded_strides(t: torch.Tensor, shape: Sequence[int]) -> Tuple[int, ...]:
+    """Strides of ``t`` broadcast (right-aligned) to ``shape``: 0 along broadcast dims."""
+    _check_broadcasts(t.shape, shape, "input")
+    lead = len(shape) - t.dim()
+    return tuple(0 if d < lead or t.shape[d - lead] == 1 else t.stride(d - lead) for d in range(len(shape)))
+
+
+def collapse(shape: Sequence[int], order: Sequence[int], strides: Sequence[Sequence[int]]):
+    """Iteration dims (outer first) after dropping size-1 dims and merging dims every tensor
+    walks contiguously; returns (sizes, strides per tensor)."""
+    dims = [d for d in order if shape[d] != 1]
+    sizes = [shape[d] for d in dims]
+    st = [[s[d] for d in dims] for s in strides]
+    j = len(sizes) - 1
+    while j > 0:
+        if all(s[j - 1] == s[j] * sizes[j] for s in st):
+            sizes[j - 1] *= sizes[j]
+            del sizes[j]
+            for s in st:
+                s[j - 1] = s[j]
+                del s[j]
+        j -= 1
+    return sizes, [tuple(s) for s in st]
+
+
+def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
+    """'flat' when the tensor is row-major over the iteration dims, else the dims it moves along."""
+    if tuple(strides) == strides_for(sizes, range(len(sizes))) and all(s != 0 for s in strides):
+        return "flat"
+    return tuple(j for j, s in enumerate(strides) if s != 0)
+
+
+def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
+            round_intermediates: bool = True) -> str:
+    """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
+    div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
+    long division per element."""
+    ndims, numel = len(sizes), 1
+    for s in sizes:
+        numel *= s
+    tensors = [f"in_{n.name}" for n in plan.operands] + [f"out{i}" for i in range(len(plan.stored))]
+    params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
+    for t, pat in zip(tensors, patterns):
+        if pat != "flat":
+            params += [f"{t}_st{j}" for j in pat]
+    body = ["pid = tl.program_id(0)",
+            f"offs = {'pid.to(tl.int64)' if wide else 'pid'} * BLOCK + tl.arange(0, BLOCK)",
+            f"mask = offs < {numel}"]
+    if any(p != "flat" and p for p in patterns) and ndims > 0:
+        body.append("# multi-index over the (merged) iteration dims, outermost first")
+        rest = "offs"
+        for j in range(ndims - 1, 0, -1):
+            body.append(f"i{j} = {rest} % {sizes[j]}")
+            body.append(f"r{j} = {rest} // {sizes[j]}")
+            rest = f"r{j}"
+        body.append(f"i0 = {rest}")
+
+    def offset(t: str, pat: Any) -> str:
+        return "offs" if pat == "flat" else " + ".join(f"i{j} * {t}_st{j}" for j in pat)
+
+    names: Dict[fx.Node, str] = {}
+    block_values = set()
+    for node, t, pat in zip(plan.operands, tensors, patterns):
+        dtype = meta_of(node).dtype
+        var = f"l_{node.name}"
+        if pat == "flat" or pat:
+            load = f"tl.load({t}_ptr + {offset(t, pat)}, mask=mask, other=0)"
+            block_values.add(node)
+        else:  # broadcast scalar (0-dim or all-stride-0 input): one load per program
+            load = f"tl.load({t}_ptr)"
+        body.append(f"{var} = {expr.to_compute(load, dtype)}")
+        names[node] = var
+    for node in plan.scalars:
+        names[node] = f"s_{node.name}"
+    helpers: set = set()
+    body.append("# one line per ATen op; reduced floats are computed in fp32 and rounded like eager")
+    body += expr.emit_pointwise(plan.compute, names, helpers, round_intermediates)
+    for node in plan.compute:
+        if any(a in block_values for a in node.all_input_nodes):
+            block_values.add(node)
+    for i, (node, pat) in enumerate(zip(plan.stored, patterns[len(plan.operands):])):
+        value = names[node] if node in block_values else f"tl.broadcast_to({names[node]}, [BLOCK])"
+        body.append(f"tl.store(out{i}_ptr + {offset(f'out{i}', pat)}, "
+                    f"{expr.to_storage(value, meta_of(node).dtype)}, mask=mask)")
+    header = ["import triton", "import triton.language as tl", "",
+              f"# group ops: {', '.join(op_name(n.target) for n in plan.compute)}"]
+    kernel = "\n\n@triton.jit\ndef pointwise_kernel(" + ", ".join(params + ["BLOCK: tl.constexpr"]) + \
+        "):\n" + "\n".join("    " + line for line in body) + "\n"
+    return "\n".join(header) + expr.helper_source(kernel) + kernel
+
+
+@dataclasses.dataclass
+class _Launch:
+    kernel: Any
+    source: str
+    int_args: Tuple[int, ...]
+    numel: int
+    out_strides: List[Tuple[int, ...]]
+
+
+class PointwiseLauncher:
+    """Checks inputs, evaluates host views, allocates outputs and launches the kernel."""
+
+    def __init__(self, plan: PointwisePlan, config: PointwiseConfig, device: torch.device):
+        self.plan, self.config, self.device = plan, config, device
+        self._launches: Dict[Tuple, _Launch] = {}
+        self.last_compiled: Any = None
+
+    def _layout(self, operands: Sequence[torch.Tensor]) -> _Launch:
+        plan = self.plan
+        for node, t in zip(plan.operands, operands):
+            want = meta_of(node)
+            if t.dtype != want.dtype or tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"input {node.name}: kernel built for {want.dtype}{tuple(want.shape)}, "
+                                 f"got {t.dtype}{tuple(t.shape)}")
+        out_strides = [strides_for(plan.shape, output_order(meta_of(o))) for o in plan.stored]
+        all_strides = [expanded_strides(t, plan.shape) for t in operands] + out_strides
+        sizes, strides = collapse(plan.shape, plan.order, all_strides)
+        patterns = [_pattern(s, sizes) for s in strides]
+        numel = 1
+        for s in plan.shape:
+            numel *= s
+        reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1 for t in operands])
+        wide = reach + self.config.block > INT32_MAX
+        source = _source(plan, sizes, patterns, wide)
+        int_args = tuple(
+            s[j] for s, pat in zip(strides, patterns) if pat != "flat" for j in pat)
+        return _Launch(load_source(source).pointwise_kernel, source, int_args, numel, out_strides)
+
+    def launch_for(self, operands: Sequence[torch.Tensor]) -> _Launch:
+        key = tuple((t.dtype, tuple(t.shape), t.stride()) for t in operands)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._layout(operands)
+        return launch
+
+    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
+        plan = self.plan
+        if len(inputs) != len(plan.placeholders):
+            raise ValueError(f"expected {len(plan.placeholders)} inputs, got {len(inputs)}")
+        env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
+        for v in plan.host_views:
+            env[v] = v.target(*map_nodes(v.args, env), **map_nodes(v.kwargs, env))
+        operands = [env[n] for n in plan.operands]
+        device = operands[0].device if operands else self.device
+        if plan.stored:
+            launch = self.launch_for(operands)
+            outs = [torch.empty_strided(plan.shape, st, dtype=meta_of(o).dtype, device=device)
+                    for o, st in zip(plan.stored, launch.out_strides)]
+            if launch.numel > 0:
+                scalars = [env[n] for n in plan.scalars]
+                grid = (triton_cdiv(launch.numel, self.config.block),)
+                # the compiled kernel (None under the interpreter): registers/PTX for benchmarks
+                self.last_compiled = launch.kernel[grid](
+                    *operands, *outs, *scalars, *launch.int_args,
+                    BLOCK=self.config.block, num_warps=self.config.num_warps)
+            env.update(zip(plan.stored, outs))
+        return tuple(env[o] for o in plan.outputs)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def build_pointwise(group: KernelGroup, ctx: KernelContext,
+                    config: Optional[PointwiseConfig] = None) -> Kernel:
+    """Kernel for a pointwise group; ``config=None`` picks the heuristic launch parameters."""
+    plan = analyze(group)
+    numel = 1
+    for s in plan.shape:
+        numel *= s
+    config = config or pointwise_heuristic(numel)
+    launcher = PointwiseLauncher(plan, config, ctx.device)
+    source = None
+    if plan.stored:  # generate (and load) the source for the layout the graph was traced with
+        metas = [meta_of(n) for n in plan.operands]
+        source = launcher.launch_for(metas).source
+    return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=launcher,
+                  config=dataclasses.asdict(config), source=source)

@@ -1,0 +1,688 @@
+"""Generated Triton kernels for row reductions with fused pointwise prologue and epilogue.
+
+A group qualifies when all its reductions reduce the same dims of one iteration shape ``X``
+(softmax, log-softmax, native_layer_norm, sum/mean/amax/amin/var/std/var_mean/logsumexp over
+any dims, and decomposed chains such as RMS norm), with any pointwise ops (``expr``) around
+them. ``X`` splits into kept dims (rows: one program handles XBLOCK rows) and reduced dims
+(a row: RBLOCK elements per step); both sides are walked through each tensor's strides, so
+reducing a non-last dim needs no transpose: with the kept dim contiguous, tiles are read
+coalesced along rows.
+
+Layers: ``_emit`` writes the @triton.jit kernel; ``ReductionLauncher`` checks inputs,
+evaluates host views, allocates outputs, launches; ``build_reduction`` is the builder.
+
+Two shapes of kernel (``ReductionConfig.persistent``):
+* persistent: the row (rblock >= row length) lives in registers, read once; every reduction
+  and epilogue op works on it in place.
+* looped: each reduction *stage* (reductions that need results of earlier ones run a stage
+  later) loops over the row in RBLOCK chunks, recomputing the prologue from loads; a final loop
+  writes row-shaped outputs. Softmax reads the row 3 times, layer norm 3 times.
+
+Numerics: reductions accumulate in fp32 (fp64 for fp64, int64 for integer sums); softmax
+subtracts the row max; variance is two-pass (mean first, then the sum of squared deviations);
+max/min propagate NaN like torch. Semantic ops round only their outputs (eager computes them
+in fp32 internally); pointwise ops round like eager (see ``expr``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from . import expr
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name
+from .launch import (ReductionConfig, is_view_op, load_source, map_nodes, output_order,
+                     reduction_heuristic, strides_for)
+from .pointwise import INT32_MAX, collapse
+
+aten = torch.ops.aten
+SEMANTIC = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
+            aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.logsumexp}
+
+
+# --------------------------------------------------------------------------------- values (IR)
+@dataclasses.dataclass(eq=False)
+class Val:
+    """A value inside the kernel. level 'row' varies along the reduced dims (lives in a loop
+    chunk), 'perrow' does not (computed once per row block). render(name_of) -> expression."""
+
+    base: str
+    level: str
+    deps: Tuple["Val", ...]
+    render: Callable[[Callable[["Val"], str]], str]
+    dtype: torch.dtype  # storage dtype: the variable holds expr.compute_dtype(dtype)
+    reduce: Optional[str] = None  # sum | max | min for reductions
+    load: Optional[int] = None  # index into the plan's loads
+
+
+@dataclasses.dataclass
+class Load:
+    source: fx.Node  # placeholder or host view
+    xmap: Tuple[Tuple[int, int], ...]  # (tensor dim, X dim) for the dims it moves along
+    level: str
+
+
+@dataclasses.dataclass
+class Store:
+    node: fx.Node
+    val: Val
+    xmap: Tuple[Tuple[int, int], ...]  # (output dim, X dim)
+    level: str  # 'row' when the output varies along the reduced dims
+
+
+@dataclasses.dataclass
+class ReductionPlan:
+    placeholders: List[fx.Node]
+    host_views: List[fx.Node]
+    outputs: List[fx.Node]
+    x_shape: Tuple[int, ...]
+    rdims: Tuple[int, ...]
+    loads: List[Load]
+    stores: List[Store]
+    scalars: List[fx.Node]
+    vals: List[Val]  # every value, in creation (topological) order
+    scalar_vals: Dict[fx.Node, Val]
+
+    @property
+    def kdims(self) -> Tuple[int, ...]:
+        return tuple(d for d in range(len(self.x_shape)) if d not in self.rdims)
+
+    @property
+    def rnumel(self) -> int:
+        return math.prod(self.x_shape[d] for d in self.rdims)
+
+    @property
+    def xnumel(self) -> int:
+        return math.prod(self.x_shape[d] for d in self.kdims)
+
+
+def _reduction_args(node: fx.Node) -> Tuple[fx.Node, Tuple[int, ...], bool]:
+    """(input, reduced dims normalised, keepdim) of a semantic reduction node."""
+    x = node.args[0]
+    rank = meta_of(x).dim()
+    packet = node.target.overloadpacket
+    args, kw = node.args, node.kwargs
+
+    def norm(dims):
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            return tuple(range(rank))
+        dims = [dims] if isinstance(dims, int) else dims
+        return tuple(sorted({d % max(rank, 1) for d in dims}))
+
+    if packet in (aten._softmax, aten._log_softmax):
+        return x, norm(args[1]), True
+    if packet is aten.native_layer_norm:
+        return x, tuple(range(rank - len(args[1]), rank)), True
+    overload = node.target._overloadname
+    if overload == "default" and packet in (aten.sum, aten.mean):
+        return x, tuple(range(rank)), False
+    dims = args[1] if len(args) > 1 else kw.get("dim")
+    keep = args[2] if len(args) > 2 and isinstance(args[2], bool) else kw.get("keepdim", False)
+    if packet in (aten.var, aten.std, aten.var_mean) and overload != "correction":
+        raise Unsupported(f"{op_name(node.target)}.{overload}")
+    return x, norm(dims), bool(keep)
+
+
+class _Analysis:
+    """Walks the group once: frames (which X dim each logical dim of a value is), loads, Vals."""
+
+    def __init__(self, group: KernelGroup):
+        nodes = list(group.gm.graph.nodes)
+        first = next((n for n in nodes if n.op == "call_function"
+                      and getattr(n.target, "overloadpacket", None) in SEMANTIC), None)
+        if first is None:
+            raise Unsupported("no reduction in the group")
+        x, self.rdims, _ = _reduction_args(first)
+        self.x_shape = tuple(meta_of(x).shape)
+        self.frames: Dict[fx.Node, Tuple[Optional[int], ...]] = {}
+        self.vals: Dict[fx.Node, Any] = {}  # node -> Val (or tuple of Vals for multi-output ops)
+        self.all_vals: List[Val] = []
+        self.loads: List[Load] = []
+        self.load_vals: Dict[Tuple, Val] = {}
+        self.sources: set = set()
+        self.placeholders, self.host_views, self.scalars = [], [], []
+        self.scalar_vals: Dict[fx.Node, Val] = {}
+        self.helpers: set = set()
+        for n in nodes:
+            self._visit(n)
+
+    # ---- helpers
+    def _val(self, base, level, deps, render, dtype, reduce=None, load=None) -> Val:
+        deps = tuple(deps)
+        if reduce is None and load is None:  # computed values vary along the row iff an input does
+            level = "row" if any(d.level == "row" for d in deps) else "perrow"
+        v = Val(base, level, deps, render, dtype, reduce, load)
+        self.all_vals.append(v)
+        return v
+
+    def _rd_frame(self, frame, shape) -> bool:
+        return any(f is not None and f in self.rdims and s > 1 for f, s in zip(frame, shape))
+
+    @property
+    def rnumel(self) -> int:
+        return math.prod(self.x_shape[d] for d in self.rdims)
+
+    def _identity(self) -> Tuple[Optional[int], ...]:
+        return tuple(d if s > 1 else None for d, s in enumerate(self.x_shape))
+
+    def operand(self, a: fx.Node, frame, out_shape) -> Val:
+        """The Val of node ``a`` used by a consumer with ``frame``/``out_shape`` (loads sources)."""
+        if a in self.scalar_vals:
+            return self.scalar_vals[a]
+        if a in self.sources:
+            shape = tuple(meta_of(a).shape)
+            off = len(out_shape) - len(shape)
+            if off < 0:
+                raise Unsupported(f"{a.name} has more dims than its consumer")
+            xmap = tuple((i, frame[i + off]) for i, s in enumerate(shape) if s > 1)
+            if any(d is None for _, d in xmap):
+                raise Unsupported(f"{a.name} does not fit the reduction's iteration space")
+            key = (a, xmap)
+            if key not in self.load_vals:
+                level = "row" if any(d in self.rdims for _, d in xmap) else "perrow"
+                self.loads.append(Load(a, xmap, level))
+                idx = len(self.loads) - 1
+                self.load_vals[key] = self._val(f"l{idx}_{a.name}", level, (), None, meta_of(a).dtype, load=idx)
+            return self.load_vals[key]
+        v = self.vals.get(a)
+        if not isinstance(v, Val):
+            raise Unsupported(f"{a.name} is not a single tensor value")
+        return v
+
+    def _frame_of_pointwise(self, node: fx.Node) -> Tuple[Optional[int], ...]:
+        out = tuple(meta_of(node).shape)
+        r, rank_x = len(out), len(self.x_shape)
+        cand: List[Optional[int]] = [None] * r
+        for u in node.all_input_nodes:
+            if u not in self.frames:
+                continue
+            su, fu = tuple(meta_of(u).shape), self.frames[u]
+            off = r - len(su)
+            for i, s in enumerate(su):
+                j = i + off
+                if s > 1 and s == out[j]:
+                    if cand[j] is not None and cand[j] != fu[i]:
+                        raise Unsupported(f"{node.name} combines values laid over different dims")
+                    cand[j] = fu[i]
+        for j, s in enumerate(out):
+            if s > 1 and cand[j] is None:
+                d = j + rank_x - r  # inputs only: right-aligned in X like broadcasting
+                if d < 0 or self.x_shape[d] != s:
+                    raise Unsupported(f"{node.name} of shape {out} does not fit the iteration shape {self.x_shape}")
+                cand[j] = d
+        return self._checked(node, tuple(cand), out)
+
+    def _checked(self, node, frame, shape):
+        used = [f for f in frame if f is not None]
+        if used != sorted(set(used)) or any(f is not None and self.x_shape[f] != s for f, s in zip(frame, shape)):
+            raise Unsupported(f"{node.name} of shape {tuple(shape)} does not fit the iteration shape {self.x_shape}")
+        return frame
+
+    # ---- visiting nodes
+    def _visit(self, n: fx.Node) -> None:
+        val = meta_of(n)
+        if n.op == "placeholder":
+            self.placeholders.append(n)
+            if isinstance(val, torch.Tensor):
+                self.sources.add(n)
+            elif isinstance(val, (bool, int, float)) and not isinstance(val, torch.SymInt):
+                self.scalars.append(n)
+                self.scalar_vals[n] = self._val(f"s_{n.name}", "perrow", (), None, expr._scalar_dtype(val))
+            else:
+                raise Unsupported(f"input {n.name} is neither a tensor nor a Python scalar")
+            return
+        if n.op == "output":
+            return
+        if n.op != "call_function":
+            raise Unsupported(f"{n.op} node {n.name} in a reduction group")
+        if n.target is operator.getitem:
+            parent, idx = n.args
+            self.vals[n] = self.vals[parent][idx]
+            self.frames[n] = self.frames[parent][idx]
+            return
+        if is_view_op(n.target):
+            if all(a in self.sources for a in n.all_input_nodes):
+                self.host_views.append(n)
+                self.sources.add(n)
+                return
+            (u,) = [a for a in n.all_input_nodes]
+            su, so = tuple(meta_of(u).shape), tuple(val.shape)
+            if [s for s in su if s != 1] != [s for s in so if s != 1]:
+                raise Unsupported(f"{op_name(n.target)} of a computed value that moves data")
+            big = iter(f for f, s in zip(self.frames[u], su) if s != 1)
+            self.frames[n] = tuple(next(big) if s != 1 else None for s in so)
+            self.vals[n] = self.vals[u]
+            return
+        packet = getattr(n.target, "overloadpacket", None)
+        if packet in SEMANTIC:
+            self._reduction(n, packet)
+            return
+        reason = expr.unsupported_reason(n)
+        if reason is not None:
+            raise Unsupported(f"{op_name(n.target)}: {reason}")
+        frame = self._frame_of_pointwise(n)
+        out_shape = tuple(val.shape)
+        deps = {a: self.operand(a, frame, out_shape) for a in n.all_input_nodes}
+        level = "row" if any(d.level == "row" for d in deps.values()) else "perrow"
+        self.frames[n] = frame
+        self.vals[n] = self._val(f"v_{n.name}", level, deps.values(), self._pointwise_render(n, deps), val.dtype)
+
+    def _pointwise_render(self, n: fx.Node, deps: Dict[fx.Node, Val]):
+        dtype = meta_of(n).dtype
+        helpers = self.helpers
+
+        def render(name_of):
+            def sub(a):
+                if isinstance(a, fx.Node):
+                    v, m = deps[a], meta_of(a)
+                    if not isinstance(m, torch.Tensor):
+                        return expr.Var(name_of(v), v.dtype, 0, scalar=True)
+                    return expr.Var(name_of(v), m.dtype, m.dim())
+                return a
+            args = [sub(a) for a in n.args]
+            kwargs = {k: sub(v) for k, v in n.kwargs.items()}
+            text = expr.lower(n.target, args, kwargs, dtype, helpers)
+            return expr.round_to(f"({text})", dtype)
+        return render
+
+    def _reduction(self, n: fx.Node, packet) -> None:
+        x, dims, keep = _reduction_args(n)
+        xm = meta_of(x)
+        if tuple(xm.shape) != self.x_shape or dims != self.rdims:
+            raise Unsupported("reductions over different shapes or dims in one group")
+        ident = self._identity()
+        if x in self.frames and self.frames[x] != ident:
+            raise Unsupported(f"{n.name} reduces a value laid out differently from the iteration shape")
+        xv = self.operand(x, ident, self.x_shape)
+        if xv.level != "row" and self.rnumel > 1:
+            raise Unsupported(f"{n.name} reduces a value that does not vary along the reduced dims")
+        keep_frame = tuple(None if d in self.rdims else f for d, f in enumerate(ident))
+        red_frame = keep_frame if keep else tuple(f for d, f in enumerate(ident) if d not in self.rdims)
+        outs = self._expand(n, packet, x, xv, ident)
+        if packet is aten.native_layer_norm:
+            self.frames[n] = (ident, keep_frame, keep_frame)
+        elif packet is aten.var_mean:
+            self.frames[n] = (red_frame, red_frame)
+        elif packet in (aten._softmax, aten._log_softmax):
+            self.frames[n] = ident
+        else:
+            self.frames[n] = red_frame
+        self.vals[n] = outs
+
+    def _expand(self, n, packet, x, xv, ident):
+        """Lower one semantic reduction to Vals: primitive reductions plus expressions."""
+        metas = meta_of(n)
+        out_dtypes = [m.dtype for m in metas] if isinstance(metas, (tuple, list)) else [metas.dtype]
+        acc = expr.compute_dtype(out_dtypes[0])
+        if packet in (aten.amax, aten.amin):
+            acc = expr.compute_dtype(meta_of(x).dtype)
+        elif not acc.is_floating_point and packet is not aten.sum:
+            raise Unsupported(f"{op_name(n.target)} on integers")
+        if acc == torch.bool:
+            raise Unsupported(f"{op_name(n.target)} of bool")
+        count = float(self.rnumel)
+        tl_acc = expr.tl_type(acc)
+        V = self._val
+        conv = lambda v: (lambda nm: expr.convert(nm(v), v.dtype, acc))  # noqa: E731
+        xf = V(f"{n.name}_in", xv.level, (xv,), conv(xv), acc) if expr.compute_dtype(xv.dtype) != acc else xv
+
+        def red(kind, src, tag):
+            return V(f"{n.name}_{tag}", "perrow", (src,), None, acc, reduce=kind)
+
+        def ex(tag, level, deps, fn, dtype=acc):
+            return V(f"{n.name}_{tag}", level, deps, fn, dtype)
+
+        def out(v, dtype, tag="out"):  # the semantic op's output, rounded to its storage dtype
+            if dtype in expr.REDUCED_FLOATS or expr.compute_dtype(dtype) != acc:
+                return ex(tag, v.level, (v,), lambda nm: expr.convert(nm(v), acc, dtype), dtype)
+            return v
+
+        div = lambda a, b: f"tl.div_rn({a}, {b})" if acc == torch.float32 else f"{a} / {b}"  # noqa: E731
+        lit = lambda c: expr.literal(c, acc)  # noqa: E731
+        if packet in (aten.amax, aten.amin):
+            return out(red("nanmax" if packet is aten.amax else "nanmin", xv, "red"), out_dtypes[0])
+        s = red("sum", xf, "sum")
+        if packet is aten.sum:
+            return out(s, out_dtypes[0])
+        mean = ex("mean", "perrow", (s,), lambda nm: div(nm(s), lit(count)))
+        if packet is aten.mean:
+            return out(mean, out_dtypes[0])
+        if packet in (aten.var, aten.std, aten.var_mean, aten.native_layer_norm):
+            d = ex("dev", "row", (xf, mean), lambda nm: f"{nm(xf)} - {nm(mean)}")
+            ss = red("sum", ex("sq", "row", (d,), lambda nm: f"{nm(d)} * {nm(d)}"), "m2")
+            if packet is aten.native_layer_norm:
+                w, b, eps = (list(n.args) + [None] * 5)[2:5]
+                var = ex("var", "perrow", (ss,), lambda nm: div(nm(ss), lit(count)))
+                rstd = ex("rstd", "perrow", (var,), lambda nm: f"tl.rsqrt({nm(var)} + {lit(eps)})")
+                y = ex("norm", "row", (d, rstd), lambda nm: f"{nm(d)} * {nm(rstd)}")
+                for tag, param, op in (("w", w, "*"), ("b", b, "+")):
+                    if param is not None:
+                        pv = self.operand(param, ident, self.x_shape)
+                        prev = y
+                        y = ex(f"aff{tag}", "row", (prev, pv),
+                               lambda nm, prev=prev, pv=pv, op=op: f"{nm(prev)} {op} {expr.convert(nm(pv), pv.dtype, acc)}")
+                return (out(y, out_dtypes[0]), out(mean, out_dtypes[1], "mean_out"), out(rstd, out_dtypes[2], "rstd_out"))
+            corr = n.kwargs.get("correction", 1)
+            corr = 1 if corr is None else corr
+            var = ex("var", "perrow", (ss,), lambda nm: div(nm(ss), lit(max(count - corr, 0.0))))
+            if packet is aten.std:
+                return out(ex("std", "perrow", (var,), lambda nm: f"tl.sqrt_rn({nm(var)})"), out_dtypes[0])
+            if packet is aten.var_mean:
+                return (out(var, out_dtypes[0]), out(mean, out_dtypes[1], "mean_out"))
+            return out(var, out_dtypes[0])
+        # softmax family: subtract the row max before exp
+        m = red("max", xf, "max")  # a NaN in the row makes the sum NaN anyway: plain max suffices
+        ms = ex("maxsafe", "perrow", (m,), lambda nm: f"tl.where(tl.abs({nm(m)}) == float(\"inf\"), 0.0, {nm(m)})") \
+            if packet is aten.logsumexp else m
+        e = ex("exp", "row", (xf, ms), lambda nm: f"tl.exp({nm(xf)} - {nm(ms)})")
+        s = red("sum", e, "sum")
+        if packet is aten._softmax:
+            return out(ex("softmax", "row", (e, s), lambda nm: div(nm(e), nm(s))), out_dtypes[0])
+        if packet is aten._log_softmax:
+            return out(ex("logsoftmax", "row", (xf, m, s), lambda nm: f"{nm(xf)} - {nm(m)} - tl.log({nm(s)})"),
+                       out_dtypes[0])
+        return out(ex("lse", "perrow", (ms, s), lambda nm: f"{nm(ms)} + tl.log({nm(s)})"), out_dtypes[0])
+
+
+def analyze(group: KernelGroup) -> ReductionPlan:
+    a = _Analysis(group)
+    stores, seen = [], {}
+    for o in group.outputs:
+        if not isinstance(o, fx.Node) or not isinstance(meta_of(o), torch.Tensor):
+            raise Unsupported("a group output is not a tensor node")
+        if o in a.sources or o in seen:
+            continue
+        v, frame = a.vals.get(o), a.frames.get(o)
+        if not isinstance(v, Val):
+            raise Unsupported(f"output {o.name} is not a single tensor value")
+        shape = tuple(meta_of(o).shape)
+        xmap = tuple((i, f) for i, (f, s) in enumerate(zip(frame, shape)) if s > 1)
+        level = "row" if any(f in a.rdims for _, f in xmap) else "perrow"
+        seen[o] = True
+        stores.append(Store(o, v, xmap, level))
+    return ReductionPlan(a.placeholders, a.host_views, group.outputs, a.x_shape, a.rdims, a.loads, stores,
+                         a.scalars, a.all_vals, a.scalar_vals)
+
+
+# ------------------------------------------------------------------------------------ codegen
+def _needed(plan: ReductionPlan) -> set:
+    seen, stack = set(), [s.val for s in plan.stores]
+    while stack:
+        v = stack.pop()
+        if v not in seen:
+            seen.add(v)
+            stack.extend(v.deps)
+    return seen
+
+
+def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]],
+          ksizes: Sequence[int], rsizes: Sequence[int], persistent: bool, wide: bool) -> str:
+    """The Triton module for one layout pattern. patterns: per tensor (loads, then stores), the
+    merged kept dims and merged reduced dims it moves along."""
+    n_in = len(plan.loads)
+    tensors = [f"in{i}" for i in range(n_in)] + [f"out{j}" for j in range(len(plan.stores))]
+    params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
+    for t, (kt, rt) in zip(tensors, patterns):
+        params += [f"{t}_xs{j}" for j in kt] + [f"{t}_rs{j}" for j in rt]
+    lines: List[str] = []
+    ind = "    "
+
+    def out(line: str) -> None:
+        lines.append(ind + line)
+
+    def decompose(prefix: str, index: str, sizes: Sequence[int]) -> None:
+        # sizes are literals: div/mod by a constant is cheap, by a runtime value it is not
+        rest, n = index, len(sizes)
+        for j in range(n - 1, 0, -1):
+            out(f"{prefix}{j} = {rest} % {sizes[j]}")
+            out(f"{prefix}q{j} = {rest} // {sizes[j]}")
+            rest = f"{prefix}q{j}"
+        if n:
+            out(f"{prefix}0 = {rest}")
+
+    def address(t: str, pattern) -> Tuple[str, Optional[str]]:
+        kt, rt = pattern
+        terms = [f"xi{j} * {t}_xs{j}" for j in kt] + [f"ri{j} * {t}_rs{j}" for j in rt]
+        mask = "mask" if kt and rt else "xmask" if kt else "rmask" if rt else None
+        return (" + ".join(terms) or "0"), mask
+
+    out("pid = tl.program_id(0)")
+    out(f"xindex = {'pid.to(tl.int64)' if wide else 'pid'} * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
+    out(f"xmask = xindex < {plan.xnumel}")
+    decompose("xi", "xindex", ksizes)
+    out(f"rbase = tl.arange(0, RBLOCK)[None, :]{'.to(tl.int64)' if wide else ''}")
+
+    def r_prelude(start: str) -> None:
+        out(f"rindex = {start}rbase")
+        out(f"rmask = rindex < {plan.rnumel}")
+        decompose("ri", "rindex", rsizes)
+        out("mask = xmask & rmask")
+
+    needed = _needed(plan)
+    names: Dict[Val, str] = {n_val: f"s_{n.name}" for n, n_val in plan.scalar_vals.items()}
+
+    def render(v: Val, name_of) -> str:
+        if v.load is not None:
+            addr, mask = address(f"in{v.load}", patterns[v.load])
+            ptr = f"in{v.load}_ptr + {addr}"
+            load = f"tl.load({ptr}, mask={mask}, other=0)" if mask else f"tl.load({ptr})"
+            return expr.to_compute(load, plan.loads[v.load].source.meta["val"].dtype)
+        return v.render(name_of)
+
+    def reduce_expr(v: Val, value: str) -> str:
+        masked = f"tl.where(mask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})"
+        return expr.REDUCE_OPS[v.reduce][0].format(x=masked) + "[:, None]"
+
+    def emit_global(v: Val) -> None:
+        if v in names:
+            return
+        assert v.level == "perrow" and v.reduce is None, v.base
+        for d in v.deps:
+            emit_global(d)
+        out(f"{v.base} = {render(v, names.__getitem__)}")
+        names[v] = v.base
+
+    def emit_chunk(targets: Sequence[Val], suffix: str) -> Dict[Val, str]:
+        """Row values the targets need, computed in the current chunk (perrow ones are global)."""
+        local: Dict[Val, str] = {}
+        closure, stack = set(), list(targets)
+        while stack:
+            v = stack.pop()
+            if v in closure or v in names:
+                continue
+            closure.add(v)
+            if v.level == "row":
+                stack.extend(v.deps)
+        lookup = lambda v: local.get(v) or names[v]  # noqa: E731
+        for v in plan.vals:
+            if v in closure and v.level == "row":
+                local[v] = v.base + suffix
+                out(f"{local[v]} = {render(v, lookup)}")
+        return local
+
+    def store(j: int, s: Store, value: str) -> None:
+        addr, mask = address(f"out{j}", patterns[n_in + j])
+        shape = "[XBLOCK, RBLOCK]" if s.level == "row" else "[XBLOCK, 1]"
+        if addr == "0":  # a single element: the pointer must still be a block
+            addr = f"tl.zeros({shape}, tl.int32)"
+        mask = "mask" if s.level == "row" else "xmask"
+        value = expr.to_storage(f"tl.broadcast_to({value}, {shape})", s.node.meta["val"].dtype)
+        out(f"tl.store(out{j}_ptr + {addr}, {value}, mask={mask})")
+
+    def perrow_deps(vals: Sequence[Val]) -> List[Val]:
+        found, stack, seen = [], list(vals), set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if v.level == "row":
+                stack.extend(v.deps)
+            elif v.reduce is None:
+                found.append(v)
+        return sorted(found, key=plan.vals.index)
+
+    row_stores = [(j, s) for j, s in enumerate(plan.stores) if s.level == "row"]
+    if persistent:
+        r_prelude("")
+        for v in plan.vals:
+            if v in needed and v not in names:
+                if v.reduce is not None:
+                    src = names[v.deps[0]]
+                    out(f"{v.base} = {reduce_expr(v, src)}")
+                else:
+                    out(f"{v.base} = {render(v, names.__getitem__)}")
+                names[v] = v.base
+        for j, s in enumerate(plan.stores):
+            store(j, s, names[s.val])
+    else:
+        stage: Dict[Val, int] = {}
+        for v in plan.vals:  # stage of a value: how many reduction passes it waits for
+            deps_stage = max([stage[d] for d in v.deps], default=0)
+            stage[v] = deps_stage + 1 if v.reduce is not None else deps_stage
+        reductions = [v for v in plan.vals if v.reduce is not None and v in needed]
+        for k in range(1, max([stage[v] for v in reductions], default=0) + 1):
+            group = [v for v in reductions if stage[v] == k]
+            for d in perrow_deps([v.deps[0] for v in group]):
+                emit_global(d)
+            for v in group:
+                out(f"acc_{v.base} = tl.full([XBLOCK, RBLOCK], {expr.reduce_neutral(v.reduce, v.dtype)}, {expr.tl_type(v.dtype)})")
+            out(f"for roffset in range(0, {plan.rnumel}, RBLOCK):")
+            ind = "        "
+            r_prelude("roffset + ")
+            local = emit_chunk([v.deps[0] for v in group], f"_p{k}")
+            for v in group:
+                value = local.get(v.deps[0]) or names[v.deps[0]]
+                masked = f"tl.where(mask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})"
+                acc = f"acc_{v.base}"
+                out(f"{acc} = " + expr.REDUCE_OPS[v.reduce][1].format(acc=acc, x=masked))
+            ind = "    "
+            for v in group:
+                out(f"{v.base} = " + expr.REDUCE_OPS[v.reduce][0].format(x=f"acc_{v.base}") + "[:, None]")
+                names[v] = v.base
+        if row_stores:
+            for d in perrow_deps([s.val for _, s in row_stores]):
+                emit_global(d)
+            out(f"for roffset in range(0, {plan.rnumel}, RBLOCK):")
+            ind = "        "
+            r_prelude("roffset + ")
+            local = emit_chunk([s.val for _, s in row_stores], "_out")
+            for j, s in row_stores:
+                store(j, s, local.get(s.val) or names[s.val])
+            ind = "    "
+        for j, s in enumerate(plan.stores):
+            if s.level != "row":
+                emit_global(s.val) if s.val.reduce is None else None
+                store(j, s, names[s.val])
+    body = "\n".join(lines)
+    header = ["import triton", "import triton.language as tl", "",
+              f"# reduction over dims {plan.rdims} of {plan.x_shape}; {'persistent' if persistent else 'looped'}"]
+    kernel = "\n\n@triton.jit\ndef reduction_kernel(" + ", ".join(params + ["XBLOCK: tl.constexpr", "RBLOCK: tl.constexpr"]) + \
+        "):\n" + body + "\n"
+    return "\n".join(header) + expr.REDUCE_HELPERS + expr.helper_source(kernel) + kernel
+
+
+# ----------------------------------------------------------------------------------- launcher
+@dataclasses.dataclass
+class _Launch:
+    kernel: Any
+    source: str
+    int_args: Tuple[int, ...]
+    out_strides: List[Tuple[int, ...]]
+
+
+class ReductionLauncher:
+    """Checks inputs, evaluates host views, allocates outputs and launches the kernel."""
+
+    def __init__(self, plan: ReductionPlan, config: ReductionConfig, device: torch.device):
+        self.plan, self.config, self.device = plan, config, device
+        self._launches: Dict[Tuple, _Launch] = {}
+        self.last_compiled: Any = None
+
+    def _xstrides(self, strides, xmap) -> List[int]:
+        xs = [0] * len(self.plan.x_shape)
+        for i, d in xmap:
+            xs[d] = strides[i]
+        return xs
+
+    def _layout(self, tensors: Sequence[torch.Tensor]) -> _Launch:
+        plan = self.plan
+        for load, t in zip(plan.loads, tensors):
+            want = load.source.meta["val"]
+            if t.dtype != want.dtype or tuple(t.shape) != tuple(want.shape):
+                raise ValueError(f"input {load.source.name}: kernel built for {want.dtype}{tuple(want.shape)}, "
+                                 f"got {t.dtype}{tuple(t.shape)}")
+        out_strides = [strides_for(tuple(s.node.meta["val"].shape), output_order(s.node.meta["val"]))
+                       for s in plan.stores]
+        xs = [self._xstrides(t.stride(), ld.xmap) for ld, t in zip(plan.loads, tensors)]
+        xs += [self._xstrides(st, s.xmap) for s, st in zip(plan.stores, out_strides)]
+        ksizes, kst = collapse(plan.x_shape, plan.kdims, xs)
+        rsizes, rst = collapse(plan.x_shape, plan.rdims, xs)
+        patterns = [(tuple(j for j, s in enumerate(k) if s), tuple(j for j, s in enumerate(r) if s))
+                    for k, r in zip(kst, rst)]
+        reach = max([plan.xnumel * plan.rnumel] + [
+            sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1 for t in tensors])
+        wide = reach + self.config.xblock * self.config.rblock > INT32_MAX
+        source = _emit(plan, patterns, ksizes, rsizes, self.config.persistent, wide)
+        int_args: Tuple[int, ...] = ()
+        for (kt, rt), k, r in zip(patterns, kst, rst):
+            int_args += tuple(k[j] for j in kt) + tuple(r[j] for j in rt)
+        return _Launch(load_source(source).reduction_kernel, source, int_args, out_strides)
+
+    def launch_for(self, tensors: Sequence[torch.Tensor]) -> _Launch:
+        key = tuple((t.dtype, tuple(t.shape), t.stride()) for t in tensors)
+        launch = self._launches.get(key)
+        if launch is None:
+            launch = self._launches[key] = self._layout(tensors)
+        return launch
+
+    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
+        plan, cfg = self.plan, self.config
+        if len(inputs) != len(plan.placeholders):
+            raise ValueError(f"expected {len(plan.placeholders)} inputs, got {len(inputs)}")
+        env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
+        for v in plan.host_views:
+            env[v] = v.target(*map_nodes(v.args, env), **map_nodes(v.kwargs, env))
+        tensors = [env[ld.source] for ld in plan.loads]
+        device = tensors[0].device if tensors else self.device
+        launch = self.launch_for(tensors)
+        outs = [torch.empty_strided(tuple(s.node.meta["val"].shape), st, dtype=s.node.meta["val"].dtype,
+                                    device=device) for s, st in zip(plan.stores, launch.out_strides)]
+        if plan.xnumel > 0:
+            grid = (-(-plan.xnumel // cfg.xblock),)
+            self.last_compiled = launch.kernel[grid](  # None under the interpreter
+                *tensors, *outs, *[env[n] for n in plan.scalars], *launch.int_args, XBLOCK=cfg.xblock, RBLOCK=cfg.rblock, num_warps=cfg.num_warps)
+        env.update((s.node, o) for s, o in zip(plan.stores, outs))
+        return tuple(env[o] for o in plan.outputs)
+
+
+def _row_contiguous(plan: ReductionPlan) -> bool:
+    """Whether the main row-shaped input is contiguous along the innermost reduced dim."""
+    inner = max(plan.rdims) if plan.rdims else None
+    for ld in plan.loads:
+        if ld.level != "row":
+            continue
+        for i, d in ld.xmap:
+            if d == inner:
+                return ld.source.meta["val"].stride(i) == 1
+    return True
+
+
+def build_reduction(group: KernelGroup, ctx: KernelContext,
+                    config: Optional[ReductionConfig] = None) -> Kernel:
+    """Kernel for a row-reduction group; ``config=None`` picks the heuristic launch parameters."""
+    plan = analyze(group)
+    if plan.rnumel == 0:
+        raise Unsupported("reduction over an empty dim")
+    row_inputs = sum(ld.level == "row" for ld in plan.loads)
+    config = config or reduction_heuristic(plan.xnumel, plan.rnumel, _row_contiguous(plan), row_inputs)
+    if config.persistent and config.rblock < plan.rnumel:
+        raise Unsupported(f"persistent config with rblock {config.rblock} < row length {plan.rnumel}")
+    launcher = ReductionLauncher(plan, config, ctx.device)
+    source = launcher.launch_for([ld.source.meta["val"] for ld in plan.loads]).source
+    return Kernel(kind="reduction", impl="triton", ops=group.ops, fn=launcher,
+                  config=dataclasses.asdict(config), source=source)

@@ -1,0 +1,126 @@
+"""Kernel selection: which implementation runs each group.
+
+For every group the builders of its kind are tried in order; the first that returns a kernel
+is checked once against ATen on the real inputs (``Options.validate``) and kept, otherwise the
+group runs through ATen and the report says why. Builders are named by import path so that no
+Triton code is imported until a group actually needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .base import Kernel, KernelContext, KernelGroup, Unsupported
+
+log = logging.getLogger("compile_backend")
+
+#: builders per group kind, tried in order (module:function)
+BUILDERS: Dict[str, Tuple[str, ...]] = {
+    "gemm": ("compile_backend.kernels.gemm:build_gemm",),
+    "conv": ("compile_backend.kernels.conv:build_conv",),
+    "pointwise": ("compile_backend.kernels.pointwise:build_pointwise",),
+    "reduction": ("compile_backend.kernels.reduction:build_reduction",),
+    "attention": ("compile_backend.kernels.attention:build_attention",),
+}
+
+#: relative error ‖out − ref‖ / ‖ref‖ a generated kernel may show against ATen, per dtype
+#: (fp32 GEMMs on tensor cores run in tf32 only when precision allows it)
+VALIDATION_RTOL = {
+    torch.float32: 2e-3,
+    torch.float16: 1e-2,
+    torch.bfloat16: 4e-2,
+}
+
+
+def triton_interpret() -> bool:
+    """Triton's own documented switch: kernels run on CPU tensors in its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_enabled(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpret()
+
+
+def aten_kernel(group: KernelGroup) -> Kernel:
+    return Kernel(kind=group.kind, impl="aten", ops=group.ops, fn=group.reference)
+
+
+def choose_kernel(
+    group: KernelGroup, inputs: Sequence[Any], ctx: KernelContext
+) -> Tuple[Kernel, List[Dict[str, str]]]:
+    """Returns the kernel for ``group`` and the fallback entries explaining any ATen choice."""
+    if group.kind == "aten":
+        ops = ", ".join(sorted(set(group.ops))) or "?"
+        return aten_kernel(group), [{"op": ops, "reason": "no kernel of ours covers this op; runs through ATen"}]
+    if not triton_enabled(ctx.device):
+        return aten_kernel(group), []
+    fallbacks: List[Dict[str, str]] = []
+    reference: Optional[Tuple[Any, ...]] = None
+    for path in BUILDERS.get(group.kind, ()):
+        try:
+            kernel = _load(path)(group, ctx)
+        except Unsupported as exc:
+            fallbacks.append({"op": _ops(group), "reason": f"{group.kind} kernel: {exc}"})
+            continue
+        except Exception as exc:  # a builder bug must never take the model down
+            log.warning("compile_backend: %s builder failed on %s: %s", group.kind, group.name, exc)
+            fallbacks.append({"op": _ops(group), "reason": f"{group.kind} builder error: {type(exc).__name__}: {exc}"})
+            continue
+        if not ctx.options.validate:
+            return kernel, []
+        if reference is None:
+            reference = group.reference(*inputs)
+        problem = check_outputs(kernel, inputs, reference)
+        if problem is None:
+            return kernel, []
+        fallbacks.append({"op": _ops(group), "reason": f"{kernel.impl} {group.kind} kernel rejected: {problem}"})
+    if not fallbacks:
+        fallbacks.append({"op": _ops(group), "reason": f"no {group.kind} kernel builder available"})
+    return aten_kernel(group), fallbacks
+
+
+def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any]) -> Optional[str]:
+    """None when the kernel reproduces ATen on these inputs, else what differs."""
+    try:
+        outputs = kernel(*inputs)
+    except Exception as exc:
+        return f"failed to run: {type(exc).__name__}: {exc}"
+    if len(outputs) != len(reference):
+        return f"{len(outputs)} outputs, expected {len(reference)}"
+    for i, (out, ref) in enumerate(zip(outputs, reference)):
+        if not isinstance(ref, torch.Tensor):
+            continue
+        if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
+            got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out).__name__
+            return f"output {i}: got {got}, expected {(tuple(ref.shape), ref.dtype)}"
+        if ref.is_floating_point():
+            o, r = out.double(), ref.double()
+            if not torch.equal(torch.isnan(o), torch.isnan(r)):
+                return f"output {i}: NaN pattern differs"
+            finite = torch.isfinite(r)
+            if not torch.equal(o[~finite].nan_to_num(), r[~finite].nan_to_num()):
+                return f"output {i}: infinities differ"
+            o, r = o[finite], r[finite]
+            denom = r.norm().item()
+            err = (o - r).norm().item() / max(denom, 1e-30) if denom > 0 else (o - r).abs().max().item() if o.numel() else 0.0
+            tol = VALIDATION_RTOL.get(ref.dtype, 2e-3)
+            if err > tol:
+                return f"output {i}: relative error {err:.2e} > {tol:.0e}"
+        elif not torch.equal(out, ref):
+            return f"output {i}: values differ"
+    return None
+
+
+def _ops(group: KernelGroup) -> str:
+    return ", ".join(dict.fromkeys(group.ops))
+
+
+def _load(path: str):
+    module, func = path.split(":")
+    return getattr(importlib.import_module(module), func)

@@ -1,0 +1,97 @@
+"""Backend options: one frozen dataclass, validated at construction.
+
+Every option a user can pass through ``torch.compile(..., options={...})`` or
+``compile_backend.compile(model, **options)`` is a field here. Unknown names and bad values
+raise ``ValueError`` naming the option and the valid choices, so a typo such as
+``precison="fp16"`` is never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Mapping, Optional, Union
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+FALLBACKS = ("eager", "error")
+AUTOTUNE_MODES = ("off", "fast", "max")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
+#: documented environment variable for the cache location (see README)
+CACHE_DIR_ENV = "COMPILE_BACKEND_CACHE_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the backend may do with a model.
+
+    precision: lowest float precision GEMM/conv/attention may run in. ``fp32`` keeps eager
+        numerics, ``tf32`` allows TF32 tensor cores for fp32 matmuls, ``fp16``/``bf16`` run
+        fp32 GEMMs, convolutions and attention in that dtype (outputs keep the model's dtype).
+    fallback: what happens when compiling a graph fails: ``eager`` warns and runs the graph
+        eagerly, ``error`` raises.
+    cache_dir: where compiled engines and tuning results live (None: the default location).
+    autotune: ``off`` (heuristic configs), ``fast`` (small pruned set), ``max`` (full set) or a
+        number of seconds: a tuning budget for the whole graph.
+    cuda_graphs: ``auto`` records CUDA graphs for static-shape inference on CUDA.
+    validate: check every generated kernel once against ATen on the real inputs and fall back
+        to ATen (with a report entry) when it disagrees.
+    max_engines: engines kept per graph for distinct input shapes before falling back to ATen.
+    """
+
+    precision: str = "fp32"
+    fallback: str = "eager"
+    cache_dir: Optional[str] = None
+    autotune: Union[str, float] = "fast"
+    cuda_graphs: str = "auto"
+    validate: bool = True
+    max_engines: int = 8
+
+    def __post_init__(self) -> None:
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("fallback", self.fallback, FALLBACKS)
+        _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ValueError(f"option 'cache_dir' must be a path string or None, got {self.cache_dir!r}")
+        if isinstance(self.autotune, bool) or not (
+            self.autotune in AUTOTUNE_MODES
+            or (isinstance(self.autotune, (int, float)) and self.autotune > 0)
+        ):
+            raise ValueError(
+                f"option 'autotune' must be one of {', '.join(AUTOTUNE_MODES)} or a positive "
+                f"number of seconds, got {self.autotune!r}"
+            )
+        if not isinstance(self.validate, bool):
+            raise ValueError(f"option 'validate' must be True or False, got {self.validate!r}")
+        if isinstance(self.max_engines, bool) or not isinstance(self.max_engines, int) or self.max_engines < 1:
+            raise ValueError(f"option 'max_engines' must be a positive integer, got {self.max_engines!r}")
+
+    @classmethod
+    def from_mapping(cls, options: Optional[Mapping[str, Any]]) -> "Options":
+        """Build from a user dict, rejecting unknown names with a did-you-mean hint."""
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options must be a dict of option names to values, got {type(options).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for name in options:
+            if name not in valid:
+                close = difflib.get_close_matches(str(name), valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"unknown option {name!r}.{hint} Valid options: {', '.join(valid)}"
+                )
+        return cls(**dict(options))
+
+    def replace(self, **changes: Any) -> "Options":
+        return Options.from_mapping({**dataclasses.asdict(self), **changes})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"option {name!r} must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,290 @@
+"""The pipeline: one ATen graph in, one engine per input shape out.
+
+``compile_graph`` reads as the data flow in DESIGN.md, top to bottom. It runs on the first
+call with each new input shape (engines are specialised per shape), with the real inputs in
+hand, so freezing, tuning and the one-time validation of every kernel use real values.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from . import capture, fx_passes
+from .engine import Engine, GroupCall
+from .fx_passes.constant_fold import constant_programs, freeze
+from .kernels.base import KernelContext, KernelGroup, op_name
+from .kernels.select import choose_kernel, triton_interpret
+from .options import Options
+from .report import GraphReport
+
+log = logging.getLogger("compile_backend")
+
+
+def compile_graph(
+    aten_gm: fx.GraphModule,
+    args: Sequence[Any],
+    *,
+    role: str,
+    frozen: Optional[Sequence[bool]],
+    options: Options,
+    report: GraphReport,
+) -> Engine:
+    device = graph_device(args)
+    gm = capture.specialize(aten_gm, args)                      # concrete shapes
+    _number_placeholders(gm)
+    bound = freeze(gm, frozen, args) if frozen else {}           # weights -> constants
+    ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device)
+    report.passes = fx_passes.run_passes(gm, ctx)               # clean-up, folding, fusion, layout
+    groups = fx_passes.partition(gm)                            # ops -> kernel groups
+    graph, calls = fuse_groups(gm, groups)
+    kctx = KernelContext(options=options, device=device, interpret=triton_interpret())
+    build_kernels(graph, calls, gm, args, kctx, report)         # Triton / vendor / ATen per group
+    constants = _constants(gm)
+    inline_aten_groups(graph, calls)
+    return Engine(graph, len(args), constants, constant_programs(gm), bound, args)
+
+
+def graph_device(args: Sequence[Any]) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- groups
+def fuse_groups(gm: fx.GraphModule, specs) -> Tuple[fx.Graph, List[GroupCall]]:
+    """A new graph where each group is one call (placed at its last node) plus getitems."""
+    group_of: Dict[fx.Node, int] = {}
+    for i, spec in enumerate(specs):
+        for n in spec.nodes:
+            group_of[n] = i
+    last = {i: spec.nodes[-1] for i, spec in enumerate(specs)}
+    calls = [GroupCall(i, extract_group(gm, spec, f"g{i}")) for i, spec in enumerate(specs)]
+    new = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        i = group_of.get(node)
+        if i is None:
+            env[node] = new.node_copy(node, lambda n: env[n])
+            continue
+        if node is not last[i]:
+            continue
+        spec, call = specs[i], calls[i]
+        inputs = _group_inputs(spec.nodes)
+        outputs = _group_outputs(spec.nodes)
+        call_node = new.call_function(call, tuple(env[x] for x in inputs))
+        for k, out in enumerate(outputs):
+            env[out] = new.call_function(_getitem, (call_node, k))
+            env[out].meta.update(out.meta)
+    return new, calls
+
+
+def extract_group(gm: fx.GraphModule, spec, name: str) -> KernelGroup:
+    sub = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    for x in _group_inputs(spec.nodes):
+        env[x] = sub.placeholder(x.name)
+        env[x].meta.update(x.meta)
+    for n in spec.nodes:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[o] for o in _group_outputs(spec.nodes)))
+    sub_gm = fx.GraphModule(gm, sub)
+    anchor = env[spec.anchor].name if spec.anchor is not None else None
+    return KernelGroup(kind=spec.kind, gm=sub_gm, anchor=anchor, name=name)
+
+
+def _group_inputs(nodes: List[fx.Node]) -> List[fx.Node]:
+    inside = set(nodes)
+    seen: Dict[fx.Node, None] = {}
+    for n in nodes:
+        for x in n.all_input_nodes:
+            if x not in inside:
+                seen.setdefault(x)
+    return list(seen)
+
+
+def _group_outputs(nodes: List[fx.Node]) -> List[fx.Node]:
+    inside = set(nodes)
+    return [n for n in nodes if any(u not in inside for u in n.users)]
+
+
+def _getitem(values, index):
+    return values[index]
+
+
+_getitem.__name__ = "getitem"
+
+
+def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphReport) -> None:
+    """Choose each group's kernel. Where Triton runs, the graph is executed once on the real
+    inputs so every kernel is built (and tuned, and checked) with the values it will see."""
+    from .kernels.select import triton_enabled
+
+    if not triton_enabled(ctx.device):
+        for call in calls:
+            call.kernel, fallbacks = choose_kernel(call.group, (), ctx)
+            _record(report, call, fallbacks)
+        return
+    env: Dict[fx.Node, Any] = {}
+    last_use = {}
+    for node in graph.nodes:
+        for x in node.all_input_nodes:
+            last_use[x] = node
+    constants = _constants(gm)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            env[node] = args[node.meta["arg_index"]]
+        elif node.op == "get_attr":
+            env[node] = constants[node.target]
+        elif node.op == "call_function":
+            a = fx.node.map_arg(node.args, lambda n: env[n])
+            kw = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if isinstance(node.target, GroupCall):
+                call = node.target
+                _annotate(call.group, a)
+                ctx.say(f"building {call.group.name} ({call.group.kind})")
+                call.kernel, fallbacks = choose_kernel(call.group, a, ctx)
+                _record(report, call, fallbacks)
+                env[node] = call.group.reference(*a)
+            else:
+                env[node] = node.target(*a, **kw)
+        for x in node.all_input_nodes:
+            if last_use.get(x) is node:
+                env.pop(x, None)
+
+
+def _annotate(group: KernelGroup, inputs: Sequence[Any]) -> None:
+    """Set meta['val'] of every group node to a meta-device tensor of its real value."""
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = _to_meta(out)
+            return out
+
+    _Record(group.gm).run(*inputs)
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def _record(report: GraphReport, call: GroupCall, fallbacks: List[Dict[str, str]]) -> None:
+    report.kernels.append(call.kernel.describe())
+    report.fallbacks.extend(fallbacks)
+
+
+def inline_aten_groups(graph: fx.Graph, calls: List[GroupCall]) -> None:
+    """Groups that run through ATen go back into the graph as plain ATen calls (no call overhead)."""
+    for node in list(graph.nodes):
+        call = node.target
+        if not isinstance(call, GroupCall) or call.kernel is None or call.kernel.impl != "aten":
+            continue
+        env: Dict[fx.Node, fx.Node] = {}
+        sub_inputs = iter(node.args)
+        outs: Tuple[fx.Node, ...] = ()
+        with graph.inserting_before(node):
+            for sn in call.group.gm.graph.nodes:
+                if sn.op == "placeholder":
+                    env[sn] = next(sub_inputs)
+                elif sn.op == "output":
+                    outs = tuple(env[o] for o in sn.args[0])
+                else:
+                    env[sn] = graph.node_copy(sn, lambda a: env[a])
+        for user in list(node.users):
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def _constants(gm: fx.GraphModule) -> Dict[str, Any]:
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj: Any = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            out[node.target] = obj
+    return out
+
+
+def _number_placeholders(gm: fx.GraphModule) -> None:
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        node.meta["arg_index"] = i
+
+
+# --------------------------------------------------------------------------- runtime
+class CompiledGraph:
+    """What AOTAutograd calls: one engine per input-shape signature, built on first use."""
+
+    def __init__(self, aten_gm: fx.GraphModule, *, role: str, name: str,
+                 frozen: Optional[Sequence[bool]], options: Options, report_sink):
+        self.aten_gm, self.role, self.name = aten_gm, role, name
+        self.frozen, self.options, self.report_sink = frozen, options, report_sink
+        self.engines: Dict[Tuple, Any] = {}
+        self._warned_limit = False
+
+    def __call__(self, *args: Any) -> Any:
+        key = _signature(args)
+        engine = self.engines.get(key)
+        if engine is None:
+            engine = self._build(args, key)
+        return engine(args) if isinstance(engine, Engine) else engine(*args)
+
+    def _build(self, args: Sequence[Any], key: Tuple) -> Any:
+        if len(self.engines) >= self.options.max_engines:
+            if not self._warned_limit:
+                warnings.warn(
+                    f"compile_backend: {self.name} has seen {len(self.engines)} input shapes "
+                    f"(max_engines={self.options.max_engines}); further shapes run the ATen graph "
+                    "without our kernels. Raise max_engines or declare the dynamic dimension.",
+                    stacklevel=3)
+                self._warned_limit = True
+            return self.aten_gm
+        report = self.report_sink(self.name, self.role)
+        report.shapes.append(_describe(args))
+        start = time.perf_counter()
+        try:
+            engine = compile_graph(self.aten_gm, args, role=self.role, frozen=self.frozen,
+                                   options=self.options, report=report)
+        except Exception as exc:
+            if self.options.fallback == "error":
+                raise
+            op = getattr(exc, "op", None) or "graph"
+            warnings.warn(
+                f"compile_backend: compiling {self.name} failed at {op} ({type(exc).__name__}: {exc}); "
+                "running this graph eagerly. Pass options={'fallback': 'error'} to raise instead.",
+                stacklevel=3)
+            report.fallbacks.append({"op": str(op), "reason": f"{type(exc).__name__}: {exc}"})
+            engine = self.aten_gm
+        report.compile_s = time.perf_counter() - start
+        self.engines[key] = engine
+        return engine
+
+
+def _signature(args: Sequence[Any]) -> Tuple:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+        else:
+            out.append(a if isinstance(a, (int, float, bool)) else type(a))
+    return tuple(out)
+
+
+def _describe(args: Sequence[Any]) -> str:
+    shapes = [("x".join(map(str, a.shape)) or "scalar") + f":{str(a.dtype).replace('torch.', '')}"
+              for a in args if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
+    return ", ".join(shapes[:6]) + (" …" if len(shapes) > 6 else "")
+
+
+__all__ = ["compile_graph", "CompiledGraph", "op_name"]

@@ -1,0 +1,131 @@
+"""Report: what the backend did to each graph (passes, kernels, fallbacks, cache)."""
+from __future__ import annotations
+
+import dataclasses
+import html
+import platform
+from typing import Any, Dict, List, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class GraphReport:
+    name: str
+    role: str  # inference | forward | backward
+    passes: Dict[str, int] = dataclasses.field(default_factory=dict)
+    kernels: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    fallbacks: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+    shapes: List[str] = dataclasses.field(default_factory=list)
+    compile_s: float = 0.0
+
+    def groups_by_kind(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for k in self.kernels:
+            out[k["kind"]] = out.get(k["kind"], 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["groups"] = self.groups_by_kind()
+        return d
+
+
+@dataclasses.dataclass
+class Report:
+    graphs: List[GraphReport] = dataclasses.field(default_factory=list)
+    cache: Dict[str, Any] = dataclasses.field(default_factory=lambda: {"hits": 0, "misses": 0, "bypasses": [], "dir": None})
+    device: str = ""
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    versions: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def new_graph(self, name: str, role: str) -> GraphReport:
+        g = GraphReport(name=name, role=role)
+        self.graphs.append(g)
+        return g
+
+    def to_dict(self) -> dict:
+        return {
+            "graphs": [g.to_dict() for g in self.graphs],
+            "cache": dict(self.cache),
+            "device": self.device,
+            "options": dict(self.options),
+            "versions": dict(self.versions),
+        }
+
+    # ----------------------------------------------------------------- rendering
+    def __str__(self) -> str:
+        lines = [f"compile_backend report  device: {self.device}  versions: "
+                 + ", ".join(f"{k} {v}" for k, v in self.versions.items())]
+        for g in self.graphs:
+            lines.append("")
+            lines.append(f"== {g.name} ({g.role})  shapes: {'; '.join(g.shapes) or '-'}  compile {g.compile_s:.2f}s")
+            fired = {k: v for k, v in g.passes.items() if v}
+            lines.append("passes: " + (", ".join(f"{k}={v}" for k, v in fired.items()) or "none fired"))
+            lines.append("groups: " + (", ".join(f"{k}={v}" for k, v in sorted(g.groups_by_kind().items())) or "none"))
+            rows = [("#", "kind", "impl", "ops", "config")]
+            for i, k in enumerate(g.kernels):
+                ops = ", ".join(dict.fromkeys(k["ops"]))
+                rows.append((str(i), k["kind"], k["impl"], _cut(ops, 60), _cut(_cfg(k.get("config")), 40)))
+            lines.extend(_table(rows))
+            for f in g.fallbacks:
+                lines.append(f"fallback: {f['op']}: {f['reason']}")
+        c = self.cache
+        lines.append("")
+        lines.append(f"cache: hits {c.get('hits', 0)}, misses {c.get('misses', 0)}, dir {c.get('dir')}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        parts = [f"<h4>compile_backend report</h4><p>device: {html.escape(self.device)}</p>"]
+        for g in self.graphs:
+            parts.append(f"<h5>{html.escape(g.name)} ({g.role})</h5>")
+            fired = ", ".join(f"{k}={v}" for k, v in g.passes.items() if v) or "none fired"
+            parts.append(f"<p>passes: {html.escape(fired)}</p>")
+            parts.append("<table><tr><th>#</th><th>kind</th><th>impl</th><th>ops</th><th>config</th></tr>")
+            for i, k in enumerate(g.kernels):
+                ops = ", ".join(dict.fromkeys(k["ops"]))
+                parts.append(
+                    f"<tr><td>{i}</td><td>{k['kind']}</td><td>{k['impl']}</td>"
+                    f"<td>{html.escape(ops)}</td><td>{html.escape(_cfg(k.get('config')))}</td></tr>"
+                )
+            parts.append("</table>")
+            if g.fallbacks:
+                parts.append("<ul>" + "".join(
+                    f"<li>{html.escape(f['op'])}: {html.escape(f['reason'])}</li>" for f in g.fallbacks) + "</ul>")
+        return "".join(parts)
+
+
+def versions() -> Dict[str, str]:
+    from . import __version__
+
+    out = {"torch": torch.__version__, "compile_backend": __version__, "python": platform.python_version()}
+    try:
+        from importlib.metadata import version
+
+        out["triton"] = version("triton")
+    except Exception:
+        out["triton"] = "absent"
+    return out
+
+
+def device_name(device: Optional[torch.device] = None) -> str:
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        idx = device.index if device is not None and device.index is not None else 0
+        cap = torch.cuda.get_device_capability(idx)
+        return f"{torch.cuda.get_device_name(idx)} (sm{cap[0]}{cap[1]})"
+    return f"cpu ({platform.machine()})"
+
+
+def _cfg(config: Any) -> str:
+    if not config:
+        return ""
+    return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def _cut(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _table(rows) -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -1,0 +1,189 @@
+"""Attention fusion: explicit chains and SDPA ops become compile_backend.attention with the
+right scale / causal / mask, values unchanged; inexpressible or shared chains stay as they are."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compile_backend.fx_passes.attention import fuse_attention
+from compile_backend.fx_passes.cleanup_rules import remove_noops
+from fx_passes.graphs import check_meta, count, ctx, inference_graph, run, training_graph
+
+B, H, S, D = 2, 3, 5, 4
+
+
+def _qkv(seq=S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, seq, D, generator=g) for _ in range(3)]
+
+
+def _attention_nodes(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.ops.compile_backend.attention.default]
+
+
+def _fuse(model, *inputs, expect=1, training=False):
+    t = inference_graph(model, *inputs)
+    remove_noops(t.gm, ctx())
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert fuse_attention(t.gm, ctx(training=training)) == expect
+    t.gm.graph.lint()
+    check_meta(t.gm)
+    got = run(t)
+    for a, e in zip(got if isinstance(got, (list, tuple)) else [got], expected if isinstance(expected, tuple) else [expected]):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    return t
+
+
+class Chain(nn.Module):
+    """softmax(q k^T * scale + mask) v, written out; the variants move the scale around."""
+
+    def __init__(self, variant="mul_after", dropout=0.1):
+        super().__init__()
+        self.variant = variant
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, q, k, v, mask=None):
+        if self.variant == "q_prescaled":
+            s = torch.matmul(q * 0.5, k.transpose(-2, -1)) / 2.0
+        elif self.variant == "div_after":
+            s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(D)
+        else:
+            s = 0.7 * torch.matmul(q, k.transpose(-2, -1))
+        if mask is not None:
+            s = s + mask
+        return torch.matmul(self.drop(torch.softmax(s, dim=-1)), v)
+
+
+@pytest.mark.parametrize("variant,scale", [("mul_after", 0.7), ("div_after", 0.5), ("q_prescaled", 0.25)])
+def test_explicit_chain_fuses_with_its_scale(variant, scale):
+    t = _fuse(Chain(variant).eval(), *_qkv())
+    (node,) = _attention_nodes(t.gm)
+    q, k, v, mask, got_scale, causal = node.args
+    assert mask is None and causal is False and got_scale == pytest.approx(scale)
+    assert count(t.gm, "bmm") == 0 and count(t.gm, "_softmax") == 0
+
+
+def test_additive_padding_mask_is_passed_through():
+    mask = torch.zeros(B, 1, 1, S)
+    mask[1, ..., 3:] = -10000.0
+    t = _fuse(Chain("div_after").eval(), *_qkv(), mask)
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[3] is not None and node.args[5] is False
+
+
+class Causal(nn.Module):
+    """GPT-2 style: a registered tril buffer, masked_fill with the dtype's min (or -inf)."""
+
+    def __init__(self, fill=None, n=8):
+        super().__init__()
+        self.fill = fill
+        self.register_buffer("tril", torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n))
+
+    def forward(self, q, k, v):
+        s = q.shape[2]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(D))
+        fill = torch.finfo(scores.dtype).min if self.fill is None else self.fill
+        scores = scores.masked_fill(~self.tril[:, :, :s, :s], fill)
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+@pytest.mark.parametrize("fill", [None, float("-inf")])
+def test_tril_buffer_mask_becomes_causal(fill):
+    t = _fuse(Causal(fill).eval(), *_qkv())
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[3] is None and node.args[5] is True
+
+
+class BoolMask(nn.Module):
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, keep):
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        return torch.matmul(torch.softmax(scores.masked_fill(~keep, self.fill), dim=-1), v)
+
+
+def test_input_bool_mask_with_neg_inf_fill_becomes_a_keep_mask():
+    keep = torch.rand(B, 1, S, S) > 0.3
+    keep[..., 0] = True  # every row keeps a key
+    t = _fuse(BoolMask(float("-inf")).eval(), *_qkv(), keep)
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[3].meta["val"].dtype == torch.bool and node.args[5] is False
+
+
+def test_finite_fill_on_a_non_causal_mask_is_not_fused():
+    keep = torch.rand(B, 1, S, S) > 0.3
+    keep[0, 0, 1] = False  # a fully masked row: eager gives it a uniform distribution
+    _fuse(BoolMask(-1e9).eval(), *_qkv(), keep, expect=0)
+
+
+class Widening(nn.Module):
+    """A mask broadcasting the single query row up to four: not an attention mask."""
+
+    def forward(self, q, k, v, mask):
+        scores = torch.matmul(q[:, :, :1], k.transpose(-1, -2))
+        return torch.matmul(torch.softmax(scores + mask, dim=-1), v)
+
+
+@pytest.mark.parametrize("rows,fused", [(4, 0), (1, 1)])
+def test_mask_that_widens_the_scores_is_not_fused(rows, fused):
+    _fuse(Widening().eval(), *_qkv(), torch.randn(B, H, rows, S), expect=fused)
+
+
+class ReturnsProbs(nn.Module):
+    def forward(self, q, k, v):
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1)
+        return torch.matmul(p, v), p
+
+
+def test_chain_whose_probabilities_are_used_elsewhere_is_not_fused():
+    _fuse(ReturnsProbs().eval(), *_qkv(), expect=0)
+
+
+class ThreeD(nn.Module):
+    """Single-head attention on 3-D tensors with torch.bmm."""
+
+    def forward(self, q, k, v):
+        return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)) * 0.3, dim=-1), v)
+
+
+def test_three_d_bmm_chain_fuses():
+    q, k, v = (torch.randn(B * H, S, D) for _ in range(3))
+    t = _fuse(ThreeD().eval(), q, k, v)
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[4] == pytest.approx(0.3)
+
+
+class SDPA(nn.Module):
+    def __init__(self, causal=False, scale=None):
+        super().__init__()
+        self.causal, self.scale = causal, scale
+
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal, scale=self.scale)
+
+
+@pytest.mark.parametrize("causal,scale,with_mask", [(True, None, False), (False, 0.3, True), (False, None, False)])
+def test_sdpa_ops_fuse(causal, scale, with_mask):
+    mask = torch.randn(B, 1, S, S) if with_mask else None
+    args = _qkv() + ([mask] if with_mask else [])
+    t = _fuse(SDPA(causal, scale).eval(), *args)
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[5] is causal
+    assert node.args[4] == pytest.approx(scale if scale is not None else 1 / math.sqrt(D))
+    assert (node.args[3] is not None) is with_mask
+
+
+def test_sdpa_with_a_longer_key_sequence():
+    q = torch.randn(B, H, 3, D)
+    k, v = torch.randn(B, H, 7, D), torch.randn(B, H, 7, D)
+    _fuse(SDPA(causal=True).eval(), q, k, v)
+
+
+def test_training_graphs_are_not_fused():
+    t = training_graph(Chain(dropout=0.0), *_qkv())
+    assert fuse_attention(t.gm, ctx(training=True)) == 0

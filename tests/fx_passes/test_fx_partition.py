@@ -1,0 +1,182 @@
+"""Partitioner: groups per kind on small graphs, no node in two groups, dependency safety, and
+the groups run (through the pipeline's own group extraction) to the same values."""
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import compile_backend.ops  # noqa: F401  (registers compile_backend.attention)
+from compile_backend.fx_passes.constant_fold import constant_fold
+from compile_backend.fx_passes.partition import classify, partition, validate
+from fx_passes.graphs import Builder, ctx, inference_graph, run
+
+aten = torch.ops.aten
+
+
+def _kinds(groups):
+    return [(g.kind, g.ops) for g in groups]
+
+
+def _run_grouped(t, groups):
+    """Execute the graph the way the engine does: one call per group (reference semantics)."""
+    from compile_backend.pipeline import fuse_groups
+
+    graph, _ = fuse_groups(t.gm, groups)
+    gm = fx.GraphModule(t.gm, graph)
+    with torch.no_grad():
+        return gm(*t.inputs)
+
+
+def _partitioned(model, *inputs):
+    t = inference_graph(model, *inputs)
+    constant_fold(t.gm, ctx())
+    with torch.no_grad():
+        expected = model(*inputs)
+    groups = partition(t.gm)
+    t.gm.graph.lint()
+    validate(t.gm, groups)
+    got = _run_grouped(t, groups)
+    torch.testing.assert_close(got[0] if len(got) == 1 else tuple(got), expected, rtol=1e-6, atol=1e-6)
+    return t, groups
+
+
+class LinearEpilogue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(7, 7)
+
+    def forward(self, x):
+        return (F.gelu(self.fc(x)) + x) * 0.5
+
+
+def test_gemm_takes_bias_activation_residual_and_scale():
+    _, groups = _partitioned(LinearEpilogue().eval(), torch.randn(3, 5, 7))
+    assert _kinds(groups) == [("gemm", ("addmm", "view", "gelu", "add", "mul"))]
+    assert groups[0].anchor.target is aten.addmm.default
+
+
+class ConvEpilogue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x).to(torch.float64)
+
+
+def test_conv_takes_residual_relu_and_cast():
+    _, groups = _partitioned(ConvEpilogue().eval(), torch.randn(2, 3, 5, 6))
+    assert _kinds(groups) == [("conv", ("convolution", "add", "relu", "_to_copy"))]
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(9)
+        self.w = nn.Parameter(torch.randn(9))
+
+    def forward(self, x):
+        h = self.ln(x * 2.0)
+        rms = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+        return torch.softmax(rms, dim=-1)
+
+
+def test_reductions_take_prologue_and_epilogue():
+    # layer norm, a decomposed RMS norm and a softmax over the same rows: one row kernel
+    _, groups = _partitioned(Norms().eval(), torch.randn(4, 9))
+    assert _kinds(groups) == [
+        ("reduction", ("mul", "native_layer_norm", "getitem", "pow", "mean", "add", "rsqrt", "mul", "mul",
+                       "_softmax")),
+    ]
+
+
+def test_reductions_over_different_rows_are_separate_groups():
+    b = Builder()
+    x = b.input(torch.randn(4, 9))
+    cols = b.op(aten.sum.dim_IntList, x, [0], True)  # reduces the other dim
+    centred = b.op(aten.sub.Tensor, x, cols)
+    t = b.build(b.op(aten._softmax.default, centred, -1, False))
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("reduction", ("sum", "sub")), ("reduction", ("_softmax",))]
+
+
+def test_pointwise_chain_with_broadcasting_is_one_group():
+    b = Builder()
+    x = b.input(torch.randn(4, 6))
+    row = b.input(torch.randn(6))
+    a = b.op(aten.add.Tensor, x, row)
+    s = b.op(aten.sigmoid.default, a)
+    m = b.op(aten.mul.Tensor, s, a)  # a has two users: computed once, inside the group
+    t = b.build(b.op(aten.tanh.default, m))
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("pointwise", ("add", "sigmoid", "mul", "tanh"))]
+
+
+def test_attention_op_is_alone_and_others_stay_apart():
+    b = Builder()
+    q, k, v = (b.input(torch.randn(1, 2, 3, 4)) for _ in range(3))
+    qs = b.op(aten.mul.Tensor, q, 2.0)
+    o = b.op(torch.ops.compile_backend.attention.default, qs, k, v, None, 0.5, True)
+    t = b.build(b.op(aten.relu.default, o))
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("pointwise", ("mul",)), ("attention", ("compile_backend.attention",)),
+                              ("pointwise", ("relu",))]
+
+
+def test_mutation_views_and_getitems_stay_out_of_groups():
+    b = Builder()
+    x = b.input(torch.randn(4, 6))
+    buf = b.input(torch.zeros(4, 6))
+    y = b.op(aten.exp.default, x)
+    v = b.op(aten.view.default, y, [24])
+    z = b.op(aten.neg.default, v)
+    split = b.op(aten.split.Tensor, z, 12)
+    first = b.op(operator.getitem, split, 0)
+    b.op(aten.copy_.default, buf, y)
+    t = b.build(first)
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    grouped = {n for g in groups for n in g.nodes}
+    assert {n.target for n in grouped} == {aten.exp.default, aten.neg.default}
+    assert classify(next(n for n in t.gm.graph.nodes if n.target is aten.copy_.default)) is None
+
+
+def test_group_never_reads_a_value_computed_inside_its_span():
+    # c = relu(a) + d where d is computed from an unrelated input after a: the add cannot join
+    # a's group at a's position, so dependency safety keeps it out
+    b = Builder()
+    x, y = b.input(torch.randn(5)), b.input(torch.randn(5, 5))
+    a = b.op(aten.exp.default, x)
+    r = b.op(aten.relu.default, a)
+    s = b.op(aten.sum.dim_IntList, y, [0])  # a reduction between a and its consumer
+    c = b.op(aten.add.Tensor, r, s)
+    t = b.build(c, b.op(aten.cos.default, a))
+    before = run(t)
+    groups = partition(t.gm)
+    t.gm.graph.lint()
+    validate(t.gm, groups)
+    owner = {n: i for i, g in enumerate(groups) for n in g.nodes}
+    assert owner[a] == owner[r] and owner[c] != owner[a]
+    for got, want in zip(_run_grouped(t, groups), before):
+        torch.testing.assert_close(got, want)
+
+
+def test_validate_rejects_overlaps_and_broken_order():
+    import pytest
+
+    from compile_backend.fx_passes.partition import GroupSpec
+
+    b = Builder()
+    x = b.input(torch.randn(3))
+    a = b.op(aten.exp.default, x)
+    c = b.op(aten.neg.default, a)
+    t = b.build(c)
+    with pytest.raises(AssertionError):
+        validate(t.gm, [GroupSpec("pointwise", [a, c]), GroupSpec("pointwise", [c])])
+    with pytest.raises(AssertionError):
+        validate(t.gm, [GroupSpec("pointwise", [c, a])])

@@ -1,0 +1,104 @@
+"""Shared checks: compile with compile_backend and compare with eager.
+
+Order of checks: output structure, then shape and dtype of every tensor, then values with the
+per-dtype tolerances below, then (training) gradients of inputs and parameters.
+
+Tolerances (rtol, atol), elementwise as in torch.allclose, chosen from what a reordered fp32
+reduction or a reduced-precision GEMM legitimately changes:
+  float32: 1e-4, 1e-4   (different summation order in fused kernels)
+  float16: 1e-2, 1e-2   (one fp16 rounding step more or less per op)
+  bfloat16: 5e-2, 5e-2  (bf16 has 8 bits of mantissa)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float64: (1e-7, 1e-7),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+def assert_same(actual: Any, expected: Any, tol: Optional[Dict] = None, path: str = "out") -> None:
+    tol = tol or TOLERANCES
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{path}: expected a tensor, got {type(actual).__name__}"
+        assert actual.shape == expected.shape, f"{path}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
+        if expected.is_floating_point():
+            rtol, atol = tol[expected.dtype]
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{path}: {m}")
+        else:
+            assert torch.equal(actual, expected), f"{path}: values differ"
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{path}: structure differs"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, tol, f"{path}[{i}]")
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{path}: keys differ"
+        for k in expected:
+            assert_same(actual[k], expected[k], tol, f"{path}[{k!r}]")
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def compile_and_compare(
+    model: torch.nn.Module,
+    inputs: Sequence[Any],
+    *,
+    training: bool = False,
+    options: Optional[dict] = None,
+    tol: Optional[Dict] = None,
+    calls: int = 2,
+):
+    """Compile a copy of ``model`` with compile_backend and check it against eager.
+
+    Inference runs under no_grad; training runs forward and backward on the sum of the
+    outputs and compares gradients of every parameter and floating input.
+    """
+    eager = model
+    ours = copy.deepcopy(model)
+    compiled = torch.compile(ours, backend="compile_backend", options=options)
+    if not training:
+        with torch.no_grad():
+            expected = eager(*inputs)
+            for _ in range(calls):
+                actual = compiled(*inputs)
+                assert_same(actual, expected, tol)
+        return compiled
+    e_in = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
+    a_in = [x.detach().clone().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x for x in inputs]
+    expected = eager(*e_in)
+    actual = compiled(*a_in)
+    assert_same(actual, expected, tol)
+    _loss(expected).backward()
+    _loss(actual).backward()
+    for (name, p_e), (_, p_a) in zip(eager.named_parameters(), ours.named_parameters()):
+        if p_e.grad is None:
+            assert p_a.grad is None, f"grad of {name}: eager has none, compiled has one"
+            continue
+        assert_same(p_a.grad, p_e.grad, _grad_tol(tol), f"grad[{name}]")
+    for i, (x_e, x_a) in enumerate(zip(e_in, a_in)):
+        if isinstance(x_e, torch.Tensor) and x_e.requires_grad:
+            assert_same(x_a.grad, x_e.grad, _grad_tol(tol), f"grad[input {i}]")
+    return compiled
+
+
+def _loss(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.float().sum() if out.is_floating_point() else out.sum() * 0.0
+    if isinstance(out, dict):
+        out = list(out.values())
+    return sum(_loss(o) for o in out if isinstance(o, (torch.Tensor, list, tuple, dict)))
+
+
+def _grad_tol(tol):
+    # gradients sum over the batch: allow 10x the forward tolerance in fp32
+    base = dict(tol or TOLERANCES)
+    base[torch.float32] = (1e-3, 1e-3)
+    return base

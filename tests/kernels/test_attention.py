@@ -1,0 +1,305 @@
+"""Flash-attention forward (compile_backend/kernels/attention.py) against the fp32 reference.
+
+CPU tests run the Triton kernel under TRITON_INTERPRET=1 (tests/conftest.py sets it), on odd
+sequence lengths (1, 17, 67, 130: never a multiple of a block) so that every tail mask runs.
+
+Tolerances, both must hold (reference computed in fp32 from the same rounded inputs):
+  relative error ||out - ref|| / ||ref||: fp32 1e-5 (the interpreter's dots are exact fp32),
+      fp16 2e-3 (output and P are rounded to fp16: ~5e-4 each), bf16 1e-2 (the same with 8
+      mantissa bits: ~4e-3 each; the interpreter truncates fp32->bf16 instead of rounding)
+  elementwise (rtol = atol), catches a single wrong or unwritten element: the helpers'
+      per-dtype tolerances, fp32 1e-4, fp16 1e-2, bf16 5e-2.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx as fx
+
+import compile_backend.ops  # noqa: F401  (registers torch.ops.compile_backend.attention)
+from compile_backend.kernels.attention import (
+    AttentionConfig,
+    attention_reference,
+    build_attention,
+    candidate_configs,
+    default_config,
+    flash_attention,
+)
+from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
+from compile_backend.kernels.select import check_outputs
+from compile_backend.options import Options
+from helpers import TOLERANCES
+
+NORM_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_BLOCKS = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
+TALL_BLOCKS = AttentionConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
+B, H = 2, 3
+
+
+def _qkv(sq, sk, d, dtype, dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, sq, d, generator=g).to(dtype)
+    k = torch.randn(B, H, sk, d, generator=g).to(dtype)
+    v = torch.randn(B, H, sk, dv or d, generator=g).to(dtype)
+    return q, k, v
+
+
+def _reference(q, k, v, mask, scale, causal):
+    """fp32 reference on the same (already rounded) inputs; an additive mask is rounded to
+    q's dtype first, as the fused op does."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype).float()
+    return attention_reference(q.float(), k.float(), v.float(), mask, scale, causal)
+
+
+def _assert_matches(out, ref, dtype):
+    assert out.dtype == dtype and out.shape == ref.shape and out.is_contiguous()
+    assert not out.isnan().any()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err <= NORM_RTOL[dtype], f"relative error {err:.2e} > {NORM_RTOL[dtype]:.0e}"
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)
+
+
+def _padding_mask(sk, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, 1, 1, sk, generator=g) > 0.3
+    keep[..., 0] = True  # at least one visible key per row: no fully masked rows here
+    return keep
+
+
+# (sq, sk, d, causal, mask kind, config): each case covers tails of q, k and the head dim
+CASES = {
+    "s17-d32-plain": (17, 17, 32, False, None, SMALL_BLOCKS),
+    "s67x130-d80-causal-padding": (67, 130, 80, True, "padding", TALL_BLOCKS),
+    "s130x67-d64-additive2d": (130, 67, 64, False, "additive2d", SMALL_BLOCKS),
+    "s1x17-d64-decode": (1, 17, 64, False, "padding", None),
+    "s67-d32-causal-additive4d": (67, 67, 32, True, "additive4d", None),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype):
+    sq, sk, d, causal, mask_kind, config = CASES[case]
+    q, k, v = _qkv(sq, sk, d, dtype)
+    mask = None
+    if mask_kind == "padding":
+        mask = _padding_mask(sk)
+    elif mask_kind == "additive2d":
+        mask = torch.randn(sq, sk).to(dtype)
+    elif mask_kind == "additive4d":
+        mask = torch.randn(B, H, sq, sk).to(dtype)
+    out = flash_attention(q, k, v, mask, None, causal, config, allow_tf32=False)
+    _assert_matches(out, _reference(q, k, v, mask, None, causal), dtype)
+
+
+def test_reference_is_the_fused_op():
+    """attention_reference computes what compile_backend::attention (SDPA) computes."""
+    q, k, v = _qkv(17, 23, 16, torch.float32)
+    for mask, causal in ((None, True), (_padding_mask(23), True), (torch.randn(17, 23), False)):
+        ref = attention_reference(q, k, v, mask, 0.3, causal)
+        op = torch.ops.compile_backend.attention(q, k, v, mask, 0.3, causal)
+        torch.testing.assert_close(ref, op, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_fully_masked_rows_give_zeros_like_sdpa(mask_kind):
+    """Rows with no visible key return 0, as SDPA does on CPU (safe softmax), not NaN."""
+    dtype = torch.float16
+    q, k, v = _qkv(17, 33, 32, dtype)
+    keep = torch.rand(B, H, 17, 33, generator=torch.Generator().manual_seed(3)) > 0.5
+    keep[:, :, 4] = False  # row 4 sees nothing in every head
+    keep[1, 2, 16] = False  # the last (tail) row of one head
+    if mask_kind == "bool":
+        mask = keep
+    else:
+        mask = torch.zeros(B, H, 17, 33, dtype=dtype).masked_fill(~keep, float("-inf"))
+    out = flash_attention(q, k, v, mask, None, False, SMALL_BLOCKS)
+    assert torch.equal(out[:, :, 4], torch.zeros_like(out[:, :, 4]))
+    assert torch.equal(out[1, 2, 16], torch.zeros_like(out[1, 2, 16]))
+    _assert_matches(out, _reference(q, k, v, mask, None, False), dtype)
+    sdpa = torch.ops.compile_backend.attention(q, k, v, mask, 1 / math.sqrt(32), False)
+    assert torch.equal(sdpa.isnan(), out.isnan())
+    _assert_matches(out, sdpa.float(), dtype)
+
+
+def test_strided_inputs_value_dim_scale_and_fp32_mask():
+    """q/k/v as transposed views of [B, S, H, D], Dv != D (48 pads to 64), a custom scale,
+    an fp32 additive mask broadcast over batch and heads with fp16 q: the fused op rounds it to
+    fp16 first; around 1000 that moves scores by up to 0.25, far beyond the tolerance, while
+    the common offset itself cancels in the softmax."""
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, 19, H, 40, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(B, 37, H, 40, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(B, 37, H, 48, generator=g).to(dtype).transpose(1, 2)
+    mask = 1000 + torch.randn(19, 37, generator=g) * 3
+    out = flash_attention(q, k, v, mask, 0.21, True, TALL_BLOCKS)
+    assert out.shape == (B, H, 19, 48)
+    _assert_matches(out, _reference(q, k, v, mask, 0.21, True), dtype)
+
+
+def test_negative_scale_with_bool_mask():
+    """scale <= 0 cannot move the scale into exp2 (it would flip the row max): general path."""
+    q, k, v = _qkv(33, 40, 32, torch.float16)
+    mask = _padding_mask(40)
+    out = flash_attention(q, k, v, mask, -0.2, False, SMALL_BLOCKS)
+    _assert_matches(out, _reference(q, k, v, mask, -0.2, False), torch.float16)
+
+
+def test_causal_with_more_queries_than_keys():
+    """Top-left causal with Sq > Sk: rows past Sk see every key."""
+    q, k, v = _qkv(40, 9, 32, torch.float16)
+    out = flash_attention(q, k, v, None, None, True, SMALL_BLOCKS)
+    _assert_matches(out, _reference(q, k, v, None, None, True), torch.float16)
+
+
+def test_launcher_rejects_bad_inputs():
+    q, k, v = _qkv(5, 7, 32, torch.float16)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        flash_attention(q, k.float(), v)
+    with pytest.raises(ValueError, match="head dims"):
+        flash_attention(*_qkv(5, 7, 256, torch.float16))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        flash_attention(q, k, v, mask=torch.ones(5, 6, dtype=torch.bool))
+
+
+def test_config_validation_and_defaults():
+    with pytest.raises(ValueError, match="block_m"):
+        AttentionConfig(block_m=48)
+    with pytest.raises(ValueError, match="num_warps"):
+        AttentionConfig(num_warps=3)
+    with pytest.raises(ValueError, match="num_stages"):
+        AttentionConfig(num_stages=0)
+    assert default_config(64, 64, 1, 17, torch.float16).block_m == 16  # decode: no dead rows
+    assert default_config(64, 64, 512, 512, torch.float16) == AttentionConfig(64, 64, 4, 3)
+    assert default_config(64, 64, 2048, 2048, torch.float16) == AttentionConfig(128, 64, 4, 3)
+    assert default_config(64, 64, 2048, 2048, torch.float16, causal=True) == AttentionConfig(64, 64, 4, 3)
+    assert default_config(128, 128, 2048, 2048, torch.bfloat16) == AttentionConfig(64, 64, 4, 3)
+    assert default_config(64, 64, 512, 512, torch.float32) == AttentionConfig(128, 32, 8, 2)
+    space = candidate_configs(64, 64, 512, 512, torch.float16, causal=True)
+    assert space[0] == default_config(64, 64, 512, 512, torch.float16, causal=True)
+    assert len(space) == len(set(space)) > 10
+
+
+# ----------------------------------------------------------------------------------------------
+# builder
+# ----------------------------------------------------------------------------------------------
+
+
+def _attention_group(shapes, dtype, mask=None, scale=0.125, causal=False, as_kwargs=False, extra_op=False):
+    graph = fx.Graph()
+    nodes = []
+    for name, shape in zip("qkv", shapes):
+        node = graph.placeholder(name)
+        node.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
+        nodes.append(node)
+    mask_node = None
+    if mask is not None:
+        mask_node = graph.placeholder("mask")
+        mask_node.meta["val"] = torch.empty(mask.shape, dtype=mask.dtype, device="meta")
+    op = torch.ops.compile_backend.attention.default
+    if as_kwargs:
+        att = graph.call_function(op, tuple(nodes), {"mask": mask_node, "scale": scale, "causal": causal})
+    else:
+        att = graph.call_function(op, (*nodes, mask_node, scale, causal))
+    b, h, sq, _ = shapes[0]
+    att.meta["val"] = torch.empty((b, h, sq, shapes[2][-1]), dtype=dtype, device="meta")
+    result = att
+    if extra_op:
+        result = graph.call_function(torch.ops.aten.relu.default, (att,))
+        result.meta["val"] = att.meta["val"]
+    graph.output((result,))
+    return KernelGroup("attention", fx.GraphModule(torch.nn.Module(), graph), anchor=att.name)
+
+
+def _ctx(precision="fp32"):
+    return KernelContext(options=Options(precision=precision), device=torch.device("cpu"), interpret=True)
+
+
+@pytest.mark.parametrize("as_kwargs", [False, True])
+def test_builder_kernel_matches_group_reference(as_kwargs):
+    dtype = torch.float16
+    q, k, v = _qkv(30, 45, 64, dtype)
+    mask = _padding_mask(45)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, mask, 0.125, True, as_kwargs)
+    kernel = build_attention(group, _ctx())
+    assert kernel.kind == "attention" and kernel.impl == "triton"
+    assert AttentionConfig(**kernel.config) == default_config(64, 64, 30, 45, dtype, causal=True)
+    assert check_outputs(kernel, (q, k, v, mask), group.reference(q, k, v, mask)) is None
+    (out,) = kernel(q, k, v, mask)
+    _assert_matches(out, _reference(q, k, v, mask, 0.125, True), dtype)
+
+
+def test_builder_without_mask_and_explicit_config():
+    dtype = torch.bfloat16
+    q, k, v = _qkv(17, 17, 32, dtype)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype)
+    kernel = build_attention(group, _ctx(), config=SMALL_BLOCKS)
+    assert kernel.config == SMALL_BLOCKS.as_dict()
+    assert check_outputs(kernel, (q, k, v), group.reference(q, k, v)) is None
+
+
+def test_builder_kernel_rejects_other_shapes():
+    dtype = torch.float16
+    q, k, v = _qkv(17, 17, 32, dtype)
+    kernel = build_attention(_attention_group([q.shape, k.shape, v.shape], dtype), _ctx())
+    q2, k2, v2 = _qkv(18, 17, 32, dtype)
+    with pytest.raises(ValueError, match="built for"):
+        kernel(q2, k2, v2)
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["head_dim_256", "float64", "int_mask", "extra_op", "batch_broadcast", "no_keys", "grid_limit"],
+)
+def test_builder_unsupported(why):
+    shapes = [(B, H, 8, 32), (B, H, 8, 32), (B, H, 8, 32)]
+    dtype, mask, extra = torch.float16, None, False
+    if why == "head_dim_256":
+        shapes = [(B, H, 8, 256)] * 3
+    elif why == "float64":
+        dtype = torch.float64
+    elif why == "int_mask":
+        mask = torch.ones(8, 8, dtype=torch.int32)
+    elif why == "extra_op":
+        extra = True
+    elif why == "batch_broadcast":
+        shapes[1] = shapes[2] = (1, H, 8, 32)
+    elif why == "no_keys":
+        shapes[1] = shapes[2] = (B, H, 0, 32)
+    elif why == "grid_limit":
+        shapes = [(4096, 17, 8, 32)] * 3  # meta tensors: no memory
+    group = _attention_group(shapes, dtype, mask, extra_op=extra)
+    with pytest.raises(Unsupported):
+        build_attention(group, _ctx())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (run on the GPU machine with TRITON_INTERPRET=0)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_matches_reference(dtype, causal):
+    if torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("set TRITON_INTERPRET=0 to run the compiled kernel")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(3, 5, 333, 96), (3, 5, 517, 96), (3, 5, 517, 80)]
+    q, k, v = (torch.randn(s, device="cuda", generator=g).to(dtype) for s in shapes)
+    mask = torch.rand(3, 1, 1, 517, device="cuda", generator=g) > 0.2
+    mask[..., 0] = True
+    out = flash_attention(q, k, v, mask, None, causal, allow_tf32=False)
+    tol = dict(NORM_RTOL)
+    tol[torch.float32] = 1e-4  # compiled fp32 dot: exact products, other summation order
+    ref = _reference(q, k, v, mask, None, causal)
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err <= tol[dtype]
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)

@@ -1,0 +1,248 @@
+"""Auto-tuner (kernels/autotune.py) and timing cache (kernels/timing_cache.py).
+
+The tuner's timing path is exercised on the CPU with a wall-clock timer (the default timer on
+CPU is none: the heuristic wins without timing); candidates are Python functions that sleep
+for known times, or GEMM template candidates under the Triton interpreter. Cross-process
+behaviour (cache round trip, concurrent writers) runs real subprocesses.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from groups import context, make_group, randn  # tests/kernels/groups.py
+from compile_backend.kernels.autotune import Candidate, Tuner, TuningKey, WallClockTimer, tuner_for, tuning_level
+from compile_backend.kernels.base import KernelGroup
+from compile_backend.kernels.gemm import GemmConfig, choose_kernel_of, gemm_candidates
+from compile_backend.kernels.timing_cache import TimingCache, current_environment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KEY = TuningKey("test", "abc123", ((4, 4),), ((4, 1),), ("torch.float32",), "relu")
+
+
+class Counting:
+    """Candidates that sleep ``seconds`` per run and count compiles and runs."""
+
+    def __init__(self):
+        self.compiled, self.runs = [], []
+
+    def make(self, name: str, seconds: float, fail: str = "") -> Candidate:
+        def compile_():
+            self.compiled.append(name)
+            if fail == "compile":
+                raise RuntimeError("out of resources: shared memory (simulated)")
+
+            def run(*inputs):
+                self.runs.append(name)
+                if fail == "run":
+                    raise RuntimeError("launch failed (simulated)")
+                time.sleep(seconds)
+                return (inputs[0] * 2,)
+
+            return run
+
+        return Candidate(name, {"name": name}, compile_, impl="python")
+
+
+def make_inputs():
+    return (torch.ones(4),)
+
+
+def timed_tuner(tmp_path=None, autotune="fast", **kw) -> Tuner:
+    cache = TimingCache(tmp_path) if tmp_path is not None else None
+    return Tuner(autotune, cache=cache, timer=WallClockTimer(), compile_workers=2, **kw)
+
+
+def test_picks_the_fastest_and_caches(tmp_path):
+    c = Counting()
+    cands = [c.make("slow", 0.004), c.make("fast", 0.0), c.make("medium", 0.002)]
+    choice = timed_tuner(tmp_path).choose(KEY, cands, make_inputs)
+    assert choice.candidate.name == "fast" and choice.tuned and not choice.from_cache
+    assert set(choice.timings_ms) == {"slow", "fast", "medium"}
+    assert choice.timings_ms["fast"] < choice.timings_ms["medium"] < choice.timings_ms["slow"]
+    # a second tuner on the same cache compiles only the winner and runs nothing
+    c2 = Counting()
+    cands2 = [c2.make("slow", 0.004), c2.make("fast", 0.0), c2.make("medium", 0.002)]
+    again = timed_tuner(tmp_path).choose(KEY, cands2, make_inputs)
+    assert again.candidate.name == "fast" and again.from_cache
+    assert c2.compiled == ["fast"] and c2.runs == []
+
+
+def test_failing_candidates_are_skipped(tmp_path, caplog):
+    c = Counting()
+    cands = [c.make("bad_compile", 0.0, fail="compile"), c.make("bad_run", 0.0, fail="run"), c.make("ok", 0.001)]
+    with caplog.at_level(logging.DEBUG, logger="compile_backend"):
+        choice = timed_tuner(tmp_path).choose(KEY, cands, make_inputs)
+    assert choice.candidate.name == "ok"
+    assert set(choice.timings_ms) == {"ok"}
+    assert "bad_compile" in caplog.text and "bad_run" in caplog.text
+    with pytest.raises(RuntimeError, match="every candidate failed"):
+        timed_tuner().choose(KEY, cands[:2], make_inputs)
+
+
+def test_off_and_cpu_take_the_heuristic_without_timing(tmp_path):
+    for tuner in (timed_tuner(tmp_path, autotune="off"), Tuner("max", cache=TimingCache(tmp_path))):
+        c = Counting()
+        cands = [c.make("broken", 0.0, fail="compile"), c.make("first", 0.01), c.make("fastest", 0.0)]
+        choice = tuner.choose(KEY, cands, make_inputs)
+        assert choice.candidate.name == "first" and not choice.tuned
+        assert c.compiled == ["broken", "first"] and c.runs == []
+    assert not os.listdir(tmp_path)  # nothing measured, nothing cached
+
+
+def test_cached_winner_from_a_quicker_level_is_retuned(tmp_path):
+    c = Counting()
+    timed_tuner(tmp_path, "fast").choose(KEY, [c.make("a", 0.0), c.make("b", 0.002)], make_inputs)
+    c2 = Counting()
+    choice = timed_tuner(tmp_path, "max").choose(KEY, [c2.make("a", 0.002), c2.make("b", 0.0)], make_inputs)
+    assert not choice.from_cache and choice.candidate.name == "b"
+    c3 = Counting()  # and the max result now serves fast too
+    choice = timed_tuner(tmp_path, "fast").choose(KEY, [c3.make("a", 0.0), c3.make("b", 0.0)], make_inputs)
+    assert choice.from_cache and choice.candidate.name == "b"
+
+
+def test_seconds_budget_is_shared():
+    tuner = timed_tuner(autotune=0.05)
+    assert tuner.level == "budget"
+    c = Counting()
+    first = tuner.choose(KEY, [c.make("a", 0.01), c.make("b", 0.0)], make_inputs)
+    assert first.tuned  # some candidates were timed while the budget lasted
+    time.sleep(0.06)
+    other = TuningKey("test", "abc123", ((8, 8),), ((8, 1),), ("torch.float32",), "relu")
+    c2 = Counting()
+    second = tuner.choose(other, [c2.make("a", 0.01), c2.make("b", 0.0)], make_inputs)
+    assert not second.tuned and second.candidate.name == "a" and c2.runs == []
+
+
+def test_progress_lines():
+    lines = []
+    tuner = Tuner("fast", timer=WallClockTimer(), progress=lines.append, progress_after_s=0.0)
+    c = Counting()
+    tuner.choose(KEY, [c.make("a", 0.0), c.make("b", 0.0)], make_inputs)
+    assert any("tuning test" in line and "2/2" in line for line in lines)
+    assert lines[-1].startswith("tuned test")
+
+
+def test_levels_and_tuner_for_context():
+    assert [tuning_level(v) for v in ("off", "fast", "max", 2.5)] == ["off", "fast", "max", "budget"]
+    with pytest.raises(ValueError):
+        tuning_level("slow")
+    ctx = context()
+    assert tuner_for(ctx) is tuner_for(ctx)  # one tuner (and one budget) per compilation
+
+
+# ----------------------------------------------------------------------------- timing cache
+def test_cache_round_trip_and_environment(tmp_path):
+    cache = TimingCache(tmp_path)
+    env = current_environment(torch.device("cpu"))
+    assert cache.get(KEY.as_dict(), env) is None
+    cache.put(KEY.as_dict(), env, {"winner": {"name": "x"}, "level": "fast"})
+    assert TimingCache(tmp_path).get(KEY.as_dict(), env)["winner"] == {"name": "x"}
+    other_gpu = dict(env, gpu="NVIDIA H100", arch="sm_90")
+    assert cache.get(KEY.as_dict(), other_gpu) is None  # other GPU: other file
+    files = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert len(files) == 1
+    data = json.load(open(tmp_path / files[0]))  # plain JSON, with the environment spelled out
+    assert data["env"] == env and len(data["entries"]) == 1
+    assert (cache.hits, cache.misses) == (0, 2)
+
+
+def test_corrupt_cache_file_is_ignored(tmp_path, caplog):
+    cache = TimingCache(tmp_path)
+    env = current_environment(None)
+    with open(cache.path_for(env), "w") as f:
+        f.write("{not json")
+    with caplog.at_level(logging.WARNING, logger="compile_backend"):
+        assert cache.get(KEY.as_dict(), env) is None
+    assert "unreadable timing cache" in caplog.text
+    cache.put(KEY.as_dict(), env, {"winner": {}})  # and writing replaces it with a good file
+    assert TimingCache(tmp_path).get(KEY.as_dict(), env) is not None
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from compile_backend.kernels.timing_cache import TimingCache
+    cache = TimingCache({dir!r})
+    env = {{"gpu": "test", "arch": "x"}}
+    for i in range(15):
+        cache.put({{"writer": {w}, "i": i}}, env, {{"winner": {{"i": i}}}})
+""")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER.format(root=ROOT, dir=str(tmp_path), w=w)])
+             for w in range(4)]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    cache = TimingCache(tmp_path)
+    env = {"gpu": "test", "arch": "x"}
+    assert all(cache.get({"writer": w, "i": i}, env) is not None for w in range(4) for i in range(15))
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- GEMM templates
+def linear_group():
+    x, w, b = randn(9, 20, seed=1), randn(11, 20, seed=2), randn(11, seed=3)
+    g = make_group(lambda x, w, b: torch.relu(F.linear(x, w, b)), x, w, b)
+    anchor = next(n for n in g.gm.graph.nodes if n.op == "call_function" and "addmm" in str(n.target))
+    return KernelGroup("gemm", g.gm, anchor=anchor.name), (x, w, b)
+
+
+CONFIGS = [GemmConfig(16, 16, 16, num_stages=1), GemmConfig(32, 16, 32, num_stages=1)]
+
+
+def test_gemm_failing_config_is_skipped():
+    group, inputs = linear_group()
+    tuning = gemm_candidates(group, context(), configs=CONFIGS)
+
+    def out_of_resources():
+        raise RuntimeError("OutOfResources: shared memory, Required: 300000 (simulated)")
+
+    tuning.candidates.insert(0, Candidate("triton huge", {"impl": "triton", "huge": 1}, out_of_resources))
+    ctx = context()
+    ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=2)
+    kernel = choose_kernel_of(group, ctx, tuning)
+    assert kernel.impl == "triton" and "huge" not in kernel.config
+    torch.testing.assert_close(kernel(*inputs)[0], group.reference(*inputs)[0], rtol=1e-4, atol=1e-4)
+
+
+TUNE_IN_A_PROCESS = textwrap.dedent("""
+    import os, sys, json
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import test_autotune as t
+    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+    from compile_backend.kernels.gemm import choose_kernel_of, gemm_candidates
+    from compile_backend.kernels.timing_cache import TimingCache
+    group, inputs = t.linear_group()
+    ctx = t.context()
+    ctx.tuner = Tuner("fast", cache=TimingCache({dir!r}), timer=WallClockTimer(), compile_workers=1)
+    kernel = choose_kernel_of(group, ctx, gemm_candidates(group, ctx, configs=t.CONFIGS))
+    ok = bool((kernel(*inputs)[0] - group.reference(*inputs)[0]).abs().max() < 1e-4)
+    print(json.dumps({{"from_cache": kernel.tuned_from_cache, "config": kernel.config, "ok": ok,
+                      "stats": ctx.tuner.stats}}))
+""")
+
+
+def test_timing_cache_round_trip_across_processes(tmp_path):
+    script = TUNE_IN_A_PROCESS.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__)), dir=str(tmp_path))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["ok"] and second["ok"]
+    assert not first["from_cache"] and first["stats"]["tuned"] == 1 and first["stats"]["candidates_timed"] == 2
+    assert second["from_cache"] and second["stats"]["tuned"] == 0 and second["stats"]["candidates_timed"] == 0
+    assert second["config"]["block_m"] == first["config"]["block_m"]

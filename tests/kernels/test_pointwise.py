@@ -1,0 +1,170 @@
+"""Generated pointwise kernels (compile_backend/kernels/pointwise.py) against the ATen reference.
+
+CPU tensors under the Triton interpreter; odd shapes (1x1, 3x5x7, 1823x781 with a large block
+so the interpreter stays quick), fp32/fp16/bf16, broadcasting (incl. expanded stride-0 inputs),
+non-contiguous and channels-last inputs, scalar inputs, several outputs. Tolerances per dtype
+are ``groups.TOL`` (fp32 1e-5; fp16 1e-3 = one fp16 rounding flip; bf16 2**-6, see there).
+"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from groups import DTYPES, TOL, assert_matches, context, fake_prop, make_group, randn  # tests/kernels/groups.py
+from compile_backend.kernels import launch, pointwise
+from compile_backend.kernels.base import KernelGroup, Unsupported
+from compile_backend.kernels.launch import PointwiseConfig
+from compile_backend.kernels.pointwise import build_pointwise
+
+
+def chain(x, b, s):
+    """add -> gelu -> mul -> cast, the typical fused epilogue-style chain."""
+    return (F.gelu(x + b) * s).to(torch.float32), torch.sigmoid(x) - b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5, 7), (257, 33)], ids=str)
+def test_chain_with_broadcast(shape, dtype):
+    x = randn(*shape, dtype=dtype, seed=1)
+    b = randn(shape[-1], dtype=dtype, seed=2)
+    s = randn(*shape[:-1], 1, dtype=dtype, seed=3)
+    group = make_group(chain, x, b, s)
+    kernel = build_pointwise(group, context())
+    assert kernel.kind == "pointwise" and kernel.impl == "triton"
+    assert "def pointwise_kernel" in kernel.source and "tl.erf" in kernel.source
+    # the fp32 output is a cast of a value computed in `dtype`: compare at that precision
+    assert_matches(kernel, group, [x, b, s], tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_odd_shape(dtype):
+    x, y = randn(1823, 781, dtype=dtype, seed=4), randn(1823, 781, dtype=dtype, seed=5)
+    group = make_group(lambda a, c: torch.relu(a * c + 1.0), x, y)
+    kernel = build_pointwise(group, context(), PointwiseConfig(block=65536, num_warps=4))
+    assert kernel.config == {"block": 65536, "num_warps": 4}
+    assert_matches(kernel, group, [x, y])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    base = randn(41, 66, dtype=dtype, seed=6)
+    x = base[:, ::2]  # strided columns
+    y = randn(33, 41, dtype=dtype, seed=7).t()  # transposed
+    z = randn(41, 1, dtype=dtype, seed=8).expand(41, 33)  # expanded: stride 0
+    group = make_group(lambda a, c, d: (a * c + d, torch.exp(a - d)), x, y, z)
+    assert_matches(build_pointwise(group, context()), group, [x, y, z])
+
+
+def test_channels_last_output_layout():
+    x = randn(2, 5, 7, 3).permute(0, 3, 1, 2)  # NCHW view of NHWC data: channels-last
+    b = randn(1, 3, 1, 1)
+    group = make_group(lambda a, c: torch.relu(a + c), x, b)
+    kernel = build_pointwise(group, context())
+    out = kernel(x, b)[0]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(kernel, group, [x, b])
+    # x and the output walk memory in the same order: both read/written flat
+    assert "in_arg0_1_ptr + offs," in kernel.source and "out0_ptr + offs," in kernel.source
+
+
+def test_contiguous_case_needs_no_index_math():
+    x, b = randn(37, 29), randn(29)
+    group = make_group(lambda a, c: a * c, x, b)
+    src = build_pointwise(group, context()).source
+    assert "tl.load(in_" in src and " + offs, mask=mask" in src  # x read flat
+    assert "% 29" in src  # b broadcast along rows needs the column index (a literal size)
+
+
+def test_views_of_inputs_run_on_host():
+    x, b = randn(6, 10), randn(10)
+    group = make_group(lambda a, c: (a.t() * c.unsqueeze(1).expand(10, 6),), x, b)
+    assert any(n.target == torch.ops.aten.t.default for n in group.gm.graph.nodes)
+    assert_matches(build_pointwise(group, context()), group, [x, b])
+
+
+def test_view_of_computed_value_is_unsupported():
+    x = randn(6, 10)
+    group = make_group(lambda a: (a + 1).t() * 2, x)
+    with pytest.raises(Unsupported, match="computed value"):
+        build_pointwise(group, context())
+
+
+def test_scalar_inputs_and_zero_dim_tensors():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    s = graph.placeholder("s")
+    t = graph.placeholder("t")
+    mul = graph.call_function(torch.ops.aten.mul.Tensor, (x, s))
+    add = graph.call_function(torch.ops.aten.add.Tensor, (mul, t))
+    graph.output((add, mul))
+    gm = fx.GraphModule({}, graph)
+    xv, tv = randn(7, 9, dtype=torch.float16), torch.tensor(0.25, dtype=torch.float32)
+    fake_prop(gm, [xv, 1.5, tv])
+    group = KernelGroup("pointwise", gm)
+    kernel = build_pointwise(group, context())
+    assert "s_s" in kernel.source
+    assert_matches(kernel, group, [xv, 1.5, tv])
+    assert_matches(kernel, group, [xv, -3.0, tv])  # the scalar is a runtime argument
+
+
+def test_several_outputs_duplicates_and_passthrough():
+    x = randn(5, 13, dtype=torch.bfloat16)
+    group = make_group(lambda a: (a * 2, a, (a * 2), torch.tanh(a), a > 0), x)
+    kernel = build_pointwise(group, context())
+    outs = kernel(x)
+    assert outs[1] is x
+    assert_matches(kernel, group, [x])
+
+
+def test_constant_only_output():
+    x = randn(4, 6)
+    group = make_group(lambda a: (torch.full_like(a, 3.0), torch.zeros_like(a, dtype=torch.int64)), x)
+    assert_matches(build_pointwise(group, context()), group, [x])
+
+
+def test_runtime_strides_differ_from_traced_ones():
+    x, y = randn(12, 20), randn(12, 20)
+    group = make_group(lambda a, c: a - c, x, y)
+    kernel = build_pointwise(group, context())
+    yt = randn(20, 12, seed=9).t()
+    assert_matches(kernel, group, [x, yt])
+    with pytest.raises(ValueError, match="built for"):
+        kernel(randn(3, 3), randn(3, 3))
+
+
+def test_wide_indexing_path(monkeypatch):
+    monkeypatch.setattr(pointwise, "INT32_MAX", 100)  # force 64-bit offsets on a small tensor
+    x = randn(17, 19, dtype=torch.float16)
+    group = make_group(lambda a: a * a, x)
+    kernel = build_pointwise(group, context())
+    assert "pid.to(tl.int64)" in kernel.source
+    assert_matches(kernel, group, [x])
+
+
+def test_same_group_compiles_once():
+    x = randn(9, 11)
+    group_a = make_group(lambda a: torch.sin(a) * 3, x)
+    group_b = make_group(lambda a: torch.sin(a) * 3, x)
+    ka = build_pointwise(group_a, context())
+    before = launch.memo_stats()
+    kb = build_pointwise(group_b, context())
+    after = launch.memo_stats()
+    assert ka.source == kb.source
+    assert after[0] == before[0] and after[1] == before[1] + 1
+    assert launch.load_source(ka.source) is launch.load_source(kb.source)
+
+
+def test_empty_tensor():
+    x = torch.empty(0, 5)
+    group = make_group(lambda a: a + 1, x)
+    assert build_pointwise(group, context())(x)[0].shape == (0, 5)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="block"):
+        PointwiseConfig(block=1000)
+    with pytest.raises(ValueError, match="num_warps"):
+        PointwiseConfig(num_warps=3)
