@@ -7,6 +7,7 @@ hand, so freezing, tuning and the one-time validation of every kernel use real v
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -14,11 +15,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from . import capture, fx_passes
+from . import capture, fx_passes, tuning_store
 from .engine import Engine, GroupCall
 from .fx_passes.constant_fold import constant_programs, freeze
 from .kernels.base import KernelContext, KernelGroup, op_name
-from .kernels.select import choose_kernel, triton_interpret
+from .kernels.select import choose_kernel, triton_enabled, triton_interpret
 from .options import Options
 from .report import GraphReport
 
@@ -42,8 +43,11 @@ def compile_graph(
     report.passes = fx_passes.run_passes(gm, ctx)               # clean-up, folding, fusion, layout
     groups = fx_passes.partition(gm)                            # ops -> kernel groups
     graph, calls = fuse_groups(gm, groups)
-    kctx = KernelContext(options=options, device=device, interpret=triton_interpret())
-    build_kernels(graph, calls, gm, args, kctx, report)         # Triton / vendor / ATen per group
+    scope = tuning_store.open_scope(options.cache_dir, device) if triton_enabled(device) else None
+    kctx = KernelContext(options=options, device=device, interpret=triton_interpret(),
+                         timing_cache=tuning_store.timing_cache(scope), progress=_progress)
+    with tuning_store.triton_binaries(scope, triton_enabled(device)):
+        build_kernels(graph, calls, gm, args, kctx, report)     # Triton / vendor / ATen per group
     constants = _constants(gm)
     inline_aten_groups(graph, calls)
     return Engine(graph, len(args), constants, constant_programs(gm), bound, args)
@@ -123,8 +127,6 @@ _getitem.__name__ = "getitem"
 def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphReport) -> None:
     """Choose each group's kernel. Where Triton runs, the graph is executed once on the real
     inputs so every kernel is built (and tuned, and checked) with the values it will see."""
-    from .kernels.select import triton_enabled
-
     if not triton_enabled(ctx.device):
         for call in calls:
             call.kernel, fallbacks = choose_kernel(call.group, (), ctx)
@@ -147,7 +149,7 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
             if isinstance(node.target, GroupCall):
                 call = node.target
                 _annotate(call.group, a)
-                ctx.say(f"building {call.group.name} ({call.group.kind})")
+                log.debug("compile_backend: building %s (%s)", call.group.name, call.group.kind)
                 call.kernel, fallbacks = choose_kernel(call.group, a, ctx)
                 _record(report, call, fallbacks)
                 env[node] = call.group.reference(*a)
@@ -156,6 +158,11 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
         for x in node.all_input_nodes:
             if last_use.get(x) is node:
                 env.pop(x, None)
+
+
+def _progress(message: str) -> None:
+    # long work (autotuning) reports progress on stderr, as a user waiting for it expects
+    print(f"compile_backend: {message}", file=sys.stderr, flush=True)
 
 
 def _annotate(group: KernelGroup, inputs: Sequence[Any]) -> None:

@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .attention import fuse_attention
 from .base import Pass, PassContext, PassRegistry
+from .batchnorm import fold_batchnorm
 from .cleanup import eliminate_dead_code
+from .cleanup_rules import eliminate_common_subexpressions, remove_noops
 from .constant_fold import constant_fold
+from .layout import choose_layout
+from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
 from .precision import lower_precision
 
+# Order matters: casts from lower_precision would hide conv/GEMM from BN folding and the merge,
+# and the attention op it also casts exists only after fuse_attention.
 REGISTRY = PassRegistry()
+REGISTRY.register("eliminate_common_subexpressions")(eliminate_common_subexpressions)
+REGISTRY.register("remove_noops")(remove_noops)
+REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
+REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)
+REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
+REGISTRY.register("choose_layout", inference_only=True)(choose_layout)
 REGISTRY.register("lower_precision", inference_only=True)(lower_precision)
 REGISTRY.register("constant_fold", inference_only=True)(constant_fold)
 REGISTRY.register("eliminate_dead_code")(eliminate_dead_code)
