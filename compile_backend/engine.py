@@ -8,8 +8,10 @@ refit only swaps or updates table entries and never regenerates code.
 """
 from __future__ import annotations
 
+import logging
 import math
 import operator
+import threading
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -17,6 +19,8 @@ import torch.fx as fx
 
 from .fx_passes.constant_fold import ConstantProgram
 from .kernels.base import Kernel, KernelGroup
+
+log = logging.getLogger("compile_backend")
 
 
 class GroupCall:
@@ -54,10 +58,17 @@ class Engine:
         self._table = [constants[n] for n in self._const_names]
         self.n_args = n_args
         self._bind(args)
+        self.cuda_graph: CudaGraphRunner | None = None
+
+    def use_cuda_graph(self) -> None:
+        """Record the launches once and replay them (inference on CUDA, static shapes)."""
+        self.cuda_graph = CudaGraphRunner(self)
 
     def __call__(self, args: Sequence[Any]) -> Any:
         if self._bound and self._stale(args):
             self.refit(args)
+        if self.cuda_graph is not None and self.cuda_graph.usable:
+            return self.cuda_graph(args)
         return self._fn(args, self._table)
 
     def _bind(self, args: Sequence[Any]) -> None:
@@ -72,6 +83,7 @@ class Engine:
 
     def refit(self, args: Sequence[Any]) -> None:
         """Rebind frozen weights to ``args`` and recompute every folded constant from them."""
+        before = [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in self._table]
         for i, name in self.frozen.items():
             self.constants[name] = args[i].detach()
         for program in self.programs:
@@ -84,6 +96,85 @@ class Engine:
                     self.constants[name] = value
         self._table[:] = [self.constants[n] for n in self._const_names]
         self._bind(args)
+        after = [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in self._table]
+        if self.cuda_graph is not None and before != after:
+            self.cuda_graph.invalidate()  # a recorded graph reads constants at fixed addresses
+
+
+class CudaGraphRunner:
+    """Replays an engine's launches from one CUDA graph.
+
+    Inputs are copied into static buffers (skipped when the caller passes the static buffer
+    itself); constants are read where they live, so a refit that updates them in place needs no
+    re-recording, and one that moves them re-records on the next call. Outputs are cloned out of
+    the graph's memory: a caller keeping call N's output never sees it change at call N+1. That
+    costs one device copy per output (small next to the launches a replay saves). If recording
+    fails (an op that synchronises, a CPU tensor), the engine runs without a graph.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.usable = True
+        self.graph = None
+        self.static_args: list = []
+        self.static_out: Any = None
+        self.lock = threading.Lock()  # replays share the static buffers
+        self.done = None  # event after the last replay's output copies
+
+    def invalidate(self) -> None:
+        self.graph = None
+
+    def __call__(self, args: Sequence[Any]) -> Any:
+        with self.lock:
+            stream = torch.cuda.current_stream()
+            if self.done is not None:  # the previous replay, maybe on another stream, must finish
+                stream.wait_event(self.done)
+            if self.graph is None:
+                try:
+                    self._record(args)
+                except Exception as exc:
+                    log.warning("compile_backend: CUDA graph recording failed (%s: %s); running "
+                                "this engine without a graph", type(exc).__name__, exc)
+                    self.usable = False
+                    torch.cuda.synchronize()
+                    return self.engine._fn(args, self.engine._table)
+            else:
+                for static, arg in zip(self.static_args, args):
+                    if isinstance(static, torch.Tensor) and static is not arg and \
+                            static.data_ptr() != arg.data_ptr():
+                        static.copy_(arg)
+            self.graph.replay()
+            out = _clone_out(self.static_out)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+            return out
+
+    def _record(self, args: Sequence[Any]) -> None:
+        frozen = set(self.engine.frozen)
+        self.static_args = [
+            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
+            if isinstance(a, torch.Tensor) and i not in frozen else a
+            for i, a in enumerate(args)
+        ]
+        run, table = self.engine._fn, self.engine._table
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph: lazy inits, workspace allocation
+                run(self.static_args, table)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_out = run(self.static_args, table)
+        self.graph = graph
+
+
+def _clone_out(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_clone_out(o) for o in out)
+    return out
 
 
 # --------------------------------------------------------------------------- code generation

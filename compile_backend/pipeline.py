@@ -50,7 +50,19 @@ def compile_graph(
         build_kernels(graph, calls, gm, args, kctx, report)     # Triton / vendor / ATen per group
     constants = _constants(gm)
     inline_aten_groups(graph, calls)
-    return Engine(graph, len(args), constants, constant_programs(gm), bound, args)
+    engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args)
+    if wants_cuda_graph(options, role, device, args):
+        engine.use_cuda_graph()                                 # record once, replay launches
+    report.cuda_graph = engine.cuda_graph is not None
+    return engine
+
+
+def wants_cuda_graph(options: Options, role: str, device: torch.device, args: Sequence[Any]) -> bool:
+    """CUDA graphs for inference on CUDA ("auto" and "on"); training graphs run launch by launch
+    (their saved activations would have to outlive the graph's memory pool)."""
+    if options.cuda_graphs == "off" or device.type != "cuda" or role != "inference":
+        return False
+    return not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def graph_device(args: Sequence[Any]) -> torch.device:

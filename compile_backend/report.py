@@ -18,6 +18,7 @@ class GraphReport:
     fallbacks: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     shapes: List[str] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
+    cuda_graph: bool = False
 
     def groups_by_kind(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
@@ -59,7 +60,8 @@ class Report:
                  + ", ".join(f"{k} {v}" for k, v in self.versions.items())]
         for g in self.graphs:
             lines.append("")
-            lines.append(f"== {g.name} ({g.role})  shapes: {'; '.join(g.shapes) or '-'}  compile {g.compile_s:.2f}s")
+            lines.append(f"== {g.name} ({g.role})  shapes: {'; '.join(g.shapes) or '-'}  compile {g.compile_s:.2f}s"
+                         + ("  cuda graph" if g.cuda_graph else ""))
             fired = {k: v for k, v in g.passes.items() if v}
             lines.append("passes: " + (", ".join(f"{k}={v}" for k, v in fired.items()) or "none fired"))
             lines.append("groups: " + (", ".join(f"{k}={v}" for k, v in sorted(g.groups_by_kind().items())) or "none"))

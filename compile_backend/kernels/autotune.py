@@ -266,6 +266,7 @@ class Tuner:
         timings: Dict[str, float] = {}
         best: Optional[Tuple[float, Candidate]] = None
         chatty = False
+        last_line = t0
         for i, cand in enumerate(candidates):
             runner = runners.get(cand.name)
             if runner is None:
@@ -278,8 +279,10 @@ class Tuner:
             timings[cand.name] = ms
             if best is None or ms < best[0]:
                 best = (ms, cand)
-            if time.monotonic() - t0 >= self.progress_after_s:  # only long tunings earn progress lines
-                chatty = True
+            now = time.monotonic()
+            # only long tunings earn progress lines, and at most one every few seconds
+            if now - t0 >= self.progress_after_s and now - last_line >= self.progress_after_s:
+                chatty, last_line = True, now
                 self._say(f"tuning {label}: {i + 1}/{len(candidates)} candidates, best {best[0]:.4f} ms ({best[1].name})")
         self.stats["seconds"] += time.monotonic() - t0
         if best is None:
