@@ -51,18 +51,17 @@ def compile_graph(
     constants = _constants(gm)
     inline_aten_groups(graph, calls)
     engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args)
-    if wants_cuda_graph(options, role, device, args):
+    if wants_cuda_graph(options, role, device):
         engine.use_cuda_graph()                                 # record once, replay launches
     report.cuda_graph = engine.cuda_graph is not None
     return engine
 
 
-def wants_cuda_graph(options: Options, role: str, device: torch.device, args: Sequence[Any]) -> bool:
+def wants_cuda_graph(options: Options, role: str, device: torch.device) -> bool:
     """CUDA graphs for inference on CUDA ("auto" and "on"); training graphs run launch by launch
-    (their saved activations would have to outlive the graph's memory pool)."""
-    if options.cuda_graphs == "off" or device.type != "cuda" or role != "inference":
-        return False
-    return not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    (their saved activations would have to outlive the graph's memory pool). AOTAutograd only
+    produces an inference graph when no output needs a gradient, so that role is the test."""
+    return options.cuda_graphs != "off" and device.type == "cuda" and role == "inference"
 
 
 def graph_device(args: Sequence[Any]) -> torch.device:
@@ -109,6 +108,12 @@ def extract_group(gm: fx.GraphModule, spec, name: str) -> KernelGroup:
     for n in spec.nodes:
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in _group_outputs(spec.nodes)))
+    # canonical names: identical layers give identical generated source, so they share one
+    # tuning result and one compiled kernel instead of one per layer
+    for i, x in enumerate(n for n in sub.nodes if n.op == "placeholder"):
+        x._rename(f"in{i}")
+    for j, n in enumerate(n for n in sub.nodes if n.op not in ("placeholder", "output")):
+        n._rename(f"op{j}")
     sub_gm = fx.GraphModule(gm, sub)
     anchor = env[spec.anchor].name if spec.anchor is not None else None
     return KernelGroup(kind=spec.kind, gm=sub_gm, anchor=anchor, name=name)
