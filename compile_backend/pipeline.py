@@ -6,6 +6,7 @@ hand, so freezing, tuning and the one-time validation of every kernel use real v
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -36,13 +37,15 @@ def compile_graph(
     report: GraphReport,
 ) -> Engine:
     device = graph_device(args)
-    gm = capture.specialize(aten_gm, args)                      # concrete shapes
-    _number_placeholders(gm)
-    bound = freeze(gm, frozen, args) if frozen else {}           # weights -> constants
+    with _stage("specialize"):
+        gm = capture.specialize(aten_gm, args)                  # concrete shapes
+        _number_placeholders(gm)
+        bound = freeze(gm, frozen, args) if frozen else {}       # weights -> constants
     ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device)
     report.passes = fx_passes.run_passes(gm, ctx)               # clean-up, folding, fusion, layout
-    groups = fx_passes.partition(gm)                            # ops -> kernel groups
-    graph, calls = fuse_groups(gm, groups)
+    with _stage("partition"):
+        groups = fx_passes.partition(gm)                        # ops -> kernel groups
+        graph, calls = fuse_groups(gm, groups)
     scope = tuning_store.open_scope(options.cache_dir, device) if triton_enabled(device) else None
     kctx = KernelContext(options=options, device=device, interpret=triton_interpret(),
                          timing_cache=tuning_store.timing_cache(scope), progress=_progress)
@@ -55,6 +58,16 @@ def compile_graph(
         engine.use_cuda_graph()                                 # record once, replay launches
     report.cuda_graph = engine.cuda_graph is not None
     return engine
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    try:
+        yield
+    except Exception as exc:
+        if not hasattr(exc, "op"):
+            exc.op = name  # the fallback warning names where it failed
+        raise
 
 
 def wants_cuda_graph(options: Options, role: str, device: torch.device) -> bool:
@@ -171,7 +184,8 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
                 _record(report, call, fallbacks)
                 env[node] = call.group.reference(*a)
             else:
-                env[node] = node.target(*a, **kw)
+                with _stage(op_name(node.target)):
+                    env[node] = node.target(*a, **kw)
         for x in node.all_input_nodes:
             if last_use.get(x) is node:
                 env.pop(x, None)

@@ -69,7 +69,12 @@ class PassRegistry:
         for p in self._passes:
             if p.inference_only and ctx.training:
                 continue
-            counts[p.name] = counts.get(p.name, 0) + int(p.fn(gm, ctx))
+            try:
+                counts[p.name] = counts.get(p.name, 0) + int(p.fn(gm, ctx))
+            except Exception as exc:
+                if not hasattr(exc, "op"):
+                    exc.op = f"pass {p.name}"  # the fallback warning names where it failed
+                raise
         gm.graph.lint()
         gm.recompile()
         return counts
