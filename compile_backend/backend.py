@@ -43,7 +43,7 @@ def compile_backend(
     try:
         return capture.lower(gm, example_inputs, compile_aten)
     except Exception as exc:
-        if opts.fallback == "error":
+        if opts.fallback == "error" or _is_dynamo_signal(exc):
             raise
         warnings.warn(
             f"compile_backend: could not lower this graph to ATen ({type(exc).__name__}: {exc}); "
@@ -51,6 +51,13 @@ def compile_backend(
         g = report.new_graph(f"dynamo graph ({len(gm.graph.nodes)} nodes)", "eager")
         g.fallbacks.append({"op": "graph", "reason": f"capture failed: {type(exc).__name__}: {exc}"})
         return gm.forward
+
+
+def _is_dynamo_signal(exc: BaseException) -> bool:
+    """Dynamo's own control flow (restart the analysis, skip the frame) passes through us."""
+    from torch._dynamo import exc as dynamo_exc
+
+    return isinstance(exc, (dynamo_exc.RestartAnalysis, dynamo_exc.SkipFrame))
 
 
 def resolve_options(options: Any, mode: Optional[str] = None) -> Options:

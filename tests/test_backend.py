@@ -226,3 +226,42 @@ def test_import_is_light():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
+
+
+def test_wrong_kernel_is_rejected_by_validation(monkeypatch):
+    """A generated kernel that disagrees with ATen never reaches the user: ATen runs, reported."""
+    from compile_backend.kernels import base, select
+
+    def wrong_builder(group, ctx):
+        def fn(*args):
+            return tuple(o * 1.5 for o in group.reference(*args))  # off by 50%
+
+        return base.Kernel(kind=group.kind, impl="triton", ops=group.ops, fn=fn)
+
+    monkeypatch.setitem(sys.modules, "fake_builders", type(sys)("fake_builders"))
+    sys.modules["fake_builders"].build = wrong_builder
+    monkeypatch.setitem(select.BUILDERS, "pointwise", ("fake_builders:build",))
+
+    class Act(nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x) * 3 + 1
+
+    x = torch.randn(5, 7)
+    report = compile_backend.explain(Act().eval(), x)
+    reasons = [f["reason"] for g in report.graphs for f in g.fallbacks]
+    assert any("rejected" in r and "relative error" in r for r in reasons), reasons
+    assert all(k["impl"] == "aten" for g in report.graphs for k in g.kernels if k["kind"] == "pointwise")
+    compile_and_compare(Act().eval(), (x,))
+
+
+def test_engine_bound_warns_once_and_stays_correct():
+    torch.manual_seed(0)
+    m = Block().eval()
+    compiled = torch.compile(m, backend="compile_backend", options={"max_engines": 2}, dynamic=True)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for batch in (2, 3, 4, 5, 6):
+            x = torch.randn(batch, 3, 12)
+            assert_same(compiled(x), m(x))
+    bound = [w for w in caught if "max_engines=2" in str(w.message)]
+    assert len(bound) == 1, [str(w.message) for w in caught]
