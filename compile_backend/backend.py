@@ -75,4 +75,6 @@ def _describe_run(report: Report, opts: Options, example_inputs: Sequence[Any]) 
     report.device = device_name(device)
     report.options = opts.as_dict()
     report.versions = versions()
-    report.cache["dir"] = opts.cache_dir
+    from .cache.location import resolve_root
+
+    report.cache["dir"] = str(resolve_root(opts.cache_dir))

@@ -48,11 +48,15 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "graphs": [g.to_dict() for g in self.graphs],
-            "cache": dict(self.cache),
+            "cache": {**self.cache, "timing_hits": self.timing_hits()},
             "device": self.device,
             "options": dict(self.options),
             "versions": dict(self.versions),
         }
+
+    def timing_hits(self) -> int:
+        """Kernels whose tuned choice came from the on-disk timing cache (no tuning this run)."""
+        return sum(1 for g in self.graphs for k in g.kernels if k.get("tuned_from_cache"))
 
     # ----------------------------------------------------------------- rendering
     def __str__(self) -> str:
@@ -74,7 +78,7 @@ class Report:
                 lines.append(f"fallback: {f['op']}: {f['reason']}")
         c = self.cache
         lines.append("")
-        lines.append(f"cache: hits {c.get('hits', 0)}, misses {c.get('misses', 0)}, dir {c.get('dir')}")
+        lines.append(f"cache: dir {c.get('dir')}; tuned choices from the timing cache: {self.timing_hits()}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:

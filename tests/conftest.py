@@ -5,8 +5,11 @@ suite runs on CPU tensors under Triton's interpreter. Tests that check the plain
 set it to "0" with monkeypatch (the backend reads it when it builds an engine).
 """
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# tuning results and Triton binaries from the suite go to a throwaway root, not ~/.cache
+os.environ.setdefault("COMPILE_BACKEND_CACHE_DIR", tempfile.mkdtemp(prefix="cb-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -76,7 +76,8 @@ class Kernel:
         return self.fn(*args)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "ops": list(self.ops), "impl": self.impl, "config": dict(self.config)}
+        return {"kind": self.kind, "ops": list(self.ops), "impl": self.impl, "config": dict(self.config),
+                "tuned_from_cache": self.tuned_from_cache}
 
 
 @dataclasses.dataclass
