@@ -54,7 +54,9 @@ def resolve_root(cache_dir: Optional[PathLike] = None) -> Path:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    from ..kernels.select import triton_interpret
+
+    return triton_interpret()
 
 
 def device_arch(device: Any = None) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -34,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .select import triton_interpret
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -324,7 +324,7 @@ def _flash_attention_fwd(
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpret()
 
 
 def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any) -> Optional[str]:

@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 
 from .base import Unsupported, meta_of
+from .select import triton_interpret
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -499,7 +500,6 @@ def helper_source(code_or_names: Any) -> str:
     which ``round_to``/``to_storage``/``convert`` may use without recording it, are included
     too; unused jit functions cost nothing).
     """
-    import os
 
     if isinstance(code_or_names, str):
         code = code_or_names
@@ -507,7 +507,7 @@ def helper_source(code_or_names: Any) -> str:
         names = [h for h in sorted(HELPERS) if f"cb_{h}(" in code]
     else:
         bf16, names = True, sorted(set(code_or_names))
-    out = [_BF16_INTERPRETED if os.environ.get("TRITON_INTERPRET") == "1" else _BF16_NATIVE] if bf16 else []
+    out = [_BF16_INTERPRETED if triton_interpret() else _BF16_NATIVE] if bf16 else []
     return "".join(out + [HELPERS[h] for h in names])
 
 

@@ -37,8 +37,10 @@ VALIDATION_RTOL = {
 
 
 def triton_interpret() -> bool:
-    """Triton's own documented switch: kernels run on CPU tensors in its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton's own documented switch: kernels run on CPU tensors in its interpreter.
+
+    The one place the project reads it, with the spellings Triton itself accepts."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
 def triton_enabled(device: torch.device) -> bool:
