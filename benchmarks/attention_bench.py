@@ -1,17 +1,25 @@
 """Flash-attention forward (compile_backend/kernels/attention.py) vs PyTorch on a CUDA GPU.
 
-  PYTHONPATH=. python3 benchmarks/attention_bench.py [--sweep] [--out FILE]
+  PYTHONPATH=. python3 benchmarks/attention_bench.py --sweep --out $OUT/attention_bench.json
+
+(about 3 minutes on an H100, most of it compiling the swept configs; --budget-s caps the sweep)
 
 1. records device/torch/triton and the two ceilings (device copy bandwidth, fp16 matmul rate);
 2. checks correctness on CUDA against the fp32 reference (output poisoned with NaN first, so an
    unwritten element shows), and records what CUDA SDPA returns for fully masked rows;
-3. times ours (heuristic config), ``F.scaled_dot_product_attention`` (default dispatch) and the
-   explicit eager chain (matmul, softmax, matmul): median ms and TFLOP/s
+3. times ours (heuristic config), ``F.scaled_dot_product_attention`` (default dispatch), the
+   explicit eager chain (matmul, softmax, matmul) and, on the goal shapes (s512 d64 / d128
+   fp16), that chain through ``torch.compile`` (Inductor; it may rewrite it to SDPA): median ms
+   and TFLOP/s
    (4*B*H*Sq*Sk*D flops, halved for causal as is customary). Default timing: a CUDA graph of
    one call per input set (4 sets, rotated so that no call finds its inputs in L2), replayed
    after an L2 flush: GPU time without the Python launch cost. ``--timing events`` is what
    runs 1-2 used (do_bench per call), which adds host time when the host is the slower side;
-4. with --sweep, times every candidate config on the main shapes (stops at --budget-s).
+4. with --sweep, times every candidate config (``candidate_configs``: block shapes, warps,
+   stages, TMA loads) on the goal shapes s512-d64-fp16 and s512-d128-fp16, then the default and
+   the fastest few of the matching goal shape on the other shapes (stops at --budget-s); every
+   timed config is checked against SDPA. The summary prints each shape's winner against the
+   default and SDPA.
 
 Writes JSON to --out (default $OUT/attention_bench.json, else ./attention_bench.json) and says so.
 Notes and conclusions: benchmarks/notes/attention.md.
@@ -37,6 +45,7 @@ from triton.testing import do_bench  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compile_backend.ops  # noqa: E402,F401  (registers torch.ops.compile_backend.attention)
 from compile_backend.kernels.attention import (  # noqa: E402
+    AttentionConfig,
     attention_reference,
     candidate_configs,
     default_config,
@@ -56,8 +65,11 @@ SHAPES = [
 ]
 #: the benchmark is for CUDA; a module variable so a CPU dry run of the script logic can swap it
 DEVICE = "cuda"
-SWEEP_SHAPES = ("s512-d64-fp16", "s512-d64-fp16-causal", "s512-d64-bf16", "s2048-d64-fp16", "s512-d128-fp16",
-                "s2048-d64-fp16-causal")
+#: swept over every candidate config (issue #5: s512 d64 fp16 no slower than SDPA; d128 too)
+GOAL_SHAPES = ("s512-d64-fp16", "s512-d128-fp16")
+#: then, each with the default and the fastest configs of the goal shape of its head dim
+FOLLOW_SHAPES = ("s512-d64-fp16-causal", "s512-d64-bf16", "s2048-d64-fp16", "s2048-d64-fp16-causal", "s512-d80-fp16")
+SWEEP_SHAPES = GOAL_SHAPES + FOLLOW_SHAPES
 COMPARE_SHAPES = ("s512-d64-fp16", "s512-d64-fp16-causal", "s2048-d64-fp16", "s512-d64-bf16")
 
 
@@ -156,11 +168,22 @@ def check_correctness() -> list:
         (4, 12, 2048, 2048, 64, torch.float16, True, None),
     ]
     tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+    tma = AttentionConfig(64, 64, 4, 2, tma=True)
     for b, h, sq, sk, d, dtype, causal, mk in cases:
         q, k, v, mask = make_inputs(b, h, sq, sk, d, dtype, mk, seed=sq)
-        for allow_tf32 in ((False, True) if dtype == torch.float32 else (True,)):
-            out = poisoned_call(lambda: flash_attention(q, k, v, mask, None, causal, None, allow_tf32), b * h * sq * d, dtype)
-            torch.cuda.synchronize()
+        runs = [(False, None), (True, None)] if dtype == torch.float32 else [(True, None)]
+        if dtype != torch.float32 and sq >= 64 and (sq % 64 or sk % 64):  # TMA descriptors, with tails
+            runs.append((True, tma))
+        for allow_tf32, cfg in runs:
+            try:
+                out = poisoned_call(lambda: flash_attention(q, k, v, mask, None, causal, cfg, allow_tf32),
+                                    b * h * sq * d, dtype)
+                torch.cuda.synchronize()
+            except Exception as exc:  # e.g. a Triton that cannot compile the TMA variant
+                rows.append({"shape": [b, h, sq, sk, d], "dtype": str(dtype), "causal": causal, "mask": mk,
+                             "config": cfg.as_dict() if cfg else "default", "rel_err": float("nan"), "ok": False,
+                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
             ref = attention_reference(q.float(), k.float(), v.float(), mask, None, causal)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             sdpa = torch.ops.compile_backend.attention(q, k, v, mask, 1 / math.sqrt(d), causal).float()
@@ -168,7 +191,7 @@ def check_correctness() -> list:
             limit = 5e-3 if (dtype == torch.float32 and allow_tf32) else tol[dtype]
             rows.append({
                 "shape": [b, h, sq, sk, d], "dtype": str(dtype), "causal": causal, "mask": mk,
-                "allow_tf32": allow_tf32, "rel_err": err, "sdpa_rel_err": sdpa_err,
+                "config": cfg.as_dict() if cfg else "default", "allow_tf32": allow_tf32, "rel_err": err, "sdpa_rel_err": sdpa_err,
                 "nan": bool(out.isnan().any()), "ok": bool(err <= limit and not out.isnan().any()),
             })
     return rows
@@ -219,6 +242,10 @@ def time_shapes() -> list:
             "torch_sdpa": lambda t: (lambda: F.scaled_dot_product_attention(t[0], t[1], t[2], attn_mask=t[3], is_causal=causal)),
             "eager_chain": lambda t: (lambda: eager_chain(*t, causal)),
         }
+        if name in GOAL_SHAPES:  # Inductor compiles in ~10 s per shape: the goal shapes only
+            torch._dynamo.reset()
+            compiled_chain = torch.compile(eager_chain, dynamic=False)
+            providers["inductor_chain"] = lambda t: (lambda: compiled_chain(*t, causal))
         for provider, make_fn in providers.items():
             try:
                 ms, method = time_call(make_fn, sets)
@@ -290,7 +317,7 @@ def compare_module(path: str) -> list:
     """Times another version of the kernel file (e.g. the previous one) on the main shapes."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("attention_compare", path)
+    spec = importlib.util.spec_from_file_location("compile_backend.kernels.attention_compare", path)  # relative imports
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
@@ -305,20 +332,24 @@ def compare_module(path: str) -> list:
     return rows
 
 
-def sweep(deadline: float, follow_top: int = 8) -> list:
-    """Every candidate on the first sweep shape; on the others (to fit the lease) only the
-    default and the ``follow_top`` fastest configs of the first shape."""
+def _leader_key(d: int) -> str:
+    return "d64" if d <= 64 else "d128"
+
+
+def sweep(deadline: float, follow_top: int = 4) -> list:
+    """Every candidate on the goal shapes; on the others only the default and the
+    ``follow_top`` fastest configs of the goal shape with the same head-dim class."""
     rows: list = []
-    leaders: list = []
-    for name, b, h, sq, sk, d, dtype, causal, mk in SHAPES:
-        if name not in SWEEP_SHAPES:
-            continue
+    leaders: dict = {}
+    by_name = {s[0]: s for s in SHAPES}
+    for name in SWEEP_SHAPES:
+        _, b, h, sq, sk, d, dtype, causal, mk = by_name[name]
         sets = [make_inputs(b, h, sq, sk, d, dtype, mk, seed=i) for i in range(N_INPUT_SETS)]
         q, k, v, mask = sets[0]
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).float()
         configs = candidate_configs(d, d, sq, sk, dtype, causal)
-        if leaders:
-            configs = [configs[0]] + [c for c in leaders if c != configs[0]]
+        if name not in GOAL_SHAPES:
+            configs = [configs[0]] + [c for c in leaders.get(_leader_key(d), []) if c != configs[0]]
         timed = []
         for cfg in configs:
             if time.time() > deadline:
@@ -330,22 +361,47 @@ def sweep(deadline: float, follow_top: int = 8) -> list:
                 out = flash_attention(q, k, v, mask, None, causal, cfg).float()
                 err = ((out - expected).norm() / expected.norm()).item()
                 rows.append({"shape": name, "config": cfg.as_dict(), "median_ms": ms, "timing": method,
-                             "tflops": flops(b, h, sq, sk, d, causal) / ms / 1e9, "rel_err_vs_sdpa": err})
+                             "tflops": flops(b, h, sq, sk, d, causal) / ms / 1e9, "rel_err_vs_sdpa": err,
+                             "is_default": cfg == configs[0]})
                 if err < 1e-2:
                     timed.append((ms, cfg))
             except Exception as exc:  # out of shared memory / registers for this config
                 rows.append({"shape": name, "config": cfg.as_dict(), "error": f"{type(exc).__name__}: {exc}"[:200]})
-        if not leaders:
-            leaders = [cfg for _, cfg in sorted(timed, key=lambda t: t[0])[:follow_top]]
+        if name in GOAL_SHAPES:
+            leaders[_leader_key(d)] = [cfg for _, cfg in sorted(timed, key=lambda t: t[0])[:follow_top]]
         del sets, q, k, v, mask, expected
     return rows
+
+
+def _short(cfg: dict) -> str:
+    return f"({cfg['block_m']},{cfg['block_n']},{cfg['num_warps']}w,{cfg['num_stages']}s{',tma' if cfg.get('tma') else ''})"
+
+
+def winners(result: dict) -> list:
+    """Per swept shape: the fastest correct config against the default and SDPA."""
+    sdpa = {r["shape"]: r["median_ms"] for r in result.get("timings", [])
+            if r.get("provider") == "torch_sdpa" and "median_ms" in r}
+    out = []
+    for shape in SWEEP_SHAPES:
+        done = [r for r in result.get("sweep", []) if r.get("shape") == shape and "median_ms" in r
+                and r["rel_err_vs_sdpa"] < 1e-2]
+        if not done:
+            continue
+        best = min(done, key=lambda r: r["median_ms"])
+        default = next((r for r in done if r.get("is_default")), None)
+        out.append({"shape": shape, "winner": best["config"], "winner_ms": best["median_ms"],
+                    "default": default["config"] if default else None,
+                    "default_ms": default["median_ms"] if default else None,
+                    "sdpa_ms": sdpa.get(shape), "configs_timed": len(done),
+                    "winner_vs_sdpa": best["median_ms"] / sdpa[shape] - 1 if shape in sdpa else None})
+    return out
 
 
 def main() -> None:
     global TIMING
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time every candidate config on the main shapes")
-    parser.add_argument("--budget-s", type=float, default=190.0, help="stop the sweep this many seconds after the start")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="stop the sweep this many seconds after the start")
     parser.add_argument("--out", default=None)
     parser.add_argument("--compare", default=None, help="path of another attention.py to time on the main shapes")
     parser.add_argument("--timing", choices=("graph", "events"), default=TIMING,
@@ -379,13 +435,14 @@ def main() -> None:
     save()
     if args.sweep:
         result["sweep"] = sweep(start + args.budget_s)
+        result["winners"] = winners(result)
         save()
 
     print(f"device {result['device']}  torch {result['torch']}  triton {result['triton']}")
     print("ceilings:", {k: round(v, 1) for k, v in result["ceilings"].items()})
     bad = [r for r in result["correctness"] if not r["ok"]]
     print(f"correctness: {len(result['correctness']) - len(bad)}/{len(result['correctness'])} ok;",
-          "max rel err", max(r["rel_err"] for r in result["correctness"]))
+          "max rel err", max((r["rel_err"] for r in result["correctness"] if "error" not in r), default=None))
     for r in bad:
         print("  FAIL", r)
     print("fully masked rows:", result["fully_masked_rows"])
@@ -403,10 +460,20 @@ def main() -> None:
             done = sorted((r for r in result["sweep"] if r.get("shape") == shape and "median_ms" in r),
                           key=lambda r: r["median_ms"])
             for r in done[:4]:
-                print(f"sweep {shape:24s} {r['median_ms']:8.4f} ms {r['tflops']:6.1f} TFLOP/s {r['config']}")
+                print(f"sweep {shape:24s} {r['median_ms']:8.4f} ms {r['tflops']:6.1f} TFLOP/s "
+                      f"{_short(r['config'])} err {r['rel_err_vs_sdpa']:.1e}")
             errors = [r for r in result["sweep"] if r.get("shape") == shape and "error" in r]
             if errors:
-                print(f"sweep {shape}: {len(errors)} configs failed, e.g. {errors[0]['error'][:100]}")
+                print(f"sweep {shape}: {len(errors)} configs failed, e.g. {_short(errors[0]['config'])} "
+                      f"{errors[0]['error'][:100]}")
+        if any("stopped" in r for r in result["sweep"]):
+            print("sweep stopped at the time budget (--budget-s)")
+        print(f"\n{'winner per shape':24s} {'winner':26s} {'ms':>8s} {'default':26s} {'ms':>8s} {'SDPA ms':>8s} vs SDPA")
+        for w in result["winners"]:
+            dflt = (_short(w["default"]), f"{w['default_ms']:8.4f}") if w["default"] else ("-", "       -")
+            vs = f"{100 * w['winner_vs_sdpa']:+.1f}%" if w["winner_vs_sdpa"] is not None else "-"
+            sdpa_ms = f"{w['sdpa_ms']:8.4f}" if w["sdpa_ms"] else "       -"
+            print(f"{w['shape']:24s} {_short(w['winner']):26s} {w['winner_ms']:8.4f} {dflt[0]:26s} {dflt[1]} {sdpa_ms} {vs}")
     print(f"wrote {out_path} ({time.time() - start:.0f} s)")
 
 

@@ -3,6 +3,9 @@
     python -m benchmarks --model resnet50 --precision fp16 --compare eager,inductor,compile_backend
     python -m compile_backend bench ...            (the same command)
 
+A peer ``compile_backend[cuda_graphs=off]`` (any ``k=v`` options, comma-separated) is
+compile_backend with those options on top of ``--options``, so option sets compare side by side.
+
 Every peer runs the same model object on the same inputs in this process, with
 ``torch._dynamo.reset()`` between peers. Per peer it records:
 
@@ -35,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +76,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--options", default=None,
                    help="compile_backend options: JSON object or comma-separated k=v pairs")
     p.add_argument("--compare", default=",".join(DEFAULT_PEERS),
-                   help=f"comma-separated peers among {', '.join(PEERS)}")
+                   help=f"comma-separated peers among {', '.join(PEERS)}; "
+                        "compile_backend[k=v,...] adds options to that peer alone")
     p.add_argument("--iters", type=int, default=50, help="timed calls per peer")
     p.add_argument("--warmup", type=int, default=10, help="untimed calls after the first one")
     p.add_argument("--warm-compile", action="store_true",
@@ -81,6 +86,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG of latency and speedup here")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs seed")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--cache-root", default=None,
                    help="keep the per-peer cache directories here (default: a temporary directory)")
     p.add_argument("--warm-timeout", type=float, default=600.0, help="seconds for the warm subprocess")
@@ -114,11 +120,37 @@ def parse_options(text: Optional[str]) -> Dict[str, Any]:
 
 
 def parse_peers(text: str) -> List[str]:
-    peers = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in peers if p not in PEERS]
+    """Comma-separated peers; ``compile_backend[k=v,...]`` is compile_backend with these options
+    on top of ``--options`` (so one run can compare option sets, e.g. ``cuda_graphs=off``)."""
+    peers, depth, current = [], 0, ""
+    for ch in text:  # commas inside [...] or {...} belong to a peer's options
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            peers.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    peers = [p for p in peers + [current.strip()] if p]
+    unknown = [p for p in peers if split_peer(p)[0] not in PEERS]
     if unknown or not peers:
-        raise ValueError(f"unknown peer(s) {unknown}; choose among {', '.join(PEERS)}")
+        raise ValueError(f"unknown peer(s) {unknown}; choose among {', '.join(PEERS)}"
+                         " (compile_backend also as compile_backend[option=value,...])")
     return peers
+
+
+def split_peer(peer: str) -> Tuple[str, Dict[str, Any]]:
+    """``'compile_backend[cuda_graphs=off]'`` -> ``('compile_backend', {'cuda_graphs': 'off'})``;
+    the options are validated now, so a typo fails before anything is compiled."""
+    if not peer.endswith("]") or "[" not in peer:
+        return peer, {}
+    name, text = peer[:-1].split("[", 1)
+    if name != "compile_backend":
+        raise ValueError(f"only compile_backend takes [options], got {peer!r}")
+    options = parse_options(text)
+    from compile_backend.options import Options
+
+    Options.from_mapping(options)
+    return name, options
 
 
 # ----------------------------------------------------------------------------- model and inputs
@@ -161,9 +193,10 @@ def compile_peer(peer: str, model: torch.nn.Module, options: Dict[str, Any]) -> 
         return model
     if peer in _INDUCTOR_MODES:
         return torch.compile(model, mode=_INDUCTOR_MODES[peer])
-    if peer == "compile_backend":
+    name, peer_opts = split_peer(peer)
+    if name == "compile_backend":
         ensure_backend_registered()
-        return torch.compile(model, backend="compile_backend", options=options)
+        return torch.compile(model, backend="compile_backend", options={**options, **peer_opts})
     raise ValueError(f"unknown peer {peer!r}; choose among {', '.join(PEERS)}")
 
 
@@ -183,8 +216,9 @@ def ensure_backend_registered() -> None:
 
 def peer_options(peer: str, precision: str, user_options: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
     """What the peer is compiled with (cache_dir included; it is dropped from the record)."""
-    if peer == "compile_backend":
-        return {"precision": precision, **user_options, "cache_dir": cache_dir}
+    name, peer_opts = split_peer(peer)
+    if name == "compile_backend":
+        return {"precision": precision, **user_options, **peer_opts, "cache_dir": cache_dir}
     if peer in _INDUCTOR_MODES and _INDUCTOR_MODES[peer]:
         return {"mode": _INDUCTOR_MODES[peer]}
     return {}
@@ -317,8 +351,9 @@ def strict_fp32():
 
 # ----------------------------------------------------------------------------- environment, results
 
-def environment(device: str, device_name: Optional[str] = None) -> Dict[str, Any]:
-    """Versions, commit, date and the device's name (``device_name`` skips asking CUDA)."""
+def environment(device: str, device_name: Optional[str] = None, commit: Optional[str] = None) -> Dict[str, Any]:
+    """Versions, commit, date and the device's name (``device_name`` skips asking CUDA;
+    ``commit`` names the commit where the tree has no ``.git``, as on the GPU machine)."""
     from importlib import metadata
 
     triton_version = None
@@ -328,23 +363,28 @@ def environment(device: str, device_name: Optional[str] = None) -> Dict[str, Any
             break
         except metadata.PackageNotFoundError:
             continue
-    commit = "unknown"
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=10)
-        # a repository without commits prints "HEAD" and fails: only accept a real hash
-        if proc.returncode == 0 and all(c in "0123456789abcdef" for c in proc.stdout.strip()):
-            commit = proc.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        pass
     if device_name is not None:
         name = device_name
     elif device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
         name = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
+            "commit": commit or git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def git_commit() -> str:
+    """HEAD of the source tree, or "unknown" (no git, no .git, no commits)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    # a repository without commits prints "HEAD" and fails: only accept a real hash
+    if proc.returncode == 0 and all(c in "0123456789abcdef" for c in proc.stdout.strip()):
+        return proc.stdout.strip() or "unknown"
+    return "unknown"
 
 
 def _clean(value: Any) -> Any:
@@ -428,7 +468,7 @@ def format_table(records: List[dict]) -> str:
 def run_peer(peer: str, model, inputs, ref, logits, args, cache_root: str, base: dict) -> dict:
     """Compile, time and check one peer; failures become a record with ``error``."""
     record = dict(base, backend=peer)
-    peer_cache = os.path.join(cache_root, peer)
+    peer_cache = peer_cache_root(cache_root, peer)
     options = peer_options(peer, args.precision, args.user_options, os.path.join(peer_cache, "compile_backend"))
     record["options"] = {k: v for k, v in options.items() if k != "cache_dir"}
     cuda = args.device.startswith("cuda")
@@ -467,6 +507,11 @@ def run_peer(peer: str, model, inputs, ref, logits, args, cache_root: str, base:
         if cuda:
             torch.cuda.empty_cache()
     return record
+
+
+def peer_cache_root(cache_root: str, peer: str) -> str:
+    """The peer's cache directories (compile_backend's ``cache_dir`` is ``<this>/compile_backend``)."""
+    return os.path.join(cache_root, re.sub(r"[^A-Za-z0-9_.-]+", "_", peer).strip("_"))
 
 
 def warm_first_call(peer: str, options: Dict[str, Any], args, peer_cache: str) -> Optional[float]:
@@ -515,7 +560,7 @@ def run(args) -> List[dict]:
     del fp32_model, fp32_inputs
     base = dict(model=args.model, size=args.size, batch=args.batch or batch_of(inputs),
                 precision=args.precision, iters=args.iters, warmup=args.warmup,
-                **environment(args.device))
+                **environment(args.device, commit=args.commit))
     records: List[dict] = []
     own_root = args.cache_root is None
     cache_root = tempfile.mkdtemp(prefix="bench-caches-") if own_root else args.cache_root

@@ -9,15 +9,22 @@ Freezing: in inference, the arguments that are the model's parameters and buffer
 weight transposes, casts), and checks on every call that they are still the same tensors at the
 same version; when one changed (``load_state_dict``, an optimizer step between evaluations) it
 refits: the folded constants are recomputed from the new weights before the call runs.
+
+User inputs: for declared dynamic dimensions (``Options.profiles``) an inference graph also
+carries, in ``aten_gm.meta[USER_INPUTS_META]``, which of its arguments are the compiled
+function's tensor arguments, in signature order (Dynamo orders graph inputs by first use).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+
+from .profiles import USER_INPUTS_META
 
 _graph_ids = itertools.count()
 
@@ -53,6 +60,7 @@ def lower(
 
     graph_id = next(_graph_ids)
     mask = frozen_mask(gm, example_inputs)
+    inputs = user_inputs(gm, example_inputs)
 
     def compiler(role: str):
         def compile_one(aten_gm: fx.GraphModule, aot_args: Sequence[Any]) -> Callable:
@@ -62,6 +70,8 @@ def lower(
             frozen: Optional[List[bool]] = None
             if role == "inference" and n_placeholders == len(mask) and any(mask):
                 frozen = mask
+            if role == "inference" and n_placeholders == len(mask) and inputs is not None:
+                aten_gm.meta[USER_INPUTS_META] = inputs
             fn = compile_aten(aten_gm, role=role, name=f"graph{graph_id}.{role}", frozen=frozen)
             return make_boxed_func(fn)
 
@@ -72,6 +82,55 @@ def lower(
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
     )(gm, example_inputs)
+
+
+def user_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[List[Tuple[int, str]]]:
+    """(graph input index, argument name) of each tensor argument of the compiled function, in
+    its signature order (``*args`` items as ``name[i]``); None when the traced frame is not the
+    user's function (a graph resumed after a graph break) or Dynamo gives no source information."""
+    code = _root_code()
+    if code is None or code.co_name.startswith("torch_dynamo_resume_in_"):
+        return None
+    n_named = code.co_argcount + code.co_kwonlyargcount
+    positional = list(code.co_varnames[:code.co_argcount])
+    keyword_only = list(code.co_varnames[code.co_argcount:n_named])
+    varargs = code.co_varnames[n_named] if code.co_flags & inspect.CO_VARARGS else None
+    order = {name: pos for pos, name in enumerate(positional + [varargs] + keyword_only) if name}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+            continue
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name, item = _argument(source)
+        if name not in order or (item is not None) != (name == varargs):
+            continue  # an attribute, a global, a tensor inside a container argument
+        label = name if item is None else f"{name}[{item}]"
+        found.append(((order[name], item or 0), i, label))
+    return [(i, label) for _, i, label in sorted(found)]
+
+
+def _argument(source: Any) -> Tuple[Optional[str], Optional[int]]:
+    """("x", None) for Dynamo's source of a local ``x``; ("args", 2) for ``args[2]``."""
+    if type(source).__name__ == "LocalSource":
+        return getattr(source, "local_name", None), None
+    base, index = getattr(source, "base", None), getattr(source, "index", None)
+    if type(source).__name__ == "GetItemSource" and type(base).__name__ == "LocalSource" \
+            and isinstance(index, int):
+        return getattr(base, "local_name", None), index
+    return None, None
+
+
+def _root_code() -> Any:
+    """The code object of the frame Dynamo is compiling (the first one it traced)."""
+    try:
+        from torch._guards import TracingContext
+
+        context = TracingContext.try_get()
+        traced = getattr(context, "traced_code", None) if context is not None else None
+        return traced[0] if traced else None
+    except Exception:  # private API: without it profiles do not apply, nothing else changes
+        return None
 
 
 def is_symbolic(gm: fx.GraphModule) -> bool:
@@ -107,4 +166,4 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-__all__ = ["lower", "frozen_mask", "specialize", "is_symbolic"]
+__all__ = ["lower", "frozen_mask", "user_inputs", "specialize", "is_symbolic"]

@@ -5,6 +5,11 @@ one call, every other node (views, getitem, mutation epilogues, groups ATen runs
 ATen call, and values are deleted after their last use so memory is returned as eagerly as in
 eager mode. Constants (frozen weights and folded values) are read from a table each call, so a
 refit only swaps or updates table entries and never regenerates code.
+
+With a memory plan (``memory_plan.plan``), kernels that can write into given tensors get views
+of one arena the engine allocates once: ``kernel_3(v1, v2, out=(buf_a, None))``. Calls then
+share memory, so an engine with an arena runs one call at a time (a lock; on CUDA a call on
+another stream than the last one first waits for that stream's work).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import logging
 import math
 import operator
 import threading
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -31,7 +36,9 @@ class GroupCall:
         self.kernel: Kernel | None = None
         self.__name__ = f"kernel_{index}"
 
-    def __call__(self, *args: Any) -> Tuple[Any, ...]:
+    def __call__(self, *args: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
+        if out is not None:  # only planned for kernels with supports_out
+            return self.kernel(*args, out=out)
         return (self.kernel or self.group.reference)(*args)
 
     def __repr__(self) -> str:
@@ -49,12 +56,23 @@ class Engine:
         programs: Sequence[ConstantProgram] = (),
         frozen: Dict[int, str] | None = None,
         args: Sequence[Any] = (),
+        memory: Any = None,  # memory_plan.MemoryPlan of ``graph``
+        device: Optional[torch.device] = None,
     ):
         self.constants = constants
         self.programs = list(programs)
         self.frozen = dict(frozen or {})  # arg index -> constant name
         self._const_names = list(constants)
-        self.source, self._fn = _generate(graph, self._const_names)
+        self.memory = memory if memory is not None and memory.buffers else None
+        self.arena: Optional[torch.Tensor] = None  # never reallocated: a CUDA graph records it
+        outs: Dict[str, Dict[int, torch.Tensor]] = {}
+        if self.memory is not None:
+            self.arena = torch.empty(self.memory.arena_bytes, dtype=torch.uint8, device=device)
+            for b in self.memory.buffers:
+                outs.setdefault(b.call, {})[b.output] = b.view(self.arena)
+        self._lock = threading.Lock()  # calls share the arena (taken only when there is one)
+        self._stream: Any = None  # CUDA stream of the last call's launches
+        self.source, self._fn = _generate(graph, self._const_names, outs)
         self._table = [constants[n] for n in self._const_names]
         self.n_args = n_args
         self._bind(args)
@@ -69,7 +87,24 @@ class Engine:
             self.refit(args)
         if self.cuda_graph is not None and self.cuda_graph.usable:
             return self.cuda_graph(args)
-        return self._fn(args, self._table)
+        return self.run(args)
+
+    def run(self, args: Sequence[Any]) -> Any:
+        """One call without a CUDA graph; with an arena, one call at a time."""
+        if self.arena is None:
+            return self._fn(args, self._table)
+        with self._lock:
+            if self.arena.device.type != "cuda":
+                return self._fn(args, self._table)
+            # the previous call's launches, on another stream, may still use the arena: wait for
+            # everything enqueued there so far (an event, as the CUDA graph runner's); on the
+            # same stream, stream order already serialises them
+            stream = torch.cuda.current_stream(self.arena.device)
+            if self._stream is not None and self._stream != stream:
+                stream.wait_stream(self._stream)
+                self.arena.record_stream(stream)  # freed after this stream's work too
+            self._stream = stream
+            return self._fn(args, self._table)
 
     def _bind(self, args: Sequence[Any]) -> None:
         # the user's own tensor objects and versions: any in-place update bumps the version
@@ -106,7 +141,9 @@ class CudaGraphRunner:
 
     Inputs are copied into static buffers (skipped when the caller passes the static buffer
     itself); constants are read where they live, so a refit that updates them in place needs no
-    re-recording, and one that moves them re-records on the next call. Outputs are cloned out of
+    re-recording, and one that moves them re-records on the next call. The engine's arena (planned
+    intermediates) is allocated once and never moved, so the recorded addresses stay valid
+    across replays and refits. Outputs are cloned out of
     the graph's memory: a caller keeping call N's output never sees it change at call N+1. That
     costs one device copy per output (small next to the launches a replay saves). If recording
     fails (an op that synchronises, a CPU tensor), the engine runs without a graph.
@@ -137,7 +174,7 @@ class CudaGraphRunner:
                                 "this engine without a graph", type(exc).__name__, exc)
                     self.usable = False
                     torch.cuda.synchronize()
-                    return self.engine._fn(args, self.engine._table)
+                    return self.engine.run(args)
             else:
                 for static, arg in zip(self.static_args, args):
                     if isinstance(static, torch.Tensor) and static is not arg and \
@@ -178,7 +215,9 @@ def _clone_out(out: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- code generation
-def _generate(graph: fx.Graph, const_names: List[str]) -> Tuple[str, Callable]:
+def _generate(graph: fx.Graph, const_names: List[str],
+              outs: Dict[str, Dict[int, torch.Tensor]]) -> Tuple[str, Callable]:
+    """``outs``: per group-call node name, the planned tensors its kernel writes, by output."""
     globals_: Dict[str, Any] = {}
     names: Dict[fx.Node, str] = {}
     ids: Dict[int, str] = {}
@@ -232,6 +271,11 @@ def _generate(graph: fx.Graph, const_names: List[str]) -> Tuple[str, Callable]:
                 fn = glob(node.target, getattr(node.target, "__name__", "fn"))
                 call_args = [fmt(a) for a in node.args]
                 call_args += [f"{k}={fmt(v)}" for k, v in node.kwargs.items()]
+                if node.name in outs:  # views of the arena, made once: constants of the source
+                    n_out = len(node.target.group.outputs)
+                    views = [outs[node.name].get(k) for k in range(n_out)]
+                    call_args.append("out=(" + "".join(
+                        (glob(v, "buf") if v is not None else "None") + ", " for v in views) + ")")
                 lines.append(f"    {var} = {fn}({', '.join(call_args)})")
         elif node.op == "output":
             lines.append(f"    return {fmt(node.args[0])}")

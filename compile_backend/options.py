@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Tuple, Union
+
+from .profiles import Profile, parse_profiles
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 FALLBACKS = ("eager", "error")
@@ -37,6 +39,15 @@ class Options:
     validate: check every generated kernel once against ATen on the real inputs and fall back
         to ATen (with a report entry) when it disagrees.
     max_engines: engines kept per graph for distinct input shapes before falling back to ATen.
+    cache_max_bytes: size cap of the engine cache (all architectures); least recently used
+        entries are evicted past it. Not part of the cache key.
+    profiles: declared dynamic dimensions, TensorRT-style: a list of
+        ``{"input": 0, "dim": 0, "min": 1, "opt": 8, "max": 64}`` (or :class:`Profile`). A call
+        whose size lies in [min, max] runs the engine of its size bucket (min, opt, max and the
+        powers of two between), its inputs zero-padded and outputs sliced back, once a check
+        showed the outputs do not depend on the padded rows (else one warning, one engine per
+        shape). Pass ``dynamic=True`` to torch.compile or ``torch._dynamo.mark_dynamic(x, dim,
+        min=..., max=...)`` so Dynamo gives one graph for the range. See compile_backend.profiles.
     """
 
     precision: str = "fp32"
@@ -46,6 +57,8 @@ class Options:
     cuda_graphs: str = "auto"
     validate: bool = True
     max_engines: int = 8
+    cache_max_bytes: int = 2 * 1024 ** 3
+    profiles: Tuple[Profile, ...] = ()
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -63,8 +76,12 @@ class Options:
             )
         if not isinstance(self.validate, bool):
             raise ValueError(f"option 'validate' must be True or False, got {self.validate!r}")
+        if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes < 0:
+            raise ValueError(f"option 'cache_max_bytes' must be a non-negative integer, got {self.cache_max_bytes!r}")
         if isinstance(self.max_engines, bool) or not isinstance(self.max_engines, int) or self.max_engines < 1:
             raise ValueError(f"option 'max_engines' must be a positive integer, got {self.max_engines!r}")
+        # users give dicts; the dataclass holds Profiles (asdict turns them back into dicts)
+        object.__setattr__(self, "profiles", parse_profiles(self.profiles))
 
     @classmethod
     def from_mapping(cls, options: Optional[Mapping[str, Any]]) -> "Options":

@@ -16,15 +16,59 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from . import capture, fx_passes, tuning_store
+from . import capture, engine_cache, fx_passes, memory_plan, tuning_store
 from .engine import Engine, GroupCall
 from .fx_passes.constant_fold import constant_programs, freeze
 from .kernels.base import KernelContext, KernelGroup, op_name
 from .kernels.select import choose_kernel, triton_enabled, triton_interpret
 from .options import Options
+from .profiles import GraphProfiles, Plan
 from .report import GraphReport
 
 log = logging.getLogger("compile_backend")
+
+
+def compile_graph_cached(
+    aten_gm: fx.GraphModule,
+    args: Sequence[Any],
+    *,
+    role: str,
+    frozen: Optional[Sequence[bool]],
+    options: Options,
+    report: GraphReport,
+) -> Engine:
+    """``compile_graph`` through the engine cache: a hit rebuilds the engine from its stored plan
+    (no tuning, no validation), a miss builds it cold and stores the plan. Two processes missing
+    the same key build it once (the second waits on the key's lock, then hits)."""
+    device = graph_device(args)
+    if not triton_enabled(device):
+        report.cache = {"engine": "off", "reason": "no generated kernels on this device"}
+        return compile_graph(aten_gm, args, role=role, frozen=frozen, options=options, report=report)
+    from .cache import EngineCache
+
+    store = EngineCache(options.cache_dir, max_bytes=options.cache_max_bytes)
+    key = engine_cache.cache_key(aten_gm, args, role=role, frozen=frozen, options=options, device=device)
+    cold: Dict[str, Any] = {}
+
+    def build_cold():
+        timings = engine_cache.PlanTimings()
+        cold["engine"] = compile_graph(aten_gm, args, role=role, frozen=frozen, options=options,
+                                       report=report, timings=timings)
+        return engine_cache.artifacts(cold["engine"].calls, cold["engine"].fallbacks, timings,
+                                      cold["engine"].source)
+
+    entry = store.build_or_get(key, build_cold)
+    stats = store.stats()
+    report.cache = {"engine": "miss" if "engine" in cold else "hit", "key": key.digest[:16],
+                    "stored": entry.stored, "bypasses": stats["bypasses"]}
+    if "engine" in cold:
+        return cold["engine"]
+    plan = engine_cache.Plan.from_meta(entry.meta)
+    if plan is None:  # unreachable while the plan format is in the key; never trust it blindly
+        report.cache["engine"] = "bypass"
+        report.cache["reason"] = "entry holds no plan of this format"
+    return compile_graph(aten_gm, args, role=role, frozen=frozen, options=options, report=report,
+                         timings=engine_cache.PlanTimings(plan=plan), plan=plan)
 
 
 def compile_graph(
@@ -35,25 +79,35 @@ def compile_graph(
     frozen: Optional[Sequence[bool]],
     options: Options,
     report: GraphReport,
+    timings: Optional[engine_cache.PlanTimings] = None,
+    plan: Optional[engine_cache.Plan] = None,
 ) -> Engine:
     device = graph_device(args)
     with _stage("specialize"):
         gm = capture.specialize(aten_gm, args)                  # concrete shapes
         _number_placeholders(gm)
         bound = freeze(gm, frozen, args) if frozen else {}       # weights -> constants
+        eager_peak = memory_plan.eager_peak_bytes(gm.graph)      # before passes: what eager holds
     ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device)
     report.passes = fx_passes.run_passes(gm, ctx)               # clean-up, folding, fusion, layout
     with _stage("partition"):
         groups = fx_passes.partition(gm)                        # ops -> kernel groups
         graph, calls = fuse_groups(gm, groups)
     scope = tuning_store.open_scope(options.cache_dir, device) if triton_enabled(device) else None
+    timings = timings or engine_cache.PlanTimings()
+    timings.backing = tuning_store.timing_cache(scope)
     kctx = KernelContext(options=options, device=device, interpret=triton_interpret(),
-                         timing_cache=tuning_store.timing_cache(scope), progress=_progress)
+                         timing_cache=timings, progress=_progress, plan=plan)
     with tuning_store.triton_binaries(scope, triton_enabled(device)):
-        build_kernels(graph, calls, gm, args, kctx, report)     # Triton / vendor / ATen per group
+        fallbacks = build_kernels(graph, calls, gm, args, kctx, report)  # Triton / vendor / ATen
+    tuner = getattr(kctx, "tuner", None)  # set by the first group that asked the tuner
+    report.tuning = dict(tuner.stats) if tuner is not None else {}
     constants = _constants(gm)
     inline_aten_groups(graph, calls)
-    engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args)
+    memory = memory_plan.plan(graph)                            # kernel outputs share one arena
+    report.memory = memory_plan.summary(memory, graph, eager_peak)
+    engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args, memory, device)
+    engine.calls, engine.fallbacks = calls, fallbacks  # what the engine cache stores as the plan
     if wants_cuda_graph(options, role, device):
         engine.use_cuda_graph()                                 # record once, replay launches
     report.cuda_graph = engine.cuda_graph is not None
@@ -154,14 +208,16 @@ def _getitem(values, index):
 _getitem.__name__ = "getitem"
 
 
-def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphReport) -> None:
+def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphReport) -> Dict[str, List]:
     """Choose each group's kernel. Where Triton runs, the graph is executed once on the real
-    inputs so every kernel is built (and tuned, and checked) with the values it will see."""
+    inputs so every kernel is built (and tuned, and checked) with the values it will see.
+    Returns the fallback entries per group name (empty for groups our kernels run)."""
+    chosen: Dict[str, List] = {}
     if not triton_enabled(ctx.device):
         for call in calls:
             call.kernel, fallbacks = choose_kernel(call.group, (), ctx)
-            _record(report, call, fallbacks)
-        return
+            chosen[call.group.name] = _record(report, call, fallbacks)
+        return chosen
     env: Dict[fx.Node, Any] = {}
     last_use = {}
     for node in graph.nodes:
@@ -181,7 +237,7 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
                 _annotate(call.group, a)
                 log.debug("compile_backend: building %s (%s)", call.group.name, call.group.kind)
                 call.kernel, fallbacks = choose_kernel(call.group, a, ctx)
-                _record(report, call, fallbacks)
+                chosen[call.group.name] = _record(report, call, fallbacks)
                 env[node] = call.group.reference(*a)
             else:
                 with _stage(op_name(node.target)):
@@ -189,6 +245,7 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
         for x in node.all_input_nodes:
             if last_use.get(x) is node:
                 env.pop(x, None)
+    return chosen
 
 
 def _progress(message: str) -> None:
@@ -216,9 +273,10 @@ def _to_meta(value: Any) -> Any:
     return value
 
 
-def _record(report: GraphReport, call: GroupCall, fallbacks: List[Dict[str, str]]) -> None:
+def _record(report: GraphReport, call: GroupCall, fallbacks: List[Dict[str, str]]) -> List[Dict[str, str]]:
     report.kernels.append(call.kernel.describe())
     report.fallbacks.extend(fallbacks)
+    return fallbacks
 
 
 def inline_aten_groups(graph: fx.Graph, calls: List[GroupCall]) -> None:
@@ -262,7 +320,11 @@ def _number_placeholders(gm: fx.GraphModule) -> None:
 
 # --------------------------------------------------------------------------- runtime
 class CompiledGraph:
-    """What AOTAutograd calls: one engine per input-shape signature, built on first use."""
+    """What AOTAutograd calls: one engine per input-shape signature, built on first use.
+
+    With declared dynamic dimensions (``Options.profiles``) a call whose sizes lie in the declared
+    ranges runs the engine of its size bucket: inputs padded, outputs sliced back (see profiles).
+    """
 
     def __init__(self, aten_gm: fx.GraphModule, *, role: str, name: str,
                  frozen: Optional[Sequence[bool]], options: Options, report_sink):
@@ -270,12 +332,26 @@ class CompiledGraph:
         self.frozen, self.options, self.report_sink = frozen, options, report_sink
         self.engines: Dict[Tuple, Any] = {}
         self._warned_limit = False
+        self.profiles = (GraphProfiles.bind(aten_gm, options.profiles, role=role, name=name)
+                         if options.profiles else None)
 
     def __call__(self, *args: Any) -> Any:
-        key = _signature(args)
+        plan = self.profiles.plan(args) if self.profiles is not None else None
+        if plan is not None:
+            padded = plan.pad(args)
+            key = _signature(padded)
+            # a new bucket past the engine bound is not padded: it takes the bound's fallback
+            if (key in self.engines or len(self.engines) < self.options.max_engines) \
+                    and self.profiles.check(plan, args, self.aten_gm):
+                return plan.unpad(self._run(padded, key, plan))
+        return self._run(args, _signature(args))
+
+    def _run(self, args: Sequence[Any], key: Tuple, plan: Optional[Plan] = None) -> Any:
         engine = self.engines.get(key)
         if engine is None:
             engine = self._build(args, key)
+            if plan is not None:
+                self.profiles.built(plan)
         return engine(args) if isinstance(engine, Engine) else engine(*args)
 
     def _build(self, args: Sequence[Any], key: Tuple) -> Any:
@@ -290,9 +366,11 @@ class CompiledGraph:
             return self.aten_gm
         report = self.report_sink(self.name, self.role)
         report.shapes.append(_describe(args))
+        if self.profiles is not None:
+            report.profiles = self.profiles.state  # shared: later calls update it
         start = time.perf_counter()
         try:
-            engine = compile_graph(self.aten_gm, args, role=self.role, frozen=self.frozen,
+            engine = compile_graph_cached(self.aten_gm, args, role=self.role, frozen=self.frozen,
                                    options=self.options, report=report)
         except Exception as exc:
             if self.options.fallback == "error":
@@ -325,4 +403,4 @@ def _describe(args: Sequence[Any]) -> str:
     return ", ".join(shapes[:6]) + (" …" if len(shapes) > 6 else "")
 
 
-__all__ = ["compile_graph", "CompiledGraph", "op_name"]
+__all__ = ["compile_graph", "compile_graph_cached", "CompiledGraph", "op_name"]

@@ -19,6 +19,17 @@ class GraphReport:
     shapes: List[str] = dataclasses.field(default_factory=list)
     compile_s: float = 0.0
     cuda_graph: bool = False
+    # declared dynamic dimensions bound to this graph: per profile its range, buckets, the
+    # buckets built, status (active | rejected | not applied) and reason
+    profiles: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    # engine cache for this graph: {"engine": hit | miss | off | bypass, "key", "stored", "bypasses"}
+    cache: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # memory plan of the engine: {"arena_bytes", "planned_peak_bytes", "eager_peak_bytes",
+    # "planned_buffers"}; peaks count intermediates and outputs, not inputs or weights
+    memory: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the tuner's counters for this graph's build (kernels.autotune.Tuner.stats): {"tuned",
+    # "from_cache", "heuristic", "candidates_timed", "seconds"}; empty when no kernel was tuned
+    tuning: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def groups_by_kind(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
@@ -48,11 +59,24 @@ class Report:
     def to_dict(self) -> dict:
         return {
             "graphs": [g.to_dict() for g in self.graphs],
-            "cache": {**self.cache, "timing_hits": self.timing_hits()},
+            "cache": self.cache_summary(),
             "device": self.device,
             "options": dict(self.options),
             "versions": dict(self.versions),
         }
+
+    def cache_summary(self) -> Dict[str, Any]:
+        """Engine-cache hits, misses and bypasses (with their reasons) over every graph built,
+        plus the tuned choices that came from the timing cache."""
+        states = [g.cache.get("engine") for g in self.graphs if g.cache]
+        bypasses: Dict[tuple, Dict[str, Any]] = {}
+        for g in self.graphs:
+            for b in g.cache.get("bypasses", []):
+                bypasses[(b.get("reason"), b.get("path"))] = b
+            if g.cache.get("engine") == "bypass":
+                bypasses[(g.cache.get("reason"), g.name)] = {"reason": g.cache.get("reason"), "path": g.name}
+        return {**self.cache, "hits": states.count("hit"), "misses": states.count("miss"),
+                "bypasses": list(bypasses.values()), "timing_hits": self.timing_hits()}
 
     def timing_hits(self) -> int:
         """Kernels whose tuned choice came from the on-disk timing cache (no tuning this run)."""
@@ -65,10 +89,15 @@ class Report:
         for g in self.graphs:
             lines.append("")
             lines.append(f"== {g.name} ({g.role})  shapes: {'; '.join(g.shapes) or '-'}  compile {g.compile_s:.2f}s"
-                         + ("  cuda graph" if g.cuda_graph else ""))
+                         + ("  cuda graph" if g.cuda_graph else "")
+                         + (f"  engine cache {g.cache['engine']}" if g.cache.get("engine") else ""))
             fired = {k: v for k, v in g.passes.items() if v}
             lines.append("passes: " + (", ".join(f"{k}={v}" for k, v in fired.items()) or "none fired"))
             lines.append("groups: " + (", ".join(f"{k}={v}" for k, v in sorted(g.groups_by_kind().items())) or "none"))
+            if g.memory:
+                m = g.memory
+                lines.append(f"memory: planned peak {_mib(m['planned_peak_bytes'])} (arena {_mib(m['arena_bytes'])}, "
+                             f"{m['planned_buffers']} buffers) vs eager {_mib(m['eager_peak_bytes'])}")
             rows = [("#", "kind", "impl", "ops", "config")]
             for i, k in enumerate(g.kernels):
                 ops = ", ".join(dict.fromkeys(k["ops"]))
@@ -76,9 +105,13 @@ class Report:
             lines.extend(_table(rows))
             for f in g.fallbacks:
                 lines.append(f"fallback: {f['op']}: {f['reason']}")
-        c = self.cache
+            lines.extend(_profile_line(p) for p in g.profiles)
+        c = self.cache_summary()
         lines.append("")
-        lines.append(f"cache: dir {c.get('dir')}; tuned choices from the timing cache: {self.timing_hits()}")
+        lines.append(f"cache: dir {c.get('dir')}; engines: {c['hits']} hits, {c['misses']} misses; "
+                     f"tuned choices from the timing cache: {c['timing_hits']}")
+        for b in c["bypasses"]:
+            lines.append(f"cache bypass: {b.get('reason')}: {b.get('path')}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -98,6 +131,7 @@ class Report:
             if g.fallbacks:
                 parts.append("<ul>" + "".join(
                     f"<li>{html.escape(f['op'])}: {html.escape(f['reason'])}</li>" for f in g.fallbacks) + "</ul>")
+            parts.extend(f"<p>{html.escape(_profile_line(p))}</p>" for p in g.profiles)
         return "".join(parts)
 
 
@@ -122,10 +156,21 @@ def device_name(device: Optional[torch.device] = None) -> str:
     return f"cpu ({platform.machine()})"
 
 
+def _profile_line(p: Dict[str, Any]) -> str:
+    line = (f"profile input {p['input']} dim {p['dim']} [{p['min']}..{p['max']}, opt {p['opt']}]: "
+            f"{p['status']}; buckets {','.join(map(str, p['buckets']))}; "
+            f"built {','.join(map(str, p['built'])) or 'none'}")
+    return line + (f"; {p['reason']}" if p.get("reason") else "")
+
+
 def _cfg(config: Any) -> str:
     if not config:
         return ""
     return " ".join(f"{k}={v}" for k, v in config.items())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 // 10 else f"{n / 2**10:.1f} KiB"
 
 
 def _cut(s: str, n: int) -> str:

@@ -24,11 +24,14 @@ def open_scope(cache_dir: Optional[str], device: torch.device) -> Optional[Path]
     root = location.resolve_root(cache_dir)
     scope = location.scope_dir(root, location.device_arch(device), location.toolchain_tag())
     try:
-        scope.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # each level is checked before anything is created inside it: nothing is ever written
+        # into a directory that is not ours
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
         trust.check_directory(root, follow=True)
         path = root
         for part in scope.relative_to(root).parts:
             path = path / part
+            path.mkdir(exist_ok=True, mode=0o700)
             trust.check_directory(path)
     except trust.Untrusted as exc:
         _warn_once(str(exc), str(root))

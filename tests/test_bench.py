@@ -176,3 +176,158 @@ def test_backend_is_registered_from_a_source_tree(monkeypatch):
     from compile_backend.backend import compile_backend as backend_fn
 
     assert registered == {"compile_backend": backend_fn}
+
+
+# ----------------------------------------------------------------------------- peers with options
+
+def test_compile_backend_peer_with_options():
+    peers = bench.parse_peers("eager, compile_backend[cuda_graphs=off,autotune=max],compile_backend")
+    assert peers == ["eager", "compile_backend[cuda_graphs=off,autotune=max]", "compile_backend"]
+    assert bench.split_peer(peers[1]) == ("compile_backend", {"cuda_graphs": "off", "autotune": "max"})
+    assert bench.split_peer("compile_backend") == ("compile_backend", {})
+    # the peer's own options win over --options; the cache directory is always the runner's
+    opts = bench.peer_options(peers[1], "fp16", {"cuda_graphs": "on", "validate": False}, "/tmp/c")
+    assert opts == {"precision": "fp16", "cuda_graphs": "off", "validate": False, "autotune": "max",
+                    "cache_dir": "/tmp/c"}
+    assert bench.peer_cache_root("/r", peers[1]) == "/r/compile_backend_cuda_graphs_off_autotune_max"
+    assert bench.peer_cache_root("/r", "inductor-max-autotune") == "/r/inductor-max-autotune"
+    with pytest.raises(ValueError, match="only compile_backend"):
+        bench.parse_peers("eager[x=1]")
+    with pytest.raises(ValueError, match="cuda_graphs"):  # a typo fails before any compile
+        bench.parse_peers("compile_backend[cuda_graph=off]")
+    with pytest.raises(ValueError, match="must be one of"):
+        bench.parse_peers("compile_backend[cuda_graphs=sometimes]")
+    assert bench.main(["--compare", "compile_backend[precison=fp16]"]) == 2
+
+
+def test_runner_measures_a_peer_with_options(tmp_path):
+    out = tmp_path / "r.json"
+    assert bench.main(["--model", "mlp", "--size", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "0",
+                       "--compare", "compile_backend,compile_backend[validate=false]", "--commit", "c0ffee",
+                       "--out", str(out)]) == 0
+    plain, variant = _records(out)
+    assert "error" not in plain and "error" not in variant, variant.get("traceback")
+    assert variant["backend"] == "compile_backend[validate=false]"
+    assert variant["options"] == {"precision": "fp32", "validate": False}
+    assert plain["options"] == {"precision": "fp32"}
+    assert variant["commit"] == plain["commit"] == "c0ffee"
+    assert variant["accuracy"]["cosine"] > 0.99999
+
+
+# ----------------------------------------------------------------------------- engine_bench
+
+def test_engine_bench_cpu(tmp_path, aten_only, capsys):
+    from benchmarks import engine_bench
+
+    out = tmp_path / "engine.json"
+    rc = engine_bench.main(["--device", "cpu", "--size", "tiny", "--cases", "resnet50:1,bert:2",
+                            "--peers", "eager,compile_backend,compile_backend[cuda_graphs=off]",
+                            "--iters", "3", "--warmup", "1", "--refit-calls", "2", "--commit", "abc123",
+                            "--out", str(out)])
+    assert rc == 0
+    records = _records(out)
+    latency = [r for r in records if r["kind"] == "latency"]
+    refits = [r for r in records if r["kind"] == "refit"]
+    assert [(r["model"], r["batch"], r["backend"]) for r in latency] == [
+        (m, b, p) for m, b in (("resnet50", 1), ("bert", 2))
+        for p in ("eager", "compile_backend", "compile_backend[cuda_graphs=off]")]
+    for r in records:
+        assert "error" not in r, r.get("traceback")
+        assert r["commit"] == "abc123" and r["device"].startswith("cpu") and r["torch"] == torch.__version__
+        assert r["precision"] == "fp16" and isinstance(r["triton"], str)
+        datetime.datetime.fromisoformat(r["date"])
+    for r in latency:
+        assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["peak_mem_mb"] is None
+        assert r["accuracy"]["cosine"] > 0.999
+    assert latency[2]["options"]["cuda_graphs"] == "off" and "cuda_graphs" not in latency[1]["options"]
+    assert [(r["model"], r["batch"]) for r in refits] == [("resnet50", 1), ("bert", 2)]
+    for r in refits:
+        # the new weights reached the compiled model without a rebuild, and it follows eager
+        assert r["ok"] and r["output_changed"] and r["matches_new_eager"] and r["engines_rebuilt"] == 0
+        assert r["output_changed_rel_l2"] > 1e-2
+        assert r["accuracy_vs_new_eager"]["rel_l2"] < 0.1 * r["stale_vs_new_eager_rel_l2"]
+        assert r["refit_call_ms"] > 0 and r["plain_call_ms"] > 0
+        assert r["refit_ms"] == pytest.approx(r["refit_call_ms"] - r["plain_call_ms"])
+    text = capsys.readouterr().out
+    assert "refit ms" in text and "compile_backend[cuda_graphs=off]" in text
+
+
+def test_engine_bench_refit_check_can_fail(monkeypatch):
+    """A compiled model that ignores new weights must be reported as not ok."""
+    from benchmarks import engine_bench
+
+    model = torch.nn.Linear(5, 3).eval()
+    frozen = torch.nn.Linear(5, 3).eval()
+    frozen.load_state_dict(model.state_dict())
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: frozen)  # never sees the refit
+    args = engine_bench.build_parser().parse_args(["--device", "cpu", "--refit-calls", "1", "--warmup", "0"])
+    args.user_options = {}
+    record = engine_bench.measure_refit(model, (torch.randn(4, 5),), None, args,
+                                        {"model": "linear", "batch": 4}, "/nonexistent")
+    assert "error" not in record, record.get("traceback")
+    assert not record["output_changed"] and not record["matches_new_eager"] and not record["ok"]
+
+
+def test_engine_bench_shares_the_first_compile_backend_cache(tmp_path):
+    from benchmarks import engine_bench
+
+    args = engine_bench.build_parser().parse_args([])
+    first = tmp_path / "compile_backend" / "compile_backend" / "arch"
+    first.mkdir(parents=True, mode=0o700)
+    (first / "timing.json").write_text("{}")
+    peer = "compile_backend[cuda_graphs=off]"
+    assert engine_bench._seed_cache(peer, "compile_backend", str(tmp_path), args) == "compile_backend"
+    copied = tmp_path / "compile_backend_cuda_graphs_off" / "compile_backend" / "arch" / "timing.json"
+    assert copied.read_text() == "{}" and (copied.parent.stat().st_mode & 0o777) == 0o700
+    assert engine_bench._seed_cache("eager", "compile_backend", str(tmp_path), args) is None
+    args.share_tuning = False
+    assert engine_bench._seed_cache(peer, "compile_backend", str(tmp_path), args) is None
+    with pytest.raises(ValueError, match="model:batch"):
+        engine_bench.parse_cases("bert:0")
+
+
+# ----------------------------------------------------------------------------- startup
+
+def test_startup_cold_then_warm_cpu(tmp_path, capsys):
+    """Two child processes on one cache directory: the cold one builds, the warm one hits."""
+    from benchmarks import startup
+
+    out = tmp_path / "startup.json"
+    assert startup.main(["--models", "mlp", "--device", "cpu", "--size", "tiny", "--commit", "abc123",
+                         "--out", str(out)]) == 0
+    (r,) = _records(out)
+    assert "error" not in r, (r["cold"].get("stderr_tail"), r["warm"].get("stderr_tail"))
+    assert (r["model"], r["size"], r["autotune"], r["precision"], r["batch"]) == ("mlp", "tiny", "fast", "fp16", 3)
+    assert r["commit"] == "abc123" and r["device"].startswith("cpu") and r["torch"] == torch.__version__
+    assert isinstance(r["triton"], str)
+    datetime.datetime.fromisoformat(r["date"])
+    for phase in ("cold", "warm"):
+        p = r[phase]
+        for key in ("interpreter_s", "import_torch_s", "build_s", "beyond_torch_s", "import_backend_s",
+                    "backend_compile_s", "total_s"):
+            assert p[key] > 0, (phase, key)
+        assert p["total_s"] >= p["import_torch_s"] + p["build_s"] + p["beyond_torch_s"]
+        assert p["beyond_torch_s"] > p["import_backend_s"] + p["backend_compile_s"]
+        assert set(p["tuning"]) == {"tuned", "from_cache", "heuristic", "candidates_timed", "seconds"}
+        # GraphReport.tuning carries the tuner's counters: every GEMM kernel was chosen somehow
+        assert p["tuning"]["tuned"] + p["tuning"]["from_cache"] + p["tuning"]["heuristic"] > 0
+        assert p["output_shape"] == [3, 45] and p["graphs"] == 1 and p["kernels"] > 0
+        assert r[f"{phase}_beyond_torch_s"] == p["beyond_torch_s"] and r[f"{phase}_total_s"] == p["total_s"]
+    # under the interpreter the engine cache is on: a fresh directory misses, the next process hits
+    assert (r["cold"]["engine_misses"], r["cold"]["engine_hits"]) == (1, 0)
+    assert (r["warm"]["engine_misses"], r["warm"]["engine_hits"]) == (0, 1)
+    assert r["warm_meets_goal"] == (r["warm_beyond_torch_s"] <= 3.0)
+    assert "warm ours" in capsys.readouterr().out
+
+
+def test_startup_records_what_the_budget_skipped(tmp_path):
+    from benchmarks import startup
+
+    out = tmp_path / "startup.json"
+    assert startup.main(["--models", "mlp", "bert", "--autotune", "fast", "max", "--device", "cpu",
+                         "--budget-s", "0", "--out", str(out)]) == 1  # nothing measured
+    records = _records(out)
+    assert [(r["model"], r["autotune"]) for r in records] == [
+        ("mlp", "fast"), ("bert", "fast"), ("mlp", "max"), ("bert", "max")]
+    assert all(r["cold"]["error"].startswith("not measured") and r["error"] for r in records)

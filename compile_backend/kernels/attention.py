@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import triton
 import triton.language as tl
 
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .autotune import tuner_for
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, output_tensor
+from .launch import strides_for
 from .select import triton_interpret
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,15 +53,20 @@ class AttentionConfig:
     """Tuning knobs of the kernel (an autotuner may try :func:`candidate_configs`).
 
     block_m: query rows per program; block_n: keys per inner step (both powers of two >= 16,
-    tl.dot's smallest tile); num_warps / num_stages: Triton launch options.
+    tl.dot's smallest tile); num_warps / num_stages: Triton launch options. tma: load K and V
+    tiles through TMA tensor descriptors (Hopper's bulk copy engine) where their layout allows
+    it (fp16/bf16, 16-byte aligned strides; else plain loads run).
     """
 
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"AttentionConfig.tma must be True or False, got {self.tma!r}")
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in _POW2_BLOCKS:
@@ -99,24 +106,43 @@ def default_config(
     return AttentionConfig(block_m, block_n, num_warps, num_stages)
 
 
+#: (block_m, block_n, num_warps, num_stages) swept for fp16/bf16. Programs per SM on H100
+#: (registers and shared memory of the sm_90 build, Triton 3.9 offline; d64 | d128):
+#: (64,64,4,3) 3 | 2, (64,64,4,2) 4 | 2, (64,32,4,2) 5 | 4, (64,32,4,3) 5 | 3,
+#: (128,64,8,2) 2 | 1, (128,32,8,2) 2 | 2. The latency-bound s512 loop (one warpgroup's wgmma,
+#: softmax, wgmma in strict order) relies on other programs of the SM to hide its latencies.
+_CANDIDATES_16BIT = (
+    (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 2), (64, 32, 4, 3), (64, 128, 4, 2),
+    (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2),
+)
+#: the same shapes with K/V through TMA descriptors (fp16/bf16 only)
+_CANDIDATES_TMA = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2),
+                   (128, 64, 8, 3), (128, 32, 8, 2))
+_CANDIDATES_FP32 = ((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2),
+                    (128, 32, 4, 2))
+
+
 def candidate_configs(
     head_dim: int, head_dim_v: int, seq_q: int, seq_k: int, dtype: torch.dtype, causal: bool = False
 ) -> List[AttentionConfig]:
-    """The search space for an autotuner: the heuristic default first, then the sweep.
+    """The search space for an autotuner or the GPU sweep (benchmarks/attention_bench.py): the
+    heuristic default first, then a short list (about 20 for fp16/bf16). Blocks larger than the
+    sequence (rounded up to a power of two) are left out.
 
-    Some entries may not fit a GPU (fp32 with wide blocks: shared memory); Triton raises at
-    compile time and the tuner skips them.
+    Some entries may not fit a GPU (shared memory); Triton raises at compile time and the tuner
+    skips them.
     """
     space = [default_config(head_dim, head_dim_v, seq_q, seq_k, dtype, causal)]
-    for block_m in (64, 128):
-        for block_n in (32, 64, 128):
-            for num_warps in (4, 8):
-                for num_stages in (2, 3, 4):
-                    if block_m > _pow2_at_least(seq_q) or block_n > _pow2_at_least(seq_k):
-                        continue
-                    cfg = AttentionConfig(block_m, block_n, num_warps, num_stages)
-                    if cfg not in space:
-                        space.append(cfg)
+    if dtype == torch.float32:
+        shapes = [(cfg, False) for cfg in _CANDIDATES_FP32]
+    else:
+        shapes = [(cfg, False) for cfg in _CANDIDATES_16BIT] + [(cfg, True) for cfg in _CANDIDATES_TMA]
+    for (block_m, block_n, num_warps, num_stages), tma in shapes:
+        if block_m > _pow2_at_least(seq_q) or block_n > _pow2_at_least(seq_k):
+            continue
+        cfg = AttentionConfig(block_m, block_n, num_warps, num_stages, tma)
+        if cfg not in space:
+            space.append(cfg)
     return space
 
 
@@ -188,20 +214,27 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 @triton.jit
 def _attend_key_blocks(
     acc, l_i, m_i, q,
-    k_base, v_base, mask_rows,
+    k_base, v_base, kv_b, kv_h, mask_rows,
     offs_m, offs_n, offs_d, offs_dv,
     lo, hi,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     seq_q, seq_k, head_dim, head_dim_v, qk_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, KEY_TAIL: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Online softmax over key blocks [lo, hi); CAUSAL/KEY_TAIL say which masks this range needs.
 
     m_i is kept in the scaled log2 domain. SCALE_IN_EXP (scale > 0, no additive mask): the
     scale is applied to the row max and inside exp2's argument (one FMA per score) instead of
-    a separate multiply of every score; a positive scale keeps the row max where it was.
+    a separate multiply of every score; a positive scale keeps the row max where it was. (The
+    scale is not folded into q: that would round q * scale to q's dtype, an error SDPA does
+    not make, and would save nothing: exp2's argument stays one FMA per score.)
+
+    USE_TMA: k_base / v_base are tensor descriptors of the whole [B, H, S, D] K and V (tile
+    [1, 1, BLOCK_N, BLOCK_D] at (kv_b, kv_h, start_n, 0)): one bulk copy per tile into shared
+    memory, no per-thread addresses; keys past Sk and head-dim lanes past D read as 0.
     """
     row_ok = offs_m < seq_q
     d_ok = offs_d < head_dim
@@ -211,8 +244,11 @@ def _attend_key_blocks(
         cols = start_n + offs_n
         col_ok = cols < seq_k
         # K^T tile [BLOCK_D, BLOCK_N]: padded head-dim lanes load 0 and add nothing to q.k
-        k_t = _load_tile(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
-                         d_ok, col_ok, not EVEN_D, KEY_TAIL)
+        if USE_TMA:
+            k_t = tl.trans(k_base.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+        else:
+            k_t = _load_tile(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                             d_ok, col_ok, not EVEN_D, KEY_TAIL)
         qk = _dot(q, k_t, None, DOT_PRECISION, UPCAST_DOT)
         if SCALE_IN_EXP:
             row_scale = qk_scale
@@ -240,8 +276,11 @@ def _attend_key_blocks(
         p = tl.math.exp2(qk * row_scale - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       col_ok, dv_ok, KEY_TAIL, not EVEN_DV)
+        if USE_TMA:
+            v = v_base.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                           col_ok, dv_ok, KEY_TAIL, not EVEN_DV)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -258,7 +297,7 @@ def _flash_attention_fwd(
     num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -277,8 +316,12 @@ def _flash_attention_fwd(
 
     q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                    row_ok, offs_d < head_dim, not EVEN_M, not EVEN_D)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    if USE_TMA:  # K and V are tensor descriptors, addressed by (batch, head, key, 0)
+        k_base, v_base = K, V
+    else:
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+    kv_b, kv_h = pid_bh // num_heads, pid_bh % num_heads
     # int64 rows: Sq * Sk mask elements can pass 2**31 on long sequences
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
 
@@ -296,15 +339,16 @@ def _flash_attention_fwd(
         hi = seq_k
         unmasked_hi = full_blocks_end
     acc, l_i, m_i = _attend_key_blocks(
-        acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d, offs_dv, 0, unmasked_hi,
+        acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, mask_rows, offs_m, offs_n, offs_d, offs_dv, 0, unmasked_hi,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
-        MASK_KIND, False, False, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT, BLOCK_N)
+        MASK_KIND, False, False, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT, USE_TMA,
+        BLOCK_N, BLOCK_D, BLOCK_DV)
     if CAUSAL or not EVEN_N:  # else the range is empty: emit no second loop at all
         acc, l_i, m_i = _attend_key_blocks(
-            acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d, offs_dv, unmasked_hi, hi,
-            stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+            acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, mask_rows, offs_m, offs_n, offs_d, offs_dv, unmasked_hi,
+            hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
             MASK_KIND, CAUSAL, not EVEN_N, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT,
-            BLOCK_N)
+            USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     if MASK_KIND != 0:
         # every key masked out: l = 0 and acc = 0; return 0 like SDPA's safe softmax
@@ -325,6 +369,33 @@ def _flash_attention_fwd(
 
 def _interpreting() -> bool:
     return triton_interpret()
+
+
+def _tma_strides(t: torch.Tensor) -> List[int]:
+    """t's strides, with those of size-1 dims (never stepped along) replaced by dense ones."""
+    strides = list(t.stride())
+    if t.shape[-1] == 1:
+        strides[-1] = 1
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    return strides
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can address ``t``: fp16/bf16 (the wgmma path the option is
+    for), unit stride in the last dim, 16-byte aligned base and other strides (no broadcast
+    stride 0), and Triton new enough to have host-side tensor descriptors."""
+    strides = _tma_strides(t)
+    if t.dtype not in (torch.float16, torch.bfloat16) or strides[-1] != 1 or t.data_ptr() % 16:
+        return False
+    if any(st <= 0 or (st * t.element_size()) % 16 for st in strides[:-1]):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # an older Triton
+        return False
+    return True
 
 
 def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any) -> Optional[str]:
@@ -388,12 +459,13 @@ def flash_attention(
     return _launch(q, k, v, mask, scale, bool(causal), config, allow_tf32)
 
 
-def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, allow_tf32: bool) -> torch.Tensor:
-    """Allocate and launch, no checks: callers have validated (flash_attention) or built for
-    exactly these shapes and dtypes (build_attention)."""
+def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, allow_tf32: bool,
+            into: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Allocate (or write ``into``, checked) and launch, no other checks: callers have validated
+    (flash_attention) or built for exactly these shapes and dtypes (build_attention)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k, head_dim_v = k.shape[2], v.shape[3]
-    out = torch.empty((batch, heads, seq_q, head_dim_v), dtype=q.dtype, device=q.device)
+    out = output_tensor((into,), 0, _out_layout(q.shape, v.shape, q.dtype), q.device)
     if out.numel() == 0:
         return out
 
@@ -409,16 +481,23 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         mask_strides = mask_arg.stride()
 
     block_d, block_dv = _pow2_at_least(head_dim), _pow2_at_least(head_dim_v)
+    k_arg, v_arg = k, v
+    use_tma = config.tma and _tma_compatible(k) and _tma_compatible(v)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg = TensorDescriptor(k, list(k.shape), _tma_strides(k), [1, 1, config.block_n, block_d])
+        v_arg = TensorDescriptor(v, list(v.shape), _tma_strides(v), [1, 1, config.block_n, block_dv])
     grid = (triton.cdiv(seq_q, config.block_m), batch * heads)
     _flash_attention_fwd[grid](
-        q, k, v, mask_arg, out,
+        q, k_arg, v_arg, mask_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         heads, seq_q, seq_k, head_dim, head_dim_v, scale * 1.4426950408889634,
         MASK_KIND=mask_kind, CAUSAL=causal, SCALE_IN_EXP=scale > 0 and mask_kind != MASK_ADDITIVE,
         EVEN_M=seq_q % config.block_m == 0, EVEN_N=seq_k % config.block_n == 0,
         EVEN_D=head_dim == block_d, EVEN_DV=head_dim_v == block_dv,
         DOT_PRECISION="tf32" if allow_tf32 else "ieee",
-        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, USE_TMA=use_tma,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -484,22 +563,74 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     # fp32 attention may use TF32 tensor cores only when the user's precision allows it
     precision = getattr(ctx.options, "precision", "fp32")
     allow_tf32 = precision != "fp32"
+    dims = (q_meta.shape[-1], v_meta.shape[-1], q_meta.shape[-2], k_meta.shape[-2], q_meta.dtype, causal)
+    tuned = config is None and tuner_for(ctx).times
     if config is None:
-        config = default_config(q_meta.shape[-1], v_meta.shape[-1], q_meta.shape[-2], k_meta.shape[-2],
-                                q_meta.dtype, causal)
+        config = default_config(*dims)
     scale = float(scale)
     iq, ik, iv, im = positions["q"], positions["k"], positions["v"], positions["mask"]
     shapes = tuple(tuple(m.shape) for m in (q_meta, k_meta, v_meta))
     mask_shape = tuple(metas["mask"].shape) if im is not None else None
 
-    def run(*inputs: Any):
-        # the builder checked dtypes and shapes on the metas; only re-check the shapes (cheap)
-        # so an engine handing other shapes gets an error instead of a wrong launch
-        q, k, v = inputs[iq], inputs[ik], inputs[iv]
-        mask = inputs[im] if im is not None else None
-        if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
-            raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
-                             f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
-        return (_launch(q, k, v, mask, scale, causal, config, allow_tf32),)
+    def runner(config: AttentionConfig):
+        def run(*inputs: Any, out: Optional[Sequence[Optional[torch.Tensor]]] = None):
+            # the builder checked dtypes and shapes on the metas; only re-check the shapes (cheap)
+            # so an engine handing other shapes gets an error instead of a wrong launch
+            q, k, v = inputs[iq], inputs[ik], inputs[iv]
+            mask = inputs[im] if im is not None else None
+            if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
+                raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
+                                 f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
+            return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None),)
 
-    return Kernel(kind="attention", impl="triton", ops=group.ops, fn=run, config=config.as_dict())
+        return run
+
+    layouts = (_out_layout(q_meta.shape, v_meta.shape, q_meta.dtype),)
+    if tuned:
+        return _tuned_attention(group, ctx, dims, runner, layouts, f"scale={scale} causal={causal} tf32={allow_tf32}")
+    return Kernel(kind="attention", impl="triton", ops=group.ops, fn=runner(config), config=config.as_dict(),
+                  supports_out=True, out_layouts=layouts)
+
+
+def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layouts, extra: str) -> Kernel:
+    """Our kernel's configs timed against PyTorch SDPA (the vendor candidate, through the group's
+    ATen reference), so a tuned attention is never slower than SDPA on this GPU and shape.
+    ``fast`` times the heuristic and the next five configs, ``max`` the whole list."""
+    from .autotune import Candidate, TuningKey, tuning_level
+    from .gemm import _Probe, _dtypes, _shapes, _strides
+
+    configs = candidate_configs(*dims)
+    if tuning_level(ctx.options.autotune) != "max":
+        configs = configs[:6]
+    candidates = [Candidate(f"triton {c.as_dict()}", {"impl": "triton", **c.as_dict()},
+                            (lambda c=c: runner(c)), "triton") for c in configs]
+    candidates.append(Candidate("sdpa", {"impl": "sdpa"}, lambda: group.reference, "sdpa"))
+    key = TuningKey(kind="attention", template=_source_hash(), shapes=_shapes(group),
+                    strides=_strides(group), dtypes=_dtypes(group), extra=extra)
+    choice = tuner_for(ctx).choose(key, candidates, _Probe(group, ctx.device).make)
+    cand = choice.candidate
+    config = dict(cand.config)
+    if cand.name in choice.timings_ms:
+        config["tuned_ms"] = round(choice.timings_ms[cand.name], 5)
+    ours = cand.impl == "triton"
+    return Kernel(kind="attention", impl=cand.impl, ops=group.ops, fn=choice.runner, config=config,
+                  tuned_from_cache=choice.from_cache, supports_out=ours, out_layouts=layouts if ours else ())
+
+
+_SOURCE_HASH: List[str] = []
+
+
+def _source_hash() -> str:
+    """Tuning results are tied to this module's kernel source (a changed kernel re-tunes)."""
+    if not _SOURCE_HASH:
+        import hashlib
+
+        with open(__file__, "rb") as f:
+            _SOURCE_HASH.append(hashlib.sha256(f.read()).hexdigest()[:16])
+    return _SOURCE_HASH[0]
+
+
+def _out_layout(q_shape, v_shape, dtype: torch.dtype):
+    """The output the kernel writes: [B, H, Sq, Dv], contiguous, in q's dtype."""
+    shape = (*(int(s) for s in tuple(q_shape)[:3]), int(v_shape[3]))
+    return shape, strides_for(shape, range(4)), dtype

@@ -60,20 +60,42 @@ class KernelGroup:
         return tuple(self.gm(*inputs))
 
 
+#: (shape, stride, dtype) of an output tensor a kernel allocates
+OutLayout = Tuple[Tuple[int, ...], Tuple[int, ...], torch.dtype]
+
+
 @dataclasses.dataclass
 class Kernel:
-    """A compiled group: call it with the group's inputs, get a tuple of its outputs."""
+    """A compiled group: call it with the group's inputs, get a tuple of its outputs.
+
+    supports_out: ``fn`` also takes ``out=``, one entry per group output: a tensor to write that
+        output into (exactly ``out_layouts[i]``, on the inputs' device) or None to allocate it.
+        The engine's memory plan hands such kernels views of its arena.
+    out_layouts: per group output, the layout ``fn`` allocates; None where the output is an
+        input or a view of one (no tensor may be given for it).
+    """
 
     kind: str
-    impl: str  # triton | cublas | cudnn | aten
+    impl: str  # triton | cublas | cudnn | sdpa | aten
     ops: Tuple[str, ...]
     fn: Callable[..., Tuple[Any, ...]]
     config: Dict[str, Any] = dataclasses.field(default_factory=dict)
     source: Optional[str] = None  # generated source, kept for the report / debug dump
     tuned_from_cache: bool = False
+    supports_out: bool = False
+    out_layouts: Tuple[Optional[OutLayout], ...] = ()
 
-    def __call__(self, *args: Any) -> Tuple[Any, ...]:
-        return self.fn(*args)
+    def __post_init__(self) -> None:
+        if self.supports_out and not any(layout is not None for layout in self.out_layouts):
+            raise ValueError("a kernel that supports out= must give the layout of an output it allocates")
+
+    def __call__(self, *args: Any, out: Optional[Sequence[Optional[torch.Tensor]]] = None) -> Tuple[Any, ...]:
+        if out is None:
+            return self.fn(*args)
+        if not self.supports_out:
+            raise ValueError(f"{self.kind} kernel ({self.impl}) cannot write into given output tensors")
+        check_out(out, self.out_layouts)
+        return self.fn(*args, out=out)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "ops": list(self.ops), "impl": self.impl, "config": dict(self.config),
@@ -87,8 +109,9 @@ class KernelContext:
     options: Any  # compile_backend.options.Options
     device: torch.device
     interpret: bool  # Triton runs under TRITON_INTERPRET=1 (CPU tensors)
-    timing_cache: Any = None  # kernels.timing_cache.TimingCache or None
+    timing_cache: Any = None  # kernels.timing_cache.TimingCache (or a front with get/put) or None
     progress: Optional[Callable[[str], None]] = None
+    plan: Any = None  # engine_cache.Plan of a cache hit: the cold build's decisions per group
 
     @property
     def autotune(self) -> Any:
@@ -114,3 +137,27 @@ def meta_of(node: fx.Node) -> Any:
 
 def tensor_inputs(inputs: Sequence[Any]) -> List[torch.Tensor]:
     return [x for x in inputs if isinstance(x, torch.Tensor)]
+
+
+def check_out(out: Sequence[Optional[torch.Tensor]], layouts: Sequence[Optional[OutLayout]]) -> None:
+    """``out`` gives one entry per output, and tensors only for outputs the kernel allocates."""
+    if len(out) != len(layouts):
+        raise ValueError(f"out= has {len(out)} entries for {len(layouts)} outputs")
+    for i, (t, layout) in enumerate(zip(out, layouts)):
+        if t is not None and layout is None:
+            raise ValueError(f"out[{i}]: this output is an input or a view of one; no tensor can be given for it")
+
+
+def output_tensor(out: Optional[Sequence[Optional[torch.Tensor]]], index: int, layout: OutLayout,
+                  device: torch.device) -> torch.Tensor:
+    """Output ``index`` of one kernel call: the caller's tensor from ``out`` when it gives one
+    (which must be exactly ``layout`` on ``device``), else a new tensor of that layout."""
+    shape, stride, dtype = layout
+    given = out[index] if out is not None else None
+    if given is None:
+        return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    for what, have, want in (("shape", tuple(given.shape), tuple(shape)), ("stride", tuple(given.stride()), tuple(stride)),
+                             ("dtype", given.dtype, dtype), ("device", given.device, torch.device(device))):
+        if have != want:
+            raise ValueError(f"out[{index}]: {what} {have}, but the kernel writes {want}")
+    return given

@@ -171,9 +171,9 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         def compile_():
             runner = ConvRunner(tpl.load_kernel(main_src, main_name), cfg, stride, padding, dilation, groups)
 
-            def run(*inputs):
+            def run(*inputs, out=None):
                 env = tpl.bind_group(plan, group, inputs)
-                outs, views = tpl.allocate_outputs(plan, anchor_shape, env[x_node].device)
+                outs, views = tpl.allocate_outputs(plan, anchor_shape, env[x_node].device, out)
                 runner(env[x_node], env[w_node], loads_of(env, 0), views)
                 return tpl.group_outputs(plan, env, outs)
 
@@ -189,13 +189,13 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         def compile_():
             kernel = None if trivial else tpl.load_kernel(vendor_src, vendor_name)
 
-            def run(*inputs):
+            def run(*inputs, out=None):  # out= only without ``trivial`` (see writes_out)
                 env = tpl.bind_group(plan, group, inputs)
                 args = torch.fx.node.map_arg(anchor.args, lambda a: env[a])
                 acc = anchor.target(*args)  # cuDNN
                 if trivial:
                     return tpl.group_outputs(plan, env, [acc.reshape(shape) for _, shape, *_ in plan.stores])
-                outs, views = tpl.allocate_outputs(plan, anchor_shape, acc.device)
+                outs, views = tpl.allocate_outputs(plan, anchor_shape, acc.device, out)
                 pix = [_pixels_by_channel(t, copy=True) for t in loads_of(env, vendor_skip)]
                 targets = [_pixels_by_channel(v, copy=False) for v in views]
                 dense = [t if t is not None else torch.empty((1, m, oc), dtype=v.dtype, device=v.device)
@@ -236,7 +236,10 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         shapes=_shapes(group), strides=_strides(group), dtypes=_dtypes(group),
         extra=f"s={stride} p={padding} d={dilation} g={groups} {'|'.join(plan.chain_ops)} precision={ctx.options.precision}",
     )
-    return TemplateTuning("conv", key, candidates, probe.make, {"triton": main_src, "cudnn": vendor_src})
+    # template kernels and cuDNN + epilogue kernel write through allocate_outputs, so take out=
+    writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name == "cudnn + triton epilogue")
+    return TemplateTuning("conv", key, candidates, probe.make, {"triton": main_src, "cudnn": vendor_src},
+                          plan.out_layouts, writes_out)
 
 
 def _pair(v: Any) -> Tuple[int, int]:

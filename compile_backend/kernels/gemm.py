@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -462,6 +462,8 @@ class TemplateTuning:
     candidates: List[Candidate]
     make_inputs: Any
     sources: Dict[str, str]  # impl -> generated source
+    out_layouts: Tuple[Any, ...] = ()  # per group output: the layout written (None: passed through)
+    writes_out: FrozenSet[str] = frozenset()  # candidates whose runner takes out= (Kernel.supports_out)
 
 
 def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTuning) -> Kernel:
@@ -471,9 +473,11 @@ def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTun
     if choice.timings_ms and cand.name in choice.timings_ms:
         config["tuned_ms"] = round(choice.timings_ms[cand.name], 5)
         config["timed"] = f"{len(choice.timings_ms)}/{len(tuning.candidates)}"  # skipped ones failed
+    writes_out = cand.name in tuning.writes_out and any(x is not None for x in tuning.out_layouts)
     return Kernel(kind=tuning.kind, impl=cand.impl, ops=group.ops, fn=choice.runner, config=config,
                   source=None if config.get("epilogue") == "aten" else tuning.sources.get("tma" if config.get("tma") else cand.impl),
-                  tuned_from_cache=choice.from_cache)
+                  tuned_from_cache=choice.from_cache, supports_out=writes_out,
+                  out_layouts=tuning.out_layouts if writes_out else ())
 
 
 def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
@@ -523,9 +527,9 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     def operands(env):
         return as3d(env[a_node]), as3d(env[b_node])
 
-    def io(env, skip: int, device):
+    def io(env, skip: int, device, out):
         loads = [as3d(tpl.to_anchor_space(env[lp.source], lp, plan.anchor_shape)) for lp in plan.loads[skip:]]
-        outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, device)
+        outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, device, out)
         return loads, outs, [as3d(v) for v in views]
 
     def triton_candidate(cfg: GemmConfig) -> Candidate:
@@ -533,10 +537,10 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
             tma_kernel = tpl.load_kernel(tma_src, tma_name) if cfg.tma else None
             runner = GemmRunner(tpl.load_kernel(main_src, main_name), cfg, False, tma_kernel, sms)
 
-            def run(*inputs):
+            def run(*inputs, out=None):
                 env = tpl.bind_group(plan, group, inputs)
                 a3, b3 = operands(env)
-                loads, outs, views = io(env, 0, a3.device)
+                loads, outs, views = io(env, 0, a3.device, out)
                 runner(a3, b3, loads, views)
                 return tpl.group_outputs(plan, env, outs)
 
@@ -551,14 +555,14 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         def compile_():
             kernel = None if trivial else tpl.load_kernel(vendor_src, vendor_name)
 
-            def run(*inputs):
+            def run(*inputs, out=None):  # out= only without ``trivial`` (see writes_out)
                 env = tpl.bind_group(plan, group, inputs)
                 args = torch.fx.node.map_arg(anchor.args, lambda x: env[x])
                 kwargs = torch.fx.node.map_arg(anchor.kwargs, lambda x: env[x])
                 acc = anchor.target(*args, **kwargs)  # cuBLAS
                 if trivial:
                     return tpl.group_outputs(plan, env, [acc.reshape(shape) for _, shape, *_ in plan.stores])
-                loads, outs, views = io(env, vendor_skip, acc.device)
+                loads, outs, views = io(env, vendor_skip, acc.device, out)
                 epilogue_only(kernel, as3d(acc), loads, views)
                 return tpl.group_outputs(plan, env, outs)
 
@@ -604,7 +608,10 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         shapes=_shapes(group), strides=_strides(group), dtypes=_dtypes(group),
         extra=f"{op} a={alpha} b={beta} {'|'.join(plan.chain_ops)} precision={ctx.options.precision}",
     )
-    return TemplateTuning("gemm", key, candidates, probe.make, {"triton": main_src, "cublas": vendor_src, "tma": tma_src})
+    # template kernels and cuBLAS + epilogue kernel write through allocate_outputs, so take out=
+    writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name == "cublas + triton epilogue")
+    return TemplateTuning("gemm", key, candidates, probe.make, {"triton": main_src, "cublas": vendor_src, "tma": tma_src},
+                          plan.out_layouts, writes_out)
 
 
 def _shapes(group: KernelGroup) -> Tuple[Tuple[int, ...], ...]:

@@ -353,6 +353,7 @@ class EpiloguePlan:
     outputs: list  # per group output: ("store", j) or ("value", fx node)
     helpers: set
     chain_ops: Tuple[str, ...] = ()
+    out_layouts: tuple = ()  # per group output: (shape, stride, dtype) a kernel allocates, or None
 
 
 def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPlan] = ()) -> EpiloguePlan:
@@ -436,7 +437,22 @@ def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPla
     for i, lp in enumerate(anchor_loads):
         load_lines.insert(i, f"x{i} = {expr.to_compute(f'r{i}', meta_of(lp.source).dtype)}")
     return EpiloguePlan(anchor_shape, prologue, loads, load_lines + lines, stores, outputs, helpers,
-                        tuple(chain_ops))
+                        tuple(chain_ops), _out_layouts(stores, outputs, anchor_shape))
+
+
+def _out_layouts(stores, outputs, anchor_shape) -> tuple:
+    """Stored values keep their reference strides when those reshape to the anchor's shape
+    (the kernel writes through that view), else they are allocated dense."""
+    import torch
+
+    layouts = []
+    for _, shape, dtype, stride in stores:
+        try:
+            torch.empty_strided(shape, stride, dtype=dtype, device="meta").view(tuple(anchor_shape))
+        except RuntimeError:
+            stride = torch.empty(shape, dtype=dtype, device="meta").stride()
+        layouts.append((tuple(shape), tuple(stride), dtype))
+    return tuple(layouts[ref] if kind == "store" else None for kind, ref in outputs)
 
 
 def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool = False,
@@ -478,20 +494,17 @@ def to_anchor_space(t, plan_load: LoadPlan, anchor_shape: Sequence[int]):
         return t.reshape(tuple(anchor_shape))
 
 
-def allocate_outputs(plan: EpiloguePlan, anchor_shape: Sequence[int], device) -> Tuple[list, list]:
-    """Output tensors (as the group returns them) and their views in the anchor's shape."""
-    import torch
+def allocate_outputs(plan: EpiloguePlan, anchor_shape: Sequence[int], device, out=None) -> Tuple[list, list]:
+    """Output tensors (as the group returns them; the caller's where ``out``, one entry per group
+    output, gives one) and their views in the anchor's shape."""
+    from .base import output_tensor
 
     outs, views = [], []
-    for _, shape, dtype, stride in plan.stores:
-        t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        try:
-            v = t.view(tuple(anchor_shape))
-        except RuntimeError:  # strides that are no reshape of the anchor: write densely
-            t = torch.empty(shape, dtype=dtype, device=device)
-            v = t.view(tuple(anchor_shape))
+    for j in range(len(plan.stores)):
+        i = plan.outputs.index(("store", j))
+        t = output_tensor(out, i, plan.out_layouts[i], device)
         outs.append(t)
-        views.append(v)
+        views.append(t.view(tuple(anchor_shape)))
     return outs, views
 
 

@@ -102,7 +102,9 @@ def reduction_heuristic(rows: int, row_len: int, row_contiguous: bool, row_input
         elems = xblock * rp2
         warps = 1 if elems <= 256 else 2 if elems <= 512 else 4 if elems <= 2048 else 8 if elems <= 8192 else 16
         return ReductionConfig(xblock=xblock, rblock=rp2, num_warps=warps, persistent=True)
-    return ReductionConfig(xblock=1, rblock=4096, num_warps=8, persistent=False)
+    # looped: 16 warps x 8192 elements (~55 registers offline, sm_90) keep 2 programs per SM, so
+    # fewer rows are in flight and a row read again in a later pass is still in L2
+    return ReductionConfig(xblock=1, rblock=8192, num_warps=16, persistent=False)
 
 
 _MODULES: Dict[str, ModuleType] = {}

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import expr
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name, output_tensor
 from .launch import (PointwiseConfig, is_view_op, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
 
@@ -244,7 +244,13 @@ class PointwiseLauncher:
             launch = self._launches[key] = self._layout(operands)
         return launch
 
-    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
+    def out_layouts(self) -> Tuple[Any, ...]:
+        """Per group output, the layout this launcher allocates (None: an input or a view of one)."""
+        stored = {o: (tuple(self.plan.shape), strides_for(self.plan.shape, output_order(meta_of(o))), meta_of(o).dtype)
+                  for o in self.plan.stored}
+        return tuple(stored.get(o) for o in self.plan.outputs)
+
+    def __call__(self, *inputs: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
         plan = self.plan
         if len(inputs) != len(plan.placeholders):
             raise ValueError(f"expected {len(plan.placeholders)} inputs, got {len(inputs)}")
@@ -255,7 +261,7 @@ class PointwiseLauncher:
         device = operands[0].device if operands else self.device
         if plan.stored:
             launch = self.launch_for(operands)
-            outs = [torch.empty_strided(plan.shape, st, dtype=meta_of(o).dtype, device=device)
+            outs = [output_tensor(out, plan.outputs.index(o), (tuple(plan.shape), st, meta_of(o).dtype), device)
                     for o, st in zip(plan.stored, launch.out_strides)]
             if launch.numel > 0:
                 scalars = [env[n] for n in plan.scalars]
@@ -286,4 +292,5 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
         metas = [meta_of(n) for n in plan.operands]
         source = launcher.launch_for(metas).source
     return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=launcher,
-                  config=dataclasses.asdict(config), source=source)
+                  config=dataclasses.asdict(config), source=source,
+                  supports_out=bool(plan.stored), out_layouts=launcher.out_layouts())

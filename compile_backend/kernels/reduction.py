@@ -16,12 +16,18 @@ Two shapes of kernel (``ReductionConfig.persistent``):
   and epilogue op works on it in place.
 * looped: each reduction *stage* (reductions that need results of earlier ones run a stage
   later) loops over the row in RBLOCK chunks, recomputing the prologue from loads; a final loop
-  writes row-shaped outputs. Softmax reads the row 3 times, layer norm 3 times.
+  writes row-shaped outputs. The softmax family's sum of exponentials runs in its max's pass
+  (online softmax, ``OnlineSum``): softmax reads the row twice, logsumexp once; layer norm
+  3 times. Loads carry L2 eviction hints: keep a row for a later pass, drop it after its last.
+Full tiles (row length a multiple of RBLOCK, rows a multiple of XBLOCK) are emitted without
+masks.
 
 Numerics: reductions accumulate in fp32 (fp64 for fp64, int64 for integer sums); softmax
 subtracts the row max; variance is two-pass (mean first, then the sum of squared deviations);
 max/min propagate NaN like torch. Semantic ops round only their outputs (eager computes them
-in fp32 internally); pointwise ops round like eager (see ``expr``).
+in fp32 internally); pointwise ops round like eager (see ``expr``). An fp16/bf16 softmax
+multiplies by the reciprocal of the sum instead of dividing (at most one ulp of the output,
+rarely).
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from . import expr
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name, output_tensor
 from .launch import (ReductionConfig, is_view_op, load_source, map_nodes, output_order,
                      reduction_heuristic, strides_for)
 from .pointwise import INT32_MAX, collapse
@@ -57,6 +63,20 @@ class Val:
     dtype: torch.dtype  # storage dtype: the variable holds expr.compute_dtype(dtype)
     reduce: Optional[str] = None  # sum | max | min for reductions
     load: Optional[int] = None  # index into the plan's loads
+    online: Optional["OnlineSum"] = None  # set on softmax-family sums (see OnlineSum)
+
+
+@dataclasses.dataclass(eq=False)
+class OnlineSum:
+    """Marks a sum reduction ``s = sum(exp(x - ref))`` where ``ref`` is the row maximum
+    ``max`` (``safe_ref``: that maximum with +-inf replaced by 0, as logsumexp uses). A looped
+    kernel then computes ``max`` and ``s`` in one pass over the row (online softmax: a running
+    max, and a running sum rescaled whenever the max grows) instead of one pass each; the
+    persistent kernel ignores it (the row is in registers anyway)."""
+
+    x: Val
+    max: Val
+    safe_ref: bool
 
 
 @dataclasses.dataclass
@@ -378,14 +398,34 @@ class _Analysis:
         m = red("max", xf, "max")  # a NaN in the row makes the sum NaN anyway: plain max suffices
         ms = ex("maxsafe", "perrow", (m,), lambda nm: f"tl.where(tl.abs({nm(m)}) == float(\"inf\"), 0.0, {nm(m)})") \
             if packet is aten.logsumexp else m
-        e = ex("exp", "row", (xf, ms), lambda nm: f"tl.exp({nm(xf)} - {nm(ms)})")
+        e = ex("exp", "row", (xf, ms), lambda nm: _exp(f"{nm(xf)} - {nm(ms)}", acc))
         s = red("sum", e, "sum")
+        s.online = OnlineSum(xf, m, safe_ref=packet is aten.logsumexp)
         if packet is aten._softmax:
+            if out_dtypes[0] in expr.REDUCED_FLOATS and acc == torch.float32:
+                # e * (1/s) is within 2 fp32 ulp of e / s (2**-12 of an fp16 ulp): the rounded
+                # output differs by one ulp at most, and rarely. It saves a correctly rounded
+                # division per element: ~10 instructions with a MUFU op on the GPU. (With this,
+                # no masks on full rows and _exp, the sm_90 build of a 32768-long fp16 row went
+                # from 28 to 11 instructions per element.)
+                inv = ex("inv", "perrow", (s,), lambda nm: f"tl.div_rn(tl.full([XBLOCK, 1], 1.0, tl.float32), {nm(s)})")
+                return out(ex("softmax", "row", (e, inv), lambda nm: f"{nm(e)} * {nm(inv)}"), out_dtypes[0])
             return out(ex("softmax", "row", (e, s), lambda nm: div(nm(e), nm(s))), out_dtypes[0])
         if packet is aten._log_softmax:
             return out(ex("logsoftmax", "row", (xf, m, s), lambda nm: f"{nm(xf)} - {nm(m)} - tl.log({nm(s)})"),
                        out_dtypes[0])
         return out(ex("lse", "perrow", (ms, s), lambda nm: f"{nm(ms)} + tl.log({nm(s)})"), out_dtypes[0])
+
+
+def _exp(arg: str, dtype: torch.dtype) -> str:
+    """exp(arg) in compute dtype ``dtype``. fp32: exp2 of the argument times log2(e), the same
+    arithmetic as tl.exp, but Triton lowers it to ex2.approx.ftz (one MUFU op) where tl.exp's
+    ex2.approx.f32 adds a subnormal fix-up (3 more instructions per element); results below
+    2**-126 (1.2e-38) flush to 0. The softmax family's row sums hold exp(0) = 1, so only a
+    softmax's own outputs that small change, by less than 1.2e-38."""
+    if dtype == torch.float32:
+        return f"tl.math.exp2(({arg}) * 1.4426950408889634)"
+    return f"tl.exp({arg})"
 
 
 def analyze(group: KernelGroup) -> ReductionPlan:
@@ -420,9 +460,13 @@ def _needed(plan: ReductionPlan) -> set:
 
 
 def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]],
-          ksizes: Sequence[int], rsizes: Sequence[int], persistent: bool, wide: bool) -> str:
+          ksizes: Sequence[int], rsizes: Sequence[int], persistent: bool, wide: bool,
+          even_x: bool = False, even_r: bool = False) -> str:
     """The Triton module for one layout pattern. patterns: per tensor (loads, then stores), the
-    merged kept dims and merged reduced dims it moves along."""
+    merged kept dims and merged reduced dims it moves along. even_x: the row count is a multiple
+    of XBLOCK; even_r: the row length is a multiple of RBLOCK (persistent: equal to it). Masks
+    are emitted only for a side that can run past its end: a full tile loads, reduces and
+    stores without ``where``s (two instructions per element less in a softmax)."""
     n_in = len(plan.loads)
     tensors = [f"in{i}" for i in range(n_in)] + [f"out{j}" for j in range(len(plan.stores))]
     params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
@@ -430,6 +474,10 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
         params += [f"{t}_xs{j}" for j in kt] + [f"{t}_rs{j}" for j in rt]
     lines: List[str] = []
     ind = "    "
+    xm = None if even_x else "xmask"
+    rm = None if even_r else "rmask"
+    tile_mask = "mask" if xm and rm else xm or rm  # mask of an [XBLOCK, RBLOCK] tile, or None
+    hints: Dict[int, str] = {}  # load index -> eviction policy, in the loop being emitted
 
     def out(line: str) -> None:
         lines.append(ind + line)
@@ -447,20 +495,23 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
     def address(t: str, pattern) -> Tuple[str, Optional[str]]:
         kt, rt = pattern
         terms = [f"xi{j} * {t}_xs{j}" for j in kt] + [f"ri{j} * {t}_rs{j}" for j in rt]
-        mask = "mask" if kt and rt else "xmask" if kt else "rmask" if rt else None
+        mask = tile_mask if kt and rt else xm if kt else rm if rt else None
         return (" + ".join(terms) or "0"), mask
 
     out("pid = tl.program_id(0)")
     out(f"xindex = {'pid.to(tl.int64)' if wide else 'pid'} * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
-    out(f"xmask = xindex < {plan.xnumel}")
+    if xm:
+        out(f"xmask = xindex < {plan.xnumel}")
     decompose("xi", "xindex", ksizes)
     out(f"rbase = tl.arange(0, RBLOCK)[None, :]{'.to(tl.int64)' if wide else ''}")
 
     def r_prelude(start: str) -> None:
         out(f"rindex = {start}rbase")
-        out(f"rmask = rindex < {plan.rnumel}")
+        if rm:
+            out(f"rmask = rindex < {plan.rnumel}")
         decompose("ri", "rindex", rsizes)
-        out("mask = xmask & rmask")
+        if xm and rm:
+            out("mask = xmask & rmask")
 
     needed = _needed(plan)
     names: Dict[Val, str] = {n_val: f"s_{n.name}" for n, n_val in plan.scalar_vals.items()}
@@ -468,14 +519,21 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
     def render(v: Val, name_of) -> str:
         if v.load is not None:
             addr, mask = address(f"in{v.load}", patterns[v.load])
-            ptr = f"in{v.load}_ptr + {addr}"
-            load = f"tl.load({ptr}, mask={mask}, other=0)" if mask else f"tl.load({ptr})"
-            return expr.to_compute(load, plan.loads[v.load].source.meta["val"].dtype)
+            args = [f"in{v.load}_ptr + {addr}"] + ([f"mask={mask}", "other=0"] if mask else [])
+            if v.load in hints:
+                args.append(f'eviction_policy="{hints[v.load]}"')
+            return expr.to_compute(f"tl.load({', '.join(args)})", plan.loads[v.load].source.meta["val"].dtype)
         return v.render(name_of)
 
+    def masked(v: Val, value: str) -> str:
+        # past the row's end a reduction sees its neutral element; rows past the last one
+        # (xmask) compute values that are never stored, so they need no mask here
+        return f"tl.where(rmask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})" if rm else value
+
     def reduce_expr(v: Val, value: str) -> str:
-        masked = f"tl.where(mask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})"
-        return expr.REDUCE_OPS[v.reduce][0].format(x=masked) + "[:, None]"
+        if v.deps[0].level != "row":  # a row of one element: the value may be a scalar
+            value = f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
+        return expr.REDUCE_OPS[v.reduce][0].format(x=masked(v, value)) + "[:, None]"
 
     def emit_global(v: Val) -> None:
         if v in names:
@@ -486,32 +544,36 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
         out(f"{v.base} = {render(v, names.__getitem__)}")
         names[v] = v.base
 
-    def emit_chunk(targets: Sequence[Val], suffix: str) -> Dict[Val, str]:
-        """Row values the targets need, computed in the current chunk (perrow ones are global)."""
-        local: Dict[Val, str] = {}
+    def row_closure(targets: Sequence[Val]) -> set:
+        """Row values (computed in a loop chunk) the targets need."""
         closure, stack = set(), list(targets)
         while stack:
             v = stack.pop()
-            if v in closure or v in names:
+            if v in closure or v in names or v.level != "row":
                 continue
             closure.add(v)
-            if v.level == "row":
-                stack.extend(v.deps)
+            stack.extend(v.deps)
+        return closure
+
+    def emit_chunk(targets: Sequence[Val], suffix: str) -> Dict[Val, str]:
+        """Row values the targets need, computed in the current chunk (perrow ones are global)."""
+        local: Dict[Val, str] = {}
+        closure = row_closure(targets)
         lookup = lambda v: local.get(v) or names[v]  # noqa: E731
         for v in plan.vals:
-            if v in closure and v.level == "row":
+            if v in closure:
                 local[v] = v.base + suffix
                 out(f"{local[v]} = {render(v, lookup)}")
         return local
 
     def store(j: int, s: Store, value: str) -> None:
-        addr, mask = address(f"out{j}", patterns[n_in + j])
+        addr, _ = address(f"out{j}", patterns[n_in + j])
         shape = "[XBLOCK, RBLOCK]" if s.level == "row" else "[XBLOCK, 1]"
         if addr == "0":  # a single element: the pointer must still be a block
             addr = f"tl.zeros({shape}, tl.int32)"
-        mask = "mask" if s.level == "row" else "xmask"
+        mask = tile_mask if s.level == "row" else xm
         value = expr.to_storage(f"tl.broadcast_to({value}, {shape})", s.node.meta["val"].dtype)
-        out(f"tl.store(out{j}_ptr + {addr}, {value}, mask={mask})")
+        out(f"tl.store(out{j}_ptr + {addr}, {value}" + (f", mask={mask})" if mask else ")"))
 
     def perrow_deps(vals: Sequence[Val]) -> List[Val]:
         found, stack, seen = [], list(vals), set()
@@ -540,40 +602,97 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
         for j, s in enumerate(plan.stores):
             store(j, s, names[s.val])
     else:
+        reductions = [v for v in plan.vals if v.reduce is not None and v in needed]
+        # online softmax: a sum of exp(x - max) runs in the same pass as its max, rescaled
+        # whenever the running max grows (2 reads of the row for softmax instead of 3)
+        online = [v for v in reductions if v.online is not None]
+        running = {v.online.max for v in online}
         stage: Dict[Val, int] = {}
         for v in plan.vals:  # stage of a value: how many reduction passes it waits for
+            if v in online:
+                stage[v] = stage[v.online.max]
+                continue
             deps_stage = max([stage[d] for d in v.deps], default=0)
             stage[v] = deps_stage + 1 if v.reduce is not None else deps_stage
-        reductions = [v for v in plan.vals if v.reduce is not None and v in needed]
-        for k in range(1, max([stage[v] for v in reductions], default=0) + 1):
-            group = [v for v in reductions if stage[v] == k]
-            for d in perrow_deps([v.deps[0] for v in group]):
+
+        def source(v: Val) -> Val:  # the row value a reduction consumes in its pass
+            return v.online.x if v in online else v.deps[0]
+
+        n_stages = max([stage[v] for v in reductions], default=0)
+        groups = [[v for v in reductions if stage[v] == k] for k in range(1, n_stages + 1)]
+        passes = [[source(v) for v in group] for group in groups]
+        if row_stores:
+            passes.append([s.val for _, s in row_stores])
+
+        def set_hints(k: int) -> None:
+            # a row tensor stays in L2 for a later pass and leaves it after its last one;
+            # tensors broadcast over rows (a norm's weight) stay for the other rows
+            reads = [{v.load for v in row_closure(p) if v.load is not None} for p in passes]
+            hints.clear()
+            for i in reads[k]:
+                later = any(i in r for r in reads[k + 1:])
+                hints[i] = "evict_last" if later or not patterns[i][0] else "evict_first"
+
+        for k, group in enumerate(groups):
+            for d in perrow_deps(passes[k]):
                 emit_global(d)
             for v in group:
-                out(f"acc_{v.base} = tl.full([XBLOCK, RBLOCK], {expr.reduce_neutral(v.reduce, v.dtype)}, {expr.tl_type(v.dtype)})")
+                t, neutral = expr.tl_type(v.dtype), expr.reduce_neutral(v.reduce, v.dtype)
+                if v in running:
+                    out(f"run_{v.base} = tl.full([XBLOCK, 1], {neutral}, {t})")
+                elif v in online:
+                    out(f"acc_{v.base} = tl.zeros([XBLOCK, RBLOCK], {t})")
+                    out(f"ref_{v.base} = tl.zeros([XBLOCK, 1], {t})")
+                else:
+                    out(f"acc_{v.base} = tl.full([XBLOCK, RBLOCK], {neutral}, {t})")
+            set_hints(k)
             out(f"for roffset in range(0, {plan.rnumel}, RBLOCK):")
             ind = "        "
             r_prelude("roffset + ")
-            local = emit_chunk([v.deps[0] for v in group], f"_p{k}")
+            local = emit_chunk(passes[k], f"_p{k + 1}")
+            value_of = lambda v: local.get(v) or names[v]  # noqa: E731
+            for v in group:  # running maxima first: the sums rescale against them
+                if v in running:
+                    out(f"run_{v.base} = tl.maximum(run_{v.base}, {reduce_expr(v, value_of(v.deps[0]))})")
             for v in group:
-                value = local.get(v.deps[0]) or names[v.deps[0]]
-                masked = f"tl.where(mask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})"
-                acc = f"acc_{v.base}"
-                out(f"{acc} = " + expr.REDUCE_OPS[v.reduce][1].format(acc=acc, x=masked))
+                if v in online:
+                    # the sum is kept relative to ref = the running max, or 0 while the max is
+                    # +-inf. The clamp: ref drops only from the 0 of an all -inf prefix (the sum
+                    # is 0 there and must stay 0, not 0 * inf) or when the max becomes +inf
+                    # (the sum is inf from then on either way)
+                    acc, ref, m = f"acc_{v.base}", f"ref_{v.base}", f"run_{v.online.max.base}"
+                    out(f'{ref}_new = tl.where(tl.abs({m}) == float("inf"), 0.0, {m})')
+                    term = masked(v, _exp(f"{value_of(v.online.x)} - {ref}_new", v.dtype))
+                    out(f"{acc} = {acc} * {_exp(f'tl.minimum({ref} - {ref}_new, 0.0)', v.dtype)} + {term}")
+                    out(f"{ref} = {ref}_new")
+                elif v not in running:
+                    acc = f"acc_{v.base}"
+                    out(f"{acc} = " + expr.REDUCE_OPS[v.reduce][1].format(acc=acc, x=masked(v, value_of(v.deps[0]))))
             ind = "    "
             for v in group:
-                out(f"{v.base} = " + expr.REDUCE_OPS[v.reduce][0].format(x=f"acc_{v.base}") + "[:, None]")
+                if v in running:
+                    out(f"{v.base} = run_{v.base}")
+                elif v in online:
+                    total = f"tl.sum(acc_{v.base}, 1)[:, None]"
+                    if not v.online.safe_ref:  # relative to an infinite max itself: inf - inf
+                        m = f"run_{v.online.max.base}"
+                        total = f'tl.where(tl.abs({m}) == float("inf"), float("nan"), {total})'
+                    out(f"{v.base} = {total}")
+                else:
+                    out(f"{v.base} = " + expr.REDUCE_OPS[v.reduce][0].format(x=f"acc_{v.base}") + "[:, None]")
                 names[v] = v.base
         if row_stores:
-            for d in perrow_deps([s.val for _, s in row_stores]):
+            for d in perrow_deps(passes[-1]):
                 emit_global(d)
+            set_hints(len(passes) - 1)
             out(f"for roffset in range(0, {plan.rnumel}, RBLOCK):")
             ind = "        "
             r_prelude("roffset + ")
-            local = emit_chunk([s.val for _, s in row_stores], "_out")
+            local = emit_chunk(passes[-1], "_out")
             for j, s in row_stores:
                 store(j, s, local.get(s.val) or names[s.val])
             ind = "    "
+        hints.clear()
         for j, s in enumerate(plan.stores):
             if s.level != "row":
                 emit_global(s.val) if s.val.reduce is None else None
@@ -626,8 +745,11 @@ class ReductionLauncher:
                     for k, r in zip(kst, rst)]
         reach = max([plan.xnumel * plan.rnumel] + [
             sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1 for t in tensors])
-        wide = reach + self.config.xblock * self.config.rblock > INT32_MAX
-        source = _emit(plan, patterns, ksizes, rsizes, self.config.persistent, wide)
+        cfg = self.config
+        wide = reach + cfg.xblock * cfg.rblock > INT32_MAX
+        even_x = plan.xnumel % cfg.xblock == 0
+        even_r = plan.rnumel == cfg.rblock if cfg.persistent else plan.rnumel % cfg.rblock == 0
+        source = _emit(plan, patterns, ksizes, rsizes, cfg.persistent, wide, even_x, even_r)
         int_args: Tuple[int, ...] = ()
         for (kt, rt), k, r in zip(patterns, kst, rst):
             int_args += tuple(k[j] for j in kt) + tuple(r[j] for j in rt)
@@ -640,7 +762,13 @@ class ReductionLauncher:
             launch = self._launches[key] = self._layout(tensors)
         return launch
 
-    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
+    def out_layouts(self) -> Tuple[Any, ...]:
+        """Per group output, the layout this launcher allocates (None: an input or a view of one)."""
+        stored = {s.node: (tuple(s.node.meta["val"].shape), strides_for(tuple(s.node.meta["val"].shape),
+                           output_order(s.node.meta["val"])), s.node.meta["val"].dtype) for s in self.plan.stores}
+        return tuple(stored.get(o) for o in self.plan.outputs)
+
+    def __call__(self, *inputs: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
         plan, cfg = self.plan, self.config
         if len(inputs) != len(plan.placeholders):
             raise ValueError(f"expected {len(plan.placeholders)} inputs, got {len(inputs)}")
@@ -650,8 +778,8 @@ class ReductionLauncher:
         tensors = [env[ld.source] for ld in plan.loads]
         device = tensors[0].device if tensors else self.device
         launch = self.launch_for(tensors)
-        outs = [torch.empty_strided(tuple(s.node.meta["val"].shape), st, dtype=s.node.meta["val"].dtype,
-                                    device=device) for s, st in zip(plan.stores, launch.out_strides)]
+        outs = [output_tensor(out, plan.outputs.index(s.node), (tuple(s.node.meta["val"].shape), st,
+                              s.node.meta["val"].dtype), device) for s, st in zip(plan.stores, launch.out_strides)]
         if plan.xnumel > 0:
             grid = (-(-plan.xnumel // cfg.xblock),)
             self.last_compiled = launch.kernel[grid](  # None under the interpreter
@@ -685,4 +813,5 @@ def build_reduction(group: KernelGroup, ctx: KernelContext,
     launcher = ReductionLauncher(plan, config, ctx.device)
     source = launcher.launch_for([ld.source.meta["val"] for ld in plan.loads]).source
     return Kernel(kind="reduction", impl="triton", ops=group.ops, fn=launcher,
-                  config=dataclasses.asdict(config), source=source)
+                  config=dataclasses.asdict(config), source=source,
+                  supports_out=bool(plan.stores), out_layouts=launcher.out_layouts())

@@ -62,6 +62,10 @@ def choose_kernel(
         return aten_kernel(group), [{"op": ops, "reason": "no kernel of ours covers this op; runs through ATen"}]
     if not triton_enabled(ctx.device):
         return aten_kernel(group), []
+    decision = planned(group, ctx)
+    if decision is not None and decision["impl"] == "aten":
+        # the cold build of this very graph found no kernel that passed: do not search again
+        return aten_kernel(group), [dict(f) for f in decision.get("fallbacks", [])]
     fallbacks: List[Dict[str, str]] = []
     reference: Optional[Tuple[Any, ...]] = None
     for path in BUILDERS.get(group.kind, ()):
@@ -74,8 +78,8 @@ def choose_kernel(
             log.warning("compile_backend: %s builder failed on %s: %s", group.kind, group.name, exc)
             fallbacks.append({"op": _ops(group), "reason": f"{group.kind} builder error: {type(exc).__name__}: {exc}"})
             continue
-        if not ctx.options.validate:
-            return kernel, []
+        if not ctx.options.validate or _same_as_planned(kernel, decision):
+            return kernel, []  # (a planned kernel was validated by the cold build of this graph)
         if reference is None:
             reference = group.reference(*inputs)
         problem = check_outputs(kernel, inputs, reference)
@@ -117,6 +121,23 @@ def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any
         elif not torch.equal(out, ref):
             return f"output {i}: values differ"
     return None
+
+
+def planned(group: KernelGroup, ctx: KernelContext) -> Optional[Dict[str, Any]]:
+    """The stored decision for this group when the engine cache hit and it describes this group."""
+    plan = getattr(ctx, "plan", None)
+    decision = plan.decision(group.name) if plan is not None else None
+    if decision is None or decision.get("kind") != group.kind or decision.get("ops") != list(group.ops):
+        return None
+    return decision
+
+
+def _same_as_planned(kernel: Kernel, decision: Optional[Dict[str, Any]]) -> bool:
+    if decision is None or kernel.impl != decision.get("impl"):
+        return False
+    from ..engine_cache import sha256
+
+    return sha256(kernel.source) == decision.get("source_sha256")
 
 
 def _ops(group: KernelGroup) -> str:

@@ -158,6 +158,52 @@ def test_causal_with_more_queries_than_keys():
     _assert_matches(out, _reference(q, k, v, None, None, True), torch.float16)
 
 
+TMA_BLOCKS = AttentionConfig(block_m=16, block_n=32, num_warps=4, num_stages=2, tma=True)
+
+
+@pytest.fixture
+def count_descriptors(monkeypatch):
+    """Counts the TMA descriptors the launcher makes (so a test knows which path ran)."""
+    import triton.tools.tensor_descriptor as td
+
+    made = []
+
+    class Counting(td.TensorDescriptor):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0].shape)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(td, "TensorDescriptor", Counting)
+    return made
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", ["s67x130-d80-causal-padding", "s130x67-d64-additive2d"])
+def test_tma_loads_match_reference(case, dtype, count_descriptors):
+    """K/V through TMA descriptors: keys past Sk and head-dim lanes past D (80 -> 128) read as
+    zeros from the descriptor's bounds instead of masks; transposed [B, S, H, D] views too."""
+    sq, sk, d, causal, mask_kind, _ = CASES[case]
+    q, k, v = _qkv(sq, sk, d, dtype)
+    if case.startswith("s67"):  # K and V as transposed views of [B, S, H, D]
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    mask = _padding_mask(sk) if mask_kind == "padding" else torch.randn(sq, sk).to(dtype)
+    out = flash_attention(q, k, v, mask, None, causal, TMA_BLOCKS)
+    assert len(count_descriptors) == 2
+    _assert_matches(out, _reference(q, k, v, mask, None, causal), dtype)
+
+
+def test_tma_falls_back_to_plain_loads_where_the_layout_does_not_allow_it(count_descriptors):
+    """Rows of 33 fp16 (66 bytes, not a multiple of 16), fp32, a K broadcast over heads
+    (stride 0): plain loads, same results."""
+    cases = [(_qkv(17, 19, 33, torch.float16), torch.float16), (_qkv(17, 19, 32, torch.float32), torch.float32)]
+    q, k, v = _qkv(17, 19, 32, torch.float16)
+    cases.append(((q, k[:, :1].expand_as(k), v), torch.float16))
+    for (q, k, v), dtype in cases:
+        out = flash_attention(q, k, v, None, None, True, TMA_BLOCKS, allow_tf32=False)
+        _assert_matches(out, _reference(q, k, v, None, None, True), dtype)
+    assert count_descriptors == []
+
+
 def test_launcher_rejects_bad_inputs():
     q, k, v = _qkv(5, 7, 32, torch.float16)
     with pytest.raises(ValueError, match="dtypes differ"):
@@ -184,6 +230,10 @@ def test_config_validation_and_defaults():
     space = candidate_configs(64, 64, 512, 512, torch.float16, causal=True)
     assert space[0] == default_config(64, 64, 512, 512, torch.float16, causal=True)
     assert len(space) == len(set(space)) > 10
+    assert any(c.tma for c in space) and not any(c.tma for c in candidate_configs(64, 64, 512, 512, torch.float32))
+    assert candidate_configs(64, 64, 1, 17, torch.float16) == [default_config(64, 64, 1, 17, torch.float16)]
+    with pytest.raises(ValueError, match="tma"):
+        AttentionConfig(tma=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,9 +335,10 @@ def test_builder_unsupported(why):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["plain", "tma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_matches_reference(dtype, causal):
+def test_gpu_matches_reference(dtype, causal, tma):
     if torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("set TRITON_INTERPRET=0 to run the compiled kernel")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -295,7 +346,8 @@ def test_gpu_matches_reference(dtype, causal):
     q, k, v = (torch.randn(s, device="cuda", generator=g).to(dtype) for s in shapes)
     mask = torch.rand(3, 1, 1, 517, device="cuda", generator=g) > 0.2
     mask[..., 0] = True
-    out = flash_attention(q, k, v, mask, None, causal, allow_tf32=False)
+    config = AttentionConfig(64, 64, 4, 2, tma=True) if tma else None  # fp32: TMA falls back
+    out = flash_attention(q, k, v, mask, None, causal, config, allow_tf32=False)
     tol = dict(NORM_RTOL)
     tol[torch.float32] = 1e-4  # compiled fp32 dot: exact products, other summation order
     ref = _reference(q, k, v, mask, None, causal)
@@ -303,3 +355,39 @@ def test_gpu_matches_reference(dtype, causal):
     assert err <= tol[dtype]
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)
+
+
+def test_tuned_builder_times_our_configs_against_sdpa():
+    """With a timing tuner the builder times its configs and SDPA (the group's ATen reference)
+    and keeps the fastest; either way the kernel matches the reference, and the tuning key
+    lands in the timing cache so the next build times nothing."""
+    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+
+    dtype = torch.float16
+    q, k, v = _qkv(9, 13, 16, dtype)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, causal=True)
+    ctx = _ctx()
+
+    class Cache:
+        def __init__(self):
+            self.records = {}
+
+        def get(self, key, env):
+            return self.records.get(str(key))
+
+        def put(self, key, env, record):
+            self.records[str(key)] = dict(record)
+
+    cache = Cache()
+    ctx.tuner = Tuner("fast", cache=cache, timer=WallClockTimer(), compile_workers=1)
+    ctx.tuner.settings = type(ctx.tuner.settings)(min_reps=1, max_reps=1, target_ms=0.1)
+    kernel = build_attention(group, ctx)
+    assert kernel.impl in ("triton", "sdpa") and "tuned_ms" in kernel.config
+    ours = len(candidate_configs(16, 16, 9, 13, dtype, causal=True)[:6])
+    assert ctx.tuner.stats["tuned"] == 1 and ctx.tuner.stats["candidates_timed"] == ours + 1  # + SDPA
+    assert kernel.supports_out == (kernel.impl == "triton")
+    assert check_outputs(kernel, (q, k, v), group.reference(q, k, v)) is None
+    (record,) = cache.records.values()
+    assert record["winner"]["impl"] == kernel.impl
+    again = build_attention(group, ctx)
+    assert again.tuned_from_cache and ctx.tuner.stats["tuned"] == 1

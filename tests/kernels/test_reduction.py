@@ -120,6 +120,64 @@ def test_rows_longer_than_a_block_odd_large():
           config=ReductionConfig(xblock=2, rblock=512, persistent=False))
 
 
+ONLINE = ReductionConfig(xblock=2, rblock=64, num_warps=4, persistent=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_looped_softmax_is_online(dtype):
+    """A looped softmax finds the row max and the sum of exponentials in one pass (the sum
+    rescaled whenever the max grows) and writes in a second: two loops over the row, not
+    three. Odd row length over several chunks; the last pass reads the row for the last time."""
+    x = randn(5, 301, dtype=dtype, seed=7) * 4
+    x[:, 250:] += 6  # the max grows in a late chunk: earlier partial sums must be rescaled
+    for fn in (softmax, log_softmax):
+        k = check(fn, x, config=ONLINE, dtype=dtype)
+        assert k.source.count("for roffset") == 2
+        assert 'eviction_policy="evict_last"' in k.source and 'eviction_policy="evict_first"' in k.source
+    k = check(lambda t: torch.logsumexp(t, -1), x, config=ONLINE, dtype=dtype)
+    assert k.source.count("for roffset") == 1
+
+
+@pytest.mark.parametrize("looped", [False, True], ids=["persistent", "looped"])
+def test_softmax_family_infinities_and_nan_across_chunks(looped):
+    """Rows whose running max starts at -inf, drops by 1000 after an all -inf prefix, meets
+    +inf or NaN in a later chunk, or is all -inf: softmax, log_softmax and logsumexp equal
+    torch's (NaN rows included), so the online rescaling never makes 0 * inf = NaN of its own."""
+    inf = float("inf")
+    x = randn(7, 40, seed=9)
+    x[0, :16] = -inf
+    x[0, 16:] -= 1000.0  # the reference point drops from 0 (all -inf so far) to about -1000
+    x[1, 30] = inf
+    x[2, :] = -inf
+    x[3, 5] = float("nan")
+    x[4, :8] += 80.0  # a large max early, then far smaller values
+    x[5, 20:] += 80.0  # the max grows late: earlier partial sums rescale by about exp(-80)
+    x[6, 33] = -inf
+    fns = lambda t: (torch.softmax(t, -1), torch.log_softmax(t, -1), torch.logsumexp(t, -1))  # noqa: E731
+    check(fns, x, config=ReductionConfig(xblock=2, rblock=8, persistent=False) if looped else None)
+
+
+def test_row_longer_than_the_persistent_limit_runs_online():
+    """The heuristic's own looped config on a row past the persistent limit (fp32, odd)."""
+    x = randn(1, 40001, seed=3) * 3
+    assert not reduction_heuristic(1, 40001, True).persistent
+    k = check(softmax, x)
+    assert not k.config["persistent"] and k.source.count("for roffset") == 2
+
+
+def test_full_tiles_emit_no_masks():
+    """Rows a multiple of RBLOCK and a row count a multiple of XBLOCK: no masks at all (they
+    cost two selects per element in a softmax); a partial last row block masks rows only."""
+    x = randn(8, 256, dtype=torch.float16)
+    for cfg in (ReductionConfig(xblock=2, rblock=256), ReductionConfig(xblock=2, rblock=64, persistent=False)):
+        k = check(softmax, x, config=cfg, dtype=torch.float16)
+        assert "mask" not in k.source.split("def reduction_kernel")[1]
+    k = check(softmax, randn(7, 256, dtype=torch.float16), config=ReductionConfig(xblock=2, rblock=256),
+              dtype=torch.float16)
+    body = k.source.split("def reduction_kernel")[1]
+    assert "xmask" in body and "rmask" not in body
+
+
 def test_large_odd_shape_persistent():
     x = randn(1823, 781, dtype=torch.float16)
     check(softmax, x, dtype=torch.float16, config=ReductionConfig(xblock=64, rblock=1024, persistent=True))
