@@ -147,7 +147,8 @@ def test_suite_parts_cover_every_case_and_peer():
 
     covered = {(c.model, c.batch, p) for part in suite.PARTS for c in part.cases for p in part.peers}
     cases = {("mlp", 2048), ("resnet50", 32), ("resnet50", 1), ("bert", 16), ("gpt2", 8), ("vit", 32)}
-    assert covered == {(m, b, p) for m, b in cases for p in bench.PEERS}
+    extra = {("resnet50", 1, suite.NO_GRAPHS[0]), ("bert", 16, suite.NO_GRAPHS[0])}  # issue #7's cases
+    assert covered == {(m, b, p) for m, b in cases for p in bench.PEERS} | extra
     for part in suite.PARTS:  # max-autotune compiles take minutes: never shares a part
         assert part.peers == ("inductor-max-autotune",) or "inductor-max-autotune" not in part.peers
     assert suite.main(["--parts"]) == 0
@@ -157,12 +158,12 @@ def test_suite_records_what_it_could_not_measure(tmp_path):
     from benchmarks import suite
 
     out = tmp_path / "suite.json"
-    assert suite.main(["--part", "1", "--size", "tiny", "--device", "cpu", "--peers", "eager,compile_backend",
+    assert suite.main(["--part", "2", "--size", "tiny", "--device", "cpu", "--peers", "eager,compile_backend",
                        "--budget-s", "0", "--out", str(out)]) == 0
     records = _records(out)
     assert [(r["model"], r["batch"], r["backend"]) for r in records] == [
         ("mlp", 2048, "eager"), ("mlp", 2048, "compile_backend"),
-        ("resnet50", 1, "eager"), ("resnet50", 1, "compile_backend")]
+        ("resnet50", 32, "eager"), ("resnet50", 32, "compile_backend")]
     assert all(r["error"].startswith("not measured") and r["precision"] == "fp16" for r in records)
 
 
