@@ -45,6 +45,11 @@ class GroupCall:
         return f"<{self.__name__} {self.group.kind}>"
 
 
+class WeightLayoutChanged(Exception):
+    """A frozen weight was replaced by a tensor of another shape, stride, dtype or device: the
+    engine's kernels were built for the old layout, so the caller must build a new engine."""
+
+
 class Engine:
     """A compiled graph for one set of input shapes."""
 
@@ -111,10 +116,18 @@ class Engine:
         self._bound = {i: (args[i], args[i]._version) for i in self.frozen}
 
     def _stale(self, args: Sequence[Any]) -> bool:
+        stale = False
         for i, (tensor, version) in self._bound.items():
-            if args[i] is not tensor or tensor._version != version:
-                return True
-        return False
+            new = args[i]
+            if new is not tensor:
+                if (new.shape, new.stride(), new.dtype, new.device) != \
+                        (tensor.shape, tensor.stride(), tensor.dtype, tensor.device):
+                    raise WeightLayoutChanged(f"weight {i} changed from {tuple(tensor.shape)} "
+                                              f"{tensor.dtype} to {tuple(new.shape)} {new.dtype}")
+                stale = True
+            elif tensor._version != version:
+                stale = True
+        return stale
 
     def refit(self, args: Sequence[Any]) -> None:
         """Rebind frozen weights to ``args`` and recompute every folded constant from them."""

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from . import capture, engine_cache, fx_passes, memory_plan, tuning_store
-from .engine import Engine, GroupCall
+from .engine import Engine, GroupCall, WeightLayoutChanged
 from .fx_passes.constant_fold import constant_programs, freeze
 from .kernels.base import KernelContext, KernelGroup, op_name
 from .kernels.select import choose_kernel, triton_enabled, triton_interpret
@@ -332,6 +332,7 @@ class CompiledGraph:
         self.frozen, self.options, self.report_sink = frozen, options, report_sink
         self.engines: Dict[Tuple, Any] = {}
         self._warned_limit = False
+        self._weights = frozenset(i for i, f in enumerate(frozen or ()) if f)
         self.profiles = (GraphProfiles.bind(aten_gm, options.profiles, role=role, name=name)
                          if options.profiles else None)
 
@@ -339,12 +340,12 @@ class CompiledGraph:
         plan = self.profiles.plan(args) if self.profiles is not None else None
         if plan is not None:
             padded = plan.pad(args)
-            key = _signature(padded)
+            key = _signature(padded, self._weights)
             # a new bucket past the engine bound is not padded: it takes the bound's fallback
             if (key in self.engines or len(self.engines) < self.options.max_engines) \
                     and self.profiles.check(plan, args, self.aten_gm):
                 return plan.unpad(self._run(padded, key, plan))
-        return self._run(args, _signature(args))
+        return self._run(args, _signature(args, self._weights))
 
     def _run(self, args: Sequence[Any], key: Tuple, plan: Optional[Plan] = None) -> Any:
         engine = self.engines.get(key)
@@ -352,7 +353,16 @@ class CompiledGraph:
             engine = self._build(args, key)
             if plan is not None:
                 self.profiles.built(plan)
-        return engine(args) if isinstance(engine, Engine) else engine(*args)
+        if not isinstance(engine, Engine):
+            return engine(*args)
+        try:
+            return engine(args)
+        except WeightLayoutChanged as exc:
+            # another model's weights under the same graph: every engine was built for the old
+            # layout, so start again (never run a kernel on shapes it was not built for)
+            log.info("compile_backend: %s: %s; rebuilding its engines", self.name, exc)
+            self.engines.clear()
+            return self._run(args, key, plan)
 
     def _build(self, args: Sequence[Any], key: Tuple) -> Any:
         if len(self.engines) >= self.options.max_engines:
@@ -387,10 +397,15 @@ class CompiledGraph:
         return engine
 
 
-def _signature(args: Sequence[Any]) -> Tuple:
+def _signature(args: Sequence[Any], weights: frozenset = frozenset()) -> Tuple:
+    """The engine key of a call. Frozen weights are left out: this runs on every call, a model
+    passes hundreds of them, and the engine itself checks each one's identity and version (and
+    raises ``WeightLayoutChanged`` when a new one has another layout)."""
     out = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
+    for i, a in enumerate(args):
+        if i in weights:
+            out.append(None)
+        elif isinstance(a, torch.Tensor):
             out.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
         else:
             out.append(a if isinstance(a, (int, float, bool)) else type(a))

@@ -266,3 +266,43 @@ def test_engine_bound_warns_once_and_stays_correct():
             assert_same(compiled(x), m(x))
     bound = [w for w in caught if "max_engines=2" in str(w.message)]
     assert len(bound) == 1, [str(w.message) for w in caught]
+
+
+def test_weight_with_another_layout_rebuilds_the_engine(monkeypatch):
+    """Frozen weights are not in the per-call engine key (it runs on every call); a weight
+    replaced by a tensor of another layout makes the engine refuse it and a new one is built."""
+    from compile_backend import pipeline
+
+    made = []
+
+    class Recording(pipeline.CompiledGraph):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(pipeline, "CompiledGraph", Recording)
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(8, 8).eval(), torch.randn(3, 8)
+    compiled = torch.compile(model, backend="compile_backend")
+    with torch.no_grad():
+        ref = compiled(x)
+        (graph,) = made
+        engine = next(iter(graph.engines.values()))
+        weight_index = next(iter(engine.frozen))
+        # same values, transposed storage: another stride under the same graph
+        calls = []
+        original = graph._build
+
+        def counting(args, key):
+            calls.append(key)
+            return original(args, key)
+
+        graph._build = counting
+        bound = {i: t for i, (t, _) in engine._bound.items()}
+        new_args = [bound.get(i) for i in range(max(bound) + 1)] + [x]
+        w = new_args[weight_index]
+        new_args[weight_index] = w.t().contiguous().t()
+        assert new_args[weight_index].stride() != w.stride()
+        out = graph(*new_args)
+    assert len(calls) == 1  # rebuilt once
+    torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, ref)
