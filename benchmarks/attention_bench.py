@@ -31,7 +31,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -51,6 +50,7 @@ from compile_backend.kernels.attention import (  # noqa: E402
     default_config,
     flash_attention,
 )
+from benchmarks.timing import graph_median_ms  # noqa: E402
 
 # (name, B, H, Sq, Sk, D, dtype, causal, mask kind)
 SHAPES = [
@@ -86,27 +86,7 @@ def _median_ms(fn) -> float:
 
 
 def _graph_median_ms(fns, reps: int = 25) -> float:
-    for fn in fns:  # compile and warm up outside the capture
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=DEVICE)  # 256 MiB
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(fns))
-    del graph, flush
-    return float(statistics.median(times))
+    return graph_median_ms(fns, reps=reps, warm_replays=3)
 
 
 def time_call(make_fn, input_sets) -> tuple:

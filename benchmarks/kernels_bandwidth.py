@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +51,7 @@ from compile_backend.kernels.launch import PointwiseConfig, ReductionConfig  # n
 from compile_backend.kernels.pointwise import build_pointwise  # noqa: E402
 from compile_backend.kernels.reduction import build_reduction  # noqa: E402
 from compile_backend.options import Options  # noqa: E402
+from benchmarks.timing import graph_median_ms  # noqa: E402
 
 DEV = torch.device("cpu" if SMOKE else "cuda")
 L2_BYTES = 50 << 20
@@ -150,27 +151,7 @@ def _events_ms(fn, sets) -> float:
 
 
 def _graph_ms(fn, sets, reps: int = 30) -> float:
-    for s in sets:  # compile and warm up outside the capture
-        fn(*s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for s in sets:
-            fn(*s)
-    flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=DEV)  # 256 MiB > L2
-    for _ in range(2):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(sets))
-    del graph, flush
-    return float(statistics.median(times))
+    return graph_median_ms([functools.partial(fn, *s) for s in sets], reps=reps)
 
 
 def time_ms(fn, sets):
