@@ -49,6 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
 MODELS = ("mlp", "resnet50", "bert", "gpt2", "vit")
 LEVELS = ("off", "fast", "max")
+BACKENDS = ("compile_backend", "eager", "aot_eager")
 PRECISIONS = ("fp16", "bf16", "fp32")
 WARM_GOAL_S = 3.0
 _TAG = "STARTUP_CHILD_JSON "
@@ -83,22 +84,48 @@ def child(args) -> int:
         torch.cuda.synchronize(device)
     marks["built"] = time.perf_counter()
 
+    import torch._dynamo  # noqa: F401  (every torch.compile user pays it; timed on its own)
+
+    marks["dynamo"] = time.perf_counter()
     from compile_backend.backend import compile_backend
     from compile_backend.report import Report
 
     marks["imported"] = time.perf_counter()
     report = Report()
+    entered: List[float] = []  # Dynamo hands a graph to the backend (its trace is done)
+    returned: List[float] = []  # the backend returns (AOTAutograd done; our graphs compile lazily)
 
     def backend(gm, example_inputs, **kwargs):  # what backend="compile_backend" runs, + a report
-        return compile_backend(gm, example_inputs, report=report, **kwargs)
+        entered.append(time.perf_counter())
+        try:
+            if args.backend == "compile_backend":
+                return compile_backend(gm, example_inputs, report=report, **kwargs)
+            if args.backend == "aot_eager":
+                from torch._dynamo.backends.common import aot_autograd
+                from functorch.compile import make_boxed_func
+
+                return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm, example_inputs)
+            return gm.forward  # "eager": Dynamo's trace alone
+        finally:
+            returned.append(time.perf_counter())
 
     options = {"autotune": args.level, "cache_dir": args.cache_dir, "precision": args.precision}
-    compiled = torch.compile(model, backend=backend, options=options)
+    compiled = torch.compile(model, backend=backend,
+                             options=options if args.backend == "compile_backend" else None)
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     with torch.no_grad():
         out = compiled(*inputs)
     if cuda:
         torch.cuda.synchronize(device)
     marks["output"] = time.perf_counter()
+    if profiler is not None:
+        profiler.disable()
+        _write_profile(profiler, args.profile)
 
     tuning = {k: 0 for k in _TUNING_KEYS}
     for g in report.graphs:
@@ -111,7 +138,15 @@ def child(args) -> int:
         "cuda_init_s": marks["cuda"] - marks["torch"],
         "build_s": marks["built"] - marks["cuda"],
         "beyond_torch_s": marks["output"] - marks["built"],
-        "import_backend_s": marks["imported"] - marks["built"],  # part of beyond_torch_s
+        "import_dynamo_s": marks["dynamo"] - marks["built"],  # part of beyond_torch_s
+        "import_backend_s": marks["imported"] - marks["dynamo"],  # part of beyond_torch_s
+        # the stages of the first call (parts of beyond_torch_s): Dynamo's trace up to the first
+        # graph handed over; the backend's calls (AOTAutograd, the engine cache's lookup); the
+        # rest: our lazy per-ATen-graph compile (backend_compile_s), the first run, guards
+        "dynamo_trace_s": (entered[0] - marks["imported"]) if entered else None,
+        "backend_calls_s": sum(b - a for a, b in zip(entered, returned)),
+        "after_backend_s": (marks["output"] - returned[-1]) if returned else None,
+        "backend": args.backend,
         "child_s": marks["output"] - marks["start"],
         # our pipeline (or the cache hit) summed over graphs; beyond_torch_s less this and the
         # import is Dynamo's trace, AOTAutograd and the first run
@@ -133,13 +168,29 @@ def child(args) -> int:
     return 0
 
 
+def _write_profile(profiler, path: str) -> None:
+    """The child's first call under cProfile, as text: cumulative and own-time tops."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("cumulative").print_stats(120)
+    stats.sort_stats("tottime").print_stats(50)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+
+
 # ----------------------------------------------------------------------------- the parent
 
-def run_child(model: str, level: str, cache_dir: str, args, timeout: float) -> Dict[str, Any]:
+def run_child(model: str, level: str, cache_dir: str, args, timeout: float,
+              profile: Optional[str] = None) -> Dict[str, Any]:
     """Spawn one child; its JSON, or ``{"error": ...}`` when it failed or ran out of time."""
     cmd = [sys.executable, "-m", "benchmarks.startup", "--_child", "--models", model,
            "--autotune", level, "--cache-dir", cache_dir, "--device", args.device,
-           "--size", args.size, "--precision", args.precision]
+           "--size", args.size, "--precision", args.precision, "--backend", args.backend]
+    if profile:
+        cmd += ["--profile", profile]
     if args.batch is not None:
         cmd += ["--batch", str(args.batch)]
     env = dict(os.environ)
@@ -169,9 +220,9 @@ def measure_row(model: str, level: str, root: str, args, deadline: float) -> Dic
     from benchmarks import zoo
 
     row: Dict[str, Any] = {"model": model, "size": args.size, "precision": args.precision,
-                           "autotune": level, "warm_goal_s": WARM_GOAL_S,
+                           "autotune": level, "backend": args.backend, "warm_goal_s": WARM_GOAL_S,
                            "batch": zoo.default_batch(model, args.size) if args.batch is None else args.batch}
-    cache_dir = os.path.join(root, f"{model}-{level}")
+    cache_dir = os.path.join(root, f"{model}-{level}-{args.backend}")
     shutil.rmtree(cache_dir, ignore_errors=True)
     os.makedirs(cache_dir, mode=0o700)
     for phase in ("cold", "warm"):
@@ -182,7 +233,11 @@ def measure_row(model: str, level: str, root: str, args, deadline: float) -> Dic
             row[phase] = {"error": "not measured: the cold run failed"}
         else:
             log(f"{model} autotune={level}: {phase} process ...")
-            row[phase] = run_child(model, level, cache_dir, args, remaining)
+            profile = None
+            if args.profile_dir and phase == "warm":
+                os.makedirs(args.profile_dir, exist_ok=True)
+                profile = os.path.join(args.profile_dir, f"{model}-{level}-{args.backend}-warm.txt")
+            row[phase] = run_child(model, level, cache_dir, args, remaining, profile)
         result = row[phase]
         if "error" in result:
             log(f"{model} autotune={level}: {phase}: {result['error']}")
@@ -260,7 +315,22 @@ def run(args) -> List[dict]:
         print("ours = first compiled output minus (python start, import torch, CUDA init, model build); "
               f"goal: warm ours <= {WARM_GOAL_S:.0f} s")
     print(format_table(rows), flush=True)
+    print(format_split(rows), flush=True)
     return rows
+
+
+def format_split(rows: List[dict]) -> str:
+    """Where the warm child's seconds beyond torch went, stage by stage."""
+    keys = ("beyond_torch_s", "import_dynamo_s", "import_backend_s", "dynamo_trace_s",
+            "backend_calls_s", "backend_compile_s", "after_backend_s")
+    lines = ["warm split (s): model level backend " + " ".join(k[:-2] for k in keys)]
+    for r in rows:
+        w = r.get("warm", {})
+        if "error" in w:
+            continue
+        vals = " ".join("-" if w.get(k) is None else f"{w[k]:.2f}" for k in keys)
+        lines.append(f"  {r['model']} {r['autotune']} {r.get('backend', 'compile_backend')} {vals}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--child-timeout", type=float, default=300.0, help="seconds per child process")
     p.add_argument("--cache-root", default=None, help="where the per-row cache directories go")
     p.add_argument("--keep-caches", action="store_true", help="keep the temporary cache directories")
+    p.add_argument("--backend", choices=BACKENDS, default="compile_backend",
+                   help="eager / aot_eager: the floor any torch.compile backend pays (Dynamo's trace, "
+                        "AOTAutograd), measured the same way")
+    p.add_argument("--profile-dir", default=None,
+                   help="write each warm child's first call under cProfile here (text)")
+    p.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     # internal: the child process
     p.add_argument("--_child", dest="child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)

@@ -1,0 +1,110 @@
+"""Where a compiled model's GPU time goes, kernel by kernel, for several peers side by side.
+
+    python -m benchmarks.kernel_profile --case resnet50:1 \
+        --peers "inductor,compile_backend[cuda_graphs=off]" --out $OUT/profile.json
+
+For each peer (same syntax as ``benchmarks.bench``), in one process, fp16: compile, warm up,
+then ``torch.profiler`` over ``--calls`` calls. The GPU kernels are grouped by name and
+reported per call: time, count, share. Run peers without CUDA graphs (Inductor's default mode
+has the kernels of ``reduce-overhead``; ``compile_backend[cuda_graphs=off]`` those of our
+default): kernel durations do not depend on how they were launched, and the profiler sees
+each kernel only outside a graph. ``sum_kernels_ms`` per call against the graph-replayed
+latency says whether a model is bound by its kernels or by the gaps between them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from benchmarks import bench
+
+
+def log(message: str) -> None:
+    print(f"[kernel_profile] {message}", file=sys.stderr, flush=True)
+
+
+def profile_peer(peer: str, model, inputs, args, cache_dir: str) -> Dict[str, Any]:
+    options = bench.peer_options(peer, args.precision, args.user_options, cache_dir)
+    fn = bench.compile_peer(peer, model, {k: v for k, v in options.items() if k != "mode"})
+    call = bench.make_call(peer, fn, inputs)
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            call()
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                call()
+            torch.cuda.synchronize()
+    per_kernel: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name
+        if name.startswith(("Memcpy", "Memset")) or "cudaGraph" in name:
+            continue
+        per_kernel[name][0] += event.device_time_total if hasattr(event, "device_time_total") \
+            else event.cuda_time_total
+        per_kernel[name][1] += 1
+    rows = sorted(((n, t / args.calls / 1000.0, c / args.calls) for n, (t, c) in per_kernel.items()),
+                  key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    return {"peer": peer, "sum_kernels_ms": total, "kernels_per_call": sum(r[2] for r in rows),
+            "top": [{"kernel": n[:160], "ms": ms, "count": c, "share": ms / total if total else 0.0}
+                    for n, ms, c in rows[:args.top]]}
+
+
+def format_profile(record: Dict[str, Any]) -> str:
+    lines = [f"{record['peer']}: {record['sum_kernels_ms']:.3f} ms of kernels per call, "
+             f"{record['kernels_per_call']:.0f} kernels"]
+    for r in record["top"]:
+        lines.append(f"  {r['ms'] * 1000:8.1f} us  x{r['count']:<4.0f} {100 * r['share']:5.1f}%  {r['kernel'][:110]}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_profile", description=__doc__.split("\n")[0])
+    p.add_argument("--case", default="resnet50:1", help="zoo model:batch")
+    p.add_argument("--peers", default="inductor,compile_backend[cuda_graphs=off]")
+    p.add_argument("--precision", choices=tuple(bench.PRECISIONS), default="fp16")
+    p.add_argument("--size", choices=("tiny", "base"), default="base")
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--options", default=None, help="compile_backend options (cache_dir, autotune...)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        log("needs a CUDA device")
+        return 2
+    import tempfile
+
+    name, batch = args.case.split(":")
+    model, inputs, _ = bench.load_model(name, args.size, int(batch), "cuda", 0)
+    dtype = bench.PRECISIONS[args.precision]
+    model = model.to(dtype)
+    inputs = tuple(bench._to(t, "cuda", dtype) for t in inputs)
+    user = args.user_options = bench.parse_options(args.options)
+    results = bench.ResultsFile(args.out)
+    env = bench.environment("cuda", commit=args.commit)
+    records = []
+    for peer in bench.parse_peers(args.peers):
+        torch._dynamo.reset()
+        with tempfile.TemporaryDirectory() as tmp, bench.fresh_compiler_caches(tmp):
+            cache_dir = user.get("cache_dir", tmp)
+            record = profile_peer(peer, model, inputs, args, cache_dir)
+        record.update(case=args.case, precision=args.precision, kind="kernel_profile", **env)
+        records.append(record)
+        print(format_profile(record), flush=True)
+        results.write(records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
