@@ -354,7 +354,7 @@ def sweep(deadline: float, follow_top: int = 4) -> list:
 
 
 def _short(cfg: dict) -> str:
-    return f"({cfg['block_m']},{cfg['block_n']},{cfg['num_warps']}w,{cfg['num_stages']}s{',tma' if cfg.get('tma') else ''}{',pipe' if cfg.get('pipeline') else ''})"
+    return f"({cfg['block_m']},{cfg['block_n']},{cfg['num_warps']}w,{cfg['num_stages']}s{',tma' if cfg.get('tma') else ''})"
 
 
 def winners(result: dict) -> list:

@@ -29,7 +29,16 @@ def log(message: str) -> None:
 
 def profile_peer(peer: str, model, inputs, args, cache_dir: str) -> Dict[str, Any]:
     options = bench.peer_options(peer, args.precision, args.user_options, cache_dir)
-    fn = bench.compile_peer(peer, model, {k: v for k, v in options.items() if k != "mode"})
+    report = None
+    if bench.split_peer(peer)[0] == "compile_backend":
+        # our peer with a Report attached: which groups ran in which implementation
+        from compile_backend.backend import compile_backend
+        from compile_backend.report import Report
+
+        report = Report()
+        fn = torch.compile(model, backend=lambda gm, ex: compile_backend(gm, ex, options=options, report=report))
+    else:
+        fn = bench.compile_peer(peer, model, {k: v for k, v in options.items() if k != "mode"})
     call = bench.make_call(peer, fn, inputs)
     with torch.no_grad():
         for _ in range(args.warmup):
@@ -54,7 +63,7 @@ def profile_peer(peer: str, model, inputs, args, cache_dir: str) -> Dict[str, An
     rows = sorted(((n, t / args.calls / 1000.0, c / args.calls) for n, (t, c) in per_kernel.items()),
                   key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    return {"peer": peer, "sum_kernels_ms": total, "kernels_per_call": sum(r[2] for r in rows),
+    return {"peer": peer, "report": str(report) if report is not None else None, "sum_kernels_ms": total, "kernels_per_call": sum(r[2] for r in rows),
             "top": [{"kernel": n[:160], "ms": ms, "count": c, "share": ms / total if total else 0.0}
                     for n, ms, c in rows[:args.top]]}
 

@@ -55,9 +55,7 @@ class AttentionConfig:
     block_m: query rows per program; block_n: keys per inner step (both powers of two >= 16,
     tl.dot's smallest tile); num_warps / num_stages: Triton launch options. tma: load K and V
     tiles through TMA tensor descriptors (Hopper's bulk copy engine) where their layout allows
-    it (fp16/bf16, 16-byte aligned strides; else plain loads run). pipeline: issue the next key
-    block's q k^T before this block's softmax (software pipelining) where the call has no mask,
-    is not causal and has a positive scale (else the plain loop runs).
+    it (fp16/bf16, 16-byte aligned strides; else plain loads run).
     """
 
     block_m: int = 64
@@ -65,12 +63,10 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False
-    pipeline: bool = False
 
     def __post_init__(self) -> None:
-        for flag in ("tma", "pipeline"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"AttentionConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"AttentionConfig.tma must be True or False, got {self.tma!r}")
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in _POW2_BLOCKS:
@@ -122,9 +118,6 @@ _CANDIDATES_16BIT = (
 #: the same shapes with K/V through TMA descriptors (fp16/bf16 only)
 _CANDIDATES_TMA = ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2),
                    (128, 64, 8, 3), (128, 32, 8, 2))
-#: software-pipelined loop (next block's q k^T before this block's softmax): plain calls only
-_CANDIDATES_PIPELINED = ((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
-                         (64, 32, 4, 3))
 _CANDIDATES_FP32 = ((128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2),
                     (128, 32, 4, 2))
 
@@ -140,17 +133,14 @@ def candidate_configs(
     skips them.
     """
     space = [default_config(head_dim, head_dim_v, seq_q, seq_k, dtype, causal)]
-    if dtype != torch.float32:
-        shapes = [(cfg, False, False) for cfg in _CANDIDATES_16BIT] + \
-            [(cfg, True, False) for cfg in _CANDIDATES_TMA]
-        if not causal:
-            shapes += [(cfg, False, True) for cfg in _CANDIDATES_PIPELINED]
+    if dtype == torch.float32:
+        shapes = [(cfg, False) for cfg in _CANDIDATES_FP32]
     else:
-        shapes = [(cfg, False, False) for cfg in _CANDIDATES_FP32]
-    for (block_m, block_n, num_warps, num_stages), tma, pipeline in shapes:
+        shapes = [(cfg, False) for cfg in _CANDIDATES_16BIT] + [(cfg, True) for cfg in _CANDIDATES_TMA]
+    for (block_m, block_n, num_warps, num_stages), tma in shapes:
         if block_m > _pow2_at_least(seq_q) or block_n > _pow2_at_least(seq_k):
             continue
-        cfg = AttentionConfig(block_m, block_n, num_warps, num_stages, tma, pipeline)
+        cfg = AttentionConfig(block_m, block_n, num_warps, num_stages, tma)
         if cfg not in space:
             space.append(cfg)
     return space
@@ -297,72 +287,6 @@ def _attend_key_blocks(
 
 
 @triton.jit
-def _full_k_t(k_base, kv_b, kv_h, start_n, offs_n, offs_d, d_ok, stride_kn, stride_kd,
-              EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # K^T tile [BLOCK_D, BLOCK_N] of a block of keys that are all inside Sk
-    if USE_TMA:
-        k_t = tl.trans(k_base.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-    else:
-        k_t = _load_tile(k_base + offs_d[:, None] * stride_kd + (start_n + offs_n)[None, :] * stride_kn,
-                         d_ok, d_ok, not EVEN_D, False)
-    return k_t
-
-
-@triton.jit
-def _full_v(v_base, kv_b, kv_h, start_n, offs_n, offs_dv, dv_ok, stride_vn, stride_vd,
-            EVEN_DV: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr):
-    # V tile [BLOCK_N, BLOCK_DV] of a block of keys that are all inside Sk
-    if USE_TMA:
-        v = v_base.load([kv_b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_DV)
-    else:
-        v = _load_tile(v_base + (start_n + offs_n)[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                       dv_ok, dv_ok, False, not EVEN_DV)
-    return v
-
-
-@triton.jit
-def _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    # one unmasked key block of the online softmax, the scale inside exp2 (SCALE_IN_EXP)
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _attend_pipelined(
-    acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, offs_n, offs_d, offs_dv, lo, hi,
-    stride_kn, stride_kd, stride_vn, stride_vd, head_dim, head_dim_v, qk_scale,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Unmasked key blocks [lo, hi), at least one, software-pipelined: q k^T of block j+1 is
-    issued before the softmax of block j, so that (Hopper's wgmma being asynchronous) the tensor
-    cores have work while the softmax runs, instead of the strict product -> softmax -> product
-    chain of _attend_key_blocks. Only for no mask, not causal, a positive scale (host checks)."""
-    d_ok = offs_d < head_dim
-    dv_ok = offs_dv < head_dim_v
-    k_t = _full_k_t(k_base, kv_b, kv_h, lo, offs_n, offs_d, d_ok, stride_kn, stride_kd,
-                    EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
-    qk = _dot(q, k_t, None, DOT_PRECISION, UPCAST_DOT)
-    for start_n in range(lo, hi - BLOCK_N, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k_t = _full_k_t(k_base, kv_b, kv_h, start_n + BLOCK_N, offs_n, offs_d, d_ok, stride_kn, stride_kd,
-                        EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
-        qk_next = _dot(q, k_t, None, DOT_PRECISION, UPCAST_DOT)
-        v = _full_v(v_base, kv_b, kv_h, start_n, offs_n, offs_dv, dv_ok, stride_vn, stride_vd,
-                    EVEN_DV, USE_TMA, BLOCK_N, BLOCK_DV)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION, UPCAST_DOT)
-        qk = qk_next
-    v = _full_v(v_base, kv_b, kv_h, hi - BLOCK_N, offs_n, offs_dv, dv_ok, stride_vn, stride_vd,
-                EVEN_DV, USE_TMA, BLOCK_N, BLOCK_DV)
-    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION, UPCAST_DOT)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def _flash_attention_fwd(
     Q, K, V, Mask, Out,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -373,7 +297,7 @@ def _flash_attention_fwd(
     num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr, PIPELINE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -414,17 +338,11 @@ def _flash_attention_fwd(
     else:
         hi = seq_k
         unmasked_hi = full_blocks_end
-    if PIPELINE:  # the host checked: no mask, not causal, scale > 0, Sk >= BLOCK_N
-        acc, l_i, m_i = _attend_pipelined(
-            acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, offs_n, offs_d, offs_dv, 0, unmasked_hi,
-            stride_kn, stride_kd, stride_vn, stride_vd, head_dim, head_dim_v, qk_scale,
-            EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
-    else:
-        acc, l_i, m_i = _attend_key_blocks(
-            acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, mask_rows, offs_m, offs_n, offs_d, offs_dv, 0,
-            unmasked_hi, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim,
-            head_dim_v, qk_scale, MASK_KIND, False, False, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV,
-            DOT_PRECISION, UPCAST_DOT, USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _attend_key_blocks(
+        acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, mask_rows, offs_m, offs_n, offs_d, offs_dv, 0, unmasked_hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+        MASK_KIND, False, False, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT, USE_TMA,
+        BLOCK_N, BLOCK_D, BLOCK_DV)
     if CAUSAL or not EVEN_N:  # else the range is empty: emit no second loop at all
         acc, l_i, m_i = _attend_key_blocks(
             acc, l_i, m_i, q, k_base, v_base, kv_b, kv_h, mask_rows, offs_m, offs_n, offs_d, offs_dv, unmasked_hi,
@@ -570,9 +488,6 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
 
         k_arg = TensorDescriptor(k, list(k.shape), _tma_strides(k), [1, 1, config.block_n, block_d])
         v_arg = TensorDescriptor(v, list(v.shape), _tma_strides(v), [1, 1, config.block_n, block_dv])
-    # the pipelined loop serves the plain case only: no mask, not causal, scale > 0, >= 1 key block
-    pipeline = config.pipeline and mask_kind == MASK_NONE and not causal and scale > 0 \
-        and seq_k >= config.block_n
     grid = (triton.cdiv(seq_q, config.block_m), batch * heads)
     _flash_attention_fwd[grid](
         q, k_arg, v_arg, mask_arg, out,
@@ -582,7 +497,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         EVEN_M=seq_q % config.block_m == 0, EVEN_N=seq_k % config.block_n == 0,
         EVEN_D=head_dim == block_d, EVEN_DV=head_dim_v == block_dv,
         DOT_PRECISION="tf32" if allow_tf32 else "ieee",
-        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, USE_TMA=use_tma, PIPELINE=pipeline,
+        UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, USE_TMA=use_tma,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -204,42 +204,6 @@ def test_tma_falls_back_to_plain_loads_where_the_layout_does_not_allow_it(count_
     assert count_descriptors == []
 
 
-PIPELINED = AttentionConfig(block_m=16, block_n=16, num_warps=4, num_stages=2, pipeline=True)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("sq,sk,d", [(37, 16, 32), (37, 67, 80), (19, 64, 64), (5, 9, 32)])
-def test_pipelined_loop_matches_reference(sq, sk, d, dtype, monkeypatch):
-    """The software-pipelined loop: one full key block (no steady state), several with a tail
-    block after them (the masked loop takes it), an exact multiple, and Sk < BLOCK_N (the
-    launcher runs the plain loop)."""
-    from compile_backend.kernels import attention
-
-    launched = []
-    real = attention._flash_attention_fwd
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["PIPELINE"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(attention, "_flash_attention_fwd", Spy())
-    q, k, v = _qkv(sq, sk, d, dtype)
-    out = flash_attention(q, k, v, None, None, False, PIPELINED, allow_tf32=False)
-    _assert_matches(out, _reference(q, k, v, None, None, False), dtype)
-    assert launched == [sk >= PIPELINED.block_n]
-
-
-def test_pipelined_config_leaves_masked_and_causal_calls_to_the_plain_loop():
-    q, k, v = _qkv(21, 50, 32, torch.float16)
-    mask = _padding_mask(50)
-    for mask_, causal, scale in ((mask, False, None), (None, True, None), (None, False, -0.3)):
-        out = flash_attention(q, k, v, mask_, scale, causal, PIPELINED)
-        _assert_matches(out, _reference(q, k, v, mask_, scale, causal), torch.float16)
-
-
 def test_launcher_rejects_bad_inputs():
     q, k, v = _qkv(5, 7, 32, torch.float16)
     with pytest.raises(ValueError, match="dtypes differ"):
@@ -270,10 +234,6 @@ def test_config_validation_and_defaults():
     assert candidate_configs(64, 64, 1, 17, torch.float16) == [default_config(64, 64, 1, 17, torch.float16)]
     with pytest.raises(ValueError, match="tma"):
         AttentionConfig(tma=1)
-    with pytest.raises(ValueError, match="pipeline"):
-        AttentionConfig(pipeline="yes")
-    assert any(c.pipeline for c in candidate_configs(64, 64, 512, 512, torch.float16))
-    assert not any(c.pipeline for c in space)  # causal: never pipelined
 
 
 # ----------------------------------------------------------------------------------------------
