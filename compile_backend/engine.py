@@ -13,11 +13,12 @@ another stream than the last one first waits for that stream's work).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -82,12 +83,24 @@ class Engine:
         self.n_args = n_args
         self._bind(args)
         self.cuda_graph: CudaGraphRunner | None = None
+        # the first call (and the CUDA graph's recording in it) runs inside this context: the
+        # pipeline points Triton's binary cache at our cache there, so the kernels and launchers
+        # Triton loads or builds lazily on that call come from (and go to) our cache directory
+        self.first_call_context: Callable[[], ContextManager] = contextlib.nullcontext
+        self._called = False
 
     def use_cuda_graph(self) -> None:
         """Record the launches once and replay them (inference on CUDA, static shapes)."""
         self.cuda_graph = CudaGraphRunner(self)
 
     def __call__(self, args: Sequence[Any]) -> Any:
+        if not self._called:
+            self._called = True
+            with self.first_call_context():
+                return self._call(args)
+        return self._call(args)
+
+    def _call(self, args: Sequence[Any]) -> Any:
         if self._bound and self._stale(args):
             self.refit(args)
         if self.cuda_graph is not None and self.cuda_graph.usable:

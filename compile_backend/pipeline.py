@@ -7,6 +7,7 @@ hand, so freezing, tuning and the one-time validation of every kernel use real v
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
@@ -108,6 +109,7 @@ def compile_graph(
     report.memory = memory_plan.summary(memory, graph, eager_peak)
     engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args, memory, device)
     engine.calls, engine.fallbacks = calls, fallbacks  # what the engine cache stores as the plan
+    engine.first_call_context = functools.partial(tuning_store.triton_binaries, scope, triton_enabled(device))
     if wants_cuda_graph(options, role, device):
         engine.use_cuda_graph()                                 # record once, replay launches
     report.cuda_graph = engine.cuda_graph is not None

@@ -154,3 +154,30 @@ def test_two_processes_build_one_entry(tmp_path):
     hits = sorted(queue.get(timeout=5) for _ in procs)
     assert hits == [0, 1]  # one built it, the other waited on the key's lock and loaded it
     assert len(list(pathlib.Path(tmp_path).rglob("manifest.json"))) == 1
+
+
+def test_first_engine_call_loads_triton_binaries_from_our_cache(tmp_path, monkeypatch):
+    """Triton builds or loads kernels and launchers lazily on the first launch: that call must
+    use our cache's Triton directory, or a warm process compiles them again elsewhere."""
+    from compile_backend.engine import Engine
+
+    seen = []
+    real = Engine._call
+
+    def spy(self, args):
+        seen.append(os.environ.get("TRITON_CACHE_DIR"))
+        return real(self, args)
+
+    monkeypatch.setattr(Engine, "_call", spy)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(5, 24)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="compile_backend", options={"cache_dir": str(tmp_path / "ours")})
+    with torch.no_grad():
+        compiled(x)
+        compiled(x)
+    assert len(seen) == 2
+    first = pathlib.Path(seen[0])
+    assert first.name == "triton" and (tmp_path / "ours") in first.parents
+    assert seen[1] == str(tmp_path / "elsewhere")  # later calls leave the process setting alone
