@@ -106,18 +106,26 @@ def test_group_conv_with_bias(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("chain", ["bn_block", "plain"])
+@pytest.mark.parametrize("chain", ["bn_block", "plain", "bias_relu", "bias_add_relu", "bias_only"])
 def test_vendor_path_epilogue_kernel(chain, dtype):
     """cuDNN + fused epilogue: ATen convolution, then the chain as one kernel over the
-    (pixel, channel) matrix of the channels-last output."""
+    (pixel, channel) matrix of the channels-last output. A convolution's own bias (folded BN)
+    moves into that kernel; a bias alone stays with ATen (no epilogue kernel to carry it)."""
     x = randn(2, 8, 7, 9, dtype=dtype, seed=14).contiguous(memory_format=CL)
     w, b = randn(12, 8, 3, 3, dtype=dtype, seed=15), randn(12, dtype=dtype, seed=16)
     r = randn(2, 12, 7, 9, dtype=dtype, seed=17).contiguous(memory_format=CL)
-    fn = bn_block if chain == "bn_block" else (lambda x, w, b, r: F.conv2d(x, w, None, 1, 1))
+    fn = {"bn_block": bn_block,
+          "plain": lambda x, w, b, r: F.conv2d(x, w, None, 1, 1),
+          "bias_relu": lambda x, w, b, r: F.relu(F.conv2d(x, w, b, 1, 1)),
+          "bias_add_relu": lambda x, w, b, r: F.relu(F.conv2d(x, w, b, 1, 1) + r),
+          "bias_only": lambda x, w, b, r: F.conv2d(x, w, b, 1, 1)}[chain]
     group = conv_group(fn, x, w, b, r)
     tuning = conv_candidates(group, context(), vendor=True)
     vendor = [c.name for c in tuning.candidates if c.impl == "cudnn"]
-    assert vendor == (["cudnn"] if chain == "plain" else ["cudnn + triton epilogue", "cudnn + aten epilogue"])
+    trivial = chain in ("plain", "bias_only")
+    assert vendor == (["cudnn"] if trivial else ["cudnn + triton epilogue", "cudnn + aten epilogue"])
+    loads = {"bn_block": 2, "plain": 0, "bias_relu": 1, "bias_add_relu": 2, "bias_only": 0}[chain]
+    assert tuning.sources["cudnn"].count("tl.load(L") == loads
     assert tuning.candidates[0].impl == "cudnn"  # the untuned choice on CUDA
     check_group(tuning.candidates[0].compile()(x, w, b, r), group, [x, w, b, r], dtype)
 
