@@ -46,13 +46,13 @@ def test_zoo_report_lists_every_graph():
 
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_zoo_groups_run_through_triton_under_interpreter(name):
-    """With TRITON_INTERPRET=1 every GEMM, conv, pointwise, reduction and attention group of a
+    """With TRITON_INTERPRET=1 every GEMM, conv, pointwise, reduction, attention and pool group of a
     tiny model runs in one of our Triton kernels (report impl 'triton'), nothing falls back
     except ops no kernel covers, and the output matches eager (checked above)."""
     model, inputs = zoo.get(name, "tiny")
     report = compile_backend.explain(model.eval(), *inputs)
     kernels = [k for g in report.graphs for k in g.kernels]
-    ours = [k for k in kernels if k["kind"] in ("gemm", "conv", "pointwise", "reduction", "attention")]
+    ours = [k for k in kernels if k["kind"] in ("gemm", "conv", "pointwise", "reduction", "attention", "pool")]
     assert ours
     not_triton = [(k["kind"], k["ops"], k["impl"]) for k in ours if k["impl"] != "triton"]
     assert not not_triton, not_triton

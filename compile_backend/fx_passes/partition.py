@@ -13,13 +13,14 @@ Policy, in priority order (earlier groups claim nodes first):
 3. reduction: softmax, log-softmax, layer norm, sum/mean/amax/amin/var/std/logsumexp, with their
    element-wise prologue (producers used only by the group) and epilogue; further reductions of
    the same shape over the same dims join (a decomposed RMS or layer norm is one group).
-4. pointwise: the remaining fusable element-wise ops, grown along their users while the output
+4. pool: each max_pool2d_with_indices alone, with the getitems that take its values/indices.
+5. pointwise: the remaining fusable element-wise ops, grown along their users while the output
    shape stays the group's shape (smaller operands broadcast).
-5. aten: any other op (embedding, pooling, cat, ops no generated kernel can express), alone.
+6. aten: any other op (embedding, avg pooling, cat, ops no generated kernel can express), alone.
 
 Never in a group: views of computed values (except the reshapes above and size-1 reshapes
-inside reductions), getitem (except of a grouped multi-output reduction), mutating ops (copy_,
-in-place ops), random ops, placeholders, constants.
+inside reductions), getitem (except of a grouped multi-output reduction or pooling), mutating
+ops (copy_, in-place ops), random ops, placeholders, constants.
 
 Dependency safety: every input a group reads from outside precedes the group's first node in
 graph order. That makes the groups acyclic and lets :func:`partition` move each group's nodes
@@ -34,19 +35,22 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
+from ..kernels.base import KINDS  # (imports neither Triton nor any kernel module)
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 _GEMMS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
                aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.logsumexp)
+_POOLS = (aten.max_pool2d_with_indices,)
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 _UNIT_VIEWS = _RESHAPES + (aten.unsqueeze, aten.squeeze)
 
 
 @dataclasses.dataclass
 class GroupSpec:
-    kind: str  # gemm | conv | pointwise | reduction | attention | aten
+    kind: str  # gemm | conv | pointwise | reduction | attention | pool | aten
     nodes: List[fx.Node]
     anchor: Optional[fx.Node] = None
 
@@ -83,6 +87,8 @@ def classify(node: fx.Node) -> Optional[str]:
         return "conv"
     if packet in _REDUCTIONS:
         return "reduction"
+    if packet in _POOLS:
+        return "pool"
     if fusable_pointwise(node):
         return "pointwise"
     return "aten"
@@ -133,6 +139,10 @@ class _Partitioner:
         for n in self.nodes:
             if self.kind[n] == "reduction" and n not in self.group_of:
                 self._add(GroupSpec("reduction", self._reduction_group(n)))
+        for n in self.nodes:
+            if self.kind[n] == "pool" and n not in self.group_of:
+                # the op returns (values, indices): its getitems make the group's outputs tensors
+                self._add(GroupSpec("pool", [n, *self._getitems(n)]))
         for n in self.nodes:
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
@@ -296,7 +306,7 @@ def validate(gm: fx.GraphModule, groups: List[GroupSpec]) -> None:
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     owner: Dict[fx.Node, int] = {}
     for gi, g in enumerate(groups):
-        assert g.kind in ("gemm", "conv", "pointwise", "reduction", "attention", "aten"), g.kind
+        assert g.kind in KINDS, g.kind
         assert g.nodes == sorted(g.nodes, key=index.__getitem__), f"group {gi} not in graph order"
         for n in g.nodes:
             assert n not in owner, f"{n.name} is in groups {owner[n]} and {gi}"

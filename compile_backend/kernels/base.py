@@ -1,8 +1,8 @@
 """What every kernel builder takes and returns.
 
 A *group* is a piece of the ATen graph that the partitioner decided should become one kernel
-(a GEMM with its epilogue, a pointwise chain, a row reduction, an attention block, or a single
-op ATen must run). A *builder* turns a group into a :class:`Kernel`, or raises
+(a GEMM with its epilogue, a pointwise chain, a row reduction, an attention block, a max
+pooling, or a single op ATen must run). A *builder* turns a group into a :class:`Kernel`, or raises
 :class:`Unsupported` with a reason; the selector then tries the next builder and finally ATen.
 
 This module imports neither Triton nor CUDA: builders import Triton lazily inside ``build``.
@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-KINDS = ("gemm", "conv", "pointwise", "reduction", "attention", "aten")
+KINDS = ("gemm", "conv", "pointwise", "reduction", "attention", "pool", "aten")
 
 
 class Unsupported(Exception):

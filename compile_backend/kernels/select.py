@@ -25,6 +25,7 @@ BUILDERS: Dict[str, Tuple[str, ...]] = {
     "pointwise": ("compile_backend.kernels.pointwise:build_pointwise",),
     "reduction": ("compile_backend.kernels.reduction:build_reduction",),
     "attention": ("compile_backend.kernels.attention:build_attention",),
+    "pool": ("compile_backend.kernels.pool:build_pool",),
 }
 
 #: relative error ‖out − ref‖ / ‖ref‖ a generated kernel may show against ATen, per dtype

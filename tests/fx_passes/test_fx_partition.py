@@ -116,6 +116,41 @@ def test_pointwise_chain_with_broadcasting_is_one_group():
     assert _kinds(groups) == [("pointwise", ("add", "sigmoid", "mul", "tanh"))]
 
 
+class ConvPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.max_pool2d(torch.relu(self.conv(x)), 3, 2, 1) * 2.0
+
+
+def test_max_pool_is_its_own_group_with_its_getitems():
+    # the pooling neither joins the conv's epilogue nor takes the pointwise op after it; its
+    # group holds the getitem of the values, so the group's output is a tensor
+    t, groups = _partitioned(ConvPool().eval(), torch.randn(2, 3, 9, 7))
+    assert _kinds(groups) == [("conv", ("convolution", "relu")), ("pool", ("max_pool2d_with_indices", "getitem")),
+                              ("pointwise", ("mul",))]
+    pool = next(n for n in t.gm.graph.nodes if n.target is aten.max_pool2d_with_indices.default)
+    assert classify(pool) == "pool" and groups[1].nodes[0] is pool
+
+
+def test_max_pool_group_takes_both_outputs_when_indices_are_used():
+    b = Builder()
+    x = b.input(torch.randn(1, 2, 6, 6))
+    pooled = b.op(aten.max_pool2d_with_indices.default, x, [2, 2], [2, 2])
+    values = b.op(operator.getitem, pooled, 0)
+    indices = b.op(operator.getitem, pooled, 1)
+    t = b.build(b.op(aten.relu.default, values), indices)
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("pool", ("max_pool2d_with_indices", "getitem", "getitem")), ("pointwise", ("relu",))]
+    from compile_backend.pipeline import extract_group
+
+    group = extract_group(t.gm, groups[0], "g0")
+    assert [o.args[1] for o in group.outputs] == [0, 1]  # values and indices leave the group
+
+
 def test_attention_op_is_alone_and_others_stay_apart():
     b = Builder()
     q, k, v = (b.input(torch.randn(1, 2, 3, 4)) for _ in range(3))
