@@ -217,6 +217,7 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         return Candidate("cudnn" + ("" if trivial else " + triton epilogue"), {"impl": "cudnn"}, compile_, "cudnn")
 
     probe = _Probe(group, ctx.device)
+    fused = _cudnn_fused_candidate(group, anchor, probe, (stride, padding, dilation, groups))
     level = tuning_level(ctx.options.autotune)
     if configs is None and interpret:
         configs = [conv_heuristic(m, ocg, cg, x_val.dtype, True)]
@@ -232,7 +233,7 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     if ctx.device.type == "cuda" if vendor is None else vendor:
         # cuDNN first: untuned, it beat the template on 21 of 23 ResNet-50 shapes (run 1); its
         # epilogue as one Triton kernel, or (timed too) as the group's own ATen ops
-        vendors = [vendor_candidate()]
+        vendors = [vendor_candidate()] + ([fused] if fused is not None else [])
         if not trivial:
             vendors.append(Candidate("cudnn + aten epilogue", {"impl": "cudnn", "epilogue": "aten"},
                                      lambda: _warmed(group.reference, probe), "cudnn"))
@@ -246,6 +247,68 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name == "cudnn + triton epilogue")
     return TemplateTuning("conv", key, candidates, probe.make, {"triton": main_src, "cudnn": vendor_src},
                           plan.out_layouts, writes_out)
+
+
+def _cudnn_fused_candidate(group: KernelGroup, anchor, probe, geometry) -> Optional[Candidate]:
+    """cuDNN's own fused convolution + bias + ReLU (``aten.cudnn_convolution_relu``) or
+    + bias + residual add + ReLU (``aten.cudnn_convolution_add_relu``): one kernel where the
+    other vendor candidates take two, for groups that are exactly that chain (fp16/bf16, the
+    result the only output). cuDNN rounds once at the end where eager rounds after the
+    convolution too: the difference is one fp16 rounding step, inside the validation tolerance.
+    None when the group is another chain (or these ops do not exist in this torch)."""
+    calls = [n for n in group.gm.graph.nodes if n.op == "call_function"]
+    x_node, w_node, b_node = anchor.args[:3]
+    out_val = meta_of(anchor)
+    if out_val.dtype not in (torch.float16, torch.bfloat16) or len(group.outputs) != 1:
+        return None
+    relu = calls[-1]
+    if group.outputs[0] is not relu or getattr(relu.target, "overloadpacket", None) is not torch.ops.aten.relu:
+        return None
+    residual = None
+    if calls == [anchor, relu] and relu.args[0] is anchor:
+        op = getattr(torch.ops.aten, "cudnn_convolution_relu", None)
+    elif len(calls) == 3 and calls[0] is anchor and relu.args[0] is calls[1]:
+        add = calls[1]
+        if getattr(add.target, "overloadpacket", None) is not torch.ops.aten.add or add.kwargs.get("alpha", 1) != 1 \
+                or len(add.args) != 2 or anchor not in add.args:
+            return None
+        residual = add.args[1] if add.args[0] is anchor else add.args[0]
+        r_val = meta_of(residual)
+        if residual not in group.placeholders or not isinstance(r_val, torch.Tensor) \
+                or r_val.shape != out_val.shape or r_val.dtype != out_val.dtype:
+            return None
+        op = getattr(torch.ops.aten, "cudnn_convolution_add_relu", None)
+    else:
+        return None
+    if op is None:
+        return None
+    stride, padding, dilation, groups = geometry
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    places = {p: i for i, p in enumerate(group.placeholders)}
+    ix, iw = places[x_node], places[w_node]
+    ib = places[b_node] if b_node is not None else None
+    ir = places[residual] if residual is not None else None
+    want = tuple(meta_of(relu).stride())
+
+    def compile_():
+        def run(*inputs, out=None):
+            x, w = inputs[ix], inputs[iw]
+            b = inputs[ib] if ib is not None else None
+            if ir is None:
+                y = op(x, w, b, stride, padding, dilation, groups)
+            else:
+                y = op(x, w, inputs[ir], 1.0, b, stride, padding, dilation, groups)
+            return (y,)
+
+        if probe.device.type == "cuda":
+            (y,) = run(*probe.first())
+            if tuple(y.stride()) != want:  # the engine plans the group's output layout
+                raise Unsupported(f"cuDNN fused conv wrote strides {tuple(y.stride())}, not {want}")
+        return run
+
+    name = "cudnn fused conv+bias+relu" if residual is None else "cudnn fused conv+bias+add+relu"
+    return Candidate(name, {"impl": "cudnn", "fused": "add_relu" if residual is not None else "relu"},
+                     compile_, "cudnn")
 
 
 def _pair(v: Any) -> Tuple[int, int]:

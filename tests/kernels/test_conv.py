@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from groups import context, make_group, randn  # tests/kernels/groups.py
-from compile_backend.kernels.base import KernelGroup, Unsupported
+from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
 from compile_backend.kernels.conv import build_conv, conv2d, conv2d_reference, conv_candidates
 from compile_backend.kernels.gemm import GemmConfig
+from compile_backend.options import Options
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DIRECT_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-3, atol=1e-3),
@@ -123,11 +124,34 @@ def test_vendor_path_epilogue_kernel(chain, dtype):
     tuning = conv_candidates(group, context(), vendor=True)
     vendor = [c.name for c in tuning.candidates if c.impl == "cudnn"]
     trivial = chain in ("plain", "bias_only")
-    assert vendor == (["cudnn"] if trivial else ["cudnn + triton epilogue", "cudnn + aten epilogue"])
+    fused = {"bias_relu": ["cudnn fused conv+bias+relu"], "bias_add_relu": ["cudnn fused conv+bias+add+relu"]}
+    fused = fused.get(chain, []) if dtype != torch.float32 else []  # cuDNN's fused ops: 16-bit only here
+    assert vendor == (["cudnn"] if trivial else ["cudnn + triton epilogue", *fused, "cudnn + aten epilogue"])
     loads = {"bn_block": 2, "plain": 0, "bias_relu": 1, "bias_add_relu": 2, "bias_only": 0}[chain]
     assert tuning.sources["cudnn"].count("tl.load(L") == loads
     assert tuning.candidates[0].impl == "cudnn"  # the untuned choice on CUDA
     check_group(tuning.candidates[0].compile()(x, w, b, r), group, [x, w, b, r], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chain", ["bias_relu", "bias_add_relu"])
+def test_gpu_cudnn_fused_candidate(chain, dtype):
+    """cuDNN's fused conv + bias (+ residual) + ReLU against the group's ATen reference, with
+    the channels-last output layout the engine planned."""
+    dev = "cuda"
+    x = randn(2, 16, 14, 14, dtype=dtype, seed=18).to(dev).contiguous(memory_format=CL)
+    w = randn(32, 16, 3, 3, dtype=dtype, seed=19).to(dev).contiguous(memory_format=CL)
+    b = randn(32, dtype=dtype, seed=20).to(dev)
+    r = randn(2, 32, 14, 14, dtype=dtype, seed=21).to(dev).contiguous(memory_format=CL)
+    fn = (lambda x, w, b, r: F.relu(F.conv2d(x, w, b, 1, 1))) if chain == "bias_relu" else \
+        (lambda x, w, b, r: F.relu(F.conv2d(x, w, b, 1, 1) + r))
+    group = conv_group(fn, x, w, b, r)
+    ctx = KernelContext(options=Options(), device=torch.device(dev), interpret=False)
+    tuning = conv_candidates(group, ctx, vendor=True)
+    fused = [c for c in tuning.candidates if c.name.startswith("cudnn fused")]
+    assert len(fused) == 1
+    check_group(fused[0].compile()(x, w, b, r), group, [x, w, b, r], dtype)
 
 
 def test_unsupported():
@@ -144,7 +168,6 @@ def test_unsupported():
 def test_gpu_tuned_bn_block(dtype, autotune, tmp_path):
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.timing_cache import TimingCache
-    from compile_backend.options import Options
 
     dev = torch.device("cuda")
     x = randn(8, 64, 28, 28, dtype=dtype, seed=18).to(dev).contiguous(memory_format=CL)
