@@ -27,8 +27,8 @@ def log(message: str) -> None:
     print(f"[kernel_profile] {message}", file=sys.stderr, flush=True)
 
 
-def profile_peer(peer: str, model, inputs, args, cache_dir: str) -> Dict[str, Any]:
-    options = bench.peer_options(peer, args.precision, args.user_options, cache_dir)
+def profile_peer(peer: str, model, inputs, args, user_options: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
+    options = bench.peer_options(peer, args.precision, user_options, cache_dir)
     report = None
     if bench.split_peer(peer)[0] == "compile_backend":
         # our peer with a Report attached: which groups ran in which implementation
@@ -57,13 +57,13 @@ def profile_peer(peer: str, model, inputs, args, cache_dir: str) -> Dict[str, An
         name = event.name
         if name.startswith(("Memcpy", "Memset")) or "cudaGraph" in name:
             continue
-        per_kernel[name][0] += event.device_time_total if hasattr(event, "device_time_total") \
-            else event.cuda_time_total
+        per_kernel[name][0] += event.device_time_total  # a kernel event: its own duration, us
         per_kernel[name][1] += 1
     rows = sorted(((n, t / args.calls / 1000.0, c / args.calls) for n, (t, c) in per_kernel.items()),
                   key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    return {"peer": peer, "report": str(report) if report is not None else None, "sum_kernels_ms": total, "kernels_per_call": sum(r[2] for r in rows),
+    return {"peer": peer, "report": str(report) if report is not None else None, "sum_kernels_ms": total,
+            "kernels_per_call": sum(r[2] for r in rows),
             "top": [{"kernel": n[:160], "ms": ms, "count": c, "share": ms / total if total else 0.0}
                     for n, ms, c in rows[:args.top]]}
 
@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dtype = bench.PRECISIONS[args.precision]
     model = model.to(dtype)
     inputs = tuple(bench._to(t, "cuda", dtype) for t in inputs)
-    user = args.user_options = bench.parse_options(args.options)
+    user = bench.parse_options(args.options)
     results = bench.ResultsFile(args.out)
     env = bench.environment("cuda", commit=args.commit)
     records = []
@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch._dynamo.reset()
         with tempfile.TemporaryDirectory() as tmp, bench.fresh_compiler_caches(tmp):
             cache_dir = user.get("cache_dir", tmp)
-            record = profile_peer(peer, model, inputs, args, cache_dir)
+            record = profile_peer(peer, model, inputs, args, user, cache_dir)
         record.update(case=args.case, precision=args.precision, kind="kernel_profile", **env)
         records.append(record)
         print(format_profile(record), flush=True)

@@ -282,6 +282,7 @@ def _cudnn_fused_candidate(group: KernelGroup, anchor, probe, geometry) -> Optio
         return None
     if op is None:
         return None
+    # (the chains above have no other call: x, w and the bias are the group's own inputs)
     stride, padding, dilation, groups = geometry
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     places = {p: i for i, p in enumerate(group.placeholders)}

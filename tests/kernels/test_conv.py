@@ -133,6 +133,23 @@ def test_vendor_path_epilogue_kernel(chain, dtype):
     check_group(tuning.candidates[0].compile()(x, w, b, r), group, [x, w, b, r], dtype)
 
 
+def test_cudnn_fused_candidate_only_for_its_exact_chain():
+    """Offered for relu(conv + bias) on the group's own inputs; not for a chain with more ops,
+    fp32, or a convolution of a view made inside the group."""
+    x = randn(2, 8, 7, 9, dtype=torch.float16, seed=22).contiguous(memory_format=CL)
+    w, b = randn(12, 8, 3, 3, dtype=torch.float16, seed=23), randn(12, dtype=torch.float16, seed=24)
+
+    def fused_names(fn, *inputs):
+        tuning = conv_candidates(conv_group(fn, *inputs), context(), vendor=True)
+        return [c.name for c in tuning.candidates if c.name.startswith("cudnn fused")]
+
+    assert fused_names(lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1)), x, w, b) == ["cudnn fused conv+bias+relu"]
+    assert fused_names(lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1)) * 2, x, w, b) == []
+    assert fused_names(lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1)), x.float(), w.float(), b.float()) == []
+    # a view of an input inside the group: the template reads through it, cuDNN's op would not
+    assert fused_names(lambda x, w, b: F.relu(F.conv2d(x.transpose(2, 3), w, b, 1, 1)), x, w, b) == []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chain", ["bias_relu", "bias_add_relu"])
