@@ -164,9 +164,27 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), _tma_strides(t), block, layout)
 
 
+def _unsupported(q, k, v, out, block_n: int) -> Optional[str]:
+    """The kernel's scope; anything else would read past or drop keys, so it is refused."""
+    if q.dtype not in _GL_DTYPES or not (q.dtype == k.dtype == v.dtype == out.dtype):
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}/{out.dtype} (fp16 or bf16, all equal)"
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or out.shape != q.shape:
+        return f"shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} out {tuple(out.shape)}"
+    if q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1]:
+        return f"head dim {q.shape[-1]} (64 or 128, equal for q, k, v)"
+    if k.shape[2] == 0 or k.shape[2] % block_n:
+        return f"Sk={k.shape[2]} must be a positive multiple of the key block {block_n}"
+    if any(t.stride(-1) != 1 for t in (q, k, v, out)):
+        return "the last dim of q, k, v and out must be contiguous (TMA)"
+    return None
+
+
 def launch(q, k, v, out, scale: float, block_m: int, block_n: int, stages: int, num_warps: int,
            specialized: bool = False, maxnreg: Optional[int] = None) -> None:
     b, h, sq, d = q.shape
+    problem = _unsupported(q, k, v, out, block_n)
+    if problem:
+        raise ValueError(f"attention_sm90_gluon.launch: {problem}")
     grid = (triton.cdiv(sq, block_m), b * h)
     kernel = _attention_fwd_sm90_ws if specialized else _attention_fwd_sm90
     kernel[grid](
