@@ -50,6 +50,10 @@ def __getattr__(name: str):
         from .report import Report
 
         return Report
+    if name == "refit":
+        from .weights import refit
+
+        return refit
     if name == "compile_backend":
         from .backend import compile_backend
 
@@ -57,4 +61,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'compile_backend' has no attribute {name!r}")
 
 
-__all__ = ["compile", "explain", "Options", "Report", "__version__"]
+__all__ = ["compile", "explain", "refit", "Options", "Report", "__version__"]

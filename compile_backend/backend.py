@@ -37,7 +37,7 @@ def compile_backend(
     from .pipeline import CompiledGraph
 
     def compile_aten(aten_gm, *, role, name, frozen):
-        return CompiledGraph(aten_gm, role=role, name=name, frozen=frozen, options=opts,
+        return CompiledGraph(aten_gm, role=role, name=name, frozen=frozen if opts.freeze else None, options=opts,
                              report_sink=report.new_graph)
 
     try:

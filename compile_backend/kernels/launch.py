@@ -144,13 +144,6 @@ def memo_stats() -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------ graph/launch helpers
-def is_view_op(target) -> bool:
-    import torch
-
-    return isinstance(target, torch._ops.OpOverload) and (
-        target.is_view or torch.Tag.view_copy in target.tags or target.overloadpacket is torch.ops.aten._unsafe_view)
-
-
 def map_nodes(value, env):
     """Replace FX nodes in an argument structure with their values from ``env``."""
     import torch.fx as fx

@@ -17,8 +17,7 @@ import torch
 import torch.fx as fx
 
 from . import expr
-from .base import KernelGroup, Unsupported, meta_of, op_name
-from .launch import is_view_op
+from .base import KernelGroup, Unsupported, is_view_op, meta_of, op_name
 
 aten = torch.ops.aten
 SEMANTIC = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
