@@ -46,7 +46,7 @@ from compile_backend.kernels.conv import build_conv
 from compile_backend.kernels.gemm import build_gemm
 from compile_backend.kernels.gemm_config import GemmConfig, candidate_configs, heuristic_config
 from compile_backend.kernels.gemm_runner import GemmRunner
-from compile_backend.kernels.timing_cache import TimingCache
+from compile_backend.cache.timing import TimingCache
 from compile_backend.options import Options
 
 DEV = torch.device("cuda")

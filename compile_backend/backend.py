@@ -75,7 +75,7 @@ def _describe_run(report: Report, opts: Options, example_inputs: Sequence[Any]) 
     report.device = device_name(device)
     report.options = opts.as_dict()
     report.versions = versions()
-    from .kernels.select import triton_enabled
+    from .kernels.base import triton_enabled
 
     report.generated_kernels = triton_enabled(device)
     from .cache.location import resolve_root

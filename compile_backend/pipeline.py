@@ -18,11 +18,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from . import capture, engine_cache, fx_passes, memory_plan, tuning_store
+from . import capture, fx_passes, memory_plan
+from .cache import plan as engine_cache, scope as tuning_store
 from .engine import Engine, GroupCall, WeightLayoutChanged
 from .fx_passes.constant_fold import constant_programs, freeze
-from .kernels.base import INTERPRETER_LOCK, KernelContext, KernelGroup, op_name
-from .kernels.select import choose_kernel, triton_enabled, triton_interpret
+from .kernels.base import INTERPRETER_LOCK, KernelContext, KernelGroup, op_name, triton_enabled, triton_interpret
+from .kernels.select import choose_kernel
 from .options import Options
 from .profiles import GraphProfiles, Plan
 from .report import GraphReport

@@ -54,7 +54,7 @@ def resolve_root(cache_dir: Optional[PathLike] = None) -> Path:
 
 
 def _interpreting() -> bool:
-    from ..kernels.select import triton_interpret
+    from ..kernels.base import triton_interpret
 
     return triton_interpret()
 

@@ -35,7 +35,7 @@ import triton.language as tl
 from .autotune import tuner_for
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, output_tensor
 from .launch import strides_for
-from .select import triton_interpret
+from .base import triton_interpret
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -16,7 +16,7 @@ What the tuner does, by ``Options.autotune``:
 - on CPU (the Triton interpreter) there is nothing worth timing: the heuristic choice wins,
   unless the tuner was given a timer explicitly (tests do, to exercise the timing path).
 
-Winners go to the :class:`~.timing_cache.TimingCache`; a later process with the same key
+Winners go to the timing store the context carries (``cache.timing.TimingCache``); a later process with the same key
 compiles only the cached winner and reports ``from_cache=True``.
 """
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .timing_cache import TimingCache, current_environment
 
 log = logging.getLogger("compile_backend")
 
@@ -178,6 +177,37 @@ class WallClockTimer:
         pass
 
 
+def current_environment(device: Any = None) -> Dict[str, str]:
+    """What a timing depends on besides the problem itself: the GPU and the software stack."""
+    import torch
+
+    env = {"torch": torch.__version__, "triton": _version("triton"), "compile_backend": _version("compile_backend")}
+    if device is not None and getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = props.name
+        env["arch"] = f"sm_{props.major}{props.minor}"
+    else:
+        env["gpu"] = "cpu"
+        env["arch"] = "cpu"
+    return env
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        if package == "triton":
+            try:
+                import triton
+
+                return triton.__version__
+            except Exception:
+                return "none"
+        return "dev"
+
+
 # --------------------------------------------------------------------------- tuner
 class Tuner:
     """Chooses among candidates; one instance per compilation so a seconds budget is shared."""
@@ -185,7 +215,7 @@ class Tuner:
     def __init__(
         self,
         autotune: Any = "fast",
-        cache: Optional[TimingCache] = None,
+        cache: Any = None,  # a timing store with get(key, env) / put(key, env, record): cache.timing.TimingCache
         device: Optional[torch.device] = None,
         progress: Optional[Callable[[str], None]] = None,
         timer: Any = None,

@@ -10,6 +10,8 @@ This module imports neither Triton nor CUDA: builders import Triton lazily insid
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -116,9 +118,9 @@ class KernelContext:
     options: Any  # compile_backend.options.Options
     device: torch.device
     interpret: bool  # Triton runs under TRITON_INTERPRET=1 (CPU tensors)
-    timing_cache: Any = None  # kernels.timing_cache.TimingCache (or a front with get/put) or None
+    timing_cache: Any = None  # a store with get/put (cache.timing.TimingCache, cache.plan.PlanTimings) or None
     progress: Optional[Callable[[str], None]] = None
-    plan: Any = None  # engine_cache.Plan of a cache hit: the cold build's decisions per group
+    plan: Any = None  # cache.plan.Plan of a cache hit: the cold build's decisions per group
 
     @property
     def autotune(self) -> Any:
@@ -127,6 +129,25 @@ class KernelContext:
     def say(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
+
+
+def triton_interpret() -> bool:
+    """Triton's own documented switch: kernels run on CPU tensors in its interpreter.
+
+    The one place the project reads it, with the spellings Triton itself accepts."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Our Triton kernels serve this device: CUDA, or CPU tensors under the interpreter."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and triton_interpret()
+
+
+def sha256(text: Optional[str]) -> Optional[str]:
+    """Hex digest of a kernel's generated source (plans record it; rebuilds compare it)."""
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
 def op_name(target: Any) -> str:

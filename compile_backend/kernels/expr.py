@@ -48,8 +48,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 import torch
 import torch.fx as fx
 
-from .base import Unsupported, meta_of
-from .select import triton_interpret
+from .base import Unsupported, meta_of, triton_interpret
 
 aten = torch.ops.aten
 prims = torch.ops.prims

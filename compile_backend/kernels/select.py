@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Kernel, KernelContext, KernelGroup, Unsupported
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, sha256, triton_enabled
 
 log = logging.getLogger("compile_backend")
 
@@ -35,19 +34,6 @@ VALIDATION_RTOL = {
     torch.float16: 1e-2,
     torch.bfloat16: 4e-2,
 }
-
-
-def triton_interpret() -> bool:
-    """Triton's own documented switch: kernels run on CPU tensors in its interpreter.
-
-    The one place the project reads it, with the spellings Triton itself accepts."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes", "y")
-
-
-def triton_enabled(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and triton_interpret()
 
 
 def aten_kernel(group: KernelGroup) -> Kernel:
@@ -136,8 +122,6 @@ def planned(group: KernelGroup, ctx: KernelContext) -> Optional[Dict[str, Any]]:
 def _same_as_planned(kernel: Kernel, decision: Optional[Dict[str, Any]]) -> bool:
     if decision is None or kernel.impl != decision.get("impl"):
         return False
-    from ..engine_cache import sha256
-
     return sha256(kernel.source) == decision.get("source_sha256")
 
 

@@ -1,4 +1,4 @@
-"""Auto-tuner (kernels/autotune.py) and timing cache (kernels/timing_cache.py).
+"""Auto-tuner (kernels/autotune.py) and timing cache (cache/timing.py).
 
 The tuner's timing path is exercised on the CPU with a wall-clock timer (the default timer on
 CPU is none: the heuristic wins without timing); candidates are Python functions that sleep
@@ -25,7 +25,8 @@ from compile_backend.kernels.base import KernelGroup
 from compile_backend.kernels.gemm import gemm_candidates
 from compile_backend.kernels.gemm_config import GemmConfig
 from compile_backend.kernels.template import choose_kernel_of
-from compile_backend.kernels.timing_cache import TimingCache, current_environment
+from compile_backend.cache.timing import TimingCache
+from compile_backend.kernels.autotune import current_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = TuningKey("test", "abc123", ((4, 4),), ((4, 1),), ("torch.float32",), "relu")
@@ -173,7 +174,7 @@ def test_corrupt_cache_file_is_ignored(tmp_path, caplog):
 WRITER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from compile_backend.kernels.timing_cache import TimingCache
+    from compile_backend.cache.timing import TimingCache
     cache = TimingCache({dir!r})
     env = {{"gpu": "test", "arch": "x"}}
     for i in range(15):
@@ -225,7 +226,7 @@ TUNE_IN_A_PROCESS = textwrap.dedent("""
     from compile_backend.kernels.autotune import Tuner, WallClockTimer
     from compile_backend.kernels.gemm import gemm_candidates
     from compile_backend.kernels.template import choose_kernel_of
-    from compile_backend.kernels.timing_cache import TimingCache
+    from compile_backend.cache.timing import TimingCache
     group, inputs = t.linear_group()
     ctx = t.context()
     ctx.tuner = Tuner("fast", cache=TimingCache({dir!r}), timer=WallClockTimer(), compile_workers=1)

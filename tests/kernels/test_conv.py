@@ -184,7 +184,7 @@ def test_unsupported():
 @pytest.mark.parametrize("dtype,autotune", [(torch.float16, "fast"), (torch.bfloat16, "off")], ids=str)
 def test_gpu_tuned_bn_block(dtype, autotune, tmp_path):
     from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.timing_cache import TimingCache
+    from compile_backend.cache.timing import TimingCache
 
     dev = torch.device("cuda")
     x = randn(8, 64, 28, 28, dtype=dtype, seed=18).to(dev).contiguous(memory_format=CL)

@@ -275,7 +275,7 @@ def test_config_sets_are_pruned_and_valid():
 @pytest.mark.parametrize("dtype,autotune", [(torch.float16, "fast"), (torch.bfloat16, "off"), (torch.float32, "off")], ids=str)
 def test_gpu_tuned_linear(dtype, autotune, tmp_path):
     from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.timing_cache import TimingCache
+    from compile_backend.cache.timing import TimingCache
     from compile_backend.options import Options
 
     dev = torch.device("cuda")

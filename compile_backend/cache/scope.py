@@ -19,7 +19,7 @@ _warned: Set[Tuple[str, str]] = set()
 
 
 def open_scope(cache_dir: Optional[str], device: torch.device) -> Optional[Path]:
-    from .cache import location, trust
+    from . import location, trust
 
     root = location.resolve_root(cache_dir)
     scope = location.scope_dir(root, location.device_arch(device), location.toolchain_tag())
@@ -45,7 +45,7 @@ def open_scope(cache_dir: Optional[str], device: torch.device) -> Optional[Path]
 def timing_cache(scope: Optional[Path]):
     if scope is None:
         return None
-    from .kernels.timing_cache import TimingCache
+    from .timing import TimingCache
 
     return TimingCache(str(scope / "timing"))
 
@@ -55,7 +55,7 @@ def triton_binaries(scope: Optional[Path], enabled: bool) -> Iterator[None]:
     if scope is None or not enabled:
         yield
         return
-    from .cache.location import triton_cache, triton_cache_dir
+    from .location import triton_cache, triton_cache_dir
 
     with triton_cache(triton_cache_dir(scope)):
         yield

@@ -32,37 +32,6 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def current_environment(device: Any = None) -> Dict[str, str]:
-    """What a timing depends on besides the problem itself: the GPU and the software stack."""
-    import torch
-
-    env = {"torch": torch.__version__, "triton": _version("triton"), "compile_backend": _version("compile_backend")}
-    if device is not None and getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(device)
-        env["gpu"] = props.name
-        env["arch"] = f"sm_{props.major}{props.minor}"
-    else:
-        env["gpu"] = "cpu"
-        env["arch"] = "cpu"
-    return env
-
-
-def _version(package: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(package)
-    except Exception:
-        if package == "triton":
-            try:
-                import triton
-
-                return triton.__version__
-            except Exception:
-                return "none"
-        return "dev"
-
-
 class TimingCache:
     """Tuning winners for one cache directory (the lead passes ``<cache_dir>/timing``)."""
 

@@ -28,6 +28,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from ..kernels.base import sha256
+from .entry import Artifacts
+from .key import CacheKey, tensor_digest
+
 log = logging.getLogger("compile_backend")
 
 PLAN_FORMAT = 1
@@ -36,8 +40,7 @@ PLAN_FORMAT = 1
 def graph_text(aten_gm: fx.GraphModule, role: str, frozen: Optional[Sequence[bool]]) -> str:
     """Canonical text of the ATen graph: its code (ops, arguments, wiring), which inputs are
     frozen weights, the role, and the contents of constants baked into the graph (not weights)."""
-    from .cache.key import tensor_digest
-    from .kernels.select import BUILDERS  # which builders may serve each group kind
+    from ..kernels.select import BUILDERS  # which builders may serve each group kind
 
     parts = [f"plan-format={PLAN_FORMAT}", f"role={role}",
              "frozen=" + "".join("1" if f else "0" for f in (frozen or ())),
@@ -53,13 +56,7 @@ def graph_text(aten_gm: fx.GraphModule, role: str, frozen: Optional[Sequence[boo
 
 
 def cache_key(aten_gm, args, *, role, frozen, options, device):
-    from .cache.key import CacheKey
-
     return CacheKey.create(graph_text(aten_gm, role, frozen), list(args), options, device=device)
-
-
-def sha256(text: Optional[str]) -> Optional[str]:
-    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
 @dataclasses.dataclass
@@ -121,8 +118,6 @@ def _plain(value: Any) -> Any:
 def artifacts(calls: Sequence[Any], fallbacks: Mapping[str, List[Dict[str, str]]],
               timings: PlanTimings, engine_source: str):
     """The entry for a finished cold build: the plan as meta, sources as files, no tensors."""
-    from .cache.entry import Artifacts
-
     files = {"engine.py": engine_source.encode()}
     groups = []
     for call in calls:
