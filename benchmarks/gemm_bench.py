@@ -134,7 +134,7 @@ def tflops(flops: float, ms: float) -> float:
 
 def plain_runner(cfg: GemmConfig, precision: str = "fp32") -> GemmRunner:
     spec = tpl.EpilogueSpec(stores=("acc",))
-    dot = tpl.dot_fields("float16", precision, SMOKE, False)
+    dot = tpl.dot_fields("float16", precision != "fp32", SMOKE, False)
     src, name = tpl.render_gemm(spec, dot)
     tma = None
     if cfg.tma:

@@ -34,7 +34,7 @@ def compile_backend(
     report = report if report is not None else Report()
     _describe_run(report, opts, example_inputs)
     from . import capture
-    from .pipeline import CompiledGraph
+    from .runtime import CompiledGraph
 
     def compile_aten(aten_gm, *, role, name, frozen):
         return CompiledGraph(aten_gm, role=role, name=name, frozen=frozen if opts.freeze else None, options=opts,

@@ -67,6 +67,10 @@ class Engine:
         memory: Any = None,  # memory_plan.MemoryPlan of ``graph``
         device: Optional[torch.device] = None,
         interpreted: bool = False,  # its kernels run in Triton's interpreter (not thread-safe)
+        calls: Sequence[GroupCall] = (),  # its kernel groups, in graph order (the cached plan)
+        fallbacks: Optional[Dict[str, List[Dict[str, str]]]] = None,  # per group: why ATen runs it
+        first_call_context: Callable[[], ContextManager] = contextlib.nullcontext,
+        cuda_graph: bool = False,  # record the launches once and replay them (CUDA inference)
     ):
         self.constants = constants
         self.programs = list(programs)
@@ -87,16 +91,13 @@ class Engine:
         self.n_args = n_args
         self._watch = WeightWatch()
         self._bind(args)
-        self.cuda_graph: CudaGraphRunner | None = None
+        self.calls, self.fallbacks = list(calls), dict(fallbacks or {})
         # the first call (and the CUDA graph's recording in it) runs inside this context: the
         # pipeline points Triton's binary cache at our cache there, so the kernels and launchers
         # Triton loads or builds lazily on that call come from (and go to) our cache directory
-        self.first_call_context: Callable[[], ContextManager] = contextlib.nullcontext
+        self.first_call_context = first_call_context
         self._called = False
-
-    def use_cuda_graph(self) -> None:
-        """Record the launches once and replay them (inference on CUDA, static shapes)."""
-        self.cuda_graph = CudaGraphRunner(self)
+        self.cuda_graph: CudaGraphRunner | None = CudaGraphRunner(self) if cuda_graph else None
 
     def __call__(self, args: Sequence[Any]) -> Any:
         if not self._called:

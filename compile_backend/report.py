@@ -20,6 +20,8 @@ class GraphReport:
     name: str
     role: str  # inference | forward | backward
     passes: Dict[str, int] = dataclasses.field(default_factory=dict)
+    # per-rule matches of the passes made of rules: {pass: {rule: count}}
+    rules: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
     kernels: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     fallbacks: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     shapes: List[str] = dataclasses.field(default_factory=list)
@@ -36,6 +38,17 @@ class GraphReport:
     # the tuner's counters for this graph's build (kernels.autotune.Tuner.stats): {"tuned",
     # "from_cache", "heuristic", "candidates_timed", "seconds"}; empty when no kernel was tuned
     tuning: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def fired(self) -> str:
+        """Passes that fired, each with its rules that did: ``fold_batchnorm=53
+        (fold_batchnorm.conv_bn: 53)``."""
+        parts = []
+        for name, n in self.passes.items():
+            if not n:
+                continue
+            per_rule = [f"{name}.{rule}: {c}" for rule, c in self.rules.get(name, {}).items() if c]
+            parts.append(f"{name}={n}" + (f" ({', '.join(per_rule)})" if per_rule else ""))
+        return ", ".join(parts) or "none fired"
 
     def groups_by_kind(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
@@ -103,8 +116,7 @@ class Report:
             lines.append(f"== {g.name} ({g.role})  shapes: {'; '.join(g.shapes) or '-'}  compile {g.compile_s:.2f}s"
                          + ("  cuda graph" if g.cuda_graph else "")
                          + (f"  engine cache {g.cache['engine']}" if g.cache.get("engine") else ""))
-            fired = {k: v for k, v in g.passes.items() if v}
-            lines.append("passes: " + (", ".join(f"{k}={v}" for k, v in fired.items()) or "none fired"))
+            lines.append("passes: " + g.fired())
             lines.append("groups: " + (", ".join(f"{k}={v}" for k, v in sorted(g.groups_by_kind().items())) or "none"))
             if g.memory:
                 m = g.memory
@@ -135,8 +147,7 @@ class Report:
             parts.append(f"<p>{html.escape(NO_GENERATED_KERNELS)}</p>")
         for g in self.graphs:
             parts.append(f"<h5>{html.escape(g.name)} ({g.role})</h5>")
-            fired = ", ".join(f"{k}={v}" for k, v in g.passes.items() if v) or "none fired"
-            parts.append(f"<p>passes: {html.escape(fired)}</p>")
+            parts.append(f"<p>passes: {html.escape(g.fired())}</p>")
             parts.append("<table><tr><th>#</th><th>kind</th><th>impl</th><th>ops</th><th>config</th></tr>")
             for i, k in enumerate(g.kernels):
                 ops = ", ".join(dict.fromkeys(k["ops"]))

@@ -271,16 +271,16 @@ def test_engine_bound_warns_once_and_stays_correct():
 def test_weight_with_another_layout_rebuilds_the_engine(monkeypatch):
     """Frozen weights are not in the per-call engine key (it runs on every call); a weight
     replaced by a tensor of another layout makes the engine refuse it and a new one is built."""
-    from compile_backend import pipeline
+    from compile_backend import runtime
 
     made = []
 
-    class Recording(pipeline.CompiledGraph):
+    class Recording(runtime.CompiledGraph):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             made.append(self)
 
-    monkeypatch.setattr(pipeline, "CompiledGraph", Recording)
+    monkeypatch.setattr(runtime, "CompiledGraph", Recording)
     torch.manual_seed(0)
     model, x = torch.nn.Linear(8, 8).eval(), torch.randn(3, 8)
     compiled = torch.compile(model, backend="compile_backend")

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent / "kernels"))
 
 import compile_backend  # noqa: E402
-from compile_backend import memory_plan, pipeline  # noqa: E402
+from compile_backend import groups, memory_plan, pipeline  # noqa: E402
 from compile_backend.engine import Engine, GroupCall  # noqa: E402
 from compile_backend.kernels.base import Kernel, KernelGroup  # noqa: E402
 from compile_backend.memory_plan import ALIGN, Buffer, MemoryPlan, assign, check  # noqa: E402
@@ -93,7 +93,7 @@ class EngineGraph:
         node = self.graph.call_function(call, tuple(inputs))
         items = []
         for k in range(len(layouts)):
-            item = self.graph.call_function(pipeline._getitem, (node, k))
+            item = self.graph.call_function(groups.getitem, (node, k))
             item.meta["val"] = outs[k].meta["val"] if k < len(sizes) else inputs[0].meta["val"]
             items.append(item)
         return items
@@ -183,7 +183,7 @@ def test_fresh_op_reads_schemas_conservatively():
     for op in (aten.view.default, aten._unsafe_view.default, aten.add_.Tensor, aten.reshape.default,
                aten.type_as.default, aten.set_.source_Tensor, aten.copy_.default):
         assert not memory_plan.fresh_op(op), op
-    assert not memory_plan.fresh_op(pipeline._getitem)
+    assert not memory_plan.fresh_op(groups.getitem)
 
 
 def _buf(name, start, end, size, offset=-1):
@@ -243,7 +243,7 @@ def _aliases(graph: fx.Graph):
             continue
         if n.target in (aten.view.default, aten.add_.Tensor):
             src = n.args[0]
-        elif n.target is pipeline._getitem and n.args[0].target.group.outputs[n.args[1]].op == "placeholder":
+        elif n.target is groups.getitem and n.args[0].target.group.outputs[n.args[1]].op == "placeholder":
             src = n.args[0].args[0]  # the pass-through output is the call's first input
         else:
             continue

@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Set, Tuple
+from typing import Iterator, Optional
 
 import torch
-
-_warned: Set[Tuple[str, str]] = set()
-
 
 def open_scope(cache_dir: Optional[str], device: torch.device) -> Optional[Path]:
     from . import location, trust
@@ -62,7 +59,5 @@ def triton_binaries(scope: Optional[Path], enabled: bool) -> Iterator[None]:
 
 
 def _warn_once(cause: str, path: str) -> None:
-    if (cause, path) in _warned:
-        return
-    _warned.add((cause, path))
+    # Python's default warning filter shows a message once per place: no registry of our own
     warnings.warn(f"compile_backend: not caching in {path}: {cause}", stacklevel=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .attention import fuse_attention
-from .base import Pass, PassContext, PassRegistry
+from .base import Pass, PassContext, PassCounts, PassRegistry, total
 from .batchnorm import fold_batchnorm
 from .cleanup import eliminate_dead_code
 from .cleanup_rules import eliminate_common_subexpressions, remove_noops
@@ -28,9 +28,9 @@ REGISTRY.register("constant_fold", inference_only=True)(constant_fold)
 REGISTRY.register("eliminate_dead_code")(eliminate_dead_code)
 
 
-def run_passes(gm: fx.GraphModule, ctx: PassContext) -> dict:
-    """Run every registered pass; returns {pass name: matches}."""
+def run_passes(gm: fx.GraphModule, ctx: PassContext) -> PassCounts:
+    """Run every registered pass; returns its totals and per-rule counts."""
     return REGISTRY.run(gm, ctx)
 
 
-__all__ = ["PassContext", "Pass", "REGISTRY", "run_passes", "partition", "GroupSpec"]
+__all__ = ["PassContext", "Pass", "PassCounts", "REGISTRY", "run_passes", "partition", "GroupSpec", "total"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -68,10 +68,10 @@ class _Match:
     causal: bool = False
 
 
-def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
+def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     """Replace attention chains and SDPA ops with compile_backend.attention; returns how many."""
     if ctx.training:
-        return 0
+        return {}
     return apply_rules(gm, ctx, ATTENTION_RULES)
 
 

@@ -14,7 +14,7 @@ in training graphs or when a BN parameter or the layer's weight is not a frozen 
 from __future__ import annotations
 
 import operator
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -36,10 +36,10 @@ class _BN(NamedTuple):
     eps: float
 
 
-def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> int:
+def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     """Fold inference BatchNorms into the conv / linear before them; returns how many."""
     if ctx.training:
-        return 0
+        return {}
     return apply_rules(gm, ctx, BATCHNORM_RULES)
 
 

@@ -86,7 +86,7 @@ def _freeze(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- no-ops
-def remove_noops(gm: fx.GraphModule, ctx: PassContext) -> int:
+def remove_noops(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     """Replace nodes that reproduce one of their inputs exactly; returns how many."""
     return apply_rules(gm, ctx, NOOP_RULES)
 

@@ -42,11 +42,11 @@ class MergeRule:
     build: Callable[[fx.Graph, fx.Node, List[fx.Node]], Tuple[fx.Node, List[int]]]  # merged node, split sizes
 
 
-def merge_parallel_gemms(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Merge GEMMs / 1x1 convs reading one input; returns the number of merged groups."""
+def merge_parallel_gemms(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
+    """Merge GEMMs / 1x1 convs reading one input; returns the merged groups per rule."""
     graph = gm.graph
     facts = Facts(gm, ctx)
-    merged = 0
+    counts = {rule.name: 0 for rule in MERGE_RULES}
     changed: List[fx.Node] = []
     for x in list(graph.nodes):
         if x in facts.unsafe:
@@ -68,11 +68,11 @@ def merge_parallel_gemms(gm: fx.GraphModule, ctx: PassContext) -> int:
             if not rule.pays(members):
                 continue
             changed.extend(_merge(graph, rule, x, members))
-            merged += 1
-    if merged:
+            counts[rule.name] += 1
+    if changed:
         sort_topologically(graph)
         propagate_meta(graph, changed)
-    return merged
+    return counts
 
 
 # ----------------------------------------------------------------------------- members

@@ -3,7 +3,7 @@
 A :class:`Rule` is a pattern (``match(node, ctx)`` returns what it found, or None), a
 replacement (``rewrite(gm, node, found)`` edits the graph so that ``node``'s users read the new
 value) and a one-line comment saying what it does. :func:`apply_rules` walks the graph until no
-rule fires and returns how many times they fired. Passes keep their rules in a module-level
+rule fires and returns how many times each fired ({rule name: count}). Passes keep their rules in a module-level
 tuple so the list of rewrites can be read (and tested) on its own.
 
 The helpers keep the invariants of README.md: new nodes get ``meta['val']`` from fake-tensor
@@ -59,9 +59,11 @@ class Facts:
         return self._outputs
 
 
-def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: Sequence[Rule], max_rounds: int = 8) -> int:
-    """Apply ``rules`` to every node until none fires (at most ``max_rounds`` sweeps)."""
-    count = 0
+def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: Sequence[Rule],
+                max_rounds: int = 8) -> Dict[str, int]:
+    """Apply ``rules`` to every node until none fires (at most ``max_rounds`` sweeps); returns
+    {rule name: matches}, every rule listed (0 when it never fired)."""
+    counts = {rule.name: 0 for rule in rules}
     for _ in range(max_rounds):
         fired = 0
         facts = Facts(gm, ctx)
@@ -74,12 +76,12 @@ def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: Sequence[Rule], max
                     continue
                 rule.rewrite(gm, node, found)
                 erase_if_dead(gm.graph, [node])
+                counts[rule.name] += 1
                 fired += 1
                 break
-        count += fired
         if not fired:
             break
-    return count
+    return counts
 
 
 # ----------------------------------------------------------------------------- node tests

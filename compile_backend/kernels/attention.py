@@ -560,9 +560,7 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     if problem is not None:
         raise Unsupported(problem)
     q_meta, k_meta, v_meta = metas["q"], metas["k"], metas["v"]
-    # fp32 attention may use TF32 tensor cores only when the user's precision allows it
-    precision = getattr(ctx.options, "precision", "fp32")
-    allow_tf32 = precision != "fp32"
+    allow_tf32 = ctx.allow_tf32  # fp32 attention on TF32 tensor cores only when precision allows
     dims = (q_meta.shape[-1], v_meta.shape[-1], q_meta.shape[-2], k_meta.shape[-2], q_meta.dtype, causal)
     tuned = config is None and tuner_for(ctx).times
     if config is None:
@@ -596,11 +594,11 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
     """Our kernel's configs timed against PyTorch SDPA (the vendor candidate, through the group's
     ATen reference), so a tuned attention is never slower than SDPA on this GPU and shape.
     ``fast`` times the heuristic and the next five configs, ``max`` the whole list."""
-    from .autotune import Candidate, TuningKey, tuning_level
+    from .autotune import Candidate, TuningKey
     from .template import Probe, group_dtypes, group_shapes, group_strides
 
     configs = candidate_configs(*dims)
-    if tuning_level(ctx.options.autotune) != "max":
+    if ctx.tuning != "max":
         configs = configs[:6]
     candidates = [Candidate(f"triton {c.as_dict()}", {"impl": "triton", **c.as_dict()},
                             (lambda c=c: runner(c)), "triton") for c in configs]

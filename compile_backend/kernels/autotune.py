@@ -34,6 +34,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .base import tuning_level
+
 
 log = logging.getLogger("compile_backend")
 
@@ -59,17 +61,6 @@ SETTINGS = {
     "budget": TuningSettings(min_reps=5, max_reps=30, target_ms=15.0),
     "max": TuningSettings(min_reps=10, max_reps=100, target_ms=60.0),
 }
-
-
-def tuning_level(autotune: Any) -> str:
-    """'off' | 'fast' | 'max' | 'budget' (a number of seconds) for an ``Options.autotune`` value."""
-    if isinstance(autotune, str):
-        if autotune not in ("off", "fast", "max"):
-            raise ValueError(f"autotune must be off, fast, max or seconds, got {autotune!r}")
-        return autotune
-    if isinstance(autotune, (int, float)) and not isinstance(autotune, bool) and autotune > 0:
-        return "budget"
-    raise ValueError(f"autotune must be off, fast, max or seconds, got {autotune!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,16 +378,7 @@ class Tuner:
 def tuner_for(ctx: Any) -> Tuner:
     """The tuner of one compilation (a ``KernelContext``), created on first use and kept on it
     so that a seconds budget is shared by every group the context builds."""
-    tuner = getattr(ctx, "tuner", None)
-    if tuner is None:
-        tuner = Tuner(
-            autotune=ctx.options.autotune,
-            cache=getattr(ctx, "timing_cache", None),
-            device=ctx.device,
-            progress=getattr(ctx, "progress", None),
-        )
-        try:
-            ctx.tuner = tuner
-        except Exception:  # a frozen context: the tuner then lives per build
-            pass
-    return tuner
+    if ctx.tuner is None:
+        ctx.tuner = Tuner(autotune=ctx.options.autotune, cache=ctx.timing_cache, device=ctx.device,
+                          progress=ctx.progress)
+    return ctx.tuner

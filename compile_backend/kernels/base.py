@@ -111,9 +111,35 @@ class Kernel:
                 "tuned_from_cache": self.tuned_from_cache}
 
 
+TUNING_LEVELS = ("off", "fast", "max")
+
+
+def tuning_level(autotune: Any) -> str:
+    """'off' | 'fast' | 'max' | 'budget' (a number of seconds) for an ``Options.autotune`` value."""
+    if isinstance(autotune, str):
+        if autotune not in TUNING_LEVELS:
+            raise ValueError(f"autotune must be off, fast, max or seconds, got {autotune!r}")
+        return autotune
+    if isinstance(autotune, (int, float)) and not isinstance(autotune, bool) and autotune > 0:
+        return "budget"
+    raise ValueError(f"autotune must be off, fast, max or seconds, got {autotune!r}")
+
+
+def allows_tf32(precision: str) -> bool:
+    """fp32 GEMMs, convolutions and attention may use TF32 tensor cores under this
+    ``Options.precision`` (anything but ``fp32``, which keeps eager's IEEE fp32 products)."""
+    return precision != "fp32"
+
+
 @dataclasses.dataclass
 class KernelContext:
-    """What a builder may know about the compilation: options, device, tuning, progress."""
+    """What a builder may know about the compilation: options, device, tuning, progress.
+
+    The options are interpreted once, here: ``tuning`` (the tuning level) and ``allow_tf32``
+    are what builders read, never ``options.autotune`` / ``options.precision`` themselves.
+    ``tuner`` is the compilation's one tuner (``autotune.tuner_for`` makes it on first use),
+    so a seconds budget is shared by every group the context builds.
+    """
 
     options: Any  # compile_backend.options.Options
     device: torch.device
@@ -121,6 +147,13 @@ class KernelContext:
     timing_cache: Any = None  # a store with get/put (cache.timing.TimingCache, cache.plan.PlanTimings) or None
     progress: Optional[Callable[[str], None]] = None
     plan: Any = None  # cache.plan.Plan of a cache hit: the cold build's decisions per group
+    tuner: Any = None  # autotune.Tuner, made by the first group that tunes
+    tuning: str = dataclasses.field(init=False)  # tuning_level(options.autotune)
+    allow_tf32: bool = dataclasses.field(init=False)  # allows_tf32(options.precision)
+
+    def __post_init__(self) -> None:
+        self.tuning = tuning_level(self.options.autotune)
+        self.allow_tf32 = allows_tf32(self.options.precision)
 
     @property
     def autotune(self) -> Any:

@@ -27,8 +27,8 @@ import torch
 import torch.fx as fx
 
 from . import gemm_template as tpl
-from .autotune import Candidate, TuningKey, tuning_level
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .autotune import Candidate, TuningKey
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, allows_tf32, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config
 from .gemm_runner import epilogue_only
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, choose_kernel_of,
@@ -92,7 +92,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
         lines.append(f"acc_v = acc_v + r{len(loads) - 1}.to(tl.float32)")
     spec = tpl.EpilogueSpec(loads=tuple(f"r{i}" for i in range(len(loads))), lines=tuple(lines), stores=("acc_v",))
     interpret = x.device.type == "cpu"
-    source, name = tpl.render_conv(spec, tpl.dot_fields(dtype_name(x.dtype), precision, interpret, False))
+    source, name = tpl.render_conv(spec, tpl.dot_fields(dtype_name(x.dtype), allows_tf32(precision), interpret, False))
     cfg = config or conv_heuristic(shape[0] * oh * ow, w.shape[0] // groups, w.shape[1], x.dtype, interpret)
     ConvRunner(tpl.load_kernel(source, name), cfg, stride, padding, dilation, groups)(x, w, loads, [out])
     return out
@@ -224,7 +224,7 @@ def _render_sources(problem: ConvProblem, plan: tpl.EpiloguePlan, ctx: KernelCon
     has_bias = problem.bias is not None
     dtype = problem.out_val.dtype
     main_lines = [f"acc_v = {expr.round_to('(acc + x0)' if has_bias else 'acc', dtype)}"]
-    dot = tpl.dot_fields(dtype_name(problem.x_val.dtype), ctx.options.precision, ctx.device.type != "cuda", False)
+    dot = tpl.dot_fields(dtype_name(problem.x_val.dtype), ctx.allow_tf32, ctx.device.type != "cuda", False)
     # cuDNN + epilogue: cuDNN convolves without the bias and the epilogue kernel adds it (ATen's
     # cuDNN path adds a bias as a kernel of its own: one launch and one pass over the output
     # more, ~3 us a conv at ResNet-50 batch 1); the sum is rounded where eager rounds it
@@ -241,7 +241,7 @@ def _template_configs(problem: ConvProblem, ctx: KernelContext) -> List[GemmConf
     p = problem
     if ctx.device.type != "cuda":
         return [conv_heuristic(p.m, p.ocg, p.cg, p.x_val.dtype, True)]
-    level = tuning_level(ctx.options.autotune)
+    level = ctx.tuning
     # tiles over 128x128 spill here (the per-row pixel indices cost registers): 5-10x slower
     # on H100 in run 1 (benchmarks/notes/gemm.md)
     pool = [_clamp_k(c, p.cg) for c in candidate_configs(p.m, p.ocg, p.cg * p.kh * p.kw, 1, p.x_val.dtype,

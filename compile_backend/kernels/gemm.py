@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from . import gemm_template as tpl
-from .autotune import Candidate, TuningKey, tuning_level
+from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config, tma_heuristic
 from .gemm_runner import MAX_BATCH, GemmRunner, epilogue_only
@@ -175,7 +175,7 @@ def _render_sources(problem: GemmProblem, plan: tpl.EpiloguePlan, ctx: KernelCon
         value += f" + x0 * {problem.beta!r}" if problem.beta != 1 else " + x0"
     main_lines = [f"acc_v = {expr.round_to(f'({value})', problem.out_val.dtype)}"]
     interpret = ctx.device.type != "cuda"
-    dot = tpl.dot_fields(dtype_name(problem.dtype), ctx.options.precision, interpret, int_acc=False)
+    dot = tpl.dot_fields(dtype_name(problem.dtype), ctx.allow_tf32, interpret, int_acc=False)
     vendor_skip = len(_anchor_loads(problem))
     return GemmSources(main=tpl.render_gemm(tpl.epilogue_spec(plan, main_lines), dot),
                        tma=tpl.render_gemm_tma(tpl.epilogue_spec(plan, main_lines), dot),
@@ -198,7 +198,7 @@ def _template_configs(problem: GemmProblem, ctx: KernelContext, tma: bool, tma_f
     p = problem
     if ctx.device.type != "cuda":
         return [heuristic_config(p.m, p.n, p.k, p.batch, p.dtype, interpret=True)]
-    level = tuning_level(ctx.options.autotune)
+    level = ctx.tuning
     lvl = "max" if level == "max" else ("off" if level == "off" else "fast")
     configs = candidate_configs(p.m, p.n, p.k, p.batch, p.dtype, lvl, *device_limits(ctx.device))
     return _with_tma_configs(configs, lvl, tma_first, p) if tma else configs

@@ -10,6 +10,7 @@ import torch
 from . import gemm_template as tpl
 from .gemm_config import GemmConfig, heuristic_config
 from .gemm_runner import GemmRunner
+from .base import allows_tf32
 from .template import FLOAT_DTYPES, QUANT_DTYPES, as3d, dtype_name
 
 aten = torch.ops.aten
@@ -52,7 +53,7 @@ def gemm(
     spec, loads = _direct_epilogue((batch, m, n), out_shape, int_acc, out_dtype, scale_a, scale_b, bias, activation,
                                    residual)
     interpret = a.device.type == "cpu"
-    source, name = tpl.render_gemm(spec, tpl.dot_fields(dtype_name(a.dtype), precision, interpret, int_acc))
+    source, name = tpl.render_gemm(spec, tpl.dot_fields(dtype_name(a.dtype), allows_tf32(precision), interpret, int_acc))
     kernel = tpl.load_kernel(source, name)
     cfg = config or heuristic_config(m, n, a.shape[-1], batch, a.dtype, interpret=interpret)
     out = torch.empty(out_shape, dtype=out_dtype, device=a.device)

@@ -129,18 +129,18 @@ def {name}(
 '''
 
 
-def dot_fields(operand: str, precision: str, interpret: bool, int_acc: bool) -> Dict[str, str]:
+def dot_fields(operand: str, allow_tf32: bool, interpret: bool, int_acc: bool) -> Dict[str, str]:
     """Template fields for the main loop's dot.
 
     operand: the operands' dtype name (float32 | float16 | bfloat16 | int8 | float8_e4m3fn).
-    fp32 operands use tf32 only when ``precision`` allows it. The Triton interpreter multiplies
+    fp32 operands use tf32 only when ``allow_tf32`` (``base.allows_tf32(precision)``). The Triton interpreter multiplies
     bf16 operands as raw 16-bit integers (seen on Triton 3.9), so there, and only there, bf16
     tiles are upcast to fp32 before the dot: the products are exact in fp32 either way.
     """
     acc_type = "tl.int32" if int_acc else "tl.float32"
     dot_args = f", out_dtype={acc_type}"
     if operand == "float32":
-        dot_args += ", input_precision=" + ("'tf32'" if precision in ("tf32", "fp16", "bf16") else "'ieee'")
+        dot_args += ", input_precision=" + ("'tf32'" if allow_tf32 else "'ieee'")
     upcast = interpret and operand == "bfloat16"
     return {
         "acc_type": acc_type,

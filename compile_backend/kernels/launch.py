@@ -17,8 +17,9 @@ import hashlib
 import linecache
 import sys
 import threading
+from collections import OrderedDict
 from types import ModuleType
-from typing import Dict, Tuple
+from typing import Tuple
 
 _POW2 = tuple(1 << i for i in range(20))
 
@@ -106,7 +107,11 @@ def reduction_heuristic(rows: int, row_len: int, row_contiguous: bool, row_input
     return ReductionConfig(xblock=1, rblock=8192, num_warps=16, persistent=False)
 
 
-_MODULES: Dict[str, ModuleType] = {}
+# Process-wide memo of loaded kernel modules, least recently used first. Bounded: past
+# MAX_MODULES the oldest is forgotten (with its sys.modules and linecache entries); engines that
+# hold its kernels keep it alive, and a later identical source is simply compiled again.
+MAX_MODULES = 4096
+_MODULES: "OrderedDict[str, ModuleType]" = OrderedDict()
 _LOCK = threading.Lock()
 _stats = {"compiled": 0, "reused": 0}
 
@@ -122,6 +127,7 @@ def load_source(source: str) -> ModuleType:
     with _LOCK:
         mod = _MODULES.get(source)
         if mod is not None:
+            _MODULES.move_to_end(source)
             _stats["reused"] += 1
             return mod
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
@@ -135,6 +141,10 @@ def load_source(source: str) -> ModuleType:
         exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102  (our own generated code)
         _MODULES[source] = mod
         _stats["compiled"] += 1
+        while len(_MODULES) > MAX_MODULES:
+            _, old = _MODULES.popitem(last=False)
+            sys.modules.pop(old.__name__, None)
+            linecache.cache.pop(f"<compile_backend generated k_{old.__name__.rsplit('_', 1)[-1]}>", None)
         return mod
 
 

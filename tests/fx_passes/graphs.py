@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from compile_backend import capture
-from compile_backend.fx_passes.base import PassContext
+from compile_backend.fx_passes.base import PassContext, total
 from compile_backend.fx_passes.constant_fold import freeze
 
 
@@ -221,7 +221,7 @@ def run_passes(gm: fx.GraphModule, context: PassContext) -> dict:
     """Every pass in :func:`pass_order` (skipping what the context rules out); {name: count}."""
     counts = {}
     for fn in pass_order():
-        counts[fn.__name__] = fn(gm, context)
+        counts[fn.__name__] = total(fn(gm, context))
     gm.graph.lint()
     gm.recompile()
     return counts

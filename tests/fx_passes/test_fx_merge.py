@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from expecttest import assert_expected_inline
 
+from compile_backend.fx_passes import total
 from compile_backend.fx_passes.cleanup_rules import eliminate_common_subexpressions
 from compile_backend.fx_passes.merge_gemms import merge_parallel_gemms
 from fx_passes.graphs import Builder, check_meta, count, ctx, inference_graph, run, show
@@ -37,7 +38,7 @@ def _trace(model, *inputs):
 def test_qkv_linears_become_one_addmm_and_a_split():
     t, expected = _trace(QKV().eval(), torch.randn(3, 5, 10))
     assert count(t.gm, "addmm") == 3
-    assert merge_parallel_gemms(t.gm, ctx()) == 1
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 1
     assert count(t.gm, "addmm") == 1 and count(t.gm, "split_with_sizes") == 1
     merged = next(n for n in t.gm.graph.nodes if n.target is aten.addmm.default)
     assert tuple(merged.meta["val"].shape) == (15, 23)
@@ -49,7 +50,7 @@ def test_qkv_linears_become_one_addmm_and_a_split():
 
 def test_bias_free_linears_merge_into_one_mm():
     t, expected = _trace(QKV(bias=False).eval(), torch.randn(3, 5, 10))
-    assert merge_parallel_gemms(t.gm, ctx()) == 1
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 1
     assert count(t.gm, "mm") == 1 and count(t.gm, "addmm") == 0
     for got, want in zip(run(t), expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -57,7 +58,7 @@ def test_bias_free_linears_merge_into_one_mm():
 
 def test_consumers_that_need_contiguous_values_get_a_copy():
     t, expected = _trace(QKV(flatten=True).eval(), torch.randn(3, 5, 10))
-    assert merge_parallel_gemms(t.gm, ctx()) == 1
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 1
     check_meta(t.gm)
     assert count(t.gm, "clone") >= 1  # reshape(-1) of a column slice needs its own copy
     for got, want in zip(run(t), expected):
@@ -73,7 +74,7 @@ def test_hand_built_merge_graph():
     y2 = b.op(aten.addmm.default, b2, x, b.op(aten.t.default, w2))
     t = b.build(b.op(aten.relu.default, y1), b.op(aten.sigmoid.default, y2))
     before = run(t)
-    assert merge_parallel_gemms(t.gm, ctx()) == 1
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 1
     assert_expected_inline(show(t.gm), """\
 v0 = cat([b1, b2], 0)
 v1 = cat([w1, w2], 0)
@@ -98,7 +99,7 @@ def test_no_merge_for_different_inputs_or_non_constant_weights():
     on_z = b.op(aten.mm.default, z, w2)  # same weights kind, other input
     live = b.op(aten.mm.default, z, w_in)  # shares z but its weight is not a constant
     t = b.build(on_x, on_z, live)
-    assert merge_parallel_gemms(t.gm, ctx()) == 0
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 0
 
 
 class Inception(nn.Module):
@@ -120,7 +121,7 @@ def test_parallel_1x1_convs_merge_when_no_epilogue_is_lost():
     model = Inception().eval()
     x = torch.randn(2, 6, 7, 5)
     t, expected = _trace(model, x)
-    assert merge_parallel_gemms(t.gm, ctx()) == 1
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 1
     assert count(t.gm, "convolution") == 1
     check_meta(t.gm)
     torch.testing.assert_close(run(t), expected, rtol=1e-5, atol=1e-6)
@@ -129,9 +130,9 @@ def test_parallel_1x1_convs_merge_when_no_epilogue_is_lost():
 def test_parallel_1x1_convs_stay_apart_with_epilogues_or_different_strides():
     x = torch.randn(2, 6, 7, 5)
     t, _ = _trace(Inception(relu=True).eval(), x)
-    assert merge_parallel_gemms(t.gm, ctx()) == 0
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 0
     t, _ = _trace(Inception(strides=(1, 2, 1)).eval(), x)
-    assert merge_parallel_gemms(t.gm, ctx()) == 1  # the two stride-1 branches only
+    assert total(merge_parallel_gemms(t.gm, ctx())) == 1  # the two stride-1 branches only
     assert count(t.gm, "convolution") == 2
 
 

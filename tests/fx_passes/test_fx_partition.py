@@ -21,7 +21,7 @@ def _kinds(groups):
 
 def _run_grouped(t, groups):
     """Execute the graph the way the engine does: one call per group (reference semantics)."""
-    from compile_backend.pipeline import fuse_groups
+    from compile_backend.groups import fuse_groups
 
     graph, _ = fuse_groups(t.gm, groups)
     gm = fx.GraphModule(t.gm, graph)
@@ -145,7 +145,7 @@ def test_max_pool_group_takes_both_outputs_when_indices_are_used():
     groups = partition(t.gm)
     validate(t.gm, groups)
     assert _kinds(groups) == [("pool", ("max_pool2d_with_indices", "getitem", "getitem")), ("pointwise", ("relu",))]
-    from compile_backend.pipeline import extract_group
+    from compile_backend.groups import extract_group
 
     group = extract_group(t.gm, groups[0], "g0")
     assert [o.args[1] for o in group.outputs] == [0, 1]  # values and indices leave the group

@@ -1,0 +1,155 @@
+"""The runtime Dynamo calls: one engine per input-shape signature, built on first use.
+
+``CompiledGraph`` is what AOTAutograd receives for each ATen graph. A call with a new input
+signature builds its engine (``pipeline.compile_graph_cached``) under a lock, so threads that
+meet a new shape together build it once; building runs the graph on the real inputs, so the
+random generators are restored afterwards (``preserve_rng``). Declared dynamic dimensions
+(``Options.profiles``) map a call onto the engine of its size bucket (see profiles).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from . import pipeline
+from .engine import Engine, WeightLayoutChanged
+from .kernels.base import INTERPRETER_LOCK, triton_interpret
+from .options import Options
+from .profiles import GraphProfiles, Plan
+
+log = logging.getLogger("compile_backend")
+
+
+class CompiledGraph:
+    """What AOTAutograd calls: one engine per input-shape signature, built on first use.
+
+    With declared dynamic dimensions (``Options.profiles``) a call whose sizes lie in the declared
+    ranges runs the engine of its size bucket: inputs padded, outputs sliced back (see profiles).
+    """
+
+    def __init__(self, aten_gm: fx.GraphModule, *, role: str, name: str,
+                 frozen: Optional[Sequence[bool]], options: Options, report_sink):
+        self.aten_gm, self.role, self.name = aten_gm, role, name
+        self.frozen, self.options, self.report_sink = frozen, options, report_sink
+        self.engines: Dict[Tuple, Any] = {}
+        # one build per input signature: threads calling a new shape at once wait for the first
+        # one's engine (concurrent tunings would also skew each other's timings)
+        self._build_lock = threading.Lock()
+        self._warned_limit = False
+        self._weights = frozenset(i for i, f in enumerate(frozen or ()) if f)
+        self.profiles = (GraphProfiles.bind(aten_gm, options.profiles, role=role, name=name)
+                         if options.profiles else None)
+
+    def __call__(self, *args: Any) -> Any:
+        plan = self.profiles.plan(args) if self.profiles is not None else None
+        if plan is not None:
+            padded = plan.pad(args)
+            key = _signature(padded, self._weights)
+            # a new bucket past the engine bound is not padded: it takes the bound's fallback
+            if (key in self.engines or len(self.engines) < self.options.max_engines) \
+                    and self._padding_checked(plan, args):
+                return plan.unpad(self._run(padded, key, plan))
+        return self._run(args, _signature(args, self._weights))
+
+    def _padding_checked(self, plan: Plan, args: Sequence[Any]) -> bool:
+        with preserve_rng(args):  # the check runs the graph: its random draws are not the user's
+            return self.profiles.check(plan, args, self.aten_gm)
+
+    def _run(self, args: Sequence[Any], key: Tuple, plan: Optional[Plan] = None) -> Any:
+        engine = self.engines.get(key)
+        if engine is None:
+            with self._build_lock:
+                engine = self.engines.get(key)
+                if engine is None:
+                    engine = self._build(args, key)
+                    if plan is not None:
+                        self.profiles.built(plan)
+        if not isinstance(engine, Engine):
+            return engine(*args)
+        try:
+            return engine(args)
+        except WeightLayoutChanged as exc:
+            # another model's weights under the same graph: every engine was built for the old
+            # layout, so start again (never run a kernel on shapes it was not built for)
+            log.info("compile_backend: %s: %s; rebuilding its engines", self.name, exc)
+            self.engines.clear()
+            return self._run(args, key, plan)
+
+    def _build(self, args: Sequence[Any], key: Tuple) -> Any:
+        if len(self.engines) >= self.options.max_engines:
+            if not self._warned_limit:
+                warnings.warn(
+                    f"compile_backend: {self.name} has seen {len(self.engines)} input shapes "
+                    f"(max_engines={self.options.max_engines}); further shapes run the ATen graph "
+                    "without our kernels. Raise max_engines or declare the dynamic dimension.",
+                    stacklevel=3)
+                self._warned_limit = True
+            return self.aten_gm
+        report = self.report_sink(self.name, self.role)
+        report.shapes.append(_describe(args))
+        if self.profiles is not None:
+            report.profiles = self.profiles.state  # shared: later calls update it
+        start = time.perf_counter()
+        try:
+            # building runs the graph on the real inputs (tuning, validation): the random
+            # numbers it draws must not shift the ones the user's call then draws
+            with preserve_rng(args), _interpreter_lock():
+                engine = pipeline.compile_graph_cached(self.aten_gm, args, role=self.role, frozen=self.frozen,
+                                              options=self.options, report=report)
+        except Exception as exc:
+            if self.options.fallback == "error":
+                raise
+            op = getattr(exc, "op", None) or "graph"
+            warnings.warn(
+                f"compile_backend: compiling {self.name} failed at {op} ({type(exc).__name__}: {exc}); "
+                "running this graph eagerly. Pass options={'fallback': 'error'} to raise instead.",
+                stacklevel=3)
+            report.fallbacks.append({"op": str(op), "reason": f"{type(exc).__name__}: {exc}"})
+            engine = self.aten_gm
+        report.compile_s = time.perf_counter() - start
+        self.engines[key] = engine
+        return engine
+
+
+def _interpreter_lock():
+    """Builds run kernels (tuning, validation): under Triton's interpreter one thread at a time."""
+    return INTERPRETER_LOCK if triton_interpret() else contextlib.nullcontext()
+
+
+def preserve_rng(args: Sequence[Any]):
+    """Restore the CPU generator, and that of every CUDA device among ``args``, on exit: work done
+    on the user's behalf (building, checking) leaves the random stream where eager would."""
+    devices = sorted({a.device.index or 0 for a in args
+                      if isinstance(a, torch.Tensor) and a.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
+
+
+def _signature(args: Sequence[Any], weights: frozenset = frozenset()) -> Tuple:
+    """The engine key of a call. Frozen weights are left out: this runs on every call, a model
+    passes hundreds of them, and the engine itself checks each one's identity and version (and
+    raises ``WeightLayoutChanged`` when a new one has another layout)."""
+    out = []
+    for i, a in enumerate(args):
+        if i in weights:
+            out.append(None)
+        elif isinstance(a, torch.Tensor):
+            out.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
+        else:
+            out.append(a if isinstance(a, (int, float, bool)) else type(a))
+    return tuple(out)
+
+
+def _describe(args: Sequence[Any]) -> str:
+    shapes = [("x".join(map(str, a.shape)) or "scalar") + f":{str(a.dtype).replace('torch.', '')}"
+              for a in args if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)]
+    return ", ".join(shapes[:6]) + (" …" if len(shapes) > 6 else "")
+
+
+__all__ = ["CompiledGraph", "preserve_rng"]
