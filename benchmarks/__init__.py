@@ -1,1 +1,3 @@
-"""Benchmarks: the model zoo (``zoo``), the runner (``bench``), the suite and plots."""
+"""Benchmarks run from a checkout: the suite, engine, start-up and kernel runners, their results
+and notes. The model zoo (``compile_backend.zoo``) and the benchmark command
+(``compile_backend.bench``) ship with the package; this directory is not installed."""

@@ -1,7 +1,7 @@
-"""``python -m benchmarks ...``: the benchmark runner (see benchmarks/bench.py)."""
+"""``python -m benchmarks ...``: the benchmark runner (``python -m compile_backend bench``)."""
 import sys
 
-from benchmarks.bench import main
+from compile_backend.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m benchmarks"))

@@ -6,9 +6,9 @@
 In one process, fp16, for each case (default: resnet50 base batch 1, bert base batch 1 and
 batch 16, seq 128) and each peer (default: eager, Inductor ``reduce-overhead``, compile_backend
 with CUDA graphs (its default) and ``compile_backend[cuda_graphs=off]``), the runner's own
-measurement (``benchmarks.bench.run_peer``): median, p20 and p80 latency over CUDA events after
-warm-up, peak allocated memory over the timed calls, accuracy against an fp32 eager reference,
-first-call seconds; ``torch._dynamo.reset()`` between peers.
+measurement (``compile_backend.bench.measure.run_peer``): median, p20 and p80 latency over CUDA
+events after warm-up, peak allocated memory over the timed calls, accuracy against an fp32 eager
+reference, first-call seconds; ``torch._dynamo.reset()`` between peers.
 
 Caches: each peer compiles into its own fresh directories, except that a compile_backend peer
 after the first starts from a copy of the first one's cache directory (``--no-share-tuning``
@@ -46,7 +46,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks import bench
+from compile_backend.bench.cli import load_model
+from compile_backend.bench.measure import (compare, peer_cache_root, peer_options, run_peer, snapshot,
+                                           strict_fp32, sync, time_first_call, to_device)
+from compile_backend.bench.peers import PRECISIONS, parse_options, parse_peers, split_peer
+from compile_backend.bench.results import ResultsFile, add_ratios, environment, format_table
 
 DEFAULT_CASES = "resnet50:1,bert:1,bert:16"
 DEFAULT_PEERS = "eager,inductor-reduce-overhead,compile_backend,compile_backend[cuda_graphs=off]"
@@ -59,7 +63,7 @@ def log(message: str) -> None:
 
 def parse_cases(text: str) -> List[Tuple[str, int]]:
     """``'resnet50:1,bert:16'`` -> ``[('resnet50', 1), ('bert', 16)]`` (zoo names, batch >= 1)."""
-    from benchmarks import zoo
+    from compile_backend import zoo
 
     cases = []
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -76,25 +80,25 @@ def parse_cases(text: str) -> List[Tuple[str, int]]:
 # ----------------------------------------------------------------------------- latency
 
 def prepare_case(name: str, batch: int, args):
-    """(model in the run's dtype, inputs, fp32 eager reference outputs, logits flag), as bench.run."""
-    fp32_model, fp32_inputs, logits = bench.load_model(name, args.size, batch, args.device, args.seed)
-    with torch.no_grad(), bench.strict_fp32():
-        ref = bench.snapshot(fp32_model(*fp32_inputs))
-    dtype = bench.PRECISIONS[args.precision]
+    """(model in the run's dtype, inputs, fp32 eager reference outputs, logits flag), as the runner's run."""
+    fp32_model, fp32_inputs, logits = load_model(name, args.size, batch, args.device, args.seed)
+    with torch.no_grad(), strict_fp32():
+        ref = snapshot(fp32_model(*fp32_inputs))
+    dtype = PRECISIONS[args.precision]
     model = copy.deepcopy(fp32_model).to(dtype).eval()
-    inputs = tuple(bench._to(t, args.device, dtype) for t in fp32_inputs)
+    inputs = tuple(to_device(t, args.device, dtype) for t in fp32_inputs)
     return model, inputs, ref, logits
 
 
 def runner_args(name: str, batch: int, args) -> SimpleNamespace:
-    """What bench.run_peer reads from its command line."""
+    """What run_peer reads from its command line."""
     return SimpleNamespace(model=name, size=args.size, batch=batch, precision=args.precision,
                            user_options=args.user_options, device=args.device, iters=args.iters,
                            warmup=args.warmup, warm_compile=False, seed=args.seed, warm_timeout=0)
 
 
 def run_case(name: str, batch: int, args, env: Dict[str, Any], deadline: float,
-             results: bench.ResultsFile, records: List[dict]) -> None:
+             results: ResultsFile, records: List[dict]) -> None:
     model, inputs, ref, logits = prepare_case(name, batch, args)
     base = dict(model=name, size=args.size, batch=batch, precision=args.precision, iters=args.iters,
                 warmup=args.warmup, kind="latency", **env)
@@ -108,15 +112,15 @@ def run_case(name: str, batch: int, args, env: Dict[str, Any], deadline: float,
                 record = dict(base, backend=peer, error=f"not measured: time budget ({args.budget_s:.0f} s) spent")
             else:
                 cache_from = _seed_cache(peer, first_cb, cache_root, args)
-                record = bench.run_peer(peer, model, inputs, ref, logits, rargs, cache_root, base)
+                record = run_peer(peer, model, inputs, ref, logits, rargs, cache_root, base)
                 record["cache_from"] = cache_from
-                if first_cb is None and bench.split_peer(peer)[0] == "compile_backend":
+                if first_cb is None and split_peer(peer)[0] == "compile_backend":
                     first_cb = peer
             case_records.append(record)
-            bench.add_ratios(case_records)
+            add_ratios(case_records)
             results.write(records + case_records)
         print(f"\n{name} batch={batch} size={args.size} precision={args.precision} device={env['device']}")
-        print(bench.format_table(case_records), flush=True)
+        print(format_table(case_records), flush=True)
         records.extend(case_records)
         if name in args.refit and name not in args.refit_done:
             args.refit_done.add(name)
@@ -124,7 +128,7 @@ def run_case(name: str, batch: int, args, env: Dict[str, Any], deadline: float,
                 refit = dict(base, kind="refit", backend="compile_backend",
                              error=f"not measured: time budget ({args.budget_s:.0f} s) spent")
             else:
-                cb_cache = bench.peer_cache_root(cache_root, first_cb or "compile_backend")
+                cb_cache = peer_cache_root(cache_root, first_cb or "compile_backend")
                 refit = measure_refit(model, inputs, logits, args, base, os.path.join(cb_cache, "compile_backend"))
             records.append(refit)
             results.write(records)
@@ -138,10 +142,10 @@ def run_case(name: str, batch: int, args, env: Dict[str, Any], deadline: float,
 
 def _seed_cache(peer: str, first_cb: Optional[str], cache_root: str, args) -> Optional[str]:
     """Copy the first compile_backend peer's cache directory into this peer's (see the module doc)."""
-    if not args.share_tuning or first_cb is None or bench.split_peer(peer)[0] != "compile_backend":
+    if not args.share_tuning or first_cb is None or split_peer(peer)[0] != "compile_backend":
         return None
-    src = os.path.join(bench.peer_cache_root(cache_root, first_cb), "compile_backend")
-    dst = os.path.join(bench.peer_cache_root(cache_root, peer), "compile_backend")
+    src = os.path.join(peer_cache_root(cache_root, first_cb), "compile_backend")
+    dst = os.path.join(peer_cache_root(cache_root, peer), "compile_backend")
     if not os.path.isdir(src):
         return None
     shutil.copytree(src, dst, symlinks=False, dirs_exist_ok=True)  # keeps the 0700 modes
@@ -165,10 +169,10 @@ def perturbed(state: Dict[str, torch.Tensor], seed: int) -> Dict[str, torch.Tens
 
 
 def _timed_ms(call, device: str) -> float:
-    bench._sync(device)
+    sync(device)
     t0 = time.perf_counter()
     call()
-    bench._sync(device)
+    sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -190,28 +194,28 @@ def measure_refit(model, inputs, logits, args, base: dict, cache_dir: str) -> di
     def backend(gm, example_inputs, **kwargs):  # the registered backend's function, + a report
         return compile_backend(gm, example_inputs, report=report, **kwargs)
 
-    options = bench.peer_options("compile_backend", args.precision, args.user_options, cache_dir)
+    options = peer_options("compile_backend", args.precision, args.user_options, cache_dir)
     record["options"] = {k: v for k, v in options.items() if k != "cache_dir"}
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, backend=backend, options=options)
         call = lambda: compiled(*inputs)  # noqa: E731
         with torch.no_grad():
-            record["first_call_s"], _ = bench.time_first_call(call, args.device)
+            record["first_call_s"], _ = time_first_call(call, args.device)
             for _ in range(args.warmup):
                 call()
-            before = bench.snapshot(call())
+            before = snapshot(call())
             plain = [_timed_ms(call, args.device) for _ in range(args.refit_calls)]
             engines = len(report.graphs)
             model.load_state_dict(perturbed(original, args.seed + 7))
             refit_call = _timed_ms(call, args.device)
             rebuilt = len(report.graphs) - engines
-            after = bench.snapshot(call())
+            after = snapshot(call())
             later = [_timed_ms(call, args.device) for _ in range(args.refit_calls)]
-            eager_new = bench.snapshot(model(*inputs))
+            eager_new = snapshot(model(*inputs))
         plain_ms, later_ms = statistics.median(plain), statistics.median(later)
         changed = _rel_l2(after, before)
-        vs_eager = bench.compare(after, eager_new, logits)
+        vs_eager = compare(after, eager_new, logits)
         stale_vs_eager = _rel_l2(before, eager_new)
         record.update(
             plain_call_ms=plain_ms, refit_call_ms=refit_call, refit_ms=refit_call - plain_ms,
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models whose first case also measures refit ('' for none)")
     p.add_argument("--refit-calls", type=int, default=20, help="plain calls timed around the refit")
     p.add_argument("--size", choices=("tiny", "base"), default=None, help="default: base on CUDA, tiny on CPU")
-    p.add_argument("--precision", choices=tuple(bench.PRECISIONS), default="fp16")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16")
     p.add_argument("--options", default=None, help="compile_backend options for every compile_backend peer")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
@@ -288,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.user_options = bench.parse_options(args.options)
-        args.peers = bench.parse_peers(args.peers)
+        args.user_options = parse_options(args.options)
+        args.peers = parse_peers(args.peers)
         cases = parse_cases(args.cases)
         args.refit = {m.strip() for m in args.refit.split(",") if m.strip()}
     except ValueError as exc:
@@ -301,8 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.size = args.size or ("base" if args.device.startswith("cuda") else "tiny")
     args.refit_done = set()
-    env = bench.environment(args.device, commit=args.commit)
-    results = bench.ResultsFile(args.out)
+    env = environment(args.device, commit=args.commit)
+    results = ResultsFile(args.out)
     records: List[dict] = []
     deadline = time.monotonic() + args.budget_s
     for name, batch in cases:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, ".")
     import compile_backend
-    from benchmarks import zoo
+    from compile_backend import zoo
 
     dtypes = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
     records = []

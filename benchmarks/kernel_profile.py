@@ -3,7 +3,7 @@
     python -m benchmarks.kernel_profile --case resnet50:1 \
         --peers "inductor,compile_backend[cuda_graphs=off]" --out $OUT/profile.json
 
-For each peer (same syntax as ``benchmarks.bench``), in one process, fp16: compile, warm up,
+For each peer (same syntax as ``python -m compile_backend bench``), in one process, fp16: compile, warm up,
 then ``torch.profiler`` over ``--calls`` calls. The GPU kernels are grouped by name and
 reported per call: time, count, share. Run peers without CUDA graphs (Inductor's default mode
 has the kernels of ``reduce-overhead``; ``compile_backend[cuda_graphs=off]`` those of our
@@ -20,7 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks import bench
+from compile_backend.bench.cli import load_model
+from compile_backend.bench.measure import (compile_peer, fresh_compiler_caches, make_call, peer_options,
+                                           to_device)
+from compile_backend.bench.peers import PRECISIONS, parse_options, parse_peers, split_peer
+from compile_backend.bench.results import ResultsFile, environment
 
 
 def log(message: str) -> None:
@@ -28,9 +32,9 @@ def log(message: str) -> None:
 
 
 def profile_peer(peer: str, model, inputs, args, user_options: Dict[str, Any], cache_dir: str) -> Dict[str, Any]:
-    options = bench.peer_options(peer, args.precision, user_options, cache_dir)
+    options = peer_options(peer, args.precision, user_options, cache_dir)
     report = None
-    if bench.split_peer(peer)[0] == "compile_backend":
+    if split_peer(peer)[0] == "compile_backend":
         # our peer with a Report attached: which groups ran in which implementation
         from compile_backend.backend import compile_backend
         from compile_backend.report import Report
@@ -38,8 +42,8 @@ def profile_peer(peer: str, model, inputs, args, user_options: Dict[str, Any], c
         report = Report()
         fn = torch.compile(model, backend=lambda gm, ex: compile_backend(gm, ex, options=options, report=report))
     else:
-        fn = bench.compile_peer(peer, model, {k: v for k, v in options.items() if k != "mode"})
-    call = bench.make_call(peer, fn, inputs)
+        fn = compile_peer(peer, model, {k: v for k, v in options.items() if k != "mode"})
+    call = make_call(peer, fn, inputs)
     with torch.no_grad():
         for _ in range(args.warmup):
             call()
@@ -80,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_profile", description=__doc__.split("\n")[0])
     p.add_argument("--case", default="resnet50:1", help="zoo model:batch")
     p.add_argument("--peers", default="inductor,compile_backend[cuda_graphs=off]")
-    p.add_argument("--precision", choices=tuple(bench.PRECISIONS), default="fp16")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16")
     p.add_argument("--size", choices=("tiny", "base"), default="base")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--warmup", type=int, default=10)
@@ -95,17 +99,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import tempfile
 
     name, batch = args.case.split(":")
-    model, inputs, _ = bench.load_model(name, args.size, int(batch), "cuda", 0)
-    dtype = bench.PRECISIONS[args.precision]
+    model, inputs, _ = load_model(name, args.size, int(batch), "cuda", 0)
+    dtype = PRECISIONS[args.precision]
     model = model.to(dtype)
-    inputs = tuple(bench._to(t, "cuda", dtype) for t in inputs)
-    user = bench.parse_options(args.options)
-    results = bench.ResultsFile(args.out)
-    env = bench.environment("cuda", commit=args.commit)
+    inputs = tuple(to_device(t, "cuda", dtype) for t in inputs)
+    user = parse_options(args.options)
+    results = ResultsFile(args.out)
+    env = environment("cuda", commit=args.commit)
     records = []
-    for peer in bench.parse_peers(args.peers):
+    for peer in parse_peers(args.peers):
         torch._dynamo.reset()
-        with tempfile.TemporaryDirectory() as tmp, bench.fresh_compiler_caches(tmp):
+        with tempfile.TemporaryDirectory() as tmp, fresh_compiler_caches(tmp):
             cache_dir = user.get("cache_dir", tmp)
             record = profile_peer(peer, model, inputs, args, user, cache_dir)
         record.update(case=args.case, precision=args.precision, kind="kernel_profile", **env)

@@ -76,7 +76,7 @@ def child(args) -> int:
         torch.cuda.synchronize(device)
     marks["cuda"] = time.perf_counter()
 
-    from benchmarks import zoo
+    from compile_backend import zoo
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     model, inputs = zoo.get(args.model, args.size, batch=args.batch, dtype=dtype, device=device)
@@ -217,7 +217,7 @@ def run_child(model: str, level: str, cache_dir: str, args, timeout: float,
 
 def measure_row(model: str, level: str, root: str, args, deadline: float) -> Dict[str, Any]:
     """Cold then warm child for one (model, level), on a fresh empty cache directory."""
-    from benchmarks import zoo
+    from compile_backend import zoo
 
     row: Dict[str, Any] = {"model": model, "size": args.size, "precision": args.precision,
                            "autotune": level, "backend": args.backend, "warm_goal_s": WARM_GOAL_S,
@@ -285,7 +285,7 @@ def format_table(rows: List[dict]) -> str:
 
 
 def run(args) -> List[dict]:
-    from benchmarks.bench import ResultsFile, environment
+    from compile_backend.bench.results import ResultsFile, environment
 
     results = ResultsFile(args.out)
     deadline = time.monotonic() + args.budget_s

@@ -24,13 +24,16 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from benchmarks.bench import REPO_ROOT, PEERS, ResultsFile, environment, parse_peers
+from compile_backend.bench.peers import PEERS, parse_peers
+from compile_backend.bench.results import ResultsFile, environment
 
 FAST_PEERS = ("eager", "inductor", "inductor-reduce-overhead", "compile_backend")
 SLOW_PEERS = ("inductor-max-autotune",)
 #: the engine without CUDA graphs, beside the launch-bound cases (issue #7 compares both)
 NO_GRAPHS = ("compile_backend[cuda_graphs=off]",)
 DEFAULT_OUT = os.path.join("benchmarks", "results", "suite.json")
+#: the checkout this file is in: its cases run ``python -m benchmarks`` from there
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRECISION = "fp16"
 
 
@@ -40,7 +43,7 @@ class Case:
     batch: int
 
     def __post_init__(self) -> None:
-        from benchmarks import zoo
+        from compile_backend import zoo
 
         zoo.spec(self.model, "base")  # validates the name
         if self.batch < 1:
@@ -143,7 +146,7 @@ def run_part(index: int, args) -> int:
             print(f"--- {case.model} batch {case.batch}: {reason}", flush=True)
             record_missing(case, peers, reason, args, first_new)
     if args.plot:
-        from benchmarks.plot import plot_records
+        from compile_backend.bench.plot import plot_records
 
         plot_records(_load(args.out), args.plot)
     return 0

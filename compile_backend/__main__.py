@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     if command == "demo":
         from .demo import main as run
     elif command == "bench":
-        from .bench_cli import main as run
+        from .bench import main as run
     else:
         from .cache.cli import main as run
     return int(run(rest) or 0)

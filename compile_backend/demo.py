@@ -20,7 +20,7 @@ CPU_SPEED_NOTE = ("speed: not meaningful on this device: on CPU the backend runs
 
 
 def main(argv=None) -> int:
-    from benchmarks import zoo
+    from . import zoo
 
     p = argparse.ArgumentParser(prog="python -m compile_backend demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     report = compile_backend.explain(model, *inputs, precision=args.precision)
     print(report)
     print()
-    from .bench_cli import main as bench
+    from .bench import main as bench
 
     rc = bench(["--model", args.model, "--size", args.size, "--precision", args.precision,
                 "--compare", "eager,compile_backend"]

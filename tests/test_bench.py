@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import bench
+from compile_backend.bench import cli, measure, peers
 
 RECORD_FIELDS = {
     "model", "size", "batch", "precision", "backend", "median_ms", "p20_ms", "p80_ms", "compile_s",
@@ -24,9 +24,9 @@ def _records(path):
 
 def test_bench_mlp_eager_and_compile_backend(tmp_path, capsys):
     out, png = tmp_path / "results.json", tmp_path / "plot.png"
-    rc = bench.main(["--model", "mlp", "--size", "tiny", "--device", "cpu",
-                     "--compare", "eager,compile_backend", "--iters", "5", "--warmup", "1",
-                     "--warm-compile", "--options", "validate=true", "--out", str(out), "--plot", str(png)])
+    rc = cli.main(["--model", "mlp", "--size", "tiny", "--device", "cpu",
+                   "--compare", "eager,compile_backend", "--iters", "5", "--warmup", "1",
+                   "--warm-compile", "--options", "validate=true", "--out", str(out), "--plot", str(png)])
     assert rc == 0
     records = _records(out)
     assert [r["backend"] for r in records] == ["eager", "compile_backend"]
@@ -59,8 +59,8 @@ def test_results_are_appended_and_precision_applies(tmp_path):
     out = tmp_path / "r.json"
     args = ["--size", "tiny", "--device", "cpu", "--compare", "eager", "--iters", "3", "--warmup", "0",
             "--out", str(out)]
-    assert bench.main(["--model", "resnet50", "--precision", "bf16"] + args) == 0
-    assert bench.main(["--model", "vit"] + args) == 0
+    assert cli.main(["--model", "resnet50", "--precision", "bf16"] + args) == 0
+    assert cli.main(["--model", "vit"] + args) == 0
     records = _records(out)
     assert [(r["model"], r["precision"]) for r in records] == [("resnet50", "bf16"), ("vit", "fp32")]
     bf16 = records[0]["accuracy"]
@@ -71,17 +71,17 @@ def test_results_are_appended_and_precision_applies(tmp_path):
 
 
 def test_failing_peer_is_recorded_and_run_goes_on(tmp_path, monkeypatch):
-    real = bench.compile_peer
+    real = measure.compile_peer
 
     def flaky(peer, model, options):
         if peer == "inductor":
             raise RuntimeError("simulated inductor crash")
         return real(peer, model, options)
 
-    monkeypatch.setattr(bench, "compile_peer", flaky)
+    monkeypatch.setattr(measure, "compile_peer", flaky)  # what run_peer calls
     out = tmp_path / "r.json"
-    rc = bench.main(["--model", "mlp", "--size", "tiny", "--device", "cpu", "--compare", "inductor,eager",
-                     "--iters", "2", "--warmup", "0", "--out", str(out)])
+    rc = cli.main(["--model", "mlp", "--size", "tiny", "--device", "cpu", "--compare", "inductor,eager",
+                   "--iters", "2", "--warmup", "0", "--out", str(out)])
     assert rc == 0
     failed, eager = _records(out)
     assert failed["backend"] == "inductor" and "simulated inductor crash" in failed["error"]
@@ -98,30 +98,30 @@ def test_custom_model_function(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "r.json"
-    assert bench.main(["--model", "my_models:build", "--batch", "6", "--device", "cpu", "--compare",
-                       "eager", "--iters", "2", "--warmup", "0", "--out", str(out)]) == 0
+    assert cli.main(["--model", "my_models:build", "--batch", "6", "--device", "cpu", "--compare",
+                     "eager", "--iters", "2", "--warmup", "0", "--out", str(out)]) == 0
     (r,) = _records(out)
     assert r["model"] == "my_models:build" and r["batch"] == 6
     assert r["accuracy"]["top1"] == 1.0  # a [batch, classes] output counts as logits
 
 
 def test_parse_options_and_peers():
-    assert bench.parse_options('{"autotune": "max", "validate": false}') == {"autotune": "max", "validate": False}
-    assert bench.parse_options("autotune=30, validate=false,cuda_graphs=off") == {
+    assert peers.parse_options('{"autotune": "max", "validate": false}') == {"autotune": "max", "validate": False}
+    assert peers.parse_options("autotune=30, validate=false,cuda_graphs=off") == {
         "autotune": 30, "validate": False, "cuda_graphs": "off"}
-    assert bench.parse_options(None) == {}
+    assert peers.parse_options(None) == {}
     with pytest.raises(ValueError, match="key=value"):
-        bench.parse_options("autotune")
+        peers.parse_options("autotune")
     with pytest.raises(ValueError, match="inductor-max-autotune"):
-        bench.parse_peers("eager,tensorrt")
-    assert bench.main(["--compare", "eager,tensorrt"]) == 2
+        peers.parse_peers("eager,tensorrt")
+    assert cli.main(["--compare", "eager,tensorrt"]) == 2
 
 
 def test_compare_metrics():
     ref = [torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.5, -1.0]], dtype=torch.float64)]
     out = [ref[0].clone()]
     out[0][1, 1] = 5.0  # row 1's argmax moves from 0 to 1; error 4.5 on max |ref| 4
-    acc = bench.compare(out, ref, logits=True)
+    acc = measure.compare(out, ref, logits=True)
     assert acc["max_abs"] == pytest.approx(4.5)
     assert acc["max_rel"] == pytest.approx(4.5 / 4.0)
     assert acc["top1"] == pytest.approx(0.5)
@@ -129,17 +129,17 @@ def test_compare_metrics():
     o = out[0].flatten()
     assert acc["cosine"] == pytest.approx(float(o @ r / (o.norm() * r.norm())))
     assert acc["rel_l2"] == pytest.approx(4.5 / float(r.norm()))
-    assert bench.compare(out, ref, logits=False)["top1"] is None
+    assert measure.compare(out, ref, logits=False)["top1"] is None
     nan = [torch.full((2, 3), math.nan, dtype=torch.float64)]
-    assert bench.compare(nan, ref, logits=True)["finite"] is False
+    assert measure.compare(nan, ref, logits=True)["finite"] is False
     with pytest.raises(ValueError, match="differs"):
-        bench.compare([torch.zeros(3, 2, dtype=torch.float64)], ref, logits=None)
+        measure.compare([torch.zeros(3, 2, dtype=torch.float64)], ref, logits=None)
 
 
 def test_percentile():
-    assert bench.percentile([4.0, 1.0, 3.0, 2.0, 5.0], 50) == 3.0
-    assert bench.percentile([1.0, 2.0], 20) == pytest.approx(1.2)
-    assert bench.percentile([7.0], 80) == 7.0
+    assert measure.percentile([4.0, 1.0, 3.0, 2.0, 5.0], 50) == 3.0
+    assert measure.percentile([1.0, 2.0], 20) == pytest.approx(1.2)
+    assert measure.percentile([7.0], 80) == 7.0
 
 
 def test_suite_parts_cover_every_case_and_peer():
@@ -148,7 +148,7 @@ def test_suite_parts_cover_every_case_and_peer():
     covered = {(c.model, c.batch, p) for part in suite.PARTS for c in part.cases for p in part.peers}
     cases = {("mlp", 2048), ("resnet50", 32), ("resnet50", 1), ("bert", 16), ("gpt2", 8), ("vit", 32)}
     extra = {("resnet50", 1, suite.NO_GRAPHS[0]), ("bert", 16, suite.NO_GRAPHS[0])}  # issue #7's cases
-    assert covered == {(m, b, p) for m, b in cases for p in bench.PEERS} | extra
+    assert covered == {(m, b, p) for m, b in cases for p in peers.PEERS} | extra
     for part in suite.PARTS:  # max-autotune compiles take minutes: never shares a part
         assert part.peers == ("inductor-max-autotune",) or "inductor-max-autotune" not in part.peers
     assert suite.main(["--parts"]) == 0
@@ -173,7 +173,7 @@ def test_backend_is_registered_from_a_source_tree(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "list_backends", lambda exclude_tags=(): ["eager", "inductor"])
     monkeypatch.setattr(torch._dynamo, "register_backend",
                         lambda fn, name: registered.setdefault(name, fn))
-    bench.ensure_backend_registered()
+    measure.ensure_backend_registered()
     from compile_backend.backend import compile_backend as backend_fn
 
     assert registered == {"compile_backend": backend_fn}
@@ -182,30 +182,30 @@ def test_backend_is_registered_from_a_source_tree(monkeypatch):
 # ----------------------------------------------------------------------------- peers with options
 
 def test_compile_backend_peer_with_options():
-    peers = bench.parse_peers("eager, compile_backend[cuda_graphs=off,autotune=max],compile_backend")
-    assert peers == ["eager", "compile_backend[cuda_graphs=off,autotune=max]", "compile_backend"]
-    assert bench.split_peer(peers[1]) == ("compile_backend", {"cuda_graphs": "off", "autotune": "max"})
-    assert bench.split_peer("compile_backend") == ("compile_backend", {})
+    parsed = peers.parse_peers("eager, compile_backend[cuda_graphs=off,autotune=max],compile_backend")
+    assert parsed == ["eager", "compile_backend[cuda_graphs=off,autotune=max]", "compile_backend"]
+    assert peers.split_peer(parsed[1]) == ("compile_backend", {"cuda_graphs": "off", "autotune": "max"})
+    assert peers.split_peer("compile_backend") == ("compile_backend", {})
     # the peer's own options win over --options; the cache directory is always the runner's
-    opts = bench.peer_options(peers[1], "fp16", {"cuda_graphs": "on", "validate": False}, "/tmp/c")
+    opts = measure.peer_options(parsed[1], "fp16", {"cuda_graphs": "on", "validate": False}, "/tmp/c")
     assert opts == {"precision": "fp16", "cuda_graphs": "off", "validate": False, "autotune": "max",
                     "cache_dir": "/tmp/c"}
-    assert bench.peer_cache_root("/r", peers[1]) == "/r/compile_backend_cuda_graphs_off_autotune_max"
-    assert bench.peer_cache_root("/r", "inductor-max-autotune") == "/r/inductor-max-autotune"
+    assert measure.peer_cache_root("/r", parsed[1]) == "/r/compile_backend_cuda_graphs_off_autotune_max"
+    assert measure.peer_cache_root("/r", "inductor-max-autotune") == "/r/inductor-max-autotune"
     with pytest.raises(ValueError, match="only compile_backend"):
-        bench.parse_peers("eager[x=1]")
+        peers.parse_peers("eager[x=1]")
     with pytest.raises(ValueError, match="cuda_graphs"):  # a typo fails before any compile
-        bench.parse_peers("compile_backend[cuda_graph=off]")
+        peers.parse_peers("compile_backend[cuda_graph=off]")
     with pytest.raises(ValueError, match="must be one of"):
-        bench.parse_peers("compile_backend[cuda_graphs=sometimes]")
-    assert bench.main(["--compare", "compile_backend[precison=fp16]"]) == 2
+        peers.parse_peers("compile_backend[cuda_graphs=sometimes]")
+    assert cli.main(["--compare", "compile_backend[precison=fp16]"]) == 2
 
 
 def test_runner_measures_a_peer_with_options(tmp_path):
     out = tmp_path / "r.json"
-    assert bench.main(["--model", "mlp", "--size", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "0",
-                       "--compare", "compile_backend,compile_backend[validate=false]", "--commit", "c0ffee",
-                       "--out", str(out)]) == 0
+    assert cli.main(["--model", "mlp", "--size", "tiny", "--device", "cpu", "--iters", "2", "--warmup", "0",
+                     "--compare", "compile_backend,compile_backend[validate=false]", "--commit", "c0ffee",
+                     "--out", str(out)]) == 0
     plain, variant = _records(out)
     assert "error" not in plain and "error" not in variant, variant.get("traceback")
     assert variant["backend"] == "compile_backend[validate=false]"
@@ -345,7 +345,7 @@ def test_demo_on_cpu_says_speed_is_not_meaningful(aten_only, capsys, monkeypatch
         seen["argv"] = argv
         return 0
 
-    monkeypatch.setattr("compile_backend.bench_cli.main", fake_bench)
+    monkeypatch.setattr("compile_backend.bench.main", fake_bench)
     assert demo.main([]) == 0
     out = capsys.readouterr().out
     assert NO_GENERATED_KERNELS in out  # the report says why every group is impl aten

@@ -56,12 +56,12 @@ def test_bench_usage_errors(capsys, argv, expected):
 
 
 def test_bench_option_error_is_caught_before_compiling(capsys, monkeypatch):
-    from benchmarks import bench
+    from compile_backend.bench import cli
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the options were checked")
 
-    monkeypatch.setattr(bench, "load_model", no_model)
+    monkeypatch.setattr(cli, "load_model", no_model)
     _one_error_line(capsys, ["bench", "--model", "mlp", "--options", "precison=fp16"], "precison")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from benchmarks import zoo
+from compile_backend import zoo
 
 TINY_OUTPUT_SHAPES = {
     "mlp": (3, 45),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import compile_backend
-from benchmarks import zoo
+from compile_backend import zoo
 from helpers import compile_and_compare
 
 

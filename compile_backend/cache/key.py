@@ -104,13 +104,13 @@ def input_metadata(value: Any) -> Dict[str, Any]:
 
 def tensor_digest(tensors: Iterable[torch.Tensor]) -> str:
     """sha256 over dtype, shape and bytes of tensors: e.g. the ``calibration_hash`` of a data set."""
-    from .tensor_file import _raw
+    from .tensor_file import tensor_bytes
 
     digest = hashlib.sha256()
     for tensor in tensors:
         flat = tensor.detach().to("cpu").contiguous()
         digest.update(f"{flat.dtype}{list(flat.shape)}\0".encode())
-        digest.update(_raw(flat))
+        digest.update(tensor_bytes(flat))
     return digest.hexdigest()
 
 

@@ -65,7 +65,7 @@ def _prepared(tensors: Mapping[str, torch.Tensor]) -> List[Tuple[str, torch.Tens
     return items
 
 
-def _raw(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy view of a CPU contiguous tensor's bytes (``bytes(storage)`` is far too slow)."""
     nbytes = tensor.numel() * tensor.element_size()
     if nbytes == 0:
@@ -96,7 +96,7 @@ def write(stream: BinaryIO, tensors: Mapping[str, torch.Tensor],
     header_bytes += b" " * (-len(header_bytes) % 8)
     digest = hashlib.sha256()
     total = 0
-    for chunk in [struct.pack("<Q", len(header_bytes)), header_bytes] + [_raw(t) for _, t in items]:
+    for chunk in [struct.pack("<Q", len(header_bytes)), header_bytes] + [tensor_bytes(t) for _, t in items]:
         stream.write(chunk)
         digest.update(chunk)
         total += len(chunk)

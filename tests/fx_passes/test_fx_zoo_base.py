@@ -5,7 +5,7 @@ import operator
 import pytest
 import torch
 
-from benchmarks import zoo
+from compile_backend import zoo
 from compile_backend.fx_passes import total
 from compile_backend.fx_passes.attention import fuse_attention
 from compile_backend.fx_passes.batchnorm import fold_batchnorm

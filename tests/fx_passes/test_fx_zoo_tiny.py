@@ -5,7 +5,7 @@ import collections
 import pytest
 import torch
 
-from benchmarks import zoo
+from compile_backend import zoo
 from compile_backend.fx_passes.partition import partition, validate
 from fx_passes.graphs import ctx, inference_graph, run, run_passes
 

@@ -1,6 +1,6 @@
 """Plot benchmark records: latency (median, p20-p80 bars) and speedup vs eager, per model and peer.
 
-    python -m benchmarks.plot results.json plot.png
+    python -m compile_backend.bench.plot results.json plot.png
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def plot_records(records: Sequence[dict], path: str, title: Optional[str] = None
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
-        print("usage: python -m benchmarks.plot RESULTS.json OUT.png", file=sys.stderr)
+        print("usage: python -m compile_backend.bench.plot RESULTS.json OUT.png", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         data = json.load(f)
