@@ -8,10 +8,12 @@ Output [B, H, Sq, Dv], contiguous. Dropout is never part of it (only eval-mode g
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import quant_ref
 
 
 @torch.library.custom_op("compile_backend::attention", mutates_args=())
@@ -39,3 +41,53 @@ def attention(
 @attention.register_fake
 def _attention_fake(q, k, v, mask, scale, causal):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# ----------------------------------------------------------------------------- quantized ops
+# What ``fx_passes/quantize.py`` leaves in the graph for a quantized GEMM / convolution. The
+# operands are already quantized (int8 or float8_e4m3fn); the activation's quantize is plain ATen
+# ops before it (so the producer's generated kernel writes it), the weight's is constant-folded.
+# Numerics: kernels/quant_ref.py (the one reference; this is also the CPU path).
+@torch.library.custom_op("compile_backend::scaled_mm", mutates_args=())
+def scaled_mm(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(xq @ wq^T) * (x_scale * w_scale) + bias`` in ``out_dtype``: xq [M, K], x_scale fp32 0-d
+    (per tensor) or [M, 1] (per row); wq [N, K] (K-major), w_scale fp32 [N] or 0-d; bias [N]."""
+    return quant_ref.scaled_mm(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+@scaled_mm.register_fake
+def _scaled_mm_fake(xq, x_scale, wq, w_scale, bias, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("compile_backend::scaled_conv", mutates_args=())
+def scaled_conv(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A convolution (not transposed) of quantized operands: x_scale fp32 0-d, w_scale fp32 [out]
+    or 0-d; output ``conv(xq, wq) * (x_scale * w_scale[c]) + bias[c]`` in ``out_dtype``."""
+    return quant_ref.scaled_conv(xq, x_scale, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype)
+
+
+@scaled_conv.register_fake
+def _scaled_conv_fake(xq, x_scale, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype):
+    meta = torch.ops.aten.convolution(xq.new_empty(xq.shape, dtype=torch.float32, device="meta"),
+                                      wq.new_empty(wq.shape, dtype=torch.float32, device="meta"),
+                                      None, stride, padding, dilation, False, [0] * len(stride), groups)
+    return xq.new_empty(meta.shape, dtype=out_dtype)
