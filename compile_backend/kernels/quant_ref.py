@@ -32,6 +32,7 @@ import torch
 PRECISIONS = ("int8", "fp8")
 QMAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+aten = torch.ops.aten
 #: amax at or below this is treated as zero (no value of that size survives quantization)
 TINY_AMAX = 2.0 ** -24
 
@@ -51,20 +52,48 @@ def scale_from_amax(amax: torch.Tensor, precision: str) -> torch.Tensor:
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
     """1 / scale in fp32, and 0 where the scale is 0 (so x * inv_scale is 0, not inf or NaN)."""
-    scale = torch.as_tensor(scale, dtype=torch.float32)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(scale > 0, 1.0 / safe, torch.zeros_like(scale))
+    return inverse_scale_steps(eager, torch.as_tensor(scale, dtype=torch.float32))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:
     """x (any float dtype) to int8 or float8_e4m3fn; ``scale`` broadcasts against x."""
     check_precision(precision)
-    scaled = x.float() * inverse_scale(scale).to(x.device)
+    return quantize_steps(eager, x, x.dtype, inverse_scale(scale).to(x.device), precision)
+
+
+# The steps as ATen ops through ``op(target, *args, **kwargs)``: ``eager`` runs them here, the
+# graph pass (fx_passes/quantize.py) emits the same ops as nodes, which the producer's generated
+# kernel then computes. One definition, so the reference and the engine cannot drift apart.
+def eager(target, *args, **kwargs):
+    return target(*args, **kwargs)
+
+
+def quantize_steps(op, x, x_dtype: torch.dtype, inv_scale, precision: str):
+    """convert(x * inv_scale): int8 rounds half to even, saturates, NaN -> 0; fp8 saturates to
+    +-448 before the cast (the e4m3fn cast would turn overflow into NaN)."""
+    if x_dtype != torch.float32:
+        x = op(aten._to_copy.default, x, dtype=torch.float32)
+    x = op(aten.mul.Tensor, x, inv_scale)
     qmax = QMAX[precision]
     if precision == "int8":
-        scaled = torch.nan_to_num(scaled, nan=0.0)
-        return scaled.round().clamp(-qmax, qmax).to(torch.int8)
-    return scaled.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+        x = op(aten.round.default, op(aten.nan_to_num.default, x, 0.0))
+    x = op(aten.clamp.default, x, -qmax, qmax)
+    return op(aten._to_copy.default, x, dtype=STORAGE[precision])
+
+
+def inverse_scale_steps(op, scale):
+    positive = op(aten.gt.Scalar, scale, 0.0)
+    safe = op(aten.where.ScalarOther, positive, scale, 1.0)
+    return op(aten.where.ScalarOther, positive, op(aten.reciprocal.default, safe), 0.0)
+
+
+def row_scale_steps(op, x_f32, precision: str):
+    """Dynamic per-row scale of an fp32 value: (scale [.., 1], inv_scale [.., 1])."""
+    amax = op(aten.amax.default, op(aten.abs.default, x_f32), [-1], True)
+    usable = op(aten.bitwise_and.Tensor, op(aten.gt.Scalar, amax, TINY_AMAX),
+                op(aten.lt.Scalar, amax, float("inf")))
+    scale = op(aten.where.ScalarOther, usable, op(aten.div.Tensor, amax, QMAX[precision]), 0.0)
+    return scale, inverse_scale_steps(op, scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -96,7 +125,8 @@ def quantize_weight(w: torch.Tensor, precision: str, per_channel: bool = True):
 
 def row_scale(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Dynamic activation scale: one per row (all dims but the last), shape x.shape[:-1] + (1,)."""
-    return scale_from_amax(x.detach().float().abs().amax(dim=-1, keepdim=True), precision)
+    check_precision(precision)
+    return row_scale_steps(eager, x.detach().float(), precision)[0]
 
 
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -157,5 +187,6 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 __all__ = [
     "PRECISIONS", "QMAX", "STORAGE", "TINY_AMAX", "check_precision", "scale_from_amax", "inverse_scale",
     "quantize", "dequantize", "fake_quantize", "channel_amax", "weight_scale", "quantize_weight",
-    "row_scale", "scaled_mm", "scaled_conv", "sqnr_db",
+    "row_scale", "scaled_mm", "scaled_conv", "sqnr_db", "eager", "quantize_steps", "inverse_scale_steps",
+    "row_scale_steps",
 ]
