@@ -19,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+import re
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
 from .profiles import USER_INPUTS_META
+
+#: ``aten_gm.meta`` key: per graph argument, the parameter's / buffer's fully qualified name
+#: (``encoder.layer.0.attention.self.query.weight``) or None; quantization names layers by it
+PARAM_NAMES_META = "compile_backend_param_names"
 
 _graph_ids = itertools.count()
 
@@ -61,6 +66,7 @@ def lower(
     graph_id = next(_graph_ids)
     mask = frozen_mask(gm, example_inputs)
     inputs = user_inputs(gm, example_inputs)
+    names = param_names(gm)
 
     def compiler(role: str):
         def compile_one(aten_gm: fx.GraphModule, aot_args: Sequence[Any]) -> Callable:
@@ -72,6 +78,8 @@ def lower(
                 frozen = mask
             if role == "inference" and n_placeholders == len(mask) and inputs is not None:
                 aten_gm.meta[USER_INPUTS_META] = inputs
+            if role == "inference" and n_placeholders == len(names):
+                aten_gm.meta[PARAM_NAMES_META] = names
             fn = compile_aten(aten_gm, role=role, name=f"graph{graph_id}.{role}", frozen=frozen)
             return make_boxed_func(fn)
 
@@ -108,6 +116,38 @@ def user_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[L
         label = name if item is None else f"{name}[{item}]"
         found.append(((order[name], item or 0), i, label))
     return [(i, label) for _, i, label in sorted(found)]
+
+
+def param_names(gm: fx.GraphModule) -> List[Optional[str]]:
+    """Per Dynamo graph input, the FQN of the module parameter or buffer it is, else None."""
+    out: List[Optional[str]] = []
+    for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        out.append(_attribute_path(source))
+    return out
+
+
+_PATH_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def _attribute_path(source: Any) -> Optional[str]:
+    """"enc.0.weight" for Dynamo's source ``L['self']._modules['enc']._modules['0']._parameters['weight']``."""
+    try:
+        text = source.name() if callable(getattr(source, "name", None)) else getattr(source, "name", None)
+    except Exception:  # a source kind without a name: no path
+        return None
+    if not isinstance(text, str) or not ("_parameters[" in text or "_buffers[" in text):
+        return None
+    root = re.match(r"^[LG]\['[^']+'\]", text)
+    if root is None:
+        return None
+    rest, parts, pos = text[root.end():], [], 0
+    for m in _PATH_PART.finditer(rest):
+        if m.start() != pos:
+            return None  # something the pattern does not understand: no name rather than a wrong one
+        parts.append(next(g for g in m.groups() if g is not None))
+        pos = m.end()
+    return ".".join(parts) if pos == len(rest) and parts else None
 
 
 def _argument(source: Any) -> Tuple[Optional[str], Optional[int]]:
@@ -166,4 +206,4 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-__all__ = ["lower", "frozen_mask", "user_inputs", "specialize", "is_symbolic"]
+__all__ = ["lower", "frozen_mask", "param_names", "PARAM_NAMES_META", "user_inputs", "specialize", "is_symbolic"]

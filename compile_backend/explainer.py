@@ -51,8 +51,7 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> Report:
     def backend(gm, inputs):
         return compile_backend(gm, inputs, options=options, report=report)
 
-    entry = private_entry(model)
-    compiled = torch.compile(entry, backend=backend, **_ISOLATED)
+    compiled = isolated_compile(model, backend)
     # an eval-mode model is explained as inference (frozen weights), a train-mode one or one
     # given inputs that require grad as training (forward and backward graphs)
     training = bool(getattr(model, "training", False)) or any(
@@ -62,6 +61,12 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> Report:
         if training:
             run_backward(out, model, example_inputs)
     return report
+
+
+def isolated_compile(model: Callable, backend: Callable) -> Callable:
+    """``torch.compile`` of ``model`` with ``backend`` through a private entry: Dynamo's cache of
+    the user's own compiled functions is neither reused nor disturbed."""
+    return torch.compile(private_entry(model), backend=backend, **_ISOLATED)
 
 
 def private_entry(model: Callable) -> Callable:

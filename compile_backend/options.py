@@ -52,6 +52,9 @@ class Options:
         showed the outputs do not depend on the padded rows (else one warning, one engine per
         shape). Pass ``dynamic=True`` to torch.compile or ``torch._dynamo.mark_dynamic(x, dim,
         min=..., max=...)`` so Dynamo gives one graph for the range. See compile_backend.profiles.
+    quant: INT8/FP8 quantization of GEMMs and convolutions (inference): a
+        ``quant.Calibration`` from ``quant.calibrate`` (static activation scales), or a
+        ``quant.QuantConfig`` with ``activations="dynamic"`` (no calibration). See quant/README.md.
     """
 
     precision: str = "fp32"
@@ -64,6 +67,7 @@ class Options:
     max_engines: int = 8
     cache_max_bytes: int = 2 * 1024 ** 3
     profiles: Tuple[Profile, ...] = ()
+    quant: Any = None
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -86,6 +90,7 @@ class Options:
             raise ValueError(f"option 'cache_max_bytes' must be a non-negative integer, got {self.cache_max_bytes!r}")
         if isinstance(self.max_engines, bool) or not isinstance(self.max_engines, int) or self.max_engines < 1:
             raise ValueError(f"option 'max_engines' must be a positive integer, got {self.max_engines!r}")
+        _check_quant(self.quant)
         # users give dicts; the dataclass holds Profiles (asdict turns them back into dicts)
         object.__setattr__(self, "profiles", parse_profiles(self.profiles))
 
@@ -98,21 +103,44 @@ class Options:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"options must be a dict of option names to values, got {type(options).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for name in options:
-            if name not in valid:
-                close = difflib.get_close_matches(str(name), valid, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"unknown option {name!r}.{hint} Valid options: {', '.join(valid)}"
-                )
+        _check_names(options)
         return cls(**dict(options))
 
     def replace(self, **changes: Any) -> "Options":
-        return Options.from_mapping({**dataclasses.asdict(self), **changes})
+        _check_names(changes)
+        return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options as plain data (``quant`` as its kind and digest)."""
+        out = dataclasses.asdict(dataclasses.replace(self, quant=None))
+        out["quant"] = None if self.quant is None else f"{type(self.quant).__name__}:{self.quant.digest()}"
+        return out
+
+
+def _check_names(options: Mapping[str, Any]) -> None:
+    valid = [f.name for f in dataclasses.fields(Options)]
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown option {name!r}.{hint} Valid options: {', '.join(valid)}")
+
+
+def _check_quant(value: Any) -> None:
+    if value is None:
+        return
+    from .quant.calibration import Calibration
+    from .quant.config import QuantConfig
+
+    if isinstance(value, Calibration):
+        return
+    if not isinstance(value, QuantConfig):
+        raise ValueError("option 'quant' must be a quant.Calibration (from quant.calibrate) or a "
+                         f"quant.QuantConfig with activations='dynamic', got {type(value).__name__}")
+    if value.activations == "static":
+        raise ValueError("option 'quant': static activation scales come from calibration: pass "
+                         "quant.calibrate(model, batches, config) instead of the config, or use "
+                         "QuantConfig(activations='dynamic')")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:

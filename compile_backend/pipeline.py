@@ -90,11 +90,13 @@ def compile_graph(
     with _stage("specialize"):
         gm = capture.specialize(aten_gm, args)                  # concrete shapes
         _number_placeholders(gm)
-        bound = freeze(gm, frozen, args) if frozen else {}       # weights -> constants
+        bound = freeze(gm, frozen, args, aten_gm.meta.get(capture.PARAM_NAMES_META)) if frozen else {}
         eager_peak = memory_plan.eager_peak_bytes(gm.graph)      # before passes: what eager holds
-    ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device)
-    counts = fx_passes.run_passes(gm, ctx)                      # clean-up, folding, fusion, layout
+    ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device,
+                                quant=quant_request(options))   # options["quant"]: what to quantize
+    counts = fx_passes.run_passes(gm, ctx)                      # clean-up, folding, quantizing, layout
     report.passes, report.rules = counts.totals, counts.rules
+    report.quant = list(ctx.quant.records.values()) if ctx.quant is not None else []
     with _stage("partition"):
         groups = fx_passes.partition(gm)                        # ops -> kernel groups
         graph, calls = fuse_groups(gm, groups)
@@ -126,6 +128,14 @@ def _stage(name: str):
         if not hasattr(exc, "op"):
             exc.op = name  # the fallback warning names where it failed
         raise
+
+
+def quant_request(options: Options):
+    if options.quant is None:
+        return None
+    from .quant.request import build_request
+
+    return build_request(options.quant)
 
 
 def wants_cuda_graph(options: Options, role: str, device: torch.device) -> bool:

@@ -22,6 +22,9 @@ class GraphReport:
     passes: Dict[str, int] = dataclasses.field(default_factory=dict)
     # per-rule matches of the passes made of rules: {pass: {rule: count}}
     rules: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    # quantization, per layer: name, kind, k, n, precision, weights, activations, calibrator,
+    # amax, sqnr_db (vs float on the calibration data), status (quantized | float), reason
+    quant: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     kernels: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     fallbacks: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     shapes: List[str] = dataclasses.field(default_factory=list)
@@ -130,6 +133,7 @@ class Report:
             for f in g.fallbacks:
                 lines.append(f"fallback: {f['op']}: {f['reason']}")
             lines.extend(_profile_line(p) for p in g.profiles)
+            lines.extend(quant_lines(g.quant))
         c = self.cache_summary()
         lines.append("")
         if self.graphs and all(g.cache.get("engine") == "off" for g in self.graphs):
@@ -182,6 +186,22 @@ def device_name(device: Optional[torch.device] = None) -> str:
         cap = torch.cuda.get_device_capability(idx)
         return f"{torch.cuda.get_device_name(idx)} (sm{cap[0]}{cap[1]})"
     return f"cpu ({platform.machine()})"
+
+
+def quant_lines(layers: List[Dict[str, Any]]) -> List[str]:
+    """The quantization table of one graph: a summary line, then a row per layer."""
+    if not layers:
+        return []
+    done = [q for q in layers if q["status"] == "quantized"]
+    lines = [f"quantized: {len(done)} of {len(layers)} GEMM/conv layers"]
+    rows = [("layer", "kind", "precision", "weights", "activations", "calibrator", "sqnr dB", "status")]
+    for q in layers:
+        sqnr = q.get("sqnr_db")
+        rows.append((_cut(q["name"], 48), q["kind"], q["precision"] if q["status"] == "quantized" else "float",
+                     q["weights"], q["activations"], q.get("calibrator") or "-",
+                     "-" if sqnr is None else f"{sqnr:.1f}",
+                     "quantized" if q["status"] == "quantized" else _cut(q["reason"], 60)))
+    return lines + _table(rows)
 
 
 def _profile_line(p: Dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from . import pipeline
 from .engine import Engine, WeightLayoutChanged
+from .errors import UserError
 from .kernels.base import INTERPRETER_LOCK, triton_interpret
 from .options import Options
 from .profiles import GraphProfiles, Plan
@@ -104,7 +105,7 @@ class CompiledGraph:
                 engine = pipeline.compile_graph_cached(self.aten_gm, args, role=self.role, frozen=self.frozen,
                                               options=self.options, report=report)
         except Exception as exc:
-            if self.options.fallback == "error":
+            if self.options.fallback == "error" or isinstance(exc, UserError):
                 raise
             op = getattr(exc, "op", None) or "graph"
             warnings.warn(

@@ -33,7 +33,7 @@ from . import location
 KEY_SCHEMA = 1
 
 #: options that choose where or how much to cache, not what gets built
-OPTIONS_NOT_IN_KEY = frozenset({"cache_dir", "cache_max_bytes", "cache"})
+OPTIONS_NOT_IN_KEY = frozenset({"cache_dir", "cache_max_bytes", "cache", "quant"})  # quant: calibration_hash
 
 
 def hash_python_sources(package_dir: Path) -> str:

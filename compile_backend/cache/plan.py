@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from ..kernels.base import sha256
 from .entry import Artifacts
+from ..capture import PARAM_NAMES_META
 from .key import CacheKey, tensor_digest
 
 log = logging.getLogger("compile_backend")
@@ -56,7 +57,12 @@ def graph_text(aten_gm: fx.GraphModule, role: str, frozen: Optional[Sequence[boo
 
 
 def cache_key(aten_gm, args, *, role, frozen, options, device):
-    return CacheKey.create(graph_text(aten_gm, role, frozen), list(args), options, device=device)
+    text = graph_text(aten_gm, role, frozen)
+    quant = getattr(options, "quant", None)
+    if quant is not None:  # quantized layers are looked up by parameter name
+        text += "\nparam-names=" + json.dumps(aten_gm.meta.get(PARAM_NAMES_META))
+    return CacheKey.create(text, list(args), options, device=device,
+                           calibration_hash=None if quant is None else f"{type(quant).__name__}:{quant.digest()}")
 
 
 @dataclasses.dataclass

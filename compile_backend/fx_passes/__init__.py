@@ -1,6 +1,8 @@
 """Graph passes over ATen graphs, in the order they run (see README.md in this folder)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.fx as fx
 
 from .attention import fuse_attention
@@ -13,6 +15,7 @@ from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
 from .precision import lower_precision
+from .quantize import quantize
 
 # Order matters: casts from lower_precision would hide conv/GEMM from BN folding and the merge,
 # and the attention op it also casts exists only after fuse_attention.
@@ -22,15 +25,16 @@ REGISTRY.register("remove_noops")(remove_noops)
 REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)
 REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
+REGISTRY.register("quantize", inference_only=True)(quantize)
 REGISTRY.register("choose_layout", inference_only=True)(choose_layout)
 REGISTRY.register("lower_precision", inference_only=True)(lower_precision)
 REGISTRY.register("constant_fold", inference_only=True)(constant_fold)
 REGISTRY.register("eliminate_dead_code")(eliminate_dead_code)
 
 
-def run_passes(gm: fx.GraphModule, ctx: PassContext) -> PassCounts:
-    """Run every registered pass; returns its totals and per-rule counts."""
-    return REGISTRY.run(gm, ctx)
+def run_passes(gm: fx.GraphModule, ctx: PassContext, until: Optional[str] = None) -> PassCounts:
+    """Run every registered pass (or those before ``until``); returns totals and per-rule counts."""
+    return REGISTRY.run(gm, ctx, until)
 
 
 __all__ = ["PassContext", "Pass", "PassCounts", "REGISTRY", "run_passes", "partition", "GroupSpec", "total"]

@@ -9,7 +9,7 @@ order (see ``fx_passes/__init__.py``); see ``fx_passes/README.md`` for the invar
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -23,6 +23,7 @@ class PassContext:
         buffers must stay exactly as eager computes them (no BN folding, no weight caching).
     precision: the Options precision (fp32 | tf32 | fp16 | bf16).
     device: where the graph runs.
+    quant: what to quantize (``options["quant"]`` turned into a ``QuantRequest``), or None.
     Frozen weights appear in the graph as ``get_attr`` nodes; anything computed only from them
     can be folded (``constant_fold``) and is recomputed on refit.
     """
@@ -30,6 +31,7 @@ class PassContext:
     training: bool = False
     precision: str = "fp32"
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    quant: Any = None  # fx_passes.quantize.QuantRequest when options ask for quantization
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], Union[int, Dict[str, int]]]
@@ -71,9 +73,12 @@ class PassRegistry:
     def names(self) -> Tuple[str, ...]:
         return tuple(p.name for p in self._passes)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> "PassCounts":
+    def run(self, gm: fx.GraphModule, ctx: PassContext, until: Optional[str] = None) -> "PassCounts":
+        """Run the passes in order (those before ``until`` only, when given)."""
         counts = PassCounts()
         for p in self._passes:
+            if p.name == until:
+                break
             if p.inference_only and ctx.training:
                 continue
             try:

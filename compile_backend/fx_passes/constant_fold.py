@@ -11,7 +11,7 @@ writes into them in place and never into the user's tensors.
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -37,8 +37,10 @@ class ConstantProgram:
         return dict(zip(self.outputs, values))
 
 
-def freeze(gm: fx.GraphModule, frozen: Sequence[bool], args: Sequence[Any]) -> Dict[int, str]:
-    """Replace frozen placeholders by get_attr constants; returns {arg index: attribute name}."""
+def freeze(gm: fx.GraphModule, frozen: Sequence[bool], args: Sequence[Any],
+           names: Optional[Sequence[Optional[str]]] = None) -> Dict[int, str]:
+    """Replace frozen placeholders by get_attr constants; returns {arg index: attribute name}.
+    ``names`` (the parameters' FQNs, when known) go to each constant's ``meta['param_name']``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     mutated = _mutated_placeholders(gm)
     bound: Dict[int, str] = {}
@@ -50,6 +52,8 @@ def freeze(gm: fx.GraphModule, frozen: Sequence[bool], args: Sequence[Any]) -> D
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)
         attr.meta.update(node.meta)
+        if names is not None and i < len(names) and names[i]:
+            attr.meta["param_name"] = names[i]
         node.replace_all_uses_with(attr)
         gm.graph.erase_node(node)
         bound[i] = name

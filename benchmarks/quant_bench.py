@@ -1,0 +1,232 @@
+"""PTQ measured on real data and on models nobody here wrote (issue #16), one JSON per part.
+
+    python -m benchmarks.quant_bench mnist  --out results.json   # digit CNN, MNIST test top-1
+    python -m benchmarks.quant_bench minilm --out results.json   # MiniLM embedding cosine
+    python -m benchmarks.quant_bench models --out results.json   # HF / torchvision models
+
+Every quantized engine is compared with the float one in the same process: top-1 on the 10k
+MNIST test images (calibrated on 512 training images), mean embedding cosine on held-out English
+sentences (calibrated on others), output cosine vs the FP16 engine for the random-init models
+(calibrated on random inputs). Latencies are CUDA-event medians over repeated calls (the next
+issue makes quantized engines fast; here they are recorded). Accuracy runs use
+``autotune="off"`` (heuristic kernels) to save device time: tuning picks among kernels that compute
+the same numerics, checked against the reference at build time (``validate``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+import torch
+
+import compile_backend
+from compile_backend import quant
+from compile_backend.bench.results import environment
+
+PRECISIONS = ("int8", "fp8")
+CALIBRATORS = ("max", "percentile", "entropy", "mse")
+
+
+def _compiled(model, options: Dict[str, Any]):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="compile_backend", options=options)
+
+
+def _latency_ms(fn: Callable, *args, reps: int = 30) -> float:
+    with torch.no_grad():
+        for _ in range(3):
+            fn(*args)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _quant_summary(report) -> Dict[str, Any]:
+    layers = [q for g in report.graphs for q in g.quant]
+    done = [q for q in layers if q["status"] == "quantized"]
+    sqnr = [q["sqnr_db"] for q in done if q.get("sqnr_db") is not None]
+    kernels = [k for g in report.graphs for k in g.kernels if "scaled" in " ".join(k.get("ops", ()))]
+    return {"layers": len(layers), "quantized": len(done),
+            "float": {q["name"]: q["reason"] for q in layers if q["status"] != "quantized"},
+            "min_sqnr_db": min(sqnr) if sqnr else None,
+            "scaled_kernels": sorted({k["impl"] for k in kernels}),
+            "fallbacks": [f for g in report.graphs for f in g.fallbacks]}
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+# ----------------------------------------------------------------------------- MNIST
+def run_mnist(device: torch.device, options: Dict[str, Any]) -> Dict[str, Any]:
+    from benchmarks import quant_data as data
+
+    images, labels = data.load_mnist("test")
+    train, _ = data.load_mnist("train")
+    model = data.load_digit_cnn().to(device).eval()
+    calib_batches = [(train[i:i + 128].to(device),) for i in range(0, 512, 128)]
+    out: Dict[str, Any] = {"fp32_eager": data.top1(model, images, labels, device=device)}
+    out["fp32_engine"] = data.top1(_compiled(model, options), images, labels, device=device)
+    rows = []
+    for precision in PRECISIONS:
+        for calibrator in CALIBRATORS:
+            cfg = quant.QuantConfig(precision=precision, calibrator=calibrator)
+            t0 = time.perf_counter()
+            calib = quant.calibrate(model, calib_batches, cfg, progress=False)
+            seconds = time.perf_counter() - t0
+            acc = data.top1(_compiled(model, {**options, "quant": calib}), images, labels, device=device)
+            report = compile_backend.explain(model, images[:1000].to(device), quant=calib, **options)
+            rows.append({"precision": precision, "calibrator": calibrator, "top1": acc,
+                         "delta_vs_fp32": acc - out["fp32_eager"], "calibrate_s": seconds,
+                         **_quant_summary(report)})
+            print(json.dumps(rows[-1]), flush=True)
+    out["ptq"] = rows
+    return out
+
+
+# ----------------------------------------------------------------------------- MiniLM
+def run_minilm(device: torch.device, options: Dict[str, Any]) -> Dict[str, Any]:
+    from benchmarks import quant_data as data
+
+    model, tokenizer = data.load_minilm()
+    model = model.to(device).eval()
+    split = data.english_sentences()
+    length = 64  # one input shape for every batch: one engine
+    reference = data.mean_pooled_embeddings(model, tokenizer, split.evaluation, length=length, device=device)
+    calib_batches = []
+    for i in range(0, len(split.calibration), 64):
+        tokens = data.tokenize(tokenizer, split.calibration[i:i + 64], length)
+        calib_batches.append((tokens["input_ids"].to(device), tokens["attention_mask"].to(device)))
+
+    class Positional(torch.nn.Module):  # calibrate feeds positional tuples
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    wrapped = Positional(model).eval()
+    variants = {
+        "fp8_static": quant.QuantConfig(precision="fp8", activations="static", calibrator="max"),
+        "int8_dynamic": quant.QuantConfig(precision="int8", activations="dynamic"),
+        "int8_static_per_tensor": quant.QuantConfig(precision="int8", activations="static", calibrator="entropy",
+                                                    weights="per_tensor"),
+        "int8_static": quant.QuantConfig(precision="int8", activations="static", calibrator="percentile"),
+    }
+    out: Dict[str, Any] = {"sentences": {"calibration": len(split.calibration), "evaluation": len(split.evaluation)},
+                           "length": length}
+    engine = _compiled(model, options)
+    out["fp32_engine_cosine"] = data.mean_cosine(
+        data.mean_pooled_embeddings(engine, tokenizer, split.evaluation, length=length, device=device), reference)
+    for name, cfg in variants.items():
+        q = quant.calibrate(wrapped, calib_batches, cfg, progress=False) if cfg.activations == "static" else cfg
+        fast = _compiled(model, {**options, "quant": q})
+        emb = data.mean_pooled_embeddings(fast, tokenizer, split.evaluation, length=length, device=device)
+        report = compile_backend.explain(wrapped, *calib_batches[0], quant=q, **options)
+        out[name] = {"mean_cosine": data.mean_cosine(emb, reference), **_quant_summary(report)}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+def _models(device: torch.device):
+    import torchvision
+    import transformers
+
+    torch.manual_seed(0)
+    bert = transformers.BertModel(transformers.BertConfig()).eval()
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+    ids = lambda b, s, v: torch.randint(0, v, (b, s), device=device)
+    img = lambda b: torch.randn(b, 3, 224, 224, device=device)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            out = self.m(x)
+            return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    return {
+        "bert_base": (Logits(bert), lambda: (ids(8, 128, 30522),)),
+        "gpt2": (Logits(gpt2), lambda: (ids(4, 128, 50257),)),
+        "resnet50": (torchvision.models.resnet50(), lambda: (img(32),)),
+        "vit_b_16": (torchvision.models.vit_b_16(), lambda: (img(16),)),
+    }
+
+
+def run_models(device: torch.device, options: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+    out = {}
+    for name, (model, make) in _models(device).items():
+        if names and name not in names:
+            continue
+        model = model.to(device).half().eval()
+        inputs = make()
+        if inputs[0].is_floating_point():
+            inputs = tuple(t.half() for t in inputs)
+        calib = [make() for _ in range(4)]
+        calib = [tuple(t.half() if t.is_floating_point() else t for t in b) for b in calib]
+        engine = _compiled(model, options)
+        with torch.no_grad():
+            ref = engine(*inputs).float()
+        row: Dict[str, Any] = {"fp16_engine_ms": _latency_ms(engine, *inputs)}
+        for precision in PRECISIONS:
+            for acts in ("static", "dynamic"):
+                try:
+                    cfg = quant.QuantConfig(precision=precision, activations=acts)
+                    q = quant.calibrate(model, calib, cfg, progress=False) if acts == "static" else cfg
+                    fast = _compiled(model, {**options, "quant": q})
+                    with torch.no_grad():
+                        y = fast(*inputs).float()
+                    report = compile_backend.explain(model, *inputs, quant=q, **options)
+                    row[f"{precision}_{acts}"] = {"cosine_vs_fp16_engine": _cosine(y, ref),
+                                                  "ms": _latency_ms(fast, *inputs), **_quant_summary(report)}
+                except Exception as exc:  # recorded, never hidden: the result file says what failed
+                    row[f"{precision}_{acts}"] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(name, precision, acts, json.dumps(row[f"{precision}_{acts}"])[:600], flush=True)
+        out[name] = row
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quant_bench")
+    parser.add_argument("part", choices=("mnist", "minilm", "models"))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", nargs="*", default=[])
+    parser.add_argument("--autotune", default="off")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("quant_bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    options = {"autotune": args.autotune}
+    t0 = time.perf_counter()
+    if args.part == "mnist":
+        results = run_mnist(device, options)
+    elif args.part == "minilm":
+        results = run_minilm(device, options)
+    else:
+        results = run_models(device, options, args.models)
+    doc = {"part": args.part, "options": options, "seconds": time.perf_counter() - t0,
+           "environment": environment("cuda", commit=os.environ.get("COMMIT")), "results": results}
+    with open(args.out, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Quantize: GEMMs and convolutions with constant weights become scaled INT8/FP8 ops.
+
+Runs after BatchNorm folding, GEMM merging and attention fusion (so it quantizes the GEMMs the
+engine runs, merged Q/K/V included, and never attention's batched matmuls), before layout and
+precision. It only acts when the compile asks for quantization (``PassContext.quant``, built by
+``quant.request`` from ``options["quant"]``).
+
+A quantizable *layer* is an ``mm``/``addmm`` (a linear layer: ``x [M, K] @ W^T``) or a
+non-transposed ``convolution`` whose weight is a frozen constant. Its name is the fully
+qualified name of the weight parameter (``encoder.layer.0.attention.self.query.weight``; a
+merged GEMM joins its parts' names with ``+``), which the calibration is keyed by.
+
+Rewrite (numerics: ``kernels/quant_ref.py``, the same steps emitted as ATen nodes):
+* weight: ``quantize(W, per-channel or per-tensor scale)`` as ops on the constant, which
+  ``constant_fold`` evaluates once (and again on refit);
+* activation: ``quantize(x, x_scale)`` as plain ATen ops the producer's generated kernel
+  computes: ``x_scale`` a constant from calibration (static), or per row computed in the graph
+  (dynamic; per tensor for convolutions);
+* the anchor becomes ``compile_backend.scaled_mm`` / ``scaled_conv`` with the same output dtype;
+  what followed it (bias, activation, residual) is its epilogue as before.
+Layers the config excludes, or that cannot be quantized, stay float; every decision is recorded
+in ``QuantRequest.records`` (the report lists them, layer by layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm / scaled_conv)
+from ..kernels import quant_ref
+from .base import PassContext
+from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
+
+aten = torch.ops.aten
+#: meta key of a frozen weight's get_attr node: the parameter's fully qualified name
+PARAM_NAME = "param_name"
+
+
+@dataclasses.dataclass
+class QuantRequest:
+    """What the compile was asked to quantize, and what the pass decided (``records``)."""
+
+    precision: str                                     # int8 | fp8
+    per_channel: bool                                  # weight scales per output channel
+    dynamic: bool                                      # activation scales computed at run time
+    calibrator: Optional[str]                          # name, for the report (static only)
+    decide: Callable[[str, Optional[type], int, int], Optional[str]]  # None or why not quantized
+    amax: Callable[[str], Optional[float]]             # calibrated activation amax of a layer
+    details: Callable[[str], Dict[str, Any]] = lambda name: {}  # report extras (amax, sqnr_db)
+    # refuses a calibration of other weights: check(layer name, {param FQN: tensor}) raises
+    check: Callable[[str, Dict[str, torch.Tensor]], None] = lambda name, params: None
+    calibrated: bool = False
+    records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Layer:
+    node: fx.Node                 # the anchor: mm | addmm | convolution
+    kind: str                     # linear | conv
+    name: str                     # weight FQN(s)
+    x: fx.Node                    # the activation operand
+    weight: fx.Node               # the weight as the anchor reads it
+    module_type: Optional[type]
+    k: int
+    n: int
+    reason: Optional[str] = None  # why it cannot be quantized (None: it can)
+    request: Optional[QuantRequest] = None  # set when the pass rewrites it
+
+
+def find_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
+    """The quantizable-layer view of ``node`` (with a reason when it cannot be), or None when
+    ``node`` is not a GEMM/convolution at all."""
+    if is_op(node, aten.mm) or (is_op(node, aten.addmm) and _plain_addmm(node)):
+        x, w = (node.args[0], node.args[1]) if is_op(node, aten.mm) else (node.args[1], node.args[2])
+        k, n = shape(w)[0], shape(w)[1]
+        kind = "linear"
+    elif is_op(node, aten.convolution):
+        x, w = node.args[0], node.args[1]
+        k, n = _numel(shape(w)[1:]), shape(w)[0]
+        kind = "conv"
+    else:
+        return None
+    names = weight_names(w)
+    layer = Layer(node, kind, "+".join(names) or node.name, x, w, module_type(node), k, n)
+    xv, wv = tensor_val(x), tensor_val(w)
+    if not facts.constant(w) or not names:
+        layer.reason = "weight is not a frozen parameter (compile with freeze=True, the default)"
+    elif xv is None or wv is None or xv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or wv.dtype != xv.dtype:
+        layer.reason = f"operands are not one float dtype ({getattr(xv, 'dtype', None)}, {getattr(wv, 'dtype', None)})"
+    elif kind == "conv" and node.args[6]:
+        layer.reason = "transposed convolution"
+    elif node in facts.unsafe:
+        layer.reason = "its value is written in place"
+    return layer
+
+
+def weight_names(w: fx.Node) -> List[str]:
+    """FQNs of the frozen parameters a weight is computed from that have its rank (the weight
+    itself, or the parts of a merged weight; BatchNorm vectors are left out)."""
+    return sorted({n.meta[PARAM_NAME] for n in _weight_params(w)})
+
+
+def weight_params(gm: fx.GraphModule, w: fx.Node) -> Dict[str, torch.Tensor]:
+    """{FQN: tensor} of the parameters of :func:`weight_names` (what a calibration is checked against)."""
+    return dict(sorted((n.meta[PARAM_NAME], getattr(gm, n.target)) for n in _weight_params(w)))
+
+
+def _weight_params(w: fx.Node) -> List[fx.Node]:
+    rank, seen, found, stack = len(shape(w)), set(), [], [w]
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and PARAM_NAME in n.meta and len(shape(n)) == rank:
+            found.append(n)
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+def module_type(node: fx.Node) -> Optional[type]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    last = list(stack.values())[-1]
+    kind = last[1] if isinstance(last, tuple) and len(last) > 1 else None
+    return kind if isinstance(kind, type) else None
+
+
+def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
+    """Rewrite the selected layers to scaled INT8/FP8 ops; {rule: layers quantized}."""
+    if ctx.training or ctx.quant is None:
+        return {}
+    return apply_rules(gm, ctx, QUANT_RULES)
+
+
+def _match(kind: str):
+    def match(node: fx.Node, facts: Facts) -> Optional[Layer]:
+        layer = find_layer(node, facts)
+        if layer is None or layer.kind != kind:
+            return None
+        request: QuantRequest = facts.ctx.quant
+        if layer.reason is None:
+            request.check(layer.name, weight_params(facts.gm, layer.weight))
+        reason = layer.reason or request.decide(layer.name, layer.module_type, layer.k, layer.n)
+        if reason is None and not request.dynamic and request.amax(layer.name) is None:
+            reason = "no calibration data for this layer (the calibration never saw it run)"
+        record = request.records.setdefault(layer.name, _record(layer, request))
+        if reason is not None:
+            record.update(status="float", reason=reason)
+            return None
+        record.update(status="quantized", reason="")
+        layer.request = request
+        return layer
+    return match
+
+
+def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:
+    return {"name": layer.name, "kind": layer.kind, "k": layer.k, "n": layer.n,
+            "module": getattr(layer.module_type, "__name__", None), "precision": request.precision,
+            "weights": "per_channel" if request.per_channel else "per_tensor",
+            "activations": ("dynamic per row" if layer.kind == "linear" else "dynamic per tensor")
+            if request.dynamic else "static per tensor",
+            "calibrator": None if request.dynamic else request.calibrator, **request.details(layer.name)}
+
+
+def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
+    request, graph, op = layer.request, gm.graph, _emitter(gm.graph)
+    with graph.inserting_before(node):
+        wq, w_scale = _weight(graph, op, call(graph, aten.permute.default, (layer.weight, [1, 0])), request)
+        xq, x_scale = _activation(gm, op, layer, request, rows=True)
+        bias = node.args[0] if is_op(node, aten.addmm) else None
+        out_dtype = tensor_val(node).dtype
+        per_column = bias is not None and shape(bias) == (layer.n,)
+        y = call(graph, torch.ops.compile_backend.scaled_mm.default,
+                 (xq, x_scale, wq, w_scale, bias if per_column else None, out_dtype))
+        if bias is not None and not per_column:
+            y = call(graph, aten.add.Tensor, (y, bias))
+    node.replace_all_uses_with(y)
+
+
+def _rewrite_conv(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
+    request, graph, op = layer.request, gm.graph, _emitter(gm.graph)
+    _, _, bias, stride, padding, dilation, _, _, groups = node.args
+    with graph.inserting_before(node):
+        wq, w_scale = _weight(graph, op, layer.weight, request)
+        xq, x_scale = _activation(gm, op, layer, request, rows=False)
+        y = call(graph, torch.ops.compile_backend.scaled_conv.default,
+                 (xq, x_scale, wq, w_scale, bias, list(stride), list(padding), list(dilation), groups,
+                  tensor_val(node).dtype))
+    node.replace_all_uses_with(y)
+    if tensor_val(y).stride() != tensor_val(node).stride():
+        propagate_meta(graph, [y])
+
+
+def _emitter(graph: fx.Graph):
+    def op(target, *args, **kwargs):
+        return call(graph, target, args, kwargs)
+    return op
+
+
+def _weight(graph: fx.Graph, op, w: fx.Node, request: QuantRequest):
+    """(quantized weight, fp32 scale [out] or 0-d) as ops on the constant weight (folded later)."""
+    out = shape(w)[0]
+    rows = op(aten.reshape.default, op(aten._to_copy.default, w, dtype=torch.float32),
+              [out, -1] if request.per_channel else [1, -1])
+    scale, inv = quant_ref.row_scale_steps(op, rows, request.precision)
+    inv = op(aten.reshape.default, inv, [out] + [1] * (len(shape(w)) - 1) if request.per_channel else [])
+    wq = quant_ref.quantize_steps(op, w, tensor_val(w).dtype, inv, request.precision)
+    return wq, op(aten.reshape.default, scale, [out] if request.per_channel else [])
+
+
+def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, rows: bool):
+    x, dtype = layer.x, tensor_val(layer.x).dtype
+    if not request.dynamic:
+        scale = quant_ref.scale_from_amax(torch.tensor(request.amax(layer.name)), request.precision)
+        inv = float(quant_ref.inverse_scale(scale))
+        name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
+        gm.register_buffer(name, scale.reshape(()).clone())
+        x_scale = gm.graph.get_attr(name)
+        x_scale.meta["val"] = torch.empty((), dtype=torch.float32, device="meta")
+        return quant_ref.quantize_steps(op, x, dtype, inv, request.precision), x_scale
+    xf = x if dtype == torch.float32 else op(aten._to_copy.default, x, dtype=torch.float32)
+    flat = xf if rows else op(aten.reshape.default, xf, [1, -1])
+    scale, inv = quant_ref.row_scale_steps(op, flat, request.precision)
+    if not rows:
+        scale, inv = op(aten.reshape.default, scale, []), op(aten.reshape.default, inv, [])
+    return quant_ref.quantize_steps(op, xf, torch.float32, inv, request.precision), scale
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _plain_addmm(node: fx.Node) -> bool:
+    return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+
+
+def _numel(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+# Rules: which anchors become which scaled op (the request in ctx decides which layers).
+QUANT_RULES = (
+    Rule("linear", "mm / addmm with a frozen weight -> quantize(x) and scaled_mm over the quantized weight",
+         _match("linear"), _rewrite_linear),
+    Rule("conv", "convolution with a frozen weight -> quantize(x) and scaled_conv over the quantized weight",
+         _match("conv"), _rewrite_conv),
+)
+
+__all__ = ["QuantRequest", "Layer", "find_layer", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]
