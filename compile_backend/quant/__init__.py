@@ -1,0 +1,15 @@
+"""Post-training quantization (INT8/FP8, W8A8): configs, calibration, calibration files.
+
+    from compile_backend import quant
+    cfg = quant.QuantConfig(precision="fp8", calibrator="entropy")
+    calib = quant.Calibration.load("calib.json")
+
+Importing this package imports neither torch nor Triton: the torch-using parts (observers,
+calibrators) load with their modules. See quant/README.md for the numerics and the file format.
+"""
+from __future__ import annotations
+
+from .calibration import Calibration, LayerCalibration, weight_fingerprint
+from .config import LayerType, QuantConfig
+
+__all__ = ["QuantConfig", "LayerType", "Calibration", "LayerCalibration", "weight_fingerprint"]
