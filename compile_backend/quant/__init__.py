@@ -4,7 +4,7 @@
     cfg = quant.QuantConfig(precision="fp8", calibrator="entropy")
     calib = quant.Calibration.load("calib.json")
 
-Importing this package imports neither torch nor Triton: the torch-using parts (observers,
+Importing this package imports no Triton and initialises no CUDA: the torch-using parts (observers,
 calibrators) load with their modules. See quant/README.md for the numerics and the file format.
 """
 from __future__ import annotations
@@ -13,3 +13,7 @@ from .calibration import Calibration, LayerCalibration, weight_fingerprint
 from .config import LayerType, QuantConfig
 
 __all__ = ["QuantConfig", "LayerType", "Calibration", "LayerCalibration", "weight_fingerprint"]
+
+from .calibrate import calibrate  # noqa: E402  (the graph side: runs the model through the backend)
+
+__all__ += ["calibrate"]
