@@ -21,8 +21,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -141,6 +142,16 @@ def triton_cache_dir(scope: PathLike) -> Path:
     return Path(scope) / "triton"
 
 
+# The ``triton_cache`` blocks active now (their paths, oldest first) and the setting from
+# before the first of them. Blocks overlap when graphs build on several threads at once: each
+# one points Triton at its own directory, an exit points it back at the latest block still
+# active, and only the last one out restores the setting it found (not the one an earlier
+# overlapping block set). Bound: one entry per block in progress.
+_REDIRECT_LOCK = threading.Lock()
+_active: List[str] = []
+_saved: Dict[str, Any] = {}
+
+
 @contextlib.contextmanager
 def triton_cache(path: PathLike) -> Iterator[Path]:
     """Point Triton's binary cache at ``path`` while the block runs, then restore it.
@@ -150,31 +161,51 @@ def triton_cache(path: PathLike) -> Iterator[Path]:
     ``triton.knobs.cache.dir`` (Triton >= 3.4; it falls back to $TRITON_CACHE_DIR, which older
     Triton reads directly). So this sets that knob, and the environment variable that Triton
     mirrors it into (child processes such as parallel compile workers read the variable), and
-    restores both on exit. Use it only around our own compile step (builders, warm-up launches,
-    autotuning), where Triton compiles our kernels; it is process-global while active, so do
-    not run unrelated Triton compiles on other threads at the same time.
+    restores both when the last block active exits. Use it only around our own compile step
+    (builders, warm-up launches, autotuning), where Triton compiles our kernels; it is
+    process-global while active, so do not run unrelated Triton compiles on other threads at
+    the same time (and two of our blocks overlapping on threads share the later one's directory).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    previous_env = os.environ.get(TRITON_CACHE_ENV)
-    knob_owner = _triton_cache_knobs()
-    missing = object()
-    previous_knob = knob_owner.__dict__.get("dir", missing) if knob_owner is not None else missing
-    os.environ[TRITON_CACHE_ENV] = str(path)
-    if knob_owner is not None:
-        knob_owner.dir = str(path)
+    with _REDIRECT_LOCK:
+        if not _active:
+            knob_owner = _triton_cache_knobs()
+            _saved.update(env=os.environ.get(TRITON_CACHE_ENV), knob_owner=knob_owner,
+                          knob=knob_owner.__dict__.get("dir", _MISSING) if knob_owner is not None else _MISSING)
+        _active.append(str(path))
+        _point_triton_at(str(path))
     try:
         yield path
     finally:
-        if knob_owner is not None:
-            if previous_knob is missing:
-                knob_owner.__dict__.pop("dir", None)  # back to "read the environment"
+        with _REDIRECT_LOCK:
+            _active.remove(str(path))
+            if _active:
+                _point_triton_at(_active[-1])
             else:
-                knob_owner.__dict__["dir"] = previous_knob
-        if previous_env is None:
-            os.environ.pop(TRITON_CACHE_ENV, None)
+                _restore_triton_cache()
+
+
+_MISSING = object()
+
+
+def _point_triton_at(path: str) -> None:
+    os.environ[TRITON_CACHE_ENV] = path
+    if _saved["knob_owner"] is not None:
+        _saved["knob_owner"].dir = path
+
+
+def _restore_triton_cache() -> None:
+    knob_owner, knob, env = _saved.pop("knob_owner"), _saved.pop("knob"), _saved.pop("env")
+    if knob_owner is not None:
+        if knob is _MISSING:
+            knob_owner.__dict__.pop("dir", None)  # back to "read the environment"
         else:
-            os.environ[TRITON_CACHE_ENV] = previous_env
+            knob_owner.__dict__["dir"] = knob
+    if env is None:
+        os.environ.pop(TRITON_CACHE_ENV, None)
+    else:
+        os.environ[TRITON_CACHE_ENV] = env
 
 
 def _triton_cache_knobs() -> Any:

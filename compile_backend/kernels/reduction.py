@@ -8,8 +8,11 @@ them. ``X`` splits into kept dims (rows: one program handles XBLOCK rows) and re
 reducing a non-last dim needs no transpose: with the kept dim contiguous, tiles are read
 coalesced along rows.
 
-The plan (IR, analysis) is in ``reduction_plan``. Layers here: ``_emit`` writes the @triton.jit kernel; ``ReductionLauncher`` checks inputs,
-evaluates host views, allocates outputs, launches; ``build_reduction`` is the builder.
+The plan (IR, analysis) is in ``reduction_plan``. Layers here: ``_emit`` writes the @triton.jit
+kernel (``_Body`` holds the building blocks: indices, loads, masked reductions, stores;
+``_persistent`` and ``_looped`` are the two kernel shapes, the latter in steps per pass:
+accumulators, accumulate a chunk, finish); ``ReductionLauncher`` checks inputs, evaluates host
+views, allocates outputs, launches; ``build_reduction`` is the builder.
 
 Two shapes of kernel (``ReductionConfig.persistent``):
 * persistent: the row (rblock >= row length) lives in registers, read once; every reduction
@@ -33,8 +36,9 @@ rarely).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -65,119 +69,131 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
     of XBLOCK; even_r: the row length is a multiple of RBLOCK (persistent: equal to it). Masks
     are emitted only for a side that can run past its end: a full tile loads, reduces and
     stores without ``where``s (two instructions per element less in a softmax)."""
-    n_in = len(plan.loads)
-    tensors = [f"in{i}" for i in range(n_in)] + [f"out{j}" for j in range(len(plan.stores))]
+    body = _Body(plan, patterns, rsizes, wide, even_x, even_r)
+    body.row_block(ksizes)
+    if persistent:
+        _persistent(body)
+    else:
+        _looped(body, _schedule(plan))
+    return _module(plan, patterns, persistent, body.lines)
+
+
+def _module(plan: ReductionPlan, patterns, persistent: bool, lines: List[str]) -> str:
+    """The module around a kernel body: imports, helpers the body calls, the signature."""
+    tensors = [f"in{i}" for i in range(len(plan.loads))] + [f"out{j}" for j in range(len(plan.stores))]
     params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
     for t, (kt, rt) in zip(tensors, patterns):
         params += [f"{t}_xs{j}" for j in kt] + [f"{t}_rs{j}" for j in rt]
-    lines: List[str] = []
-    ind = "    "
-    xm = None if even_x else "xmask"
-    rm = None if even_r else "rmask"
-    tile_mask = "mask" if xm and rm else xm or rm  # mask of an [XBLOCK, RBLOCK] tile, or None
-    hints: Dict[int, str] = {}  # load index -> eviction policy, in the loop being emitted
+    header = ["import triton", "import triton.language as tl", "",
+              f"# reduction over dims {plan.rdims} of {plan.x_shape}; {'persistent' if persistent else 'looped'}"]
+    kernel = "\n\n@triton.jit\ndef reduction_kernel(" + ", ".join(params + ["XBLOCK: tl.constexpr", "RBLOCK: tl.constexpr"]) + \
+        "):\n" + "\n".join(lines) + "\n"
+    return "\n".join(header) + expr.REDUCE_HELPERS + expr.helper_source(kernel) + kernel
 
-    def out(line: str) -> None:
-        lines.append(ind + line)
 
-    def decompose(prefix: str, index: str, sizes: Sequence[int]) -> None:
+class _Body:
+    """The kernel body being written: its lines, the names of the values defined so far (kernel
+    scope; a loop chunk's values are local to it), and the building blocks every kernel shape
+    uses: index decomposition, addresses, loads, masked reductions, stores."""
+
+    def __init__(self, plan: ReductionPlan, patterns, rsizes: Sequence[int], wide: bool,
+                 even_x: bool, even_r: bool):
+        self.plan, self.patterns, self.rsizes, self.wide = plan, patterns, rsizes, wide
+        self.lines: List[str] = []
+        self.depth = 1
+        self.xm = None if even_x else "xmask"
+        self.rm = None if even_r else "rmask"
+        self.tile_mask = "mask" if self.xm and self.rm else self.xm or self.rm  # of an [XBLOCK, RBLOCK] tile
+        self.hints: Dict[int, str] = {}  # load index -> eviction policy, in the loop being emitted
+        self.names: Dict[Val, str] = {v: f"s_{n.name}" for n, v in plan.scalar_vals.items()}
+
+    def out(self, line: str) -> None:
+        self.lines.append("    " * self.depth + line)
+
+    # ---- indices
+    def decompose(self, prefix: str, index: str, sizes: Sequence[int]) -> None:
         # sizes are literals: div/mod by a constant is cheap, by a runtime value it is not
         rest, n = index, len(sizes)
         for j in range(n - 1, 0, -1):
-            out(f"{prefix}{j} = {rest} % {sizes[j]}")
-            out(f"{prefix}q{j} = {rest} // {sizes[j]}")
+            self.out(f"{prefix}{j} = {rest} % {sizes[j]}")
+            self.out(f"{prefix}q{j} = {rest} // {sizes[j]}")
             rest = f"{prefix}q{j}"
         if n:
-            out(f"{prefix}0 = {rest}")
+            self.out(f"{prefix}0 = {rest}")
 
-    def address(t: str, pattern) -> Tuple[str, Optional[str]]:
+    def row_block(self, ksizes: Sequence[int]) -> None:
+        """The XBLOCK rows of this program, split into kept dims; the row offsets of a chunk."""
+        self.out("pid = tl.program_id(0)")
+        self.out(f"xindex = {'pid.to(tl.int64)' if self.wide else 'pid'} * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
+        if self.xm:
+            self.out(f"xmask = xindex < {self.plan.xnumel}")
+        self.decompose("xi", "xindex", ksizes)
+        self.out(f"rbase = tl.arange(0, RBLOCK)[None, :]{'.to(tl.int64)' if self.wide else ''}")
+
+    def chunk(self, start: str) -> None:
+        """The RBLOCK elements of a row starting at ``start``, split into reduced dims."""
+        self.out(f"rindex = {start}rbase")
+        if self.rm:
+            self.out(f"rmask = rindex < {self.plan.rnumel}")
+        self.decompose("ri", "rindex", self.rsizes)
+        if self.xm and self.rm:
+            self.out("mask = xmask & rmask")
+
+    @contextlib.contextmanager
+    def row_loop(self) -> Iterator[None]:
+        """A loop over the row in RBLOCK chunks; the body is emitted inside the ``with``."""
+        self.out(f"for roffset in range(0, {self.plan.rnumel}, RBLOCK):")
+        self.depth += 1
+        self.chunk("roffset + ")
+        yield
+        self.depth -= 1
+
+    def address(self, t: str, pattern) -> Tuple[str, Optional[str]]:
         kt, rt = pattern
         terms = [f"xi{j} * {t}_xs{j}" for j in kt] + [f"ri{j} * {t}_rs{j}" for j in rt]
-        mask = tile_mask if kt and rt else xm if kt else rm if rt else None
+        mask = self.tile_mask if kt and rt else self.xm if kt else self.rm if rt else None
         return (" + ".join(terms) or "0"), mask
 
-    out("pid = tl.program_id(0)")
-    out(f"xindex = {'pid.to(tl.int64)' if wide else 'pid'} * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
-    if xm:
-        out(f"xmask = xindex < {plan.xnumel}")
-    decompose("xi", "xindex", ksizes)
-    out(f"rbase = tl.arange(0, RBLOCK)[None, :]{'.to(tl.int64)' if wide else ''}")
-
-    def r_prelude(start: str) -> None:
-        out(f"rindex = {start}rbase")
-        if rm:
-            out(f"rmask = rindex < {plan.rnumel}")
-        decompose("ri", "rindex", rsizes)
-        if xm and rm:
-            out("mask = xmask & rmask")
-
-    needed = _needed(plan)
-    names: Dict[Val, str] = {n_val: f"s_{n.name}" for n, n_val in plan.scalar_vals.items()}
-
-    def render(v: Val, name_of) -> str:
+    # ---- values
+    def render(self, v: Val, name_of) -> str:
         if v.load is not None:
-            addr, mask = address(f"in{v.load}", patterns[v.load])
+            addr, mask = self.address(f"in{v.load}", self.patterns[v.load])
             args = [f"in{v.load}_ptr + {addr}"] + ([f"mask={mask}", "other=0"] if mask else [])
-            if v.load in hints:
-                args.append(f'eviction_policy="{hints[v.load]}"')
-            return expr.to_compute(f"tl.load({', '.join(args)})", plan.loads[v.load].source.meta["val"].dtype)
+            if v.load in self.hints:
+                args.append(f'eviction_policy="{self.hints[v.load]}"')
+            return expr.to_compute(f"tl.load({', '.join(args)})", self.plan.loads[v.load].source.meta["val"].dtype)
         return v.render(name_of)
 
-    def masked(v: Val, value: str) -> str:
+    def masked(self, v: Val, value: str) -> str:
         # past the row's end a reduction sees its neutral element; rows past the last one
         # (xmask) compute values that are never stored, so they need no mask here
-        return f"tl.where(rmask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})" if rm else value
+        return f"tl.where(rmask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})" if self.rm else value
 
-    def reduce_expr(v: Val, value: str) -> str:
+    def reduce_expr(self, v: Val, value: str) -> str:
         # a reduction sums/maxes a full [XBLOCK, RBLOCK] tile: the value's own shape may be
         # narrower although it varies along the row logically. A row of one element, a
         # constant (ones_like), or an input broadcast along the reduced dims (expand: stride 0
         # there, so its load has no r index and is [XBLOCK, 1]) would otherwise be reduced as
         # one element instead of RBLOCK copies. Broadcasting a full tile is free.
         value = f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
-        return expr.REDUCE_OPS[v.reduce][0].format(x=masked(v, value)) + "[:, None]"
+        return expr.REDUCE_OPS[v.reduce][0].format(x=self.masked(v, value)) + "[:, None]"
 
-    def emit_global(v: Val) -> None:
-        if v in names:
+    def define(self, v: Val, value: str) -> None:
+        """A kernel-scope value."""
+        self.out(f"{v.base} = {value}")
+        self.names[v] = v.base
+
+    def emit_global(self, v: Val) -> None:
+        """A per-row value and the per-row values it needs, once, at kernel scope."""
+        if v in self.names:
             return
         assert v.level == "perrow" and v.reduce is None, v.base
         for d in v.deps:
-            emit_global(d)
-        out(f"{v.base} = {render(v, names.__getitem__)}")
-        names[v] = v.base
+            self.emit_global(d)
+        self.define(v, self.render(v, self.names.__getitem__))
 
-    def row_closure(targets: Sequence[Val]) -> set:
-        """Row values (computed in a loop chunk) the targets need."""
-        closure, stack = set(), list(targets)
-        while stack:
-            v = stack.pop()
-            if v in closure or v in names or v.level != "row":
-                continue
-            closure.add(v)
-            stack.extend(v.deps)
-        return closure
-
-    def emit_chunk(targets: Sequence[Val], suffix: str) -> Dict[Val, str]:
-        """Row values the targets need, computed in the current chunk (perrow ones are global)."""
-        local: Dict[Val, str] = {}
-        closure = row_closure(targets)
-        lookup = lambda v: local.get(v) or names[v]  # noqa: E731
-        for v in plan.vals:
-            if v in closure:
-                local[v] = v.base + suffix
-                out(f"{local[v]} = {render(v, lookup)}")
-        return local
-
-    def store(j: int, s: Store, value: str) -> None:
-        addr, _ = address(f"out{j}", patterns[n_in + j])
-        shape = "[XBLOCK, RBLOCK]" if s.level == "row" else "[XBLOCK, 1]"
-        if addr == "0":  # a single element: the pointer must still be a block
-            addr = f"tl.zeros({shape}, tl.int32)"
-        mask = tile_mask if s.level == "row" else xm
-        value = expr.to_storage(f"tl.broadcast_to({value}, {shape})", s.node.meta["val"].dtype)
-        out(f"tl.store(out{j}_ptr + {addr}, {value}" + (f", mask={mask})" if mask else ")"))
-
-    def perrow_deps(vals: Sequence[Val]) -> List[Val]:
+    def emit_perrow_deps(self, vals: Sequence[Val]) -> None:
+        """The per-row values (not reductions) a loop over the row for ``vals`` reads."""
         found, stack, seen = [], list(vals), set()
         while stack:
             v = stack.pop()
@@ -188,123 +204,190 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
                 stack.extend(v.deps)
             elif v.reduce is None:
                 found.append(v)
-        return sorted(found, key=plan.vals.index)
+        for d in sorted(found, key=self.plan.vals.index):
+            self.emit_global(d)
 
-    row_stores = [(j, s) for j, s in enumerate(plan.stores) if s.level == "row"]
-    if persistent:
-        r_prelude("")
-        for v in plan.vals:
-            if v in needed and v not in names:
-                if v.reduce is not None:
-                    src = names[v.deps[0]]
-                    out(f"{v.base} = {reduce_expr(v, src)}")
-                else:
-                    out(f"{v.base} = {render(v, names.__getitem__)}")
-                names[v] = v.base
-        for j, s in enumerate(plan.stores):
-            store(j, s, names[s.val])
-    else:
-        reductions = [v for v in plan.vals if v.reduce is not None and v in needed]
-        # online softmax: a sum of exp(x - max) runs in the same pass as its max, rescaled
-        # whenever the running max grows (2 reads of the row for softmax instead of 3)
-        online = [v for v in reductions if v.online is not None]
-        running = {v.online.max for v in online}
-        stage: Dict[Val, int] = {}
-        for v in plan.vals:  # stage of a value: how many reduction passes it waits for
-            if v in online:
-                stage[v] = stage[v.online.max]
+    def row_closure(self, targets: Sequence[Val]) -> set:
+        """Row values (computed in a loop chunk) the targets need."""
+        closure, stack = set(), list(targets)
+        while stack:
+            v = stack.pop()
+            if v in closure or v in self.names or v.level != "row":
                 continue
-            deps_stage = max([stage[d] for d in v.deps], default=0)
-            stage[v] = deps_stage + 1 if v.reduce is not None else deps_stage
+            closure.add(v)
+            stack.extend(v.deps)
+        return closure
 
-        def source(v: Val) -> Val:  # the row value a reduction consumes in its pass
-            return v.online.x if v in online else v.deps[0]
+    def emit_chunk(self, targets: Sequence[Val], suffix: str) -> Callable[[Val], str]:
+        """Row values the targets need, computed in the current chunk (perrow ones are global);
+        returns the name of a value in the chunk."""
+        local: Dict[Val, str] = {}
+        closure = self.row_closure(targets)
+        lookup = lambda v: local.get(v) or self.names[v]  # noqa: E731
+        for v in self.plan.vals:
+            if v in closure:
+                local[v] = v.base + suffix
+                self.out(f"{local[v]} = {self.render(v, lookup)}")
+        return lookup
 
-        n_stages = max([stage[v] for v in reductions], default=0)
-        groups = [[v for v in reductions if stage[v] == k] for k in range(1, n_stages + 1)]
-        passes = [[source(v) for v in group] for group in groups]
-        if row_stores:
-            passes.append([s.val for _, s in row_stores])
+    def store(self, j: int, s: Store, value: str) -> None:
+        addr, _ = self.address(f"out{j}", self.patterns[len(self.plan.loads) + j])
+        shape = "[XBLOCK, RBLOCK]" if s.level == "row" else "[XBLOCK, 1]"
+        if addr == "0":  # a single element: the pointer must still be a block
+            addr = f"tl.zeros({shape}, tl.int32)"
+        mask = self.tile_mask if s.level == "row" else self.xm
+        value = expr.to_storage(f"tl.broadcast_to({value}, {shape})", s.node.meta["val"].dtype)
+        self.out(f"tl.store(out{j}_ptr + {addr}, {value}" + (f", mask={mask})" if mask else ")"))
 
-        def set_hints(k: int) -> None:
-            # a row tensor stays in L2 for a later pass and leaves it after its last one;
-            # tensors broadcast over rows (a norm's weight) stay for the other rows
-            reads = [{v.load for v in row_closure(p) if v.load is not None} for p in passes]
-            hints.clear()
-            for i in reads[k]:
-                later = any(i in r for r in reads[k + 1:])
-                hints[i] = "evict_last" if later or not patterns[i][0] else "evict_first"
 
-        for k, group in enumerate(groups):
-            for d in perrow_deps(passes[k]):
-                emit_global(d)
-            for v in group:
-                t, neutral = expr.tl_type(v.dtype), expr.reduce_neutral(v.reduce, v.dtype)
-                if v in running:
-                    out(f"run_{v.base} = tl.full([XBLOCK, 1], {neutral}, {t})")
-                elif v in online:
-                    out(f"acc_{v.base} = tl.zeros([XBLOCK, RBLOCK], {t})")
-                    out(f"ref_{v.base} = tl.zeros([XBLOCK, 1], {t})")
-                else:
-                    out(f"acc_{v.base} = tl.full([XBLOCK, RBLOCK], {neutral}, {t})")
-            set_hints(k)
-            out(f"for roffset in range(0, {plan.rnumel}, RBLOCK):")
-            ind = "        "
-            r_prelude("roffset + ")
-            local = emit_chunk(passes[k], f"_p{k + 1}")
-            value_of = lambda v: local.get(v) or names[v]  # noqa: E731
-            for v in group:  # running maxima first: the sums rescale against them
-                if v in running:
-                    out(f"run_{v.base} = tl.maximum(run_{v.base}, {reduce_expr(v, value_of(v.deps[0]))})")
-            for v in group:
-                if v in online:
-                    # the sum is kept relative to ref = the running max, or 0 while the max is
-                    # +-inf. The clamp: ref drops only from the 0 of an all -inf prefix (the sum
-                    # is 0 there and must stay 0, not 0 * inf) or when the max becomes +inf
-                    # (the sum is inf from then on either way)
-                    acc, ref, m = f"acc_{v.base}", f"ref_{v.base}", f"run_{v.online.max.base}"
-                    out(f'{ref}_new = tl.where(tl.abs({m}) == float("inf"), 0.0, {m})')
-                    term = masked(v, emit_exp(f"{value_of(v.online.x)} - {ref}_new", v.dtype))
-                    out(f"{acc} = {acc} * {emit_exp(f'tl.minimum({ref} - {ref}_new, 0.0)', v.dtype)} + {term}")
-                    out(f"{ref} = {ref}_new")
-                elif v not in running:
-                    acc = f"acc_{v.base}"
-                    out(f"{acc} = " + expr.REDUCE_OPS[v.reduce][1].format(acc=acc, x=masked(v, value_of(v.deps[0]))))
-            ind = "    "
-            for v in group:
-                if v in running:
-                    out(f"{v.base} = run_{v.base}")
-                elif v in online:
-                    total = f"tl.sum(acc_{v.base}, 1)[:, None]"
-                    if not v.online.safe_ref:  # relative to an infinite max itself: inf - inf
-                        m = f"run_{v.online.max.base}"
-                        total = f'tl.where(tl.abs({m}) == float("inf"), float("nan"), {total})'
-                    out(f"{v.base} = {total}")
-                else:
-                    out(f"{v.base} = " + expr.REDUCE_OPS[v.reduce][0].format(x=f"acc_{v.base}") + "[:, None]")
-                names[v] = v.base
-        if row_stores:
-            for d in perrow_deps(passes[-1]):
-                emit_global(d)
-            set_hints(len(passes) - 1)
-            out(f"for roffset in range(0, {plan.rnumel}, RBLOCK):")
-            ind = "        "
-            r_prelude("roffset + ")
-            local = emit_chunk(passes[-1], "_out")
-            for j, s in row_stores:
-                store(j, s, local.get(s.val) or names[s.val])
-            ind = "    "
-        hints.clear()
-        for j, s in enumerate(plan.stores):
-            if s.level != "row":
-                emit_global(s.val) if s.val.reduce is None else None
-                store(j, s, names[s.val])
-    body = "\n".join(lines)
-    header = ["import triton", "import triton.language as tl", "",
-              f"# reduction over dims {plan.rdims} of {plan.x_shape}; {'persistent' if persistent else 'looped'}"]
-    kernel = "\n\n@triton.jit\ndef reduction_kernel(" + ", ".join(params + ["XBLOCK: tl.constexpr", "RBLOCK: tl.constexpr"]) + \
-        "):\n" + body + "\n"
-    return "\n".join(header) + expr.REDUCE_HELPERS + expr.helper_source(kernel) + kernel
+# ---- persistent kernel: the whole row is one chunk
+def _persistent(b: _Body) -> None:
+    """Every needed value in creation order on the row in registers, then every store."""
+    b.chunk("")
+    needed = _needed(b.plan)
+    for v in b.plan.vals:
+        if v in needed and v not in b.names:
+            if v.reduce is not None:
+                b.define(v, b.reduce_expr(v, b.names[v.deps[0]]))
+            else:
+                b.define(v, b.render(v, b.names.__getitem__))
+    for j, s in enumerate(b.plan.stores):
+        b.store(j, s, b.names[s.val])
+
+
+# ---- looped kernel: one loop over the row per reduction stage, one for row-shaped outputs
+@dataclasses.dataclass
+class _Schedule:
+    """The passes of a looped kernel over the row. stages[k]: the reductions of pass k (those
+    waiting for k earlier reductions); passes[k]: the row values pass k consumes (one more pass
+    for the row-shaped stores, if any). online: softmax-family sums computed in their max's
+    pass; running: those maxima (kept as running maxima the sums rescale against)."""
+
+    stages: List[List[Val]]
+    passes: List[List[Val]]
+    row_stores: List[Tuple[int, Store]]
+    online: set
+    running: set
+
+
+def _schedule(plan: ReductionPlan) -> _Schedule:
+    needed = _needed(plan)
+    reductions = [v for v in plan.vals if v.reduce is not None and v in needed]
+    # online softmax: a sum of exp(x - max) runs in the same pass as its max, rescaled
+    # whenever the running max grows (2 reads of the row for softmax instead of 3)
+    online = {v for v in reductions if v.online is not None}
+    stage: Dict[Val, int] = {}
+    for v in plan.vals:  # stage of a value: how many reduction passes it waits for
+        if v in online:
+            stage[v] = stage[v.online.max]
+            continue
+        deps_stage = max([stage[d] for d in v.deps], default=0)
+        stage[v] = deps_stage + 1 if v.reduce is not None else deps_stage
+    n_stages = max([stage[v] for v in reductions], default=0)
+    stages = [[v for v in reductions if stage[v] == k] for k in range(1, n_stages + 1)]
+    # the row value a reduction consumes in its pass
+    passes = [[v.online.x if v in online else v.deps[0] for v in group] for group in stages]
+    row_stores = [(j, s) for j, s in enumerate(plan.stores) if s.level == "row"]
+    if row_stores:
+        passes.append([s.val for _, s in row_stores])
+    return _Schedule(stages, passes, row_stores, online, {v.online.max for v in online})
+
+
+def _looped(b: _Body, sched: _Schedule) -> None:
+    for k in range(len(sched.stages)):
+        _reduction_pass(b, sched, k)
+    if sched.row_stores:
+        _row_store_pass(b, sched)
+    b.hints.clear()
+    for j, s in enumerate(b.plan.stores):
+        if s.level != "row":
+            if s.val.reduce is None:
+                b.emit_global(s.val)
+            b.store(j, s, b.names[s.val])
+
+
+def _set_hints(b: _Body, sched: _Schedule, k: int) -> None:
+    # a row tensor stays in L2 for a later pass and leaves it after its last one;
+    # tensors broadcast over rows (a norm's weight) stay for the other rows
+    reads = [{v.load for v in b.row_closure(p) if v.load is not None} for p in sched.passes]
+    b.hints.clear()
+    for i in reads[k]:
+        later = any(i in r for r in reads[k + 1:])
+        b.hints[i] = "evict_last" if later or not b.patterns[i][0] else "evict_first"
+
+
+def _reduction_pass(b: _Body, sched: _Schedule, k: int) -> None:
+    """Pass k: accumulators, a loop over the row accumulating chunks, the reduced values."""
+    group = sched.stages[k]
+    b.emit_perrow_deps(sched.passes[k])
+    _init_accumulators(b, sched, group)
+    _set_hints(b, sched, k)
+    with b.row_loop():
+        value_of = b.emit_chunk(sched.passes[k], f"_p{k + 1}")
+        _accumulate(b, sched, group, value_of)
+    _finish_reductions(b, sched, group)
+
+
+def _init_accumulators(b: _Body, sched: _Schedule, group: Sequence[Val]) -> None:
+    for v in group:
+        t, neutral = expr.tl_type(v.dtype), expr.reduce_neutral(v.reduce, v.dtype)
+        if v in sched.running:
+            b.out(f"run_{v.base} = tl.full([XBLOCK, 1], {neutral}, {t})")
+        elif v in sched.online:
+            b.out(f"acc_{v.base} = tl.zeros([XBLOCK, RBLOCK], {t})")
+            b.out(f"ref_{v.base} = tl.zeros([XBLOCK, 1], {t})")
+        else:
+            b.out(f"acc_{v.base} = tl.full([XBLOCK, RBLOCK], {neutral}, {t})")
+
+
+def _accumulate(b: _Body, sched: _Schedule, group: Sequence[Val], value_of: Callable[[Val], str]) -> None:
+    """One chunk into every accumulator of the pass."""
+    for v in group:  # running maxima first: the sums rescale against them
+        if v in sched.running:
+            b.out(f"run_{v.base} = tl.maximum(run_{v.base}, {b.reduce_expr(v, value_of(v.deps[0]))})")
+    for v in group:
+        if v in sched.online:
+            _accumulate_online(b, v, value_of)
+        elif v not in sched.running:
+            acc = f"acc_{v.base}"
+            b.out(f"{acc} = " + expr.REDUCE_OPS[v.reduce][1].format(acc=acc, x=b.masked(v, value_of(v.deps[0]))))
+
+
+def _accumulate_online(b: _Body, v: Val, value_of: Callable[[Val], str]) -> None:
+    # the sum is kept relative to ref = the running max, or 0 while the max is
+    # +-inf. The clamp: ref drops only from the 0 of an all -inf prefix (the sum
+    # is 0 there and must stay 0, not 0 * inf) or when the max becomes +inf
+    # (the sum is inf from then on either way)
+    acc, ref, m = f"acc_{v.base}", f"ref_{v.base}", f"run_{v.online.max.base}"
+    b.out(f'{ref}_new = tl.where(tl.abs({m}) == float("inf"), 0.0, {m})')
+    term = b.masked(v, emit_exp(f"{value_of(v.online.x)} - {ref}_new", v.dtype))
+    b.out(f"{acc} = {acc} * {emit_exp(f'tl.minimum({ref} - {ref}_new, 0.0)', v.dtype)} + {term}")
+    b.out(f"{ref} = {ref}_new")
+
+
+def _finish_reductions(b: _Body, sched: _Schedule, group: Sequence[Val]) -> None:
+    """After the loop: each reduction's [XBLOCK, 1] value from its accumulator."""
+    for v in group:
+        if v in sched.running:
+            b.define(v, f"run_{v.base}")
+        elif v in sched.online:
+            total = f"tl.sum(acc_{v.base}, 1)[:, None]"
+            if not v.online.safe_ref:  # relative to an infinite max itself: inf - inf
+                m = f"run_{v.online.max.base}"
+                total = f'tl.where(tl.abs({m}) == float("inf"), float("nan"), {total})'
+            b.define(v, total)
+        else:
+            b.define(v, expr.REDUCE_OPS[v.reduce][0].format(x=f"acc_{v.base}") + "[:, None]")
+
+
+def _row_store_pass(b: _Body, sched: _Schedule) -> None:
+    """The last loop over the row: computes and stores the row-shaped outputs."""
+    b.emit_perrow_deps(sched.passes[-1])
+    _set_hints(b, sched, len(sched.passes) - 1)
+    with b.row_loop():
+        value_of = b.emit_chunk(sched.passes[-1], "_out")
+        for j, s in sched.row_stores:
+            b.store(j, s, value_of(s.val))
 
 
 # ----------------------------------------------------------------------------------- launcher

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -311,95 +311,150 @@ class _Analysis:
         """Lower one semantic reduction to Vals: primitive reductions plus expressions."""
         metas = meta_of(n)
         out_dtypes = [m.dtype for m in metas] if isinstance(metas, (tuple, list)) else [metas.dtype]
-        acc = expr.compute_dtype(out_dtypes[0])
+        acc = _accumulator_dtype(n, packet, meta_of(x).dtype, out_dtypes[0])
+        low = _Lowering(self, n, acc, out_dtypes)
+        xf = low.ex("in", xv.level, (xv,), lambda nm: expr.convert(nm(xv), xv.dtype, acc)) \
+            if expr.compute_dtype(xv.dtype) != acc else xv
         if packet in (aten.amax, aten.amin):
-            acc = expr.compute_dtype(meta_of(x).dtype)
-        elif not acc.is_floating_point and packet is not aten.sum:
-            raise Unsupported(f"{op_name(n.target)} on integers")
-        if acc == torch.bool:
-            raise Unsupported(f"{op_name(n.target)} of bool")
-        count = float(self.rnumel)
-        V = self._val
-        conv = lambda v: (lambda nm: expr.convert(nm(v), v.dtype, acc))  # noqa: E731
-        xf = V(f"{n.name}_in", xv.level, (xv,), conv(xv), acc) if expr.compute_dtype(xv.dtype) != acc else xv
-
-        def red(kind, src, tag):
-            return V(f"{n.name}_{tag}", "perrow", (src,), None, acc, reduce=kind)
-
-        def ex(tag, level, deps, fn, dtype=acc):
-            return V(f"{n.name}_{tag}", level, deps, fn, dtype)
-
-        def out(v, dtype, tag="out"):  # the semantic op's output, rounded to its storage dtype
-            if dtype in expr.REDUCED_FLOATS or expr.compute_dtype(dtype) != acc:
-                return ex(tag, v.level, (v,), lambda nm: expr.convert(nm(v), acc, dtype), dtype)
-            return v
-
-        div = lambda a, b: f"tl.div_rn({a}, {b})" if acc == torch.float32 else f"{a} / {b}"  # noqa: E731
-        lit = lambda c: expr.literal(c, acc)  # noqa: E731
-        if packet in (aten.amax, aten.amin):
-            return out(red("nanmax" if packet is aten.amax else "nanmin", xv, "red"), out_dtypes[0])
-        s = red("sum", xf, "sum")
-        if packet is aten.sum:
-            return out(s, out_dtypes[0])
-        mean = ex("mean", "perrow", (s,), lambda nm: div(nm(s), lit(count)))
-        if packet is aten.mean:
-            return out(mean, out_dtypes[0])
+            return low.out(low.red("nanmax" if packet is aten.amax else "nanmin", xv, "red"), out_dtypes[0])
+        if packet in (aten.sum, aten.mean):
+            return low.sum_or_mean(packet, xf)
         if packet in (aten.var, aten.std, aten.var_mean, aten.native_layer_norm):
-            # corrected two-pass variance (Chan, Golub & LeVeque): the rounded mean is off by
-            # some delta (half an ulp of the mean at best), and sum(d*d) over d = x - mean then
-            # carries n*delta**2 too much: relative error (delta/std)**2, 5e-5 for fp32 data of
-            # mean 1e4 and std 0.1. The sum of the deviations measures -n*delta in the same
-            # pass, so m2 = sum(d*d) - sum(d)**2/n and mean + sum(d)/n remove it (eager
-            # accumulates var in double on the CPU and Welford on the GPU). The clamp keeps
-            # the rounding of that difference from going below 0 on constant rows (NaN stays).
-            d = ex("dev", "row", (xf, mean), lambda nm: f"{nm(xf)} - {nm(mean)}")
-            ss = red("sum", ex("sq", "row", (d,), lambda nm: f"{nm(d)} * {nm(d)}"), "sqsum")
-            sd = red("sum", d, "devsum")
-            shift = ex("shift", "perrow", (sd,), lambda nm: div(nm(sd), lit(count)))
-            m2 = ex("m2", "perrow", (ss, sd, shift), lambda nm: f"tl.maximum({nm(ss)} - {nm(sd)} * {nm(shift)}, "
-                    f"{lit(0.0)}, propagate_nan=tl.PropagateNan.ALL)")
-            mean_c = ex("meanc", "perrow", (mean, shift), lambda nm: f"{nm(mean)} + {nm(shift)}")
+            moments = low.moments(xf)
             if packet is aten.native_layer_norm:
-                w, b, eps = (list(n.args) + [None] * 5)[2:5]
-                var = ex("var", "perrow", (m2,), lambda nm: div(nm(m2), lit(count)))
-                rstd = ex("rstd", "perrow", (var,), lambda nm: f"tl.rsqrt({nm(var)} + {lit(eps)})")
-                y = ex("norm", "row", (d, shift, rstd), lambda nm: f"({nm(d)} - {nm(shift)}) * {nm(rstd)}")
-                for tag, param, op in (("w", w, "*"), ("b", b, "+")):
-                    if param is not None:
-                        pv = self.operand(param, ident, self.x_shape)
-                        prev = y
-                        y = ex(f"aff{tag}", "row", (prev, pv),
-                               lambda nm, prev=prev, pv=pv, op=op: f"{nm(prev)} {op} {expr.convert(nm(pv), pv.dtype, acc)}")
-                return (out(y, out_dtypes[0]), out(mean_c, out_dtypes[1], "mean_out"), out(rstd, out_dtypes[2], "rstd_out"))
-            corr = n.kwargs.get("correction", 1)
-            corr = 1 if corr is None else corr
-            var = ex("var", "perrow", (m2,), lambda nm: div(nm(m2), lit(max(count - corr, 0.0))))
-            if packet is aten.std:
-                return out(ex("std", "perrow", (var,), lambda nm: f"tl.sqrt_rn({nm(var)})"), out_dtypes[0])
-            if packet is aten.var_mean:
-                return (out(var, out_dtypes[0]), out(mean_c, out_dtypes[1], "mean_out"))
-            return out(var, out_dtypes[0])
-        # softmax family: subtract the row max before exp
-        m = red("max", xf, "max")  # a NaN in the row makes the sum NaN anyway: plain max suffices
+                return low.layer_norm(moments, ident)
+            return low.variance(packet, moments)
+        return low.softmax_family(packet, xf)
+
+
+def _accumulator_dtype(n: fx.Node, packet, in_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a semantic reduction accumulates in: its output's compute dtype (its input's
+    for amax/amin); integers only for sums."""
+    acc = expr.compute_dtype(out_dtype)
+    if packet in (aten.amax, aten.amin):
+        acc = expr.compute_dtype(in_dtype)
+    elif not acc.is_floating_point and packet is not aten.sum:
+        raise Unsupported(f"{op_name(n.target)} on integers")
+    if acc == torch.bool:
+        raise Unsupported(f"{op_name(n.target)} of bool")
+    return acc
+
+
+class _Moments(NamedTuple):
+    """The corrected two-pass statistics of a row (see ``_Lowering.moments``)."""
+
+    dev: Val  # x - mean (row)
+    shift: Val  # sum(dev) / n: how far the rounded mean is off
+    m2: Val  # sum of squared deviations from the exact mean
+    mean: Val  # the corrected mean
+
+
+class _Lowering:
+    """The Vals of one semantic reduction node ``n``, named ``{n}_{tag}``, computed in the
+    accumulator dtype ``acc``; one method per family of semantic reductions. The order in which
+    Vals are created is the order the kernel computes them in."""
+
+    def __init__(self, analysis: "_Analysis", n: fx.Node, acc: torch.dtype, out_dtypes: List[torch.dtype]):
+        self.analysis, self.n, self.acc, self.out_dtypes = analysis, n, acc, out_dtypes
+        self.count = float(analysis.rnumel)
+
+    # ---- building blocks
+    def red(self, kind: str, src: Val, tag: str) -> Val:
+        return self.analysis._val(f"{self.n.name}_{tag}", "perrow", (src,), None, self.acc, reduce=kind)
+
+    def ex(self, tag: str, level: str, deps, fn, dtype: Optional[torch.dtype] = None) -> Val:
+        return self.analysis._val(f"{self.n.name}_{tag}", level, deps, fn, dtype or self.acc)
+
+    def out(self, v: Val, dtype: torch.dtype, tag: str = "out") -> Val:
+        """The semantic op's output, rounded to its storage dtype."""
+        acc = self.acc
+        if dtype in expr.REDUCED_FLOATS or expr.compute_dtype(dtype) != acc:
+            return self.ex(tag, v.level, (v,), lambda nm: expr.convert(nm(v), acc, dtype), dtype)
+        return v
+
+    def div(self, a: str, b: str) -> str:
+        return f"tl.div_rn({a}, {b})" if self.acc == torch.float32 else f"{a} / {b}"
+
+    def lit(self, c) -> str:
+        return expr.literal(c, self.acc)
+
+    # ---- families
+    def sum_or_mean(self, packet, xf: Val) -> Val:
+        s = self.red("sum", xf, "sum")
+        if packet is aten.sum:
+            return self.out(s, self.out_dtypes[0])
+        mean = self.ex("mean", "perrow", (s,), lambda nm: self.div(nm(s), self.lit(self.count)))
+        return self.out(mean, self.out_dtypes[0])
+
+    def moments(self, xf: Val) -> _Moments:
+        # corrected two-pass variance (Chan, Golub & LeVeque): the rounded mean is off by
+        # some delta (half an ulp of the mean at best), and sum(d*d) over d = x - mean then
+        # carries n*delta**2 too much: relative error (delta/std)**2, 5e-5 for fp32 data of
+        # mean 1e4 and std 0.1. The sum of the deviations measures -n*delta in the same
+        # pass, so m2 = sum(d*d) - sum(d)**2/n and mean + sum(d)/n remove it (eager
+        # accumulates var in double on the CPU and Welford on the GPU). The clamp keeps
+        # the rounding of that difference from going below 0 on constant rows (NaN stays).
+        ex, red, div, lit, count = self.ex, self.red, self.div, self.lit, self.count
+        s = red("sum", xf, "sum")
+        mean = ex("mean", "perrow", (s,), lambda nm: div(nm(s), lit(count)))
+        d = ex("dev", "row", (xf, mean), lambda nm: f"{nm(xf)} - {nm(mean)}")
+        ss = red("sum", ex("sq", "row", (d,), lambda nm: f"{nm(d)} * {nm(d)}"), "sqsum")
+        sd = red("sum", d, "devsum")
+        shift = ex("shift", "perrow", (sd,), lambda nm: div(nm(sd), lit(count)))
+        m2 = ex("m2", "perrow", (ss, sd, shift), lambda nm: f"tl.maximum({nm(ss)} - {nm(sd)} * {nm(shift)}, "
+                f"{lit(0.0)}, propagate_nan=tl.PropagateNan.ALL)")
+        mean_c = ex("meanc", "perrow", (mean, shift), lambda nm: f"{nm(mean)} + {nm(shift)}")
+        return _Moments(d, shift, m2, mean_c)
+
+    def variance(self, packet, mo: _Moments):
+        """var, std or var_mean from the moments, with the op's correction."""
+        corr = self.n.kwargs.get("correction", 1)
+        corr = 1 if corr is None else corr
+        var = self.ex("var", "perrow", (mo.m2,), lambda nm: self.div(nm(mo.m2), self.lit(max(self.count - corr, 0.0))))
+        if packet is aten.std:
+            return self.out(self.ex("std", "perrow", (var,), lambda nm: f"tl.sqrt_rn({nm(var)})"), self.out_dtypes[0])
+        if packet is aten.var_mean:
+            return (self.out(var, self.out_dtypes[0]), self.out(mo.mean, self.out_dtypes[1], "mean_out"))
+        return self.out(var, self.out_dtypes[0])
+
+    def layer_norm(self, mo: _Moments, ident) -> Tuple[Val, Val, Val]:
+        """native_layer_norm's (normalised row with weight and bias, mean, rstd)."""
+        ex, div, lit, acc = self.ex, self.div, self.lit, self.acc
+        w, b, eps = (list(self.n.args) + [None] * 5)[2:5]
+        var = ex("var", "perrow", (mo.m2,), lambda nm: div(nm(mo.m2), lit(self.count)))
+        rstd = ex("rstd", "perrow", (var,), lambda nm: f"tl.rsqrt({nm(var)} + {lit(eps)})")
+        y = ex("norm", "row", (mo.dev, mo.shift, rstd), lambda nm: f"({nm(mo.dev)} - {nm(mo.shift)}) * {nm(rstd)}")
+        for tag, param, op in (("w", w, "*"), ("b", b, "+")):
+            if param is not None:
+                pv = self.analysis.operand(param, ident, self.analysis.x_shape)
+                prev = y
+                y = ex(f"aff{tag}", "row", (prev, pv),
+                       lambda nm, prev=prev, pv=pv, op=op: f"{nm(prev)} {op} {expr.convert(nm(pv), pv.dtype, acc)}")
+        dt = self.out_dtypes
+        return (self.out(y, dt[0]), self.out(mo.mean, dt[1], "mean_out"), self.out(rstd, dt[2], "rstd_out"))
+
+    def softmax_family(self, packet, xf: Val) -> Val:
+        """softmax, log_softmax, logsumexp: subtract the row max before exp."""
+        ex, acc, dt = self.ex, self.acc, self.out_dtypes[0]
+        m = self.red("max", xf, "max")  # a NaN in the row makes the sum NaN anyway: plain max suffices
         ms = ex("maxsafe", "perrow", (m,), lambda nm: f"tl.where(tl.abs({nm(m)}) == float(\"inf\"), 0.0, {nm(m)})") \
             if packet is aten.logsumexp else m
         e = ex("exp", "row", (xf, ms), lambda nm: emit_exp(f"{nm(xf)} - {nm(ms)}", acc))
-        s = red("sum", e, "sum")
+        s = self.red("sum", e, "sum")
         s.online = OnlineSum(xf, m, safe_ref=packet is aten.logsumexp)
         if packet is aten._softmax:
-            if out_dtypes[0] in expr.REDUCED_FLOATS and acc == torch.float32:
+            if dt in expr.REDUCED_FLOATS and acc == torch.float32:
                 # e * (1/s) is within 2 fp32 ulp of e / s (2**-12 of an fp16 ulp): the rounded
                 # output differs by one ulp at most, and rarely. It saves a correctly rounded
                 # division per element: ~10 instructions with a MUFU op on the GPU. (With this,
                 # no masks on full rows and emit_exp, the sm_90 build of a 32768-long fp16 row went
                 # from 28 to 11 instructions per element.)
                 inv = ex("inv", "perrow", (s,), lambda nm: f"tl.div_rn(tl.full([XBLOCK, 1], 1.0, tl.float32), {nm(s)})")
-                return out(ex("softmax", "row", (e, inv), lambda nm: f"{nm(e)} * {nm(inv)}"), out_dtypes[0])
-            return out(ex("softmax", "row", (e, s), lambda nm: div(nm(e), nm(s))), out_dtypes[0])
+                return self.out(ex("softmax", "row", (e, inv), lambda nm: f"{nm(e)} * {nm(inv)}"), dt)
+            return self.out(ex("softmax", "row", (e, s), lambda nm: self.div(nm(e), nm(s))), dt)
         if packet is aten._log_softmax:
-            return out(ex("logsoftmax", "row", (xf, m, s), lambda nm: f"{nm(xf)} - {nm(m)} - tl.log({nm(s)})"),
-                       out_dtypes[0])
-        return out(ex("lse", "perrow", (ms, s), lambda nm: f"{nm(ms)} + tl.log({nm(s)})"), out_dtypes[0])
+            return self.out(ex("logsoftmax", "row", (xf, m, s), lambda nm: f"{nm(xf)} - {nm(m)} - tl.log({nm(s)})"), dt)
+        return self.out(ex("lse", "perrow", (ms, s), lambda nm: f"{nm(ms)} + tl.log({nm(s)})"), dt)
 
 
 def emit_exp(arg: str, dtype: torch.dtype) -> str:

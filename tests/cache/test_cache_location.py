@@ -131,3 +131,18 @@ def test_untrusted_cache_leaves_triton_alone(monkeypatch, tmp_path):
     with cache.triton_cache(key) as path:
         assert path is None and location.TRITON_CACHE_ENV not in os.environ
     assert cache.stats()["bypasses"] == []  # reported by build_or_get, not here
+
+
+def test_overlapping_triton_cache_blocks_restore_the_setting_from_before(monkeypatch, tmp_path):
+    """Two graphs building on two threads: blocks exit out of order; the last one out restores
+    the setting from before the first (not the directory the other block set)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv(location.TRITON_CACHE_ENV, str(tmp_path / "before"))
+    a, b = location.triton_cache(tmp_path / "a"), location.triton_cache(tmp_path / "b")
+    a.__enter__()
+    b.__enter__()
+    assert os.environ[location.TRITON_CACHE_ENV] == str(tmp_path / "b")
+    a.__exit__(None, None, None)  # the first block ends while the second still builds
+    assert os.environ[location.TRITON_CACHE_ENV] == str(tmp_path / "b")
+    b.__exit__(None, None, None)
+    assert os.environ[location.TRITON_CACHE_ENV] == str(tmp_path / "before")
