@@ -178,6 +178,32 @@ def _find_cycle(graph: Dict[str, Dict[str, ImportStmt]]) -> Optional[List[str]]:
     return None
 
 
+def _module_aliases(stmt_list: List[ImportStmt], importer: str) -> Dict[str, str]:
+    """Names a module binds to other compile_backend modules (``from . import expr``)."""
+    out = {}
+    for s in stmt_list:
+        if s.importer != importer or not _in_package(s.target):
+            continue
+        if s.name and f"{s.target}.{s.name}" in MODULES:
+            out[s.name] = f"{s.target}.{s.name}"
+    return out
+
+
+def test_no_module_reads_another_modules_private_names():
+    """``expr._helper`` through an imported module is the same leak as ``from .expr import _helper``."""
+    bad = []
+    for name, path in MODULES.items():
+        aliases = _module_aliases(IMPORTS, name)
+        if not aliases:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.endswith("__")
+                    and aliases[node.value.id] != name):
+                bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not bad, "underscore names are private to their module; make the name public:\n" + "\n".join(bad)
+
+
 def test_no_import_cycle():
     graph = _graph()
     cycle = _find_cycle(graph)
