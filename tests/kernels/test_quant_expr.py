@@ -161,3 +161,24 @@ def test_gpu_quantize_bit_identical(dtype, precision):
     want_q, want_s = dynamic_quantize(x.cpu(), precision)
     assert torch.equal(s.cpu(), want_s)
     assert_same_bits(q.cpu(), want_q)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_gemm_epilogue_writes_the_quantized_activation(precision):
+    """A float GEMM's epilogue as the producer: linear -> GELU -> quantize in one kernel."""
+    from compile_backend.kernels.gemm import build_gemm
+    from compile_backend.kernels.base import KernelGroup
+
+    x, w, b = randn(17, 40, seed=5), randn(24, 40, seed=6), randn(24, seed=7)
+    scale = quant_ref.scale_from_amax(torch.tensor(2.0), precision)
+    inv = quant_ref.inverse_scale(scale)
+    fn = lambda x, w, b, inv: static_quantize(torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)), inv,  # noqa: E731
+                                              precision)
+    g = make_group(fn, x, w, b, inv)
+    anchor = next(n for n in g.gm.graph.nodes if n.op == "call_function" and n.target._opname == "addmm")
+    group = KernelGroup("gemm", g.gm, anchor=anchor.name)
+    (q,) = build_gemm(group, KernelContext(Options(), torch.device("cpu"), True))(x, w, b, inv)
+    (want,) = group.reference(x, w, b, inv)
+    assert q.dtype == want.dtype
+    # the GEMM sums in another order than ATen: a value on a rounding boundary may move one step
+    assert (q.float() - want.float()).abs().max() <= (1 if precision == "int8" else 0.0625 * want.float().abs().max())
