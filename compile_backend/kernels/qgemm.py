@@ -20,7 +20,7 @@ The ATen reference (``kernels/quant_ref`` through the op's CPU/CUDA implementati
 selector's last resort. Numerics equal ``quant_ref.scaled_mm`` up to fp32 rounding of the
 epilogue (a GPU may contract the scale multiply and bias add into one fma) and, for FP8, the
 order of the fp32 accumulation. Shared with :mod:`.qconv`: :func:`scaled_anchor`,
-:func:`scaled_arg`, :func:`check_scaled_dtypes`, :func:`scale_lines`.
+:func:`scaled_arg`, :func:`check_scaled_dtypes`, :func:`scale_lines`, :func:`eight_bit_configs`, :func:`scaled_dot_fields`.
 """
 from __future__ import annotations
 
@@ -71,6 +71,16 @@ def check_scaled_dtypes(xq: torch.Tensor, wq: torch.Tensor, out_dtype: Any, devi
         raise Unsupported(f"scaled op output dtype {out_dtype}")
     if xq.dtype != torch.int8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise Unsupported("float8_e4m3fn operands need an sm_89+ GPU")
+
+
+def scaled_dot_fields(dtype: torch.dtype, interpret: bool) -> dict:
+    """Template fields of the main loop's dot for quantized operands: int32 accumulation for
+    int8; for fp8 fp32 accumulation, promoted after every MMA instruction (Triton's default on
+    sm_90 is the tensor cores' reduced-precision "fast accumulation" over the whole K)."""
+    dot = tpl.dot_fields(dtype_name(dtype), False, interpret, dtype == torch.int8)
+    if dtype != torch.int8:
+        dot["dot_args"] += ", max_num_imprecise_acc=0"
+    return dot
 
 
 def scale_lines(int_acc: bool, bias: bool, out_dtype: torch.dtype) -> List[str]:
@@ -142,7 +152,7 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
     ``configs`` replaces the template configs (tests)."""
     p = scaled_mm_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
-    dot = tpl.dot_fields(dtype_name(p.dtype), False, ctx.device.type != "cuda", p.int_acc)
+    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda")
     # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2)
     source = tpl.render_gemm(tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc), dot)
     build = _Build(group, p, plan, source, Probe(group, ctx.device))
@@ -161,9 +171,15 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
 
 def _template_configs(p: ScaledMMProblem, ctx: KernelContext) -> List[GemmConfig]:
     if ctx.device.type != "cuda":
-        return [heuristic_config(p.m, p.n, p.k, 1, p.dtype, interpret=True)]
+        return eight_bit_configs([heuristic_config(p.m, p.n, p.k, 1, p.dtype, interpret=True)])
     level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
-    return candidate_configs(p.m, p.n, p.k, 1, p.dtype, level, *device_limits(ctx.device))
+    return eight_bit_configs(candidate_configs(p.m, p.n, p.k, 1, p.dtype, level, *device_limits(ctx.device)))
+
+
+def eight_bit_configs(configs: Sequence[GemmConfig]) -> List[GemmConfig]:
+    """``configs`` with block_k >= 32: Triton's dot of 8-bit operands needs K tiles of 32 on
+    NVIDIA GPUs (order kept, duplicates dropped)."""
+    return list(dict.fromkeys(dataclasses.replace(c, block_k=max(32, c.block_k)) for c in configs))
 
 
 @dataclasses.dataclass
@@ -227,4 +243,4 @@ class _Build:
 
 
 __all__ = ["build_scaled_mm", "scaled_mm_candidates", "scaled_mm_problem", "ScaledMMProblem", "scaled_anchor",
-           "scaled_arg", "check_scaled_dtypes", "scale_lines"]
+           "scaled_arg", "check_scaled_dtypes", "scale_lines", "eight_bit_configs", "scaled_dot_fields"]

@@ -28,6 +28,7 @@ from compile_backend.fx_passes.partition import partition
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
 from compile_backend.kernels.gemm_config import GemmConfig
+from compile_backend.kernels.qconv import build_scaled_conv, scaled_conv_candidates
 from compile_backend.kernels.qgemm import build_scaled_mm, scaled_mm_candidates
 from compile_backend.kernels.select import builders_for, choose_kernel
 from compile_backend.options import Options
@@ -163,6 +164,77 @@ def test_unsupported_scaled_mm_says_why():
     assert kernel.impl == "aten" and "output dtype" in fallbacks[0]["reason"]
 
 
+# ----------------------------------------------------------------------------- scaled_conv
+def quantized_conv(nb, c, hw, oc, k, groups, precision, *, per_channel=True, bias=True, channels_last=False, seed=0):
+    x, w = randn(nb, c, *hw, seed=seed) * 2, randn(oc, c // groups, k, k, seed=seed + 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wq, ws = quant_ref.quantize_weight(w, precision, per_channel)
+    xs = quant_ref.scale_from_amax(x.abs().amax(), precision)
+    return quant_ref.quantize(x, xs, precision), xs, wq, ws, (randn(oc, seed=seed + 2) if bias else None)
+
+
+#: (batch, channels, (h, w), out channels, kernel, stride, padding, dilation, groups)
+CONVS = {
+    "3x3_pad": (2, 6, (9, 7), 8, 3, 1, 1, 1, 1),
+    "stride2_dil2": (1, 5, (11, 10), 24, 3, 2, 0, 2, 1),
+    "groups2_pad2": (2, 6, (7, 5), 8, 3, 1, 2, 1, 2),
+    "depthwise_stride2": (1, 8, (9, 9), 8, 3, 2, 1, 1, 8),
+    "1x1": (3, 40, (5, 3), 24, 1, 1, 0, 1, 1),
+}
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("case", list(CONVS))
+@pytest.mark.parametrize("variant", ["channel_bias", "tensor_nobias"])
+def test_scaled_conv_anchor_only(case, precision, variant):
+    nb, c, hw, oc, k, stride, pad, dil, groups = CONVS[case]
+    xq, xs, wq, ws, b = quantized_conv(nb, c, hw, oc, k, groups, precision, per_channel=variant == "channel_bias",
+                                       bias=variant == "channel_bias", channels_last=case == "1x1")
+    geometry = ([stride] * 2, [pad] * 2, [dil] * 2, groups)
+    inputs = (xq, xs, wq, ws) + ((b,) if b is not None else ())
+    fn = lambda xq, xs, wq, ws, b=None: scaled_conv(xq, xs, wq, ws, b, *geometry, torch.float32)  # noqa: E731
+    group = anchor_group(fn, *inputs, kind="conv", op="scaled_conv")
+    kernel = build_scaled_conv(group, CTX)
+    assert kernel.impl == "triton" and kernel.kind == "conv"
+    check(kernel, group, inputs, precision, torch.float32)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_scaled_conv_fused_chain_and_cudnn_candidate(out_dtype, precision):
+    """conv -> relu -> residual add in one kernel; the cuDNN-on-fp32 candidate (ATen on the CPU)."""
+    xq, xs, wq, ws, b = quantized_conv(2, 6, (7, 9), 8, 3, 1, precision, seed=11)
+    r = randn(2, 8, 7, 9, seed=12).to(out_dtype)
+
+    def fn(xq, xs, wq, ws, b, r):
+        return torch.relu(scaled_conv(xq, xs, wq, ws, b, [1, 1], [1, 1], [1, 1], 1, out_dtype)) + r
+
+    inputs = (xq, xs, wq, ws, b, r)
+    group = anchor_group(fn, *inputs, kind="conv", op="scaled_conv")
+    check(build_scaled_conv(group, CTX), group, inputs, precision, out_dtype, chain=True)
+    tuning = scaled_conv_candidates(group, CTX, vendor=True)
+    cudnn = tuning.candidates[-1]
+    assert cudnn.impl == "cudnn" and cudnn.name not in tuning.writes_out
+    check(lambda *a: cudnn.compile()(*a), group, inputs, precision, out_dtype, chain=True)
+
+
+def test_scaled_conv_routing_and_unsupported():
+    xq, xs, wq, ws, b = quantized_conv(1, 4, (5, 5), 8, 3, 1, "int8")
+    fn = lambda xq, xs, wq, ws, b: scaled_conv(xq, xs, wq, ws, b, [1, 1], [0, 0], [1, 1], 1, torch.float16)  # noqa: E731
+    gm = make_group(fn, xq, xs, wq, ws, b).gm
+    assert [g.kind for g in partition(gm)] == ["conv"]
+    group = anchor_group(fn, xq, xs, wq, ws, b, kind="conv", op="scaled_conv")
+    kernel, fallbacks = choose_kernel(group, (xq, xs, wq, ws, b), context())
+    assert kernel.impl == "triton" and fallbacks == []
+    # a 1-D convolution: the template is 2-D, ATen (quant_ref) runs it and the report says why
+    x1, w1 = xq[:, :, 0], wq[:, :, 0]
+    fn1 = lambda xq, xs, wq, ws, b: scaled_conv(xq, xs, wq, ws, b, [1], [0], [1], 1, torch.float32)  # noqa: E731
+    group1 = anchor_group(fn1, x1, xs, w1, ws, b, kind="conv", op="scaled_conv")
+    kernel, fallbacks = choose_kernel(group1, (x1, xs, w1, ws, b), context())
+    assert kernel.impl == "aten" and "2-D" in fallbacks[0]["reason"]
+
+
 # ----------------------------------------------------------------------------- GPU
 def _gpu_ctx(autotune="fast"):
     return KernelContext(Options(autotune=autotune), torch.device("cuda"), False)
@@ -204,3 +276,26 @@ def test_gpu_int8_anchor_is_exact_to_fp32_rounding():
     for cand in scaled_mm_candidates(group, _gpu_ctx()).candidates:
         got, want = cand.compile()(*inputs)[0], group.reference(*inputs)[0]
         torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-6, msg=cand.name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("case", ["3x3_pad", "depthwise_stride2", "1x1"])
+def test_gpu_scaled_conv_tuned(case, precision):
+    if precision == "fp8" and not _fp8_ok():
+        pytest.skip("fp8 needs sm_89+")
+    nb, c, hw, oc, k, stride, pad, dil, groups = CONVS[case]
+    inputs = tuple(t.cuda() for t in quantized_conv(nb, c, hw, oc, k, groups, precision, channels_last=True))
+    geometry = ([stride] * 2, [pad] * 2, [dil] * 2, groups)
+    fn = lambda xq, xs, wq, ws, b: torch.relu(scaled_conv(xq, xs, wq, ws, b, *geometry, torch.float16))  # noqa: E731
+    group = anchor_group(fn, *inputs, kind="conv", op="scaled_conv")
+    expected = group.reference(*inputs)[0].float()
+    tuning = scaled_conv_candidates(group, _gpu_ctx())
+    assert any(c.impl == "cudnn" for c in tuning.candidates)
+    for cand in tuning.candidates:
+        got = cand.compile()(*inputs)[0].float()
+        err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        assert err < 1e-2, (cand.name, err)
+    kernel = build_scaled_conv(group, _gpu_ctx())
+    timed, total = map(int, kernel.config["timed"].split("/"))
+    assert timed == total, kernel.config
