@@ -7,7 +7,8 @@ storage dtype becomes another.
 * Compute types: fp32 for fp16/bf16/fp8 storage (the "reduced floats": every op result of such
   a dtype is rounded to it and back, as eager stores it), the storage type otherwise.
 * Rounding to bf16 and fp8 is round-to-nearest-even. The GPU converts natively (fp8: Triton's
-  ``cvt.rn.satfinite``: saturates to +-448, NaN stays NaN, as torch >= 2.13 casts). The Triton
+  ``cvt.rn.satfinite``: saturates to +-448, NaN stays NaN, as torch 2.13 casts; with a torch
+  whose cast turns overflow into NaN the kernels do too, see :func:`fp8_saturates`). The Triton
   interpreter truncates fp32 -> bf16, and its fp32 -> fp8 conversion rounds half up without a
   carry into the exponent and loses NaN; its fp8 -> fp32 reads the NaN code as 480. Under
   ``TRITON_INTERPRET=1`` the ``cb_*`` helpers below therefore convert with integer arithmetic
@@ -21,6 +22,7 @@ This module imports neither Triton nor :mod:`.expr` (which imports it).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, Optional, Set
 
@@ -171,12 +173,12 @@ def cb_to_bf16(x):
     "fp8": '''
 @triton.jit
 def cb_to_fp8(x):
-    return x.to(tl.float8e4nv)
+    return {guard}.to(tl.float8e4nv)
 
 
 @triton.jit
 def cb_round_fp8(x):
-    return x.to(tl.float8e4nv).to(tl.float32)
+    return {guard}.to(tl.float8e4nv).to(tl.float32)
 
 
 @triton.jit
@@ -200,16 +202,16 @@ def cb_to_bf16(x):
     "fp8": '''
 @triton.jit
 def cb_fp8_bits(x):
-    # fp32 -> e4m3fn code (int32 0..255), round to nearest even, saturating to +-448, NaN 0x7F
-    # (c10's Float8_e4m3fn conversion): subnormals (< 2^-6) by adding 2^14, whose fp32
+    # fp32 -> e4m3fn code (int32 0..255) as this torch's c10 converts: round to nearest even,
+    # NaN 0x7F, overflow (beyond 464) {over}; subnormals (< 2^-6) by adding 2^14, whose fp32
     # spacing is the e4m3 subnormal step 2^-9; normals by rebiasing the exponent and rounding
     # the 20 dropped mantissa bits (ties to the even kept bit)
     u = x.to(tl.int32, bitcast=True)
     a = u & 0x7FFFFFFF
     sub = (a.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
     nrm = (a - 0x3BF80001 + ((a >> 20) & 1)) >> 20
-    r = tl.where(a < 0x3C800000, sub, tl.minimum(nrm, 0x7E))
-    r = tl.where(a >= 0x43F00000, tl.where(a > 0x7F800000, 0x7F, 0x7E), r)
+    r = tl.where(a < 0x3C800000, sub, tl.minimum(nrm, {over}))
+    r = tl.where(a >= 0x43F00000, tl.where(a > 0x7F800000, 0x7F, {over}), r)
     return tl.where(u < 0, r | 0x80, r)
 
 
@@ -247,5 +249,17 @@ def conversion_source(code: Optional[str]) -> str:
     only knows the helper names of its lines, since round_to/to_storage/convert add calls
     without recording them; unused jit functions cost nothing)."""
     table = _INTERPRETED if triton_interpret() else _NATIVE
-    return "".join(src for key, src in table.items()
+    saturates = fp8_saturates()
+    fields = {"over": "0x7E" if saturates else "0x7F",
+              "guard": "x" if saturates else 'tl.where(tl.abs(x) > 464.0, float("nan"), x)'}
+    return "".join(src.format(**fields) if key == "fp8" else src for key, src in table.items()
                    if code is None or any(call in code for call in _CALLS[key]))
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_saturates() -> bool:
+    """This torch casts fp32 beyond the e4m3fn range to +-448 (newer c10) rather than to NaN
+    (older): the kernels follow it (the GPU's satfinite conversion saturates; for a NaN-making
+    torch values beyond 464, which round past 448, become NaN first). Quantization clamps to
+    +-448 before the cast, so its results do not depend on this."""
+    return FP8 is not None and bool(torch.isfinite(torch.tensor(1000.0).to(FP8).float()))

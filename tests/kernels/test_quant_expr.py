@@ -124,6 +124,21 @@ def test_every_fp8_and_rounding_case_exhaustively():
     assert_same_bits(rounded, probes.round())
 
 
+def test_fp8_overflow_follows_this_torchs_cast(monkeypatch):
+    """torch 2.13 saturates an overflowing fp8 cast to +-448, older torch (2.11) makes it NaN:
+    the generated cast does what the running torch does (quantize clamps first either way)."""
+    from compile_backend.kernels import expr_casts
+
+    x = torch.tensor([448.0, 464.0, 465.0, 1e4, float("inf"), -float("inf"), -500.0, float("nan")])
+    for saturates in (True, False):
+        monkeypatch.setattr(expr_casts, "fp8_saturates", lambda: saturates)
+        group = make_group(lambda x: x.to(FP8), x)
+        (got,) = build_pointwise(group, KernelContext(Options(), torch.device("cpu"), True))(x)
+        big = 448.0 if saturates else float("nan")
+        want = torch.tensor([448.0, 448.0, big, big, big, -big, -big, float("nan")])
+        torch.testing.assert_close(got.float(), want, equal_nan=True, rtol=0, atol=0)
+
+
 def test_round_and_nan_to_num_lowerings():
     x = expr.Var("x", torch.float32)
     assert "cb_rint(x, 8388608.0)" == expr.lower(torch.ops.aten.round.default, [x], {}, torch.float32)
