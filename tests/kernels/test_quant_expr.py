@@ -103,6 +103,45 @@ def test_dynamic_row_quantize_in_a_reduction_kernel(dtype, precision):
     assert_same_bits(q, want_q)
 
 
+def layer_norm_dynamic_quantize(x, w, b, zero, one, precision):
+    """Layer norm, its per-row scale and the quantize as the graph pass writes them: 0 and 1 are
+    0-d constant tensors (Python scalars in ``where`` trace to ``scalar_tensor``, an ATen group
+    that would split the kernel), the rest quant_ref's formulas."""
+    h = torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b)
+    amax = h.float().abs().amax(-1, keepdim=True)
+    scale = torch.where((amax > quant_ref.TINY_AMAX) & (amax != float("inf")), amax / QMAX[precision], zero)
+    inv = torch.where(scale > 0, 1.0 / torch.where(scale > 0, scale, one), zero)
+    return static_quantize(h, inv, precision), scale
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_and_dynamic_quantize_partition_into_one_kernel(dtype, precision):
+    """The producer owns the row: layer norm, amax, scale and quantize are one reduction group
+    (the partitioner's choice) and one kernel. fp16/bf16 layer norms round like ATen's, so the
+    outputs equal quant_ref's bit for bit; an fp32 layer norm may differ from ATen's by an ulp,
+    which may move the scale by an ulp and a quantized value by one step."""
+    from compile_backend.fx_passes.partition import partition
+
+    x, w, b = randn(7, 37, seed=8).to(dtype), randn(37, seed=9).to(dtype), randn(37, seed=10).to(dtype)
+    x[2] = 0.0
+    zero, one = torch.zeros(()), torch.ones(())
+    group = make_group(lambda *a: layer_norm_dynamic_quantize(*a, precision), x, w, b, zero, one, kind="reduction")
+    kinds = [g.kind for g in partition(make_group(lambda *a: layer_norm_dynamic_quantize(*a, precision),
+                                                  x, w, b, zero, one).gm)]
+    assert kinds == ["reduction"], kinds
+    q, s = build_reduction(group, KernelContext(Options(), torch.device("cpu"), True))(x, w, b, zero, one)
+    h = torch.nn.functional.layer_norm(x, (37,), w, b)
+    want_s = quant_ref.row_scale(h, precision)
+    want_q = quant_ref.quantize(h, want_s, precision)
+    if dtype == torch.float32:
+        torch.testing.assert_close(s, want_s, rtol=1e-6, atol=0)
+        assert (q.float() - want_q.float()).abs().max() <= (1 if precision == "int8" else 32)  # one step
+    else:
+        assert torch.equal(s, want_s)
+        assert_same_bits(q, want_q)
+
+
 def test_every_fp8_and_rounding_case_exhaustively():
     """fp32 -> e4m3fn on every fp8 boundary and tie (and the values between), fp8 -> fp32 of
     every code, round() on ties up to 2^24: all against torch."""
