@@ -82,7 +82,8 @@ def scaled_conv(
 ) -> torch.Tensor:
     """A convolution (not transposed) of quantized operands: x_scale fp32 0-d, w_scale fp32 [out]
     or 0-d; output ``conv(xq, wq) * (x_scale * w_scale[c]) + bias[c]`` in ``out_dtype``."""
-    return quant_ref.scaled_conv(xq, x_scale, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype)
+    out = quant_ref.scaled_conv(xq, x_scale, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype)
+    return out.contiguous(memory_format=_conv_out_format(xq))
 
 
 @scaled_conv.register_fake
@@ -90,4 +91,12 @@ def _scaled_conv_fake(xq, x_scale, wq, w_scale, bias, stride, padding, dilation,
     meta = torch.ops.aten.convolution(xq.new_empty(xq.shape, dtype=torch.float32, device="meta"),
                                       wq.new_empty(wq.shape, dtype=torch.float32, device="meta"),
                                       None, stride, padding, dilation, False, [0] * len(stride), groups)
-    return xq.new_empty(meta.shape, dtype=out_dtype)
+    return xq.new_empty(meta.shape, dtype=out_dtype).contiguous(memory_format=_conv_out_format(xq))
+
+
+def _conv_out_format(xq: torch.Tensor) -> torch.memory_format:
+    """The output's memory format, the same for the fake and every device: channels-last for a
+    channels-last 4-D input (ATen's own choice depends on the backend it picks)."""
+    channels_last = xq.dim() == 4 and xq.shape[1] > 1 and xq.is_contiguous(memory_format=torch.channels_last) \
+        and not xq.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format

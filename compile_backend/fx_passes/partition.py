@@ -7,7 +7,8 @@ Nodes in no group (views, metadata ops, getitem, mutation epilogues) run as plai
 
 Policy, in priority order (earlier groups claim nodes first):
 1. attention: each ``compile_backend.attention`` op alone.
-2. gemm / conv: mm, addmm, bmm, baddbmm or convolution with its epilogue chain: the single-user
+2. gemm / conv: mm, addmm, bmm, baddbmm or convolution (or the quantized ``compile_backend.scaled_mm``
+   / ``scaled_conv``) with its epilogue chain: the single-user
    chain of fusable element-wise ops after it (bias, activation, residual add, scaling, cast),
    through row-major reshapes (``view``) that the epilogue treats as free.
 3. reduction: softmax, log-softmax, layer norm, sum/mean/amax/amin/var/std/logsumexp, with their
@@ -46,6 +47,8 @@ _REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, at
 _POOLS = (aten.max_pool2d_with_indices,)
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 _UNIT_VIEWS = _RESHAPES + (aten.unsqueeze, aten.squeeze)
+#: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
+_SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv"}
 
 
 @dataclasses.dataclass
@@ -78,6 +81,8 @@ def classify(node: fx.Node) -> Optional[str]:
         return None
     if t.namespace == "compile_backend" and t._opname == "attention":
         return "attention"
+    if t.namespace == "compile_backend" and t._opname in _SCALED:
+        return _SCALED[t._opname]
     if is_view_op(t) or t._schema.is_mutable:
         return None
     packet = t.overloadpacket

@@ -24,8 +24,9 @@ Numerics rule (how a fused chain matches eager, op by op)
   rsqrt); tanh and general
   pow use small helper functions (``HELPERS``) built from ``exp``/``log2`` because libdevice is
   unavailable under the Triton interpreter.
-* bf16 rounding goes through ``cb_round_bf16``/``cb_to_bf16``: a native round-to-nearest-even
-  conversion on the GPU, integer arithmetic under the interpreter (whose conversion truncates).
+* Dtypes, conversions and literals live in :mod:`.expr_casts` (with ``round`` and ``nan_to_num``):
+  bf16 and fp8 rounding is a native round-to-nearest-even conversion on the GPU, integer
+  arithmetic under the interpreter (whose conversions truncate or round half up).
 * Where eager deviates from the naive formula, eager wins: floor division is exact Python
   floor division (``cb_floordiv``: 1.5 // 0.3 == 4), a pow exponent is first rounded to a
   reduced-float tensor's dtype, Python-scalar kernel arguments are not rounded (wrapped numbers).
@@ -48,79 +49,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 import torch
 import torch.fx as fx
 
-from .base import Unsupported, meta_of, triton_interpret
+from . import expr_casts as casts
+from .base import Unsupported, meta_of
+from .expr_casts import (REDUCED_FLOATS, TL_NAMES, compute_dtype, convert, literal, round_to,  # noqa: F401
+                         tl_type, to_compute, to_storage)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-_TL_NAMES = {
-    torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32",
-    torch.float64: "tl.float64", torch.int8: "tl.int8", torch.uint8: "tl.uint8",
-    torch.int16: "tl.int16", torch.int32: "tl.int32", torch.int64: "tl.int64", torch.bool: "tl.int1",
-}
-REDUCED_FLOATS = (torch.float16, torch.bfloat16)
-
-
-def tl_type(dtype: torch.dtype) -> str:
-    if dtype not in _TL_NAMES:
-        raise Unsupported(f"dtype {dtype} has no Triton type here")
-    return _TL_NAMES[dtype]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a value of storage dtype ``dtype`` is held in inside a kernel."""
-    return torch.float32 if dtype in REDUCED_FLOATS else dtype
-
-
-def to_compute(expr: str, storage: torch.dtype) -> str:
-    """Expression converting a loaded value of dtype ``storage`` to its compute type."""
-    return f"{expr}.to(tl.float32)" if storage in REDUCED_FLOATS else expr
-
-
-def to_storage(expr: str, storage: torch.dtype) -> str:
-    """Expression converting a compute-type value to dtype ``storage`` for a store."""
-    if storage == torch.bfloat16:
-        return f"cb_to_bf16({expr})"
-    return f"{expr}.to({tl_type(storage)})" if storage in REDUCED_FLOATS else expr
-
-
-def round_to(expr: str, dtype: torch.dtype) -> str:
-    """Round a compute-type value to a reduced float dtype and back (what eager's store does)."""
-    if dtype == torch.bfloat16:
-        return f"cb_round_bf16({expr})"
-    return f"{expr}.to({tl_type(dtype)}).to(tl.float32)" if dtype in REDUCED_FLOATS else expr
-
-
-def convert(expr: str, src: torch.dtype, dst: torch.dtype) -> str:
-    """Convert a value between compute types of storage dtypes ``src`` and ``dst`` (with rounding)."""
-    if dst == torch.bool:
-        return expr if src == torch.bool else f"({expr} != 0)"
-    cs, cd = compute_dtype(src), compute_dtype(dst)
-    out = expr if cs == cd else f"{expr}.to({tl_type(cd)})"
-    if dst in REDUCED_FLOATS and src != dst:
-        out = round_to(out, dst)  # e.g. fp32 -> fp16, bf16 -> fp16: one rounding, as eager's cast
-    return out
-
-
-def literal(value: Any, dtype: torch.dtype) -> str:
-    """A Python scalar as a Triton literal of compute type ``compute_dtype(dtype)``."""
-    cd = compute_dtype(dtype)
-    if cd == torch.bool:
-        return "True" if bool(value) else "False"
-    if isinstance(value, bool):
-        value = int(value)
-    if cd.is_floating_point:
-        v = float(value)
-        text = 'float("nan")' if math.isnan(v) else (
-            ('float("inf")' if v > 0 else '-float("inf")') if math.isinf(v) else repr(v))
-        # Python floats become fp32 constants in Triton: keep fp64 exact with an explicit tensor
-        return f"tl.full([], {text}, tl.float64)" if cd == torch.float64 else text
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise Unsupported(f"float scalar {value} in an integer op")
-        value = int(value)
-    return str(int(value))
-
 
 # ----------------------------------------------------------------------------------- promotion
 def _category(dtype: torch.dtype) -> int:
@@ -426,6 +361,9 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.trunc: lambda a, k, o, h: _with_helper("trunc", "cb_trunc({a})")(a, k, o, h) if o.is_floating_point
     else _as(a[0], o),
     aten.sign: _sign,
+    aten.round: lambda a, k, o, h: casts.round_half_even(_as(a[0], o), o, k, h),
+    aten.nan_to_num: lambda a, k, o, h: casts.nan_to_num(
+        _as(a[0], o), o, *(_kw(a, k, i, n) for i, n in ((1, "nan"), (2, "posinf"), (3, "neginf")))),
     aten.relu: lambda a, k, o, h: f"tl.where({_as(a[0], o)} < 0, 0, {_as(a[0], o)})",
     aten.silu: _unary_float("{a} * tl.sigmoid({a})"),
     aten.gelu: _gelu, aten.leaky_relu: _leaky_relu, aten.hardtanh: _hardtanh,
@@ -511,52 +449,22 @@ def cb_trunc(x):
     return tl.where(x < 0, tl.ceil(x), tl.floor(x))
 ''',
 }
-
-
-# fp32 -> bf16 rounding. The GPU converts with round-to-nearest-even; the Triton interpreter
-# truncates, so under TRITON_INTERPRET=1 the helpers round with integer arithmetic instead
-# (same results as the GPU; NaN stays NaN).
-_BF16_NATIVE = '''
-@triton.jit
-def cb_round_bf16(x):
-    return x.to(tl.bfloat16).to(tl.float32)
-
-
-@triton.jit
-def cb_to_bf16(x):
-    return x.to(tl.bfloat16)
-'''
-_BF16_INTERPRETED = '''
-@triton.jit
-def cb_round_bf16(x):
-    u = x.to(tl.uint32, bitcast=True)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def cb_to_bf16(x):
-    return cb_round_bf16(x).to(tl.bfloat16)
-'''
+HELPERS.update(casts.HELPERS)  # cb_rint
 
 
 def helper_source(code_or_names: Any) -> str:
     """Source of the ``cb_*`` helper functions generated code calls, in a fixed order.
 
     Pass the generated kernel code (a str: the helpers it calls are found in it) or the set of
-    helper names that ``lower``/``emit_pointwise`` collected (then the bf16 rounding helpers,
+    helper names that ``lower``/``emit_pointwise`` collected (then the bf16/fp8 conversion helpers,
     which ``round_to``/``to_storage``/``convert`` may use without recording it, are included
     too; unused jit functions cost nothing).
     """
-
     if isinstance(code_or_names, str):
-        code = code_or_names
-        bf16 = "cb_round_bf16(" in code or "cb_to_bf16(" in code
-        names = [h for h in sorted(HELPERS) if f"cb_{h}(" in code]
+        code, names = code_or_names, [h for h in sorted(HELPERS) if f"cb_{h}(" in code_or_names]
     else:
-        bf16, names = True, sorted(set(code_or_names))
-    out = [_BF16_INTERPRETED if triton_interpret() else _BF16_NATIVE] if bf16 else []
-    return "".join(out + [HELPERS[h] for h in names])
+        code, names = None, sorted(set(code_or_names))
+    return casts.conversion_source(code) + "".join(HELPERS[h] for h in names)
 
 
 def _lowering_for(target: Any) -> Callable:
@@ -579,10 +487,10 @@ def _raise(what: str):
 def lower(target: Any, args: Sequence[Any], kwargs: Dict[str, Any], out_dtype: torch.dtype,
           helpers: Optional[Set[str]] = None) -> str:
     """Expression (compute type of ``out_dtype``, before rounding) for one op on Vars/scalars."""
-    if out_dtype not in _TL_NAMES:
+    if out_dtype not in TL_NAMES:
         raise Unsupported(f"result dtype {out_dtype}")
     for a in args:
-        if isinstance(a, Var) and a.dtype not in _TL_NAMES:
+        if isinstance(a, Var) and a.dtype not in TL_NAMES:
             raise Unsupported(f"operand dtype {a.dtype}")
     return _lowering_for(target)(list(args), dict(kwargs), out_dtype, helpers if helpers is not None else set())
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, sha256, triton_enabled
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, op_name, sha256, triton_enabled
 
 log = logging.getLogger("compile_backend")
 
@@ -25,6 +25,12 @@ BUILDERS: Dict[str, Tuple[str, ...]] = {
     "reduction": ("compile_backend.kernels.reduction:build_reduction",),
     "attention": ("compile_backend.kernels.attention:build_attention",),
     "pool": ("compile_backend.kernels.pool:build_pool",),
+}
+
+#: builders of groups anchored on the quantized ops, tried instead of their kind's (by anchor op)
+ANCHOR_BUILDERS: Dict[str, Tuple[str, ...]] = {
+    "compile_backend.scaled_mm": ("compile_backend.kernels.qgemm:build_scaled_mm",),
+    "compile_backend.scaled_conv": ("compile_backend.kernels.qconv:build_scaled_conv",),
 }
 
 #: relative error ‖out − ref‖ / ‖ref‖ a generated kernel may show against ATen, per dtype
@@ -55,7 +61,7 @@ def choose_kernel(
         return aten_kernel(group), [dict(f) for f in decision.get("fallbacks", [])]
     fallbacks: List[Dict[str, str]] = []
     reference: Optional[Tuple[Any, ...]] = None
-    for path in BUILDERS.get(group.kind, ()):
+    for path in builders_for(group):
         try:
             kernel = _load(path)(group, ctx)
         except Unsupported as exc:
@@ -76,6 +82,14 @@ def choose_kernel(
     if not fallbacks:
         fallbacks.append({"op": _ops(group), "reason": f"no {group.kind} kernel builder available"})
     return aten_kernel(group), fallbacks
+
+
+def builders_for(group: KernelGroup) -> Tuple[str, ...]:
+    """The builders to try for ``group``: by its anchor op where ANCHOR_BUILDERS names it, else by kind."""
+    anchor = next((n for n in group.gm.graph.nodes if n.name == group.anchor), None) if group.anchor else None
+    if anchor is not None and anchor.op == "call_function" and op_name(anchor.target) in ANCHOR_BUILDERS:
+        return ANCHOR_BUILDERS[op_name(anchor.target)]
+    return BUILDERS.get(group.kind, ())
 
 
 def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any]) -> Optional[str]:

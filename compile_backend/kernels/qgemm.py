@@ -1,0 +1,246 @@
+"""Scaled (INT8 / FP8) GEMM with a fused epilogue: the group builder for ``compile_backend.scaled_mm``.
+
+A ``gemm`` group anchored on ``scaled_mm(xq [M, K], x_scale, wq [N, K], w_scale, bias, out_dtype)``
+followed by its epilogue chain (activation, residual add, casts) becomes one kernel computing
+``chain(((xq @ wq^T) * (x_scale * w_scale) + bias) -> out_dtype)``. Candidates, timed by the
+tuner (heuristic order: the vendor first on CUDA, as for float GEMMs):
+
+* the Triton GEMM template (:func:`gemm_template.render_gemm`): int8 operands accumulate in int32,
+  fp8 in fp32; the epilogue converts the accumulator to fp32, multiplies it by the product of the
+  row scale of x (a scalar for per-tensor activations) and the column scale of w, adds the bias,
+  rounds to ``out_dtype`` and runs the chain (``expr``);
+* ``torch._int_mm`` (INT8, cuBLASLt, int32 out; M > 16, K and N multiples of 8) then the same
+  epilogue as one Triton kernel over its int32 result;
+* ``torch._scaled_mm`` (FP8, cuBLASLt; A row-major, B = wq^T column-major, K and N multiples of
+  16) with unit scales and fp32 output, then the same epilogue kernel. Unit scales keep one path
+  for per-tensor and per-row/channel scales and every torch version (rowwise scaling exists
+  only in newer ones and only with bf16 output, which would round before the bias add).
+
+The ATen reference (``kernels/quant_ref`` through the op's CPU/CUDA implementation) is the
+selector's last resort. Numerics equal ``quant_ref.scaled_mm`` up to fp32 rounding of the
+epilogue (a GPU may contract the scale multiply and bias add into one fma) and, for FP8, the
+order of the fp32 accumulation. Shared with :mod:`.qconv`: :func:`scaled_anchor`,
+:func:`scaled_arg`, :func:`check_scaled_dtypes`, :func:`scale_lines`, :func:`eight_bit_configs`, :func:`scaled_dot_fields`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from . import gemm_template as tpl
+from .autotune import Candidate, TuningKey
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config
+from .gemm_runner import GemmRunner, epilogue_only
+from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, choose_kernel_of,
+                       device_limits, dtype_name, group_dtypes, group_shapes, group_strides, warmed)
+
+
+def build_scaled_mm(group: KernelGroup, ctx: KernelContext) -> Kernel:
+    """Kernel for a ``gemm`` group anchored on ``compile_backend.scaled_mm``."""
+    return choose_kernel_of(group, ctx, scaled_mm_candidates(group, ctx))
+
+
+# ------------------------------------------------------------------------------- shared with qconv
+def scaled_anchor(group: KernelGroup, opname: str) -> fx.Node:
+    """The group's anchor node, which must be ``compile_backend.<opname>`` (else Unsupported)."""
+    anchor = next((n for n in group.gm.graph.nodes if n.name == group.anchor), None)
+    target = getattr(anchor, "target", None)
+    if not (isinstance(target, torch._ops.OpOverload) and target.namespace == "compile_backend"
+            and target._opname == opname):
+        raise Unsupported(f"anchor {group.anchor!r} is not compile_backend.{opname}")
+    return anchor
+
+
+def scaled_arg(node: fx.Node, name: str) -> Any:
+    """Argument ``name`` of a call of a custom op (positional or keyword, by its schema)."""
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name)
+    raise KeyError(name)
+
+
+def check_scaled_dtypes(xq: torch.Tensor, wq: torch.Tensor, out_dtype: Any, device: torch.device) -> None:
+    """Quantized operands of one dtype, a float output, fp8 only where Triton has it."""
+    if xq.dtype not in QUANT_DTYPES or wq.dtype != xq.dtype:
+        raise Unsupported(f"scaled operands {xq.dtype}/{wq.dtype}: the template takes int8 or float8_e4m3fn")
+    if out_dtype not in FLOAT_DTYPES:
+        raise Unsupported(f"scaled op output dtype {out_dtype}")
+    if xq.dtype != torch.int8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise Unsupported("float8_e4m3fn operands need an sm_89+ GPU")
+
+
+def scaled_dot_fields(dtype: torch.dtype, interpret: bool) -> dict:
+    """Template fields of the main loop's dot for quantized operands: int32 accumulation for
+    int8; for fp8 fp32 accumulation, promoted after every MMA instruction (Triton's default on
+    sm_90 is the tensor cores' reduced-precision "fast accumulation" over the whole K)."""
+    dot = tpl.dot_fields(dtype_name(dtype), False, interpret, dtype == torch.int8)
+    if dtype != torch.int8:
+        dot["dot_args"] += ", max_num_imprecise_acc=0"
+    return dot
+
+
+def scale_lines(int_acc: bool, bias: bool, out_dtype: torch.dtype) -> List[str]:
+    """Epilogue lines from the accumulator ``acc`` to the anchor's value ``acc_v`` (its compute
+    type): loads x0 = x_scale, x1 = w_scale, x2 = bias, broadcast to the output tile; the scale
+    product first, then the bias, one rounding to ``out_dtype`` (as quant_ref)."""
+    from . import expr
+
+    value = "acc * (x0 * x1)" + (" + x2" if bias else "")
+    return (["acc = acc.to(tl.float32)"] if int_acc else []) + [f"acc_v = {expr.round_to(f'({value})', out_dtype)}"]
+
+
+# ------------------------------------------------------------------------------- the problem
+@dataclasses.dataclass(frozen=True)
+class ScaledMMProblem:
+    anchor: fx.Node
+    xq: fx.Node
+    wq: fx.Node
+    loads: Tuple[tpl.LoadPlan, ...]  # x_scale, w_scale[, bias] in the output's [M, N] space
+    has_bias: bool
+    out_dtype: torch.dtype
+    dtype: torch.dtype  # of the operands
+    m: int
+    n: int
+    k: int
+
+    @property
+    def int_acc(self) -> bool:
+        return self.dtype == torch.int8
+
+
+def scaled_mm_problem(group: KernelGroup, device: torch.device) -> ScaledMMProblem:
+    anchor = scaled_anchor(group, "scaled_mm")
+    xq, x_scale, wq, w_scale, bias = (scaled_arg(anchor, a) for a in ("xq", "x_scale", "wq", "w_scale", "bias"))
+    out_dtype = scaled_arg(anchor, "out_dtype")
+    xv, wv, xs, ws = meta_of(xq), meta_of(wq), meta_of(x_scale), meta_of(w_scale)
+    check_scaled_dtypes(xv, wv, out_dtype, device)
+    if xv.dim() != 2 or wv.dim() != 2 or xv.shape[1] != wv.shape[1]:
+        raise Unsupported(f"scaled_mm operands {tuple(xv.shape)} x {tuple(wv.shape)}^T")
+    (m, k), n = xv.shape, wv.shape[0]
+    if min(m, n, k) == 0:
+        raise Unsupported("empty GEMM")
+    if xs.numel() not in (1, m) or ws.numel() not in (1, n) or xs.dim() > 2 or ws.dim() > 1:
+        raise Unsupported(f"scales {tuple(xs.shape)} / {tuple(ws.shape)}: per tensor, per row of x, per column of w")
+    if max(xv.numel(), wv.numel(), m * n) >= 2**31:
+        raise Unsupported("tensor too large for the template's 32-bit indexing")
+    shape = (m, n)
+    loads = [tpl.LoadPlan(x_scale, shape, pre_view=(m, 1) if xs.numel() == m and m > 1 else None),
+             tpl.LoadPlan(w_scale, shape)]
+    if bias is not None:
+        loads.append(tpl.LoadPlan(bias, shape))
+    return ScaledMMProblem(anchor, xq, wq, tuple(loads), bias is not None, out_dtype, xv.dtype, m, n, k)
+
+
+def _vendor_fits(p: ScaledMMProblem) -> Optional[str]:
+    """Why the vendor GEMM cannot take the problem, or None."""
+    if p.int_acc:
+        return None if p.m > 16 and p.k % 8 == 0 and p.n % 8 == 0 else "torch._int_mm needs M > 16, K, N % 8 == 0"
+    if not hasattr(torch, "_scaled_mm"):
+        return "no torch._scaled_mm"
+    return None if p.k % 16 == 0 and p.n % 16 == 0 else "torch._scaled_mm needs K, N % 16 == 0"
+
+
+# ------------------------------------------------------------------------------- candidates
+def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
+                         configs: Optional[Sequence[GemmConfig]] = None) -> TemplateTuning:
+    """Candidates for a scaled_mm group, heuristic first. ``vendor`` (default: on CUDA, when the
+    shape suits it) adds ``torch._int_mm`` / ``torch._scaled_mm`` + the epilogue kernel;
+    ``configs`` replaces the template configs (tests)."""
+    p = scaled_mm_problem(group, ctx.device)
+    plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
+    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda")
+    # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2)
+    source = tpl.render_gemm(tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc), dot)
+    build = _Build(group, p, plan, source, Probe(group, ctx.device))
+    if configs is None:
+        configs = _template_configs(p, ctx)
+    candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
+    vendor = (ctx.device.type == "cuda") if vendor is None else vendor
+    if vendor and _vendor_fits(p) is None:
+        candidates.insert(0, build.vendor_candidate())
+    key = TuningKey(kind="gemm", template=tpl.source_hash(source[0]), shapes=group_shapes(group),
+                    strides=group_strides(group), dtypes=group_dtypes(group),
+                    extra=f"scaled_mm {'|'.join(plan.chain_ops)}")
+    return TemplateTuning("gemm", key, candidates, build.probe.make, {"triton": source[0], "cublas": source[0]},
+                          plan.out_layouts, frozenset(c.name for c in candidates))
+
+
+def _template_configs(p: ScaledMMProblem, ctx: KernelContext) -> List[GemmConfig]:
+    if ctx.device.type != "cuda":
+        return eight_bit_configs([heuristic_config(p.m, p.n, p.k, 1, p.dtype, interpret=True)])
+    level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
+    return eight_bit_configs(candidate_configs(p.m, p.n, p.k, 1, p.dtype, level, *device_limits(ctx.device)))
+
+
+def eight_bit_configs(configs: Sequence[GemmConfig]) -> List[GemmConfig]:
+    """``configs`` with block_k >= 32: Triton's dot of 8-bit operands needs K tiles of 32 on
+    NVIDIA GPUs (order kept, duplicates dropped)."""
+    return list(dict.fromkeys(dataclasses.replace(c, block_k=max(32, c.block_k)) for c in configs))
+
+
+@dataclasses.dataclass
+class _Build:
+    group: KernelGroup
+    problem: ScaledMMProblem
+    plan: tpl.EpiloguePlan
+    source: Tuple[str, str]
+    probe: Probe
+
+    def io(self, env, device, out):
+        """Epilogue loads and output views in the template's (1, M, N) space; outputs."""
+        plan = self.plan
+        loads = [tpl.to_anchor_space(env[lp.source], lp, plan.anchor_shape).unsqueeze(0) for lp in plan.loads]
+        outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, device, out)
+        return loads, outs, [v.unsqueeze(0) for v in views]
+
+    def triton_candidate(self, cfg: GemmConfig) -> Candidate:
+        p, plan, group = self.problem, self.plan, self.group
+
+        def compile_():
+            runner = GemmRunner(tpl.load_kernel(*self.source), cfg, p.int_acc)
+
+            def run(*inputs, out=None):
+                env = tpl.bind_group(plan, group, inputs)
+                xq, wq = env[p.xq], env[p.wq]
+                loads, outs, views = self.io(env, xq.device, out)
+                runner(xq.unsqueeze(0), wq.t().unsqueeze(0), loads, views)
+                return tpl.group_outputs(plan, env, outs)
+
+            return warmed(run, self.probe)
+
+        return Candidate(f"triton {cfg.name}", {"impl": "triton", "scaled": True, **cfg.as_dict()}, compile_, "triton")
+
+    def vendor_candidate(self) -> Candidate:
+        p, plan, group = self.problem, self.plan, self.group
+        name = "torch._int_mm" if p.int_acc else "torch._scaled_mm"
+
+        def compile_():
+            kernel = tpl.load_kernel(*self.source)
+            units = {}
+
+            def product(xq, wq):
+                if p.int_acc:
+                    return torch._int_mm(xq, wq.t())  # int32
+                one = units.get(xq.device)
+                if one is None:
+                    one = units[xq.device] = torch.ones((), dtype=torch.float32, device=xq.device)
+                return torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+
+            def run(*inputs, out=None):
+                env = tpl.bind_group(plan, group, inputs)
+                acc = product(env[p.xq], env[p.wq])
+                loads, outs, views = self.io(env, acc.device, out)
+                epilogue_only(kernel, acc.unsqueeze(0), loads, views)
+                return tpl.group_outputs(plan, env, outs)
+
+            return warmed(run, self.probe)
+
+        return Candidate(f"{name} + triton epilogue", {"impl": "cublas", "vendor": name}, compile_, "cublas")
+
+
+__all__ = ["build_scaled_mm", "scaled_mm_candidates", "scaled_mm_problem", "ScaledMMProblem", "scaled_anchor",
+           "scaled_arg", "check_scaled_dtypes", "scale_lines", "eight_bit_configs", "scaled_dot_fields"]
