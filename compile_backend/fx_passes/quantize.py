@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm / scaled_conv)
+from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
 from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
@@ -55,6 +56,16 @@ class QuantRequest:
     check: Callable[[str, Dict[str, torch.Tensor]], None] = lambda name, params: None
     calibrated: bool = False
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def check_coverage(self) -> None:
+        """A calibration that names none of a graph's eligible layers was made for another model
+        (or another wrapper of it, so names differ): refuse it rather than run all in float."""
+        uncalibrated = [r["name"] for r in self.records.values() if r.get("uncalibrated")]
+        quantized = [r for r in self.records.values() if r["status"] == "quantized"]
+        if self.calibrated and uncalibrated and not quantized:
+            raise UserError(
+                f"quant: the calibration names none of this graph's layers (e.g. {uncalibrated[0]!r}); "
+                "it was made for another model, or for a wrapper of this one: calibrate the module you compile")
 
 
 @dataclasses.dataclass
@@ -136,7 +147,9 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     """Rewrite the selected layers to scaled INT8/FP8 ops; {rule: layers quantized}."""
     if ctx.training or ctx.quant is None:
         return {}
-    return apply_rules(gm, ctx, QUANT_RULES)
+    counts = apply_rules(gm, ctx, QUANT_RULES)
+    ctx.quant.check_coverage()
+    return counts
 
 
 def _match(kind: str):
@@ -148,9 +161,11 @@ def _match(kind: str):
         if layer.reason is None:
             request.check(layer.name, weight_params(facts.gm, layer.weight))
         reason = layer.reason or request.decide(layer.name, layer.module_type, layer.k, layer.n)
-        if reason is None and not request.dynamic and request.amax(layer.name) is None:
+        uncalibrated = reason is None and not request.dynamic and request.amax(layer.name) is None
+        if uncalibrated:
             reason = "no calibration data for this layer (the calibration never saw it run)"
         record = request.records.setdefault(layer.name, _record(layer, request))
+        record["uncalibrated"] = uncalibrated
         if reason is not None:
             record.update(status="float", reason=reason)
             return None

@@ -158,3 +158,22 @@ def test_dynamic_int8_under_the_interpreter(tmp_path):
     fast = torch.compile(model, backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})
     with torch.no_grad():
         assert cosine(fast(x), model(x)) > 0.99
+
+
+def test_calibration_of_a_wrapper_is_refused_naming_the_cause(aten_only, tmp_path):
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    model = Net().eval()
+    calib = quant.calibrate(Wrapper(model).eval(), batches(2), quant.QuantConfig(precision="int8", calibrator="max"),
+                            progress=False, cache_dir=str(tmp_path))
+    assert "inner.fc1.weight" in calib
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with pytest.raises(UserError, match="names none of this graph's layers"):
+        with torch.no_grad():
+            fast(batches(1)[0][0])
