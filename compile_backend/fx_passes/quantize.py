@@ -224,7 +224,7 @@ def _weight(graph: fx.Graph, op, w: fx.Node, request: QuantRequest):
     out = shape(w)[0]
     rows = op(aten.reshape.default, op(aten._to_copy.default, w, dtype=torch.float32),
               [out, -1] if request.per_channel else [1, -1])
-    scale, inv = quant_ref.row_scale_steps(op, rows, request.precision)
+    scale, inv = quant_ref.row_scale_steps(op, rows, request.precision, *_zero_one(graph, tensor_val(w).device))
     inv = op(aten.reshape.default, inv, [out] + [1] * (len(shape(w)) - 1) if request.per_channel else [])
     wq = quant_ref.quantize_steps(op, w, tensor_val(w).dtype, inv, request.precision)
     return wq, op(aten.reshape.default, scale, [out] if request.per_channel else [])
@@ -236,16 +236,34 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         scale = quant_ref.scale_from_amax(torch.tensor(request.amax(layer.name)), request.precision)
         inv = float(quant_ref.inverse_scale(scale))
         name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
-        gm.register_buffer(name, scale.reshape(()).clone())
-        x_scale = gm.graph.get_attr(name)
-        x_scale.meta["val"] = torch.empty((), dtype=torch.float32, device="meta")
+        x_scale = _constant(gm, name, scale.reshape(()).to(tensor_val(x).device))
         return quant_ref.quantize_steps(op, x, dtype, inv, request.precision), x_scale
     xf = x if dtype == torch.float32 else op(aten._to_copy.default, x, dtype=torch.float32)
     flat = xf if rows else op(aten.reshape.default, xf, [1, -1])
-    scale, inv = quant_ref.row_scale_steps(op, flat, request.precision)
+    scale, inv = quant_ref.row_scale_steps(op, flat, request.precision, *_zero_one(gm.graph, tensor_val(x).device))
     if not rows:
         scale, inv = op(aten.reshape.default, scale, []), op(aten.reshape.default, inv, [])
     return quant_ref.quantize_steps(op, xf, torch.float32, inv, request.precision), scale
+
+
+def _zero_one(graph: fx.Graph, device: torch.device):
+    """0-d fp32 constants 0 and 1 for the scale steps (one pair per graph)."""
+    gm = graph.owning_module
+    return [_constant(gm, name, torch.tensor(value, device=device))
+            for name, value in (("_cb_quant_zero", 0.0), ("_cb_quant_one", 1.0))]
+
+
+def _constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    """A get_attr of buffer ``name`` (registered with ``value`` if new)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == name:
+            return node  # one node per constant (constant folding takes each as one input)
+    if not hasattr(gm, name):
+        gm.register_buffer(name, value)
+    with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = getattr(gm, name)
+    return node
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:

@@ -519,11 +519,11 @@ def _var_for(node: fx.Node, name: Optional[str] = None) -> Any:
     if isinstance(val, torch.Tensor):
         return Var(name or node.name, val.dtype, val.dim())
     if isinstance(val, (bool, int, float)):
-        return val if name is None else Var(name, _scalar_dtype(val), 0, scalar=True)
+        return val if name is None else Var(name, scalar_dtype(val), 0, scalar=True)
     raise Unsupported(f"{node.name} has no usable meta['val']")
 
 
-def _scalar_dtype(v: Any) -> torch.dtype:
+def scalar_dtype(v: Any) -> torch.dtype:
     return torch.bool if isinstance(v, bool) else (torch.int64 if isinstance(v, int) else torch.float32)
 
 

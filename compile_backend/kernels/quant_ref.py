@@ -52,7 +52,8 @@ def scale_from_amax(amax: torch.Tensor, precision: str) -> torch.Tensor:
 
 def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
     """1 / scale in fp32, and 0 where the scale is 0 (so x * inv_scale is 0, not inf or NaN)."""
-    return inverse_scale_steps(eager, torch.as_tensor(scale, dtype=torch.float32))
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    return inverse_scale_steps(eager, scale, *constants(scale.device))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:
@@ -81,19 +82,26 @@ def quantize_steps(op, x, x_dtype: torch.dtype, inv_scale, precision: str):
     return op(aten._to_copy.default, x, dtype=STORAGE[precision])
 
 
-def inverse_scale_steps(op, scale):
+def inverse_scale_steps(op, scale, zero, one):
+    """1 / scale, 0 where scale is 0. ``zero``/``one`` are 0-d fp32 tensors (graph constants in
+    the pass: a Python scalar in ``where`` would trace to its own ATen op and split the kernel)."""
     positive = op(aten.gt.Scalar, scale, 0.0)
-    safe = op(aten.where.ScalarOther, positive, scale, 1.0)
-    return op(aten.where.ScalarOther, positive, op(aten.reciprocal.default, safe), 0.0)
+    safe = op(aten.where.self, positive, scale, one)
+    return op(aten.where.self, positive, op(aten.reciprocal.default, safe), zero)
 
 
-def row_scale_steps(op, x_f32, precision: str):
+def row_scale_steps(op, x_f32, precision: str, zero, one):
     """Dynamic per-row scale of an fp32 value: (scale [.., 1], inv_scale [.., 1])."""
     amax = op(aten.amax.default, op(aten.abs.default, x_f32), [-1], True)
     usable = op(aten.bitwise_and.Tensor, op(aten.gt.Scalar, amax, TINY_AMAX),
                 op(aten.lt.Scalar, amax, float("inf")))
-    scale = op(aten.where.ScalarOther, usable, op(aten.div.Tensor, amax, QMAX[precision]), 0.0)
-    return scale, inverse_scale_steps(op, scale)
+    scale = op(aten.where.self, usable, op(aten.div.Tensor, amax, QMAX[precision]), zero)
+    return scale, inverse_scale_steps(op, scale, zero, one)
+
+
+def constants(device=None):
+    """The (zero, one) 0-d fp32 tensors the steps take, for eager use."""
+    return torch.zeros((), device=device), torch.ones((), device=device)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,7 @@ def quantize_weight(w: torch.Tensor, precision: str, per_channel: bool = True):
 def row_scale(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Dynamic activation scale: one per row (all dims but the last), shape x.shape[:-1] + (1,)."""
     check_precision(precision)
-    return row_scale_steps(eager, x.detach().float(), precision)[0]
+    return row_scale_steps(eager, x.detach().float(), precision, *constants(x.device))[0]
 
 
 def scaled_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
@@ -188,5 +196,5 @@ __all__ = [
     "PRECISIONS", "QMAX", "STORAGE", "TINY_AMAX", "check_precision", "scale_from_amax", "inverse_scale",
     "quantize", "dequantize", "fake_quantize", "channel_amax", "weight_scale", "quantize_weight",
     "row_scale", "scaled_mm", "scaled_conv", "sqnr_db", "eager", "quantize_steps", "inverse_scale_steps",
-    "row_scale_steps",
+    "row_scale_steps", "constants",
 ]

@@ -225,7 +225,7 @@ class _Analysis:
                 self.sources.add(n)
             elif isinstance(val, (bool, int, float)) and not isinstance(val, torch.SymInt):
                 self.scalars.append(n)
-                self.scalar_vals[n] = self._val(f"s_{n.name}", "perrow", (), None, expr._scalar_dtype(val))
+                self.scalar_vals[n] = self._val(f"s_{n.name}", "perrow", (), None, expr.scalar_dtype(val))
             else:
                 raise Unsupported(f"input {n.name} is neither a tensor nor a Python scalar")
             return

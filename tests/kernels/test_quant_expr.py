@@ -33,10 +33,12 @@ def static_quantize(x, inv, precision):
     return y.clamp(-448, 448).to(FP8)
 
 
-def dynamic_quantize(x, precision):
-    """Per-row scale computed where the row is owned; returns (q, x_scale [rows, 1])."""
-    scale = quant_ref.row_scale(x, precision)
-    return quant_ref.quantize(x, scale, precision), scale
+def dynamic_quantize(x, zero, one, precision):
+    """Per-row scale computed where the row is owned, with quant_ref's steps as the graph pass
+    emits them (0 and 1 as 0-d constant inputs); returns (q, x_scale [rows, 1])."""
+    xf = x.float()
+    scale, inv = quant_ref.row_scale_steps(quant_ref.eager, xf, precision, zero, one)
+    return quant_ref.quantize_steps(quant_ref.eager, xf, torch.float32, inv, precision), scale
 
 
 def special_input(shape, dtype, scale, seed=0):
@@ -95,11 +97,12 @@ def test_dynamic_row_quantize_in_a_reduction_kernel(dtype, precision):
     x[1] = 0.0  # zero amax: scale 0, exact zeros
     x[2, 3] = float("inf")  # amax inf: scale 0, zeros (never NaN)
     x[3] *= 1e-9  # tiny amax
-    group = make_group(lambda x: dynamic_quantize(x, precision), x, kind="reduction")
+    zero, one = quant_ref.constants()
+    group = make_group(lambda *a: dynamic_quantize(*a, precision), x, zero, one, kind="reduction")
     kernel = build_reduction(group, KernelContext(Options(), torch.device("cpu"), True))
-    q, s = kernel(x)
-    want_q, want_s = dynamic_quantize(x, precision)
-    assert torch.equal(s, want_s)
+    q, s = kernel(x, zero, one)
+    want_q, want_s = dynamic_quantize(x, zero, one, precision)
+    assert torch.equal(s, want_s) and torch.equal(s, quant_ref.row_scale(x, precision))
     assert_same_bits(q, want_q)
 
 
@@ -210,9 +213,10 @@ def test_gpu_quantize_bit_identical(dtype, precision):
     group = make_group(lambda x, inv: static_quantize(x, inv, precision), x, inv)
     (q,) = build_pointwise(group, KernelContext(Options(), dev, False))(x, inv)
     assert_same_bits(q.cpu(), quant_ref.quantize(x.cpu(), scale.cpu(), precision))
-    group = make_group(lambda x: dynamic_quantize(x, precision), x, kind="reduction")
-    q, s = build_reduction(group, KernelContext(Options(), dev, False))(x)
-    want_q, want_s = dynamic_quantize(x.cpu(), precision)
+    zero, one = quant_ref.constants(dev)
+    group = make_group(lambda *a: dynamic_quantize(*a, precision), x, zero, one, kind="reduction")
+    q, s = build_reduction(group, KernelContext(Options(), dev, False))(x, zero, one)
+    want_q, want_s = dynamic_quantize(x.cpu(), *quant_ref.constants(), precision)
     assert torch.equal(s.cpu(), want_s)
     assert_same_bits(q.cpu(), want_q)
 
