@@ -173,7 +173,8 @@ def _models(device: torch.device):
     }
 
 
-def run_models(device: torch.device, options: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
+def run_models(device: torch.device, options: Dict[str, Any], names: List[str],
+               partial: str = "") -> Dict[str, Any]:
     out = {}
     for name, (model, make) in _models(device).items():
         if names and name not in names:
@@ -202,6 +203,9 @@ def run_models(device: torch.device, options: Dict[str, Any], names: List[str]) 
                     row[f"{precision}_{acts}"] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(name, precision, acts, json.dumps(row[f"{precision}_{acts}"])[:600], flush=True)
         out[name] = row
+        if partial:  # a long run stopped at its time limit keeps the models it finished
+            with open(partial, "w") as f:
+                json.dump(out, f, indent=1, default=str)
     return out
 
 
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
     elif args.part == "minilm":
         results = run_minilm(device, options)
     else:
-        results = run_models(device, options, args.models)
+        results = run_models(device, options, args.models, partial=args.out + ".partial")
     doc = {"part": args.part, "options": options, "seconds": time.perf_counter() - t0,
            "environment": environment("cuda", commit=os.environ.get("COMMIT")), "results": results}
     with open(args.out, "w") as f:

@@ -15,7 +15,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for part in "$@"; do
   start=$(date +%s)
   case "$part" in
-    tests) python3 -m pytest -q -p no:cacheprovider -m gpu tests > "$OUT/gpu_tests_h200.txt" 2>&1
+    tests) python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors tests > "$OUT/gpu_tests_h200.txt" 2>&1
            tail -5 "$OUT/gpu_tests_h200.txt" ;;
     mnist|models|minilm)
            python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" > "$OUT/quant_${part}.log" 2>&1
