@@ -12,14 +12,20 @@ export PYTHONPATH=/tmp/site:$PWD
 export COMMIT=$(cat .commit 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
-for part in "$@"; do
+# a part is NAME[:SECONDS[:MODEL,MODEL]]: a time limit keeps one slow part from eating the call
+for spec in "$@"; do
+  IFS=: read -r part limit models <<< "$spec"
+  limit=${limit:-600}
   start=$(date +%s)
   case "$part" in
-    tests) python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors tests > "$OUT/gpu_tests_h200.txt" 2>&1
-           tail -5 "$OUT/gpu_tests_h200.txt" ;;
+    tests) timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --continue-on-collection-errors \
+             --durations=20 tests > "$OUT/gpu_tests_h200.txt" 2>&1
+           grep -E "PASSED|FAILED|ERROR" "$OUT/gpu_tests_h200.txt" | grep -v PASSED | tail -20
+           tail -3 "$OUT/gpu_tests_h200.txt" ;;
     mnist|models|minilm)
-           python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" > "$OUT/quant_${part}.log" 2>&1
-           tail -12 "$OUT/quant_${part}.log" ;;
+           timeout "$limit" python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" \
+             ${models:+--models ${models//,/ }} > "$OUT/quant_${part}.log" 2>&1
+           tail -8 "$OUT/quant_${part}.log" | cut -c1-400 ;;
   esac
   echo "== $part: $(( $(date +%s) - start )) s"
 done
