@@ -76,6 +76,7 @@ class Layer:
     x: fx.Node                    # the activation operand
     weight: fx.Node               # the weight as the anchor reads it
     module_type: Optional[type]
+    modules: List[str]            # the owning modules' FQNs (of each weight part, and of the call)
     k: int
     n: int
     reason: Optional[str] = None  # why it cannot be quantized (None: it can)
@@ -96,7 +97,8 @@ def find_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
     else:
         return None
     names = weight_names(w)
-    layer = Layer(node, kind, "+".join(names) or node.name, x, w, module_type(node), k, n)
+    modules = sorted({name.rsplit(".", 1)[0] for name in names} | set(filter(None, [module_path(node)])))
+    layer = Layer(node, kind, "+".join(names) or node.name, x, w, module_type(node), modules, k, n)
     xv, wv = tensor_val(x), tensor_val(w)
     if not facts.constant(w) or not names:
         layer.reason = "weight is not a frozen parameter (compile with freeze=True, the default)"
@@ -134,6 +136,32 @@ def _weight_params(w: fx.Node) -> List[fx.Node]:
     return found
 
 
+def module_path(node: fx.Node) -> Optional[str]:
+    """The FQN of the module whose call produced ``node`` (Dynamo's ``nn_module_stack``): a tied
+    weight (GPT-2's ``lm_head`` is the embedding matrix) is named after its parameter, but the
+    call still says ``lm_head``."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    last = list(stack.values())[-1]
+    path = last[0] if isinstance(last, tuple) and last else None
+    if not isinstance(path, str):
+        return None
+    path = re.sub(r"^[LG]\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", "." + path).lstrip(".")
+    return re.sub(r"\[(\d+)\]", r".\1", path) or None
+
+
+def selection_reason(layer: Layer, decide) -> Optional[str]:
+    """Why the config leaves ``layer`` in float (None: quantize it): every module it belongs to
+    must be selected (a merged GEMM is quantized only when all its parts are)."""
+    for module in layer.modules or [layer.name]:
+        reason = decide(module, layer.module_type, layer.k, layer.n)
+        if reason is not None:
+            return reason if len(layer.modules) < 2 else f"{module}: {reason}"
+    return None
+
+
 def module_type(node: fx.Node) -> Optional[type]:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -160,7 +188,7 @@ def _match(kind: str):
         request: QuantRequest = facts.ctx.quant
         if layer.reason is None:
             request.check(layer.name, weight_params(facts.gm, layer.weight))
-        reason = layer.reason or request.decide(layer.name, layer.module_type, layer.k, layer.n)
+        reason = layer.reason or selection_reason(layer, request.decide)
         uncalibrated = reason is None and not request.dynamic and request.amax(layer.name) is None
         if uncalibrated:
             reason = "no calibration data for this layer (the calibration never saw it run)"
@@ -293,4 +321,4 @@ QUANT_RULES = (
          _match("conv"), _rewrite_conv),
 )
 
-__all__ = ["QuantRequest", "Layer", "find_layer", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]
+__all__ = ["QuantRequest", "Layer", "find_layer", "selection_reason", "module_path", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]

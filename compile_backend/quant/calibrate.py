@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from .. import capture, fx_passes
 from ..fx_passes.constant_fold import freeze
-from ..fx_passes.quantize import Layer, find_layer, weight_params
+from ..fx_passes.quantize import Layer, find_layer, selection_reason, weight_params
 from ..fx_passes.rules import Facts
 from ..kernels import quant_ref
 from .calibration import Calibration, LayerCalibration
@@ -83,7 +83,7 @@ class Collector:
 
     def watch(self, layer: Layer) -> bool:
         """Whether ``layer`` is one the config quantizes (records why not otherwise)."""
-        reason = layer.reason or self.config.decide(layer.name, layer.module_type, layer.k, layer.n)
+        reason = layer.reason or selection_reason(layer, self.config.decide)
         if reason is not None:
             self.skipped[layer.name] = reason
         return reason is None

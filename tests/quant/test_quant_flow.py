@@ -177,3 +177,34 @@ def test_calibration_of_a_wrapper_is_refused_naming_the_cause(aten_only, tmp_pat
     with pytest.raises(UserError, match="names none of this graph's layers"):
         with torch.no_grad():
             fast(batches(1)[0][0])
+
+
+class TiedHead(nn.Module):
+    """GPT-2's shape: the output layer reuses the embedding matrix (a tied weight)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(40, 32)
+        self.body = nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 40, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.body(self.wte(ids))))
+
+
+def test_tied_output_layer_is_excluded_by_its_module_name(aten_only, tmp_path):
+    report = compile_backend.explain(TiedHead().eval(), torch.randint(0, 40, (3, 5)), cache_dir=str(tmp_path),
+                                     quant=quant.QuantConfig(precision="int8", activations="dynamic"))
+    layers = {q["name"]: q for g in report.graphs for q in g.quant}
+    assert layers["body.weight"]["status"] == "quantized"
+    assert layers["wte.weight"]["status"] == "float" and "output layer" in layers["wte.weight"]["reason"]
+
+
+def test_exclude_patterns_match_module_names(aten_only, tmp_path):
+    cfg = quant.QuantConfig(precision="int8", activations="dynamic", exclude=("fc1",))
+    report = compile_backend.explain(Net().eval(), batches(1)[0][0], quant=cfg, cache_dir=str(tmp_path))
+    layers = {q["name"]: q for g in report.graphs for q in g.quant}
+    assert layers["fc1.weight"]["status"] == "float" and "excluded" in layers["fc1.weight"]["reason"]
+    assert layers["fc2.weight"]["status"] == "quantized"

@@ -1,0 +1,51 @@
+"""Validation of kernels that write quantized values: codes within one step of the reference's
+on at most 1% of elements (fp32 rounding order moves values at a rounding boundary), otherwise
+rejected; plain int8 arithmetic stays exact (found on the H200: exact comparison rejected every
+fused dynamic-quantize kernel of BERT, GPT-2 and ViT)."""
+import pytest
+import torch
+
+from compile_backend.kernels.base import Kernel
+from compile_backend.kernels.select import QUANTIZED_STEP_FRACTION, check_outputs, quantized_mismatch
+
+
+def _kernel(value):
+    return Kernel(kind="pointwise", impl="triton", ops=("aten.round",), fn=lambda *a: (value,))
+
+
+def test_int8_one_step_on_few_elements_is_accepted():
+    ref = torch.arange(-100, 100, dtype=torch.int8).repeat(5)
+    out = ref.clone()
+    out[::200] += 1  # 0.5% of the elements one step off
+    assert quantized_mismatch(out, ref) is None
+    assert check_outputs(_kernel(out), (), (ref,), rounds_to_int=True) is None
+
+
+def test_int8_two_steps_or_many_flips_are_rejected():
+    ref = torch.zeros(1000, dtype=torch.int8)
+    out = ref.clone()
+    out[3] = 2
+    assert "2 steps" in quantized_mismatch(out, ref)
+    out = ref.clone()
+    out[: int(1000 * QUANTIZED_STEP_FRACTION) + 5] = 1
+    assert "of them" in quantized_mismatch(out, ref)
+
+
+def test_int8_arithmetic_without_rounding_stays_exact():
+    ref = torch.zeros(10, dtype=torch.int8)
+    out = ref.clone()
+    out[0] = 1
+    assert check_outputs(_kernel(out), (), (ref,)) == "output 0: values differ"
+
+
+def test_fp8_neighbouring_codes_and_nan():
+    f8 = pytest.importorskip("torch").float8_e4m3fn
+    ref = torch.linspace(-300, 300, 1001).to(f8)
+    codes = ref.view(torch.uint8).clone()
+    codes[500] = codes[500] + 1  # one code up (away from zero on either sign)
+    assert quantized_mismatch(codes.view(f8), ref) is None
+    nan = ref.clone()
+    nan[7] = float("nan")
+    assert quantized_mismatch(nan, ref) == "NaN pattern differs"
+    zeros = torch.tensor([0.0, -0.0]).to(f8)
+    assert quantized_mismatch(torch.tensor([-0.0, 0.0]).to(f8), zeros) is None  # +0 and -0: the same step
