@@ -72,7 +72,7 @@ class Gen:
         return v if v is not None else self.fresh(shape_fn())
 
     def dim(self, v: Val, negative: bool = True) -> int:
-        d = self.rng.randrange(len(v.shape))
+        d = self.rng.randrange(max(1, len(v.shape)))  # 0-d: dim 0, which eager rejects
         return d - len(v.shape) if negative and self.rng.random() < 0.4 else d
 
     def scalar(self) -> str:

@@ -101,7 +101,7 @@ def where(g: Gen):
 
 
 def mask_use(g: Gen):
-    m = g.pick(lambda v: v.dtype == torch.bool, floats=False)
+    m = g.pick(lambda v: v.dtype == torch.bool and len(v.shape) >= 1, floats=False)
     if m is None:
         return None
     if g.rng.random() < 0.5:

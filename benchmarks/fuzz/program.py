@@ -161,7 +161,8 @@ def mask(shape, seed, dtype=torch.bool):
 
 
 def causal(shape, seed, dtype=torch.bool):
-    return torch.ones(shape, dtype=torch.bool).tril(shape[-1] - shape[-2])
+    # bottom-right aligned as is_causal with a KV cache, but never a fully masked row
+    return torch.ones(shape, dtype=torch.bool).tril(max(0, shape[-1] - shape[-2]))
 '''
 
 
