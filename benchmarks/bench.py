@@ -58,6 +58,11 @@ _FIRST_CALL_TAG = "BENCH_FIRST_CALL_JSON "
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class UsageError(ValueError):
+    """A mistake in the command line or in the user's model factory: ``main`` prints it as one
+    line (the cause and the fix) and exits with status 2, without a traceback."""
+
+
 def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
@@ -103,14 +108,17 @@ def parse_options(text: Optional[str]) -> Dict[str, Any]:
         return {}
     text = text.strip()
     if text.startswith("{"):
-        value = json.loads(text)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
         if not isinstance(value, dict):
-            raise ValueError("--options JSON must be an object")
+            raise ValueError("a JSON value of options must be an object")
         return value
     options: Dict[str, Any] = {}
     for pair in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in pair:
-            raise ValueError(f"--options entry {pair!r} is not key=value")
+            raise ValueError(f"options entry {pair!r} is not key=value")
         key, raw = (s.strip() for s in pair.split("=", 1))
         try:
             options[key] = json.loads(raw)
@@ -133,7 +141,7 @@ def parse_peers(text: str) -> List[str]:
     peers = [p for p in peers + [current.strip()] if p]
     unknown = [p for p in peers if split_peer(p)[0] not in PEERS]
     if unknown or not peers:
-        raise ValueError(f"unknown peer(s) {unknown}; choose among {', '.join(PEERS)}"
+        raise UsageError(f"--compare: unknown peer(s) {unknown}; choose among {', '.join(PEERS)}"
                          " (compile_backend also as compile_backend[option=value,...])")
     return peers
 
@@ -145,12 +153,48 @@ def split_peer(peer: str) -> Tuple[str, Dict[str, Any]]:
         return peer, {}
     name, text = peer[:-1].split("[", 1)
     if name != "compile_backend":
-        raise ValueError(f"only compile_backend takes [options], got {peer!r}")
-    options = parse_options(text)
+        raise UsageError(f"--compare: only compile_backend takes [options], got {peer!r}")
+    try:
+        options = parse_options(text)
+    except ValueError as exc:
+        raise UsageError(f"--compare {peer}: {exc}") from None
     from compile_backend.options import Options
 
-    Options.from_mapping(options)
+    try:
+        Options.from_mapping(options)
+    except ValueError as exc:
+        raise UsageError(f"--compare {peer}: {exc}") from None
     return name, options
+
+
+def check_args(args) -> None:
+    """Everything that can be checked before a model is built or compiled: a typo in an option
+    must not surface as a peer's ``BackendCompilerFailed`` after minutes of work."""
+    from compile_backend.options import Options
+
+    if args.batch is not None and args.batch < 1:
+        raise UsageError(f"--batch must be a positive integer, got {args.batch}")
+    if args.iters < 1 or args.warmup < 0:
+        raise UsageError("--iters must be >= 1 and --warmup >= 0")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device must be cpu or cuda[:N], got {args.device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here (torch "
+                         f"{torch.__version__}); use --device cpu or run on a GPU machine")
+    try:
+        Options.from_mapping({"precision": args.precision, **args.user_options})
+    except ValueError as exc:
+        raise UsageError(f"--options: {exc}") from None
+    if ":" not in args.model:
+        from benchmarks import zoo
+
+        if args.model not in zoo.NAMES:
+            raise UsageError(f"--model {args.model!r} is neither a zoo model ({', '.join(zoo.NAMES)}) "
+                             "nor module:function returning (model, inputs)")
 
 
 # ----------------------------------------------------------------------------- model and inputs
@@ -162,17 +206,42 @@ def load_model(spec: str, size: str, batch: Optional[int], device: str, seed: in
     if ":" not in spec:
         model, inputs = zoo.get(spec, size, batch=batch, device=device, seed=seed)
         return model, inputs, zoo.spec(spec, size).logits
-    module_name, fn_name = spec.split(":", 1)
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    fn = getattr(importlib.import_module(module_name), fn_name)
-    wanted = dict(size=size, batch=batch, device=device, seed=seed)
-    params = inspect.signature(fn).parameters
-    model, inputs = fn(**{k: v for k, v in wanted.items() if k in params and v is not None})
+    model, inputs = call_factory(spec, dict(size=size, batch=batch, device=device, seed=seed))
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     model = model.to(device).float().eval()
     inputs = tuple(_to(t, device, torch.float32) for t in inputs)
     return model, inputs, None
+
+
+def call_factory(spec: str, wanted: Dict[str, Any]) -> Tuple[torch.nn.Module, Any]:
+    """``module:function`` -> what the function returns for the arguments it declares among
+    ``wanted``; every failure is a UsageError naming the cause and the fix."""
+    module_name, fn_name = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001  (ImportError, or the module itself failing)
+        raise UsageError(f"--model {spec}: cannot import module {module_name!r} ({type(exc).__name__}: "
+                         f"{exc}); it must be importable from the current directory or PYTHONPATH") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UsageError(f"--model {spec}: module {module_name!r} has no function {fn_name!r}; "
+                         "give module:function where the function returns (model, inputs)")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    try:
+        result = fn(**{k: v for k, v in wanted.items() if k in params and v is not None})
+    except Exception as exc:  # noqa: BLE001  (the user's code: report it, do not dump our stack)
+        raise UsageError(f"--model {spec}: {fn_name}() raised {type(exc).__name__}: {exc}; "
+                         "fix the factory (call it in Python to see the traceback)") from None
+    if not (isinstance(result, (tuple, list)) and len(result) == 2
+            and isinstance(result[0], torch.nn.Module)):
+        raise UsageError(f"--model {spec}: {fn_name}() must return (model, inputs) with model an "
+                         f"nn.Module, got {type(result).__name__}")
+    return result[0], result[1]
 
 
 def _to(t: Any, device: str, dtype: torch.dtype) -> Any:
@@ -405,11 +474,16 @@ class ResultsFile:
         self.path = path
         self.existing: List[dict] = []
         if path and os.path.exists(path) and os.path.getsize(path) > 0:
-            with open(path) as f:
-                data = json.load(f)
-            self.existing = data["records"] if isinstance(data, dict) else data
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"--out {path}: cannot read it as JSON ({exc}); "
+                                 "give a new file or a results file of this tool") from None
+            self.existing = data.get("records") if isinstance(data, dict) else data
             if not isinstance(self.existing, list):
-                raise ValueError(f"{path} does not hold a list of benchmark records")
+                raise UsageError(f"--out {path} does not hold a list of benchmark records; "
+                                 "give a new file or a results file of this tool")
 
     def write(self, records: List[dict]) -> None:
         if not self.path:
@@ -585,20 +659,21 @@ def run(args) -> List[dict]:
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        args.user_options = parse_options(args.options)
-        parse_peers(args.compare)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size is None:
         args.size = "base" if args.device.startswith("cuda") else "tiny"
-    if args.iters < 1 or args.warmup < 0:
-        print("error: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
+    try:
+        try:
+            args.user_options = parse_options(args.options)
+        except ValueError as exc:  # a JSON error or a pair without "="
+            raise UsageError(f"--options: {exc}") from None
+        parse_peers(args.compare)
+        check_args(args)
+        if args.first_call_only:
+            return first_call_only(args)
+        records = run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.first_call_only:
-        return first_call_only(args)
-    records = run(args)
     return 1 if all("error" in r for r in records) else 0

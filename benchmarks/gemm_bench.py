@@ -43,7 +43,9 @@ from compile_backend.kernels import gemm_template as tpl
 from compile_backend.kernels.autotune import CudaEventTimer, WallClockTimer
 from compile_backend.kernels.base import KernelContext, KernelGroup
 from compile_backend.kernels.conv import build_conv
-from compile_backend.kernels.gemm import GemmConfig, GemmRunner, build_gemm, candidate_configs, heuristic_config
+from compile_backend.kernels.gemm import build_gemm
+from compile_backend.kernels.gemm_config import GemmConfig, candidate_configs, heuristic_config
+from compile_backend.kernels.gemm_runner import GemmRunner
 from compile_backend.kernels.timing_cache import TimingCache
 from compile_backend.options import Options
 
@@ -274,7 +276,9 @@ def section_epilogue(rec: Recorder) -> None:
     """The epilogue-only kernel (after cuBLAS) alone vs ATen's GELU, for a few tiles."""
     import re
 
-    from compile_backend.kernels.gemm import as3d, epilogue_only, gemm_candidates
+    from compile_backend.kernels.gemm import gemm_candidates
+    from compile_backend.kernels.gemm_runner import epilogue_only
+    from compile_backend.kernels.template import as3d
 
     for m, n in ((2048, 3072), (4096, 3072)) if not SMOKE else ((32, 48),):
         if rec.left() < 60:

@@ -22,26 +22,12 @@ def compile(model: Any, **options: Any):
 
 
 def explain(model: Any, *example_inputs: Any, **options: Any):
-    """Compile ``model`` with these options, run it once on ``example_inputs``, return a Report."""
-    import torch
+    """Compile ``model`` with these options, run it once on ``example_inputs`` (and once
+    backward when it is explained as training), return a Report. Other compiled models keep
+    their compiled code (no ``torch._dynamo.reset()``); see compile_backend.explainer."""
+    from .explainer import explain as run
 
-    from .backend import compile_backend
-    from .report import Report
-
-    Options.from_mapping(options)
-    report = Report()
-
-    def backend(gm, inputs):
-        return compile_backend(gm, inputs, options=options, report=report)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend)
-    # an eval-mode model is explained as inference (frozen weights), a train-mode one as training
-    training = bool(getattr(model, "training", False))
-    with torch.enable_grad() if training else torch.no_grad():
-        compiled(*example_inputs)
-    torch._dynamo.reset()
-    return report
+    return run(model, *example_inputs, **options)
 
 
 def __getattr__(name: str):
@@ -50,6 +36,10 @@ def __getattr__(name: str):
         from .report import Report
 
         return Report
+    if name == "refit":
+        from .weights import refit
+
+        return refit
     if name == "compile_backend":
         from .backend import compile_backend
 
@@ -57,4 +47,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'compile_backend' has no attribute {name!r}")
 
 
-__all__ = ["compile", "explain", "Options", "Report", "__version__"]
+__all__ = ["compile", "explain", "refit", "Options", "Report", "__version__"]

@@ -37,7 +37,7 @@ def compile_backend(
     from .pipeline import CompiledGraph
 
     def compile_aten(aten_gm, *, role, name, frozen):
-        return CompiledGraph(aten_gm, role=role, name=name, frozen=frozen, options=opts,
+        return CompiledGraph(aten_gm, role=role, name=name, frozen=frozen if opts.freeze else None, options=opts,
                              report_sink=report.new_graph)
 
     try:
@@ -75,6 +75,9 @@ def _describe_run(report: Report, opts: Options, example_inputs: Sequence[Any]) 
     report.device = device_name(device)
     report.options = opts.as_dict()
     report.versions = versions()
+    from .kernels.select import triton_enabled
+
+    report.generated_kernels = triton_enabled(device)
     from .cache.location import resolve_root
 
     report.cache["dir"] = str(resolve_root(opts.cache_dir))

@@ -18,13 +18,15 @@ import logging
 import math
 import operator
 import threading
+import warnings
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 
 from .fx_passes.constant_fold import ConstantProgram
-from .kernels.base import Kernel, KernelGroup
+from .kernels.base import INTERPRETER_LOCK, Kernel, KernelGroup
+from .weights import WeightWatch
 
 log = logging.getLogger("compile_backend")
 
@@ -64,6 +66,7 @@ class Engine:
         args: Sequence[Any] = (),
         memory: Any = None,  # memory_plan.MemoryPlan of ``graph``
         device: Optional[torch.device] = None,
+        interpreted: bool = False,  # its kernels run in Triton's interpreter (not thread-safe)
     ):
         self.constants = constants
         self.programs = list(programs)
@@ -77,10 +80,12 @@ class Engine:
             for b in self.memory.buffers:
                 outs.setdefault(b.call, {})[b.output] = b.view(self.arena)
         self._lock = threading.Lock()  # calls share the arena (taken only when there is one)
+        self._interpreted = interpreted
         self._stream: Any = None  # CUDA stream of the last call's launches
         self.source, self._fn = _generate(graph, self._const_names, outs)
         self._table = [constants[n] for n in self._const_names]
         self.n_args = n_args
+        self._watch = WeightWatch()
         self._bind(args)
         self.cuda_graph: CudaGraphRunner | None = None
         # the first call (and the CUDA graph's recording in it) runs inside this context: the
@@ -101,14 +106,29 @@ class Engine:
         return self._call(args)
 
     def _call(self, args: Sequence[Any]) -> Any:
-        if self._bound and self._stale(args):
-            self.refit(args)
+        if self._bound:
+            if self._stale(args):
+                self.refit(args)
+            elif self._watch.due() and self._watch.changed(args[i] for i in self.frozen):
+                self._watch.every_call = True
+                warnings.warn(
+                    "compile_backend: frozen weights changed without PyTorch recording it (a write "
+                    "through .data?); refitting. Call compile_backend.refit(model) after such updates, "
+                    "or compile with options={'freeze': False}, to never run on stale weights.",
+                    stacklevel=4)
+                self.refit(args)
         if self.cuda_graph is not None and self.cuda_graph.usable:
             return self.cuda_graph(args)
         return self.run(args)
 
     def run(self, args: Sequence[Any]) -> Any:
         """One call without a CUDA graph; with an arena, one call at a time."""
+        if self._interpreted:
+            with INTERPRETER_LOCK:
+                return self._run_planned(args)
+        return self._run_planned(args)
+
+    def _run_planned(self, args: Sequence[Any]) -> Any:
         if self.arena is None:
             return self._fn(args, self._table)
         with self._lock:
@@ -125,12 +145,15 @@ class Engine:
             return self._fn(args, self._table)
 
     def _bind(self, args: Sequence[Any]) -> None:
-        # the user's own tensor objects and versions: any in-place update bumps the version
-        self._bound = {i: (args[i], args[i]._version) for i in self.frozen}
+        # the user's own tensor objects, storages and versions: an in-place update bumps the
+        # version, ``p.data = new`` moves the storage (writes through ``.data`` do neither: see
+        # compile_backend.weights)
+        self._bound = {i: (args[i], args[i].data_ptr(), args[i]._version) for i in self.frozen}
+        self._watch.remember(args[i] for i in self.frozen)
 
     def _stale(self, args: Sequence[Any]) -> bool:
         stale = False
-        for i, (tensor, version) in self._bound.items():
+        for i, (tensor, ptr, version) in self._bound.items():
             new = args[i]
             if new is not tensor:
                 if (new.shape, new.stride(), new.dtype, new.device) != \
@@ -138,7 +161,7 @@ class Engine:
                     raise WeightLayoutChanged(f"weight {i} changed from {tuple(tensor.shape)} "
                                               f"{tensor.dtype} to {tuple(new.shape)} {new.dtype}")
                 stale = True
-            elif tensor._version != version:
+            elif tensor._version != version or tensor.data_ptr() != ptr:
                 stale = True
         return stale
 
@@ -222,7 +245,9 @@ class CudaGraphRunner:
         run, table = self.engine._fn, self.engine._table
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        # the warm-up runs draw random numbers the user's call must not see consumed
+        device = next((a.device.index or 0 for a in args if isinstance(a, torch.Tensor)), 0)
+        with torch.cuda.stream(side), torch.random.fork_rng(devices=[device]):
             for _ in range(2):  # warm-up outside the graph: lazy inits, workspace allocation
                 run(self.static_args, table)
         torch.cuda.current_stream().wait_stream(side)

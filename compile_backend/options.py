@@ -38,6 +38,10 @@ class Options:
     cuda_graphs: ``auto`` records CUDA graphs for static-shape inference on CUDA.
     validate: check every generated kernel once against ATen on the real inputs and fall back
         to ATen (with a report entry) when it disagrees.
+    freeze: in inference, treat parameters and buffers as constants (fold BatchNorm, merged
+        Q/K/V weights, casts once; refit when they change in place). ``False`` keeps them live
+        inputs, read at every call: for code that writes weights through ``.data`` without
+        calling ``compile_backend.refit(model)`` (see compile_backend.weights).
     max_engines: engines kept per graph for distinct input shapes before falling back to ATen.
     cache_max_bytes: size cap of the engine cache (all architectures); least recently used
         entries are evicted past it. Not part of the cache key.
@@ -56,6 +60,7 @@ class Options:
     autotune: Union[str, float] = "fast"
     cuda_graphs: str = "auto"
     validate: bool = True
+    freeze: bool = True
     max_engines: int = 8
     cache_max_bytes: int = 2 * 1024 ** 3
     profiles: Tuple[Profile, ...] = ()
@@ -74,8 +79,9 @@ class Options:
                 f"option 'autotune' must be one of {', '.join(AUTOTUNE_MODES)} or a positive "
                 f"number of seconds, got {self.autotune!r}"
             )
-        if not isinstance(self.validate, bool):
-            raise ValueError(f"option 'validate' must be True or False, got {self.validate!r}")
+        for name in ("validate", "freeze"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes < 0:
             raise ValueError(f"option 'cache_max_bytes' must be a non-negative integer, got {self.cache_max_bytes!r}")
         if isinstance(self.max_engines, bool) or not isinstance(self.max_engines, int) or self.max_engines < 1:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -20,7 +21,7 @@ import torch.fx as fx
 from . import capture, engine_cache, fx_passes, memory_plan, tuning_store
 from .engine import Engine, GroupCall, WeightLayoutChanged
 from .fx_passes.constant_fold import constant_programs, freeze
-from .kernels.base import KernelContext, KernelGroup, op_name
+from .kernels.base import INTERPRETER_LOCK, KernelContext, KernelGroup, op_name
 from .kernels.select import choose_kernel, triton_enabled, triton_interpret
 from .options import Options
 from .profiles import GraphProfiles, Plan
@@ -107,7 +108,8 @@ def compile_graph(
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena
     report.memory = memory_plan.summary(memory, graph, eager_peak)
-    engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args, memory, device)
+    engine = Engine(graph, len(args), constants, constant_programs(gm), bound, args, memory, device,
+                    interpreted=kctx.interpret and triton_enabled(device))
     engine.calls, engine.fallbacks = calls, fallbacks  # what the engine cache stores as the plan
     engine.first_call_context = functools.partial(tuning_store.triton_binaries, scope, triton_enabled(device))
     if wants_cuda_graph(options, role, device):
@@ -333,6 +335,9 @@ class CompiledGraph:
         self.aten_gm, self.role, self.name = aten_gm, role, name
         self.frozen, self.options, self.report_sink = frozen, options, report_sink
         self.engines: Dict[Tuple, Any] = {}
+        # one build per input signature: threads calling a new shape at once wait for the first
+        # one's engine (concurrent tunings would also skew each other's timings)
+        self._build_lock = threading.Lock()
         self._warned_limit = False
         self._weights = frozenset(i for i, f in enumerate(frozen or ()) if f)
         self.profiles = (GraphProfiles.bind(aten_gm, options.profiles, role=role, name=name)
@@ -345,16 +350,23 @@ class CompiledGraph:
             key = _signature(padded, self._weights)
             # a new bucket past the engine bound is not padded: it takes the bound's fallback
             if (key in self.engines or len(self.engines) < self.options.max_engines) \
-                    and self.profiles.check(plan, args, self.aten_gm):
+                    and self._padding_checked(plan, args):
                 return plan.unpad(self._run(padded, key, plan))
         return self._run(args, _signature(args, self._weights))
+
+    def _padding_checked(self, plan: Plan, args: Sequence[Any]) -> bool:
+        with preserve_rng(args):  # the check runs the graph: its random draws are not the user's
+            return self.profiles.check(plan, args, self.aten_gm)
 
     def _run(self, args: Sequence[Any], key: Tuple, plan: Optional[Plan] = None) -> Any:
         engine = self.engines.get(key)
         if engine is None:
-            engine = self._build(args, key)
-            if plan is not None:
-                self.profiles.built(plan)
+            with self._build_lock:
+                engine = self.engines.get(key)
+                if engine is None:
+                    engine = self._build(args, key)
+                    if plan is not None:
+                        self.profiles.built(plan)
         if not isinstance(engine, Engine):
             return engine(*args)
         try:
@@ -382,8 +394,11 @@ class CompiledGraph:
             report.profiles = self.profiles.state  # shared: later calls update it
         start = time.perf_counter()
         try:
-            engine = compile_graph_cached(self.aten_gm, args, role=self.role, frozen=self.frozen,
-                                   options=self.options, report=report)
+            # building runs the graph on the real inputs (tuning, validation): the random
+            # numbers it draws must not shift the ones the user's call then draws
+            with preserve_rng(args), _interpreter_lock():
+                engine = compile_graph_cached(self.aten_gm, args, role=self.role, frozen=self.frozen,
+                                              options=self.options, report=report)
         except Exception as exc:
             if self.options.fallback == "error":
                 raise
@@ -397,6 +412,19 @@ class CompiledGraph:
         report.compile_s = time.perf_counter() - start
         self.engines[key] = engine
         return engine
+
+
+def _interpreter_lock():
+    """Builds run kernels (tuning, validation): under Triton's interpreter one thread at a time."""
+    return INTERPRETER_LOCK if triton_interpret() else contextlib.nullcontext()
+
+
+def preserve_rng(args: Sequence[Any]):
+    """Restore the CPU generator, and that of every CUDA device among ``args``, on exit: work done
+    on the user's behalf (building, checking) leaves the random stream where eager would."""
+    devices = sorted({a.device.index or 0 for a in args
+                      if isinstance(a, torch.Tensor) and a.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 def _signature(args: Sequence[Any], weights: frozenset = frozenset()) -> Tuple:

@@ -8,6 +8,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+#: the header line of a report whose graphs could not use generated kernels
+NO_GENERATED_KERNELS = (
+    "note: Triton kernels run only on CUDA (or on a CPU under TRITON_INTERPRET=1, Triton's "
+    "interpreter, slowly); on this device every group runs its ATen implementation "
+    "(impl aten) and the engine cache is off")
+
 
 @dataclasses.dataclass
 class GraphReport:
@@ -50,6 +56,9 @@ class Report:
     device: str = ""
     options: Dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: Dict[str, str] = dataclasses.field(default_factory=dict)
+    # whether generated (Triton) kernels can run on the device: on CUDA, or on a CPU under
+    # Triton's interpreter (TRITON_INTERPRET=1); None until the backend has seen an input
+    generated_kernels: Optional[bool] = None
 
     def new_graph(self, name: str, role: str) -> GraphReport:
         g = GraphReport(name=name, role=role)
@@ -63,6 +72,7 @@ class Report:
             "device": self.device,
             "options": dict(self.options),
             "versions": dict(self.versions),
+            "generated_kernels": self.generated_kernels,
         }
 
     def cache_summary(self) -> Dict[str, Any]:
@@ -86,6 +96,8 @@ class Report:
     def __str__(self) -> str:
         lines = [f"compile_backend report  device: {self.device}  versions: "
                  + ", ".join(f"{k} {v}" for k, v in self.versions.items())]
+        if self.generated_kernels is False:
+            lines.append(NO_GENERATED_KERNELS)
         for g in self.graphs:
             lines.append("")
             lines.append(f"== {g.name} ({g.role})  shapes: {'; '.join(g.shapes) or '-'}  compile {g.compile_s:.2f}s"
@@ -108,6 +120,9 @@ class Report:
             lines.extend(_profile_line(p) for p in g.profiles)
         c = self.cache_summary()
         lines.append("")
+        if self.graphs and all(g.cache.get("engine") == "off" for g in self.graphs):
+            lines.append("cache: engine cache off (no generated kernels on this device, nothing to store)")
+            return "\n".join(lines)
         lines.append(f"cache: dir {c.get('dir')}; engines: {c['hits']} hits, {c['misses']} misses; "
                      f"tuned choices from the timing cache: {c['timing_hits']}")
         for b in c["bypasses"]:
@@ -116,6 +131,8 @@ class Report:
 
     def _repr_html_(self) -> str:
         parts = [f"<h4>compile_backend report</h4><p>device: {html.escape(self.device)}</p>"]
+        if self.generated_kernels is False:
+            parts.append(f"<p>{html.escape(NO_GENERATED_KERNELS)}</p>")
         for g in self.graphs:
             parts.append(f"<h5>{html.escape(g.name)} ({g.role})</h5>")
             fired = ", ".join(f"{k}={v}" for k, v in g.passes.items() if v) or "none fired"

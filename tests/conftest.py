@@ -5,14 +5,26 @@ suite runs on CPU tensors under Triton's interpreter. Tests that check the plain
 set it to "0" with monkeypatch (the backend reads it when it builds an engine).
 """
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# tuning results and Triton binaries from the suite go to a throwaway root, not ~/.cache
-os.environ.setdefault("COMPILE_BACKEND_CACHE_DIR", tempfile.mkdtemp(prefix="cb-test-cache-"))
+# tuning results and Triton binaries from the suite go to a throwaway root, not ~/.cache; the
+# root is made only when the caller did not choose one, and removed when the session ends
+_OWN_CACHE_DIR = None
+if "COMPILE_BACKEND_CACHE_DIR" not in os.environ:
+    _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="cb-test-cache-")
+    os.environ["COMPILE_BACKEND_CACHE_DIR"] = _OWN_CACHE_DIR
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    # the last hook of a run (also after an interrupted or failed collection); only the
+    # directory this conftest created is removed, never one the caller named
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -298,7 +298,7 @@ def test_weight_with_another_layout_rebuilds_the_engine(monkeypatch):
             return original(args, key)
 
         graph._build = counting
-        bound = {i: t for i, (t, _) in engine._bound.items()}
+        bound = {i: t for i, (t, *_) in engine._bound.items()}
         new_args = [bound.get(i) for i in range(max(bound) + 1)] + [x]
         w = new_args[weight_index]
         new_args[weight_index] = w.t().contiguous().t()

@@ -332,3 +332,24 @@ def test_startup_records_what_the_budget_skipped(tmp_path):
     assert [(r["model"], r["autotune"]) for r in records] == [
         ("mlp", "fast"), ("bert", "fast"), ("mlp", "max"), ("bert", "max")]
     assert all(r["cold"]["error"].startswith("not measured") and r["error"] for r in records)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU demo")
+def test_demo_on_cpu_says_speed_is_not_meaningful(aten_only, capsys, monkeypatch):
+    from compile_backend import demo
+    from compile_backend.report import NO_GENERATED_KERNELS
+
+    seen = {}
+
+    def fake_bench(argv):  # the timing itself is test_bench_mlp_eager_and_compile_backend's job
+        seen["argv"] = argv
+        return 0
+
+    monkeypatch.setattr("compile_backend.bench_cli.main", fake_bench)
+    assert demo.main([]) == 0
+    out = capsys.readouterr().out
+    assert NO_GENERATED_KERNELS in out  # the report says why every group is impl aten
+    assert "cache: engine cache off" in out
+    assert out.rstrip().splitlines()[-1] == demo.CPU_SPEED_NOTE
+    assert "not meaningful" in demo.CPU_SPEED_NOTE and "speed is measured on CUDA" in demo.CPU_SPEED_NOTE.replace("Speed", "speed")
+    assert seen["argv"][:2] == ["--model", "mlp"]

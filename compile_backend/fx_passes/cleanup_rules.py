@@ -102,7 +102,8 @@ def _replaceable(node: fx.Node, by: Any, facts: Facts) -> bool:
     if a is None or b is None:
         return False
     return (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-            and a.device == b.device and a.storage_offset() == b.storage_offset())
+            and a.device == b.device and a.storage_offset() == b.storage_offset()
+            and a.is_conj() == b.is_conj() and a.is_neg() == b.is_neg())
 
 
 def _redirect(gm: fx.GraphModule, node: fx.Node, by: fx.Node) -> None:
@@ -126,22 +127,40 @@ def _match_view(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
 
 
 def _match_arith_identity(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
-    """x * 1, 1 * x, x + 0, 0 + x, x - 0, x / 1 (Python-number operands only)."""
+    """x * 1, 1 * x, x - 0, x / 1, and x + (-0.0) (Python-number operands only).
+
+    IEEE 754: ``x + 0.0`` is not ``x`` for ``x = -0.0`` (it gives +0.0, and ``1 / x`` or
+    ``atan2`` tell them apart), so a float ``x + 0`` stays; ``x + (-0.0)`` and ``x - 0.0`` are
+    exact for every x. On integer and bool tensors every one of these is exact."""
     if len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
+    v = tensor_val(node)
+    exact_zero = (lambda z: z == 0) if v is not None and not v.is_floating_point() and not v.is_complex() \
+        else _is_negative_zero
     if is_op(node, aten.mul):
         x = a if scalar(b) == 1 else b if scalar(a) == 1 else None
     elif is_op(node, aten.add):
         alpha = node.kwargs.get("alpha", 1)
-        x = a if scalar(b) == 0 else b if scalar(a) == 0 and alpha == 1 else None
+        if alpha != 1:
+            return None
+        x = a if _zero_term(b, exact_zero) else b if _zero_term(a, exact_zero) else None
     elif is_op(node, aten.sub):
-        x = a if scalar(b) == 0 else None
+        alpha = node.kwargs.get("alpha", 1)
+        x = a if alpha == 1 and scalar(b) == 0 and not _is_negative_zero(b) else None
     elif node.target in (aten.div.Tensor, aten.div.Scalar):
         x = a if scalar(b) == 1 else None
     else:
         return None
     return x if _replaceable(node, x, facts) else None
+
+
+def _zero_term(x: Any, exact_zero) -> bool:
+    return scalar(x) is not None and exact_zero(scalar(x))
+
+
+def _is_negative_zero(x: Any) -> bool:
+    return isinstance(x, float) and x == 0 and math.copysign(1.0, x) < 0
 
 
 def _match_eval_dropout(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
@@ -186,7 +205,8 @@ NOOP_RULES = (
     Rule("identity_view", "a view (reshape, expand, slice, alias, transpose pair...) that "
          "reproduces its input or an earlier value of its view chain is that value",
          _match_view, _redirect),
-    Rule("arith_identity", "x*1, x+0, x-0 and x/1 with the dtype and layout unchanged are x",
+    Rule("arith_identity", "x*1, x-0, x/1 and x+(-0.0) (x+0 on integers) with dtype and layout "
+         "unchanged are x; float x+0 is not (-0.0 + 0 is +0.0)",
          _match_arith_identity, _redirect),
     Rule("eval_dropout", "dropout outside training (or with p=0) is the identity",
          _match_eval_dropout, _redirect),

@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import KINDS  # (imports neither Triton nor any kernel module)
+from ..kernels.base import KINDS, is_view_op  # (imports neither Triton nor any kernel module)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -78,7 +78,7 @@ def classify(node: fx.Node) -> Optional[str]:
         return None
     if t.namespace == "compile_backend" and t._opname == "attention":
         return "attention"
-    if _is_view_op(t) or t._schema.is_mutable:
+    if is_view_op(t) or t._schema.is_mutable:
         return None
     packet = t.overloadpacket
     if packet in _GEMMS:
@@ -329,10 +329,6 @@ def _op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}" if target.namespace != "aten" else target._opname
     return getattr(target, "__name__", str(target))
-
-
-def _is_view_op(t) -> bool:
-    return t.is_view or t.overloadpacket is aten._unsafe_view or torch.Tag.view_copy in t.tags
 
 
 def _is(node: fx.Node, packets) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from ..kernels.base import is_view_op
 from .base import PassContext
 
 aten = torch.ops.aten
@@ -92,15 +93,22 @@ def is_op(node: Any, *packets: Any) -> bool:
 
 
 def is_view(node: fx.Node) -> bool:
-    """``node``'s output aliases its input (view ops, ``_unsafe_view``, getitem of a view op)."""
+    """``node``'s output re-indexes its input's values (view ops, ``_unsafe_view``, the
+    functional ``*_copy`` views, getitem of a view op); see ``kernels.base.is_view_op``."""
     if node.op != "call_function":
         return False
     t = node.target
     if t is operator.getitem:
         src = node.args[0]
         return isinstance(src, fx.Node) and is_view(src)
-    return isinstance(t, torch._ops.OpOverload) and (
-        t.is_view or t.overloadpacket is aten._unsafe_view or torch.Tag.view_copy in t.tags)
+    return is_view_op(t)
+
+
+def aliases_input(node: fx.Node) -> bool:
+    """``node``'s output may share storage with its first input: every view above, plus the
+    views that only flip a bit (``_conj``, ``_neg_view``), which still alias."""
+    t = node.target
+    return is_view(node) or (node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.is_view)
 
 
 def is_mutating(node: fx.Node) -> bool:
@@ -184,7 +192,7 @@ def unsafe_aliases(graph: fx.Graph) -> Set[fx.Node]:
 
     written: List[fx.Node] = []
     for node in graph.nodes:
-        if is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        if aliases_input(node) and node.args and isinstance(node.args[0], fx.Node):
             parent[find(node)] = find(node.args[0])
         if is_mutating(node):
             schema = node.target._schema
@@ -334,36 +342,78 @@ def same_layout(a: Any, b: Any) -> bool:
     return type(a) is type(b) and not isinstance(a, torch.Tensor)
 
 
+# ATen ops known to take inputs of any strides. A rewrite that changes a value's strides (a
+# column slice of a merged GEMM, say) leaves these alone; any other consumer was traced with the
+# old layout and may not take another at run time (``native_group_norm`` asserts a contiguous
+# input), so it gets a contiguous copy in front of it. Pointwise ops (``Tag.pointwise``),
+# reductions (``Tag.reduction``) and views are stride-agnostic too.
+LAYOUT_AGNOSTIC = frozenset({
+    aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten._softmax, aten._log_softmax,
+    aten.native_layer_norm, aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit,
+    aten.native_batch_norm, aten.cat, aten.clone, aten._to_copy, aten.copy, aten.copy_,
+    aten.max_pool2d_with_indices, aten.avg_pool2d, aten.constant_pad_nd, aten.split_with_sizes,
+    aten.split, aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+    aten.index_select, aten.embedding, aten.cumsum,
+})
+
+
+def takes_any_layout(node: fx.Node) -> bool:
+    t = node.target
+    if t is operator.getitem or is_view(node):
+        return True
+    if not isinstance(t, torch._ops.OpOverload):
+        return False
+    if t.namespace == "compile_backend" or torch.Tag.pointwise in t.tags or torch.Tag.reduction in t.tags:
+        return True  # our own ops (attention) take strides as they come
+    return t.overloadpacket in LAYOUT_AGNOSTIC
+
+
+def _dense(v: Any) -> bool:
+    return v.is_contiguous() or (v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last))
+
+
 def propagate_meta(graph: fx.Graph, changed: Iterable[fx.Node]) -> int:
     """Recompute ``meta['val']`` downstream of ``changed`` until values stop changing.
 
     A view that cannot view its input's new layout (a channel slice flattened with its batch
-    dim, say) gets a contiguous copy of that input in front of it, as ``reshape`` would make.
+    dim, say) gets a contiguous copy of that input in front of it, as ``reshape`` would make;
+    so does a consumer outside :data:`LAYOUT_AGNOSTIC` that now reads a non-dense value.
     Returns the number of copies inserted.
     """
     index = {n: i for i, n in enumerate(graph.nodes)}
-    pending = {u for n in changed for u in n.users}
+    moved = set(changed)
+    pending = {u for n in moved for u in n.users}
     copies = 0
+
+    def copy_in_front(node: fx.Node, src: fx.Node) -> None:
+        nonlocal copies
+        with graph.inserting_before(node):
+            copy = call(graph, aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
+        node.replace_input_with(src, copy)
+        index[copy] = index[node] - 0.5
+        copies += 1
+
     while pending:
         node = min(pending, key=lambda n: index.get(n, -1))
         pending.discard(node)
         if node.op != "call_function":
             continue
+        if not takes_any_layout(node):
+            for src in node.all_input_nodes:
+                v = tensor_val(src)
+                if src in moved and v is not None and not _dense(v):
+                    copy_in_front(node, src)
         try:
             new = fake_value(node)
         except Exception:  # a view refusing the new strides (RuntimeError under fake mode)
             if not is_view(node) or not isinstance(node.args[0], fx.Node):
                 raise
-            src = node.args[0]
-            with graph.inserting_before(node):
-                copy = call(graph, aten.clone.default, (src,), {"memory_format": torch.contiguous_format})
-            node.replace_input_with(src, copy)
-            index[copy] = index[node] - 0.5
-            copies += 1
+            copy_in_front(node, node.args[0])
             new = fake_value(node)
         if same_layout(node.meta.get("val"), new):
             continue
         node.meta["val"] = new
+        moved.add(node)
         pending.update(node.users)
     return copies
 

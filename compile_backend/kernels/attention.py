@@ -597,7 +597,7 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
     ATen reference), so a tuned attention is never slower than SDPA on this GPU and shape.
     ``fast`` times the heuristic and the next five configs, ``max`` the whole list."""
     from .autotune import Candidate, TuningKey, tuning_level
-    from .gemm import _Probe, _dtypes, _shapes, _strides
+    from .template import Probe, group_dtypes, group_shapes, group_strides
 
     configs = candidate_configs(*dims)
     if tuning_level(ctx.options.autotune) != "max":
@@ -605,9 +605,9 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
     candidates = [Candidate(f"triton {c.as_dict()}", {"impl": "triton", **c.as_dict()},
                             (lambda c=c: runner(c)), "triton") for c in configs]
     candidates.append(Candidate("sdpa", {"impl": "sdpa"}, lambda: group.reference, "sdpa"))
-    key = TuningKey(kind="attention", template=_source_hash(), shapes=_shapes(group),
-                    strides=_strides(group), dtypes=_dtypes(group), extra=extra)
-    choice = tuner_for(ctx).choose(key, candidates, _Probe(group, ctx.device).make)
+    key = TuningKey(kind="attention", template=_source_hash(), shapes=group_shapes(group),
+                    strides=group_strides(group), dtypes=group_dtypes(group), extra=extra)
+    choice = tuner_for(ctx).choose(key, candidates, Probe(group, ctx.device).make)
     cand = choice.candidate
     config = dict(cand.config)
     if cand.name in choice.timings_ms:

@@ -10,10 +10,17 @@ This module imports neither Triton nor CUDA: builders import Triton lazily insid
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+
+# Triton's interpreter (TRITON_INTERPRET=1) swaps globals of triton.language while a kernel runs,
+# so two threads inside it at once break each other (InterpreterError). Everything that runs
+# interpreted kernels (an engine call, a build that tunes and validates) holds this lock; on
+# CUDA nothing takes it. Process-wide because the interpreter's state is.
+INTERPRETER_LOCK = threading.RLock()
 
 KINDS = ("gemm", "conv", "pointwise", "reduction", "attention", "pool", "aten")
 
@@ -129,6 +136,27 @@ def op_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverloadPacket):
         return f"{target._qualified_op_name.replace('::', '.')}"
     return getattr(target, "__name__", str(target))
+
+
+# Views that change how values read rather than where they are: the conjugate and negative bits
+# live on the tensor, not in its memory, so a kernel (or a rewrite) that follows only the strides
+# would drop them. They run as ordinary ATen ops.
+_BIT_VIEWS = ("_conj", "_neg_view", "conj_physical", "_conj_copy", "_neg_view_copy")
+
+
+def is_view_op(target: Any) -> bool:
+    """``target``'s output is a re-indexing of its first input's values: an alias (``view``,
+    ``slice``, ``transpose``, ``expand``, ``_unsafe_view``) or the functional copy of one
+    (``view_copy``, ``slice_copy``). PyTorch also tags ``slice_scatter`` ``view_copy``; the
+    ``*_scatter`` ops write into a copy of their input, so they are not views here (treating
+    one as a view dropped the write)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    name = target._opname
+    if name in _BIT_VIEWS or name.endswith("_scatter"):
+        return False
+    return target.is_view or target.overloadpacket is torch.ops.aten._unsafe_view \
+        or torch.Tag.view_copy in target.tags
 
 
 def meta_of(node: fx.Node) -> Any:

@@ -24,12 +24,16 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+import torch.fx as fx
+
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey, tuning_level
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .gemm import (FLOAT_DTYPES, GemmConfig, TemplateTuning, _dtypes, _fit, _Probe, _shapes, _strides,
-                   _warmed, candidate_configs, choose_kernel_of, device_limits, dtype_name, epilogue_only,
-                   heuristic_config, triton_cdiv)
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config
+from .gemm_runner import epilogue_only
+from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, choose_kernel_of,
+                       device_limits, dtype_name, fit_pow2, group_dtypes, group_shapes, group_strides, triton_cdiv,
+                       warmed)
 
 
 class ConvRunner:
@@ -109,7 +113,7 @@ def conv_heuristic(m: int, ocg: int, cg: int, dtype: torch.dtype, interpret: boo
                    sm_count: int = 132, smem_bytes: int = 227 * 1024) -> GemmConfig:
     """The template config used without tuning (on CUDA the untuned choice is cuDNN)."""
     if interpret:
-        return GemmConfig(_fit(m, 16, 64), _fit(ocg, 16, 64), _fit(cg, 16, 64), 8, 1, 4, 1)
+        return GemmConfig(fit_pow2(m, 16, 64), fit_pow2(ocg, 16, 64), fit_pow2(cg, 16, 64), 8, 1, 4, 1)
     cfg = heuristic_config(m, ocg, cg, 1, dtype, sm_count=sm_count, smem_bytes=smem_bytes)
     if cfg.block_m * cfg.block_n > 128 * 128:
         cfg = dataclasses.replace(cfg, block_m=128, block_n=min(cfg.block_n, 128), num_warps=8, num_stages=4)
@@ -118,7 +122,7 @@ def conv_heuristic(m: int, ocg: int, cg: int, dtype: torch.dtype, interpret: boo
 
 def _clamp_k(cfg: GemmConfig, cg: int) -> GemmConfig:
     # the reduction walks one (kh, kw) tap at a time: a block wider than the channels is waste
-    return dataclasses.replace(cfg, block_k=min(cfg.block_k, max(16, _fit(cg, 16, 128))))
+    return dataclasses.replace(cfg, block_k=min(cfg.block_k, max(16, fit_pow2(cg, 16, 128))))
 
 
 # ------------------------------------------------------------------------------- group builder
@@ -131,6 +135,62 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
                     configs: Optional[Sequence[GemmConfig]] = None) -> TemplateTuning:
     """Candidates for a conv group, heuristic first; ``vendor`` (default: on CUDA) adds cuDNN +
     a fused epilogue kernel; ``configs`` replaces the template configs (tests)."""
+    problem = conv_problem(group)
+    anchor_loads = []
+    if problem.bias is not None:
+        anchor_loads.append(tpl.LoadPlan(problem.bias, tuple(problem.out_val.shape), pre_view=(1, problem.oc, 1, 1)))
+    plan = tpl.plan_epilogue(group, problem.anchor, "acc_v", anchor_loads)
+    build = _ConvBuild(group, problem, plan, _render_sources(problem, plan, ctx), Probe(group, ctx.device))
+    fused = _cudnn_fused_candidate(group, problem.anchor, build.probe, problem.geometry)
+    if configs is None:
+        configs = _template_configs(problem, ctx)
+    candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
+    if ctx.device.type == "cuda" if vendor is None else vendor:
+        candidates[0:0] = build.vendor_candidates(fused)
+    # template kernels and cuDNN + epilogue kernel write through allocate_outputs, so take out=
+    writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name == "cudnn + triton epilogue")
+    return TemplateTuning("conv", _tuning_key(build, ctx), candidates, build.probe.make,
+                          {"triton": build.sources.main[0], "cudnn": build.sources.vendor[0]},
+                          plan.out_layouts, writes_out)
+
+
+# ------------------------------------------------------------------------------- the problem
+@dataclasses.dataclass(frozen=True)
+class ConvProblem:
+    """A group's anchor convolution: x [nb, c, ih, iw] * w [oc, cg, kh, kw] -> [nb, oc, oh, ow]
+    in ``groups`` groups of ``ocg`` output channels; as a GEMM, ``m`` = nb * oh * ow rows."""
+
+    anchor: fx.Node
+    x: fx.Node
+    w: fx.Node
+    bias: Optional[fx.Node]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    x_val: torch.Tensor
+    out_val: torch.Tensor
+    oc: int
+    cg: int
+    kh: int
+    kw: int
+
+    @property
+    def geometry(self):
+        return self.stride, self.padding, self.dilation, self.groups
+
+    @property
+    def ocg(self) -> int:
+        return self.oc // self.groups
+
+    @property
+    def m(self) -> int:
+        nb, _, oh, ow = self.out_val.shape
+        return nb * oh * ow
+
+
+def conv_problem(group: KernelGroup) -> ConvProblem:
+    """The anchor of a conv group, checked for what the template takes (else Unsupported)."""
     anchor = next((n for n in group.gm.graph.nodes if n.name == group.anchor), None)
     if anchor is None or getattr(anchor.target, "overloadpacket", None) is not torch.ops.aten.convolution:
         raise Unsupported(f"anchor {group.anchor!r} is not aten.convolution")
@@ -144,54 +204,109 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         raise Unsupported(f"convolution dtypes {x_val.dtype}/{w_val.dtype}")
     if max(x_val.numel(), out_val.numel(), w_val.numel()) >= 2**31:
         raise Unsupported("tensor too large for the template's 32-bit indexing")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    oc, cg, kh, kw = w_val.shape
-    ocg = oc // groups
-    nb, _, oh, ow = out_val.shape
-    m = nb * oh * ow
-    anchor_loads = []
-    if b_node is not None:
-        anchor_loads.append(tpl.LoadPlan(b_node, tuple(out_val.shape), pre_view=(1, oc, 1, 1)))
-    plan = tpl.plan_epilogue(group, anchor, "acc_v", anchor_loads)
+    return ConvProblem(anchor, x_node, w_node, b_node, _pair(stride), _pair(padding), _pair(dilation), groups,
+                       x_val, out_val, *w_val.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSources:
+    """The generated kernels of one group: (source, kernel name) each."""
+
+    main: Tuple[str, str]  # the implicit-GEMM template
+    vendor: Tuple[str, str]  # the epilogue after cuDNN
+    vendor_bias: bool  # the epilogue adds the bias (cuDNN convolves without it)
+    vendor_skip: int  # anchor loads the vendor applies itself
+
+
+def _render_sources(problem: ConvProblem, plan: tpl.EpiloguePlan, ctx: KernelContext) -> ConvSources:
     from . import expr
 
-    value = "(acc + x0)" if anchor_loads else "acc"
-    main_lines = [f"acc_v = {expr.round_to(value, out_val.dtype)}"]
-    interpret = ctx.device.type != "cuda"
-    dot = tpl.dot_fields(dtype_name(x_val.dtype), ctx.options.precision, interpret, False)
-    main_src, main_name = tpl.render_conv(tpl.epilogue_spec(plan, main_lines), dot)
-    # no chain: every stored value is the anchor's result (or a reshape of it)
-    trivial = not plan.chain_ops and all(var == "acc_v" for var, *_ in plan.stores)
+    has_bias = problem.bias is not None
+    dtype = problem.out_val.dtype
+    main_lines = [f"acc_v = {expr.round_to('(acc + x0)' if has_bias else 'acc', dtype)}"]
+    dot = tpl.dot_fields(dtype_name(problem.x_val.dtype), ctx.options.precision, ctx.device.type != "cuda", False)
     # cuDNN + epilogue: cuDNN convolves without the bias and the epilogue kernel adds it (ATen's
     # cuDNN path adds a bias as a kernel of its own: one launch and one pass over the output
     # more, ~3 us a conv at ResNet-50 batch 1); the sum is rounded where eager rounds it
-    vendor_bias = bool(anchor_loads) and not trivial
-    vendor_lines = [f"acc_v = {expr.round_to('(acc + x0)', out_val.dtype)}"] if vendor_bias else ["acc_v = acc"]
-    vendor_skip = 0 if vendor_bias else len(anchor_loads)
-    vendor_src, vendor_name = tpl.render_gemm(tpl.epilogue_spec(plan, vendor_lines, skip_loads=vendor_skip), dot)
-    anchor_shape = plan.anchor_shape
+    vendor_bias = has_bias and not anchor_only(plan)
+    vendor_lines = [f"acc_v = {expr.round_to('(acc + x0)', dtype)}"] if vendor_bias else ["acc_v = acc"]
+    vendor_skip = 0 if vendor_bias else int(has_bias)
+    return ConvSources(main=tpl.render_conv(tpl.epilogue_spec(plan, main_lines), dot),
+                       vendor=tpl.render_gemm(tpl.epilogue_spec(plan, vendor_lines, skip_loads=vendor_skip), dot),
+                       vendor_bias=vendor_bias, vendor_skip=vendor_skip)
 
-    def loads_of(env, skip: int):
-        return [tpl.to_anchor_space(env[lp.source], lp, anchor_shape) for lp in plan.loads[skip:]]
 
-    def triton_candidate(cfg: GemmConfig) -> Candidate:
+def _template_configs(problem: ConvProblem, ctx: KernelContext) -> List[GemmConfig]:
+    """The template configs to time, heuristic first (one under the interpreter)."""
+    p = problem
+    if ctx.device.type != "cuda":
+        return [conv_heuristic(p.m, p.ocg, p.cg, p.x_val.dtype, True)]
+    level = tuning_level(ctx.options.autotune)
+    # tiles over 128x128 spill here (the per-row pixel indices cost registers): 5-10x slower
+    # on H100 in run 1 (benchmarks/notes/gemm.md)
+    pool = [_clamp_k(c, p.cg) for c in candidate_configs(p.m, p.ocg, p.cg * p.kh * p.kw, 1, p.x_val.dtype,
+                                                         {"off": "fast", "max": "max"}.get(level, "fast"),
+                                                         *device_limits(ctx.device))
+            if c.split_k == 1 and c.block_m * c.block_n <= 128 * 128]
+    return list(dict.fromkeys(pool))[: 8 if level != "max" else None]
+
+
+def _tuning_key(build: "_ConvBuild", ctx: KernelContext) -> TuningKey:
+    p, group = build.problem, build.group
+    return TuningKey(
+        kind="conv", template=tpl.source_hash(build.sources.main[0] + build.sources.vendor[0]),
+        shapes=group_shapes(group), strides=group_strides(group), dtypes=group_dtypes(group),
+        extra=f"s={p.stride} p={p.padding} d={p.dilation} g={p.groups} {'|'.join(build.plan.chain_ops)} "
+              f"precision={ctx.options.precision}",
+    )
+
+
+# ------------------------------------------------------------------------------- candidates
+@dataclasses.dataclass
+class _ConvBuild:
+    """One group's candidates: what their runners share."""
+
+    group: KernelGroup
+    problem: ConvProblem
+    plan: tpl.EpiloguePlan
+    sources: ConvSources
+    probe: Probe
+
+    def loads_of(self, env, skip: int):
+        return [tpl.to_anchor_space(env[lp.source], lp, self.plan.anchor_shape) for lp in self.plan.loads[skip:]]
+
+    def triton_candidate(self, cfg: GemmConfig) -> Candidate:
+        p, plan = self.problem, self.plan
+
         def compile_():
-            runner = ConvRunner(tpl.load_kernel(main_src, main_name), cfg, stride, padding, dilation, groups)
+            runner = ConvRunner(tpl.load_kernel(*self.sources.main), cfg, p.stride, p.padding, p.dilation, p.groups)
 
             def run(*inputs, out=None):
-                env = tpl.bind_group(plan, group, inputs)
-                outs, views = tpl.allocate_outputs(plan, anchor_shape, env[x_node].device, out)
-                runner(env[x_node], env[w_node], loads_of(env, 0), views)
+                env = tpl.bind_group(plan, self.group, inputs)
+                outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, env[p.x].device, out)
+                runner(env[p.x], env[p.w], self.loads_of(env, 0), views)
                 return tpl.group_outputs(plan, env, outs)
 
-            return _warmed(run, probe)
+            return warmed(run, self.probe)
 
         return Candidate(f"triton {cfg.name}", {"impl": "triton", **cfg.as_dict()}, compile_, "triton")
 
-    def vendor_candidate() -> Candidate:
+    def vendor_candidates(self, fused: Optional[Candidate]) -> List[Candidate]:
+        """cuDNN first: untuned, it beat the template on 21 of 23 ResNet-50 shapes (run 1); its
+        epilogue as one Triton kernel, or (timed too) as the group's own ATen ops."""
+        vendors = [self.cudnn_candidate()] + ([fused] if fused is not None else [])
+        if not anchor_only(self.plan):
+            vendors.append(aten_epilogue_candidate("cudnn", self.group, self.probe))
+        return vendors
+
+    def cudnn_candidate(self) -> Candidate:
+        trivial = anchor_only(self.plan)
+        p, plan, group, anchor = self.problem, self.plan, self.group, self.problem.anchor
+        vendor_bias, vendor_skip = self.sources.vendor_bias, self.sources.vendor_skip
+        nb, _, oh, ow = p.out_val.shape
 
         def compile_():
-            kernel = None if trivial else tpl.load_kernel(vendor_src, vendor_name)
+            kernel = None if trivial else tpl.load_kernel(*self.sources.vendor)
 
             def run(*inputs, out=None):  # out= only without ``trivial`` (see writes_out)
                 env = tpl.bind_group(plan, group, inputs)
@@ -201,52 +316,20 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
                 acc = anchor.target(*args)  # cuDNN
                 if trivial:
                     return tpl.group_outputs(plan, env, [acc.reshape(shape) for _, shape, *_ in plan.stores])
-                outs, views = tpl.allocate_outputs(plan, anchor_shape, acc.device, out)
-                pix = [_pixels_by_channel(t, copy=True) for t in loads_of(env, vendor_skip)]
+                outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, acc.device, out)
+                pix = [_pixels_by_channel(t, copy=True) for t in self.loads_of(env, vendor_skip)]
                 targets = [_pixels_by_channel(v, copy=False) for v in views]
-                dense = [t if t is not None else torch.empty((1, m, oc), dtype=v.dtype, device=v.device)
+                dense = [t if t is not None else torch.empty((1, p.m, p.oc), dtype=v.dtype, device=v.device)
                          for t, v in zip(targets, views)]
                 epilogue_only(kernel, _pixels_by_channel(acc, copy=True), pix, dense)
                 for t, d, v in zip(targets, dense, views):
                     if t is None:  # an output layout that is no (pixel, channel) matrix
-                        v.copy_(d.view(nb, oh, ow, oc).permute(0, 3, 1, 2))
+                        v.copy_(d.view(nb, oh, ow, p.oc).permute(0, 3, 1, 2))
                 return tpl.group_outputs(plan, env, outs)
 
-            return _warmed(run, probe)
+            return warmed(run, self.probe)
 
         return Candidate("cudnn" + ("" if trivial else " + triton epilogue"), {"impl": "cudnn"}, compile_, "cudnn")
-
-    probe = _Probe(group, ctx.device)
-    fused = _cudnn_fused_candidate(group, anchor, probe, (stride, padding, dilation, groups))
-    level = tuning_level(ctx.options.autotune)
-    if configs is None and interpret:
-        configs = [conv_heuristic(m, ocg, cg, x_val.dtype, True)]
-    elif configs is None:
-        sms, smem = device_limits(ctx.device)
-        # tiles over 128x128 spill here (the per-row pixel indices cost registers): 5-10x slower
-        # on H100 in run 1 (benchmarks/notes/gemm.md)
-        pool = [_clamp_k(c, cg) for c in candidate_configs(m, ocg, cg * kh * kw, 1, x_val.dtype,
-                                                           {"off": "fast", "max": "max"}.get(level, "fast"), sms, smem)
-                if c.split_k == 1 and c.block_m * c.block_n <= 128 * 128]
-        configs = list(dict.fromkeys(pool))[: 8 if level != "max" else None]
-    candidates: List[Candidate] = [triton_candidate(c) for c in configs]
-    if ctx.device.type == "cuda" if vendor is None else vendor:
-        # cuDNN first: untuned, it beat the template on 21 of 23 ResNet-50 shapes (run 1); its
-        # epilogue as one Triton kernel, or (timed too) as the group's own ATen ops
-        vendors = [vendor_candidate()] + ([fused] if fused is not None else [])
-        if not trivial:
-            vendors.append(Candidate("cudnn + aten epilogue", {"impl": "cudnn", "epilogue": "aten"},
-                                     lambda: _warmed(group.reference, probe), "cudnn"))
-        candidates[0:0] = vendors
-    key = TuningKey(
-        kind="conv", template=tpl.source_hash(main_src + vendor_src),
-        shapes=_shapes(group), strides=_strides(group), dtypes=_dtypes(group),
-        extra=f"s={stride} p={padding} d={dilation} g={groups} {'|'.join(plan.chain_ops)} precision={ctx.options.precision}",
-    )
-    # template kernels and cuDNN + epilogue kernel write through allocate_outputs, so take out=
-    writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name == "cudnn + triton epilogue")
-    return TemplateTuning("conv", key, candidates, probe.make, {"triton": main_src, "cudnn": vendor_src},
-                          plan.out_layouts, writes_out)
 
 
 def _cudnn_fused_candidate(group: KernelGroup, anchor, probe, geometry) -> Optional[Candidate]:

@@ -15,9 +15,13 @@ Numerics rule (how a fused chain matches eager, op by op)
   in its dtype, so rounding after each op keeps a fused chain equal to eager up to the
   implementations of transcendental functions. ``round_intermediates=False`` skips those roundings
   (faster, slightly more accurate than eager, like Inductor's default).
-* Python scalars are literals in the op's compute type (eager's "opmath" for reduced floats).
-* Division and sqrt are IEEE-rounded (``div_rn``, ``sqrt_rn``); rsqrt/exp/log/sin/cos use the
-  hardware approximations (a few ulp, as CUDA's eager kernels do for rsqrt); tanh and general
+* Python scalars are literals in the op's compute type (eager's "opmath" for reduced floats),
+  except in comparisons, where eager first rounds them to the common (tensor's) dtype like
+  any input (``_in_common_dtype``).
+* Division and sqrt are IEEE-rounded (``div_rn``, ``sqrt_rn``); fp32 exp is ``cb_exp`` (range
+  reduced, ~2 ulp like eager's expf: the hardware exp2(x * log2 e) is off by up to ~|x| ulp);
+  rsqrt/log/sin/cos use the hardware approximations (a few ulp, as CUDA's eager kernels do for
+  rsqrt); tanh and general
   pow use small helper functions (``HELPERS``) built from ``exp``/``log2`` because libdevice is
   unavailable under the Triton interpreter.
 * bf16 rounding goes through ``cb_round_bf16``/``cb_to_bf16``: a native round-to-nearest-even
@@ -206,10 +210,27 @@ def _unary_float(fmt: str) -> Callable:
     return lower
 
 
+def _in_common_dtype(a: Any, dtype: torch.dtype) -> str:
+    """Operand ``a`` cast to the common dtype as ATen's TensorIterator casts every input, Python
+    scalars included: CPU and CUDA comparisons read the scalar back as ``scalar_t``, so bf16
+    ``p > 0.3`` compares with 0.30078125 (via fp32, as c10's Half/BFloat16 take a float).
+    Arithmetic differs: CUDA's add/mul/div keep the unrounded scalar in opmath (``_as``)."""
+    if isinstance(a, Var) and not a.scalar:
+        return convert(a.name, a.dtype, dtype)
+    if dtype not in REDUCED_FLOATS:
+        return _as(a, dtype)  # fp32/fp64/int literals are exact in their compute type
+    if isinstance(a, Var):  # a Python number passed as a kernel argument (fp32, int64 or bool)
+        return round_to(f"(tl.zeros([], tl.float32) + {a.name})", dtype)  # a Python float here, interpreted
+    rounded = torch.tensor(float(a), dtype=torch.float64).to(torch.float32).to(dtype)
+    return literal(float(rounded), dtype)
+
+
 def _compare(op: str) -> Callable:
+    # computed in the common dtype of both operands (torch.result_type), which is a reduced
+    # float for an fp16/bf16 tensor against a Python float: both sides are values of it
     def lower(args, kwargs, out, helpers):
         dt = promote(args[:2])
-        return f"{_as(args[0], dt)} {op} {_as(args[1], dt)}"
+        return f"{_in_common_dtype(args[0], dt)} {op} {_in_common_dtype(args[1], dt)}"
     return lower
 
 
@@ -313,6 +334,15 @@ def _gelu(args, kwargs, out, helpers):
     return f"0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476))"
 
 
+def _exp(args, kwargs, out, helpers):
+    if not out.is_floating_point:
+        raise Unsupported(f"exp on non-float result {out}")
+    if compute_dtype(out) != torch.float32:
+        return f"tl.exp({_as(args[0], out)})"  # fp64: Triton calls libdevice's exp
+    helpers.add("exp")
+    return f"cb_exp({_as(args[0], out)})"
+
+
 def _constant(value_index: int) -> Callable:
     def lower(args, kwargs, out, helpers):
         value = args[value_index] if len(args) > value_index else kwargs.get("fill_value", kwargs.get("value"))
@@ -384,7 +414,7 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.mul: lambda a, k, o, h: _binary("{a} & {b}" if o == torch.bool else "{a} * {b}")(a, k, o, h), aten.div: _div_op, aten.true_divide: _div_op,
     aten.neg: lambda a, k, o, h: f"-{_as(a[0], o)}",
     aten.abs: lambda a, k, o, h: f"tl.abs({_as(a[0], o)})",
-    aten.exp: _unary_float("tl.exp({a})"), aten.exp2: _unary_float("tl.exp2({a})"),
+    aten.exp: _exp, aten.exp2: _unary_float("tl.exp2({a})"),
     aten.log: _unary_float("tl.log({a})"), aten.log2: _unary_float("tl.log2({a})"),
     aten.sqrt: _unary_float("tl.sqrt_rn({a})"), aten.rsqrt: _unary_float("tl.rsqrt({a})"),
     aten.reciprocal: lambda a, k, o, h: _div("1.0", _as(a[0], o), compute_dtype(o)) if o.is_floating_point
@@ -426,6 +456,25 @@ CONSTANT_OPS = frozenset({aten.fill, aten.full, aten.full_like, aten.scalar_tens
                           aten.zeros_like, aten.ones_like})
 
 HELPERS = {
+    "exp": '''
+@triton.jit
+def cb_exp(x):
+    # fp32 exp within ~1.2 ulp (H200; eager's expf too). tl.exp is exp2(x * log2(e)) on the GPU,
+    # whose rounded product costs up to ~|x| ulp (32 ulp over [-110, 95]), amplified by mean/std
+    # in a layer norm of exp(x). Cody-Waite: n = round(x / ln2), r = x - n * ln2 (ln2 in two
+    # parts, exact with fma), exp(x) = exp2(r * log2(e)) * 2**n, 2**n from exponent bits in two
+    # halves (no overflow; subnormal results rounded, not flushed). exp(89) = inf, exp(-104) = 0.
+    xc = tl.minimum(tl.maximum(x, -104.0), 89.0)
+    n = tl.floor(xc * 1.4426950408889634 + 0.5)
+    r = tl.fma(n, -0.693145751953125, xc)
+    r = tl.fma(n, -1.4286068203094172e-06, r)
+    p = tl.exp2(r * 1.4426950408889634)
+    ni = n.to(tl.int32)
+    h = ni >> 1
+    s1 = ((h + 127) << 23).to(tl.float32, bitcast=True)
+    s2 = ((ni - h + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, p * s1 * s2)
+''',
     "tanh": '''
 @triton.jit
 def cb_tanh(x):

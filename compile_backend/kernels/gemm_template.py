@@ -7,8 +7,9 @@ loaded tiles, and the values to store. Every loaded or stored tensor is addresse
 strides in the anchor's logical index space ([B,] M, N for GEMM; N, C, H, W for convolution),
 so broadcasting (a bias, a per-row scale) is just a zero stride.
 
-Generated source is imported through ``launch.load_source`` (a file per source, since Triton
-reads a kernel's source through ``inspect``). This module never imports Triton itself.
+Generated source is loaded through ``launch.load_source`` (from memory, registered in
+``linecache``, since Triton reads a kernel's source through ``inspect``). This module never
+imports Triton itself.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@
   and ``Kernel.config`` carries ``dataclasses.asdict(config)``.
 * :func:`load_source` turns generated source into a module, once per distinct source per
   process (the memo is keyed by the source text itself), so the same group compiles once.
-  The source goes to a file because ``triton.jit`` reads its function's source with ``inspect``.
+  ``triton.jit`` reads its function's source with ``inspect``: the source is registered in
+  ``linecache`` rather than written to a file.
 
 Importing this module does not import Triton; the generated modules do.
 """
@@ -13,10 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
-import os
+import linecache
 import sys
-import tempfile
 import threading
 from types import ModuleType
 from typing import Dict, Tuple
@@ -113,26 +112,27 @@ _stats = {"compiled": 0, "reused": 0}
 
 
 def load_source(source: str) -> ModuleType:
-    """Import generated source as a module, memoised by the source text."""
+    """Run generated source as a module, memoised by the source text.
+
+    The source never touches the disk: it is compiled from memory under a pseudo file name
+    (``<compile_backend generated k_<sha256>>``) whose lines are registered in ``linecache``, which is
+    where ``inspect.getsourcelines`` (used by ``triton.jit`` and its interpreter) and tracebacks
+    read source from. So nothing accumulates in a temporary directory, and no code is ever
+    read back from a shared path another user could have written."""
     with _LOCK:
         mod = _MODULES.get(source)
         if mod is not None:
             _stats["reused"] += 1
             return mod
         digest = hashlib.sha256(source.encode()).hexdigest()[:20]
-        directory = os.path.join(tempfile.gettempdir(), f"compile_backend_gen_{os.getuid()}")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"k_{digest}.py")
-        if not os.path.exists(path) or open(path).read() != source:
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(source)
-            os.replace(tmp, path)
+        filename = f"<compile_backend generated k_{digest}>"
+        # (size, mtime None, lines, name): mtime None keeps linecache.checkcache from dropping
+        # the entry for want of a file on disk
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         name = f"compile_backend_gen_{digest}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(spec)
+        mod = ModuleType(name)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        exec(compile(source, filename, "exec"), mod.__dict__)  # noqa: S102  (our own generated code)
         _MODULES[source] = mod
         _stats["compiled"] += 1
         return mod
@@ -144,13 +144,6 @@ def memo_stats() -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------ graph/launch helpers
-def is_view_op(target) -> bool:
-    import torch
-
-    return isinstance(target, torch._ops.OpOverload) and (
-        target.is_view or torch.Tag.view_copy in target.tags or target.overloadpacket is torch.ops.aten._unsafe_view)
-
-
 def map_nodes(value, env):
     """Replace FX nodes in an argument structure with their values from ``env``."""
     import torch.fx as fx

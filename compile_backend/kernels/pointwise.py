@@ -23,8 +23,8 @@ import torch
 import torch.fx as fx
 
 from . import expr
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, op_name, output_tensor
-from .launch import (PointwiseConfig, is_view_op, load_source, map_nodes, output_order,
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, is_view_op, meta_of, op_name, output_tensor
+from .launch import (PointwiseConfig, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
 
 INT32_MAX = 2**31 - 1

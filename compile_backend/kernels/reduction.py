@@ -23,7 +23,9 @@ Full tiles (row length a multiple of RBLOCK, rows a multiple of XBLOCK) are emit
 masks.
 
 Numerics: reductions accumulate in fp32 (fp64 for fp64, int64 for integer sums); softmax
-subtracts the row max; variance is two-pass (mean first, then the sum of squared deviations);
+subtracts the row max; variance is corrected two-pass (mean first, then the sums of the
+deviations and of their squares in one pass: exact to fp32 rounding even for a mean far larger
+than the spread, where a plain two-pass loses (rounding of the mean / std)**2);
 max/min propagate NaN like torch. Semantic ops round only their outputs (eager computes them
 in fp32 internally); pointwise ops round like eager (see ``expr``). An fp16/bf16 softmax
 multiplies by the reciprocal of the sum instead of dividing (at most one ulp of the output,
@@ -127,8 +129,12 @@ def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[i
         return f"tl.where(rmask, {value}, {expr.reduce_neutral(v.reduce, v.dtype)})" if rm else value
 
     def reduce_expr(v: Val, value: str) -> str:
-        if v.deps[0].level != "row":  # a row of one element: the value may be a scalar
-            value = f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
+        # a reduction sums/maxes a full [XBLOCK, RBLOCK] tile: the value's own shape may be
+        # narrower although it varies along the row logically. A row of one element, a
+        # constant (ones_like), or an input broadcast along the reduced dims (expand: stride 0
+        # there, so its load has no r index and is [XBLOCK, 1]) would otherwise be reduced as
+        # one element instead of RBLOCK copies. Broadcasting a full tile is free.
+        value = f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
         return expr.REDUCE_OPS[v.reduce][0].format(x=masked(v, value)) + "[:, None]"
 
     def emit_global(v: Val) -> None:

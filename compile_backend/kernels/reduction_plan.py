@@ -17,8 +17,7 @@ import torch
 import torch.fx as fx
 
 from . import expr
-from .base import KernelGroup, Unsupported, meta_of, op_name
-from .launch import is_view_op
+from .base import KernelGroup, Unsupported, is_view_op, meta_of, op_name
 
 aten = torch.ops.aten
 SEMANTIC = {aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
@@ -346,27 +345,39 @@ class _Analysis:
         if packet is aten.mean:
             return out(mean, out_dtypes[0])
         if packet in (aten.var, aten.std, aten.var_mean, aten.native_layer_norm):
+            # corrected two-pass variance (Chan, Golub & LeVeque): the rounded mean is off by
+            # some delta (half an ulp of the mean at best), and sum(d*d) over d = x - mean then
+            # carries n*delta**2 too much: relative error (delta/std)**2, 5e-5 for fp32 data of
+            # mean 1e4 and std 0.1. The sum of the deviations measures -n*delta in the same
+            # pass, so m2 = sum(d*d) - sum(d)**2/n and mean + sum(d)/n remove it (eager
+            # accumulates var in double on the CPU and Welford on the GPU). The clamp keeps
+            # the rounding of that difference from going below 0 on constant rows (NaN stays).
             d = ex("dev", "row", (xf, mean), lambda nm: f"{nm(xf)} - {nm(mean)}")
-            ss = red("sum", ex("sq", "row", (d,), lambda nm: f"{nm(d)} * {nm(d)}"), "m2")
+            ss = red("sum", ex("sq", "row", (d,), lambda nm: f"{nm(d)} * {nm(d)}"), "sqsum")
+            sd = red("sum", d, "devsum")
+            shift = ex("shift", "perrow", (sd,), lambda nm: div(nm(sd), lit(count)))
+            m2 = ex("m2", "perrow", (ss, sd, shift), lambda nm: f"tl.maximum({nm(ss)} - {nm(sd)} * {nm(shift)}, "
+                    f"{lit(0.0)}, propagate_nan=tl.PropagateNan.ALL)")
+            mean_c = ex("meanc", "perrow", (mean, shift), lambda nm: f"{nm(mean)} + {nm(shift)}")
             if packet is aten.native_layer_norm:
                 w, b, eps = (list(n.args) + [None] * 5)[2:5]
-                var = ex("var", "perrow", (ss,), lambda nm: div(nm(ss), lit(count)))
+                var = ex("var", "perrow", (m2,), lambda nm: div(nm(m2), lit(count)))
                 rstd = ex("rstd", "perrow", (var,), lambda nm: f"tl.rsqrt({nm(var)} + {lit(eps)})")
-                y = ex("norm", "row", (d, rstd), lambda nm: f"{nm(d)} * {nm(rstd)}")
+                y = ex("norm", "row", (d, shift, rstd), lambda nm: f"({nm(d)} - {nm(shift)}) * {nm(rstd)}")
                 for tag, param, op in (("w", w, "*"), ("b", b, "+")):
                     if param is not None:
                         pv = self.operand(param, ident, self.x_shape)
                         prev = y
                         y = ex(f"aff{tag}", "row", (prev, pv),
                                lambda nm, prev=prev, pv=pv, op=op: f"{nm(prev)} {op} {expr.convert(nm(pv), pv.dtype, acc)}")
-                return (out(y, out_dtypes[0]), out(mean, out_dtypes[1], "mean_out"), out(rstd, out_dtypes[2], "rstd_out"))
+                return (out(y, out_dtypes[0]), out(mean_c, out_dtypes[1], "mean_out"), out(rstd, out_dtypes[2], "rstd_out"))
             corr = n.kwargs.get("correction", 1)
             corr = 1 if corr is None else corr
-            var = ex("var", "perrow", (ss,), lambda nm: div(nm(ss), lit(max(count - corr, 0.0))))
+            var = ex("var", "perrow", (m2,), lambda nm: div(nm(m2), lit(max(count - corr, 0.0))))
             if packet is aten.std:
                 return out(ex("std", "perrow", (var,), lambda nm: f"tl.sqrt_rn({nm(var)})"), out_dtypes[0])
             if packet is aten.var_mean:
-                return (out(var, out_dtypes[0]), out(mean, out_dtypes[1], "mean_out"))
+                return (out(var, out_dtypes[0]), out(mean_c, out_dtypes[1], "mean_out"))
             return out(var, out_dtypes[0])
         # softmax family: subtract the row max before exp
         m = red("max", xf, "max")  # a NaN in the row makes the sum NaN anyway: plain max suffices

@@ -62,7 +62,7 @@ def test_remove_noops_drops_every_identity():
     tt = b.op(aten.t.default, b.op(aten.t.default, v))  # transposes that cancel
     e = b.op(aten.expand.default, tt, [6, 5])  # identity expand
     m = b.op(aten.mul.Tensor, e, 1)
-    a = b.op(aten.add.Tensor, m, 0)
+    a = b.op(aten.add.Tensor, m, -0.0)  # exact for every x; x + 0 is not (-0.0 + 0 = +0.0)
     s = b.op(aten.sub.Tensor, a, 0)
     d = b.op(aten.div.Tensor, s, 1)
     c = b.op(aten.clone.default, d)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from groups import context, make_group, randn  # tests/kernels/groups.py
 from compile_backend.kernels.autotune import Candidate, Tuner, TuningKey, WallClockTimer, tuner_for, tuning_level
 from compile_backend.kernels.base import KernelGroup
-from compile_backend.kernels.gemm import GemmConfig, choose_kernel_of, gemm_candidates
+from compile_backend.kernels.gemm import gemm_candidates
+from compile_backend.kernels.gemm_config import GemmConfig
+from compile_backend.kernels.template import choose_kernel_of
 from compile_backend.kernels.timing_cache import TimingCache, current_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -221,7 +223,8 @@ TUNE_IN_A_PROCESS = textwrap.dedent("""
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     import test_autotune as t
     from compile_backend.kernels.autotune import Tuner, WallClockTimer
-    from compile_backend.kernels.gemm import choose_kernel_of, gemm_candidates
+    from compile_backend.kernels.gemm import gemm_candidates
+    from compile_backend.kernels.template import choose_kernel_of
     from compile_backend.kernels.timing_cache import TimingCache
     group, inputs = t.linear_group()
     ctx = t.context()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from groups import context, make_group, randn  # tests/kernels/groups.py
 from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
 from compile_backend.kernels.conv import build_conv, conv2d, conv2d_reference, conv_candidates
-from compile_backend.kernels.gemm import GemmConfig
+from compile_backend.kernels.gemm_config import GemmConfig
 from compile_backend.options import Options
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

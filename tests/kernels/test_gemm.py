@@ -1,4 +1,4 @@
-"""GEMM template (compile_backend/kernels/gemm.py) against plain PyTorch.
+"""GEMM template (compile_backend/kernels/gemm*.py) against plain PyTorch.
 
 CPU tensors under the Triton interpreter, small odd shapes (M, N, K in 1, 17, 129, mixes, one
 K ~ 1000), transposed operands through strides, batched, every epilogue, fp32/fp16/bf16, int8
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from groups import context, make_group, randn  # tests/kernels/groups.py
 from compile_backend.kernels.base import KernelGroup, Unsupported
-from compile_backend.kernels.gemm import (GemmConfig, build_gemm, candidate_configs, gemm,
-                                          gemm_candidates, gemm_reference, heuristic_config)
+from compile_backend.kernels.gemm import build_gemm, gemm_candidates
+from compile_backend.kernels.gemm_config import GemmConfig, candidate_configs, heuristic_config
+from compile_backend.kernels.gemm_direct import gemm, gemm_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DIRECT_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-3, atol=1e-3),
@@ -308,11 +309,11 @@ def test_tma_persistent_kernel(layout, dtype, monkeypatch):
     cfg = GemmConfig(32, 16, 32, num_stages=1, tma=True)
     tuning = gemm_candidates(group, context(), configs=[cfg], tma=True)
     run = tuning.candidates[0].compile()
-    from compile_backend.kernels import gemm as gemm_module
+    from compile_backend.kernels import gemm_tma
 
     made = []
-    real = gemm_module.tma_descriptors
-    monkeypatch.setattr(gemm_module, "tma_descriptors", lambda *a: made.append(a[3:]) or real(*a))
+    real = gemm_tma.tma_descriptors
+    monkeypatch.setattr(gemm_tma, "tma_descriptors", lambda *a: made.append(a[3:]) or real(*a))
     expected = group.reference(*inputs)[0]
     torch.testing.assert_close(run(*inputs)[0], expected, **GROUP_TOL[dtype])
     assert made == [(True, True) if layout == "linear" else (False, False)]  # the TMA path ran

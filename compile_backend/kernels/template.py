@@ -1,0 +1,156 @@
+"""The shared core of the template kernel families (GEMM, convolution, attention, and the
+scaled INT8/FP8 ones to come): what a family's builder needs around its own kernel.
+
+* dtype sets and small helpers (:func:`triton_cdiv`, :func:`as3d`, :func:`fit_pow2`,
+  :func:`dtype_name`), the device's limits (:func:`device_limits`);
+* the tuning problem: the key parts of a group (:func:`group_shapes`, :func:`group_strides`,
+  :func:`group_dtypes`), random inputs shaped like it (:class:`Probe`, :func:`random_like`),
+  the warm-up of a compiled candidate (:func:`warmed`);
+* what a builder hands the tuner (:class:`TemplateTuning`) and the :class:`Kernel` made of its
+  choice (:func:`choose_kernel_of`), with the candidates every fused-epilogue family offers
+  (:func:`aten_epilogue_candidate`).
+
+Imports neither Triton nor CUDA (family modules import this, the selector imports them lazily).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+
+import torch
+
+from .autotune import Candidate, TuningKey, tuner_for
+from .base import Kernel, KernelContext, KernelGroup, meta_of
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None),) if d is not None)
+QUANT_DTYPES = (torch.int8,) + FP8_DTYPES
+
+
+# ------------------------------------------------------------------------------- helpers
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def as3d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the (batch, rows, columns) index space of the templates: 2-D gets batch 1."""
+    return t if t.dim() == 3 else t.unsqueeze(0)
+
+
+def fit_pow2(x: int, lo: int, hi: int) -> int:
+    """The smallest power of two >= ``x``, clamped to [lo, hi] (a block size covering ``x``)."""
+    return max(lo, min(hi, 1 << max(0, math.ceil(math.log2(max(1, x))))))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def device_limits(device: torch.device) -> Tuple[int, int]:
+    """(multiprocessors, shared memory per block) of ``device``; H100-like defaults on CPU."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+        return props.multi_processor_count, int(smem)
+    return 132, 227 * 1024
+
+
+# ------------------------------------------------------------------------------- tuning problem
+def group_shapes(group: KernelGroup) -> Tuple[Tuple[int, ...], ...]:
+    """The shapes of the group's inputs (scalars: ``()``), as a tuning key part."""
+    return tuple(tuple(getattr(meta_of(p), "shape", ())) for p in group.placeholders)
+
+
+def group_strides(group: KernelGroup) -> Tuple[Tuple[int, ...], ...]:
+    """The strides of the group's tensor inputs (scalars: ``()``), as a tuning key part."""
+    return tuple(tuple(meta_of(p).stride()) if isinstance(meta_of(p), torch.Tensor) else () for p in group.placeholders)
+
+
+def group_dtypes(group: KernelGroup) -> Tuple[str, ...]:
+    """The dtypes of the group's inputs (scalars: their Python type), as a tuning key part."""
+    return tuple(str(getattr(meta_of(p), "dtype", type(meta_of(p)).__name__)) for p in group.placeholders)
+
+
+class Probe:
+    """Random inputs shaped like the group's (same shapes, strides, dtypes) for tuning runs."""
+
+    def __init__(self, group: KernelGroup, device: torch.device):
+        self.group, self.device = group, device
+        self._first: Optional[Tuple[Any, ...]] = None
+        self._lock = threading.Lock()  # candidates compile (and first run) in a thread pool
+
+    def make(self) -> Tuple[Any, ...]:
+        return tuple(random_like(meta_of(p), self.device) for p in self.group.placeholders)
+
+    def first(self) -> Tuple[Any, ...]:
+        with self._lock:
+            if self._first is None:
+                self._first = self.make()
+            return self._first
+
+
+def warmed(run, probe: Probe):
+    """On CUDA a candidate is compiled by running it once (in the tuner's thread pool), which
+    also surfaces resource errors at compile time rather than at timing."""
+    if probe.device.type == "cuda":
+        run(*probe.first())
+    return run
+
+
+def random_like(val: Any, device: torch.device) -> Any:
+    """A random tensor with ``val``'s shape, strides (broadcast ones too) and dtype."""
+    if not isinstance(val, torch.Tensor):
+        return val
+    shape, stride, dtype = tuple(val.shape), tuple(val.stride()), val.dtype
+    size = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
+    if dtype.is_floating_point:
+        flat = torch.randn(size, device=device).to(dtype)
+    elif dtype == torch.bool:
+        flat = torch.randint(0, 2, (size,), device=device).bool()
+    else:
+        flat = torch.randint(-8, 8, (size,), device=device).to(dtype)
+    return flat.as_strided(shape, stride)
+
+
+# ------------------------------------------------------------------------------- choosing
+@dataclasses.dataclass
+class TemplateTuning:
+    """What a template builder hands the tuner: the problem, the candidates, random inputs."""
+
+    kind: str
+    key: TuningKey
+    candidates: List[Candidate]
+    make_inputs: Any
+    sources: Dict[str, str]  # impl -> generated source
+    out_layouts: Tuple[Any, ...] = ()  # per group output: the layout written (None: passed through)
+    writes_out: FrozenSet[str] = frozenset()  # candidates whose runner takes out= (Kernel.supports_out)
+
+
+def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTuning) -> Kernel:
+    """The tuner's choice among ``tuning``'s candidates, as the group's :class:`Kernel`."""
+    choice = tuner_for(ctx).choose(tuning.key, tuning.candidates, tuning.make_inputs)
+    cand = choice.candidate
+    config = dict(cand.config)
+    if choice.timings_ms and cand.name in choice.timings_ms:
+        config["tuned_ms"] = round(choice.timings_ms[cand.name], 5)
+        config["timed"] = f"{len(choice.timings_ms)}/{len(tuning.candidates)}"  # skipped ones failed
+    writes_out = cand.name in tuning.writes_out and any(x is not None for x in tuning.out_layouts)
+    return Kernel(kind=tuning.kind, impl=cand.impl, ops=group.ops, fn=choice.runner, config=config,
+                  source=None if config.get("epilogue") == "aten" else tuning.sources.get("tma" if config.get("tma") else cand.impl),
+                  tuned_from_cache=choice.from_cache, supports_out=writes_out,
+                  out_layouts=tuning.out_layouts if writes_out else ())
+
+
+def aten_epilogue_candidate(vendor: str, group: KernelGroup, probe: Probe) -> Candidate:
+    """The vendor's kernel (cuBLAS, cuDNN) followed by the group's own ATen epilogue ops: the
+    group's reference itself, timed like any candidate."""
+    return Candidate(f"{vendor} + aten epilogue", {"impl": vendor, "epilogue": "aten"},
+                     lambda: warmed(group.reference, probe), vendor)
+
+
+def anchor_only(plan) -> bool:
+    """No chain in a fused-epilogue plan: every stored value is the anchor's result (or a
+    reshape of it), so the vendor's result is the group's output as is."""
+    return not plan.chain_ops and all(var == "acc_v" for var, *_ in plan.stores)
