@@ -125,7 +125,14 @@ def reduction(g: Gen):
         f"torch.logsumexp({{i0}}, {d}, keepdim={k})", "{i0}.sum()", "{i0}.mean()",
         f"{{i0}}.max({dims[0]}).values", f"{{i0}}.cumsum({dims[0]})", f"{{i0}}.sum({d}, dtype={{float32}})",
     ))
-    return g.add("reduction", [a], "{o} = " + code)
+    return g.add("reduction", [a], "{o} = " + code, tags=_zero_ties(code))
+
+
+def _zero_ties(code: str):
+    """A max/min over a slice holding both +0.0 and -0.0 returns whichever zero the reduction
+    order meets first: eager does not define that sign, so such programs skip the signed-zero
+    check (see compare.py)."""
+    return ["zero_ties"] if any(f in code for f in (".amax(", ".amin(", ".max(", "max_pool")) else []
 
 
 def softmax(g: Gen):
@@ -252,7 +259,7 @@ def pool(g: Gen):
     else:
         size = g.rng.choice(("1", "2", "3")) if nd == 1 else g.rng.choice(("(1, 1)", "(2, 3)", "3"))
         code = f"F.adaptive_avg_pool{nd}d({{i0}}, {size})"
-    tags = ["ties_sensitive"] if kind == "max" and g.train else []
+    tags = (["ties_sensitive"] if kind == "max" and g.train else []) + _zero_ties(code)
     return g.add(f"{kind}_pool{nd}d", [a], "{o} = " + code, tags=tags)
 
 
@@ -265,10 +272,16 @@ def attention(g: Gen):
     k = g.pick(lambda v: v.shape == q.shape and v.name != q.name) if S == L else None
     k = k or g.fresh(tuple(batch) + (S, E))
     v = g.fresh(tuple(batch) + (S, g.rng.choice((E, 3, 5)))) if g.rng.random() < 0.5 else k
-    mask_kind = g.rng.choice(("none", "causal", "bool", "float", "is_causal"))
+    mask_kind = g.rng.choice(("none", "causal", "bool", "float", "is_causal", "dead_bool", "dead_float"))
     ins = [q, k, v]
     m = ""
-    if mask_kind in ("causal", "bool"):
+    if mask_kind == "dead_bool":  # fully masked rows: SDPA gives 0, the explicit softmax NaN
+        ins.append(g.fresh((L, S), torch.bool, init="dead_mask", layout="contig"))
+        mask_kind, m = "bool", "{i3}"
+    elif mask_kind == "dead_float":
+        ins.append(g.fresh((L, S), init="pad_bias", layout=g.rng.choice(("contig", "expanded"))))
+        mask_kind, m = "float", "{i3}"
+    elif mask_kind in ("causal", "bool"):
         ins.append(g.fresh((L, S), torch.bool, init="mask" if mask_kind == "bool" else "causal", layout="contig"))
         m = "{i3}"
     elif mask_kind == "float":

@@ -41,7 +41,7 @@ class Inp:
     val: Val
     seed: int
     base_shape: Tuple[int, ...]
-    init: str  # randn | ties | uniform | mask | causal
+    init: str  # randn | ties | uniform | mask | causal | dead_mask | pad_bias
     view: str  # template over {b}: "{b}", "{b}.transpose(0, 1)", "{b}[:, ::2]", "{b}.expand(3, 5)"
     layout: str  # contig | transposed | strided | offset | expanded (for reports and the minimiser)
 
@@ -158,6 +158,22 @@ def mask(shape, seed, dtype=torch.bool):
     if m.dim():
         m[..., 0] = True  # no fully masked row
     return m
+
+
+def dead_mask(shape, seed, dtype=torch.bool):
+    """A keep-mask whose first and some other query rows mask every key (SDPA gives such a
+    row zeros, softmax over a row of -inf NaN)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    dead = torch.rand(shape[:-1], generator=g) < 0.3
+    dead.view(-1)[0] = True
+    return mask(shape, seed) & ~dead[..., None]
+
+
+def pad_bias(shape, seed, dtype):
+    """An additive mask of 0 and -inf, or of 0 and -3.4e38 (about finfo(fp32).min, as padding
+    masks are written; -inf once rounded to fp16/bf16), with fully masked rows."""
+    fill = -3.4e38 if seed % 2 else float("-inf")
+    return torch.zeros(shape).masked_fill(~dead_mask(shape, seed), fill).to(dtype)
 
 
 def causal(shape, seed, dtype=torch.bool):

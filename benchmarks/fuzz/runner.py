@@ -103,16 +103,18 @@ def run_side(ns: Dict[str, Any], model: torch.nn.Module, call, train: bool,
     return Side(snap, grads, pgrads, [b.detach() for b in bases], {n: b.detach().clone() for n, b in model.named_buffers()})
 
 
-def compare_sides(actual: Side, expected: Side, ref: Optional[Side], train: bool, call: str) -> None:
+def compare_sides(actual: Side, expected: Side, ref: Optional[Side], train: bool, call: str,
+                  signed_zeros: bool = True) -> None:
     r = ref if ref is not None else Side(None, [], {}, [], {})
-    check(actual.outs, expected.outs, r.outs, kind="out", path=f"{call}: out")
+    check(actual.outs, expected.outs, r.outs, kind="out", path=f"{call}: out", signed_zeros=signed_zeros)
     if train:
         check(actual.grads, expected.grads, r.grads or None, kind="grad", path=f"{call}: input grad", grad=True)
         names = list(expected.param_grads)
         check([actual.param_grads.get(n) for n in names], [expected.param_grads[n] for n in names],
               [r.param_grads.get(n) for n in names] if ref else None, kind="grad", path=f"{call}: param grad {names}", grad=True)
     else:
-        check(actual.bases, expected.bases, r.bases or None, kind="mutation", path=f"{call}: input after call")
+        check(actual.bases, expected.bases, r.bases or None, kind="mutation", path=f"{call}: input after call",
+              signed_zeros=signed_zeros)
     if call != "call 1":
         return  # buffers (batch-norm running stats) moved again; eager ran once
     names = list(expected.buffers)
@@ -159,7 +161,7 @@ def _run(program: Program, mode: str, validate: bool, backend: str) -> Result:
         try:
             for call in range(1, calls + 1):
                 got = run_side(ns, m_c, compiled, program.train)
-                compare_sides(got, eager, ref, program.train, f"call {call}")
+                compare_sides(got, eager, ref, program.train, f"call {call}", "zero_ties" not in program.tags)
         except Mismatch as mm:
             result = Result("wrong", str(mm), f"wrong/{mm.kind}")
         except Exception as exc:

@@ -478,15 +478,15 @@ def cb_exp(x):
     "tanh": '''
 @triton.jit
 def cb_tanh(x):
-    # tanh from exp: a short odd series near 0 avoids the cancellation in 1 - exp(-2|x|)
+    # tanh from exp: a short odd series near 0 avoids the cancellation in 1 - exp(-2|x|).
+    # The series is x * (...), not |x| * (...), so tanh(-0.0) = -0.0 keeps its sign like eager.
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     big = (1.0 - e) / (1.0 + e)
     x2 = x * x
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * (0.021869488536155203 - x2 * 0.008863235529902197)))))
-    t = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0, -t, t)
+    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
 ''',
     "pow": '''
 @triton.jit
