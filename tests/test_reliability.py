@@ -400,3 +400,15 @@ def test_fully_masked_attention_rows_match_eager(mode, kind, mask_kind):
     if mask_kind != "fp32_min":
         assert bool(expected[:, :, 2].isnan().all()) == (kind == "chain")
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_clamp_by_a_number_keeps_negative_zero(mode, dtype):
+    """Eager replaces only values beyond a number bound: clamp(-0.0, min=0) is -0.0 (a max
+    instruction would give +0.0); a NaN bound still gives NaN."""
+    x = torch.tensor([-0.0, 0.0, -1.0, 2.0, 0.25, float("nan")], dtype=dtype)
+    fns = [lambda t: t.clamp(min=0) * 2, lambda t: t.clamp(max=0) * 2, lambda t: t.clamp(-0.5, 0.5) * 2,
+           lambda t: F.hardtanh(t) * 2, lambda t: t.clamp(min=float("nan")) * 2]
+    for fn in fns:
+        out = torch.compile(fn, backend="compile_backend", options=mode)(x)
+        _bits_equal(out, fn(x))

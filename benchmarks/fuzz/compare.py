@@ -3,15 +3,18 @@
 An element is fine when it is close to eager at the per-dtype tolerance below, or when its
 distance from the fp64 reference is within ``SLACK`` times eager's own distance from it (at that
 element, or eager's typical distance over the tensor, the 95th percentile, so one outlier does
-not excuse the rest). That loosens long fp16/bf16 chains exactly as much as eager itself drifts,
-and still flags a fused kernel that is clearly less accurate than eager.
+not excuse the rest; or eager's distance of the same rank among the sorted distances, so a heavy
+tail of errors as heavy as eager's own is no failure). That loosens long fp16/bf16 chains
+exactly as much as eager itself drifts, and still flags a fused kernel that is clearly less
+accurate than eager.
 
 Exact checks: booleans and integers must be equal (the generator only thresholds values where
 that is well defined); non-finite eager values must be matched unless the reference is finite
 there (eager overflowed and a fused kernel did not); and a signed zero must match eager where
 eager and the reference agree on it (``x + 0`` with ``x = -0.0`` is ``+0.0``), except in programs
-with a max/min reduction (``signed_zeros=False``): over a slice holding +0.0 and -0.0 it returns
-whichever zero its reduction order meets first, a sign eager does not define.
+with a max/min reduction or an accumulating product (``signed_zeros=False``): a max over +0.0
+and -0.0, or a sum of zero products, has a sign that depends on the order or the accumulator's
+start, which eager does not define (ops.ACCUMULATING_KINDS).
 """
 from __future__ import annotations
 
@@ -99,6 +102,7 @@ def _check_float(actual, expected, reference, kind, path, grad, signed_zeros=Tru
         typical = torch.quantile(own[fin_r & fin_e], 0.95).item() if (fin_r & fin_e).sum() > 0 else 0.0
         near_ref = (a - r).abs() <= SLACK * torch.clamp(own, min=typical) + atol + rtol * r.abs()
         close |= near_ref & fin_r
+        close |= _no_heavier_tail(a, r, own, both & fin_r, atol, rtol) & ~close & both & fin_r
     bad |= both & ~close
     if bad.any():
         idx = tuple(bad.nonzero()[0].tolist())
@@ -115,6 +119,21 @@ def _check_float(actual, expected, reference, kind, path, grad, signed_zeros=Tru
             idx = tuple(zero.nonzero()[0].tolist())
             raise Mismatch("signed zero", f"{path}: signed zero differs at {idx}: eager {e[idx].item()}, "
                                           f"compiled {a[idx].item()}")
+
+
+def _no_heavier_tail(a, r, own, valid, atol, rtol):
+    """Elements whose distance from fp64 is within SLACK times eager's own distance *of the same
+    rank* (errors sorted over the tensor). In an ill-conditioned chain (sin of large values
+    summed by a GEMM) eager's and a kernel's errors have the same heavy-tailed distribution but
+    land on different elements: one within eager's own error profile is not less accurate."""
+    ours = (a - r).abs()[valid]
+    order = torch.argsort(ours)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    bound = SLACK * torch.sort(own[valid]).values[rank] + atol + rtol * r.abs()[valid]
+    out = torch.zeros_like(valid)
+    out[valid] = ours <= bound
+    return out
 
 
 def _what(x: Any) -> str:

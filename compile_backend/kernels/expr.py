@@ -29,7 +29,7 @@ Numerics rule (how a fused chain matches eager, op by op)
 * Where eager deviates from the naive formula, eager wins: floor division is exact Python
   floor division (``cb_floordiv``: 1.5 // 0.3 == 4), a pow exponent is first rounded to a
   reduced-float tensor's dtype, Python-scalar kernel arguments are not rounded (wrapped numbers).
-* maximum/minimum/clamp propagate NaN like torch; relu(NaN) is NaN.
+* maximum/minimum/clamp propagate NaN like torch; relu(NaN) is NaN; clamp(-0.0, min=0) is -0.0.
 
 API
 ---
@@ -304,10 +304,11 @@ def _clamp(args, kwargs, out, helpers):
     lo, hi = _kw(args, kwargs, 1, "min"), _kw(args, kwargs, 2, "max")
     x = _as(args[0], out)
     nan = ", propagate_nan=tl.PropagateNan.ALL" if out.is_floating_point else ""
-    if lo is not None:
-        x = f"tl.maximum({x}, {_as(lo, out)}{nan})"
-    if hi is not None:
-        x = f"tl.minimum({x}, {_as(hi, out)}{nan})"
+    for bound, beyond, fn in [(b, c, f) for b, c, f in ((lo, "<", "maximum"), (hi, ">", "minimum")) if b is not None]:
+        # eager replaces only values beyond a number bound: clamp(-0.0, min=0) is -0.0
+        number = out.is_floating_point and isinstance(bound, (int, float)) and not math.isnan(bound)
+        b = _as(bound, out)
+        x = f"tl.where({x} {beyond} {b}, {b}, {x})" if number else f"tl.{fn}({x}, {b}{nan})"
     return x
 
 
