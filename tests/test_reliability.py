@@ -326,3 +326,91 @@ def test_cuda_concurrent_first_calls(tmp_path):
     assert len(outs) == 12
     for o in outs:
         torch.testing.assert_close(o, expected, rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------ found by the fuzzer (issue #14)
+def _bits_equal(actual, expected):
+    """Same values, NaN where eager has NaN, and the same sign on every zero."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(torch.signbit(actual), torch.signbit(expected) | (expected.isnan() & torch.signbit(actual)))
+
+
+def test_tanh_keeps_the_sign_of_zero(mode):
+    """tanh(-0.0) is -0.0 (generated code: the small-|x| series multiplies x, not |x|)."""
+    x = torch.tensor([-0.0, 0.0, -1e-30, 1e-30, -0.2, 0.3, -3.0, 20.0, float("nan")])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        fn = lambda t: torch.tanh(t) * 2  # noqa: E731  (a pointwise chain, not a lone ATen call)
+        out = torch.compile(fn, backend="compile_backend", options=mode)(x.to(dtype))
+        eager = fn(x.to(dtype))
+        assert torch.equal(torch.signbit(out[:4]), torch.signbit(eager[:4])), dtype
+        torch.testing.assert_close(out, eager, equal_nan=True, **{"rtol": 2e-6, "atol": 0} if dtype == torch.float32 else {})
+
+
+def test_complex_times_one_is_not_dropped(monkeypatch):
+    """z * 1 is (a - b*0) + (a*0 + b)i for complex z: the sign of a zero real part and NaN
+    from an infinite imaginary part differ from z; only z - 0 is an identity."""
+    from compile_backend.fx_passes import total
+    from compile_backend.fx_passes.cleanup_rules import remove_noops
+    from fx_passes.graphs import Builder, ctx
+
+    aten = torch.ops.aten
+    z = torch.complex(torch.tensor([-0.0, 1.0, 0.0]), torch.tensor([-0.0, float("inf"), 0.0]))
+    for op, value, removed in [(aten.mul.Tensor, 1, 0), (aten.div.Tensor, 1, 0), (aten.add.Tensor, -0.0, 0),
+                               (aten.sub.Tensor, 0, 1)]:
+        b = Builder()
+        t = b.build(b.op(aten.neg.default, b.op(op, b.input(z), value)))
+        assert total(remove_noops(t.gm, ctx())) == removed, op
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fn = lambda z: torch.view_as_real(z.conj() * 1)  # noqa: E731
+    _bits_equal(torch.compile(fn, backend="compile_backend", options={"validate": False})(z), fn(z))
+
+
+class _MaskedAttention(nn.Module):
+    """softmax(q k^T * scale + mask) v written out (aten._softmax), or through SDPA."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, mask):
+        if self.kind == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("kind", ["chain", "sdpa"])
+@pytest.mark.parametrize("mask_kind", ["bool", "neg_inf", "fp32_min"])
+def test_fully_masked_attention_rows_match_eager(mode, kind, mask_kind):
+    """A query row whose every key is masked: the explicit chain gives NaN (softmax of -inf),
+    SDPA zeros, both with -inf; with finfo(fp32).min (a padding mask) both give the mean of v
+    (the kernel's log2-domain mask must not overflow to -inf). Rows with keys are unchanged."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    keep = torch.rand(5, 7, generator=g) > 0.4
+    keep[:, 0] = True
+    keep[2] = False
+    k, v = torch.randn(2, 3, 7, 4, generator=g), torch.randn(2, 3, 7, 4, generator=g)
+    fill = {"neg_inf": float("-inf"), "fp32_min": torch.finfo(torch.float32).min}.get(mask_kind)
+    mask = keep if fill is None else torch.zeros(5, 7).masked_fill(~keep, fill)
+    model = _MaskedAttention(kind).eval()
+    with torch.no_grad():
+        expected = model(q, k, v, mask)
+        actual = torch.compile(model, backend="compile_backend", options=mode)(q, k, v, mask)
+    if mask_kind != "fp32_min":
+        assert bool(expected[:, :, 2].isnan().all()) == (kind == "chain")
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_clamp_by_a_number_keeps_negative_zero(mode, dtype):
+    """Eager replaces only values beyond a number bound: clamp(-0.0, min=0) is -0.0 (a max
+    instruction would give +0.0); a NaN bound still gives NaN."""
+    x = torch.tensor([-0.0, 0.0, -1.0, 2.0, 0.25, float("nan")], dtype=dtype)
+    fns = [lambda t: t.clamp(min=0) * 2, lambda t: t.clamp(max=0) * 2, lambda t: t.clamp(-0.5, 0.5) * 2,
+           lambda t: F.hardtanh(t) * 2, lambda t: t.clamp(min=float("nan")) * 2]
+    for fn in fns:
+        out = torch.compile(fn, backend="compile_backend", options=mode)(x)
+        _bits_equal(out, fn(x))

@@ -6,7 +6,9 @@ The explicit chain, as AOTAutograd writes ``softmax(q @ k^T * scale + mask) @ v`
       -> additive mask | masked_fill(cond, -inf) | where(cond, s, -inf)   (any order, any number)
       -> _softmax(-1) -> clone / eval dropout / cast -> view -> bmm(., view(v)) -> view [B,H,Sq,Dv]
 
-A scalar multiplying q or k before the first bmm joins the scale too. Masks that depend only
+A scalar multiplying q or k before the first bmm joins the scale too. A fully masked row is NaN
+after ``aten._softmax`` and zeros after ``_safe_softmax`` or SDPA: a chain with a mask through
+``_softmax`` sets the op's ``dead_rows_nan``. Masks that depend only
 on constants are evaluated (not baked in) to recognise the causal pattern: a tril keep-mask,
 or an additive mask that is 0 on and below the diagonal and -inf (or a value no softmax can
 tell from it) above, becomes ``causal=True``. At most one other mask remains, passed as a
@@ -66,6 +68,7 @@ class _Match:
     scale: float
     masks: List[_Mask]
     causal: bool = False
+    dead_rows_nan: bool = False  # aten._softmax: a fully masked row is NaN (SDPA's safe softmax: 0)
 
 
 def fuse_attention(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
@@ -119,7 +122,10 @@ def _match_chain(softmax: fx.Node, facts: Facts) -> Optional[_Match]:
     if len(dtypes) != 1 or tensor_val(out).dtype not in dtypes:
         return None
     match = _Match(out, q, k, v, k_is_t, (bsz, heads), scale, masks)
-    return match if _resolve_masks(match, facts, (sq, sk)) else None
+    if not _resolve_masks(match, facts, (sq, sk)):
+        return None
+    match.dead_rows_nan = bool(match.masks) and is_op(softmax, aten._softmax)
+    return match
 
 
 def _walk_scores(x: fx.Node, facts: Facts):
@@ -347,7 +353,8 @@ def _rewrite_chain(gm: fx.GraphModule, node: fx.Node, match: _Match) -> None:
         if lead:
             q, k, v = (call(graph, aten.unsqueeze.default, (t, 0)) for t in (q, k, v))
         mask = _mask_arg(graph, match)
-        attn = call(graph, torch.ops.compile_backend.attention.default, (q, k, v, mask, match.scale, match.causal))
+        args = (q, k, v, mask, match.scale, match.causal) + ((True,) if match.dead_rows_nan else ())
+        attn = call(graph, torch.ops.compile_backend.attention.default, args)
         result = attn
         if shape(attn) != shape(match.out):
             result = call(graph, aten.view.default, (attn, list(shape(match.out))))

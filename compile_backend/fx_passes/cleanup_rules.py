@@ -131,11 +131,15 @@ def _match_arith_identity(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
 
     IEEE 754: ``x + 0.0`` is not ``x`` for ``x = -0.0`` (it gives +0.0, and ``1 / x`` or
     ``atan2`` tell them apart), so a float ``x + 0`` stays; ``x + (-0.0)`` and ``x - 0.0`` are
-    exact for every x. On integer and bool tensors every one of these is exact."""
+    exact for every x. On integer and bool tensors every one of these is exact. On complex
+    tensors only ``x - 0`` is: ``z * 1`` is ``(a - b*0) + (a*0 + b)i`` (b = -0.0 turns a = -0.0
+    into +0.0, an infinite b makes the real part NaN), and -0.0 is ``-0.0 + 0j``."""
     if len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
     v = tensor_val(node)
+    if v is not None and v.is_complex() and not is_op(node, aten.sub):
+        return None
     exact_zero = (lambda z: z == 0) if v is not None and not v.is_floating_point() and not v.is_complex() \
         else _is_negative_zero
     if is_op(node, aten.mul):

@@ -158,8 +158,10 @@ def attention_reference(
     mask: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     causal: bool = False,
+    dead_rows_nan: bool = False,
 ) -> torch.Tensor:
-    """Plain PyTorch, computed in fp32; returns q's dtype. Fully masked rows give zeros.
+    """Plain PyTorch, computed in fp32; returns q's dtype. Fully masked rows give zeros (NaN
+    with ``dead_rows_nan``, as compile_backend::attention).
 
     An additive mask is first rounded to q's dtype, as the fused op does before SDPA.
     """
@@ -175,7 +177,7 @@ def attention_reference(
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     dead_rows = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores, dim=-1).masked_fill(dead_rows, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead_rows, float("nan") if dead_rows_nan else 0.0)
     return torch.matmul(probs, v.float()).to(q.dtype)
 
 
@@ -257,8 +259,12 @@ def _attend_key_blocks(
             row_scale = 1.0
         if MASK_KIND == 2:
             bias = _load_tile(mask_rows + cols[None, :] * stride_mn, row_ok, col_ok, not EVEN_M, KEY_TAIL)
-            # the fused op rounds an additive mask to q's dtype before SDPA: do the same
-            qk += bias.to(q.dtype).to(tl.float32) * 1.4426950408889634
+            # the fused op rounds an additive mask to q's dtype before SDPA: do the same.
+            # finfo(fp32).min * log2(e) overflows: keep a finite mask finite (a fully masked
+            # row is then uniform, as in SDPA), -inf stays -inf and NaN stays NaN
+            bias = bias.to(q.dtype).to(tl.float32)
+            bias2 = bias * 1.4426950408889634
+            qk += tl.where((bias2 == float("-inf")) & (bias != float("-inf")), -3.4028234663852886e38, bias2)
         if MASK_KIND == 1:
             keep = _load_tile(mask_rows + cols[None, :] * stride_mn, row_ok, col_ok, not EVEN_M, KEY_TAIL)
             qk = tl.where(keep != 0, qk, float("-inf"))
@@ -295,7 +301,7 @@ def _flash_attention_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
     num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
-    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr,
+    MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr, DEAD_ROWS_NAN: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -350,8 +356,9 @@ def _flash_attention_fwd(
             MASK_KIND, CAUSAL, not EVEN_N, SCALE_IN_EXP, EVEN_M, EVEN_D, EVEN_DV, DOT_PRECISION, UPCAST_DOT,
             USE_TMA, BLOCK_N, BLOCK_D, BLOCK_DV)
 
-    if MASK_KIND != 0:
+    if MASK_KIND != 0 and not DEAD_ROWS_NAN:
         # every key masked out: l = 0 and acc = 0; return 0 like SDPA's safe softmax
+        # (DEAD_ROWS_NAN: 0 * (1 / 0) is NaN, like softmax(all -inf) @ v)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_i)[:, None]
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
@@ -460,7 +467,7 @@ def flash_attention(
 
 
 def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, allow_tf32: bool,
-            into: Optional[torch.Tensor] = None) -> torch.Tensor:
+            into: Optional[torch.Tensor] = None, dead_rows_nan: bool = False) -> torch.Tensor:
     """Allocate (or write ``into``, checked) and launch, no other checks: callers have validated
     (flash_attention) or built for exactly these shapes and dtypes (build_attention)."""
     batch, heads, seq_q, head_dim = q.shape
@@ -494,6 +501,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         heads, seq_q, seq_k, head_dim, head_dim_v, scale * 1.4426950408889634,
         MASK_KIND=mask_kind, CAUSAL=causal, SCALE_IN_EXP=scale > 0 and mask_kind != MASK_ADDITIVE,
+        DEAD_ROWS_NAN=dead_rows_nan,
         EVEN_M=seq_q % config.block_m == 0, EVEN_N=seq_k % config.block_n == 0,
         EVEN_D=head_dim == block_d, EVEN_DV=head_dim_v == block_dv,
         DOT_PRECISION="tf32" if allow_tf32 else "ieee",
@@ -508,7 +516,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
 # builder
 # ----------------------------------------------------------------------------------------------
 
-_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal")
+_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal", "dead_rows_nan")
 
 
 def _attention_node(group: KernelGroup) -> fx.Node:
@@ -525,10 +533,11 @@ def _attention_node(group: KernelGroup) -> fx.Node:
 def _node_args(node: fx.Node) -> Dict[str, Any]:
     args = dict(zip(_ARG_NAMES, node.args))
     args.update({k: val for k, val in node.kwargs.items() if k in _ARG_NAMES})
-    missing = [n for n in _ARG_NAMES if n not in args and n != "mask"]
+    missing = [n for n in _ARG_NAMES if n not in args and n not in ("mask", "dead_rows_nan")]
     if missing:
         raise Unsupported(f"attention node lacks arguments {missing}")
     args.setdefault("mask", None)
+    args.setdefault("dead_rows_nan", False)
     return args
 
 
@@ -552,8 +561,9 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     scale, causal = args["scale"], args["causal"]
     if isinstance(scale, fx.Node) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise Unsupported(f"attention scale must be a constant number, got {scale!r}")
-    if not isinstance(causal, bool):
-        raise Unsupported(f"attention causal must be a constant bool, got {causal!r}")
+    if not isinstance(causal, bool) or not isinstance(args["dead_rows_nan"], bool):
+        raise Unsupported(f"attention causal/dead_rows_nan must be constant bools, got {causal!r}")
+    dead_rows_nan = args["dead_rows_nan"]
 
     metas = {name: (meta_of(args[name]) if positions[name] is not None else None) for name in positions}
     problem = check_attention_inputs(metas["q"], metas["k"], metas["v"], metas["mask"])
@@ -579,13 +589,13 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
             if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
                 raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
                                  f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
-            return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None),)
+            return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None, dead_rows_nan),)
 
         return run
 
     layouts = (_out_layout(q_meta.shape, v_meta.shape, q_meta.dtype),)
     if tuned:
-        return _tuned_attention(group, ctx, dims, runner, layouts, f"scale={scale} causal={causal} tf32={allow_tf32}")
+        return _tuned_attention(group, ctx, dims, runner, layouts, f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan}")
     return Kernel(kind="attention", impl="triton", ops=group.ops, fn=runner(config), config=config.as_dict(),
                   supports_out=True, out_layouts=layouts)
 

@@ -30,7 +30,7 @@ Numerics rule (how a fused chain matches eager, op by op)
 * Where eager deviates from the naive formula, eager wins: floor division is exact Python
   floor division (``cb_floordiv``: 1.5 // 0.3 == 4), a pow exponent is first rounded to a
   reduced-float tensor's dtype, Python-scalar kernel arguments are not rounded (wrapped numbers).
-* maximum/minimum/clamp propagate NaN like torch; relu(NaN) is NaN.
+* maximum/minimum/clamp propagate NaN like torch; relu(NaN) is NaN; clamp(-0.0, min=0) is -0.0.
 
 API
 ---
@@ -238,10 +238,11 @@ def _clamp(args, kwargs, out, helpers):
     lo, hi = _kw(args, kwargs, 1, "min"), _kw(args, kwargs, 2, "max")
     x = _as(args[0], out)
     nan = ", propagate_nan=tl.PropagateNan.ALL" if out.is_floating_point else ""
-    if lo is not None:
-        x = f"tl.maximum({x}, {_as(lo, out)}{nan})"
-    if hi is not None:
-        x = f"tl.minimum({x}, {_as(hi, out)}{nan})"
+    for bound, beyond, fn in [(b, c, f) for b, c, f in ((lo, "<", "maximum"), (hi, ">", "minimum")) if b is not None]:
+        # eager replaces only values beyond a number bound: clamp(-0.0, min=0) is -0.0
+        number = out.is_floating_point and isinstance(bound, (int, float)) and not math.isnan(bound)
+        b = _as(bound, out)
+        x = f"tl.where({x} {beyond} {b}, {b}, {x})" if number else f"tl.{fn}({x}, {b}{nan})"
     return x
 
 
@@ -415,15 +416,15 @@ def cb_exp(x):
     "tanh": '''
 @triton.jit
 def cb_tanh(x):
-    # tanh from exp: a short odd series near 0 avoids the cancellation in 1 - exp(-2|x|)
+    # tanh from exp: a short odd series near 0 avoids the cancellation in 1 - exp(-2|x|).
+    # The series is x * (...), not |x| * (...), so tanh(-0.0) = -0.0 keeps its sign like eager.
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     big = (1.0 - e) / (1.0 + e)
     x2 = x * x
-    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
         -0.05396825396825397 + x2 * (0.021869488536155203 - x2 * 0.008863235529902197)))))
-    t = tl.where(ax < 0.25, small, big)
-    return tl.where(x < 0, -t, t)
+    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
 ''',
     "pow": '''
 @triton.jit

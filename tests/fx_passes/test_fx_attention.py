@@ -188,3 +188,48 @@ def test_sdpa_with_a_longer_key_sequence():
 def test_training_graphs_are_not_fused():
     t = training_graph(Chain(dropout=0.0), *_qkv())
     assert total(fuse_attention(t.gm, ctx(training=True))) == 0
+
+
+def _dead_row_keep_mask():
+    keep = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(3)) > 0.3
+    keep[..., 0] = True
+    keep[1, 0, 2] = False  # query row 2 of batch 1 sees no key
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_row_of_the_explicit_chain_stays_nan(kind):
+    """softmax over a row of -inf is NaN in eager (aten._softmax): the fused op is told so
+    (dead_rows_nan), where SDPA's safe softmax gives such a row zeros."""
+    keep = _dead_row_keep_mask()
+    if kind == "bool":
+        t = _fuse_nan(BoolMask(float("-inf")).eval(), *_qkv(), keep)
+    else:
+        bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+        t = _fuse_nan(Chain("div_after").eval(), *_qkv(), bias)
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[6:] == (True,)
+
+
+def test_fully_masked_row_of_sdpa_stays_zero():
+    t = _fuse(SDPA().eval(), *_qkv(), _dead_row_keep_mask())
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[6:] == ()
+    out = run(t)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert torch.equal(out[1, :, 2], torch.zeros(H, D))
+
+
+def _fuse_nan(model, *inputs):
+    """_fuse for outputs with NaN rows: NaN where eager has NaN, eager's values elsewhere."""
+    t = inference_graph(model, *inputs)
+    remove_noops(t.gm, ctx())
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert expected.isnan().any()
+    assert total(fuse_attention(t.gm, ctx())) == 1
+    check_meta(t.gm)
+    got = run(t)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return t
