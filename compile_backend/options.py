@@ -8,10 +8,10 @@ raise ``ValueError`` naming the option and the valid choices, so a typo such as
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .fields import check_names
 from .profiles import Profile, parse_profiles
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -103,11 +103,11 @@ class Options:
             return options
         if not isinstance(options, Mapping):
             raise ValueError(f"options must be a dict of option names to values, got {type(options).__name__}")
-        _check_names(options)
+        check_names(Options, options)
         return cls(**dict(options))
 
     def replace(self, **changes: Any) -> "Options":
-        _check_names(changes)
+        check_names(Options, changes)
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
@@ -115,15 +115,6 @@ class Options:
         out = dataclasses.asdict(dataclasses.replace(self, quant=None))
         out["quant"] = None if self.quant is None else f"{type(self.quant).__name__}:{self.quant.digest()}"
         return out
-
-
-def _check_names(options: Mapping[str, Any]) -> None:
-    valid = [f.name for f in dataclasses.fields(Options)]
-    for name in options:
-        if name not in valid:
-            close = difflib.get_close_matches(str(name), valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown option {name!r}.{hint} Valid options: {', '.join(valid)}")
 
 
 def _check_quant(value: Any) -> None:

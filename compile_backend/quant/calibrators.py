@@ -67,13 +67,8 @@ def entropy_amax(observer: HistogramObserver, precision: str) -> float:
     if bins <= ENTROPY_START_BIN:
         return amax  # the data spans fewer bins than there are levels: nothing to trade
     counts = _without_point_masses(counts)
-    candidates = _candidates(ENTROPY_START_BIN, bins)
-    best_kl, best_i = float("inf"), bins
-    for block in _blocks(candidates, bins):
-        kl = _kl_divergence(counts, block, width, precision)
-        j = int(torch.argmin(kl))
-        if float(kl[j]) < best_kl:
-            best_kl, best_i = float(kl[j]), int(block[j])
+    best_i = _best_candidate(_candidates(ENTROPY_START_BIN, bins), bins,
+                             lambda block: _kl_divergence(counts, block, width, precision))
     return _clip(best_i * width, amax)
 
 
@@ -86,15 +81,13 @@ def mse_amax(observer: HistogramObserver, precision: str) -> float:
     counts, width = _used_histogram(observer)
     bins = counts.numel()
     centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * width
-    best_err, best_i = float("inf"), bins
-    for block in _blocks(_candidates(1, bins), bins):
+
+    def squared_error(block: torch.Tensor) -> torch.Tensor:
         scale = quant_ref.scale_from_amax(block.double() * width, precision).reshape(-1, 1)
         approx = quant_ref.fake_quantize(centres.float().reshape(1, -1), scale, precision).double()
-        err = ((approx - centres) ** 2 * counts).sum(dim=1)
-        j = int(torch.argmin(err))
-        if float(err[j]) < best_err:
-            best_err, best_i = float(err[j]), int(block[j])
-    return _clip(best_i * width, amax)
+        return ((approx - centres) ** 2 * counts).sum(dim=1)
+
+    return _clip(_best_candidate(_candidates(1, bins), bins, squared_error) * width, amax)
 
 
 def compute_amax(observer: HistogramObserver, config: QuantConfig) -> float:
@@ -129,6 +122,17 @@ def _candidates(start: int, bins: int) -> torch.Tensor:
     if int(cands[-1]) != bins:
         cands = torch.cat([cands, torch.tensor([bins])])
     return cands
+
+
+def _best_candidate(candidates: torch.Tensor, bins: int, score) -> int:
+    """The candidate bin count with the lowest ``score`` (evaluated a block of candidates at a time)."""
+    best_score, best_i = float("inf"), bins
+    for block in _blocks(candidates, bins):
+        values = score(block)
+        j = int(torch.argmin(values))
+        if float(values[j]) < best_score:
+            best_score, best_i = float(values[j]), int(block[j])
+    return best_i
 
 
 def _blocks(candidates: torch.Tensor, bins: int):

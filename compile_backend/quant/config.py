@@ -13,12 +13,13 @@ read from a calibration file compares equal to the one the user built.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import hashlib
 import json
 import re
 from typing import Any, Mapping, Optional, Tuple, Union
+
+from ..fields import check_names
 
 #: the same precisions as kernels/quant_ref.PRECISIONS (a test checks they agree; that module
 #: imports torch, this one must not)
@@ -136,12 +137,7 @@ class QuantConfig:
         if not isinstance(config, Mapping):
             raise ValueError(f"a quant config must be a QuantConfig or a dict of field names to values, "
                              f"got {type(config).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for name in config:
-            if name not in valid:
-                close = difflib.get_close_matches(str(name), valid, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown quant option {name!r}.{hint} Valid options: {', '.join(valid)}")
+        check_names(cls, config, "quant option")
         return cls(**dict(config))
 
     def replace(self, **changes: Any) -> "QuantConfig":
