@@ -21,7 +21,8 @@ def build_request(quant: Any) -> QuantRequest:
     def details(name: str) -> Dict[str, Any]:
         if calib is None or name not in calib:
             return {}
-        return {"amax": calib.amax(name), "sqnr_db": calib.layer(name).stats.get("sqnr_db")}
+        record = calib.layer(name)
+        return {"amax": record.amax, "sqnr_db": record.stats.get("sqnr_db"), "inf_count": record.inf_count}
 
     def check(name: str, params: Dict[str, torch.Tensor]) -> None:
         if calib is None or name not in calib:
