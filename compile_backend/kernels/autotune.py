@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .base import tuning_level
+from .base import triton_interpret, tuning_level
 
 
 log = logging.getLogger("compile_backend")
@@ -331,7 +331,11 @@ class Tuner:
                 log.debug("compile_backend: candidate %s for %s failed to compile: %s", cand.name, key.describe(), exc)
                 return None
 
-        if self.compile_workers <= 1 or len(candidates) <= 1:
+        # Compiling a candidate may run it (on CUDA, ``template.warmed``). Under TRITON_INTERPRET=1
+        # (CUDA tensors included) kernels run in Triton's interpreter, whose state is process-wide:
+        # two threads in it at once fail each other (InterpreterError), and every candidate but
+        # one or two was dropped as "failed to compile". So one at a time there.
+        if self.compile_workers <= 1 or len(candidates) <= 1 or triton_interpret():
             built = [build(c) for c in candidates]
         else:
             with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:

@@ -218,6 +218,32 @@ def test_gemm_failing_config_is_skipped():
     torch.testing.assert_close(kernel(*inputs)[0], group.reference(*inputs)[0], rtol=1e-4, atol=1e-4)
 
 
+
+def test_interpreted_candidates_compile_one_at_a_time():
+    """On CUDA a candidate's compile runs it once (template.warmed); under TRITON_INTERPRET=1
+    with CUDA tensors that run is interpreted, and the interpreter's process-wide state breaks
+    two kernels at once: 8 compile threads dropped most candidates (H200 run 3:
+    test_gpu_tuned_linear/test_gpu_tuned_bn_block[fp16-fast] saw timed < total). Here the
+    warm-up is simulated on CPU tensors: every candidate must compile and be timed."""
+    group, inputs = linear_group()
+    configs = [GemmConfig(bm, bn, bk, num_stages=1) for bm in (16, 32) for bn in (16, 32) for bk in (16, 32)]
+    tuning = gemm_candidates(group, context(), configs=configs)
+
+    def warming(cand: Candidate) -> Candidate:
+        def compile_():
+            run = cand.compile()
+            run(*inputs)  # what template.warmed does on CUDA
+            return run
+
+        return Candidate(cand.name, cand.config, compile_, cand.impl)
+
+    tuning.candidates = [warming(c) for c in tuning.candidates]
+    ctx = context()
+    ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=8)
+    kernel = choose_kernel_of(group, ctx, tuning)
+    assert kernel.config["timed"] == f"{len(configs)}/{len(configs)}", kernel.config
+
+
 TUNE_IN_A_PROCESS = textwrap.dedent("""
     import os, sys, json
     os.environ["TRITON_INTERPRET"] = "1"
