@@ -50,7 +50,7 @@ import torch
 import torch.fx as fx
 
 from . import expr_casts as casts
-from .base import Unsupported, meta_of
+from .base import Unsupported, meta_of, triton_interpret
 from .expr_casts import (REDUCED_FLOATS, TL_NAMES, compute_dtype, convert, literal, round_to,  # noqa: F401
                          tl_type, to_compute, to_storage)
 
@@ -452,6 +452,23 @@ def cb_trunc(x):
 }
 HELPERS.update(casts.HELPERS)  # cb_rint
 
+# Helpers that run differently under TRITON_INTERPRET=1. Triton 3.6's interpreter (torch 2.11)
+# computes tl.fma as a product and a sum, each rounded, so the remainder of cb_floordiv could
+# round to 0 (bf16 3.0 // 0.3 gave 10, eager 9); Triton 3.9's rounds once. Here fp32 operands
+# take the remainder in fp64, where q * b (24 x 24 bits) is exact and a - q * b keeps its sign
+# and is 0 only when exact; fp64 operands keep the fma.
+_INTERPRETED_HELPERS = {
+    "floordiv": '''
+@triton.jit
+def cb_floordiv(a, b, q):
+    if q.dtype == tl.float64:
+        r = tl.fma(-q, b, a)
+    else:
+        r = (tl.zeros_like(q) + a).to(tl.float64) - q.to(tl.float64) * (tl.zeros_like(q) + b).to(tl.float64)
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1.0, q)
+''',
+}
+
 
 def helper_source(code_or_names: Any) -> str:
     """Source of the ``cb_*`` helper functions generated code calls, in a fixed order.
@@ -465,7 +482,8 @@ def helper_source(code_or_names: Any) -> str:
         code, names = code_or_names, [h for h in sorted(HELPERS) if f"cb_{h}(" in code_or_names]
     else:
         code, names = None, sorted(set(code_or_names))
-    return casts.conversion_source(code) + "".join(HELPERS[h] for h in names)
+    table = {**HELPERS, **_INTERPRETED_HELPERS} if triton_interpret() else HELPERS
+    return casts.conversion_source(code) + "".join(table[h] for h in names)
 
 
 def _lowering_for(target: Any) -> Callable:

@@ -108,6 +108,25 @@ def test_floor_division_is_exact(dtype):
     assert_matches(build_pointwise(group, context()), group, [x, d])
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_floor_division_exact_with_twice_rounded_fma(dtype, monkeypatch):
+    """Triton 3.6's interpreter (torch 2.11) computes tl.fma as x * y + z with two roundings:
+    the remainder of 3.0 - 10 * 0.3f rounded to 0 and bf16 3.0 // 0.3 gave 10 (eager 9; the
+    H200 run of test_every_op_fused_on_gpu[bf16] was interpreted). Simulated here on a newer
+    Triton; a constant dividend too."""
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fma",
+                        lambda self, x, y, z: interpreter.TensorHandle(x.data * y.data + z.data, z.dtype.scalar))
+    x = torch.tensor([[1.5, 3.0, -1.5, 0.6, -3.0, 2.7, 0.0, 7.5]], dtype=dtype)
+    d = torch.tensor([[0.3, -0.3, 0.3, 0.2, 0.75, -0.9, 0.3, 2.5]], dtype=dtype)
+    group = make_group(lambda a, b: (torch.div(a, 0.3, rounding_mode="floor"),
+                                     torch.div(a, b, rounding_mode="floor"),
+                                     torch.div(torch.full_like(b, 3.0), b, rounding_mode="floor")), x, d)
+    assert_matches(build_pointwise(group, context()), group, [x, d])
+
+
 def test_nan_propagation():
     x = randn(5, 7)
     x[1, 2] = float("nan")
