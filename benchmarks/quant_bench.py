@@ -67,6 +67,8 @@ def _quant_summary(report) -> Dict[str, Any]:
             "float": {q["name"]: q["reason"] for q in layers if q["status"] != "quantized"},
             "min_sqnr_db": min(sqnr) if sqnr else None,
             "scaled_kernels": sorted({k["impl"] for k in kernels}),
+            # tuned kernels slower than the float GEMM/conv they replace (empty with autotune off)
+            "slower_than_float": [r for g in report.graphs for r in g.slower_than_reference()],
             "fallbacks": [f for g in report.graphs for f in g.fallbacks]}
 
 

@@ -59,9 +59,21 @@ class GraphReport:
             out[k["kind"]] = out.get(k["kind"], 0) + 1
         return out
 
+    def slower_than_reference(self) -> List[Dict[str, Any]]:
+        """Kernels the tuner timed slower than their reference (the float GEMM/conv that a
+        quantized layer replaces): kernel index, its ops, both times."""
+        out = []
+        for i, k in enumerate(self.kernels):
+            c = k.get("config") or {}
+            if "reference_ms" in c and "tuned_ms" in c and c["tuned_ms"] > c["reference_ms"]:
+                out.append({"kernel": i, "ops": list(dict.fromkeys(k["ops"])), "ms": c["tuned_ms"],
+                            "reference": c["reference"], "reference_ms": c["reference_ms"]})
+        return out
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["groups"] = self.groups_by_kind()
+        d["slower_than_reference"] = self.slower_than_reference()
         return d
 
 
@@ -134,6 +146,9 @@ class Report:
                 lines.append(f"fallback: {f['op']}: {f['reason']}")
             lines.extend(_profile_line(p) for p in g.profiles)
             lines.extend(quant_lines(g.quant))
+            for r in g.slower_than_reference():
+                lines.append(f"slower than float: kernel #{r['kernel']} ({_cut(', '.join(r['ops']), 40)}) "
+                             f"{r['ms']:.4f} ms vs {r['reference']} {r['reference_ms']:.4f} ms")
         c = self.cache_summary()
         lines.append("")
         if self.graphs and all(g.cache.get("engine") == "off" for g in self.graphs):

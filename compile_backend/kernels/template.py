@@ -136,6 +136,8 @@ def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTun
     if choice.timings_ms and cand.name in choice.timings_ms:
         config["tuned_ms"] = round(choice.timings_ms[cand.name], 5)
         config["timed"] = f"{len(choice.timings_ms)}/{len(tuning.candidates)}"  # skipped ones failed
+        for ref in (c for c in tuning.candidates if c.reference and c.name in choice.timings_ms):
+            config["reference"], config["reference_ms"] = ref.name, round(choice.timings_ms[ref.name], 5)
     writes_out = cand.name in tuning.writes_out and any(x is not None for x in tuning.out_layouts)
     return Kernel(kind=tuning.kind, impl=cand.impl, ops=group.ops, fn=choice.runner, config=config,
                   source=None if config.get("epilogue") == "aten" else tuning.sources.get("tma" if config.get("tma") else cand.impl),
@@ -148,6 +150,21 @@ def aten_epilogue_candidate(vendor: str, group: KernelGroup, probe: Probe) -> Ca
     group's reference itself, timed like any candidate."""
     return Candidate(f"{vendor} + aten epilogue", {"impl": vendor, "epilogue": "aten"},
                      lambda: warmed(group.reference, probe), vendor)
+
+
+def float_reference_candidate(name: str, make_operands: Any, op: Any) -> Candidate:
+    """A reference :class:`Candidate` (timed, never chosen): ``op(*make_operands())``, the float
+    layer a quantized group replaces, on random operands of the float layer's shapes (its time
+    does not depend on the values); the runner ignores the group's inputs."""
+    def compile_():
+        operands = make_operands()
+
+        def run(*_inputs, out=None):
+            return op(*operands)
+
+        return run
+
+    return Candidate(name, {"impl": "reference"}, compile_, "aten", reference=True)
 
 
 def anchor_only(plan) -> bool:

@@ -80,6 +80,37 @@ def test_picks_the_fastest_and_caches(tmp_path):
     assert c2.compiled == ["fast"] and c2.runs == []
 
 
+def test_reference_candidate_is_timed_never_chosen(tmp_path):
+    """A reference (the float layer a quantized one replaces) is timed and recorded, never the
+    winner: not when fastest, not from the cache, not by the heuristic; alone it is no choice."""
+    import dataclasses
+
+    c = Counting()
+    ref = dataclasses.replace(c.make("float reference", 0.0), reference=True)
+    cands = [ref, c.make("slow", 0.003), c.make("medium", 0.001)]
+    choice = timed_tuner(tmp_path).choose(KEY, cands, make_inputs)
+    assert choice.candidate.name == "medium"
+    assert set(choice.timings_ms) == {"float reference", "slow", "medium"}
+    assert choice.timings_ms["float reference"] < choice.timings_ms["medium"]
+    assert timed_tuner(tmp_path).choose(KEY, cands, make_inputs).candidate.name == "medium"  # cache hit
+    assert Tuner("off").choose(KEY, cands, make_inputs).candidate.name == "slow"  # heuristic skips it
+    with pytest.raises(ValueError, match="no candidates"):
+        timed_tuner().choose(KEY, [ref], make_inputs)
+
+
+def test_report_names_kernels_slower_than_their_reference():
+    from compile_backend.report import Report
+
+    r = Report()
+    g = r.new_graph("g0", "inference")
+    cfg = {"impl": "triton", "tuned_ms": 0.05, "reference": "float linear float16", "reference_ms": 0.03}
+    g.kernels = [{"kind": "gemm", "impl": "triton", "ops": ["scaled_mm", "relu"], "config": cfg},
+                 {"kind": "gemm", "impl": "triton", "ops": ["scaled_mm"], "config": {**cfg, "tuned_ms": 0.02}}]
+    assert [x["kernel"] for x in g.slower_than_reference()] == [0]
+    assert g.to_dict()["slower_than_reference"][0]["reference_ms"] == 0.03
+    assert "slower than float: kernel #0 (scaled_mm, relu) 0.0500 ms vs float linear float16 0.0300 ms" in str(r)
+
+
 def test_failing_candidates_are_skipped(tmp_path, caplog):
     c = Counting()
     cands = [c.make("bad_compile", 0.0, fail="compile"), c.make("bad_run", 0.0, fail="run"), c.make("ok", 0.001)]

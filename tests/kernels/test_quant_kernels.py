@@ -278,15 +278,18 @@ def test_gpu_scaled_mm_tuned(mkn, precision):
     tuning = scaled_mm_candidates(group, _gpu_ctx())
     names = [c.name for c in tuning.candidates]
     m, k, n = mkn
+    assert names[0] == "float linear bfloat16" and tuning.candidates[0].reference, names
     if m > 16 and (k % 8 == 0 and n % 8 == 0 if precision == "int8" else k % 16 == 0 and n % 16 == 0):
-        assert names[0].startswith("torch._"), names  # the vendor GEMM + epilogue, first
-    for cand in tuning.candidates:
+        assert names[1].startswith("torch._"), names  # the vendor GEMM + epilogue, first to choose
+    for cand in tuning.candidates[1:]:
         got = cand.compile()(*inputs)[0].float()
         err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
         assert err < 1e-2, (cand.name, err)
     kernel = build_scaled_mm(group, _gpu_ctx())
     timed, total = map(int, kernel.config["timed"].split("/"))
     assert timed == total, kernel.config
+    # the float GEMM the layer replaces is timed beside the candidates (the report compares)
+    assert kernel.config["reference"] == "float linear bfloat16" and kernel.config["reference_ms"] > 0
 
 
 @pytest.mark.gpu
@@ -294,7 +297,7 @@ def test_gpu_int8_anchor_is_exact_to_fp32_rounding():
     inputs = tuple(t.cuda() for t in quantized_linear(65, 128, 96, "int8", per_row=True, seed=3))
     fn = lambda xq, xs, wq, ws, b: scaled_mm(xq, xs, wq, ws, b, torch.float32)  # noqa: E731
     group = anchor_group(fn, *inputs)
-    for cand in scaled_mm_candidates(group, _gpu_ctx()).candidates:
+    for cand in scaled_mm_candidates(group, _gpu_ctx()).candidates[1:]:  # [0]: the float reference
         got, want = cand.compile()(*inputs)[0], group.reference(*inputs)[0]
         torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-6, msg=cand.name)
 
@@ -313,10 +316,12 @@ def test_gpu_scaled_conv_tuned(case, precision):
     expected = group.reference(*inputs)[0].float()
     tuning = scaled_conv_candidates(group, _gpu_ctx())
     assert any(c.impl == "cudnn" for c in tuning.candidates)
-    for cand in tuning.candidates:
+    assert tuning.candidates[0].name == "float conv float16" and tuning.candidates[0].reference
+    for cand in tuning.candidates[1:]:
         got = cand.compile()(*inputs)[0].float()
         err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
         assert err < 1e-2, (cand.name, err)
     kernel = build_scaled_conv(group, _gpu_ctx())
     timed, total = map(int, kernel.config["timed"].split("/"))
     assert timed == total, kernel.config
+    assert kernel.config["reference_ms"] > 0
