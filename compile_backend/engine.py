@@ -253,7 +253,10 @@ class CudaGraphRunner:
                 run(self.static_args, table)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the default ("global") mode makes any other thread's unsafe CUDA call
+        # (an allocation, a synchronize) during the capture fail there and invalidate the
+        # capture; a user's other threads must never see an error because an engine records
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.static_out = run(self.static_args, table)
         self.graph = graph
 
