@@ -21,7 +21,7 @@ from .base import PassContext
 FROZEN_PREFIX = "_frozen_"
 FOLDED_PREFIX = "_folded_"
 _PROGRAM = "constant_program"
-_MAX_GROWTH_BYTES = 1 << 20  # folding may not create much more data than its inputs hold
+MAX_GROWTH_BYTES = 1 << 20  # a folded value may hold at most this much more than its sources
 _NEVER_FOLD = (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like)
 
 
@@ -62,23 +62,32 @@ def freeze(gm: fx.GraphModule, frozen: Sequence[bool], args: Sequence[Any],
 
 
 def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Evaluate nodes computed only from constants once; returns the number of folded nodes."""
+    """Evaluate nodes computed only from constants once; returns the number of folded nodes.
+
+    A value much larger than the constants it comes from (an embedding looked up with a constant
+    index buffer, an expand made real: HF BERT's token-type embeddings give a batch x seq x hidden
+    activation) is not folded: it stays a node computed from folded inputs, and the rest folds."""
     if ctx.training:
         return 0
     graph = gm.graph
-    const: Dict[fx.Node, bool] = {}
-    for node in graph.nodes:
-        const[node] = node.op == "get_attr" or (node.op == "call_function" and _foldable(node, const))
-    folded = [n for n in graph.nodes if n.op == "call_function" and const[n]]
-    if not folded:
-        return 0
-    boundary = [n for n in folded if any(not const.get(u, False) or u.op == "output" for u in n.users)]
-    boundary = [n for n in boundary if not _is_scalar_val(n)]
-    sources = [n for n in graph.nodes if n.op == "get_attr" and any(u in folded for u in n.users)]
-    program = _extract(gm, sources, folded, boundary)
-    values = program.run({s.target: _attr(gm, s.target) for s in sources})
-    if not _growth_ok(values, [_attr(gm, s.target) for s in sources]):
-        return 0
+    excluded: set = set()
+    while True:
+        const: Dict[fx.Node, bool] = {}
+        for node in graph.nodes:
+            const[node] = node.op == "get_attr" or (
+                node.op == "call_function" and node not in excluded and _foldable(node, const))
+        folded = [n for n in graph.nodes if n.op == "call_function" and const[n]]
+        if not folded:
+            return 0
+        boundary = [n for n in folded if any(not const.get(u, False) or u.op == "output" for u in n.users)]
+        boundary = [n for n in boundary if not _is_scalar_val(n)]
+        sources = [n for n in graph.nodes if n.op == "get_attr" and any(u in folded for u in n.users)]
+        program = _extract(gm, sources, folded, boundary)
+        values = program.run({s.target: _attr(gm, s.target) for s in sources})
+        grown = _grown(gm, boundary, values)
+        if not grown:
+            break
+        excluded.update(grown)
     source_ptrs = {_attr(gm, s.target).untyped_storage().data_ptr() for s in sources
                    if isinstance(_attr(gm, s.target), torch.Tensor)}
     start = len(gm.meta.get(_PROGRAM, []))
@@ -154,10 +163,35 @@ def _owned(value: Any, source_ptrs: set) -> Any:
     return value
 
 
-def _growth_ok(values: Dict[str, Any], inputs: List[Any]) -> bool:
-    out_bytes = sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
-    in_bytes = sum(v.numel() * v.element_size() for v in inputs if isinstance(v, torch.Tensor))
-    return out_bytes <= in_bytes + _MAX_GROWTH_BYTES
+def _grown(gm: fx.GraphModule, boundary: List[fx.Node], values: Dict[str, Any]) -> List[fx.Node]:
+    """Boundary nodes whose folded value would hold more than ``MAX_GROWTH_BYTES`` beyond the
+    constants it is computed from (folding them trades a cheap op for memory)."""
+    grown = []
+    for node in boundary:
+        value = values[node.name]
+        if not isinstance(value, torch.Tensor):
+            continue
+        in_bytes = sum(_nbytes(_attr(gm, a.target)) for a in _source_attrs(node))
+        if _nbytes(value) > in_bytes + MAX_GROWTH_BYTES:
+            grown.append(node)
+    return grown
+
+
+def _source_attrs(node: fx.Node) -> set:
+    seen, stack, attrs = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            attrs.add(n)
+        stack.extend(n.all_input_nodes)
+    return attrs
+
+
+def _nbytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def _mutated_placeholders(gm: fx.GraphModule) -> set:
