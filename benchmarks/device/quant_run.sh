@@ -18,7 +18,8 @@ export PYTHONPATH=/tmp/site:$PWD
 export COMMIT=$(cat .commit 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
-# a part is NAME[:SECONDS[:MODEL,MODEL]]: a time limit keeps one slow part from eating the call
+# a part is NAME[:SECONDS[:MODEL,MODEL]]: a time limit keeps one slow part from eating the call;
+# for tests the third field names test files instead (default: all of tests/)
 for spec in "$@"; do
   IFS=: read -r part limit models <<< "$spec"
   limit=${limit:-600}
@@ -27,7 +28,7 @@ for spec in "$@"; do
     # TRITON_INTERPRET=0: tests/conftest.py defaults it to 1, which would run every GPU test's
     # kernels in the interpreter (H200 run 3 did: attention GPU tests skipped, tuning threads failed)
     tests) TRITON_INTERPRET=0 timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --continue-on-collection-errors \
-             --durations=20 tests > "$OUT/gpu_tests_h200.txt" 2>&1
+             --durations=20 $(echo ${models:-tests} | tr , " ") > "$OUT/gpu_tests_h200.txt" 2>&1
            grep -E "PASSED|FAILED|ERROR" "$OUT/gpu_tests_h200.txt" | grep -v PASSED | tail -20
            tail -3 "$OUT/gpu_tests_h200.txt" ;;
     mnist|models|minilm)
