@@ -26,6 +26,8 @@ from compile_backend.bench.measure import (compile_peer, fresh_compiler_caches, 
 from compile_backend.bench.peers import PRECISIONS, parse_options, parse_peers, split_peer
 from compile_backend.bench.results import ResultsFile, environment
 
+from . import real_models
+
 
 def log(message: str) -> None:
     print(f"[kernel_profile] {message}", file=sys.stderr, flush=True)
@@ -82,7 +84,8 @@ def format_profile(record: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_profile", description=__doc__.split("\n")[0])
-    p.add_argument("--case", default="resnet50:1", help="zoo model:batch")
+    p.add_argument("--case", default="resnet50:1",
+                   help="model:batch, the model a zoo name or one of benchmarks.real_models.REAL (hf_bert, ...)")
     p.add_argument("--peers", default="inductor,compile_backend[cuda_graphs=off]")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp16")
     p.add_argument("--size", choices=("tiny", "base"), default="base")
@@ -98,7 +101,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import tempfile
 
-    name, batch = args.case.split(":")
+    name, batch = args.case.rsplit(":", 1)
+    if name in real_models.REAL:  # a model no one here wrote (transformers / torchvision)
+        absent = real_models.missing_packages(name)
+        if absent:
+            log(f"{name}: skipped, {', '.join(absent)} not installed")
+            return 0
+        name = real_models.model_spec(name)
     model, inputs, _ = load_model(name, args.size, int(batch), "cuda", 0)
     dtype = PRECISIONS[args.precision]
     model = model.to(dtype)

@@ -149,38 +149,21 @@ def run_minilm(device: torch.device, options: Dict[str, Any]) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- models
 def _models(device: torch.device):
-    import torchvision
-    import transformers
+    from . import real_models as real
 
-    torch.manual_seed(0)
-    bert = transformers.BertModel(transformers.BertConfig()).eval()
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
-    ids = lambda b, s, v: torch.randint(0, v, (b, s), device=device)
-    img = lambda b: torch.randn(b, 3, 224, 224, device=device)
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            out = self.m(x)
-            return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    def made(factory, **kw):
+        model, inputs = factory(device=device, **kw)
+        # each call a fresh batch like the factory's (calibration takes several)
+        fresh = lambda t: (torch.randint_like(t, int(t.max()) + 1) if not t.is_floating_point()  # noqa: E731
+                           else torch.randn_like(t))
+        return model, lambda: tuple(fresh(t) for t in inputs)
 
     return {
-        "bert_base": (Logits(bert), lambda: (ids(8, 128, 30522),)),
-        "gpt2": (Logits(gpt2), lambda: (ids(4, 128, 50257),)),
-        "resnet50": (torchvision.models.resnet50(), lambda: (img(32),)),
-        "vit_b_16": (_random_head(torchvision.models.vit_b_16()), lambda: (img(16),)),
+        "bert_base": made(real.hf_bert, batch=8),
+        "gpt2": made(real.hf_gpt2, batch=4, seq=128),
+        "resnet50": made(real.tv_resnet50, batch=32),
+        "vit_b_16": made(real.tv_vit_b_16, batch=16),
     }
-
-
-def _random_head(vit):
-    """torchvision initialises ViT's classifier to zeros: every logit is 0 and no cosine is
-    defined (the first H200 run reported 0.0). A random head makes the output comparable."""
-    with torch.no_grad():
-        torch.nn.init.normal_(vit.heads.head.weight, std=0.02)
-    return vit
 
 
 def run_models(device: torch.device, options: Dict[str, Any], names: List[str],

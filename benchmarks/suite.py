@@ -1,4 +1,5 @@
-"""The benchmark suite: every zoo base model at fp16 against all five peers, in parts.
+"""The benchmark suite: every zoo base model, then models from ``transformers`` / ``torchvision``
+(``benchmarks.real_models``, skipped where absent), at fp16 against all five peers, in parts.
 
     python -m benchmarks.suite --parts                 # list the parts
     python -m benchmarks.suite --part 3 --out $OUT/suite.json
@@ -27,6 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 from compile_backend.bench.peers import PEERS, parse_peers
 from compile_backend.bench.results import ResultsFile, environment
 
+from . import real_models
+
 FAST_PEERS = ("eager", "inductor", "inductor-reduce-overhead", "compile_backend")
 SLOW_PEERS = ("inductor-max-autotune",)
 #: the engine without CUDA graphs, beside the launch-bound cases (issue #7 compares both)
@@ -39,15 +42,28 @@ PRECISION = "fp16"
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    model: str
+    model: str  # a zoo name, or a name of benchmarks.real_models.REAL (models no one here wrote)
     batch: int
 
     def __post_init__(self) -> None:
         from compile_backend import zoo
 
-        zoo.spec(self.model, "base")  # validates the name
+        if self.model not in real_models.REAL:
+            zoo.spec(self.model, "base")  # validates the name
         if self.batch < 1:
             raise ValueError(f"batch must be positive, got {self.batch}")
+
+    @property
+    def model_arg(self) -> str:
+        """The runner's ``--model`` (and its records' ``model``)."""
+        return real_models.model_spec(self.model) if self.model in real_models.REAL else self.model
+
+    def missing(self) -> str:
+        """Why the case cannot run here ('' when it can): a real model's absent packages."""
+        if self.model not in real_models.REAL:
+            return ""
+        absent = real_models.missing_packages(self.model)
+        return f"skipped: {', '.join(absent)} not installed" if absent else ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +77,10 @@ class Part:
 
 MLP, RN32, RN1 = Case("mlp", 2048), Case("resnet50", 32), Case("resnet50", 1)
 BERT, GPT2, VIT = Case("bert", 16), Case("gpt2", 8), Case("vit", 32)
+# from the GPU image's transformers / torchvision (skipped where absent)
+HF_BERT, HF_BERT1, HF_GPT2 = Case("hf_bert", 16), Case("hf_bert", 1), Case("hf_gpt2", 8)
+TV_RN32, TV_RN1, TV_VIT = Case("tv_resnet50", 32), Case("tv_resnet50", 1), Case("tv_vit_b_16", 32)
+HF_LLAMA, HF_T5, TV_MOBILENET = Case("hf_llama", 8), Case("hf_t5_encoder", 16), Case("tv_mobilenet_v3", 32)
 
 # Numbered from 1. Budget guesses per case on an H100 (cold compiles, fresh caches, plus the
 # warm-compile subprocess per compiled peer): small graphs ~1-2 min, transformers ~3-5 min for
@@ -75,11 +95,22 @@ PARTS: Tuple[Part, ...] = (
     Part((RN1, BERT), SLOW_PEERS),
     Part((GPT2,), SLOW_PEERS),
     Part((VIT,), SLOW_PEERS),
+    # 10..: models no one here wrote (issue #17's table, then one model per other family)
+    Part((HF_BERT, HF_BERT1), FAST_PEERS + NO_GRAPHS),
+    Part((HF_GPT2,), FAST_PEERS),
+    Part((TV_RN1, TV_RN32), FAST_PEERS),
+    Part((TV_VIT,), FAST_PEERS),
+    Part((HF_LLAMA, HF_T5), FAST_PEERS),
+    Part((TV_MOBILENET,), FAST_PEERS),
+    Part((HF_BERT, HF_BERT1), SLOW_PEERS),
+    Part((HF_GPT2,), SLOW_PEERS),
+    Part((TV_RN1, TV_RN32), SLOW_PEERS),
+    Part((TV_VIT,), SLOW_PEERS),
 )
 
 
 def case_command(case: Case, peers: Sequence[str], args) -> List[str]:
-    cmd = [sys.executable, "-m", "benchmarks", "--model", case.model, "--size", args.size,
+    cmd = [sys.executable, "-m", "benchmarks", "--model", case.model_arg, "--size", args.size,
            "--batch", str(case.batch), "--precision", PRECISION, "--compare", ",".join(peers),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device,
            "--out", args.out]
@@ -118,7 +149,7 @@ def record_missing(case: Case, peers: Sequence[str], reason: str, args, first_ne
     """Peers with no record (never reached or killed) get an error record, so nothing is silent.
     ``first_new``: how many records the file held before this case ran."""
     records = _load(args.out)
-    done = {r["backend"] for r in records[first_new:] if r.get("model") == case.model}
+    done = {r["backend"] for r in records[first_new:] if r.get("model") == case.model_arg}
     missing = [p for p in peers if p not in done]
     if not missing:
         return
@@ -126,7 +157,7 @@ def record_missing(case: Case, peers: Sequence[str], reason: str, args, first_ne
     # it holds no GPU memory while the cases run
     name = next((r["device"] for r in reversed(records) if r.get("device")), args.device)
     results = ResultsFile(args.out)
-    base = dict(model=case.model, size=args.size, batch=case.batch, precision=PRECISION,
+    base = dict(model=case.model_arg, size=args.size, batch=case.batch, precision=PRECISION,
                 **environment(args.device, device_name=name))
     results.write([dict(base, backend=p, error=f"not measured: {reason}") for p in missing])
 
@@ -141,7 +172,8 @@ def run_part(index: int, args) -> int:
     for case in part.cases:
         remaining = deadline - time.monotonic()
         first_new = len(_load(args.out))
-        reason = run_case(case, peers, args, remaining) if remaining > 5 else "part time budget spent"
+        reason = case.missing() or (run_case(case, peers, args, remaining) if remaining > 5
+                                    else "part time budget spent")
         if reason:
             print(f"--- {case.model} batch {case.batch}: {reason}", flush=True)
             record_missing(case, peers, reason, args, first_new)

@@ -146,8 +146,15 @@ def test_suite_parts_cover_every_case_and_peer():
     from benchmarks import suite
 
     covered = {(c.model, c.batch, p) for part in suite.PARTS for c in part.cases for p in part.peers}
-    cases = {("mlp", 2048), ("resnet50", 32), ("resnet50", 1), ("bert", 16), ("gpt2", 8), ("vit", 32)}
-    extra = {("resnet50", 1, suite.NO_GRAPHS[0]), ("bert", 16, suite.NO_GRAPHS[0])}  # issue #7's cases
+    cases = {("mlp", 2048), ("resnet50", 32), ("resnet50", 1), ("bert", 16), ("gpt2", 8), ("vit", 32),
+             # issue #17: models from transformers / torchvision
+             ("hf_bert", 16), ("hf_bert", 1), ("hf_gpt2", 8), ("tv_resnet50", 1), ("tv_resnet50", 32),
+             ("tv_vit_b_16", 32)}
+    extra = {("resnet50", 1, suite.NO_GRAPHS[0]), ("bert", 16, suite.NO_GRAPHS[0]),  # issue #7's cases
+             ("hf_bert", 16, suite.NO_GRAPHS[0]), ("hf_bert", 1, suite.NO_GRAPHS[0])}
+    # one model per other family, against the fast peers
+    extra |= {(m, b, p) for m, b in [("hf_llama", 8), ("hf_t5_encoder", 16), ("tv_mobilenet_v3", 32)]
+              for p in suite.FAST_PEERS}
     assert covered == {(m, b, p) for m, b in cases for p in peers.PEERS} | extra
     for part in suite.PARTS:  # max-autotune compiles take minutes: never shares a part
         assert part.peers == ("inductor-max-autotune",) or "inductor-max-autotune" not in part.peers
@@ -165,6 +172,29 @@ def test_suite_records_what_it_could_not_measure(tmp_path):
         ("mlp", 2048, "eager"), ("mlp", 2048, "compile_backend"),
         ("resnet50", 32, "eager"), ("resnet50", 32, "compile_backend")]
     assert all(r["error"].startswith("not measured") and r["precision"] == "fp16" for r in records)
+
+
+def test_suite_real_model_skipped_without_its_package(tmp_path, monkeypatch):
+    from benchmarks import real_models, suite
+
+    monkeypatch.setattr(real_models.importlib.util, "find_spec", lambda name: None)
+    out = tmp_path / "suite.json"
+    index = next(i for i, p in enumerate(suite.PARTS, 1) if suite.HF_GPT2 in p.cases and "eager" in p.peers)
+    assert suite.main(["--part", str(index), "--device", "cpu", "--peers", "eager", "--out", str(out)]) == 0
+    records = _records(out)
+    assert [(r["model"], r["backend"]) for r in records] == [("benchmarks.real_models:hf_gpt2", "eager")]
+    assert records[0]["error"] == "not measured: skipped: transformers not installed"
+
+
+@pytest.mark.slow
+def test_real_model_through_the_runner(tmp_path):
+    """A transformers model by name through the runner (tiny config, CPU): the factory plumbing."""
+    pytest.importorskip("transformers")
+    from compile_backend.bench.cli import load_model
+
+    model, inputs, _ = load_model("benchmarks.real_models:hf_bert", "tiny", 2, "cpu", 0)
+    with torch.no_grad():
+        assert model(*inputs).shape == (2, 128, 64)
 
 
 def test_backend_is_registered_from_a_source_tree(monkeypatch):
