@@ -593,17 +593,36 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
 
         return run
 
+    def unfused(*inputs: Any, out=None):
+        from .attention_unfused import unfused_attention
+
+        mask = inputs[im] if im is not None else None
+        return (unfused_attention(inputs[iq], inputs[ik], inputs[iv], mask, scale, causal, dead_rows_nan),)
+
     layouts = (_out_layout(q_meta.shape, v_meta.shape, q_meta.dtype),)
     if tuned:
-        return _tuned_attention(group, ctx, dims, runner, layouts, f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan}")
+        # short sequences: also two batched GEMMs around one softmax kernel (16-bit only: the
+        # fp32 products would follow the user's global TF32 setting, not options.precision)
+        short = q_meta.dtype in (torch.float16, torch.bfloat16) and k_meta.shape[-2] <= _unfused_max_keys()
+        return _tuned_attention(group, ctx, dims, runner, layouts,
+                                f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan}",
+                                unfused if short else None)
     return Kernel(kind="attention", impl="triton", ops=group.ops, fn=runner(config), config=config.as_dict(),
                   supports_out=True, out_layouts=layouts)
 
 
-def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layouts, extra: str) -> Kernel:
+def _unfused_max_keys() -> int:
+    from .attention_unfused import MAX_KEYS
+
+    return MAX_KEYS
+
+
+def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layouts, extra: str,
+                     unfused=None) -> Kernel:
     """Our kernel's configs timed against PyTorch SDPA (the vendor candidate, through the group's
-    ATen reference), so a tuned attention is never slower than SDPA on this GPU and shape.
-    ``fast`` times the heuristic and the next five configs, ``max`` the whole list."""
+    ATen reference) and, for short sequences, ``unfused`` (bmm + softmax kernel + bmm), so a
+    tuned attention is never slower than either on this GPU and shape. ``fast`` times the
+    heuristic and the next five configs, ``max`` the whole list."""
     from .autotune import Candidate, TuningKey
     from .template import Probe, group_dtypes, group_shapes, group_strides
 
@@ -613,6 +632,8 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
     candidates = [Candidate(f"triton {c.as_dict()}", {"impl": "triton", **c.as_dict()},
                             (lambda c=c: runner(c)), "triton") for c in configs]
     candidates.append(Candidate("sdpa", {"impl": "sdpa"}, lambda: group.reference, "sdpa"))
+    if unfused is not None:
+        candidates.append(Candidate("bmm + triton softmax + bmm", {"impl": "unfused"}, lambda: unfused, "unfused"))
     key = TuningKey(kind="attention", template=_source_hash(), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group), extra=extra)
     choice = tuner_for(ctx).choose(key, candidates, Probe(group, ctx.device).make)
@@ -620,7 +641,7 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
     config = dict(cand.config)
     if cand.name in choice.timings_ms:
         config["tuned_ms"] = round(choice.timings_ms[cand.name], 5)
-    ours = cand.impl == "triton"
+    ours = cand.impl == "triton"  # writes the planned output (SDPA and the unfused path allocate theirs)
     return Kernel(kind="attention", impl=cand.impl, ops=group.ops, fn=choice.runner, config=config,
                   tuned_from_cache=choice.from_cache, supports_out=ours, out_layouts=layouts if ours else ())
 
@@ -629,12 +650,17 @@ _SOURCE_HASH: List[str] = []
 
 
 def _source_hash() -> str:
-    """Tuning results are tied to this module's kernel source (a changed kernel re-tunes)."""
+    """Tuning results are tied to the kernels' sources, this module's and the unfused path's
+    (a changed kernel re-tunes)."""
     if not _SOURCE_HASH:
         import hashlib
+        import os
 
-        with open(__file__, "rb") as f:
-            _SOURCE_HASH.append(hashlib.sha256(f.read()).hexdigest()[:16])
+        digest = hashlib.sha256()
+        for path in (__file__, os.path.join(os.path.dirname(__file__), "attention_unfused.py")):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        _SOURCE_HASH.append(digest.hexdigest()[:16])
     return _SOURCE_HASH[0]
 
 
