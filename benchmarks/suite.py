@@ -116,6 +116,8 @@ def case_command(case: Case, peers: Sequence[str], args) -> List[str]:
            "--out", args.out]
     if args.warm_compile:
         cmd.append("--warm-compile")
+    if args.commit:
+        cmd += ["--commit", args.commit]
     if args.options:
         cmd += ["--options", args.options]
     return cmd
@@ -158,7 +160,7 @@ def record_missing(case: Case, peers: Sequence[str], reason: str, args, first_ne
     name = next((r["device"] for r in reversed(records) if r.get("device")), args.device)
     results = ResultsFile(args.out)
     base = dict(model=case.model_arg, size=args.size, batch=case.batch, precision=PRECISION,
-                **environment(args.device, device_name=name))
+                **environment(args.device, device_name=name, commit=args.commit))
     results.write([dict(base, backend=p, error=f"not measured: {reason}") for p in missing])
 
 
@@ -206,6 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--size", choices=("tiny", "base"), default="base",
                    help="zoo size (tiny: a quick smoke test of the suite itself)")
     p.add_argument("--options", default=None, help="compile_backend options (as for the runner)")
+    p.add_argument("--commit", default=None, help="commit to record where the tree has no .git (the GPU machine)")
     p.add_argument("--no-warm-compile", dest="warm_compile", action="store_false",
                    help="skip the warm-compile subprocess per compiled peer")
     args = p.parse_args(argv)
