@@ -306,3 +306,31 @@ def test_weight_with_another_layout_rebuilds_the_engine(monkeypatch):
         out = graph(*new_args)
     assert len(calls) == 1  # rebuilt once
     torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, ref)
+
+
+class UpcastAttention(torch.nn.Module):
+    """16-bit q, k, v upcast to fp32 for the products and softmax, the result cast back: the
+    graph SDPA's math path gives on CUDA (torch >= 2.5 upcasts 16-bit math attention), which
+    HF BERT on the H200 took (issue #17: 4 copy kernels per layer)."""
+
+    def forward(self, q, k, v, mask):
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * 0.125 + mask
+        return torch.matmul(torch.softmax(s, dim=-1), v.float()).half()
+
+
+def test_precision_fp16_drops_exact_round_trip_casts_around_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=g).half() for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 17)
+    mask[..., 13:] = -1e4
+    m = UpcastAttention().eval()
+    report = compile_backend.explain(m, q, k, v, mask, precision="fp16")
+    g0 = report.graphs[0]
+    assert g0.passes["fuse_attention"] == 1 and g0.passes["lower_precision"] == 1
+    ops = [op for kern in g0.kernels for op in kern["ops"]]
+    assert "compile_backend.attention" in ops
+    assert ops.count("aten._to_copy") <= 1, ops  # at most the mask's cast; never q/k/v or the output
+    with torch.no_grad():
+        out = compile_backend.compile(m, precision="fp16")(q, k, v, mask)
+        assert out.dtype == torch.float16
+        assert_same(out, m(q, k, v, mask), {torch.float16: (2e-3, 2e-3)})

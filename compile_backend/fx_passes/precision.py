@@ -49,6 +49,12 @@ def lower_precision(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         back.meta["val"] = val
         node.meta["val"] = val.to(dtype)
+        for user in list(back.users):  # back up to fp32 and down again: the value itself
+            if _is_cast(user, dtype):
+                user.replace_all_uses_with(node)
+                graph.erase_node(user)
+        if not back.users:
+            graph.erase_node(back)
         count += 1
     return count
 
@@ -59,6 +65,21 @@ def _cast(graph: fx.Graph, arg, dtype):
     val = arg.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
         return arg
+    # fp32 made from a ``dtype`` tensor (SDPA's math path upcasts 16-bit q, k, v; HF models
+    # upcast for a softmax) casts back to exactly that tensor: take it, no copy kernel
+    if _is_cast(arg, torch.float32) and _val_dtype(arg.args[0]) == dtype:
+        return arg.args[0]
     cast = graph.call_function(aten._to_copy.default, (arg,), {"dtype": dtype})
     cast.meta["val"] = val.to(dtype)
     return cast
+
+
+def _is_cast(node, dtype) -> bool:
+    """``node`` is a plain dtype conversion (``_to_copy`` with only ``dtype``) to ``dtype``."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten._to_copy.default
+            and set(node.kwargs) == {"dtype"} and node.kwargs["dtype"] == dtype and len(node.args) == 1)
+
+
+def _val_dtype(node) -> torch.dtype:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dtype if isinstance(val, torch.Tensor) else None

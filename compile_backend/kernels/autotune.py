@@ -333,6 +333,8 @@ class Tuner:
     def _compile_all(self, key: TuningKey, candidates: Sequence[Candidate]) -> Dict[str, Callable]:
         def build(cand: Candidate):
             try:
+                if self.device.type == "cuda":  # a worker thread has no current CUDA context:
+                    torch.cuda.set_device(self.device)  # cuBLAS warned and guessed the primary one
                 return cand.compile()
             except Exception as exc:
                 log.debug("compile_backend: candidate %s for %s failed to compile: %s", cand.name, key.describe(), exc)
