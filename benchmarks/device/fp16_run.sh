@@ -1,7 +1,8 @@
 #!/bin/bash
 # One call on the GPU machine for the FP16 issue (#17): suite parts and kernel profiles of the
 # models no one here wrote. Arguments, run in order, each NAME:SECONDS:
-#   part=N:S        python -m benchmarks.suite --part N (budget S - 10 s), into $OUT/suite_real_h200.json
+#   part=N[@PEERS]:S  python -m benchmarks.suite --part N [--peers PEERS] (budget S - 10 s), into
+#                     $OUT/suite_real_h200.json
 #   profile=CASE:S  python -m benchmarks.kernel_profile --case CASE (inductor vs ours without graphs)
 # The commit comes from .commit (the tree there has no .git).
 set -u
@@ -13,7 +14,8 @@ for spec in "$@"; do
   limit=${rest##*:}; what=${rest%:*}
   start=$(date +%s)
   case "$kind" in
-    part) timeout "$limit" python3 -m benchmarks.suite --part "$what" --no-warm-compile --commit "$COMMIT" \
+    part) peers=""; [[ "$what" == *@* ]] && peers="--peers ${what#*@}" && what=${what%@*}
+          timeout "$limit" python3 -m benchmarks.suite --part "$what" $peers --no-warm-compile --commit "$COMMIT" \
             --budget-s $((limit - 10)) --out "$OUT/suite_real_h200.json" > "$OUT/part$what.log" 2>&1
           grep -A12 "size=base" "$OUT/part$what.log" | cut -c1-200 ;;
     profile) timeout "$limit" python3 -m benchmarks.kernel_profile --case "$what" --commit "$COMMIT" --top 25 \
