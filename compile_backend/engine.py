@@ -72,6 +72,7 @@ class Engine:
         first_call_context: Callable[[], ContextManager] = contextlib.nullcontext,
         cuda_graph: bool = False,  # record the launches once and replay them (CUDA inference)
     ):
+        self.device = device
         self.constants = constants
         self.programs = list(programs)
         self.frozen = dict(frozen or {})  # arg index -> constant name

@@ -52,6 +52,9 @@ class Options:
         showed the outputs do not depend on the padded rows (else one warning, one engine per
         shape). Pass ``dynamic=True`` to torch.compile or ``torch._dynamo.mark_dynamic(x, dim,
         min=..., max=...)`` so Dynamo gives one graph for the range. See compile_backend.profiles.
+    speed_check: on CUDA inference, time the built engine on its first call against itself
+        without its CUDA graph and against the plain ATen graph, and run the fastest for that
+        input shape (the report gives the times; see compile_backend.speed_check).
     quant: INT8/FP8 quantization of GEMMs and convolutions (inference): a
         ``quant.Calibration`` from ``quant.calibrate`` (static activation scales), or a
         ``quant.QuantConfig`` with ``activations="dynamic"`` (no calibration). See quant/README.md.
@@ -67,6 +70,7 @@ class Options:
     max_engines: int = 8
     cache_max_bytes: int = 2 * 1024 ** 3
     profiles: Tuple[Profile, ...] = ()
+    speed_check: bool = True
     quant: Any = None
 
     def __post_init__(self) -> None:
@@ -83,7 +87,7 @@ class Options:
                 f"option 'autotune' must be one of {', '.join(AUTOTUNE_MODES)} or a positive "
                 f"number of seconds, got {self.autotune!r}"
             )
-        for name in ("validate", "freeze"):
+        for name in ("validate", "freeze", "speed_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes < 0:

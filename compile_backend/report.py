@@ -41,6 +41,9 @@ class GraphReport:
     # the tuner's counters for this graph's build (kernels.autotune.Tuner.stats): {"tuned",
     # "from_cache", "heuristic", "candidates_timed", "seconds"}; empty when no kernel was tuned
     tuning: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # first-call speed check (CUDA inference, compile_backend.speed_check): {"ms": {runner: median
+    # ms}, "chosen": runner}; empty when it did not run
+    speed_check: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fired(self) -> str:
         """Passes that fired, each with its rules that did: ``fold_batchnorm=53
@@ -146,6 +149,9 @@ class Report:
                 lines.append(f"fallback: {f['op']}: {f['reason']}")
             lines.extend(_profile_line(p) for p in g.profiles)
             lines.extend(quant_lines(g.quant))
+            if g.speed_check:
+                times = ", ".join(f"{k} {v:.4f} ms" for k, v in g.speed_check["ms"].items())
+                lines.append(f"speed check: {times}; running the {g.speed_check['chosen']}")
             for r in g.slower_than_reference():
                 lines.append(f"slower than float: kernel #{r['kernel']} ({_cut(', '.join(r['ops']), 40)}) "
                              f"{r['ms']:.4f} ms vs {r['reference']} {r['reference_ms']:.4f} ms")

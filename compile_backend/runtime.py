@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from . import pipeline
+from . import pipeline, speed_check
 from .engine import Engine, WeightLayoutChanged
 from .errors import UserError
 from .kernels.base import INTERPRETER_LOCK, triton_interpret
@@ -114,9 +114,24 @@ class CompiledGraph:
                 stacklevel=3)
             report.fallbacks.append({"op": str(op), "reason": f"{type(exc).__name__}: {exc}"})
             engine = self.aten_gm
+        if self._checks_speed(engine):
+            try:
+                with preserve_rng(args):  # the timed calls draw random numbers the user's must not see
+                    engine, report.speed_check = speed_check.race(engine, self.aten_gm, args)
+            except Exception as exc:  # a check must never cost the user the engine
+                log.warning("compile_backend: %s: speed check failed (%s: %s); keeping the engine",
+                            self.name, type(exc).__name__, exc)
+            report.cuda_graph = isinstance(engine, Engine) and engine.cuda_graph is not None
         report.compile_s = time.perf_counter() - start
         self.engines[key] = engine
         return engine
+
+    def _checks_speed(self, engine: Any) -> bool:
+        """The first-call speed check applies: an engine for CUDA inference, one shape per
+        engine (no padded profiles), and a graph that may run more than once unseen."""
+        return (self.options.speed_check and isinstance(engine, Engine) and self.role == "inference"
+                and engine.device is not None and engine.device.type == "cuda" and self.profiles is None
+                and not speed_check.writes_inputs(self.aten_gm))
 
 
 def _interpreter_lock():

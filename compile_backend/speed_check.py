@@ -1,0 +1,91 @@
+"""First-call speed check: the built engine against the plain ATen graph, the fastest runs.
+
+Kernels are tuned one group at a time; the whole engine can still lose to eager where no
+group wins much and the engine adds work of its own (a CUDA graph copies its inputs in and its
+outputs out: two full passes over a large activation in a chain of large GEMMs, where launches
+cost nothing). So on CUDA inference, once the engine is built, its call is timed against the
+same call without its CUDA graph and against the ATen graph Dynamo handed us (eager's kernels,
+without Python), interleaved on the real inputs, and the fastest is kept for that input
+signature; the engine wins ties (``MARGIN``). The report records the three times and the
+choice (``GraphReport.speed_check``). Option ``speed_check=False`` keeps the engine unchecked.
+
+Skipped where running the graph more than once would show: graphs that write their inputs.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+#: another runner must be this much faster than the engine to replace it (timing noise)
+MARGIN = 0.03
+WARMUP, REPS = 2, 9
+
+ENGINE, NO_GRAPH, ATEN = "engine", "engine without CUDA graph", "aten graph"
+
+
+def writes_inputs(gm: fx.GraphModule) -> bool:
+    """Whether any op writes one of the graph's placeholders (an input mutation)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        for i, arg in enumerate(node.target._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write and i < len(node.args):
+                a = node.args[i]
+                if isinstance(a, fx.Node) and a.op == "placeholder":
+                    return True
+    return False
+
+
+def cuda_event_ms(fn: Callable[[], Any]) -> float:
+    """One call's GPU time in ms between two CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_interleaved(runners: Dict[str, Callable[[], Any]], timer: Callable[[Callable[[], Any]], float],
+                     warmup: int = WARMUP, reps: int = REPS) -> Dict[str, float]:
+    """Median time of each runner, the runners taking turns (clock and cache drift hit all)."""
+    for _ in range(warmup):
+        for fn in runners.values():
+            fn()
+    samples: Dict[str, list] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, fn in runners.items():
+            samples[name].append(timer(fn))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def fastest(times: Dict[str, float], margin: float = MARGIN) -> str:
+    """The runner to keep: the fastest, unless the engine is within ``margin`` of it."""
+    best = min(times, key=times.get)
+    if ENGINE in times and times[ENGINE] <= times[best] * (1 + margin):
+        return ENGINE
+    return best
+
+
+def race(engine: Any, aten_gm: fx.GraphModule, args: Sequence[Any],
+         timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> Tuple[Any, Dict[str, Any]]:
+    """(what to run for this signature: ``engine`` or ``aten_gm``, the report entry). An engine
+    that loses to itself without its CUDA graph drops the graph."""
+    runners = {ENGINE: lambda: engine(args)}
+    if engine.cuda_graph is not None:
+        runners[NO_GRAPH] = lambda: engine.run(args)
+    runners[ATEN] = lambda: aten_gm(*args)
+    times = time_interleaved(runners, timer or cuda_event_ms)
+    chosen = fastest(times)
+    entry = {"ms": {k: round(v, 5) for k, v in times.items()}, "chosen": chosen}
+    if chosen == ATEN:
+        return aten_gm, entry
+    if chosen == NO_GRAPH:
+        engine.cuda_graph = None
+    return engine, entry
+
+
+__all__ = ["race", "writes_inputs", "fastest", "time_interleaved", "cuda_event_ms", "ENGINE", "NO_GRAPH", "ATEN"]
