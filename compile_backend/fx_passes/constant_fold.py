@@ -66,7 +66,9 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
 
     A value much larger than the constants it comes from (an embedding looked up with a constant
     index buffer, an expand made real: HF BERT's token-type embeddings give a batch x seq x hidden
-    activation) is not folded: it stays a node computed from folded inputs, and the rest folds."""
+    activation) is not folded: it stays a node computed from folded inputs, and the rest folds.
+    Nor is a plain view of a constant larger than that allowance (it would be stored as a copy:
+    a linear's transposed weight); smaller ones fold, so every kernel reads a plain constant."""
     if ctx.training:
         return 0
     graph = gm.graph
@@ -84,7 +86,8 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
         sources = [n for n in graph.nodes if n.op == "get_attr" and any(u in folded for u in n.users)]
         program = _extract(gm, sources, folded, boundary)
         values = program.run({s.target: _attr(gm, s.target) for s in sources})
-        grown = _grown(gm, boundary, values)
+        grown = _grown(gm, boundary, values) + [
+            n for n in boundary if _view_of_constant(n) and _nbytes(values[n.name]) > MAX_GROWTH_BYTES]
         if not grown:
             break
         excluded.update(grown)
@@ -175,6 +178,20 @@ def _grown(gm: fx.GraphModule, boundary: List[fx.Node], values: Dict[str, Any]) 
         if _nbytes(value) > in_bytes + MAX_GROWTH_BYTES:
             grown.append(node)
     return grown
+
+
+def _view_of_constant(node: fx.Node) -> bool:
+    """``node`` is views all the way down to one constant (a linear's ``t(weight)``): folding
+    it would store a copy of the weight beside the weight; as a node it costs nothing per call
+    (and the kernels read any strides)."""
+    while node.op == "call_function":
+        target = node.target
+        alias = isinstance(target, torch._ops.OpOverload) and (
+            target.is_view or target.overloadpacket is torch.ops.aten._unsafe_view)  # not *_copy ops
+        if not (alias and len(node.all_input_nodes) == 1):
+            return False
+        node = node.all_input_nodes[0]
+    return node.op == "get_attr"
 
 
 def _source_attrs(node: fx.Node) -> set:
