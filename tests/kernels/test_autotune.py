@@ -307,3 +307,22 @@ def test_timing_cache_round_trip_across_processes(tmp_path):
     assert not first["from_cache"] and first["stats"]["tuned"] == 1 and first["stats"]["candidates_timed"] == 2
     assert second["from_cache"] and second["stats"]["tuned"] == 0 and second["stats"]["candidates_timed"] == 0
     assert second["config"]["block_m"] == first["config"]["block_m"]
+
+
+def test_probe_inputs_are_released_after_the_choice():
+    """The winner's runner keeps its probe for the engine's life: the probe's cached inputs
+    (random copies of the group's inputs, weights included) must not stay with it."""
+    from compile_backend.kernels.template import Probe, TemplateTuning
+
+    x = torch.randn(4, 8)
+    group = make_group(lambda a: torch.relu(a), x)
+    probe = Probe(group, torch.device("cpu"))
+
+    def compile_():
+        probe.first()  # what ``template.warmed`` does on CUDA
+        return lambda *inputs, out=None: (torch.relu(inputs[0]),)
+
+    tuning = TemplateTuning("pointwise", KEY, [Candidate("only", {"name": "only"}, compile_, "python")], probe.make, {})
+    kernel = choose_kernel_of(group, context(), tuning)
+    assert not probe.holds_inputs
+    torch.testing.assert_close(kernel.fn(x)[0], torch.relu(x))
