@@ -45,7 +45,7 @@ PARAM_NAME = "param_name"
 class QuantRequest:
     """What the compile was asked to quantize, and what the pass decided (``records``)."""
 
-    precision: str                                     # int8 | fp8
+    precision: str                                     # int8 | fp8 | int4
     per_channel: bool                                  # weight scales per output channel
     dynamic: bool                                      # activation scales computed at run time
     calibrator: Optional[str]                          # name, for the report (static only)

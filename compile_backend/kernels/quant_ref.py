@@ -9,8 +9,9 @@ because the engine's CPU path runs it and ``kernels/`` imports nothing above its
 
 Symmetric quantization, no zero points:
 
-* ``scale = amax / qmax`` with ``qmax`` 127 (INT8, narrow range [-127, 127]) or 448 (FP8
-  e4m3fn). An amax at or below ``TINY_AMAX`` (2^-24), or not finite, gives scale 0.
+* ``scale = amax / qmax`` with ``qmax`` 127 (INT8, narrow range [-127, 127]), 7 (INT4, [-7, 7],
+  stored as int8) or 448 (FP8 e4m3fn). An amax at or below ``TINY_AMAX`` (2^-24), or not
+  finite, gives scale 0.
 * ``quantize(x) = convert(x * inv_scale)``, ``inv_scale = 1 / scale`` computed once in fp32 (0
   for scale 0, so a zero scale quantizes everything to exact zeros, never NaN or inf). INT8:
   round half to even, saturate to [-127, 127], NaN to 0 (what a saturating float-to-int
@@ -29,9 +30,12 @@ from typing import Optional, Sequence
 
 import torch
 
-PRECISIONS = ("int8", "fp8")
-QMAX = {"int8": 127.0, "fp8": 448.0}
-STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+PRECISIONS = ("int8", "fp8", "int4")
+#: integer grids: round half to even, NaN to 0; INT4 values [-7, 7] are stored (and multiplied)
+#: as int8, so the INT8 kernels run them exactly
+INTEGER_PRECISIONS = ("int8", "int4")
+QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.int8}
 aten = torch.ops.aten
 #: amax at or below this is treated as zero (no value of that size survives quantization)
 TINY_AMAX = 2.0 ** -24
@@ -76,7 +80,7 @@ def quantize_steps(op, x, x_dtype: torch.dtype, inv_scale, precision: str):
         x = op(aten._to_copy.default, x, dtype=torch.float32)
     x = op(aten.mul.Tensor, x, inv_scale)
     qmax = QMAX[precision]
-    if precision == "int8":
+    if precision in INTEGER_PRECISIONS:
         x = op(aten.round.default, op(aten.nan_to_num.default, x, 0.0))
     x = op(aten.clamp.default, x, -qmax, qmax)
     return op(aten._to_copy.default, x, dtype=STORAGE[precision])
@@ -193,7 +197,7 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 __all__ = [
-    "PRECISIONS", "QMAX", "STORAGE", "TINY_AMAX", "check_precision", "scale_from_amax", "inverse_scale",
+    "PRECISIONS", "INTEGER_PRECISIONS", "QMAX", "STORAGE", "TINY_AMAX", "check_precision", "scale_from_amax", "inverse_scale",
     "quantize", "dequantize", "fake_quantize", "channel_amax", "weight_scale", "quantize_weight",
     "row_scale", "scaled_mm", "scaled_conv", "sqnr_db", "eager", "quantize_steps", "inverse_scale_steps",
     "row_scale_steps", "constants",

@@ -32,8 +32,9 @@ from ..kernels import quant_ref
 from .config import CALIBRATORS, QuantConfig
 from .observer import HistogramObserver
 
-#: TensorRT's smallest entropy candidate: 128 bins (the INT8 magnitude levels 0..127)
-ENTROPY_START_BIN = 128
+#: TensorRT's smallest entropy candidate: as many bins as magnitude levels (INT8 0..127: 128;
+#: FP8 keeps 128; INT4 0..7: 8)
+ENTROPY_START_BINS = {"int8": 128, "fp8": 128, "int4": 8}
 _MAX_CANDIDATES = 512
 _BLOCK_ELEMENTS = 1 << 22
 
@@ -63,11 +64,11 @@ def entropy_amax(observer: HistogramObserver, precision: str) -> float:
     if amax <= quant_ref.TINY_AMAX:
         return amax
     counts, width = _used_histogram(observer)
-    bins = counts.numel()
-    if bins <= ENTROPY_START_BIN:
+    bins, start = counts.numel(), ENTROPY_START_BINS[precision]
+    if bins <= start:
         return amax  # the data spans fewer bins than there are levels: nothing to trade
     counts = _without_point_masses(counts)
-    best_i = _best_candidate(_candidates(ENTROPY_START_BIN, bins), bins,
+    best_i = _best_candidate(_candidates(start, bins), bins,
                              lambda block: _kl_divergence(counts, block, width, precision))
     return _clip(best_i * width, amax)
 
@@ -192,4 +193,4 @@ def _clip(candidate: float, amax: float) -> float:
     return float(min(candidate, amax))
 
 
-__all__ = ["max_amax", "percentile_amax", "entropy_amax", "mse_amax", "compute_amax", "ENTROPY_START_BIN"]
+__all__ = ["max_amax", "percentile_amax", "entropy_amax", "mse_amax", "compute_amax", "ENTROPY_START_BINS"]

@@ -23,12 +23,12 @@ from ..fields import check_names
 
 #: the same precisions as kernels/quant_ref.PRECISIONS (a test checks they agree; that module
 #: imports torch, this one must not)
-PRECISIONS = ("int8", "fp8")
+PRECISIONS = ("int8", "fp8", "int4")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACTIVATION_MODES = ("static", "dynamic")
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
 #: per precision, the calibrator used when none is given (see README "Calibrators")
-DEFAULT_CALIBRATOR = {"int8": "entropy", "fp8": "max"}
+DEFAULT_CALIBRATOR = {"int8": "entropy", "fp8": "max", "int4": "mse"}
 
 #: default exclusions (``default_exclusions=True``), as TensorRT Model Optimizer does
 OUTPUT_LAYER_PATTERNS = ("lm_head", "*.lm_head", "output_layer", "*.output_layer")
@@ -70,8 +70,10 @@ Selector = Union[str, LayerType]
 class QuantConfig:
     """Post-training quantization of weights and activations (W8A8). See quant/README.md.
 
-    precision: ``int8`` (symmetric, [-127, 127]) or ``fp8`` (e4m3fn, saturating at ±448).
-        Default ``int8``: INT8 GEMMs run on every tensor-core GPU (Turing on), FP8 needs Ada/Hopper.
+    precision: ``int8`` (symmetric, [-127, 127]), ``fp8`` (e4m3fn, saturating at ±448) or
+        ``int4`` (symmetric, [-7, 7]; weights per channel, activations static per tensor; the
+        values run through the INT8 kernels, exactly). Default ``int8``: INT8 GEMMs run on every
+        tensor-core GPU (Turing on), FP8 needs Ada/Hopper.
     weights: ``per_channel`` (one scale per output channel, default) or ``per_tensor``. Weight
         scales always come from the weight's absolute maximum (no calibrator needed).
     activations: ``static`` (one scale per tensor, from calibration, default) or ``dynamic`` (one
@@ -80,7 +82,9 @@ class QuantConfig:
         ``percentile``, ``entropy`` (KL divergence, as TensorRT) or ``mse``. Default per
         precision: ``entropy`` for int8 (127 uniform levels: clipping rare outliers buys
         resolution for the bulk, TensorRT's default), ``max`` for fp8 (a floating-point grid has
-        constant relative precision, so outliers cost the bulk little; ModelOpt's FP8 default).
+        constant relative precision, so outliers cost the bulk little; ModelOpt's FP8 default),
+        ``mse`` for int4 (with 7 levels per sign the clipping point matters most; the squared
+        error of the quantized histogram chooses it).
     percentile: for ``calibrator="percentile"``: the percentile of |x| taken as amax, in (0, 100].
     include: module-name globs and module types to quantize; empty means every eligible layer.
     exclude: module-name globs and module types never quantized (wins over ``include``).
@@ -112,6 +116,11 @@ class QuantConfig:
             # stored resolved, so the digest and the calibration file name the calibrator used
             object.__setattr__(self, "calibrator", DEFAULT_CALIBRATOR[self.precision])
         _choice("calibrator", self.calibrator, CALIBRATORS)
+        if self.precision == "int4" and (self.weights, self.activations) != ("per_channel", "static"):
+            raise ValueError(
+                "quant precision 'int4' takes weights='per_channel' and activations='static' (one "
+                "activation scale per tensor, from calibration or quantization-aware training); got "
+                f"weights={self.weights!r}, activations={self.activations!r}")
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 100):
             raise ValueError(f"quant option 'percentile' must be a number in (0, 100], got {p!r}")

@@ -9,7 +9,7 @@ from compile_backend.quant import QuantConfig
 from compile_backend.quant.calibrators import compute_amax, entropy_amax, max_amax, mse_amax, percentile_amax
 from compile_backend.quant.observer import HistogramObserver
 
-PRECISIONS = ("int8", "fp8")
+PRECISIONS = ("int8", "fp8", "int4")
 
 
 def observed(data, name="layer", num_bins=2048, batches=4):
@@ -121,7 +121,8 @@ def test_uniform_every_calibrator_keeps_about_the_range(precision):
     assert percentile_amax(obs, 99.0) == pytest.approx(0.99, abs=3e-3)
     assert percentile_amax(obs, 100) == max_amax(obs)
     assert entropy_amax(obs, precision) > 0.95
-    assert mse_amax(obs, precision) > 0.95
+    # with 7 levels a side, clipping the top ~7% of a uniform range lowers the squared error
+    assert mse_amax(obs, precision) > (0.9 if precision == "int4" else 0.95)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -131,10 +132,10 @@ def test_gaussian_with_outliers(precision, gaussian_with_outliers):
     assert 3.5 < percentile_amax(obs, 99.99) < 4.5
     assert 3.0 < percentile_amax(obs, 99.9) < 3.5
     entropy, mse = entropy_amax(obs, precision), mse_amax(obs, precision)
-    if precision == "int8":
-        # uniform levels: clipping 4 outliers buys resolution for 400k values
-        assert 3.0 < entropy < 10.0
-        assert 3.0 < mse < 0.8 * 30.0
+    if precision in ("int8", "int4"):
+        # uniform levels: clipping 4 outliers buys resolution for 400k values (at 4 bits, more so)
+        assert 1.0 < entropy < 10.0
+        assert 1.0 < mse < 0.8 * 30.0
     else:
         # e4m3's relative precision: clipping gains little, the searches may keep (nearly) all
         assert 3.0 < entropy <= 30.0 and 3.0 < mse <= 30.0

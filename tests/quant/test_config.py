@@ -29,7 +29,7 @@ def test_precisions_agree_with_the_numerics_reference():
     "fields, message",
     [
         ({"precison": "fp8"}, "unknown quant option 'precison'. Did you mean 'precision'"),
-        ({"precision": "int4"}, "quant option 'precision' must be one of int8, fp8, got 'int4'"),
+        ({"precision": "int2"}, "quant option 'precision' must be one of int8, fp8, int4, got 'int2'"),
         ({"weights": "per_row"}, "quant option 'weights' must be one of per_channel, per_tensor"),
         ({"activations": "dyn"}, "quant option 'activations' must be one of static, dynamic"),
         ({"calibrator": "kl"}, "quant option 'calibrator' must be one of max, percentile, entropy, mse"),
