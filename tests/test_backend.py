@@ -334,3 +334,30 @@ def test_precision_fp16_drops_exact_round_trip_casts_around_attention():
         out = compile_backend.compile(m, precision="fp16")(q, k, v, mask)
         assert out.dtype == torch.float16
         assert_same(out, m(q, k, v, mask), {torch.float16: (2e-3, 2e-3)})
+
+
+class UpcastAttentionKeptInFp32(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * 0.125 + mask
+        return torch.matmul(torch.softmax(s, dim=-1), v.float())  # the caller wants fp32
+
+
+@pytest.mark.parametrize("keep_fp32", [False, True])
+def test_default_precision_runs_upcast_16_bit_attention_in_16_bits(keep_fp32):
+    """At the default precision too: the graph SDPA's math path gives for 16-bit inputs on CUDA
+    runs as the 16-bit attention eager's fused kernel is; an fp32 result the caller keeps is
+    left in fp32."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, generator=g).half() for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 17)
+    m = (UpcastAttentionKeptInFp32() if keep_fp32 else UpcastAttention()).eval()
+    g0 = compile_backend.explain(m, q, k, v, mask).graphs[0]
+    assert g0.passes["fuse_attention"] == 1
+    assert g0.passes["lower_precision"] == (0 if keep_fp32 else 1)
+    ops = [op for kern in g0.kernels for op in kern["ops"]]
+    assert ops.count("aten._to_copy") == (3 if keep_fp32 else 1), ops
+    with torch.no_grad():
+        out = compile_backend.compile(m)(q, k, v, mask)
+        want = m(q, k, v, mask)
+        assert out.dtype == want.dtype
+        assert_same(out, want, {torch.float16: (2e-3, 2e-3), torch.float32: (1e-5, 1e-5)})

@@ -1,4 +1,5 @@
-"""Reduced-precision lowering: fp32 GEMMs, convolutions and attention run in fp16/bf16.
+"""Reduced-precision lowering: fp32 GEMMs, convolutions and attention run in fp16/bf16 (and an
+attention made of exact upcasts of 16-bit tensors runs in 16 bits at any precision).
 
 With ``precision="fp16"`` or ``"bf16"`` (inference only) each fp32 anchor op gets its float
 inputs cast down and its output cast back to fp32, so the rest of the graph keeps the model's
@@ -27,36 +28,63 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def lower_precision(gm: fx.GraphModule, ctx: PassContext) -> int:
-    dtype = _DTYPES.get(ctx.precision)
-    if dtype is None or ctx.training:
+    """Cast fp32 anchors down (``precision`` fp16/bf16); at any precision, run in 16 bits an
+    attention whose fp32 q, k, v are exact upcasts of 16-bit tensors and whose every use casts
+    the result back: SDPA's math path on CUDA upcasts 16-bit inputs (torch >= 2.5), where eager
+    runs a fused 16-bit kernel (fp32 softmax inside) that our 16-bit attention equals."""
+    if ctx.training:
         return 0
-    targets = set(LOW_PRECISION_OPS)
-    attention = getattr(torch.ops, "compile_backend", None)
-    if attention is not None and hasattr(attention, "attention"):
-        targets.add(torch.ops.compile_backend.attention.default)
+    dtype = _DTYPES.get(ctx.precision)
+    attention = getattr(getattr(torch.ops, "compile_backend", None), "attention", None)
+    targets = set(LOW_PRECISION_OPS) if dtype is not None else set()
+    if attention is not None and dtype is not None:
+        targets.add(attention.default)
     count = 0
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in targets:
+        if node.op != "call_function":
             continue
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
             continue
-        with graph.inserting_before(node):
-            node.args = tuple(_cast(graph, a, dtype) for a in node.args)
-        with graph.inserting_after(node):
-            back = graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
-        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
-        back.meta["val"] = val
-        node.meta["val"] = val.to(dtype)
-        for user in list(back.users):  # back up to fp32 and down again: the value itself
-            if _is_cast(user, dtype):
-                user.replace_all_uses_with(node)
-                graph.erase_node(user)
-        if not back.users:
-            graph.erase_node(back)
-        count += 1
+        low = dtype if node.target in targets else None
+        if low is None and attention is not None and node.target == attention.default:
+            low = _upcast_attention_dtype(node)
+        if low is None:
+            continue
+        count += _lower(graph, node, val, low)
     return count
+
+
+def _upcast_attention_dtype(node: fx.Node):
+    """The 16-bit dtype when q, k, v are exact fp32 upcasts of it and every user casts back."""
+    sources = [a.args[0] if _is_cast(a, torch.float32) else None for a in node.args[:3]]
+    dtypes = {_val_dtype(s) for s in sources}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    if dtype not in (torch.float16, torch.bfloat16) or not node.users \
+            or not all(_is_cast(u, dtype) for u in node.users):
+        return None
+    return dtype
+
+
+def _lower(graph: fx.Graph, node: fx.Node, val: torch.Tensor, dtype) -> int:
+    """Run ``node`` in ``dtype``: its fp32 float inputs cast down, its result cast back up."""
+    with graph.inserting_before(node):
+        node.args = tuple(_cast(graph, a, dtype) for a in node.args)
+    with graph.inserting_after(node):
+        back = graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
+    node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+    back.meta["val"] = val
+    node.meta["val"] = val.to(dtype)
+    for user in list(back.users):  # back up to fp32 and down again: the value itself
+        if _is_cast(user, dtype):
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+    if not back.users:
+        graph.erase_node(back)
+    return 1
 
 
 def _cast(graph: fx.Graph, arg, dtype):
