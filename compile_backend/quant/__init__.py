@@ -1,4 +1,4 @@
-"""Post-training quantization (INT8/FP8, W8A8): configs, calibration, calibration files.
+"""Quantization (INT8/FP8/INT4): configs, calibration, calibration files, quantization-aware training.
 
     from compile_backend import quant
     cfg = quant.QuantConfig(precision="fp8", calibrator="entropy")
@@ -15,5 +15,6 @@ from .config import LayerType, QuantConfig
 __all__ = ["QuantConfig", "LayerType", "Calibration", "LayerCalibration", "weight_fingerprint"]
 
 from .calibrate import calibrate  # noqa: E402  (the graph side: runs the model through the backend)
+from .qat import convert, prepare_qat  # noqa: E402  (quantization-aware training)
 
-__all__ += ["calibrate"]
+__all__ += ["calibrate", "prepare_qat", "convert"]

@@ -28,6 +28,9 @@ from typing import Any, List, Mapping, Optional, Union
 
 from .config import CALIBRATORS, QuantConfig
 
+#: what chose a layer's amax: a calibrator, or quantization-aware training (quant.convert)
+RECORD_CALIBRATORS = CALIBRATORS + ("qat",)
+
 FORMAT = "compile_backend.quant.calibration"
 VERSION = 1
 MAX_FILE_BYTES = 64 * 1024 * 1024
@@ -96,8 +99,8 @@ class LayerCalibration:
                 or not math.isfinite(self.amax) or self.amax < 0:
             raise ValueError(f"layer {self.name!r}: 'amax' must be a finite number >= 0, got {self.amax!r}")
         object.__setattr__(self, "amax", float(self.amax))
-        if self.calibrator not in CALIBRATORS:
-            raise ValueError(f"layer {self.name!r}: 'calibrator' must be one of {', '.join(CALIBRATORS)}, "
+        if self.calibrator not in RECORD_CALIBRATORS:
+            raise ValueError(f"layer {self.name!r}: 'calibrator' must be one of {', '.join(RECORD_CALIBRATORS)}, "
                              f"got {self.calibrator!r}")
         if not isinstance(self.fingerprint, str) or not _FINGERPRINT.match(self.fingerprint):
             raise ValueError(f"layer {self.name!r}: 'fingerprint' must be a weight_fingerprint() string, "

@@ -27,6 +27,8 @@ PRECISIONS = ("int8", "fp8", "int4")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACTIVATION_MODES = ("static", "dynamic")
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
+#: quantization-aware training: activation amaxes learned (LSQ) or fixed at their initial value
+QAT_SCALES = ("learned", "fixed")
 #: per precision, the calibrator used when none is given (see README "Calibrators")
 DEFAULT_CALIBRATOR = {"int8": "entropy", "fp8": "max", "int4": "mse"}
 
@@ -95,6 +97,8 @@ class QuantConfig:
         ``lm_head``/``output_layer``, at any depth), as TensorRT Model Optimizer does.
     min_features: GEMMs/convolutions with K or N below this stay in float (too small to gain).
     num_bins: histogram bins per layer for calibration, a power of two in [128, 65536].
+    qat_scales: in quantization-aware training (``quant.prepare_qat``), the activation amaxes are
+        ``learned`` (LSQ's gradient, default) or ``fixed`` at their calibrated / first values.
     """
 
     precision: str = "int8"
@@ -107,6 +111,7 @@ class QuantConfig:
     default_exclusions: bool = True
     min_features: int = 16
     num_bins: int = 2048
+    qat_scales: str = "learned"
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -132,6 +137,7 @@ class QuantConfig:
         m = self.min_features
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"quant option 'min_features' must be a positive integer, got {m!r}")
+        _choice("qat_scales", self.qat_scales, QAT_SCALES)
         b = self.num_bins
         if isinstance(b, bool) or not isinstance(b, int) or not (128 <= b <= 65536) or b & (b - 1):
             raise ValueError(f"quant option 'num_bins' must be a power of two in [128, 65536], got {b!r}")

@@ -12,8 +12,8 @@ straight-through estimator with clipping, and optionally the scale's LSQ gradien
   quantizes as the reference does (INT: 0, FP8: NaN) and passes no gradient.
 * gradient to the scale (``learn_scale``; LSQ, Esser et al. 2020): ``dy/ds = q - x/s`` inside
   the range, ``q = ±qmax`` outside (q the quantized code as a float), summed over the elements
-  each scale covers and multiplied by ``1 / sqrt(n * qmax)`` (n elements per scale), the
-  paper's step-size gradient scale that keeps the scale's updates in proportion to the
+  each scale covers and multiplied by ``1 / sqrt(n * qmax)`` (n: ``lsq_elements``, by default
+  the elements per scale), the paper's step-size gradient scale that keeps the scale's updates in proportion to the
   weights'. The clamp at ``MIN_SCALE`` is straight-through for the scale too, so an optimizer
   can move a clamped scale back up. NaN in the incoming gradient stays NaN in both gradients
   (as eager; an AMP ``GradScaler`` then skips the step).
@@ -24,6 +24,7 @@ except along the channel dim (per channel).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -35,11 +36,11 @@ MIN_SCALE = 1e-12
 
 class _FakeQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, precision: str, learn_scale: bool):
+    def forward(ctx, x, scale, precision: str, learn_scale: bool, lsq_elements: Optional[int]):
         s = scale.detach().float().clamp_min(MIN_SCALE)
         q = quant_ref.quantize(x, s, precision).float()
         ctx.save_for_backward(x, s, q)
-        ctx.precision, ctx.learn_scale = precision, learn_scale
+        ctx.precision, ctx.learn_scale, ctx.lsq_elements = precision, learn_scale, lsq_elements
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
         return (q * s).to(x.dtype)
 
@@ -56,19 +57,22 @@ class _FakeQuantize(torch.autograd.Function):
             per_element = dy.float() * dyds
             # summed over the elements each scale covers (its broadcast dims)
             summed = per_element.sum_to_size(ctx.scale_shape) if len(ctx.scale_shape) else per_element.sum()
-            n = per_element.numel() // max(1, math.prod(ctx.scale_shape))
+            n = ctx.lsq_elements or per_element.numel() // max(1, math.prod(ctx.scale_shape))
             ds = (summed / math.sqrt(max(1, n) * qmax)).to(ctx.scale_dtype)
-        return dx, ds, None, None
+        return dx, ds, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, precision: str, learn_scale: bool = False) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with ``scale`` (see the module doc for the gradients)."""
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, precision: str, learn_scale: bool = False,
+                  lsq_elements: Optional[int] = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with ``scale`` (see the module doc for the gradients).
+    ``lsq_elements``: the N of LSQ's gradient scale 1/sqrt(N qmax) (default: the elements each
+    scale covers; for an activation the paper takes the features of one sample)."""
     quant_ref.check_precision(precision)
     if not isinstance(scale, torch.Tensor):
         scale = torch.tensor(float(scale))
     if scale.dim() > x.dim() or any(s not in (1, t) for s, t in zip(reversed(scale.shape), reversed(x.shape))):
         raise ValueError(f"fake_quantize: scale of shape {tuple(scale.shape)} does not broadcast to x {tuple(x.shape)}")
-    return _FakeQuantize.apply(x, scale, precision, bool(learn_scale))
+    return _FakeQuantize.apply(x, scale, precision, bool(learn_scale), lsq_elements)
 
 
 __all__ = ["fake_quantize", "MIN_SCALE"]

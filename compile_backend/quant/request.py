@@ -1,7 +1,7 @@
 """``options["quant"]`` (a Calibration or a dynamic QuantConfig) as the quantize pass's request."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..errors import UserError
 from ..fx_passes.quantize import QuantRequest
@@ -15,20 +15,40 @@ def build_request(quant: Any) -> QuantRequest:
     calib = quant if isinstance(quant, Calibration) else None
     config: QuantConfig = calib.config if calib is not None else quant
 
+    def parts(name: str) -> List[str]:
+        """The calibration's records for layer ``name``: its own, or for a merged GEMM
+        (``a.weight+b.weight``) calibrated part by part (QAT without calibration batches), its
+        parts' (the largest amax serves the merged input)."""
+        if calib is None:
+            return []
+        if name in calib:
+            return [name]
+        split = name.split("+")
+        return split if len(split) > 1 and all(p in calib for p in split) else []
+
     def amax(name: str) -> Optional[float]:
-        return calib.amax(name) if calib is not None and name in calib else None
+        found = parts(name)
+        return max(calib.amax(p) for p in found) if found else None
 
     def details(name: str) -> Dict[str, Any]:
-        if calib is None or name not in calib:
+        found = parts(name)
+        if not found:
             return {}
-        record = calib.layer(name)
-        return {"amax": record.amax, "sqnr_db": record.stats.get("sqnr_db"), "inf_count": record.inf_count}
+        records = [calib.layer(p) for p in found]
+        out = {"amax": max(r.amax for r in records), "sqnr_db": records[0].stats.get("sqnr_db"),
+               "inf_count": sum(r.inf_count for r in records)}
+        if len(found) > 1:
+            out["amax_from_parts"] = len(found)
+        return out
 
     def check(name: str, params: Dict[str, torch.Tensor]) -> None:
-        if calib is None or name not in calib:
+        found = parts(name)
+        if not found:
             return
+        layers = {name: layer_fingerprint(params)} if found == [name] else \
+            {p: layer_fingerprint({p: params[p]}) for p in found if p in params}
         try:
-            calib.check_compatible(None, {name: layer_fingerprint(params)})
+            calib.check_compatible(None, layers)
         except ValueError as exc:
             raise UserError(f"quant: {exc}") from None
 
