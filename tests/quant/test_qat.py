@@ -183,3 +183,27 @@ def test_a_learned_amax_driven_negative_is_clamped(aten_only):
     assert torch.isfinite(out).all()
     calib = quant.convert(model)
     assert calib.amax("fc1.weight") > 0
+
+
+def test_autocast_gradient_accumulation_and_mode_switches_compiled(aten_only):
+    """torch.compile's usual training features on a prepared model: bf16 autocast, gradients
+    accumulated over two micro-batches (equal to one step on both), train/eval switches."""
+    model = quant.prepare_qat(Net().eval(), quant.QuantConfig(calibrator="max"), batches(2), progress=False)
+    twin = copy.deepcopy(model)
+    step = torch.compile(model, backend="compile_backend")
+    g = torch.Generator().manual_seed(3)
+    x, target = torch.randn(16, 3, 6, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for half in (slice(0, 8), slice(8, 16)):  # accumulate
+            (nn.functional.cross_entropy(step(x[half]), target[half]) / 2).backward()
+    twin.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.cross_entropy(twin(x[:8]), target[:8]).div(2).backward()
+        nn.functional.cross_entropy(twin(x[8:]), target[8:]).div(2).backward()
+    for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
+        assert a.grad is not None and torch.isfinite(a.grad).all(), n
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-2, atol=1e-3, msg=n)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(step(x), twin.eval()(x), rtol=1e-4, atol=1e-4)
