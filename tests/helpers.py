@@ -113,3 +113,26 @@ def assert_grad_close(actual, expected, tol, path):
     scale = expected.abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-6,
                                msg=lambda m: f"{path}: {m}")
+
+
+class ConvMLP(torch.nn.Module):
+    """A conv and two linears (the quant tests' small model; every layer big enough to be
+    quantized), optionally a 4-class head (N=4: below min_features, stays float)."""
+
+    def __init__(self, head: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 24, 3, padding=1)
+        self.fc1 = torch.nn.Linear(24 * 6 * 6, 32)
+        self.fc2 = torch.nn.Linear(32, 16)
+        self.head = torch.nn.Linear(16, 4) if head else None
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1)))
+        return self.fc2(h) if self.head is None else self.head(torch.relu(self.fc2(h)))
+
+
+def image_batches(n: int, seed: int = 0, size: int = 8):
+    """``n`` calibration batches (input tuples) of random [size, 3, 6, 6] images for ConvMLP."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 6, 6, generator=g),) for _ in range(n)]

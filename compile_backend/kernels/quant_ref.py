@@ -19,7 +19,8 @@ Symmetric quantization, no zero points:
   itself would turn overflow into NaN); NaN stays NaN.
 * ``dequantize(q) = q * scale`` in fp32.
 * Scaled GEMM ``y = (xq @ wq^T) * (x_scale * w_scale) + bias``: INT8 products accumulate
-  exactly (int32 on the GPU; here in fp64, which is exact for K < 2^25), FP8 products in fp32.
+  exactly (int32 on the GPU; here in fp32 while K * 127^2 < 2^24, so every partial sum is an
+  integer fp32 holds, else in fp64, exact for K < 2^25), FP8 products in fp32.
   The accumulator converts to fp32, is multiplied by the product of the row scale of x (a
   scalar for per-tensor activations) and the column scale of w, then the bias (fp32) is added;
   the result is cast to the output dtype last.
@@ -169,8 +170,11 @@ def scaled_conv(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
 
 def _accumulate(xq: torch.Tensor, wq: torch.Tensor, product) -> torch.Tensor:
     if xq.dtype == torch.int8:
-        # integer products summed exactly (as int32 accumulation, without its overflow at huge K)
-        return product(xq.double(), wq.double()).float()
+        # integer products summed exactly (as int32 accumulation, without its overflow at huge K):
+        # in fp32 while every partial sum stays below 2^24 (K * 127^2 of them at most), else fp64
+        k = wq[0].numel()
+        exact = torch.float32 if k * 127 * 127 < 2 ** 24 else torch.float64
+        return product(xq.to(exact), wq.to(exact)).float()
     return product(xq.float(), wq.float())
 
 

@@ -166,7 +166,7 @@ def _mutations():
         (setter(["format"], "other"), "format"),
         (setter(["evil"], 1), "unknown key"),
         (deleter(["meta"]), "missing key"),
-        (setter(["config", "precision"], "int4"), "config: quant option 'precision'"),
+        (setter(["config", "precision"], "int2"), "config: quant option 'precision'"),
         (deleter(["config", "calibrator"]), "config: missing key"),
         (setter(["config", "include"], [{"type": "os.system"}, {"x": [[[]]]}]), "config"),
         (setter(["layers"], {"a": 1}), "layers: must be a list"),

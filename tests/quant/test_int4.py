@@ -10,6 +10,7 @@ import torch.nn as nn
 import compile_backend
 from compile_backend import quant
 from compile_backend.kernels import quant_ref
+from helpers import ConvMLP, image_batches
 
 
 def test_int4_codes_round_half_even_and_saturate():
@@ -40,22 +41,12 @@ def test_int4_config_rules():
     assert cfg.digest() != quant.QuantConfig(precision="int8").digest()
 
 
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 24, 3, padding=1)
-        self.fc1 = nn.Linear(24 * 6 * 6, 32)
-        self.fc2 = nn.Linear(32, 16)
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x)).flatten(1)
-        return self.fc2(torch.relu(self.fc1(h)))
+def Small():
+    return ConvMLP()
 
 
 def _batches(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 6, 6, generator=g),) for _ in range(n)]
+    return image_batches(n, seed, size=4)
 
 
 def _fake_quant_reference(model, calib, x):

@@ -12,25 +12,15 @@ import torch.nn as nn
 import compile_backend
 from compile_backend import quant
 from compile_backend.quant.qat import QATLayer
+from helpers import ConvMLP, image_batches
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 24, 3, padding=1)
-        self.fc1 = nn.Linear(24 * 6 * 6, 32)
-        self.fc2 = nn.Linear(32, 16)
-        self.head = nn.Linear(16, 4)  # N=4 < min_features: stays float
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x)).flatten(1)
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+def Net():
+    return ConvMLP(head=True)
 
 
 def batches(n, seed=0, size=8):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 6, 6, generator=g),) for _ in range(n)]
+    return image_batches(n, seed, size)
 
 
 def _train(model, steps, compiled=False, seed=1, lr=1e-2):
