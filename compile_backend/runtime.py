@@ -128,8 +128,10 @@ class CompiledGraph:
 
     def _checks_speed(self, engine: Any) -> bool:
         """The first-call speed check applies: an engine for CUDA inference, one shape per
-        engine (no padded profiles), and a graph that may run more than once unseen."""
-        return (self.options.speed_check and isinstance(engine, Engine) and self.role == "inference"
+        engine (no padded profiles), a graph that may run more than once unseen, and no
+        quantization (the ATen graph computes in float: not the function the user asked for)."""
+        return (self.options.speed_check and self.options.quant is None and isinstance(engine, Engine)
+                and self.role == "inference"
                 and engine.device is not None and engine.device.type == "cuda" and self.profiles is None
                 and not speed_check.writes_inputs(self.aten_gm))
 

@@ -9,7 +9,8 @@ without Python), interleaved on the real inputs, and the fastest is kept for tha
 signature; the engine wins ties (``MARGIN``). The report records the three times and the
 choice (``GraphReport.speed_check``). Option ``speed_check=False`` keeps the engine unchecked.
 
-Skipped where running the graph more than once would show: graphs that write their inputs.
+Skipped where running the graph more than once would show (graphs that write their inputs) and
+for quantized engines (the ATen graph computes in float: another function than the one asked for).
 """
 from __future__ import annotations
 

@@ -92,3 +92,26 @@ def test_gpu_speed_check_runs_and_reports():
     sc = report.graphs[0].speed_check
     assert set(sc["ms"]) == {ENGINE, NO_GRAPH, ATEN} and sc["chosen"] in sc["ms"]
     assert "speed check:" in str(report)
+
+
+def test_quantized_and_mutating_engines_are_not_raced():
+    """The ATen graph computes in float: racing a quantized engine against it could hand the
+    user a float model. A graph writing its inputs cannot run more than once unseen."""
+    from compile_backend.engine import Engine
+    from compile_backend.options import Options
+    from compile_backend.runtime import CompiledGraph
+
+    engine = object.__new__(Engine)
+    engine.device = torch.device("cuda")
+
+    def graph(options, mutate=False):
+        return CompiledGraph(_aten_gm(mutate), role="inference", name="g", frozen=None,
+                             options=options, report_sink=None)
+
+    assert graph(compile_backend.Options())._checks_speed(engine)
+    assert not graph(compile_backend.Options(speed_check=False))._checks_speed(engine)
+    assert not graph(compile_backend.Options(), mutate=True)._checks_speed(engine)
+    from compile_backend import quant
+
+    dynamic = quant.QuantConfig(activations="dynamic")
+    assert not graph(Options(quant=dynamic))._checks_speed(engine)
