@@ -23,6 +23,9 @@ FOLDED_PREFIX = "_folded_"
 _PROGRAM = "constant_program"
 MAX_GROWTH_BYTES = 1 << 20  # a folded value may hold at most this much more than its sources
 _NEVER_FOLD = (torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like)
+#: ops whose kernels read an operand through any strides (a GEMM's transposed weight): a view of
+#: a constant feeding only these is left a view rather than stored as a copy
+_READS_STRIDES = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm)
 
 
 class ConstantProgram:
@@ -67,8 +70,9 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
     A value much larger than the constants it comes from (an embedding looked up with a constant
     index buffer, an expand made real: HF BERT's token-type embeddings give a batch x seq x hidden
     activation) is not folded: it stays a node computed from folded inputs, and the rest folds.
-    Nor is a plain view of a constant larger than that allowance (it would be stored as a copy:
-    a linear's transposed weight); smaller ones fold, so every kernel reads a plain constant."""
+    Nor is a plain view of a constant larger than that allowance that only GEMMs read (it would
+    be stored as a copy: a linear's transposed weight); other views fold, so every other kernel
+    reads a plain constant."""
     if ctx.training:
         return 0
     graph = gm.graph
@@ -87,7 +91,9 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
         program = _extract(gm, sources, folded, boundary)
         values = program.run({s.target: _attr(gm, s.target) for s in sources})
         grown = _grown(gm, boundary, values) + [
-            n for n in boundary if _view_of_constant(n) and _nbytes(values[n.name]) > MAX_GROWTH_BYTES]
+            n for n in boundary if _view_of_constant(n) and _nbytes(values[n.name]) > MAX_GROWTH_BYTES
+            and all(u.op == "call_function" and getattr(u.target, "overloadpacket", None) in _READS_STRIDES
+                    for u in n.users)]
         if not grown:
             break
         excluded.update(grown)
