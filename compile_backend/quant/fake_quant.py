@@ -50,7 +50,7 @@ class _FakeQuantize(torch.autograd.Function):
         qmax = quant_ref.QMAX[ctx.precision]
         v = x.detach().float() / s
         inside = v.abs() <= qmax  # False for NaN x too
-        dx = torch.where(inside, dy, torch.zeros_like(dy)) if ctx.needs_input_grad[0] else None
+        dx = torch.where(inside, dy, 0.0) if ctx.needs_input_grad[0] else None  # a scalar: no zeros kernel
         ds = None
         if ctx.learn_scale and ctx.needs_input_grad[1]:
             dyds = torch.where(inside, q - v, q)  # outside: q is the saturated +-qmax code
