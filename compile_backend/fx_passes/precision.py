@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from .base import PassContext
+from .rules import tensor_val
 
 aten = torch.ops.aten
 
@@ -109,5 +110,5 @@ def _is_cast(node, dtype) -> bool:
 
 
 def _val_dtype(node) -> torch.dtype:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.dtype if isinstance(val, torch.Tensor) else None
+    val = tensor_val(node)
+    return val.dtype if val is not None else None
