@@ -331,10 +331,12 @@ class Tuner:
         return Choice(winner, runners[winner.name], timings_ms=timings, tuned=True)
 
     def _compile_all(self, key: TuningKey, candidates: Sequence[Candidate]) -> Dict[str, Callable]:
+        index = cuda_index(self.device)
+
         def build(cand: Candidate):
             try:
-                if self.device.type == "cuda":  # a worker thread has no current CUDA context:
-                    torch.cuda.set_device(self.device)  # cuBLAS warned and guessed the primary one
+                if index is not None:  # a worker thread has no current CUDA context:
+                    torch.cuda.set_device(index)  # cuBLAS warned and guessed the primary one
                 return cand.compile()
             except Exception as exc:
                 log.debug("compile_backend: candidate %s for %s failed to compile: %s", cand.name, key.describe(), exc)
@@ -386,6 +388,15 @@ class Tuner:
             self.progress(message)
         else:
             print(f"[compile_backend] {message}", file=sys.stderr, flush=True)
+
+
+def cuda_index(device: torch.device) -> Optional[int]:
+    """The CUDA device index a worker thread should make current (None off CUDA). A bare
+    ``cuda`` device means the caller's current one: ``torch.cuda.set_device`` refuses it (every
+    quantized GEMM candidate on the H200 'failed to compile' for a context made with 'cuda')."""
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def tuner_for(ctx: Any) -> Tuner:

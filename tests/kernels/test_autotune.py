@@ -326,3 +326,13 @@ def test_probe_inputs_are_released_after_the_choice():
     kernel = choose_kernel_of(group, context(), tuning)
     assert not probe.holds_inputs
     torch.testing.assert_close(kernel.fn(x)[0], torch.relu(x))
+
+
+def test_cuda_index_of_a_bare_cuda_device_is_the_current_one(monkeypatch):
+    """Tuning threads make the tuner's device current; torch.cuda.set_device refuses a bare
+    'cuda' (H200: every quantized GEMM candidate of a context made with 'cuda' was dropped)."""
+    from compile_backend.kernels.autotune import cuda_index
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert cuda_index(torch.device("cuda")) == 3
+    assert cuda_index(torch.device("cuda", 1)) == 1
+    assert cuda_index(torch.device("cpu")) is None
