@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..report import Report
 from .peers import PEERS, split_peer
 from .results import SOURCE_ROOT
 
@@ -38,7 +39,9 @@ def to_device(t: Any, device: str, dtype: torch.dtype) -> Any:
 
 # ----------------------------------------------------------------------------- peers
 
-def compile_peer(peer: str, model: torch.nn.Module, options: Dict[str, Any]) -> Callable:
+def compile_peer(peer: str, model: torch.nn.Module, options: Dict[str, Any], report: Any = None) -> Callable:
+    """The peer's callable. For compile_backend, ``report`` (a Report) collects what the backend
+    did, so a result records why it is as fast as it is."""
     if peer == "eager":
         return model
     if peer in _INDUCTOR_MODES:
@@ -46,8 +49,28 @@ def compile_peer(peer: str, model: torch.nn.Module, options: Dict[str, Any]) -> 
     name, peer_opts = split_peer(peer)
     if name == "compile_backend":
         ensure_backend_registered()
-        return torch.compile(model, backend="compile_backend", options={**options, **peer_opts})
+        opts = {**options, **peer_opts}
+        if report is None:
+            return torch.compile(model, backend="compile_backend", options=opts)
+        from ..backend import compile_backend as backend_fn
+
+        return torch.compile(model, backend=lambda gm, ins: backend_fn(gm, ins, options=opts, report=report))
     raise ValueError(f"unknown peer {peer!r}; choose among {', '.join(PEERS)}")
+
+
+def report_summary(report: Any) -> List[Dict[str, Any]]:
+    """Per compiled graph, what a results file needs to explain a latency: groups by kind and
+    implementation, ATen fallbacks, the speed check's times and choice, CUDA graph, passes."""
+    out = []
+    for g in report.graphs:
+        impls: Dict[str, int] = {}
+        for k in g.kernels:
+            key = f"{k['kind']}:{k.get('impl', '?')}"
+            impls[key] = impls.get(key, 0) + 1
+        out.append({"name": g.name, "role": g.role, "groups": impls, "cuda_graph": g.cuda_graph,
+                    "fallbacks": sorted({f"{f.get('op')}: {str(f.get('reason'))[:160]}" for f in g.fallbacks}),
+                    "speed_check": g.speed_check, "passes": g.fired()})
+    return out
 
 
 def ensure_backend_registered() -> None:
@@ -223,7 +246,8 @@ def run_peer(peer: str, model, inputs, ref, logits, args, cache_root: str, base:
     try:
         with fresh_compiler_caches(peer_cache), torch.no_grad():
             log(f"{base['model']}: {peer}: first call (compile) ...")
-            call = make_call(peer, compile_peer(peer, model, options), inputs)
+            report = Report() if split_peer(peer)[0] == "compile_backend" else None
+            call = make_call(peer, compile_peer(peer, model, options, report), inputs)
             first_s, _ = time_first_call(call, args.device)
             record["first_call_s"] = first_s
             record["compile_s"] = None if peer == "eager" else first_s
@@ -235,6 +259,8 @@ def run_peer(peer: str, model, inputs, ref, logits, args, cache_root: str, base:
                           p80_ms=percentile(times, 80))
             out = snapshot(call())
         record["accuracy"] = compare(out, ref, logits)
+        if report is not None:
+            record["report"] = report_summary(report)
         record["warm_compile_s"] = None
         if args.warm_compile and peer != "eager":
             log(f"{base['model']}: {peer}: warm first call in a subprocess ...")
