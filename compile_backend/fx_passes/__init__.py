@@ -11,6 +11,7 @@ from .batchnorm import fold_batchnorm
 from .cleanup import eliminate_dead_code
 from .cleanup_rules import eliminate_common_subexpressions, remove_noops
 from .constant_fold import constant_fold
+from .copies import drop_copies
 from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
@@ -28,6 +29,7 @@ REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
 REGISTRY.register("quantize", inference_only=True)(quantize)
 REGISTRY.register("choose_layout", inference_only=True)(choose_layout)
 REGISTRY.register("lower_precision", inference_only=True)(lower_precision)
+REGISTRY.register("drop_copies", inference_only=True)(drop_copies)
 REGISTRY.register("constant_fold", inference_only=True)(constant_fold)
 REGISTRY.register("eliminate_dead_code")(eliminate_dead_code)
 

@@ -422,7 +422,10 @@ def _match_sdpa(node: fx.Node, facts: Facts) -> Optional[_Match]:
         masks.append(_Mask(mask, "keep" if tensor_val(mask).dtype == torch.bool else "additive", 4))
     scale = args.get("scale")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return _Match(node, q, k, v, False, (bsz, heads), scale, masks, causal=bool(args.get("is_causal", False)))
+    match = _Match(node, q, k, v, False, (bsz, heads), scale, masks, causal=bool(args.get("is_causal", False)))
+    # a mask built from constants (HF models materialise their causal mask when traced) may be
+    # the causal pattern: then the kernel skips the masked blocks instead of reading a mask
+    return match if _resolve_masks(match, facts, (sq, sk)) else None
 
 
 def _schema_args(node: fx.Node) -> dict:

@@ -8,15 +8,17 @@ Nodes in no group (views, metadata ops, getitem, mutation epilogues) run as plai
 Policy, in priority order (earlier groups claim nodes first):
 1. attention: each ``compile_backend.attention`` op alone.
 2. gemm / conv: mm, addmm, bmm, baddbmm or convolution (or the quantized ``compile_backend.scaled_mm``
-   / ``scaled_conv``) with its epilogue chain: the single-user
-   chain of fusable element-wise ops after it (bias, activation, residual add, scaling, cast),
-   through row-major reshapes (``view``) that the epilogue treats as free.
+   / ``scaled_conv``) with its epilogue: the fusable element-wise ops computed from its result
+   (bias, activation, residual add, scaling, cast; a chain or a DAG such as a tanh GELU that
+   reads the result three times), through row-major reshapes (``view``) that the epilogue
+   treats as free.
 3. reduction: softmax, log-softmax, layer norm, sum/mean/amax/amin/var/std/logsumexp, with their
    element-wise prologue (producers used only by the group) and epilogue; further reductions of
    the same shape over the same dims join (a decomposed RMS or layer norm is one group).
 4. pool: each max_pool2d_with_indices alone, with the getitems that take its values/indices.
 5. pointwise: the remaining fusable element-wise ops, grown along their users while the output
-   shape stays the group's shape (smaller operands broadcast).
+   shape stays the group's shape (smaller operands broadcast); a user that also reads another
+   branch computed after the group starts joins with that branch (a diamond is one kernel).
 6. aten: any other op (embedding, avg pooling, cat, ops no generated kernel can express), alone.
 
 Never in a group: views of computed values (except the reshapes above and size-1 reshapes
@@ -179,28 +181,66 @@ class _Partitioner:
 
     # gemm / conv ------------------------------------------------------------------------
     def _epilogue_chain(self, anchor: fx.Node) -> List[fx.Node]:
-        chain, members = [anchor], {anchor}
+        """The anchor and the element-wise ops computed from its result alone (plus outside
+        operands that precede it): a chain (bias, activation, residual add) or a DAG such as
+        GPT-2's tanh GELU, ``0.5*h*(1+tanh(c*(h+0.044715*h^3)))``, which reads ``h`` three times."""
+        members = {anchor}
         numel = _numel(anchor)
-        cur = anchor
-        while True:
-            users = list(cur.users)
-            if len(users) != 1:
-                break
-            u = users[0]
+
+        def joins(u: fx.Node) -> bool:
             if not self._free(u) or _numel(u) != numel:
-                break
+                return False
             if _is_reshape(u):
-                pass
-            elif not (self.kind[u] == "pointwise" and _shape(u) == _shape(cur)):
-                break
-            if not self._safe(members, [u]):
-                break
-            chain.append(u)
-            members.add(u)
-            cur = u
-        while len(chain) > 1 and _is_reshape(chain[-1]):
-            chain.pop()  # a trailing reshape is free outside the kernel
-        return chain
+                return u.args[0] in members
+            return self.kind[u] == "pointwise" and all(
+                _shape(a) == _shape(u) for a in u.all_input_nodes if a in members)
+
+        self._grow(members, joins)
+        return self._trim_reshapes(members)
+
+    def _grow(self, members: Set[fx.Node], joins) -> None:
+        """Add users of ``members`` that ``joins`` accepts, each with the producers it needs
+        (``_with_producers``), until nothing more joins."""
+        changed = True
+        while changed:
+            changed = False
+            for u in sorted({u for m in members for u in m.users}, key=self.index.__getitem__):
+                if u in members or not joins(u):
+                    continue
+                add = self._with_producers(u, members, joins)
+                if add:
+                    members.update(add)
+                    changed = True
+
+    def _with_producers(self, node: fx.Node, members: Set[fx.Node], joins) -> Optional[Set[fx.Node]]:
+        """``node`` plus the free producers it reads that are computed after the group starts
+        and used only inside it (the other branch of a diamond), or None when that is unsafe."""
+        add = {node}
+        first = min(self.index[m] for m in members)
+        stack = [node]
+        while stack:
+            for p in stack.pop().all_input_nodes:
+                if p in members or p in add or self.index[p] < first:
+                    continue
+                if self.kind.get(p) != "pointwise" or not self._free(p) or _numel(p) != _numel(node):
+                    return None
+                add.add(p)
+                stack.append(p)
+        inside = members | add
+        if any(u not in inside for p in add - {node} for u in p.users):
+            return None  # a producer also feeds something outside: it would be a second output
+        return add if self._safe(members, add) else None
+
+    def _trim_reshapes(self, members: Set[fx.Node]) -> List[fx.Node]:
+        """Drop reshapes that end the group: they are free outside the kernel."""
+        changed = True
+        while changed:
+            changed = False
+            for n in list(members):
+                if _is_reshape(n) and len(members) > 1 and not any(u in members for u in n.users):
+                    members.discard(n)
+                    changed = True
+        return list(members)
 
     # reductions -------------------------------------------------------------------------
     def _reduction_group(self, anchor: fx.Node) -> List[fx.Node]:
@@ -263,16 +303,7 @@ class _Partitioner:
     def _pointwise_group(self, seed: fx.Node) -> List[fx.Node]:
         members = {seed}
         shape = _shape(seed)
-        changed = True
-        while changed:
-            changed = False
-            for n in sorted({u for m in members for u in m.users}, key=self.index.__getitem__):
-                if n in members or not self._free(n) or self.kind.get(n) != "pointwise":
-                    continue
-                if _shape(n) != shape or not self._safe(members, [n]):
-                    continue
-                members.add(n)
-                changed = True
+        self._grow(members, lambda n: self._free(n) and self.kind.get(n) == "pointwise" and _shape(n) == shape)
         return list(members)
 
 

@@ -228,12 +228,14 @@ def _fake_mode(values: Iterable[Any]):
     return mode
 
 
-def fake_value(node: fx.Node) -> Any:
-    """``node``'s output computed on fake tensors from its inputs' ``meta['val']``."""
+def fake_value(node: fx.Node, env: Optional[Dict[fx.Node, Any]] = None) -> Any:
+    """``node``'s output computed on fake tensors from its inputs' ``meta['val']`` (or, for the
+    inputs in ``env``, the values given there: what the node would give if they changed)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    args = fx.node.map_arg(node.args, lambda n: n.meta["val"])
-    kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
+    env = env or {}
+    args = fx.node.map_arg(node.args, lambda n: env[n] if n in env else n.meta["val"])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n] if n in env else n.meta["val"])
     leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
     mode = _fake_mode(leaves)
 

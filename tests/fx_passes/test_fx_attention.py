@@ -233,3 +233,32 @@ def _fuse_nan(model, *inputs):
     got = got[0] if isinstance(got, (list, tuple)) else got
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
     return t
+
+
+class SDPAConstantMask(nn.Module):
+    """How HF decoders look when traced: the causal mask materialised from aranges, as a bool
+    keep-mask or an additive where(keep, 0, -inf), broadcast over the batch."""
+
+    def __init__(self, kind, pattern="causal"):
+        super().__init__()
+        self.kind, self.pattern = kind, pattern
+
+    def forward(self, q, k, v):
+        i = torch.arange(S).view(S, 1)
+        keep = torch.arange(S) <= i if self.pattern == "causal" else torch.arange(S) >= i
+        keep = keep.expand(B, 1, S, S)
+        mask = keep if self.kind == "bool" else torch.where(keep, torch.tensor(0.0), torch.tensor(float("-inf")))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_sdpa_constant_causal_mask_becomes_causal(kind):
+    t = _fuse(SDPAConstantMask(kind).eval(), *_qkv())
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[5] is True and node.args[3] is None  # no mask read at run time
+
+
+def test_sdpa_constant_mask_of_another_pattern_stays_a_mask():
+    t = _fuse(SDPAConstantMask("additive", pattern="anti").eval(), *_qkv())
+    (node,) = _attention_nodes(t.gm)
+    assert node.args[5] is False and node.args[3] is not None

@@ -215,3 +215,50 @@ def test_validate_rejects_overlaps_and_broken_order():
         validate(t.gm, [GroupSpec("pointwise", [a, c]), GroupSpec("pointwise", [c])])
     with pytest.raises(AssertionError):
         validate(t.gm, [GroupSpec("pointwise", [c, a])])
+
+
+class TanhGeluLinear(nn.Module):
+    """GPT-2's gelu_new written out: the GEMM result is read three times (a DAG epilogue)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(9, 11)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+def test_gemm_epilogue_takes_a_dag_that_reads_the_result_several_times():
+    _, groups = _partitioned(TanhGeluLinear().eval(), torch.randn(5, 9))
+    assert [g.kind for g in groups] == ["gemm"], _kinds(groups)  # was gemm + 2 pointwise kernels
+    assert {"addmm", "pow", "tanh", "mul", "add"} <= set(groups[0].ops)
+
+
+class Diamond(nn.Module):
+    """Two branches of one input joined by a multiply, after a reduction (no GEMM to take them)."""
+
+    def forward(self, x):
+        y = torch.softmax(x, -1) * 3.0
+        return (y * 0.5) * (torch.tanh(y) + 1.0)
+
+
+def test_pointwise_diamond_is_one_group():
+    _, groups = _partitioned(Diamond().eval(), torch.randn(4, 13))
+    kinds = [g.kind for g in groups]
+    assert kinds.count("pointwise") <= 1, _kinds(groups)  # was mul | tanh, add, mul
+
+
+class SideOutput(nn.Module):
+    """A branch whose value is also used outside stays out of the other branch's group when
+    taking it would add a second output, and the grouping still computes the same values."""
+
+    def forward(self, x):
+        y = torch.softmax(x, -1)
+        a = y * 2.0
+        b = torch.tanh(y)
+        return a * b, b.sum(-1)
+
+
+def test_diamond_with_a_shared_branch_keeps_values():
+    _partitioned(SideOutput().eval(), torch.randn(4, 13))

@@ -171,7 +171,13 @@ EPILOGUES = {
     "scale": lambda x, w, b: F.linear(x, w, b) * 0.125,
     "cast": lambda x, w, b: F.linear(x, w, b).float() * 2.0,
     "two_outputs": lambda x, w, b: _both(F.linear(x, w, b)),
+    "gelu_new_dag": lambda x, w, b: _gelu_new(F.linear(x, w, b)),
 }
+
+
+def _gelu_new(h):
+    """GPT-2's tanh GELU written out: the epilogue reads the GEMM result three times."""
+    return 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
 
 
 def _both(y):

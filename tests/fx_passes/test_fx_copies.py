@@ -1,0 +1,86 @@
+"""drop_copies: a contiguous copy whose readers take any strides is read through the original;
+a copy some reader needs (a view of it that the original cannot give, an output, a value
+written in place) stays. Values unchanged, metadata consistent."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compile_backend.fx_passes.attention import fuse_attention
+from compile_backend.fx_passes.cleanup_rules import remove_noops
+from compile_backend.fx_passes.copies import drop_copies
+from fx_passes.graphs import check_meta, count, ctx, inference_graph, run
+
+
+def _dropped(model, *inputs, fuse=False):
+    t = inference_graph(model, *inputs)
+    remove_noops(t.gm, ctx())
+    if fuse:
+        fuse_attention(t.gm, ctx())
+    with torch.no_grad():
+        expected = model(*inputs)
+    counts = drop_copies(t.gm, ctx())
+    t.gm.graph.lint()
+    check_meta(t.gm)
+    got = run(t)
+    got = got[0] if isinstance(got, (list, tuple)) and len(got) == 1 else got
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    return t, counts["copy_into_any_layout"]
+
+
+class EmptyCacheCat(nn.Module):
+    """HF DynamicCache on the first call: keys and values concatenated onto tensor([])."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        k = torch.cat([torch.tensor([]), k], dim=-2)
+        v = torch.cat([torch.tensor([]), v], dim=-2)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_cat_onto_an_empty_cache_reads_the_projection():
+    t, n = _dropped(EmptyCacheCat().eval(), torch.randn(2, 5, 8), fuse=True)
+    assert n == 2 and count(t.gm, "cat") == 0
+
+
+class CloneIntoGemm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 7))
+
+    def forward(self, x):
+        return (x.t().contiguous() @ self.w).relu()
+
+
+def test_contiguous_before_a_gemm_is_dropped():
+    t, n = _dropped(CloneIntoGemm().eval(), torch.randn(6, 5))
+    assert n == 1 and count(t.gm, "clone") == 0
+
+
+class CloneIntoFlatten(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2).contiguous().view(x.shape[0], -1) * 2.0
+
+
+def test_copy_a_view_needs_stays():
+    t, n = _dropped(CloneIntoFlatten().eval(), torch.randn(2, 3, 4))
+    assert n == 0 and count(t.gm, "clone") == 1
+
+
+class CloneReturned(nn.Module):
+    def forward(self, x):
+        return x.t().contiguous()
+
+
+def test_returned_copy_stays():
+    _, n = _dropped(CloneReturned().eval(), torch.randn(3, 4))
+    assert n == 0
+
+
+def test_training_graphs_are_left_alone():
+    t = inference_graph(CloneIntoGemm().eval(), torch.randn(6, 5))
+    assert drop_copies(t.gm, ctx(training=True)) == {}
