@@ -4,7 +4,8 @@
 in the graph: q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv] (any strides);
 ``mask`` None, a bool tensor (True = attend) or an additive float tensor, broadcastable to
 [B, H, Sq, Sk]; ``causal`` masks key j > query i (top-left aligned, as SDPA's ``is_causal``).
-Output [B, H, Sq, Dv], contiguous. Dropout is never part of it (only eval-mode graphs fuse).
+Output [B, H, Sq, Dv], contiguous, or with ``out_perm`` laid out so that
+``out.permute(out_perm)`` is contiguous (the layout its reader permutes it to). Dropout is never part of it (only eval-mode graphs fuse).
 A query row whose every key is masked gives zeros, as SDPA's safe softmax does; with
 ``dead_rows_nan`` it gives NaN, as ``softmax(scores) @ v`` does (the explicit chain with
 ``aten._softmax``: exp(-inf - -inf) is NaN), so the fused op equals what it replaced.
@@ -28,7 +29,21 @@ def attention(
     scale: float,
     causal: bool,
     dead_rows_nan: bool = False,
+    out_perm: Optional[List[int]] = None,
 ) -> torch.Tensor:
+    out = _attention(q, k, v, mask, scale, causal, dead_rows_nan)
+    return out if out_perm is None else laid_out(out, out_perm)
+
+
+def laid_out(t: torch.Tensor, perm: List[int]) -> torch.Tensor:
+    """``t``'s values in memory whose dims lie in ``perm`` order (outer first): ``t.permute(perm)``
+    is contiguous. The attention output in the order its reader permutes it to (HF models
+    ``transpose(1, 2)`` it to [B, Sq, H, Dv] and flatten the heads), so that no copy is needed."""
+    inverse = [perm.index(d) for d in range(len(perm))]
+    return t.permute(perm).contiguous().permute(inverse)
+
+
+def _attention(q, k, v, mask, scale, causal, dead_rows_nan):
     if causal and mask is not None:
         sq, sk = q.shape[-2], k.shape[-2]
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
@@ -47,8 +62,9 @@ def attention(
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scale, causal, dead_rows_nan=False):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _attention_fake(q, k, v, mask, scale, causal, dead_rows_nan=False, out_perm=None):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return out if out_perm is None else laid_out(out, out_perm)
 
 
 # ----------------------------------------------------------------------------- quantized ops

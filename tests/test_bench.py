@@ -73,10 +73,10 @@ def test_results_are_appended_and_precision_applies(tmp_path):
 def test_failing_peer_is_recorded_and_run_goes_on(tmp_path, monkeypatch):
     real = measure.compile_peer
 
-    def flaky(peer, model, options):
+    def flaky(peer, model, options, report=None):
         if peer == "inductor":
             raise RuntimeError("simulated inductor crash")
-        return real(peer, model, options)
+        return real(peer, model, options, report)
 
     monkeypatch.setattr(measure, "compile_peer", flaky)  # what run_peer calls
     out = tmp_path / "r.json"

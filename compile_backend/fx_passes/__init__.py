@@ -12,6 +12,7 @@ from .cleanup import eliminate_dead_code
 from .cleanup_rules import eliminate_common_subexpressions, remove_noops
 from .constant_fold import constant_fold
 from .copies import drop_copies
+from .gemm_bias import fold_gemm_bias
 from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
@@ -24,6 +25,7 @@ REGISTRY = PassRegistry()
 REGISTRY.register("eliminate_common_subexpressions")(eliminate_common_subexpressions)
 REGISTRY.register("remove_noops")(remove_noops)
 REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
+REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)
 REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)
 REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
 REGISTRY.register("quantize", inference_only=True)(quantize)

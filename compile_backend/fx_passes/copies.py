@@ -11,7 +11,7 @@ before (checked on fake tensors); nothing writes either in place; the graph does
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.fx as fx
@@ -90,7 +90,7 @@ def _match_copy(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
     if src is None or node in facts.outputs or node in facts.unsafe or src in facts.unsafe:
         return None
     if same_layout(tensor_val(node), tensor_val(src)):
-        return None  # remove_noops' case (and nothing to gain here)
+        return src  # a copy made redundant here (by attention_output_layout, say)
     return src if _readers_take_any_layout(node, tensor_val(src), facts) else None
 
 
@@ -102,7 +102,48 @@ def _read_original(gm: fx.GraphModule, node: fx.Node, src: fx.Node) -> None:
     propagate_meta(gm.graph, users)
 
 
+def _reader_perm(node: fx.Node) -> Optional[List[int]]:
+    """The dim order ``node`` (a transpose or permute of a 4-D value) reads its input in."""
+    if is_op(node, aten.transpose):
+        perm = [0, 1, 2, 3]
+        a, b = (d % 4 for d in node.args[1:3])
+        perm[a], perm[b] = perm[b], perm[a]
+        return perm
+    if is_op(node, aten.permute):
+        return [d % 4 for d in node.args[1]]
+    return None
+
+
+def _match_attention_layout(node: fx.Node, facts: Facts) -> Optional[List[int]]:
+    """An attention op every reader of which permutes its output the same way, e.g. HF's
+    ``transpose(1, 2)`` before flattening the heads, nn.MultiheadAttention's ``permute(2, 0, 1,
+    3)``: the op writes that order directly, and the reader's ``.contiguous()`` copy goes."""
+    if node.target is not _attention_op() or len(node.args) > 7 or "out_perm" in node.kwargs:
+        return None
+    if node in facts.outputs or node in facts.unsafe or not node.users:
+        return None
+    perms = {tuple(p) if p is not None else None for p in map(_reader_perm, node.users)}
+    if len(perms) != 1 or None in perms:
+        return None
+    (perm,) = perms
+    return list(perm) if list(perm) != [0, 1, 2, 3] else None
+
+
+def _write_in_reader_order(gm: fx.GraphModule, node: fx.Node, perm: List[int]) -> None:
+    args = list(node.args) + [False] * (7 - len(node.args))  # dead_rows_nan defaults to False
+    node.args = tuple(args) + (perm,)
+    node.meta["val"] = fake_value(node)
+    propagate_meta(gm.graph, [node])
+
+
+def _attention_op():
+    ns = getattr(torch.ops, "compile_backend", None)
+    return getattr(ns, "attention").default if ns is not None and hasattr(ns, "attention") else None
+
+
 COPY_RULES = (
+    Rule("attention_output_layout", "an attention op whose readers all permute its output the same "
+         "way writes it in that order", _match_attention_layout, _write_in_reader_order),
     Rule("copy_into_any_layout", "a contiguous copy (clone, same-dtype cast, cat of one non-empty "
          "operand) whose readers take any strides: they read the original", _match_copy, _read_original),
 )

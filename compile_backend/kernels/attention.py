@@ -467,12 +467,13 @@ def flash_attention(
 
 
 def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, allow_tf32: bool,
-            into: Optional[torch.Tensor] = None, dead_rows_nan: bool = False) -> torch.Tensor:
+            into: Optional[torch.Tensor] = None, dead_rows_nan: bool = False,
+            out_perm: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Allocate (or write ``into``, checked) and launch, no other checks: callers have validated
     (flash_attention) or built for exactly these shapes and dtypes (build_attention)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k, head_dim_v = k.shape[2], v.shape[3]
-    out = output_tensor((into,), 0, _out_layout(q.shape, v.shape, q.dtype), q.device)
+    out = output_tensor((into,), 0, _out_layout(q.shape, v.shape, q.dtype, out_perm), q.device)
     if out.numel() == 0:
         return out
 
@@ -516,7 +517,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
 # builder
 # ----------------------------------------------------------------------------------------------
 
-_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal", "dead_rows_nan")
+_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal", "dead_rows_nan", "out_perm")
 
 
 def _attention_node(group: KernelGroup) -> fx.Node:
@@ -533,11 +534,12 @@ def _attention_node(group: KernelGroup) -> fx.Node:
 def _node_args(node: fx.Node) -> Dict[str, Any]:
     args = dict(zip(_ARG_NAMES, node.args))
     args.update({k: val for k, val in node.kwargs.items() if k in _ARG_NAMES})
-    missing = [n for n in _ARG_NAMES if n not in args and n not in ("mask", "dead_rows_nan")]
+    missing = [n for n in _ARG_NAMES if n not in args and n not in ("mask", "dead_rows_nan", "out_perm")]
     if missing:
         raise Unsupported(f"attention node lacks arguments {missing}")
     args.setdefault("mask", None)
     args.setdefault("dead_rows_nan", False)
+    args.setdefault("out_perm", None)
     return args
 
 
@@ -564,6 +566,9 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     if not isinstance(causal, bool) or not isinstance(args["dead_rows_nan"], bool):
         raise Unsupported(f"attention causal/dead_rows_nan must be constant bools, got {causal!r}")
     dead_rows_nan = args["dead_rows_nan"]
+    out_perm = args["out_perm"]
+    if out_perm is not None and sorted(out_perm) != [0, 1, 2, 3]:
+        raise Unsupported(f"attention out_perm must be a permutation of 4 dims, got {out_perm!r}")
 
     metas = {name: (meta_of(args[name]) if positions[name] is not None else None) for name in positions}
     problem = check_attention_inputs(metas["q"], metas["k"], metas["v"], metas["mask"])
@@ -589,7 +594,8 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
             if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
                 raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
                                  f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
-            return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None, dead_rows_nan),)
+            return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None,
+                            dead_rows_nan, out_perm),)
 
         return run
 
@@ -597,9 +603,10 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
         from .attention_unfused import unfused_attention
 
         mask = inputs[im] if im is not None else None
-        return (unfused_attention(inputs[iq], inputs[ik], inputs[iv], mask, scale, causal, dead_rows_nan),)
+        res = unfused_attention(inputs[iq], inputs[ik], inputs[iv], mask, scale, causal, dead_rows_nan)
+        return (res if out_perm is None else _in_layout(res, layouts[0]),)
 
-    layouts = (_out_layout(q_meta.shape, v_meta.shape, q_meta.dtype),)
+    layouts = (_out_layout(q_meta.shape, v_meta.shape, q_meta.dtype, out_perm),)
     if tuned:
         # short sequences: also two batched GEMMs around one softmax kernel (16-bit only: the
         # fp32 products would follow the user's global TF32 setting, not options.precision)
@@ -664,7 +671,15 @@ def _source_hash() -> str:
     return _SOURCE_HASH[0]
 
 
-def _out_layout(q_shape, v_shape, dtype: torch.dtype):
-    """The output the kernel writes: [B, H, Sq, Dv], contiguous, in q's dtype."""
+def _out_layout(q_shape, v_shape, dtype: torch.dtype, out_perm: Optional[Sequence[int]] = None):
+    """The output the kernel writes: [B, H, Sq, Dv] in q's dtype, contiguous, or with its dims
+    in memory in ``out_perm`` order (outer first; the op's ``out_perm``)."""
     shape = (*(int(s) for s in tuple(q_shape)[:3]), int(v_shape[3]))
-    return shape, strides_for(shape, range(4)), dtype
+    return shape, strides_for(shape, range(4) if out_perm is None else out_perm), dtype
+
+
+def _in_layout(t: torch.Tensor, layout) -> torch.Tensor:
+    """``t`` copied into ``layout`` (shape, strides, dtype): for candidates that allocate their
+    own contiguous output (SDPA, the unfused path) when the op asks for another layout."""
+    shape, stride, dtype = layout
+    return torch.empty_strided(shape, stride, dtype=dtype, device=t.device).copy_(t)

@@ -30,7 +30,7 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config, tma_heuristic
-from .gemm_runner import MAX_BATCH, GemmRunner, epilogue_only
+from .gemm_runner import EPILOGUE_ALTERNATIVES, MAX_BATCH, GemmRunner, epilogue_only
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, as3d,
                        choose_kernel_of, device_limits, dtype_name, group_dtypes, group_shapes, group_strides,
@@ -75,7 +75,7 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         at = 1 if tma_first and fits_template else 0
         candidates[at:at] = build.vendor_candidates()
     # template kernels and cuBLAS + epilogue kernel write through allocate_outputs, so take out=
-    writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name == "cublas + triton epilogue")
+    writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name.startswith("cublas + triton epilogue"))
     return TemplateTuning("gemm", _tuning_key(build, ctx), candidates, build.probe.make, build.sources.by_impl(),
                           plan.out_layouts, writes_out)
 
@@ -256,9 +256,12 @@ class _GemmBuild:
         then cuBLAS + the epilogue as one Triton kernel."""
         if anchor_only(self.plan):
             return [self.cublas_candidate()]
-        return [aten_epilogue_candidate("cublas", self.group, self.probe), self.cublas_candidate()]
+        return ([aten_epilogue_candidate("cublas", self.group, self.probe), self.cublas_candidate()]
+                + [self.cublas_candidate(c) for c in EPILOGUE_ALTERNATIVES])
 
-    def cublas_candidate(self) -> Candidate:
+    def cublas_candidate(self, epilogue: Optional[GemmConfig] = None) -> Candidate:
+        """cuBLAS, then (with a chain) the epilogue as one Triton kernel of tile ``epilogue``
+        (default ``EPILOGUE_CONFIG``; the name says when it is another)."""
         trivial = anchor_only(self.plan)
         plan, group, anchor = self.plan, self.group, self.problem.anchor
 
@@ -273,9 +276,14 @@ class _GemmBuild:
                 if trivial:
                     return tpl.group_outputs(plan, env, [acc.reshape(shape) for _, shape, *_ in plan.stores])
                 loads, outs, views = self.io(env, self.sources.vendor_skip, acc.device, out)
-                epilogue_only(kernel, as3d(acc), loads, views)
+                epilogue_only(kernel, as3d(acc), loads, views, epilogue)
                 return tpl.group_outputs(plan, env, outs)
 
             return warmed(run, self.probe)
 
-        return Candidate("cublas" + ("" if trivial else " + triton epilogue"), {"impl": "cublas"}, compile_, "cublas")
+        name = "cublas" + ("" if trivial else " + triton epilogue")
+        config = {"impl": "cublas"}
+        if epilogue is not None:
+            name += f" {epilogue.block_m}x{epilogue.block_n} w{epilogue.num_warps}"
+            config["epilogue_tile"] = [epilogue.block_m, epilogue.block_n, epilogue.num_warps]
+        return Candidate(name, config, compile_, "cublas")

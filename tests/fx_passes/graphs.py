@@ -211,10 +211,11 @@ def pass_order():
     from compile_backend.fx_passes.cleanup_rules import eliminate_common_subexpressions, remove_noops
     from compile_backend.fx_passes.constant_fold import constant_fold
     from compile_backend.fx_passes.copies import drop_copies
+    from compile_backend.fx_passes.gemm_bias import fold_gemm_bias
     from compile_backend.fx_passes.layout import choose_layout
     from compile_backend.fx_passes.merge_gemms import merge_parallel_gemms
 
-    return [eliminate_common_subexpressions, remove_noops, fold_batchnorm, merge_parallel_gemms,
+    return [eliminate_common_subexpressions, remove_noops, fold_batchnorm, fold_gemm_bias, merge_parallel_gemms,
             fuse_attention, choose_layout, drop_copies, constant_fold, eliminate_dead_code]
 
 

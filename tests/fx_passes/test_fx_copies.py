@@ -84,3 +84,28 @@ def test_returned_copy_stays():
 def test_training_graphs_are_left_alone():
     t = inference_graph(CloneIntoGemm().eval(), torch.randn(6, 5))
     assert drop_copies(t.gm, ctx(training=True)) == {}
+
+
+class HeadsBackToTokens(nn.Module):
+    """HF attention: SDPA, then transpose(1, 2).contiguous() and flatten the heads."""
+
+    def forward(self, q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).contiguous().view(q.shape[0], q.shape[2], -1) * 2.0
+
+
+class SeqFirstHeads(nn.Module):
+    """nn.MultiheadAttention: permute(2, 0, 1, 3).contiguous() to [L, B, H, D], then flatten."""
+
+    def forward(self, q, k, v):
+        o = F.scaled_dot_product_attention(q, k, v)
+        return o.permute(2, 0, 1, 3).contiguous().view(q.shape[2] * q.shape[0], -1) + 1.0
+
+
+def test_attention_writes_the_order_its_reader_permutes_to():
+    for model, perm in ((HeadsBackToTokens(), [0, 2, 1, 3]), (SeqFirstHeads(), [2, 0, 1, 3])):
+        qkv = [torch.randn(2, 3, 5, 4) for _ in range(3)]
+        t, _ = _dropped(model.eval(), *qkv, fuse=True)
+        (att,) = [n for n in t.gm.graph.nodes if n.target is torch.ops.compile_backend.attention.default]
+        assert list(att.args[7]) == perm and count(t.gm, "clone") == 0
+        assert att.meta["val"].permute(perm).is_contiguous()

@@ -241,7 +241,8 @@ def test_config_validation_and_defaults():
 # ----------------------------------------------------------------------------------------------
 
 
-def _attention_group(shapes, dtype, mask=None, scale=0.125, causal=False, as_kwargs=False, extra_op=False):
+def _attention_group(shapes, dtype, mask=None, scale=0.125, causal=False, as_kwargs=False, extra_op=False,
+                     out_perm=None):
     graph = fx.Graph()
     nodes = []
     for name, shape in zip("qkv", shapes):
@@ -255,10 +256,15 @@ def _attention_group(shapes, dtype, mask=None, scale=0.125, causal=False, as_kwa
     op = torch.ops.compile_backend.attention.default
     if as_kwargs:
         att = graph.call_function(op, tuple(nodes), {"mask": mask_node, "scale": scale, "causal": causal})
+    elif out_perm is not None:
+        att = graph.call_function(op, (*nodes, mask_node, scale, causal, False, out_perm))
     else:
         att = graph.call_function(op, (*nodes, mask_node, scale, causal))
     b, h, sq, _ = shapes[0]
     att.meta["val"] = torch.empty((b, h, sq, shapes[2][-1]), dtype=dtype, device="meta")
+    if out_perm is not None:
+        att.meta["val"] = att.meta["val"].permute(out_perm).contiguous().permute(
+            [out_perm.index(d) for d in range(4)])
     result = att
     if extra_op:
         result = graph.call_function(torch.ops.aten.relu.default, (att,))
@@ -392,3 +398,40 @@ def test_tuned_builder_times_our_configs_against_sdpa():
     assert record["winner"]["impl"] == kernel.impl
     again = build_attention(group, ctx)
     assert again.tuned_from_cache and ctx.tuner.stats["tuned"] == 1
+
+
+@pytest.mark.parametrize("out_perm", [[0, 2, 1, 3], [2, 0, 1, 3]], ids=["bshd", "sbhd"])
+def test_every_candidate_writes_the_requested_layout(out_perm):
+    """out_perm: the output laid out as its reader permutes it (no .contiguous() copy after);
+    our kernel, SDPA and the unfused path all give that layout and the reference's values."""
+    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+
+    dtype = torch.float16
+    q, k, v = _qkv(9, 13, 16, dtype)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, causal=True, out_perm=out_perm)
+    expected = group.reference(q, k, v)[0]
+    assert expected.permute(out_perm).is_contiguous()
+    kernel = build_attention(group, _ctx())
+    (out,) = kernel(q, k, v)
+    assert out.stride() == expected.stride()
+    _assert_matches(out.contiguous(), expected.float(), dtype)
+    ctx = _ctx()
+    ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=1)
+    ctx.tuner.settings = type(ctx.tuner.settings)(min_reps=1, max_reps=1, target_ms=0.1)
+    from compile_backend.kernels import attention as att_mod
+    seen = []
+    real = att_mod._tuned_attention
+
+    def spy(group, ctx, dims, runner, layouts, extra, unfused=None):
+        for run in (runner(SMALL_BLOCKS), group.reference, unfused):
+            (got,) = run(q, k, v)
+            seen.append(got.stride() == expected.stride())
+            _assert_matches(got.contiguous(), expected.float(), dtype)
+        return real(group, ctx, dims, runner, layouts, extra, unfused)
+
+    att_mod._tuned_attention = spy
+    try:
+        build_attention(group, ctx)
+    finally:
+        att_mod._tuned_attention = real
+    assert seen == [True, True, True]
