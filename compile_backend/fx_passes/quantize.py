@@ -259,19 +259,43 @@ def _weight(graph: fx.Graph, op, w: fx.Node, request: QuantRequest):
 
 
 def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, rows: bool):
-    x, dtype = layer.x, tensor_val(layer.x).dtype
+    """(quantized activation, fp32 scale: 0-d static or [M, 1] dynamic per row). A GEMM input
+    that is a row-major reshape of a value (a LayerNorm's [B, S, H] output flattened to
+    [B*S, H]) is quantized before the reshape: the quantize then has its producer's shape and
+    joins the producer's kernel (the norm, the GEMM epilogue) instead of running alone."""
+    x = layer.x
+    src = _row_major_source(x) if rows else None
+    base = src if src is not None else x
+    dtype = tensor_val(base).dtype
     if not request.dynamic:
         scale = quant_ref.scale_from_amax(torch.tensor(request.amax(layer.name)), request.precision)
         inv = float(quant_ref.inverse_scale(scale))
         name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
         x_scale = _constant(gm, name, scale.reshape(()).to(tensor_val(x).device))
-        return quant_ref.quantize_steps(op, x, dtype, inv, request.precision), x_scale
-    xf = x if dtype == torch.float32 else op(aten._to_copy.default, x, dtype=torch.float32)
+        xq = quant_ref.quantize_steps(op, base, dtype, inv, request.precision)
+        return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
+    xf = base if dtype == torch.float32 else op(aten._to_copy.default, base, dtype=torch.float32)
     flat = xf if rows else op(aten.reshape.default, xf, [1, -1])
     scale, inv = quant_ref.row_scale_steps(op, flat, request.precision, *_zero_one(gm.graph, tensor_val(x).device))
     if not rows:
         scale, inv = op(aten.reshape.default, scale, []), op(aten.reshape.default, inv, [])
-    return quant_ref.quantize_steps(op, xf, torch.float32, inv, request.precision), scale
+    xq = quant_ref.quantize_steps(op, xf, torch.float32, inv, request.precision)
+    if src is not None:
+        xq = op(aten.view.default, xq, list(shape(x)))
+        scale = op(aten.view.default, scale, [shape(x)[0], 1])
+    return xq, scale
+
+
+def _row_major_source(x: fx.Node) -> Optional[fx.Node]:
+    """The value ``x`` reshapes when ``x`` only merges its leading dims (rows stay rows: the last
+    dim is kept and the source is contiguous), else None."""
+    if not (is_op(x, aten.view) or is_op(x, aten._unsafe_view) or is_op(x, aten.reshape)):
+        return None
+    src = x.args[0]
+    v, sv = tensor_val(x), tensor_val(src) if isinstance(src, fx.Node) else None
+    if v is None or sv is None or sv.dim() < 2 or v.dim() != 2 or not sv.is_contiguous():
+        return None
+    return src if sv.shape[-1] == v.shape[-1] and sv.dtype == v.dtype else None
 
 
 def _zero_one(graph: fx.Graph, device: torch.device):
