@@ -222,7 +222,7 @@ class _Partitioner:
             for p in stack.pop().all_input_nodes:
                 if p in members or p in add or self.index[p] < first:
                     continue
-                if self.kind.get(p) != "pointwise" or not self._free(p) or _numel(p) != _numel(node):
+                if self.kind.get(p) != "pointwise" or not self._free(p) or _shape(p) != _shape(node):
                     return None
                 add.add(p)
                 stack.append(p)
