@@ -383,3 +383,18 @@ def test_demo_on_cpu_says_speed_is_not_meaningful(aten_only, capsys, monkeypatch
     assert out.rstrip().splitlines()[-1] == demo.CPU_SPEED_NOTE
     assert "not meaningful" in demo.CPU_SPEED_NOTE and "speed is measured on CUDA" in demo.CPU_SPEED_NOTE.replace("Speed", "speed")
     assert seen["argv"][:2] == ["--model", "mlp"]
+
+
+def test_compile_backend_record_says_what_the_engine_ran(tmp_path):
+    """A result explains itself: groups by kind and impl, the tuner's picks, fallbacks, speed
+    check and passes of every graph the peer compiled."""
+    out = tmp_path / "r.json"
+    rc = cli.main(["--model", "mlp", "--size", "tiny", "--device", "cpu", "--compare", "eager,compile_backend",
+                   "--iters", "2", "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    eager, ours = _records(out)
+    assert "report" not in eager
+    (graph,) = ours["report"]
+    ((kind, n),) = graph["groups"].items()  # gemm:triton under the interpreter, gemm:aten without
+    assert kind.startswith("gemm:") and n == 4 and graph["choices"][kind]["n"] == 4
+    assert graph["fallbacks"] == [] and "constant_fold" in graph["passes"]

@@ -64,10 +64,16 @@ def report_summary(report: Any) -> List[Dict[str, Any]]:
     out = []
     for g in report.graphs:
         impls: Dict[str, int] = {}
+        choices: Dict[str, Dict[str, float]] = {}  # the tuner's picks: count and summed tuned ms
         for k in g.kernels:
             key = f"{k['kind']}:{k.get('impl', '?')}"
             impls[key] = impls.get(key, 0) + 1
-        out.append({"name": g.name, "role": g.role, "groups": impls, "cuda_graph": g.cuda_graph,
+            c = k.get("config") or {}
+            pick = key + "".join(f" {c[f]}" for f in ("epilogue", "epilogue_tile") if f in c)
+            entry = choices.setdefault(pick, {"n": 0, "tuned_ms": 0.0})
+            entry["n"] += 1
+            entry["tuned_ms"] = round(entry["tuned_ms"] + float(c.get("tuned_ms", 0.0)), 5)
+        out.append({"name": g.name, "role": g.role, "groups": impls, "choices": choices, "cuda_graph": g.cuda_graph,
                     "fallbacks": sorted({f"{f.get('op')}: {str(f.get('reason'))[:160]}" for f in g.fallbacks}),
                     "speed_check": g.speed_check, "passes": g.fired()})
     return out
