@@ -5,7 +5,9 @@ in the graph: q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv] (any strides);
 ``mask`` None, a bool tensor (True = attend) or an additive float tensor, broadcastable to
 [B, H, Sq, Sk]; ``causal`` masks key j > query i (top-left aligned, as SDPA's ``is_causal``).
 Output [B, H, Sq, Dv], contiguous, or with ``out_perm`` laid out so that
-``out.permute(out_perm)`` is contiguous (the layout its reader permutes it to). Dropout is never part of it (only eval-mode graphs fuse).
+``out.permute(out_perm)`` is contiguous (the layout its reader permutes it to); with ``quant``
+(a precision) the output is quantized by ``quant_inv_scale`` as ``quant_ref.quantize_steps``
+does: the static input quantize of the GEMM that reads it. Dropout is never part of it (only eval-mode graphs fuse).
 A query row whose every key is masked gives zeros, as SDPA's safe softmax does; with
 ``dead_rows_nan`` it gives NaN, as ``softmax(scores) @ v`` does (the explicit chain with
 ``aten._softmax``: exp(-inf - -inf) is NaN), so the fused op equals what it replaced.
@@ -30,9 +32,17 @@ def attention(
     causal: bool,
     dead_rows_nan: bool = False,
     out_perm: Optional[List[int]] = None,
+    quant: Optional[str] = None,
+    quant_inv_scale: float = 0.0,
 ) -> torch.Tensor:
     out = _attention(q, k, v, mask, scale, causal, dead_rows_nan)
+    if quant is not None:  # the next GEMM's static input quantize, fused (fx_passes/quantize.py)
+        out = quant_ref.quantize_steps(_eager, out, out.dtype, quant_inv_scale, quant)
     return out if out_perm is None else laid_out(out, out_perm)
+
+
+def _eager(target, *args, **kwargs):
+    return target(*args, **kwargs)
 
 
 def laid_out(t: torch.Tensor, perm: List[int]) -> torch.Tensor:
@@ -62,8 +72,10 @@ def _attention(q, k, v, mask, scale, causal, dead_rows_nan):
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scale, causal, dead_rows_nan=False, out_perm=None):
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _attention_fake(q, k, v, mask, scale, causal, dead_rows_nan=False, out_perm=None, quant=None,
+                    quant_inv_scale=0.0):
+    dtype = q.dtype if quant is None else quant_ref.STORAGE[quant]
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=dtype)
     return out if out_perm is None else laid_out(out, out_perm)
 
 

@@ -118,7 +118,7 @@ def _match_attention_layout(node: fx.Node, facts: Facts) -> Optional[List[int]]:
     """An attention op every reader of which permutes its output the same way, e.g. HF's
     ``transpose(1, 2)`` before flattening the heads, nn.MultiheadAttention's ``permute(2, 0, 1,
     3)``: the op writes that order directly, and the reader's ``.contiguous()`` copy goes."""
-    if node.target is not _attention_op() or len(node.args) > 7 or "out_perm" in node.kwargs:
+    if node.target is not _attention_op() or node.kwargs or (len(node.args) > 7 and node.args[7] is not None):
         return None
     if node in facts.outputs or node in facts.unsafe or not node.users:
         return None
@@ -130,8 +130,9 @@ def _match_attention_layout(node: fx.Node, facts: Facts) -> Optional[List[int]]:
 
 
 def _write_in_reader_order(gm: fx.GraphModule, node: fx.Node, perm: List[int]) -> None:
-    args = list(node.args) + [False] * (7 - len(node.args))  # dead_rows_nan defaults to False
-    node.args = tuple(args) + (perm,)
+    args = list(node.args) + [False, None][len(node.args) - 6:]  # dead_rows_nan, out_perm defaults
+    args[7] = perm
+    node.args = tuple(args)
     node.meta["val"] = fake_value(node)
     propagate_meta(gm.graph, [node])
 

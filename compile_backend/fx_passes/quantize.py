@@ -34,7 +34,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm
 from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
-from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
+from .rules import Facts, Rule, apply_rules, call, fake_value, is_op, is_view, propagate_meta, shape, tensor_val
 
 aten = torch.ops.aten
 #: meta key of a frozen weight's get_attr node: the parameter's fully qualified name
@@ -272,6 +272,12 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         inv = float(quant_ref.inverse_scale(scale))
         name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
         x_scale = _constant(gm, name, scale.reshape(()).to(tensor_val(x).device))
+        # integer codes only: the attention kernel converts to fp8 with Triton's cast, which the
+        # interpreter gets wrong (kernels/expr_casts.py), so an FP8 quantize stays a kernel
+        attention = _attention_source(x, layer.node) if request.precision in quant_ref.INTEGER_PRECISIONS else None
+        if attention is not None:  # the attention kernel writes its output quantized
+            _quantize_attention_output(gm.graph, attention, x, request.precision, inv)
+            return x, x_scale
         xq = quant_ref.quantize_steps(op, base, dtype, inv, request.precision)
         return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
     xf = base if dtype == torch.float32 else op(aten._to_copy.default, base, dtype=torch.float32)
@@ -284,6 +290,38 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         xq = op(aten.view.default, xq, list(shape(x)))
         scale = op(aten.view.default, scale, [shape(x)[0], 1])
     return xq, scale
+
+
+def _attention_source(x: fx.Node, reader: fx.Node) -> Optional[fx.Node]:
+    """The attention op ``x`` is made from by views and copies alone, each read once (the head
+    flatten ``transpose(1, 2).contiguous().view(B*S, H*D)``), when ``reader`` is the only
+    reader: elementwise with one scale, the quantize commutes with all of them."""
+    node, user = x, reader
+    for _ in range(8):
+        if list(node.users) != [user]:
+            return None
+        if node.target is _attention_op():
+            args = node.args
+            plain = len(args) <= 8 and not node.kwargs
+            return node if plain and tensor_val(node).dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+        plain_copy = is_op(node, aten.clone) or (is_op(node, aten._to_copy) and "dtype" not in node.kwargs)
+        if not (plain_copy or is_view(node)) or _numel(shape(node)) != _numel(shape(node.args[0])):
+            return None
+        node, user = node.args[0], node
+    return None
+
+
+def _quantize_attention_output(graph: fx.Graph, attention: fx.Node, x: fx.Node, precision: str, inv: float) -> None:
+    args = list(attention.args)
+    args += [False, None][len(args) - 6:]  # dead_rows_nan, out_perm: their defaults where absent
+    attention.args = tuple(args) + (precision, inv)
+    attention.meta["val"] = fake_value(attention)
+    propagate_meta(graph, [attention])
+
+
+def _attention_op():
+    ns = getattr(torch.ops, "compile_backend", None)
+    return ns.attention.default if ns is not None and hasattr(ns, "attention") else None
 
 
 def _row_major_source(x: fx.Node) -> Optional[fx.Node]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .autotune import tuner_for
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, output_tensor
+from . import quant_ref
 from .launch import strides_for
 from .base import triton_interpret
 
@@ -300,11 +301,12 @@ def _flash_attention_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale,
+    num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale, quant_inv_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr, DEAD_ROWS_NAN: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    QUANT: tl.constexpr = False, QMAX: tl.constexpr = 127.0, ROUND_TO: tl.constexpr = tl.float16,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -361,6 +363,15 @@ def _flash_attention_fwd(
         # (DEAD_ROWS_NAN: 0 * (1 / 0) is NaN, like softmax(all -inf) @ v)
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_i)[:, None]
+    if QUANT:
+        # the next GEMM's static input quantize to integer codes (kernels/quant_ref.
+        # quantize_steps) on the output as the op would return it (rounded to q's dtype first)
+        y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
+        y = tl.where(y != y, 0.0, y)
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        r = (tl.abs(y) + 8388608.0) - 8388608.0  # round half to even (|y| <= QMAX < 2^23)
+        y = tl.where(y < 0, -r, r)
+        out = y
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     dv_ok = offs_dv < head_dim_v
     if EVEN_M and EVEN_DV:
@@ -468,12 +479,13 @@ def flash_attention(
 
 def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, allow_tf32: bool,
             into: Optional[torch.Tensor] = None, dead_rows_nan: bool = False,
-            out_perm: Optional[Sequence[int]] = None) -> torch.Tensor:
+            out_perm: Optional[Sequence[int]] = None, quant: Optional[Tuple[str, float]] = None) -> torch.Tensor:
     """Allocate (or write ``into``, checked) and launch, no other checks: callers have validated
     (flash_attention) or built for exactly these shapes and dtypes (build_attention)."""
     batch, heads, seq_q, head_dim = q.shape
     seq_k, head_dim_v = k.shape[2], v.shape[3]
-    out = output_tensor((into,), 0, _out_layout(q.shape, v.shape, q.dtype, out_perm), q.device)
+    out_dtype = q.dtype if quant is None else quant_ref.STORAGE[quant[0]]
+    out = output_tensor((into,), 0, _out_layout(q.shape, v.shape, out_dtype, out_perm), q.device)
     if out.numel() == 0:
         return out
 
@@ -501,6 +513,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         q, k_arg, v_arg, mask_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         heads, seq_q, seq_k, head_dim, head_dim_v, scale * 1.4426950408889634,
+        0.0 if quant is None else float(quant[1]),
         MASK_KIND=mask_kind, CAUSAL=causal, SCALE_IN_EXP=scale > 0 and mask_kind != MASK_ADDITIVE,
         DEAD_ROWS_NAN=dead_rows_nan,
         EVEN_M=seq_q % config.block_m == 0, EVEN_N=seq_k % config.block_n == 0,
@@ -508,6 +521,8 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         DOT_PRECISION="tf32" if allow_tf32 else "ieee",
         UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, USE_TMA=use_tma,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        QUANT=quant is not None,
+        QMAX=127.0 if quant is None else quant_ref.QMAX[quant[0]], ROUND_TO=_TL_TYPES[q.dtype],
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -517,7 +532,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
 # builder
 # ----------------------------------------------------------------------------------------------
 
-_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal", "dead_rows_nan", "out_perm")
+_ARG_NAMES = ("q", "k", "v", "mask", "scale", "causal", "dead_rows_nan", "out_perm", "quant", "quant_inv_scale")
 
 
 def _attention_node(group: KernelGroup) -> fx.Node:
@@ -534,12 +549,14 @@ def _attention_node(group: KernelGroup) -> fx.Node:
 def _node_args(node: fx.Node) -> Dict[str, Any]:
     args = dict(zip(_ARG_NAMES, node.args))
     args.update({k: val for k, val in node.kwargs.items() if k in _ARG_NAMES})
-    missing = [n for n in _ARG_NAMES if n not in args and n not in ("mask", "dead_rows_nan", "out_perm")]
+    missing = [n for n in _ARG_NAMES[:6] if n not in args and n != "mask"]
     if missing:
         raise Unsupported(f"attention node lacks arguments {missing}")
     args.setdefault("mask", None)
     args.setdefault("dead_rows_nan", False)
     args.setdefault("out_perm", None)
+    args.setdefault("quant", None)
+    args.setdefault("quant_inv_scale", 0.0)
     return args
 
 
@@ -567,6 +584,13 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
         raise Unsupported(f"attention causal/dead_rows_nan must be constant bools, got {causal!r}")
     dead_rows_nan = args["dead_rows_nan"]
     out_perm = args["out_perm"]
+    quant = None
+    if args["quant"] is not None:
+        if args["quant"] not in quant_ref.INTEGER_PRECISIONS or not isinstance(args["quant_inv_scale"], (int, float)):
+            # fp8: Triton's interpreter converts fp32 -> fp8 wrongly (kernels/expr_casts.py), so
+            # the kernel is never tested there; the ATen group (the op's reference) runs it
+            raise Unsupported(f"attention quant must be an integer precision with a constant scale, got {args['quant']!r}")
+        quant = (args["quant"], float(args["quant_inv_scale"]))
     if out_perm is not None and sorted(out_perm) != [0, 1, 2, 3]:
         raise Unsupported(f"attention out_perm must be a permutation of 4 dims, got {out_perm!r}")
 
@@ -595,7 +619,7 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
                 raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
                                  f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
             return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None,
-                            dead_rows_nan, out_perm),)
+                            dead_rows_nan, out_perm, quant),)
 
         return run
 
@@ -604,15 +628,18 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
 
         mask = inputs[im] if im is not None else None
         res = unfused_attention(inputs[iq], inputs[ik], inputs[iv], mask, scale, causal, dead_rows_nan)
+        if quant is not None:
+            res = quant_ref.quantize_steps(_eager, res, res.dtype, quant[1], quant[0])
         return (res if out_perm is None else _in_layout(res, layouts[0]),)
 
-    layouts = (_out_layout(q_meta.shape, v_meta.shape, q_meta.dtype, out_perm),)
+    out_dtype = q_meta.dtype if quant is None else quant_ref.STORAGE[quant[0]]
+    layouts = (_out_layout(q_meta.shape, v_meta.shape, out_dtype, out_perm),)
     if tuned:
         # short sequences: also two batched GEMMs around one softmax kernel (16-bit only: the
         # fp32 products would follow the user's global TF32 setting, not options.precision)
         short = q_meta.dtype in (torch.float16, torch.bfloat16) and k_meta.shape[-2] <= _unfused_max_keys()
         return _tuned_attention(group, ctx, dims, runner, layouts,
-                                f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan}",
+                                f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan} quant={quant}",
                                 unfused if short else None)
     return Kernel(kind="attention", impl="triton", ops=group.ops, fn=runner(config), config=config.as_dict(),
                   supports_out=True, out_layouts=layouts)
@@ -676,6 +703,13 @@ def _out_layout(q_shape, v_shape, dtype: torch.dtype, out_perm: Optional[Sequenc
     in memory in ``out_perm`` order (outer first; the op's ``out_perm``)."""
     shape = (*(int(s) for s in tuple(q_shape)[:3]), int(v_shape[3]))
     return shape, strides_for(shape, range(4) if out_perm is None else out_perm), dtype
+
+
+def _eager(target, *args, **kwargs):
+    return target(*args, **kwargs)
+
+
+_TL_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def _in_layout(t: torch.Tensor, layout) -> torch.Tensor:

@@ -242,7 +242,7 @@ def test_config_validation_and_defaults():
 
 
 def _attention_group(shapes, dtype, mask=None, scale=0.125, causal=False, as_kwargs=False, extra_op=False,
-                     out_perm=None):
+                     out_perm=None, quant=None):
     graph = fx.Graph()
     nodes = []
     for name, shape in zip("qkv", shapes):
@@ -256,12 +256,13 @@ def _attention_group(shapes, dtype, mask=None, scale=0.125, causal=False, as_kwa
     op = torch.ops.compile_backend.attention.default
     if as_kwargs:
         att = graph.call_function(op, tuple(nodes), {"mask": mask_node, "scale": scale, "causal": causal})
-    elif out_perm is not None:
-        att = graph.call_function(op, (*nodes, mask_node, scale, causal, False, out_perm))
+    elif out_perm is not None or quant is not None:
+        att = graph.call_function(op, (*nodes, mask_node, scale, causal, False, out_perm, *(quant or ())))
     else:
         att = graph.call_function(op, (*nodes, mask_node, scale, causal))
     b, h, sq, _ = shapes[0]
-    att.meta["val"] = torch.empty((b, h, sq, shapes[2][-1]), dtype=dtype, device="meta")
+    out_dtype = dtype if quant is None else {"int8": torch.int8, "int4": torch.int8, "fp8": torch.float8_e4m3fn}[quant[0]]
+    att.meta["val"] = torch.empty((b, h, sq, shapes[2][-1]), dtype=out_dtype, device="meta")
     if out_perm is not None:
         att.meta["val"] = att.meta["val"].permute(out_perm).contiguous().permute(
             [out_perm.index(d) for d in range(4)])
@@ -435,3 +436,52 @@ def test_every_candidate_writes_the_requested_layout(out_perm):
     finally:
         att_mod._tuned_attention = real
     assert seen == [True, True, True]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_output_quantized_for_the_next_gemm(precision):
+    """quant: the attention writes the next GEMM's static input quantize to integer codes
+    (quant_ref.quantize_steps of the output rounded to q's dtype); our kernel and the unfused path
+    give the reference's codes (within one step on <= 1% of elements: the output's own rounding
+    may differ). fp8 is refused (Unsupported): the interpreter's fp8 cast is wrong."""
+    dtype = torch.float16
+    q, k, v = _qkv(9, 13, 16, dtype)
+    inv = 37.0 if precision == "int8" else 4.0  # codes spread over the grid, some saturate
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, causal=True, out_perm=[0, 2, 1, 3],
+                             quant=(precision, inv))
+    expected = group.reference(q, k, v)[0]
+    assert expected.dtype == torch.int8
+    grid = 1.0
+
+    def check(out):
+        assert out.dtype == expected.dtype and out.stride() == expected.stride()
+        step = (out.float() - expected.float()).abs()
+        assert (step <= grid).all() and (step > 0).float().mean() <= 0.01
+
+    (out,) = build_attention(group, _ctx())(q, k, v)
+    check(out)
+    from compile_backend.kernels import attention as att_mod
+    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+    ctx = _ctx()
+    ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=1)
+    ctx.tuner.settings = type(ctx.tuner.settings)(min_reps=1, max_reps=1, target_ms=0.1)
+    real, seen = att_mod._tuned_attention, []
+
+    def spy(group, ctx, dims, runner, layouts, extra, unfused=None):
+        check(unfused(q, k, v)[0])
+        seen.append(extra)
+        return real(group, ctx, dims, runner, layouts, extra, unfused)
+
+    att_mod._tuned_attention = spy
+    try:
+        build_attention(group, ctx)
+    finally:
+        att_mod._tuned_attention = real
+    assert seen and f"quant=('{precision}'," in seen[0]
+
+
+def test_fp8_output_quantize_is_left_to_aten():
+    q, k, v = _qkv(9, 13, 16, torch.float16)
+    group = _attention_group([q.shape, k.shape, v.shape], torch.float16, quant=("fp8", 300.0))
+    with pytest.raises(Unsupported, match="integer precision"):
+        build_attention(group, _ctx())

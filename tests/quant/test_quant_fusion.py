@@ -43,3 +43,44 @@ def test_quantize_joins_the_norm_kernel(activations, tmp_path):
         y, ref = fast(x), model(x)
     cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
     assert cos > 0.999 and not torch.equal(y, ref)
+
+
+class AttentionBlock(nn.Module):
+    """HF-style self-attention: projections, SDPA, heads flattened back, output projection."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(a.transpose(1, 2).contiguous().view(b, s, d))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_attention_writes_the_output_projections_codes(precision, tmp_path):
+    """int8: the output projection's input quantize runs inside the attention kernel (no
+    pointwise kernel of its own); fp8 keeps it as a kernel (the interpreter's fp8 cast is wrong,
+    so the fused store is never tested there)."""
+    model = AttentionBlock().eval()
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
+    cfg = quant.QuantConfig(precision=precision, min_features=1)
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    kinds = [k["kind"] for k in g.kernels]
+    assert kinds.count("attention") == 1 and "aten" not in kinds
+    standalone = [k for k in g.kernels if k["kind"] == "pointwise"]
+    # the graph input's quantize (for the merged Q/K/V projection) has no producer of ours
+    assert len(standalone) == (1 if precision == "int8" else 2), [k["ops"] for k in standalone]
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert cos > 0.99
