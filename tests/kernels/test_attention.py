@@ -402,32 +402,19 @@ def test_tuned_builder_times_our_configs_against_sdpa():
 
 
 @pytest.mark.parametrize("out_perm", [[0, 2, 1, 3], [2, 0, 1, 3]], ids=["bshd", "sbhd"])
-def test_every_candidate_writes_the_requested_layout(out_perm):
-    """out_perm: the output laid out as its reader permutes it (no .contiguous() copy after);
-    our kernel, SDPA and the unfused path all give that layout and the reference's values."""
+def _tuned_candidates(group):
+    """Build ``group`` with a timing tuner and return what the tuner was handed: the runner
+    factory, and the unfused path (SDPA is ``group.reference``), to call each candidate."""
+    from compile_backend.kernels import attention as att_mod
     from compile_backend.kernels.autotune import Tuner, WallClockTimer
 
-    dtype = torch.float16
-    q, k, v = _qkv(9, 13, 16, dtype)
-    group = _attention_group([q.shape, k.shape, v.shape], dtype, causal=True, out_perm=out_perm)
-    expected = group.reference(q, k, v)[0]
-    assert expected.permute(out_perm).is_contiguous()
-    kernel = build_attention(group, _ctx())
-    (out,) = kernel(q, k, v)
-    assert out.stride() == expected.stride()
-    _assert_matches(out.contiguous(), expected.float(), dtype)
     ctx = _ctx()
     ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=1)
     ctx.tuner.settings = type(ctx.tuner.settings)(min_reps=1, max_reps=1, target_ms=0.1)
-    from compile_backend.kernels import attention as att_mod
-    seen = []
-    real = att_mod._tuned_attention
+    real, seen = att_mod._tuned_attention, {}
 
     def spy(group, ctx, dims, runner, layouts, extra, unfused=None):
-        for run in (runner(SMALL_BLOCKS), group.reference, unfused):
-            (got,) = run(q, k, v)
-            seen.append(got.stride() == expected.stride())
-            _assert_matches(got.contiguous(), expected.float(), dtype)
+        seen.update(runner=runner, unfused=unfused, extra=extra)
         return real(group, ctx, dims, runner, layouts, extra, unfused)
 
     att_mod._tuned_attention = spy
@@ -435,7 +422,23 @@ def test_every_candidate_writes_the_requested_layout(out_perm):
         build_attention(group, ctx)
     finally:
         att_mod._tuned_attention = real
-    assert seen == [True, True, True]
+    return seen
+
+
+@pytest.mark.parametrize("out_perm", [[0, 2, 1, 3], [2, 0, 1, 3]], ids=["bshd", "sbhd"])
+def test_every_candidate_writes_the_requested_layout(out_perm):
+    """out_perm: the output laid out as its reader permutes it (no .contiguous() copy after);
+    our kernel, SDPA and the unfused path all give that layout and the reference's values."""
+    dtype = torch.float16
+    q, k, v = _qkv(9, 13, 16, dtype)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, causal=True, out_perm=out_perm)
+    expected = group.reference(q, k, v)[0]
+    assert expected.permute(out_perm).is_contiguous()
+    tuning = _tuned_candidates(group)
+    for run in (build_attention(group, _ctx()), tuning["runner"](SMALL_BLOCKS), group.reference, tuning["unfused"]):
+        (got,) = run(q, k, v)
+        assert got.stride() == expected.stride()
+        _assert_matches(got.contiguous(), expected.float(), dtype)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -451,33 +454,13 @@ def test_output_quantized_for_the_next_gemm(precision):
                              quant=(precision, inv))
     expected = group.reference(q, k, v)[0]
     assert expected.dtype == torch.int8
-    grid = 1.0
-
-    def check(out):
+    tuning = _tuned_candidates(group)
+    assert f"quant=('{precision}'," in tuning["extra"]
+    for run in (build_attention(group, _ctx()), tuning["unfused"]):
+        (out,) = run(q, k, v)
         assert out.dtype == expected.dtype and out.stride() == expected.stride()
         step = (out.float() - expected.float()).abs()
-        assert (step <= grid).all() and (step > 0).float().mean() <= 0.01
-
-    (out,) = build_attention(group, _ctx())(q, k, v)
-    check(out)
-    from compile_backend.kernels import attention as att_mod
-    from compile_backend.kernels.autotune import Tuner, WallClockTimer
-    ctx = _ctx()
-    ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=1)
-    ctx.tuner.settings = type(ctx.tuner.settings)(min_reps=1, max_reps=1, target_ms=0.1)
-    real, seen = att_mod._tuned_attention, []
-
-    def spy(group, ctx, dims, runner, layouts, extra, unfused=None):
-        check(unfused(q, k, v)[0])
-        seen.append(extra)
-        return real(group, ctx, dims, runner, layouts, extra, unfused)
-
-    att_mod._tuned_attention = spy
-    try:
-        build_attention(group, ctx)
-    finally:
-        att_mod._tuned_attention = real
-    assert seen and f"quant=('{precision}'," in seen[0]
+        assert (step <= 1).all() and (step > 0).float().mean() <= 0.01
 
 
 def test_fp8_output_quantize_is_left_to_aten():
