@@ -37,12 +37,9 @@ def attention(
 ) -> torch.Tensor:
     out = _attention(q, k, v, mask, scale, causal, dead_rows_nan)
     if quant is not None:  # the next GEMM's static input quantize, fused (fx_passes/quantize.py)
-        out = quant_ref.quantize_steps(_eager, out, out.dtype, quant_inv_scale, quant)
+        out = quant_ref.quantize_steps(quant_ref.eager, out, out.dtype, quant_inv_scale, quant)
     return out if out_perm is None else laid_out(out, out_perm)
 
-
-def _eager(target, *args, **kwargs):
-    return target(*args, **kwargs)
 
 
 def laid_out(t: torch.Tensor, perm: List[int]) -> torch.Tensor:

@@ -529,7 +529,7 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
         mask = inputs[im] if im is not None else None
         res = unfused_attention(inputs[iq], inputs[ik], inputs[iv], mask, scale, causal, dead_rows_nan)
         if quant is not None:
-            res = quant_ref.quantize_steps(_eager, res, res.dtype, quant[1], quant[0])
+            res = quant_ref.quantize_steps(quant_ref.eager, res, res.dtype, quant[1], quant[0])
         return (res if out_perm is None else _in_layout(res, layouts[0]),)
 
     out_dtype = q_meta.dtype if quant is None else quant_ref.STORAGE[quant[0]]
@@ -603,10 +603,6 @@ def _out_layout(q_shape, v_shape, dtype: torch.dtype, out_perm: Optional[Sequenc
     in memory in ``out_perm`` order (outer first; the op's ``out_perm``)."""
     shape = (*(int(s) for s in tuple(q_shape)[:3]), int(v_shape[3]))
     return shape, strides_for(shape, range(4) if out_perm is None else out_perm), dtype
-
-
-def _eager(target, *args, **kwargs):
-    return target(*args, **kwargs)
 
 
 _TL_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
