@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .base import PassContext
-from .rules import (Facts, Rule, apply_rules, fake_value, is_op, is_view, propagate_meta, same_layout,
+from .rules import (Facts, Rule, apply_rules, fake_value, is_attention, is_op, is_view, propagate_meta, same_layout,
                     takes_any_layout, tensor_val)
 
 aten = torch.ops.aten
@@ -118,7 +118,7 @@ def _match_attention_layout(node: fx.Node, facts: Facts) -> Optional[List[int]]:
     """An attention op every reader of which permutes its output the same way, e.g. HF's
     ``transpose(1, 2)`` before flattening the heads, nn.MultiheadAttention's ``permute(2, 0, 1,
     3)``: the op writes that order directly, and the reader's ``.contiguous()`` copy goes."""
-    if node.target is not _attention_op() or node.kwargs or (len(node.args) > 7 and node.args[7] is not None):
+    if not is_attention(node) or node.kwargs or (len(node.args) > 7 and node.args[7] is not None):
         return None
     if node in facts.outputs or node in facts.unsafe or not node.users:
         return None
@@ -135,11 +135,6 @@ def _write_in_reader_order(gm: fx.GraphModule, node: fx.Node, perm: List[int]) -
     node.args = tuple(args)
     node.meta["val"] = fake_value(node)
     propagate_meta(gm.graph, [node])
-
-
-def _attention_op():
-    ns = getattr(torch.ops, "compile_backend", None)
-    return getattr(ns, "attention").default if ns is not None and hasattr(ns, "attention") else None
 
 
 COPY_RULES = (

@@ -34,7 +34,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm
 from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
-from .rules import Facts, Rule, apply_rules, call, fake_value, is_op, is_view, propagate_meta, shape, tensor_val
+from .rules import Facts, Rule, apply_rules, call, fake_value, is_attention, is_op, is_view, propagate_meta, shape, tensor_val
 
 aten = torch.ops.aten
 #: meta key of a frozen weight's get_attr node: the parameter's fully qualified name
@@ -300,11 +300,11 @@ def _attention_source(x: fx.Node, reader: fx.Node) -> Optional[fx.Node]:
     for _ in range(8):
         if list(node.users) != [user]:
             return None
-        if node.target is _attention_op():
+        if is_attention(node):
             args = node.args
             plain = len(args) <= 8 and not node.kwargs
             return node if plain and tensor_val(node).dtype in (torch.float16, torch.bfloat16, torch.float32) else None
-        plain_copy = is_op(node, aten.clone) or (is_op(node, aten._to_copy) and "dtype" not in node.kwargs)
+        plain_copy = is_op(node, aten.clone) or (is_op(node, aten._to_copy) and set(node.kwargs) <= {"memory_format"})
         if not (plain_copy or is_view(node)) or _numel(shape(node)) != _numel(shape(node.args[0])):
             return None
         node, user = node.args[0], node
@@ -317,11 +317,6 @@ def _quantize_attention_output(graph: fx.Graph, attention: fx.Node, x: fx.Node, 
     attention.args = tuple(args) + (precision, inv)
     attention.meta["val"] = fake_value(attention)
     propagate_meta(graph, [attention])
-
-
-def _attention_op():
-    ns = getattr(torch.ops, "compile_backend", None)
-    return ns.attention.default if ns is not None and hasattr(ns, "attention") else None
 
 
 def _row_major_source(x: fx.Node) -> Optional[fx.Node]:

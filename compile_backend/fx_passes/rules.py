@@ -94,6 +94,13 @@ def is_op(node: Any, *packets: Any) -> bool:
     return any(t is p or (packet is not None and packet is p) for p in packets)
 
 
+def is_attention(node: Any) -> bool:
+    """``node`` calls the fused attention op ``compile_backend::attention`` (ops.py)."""
+    from .. import ops  # noqa: F401  (registers the op; light: no Triton)
+
+    return isinstance(node, fx.Node) and node.target is torch.ops.compile_backend.attention.default
+
+
 def is_view(node: fx.Node) -> bool:
     """``node``'s output re-indexes its input's values (view ops, ``_unsafe_view``, the
     functional ``*_copy`` views, getitem of a view op); see ``kernels.base.is_view_op``."""

@@ -17,9 +17,10 @@ MAX_BATCH = 65535
 #: tile of the epilogue-only launch (MODE 2) that follows cuBLAS / cuDNN (32x256 and 16x256
 #: were within 5 % of each other and ahead of 64x128, 128x128 in run 2 on an H100)
 EPILOGUE_CONFIG = GemmConfig(32, 256, 16, 8, 1, 4, 1)
-#: further epilogue tiles the tuner times after cuBLAS: a long epilogue (GPT-2's tanh GELU: six
-#: fp32 temporaries of the tile) spills at 64 values per thread; these hold 32 and 16 (H200 run 3:
-#: 24.6 us for 4096x3072, 2 TB/s, where Inductor's standalone GELU kernel took 15.6 us)
+#: further epilogue tiles the tuner times after cuBLAS, with 32 and 16 values per thread instead
+#: of 64: H200 run 3 measured the default tile at 24.6 us for GPT-2's tanh GELU on 4096x3072
+#: (2 TB/s; Inductor's standalone GELU kernel: 15.6 us). Register spills of the long epilogue are
+#: the suspected cause (not profiled); the tuner picks by measurement either way
 EPILOGUE_ALTERNATIVES = (GemmConfig(32, 256, 16, 8, 1, 8, 1), GemmConfig(16, 128, 16, 8, 1, 4, 1))
 
 
