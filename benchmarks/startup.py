@@ -47,7 +47,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
-MODELS = ("mlp", "resnet50", "bert", "gpt2", "vit")
+ZOO_MODELS = ("mlp", "resnet50", "bert", "gpt2", "vit")
 LEVELS = ("off", "fast", "max")
 BACKENDS = ("compile_backend", "eager", "aot_eager")
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -78,8 +78,16 @@ def child(args) -> int:
 
     from compile_backend import zoo
 
+    from . import real_models
+
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
-    model, inputs = zoo.get(args.model, args.size, batch=args.batch, dtype=dtype, device=device)
+    if args.model in real_models.REAL:  # a model no one here wrote (transformers, torchvision)
+        from compile_backend.bench.cli import load_model, to_device
+
+        model, inputs, _ = load_model(real_models.model_spec(args.model), args.size, args.batch, args.device, 0)
+        model, inputs = model.to(dtype), tuple(to_device(t, args.device, dtype) for t in inputs)
+    else:
+        model, inputs = zoo.get(args.model, args.size, batch=args.batch, dtype=dtype, device=device)
     if cuda:
         torch.cuda.synchronize(device)
     marks["built"] = time.perf_counter()
@@ -159,7 +167,7 @@ def child(args) -> int:
         "timing_hits": cache["timing_hits"], "cache_bypasses": cache["bypasses"],
         "engine_states": [g.cache.get("engine") for g in report.graphs],
         "output_shape": list(out.shape) if isinstance(out, torch.Tensor) else None,
-        "batch": zoo.default_batch(args.model, args.size) if args.batch is None else args.batch,
+        "batch": int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None,
         "device_name": torch.cuda.get_device_name(device) if cuda else None,
     }
     if result["interpreter_s"] is not None:
@@ -219,9 +227,13 @@ def measure_row(model: str, level: str, root: str, args, deadline: float) -> Dic
     """Cold then warm child for one (model, level), on a fresh empty cache directory."""
     from compile_backend import zoo
 
+    from . import real_models
+
+    default = real_models.REAL[model].default_batch if model in real_models.REAL else \
+        zoo.default_batch(model, args.size)
     row: Dict[str, Any] = {"model": model, "size": args.size, "precision": args.precision,
                            "autotune": level, "backend": args.backend, "warm_goal_s": WARM_GOAL_S,
-                           "batch": zoo.default_batch(model, args.size) if args.batch is None else args.batch}
+                           "batch": default if args.batch is None else args.batch}
     cache_dir = os.path.join(root, f"{model}-{level}-{args.backend}")
     shutil.rmtree(cache_dir, ignore_errors=True)
     os.makedirs(cache_dir, mode=0o700)
@@ -336,7 +348,9 @@ def format_split(rows: List[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.startup",
                                 description="Cold and warm start-up of compile_backend per zoo model.")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(ZOO_MODELS),
+                   help=f"zoo models ({', '.join(ZOO_MODELS)}) or models no one here wrote "
+                        "(names of benchmarks.real_models.REAL, e.g. hf_bert tv_vit_b_16)")
     p.add_argument("--autotune", nargs="+", default=["fast"], choices=LEVELS)
     p.add_argument("--size", choices=("tiny", "base"), default=None,
                    help="zoo size (default: base on CUDA, tiny on CPU)")
@@ -374,6 +388,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.size is None:
         args.size = "base" if args.device.startswith("cuda") else "tiny"
     args.models = list(dict.fromkeys(args.models))
+    from . import real_models  # the parent only: the child times its own `import torch`
+
+    unknown = [m for m in args.models if m not in ZOO_MODELS and m not in real_models.REAL]
+    if unknown:
+        build_parser().error(f"unknown model(s) {unknown}; choose among {list(ZOO_MODELS) + list(real_models.REAL)}")
     args.autotune = list(dict.fromkeys(args.autotune))
     rows = run(args)
     return 1 if rows and all(r.get("error") for r in rows) else 0

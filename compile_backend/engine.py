@@ -14,7 +14,6 @@ another stream than the last one first waits for that stream's work).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import operator
 import threading
@@ -24,11 +23,10 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from .cuda_graph import CudaGraphRunner
 from .fx_passes.constant_fold import ConstantProgram
 from .kernels.base import INTERPRETER_LOCK, Kernel, KernelGroup
 from .weights import WeightWatch
-
-log = logging.getLogger("compile_backend")
 
 
 class GroupCall:
@@ -130,6 +128,11 @@ class Engine:
                 return self._run_planned(args)
         return self._run_planned(args)
 
+    def launch(self, args: Sequence[Any]) -> Any:
+        """The launches alone: no lock, no stream bookkeeping (the CUDA graph runner records
+        and warms up with this under its own lock)."""
+        return self._fn(args, self._table)
+
     def _run_planned(self, args: Sequence[Any]) -> Any:
         if self.arena is None:
             return self._fn(args, self._table)
@@ -185,89 +188,6 @@ class Engine:
         after = [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in self._table]
         if self.cuda_graph is not None and before != after:
             self.cuda_graph.invalidate()  # a recorded graph reads constants at fixed addresses
-
-
-class CudaGraphRunner:
-    """Replays an engine's launches from one CUDA graph.
-
-    Inputs are copied into static buffers (skipped when the caller passes the static buffer
-    itself); constants are read where they live, so a refit that updates them in place needs no
-    re-recording, and one that moves them re-records on the next call. The engine's arena (planned
-    intermediates) is allocated once and never moved, so the recorded addresses stay valid
-    across replays and refits. Outputs are cloned out of
-    the graph's memory: a caller keeping call N's output never sees it change at call N+1. That
-    costs one device copy per output (small next to the launches a replay saves). If recording
-    fails (an op that synchronises, a CPU tensor), the engine runs without a graph.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.usable = True
-        self.graph = None
-        self.static_args: list = []
-        self.static_out: Any = None
-        self.lock = threading.Lock()  # replays share the static buffers
-        self.done = None  # event after the last replay's output copies
-
-    def invalidate(self) -> None:
-        self.graph = None
-
-    def __call__(self, args: Sequence[Any]) -> Any:
-        with self.lock:
-            stream = torch.cuda.current_stream()
-            if self.done is not None:  # the previous replay, maybe on another stream, must finish
-                stream.wait_event(self.done)
-            if self.graph is None:
-                try:
-                    self._record(args)
-                except Exception as exc:
-                    log.warning("compile_backend: CUDA graph recording failed (%s: %s); running "
-                                "this engine without a graph", type(exc).__name__, exc)
-                    self.usable = False
-                    torch.cuda.synchronize()
-                    return self.engine.run(args)
-            else:
-                for static, arg in zip(self.static_args, args):
-                    if isinstance(static, torch.Tensor) and static is not arg and \
-                            static.data_ptr() != arg.data_ptr():
-                        static.copy_(arg)
-            self.graph.replay()
-            out = _clone_out(self.static_out)
-            self.done = torch.cuda.Event()
-            self.done.record(stream)
-            return out
-
-    def _record(self, args: Sequence[Any]) -> None:
-        frozen = set(self.engine.frozen)
-        self.static_args = [
-            torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
-            if isinstance(a, torch.Tensor) and i not in frozen else a
-            for i, a in enumerate(args)
-        ]
-        run, table = self.engine._fn, self.engine._table
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        # the warm-up runs draw random numbers the user's call must not see consumed
-        device = next((a.device.index or 0 for a in args if isinstance(a, torch.Tensor)), 0)
-        with torch.cuda.stream(side), torch.random.fork_rng(devices=[device]):
-            for _ in range(2):  # warm-up outside the graph: lazy inits, workspace allocation
-                run(self.static_args, table)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the default ("global") mode makes any other thread's unsafe CUDA call
-        # (an allocation, a synchronize) during the capture fail there and invalidate the
-        # capture; a user's other threads must never see an error because an engine records
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.static_out = run(self.static_args, table)
-        self.graph = graph
-
-
-def _clone_out(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.clone()
-    if isinstance(out, (list, tuple)):
-        return type(out)(_clone_out(o) for o in out)
-    return out
 
 
 # --------------------------------------------------------------------------- code generation

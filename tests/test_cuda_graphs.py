@@ -92,3 +92,23 @@ def test_threads_and_streams():
 def test_cuda_graphs_off_option():
     report = compile_backend.explain(_model(), torch.randn(4, 64, device="cuda"), cuda_graphs="off")
     assert not report.graphs[0].cuda_graph
+
+
+def test_held_outputs_are_never_overwritten_and_free_ones_are_reused():
+    m = _model()
+    compiled = torch.compile(m, backend="compile_backend")
+    xs = [torch.randn(8, 64, device="cuda") for _ in range(5)]
+    with torch.no_grad():
+        expected = [m(x) for x in xs]
+        out = compiled(xs[0])
+        first_ptr = out.data_ptr()
+        out = compiled(xs[1])  # the first output is still held while this call runs
+        second_ptr = out.data_ptr()
+        assert second_ptr != first_ptr
+        out = compiled(xs[2])  # the first is free now: its recording's memory comes back
+        assert out.data_ptr() == first_ptr
+        assert_same(out, expected[2])
+        kept = [compiled(x) for x in xs]  # all held: the copy recording serves the rest
+        for got, want in zip(kept, expected):
+            assert_same(got, want)
+        assert len({t.data_ptr() for t in kept}) == len(kept)

@@ -4,6 +4,8 @@
 #   part=N[@PEERS]:S  python -m benchmarks.suite --part N [--peers PEERS] (budget S - 10 s), into
 #                     $OUT/suite_real_h200.json
 #   profile=CASE:S  python -m benchmarks.kernel_profile --case CASE (inductor vs ours without graphs)
+#   startup=M1,M2:S python -m benchmarks.startup --models M1 M2 (cold and warm child per model, our
+#                     default autotune level), into $OUT/startup_real_h200.json
 # The commit comes from .commit (the tree there has no .git).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=$PWD
@@ -22,6 +24,9 @@ for spec in "$@"; do
             --peers "inductor,compile_backend[cuda_graphs=off,speed_check=false]" --out "$OUT/profile_${what/:/_}_h200.json" \
             > "$OUT/profile_${what/:/_}.log" 2>&1
           tail -70 "$OUT/profile_${what/:/_}.log" | cut -c1-160 ;;
+    startup) timeout "$limit" python3 -m benchmarks.startup --models ${what//,/ } --commit "$COMMIT" \
+            --budget-s $((limit - 10)) --out "$OUT/startup_real_h200.json" > "$OUT/startup.log" 2>&1
+          tail -25 "$OUT/startup.log" | cut -c1-220 ;;
   esac
   echo "== $spec: $(( $(date +%s) - start )) s"
 done
