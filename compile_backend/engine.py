@@ -97,6 +97,7 @@ class Engine:
         self.first_call_context = first_call_context
         self._called = False
         self.cuda_graph: CudaGraphRunner | None = CudaGraphRunner(self) if cuda_graph else None
+        self.cache_key: Optional[str] = None  # the engine cache's key, when it came through the cache
 
     def __call__(self, args: Sequence[Any]) -> Any:
         if not self._called:

@@ -66,13 +66,16 @@ def compile_graph_cached(
     report.cache = {"engine": "miss" if "engine" in cold else "hit", "key": key.digest[:16],
                     "stored": entry.stored, "bypasses": stats["bypasses"]}
     if "engine" in cold:
-        return cold["engine"]
-    plan = plans.Plan.from_meta(entry.meta)
-    if plan is None:  # unreachable while the plan format is in the key; never trust it blindly
-        report.cache["engine"] = "bypass"
-        report.cache["reason"] = "entry holds no plan of this format"
-    return compile_graph(aten_gm, args, role=role, frozen=frozen, options=options, report=report,
-                         timings=plans.PlanTimings(plan=plan), plan=plan)
+        engine = cold["engine"]
+    else:
+        plan = plans.Plan.from_meta(entry.meta)
+        if plan is None:  # unreachable while the plan format is in the key; never trust it blindly
+            report.cache["engine"] = "bypass"
+            report.cache["reason"] = "entry holds no plan of this format"
+        engine = compile_graph(aten_gm, args, role=role, frozen=frozen, options=options, report=report,
+                               timings=plans.PlanTimings(plan=plan), plan=plan)
+    engine.cache_key = key.digest  # what the speed check's stored verdict is filed under
+    return engine
 
 
 def compile_graph(

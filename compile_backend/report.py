@@ -42,7 +42,7 @@ class GraphReport:
     # "from_cache", "heuristic", "candidates_timed", "seconds"}; empty when no kernel was tuned
     tuning: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # first-call speed check (CUDA inference, compile_backend.speed_check): {"ms": {runner: median
-    # ms}, "chosen": runner}; empty when it did not run
+    # ms}, "chosen": runner, "from_cache": True when an earlier process's verdict was applied}; empty when it did not run
     speed_check: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fired(self) -> str:
@@ -151,7 +151,8 @@ class Report:
             lines.extend(quant_lines(g.quant))
             if g.speed_check:
                 times = ", ".join(f"{k} {v:.4f} ms" for k, v in g.speed_check["ms"].items())
-                lines.append(f"speed check: {times}; running the {g.speed_check['chosen']}")
+                stored = " (the stored verdict of an earlier process)" if g.speed_check.get("from_cache") else ""
+                lines.append(f"speed check: {times}; running the {g.speed_check['chosen']}{stored}")
             for r in g.slower_than_reference():
                 lines.append(f"slower than float: kernel #{r['kernel']} ({_cut(', '.join(r['ops']), 40)}) "
                              f"{r['ms']:.4f} ms vs {r['reference']} {r['reference_ms']:.4f} ms")

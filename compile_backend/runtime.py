@@ -116,8 +116,13 @@ class CompiledGraph:
             engine = self.aten_gm
         if self._checks_speed(engine):
             try:
+                engine_key = engine.cache_key
+                verdicts = speed_check.Verdicts.open(self.options.cache_dir, engine.device) if engine_key else None
+                known = verdicts.get(engine_key) if verdicts is not None else None
                 with preserve_rng(args):  # the timed calls draw random numbers the user's must not see
-                    engine, report.speed_check = speed_check.race(engine, self.aten_gm, args)
+                    engine, report.speed_check = speed_check.race(engine, self.aten_gm, args, known=known)
+                if verdicts is not None and known is None:
+                    verdicts.put(engine_key, report.speed_check)
             except Exception as exc:  # a check must never cost the user the engine
                 log.warning("compile_backend: %s: speed check failed (%s: %s); keeping the engine",
                             self.name, type(exc).__name__, exc)

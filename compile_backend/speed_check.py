@@ -11,6 +11,11 @@ choice (``GraphReport.speed_check``). Option ``speed_check=False`` keeps the eng
 
 Skipped where running the graph more than once would show (graphs that write their inputs) and
 for quantized engines (the ATen graph computes in float: another function than the one asked for).
+
+The verdict is stored beside the tuning records (the timing cache of the engine's cache scope),
+keyed by the engine cache key: a later process that loads the same engine from the cache applies
+the stored choice instead of timing again (33 runs of the model: about a second of a warm start
+on HF BERT). The report marks such an entry ``from_cache``.
 """
 from __future__ import annotations
 
@@ -72,16 +77,22 @@ def fastest(times: Dict[str, float], margin: float = MARGIN) -> str:
 
 
 def race(engine: Any, aten_gm: fx.GraphModule, args: Sequence[Any],
-         timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> Tuple[Any, Dict[str, Any]]:
+         timer: Optional[Callable[[Callable[[], Any]], float]] = None,
+         known: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict[str, Any]]:
     """(what to run for this signature: ``engine`` or ``aten_gm``, the report entry). An engine
-    that loses to itself without its CUDA graph drops the graph."""
-    runners = {ENGINE: lambda: engine(args)}
-    if engine.cuda_graph is not None:
-        runners[NO_GRAPH] = lambda: engine.run(args)
-    runners[ATEN] = lambda: aten_gm(*args)
-    times = time_interleaved(runners, timer or cuda_event_ms)
-    chosen = fastest(times)
-    entry = {"ms": {k: round(v, 5) for k, v in times.items()}, "chosen": chosen}
+    that loses to itself without its CUDA graph drops the graph. ``known``: a stored verdict for
+    this very engine (:class:`Verdicts`), applied without timing."""
+    if known is not None and known.get("chosen") in (ENGINE, NO_GRAPH, ATEN):
+        chosen = known["chosen"]
+        entry = {"ms": dict(known.get("ms", {})), "chosen": chosen, "from_cache": True}
+    else:
+        runners = {ENGINE: lambda: engine(args)}
+        if engine.cuda_graph is not None:
+            runners[NO_GRAPH] = lambda: engine.run(args)
+        runners[ATEN] = lambda: aten_gm(*args)
+        times = time_interleaved(runners, timer or cuda_event_ms)
+        chosen = fastest(times)
+        entry = {"ms": {k: round(v, 5) for k, v in times.items()}, "chosen": chosen}
     if chosen == ATEN:
         return aten_gm, entry
     if chosen == NO_GRAPH:
@@ -89,4 +100,26 @@ def race(engine: Any, aten_gm: fx.GraphModule, args: Sequence[Any],
     return engine, entry
 
 
-__all__ = ["race", "writes_inputs", "fastest", "time_interleaved", "cuda_event_ms", "ENGINE", "NO_GRAPH", "ATEN"]
+class Verdicts:
+    """Speed-check verdicts on disk, per engine cache key (in the timing cache's file)."""
+
+    ENV = {"record": "speed_check"}
+
+    def __init__(self, timing_cache: Any):
+        self.timing = timing_cache
+
+    @classmethod
+    def open(cls, cache_dir: Optional[str], device: torch.device) -> Optional["Verdicts"]:
+        from .cache import scope
+
+        timing = scope.timing_cache(scope.open_scope(cache_dir, device))
+        return cls(timing) if timing is not None else None
+
+    def get(self, engine_key: str) -> Optional[Dict[str, Any]]:
+        return self.timing.get({"engine": engine_key}, self.ENV)
+
+    def put(self, engine_key: str, entry: Dict[str, Any]) -> None:
+        self.timing.put({"engine": engine_key}, self.ENV, {"chosen": entry["chosen"], "ms": entry["ms"]})
+
+
+__all__ = ["race", "Verdicts", "writes_inputs", "fastest", "time_interleaved", "cuda_event_ms", "ENGINE", "NO_GRAPH", "ATEN"]

@@ -94,6 +94,23 @@ def test_gpu_speed_check_runs_and_reports():
     assert "speed check:" in str(report)
 
 
+@pytest.mark.gpu
+def test_gpu_warm_process_applies_the_stored_verdict(tmp_path):
+    m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU()).cuda().half().eval()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+    reports = []
+    for _ in range(2):  # the second compile stands for a new process on the same cache directory
+        torch._dynamo.reset()
+        reports.append(Report())
+        fast = torch.compile(m, backend=functools.partial(backend, report=reports[-1],
+                                                          options={"cache_dir": str(tmp_path)}))
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), m(x), rtol=2e-2, atol=2e-2)
+    cold, warm = (r.graphs[0] for r in reports)
+    assert not cold.speed_check.get("from_cache") and warm.speed_check["from_cache"]
+    assert warm.speed_check["chosen"] == cold.speed_check["chosen"] and warm.cache["engine"] == "hit"
+
+
 def test_quantized_and_mutating_engines_are_not_raced():
     """The ATen graph computes in float: racing a quantized engine against it could hand the
     user a float model. A graph writing its inputs cannot run more than once unseen."""
@@ -115,3 +132,24 @@ def test_quantized_and_mutating_engines_are_not_raced():
 
     dynamic = quant.QuantConfig(activations="dynamic")
     assert not graph(Options(quant=dynamic))._checks_speed(engine)
+
+
+def test_a_stored_verdict_is_applied_without_timing():
+    engine = FakeEngine()
+
+    def timer(fn):
+        raise AssertionError("a stored verdict must not time anything")
+
+    kept, entry = speed_check.race(engine, _aten_gm(), [torch.ones(2)], timer=timer,
+                                   known={"chosen": NO_GRAPH, "ms": {ENGINE: 2.0, NO_GRAPH: 1.0}})
+    assert kept is engine and engine.cuda_graph is None and engine.calls == []
+    assert entry["chosen"] == NO_GRAPH and entry["from_cache"]
+
+
+def test_verdicts_round_trip_through_the_cache_directory(tmp_path):
+    verdicts = speed_check.Verdicts.open(str(tmp_path), torch.device("cpu"))
+    assert verdicts.get("k" * 64) is None
+    verdicts.put("k" * 64, {"chosen": ATEN, "ms": {ENGINE: 1.5, ATEN: 1.0}})
+    again = speed_check.Verdicts.open(str(tmp_path), torch.device("cpu"))  # another process
+    assert again.get("k" * 64)["chosen"] == ATEN
+    assert again.get("j" * 64) is None

@@ -1,0 +1,358 @@
+"""Triton W8A16 / W4A16 GEMMs (weight-only quantization, issue #20): ``y = x @ dequantize(w)^T + bias``.
+
+Layers, as every kernel here: the @triton.jit kernels (``_skinny_kernel``, ``_tiled_kernel`` and
+``_split_sum_kernel``); :func:`weight_only_linear` checks the operands, picks a path, allocates
+and launches; :func:`weight_only_linear_reference` is the plain-PyTorch version
+(``weight_only_ref.weight_only_mm`` on the unpacked codes) the tests hold the kernels to.
+
+Weights exactly as ``weight_only_ref.quantize_weight`` makes them: INT8 codes [N, K] with fp16
+scales [N] (per output channel); INT4 codes packed uint8 [N, ceil(K / 2)] (even k in the low
+nibble, 4-bit two's complement, odd K padded) with fp16 scales [N, ceil(K / group_size)].
+
+Numerics are the reference's: each weight tile is dequantized in the prologue (code * scale in
+fp32, exact: an 8-bit code times an 11-bit fp16 significand, then rounded to x's dtype: the
+operand type the tensor cores take), products are summed in fp32, the bias is added in fp32 and
+the result rounded to ``out_dtype`` once, at the end. Only the order of the fp32 sums differs.
+
+Paths, by M (the rows of x once its leading dims are flattened):
+
+* skinny (M <= 16, decode): one program per (block_n rows of W, K slice, block_m rows of x). The
+  product is a broadcast multiply and a sum over K, so no tensor-core tile pads 1 row to 16, and
+  each program loads block_k consecutive codes per weight row (128 int8 = 128 bytes). Decode has
+  too few N blocks to fill a GPU, so K is cut into split_k slices: each writes fp32 partial sums
+  to a [split, M, N] workspace and ``_split_sum_kernel`` adds them in a fixed order, adds the bias
+  and casts. Chosen over an fp32 atomic add: as many launches (atomics need a zeroed buffer, and
+  a cast pass unless the output is fp32 without bias) and a result that does not depend on the
+  order the programs run in, i.e. bitwise reproducible.
+* tiled (prefill): ``tl.dot`` tiles, program ids grouped along M so consecutive programs reuse the
+  same weight tiles from L2.
+
+This module imports Triton at the top: only a builder loader and tests import it, never
+``import compile_backend``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import weight_only_ref
+from .base import triton_enabled, triton_interpret
+from .launch import next_pow2
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT32_MAX = 2**31 - 1
+SKINNY_MAX_M = 16
+#: the skinny path holds block_m * block_n * block_k fp32 products per step in registers
+SKINNY_MAX_PRODUCTS = 16384
+
+
+# ----------------------------------------------------------------------------- the kernels
+@triton.jit
+def _round(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """fp32 ``v`` rounded to DTYPE, to nearest even. The interpreter truncates fp32 -> bf16
+    (Triton 3.9; see expr_casts), so there (SOFT_BF16) bf16 is rounded on the bits, NaN kept."""
+    if SOFT_BF16 and DTYPE == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+    return v.to(DTYPE)
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Weight rows ``rn``, columns [k0, k0 + BLOCK_K), dequantized and rounded to DTYPE; 0 past
+    N and K (x is 0 there too). INT4: the launcher keeps BLOCK_K <= GROUP (both powers of two),
+    so a tile never straddles two scale groups: one scale per row."""
+    n_ok = rn < N
+    if INT4:
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
+        packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
+        lo = ((packed & 15) ^ 8) - 8  # sign-extend the 4-bit two's complement nibbles
+        hi = (((packed >> 4) & 15) ^ 8) - 8
+        codes = tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
+        scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        ok = n_ok[:, None] & (rk < K)[None, :]
+        codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
+        scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)
+    return _round(codes.to(tl.float32) * scale.to(tl.float32)[:, None], DTYPE, SOFT_BF16)
+
+
+@triton.jit
+def _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Bias in fp32, then the one rounding to the output dtype (out is contiguous [M, N])."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _round(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, swn, ssn,
+                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                   PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # K_SLICE is a multiple of BLOCK_K: no tile crosses into the next slice (or scale group)
+    k_lo = pid_k * K_SLICE
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
+                          x_ptr.dtype.element_ty, SOFT_BF16)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if PARTIAL:  # fp32 partial sums of this K slice: [split, M, N]
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    else:
+        _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT):  # slices in order: the same sum whatever order the programs ran in
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, _round(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
+                  INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                  UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
+                          x_ptr.dtype.element_ty, SOFT_BF16)
+        if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9)
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        # ieee: fp32 activations keep the reference's fp32 products (no TF32); 16-bit ignore it
+        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
+
+
+# ----------------------------------------------------------------------------- configs
+def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value & (value - 1) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Launch parameters of one path. Tiles shrink at launch to the problem (block_m to M, block_n
+    to N, block_k to K, and for INT4 block_k to the group size). split_k: K slices of the skinny
+    path, 0 = as many as fill the GPU (one under the interpreter); the tiled path takes 0 or 1."""
+
+    path: str  # "skinny" | "tiled"
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 0
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.path not in ("skinny", "tiled"):
+            raise ValueError(f"path must be 'skinny' or 'tiled', got {self.path!r}")
+        tiled = self.path == "tiled"
+        _check_pow2("block_m", self.block_m, 16 if tiled else 1, 256 if tiled else SKINNY_MAX_M)
+        _check_pow2("block_n", self.block_n, 16, 256)
+        _check_pow2("block_k", self.block_k, 16, 512)
+        _check_pow2("num_warps", self.num_warps, 1, 32)
+        for name, value, lo, hi in (("split_k", self.split_k, 0, 256), ("group_m", self.group_m, 1, 64),
+                                    ("num_stages", self.num_stages, 1, 8)):
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if tiled and self.split_k > 1:
+            raise ValueError("split_k is a skinny-path setting: the tiled path takes split_k 0 or 1")
+        if not tiled and self.block_m * self.block_n * self.block_k > SKINNY_MAX_PRODUCTS:
+            raise ValueError(f"skinny block_m * block_n * block_k must be at most {SKINNY_MAX_PRODUCTS} "
+                             f"(products held in registers), got {self.block_m * self.block_n * self.block_k}")
+
+
+def _skinny(block_m: int, block_n: int, block_k: int, split_k: int = 0) -> WeightOnlyConfig:
+    return WeightOnlyConfig("skinny", block_m, block_n, block_k, split_k, num_warps=4, num_stages=1)
+
+
+def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> WeightOnlyConfig:
+    return WeightOnlyConfig("tiled", block_m, block_n, block_k, num_warps=warps, num_stages=stages)
+
+
+#: candidates per path for a tuner to time (not yet measured on a GPU): skinny tiles of at most
+#: 8192 products, wider in K for fewer rows; tiled ones the usual fp16 GEMM tiles
+CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
+    "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
+               _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
+    "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
+              _tiled(64, 128, 32, 4, 4), _tiled(128, 128, 32, 8, 3), _tiled(128, 64, 64, 4, 3)),
+}
+
+
+def heuristic(m: int) -> WeightOnlyConfig:
+    """Skinny for M <= 16: one block of next_pow2(M) rows and a tile of 8192 products, as wide in
+    K as the rows allow; tiled 64x64x64 tiles beyond (the tuner times ``CONFIGS``)."""
+    if m > SKINNY_MAX_M:
+        return _tiled(64, 64, 64, 4, 3)
+    bm = next_pow2(m)
+    bn = max(16, 64 // bm)
+    return _skinny(bm, bn, min(128, 8192 // (bm * bn)))
+
+
+def _auto_split(programs: int, k_tiles: int, device: torch.device) -> int:
+    """K slices for about two programs per SM, each slice at least two tiles of K long. The
+    interpreter runs programs one by one: more of them only cost time there."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 2, 64))
+
+
+# ----------------------------------------------------------------------------- the launcher
+def _fail(what: str, fix: str) -> None:
+    raise ValueError(f"weight_only_linear: {what}; {fix}")
+
+
+def _check(x, codes, scales, bias, precision, group_size, out_dtype) -> None:
+    weight_only_ref.check(precision, group_size)
+    if precision == "int8" and group_size is not None:
+        _fail(f"int8 weights have one scale per output channel, got group_size={group_size!r}", "pass group_size=None")
+    for name, t in (("x", x), ("codes", codes), ("scales", scales), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            _fail(f"{name} is a {type(t).__name__}", "pass a torch.Tensor")
+    if x.dtype not in FLOAT_DTYPES or x.dim() < 1:
+        _fail(f"x is {x.dtype} with {x.dim()} dims", "pass float16, bfloat16 or float32 activations [..., K]")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        _fail(f"out_dtype {out_dtype}", "choose float16, bfloat16 or float32 (or None: x's dtype)")
+    k = x.shape[-1]
+    if precision == "int8":
+        want, width = torch.int8, k
+        hint = "int8 codes [N, K] (weight_only_ref.quantize_weight)"
+    else:
+        want, width = torch.uint8, (k + 1) // 2
+        hint = "int4 codes packed two per byte, uint8 [N, ceil(K / 2)] (weight_only_ref.pack_int4)"
+    if codes.dtype != want or codes.dim() != 2 or codes.shape[1] != width:
+        _fail(f"codes are {codes.dtype} {tuple(codes.shape)} for K={k}", f"pass {hint}")
+    n = codes.shape[0]
+    want_scales = (n,) if precision == "int8" else (n, -(-k // group_size))
+    if scales.dtype != torch.float16 or tuple(scales.shape) != want_scales:
+        _fail(f"scales are {scales.dtype} {tuple(scales.shape)}",
+              f"pass float16 scales of shape {want_scales} (weight_only_ref.scales)")
+    if bias is not None and (bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (n,)):
+        _fail(f"bias is {bias.dtype} {tuple(bias.shape)}", f"pass a float bias of shape ({n},) or None")
+    devices = {t.device for t in (x, codes, scales, bias) if t is not None}
+    if len(devices) != 1:
+        _fail(f"operands on several devices {sorted(map(str, devices))}", "move them to one device")
+    if not triton_enabled(x.device):
+        _fail(f"tensors on {x.device}", "use CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+              "weight_only_linear_reference is the plain PyTorch version")
+
+
+def _tiles(cfg: WeightOnlyConfig, m: int, n: int, k: int, group: int) -> Tuple[int, int, int]:
+    """The config's tiles shrunk to the problem (never below 16 where tl.dot needs it)."""
+    lo = 16 if cfg.path == "tiled" else 1
+    bm = max(lo, min(cfg.block_m, next_pow2(m)))
+    bn = max(16, min(cfg.block_n, next_pow2(n)))
+    bk = max(16, min(cfg.block_k, next_pow2(k), group))
+    return bm, bn, bk
+
+
+def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, *, precision: str, group_size: Optional[int] = None,
+                       out_dtype: Optional[torch.dtype] = None,
+                       config: Optional[WeightOnlyConfig] = None) -> torch.Tensor:
+    """``x [..., K] @ dequantize(codes, scales)^T + bias`` -> [..., N] in ``out_dtype`` (default
+    x's dtype). ``config`` forces a path and its tiles; None: :func:`heuristic` by M."""
+    _check(x, codes, scales, bias, precision, group_size, out_dtype)
+    k, n = x.shape[-1], codes.shape[0]
+    out_dtype = out_dtype or x.dtype
+    m = x.shape[:-1].numel()
+    x2 = x.reshape(m, k)  # not (-1, k): ambiguous when K is 0
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m and n and k == 0:  # nothing to sum: the bias (or 0) rounded to out_dtype
+        if bias is not None:
+            out.copy_(bias.float().expand(m, n))
+        else:
+            out.zero_()
+    elif m and n:
+        # unit stride along K for wide loads (views from the pass already are: no copies)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        _launch(x2, codes.contiguous(), scales.contiguous(), bias.contiguous() if bias is not None else None,
+                out, precision == "int4", group_size or 1, config or heuristic(m))
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnlyConfig) -> None:
+    (m, k), n = x.shape, codes.shape[0]
+    bm, bn, bk = _tiles(cfg, m, n, k, group if int4 else 1 << 30)
+    interpret = triton_interpret()
+    common = dict(INT4=int4, GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=interpret,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    b = bias if bias is not None else out  # never read without HAS_BIAS
+    if cfg.path == "tiled":
+        if max(x.stride(0) * m, codes.numel(), out.numel()) > INT32_MAX:
+            _fail("an operand has 2**31 elements or more", "split the call (the kernels index in 32 bits)")
+        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+        upcast = interpret and x.dtype == torch.bfloat16
+        _tiled_kernel[grid](x, codes, scales, b, out, m, n, k, x.stride(0), codes.stride(0), scales.stride(0),
+                            UPCAST=upcast, GROUP_M=cfg.group_m, **common)
+        return
+    k_tiles, programs = triton.cdiv(k, bk), triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = cfg.split_k or _auto_split(programs, k_tiles, x.device)
+    k_slice = triton.cdiv(k_tiles, min(split, k_tiles)) * bk
+    split = triton.cdiv(k, k_slice)  # only slices that hold tiles: 5 tiles asked in 4 make 3 slices of 2
+    if max(x.stride(0) * m, codes.numel(), split * out.numel()) > INT32_MAX:
+        _fail("an operand (or the split-K workspace) has 2**31 elements or more",
+              "split the call or lower split_k (the kernels index in 32 bits)")
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
+    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
+    _skinny_kernel[grid](x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0), scales.stride(0),
+                         PARTIAL=split > 1, **common)
+    if split > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split,
+                                                        HAS_BIAS=bias is not None, SOFT_BF16=interpret, BLOCK=block)
+
+
+# ----------------------------------------------------------------------------- reference
+def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                                 bias: Optional[torch.Tensor] = None, *, precision: str,
+                                 group_size: Optional[int] = None,
+                                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`weight_only_linear` in plain PyTorch (any device): unpacks INT4 codes, flattens
+    x's leading dims and runs ``weight_only_ref.weight_only_mm``."""
+    k = x.shape[-1]
+    unpacked = weight_only_ref.unpack_int4(codes, k) if precision == "int4" else codes
+    x2 = x.reshape(x.shape[:-1].numel(), k)
+    y = weight_only_ref.weight_only_mm(x2, unpacked, scales, precision, group_size, bias, out_dtype)
+    return y.reshape(*x.shape[:-1], codes.shape[0])
+
+
+__all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
+           "SKINNY_MAX_M"]
