@@ -8,8 +8,9 @@ decode; 2048: prefill): fp16 ``F.linear``, then every candidate config of
 ``weight_only_linear`` for INT8 and INT4 (group 128), the best kept. Beside the time: the
 weight bytes each call must read and the bandwidth that makes, against a plain device copy of
 the same bytes (the roofline the issue measures the W4A16 GEMV by: >= 80% of it).
-Timing: CUDA events around 50 calls after 10 warm-up calls, median of 5 such blocks; the
-weights rotate over enough copies to exceed the L2 cache, so every call reads from memory.
+Timing: 20 calls captured in one CUDA graph (decode runs under graphs: the host's launch cost
+is not the kernel's), CUDA events around a replay, median of 5 replays; the weights rotate over
+enough copies to exceed the L2 cache, so every call reads from memory.
 """
 from __future__ import annotations
 
@@ -26,18 +27,23 @@ MS = (1, 16, 2048)
 L2_BYTES = 60 * 2**20
 
 
-def _time_ms(fn: Callable[[int], Any], copies: int) -> float:
-    for i in range(10):
+def _time_ms(fn: Callable[[int], Any], copies: int, calls: int = 20) -> float:
+    for i in range(3):  # compile, autotune-free warm-up
         fn(i % copies)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies)
+    graph.replay()
     blocks = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for i in range(50):
-            fn(i % copies)
+        graph.replay()
         end.record()
         end.synchronize()
-        blocks.append(start.elapsed_time(end) / 50)
+        blocks.append(start.elapsed_time(end) / calls)
     return statistics.median(blocks)
 
 
@@ -64,7 +70,8 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
         nbytes = codes.numel() * codes.element_size() + scales.numel() * 2
         sets = [(codes.clone(), scales.clone()) for _ in range(_copies(nbytes))]
         best, best_cfg, failures = float("inf"), None, []
-        for cfg in [None] + list(CONFIGS):
+        paths = ("skinny", "tiled") if m <= 16 else ("tiled",)
+        for cfg in [None] + [c for path in paths for c in CONFIGS[path]]:
             try:
                 ms = _time_ms(lambda i: weight_only_linear(x, *sets[i], precision=precision, group_size=group,
                                                            config=cfg), len(sets))
