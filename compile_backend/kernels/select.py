@@ -155,7 +155,11 @@ def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor) -> Optional[str]:
         return None
     worst, fraction = int(steps.max()), float((steps > 0).double().mean())
     if worst > 1 or fraction > QUANTIZED_STEP_FRACTION:
-        return f"quantized values differ (up to {worst} steps, {fraction:.2%} of them)"
+        # the worst element's two values: enough to tell a scale, a cast or a rounding apart
+        at = int(steps.reshape(-1).argmax())
+        got, want = out.reshape(-1)[at].float().item(), ref.reshape(-1)[at].float().item()
+        return (f"quantized values differ (up to {worst} steps, {fraction:.2%} of them; "
+                f"worst: {got:g} where the reference has {want:g})")
     return None
 
 

@@ -26,6 +26,7 @@ def test_int8_two_steps_or_many_flips_are_rejected():
     out = ref.clone()
     out[3] = 2
     assert "2 steps" in quantized_mismatch(out, ref)
+    assert "worst: 2 where the reference has 0" in quantized_mismatch(out, ref)  # what to look at
     out = ref.clone()
     out[: int(1000 * QUANTIZED_STEP_FRACTION) + 5] = 1
     assert "of them" in quantized_mismatch(out, ref)

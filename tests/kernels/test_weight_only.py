@@ -178,11 +178,11 @@ def test_config_checks(fields, match):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 128)], ids=str)
 def test_gpu_decode_and_prefill_shapes(precision, group_size, dtype):
-    """On the GPU (compiled kernels, the heuristic's paths and every candidate config) at
+    """On the GPU (compiled kernels, the heuristic's path and one config of each path) at
     decoder shapes: decode M = 1 and 16 (skinny, split-K), prefill M = 64 (tiled)."""
     for m in (1, 16, 64):
         x, codes, scales, b = (t.cuda() if t is not None else None
                                for t in operands(m, 2048 + 8, 1024 + 64, dtype, precision, group_size, seed=m))
         check(x, codes, scales, b, precision, group_size)
-        for cfg in [c for path in CONFIGS.values() for c in path]:
+        for cfg in (CONFIGS["skinny"][0], CONFIGS["tiled"][0]):  # both paths at every M
             check(x, codes, scales, b, precision, group_size, config=cfg)
