@@ -17,8 +17,9 @@ import torch
 import torch.fx as fx
 
 from .base import PassContext
-from .rules import (Facts, Rule, apply_rules, fake_value, is_attention, is_op, is_view, propagate_meta, same_layout,
-                    takes_any_layout, tensor_val)
+from .rules import (Facts, Rule, apply_rules, call, erase_if_dead, fake_value, is_attention, is_op, is_view, propagate_meta,
+                    same_layout, takes_any_layout, tensor_val)
+from .strided_views import compose_view
 
 aten = torch.ops.aten
 
@@ -137,9 +138,69 @@ def _write_in_reader_order(gm: fx.GraphModule, node: fx.Node, perm: List[int]) -
     propagate_meta(gm.graph, [node])
 
 
+def _match_copy_through_views(node: fx.Node, facts: Facts) -> Optional[Dict[fx.Node, tuple]]:
+    """A contiguous copy read only through chains of views whose final views are each one
+    strided view of the original (``strided_views.compose_view``), by readers that take any
+    strides: {final view: (shape, stride, offset) on the original}. The plain rule refuses
+    these because an intermediate view cannot view the original (nn.MultiheadAttention's
+    packed q/k/v: ``[3, L, B, E]`` copied, then each viewed ``[L, B*H, D]``)."""
+    src = _copied(node, facts.gm)
+    copy, orig = tensor_val(node), tensor_val(src)
+    if src is None or node in facts.outputs or node in facts.unsafe or src in facts.unsafe or \
+            copy is None or orig is None or not copy.is_contiguous() or copy.storage_offset() != 0:
+        return None
+    finals: Dict[fx.Node, tuple] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        views = [u for u in n.users if u.op == "call_function" and is_view(u)]
+        if n is node and len(views) != len(n.users):
+            return None  # a direct reader: the plain rule's case (which refused it)
+        if views and len(views) != len(n.users):
+            return None  # mixed readers of one view: keep it simple, keep the copy
+        for u in n.users:
+            if u in facts.unsafe or u in facts.outputs:
+                return None
+        if views:
+            stack.extend(views)
+            continue
+        v = tensor_val(n)
+        composed = compose_view(orig.shape, orig.stride(), orig.storage_offset(), v.shape, v.stride(),
+                                v.storage_offset()) if v is not None else None
+        if composed is None:
+            return None
+        new = orig.as_strided(v.shape, *composed)
+        for u in n.users:  # the readers take strides and produce what they produced before
+            if u.op != "call_function" or not takes_any_layout(u):
+                return None
+            try:
+                if not same_layout(u.meta.get("val"), fake_value(u, {n: new})):
+                    return None
+            except Exception:
+                return None
+        finals[n] = (list(v.shape), list(composed[0]), composed[1])
+    return finals or None
+
+
+def _read_through_strided_views(gm: fx.GraphModule, node: fx.Node, finals: Dict[fx.Node, tuple]) -> None:
+    src = _copied(node, gm)
+    for view, (shape, stride, offset) in finals.items():
+        with gm.graph.inserting_before(view):
+            strided = call(gm.graph, aten.as_strided.default, (src, shape, stride, offset))
+        users = list(view.users)
+        view.replace_all_uses_with(strided)
+        for u in users:
+            u.meta["val"] = fake_value(u)
+        propagate_meta(gm.graph, users)
+    erase_if_dead(gm.graph, list(finals))  # the views, then the copy, now read by nobody
+
+
 COPY_RULES = (
     Rule("attention_output_layout", "an attention op whose readers all permute its output the same "
          "way writes it in that order", _match_attention_layout, _write_in_reader_order),
     Rule("copy_into_any_layout", "a contiguous copy (clone, same-dtype cast, cat of one non-empty "
          "operand) whose readers take any strides: they read the original", _match_copy, _read_original),
+    Rule("copy_through_strided_views", "a contiguous copy read through views that end as one strided "
+         "view of the original each: readers take that view of the original", _match_copy_through_views,
+         _read_through_strided_views),
 )

@@ -109,3 +109,34 @@ def test_attention_writes_the_order_its_reader_permutes_to():
         (att,) = [n for n in t.gm.graph.nodes if n.target is torch.ops.compile_backend.attention.default]
         assert list(att.args[7]) == perm and count(t.gm, "clone") == 0
         assert att.meta["val"].permute(perm).is_contiguous()
+
+
+class PackedSelfAttention(nn.Module):
+    """nn.MultiheadAttention (batch_first): the packed in-projection is reordered to [3, L, B, E]
+    by a copy, then q, k, v are each viewed [L, B*H, D] -> [B, H, L, D]: no single step views
+    the projection, the end result does (one strided view each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.att(x, x, x, need_weights=False)[0] * 2.0
+
+
+def test_packed_qkv_copy_becomes_strided_views():
+    model = PackedSelfAttention().eval()
+    x = torch.randn(3, 5, 16)
+    t = inference_graph(model, x)
+    remove_noops(t.gm, ctx())
+    fuse_attention(t.gm, ctx())
+    clones = count(t.gm, "clone")
+    with torch.no_grad():
+        expected = model(x)
+    counts = drop_copies(t.gm, ctx())
+    t.gm.graph.lint()
+    check_meta(t.gm)
+    got = run(t)
+    torch.testing.assert_close(got[0] if isinstance(got, (list, tuple)) else got, expected, rtol=1e-6, atol=1e-6)
+    assert counts["copy_through_strided_views"] == 1
+    assert count(t.gm, "clone") < clones and count(t.gm, "as_strided") == 3
