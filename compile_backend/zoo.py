@@ -9,6 +9,10 @@ deterministic random weights (no downloads) and inputs that exercise what matter
                 mask -> softmax -> dropout -> matmul, some tokens padded
 * ``gpt2``      GPT-2 small decoder; causal mask through a registered tril buffer + masked_fill
 * ``vit``       ViT-B/16; attention through ``F.scaled_dot_product_attention``
+* ``llama_decode``, ``llama_prefill``  a Llama-style decoder (GQA, rotary, SwiGLU) with a static
+                KV cache passed in: one decode step, one prompt (``zoo_llama``). In ``LLM_NAMES``,
+                not ``NAMES``: they return (logits, caches) and have no dropout, and the suites
+                that sweep ``NAMES`` expect one output tensor and dropout
 
 ``tiny`` keeps each architecture's code but shrinks widths/depths (mostly non-power-of-two
 sizes) so a compile and a run take seconds on a CPU; ``base`` is the real size. Models come
@@ -27,7 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import zoo_llama
+
 NAMES = ("mlp", "resnet50", "bert", "gpt2", "vit")
+LLM_NAMES = ("llama_decode", "llama_prefill")
 SIZES = ("tiny", "base")
 DROPOUT = 0.1
 
@@ -416,12 +423,24 @@ _SPECS: Dict[Tuple[str, str], Spec] = {
                            "2-layer GPT-2, hidden 48, seq 11", logits=True),
     ("vit", "base"): Spec(lambda: ViT(_VIT_BASE, 224, 16, 1000), 32, _images(224), "ViT-B/16, 224x224", logits=True),
     ("vit", "tiny"): Spec(lambda: ViT(_VIT_TINY, 40, 8, 10), 2, _images(40), "2-layer ViT, 40x40 / 8", logits=True),
+    ("llama_decode", "base"): Spec(lambda: zoo_llama.decode_model(zoo_llama.BASE), 1,
+                                   zoo_llama.decode_inputs(zoo_llama.BASE, 512),
+                                   "Llama 1.1B (GQA 32/4), one decode step at position 511", logits=True),
+    ("llama_decode", "tiny"): Spec(lambda: zoo_llama.decode_model(zoo_llama.TINY), 2,
+                                   zoo_llama.decode_inputs(zoo_llama.TINY, 37),
+                                   "2-layer Llama, hidden 64, GQA 4/2, decode at position 36", logits=True),
+    ("llama_prefill", "base"): Spec(lambda: zoo_llama.prefill_model(zoo_llama.BASE), 1,
+                                    zoo_llama.prefill_inputs(zoo_llama.BASE, 2048),
+                                    "Llama 1.1B (GQA 32/4), prefill of 2048 tokens", logits=True),
+    ("llama_prefill", "tiny"): Spec(lambda: zoo_llama.prefill_model(zoo_llama.TINY), 2,
+                                    zoo_llama.prefill_inputs(zoo_llama.TINY, 21),
+                                    "2-layer Llama, hidden 64, GQA 4/2, prefill of 21 tokens", logits=True),
 }
 
 
 def spec(name: str, size: str = "tiny") -> Spec:
-    if name not in NAMES:
-        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(NAMES)}")
+    if name not in NAMES + LLM_NAMES:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(NAMES + LLM_NAMES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     return _SPECS[(name, size)]

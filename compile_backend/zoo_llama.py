@@ -3,9 +3,15 @@
 Architecture (Llama 2 / TinyLlama): token embedding, ``layers`` pre-norm blocks of RMSNorm ->
 grouped-query attention with rotary position embeddings -> residual, RMSNorm -> SwiGLU MLP
 (``down(silu(gate(x)) * up(x))``, no biases) -> residual; a final RMSNorm and an untied LM head.
+Parameter names are those of transformers' ``LlamaForCausalLM`` without its ``model.`` prefix
+(rotary in the same "rotate half" layout), so a Llama checkpoint's weights load as they are.
 Attention is ``F.scaled_dot_product_attention`` with ``enable_gqa=True``: ``heads`` query heads,
 ``kv_heads`` key/value heads, query head h reads KV head ``h // (heads // kv_heads)`` (what
-``repeat_interleave(heads // kv_heads, dim=1)`` of the keys and values would give).
+``repeat_interleave(heads // kv_heads, dim=1)`` of the keys and values gives). Not HF's
+``repeat_kv`` (expand + reshape), which copies every layer's cache ``heads // kv_heads`` times
+per step: at base size that is 8x the cache traffic, a third more bytes than the weights a
+decode step reads in fp16. (Our attention fusion does not take ``enable_gqa`` yet, so this
+attention runs through ATen; the ``repeat_kv`` form does fuse.)
 
 The KV cache is static and passed in: ``k_cache`` and ``v_cache`` of shape
 ``[layers, batch, kv_heads, max_context, head_dim]``, one tensor each, so the compiled graph
@@ -21,13 +27,14 @@ compiles to one static graph (they share one ``LlamaDecoder`` and so its weights
 
 Both return ``(logits, new_k_cache, new_v_cache)``: logits ``[B, vocab]`` of the next token
 (the last position only: the LM head over all T prompt positions is work generation never
-uses), and the caches with the new entries written. The cache update is functional (new tensors
-returned, the inputs untouched), not ``index_copy_`` into the inputs: an in-place write into a
-view ``k_cache[layer]`` of a graph input is functionalised by AOTAutograd into a scatter of the
-whole 5-d cache per layer (22 full copies a step at base size), and an engine that copies its
-inputs into static buffers (CUDA-graph replay) would write the copy, not the caller's tensor.
-Here each step writes each cache once more in full (at base size, batch 1, fp16: 2 x 23 MB,
-against 2.2 GB of weights read), and a caller carries the returned caches to the next step.
+uses), and the caches with the new entries written. The update is functional (new tensors
+returned, the inputs untouched), not ``index_copy_`` into the inputs, which compiles but costs
+more: AOTAutograd functionalises a write into the view ``k_cache[layer]`` of a graph input as a
+``select_scatter`` of the whole 5-d cache, once per layer (22 full copies a step at base size),
+and an engine that copies its inputs into static buffers (CUDA-graph replay) must then copy the
+result back. Here a decode step writes each cache twice in full (each layer's slice, then the
+stack; at base size, batch 1, fp16: 2 x 23 MB per cache, against 2.2 GB of weights read), and
+the caller carries the returned caches into the next step.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-Caches = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logits, new_k_cache, new_v_cache)
+StepOutput = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logits, new_k_cache, new_v_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,15 +154,15 @@ class GroupedQueryAttention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.attn = GroupedQueryAttention(cfg)
-        self.post_attention_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.self_attn = GroupedQueryAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The residual after attention, then the MLP half of the block."""
         x = x + attended
-        return x + self.mlp(self.post_attention_norm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaDecoder(nn.Module):
@@ -186,7 +193,7 @@ class LlamaDecoder(nn.Module):
         return self.lm_head(self.norm(x))
 
     def decode(self, input_ids: torch.Tensor, position: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor) -> Caches:
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> StepOutput:
         batch, context = input_ids.shape[0], k_cache.shape[3]
         position = position.reshape(-1, 1).expand(batch, 1)  # [B, 1] whether given [B] or []
         cos = self.rope_cos[position][:, None]  # [B, 1, 1, D]: one rotation per row
@@ -198,28 +205,29 @@ class LlamaDecoder(nn.Module):
         new_k: List[torch.Tensor] = []
         new_v: List[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.attn.project(layer.input_norm(x), cos, sin)
-            # a select on each side: the new entry broadcast over the slots, the rest kept
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+            # slot `position` takes the new entry, the others keep the cache's: a pointwise
+            # select (no scatter op), which runs in our generated pointwise kernels
             layer_k = torch.where(is_new_slot, k, k_cache[i])
             layer_v = torch.where(is_new_slot, v, v_cache[i])
             new_k.append(layer_k)
             new_v.append(layer_v)
-            x = layer.finish(x, layer.attn.attend(q, layer_k, layer_v, keep_mask=keep_mask))
+            x = layer.finish(x, layer.self_attn.attend(q, layer_k, layer_v, keep_mask=keep_mask))
         return self._logits(x[:, -1]), torch.stack(new_k), torch.stack(new_v)
 
-    def prefill(self, input_ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Caches:
+    def prefill(self, input_ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> StepOutput:
         prompt = input_ids.shape[1]
         cos, sin = self.rope_cos[:prompt], self.rope_sin[:prompt]
         x = self.embed_tokens(input_ids)
         new_k: List[torch.Tensor] = []
         new_v: List[torch.Tensor] = []
         for layer in self.layers:
-            q, k, v = layer.attn.project(layer.input_norm(x), cos, sin)
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
             new_k.append(k)
             new_v.append(v)
             # the prompt starts at position 0: slots 0..T-1 are exactly these keys, so causal
             # attention over them is attention over the cache (no [T, max_context] mask)
-            x = layer.finish(x, layer.attn.attend(q, k, v, causal=True))
+            x = layer.finish(x, layer.self_attn.attend(q, k, v, causal=True))
         # one concatenation per cache: the prompt's entries, then the given cache's later slots
         k_out = torch.cat((torch.stack(new_k), k_cache[:, :, :, prompt:]), dim=3)
         v_out = torch.cat((torch.stack(new_v), v_cache[:, :, :, prompt:]), dim=3)
@@ -233,7 +241,7 @@ class LlamaDecode(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids, position, k_cache, v_cache) -> Caches:
+    def forward(self, input_ids, position, k_cache, v_cache) -> StepOutput:
         return self.decoder.decode(input_ids, position, k_cache, v_cache)
 
 
@@ -244,8 +252,16 @@ class LlamaPrefill(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, input_ids, k_cache, v_cache) -> Caches:
+    def forward(self, input_ids, k_cache, v_cache) -> StepOutput:
         return self.decoder.prefill(input_ids, k_cache, v_cache)
+
+
+def decode_model(cfg: LlamaConfig) -> LlamaDecode:
+    return LlamaDecode(LlamaDecoder(cfg))
+
+
+def prefill_model(cfg: LlamaConfig) -> LlamaPrefill:
+    return LlamaPrefill(LlamaDecoder(cfg))
 
 
 def decode_inputs(cfg: LlamaConfig, context: int) -> Callable:
@@ -282,4 +298,4 @@ def prefill_inputs(cfg: LlamaConfig, prompt: int) -> Callable:
 
 __all__ = ["LlamaConfig", "TINY", "BASE", "RMSNorm", "rotary_tables", "apply_rotary", "SwiGLU",
            "GroupedQueryAttention", "DecoderLayer", "LlamaDecoder", "LlamaDecode", "LlamaPrefill",
-           "decode_inputs", "prefill_inputs"]
+           "decode_model", "prefill_model", "decode_inputs", "prefill_inputs"]
