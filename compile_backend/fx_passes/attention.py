@@ -401,14 +401,18 @@ def _match_sdpa(node: fx.Node, facts: Facts) -> Optional[_Match]:
     else:
         return None
     args = _schema_args(op)
-    if float(args.get("dropout_p", 0.0)) != 0.0 or args.get("enable_gqa", False):
+    if float(args.get("dropout_p", 0.0)) != 0.0:
         return None
     q, k, v = args["query"], args["key"], args["value"]
     if any(len(shape(t)) != 4 for t in (q, k, v)):
         return None
     bsz, heads, sq, d = shape(q)
-    sk = shape(k)[2]
-    if shape(k)[:2] != (bsz, heads) or shape(v)[:3] != (bsz, heads, sk):
+    _, kv_heads, sk, _ = shape(k)
+    # grouped-query attention (``enable_gqa``, or a backend op given fewer k/v heads): query
+    # head h reads k/v head h // (heads // kv_heads); the attention op infers it from the shapes
+    if shape(k)[0] != bsz or not kv_heads or heads % kv_heads or shape(v)[:3] != (bsz, kv_heads, sk):
+        return None
+    if kv_heads != heads and not (args.get("enable_gqa", False) or op.target is not aten.scaled_dot_product_attention.default):
         return None
     mask_name = _SDPA_MASK_ARG[op.target]
     mask = args.get(mask_name) if mask_name else None

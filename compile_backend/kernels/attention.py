@@ -201,7 +201,7 @@ def _flash_attention_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ob, stride_oh, stride_om, stride_od,
-    num_heads, seq_q, seq_k, head_dim, head_dim_v, qk_scale, quant_inv_scale,
+    num_heads, kv_group, seq_q, seq_k, head_dim, head_dim_v, qk_scale, quant_inv_scale,
     MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, SCALE_IN_EXP: tl.constexpr, DEAD_ROWS_NAN: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
@@ -226,10 +226,10 @@ def _flash_attention_fwd(
                    row_ok, offs_d < head_dim, not EVEN_M, not EVEN_D)
     if USE_TMA:  # K and V are tensor descriptors, addressed by (batch, head, key, 0)
         k_base, v_base = K, V
-    else:
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-    kv_b, kv_h = pid_bh // num_heads, pid_bh % num_heads
+    else:  # grouped-query attention: kv_group query heads share one k/v head
+        k_base = K + b * stride_kb + (h // kv_group) * stride_kh
+        v_base = V + b * stride_vb + (h // kv_group) * stride_vh
+    kv_b, kv_h = pid_bh // num_heads, (pid_bh % num_heads) // kv_group
     # int64 rows: Sq * Sk mask elements can pass 2**31 on long sequences
     mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m.to(tl.int64)[:, None] * stride_mm
 
@@ -328,7 +328,8 @@ def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any) -> Optional[str]:
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} not supported (fp16, bf16, fp32)"
     (bq, hq, seq_q, d), (bk, hk, seq_k, dk), (bv, hv, seq_v, dv) = q.shape, k.shape, v.shape
-    if (bq, hq) != (bk, hk) or (bq, hq) != (bv, hv):
+    # grouped-query attention: k and v may have fewer heads, each serving hq // hk query heads
+    if bq != bk or bq != bv or hk != hv or not hk or hq % hk:
         return f"batch/head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if dk != d or seq_v != seq_k:
         return f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
@@ -412,7 +413,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
     _flash_attention_fwd[grid](
         q, k_arg, v_arg, mask_arg, out,
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-        heads, seq_q, seq_k, head_dim, head_dim_v, scale * 1.4426950408889634,
+        heads, heads // k.shape[1], seq_q, seq_k, head_dim, head_dim_v, scale * 1.4426950408889634,
         0.0 if quant is None else float(quant[1]),
         MASK_KIND=mask_kind, CAUSAL=causal, SCALE_IN_EXP=scale > 0 and mask_kind != MASK_ADDITIVE,
         DEAD_ROWS_NAN=dead_rows_nan,
@@ -537,7 +538,9 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     if tuned:
         # short sequences: also two batched GEMMs around one softmax kernel (16-bit only: the
         # fp32 products would follow the user's global TF32 setting, not options.precision)
-        short = q_meta.dtype in (torch.float16, torch.bfloat16) and k_meta.shape[-2] <= _unfused_max_keys()
+        # (not for grouped-query attention: the batched GEMMs would need k/v repeated per head)
+        short = q_meta.dtype in (torch.float16, torch.bfloat16) and k_meta.shape[-2] <= _unfused_max_keys() \
+            and k_meta.shape[1] == q_meta.shape[1]
         return _tuned_attention(group, ctx, dims, runner, layouts,
                                 f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan} quant={quant}",
                                 unfused if short else None)

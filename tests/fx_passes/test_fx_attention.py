@@ -185,6 +185,20 @@ def test_sdpa_with_a_longer_key_sequence():
     _fuse(SDPA(causal=True).eval(), q, k, v)
 
 
+class GQA(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_grouped_query_sdpa_fuses():
+    # 6 query heads over 2 k/v heads (Llama-style): the op takes k/v as they are
+    q = torch.randn(B, 6, 3, D)
+    k, v = torch.randn(B, 2, 7, D), torch.randn(B, 2, 7, D)
+    t = _fuse(GQA().eval(), q, k, v, torch.randn(B, 1, 3, 7))
+    (node,) = _attention_nodes(t.gm)
+    assert node.meta["val"].shape == (B, 6, 3, D)
+
+
 def test_training_graphs_are_not_fused():
     t = training_graph(Chain(dropout=0.0), *_qkv())
     assert total(fuse_attention(t.gm, ctx(training=True))) == 0

@@ -468,3 +468,22 @@ def test_fp8_output_quantize_is_left_to_aten():
     group = _attention_group([q.shape, k.shape, v.shape], torch.float16, quant=("fp8", 300.0))
     with pytest.raises(Unsupported, match="integer precision"):
         build_attention(group, _ctx())
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32), ids=str)
+def test_grouped_query_attention(dtype):
+    """k/v with fewer heads, each serving a group of query heads (Llama-style GQA): the kernel,
+    the built group and the fused op against the reference on k/v repeated per query head."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 9, 32, generator=g).to(dtype)
+    k, v = (torch.randn(2, 2, 23, 32, generator=g).to(dtype) for _ in range(2))
+    mask = _padding_mask(23)
+    ref = _reference(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask, None, True)
+    _assert_matches(flash_attention(q, k, v, mask, None, True, SMALL_BLOCKS, allow_tf32=False), ref, dtype)
+    op = torch.ops.compile_backend.attention(q, k, v, mask, 1 / math.sqrt(32), True)
+    _assert_matches(op, ref, dtype)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, mask, 1 / math.sqrt(32), True)
+    kernel = build_attention(group, _ctx())
+    assert check_outputs(kernel, (q, k, v, mask), group.reference(q, k, v, mask)) is None
+    with pytest.raises(ValueError, match="head dims differ"):
+        flash_attention(q, k[:, :1].expand(2, 4, 23, 32), v[:, :1].expand(2, 4, 23, 32))  # 6 % 4
