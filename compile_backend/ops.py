@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .kernels import quant_ref
+from .kernels import quant_ref, weight_only_ref
 
 
 @torch.library.custom_op("compile_backend::attention", mutates_args=())
@@ -61,7 +61,9 @@ def _attention(q, k, v, mask, scale, causal, dead_rows_nan):
         causal = False
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal).contiguous()
+    gqa = k.shape[1] != q.shape[1]  # grouped-query attention: fewer k/v heads, each serving a group
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=causal,
+                                         **({"enable_gqa": True} if gqa else {})).contiguous()
     if dead_rows_nan and mask is not None:  # causal alone never masks a whole row
         dead = (~mask if mask.dtype == torch.bool else torch.isneginf(mask)).all(-1, keepdim=True)
         out = out.masked_fill(dead, float("nan"))
@@ -133,3 +135,66 @@ def _conv_out_format(xq: torch.Tensor) -> torch.memory_format:
     channels_last = xq.dim() == 4 and xq.shape[1] > 1 and xq.is_contiguous(memory_format=torch.channels_last) \
         and not xq.is_contiguous()
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+# ----------------------------------------------------------------------------- weight-only ops
+# What ``fx_passes/weight_only.py`` leaves in the graph for a weight-only quantized linear
+# (W8A16 / W4A16, issue #20). The weight's quantization is two ops on the frozen weight, which
+# ``constant_fold`` evaluates once at compile time and again on refit (the pass never stores a
+# precomputed tensor); the GEMM reads the codes and scales. Numerics: kernels/weight_only_ref.py,
+# the one reference, which is also what these run on every device (the Triton kernels of
+# kernels/weight_only.py come in through the selector, kernels/weight_only_build.py).
+@torch.library.custom_op("compile_backend::weight_only_scales", mutates_args=())
+def weight_only_scales(w: torch.Tensor, precision: str, group_size: Optional[int], clip: str) -> torch.Tensor:
+    """fp16 scales of a [N, K] weight: [N] (int8, per output channel) or [N, ceil(K / group_size)]
+    (int4); ``clip`` minmax or mse (``weight_only_ref.scales``)."""
+    return weight_only_ref.scales(w, precision, group_size, clip).contiguous()
+
+
+@weight_only_scales.register_fake
+def _weight_only_scales_fake(w, precision, group_size, clip):
+    n, k = w.shape
+    shape = (n,) if precision == "int8" else (n, -(-k // group_size))
+    return w.new_empty(shape, dtype=torch.float16)
+
+
+@torch.library.custom_op("compile_backend::weight_only_codes", mutates_args=())
+def weight_only_codes(w: torch.Tensor, scales: torch.Tensor, precision: str, group_size: Optional[int]) -> torch.Tensor:
+    """Codes of a [N, K] weight with its stored scales: int8 [N, K], or for int4 packed two per
+    byte, uint8 [N, ceil(K / 2)] (``weight_only_ref.quantize`` then ``pack_int4``). Contiguous: the
+    kernels read rows of codes (a transposed weight would otherwise be copied at every call)."""
+    codes = weight_only_ref.quantize(w, scales, precision, group_size)
+    return weight_only_ref.pack_int4(codes) if precision == "int4" else codes.contiguous()
+
+
+@weight_only_codes.register_fake
+def _weight_only_codes_fake(w, scales, precision, group_size):
+    n, k = w.shape
+    if precision == "int4":
+        return w.new_empty((n, (k + 1) // 2), dtype=torch.uint8)
+    return w.new_empty((n, k), dtype=torch.int8)
+
+
+@torch.library.custom_op("compile_backend::weight_only_linear", mutates_args=())
+def weight_only_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    precision: str,
+    group_size: Optional[int],
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``x [..., K] @ dequantize(codes, scales)^T + bias`` -> [..., N] in ``out_dtype`` (None: x's
+    dtype): the dequantized weight rounded to x's dtype, fp32 sums, fp32 bias, one rounding last.
+    codes/scales as :func:`weight_only_codes` / :func:`weight_only_scales` make them."""
+    k = x.shape[-1]
+    unpacked = weight_only_ref.unpack_int4(codes, k) if precision == "int4" else codes
+    x2 = x.reshape(x.shape[:-1].numel(), k)  # not (-1, k): ambiguous when K is 0
+    y = weight_only_ref.weight_only_mm(x2, unpacked, scales, precision, group_size, bias, out_dtype)
+    return y.reshape(*x.shape[:-1], codes.shape[0])
+
+
+@weight_only_linear.register_fake
+def _weight_only_linear_fake(x, codes, scales, bias, precision, group_size, out_dtype=None):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype or x.dtype)

@@ -57,7 +57,8 @@ class Options:
         input shape (the report gives the times; see compile_backend.speed_check).
     quant: INT8/FP8 quantization of GEMMs and convolutions (inference): a
         ``quant.Calibration`` from ``quant.calibrate`` (static activation scales), or a
-        ``quant.QuantConfig`` with ``activations="dynamic"`` (no calibration). See quant/README.md.
+        ``quant.QuantConfig`` with ``activations="dynamic"`` or ``activations=None`` (weight-only
+        W8A16/W4A16; no calibration either). See quant/README.md.
     """
 
     precision: str = "fp32"
@@ -128,14 +129,18 @@ def _check_quant(value: Any) -> None:
     from .quant.config import QuantConfig
 
     if isinstance(value, Calibration):
+        if value.config.weight_only:
+            raise ValueError("option 'quant': this calibration was made under a weight-only config "
+                             "(activations=None), which needs no calibration: pass the quant.QuantConfig itself")
         return
     if not isinstance(value, QuantConfig):
         raise ValueError("option 'quant' must be a quant.Calibration (from quant.calibrate) or a "
-                         f"quant.QuantConfig with activations='dynamic', got {type(value).__name__}")
+                         "quant.QuantConfig with activations='dynamic' or activations=None (weight-only), "
+                         f"got {type(value).__name__}")
     if value.activations == "static":
         raise ValueError("option 'quant': static activation scales come from calibration: pass "
                          "quant.calibrate(model, batches, config) instead of the config, or use "
-                         "QuantConfig(activations='dynamic')")
+                         "QuantConfig(activations='dynamic') or QuantConfig(activations=None) (weight-only)")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> None:

@@ -18,6 +18,7 @@ from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
 from .precision import lower_precision
 from .quantize import quantize
+from .weight_only import with_weight_only
 
 # Order matters: casts from lower_precision would hide conv/GEMM from BN folding and the merge,
 # and the attention op it also casts exists only after fuse_attention.
@@ -28,7 +29,7 @@ REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)
 REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)
 REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
-REGISTRY.register("quantize", inference_only=True)(quantize)
+REGISTRY.register("quantize", inference_only=True)(with_weight_only(quantize))  # W8A8, or weight-only
 REGISTRY.register("choose_layout", inference_only=True)(choose_layout)
 REGISTRY.register("lower_precision", inference_only=True)(lower_precision)
 REGISTRY.register("drop_copies", inference_only=True)(drop_copies)

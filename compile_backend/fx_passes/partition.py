@@ -50,7 +50,7 @@ _POOLS = (aten.max_pool2d_with_indices,)
 _RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
 _UNIT_VIEWS = _RESHAPES + (aten.unsqueeze, aten.squeeze)
 #: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
-_SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv"}
+_SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv", "weight_only_linear": "gemm"}
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ BUILDERS: Dict[str, Tuple[str, ...]] = {
 ANCHOR_BUILDERS: Dict[str, Tuple[str, ...]] = {
     "compile_backend.scaled_mm": ("compile_backend.kernels.qgemm:build_scaled_mm",),
     "compile_backend.scaled_conv": ("compile_backend.kernels.qconv:build_scaled_conv",),
+    "compile_backend.weight_only_linear": ("compile_backend.kernels.weight_only_build:build_weight_only_linear",),
 }
 
 #: relative error ‖out − ref‖ / ‖ref‖ a generated kernel may show against ATen, per dtype

@@ -43,6 +43,9 @@ def calibrate(model: Callable, batches: Iterable[Any], config: QuantConfig, *, p
     per-layer activation ranges for ``config`` (static activations)."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"calibrate: config must be a quant.QuantConfig, got {type(config).__name__}")
+    if config.weight_only:
+        raise ValueError("calibrate: a weight-only config (activations=None) has no activation ranges to "
+                         "calibrate; pass it directly: options={'quant': config}")
     if isinstance(model, torch.nn.Module) and model.training:
         warnings.warn("calibrate: the model is in training mode (BatchNorm and dropout behave as in "
                       "training); call model.eval() first for the ranges inference will see", stacklevel=2)

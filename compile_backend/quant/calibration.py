@@ -248,7 +248,9 @@ class Calibration:
             raise fail("version", f"this compile_backend reads version {VERSION}, got {data['version']!r:.80}")
         if not isinstance(data["config"], dict):
             raise fail("config", f"must be an object, got {_json_type(data['config'])}")
-        # every field written out: a default that changes between versions never fills a gap
+        # every field written out: a default that changes between versions never fills a gap;
+        # except fields added later whose absence has one meaning (files written before them)
+        data["config"] = {**_ADDED_LATER, **data["config"]}
         _exact_keys(data["config"], {f.name for f in dataclasses.fields(QuantConfig)}, "config", fail)
         if not isinstance(data["meta"], dict):
             raise fail("meta", f"must be an object, got {_json_type(data['meta'])}")
@@ -376,6 +378,11 @@ def _decode_stat(value: Any) -> Any:
     if value == "-inf":
         return -math.inf
     return value
+
+
+#: QuantConfig fields newer than some calibration files, with the value those files meant: the
+#: weight-only fields (issue #20) are None in every W8A8 config, the only kind calibrated
+_ADDED_LATER = {"group_size": None, "clip": None}
 
 
 def _exact_keys(obj: dict, expected: set, where: str, fail) -> None:

@@ -26,6 +26,12 @@ from ..fields import check_names
 PRECISIONS = ("int8", "fp8", "int4")
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACTIVATION_MODES = ("static", "dynamic")
+#: weight-only quantization (``activations=None``: W8A16, W4A16): its precisions, the INT4 group
+#: sizes (the same as kernels/weight_only_ref.GROUP_SIZES; a test checks) and clip methods
+WEIGHT_ONLY_PRECISIONS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
+CLIP_METHODS = ("minmax", "mse")
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
 #: quantization-aware training: activation amaxes learned (LSQ) or fixed at their initial value
 QAT_SCALES = ("learned", "fixed")
@@ -70,7 +76,8 @@ Selector = Union[str, LayerType]
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """Post-training quantization of weights and activations (W8A8). See quant/README.md.
+    """Post-training quantization of weights and activations (W8A8), or of weights alone
+    (``activations=None``: W8A16 / W4A16). See quant/README.md.
 
     precision: ``int8`` (symmetric, [-127, 127]), ``fp8`` (e4m3fn, saturating at ±448) or
         ``int4`` (symmetric, [-7, 7]; weights per channel, activations static per tensor; the
@@ -78,8 +85,10 @@ class QuantConfig:
         tensor-core GPU (Turing on), FP8 needs Ada/Hopper.
     weights: ``per_channel`` (one scale per output channel, default) or ``per_tensor``. Weight
         scales always come from the weight's absolute maximum (no calibrator needed).
-    activations: ``static`` (one scale per tensor, from calibration, default) or ``dynamic`` (one
-        scale per row/token computed at run time; no calibration).
+    activations: ``static`` (one scale per tensor, from calibration, default), ``dynamic`` (one
+        scale per row/token computed at run time; no calibration) or None: weight-only
+        quantization (activations stay float; no calibration), with precision ``int8`` (one fp16
+        scale per output channel) or ``int4`` (one fp16 scale per ``group_size`` input channels).
     calibrator: how a static activation's amax is chosen from its histogram: ``max``,
         ``percentile``, ``entropy`` (KL divergence, as TensorRT) or ``mse``. Default per
         precision: ``entropy`` for int8 (127 uniform levels: clipping rare outliers buys
@@ -99,6 +108,12 @@ class QuantConfig:
     num_bins: histogram bins per layer for calibration, a power of two in [128, 65536].
     qat_scales: in quantization-aware training (``quant.prepare_qat``), the activation amaxes are
         ``learned`` (LSQ's gradient, default) or ``fixed`` at their calibrated / first values.
+    group_size: weight-only ``int4``: input channels per scale, 32, 64 or 128 (default 128; the
+        last group of a row is shorter when K is not a multiple). Only for int4 weight-only:
+        stored resolved there, None everywhere else.
+    clip: weight-only: how each scale's range is chosen, ``minmax`` (the abs max, default) or
+        ``mse`` (the abs max times the ratio in 1.0, 0.95, ..., 0.5 with the smallest squared
+        error: an outlier gives way to resolution for the rest). None unless weight-only.
     """
 
     precision: str = "int8"
@@ -112,19 +127,26 @@ class QuantConfig:
     min_features: int = 16
     num_bins: int = 2048
     qat_scales: str = "learned"
+    group_size: Optional[int] = None
+    clip: Optional[str] = None
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _choice("weights", self.weights, WEIGHT_GRANULARITIES)
-        _choice("activations", self.activations, ACTIVATION_MODES)
+        if self.activations is not None and self.activations not in ACTIVATION_MODES:
+            raise ValueError(f"quant option 'activations' must be one of {', '.join(ACTIVATION_MODES)} or None "
+                             f"(weight-only quantization), got {self.activations!r}")
+        self._check_weight_only()
         if self.calibrator is None:
             # stored resolved, so the digest and the calibration file name the calibrator used
             object.__setattr__(self, "calibrator", DEFAULT_CALIBRATOR[self.precision])
         _choice("calibrator", self.calibrator, CALIBRATORS)
-        if self.precision == "int4" and (self.weights, self.activations) != ("per_channel", "static"):
+        if self.precision == "int4" and not self.weight_only and (self.weights, self.activations) != \
+                ("per_channel", "static"):
             raise ValueError(
                 "quant precision 'int4' takes weights='per_channel' and activations='static' (one "
-                "activation scale per tensor, from calibration or quantization-aware training); got "
+                "activation scale per tensor, from calibration or quantization-aware training), or "
+                "activations=None (weight-only W4A16, grouped weight scales); got "
                 f"weights={self.weights!r}, activations={self.activations!r}")
         p = self.percentile
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 100):
@@ -142,6 +164,43 @@ class QuantConfig:
         if isinstance(b, bool) or not isinstance(b, int) or not (128 <= b <= 65536) or b & (b - 1):
             raise ValueError(f"quant option 'num_bins' must be a power of two in [128, 65536], got {b!r}")
 
+    @property
+    def weight_only(self) -> bool:
+        """Weights alone are quantized (W8A16 / W4A16): ``activations`` is None."""
+        return self.activations is None
+
+    def _check_weight_only(self) -> None:
+        """The weight-only fields: resolved (group_size 128 for int4, clip minmax) in weight-only
+        mode, where they apply; refused elsewhere, so a value given never goes unused."""
+        if not self.weight_only:
+            given = {n: getattr(self, n) for n in ("group_size", "clip") if getattr(self, n) is not None}
+            if given:
+                raise ValueError(
+                    f"quant option {next(iter(given))!r} applies to weight-only quantization "
+                    f"(activations=None), got {', '.join(f'{k}={v!r}' for k, v in given.items())} with "
+                    f"activations={self.activations!r}: leave it unset or pass activations=None")
+            return
+        if self.precision not in WEIGHT_ONLY_PRECISIONS:
+            raise ValueError(f"quant option 'precision' must be one of {', '.join(WEIGHT_ONLY_PRECISIONS)} for "
+                             f"weight-only quantization (activations=None), got {self.precision!r}")
+        if self.weights != "per_channel":
+            raise ValueError("weight-only quantization (activations=None) takes weights='per_channel' (int8: a "
+                             "scale per output channel; int4: per group_size inputs of each channel), got "
+                             f"weights={self.weights!r}")
+        g = self.group_size
+        if self.precision == "int8":
+            if g is not None:
+                raise ValueError(f"quant option 'group_size' applies to precision 'int4' (int8 weight-only scales "
+                                 f"are per output channel), got group_size={g!r}: leave it unset")
+        elif g is None:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE)  # stored resolved, as the calibrator
+        elif isinstance(g, bool) or g not in GROUP_SIZES:
+            raise ValueError(f"quant option 'group_size' must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                             f"got {g!r}")
+        if self.clip is None:
+            object.__setattr__(self, "clip", CLIP_METHODS[0])
+        _choice("clip", self.clip, CLIP_METHODS)
+
     @classmethod
     def from_mapping(cls, config: Optional[Mapping[str, Any]]) -> "QuantConfig":
         """Build from a user dict (or :meth:`as_dict` output), rejecting unknown names with a hint."""
@@ -156,8 +215,15 @@ class QuantConfig:
         return cls(**dict(config))
 
     def replace(self, **changes: Any) -> "QuantConfig":
-        """A copy with ``changes``; the calibrator is kept unless given (it is stored resolved)."""
-        return QuantConfig.from_mapping({**self.as_dict(), **changes})
+        """A copy with ``changes``; the calibrator is kept unless given (it is stored resolved).
+        The weight-only fields are kept while the new mode takes them (group_size: int4
+        weight-only; clip: weight-only), else reset, unless given."""
+        fields = {**self.as_dict(), **changes}
+        weight_only = fields["activations"] is None
+        for name, applies in (("group_size", weight_only and fields["precision"] == "int4"), ("clip", weight_only)):
+            if name not in changes and not applies:
+                fields[name] = None
+        return QuantConfig.from_mapping(fields)
 
     def as_dict(self) -> dict:
         """JSON-able fields: module types as ``{"type": qualified name}``."""
@@ -249,5 +315,5 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 __all__ = [
     "QuantConfig", "LayerType", "PRECISIONS", "WEIGHT_GRANULARITIES", "ACTIVATION_MODES", "CALIBRATORS",
-    "DEFAULT_CALIBRATOR", "OUTPUT_LAYER_PATTERNS",
+    "DEFAULT_CALIBRATOR", "OUTPUT_LAYER_PATTERNS", "WEIGHT_ONLY_PRECISIONS", "GROUP_SIZES", "CLIP_METHODS",
 ]

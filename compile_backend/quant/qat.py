@@ -88,7 +88,8 @@ def prepare_qat(model: nn.Module, config: QuantConfig, batches: Optional[Iterabl
         raise TypeError(f"prepare_qat: config must be a quant.QuantConfig, got {type(config).__name__}")
     if config.activations != "static":
         raise ValueError("prepare_qat: QAT trains static activation scales; use "
-                         "QuantConfig(activations='static') (dynamic scales need no training)")
+                         "QuantConfig(activations='static') (dynamic scales need no training; a "
+                         "weight-only config, activations=None, is applied directly: options={'quant': config})")
     if hasattr(model, STATE):
         raise ValueError("prepare_qat: the model is already prepared (call quant.convert first)")
     layers = _selected_by_calibration(model, config, batches, progress, cache_dir) if batches is not None \

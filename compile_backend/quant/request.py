@@ -1,19 +1,28 @@
-"""``options["quant"]`` (a Calibration or a dynamic QuantConfig) as the quantize pass's request."""
+"""``options["quant"]`` (a Calibration, a dynamic or a weight-only QuantConfig) as the quantize
+pass's request: a ``QuantRequest`` (W8A8) or a ``WeightOnlyRequest`` (W8A16 / W4A16)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ..errors import UserError
 from ..fx_passes.quantize import QuantRequest
+from ..fx_passes.weight_only import WeightOnlyRequest
 import torch
 
 from .calibration import Calibration, weight_fingerprint
 from .config import QuantConfig
 
 
-def build_request(quant: Any) -> QuantRequest:
+def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
     calib = quant if isinstance(quant, Calibration) else None
     config: QuantConfig = calib.config if calib is not None else quant
+    if config.weight_only:
+        if calib is not None:  # Options refuses it first; kept for callers that build requests directly
+            raise UserError("quant: a calibration of a weight-only config (activations=None) has nothing to "
+                            "apply: weight-only needs no calibration, pass the QuantConfig itself")
+        # no calibration: the weight's scales come from the weight itself, at compile time
+        return WeightOnlyRequest(precision=config.precision, group_size=config.group_size, clip=config.clip,
+                                 decide=config.decide)
 
     def parts(name: str) -> List[str]:
         """The calibration's records for layer ``name``: its own, or for a merged GEMM

@@ -258,3 +258,12 @@ def test_a_symlink_to_a_valid_file_loads(tmp_path):
     make().save(tmp_path / "real.json")
     (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
     assert Calibration.load(tmp_path / "link.json") == make()
+
+
+def test_files_written_before_the_weight_only_fields_still_load(tmp_path):
+    # calibration files from before group_size / clip (issue #20) lack them; they meant None
+    data = _valid(tmp_path)
+    for key in ("group_size", "clip"):
+        del data["config"][key]
+    loaded = Calibration.load(_write(tmp_path, data))
+    assert loaded.config.group_size is None and loaded.config.clip is None

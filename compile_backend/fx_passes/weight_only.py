@@ -1,0 +1,158 @@
+"""Weight-only quantization (W8A16 / W4A16, issue #20): linear layers with a frozen weight become
+``compile_backend.weight_only_linear`` over quantized constants; activations stay float.
+
+Runs in the quantize pass's slot: ``fx_passes/__init__.py`` registers ``with_weight_only(quantize)``
+under the name ``quantize``, which runs these rules when ``options["quant"]`` is a weight-only
+``QuantConfig`` (``activations=None``; ``quant.request`` makes it a :class:`WeightOnlyRequest`)
+and the W8A8 pass otherwise. So, like W8A8, it sees the GEMMs the engine runs (after BatchNorm
+folding, GEMM merging and attention fusion: merged Q/K/V included, attention's matmuls never)
+and comes before layout, precision and constant folding.
+
+A layer is what the W8A8 pass calls one (``quantize.find_layer``): an ``mm`` / ``addmm`` whose
+weight is a frozen parameter, named by the parameter's FQN (a merged GEMM joins its parts with
+``+``). ``QuantConfig.decide`` selects it (``quantize.selection_reason``: include / exclude, the
+default exclusions such as ``lm_head`` and embeddings, ``min_features``). Rewrite (numerics:
+``kernels/weight_only_ref.py``):
+
+* weight: ``scales = weight_only_scales(W)``, ``codes = weight_only_codes(W, scales)`` as ops on
+  the constant [N, K] weight, which ``constant_fold`` evaluates once at compile time and again on
+  refit (no precomputed tensor is stored: fx_passes/README.md, "Constants stay live");
+* the anchor becomes ``weight_only_linear(x, codes, scales, bias, precision, group_size,
+  out_dtype)`` with the anchor's dtype; a bias of shape [N] goes into the op (added in fp32
+  before the one rounding, as addmm does), any other addmm bias is added after it;
+* with ``precision="fp16"`` / ``"bf16"`` an fp32 activation is cast down first: the A16 of
+  W4A16, which ``lower_precision`` does for the float GEMMs but does not know this op for.
+
+Convolutions stay float (the weight-only kernels are GEMMs). Every layer's decision goes to
+``WeightOnlyRequest.records`` (the report's quantization table), a quantized layer's with the
+SQNR of its weight: the dequantized weight against the float one, in dB.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.weight_only_*)
+from ..kernels import weight_only_ref
+from .base import PassContext, PassFn
+from .quantize import Layer, find_layer, selection_reason
+from .rules import Facts, Rule, apply_rules, call, evaluate_constant, is_op, shape, tensor_val
+
+aten = torch.ops.aten
+#: activation dtype of the weight-only GEMM per Options.precision (others: the model's dtype)
+_LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class WeightOnlyRequest:
+    """What a weight-only compile asks for (from ``QuantConfig``), and what the pass decided."""
+
+    precision: str                                     # int8 | int4
+    group_size: Optional[int]                          # int4: inputs per scale; int8: None
+    clip: str                                          # minmax | mse
+    decide: Callable[[str, Optional[type], int, int], Optional[str]]  # None or why not quantized
+    records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def weights(self) -> str:
+        """The report's weight granularity."""
+        return "per_channel" if self.precision == "int8" else f"per_group_{self.group_size}"
+
+
+@dataclasses.dataclass
+class _Found:
+    layer: Layer
+    request: WeightOnlyRequest
+    act_dtype: Optional[torch.dtype]  # cast the activation to this first (None: as it is)
+
+
+def weight_only(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
+    """Rewrite the selected linear layers to ``weight_only_linear``; {rule: layers quantized}."""
+    if ctx.training or not isinstance(ctx.quant, WeightOnlyRequest):
+        return {}
+    return apply_rules(gm, ctx, WEIGHT_ONLY_RULES)
+
+
+def with_weight_only(quantize_pass: PassFn) -> PassFn:
+    """The quantize pass's slot, shared: a weight-only request runs :func:`weight_only`, any other
+    ``quantize_pass`` (one registered pass, so both run at the same place in the order and
+    calibration's ``run_passes(until="quantize")`` is unchanged)."""
+    def quantize_or_weight_only(gm: fx.GraphModule, ctx: PassContext):
+        if isinstance(ctx.quant, WeightOnlyRequest):
+            return weight_only(gm, ctx)
+        return quantize_pass(gm, ctx)
+
+    quantize_or_weight_only.__doc__ = quantize_pass.__doc__
+    return quantize_or_weight_only
+
+
+def _match(node: fx.Node, facts: Facts) -> Optional[_Found]:
+    layer = find_layer(node, facts)
+    if layer is None:
+        return None
+    request: WeightOnlyRequest = facts.ctx.quant
+    reason = layer.reason
+    if reason is None and layer.kind != "linear":
+        reason = "weight-only quantization covers linear layers (mm / addmm); convolutions stay float"
+    reason = reason or selection_reason(layer, request.decide)
+    record = request.records.setdefault(layer.name, _record(layer, request))
+    if reason is not None:
+        record.update(status="float", reason=reason)
+        return None
+    record.update(status="quantized", reason="", sqnr_db=_weight_sqnr(facts.gm, layer, request))
+    x = tensor_val(layer.x)
+    low = _LOW_PRECISION.get(facts.ctx.precision)
+    return _Found(layer, request, low if x is not None and x.dtype == torch.float32 else None)
+
+
+def _record(layer: Layer, request: WeightOnlyRequest) -> Dict[str, Any]:
+    return {"name": layer.name, "kind": layer.kind, "k": layer.k, "n": layer.n,
+            "module": getattr(layer.module_type, "__name__", None), "precision": request.precision,
+            "weights": request.weights, "activations": "float (weight-only)", "calibrator": None,
+            "clip": request.clip, "group_size": request.group_size, "sqnr_of": "weight"}
+
+
+def _weight_sqnr(gm: fx.GraphModule, layer: Layer, request: WeightOnlyRequest) -> Optional[float]:
+    """10 log10(|W|^2 / |W - dequantize(quantize(W))|^2) in dB (inf: exact; None: W is zero).
+    Read from the constant (a pass may inspect constants); the graph keeps the ops."""
+    w = evaluate_constant(gm, layer.weight).detach().t().float()  # the anchor reads [K, N]
+    g = request.group_size
+    s = weight_only_ref.scales(w, request.precision, g, request.clip)
+    deq = weight_only_ref.dequantize(weight_only_ref.quantize(w, s, request.precision, g), s, request.precision, g)
+    signal, noise = float(w.double().pow(2).sum()), float((w - deq).double().pow(2).sum())
+    if signal == 0.0:
+        return None
+    return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
+
+
+def _rewrite(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
+    layer, request, graph = found.layer, found.request, gm.graph
+    wo = torch.ops.compile_backend
+    precision, g = request.precision, request.group_size
+    with graph.inserting_before(node):
+        w = call(graph, aten.permute.default, (layer.weight, [1, 0]))  # [N, K]: rows are output channels
+        scales = call(graph, wo.weight_only_scales.default, (w, precision, g, request.clip))
+        codes = call(graph, wo.weight_only_codes.default, (w, scales, precision, g))
+        x = layer.x
+        if found.act_dtype is not None:
+            x = call(graph, aten._to_copy.default, (x,), {"dtype": found.act_dtype})
+        bias = node.args[0] if is_op(node, aten.addmm) else None
+        per_column = bias is not None and shape(bias) == (layer.n,)
+        y = call(graph, wo.weight_only_linear.default,
+                 (x, codes, scales, bias if per_column else None, precision, g, tensor_val(node).dtype))
+        if bias is not None and not per_column:
+            y = call(graph, aten.add.Tensor, (y, bias))
+    node.replace_all_uses_with(y)
+
+
+# Rules: which anchors become the weight-only op (the request in ctx decides which layers).
+WEIGHT_ONLY_RULES = (
+    Rule("weight_only_linear", "mm / addmm with a frozen weight -> weight_only_linear over the weight's "
+         "codes and scales (computed from the constant by constant_fold)", _match, _rewrite),
+)
+
+__all__ = ["WeightOnlyRequest", "weight_only", "with_weight_only", "WEIGHT_ONLY_RULES"]

@@ -1,0 +1,155 @@
+"""The group builder for ``compile_backend.weight_only_linear`` (W8A16 / W4A16, issue #20).
+
+``kernels/select.py`` tries it (``ANCHOR_BUILDERS``) for a group anchored on the op that
+``fx_passes/weight_only.py`` leaves in the graph. The group may carry an epilogue the partitioner
+grew onto the anchor (an activation, a residual add); the kernels of :mod:`.weight_only` have no
+epilogue, so a candidate runs the group's graph with the anchor computed by the Triton launcher
+and the other nodes through ATen, in graph order.
+
+Candidates, heuristic first (the tuner's order: the first is what runs with tuning off, and on a
+CPU under the interpreter, where nothing is timed): ``weight_only.heuristic(M)``, then the configs
+of ``weight_only.CONFIGS`` for the path that fits M (skinny for M <= ``SKINNY_MAX_M``, tiled
+beyond; a config of the other path would only fail or lose). On CUDA the float linear the layer
+replaces is timed beside them as a reference candidate (never chosen), so the report says when the
+weight-only kernel is slower than float, as for W8A8. The selector then checks the chosen kernel
+once against the op's reference implementation (``weight_only_ref``) on the real inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.fx as fx
+
+from . import weight_only
+from .autotune import Candidate, TuningKey
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .qgemm import scaled_anchor, scaled_arg
+from .template import (FLOAT_DTYPES, Probe, TemplateTuning, choose_kernel_of, dtype_name, float_reference_candidate,
+                       group_dtypes, group_shapes, group_strides, warmed)
+
+_ARGS = ("x", "codes", "scales", "bias", "precision", "group_size", "out_dtype")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyProblem:
+    anchor: fx.Node
+    precision: str
+    group_size: Any
+    dtype: torch.dtype  # of x
+    out_dtype: torch.dtype
+    has_bias: bool
+    m: int
+    n: int
+    k: int
+
+
+def build_weight_only_linear(group: KernelGroup, ctx: KernelContext) -> Kernel:
+    """Kernel for a group anchored on ``compile_backend.weight_only_linear`` (else Unsupported)."""
+    return choose_kernel_of(group, ctx, weight_only_candidates(group, ctx))
+
+
+def weight_only_problem(group: KernelGroup) -> WeightOnlyProblem:
+    anchor = scaled_anchor(group, "weight_only_linear")
+    x, codes, scales, bias, precision, group_size, out_dtype = (scaled_arg(anchor, a) for a in _ARGS)
+    xv, cv, sv = meta_of(x), meta_of(codes), meta_of(scales)
+    if not all(isinstance(v, torch.Tensor) for v in (xv, cv, sv)) or xv.dim() < 1 or cv.dim() != 2:
+        raise Unsupported("weight_only_linear operands without tensor metadata")
+    if xv.dtype not in FLOAT_DTYPES or (out_dtype is not None and out_dtype not in FLOAT_DTYPES):
+        raise Unsupported(f"weight_only_linear activations {xv.dtype} -> {out_dtype}: the kernels take fp16/bf16/fp32")
+    k, n = xv.shape[-1], cv.shape[0]
+    m = xv.numel() // k if k else 0
+    if min(m, n, k) == 0:
+        raise Unsupported("empty GEMM")
+    if max(xv.numel(), cv.numel(), m * n) >= weight_only.INT32_MAX:
+        raise Unsupported("tensor too large for the kernels' 32-bit indexing")
+    return WeightOnlyProblem(anchor, precision, group_size, xv.dtype, out_dtype or xv.dtype, bias is not None, m, n, k)
+
+
+def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTuning:
+    """The tuning problem of a weight_only_linear group: heuristic first, then ``CONFIGS`` of its path."""
+    p = weight_only_problem(group)
+    probe = Probe(group, ctx.device)
+    first = weight_only.heuristic(p.m)
+    configs = [first] + [c for c in weight_only.CONFIGS[first.path] if c != first]
+    candidates: List[Candidate] = [_candidate(group, p, cfg, probe) for cfg in configs]
+    if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
+        candidates.insert(0, _float_linear(p, ctx.device))
+    digest = _kernels_digest()
+    key = TuningKey(kind="gemm", template=digest[:16], shapes=group_shapes(group), strides=group_strides(group),
+                    dtypes=group_dtypes(group), extra=f"weight_only {p.precision} g{p.group_size} {'|'.join(group.ops)}")
+    # the kernels are not generated: the source stored per group (engine cache, report) names them
+    source = f"# compile_backend/kernels/weight_only.py sha256 {digest}: weight_only_linear, epilogue through ATen\n"
+    return TemplateTuning("gemm", key, candidates, probe.make, {"triton": source})
+
+
+def _candidate(group: KernelGroup, p: WeightOnlyProblem, cfg: weight_only.WeightOnlyConfig, probe: Probe) -> Candidate:
+    name = (f"triton weight-only {cfg.path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k} "
+            f"w{cfg.num_warps} s{cfg.num_stages}")
+    config = {"impl": "triton", "weight_only": p.precision, **dataclasses.asdict(cfg)}
+
+    def compile_():
+        return warmed(_GroupRunner(group, p.anchor, cfg), probe)
+
+    return Candidate(name, config, compile_, "triton")
+
+
+class _GroupRunner:
+    """Runs the group's graph: the anchor through the Triton launcher with ``cfg``, the epilogue
+    (if any) through ATen. A plain loop over the nodes, resolved once (no fx.Interpreter)."""
+
+    def __init__(self, group: KernelGroup, anchor: fx.Node, cfg: weight_only.WeightOnlyConfig) -> None:
+        self.gm, self.anchor, self.cfg = group.gm, anchor, cfg
+        self.nodes = [n for n in group.gm.graph.nodes if n.op not in ("placeholder", "output")]
+        self.placeholders = group.placeholders
+        self.output = next(n for n in group.gm.graph.nodes if n.op == "output")
+
+    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
+        env: Dict[fx.Node, Any] = dict(zip(self.placeholders, inputs))
+        for node in self.nodes:
+            if node.op == "get_attr":
+                env[node] = getattr(self.gm, node.target)
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node is self.anchor:
+                bound = _bind(node, args, kwargs)
+                env[node] = weight_only.weight_only_linear(
+                    bound["x"], bound["codes"], bound["scales"], bound["bias"], precision=bound["precision"],
+                    group_size=bound["group_size"], out_dtype=bound["out_dtype"], config=self.cfg)
+            else:
+                env[node] = node.target(*args, **kwargs)
+        return tuple(fx.node.map_arg(self.output.args[0], env.__getitem__))
+
+
+def _bind(node: fx.Node, args: tuple, kwargs: dict) -> Dict[str, Any]:
+    """The anchor's arguments by name (positional or keyword, defaults from its schema)."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        out[arg.name] = args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value)
+    return out
+
+
+def _float_linear(p: WeightOnlyProblem, device: torch.device) -> Candidate:
+    """The float layer the weight-only one replaces (cuBLAS, bias fused, x's dtype): timed as
+    the report's yardstick, never chosen."""
+    def operands():
+        x = torch.randn(p.m, p.k, dtype=p.dtype, device=device)
+        w = torch.randn(p.n, p.k, dtype=p.dtype, device=device)
+        return x, w, torch.randn(p.n, dtype=p.dtype, device=device) if p.has_bias else None
+
+    return float_reference_candidate(f"float linear {dtype_name(p.dtype)}", operands, torch.nn.functional.linear)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels_digest() -> str:
+    """sha256 of the kernels' module: it keys tuning records and cached plans (a changed kernel
+    is tuned and validated again)."""
+    return hashlib.sha256(Path(weight_only.__file__).read_bytes()).hexdigest()
+
+
+__all__ = ["build_weight_only_linear", "weight_only_candidates", "weight_only_problem", "WeightOnlyProblem"]
