@@ -84,8 +84,8 @@ def check_args(args) -> None:
     if ":" not in args.model:
         from .. import zoo
 
-        if args.model not in zoo.NAMES:
-            raise UsageError(f"--model {args.model!r} is neither a zoo model ({', '.join(zoo.NAMES)}) "
+        if args.model not in zoo.NAMES + zoo.LLM_NAMES:
+            raise UsageError(f"--model {args.model!r} is neither a zoo model ({', '.join(zoo.NAMES + zoo.LLM_NAMES)}) "
                              "nor module:function returning (model, inputs)")
 
 
