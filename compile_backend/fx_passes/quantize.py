@@ -214,11 +214,13 @@ def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:
 
 def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
     request, graph, op = layer.request, gm.graph, _emitter(gm.graph)
+    # read before _activation: writing the attention's output quantized re-derives the metadata
+    # downstream of it, this float node's included (which then reads the quantized codes)
+    out_dtype = tensor_val(node).dtype
     with graph.inserting_before(node):
         wq, w_scale = _weight(graph, op, call(graph, aten.permute.default, (layer.weight, [1, 0])), request)
         xq, x_scale = _activation(gm, op, layer, request, rows=True)
         bias = node.args[0] if is_op(node, aten.addmm) else None
-        out_dtype = tensor_val(node).dtype
         per_column = bias is not None and shape(bias) == (layer.n,)
         y = call(graph, torch.ops.compile_backend.scaled_mm.default,
                  (xq, x_scale, wq, w_scale, bias if per_column else None, out_dtype))
@@ -230,14 +232,15 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
 def _rewrite_conv(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
     request, graph, op = layer.request, gm.graph, _emitter(gm.graph)
     _, _, bias, stride, padding, dilation, _, _, groups = node.args
+    before = tensor_val(node)  # before _activation may re-derive it (see _rewrite_linear)
     with graph.inserting_before(node):
         wq, w_scale = _weight(graph, op, layer.weight, request)
         xq, x_scale = _activation(gm, op, layer, request, rows=False)
         y = call(graph, torch.ops.compile_backend.scaled_conv.default,
                  (xq, x_scale, wq, w_scale, bias, list(stride), list(padding), list(dilation), groups,
-                  tensor_val(node).dtype))
+                  before.dtype))
     node.replace_all_uses_with(y)
-    if tensor_val(y).stride() != tensor_val(node).stride():
+    if tensor_val(y).stride() != before.stride():
         propagate_meta(graph, [y])
 
 
@@ -272,9 +275,7 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         inv = float(quant_ref.inverse_scale(scale))
         name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
         x_scale = _constant(gm, name, scale.reshape(()).to(tensor_val(x).device))
-        # integer codes only: the attention kernel converts to fp8 with Triton's cast, which the
-        # interpreter gets wrong (kernels/expr_casts.py), so an FP8 quantize stays a kernel
-        attention = _attention_source(x, layer.node) if request.precision in quant_ref.INTEGER_PRECISIONS else None
+        attention = _attention_source(x, layer.node)
         if attention is not None:  # the attention kernel writes its output quantized
             _quantize_attention_output(gm.graph, attention, x, request.precision, inv)
             return x, x_scale

@@ -35,8 +35,13 @@ from .autotune import tuner_for
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, output_tensor
 from . import quant_ref
 from .attention_config import AttentionConfig, candidate_configs, default_config, pow2_at_least
-from .launch import strides_for
+from .launch import load_source, strides_for
 from .base import triton_interpret
+from .expr_casts import conversion_source
+
+# fp32 -> float8_e4m3fn for the fused FP8 output quantize: the generated kernels' helper (native
+# cast on the GPU, integer arithmetic under the interpreter, whose own fp8 cast is wrong)
+cb_to_fp8 = load_source("import triton\nimport triton.language as tl\n" + conversion_source("cb_to_fp8(")).cb_to_fp8
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -207,6 +212,7 @@ def _flash_attention_fwd(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     QUANT: tl.constexpr = False, QMAX: tl.constexpr = 127.0, ROUND_TO: tl.constexpr = tl.float16,
+    QUANT_FP8: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -264,14 +270,16 @@ def _flash_attention_fwd(
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_i)[:, None]
     if QUANT:
-        # the next GEMM's static input quantize to integer codes (kernels/quant_ref.
-        # quantize_steps) on the output as the op would return it (rounded to q's dtype first)
+        # the next GEMM's static input quantize (kernels/quant_ref.quantize_steps) on the output
+        # as the op would return it (rounded to q's dtype first)
         y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
-        y = tl.where(y != y, 0.0, y)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        r = (tl.abs(y) + 8388608.0) - 8388608.0  # round half to even (|y| <= QMAX < 2^23)
-        y = tl.where(y < 0, -r, r)
-        out = y
+        if QUANT_FP8:  # saturate to +-448 (NaN stays NaN), then round to the e4m3 grid
+            out = cb_to_fp8(tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y)))
+        else:  # integer codes: NaN -> 0, saturate, round half to even
+            y = tl.where(y != y, 0.0, y)
+            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+            r = (tl.abs(y) + 8388608.0) - 8388608.0  # round half to even (|y| <= QMAX < 2^23)
+            out = tl.where(y < 0, -r, r)
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     dv_ok = offs_dv < head_dim_v
     if EVEN_M and EVEN_DV:
@@ -424,6 +432,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         QUANT=quant is not None,
         QMAX=127.0 if quant is None else quant_ref.QMAX[quant[0]], ROUND_TO=_TL_TYPES[q.dtype],
+        QUANT_FP8=quant is not None and quant[0] == "fp8",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -487,10 +496,9 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     out_perm = args["out_perm"]
     quant = None
     if args["quant"] is not None:
-        if args["quant"] not in quant_ref.INTEGER_PRECISIONS or not isinstance(args["quant_inv_scale"], (int, float)):
-            # fp8: Triton's interpreter converts fp32 -> fp8 wrongly (kernels/expr_casts.py), so
-            # the kernel is never tested there; the ATen group (the op's reference) runs it
-            raise Unsupported(f"attention quant must be an integer precision with a constant scale, got {args['quant']!r}")
+        if args["quant"] not in quant_ref.PRECISIONS or not isinstance(args["quant_inv_scale"], (int, float)):
+            raise Unsupported(f"attention quant must be one of {quant_ref.PRECISIONS} with a constant scale, "
+                              f"got {args['quant']!r}")
         quant = (args["quant"], float(args["quant_inv_scale"]))
     if out_perm is not None and sorted(out_perm) != [0, 1, 2, 3]:
         raise Unsupported(f"attention out_perm must be a permutation of 4 dims, got {out_perm!r}")

@@ -446,7 +446,7 @@ def test_output_quantized_for_the_next_gemm(precision):
     """quant: the attention writes the next GEMM's static input quantize to integer codes
     (quant_ref.quantize_steps of the output rounded to q's dtype); our kernel and the unfused path
     give the reference's codes (within one step on <= 1% of elements: the output's own rounding
-    may differ). fp8 is refused (Unsupported): the interpreter's fp8 cast is wrong."""
+    may differ)."""
     dtype = torch.float16
     q, k, v = _qkv(9, 13, 16, dtype)
     inv = 37.0 if precision == "int8" else 4.0  # codes spread over the grid, some saturate
@@ -463,11 +463,23 @@ def test_output_quantized_for_the_next_gemm(precision):
         assert (step <= 1).all() and (step > 0).float().mean() <= 0.01
 
 
-def test_fp8_output_quantize_is_left_to_aten():
-    q, k, v = _qkv(9, 13, 16, torch.float16)
-    group = _attention_group([q.shape, k.shape, v.shape], torch.float16, quant=("fp8", 300.0))
-    with pytest.raises(Unsupported, match="integer precision"):
-        build_attention(group, _ctx())
+def test_output_quantized_to_fp8_for_the_next_gemm():
+    """quant fp8: the attention writes float8_e4m3fn codes (saturated at +-448); our kernel
+    (the generated kernels' conversion helper: native on the GPU, integer arithmetic under the
+    interpreter) and the unfused path give the reference's codes within one step on <= 1%."""
+    from compile_backend.kernels.select import quantized_mismatch
+
+    dtype = torch.float16
+    q, k, v = _qkv(9, 13, 16, dtype)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, causal=True, out_perm=[0, 2, 1, 3],
+                             quant=("fp8", 900.0))  # some values saturate at 448
+    expected = group.reference(q, k, v)[0]
+    assert expected.dtype == torch.float8_e4m3fn and (expected.float().abs() == 448).any()
+    tuning = _tuned_candidates(group)
+    for run in (build_attention(group, _ctx()), tuning["unfused"]):
+        (out,) = run(q, k, v)
+        assert out.dtype == expected.dtype and out.stride() == expected.stride()
+        assert quantized_mismatch(out, expected) is None
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.float32), ids=str)

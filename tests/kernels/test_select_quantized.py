@@ -50,3 +50,15 @@ def test_fp8_neighbouring_codes_and_nan():
     assert quantized_mismatch(nan, ref) == "NaN pattern differs"
     zeros = torch.tensor([0.0, -0.0]).to(f8)
     assert quantized_mismatch(torch.tensor([-0.0, 0.0]).to(f8), zeros) is None  # +0 and -0: the same step
+
+
+def test_fp8_differences_near_zero_within_the_noise_floor_are_equal():
+    # the H200's FP8 GEMM + GELU: ~3e-4 absolute noise lands 14 codes apart near zero (grid 2^-9)
+    f8 = torch.float8_e4m3fn
+    ref = torch.linspace(-448, 448, 2001)
+    ref[1000] = 0.0
+    out = ref.clone()
+    out[1000] = 0.027  # 14 codes from 0, far below 448 * 2^-9
+    assert quantized_mismatch(out.to(f8), ref.to(f8)) is None
+    out[1500] = ref[1500] * 2  # a wrong scale is not noise
+    assert "steps" in quantized_mismatch(out.to(f8), ref.to(f8))
