@@ -39,9 +39,12 @@ from .launch import load_source, strides_for
 from .base import triton_interpret
 from .expr_casts import conversion_source
 
-# fp32 -> float8_e4m3fn for the fused FP8 output quantize: the generated kernels' helper (native
-# cast on the GPU, integer arithmetic under the interpreter, whose own fp8 cast is wrong)
-cb_to_fp8 = load_source("import triton\nimport triton.language as tl\n" + conversion_source("cb_to_fp8(")).cb_to_fp8
+# fp32 -> float8_e4m3fn for the fused FP8 output quantize: the generated kernels' helpers, the
+# GPU's native cast and, for Triton's interpreter (whose own fp8 cast is wrong), integer
+# arithmetic; the launch picks one (SOFT_FP8), so the import-time mode does not matter
+_PRELUDE = "import triton\nimport triton.language as tl\n"
+to_fp8_native = load_source(_PRELUDE + conversion_source("cb_to_fp8(", interpret=False)).cb_to_fp8
+to_fp8_soft = load_source(_PRELUDE + conversion_source("cb_to_fp8(", interpret=True)).cb_to_fp8
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -212,7 +215,7 @@ def _flash_attention_fwd(
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     QUANT: tl.constexpr = False, QMAX: tl.constexpr = 127.0, ROUND_TO: tl.constexpr = tl.float16,
-    QUANT_FP8: tl.constexpr = False,
+    QUANT_FP8: tl.constexpr = False, SOFT_FP8: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -274,7 +277,11 @@ def _flash_attention_fwd(
         # as the op would return it (rounded to q's dtype first)
         y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
         if QUANT_FP8:  # saturate to +-448 (NaN stays NaN), then round to the e4m3 grid
-            out = cb_to_fp8(tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y)))
+            y = tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y))
+            if SOFT_FP8:
+                out = to_fp8_soft(y)
+            else:
+                out = to_fp8_native(y)
         else:  # integer codes: NaN -> 0, saturate, round half to even
             y = tl.where(y != y, 0.0, y)
             y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
@@ -432,7 +439,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         QUANT=quant is not None,
         QMAX=127.0 if quant is None else quant_ref.QMAX[quant[0]], ROUND_TO=_TL_TYPES[q.dtype],
-        QUANT_FP8=quant is not None and quant[0] == "fp8",
+        QUANT_FP8=quant is not None and quant[0] == "fp8", SOFT_FP8=_interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

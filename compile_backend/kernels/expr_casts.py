@@ -244,11 +244,12 @@ def cb_from_fp8(x):
 _CALLS = {"bf16": ("cb_round_bf16(", "cb_to_bf16("), "fp8": ("cb_to_fp8(", "cb_round_fp8(", "cb_from_fp8(")}
 
 
-def conversion_source(code: Optional[str]) -> str:
+def conversion_source(code: Optional[str], interpret: Optional[bool] = None) -> str:
     """Source of the conversion helpers ``code`` calls (all of them for None: a caller that
     only knows the helper names of its lines, since round_to/to_storage/convert add calls
-    without recording them; unused jit functions cost nothing)."""
-    table = _INTERPRETED if triton_interpret() else _NATIVE
+    without recording them; unused jit functions cost nothing). ``interpret``: the variant for
+    Triton's interpreter or the GPU (default: whichever this process runs)."""
+    table = _INTERPRETED if (triton_interpret() if interpret is None else interpret) else _NATIVE
     saturates = fp8_saturates()
     fields = {"over": "0x7E" if saturates else "0x7F",
               "guard": "x" if saturates else 'tl.where(tl.abs(x) > 464.0, float("nan"), x)'}
