@@ -140,9 +140,10 @@ def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any
 #: this fraction of them off (the statement in quant/README.md).
 QUANTIZED_STEP_FRACTION = 1e-2
 #: fp8's grid is relative: near zero its steps (2^-9 at the bottom) are far finer than the
-#: numerical noise of the value being quantized (attention's probabilities rounded to fp16, the
-#: FP8 tensor cores' limited accumulation precision: ~3e-4 absolute on BERT's FC1 on the H200,
-#: 14 codes apart near zero). Differences within this fraction of the reference's largest
+#: numerical noise of the value being quantized (attention's probabilities rounded to fp16, seen
+#: under the interpreter: 3 codes apart; the FP8 tensor cores' accumulation: the suspected cause
+#: of the H200 rejecting every FP8 FC1 group of BERT, up to 14 codes apart on 0.6% of elements,
+#: to confirm on the GPU). Differences within this fraction of the reference's largest
 #: magnitude count as equal; a wrong scale or sign still differs far beyond it.
 FP8_NOISE_FRACTION = 2.0 ** -9
 
