@@ -69,6 +69,8 @@ def _quant_summary(report) -> Dict[str, Any]:
             "scaled_kernels": sorted({k["impl"] for k in kernels}),
             # tuned kernels slower than the float GEMM/conv they replace (empty with autotune off)
             "slower_than_float": [r for g in report.graphs for r in g.slower_than_reference()],
+            # quantize kernels left on their own (issue #18 wants none without a reason)
+            "standalone_quantizes": [q["reason"] for g in report.graphs for q in g.standalone_quantizes],
             "fallbacks": [f for g in report.graphs for f in g.fallbacks]}
 
 

@@ -27,6 +27,7 @@ from .groups import fuse_groups, inline_aten_groups
 from .kernels.base import KernelContext, KernelGroup, op_name, triton_enabled, triton_interpret
 from .kernels.select import choose_kernel
 from .options import Options
+from .quant.standalone import standalone_quantizes
 from .report import GraphReport
 
 log = logging.getLogger("compile_backend")
@@ -110,6 +111,8 @@ def compile_graph(
                          timing_cache=timings, progress=_progress, plan=plan)
     with scopes.triton_binaries(scope, triton_enabled(device)):
         fallbacks = build_kernels(graph, calls, gm, args, kctx, report)  # Triton / vendor / ATen
+    if options.quant is not None:                               # quantizes left on their own, and why
+        report.standalone_quantizes = standalone_quantizes(graph)
     report.tuning = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena

@@ -25,6 +25,8 @@ class GraphReport:
     # quantization, per layer: name, kind, k, n, precision, weights, activations, calibrator,
     # amax, sqnr_db (vs float on the calibration data), status (quantized | float), reason
     quant: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    # kernels that only quantize an activation (quant/standalone.py): {"kernel": index, "reason"}
+    standalone_quantizes: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     kernels: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     fallbacks: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     shapes: List[str] = dataclasses.field(default_factory=list)
@@ -149,6 +151,8 @@ class Report:
                 lines.append(f"fallback: {f['op']}: {f['reason']}")
             lines.extend(_profile_line(p) for p in g.profiles)
             lines.extend(quant_lines(g.quant))
+            for q in g.standalone_quantizes:
+                lines.append(f"standalone quantize: kernel #{q['kernel']}: {q['reason']}")
             if g.speed_check:
                 times = ", ".join(f"{k} {v:.4f} ms" for k, v in g.speed_check["ms"].items())
                 stored = " (the stored verdict of an earlier process)" if g.speed_check.get("from_cache") else ""

@@ -82,6 +82,10 @@ def test_attention_writes_the_output_projections_codes(precision, tmp_path):
     standalone = [k for k in g.kernels if k["kind"] == "pointwise"]
     # the graph input's quantize (for the merged Q/K/V projection) has no producer of ours
     assert len(standalone) == 1, [k["ops"] for k in standalone]
+    # the report names it and why: the merged Q/K/V projection reads the graph input
+    (left,) = g.standalone_quantizes
+    assert g.kernels[left["kernel"]]["kind"] == "pointwise" and "graph input" in left["reason"]
+    assert "standalone quantize: kernel #" in str(report)
     fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
     with torch.no_grad():
         y, ref = fast(x), model(x)
