@@ -35,8 +35,8 @@ import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.attention)
 from .base import PassContext
-from .rules import (Facts, Rule, apply_rules, call, erase_if_dead, evaluate_constant, is_op, propagate_meta,
-                    scalar, shape, single_user, tensor_val)
+from .rules import (Facts, Rule, apply_rules, call, erase_if_dead, evaluate_constant, is_attention, is_op,
+                    propagate_meta, scalar, shape, single_user, tensor_val)
 
 aten = torch.ops.aten
 
@@ -451,11 +451,51 @@ def _rewrite_sdpa(gm: fx.GraphModule, node: fx.Node, match: _Match) -> None:
         erase_if_dead(gm.graph, list(op.users) + [op])
 
 
+# ----------------------------------------------------------------------------- grouped k/v
+def _repeated_heads(node: Any) -> Optional[Tuple[fx.Node, int]]:
+    """(the [B, Hkv, S, D] tensor, G) when ``node`` repeats each of its heads G times in place
+    (HF ``repeat_kv``: ``x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D)``, the
+    reshape a copy then a view), the copy read by nothing else; else None."""
+    if not isinstance(node, fx.Node) or not (is_op(node, aten.view) or is_op(node, aten._unsafe_view)):
+        return None
+    copy = node.args[0]
+    if not (is_op(copy, aten.clone) or (is_op(copy, aten._to_copy) and set(copy.kwargs) <= {"memory_format"})):
+        return None
+    expanded = copy.args[0]
+    if len(copy.users) != 1 or not is_op(expanded, aten.expand) or not is_op(expanded.args[0], aten.unsqueeze):
+        return None
+    base = expanded.args[0].args[0]
+    if len(shape(base)) != 4 or expanded.args[0].args[1] not in (2, -3):
+        return None
+    b, heads, s, d = shape(base)
+    g = shape(expanded)[2] if len(shape(expanded)) == 5 else 0
+    if g < 1 or tuple(shape(expanded)) != (b, heads, g, s, d) or tuple(shape(node)) != (b, heads * g, s, d):
+        return None
+    return base, g
+
+
+def _match_repeated_kv(node: fx.Node, facts: Facts) -> Optional[Tuple[fx.Node, fx.Node]]:
+    if not is_attention(node) or node.kwargs or node in facts.unsafe:
+        return None
+    k, v = _repeated_heads(node.args[1]), _repeated_heads(node.args[2])
+    if k is None or v is None or k[1] != v[1] or any(n in facts.unsafe for n in (k[0], v[0])):
+        return None
+    return k[0], v[0]
+
+
+def _read_grouped_kv(gm: fx.GraphModule, node: fx.Node, kv: Tuple[fx.Node, fx.Node]) -> None:
+    old = node.args[1:3]
+    node.args = (node.args[0], *kv, *node.args[3:])  # the op maps query head h to k/v head h // G
+    erase_if_dead(gm.graph, list(old))
+
+
 ATTENTION_RULES = (
     Rule("attention_chain", "bmm(q, k^T) -> scale -> masks -> softmax -> (dropout) -> bmm(., v) becomes "
          "one attention op (tril masks become causal=True)", _match_chain, _rewrite_chain),
     Rule("sdpa", "an SDPA ATen op with dropout 0 and only its output used becomes the attention op",
          _match_sdpa, _rewrite_sdpa),
+    Rule("grouped_kv", "an attention op reading k and v repeated per query-head group (HF repeat_kv: "
+         "expand + copy + view) reads the grouped k and v: no copies", _match_repeated_kv, _read_grouped_kv),
 )
 
 __all__ = ["fuse_attention", "ATTENTION_RULES"]

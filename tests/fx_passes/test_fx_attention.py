@@ -199,6 +199,29 @@ def test_grouped_query_sdpa_fuses():
     assert node.meta["val"].shape == (B, 6, 3, D)
 
 
+class RepeatKV(nn.Module):
+    """HF Llama's attention: k/v repeated per query-head group (repeat_kv), then plain SDPA."""
+
+    def forward(self, q, k, v):
+        def repeat_kv(x, n_rep=3):
+            b, h, s, d = x.shape
+            return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+        return F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), is_causal=True)
+
+
+def test_repeated_kv_heads_are_read_grouped():
+    q = torch.randn(B, 6, 5, D)
+    k, v = torch.randn(B, 2, 5, D), torch.randn(B, 2, 5, D)
+    t = _fuse(RepeatKV().eval(), q, k, v, expect=2)  # the SDPA fused, then its k/v regrouped
+    (node,) = _attention_nodes(t.gm)
+    assert shape_of(node.args[1]) == (B, 2, 5, D) and shape_of(node.args[2]) == (B, 2, 5, D)
+    assert count(t.gm, "expand") == 0 and count(t.gm, "clone") == 0
+
+
+def shape_of(node):
+    return tuple(node.meta["val"].shape)
+
+
 def test_training_graphs_are_not_fused():
     t = training_graph(Chain(dropout=0.0), *_qkv())
     assert total(fuse_attention(t.gm, ctx(training=True))) == 0
