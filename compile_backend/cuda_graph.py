@@ -86,6 +86,7 @@ class CudaGraphRunner:
         self.static_args: list = []
         self.slots: List[Recording] = []  # hand-out recordings
         self.copy_slot: Optional[Recording] = None  # recorded once both hand-out slots were held
+        self.copy_failed = False
         self.hand_out_slots = HAND_OUT_SLOTS
         self.lock = threading.Lock()  # replays share the static buffers and the arena
         self.done = None  # event after the last replay
@@ -96,7 +97,7 @@ class CudaGraphRunner:
 
     def invalidate(self) -> None:
         """Drop every recording (constants moved); outputs callers hold stay theirs."""
-        self.slots, self.copy_slot, self.static_args = [], None, []
+        self.slots, self.copy_slot, self.static_args, self.copy_failed = [], None, [], False
 
     def __call__(self, args: Sequence[Any]) -> Any:
         with self.lock:
@@ -119,6 +120,8 @@ class CudaGraphRunner:
                             static.data_ptr() != arg.data_ptr():
                         static.copy_(arg)
             slot = self._free_slot()
+            if slot is None:  # every recording's outputs are held and no copy recording could be made
+                return self.engine.run(args)
             if slot.stream is not None and slot.stream != stream:
                 stream.wait_stream(slot.stream)  # the caller may have read its outputs there
             slot.graph.replay()
@@ -128,7 +131,7 @@ class CudaGraphRunner:
             self.done.record(stream)
             return out
 
-    def _free_slot(self) -> Recording:
+    def _free_slot(self) -> Optional[Recording]:
         slot = next((s for s in self.slots if s.free()), None)
         if slot is not None:
             return slot
@@ -140,8 +143,13 @@ class CudaGraphRunner:
                 log.warning("compile_backend: a second CUDA graph recording failed (%s: %s); "
                             "outputs held across calls are copied", type(exc).__name__, exc)
                 self.hand_out_slots = len(self.slots)
-        if self.copy_slot is None:
-            self.copy_slot = self._record(hand_out=False)
+        if self.copy_slot is None and not self.copy_failed:
+            try:
+                self.copy_slot = self._record(hand_out=False)
+            except Exception as exc:  # then such calls run without a graph (fresh outputs)
+                log.warning("compile_backend: the CUDA graph copy recording failed (%s: %s); calls made "
+                            "while every earlier output is held run without a graph", type(exc).__name__, exc)
+                self.copy_failed = True
         return self.copy_slot
 
     def _warm_up(self, args: Sequence[Any]) -> None:

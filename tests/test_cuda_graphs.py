@@ -112,3 +112,25 @@ def test_held_outputs_are_never_overwritten_and_free_ones_are_reused():
         for got, want in zip(kept, expected):
             assert_same(got, want)
         assert len({t.data_ptr() for t in kept}) == len(kept)
+
+
+def test_held_outputs_when_no_copy_recording_can_be_made(monkeypatch):
+    """Both hand-out recordings held and the copy recording failing (memory, say): such calls
+    run without a graph, with outputs of their own; nothing held is overwritten."""
+    from compile_backend.cuda_graph import CudaGraphRunner
+
+    real = CudaGraphRunner._record
+
+    def record(self, hand_out):
+        if not hand_out:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, hand_out)
+
+    monkeypatch.setattr(CudaGraphRunner, "_record", record)
+    m = _model()
+    compiled = torch.compile(m, backend="compile_backend", options={"speed_check": False})
+    xs = [torch.randn(8, 64, device="cuda") for _ in range(5)]
+    with torch.no_grad():
+        kept = [compiled(x) for x in xs]
+        for got, x in zip(kept, xs):
+            assert_same(got, m(x))
