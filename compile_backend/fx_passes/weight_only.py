@@ -30,14 +30,13 @@ SQNR of its weight: the dequantized weight against the float one, in dB.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.weight_only_*)
-from ..kernels import weight_only_ref
+from ..kernels import quant_ref, weight_only_ref
 from .base import PassContext, PassFn
 from .quantize import Layer, find_layer, selection_reason
 from .rules import Facts, Rule, apply_rules, call, evaluate_constant, is_op, shape, tensor_val
@@ -116,17 +115,14 @@ def _record(layer: Layer, request: WeightOnlyRequest) -> Dict[str, Any]:
             "clip": request.clip, "group_size": request.group_size, "sqnr_of": "weight"}
 
 
-def _weight_sqnr(gm: fx.GraphModule, layer: Layer, request: WeightOnlyRequest) -> Optional[float]:
-    """10 log10(|W|^2 / |W - dequantize(quantize(W))|^2) in dB (inf: exact; None: W is zero).
-    Read from the constant (a pass may inspect constants); the graph keeps the ops."""
+def _weight_sqnr(gm: fx.GraphModule, layer: Layer, request: WeightOnlyRequest) -> float:
+    """SQNR of the dequantized weight against the float one, in dB (quant_ref.sqnr_db: inf when
+    exact). Read from the constant (a pass may inspect constants); the graph keeps the ops."""
     w = evaluate_constant(gm, layer.weight).detach().t().float()  # the anchor reads [K, N]
     g = request.group_size
     s = weight_only_ref.scales(w, request.precision, g, request.clip)
     deq = weight_only_ref.dequantize(weight_only_ref.quantize(w, s, request.precision, g), s, request.precision, g)
-    signal, noise = float(w.double().pow(2).sum()), float((w - deq).double().pow(2).sum())
-    if signal == 0.0:
-        return None
-    return math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
+    return quant_ref.sqnr_db(w, deq)
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:

@@ -36,7 +36,7 @@ from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config
 from .gemm_runner import GemmRunner, epilogue_only
 from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, choose_kernel_of,
-                       device_limits, dtype_name, float_reference_candidate, group_dtypes, group_shapes,
+                       device_limits, dtype_name, float_linear_candidate, group_dtypes, group_shapes,
                        group_strides, warmed)
 
 
@@ -164,23 +164,12 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
     if vendor and _vendor_fits(p) is None:
         candidates.insert(0, build.vendor_candidate())
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
-        candidates.insert(0, _float_linear(p, ctx.device))
+        candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.out_dtype, p.has_bias, ctx.device))
     key = TuningKey(kind="gemm", template=tpl.source_hash(source[0]), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_mm {'|'.join(plan.chain_ops)}")
     return TemplateTuning("gemm", key, candidates, build.probe.make, {"triton": source[0], "cublas": source[0]},
                           plan.out_layouts, frozenset(c.name for c in candidates))
-
-
-def _float_linear(p: ScaledMMProblem, device: torch.device) -> Candidate:
-    """The float GEMM (cuBLAS, bias fused) the layer replaces, in the output dtype: the report
-    compares the chosen kernel with it."""
-    def operands():
-        x = torch.randn(p.m, p.k, dtype=p.out_dtype, device=device)
-        w = torch.randn(p.n, p.k, dtype=p.out_dtype, device=device)
-        return x, w, torch.randn(p.n, dtype=p.out_dtype, device=device) if p.has_bias else None
-
-    return float_reference_candidate(f"float linear {dtype_name(p.out_dtype)}", operands, torch.nn.functional.linear)
 
 
 def _template_configs(p: ScaledMMProblem, ctx: KernelContext) -> List[GemmConfig]:

@@ -182,6 +182,17 @@ def float_reference_candidate(name: str, make_operands: Any, op: Any) -> Candida
     return Candidate(name, {"impl": "reference"}, compile_, "aten", reference=True)
 
 
+def float_linear_candidate(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, device: torch.device) -> Candidate:
+    """The float linear a quantized layer replaces (cuBLAS, bias fused) on random [M, K] x [N, K]
+    operands of ``dtype``: the report's yardstick for a quantized GEMM (timed, never chosen)."""
+    def operands():
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        w = torch.randn(n, k, dtype=dtype, device=device)
+        return x, w, torch.randn(n, dtype=dtype, device=device) if has_bias else None
+
+    return float_reference_candidate(f"float linear {dtype_name(dtype)}", operands, torch.nn.functional.linear)
+
+
 def anchor_only(plan) -> bool:
     """No chain in a fused-epilogue plan: every stored value is the anchor's result (or a
     reshape of it), so the vendor's result is the group's output as is."""

@@ -29,8 +29,8 @@ from . import weight_only
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .qgemm import scaled_anchor, scaled_arg
-from .template import (FLOAT_DTYPES, Probe, TemplateTuning, choose_kernel_of, dtype_name, float_reference_candidate,
-                       group_dtypes, group_shapes, group_strides, warmed)
+from .template import (FLOAT_DTYPES, Probe, TemplateTuning, choose_kernel_of, float_linear_candidate, group_dtypes,
+                       group_shapes, group_strides, warmed)
 
 _ARGS = ("x", "codes", "scales", "bias", "precision", "group_size", "out_dtype")
 
@@ -78,7 +78,7 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     configs = [first] + [c for c in weight_only.CONFIGS[first.path] if c != first]
     candidates: List[Candidate] = [_candidate(group, p, cfg, probe) for cfg in configs]
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
-        candidates.insert(0, _float_linear(p, ctx.device))
+        candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.dtype, p.has_bias, ctx.device))
     digest = _kernels_digest()
     key = TuningKey(kind="gemm", template=digest[:16], shapes=group_shapes(group), strides=group_strides(group),
                     dtypes=group_dtypes(group), extra=f"weight_only {p.precision} g{p.group_size} {'|'.join(group.ops)}")
@@ -132,17 +132,6 @@ def _bind(node: fx.Node, args: tuple, kwargs: dict) -> Dict[str, Any]:
     for i, arg in enumerate(node.target._schema.arguments):
         out[arg.name] = args[i] if i < len(args) else kwargs.get(arg.name, arg.default_value)
     return out
-
-
-def _float_linear(p: WeightOnlyProblem, device: torch.device) -> Candidate:
-    """The float layer the weight-only one replaces (cuBLAS, bias fused, x's dtype): timed as
-    the report's yardstick, never chosen."""
-    def operands():
-        x = torch.randn(p.m, p.k, dtype=p.dtype, device=device)
-        w = torch.randn(p.n, p.k, dtype=p.dtype, device=device)
-        return x, w, torch.randn(p.n, dtype=p.dtype, device=device) if p.has_bias else None
-
-    return float_reference_candidate(f"float linear {dtype_name(p.dtype)}", operands, torch.nn.functional.linear)
 
 
 @functools.lru_cache(maxsize=1)
