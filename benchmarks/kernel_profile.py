@@ -46,14 +46,20 @@ def profile_peer(peer: str, model, inputs, args, user_options: Dict[str, Any], c
     else:
         fn = compile_peer(peer, model, {k: v for k, v in options.items() if k != "mode"})
     call = make_call(peer, fn, inputs)
+    return {"peer": peer, "report": str(report) if report is not None else None,
+            **profile_kernels(call, calls=args.calls, warmup=args.warmup, top=args.top)}
+
+
+def profile_kernels(call, *, calls: int = 20, warmup: int = 10, top: int = 30) -> Dict[str, Any]:
+    """GPU kernels of ``calls`` calls of ``call()`` under torch.profiler, grouped by name, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
     with torch.no_grad():
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             call()
         torch.cuda.synchronize()
-        from torch.profiler import ProfilerActivity, profile
-
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.calls):
+            for _ in range(calls):
                 call()
             torch.cuda.synchronize()
     per_kernel: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
@@ -65,13 +71,12 @@ def profile_peer(peer: str, model, inputs, args, user_options: Dict[str, Any], c
             continue
         per_kernel[name][0] += event.device_time_total  # a kernel event: its own duration, us
         per_kernel[name][1] += 1
-    rows = sorted(((n, t / args.calls / 1000.0, c / args.calls) for n, (t, c) in per_kernel.items()),
+    rows = sorted(((n, t / calls / 1000.0, c / calls) for n, (t, c) in per_kernel.items()),
                   key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
-    return {"peer": peer, "report": str(report) if report is not None else None, "sum_kernels_ms": total,
-            "kernels_per_call": sum(r[2] for r in rows),
+    return {"sum_kernels_ms": total, "kernels_per_call": sum(r[2] for r in rows),
             "top": [{"kernel": n[:160], "ms": ms, "count": c, "share": ms / total if total else 0.0}
-                    for n, ms, c in rows[:args.top]]}
+                    for n, ms, c in rows[:top]]}
 
 
 def format_profile(record: Dict[str, Any]) -> str:

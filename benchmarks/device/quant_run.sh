@@ -19,7 +19,8 @@ export COMMIT=$(cat .commit 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
 # a part is NAME[:SECONDS[:MODEL,MODEL]]: a time limit keeps one slow part from eating the call;
-# for tests the third field names test files instead (default: all of tests/)
+# for tests the third field names test files instead (default: all of tests/);
+# QUANT_BENCH_ARGS adds arguments to quant_bench (e.g. "--autotune fast --profile")
 for spec in "$@"; do
   IFS=: read -r part limit models <<< "$spec"
   limit=${limit:-600}
@@ -33,7 +34,7 @@ for spec in "$@"; do
            tail -3 "$OUT/gpu_tests_h200.txt" ;;
     mnist|models|minilm)
            timeout "$limit" python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" \
-             ${models:+--models ${models//,/ }} > "$OUT/quant_${part}.log" 2>&1
+             ${models:+--models ${models//,/ }} ${QUANT_BENCH_ARGS:-} > "$OUT/quant_${part}.log" 2>&1
            tail -8 "$OUT/quant_${part}.log" | cut -c1-400 ;;
   esac
   echo "== $part: $(( $(date +%s) - start )) s"
