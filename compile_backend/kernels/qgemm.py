@@ -74,13 +74,18 @@ def check_scaled_dtypes(xq: torch.Tensor, wq: torch.Tensor, out_dtype: Any, devi
         raise Unsupported("float8_e4m3fn operands need an sm_89+ GPU")
 
 
-def scaled_dot_fields(dtype: torch.dtype, interpret: bool) -> dict:
+def scaled_dot_fields(dtype: torch.dtype, interpret: bool, promote_per_tile: bool = True) -> dict:
     """Template fields of the main loop's dot for quantized operands: int32 accumulation for
-    int8; for fp8 fp32 accumulation, promoted after every MMA instruction (Triton's default on
-    sm_90 is the tensor cores' reduced-precision "fast accumulation" over the whole K)."""
+    int8; for fp8 fp32 accumulation. The tensor cores sum fp8 products in a reduced-precision
+    accumulator; Triton adds it into the fp32 one every ``max_num_imprecise_acc`` K elements.
+    We promote once per K tile (BLOCK_K = 64 or 128: two or four wgmma instructions; the error
+    of a partial sum stays near 2^-14 of it; DeepSeek-V3 trains with 128), as cuBLAS's
+    non-fast-accumulation mode does. ``promote_per_tile=False`` promotes after every
+    instruction (the setting before session 5, which on the H200 made the FP8 template slower
+    than cuBLAS's fp16 GEMM; kept for the kernel benchmark's comparison)."""
     dot = tpl.dot_fields(dtype_name(dtype), False, interpret, dtype == torch.int8)
     if dtype != torch.int8:
-        dot["dot_args"] += ", max_num_imprecise_acc=0"
+        dot["dot_args"] += ", max_num_imprecise_acc=" + ("BLOCK_K" if promote_per_tile else "0")
     return dot
 
 
@@ -147,13 +152,15 @@ def _vendor_fits(p: ScaledMMProblem) -> Optional[str]:
 
 # ------------------------------------------------------------------------------- candidates
 def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
-                         configs: Optional[Sequence[GemmConfig]] = None) -> TemplateTuning:
+                         configs: Optional[Sequence[GemmConfig]] = None,
+                         promote_per_tile: bool = True) -> TemplateTuning:
     """Candidates for a scaled_mm group, heuristic first. ``vendor`` (default: on CUDA, when the
     shape suits it) adds ``torch._int_mm`` / ``torch._scaled_mm`` + the epilogue kernel;
-    ``configs`` replaces the template configs (tests)."""
+    ``configs`` replaces the template configs (tests, benchmarks); ``promote_per_tile``: see
+    :func:`scaled_dot_fields` (the kernel benchmark compares both)."""
     p = scaled_mm_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
-    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda")
+    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", promote_per_tile)
     # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2)
     source = tpl.render_gemm(tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc), dot)
     build = _Build(group, p, plan, source, Probe(group, ctx.device))

@@ -1,0 +1,177 @@
+"""Quantized GEMM kernels (issue #18): our scaled GEMM template vs ``_scaled_mm`` / ``_int_mm`` vs fp16.
+
+    PYTHONPATH=. python3 -m benchmarks.qgemm_bench --out $OUT/qgemm_bench.json --deadline 300
+
+For each GEMM shape of issue #18 (BERT, GPT-2, the MLP, 8192^3) and each of fp8 / int8, one
+record with
+  * ``fp16_ms``: cuBLAS ``F.linear`` with bias, fp16 (what the quantized layer replaces);
+  * ``vendor_raw_ms``: the vendor's 8-bit GEMM alone: ``_scaled_mm`` per-tensor scales, bias, fp16
+    out; ``_int_mm`` int32 out (no scales, no bias: a lower bound for that path);
+  * every candidate of our ``scaled_mm`` group builder (``kernels/qgemm.py``) for
+    ``scaled_mm(xq, x_scale, wq, w_scale, bias) -> fp16`` (per-row x scales for the dynamic
+    flavour, per-channel w scales), timed by the tuner at level ``max`` without a cache: every
+    Triton config, the vendor GEMM + our epilogue kernel, and the float linear yardstick;
+  * for fp8, the best Triton config again with promotion after every wgmma (``promote_per_tile=False``,
+    the template's setting before session 5), to show what the promotion interval costs;
+  * with ``--epilogue gelu_quant`` also the FFN1 form: ``quantize(gelu(scaled_mm(...)))``.
+Times are CUDA-event medians over inputs rotated beyond the L2 cache (``gemm_bench.bench_ms``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import gemm_bench
+from benchmarks.gemm_bench import Recorder, bench_ms, rotated, tflops
+from compile_backend import ops  # noqa: F401  (registers compile_backend.scaled_mm)
+from compile_backend.kernels import quant_ref
+from compile_backend.kernels.base import KernelContext, KernelGroup
+
+SMOKE = "--smoke" in sys.argv  # tiny shapes on the CPU under the interpreter (gemm_bench sets it)
+DEV = torch.device("cpu" if SMOKE else "cuda")
+SHAPES = [  # (name, M, N, K)
+    ("bert qkv", 2048, 2304, 768), ("bert attn-out", 2048, 768, 768), ("bert ffn1", 2048, 3072, 768),
+    ("bert ffn2", 2048, 768, 3072), ("gpt2 ffn1", 4096, 3072, 768), ("gpt2 ffn2", 4096, 768, 3072),
+    ("mlp", 2048, 4096, 4096), ("square", 8192, 8192, 8192),
+]
+STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def operands(precision: str, m: int, n: int, k: int, per_row: bool):
+    x = torch.randn(m, k, device=DEV)
+    w = torch.randn(n, k, device=DEV) / k ** 0.5
+    xs = quant_ref.row_scale(x, precision) if per_row else quant_ref.scale_from_amax(x.abs().amax(), precision)
+    wq, ws = quant_ref.quantize_weight(w, precision, per_channel=True)
+    bias = torch.randn(n, device=DEV, dtype=torch.float16)
+    out_scale = torch.tensor(0.05, device=DEV)  # the next layer's static input scale (gelu_quant form)
+    return quant_ref.quantize(x, xs, precision), xs, wq, ws, bias, quant_ref.inverse_scale(out_scale)
+
+
+def group_of(fn, inputs) -> KernelGroup:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = make_fx(lambda *xs: (fn(*xs),))(*inputs)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    anchor = next(n for n in gm.graph.nodes if n.op == "call_function" and "scaled_mm" in str(n.target))
+    return KernelGroup("gemm", gm, anchor=anchor.name)
+
+
+def form(epilogue: str, precision: str):
+    def linear(xq, xs, wq, ws, bias, inv):
+        return torch.ops.compile_backend.scaled_mm(xq, xs, wq, ws, bias, torch.float16)
+
+    def gelu_quant(xq, xs, wq, ws, bias, inv):
+        y = F.gelu(linear(xq, xs, wq, ws, bias, inv))
+        return quant_ref.quantize_steps(quant_ref.eager, y, torch.float16, inv, precision)
+
+    return linear if epilogue == "linear" else gelu_quant
+
+
+def tune(group: KernelGroup, cache_dir: str, promote_per_tile=True, configs=None):
+    from compile_backend.cache.timing import TimingCache
+    from compile_backend.kernels.autotune import Tuner
+    from compile_backend.kernels.qgemm import scaled_mm_candidates
+    from compile_backend.options import Options
+
+    ctx = KernelContext(options=Options(autotune="max"), device=DEV, interpret=SMOKE,
+                        timing_cache=TimingCache(cache_dir))
+    ctx.tuner = Tuner("max", cache=None, device=DEV)  # no cache: always measure
+    tuning = scaled_mm_candidates(group, ctx, configs=configs, promote_per_tile=promote_per_tile)
+    t0 = time.monotonic()
+    choice = ctx.tuner.choose(tuning.key, tuning.candidates, tuning.make_inputs)
+    return choice, tuning, time.monotonic() - t0
+
+
+def vendor_raw(precision: str, sets) -> float:
+    if precision == "int8":
+        return bench_ms(lambda xq, xs, wq, ws, b, inv: torch._int_mm(xq, wq.t()), sets)
+    one = torch.ones((), device=DEV)
+    return bench_ms(lambda xq, xs, wq, ws, b, inv: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, bias=b,
+                                                                    out_dtype=torch.float16), sets)
+
+
+def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, precision: str,
+              epilogue: str, per_row: bool) -> None:
+    from compile_backend.kernels.gemm_config import GemmConfig
+
+    sets = rotated(lambda: operands(precision, m, n, k, per_row), 2 * m * k + n * k + 2 * m * n)
+    x16 = [(torch.randn(m, k, device=DEV, dtype=torch.float16), torch.randn(n, k, device=DEV, dtype=torch.float16),
+            torch.randn(n, device=DEV, dtype=torch.float16)) for _ in range(len(sets))]
+    fp16 = (bench_ms(lambda x, w, b: F.gelu(F.linear(x, w, b)), x16) if epilogue == "gelu_quant"
+            else bench_ms(F.linear, x16))
+    fn = form(epilogue, precision)
+    group = group_of(fn, sets[0])
+    choice, tuning, tune_s = tune(group, cache_dir)
+    expected = group.reference(*sets[0])[0]
+    got = choice.runner(*sets[0])[0]
+    diff = (got.float() - expected.float()).abs()
+    timings = choice.timings_ms
+    triton = {c: t for c, t in timings.items() if c.startswith("triton")}
+    best_cfg = min(triton, key=triton.get) if triton else None
+    row = dict(shape=name, m=m, n=n, k=k, precision=precision, epilogue=epilogue,
+               x_scale="per_row" if per_row else "per_tensor", fp16_ms=fp16,
+               vendor_raw_ms=vendor_raw(precision, sets) if epilogue == "linear" and not SMOKE else None,
+               choice=choice.candidate.name, choice_ms=timings.get(choice.candidate.name),
+               best_triton=best_cfg, best_triton_ms=triton.get(best_cfg),
+               best_triton_tflops=tflops(2 * m * n * k, triton[best_cfg]) if best_cfg else None,
+               vendor_epilogue_ms=next((t for c, t in timings.items() if "+ triton epilogue" in c), None),
+               timed=f"{len(timings)}/{len(tuning.candidates)}", tune_s=round(tune_s, 1),
+               max_abs_diff=diff.max().item(), timings_ms=timings)
+    if precision == "fp8" and best_cfg:  # what promotion after every wgmma instruction costs
+        cfg = GemmConfig(**_cfg_fields(tuning, best_cfg))
+        old, _, _ = tune(group, cache_dir, promote_per_tile=False, configs=[cfg])
+        row["best_triton_promote_every_wgmma_ms"] = min(
+            (t for c, t in old.timings_ms.items() if c.startswith("triton")), default=None)
+    rec.add(**row)
+
+
+def _cfg_fields(tuning, name: str) -> dict:
+    cand = next(c for c in tuning.candidates if c.name == name)
+    fields = ("block_m", "block_n", "block_k", "group_m", "split_k", "num_warps", "num_stages", "tma")
+    return {f: cand.config[f] for f in fields if f in cand.config}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.qgemm_bench")
+    p.add_argument("--out", required=True)
+    p.add_argument("--deadline", type=float, default=300.0)
+    p.add_argument("--precisions", nargs="*", default=["fp8", "int8"])
+    p.add_argument("--shapes", nargs="*", default=None, help="shape names (default: all)")
+    p.add_argument("--epilogue", nargs="*", default=["linear"], choices=("linear", "gelu_quant"))
+    p.add_argument("--per-row", action="store_true", help="per-row (dynamic) activation scales")
+    p.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (checks the script)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        gemm_bench.SMOKE = True
+        SHAPES[:] = [("tiny", 48, 64, 96)]
+    elif not torch.cuda.is_available():
+        print("qgemm_bench: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gemm_bench.DEV = DEV
+    rec = Recorder(args.out, args.deadline)
+    rec.data["meta"]["commit"] = os.environ.get("COMMIT")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for name, m, n, k in SHAPES:
+            if args.shapes and name not in args.shapes:
+                continue
+            for epilogue in args.epilogue:
+                for precision in args.precisions:
+                    if rec.left() < 20:
+                        return 0
+                    try:
+                        run_shape(rec, cache_dir, name, m, n, k, precision, epilogue, args.per_row)
+                    except Exception as exc:  # recorded, the next shape still runs
+                        rec.error(f"{name} {precision} {epilogue}", exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
