@@ -29,7 +29,7 @@ import torch.fx as fx
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config, tma_heuristic
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_tma_configs
 from .gemm_runner import EPILOGUE_ALTERNATIVES, MAX_BATCH, GemmRunner, epilogue_only
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, as3d,
@@ -201,17 +201,7 @@ def _template_configs(problem: GemmProblem, ctx: KernelContext, tma: bool, tma_f
     level = ctx.tuning
     lvl = "max" if level == "max" else ("off" if level == "off" else "fast")
     configs = candidate_configs(p.m, p.n, p.k, p.batch, p.dtype, lvl, *device_limits(ctx.device))
-    return _with_tma_configs(configs, lvl, tma_first, p) if tma else configs
-
-
-def _with_tma_configs(configs: List[GemmConfig], lvl: str, tma_first: bool, p: GemmProblem) -> List[GemmConfig]:
-    """``configs`` plus their persistent TMA variants (the untuned TMA config first when it
-    should run untuned)."""
-    big = [c for c in configs if c.split_k == 1 and c.block_m >= 64 and c.block_n >= 64]
-    tma_configs = [dataclasses.replace(c, tma=True) for c in big[:6 if lvl == "fast" else None]]
-    if tma_first or lvl == "off":
-        tma_configs.insert(0, tma_heuristic(p.m, p.n))
-    return list(dict.fromkeys(([] if not tma_first else tma_configs[:1]) + configs + tma_configs))
+    return with_tma_configs(configs, lvl, tma_first, p.m, p.n) if tma else configs
 
 
 # ------------------------------------------------------------------------------- candidates

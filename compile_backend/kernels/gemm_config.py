@@ -80,6 +80,16 @@ def tma_heuristic(m: int, n: int) -> GemmConfig:
     return GemmConfig(128, 128, 64, 8, 1, 8, 4, tma=True)
 
 
+def with_tma_configs(configs: List[GemmConfig], level: str, tma_first: bool, m: int, n: int) -> List[GemmConfig]:
+    """``configs`` plus persistent TMA variants of their large tiles (six at ``fast``); the
+    untuned TMA config first when it should run untuned (``tma_first``), else last."""
+    big = [c for c in configs if c.split_k == 1 and c.block_m >= 64 and c.block_n >= 64]
+    tma_configs = [dataclasses.replace(c, tma=True) for c in big[:6 if level == "fast" else None]]
+    if tma_first or level == "off":
+        tma_configs.insert(0, tma_heuristic(m, n))
+    return list(dict.fromkeys(([] if not tma_first else tma_configs[:1]) + configs + tma_configs))
+
+
 def candidate_configs(m: int, n: int, k: int, batch: int, dtype: torch.dtype, level: str,
                       sm_count: int = 132, smem_bytes: int = 227 * 1024) -> List[GemmConfig]:
     """Configs to try, heuristic first: ``fast`` at most 8 (the curated tiles that fill the GPU

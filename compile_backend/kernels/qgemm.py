@@ -5,7 +5,8 @@ followed by its epilogue chain (activation, residual add, casts) becomes one ker
 ``chain(((xq @ wq^T) * (x_scale * w_scale) + bias) -> out_dtype)``. Candidates, timed by the
 tuner (heuristic order: the vendor first on CUDA, as for float GEMMs):
 
-* the Triton GEMM template (:func:`gemm_template.render_gemm`): int8 operands accumulate in int32,
+* the Triton GEMM template (:func:`gemm_template.render_gemm`, and on Hopper its persistent TMA
+  variant :func:`gemm_template.render_gemm_tma`, both operands K-major): int8 operands accumulate in int32,
   fp8 in fp32; the epilogue converts the accumulator to fp32, multiplies it by the product of the
   row scale of x (a scalar for per-tensor activations) and the column scale of w, adds the bias,
   rounds to ``out_dtype`` and runs the chain (``expr``);
@@ -33,8 +34,9 @@ import torch.fx as fx
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_tma_configs
 from .gemm_runner import GemmRunner, epilogue_only
+from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, choose_kernel_of,
                        device_limits, dtype_name, float_linear_candidate, group_dtypes, group_shapes,
                        group_strides, warmed)
@@ -161,9 +163,11 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
     p = scaled_mm_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
     dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", promote_per_tile)
-    # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2)
-    source = tpl.render_gemm(tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc), dot)
-    build = _Build(group, p, plan, source, Probe(group, ctx.device))
+    spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc)
+    # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2);
+    # the persistent TMA kernel has the same epilogue
+    source, tma_source = tpl.render_gemm(spec, dot), tpl.render_gemm_tma(spec, dot)
+    build = _Build(group, p, plan, source, Probe(group, ctx.device), tma_source, device_limits(ctx.device)[0])
     if configs is None:
         configs = _template_configs(p, ctx)
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
@@ -172,18 +176,25 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
         candidates.insert(0, build.vendor_candidate())
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.out_dtype, p.has_bias, ctx.device))
-    key = TuningKey(kind="gemm", template=tpl.source_hash(source[0]), shapes=group_shapes(group),
+    key = TuningKey(kind="gemm", template=tpl.source_hash(source[0] + tma_source[0]), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_mm {'|'.join(plan.chain_ops)}")
-    return TemplateTuning("gemm", key, candidates, build.probe.make, {"triton": source[0], "cublas": source[0]},
+    return TemplateTuning("gemm", key, candidates, build.probe.make,
+                          {"triton": source[0], "cublas": source[0], "tma": tma_source[0]},
                           plan.out_layouts, frozenset(c.name for c in candidates))
 
 
 def _template_configs(p: ScaledMMProblem, ctx: KernelContext) -> List[GemmConfig]:
+    """Heuristic first; on Hopper also persistent TMA variants (operands K-major: activations
+    [M, K] and nn.Linear weights [N, K] are)."""
     if ctx.device.type != "cuda":
         return eight_bit_configs([heuristic_config(p.m, p.n, p.k, 1, p.dtype, interpret=True)])
     level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
-    return eight_bit_configs(candidate_configs(p.m, p.n, p.k, 1, p.dtype, level, *device_limits(ctx.device)))
+    configs = candidate_configs(p.m, p.n, p.k, 1, p.dtype, level, *device_limits(ctx.device))
+    if level != "off" and tma_available(ctx.device) and \
+            tma_layout_of((p.m, p.k), (p.k, 1), (p.k, p.n), (1, p.k), p.dtype, p.dtype) is not None:
+        configs = with_tma_configs(configs, level, False, p.m, p.n)
+    return eight_bit_configs(configs)
 
 
 def eight_bit_configs(configs: Sequence[GemmConfig]) -> List[GemmConfig]:
@@ -199,6 +210,8 @@ class _Build:
     plan: tpl.EpiloguePlan
     source: Tuple[str, str]
     probe: Probe
+    tma_source: Tuple[str, str]
+    num_sms: int
 
     def io(self, env, device, out):
         """Epilogue loads and output views in the template's (1, M, N) space; outputs."""
@@ -211,7 +224,8 @@ class _Build:
         p, plan, group = self.problem, self.plan, self.group
 
         def compile_():
-            runner = GemmRunner(tpl.load_kernel(*self.source), cfg, p.int_acc)
+            tma_kernel = tpl.load_kernel(*self.tma_source) if cfg.tma else None
+            runner = GemmRunner(tpl.load_kernel(*self.source), cfg, p.int_acc, tma_kernel, self.num_sms)
 
             def run(*inputs, out=None):
                 env = tpl.bind_group(plan, group, inputs)

@@ -142,6 +142,35 @@ def test_split_k_config_accumulates_int32():
     assert torch.equal(tuning.candidates[0].compile()(*inputs)[0], group.reference(*inputs)[0])
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_tma_persistent_kernel_takes_eight_bit_operands(precision, monkeypatch):
+    """The persistent TMA kernel (tensor descriptors work under the interpreter too) on K-major
+    8-bit operands, edges in M and N zero-filled by the descriptor loads; GELU in the epilogue."""
+    from compile_backend.kernels import gemm_tma
+
+    inputs = quantized_linear(37, 64, 45, precision, per_row=True, bias_dtype=torch.float16, seed=11)
+    fn = lambda xq, xs, wq, ws, b: F.gelu(scaled_mm(xq, xs, wq, ws, b, torch.float16))  # noqa: E731
+    group = anchor_group(fn, *inputs)
+    cfg = GemmConfig(32, 16, 32, num_stages=1, tma=True)
+    run = scaled_mm_candidates(group, CTX, configs=[cfg]).candidates[0].compile()
+    made = []
+    real = gemm_tma.tma_descriptors
+    monkeypatch.setattr(gemm_tma, "tma_descriptors", lambda *a: made.append(a[3:]) or real(*a))
+    expected = group.reference(*inputs)[0]
+    torch.testing.assert_close(run(*inputs)[0], expected, **TOL[torch.float16])
+    assert made == [(True, True)]  # the TMA path ran
+
+
+def test_tma_layout_of_eight_bit_operands_needs_k_major():
+    from compile_backend.kernels.gemm_tma import tma_layout_of
+
+    for dtype in (torch.int8, FP8):
+        assert tma_layout_of((64, 32), (32, 1), (32, 48), (1, 32), dtype, dtype) == (True, True)
+        assert tma_layout_of((64, 32), (32, 1), (32, 48), (48, 1), dtype, dtype) is None  # B [K, N] row-major
+        assert tma_layout_of((64, 24), (24, 1), (24, 48), (1, 24), dtype, dtype) is None  # rows of 24 bytes
+    assert tma_layout_of((64, 32), (32, 1), (32, 48), (48, 1), torch.float16, torch.float16) == (True, False)
+
+
 def test_selector_routes_scaled_ops_and_partition_fuses_epilogue():
     inputs = quantized_linear(17, 24, 8, "int8", per_row=True)
     fn = lambda xq, xs, wq, ws, b: torch.sigmoid(scaled_mm(xq, xs, wq, ws, b, torch.float16)).float()  # noqa: E731
