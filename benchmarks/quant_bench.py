@@ -180,7 +180,7 @@ def _kernels(model, options: Dict[str, Any], inputs) -> Dict[str, Any]:
 
 
 def run_models(device: torch.device, options: Dict[str, Any], names: List[str],
-               partial: str = "", profile: bool = False) -> Dict[str, Any]:
+               partial: str = "", profile: bool = False, variants: List[str] = ()) -> Dict[str, Any]:
     out = {}
     for name, (model, make) in _models(device).items():
         if names and name not in names:
@@ -199,6 +199,8 @@ def run_models(device: torch.device, options: Dict[str, Any], names: List[str],
             row["fp16_kernels"] = _kernels(model, options, inputs)
         for precision in PRECISIONS:
             for acts in ("static", "dynamic"):
+                if variants and f"{precision}_{acts}" not in variants:
+                    continue
                 try:
                     cfg = quant.QuantConfig(precision=precision, activations=acts)
                     q = quant.calibrate(model, calib, cfg, progress=False) if acts == "static" else cfg
@@ -225,6 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", nargs="*", default=[])
     parser.add_argument("--autotune", default="off")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="models: only these of int8_static, int8_dynamic, fp8_static, fp8_dynamic")
     parser.add_argument("--profile", action="store_true",
                         help="models: also profile each engine's kernels (compiled again without CUDA graphs)")
     args = parser.parse_args(argv)
@@ -239,7 +243,8 @@ def main(argv=None) -> int:
     elif args.part == "minilm":
         results = run_minilm(device, options)
     else:
-        results = run_models(device, options, args.models, partial=args.out + ".partial", profile=args.profile)
+        results = run_models(device, options, args.models, partial=args.out + ".partial", profile=args.profile,
+                             variants=args.variants)
     doc = {"part": args.part, "options": options, "seconds": time.perf_counter() - t0,
            "environment": environment("cuda", commit=os.environ.get("COMMIT")), "results": results}
     with open(args.out, "w") as f:

@@ -161,6 +161,36 @@ def test_tma_persistent_kernel_takes_eight_bit_operands(precision, monkeypatch):
     assert made == [(True, True)]  # the TMA path ran
 
 
+@pytest.mark.parametrize("scales", ["tensor-tensor", "row-channel", "tensor-channel"])
+@pytest.mark.parametrize("chain", [False, True])
+def test_fp8_vendor_candidate_applies_scales_and_bias_in_cublas(scales, chain):
+    """FP8 ``_scaled_mm`` with the scales and bias applied (per tensor, or "rowwise" [M, 1] x
+    [1, N]) and the op's output dtype; a chain runs over that value. It is the first FP8
+    candidate; where it returns the vendor's own tensor it does not claim to write ``out=``."""
+    per_row, per_channel = scales.startswith("row"), scales.endswith("channel")
+    inputs = quantized_linear(33, 64, 48, "fp8", per_row=per_row, per_channel=per_channel,
+                              bias_dtype=torch.float16, seed=3)
+    if chain:
+        fn = lambda xq, xs, wq, ws, b: F.gelu(scaled_mm(xq, xs, wq, ws, b, torch.float16)) * 2  # noqa: E731
+    else:
+        fn = lambda xq, xs, wq, ws, b: scaled_mm(xq, xs, wq, ws, b, torch.float16)  # noqa: E731
+    group = anchor_group(fn, *inputs)
+    tuning = scaled_mm_candidates(group, CTX, vendor=True)
+    first = tuning.candidates[0]
+    assert first.name == "torch._scaled_mm scaled" + (" + triton epilogue" if chain else ""), first.name
+    assert (first.name in tuning.writes_out) == chain
+    fp32_bias = quantized_linear(33, 64, 48, "fp8", per_row=per_row, per_channel=per_channel, seed=3)
+    names = [c.name for c in scaled_mm_candidates(anchor_group(fn, *fp32_bias), CTX, vendor=True).candidates]
+    assert not any(n.startswith("torch._scaled_mm scaled") for n in names), names  # fp32 bias: two roundings
+    try:
+        got = first.compile()(*inputs)[0]
+    except (RuntimeError, NotImplementedError) as exc:  # a torch without fp8 _scaled_mm on the CPU
+        pytest.skip(f"torch._scaled_mm on the CPU: {exc}")
+    expected = group.reference(*inputs)[0]
+    # one fp16 rounding of the same fp32 value, summed in another order: an ulp at most
+    torch.testing.assert_close(got, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+
+
 def test_tma_layout_of_eight_bit_operands_needs_k_major():
     from compile_backend.kernels.gemm_tma import tma_layout_of
 
