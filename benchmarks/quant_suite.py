@@ -1,0 +1,211 @@
+"""The quantized suite (issue #18): per model, in one process, every FP16 peer beside our
+quantized engines and torchao's, latency and accuracy side by side.
+
+    python -m benchmarks.quant_suite --cases mlp:2048 hf_bert:16 hf_gpt2:8 tv_vit_b_16:32 \
+        tv_resnet50:32 tv_resnet50:1 --out $OUT/quant_suite.json
+
+Peers (``--peers``, default all that apply): ``eager``, ``inductor``,
+``inductor-reduce-overhead``, ``compile_backend`` (our FP16 engine), ``cb-int8-static``,
+``cb-int8-dynamic``, ``cb-fp8-static``, ``cb-fp8-dynamic`` (our quantized engines; static scales
+calibrated on four random batches like the case's inputs: random init is fine for speed), and,
+where ``torchao`` imports (carry the wheel that matches the GPU image's torch), ``torchao-fp8-dyn``
+(``Float8DynamicActivationFloat8WeightConfig``) and ``torchao-int8-dyn``
+(``Int8DynamicActivationInt8WeightConfig``), each then compiled with Inductor
+``reduce-overhead``. Inductor max-autotune runs in its own process (``benchmarks.suite``
+parts 16-19): its compiles take minutes per model.
+
+Every record: median / p20 / p80 latency of ``--iters`` CUDA-synchronised calls after
+``--warmup``, the first call's seconds (compile, calibration excluded and recorded apart), and
+the output's cosine (and top-1 agreement for logits) against the FP32 eager reference. The file
+carries device, torch, Triton and commit (``compile_backend.bench.results.environment``).
+``--device cpu --size tiny`` checks the script on the CPU (our engines emulated, no timing worth
+quoting).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from compile_backend.bench.cli import load_model
+from compile_backend.bench.measure import (compare, compile_peer, fresh_compiler_caches, make_call, percentile,
+                                           snapshot, strict_fp32, sync, time_calls, to_device)
+from compile_backend.bench.results import ResultsFile, environment
+
+from . import real_models
+
+FP16_PEERS = ("eager", "inductor", "inductor-reduce-overhead", "compile_backend")
+OUR_QUANT = {"cb-int8-static": ("int8", "static"), "cb-int8-dynamic": ("int8", "dynamic"),
+             "cb-fp8-static": ("fp8", "static"), "cb-fp8-dynamic": ("fp8", "dynamic")}
+TORCHAO = {"torchao-fp8-dyn": "Float8DynamicActivationFloat8WeightConfig",
+           "torchao-int8-dyn": "Int8DynamicActivationInt8WeightConfig"}
+ALL_PEERS = FP16_PEERS + tuple(OUR_QUANT) + tuple(TORCHAO)
+CALIBRATION_BATCHES = 4
+
+
+def log(message: str) -> None:
+    print(f"[quant_suite] {message}", file=sys.stderr, flush=True)
+
+
+def like(t: Any, gen: torch.Generator) -> Any:
+    """A fresh batch shaped like ``t`` (calibration data): ids within the same range."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.is_floating_point():
+        return torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
+    high = int(t.max()) + 1 if t.numel() else 1
+    return torch.randint(0, max(high, 1), t.shape, generator=gen).to(t.device, t.dtype)
+
+
+def torchao_model(model: torch.nn.Module, config_name: str) -> torch.nn.Module:
+    """A deep copy quantized in place by torchao's ``quantize_`` with ``config_name``."""
+    import torchao.quantization as tq
+
+    quantized = copy.deepcopy(model)
+    tq.quantize_(quantized, getattr(tq, config_name)())
+    return quantized
+
+
+def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: str):
+    """(callable, seconds spent preparing: calibration or torchao's quantize_, report or None)."""
+    from compile_backend import quant
+    from compile_backend.report import Report
+
+    if peer in FP16_PEERS:
+        report = Report() if peer == "compile_backend" else None
+        options = {"cache_dir": cache_dir, "autotune": autotune} if peer == "compile_backend" else {}
+        return compile_peer(peer, model, options, report), 0.0, report
+    if peer in OUR_QUANT:
+        precision, acts = OUR_QUANT[peer]
+        cfg = quant.QuantConfig(precision=precision, activations=acts)
+        t0 = time.perf_counter()
+        if acts == "static":
+            gen = torch.Generator().manual_seed(1)
+            batches = [tuple(like(t, gen) for t in inputs) for _ in range(CALIBRATION_BATCHES)]
+            cfg = quant.calibrate(model, batches, cfg, progress=False, cache_dir=cache_dir)
+        prep = time.perf_counter() - t0
+        report = Report()
+        options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg}
+        return compile_peer("compile_backend", model, options, report), prep, report
+    if peer in TORCHAO:
+        t0 = time.perf_counter()
+        quantized = torchao_model(model, TORCHAO[peer])
+        return torch.compile(quantized, mode="reduce-overhead"), time.perf_counter() - t0, None
+    raise ValueError(f"unknown peer {peer!r}; choose among {', '.join(ALL_PEERS)}")
+
+
+def quant_summary(report) -> Optional[Dict[str, Any]]:
+    """What our engine quantized, tuned and left alone (None for the other peers)."""
+    if report is None:
+        return None
+    layers = [q for g in report.graphs for q in g.quant]
+    return {"quantized": sum(q["status"] == "quantized" for q in layers), "layers": len(layers),
+            "slower_than_float": [r for g in report.graphs for r in g.slower_than_reference()],
+            "standalone_quantizes": [q["reason"] for g in report.graphs for q in g.standalone_quantizes],
+            "fallbacks": [f for g in report.graphs for f in g.fallbacks],
+            "kernels": sorted({k["impl"] for g in report.graphs for k in g.kernels})}
+
+
+def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str, Any]:
+    record: Dict[str, Any] = {"backend": peer}
+    torch._dynamo.reset()
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    cache = os.path.join(root, peer)
+    try:
+        with fresh_compiler_caches(cache), torch.no_grad():
+            fn, prep_s, report = build_peer(peer, model, inputs, args.device, os.path.join(cache, "cb"), args.autotune)
+            record["prepare_s"] = prep_s
+            call = make_call("inductor-reduce-overhead" if peer in TORCHAO else peer, fn, inputs)
+            sync(args.device)
+            t0 = time.perf_counter()
+            call()
+            sync(args.device)
+            record["first_call_s"] = time.perf_counter() - t0
+            times = time_calls(call, args.iters, args.warmup, args.device)
+            record.update(median_ms=percentile(times, 50), p20_ms=percentile(times, 20),
+                          p80_ms=percentile(times, 80))
+            record["accuracy"] = compare(snapshot(call()), ref, logits)
+            record["quant"] = quant_summary(report)
+        log(f"{peer}: {record['median_ms']:.3f} ms, cosine {record['accuracy']['cosine']:.5f}, "
+            f"first call {record['first_call_s']:.1f} s")
+    except Exception as exc:  # noqa: BLE001  (one failing peer must not end the case)
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()[-3000:]
+        log(f"{peer}: FAILED: {record['error'][:300]}")
+    finally:
+        torch._dynamo.reset()
+    return record
+
+
+def available_peers(requested: Sequence[str]) -> List[str]:
+    """``requested`` without the torchao peers when torchao does not import (recorded apart)."""
+    try:
+        import torchao.quantization  # noqa: F401
+        have_ao = True
+    except Exception:  # noqa: BLE001  (absent, or built for another torch)
+        have_ao = False
+    return [p for p in requested if have_ao or p not in TORCHAO]
+
+
+def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, records: List[dict], env: dict) -> None:
+    name, batch = case.rsplit(":", 1)
+    spec = name
+    if name in real_models.REAL:
+        absent = real_models.missing_packages(name)
+        if absent:
+            log(f"{case}: skipped, {', '.join(absent)} not installed")
+            return
+        spec = real_models.model_spec(name)
+    model, inputs, logits = load_model(spec, args.size, int(batch), args.device, 0)
+    with torch.no_grad(), strict_fp32():
+        ref = snapshot(model(*inputs))
+    model = model.to(torch.float16)
+    inputs = tuple(to_device(t, args.device, torch.float16) for t in inputs)
+    with tempfile.TemporaryDirectory() as root:
+        for peer in peers:
+            record = run_peer(peer, model, inputs, ref, logits, args, root)
+            record.update(case=case, model=name, batch=int(batch), precision="fp16 model", kind="quant_suite", **env)
+            records.append(record)
+            results.write(records)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_suite", description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", default=["mlp:2048", "hf_bert:16", "hf_gpt2:8", "tv_vit_b_16:32",
+                                                  "tv_resnet50:32", "tv_resnet50:1"])
+    p.add_argument("--peers", default=",".join(ALL_PEERS))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--size", choices=("tiny", "base"), default="base")
+    p.add_argument("--autotune", default="fast")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    requested = [s.strip() for s in args.peers.split(",") if s.strip()]
+    unknown = [s for s in requested if s not in ALL_PEERS]
+    if unknown:
+        p.error(f"unknown peer(s) {unknown}; choose among {', '.join(ALL_PEERS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        log("needs a CUDA device (or --device cpu --size tiny to check the script)")
+        return 2
+    peers = available_peers(requested)
+    env = environment(args.device, commit=os.environ.get("COMMIT"))
+    env["skipped_peers"] = {p: "torchao does not import here" for p in requested if p not in peers}
+    results, records = ResultsFile(args.out), []
+    for case in args.cases:
+        run_case(case, peers, args, results, records, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
