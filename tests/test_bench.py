@@ -398,3 +398,25 @@ def test_compile_backend_record_says_what_the_engine_ran(tmp_path):
     ((kind, n),) = graph["groups"].items()  # gemm:triton under the interpreter, gemm:aten without
     assert kind.startswith("gemm:") and n == 4 and graph["choices"][kind]["n"] == 4
     assert graph["fallbacks"] == [] and "constant_fold" in graph["passes"]
+
+
+def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
+    """The quantized suite on the CPU (tiny MLP): our FP16 and quantized engines side by side
+    with eager, accuracy against FP32; torchao peers are recorded as skipped where absent."""
+    import json
+
+    from benchmarks import quant_suite
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated quantized path: fast on the CPU
+    out = tmp_path / "qs.json"
+    assert quant_suite.main(["--device", "cpu", "--size", "tiny", "--cases", "mlp:8", "--iters", "2",
+                             "--warmup", "1", "--peers", "eager,compile_backend,cb-int8-static,cb-fp8-dynamic",
+                             "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    records = records["records"] if isinstance(records, dict) else records
+    assert [r["backend"] for r in records] == ["eager", "compile_backend", "cb-int8-static", "cb-fp8-dynamic"]
+    for r in records:
+        assert "error" not in r, r.get("error")
+        assert r["accuracy"]["cosine"] > 0.99 and r["median_ms"] > 0
+    assert records[2]["quant"]["quantized"] == records[2]["quant"]["layers"] > 0
+    assert records[2]["prepare_s"] > 0  # calibration timed apart from the compile
