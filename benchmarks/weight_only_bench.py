@@ -53,7 +53,7 @@ def _copies(nbytes: int) -> int:
 
 def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
-    from compile_backend.kernels.weight_only import CONFIGS, weight_only_linear
+    from compile_backend.kernels.weight_only import CONFIGS, paths_for, weight_only_linear
 
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -70,7 +70,7 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
         nbytes = codes.numel() * codes.element_size() + scales.numel() * 2
         sets = [(codes.clone(), scales.clone()) for _ in range(_copies(nbytes))]
         best, best_cfg, failures = float("inf"), None, []
-        paths = ("skinny", "tiled") if m <= 16 else ("tiled",)
+        paths = paths_for(m) + (("tiled",) if m <= 16 else ())
         for cfg in [None] + [c for path in paths for c in CONFIGS[path]]:
             try:
                 ms = _time_ms(lambda i: weight_only_linear(x, *sets[i], precision=precision, group_size=group,

@@ -16,6 +16,12 @@ the result rounded to ``out_dtype`` once, at the end. Only the order of the fp32
 
 Paths, by M (the rows of x once its leading dims are flattened):
 
+* gemv (M <= 4, decode at batch 1): one program per (block_n weight rows, K slice, row of x);
+  products accumulate elementwise in a [block_n, block_k] fp32 tile, summed over K once after
+  the loop; INT4 bytes are not interleaved (low nibbles meet x's even elements, high nibbles its
+  odd ones). Split-K and the second pass as below. The session-4 skinny kernel reached 6-24% of
+  the copy bandwidth on the H200 (a cross-lane sum every K step, the interleave); this path is
+  the rework, to be measured.
 * skinny (M <= 16, decode): one program per (block_n rows of W, K slice, block_m rows of x). The
   product is a broadcast multiply and a sum over K, so no tensor-core tile pads 1 row to 16, and
   each program loads block_k consecutive codes per weight row (128 int8 = 128 bytes). Decode has
@@ -48,6 +54,12 @@ INT32_MAX = 2**31 - 1
 SKINNY_MAX_M = 16
 #: the skinny path holds block_m * block_n * block_k fp32 products per step in registers
 SKINNY_MAX_PRODUCTS = 16384
+#: the gemv path's fp32 accumulator tile, block_n * block_k (64 registers a thread at 4 warps)
+GEMV_MAX_ACC = 8192
+#: M up to which the gemv path (one x row per program) is a candidate: beyond, each weight tile
+#: would be read once per row
+GEMV_MAX_M = 4
+PATHS = ("gemv", "skinny", "tiled")
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -118,6 +130,52 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, s
 
 
 @triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, swn, ssn,
+                 INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                 PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x per program (grid axis 2) against BLOCK_N weight rows over one K slice.
+    Products accumulate elementwise in a [BLOCK_N, BLOCK_K] fp32 tile and are summed over K
+    once, after the loop (the skinny path reduces every step). INT4 is not interleaved: the low
+    nibbles (even k) meet x's even elements and the high nibbles (odd k) its odd ones, each
+    product the reference's (code * scale rounded to x's dtype, times x, in fp32)."""
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    DTYPE = x_ptr.dtype.element_ty
+    x_row = x_ptr + m * sxm
+    k_lo = pid_k * K_SLICE
+    if INT4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        acc = tl.zeros([BLOCK_N, HALF], tl.float32)
+        for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
+            rb = k0 // 2 + tl.arange(0, HALF)  # bytes; byte j holds k = 2j (low), 2j + 1 (high)
+            ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
+            packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
+            scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            lo = _round(((((packed & 15) ^ 8) - 8).to(tl.float32) * scale), DTYPE, SOFT_BF16).to(tl.float32)
+            hi = _round((((((packed >> 4) & 15) ^ 8) - 8).to(tl.float32) * scale), DTYPE, SOFT_BF16).to(tl.float32)
+            xe = tl.load(x_row + 2 * rb, mask=2 * rb < K, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + 2 * rb + 1, mask=2 * rb + 1 < K, other=0.0).to(tl.float32)
+            acc += lo * xe[None, :] + hi * xo[None, :]
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            ok = n_ok[:, None] & (rk < K)[None, :]
+            codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
+            w = _round(codes.to(tl.float32) * scale, DTYPE, SOFT_BF16).to(tl.float32)
+            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+            acc += w * xk[None, :]
+    y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
+    rm = m + tl.arange(0, 1)
+    if PARTIAL:  # fp32 partial sums of this K slice: [split, M, N]
+        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], y, mask=n_ok[None, :])
+    else:
+        _store_out(y, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
+
+
+@triton.jit
 def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
                       BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -169,7 +227,7 @@ class WeightOnlyConfig:
     to N, block_k to K, and for INT4 block_k to the group size). split_k: K slices of the skinny
     path, 0 = as many as fill the GPU (one under the interpreter); the tiled path takes 0 or 1."""
 
-    path: str  # "skinny" | "tiled"
+    path: str  # "gemv" | "skinny" | "tiled"
     block_m: int
     block_n: int
     block_k: int
@@ -179,10 +237,10 @@ class WeightOnlyConfig:
     num_stages: int = 2
 
     def __post_init__(self) -> None:
-        if self.path not in ("skinny", "tiled"):
-            raise ValueError(f"path must be 'skinny' or 'tiled', got {self.path!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {self.path!r}")
         tiled = self.path == "tiled"
-        _check_pow2("block_m", self.block_m, 16 if tiled else 1, 256 if tiled else SKINNY_MAX_M)
+        _check_pow2("block_m", self.block_m, 16 if tiled else 1, 256 if tiled else 1 if self.path == "gemv" else SKINNY_MAX_M)
         _check_pow2("block_n", self.block_n, 16, 256)
         _check_pow2("block_k", self.block_k, 16, 512)
         _check_pow2("num_warps", self.num_warps, 1, 32)
@@ -192,13 +250,20 @@ class WeightOnlyConfig:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if tiled and self.split_k > 1:
             raise ValueError("split_k is a skinny-path setting: the tiled path takes split_k 0 or 1")
-        if not tiled and self.block_m * self.block_n * self.block_k > SKINNY_MAX_PRODUCTS:
+        if self.path == "skinny" and self.block_m * self.block_n * self.block_k > SKINNY_MAX_PRODUCTS:
             raise ValueError(f"skinny block_m * block_n * block_k must be at most {SKINNY_MAX_PRODUCTS} "
                              f"(products held in registers), got {self.block_m * self.block_n * self.block_k}")
+        if self.path == "gemv" and self.block_n * self.block_k > GEMV_MAX_ACC:
+            raise ValueError(f"gemv block_n * block_k must be at most {GEMV_MAX_ACC} (the fp32 accumulator "
+                             f"tile in registers), got {self.block_n * self.block_k}")
 
 
 def _skinny(block_m: int, block_n: int, block_k: int, split_k: int = 0) -> WeightOnlyConfig:
     return WeightOnlyConfig("skinny", block_m, block_n, block_k, split_k, num_warps=4, num_stages=1)
+
+
+def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0) -> WeightOnlyConfig:
+    return WeightOnlyConfig("gemv", 1, block_n, block_k, split_k, num_warps=warps, num_stages=1)
 
 
 def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> WeightOnlyConfig:
@@ -208,6 +273,9 @@ def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int) ->
 #: candidates per path for a tuner to time (not yet measured on a GPU): skinny tiles of at most
 #: 8192 products, wider in K for fewer rows; tiled ones the usual fp16 GEMM tiles
 CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
+    # 128-byte weight rows per step for INT8 (INT4: 64, block_k capped at the group size)
+    "gemv": (_gemv(32, 128), _gemv(16, 256), _gemv(64, 128, 8), _gemv(16, 128), _gemv(16, 512, 8),
+             _gemv(32, 256, 8), _gemv(32, 128, 4, split_k=1)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
@@ -215,9 +283,19 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 }
 
 
+def paths_for(m: int) -> Tuple[str, ...]:
+    """The paths worth timing for M rows, the heuristic's first."""
+    if m <= GEMV_MAX_M:
+        return ("gemv", "skinny")
+    return ("skinny",) if m <= SKINNY_MAX_M else ("tiled",)
+
+
 def heuristic(m: int) -> WeightOnlyConfig:
-    """Skinny for M <= 16: one block of next_pow2(M) rows and a tile of 8192 products, as wide in
+    """gemv for M <= GEMV_MAX_M (32 weight rows x 128 K a program, split-K to fill the GPU);
+    skinny for M <= 16: one block of next_pow2(M) rows and a tile of 8192 products, as wide in
     K as the rows allow; tiled 64x64x64 tiles beyond (the tuner times ``CONFIGS``)."""
+    if m <= GEMV_MAX_M:
+        return CONFIGS["gemv"][0]
     if m > SKINNY_MAX_M:
         return _tiled(64, 64, 64, 4, 3)
     bm = next_pow2(m)
@@ -323,6 +401,8 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
         _tiled_kernel[grid](x, codes, scales, b, out, m, n, k, x.stride(0), codes.stride(0), scales.stride(0),
                             UPCAST=upcast, GROUP_M=cfg.group_m, **common)
         return
+    if cfg.path == "gemv":
+        bm = 1
     k_tiles, programs = triton.cdiv(k, bk), triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = cfg.split_k or _auto_split(programs, k_tiles, x.device)
     k_slice = triton.cdiv(k_tiles, min(split, k_tiles)) * bk
@@ -332,8 +412,13 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
               "split the call or lower split_k (the kernels index in 32 bits)")
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
-    _skinny_kernel[grid](x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0), scales.stride(0),
-                         PARTIAL=split > 1, **common)
+    if cfg.path == "gemv":
+        gemv = {key: v for key, v in common.items() if key != "BLOCK_M"}
+        _gemv_kernel[grid](x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0), scales.stride(0),
+                           PARTIAL=split > 1, **gemv)
+    else:
+        _skinny_kernel[grid](x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0),
+                             scales.stride(0), PARTIAL=split > 1, **common)
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split,
@@ -355,4 +440,4 @@ def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: t
 
 
 __all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
-           "SKINNY_MAX_M"]
+           "paths_for", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]

@@ -8,8 +8,9 @@ and the other nodes through ATen, in graph order.
 
 Candidates, heuristic first (the tuner's order: the first is what runs with tuning off, and on a
 CPU under the interpreter, where nothing is timed): ``weight_only.heuristic(M)``, then the configs
-of ``weight_only.CONFIGS`` for the path that fits M (skinny for M <= ``SKINNY_MAX_M``, tiled
-beyond; a config of the other path would only fail or lose). On CUDA the float linear the layer
+of ``weight_only.CONFIGS`` for the paths that fit M (``weight_only.paths_for``: gemv and skinny
+for M <= ``GEMV_MAX_M``, skinny for M <= ``SKINNY_MAX_M``, tiled beyond; a config of another
+path would only fail or lose). On CUDA the float linear the layer
 replaces is timed beside them as a reference candidate (never chosen), so the report says when the
 weight-only kernel is slower than float, as for W8A8. The selector then checks the chosen kernel
 once against the op's reference implementation (``weight_only_ref``) on the real inputs.
@@ -75,7 +76,7 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     p = weight_only_problem(group)
     probe = Probe(group, ctx.device)
     first = weight_only.heuristic(p.m)
-    configs = [first] + [c for c in weight_only.CONFIGS[first.path] if c != first]
+    configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path] if c != first]
     candidates: List[Candidate] = [_candidate(group, p, cfg, probe) for cfg in configs]
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.dtype, p.has_bias, ctx.device))

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from compile_backend.kernels import weight_only_ref as ref
-from compile_backend.kernels.weight_only import (CONFIGS, SKINNY_MAX_M, WeightOnlyConfig, heuristic,
+from compile_backend.kernels.weight_only import (CONFIGS, GEMV_MAX_M, SKINNY_MAX_M, WeightOnlyConfig, heuristic,
                                                  weight_only_linear, weight_only_linear_reference)
 
 #: one ulp of the output dtype relative to the value, and its subnormal spacing
@@ -32,7 +32,8 @@ MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 #: (M, N, K): decode, odd K, a partial M block past 16 in both paths
 SHAPES = [(1, 33, 130), (3, 5, 7), (17, 33, 64), (17, 5, 130)]
 #: small tiles, so several K tiles and split-K slices run even at K = 130
-FORCED = {"skinny": WeightOnlyConfig("skinny", 4, 16, 32, split_k=3),
+FORCED = {"gemv": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3),
+          "skinny": WeightOnlyConfig("skinny", 4, 16, 32, split_k=3),
           "tiled": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2)}
 
 
@@ -77,7 +78,9 @@ def test_matches_reference(precision, group_size, path, dtype):
 
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
 def test_heuristic_picks_the_path_by_m(precision, group_size):
-    assert heuristic(1).path == heuristic(SKINNY_MAX_M).path == "skinny" and heuristic(SKINNY_MAX_M + 1).path == "tiled"
+    assert heuristic(1).path == heuristic(GEMV_MAX_M).path == "gemv"
+    assert heuristic(GEMV_MAX_M + 1).path == heuristic(SKINNY_MAX_M).path == "skinny"
+    assert heuristic(SKINNY_MAX_M + 1).path == "tiled"
     for m, dtype in ((1, torch.float16), (3, torch.bfloat16), (16, torch.float32), (17, torch.float16)):
         check(*operands(m, 33, 130, dtype, precision, group_size, seed=m), precision, group_size)
 
@@ -87,9 +90,10 @@ def test_split_k_counts():
     x, codes, scales, b = operands(2, 5, 130, torch.float16, "int4", 32, seed=7)
     for split in (1, 2, 4, 64):
         check(x, codes, scales, b, "int4", 32, config=WeightOnlyConfig("skinny", 2, 16, 16, split_k=split))
+        check(x, codes, scales, b, "int4", 32, config=WeightOnlyConfig("gemv", 1, 16, 16, split_k=split))
 
 
-@pytest.mark.parametrize("path", ["skinny", "tiled"])
+@pytest.mark.parametrize("path", ["gemv", "skinny", "tiled"])
 def test_zero_weight_groups(path):
     """Zero groups have scale 0 and codes 0: the output is exactly the bias where a row is zero."""
     n, k = 5, 130
@@ -120,7 +124,7 @@ def test_leading_dims_views_out_dtype_and_empty():
 
 def test_every_candidate_config_runs():
     x, codes, scales, b = operands(3, 33, 130, torch.float16, "int4", 64, seed=12)
-    for cfg in CONFIGS["skinny"]:
+    for cfg in CONFIGS["skinny"] + CONFIGS["gemv"]:
         check(x, codes, scales, b, "int4", 64, config=cfg)
     x = torch.randn(20, 130, generator=_gen(13)).half()
     for cfg in CONFIGS["tiled"]:
@@ -168,6 +172,8 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     (dict(path="tiled", block_m=16, block_n=16, block_k=16, split_k=2), "skinny-path setting"),
     (dict(path="skinny", block_m=16, block_n=64, block_k=128), "at most 16384"),
     (dict(path="skinny", block_m=1, block_n=16, block_k=16, split_k=-1), "split_k"),
+    (dict(path="gemv", block_m=2, block_n=16, block_k=16), "block_m"),
+    (dict(path="gemv", block_m=1, block_n=64, block_k=256), "at most 8192"),
 ])
 def test_config_checks(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -184,5 +190,5 @@ def test_gpu_decode_and_prefill_shapes(precision, group_size, dtype):
         x, codes, scales, b = (t.cuda() if t is not None else None
                                for t in operands(m, 2048 + 8, 1024 + 64, dtype, precision, group_size, seed=m))
         check(x, codes, scales, b, precision, group_size)
-        for cfg in (CONFIGS["skinny"][0], CONFIGS["tiled"][0]):  # both paths at every M
+        for cfg in (CONFIGS["gemv"][0], CONFIGS["skinny"][0], CONFIGS["tiled"][0]):  # every path at every M
             check(x, codes, scales, b, precision, group_size, config=cfg)

@@ -241,7 +241,7 @@ def test_fp16_precision_runs_the_activations_in_16_bits(aten_only, tmp_path):
 @pytest.mark.parametrize("precision,group_size,m", [("int8", None, 3), ("int4", 32, 17)], ids=str)
 def test_builder_through_the_selector(precision, group_size, m):
     """A gemm group anchored on the op, with an epilogue (relu, residual add): the Triton kernel
-    (skinny for M <= 16, tiled beyond) is chosen and passes validation against the reference."""
+    (the heuristic's path: gemv, skinny or tiled by M) is chosen and passes validation against the reference."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -264,7 +264,9 @@ def test_builder_through_the_selector(precision, group_size, m):
     ctx = KernelContext(options=compile_backend.Options(), device=torch.device("cpu"), interpret=True)
     kernel, fallbacks = choose_kernel(group, inputs, ctx)
     assert (kernel.impl, fallbacks) == ("triton", [])
-    assert kernel.config["path"] == ("skinny" if m <= 16 else "tiled")
+    from compile_backend.kernels.weight_only import heuristic  # imports Triton: only here
+
+    assert kernel.config["path"] == heuristic(m).path
     torch.testing.assert_close(kernel(*inputs)[0], group.reference(*inputs)[0], **FP32)
 
 
