@@ -16,6 +16,9 @@ Rewrite (numerics: ``kernels/quant_ref.py``, the same steps emitted as ATen node
 * activation: ``quantize(x, x_scale)`` as plain ATen ops the producer's generated kernel
   computes: ``x_scale`` a constant from calibration (static), or per row computed in the graph
   (dynamic; per tensor for convolutions);
+* SmoothQuant (a calibration with smoothing factors ``s``; numerics in ``smooth.py``): the
+  weight becomes ``W * s`` before its quantization (folded with it), the activation
+  ``x * (1/s)`` right before its quantize steps, in the same producer kernel;
 * the anchor becomes ``compile_backend.scaled_mm`` / ``scaled_conv`` with the same output dtype;
   what followed it (bias, activation, residual) is its epilogue as before.
 Layers the config excludes, or that cannot be quantized, stay float; every decision is recorded
@@ -24,8 +27,9 @@ in ``QuantRequest.records`` (the report lists them, layer by layer).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -34,7 +38,9 @@ from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm
 from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
-from .rules import Facts, Rule, apply_rules, call, fake_value, is_attention, is_op, is_view, propagate_meta, shape, tensor_val
+from .quant_sources import attention_source, numel, quantize_attention_output, row_major_source
+from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
+from .smooth import as_factors, inverse_factors, scale_columns_steps
 
 aten = torch.ops.aten
 #: meta key of a frozen weight's get_attr node: the parameter's fully qualified name
@@ -55,6 +61,9 @@ class QuantRequest:
     # refuses a calibration of other weights: check(layer name, {param FQN: tensor}) raises
     check: Callable[[str, Dict[str, torch.Tensor]], None] = lambda name, params: None
     calibrated: bool = False
+    smoothquant: Optional[float] = None                # SmoothQuant alpha of the config (None: off)
+    # the layer's calibrated smoothing factors [K] (None: not smoothed)
+    smooth: Callable[[str], Optional[Sequence[float]]] = lambda name: None
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def check_coverage(self) -> None:
@@ -92,7 +101,7 @@ def find_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
         kind = "linear"
     elif is_op(node, aten.convolution):
         x, w = node.args[0], node.args[1]
-        k, n = _numel(shape(w)[1:]), shape(w)[0]
+        k, n = numel(shape(w)[1:]), shape(w)[0]
         kind = "conv"
     else:
         return None
@@ -189,7 +198,9 @@ def _match(kind: str):
         if layer.reason is None:
             request.check(layer.name, weight_params(facts.gm, layer.weight))
         reason = layer.reason or selection_reason(layer, request.decide)
-        uncalibrated = reason is None and not request.dynamic and request.amax(layer.name) is None
+        # a dynamic config is calibrated only for SmoothQuant's factors; then every layer needs its record
+        needs_record = not request.dynamic or request.calibrated
+        uncalibrated = reason is None and needs_record and request.amax(layer.name) is None
         if uncalibrated:
             reason = "no calibration data for this layer (the calibration never saw it run)"
         record = request.records.setdefault(layer.name, _record(layer, request))
@@ -198,6 +209,13 @@ def _match(kind: str):
             record.update(status="float", reason=reason)
             return None
         record.update(status="quantized", reason="")
+        factors = request.smooth(layer.name)
+        if factors is not None:
+            if len(factors) != layer.k:
+                raise UserError(f"quant: layer {layer.name!r} has {len(factors)} smoothing factors in the "
+                                f"calibration but K={layer.k} input channels: recalibrate this model")
+            record.update(smoothquant=request.smoothquant,
+                          activations=f"{_activations(layer, request)}, smoothquant alpha {request.smoothquant:g}")
         layer.request = request
         return layer
     return match
@@ -207,9 +225,15 @@ def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:
     return {"name": layer.name, "kind": layer.kind, "k": layer.k, "n": layer.n,
             "module": getattr(layer.module_type, "__name__", None), "precision": request.precision,
             "weights": "per_channel" if request.per_channel else "per_tensor",
-            "activations": ("dynamic per row" if layer.kind == "linear" else "dynamic per tensor")
-            if request.dynamic else "static per tensor",
-            "calibrator": None if request.dynamic else request.calibrator, **request.details(layer.name)}
+            "activations": _activations(layer, request),
+            "calibrator": None if request.dynamic else request.calibrator, "smoothquant": None,
+            **request.details(layer.name)}
+
+
+def _activations(layer: Layer, request: QuantRequest) -> str:
+    if not request.dynamic:
+        return "static per tensor"
+    return "dynamic per row" if layer.kind == "linear" else "dynamic per tensor"
 
 
 def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
@@ -217,9 +241,16 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
     # read before _activation: writing the attention's output quantized re-derives the metadata
     # downstream of it, this float node's included (which then reads the quantized codes)
     out_dtype = tensor_val(node).dtype
+    factors = request.smooth(layer.name)
     with graph.inserting_before(node):
-        wq, w_scale = _weight(graph, op, call(graph, aten.permute.default, (layer.weight, [1, 0])), request)
-        xq, x_scale = _activation(gm, op, layer, request, rows=True)
+        w = call(graph, aten.permute.default, (layer.weight, [1, 0]))
+        smooth = None
+        if factors is not None:  # W * s, per input column, on the constant (folded with its quantize)
+            s = as_factors(factors, layer.k)
+            w = scale_columns_steps(op, w, tensor_val(w).dtype, _smooth_constant(gm, "s", s, w))
+            smooth = _smooth_constant(gm, "inv_s", inverse_factors(s), w)
+        wq, w_scale = _weight(graph, op, w, request)
+        xq, x_scale = _activation(gm, op, layer, request, rows=True, smooth=smooth)
         bias = node.args[0] if is_op(node, aten.addmm) else None
         per_column = bias is not None and shape(bias) == (layer.n,)
         y = call(graph, torch.ops.compile_backend.scaled_mm.default,
@@ -261,23 +292,35 @@ def _weight(graph: fx.Graph, op, w: fx.Node, request: QuantRequest):
     return wq, op(aten.reshape.default, scale, [out] if request.per_channel else [])
 
 
-def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, rows: bool):
+def _smooth_constant(gm: fx.GraphModule, kind: str, value: torch.Tensor, like: fx.Node) -> fx.Node:
+    """A [K] fp32 constant named by its content: layers sharing an activation share one node, so
+    their identical activation quantizes stay identical (and CSE can merge them)."""
+    digest = hashlib.sha256(value.numpy().tobytes()).hexdigest()[:16]
+    return _constant(gm, f"_cb_smooth_{kind}_{digest}", value.to(tensor_val(like).device))
+
+
+def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, rows: bool,
+                smooth: Optional[fx.Node] = None):
     """(quantized activation, fp32 scale: 0-d static or [M, 1] dynamic per row). A GEMM input
     that is a row-major reshape of a value (a LayerNorm's [B, S, H] output flattened to
     [B*S, H]) is quantized before the reshape: the quantize then has its producer's shape and
-    joins the producer's kernel (the norm, the GEMM epilogue) instead of running alone."""
+    joins the producer's kernel (the norm, the GEMM epilogue) instead of running alone.
+    ``smooth``: SmoothQuant's ``1/s`` [K], multiplied in right before the quantize steps."""
     x = layer.x
-    src = _row_major_source(x) if rows else None
+    src = row_major_source(x) if rows else None
     base = src if src is not None else x
     dtype = tensor_val(base).dtype
+    if smooth is not None:
+        base, dtype = scale_columns_steps(op, base, dtype, smooth), torch.float32
     if not request.dynamic:
         scale = quant_ref.scale_from_amax(torch.tensor(request.amax(layer.name)), request.precision)
         inv = float(quant_ref.inverse_scale(scale))
         name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
         x_scale = _constant(gm, name, scale.reshape(()).to(tensor_val(x).device))
-        attention = _attention_source(x, layer.node)
+        # the attention kernel takes one scalar inverse scale, not SmoothQuant's per-channel 1/s
+        attention = attention_source(x, layer.node) if smooth is None else None
         if attention is not None:  # the attention kernel writes its output quantized
-            _quantize_attention_output(gm.graph, attention, x, request.precision, inv)
+            quantize_attention_output(gm.graph, attention, x, request.precision, inv)
             return x, x_scale
         xq = quant_ref.quantize_steps(op, base, dtype, inv, request.precision)
         return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
@@ -291,45 +334,6 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         xq = op(aten.view.default, xq, list(shape(x)))
         scale = op(aten.view.default, scale, [shape(x)[0], 1])
     return xq, scale
-
-
-def _attention_source(x: fx.Node, reader: fx.Node) -> Optional[fx.Node]:
-    """The attention op ``x`` is made from by views and copies alone, each read once (the head
-    flatten ``transpose(1, 2).contiguous().view(B*S, H*D)``), when ``reader`` is the only
-    reader: elementwise with one scale, the quantize commutes with all of them."""
-    node, user = x, reader
-    for _ in range(8):
-        if list(node.users) != [user]:
-            return None
-        if is_attention(node):
-            args = node.args
-            plain = len(args) <= 8 and not node.kwargs
-            return node if plain and tensor_val(node).dtype in (torch.float16, torch.bfloat16, torch.float32) else None
-        plain_copy = is_op(node, aten.clone) or (is_op(node, aten._to_copy) and set(node.kwargs) <= {"memory_format"})
-        if not (plain_copy or is_view(node)) or _numel(shape(node)) != _numel(shape(node.args[0])):
-            return None
-        node, user = node.args[0], node
-    return None
-
-
-def _quantize_attention_output(graph: fx.Graph, attention: fx.Node, x: fx.Node, precision: str, inv: float) -> None:
-    args = list(attention.args)
-    args += [False, None][len(args) - 6:]  # dead_rows_nan, out_perm: their defaults where absent
-    attention.args = tuple(args) + (precision, inv)
-    attention.meta["val"] = fake_value(attention)
-    propagate_meta(graph, [attention])
-
-
-def _row_major_source(x: fx.Node) -> Optional[fx.Node]:
-    """The value ``x`` reshapes when ``x`` only merges its leading dims (rows stay rows: the last
-    dim is kept and the source is contiguous), else None."""
-    if not (is_op(x, aten.view) or is_op(x, aten._unsafe_view) or is_op(x, aten.reshape)):
-        return None
-    src = x.args[0]
-    v, sv = tensor_val(x), tensor_val(src) if isinstance(src, fx.Node) else None
-    if v is None or sv is None or sv.dim() < 2 or v.dim() != 2 or not sv.is_contiguous():
-        return None
-    return src if sv.shape[-1] == v.shape[-1] and sv.dtype == v.dtype else None
 
 
 def _zero_one(graph: fx.Graph, device: torch.device):
@@ -362,13 +366,6 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
 
 def _plain_addmm(node: fx.Node) -> bool:
     return node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
-
-
-def _numel(dims) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
 
 
 # Rules: which anchors become which scaled op (the request in ctx decides which layers).

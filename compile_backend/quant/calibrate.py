@@ -8,6 +8,12 @@ first batch's operands are kept (bounded) to measure each layer's output SQNR ag
 version once the scales are known. The model itself is not changed and Dynamo's cache of other
 compiled functions is left alone (the model runs through a private entry, as ``explain`` does).
 
+SmoothQuant (``config.smoothquant``): a first pass collects each linear layer's per-channel input
+abs max and its weight's per-column abs max; layers reading the same activation (Q/K/V left
+unmerged) get one factor vector from their joint maxima (the activation is quantized once for
+all of them); a second pass observes the smoothed input ``x / s`` for the static ranges. With
+dynamic activations the first pass is all (the factors are what the engine needs).
+
 A calibration cache (in the engine cache directory) keyed by the config, the model's weights and
 structure, the data and the versions makes a second ``calibrate`` with the same inputs instant;
 it needs ``batches`` to be re-iterable (a list, a DataLoader), not a one-shot generator.
@@ -24,13 +30,15 @@ import torch.fx as fx
 
 from .. import capture, fx_passes
 from ..fx_passes.constant_fold import freeze
+from ..fx_passes.quant_sources import activation_source, smoothing_reason
 from ..fx_passes.quantize import Layer, find_layer, selection_reason, weight_params
+from ..fx_passes.smooth import inverse_factors, smooth_activation, smooth_weight, smoothing_factors
 from ..fx_passes.rules import Facts
 from ..kernels import quant_ref
 from .calibration import Calibration, LayerCalibration
 from .calibrators import compute_amax
 from .config import QuantConfig
-from .observer import HistogramObserver
+from .observer import ChannelAbsMax, HistogramObserver
 from .request import layer_fingerprint
 
 #: elements of a layer's input kept from the first batch for its SQNR
@@ -40,7 +48,8 @@ SQNR_SAMPLE = 1 << 18
 def calibrate(model: Callable, batches: Iterable[Any], config: QuantConfig, *, progress: bool = True,
               cache_dir: Optional[str] = None, use_cache: bool = True) -> Calibration:
     """Run ``model`` on every batch (a tuple of positional inputs, or one tensor) and return the
-    per-layer activation ranges for ``config`` (static activations)."""
+    per-layer activation ranges for ``config`` (static activations), and with
+    ``config.smoothquant`` the layers' smoothing factors (static or dynamic activations)."""
     if not isinstance(config, QuantConfig):
         raise TypeError(f"calibrate: config must be a quant.QuantConfig, got {type(config).__name__}")
     if config.weight_only:
@@ -50,6 +59,9 @@ def calibrate(model: Callable, batches: Iterable[Any], config: QuantConfig, *, p
         warnings.warn("calibrate: the model is in training mode (BatchNorm and dropout behave as in "
                       "training); call model.eval() first for the ranges inference will see", stacklevel=2)
     reiterable = iter(batches) is not batches
+    smoothing = config.smoothquant is not None
+    if smoothing and not reiterable and config.activations == "static":
+        batches, reiterable = list(batches), True  # SmoothQuant reads the data twice (see the module doc)
     key = _cache_key(model, batches, config) if use_cache and reiterable else None
     cached = _cache_get(key, cache_dir) if key is not None else None
     if cached is not None:
@@ -57,28 +69,51 @@ def calibrate(model: Callable, batches: Iterable[Any], config: QuantConfig, *, p
         return cached
     collector = Collector(config)
     runner = _observing_model(model, collector)
-    count = 0
-    with torch.no_grad():
-        for count, batch in enumerate(batches, 1):
-            collector.batch = count
-            runner(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
-            _say(progress, f"calibration: batch {count}, {len(collector.observers)} layers observed", end="\r")
-    if count == 0:
-        raise ValueError("calibrate: the calibration set is empty: pass an iterable of input tuples "
-                         "(e.g. a few hundred representative samples in batches)")
-    _say(progress, f"calibration: {count} batches, {len(collector.observers)} layers" + " " * 20)
+    if smoothing:
+        collector.phase = "channels"
+        passes = "1 of 2" if config.activations == "static" else "1 of 1"
+        count = _run(runner, batches, collector, progress, f"SmoothQuant pass {passes} (per-channel maxima)")
+        collector.smooth()
+        _say(progress, f"calibration: SmoothQuant alpha {config.smoothquant:g}: {len(collector.factors)} layers "
+                       f"smoothed, {len(collector.unsmoothed)} not (convolutions, attention-fed)")
+    if config.activations == "static" or not smoothing:
+        collector.phase = "ranges"
+        label = "SmoothQuant pass 2 of 2 (ranges of the smoothed inputs x/s)" if smoothing else "batch"
+        count = _run(runner, batches, collector, progress, label)
     calib = collector.finish(count)
     if key is not None:
         _cache_put(key, calib, cache_dir)
     return calib
 
 
+def _run(runner: Callable, batches: Iterable[Any], collector: "Collector", progress: bool, label: str) -> int:
+    count = 0
+    with torch.no_grad():
+        for count, batch in enumerate(batches, 1):
+            collector.batch = count
+            runner(*(batch if isinstance(batch, (tuple, list)) else (batch,)))
+            _say(progress, f"calibration: {label} {count}, {collector.layers_seen()} layers observed", end="\r")
+    if count == 0:
+        raise ValueError("calibrate: the calibration set is empty: pass an iterable of input tuples "
+                         "(e.g. a few hundred representative samples in batches)")
+    _say(progress, f"calibration: {label}: {count} batches, {collector.layers_seen()} layers" + " " * 20)
+    return count
+
+
 class Collector:
-    """Observers per layer name, and the first batch's operands of each layer for its SQNR."""
+    """Observers per layer name, and the first batch's operands of each layer for its SQNR.
+    ``phase``: ``"ranges"`` (histograms, of ``x / s`` where a layer has factors) or
+    ``"channels"`` (SmoothQuant's per-channel maxima, before the factors exist)."""
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+        self.phase = "ranges"
         self.observers: Dict[str, HistogramObserver] = {}
+        self.channels: Dict[str, ChannelAbsMax] = {}
+        self.weight_amax: Dict[str, torch.Tensor] = {}   # smoothable layers: per-input-column |W| max
+        self.shared: Dict[str, frozenset] = {}            # layer -> the layers reading its activation
+        self.unsmoothed: Dict[str, str] = {}              # layer -> why SmoothQuant leaves it
+        self.factors: Dict[str, torch.Tensor] = {}        # layer -> s [K]
         self.samples: Dict[str, Tuple[Layer, List[Any]]] = {}
         self.fingerprints: Dict[str, Any] = {}
         self.skipped: Dict[str, str] = {}
@@ -91,34 +126,94 @@ class Collector:
             self.skipped[layer.name] = reason
         return reason is None
 
+    def layers_seen(self) -> int:
+        return len(self.channels if self.phase == "channels" else self.observers)
+
+    def link(self, names: Sequence[str]) -> None:
+        """``names`` read one activation (in some graph): they get one smoothing vector."""
+        merged = frozenset().union(*(self.shared.get(n, frozenset([n])) for n in names))
+        for n in merged:
+            self.shared[n] = merged
+
     def observe(self, layer: Layer, args: Sequence[Any]) -> None:
         x = args[_x_index(layer)]
-        observer = self.observers.get(layer.name)
-        if observer is None:
-            observer = self.observers[layer.name] = HistogramObserver(layer.name, self.config.num_bins)
-        observer.observe(x, batch=self.batch)
+        if self.phase == "channels":
+            self._observe_channels(layer, x, args[_x_index(layer) + 1])
+        else:
+            observer = self.observers.get(layer.name)
+            if observer is None:
+                observer = self.observers[layer.name] = HistogramObserver(layer.name, self.config.num_bins)
+            s = self.factors.get(layer.name)
+            observer.observe(x if s is None else smooth_activation(x, s), batch=self.batch)
         if layer.name not in self.samples:
             self.samples[layer.name] = (layer, [_sample(a) if i == _x_index(layer) else a
                                                 for i, a in enumerate(args)])
 
+    def _observe_channels(self, layer: Layer, x: torch.Tensor, w: torch.Tensor) -> None:
+        observer = self.channels.get(layer.name)
+        if observer is None:
+            observer = self.channels[layer.name] = ChannelAbsMax(layer.name)
+        smoothable = layer.name not in self.unsmoothed
+        # an unsmoothed layer (a convolution) needs only its overall max: one "channel"
+        observer.observe(x if smoothable else x.reshape(-1, 1), batch=self.batch)
+        if smoothable and layer.name not in self.weight_amax:
+            # the mm reads W^T [K, N]: input column j of W is row j here
+            self.weight_amax[layer.name] = w.detach().float().abs().amax(dim=1).cpu()
+
+    def smooth(self) -> None:
+        """The factors of every smoothable layer that ran, one vector per shared activation."""
+        for name in sorted(self.weight_amax):
+            if name in self.factors:
+                continue
+            group = sorted(n for n in self.shared.get(name, (name,)) if n in self.weight_amax)
+            shapes = {tuple(self.weight_amax[n].shape) for n in group}
+            if len(shapes) != 1:
+                raise ValueError(f"calibrate: layers {', '.join(group)} read one activation but have "
+                                 f"different input sizes {sorted(shapes)}")
+            act = torch.stack([self.channels[n].amax for n in group]).amax(dim=0)
+            weight = torch.stack([self.weight_amax[n] for n in group]).amax(dim=0)
+            s = smoothing_factors(act, weight, self.config.smoothquant)
+            for n in group:
+                self.factors[n] = s
+
     def finish(self, batches: int) -> Calibration:
         records = []
-        for name, obs in self.observers.items():
-            amax = compute_amax(obs, self.config)
+        static = self.phase == "ranges"  # else dynamic SmoothQuant: the per-channel pass was all
+        for name in (self.observers if static else self.channels):
+            s = self.factors.get(name)
+            if static:
+                obs = self.observers[name]
+                amax, calibrator = compute_amax(obs, self.config), self.config.calibrator
+            else:  # dynamic: the scales come at run time; the record keeps max|x/s| for the report
+                obs = self.channels[name]
+                amax = float((obs.amax if s is None else obs.amax * inverse_factors(s)).max())
+                calibrator = "max"
             layer, args = self.samples[name]
             records.append(LayerCalibration(
-                name, amax=amax, calibrator=self.config.calibrator, fingerprint=self.fingerprints[name],
+                name, amax=amax, calibrator=calibrator, fingerprint=self.fingerprints[name],
                 samples=obs.count, batches=obs.batches, inf_count=obs.inf_count,
-                stats={"sqnr_db": layer_sqnr(layer, args, amax, self.config)}))
-        return Calibration(self.config, records, {"batches": batches})
+                stats={"sqnr_db": layer_sqnr(layer, args, amax, self.config, s)},
+                smooth=None if s is None else tuple(s.tolist())))
+        meta = {"batches": batches}
+        if self.config.smoothquant is not None:
+            meta.update(smoothed_layers=len(self.factors), passes=2 if static else 1)
+        return Calibration(self.config, records, meta)
 
 
-def layer_sqnr(layer: Layer, args: List[Any], amax: float, config: QuantConfig) -> float:
-    """Output SQNR (dB) of one layer quantized as the engine will, against its float output."""
+def layer_sqnr(layer: Layer, args: List[Any], amax: float, config: QuantConfig,
+               smooth: Optional[torch.Tensor] = None) -> float:
+    """Output SQNR (dB) of one layer quantized as the engine will (smoothed by ``smooth``, and
+    with dynamic activations per row at run time), against its float output."""
     xi, wi = _x_index(layer), 1 if layer.kind == "conv" else (_x_index(layer) + 1)
     x, w = args[xi].float(), args[wi].float()
-    x_scale = quant_ref.scale_from_amax(torch.tensor(amax), config.precision)
     rows = w if layer.kind == "conv" else w.t()  # output channels first
+    if smooth is not None:
+        x, rows = smooth_activation(x, smooth), smooth_weight(rows, smooth)
+    if config.activations == "dynamic":
+        x_scale = quant_ref.row_scale(x, config.precision) if layer.kind == "linear" else \
+            quant_ref.scale_from_amax(x.abs().amax(), config.precision)
+    else:
+        x_scale = quant_ref.scale_from_amax(torch.tensor(amax), config.precision)
     per_channel = config.weights == "per_channel"
     w_scale = quant_ref.weight_scale(rows, config.precision, per_channel)
     shape = (-1,) + (1,) * (rows.dim() - 1)
@@ -183,12 +278,20 @@ class ObservingGraph:
         ctx = fx_passes.PassContext(training=self.role != "inference", device=_device(args))
         fx_passes.run_passes(gm, ctx, until="quantize")  # the graph the quantize pass will see
         facts = Facts(gm, ctx)
-        layers = {}
+        layers, readers = {}, {}
+        dynamic = self.collector.config.activations == "dynamic"
         for node in gm.graph.nodes:
             layer = find_layer(node, facts) if node.op == "call_function" else None
             if layer is not None and self.collector.watch(layer):
                 layers[node] = layer
                 self.collector.fingerprints[layer.name] = layer_fingerprint(weight_params(gm, layer.weight))
+                reason = smoothing_reason(layer, dynamic)
+                if reason is not None:
+                    self.collector.unsmoothed[layer.name] = reason
+                else:
+                    readers.setdefault(activation_source(layer), []).append(layer.name)
+        for names in readers.values():
+            self.collector.link(names)
         return gm, layers, bound
 
 

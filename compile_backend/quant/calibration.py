@@ -24,7 +24,7 @@ import re
 import stat
 import tempfile
 import types
-from typing import Any, List, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 from .config import CALIBRATORS, QuantConfig
 
@@ -46,7 +46,9 @@ _FINGERPRINT = re.compile(r"\[(?:\d{1,12}(?:,\d{1,12}){0,15})?\]:[0-9a-f]{32}\Z"
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
 _MAX_INT = 2 ** 63 - 1
 _TOP_KEYS = {"format", "version", "config", "layers", "meta"}
-_LAYER_KEYS = {"name", "amax", "calibrator", "fingerprint", "samples", "batches", "inf_count", "stats"}
+_LAYER_KEYS = {"name", "amax", "calibrator", "fingerprint", "samples", "batches", "inf_count", "stats", "smooth"}
+#: most SmoothQuant factors of one layer (its input channels, K)
+MAX_SMOOTH = 1 << 20
 
 Number = Union[int, float]
 
@@ -82,6 +84,8 @@ class LayerCalibration:
     calibrator: the calibrator that chose it. fingerprint: :func:`weight_fingerprint` of the weight.
     samples / batches: values and batches observed; inf_count: inf values seen (clipped).
     stats: report numbers filled in by the graph side (e.g. ``{"sqnr_db": 38.2}``), +-inf allowed.
+    smooth: SmoothQuant's per-input-channel factors ``s`` [K] (fp32 values, finite, > 0), or None
+        (not smoothed). With them, ``amax`` is that of the smoothed input ``x / s``.
     """
 
     name: str
@@ -92,9 +96,11 @@ class LayerCalibration:
     batches: int = 0
     inf_count: int = 0
     stats: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    smooth: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
+        object.__setattr__(self, "smooth", _check_smooth(self.name, self.smooth, self.fingerprint))
         if isinstance(self.amax, bool) or not isinstance(self.amax, (int, float)) \
                 or not math.isfinite(self.amax) or self.amax < 0:
             raise ValueError(f"layer {self.name!r}: 'amax' must be a finite number >= 0, got {self.amax!r}")
@@ -123,6 +129,7 @@ class LayerCalibration:
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["stats"] = {k: (v if math.isfinite(v) else ("inf" if v > 0 else "-inf")) for k, v in self.stats.items()}
+        out["smooth"] = None if self.smooth is None else list(self.smooth)
         return out
 
 
@@ -153,6 +160,10 @@ class Calibration:
             raise ValueError("calibration layers: each key must be its record's name")
         if len(by_name) > MAX_LAYERS:
             raise ValueError(f"calibration has {len(by_name)} layers; at most {MAX_LAYERS}")
+        smoothed = [name for name, r in by_name.items() if r.smooth is not None]
+        if smoothed and self.config.smoothquant is None:
+            raise ValueError(f"calibration layer {smoothed[0]!r} has SmoothQuant factors but the config has "
+                             "smoothquant=None")
         object.__setattr__(self, "layers", types.MappingProxyType(dict(sorted(by_name.items()))))
         object.__setattr__(self, "meta", types.MappingProxyType(_check_meta(self.meta)))
 
@@ -187,10 +198,12 @@ class Calibration:
 
     def digest(self) -> str:
         """sha256 of what a quantized engine depends on: format version, config, and per layer the
-        name, amax (exact), calibrator and weight fingerprint. Stats and meta (reporting only) are
-        left out, so filling them in keeps compiled engines cached."""
+        name, amax (exact), calibrator, weight fingerprint and SmoothQuant factors (exact). Stats and
+        meta (reporting only) are left out, so filling them in keeps compiled engines cached."""
         content = {"format": FORMAT, "version": VERSION, "config": self.config.as_dict(),
-                   "layers": [[n, r.amax.hex(), r.calibrator, r.fingerprint] for n, r in self.layers.items()]}
+                   "layers": [[n, r.amax.hex(), r.calibrator, r.fingerprint]
+                              + ([] if r.smooth is None else [_smooth_digest(r.smooth)])
+                              for n, r in self.layers.items()]}
         text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -268,6 +281,7 @@ class Calibration:
             where = f"layers[{i}]"
             if not isinstance(entry, dict):
                 raise fail(where, f"must be an object, got {_json_type(entry)}")
+            entry = {**_LAYER_ADDED_LATER, **entry}
             _exact_keys(entry, _LAYER_KEYS, where, fail)
             stats = entry["stats"]
             if isinstance(stats, dict):
@@ -382,7 +396,9 @@ def _decode_stat(value: Any) -> Any:
 
 #: QuantConfig fields newer than some calibration files, with the value those files meant: the
 #: weight-only fields (issue #20) are None in every W8A8 config, the only kind calibrated
-_ADDED_LATER = {"group_size": None, "clip": None}
+_ADDED_LATER = {"group_size": None, "clip": None, "smoothquant": None}
+#: the same for layer entries: files before SmoothQuant (issue #20) smoothed no layer
+_LAYER_ADDED_LATER = {"smooth": None}
 
 
 def _exact_keys(obj: dict, expected: set, where: str, fail) -> None:
@@ -402,6 +418,28 @@ def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS or not name.isprintable():
         raise ValueError(f"a layer name must be a printable string of 1 to {MAX_NAME_CHARS} characters, "
                          f"got {name!r:.80}")
+
+
+def _check_smooth(name: str, smooth: Any, fingerprint: Any) -> Optional[Tuple[float, ...]]:
+    """None, or a tuple of finite positive floats, one per input channel (when the fingerprint's
+    shape is a linear weight's [N, K], exactly K of them; a merged layer's is checked at compile)."""
+    if smooth is None:
+        return None
+    if isinstance(smooth, (str, bytes)) or not isinstance(smooth, (list, tuple)) or not 0 < len(smooth) <= MAX_SMOOTH:
+        raise ValueError(f"layer {name!r}: 'smooth' must be null or a flat list of 1 to {MAX_SMOOTH} numbers, "
+                         f"got {type(smooth).__name__}")
+    for v in smooth:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"layer {name!r}: 'smooth' factors must be finite numbers > 0, got {v!r:.80}")
+    dims = _shape_part(fingerprint).strip("[]").split(",") if isinstance(fingerprint, str) else []
+    if len(dims) == 2 and dims[1].isdigit() and int(dims[1]) != len(smooth):
+        raise ValueError(f"layer {name!r}: {len(smooth)} 'smooth' factors for a weight of shape "
+                         f"{_shape_part(fingerprint)} (one per input channel, {dims[1]})")
+    return tuple(float(v) for v in smooth)
+
+
+def _smooth_digest(smooth: Tuple[float, ...]) -> str:
+    return hashlib.sha256(",".join(v.hex() for v in smooth).encode()).hexdigest()
 
 
 def _check_meta(meta: Any) -> dict:

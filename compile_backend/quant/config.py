@@ -114,6 +114,11 @@ class QuantConfig:
     clip: weight-only: how each scale's range is chosen, ``minmax`` (the abs max, default) or
         ``mse`` (the abs max times the ratio in 1.0, 0.95, ..., 0.5 with the smallest squared
         error: an outlier gives way to resolution for the rest). None unless weight-only.
+    smoothquant: SmoothQuant's migration strength alpha in (0, 1] (typical 0.5), or None (off,
+        default). Calibration computes per input channel ``s = max|X|^alpha / max|W|^(1-alpha)``;
+        the engine quantizes ``X / s`` and ``W * s`` (the same product), moving activation
+        outliers into the weights. int8 and fp8 with static or dynamic activations (dynamic
+        then needs ``quant.calibrate`` too, for the factors); not int4 or weight-only.
     """
 
     precision: str = "int8"
@@ -129,6 +134,7 @@ class QuantConfig:
     qat_scales: str = "learned"
     group_size: Optional[int] = None
     clip: Optional[str] = None
+    smoothquant: Optional[float] = None
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -160,6 +166,7 @@ class QuantConfig:
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"quant option 'min_features' must be a positive integer, got {m!r}")
         _choice("qat_scales", self.qat_scales, QAT_SCALES)
+        self._check_smoothquant()
         b = self.num_bins
         if isinstance(b, bool) or not isinstance(b, int) or not (128 <= b <= 65536) or b & (b - 1):
             raise ValueError(f"quant option 'num_bins' must be a power of two in [128, 65536], got {b!r}")
@@ -201,6 +208,25 @@ class QuantConfig:
             object.__setattr__(self, "clip", CLIP_METHODS[0])
         _choice("clip", self.clip, CLIP_METHODS)
 
+    def _check_smoothquant(self) -> None:
+        alpha = self.smoothquant
+        if alpha is None:
+            return
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+            raise ValueError(f"quant option 'smoothquant' must be None (off) or a migration strength alpha "
+                             f"in (0, 1] (typical 0.5), got {alpha!r}")
+        if self.weight_only:
+            # the factors move activation outliers into the weights; weight-only leaves the
+            # activations in float, so there is nothing to move them out of
+            raise ValueError("quant option 'smoothquant' applies to quantized activations (activations="
+                             "'static' or 'dynamic'); weight-only quantization (activations=None) keeps them "
+                             "float: leave smoothquant unset")
+        if self.precision == "int4":
+            # 7 levels per sign: the weights cannot absorb the activation outliers SmoothQuant moves
+            raise ValueError("quant option 'smoothquant' takes precision 'int8' or 'fp8', got precision "
+                             "'int4' (its 7 weight levels per sign cannot absorb the migrated outliers)")
+        object.__setattr__(self, "smoothquant", float(alpha))
+
     @classmethod
     def from_mapping(cls, config: Optional[Mapping[str, Any]]) -> "QuantConfig":
         """Build from a user dict (or :meth:`as_dict` output), rejecting unknown names with a hint."""
@@ -217,10 +243,11 @@ class QuantConfig:
     def replace(self, **changes: Any) -> "QuantConfig":
         """A copy with ``changes``; the calibrator is kept unless given (it is stored resolved).
         The weight-only fields are kept while the new mode takes them (group_size: int4
-        weight-only; clip: weight-only), else reset, unless given."""
+        weight-only; clip: weight-only; smoothquant: int8/fp8 W8A8), else reset, unless given."""
         fields = {**self.as_dict(), **changes}
         weight_only = fields["activations"] is None
-        for name, applies in (("group_size", weight_only and fields["precision"] == "int4"), ("clip", weight_only)):
+        for name, applies in (("group_size", weight_only and fields["precision"] == "int4"), ("clip", weight_only),
+                              ("smoothquant", not weight_only and fields["precision"] != "int4")):
             if name not in changes and not applies:
                 fields[name] = None
         return QuantConfig.from_mapping(fields)

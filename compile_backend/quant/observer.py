@@ -157,6 +157,49 @@ class HistogramObserver:
                 f"inf_count={self.inf_count}, range={self.range:g})")
 
 
+class ChannelAbsMax:
+    """SmoothQuant's statistic: the largest finite |x| of each channel (the last dim) over the
+    calibration batches. NaN is an error naming the layer and the batch, as for the histogram;
+    inf is left out (the smoothed value saturates like any other)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.batches = 0
+        self.count = 0          # values observed (finite and inf)
+        self.inf_count = 0
+        self._amax: Optional[torch.Tensor] = None
+
+    def observe(self, x: torch.Tensor, batch: Optional[int] = None) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        a = x.reshape(-1, x.shape[-1]).float().abs()
+        if bool(torch.isnan(a).any()):
+            raise ValueError(f"layer {self.name!r} got NaN in calibration batch "
+                             f"{self.batches if batch is None else batch}: calibration data must be finite "
+                             f"(check the inputs and the model in float)")
+        inf = torch.isinf(a)
+        self.inf_count += int(inf.sum())
+        self.count += a.numel()
+        a = a.masked_fill(inf, 0.0).amax(dim=0)
+        if self._amax is None:
+            self._amax = a
+        elif self._amax.shape != a.shape:
+            raise ValueError(f"layer {self.name!r}: {a.shape[0]} input channels, earlier batches had "
+                             f"{self._amax.shape[0]}")
+        else:
+            self._amax = torch.maximum(self._amax, a.to(self._amax.device))
+        self.batches += 1
+
+    @property
+    def amax(self) -> torch.Tensor:
+        """fp32 [channels] on the CPU."""
+        if self._amax is None:
+            raise ValueError(f"layer {self.name!r} saw no calibration data: the calibration set is empty "
+                             f"or the layer never ran on it")
+        return self._amax.cpu()
+
+
 def _rebin(counts: torch.Tensor, old_range: float, new_range: float) -> torch.Tensor:
     """Counts over [0, old_range] re-binned onto [0, new_range] (new_range = old_range * 2^k, or
     old_range was never grown: then each old bin goes to the new bin holding its lower edge)."""
@@ -178,4 +221,4 @@ def _rebin(counts: torch.Tensor, old_range: float, new_range: float) -> torch.Te
     return torch.zeros_like(counts).index_add_(0, index, counts)
 
 
-__all__ = ["HistogramObserver"]
+__all__ = ["HistogramObserver", "ChannelAbsMax"]

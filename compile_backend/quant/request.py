@@ -23,6 +23,10 @@ def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
         # no calibration: the weight's scales come from the weight itself, at compile time
         return WeightOnlyRequest(precision=config.precision, group_size=config.group_size, clip=config.clip,
                                  decide=config.decide)
+    if calib is None and config.smoothquant is not None:
+        raise UserError(f"quant: smoothquant={config.smoothquant:g} needs per-channel smoothing factors from "
+                        "calibration data, also with dynamic activations: call quant.calibrate(model, batches, "
+                        "config) first and pass the Calibration as options={'quant': calib}")
 
     def parts(name: str) -> List[str]:
         """The calibration's records for layer ``name``: its own, or for a merged GEMM
@@ -50,6 +54,9 @@ def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
             out["amax_from_parts"] = len(found)
         return out
 
+    def smooth(name: str):
+        return calib.layer(name).smooth if calib is not None and name in calib else None
+
     def check(name: str, params: Dict[str, torch.Tensor]) -> None:
         found = parts(name)
         if not found:
@@ -65,7 +72,7 @@ def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
                         dynamic=config.activations == "dynamic",
                         calibrator=None if config.activations == "dynamic" else config.calibrator,
                         decide=config.decide, amax=amax, details=details, check=check,
-                        calibrated=calib is not None)
+                        calibrated=calib is not None, smoothquant=config.smoothquant, smooth=smooth)
 
 
 def layer_fingerprint(params: Dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,86 @@
+"""Where a quantized GEMM's activation comes from, for the quantize pass and calibration.
+
+The quantize pass writes an activation's quantize where its producer's kernel computes it: before
+a row-major flatten (a LayerNorm's [B, S, H] output read as [B*S, H]), or inside the attention
+kernel (its output read through the head flatten). SmoothQuant uses the same view: layers with
+one source quantize one activation (one factor vector), and a layer whose input the attention
+kernel quantizes (one scalar scale) is left unsmoothed with static scales.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .rules import fake_value, is_attention, is_op, is_view, propagate_meta, shape, tensor_val
+
+aten = torch.ops.aten
+
+
+def activation_source(layer) -> fx.Node:
+    """The value the activation quantize of ``layer`` reads (the producer's output): layers with
+    the same source quantize one activation, so SmoothQuant gives them one factor vector."""
+    src = row_major_source(layer.x) if layer.kind == "linear" else None
+    return src if src is not None else layer.x
+
+
+def smoothing_reason(layer, dynamic: bool) -> Optional[str]:
+    """Why SmoothQuant leaves ``layer`` unsmoothed (None: it smooths it). Linear layers only;
+    with static scales not one whose input the attention kernel writes already quantized (it
+    applies one scalar scale; smoothing there would cost a quantize kernel of its own)."""
+    if layer.kind != "linear":
+        return "convolution (SmoothQuant smooths linear layers)"
+    if not dynamic and attention_source(layer.x, layer.node) is not None:
+        return "input written quantized by the attention kernel"
+    return None
+
+
+def attention_source(x: fx.Node, reader: fx.Node) -> Optional[fx.Node]:
+    """The attention op ``x`` is made from by views and copies alone, each read once (the head
+    flatten ``transpose(1, 2).contiguous().view(B*S, H*D)``), when ``reader`` is the only
+    reader: elementwise with one scale, the quantize commutes with all of them."""
+    node, user = x, reader
+    for _ in range(8):
+        if list(node.users) != [user]:
+            return None
+        if is_attention(node):
+            args = node.args
+            plain = len(args) <= 8 and not node.kwargs
+            return node if plain and tensor_val(node).dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+        plain_copy = is_op(node, aten.clone) or (is_op(node, aten._to_copy) and set(node.kwargs) <= {"memory_format"})
+        if not (plain_copy or is_view(node)) or numel(shape(node)) != numel(shape(node.args[0])):
+            return None
+        node, user = node.args[0], node
+    return None
+
+
+def quantize_attention_output(graph: fx.Graph, attention: fx.Node, x: fx.Node, precision: str, inv: float) -> None:
+    args = list(attention.args)
+    args += [False, None][len(args) - 6:]  # dead_rows_nan, out_perm: their defaults where absent
+    attention.args = tuple(args) + (precision, inv)
+    attention.meta["val"] = fake_value(attention)
+    propagate_meta(graph, [attention])
+
+
+def row_major_source(x: fx.Node) -> Optional[fx.Node]:
+    """The value ``x`` reshapes when ``x`` only merges its leading dims (rows stay rows: the last
+    dim is kept and the source is contiguous), else None."""
+    if not (is_op(x, aten.view) or is_op(x, aten._unsafe_view) or is_op(x, aten.reshape)):
+        return None
+    src = x.args[0]
+    v, sv = tensor_val(x), tensor_val(src) if isinstance(src, fx.Node) else None
+    if v is None or sv is None or sv.dim() < 2 or v.dim() != 2 or not sv.is_contiguous():
+        return None
+    return src if sv.shape[-1] == v.shape[-1] and sv.dtype == v.dtype else None
+
+
+def numel(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+__all__ = ["activation_source", "smoothing_reason", "attention_source", "quantize_attention_output",
+           "row_major_source", "numel"]

@@ -1,0 +1,305 @@
+"""SmoothQuant (issue #20): QuantConfig(smoothquant=alpha). The config field, the factors'
+numerics (fx_passes/smooth.py), calibration (factors shared by layers reading one activation,
+static ranges of x/s), the calibration file, the graph rewrite on the emulated path and inside
+the norm's generated kernel, dynamic activations, and the refusals."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compile_backend
+from compile_backend import quant
+from compile_backend.errors import UserError
+from compile_backend.fx_passes.smooth import (FLOOR, smooth_activation, smooth_weight, smoothing_factors)
+from compile_backend.kernels import quant_ref
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+class Outlier(nn.Module):
+    """LayerNorm with two outlier channels (as transformers' norms have) feeding an MLP."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 96)
+        self.fc2 = nn.Linear(96, dim)
+        with torch.no_grad():
+            self.norm.weight[3] = 60.0
+            self.norm.weight[17] = -35.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class TwoReaders(nn.Module):
+    """Two linears reading the same norm output that the GEMM merge leaves apart (one with a
+    bias, one without): their activation is quantized once, so they share one factor vector."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.a = nn.Linear(32, 48)
+        self.b = nn.Linear(32, 40, bias=False)
+        with torch.no_grad():
+            self.norm.weight[5] = 30.0
+            self.b.weight[:, 9] *= 20.0  # b's column 9 is the larger one: the shared s must see it
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.a(h).sum(-1) + self.b(h).sum(-1)
+
+
+class NormLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, 48)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+class AttentionBlock(nn.Module):
+    """HF-style self-attention: Q/K/V (merged), SDPA, heads flattened back, output projection."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(a.transpose(1, 2).contiguous().view(b, s, d))
+
+
+def batches(n=3, shape=(4, 8, 64), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g),) for _ in range(n)]
+
+
+def static(alpha=None, **kw):
+    return quant.QuantConfig(precision="int8", activations="static", calibrator="max", weights="per_tensor",
+                             smoothquant=alpha, **kw)
+
+
+# ------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("bad", [True, False, 0, 0.0, -0.5, 1.01, 2, float("nan"), float("inf"), "0.5", [0.5]])
+def test_config_refuses_bad_alpha(bad):
+    with pytest.raises(ValueError, match="'smoothquant'.*\\(0, 1\\]"):
+        quant.QuantConfig(smoothquant=bad)
+
+
+def test_config_field_in_dict_and_digest():
+    cfg = quant.QuantConfig(smoothquant=1)
+    assert cfg.smoothquant == 1.0 and isinstance(cfg.smoothquant, float)
+    assert quant.QuantConfig().smoothquant is None
+    assert cfg.as_dict()["smoothquant"] == 1.0
+    assert quant.QuantConfig.from_mapping(cfg.as_dict()) == cfg
+    digests = {quant.QuantConfig(smoothquant=a).digest() for a in (None, 0.5, 0.8)}
+    assert len(digests) == 3
+    assert quant.QuantConfig(precision="fp8", activations="dynamic", smoothquant=0.5).smoothquant == 0.5
+
+
+def test_config_refuses_int4_and_weight_only():
+    with pytest.raises(ValueError, match="'smoothquant' takes precision 'int8' or 'fp8'.*int4"):
+        quant.QuantConfig(precision="int4", smoothquant=0.5)
+    with pytest.raises(ValueError, match="'smoothquant' applies to quantized activations.*weight-only"):
+        quant.QuantConfig(activations=None, smoothquant=0.5)
+    with pytest.raises(ValueError, match="weight-only"):
+        quant.QuantConfig(precision="int4", activations=None, smoothquant=0.5)
+    # replace() drops it where the new mode does not take it (as group_size / clip)
+    assert quant.QuantConfig(smoothquant=0.5).replace(activations=None).smoothquant is None
+
+
+# ------------------------------------------------------------------------------------ numerics
+def test_smoothing_is_an_identity_of_the_product():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(32, 48, generator=g), torch.randn(24, 48, generator=g)
+    x[:, 7] *= 80.0
+    s = smoothing_factors(x.abs().amax(0), w.abs().amax(0), 0.5)
+    assert s.dtype == torch.float32 and s.shape == (48,) and bool((s > 0).all())
+    xs, ws = smooth_activation(x, s), smooth_weight(w, s)
+    torch.testing.assert_close(xs @ ws.t(), x @ w.t(), rtol=1e-5, atol=1e-4)
+    assert xs.abs().amax(0)[7] < x.abs().amax(0)[7] / 5  # the outlier channel moved into the weight
+    # alpha 1: every smoothed channel's max is 1 (all of the range moved to the weight)
+    s1 = smoothing_factors(x.abs().amax(0), w.abs().amax(0), 1.0)
+    torch.testing.assert_close(smooth_activation(x, s1).abs().amax(0), torch.ones(48), rtol=1e-6, atol=0)
+
+
+def test_factors_of_dead_channels_stay_finite():
+    act = torch.tensor([0.0, 1.0, float("inf"), 4.0])
+    w = torch.tensor([1.0, 0.0, 2.0, 0.0])
+    s = smoothing_factors(act, w, 0.5)
+    assert bool(torch.isfinite(s).all()) and bool((s >= FLOOR).all()) and bool((s <= 1 / FLOOR).all())
+
+
+# ------------------------------------------------------------------------------------ calibration + engine
+def test_outlier_channels_static_per_tensor_clearly_better(aten_only, tmp_path):
+    model = Outlier().eval()
+    x = batches(1, seed=9)[0][0]
+    with torch.no_grad():
+        ref = model(x)
+    out = {}
+    for alpha in (None, 0.5):
+        calib = quant.calibrate(model, batches(), static(alpha), progress=False, use_cache=False)
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+        with torch.no_grad():
+            y = fast(x)
+        out[alpha] = (quant_ref.sqnr_db(ref, y), cosine(y, ref))
+    (sqnr0, cos0), (sqnr1, cos1) = out[None], out[0.5]
+    assert sqnr1 > sqnr0 + 6, out   # measured: 25.8 -> 36.6 dB
+    assert cos1 > 0.999 and 1 - cos1 < (1 - cos0) / 4, out
+
+
+def test_engine_computes_the_reference(aten_only, tmp_path):
+    """One smoothed layer through the engine equals the reference: quant_ref over x/s and W*s."""
+    model = Outlier().eval()
+    calib = quant.calibrate(model, batches(), static(0.5), progress=False, use_cache=False)
+    record = calib.layer("fc1.weight")
+    assert record.smooth is not None and len(record.smooth) == 64
+    fc1_only = Outlier().eval()
+    fc1_only.forward = lambda x: fc1_only.fc1(fc1_only.norm(x))
+    x = batches(1, seed=5)[0][0]
+    fast = torch.compile(fc1_only, backend="compile_backend",
+                         options={"quant": quant.Calibration(calib.config, [record]), "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y = fast(x)
+        h = model.norm(x).reshape(-1, 64)
+    s = torch.tensor(record.smooth)
+    x_scale = quant_ref.scale_from_amax(torch.tensor(record.amax), "int8")
+    wq, w_scale = quant_ref.quantize_weight(smooth_weight(model.fc1.weight, s), "int8", per_channel=False)
+    expected = quant_ref.scaled_mm(quant_ref.quantize(smooth_activation(h, s), x_scale, "int8"), x_scale, wq,
+                                   w_scale, model.fc1.bias)
+    torch.testing.assert_close(y.reshape(-1, 96), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_reading_one_activation_share_one_factor_vector(aten_only):
+    model = TwoReaders().eval()
+    data = batches(2, shape=(3, 5, 32))
+    calib = quant.calibrate(model, data, static(0.5, min_features=1), progress=False, use_cache=False)
+    a, b = calib.layer("a.weight"), calib.layer("b.weight")
+    assert a.smooth is not None and a.smooth == b.smooth and a.amax == b.amax
+    with torch.no_grad():
+        act = torch.cat([model.norm(x).reshape(-1, 32) for (x,) in data]).abs().amax(0)
+    cols = torch.maximum(model.a.weight.abs().amax(0), model.b.weight.abs().amax(0))
+    assert torch.equal(torch.tensor(a.smooth), smoothing_factors(act, cols, 0.5))
+
+
+def test_attention_fed_layer_keeps_the_fused_quantize(aten_only):
+    model = AttentionBlock().eval()
+    calib = quant.calibrate(model, batches(2, shape=(2, 7, 32)), static(0.5, min_features=1), progress=False,
+                            use_cache=False)
+    assert calib.layer("o.weight").smooth is None  # its input is the attention kernel's output
+    # merged Q/K/V: one GEMM, one layer, one vector over all three weights' columns
+    assert len(calib.layer("k.weight+q.weight+v.weight").smooth) == 32
+    assert calib.meta["smoothed_layers"] == 1 and calib.meta["passes"] == 2
+
+
+def test_report_says_smoothed(aten_only, tmp_path):
+    model = Outlier().eval()
+    calib = quant.calibrate(model, batches(), static(0.5), progress=False, use_cache=False)
+    report = compile_backend.explain(model, batches(1)[0][0], quant=calib, cache_dir=str(tmp_path))
+    records = {q["name"]: q for g in report.graphs for q in g.quant}
+    assert records["fc1.weight"]["smoothquant"] == 0.5
+    assert "smoothquant alpha 0.5" in records["fc1.weight"]["activations"]
+    assert "smoothquant alpha 0.5" in str(report)
+
+
+# ------------------------------------------------------------------------------------ files
+def test_calibration_file_round_trip_and_validation(tmp_path):
+    calib = quant.calibrate(Outlier().eval(), batches(), static(0.5), progress=False, use_cache=False)
+    path = tmp_path / "c.json"
+    calib.save(path)
+    loaded = quant.Calibration.load(path)
+    assert loaded == calib and loaded.digest() == calib.digest()
+    assert all(loaded.layer(n).smooth == r.smooth for n, r in calib.layers.items())
+    data = json.loads(path.read_text())
+    entry = next(e for e in data["layers"] if e["name"] == "fc1.weight")
+    for bad, message in [([1.0, -2.0] + [1.0] * 62, "> 0"), ([1.0] * 63, "one per input channel"),
+                         ("1.0", "flat list"), ([[1.0]] * 64, "> 0"), ([], "flat list")]:
+        tampered = json.loads(path.read_text())
+        next(e for e in tampered["layers"] if e["name"] == "fc1.weight")["smooth"] = bad
+        with pytest.raises(ValueError, match=f"layers\\[.*'smooth'.*{message}"):
+            quant.Calibration.from_dict(tampered)
+    # factors are part of the digest (they change the engine)
+    other = json.loads(path.read_text())
+    next(e for e in other["layers"] if e["name"] == "fc1.weight")["smooth"] = [2.0] * 64
+    assert quant.Calibration.from_dict(other).digest() != calib.digest()
+    # factors under a config without smoothquant are refused
+    data["config"]["smoothquant"] = None
+    with pytest.raises(ValueError, match="SmoothQuant factors but the config has smoothquant=None"):
+        quant.Calibration.from_dict(data)
+    del entry
+
+
+def test_a_file_written_before_smoothquant_still_loads(tmp_path):
+    calib = quant.calibrate(Outlier().eval(), batches(), static(None), progress=False, use_cache=False)
+    data = calib.to_dict()
+    del data["config"]["smoothquant"]
+    for entry in data["layers"]:
+        del entry["smooth"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert quant.Calibration.load(tmp_path / "old.json") == calib
+
+
+# ------------------------------------------------------------------------------------ dynamic, refusals
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_dynamic_with_smoothquant(aten_only, precision, tmp_path):
+    model = Outlier().eval()
+    cfg = quant.QuantConfig(precision=precision, activations="dynamic", smoothquant=0.5)
+    calib = quant.calibrate(model, batches(), cfg, progress=False, use_cache=False)
+    assert calib.meta["passes"] == 1
+    assert all(r.smooth is not None and r.calibrator == "max" for r in calib.layers.values())
+    x = batches(1, seed=9)[0][0]
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    assert cosine(y, ref) > 0.999 and not torch.equal(y, ref)
+
+
+def test_dynamic_smoothquant_without_calibration_is_refused(aten_only, tmp_path):
+    cfg = quant.QuantConfig(precision="int8", activations="dynamic", smoothquant=0.5)
+    fast = torch.compile(Outlier().eval(), backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})
+    with pytest.raises(UserError, match="smoothquant=0.5 needs .*call quant.calibrate"):
+        with torch.no_grad():
+            fast(batches(1)[0][0])
+
+
+# ------------------------------------------------------------------------------------ generated kernels
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_smoothing_joins_the_norm_kernel(activations, tmp_path, monkeypatch):
+    """Under the interpreter: the 1/s multiply and the quantize run inside the LayerNorm's
+    kernel (no kernel of their own), and the engine agrees with the emulated path."""
+    model = NormLinear().eval()
+    with torch.no_grad():
+        model.norm.weight[4] = 25.0
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+    cfg = quant.QuantConfig(precision="int8", activations=activations, min_features=1, smoothquant=0.5)
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    kinds = [(k["kind"], k["ops"]) for k in g.kernels]
+    assert [kind for kind, _ in kinds] == ["reduction", "gemm"], kinds
+    assert {"aten.native_layer_norm", "aten.mul", "aten.round"} <= set(kinds[0][1])
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y = fast(x)
+    torch._dynamo.reset()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated path: ATen and kernels/quant_ref
+    emulated = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path / "e")})
+    with torch.no_grad():
+        y_ref = emulated(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
