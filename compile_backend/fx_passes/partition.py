@@ -68,6 +68,7 @@ class GroupSpec:
 def partition(gm: fx.GraphModule) -> List[GroupSpec]:
     """Group the nodes of ``gm`` into kernels (and make each group's nodes adjacent)."""
     _hoist_constants(gm.graph)
+    _hoist_views(gm.graph)
     builder = _Partitioner(gm.graph)
     groups = builder.run()
     _make_adjacent(gm.graph, groups)
@@ -324,6 +325,30 @@ def _hoist_constants(graph: fx.Graph) -> None:
         elif n.prev is not anchor:
             anchor.append(n)
         anchor = n
+
+
+def _hoist_views(graph: fx.Graph) -> None:
+    """Move each view (and getitem, reshape) right behind its last input. Passes leave them next
+    to their first user; there, a view read by a group but made after the group's first node
+    fences the group (its outside inputs must precede it): Llama's SwiGLU, ``silu(gate) * up``
+    with gate and up two views of one merged GEMM's output, became two kernels."""
+    behind: Dict[fx.Node, fx.Node] = {}  # input -> the last node moved behind it (keeps their order)
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not (n.target is operator.getitem or _is_reshape(n) or is_view_op(n.target)):
+            continue
+        inputs = n.all_input_nodes
+        if not inputs:
+            continue
+        last = max(inputs, key=lambda a: _order(graph, a))
+        spot = behind.get(last, last)
+        if n.prev is not spot and n is not spot:
+            spot.append(n)
+        behind[last] = n
+
+
+def _order(graph: fx.Graph, node: fx.Node) -> int:
+    """A node's position (fx keeps a topological sort key per node in recent torch versions)."""
+    return node._sort_key if hasattr(node, "_sort_key") else list(graph.nodes).index(node)
 
 
 def _make_adjacent(graph: fx.Graph, groups: List[GroupSpec]) -> None:

@@ -3,8 +3,11 @@
 ``kernels/select.py`` tries it (``ANCHOR_BUILDERS``) for a group anchored on the op that
 ``fx_passes/weight_only.py`` leaves in the graph. The group may carry an epilogue the partitioner
 grew onto the anchor (an activation, a residual add); the kernels of :mod:`.weight_only` have no
-epilogue, so a candidate runs the group's graph with the anchor computed by the Triton launcher
-and the other nodes through ATen, in graph order.
+epilogue, so the chain runs after the anchor as one generated kernel: the GEMM template's
+epilogue alone (MODE 2) over the anchor's output, the value the reference's chain reads. Where
+the template cannot express the chain (``Unsupported`` from ``plan_epilogue``), the chain runs
+through ATen, node by node in graph order: one launch per op, which at decode sizes costs more
+than the GEMV itself (a Llama layer has three such chains).
 
 Candidates, heuristic first (the tuner's order: the first is what runs with tuning off, and on a
 CPU under the interpreter, where nothing is timed): ``weight_only.heuristic(M)``, then the configs
@@ -26,12 +29,14 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.fx as fx
 
+from . import gemm_template as tpl
 from . import weight_only
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
+from .gemm_runner import epilogue_only
 from .qgemm import scaled_anchor, scaled_arg
-from .template import (FLOAT_DTYPES, Probe, TemplateTuning, choose_kernel_of, float_linear_candidate, group_dtypes,
-                       group_shapes, group_strides, warmed)
+from .template import (FLOAT_DTYPES, Probe, TemplateTuning, anchor_only, choose_kernel_of, dtype_name,
+                       float_linear_candidate, group_dtypes, group_shapes, group_strides, warmed)
 
 _ARGS = ("x", "codes", "scales", "bias", "precision", "group_size", "out_dtype")
 
@@ -77,26 +82,77 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     probe = Probe(group, ctx.device)
     first = weight_only.heuristic(p.m)
     configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path] if c != first]
-    candidates: List[Candidate] = [_candidate(group, p, cfg, probe) for cfg in configs]
+    epilogue = _epilogue(group, p, ctx)
+    candidates: List[Candidate] = [_candidate(group, p, cfg, probe, epilogue) for cfg in configs]
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.dtype, p.has_bias, ctx.device))
     digest = _kernels_digest()
-    key = TuningKey(kind="gemm", template=digest[:16], shapes=group_shapes(group), strides=group_strides(group),
+    template = digest[:16] + (tpl.source_hash(epilogue[1][0]) if epilogue is not None else "")
+    key = TuningKey(kind="gemm", template=template, shapes=group_shapes(group), strides=group_strides(group),
                     dtypes=group_dtypes(group), extra=f"weight_only {p.precision} g{p.group_size} {'|'.join(group.ops)}")
     # the kernels are not generated: the source stored per group (engine cache, report) names them
-    source = f"# compile_backend/kernels/weight_only.py sha256 {digest}: weight_only_linear, epilogue through ATen\n"
+    source = (f"# compile_backend/kernels/weight_only.py sha256 {digest}: weight_only_linear, then "
+              + ("the epilogue kernel below\n" + epilogue[1][0] if epilogue is not None else "the epilogue through ATen\n"))
     return TemplateTuning("gemm", key, candidates, probe.make, {"triton": source})
 
 
-def _candidate(group: KernelGroup, p: WeightOnlyProblem, cfg: weight_only.WeightOnlyConfig, probe: Probe) -> Candidate:
+def _epilogue(group: KernelGroup, p: WeightOnlyProblem, ctx: KernelContext):
+    """(plan, generated epilogue source) for the group's chain, or None: no chain, or one the
+    template cannot express (then it runs through ATen)."""
+    try:
+        plan = tpl.plan_epilogue(group, p.anchor, "acc_v")
+    except Unsupported:
+        return None
+    if anchor_only(plan):
+        return None
+    dot = tpl.dot_fields(dtype_name(p.dtype), False, ctx.device.type != "cuda", False)
+    return plan, tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"]), dot)
+
+
+def _candidate(group: KernelGroup, p: WeightOnlyProblem, cfg: weight_only.WeightOnlyConfig, probe: Probe,
+               epilogue) -> Candidate:
     name = (f"triton weight-only {cfg.path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k} "
             f"w{cfg.num_warps} s{cfg.num_stages}")
     config = {"impl": "triton", "weight_only": p.precision, **dataclasses.asdict(cfg)}
 
     def compile_():
-        return warmed(_GroupRunner(group, p.anchor, cfg), probe)
+        if epilogue is None:
+            return warmed(_GroupRunner(group, p.anchor, cfg), probe)
+        plan, source = epilogue
+        return warmed(_FusedRunner(group, p.anchor, cfg, plan, tpl.load_kernel(*source)), probe)
 
-    return Candidate(name, config, compile_, "triton")
+    return Candidate(name + (" + triton epilogue" if epilogue is not None else ""), config, compile_, "triton")
+
+
+class _FusedRunner:
+    """The anchor through the Triton launcher, then the chain as one generated epilogue kernel
+    over its output, in the template's (1, rows, N) index space."""
+
+    def __init__(self, group: KernelGroup, anchor: fx.Node, cfg: weight_only.WeightOnlyConfig, plan, kernel) -> None:
+        self.group, self.anchor, self.cfg, self.plan, self.kernel = group, anchor, cfg, plan, kernel
+
+    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
+        plan = self.plan
+        env = tpl.bind_group(plan, self.group, inputs)
+        args = fx.node.map_arg(self.anchor.args, env.__getitem__)
+        kwargs = fx.node.map_arg(self.anchor.kwargs, env.__getitem__)
+        y = _anchor_call(self.anchor, args, kwargs, self.cfg)
+        n = y.shape[-1]
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # [..., N] -> [1, rows, N]: a view for planned outputs
+            return t.reshape(1, -1, n)
+
+        loads = [rows(tpl.to_anchor_space(env[lp.source], lp, plan.anchor_shape)) for lp in plan.loads]
+        outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, y.device)
+        epilogue_only(self.kernel, rows(y), loads, [rows(v) for v in views])
+        return tpl.group_outputs(plan, env, outs)
+
+
+def _anchor_call(anchor: fx.Node, args: tuple, kwargs: dict, cfg: weight_only.WeightOnlyConfig) -> torch.Tensor:
+    bound = _bind(anchor, args, kwargs)
+    return weight_only.weight_only_linear(
+        bound["x"], bound["codes"], bound["scales"], bound["bias"], precision=bound["precision"],
+        group_size=bound["group_size"], out_dtype=bound["out_dtype"], config=cfg)
 
 
 class _GroupRunner:
@@ -118,10 +174,7 @@ class _GroupRunner:
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
             if node is self.anchor:
-                bound = _bind(node, args, kwargs)
-                env[node] = weight_only.weight_only_linear(
-                    bound["x"], bound["codes"], bound["scales"], bound["bias"], precision=bound["precision"],
-                    group_size=bound["group_size"], out_dtype=bound["out_dtype"], config=self.cfg)
+                env[node] = _anchor_call(node, args, kwargs, self.cfg)
             else:
                 env[node] = node.target(*args, **kwargs)
         return tuple(fx.node.map_arg(self.output.args[0], env.__getitem__))

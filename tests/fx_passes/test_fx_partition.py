@@ -262,3 +262,20 @@ class SideOutput(nn.Module):
 
 def test_diamond_with_a_shared_branch_keeps_values():
     _partitioned(SideOutput().eval(), torch.randn(4, 13))
+
+
+def test_views_made_after_a_group_starts_do_not_split_it():
+    """Llama's SwiGLU: ``silu(gate) * up``, gate and up views of one merged GEMM's output, the
+    view of ``up`` made right before the multiply (after silu). The views move behind their
+    input, so silu and the multiply are one kernel (they were two), and the graph stays valid."""
+    b = Builder()
+    x, w = b.input(torch.randn(3, 8)), b.input(torch.randn(12, 8))
+    y = b.op(aten.mm.default, x, b.op(aten.t.default, w))
+    gate = b.op(aten.slice.Tensor, y, 1, 0, 6)
+    s = b.op(aten.silu.default, gate)
+    up = b.op(aten.slice.Tensor, y, 1, 6, 12)
+    t = b.build(b.op(aten.mul.Tensor, s, up))
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert [g.kind for g in groups] == ["gemm", "pointwise"] and _kinds(groups)[1][1] == ("silu", "mul")
+    run(t)  # the reordered graph computes the same values

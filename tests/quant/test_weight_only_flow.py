@@ -268,6 +268,17 @@ def test_builder_through_the_selector(precision, group_size, m):
 
     assert kernel.config["path"] == heuristic(m).path
     torch.testing.assert_close(kernel(*inputs)[0], group.reference(*inputs)[0], **FP32)
+    # relu + residual add run as one generated epilogue kernel after the anchor, not as ATen ops
+    from compile_backend.kernels import weight_only_build as wob
+
+    runs = []
+    real = wob.epilogue_only
+    wob.epilogue_only = lambda *a, **k: runs.append(1) or real(*a, **k)
+    try:
+        torch.testing.assert_close(kernel(*inputs)[0], group.reference(*inputs)[0], **FP32)
+    finally:
+        wob.epilogue_only = real
+    assert runs == [1]
 
 
 def test_engine_runs_the_triton_kernel(tmp_path):
