@@ -303,3 +303,25 @@ def test_smoothing_joins_the_norm_kernel(activations, tmp_path, monkeypatch):
     with torch.no_grad():
         y_ref = emulated(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_joins_the_gemm_epilogue(tmp_path, monkeypatch):
+    """fc2's 1/s and quantize run in fc1's epilogue (after the ReLU); engine == emulated path."""
+    model = Outlier().eval()
+    calib = quant.calibrate(model, batches(), static(0.5), progress=False, use_cache=False)
+    x = batches(1, seed=9)[0][0][:2]
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    kinds = [(k["kind"], k["ops"]) for k in g.kernels]
+    assert [kind for kind, _ in kinds] == ["reduction", "gemm", "gemm"], kinds
+    assert {"aten.relu", "aten.mul", "aten.round"} <= set(kinds[1][1])
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y = fast(x)
+    torch._dynamo.reset()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    emulated = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path / "e")})
+    with torch.no_grad():
+        torch.testing.assert_close(y, emulated(x), rtol=1e-4, atol=1e-4)
