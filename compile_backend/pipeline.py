@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from . import capture, fx_passes, memory_plan
 from .cache import plan as plans
+from .cache import post_pass
 from .cache import scope as scopes
 from .engine import Engine, GroupCall
 from .fx_passes.constant_fold import constant_programs, freeze
@@ -42,9 +43,8 @@ def compile_graph_cached(
     options: Options,
     report: GraphReport,
 ) -> Engine:
-    """``compile_graph`` through the engine cache: a hit rebuilds the engine from its stored plan
-    (no tuning, no validation), a miss builds it cold and stores the plan. Two processes missing
-    the same key build it once (the second waits on the key's lock, then hits)."""
+    """``compile_graph`` through the engine cache where generated kernels run (elsewhere there
+    is no kernel plan worth storing: the cache is off)."""
     device = graph_device(args)
     if not triton_enabled(device):
         report.cache = {"engine": "off", "reason": "no generated kernels on this device"}
@@ -52,15 +52,35 @@ def compile_graph_cached(
     from .cache import EngineCache
 
     store = EngineCache(options.cache_dir, max_bytes=options.cache_max_bytes)
+    return compile_with_cache(store, aten_gm, args, role=role, frozen=frozen, options=options, report=report)
+
+
+def compile_with_cache(store, aten_gm: fx.GraphModule, args: Sequence[Any], *, role: str,
+                       frozen: Optional[Sequence[bool]], options: Options, report: GraphReport) -> Engine:
+    """``compile_graph`` through ``store`` (a ``cache.EngineCache``): a hit rebuilds the engine
+    from its stored post-pass graph (no fx passes) and plan (no tuning, no validation), a miss
+    builds it cold and stores both. Two processes missing the same key build it once (the
+    second waits on the key's lock, then hits)."""
+    device = graph_device(args)
     key = plans.cache_key(aten_gm, args, role=role, frozen=frozen, options=options, device=device)
     cold: Dict[str, Any] = {}
 
     def build_cold():
         timings = plans.PlanTimings()
+        front = run_front(aten_gm, args, role=role, frozen=frozen, options=options)
+        try:  # before the later stages touch the graph
+            files, tensors = post_pass.dump(front, aten_gm)
+            cold["graph"] = "stored"
+        except post_pass.Unstorable as exc:  # hits will re-run the passes
+            files, tensors = {}, {}
+            cold["graph"], cold["graph_reason"] = "not stored", str(exc)
         cold["engine"] = compile_graph(aten_gm, args, role=role, frozen=frozen, options=options,
-                                       report=report, timings=timings)
-        return plans.artifacts(cold["engine"].calls, cold["engine"].fallbacks, timings,
-                                      cold["engine"].source)
+                                       report=report, timings=timings, front=front)
+        made = plans.artifacts(cold["engine"].calls, cold["engine"].fallbacks, timings, cold["engine"].source)
+        made.files.update(files)
+        made.tensors.update(tensors)
+        made.meta["graph"] = {"state": cold["graph"], "reason": cold.get("graph_reason")}
+        return made
 
     entry = store.build_or_get(key, build_cold)
     stats = store.stats()
@@ -68,15 +88,38 @@ def compile_graph_cached(
                     "stored": entry.stored, "bypasses": stats["bypasses"]}
     if "engine" in cold:
         engine = cold["engine"]
+        report.cache.update(passes="ran", graph=cold["graph"])
+        if "graph_reason" in cold:
+            report.cache["graph_reason"] = cold["graph_reason"]
     else:
         plan = plans.Plan.from_meta(entry.meta)
         if plan is None:  # unreachable while the plan format is in the key; never trust it blindly
             report.cache["engine"] = "bypass"
             report.cache["reason"] = "entry holds no plan of this format"
+        front = _stored_front(entry, aten_gm, args, device, report)
         engine = compile_graph(aten_gm, args, role=role, frozen=frozen, options=options, report=report,
-                               timings=plans.PlanTimings(plan=plan), plan=plan)
+                               timings=plans.PlanTimings(plan=plan), plan=plan, front=front)
     engine.cache_key = key.digest  # what the speed check's stored verdict is filed under
     return engine
+
+
+def _stored_front(entry, aten_gm, args, device, report: GraphReport) -> Optional[post_pass.PostPass]:
+    """The entry's post-pass graph bound to this call's weights, or None (the passes re-run;
+    the report says why). A stored graph is untrusted input: any failure to read it is a refusal."""
+    stored = entry.meta.get("graph") if isinstance(entry.meta.get("graph"), dict) else {}
+    if stored.get("state") != "stored":
+        report.cache.update(passes="ran", graph="not stored",
+                            graph_reason=str(stored.get("reason") or "the entry holds no graph"))
+        return None
+    try:
+        front = post_pass.load(entry.files, entry.tensors, aten_gm, args, device)
+    except Exception as exc:  # BadGraph, or whatever malformed data makes torch raise
+        reason = str(exc) if isinstance(exc, post_pass.BadGraph) else f"{type(exc).__name__}: {exc}"
+        log.warning("compile_backend: stored graph refused (%s); running the passes", reason)
+        report.cache.update(passes="ran", graph="refused", graph_reason=reason)
+        return None
+    report.cache.update(passes="skipped", graph="loaded")
+    return front
 
 
 def compile_graph(
@@ -89,18 +132,13 @@ def compile_graph(
     report: GraphReport,
     timings: Optional[plans.PlanTimings] = None,
     plan: Optional[plans.Plan] = None,
+    front: Optional[post_pass.PostPass] = None,  # the stored result of run_front (a cache hit)
 ) -> Engine:
     device = graph_device(args)
-    with _stage("specialize"):
-        gm = capture.specialize(aten_gm, args)                  # concrete shapes
-        _number_placeholders(gm)
-        bound = freeze(gm, frozen, args, aten_gm.meta.get(capture.PARAM_NAMES_META)) if frozen else {}
-        eager_peak = memory_plan.eager_peak_bytes(gm.graph)      # before passes: what eager holds
-    ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device,
-                                quant=quant_request(options))   # options["quant"]: what to quantize
-    counts = fx_passes.run_passes(gm, ctx)                      # clean-up, folding, quantizing, layout
-    report.passes, report.rules = counts.totals, counts.rules
-    report.quant = list(ctx.quant.records.values()) if ctx.quant is not None else []
+    if front is None:
+        front = run_front(aten_gm, args, role=role, frozen=frozen, options=options)
+    gm = front.gm
+    report.passes, report.rules, report.quant = front.passes, front.rules, front.quant
     with _stage("partition"):
         groups = fx_passes.partition(gm)                        # ops -> kernel groups
         graph, calls = fuse_groups(gm, groups)
@@ -116,14 +154,30 @@ def compile_graph(
     report.tuning = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena
-    report.memory = memory_plan.summary(memory, graph, eager_peak)
-    engine = Engine(graph, len(args), _constants(gm), constant_programs(gm), bound, args, memory, device,
+    report.memory = memory_plan.summary(memory, graph, front.eager_peak)
+    engine = Engine(graph, len(args), _constants(gm), front.programs, front.bound, args, memory, device,
                     interpreted=kctx.interpret and triton_enabled(device),
                     calls=calls, fallbacks=fallbacks,           # the plan the engine cache stores
                     first_call_context=functools.partial(scopes.triton_binaries, scope, triton_enabled(device)),
                     cuda_graph=wants_cuda_graph(options, role, device))  # record once, replay
     report.cuda_graph = engine.cuda_graph is not None
     return engine
+
+
+def run_front(aten_gm: fx.GraphModule, args: Sequence[Any], *, role: str, frozen: Optional[Sequence[bool]],
+              options: Options) -> post_pass.PostPass:
+    """Specialise, freeze and run every fx pass: what a cache hit reads back instead."""
+    device = graph_device(args)
+    with _stage("specialize"):
+        gm = capture.specialize(aten_gm, args)                  # concrete shapes
+        _number_placeholders(gm)
+        bound = freeze(gm, frozen, args, aten_gm.meta.get(capture.PARAM_NAMES_META)) if frozen else {}
+        eager_peak = memory_plan.eager_peak_bytes(gm.graph)      # before passes: what eager holds
+    ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device,
+                                quant=quant_request(options))   # options["quant"]: what to quantize
+    counts = fx_passes.run_passes(gm, ctx)                      # clean-up, folding, quantizing, layout
+    quant = list(ctx.quant.records.values()) if ctx.quant is not None else []
+    return post_pass.PostPass(gm, constant_programs(gm), bound, eager_peak, counts.totals, counts.rules, quant)
 
 
 @contextlib.contextmanager
@@ -245,4 +299,4 @@ def _number_placeholders(gm: fx.GraphModule) -> None:
         node.meta["arg_index"] = i
 
 
-__all__ = ["compile_graph", "compile_graph_cached", "build_kernels"]
+__all__ = ["compile_graph", "compile_graph_cached", "compile_with_cache", "run_front", "build_kernels"]

@@ -8,14 +8,19 @@ An entry (``cache.EngineCache``, keyed by ``cache.CacheKey``) holds an engine's 
 - ``meta["tuning"]``: every tuning decision the build used (the timing-cache records), so a warm
   build times nothing even when the timing cache itself was pruned;
 - ``files``: the generated Triton source of each kernel and the engine's own Python source,
-  kept for inspection and for checking that a rebuild generated the same code;
-- no tensors: weights (and everything folded from them) are bound at load, the refit path.
+  kept for inspection and for checking that a rebuild generated the same code; and
+  ``graph.json``, the graph the fx passes made, as data (``post_pass.py``, ``graph_file.py``);
+- tensors: only constants the passes made from no weight (weights, and everything folded from
+  them, are bound at load: the refit path).
 
-Nothing read from an entry is ever executed: a warm build runs the same deterministic passes on
-the same graph (the graph is in the key), regenerates each kernel's source, checks its sha256
-against the plan, and takes the stored decision (tuned winner, validation verdict, ATen
-fallback) instead of searching again. A group whose regenerated source differs from the plan is
-built and validated as on a cold start, and the report says so.
+Nothing read from an entry is ever executed as code: a warm build reads the stored post-pass
+graph (ATen operators and a closed set of functions, checked node by node) instead of running
+the passes (when it was not stored or is refused, the passes run as on a cold start and the
+report says why), regenerates each kernel's source, checks its sha256 against the plan, and
+takes the stored decision (tuned winner, validation verdict, ATen fallback) instead of searching
+again. A group whose regenerated source differs from the plan is built and validated as on a
+cold start, and the report says so. The pass code is in the key through ``source_hash`` (every
+``.py`` file of the package, fx_passes included), so a changed pass never reads an old graph.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from .key import CacheKey, tensor_digest
 
 log = logging.getLogger("compile_backend")
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: entries carry the post-pass graph
 
 
 def graph_text(aten_gm: fx.GraphModule, role: str, frozen: Optional[Sequence[bool]]) -> str:
