@@ -258,6 +258,10 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
         if bias is not None and not per_column:
             y = call(graph, aten.add.Tensor, (y, bias))
     node.replace_all_uses_with(y)
+    # the attention's quantized output re-derived the metadata past this float node too (its
+    # users read "fp8": the residual add, the next norm, the next layers' inputs, which were then
+    # refused as "float operands are not one float dtype"): derive it again from y
+    propagate_meta(graph, [y])
 
 
 def _rewrite_conv(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
@@ -322,7 +326,12 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         if attention is not None:  # the attention kernel writes its output quantized
             quantize_attention_output(gm.graph, attention, x, request.precision, inv)
             return x, x_scale
-        xq = quant_ref.quantize_steps(op, base, dtype, inv, request.precision)
+        # the inverse scale as a 0-d constant, not a Python float: a float is a literal in the
+        # producer's generated kernel, so every layer had its own kernel source (BERT: 12 FFN1
+        # GEMM kernels, each tuned and compiled on its own); a constant is loaded at run time
+        inv_t = _constant(gm, _free_name(gm, name.replace("_cb_act_scale_", "_cb_act_inv_scale_", 1)),
+                          torch.tensor(inv, dtype=torch.float32, device=tensor_val(x).device))
+        xq = quant_ref.quantize_steps(op, base, dtype, inv_t, request.precision)
         return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
     xf = base if dtype == torch.float32 else op(aten._to_copy.default, base, dtype=torch.float32)
     flat = xf if rows else op(aten.reshape.default, xf, [1, -1])
