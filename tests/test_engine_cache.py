@@ -181,3 +181,176 @@ def test_first_engine_call_loads_triton_binaries_from_our_cache(tmp_path, monkey
     first = pathlib.Path(seen[0])
     assert first.name == "triton" and (tmp_path / "ours") in first.parents
     assert seen[1] == str(tmp_path / "elsewhere")  # later calls leave the process setting alone
+
+
+# --------------------------------------------------------------------------- the stored post-pass graph
+class Folding(nn.Module):
+    """Two GEMMs over one input (merged into one GEMM over concatenated weights: a constant
+    program) and a LayerNorm; K and N of 32 so a quantization config selects both."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.norm(torch.relu(self.q(x)) + self.k(x))
+
+
+def _compiled(model, cache_dir, report=None, **options):
+    from compile_backend.backend import compile_backend as backend
+
+    torch._dynamo.reset()
+    return torch.compile(model, backend=lambda gm, ex, **kw: backend(gm, ex, report=report, **kw),
+                         options={"cache_dir": str(cache_dir), **options})
+
+
+def _report():
+    from compile_backend.report import Report
+
+    return Report()
+
+
+def _no_passes(monkeypatch):
+    from compile_backend import capture, fx_passes
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cache hit ran the fx passes")
+
+    monkeypatch.setattr(fx_passes, "run_passes", refuse)
+    monkeypatch.setattr(capture, "specialize", refuse)
+
+
+def test_hit_skips_the_passes_and_equals_the_cold_engine(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, x = Folding().eval(), torch.randn(6, 32)
+    cold_report = _report()
+    with torch.no_grad():
+        cold = _compiled(model, tmp_path, cold_report)(x)
+    assert cold_report.graphs[0].cache["graph"] == "stored"
+    graph_json = next(pathlib.Path(tmp_path).rglob("graph.json"))
+    import json
+
+    assert json.loads(graph_json.read_text())["programs"], "the merged weights should come from a constant program"
+    _no_passes(monkeypatch)
+    warm_report = _report()
+    with torch.no_grad():
+        warm = _compiled(model, tmp_path, warm_report)(x)
+    g, c = warm_report.graphs[0], cold_report.graphs[0]
+    assert g.cache["engine"] == "hit" and g.cache["passes"] == "skipped" and g.cache["graph"] == "loaded"
+    assert torch.equal(warm, cold) and warm.stride() == cold.stride()
+    assert (g.passes, g.rules, g.kernels, g.fallbacks, g.memory) == (c.passes, c.rules, c.kernels, c.fallbacks, c.memory)
+    assert g.fired() == c.fired() and "merge_parallel_gemms" in g.fired()
+
+
+def test_refit_after_a_hit_follows_the_weights(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, x = Folding().eval(), torch.randn(6, 32)
+    with torch.no_grad():
+        _compiled(model, tmp_path)(x)
+    _no_passes(monkeypatch)
+    other = Folding().eval()  # other weights at the hit: the programs fold them, not the stored ones
+    compiled = _compiled(other, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), other(x), rtol=1e-4, atol=1e-4)
+        weight_before = other.q.weight.clone()
+        other.q.weight.mul_(-2.0)  # in place: the engine refits the merged weight from it
+        other.k.bias.add_(1.0)
+        torch.testing.assert_close(compiled(x), other(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(other.q.weight, weight_before * -2.0)  # the refit never wrote into a weight
+
+
+def _rewrite_entry_file(entry_dir: pathlib.Path, relative: str, data: bytes) -> None:
+    """What a writer with access to the directory could leave: consistent sizes and checksums."""
+    import hashlib
+    import json
+
+    (entry_dir / relative).write_bytes(data)
+    manifest = json.loads((entry_dir / "manifest.json").read_text())
+    manifest["sizes"]["files"][relative] = len(data)
+    manifest["sizes"]["total"] = sum(manifest["sizes"]["files"].values())
+    manifest["sha256"][relative] = hashlib.sha256(data).hexdigest()
+    (entry_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _target_to(name):
+    def change(record):
+        node = next(n for n in record["graph"]["nodes"] if n["op"] == "call_function")
+        node["target"] = name
+    return change
+
+
+STORED_GRAPH_CHANGES = {
+    "a Python builtin as target": _target_to("builtins.eval"),
+    "an operator of another namespace": _target_to("os.system.default"),
+    "a frozen weight bound elsewhere": lambda r: r["bound"][0].__setitem__(1, "_frozen_999"),
+    "a constant program reading nothing": lambda r: r["programs"][0].__setitem__("inputs", ["_nothing"]),
+    "a keyword injected into the engine's source": lambda r: next(
+        n for n in r["graph"]["nodes"] if n["op"] == "call_function")["kwargs"].update({"x=print(1)": None}),
+    "not JSON": None,
+}
+
+
+@pytest.mark.parametrize("change", sorted(STORED_GRAPH_CHANGES))
+def test_hostile_stored_graph_is_refused_and_the_passes_run(tmp_path, change):
+    import json
+
+    torch.manual_seed(0)
+    model, x = Folding().eval(), torch.randn(6, 32)
+    with torch.no_grad():
+        cold = _compiled(model, tmp_path)(x)
+    graph_json = next(pathlib.Path(tmp_path).rglob("graph.json"))
+    record = json.loads(graph_json.read_text())
+    if STORED_GRAPH_CHANGES[change] is None:
+        data = b"{not json"
+    else:
+        STORED_GRAPH_CHANGES[change](record)
+        data = json.dumps(record).encode()
+    _rewrite_entry_file(graph_json.parent.parent, "files/graph.json", data)
+    report = _report()
+    with torch.no_grad():
+        warm = _compiled(model, tmp_path, report)(x)
+    cache = report.graphs[0].cache
+    assert cache["engine"] == "hit" and cache["passes"] == "ran" and cache["graph"] == "refused", cache
+    assert cache["graph_reason"]
+    assert torch.equal(warm, cold)
+
+
+def test_unstorable_graph_is_recorded_and_hits_run_the_passes(tmp_path, monkeypatch):
+    from compile_backend.cache import post_pass
+
+    def unstorable(front, aten_gm):
+        raise post_pass.Unstorable("a node this format cannot hold")
+
+    monkeypatch.setattr(post_pass, "dump", unstorable)
+    torch.manual_seed(0)
+    model, x = Folding().eval(), torch.randn(6, 32)
+    cold_report, warm_report = _report(), _report()
+    with torch.no_grad():
+        cold = _compiled(model, tmp_path, cold_report)(x)
+        warm = _compiled(model, tmp_path, warm_report)(x)
+    assert cold_report.graphs[0].cache["graph"] == "not stored"
+    cache = warm_report.graphs[0].cache
+    assert cache["engine"] == "hit" and cache["passes"] == "ran"
+    assert cache["graph_reason"] == "a node this format cannot hold"
+    assert torch.equal(warm, cold)
+
+
+def test_quantized_hit_reports_the_same_layers(tmp_path, monkeypatch):
+    from compile_backend import quant
+    from compile_backend.report import quant_lines
+
+    cfg = quant.QuantConfig(precision="int8", activations="dynamic")
+    torch.manual_seed(0)
+    model, x = Folding().eval(), torch.randn(6, 32)
+    cold_report, warm_report = _report(), _report()
+    with torch.no_grad():
+        cold = _compiled(model, tmp_path, cold_report, quant=cfg)(x)
+        _no_passes(monkeypatch)
+        warm = _compiled(model, tmp_path, warm_report, quant=cfg)(x)
+    g, c = warm_report.graphs[0], cold_report.graphs[0]
+    assert g.cache["passes"] == "skipped"
+    assert c.quant and quant_lines(g.quant) == quant_lines(c.quant)
+    assert g.fired() == c.fired() and g.standalone_quantizes == c.standalone_quantizes
+    assert torch.equal(warm, cold)

@@ -95,7 +95,7 @@ def dump(front: PostPass, aten_gm: fx.GraphModule) -> Tuple[Dict[str, bytes], Di
         "report": {"passes": front.passes, "rules": front.rules, "quant": front.quant},
     }
     try:
-        text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+        text = json.dumps(record, separators=(",", ":"))  # key order kept: the report lists passes in order
     except (TypeError, ValueError) as exc:
         raise Unstorable(f"report data is not plain JSON: {exc}") from None
     return {GRAPH_FILE: text.encode()}, tensors
