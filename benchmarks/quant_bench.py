@@ -134,6 +134,11 @@ def run_minilm(device: torch.device, options: Dict[str, Any]) -> Dict[str, Any]:
         "int8_static_per_tensor": quant.QuantConfig(precision="int8", activations="static", calibrator="entropy",
                                                     weights="per_tensor"),
         "int8_static": quant.QuantConfig(precision="int8", activations="static", calibrator="percentile"),
+        "int8_static_per_tensor_smoothquant": quant.QuantConfig(precision="int8", activations="static",
+                                                                calibrator="entropy", weights="per_tensor",
+                                                                smoothquant=0.5),
+        "int8_static_smoothquant": quant.QuantConfig(precision="int8", activations="static", calibrator="max",
+                                                     smoothquant=0.8),
     }
     out: Dict[str, Any] = {"sentences": {"calibration": len(split.calibration), "evaluation": len(split.evaluation)},
                            "length": length}
