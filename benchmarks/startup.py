@@ -166,6 +166,9 @@ def child(args) -> int:
         "engine_hits": cache["hits"], "engine_misses": cache["misses"],
         "timing_hits": cache["timing_hits"], "cache_bypasses": cache["bypasses"],
         "engine_states": [g.cache.get("engine") for g in report.graphs],
+        # per graph on a hit: "skipped" (the stored post-pass graph was read) or "ran", and why
+        "passes_states": [g.cache.get("passes") for g in report.graphs],
+        "graph_reasons": [g.cache.get("graph_reason") for g in report.graphs if g.cache.get("graph_reason")],
         "output_shape": list(out.shape) if isinstance(out, torch.Tensor) else None,
         "batch": int(inputs[0].shape[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else None,
         "device_name": torch.cuda.get_device_name(device) if cuda else None,
