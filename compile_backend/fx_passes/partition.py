@@ -97,9 +97,27 @@ def classify(node: fx.Node) -> Optional[str]:
         return "reduction"
     if packet in _POOLS:
         return "pool"
-    if fusable_pointwise(node):
+    if fusable_pointwise(node) or fusable_cat(node):
         return "pointwise"
     return "aten"
+
+
+#: pieces a generated cat takes (kernels/pointwise.MAX_CAT_PIECES; one masked load each)
+_MAX_CAT_PIECES = 4
+
+
+def fusable_cat(node: fx.Node) -> bool:
+    """``aten.cat`` of at most a few same-dtype, same-rank pieces: a pointwise kernel computes
+    it with one masked load per piece (rotary embeddings' ``cat((-x2, x1))`` then joins the
+    multiply-adds around it). Only pointwise groups take it (see ``_Partitioner``)."""
+    if node.op != "call_function" or node.target is not aten.cat.default:
+        return False
+    pieces, val = node.args[0], node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not isinstance(pieces, (list, tuple)) or \
+            not 1 <= len(pieces) <= _MAX_CAT_PIECES or val.numel() == 0:
+        return False
+    return all(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
+               and p.meta["val"].dtype == val.dtype and p.meta["val"].dim() == val.dim() for p in pieces)
 
 
 def fusable_pointwise(node: fx.Node) -> bool:
@@ -134,6 +152,9 @@ class _Partitioner:
         self.nodes = list(graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.kind = {n: classify(n) for n in self.nodes}
+        # cats are "pointwise" for pointwise groups only: GEMM epilogues and reductions have
+        # no cat in their code generators
+        self.cats = {n for n in self.nodes if self.kind[n] == "pointwise" and n.target is aten.cat.default}
         self.group_of: Dict[fx.Node, int] = {}
         self.groups: List[GroupSpec] = []
 
@@ -151,6 +172,9 @@ class _Partitioner:
             if self.kind[n] == "pool" and n not in self.group_of:
                 # the op returns (values, indices): its getitems make the group's outputs tensors
                 self._add(GroupSpec("pool", [n, *self._getitems(n)]))
+        for n in self.nodes:  # cats first: their pieces' one-input chains (-x) join them
+            if n in self.cats and n not in self.group_of:
+                self._add(GroupSpec("pointwise", self._pointwise_group(n)))
         for n in self.nodes:
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
@@ -193,7 +217,7 @@ class _Partitioner:
                 return False
             if _is_reshape(u):
                 return u.args[0] in members
-            return self.kind[u] == "pointwise" and all(
+            return self.kind[u] == "pointwise" and u not in self.cats and all(
                 _shape(a) == _shape(u) for a in u.all_input_nodes if a in members)
 
         self._grow(members, joins)
@@ -218,15 +242,30 @@ class _Partitioner:
         and used only inside it (the other branch of a diamond), or None when that is unsafe."""
         add = {node}
         first = min(self.index[m] for m in members)
-        stack = [node]
+        stack = [(node, _shape(node))]  # (a node, the shape its producers must have)
         while stack:
-            for p in stack.pop().all_input_nodes:
+            cur, frame = stack.pop()
+            for p in cur.all_input_nodes:
                 if p in members or p in add or self.index[p] < first:
                     continue
-                if self.kind.get(p) != "pointwise" or not self._free(p) or _shape(p) != _shape(node):
+                if self.kind.get(p) != "pointwise" or not self._free(p):
+                    return None
+                if p in self.cats and not self._pointwise_seeded(members):
+                    return None
+                if cur in self.cats or (cur is not node and _shape(cur) != _shape(node)):
+                    # a cat's piece (and its own producers) has the piece's shape: a chain of
+                    # one-input ops read by the cat alone (kernels/pointwise generates those)
+                    if not (self._pointwise_seeded(members) and p not in self.cats and list(p.users) == [cur]
+                            and len(p.all_input_nodes) == 1 and _shape(p) == (frame if cur is not node and
+                                                                              cur not in self.cats else _shape(p))):
+                        return None
+                    add.add(p)
+                    stack.append((p, _shape(p)))
+                    continue
+                if _shape(p) != frame:
                     return None
                 add.add(p)
-                stack.append(p)
+                stack.append((p, frame))
         inside = members | add
         if any(u not in inside for p in add - {node} for u in p.users):
             return None  # a producer also feeds something outside: it would be a second output
@@ -260,7 +299,23 @@ class _Partitioner:
                     changed = True
         return self._trim_views(members)
 
+    def _piece_chain(self, piece: fx.Node, cat: fx.Node) -> List[fx.Node]:
+        """The free one-input pointwise ops computing ``piece`` of ``cat``, each read by the next
+        alone (``neg`` of a slice), down to a node outside them; empty when there are none."""
+        chain, cur, reader = [], piece, cat
+        while (isinstance(cur, fx.Node) and self.kind.get(cur) == "pointwise" and cur not in self.cats
+               and self._free(cur) and list(cur.users) == [reader] and len(cur.all_input_nodes) == 1):
+            chain.append(cur)
+            cur, reader = cur.all_input_nodes[0], cur
+        return chain
+
+    def _pointwise_seeded(self, members: Set[fx.Node]) -> bool:
+        """Whether ``members`` is a pointwise group (no anchor of another kind)."""
+        return all(self.kind.get(m) in ("pointwise", None) for m in members)
+
     def _reduction_member(self, n: fx.Node, members, x_shape, dims) -> List[fx.Node]:
+        if n in self.cats:
+            return []
         if self.kind[n] == "reduction":
             if _reduction_frame(n) == (x_shape, dims):
                 return [n, *self._getitems(n)]
@@ -277,7 +332,7 @@ class _Partitioner:
             changed = False
             for m in list(members):
                 for p in m.all_input_nodes:
-                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise":
+                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats:
                         continue
                     if _shape(p) != x_shape or any(u not in members for u in p.users):
                         continue
@@ -304,6 +359,11 @@ class _Partitioner:
     def _pointwise_group(self, seed: fx.Node) -> List[fx.Node]:
         members = {seed}
         shape = _shape(seed)
+        if seed in self.cats:
+            for p in seed.args[0]:
+                chain = self._piece_chain(p, seed)
+                if chain and self._safe(members, chain):
+                    members.update(chain)
         self._grow(members, lambda n: self._free(n) and self.kind.get(n) == "pointwise" and _shape(n) == shape)
         return list(members)
 

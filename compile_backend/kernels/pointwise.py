@@ -43,12 +43,19 @@ class PointwisePlan:
     scalars: List[fx.Node]  # scalar inputs the kernel reads
     shape: Tuple[int, ...]  # iteration shape
     order: Tuple[int, ...]  # iteration dims, outermost first (memory order of stored[0])
+    # cat nodes: (dim, [(piece, source, chain)]): each piece is a source, or a chain of one-input
+    # pointwise ops on one (rotary's ``neg``), read through its cat with masked loads shifted
+    # along the cat dim; ``pieces`` are those sources (never loaded at the full output shape)
+    cats: Dict[fx.Node, Tuple[int, List[Tuple[fx.Node, fx.Node, List[fx.Node]]]]] = \
+        dataclasses.field(default_factory=dict)
+    pieces: List[fx.Node] = dataclasses.field(default_factory=list)
 
 
 def analyze(group: KernelGroup) -> PointwisePlan:
     """Check the group is a pointwise DAG Triton can run; raise Unsupported with the reason."""
     placeholders, host_views, sources = [], [], set()
     by_node: Dict[fx.Node, str] = {}
+    cats: Dict[fx.Node, Tuple[int, List[Tuple[fx.Node, fx.Node, List[fx.Node]]]]] = {}
     for node in group.gm.graph.nodes:
         val = meta_of(node)
         if node.op == "placeholder":
@@ -65,6 +72,10 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                     raise Unsupported(f"{op_name(node.target)} of a computed value inside a pointwise group")
                 host_views.append(node)
                 sources.add(node)
+                continue
+            if node.target is torch.ops.aten.cat.default:
+                cats[node] = _cat_pieces(node, sources, by_node)
+                by_node[node] = "compute"
                 continue
             reason = expr.unsupported_reason(node)
             if reason is not None:
@@ -83,13 +94,51 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     for o in stored:
         if tuple(meta_of(o).shape) != shape:
             raise Unsupported(f"outputs of different shapes: {shape} and {tuple(meta_of(o).shape)}")
+    cats = {c: v for c, v in cats.items() if c in compute}
+    chained = {n for _, ps in cats.values() for _, _, chain in ps for n in chain}  # at piece shapes
     for n in compute:
-        _check_broadcasts(meta_of(n).shape, shape, n.name)
-    used = [a for n in compute for a in n.all_input_nodes]
+        if n not in chained:
+            _check_broadcasts(meta_of(n).shape, shape, n.name)
+    used = [a for n in compute if n not in cats and n not in chained for a in n.all_input_nodes]
     operands = [n for n in dict.fromkeys(used) if n in sources]
-    scalars = [n for n in dict.fromkeys(used) if n.op == "placeholder" and n not in sources]
+    scalars = [n for n in dict.fromkeys(used + [a for n in chained for a in n.all_input_nodes])
+               if n.op == "placeholder" and n not in sources]
+    pieces = list(dict.fromkeys(src for _, ps in cats.values() for _, src, _ in ps))
     order = output_order(meta_of(stored[0])) if stored else ()
-    return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order)
+    return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order,
+                         cats, pieces)
+
+
+#: pieces a generated cat takes (each is a masked load per element)
+MAX_CAT_PIECES = 4
+
+
+def _cat_pieces(node: fx.Node, sources: set, computed: Dict[fx.Node, str]):
+    """(dim, [(piece, source, chain)]) of ``aten.cat`` in a pointwise group. A piece is an input
+    (or a view of one) of the cat's dtype and rank, or a chain of pointwise ops each reading one
+    tensor, ending on such an input and read only along the chain (``-x[..., h:]``): its value
+    at a shifted index is the chain applied to a shifted load."""
+    pieces = node.args[0]
+    out = meta_of(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(pieces, (list, tuple)) or not 1 <= len(pieces) <= MAX_CAT_PIECES:
+        raise Unsupported(f"cat of {len(pieces) if isinstance(pieces, (list, tuple)) else '?'} pieces "
+                          f"(a generated cat takes 1 to {MAX_CAT_PIECES})")
+    parts = []
+    for p in pieces:
+        v = meta_of(p) if isinstance(p, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or v.dtype != out.dtype or v.dim() != out.dim():
+            raise Unsupported(f"cat piece {getattr(p, 'name', p)} is not a {out.dtype} {out.dim()}-d tensor")
+        chain, cur, reader = [], p, node
+        while cur not in sources:
+            tensors = [a for a in cur.all_input_nodes if isinstance(meta_of(a), torch.Tensor)]
+            if cur not in computed or len(tensors) != 1 or set(cur.users) != {reader}:
+                raise Unsupported("cat of a computed value inside a pointwise group (only chains of "
+                                  "one-input ops on an input, read by the cat alone)")
+            chain.append(cur)
+            cur, reader = tensors[0], cur
+        parts.append((p, cur, chain[::-1]))
+    return dim % out.dim(), parts
 
 
 def _needed(outputs: Sequence[fx.Node]) -> set:
@@ -141,14 +190,15 @@ def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
 
 
 def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
-            round_intermediates: bool = True) -> str:
+            round_intermediates: bool = True, cat_dims: Sequence[int] = ()) -> str:
     """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
     div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
     long division per element."""
     ndims, numel = len(sizes), 1
     for s in sizes:
         numel *= s
-    tensors = [f"in_{n.name}" for n in plan.operands] + [f"out{i}" for i in range(len(plan.stored))]
+    tensors = ([f"in_{n.name}" for n in plan.operands] + [f"piece_{n.name}" for n in plan.pieces]
+               + [f"out{i}" for i in range(len(plan.stored))])
     params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
     for t, pat in zip(tensors, patterns):
         if pat != "flat":
@@ -156,7 +206,7 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     body = ["pid = tl.program_id(0)",
             f"offs = {'pid.to(tl.int64)' if wide else 'pid'} * BLOCK + tl.arange(0, BLOCK)",
             f"mask = offs < {numel}"]
-    if any(p != "flat" and p for p in patterns) and ndims > 0:
+    if (any(p != "flat" and p for p in patterns) or plan.cats) and ndims > 0:
         body.append("# multi-index over the (merged) iteration dims, outermost first")
         rest = "offs"
         for j in range(ndims - 1, 0, -1):
@@ -182,13 +232,34 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
         names[node] = var
     for node in plan.scalars:
         names[node] = f"s_{node.name}"
+    piece_pats = dict(zip(plan.pieces, patterns[len(plan.operands):]))
     helpers: set = set()
+    for (cat, (dim, parts)), j in zip(plan.cats.items(), cat_dims):
+        body.append(f"# {cat.name}: cat along dim {dim}, one masked load per piece")
+        var, start = f"v_{cat.name}", 0
+        for k, (piece, src, chain) in enumerate(parts):
+            size = meta_of(piece).shape[dim]
+            t = f"piece_{src.name}"
+            idx = " + ".join(f"{'(i%d - %d)' % (d, start) if d == j else 'i%d' % d} * {t}_st{d}" for d in piece_pats[src])
+            inside = f"(i{j} >= {start}) & (i{j} < {start + size})"
+            loaded = f"c_{cat.name}_{k}"
+            body.append(f"{loaded} = " + expr.to_compute(
+                f"tl.load({t}_ptr + {idx or 0}, mask=mask & {inside}, other=0)", meta_of(src).dtype))
+            local = {**names, src: loaded}
+            body += expr.emit_pointwise(chain, local, helpers, round_intermediates)
+            value = local[piece]
+            body.append(f"{var} = {value}" if start == 0 else f"{var} = tl.where({inside}, {value}, {var})")
+            start += size
+        names[cat] = var
+        block_values.add(cat)
+    chained = {n for _, parts in plan.cats.values() for _, _, chain in parts for n in chain}
     body.append("# one line per ATen op; reduced floats are computed in fp32 and rounded like eager")
-    body += expr.emit_pointwise(plan.compute, names, helpers, round_intermediates)
+    body += expr.emit_pointwise([n for n in plan.compute if n not in plan.cats and n not in chained], names, helpers,
+                                round_intermediates)
     for node in plan.compute:
         if any(a in block_values for a in node.all_input_nodes):
             block_values.add(node)
-    for i, (node, pat) in enumerate(zip(plan.stored, patterns[len(plan.operands):])):
+    for i, (node, pat) in enumerate(zip(plan.stored, patterns[len(plan.operands) + len(plan.pieces):])):
         value = names[node] if node in block_values else f"tl.broadcast_to({names[node]}, [BLOCK])"
         body.append(f"tl.store(out{i}_ptr + {offset(f'out{i}', pat)}, "
                     f"{expr.to_storage(value, meta_of(node).dtype)}, mask=mask)")
@@ -224,15 +295,26 @@ class PointwiseLauncher:
                 raise ValueError(f"input {node.name}: kernel built for {want.dtype}{tuple(want.shape)}, "
                                  f"got {t.dtype}{tuple(t.shape)}")
         out_strides = [strides_for(plan.shape, output_order(meta_of(o))) for o in plan.stored]
-        all_strides = [expanded_strides(t, plan.shape) for t in operands] + out_strides
+        pieces = operands[len(plan.operands):]
+        operands = operands[:len(plan.operands)]
+        # a piece is read at the output's index shifted along its cat dim: its own strides, and
+        # one marker per cat dim (stride 1 there, 0 elsewhere) keeps that dim apart when merging
+        markers = [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in plan.cats.values()]
+        all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [tuple(t.stride()) for t in pieces]
+                       + out_strides + markers)
         sizes, strides = collapse(plan.shape, plan.order, all_strides)
+        cat_dims = [m.index(1) for m in strides[len(strides) - len(markers):]]
+        strides = strides[:len(strides) - len(markers)]
         patterns = [_pattern(s, sizes) for s in strides]
+        for i in range(len(operands), len(operands) + len(pieces)):  # pieces: always indexed by dim
+            patterns[i] = tuple(range(len(sizes)))
         numel = 1
         for s in plan.shape:
             numel *= s
-        reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1 for t in operands])
+        reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1
+                               for t in list(operands) + list(pieces)])
         wide = reach + self.config.block > INT32_MAX
-        source = _source(plan, sizes, patterns, wide)
+        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims)
         int_args = tuple(
             s[j] for s, pat in zip(strides, patterns) if pat != "flat" for j in pat)
         return _Launch(load_source(source).pointwise_kernel, source, int_args, numel, out_strides)
@@ -257,7 +339,7 @@ class PointwiseLauncher:
         env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
         for v in plan.host_views:
             env[v] = v.target(*map_nodes(v.args, env), **map_nodes(v.kwargs, env))
-        operands = [env[n] for n in plan.operands]
+        operands = [env[n] for n in plan.operands + plan.pieces]
         device = operands[0].device if operands else self.device
         if plan.stored:
             launch = self.launch_for(operands)
@@ -289,7 +371,7 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
     launcher = PointwiseLauncher(plan, config, ctx.device)
     source = None
     if plan.stored:  # generate (and load) the source for the layout the graph was traced with
-        metas = [meta_of(n) for n in plan.operands]
+        metas = [meta_of(n) for n in plan.operands + plan.pieces]
         source = launcher.launch_for(metas).source
     return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=launcher,
                   config=dataclasses.asdict(config), source=source,

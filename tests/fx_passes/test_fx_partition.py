@@ -279,3 +279,25 @@ def test_views_made_after_a_group_starts_do_not_split_it():
     validate(t.gm, groups)
     assert [g.kind for g in groups] == ["gemm", "pointwise"] and _kinds(groups)[1][1] == ("silu", "mul")
     run(t)  # the reordered graph computes the same values
+
+
+def test_rotary_cat_and_its_negated_piece_join_the_multiply_adds():
+    """``x * cos + cat((-x2, x1)) * sin``: one pointwise group (the cat and the ``neg`` of its
+    piece included); a cat never joins a GEMM epilogue or a reduction (no cat in their code)."""
+    b = Builder()
+    x, cos, sin = b.input(torch.randn(2, 3, 5, 16)), b.input(torch.randn(5, 16)), b.input(torch.randn(5, 16))
+    x2, x1 = b.op(aten.slice.Tensor, x, 3, 8, 16), b.op(aten.slice.Tensor, x, 3, 0, 8)
+    rot = b.op(aten.cat.default, [b.op(aten.neg.default, x2), x1], -1)
+    t = b.build(b.op(aten.add.Tensor, b.op(aten.mul.Tensor, x, cos), b.op(aten.mul.Tensor, rot, sin)))
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("pointwise", ("neg", "cat", "mul", "mul", "add"))]
+    run(t)
+
+    b = Builder()
+    a, w = b.input(torch.randn(4, 8)), b.input(torch.randn(8, 8))
+    y = b.op(aten.mm.default, a, w)
+    t = b.build(b.op(aten.relu.default, b.op(aten.cat.default, [y, a], 0)))
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("gemm", ("mm",)), ("pointwise", ("cat", "relu"))]

@@ -168,3 +168,45 @@ def test_config_validation():
         PointwiseConfig(block=1000)
     with pytest.raises(ValueError, match="num_warps"):
         PointwiseConfig(num_warps=3)
+
+
+# ----------------------------------------------------------------------------- cat
+def rotary(x, cos, sin):
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "odd_rows"])
+def test_cat_rotary_is_one_kernel(layout, dtype):
+    """Rotary embeddings' ``cat((-x2, x1))`` inside the pointwise kernel: one masked load per
+    piece, the ``neg`` applied to its piece's shifted load; pieces read through their views."""
+    if layout == "contiguous":
+        x = randn(2, 3, 5, 16, dtype=dtype, seed=20)
+    elif layout == "transposed":  # a [B, S, H, D] projection seen as [B, H, S, D]
+        x = randn(2, 5, 3, 16, dtype=dtype, seed=21).transpose(1, 2)
+    else:
+        x = randn(7, 3, 10, dtype=dtype, seed=22)
+    cos, sin = randn(*x.shape[-2:], dtype=dtype, seed=23), randn(*x.shape[-2:], dtype=dtype, seed=24)
+    group = make_group(rotary, x, cos, sin)
+    kernel = build_pointwise(group, context())
+    assert kernel.impl == "triton" and "cat along dim" in kernel.source
+    assert_matches(kernel, group, [x, cos, sin], tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_cat_of_three_pieces_any_dim_with_a_chained_piece(dim):
+    shapes = {0: [(2, 5), (3, 5), (1, 5)], 1: [(4, 3), (4, 1), (4, 6)], -1: [(4, 2), (4, 7), (4, 1)]}[dim]
+    a, b, c = (randn(*s, seed=30 + i) for i, s in enumerate(shapes))
+    group = make_group(lambda a, b, c: torch.relu(torch.cat((a, torch.exp(b * 2.0), c), dim)) + 1.0, a, b, c)
+    kernel = build_pointwise(group, context())
+    assert_matches(kernel, group, [a, b, c])
+
+
+def test_cat_as_the_output_and_unsupported_pieces():
+    a, b = randn(3, 4, seed=40), randn(3, 4, seed=41)
+    group = make_group(lambda a, b: torch.cat((a, b), 0), a, b)  # a copy kernel
+    assert_matches(build_pointwise(group, context()), group, [a, b])
+    two_inputs = make_group(lambda a, b: torch.cat((a * b, b), 1), a, b)  # a piece reading two tensors
+    with pytest.raises(Unsupported, match="cat of a computed value"):
+        build_pointwise(two_inputs, context())
