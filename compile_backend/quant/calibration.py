@@ -46,7 +46,8 @@ _FINGERPRINT = re.compile(r"\[(?:\d{1,12}(?:,\d{1,12}){0,15})?\]:[0-9a-f]{32}\Z"
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,127}\Z")
 _MAX_INT = 2 ** 63 - 1
 _TOP_KEYS = {"format", "version", "config", "layers", "meta"}
-_LAYER_KEYS = {"name", "amax", "calibrator", "fingerprint", "samples", "batches", "inf_count", "stats", "smooth"}
+_LAYER_KEYS = {"name", "amax", "calibrator", "fingerprint", "samples", "batches", "inf_count", "stats", "smooth",
+               "alpha"}
 #: most SmoothQuant factors of one layer (its input channels, K)
 MAX_SMOOTH = 1 << 20
 
@@ -86,6 +87,9 @@ class LayerCalibration:
     stats: report numbers filled in by the graph side (e.g. ``{"sqnr_db": 38.2}``), +-inf allowed.
     smooth: SmoothQuant's per-input-channel factors ``s`` [K] (fp32 values, finite, > 0), or None
         (not smoothed). With them, ``amax`` is that of the smoothed input ``x / s``.
+    alpha: the SmoothQuant alpha the factors were made with, in [0, 1] (0: ``smoothquant="auto"``
+        chose no smoothing, and ``smooth`` is None), or None (not smoothed, or a file written
+        before the field). For the report only: ``smooth`` already encodes it.
     """
 
     name: str
@@ -97,10 +101,12 @@ class LayerCalibration:
     inf_count: int = 0
     stats: Mapping[str, float] = dataclasses.field(default_factory=dict)
     smooth: Optional[Tuple[float, ...]] = None
+    alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check_name(self.name)
         object.__setattr__(self, "smooth", _check_smooth(self.name, self.smooth, self.fingerprint))
+        object.__setattr__(self, "alpha", _check_alpha(self.name, self.alpha, self.smooth))
         if isinstance(self.amax, bool) or not isinstance(self.amax, (int, float)) \
                 or not math.isfinite(self.amax) or self.amax < 0:
             raise ValueError(f"layer {self.name!r}: 'amax' must be a finite number >= 0, got {self.amax!r}")
@@ -160,10 +166,16 @@ class Calibration:
             raise ValueError("calibration layers: each key must be its record's name")
         if len(by_name) > MAX_LAYERS:
             raise ValueError(f"calibration has {len(by_name)} layers; at most {MAX_LAYERS}")
-        smoothed = [name for name, r in by_name.items() if r.smooth is not None]
+        smoothed = [r for r in by_name.values() if r.smooth is not None or r.alpha is not None]
         if smoothed and self.config.smoothquant is None:
-            raise ValueError(f"calibration layer {smoothed[0]!r} has SmoothQuant factors but the config has "
+            what = "factors" if smoothed[0].smooth is not None else "alpha"
+            raise ValueError(f"calibration layer {smoothed[0].name!r} has SmoothQuant {what} but the config has "
                              "smoothquant=None")
+        fixed = self.config.smoothquant if isinstance(self.config.smoothquant, float) else None
+        other = [r for r in by_name.values() if fixed is not None and r.alpha is not None and r.alpha != fixed]
+        if other:
+            raise ValueError(f"calibration layer {other[0].name!r} has SmoothQuant alpha {other[0].alpha:g} but the "
+                             f"config has smoothquant={fixed:g} (only smoothquant='auto' varies it per layer)")
         object.__setattr__(self, "layers", types.MappingProxyType(dict(sorted(by_name.items()))))
         object.__setattr__(self, "meta", types.MappingProxyType(_check_meta(self.meta)))
 
@@ -397,8 +409,9 @@ def _decode_stat(value: Any) -> Any:
 #: QuantConfig fields newer than some calibration files, with the value those files meant: the
 #: weight-only fields (issue #20) are None in every W8A8 config, the only kind calibrated
 _ADDED_LATER = {"group_size": None, "clip": None, "smoothquant": None}
-#: the same for layer entries: files before SmoothQuant (issue #20) smoothed no layer
-_LAYER_ADDED_LATER = {"smooth": None}
+#: the same for layer entries: files before SmoothQuant (issue #20) smoothed no layer, and files
+#: before smoothquant="auto" recorded no per-layer alpha (the report then shows the config's)
+_LAYER_ADDED_LATER = {"smooth": None, "alpha": None}
 
 
 def _exact_keys(obj: dict, expected: set, where: str, fail) -> None:
@@ -436,6 +449,18 @@ def _check_smooth(name: str, smooth: Any, fingerprint: Any) -> Optional[Tuple[fl
         raise ValueError(f"layer {name!r}: {len(smooth)} 'smooth' factors for a weight of shape "
                          f"{_shape_part(fingerprint)} (one per input channel, {dims[1]})")
     return tuple(float(v) for v in smooth)
+
+
+def _check_alpha(name: str, alpha: Any, smooth: Optional[Tuple[float, ...]]) -> Optional[float]:
+    """None, or a number in [0, 1]: 0 exactly when the layer has no factors (auto chose none)."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"layer {name!r}: 'alpha' must be null or a number in [0, 1], got {alpha!r:.80}")
+    if (alpha == 0) != (smooth is None):
+        raise ValueError(f"layer {name!r}: 'alpha' {alpha:g} " + ("needs 'smooth' factors" if alpha else
+                         "means not smoothed, but the layer has 'smooth' factors"))
+    return float(alpha)
 
 
 def _smooth_digest(smooth: Tuple[float, ...]) -> str:

@@ -37,6 +37,8 @@ CALIBRATORS = ("max", "percentile", "entropy", "mse")
 QAT_SCALES = ("learned", "fixed")
 #: per precision, the calibrator used when none is given (see README "Calibrators")
 DEFAULT_CALIBRATOR = {"int8": "entropy", "fp8": "max", "int4": "mse"}
+#: ``smoothquant="auto"``: calibration picks alpha per layer group from fx_passes/smooth.AUTO_ALPHAS
+SMOOTHQUANT_AUTO = "auto"
 
 #: default exclusions (``default_exclusions=True``), as TensorRT Model Optimizer does
 OUTPUT_LAYER_PATTERNS = ("lm_head", "*.lm_head", "output_layer", "*.output_layer")
@@ -114,11 +116,14 @@ class QuantConfig:
     clip: weight-only: how each scale's range is chosen, ``minmax`` (the abs max, default) or
         ``mse`` (the abs max times the ratio in 1.0, 0.95, ..., 0.5 with the smallest squared
         error: an outlier gives way to resolution for the rest). None unless weight-only.
-    smoothquant: SmoothQuant's migration strength alpha in (0, 1] (typical 0.5), or None (off,
-        default). Calibration computes per input channel ``s = max|X|^alpha / max|W|^(1-alpha)``;
-        the engine quantizes ``X / s`` and ``W * s`` (the same product), moving activation
-        outliers into the weights. int8 and fp8 with static or dynamic activations (dynamic
-        then needs ``quant.calibrate`` too, for the factors); not int4 or weight-only.
+    smoothquant: SmoothQuant's migration strength alpha in (0, 1] (typical 0.5), ``"auto"``, or
+        None (off, default). Calibration computes per input channel ``s = max|X|^alpha /
+        max|W|^(1-alpha)``; the engine quantizes ``X / s`` and ``W * s`` (the same product),
+        moving activation outliers into the weights. ``"auto"``: calibration chooses alpha per
+        group of layers reading one activation, from a small grid (0 = not smoothed), by the
+        quantized output's SQNR on the first batch. int8 and fp8 with static or dynamic
+        activations (dynamic then needs ``quant.calibrate`` too, for the factors); not int4 or
+        weight-only.
     """
 
     precision: str = "int8"
@@ -134,7 +139,7 @@ class QuantConfig:
     qat_scales: str = "learned"
     group_size: Optional[int] = None
     clip: Optional[str] = None
-    smoothquant: Optional[float] = None
+    smoothquant: Union[float, str, None] = None
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -212,9 +217,11 @@ class QuantConfig:
         alpha = self.smoothquant
         if alpha is None:
             return
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
-            raise ValueError(f"quant option 'smoothquant' must be None (off) or a migration strength alpha "
-                             f"in (0, 1] (typical 0.5), got {alpha!r}")
+        auto = isinstance(alpha, str) and alpha == SMOOTHQUANT_AUTO
+        if not auto and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
+            raise ValueError(f"quant option 'smoothquant' must be None (off), a migration strength alpha "
+                             f"in (0, 1] (typical 0.5) or {SMOOTHQUANT_AUTO!r} (per layer, chosen at "
+                             f"calibration), got {alpha!r}")
         if self.weight_only:
             # the factors move activation outliers into the weights; weight-only leaves the
             # activations in float, so there is nothing to move them out of
@@ -225,7 +232,7 @@ class QuantConfig:
             # 7 levels per sign: the weights cannot absorb the activation outliers SmoothQuant moves
             raise ValueError("quant option 'smoothquant' takes precision 'int8' or 'fp8', got precision "
                              "'int4' (its 7 weight levels per sign cannot absorb the migrated outliers)")
-        object.__setattr__(self, "smoothquant", float(alpha))
+        object.__setattr__(self, "smoothquant", AutoAlpha(alpha) if auto else float(alpha))
 
     @classmethod
     def from_mapping(cls, config: Optional[Mapping[str, Any]]) -> "QuantConfig":
@@ -289,6 +296,15 @@ class QuantConfig:
         return None
 
 
+class AutoAlpha(str):
+    """``"auto"`` as ``QuantConfig.smoothquant`` stores it: equal to the plain string (JSON, the
+    digest, comparisons), and formatted as itself under a number's format spec too, because the
+    quantize pass's report and the request's error write the config's alpha with ``:g``."""
+
+    def __format__(self, spec: str) -> str:
+        return str.__str__(self)
+
+
 def _mro_names(module_type: type) -> Tuple[str, ...]:
     return tuple(f"{c.__module__}.{c.__qualname__}" for c in getattr(module_type, "__mro__", (module_type,)))
 
@@ -343,4 +359,5 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 __all__ = [
     "QuantConfig", "LayerType", "PRECISIONS", "WEIGHT_GRANULARITIES", "ACTIVATION_MODES", "CALIBRATORS",
     "DEFAULT_CALIBRATOR", "OUTPUT_LAYER_PATTERNS", "WEIGHT_ONLY_PRECISIONS", "GROUP_SIZES", "CLIP_METHODS",
+    "SMOOTHQUANT_AUTO", "AutoAlpha",
 ]
