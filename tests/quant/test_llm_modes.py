@@ -1,9 +1,9 @@
 """The tiny Llama decoder (zoo ``llama_decode`` / ``llama_prefill``) in every quantization mode
 of the LLM issue (#20): W8A16, W4A16, and W8A8 INT8/FP8 with static and dynamic activations.
 
-Each mode compiles twice: with the Triton kernels under the interpreter and on the emulated path
-(``TRITON_INTERPRET=0`` on the CPU: each op's ATen implementation of ``kernels/quant_ref`` /
-``weight_only_ref``, the numerics reference). Checked: every decoder linear is quantized (the LM
+Each mode compiles on the emulated path (``TRITON_INTERPRET=0`` on the CPU: each op's ATen
+implementation of ``kernels/quant_ref`` / ``weight_only_ref``, the numerics reference), and three
+of them (``KERNEL_MODES``) also with the Triton kernels under the interpreter. Checked: every decoder linear is quantized (the LM
 head stays float: the output layer), the two paths agree (the kernels compute the reference's
 numerics; only the order of fp32 sums may differ), and the output's cosine against the FP32
 model is within the mode's bound (measured at the time of writing, with margin: W8A16 0.99998,
@@ -65,18 +65,26 @@ def _check_layers(layers):
     assert status.get("decoder.lm_head.weight") == "float"
 
 
+#: modes whose Triton kernels run under the interpreter here too (the others' kernels are the
+#: same templates with another dtype or scale granularity, covered by tests/kernels): the
+#: interpreter compiles take most of this file's time
+KERNEL_MODES = ("w4a16", "int8_static", "fp8_dynamic")
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_decode_step_in_every_mode_kernels_match_the_reference_path(mode, tmp_path, monkeypatch):
     model, inputs, cfg, ref, bound = _setup("llama_decode", mode)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     emulated, layers = _compiled_logits(model, inputs, cfg, str(tmp_path / "emulated"))
     _check_layers(layers)
+    assert _cosine(emulated, ref) >= bound, _cosine(emulated, ref)
+    if mode not in KERNEL_MODES:
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernels, layers = _compiled_logits(model, inputs, cfg, str(tmp_path / "kernels"))
     _check_layers(layers)
     scale = emulated.abs().max().item()
     torch.testing.assert_close(kernels, emulated, atol=1e-4 * scale, rtol=1e-4)
-    assert _cosine(emulated, ref) >= bound, _cosine(emulated, ref)
 
 
 @pytest.mark.parametrize("mode", ["w4a16", "int8_dynamic", "fp8_static"])
