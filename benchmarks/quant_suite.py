@@ -30,14 +30,13 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from compile_backend.bench.cli import load_model
 from compile_backend.bench.measure import (compare, compile_peer, fresh_compiler_caches, make_call, percentile,
-                                           snapshot, strict_fp32, sync, time_calls, to_device)
+                                           record_failure, snapshot, strict_fp32, sync, time_calls, to_device)
 from compile_backend.bench.results import ResultsFile, environment
 
 from . import real_models
@@ -139,9 +138,7 @@ def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str
         log(f"{peer}: {record['median_ms']:.3f} ms, cosine {record['accuracy']['cosine']:.5f}, "
             f"first call {record['first_call_s']:.1f} s")
     except Exception as exc:  # noqa: BLE001  (one failing peer must not end the case)
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()[-3000:]
-        log(f"{peer}: FAILED: {record['error'][:300]}")
+        record_failure(record, exc, lambda m: log(f"{peer}: {m}"))
     finally:
         torch._dynamo.reset()
     return record

@@ -273,15 +273,20 @@ def run_peer(peer: str, model, inputs, ref, logits, args, cache_root: str, base:
             record["warm_compile_s"] = warm_first_call(peer, options, args, peer_cache)
         log(f"{base['model']}: {peer}: {record['median_ms']:.3f} ms, first call {first_s:.1f} s")
     except Exception as exc:  # noqa: BLE001  (one failing peer must not end the run)
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()[-4000:]
-        log(f"{base['model']}: {peer}: FAILED: {record['error'][:300]}")
+        record_failure(record, exc, lambda m: log(f"{base['model']}: {peer}: {m}"))
     finally:
         torch._dynamo.reset()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     return record
+
+
+def record_failure(record: Dict[str, Any], exc: BaseException, say: Callable[[str], None]) -> None:
+    """A peer that failed: its error and traceback in the record (never hidden), a log line."""
+    record["error"] = f"{type(exc).__name__}: {exc}"
+    record["traceback"] = traceback.format_exc()[-4000:]
+    say(f"FAILED: {record['error'][:300]}")
 
 
 def warm_first_call(peer: str, options: Dict[str, Any], args, peer_cache: str) -> Optional[float]:
