@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -61,9 +61,10 @@ class QuantRequest:
     # refuses a calibration of other weights: check(layer name, {param FQN: tensor}) raises
     check: Callable[[str, Dict[str, torch.Tensor]], None] = lambda name, params: None
     calibrated: bool = False
-    smoothquant: Optional[float] = None                # SmoothQuant alpha of the config (None: off)
-    # the layer's calibrated smoothing factors [K] (None: not smoothed)
+    smoothquant: Union[float, str, None] = None        # SmoothQuant alpha of the config, "auto" or None (off)
+    # the layer's calibrated smoothing factors [K] (None: not smoothed) and their alpha
     smooth: Callable[[str], Optional[Sequence[float]]] = lambda name: None
+    smooth_alpha: Callable[[str], Optional[float]] = lambda name: None
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def check_coverage(self) -> None:
@@ -214,8 +215,12 @@ def _match(kind: str):
             if len(factors) != layer.k:
                 raise UserError(f"quant: layer {layer.name!r} has {len(factors)} smoothing factors in the "
                                 f"calibration but K={layer.k} input channels: recalibrate this model")
-            record.update(smoothquant=request.smoothquant,
-                          activations=f"{_activations(layer, request)}, smoothquant alpha {request.smoothquant:g}")
+            alpha = request.smooth_alpha(layer.name)
+            alpha = alpha if alpha is not None else request.smoothquant  # files without per-layer alphas
+            auto = " (auto)" if request.smoothquant == "auto" else ""
+            shown = f"{alpha:g}" if isinstance(alpha, float) else str(alpha)
+            record.update(smoothquant=alpha,
+                          activations=f"{_activations(layer, request)}, smoothquant alpha {shown}{auto}")
         layer.request = request
         return layer
     return match

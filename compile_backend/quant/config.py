@@ -232,7 +232,7 @@ class QuantConfig:
             # 7 levels per sign: the weights cannot absorb the activation outliers SmoothQuant moves
             raise ValueError("quant option 'smoothquant' takes precision 'int8' or 'fp8', got precision "
                              "'int4' (its 7 weight levels per sign cannot absorb the migrated outliers)")
-        object.__setattr__(self, "smoothquant", AutoAlpha(alpha) if auto else float(alpha))
+        object.__setattr__(self, "smoothquant", SMOOTHQUANT_AUTO if auto else float(alpha))
 
     @classmethod
     def from_mapping(cls, config: Optional[Mapping[str, Any]]) -> "QuantConfig":
@@ -296,15 +296,6 @@ class QuantConfig:
         return None
 
 
-class AutoAlpha(str):
-    """``"auto"`` as ``QuantConfig.smoothquant`` stores it: equal to the plain string (JSON, the
-    digest, comparisons), and formatted as itself under a number's format spec too, because the
-    quantize pass's report and the request's error write the config's alpha with ``:g``."""
-
-    def __format__(self, spec: str) -> str:
-        return str.__str__(self)
-
-
 def _mro_names(module_type: type) -> Tuple[str, ...]:
     return tuple(f"{c.__module__}.{c.__qualname__}" for c in getattr(module_type, "__mro__", (module_type,)))
 
@@ -359,5 +350,5 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 __all__ = [
     "QuantConfig", "LayerType", "PRECISIONS", "WEIGHT_GRANULARITIES", "ACTIVATION_MODES", "CALIBRATORS",
     "DEFAULT_CALIBRATOR", "OUTPUT_LAYER_PATTERNS", "WEIGHT_ONLY_PRECISIONS", "GROUP_SIZES", "CLIP_METHODS",
-    "SMOOTHQUANT_AUTO", "AutoAlpha",
+    "SMOOTHQUANT_AUTO",
 ]

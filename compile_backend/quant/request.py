@@ -24,7 +24,7 @@ def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
         return WeightOnlyRequest(precision=config.precision, group_size=config.group_size, clip=config.clip,
                                  decide=config.decide)
     if calib is None and config.smoothquant is not None:
-        raise UserError(f"quant: smoothquant={config.smoothquant:g} needs per-channel smoothing factors from "
+        raise UserError(f"quant: smoothquant={config.smoothquant!r} needs per-channel smoothing factors from "
                         "calibration data, also with dynamic activations: call quant.calibrate(model, batches, "
                         "config) first and pass the Calibration as options={'quant': calib}")
 
@@ -57,6 +57,10 @@ def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
     def smooth(name: str):
         return calib.layer(name).smooth if calib is not None and name in calib else None
 
+    def smooth_alpha(name: str) -> Optional[float]:
+        """The alpha the layer's factors were made with (``"auto"`` chose it per layer)."""
+        return calib.layer(name).alpha if calib is not None and name in calib else None
+
     def check(name: str, params: Dict[str, torch.Tensor]) -> None:
         found = parts(name)
         if not found:
@@ -72,7 +76,8 @@ def build_request(quant: Any) -> Union[QuantRequest, WeightOnlyRequest]:
                         dynamic=config.activations == "dynamic",
                         calibrator=None if config.activations == "dynamic" else config.calibrator,
                         decide=config.decide, amax=amax, details=details, check=check,
-                        calibrated=calib is not None, smoothquant=config.smoothquant, smooth=smooth)
+                        calibrated=calib is not None, smoothquant=config.smoothquant, smooth=smooth,
+                        smooth_alpha=smooth_alpha)
 
 
 def layer_fingerprint(params: Dict[str, torch.Tensor]) -> str:

@@ -5,21 +5,10 @@ joins the norm's reduction). Generated kernels under the interpreter; values as 
 fake-quantized model within the quantization error."""
 import pytest
 import torch
-import torch.nn as nn
 
 import compile_backend
 from compile_backend import quant
-
-
-class NormLinear(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(32)
-        self.fc = nn.Linear(32, 48)
-
-    def forward(self, x):
-        return self.fc(self.norm(x))
+from quant_models import AttentionBlock, NormLinear  # tests/quant/quant_models.py
 
 
 @pytest.mark.parametrize("activations", ["static", "dynamic"])
@@ -44,22 +33,6 @@ def test_quantize_joins_the_norm_kernel(activations, tmp_path):
     assert y.dtype == ref.dtype
     cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
     assert cos > 0.999 and not torch.equal(y, ref)
-
-
-class AttentionBlock(nn.Module):
-    """HF-style self-attention: projections, SDPA, heads flattened back, output projection."""
-
-    def __init__(self, dim=32, heads=2):
-        super().__init__()
-        torch.manual_seed(0)
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        b, s, d = x.shape
-        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
-        return self.o(a.transpose(1, 2).contiguous().view(b, s, d))
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
