@@ -139,6 +139,8 @@ def run_minilm(device: torch.device, options: Dict[str, Any]) -> Dict[str, Any]:
                                                                 smoothquant=0.5),
         "int8_static_smoothquant": quant.QuantConfig(precision="int8", activations="static", calibrator="max",
                                                      smoothquant=0.8),
+        "int8_static_smoothquant_auto": quant.QuantConfig(precision="int8", activations="static", calibrator="max",
+                                                          smoothquant="auto"),
     }
     out: Dict[str, Any] = {"sentences": {"calibration": len(split.calibration), "evaluation": len(split.evaluation)},
                            "length": length}
