@@ -90,6 +90,12 @@ def prepare_qat(model: nn.Module, config: QuantConfig, batches: Optional[Iterabl
         raise ValueError("prepare_qat: QAT trains static activation scales; use "
                          "QuantConfig(activations='static') (dynamic scales need no training; a "
                          "weight-only config, activations=None, is applied directly: options={'quant': config})")
+    if config.smoothquant is not None:
+        # the fake-quant layers see x and W, not x/s and W*s: scales calibrated on the smoothed
+        # activation would be trained against the wrong values, and convert has no factors to keep
+        raise ValueError(f"prepare_qat: smoothquant={config.smoothquant!r} is a post-training transform; "
+                         "QAT learns the activation scales instead: leave smoothquant unset (or calibrate "
+                         "without QAT: quant.calibrate(model, batches, config))")
     if hasattr(model, STATE):
         raise ValueError("prepare_qat: the model is already prepared (call quant.convert first)")
     layers = _selected_by_calibration(model, config, batches, progress, cache_dir) if batches is not None \

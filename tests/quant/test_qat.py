@@ -156,6 +156,9 @@ def test_bad_configs_and_double_prepare(aten_only):
         quant.prepare_qat(Net(), quant.QuantConfig(activations="dynamic"))
     with pytest.raises(ValueError, match="qat_scales"):
         quant.QuantConfig(qat_scales="sometimes")
+    for alpha in (0.5, "auto"):  # SmoothQuant is post-training: QAT would train the wrong scales
+        with pytest.raises(ValueError, match="smoothquant.*post-training"):
+            quant.prepare_qat(Net().eval(), quant.QuantConfig(smoothquant=alpha))
     model = quant.prepare_qat(Net().eval(), quant.QuantConfig())
     with pytest.raises(ValueError, match="already prepared"):
         quant.prepare_qat(model, quant.QuantConfig())
