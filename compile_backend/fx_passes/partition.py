@@ -11,15 +11,24 @@ Policy, in priority order (earlier groups claim nodes first):
    / ``scaled_conv``) with its epilogue: the fusable element-wise ops computed from its result
    (bias, activation, residual add, scaling, cast; a chain or a DAG such as a tanh GELU that
    reads the result three times), through row-major reshapes (``view``) that the epilogue
-   treats as free.
+   treats as free. A user that also reads another branch of the same shape joins with that
+   branch, which the epilogue computes from loads (a straight-through gradient's mask).
 3. reduction: softmax, log-softmax, layer norm, sum/mean/amax/amin/var/std/logsumexp, with their
    element-wise prologue (producers used only by the group) and epilogue; further reductions of
-   the same shape over the same dims join (a decomposed RMS or layer norm is one group).
+   the same shape over the same dims join (a decomposed RMS or layer norm is one group). The
+   epilogue takes values that broadcast to the reduced shape, and values laid over a member's
+   dims (a per-channel scale chain on amax's (N,) result, then the (N, K) fake-quantized weight).
 4. pool: each max_pool2d_with_indices alone, with the getitems that take its values/indices.
-5. pointwise: the remaining fusable element-wise ops, grown along their users while the output
-   shape stays the group's shape (smaller operands broadcast); a user that also reads another
-   branch computed after the group starts joins with that branch (a diamond is one kernel).
+5. pointwise: the remaining fusable element-wise ops, largest first, grown along their users
+   while the output shape stays the group's shape (smaller operands broadcast); a user that also
+   reads another branch computed after the group starts joins with that branch (a diamond is one
+   kernel). Then the group takes in the free producers whose shape broadcasts to its own, however
+   early (a QAT scale chain, 0-d or per channel): computed at every element, stored once.
 6. aten: any other op (embedding, avg pooling, cat, ops no generated kernel can express), alone.
+
+Fills (``zeros``, ``ones_like``, ``scalar_tensor``...): each reader gets its own ``aten.full``
+(``partition_graph.fills_per_reader``), which joins the reader's group of any kind: a constant
+costs no launch and no longer fences the groups around the one shared copy.
 
 Never in a group: views of computed values (except the reshapes above and size-1 reshapes
 inside reductions), getitem (except of a grouped multi-output reduction or pooling), mutating
@@ -38,7 +47,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import KINDS, is_view_op  # (imports neither Triton nor any kernel module)
+from ..kernels.base import FILL_OPS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
+from .partition_graph import (RESHAPES, fills_per_reader, hoist_constants, hoist_views, is_op, is_reshape,
+                              make_adjacent, validate)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -47,8 +58,7 @@ _GEMMS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
                aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.logsumexp)
 _POOLS = (aten.max_pool2d_with_indices,)
-_RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
-_UNIT_VIEWS = _RESHAPES + (aten.unsqueeze, aten.squeeze)
+_UNIT_VIEWS = RESHAPES + (aten.unsqueeze, aten.squeeze)
 #: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
 _SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv", "weight_only_linear": "gemm"}
 
@@ -67,11 +77,12 @@ class GroupSpec:
 
 def partition(gm: fx.GraphModule) -> List[GroupSpec]:
     """Group the nodes of ``gm`` into kernels (and make each group's nodes adjacent)."""
-    _hoist_constants(gm.graph)
-    _hoist_views(gm.graph)
+    hoist_constants(gm.graph)
+    hoist_views(gm.graph)
+    fills_per_reader(gm.graph)
     builder = _Partitioner(gm.graph)
     groups = builder.run()
-    _make_adjacent(gm.graph, groups)
+    make_adjacent(gm.graph, groups)
     return groups
 
 
@@ -131,7 +142,8 @@ def fusable_pointwise(node: fx.Node) -> bool:
     if packet is aten._to_copy:
         if not set(node.kwargs) <= {"dtype", "memory_format"}:
             return False  # device / layout changes are not element-wise work
-    elif t is not prims.convert_element_type.default and torch.Tag.pointwise not in t.tags:
+    elif t is not prims.convert_element_type.default and torch.Tag.pointwise not in t.tags \
+            and packet not in FILL_OPS:
         return False
     reason = _codegen_reason(node)
     return reason is None
@@ -175,7 +187,9 @@ class _Partitioner:
         for n in self.nodes:  # cats first: their pieces' one-input chains (-x) join them
             if n in self.cats and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
-        for n in self.nodes:
+        # largest first: a big group takes in the small values it reads (a layer's scale), see
+        # _absorb_small_producers
+        for n in sorted(self.nodes, key=lambda n: (-max(_numel(n), 0), self.index[n])):
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
         for n in self.nodes:
@@ -215,7 +229,7 @@ class _Partitioner:
         def joins(u: fx.Node) -> bool:
             if not self._free(u) or _numel(u) != numel:
                 return False
-            if _is_reshape(u):
+            if is_reshape(u):
                 return u.args[0] in members
             return self.kind[u] == "pointwise" and u not in self.cats and all(
                 _shape(a) == _shape(u) for a in u.all_input_nodes if a in members)
@@ -246,7 +260,12 @@ class _Partitioner:
         while stack:
             cur, frame = stack.pop()
             for p in cur.all_input_nodes:
-                if p in members or p in add or self.index[p] < first:
+                if p in members or p in add:
+                    continue
+                if self._constant(p):  # a fill of its own reader: any kernel computes it
+                    add.add(p)
+                    continue
+                if self.index[p] < first:
                     continue
                 if self.kind.get(p) != "pointwise" or not self._free(p):
                     return None
@@ -277,7 +296,7 @@ class _Partitioner:
         while changed:
             changed = False
             for n in list(members):
-                if _is_reshape(n) and len(members) > 1 and not any(u in members for u in n.users):
+                if is_reshape(n) and len(members) > 1 and not any(u in members for u in n.users):
                     members.discard(n)
                     changed = True
         return list(members)
@@ -309,6 +328,13 @@ class _Partitioner:
             cur, reader = cur.all_input_nodes[0], cur
         return chain
 
+    def _constant(self, p: fx.Node) -> bool:
+        """A free fill that reads no tensor (``_fills_per_reader`` made one per reader)."""
+        return self._free(p) and is_fill(p) and not p.all_input_nodes
+
+    def _constants_of(self, n: fx.Node) -> List[fx.Node]:
+        return [p for p in n.all_input_nodes if self._constant(p)]
+
     def _pointwise_seeded(self, members: Set[fx.Node]) -> bool:
         """Whether ``members`` is a pointwise group (no anchor of another kind)."""
         return all(self.kind.get(m) in ("pointwise", None) for m in members)
@@ -320,11 +346,19 @@ class _Partitioner:
             if _reduction_frame(n) == (x_shape, dims):
                 return [n, *self._getitems(n)]
             return []
-        if self.kind[n] == "pointwise" and _fits(_shape(n), x_shape):
-            return [n]
+        if self.kind[n] == "pointwise" and (_fits(_shape(n), x_shape) or self._rides_on(n, members)):
+            return [n, *self._constants_of(n)]
         if _is_unit_view(n) and n.args[0] in members:
             return [n]
         return []
+
+    def _rides_on(self, n: fx.Node, members: Set[fx.Node]) -> bool:
+        """``n`` is laid over the dims of a member value of its own shape (amax's per-row result
+        without keepdim, (N,) of an (N, K) row reduction), and reads nothing else but members and
+        single values: the reduction kernel knows which X dims those are."""
+        tensors = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        return any(a in members and _shape(a) == _shape(n) for a in tensors) and \
+            all(a in members or _numel(a) == 1 or self._constant(a) for a in tensors)
 
     def _grow_prologue(self, members: Set[fx.Node], x_shape) -> None:
         changed = True
@@ -333,6 +367,10 @@ class _Partitioner:
             for m in list(members):
                 for p in m.all_input_nodes:
                     if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats:
+                        continue
+                    if self._constant(p):
+                        members.add(p)
+                        changed = True
                         continue
                     if _shape(p) != x_shape or any(u not in members for u in p.users):
                         continue
@@ -365,109 +403,36 @@ class _Partitioner:
                 if chain and self._safe(members, chain):
                     members.update(chain)
         self._grow(members, lambda n: self._free(n) and self.kind.get(n) == "pointwise" and _shape(n) == shape)
+        self._absorb_small_producers(members, shape)
         return list(members)
+
+    def _absorb_small_producers(self, members: Set[fx.Node], shape: Tuple[int, ...]) -> None:
+        """Take in the free pointwise producers whose shape broadcasts to the group's, however
+        early: a QAT layer's scale chain (0-d, or per channel) is then computed inside the
+        fake-quantize kernel that reads it (the code generator evaluates every value at the
+        group's shape; one read by others is also stored, at its own shape)."""
+        changed = True
+        while changed:
+            changed = False
+            for m in sorted(members, key=self.index.__getitem__):
+                for p in m.all_input_nodes:
+                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats:
+                        continue
+                    if _fits(_shape(p), shape) and self._safe(members, [p]):
+                        members.add(p)
+                        changed = True
 
 
 # ----------------------------------------------------------------------------- helpers
-def _hoist_constants(graph: fx.Graph) -> None:
-    """Put every get_attr right after the placeholders: constants are available from the start
-    (constant folding leaves them next to their first user, which would fence groups)."""
-    anchor = None
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            anchor = n
-    consts = [n for n in graph.nodes if n.op == "get_attr"]
-    for n in consts:
-        if anchor is None:
-            first = next(iter(graph.nodes))
-            if first is not n:
-                first.prepend(n)
-        elif n.prev is not anchor:
-            anchor.append(n)
-        anchor = n
-
-
-def _hoist_views(graph: fx.Graph) -> None:
-    """Move each view (and getitem, reshape) right behind its last input. Passes leave them next
-    to their first user; there, a view read by a group but made after the group's first node
-    fences the group (its outside inputs must precede it): Llama's SwiGLU, ``silu(gate) * up``
-    with gate and up two views of one merged GEMM's output, became two kernels."""
-    behind: Dict[fx.Node, fx.Node] = {}  # input -> the last node moved behind it (keeps their order)
-    for n in list(graph.nodes):
-        if n.op != "call_function" or not (n.target is operator.getitem or _is_reshape(n) or is_view_op(n.target)):
-            continue
-        inputs = n.all_input_nodes
-        if not inputs:
-            continue
-        last = max(inputs, key=lambda a: _order(graph, a))
-        spot = behind.get(last, last)
-        if n.prev is not spot and n is not spot:
-            spot.append(n)
-        behind[last] = n
-
-
-def _order(graph: fx.Graph, node: fx.Node) -> int:
-    """A node's position (fx keeps a topological sort key per node in recent torch versions)."""
-    return node._sort_key if hasattr(node, "_sort_key") else list(graph.nodes).index(node)
-
-
-def _make_adjacent(graph: fx.Graph, groups: List[GroupSpec]) -> None:
-    """Move each group's later nodes right behind its first one (valid: their outside inputs
-    all precede the first node, and their users all follow their old position)."""
-    for g in groups:
-        prev = g.nodes[0]
-        for n in g.nodes[1:]:
-            if n.prev is not prev:
-                prev.append(n)
-            prev = n
-
-
-def validate(gm: fx.GraphModule, groups: List[GroupSpec]) -> None:
-    """Raise AssertionError when ``groups`` break the partition contract."""
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    owner: Dict[fx.Node, int] = {}
-    for gi, g in enumerate(groups):
-        assert g.kind in KINDS, g.kind
-        assert g.nodes == sorted(g.nodes, key=index.__getitem__), f"group {gi} not in graph order"
-        for n in g.nodes:
-            assert n not in owner, f"{n.name} is in groups {owner[n]} and {gi}"
-            owner[n] = gi
-            assert not (isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable), \
-                f"mutating {n.name} in group {gi}"
-    for gi, g in enumerate(groups):
-        inside = set(g.nodes)
-        last = index[g.nodes[-1]]
-        for n in g.nodes:
-            for u in n.users:
-                # an outside user of a group value must come after the whole group
-                assert u in inside or index[u] > last, f"{u.name} reads group {gi} before it completes"
-            for a in n.all_input_nodes:
-                assert a in inside or index[a] < index[g.nodes[0]], \
-                    f"group {gi} reads {a.name}, which is computed inside its span"
-
-
 def _op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}" if target.namespace != "aten" else target._opname
     return getattr(target, "__name__", str(target))
 
 
-def _is(node: fx.Node, packets) -> bool:
-    t = node.target
-    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.overloadpacket in packets
-
-
-def _is_reshape(node: fx.Node) -> bool:
-    """A reshape that keeps row-major element order (input contiguous)."""
-    if not _is(node, _RESHAPES):
-        return False
-    src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-    return isinstance(src, torch.Tensor) and src.is_contiguous()
-
-
 def _is_unit_view(node: fx.Node) -> bool:
     """A reshape that only adds or removes size-1 dims."""
-    if not _is(node, _UNIT_VIEWS) or not isinstance(node.args[0], fx.Node):
+    if not is_op(node, _UNIT_VIEWS) or not isinstance(node.args[0], fx.Node):
         return False
     a, b = _shape(node.args[0]), _shape(node)
     return [s for s in a if s != 1] == [s for s in b if s != 1]

@@ -198,6 +198,20 @@ def op_name(target: Any) -> str:
 _BIT_VIEWS = ("_conj", "_neg_view", "conj_physical", "_conj_copy", "_neg_view_copy")
 
 
+#: ops whose value depends on no tensor's elements, only on a shape (of an argument or of another
+#: tensor): a generated kernel computes one as a constant, so any kernel may recompute it and the
+#: partitioner copies one per reader (``fill.Tensor`` reads its value from a tensor: not here)
+FILL_OPS = frozenset(getattr(torch.ops.aten, name) for name in (
+    "full", "full_like", "scalar_tensor", "zeros", "ones", "zeros_like", "ones_like",
+    "new_zeros", "new_ones", "new_full"))
+
+
+def is_fill(node: fx.Node) -> bool:
+    """``node`` computes a constant of its shape (see FILL_OPS)."""
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.overloadpacket in FILL_OPS
+
+
 def is_view_op(target: Any) -> bool:
     """``target``'s output is a re-indexing of its first input's values: an alias (``view``,
     ``slice``, ``transpose``, ``expand``, ``_unsafe_view``) or the functional copy of one

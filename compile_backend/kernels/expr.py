@@ -50,7 +50,7 @@ import torch
 import torch.fx as fx
 
 from . import expr_casts as casts
-from .base import Unsupported, meta_of, triton_interpret
+from .base import FILL_OPS, Unsupported, meta_of, triton_interpret
 from .expr_casts import (REDUCED_FLOATS, TL_NAMES, compute_dtype, convert, literal, round_to,  # noqa: F401
                          tl_type, to_compute, to_storage)
 
@@ -287,6 +287,38 @@ def _constant(value_index: int) -> Callable:
     return lower
 
 
+def _fixed(value: int) -> Callable:
+    def lower(args, kwargs, out, helpers):
+        return f"tl.full([], {literal(value, out)}, {tl_type(compute_dtype(out))})"
+    return lower
+
+
+def _float_only(out: torch.dtype, fmt: str, **operands: Any) -> str:
+    if not out.is_floating_point:
+        raise Unsupported(f"backward op on non-float result {out}")
+    return fmt.format(**{k: _as(v, out) for k, v in operands.items()})
+
+
+def _threshold_backward(args, kwargs, out, helpers):
+    # eager: self <= threshold ? 0 : grad (the comparison in self's dtype, like any comparison)
+    grad, x, threshold = args[0], args[1], _kw(args, kwargs, 2, "threshold")
+    dt = promote([x, threshold])
+    return f"tl.where({_in_common_dtype(x, dt)} <= {_in_common_dtype(threshold, dt)}, 0, {_as(grad, out)})"
+
+
+def _silu_backward(args, kwargs, out, helpers):
+    # eager: s = 1 / (1 + exp(-x)); dy * s * (1 + x * (1 - s)); tl.sigmoid as in silu's forward
+    helpers.add("silu_grad")
+    return _float_only(out, "cb_silu_grad({g}, {x})", g=args[0], x=args[1])
+
+
+def _gelu_backward(args, kwargs, out, helpers):
+    tanh = _kw(args, kwargs, 2, "approximate", "none") == "tanh"
+    helpers.update({"gelu_tanh_grad", "tanh"} if tanh else {"gelu_grad", "exp"})
+    return _float_only(out, "cb_gelu_tanh_grad({g}, {x})" if tanh else "cb_gelu_grad({g}, {x})",
+                       g=args[0], x=args[1])
+
+
 def _convert(args, kwargs, out, helpers):
     return _as(args[0], out)
 
@@ -383,15 +415,22 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.bitwise_not: _bitwise_not,
     aten._to_copy: _convert, prims.convert_element_type: _convert, aten.clone: _convert,
     aten.fill: _constant(1), aten.full: _constant(1), aten.full_like: _constant(1),
-    aten.scalar_tensor: _constant(0),
-    aten.zeros_like: lambda a, k, o, h: f"tl.full([], 0, {tl_type(compute_dtype(o))})",
-    aten.ones_like: lambda a, k, o, h: f"tl.full([], 1, {tl_type(compute_dtype(o))})",
+    aten.scalar_tensor: _constant(0), aten.new_full: _constant(2),
+    aten.zeros_like: _fixed(0), aten.ones_like: _fixed(1), aten.zeros: _fixed(0), aten.ones: _fixed(1),
+    aten.new_zeros: _fixed(0), aten.new_ones: _fixed(1),
     aten.addcmul: _addc("mul"), aten.addcdiv: _addc("div"),
+    # backward ops of activations (training graphs), each as eager's CUDA kernel computes it
+    aten.threshold_backward: _threshold_backward,
+    aten.sigmoid_backward: lambda a, k, o, h: _float_only(o, "{g} * (1.0 - {y}) * {y}", g=a[0], y=a[1]),
+    aten.tanh_backward: lambda a, k, o, h: _float_only(o, "{g} * (1.0 - {y} * {y})", g=a[0], y=a[1]),
+    aten.silu_backward: _silu_backward, aten.gelu_backward: _gelu_backward,
+    # eager: grad * mask * scale, the mask as a number (so 0 * inf is NaN there too)
+    aten.native_dropout_backward: lambda a, k, o, h: _float_only(
+        o, "{g} * {m} * {s}", g=a[0], m=a[1], s=_kw(a, k, 2, "scale")),
 }
 
 # ops whose value does not depend on any tensor operand's elements (they broadcast a constant)
-CONSTANT_OPS = frozenset({aten.fill, aten.full, aten.full_like, aten.scalar_tensor,
-                          aten.zeros_like, aten.ones_like})
+CONSTANT_OPS = FILL_OPS | {aten.fill}
 
 HELPERS = {
     "exp": '''
@@ -444,6 +483,34 @@ def cb_floordiv(a, b, q):
     r = tl.fma(-q, b, a)
     return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1.0, q)
 ''',
+    "silu_grad": '''
+@triton.jit
+def cb_silu_grad(dy, x):
+    s = tl.sigmoid(x)
+    return dy * s * (1.0 + x * (1.0 - s))
+''',
+    "gelu_grad": '''
+@triton.jit
+def cb_gelu_grad(dy, x):
+    # eager: dy * (cdf + x * pdf), cdf = 0.5 (1 + erf(x / sqrt 2)), pdf = exp(-x^2 / 2) / sqrt(2 pi)
+    cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    if x.dtype == tl.float64:
+        e = tl.exp(-0.5 * x * x)
+    else:
+        e = cb_exp(-0.5 * x * x)
+    return dy * (cdf + x * (e * 0.3989422804014327))
+''',
+    "gelu_tanh_grad": '''
+@triton.jit
+def cb_gelu_tanh_grad(dy, x):
+    # eager (tanh approximation): u = sqrt(2/pi) (x + 0.044715 x^3), t = tanh(u),
+    # dy * (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))
+    x2 = x * x
+    t = cb_tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+    left = 0.5 * x
+    right = 1.0 + t
+    return dy * (0.5 * right + left * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x2)))
+''',
     "trunc": '''
 @triton.jit
 def cb_trunc(x):
@@ -483,7 +550,13 @@ def helper_source(code_or_names: Any) -> str:
     else:
         code, names = None, sorted(set(code_or_names))
     table = {**HELPERS, **_INTERPRETED_HELPERS} if triton_interpret() else HELPERS
-    return casts.conversion_source(code) + "".join(table[h] for h in names)
+    names = set(names)
+    while True:  # and the helpers those call (cb_gelu_grad calls cb_exp)
+        more = {g for h in names for g in HELPERS if g not in names and f"cb_{g}(" in table[h]}
+        if not more:
+            break
+        names |= more
+    return casts.conversion_source(code) + "".join(table[h] for h in sorted(names))
 
 
 def _lowering_for(target: Any) -> Callable:

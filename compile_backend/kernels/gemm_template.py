@@ -375,14 +375,24 @@ def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPla
     for n in nodes:
         if any(x in downstream for x in n.all_input_nodes):
             downstream.add(n)
-    prologue = []
+    prologue, side = [], set()
     for n in nodes:
         if n in downstream:
             continue
         target = n.target
-        if not (isinstance(target, torch._ops.OpOverload) and target.is_view):
-            raise Unsupported(f"{op_name(target)} computes an operand inside the group; only views may")
-        prologue.append(n)
+        if isinstance(target, torch._ops.OpOverload) and target.is_view and not any(a in side for a in n.all_input_nodes):
+            prologue.append(n)
+            continue
+        # an element-wise value the chain reads, computed from loads inside the kernel (the
+        # other branch of a diamond: a straight-through gradient's mask from the saved input)
+        reason = expr.unsupported_reason(n)
+        if reason is not None:
+            raise Unsupported(f"{op_name(target)} computes an operand inside the group: {reason}")
+        side.add(n)
+    for n in side:
+        if any(u is anchor or (u.op != "output" and u not in downstream and u not in side) for u in n.users):
+            raise Unsupported(f"{op_name(n.target)} computes an operand of the {op_name(anchor.target)} inside "
+                              "the group; only views may")
     loads = list(anchor_loads)
     names: Dict[object, str] = {anchor: anchor_var}
     load_lines = []
@@ -406,10 +416,11 @@ def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPla
     lines = []
     chain_ops = []
     for n in nodes:
-        if n not in downstream or n is anchor:
+        if (n not in downstream and n not in side) or n is anchor:
             continue
         val = meta_of(n)
-        if not isinstance(val, torch.Tensor) or val.numel() != numel:
+        constant = n in side and n.target.overloadpacket in expr.CONSTANT_OPS and not n.all_input_nodes
+        if not isinstance(val, torch.Tensor) or (val.numel() != numel and not constant):
             raise Unsupported(f"{n.name} ({op_name(n.target)}) changes the number of elements of the GEMM result")
         packet = getattr(n.target, "overloadpacket", None)
         if packet is not None and packet.__name__ in _RESHAPES and n.args[0] in downstream:
@@ -419,12 +430,14 @@ def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPla
         if reason is not None:
             raise Unsupported(f"epilogue op {op_name(n.target)}: {reason}")
         for x in n.all_input_nodes:
-            if x not in downstream:
+            if x not in downstream and x not in side:
                 load(x, tuple(val.shape))
         lines.extend(expr.emit_pointwise([n], names, helpers))
         chain_ops.append(op_name(n.target))
     stores, outputs, stored = [], [], {}
     for out in group.outputs:
+        if out in side:
+            raise Unsupported(f"{out.name} is computed beside the GEMM and read outside the group")
         if out in downstream:
             if out not in stored:
                 val = meta_of(out)

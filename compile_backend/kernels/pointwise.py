@@ -42,7 +42,7 @@ class PointwisePlan:
     operands: List[fx.Node]  # tensor inputs/host views the kernel reads
     scalars: List[fx.Node]  # scalar inputs the kernel reads
     shape: Tuple[int, ...]  # iteration shape
-    order: Tuple[int, ...]  # iteration dims, outermost first (memory order of stored[0])
+    order: Tuple[int, ...]  # iteration dims, outermost first (memory order of the largest output)
     # cat nodes: (dim, [(piece, source, chain)]): each piece is a source, or a chain of one-input
     # pointwise ops on one (rotary's ``neg``), read through its cat with masked loads shifted
     # along the cat dim; ``pieces`` are those sources (never loaded at the full output shape)
@@ -90,10 +90,12 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     needed = _needed(outputs)
     compute = [n for n in group.gm.graph.nodes if n in by_node and n in needed]
     stored = list(dict.fromkeys(o for o in outputs if o in by_node))
-    shape = tuple(meta_of(stored[0]).shape) if stored else ()
+    # the iteration shape is the largest output's; a smaller one (a QAT layer's scale, stored
+    # beside the fake-quantized tensor computed from it) broadcasts to it and is written once
+    big = max(stored, key=lambda o: meta_of(o).numel()) if stored else None
+    shape = tuple(meta_of(big).shape) if stored else ()
     for o in stored:
-        if tuple(meta_of(o).shape) != shape:
-            raise Unsupported(f"outputs of different shapes: {shape} and {tuple(meta_of(o).shape)}")
+        _check_broadcasts(meta_of(o).shape, shape, f"output {o.name}")
     cats = {c: v for c, v in cats.items() if c in compute}
     chained = {n for _, ps in cats.values() for _, _, chain in ps for n in chain}  # at piece shapes
     for n in compute:
@@ -104,7 +106,7 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     scalars = [n for n in dict.fromkeys(used + [a for n in chained for a in n.all_input_nodes])
                if n.op == "placeholder" and n not in sources]
     pieces = list(dict.fromkeys(src for _, ps in cats.values() for _, src, _ in ps))
-    order = output_order(meta_of(stored[0])) if stored else ()
+    order = output_order(meta_of(big)) if stored else ()
     return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order,
                          cats, pieces)
 
@@ -160,8 +162,13 @@ def _check_broadcasts(shape: Sequence[int], target: Sequence[int], what: str) ->
 def expanded_strides(t: torch.Tensor, shape: Sequence[int]) -> Tuple[int, ...]:
     """Strides of ``t`` broadcast (right-aligned) to ``shape``: 0 along broadcast dims."""
     _check_broadcasts(t.shape, shape, "input")
-    lead = len(shape) - t.dim()
-    return tuple(0 if d < lead or t.shape[d - lead] == 1 else t.stride(d - lead) for d in range(len(shape)))
+    return _broadcast_strides(tuple(t.shape), t.stride(), shape)
+
+
+def _broadcast_strides(shape: Sequence[int], strides: Sequence[int], target: Sequence[int]) -> Tuple[int, ...]:
+    """``strides`` of a tensor of ``shape`` seen at the broadcast ``target`` shape."""
+    lead = len(target) - len(shape)
+    return tuple(0 if d < lead or shape[d - lead] == 1 else strides[d - lead] for d in range(len(target)))
 
 
 def collapse(shape: Sequence[int], order: Sequence[int], strides: Sequence[Sequence[int]]):
@@ -206,7 +213,9 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     body = ["pid = tl.program_id(0)",
             f"offs = {'pid.to(tl.int64)' if wide else 'pid'} * BLOCK + tl.arange(0, BLOCK)",
             f"mask = offs < {numel}"]
-    if (any(p != "flat" and p for p in patterns) or plan.cats) and ndims > 0:
+    out_patterns = patterns[len(plan.operands) + len(plan.pieces):]
+    if (any(p != "flat" and p for p in patterns) or any(p != "flat" for p in out_patterns) or plan.cats) \
+            and ndims > 0:
         body.append("# multi-index over the (merged) iteration dims, outermost first")
         rest = "offs"
         for j in range(ndims - 1, 0, -1):
@@ -259,10 +268,13 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     for node in plan.compute:
         if any(a in block_values for a in node.all_input_nodes):
             block_values.add(node)
-    for i, (node, pat) in enumerate(zip(plan.stored, patterns[len(plan.operands) + len(plan.pieces):])):
+    for i, (node, pat) in enumerate(zip(plan.stored, out_patterns)):
         value = names[node] if node in block_values else f"tl.broadcast_to({names[node]}, [BLOCK])"
-        body.append(f"tl.store(out{i}_ptr + {offset(f'out{i}', pat)}, "
-                    f"{expr.to_storage(value, meta_of(node).dtype)}, mask=mask)")
+        # an output smaller than the iteration shape: only the first element along each of its
+        # broadcast dims writes (every element computed the same value)
+        once = "" if pat == "flat" else "".join(f" & (i{j} == 0)" for j in range(ndims) if j not in pat)
+        body.append(f"tl.store(out{i}_ptr + {offset(f'out{i}', pat) or '0 * offs'}, "
+                    f"{expr.to_storage(value, meta_of(node).dtype)}, mask=mask{once})")
     header = ["import triton", "import triton.language as tl", "",
               f"# group ops: {', '.join(op_name(n.target) for n in plan.compute)}"]
     kernel = "\n\n@triton.jit\ndef pointwise_kernel(" + ", ".join(params + ["BLOCK: tl.constexpr"]) + \
@@ -294,14 +306,15 @@ class PointwiseLauncher:
             if t.dtype != want.dtype or tuple(t.shape) != tuple(want.shape):
                 raise ValueError(f"input {node.name}: kernel built for {want.dtype}{tuple(want.shape)}, "
                                  f"got {t.dtype}{tuple(t.shape)}")
-        out_strides = [strides_for(plan.shape, output_order(meta_of(o))) for o in plan.stored]
+        out_strides = [strides_for(tuple(meta_of(o).shape), output_order(meta_of(o))) for o in plan.stored]
         pieces = operands[len(plan.operands):]
         operands = operands[:len(plan.operands)]
         # a piece is read at the output's index shifted along its cat dim: its own strides, and
         # one marker per cat dim (stride 1 there, 0 elsewhere) keeps that dim apart when merging
         markers = [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in plan.cats.values()]
         all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [tuple(t.stride()) for t in pieces]
-                       + out_strides + markers)
+                       + [_broadcast_strides(meta_of(o).shape, st, plan.shape) for o, st in zip(plan.stored, out_strides)]
+                       + markers)
         sizes, strides = collapse(plan.shape, plan.order, all_strides)
         cat_dims = [m.index(1) for m in strides[len(strides) - len(markers):]]
         strides = strides[:len(strides) - len(markers)]
@@ -328,8 +341,8 @@ class PointwiseLauncher:
 
     def out_layouts(self) -> Tuple[Any, ...]:
         """Per group output, the layout this launcher allocates (None: an input or a view of one)."""
-        stored = {o: (tuple(self.plan.shape), strides_for(self.plan.shape, output_order(meta_of(o))), meta_of(o).dtype)
-                  for o in self.plan.stored}
+        stored = {o: (tuple(meta_of(o).shape), strides_for(tuple(meta_of(o).shape), output_order(meta_of(o))),
+                      meta_of(o).dtype) for o in self.plan.stored}
         return tuple(stored.get(o) for o in self.plan.outputs)
 
     def __call__(self, *inputs: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
@@ -343,7 +356,7 @@ class PointwiseLauncher:
         device = operands[0].device if operands else self.device
         if plan.stored:
             launch = self.launch_for(operands)
-            outs = [output_tensor(out, plan.outputs.index(o), (tuple(plan.shape), st, meta_of(o).dtype), device)
+            outs = [output_tensor(out, plan.outputs.index(o), (tuple(meta_of(o).shape), st, meta_of(o).dtype), device)
                     for o, st in zip(plan.stored, launch.out_strides)]
             if launch.numel > 0:
                 scalars = [env[n] for n in plan.scalars]

@@ -120,7 +120,11 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, precision: str) -> torch
 
 def channel_amax(w: torch.Tensor) -> torch.Tensor:
     """Per output channel (dim 0) absolute maximum of a weight, fp32 [out]."""
-    return w.detach().float().abs().reshape(w.shape[0], -1).amax(dim=1)
+    if w.dim() < 2:
+        return w.detach().float().abs()
+    # over the weight's own dims, not a reshape of them: in a QAT training graph the reduction
+    # kernel then also computes the scale and the fake-quantized weight (one frame for all)
+    return w.detach().float().abs().amax(dim=tuple(range(1, w.dim())))
 
 
 def weight_scale(w: torch.Tensor, precision: str, per_channel: bool = True) -> torch.Tensor:

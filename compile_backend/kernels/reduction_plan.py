@@ -198,7 +198,7 @@ class _Analysis:
             off = r - len(su)
             for i, s in enumerate(su):
                 j = i + off
-                if s > 1 and s == out[j]:
+                if s > 1 and s == out[j] and fu[i] is not None:  # None: a constant's dim
                     if cand[j] is not None and cand[j] != fu[i]:
                         raise Unsupported(f"{node.name} combines values laid over different dims")
                     cand[j] = fu[i]
@@ -258,7 +258,9 @@ class _Analysis:
         reason = expr.unsupported_reason(n)
         if reason is not None:
             raise Unsupported(f"{op_name(n.target)}: {reason}")
-        frame = self._frame_of_pointwise(n)
+        constant = n.target.overloadpacket in expr.CONSTANT_OPS and not n.all_input_nodes
+        # a constant (a fill of its reader) is the same along every dim: laid over none
+        frame = (None,) * val.dim() if constant else self._frame_of_pointwise(n)
         out_shape = tuple(val.shape)
         deps = {a: self.operand(a, frame, out_shape) for a in n.all_input_nodes}
         level = "row" if any(d.level == "row" for d in deps.values()) else "perrow"

@@ -159,7 +159,8 @@ class Builder:
     def op(self, target, *args, **kwargs) -> fx.Node:
         from compile_backend.fx_passes.rules import call
 
-        return call(self.graph, target, args, kwargs)
+        with self.mode:  # ops that read no tensor (zeros, scalar_tensor) find this graph's mode
+            return call(self.graph, target, args, kwargs)
 
     def build(self, *outputs: fx.Node) -> Traced:
         self.graph.output(tuple(outputs))

@@ -60,6 +60,18 @@ BINARY = {
     "where": lambda a, b: torch.where(a > b, a, b), "where_scalar": lambda a, b: torch.where(a > 0, a, 0.0),
     "masked_fill": lambda a, b: a.masked_fill(b > 0.5, -1e4), "pow_tt": lambda a, b: a.abs() ** b,
     "addcmul": lambda a, b: torch.addcmul(a, a, b, value=0.5), "clamp_tensor": lambda a, b: a.clamp(min=b),
+    # backward ops of training graphs: (grad, saved input or output)
+    "threshold_backward": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.0),
+    "threshold_backward_t": lambda g, x: torch.ops.aten.threshold_backward(g, x, 0.25),
+    "sigmoid_backward": lambda g, x: torch.ops.aten.sigmoid_backward(g, torch.sigmoid(x)),
+    "tanh_backward": lambda g, x: torch.ops.aten.tanh_backward(g, torch.tanh(x)),
+    "silu_backward": lambda g, x: torch.ops.aten.silu_backward(g, x),
+    "gelu_backward": lambda g, x: torch.ops.aten.gelu_backward(g, x),
+    "gelu_backward_tanh": lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"),
+    "native_dropout_backward": lambda g, x: torch.ops.aten.native_dropout_backward(g, x > 0.3, 1.25),
+    # fills: constants of a shape (of an argument or another tensor), inside a group
+    "fills": lambda a, b: torch.where(a > b, torch.zeros(a.shape, dtype=a.dtype), b) + torch.ones_like(a)
+    + a.new_full(a.shape, 0.5) + torch.scalar_tensor(2.0, dtype=a.dtype) * a.new_ones(a.shape),
 }
 
 

@@ -347,3 +347,15 @@ def test_candidate_order_on_cuda(level):
         assert "cublas + triton epilogue" in names and any(nm.endswith("tma") for nm in names)
         if level == "fast":
             assert any(nm.startswith("triton") and not nm.endswith("tma") for nm in names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_epilogue_computes_the_other_branch_of_a_diamond(dtype):
+    """A QAT weight gradient: mm's result masked where the saved weight was representable;
+    the mask is computed in the epilogue from the loaded weight and its per-channel scale."""
+    g, x = randn(13, 9, dtype=dtype, seed=40), randn(9, 21, dtype=dtype, seed=41)
+    w, s = randn(13, 21, dtype=dtype, seed=42), (randn(13, 1, seed=43).abs() * 0.02 + 0.005).to(dtype)
+    group = gemm_group(lambda g, x, w, s: torch.where((w / s).abs() <= 127.0, g @ x, torch.scalar_tensor(0.0, dtype=dtype)),
+                       g, x, w, s)
+    kernel = build_gemm(group, context())
+    check_group(kernel, group, [g, x, w, s], dtype)

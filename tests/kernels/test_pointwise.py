@@ -125,6 +125,25 @@ def test_constant_only_output():
     assert_matches(build_pointwise(group, context()), group, [x])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_outputs_smaller_than_the_iteration_shape_are_written_once(dtype):
+    """A QAT layer's 0-d and per-channel scales, stored beside the fake-quantized tensor that
+    the same kernel computes from them (each written by the first element along its broadcast
+    dims); odd shapes, a channels-last big output."""
+    x = randn(3, 5, 4, 7, dtype=dtype, seed=7).to(memory_format=torch.channels_last)
+    p, c = randn(1, seed=8).reshape(()).abs() + 0.1, randn(5, 1, 1, seed=9).abs() + 0.1
+
+    def fn(x, p, c):
+        s = (p * 0.5).clamp_min(1e-3)  # 0-d
+        sc = c * s + 0.25  # per channel
+        return torch.round(x / sc).clamp(-7, 7) * sc, s, sc, c[None] * s
+
+    group = make_group(fn, x, p, c)
+    kernel = build_pointwise(group, context())
+    assert_matches(kernel, group, [x, p, c])
+    assert [tuple(o.shape) for o in kernel(x, p, c)] == [(3, 5, 4, 7), (), (5, 1, 1), (1, 5, 1, 1)]
+
+
 def test_runtime_strides_differ_from_traced_ones():
     x, y = randn(12, 20), randn(12, 20)
     group = make_group(lambda a, c: a - c, x, y)

@@ -263,3 +263,21 @@ def test_compiled_on_gpu(dtype):
         check(layer_norm_residual, x, r, w, b, config=cfg, dtype=dtype)
         check(lambda t: (torch.softmax(t, -1), t.amax(-1)), x, config=cfg, dtype=dtype)
         check(lambda t: t.var(0), x, config=cfg, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_row_chain_without_keepdim_then_full_rows(dtype):
+    """A QAT weight's fake quantization in one kernel: per-row amax (no keepdim), the scale
+    chain on the (N,) result with a fill, a view to (N, 1), then every element of the row."""
+    w = randn(9, 37, dtype=dtype, seed=11)
+    w[3] = 0  # an all-zero row: its scale is 0, guarded by the where
+
+    def fn(w):
+        amax = torch.ops.aten.amax(w.abs(), [1])
+        scale = torch.where(amax > 0, amax / 7.0, torch.zeros_like(amax))
+        s = scale.view(9, 1).clamp_min(1e-12)
+        inv = torch.where(s > 1e-12, 1.0 / s, torch.zeros_like(s))
+        return torch.round(w * inv).clamp(-7, 7) * s, s
+
+    check(fn, w, dtype=dtype)
+    check(fn, w, config=LOOPED, dtype=dtype)

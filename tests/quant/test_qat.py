@@ -200,3 +200,30 @@ def test_autocast_gradient_accumulation_and_mode_switches_compiled(aten_only):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(step(x), twin.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_compiled_training_graph_fuses_the_fake_quantization(precision):
+    """The fake-quant ops of the training graph run inside our kernels, none in ATen: each
+    activation's scale chain and fake-quantize in one pointwise kernel, each weight's per-channel
+    amax, scale and fake-quantize in one reduction kernel, the straight-through masks of the
+    backward in the GEMM epilogues / gradient kernels (issue #19). ATen keeps only the
+    convolution's backward. Interpreted kernels on CPU, so the fused kernels' values are
+    checked against eager too (test_training_compiled_through_the_backend_matches_eager)."""
+    model = quant.prepare_qat(Net().eval(), quant.QuantConfig(precision=precision, calibrator="max"), batches(2),
+                              progress=False)
+    model.train()
+    report = compile_backend.explain(model, batches(1, seed=9)[0][0])
+    forward, backward = ([g for g in report.graphs if g.role == role][0] for role in ("forward", "backward"))
+    assert forward.groups_by_kind().get("aten", 0) == 0, forward.fallbacks
+    assert [f["op"] for f in backward.fallbacks] == ["aten.convolution_backward"], backward.fallbacks
+    codes = {"round", "clamp"} if precision == "int8" else {"_to_copy"}  # fp8: a cast rounds
+    weights = [k for k in forward.kernels if k["kind"] == "reduction"]
+    assert len(weights) == 3 and all({"amax", "where"} | codes <= {o.split(".")[-1] for o in k["ops"]}
+                                     and k["impl"] == "triton" for k in weights), weights
+    activations = [k for k in forward.kernels if k["kind"] == "pointwise"]
+    assert len(activations) == 3 and all({"clamp_min", "reciprocal"} | codes <= {o.split(".")[-1] for o in k["ops"]}
+                                         for k in activations), activations
+    # was 35 forward groups (5 in ATen) and 22 backward (5 in ATen) before scale chains, fills
+    # and straight-through masks joined the kernels around them
+    assert len(forward.kernels) == 10 and len(backward.kernels) <= 17, (len(forward.kernels), len(backward.kernels))

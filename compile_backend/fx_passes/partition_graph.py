@@ -1,0 +1,146 @@
+"""The graph-level steps around the partitioner's policy (partition.py): before grouping, put
+constants first, views right behind their input and a copy of each fill at each reader; after,
+make each group's nodes adjacent; and check the partition contract (``validate``).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..kernels.base import KINDS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
+
+aten = torch.ops.aten
+#: reshapes that keep row-major order when their input is contiguous (``is_reshape``)
+RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
+
+
+def hoist_constants(graph: fx.Graph) -> None:
+    """Put every get_attr right after the placeholders: constants are available from the start
+    (constant folding leaves them next to their first user, which would fence groups)."""
+    anchor = None
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            anchor = n
+    consts = [n for n in graph.nodes if n.op == "get_attr"]
+    for n in consts:
+        if anchor is None:
+            first = next(iter(graph.nodes))
+            if first is not n:
+                first.prepend(n)
+        elif n.prev is not anchor:
+            anchor.append(n)
+        anchor = n
+
+
+def hoist_views(graph: fx.Graph) -> None:
+    """Move each view (and getitem, reshape) right behind its last input. Passes leave them next
+    to their first user; there, a view read by a group but made after the group's first node
+    fences the group (its outside inputs must precede it): Llama's SwiGLU, ``silu(gate) * up``
+    with gate and up two views of one merged GEMM's output, became two kernels."""
+    behind: Dict[fx.Node, fx.Node] = {}  # input -> the last node moved behind it (keeps their order)
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not (n.target is operator.getitem or is_reshape(n) or is_view_op(n.target)):
+            continue
+        inputs = n.all_input_nodes
+        if not inputs:
+            continue
+        last = max(inputs, key=lambda a: _order(graph, a))
+        spot = behind.get(last, last)
+        if n.prev is not spot and n is not spot:
+            spot.append(n)
+        behind[last] = n
+
+
+def fills_per_reader(graph: fx.Graph) -> None:
+    """Give each reader of a contiguous fill (``zeros``, ``ones_like(x)``, ``scalar_tensor``...)
+    its own ``aten.full`` right before it, reading no tensor: every kernel can then compute the
+    constant itself (a fused group's value, not a launch; a fill shared by five groups fenced
+    each of them, as it ran between their producers and them)."""
+    for n in list(graph.nodes):
+        val = n.meta.get("val")
+        if not is_fill(n) or not isinstance(val, torch.Tensor) or not val.is_contiguous():
+            continue
+        value = _fill_value(n)
+        if value is None:
+            continue
+        for i, u in enumerate(list(n.users)):
+            if u.op == "output":
+                continue
+            with graph.inserting_before(u):
+                c = graph.call_function(aten.full.default, (list(val.shape), value),
+                                        {"dtype": val.dtype, "layout": torch.strided, "device": val.device,
+                                         "pin_memory": False})
+            c.meta.update(n.meta)
+            u.replace_input_with(n, c)
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _fill_value(n: fx.Node):
+    packet = n.target.overloadpacket
+    if packet in (aten.zeros, aten.zeros_like, aten.new_zeros):
+        return 0
+    if packet in (aten.ones, aten.ones_like, aten.new_ones):
+        return 1
+    position = {aten.full: 1, aten.full_like: 1, aten.new_full: 2, aten.scalar_tensor: 0}.get(packet)
+    value = n.args[position] if position is not None and len(n.args) > position else n.kwargs.get("fill_value")
+    return value if isinstance(value, (bool, int, float)) else None
+
+
+def _order(graph: fx.Graph, node: fx.Node) -> int:
+    """A node's position (fx keeps a topological sort key per node in recent torch versions)."""
+    return node._sort_key if hasattr(node, "_sort_key") else list(graph.nodes).index(node)
+
+
+def make_adjacent(graph: fx.Graph, groups: Sequence) -> None:
+    """Move each group's later nodes right behind its first one (valid: their outside inputs
+    all precede the first node, and their users all follow their old position)."""
+    for g in groups:
+        prev = g.nodes[0]
+        for n in g.nodes[1:]:
+            if n.prev is not prev:
+                prev.append(n)
+            prev = n
+
+
+def validate(gm: fx.GraphModule, groups: Sequence) -> None:
+    """Raise AssertionError when ``groups`` break the partition contract."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    owner: Dict[fx.Node, int] = {}
+    for gi, g in enumerate(groups):
+        assert g.kind in KINDS, g.kind
+        assert g.nodes == sorted(g.nodes, key=index.__getitem__), f"group {gi} not in graph order"
+        for n in g.nodes:
+            assert n not in owner, f"{n.name} is in groups {owner[n]} and {gi}"
+            owner[n] = gi
+            assert not (isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable), \
+                f"mutating {n.name} in group {gi}"
+    for gi, g in enumerate(groups):
+        inside = set(g.nodes)
+        last = index[g.nodes[-1]]
+        for n in g.nodes:
+            for u in n.users:
+                # an outside user of a group value must come after the whole group
+                assert u in inside or index[u] > last, f"{u.name} reads group {gi} before it completes"
+            for a in n.all_input_nodes:
+                assert a in inside or index[a] < index[g.nodes[0]], \
+                    f"group {gi} reads {a.name}, which is computed inside its span"
+
+
+def is_op(node: fx.Node, packets) -> bool:
+    t = node.target
+    return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.overloadpacket in packets
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """A reshape that keeps row-major element order (input contiguous)."""
+    if not is_op(node, RESHAPES):
+        return False
+    src = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    return isinstance(src, torch.Tensor) and src.is_contiguous()
+
+
+__all__ = ["RESHAPES", "hoist_constants", "hoist_views", "fills_per_reader", "make_adjacent", "validate", "is_op", "is_reshape"]

@@ -1,0 +1,76 @@
+"""Partitioner: constants and small values inside bigger kernels. A fill (``zeros``, ``ones_like``,
+``scalar_tensor``) is copied to each reader and computed there; a 0-d or per-channel chain
+(a QAT layer's scale) joins the kernel of the full-size values it feeds and is stored beside
+them; a per-row chain after a row reduction stays in the reduction's kernel; a GEMM epilogue
+computes the other branch of a diamond (a straight-through gradient's mask) from loads."""
+import torch
+
+from compile_backend.fx_passes.partition import partition, validate
+from fx_passes.graphs import Builder
+from fx_passes.test_fx_partition import _kinds, _run_grouped
+
+aten = torch.ops.aten
+
+
+def _check(t, expected_kinds=None):
+    with torch.no_grad():
+        expected = t.gm(*t.inputs)
+    groups = partition(t.gm)
+    t.gm.graph.lint()
+    validate(t.gm, groups)
+    got = _run_grouped(t, groups)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    if expected_kinds is not None:
+        assert [g.kind for g in groups] == expected_kinds, _kinds(groups)
+    return groups
+
+
+def test_a_shared_fill_is_copied_into_each_reader():
+    b = Builder()
+    x = b.input(torch.randn(5, 7))
+    zero = b.op(aten.zeros.default, [5, 7], dtype=torch.float32, device=torch.device("cpu"))
+    y = b.op(aten.where.self, b.op(aten.gt.Scalar, x, 0.5), x, zero)
+    r = b.op(aten.sum.dim_IntList, y, [1], True)  # a reduction between the two readers
+    z = b.op(aten.maximum.default, b.op(aten.mul.Tensor, x, r), zero)
+    groups = _check(b.build(z))
+    assert all(g.kind != "aten" for g in groups), _kinds(groups)
+    assert sum(g.ops.count("full") for g in groups) == 2  # one copy per reader
+
+
+def test_a_scale_chain_joins_the_fake_quantize_kernel_and_is_stored():
+    b = Builder()
+    x = b.input(torch.randn(6, 9))
+    p = b.input(torch.tensor(0.05))
+    s = b.op(aten.clamp_min.default, b.op(aten.div.Tensor, b.op(aten.mul.Tensor, p, 127.0), 127.0), 1e-12)
+    inv = b.op(aten.where.self, b.op(aten.gt.Scalar, s, 0), b.op(aten.reciprocal.default, s),
+               b.op(aten.scalar_tensor.default, 0.0, dtype=torch.float32))
+    q = b.op(aten.clamp.default, b.op(aten.round.default, b.op(aten.mul.Tensor, x, inv)), -127.0, 127.0)
+    y = b.op(aten.mul.Tensor, q, s)
+    groups = _check(b.build(y, s), ["pointwise"])  # was three: chain, fill, fake-quantize
+    assert {"mul", "clamp_min", "reciprocal", "round", "full"} <= set(groups[0].ops)
+
+
+def test_a_per_row_chain_after_amax_stays_in_the_reduction_kernel():
+    b = Builder()
+    w = b.input(torch.randn(8, 33))
+    amax = b.op(aten.amax.default, b.op(aten.abs.default, w), [1])  # (8,): no keepdim
+    scale = b.op(aten.where.self, b.op(aten.gt.Scalar, amax, 0), b.op(aten.div.Tensor, amax, 127.0),
+                 b.op(aten.zeros_like.default, amax))
+    s = b.op(aten.clamp_min.default, b.op(aten.view.default, scale, [8, 1]), 1e-12)
+    wq = b.op(aten.mul.Tensor, b.op(aten.round.default, b.op(aten.div.Tensor, w, s)), s)
+    groups = _check(b.build(wq, s), ["reduction"])  # was four kernels
+    assert {"amax", "where", "round"} <= set(groups[0].ops)
+
+
+def test_a_gemm_epilogue_computes_the_other_branch_of_a_diamond():
+    b = Builder()
+    g = b.input(torch.randn(4, 6))
+    x = b.input(torch.randn(6, 5))
+    w = b.input(torch.randn(4, 5))
+    s = b.input(torch.tensor(0.01))
+    mm = b.op(aten.mm.default, g, x)
+    inside = b.op(aten.le.Scalar, b.op(aten.abs.default, b.op(aten.div.Tensor, w, s)), 127.0)
+    dw = b.op(aten.where.self, inside, mm, b.op(aten.scalar_tensor.default, 0.0, dtype=torch.float32))
+    groups = _check(b.build(dw), ["gemm"])
+    assert groups[0].ops == ("mm", "div", "abs", "le", "full", "where")
