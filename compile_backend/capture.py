@@ -89,7 +89,23 @@ def lower(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
+        decompositions=training_decompositions(),
     )(gm, example_inputs)
+
+
+#: backward ops no kernel of ours runs as such, but whose decompositions (a sum over the row,
+#: element-wise ops) one reduction kernel of ours runs: left whole, each ran in ATen. Not
+#: native_layer_norm_backward: its decomposition became 8 kernels (row and column sums of a
+#: recomputed x_hat), against ATen's 2-3
+_DECOMPOSED = ("_softmax_backward_data", "_log_softmax_backward_data")
+
+
+def training_decompositions() -> dict:
+    """{op: decomposition} that AOTAutograd applies while tracing (backward graphs only: these
+    ops appear nowhere else)."""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions([getattr(torch.ops.aten, name) for name in _DECOMPOSED])
 
 
 def user_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Optional[List[Tuple[int, str]]]:
