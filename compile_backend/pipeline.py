@@ -28,6 +28,7 @@ from .groups import fuse_groups, inline_aten_groups
 from .kernels.base import KernelContext, KernelGroup, op_name, triton_enabled, triton_interpret
 from .kernels.select import choose_kernel
 from .options import Options
+from .quant.qat_report import fake_quant_placement, mark_fake_quant
 from .quant.standalone import standalone_quantizes
 from .report import GraphReport
 
@@ -151,6 +152,8 @@ def compile_graph(
         fallbacks = build_kernels(graph, calls, gm, args, kctx, report)  # Triton / vendor / ATen
     if options.quant is not None:                               # quantizes left on their own, and why
         report.standalone_quantizes = standalone_quantizes(graph)
+    if role != "inference":                                     # where QAT's fake quantization runs
+        report.fake_quant = fake_quant_placement(graph)
     report.tuning = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena
@@ -176,6 +179,8 @@ def run_front(aten_gm: fx.GraphModule, args: Sequence[Any], *, role: str, frozen
     ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device,
                                 quant=quant_request(options))   # options["quant"]: what to quantize
     counts = fx_passes.run_passes(gm, ctx)                      # clean-up, folding, quantizing, layout
+    if ctx.training:
+        mark_fake_quant(gm)                                     # QAT's ops, for the report (kept when stored)
     quant = list(ctx.quant.records.values()) if ctx.quant is not None else []
     return post_pass.PostPass(gm, constant_programs(gm), bound, eager_peak, counts.totals, counts.rules, quant)
 

@@ -27,6 +27,9 @@ class GraphReport:
     quant: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     # kernels that only quantize an activation (quant/standalone.py): {"kernel": index, "reason"}
     standalone_quantizes: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    # training graphs with QAT fake quantization (quant/qat_report.py): {"ops", "kernels": {kind:
+    # count}, "aten": groups in ATen}; None otherwise
+    fake_quant: Optional[Dict[str, Any]] = None
     kernels: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     fallbacks: List[Dict[str, str]] = dataclasses.field(default_factory=list)
     shapes: List[str] = dataclasses.field(default_factory=list)
@@ -153,6 +156,11 @@ class Report:
             lines.extend(quant_lines(g.quant))
             for q in g.standalone_quantizes:
                 lines.append(f"standalone quantize: kernel #{q['kernel']}: {q['reason']}")
+            if g.fake_quant:
+                f = g.fake_quant
+                kinds = ", ".join(f"{k} {v}" for k, v in f["kernels"].items()) or "none"
+                lines.append(f"fake-quant (QAT): {f['ops']} ops in {sum(f['kernels'].values())} kernels of ours "
+                             f"({kinds}), {f['aten']} groups in ATen")
             if g.speed_check:
                 times = ", ".join(f"{k} {v:.4f} ms" for k, v in g.speed_check["ms"].items())
                 stored = " (the stored verdict of an earlier process)" if g.speed_check.get("from_cache") else ""

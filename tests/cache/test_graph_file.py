@@ -128,7 +128,8 @@ def test_later_stages_read_only_stored_meta():
     these keys only: a new key read there must be stored too (graph_file.STORED_META), or a
     cache hit would build from a graph without it."""
     root = pathlib.Path(__file__).resolve().parents[2] / "compile_backend"
-    files = [root / "fx_passes" / "partition.py", root / "groups.py", root / "memory_plan.py",
+    files = [root / "fx_passes" / "partition.py", root / "fx_passes" / "partition_graph.py", root / "groups.py",
+             root / "memory_plan.py",
              root / "engine.py", root / "pipeline.py", root / "quant" / "standalone.py",
              *sorted((root / "kernels").glob("*.py"))]
     access = re.compile(r"""(\w+)\.meta(?:\[|\.get\()\s*(?:(['"])(\w+)\2)?""")

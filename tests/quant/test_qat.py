@@ -203,7 +203,7 @@ def test_autocast_gradient_accumulation_and_mode_switches_compiled(aten_only):
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_compiled_training_graph_fuses_the_fake_quantization(precision):
+def test_compiled_training_graph_fuses_the_fake_quantization(precision, tmp_path):
     """The fake-quant ops of the training graph run inside our kernels, none in ATen: each
     activation's scale chain and fake-quantize in one pointwise kernel, each weight's per-channel
     amax, scale and fake-quantize in one reduction kernel, the straight-through masks of the
@@ -213,8 +213,12 @@ def test_compiled_training_graph_fuses_the_fake_quantization(precision):
     model = quant.prepare_qat(Net().eval(), quant.QuantConfig(precision=precision, calibrator="max"), batches(2),
                               progress=False)
     model.train()
-    report = compile_backend.explain(model, batches(1, seed=9)[0][0])
+    report = compile_backend.explain(model, batches(1, seed=9)[0][0], cache_dir=str(tmp_path))
     forward, backward = ([g for g in report.graphs if g.role == role][0] for role in ("forward", "backward"))
+    # a warm process builds from the engine cache's stored graph: the summary survives
+    warm = compile_backend.explain(model, batches(1, seed=9)[0][0], cache_dir=str(tmp_path))
+    assert all(g.cache["engine"] == "hit" for g in warm.graphs), [g.cache for g in warm.graphs]
+    assert [g.fake_quant for g in warm.graphs] == [g.fake_quant for g in report.graphs]
     assert forward.groups_by_kind().get("aten", 0) == 0, forward.fallbacks
     assert [f["op"] for f in backward.fallbacks] == ["aten.convolution_backward"], backward.fallbacks
     codes = {"round", "clamp"} if precision == "int8" else {"_to_copy"}  # fp8: a cast rounds
@@ -224,6 +228,10 @@ def test_compiled_training_graph_fuses_the_fake_quantization(precision):
     activations = [k for k in forward.kernels if k["kind"] == "pointwise"]
     assert len(activations) == 3 and all({"clamp_min", "reciprocal"} | codes <= {o.split(".")[-1] for o in k["ops"]}
                                          for k in activations), activations
+    for graph in (forward, backward):  # the report's summary says so
+        assert graph.fake_quant["aten"] == 0 and graph.fake_quant["ops"] > 0, graph.fake_quant
+    assert forward.fake_quant["kernels"] == {"pointwise": 3, "reduction": 3}
+    assert "fake-quant (QAT): " in str(report) and ", 0 groups in ATen" in str(report)
     # was 35 forward groups (5 in ATen) and 22 backward (5 in ATen) before scale chains, fills
     # and straight-through masks joined the kernels around them
     assert len(forward.kernels) == 10 and len(backward.kernels) <= 17, (len(forward.kernels), len(backward.kernels))
