@@ -70,7 +70,10 @@ def _reason(src: Optional[fx.Node]) -> str:
     if hasattr(target, "group"):
         return (f"its producer, a {target.group.kind} kernel ({', '.join(dict.fromkeys(target.group.ops))}), "
                 "does not take this quantize")
-    if src.op == "call_function" and target.__module__ == "_operator":  # getitem of a multi-output group
+    if src.op == "call_function" and getattr(target, "__name__", "") == "getitem":
+        # an output of a group call (groups.getitem) or of a multi-output op (operator.getitem):
+        # the producer is what it takes the item of (H200 BERT: "its producer getitem runs in
+        # ATen" stood for our own kernels' outputs, groups.getitem not being operator's)
         return _reason(src.args[0] if isinstance(src.args[0], fx.Node) else None)
     return f"its producer {op_name(target) if src.op == 'call_function' else src.op} runs in ATen"
 

@@ -65,3 +65,29 @@ def test_attention_writes_the_output_projections_codes(precision, tmp_path):
     assert y.dtype == ref.dtype
     cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
     assert cos > 0.99
+
+
+class ConvPoolConv(torch.nn.Module):
+    """conv2 reads a max pooling's output: the pooling kernel takes no epilogue, so conv2's
+    input quantize runs on its own, and the report names the pooling kernel as the reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2))
+
+
+def test_a_standalone_quantize_names_our_kernel_that_produced_its_input(tmp_path):
+    model = ConvPoolConv().eval()
+    x = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(3))
+    cfg = quant.QuantConfig(precision="int8", min_features=1)
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    reasons = [q["reason"] for q in g.standalone_quantizes]
+    assert any("its producer, a pool kernel" in r and "does not take this quantize" in r for r in reasons), reasons
+    assert not any("producer getitem" in r for r in reasons), reasons  # what the H200 report said
