@@ -275,3 +275,17 @@ def test_compiled_generation_loop_matches_eager_without_recompiling():
             ours = compiled_decode(token, torch.full((2,), pos), ours[1], ours[2])
             assert_same(ours, eager)
     assert counters["stats"]["unique_graphs"] == 2, "one graph per entry point, whatever the position"
+
+
+def test_decode_step_kernels_per_layer():
+    """Launches of one tiny decode step (2 layers): per layer the merged Q/K/V GEMM, the query's
+    rotation, one kernel for the key rotation and both cache updates, attention, the output
+    projection (+ residual, + the next norm's square), the norm, the gate/up GEMM, SwiGLU's
+    product, the down projection. Session 5: 34 groups; now 29 (the key's rotation computed
+    inside the cache update, the key and value updates one kernel, the two masks one)."""
+    model, inputs = zoo.get("llama_decode", "tiny")
+    report = compile_backend.explain(model.eval(), *inputs)
+    (g,) = report.graphs
+    assert len(g.kernels) <= 29, [(k["kind"], k["ops"]) for k in g.kernels]
+    updates = [k for k in g.kernels if k["ops"].count("aten.where") == 2 and "aten.cat" in k["ops"]]
+    assert len(updates) == CFG.layers, [(k["kind"], k["ops"]) for k in g.kernels]

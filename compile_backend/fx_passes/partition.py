@@ -192,11 +192,72 @@ class _Partitioner:
         for n in sorted(self.nodes, key=lambda n: (-max(_numel(n), 0), self.index[n])):
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
+        self._merge_into_readers()
+        self._merge_siblings()
         for n in self.nodes:
             if self.kind[n] is not None and n not in self.group_of:
                 self._add(GroupSpec("aten", [n]))
         self.groups.sort(key=lambda g: self.index[g.nodes[0]])
         return self.groups
+
+    def _merge_into_readers(self) -> None:
+        """A pointwise group whose values only one bigger pointwise group reads (and nothing
+        else: no graph output) joins it, when its shape broadcasts to the reader's: computed
+        there at every element, never stored (a decode step's rotated keys, a cat inside, feed
+        only the cache update that selects them into their slot)."""
+        changed = True
+        while changed:
+            changed = False
+            for g in [g for g in self.groups if g.kind == "pointwise"]:
+                inside = set(g.nodes)
+                readers = {u for n in g.nodes for u in n.users if u not in inside}
+                owners = {self.group_of.get(u) for u in readers}
+                if len(owners) != 1 or None in owners:
+                    continue
+                (k,) = owners
+                target = self.groups[k]
+                if target is g or target.kind != "pointwise" or not _fits(self._group_shape(g), self._group_shape(target)):
+                    continue
+                if self._safe(set(target.nodes), g.nodes):
+                    target.nodes = sorted(target.nodes + g.nodes, key=self.index.__getitem__)
+                    self.groups = [x for x in self.groups if x is not g]
+                    self.group_of = {n: i for i, x in enumerate(self.groups) for n in x.nodes}
+                    changed = True
+                    break
+
+    def _merge_siblings(self) -> None:
+        """Pointwise groups of one shape that read a common input, and reach each other through
+        nothing computed in between, become one kernel: a decode step's key and value cache
+        updates (both select by the same slot mask) are one launch that reads the mask once."""
+        pointwise = sorted((g for g in self.groups if g.kind == "pointwise"), key=lambda g: self.index[g.nodes[0]])
+        readers: Dict[fx.Node, List[GroupSpec]] = {}
+        for g in pointwise:
+            for x in self._outside_inputs(g):
+                readers.setdefault(x, []).append(g)
+        gone: Set[int] = set()
+        for g in pointwise:
+            if id(g) in gone:
+                continue
+            shape = self._group_shape(g)
+            for x in self._outside_inputs(g):
+                for h in readers.get(x, ()):
+                    if h is g or id(h) in gone or self._group_shape(h) != shape:
+                        continue
+                    if self._safe(set(g.nodes), h.nodes):
+                        g.nodes = sorted(g.nodes + h.nodes, key=self.index.__getitem__)
+                        gone.add(id(h))
+        if gone:
+            self.groups = [g for g in self.groups if id(g) not in gone]
+            self.group_of = {n: i for i, g in enumerate(self.groups) for n in g.nodes}
+
+    def _outside_inputs(self, group: GroupSpec) -> List[fx.Node]:
+        inside = set(group.nodes)
+        return list(dict.fromkeys(a for n in group.nodes for a in n.all_input_nodes
+                                  if a not in inside and isinstance(a.meta.get("val"), torch.Tensor)))
+
+    @staticmethod
+    def _group_shape(group: GroupSpec) -> Tuple[int, ...]:
+        return _shape(max(group.nodes, key=_numel))
 
     def _add(self, group: GroupSpec) -> None:
         group.nodes.sort(key=self.index.__getitem__)

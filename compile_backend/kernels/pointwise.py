@@ -312,7 +312,8 @@ class PointwiseLauncher:
         # a piece is read at the output's index shifted along its cat dim: its own strides, and
         # one marker per cat dim (stride 1 there, 0 elsewhere) keeps that dim apart when merging
         markers = [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in plan.cats.values()]
-        all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [tuple(t.stride()) for t in pieces]
+        all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [self._piece_strides(p, t) for p, t in
+                                                                               zip(plan.pieces, pieces)]
                        + [_broadcast_strides(meta_of(o).shape, st, plan.shape) for o, st in zip(plan.stored, out_strides)]
                        + markers)
         sizes, strides = collapse(plan.shape, plan.order, all_strides)
@@ -331,6 +332,15 @@ class PointwiseLauncher:
         int_args = tuple(
             s[j] for s, pat in zip(strides, patterns) if pat != "flat" for j in pat)
         return _Launch(load_source(source).pointwise_kernel, source, int_args, numel, out_strides)
+
+    def _piece_strides(self, piece: fx.Node, t: torch.Tensor) -> Tuple[int, ...]:
+        """A cat piece's strides at the iteration shape: its own along the cat dim (it is read
+        shifted there), 0 along dims it broadcasts over (a cat computed inside a bigger kernel)."""
+        shape = self.plan.shape
+        dim = next(d for d, parts in self.plan.cats.values() if any(src is piece for _, src, _ in parts))
+        lead = len(shape) - t.dim()
+        return tuple(0 if d < lead or (t.shape[d - lead] == 1 and shape[d] != 1 and d - lead != dim)
+                     else t.stride(d - lead) for d in range(len(shape)))
 
     def launch_for(self, operands: Sequence[torch.Tensor]) -> _Launch:
         key = tuple((t.dtype, tuple(t.shape), t.stride()) for t in operands)

@@ -74,3 +74,36 @@ def test_a_gemm_epilogue_computes_the_other_branch_of_a_diamond():
     dw = b.op(aten.where.self, inside, mm, b.op(aten.scalar_tensor.default, 0.0, dtype=torch.float32))
     groups = _check(b.build(dw), ["gemm"])
     assert groups[0].ops == ("mm", "div", "abs", "le", "full", "where")
+
+
+def test_cache_updates_of_keys_and_values_are_one_kernel_with_the_rotation():
+    """A decode step's layer: the rotated key (rotate-half cat inside) is read only by the key
+    cache's select, so it is computed there; the key and value selects share the slot mask and
+    depend on nothing in between, so they are one kernel (three launches were: rotary, two
+    selects)."""
+    b = Builder()
+    k = b.input(torch.randn(2, 2, 1, 8))
+    v = b.input(torch.randn(2, 2, 1, 8))
+    cos = b.input(torch.randn(2, 1, 1, 8))
+    sin = b.input(torch.randn(2, 1, 1, 8))
+    slot = b.input(torch.rand(2, 1, 5, 1) > 0.5)
+    kc, vc = b.input(torch.randn(2, 2, 5, 8)), b.input(torch.randn(2, 2, 5, 8))
+    lo = b.op(aten.slice.Tensor, k, 3, 0, 4)
+    hi = b.op(aten.slice.Tensor, k, 3, 4, 8)
+    rot = b.op(aten.cat.default, [b.op(aten.neg.default, hi), lo], -1)
+    k_rot = b.op(aten.add.Tensor, b.op(aten.mul.Tensor, k, cos), b.op(aten.mul.Tensor, rot, sin))
+    new_k = b.op(aten.where.self, slot, k_rot, kc)
+    new_v = b.op(aten.where.self, slot, v, vc)
+    groups = _check(b.build(new_k, new_v), ["pointwise"])
+    assert groups[0].ops.count("where") == 2 and "cat" in groups[0].ops
+
+
+def test_siblings_that_depend_on_each_other_through_a_kernel_stay_apart():
+    b = Builder()
+    x = b.input(torch.randn(4, 6))
+    m = b.input(torch.rand(4, 6) > 0.5)
+    a = b.op(aten.where.self, m, x, b.op(aten.neg.default, x))
+    r = b.op(aten.cumsum.default, a, 1)  # an ATen op on the first between them
+    c = b.op(aten.where.self, m, r, x)
+    groups = _check(b.build(a, c))
+    assert [g.kind for g in groups] == ["pointwise", "aten", "pointwise"]

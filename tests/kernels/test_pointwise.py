@@ -222,6 +222,21 @@ def test_cat_of_three_pieces_any_dim_with_a_chained_piece(dim):
     assert_matches(kernel, group, [a, b, c])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cat_computed_inside_a_bigger_iteration_shape(dtype):
+    """The rotated key [B, H, 1, D] (rotate-half cat) computed inside the cache update
+    [B, H, S, D] that selects it into its slot: the cat's pieces are read broadcast along S."""
+    k, cos, sin = randn(2, 3, 1, 10, dtype=dtype, seed=21), randn(2, 1, 1, 10, seed=22), randn(2, 1, 1, 10, seed=23)
+    cache, slot = randn(2, 3, 7, 10, dtype=dtype, seed=24), torch.arange(7).reshape(1, 1, 7, 1) == 4
+
+    def fn(k, cos, sin, cache, slot):
+        rotated = torch.cat((-k[..., 5:], k[..., :5]), dim=-1)
+        return (torch.where(slot, (k * cos + rotated * sin).to(dtype), cache),)
+
+    group = make_group(fn, k, cos, sin, cache, slot)
+    assert_matches(build_pointwise(group, context()), group, [k, cos, sin, cache, slot])
+
+
 def test_cat_as_the_output_and_unsupported_pieces():
     a, b = randn(3, 4, seed=40), randn(3, 4, seed=41)
     group = make_group(lambda a, b: torch.cat((a, b), 0), a, b)  # a copy kernel
