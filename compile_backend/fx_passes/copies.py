@@ -11,6 +11,7 @@ before (checked on fake tensors); nothing writes either in place; the graph does
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -195,7 +196,44 @@ def _read_through_strided_views(gm: fx.GraphModule, node: fx.Node, finals: Dict[
     erase_if_dead(gm.graph, list(finals))  # the views, then the copy, now read by nobody
 
 
+def _match_slot_write(node: fx.Node, facts: Facts) -> Optional[int]:
+    """``index_copy(x, dim, index, src)`` writing one slice (a static KV cache's update at the
+    decode position, HF ``StaticCache``): its dim, else None."""
+    if not is_op(node, aten.index_copy) or node in facts.unsafe or len(node.args) != 4:
+        return None
+    x, dim, index, src = node.args
+    xv, iv, sv = tensor_val(x), tensor_val(index), tensor_val(src)
+    if xv is None or iv is None or sv is None or not isinstance(dim, int) or iv.shape != (1,):
+        return None
+    dim %= xv.dim()
+    if sv.dim() != xv.dim() or sv.shape[dim] != 1 or sv.dtype != xv.dtype:
+        return None
+    return dim
+
+
+def _select_into_slot(gm: fx.GraphModule, node: fx.Node, dim: int) -> None:
+    # where(arange(n) == index, src, x) along dim: element-wise, so the update runs in (and
+    # fuses into) our generated kernels; index_copy ran in ATen, one launch per cache per layer.
+    # An index out of range writes nothing here (eager raises).
+    x, _, index, src = node.args
+    xv = tensor_val(x)
+    shape = [1] * xv.dim()
+    shape[dim] = xv.shape[dim]
+    with gm.graph.inserting_before(node):
+        slots = gm.graph.call_function(aten.arange.default, (xv.shape[dim],),
+                                       {"dtype": tensor_val(index).dtype, "device": xv.device})
+        with torch._guards.detect_fake_mode([xv]) or contextlib.nullcontext():
+            slots.meta["val"] = torch.arange(xv.shape[dim], dtype=tensor_val(index).dtype, device=xv.device)
+        hit = call(gm.graph, aten.eq.Tensor, (call(gm.graph, aten.view.default, (slots, shape)),
+                                              call(gm.graph, aten.view.default, (index, [1] * xv.dim()))))
+        select = call(gm.graph, aten.where.self, (hit, src, x))
+    node.replace_all_uses_with(select)
+    gm.graph.erase_node(node)
+
+
 COPY_RULES = (
+    Rule("slot_write_as_select", "an index_copy of one slice (a static KV cache's update) is a "
+         "where(arange == index, src, x): element-wise, in our kernels", _match_slot_write, _select_into_slot),
     Rule("attention_output_layout", "an attention op whose readers all permute its output the same "
          "way writes it in that order", _match_attention_layout, _write_in_reader_order),
     Rule("copy_into_any_layout", "a contiguous copy (clone, same-dtype cast, cat of one non-empty "

@@ -251,9 +251,17 @@ class _Partitioner:
             self.group_of = {n: i for i, g in enumerate(self.groups) for n in g.nodes}
 
     def _outside_inputs(self, group: GroupSpec) -> List[fx.Node]:
+        """The tensors a group reads from outside, each seen through its views (two updates
+        reading one position through views of their own share it)."""
         inside = set(group.nodes)
-        return list(dict.fromkeys(a for n in group.nodes for a in n.all_input_nodes
-                                  if a not in inside and isinstance(a.meta.get("val"), torch.Tensor)))
+        out = []
+        for a in (a for n in group.nodes for a in n.all_input_nodes):
+            if a in inside or not isinstance(a.meta.get("val"), torch.Tensor):
+                continue
+            while a.op == "call_function" and is_view_op(a.target) and a.args and isinstance(a.args[0], fx.Node):
+                a = a.args[0]
+            out.append(a)
+        return list(dict.fromkeys(out))
 
     @staticmethod
     def _group_shape(group: GroupSpec) -> Tuple[int, ...]:

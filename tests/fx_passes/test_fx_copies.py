@@ -140,3 +140,28 @@ def test_packed_qkv_copy_becomes_strided_views():
     torch.testing.assert_close(got[0] if isinstance(got, (list, tuple)) else got, expected, rtol=1e-6, atol=1e-6)
     assert counts["copy_through_strided_views"] == 1
     assert count(t.gm, "clone") < clones and count(t.gm, "as_strided") == 3
+
+
+class SlotWrite(nn.Module):
+    """HF StaticCache's update at the decode position: index_copy of one slice along dim 2."""
+
+    def forward(self, cache, new, position):
+        return cache.index_copy(2, position, new) * 2.0
+
+
+def test_index_copy_of_one_slice_becomes_a_select():
+    cache, new = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 1, 4)
+    for position in (torch.tensor([0]), torch.tensor([5]), torch.tensor([8])):
+        t = inference_graph(SlotWrite(), cache, new, position)
+        expected = SlotWrite()(cache, new, position)
+        counts = drop_copies(t.gm, ctx())
+        t.gm.graph.lint()
+        check_meta(t.gm)
+        torch.testing.assert_close(run(t), expected, rtol=0, atol=0)
+        assert counts["slot_write_as_select"] == 1 and count(t.gm, "index_copy") == 0 and count(t.gm, "where") == 1
+
+
+def test_index_copy_of_several_slices_stays():
+    cache, new = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 2, 4)
+    t = inference_graph(SlotWrite(), cache, new, torch.tensor([1, 4]))
+    assert drop_copies(t.gm, ctx())["slot_write_as_select"] == 0 and count(t.gm, "index_copy") == 1

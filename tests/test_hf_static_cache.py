@@ -1,0 +1,59 @@
+"""transformers' LlamaForCausalLM decoding with a StaticCache through the backend (issue #20's
+second model, a model no one here wrote): several steps after a prompt match eager token by
+token, and the cache update runs in our kernels (index_copy of the decode position became a
+select, fused with the key's rotation; the key and value updates one kernel per layer)."""
+import pytest
+import torch
+
+import compile_backend
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128)
+    return cfg, transformers.LlamaForCausalLM(cfg).eval()
+
+
+class Step(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, position, cache):
+        return self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
+
+
+def _generate(cfg, model, step, prompt, steps=3):
+    cache = transformers.StaticCache(config=cfg, max_batch_size=prompt.shape[0], max_cache_len=32,
+                                     device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        out = model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1]), use_cache=True)
+        token, logits = out.logits[:, -1:].argmax(-1), []
+        for i in range(steps):
+            last = step(token, torch.tensor([prompt.shape[1] + i]), cache)
+            logits.append(last)
+            token = last.argmax(-1, keepdim=True)
+    return (torch.stack(logits) if logits else None), cache
+
+
+def test_static_cache_decode_matches_eager_and_updates_the_cache_in_our_kernels():
+    cfg, model = _model()
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(1))
+    eager = Step(model).eval()
+    expected, eager_cache = _generate(cfg, model, eager, prompt)
+    compiled = torch.compile(Step(model).eval(), backend="compile_backend")
+    got, cache = _generate(cfg, model, compiled, prompt)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(cache.layers, eager_cache.layers):  # the caller's cache was written
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+
+    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]),
+                                     _generate(cfg, model, eager, prompt, steps=0)[1])
+    (g,) = report.graphs
+    assert {f["op"] for f in g.fallbacks} <= {"aten.embedding"}, g.fallbacks
+    updates = [k for k in g.kernels if k["ops"].count("aten.where") == 2 and "aten.cat" in k["ops"]]
+    assert len(updates) == cfg.num_hidden_layers, [(k["kind"], k["ops"]) for k in g.kernels]
