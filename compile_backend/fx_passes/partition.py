@@ -48,8 +48,9 @@ import torch
 import torch.fx as fx
 
 from ..kernels.base import FILL_OPS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
-from .partition_graph import (RESHAPES, fills_per_reader, hoist_constants, hoist_views, is_op, is_reshape,
-                              make_adjacent, validate)
+from .partition_graph import (RESHAPES, broadcasts_to, fills_per_reader, hoist_constants, hoist_views, is_op,
+                              is_reshape, make_adjacent, safe, validate)
+from .partition_merge import merge_pointwise_groups
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -192,80 +193,13 @@ class _Partitioner:
         for n in sorted(self.nodes, key=lambda n: (-max(_numel(n), 0), self.index[n])):
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
-        self._merge_into_readers()
-        self._merge_siblings()
+        self.groups = merge_pointwise_groups(self.groups, self.index)
+        self.group_of = {n: i for i, g in enumerate(self.groups) for n in g.nodes}
         for n in self.nodes:
             if self.kind[n] is not None and n not in self.group_of:
                 self._add(GroupSpec("aten", [n]))
         self.groups.sort(key=lambda g: self.index[g.nodes[0]])
         return self.groups
-
-    def _merge_into_readers(self) -> None:
-        """A pointwise group whose values only one bigger pointwise group reads (and nothing
-        else: no graph output) joins it, when its shape broadcasts to the reader's: computed
-        there at every element, never stored (a decode step's rotated keys, a cat inside, feed
-        only the cache update that selects them into their slot)."""
-        changed = True
-        while changed:
-            changed = False
-            for g in [g for g in self.groups if g.kind == "pointwise"]:
-                inside = set(g.nodes)
-                readers = {u for n in g.nodes for u in n.users if u not in inside}
-                owners = {self.group_of.get(u) for u in readers}
-                if len(owners) != 1 or None in owners:
-                    continue
-                (k,) = owners
-                target = self.groups[k]
-                if target is g or target.kind != "pointwise" or not _fits(self._group_shape(g), self._group_shape(target)):
-                    continue
-                if self._safe(set(target.nodes), g.nodes):
-                    target.nodes = sorted(target.nodes + g.nodes, key=self.index.__getitem__)
-                    self.groups = [x for x in self.groups if x is not g]
-                    self.group_of = {n: i for i, x in enumerate(self.groups) for n in x.nodes}
-                    changed = True
-                    break
-
-    def _merge_siblings(self) -> None:
-        """Pointwise groups of one shape that read a common input, and reach each other through
-        nothing computed in between, become one kernel: a decode step's key and value cache
-        updates (both select by the same slot mask) are one launch that reads the mask once."""
-        pointwise = sorted((g for g in self.groups if g.kind == "pointwise"), key=lambda g: self.index[g.nodes[0]])
-        readers: Dict[fx.Node, List[GroupSpec]] = {}
-        for g in pointwise:
-            for x in self._outside_inputs(g):
-                readers.setdefault(x, []).append(g)
-        gone: Set[int] = set()
-        for g in pointwise:
-            if id(g) in gone:
-                continue
-            shape = self._group_shape(g)
-            for x in self._outside_inputs(g):
-                for h in readers.get(x, ()):
-                    if h is g or id(h) in gone or self._group_shape(h) != shape:
-                        continue
-                    if self._safe(set(g.nodes), h.nodes):
-                        g.nodes = sorted(g.nodes + h.nodes, key=self.index.__getitem__)
-                        gone.add(id(h))
-        if gone:
-            self.groups = [g for g in self.groups if id(g) not in gone]
-            self.group_of = {n: i for i, g in enumerate(self.groups) for n in g.nodes}
-
-    def _outside_inputs(self, group: GroupSpec) -> List[fx.Node]:
-        """The tensors a group reads from outside, each seen through its views (two updates
-        reading one position through views of their own share it)."""
-        inside = set(group.nodes)
-        out = []
-        for a in (a for n in group.nodes for a in n.all_input_nodes):
-            if a in inside or not isinstance(a.meta.get("val"), torch.Tensor):
-                continue
-            while a.op == "call_function" and is_view_op(a.target) and a.args and isinstance(a.args[0], fx.Node):
-                a = a.args[0]
-            out.append(a)
-        return list(dict.fromkeys(out))
-
-    @staticmethod
-    def _group_shape(group: GroupSpec) -> Tuple[int, ...]:
-        return _shape(max(group.nodes, key=_numel))
 
     def _add(self, group: GroupSpec) -> None:
         group.nodes.sort(key=self.index.__getitem__)
@@ -278,14 +212,7 @@ class _Partitioner:
         return n not in self.group_of
 
     def _safe(self, members: Set[fx.Node], extra: Sequence[fx.Node] = ()) -> bool:
-        """Every outside input of ``members | extra`` precedes their first node."""
-        nodes = members.union(extra)
-        first = min(self.index[n] for n in nodes)
-        for n in nodes:
-            for a in n.all_input_nodes:
-                if a not in nodes and self.index[a] >= first:
-                    return False
-        return True
+        return safe(self.index, members, extra)
 
     # gemm / conv ------------------------------------------------------------------------
     def _epilogue_chain(self, anchor: fx.Node) -> List[fx.Node]:
@@ -415,7 +342,7 @@ class _Partitioner:
             if _reduction_frame(n) == (x_shape, dims):
                 return [n, *self._getitems(n)]
             return []
-        if self.kind[n] == "pointwise" and (_fits(_shape(n), x_shape) or self._rides_on(n, members)):
+        if self.kind[n] == "pointwise" and (broadcasts_to(_shape(n), x_shape) or self._rides_on(n, members)):
             return [n, *self._constants_of(n)]
         if _is_unit_view(n) and n.args[0] in members:
             return [n]
@@ -487,7 +414,7 @@ class _Partitioner:
                 for p in m.all_input_nodes:
                     if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats:
                         continue
-                    if _fits(_shape(p), shape) and self._safe(members, [p]):
+                    if broadcasts_to(_shape(p), shape) and self._safe(members, [p]):
                         members.add(p)
                         changed = True
 
@@ -517,11 +444,6 @@ def _numel(node: fx.Node) -> int:
     return v.numel() if isinstance(v, torch.Tensor) else -1
 
 
-def _fits(shape: Tuple[int, ...], frame: Tuple[int, ...]) -> bool:
-    """``shape`` broadcasts to the reduction frame (a row value, a per-row value, a constant)."""
-    if len(shape) > len(frame):
-        return False
-    return all(s in (1, f) for s, f in zip(reversed(shape), reversed(frame)))
 
 
 def _reduction_frame(node: fx.Node) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:

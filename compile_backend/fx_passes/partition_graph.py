@@ -5,7 +5,7 @@ make each group's nodes adjacent; and check the partition contract (``validate``
 from __future__ import annotations
 
 import operator
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -143,4 +143,23 @@ def is_reshape(node: fx.Node) -> bool:
     return isinstance(src, torch.Tensor) and src.is_contiguous()
 
 
-__all__ = ["RESHAPES", "hoist_constants", "hoist_views", "fills_per_reader", "make_adjacent", "validate", "is_op", "is_reshape"]
+def safe(index: Dict[fx.Node, int], members: Set[fx.Node], extra: Sequence[fx.Node] = ()) -> bool:
+    """Every outside input of ``members | extra`` precedes their first node (graph order
+    ``index``): the contract that lets a group run as one unit."""
+    nodes = members.union(extra)
+    first = min(index[n] for n in nodes)
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in nodes and index[a] >= first:
+                return False
+    return True
+
+
+def broadcasts_to(shape: Tuple[int, ...], frame: Tuple[int, ...]) -> bool:
+    """``shape`` broadcasts (right-aligned) to ``frame``: a row value, a per-row value, a constant."""
+    if len(shape) > len(frame):
+        return False
+    return all(s in (1, f) for s, f in zip(reversed(shape), reversed(frame)))
+
+
+__all__ = ["RESHAPES", "safe", "broadcasts_to", "hoist_constants", "hoist_views", "fills_per_reader", "make_adjacent", "validate", "is_op", "is_reshape"]
