@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import contextlib
-import gc
 import os
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from compile_backend.bench.cli import load_model
-from compile_backend.bench.measure import (flat_tensors, fresh_compiler_caches, percentile, record_failure, sync,
-                                           time_calls)
+from compile_backend.bench.measure import (clean_slate, flat_tensors, fresh_compiler_caches, percentile, record_failure,
+                                           sync, time_calls)
 from compile_backend.bench.results import ResultsFile, environment
 
 from . import real_models
@@ -171,10 +170,7 @@ def run_peer(peer: str, model, inputs, args, root: str, eager_grads) -> Dict[str
     from compile_backend.report import Report
 
     record: Dict[str, Any] = {"backend": peer}
-    torch._dynamo.reset()
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    clean_slate(args.device)
     cache = os.path.join(root, peer)
     try:
         with fresh_compiler_caches(cache):
@@ -207,15 +203,11 @@ def run_peer(peer: str, model, inputs, args, root: str, eager_grads) -> Dict[str
 
 
 def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, records: List[dict], env: dict) -> None:
-    name, batch = case.rsplit(":", 1)
-    spec = name
-    if name in real_models.REAL:
-        absent = real_models.missing_packages(name)
-        if absent:
-            log(f"{case}: skipped, {', '.join(absent)} not installed")
-            return
-        spec = real_models.model_spec(name)
-    model, inputs, _ = load_model(spec, args.size, int(batch), args.device, 0)
+    name, batch, spec, skipped = real_models.resolve_case(case)
+    if skipped:
+        log(f"{case}: skipped, {skipped}")
+        return
+    model, inputs, _ = load_model(spec, args.size, batch, args.device, 0)
     model.train()
     twin = without_dropout(model)
     eager_grads = gradients(twin, twin, inputs, args) if "compile_backend" in peers else None
@@ -224,7 +216,7 @@ def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, record
     with tempfile.TemporaryDirectory() as root:
         for peer in peers:
             record = run_peer(peer, model, inputs, args, root, eager_grads)
-            record.update(case=case, model=name, batch=int(batch), autocast=args.autocast, kind="qat_step", **env)
+            record.update(case=case, model=name, batch=batch, autocast=args.autocast, kind="qat_step", **env)
             case_records.append(record)
             records.append(record)
             results.write(records)
@@ -253,8 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.autocast is None:
         args.autocast = "bf16" if args.device.startswith("cuda") else "off"
-    peers = [s.strip() for s in args.peers.split(",") if s.strip()]
-    unknown = [s for s in peers if s not in ALL_PEERS]
+    peers, unknown = real_models.parse_peers(args.peers, ALL_PEERS)
     if unknown:
         p.error(f"unknown peer(s) {unknown}; choose among {', '.join(ALL_PEERS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

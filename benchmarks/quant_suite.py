@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import os
 import sys
 import tempfile
@@ -35,8 +34,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from compile_backend.bench.cli import load_model
-from compile_backend.bench.measure import (compare, compile_peer, fresh_compiler_caches, make_call, percentile,
-                                           record_failure, snapshot, strict_fp32, sync, time_calls, to_device)
+from compile_backend.bench.measure import (clean_slate, compare, compile_peer, fresh_compiler_caches, make_call,
+                                           percentile, record_failure, snapshot, strict_fp32, sync, time_calls,
+                                           to_device)
 from compile_backend.bench.results import ResultsFile, environment
 
 from . import real_models
@@ -115,10 +115,7 @@ def quant_summary(report) -> Optional[Dict[str, Any]]:
 
 def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str, Any]:
     record: Dict[str, Any] = {"backend": peer}
-    torch._dynamo.reset()
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    clean_slate(args.device)
     cache = os.path.join(root, peer)
     try:
         with fresh_compiler_caches(cache), torch.no_grad():
@@ -155,15 +152,11 @@ def available_peers(requested: Sequence[str]) -> List[str]:
 
 
 def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, records: List[dict], env: dict) -> None:
-    name, batch = case.rsplit(":", 1)
-    spec = name
-    if name in real_models.REAL:
-        absent = real_models.missing_packages(name)
-        if absent:
-            log(f"{case}: skipped, {', '.join(absent)} not installed")
-            return
-        spec = real_models.model_spec(name)
-    model, inputs, logits = load_model(spec, args.size, int(batch), args.device, 0)
+    name, batch, spec, skipped = real_models.resolve_case(case)
+    if skipped:
+        log(f"{case}: skipped, {skipped}")
+        return
+    model, inputs, logits = load_model(spec, args.size, batch, args.device, 0)
     with torch.no_grad(), strict_fp32():
         ref = snapshot(model(*inputs))
     model = model.to(torch.float16)
@@ -171,7 +164,7 @@ def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, record
     with tempfile.TemporaryDirectory() as root:
         for peer in peers:
             record = run_peer(peer, model, inputs, ref, logits, args, root)
-            record.update(case=case, model=name, batch=int(batch), precision="fp16 model", kind="quant_suite", **env)
+            record.update(case=case, model=name, batch=batch, precision="fp16 model", kind="quant_suite", **env)
             records.append(record)
             results.write(records)
 
@@ -188,8 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    requested = [s.strip() for s in args.peers.split(",") if s.strip()]
-    unknown = [s for s in requested if s not in ALL_PEERS]
+    requested, unknown = real_models.parse_peers(args.peers, ALL_PEERS)
     if unknown:
         p.error(f"unknown peer(s) {unknown}; choose among {', '.join(ALL_PEERS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

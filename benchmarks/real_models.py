@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,6 +48,24 @@ def missing_packages(name: str) -> Tuple[str, ...]:
 def model_spec(name: str) -> str:
     """The runner's ``--model`` value for ``name`` (``module:function``)."""
     return f"{__name__}:{REAL[name].factory}"
+
+
+def resolve_case(case: str) -> Tuple[str, int, Optional[str], Optional[str]]:
+    """``"hf_bert:16"`` -> (name, batch, the runner's model spec, None), or (name, batch, None,
+    why it is skipped) when a real model's packages are absent; zoo names pass through."""
+    name, batch = case.rsplit(":", 1)
+    if name not in REAL:
+        return name, int(batch), name, None
+    absent = missing_packages(name)
+    if absent:
+        return name, int(batch), None, f"{', '.join(absent)} not installed"
+    return name, int(batch), model_spec(name), None
+
+
+def parse_peers(text: str, known: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(requested peers in order, the unknown ones) from a comma-separated list."""
+    requested = [s.strip() for s in text.split(",") if s.strip()]
+    return requested, [s for s in requested if s not in known]
 
 
 class Output(torch.nn.Module):

@@ -132,6 +132,14 @@ def fresh_compiler_caches(root: str):
 
 # ----------------------------------------------------------------------------- timing
 
+def clean_slate(device: str) -> None:
+    """Before a peer: none of the last one's compiled graphs, garbage or cached GPU memory."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
