@@ -421,6 +421,23 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
     assert records[2]["quant"]["quantized"] == records[2]["quant"]["layers"] > 0
     assert records[2]["prepare_s"] > 0  # calibration timed apart from the compile
 
+    # issue #18's table and plot from that file, with a max-autotune record of benchmarks.suite's
+    from benchmarks import quant_table
+
+    autotune = tmp_path / "autotune.json"
+    autotune.write_text(json.dumps([{"model": "mlp", "batch": 8, "backend": "inductor-max-autotune",
+                                     "median_ms": 1e-3}]))
+    md, png = tmp_path / "table.md", tmp_path / "plot.png"
+    assert quant_table.main([str(out), str(autotune), "--markdown", str(md), "--plot", str(png)]) == 0
+    rows = quant_table.verdicts(quant_table.load([str(out), str(autotune)]))
+    assert [r["backend"] for r in rows] == ["cb-int8-static", "cb-fp8-dynamic"]
+    static = rows[0]
+    assert static["best_fp16_peer"] == "inductor-max-autotune" and static["target"] == 0.75
+    assert static["meets_target"] is False and static["ratio"] == static["ms"] / 1e-3
+    assert rows[1]["target"] is None and rows[1]["vs_ours_fp16"] > 0
+    assert "| mlp:8 | cb-int8-static |" in md.read_text() and "**miss**" in md.read_text()
+    assert png.stat().st_size > 1000
+
 
 def test_qat_step_bench_cpu_times_steps_and_checks_float_gradients(tmp_path, monkeypatch):
     """One QAT training step beside the float steps (tiny MLP on the CPU): each peer timed, the

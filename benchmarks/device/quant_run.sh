@@ -36,7 +36,9 @@ for spec in "$@"; do
     suite) # the quantized suite (issue #18): third field = cases, e.g. hf_bert:16,mlp:2048
            timeout "$limit" python3 -m benchmarks.quant_suite --out "$OUT/quant_suite_h200.json" \
              ${models:+--cases ${models//,/ }} ${QUANT_SUITE_ARGS:-} > "$OUT/quant_suite.log" 2>&1
-           grep "\[quant_suite\]" "$OUT/quant_suite.log" | tail -30 | cut -c1-300 ;;
+           grep "\[quant_suite\]" "$OUT/quant_suite.log" | tail -30 | cut -c1-300
+           python3 -m benchmarks.quant_table "$OUT/quant_suite_h200.json" --markdown "$OUT/quant_suite_h200.md" \
+             --plot "$OUT/quant_suite_h200.png" 2>&1 | tail -20 ;;
     qatstep) # one QAT training step vs the float steps (issue #19): third field = cases, e.g. hf_bert:16,tv_resnet50:32
            timeout "$limit" python3 -m benchmarks.qat_step_bench --out "$OUT/qat_step_h200.json" \
              ${models:+--cases ${models//,/ }} ${QAT_STEP_ARGS:-} > "$OUT/qat_step.log" 2>&1
