@@ -109,7 +109,7 @@ def classify(node: fx.Node) -> Optional[str]:
         return "reduction"
     if packet in _POOLS:
         return "pool"
-    if fusable_pointwise(node) or fusable_cat(node):
+    if fusable_pointwise(node) or fusable_cat(node) or fusable_gather(node):
         return "pointwise"
     return "aten"
 
@@ -130,6 +130,16 @@ def fusable_cat(node: fx.Node) -> bool:
         return False
     return all(isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor)
                and p.meta["val"].dtype == val.dtype and p.meta["val"].dim() == val.dim() for p in pieces)
+
+
+def fusable_gather(node: fx.Node) -> bool:
+    """``aten.embedding`` of a 2-D float weight by integer indices, rows of more than one value: a
+    pointwise kernel loads each element's row index, then the weight (pointwise groups only)."""
+    if node.op != "call_function" or node.target is not aten.embedding.default or len(node.args) < 2:
+        return False
+    w, i = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point() and w.shape[1] > 1
+            and isinstance(i, torch.Tensor) and i.dtype in (torch.int32, torch.int64) and i.numel() > 0)
 
 
 def fusable_pointwise(node: fx.Node) -> bool:
@@ -168,6 +178,9 @@ class _Partitioner:
         # cats are "pointwise" for pointwise groups only: GEMM epilogues and reductions have
         # no cat in their code generators
         self.cats = {n for n in self.nodes if self.kind[n] == "pointwise" and n.target is aten.cat.default}
+        # ops only generated pointwise kernels compute (no GEMM epilogue, no reduction)
+        self.pointwise_only = self.cats | {n for n in self.nodes if self.kind[n] == "pointwise"
+                                           and n.target is aten.embedding.default}
         self.group_of: Dict[fx.Node, int] = {}
         self.groups: List[GroupSpec] = []
 
@@ -227,7 +240,7 @@ class _Partitioner:
                 return False
             if is_reshape(u):
                 return u.args[0] in members
-            return self.kind[u] == "pointwise" and u not in self.cats and all(
+            return self.kind[u] == "pointwise" and u not in self.pointwise_only and all(
                 _shape(a) == _shape(u) for a in u.all_input_nodes if a in members)
 
         self._grow(members, joins)
@@ -265,7 +278,7 @@ class _Partitioner:
                     continue
                 if self.kind.get(p) != "pointwise" or not self._free(p):
                     return None
-                if p in self.cats and not self._pointwise_seeded(members):
+                if p in self.pointwise_only and not self._pointwise_seeded(members):
                     return None
                 if cur in self.cats or (cur is not node and _shape(cur) != _shape(node)):
                     # a cat's piece (and its own producers) has the piece's shape: a chain of
@@ -336,7 +349,7 @@ class _Partitioner:
         return all(self.kind.get(m) in ("pointwise", None) for m in members)
 
     def _reduction_member(self, n: fx.Node, members, x_shape, dims) -> List[fx.Node]:
-        if n in self.cats:
+        if n in self.pointwise_only:
             return []
         if self.kind[n] == "reduction":
             if _reduction_frame(n) == (x_shape, dims):
@@ -362,7 +375,7 @@ class _Partitioner:
             changed = False
             for m in list(members):
                 for p in m.all_input_nodes:
-                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats:
+                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.pointwise_only:
                         continue
                     if self._constant(p):
                         members.add(p)
@@ -370,6 +383,8 @@ class _Partitioner:
                         continue
                     if _shape(p) != x_shape or any(u not in members for u in p.users):
                         continue
+                    if any(a in self.pointwise_only and self._free(a) for a in p.all_input_nodes):
+                        continue  # it joins that cat's / embedding's kernel instead: one launch fewer
                     if self._safe(members, [p]):
                         members.add(p)
                         changed = True
@@ -474,4 +489,4 @@ def _argument(node: fx.Node, name: str):
     return None
 
 
-__all__ = ["GroupSpec", "partition", "classify", "fusable_pointwise", "validate"]
+__all__ = ["GroupSpec", "partition", "classify", "fusable_pointwise", "fusable_cat", "fusable_gather", "validate"]

@@ -313,10 +313,13 @@ def _silu_backward(args, kwargs, out, helpers):
 
 
 def _gelu_backward(args, kwargs, out, helpers):
-    tanh = _kw(args, kwargs, 2, "approximate", "none") == "tanh"
-    helpers.update({"gelu_tanh_grad", "tanh"} if tanh else {"gelu_grad", "exp"})
-    return _float_only(out, "cb_gelu_tanh_grad({g}, {x})" if tanh else "cb_gelu_grad({g}, {x})",
-                       g=args[0], x=args[1])
+    if _kw(args, kwargs, 2, "approximate", "none") == "tanh":
+        helpers.update({"gelu_tanh_grad", "tanh"})
+        return _float_only(out, "cb_gelu_tanh_grad({g}, {x})", g=args[0], x=args[1])
+    # exact GELU's pdf needs exp: cb_exp in fp32 (see the module doc), the libdevice one in fp64
+    fp64 = out.is_floating_point and compute_dtype(out) == torch.float64
+    helpers.update({"gelu_grad64"} if fp64 else {"gelu_grad", "exp"})
+    return _float_only(out, "cb_gelu_grad64({g}, {x})" if fp64 else "cb_gelu_grad({g}, {x})", g=args[0], x=args[1])
 
 
 def _convert(args, kwargs, out, helpers):
@@ -494,11 +497,13 @@ def cb_silu_grad(dy, x):
 def cb_gelu_grad(dy, x):
     # eager: dy * (cdf + x * pdf), cdf = 0.5 (1 + erf(x / sqrt 2)), pdf = exp(-x^2 / 2) / sqrt(2 pi)
     cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-    if x.dtype == tl.float64:
-        e = tl.exp(-0.5 * x * x)
-    else:
-        e = cb_exp(-0.5 * x * x)
-    return dy * (cdf + x * (e * 0.3989422804014327))
+    return dy * (cdf + x * (cb_exp(-0.5 * x * x) * 0.3989422804014327))
+''',
+    "gelu_grad64": '''
+@triton.jit
+def cb_gelu_grad64(dy, x):
+    cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    return dy * (cdf + x * (tl.exp(-0.5 * x * x) * 0.3989422804014327))
 ''',
     "gelu_tanh_grad": '''
 @triton.jit

@@ -49,6 +49,11 @@ class PointwisePlan:
     cats: Dict[fx.Node, Tuple[int, List[Tuple[fx.Node, fx.Node, List[fx.Node]]]]] = \
         dataclasses.field(default_factory=dict)
     pieces: List[fx.Node] = dataclasses.field(default_factory=list)
+    # embedding nodes: (weight, indices), both group inputs: each element loads its row's index
+    # (the indices laid over the leading dims) and reads the weight at (index, last dim);
+    # ``gathered`` lists those tensors in launch order (weight, indices per gather)
+    gathers: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=dict)
+    gathered: List[fx.Node] = dataclasses.field(default_factory=list)
 
 
 def analyze(group: KernelGroup) -> PointwisePlan:
@@ -56,6 +61,7 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     placeholders, host_views, sources = [], [], set()
     by_node: Dict[fx.Node, str] = {}
     cats: Dict[fx.Node, Tuple[int, List[Tuple[fx.Node, fx.Node, List[fx.Node]]]]] = {}
+    gathers: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = {}
     for node in group.gm.graph.nodes:
         val = meta_of(node)
         if node.op == "placeholder":
@@ -75,6 +81,10 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                 continue
             if node.target is torch.ops.aten.cat.default:
                 cats[node] = _cat_pieces(node, sources, by_node)
+                by_node[node] = "compute"
+                continue
+            if node.target is torch.ops.aten.embedding.default:
+                gathers[node] = _gather_parts(node, sources)
                 by_node[node] = "compute"
                 continue
             reason = expr.unsupported_reason(node)
@@ -101,14 +111,19 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     for n in compute:
         if n not in chained:
             _check_broadcasts(meta_of(n).shape, shape, n.name)
-    used = [a for n in compute if n not in cats and n not in chained for a in n.all_input_nodes]
+    gathers = {g: v for g, v in gathers.items() if g in compute}
+    for g in gathers:  # its embedding dim is the iteration's last
+        if meta_of(g).dim() == 0 or len(shape) == 0 or meta_of(g).shape[-1] != shape[-1] or shape[-1] < 2:
+            raise Unsupported(f"{g.name}: an embedding whose rows do not run along the output's last dim")
+    used = [a for n in compute if n not in cats and n not in chained and n not in gathers for a in n.all_input_nodes]
     operands = [n for n in dict.fromkeys(used) if n in sources]
     scalars = [n for n in dict.fromkeys(used + [a for n in chained for a in n.all_input_nodes])
                if n.op == "placeholder" and n not in sources]
     pieces = list(dict.fromkeys(src for _, ps in cats.values() for _, src, _ in ps))
     order = output_order(meta_of(big)) if stored else ()
+    gathered = [t for w, i in gathers.values() for t in (w, i)]
     return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order,
-                         cats, pieces)
+                         cats, pieces, gathers, gathered)
 
 
 #: pieces a generated cat takes (each is a masked load per element)
@@ -141,6 +156,19 @@ def _cat_pieces(node: fx.Node, sources: set, computed: Dict[fx.Node, str]):
             cur, reader = tensors[0], cur
         parts.append((p, cur, chain[::-1]))
     return dim % out.dim(), parts
+
+
+def _gather_parts(node: fx.Node, sources: set) -> Tuple[fx.Node, fx.Node]:
+    """(weight, indices) of ``aten.embedding`` in a pointwise group: both group inputs (or views
+    of them), a 2-D weight and integer indices."""
+    weight, indices = node.args[0], node.args[1]
+    w, i = meta_of(weight), meta_of(indices)
+    if weight not in sources or indices not in sources:
+        raise Unsupported("embedding of a computed weight or computed indices inside a pointwise group")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(i, torch.Tensor) or \
+            i.dtype not in (torch.int32, torch.int64):
+        raise Unsupported("embedding needs a 2-D weight and int32/int64 indices")
+    return weight, indices
 
 
 def _needed(outputs: Sequence[fx.Node]) -> set:
@@ -197,25 +225,27 @@ def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
 
 
 def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
-            round_intermediates: bool = True, cat_dims: Sequence[int] = ()) -> str:
+            round_intermediates: bool = True, cat_dims: Sequence[int] = (), gather_dim: Any = None) -> str:
     """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
     div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
     long division per element."""
     ndims, numel = len(sizes), 1
     for s in sizes:
         numel *= s
-    tensors = ([f"in_{n.name}" for n in plan.operands] + [f"piece_{n.name}" for n in plan.pieces]
+    gathered = [f"g{k}_{role}" for k in range(len(plan.gathers)) for role in ("w", "i")]
+    tensors = ([f"in_{n.name}" for n in plan.operands] + [f"piece_{n.name}" for n in plan.pieces] + gathered
                + [f"out{i}" for i in range(len(plan.stored))])
     params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
     for t, pat in zip(tensors, patterns):
-        if pat != "flat":
+        if pat not in ("flat", "gather"):
             params += [f"{t}_st{j}" for j in pat]
+    params += [f"g{k}_w_s{j}" for k in range(len(plan.gathers)) for j in (0, 1)]
     body = ["pid = tl.program_id(0)",
             f"offs = {'pid.to(tl.int64)' if wide else 'pid'} * BLOCK + tl.arange(0, BLOCK)",
             f"mask = offs < {numel}"]
-    out_patterns = patterns[len(plan.operands) + len(plan.pieces):]
-    if (any(p != "flat" and p for p in patterns) or any(p != "flat" for p in out_patterns) or plan.cats) \
-            and ndims > 0:
+    out_patterns = patterns[len(plan.operands) + len(plan.pieces) + len(gathered):]
+    if (any(p != "flat" and p for p in patterns) or any(p != "flat" for p in out_patterns) or plan.cats
+            or plan.gathers) and ndims > 0:
         body.append("# multi-index over the (merged) iteration dims, outermost first")
         rest = "offs"
         for j in range(ndims - 1, 0, -1):
@@ -261,10 +291,22 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             start += size
         names[cat] = var
         block_values.add(cat)
+    gather_pats = patterns[len(plan.operands) + len(plan.pieces):len(plan.operands) + len(plan.pieces) + len(gathered)]
+    for k, (node, (weight, _)) in enumerate(plan.gathers.items()):
+        rows, ipat = meta_of(weight).shape[0], gather_pats[2 * k + 1]
+        body.append(f"# {node.name}: embedding rows gathered by index (an index out of range reads 0)")
+        at = f"g{k}_i_ptr + {offset(f'g{k}_i', ipat)}" if ipat == "flat" or ipat else f"g{k}_i_ptr + 0 * offs"
+        body.append(f"gi_{node.name} = tl.load({at}, mask=mask, other=0).to(tl.int64)")
+        body.append(f"gok_{node.name} = (gi_{node.name} >= 0) & (gi_{node.name} < {rows})")
+        load = (f"tl.load(g{k}_w_ptr + gi_{node.name} * g{k}_w_s0 + i{gather_dim} * g{k}_w_s1, "
+                f"mask=mask & gok_{node.name}, other=0)")
+        body.append(f"v_{node.name} = {expr.to_compute(load, meta_of(weight).dtype)}")
+        names[node] = f"v_{node.name}"
+        block_values.add(node)
     chained = {n for _, parts in plan.cats.values() for _, _, chain in parts for n in chain}
     body.append("# one line per ATen op; reduced floats are computed in fp32 and rounded like eager")
-    body += expr.emit_pointwise([n for n in plan.compute if n not in plan.cats and n not in chained], names, helpers,
-                                round_intermediates)
+    body += expr.emit_pointwise([n for n in plan.compute if n not in plan.cats and n not in chained
+                                 and n not in plan.gathers], names, helpers, round_intermediates)
     for node in plan.compute:
         if any(a in block_values for a in node.all_input_nodes):
             block_values.add(node)
@@ -307,31 +349,51 @@ class PointwiseLauncher:
                 raise ValueError(f"input {node.name}: kernel built for {want.dtype}{tuple(want.shape)}, "
                                  f"got {t.dtype}{tuple(t.shape)}")
         out_strides = [strides_for(tuple(meta_of(o).shape), output_order(meta_of(o))) for o in plan.stored]
-        pieces = operands[len(plan.operands):]
-        operands = operands[:len(plan.operands)]
+        n_op, n_pc = len(plan.operands), len(plan.pieces)
+        pieces, gathered = operands[n_op:n_op + n_pc], operands[n_op + n_pc:]
+        operands = operands[:n_op]
         # a piece is read at the output's index shifted along its cat dim: its own strides, and
-        # one marker per cat dim (stride 1 there, 0 elsewhere) keeps that dim apart when merging
+        # one marker per cat dim (stride 1 there, 0 elsewhere) keeps that dim apart when merging;
+        # so does one for the last dim when an embedding reads its weight's columns along it
+        last = len(plan.shape) - 1
         markers = [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in plan.cats.values()]
+        markers += [tuple(int(d == last) for d in range(len(plan.shape)))] if plan.gathers else []
         all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [self._piece_strides(p, t) for p, t in
                                                                                zip(plan.pieces, pieces)]
+                       + [self._gathered_strides(t, k % 2 == 0) for k, t in enumerate(gathered)]
                        + [_broadcast_strides(meta_of(o).shape, st, plan.shape) for o, st in zip(plan.stored, out_strides)]
                        + markers)
         sizes, strides = collapse(plan.shape, plan.order, all_strides)
-        cat_dims = [m.index(1) for m in strides[len(strides) - len(markers):]]
+        marked = [m.index(1) for m in strides[len(strides) - len(markers):]]
+        cat_dims, gather_dim = marked[:len(plan.cats)], (marked[-1] if plan.gathers else None)
         strides = strides[:len(strides) - len(markers)]
         patterns = [_pattern(s, sizes) for s in strides]
-        for i in range(len(operands), len(operands) + len(pieces)):  # pieces: always indexed by dim
+        for i in range(n_op, n_op + n_pc):  # pieces: always indexed by dim
             patterns[i] = tuple(range(len(sizes)))
+        for i in range(n_op + n_pc, n_op + n_pc + len(gathered), 2):  # weights: addressed by row and column
+            patterns[i] = "gather"
         numel = 1
         for s in plan.shape:
             numel *= s
         reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1
-                               for t in list(operands) + list(pieces)])
+                               for t in list(operands) + list(pieces) + list(gathered)])
         wide = reach + self.config.block > INT32_MAX
-        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims)
+        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim)
         int_args = tuple(
-            s[j] for s, pat in zip(strides, patterns) if pat != "flat" for j in pat)
+            s[j] for s, pat in zip(strides, patterns) if pat not in ("flat", "gather") for j in pat)
+        int_args += tuple(x for w in gathered[::2] for x in w.stride())
         return _Launch(load_source(source).pointwise_kernel, source, int_args, numel, out_strides)
+
+    def _gathered_strides(self, t: torch.Tensor, weight: bool) -> Tuple[int, ...]:
+        """An embedding's indices at the iteration shape: laid over the dims before the last
+        (right-aligned with the embedding's output), 0 along the last; its weight: all 0 (it is
+        addressed by the loaded index and the last dim's index, ``_source``)."""
+        shape = self.plan.shape
+        if weight:
+            return (0,) * len(shape)
+        lead = len(shape) - 1 - t.dim()
+        return tuple(0 if d < lead or d == len(shape) - 1 or t.shape[d - lead] == 1 else t.stride(d - lead)
+                     for d in range(len(shape)))
 
     def _piece_strides(self, piece: fx.Node, t: torch.Tensor) -> Tuple[int, ...]:
         """A cat piece's strides at the iteration shape: its own along the cat dim (it is read
@@ -362,7 +424,7 @@ class PointwiseLauncher:
         env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
         for v in plan.host_views:
             env[v] = v.target(*map_nodes(v.args, env), **map_nodes(v.kwargs, env))
-        operands = [env[n] for n in plan.operands + plan.pieces]
+        operands = [env[n] for n in plan.operands + plan.pieces + plan.gathered]
         device = operands[0].device if operands else self.device
         if plan.stored:
             launch = self.launch_for(operands)
@@ -394,7 +456,7 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
     launcher = PointwiseLauncher(plan, config, ctx.device)
     source = None
     if plan.stored:  # generate (and load) the source for the layout the graph was traced with
-        metas = [meta_of(n) for n in plan.operands + plan.pieces]
+        metas = [meta_of(n) for n in plan.operands + plan.pieces + plan.gathered]
         source = launcher.launch_for(metas).source
     return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=launcher,
                   config=dataclasses.asdict(config), source=source,

@@ -3,6 +3,8 @@
 (a QAT layer's scale) joins the kernel of the full-size values it feeds and is stored beside
 them; a per-row chain after a row reduction stays in the reduction's kernel; a GEMM epilogue
 computes the other branch of a diamond (a straight-through gradient's mask) from loads."""
+import operator
+
 import torch
 
 from compile_backend.fx_passes.partition import partition, validate
@@ -107,3 +109,16 @@ def test_siblings_that_depend_on_each_other_through_a_kernel_stay_apart():
     c = b.op(aten.where.self, m, r, x)
     groups = _check(b.build(a, c))
     assert [g.kind for g in groups] == ["pointwise", "aten", "pointwise"]
+
+
+def test_embeddings_join_pointwise_kernels_only():
+    """Token + position embeddings and their add are one pointwise kernel (was an ATen
+    embedding per table); a norm after them stays a reduction of its own (no gather there)."""
+    b = Builder()
+    wte, wpe = b.input(torch.randn(40, 8)), b.input(torch.randn(6, 8))
+    ids, pos = b.input(torch.randint(0, 40, (2, 6))), b.input(torch.arange(6).unsqueeze(0))
+    h = b.op(aten.add.Tensor, b.op(aten.embedding.default, wte, ids), b.op(aten.embedding.default, wpe, pos))
+    out = b.op(aten.native_layer_norm.default, h, [8], None, None, 1e-5)
+    y = b.op(operator.getitem, out, 0)
+    groups = _check(b.build(y), ["pointwise", "reduction"])
+    assert groups[0].ops == ("embedding", "embedding", "add")

@@ -13,8 +13,10 @@ EXPECTED = {
     # passes: (CSE, no-ops, BN folded, GEMM merges, attention fusions); groups per kind
     "mlp": ((0, 3, 0, 0, 0), {"gemm": 4}),
     "resnet50": ((0, 0, 17, 0, 0), {"conv": 17, "gemm": 1, "pool": 1, "reduction": 1}),
-    "bert": ((4, 15, 0, 2, 2), {"aten": 1, "attention": 2, "gemm": 8, "pointwise": 1, "reduction": 5}),
-    "gpt2": ((4, 15, 0, 2, 2), {"aten": 1, "attention": 2, "gemm": 9, "pointwise": 1, "reduction": 5}),
+    # the token embedding runs in a pointwise kernel with the add after it (was ATen; BERT's add
+    # left its norm's prologue for it: the same count, nothing in ATen; GPT-2: one launch fewer)
+    "bert": ((4, 15, 0, 2, 2), {"attention": 2, "gemm": 8, "pointwise": 2, "reduction": 5}),
+    "gpt2": ((4, 15, 0, 2, 2), {"attention": 2, "gemm": 9, "pointwise": 1, "reduction": 5}),
     # the class-token cat joins the position-embedding add's pointwise kernel (was an ATen cat)
     "vit": ((4, 7, 0, 2, 2), {"attention": 2, "conv": 1, "gemm": 9, "pointwise": 1, "reduction": 5}),
 }

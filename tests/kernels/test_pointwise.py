@@ -237,6 +237,40 @@ def test_cat_computed_inside_a_bigger_iteration_shape(dtype):
     assert_matches(build_pointwise(group, context()), group, [k, cos, sin, cache, slot])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+def test_embedding_gathers_rows_and_joins_the_adds(dtype, index_dtype):
+    """GPT-2's token + position embeddings as one kernel: each element loads its row index, then
+    the weight at (index, column); the position rows broadcast over the batch; odd sizes."""
+    wte, wpe = randn(37, 13, dtype=dtype, seed=31), randn(9, 13, dtype=dtype, seed=32)
+    ids = torch.randint(0, 37, (3, 9), generator=torch.Generator().manual_seed(33)).to(index_dtype)
+    pos = torch.arange(9).to(index_dtype).unsqueeze(0)
+    group = make_group(lambda w, p, i, q: (torch.nn.functional.embedding(i, w) + torch.nn.functional.embedding(q, p),),
+                       wte, wpe, ids, pos)
+    kernel = build_pointwise(group, context())
+    assert kernel.impl == "triton" and "embedding" in " ".join(kernel.ops)
+    assert_matches(kernel, group, [wte, wpe, ids, pos])
+
+
+def test_embedding_of_a_strided_weight_and_a_scalar_index():
+    w = randn(11, 20, seed=34).t()  # [20, 11] with strides (1, 20)
+    idx = torch.tensor(7)
+    group = make_group(lambda w, i: (torch.nn.functional.embedding(i, w) * 2.0,), w, idx)
+    assert_matches(build_pointwise(group, context()), group, [w, idx])
+
+
+def test_embedding_index_out_of_range_reads_zero_not_memory():
+    """Eager raises (CUDA: a device assert); a kernel cannot raise, so an index outside the
+    table reads 0 instead of memory beyond the weight. Computed indices are refused."""
+    w = randn(5, 6, seed=35)
+    group = make_group(lambda w, i: (torch.ops.aten.embedding(w, i),), w, torch.tensor([[0, 4, 1, 2]]))
+    out = build_pointwise(group, context()).fn(w, torch.tensor([[0, 4, 5, -1]]))[0]
+    assert torch.equal(out[0, :2], w[[0, 4]]) and torch.equal(out[0, 2:], torch.zeros(2, 6))
+    computed = make_group(lambda w, i: (torch.ops.aten.embedding(w, i.clamp(0, 4)),), w, torch.tensor([[0, 4]]))
+    with pytest.raises(Unsupported, match="computed weight or computed indices"):
+        build_pointwise(computed, context())
+
+
 def test_cat_as_the_output_and_unsupported_pieces():
     a, b = randn(3, 4, seed=40), randn(3, 4, seed=41)
     group = make_group(lambda a, b: torch.cat((a, b), 0), a, b)  # a copy kernel
