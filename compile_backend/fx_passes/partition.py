@@ -132,12 +132,27 @@ def fusable_cat(node: fx.Node) -> bool:
                and p.meta["val"].dtype == val.dtype and p.meta["val"].dim() == val.dim() for p in pieces)
 
 
+def gather_operands(node: fx.Node):
+    """(table, indices) of a row gather: ``aten.embedding(weight, indices)`` or
+    ``aten.index.Tensor(table, [indices])`` (``table[indices]``: a rotary table by position);
+    None for anything else."""
+    if node.op != "call_function" or len(node.args) < 2:
+        return None
+    if node.target is aten.embedding.default:
+        return node.args[0], node.args[1]
+    if node.target is aten.index.Tensor and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 1:
+        return node.args[0], node.args[1][0]
+    return None
+
+
 def fusable_gather(node: fx.Node) -> bool:
-    """``aten.embedding`` of a 2-D float weight by integer indices, rows of more than one value: a
-    pointwise kernel loads each element's row index, then the weight (pointwise groups only)."""
-    if node.op != "call_function" or node.target is not aten.embedding.default or len(node.args) < 2:
+    """A row gather (``gather_operands``) of a 2-D float table by integer indices, rows of more
+    than one value: a pointwise kernel loads each element's row index, then the table (pointwise
+    groups only)."""
+    parts = gather_operands(node)
+    if parts is None:
         return False
-    w, i = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
+    w, i = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in parts)
     return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point() and w.shape[1] > 1
             and isinstance(i, torch.Tensor) and i.dtype in (torch.int32, torch.int64) and i.numel() > 0)
 
@@ -180,7 +195,7 @@ class _Partitioner:
         self.cats = {n for n in self.nodes if self.kind[n] == "pointwise" and n.target is aten.cat.default}
         # ops only generated pointwise kernels compute (no GEMM epilogue, no reduction)
         self.pointwise_only = self.cats | {n for n in self.nodes if self.kind[n] == "pointwise"
-                                           and n.target is aten.embedding.default}
+                                           and gather_operands(n) is not None}
         self.group_of: Dict[fx.Node, int] = {}
         self.groups: List[GroupSpec] = []
 
@@ -489,4 +504,4 @@ def _argument(node: fx.Node, name: str):
     return None
 
 
-__all__ = ["GroupSpec", "partition", "classify", "fusable_pointwise", "fusable_cat", "fusable_gather", "validate"]
+__all__ = ["GroupSpec", "partition", "classify", "fusable_pointwise", "fusable_cat", "fusable_gather", "gather_operands", "validate"]

@@ -83,7 +83,8 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                 cats[node] = _cat_pieces(node, sources, by_node)
                 by_node[node] = "compute"
                 continue
-            if node.target is torch.ops.aten.embedding.default:
+            if node.target is torch.ops.aten.embedding.default or (
+                    node.target is torch.ops.aten.index.Tensor and len(node.args[1]) == 1):
                 gathers[node] = _gather_parts(node, sources)
                 by_node[node] = "compute"
                 continue
@@ -159,9 +160,11 @@ def _cat_pieces(node: fx.Node, sources: set, computed: Dict[fx.Node, str]):
 
 
 def _gather_parts(node: fx.Node, sources: set) -> Tuple[fx.Node, fx.Node]:
-    """(weight, indices) of ``aten.embedding`` in a pointwise group: both group inputs (or views
-    of them), a 2-D weight and integer indices."""
-    weight, indices = node.args[0], node.args[1]
+    """(weight, indices) of ``aten.embedding(weight, indices)`` or ``aten.index.Tensor(table,
+    [indices])`` in a pointwise group: both group inputs (or views of them), a 2-D weight and
+    integer indices."""
+    weight, indices = (node.args[0], node.args[1]) if node.target is torch.ops.aten.embedding.default \
+        else (node.args[0], node.args[1][0])
     w, i = meta_of(weight), meta_of(indices)
     if weight not in sources or indices not in sources:
         raise Unsupported("embedding of a computed weight or computed indices inside a pointwise group")

@@ -252,6 +252,17 @@ def test_embedding_gathers_rows_and_joins_the_adds(dtype, index_dtype):
     assert_matches(kernel, group, [wte, wpe, ids, pos])
 
 
+def test_table_indexed_by_position_is_a_gather():
+    """A rotary table read at each row's position, ``cos[position]`` (aten.index.Tensor with one
+    index tensor): the same gather as an embedding, here times the rotated values."""
+    table, q = randn(17, 8, seed=36), randn(3, 1, 8, seed=37)
+    position = torch.tensor([[4], [16], [0]])
+    group = make_group(lambda t, p, q: (t[p] * q,), table, position, q)
+    kernel = build_pointwise(group, context())
+    assert "aten.index" in " ".join(kernel.ops)
+    assert_matches(kernel, group, [table, position, q])
+
+
 def test_embedding_of_a_strided_weight_and_a_scalar_index():
     w = randn(11, 20, seed=34).t()  # [20, 11] with strides (1, 20)
     idx = torch.tensor(7)
