@@ -19,12 +19,14 @@ Policy, in priority order (earlier groups claim nodes first):
    epilogue takes values that broadcast to the reduced shape, and values laid over a member's
    dims (a per-channel scale chain on amax's (N,) result, then the (N, K) fake-quantized weight).
 4. pool: each max_pool2d_with_indices alone, with the getitems that take its values/indices.
-5. pointwise: the remaining fusable element-wise ops, largest first, grown along their users
+5. pointwise: the remaining fusable element-wise ops (and cats of a few pieces, row gathers:
+   embeddings, ``table[indices]``), largest first, grown along their users
    while the output shape stays the group's shape (smaller operands broadcast); a user that also
    reads another branch computed after the group starts joins with that branch (a diamond is one
    kernel). Then the group takes in the free producers whose shape broadcasts to its own, however
    early (a QAT scale chain, 0-d or per channel): computed at every element, stored once.
-6. aten: any other op (embedding, avg pooling, cat, ops no generated kernel can express), alone.
+6. aten: any other op (avg pooling, a cat of more pieces, other indexing, ops no generated kernel
+   can express), alone.
 
 Fills (``zeros``, ``ones_like``, ``scalar_tensor``...): each reader gets its own ``aten.full``
 (``partition_graph.fills_per_reader``), which joins the reader's group of any kind: a constant
