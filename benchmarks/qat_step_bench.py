@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from compile_backend.bench.cli import load_model
-from compile_backend.bench.measure import (clean_slate, flat_tensors, fresh_compiler_caches, percentile, record_failure,
-                                           sync, time_calls)
+from compile_backend.bench.measure import (clean_slate, first_and_steady, flat_tensors, fresh_compiler_caches,
+                                           record_failure)
 from compile_backend.bench.results import ResultsFile, environment
 
 from . import real_models
@@ -186,14 +186,9 @@ def run_peer(peer: str, model, inputs, args, root: str, eager_grads) -> Dict[str
                 record["gradients_vs_eager"] = compare_gradients(gradients(twin, twin_run, inputs, args), eager_grads)
                 del twin, twin_run
             step = make_step(mine, run, inputs, args)
-            sync(args.device)
-            t0 = time.perf_counter()
-            step()
-            sync(args.device)
-            record["first_step_s"] = time.perf_counter() - t0
-            times = time_calls(step, args.iters, args.warmup, args.device)
-            record.update(median_ms=percentile(times, 50), p20_ms=percentile(times, 20),
-                          p80_ms=percentile(times, 80), report=report_summary(report))
+            timed = first_and_steady(step, args.iters, args.warmup, args.device)
+            record["first_step_s"] = timed.pop("first_s")
+            record.update(timed, report=report_summary(report))
         log(f"{peer}: {record['median_ms']:.3f} ms per step, first step {record['first_step_s']:.1f} s")
     except Exception as exc:  # noqa: BLE001  (one failing peer must not end the case)
         record_failure(record, exc, lambda m: log(f"{peer}: {m}"))

@@ -34,9 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from compile_backend.bench.cli import load_model
-from compile_backend.bench.measure import (clean_slate, compare, compile_peer, fresh_compiler_caches, make_call,
-                                           percentile, record_failure, snapshot, strict_fp32, sync, time_calls,
-                                           to_device)
+from compile_backend.bench.measure import (clean_slate, compare, compile_peer, first_and_steady, fresh_compiler_caches,
+                                           make_call, record_failure, snapshot, strict_fp32, to_device)
 from compile_backend.bench.results import ResultsFile, environment
 
 from . import real_models
@@ -122,14 +121,9 @@ def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str
             fn, prep_s, report = build_peer(peer, model, inputs, args.device, os.path.join(cache, "cb"), args.autotune)
             record["prepare_s"] = prep_s
             call = make_call("inductor-reduce-overhead" if peer in TORCHAO else peer, fn, inputs)
-            sync(args.device)
-            t0 = time.perf_counter()
-            call()
-            sync(args.device)
-            record["first_call_s"] = time.perf_counter() - t0
-            times = time_calls(call, args.iters, args.warmup, args.device)
-            record.update(median_ms=percentile(times, 50), p20_ms=percentile(times, 20),
-                          p80_ms=percentile(times, 80))
+            timed = first_and_steady(call, args.iters, args.warmup, args.device)
+            record["first_call_s"] = timed.pop("first_s")
+            record.update(timed)
             record["accuracy"] = compare(snapshot(call()), ref, logits)
             record["quant"] = quant_summary(report)
         log(f"{peer}: {record['median_ms']:.3f} ms, cosine {record['accuracy']['cosine']:.5f}, "

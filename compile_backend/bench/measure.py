@@ -186,6 +186,15 @@ def time_calls(call: Callable[[], Any], iters: int, warmup: int, device: str) ->
     return times
 
 
+def first_and_steady(call: Callable[[], Any], iters: int, warmup: int, device: str) -> Dict[str, float]:
+    """The first call's seconds (compiles), then median / p20 / p80 ms of ``iters`` calls after
+    ``warmup`` more."""
+    first, _ = time_first_call(call, device)
+    times = time_calls(call, iters, warmup, device)
+    return {"first_s": first, "median_ms": percentile(times, 50), "p20_ms": percentile(times, 20),
+            "p80_ms": percentile(times, 80)}
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile, q in [0, 100]."""
     v = sorted(values)
