@@ -10,8 +10,9 @@ FP16 engine, and our weight-only engines W8A16 (per channel) and W4A16 (group 12
 ``--prefill``, a 2048-token prefill at batch 1 as well. Times: median of ``--iters`` calls
 timed with CUDA events after warm-up, the same inputs every call (a decode step costs the same
 at a fixed position). Accuracy beside speed: cosine of the last-position logits against the
-fp16 eager peer, and each of our engines' report (layers quantized, fallbacks). Each record
-carries the device, versions and commit.
+fp16 eager peer, for the weight-only engines each quantized layer's output SQNR (the reference
+numerics on the inputs the float model gives it; ``layer_sqnr_db``), and each of our engines'
+report (layers quantized, fallbacks). Each record carries the device, versions and commit.
 """
 from __future__ import annotations
 
@@ -57,8 +58,10 @@ def _peer(name: str, model: torch.nn.Module):
         return model, None
     if name == "inductor-reduce-overhead":
         return torch.compile(model, mode="reduce-overhead"), None
-    options = {"compile_backend": {}, "w8a16": {"quant": quant.QuantConfig(precision="int8", activations=None)},
-               "w4a16": {"quant": quant.QuantConfig(precision="int4", activations=None, group_size=128)}}[name]
+    options = {"compile_backend": {}}
+    options.update({n: {"quant": quant.QuantConfig(precision=p, activations=None, group_size=g)}
+                    for n, (p, g) in WEIGHT_ONLY.items()})
+    options = options[name]
     report = Report()
     return torch.compile(model, backend=functools.partial(backend, options=options, report=report)), report
 
@@ -79,6 +82,43 @@ def _impls(graph_report) -> Dict[str, int]:
         key = f"{k['kind']}:{k.get('impl')}"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+WEIGHT_ONLY = {"w8a16": ("int8", None), "w4a16": ("int4", 128)}
+
+
+def layer_output_sqnr(model: torch.nn.Module, inputs, precision: str, group_size, clip: str = "minmax",
+                      quantized=None) -> Dict[str, float]:
+    """Per ``nn.Linear`` (those named in ``quantized``, when given), the SQNR in dB of its output
+    with the weight-only quantized weight against its float output, on the inputs the float
+    model feeds it here: the engine's kernels equal this reference (kernels/weight_only_ref.py,
+    tested), so it is the engine's per-layer error without reading inside a fused graph."""
+    from compile_backend.kernels import quant_ref, weight_only_ref
+
+    captured: Dict[str, Any] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=n: captured.__setitem__(name, args[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and (quantized is None or f"{n}.weight" in quantized)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, x in captured.items():
+        layer = model.get_submodule(name)
+        w = layer.weight.detach().t().float()  # [K, N], as the engine reads it
+        s = weight_only_ref.scales(w, precision, group_size, clip)
+        deq = weight_only_ref.dequantize(weight_only_ref.quantize(w, s, precision, group_size), s, precision, group_size)
+        x = x.float().reshape(-1, w.shape[0])
+        out[name] = round(quant_ref.sqnr_db(x @ w, x @ deq), 2)
+    return out
+
+
+def _quantized_weights(report) -> set:
+    """Weight names the engine quantized (merged layers list their parts joined by '+')."""
+    return {part for g in report.graphs for q in g.quant if q["status"] == "quantized" for part in q["name"].split("+")}
 
 
 def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], iters: int, env: dict) -> List[dict]:
@@ -104,11 +144,15 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
             row.update(ms=ms, tokens_per_s=batch * (1 if kind == "decode" else inputs[0].shape[1]) / (ms * 1e-3),
                        cosine_vs_eager=torch.nn.functional.cosine_similarity(
                            logits.reshape(-1), ref.reshape(-1), dim=0).item(), **_summary(report))
+            if name in WEIGHT_ONLY and report is not None:  # issue #20: per-layer output SQNR
+                sqnr = layer_output_sqnr(model, inputs, *WEIGHT_ONLY[name], quantized=_quantized_weights(report))
+                row["layer_sqnr_db"] = sqnr
+                row["layer_sqnr_db_min"] = min(sqnr.values()) if sqnr else None
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
         print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "tokens_per_s", "cosine_vs_eager",
-                                                  "quantized", "fallbacks", "error")}), flush=True)
+                                                  "layer_sqnr_db_min", "quantized", "fallbacks", "error")}), flush=True)
     return rows
 
 

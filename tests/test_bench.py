@@ -462,3 +462,25 @@ def test_qat_step_bench_cpu_times_steps_and_checks_float_gradients(tmp_path, mon
     assert grads["parameters"] > 0 and not grads["missing"] and grads["worst_relative_error"] < 1e-4, grads
     placement = records[2]["report"]["forward"]["fake_quant"]
     assert placement["ops"] > 0 and placement["aten"] == 0, placement
+
+
+def test_decode_bench_cpu_records_peers_cosine_and_per_layer_sqnr(tmp_path, monkeypatch):
+    """The decode benchmark (issue #20) on the CPU, tiny decoder: every peer recorded with its
+    tokens/s and cosine against eager; the weight-only engines with every quantized layer's
+    output SQNR (INT8 per channel above INT4 grouped)."""
+    import json
+
+    from benchmarks import decode_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated path: fast on the CPU
+    out = tmp_path / "decode.json"
+    assert decode_bench.main(["--size", "tiny", "--device", "cpu", "--batches", "1", "--iters", "1",
+                              "--peers", "eager", "compile_backend", "w8a16", "w4a16", "--out", str(out)]) == 0
+    rows = {r["peer"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"eager", "compile_backend", "w8a16", "w4a16"}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["tokens_per_s"] > 0 and r["cosine_vs_eager"] > 0.99
+    w8, w4 = rows["w8a16"]["layer_sqnr_db"], rows["w4a16"]["layer_sqnr_db"]
+    assert len(w8) == 14 and set(w8) == set(w4)  # 2 layers x 7 linears (merged ones counted per part)
+    assert rows["w8a16"]["layer_sqnr_db_min"] > rows["w4a16"]["layer_sqnr_db_min"] > 5, (w8, w4)
