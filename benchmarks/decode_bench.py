@@ -6,8 +6,10 @@
 The zoo's Llama-style decoder (``compile_backend/zoo_llama.py``; base: 1.1B parameters, GQA
 32/4, a static KV cache passed in), fp16. Per batch (default 1 and 16), one decode step at
 context 512 (position 511), for each peer: eager, Inductor reduce-overhead (CUDA graphs), our
-FP16 engine, and our weight-only engines W8A16 (per channel) and W4A16 (group 128). With
-``--prefill``, a 2048-token prefill at batch 1 as well. Times: median of ``--iters`` calls
+FP16 engine, our weight-only engines W8A16 (per channel) and W4A16 (group 128), and our W8A8
+engines with SmoothQuant (``int8-sq``, ``fp8-sq``: static, calibrated on the case's inputs,
+alpha chosen per layer group; the prefill row's). With ``--prefill``, a 2048-token prefill at
+batch 1 as well. Times: median of ``--iters`` calls
 timed with CUDA events after warm-up, the same inputs every call (a decode step costs the same
 at a fixed position). Accuracy beside speed: cosine of the last-position logits against the
 fp16 eager peer, for the weight-only engines each quantized layer's output SQNR (the reference
@@ -25,7 +27,10 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
-PEERS = ("eager", "inductor-reduce-overhead", "compile_backend", "w8a16", "w4a16")
+PEERS = ("eager", "inductor-reduce-overhead", "compile_backend", "w8a16", "w4a16", "int8-sq", "fp8-sq")
+#: W8A8 with SmoothQuant (issue #20's prefill row): static activations calibrated on a batch like
+#: the case's (random init is fine for speed), the smoothing alpha chosen per layer group
+W8A8_SMOOTH = {"int8-sq": "int8", "fp8-sq": "fp8"}
 
 
 def _time_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
@@ -47,8 +52,8 @@ def _time_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
     return statistics.median(samples)
 
 
-def _peer(name: str, model: torch.nn.Module):
-    """(callable, report or None) for one peer."""
+def _peer(name: str, model: torch.nn.Module, inputs=()):
+    """(callable, report or None) for one peer (``inputs``: the case's, for calibration)."""
     from compile_backend import quant
     from compile_backend.backend import compile_backend as backend
     from compile_backend.report import Report
@@ -61,6 +66,9 @@ def _peer(name: str, model: torch.nn.Module):
     options = {"compile_backend": {}}
     options.update({n: {"quant": quant.QuantConfig(precision=p, activations=None, group_size=g)}
                     for n, (p, g) in WEIGHT_ONLY.items()})
+    if name in W8A8_SMOOTH:
+        cfg = quant.QuantConfig(precision=W8A8_SMOOTH[name], activations="static", smoothquant="auto")
+        options[name] = {"quant": quant.calibrate(model, [tuple(inputs)], cfg, progress=False, use_cache=False)}
     options = options[name]
     report = Report()
     return torch.compile(model, backend=functools.partial(backend, options=options, report=report)), report
@@ -131,7 +139,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
     for name in peers:
         row: Dict[str, Any] = {"case": kind, "size": size, "batch": batch, "peer": name, **env}
         try:
-            fn, report = _peer(name, model)
+            fn, report = _peer(name, model, inputs)
             with torch.no_grad():
                 t0 = time.perf_counter()
                 logits = fn(*inputs)[0].float()
@@ -146,8 +154,14 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
                            logits.reshape(-1), ref.reshape(-1), dim=0).item(), **_summary(report))
             if name in WEIGHT_ONLY and report is not None:  # issue #20: per-layer output SQNR
                 sqnr = layer_output_sqnr(model, inputs, *WEIGHT_ONLY[name], quantized=_quantized_weights(report))
+            elif name in W8A8_SMOOTH and report is not None:  # measured by calibration, per engine layer
+                sqnr = {q["name"]: q.get("sqnr_db") for g in report.graphs for q in g.quant if q["status"] == "quantized"}
+            else:
+                sqnr = None
+            if sqnr is not None:
                 row["layer_sqnr_db"] = sqnr
-                row["layer_sqnr_db_min"] = min(sqnr.values()) if sqnr else None
+                finite = [v for v in sqnr.values() if isinstance(v, (int, float))]
+                row["layer_sqnr_db_min"] = min(finite) if finite else None
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)

@@ -484,3 +484,13 @@ def test_decode_bench_cpu_records_peers_cosine_and_per_layer_sqnr(tmp_path, monk
     w8, w4 = rows["w8a16"]["layer_sqnr_db"], rows["w4a16"]["layer_sqnr_db"]
     assert len(w8) == 14 and set(w8) == set(w4)  # 2 layers x 7 linears (merged ones counted per part)
     assert rows["w8a16"]["layer_sqnr_db_min"] > rows["w4a16"]["layer_sqnr_db_min"] > 5, (w8, w4)
+
+    # the prefill row's W8A8 engines with SmoothQuant: calibrated, per-layer SQNR from calibration
+    out = tmp_path / "prefill.json"
+    assert decode_bench.main(["--size", "tiny", "--device", "cpu", "--batches", "1", "--iters", "1", "--prefill",
+                              "--peers", "eager", "int8-sq", "fp8-sq", "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text()) if r["case"] == "prefill"]
+    assert [r["peer"] for r in rows] == ["eager", "int8-sq", "fp8-sq"]
+    for r in rows[1:]:
+        assert "error" not in r, r.get("error")
+        assert r["quantized"] > 0 and r["cosine_vs_eager"] > 0.98 and r["layer_sqnr_db_min"] > 10, r
