@@ -235,3 +235,24 @@ def test_compiled_training_graph_fuses_the_fake_quantization(precision, tmp_path
     # was 35 forward groups (5 in ATen) and 22 backward (5 in ATen) before scale chains, fills
     # and straight-through masks joined the kernels around them
     assert len(forward.kernels) == 10 and len(backward.kernels) <= 17, (len(forward.kernels), len(backward.kernels))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 1e-30])
+def test_bad_scales_in_the_compiled_training_graph_match_eager(bad):
+    """A learned scale driven to zero, below zero or to a tiny value, inside our fused kernels
+    (the scale chain computed in the fake-quantize kernel, the masks in the GEMM epilogues):
+    losses and every gradient as eager's, all finite."""
+    models = []
+    for _ in range(2):
+        m = quant.prepare_qat(Net().eval(), quant.QuantConfig(calibrator="max"), batches(2), progress=False)
+        with torch.no_grad():
+            m.fc1.qat_scale.fill_(bad)
+        models.append(m.train())
+    eager, compiled = models
+    run = torch.compile(compiled, backend="compile_backend")
+    x, target = batches(1, seed=4)[0][0], torch.arange(8) % 4
+    for model, fn in ((eager, eager), (compiled, run)):
+        nn.functional.cross_entropy(fn(x), target).backward()
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert torch.isfinite(b.grad).all(), n
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
