@@ -34,7 +34,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from compile_backend.bench.cli import load_model
 from compile_backend.bench.measure import (clean_slate, first_and_steady, flat_tensors, fresh_compiler_caches,
                                            record_failure)
 from compile_backend.bench.results import ResultsFile, environment
@@ -198,11 +197,10 @@ def run_peer(peer: str, model, inputs, args, root: str, eager_grads) -> Dict[str
 
 
 def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, records: List[dict], env: dict) -> None:
-    name, batch, spec, skipped = real_models.resolve_case(case)
-    if skipped:
-        log(f"{case}: skipped, {skipped}")
+    loaded = real_models.load_case(case, args.size, args.device, log)
+    if loaded is None:
         return
-    model, inputs, _ = load_model(spec, args.size, batch, args.device, 0)
+    name, batch, model, inputs, _ = loaded
     model.train()
     twin = without_dropout(model)
     eager_grads = gradients(twin, twin, inputs, args) if "compile_backend" in peers else None

@@ -33,7 +33,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from compile_backend.bench.cli import load_model
 from compile_backend.bench.measure import (clean_slate, compare, compile_peer, first_and_steady, fresh_compiler_caches,
                                            make_call, record_failure, snapshot, strict_fp32, to_device)
 from compile_backend.bench.results import ResultsFile, environment
@@ -146,11 +145,10 @@ def available_peers(requested: Sequence[str]) -> List[str]:
 
 
 def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, records: List[dict], env: dict) -> None:
-    name, batch, spec, skipped = real_models.resolve_case(case)
-    if skipped:
-        log(f"{case}: skipped, {skipped}")
+    loaded = real_models.load_case(case, args.size, args.device, log)
+    if loaded is None:
         return
-    model, inputs, logits = load_model(spec, args.size, batch, args.device, 0)
+    name, batch, model, inputs, logits = loaded
     with torch.no_grad(), strict_fp32():
         ref = snapshot(model(*inputs))
     model = model.to(torch.float16)

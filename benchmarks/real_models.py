@@ -62,6 +62,18 @@ def resolve_case(case: str) -> Tuple[str, int, Optional[str], Optional[str]]:
     return name, int(batch), model_spec(name), None
 
 
+def load_case(case: str, size: str, device: str, say: Callable[[str], None]):
+    """(name, batch, model, inputs, logits) of ``case`` built with the runner's loader, or None
+    (said why) when its packages are absent."""
+    from compile_backend.bench.cli import load_model
+
+    name, batch, spec, skipped = resolve_case(case)
+    if skipped:
+        say(f"{case}: skipped, {skipped}")
+        return None
+    return (name, batch, *load_model(spec, size, batch, device, 0))
+
+
 def parse_peers(text: str, known: Sequence[str]) -> Tuple[List[str], List[str]]:
     """(requested peers in order, the unknown ones) from a comma-separated list."""
     requested = [s.strip() for s in text.split(",") if s.strip()]
