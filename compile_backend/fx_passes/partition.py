@@ -25,6 +25,8 @@ Policy, in priority order (earlier groups claim nodes first):
    reads another branch computed after the group starts joins with that branch (a diamond is one
    kernel). Then the group takes in the free producers whose shape broadcasts to its own, however
    early (a QAT scale chain, 0-d or per channel): computed at every element, stored once.
+   A pointwise group computing only a weight-only GEMV's activation (decode rows) then joins
+   that GEMV's group as its prologue (``partition_merge.merge_gemv_prologues``).
 6. aten: any other op (avg pooling, a cat of more pieces, other indexing, ops no generated kernel
    can express), alone.
 
@@ -50,16 +52,14 @@ import torch
 import torch.fx as fx
 
 from ..kernels.base import FILL_OPS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
-from .partition_graph import (RESHAPES, broadcasts_to, fills_per_reader, hoist_constants, hoist_views, is_op,
+from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, hoist_constants, hoist_views, is_op,
                               is_reshape, make_adjacent, safe, validate)
-from .partition_merge import merge_pointwise_groups
+from .partition_merge import merge_gemv_prologues, merge_pointwise_groups
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 _GEMMS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
-_REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
-               aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.logsumexp)
 _POOLS = (aten.max_pool2d_with_indices,)
 _UNIT_VIEWS = RESHAPES + (aten.unsqueeze, aten.squeeze)
 #: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
@@ -107,7 +107,7 @@ def classify(node: fx.Node) -> Optional[str]:
         return "gemm"
     if packet is aten.convolution:
         return "conv"
-    if packet in _REDUCTIONS:
+    if packet in REDUCTIONS:
         return "reduction"
     if packet in _POOLS:
         return "pool"
@@ -223,7 +223,7 @@ class _Partitioner:
         for n in sorted(self.nodes, key=lambda n: (-max(_numel(n), 0), self.index[n])):
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
-        self.groups = merge_pointwise_groups(self.groups, self.index)
+        self.groups = merge_gemv_prologues(merge_pointwise_groups(self.groups, self.index), self.index)
         self.group_of = {n: i for i, g in enumerate(self.groups) for n in g.nodes}
         for n in self.nodes:
             if self.kind[n] is not None and n not in self.group_of:

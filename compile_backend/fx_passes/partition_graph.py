@@ -15,6 +15,9 @@ from ..kernels.base import KINDS, is_fill, is_view_op  # (imports neither Triton
 aten = torch.ops.aten
 #: reshapes that keep row-major order when their input is contiguous (``is_reshape``)
 RESHAPES = (aten.view, aten._unsafe_view, aten.reshape)
+#: the ops reduction groups are anchored on (partition.py)
+REDUCTIONS = (aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.var_mean,
+              aten._softmax, aten._log_softmax, aten.native_layer_norm, aten.logsumexp)
 
 
 def hoist_constants(graph: fx.Graph) -> None:

@@ -9,7 +9,14 @@ fewer launches where one kernel can compute what several did.
   reach each other through nothing computed in between become one kernel (a decode step's key
   and value cache updates select by the same position).
 
-Both keep the partition contract: a merge happens only when every outside input of the merged
+* Into a weight-only GEMV: a pointwise group computing the activation of a weight-only linear of
+  at most ``GEMV_MAX_M`` rows (decode), read by nothing else (through reshapes), joins the
+  linear's group as its prologue: the fused GEMV computes x where it loads it (SwiGLU's
+  ``silu(gate) * up`` before the down projection; an RMS norm before the gate/up and Q/K/V
+  projections: its mean of squares is a loop over the row in every program). Not for more
+  rows: the tiled kernels would run the prologue through ATen.
+
+All keep the partition contract: a merge happens only when every outside input of the merged
 group precedes its first node (``partition_graph.safe``).
 """
 from __future__ import annotations
@@ -20,7 +27,9 @@ import torch
 import torch.fx as fx
 
 from ..kernels.base import is_view_op  # (imports neither Triton nor any kernel module)
-from .partition_graph import broadcasts_to, safe
+from ..kernels.weight_only_prologue import reduces_rows
+from ..kernels.weight_only_ref import GEMV_MAX_M
+from .partition_graph import REDUCTIONS, broadcasts_to, is_reshape, safe
 
 
 def merge_pointwise_groups(groups: Sequence, index: Dict[fx.Node, int]) -> List:
@@ -70,6 +79,44 @@ def _merge_siblings(groups: List, index: Dict[fx.Node, int]) -> List:
     return [g for g in groups if id(g) not in gone]
 
 
+def merge_gemv_prologues(groups: Sequence, index: Dict[fx.Node, int]) -> List:
+    """``groups`` with each weight-only GEMV's exclusive pointwise producer merged into it."""
+    owner = {n: g for g in groups for n in g.nodes}
+    gone: Set[int] = set()
+    for g in groups:
+        anchor = g.anchor
+        if g.kind != "gemm" or anchor is None or getattr(anchor.target, "_opname", None) != "weight_only_linear":
+            continue
+        x, path = anchor.args[0], []
+        while isinstance(x, fx.Node) and x not in owner and is_reshape(x):  # [1, 1, K] -> [1, K]
+            path.append(x)
+            x = x.args[0]
+        producer = owner.get(x) if isinstance(x, fx.Node) else None
+        val = anchor.args[0].meta.get("val")
+        if producer is None or id(producer) in gone or not isinstance(val, torch.Tensor) or val.dim() == 0:
+            continue
+        k = val.shape[-1]
+        rows = val.numel() // k if isinstance(k, int) and k > 0 else None
+        if not isinstance(rows, int) or rows > GEMV_MAX_M or not _prologue_kind(producer, val.numel(), k):
+            continue
+        inside = set(producer.nodes) | set(path) | set(g.nodes)
+        if any(u not in inside for n in list(producer.nodes) + path for u in n.users):
+            continue  # the value is also read elsewhere: it stays a kernel (and a stored tensor)
+        if safe(index, set(g.nodes), list(producer.nodes) + path):
+            g.nodes = sorted(list(g.nodes) + list(producer.nodes) + path, key=index.__getitem__)
+            gone.add(id(producer))
+    return [g for g in groups if id(g) not in gone]
+
+
+def _prologue_kind(group, numel: int, k: int) -> bool:
+    """A group a GEMV prologue computes: element-wise ops, and for a norm, reductions over x's
+    rows (``weight_only_prologue``'s row values)."""
+    if group.kind == "pointwise":
+        return True
+    return group.kind == "reduction" and any(reduces_rows(n, numel, k) for n in group.nodes) and all(
+        reduces_rows(n, numel, k) for n in group.nodes if getattr(n.target, "overloadpacket", None) in REDUCTIONS)
+
+
 def _outside_inputs(group) -> List[fx.Node]:
     """The tensors a group reads from outside, each seen through its views (two updates
     reading one position through views of their own share it)."""
@@ -90,4 +137,4 @@ def _group_shape(group) -> Tuple[int, ...]:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
-__all__ = ["merge_pointwise_groups"]
+__all__ = ["merge_pointwise_groups", "merge_gemv_prologues"]

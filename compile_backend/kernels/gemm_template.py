@@ -45,7 +45,8 @@ class EpilogueSpec:
             raise ValueError(f"epilogue names must be distinct identifiers: {self}")
 
 
-def _epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str) -> list:
+def epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str) -> list:
+    """The epilogue's lines: loads at ``offset(pointer)``, the spec's lines, the stores."""
     out = []
     for i, name in enumerate(spec.loads):
         out.append(f"{name} = tl.load(L{i} + {offset(f'l{i}')}, mask={mask}, other=0)")
@@ -55,7 +56,8 @@ def _epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str) -> list:
     return [indent + line for line in out]
 
 
-def _io_params(spec: EpilogueSpec, ndim: int) -> Tuple[str, str]:
+def io_params(spec: EpilogueSpec, ndim: int) -> Tuple[str, str]:
+    """The epilogue's pointer parameters and their ``ndim`` strides each, as source text."""
     ptrs = [f"L{i}" for i in range(len(spec.loads))] + [f"O{j}" for j in range(len(spec.stores))]
     strides = [f"{p.lower()}_s{d}" for p in ptrs for d in range(ndim)]
     return ", ".join(ptrs), ", ".join(strides)
@@ -158,9 +160,9 @@ def render_gemm(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
     def offset(p: str) -> str:
         return f"pid_b * {p}_s0 + rm[:, None] * {p}_s1 + rn[None, :] * {p}_s2"
 
-    ptrs, strides = _io_params(spec, 3)
-    body = "\n".join(_epilogue_body(spec, offset, "mask", " " * 8))
-    return _finish(_GEMM, "gemm", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
+    ptrs, strides = io_params(spec, 3)
+    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 8))
+    return finish(_GEMM, "gemm", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 
 _GEMM_TMA = '''\
@@ -222,9 +224,9 @@ def render_gemm_tma(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
     def offset(p: str) -> str:
         return f"pid_b * {p}_s0 + rm[:, None] * {p}_s1 + rn[None, :] * {p}_s2"
 
-    ptrs, strides = _io_params(spec, 3)
-    body = "\n".join(_epilogue_body(spec, offset, "mask", " " * 8))
-    return _finish(_GEMM_TMA, "gemm_tma", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
+    ptrs, strides = io_params(spec, 3)
+    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 8))
+    return finish(_GEMM_TMA, "gemm_tma", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 
 # ---------------------------------------------------------------------------------- conv
@@ -297,12 +299,13 @@ def render_conv(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
     def offset(p: str) -> str:
         return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None] + oc_out[None, :] * {p}_s1"
 
-    ptrs, strides = _io_params(spec, 4)
-    body = "\n".join(_epilogue_body(spec, offset, "mask", " " * 4))
-    return _finish(_CONV, "conv", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
+    ptrs, strides = io_params(spec, 4)
+    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 4))
+    return finish(_CONV, "conv", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 
-def _finish(template: str, kind: str, **fields: str) -> Tuple[str, str]:
+def finish(template: str, kind: str, **fields: str) -> Tuple[str, str]:
+    """``template`` filled in, named ``{kind}_{hash}``: (source, name)."""
     # the name carries the hash of everything else, so equal sources get equal names
     digest = hashlib.sha256(template.format(name="KERNEL", **fields).encode()).hexdigest()[:16]
     name = f"{kind}_{digest}"
@@ -332,6 +335,12 @@ def load_kernel(source: str, name: str):
 _RESHAPES = ("view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "flatten", "alias")
 
 
+def is_row_major_reshape(node) -> bool:
+    """A reshape that keeps its value's row-major order: free in a kernel's index space."""
+    packet = getattr(node.target, "overloadpacket", None)
+    return packet is not None and packet.__name__ in _RESHAPES
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadPlan:
     """A tensor the epilogue reads: ``source`` (a group input or prologue node), optionally
@@ -357,10 +366,14 @@ class EpiloguePlan:
     out_layouts: tuple = ()  # per group output: (shape, stride, dtype) a kernel allocates, or None
 
 
-def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPlan] = ()) -> EpiloguePlan:
+def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPlan] = (),
+                  operands=frozenset()) -> EpiloguePlan:
     """Analyse ``group`` around its ``anchor`` node; raises Unsupported for what a template
     epilogue cannot express. ``anchor_var`` is the Triton variable holding the anchor's value in
-    its compute type; loads in ``anchor_loads`` come first (named ``x0``, ``x1``, ...)."""
+    its compute type; loads in ``anchor_loads`` come first (named ``x0``, ``x1``, ...).
+    ``operands``: nodes the kernel computes the anchor's operands from (a fused GEMV's x
+    prologue): neither run through ATen nor loaded, so the chain and the group's outputs may not
+    read them."""
     import torch
     import torch.fx as fx
 
@@ -377,7 +390,7 @@ def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPla
             downstream.add(n)
     prologue, side = [], set()
     for n in nodes:
-        if n in downstream:
+        if n in downstream or n in operands:
             continue
         target = n.target
         if isinstance(target, torch._ops.OpOverload) and target.is_view and not any(a in side for a in n.all_input_nodes):
@@ -422,21 +435,22 @@ def plan_epilogue(group, anchor, anchor_var: str, anchor_loads: Sequence[LoadPla
         constant = n in side and n.target.overloadpacket in expr.CONSTANT_OPS and not n.all_input_nodes
         if not isinstance(val, torch.Tensor) or (val.numel() != numel and not constant):
             raise Unsupported(f"{n.name} ({op_name(n.target)}) changes the number of elements of the GEMM result")
-        packet = getattr(n.target, "overloadpacket", None)
-        if packet is not None and packet.__name__ in _RESHAPES and n.args[0] in downstream:
+        if is_row_major_reshape(n) and n.args[0] in downstream:
             names[n] = names[n.args[0]]
             continue
         reason = expr.unsupported_reason(n)
         if reason is not None:
             raise Unsupported(f"epilogue op {op_name(n.target)}: {reason}")
         for x in n.all_input_nodes:
+            if x in operands:
+                raise Unsupported(f"{n.name} reads {x.name}, a value computed inside the GEMM's prologue")
             if x not in downstream and x not in side:
                 load(x, tuple(val.shape))
         lines.extend(expr.emit_pointwise([n], names, helpers))
         chain_ops.append(op_name(n.target))
     stores, outputs, stored = [], [], {}
     for out in group.outputs:
-        if out in side:
+        if out in side or out in operands:
             raise Unsupported(f"{out.name} is computed beside the GEMM and read outside the group")
         if out in downstream:
             if out not in stored:

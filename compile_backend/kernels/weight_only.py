@@ -16,12 +16,11 @@ the result rounded to ``out_dtype`` once, at the end. Only the order of the fp32
 
 Paths, by M (the rows of x once its leading dims are flattened):
 
-* gemv (M <= 4, decode at batch 1): one program per (block_n weight rows, K slice, row of x);
-  products accumulate elementwise in a [block_n, block_k] fp32 tile, summed over K once after
-  the loop; INT4 bytes are not interleaved (low nibbles meet x's even elements, high nibbles its
-  odd ones). Split-K and the second pass as below. The session-4 skinny kernel reached 6-24% of
-  the copy bandwidth on the H200 (a cross-lane sum every K step, the interleave); this path is
-  the rework, to be measured.
+* gemv (M <= 4, decode at batch 1): one generated launch, :mod:`.weight_only_gemv` (one x row
+  per program, products accumulated elementwise and summed over K once, split-K finished by the
+  last program of each tile; the same kernel takes a fused group's prologue and epilogue). The
+  session-4 skinny kernel reached 6-24% of the copy bandwidth on the H200 (a cross-lane sum every
+  K step, the interleave); this path is the rework, to be measured.
 * skinny (M <= 16, decode): one program per (block_n rows of W, K slice, block_m rows of x). The
   product is a broadcast multiply and a sum over K, so no tensor-core tile pads 1 row to 16, and
   each program loads block_k consecutive codes per weight row (128 int8 = 128 bytes). Decode has
@@ -45,9 +44,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import weight_only_ref
+from . import weight_only_gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
+from .weight_only_parts import auto_split, k_slices, round_to
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
@@ -58,22 +58,11 @@ SKINNY_MAX_PRODUCTS = 16384
 GEMV_MAX_ACC = 8192
 #: M up to which the gemv path (one x row per program) is a candidate: beyond, each weight tile
 #: would be read once per row
-GEMV_MAX_M = 4
+GEMV_MAX_M = weight_only_ref.GEMV_MAX_M
 PATHS = ("gemv", "skinny", "tiled")
 
 
 # ----------------------------------------------------------------------------- the kernels
-@triton.jit
-def _round(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """fp32 ``v`` rounded to DTYPE, to nearest even. The interpreter truncates fp32 -> bf16
-    (Triton 3.9; see expr_casts), so there (SOFT_BF16) bf16 is rounded on the bits, NaN kept."""
-    if SOFT_BF16 and DTYPE == tl.bfloat16:
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
-    return v.to(DTYPE)
-
-
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
@@ -94,7 +83,7 @@ def _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROU
         ok = n_ok[:, None] & (rk < K)[None, :]
         codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
         scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)
-    return _round(codes.to(tl.float32) * scale.to(tl.float32)[:, None], DTYPE, SOFT_BF16)
+    return round_to(codes.to(tl.float32) * scale.to(tl.float32)[:, None], DTYPE, SOFT_BF16)
 
 
 @triton.jit
@@ -103,7 +92,7 @@ def _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, SOFT_B
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], _round(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit
@@ -130,52 +119,6 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, s
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, swn, ssn,
-                 INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
-                 PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row of x per program (grid axis 2) against BLOCK_N weight rows over one K slice.
-    Products accumulate elementwise in a [BLOCK_N, BLOCK_K] fp32 tile and are summed over K
-    once, after the loop (the skinny path reduces every step). INT4 is not interleaved: the low
-    nibbles (even k) meet x's even elements and the high nibbles (odd k) its odd ones, each
-    product the reference's (code * scale rounded to x's dtype, times x, in fp32)."""
-    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    DTYPE = x_ptr.dtype.element_ty
-    x_row = x_ptr + m * sxm
-    k_lo = pid_k * K_SLICE
-    if INT4:
-        HALF: tl.constexpr = BLOCK_K // 2
-        acc = tl.zeros([BLOCK_N, HALF], tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
-            rb = k0 // 2 + tl.arange(0, HALF)  # bytes; byte j holds k = 2j (low), 2j + 1 (high)
-            ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
-            packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
-            scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            lo = _round(((((packed & 15) ^ 8) - 8).to(tl.float32) * scale), DTYPE, SOFT_BF16).to(tl.float32)
-            hi = _round((((((packed >> 4) & 15) ^ 8) - 8).to(tl.float32) * scale), DTYPE, SOFT_BF16).to(tl.float32)
-            xe = tl.load(x_row + 2 * rb, mask=2 * rb < K, other=0.0).to(tl.float32)
-            xo = tl.load(x_row + 2 * rb + 1, mask=2 * rb + 1 < K, other=0.0).to(tl.float32)
-            acc += lo * xe[None, :] + hi * xo[None, :]
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            ok = n_ok[:, None] & (rk < K)[None, :]
-            codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
-            w = _round(codes.to(tl.float32) * scale, DTYPE, SOFT_BF16).to(tl.float32)
-            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-            acc += w * xk[None, :]
-    y = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-    rm = m + tl.arange(0, 1)
-    if PARTIAL:  # fp32 partial sums of this K slice: [split, M, N]
-        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], y, mask=n_ok[None, :])
-    else:
-        _store_out(y, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
-
-
-@triton.jit
 def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
                       BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -185,7 +128,7 @@ def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.const
         acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, _round(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit
@@ -303,15 +246,6 @@ def heuristic(m: int) -> WeightOnlyConfig:
     return _skinny(bm, bn, min(128, 8192 // (bm * bn)))
 
 
-def _auto_split(programs: int, k_tiles: int, device: torch.device) -> int:
-    """K slices for about two programs per SM, each slice at least two tiles of K long. The
-    interpreter runs programs one by one: more of them only cost time there."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 2, 64))
-
-
 # ----------------------------------------------------------------------------- the launcher
 def _fail(what: str, fix: str) -> None:
     raise ValueError(f"weight_only_linear: {what}; {fix}")
@@ -402,23 +336,17 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
                             UPCAST=upcast, GROUP_M=cfg.group_m, **common)
         return
     if cfg.path == "gemv":
-        bm = 1
-    k_tiles, programs = triton.cdiv(k, bk), triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = cfg.split_k or _auto_split(programs, k_tiles, x.device)
-    k_slice = triton.cdiv(k_tiles, min(split, k_tiles)) * bk
-    split = triton.cdiv(k, k_slice)  # only slices that hold tiles: 5 tiles asked in 4 make 3 slices of 2
+        weight_only_gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)
+        return
+    split = cfg.split_k or auto_split(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), x.device)
+    k_slice, split = k_slices(k, bk, split)
     if max(x.stride(0) * m, codes.numel(), split * out.numel()) > INT32_MAX:
         _fail("an operand (or the split-K workspace) has 2**31 elements or more",
               "split the call or lower split_k (the kernels index in 32 bits)")
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
-    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, bm))
-    if cfg.path == "gemv":
-        gemv = {key: v for key, v in common.items() if key != "BLOCK_M"}
-        _gemv_kernel[grid](x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0), scales.stride(0),
-                           PARTIAL=split > 1, **gemv)
-    else:
-        _skinny_kernel[grid](x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0),
-                             scales.stride(0), PARTIAL=split > 1, **common)
+    _skinny_kernel[(triton.cdiv(n, bn), split, triton.cdiv(m, bm))](
+        x, codes, scales, b, part, m, n, k, k_slice, x.stride(0), codes.stride(0), scales.stride(0),
+        PARTIAL=split > 1, **common)
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split,

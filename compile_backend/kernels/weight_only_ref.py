@@ -28,6 +28,9 @@ import torch
 from . import quant_ref
 
 GROUP_SIZES = (32, 64, 128)
+#: rows of x up to which the GEMV kernel (one x row per program) serves a layer, and the
+#: partitioner fuses x's producer into it (fx_passes/partition_merge.merge_gemv_prologues)
+GEMV_MAX_M = 4
 #: the clip ratios the ``mse`` method tries per group (1.0 first: ties keep the plain amax)
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))
 BITS = {"int8": 8, "int4": 4}

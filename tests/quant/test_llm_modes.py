@@ -96,3 +96,30 @@ def test_prefill_in_the_weight_only_and_w8a8_modes(mode, tmp_path, monkeypatch):
     out, layers = _compiled_logits(model, inputs, cfg, str(tmp_path / "emulated"))
     _check_layers(layers)
     assert _cosine(out, ref) >= bound, _cosine(out, ref)
+
+
+def test_weight_only_decode_step_is_seven_launches_a_layer(tmp_path, monkeypatch):
+    """W4A16 decode (2 rows): each weight-only GEMV is one fused launch (kernels/weight_only_gemv)
+    that also computes its activation: the RMS norm inside the Q/K/V and gate/up GEMVs, SwiGLU's
+    product inside the down projection (fx_passes/partition_merge.merge_gemv_prologues). A layer:
+    Q/K/V, query rotation, key rotation + cache updates, attention, output projection, gate/up,
+    down: 7 launches (was 9 groups and 14 launches with the split-K sums and epilogue kernels).
+    Prefill (many rows) keeps the norms as kernels of their own: the tiled GEMMs take no prologue."""
+    import compile_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model, inputs, cfg, _, _ = _setup("llama_decode", "w4a16")
+    with torch.no_grad():
+        report = compile_backend.explain(model, *inputs, quant=cfg, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    gemvs = [k for k in g.kernels if "compile_backend.weight_only_linear" in k["ops"]]
+    assert len(gemvs) == DECODER_LINEARS and all(k["config"].get("fused") for k in gemvs), gemvs
+    assert sum("aten.mean" in k["ops"] for k in gemvs) == 4 and sum("aten.silu" in k["ops"] for k in gemvs) == 2
+    assert len(g.kernels) <= 22, [(k["kind"], k["ops"]) for k in g.kernels]
+    model, inputs, cfg, _, _ = _setup("llama_prefill", "w4a16")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.no_grad():
+        report = compile_backend.explain(model, *inputs, quant=cfg, cache_dir=str(tmp_path / "prefill"))
+    groups = [k["ops"] for g in report.graphs for k in g.kernels if "compile_backend.weight_only_linear" in k["ops"]]
+    assert groups and not any("aten.mean" in ops or "aten.silu" in ops for ops in groups), groups

@@ -1,0 +1,186 @@
+"""The weight-only GEMV (decode: M <= ``GEMV_MAX_M`` rows) as one generated launch (issue #20).
+
+A decode step reads every weight once; at batch 1 its layers are short, so launches, not bytes,
+decide how close it gets to the weight bandwidth. This kernel does in one launch what took three
+(the GEMV, the split-K sum, the generated epilogue) plus, where the partitioner fused it, a
+fourth (the activation's producer):
+
+* **x prologue** (``weight_only_prologue``). ``x_at(m, k)`` computes the activation at its
+  coordinates: a load of x, or element-wise ops over loads (SwiGLU's ``silu(gate) * up`` read
+  from the gate/up projection's output), each intermediate rounded to its dtype as eager's
+  kernels store it; row values (an RMS norm's mean of squares) are loops over the row before
+  the main loop.
+* **main loop.** One row of x per program (grid axis 2) against BLOCK_N weight rows over one K
+  slice: weight tiles dequantized (``weight_only_parts``), products accumulated elementwise in a
+  [BLOCK_N, BLOCK_K] fp32 tile, summed over K once after the loop; INT4 bytes are not
+  interleaved (low nibbles meet x's even elements, high nibbles its odd ones).
+* **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
+  Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
+  counter per tile, acquire/release) adds all slices in slice order, so the result does not
+  depend on the order the programs ran in (bitwise reproducible, unlike fp32 atomics). The
+  counters are zeroed per launch (a memset, cheaper than a kernel; a persistent self-resetting
+  buffer would race when one engine runs on two streams at once).
+* **epilogue.** Bias in fp32, the one rounding to the output dtype (the anchor's value), then the
+  group's chain (``gemm_template.plan_epilogue``: a residual add, the next norm's square) in the
+  (m, n) index space.
+
+Layers: the template and :func:`render` (source), :func:`launch` (checks, allocates, launches),
+:func:`gemv` (the plain kernel, no prologue or chain: ``weight_only.weight_only_linear``'s gemv
+path); the reference is ``weight_only.weight_only_linear_reference`` (plus the group's ATen
+graph for a fused group). This module imports Triton (through ``weight_only_parts``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from . import gemm_template as tpl
+from .base import triton_interpret
+from .expr_casts import tl_type
+from .launch import next_pow2
+from .weight_only_parts import auto_split, k_slices
+from .weight_only_prologue import PLAIN_X, XPrologue
+
+INT32_MAX = 2**31 - 1
+
+_TEMPLATE = '''\
+import triton
+import triton.language as tl
+from compile_backend.kernels.weight_only_parts import int4_weights, int8_weights, round_to
+{helpers}
+
+@triton.jit
+def x_at(m, kk, K, {x_params}{row_params}):
+    # x[m, kk] in fp32, 0 past K (where the weights are 0 too: no 0 * inf)
+    ok = kk < K
+{x_body}
+    return tl.where(ok, {x_value}, 0.0)
+
+
+@triton.jit
+def {name}(
+    W, S, BIAS, WS, COUNT, {x_ptrs}, {ptrs},
+    M, N, K, K_SLICE, swn, ssn,
+    {x_strides}, {strides},
+    INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    k_lo = pid_k * K_SLICE
+    k_hi = tl.minimum(k_lo + K_SLICE, K)
+{row_body}
+    if INT4:
+        HALF: tl.constexpr = BLOCK_K // 2
+        part = tl.zeros([BLOCK_N, HALF], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rb = k0 // 2 + tl.arange(0, HALF)
+            lo, hi = int4_weights(W, S, rn, rb, k0, n_ok, K, swn, ssn, GROUP, {x_dtype}, SOFT_BF16)
+            part += lo * x_at(m, 2 * rb, K, {x_args}{row_params})[None, :] + hi * x_at(m, 2 * rb + 1, K, {x_args}{row_params})[None, :]
+    else:
+        part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w = int8_weights(W, rn, rk, n_ok, K, swn, scale, {x_dtype}, SOFT_BF16)
+            part += w * x_at(m, rk, K, {x_args}{row_params})[None, :]
+    acc = tl.sum(part, axis=1)[None, :]
+    rm = m + tl.arange(0, 1)
+    mask = (rm < M)[:, None] & n_ok[None, :]
+    last = pid_k == pid_k
+    if SPLIT > 1:
+        ws = WS + rm[:, None] * N + rn[None, :]
+        tl.store(ws + pid_k * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partials are written before the release below
+        arrived = tl.atomic_add(COUNT + m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+        last = arrived == SPLIT - 1
+        if last:
+            acc = tl.zeros([1, BLOCK_N], tl.float32)
+            for s in range(SPLIT):
+                acc += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = round_to(acc, {out_dtype}, SOFT_BF16).to(tl.float32)
+{epilogue}
+'''
+
+
+#: the anchor's value (bias added, rounded to the output dtype) stored as it is
+PLAIN_EPILOGUE = tpl.EpilogueSpec(lines=("acc_v = acc",), stores=("acc_v",))
+
+
+def render(x: XPrologue, epilogue: tpl.EpilogueSpec, x_dtype: torch.dtype, out_dtype: torch.dtype,
+           helpers: str = "") -> Tuple[str, str]:
+    """(source, name) of the fused GEMV; ``helpers``: module-level source the prologue's and the
+    epilogue's lines call (``expr.helper_source`` of both sets)."""
+
+    def offset(p: str) -> str:
+        return f"rm[:, None] * {p}_s0 + rn[None, :] * {p}_s1"
+
+    ptrs, strides = tpl.io_params(epilogue, 2)
+    x_ptrs = [f"P{i}" for i in range(x.loads)]
+    x_strides = [f"p{i}_s{d}" for i in range(x.loads) for d in range(2)]
+    x_params = ", ".join(f"P{i}, p{i}_s0, p{i}_s1" for i in range(x.loads))
+    x_body = [f"r{i} = tl.load(P{i} + m * p{i}_s0 + kk * p{i}_s1, mask=ok, other=0)" for i in range(x.loads)]
+    x_body += list(x.lines)
+    return tpl.finish(
+        _TEMPLATE, "wo_gemv", helpers=helpers or epilogue.helpers, x_params=x_params,
+        x_body="\n".join("    " + line for line in x_body), x_value=x.value, x_ptrs=", ".join(x_ptrs),
+        x_strides=", ".join(x_strides), x_args=x_params, ptrs=ptrs, strides=strides,
+        x_dtype=tl_type(x_dtype), out_dtype=tl_type(out_dtype),
+        row_params="".join(", " + a for a in x.row_args),
+        row_body="\n".join("    " + line for line in x.row_lines) or "    pass",
+        epilogue="\n".join(tpl.epilogue_body(epilogue, offset, "mask", " " * 8)))
+
+
+def launch(kernel, x_loads: Sequence[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
+           bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
+           int4: bool, group: int, config) -> None:
+    """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``loads``
+    and ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig``
+    (block_n, block_k, split_k 0 = fill the GPU, warps)."""
+    m, k = x_loads[0].shape
+    n = codes.shape[0]
+    bn = max(16, min(config.block_n, next_pow2(n)))
+    bk = max(16, min(config.block_k, next_pow2(k), group if int4 else 1 << 30))
+    grid_n = triton.cdiv(n, bn)
+    split = config.split_k or auto_split(grid_n * m, triton.cdiv(k, bk), codes.device)
+    k_slice, split = k_slices(k, bk, split)
+    if max(codes.numel(), split * m * n, *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
+        raise ValueError("weight_only_linear: an operand (or the split-K workspace) has 2**31 elements or more; "
+                         "split the call or lower split_k (the kernels index in 32 bits)")
+    if split > 1:
+        ws = torch.empty(split, m, n, dtype=torch.float32, device=codes.device)
+        count = torch.zeros(m * grid_n, dtype=torch.int32, device=codes.device)
+    else:
+        ws = count = codes  # never read with one slice
+    io = [*loads, *outs]
+    kernel[(grid_n, split, m)](
+        codes, scales, bias if bias is not None else codes, ws, count, *x_loads, *io,
+        m, n, k, k_slice, codes.stride(0), scales.stride(0),
+        *(s for t in [*x_loads, *io] for s in t.stride()),
+        INT4=int4, GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_kernel(x_dtype: torch.dtype, out_dtype: torch.dtype):
+    return tpl.load_kernel(*render(PLAIN_X, PLAIN_EPILOGUE, x_dtype, out_dtype))
+
+
+def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+         out: torch.Tensor, *, int4: bool, group: int, config) -> None:
+    """``out [M, N] = x [M, K] @ dequantize(codes, scales)^T + bias`` with no prologue or chain
+    (operands checked by the caller, ``weight_only.weight_only_linear``)."""
+    launch(_plain_kernel(x.dtype, out.dtype), [x], codes, scales, bias, [], [out],
+           int4=int4, group=group, config=config)
+
+
+__all__ = ["PLAIN_EPILOGUE", "render", "launch", "gemv"]

@@ -1,0 +1,183 @@
+"""The fused weight-only GEMV (kernels/weight_only_gemv.py, weight_only_prologue.py; issue #20):
+a decode layer's activation producer, the GEMV, the split-K sum and the chain after it in one
+launch, against the group's ATen graph (its reference).
+
+Groups as the partitioner hands them (make_fx graphs with meta['val']), CPU tensors under the
+interpreter, odd shapes (K 37 / 70: a short last INT4 group and partial K tiles; N 33), M 1 and
+3, INT8 and INT4, split-K forced to 3 slices (the last-arriving program sums the partials) and
+the heuristic's. Prologues: SwiGLU's ``silu(gate) * up`` read from a slice of the gate/up
+output; an RMS norm (fp32 mean of squares, Llama's) before the GEMV; a norm whose square was
+computed by the previous GEMM's epilogue (a loaded row statistic).
+
+Tolerances: the kernel computes the reference's function; the prologue's intermediates are
+rounded to their dtypes as eager stores them, so x agrees to an ulp at most, and the GEMV's fp32
+sums differ only in order: fp32 1e-4 relative, fp16 / bf16 the select module's validation
+bounds (1e-2 / 4e-2 relative to the output's norm).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compile_backend
+import compile_backend.ops  # noqa: F401 (registers compile_backend::weight_only_linear)
+from compile_backend.kernels import weight_only_ref as ref
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def _group(fn, inputs):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from compile_backend.kernels.base import KernelGroup
+
+    gm = make_fx(lambda *a: (fn(*a),))(*inputs)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    anchor = next(n.name for n in gm.graph.nodes if "weight_only_linear" in str(n.target))
+    return KernelGroup("gemm", gm, anchor=anchor)
+
+
+def _choose(group, inputs, monkeypatch, split_k):
+    from compile_backend.kernels import weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    if split_k is not None:  # the first (heuristic) candidate is what runs with tuning off
+        cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 16, split_k=split_k)
+        monkeypatch.setattr(weight_only, "heuristic", lambda m: cfg)
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    kernel, fallbacks = choose_kernel(group, inputs, ctx)
+    assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True), (kernel.impl, fallbacks)
+    return kernel
+
+
+def _close(got, want):
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert got.dtype == want.dtype and got.shape == want.shape and err < TOL[want.dtype], err
+
+
+def _launches(monkeypatch):
+    """Counts the fused kernel's launches and any generated epilogue kernel's."""
+    from compile_backend.kernels import weight_only_build as wob
+    from compile_backend.kernels import weight_only_gemv
+
+    runs = []
+    real_launch, real_epilogue = weight_only_gemv.launch, wob.epilogue_only
+    monkeypatch.setattr(weight_only_gemv, "launch", lambda *a, **k: runs.append("gemv") or real_launch(*a, **k))
+    monkeypatch.setattr(wob, "epilogue_only", lambda *a, **k: runs.append("epilogue") or real_epilogue(*a, **k))
+    return runs
+
+
+def _weights(n, k, precision, group_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return ref.quantize_weight(torch.randn(n, k, generator=gen), precision, group_size)
+
+
+@pytest.mark.parametrize("split_k", [3, None], ids=["split3", "heuristic"])
+@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 32)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_swiglu_prologue_and_residual_epilogue(dtype, precision, group_size, split_k, monkeypatch):
+    """down(silu(gate) * up) + residual, gate and up two slices of one [M, 2I] tensor."""
+    m, k, n = 3, 37, 33
+    codes, scales = _weights(n, k, precision, group_size, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    gu = torch.randn(1, m, 2 * k, generator=gen).to(dtype)
+    res = torch.randn(1, m, n, generator=gen).to(dtype)
+
+    def fn(gu, c, s, r):
+        x = F.silu(gu[..., :k]) * gu[..., k:]
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size) + r
+
+    inputs = (gu, codes, scales, res)
+    group = _group(fn, inputs)
+    kernel = _choose(group, inputs, monkeypatch, split_k)
+    runs = _launches(monkeypatch)
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    assert runs == ["gemv"]  # prologue, GEMV, split-K sum and chain: one launch
+
+
+class _Norm(torch.nn.Module):
+    """Llama's RMS norm: the mean of squares in fp32, the scale applied in the input dtype."""
+
+    def __init__(self, k, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, k))
+
+    def forward(self, h):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(h.dtype) * h32.to(h.dtype)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_rms_norm_prologue(dtype, precision, group_size, m, monkeypatch):
+    """The norm's row statistic is a loop over the row in every program (K 70: a partial tile),
+    with a bias and three K slices."""
+    k, n = 70, 33
+    norm = _Norm(k)
+    codes, scales = _weights(n, k, precision, group_size, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    h = (4 * torch.randn(1, m, k, generator=gen)).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    w = norm.weight.detach()
+
+    def fn(h, c, s, b, w):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.eps)
+        x = w.to(h.dtype) * h32.to(h.dtype)
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, b, precision, group_size)
+
+    inputs = (h, codes, scales, bias, w)
+    group = _group(fn, inputs)
+    kernel = _choose(group, inputs, monkeypatch, split_k=3)
+    runs = _launches(monkeypatch)
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    assert runs == ["gemv"]
+
+
+def test_norm_of_a_square_computed_elsewhere(monkeypatch):
+    """The square is an input (the previous GEMM's epilogue stored it): the row loop loads it;
+    the mean is kept 2-D without keepdim and broadcast back through an unsqueeze."""
+    m, k, n = 2, 37, 33
+    codes, scales = _weights(n, k, "int4", 32, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(m, k, generator=gen)
+    sq = h * h
+
+    def fn(h, sq, c, s):
+        x = h * torch.rsqrt(sq.mean(-1) + 1e-5).unsqueeze(-1)
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int4", 32)
+
+    inputs = (h, sq, codes, scales)
+    group = _group(fn, inputs)
+    kernel = _choose(group, inputs, monkeypatch, split_k=3)
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
+    """A softmax over x's row is no row value the prologue knows (amax): the group still runs,
+    through the non-fused path, equal to its reference."""
+    from compile_backend.kernels import weight_only_build as wob
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    m, k, n = 1, 37, 33
+    codes, scales = _weights(n, k, "int8", None, seed=7)
+    h = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+
+    def fn(h, c, s):
+        return torch.ops.compile_backend.weight_only_linear(torch.softmax(h, -1), c, s, None, "int8", None)
+
+    inputs = (h, codes, scales)
+    group = _group(fn, inputs)
+    assert wob.gemv_plan(group, wob.weight_only_problem(group)) is None
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    kernel, _ = choose_kernel(group, inputs, ctx)
+    assert not kernel.config.get("fused")
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
