@@ -251,6 +251,7 @@ class _GemvRunner:
                  fused: GemvPlan, kernel) -> None:
         self.group, self.p, self.cfg, self.fused, self.kernel = group, p, cfg, fused, kernel
         self.operands = {name: scaled_arg(p.anchor, name) for name in ("codes", "scales", "bias")}
+        self.counters = weight_only_gemv.Counters()  # split-K arrivals, reset by the kernel itself
 
     def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
         p, plan = self.p, self.fused.epilogue
@@ -260,7 +261,8 @@ class _GemvRunner:
         loads = [tpl.to_anchor_space(env[lp.source], lp, plan.anchor_shape).reshape(p.m, p.n) for lp in plan.loads]
         outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, xs[0].device)
         weight_only_gemv.launch(self.kernel, xs, codes, scales, bias, loads, [v.view(p.m, p.n) for v in views],
-                                int4=p.precision == "int4", group=p.group_size or 1, config=self.cfg)
+                                int4=p.precision == "int4", group=p.group_size or 1, config=self.cfg,
+                                counters=self.counters)
         return tpl.group_outputs(plan, env, outs)
 
 

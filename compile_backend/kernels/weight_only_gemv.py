@@ -17,9 +17,10 @@ fourth (the activation's producer):
 * **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
   Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
-  depend on the order the programs ran in (bitwise reproducible, unlike fp32 atomics). The
-  counters are zeroed per launch (a memset, cheaper than a kernel; a persistent self-resetting
-  buffer would race when one engine runs on two streams at once).
+  depend on the order the programs ran in (bitwise reproducible, unlike fp32 atomics). That
+  program sets the counter back to 0, so an engine's runner keeps one counter buffer for all
+  its launches (:class:`Counters`: no fill per launch, which a decode step's CUDA graph would
+  replay 66 times); a launch without one zeroes a fresh buffer.
 * **epilogue.** Bias in fp32, the one rounding to the output dtype (the anchor's value), then the
   group's chain (``gemm_template.plan_epilogue``: a residual add, the next norm's square) in the
   (m, n) index space.
@@ -32,7 +33,7 @@ graph for a fused group). This module imports Triton (through ``weight_only_part
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -98,9 +99,11 @@ def {name}(
         ws = WS + rm[:, None] * N + rn[None, :]
         tl.store(ws + pid_k * M * N, acc, mask=mask)
         tl.debug_barrier()  # every thread's partials are written before the release below
-        arrived = tl.atomic_add(COUNT + m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+        counter = COUNT + m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         last = arrived == SPLIT - 1
         if last:
+            tl.store(counter, 0)  # every slice has arrived: the counter is free for the next launch
             acc = tl.zeros([1, BLOCK_N], tl.float32)
             for s in range(SPLIT):
                 acc += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
@@ -140,12 +143,35 @@ def render(x: XPrologue, epilogue: tpl.EpilogueSpec, x_dtype: torch.dtype, out_d
         epilogue="\n".join(tpl.epilogue_body(epilogue, offset, "mask", " " * 8)))
 
 
+class Counters:
+    """One runner's split-K arrival counters, reused by all its launches (each launch leaves them
+    at 0). Launches that share them must not overlap: on one stream they cannot; a launch on
+    another stream than the last first waits for that stream's work (not while a CUDA graph is
+    being captured: the graph runner orders its warm-up and capture itself)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+        self.stream: Any = None
+
+    def get(self, size: int, device: torch.device) -> torch.Tensor:
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            stream = torch.cuda.current_stream(device)
+            if self.stream is not None and self.stream != stream:
+                stream.wait_stream(self.stream)
+            self.stream = stream
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < size:
+            buf = self.buffers[device] = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
+        return buf
+
+
 def launch(kernel, x_loads: Sequence[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
-           int4: bool, group: int, config) -> None:
+           int4: bool, group: int, config, counters: Optional[Counters] = None) -> None:
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``loads``
     and ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig``
-    (block_n, block_k, split_k 0 = fill the GPU, warps)."""
+    (block_n, block_k, split_k 0 = fill the GPU, warps); ``counters``: the caller's reusable
+    split-K counters (None: a zeroed buffer for this launch)."""
     m, k = x_loads[0].shape
     n = codes.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
@@ -158,7 +184,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], codes: torch.Tensor, scales:
                          "split the call or lower split_k (the kernels index in 32 bits)")
     if split > 1:
         ws = torch.empty(split, m, n, dtype=torch.float32, device=codes.device)
-        count = torch.zeros(m * grid_n, dtype=torch.int32, device=codes.device)
+        count = (counters.get(m * grid_n, codes.device) if counters is not None
+                 else torch.zeros(m * grid_n, dtype=torch.int32, device=codes.device))
     else:
         ws = count = codes  # never read with one slice
     io = [*loads, *outs]
@@ -183,4 +210,4 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
            int4=int4, group=group, config=config)
 
 
-__all__ = ["PLAIN_EPILOGUE", "render", "launch", "gemv"]
+__all__ = ["PLAIN_EPILOGUE", "Counters", "render", "launch", "gemv"]

@@ -181,3 +181,21 @@ def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
     kernel, _ = choose_kernel(group, inputs, ctx)
     assert not kernel.config.get("fused")
     _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def test_split_k_counters_are_reused_and_left_at_zero(monkeypatch):
+    """The runner's arrival counters serve every launch: the last program of each tile sets its
+    counter back to 0, so repeated calls give the same bits with no fill in between."""
+    m, k, n = 2, 70, 33
+    codes, scales = _weights(n, k, "int8", None, seed=9)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(10)).half()
+
+    def fn(x, c, s):
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int8", None)
+
+    inputs = (x, codes, scales)
+    kernel = _choose(_group(fn, inputs), inputs, monkeypatch, split_k=3)
+    first = kernel(*inputs)[0]
+    (counts,) = kernel.fn.counters.buffers.values()
+    assert not counts.any()
+    assert torch.equal(kernel(*inputs)[0], first) and not counts.any()
