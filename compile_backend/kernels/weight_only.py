@@ -167,8 +167,15 @@ def _check_pow2(name: str, value: int, lo: int, hi: int) -> None:
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyConfig:
     """Launch parameters of one path. Tiles shrink at launch to the problem (block_m to M, block_n
-    to N, block_k to K, and for INT4 block_k to the group size). split_k: K slices of the skinny
-    path, 0 = as many as fill the GPU (one under the interpreter); the tiled path takes 0 or 1."""
+    to N, block_k to K, and for INT4 block_k to the group size). split_k: K slices of the gemv
+    and skinny paths, 0 = enough slices for ``waves`` programs per SM (one slice under the
+    interpreter); the tiled path takes 0 or 1.
+
+    Why waves: a decode GEMV streams weights, and a program has one K tile of loads in flight
+    (its FMAs wait for them before the next tile's loads issue). To keep the H200's ~4.8 TB/s
+    busy at ~0.7 us memory latency, ~3.4 MB must be in flight (Little's law): ~25 KB per SM,
+    i.e. several programs per SM at 2-4 KB a tile. Session 4's 2 programs per SM measured 6-24%
+    of the copy bandwidth."""
 
     path: str  # "gemv" | "skinny" | "tiled"
     block_m: int
@@ -178,6 +185,7 @@ class WeightOnlyConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 2
+    waves: int = 2
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -188,7 +196,7 @@ class WeightOnlyConfig:
         _check_pow2("block_k", self.block_k, 16, 512)
         _check_pow2("num_warps", self.num_warps, 1, 32)
         for name, value, lo, hi in (("split_k", self.split_k, 0, 256), ("group_m", self.group_m, 1, 64),
-                                    ("num_stages", self.num_stages, 1, 8)):
+                                    ("num_stages", self.num_stages, 1, 8), ("waves", self.waves, 1, 64)):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if tiled and self.split_k > 1:
@@ -205,8 +213,9 @@ def _skinny(block_m: int, block_n: int, block_k: int, split_k: int = 0) -> Weigh
     return WeightOnlyConfig("skinny", block_m, block_n, block_k, split_k, num_warps=4, num_stages=1)
 
 
-def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0) -> WeightOnlyConfig:
-    return WeightOnlyConfig("gemv", 1, block_n, block_k, split_k, num_warps=warps, num_stages=1)
+def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0, waves: int = 8,
+          stages: int = 1) -> WeightOnlyConfig:
+    return WeightOnlyConfig("gemv", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=waves)
 
 
 def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> WeightOnlyConfig:
@@ -217,8 +226,11 @@ def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int) ->
 #: 8192 products, wider in K for fewer rows; tiled ones the usual fp16 GEMM tiles
 CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     # 128-byte weight rows per step for INT8 (INT4: 64, block_k capped at the group size)
-    "gemv": (_gemv(32, 128), _gemv(16, 256), _gemv(64, 128, 8), _gemv(16, 128), _gemv(16, 512, 8),
-             _gemv(32, 256, 8), _gemv(32, 128, 4, split_k=1)),
+    # waves 8 first (see WeightOnlyConfig); 2 and 16 bracket it; 4-8 KB tiles; pipelined loads
+    "gemv": (_gemv(32, 128), _gemv(32, 128, waves=2), _gemv(32, 128, waves=16), _gemv(16, 256),
+             _gemv(64, 128, 8), _gemv(16, 512, 8), _gemv(32, 256, 8), _gemv(32, 256, 8, waves=16),
+             _gemv(16, 128, waves=16), _gemv(32, 128, stages=3), _gemv(64, 64, 4, waves=16),
+             _gemv(32, 128, 4, split_k=1)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
@@ -338,7 +350,8 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
     if cfg.path == "gemv":
         weight_only_gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)
         return
-    split = cfg.split_k or auto_split(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), x.device)
+    split = cfg.split_k or auto_split(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), x.device,
+                                      cfg.waves, min_tiles=2)
     k_slice, split = k_slices(k, bk, split)
     if max(x.stride(0) * m, codes.numel(), split * out.numel()) > INT32_MAX:
         _fail("an operand (or the split-K workspace) has 2**31 elements or more",

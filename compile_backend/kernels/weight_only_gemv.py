@@ -177,7 +177,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], codes: torch.Tensor, scales:
     bn = max(16, min(config.block_n, next_pow2(n)))
     bk = max(16, min(config.block_k, next_pow2(k), group if int4 else 1 << 30))
     grid_n = triton.cdiv(n, bn)
-    split = config.split_k or auto_split(grid_n * m, triton.cdiv(k, bk), codes.device)
+    split = config.split_k or auto_split(grid_n * m, triton.cdiv(k, bk), codes.device, config.waves, min_tiles=1)
     k_slice, split = k_slices(k, bk, split)
     if max(codes.numel(), split * m * n, *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
         raise ValueError("weight_only_linear: an operand (or the split-K workspace) has 2**31 elements or more; "

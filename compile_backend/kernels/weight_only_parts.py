@@ -47,13 +47,14 @@ def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
     return lo, hi
 
 
-def auto_split(programs: int, k_tiles: int, device: torch.device) -> int:
-    """K slices for about two programs per SM, each slice at least two tiles of K long. The
-    interpreter runs programs one by one: more of them only cost time there."""
+def auto_split(programs: int, k_tiles: int, device: torch.device, waves: int = 2, min_tiles: int = 2) -> int:
+    """K slices for about ``waves`` programs per SM, each slice at least ``min_tiles`` tiles of K
+    long (at most 64 slices). The interpreter runs programs one by one: more of them only cost
+    time there."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 2, 64))
+    return max(1, min(triton.cdiv(waves * sms, programs), k_tiles // min_tiles, 64))
 
 
 def k_slices(k: int, block_k: int, split: int):
