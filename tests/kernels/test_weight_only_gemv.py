@@ -199,3 +199,45 @@ def test_split_k_counters_are_reused_and_left_at_zero(monkeypatch):
     (counts,) = kernel.fn.counters.buffers.values()
     assert not counts.any()
     assert torch.equal(kernel(*inputs)[0], first) and not counts.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 128)], ids=str)
+def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
+    """Compiled on the GPU at decoder sizes (K 2048 + 64 and 5632: split-K with many slices, the
+    counters' acquire/release for real): an RMS norm prologue with a residual epilogue, and the
+    SwiGLU prologue, at the heuristic's config and at 16 slices; twice (the counters reset)."""
+    from compile_backend.kernels import weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    gen = torch.Generator().manual_seed(11)
+    k1, k2, n = 2048 + 64, 5632, 2048 + 8
+    norm = _Norm(k1)
+    c1, s1 = (t.cuda() for t in _weights(n, k1, precision, group_size, seed=12))
+    c2, s2 = (t.cuda() for t in _weights(n, k2, precision, group_size, seed=13))
+    h = torch.randn(1, 1, k1, generator=gen).half().cuda()
+    res = torch.randn(1, 1, n, generator=gen).half().cuda()
+    gu = torch.randn(1, 1, 2 * k2, generator=gen).half().cuda()
+    w = norm.weight.detach().cuda()
+
+    def normed(h, c, s, w, r):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return torch.ops.compile_backend.weight_only_linear(w.half() * h32.half(), c, s, None, precision, group_size) + r
+
+    def swiglu(gu, c, s):
+        x = F.silu(gu[..., :k2]) * gu[..., k2:]
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size)
+
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cuda"), interpret=False)
+    for split in (0, 16):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split: weight_only.WeightOnlyConfig(
+            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8))
+        for fn, inputs in ((normed, (h, c1, s1, w, res)), (swiglu, (gu, c2, s2))):
+            group = _group(fn, inputs)
+            kernel, fallbacks = choose_kernel(group, inputs, ctx)
+            assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+            want = group.reference(*inputs)[0]
+            for _ in range(2):
+                _close(kernel(*inputs)[0], want)
