@@ -9,9 +9,9 @@ fewer launches where one kernel can compute what several did.
   reach each other through nothing computed in between become one kernel (a decode step's key
   and value cache updates select by the same position).
 
-* Into a weight-only GEMV: a pointwise group computing the activation of a weight-only linear of
-  at most ``GEMV_MAX_M`` rows (decode), read by nothing else (through reshapes), joins the
-  linear's group as its prologue: the fused GEMV computes x where it loads it (SwiGLU's
+* Into a decode GEMV: a pointwise group computing the activation of a weight-only linear (or of
+  a float ``mm`` / ``addmm`` with a constant weight) of at most ``GEMV_MAX_M`` rows (decode),
+  read by nothing else (through reshapes), joins the linear's group as its prologue: the fused GEMV computes x where it loads it (SwiGLU's
   ``silu(gate) * up`` before the down projection; an RMS norm before the gate/up and Q/K/V
   projections: its mean of squares is a loop over the row in every program). Not for more
   rows: the tiled kernels would run the prologue through ATen.
@@ -26,8 +26,10 @@ from typing import Dict, List, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
+aten = torch.ops.aten
+
 from ..kernels.base import is_view_op  # (imports neither Triton nor any kernel module)
-from ..kernels.weight_only_prologue import reduces_rows
+from ..kernels.gemv_prologue import reduces_rows
 from ..kernels.weight_only_ref import GEMV_MAX_M
 from .partition_graph import REDUCTIONS, broadcasts_to, is_reshape, safe
 
@@ -84,15 +86,15 @@ def merge_gemv_prologues(groups: Sequence, index: Dict[fx.Node, int]) -> List:
     owner = {n: g for g in groups for n in g.nodes}
     gone: Set[int] = set()
     for g in groups:
-        anchor = g.anchor
-        if g.kind != "gemm" or anchor is None or getattr(anchor.target, "_opname", None) != "weight_only_linear":
+        x = _gemv_activation(g.anchor) if g.kind == "gemm" and g.anchor is not None else None
+        if x is None:
             continue
-        x, path = anchor.args[0], []
+        anchor, path = g.anchor, []
         while isinstance(x, fx.Node) and x not in owner and is_reshape(x):  # [1, 1, K] -> [1, K]
             path.append(x)
             x = x.args[0]
         producer = owner.get(x) if isinstance(x, fx.Node) else None
-        val = anchor.args[0].meta.get("val")
+        val = _gemv_activation(anchor).meta.get("val")
         if producer is None or id(producer) in gone or not isinstance(val, torch.Tensor) or val.dim() == 0:
             continue
         k = val.shape[-1]
@@ -108,9 +110,24 @@ def merge_gemv_prologues(groups: Sequence, index: Dict[fx.Node, int]) -> List:
     return [g for g in groups if id(g) not in gone]
 
 
+def _gemv_activation(anchor: fx.Node):
+    """The activation of a GEMM the fused decode GEMV serves: a weight-only linear's x, or a
+    float ``mm`` / ``addmm``'s a when b is a constant (a frozen weight, through views); else None."""
+    name = getattr(anchor.target, "_opname", None)
+    if name == "weight_only_linear":
+        return anchor.args[0] if isinstance(anchor.args[0], fx.Node) else None
+    packet = getattr(anchor.target, "overloadpacket", None)
+    if packet not in (aten.mm, aten.addmm):
+        return None
+    a, b = anchor.args[-2:] if packet is aten.addmm else anchor.args[:2]
+    while isinstance(b, fx.Node) and b.op == "call_function" and is_view_op(b.target):
+        b = b.args[0]
+    return a if isinstance(a, fx.Node) and isinstance(b, fx.Node) and b.op == "get_attr" else None
+
+
 def _prologue_kind(group, numel: int, k: int) -> bool:
     """A group a GEMV prologue computes: element-wise ops, and for a norm, reductions over x's
-    rows (``weight_only_prologue``'s row values)."""
+    rows (``gemv_prologue``'s row values)."""
     if group.kind == "pointwise":
         return True
     return group.kind == "reduction" and any(reduces_rows(n, numel, k) for n in group.nodes) and all(

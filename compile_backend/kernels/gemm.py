@@ -52,7 +52,13 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     a fused epilogue kernel; ``tma`` (default: on Hopper when the operands allow it) adds the
     persistent TMA kernel's configs; ``configs`` replaces the template configs (tests)."""
     problem = gemm_problem(group)
-    plan = tpl.plan_epilogue(group, problem.anchor, "acc_v", _anchor_loads(problem))
+    fused = _fused_gemv(group, problem)
+    try:
+        plan = tpl.plan_epilogue(group, problem.anchor, "acc_v", _anchor_loads(problem))
+    except Unsupported:
+        if fused is None:
+            raise
+        return _gemv_tuning(group, problem, fused, ctx)  # a prologue: only the fused GEMV computes it
     sources = _render_sources(problem, plan, ctx)
     fits_template = _fits_template(group, problem)
     vendor = ctx.device.type == "cuda" if vendor is None else vendor
@@ -76,8 +82,42 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         candidates[at:at] = build.vendor_candidates()
     # template kernels and cuBLAS + epilogue kernel write through allocate_outputs, so take out=
     writes_out = frozenset(c.name for c in candidates if c.impl == "triton" or c.name.startswith("cublas + triton epilogue"))
-    return TemplateTuning("gemm", _tuning_key(build, ctx), candidates, build.probe.make, build.sources.by_impl(),
-                          plan.out_layouts, writes_out)
+    key, sources = _tuning_key(build, ctx), build.sources.by_impl()
+    if fused is not None:  # timed beside the others (last: untuned, the template or cuBLAS runs)
+        candidates += _gemv_tuning(group, problem, fused, ctx).candidates
+        key = dataclasses.replace(key, template=key.template + tpl.source_hash(fused[1].source[0]))
+        sources["gemv"] = fused[1].source[0]
+    return TemplateTuning("gemm", key, candidates, build.probe.make, sources, plan.out_layouts, writes_out)
+
+
+# ------------------------------------------------------------------------------- decode GEMV
+def _fused_gemv(group: KernelGroup, p: "GemmProblem"):
+    """(spec, plan) of the fused decode GEMV (kernels/gemv.py) for a float ``mm`` / ``addmm`` of at
+    most GEMV_MAX_M rows (its b read as [N, K]; a bias of N values), or None."""
+    from . import gemv_build, weight_only_ref
+
+    if p.op not in ("mm", "addmm") or p.m > weight_only_ref.GEMV_MAX_M or p.alpha != 1 or p.beta != 1:
+        return None
+    if p.bias is not None and tuple(meta_of(p.bias).shape) != (p.n,):
+        return None
+    spec = gemv_build.GemvSpec(p.anchor, p.a, p.b, None, p.bias, "float", 1, p.dtype, p.out_val.dtype,
+                               p.m, p.n, p.k, transposed=True)
+    plan = gemv_build.gemv_plan(group, spec)
+    return None if plan is None else (spec, plan)
+
+
+def _gemv_tuning(group: KernelGroup, p: "GemmProblem", fused, ctx: KernelContext) -> TemplateTuning:
+    """The fused GEMV's candidates alone: its gemv configs, heuristic first."""
+    from . import gemv_build, weight_only
+
+    spec, plan = fused
+    probe = Probe(group, ctx.device)
+    configs = [weight_only.heuristic(p.m)] + [c for c in weight_only.CONFIGS["gemv"] if c != weight_only.heuristic(p.m)]
+    key = TuningKey(kind="gemm", template=tpl.source_hash(plan.source[0]), shapes=group_shapes(group),
+                    strides=group_strides(group), dtypes=group_dtypes(group),
+                    extra=f"fused gemv {p.op} {'|'.join(group.ops)}")
+    candidates = [gemv_build.gemv_candidate(group, spec, c, probe, plan) for c in configs]
+    return TemplateTuning("gemm", key, candidates, probe.make, {"triton": plan.source[0]})
 
 
 # ------------------------------------------------------------------------------- the problem

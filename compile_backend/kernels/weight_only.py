@@ -16,7 +16,7 @@ the result rounded to ``out_dtype`` once, at the end. Only the order of the fp32
 
 Paths, by M (the rows of x once its leading dims are flattened):
 
-* gemv (M <= 4, decode at batch 1): one generated launch, :mod:`.weight_only_gemv` (one x row
+* gemv (M <= 4, decode at batch 1): one generated launch, :mod:`.gemv` (one x row
   per program, products accumulated elementwise and summed over K once, split-K finished by the
   last program of each tile; the same kernel takes a fused group's prologue and epilogue). The
   session-4 skinny kernel reached 6-24% of the copy bandwidth on the H200 (a cross-lane sum every
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import weight_only_gemv, weight_only_ref
+from . import gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
 from .weight_only_parts import auto_split, k_slices, round_to
@@ -348,7 +348,7 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
                             UPCAST=upcast, GROUP_M=cfg.group_m, **common)
         return
     if cfg.path == "gemv":
-        weight_only_gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)
+        gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)
         return
     split = cfg.split_k or auto_split(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), x.device,
                                       cfg.waves, min_tiles=2)

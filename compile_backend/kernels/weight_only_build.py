@@ -5,7 +5,7 @@
 grew onto the anchor (an activation, a residual add) and, for a GEMV (M <= ``GEMV_MAX_M``), a
 prologue computing x (``partition_merge``: SwiGLU's ``silu(gate) * up``).
 
-* gemv configs run :mod:`.weight_only_gemv`: prologue, GEMV, split-K sum, bias and chain in one
+* gemv configs run :mod:`.gemv`: prologue, GEMV, split-K sum, bias and chain in one
   generated launch (:class:`_GemvRunner`).
 * skinny and tiled kernels (:mod:`.weight_only`) have no epilogue, so the chain runs after the
   anchor as one generated kernel: the GEMM template's epilogue alone (MODE 2) over the anchor's
@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from . import expr
 from . import gemm_template as tpl
-from . import weight_only, weight_only_gemv, weight_only_parts, weight_only_prologue
+from . import gemv_build, weight_only, weight_only_parts
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_runner import epilogue_only
@@ -89,9 +89,12 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     first = weight_only.heuristic(p.m)
     configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path] if c != first]
     epilogue = _epilogue(group, p, ctx)
-    fused = gemv_plan(group, p) if p.m <= weight_only.GEMV_MAX_M else None
+    a = p.anchor
+    spec = gemv_build.GemvSpec(a, scaled_arg(a, "x"), scaled_arg(a, "codes"), scaled_arg(a, "scales"),
+                               scaled_arg(a, "bias"), p.precision, p.group_size or 1, p.dtype, p.out_dtype, p.m, p.n, p.k)
+    fused = gemv_build.gemv_plan(group, spec) if p.m <= weight_only.GEMV_MAX_M else None
     candidates: List[Candidate] = [
-        _gemv_candidate(group, p, cfg, probe, fused) if cfg.path == "gemv" and fused is not None
+        gemv_build.gemv_candidate(group, spec, cfg, probe, fused) if cfg.path == "gemv" and fused is not None
         else _candidate(group, p, cfg, probe, epilogue) for cfg in configs]
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.dtype, p.has_bias, ctx.device))
@@ -204,66 +207,9 @@ def _kernels_digest() -> str:
     """sha256 of the kernels' modules: it keys tuning records and cached plans (a changed kernel
     is tuned and validated again)."""
     digest = hashlib.sha256()
-    for module in (weight_only, weight_only_gemv, weight_only_parts, weight_only_prologue):
+    for module in (weight_only, weight_only_parts, gemv_build.gemv, gemv_build.gemv_prologue):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------- the fused GEMV
-@dataclasses.dataclass(frozen=True)
-class GemvPlan:
-    """A group as one :mod:`.weight_only_gemv` launch: x's prologue and the loads it reads (in x's
-    [M, K] space), the epilogue's plan, the generated source."""
-
-    x_loads: Tuple[tpl.LoadPlan, ...]
-    epilogue: tpl.EpiloguePlan
-    source: Tuple[str, str]
-
-
-def gemv_plan(group: KernelGroup, p: WeightOnlyProblem) -> Optional[GemvPlan]:
-    """The fused GEMV of ``group``, or None where the generated kernel cannot express it."""
-    try:
-        x, x_loads, operands = weight_only_prologue.plan_x(group, p.anchor, scaled_arg(p.anchor, "x"), p.m, p.k)
-        plan = tpl.plan_epilogue(group, p.anchor, "acc_v", operands=operands)
-    except Unsupported:
-        return None
-    spec = tpl.epilogue_spec(plan, ["acc_v = acc"])
-    source = weight_only_gemv.render(x, spec, p.dtype, p.out_dtype, expr.helper_source(plan.helpers | x.helpers))
-    return GemvPlan(tuple(x_loads), plan, source)
-
-
-def _gemv_candidate(group: KernelGroup, p: WeightOnlyProblem, cfg: weight_only.WeightOnlyConfig, probe: Probe,
-                    fused: GemvPlan) -> Candidate:
-    name = f"triton weight-only fused gemv {cfg.block_n}x{cfg.block_k} split{cfg.split_k} w{cfg.num_warps}"
-    config = {"impl": "triton", "weight_only": p.precision, "fused": True, **dataclasses.asdict(cfg)}
-
-    def compile_():
-        return warmed(_GemvRunner(group, p, cfg, fused, tpl.load_kernel(*fused.source)), probe)
-
-    return Candidate(name, config, compile_, "triton")
-
-
-class _GemvRunner:
-    """The group as one fused GEMV launch: binds the prologue's and the epilogue's tensors, views
-    them in x's [M, K] and the output's [M, N] index spaces, allocates the outputs."""
-
-    def __init__(self, group: KernelGroup, p: WeightOnlyProblem, cfg: weight_only.WeightOnlyConfig,
-                 fused: GemvPlan, kernel) -> None:
-        self.group, self.p, self.cfg, self.fused, self.kernel = group, p, cfg, fused, kernel
-        self.operands = {name: scaled_arg(p.anchor, name) for name in ("codes", "scales", "bias")}
-        self.counters = weight_only_gemv.Counters()  # split-K arrivals, reset by the kernel itself
-
-    def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
-        p, plan = self.p, self.fused.epilogue
-        env = tpl.bind_group(plan, self.group, inputs)
-        xs = [tpl.to_anchor_space(env[lp.source], lp, (p.m, p.k)) for lp in self.fused.x_loads]
-        codes, scales, bias = (env[v] if isinstance(v, fx.Node) else v for v in self.operands.values())
-        loads = [tpl.to_anchor_space(env[lp.source], lp, plan.anchor_shape).reshape(p.m, p.n) for lp in plan.loads]
-        outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, xs[0].device)
-        weight_only_gemv.launch(self.kernel, xs, codes, scales, bias, loads, [v.view(p.m, p.n) for v in views],
-                                int4=p.precision == "int4", group=p.group_size or 1, config=self.cfg,
-                                counters=self.counters)
-        return tpl.group_outputs(plan, env, outs)
 
 
 __all__ = ["build_weight_only_linear", "weight_only_candidates", "weight_only_problem", "WeightOnlyProblem"]

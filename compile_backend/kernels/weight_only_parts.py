@@ -1,6 +1,6 @@
 """Pieces the weight-only kernels share: the hand-written ones (:mod:`.weight_only`) and the
-generated fused GEMV (:mod:`.weight_only_gemv`), whose source imports the ``@triton.jit``
-helpers below by name.
+generated fused GEMV (:mod:`.gemv`, which also takes float weights), whose source imports the
+``@triton.jit`` helpers below by name.
 
 Numerics are ``weight_only_ref``'s: a weight is ``code * scale`` in fp32 (exact: an 8-bit code
 times an 11-bit fp16 significand), rounded to the activations' dtype, the operand the reference
@@ -47,6 +47,13 @@ def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
     return lo, hi
 
 
+@triton.jit
+def float_weights(w_ptr, rn, rk, n_ok, K, swn, swk):
+    """Float weight rows ``rn`` at columns ``rk`` (any strides) as fp32; 0 past N and K."""
+    ok = n_ok[:, None] & (rk < K)[None, :]
+    return tl.load(w_ptr + rn[:, None] * swn + rk[None, :] * swk, mask=ok, other=0.0).to(tl.float32)
+
+
 def auto_split(programs: int, k_tiles: int, device: torch.device, waves: int = 2, min_tiles: int = 2) -> int:
     """K slices for about ``waves`` programs per SM, each slice at least ``min_tiles`` tiles of K
     long (at most 64 slices). The interpreter runs programs one by one: more of them only cost
@@ -66,4 +73,4 @@ def k_slices(k: int, block_k: int, split: int):
     return k_slice, triton.cdiv(k, k_slice)
 
 
-__all__ = ["round_to", "int8_weights", "int4_weights", "auto_split", "k_slices"]
+__all__ = ["round_to", "int8_weights", "int4_weights", "float_weights", "auto_split", "k_slices"]

@@ -259,7 +259,8 @@ def test_unsupported_groups():
     reduction = gemm_group(lambda x, w: (x @ w).sum(dim=1), x, w)
     with pytest.raises(Unsupported):
         build_gemm(reduction, context())
-    computed_operand = gemm_group(lambda x, w: torch.exp(x) @ w, x, w)  # exp is not a view
+    x5 = randn(5, 6)  # 5 rows: beyond the fused decode GEMV, which computes an operand (test_gemv.py)
+    computed_operand = gemm_group(lambda x, w: torch.exp(x) @ w, x5, w)  # exp is not a view
     with pytest.raises(Unsupported, match="only views"):
         build_gemm(computed_operand, context())
     ints = gemm_group(lambda x, w: x @ w, x.long(), w.long())

@@ -99,7 +99,7 @@ def test_prefill_in_the_weight_only_and_w8a8_modes(mode, tmp_path, monkeypatch):
 
 
 def test_weight_only_decode_step_is_seven_launches_a_layer(tmp_path, monkeypatch):
-    """W4A16 decode (2 rows): each weight-only GEMV is one fused launch (kernels/weight_only_gemv)
+    """W4A16 decode (2 rows): each weight-only GEMV is one fused launch (kernels/gemv)
     that also computes its activation: the RMS norm inside the Q/K/V and gate/up GEMVs, SwiGLU's
     product inside the down projection (fx_passes/partition_merge.merge_gemv_prologues). A layer:
     Q/K/V, query rotation, key rotation + cache updates, attention, output projection, gate/up,

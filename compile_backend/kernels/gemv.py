@@ -1,19 +1,21 @@
-"""The weight-only GEMV (decode: M <= ``GEMV_MAX_M`` rows) as one generated launch (issue #20).
+"""The decode GEMV (M <= ``GEMV_MAX_M`` rows) as one generated launch (issue #20), for INT8 and
+INT4 weight-only layers and for float (fp16/bf16/fp32) weights alike.
 
 A decode step reads every weight once; at batch 1 its layers are short, so launches, not bytes,
-decide how close it gets to the weight bandwidth. This kernel does in one launch what took three
-(the GEMV, the split-K sum, the generated epilogue) plus, where the partitioner fused it, a
+decide how close it gets to the weight bandwidth. This kernel does in one launch what took up to
+three (the GEMV, the split-K sum, the generated epilogue) plus, where the partitioner fused it, a
 fourth (the activation's producer):
 
-* **x prologue** (``weight_only_prologue``). ``x_at(m, k)`` computes the activation at its
+* **x prologue** (``gemv_prologue``). ``x_at(m, k)`` computes the activation at its
   coordinates: a load of x, or element-wise ops over loads (SwiGLU's ``silu(gate) * up`` read
   from the gate/up projection's output), each intermediate rounded to its dtype as eager's
   kernels store it; row values (an RMS norm's mean of squares) are loops over the row before
   the main loop.
 * **main loop.** One row of x per program (grid axis 2) against BLOCK_N weight rows over one K
-  slice: weight tiles dequantized (``weight_only_parts``), products accumulated elementwise in a
-  [BLOCK_N, BLOCK_K] fp32 tile, summed over K once after the loop; INT4 bytes are not
-  interleaved (low nibbles meet x's even elements, high nibbles its odd ones).
+  slice: weight tiles loaded (float, any strides) or dequantized (``weight_only_parts``),
+  products accumulated elementwise in a [BLOCK_N, BLOCK_K] fp32 tile, summed over K once after
+  the loop; INT4 bytes are not interleaved (low nibbles meet x's even elements, high nibbles
+  its odd ones).
 * **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
   Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
@@ -43,14 +45,14 @@ from .base import triton_interpret
 from .expr_casts import tl_type
 from .launch import next_pow2
 from .weight_only_parts import auto_split, k_slices
-from .weight_only_prologue import PLAIN_X, XPrologue
+from .gemv_prologue import PLAIN_X, XPrologue
 
 INT32_MAX = 2**31 - 1
 
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import int4_weights, int8_weights, round_to
+from compile_backend.kernels.weight_only_parts import float_weights, int4_weights, int8_weights, round_to
 {helpers}
 
 @triton.jit
@@ -64,9 +66,9 @@ def x_at(m, kk, K, {x_params}{row_params}):
 @triton.jit
 def {name}(
     W, S, BIAS, WS, COUNT, {x_ptrs}, {ptrs},
-    M, N, K, K_SLICE, swn, ssn,
+    M, N, K, K_SLICE, swn, swk, ssn,
     {x_strides}, {strides},
-    INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+    WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -77,20 +79,25 @@ def {name}(
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
 {row_body}
-    if INT4:
+    if WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rb = k0 // 2 + tl.arange(0, HALF)
             lo, hi = int4_weights(W, S, rn, rb, k0, n_ok, K, swn, ssn, GROUP, {x_dtype}, SOFT_BF16)
             part += lo * x_at(m, 2 * rb, K, {x_args}{row_params})[None, :] + hi * x_at(m, 2 * rb + 1, K, {x_args}{row_params})[None, :]
-    else:
+    elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             w = int8_weights(W, rn, rk, n_ok, K, swn, scale, {x_dtype}, SOFT_BF16)
             part += w * x_at(m, rk, K, {x_args}{row_params})[None, :]
+    else:  # float weights
+        part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            part += float_weights(W, rn, rk, n_ok, K, swn, swk) * x_at(m, rk, K, {x_args}{row_params})[None, :]
     acc = tl.sum(part, axis=1)[None, :]
     rm = m + tl.arange(0, 1)
     mask = (rm < M)[:, None] & n_ok[None, :]
@@ -165,35 +172,42 @@ class Counters:
         return buf
 
 
-def launch(kernel, x_loads: Sequence[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
+#: the kernel's WEIGHTS: INT8 codes [N, K] + a scale per row; INT4 codes packed [N, ceil(K / 2)]
+#: + a scale per group; float weights W [N, K] of any strides (``mm``'s b transposed)
+WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
+
+
+def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
-           int4: bool, group: int, config, counters: Optional[Counters] = None) -> None:
-    """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``loads``
-    and ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig``
-    (block_n, block_k, split_k 0 = fill the GPU, warps); ``counters``: the caller's reusable
+           weights: str, group: int, config, counters: Optional[Counters] = None) -> None:
+    """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
+    or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
+    ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
+    block_k, split_k 0 = fill the GPU, warps, waves); ``counters``: the caller's reusable
     split-K counters (None: a zeroed buffer for this launch)."""
     m, k = x_loads[0].shape
-    n = codes.shape[0]
+    n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
-    bk = max(16, min(config.block_k, next_pow2(k), group if int4 else 1 << 30))
+    bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30))
     grid_n = triton.cdiv(n, bn)
-    split = config.split_k or auto_split(grid_n * m, triton.cdiv(k, bk), codes.device, config.waves, min_tiles=1)
+    split = config.split_k or auto_split(grid_n * m, triton.cdiv(k, bk), w.device, config.waves, min_tiles=1)
     k_slice, split = k_slices(k, bk, split)
-    if max(codes.numel(), split * m * n, *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
+    if max((n - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1, split * m * n,
+           *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
         raise ValueError("weight_only_linear: an operand (or the split-K workspace) has 2**31 elements or more; "
                          "split the call or lower split_k (the kernels index in 32 bits)")
     if split > 1:
-        ws = torch.empty(split, m, n, dtype=torch.float32, device=codes.device)
-        count = (counters.get(m * grid_n, codes.device) if counters is not None
-                 else torch.zeros(m * grid_n, dtype=torch.int32, device=codes.device))
+        ws = torch.empty(split, m, n, dtype=torch.float32, device=w.device)
+        count = (counters.get(m * grid_n, w.device) if counters is not None
+                 else torch.zeros(m * grid_n, dtype=torch.int32, device=w.device))
     else:
-        ws = count = codes  # never read with one slice
+        ws = count = w  # never read with one slice
     io = [*loads, *outs]
     kernel[(grid_n, split, m)](
-        codes, scales, bias if bias is not None else codes, ws, count, *x_loads, *io,
-        m, n, k, k_slice, codes.stride(0), scales.stride(0),
+        w, scales if scales is not None else w, bias if bias is not None else w, ws, count, *x_loads, *io,
+        m, n, k, k_slice, w.stride(0), w.stride(1), scales.stride(0) if scales is not None else 0,
         *(s for t in [*x_loads, *io] for s in t.stride()),
-        INT4=int4, GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
+        WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
@@ -207,7 +221,7 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
     """``out [M, N] = x [M, K] @ dequantize(codes, scales)^T + bias`` with no prologue or chain
     (operands checked by the caller, ``weight_only.weight_only_linear``)."""
     launch(_plain_kernel(x.dtype, out.dtype), [x], codes, scales, bias, [], [out],
-           int4=int4, group=group, config=config)
+           weights="int4" if int4 else "int8", group=group, config=config)
 
 
-__all__ = ["PLAIN_EPILOGUE", "Counters", "render", "launch", "gemv"]
+__all__ = ["PLAIN_EPILOGUE", "WEIGHT_KINDS", "Counters", "render", "launch", "gemv"]

@@ -1,6 +1,7 @@
-"""The fused weight-only GEMV (kernels/weight_only_gemv.py, weight_only_prologue.py; issue #20):
-a decode layer's activation producer, the GEMV, the split-K sum and the chain after it in one
-launch, against the group's ATen graph (its reference).
+"""The fused decode GEMV (kernels/gemv.py, gemv_prologue.py, gemv_build.py; issue #20): a
+decode layer's activation producer, the GEMV, the split-K sum and the chain after it in one
+launch, for weight-only (INT8 / INT4) and float weights, against the group's ATen graph (its
+reference).
 
 Groups as the partitioner hands them (make_fx graphs with meta['val']), CPU tensors under the
 interpreter, odd shapes (K 37 / 70: a short last INT4 group and partial K tiles; N 33), M 1 and
@@ -27,7 +28,7 @@ from compile_backend.kernels import weight_only_ref as ref
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
-def _group(fn, inputs):
+def _group(fn, inputs, anchor_op="weight_only_linear"):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -36,7 +37,7 @@ def _group(fn, inputs):
 
     gm = make_fx(lambda *a: (fn(*a),))(*inputs)
     FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-    anchor = next(n.name for n in gm.graph.nodes if "weight_only_linear" in str(n.target))
+    anchor = next(n.name for n in gm.graph.nodes if anchor_op in str(n.target))
     return KernelGroup("gemm", gm, anchor=anchor)
 
 
@@ -62,11 +63,11 @@ def _close(got, want):
 def _launches(monkeypatch):
     """Counts the fused kernel's launches and any generated epilogue kernel's."""
     from compile_backend.kernels import weight_only_build as wob
-    from compile_backend.kernels import weight_only_gemv
+    from compile_backend.kernels import gemv
 
     runs = []
-    real_launch, real_epilogue = weight_only_gemv.launch, wob.epilogue_only
-    monkeypatch.setattr(weight_only_gemv, "launch", lambda *a, **k: runs.append("gemv") or real_launch(*a, **k))
+    real_launch, real_epilogue = gemv.launch, wob.epilogue_only
+    monkeypatch.setattr(gemv, "launch", lambda *a, **k: runs.append("gemv") or real_launch(*a, **k))
     monkeypatch.setattr(wob, "epilogue_only", lambda *a, **k: runs.append("epilogue") or real_epilogue(*a, **k))
     return runs
 
@@ -163,7 +164,6 @@ def test_norm_of_a_square_computed_elsewhere(monkeypatch):
 def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
     """A softmax over x's row is no row value the prologue knows (amax): the group still runs,
     through the non-fused path, equal to its reference."""
-    from compile_backend.kernels import weight_only_build as wob
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.select import choose_kernel
 
@@ -176,7 +176,6 @@ def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
 
     inputs = (h, codes, scales)
     group = _group(fn, inputs)
-    assert wob.gemv_plan(group, wob.weight_only_problem(group)) is None
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
     kernel, _ = choose_kernel(group, inputs, ctx)
     assert not kernel.config.get("fused")
@@ -241,3 +240,33 @@ def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
             want = group.reference(*inputs)[0]
             for _ in range(2):
                 _close(kernel(*inputs)[0], want)
+
+
+@pytest.mark.parametrize("split_k", [3, None], ids=["split3", "heuristic"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_float_weights_through_the_gemm_builder(dtype, split_k, monkeypatch):
+    """The FP16 decode step: ``mm`` / ``addmm`` with the weight as ``W.t()`` (strided [K, N]) take
+    the same prologues: the RMS norm (with a bias and a residual) and SwiGLU (no bias)."""
+    m, k, n = 2, 70, 33
+    gen = torch.Generator().manual_seed(14)
+    norm = _Norm(k)
+    w1, w2 = (torch.randn(n, k, generator=gen).to(dtype) * 0.1 for _ in range(2))
+    bias = torch.randn(n, generator=gen).to(dtype)
+    h, res = torch.randn(m, k, generator=gen).to(dtype), torch.randn(m, n, generator=gen).to(dtype)
+    gu = torch.randn(m, 2 * k, generator=gen).to(dtype)
+    nw = norm.weight.detach().to(dtype)
+
+    def normed(h, w, b, nw, r):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return torch.addmm(b, nw * h32.to(h.dtype), w.t()) + r
+
+    def swiglu(gu, w):
+        return (F.silu(gu[:, :k]) * gu[:, k:]) @ w.t()
+
+    for fn, inputs, op in ((normed, (h, w1, bias, nw, res), "addmm"), (swiglu, (gu, w2), "aten.mm")):
+        group = _group(fn, inputs, anchor_op=op)
+        kernel = _choose(group, inputs, monkeypatch, split_k)
+        runs = _launches(monkeypatch)
+        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+        assert runs == ["gemv"] and kernel.config["weights"] == "float"

@@ -1,4 +1,4 @@
-"""How the fused weight-only GEMV (:mod:`.weight_only_gemv`) computes its activation x.
+"""How the fused weight-only GEMV (:mod:`.gemv`) computes its activation x.
 
 A decode step's GEMV reads x (a few rows of K values) from L2 once per program, so computing x
 where it is loaded costs little and saves the producer's launch and its store (issue #20). The
