@@ -270,3 +270,36 @@ def test_float_weights_through_the_gemm_builder(dtype, split_k, monkeypatch):
         runs = _launches(monkeypatch)
         _close(kernel(*inputs)[0], group.reference(*inputs)[0])
         assert runs == ["gemv"] and kernel.config["weights"] == "float"
+
+
+@pytest.mark.gpu
+def test_gpu_float_decode_gemv_against_cublas(monkeypatch):
+    """Compiled on the GPU: the fused float GEMV with an RMS norm prologue at the base decoder's
+    gate/up shape (K 2048, N 11264), fp16, 1 and 16 slices, equal to the reference (cuBLAS for
+    the GEMM) within fp16's validation bound."""
+    from compile_backend.kernels import weight_only
+
+    gen = torch.Generator().manual_seed(15)
+    k, n = 2048, 11264
+    norm = _Norm(k)
+    w = (torch.randn(n, k, generator=gen) * 0.02).half().cuda()
+    h = torch.randn(1, k, generator=gen).half().cuda()
+    nw = norm.weight.detach().half().cuda()
+
+    def normed(h, w, nw):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.eps)
+        return (nw * h32.to(h.dtype)) @ w.t()
+
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cuda"), interpret=False)
+    inputs = (h, w, nw)
+    for split in (1, 16):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split: weight_only.WeightOnlyConfig(
+            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8))
+        group = _group(normed, inputs, anchor_op="aten.mm")
+        kernel, fallbacks = choose_kernel(group, inputs, ctx)
+        assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
