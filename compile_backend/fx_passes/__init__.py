@@ -18,6 +18,7 @@ from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
 from .precision import lower_precision
 from .quantize import quantize
+from .row_select import select_rows_first
 from .weight_only import with_weight_only
 
 # Order matters: casts from lower_precision would hide conv/GEMM from BN folding and the merge,
@@ -25,6 +26,7 @@ from .weight_only import with_weight_only
 REGISTRY = PassRegistry()
 REGISTRY.register("eliminate_common_subexpressions")(eliminate_common_subexpressions)
 REGISTRY.register("remove_noops")(remove_noops)
+REGISTRY.register("select_rows_first")(select_rows_first)
 REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)
 REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)

@@ -215,8 +215,9 @@ def pass_order():
     from compile_backend.fx_passes.gemm_bias import fold_gemm_bias
     from compile_backend.fx_passes.layout import choose_layout
     from compile_backend.fx_passes.merge_gemms import merge_parallel_gemms
+    from compile_backend.fx_passes.row_select import select_rows_first
 
-    return [eliminate_common_subexpressions, remove_noops, fold_batchnorm, fold_gemm_bias, merge_parallel_gemms,
+    return [eliminate_common_subexpressions, remove_noops, select_rows_first, fold_batchnorm, fold_gemm_bias, merge_parallel_gemms,
             fuse_attention, choose_layout, drop_copies, constant_fold, eliminate_dead_code]
 
 

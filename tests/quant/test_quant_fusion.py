@@ -91,3 +91,36 @@ def test_a_standalone_quantize_names_our_kernel_that_produced_its_input(tmp_path
     reasons = [q["reason"] for q in g.standalone_quantizes]
     assert any("its producer, a pool kernel" in r and "does not take this quantize" in r for r in reasons), reasons
     assert not any("producer getitem" in r for r in reasons), reasons  # what the H200 report said
+
+
+class NormClassHead(torch.nn.Module):
+    """ViT's ending: the encoder's final LayerNorm over every token, then the class token's head."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm, self.head = torch.nn.Linear(32, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.fc(x)))[:, 0])
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_class_token_head_quantizes_inside_the_norm(precision, tmp_path):
+    """The norm runs on the class token only (fx_passes/row_select.py), so the head's input
+    quantize joins the norm's kernel: the only standalone quantize left is the graph input's
+    (the H200 ViT report named the norm's kernel for the head's)."""
+    model = NormClassHead().eval()
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
+    cfg = quant.QuantConfig(precision=precision, min_features=1)
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    assert [q["reason"] for q in g.standalone_quantizes] == [
+        "its input is a graph input: no producer of ours to write it quantized"], g.standalone_quantizes
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert cos > 0.99
