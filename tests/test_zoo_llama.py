@@ -292,6 +292,8 @@ def test_decode_step_kernels_per_layer():
     assert len(g.kernels) <= 22, [(k["kind"], k["ops"]) for k in g.kernels]
     fused = [k["ops"] for k in g.kernels if k.get("config", {}).get("fused")]
     assert len(fused) == 3 * CFG.layers + 1, fused  # Q/K/V, gate/up, down per layer; the LM head
+    attention = [k for k in g.kernels if k["kind"] == "attention"]
+    assert len(attention) == CFG.layers and all(k["config"].get("decode") for k in attention)  # flash-decoding
     assert {f["op"] for f in g.fallbacks} == {"aten.stack"}, g.fallbacks  # the returned caches
     updates = [k for k in g.kernels if k["ops"].count("aten.where") == 2 and "aten.cat" in k["ops"]]
     assert len(updates) == CFG.layers, [(k["kind"], k["ops"]) for k in g.kernels]

@@ -18,6 +18,11 @@ PyTorch >= 2.5) and, on CUDA (torch 2.11, H100), for an all ``-inf`` additive ro
 all-False *bool* row CUDA SDPA returned neither zeros, NaN nor the mean of v, so on such
 inputs the engine's validation rejects this kernel and runs ATen (benchmarks/notes/attention.md).
 
+A decode step (at most ``DECODE_MAX_Q`` query rows, the query heads of one K/V head sharing its
+tiles) runs the flash-decoding kernel of :mod:`.attention_decode` instead: key ranges split over
+the GPU, blocks every row masks out skipped. Untuned it is the choice; tuned, its configs are
+timed first beside the flash kernel's and SDPA.
+
 This module imports Triton at the top: only the builder loader (``select._load``) and tests
 import it, never ``import compile_backend``.
 """
@@ -34,7 +39,8 @@ import triton.language as tl
 from .autotune import tuner_for
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, output_tensor
 from . import quant_ref
-from .attention_config import AttentionConfig, candidate_configs, default_config, pow2_at_least
+from .attention_config import (DECODE_CONFIGS, AttentionConfig, DecodeConfig, candidate_configs, decode_applies,
+                               default_config, pow2_at_least)
 from .launch import load_source, strides_for
 from .base import triton_interpret
 from .expr_casts import conversion_source
@@ -518,6 +524,7 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     allow_tf32 = ctx.allow_tf32  # fp32 attention on TF32 tensor cores only when precision allows
     dims = (q_meta.shape[-1], v_meta.shape[-1], q_meta.shape[-2], k_meta.shape[-2], q_meta.dtype, causal)
     tuned = config is None and tuner_for(ctx).times
+    explicit = config
     if config is None:
         config = default_config(*dims)
     scale = float(scale)
@@ -525,18 +532,34 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     shapes = tuple(tuple(m.shape) for m in (q_meta, k_meta, v_meta))
     mask_shape = tuple(metas["mask"].shape) if im is not None else None
 
+    def operands(inputs: Sequence[Any]):
+        # the builder checked dtypes and shapes on the metas; only re-check the shapes (cheap)
+        # so an engine handing other shapes gets an error instead of a wrong launch
+        q, k, v = inputs[iq], inputs[ik], inputs[iv]
+        mask = inputs[im] if im is not None else None
+        if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
+            raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
+                             f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
+        return q, k, v, mask
+
     def runner(config: AttentionConfig):
         def run(*inputs: Any, out: Optional[Sequence[Optional[torch.Tensor]]] = None):
-            # the builder checked dtypes and shapes on the metas; only re-check the shapes (cheap)
-            # so an engine handing other shapes gets an error instead of a wrong launch
-            q, k, v = inputs[iq], inputs[ik], inputs[iv]
-            mask = inputs[im] if im is not None else None
-            if (q.shape, k.shape, v.shape) != shapes or (mask is not None and mask.shape != mask_shape):
-                raise ValueError(f"attention kernel built for {shapes} (mask {mask_shape}), called with "
-                                 f"{(tuple(q.shape), tuple(k.shape), tuple(v.shape))}")
+            q, k, v, mask = operands(inputs)
             return (_launch(q, k, v, mask, scale, causal, config, allow_tf32, out[0] if out else None,
                             dead_rows_nan, out_perm, quant),)
 
+        return run
+
+    def decode_runner(config: DecodeConfig):
+        from .attention_decode import DecodeRunner
+
+        launch = DecodeRunner(config, scale, causal, dead_rows_nan, quant, allow_tf32)
+
+        def run(*inputs: Any, out: Optional[Sequence[Optional[torch.Tensor]]] = None):
+            q, k, v, mask = operands(inputs)
+            return (launch(q, k, v, mask, layouts[0], out[0] if out else None),)
+
+        run.counters = launch.counters  # type: ignore[attr-defined]  (tests: left at zero)
         return run
 
     def unfused(*inputs: Any, out=None):
@@ -550,6 +573,9 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
 
     out_dtype = q_meta.dtype if quant is None else quant_ref.STORAGE[quant[0]]
     layouts = (_out_layout(q_meta.shape, v_meta.shape, out_dtype, out_perm),)
+    # a decode step (a few query rows per K/V head): flash-decoding, key ranges split over the
+    # GPU (kernels/attention_decode.py); the tuner also times the flash kernel and SDPA
+    decode = decode_applies(q_meta.shape[2], q_meta.shape[1], k_meta.shape[1])
     if tuned:
         # short sequences: also two batched GEMMs around one softmax kernel (16-bit only: the
         # fp32 products would follow the user's global TF32 setting, not options.precision)
@@ -558,7 +584,11 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
             and k_meta.shape[1] == q_meta.shape[1]
         return _tuned_attention(group, ctx, dims, runner, layouts,
                                 f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan} quant={quant}",
-                                unfused if short else None)
+                                unfused if short else None, decode_runner if decode else None)
+    if decode and explicit is None:
+        first = DECODE_CONFIGS[0]
+        return Kernel(kind="attention", impl="triton", ops=group.ops, fn=decode_runner(first), config=first.as_dict(),
+                      supports_out=True, out_layouts=layouts)
     return Kernel(kind="attention", impl="triton", ops=group.ops, fn=runner(config), config=config.as_dict(),
                   supports_out=True, out_layouts=layouts)
 
@@ -570,7 +600,7 @@ def _unfused_max_keys() -> int:
 
 
 def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layouts, extra: str,
-                     unfused=None) -> Kernel:
+                     unfused=None, decode=None) -> Kernel:
     """Our kernel's configs timed against PyTorch SDPA (the vendor candidate, through the group's
     ATen reference) and, for short sequences, ``unfused`` (bmm + softmax kernel + bmm), so a
     tuned attention is never slower than either on this GPU and shape. ``fast`` times the
@@ -583,6 +613,10 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
         configs = configs[:6]
     candidates = [Candidate(f"triton {c.as_dict()}", {"impl": "triton", **c.as_dict()},
                             (lambda c=c: runner(c)), "triton") for c in configs]
+    if decode is not None:  # first: the untuned choice for a decode step
+        decodes = DECODE_CONFIGS if ctx.tuning == "max" else DECODE_CONFIGS[:4]
+        candidates[:0] = [Candidate(f"triton decode {c.as_dict()}", {"impl": "triton", **c.as_dict()},
+                                    (lambda c=c: decode(c)), "triton") for c in decodes]
     candidates.append(Candidate("sdpa", {"impl": "sdpa"}, lambda: group.reference, "sdpa"))
     if unfused is not None:
         candidates.append(Candidate("bmm + triton softmax + bmm", {"impl": "unfused"}, lambda: unfused, "unfused"))
@@ -609,7 +643,8 @@ def _source_hash() -> str:
         import os
 
         digest = hashlib.sha256()
-        for path in (__file__, os.path.join(os.path.dirname(__file__), "attention_unfused.py")):
+        for path in (__file__, *(os.path.join(os.path.dirname(__file__), name)
+                                  for name in ("attention_unfused.py", "attention_decode.py"))):
             with open(path, "rb") as f:
                 digest.update(f.read())
         _SOURCE_HASH.append(digest.hexdigest()[:16])

@@ -111,3 +111,43 @@ def candidate_configs(
 
 
 __all__ = ["AttentionConfig", "default_config", "candidate_configs", "pow2_at_least"]
+
+
+#: query rows per (batch, kv head) up to which the decode kernel (kernels/attention_decode.py)
+#: is a candidate: kv_group query heads x Sq rows share each K/V tile
+DECODE_MAX_ROWS = 64
+DECODE_MAX_Q = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Knobs of the decode kernel: ``block_n`` keys per step; ``splits`` key ranges per (batch,
+    kv head), 0 = enough for ``waves`` programs per SM (one under the interpreter); warps."""
+
+    block_n: int = 64
+    splits: int = 0
+    waves: int = 4
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_n, bool) or self.block_n not in _POW2_BLOCKS:
+            raise ValueError(f"DecodeConfig.block_n must be one of {_POW2_BLOCKS}, got {self.block_n!r}")
+        for name, lo, hi in (("splits", 0, 256), ("waves", 1, 64)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"DecodeConfig.{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if isinstance(self.num_warps, bool) or self.num_warps not in _WARPS:
+            raise ValueError(f"DecodeConfig.num_warps must be one of {_WARPS}, got {self.num_warps!r}")
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"decode": True, **dataclasses.asdict(self)}
+
+
+#: the decode kernel's configs for a tuner, the default first
+DECODE_CONFIGS = (DecodeConfig(), DecodeConfig(block_n=32, waves=8), DecodeConfig(block_n=128, num_warps=8),
+                  DecodeConfig(waves=2), DecodeConfig(waves=8), DecodeConfig(block_n=128, waves=8, num_warps=8))
+
+
+def decode_applies(seq_q: int, heads: int, kv_heads: int) -> bool:
+    """Whether the decode kernel serves this problem: few query rows per kv head."""
+    return seq_q <= DECODE_MAX_Q and kv_heads > 0 and (heads // kv_heads) * seq_q <= DECODE_MAX_ROWS

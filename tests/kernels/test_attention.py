@@ -413,9 +413,9 @@ def _tuned_candidates(group):
     ctx.tuner.settings = type(ctx.tuner.settings)(min_reps=1, max_reps=1, target_ms=0.1)
     real, seen = att_mod._tuned_attention, {}
 
-    def spy(group, ctx, dims, runner, layouts, extra, unfused=None):
-        seen.update(runner=runner, unfused=unfused, extra=extra)
-        return real(group, ctx, dims, runner, layouts, extra, unfused)
+    def spy(group, ctx, dims, runner, layouts, extra, unfused=None, decode=None):
+        seen.update(runner=runner, unfused=unfused, extra=extra, decode=decode)
+        return real(group, ctx, dims, runner, layouts, extra, unfused, decode)
 
     att_mod._tuned_attention = spy
     try:
@@ -499,3 +499,27 @@ def test_grouped_query_attention(dtype):
     assert check_outputs(kernel, (q, k, v, mask), group.reference(q, k, v, mask)) is None
     with pytest.raises(ValueError, match="head dims differ"):
         flash_attention(q, k[:, :1].expand(2, 4, 23, 32), v[:, :1].expand(2, 4, 23, 32))  # 6 % 4
+
+
+@pytest.mark.parametrize("quant", [None, ("int8", 37.0)], ids=["float", "int8"])
+def test_decode_shapes_build_the_decode_kernel(quant):
+    """One query row per head, grouped K/V heads (the decode step): untuned, the builder picks
+    flash-decoding (kernels/attention_decode.py), with a padding mask, a permuted output layout
+    and the output quantize; tuned, its configs come first among the candidates."""
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, 8, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(B, 2, 45, 16, generator=g).to(dtype) for _ in range(2))
+    mask = _padding_mask(45)
+    group = _attention_group([q.shape, k.shape, v.shape], dtype, mask, 0.25, out_perm=[0, 2, 1, 3], quant=quant)
+    kernel = build_attention(group, _ctx())
+    assert kernel.impl == "triton" and kernel.config.get("decode")
+    (got,), (want,) = kernel(q, k, v, mask), group.reference(q, k, v, mask)
+    # the same layout (the stride of the size-1 query dim is arbitrary)
+    assert [st for st, n in zip(got.stride(), got.shape) if n > 1] == \
+        [st for st, n in zip(want.stride(), want.shape) if n > 1] and got.dtype == want.dtype
+    if quant is None:
+        _assert_matches(got.contiguous(), want.float(), dtype)
+    else:  # codes within one step
+        assert (got.float() - want.float()).abs().max().item() <= 1
+    assert _tuned_candidates(group)["decode"] is not None
