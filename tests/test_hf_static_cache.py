@@ -57,3 +57,43 @@ def test_static_cache_decode_matches_eager_and_updates_the_cache_in_our_kernels(
     assert {f["op"] for f in g.fallbacks} <= {"aten.embedding"}, g.fallbacks
     updates = [k for k in g.kernels if k["ops"].count("aten.where") == 2 and "aten.cat" in k["ops"]]
     assert len(updates) == cfg.num_hidden_layers, [(k["kind"], k["ops"]) for k in g.kernels]
+
+
+def _decoder(name):
+    torch.manual_seed(0)
+    cfg = getattr(transformers, name + "Config")(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                                   max_position_embeddings=128)
+    if name == "Gemma":
+        cfg.head_dim = 16
+    return cfg, getattr(transformers, name + "ForCausalLM")(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["Qwen2", "Gemma"])
+def test_weight_only_decode_of_other_decoders(name, tmp_path, monkeypatch):
+    """W4A16 decode of decoders with other blocks (Qwen2: biased Q/K/V; Gemma: a (1 + w) RMS norm,
+    a tanh-GELU gate, scaled embeddings): every linear is one fused GEMV with the norm or the
+    gated product as its prologue (4 a layer, and the LM head's float GEMV with the final norm),
+    the attention is flash-decoding, and the kernels give the emulated path's logits over 3 steps."""
+    from compile_backend import quant
+
+    cfg, model = _decoder(name)
+    q = quant.QuantConfig(precision="int4", activations=None, group_size=32, min_features=1)
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for interpret in ("0", "1"):  # the emulated path (each op's reference), then the kernels
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        torch._dynamo.reset()
+        step = torch.compile(Step(model).eval(), backend="compile_backend",
+                             options={"quant": q, "cache_dir": str(tmp_path / interpret)})
+        outs[interpret] = _generate(cfg, model, step, prompt)[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(outs["1"], outs["0"], rtol=1e-5, atol=1e-5)
+    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]),
+                                     _generate(cfg, model, Step(model).eval(), prompt, steps=0)[1], quant=q,
+                                     cache_dir=str(tmp_path / "explain"), autotune="off", speed_check=False)
+    (g,) = report.graphs
+    kernels = [k.get("config", {}) for k in g.kernels]
+    assert sum(bool(c.get("fused")) for c in kernels) == 4 * cfg.num_hidden_layers + 1, [k["ops"] for k in g.kernels]
+    assert sum(bool(c.get("decode")) for c in kernels) == cfg.num_hidden_layers
+    assert not g.fallbacks, g.fallbacks
