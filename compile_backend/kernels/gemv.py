@@ -48,6 +48,8 @@ from .weight_only_parts import auto_split, k_slices
 from .gemv_prologue import PLAIN_X, XPrologue
 
 INT32_MAX = 2**31 - 1
+#: elements of a row a prologue's row loop reads per step (registers: 32 a thread at 4 warps)
+ROW_BLOCK_MAX = 4096
 
 _TEMPLATE = '''\
 import triton
@@ -69,7 +71,7 @@ def {name}(
     M, N, K, K_SLICE, swn, swk, ssn,
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -208,7 +210,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         m, n, k, k_slice, w.stride(0), w.stride(1), scales.stride(0) if scales is not None else 0,
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=config.num_warps, num_stages=config.num_stages)
+        BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
+        num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,8 @@ into the GEMV's group; :func:`plan_x` turns the group's ops upstream of the anch
   free (row-major order kept); every intermediate is rounded to its dtype as eager stores it.
 * **row values** (M values: ``keepdim`` or not): a ``mean`` / ``sum`` over x's last dim (an RMS
   norm's mean of squares) is a loop over the row before the main loop, in every program (M <= 4
-  rows of K values, from L2); element-wise ops on row values (``+ eps``, ``rsqrt``) follow it.
+  rows of K values, from L2, ``ROW_BLOCK`` = up to 4096 at a time); element-wise ops on row
+  values (``+ eps``, ``rsqrt``) follow it.
   x_at takes the row values it reads as arguments.
 
 This module does not import Triton (the renderer does).
@@ -227,9 +228,11 @@ class _Writer:
         total = f"tl.sum({acc}, 0)" + (f" / {float(self.k)!r}" if ROW_REDUCTIONS[n.target] else "")
         out = expr.var_name(n)
         row_names[n] = out
-        return ([f"{acc} = tl.zeros([BLOCK_K], tl.float32)",
-                 "for k0 in range(0, K, BLOCK_K):",
-                 "    kk = k0 + tl.arange(0, BLOCK_K)",
+        # ROW_BLOCK: the whole row in one or a few steps (each program waits for this loop
+        # before its first weight load: one L2 round trip, not K / BLOCK_K of them)
+        return ([f"{acc} = tl.zeros([ROW_BLOCK], tl.float32)",
+                 "for k0 in range(0, K, ROW_BLOCK):",
+                 "    kk = k0 + tl.arange(0, ROW_BLOCK)",
                  "    ok = kk < K"]
                 + ["    " + line for line in body]
                 + [f"    {acc} += tl.where(ok, {value}, 0.0)",
