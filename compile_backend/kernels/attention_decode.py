@@ -35,6 +35,7 @@ from .base import output_tensor, triton_interpret
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
 
 
 @triton.jit
@@ -124,13 +125,13 @@ def _decode_fwd(
         if last:
             tl.store(counter, 0)  # free for the next launch
             m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-            for s in range(SPLITS):
+            for s in tl.static_range(SPLITS):  # unrolled: the loads go out together
                 m_i = tl.maximum(m_i, tl.load(ML + 2 * ((s * tl.num_programs(1) + pid_bg) * BLOCK_R + r),
                                               cache_modifier=".cg"))
             m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
             acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
             l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for s in range(SPLITS):  # in range order: the same sum whichever program merges
+            for s in tl.static_range(SPLITS):  # in range order: the same sum whichever program merges
                 rows = (s * tl.num_programs(1) + pid_bg) * BLOCK_R + r
                 w = tl.math.exp2(tl.load(ML + 2 * rows, cache_modifier=".cg") - m_safe)
                 l_i += w * tl.load(ML + 2 * rows + 1, cache_modifier=".cg")
@@ -166,7 +167,8 @@ def splits_for(batch_kv: int, seq_k: int, config: DecodeConfig, device: torch.de
         else:
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             splits = triton.cdiv(config.waves * sms, batch_kv)
-    per = triton.cdiv(blocks, max(1, min(splits, blocks))) * config.block_n
+    # at most MAX_SPLITS ranges: the merge is unrolled over them
+    per = triton.cdiv(blocks, max(1, min(splits, blocks, MAX_SPLITS))) * config.block_n
     return triton.cdiv(seq_k, per), per
 
 

@@ -114,7 +114,7 @@ def {name}(
         if last:
             tl.store(counter, 0)  # every slice has arrived: the counter is free for the next launch
             acc = tl.zeros([1, BLOCK_N], tl.float32)
-            for s in range(SPLIT):
+            for s in tl.static_range(SPLIT):  # unrolled: the loads go out together, not one round trip each
                 acc += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
     if last:
         if HAS_BIAS:
