@@ -55,7 +55,7 @@ def test_static_cache_decode_matches_eager_and_updates_the_cache_in_our_kernels(
                                      _generate(cfg, model, eager, prompt, steps=0)[1])
     (g,) = report.graphs
     assert {f["op"] for f in g.fallbacks} <= {"aten.embedding"}, g.fallbacks
-    updates = [k for k in g.kernels if k["ops"].count("aten.where") == 2 and "aten.cat" in k["ops"]]
+    updates = [k for k in g.kernels if k["ops"].count("aten.where") >= 2 and k["ops"].count("aten.cat") == 2]
     assert len(updates) == cfg.num_hidden_layers, [(k["kind"], k["ops"]) for k in g.kernels]
 
 

@@ -26,7 +26,9 @@ Policy, in priority order (earlier groups claim nodes first):
    kernel). Then the group takes in the free producers whose shape broadcasts to its own, however
    early (a QAT scale chain, 0-d or per channel): computed at every element, stored once.
    A pointwise group computing only a weight-only GEMV's activation (decode rows) then joins
-   that GEMV's group as its prologue (``partition_merge.merge_gemv_prologues``).
+   that GEMV's group as its prologue (``partition_merge.merge_gemv_prologues``); small
+   neighbouring pointwise groups sharing no data path become one group of independent parts,
+   one launch (``merge_independent_pointwise``).
 6. aten: any other op (avg pooling, a cat of more pieces, other indexing, ops no generated kernel
    can express), alone.
 
@@ -54,7 +56,7 @@ import torch.fx as fx
 from ..kernels.base import FILL_OPS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
 from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, hoist_constants, hoist_views, is_op,
                               is_reshape, make_adjacent, safe, validate)
-from .partition_merge import merge_gemv_prologues, merge_pointwise_groups
+from .partition_merge import merge_gemv_prologues, merge_independent_pointwise, merge_pointwise_groups
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -224,6 +226,7 @@ class _Partitioner:
             if self.kind[n] == "pointwise" and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
         self.groups = merge_gemv_prologues(merge_pointwise_groups(self.groups, self.index), self.index)
+        self.groups = merge_independent_pointwise(self.groups, self.index)
         self.group_of = {n: i for i, g in enumerate(self.groups) for n in g.nodes}
         for n in self.nodes:
             if self.kind[n] is not None and n not in self.group_of:

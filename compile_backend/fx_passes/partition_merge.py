@@ -16,6 +16,10 @@ fewer launches where one kernel can compute what several did.
   projections: its mean of squares is a loop over the row in every program). Not for more
   rows: the tiled kernels would run the prologue through ATen.
 
+* Independent neighbours: small pointwise groups next to each other in group order that share
+  no data path are one group of independent parts, run as one launch (a decode layer's query
+  rotation beside its key rotation and cache updates).
+
 All keep the partition contract: a merge happens only when every outside input of the merged
 group precedes its first node (``partition_graph.safe``).
 """
@@ -110,6 +114,49 @@ def merge_gemv_prologues(groups: Sequence, index: Dict[fx.Node, int]) -> List:
     return [g for g in groups if id(g) not in gone]
 
 
+#: iteration size up to which independent pointwise groups share one launch (launch-bound sizes)
+COMBO_MAX_NUMEL = 1 << 20
+COMBO_MAX_GROUPS = 4
+
+
+def merge_independent_pointwise(groups: Sequence, index: Dict[fx.Node, int]) -> List:
+    """Neighbouring small pointwise groups (in group order) that share no data path become one
+    group of independent parts, one launch (``kernels/pointwise_combo``): a decode layer's query
+    rotation beside its key rotation and cache updates; a step's table gathers and masks."""
+    ordered = sorted(groups, key=lambda g: index[g.nodes[0]])
+    out: List = []
+    size: Dict[int, int] = {}
+    for g in ordered:
+        prev = out[-1] if out else None
+        if (prev is not None and prev.kind == "pointwise" and g.kind == "pointwise"
+                and size.get(id(prev), 1) < COMBO_MAX_GROUPS
+                and _group_numel(prev) <= COMBO_MAX_NUMEL and _group_numel(g) <= COMBO_MAX_NUMEL
+                and not _reads(g, prev) and not _reads(prev, g) and safe(index, set(prev.nodes), g.nodes)):
+            prev.nodes = sorted(list(prev.nodes) + list(g.nodes), key=index.__getitem__)
+            size[id(prev)] = size.get(id(prev), 1) + 1
+            continue
+        out.append(g)
+    return out
+
+
+def _reads(g, h) -> bool:
+    """Whether a node of ``g`` reads a value of ``h`` (directly or through views outside groups)."""
+    inside = set(h.nodes)
+    for a in (a for n in g.nodes for a in n.all_input_nodes):
+        while a not in inside and a.op == "call_function" and is_view_op(a.target) and a.args \
+                and isinstance(a.args[0], fx.Node):
+            a = a.args[0]
+        if a in inside:
+            return True
+    return False
+
+
+def _group_numel(group) -> int:
+    v = max((n.meta.get("val") for n in group.nodes), key=lambda v: v.numel() if isinstance(v, torch.Tensor) else -1)
+    n = v.numel() if isinstance(v, torch.Tensor) else 0
+    return n if isinstance(n, int) else COMBO_MAX_NUMEL + 1
+
+
 def _gemv_activation(anchor: fx.Node):
     """The activation of a GEMM the fused decode GEMV serves: a weight-only linear's x, or a
     float ``mm`` / ``addmm``'s a when b is a constant (a frozen weight, through views); else None."""
@@ -154,4 +201,4 @@ def _group_shape(group) -> Tuple[int, ...]:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
-__all__ = ["merge_pointwise_groups", "merge_gemv_prologues"]
+__all__ = ["merge_pointwise_groups", "merge_gemv_prologues", "merge_independent_pointwise"]

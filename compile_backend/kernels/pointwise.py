@@ -420,7 +420,8 @@ class PointwiseLauncher:
                       meta_of(o).dtype) for o in self.plan.stored}
         return tuple(stored.get(o) for o in self.plan.outputs)
 
-    def __call__(self, *inputs: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
+    def prepare(self, inputs: Sequence[Any], out: Optional[Sequence[Any]] = None) -> "Prepared":
+        """Everything one launch needs (the outputs allocated), without launching."""
         plan = self.plan
         if len(inputs) != len(plan.placeholders):
             raise ValueError(f"expected {len(plan.placeholders)} inputs, got {len(inputs)}")
@@ -429,19 +430,34 @@ class PointwiseLauncher:
             env[v] = v.target(*map_nodes(v.args, env), **map_nodes(v.kwargs, env))
         operands = [env[n] for n in plan.operands + plan.pieces + plan.gathered]
         device = operands[0].device if operands else self.device
+        launch, args = None, ()
         if plan.stored:
             launch = self.launch_for(operands)
             outs = [output_tensor(out, plan.outputs.index(o), (tuple(meta_of(o).shape), st, meta_of(o).dtype), device)
                     for o, st in zip(plan.stored, launch.out_strides)]
-            if launch.numel > 0:
-                scalars = [env[n] for n in plan.scalars]
-                grid = (triton_cdiv(launch.numel, self.config.block),)
-                # the compiled kernel (None under the interpreter): registers/PTX for benchmarks
-                self.last_compiled = launch.kernel[grid](
-                    *operands, *outs, *scalars, *launch.int_args,
-                    BLOCK=self.config.block, num_warps=self.config.num_warps)
+            args = (*operands, *outs, *[env[n] for n in plan.scalars], *launch.int_args)
             env.update(zip(plan.stored, outs))
-        return tuple(env[o] for o in plan.outputs)
+        programs = triton_cdiv(launch.numel, self.config.block) if launch is not None else 0
+        return Prepared(launch, args, programs, tuple(env[o] for o in plan.outputs))
+
+    def __call__(self, *inputs: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
+        ready = self.prepare(inputs, out)
+        if ready.programs > 0:
+            # the compiled kernel (None under the interpreter): registers/PTX for benchmarks
+            self.last_compiled = ready.launch.kernel[(ready.programs,)](
+                *ready.args, BLOCK=self.config.block, num_warps=self.config.num_warps)
+        return ready.outputs
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One launch of a pointwise kernel, ready to go: its layout (None: nothing to store), its
+    arguments, its programs (0: empty), the group's outputs it will have written."""
+
+    launch: Optional[_Launch]
+    args: Tuple[Any, ...]
+    programs: int
+    outputs: Tuple[Any, ...]
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -450,8 +466,18 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def build_pointwise(group: KernelGroup, ctx: KernelContext,
                     config: Optional[PointwiseConfig] = None) -> Kernel:
-    """Kernel for a pointwise group; ``config=None`` picks the heuristic launch parameters."""
-    plan = analyze(group)
+    """Kernel for a pointwise group; ``config=None`` picks the heuristic launch parameters. A
+    group of independent parts of different shapes runs as one combined launch
+    (:mod:`.pointwise_combo`)."""
+    try:
+        plan = analyze(group)
+    except Unsupported:
+        from .pointwise_combo import split_parts
+
+        parts = split_parts(group)
+        if len(parts) < 2:
+            raise
+        return _build_combo(group, ctx, parts)
     numel = 1
     for s in plan.shape:
         numel *= s
@@ -464,3 +490,27 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
     return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=launcher,
                   config=dataclasses.asdict(config), source=source,
                   supports_out=bool(plan.stored), out_layouts=launcher.out_layouts())
+
+
+def _build_combo(group: KernelGroup, ctx: KernelContext, parts) -> Kernel:
+    from .pointwise_combo import MAX_PARTS, ComboLauncher
+
+    if len(parts) > MAX_PARTS:
+        raise Unsupported(f"{len(parts)} independent parts: a combined launch takes at most {MAX_PARTS}")
+    launchers = []
+    for part, ins, outs in parts:
+        plan = analyze(part)
+        numel = 1
+        for s in plan.shape:
+            numel *= s
+        launchers.append((PointwiseLauncher(plan, pointwise_heuristic(numel), ctx.device), ins, outs))
+    combo = ComboLauncher(launchers, len(group.outputs))
+    sources = [launcher.launch_for([meta_of(n) for n in launcher.plan.operands + launcher.plan.pieces
+                                    + launcher.plan.gathered]).source
+               for launcher, _, _ in launchers if launcher.plan.stored]
+    from .pointwise_combo import combo_source
+
+    return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=combo,
+                  config={"combo": len(launchers), "parts": [dataclasses.asdict(l.config) for l, _, _ in launchers]},
+                  source=combo_source(sources) if len(sources) > 1 else None,
+                  supports_out=any(l.plan.stored for l, _, _ in launchers), out_layouts=combo.out_layouts())
