@@ -208,6 +208,41 @@ def _attend_key_blocks(
 
 
 @triton.jit
+def quantize_output(out, quant_inv_scale, QMAX: tl.constexpr, ROUND_TO: tl.constexpr, QUANT_FP8: tl.constexpr,
+                    SOFT_FP8: tl.constexpr):
+    """The next GEMM's static input quantize (kernels/quant_ref.quantize_steps) of an attention
+    output as the op would return it (rounded to q's dtype first): FP8 saturates to +-QMAX (NaN
+    stays NaN) then rounds to the e4m3 grid; integer codes map NaN to 0, saturate and round
+    half to even (|y| <= QMAX < 2^23)."""
+    y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
+    if QUANT_FP8:
+        y = tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y))
+        if SOFT_FP8:
+            res = to_fp8_soft(y)
+        else:
+            res = to_fp8_native(y)
+    else:
+        y = tl.where(y != y, 0.0, y)
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        r = (tl.abs(y) + 8388608.0) - 8388608.0
+        res = tl.where(y < 0, -r, r)
+    return res
+
+
+def mask_argument(mask: Optional[torch.Tensor], q: torch.Tensor, seq_k: int):
+    """(kind, tensor, strides) the kernels take for ``mask``: broadcast to [B, H, Sq, Sk] with
+    stride 0 on broadcast dims (a [B,1,1,Sk] padding mask is read in place, never copied), a bool
+    mask seen as uint8; no mask: kind MASK_NONE and q as a placeholder pointer."""
+    if mask is None:
+        return MASK_NONE, q, (0, 0, 0, 0)
+    batch, heads, seq_q = q.shape[:3]
+    arg = mask.expand(batch, heads, seq_q, seq_k)
+    if mask.dtype == torch.bool:
+        return MASK_BOOL, arg.view(torch.uint8), arg.stride()
+    return MASK_ADDITIVE, arg, arg.stride()
+
+
+@triton.jit
 def _flash_attention_fwd(
     Q, K, V, Mask, Out,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -279,20 +314,7 @@ def _flash_attention_fwd(
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc * (1.0 / l_i)[:, None]
     if QUANT:
-        # the next GEMM's static input quantize (kernels/quant_ref.quantize_steps) on the output
-        # as the op would return it (rounded to q's dtype first)
-        y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
-        if QUANT_FP8:  # saturate to +-448 (NaN stays NaN), then round to the e4m3 grid
-            y = tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y))
-            if SOFT_FP8:
-                out = to_fp8_soft(y)
-            else:
-                out = to_fp8_native(y)
-        else:  # integer codes: NaN -> 0, saturate, round half to even
-            y = tl.where(y != y, 0.0, y)
-            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-            r = (tl.abs(y) + 8388608.0) - 8388608.0  # round half to even (|y| <= QMAX < 2^23)
-            out = tl.where(y < 0, -r, r)
+        out = quantize_output(out, quant_inv_scale, QMAX, ROUND_TO, QUANT_FP8, SOFT_FP8)
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     dv_ok = offs_dv < head_dim_v
     if EVEN_M and EVEN_DV:
@@ -411,16 +433,7 @@ def _launch(q, k, v, mask, scale: float, causal: bool, config: AttentionConfig, 
     if out.numel() == 0:
         return out
 
-    if mask is None:
-        mask_kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
-    else:
-        # broadcast dims get stride 0: a [B,1,1,Sk] padding mask is read in place, never copied
-        mask_arg = mask.expand(batch, heads, seq_q, seq_k)
-        if mask.dtype == torch.bool:
-            mask_kind, mask_arg = MASK_BOOL, mask_arg.view(torch.uint8)
-        else:
-            mask_kind = MASK_ADDITIVE
-        mask_strides = mask_arg.stride()
+    mask_kind, mask_arg, mask_strides = mask_argument(mask, q, seq_k)
 
     block_d, block_dv = pow2_at_least(head_dim), pow2_at_least(head_dim_v)
     k_arg, v_arg = k, v

@@ -29,11 +29,10 @@ import triton
 import triton.language as tl
 
 from . import quant_ref
-from .attention import to_fp8_native, to_fp8_soft
+from .attention import mask_argument, quantize_output
 from .attention_config import DecodeConfig, pow2_at_least
 from .base import output_tensor, triton_interpret
 
-MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 
@@ -140,19 +139,8 @@ def _decode_fwd(
         if not DEAD_ROWS_NAN:
             l_i = tl.where(l_i == 0.0, 1.0, l_i)  # every key masked out: 0, as SDPA's safe softmax
         out = acc * (1.0 / l_i)[:, None]
-        if QUANT:  # the next GEMM's static input quantize, on the output rounded to q's dtype
-            y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
-            if QUANT_FP8:
-                y = tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y))
-                if SOFT_FP8:
-                    out = to_fp8_soft(y)
-                else:
-                    out = to_fp8_native(y)
-            else:
-                y = tl.where(y != y, 0.0, y)
-                y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-                rounded = (tl.abs(y) + 8388608.0) - 8388608.0  # half to even (|y| <= QMAX < 2^23)
-                out = tl.where(y < 0, -rounded, rounded)
+        if QUANT:  # the next GEMM's static input quantize, as the flash kernel writes it
+            out = quantize_output(out, quant_inv_scale, QMAX, ROUND_TO, QUANT_FP8, SOFT_FP8)
         tl.store(_row_offsets(Out, b, head, qi, sob, soh, som)[:, None] + offs_dv[None, :] * sod,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < head_dim_v)[None, :])
 
@@ -189,13 +177,7 @@ class DecodeRunner:
         out = output_tensor((into,), 0, layout, q.device)
         if out.numel() == 0:
             return out
-        if mask is None:
-            kind, mask_arg, mask_strides = MASK_NONE, q, (0, 0, 0, 0)
-        else:
-            mask_arg = mask.expand(batch, heads, seq_q, seq_k)
-            kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
-            mask_arg = mask_arg.view(torch.uint8) if kind == MASK_BOOL else mask_arg
-            mask_strides = mask_arg.stride()
+        kind, mask_arg, mask_strides = mask_argument(mask, q, seq_k)
         group = heads // kv_heads
         block_r = pow2_at_least(group * seq_q)
         block_dv = pow2_at_least(head_dim_v)

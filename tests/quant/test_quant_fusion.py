@@ -11,6 +11,16 @@ from compile_backend import quant
 from quant_models import AttentionBlock, NormLinear  # tests/quant/quant_models.py
 
 
+def _calibrated_report(model, x, precision, tmp_path):
+    """(calibration, report) of ``model`` quantized static at ``precision`` (one graph)."""
+    cfg = quant.QuantConfig(precision=precision, min_features=1)
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    return calib, report
+
+
 @pytest.mark.parametrize("activations", ["static", "dynamic"])
 def test_quantize_joins_the_norm_kernel(activations, tmp_path):
     model = NormLinear().eval()
@@ -44,11 +54,7 @@ def test_attention_writes_the_output_projections_codes(precision, tmp_path):
     scaled GEMM an fp8 output dtype."""
     model = AttentionBlock().eval()
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
-    cfg = quant.QuantConfig(precision=precision, min_features=1)
-    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
-    with torch.no_grad():
-        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
-                                         speed_check=False)
+    calib, report = _calibrated_report(model, x, precision, tmp_path)
     (g,) = report.graphs
     kinds = [k["kind"] for k in g.kernels]
     assert kinds.count("attention") == 1 and "aten" not in kinds
@@ -111,11 +117,7 @@ def test_class_token_head_quantizes_inside_the_norm(precision, tmp_path):
     (the H200 ViT report named the norm's kernel for the head's)."""
     model = NormClassHead().eval()
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(4))
-    cfg = quant.QuantConfig(precision=precision, min_features=1)
-    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
-    with torch.no_grad():
-        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
-                                         speed_check=False)
+    calib, report = _calibrated_report(model, x, precision, tmp_path)
     (g,) = report.graphs
     assert [q["reason"] for q in g.standalone_quantizes] == [
         "its input is a graph input: no producer of ours to write it quantized"], g.standalone_quantizes
