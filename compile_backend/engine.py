@@ -248,11 +248,12 @@ def _generate(graph: fx.Graph, const_names: List[str],
                 fn = glob(node.target, getattr(node.target, "__name__", "fn"))
                 call_args = [fmt(a) for a in node.args]
                 call_args += [f"{k}={fmt(v)}" for k, v in node.kwargs.items()]
-                if node.name in outs:  # views of the arena, made once: constants of the source
+                sliced = node.meta.get("out_views", {})  # slices of a stack's buffer (stack_outputs.py)
+                if node.name in outs or sliced:  # views of the arena, made once: constants of the source
                     n_out = len(node.target.group.outputs)
-                    views = [outs[node.name].get(k) for k in range(n_out)]
-                    call_args.append("out=(" + "".join(
-                        (glob(v, "buf") if v is not None else "None") + ", " for v in views) + ")")
+                    views = [glob(outs[node.name][k], "buf") if k in outs.get(node.name, {}) else
+                             f"{names[sliced[k][0]]}[{sliced[k][1]}]" if k in sliced else "None" for k in range(n_out)]
+                    call_args.append("out=(" + "".join(v + ", " for v in views) + ")")
                 lines.append(f"    {var} = {fn}({', '.join(call_args)})")
         elif node.op == "output":
             lines.append(f"    return {fmt(node.args[0])}")

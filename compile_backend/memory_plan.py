@@ -121,7 +121,7 @@ def _alias_classes(graph: fx.Graph, links) -> _Classes:
     return classes
 
 
-def _getitem_index(node: fx.Node) -> Optional[int]:
+def getitem_index(node: fx.Node) -> Optional[int]:
     """k for ``node = getitem(group_call, k)``, else None."""
     if node.op == "call_function" and len(node.args) == 2 and isinstance(node.args[1], int) and \
             isinstance(node.args[0], fx.Node) and isinstance(node.args[0].target, GroupCall):
@@ -153,9 +153,12 @@ class _EngineGraph:
             self.end[root] = max(self.end.get(root, 0), last)
 
     def _links(self, node: fx.Node) -> Sequence[fx.Node]:
-        k = _getitem_index(node)
+        k = getitem_index(node)
         if k is not None:  # an output the kernel allocates, or one aliasing some call inputs
             call = node.args[0]
+            written = call.meta.get("out_views", {}).get(k)  # a slice of a stack (stack_outputs.py)
+            if written is not None:
+                return [written[0]]
             group_inputs = [a for a in call.args]
             aliased = self.aliases[call][k] if k < len(self.aliases[call]) else range(len(group_inputs))
             return [call] + [group_inputs[i] for i in aliased if isinstance(group_inputs[i], fx.Node)]
@@ -164,15 +167,17 @@ class _EngineGraph:
         return () if fresh_op(node.target) else node.all_input_nodes
 
     def _writable(self, node: fx.Node) -> bool:
-        k = _getitem_index(node)
+        k = getitem_index(node)
         if k is None:
             return False
         call = node.args[0]
         kernel = call.target.kernel
+        if k in call.meta.get("out_views", {}):
+            return False  # written into its stack's slice: the stack's buffer, not the arena
         return bool(kernel is not None and kernel.supports_out and k < len(kernel.out_layouts)
                     and kernel.out_layouts[k] is not None and not self.aliases[call][k]
                     # a node reading the call's tuple itself would read outputs unseen
-                    and all(_getitem_index(u) is not None for u in call.users))
+                    and all(getitem_index(u) is not None for u in call.users))
 
     def planned(self) -> List[fx.Node]:
         return [n for n in self.candidates if self.classes.find(n) not in self.pinned

@@ -31,6 +31,7 @@ from .options import Options
 from .quant.qat_report import fake_quant_placement, mark_fake_quant
 from .quant.standalone import standalone_quantizes
 from .report import GraphReport
+from .stack_outputs import write_stacks_in_place
 
 log = logging.getLogger("compile_backend")
 
@@ -155,6 +156,7 @@ def compile_graph(
     if role != "inference":                                     # where QAT's fake quantization runs
         report.fake_quant = fake_quant_placement(graph)
     report.tuning = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
+    _in_place(write_stacks_in_place(graph), report, fallbacks)  # stacked outputs written where made
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena
     report.memory = memory_plan.summary(memory, graph, front.eager_peak)
@@ -283,9 +285,19 @@ def _to_meta(value: Any) -> Any:
 
 
 def _record(report: GraphReport, call: GroupCall, fallbacks: List[Dict[str, str]]) -> List[Dict[str, str]]:
+    call.report_index = len(report.kernels)  # type: ignore[attr-defined]
     report.kernels.append(call.kernel.describe())
     report.fallbacks.extend(fallbacks)
     return fallbacks
+
+
+def _in_place(stacks: List[GroupCall], report: GraphReport, fallbacks: Dict[str, List]) -> None:
+    """Stacks whose pieces' kernels write their slices run no kernel: the report says so."""
+    for call in stacks:
+        entry = report.kernels[call.report_index]  # type: ignore[attr-defined]
+        entry["impl"], entry["config"] = "in place", {"written_by": "each piece's kernel, into its slice"}
+        gone = fallbacks.pop(call.group.name, [])
+        report.fallbacks[:] = [f for f in report.fallbacks if not any(f is g for g in gone)]
 
 
 def _constants(gm: fx.GraphModule) -> Dict[str, Any]:
