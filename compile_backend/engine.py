@@ -35,6 +35,9 @@ class GroupCall:
     def __init__(self, index: int, group: KernelGroup):
         self.index, self.group = index, group
         self.kernel: Kernel | None = None
+        # outputs the kernel writes into slices of a stack's buffer (stack_outputs.py):
+        # {output index: (the buffer's node, slice index)}, passed as out= by the engine
+        self.out_views: Dict[int, Tuple[fx.Node, int]] = {}
         self.__name__ = f"kernel_{index}"
 
     def __call__(self, *args: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
@@ -248,7 +251,7 @@ def _generate(graph: fx.Graph, const_names: List[str],
                 fn = glob(node.target, getattr(node.target, "__name__", "fn"))
                 call_args = [fmt(a) for a in node.args]
                 call_args += [f"{k}={fmt(v)}" for k, v in node.kwargs.items()]
-                sliced = node.meta.get("out_views", {})  # slices of a stack's buffer (stack_outputs.py)
+                sliced = node.target.out_views if isinstance(node.target, GroupCall) else {}
                 if node.name in outs or sliced:  # views of the arena, made once: constants of the source
                     n_out = len(node.target.group.outputs)
                     views = [glob(outs[node.name][k], "buf") if k in outs.get(node.name, {}) else

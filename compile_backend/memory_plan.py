@@ -156,7 +156,7 @@ class _EngineGraph:
         k = getitem_index(node)
         if k is not None:  # an output the kernel allocates, or one aliasing some call inputs
             call = node.args[0]
-            written = call.meta.get("out_views", {}).get(k)  # a slice of a stack (stack_outputs.py)
+            written = call.target.out_views.get(k)  # a slice of a stack (stack_outputs.py)
             if written is not None:
                 return [written[0]]
             group_inputs = [a for a in call.args]
@@ -172,7 +172,7 @@ class _EngineGraph:
             return False
         call = node.args[0]
         kernel = call.target.kernel
-        if k in call.meta.get("out_views", {}):
+        if k in call.target.out_views:
             return False  # written into its stack's slice: the stack's buffer, not the arena
         return bool(kernel is not None and kernel.supports_out and k < len(kernel.out_layouts)
                     and kernel.out_layouts[k] is not None and not self.aliases[call][k]

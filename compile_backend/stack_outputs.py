@@ -25,8 +25,6 @@ from .engine import GroupCall
 from .memory_plan import getitem_index
 
 aten = torch.ops.aten
-#: per group-call node: {output index: (stack buffer node, slice index)}
-OUT_VIEWS = "out_views"
 
 
 def write_stacks_in_place(graph: fx.Graph) -> List[GroupCall]:
@@ -45,7 +43,7 @@ def write_stacks_in_place(graph: fx.Graph) -> List[GroupCall]:
             buf = graph.call_function(torch.empty, (tuple(val.shape),), {"dtype": val.dtype, "device": val.device})
         buf.meta.update(result.meta)
         for i, (call, k) in enumerate(pieces):
-            call.meta.setdefault(OUT_VIEWS, {})[k] = (buf, i)
+            call.target.out_views[k] = (buf, i)
         result.replace_all_uses_with(buf)
         graph.erase_node(result)
         graph.erase_node(node)
@@ -84,7 +82,7 @@ def _stack_of(node: fx.Node):
         want = tuple(val.shape[1:])
         if tuple(shape) != want or dtype != val.dtype or tuple(stride) != _contiguous(want):
             return None
-        if (producer, k) in out or k in producer.meta.get(OUT_VIEWS, {}) or \
+        if (producer, k) in out or k in producer.target.out_views or \
                 any(getitem_index(u) is None for u in producer.users):
             return None
         out.append((producer, k))
@@ -99,4 +97,4 @@ def _contiguous(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-__all__ = ["write_stacks_in_place", "OUT_VIEWS"]
+__all__ = ["write_stacks_in_place"]

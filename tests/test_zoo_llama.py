@@ -296,7 +296,7 @@ def test_decode_step_kernels_per_layer():
     assert len(fused) == 3 * CFG.layers + 1, fused  # Q/K/V, gate/up, down per layer; the LM head
     attention = [k for k in g.kernels if k["kind"] == "attention"]
     assert len(attention) == CFG.layers and all(k["config"].get("decode") for k in attention)  # flash-decoding
-    assert {f["op"] for f in g.fallbacks} == {"aten.stack"}, g.fallbacks  # the returned caches
+    assert not g.fallbacks, g.fallbacks  # the returned caches' stacks are written in place
     # per layer one launch for both rotations and both cache updates (independent parts of one
     # combined kernel: kernels/pointwise_combo.py)
     updates = [k for k in g.kernels if k["ops"].count("aten.where") >= 2 and k["ops"].count("aten.cat") == 2]

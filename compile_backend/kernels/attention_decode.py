@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import quant_ref
-from .attention import mask_argument, quantize_output
+from .attention_parts import mask_argument, quantize_output
 from .attention_config import DecodeConfig, pow2_at_least
 from .base import output_tensor, triton_interpret
 
