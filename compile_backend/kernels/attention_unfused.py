@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_parts import mask_argument
+
 #: longest key length this path takes: beyond it the score matrix costs more than flash saves
 MAX_KEYS = 1024
-MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 
 @triton.jit
@@ -99,14 +100,7 @@ def masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor], scale: fl
     n_rows = batch * heads * seq_q
     if n_rows == 0:
         return out
-    if mask is None:
-        kind, mask_arg, strides = MASK_NONE, scores, (0, 0, 0, 0)
-    else:
-        mask_arg = mask.expand(batch, heads, seq_q, seq_k)  # broadcast dims read with stride 0
-        kind = MASK_ADDITIVE
-        if mask.dtype == torch.bool:
-            kind, mask_arg = MASK_BOOL, mask_arg.view(torch.uint8)
-        strides = mask_arg.stride()
+    kind, mask_arg, strides = mask_argument(mask, scores, seq_k)  # broadcast dims read with stride 0
     block_k = triton.next_power_of_2(seq_k)
     rows = max(1, min(16, 4096 // block_k))  # ~4k elements per program
     grid = (triton.cdiv(n_rows, rows),)
