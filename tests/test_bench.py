@@ -494,3 +494,22 @@ def test_decode_bench_cpu_records_peers_cosine_and_per_layer_sqnr(tmp_path, monk
     for r in rows[1:]:
         assert "error" not in r, r.get("error")
         assert r["quantized"] > 0 and r["cosine_vs_eager"] > 0.98 and r["layer_sqnr_db_min"] > 10, r
+
+
+def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
+    """The real-text accuracy benchmark of issue #20 in miniature: a few training steps of a
+    tiny byte-level decoder, then a weight-only and a W8A8 mode against FP32 on held-out text."""
+    import json
+
+    from benchmarks import llm_accuracy
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated path
+    out = tmp_path / "acc.json"
+    assert llm_accuracy.main(["--steps", "3", "--hidden", "64", "--layers", "1", "--seq", "32", "--eval", "4",
+                              "--modes", "w8a16", "int8-sq", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in record["results"]}
+    assert set(rows) == {"fp32", "w8a16", "int8-sq"} and len(record["training"]["loss"]) >= 1
+    for mode in ("w8a16", "int8-sq"):
+        assert rows[mode]["quantized"] > 0 and rows[mode]["logits_cosine"] > 0.99, rows[mode]
+    assert rows["w8a16"]["layer_sqnr_db_min"] > 20
