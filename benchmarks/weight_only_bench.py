@@ -7,7 +7,9 @@ Per layer shape of the issue's ~1.1B decoder (hidden 2048, intermediate 5632, 4 
 decode; 2048: prefill): fp16 ``F.linear``, then every candidate config of
 ``weight_only_linear`` for INT8 and INT4 (group 128), the best kept. Beside the time: the
 weight bytes each call must read and the bandwidth that makes, against a plain device copy of
-the same bytes (the roofline the issue measures the W4A16 GEMV by: >= 80% of it).
+the same bytes (the roofline the issue measures the W4A16 GEMV by: >= 80% of it); and torch's own
+weight-only GEMMs (``_weight_int8pack_mm``, tinygemm's ``_weight_int4pack_mm``) where this build
+has them for CUDA, as peers.
 Timing: 20 calls captured in one CUDA graph (decode runs under graphs: the host's launch cost
 is not the kernel's), CUDA events around a replay, median of 5 replays; the weights rotate over
 enough copies to exceed the L2 cache, so every call reads from memory.
@@ -89,7 +91,31 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
                           "cosine_vs_reference": cos, "failures": failures[:5]}
     # a copy reads and writes the fp16 weight: bytes moved per second, the roofline of a weight read
     row["copy_gb_per_s"] = (w.numel() * 2) / (row["copy_fp16_ms"] * 1e-3) / 1e9 * 2
+    row.update(torch_peers(x, m, n, k))
     return row
+
+
+def torch_peers(x: torch.Tensor, m: int, n: int, k: int) -> Dict[str, Any]:
+    """torch's own weight-only GEMMs where this build has them for CUDA (timing peers, random
+    operands of the right formats): ``_weight_int8pack_mm`` (int8 [N, K], a scale per row) and
+    tinygemm's ``_weight_int4pack_mm`` (bf16 activations, groups of 128, packed by
+    ``_convert_weight_to_int4pack``). Unavailable ones are recorded with the reason."""
+    dev, out = x.device, {}
+    try:
+        w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(_copies(n * k))]
+        s8 = torch.rand(n, device=dev, dtype=x.dtype)
+        out["torch_int8pack_ms"] = _time_ms(lambda i: torch._weight_int8pack_mm(x, w8[i], s8), len(w8))
+    except Exception as exc:  # not in this build for CUDA, or another signature
+        out["torch_int8pack_ms"] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
+    try:
+        xb = x.to(torch.bfloat16)
+        packed = [torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev), 8)
+                  for _ in range(_copies(n * k // 2))]
+        zeros = torch.rand(k // 128, n, 2, dtype=torch.bfloat16, device=dev)
+        out["torch_int4pack_ms"] = _time_ms(lambda i: torch._weight_int4pack_mm(xb, packed[i], 128, zeros), len(packed))
+    except Exception as exc:
+        out["torch_int4pack_ms"] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
+    return out
 
 
 def main(argv=None) -> int:
@@ -109,7 +135,8 @@ def main(argv=None) -> int:
             print(f"M={m:5d} {name:8s} {n}x{k}: fp16 {row['fp16_ms'] * 1e3:7.1f} us | int8 {i8['ms'] * 1e3:7.1f} us "
                   f"({i8['speedup_vs_fp16']:.2f}x, {i8['gb_per_s']:.0f} GB/s) | int4 {i4['ms'] * 1e3:7.1f} us "
                   f"({i4['speedup_vs_fp16']:.2f}x, {i4['gb_per_s']:.0f} GB/s) | copy "
-                  f"{row['copy_gb_per_s']:.0f} GB/s | cos {i8['cosine_vs_reference']:.5f} {i4['cosine_vs_reference']:.5f}",
+                  f"{row['copy_gb_per_s']:.0f} GB/s | cos {i8['cosine_vs_reference']:.5f} {i4['cosine_vs_reference']:.5f}"
+                  f" | torch int8pack {row['torch_int8pack_ms']} int4pack {row['torch_int4pack_ms']}",
                   flush=True)
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1, default=str)
