@@ -11,10 +11,11 @@ fewer launches where one kernel can compute what several did.
 
 * Into a decode GEMV: a pointwise group computing the activation of a weight-only linear (or of
   a float ``mm`` / ``addmm`` with a constant weight) of at most ``GEMV_MAX_M`` rows (decode),
-  read by nothing else (through reshapes), joins the linear's group as its prologue: the fused GEMV computes x where it loads it (SwiGLU's
-  ``silu(gate) * up`` before the down projection; an RMS norm before the gate/up and Q/K/V
-  projections: its mean of squares is a loop over the row in every program). Not for more
-  rows: the tiled kernels would run the prologue through ATen.
+  read by nothing else (through reshapes), joins the linear's group as its prologue: the fused
+  GEMV computes x where it loads it (SwiGLU's ``silu(gate) * up`` before the down projection;
+  an RMS norm before the gate/up and Q/K/V projections: its mean of squares is a loop over the
+  row in every program). Only ops the prologue can generate join (no cat, no gather). Not for
+  more rows: the tiled kernels would run the prologue through ATen.
 
 * Independent neighbours: small pointwise groups next to each other in group order that share
   no data path are one group of independent parts, run as one launch (a decode layer's query
@@ -30,12 +31,13 @@ from typing import Dict, List, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
-
-from ..kernels.base import is_view_op  # (imports neither Triton nor any kernel module)
+from ..kernels import expr  # (none of these imports Triton)
+from ..kernels.base import is_view_op
 from ..kernels.gemv_prologue import reduces_rows
 from ..kernels.weight_only_ref import GEMV_MAX_M
 from .partition_graph import REDUCTIONS, broadcasts_to, is_reshape, safe
+
+aten = torch.ops.aten
 
 
 def merge_pointwise_groups(groups: Sequence, index: Dict[fx.Node, int]) -> List:
@@ -86,7 +88,7 @@ def _merge_siblings(groups: List, index: Dict[fx.Node, int]) -> List:
 
 
 def merge_gemv_prologues(groups: Sequence, index: Dict[fx.Node, int]) -> List:
-    """``groups`` with each weight-only GEMV's exclusive pointwise producer merged into it."""
+    """``groups`` with each decode GEMV's exclusive producer (element-wise, or a norm) merged in."""
     owner = {n: g for g in groups for n in g.nodes}
     gone: Set[int] = set()
     for g in groups:
@@ -175,10 +177,13 @@ def _gemv_activation(anchor: fx.Node):
 def _prologue_kind(group, numel: int, k: int) -> bool:
     """A group a GEMV prologue computes: element-wise ops, and for a norm, reductions over x's
     rows (``gemv_prologue``'s row values)."""
-    if group.kind == "pointwise":
-        return True
-    return group.kind == "reduction" and any(reduces_rows(n, numel, k) for n in group.nodes) and all(
-        reduces_rows(n, numel, k) for n in group.nodes if getattr(n.target, "overloadpacket", None) in REDUCTIONS)
+    reductions = [n for n in group.nodes if getattr(n.target, "overloadpacket", None) in REDUCTIONS]
+    if group.kind not in ("pointwise", "reduction") or (group.kind == "reduction") != bool(reductions):
+        return False
+    if not all(reduces_rows(n, numel, k) for n in reductions):
+        return False
+    # every other op one generated line (expr): no cat, no gather (pointwise kernels' own code)
+    return all(n in reductions or is_view_op(n.target) or expr.unsupported_reason(n) is None for n in group.nodes)
 
 
 def _outside_inputs(group) -> List[fx.Node]:
