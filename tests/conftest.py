@@ -55,3 +55,21 @@ def _fresh_dynamo():
 def aten_only(monkeypatch):
     """The plain CPU path: no Triton kernels, everything through ATen."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """Every engine the pipeline builds during the test, in build order (to read its source,
+    memory plan, arena)."""
+    from compile_backend import pipeline
+    from compile_backend.engine import Engine
+
+    built = []
+
+    class Recording(Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(pipeline, "Engine", Recording)
+    return built

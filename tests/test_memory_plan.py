@@ -393,19 +393,6 @@ class MLP(torch.nn.Module):
         return self.l3(h).softmax(-1)
 
 
-@pytest.fixture
-def engines(monkeypatch):
-    built = []
-
-    class Recording(Engine):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(pipeline, "Engine", Recording)
-    return built
-
-
 def test_model_runs_over_planned_buffers(engines):
     torch.manual_seed(0)
     model = MLP().eval()

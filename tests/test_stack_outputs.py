@@ -6,21 +6,7 @@ import pytest
 import torch
 
 import compile_backend
-from compile_backend import pipeline, zoo
-from compile_backend.engine import Engine
-
-
-@pytest.fixture
-def engines(monkeypatch):
-    built = []
-
-    class Recording(Engine):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(pipeline, "Engine", Recording)
-    return built
+from compile_backend import zoo
 
 
 class PerLayer(torch.nn.Module):
