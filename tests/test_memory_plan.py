@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent / "kernels"))
 
 import compile_backend  # noqa: E402
-from compile_backend import groups, memory_plan, pipeline  # noqa: E402
+from compile_backend import groups, memory_plan  # noqa: E402
 from compile_backend.engine import Engine, GroupCall  # noqa: E402
 from compile_backend.kernels.base import Kernel, KernelGroup  # noqa: E402
 from compile_backend.memory_plan import ALIGN, Buffer, MemoryPlan, assign, check  # noqa: E402
