@@ -10,7 +10,8 @@ hands kernels arena views): the stack costs nothing and every later reader reads
 Conditions: a group ATen runs holding one ``stack`` along dim 0 (each slice a contiguous piece);
 every piece an output of one of our kernels that writes into a given tensor
 (``Kernel.supports_out``) with the slice's layout, each piece once; the kernel's outputs read only
-through getitems. Anything else stays an ATen stack. Runs on the engine graph after kernels are
+through getitems; no piece is itself returned (it would alias the stack, which eager copies).
+Anything else stays an ATen stack. Runs on the engine graph after kernels are
 chosen, before ATen groups are inlined and before the memory plan (which then treats the pieces
 as views of the stack, a value the caller owns).
 """
@@ -85,6 +86,8 @@ def _stack_of(node: fx.Node):
         if (producer, k) in out or k in producer.target.out_views or \
                 any(getitem_index(u) is None for u in producer.users):
             return None
+        if any(u.op == "output" for u in t.users):
+            return None  # a piece the graph also returns would alias the stack (eager copies it)
         out.append((producer, k))
     return out, users[0]
 

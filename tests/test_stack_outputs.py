@@ -69,3 +69,22 @@ def test_gpu_stack_in_place_under_cuda_graphs(engines, tmp_path):
         for x, got in zip(xs, outs):
             torch.testing.assert_close(got[0], model(x, a, b)[0], rtol=1e-5, atol=1e-6)
     assert engines[0].cuda_graph is not None
+
+
+class ReturnsAPiece(torch.nn.Module):
+    def forward(self, x):
+        a, b = torch.sin(x), torch.cos(x) * 2
+        return torch.stack([a, b]), a
+
+
+def test_a_piece_the_graph_returns_keeps_the_stack_a_copy(tmp_path):
+    """Eager's stack copies: the returned piece and the stack are separate memory. Written in
+    place they would alias (a later in-place write to one would show in the other): not done."""
+    model, x = ReturnsAPiece().eval(), torch.randn(3, 4)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, cache_dir=str(tmp_path / "r"))
+        stacked, piece = torch.compile(model, backend="compile_backend", options={"cache_dir": str(tmp_path)})(x)
+    (g,) = report.graphs
+    assert [k["impl"] for k in g.kernels if k["ops"] == ["aten.stack"]] == ["aten"]
+    piece.add_(1)
+    torch.testing.assert_close(stacked[0], torch.sin(x), rtol=1e-5, atol=1e-6)
