@@ -107,7 +107,8 @@ def _fused_gemv(group: KernelGroup, p: "GemmProblem"):
 
 
 def _gemv_tuning(group: KernelGroup, p: "GemmProblem", fused, ctx: KernelContext) -> TemplateTuning:
-    """The fused GEMV's candidates alone: its gemv configs, heuristic first."""
+    """The fused GEMV's candidates alone: its gemv configs, heuristic first; with a prologue, on
+    CUDA, also the group's own ATen ops around cuBLAS (timed, so a slow fused GEMV never wins)."""
     from . import gemv_build, weight_only
 
     spec, plan = fused
@@ -117,6 +118,11 @@ def _gemv_tuning(group: KernelGroup, p: "GemmProblem", fused, ctx: KernelContext
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"fused gemv {p.op} {'|'.join(group.ops)}")
     candidates = [gemv_build.gemv_candidate(group, spec, c, probe, plan) for c in configs]
+    if plan.prologue_ops and ctx.device.type == "cuda":
+        # the safety net the tuner times too: the group as it was, its prologue and chain as ATen
+        # ops around cuBLAS (no fused candidate takes a prologue otherwise)
+        candidates.append(Candidate("cublas + aten prologue and epilogue", {"impl": "cublas", "epilogue": "aten"},
+                                    lambda: warmed(group.reference, probe), "cublas"))
     return TemplateTuning("gemm", key, candidates, probe.make, {"triton": plan.source[0]})
 
 

@@ -307,3 +307,22 @@ def test_gpu_float_decode_gemv_against_cublas(monkeypatch):
         kernel, fallbacks = choose_kernel(group, inputs, ctx)
         assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
         _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def test_float_prologue_groups_keep_cublas_as_a_timed_candidate():
+    """A float GEMV group with a prologue: only the fused kernel computes it in one launch, so on
+    CUDA the tuner also times the group's own ATen ops around cuBLAS (the group as it was): a
+    fused GEMV slower than cuBLAS on some GPU and shape is never chosen. (Candidates are only
+    listed here: nothing runs.)"""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.gemm import gemm_candidates
+
+    gen = torch.Generator().manual_seed(16)
+    h, w = torch.randn(1, 64, generator=gen), torch.randn(32, 64, generator=gen)
+    group = _group(lambda h, w: F.silu(h) @ w.t(), (h, w), anchor_op="aten.mm")
+    names = {}
+    for device in ("cpu", "cuda"):
+        ctx = KernelContext(options=compile_backend.Options(), device=torch.device(device), interpret=device == "cpu")
+        names[device] = [c.name for c in gemm_candidates(group, ctx).candidates]
+    assert all(n.startswith("triton fused gemv") for n in names["cpu"])
+    assert names["cuda"][:-1] == names["cpu"] and names["cuda"][-1] == "cublas + aten prologue and epilogue"
