@@ -54,7 +54,8 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import float_weights, int4_weights, int8_weights, round_to
+from compile_backend.kernels.weight_only_parts import (dot_column, float_weights, int4_weights, int4_weights16,
+                                                          int8_weights, int8_weights16, round_to)
 {helpers}
 
 @triton.jit
@@ -71,7 +72,7 @@ def {name}(
     M, N, K, K_SLICE, swn, swk, ssn,
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
-    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -81,7 +82,28 @@ def {name}(
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
 {row_body}
-    if WEIGHTS == 1:  # INT4, two codes a byte
+    if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
+        part = tl.zeros([BLOCK_N, 16], tl.float32)
+        if WEIGHTS == 1:
+            HALF16: tl.constexpr = BLOCK_K // 2
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rb = k0 // 2 + tl.arange(0, HALF16)
+                lo, hi = int4_weights16(W, S, rn, rb, k0, n_ok, K, swn, ssn, GROUP, {x_dtype})
+                part = dot_column(lo, x_at(m, 2 * rb, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                part = dot_column(hi, x_at(m, 2 * rb + 1, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+        elif WEIGHTS == 0:
+            scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                w = int8_weights16(W, rn, rk, n_ok, K, swn, scale, {x_dtype})
+                part = dot_column(w, x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+                part = dot_column(w.to({x_dtype}), x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+        part = tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0)  # columns 1.. are 0 * w: NaN for an inf w
+    elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -181,12 +203,13 @@ WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
 
 def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
-           weights: str, group: int, config, counters: Optional[Counters] = None) -> None:
+           weights: str, group: int, config, x_dtype: torch.dtype, counters: Optional[Counters] = None) -> None:
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
     or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
     ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
-    block_k, split_k 0 = fill the GPU, warps, waves); ``counters``: the caller's reusable
-    split-K counters (None: a zeroed buffer for this launch)."""
+    block_k, split_k 0 = fill the GPU, warps, waves, tensor_cores); ``x_dtype``: the prologue's x
+    dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``counters``:
+    the caller's reusable split-K counters (None: a zeroed buffer for this launch)."""
     m, k = x_loads[0].shape
     n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
@@ -211,11 +234,19 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
+        DOT=uses_tensor_cores(config, x_dtype, weights, bk),
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:
+    """Whether a launch takes the tensor-core main loop: asked by the config, 16-bit x, and K
+    steps tl.dot takes (INT4's half tiles at least 16 wide)."""
+    return (getattr(config, "tensor_cores", False) and x_dtype in (torch.float16, torch.bfloat16)
+            and (weights != "int4" or block_k >= 32))
+
+
 @functools.lru_cache(maxsize=None)
-def _plain_kernel(x_dtype: torch.dtype, out_dtype: torch.dtype):
+def plain_kernel(x_dtype: torch.dtype, out_dtype: torch.dtype):
     return tpl.load_kernel(*render(PLAIN_X, PLAIN_EPILOGUE, x_dtype, out_dtype))
 
 
@@ -223,8 +254,8 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
          out: torch.Tensor, *, int4: bool, group: int, config) -> None:
     """``out [M, N] = x [M, K] @ dequantize(codes, scales)^T + bias`` with no prologue or chain
     (operands checked by the caller, ``weight_only.weight_only_linear``)."""
-    launch(_plain_kernel(x.dtype, out.dtype), [x], codes, scales, bias, [], [out],
-           weights="int4" if int4 else "int8", group=group, config=config)
+    launch(plain_kernel(x.dtype, out.dtype), [x], codes, scales, bias, [], [out],
+           weights="int4" if int4 else "int8", group=group, config=config, x_dtype=x.dtype)
 
 
-__all__ = ["PLAIN_EPILOGUE", "WEIGHT_KINDS", "Counters", "render", "launch", "gemv"]
+__all__ = ["PLAIN_EPILOGUE", "WEIGHT_KINDS", "Counters", "render", "launch", "uses_tensor_cores", "plain_kernel", "gemv"]

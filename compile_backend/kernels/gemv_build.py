@@ -68,8 +68,8 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
 
 def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan) -> Candidate:
     """A tuner candidate running ``plan`` with ``cfg`` (a gemv ``weight_only.WeightOnlyConfig``)."""
-    name = (f"triton fused gemv {spec.weights} {cfg.block_n}x{cfg.block_k} split{cfg.split_k} waves{cfg.waves} "
-            f"w{cfg.num_warps} s{cfg.num_stages}")
+    name = (f"triton fused gemv {spec.weights}{' tc' if cfg.tensor_cores else ''} {cfg.block_n}x{cfg.block_k} "
+            f"split{cfg.split_k} waves{cfg.waves} w{cfg.num_warps} s{cfg.num_stages}")
     config = {"impl": "triton", "fused": True, "weights": spec.weights, **dataclasses.asdict(cfg)}
 
     def compile_():
@@ -96,7 +96,7 @@ class GemvRunner:
         outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, xs[0].device)
         gemv.launch(self.kernel, xs, w.t() if s.transposed else w, scales, bias, loads,
                     [v.view(s.m, s.n) for v in views], weights=s.weights, group=s.group_size, config=self.cfg,
-                    counters=self.counters)
+                    x_dtype=s.dtype, counters=self.counters)
         return tpl.group_outputs(plan, env, outs)
 
 

@@ -47,7 +47,7 @@ import triton.language as tl
 from . import gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import auto_split, k_slices, round_to
+from .weight_only_parts import auto_split, int4_weights16, int8_weights16, k_slices, round_to
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
@@ -132,6 +132,49 @@ def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.const
 
 
 @triton.jit
+def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`_dequant_tile` for 16-bit DTYPE with no conversion instruction per weight
+    (``weight_only_parts.offset_codes_to``), as DTYPE."""
+    n_ok = rn < N
+    if INT4:
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        lo, hi = int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP, DTYPE)
+        return tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
+    scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
+    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE)
+
+
+@triton.jit
+def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
+                     INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                     UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The tiled GEMM as out^T = W x^T (16-bit x): the dequantized weight tile is the dot's
+    first operand, which Hopper's wgmma reads from registers; as the second (``_tiled_kernel``)
+    it is stored to shared memory every K step. Programs grouped along M as there."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rm[None, :] * sxm + rk[:, None], mask=(rm < M)[None, :] & (rk < K)[:, None], other=0.0)
+        w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty)
+        if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9)
+            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    _store_out(tl.trans(acc), b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
+
+
+@triton.jit
 def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
                   UPCAST: tl.constexpr,
@@ -186,6 +229,8 @@ class WeightOnlyConfig:
     num_warps: int = 4
     num_stages: int = 2
     waves: int = 2
+    tensor_cores: bool = False  # gemv: products on the tensor cores for 16-bit x (gemv.uses_tensor_cores)
+    weights_first: bool = False  # tiled, 16-bit x: the weight tile as the dot's first operand
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -199,14 +244,22 @@ class WeightOnlyConfig:
                                     ("num_stages", self.num_stages, 1, 8), ("waves", self.waves, 1, 64)):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if not isinstance(self.tensor_cores, bool) or (self.tensor_cores and self.path != "gemv"):
+            raise ValueError(f"tensor_cores is a gemv-path setting (True or False), got {self.tensor_cores!r} "
+                             f"for path {self.path!r}")
+        if not isinstance(self.weights_first, bool) or (self.weights_first and not tiled):
+            raise ValueError(f"weights_first is a tiled-path setting (True or False), got {self.weights_first!r} "
+                             f"for path {self.path!r}")
         if tiled and self.split_k > 1:
             raise ValueError("split_k is a skinny-path setting: the tiled path takes split_k 0 or 1")
         if self.path == "skinny" and self.block_m * self.block_n * self.block_k > SKINNY_MAX_PRODUCTS:
             raise ValueError(f"skinny block_m * block_n * block_k must be at most {SKINNY_MAX_PRODUCTS} "
                              f"(products held in registers), got {self.block_m * self.block_n * self.block_k}")
-        if self.path == "gemv" and self.block_n * self.block_k > GEMV_MAX_ACC:
-            raise ValueError(f"gemv block_n * block_k must be at most {GEMV_MAX_ACC} (the fp32 accumulator "
-                             f"tile in registers), got {self.block_n * self.block_k}")
+        # elementwise: an fp32 accumulator tile; tensor cores: a 16-bit weight tile (and [block_n, 16] sums)
+        tile_max = GEMV_MAX_ACC * (2 if self.tensor_cores else 1)
+        if self.path == "gemv" and self.block_n * self.block_k > tile_max:
+            raise ValueError(f"gemv block_n * block_k must be at most {tile_max} (the tile in registers), "
+                             f"got {self.block_n * self.block_k}")
 
 
 def _skinny(block_m: int, block_n: int, block_k: int, split_k: int = 0) -> WeightOnlyConfig:
@@ -214,27 +267,33 @@ def _skinny(block_m: int, block_n: int, block_k: int, split_k: int = 0) -> Weigh
 
 
 def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0, waves: int = 8,
-          stages: int = 1) -> WeightOnlyConfig:
-    return WeightOnlyConfig("gemv", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=waves)
+          stages: int = 1, tc: bool = False) -> WeightOnlyConfig:
+    return WeightOnlyConfig("gemv", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=waves,
+                            tensor_cores=tc)
 
 
-def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> WeightOnlyConfig:
-    return WeightOnlyConfig("tiled", block_m, block_n, block_k, num_warps=warps, num_stages=stages)
+def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, wf: bool = False) -> WeightOnlyConfig:
+    return WeightOnlyConfig("tiled", block_m, block_n, block_k, num_warps=warps, num_stages=stages, weights_first=wf)
 
 
 #: candidates per path for a tuner to time (not yet measured on a GPU): skinny tiles of at most
 #: 8192 products, wider in K for fewer rows; tiled ones the usual fp16 GEMM tiles
 CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
-    # 128-byte weight rows per step for INT8 (INT4: 64, block_k capped at the group size)
-    # waves 8 first (see WeightOnlyConfig); 2 and 16 bracket it; 4-8 KB tiles; pipelined loads
-    "gemv": (_gemv(32, 128), _gemv(32, 128, waves=2), _gemv(32, 128, waves=16), _gemv(16, 256),
-             _gemv(64, 128, 8), _gemv(16, 512, 8), _gemv(32, 256, 8), _gemv(32, 256, 8, waves=16),
-             _gemv(16, 128, waves=16), _gemv(32, 128, stages=3), _gemv(64, 64, 4, waves=16),
-             _gemv(32, 128, 4, split_k=1)),
+    # 128-byte weight rows per step for INT8 (INT4: 64, block_k capped at the group size).
+    # Tensor-core configs first: on the H200 (session 8) the elementwise loop was bound by its
+    # int->float and fp32->fp16 conversions (1/8 of the FMA rate): 290-480 GB/s for INT4, 640-1220
+    # for INT8. Then the elementwise ones session 8 measured: waves 8; 2 and 16 bracket it
+    "gemv": (_gemv(64, 128, tc=True), _gemv(32, 128, tc=True), _gemv(128, 128, 8, tc=True),
+             _gemv(64, 256, tc=True), _gemv(64, 128, stages=3, tc=True), _gemv(64, 128, waves=2, tc=True),
+             _gemv(128, 64, 4, waves=4, tc=True), _gemv(32, 128), _gemv(32, 128, waves=2), _gemv(64, 128, 8),
+             _gemv(32, 128, stages=3), _gemv(32, 128, 4, split_k=1)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
-    "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
+    # weights-first tiles first: session 8 measured the others at 0.25x (INT4) / 0.5x (INT8) of
+    # cuBLAS fp16 at M = 2048 (the dequantized tile stored to shared memory every K step)
+    "tiled": (_tiled(128, 128, 64, 8, 3, True), _tiled(64, 128, 64, 4, 3, True), _tiled(128, 256, 64, 8, 3, True),
+              _tiled(64, 128, 128, 4, 3, True), _tiled(16, 128, 128, 4, 3, True), _tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
               _tiled(64, 128, 32, 4, 4), _tiled(128, 128, 32, 8, 3), _tiled(128, 64, 64, 4, 3),
               _tiled(128, 256, 64, 8, 3), _tiled(128, 128, 64, 8, 4), _tiled(256, 128, 64, 8, 3)),
 }
@@ -248,7 +307,7 @@ def paths_for(m: int) -> Tuple[str, ...]:
 
 
 def heuristic(m: int) -> WeightOnlyConfig:
-    """gemv for M <= GEMV_MAX_M (32 weight rows x 128 K a program, split-K to fill the GPU);
+    """gemv for M <= GEMV_MAX_M (64 weight rows x 128 K a program on the tensor cores, split-K to fill the GPU);
     skinny for M <= 16: one block of next_pow2(M) rows and a tile of 8192 products, as wide in
     K as the rows allow; tiled 64x64x64 tiles beyond (the tuner times ``CONFIGS``)."""
     if m <= GEMV_MAX_M:
@@ -346,7 +405,8 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
             _fail("an operand has 2**31 elements or more", "split the call (the kernels index in 32 bits)")
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         upcast = interpret and x.dtype == torch.bfloat16
-        _tiled_kernel[grid](x, codes, scales, b, out, m, n, k, x.stride(0), codes.stride(0), scales.stride(0),
+        kernel = _tiled_wa_kernel if cfg.weights_first and x.dtype in (torch.float16, torch.bfloat16) else _tiled_kernel
+        kernel[grid](x, codes, scales, b, out, m, n, k, x.stride(0), codes.stride(0), scales.stride(0),
                             UPCAST=upcast, GROUP_M=cfg.group_m, **common)
         return
     if cfg.path == "gemv":

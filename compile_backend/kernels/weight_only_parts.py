@@ -48,6 +48,59 @@ def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
 
 
 @triton.jit
+def offset_codes_to(u, OFFSET: tl.constexpr, scale, DTYPE: tl.constexpr):
+    """``(u - OFFSET) * scale`` rounded to DTYPE (fp16 or bf16), returned in DTYPE: ``u`` int32
+    codes offset into [0, 256), ``scale`` fp16. No int->float or float->float conversion
+    instruction per weight (on Hopper those run at 1/8 of the FMA rate and bounded the elementwise
+    GEMV): the code becomes a float by its bits (2**10 + u is exact in fp16, 2**23 + u in fp32).
+    fp16: one fp16 multiply, correctly rounded, equals fp32's exact product rounded to fp16.
+    bf16 (an fp16 scale is not a bf16 value): the exact fp32 product rounded to nearest even on
+    its bits (finite: a code times a finite fp16 scale)."""
+    if DTYPE == tl.float16:
+        c = (u | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+        return (c.to(tl.float16) * scale).to(tl.float16)
+    else:
+        c = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+        b = (c * scale.to(tl.float32)).to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr):
+    """:func:`int8_weights` for 16-bit DTYPE, as DTYPE (``scale``: [BLOCK_N, 1] fp16)."""
+    ok = n_ok[:, None] & (rk < K)[None, :]
+    codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
+    return offset_codes_to(codes.to(tl.int32) + 128, 128, scale, DTYPE)
+
+
+@triton.jit
+def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr):
+    """:func:`int4_weights` for 16-bit DTYPE: (low, high) as DTYPE. A nibble's two's complement
+    plus 8 is the nibble with its top bit flipped."""
+    ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
+    packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
+    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+    lo = offset_codes_to((packed & 15) ^ 8, 8, scale, DTYPE)
+    hi = offset_codes_to(((packed >> 4) & 15) ^ 8, 8, scale, DTYPE)
+    return lo, hi
+
+
+@triton.jit
+def dot_column(w, x, acc, ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc [BLOCK_N, ROWS] += w [BLOCK_N, BK] @ x`` on the tensor cores, ``x`` ([BK], w's
+    dtype) in column 0 of a [BK, ROWS] operand (ROWS = 16, the smallest tl.dot takes; the other
+    columns are 0, so column 0 alone holds the sums: fp16/bf16 products exact, summed in fp32).
+    UPCAST: the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9): there
+    both go in fp32 (exact) with ieee products."""
+    col0 = tl.arange(0, ROWS)[None, :] == 0
+    xt = tl.where(col0, x[:, None], tl.zeros([x.shape[0], ROWS], x.dtype))
+    if UPCAST:
+        return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
+
+
+@triton.jit
 def float_weights(w_ptr, rn, rk, n_ok, K, swn, swk):
     """Float weight rows ``rn`` at columns ``rk`` (any strides) as fp32; 0 past N and K."""
     ok = n_ok[:, None] & (rk < K)[None, :]
@@ -73,4 +126,5 @@ def k_slices(k: int, block_k: int, split: int):
     return k_slice, triton.cdiv(k, k_slice)
 
 
-__all__ = ["round_to", "int8_weights", "int4_weights", "float_weights", "auto_split", "k_slices"]
+__all__ = ["round_to", "int8_weights", "int4_weights", "offset_codes_to", "int8_weights16", "int4_weights16",
+           "dot_column", "float_weights", "auto_split", "k_slices"]

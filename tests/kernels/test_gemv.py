@@ -204,6 +204,38 @@ def test_split_k_counters_are_reused_and_left_at_zero(monkeypatch):
     assert torch.equal(kernel(*inputs)[0], first) and not counts.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weights,group_size", [("int8", None), ("int4", 32), ("int4", 64), ("float", None)], ids=str)
+@pytest.mark.parametrize("m,n,k,split", [(1, 33, 70, 3), (3, 50, 130, 1), (2, 17, 256, 4)], ids=str)
+def test_tensor_core_loop_equals_the_elementwise_one(dtype, weights, group_size, m, n, k, split):
+    """The tensor-core main loop (16-bit x: weights made from their codes' bits, products in
+    tl.dot, x in column 0) against the elementwise loop and the plain reference: both compute the
+    reference's weights exactly, so they differ only in the order of fp32 sums. Odd N, K with a
+    partial last tile (and a short last INT4 group), split-K."""
+    from compile_backend.kernels import gemv, weight_only
+
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if weights == "int8" else None
+    if weights == "float":
+        w, s = (torch.randn(n, k, generator=gen) * 0.05).to(dtype), None
+        want = (x.float() @ w.float().t()).to(dtype)
+    else:
+        w, s = _weights(n, k, weights, group_size, seed=22)
+        want = weight_only.weight_only_linear_reference(x, w, s, bias, precision=weights, group_size=group_size)
+    kernel = gemv.plain_kernel(dtype, dtype)
+    outs = {}
+    for tc in (False, True):
+        cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 64, split_k=split, tensor_cores=tc)
+        assert gemv.uses_tensor_cores(cfg, dtype, weights, min(64, group_size or 64)) == tc
+        out = torch.empty(m, n, dtype=dtype)
+        gemv.launch(kernel, [x], w, s, bias, [], [out], weights=weights, group=group_size or 1, config=cfg,
+                    x_dtype=dtype)
+        outs[tc] = out
+        _close(out, want)
+    _close(outs[True], outs[False])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 128)], ids=str)
 def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
@@ -234,9 +266,9 @@ def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
         return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size)
 
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cuda"), interpret=False)
-    for split in (0, 16):
-        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split: weight_only.WeightOnlyConfig(
-            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8))
+    for split, tc in ((0, False), (16, False), (0, True), (16, True)):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split, tc=tc: weight_only.WeightOnlyConfig(
+            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8, tensor_cores=tc))
         for fn, inputs in ((normed, (h, c1, s1, w, res)), (swiglu, (gu, c2, s2))):
             group = _group(fn, inputs)
             kernel, fallbacks = choose_kernel(group, inputs, ctx)
@@ -300,9 +332,9 @@ def test_gpu_float_decode_gemv_against_cublas(monkeypatch):
 
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cuda"), interpret=False)
     inputs = (h, w, nw)
-    for split in (1, 16):
-        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split: weight_only.WeightOnlyConfig(
-            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8))
+    for split, tc in ((1, False), (16, False), (1, True), (16, True)):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split, tc=tc: weight_only.WeightOnlyConfig(
+            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8, tensor_cores=tc))
         group = _group(normed, inputs, anchor_op="aten.mm")
         kernel, fallbacks = choose_kernel(group, inputs, ctx)
         assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)

@@ -34,7 +34,9 @@ SHAPES = [(1, 33, 130), (3, 5, 7), (17, 33, 64), (17, 5, 130)]
 #: small tiles, so several K tiles and split-K slices run even at K = 130
 FORCED = {"gemv": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3),
           "skinny": WeightOnlyConfig("skinny", 4, 16, 32, split_k=3),
-          "tiled": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2)}
+          "gemv-tc": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3, tensor_cores=True),
+          "tiled": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2),
+          "tiled-wf": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2, weights_first=True)}
 
 
 def _gen(seed):
@@ -68,7 +70,7 @@ def check(x, codes, scales, b, precision, group_size, out_dtype=None, config=Non
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("path", ["skinny", "tiled"])
+@pytest.mark.parametrize("path", ["skinny", "tiled", "tiled-wf", "gemv-tc"])
 @pytest.mark.parametrize("precision,group_size", MODES, ids=str)
 def test_matches_reference(precision, group_size, path, dtype):
     for i, (m, n, k) in enumerate(SHAPES):
@@ -174,6 +176,9 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     (dict(path="skinny", block_m=1, block_n=16, block_k=16, split_k=-1), "split_k"),
     (dict(path="gemv", block_m=2, block_n=16, block_k=16), "block_m"),
     (dict(path="gemv", block_m=1, block_n=64, block_k=256), "at most 8192"),
+    (dict(path="gemv", block_m=1, block_n=128, block_k=256, tensor_cores=True), "at most 16384"),
+    (dict(path="skinny", block_m=1, block_n=16, block_k=16, tensor_cores=True), "gemv-path setting"),
+    (dict(path="gemv", block_m=1, block_n=16, block_k=16, weights_first=True), "tiled-path setting"),
 ])
 def test_config_checks(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -190,5 +195,7 @@ def test_gpu_decode_and_prefill_shapes(precision, group_size, dtype):
         x, codes, scales, b = (t.cuda() if t is not None else None
                                for t in operands(m, 2048 + 8, 1024 + 64, dtype, precision, group_size, seed=m))
         check(x, codes, scales, b, precision, group_size)
-        for cfg in (CONFIGS["gemv"][0], CONFIGS["skinny"][0], CONFIGS["tiled"][0]):  # every path at every M
+        # every path at every M; tensor-core / weights-first loops and the elementwise / plain ones
+        for cfg in (CONFIGS["gemv"][0], CONFIGS["gemv"][-1], CONFIGS["skinny"][0], CONFIGS["tiled"][0],
+                    CONFIGS["tiled"][-1]):
             check(x, codes, scales, b, precision, group_size, config=cfg)
