@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default=None)
     p.add_argument("--size", choices=("tiny", "base"), default="base")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="decode batches (none: prefill only)")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefill", action="store_true", help="also a prefill at batch 1")
