@@ -14,7 +14,9 @@ timed with CUDA events after warm-up, the same inputs every call (a decode step 
 at a fixed position). Accuracy beside speed: cosine of the last-position logits against the
 fp16 eager peer, for the weight-only engines each quantized layer's output SQNR (the reference
 numerics on the inputs the float model gives it; ``layer_sqnr_db``), and each of our engines'
-report (layers quantized, fallbacks). Each record carries the device, versions and commit.
+report (layers quantized, fallbacks). ``--profile``: each peer's GPU kernels per call
+(``kernel_profile.profile_kernels``, the CUDA graph replayed). Each record carries the device,
+versions and commit.
 """
 from __future__ import annotations
 
@@ -129,7 +131,8 @@ def _quantized_weights(report) -> set:
     return {part for g in report.graphs for q in g.quant if q["status"] == "quantized" for part in q["name"].split("+")}
 
 
-def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], iters: int, env: dict) -> List[dict]:
+def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], iters: int, env: dict,
+             profile: bool = False) -> List[dict]:
     from compile_backend import zoo
 
     model, inputs = zoo.get(f"llama_{kind}", size, batch=batch, dtype=torch.float16 if device == "cuda" else
@@ -147,6 +150,11 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
                     torch.cuda.synchronize()
                 row["first_call_s"] = round(time.perf_counter() - t0, 2)
                 ms = _time_ms(lambda: fn(*inputs), iters, device == "cuda")
+            if profile and device == "cuda":  # where the step's time goes, kernel by kernel (graphs replayed)
+                from .kernel_profile import format_profile, profile_kernels
+
+                row["profile"] = profile_kernels(lambda: fn(*inputs), calls=5, warmup=2, top=25)
+                print(format_profile({"peer": name, **row["profile"]}), flush=True)
             if ref is None:
                 ref = logits
             row.update(ms=ms, tokens_per_s=batch * (1 if kind == "decode" else inputs[0].shape[1]) / (ms * 1e-3),
@@ -180,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefill", action="store_true", help="also a prefill at batch 1")
+    p.add_argument("--profile", action="store_true", help="each peer's GPU kernels per call (torch.profiler)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 
@@ -187,7 +196,7 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     cases = [("decode", b) for b in args.batches] + ([("prefill", 1)] if args.prefill else [])
     for kind, batch in cases:
-        rows += run_case(kind, args.size, batch, args.device, args.peers, args.iters, env)
+        rows += run_case(kind, args.size, batch, args.device, args.peers, args.iters, env, args.profile)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1, default=str)
