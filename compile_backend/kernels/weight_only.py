@@ -30,7 +30,15 @@ Paths, by M (the rows of x once its leading dims are flattened):
   a cast pass unless the output is fp32 without bias) and a result that does not depend on the
   order the programs run in, i.e. bitwise reproducible.
 * tiled (prefill): ``tl.dot`` tiles, program ids grouped along M so consecutive programs reuse the
-  same weight tiles from L2.
+  same weight tiles from L2; ``weights_first`` computes out^T = W x^T, so the dequantized tile
+  is the dot's first operand (Hopper's wgmma reads that one from registers).
+* dequant (prefill): the weights dequantized to x's dtype into a scratch [N, K] (one
+  memory-bound kernel, ``_dequant_kernel``), then cuBLAS (``torch.mm`` / ``addmm``). At M = 2048
+  the scratch costs a few percent of the GEMM; the weights rest quantized between calls.
+
+The gemv path's ``tensor_cores`` configs (16-bit x) make each weight from its code's bits and
+one fp16 multiply (``weight_only_parts.offset_codes_to``: no conversion instruction, which
+Hopper issues at 1/8 of the FMA rate) and sum the products on the tensor cores.
 
 This module imports Triton at the top: only a builder loader and tests import it, never
 ``import compile_backend``.
@@ -59,7 +67,7 @@ GEMV_MAX_ACC = 8192
 #: M up to which the gemv path (one x row per program) is a candidate: beyond, each weight tile
 #: would be read once per row
 GEMV_MAX_M = weight_only_ref.GEMV_MAX_M
-PATHS = ("gemv", "skinny", "tiled")
+PATHS = ("gemv", "skinny", "tiled", "dequant")
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -146,6 +154,20 @@ def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GR
 
 
 @triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
+                    SOFT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weights [N, K] in out's dtype, rounded as the reference rounds them."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    if out_ptr.dtype.element_ty == tl.float32:
+        w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K, tl.float32, SOFT_BF16)
+    else:
+        w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, out_ptr.dtype.element_ty)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
+@triton.jit
 def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
                      INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
                      UPCAST: tl.constexpr,
@@ -220,7 +242,7 @@ class WeightOnlyConfig:
     i.e. several programs per SM at 2-4 KB a tile. Session 4's 2 programs per SM measured 6-24%
     of the copy bandwidth."""
 
-    path: str  # "gemv" | "skinny" | "tiled"
+    path: str  # "gemv" | "skinny" | "tiled" | "dequant"
     block_m: int
     block_n: int
     block_k: int
@@ -236,7 +258,8 @@ class WeightOnlyConfig:
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {self.path!r}")
         tiled = self.path == "tiled"
-        _check_pow2("block_m", self.block_m, 16 if tiled else 1, 256 if tiled else 1 if self.path == "gemv" else SKINNY_MAX_M)
+        _check_pow2("block_m", self.block_m, 16 if tiled else 1,
+                    256 if tiled else 1 if self.path in ("gemv", "dequant") else SKINNY_MAX_M)
         _check_pow2("block_n", self.block_n, 16, 256)
         _check_pow2("block_k", self.block_k, 16, 512)
         _check_pow2("num_warps", self.num_warps, 1, 32)
@@ -272,6 +295,10 @@ def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0, waves: i
                             tensor_cores=tc)
 
 
+def _dequantize(block_n: int, block_k: int) -> WeightOnlyConfig:
+    return WeightOnlyConfig("dequant", 1, block_n, block_k, num_warps=4, num_stages=1)
+
+
 def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, wf: bool = False) -> WeightOnlyConfig:
     return WeightOnlyConfig("tiled", block_m, block_n, block_k, num_warps=warps, num_stages=stages, weights_first=wf)
 
@@ -296,6 +323,9 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
               _tiled(64, 128, 128, 4, 3, True), _tiled(16, 128, 128, 4, 3, True), _tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
               _tiled(64, 128, 32, 4, 4), _tiled(128, 128, 32, 8, 3), _tiled(128, 64, 64, 4, 3),
               _tiled(128, 256, 64, 8, 3), _tiled(128, 128, 64, 8, 4), _tiled(256, 128, 64, 8, 3)),
+    # prefill: the weights dequantized to x's dtype (a scratch [N, K], one memory-bound kernel),
+    # then cuBLAS: session 8 measured the tiled kernels at 2-4.6x cuBLAS fp16 at M = 2048
+    "dequant": (_dequantize(64, 128), _dequantize(32, 256)),
 }
 
 
@@ -303,7 +333,7 @@ def paths_for(m: int) -> Tuple[str, ...]:
     """The paths worth timing for M rows, the heuristic's first."""
     if m <= GEMV_MAX_M:
         return ("gemv", "skinny")
-    return ("skinny",) if m <= SKINNY_MAX_M else ("tiled",)
+    return ("skinny",) if m <= SKINNY_MAX_M else ("tiled", "dequant")
 
 
 def heuristic(m: int) -> WeightOnlyConfig:
@@ -412,6 +442,9 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
     if cfg.path == "gemv":
         gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)
         return
+    if cfg.path == "dequant":
+        _dequantized_mm(x, codes, scales, bias, out, int4, group, bn, bk, interpret)
+        return
     split = cfg.split_k or auto_split(triton.cdiv(m, bm) * triton.cdiv(n, bn), triton.cdiv(k, bk), x.device,
                                       cfg.waves, min_tiles=2)
     k_slice, split = k_slices(k, bk, split)
@@ -426,6 +459,27 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
         block = 1024
         _split_sum_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split,
                                                         HAS_BIAS=bias is not None, SOFT_BF16=interpret, BLOCK=block)
+
+
+def _dequantized_mm(x, codes, scales, bias, out, int4: bool, group: int, bn: int, bk: int, interpret: bool) -> None:
+    """The dequant path: the weights [N, K] in x's dtype (the reference's operand, exactly),
+    then cuBLAS with fp32 sums; bias added in fp32 and one rounding (addmm's epilogue), or, for
+    another out dtype, the product in fp32 and one rounding to it."""
+    (m, k), n = x.shape, codes.shape[0]
+    if max(n * k, out.numel()) > INT32_MAX:
+        _fail("an operand has 2**31 elements or more", "split the call (the kernels index in 32 bits)")
+    w = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        codes, scales, w, n, k, codes.stride(0), scales.stride(0), INT4=int4, GROUP=group, SOFT_BF16=interpret,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    if out.dtype == x.dtype:
+        if bias is not None:
+            torch.addmm(bias.to(x.dtype), x, w.t(), out=out)
+        else:
+            torch.mm(x, w.t(), out=out)
+    else:
+        y = x.float() @ w.float().t()
+        out.copy_(y + bias.float() if bias is not None else y)
 
 
 # ----------------------------------------------------------------------------- reference

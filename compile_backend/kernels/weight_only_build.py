@@ -17,7 +17,7 @@ prologue computing x (``partition_merge``: SwiGLU's ``silu(gate) * up``).
 Candidates, heuristic first (the tuner's order: the first is what runs with tuning off, and on a
 CPU under the interpreter, where nothing is timed): ``weight_only.heuristic(M)``, then the configs
 of ``weight_only.CONFIGS`` for the paths that fit M (``weight_only.paths_for``: gemv and skinny
-for M <= ``GEMV_MAX_M``, skinny for M <= ``SKINNY_MAX_M``, tiled beyond; a config of another
+for M <= ``GEMV_MAX_M``, skinny for M <= ``SKINNY_MAX_M``, tiled and dequant beyond; a config of another
 path would only fail or lose). On CUDA the float linear the layer
 replaces is timed beside them as a reference candidate (never chosen), so the report says when the
 weight-only kernel is slower than float, as for W8A8. The selector then checks the chosen kernel
@@ -125,8 +125,8 @@ def _epilogue(group: KernelGroup, p: WeightOnlyProblem, ctx: KernelContext):
 
 def _candidate(group: KernelGroup, p: WeightOnlyProblem, cfg: weight_only.WeightOnlyConfig, probe: Probe,
                epilogue) -> Candidate:
-    name = (f"triton weight-only {cfg.path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k} "
-            f"w{cfg.num_warps} s{cfg.num_stages}")
+    name = (f"triton weight-only {cfg.path}{' wf' if cfg.weights_first else ''} {cfg.block_m}x{cfg.block_n}x"
+            f"{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} s{cfg.num_stages}")
     config = {"impl": "triton", "weight_only": p.precision, **dataclasses.asdict(cfg)}
 
     def compile_():

@@ -36,7 +36,8 @@ FORCED = {"gemv": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3),
           "skinny": WeightOnlyConfig("skinny", 4, 16, 32, split_k=3),
           "gemv-tc": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3, tensor_cores=True),
           "tiled": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2),
-          "tiled-wf": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2, weights_first=True)}
+          "tiled-wf": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2, weights_first=True),
+          "dequant": WeightOnlyConfig("dequant", 1, 16, 32)}
 
 
 def _gen(seed):
@@ -70,7 +71,7 @@ def check(x, codes, scales, b, precision, group_size, out_dtype=None, config=Non
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("path", ["skinny", "tiled", "tiled-wf", "gemv-tc"])
+@pytest.mark.parametrize("path", ["skinny", "tiled", "tiled-wf", "gemv-tc", "dequant"])
 @pytest.mark.parametrize("precision,group_size", MODES, ids=str)
 def test_matches_reference(precision, group_size, path, dtype):
     for i, (m, n, k) in enumerate(SHAPES):
@@ -129,7 +130,7 @@ def test_every_candidate_config_runs():
     for cfg in CONFIGS["skinny"] + CONFIGS["gemv"]:
         check(x, codes, scales, b, "int4", 64, config=cfg)
     x = torch.randn(20, 130, generator=_gen(13)).half()
-    for cfg in CONFIGS["tiled"]:
+    for cfg in CONFIGS["tiled"] + CONFIGS["dequant"]:
         check(x, codes, scales, b, "int4", 64, config=cfg)
 
 
@@ -197,5 +198,5 @@ def test_gpu_decode_and_prefill_shapes(precision, group_size, dtype):
         check(x, codes, scales, b, precision, group_size)
         # every path at every M; tensor-core / weights-first loops and the elementwise / plain ones
         for cfg in (CONFIGS["gemv"][0], CONFIGS["gemv"][-1], CONFIGS["skinny"][0], CONFIGS["tiled"][0],
-                    CONFIGS["tiled"][-1]):
+                    CONFIGS["tiled"][-1], CONFIGS["dequant"][0]):
             check(x, codes, scales, b, precision, group_size, config=cfg)
