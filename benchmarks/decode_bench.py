@@ -25,7 +25,7 @@ import functools
 import json
 import statistics
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -35,15 +35,20 @@ PEERS = ("eager", "inductor-reduce-overhead", "compile_backend", "w8a16", "w4a16
 W8A8_SMOOTH = {"int8-sq": "int8", "fp8-sq": "fp8"}
 
 
-def _time_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
+def _time_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> Tuple[float, float]:
+    """(median ms a call, median ms the host spends in a call): on CUDA a call is timed from an
+    idle GPU (each step's output is waited for, as a decode loop reading its token does), so the
+    host's work before the GPU starts counts; the host time says how much of a step that is."""
     for _ in range(5):
         fn()
-    samples = []
+    samples, host = [], []
     for _ in range(iters):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t = time.perf_counter()
             fn()
+            host.append((time.perf_counter() - t) * 1e3)
             end.record()
             end.synchronize()
             samples.append(start.elapsed_time(end))
@@ -51,7 +56,8 @@ def _time_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> float:
             t = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(samples)
+            host.append(samples[-1])
+    return statistics.median(samples), statistics.median(host)
 
 
 def _peer(name: str, model: torch.nn.Module, inputs=()):
@@ -149,7 +155,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row["first_call_s"] = round(time.perf_counter() - t0, 2)
-                ms = _time_ms(lambda: fn(*inputs), iters, device == "cuda")
+                ms, row["host_ms"] = _time_ms(lambda: fn(*inputs), iters, device == "cuda")
             if profile and device == "cuda":  # where the step's time goes, kernel by kernel (graphs replayed)
                 from .kernel_profile import format_profile, profile_kernels
 
@@ -173,7 +179,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "tokens_per_s", "cosine_vs_eager",
+        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager",
                                                   "layer_sqnr_db_min", "quantized", "fallbacks", "error")}), flush=True)
     return rows
 
