@@ -54,7 +54,7 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (dot_column, float_weights, int4_weights, int4_weights16,
+from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16,
                                                           int8_weights, int8_weights16, round_to)
 {helpers}
 
@@ -73,10 +73,13 @@ def {name}(
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    m = tl.program_id(2)  # ROWS 1: x's row; ROWS 16 (DOT, no row values): rows 16m.. as the dot's columns
+    # rows past M read row M - 1 (in bounds); their sums are never stored
+    xm = tl.minimum(m * ROWS + tl.arange(0, ROWS), M - 1)[None, :]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     k_lo = pid_k * K_SLICE
@@ -89,20 +92,33 @@ def {name}(
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 rb = k0 // 2 + tl.arange(0, HALF16)
                 lo, hi = int4_weights16(W, S, rn, rb, k0, n_ok, K, swn, ssn, GROUP, {x_dtype})
-                part = dot_column(lo, x_at(m, 2 * rb, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
-                part = dot_column(hi, x_at(m, 2 * rb + 1, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                if ROWS == 16:
+                    part = dot16(lo, x_at(xm, 2 * rb[:, None], K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                    part = dot16(hi, x_at(xm, 2 * rb[:, None] + 1, K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                else:
+                    part = dot_column(lo, x_at(m, 2 * rb, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                    part = dot_column(hi, x_at(m, 2 * rb + 1, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
         elif WEIGHTS == 0:
             scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 w = int8_weights16(W, rn, rk, n_ok, K, swn, scale, {x_dtype})
-                part = dot_column(w, x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                if ROWS == 16:
+                    part = dot16(w, x_at(xm, rk[:, None], K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                else:
+                    part = dot_column(w, x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-                part = dot_column(w.to({x_dtype}), x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
-        part = tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0)  # columns 1.. are 0 * w: NaN for an inf w
+                if ROWS == 16:
+                    part = dot16(w.to({x_dtype}), x_at(xm, rk[:, None], K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                else:
+                    part = dot_column(w.to({x_dtype}), x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+        if ROWS == 16:
+            acc = tl.trans(part)  # [16 rows, BLOCK_N]
+        else:
+            acc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0), axis=1)[None, :]  # columns 1.. are 0 * w
     elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -122,8 +138,9 @@ def {name}(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             part += float_weights(W, rn, rk, n_ok, K, swn, swk) * x_at(m, rk, K, {x_args}{row_params})[None, :]
-    acc = tl.sum(part, axis=1)[None, :]
-    rm = m + tl.arange(0, 1)
+    if not DOT:
+        acc = tl.sum(part, axis=1)[None, :]
+    rm = m * ROWS + tl.arange(0, ROWS)
     mask = (rm < M)[:, None] & n_ok[None, :]
     last = pid_k == pid_k
     if SPLIT > 1:
@@ -135,7 +152,7 @@ def {name}(
         last = arrived == SPLIT - 1
         if last:
             tl.store(counter, 0)  # every slice has arrived: the counter is free for the next launch
-            acc = tl.zeros([1, BLOCK_N], tl.float32)
+            acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT):  # unrolled: the loads go out together, not one round trip each
                 acc += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
     if last:
@@ -203,19 +220,25 @@ WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
 
 def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
-           weights: str, group: int, config, x_dtype: torch.dtype, counters: Optional[Counters] = None) -> None:
+           weights: str, group: int, config, x_dtype: torch.dtype, row_values: bool = False,
+           counters: Optional[Counters] = None) -> None:
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
     or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
     ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
     block_k, split_k 0 = fill the GPU, warps, waves, tensor_cores); ``x_dtype``: the prologue's x
-    dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``counters``:
-    the caller's reusable split-K counters (None: a zeroed buffer for this launch)."""
+    dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``row_values``:
+    the prologue computes row values (an RMS norm's mean of squares, one row a program), else
+    the tensor-core loop takes up to 16 rows a program (the weights read once for all);
+    ``counters``: the caller's reusable split-K counters (None: a zeroed buffer for this launch)."""
     m, k = x_loads[0].shape
     n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
     bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30))
     grid_n = triton.cdiv(n, bn)
-    split = config.split_k or auto_split(grid_n * m, triton.cdiv(k, bk), w.device, config.waves, min_tiles=1)
+    dot = uses_tensor_cores(config, x_dtype, weights, bk)
+    rows = 16 if dot and not row_values else 1
+    grid_m = triton.cdiv(m, rows)
+    split = config.split_k or auto_split(grid_n * grid_m, triton.cdiv(k, bk), w.device, config.waves, min_tiles=1)
     k_slice, split = k_slices(k, bk, split)
     if max((n - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1, split * m * n,
            *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
@@ -228,13 +251,13 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     else:
         ws = count = w  # never read with one slice
     io = [*loads, *outs]
-    kernel[(grid_n, split, m)](
+    kernel[(grid_n, split, grid_m)](
         w, scales if scales is not None else w, bias if bias is not None else w, ws, count, *x_loads, *io,
         m, n, k, k_slice, w.stride(0), w.stride(1), scales.stride(0) if scales is not None else 0,
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
-        DOT=uses_tensor_cores(config, x_dtype, weights, bk),
+        DOT=dot, ROWS=rows,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 

@@ -52,6 +52,7 @@ class GemvPlan:
     epilogue: tpl.EpiloguePlan
     source: Tuple[str, str]
     prologue_ops: int  # nodes x's prologue computes (0: x is loaded as it is)
+    row_values: bool = False  # the prologue computes row values (one x row a program)
 
 
 def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
@@ -63,7 +64,7 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
         return None
     source = gemv.render(x, tpl.epilogue_spec(plan, ["acc_v = acc"]), spec.dtype, spec.out_dtype,
                          expr.helper_source(plan.helpers | x.helpers))
-    return GemvPlan(tuple(x_loads), plan, source, len(operands))
+    return GemvPlan(tuple(x_loads), plan, source, len(operands), bool(x.row_lines))
 
 
 def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan) -> Candidate:
@@ -96,7 +97,7 @@ class GemvRunner:
         outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, xs[0].device)
         gemv.launch(self.kernel, xs, w.t() if s.transposed else w, scales, bias, loads,
                     [v.view(s.m, s.n) for v in views], weights=s.weights, group=s.group_size, config=self.cfg,
-                    x_dtype=s.dtype, counters=self.counters)
+                    x_dtype=s.dtype, row_values=self.plan.row_values, counters=self.counters)
         return tpl.group_outputs(plan, env, outs)
 
 

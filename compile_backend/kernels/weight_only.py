@@ -330,10 +330,19 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 
 
 def paths_for(m: int) -> Tuple[str, ...]:
-    """The paths worth timing for M rows, the heuristic's first."""
+    """The paths worth timing for M rows, the heuristic's first (past GEMV_MAX_M rows, only
+    the gemv configs :func:`worth_timing` keeps)."""
     if m <= GEMV_MAX_M:
         return ("gemv", "skinny")
-    return ("skinny",) if m <= SKINNY_MAX_M else ("tiled", "dequant")
+    return ("skinny", "gemv") if m <= SKINNY_MAX_M else ("tiled", "dequant")
+
+
+def worth_timing(cfg: WeightOnlyConfig, m: int, dtype: torch.dtype) -> bool:
+    """Whether a config of ``paths_for(m)`` can be fast for M rows of ``dtype``: past GEMV_MAX_M
+    rows a gemv config only on the tensor cores with 16-bit x, which take 16 rows a program
+    (else one row a program reads every weight M times)."""
+    return (cfg.path != "gemv" or m <= GEMV_MAX_M
+            or (cfg.tensor_cores and dtype in (torch.float16, torch.bfloat16)))
 
 
 def heuristic(m: int) -> WeightOnlyConfig:
@@ -497,4 +506,4 @@ def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: t
 
 
 __all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
-           "paths_for", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]
+           "paths_for", "worth_timing", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]

@@ -87,12 +87,15 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     p = weight_only_problem(group)
     probe = Probe(group, ctx.device)
     first = weight_only.heuristic(p.m)
-    configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path] if c != first]
+    configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path]
+                         if c != first and weight_only.worth_timing(c, p.m, p.dtype)]
     epilogue = _epilogue(group, p, ctx)
     a = p.anchor
     spec = gemv_build.GemvSpec(a, scaled_arg(a, "x"), scaled_arg(a, "codes"), scaled_arg(a, "scales"),
                                scaled_arg(a, "bias"), p.precision, p.group_size or 1, p.dtype, p.out_dtype, p.m, p.n, p.k)
-    fused = gemv_build.gemv_plan(group, spec) if p.m <= weight_only.GEMV_MAX_M else None
+    fused = gemv_build.gemv_plan(group, spec) if p.m <= weight_only.SKINNY_MAX_M else None
+    if fused is not None and p.m > weight_only.GEMV_MAX_M and fused.row_values:
+        fused = None  # row values mean one row a program: past GEMV_MAX_M rows, the skinny path
     candidates: List[Candidate] = [
         gemv_build.gemv_candidate(group, spec, cfg, probe, fused) if cfg.path == "gemv" and fused is not None
         else _candidate(group, p, cfg, probe, epilogue) for cfg in configs]

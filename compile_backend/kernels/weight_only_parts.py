@@ -87,17 +87,22 @@ def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.conste
 
 
 @triton.jit
-def dot_column(w, x, acc, ROWS: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc [BLOCK_N, ROWS] += w [BLOCK_N, BK] @ x`` on the tensor cores, ``x`` ([BK], w's
-    dtype) in column 0 of a [BK, ROWS] operand (ROWS = 16, the smallest tl.dot takes; the other
-    columns are 0, so column 0 alone holds the sums: fp16/bf16 products exact, summed in fp32).
-    UPCAST: the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9): there
-    both go in fp32 (exact) with ieee products."""
-    col0 = tl.arange(0, ROWS)[None, :] == 0
-    xt = tl.where(col0, x[:, None], tl.zeros([x.shape[0], ROWS], x.dtype))
+def dot16(w, xt, acc, UPCAST: tl.constexpr):
+    """``acc [BLOCK_N, R] += w [BLOCK_N, BK] @ xt [BK, R]`` on the tensor cores (16-bit
+    operands: products exact, summed in fp32). UPCAST: the interpreter multiplies bf16 dot
+    operands as raw integers (Triton 3.9): there both go in fp32 (exact) with ieee products."""
     if UPCAST:
         return tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def dot_column(w, x, acc, ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`dot16` with one row of x: ``x`` ([BK], w's dtype) in column 0 of a [BK, ROWS]
+    operand (ROWS = 16, the smallest tl.dot takes; the other columns are 0, so column 0 alone
+    holds the sums)."""
+    col0 = tl.arange(0, ROWS)[None, :] == 0
+    return dot16(w, tl.where(col0, x[:, None], tl.zeros([x.shape[0], ROWS], x.dtype)), acc, UPCAST)
 
 
 @triton.jit
@@ -127,4 +132,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 
 __all__ = ["round_to", "int8_weights", "int4_weights", "offset_codes_to", "int8_weights16", "int4_weights16",
-           "dot_column", "float_weights", "auto_split", "k_slices"]
+           "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]

@@ -165,6 +165,47 @@ def test_norm_of_a_square_computed_elsewhere(monkeypatch):
     _close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 32)], ids=str)
+def test_sixteen_rows_a_program_on_the_tensor_cores(dtype, precision, group_size, monkeypatch):
+    """Batch-16 decode (M 5..16, past GEMV_MAX_M): the tensor-core loop takes up to 16 rows a
+    program, so the fused GEMV (residual epilogue, split-K) reads each weight once; M = 13 (rows
+    past M masked) and 16 (two row blocks, M = 17, run in test_weight_only's plain kernel). With an RMS-norm prologue (row values: one
+    row a program) past GEMV_MAX_M rows the group takes the skinny path instead."""
+    from compile_backend.kernels import weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    k, n = 70, 33
+    codes, scales = _weights(n, k, precision, group_size, seed=31)
+    gen = torch.Generator().manual_seed(32)
+    monkeypatch.setattr(weight_only, "heuristic", lambda m: weight_only.WeightOnlyConfig(
+        "gemv", 1, 16, 32, split_k=3, tensor_cores=True))
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+
+    def residual(x, c, s, r):
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size) + r
+
+    for m in (13, 16):
+        inputs = (torch.randn(m, k, generator=gen).to(dtype), codes, scales, torch.randn(m, n, generator=gen).to(dtype))
+        group = _group(residual, inputs)
+        kernel, fallbacks = choose_kernel(group, inputs, ctx)
+        assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+        assert kernel.fn.plan.row_values is False
+        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+    def normed(h, c, s):
+        h32 = h.float()
+        x = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype)
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size)
+
+    inputs = (torch.randn(13, k, generator=gen).to(dtype), codes, scales)
+    group = _group(normed, inputs)
+    kernel, fallbacks = choose_kernel(group, inputs, ctx)
+    assert not kernel.config.get("fused")
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
 def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
     """A softmax over x's row is no row value the prologue knows (amax): the group still runs,
     through the non-fused path, equal to its reference."""
