@@ -73,7 +73,7 @@ def {name}(
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, UNROLL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -89,32 +89,38 @@ def {name}(
         part = tl.zeros([BLOCK_N, 16], tl.float32)
         if WEIGHTS == 1:
             HALF16: tl.constexpr = BLOCK_K // 2
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                rb = k0 // 2 + tl.arange(0, HALF16)
-                lo, hi = int4_weights16(W, S, rn, rb, k0, n_ok, K, swn, ssn, GROUP, {x_dtype})
-                if ROWS == 16:
-                    part = dot16(lo, x_at(xm, 2 * rb[:, None], K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
-                    part = dot16(hi, x_at(xm, 2 * rb[:, None] + 1, K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
-                else:
-                    part = dot_column(lo, x_at(m, 2 * rb, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
-                    part = dot_column(hi, x_at(m, 2 * rb + 1, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+            for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+                for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                    k0 = k_step + u * BLOCK_K
+                    rb = k0 // 2 + tl.arange(0, HALF16)
+                    lo, hi = int4_weights16(W, S, rn, rb, k0, n_ok, k_hi, swn, ssn, GROUP, {x_dtype})
+                    if ROWS == 16:
+                        part = dot16(lo, x_at(xm, 2 * rb[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                        part = dot16(hi, x_at(xm, 2 * rb[:, None] + 1, k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                    else:
+                        part = dot_column(lo, x_at(m, 2 * rb, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                        part = dot_column(hi, x_at(m, 2 * rb + 1, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
         elif WEIGHTS == 0:
             scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                w = int8_weights16(W, rn, rk, n_ok, K, swn, scale, {x_dtype})
-                if ROWS == 16:
-                    part = dot16(w, x_at(xm, rk[:, None], K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
-                else:
-                    part = dot_column(w, x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+            for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+                for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                    k0 = k_step + u * BLOCK_K
+                    rk = k0 + tl.arange(0, BLOCK_K)
+                    w = int8_weights16(W, rn, rk, n_ok, k_hi, swn, scale, {x_dtype})
+                    if ROWS == 16:
+                        part = dot16(w, x_at(xm, rk[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                    else:
+                        part = dot_column(w, x_at(m, rk, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
         else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-                if ROWS == 16:
-                    part = dot16(w.to({x_dtype}), x_at(xm, rk[:, None], K, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
-                else:
-                    part = dot_column(w.to({x_dtype}), x_at(m, rk, K, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+            for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+                for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                    k0 = k_step + u * BLOCK_K
+                    rk = k0 + tl.arange(0, BLOCK_K)
+                    w = tl.load(W + rn[:, None] * swn + rk[None, :] * swk, mask=n_ok[:, None] & (rk < k_hi)[None, :], other=0.0)
+                    if ROWS == 16:
+                        part = dot16(w.to({x_dtype}), x_at(xm, rk[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                    else:
+                        part = dot_column(w.to({x_dtype}), x_at(m, rk, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
         if ROWS == 16:
             acc = tl.trans(part)  # [16 rows, BLOCK_N]
         else:
@@ -122,22 +128,28 @@ def {name}(
     elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rb = k0 // 2 + tl.arange(0, HALF)
-            lo, hi = int4_weights(W, S, rn, rb, k0, n_ok, K, swn, ssn, GROUP, {x_dtype}, SOFT_BF16)
-            part += lo * x_at(m, 2 * rb, K, {x_args}{row_params})[None, :] + hi * x_at(m, 2 * rb + 1, K, {x_args}{row_params})[None, :]
+        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+            for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                k0 = k_step + u * BLOCK_K
+                rb = k0 // 2 + tl.arange(0, HALF)
+                lo, hi = int4_weights(W, S, rn, rb, k0, n_ok, k_hi, swn, ssn, GROUP, {x_dtype}, SOFT_BF16)
+                part += lo * x_at(m, 2 * rb, k_hi, {x_args}{row_params})[None, :] + hi * x_at(m, 2 * rb + 1, k_hi, {x_args}{row_params})[None, :]
     elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            w = int8_weights(W, rn, rk, n_ok, K, swn, scale, {x_dtype}, SOFT_BF16)
-            part += w * x_at(m, rk, K, {x_args}{row_params})[None, :]
+        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+            for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                k0 = k_step + u * BLOCK_K
+                rk = k0 + tl.arange(0, BLOCK_K)
+                w = int8_weights(W, rn, rk, n_ok, k_hi, swn, scale, {x_dtype}, SOFT_BF16)
+                part += w * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
     else:  # float weights
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            part += float_weights(W, rn, rk, n_ok, K, swn, swk) * x_at(m, rk, K, {x_args}{row_params})[None, :]
+        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+            for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                k0 = k_step + u * BLOCK_K
+                rk = k0 + tl.arange(0, BLOCK_K)
+                part += float_weights(W, rn, rk, n_ok, k_hi, swn, swk) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
     if not DOT:
         acc = tl.sum(part, axis=1)[None, :]
     rm = m * ROWS + tl.arange(0, ROWS)
@@ -257,7 +269,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
-        DOT=dot, ROWS=rows,
+        DOT=dot, ROWS=rows, UNROLL=getattr(config, "unroll", 1),
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 

@@ -70,7 +70,8 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
 def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan) -> Candidate:
     """A tuner candidate running ``plan`` with ``cfg`` (a gemv ``weight_only.WeightOnlyConfig``)."""
     name = (f"triton fused gemv {spec.weights}{' tc' if cfg.tensor_cores else ''} {cfg.block_n}x{cfg.block_k} "
-            f"split{cfg.split_k} waves{cfg.waves} w{cfg.num_warps} s{cfg.num_stages}")
+            f"split{cfg.split_k} waves{cfg.waves} w{cfg.num_warps} s{cfg.num_stages}"
+            f"{f' u{cfg.unroll}' if cfg.unroll > 1 else ''}")
     config = {"impl": "triton", "fused": True, "weights": spec.weights, **dataclasses.asdict(cfg)}
 
     def compile_():

@@ -252,6 +252,7 @@ class WeightOnlyConfig:
     num_stages: int = 2
     waves: int = 2
     tensor_cores: bool = False  # gemv: products on the tensor cores for 16-bit x (gemv.uses_tensor_cores)
+    unroll: int = 1  # gemv: K tiles a loop step, their loads issued together (more bytes in flight)
     weights_first: bool = False  # tiled, 16-bit x: the weight tile as the dot's first operand
 
     def __post_init__(self) -> None:
@@ -267,6 +268,8 @@ class WeightOnlyConfig:
                                     ("num_stages", self.num_stages, 1, 8), ("waves", self.waves, 1, 64)):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+        if isinstance(self.unroll, bool) or self.unroll not in (1, 2, 4) or (self.unroll > 1 and self.path != "gemv"):
+            raise ValueError(f"unroll is a gemv-path setting (1, 2 or 4), got {self.unroll!r} for path {self.path!r}")
         if not isinstance(self.tensor_cores, bool) or (self.tensor_cores and self.path != "gemv"):
             raise ValueError(f"tensor_cores is a gemv-path setting (True or False), got {self.tensor_cores!r} "
                              f"for path {self.path!r}")
@@ -290,9 +293,9 @@ def _skinny(block_m: int, block_n: int, block_k: int, split_k: int = 0) -> Weigh
 
 
 def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0, waves: int = 8,
-          stages: int = 1, tc: bool = False) -> WeightOnlyConfig:
+          stages: int = 1, tc: bool = False, unroll: int = 1) -> WeightOnlyConfig:
     return WeightOnlyConfig("gemv", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=waves,
-                            tensor_cores=tc)
+                            tensor_cores=tc, unroll=unroll)
 
 
 def _dequantize(block_n: int, block_k: int) -> WeightOnlyConfig:
@@ -307,12 +310,13 @@ def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, wf
 #: 8192 products, wider in K for fewer rows; tiled ones the usual fp16 GEMM tiles
 CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     # 128-byte weight rows per step for INT8 (INT4: 64, block_k capped at the group size).
-    # Tensor-core configs first: on the H200 (session 8) the elementwise loop was bound by its
-    # int->float and fp32->fp16 conversions (1/8 of the FMA rate): 290-480 GB/s for INT4, 640-1220
-    # for INT8. Then the elementwise ones session 8 measured: waves 8; 2 and 16 bracket it
-    "gemv": (_gemv(64, 128, tc=True), _gemv(32, 128, tc=True), _gemv(128, 128, 8, tc=True),
-             _gemv(64, 256, tc=True), _gemv(64, 128, stages=3, tc=True), _gemv(64, 128, waves=2, tc=True),
-             _gemv(128, 64, 4, waves=4, tc=True), _gemv(32, 128), _gemv(32, 128, waves=2), _gemv(64, 128, 8),
+    # Session 8 on the H200: INT8 and fp16 GEMVs moved the same weights per second (not bytes):
+    # bound by the loads in flight, not by conversions (the tensor-core loop, free of them, was
+    # no faster). So: unrolled steps (2-4 K tiles' loads issued together), then the configs
+    # the tuner chose there (elementwise 32 x 128, waves 8 / 2; tensor cores 64 x 128 / 256).
+    "gemv": (_gemv(64, 128, tc=True), _gemv(32, 128, unroll=2), _gemv(32, 128, unroll=4), _gemv(64, 128, 8, unroll=2),
+             _gemv(32, 128, waves=2, unroll=2), _gemv(64, 128, tc=True, unroll=2), _gemv(64, 256, tc=True),
+             _gemv(128, 64, 4, waves=4, tc=True), _gemv(32, 128), _gemv(32, 128, waves=2),
              _gemv(32, 128, stages=3), _gemv(32, 128, 4, split_k=1)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),

@@ -38,10 +38,12 @@ def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
                  SOFT_BF16: tl.constexpr):
     """INT4 weight rows ``rn`` at packed bytes ``rb`` (byte j holds k = 2j in its low nibble,
     2j + 1 in its high one), dequantized with the scale of the group holding ``k0`` (the tile
-    never straddles two groups), rounded to DTYPE: (low, high) as fp32, 0 past N and K."""
+    never straddles two groups), rounded to DTYPE: (low, high) as fp32, 0 past N and K (K: the
+    bound the caller masks at, e.g. its K slice's end; a tile past it loads no scale)."""
     ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
     packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
-    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    # rn * 0 + k0: a vector (the interpreter refuses a mask term without a shape)
+    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0).to(tl.float32)[:, None]
     lo = round_to(((((packed & 15) ^ 8) - 8).to(tl.float32) * scale), DTYPE, SOFT_BF16).to(tl.float32)
     hi = round_to((((((packed >> 4) & 15) ^ 8) - 8).to(tl.float32) * scale), DTYPE, SOFT_BF16).to(tl.float32)
     return lo, hi
@@ -80,7 +82,7 @@ def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.conste
     plus 8 is the nibble with its top bit flipped."""
     ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
     packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
-    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
     lo = offset_codes_to((packed & 15) ^ 8, 8, scale, DTYPE)
     hi = offset_codes_to(((packed >> 4) & 15) ^ 8, 8, scale, DTYPE)
     return lo, hi

@@ -307,9 +307,9 @@ def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
         return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size)
 
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cuda"), interpret=False)
-    for split, tc in ((0, False), (16, False), (0, True), (16, True)):
-        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split, tc=tc: weight_only.WeightOnlyConfig(
-            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8, tensor_cores=tc))
+    for split, tc, unroll in ((0, False, 1), (16, False, 1), (0, True, 1), (16, True, 1), (0, False, 2), (16, True, 4)):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split, tc=tc, u=unroll: weight_only.WeightOnlyConfig(
+            "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8, tensor_cores=tc, unroll=u))
         for fn, inputs in ((normed, (h, c1, s1, w, res)), (swiglu, (gu, c2, s2))):
             group = _group(fn, inputs)
             kernel, fallbacks = choose_kernel(group, inputs, ctx)

@@ -35,6 +35,8 @@ SHAPES = [(1, 33, 130), (3, 5, 7), (17, 33, 64), (17, 5, 130)]
 FORCED = {"gemv": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3),
           "skinny": WeightOnlyConfig("skinny", 4, 16, 32, split_k=3),
           "gemv-tc": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3, tensor_cores=True),
+          "gemv-u2": WeightOnlyConfig("gemv", 1, 16, 32, split_k=3, unroll=2),  # a step's 2nd tile past a slice's end
+          "gemv-tc-u4": WeightOnlyConfig("gemv", 1, 16, 32, split_k=2, tensor_cores=True, unroll=4),
           "tiled": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2),
           "tiled-wf": WeightOnlyConfig("tiled", 16, 16, 32, group_m=2, weights_first=True),
           "dequant": WeightOnlyConfig("dequant", 1, 16, 32)}
@@ -71,7 +73,7 @@ def check(x, codes, scales, b, precision, group_size, out_dtype=None, config=Non
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("path", ["skinny", "tiled", "tiled-wf", "gemv-tc", "dequant"])
+@pytest.mark.parametrize("path", ["skinny", "tiled", "tiled-wf", "gemv-tc", "gemv-u2", "gemv-tc-u4", "dequant"])
 @pytest.mark.parametrize("precision,group_size", MODES, ids=str)
 def test_matches_reference(precision, group_size, path, dtype):
     for i, (m, n, k) in enumerate(SHAPES):
@@ -180,6 +182,8 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     (dict(path="gemv", block_m=1, block_n=128, block_k=256, tensor_cores=True), "at most 16384"),
     (dict(path="skinny", block_m=1, block_n=16, block_k=16, tensor_cores=True), "gemv-path setting"),
     (dict(path="gemv", block_m=1, block_n=16, block_k=16, weights_first=True), "tiled-path setting"),
+    (dict(path="gemv", block_m=1, block_n=16, block_k=16, unroll=3), "1, 2 or 4"),
+    (dict(path="skinny", block_m=1, block_n=16, block_k=16, unroll=2), "gemv-path setting"),
 ])
 def test_config_checks(fields, match):
     with pytest.raises(ValueError, match=match):
