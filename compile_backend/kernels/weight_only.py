@@ -55,7 +55,7 @@ import triton.language as tl
 from . import gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import auto_split, int4_weights16, int8_weights16, k_slices, round_to
+from .weight_only_parts import auto_split, dot16, int4_weights16, int8_weights16, k_slices, round_to
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
@@ -154,6 +154,20 @@ def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GR
 
 
 @triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (rows, columns) of the output, program ids grouped along M so consecutive
+    programs reuse the same weight tiles from L2."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
                     SOFT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weights [N, K] in out's dtype, rounded as the reference rounds them."""
@@ -175,24 +189,13 @@ def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn
     """The tiled GEMM as out^T = W x^T (16-bit x): the dequantized weight tile is the dot's
     first operand, which Hopper's wgmma reads from registers; as the second (``_tiled_kernel``)
     it is stored to shared memory every K step. Programs grouped along M as there."""
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rm[None, :] * sxm + rk[:, None], mask=(rm < M)[None, :] & (rk < K)[:, None], other=0.0)
         w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty)
-        if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9)
-            acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, xt, acc)
+        acc = dot16(w, xt, acc, UPCAST)
     _store_out(tl.trans(acc), b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
 
 
@@ -201,15 +204,7 @@ def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
                   UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
