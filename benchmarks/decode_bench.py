@@ -14,7 +14,9 @@ timed with CUDA events after warm-up, the same inputs every call (a decode step 
 at a fixed position). Accuracy beside speed: cosine of the last-position logits against the
 fp16 eager peer, for the weight-only engines each quantized layer's output SQNR (the reference
 numerics on the inputs the float model gives it; ``layer_sqnr_db``), and each of our engines'
-report (layers quantized, fallbacks). ``--profile``: each peer's GPU kernels per call
+report (layers quantized, fallbacks). ``--model hf``: the decode step of transformers'
+``LlamaForCausalLM`` at the same sizes with a ``StaticCache`` (written in place), in place of
+the zoo decoder. ``--profile``: each peer's GPU kernels per call
 (``kernel_profile.profile_kernels``, the CUDA graph replayed). Each record carries the device,
 versions and commit.
 """
@@ -137,16 +139,60 @@ def _quantized_weights(report) -> set:
     return {part for g in report.graphs for q in g.quant if q["status"] == "quantized" for part in q["name"].split("+")}
 
 
+class HFDecodeStep(torch.nn.Module):
+    """One decode step of transformers' LlamaForCausalLM with a StaticCache (a model no one here
+    wrote): ``(token [B, 1], position [1], cache)`` -> (last logits,); the cache is written in
+    place, as HF's generate loop does."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, position, cache):
+        return (self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1],)
+
+
+#: the zoo base decoder's sizes (TinyLlama-1.1B's shape), and a tiny one for CPU smoke runs
+HF_LLAMA_DIMS = {"base": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                              num_key_value_heads=4, vocab_size=32000),
+                 "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=1000)}
+
+
+def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, context: int = 512):
+    """(HFDecodeStep, inputs): random init, a StaticCache of 2048 slots (32 for tiny) whose first
+    ``context - 1`` slots a prefill filled; the step decodes the token at ``context - 1``."""
+    import transformers
+
+    context = context if size == "base" else 16
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(max_position_embeddings=2048, **HF_LLAMA_DIMS[size])
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    cache = transformers.StaticCache(config=cfg, max_batch_size=batch, max_cache_len=2048 if size == "base" else 32,
+                                     device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (batch, context - 1), generator=gen).to(device)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, cache_position=torch.arange(context - 1, device=device), use_cache=True)
+    token = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen).to(device)
+    return HFDecodeStep(model).eval(), (token, torch.tensor([context - 1], device=device), cache)
+
+
 def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], iters: int, env: dict,
-             profile: bool = False) -> List[dict]:
+             profile: bool = False, model_kind: str = "zoo") -> List[dict]:
     from compile_backend import zoo
 
-    model, inputs = zoo.get(f"llama_{kind}", size, batch=batch, dtype=torch.float16 if device == "cuda" else
-                            torch.float32, device=device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if model_kind == "hf":
+        if kind != "decode":
+            raise ValueError("--model hf times the decode step (the prefill is the zoo decoder's)")
+        model, inputs = hf_decode_case(size, batch, device, dtype)
+    else:
+        model, inputs = zoo.get(f"llama_{kind}", size, batch=batch, dtype=dtype, device=device)
     model.eval()
     rows, ref = [], None
     for name in peers:
-        row: Dict[str, Any] = {"case": kind, "size": size, "batch": batch, "peer": name, **env}
+        row: Dict[str, Any] = {"case": kind, "model": model_kind, "size": size, "batch": batch, "peer": name, **env}
         try:
             fn, report = _peer(name, model, inputs)
             with torch.no_grad():
@@ -195,6 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefill", action="store_true", help="also a prefill at batch 1")
     p.add_argument("--profile", action="store_true", help="each peer's GPU kernels per call (torch.profiler)")
+    p.add_argument("--model", choices=("zoo", "hf"), default="zoo",
+                   help="zoo: our Llama-style decoder; hf: transformers' LlamaForCausalLM of the same sizes with a "
+                        "StaticCache (decode only)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 
@@ -202,7 +251,7 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     cases = [("decode", b) for b in args.batches] + ([("prefill", 1)] if args.prefill else [])
     for kind, batch in cases:
-        rows += run_case(kind, args.size, batch, args.device, args.peers, args.iters, env, args.profile)
+        rows += run_case(kind, args.size, batch, args.device, args.peers, args.iters, env, args.profile, args.model)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1, default=str)

@@ -496,6 +496,23 @@ def test_decode_bench_cpu_records_peers_cosine_and_per_layer_sqnr(tmp_path, monk
         assert r["quantized"] > 0 and r["cosine_vs_eager"] > 0.98 and r["layer_sqnr_db_min"] > 10, r
 
 
+def test_decode_bench_times_transformers_llama_with_a_static_cache(tmp_path, monkeypatch):
+    """``--model hf``: the decode step of transformers' LlamaForCausalLM (a StaticCache written in
+    place) through the same peers, tiny sizes on the CPU: recorded, close to eager, quantized."""
+    import json
+
+    pytest.importorskip("transformers")
+    from benchmarks import decode_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated path: fast on the CPU
+    out = tmp_path / "hf.json"
+    assert decode_bench.main(["--model", "hf", "--size", "tiny", "--device", "cpu", "--batches", "1", "--iters", "1",
+                              "--peers", "eager", "w4a16", "--out", str(out)]) == 0
+    rows = {r["peer"]: r for r in json.loads(out.read_text())}
+    assert rows["eager"]["model"] == "hf" and "error" not in rows["w4a16"], rows["w4a16"].get("error")
+    assert rows["w4a16"]["quantized"] == 8 and rows["w4a16"]["cosine_vs_eager"] > 0.99  # 2 layers x 4 (merged)
+
+
 def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
     """The real-text accuracy benchmark of issue #20 in miniature: a few training steps of a
     tiny byte-level decoder, then a weight-only and a W8A8 mode against FP32 on held-out text."""
