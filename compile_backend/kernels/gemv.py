@@ -1,5 +1,6 @@
-"""The decode GEMV (M <= ``GEMV_MAX_M`` rows) as one generated launch (issue #20), for INT8 and
-INT4 weight-only layers and for float (fp16/bf16/fp32) weights alike.
+"""The decode GEMV (M <= ``GEMV_MAX_M`` rows; up to 16 on the tensor cores) as one generated
+launch (issue #20), for INT8 and INT4 weight-only layers and for float (fp16/bf16/fp32) weights
+alike.
 
 A decode step reads every weight once; at batch 1 its layers are short, so launches, not bytes,
 decide how close it gets to the weight bandwidth. This kernel does in one launch what took up to
@@ -11,11 +12,15 @@ fourth (the activation's producer):
   from the gate/up projection's output), each intermediate rounded to its dtype as eager's
   kernels store it; row values (an RMS norm's mean of squares) are loops over the row before
   the main loop.
-* **main loop.** One row of x per program (grid axis 2) against BLOCK_N weight rows over one K
-  slice: weight tiles loaded (float, any strides) or dequantized (``weight_only_parts``),
-  products accumulated elementwise in a [BLOCK_N, BLOCK_K] fp32 tile, summed over K once after
-  the loop; INT4 bytes are not interleaved (low nibbles meet x's even elements, high nibbles
-  its odd ones).
+* **main loop.** BLOCK_N weight rows over one K slice, ``UNROLL`` K tiles a step (their loads
+  issued together: the H200 measured these loops bound by the bytes in flight). Weight tiles
+  loaded (float, any strides) or dequantized (``weight_only_parts``); INT4 bytes are not
+  interleaved (low nibbles meet x's even elements, high nibbles its odd ones). Elementwise:
+  one row of x per program (grid axis 2), products accumulated in a [BLOCK_N, BLOCK_K] fp32
+  tile, summed over K once after the loop. Tensor cores (``DOT``, 16-bit x): weights made from
+  their codes' bits in x's dtype, products summed by ``tl.dot`` in fp32 against a [K, 16]
+  operand holding x's row in column 0, or (``ROWS`` 16, no row values) 16 rows of x, so
+  batch-16 decode reads each weight once.
 * **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
   Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
