@@ -101,6 +101,13 @@ def count(gm: fx.GraphModule, name: str) -> int:
     return targets(gm).count(name)
 
 
+def checked_run(traced: Traced) -> Any:
+    """A rewritten graph linted, its meta checked against fresh propagation, then run."""
+    traced.gm.graph.lint()
+    check_meta(traced.gm)
+    return run(traced)
+
+
 def check_meta(gm: fx.GraphModule) -> None:
     """Every tensor node's meta['val'] matches a fresh fake propagation (shape, stride, dtype)."""
     from compile_backend.fx_passes.rules import fake_value

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from compile_backend.fx_passes.attention import fuse_attention
 from compile_backend.fx_passes.cleanup_rules import remove_noops
 from compile_backend.fx_passes.copies import drop_copies
-from fx_passes.graphs import check_meta, count, ctx, inference_graph, run
+from fx_passes.graphs import check_meta, checked_run, count, ctx, inference_graph, run
 
 
 def _dropped(model, *inputs, fuse=False):
@@ -19,9 +19,7 @@ def _dropped(model, *inputs, fuse=False):
     with torch.no_grad():
         expected = model(*inputs)
     counts = drop_copies(t.gm, ctx())
-    t.gm.graph.lint()
-    check_meta(t.gm)
-    got = run(t)
+    got = checked_run(t)
     got = got[0] if isinstance(got, (list, tuple)) and len(got) == 1 else got
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     return t, counts["copy_into_any_layout"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from compile_backend.fx_passes.row_select import select_rows_first
-from fx_passes.graphs import check_meta, count, ctx, inference_graph, run, training_graph
+from fx_passes.graphs import checked_run, count, ctx, inference_graph, training_graph
 
 
 class ClassToken(nn.Module):
@@ -25,9 +25,7 @@ def _rewritten(model, x):
     with torch.no_grad():
         expected = model(x)
     counts = select_rows_first(t.gm, ctx())
-    t.gm.graph.lint()
-    check_meta(t.gm)
-    got = run(t)
+    got = checked_run(t)
     got = got[0] if isinstance(got, (list, tuple)) and not isinstance(expected, tuple) else got
     torch.testing.assert_close(tuple(got) if isinstance(expected, tuple) else got, expected,
                                rtol=0, atol=0)  # per-row math: the same bits
