@@ -274,14 +274,14 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
-        DOT=dot, ROWS=rows, UNROLL=getattr(config, "unroll", 1),
+        DOT=dot, ROWS=rows, UNROLL=config.unroll,
         num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:
     """Whether a launch takes the tensor-core main loop: asked by the config, 16-bit x, and K
     steps tl.dot takes (INT4's half tiles at least 16 wide)."""
-    return (getattr(config, "tensor_cores", False) and x_dtype in (torch.float16, torch.bfloat16)
+    return (config.tensor_cores and x_dtype in (torch.float16, torch.bfloat16)
             and (weights != "int4" or block_k >= 32))
 
 

@@ -31,14 +31,16 @@ Paths, by M (the rows of x once its leading dims are flattened):
   order the programs run in, i.e. bitwise reproducible.
 * tiled (prefill): ``tl.dot`` tiles, program ids grouped along M so consecutive programs reuse the
   same weight tiles from L2; ``weights_first`` computes out^T = W x^T, so the dequantized tile
-  is the dot's first operand (Hopper's wgmma reads that one from registers).
+  is the dot's first operand (the one Hopper's wgmma can read from registers; on the H200 in
+  session 8 it was not faster, so the tuner times both).
 * dequant (prefill): the weights dequantized to x's dtype into a scratch [N, K] (one
-  memory-bound kernel, ``_dequant_kernel``), then cuBLAS (``torch.mm`` / ``addmm``). At M = 2048
-  the scratch costs a few percent of the GEMM; the weights rest quantized between calls.
+  memory-bound kernel, ``_dequant_kernel``), then cuBLAS (``torch.mm`` / ``addmm``). The
+  weights rest quantized between calls; a 2048-token prefill of the 1.1B decoder took 1.08-1.09x
+  the FP16 engine's time on the H200 (session 8).
 
 The gemv path's ``tensor_cores`` configs (16-bit x) make each weight from its code's bits and
-one fp16 multiply (``weight_only_parts.offset_codes_to``: no conversion instruction, which
-Hopper issues at 1/8 of the FMA rate) and sum the products on the tensor cores.
+one fp16 multiply (``weight_only_parts.offset_codes_to``: no conversion instruction) and sum
+the products on the tensor cores; without row values in x's prologue, 16 rows of x a program.
 
 This module imports Triton at the top: only a builder loader and tests import it, never
 ``import compile_backend``.
@@ -316,14 +318,15 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
-    # weights-first tiles first: session 8 measured the others at 0.25x (INT4) / 0.5x (INT8) of
-    # cuBLAS fp16 at M = 2048 (the dequantized tile stored to shared memory every K step)
-    "tiled": (_tiled(128, 128, 64, 8, 3, True), _tiled(64, 128, 64, 4, 3, True), _tiled(128, 256, 64, 8, 3, True),
-              _tiled(64, 128, 128, 4, 3, True), _tiled(16, 128, 128, 4, 3, True), _tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
+    # on the H200 (session 8) every tiled kernel, weights-first ones included, took 2-4.6x cuBLAS
+    # fp16 at M = 2048, and the dequant path below won every prefill layer
+    "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
               _tiled(64, 128, 32, 4, 4), _tiled(128, 128, 32, 8, 3), _tiled(128, 64, 64, 4, 3),
-              _tiled(128, 256, 64, 8, 3), _tiled(128, 128, 64, 8, 4), _tiled(256, 128, 64, 8, 3)),
+              _tiled(128, 256, 64, 8, 3), _tiled(128, 128, 64, 8, 4), _tiled(256, 128, 64, 8, 3),
+              _tiled(128, 128, 64, 8, 3, True), _tiled(64, 128, 64, 4, 3, True), _tiled(128, 256, 64, 8, 3, True),
+              _tiled(64, 128, 128, 4, 3, True), _tiled(16, 128, 128, 4, 3, True)),
     # prefill: the weights dequantized to x's dtype (a scratch [N, K], one memory-bound kernel),
-    # then cuBLAS: session 8 measured the tiled kernels at 2-4.6x cuBLAS fp16 at M = 2048
+    # then cuBLAS
     "dequant": (_dequantize(64, 128), _dequantize(32, 256)),
 }
 

@@ -53,8 +53,9 @@ def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
 def offset_codes_to(u, OFFSET: tl.constexpr, scale, DTYPE: tl.constexpr):
     """``(u - OFFSET) * scale`` rounded to DTYPE (fp16 or bf16), returned in DTYPE: ``u`` int32
     codes offset into [0, 256), ``scale`` fp16. No int->float or float->float conversion
-    instruction per weight (on Hopper those run at 1/8 of the FMA rate and bounded the elementwise
-    GEMV): the code becomes a float by its bits (2**10 + u is exact in fp16, 2**23 + u in fp32).
+    instruction per weight (Hopper issues those at 1/8 of the FMA rate; session 8 found them not
+    to be the GEMV's main bound, but they cost issue slots): the code becomes a float by its bits
+    (2**10 + u is exact in fp16, 2**23 + u in fp32).
     fp16: one fp16 multiply, correctly rounded, equals fp32's exact product rounded to fp16.
     bf16 (an fp16 scale is not a bf16 value): the exact fp32 product rounded to nearest even on
     its bits (finite: a code times a finite fp16 scale)."""
