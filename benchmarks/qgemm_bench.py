@@ -23,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,19 +76,44 @@ def form(epilogue: str, precision: str):
     return linear if epilogue == "linear" else gelu_quant
 
 
-def tune(group: KernelGroup, cache_dir: str, promote_per_tile=True, configs=None):
+def tune(group: KernelGroup, cache_dir: str, level: str = "max", promote_per_tile=True, configs=None):
     from compile_backend.cache.timing import TimingCache
     from compile_backend.kernels.autotune import Tuner
     from compile_backend.kernels.qgemm import scaled_mm_candidates
     from compile_backend.options import Options
 
-    ctx = KernelContext(options=Options(autotune="max"), device=DEV, interpret=SMOKE,
+    ctx = KernelContext(options=Options(autotune=level), device=DEV, interpret=SMOKE,
                         timing_cache=TimingCache(cache_dir))
-    ctx.tuner = Tuner("max", cache=None, device=DEV)  # no cache: always measure
+    ctx.tuner = Tuner(level, cache=None, device=DEV)  # no cache: always measure
     tuning = scaled_mm_candidates(group, ctx, configs=configs, promote_per_tile=promote_per_tile)
     t0 = time.monotonic()
     choice = ctx.tuner.choose(tuning.key, tuning.candidates, tuning.make_inputs)
     return choice, tuning, time.monotonic() - t0
+
+
+def vendor_scaled(precision: str, sets) -> Optional[float]:
+    """FP8: ``_scaled_mm`` with the layer's real scales (rowwise: [M, 1] x [1, N]) and bias, fp16
+    out: the GEMM part of the scaled candidate (None for int8)."""
+    if precision != "fp8":
+        return None
+
+    def call(xq, xs, wq, ws, b, inv):
+        sa = xs.float().reshape(-1, 1).expand(xq.shape[0], 1).contiguous()
+        return torch._scaled_mm(xq, wq.t(), scale_a=sa, scale_b=ws.float().reshape(1, -1), bias=b,
+                                out_dtype=torch.float16)
+    return bench_ms(call, sets)
+
+
+def chain_ms(precision: str, m: int, n: int) -> Dict[str, float]:
+    """The FFN1 chain alone over an fp16 product, ``quantize(gelu(y))``: eager ATen and
+    Inductor's generated kernel (the yardstick for our epilogue kernel), and a plain copy of
+    y (the bandwidth floor)."""
+    ys = [(torch.randn(m, n, device=DEV, dtype=torch.float16), torch.tensor(20.0, device=DEV)) for _ in range(4)]
+
+    def chain(y, inv):
+        return quant_ref.quantize_steps(quant_ref.eager, F.gelu(y), torch.float16, inv, precision)
+    return {"eager_chain_ms": bench_ms(chain, ys), "inductor_chain_ms": bench_ms(torch.compile(chain), ys),
+            "copy_ms": bench_ms(lambda y, inv: y.clone(), ys)}
 
 
 def vendor_raw(precision: str, sets) -> float:
@@ -99,7 +125,7 @@ def vendor_raw(precision: str, sets) -> float:
 
 
 def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, precision: str,
-              epilogue: str, per_row: bool) -> None:
+              epilogue: str, per_row: bool, level: str = "max") -> None:
     from compile_backend.kernels.gemm_config import GemmConfig
 
     sets = rotated(lambda: operands(precision, m, n, k, per_row), 2 * m * k + n * k + 2 * m * n)
@@ -109,7 +135,7 @@ def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, 
             else bench_ms(F.linear, x16))
     fn = form(epilogue, precision)
     group = group_of(fn, sets[0])
-    choice, tuning, tune_s = tune(group, cache_dir)
+    choice, tuning, tune_s = tune(group, cache_dir, level)
     expected = group.reference(*sets[0])[0]
     got = choice.runner(*sets[0])[0]
     diff = (got.float() - expected.float()).abs()
@@ -125,9 +151,11 @@ def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, 
                vendor_epilogue_ms=next((t for c, t in timings.items() if "+ triton epilogue" in c), None),
                timed=f"{len(timings)}/{len(tuning.candidates)}", tune_s=round(tune_s, 1),
                max_abs_diff=diff.max().item(), timings_ms=timings)
-    if precision == "fp8" and best_cfg:  # what promotion after every wgmma instruction costs
+    if epilogue == "gelu_quant" and not SMOKE:
+        row.update(vendor_scaled_ms=vendor_scaled(precision, sets), **chain_ms(precision, m, n))
+    if precision == "fp8" and best_cfg and level == "max":  # what promotion after every wgmma costs
         cfg = GemmConfig(**_cfg_fields(tuning, best_cfg))
-        old, _, _ = tune(group, cache_dir, promote_per_tile=False, configs=[cfg])
+        old, _, _ = tune(group, cache_dir, level, promote_per_tile=False, configs=[cfg])
         row["best_triton_promote_every_wgmma_ms"] = min(
             (t for c, t in old.timings_ms.items() if c.startswith("triton")), default=None)
     rec.add(**row)
@@ -147,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=None, help="shape names (default: all)")
     p.add_argument("--epilogue", nargs="*", default=["linear"], choices=("linear", "gelu_quant"))
     p.add_argument("--per-row", action="store_true", help="per-row (dynamic) activation scales")
+    p.add_argument("--level", choices=("fast", "max"), default="max", help="tuning level: which candidates are timed")
     p.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (checks the script)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -167,7 +196,7 @@ def main(argv=None) -> int:
                     if rec.left() < 20:
                         return 0
                     try:
-                        run_shape(rec, cache_dir, name, m, n, k, precision, epilogue, args.per_row)
+                        run_shape(rec, cache_dir, name, m, n, k, precision, epilogue, args.per_row, args.level)
                     except Exception as exc:  # recorded, the next shape still runs
                         rec.error(f"{name} {precision} {epilogue}", exc)
     return 0

@@ -108,7 +108,26 @@ def quant_summary(report) -> Optional[Dict[str, Any]]:
             "slower_than_float": [r for g in report.graphs for r in g.slower_than_reference()],
             "standalone_quantizes": [q["reason"] for g in report.graphs for q in g.standalone_quantizes],
             "fallbacks": [f for g in report.graphs for f in g.fallbacks],
-            "kernels": sorted({k["impl"] for g in report.graphs for k in g.kernels})}
+            "kernels": sorted({k["impl"] for g in report.graphs for k in g.kernels}),
+            "gemm_choices": gemm_choices(report)}
+
+
+def gemm_choices(report) -> List[Dict[str, Any]]:
+    """The tuner's pick per distinct quantized GEMM (ops, implementation, tile, tuned and float
+    reference ms), once per distinct row: what a latency is made of, layer kind by layer kind."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for g in report.graphs:
+        for k in g.kernels:
+            c = k.get("config") or {}
+            if k.get("kind") != "gemm" or "reference_ms" not in c:
+                continue
+            ops = [o for o in dict.fromkeys(k["ops"]) if o != "aten.view"]
+            fields = {f: c[f] for f in ("impl", "vendor", "epilogue_tile", "block_m", "block_n", "block_k",
+                                        "num_warps", "num_stages", "split_k", "tuned_ms", "reference_ms", "timed")
+                      if f in c}
+            key = repr((ops, sorted(fields.items())))
+            rows.setdefault(key, {"ops": ops, "n": 0, **fields})["n"] += 1
+    return list(rows.values())
 
 
 def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str, Any]:

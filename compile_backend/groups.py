@@ -49,6 +49,8 @@ def extract_group(gm: fx.GraphModule, spec, name: str) -> KernelGroup:
     for x in _group_inputs(spec.nodes):
         env[x] = sub.placeholder(x.name)
         env[x].meta.update(x.meta)
+        if x.op == "get_attr":  # a graph constant: a kernel may derive values from it once per version
+            env[x].meta["constant"] = True
     for n in spec.nodes:
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in _group_outputs(spec.nodes)))

@@ -30,7 +30,7 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_tma_configs
-from .gemm_runner import EPILOGUE_ALTERNATIVES, MAX_BATCH, GemmRunner, epilogue_only
+from .gemm_runner import EPILOGUE_ALTERNATIVES, MAX_BATCH, GemmRunner, epilogue_only, epilogue_tile_named
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, as3d,
                        choose_kernel_of, device_limits, dtype_name, group_dtypes, group_shapes, group_strides,
@@ -317,9 +317,6 @@ class _GemmBuild:
 
             return warmed(run, self.probe)
 
-        name = "cublas" + ("" if trivial else " + triton epilogue")
-        config = {"impl": "cublas"}
-        if epilogue is not None:
-            name += f" {epilogue.block_m}x{epilogue.block_n} w{epilogue.num_warps}"
-            config["epilogue_tile"] = [epilogue.block_m, epilogue.block_n, epilogue.num_warps]
-        return Candidate(name, config, compile_, "cublas")
+        suffix, fields = epilogue_tile_named(epilogue)
+        name = "cublas" + ("" if trivial else " + triton epilogue") + suffix
+        return Candidate(name, {"impl": "cublas", **fields}, compile_, "cublas")

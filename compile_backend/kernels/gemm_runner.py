@@ -21,7 +21,16 @@ EPILOGUE_CONFIG = GemmConfig(32, 256, 16, 8, 1, 4, 1)
 #: of 64: H200 run 3 measured the default tile at 24.6 us for GPT-2's tanh GELU on 4096x3072
 #: (2 TB/s; Inductor's standalone GELU kernel: 15.6 us). Register spills of the long epilogue are
 #: the suspected cause (not profiled); the tuner picks by measurement either way
-EPILOGUE_ALTERNATIVES = (GemmConfig(32, 256, 16, 8, 1, 8, 1), GemmConfig(16, 128, 16, 8, 1, 4, 1))
+EPILOGUE_ALTERNATIVES = (GemmConfig(32, 256, 16, 8, 1, 8, 1), GemmConfig(16, 128, 16, 8, 1, 4, 1),
+                         GemmConfig(16, 256, 16, 8, 1, 8, 1))
+
+
+def epilogue_tile_named(tile: Optional[GemmConfig]):
+    """(name suffix, config fields) of a vendor candidate whose epilogue runs on ``tile``
+    (None: ``EPILOGUE_CONFIG``, no suffix): the report and the timing cache tell them apart."""
+    if tile is None:
+        return "", {}
+    return f" {tile.block_m}x{tile.block_n} w{tile.num_warps}", {"epilogue_tile": [tile.block_m, tile.block_n, tile.num_warps]}
 
 
 class GemmRunner:

@@ -35,7 +35,7 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_tma_configs
-from .gemm_runner import GemmRunner, epilogue_only
+from .gemm_runner import EPILOGUE_ALTERNATIVES, GemmRunner, epilogue_only, epilogue_tile_named
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, anchor_only, choose_kernel_of,
                        device_limits, dtype_name, float_linear_candidate, group_dtypes, group_shapes,
@@ -176,12 +176,19 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
     vendor = (ctx.device.type == "cuda") if vendor is None else vendor
     if vendor and _vendor_fits(p) is None:
-        candidates.insert(0, build.vendor_candidate())
+        # with a chain, each vendor GEMM is timed with every epilogue tile: the default tile's
+        # epilogue took 20-30 us after ``_scaled_mm`` at BERT FFN1 (GELU + quantize, H100,
+        # session 9) where the GEMM alone takes ~12
+        tiles = [None] if anchor_only(plan) else [None, *EPILOGUE_ALTERNATIVES]
         # FP8, first: on the H200 the fastest FP8 GEMM at every measured shape. Only with a bias
         # of the output dtype (an fp16 model's): cuBLAS then adds it in fp32 and rounds once, as
-        # the reference; another dtype would round twice
+        # the reference; another dtype would round twice. The fp32 product's epilogue reads
+        # twice the bytes, so beside it that one is timed in the default tile only
         if not p.int_acc and (not p.has_bias or meta_of(p.loads[2].source).dtype == p.out_dtype):
-            candidates.insert(0, build.vendor_scaled_candidate())
+            vendors = [build.vendor_scaled_candidate(t) for t in tiles] + [build.vendor_candidate()]
+        else:
+            vendors = [build.vendor_candidate(t) for t in tiles]
+        candidates[:0] = vendors
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.out_dtype, p.has_bias, ctx.device))
     key = TuningKey(kind="gemm", template=tpl.source_hash(source[0] + tma_source[0]), shapes=group_shapes(group),
@@ -251,7 +258,9 @@ class _Build:
 
         return Candidate(f"triton {cfg.name}", {"impl": "triton", "scaled": True, **cfg.as_dict()}, compile_, "triton")
 
-    def vendor_candidate(self) -> Candidate:
+    def vendor_candidate(self, tile: Optional[GemmConfig] = None) -> Candidate:
+        """The vendor's raw product (int32 / fp32) then the whole epilogue (scales, bias, chain)
+        as one Triton kernel of tile ``tile`` (default ``EPILOGUE_CONFIG``)."""
         p, plan, group = self.problem, self.plan, self.group
         name = "torch._int_mm" if p.int_acc else "torch._scaled_mm"
 
@@ -271,48 +280,69 @@ class _Build:
                 env = tpl.bind_group(plan, group, inputs)
                 acc = product(env[p.xq], env[p.wq])
                 loads, outs, views = self.io(env, acc.device, out)
-                epilogue_only(kernel, acc.unsqueeze(0), loads, views)
+                epilogue_only(kernel, acc.unsqueeze(0), loads, views, tile)
                 return tpl.group_outputs(plan, env, outs)
 
             return warmed(run, self.probe)
 
-        return Candidate(f"{name} + triton epilogue", {"impl": "cublas", "vendor": name}, compile_, "cublas")
+        suffix, fields = epilogue_tile_named(tile)
+        return Candidate(f"{name} + triton epilogue{suffix}", {"impl": "cublas", "vendor": name, **fields},
+                         compile_, "cublas")
 
-    def vendor_scaled_candidate(self) -> Candidate:
+    def vendor_scaled_candidate(self, tile: Optional[GemmConfig] = None) -> Candidate:
         """FP8: ``torch._scaled_mm`` with the scales (per tensor, or per row of x and column of
         w) and the bias applied by cuBLAS, written in the op's output dtype; then, with a chain,
-        the chain as one Triton kernel over that value, the value the reference's chain reads.
-        The raw product takes no fp32 round trip through memory (run 3 on the H200: BERT QKV
-        25.1 us with the fp32 product + epilogue vs 17.2 us for ``_scaled_mm`` alone). Torch
-        versions whose ``_scaled_mm`` refuses a scale layout or output dtype fail this
-        candidate at compile (its probe run), and the tuner skips it."""
+        the chain as one Triton kernel (of tile ``tile``) over that value, the value the
+        reference's chain reads. The raw product takes no fp32 round trip through memory (run 3
+        on the H200: BERT QKV 25.1 us with the fp32 product + epilogue vs 17.2 us for
+        ``_scaled_mm`` alone). Torch versions whose ``_scaled_mm`` refuses a scale layout or
+        output dtype fail this candidate at compile (its probe run), and the tuner skips it."""
         p, plan, group = self.problem, self.plan, self.group
         trivial = anchor_only(plan)
+        x_source = p.loads[0].source
+        x_const = x_source.op == "get_attr" or bool(x_source.meta.get("constant"))
 
         def compile_():
             kernel = None if trivial else tpl.load_kernel(*self.scaled_source)
+            # rowwise scaling wants x's scale as [M, 1]: a per-tensor one is spread once per
+            # (tensor, version) when it is a graph constant (static activations; the layers
+            # sharing this kernel each have their own), so a replay runs no fill kernel for it;
+            # a computed scale is spread on each call
+            spread: dict = {}
+
+            def row_scales(xs):
+                if not x_const:
+                    return xs.to(torch.float32).reshape(-1, 1).expand(p.m, 1).contiguous()
+                key = (xs.data_ptr(), xs._version, xs.device)
+                if key not in spread:
+                    if len(spread) >= 1024:  # refits that replaced the constants: drop the old ones
+                        spread.clear()
+                    spread[key] = xs.to(torch.float32).reshape(-1, 1).expand(p.m, 1).contiguous()
+                return spread[key]
 
             def run(*inputs, out=None):
                 env = tpl.bind_group(plan, group, inputs)
                 xq, wq = env[p.xq], env[p.wq]
-                xs, ws = (env[lp.source].to(torch.float32) for lp in p.loads[:2])
+                xs, ws = (env[lp.source] for lp in p.loads[:2])
                 if xs.numel() == 1 and ws.numel() == 1:
-                    sa, sb = xs.reshape(()), ws.reshape(())
+                    sa, sb = xs.to(torch.float32).reshape(()), ws.to(torch.float32).reshape(())
                 else:  # "rowwise": [M, 1] and [1, N]
-                    sa = xs.reshape(-1, 1).expand(p.m, 1).contiguous()
-                    sb = ws.reshape(1, -1).expand(1, p.n).contiguous()
+                    sa = row_scales(xs)
+                    sb = ws.to(torch.float32).reshape(1, -1).expand(1, p.n).contiguous()
                 bias = env[p.loads[2].source] if p.has_bias else None
                 y = torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=p.out_dtype)
                 if trivial:
                     return tpl.group_outputs(plan, env, [y.reshape(shape) for _, shape, *_ in plan.stores])
                 loads, outs, views = self.io(env, y.device, out, skip=len(p.loads))
-                epilogue_only(kernel, y.unsqueeze(0), loads, views)
+                epilogue_only(kernel, y.unsqueeze(0), loads, views, tile)
                 return tpl.group_outputs(plan, env, outs)
 
             return warmed(run, self.probe)
 
-        name = "torch._scaled_mm scaled" + ("" if trivial else " + triton epilogue")
-        return Candidate(name, {"impl": "cublas", "vendor": "torch._scaled_mm", "scaled": True}, compile_, "cublas")
+        suffix, fields = epilogue_tile_named(tile)
+        name = "torch._scaled_mm scaled" + ("" if trivial else " + triton epilogue" + suffix)
+        return Candidate(name, {"impl": "cublas", "vendor": "torch._scaled_mm", "scaled": True, **fields},
+                         compile_, "cublas")
 
 
 __all__ = ["build_scaled_mm", "scaled_mm_candidates", "scaled_mm_problem", "ScaledMMProblem", "scaled_anchor",

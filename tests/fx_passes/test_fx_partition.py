@@ -151,6 +151,19 @@ def test_max_pool_group_takes_both_outputs_when_indices_are_used():
     assert [o.args[1] for o in group.outputs] == [0, 1]  # values and indices leave the group
 
 
+def test_group_inputs_fed_by_constants_are_marked():
+    """A kernel may derive a value from a constant input once (qgemm's spread x scale)."""
+    from compile_backend.groups import extract_group
+
+    b = Builder()
+    x = b.input(torch.randn(4, 6))
+    w = b.const("w", torch.randn(4, 6))
+    t = b.build(b.op(aten.relu.default, b.op(aten.mul.Tensor, x, w)))
+    groups = partition(t.gm)
+    group = extract_group(t.gm, groups[0], "g0")
+    assert [bool(p.meta.get("constant")) for p in group.placeholders] == [False, True]
+
+
 def test_attention_op_is_alone_and_others_stay_apart():
     b = Builder()
     q, k, v = (b.input(torch.randn(1, 2, 3, 4)) for _ in range(3))

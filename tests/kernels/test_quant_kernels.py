@@ -28,6 +28,7 @@ from compile_backend.fx_passes.partition import partition
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
 from compile_backend.kernels.gemm_config import GemmConfig
+from compile_backend.kernels.gemm_runner import EPILOGUE_ALTERNATIVES
 from compile_backend.kernels.qconv import build_scaled_conv, scaled_conv_candidates
 from compile_backend.kernels.qgemm import build_scaled_mm, scaled_mm_candidates
 from compile_backend.kernels.select import builders_for, choose_kernel
@@ -117,14 +118,17 @@ def test_scaled_mm_vendor_candidate(precision):
     fn = lambda xq, xs, wq, ws, b: torch.relu(scaled_mm(xq, xs, wq, ws, b, torch.bfloat16))  # noqa: E731
     group = anchor_group(fn, *inputs)
     tuning = scaled_mm_candidates(group, CTX, vendor=True)
-    vendor = tuning.candidates[0]
-    assert vendor.impl == "cublas" and vendor.config["vendor"] == ("torch._int_mm" if precision == "int8" else
-                                                                   "torch._scaled_mm")
-    run = vendor.compile()
+    name = "torch._int_mm" if precision == "int8" else "torch._scaled_mm"
+    vendors = [c for c in tuning.candidates if c.config.get("vendor") == name and not c.config.get("scaled")]
+    # with a chain, one candidate per epilogue tile
+    assert [c.name for c in vendors] == [f"{name} + triton epilogue"] + [
+        f"{name} + triton epilogue {t.block_m}x{t.block_n} w{t.num_warps}" for t in EPILOGUE_ALTERNATIVES]
     expected = group.reference(*inputs)[0]
-    torch.testing.assert_close(run(*inputs)[0], expected, **TOL[torch.bfloat16])
-    out = torch.empty_like(expected)
-    assert run(*inputs, out=[out])[0] is out  # writes into the engine's buffer
+    for vendor in vendors:
+        run = vendor.compile()
+        torch.testing.assert_close(run(*inputs)[0], expected, **TOL[torch.bfloat16])
+        out = torch.empty_like(expected)
+        assert run(*inputs, out=[out])[0] is out  # writes into the engine's buffer
 
 
 def test_vendor_candidate_needs_its_shapes():
@@ -182,13 +186,43 @@ def test_fp8_vendor_candidate_applies_scales_and_bias_in_cublas(scales, chain):
     fp32_bias = quantized_linear(33, 64, 48, "fp8", per_row=per_row, per_channel=per_channel, seed=3)
     names = [c.name for c in scaled_mm_candidates(anchor_group(fn, *fp32_bias), CTX, vendor=True).candidates]
     assert not any(n.startswith("torch._scaled_mm scaled") for n in names), names  # fp32 bias: two roundings
+    scaled = [c for c in tuning.candidates if c.name.startswith("torch._scaled_mm scaled")]
+    assert len(scaled) == (1 + len(EPILOGUE_ALTERNATIVES) if chain else 1), [c.name for c in scaled]
+    expected = group.reference(*inputs)[0]
+    for cand in scaled:
+        try:
+            run = cand.compile()
+            got = run(*inputs)[0]
+        except (RuntimeError, NotImplementedError) as exc:  # a torch without fp8 _scaled_mm on the CPU
+            pytest.skip(f"torch._scaled_mm on the CPU: {exc}")
+        # one fp16 rounding of the same fp32 value, summed in another order: an ulp at most
+        torch.testing.assert_close(got, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+        torch.testing.assert_close(run(*inputs)[0], expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+
+
+def test_fp8_scaled_candidate_spreads_a_constant_x_scale_once_per_version():
+    """A static (constant) per-tensor x scale with per-channel w scales: rowwise ``_scaled_mm``
+    wants it as [M, 1]; the candidate spreads it once per constant and again only after the
+    constant changes (a refit writes in place, bumping its version). ``groups.extract_group``
+    marks a group input fed by a graph constant with ``meta["constant"]``."""
+    xq, xs, wq, ws, b = quantized_linear(33, 64, 48, "fp8", bias_dtype=torch.float16, seed=5)
+    fn = lambda xq, xs, wq, ws, b: F.gelu(scaled_mm(xq, xs, wq, ws, b, torch.float16))  # noqa: E731
+    group = anchor_group(fn, xq, xs, wq, ws, b)
+    group.placeholders[1].meta["constant"] = True
+    first = scaled_mm_candidates(group, CTX, vendor=True).candidates[0]
+    assert first.name.startswith("torch._scaled_mm scaled"), first.name
     try:
-        got = first.compile()(*inputs)[0]
+        run = first.compile()
+        run(xq, xs, wq, ws, b)
     except (RuntimeError, NotImplementedError) as exc:  # a torch without fp8 _scaled_mm on the CPU
         pytest.skip(f"torch._scaled_mm on the CPU: {exc}")
-    expected = group.reference(*inputs)[0]
-    # one fp16 rounding of the same fp32 value, summed in another order: an ulp at most
-    torch.testing.assert_close(got, expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+    other = xs * 0.5  # a second layer sharing the kernel, with its own constant
+    for scale in (xs, other, xs):
+        expected = group.reference(xq, scale, wq, ws, b)[0]
+        torch.testing.assert_close(run(xq, scale, wq, ws, b)[0], expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
+    xs.mul_(2.0)  # in place: a new version of the same storage
+    expected = group.reference(xq, xs, wq, ws, b)[0]
+    torch.testing.assert_close(run(xq, xs, wq, ws, b)[0], expected, atol=1e-3 * expected.abs().max().item(), rtol=1e-3)
 
 
 def test_tma_layout_of_eight_bit_operands_needs_k_major():
