@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     rec.data["meta"]["commit"] = os.environ.get("COMMIT")
     with tempfile.TemporaryDirectory() as cache_dir:
         for name, m, n, k in SHAPES:
-            if args.shapes and name not in args.shapes:
+            if args.shapes and name not in {s.replace("_", " ") for s in args.shapes}:  # bert_ffn1 = "bert ffn1"
                 continue
             for epilogue in args.epilogue:
                 for precision in args.precisions:
