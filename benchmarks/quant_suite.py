@@ -1,7 +1,7 @@
 """The quantized suite (issue #18): per model, in one process, every FP16 peer beside our
 quantized engines and torchao's, latency and accuracy side by side.
 
-    python -m benchmarks.quant_suite --cases mlp:2048 hf_bert:16 hf_gpt2:8 tv_vit_b_16:32 \
+    python -m benchmarks.quant_suite --cases mlp:2048 hf_bert_mask:16 hf_gpt2:8 tv_vit_b_16:32 \
         tv_resnet50:32 tv_resnet50:1 --out $OUT/quant_suite.json
 
 Peers (``--peers``, default all that apply): ``eager``, ``inductor``,
@@ -182,7 +182,7 @@ def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, record
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_suite", description=__doc__.split("\n")[0])
-    p.add_argument("--cases", nargs="+", default=["mlp:2048", "hf_bert:16", "hf_gpt2:8", "tv_vit_b_16:32",
+    p.add_argument("--cases", nargs="+", default=["mlp:2048", "hf_bert_mask:16", "hf_gpt2:8", "tv_vit_b_16:32",
                                                   "tv_resnet50:32", "tv_resnet50:1"])
     p.add_argument("--peers", default=",".join(ALL_PEERS))
     p.add_argument("--device", default="cuda")

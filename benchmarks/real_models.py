@@ -31,6 +31,8 @@ class RealModel:
 
 REAL: Dict[str, RealModel] = {
     "hf_bert": RealModel("hf_bert", ("transformers",), 16, "transformers BertModel (base), seq 128"),
+    "hf_bert_mask": RealModel("hf_bert_mask", ("transformers",), 16,
+                              "transformers BertModel (base), seq 128, attention mask (padded rows)"),
     "hf_gpt2": RealModel("hf_gpt2", ("transformers",), 8, "transformers GPT2LMHeadModel, seq 512"),
     "hf_llama": RealModel("hf_llama", ("transformers",), 8, "transformers LlamaForCausalLM, GQA 16/4 heads, rotary, seq 512"),
     "hf_t5_encoder": RealModel("hf_t5_encoder", ("transformers",), 16, "transformers T5EncoderModel (base), relative bias, seq 128"),
@@ -118,6 +120,16 @@ def hf_bert(batch: Optional[int] = None, seed: int = 0, size: str = "base", devi
                                       "intermediate_size": 128} if _tiny(size) else {}))
     model = Output(transformers.BertModel(cfg)).eval()
     return model, (_ids(batch or REAL["hf_bert"].default_batch, seq, cfg.vocab_size, gen, device),)
+
+
+def hf_bert_mask(batch: Optional[int] = None, seed: int = 0, size: str = "base", device="cpu", seq: int = 128):
+    """``hf_bert`` with an attention mask (issue #18's BERT case): each sequence keeps a random
+    length in [seq/2, seq], the rest is padding (mask 0)."""
+    model, (ids,) = hf_bert(batch, seed, size, device, seq)
+    gen = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(seq // 2, seq + 1, (ids.shape[0], 1), generator=gen)
+    mask = (torch.arange(seq)[None, :] < lengths).to(torch.int64)
+    return model, (ids, mask.to(device))
 
 
 def hf_gpt2(batch: Optional[int] = None, seed: int = 0, size: str = "base", device="cpu",

@@ -8,7 +8,7 @@ kernel quantizes (one scalar scale) is left unsmoothed with static scales.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -16,6 +16,8 @@ import torch.fx as fx
 from .rules import fake_value, is_attention, is_op, is_view, propagate_meta, shape, tensor_val
 
 aten = torch.ops.aten
+#: node meta key: why a quantize could not join its producer's kernel (read by the report)
+STANDALONE_WHY = "cb_standalone_why"
 
 
 def activation_source(layer) -> fx.Node:
@@ -40,19 +42,43 @@ def attention_source(x: fx.Node, reader: fx.Node) -> Optional[fx.Node]:
     """The attention op ``x`` is made from by views and copies alone, each read once (the head
     flatten ``transpose(1, 2).contiguous().view(B*S, H*D)``), when ``reader`` is the only
     reader: elementwise with one scale, the quantize commutes with all of them."""
-    node, user = x, reader
+    return attention_chain(x, reader)[0]
+
+
+def attention_chain(x: fx.Node, reader: fx.Node) -> Tuple[Optional[fx.Node], Optional[str]]:
+    """(:func:`attention_source`, None), or (None, why not) when an attention op lies upstream
+    of ``x`` through views and copies but cannot write the quantized value (the report names
+    it for the quantize left standalone), or (None, None) when no attention op is upstream."""
+    node, user, refusal = x, reader, None
     for _ in range(8):
-        if list(node.users) != [user]:
-            return None
+        if refusal is None and list(node.users) != [user]:
+            refusal = f"{node.name} ({op_label(node)}) has {len(node.users)} readers"
         if is_attention(node):
-            args = node.args
-            plain = len(args) <= 8 and not node.kwargs
-            return node if plain and tensor_val(node).dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+            if refusal is not None:
+                return None, refusal
+            if len(node.args) > 8 or node.kwargs:
+                return None, f"the attention op has extra arguments ({len(node.args)} args, kwargs {sorted(node.kwargs)})"
+            dtype = tensor_val(node).dtype
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return None, f"the attention output is {dtype}"
+            return node, None
+        if not isinstance(node, fx.Node) or node.op != "call_function":
+            return None, None
         plain_copy = is_op(node, aten.clone) or (is_op(node, aten._to_copy) and set(node.kwargs) <= {"memory_format"})
-        if not (plain_copy or is_view(node)) or numel(shape(node)) != numel(shape(node.args[0])):
-            return None
-        node, user = node.args[0], node
-    return None
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if src is None:
+            return None, None
+        if refusal is None and not (plain_copy or is_view(node)):
+            refusal = f"{node.name} ({op_label(node)}) lies between it and the attention"
+        elif refusal is None and numel(shape(node)) != numel(shape(src)):
+            refusal = f"{node.name} ({op_label(node)}) changes the element count"
+        node, user = src, node
+    return None, None
+
+
+def op_label(node: fx.Node) -> str:
+    target = node.target
+    return str(getattr(target, "__name__", target)) if node.op == "call_function" else node.op
 
 
 def quantize_attention_output(graph: fx.Graph, attention: fx.Node, x: fx.Node, precision: str, inv: float) -> None:
@@ -82,5 +108,5 @@ def numel(dims) -> int:
     return out
 
 
-__all__ = ["activation_source", "smoothing_reason", "attention_source", "quantize_attention_output",
+__all__ = ["STANDALONE_WHY", "attention_chain", "activation_source", "smoothing_reason", "attention_source", "quantize_attention_output",
            "row_major_source", "numel"]

@@ -38,7 +38,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm
 from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
-from .quant_sources import attention_source, numel, quantize_attention_output, row_major_source
+from .quant_sources import STANDALONE_WHY, attention_chain, numel, quantize_attention_output, row_major_source
 from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
 from .smooth import as_factors, inverse_factors, scale_columns_steps
 
@@ -327,7 +327,7 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         name = _free_name(gm, "_cb_act_scale_" + re.sub(r"\W", "_", layer.name)[:80])
         x_scale = _constant(gm, name, scale.reshape(()).to(tensor_val(x).device))
         # the attention kernel takes one scalar inverse scale, not SmoothQuant's per-channel 1/s
-        attention = attention_source(x, layer.node) if smooth is None else None
+        attention, refusal = attention_chain(x, layer.node) if smooth is None else (None, None)
         if attention is not None:  # the attention kernel writes its output quantized
             quantize_attention_output(gm.graph, attention, x, request.precision, inv)
             return x, x_scale
@@ -337,6 +337,8 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         inv_t = _constant(gm, _free_name(gm, name.replace("_cb_act_scale_", "_cb_act_inv_scale_", 1)),
                           torch.tensor(inv, dtype=torch.float32, device=tensor_val(x).device))
         xq = quant_ref.quantize_steps(op, base, dtype, inv_t, request.precision)
+        if refusal is not None:  # the report's reason if this quantize is left standalone
+            xq.meta[STANDALONE_WHY] = f"the attention kernel cannot write it: {refusal}"
         return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
     xf = base if dtype == torch.float32 else op(aten._to_copy.default, base, dtype=torch.float32)
     flat = xf if rows else op(aten.reshape.default, xf, [1, -1])

@@ -73,6 +73,27 @@ def test_attention_writes_the_output_projections_codes(precision, tmp_path):
     assert cos > 0.99
 
 
+class AttentionReadTwice(AttentionBlock):
+    """The flattened attention output is also returned: the attention kernel cannot write it
+    quantized (the float value is needed too), so the projection's quantize runs alone."""
+
+    def forward(self, x):
+        b, s, d = x.shape
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        flat = a.transpose(1, 2).contiguous().view(b, s, d)
+        return self.o(flat), flat
+
+
+def test_a_quantize_the_attention_cannot_take_says_why(tmp_path):
+    model = AttentionReadTwice().eval()
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
+    _, report = _calibrated_report(model, x, "int8", tmp_path)
+    (g,) = report.graphs
+    reasons = [q["reason"] for q in g.standalone_quantizes]
+    assert any(r.startswith("the attention kernel cannot write it:") and "readers" in r for r in reasons), reasons
+
+
 class ConvPoolConv(torch.nn.Module):
     """conv2 reads a max pooling's output: the pooling kernel takes no epilogue, so conv2's
     input quantize runs on its own, and the report names the pooling kernel as the reason."""
