@@ -22,7 +22,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 FP16_PEERS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "compile_backend")
-OURS = ("cb-fp8-static", "cb-int8-static", "cb-fp8-dynamic", "cb-int8-dynamic")
+OURS = ("cb-fp8-static", "cb-int8-static", "cb-fp8-dynamic", "cb-int8-dynamic", "cb-fp8-static-tensor")
 TORCHAO_TWIN = {"cb-fp8-dynamic": "torchao-fp8-dyn", "cb-int8-dynamic": "torchao-int8-dyn"}
 #: issue #18's targets (quantized static / best FP16 peer), by model family and precision
 TARGETS = {("mlp", "fp8"): 0.65, ("mlp", "int8"): 0.75,
@@ -77,7 +77,7 @@ def verdicts(records: Sequence[dict]) -> List[dict]:
                    "vs_ours_fp16": r["median_ms"] / fp16["compile_backend"] if "compile_backend" in fp16 else None,
                    "cosine": (r.get("accuracy") or {}).get("cosine")}
             if backend in OURS:
-                precision, mode = backend.split("-")[1:]
+                precision, mode = backend.split("-")[1:3]
                 fam = family(r.get("model", case.split(":")[0]), int(r.get("batch", case.rsplit(":", 1)[-1])))
                 target = TARGETS.get((fam, precision)) if mode == "static" else None
                 row["target"] = target
