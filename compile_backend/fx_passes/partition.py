@@ -12,12 +12,15 @@ Policy, in priority order (earlier groups claim nodes first):
    (bias, activation, residual add, scaling, cast; a chain or a DAG such as a tanh GELU that
    reads the result three times), through row-major reshapes (``view``) that the epilogue
    treats as free. A user that also reads another branch of the same shape joins with that
-   branch, which the epilogue computes from loads (a straight-through gradient's mask).
+   branch, which the epilogue computes from loads (a straight-through gradient's mask). One-input
+   ops ending the epilogue that their readers compute as cheaply stay out (``abs`` read only by
+   reductions, a widening cast read by fusable ops): the epilogue stores the narrower value once.
 3. reduction: softmax, log-softmax, layer norm, sum/mean/amax/amin/var/std/logsumexp, with their
    element-wise prologue (producers used only by the group) and epilogue; further reductions of
    the same shape over the same dims join (a decomposed RMS or layer norm is one group). The
    epilogue takes values that broadcast to the reduced shape, and values laid over a member's
-   dims (a per-channel scale chain on amax's (N,) result, then the (N, K) fake-quantized weight).
+   dims (a per-channel scale chain on amax's (N,) result, then the (N, K) fake-quantized weight),
+   with the one-input producers only they read (a dynamic quantize's fp32 conversion of the row).
 4. pool: each max_pool2d_with_indices alone, with the getitems that take its values/indices.
 5. pointwise: the remaining fusable element-wise ops (and cats of a few pieces, row gathers:
    embeddings, ``table[indices]``), largest first, grown along their users
@@ -264,7 +267,28 @@ class _Partitioner:
                 _shape(a) == _shape(u) for a in u.all_input_nodes if a in members)
 
         self._grow(members, joins)
+        self._trim_sinks(members, anchor)
         return self._trim_reshapes(members)
+
+    def _trim_sinks(self, members: Set[fx.Node], anchor: fx.Node) -> None:
+        """Leave out of an epilogue the one-input ops that end it when their readers' kernels
+        compute them as cheaply: read only by reductions (``abs`` of a dynamic quantize's row
+        amax: the reduction's prologue), or a widening cast read by fusable ops (a quantize's
+        fp32 conversion). The epilogue then stores the narrower value they read, once, instead
+        of each of them (a dynamic FP8 MLP layer stored its output as fp32 twice)."""
+        changed = True
+        while changed:
+            changed = False
+            for t in sorted(members, key=self.index.__getitem__, reverse=True):
+                if t is anchor or any(u in members for u in t.users) or len(t.all_input_nodes) != 1:
+                    continue
+                if t.all_input_nodes[0] not in members or not t.users:
+                    continue
+                kinds = {self.kind.get(u) for u in t.users}
+                widening = is_op(t, (aten._to_copy,)) and _itemsize(t) > _itemsize(t.all_input_nodes[0])
+                if kinds == {"reduction"} or (widening and kinds <= {"pointwise", "reduction"}):
+                    members.discard(t)
+                    changed = True
 
     def _grow(self, members: Set[fx.Node], joins) -> None:
         """Add users of ``members`` that ``joins`` accepts, each with the producers it needs
@@ -376,10 +400,19 @@ class _Partitioner:
                 return [n, *self._getitems(n)]
             return []
         if self.kind[n] == "pointwise" and (broadcasts_to(_shape(n), x_shape) or self._rides_on(n, members)):
-            return [n, *self._constants_of(n)]
+            return [n, *self._constants_of(n), *self._epilogue_producers(n, members, x_shape)]
         if _is_unit_view(n) and n.args[0] in members:
             return [n]
         return []
+
+    def _epilogue_producers(self, n: fx.Node, members: Set[fx.Node], x_shape) -> List[fx.Node]:
+        """The free one-input pointwise producers of epilogue op ``n`` that only ``n`` and the
+        group read, of the frame's shape, reading a value from outside (a dynamic quantize's fp32
+        conversion of the row the reduction read): computed in the epilogue, not stored apart."""
+        return [p for p in n.all_input_nodes
+                if p not in members and self._free(p) and self.kind.get(p) == "pointwise" and p not in self.pointwise_only
+                and len(p.all_input_nodes) == 1 and p.all_input_nodes[0] not in members
+                and _shape(p) == tuple(x_shape) and all(u in members or u is n for u in p.users)]
 
     def _rides_on(self, n: fx.Node, members: Set[fx.Node]) -> bool:
         """``n`` is laid over the dims of a member value of its own shape (amax's per-row result
@@ -472,6 +505,11 @@ def _is_unit_view(node: fx.Node) -> bool:
 def _shape(node: fx.Node) -> Tuple[int, ...]:
     v = node.meta.get("val")
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def _itemsize(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.dtype.itemsize if isinstance(val, torch.Tensor) else 0
 
 
 def _numel(node: fx.Node) -> int:

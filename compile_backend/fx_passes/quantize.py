@@ -340,12 +340,14 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         if refusal is not None:  # the report's reason if this quantize is left standalone
             xq.meta[STANDALONE_WHY] = f"the attention kernel cannot write it: {refusal}"
         return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
-    xf = base if dtype == torch.float32 else op(aten._to_copy.default, base, dtype=torch.float32)
-    flat = xf if rows else op(aten.reshape.default, xf, [1, -1])
-    scale, inv = quant_ref.row_scale_steps(op, flat, request.precision, *_zero_one(gm.graph, tensor_val(x).device))
+    # no fp32 copy of x: the row amax runs in x's dtype (exact) and the quantize converts as it
+    # reads, so a producer's kernel writes x once, in its own dtype, for the row reduction
+    flat = base if rows else op(aten.reshape.default, base, [1, -1])
+    scale, inv = quant_ref.row_scale_steps(op, flat, request.precision, *_zero_one(gm.graph, tensor_val(x).device),
+                                           x_dtype=dtype)
     if not rows:
         scale, inv = op(aten.reshape.default, scale, []), op(aten.reshape.default, inv, [])
-    xq = quant_ref.quantize_steps(op, xf, torch.float32, inv, request.precision)
+    xq = quant_ref.quantize_steps(op, base, dtype, inv, request.precision)
     if src is not None:
         xq = op(aten.view.default, xq, list(shape(x)))
         scale = op(aten.view.default, scale, [shape(x)[0], 1])

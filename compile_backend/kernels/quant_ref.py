@@ -95,9 +95,14 @@ def inverse_scale_steps(op, scale, zero, one):
     return op(aten.where.self, positive, op(aten.reciprocal.default, safe), zero)
 
 
-def row_scale_steps(op, x_f32, precision: str, zero, one):
-    """Dynamic per-row scale of an fp32 value: (scale [.., 1], inv_scale [.., 1])."""
-    amax = op(aten.amax.default, op(aten.abs.default, x_f32), [-1], True)
+def row_scale_steps(op, x, precision: str, zero, one, x_dtype: torch.dtype = torch.float32):
+    """Dynamic per-row scale of a float value of dtype ``x_dtype``: (scale [.., 1], inv_scale
+    [.., 1]), fp32. A 16-bit ``x``'s row amax is taken in its own dtype, then cast: abs and max are exact in any float
+    format, so the scale equals fp32's bit for bit, and no fp32 copy of ``x`` is made (in an
+    engine that copy was a tensor of its own, written by one kernel and read by the next)."""
+    amax = op(aten.amax.default, op(aten.abs.default, x), [-1], True)
+    if x_dtype != torch.float32:
+        amax = op(aten._to_copy.default, amax, dtype=torch.float32)
     usable = op(aten.bitwise_and.Tensor, op(aten.gt.Scalar, amax, TINY_AMAX),
                 op(aten.lt.Scalar, amax, float("inf")))
     scale = op(aten.where.self, usable, op(aten.div.Tensor, amax, QMAX[precision]), zero)

@@ -151,6 +151,30 @@ def test_max_pool_group_takes_both_outputs_when_indices_are_used():
     assert [o.args[1] for o in group.outputs] == [0, 1]  # values and indices leave the group
 
 
+def test_epilogue_leaves_sinks_their_readers_compute():
+    """A GEMM epilogue does not store ``abs`` read only by a row reduction, nor a widening cast
+    read by fusable ops: it stores the fp16 value once and the reduction kernel computes both
+    (a dynamic row quantize). A widening cast that is a graph output stays in the epilogue."""
+    b = Builder()
+    x, w = b.input(torch.randn(4, 6).half()), b.input(torch.randn(6, 5).half())
+    y = b.op(aten.gelu.default, b.op(aten.mm.default, x, w))
+    amax = b.op(aten.amax.default, b.op(aten.abs.default, y), [-1], True)
+    wide = b.op(aten._to_copy.default, y, dtype=torch.float32)
+    q = b.op(aten.mul.Tensor, wide, b.op(aten.reciprocal.default, b.op(aten._to_copy.default, amax, dtype=torch.float32)))
+    t = b.build(q)
+    groups = partition(t.gm)
+    validate(t.gm, groups)
+    assert _kinds(groups) == [("gemm", ("mm", "gelu")),
+                              ("reduction", ("abs", "amax", "_to_copy", "_to_copy", "reciprocal", "mul"))], _kinds(groups)
+    expected = run(t)
+    torch.testing.assert_close(_run_grouped(t, groups)[0], expected if isinstance(expected, torch.Tensor) else expected[0])
+
+    b = Builder()
+    x, w = b.input(torch.randn(4, 6).half()), b.input(torch.randn(6, 5).half())
+    t = b.build(b.op(aten._to_copy.default, b.op(aten.mm.default, x, w), dtype=torch.float32))
+    assert _kinds(partition(t.gm)) == [("gemm", ("mm", "_to_copy"))]
+
+
 def test_group_inputs_fed_by_constants_are_marked():
     """A kernel may derive a value from a constant input once (qgemm's spread x scale)."""
     from compile_backend.groups import extract_group

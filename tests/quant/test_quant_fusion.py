@@ -73,6 +73,41 @@ def test_attention_writes_the_output_projections_codes(precision, tmp_path):
     assert cos > 0.99
 
 
+class GeluMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(40, 48), torch.nn.Linear(48, 48), torch.nn.Linear(48, 24)
+
+    def forward(self, x):
+        return self.fc3(torch.nn.functional.gelu(self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_dynamic_row_quantize_reads_the_16_bit_value_once(precision, tmp_path):
+    """Dynamic per-row activations of an fp16 model: each GEMM's epilogue writes its fp16 output
+    once, and one row-reduction kernel reads it, computes the row scale and writes the codes
+    (no fp32 copy, no |x| tensor: before, the epilogue also stored both as fp32 and the first
+    layer's input had a cast kernel of its own). Two kernels a layer; values as eager's."""
+    model = GeluMLP().half().eval()
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(4)).half()
+    cfg = quant.QuantConfig(precision=precision, activations="dynamic", min_features=1)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=cfg, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    kinds = [k["kind"] for k in g.kernels]
+    assert kinds == ["reduction", "gemm"] * 3, [(k["kind"], k["ops"]) for k in g.kernels]
+    for k in g.kernels:
+        if k["kind"] == "gemm":
+            assert "aten.abs" not in k["ops"] and "aten._to_copy" not in k["ops"], k["ops"]
+    fast = torch.compile(model, backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert y.dtype == ref.dtype and cos > 0.995, cos
+
+
 class AttentionReadTwice(AttentionBlock):
     """The flattened attention output is also returned: the attention kernel cannot write it
     quantized (the float value is needed too), so the projection's quantize runs alone."""
