@@ -8,7 +8,7 @@ TMA kernel's untuned config). Shared by the GEMM and convolution builders.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # persistent kernel with TMA operand loads (2-D 16-bit GEMMs, sm_90+)
+    epilogue_split: int = 1  # 2: the epilogue runs over each half of the tile's columns in turn
 
     def __post_init__(self) -> None:
         if self.tma and self.split_k != 1:
@@ -44,15 +45,38 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.split_k must be 1, 2, 4, 8 or 16, got {self.split_k}")
         if self.group_m not in (1, 2, 4, 8, 16):
             raise ValueError(f"GemmConfig.group_m must be 1, 2, 4, 8 or 16, got {self.group_m}")
+        if self.epilogue_split not in (1, 2) or (self.epilogue_split == 2 and (self.tma or self.block_n < 32)):
+            raise ValueError(f"GemmConfig.epilogue_split must be 1, or 2 without TMA and with block_n >= 32, "
+                             f"got {self.epilogue_split}")
 
     @property
     def name(self) -> str:
         sk = f" sk{self.split_k}" if self.split_k > 1 else ""
         tma = " tma" if self.tma else ""
-        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} g{self.group_m}{sk}{tma}"
+        es = f" e{self.epilogue_split}" if self.epilogue_split > 1 else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} g{self.group_m}{sk}{tma}{es}"
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
+
+
+#: values of the accumulator per thread from which a chain's epilogue is also timed split in two
+#: (session 5, H200: BERT FFN1's FP8 GEMM with GELU + quantize took 176 us in 128x256 tiles of 8
+#: warps, 128 values a thread, against 42 in 64x64 tiles: the long epilogue spills)
+SPLIT_EPILOGUE_VALUES = 128
+
+
+def with_split_epilogues(configs: Sequence[GemmConfig]) -> List[GemmConfig]:
+    """``configs`` with, after each non-TMA one holding >= SPLIT_EPILOGUE_VALUES accumulator
+    values a thread, its variant whose epilogue runs over half the columns at a time (for a
+    group with a chain: a plain store gains nothing from it)."""
+    out: List[GemmConfig] = []
+    for c in configs:
+        out.append(c)
+        if not c.tma and c.epilogue_split == 1 and c.block_n >= 32 and \
+                c.block_m * c.block_n // (32 * c.num_warps) >= SPLIT_EPILOGUE_VALUES:
+            out.append(dataclasses.replace(c, epilogue_split=2))
+    return out
 
 
 #: the tile shapes (block_m, block_n, num_warps, num_stages) of the ``fast`` set, best-known

@@ -63,6 +63,8 @@ class GemmRunner:
                 A_KMAJOR=a_kmajor, B_KMAJOR=b_kmajor, NUM_SMS=self.num_sms, **meta)
             return
         even_k = k % (cfg.block_k * cfg.split_k) == 0
+        if cfg.epilogue_split > 1:
+            meta["EPI_SPLIT"] = cfg.epilogue_split
         if cfg.split_k == 1:
             self.compiled = self.kernel[(tiles, batch, 1)](
                 a, b, a, *io, m, n, k, *a.stride(), *b.stride(), 0, 0, 0, 0, *strides,

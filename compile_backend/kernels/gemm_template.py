@@ -78,7 +78,7 @@ def {name}(
     ws_sk, ws_sb, ws_sm, ws_sn,
     {strides},
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, EPI_SPLIT: tl.constexpr = 1,
 ):
     # MODE 0: main loop + epilogue; 1: split-K partial sums into WS; 2: epilogue over WS
     # (the split-K partials summed, or an accumulator computed elsewhere, e.g. by cuBLAS)
@@ -126,6 +126,18 @@ def {name}(
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if MODE == 1:
         tl.store(WS + pid_k * ws_sk + pid_b * ws_sb + rm[:, None] * ws_sm + rn[None, :] * ws_sn, acc, mask=mask)
+    elif EPI_SPLIT == 2:
+        # the epilogue over each half of the columns in turn: a long chain (GELU, a quantize)
+        # over the whole tile keeps too many values live per thread and spills
+        acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        acc = acc_lo
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+{epilogue}
+        acc = acc_hi
+        rn = pid_n * BLOCK_N + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2)
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+{epilogue}
     else:
 {epilogue}
 '''

@@ -34,7 +34,7 @@ import torch.fx as fx
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_tma_configs
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_split_epilogues, with_tma_configs
 from .gemm_runner import EPILOGUE_ALTERNATIVES, GemmRunner, epilogue_only, epilogue_tile_named
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, anchor_only, choose_kernel_of,
@@ -173,6 +173,8 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
                    scaled_source)
     if configs is None:
         configs = _template_configs(p, ctx)
+        if ctx.device.type == "cuda" and not anchor_only(plan):
+            configs = with_split_epilogues(configs)
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
     vendor = (ctx.device.type == "cuda") if vendor is None else vendor
     if vendor and _vendor_fits(p) is None:

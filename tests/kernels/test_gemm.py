@@ -223,6 +223,36 @@ def test_mm_transposed_input_and_addmm_beta_zero():
     check_group(build_gemm(group, context()), group, [a, b, c], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["two_outputs", "gelu_new_dag", "cast"])
+def test_epilogue_split_in_halves(name, dtype):
+    """A config whose epilogue runs over each half of the tile's columns (long chains spill
+    over a whole tile): the same values, N odd so the second half is partly masked; also after
+    split-K partial sums (the MODE-2 pass takes the split too)."""
+    x, w, b = randn(17, 29, dtype=dtype, seed=24), randn(45, 29, dtype=dtype, seed=25), randn(45, dtype=dtype, seed=26)
+    group = gemm_group(EPILOGUES[name], x, w, b)
+    configs = [GemmConfig(16, 32, 16, num_stages=1, epilogue_split=2),
+               GemmConfig(16, 64, 16, split_k=2, num_stages=1, epilogue_split=2)]
+    tuning = gemm_candidates(group, context(), configs=configs)
+    expected = group.reference(x, w, b)
+    for cand in tuning.candidates:
+        assert cand.name.endswith(" e2"), cand.name
+        for got, exp in zip(cand.compile()(x, w, b), expected):
+            torch.testing.assert_close(got, exp, **GROUP_TOL[dtype])
+
+
+def test_split_epilogue_variants_only_for_crowded_tiles():
+    from compile_backend.kernels.gemm_config import with_split_epilogues
+
+    big, small, tma = GemmConfig(128, 256, 64, num_warps=8), GemmConfig(64, 64, 64), GemmConfig(128, 256, 64, num_warps=8, tma=True)
+    names = [c.name for c in with_split_epilogues([big, small, tma])]
+    assert names == [big.name, big.name + " e2", small.name, tma.name]
+    with pytest.raises(ValueError, match="epilogue_split"):
+        GemmConfig(64, 64, 64, epilogue_split=2, tma=True)
+    with pytest.raises(ValueError, match="epilogue_split"):
+        GemmConfig(64, 16, 64, epilogue_split=2)
+
+
 def test_split_k_group():
     x, w, b = randn(3, 1000, seed=34), randn(5, 1000, seed=35), randn(5, seed=36)
     group = gemm_group(lambda x, w, b: torch.relu(F.linear(x, w, b)), x, w, b)

@@ -138,6 +138,23 @@ def test_vendor_candidate_needs_its_shapes():
     assert all(c.impl == "triton" for c in tuning.candidates)
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_scaled_mm_epilogue_split_in_halves(precision):
+    """GELU + the next layer's quantize in an epilogue run over half the columns at a time."""
+    inputs = (*quantized_linear(19, 40, 45, precision, per_row=True, bias_dtype=torch.float16, seed=13),
+              torch.tensor(4.0))
+
+    def fn(xq, xs, wq, ws, b, inv):
+        y = F.gelu(scaled_mm(xq, xs, wq, ws, b, torch.float16))
+        return quant_ref.quantize_steps(quant_ref.eager, y, torch.float16, inv, precision)
+    group = anchor_group(fn, *inputs)
+    run = scaled_mm_candidates(group, CTX, configs=[GemmConfig(16, 32, 32, num_stages=1, epilogue_split=2)]).candidates[0].compile()
+    got, expected = run(*inputs)[0], group.reference(*inputs)[0]
+    # codes equal but where the fp32 product sits on a rounding boundary: one step at most
+    assert (got.float() - expected.float()).abs().max().item() <= (1.0 if precision == "int8" else 32.0)
+    assert (got.float() != expected.float()).float().mean().item() < 0.02
+
+
 def test_split_k_config_accumulates_int32():
     inputs = quantized_linear(17, 40, 24, "int8", per_row=True)
     fn = lambda xq, xs, wq, ws, b: scaled_mm(xq, xs, wq, ws, b, torch.float32)  # noqa: E731
