@@ -333,6 +333,29 @@ def test_gpu_tuned_linear(dtype, autotune, tmp_path):
     assert err < {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype], err
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_split_epilogue_configs(dtype):
+    """Each crowded tile's split-epilogue variant compiles (reshape / permute / split of the MMA
+    accumulator) and matches, GELU + residual chain, N not a multiple of the tile."""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.gemm_config import with_split_epilogues
+    from compile_backend.options import Options
+
+    dev = torch.device("cuda")
+    x, w, b = (randn(300, 768, dtype=dtype, seed=50).to(dev), randn(1000, 768, dtype=dtype, seed=51).to(dev),
+               randn(1000, dtype=dtype, seed=52).to(dev))
+    group = gemm_group(lambda x, w, b: F.gelu(F.linear(x, w, b)) * 0.5 + 1.0, x, w, b)
+    ctx = KernelContext(options=Options(autotune="fast"), device=dev, interpret=False)
+    splits = [c for c in with_split_epilogues([GemmConfig(128, 256, 64, num_warps=8), GemmConfig(128, 128, 64, num_warps=4),
+                                              GemmConfig(64, 256, 64, num_warps=4)]) if c.epilogue_split == 2]
+    expected = group.reference(x, w, b)[0].double()
+    for cand in gemm_candidates(group, ctx, configs=splits, vendor=False).candidates:
+        got = cand.compile()(x, w, b)[0].double()
+        err = ((got - expected).norm() / expected.norm()).item()
+        assert err < {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype], (cand.name, err)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["linear", "a_transposed_b_rowmajor"])
 def test_tma_persistent_kernel(layout, dtype, monkeypatch):
