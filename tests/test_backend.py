@@ -326,7 +326,7 @@ def test_precision_fp16_drops_exact_round_trip_casts_around_attention():
     m = UpcastAttention().eval()
     report = compile_backend.explain(m, q, k, v, mask, precision="fp16")
     g0 = report.graphs[0]
-    assert g0.passes["fuse_attention"] == 1 and g0.passes["lower_precision"] == 1
+    assert g0.passes["fuse_attention"] == 1 and g0.passes["lower_upcast_attention"] == 1
     ops = [op for kern in g0.kernels for op in kern["ops"]]
     assert "compile_backend.attention" in ops
     assert ops.count("aten._to_copy") <= 1, ops  # at most the mask's cast; never q/k/v or the output
@@ -353,7 +353,7 @@ def test_default_precision_runs_upcast_16_bit_attention_in_16_bits(keep_fp32):
     m = (UpcastAttentionKeptInFp32() if keep_fp32 else UpcastAttention()).eval()
     g0 = compile_backend.explain(m, q, k, v, mask).graphs[0]
     assert g0.passes["fuse_attention"] == 1
-    assert g0.passes["lower_precision"] == (0 if keep_fp32 else 1)
+    assert g0.passes["lower_upcast_attention"] == (0 if keep_fp32 else 1)
     ops = [op for kern in g0.kernels for op in kern["ops"]]
     assert ops.count("aten._to_copy") == (3 if keep_fp32 else 1), ops
     with torch.no_grad():

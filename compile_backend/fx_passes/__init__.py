@@ -16,7 +16,7 @@ from .gemm_bias import fold_gemm_bias
 from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
-from .precision import lower_precision
+from .precision import lower_precision, lower_upcast_attention
 from .quantize import quantize
 from .row_select import select_rows_first
 from .weight_only import with_weight_only
@@ -31,6 +31,7 @@ REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)
 REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)
 REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
+REGISTRY.register("lower_upcast_attention", inference_only=True)(lower_upcast_attention)  # before quantize
 REGISTRY.register("quantize", inference_only=True)(with_weight_only(quantize))  # W8A8, or weight-only
 REGISTRY.register("choose_layout", inference_only=True)(choose_layout)
 REGISTRY.register("lower_precision", inference_only=True)(lower_precision)

@@ -28,32 +28,49 @@ LOW_PRECISION_OPS = {
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def lower_precision(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Cast fp32 anchors down (``precision`` fp16/bf16); at any precision, run in 16 bits an
-    attention whose fp32 q, k, v are exact upcasts of 16-bit tensors and whose every use casts
-    the result back: SDPA's math path on CUDA upcasts 16-bit inputs (torch >= 2.5), where eager
-    runs a fused 16-bit kernel (fp32 softmax inside) that our 16-bit attention equals."""
+def lower_upcast_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """At any precision, run in 16 bits an attention whose fp32 q, k, v are exact upcasts of
+    16-bit tensors and whose every use casts the result back: SDPA's math path on CUDA upcasts
+    16-bit inputs (torch >= 2.5), where eager runs a fused 16-bit kernel (fp32 softmax inside)
+    that our 16-bit attention equals. Runs before ``quantize``: the attention's output is then
+    16-bit, read through views alone, and the attention kernel can write it quantized (run after
+    it, the cast back hid the attention from the quantize: the H200's BERT had a standalone
+    quantize per layer that the CPU, whose SDPA stays 16-bit, never showed)."""
     if ctx.training:
         return 0
-    dtype = _DTYPES.get(ctx.precision)
     attention = getattr(getattr(torch.ops, "compile_backend", None), "attention", None)
-    targets = set(LOW_PRECISION_OPS) if dtype is not None else set()
-    if attention is not None and dtype is not None:
-        targets.add(attention.default)
+    if attention is None:
+        return 0
     count = 0
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op != "call_function":
+        val = node.meta.get("val")
+        if node.op != "call_function" or node.target != attention.default or \
+                not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
+            continue
+        low = _upcast_attention_dtype(node)
+        if low is not None:
+            count += _lower(graph, node, val, low)
+    return count
+
+
+def lower_precision(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Cast fp32 anchors down (``precision`` fp16/bf16): GEMMs, convolutions, attention."""
+    if ctx.training:
+        return 0
+    dtype = _DTYPES.get(ctx.precision)
+    if dtype is None:
+        return 0
+    attention = getattr(getattr(torch.ops, "compile_backend", None), "attention", None)
+    targets = set(LOW_PRECISION_OPS) | ({attention.default} if attention is not None else set())
+    count = 0
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
             continue
         val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
-            continue
-        low = dtype if node.target in targets else None
-        if low is None and attention is not None and node.target == attention.default:
-            low = _upcast_attention_dtype(node)
-        if low is None:
-            continue
-        count += _lower(graph, node, val, low)
+        if isinstance(val, torch.Tensor) and val.dtype == torch.float32:
+            count += _lower(graph, node, val, dtype)
     return count
 
 

@@ -108,6 +108,33 @@ def test_dynamic_row_quantize_reads_the_16_bit_value_once(precision, tmp_path):
     assert y.dtype == ref.dtype and cos > 0.995, cos
 
 
+class UpcastAttentionBlock(AttentionBlock):
+    """:class:`AttentionBlock` in fp16 with the attention upcast to fp32 and cast back: the graph
+    SDPA's math path gives on CUDA (HF BERT on the H200: a standalone quantize per layer)."""
+
+    def forward(self, x):
+        b, s, d = x.shape
+        split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2).float()  # noqa: E731
+        a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.o(a.half().transpose(1, 2).contiguous().view(b, s, d))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_upcast_attention_writes_the_projections_codes(precision, tmp_path):
+    model = UpcastAttentionBlock().half().eval()
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2)).half()
+    calib, report = _calibrated_report(model, x, precision, tmp_path)
+    (g,) = report.graphs
+    assert g.passes["lower_upcast_attention"] == 1
+    reasons = [q["reason"] for q in g.standalone_quantizes]
+    assert len(reasons) == 1 and "graph input" in reasons[0], reasons  # the attention output's is fused
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert y.dtype == ref.dtype and cos > 0.99, cos
+
+
 class AttentionReadTwice(AttentionBlock):
     """The flattened attention output is also returned: the attention kernel cannot write it
     quantized (the float value is needed too), so the projection's quantize runs alone."""
