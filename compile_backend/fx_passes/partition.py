@@ -173,13 +173,28 @@ def fusable_pointwise(node: fx.Node) -> bool:
         return False
     packet = t.overloadpacket
     if packet is aten._to_copy:
-        if not set(node.kwargs) <= {"dtype", "memory_format"}:
+        if not set(node.kwargs) <= {"dtype", "memory_format", "layout", "device"} or not _stays_put(node):
             return False  # device / layout changes are not element-wise work
     elif t is not prims.convert_element_type.default and torch.Tag.pointwise not in t.tags \
             and packet not in FILL_OPS:
         return False
     reason = _codegen_reason(node)
     return reason is None
+
+
+def _stays_put(node: fx.Node) -> bool:
+    """A ``_to_copy`` whose ``layout`` / ``device`` arguments (autocast's casts in AOT backward
+    graphs spell both out) keep the strided layout and the input's device: a dtype conversion."""
+    src = node.args[0] if node.args else None
+    src_val, val = (src.meta.get("val") if isinstance(src, fx.Node) else None), node.meta.get("val")
+    if not isinstance(src_val, torch.Tensor) or not isinstance(val, torch.Tensor):
+        return False
+    layout, device = node.kwargs.get("layout"), node.kwargs.get("device")
+    if device is not None:
+        device = torch.device(device)  # "cuda" (no index) names the tensor's own device here
+        if device.type != src_val.device.type or device.index not in (None, src_val.device.index):
+            return False
+    return layout in (None, torch.strided) and src_val.layout == torch.strided and val.device == src_val.device
 
 
 def _codegen_reason(node: fx.Node) -> Optional[str]:

@@ -175,6 +175,24 @@ def test_epilogue_leaves_sinks_their_readers_compute():
     assert _kinds(partition(t.gm)) == [("gemm", ("mm", "_to_copy"))]
 
 
+def test_autocast_backward_casts_are_element_wise():
+    """AOT's backward graphs spell autocast's casts as ``_to_copy(dtype, layout=strided,
+    device=<the input's>)``: a dtype conversion, fused (a weight gradient's GEMM writes fp32
+    itself); one that changes the device stays an ATen op."""
+    from compile_backend.fx_passes.partition import classify
+
+    b = Builder()
+    g, x = b.input(torch.randn(8, 4).bfloat16()), b.input(torch.randn(8, 6).bfloat16())
+    dw = b.op(aten.mm.default, b.op(aten.t.default, g), x)
+    wide = b.op(aten._to_copy.default, dw, dtype=torch.float32, layout=torch.strided, device=torch.device("cpu"))
+    t = b.build(wide)
+    assert classify(wide) == "pointwise"
+    assert _kinds(partition(t.gm)) == [("gemm", ("mm", "_to_copy"))]
+    moved = b.graph.call_function(aten._to_copy.default, (dw,), {"dtype": torch.float32, "device": torch.device("meta")})
+    moved.meta["val"] = torch.empty(4, 6, device="meta")
+    assert classify(moved) == "aten"
+
+
 def test_group_inputs_fed_by_constants_are_marked():
     """A kernel may derive a value from a constant input once (qgemm's spread x scale)."""
     from compile_backend.groups import extract_group
