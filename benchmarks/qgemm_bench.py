@@ -33,6 +33,7 @@ from benchmarks.gemm_bench import Recorder, bench_ms, rotated, tflops
 from compile_backend import ops  # noqa: F401  (registers compile_backend.scaled_mm)
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext, KernelGroup
+from compile_backend.kernels.template import traced_group
 
 SMOKE = "--smoke" in sys.argv  # tiny shapes on the CPU under the interpreter (gemm_bench sets it)
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -55,14 +56,7 @@ def operands(precision: str, m: int, n: int, k: int, per_row: bool):
 
 
 def group_of(fn, inputs) -> KernelGroup:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    gm = make_fx(lambda *xs: (fn(*xs),))(*inputs)
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-    anchor = next(n for n in gm.graph.nodes if n.op == "call_function" and "scaled_mm" in str(n.target))
-    return KernelGroup("gemm", gm, anchor=anchor.name)
+    return traced_group(fn, inputs, "gemm", "scaled_mm")
 
 
 def form(epilogue: str, precision: str):

@@ -18,6 +18,7 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 FALLBACKS = ("eager", "error")
 AUTOTUNE_MODES = ("off", "fast", "max")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
+QUANT_LAYER_MODES = ("faster", "all")
 
 #: documented environment variable for the cache location (see README)
 CACHE_DIR_ENV = "COMPILE_BACKEND_CACHE_DIR"
@@ -59,6 +60,10 @@ class Options:
         ``quant.Calibration`` from ``quant.calibrate`` (static activation scales), or a
         ``quant.QuantConfig`` with ``activations="dynamic"`` or ``activations=None`` (weight-only
         W8A16/W4A16; no calibration either). See quant/README.md.
+    quant_layers: which selected linear layers an INT8/FP8 (W8A8) engine quantizes on CUDA:
+        ``faster`` (default) only those whose 8-bit GEMM is measured faster than their float GEMM
+        at the layer's shape on this GPU (TensorRT's precision as a permission, not an order: the
+        rest stay float, the report gives both times); ``all`` every selected layer.
     """
 
     precision: str = "fp32"
@@ -73,9 +78,11 @@ class Options:
     profiles: Tuple[Profile, ...] = ()
     speed_check: bool = True
     quant: Any = None
+    quant_layers: str = "faster"
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
+        _choice("quant_layers", self.quant_layers, QUANT_LAYER_MODES)
         _choice("fallback", self.fallback, FALLBACKS)
         _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):

@@ -180,7 +180,9 @@ def run_front(aten_gm: fx.GraphModule, args: Sequence[Any], *, role: str, frozen
         eager_peak = memory_plan.eager_peak_bytes(gm.graph)      # before passes: what eager holds
     ctx = fx_passes.PassContext(training=role != "inference", precision=options.precision, device=device,
                                 quant=quant_request(options))   # options["quant"]: what to quantize
-    counts = fx_passes.run_passes(gm, ctx)                      # clean-up, folding, quantizing, layout
+    with layer_speed(ctx, options) as scope:                    # quant_layers="faster": 8 bits where it pays
+        with scopes.triton_binaries(scope, scope is not None):
+            counts = fx_passes.run_passes(gm, ctx)              # clean-up, folding, quantizing, layout
     if ctx.training:
         mark_fake_quant(gm)                                     # QAT's ops, for the report (kept when stored)
     quant = list(ctx.quant.records.values()) if ctx.quant is not None else []
@@ -203,6 +205,31 @@ def quant_request(options: Options):
     from .quant.request import build_request
 
     return build_request(options.quant)
+
+
+@contextlib.contextmanager
+def layer_speed(ctx: fx_passes.PassContext, options: Options):
+    """With an INT8/FP8 request on CUDA and ``quant_layers="faster"``, give the quantize pass a
+    :class:`quant.speed.GemmSpeed` (the tuner on this device, its timing cache); yields the cache
+    scope it times in (None: nothing is measured)."""
+    from .fx_passes.quantize import QuantRequest
+
+    request = ctx.quant
+    if not (isinstance(request, QuantRequest) and not ctx.training and options.quant_layers == "faster"
+            and triton_enabled(ctx.device) and not triton_interpret() and ctx.device.type == "cuda"):
+        yield None
+        return
+    from .quant.speed import GemmSpeed
+
+    scope = scopes.open_scope(options.cache_dir, ctx.device)
+    timings = plans.PlanTimings()
+    timings.backing = scopes.timing_cache(scope)
+    kctx = KernelContext(options=options, device=ctx.device, interpret=False, timing_cache=timings, progress=_progress)
+    request.speed = GemmSpeed(kctx, request.precision, request.per_channel, request.dynamic)
+    try:
+        yield scope
+    finally:
+        request.speed = None
 
 
 def wants_cuda_graph(options: Options, role: str, device: torch.device) -> bool:

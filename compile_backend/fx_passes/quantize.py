@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -65,6 +65,9 @@ class QuantRequest:
     # the layer's calibrated smoothing factors [K] (None: not smoothed) and their alpha
     smooth: Callable[[str], Optional[Sequence[float]]] = lambda name: None
     smooth_alpha: Callable[[str], Optional[float]] = lambda name: None
+    # on CUDA with options quant_layers="faster": speed(m, n, k, dtype, bias) -> (8-bit ms, float
+    # ms) of the layer's GEMM at its shape, measured (quant/speed.py), or None (not measured)
+    speed: Optional[Callable[[int, int, int, torch.dtype, bool], Optional[Tuple[float, float]]]] = None
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def check_coverage(self) -> None:
@@ -209,6 +212,10 @@ def _match(kind: str):
         if reason is not None:
             record.update(status="float", reason=reason)
             return None
+        slower = _slower_than_float(layer, request)
+        if slower is not None:
+            record.update(status="float", reason=slower)
+            return None
         record.update(status="quantized", reason="")
         factors = request.smooth(layer.name)
         if factors is not None:
@@ -224,6 +231,26 @@ def _match(kind: str):
         layer.request = request
         return layer
     return match
+
+
+def _slower_than_float(layer: Layer, request: QuantRequest) -> Optional[str]:
+    """Why a linear layer stays float: its 8-bit GEMM measured no faster than its float GEMM at
+    its shape (``request.speed``), else None. The activation's quantize is not counted: a
+    producer of ours writes it (static scales) or one row reduction per layer computes it."""
+    if request.speed is None or layer.kind != "linear":
+        return None
+    x = tensor_val(layer.x)
+    if x is None or not x.is_floating_point() or x.dtype == torch.float32:
+        return None  # fp32 layers: 8 bits against fp32 (or TF32) always pays; not measured
+    m = x.numel() // max(layer.k, 1)
+    times = request.speed(m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm))
+    if times is None:
+        return None
+    q_ms, f_ms = times
+    if q_ms < f_ms:
+        return None
+    return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} GEMM took "
+            f"{q_ms * 1e3:.1f} us against {f_ms * 1e3:.1f} us at {m}x{layer.n}x{layer.k} (quant_layers='all' quantizes it)")
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

@@ -193,6 +193,20 @@ def float_linear_candidate(m: int, n: int, k: int, dtype: torch.dtype, has_bias:
     return float_reference_candidate(f"float linear {dtype_name(dtype)}", operands, torch.nn.functional.linear)
 
 
+def traced_group(fn, inputs, kind: str, anchor_op: str) -> KernelGroup:
+    """A group of ``kind`` made by tracing ``fn(*inputs)`` to ATen (fake metadata on every node),
+    anchored on its first call of an op whose name contains ``anchor_op``: a layer's GEMM on its
+    own, for timing it outside a model (quant/speed.py, benchmarks)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = make_fx(lambda *xs: (fn(*xs),))(*inputs)
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    anchor = next(n for n in gm.graph.nodes if n.op == "call_function" and anchor_op in str(n.target))
+    return KernelGroup(kind, gm, anchor=anchor.name)
+
+
 def anchor_only(plan) -> bool:
     """No chain in a fused-epilogue plan: every stored value is the anchor's result (or a
     reshape of it), so the vendor's result is the group's output as is."""

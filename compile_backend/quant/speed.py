@@ -1,0 +1,71 @@
+"""Whether a linear layer's 8-bit GEMM is faster than its float GEMM on this GPU, measured.
+
+With ``options["quant_layers"] = "faster"`` (the default) an INT8/FP8 engine quantizes a linear
+layer only where that pays: TensorRT's precision flags are a permission, and so is ours. On the
+H100/H200 cuBLAS's INT8 GEMM is slower than its fp16 GEMM at BERT's shapes, and FP8 with
+per-channel weight scales (rowwise) at some; a layer quantized there made the whole engine slower
+than the FP16 one (session 9, run 1: BERT INT8 1.29 ms, FP16 1.04).
+
+:class:`GemmSpeed` times, per distinct (M, N, K, dtype, bias), the layer's ``scaled_mm`` alone
+(the vendor GEMMs and the template's heuristic config, through the tuner and its timing cache:
+a warm process measures nothing) beside the float linear the tuner times as its reference. The
+quantize pass asks it (``QuantRequest.speed``); the report gives both times for a layer left float.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..kernels import quant_ref
+
+Key = Tuple[int, int, int, torch.dtype, bool]
+
+
+class GemmSpeed:
+    """``speed(m, n, k, dtype, bias) -> (8-bit ms, float ms)`` or None when not measurable."""
+
+    def __init__(self, ctx, precision: str, per_channel: bool, dynamic: bool):
+        self.ctx, self.precision = ctx, precision  # ctx: a KernelContext on the CUDA device
+        self.per_channel, self.dynamic = per_channel, dynamic
+        self.seen: Dict[Key, Optional[Tuple[float, float]]] = {}
+
+    def __call__(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Optional[Tuple[float, float]]:
+        key = (m, n, k, dtype, bias)
+        if key not in self.seen:
+            self.seen[key] = self._measure(m, n, k, dtype, bias)
+        return self.seen[key]
+
+    def _measure(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Optional[Tuple[float, float]]:
+        from ..kernels.autotune import tuner_for
+        from ..kernels.gemm_config import heuristic_config
+        from ..kernels.qgemm import eight_bit_configs, scaled_mm_candidates
+        from ..kernels.template import traced_group
+
+        dev, storage = self.ctx.device, quant_ref.STORAGE[self.precision]
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(m, k, device=dev, generator=gen)
+        w = torch.randn(n, k, device=dev, generator=gen) / k ** 0.5
+        xs = quant_ref.row_scale(x, self.precision) if self.dynamic else \
+            quant_ref.scale_from_amax(x.abs().amax(), self.precision)
+        wq, ws = quant_ref.quantize_weight(w, self.precision, self.per_channel)
+        b = torch.randn(n, device=dev, generator=gen).to(dtype) if bias else None
+        inputs = (quant_ref.quantize(x, xs, self.precision).to(storage), xs, wq, ws, b)
+        group = traced_group(lambda xq, xs, wq, ws, b: torch.ops.compile_backend.scaled_mm(xq, xs, wq, ws, b, dtype),
+                             inputs, "gemm", "scaled_mm")
+        # the vendor GEMMs and one template config: enough to tell, cheap to compile
+        configs = eight_bit_configs([heuristic_config(m, n, k, 1, storage)])
+        tuning = scaled_mm_candidates(group, self.ctx, configs=configs)
+        # a key of its own: the layer's real group (same shapes, no chain) tunes every config
+        key = dataclasses.replace(tuning.key, extra=tuning.key.extra + " | layer speed probe")
+        choice = tuner_for(self.ctx).choose(key, tuning.candidates, tuning.make_inputs)
+        timed = choice.timings_ms or {}
+        floats = [timed[c.name] for c in tuning.candidates if c.reference and c.name in timed]
+        quants = [timed[c.name] for c in tuning.candidates if not c.reference and c.name in timed]
+        if not floats or not quants:
+            return None
+        return min(quants), floats[0]
+
+
+__all__ = ["GemmSpeed"]

@@ -1,0 +1,86 @@
+"""``options["quant_layers"]``: on CUDA an INT8/FP8 engine quantizes a linear layer only where its
+8-bit GEMM is measured faster than its float one (``quant/speed.py``); the rest stay float and
+the report gives both times. The CPU has nothing to measure: a fake measurement stands in for
+the pass's side, and the GPU test times real GEMMs."""
+import contextlib
+
+import pytest
+import torch
+
+import compile_backend
+from compile_backend import pipeline, quant
+from compile_backend.options import Options
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _fake_speed(monkeypatch, slow_n: int, seen: list):
+    """The quantize pass gets a measurement where the GEMM of N=slow_n loses to float."""
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None and options.quant_layers == "faster":
+            def speed(m, n, k, dtype, bias):
+                seen.append((m, n, k, dtype, bias))
+                return (0.020, 0.010) if n == slow_n else (0.005, 0.010)
+            ctx.quant.speed = speed
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+
+
+@pytest.mark.parametrize("mode", ["faster", "all"])
+def test_a_layer_slower_in_8_bits_stays_float(mode, monkeypatch, tmp_path):
+    model = TwoLinears().half().eval()
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
+    seen = []
+    _fake_speed(monkeypatch, 48, seen)
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, quant_layers=mode, cache_dir=str(tmp_path),
+                                         autotune="off", speed_check=False)
+    (g,) = report.graphs
+    status = {r["name"]: (r["status"], r["reason"]) for r in g.quant}
+    if mode == "all":
+        assert not seen and all(s == "quantized" for s, _ in status.values()), status
+        return
+    assert set(seen) == {(5, 48, 32, torch.float16, True), (5, 40, 48, torch.float16, True)}
+    assert status["b.weight"][0] == "quantized"
+    kept, why = status["a.weight"]
+    assert kept == "float" and "faster in float16" in why and "20.0 us against 10.0 us" in why, why
+    fast = torch.compile(model, backend="compile_backend",
+                         options={"quant": calib, "quant_layers": mode, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert cos > 0.999, cos
+
+
+def test_quant_layers_option_is_checked():
+    assert Options().quant_layers == "faster"
+    with pytest.raises(ValueError, match="quant_layers"):
+        Options(quant_layers="some")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_gpu_gemm_speed_measures_both(precision, tmp_path):
+    from compile_backend.cache.timing import TimingCache
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.quant.speed import GemmSpeed
+
+    if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs sm_89+")
+    ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cuda"), interpret=False,
+                        timing_cache=TimingCache(str(tmp_path)))
+    speed = GemmSpeed(ctx, precision, per_channel=True, dynamic=False)
+    q_ms, f_ms = speed(2048, 2304, 768, torch.float16, True)
+    assert 0 < q_ms < 10 and 0 < f_ms < 10
+    assert speed(2048, 2304, 768, torch.float16, True) == (q_ms, f_ms)  # measured once
