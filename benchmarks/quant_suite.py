@@ -75,7 +75,7 @@ def torchao_model(model: torch.nn.Module, config_name: str) -> torch.nn.Module:
     return quantized
 
 
-def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: str):
+def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: str, quant_layers: str = "faster"):
     """(callable, seconds spent preparing: calibration or torchao's quantize_, report or None)."""
     from compile_backend import quant
     from compile_backend.report import Report
@@ -94,7 +94,7 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
             cfg = quant.calibrate(model, batches, cfg, progress=False, cache_dir=cache_dir)
         prep = time.perf_counter() - t0
         report = Report()
-        options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg}
+        options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg, "quant_layers": quant_layers}
         return compile_peer("compile_backend", model, options, report), prep, report
     if peer in TORCHAO:
         t0 = time.perf_counter()
@@ -140,7 +140,8 @@ def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str
     cache = os.path.join(root, peer)
     try:
         with fresh_compiler_caches(cache), torch.no_grad():
-            fn, prep_s, report = build_peer(peer, model, inputs, args.device, os.path.join(cache, "cb"), args.autotune)
+            fn, prep_s, report = build_peer(peer, model, inputs, args.device, os.path.join(cache, "cb"), args.autotune,
+                                            args.quant_layers)
             record["prepare_s"] = prep_s
             call = make_call("inductor-reduce-overhead" if peer in TORCHAO else peer, fn, inputs)
             timed = first_and_steady(call, args.iters, args.warmup, args.device)
@@ -179,7 +180,8 @@ def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, record
     with tempfile.TemporaryDirectory() as root:
         for peer in peers:
             record = run_peer(peer, model, inputs, ref, logits, args, root)
-            record.update(case=case, model=name, batch=batch, precision="fp16 model", kind="quant_suite", **env)
+            record.update(case=case, model=name, batch=batch, precision="fp16 model", kind="quant_suite",
+                          quant_layers=args.quant_layers, **env)
             records.append(record)
             results.write(records)
 
@@ -192,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--size", choices=("tiny", "base"), default="base")
     p.add_argument("--autotune", default="fast")
+    p.add_argument("--quant-layers", default="faster", choices=("faster", "all"),
+                   help="our quantized engines: quantize only the layers whose 8-bit GEMM is faster (default), or all")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", required=True)
