@@ -54,7 +54,9 @@ class GemmSpeed:
         inputs = (quant_ref.quantize(x, xs, self.precision).to(storage), xs, wq, ws, b)
         group = traced_group(lambda xq, xs, wq, ws, b: torch.ops.compile_backend.scaled_mm(xq, xs, wq, ws, b, dtype),
                              inputs, "gemm", "scaled_mm")
-        # the vendor GEMMs and one template config: enough to tell, cheap to compile
+        # the vendor GEMMs and one template config: cheap to compile, and where they lose to the
+        # float GEMM a tuned template config rarely wins (H200, session 5: INT8 Triton at best
+        # fp16's speed at BERT's shapes); the layer's own build then tunes every config
         configs = eight_bit_configs([heuristic_config(m, n, k, 1, storage)])
         tuning = scaled_mm_candidates(group, self.ctx, configs=configs)
         # a key of its own: the layer's real group (same shapes, no chain) tunes every config
