@@ -49,20 +49,21 @@ def extract_group(gm: fx.GraphModule, spec, name: str) -> KernelGroup:
     for x in _group_inputs(spec.nodes):
         env[x] = sub.placeholder(x.name)
         env[x].meta.update(x.meta)
-        if x.op == "get_attr":  # a graph constant: a kernel may derive values from it once per version
-            env[x].meta["constant"] = True
     for n in spec.nodes:
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in _group_outputs(spec.nodes)))
     # canonical names: identical layers give identical generated source, so they share one
     # tuning result and one compiled kernel instead of one per layer
+    inputs = _group_inputs(spec.nodes)
     for i, x in enumerate(n for n in sub.nodes if n.op == "placeholder"):
         x._rename(f"in{i}")
+    # graph constants feeding the group: a kernel may derive a value from one once per version
+    constants = frozenset(env[x].name for x in inputs if x.op == "get_attr")
     for j, n in enumerate(n for n in sub.nodes if n.op not in ("placeholder", "output")):
         n._rename(f"op{j}")
     sub_gm = fx.GraphModule(gm, sub)
     anchor = env[spec.anchor].name if spec.anchor is not None else None
-    return KernelGroup(kind=spec.kind, gm=sub_gm, anchor=anchor, name=name)
+    return KernelGroup(kind=spec.kind, gm=sub_gm, anchor=anchor, name=name, constants=constants)
 
 
 def _group_inputs(nodes: List[fx.Node]) -> List[fx.Node]:

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -40,12 +40,15 @@ class KernelGroup:
         (a tensor on the ``meta`` device with the real shape, stride and dtype, or a Python
         scalar) so builders can read shapes without running anything.
     anchor: name of the GEMM/conv/attention node in ``gm`` for template kinds, else None.
+    constants: names of the placeholders graph constants feed (a kernel may derive a value from
+        one once per version: qgemm's x scale spread to [M, 1]).
     """
 
     kind: str
     gm: fx.GraphModule
     anchor: Optional[str] = None
     name: str = "group"
+    constants: FrozenSet[str] = frozenset()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -302,7 +302,7 @@ class _Build:
         p, plan, group = self.problem, self.plan, self.group
         trivial = anchor_only(plan)
         x_source = p.loads[0].source
-        x_const = x_source.op == "get_attr" or bool(x_source.meta.get("constant"))
+        x_const = x_source.op == "get_attr" or x_source.name in group.constants
 
         def compile_():
             kernel = None if trivial else tpl.load_kernel(*self.scaled_source)

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.fx as fx
 
-from ..fx_passes.quant_sources import STANDALONE_WHY
 from ..kernels.base import is_view_op, op_name
 from ..kernels.quant_ref import STORAGE
 
@@ -50,7 +49,8 @@ def standalone_quantizes(graph: fx.Graph) -> List[Dict[str, Any]]:
         if node.op != "call_function" or not hasattr(call, "group"):
             continue
         if is_quantize_group(call.group):
-            why = next((n.meta[STANDALONE_WHY] for n in call.group.gm.graph.nodes if STANDALONE_WHY in n.meta), None)
+            # "cb_standalone_why": fx_passes.quant_sources.STANDALONE_WHY (a stored meta key, read literally)
+            why = next((n.meta["cb_standalone_why"] for n in call.group.gm.graph.nodes if "cb_standalone_why" in n.meta), None)
             out.append({"kernel": index, "reason": why or _reason(_producer(node))})
         index += 1
     return out

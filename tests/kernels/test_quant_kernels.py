@@ -18,6 +18,8 @@ Tolerances, per operand dtype:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,11 +223,11 @@ def test_fp8_scaled_candidate_spreads_a_constant_x_scale_once_per_version():
     """A static (constant) per-tensor x scale with per-channel w scales: rowwise ``_scaled_mm``
     wants it as [M, 1]; the candidate spreads it once per constant and again only after the
     constant changes (a refit writes in place, bumping its version). ``groups.extract_group``
-    marks a group input fed by a graph constant with ``meta["constant"]``."""
+    names the group inputs graph constants feed (``KernelGroup.constants``)."""
     xq, xs, wq, ws, b = quantized_linear(33, 64, 48, "fp8", bias_dtype=torch.float16, seed=5)
     fn = lambda xq, xs, wq, ws, b: F.gelu(scaled_mm(xq, xs, wq, ws, b, torch.float16))  # noqa: E731
     group = anchor_group(fn, xq, xs, wq, ws, b)
-    group.placeholders[1].meta["constant"] = True
+    group = dataclasses.replace(group, constants=frozenset({group.placeholders[1].name}))
     first = scaled_mm_candidates(group, CTX, vendor=True).candidates[0]
     assert first.name.startswith("torch._scaled_mm scaled"), first.name
     try:

@@ -154,6 +154,9 @@ def test_a_quantize_the_attention_cannot_take_says_why(tmp_path):
     (g,) = report.graphs
     reasons = [q["reason"] for q in g.standalone_quantizes]
     assert any(r.startswith("the attention kernel cannot write it:") and "readers" in r for r in reasons), reasons
+    _, again = _calibrated_report(model, x, "int8", tmp_path)  # an engine-cache hit: the stored graph says it too
+    assert again.graphs[0].cache.get("passes") == "skipped", again.graphs[0].cache
+    assert [q["reason"] for q in again.graphs[0].standalone_quantizes] == reasons
 
 
 class ConvPoolConv(torch.nn.Module):
