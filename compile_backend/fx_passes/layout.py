@@ -13,12 +13,13 @@ re-propagated). A copy back to contiguous is added only where something needs it
 that cannot view the channels-last strides (``rules.propagate_meta`` inserts it) and graph
 outputs that were contiguous before.
 
-Policy (``choose_layout``): inference on CUDA with at least ``MIN_CONVS`` 2-D convolutions.
+Policy (``choose_layout``): inference on CUDA with at least ``MIN_CONVS`` 2-D convolutions, ATen's
+or the quantized ``compile_backend.scaled_conv`` (``quantize`` runs first).
 On CPU it does nothing; ``to_channels_last`` is the rewrite itself, testable on CPU.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -38,8 +39,21 @@ def choose_layout(gm: fx.GraphModule, ctx: PassContext) -> int:
     return to_channels_last(gm, min_convs=MIN_CONVS)
 
 
-def _is_conv2d(node: fx.Node) -> bool:
-    return is_op(node, aten.convolution) and len(shape(node.args[0])) == 4 and len(shape(node.args[1])) == 4
+def _conv2d_operands(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(input, weight) of a 2-D convolution, ATen's or the quantized ``compile_backend.scaled_conv``
+    (``quantize`` runs first: a quantized ResNet had no ATen convolution left, so no layout pass)."""
+    if is_op(node, aten.convolution):
+        x, w = node.args[0], node.args[1]
+    elif node.op == "call_function" and node.target is _scaled_conv():
+        x, w = node.args[0], node.args[2]
+    else:
+        return None
+    return (x, w) if len(shape(x)) == 4 and len(shape(w)) == 4 else None
+
+
+def _scaled_conv():
+    op = getattr(torch.ops.compile_backend, "scaled_conv", None)  # registered by compile_backend.ops
+    return op.default if op is not None else None
 
 
 def _channels_last(node: fx.Node) -> bool:
@@ -50,7 +64,7 @@ def _channels_last(node: fx.Node) -> bool:
 def to_channels_last(gm: fx.GraphModule, min_convs: int = 1) -> int:
     """Make every 2-D convolution read and write channels-last; returns how many convs."""
     graph = gm.graph
-    convs = [n for n in graph.nodes if _is_conv2d(n)]
+    convs = [n for n in graph.nodes if _conv2d_operands(n) is not None]
     if len(convs) < min_convs:
         return 0
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
@@ -59,7 +73,7 @@ def to_channels_last(gm: fx.GraphModule, min_convs: int = 1) -> int:
     converted: Dict[fx.Node, fx.Node] = {}
     switched = 0
     for conv in convs:
-        x, w = conv.args[0], conv.args[1]
+        x, w = _conv2d_operands(conv)
         changed: List[fx.Node] = []
         if not _channels_last(x):
             changed.append(_convert(graph, conv, x, converted, torch.channels_last))

@@ -135,6 +135,59 @@ def test_upcast_attention_writes_the_projections_codes(precision, tmp_path):
     assert y.dtype == ref.dtype and cos > 0.99, cos
 
 
+class ConvStack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 6, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_quantized_convolutions_run_channels_last_on_cuda(monkeypatch, tmp_path):
+    """``quantize`` runs before the layout pass, so a fully quantized conv stack has no ATen
+    convolution left; the layout pass switches the quantized ones all the same (on the H200 a
+    quantized ResNet-50 ran every convolution NCHW). The passes are told the device is CUDA
+    (the layout policy's only condition); kernels still run here."""
+    from compile_backend import pipeline
+
+    class OnCuda(pipeline.fx_passes.PassContext):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "device": torch.device("cuda")})
+
+    monkeypatch.setattr(pipeline.fx_passes, "PassContext", OnCuda)
+    model = ConvStack().half().eval()
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(5)).half()
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    seen = []
+    real = pipeline.fuse_groups
+
+    def spy(gm, groups):
+        graph, calls = real(gm, groups)
+        seen.extend(c.group for c in calls)
+        return graph, calls
+    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    (g,) = report.graphs
+    assert g.passes["choose_layout"] == 3
+    convs = [grp for grp in seen if grp.kind == "conv"]
+    assert len(convs) == 3 and all("compile_backend.scaled_conv" in grp.ops for grp in convs)
+    for grp in convs:
+        xq = grp.placeholders[0].meta["val"]
+        assert xq.is_contiguous(memory_format=torch.channels_last), xq.stride()
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert cos > 0.995, cos
+
+
 class AttentionReadTwice(AttentionBlock):
     """The flattened attention output is also returned: the attention kernel cannot write it
     quantized (the float value is needed too), so the projection's quantize runs alone."""
