@@ -69,6 +69,9 @@ class QuantRequest:
     # ms) of the layer's GEMM at its shape, measured (quant/speed.py), or None (not measured)
     speed: Optional[Callable[[int, int, int, torch.dtype, bool], Optional[Tuple[float, float]]]] = None
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # static quantizes already written, by (value, inverse scale): layers reading one activation
+    # with one scale (a ResNet stage's first block and its downsample) share its codes
+    written: Dict[Tuple[fx.Node, float], Tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=dict)
 
     def check_coverage(self) -> None:
         """A calibration that names none of a graph's eligible layers was made for another model
@@ -358,14 +361,20 @@ def _activation(gm: fx.GraphModule, op, layer: Layer, request: QuantRequest, row
         if attention is not None:  # the attention kernel writes its output quantized
             quantize_attention_output(gm.graph, attention, x, request.precision, inv)
             return x, x_scale
-        # the inverse scale as a 0-d constant, not a Python float: a float is a literal in the
-        # producer's generated kernel, so every layer had its own kernel source (BERT: 12 FFN1
-        # GEMM kernels, each tuned and compiled on its own); a constant is loaded at run time
-        inv_t = _constant(gm, _free_name(gm, name.replace("_cb_act_scale_", "_cb_act_inv_scale_", 1)),
-                          torch.tensor(inv, dtype=torch.float32, device=tensor_val(x).device))
-        xq = quant_ref.quantize_steps(op, base, dtype, inv_t, request.precision)
-        if refusal is not None:  # the report's reason if this quantize is left standalone
-            xq.meta[STANDALONE_WHY] = f"the attention kernel cannot write it: {refusal}"
+        shared = request.written.get((base, inv)) if smooth is None else None
+        if shared is not None:  # another layer already quantized this value with this scale
+            xq, x_scale = shared
+        else:
+            # the inverse scale as a 0-d constant, not a Python float: a float is a literal in the
+            # producer's generated kernel, so every layer had its own kernel source (BERT: 12 FFN1
+            # GEMM kernels, each tuned and compiled on its own); a constant is loaded at run time
+            inv_t = _constant(gm, _free_name(gm, name.replace("_cb_act_scale_", "_cb_act_inv_scale_", 1)),
+                              torch.tensor(inv, dtype=torch.float32, device=tensor_val(x).device))
+            xq = quant_ref.quantize_steps(op, base, dtype, inv_t, request.precision)
+            if refusal is not None:  # the report's reason if this quantize is left standalone
+                xq.meta[STANDALONE_WHY] = f"the attention kernel cannot write it: {refusal}"
+            if smooth is None:
+                request.written[(base, inv)] = (xq, x_scale)
         return (xq if src is None else op(aten.view.default, xq, list(shape(x)))), x_scale
     # no fp32 copy of x: the row amax runs in x's dtype (exact) and the quantize converts as it
     # reads, so a producer's kernel writes x once, in its own dtype, for the row reduction

@@ -188,6 +188,34 @@ def test_quantized_convolutions_run_channels_last_on_cuda(monkeypatch, tmp_path)
     assert cos > 0.995, cos
 
 
+class TwoReaders(torch.nn.Module):
+    """One activation read by two convolutions (a ResNet stage's first block and its downsample)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.a(h) + self.b(h)
+
+
+def test_one_activation_two_readers_one_quantize(tmp_path):
+    model = TwoReaders().eval()
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(6))
+    calib, report = _calibrated_report(model, x, "int8", tmp_path)
+    (g,) = report.graphs
+    stem = next(k for k in g.kernels if k["kind"] == "conv" and "aten.relu" in k["ops"])
+    assert stem["ops"].count("aten.round") == 1, stem["ops"]  # the stem writes h's codes once
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert cos > 0.999, cos
+
+
 class AttentionReadTwice(AttentionBlock):
     """The flattened attention output is also returned: the attention kernel cannot write it
     quantized (the float value is needed too), so the projection's quantize runs alone."""
