@@ -91,6 +91,8 @@ def _match_copy(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
     src = _copied(node, facts.gm)
     if src is None or node in facts.outputs or node in facts.unsafe or src in facts.unsafe:
         return None
+    if facts.constant(src) and not same_layout(tensor_val(node), tensor_val(src)):
+        return None  # a constant's copy is made once (constant_fold): it costs nothing, its layout may pay
     if same_layout(tensor_val(node), tensor_val(src)):
         return src  # a copy made redundant here (by attention_output_layout, say)
     return src if _readers_take_any_layout(node, tensor_val(src), facts) else None

@@ -285,6 +285,11 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
             w = scale_columns_steps(op, w, tensor_val(w).dtype, _smooth_constant(gm, "s", s, w))
             smooth = _smooth_constant(gm, "inv_s", inverse_factors(s), w)
         wq, w_scale = _weight(graph, op, w, request)
+        if not tensor_val(wq).is_contiguous():
+            # HF Conv1D keeps its weight [K, N]: its codes came out N-major. Store them K-major
+            # ([N, K] contiguous, folded once): cuBLAS's 8-bit GEMMs take nothing else, and the
+            # template reads N-major 8-bit tiles 4x slower (issue #18's table)
+            wq = call(graph, aten.clone.default, (wq,), {"memory_format": torch.contiguous_format})
         xq, x_scale = _activation(gm, op, layer, request, rows=True, smooth=smooth)
         bias = node.args[0] if is_op(node, aten.addmm) else None
         per_column = bias is not None and shape(bias) == (layer.n,)

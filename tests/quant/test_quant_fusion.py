@@ -216,6 +216,50 @@ def test_one_activation_two_readers_one_quantize(tmp_path):
     assert cos > 0.999, cos
 
 
+class Conv1DStyle(torch.nn.Module):
+    """HF GPT-2's Conv1D: the weight stored [K, N], ``addmm(b, x, W)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w1, self.b1 = torch.nn.Parameter(torch.randn(32, 48) / 6), torch.nn.Parameter(torch.zeros(48))
+        self.w2, self.b2 = torch.nn.Parameter(torch.randn(48, 16) / 7), torch.nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        h = torch.addmm(self.b1, x.reshape(-1, 32), self.w1).relu()
+        return torch.addmm(self.b2, h, self.w2)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_conv1d_style_weights_are_stored_k_major(precision, monkeypatch, tmp_path):
+    """Codes of a [K, N] weight are folded K-major ([N, K] contiguous): cuBLAS's 8-bit GEMMs
+    take nothing else and the template reads N-major 8-bit tiles slowly (the layout clone of a
+    constant is not dropped: it is made once)."""
+    from compile_backend import pipeline
+
+    seen = []
+    real = pipeline.fuse_groups
+
+    def spy(gm, groups):
+        graph, calls = real(gm, groups)
+        seen.extend(c.group for c in calls)
+        return graph, calls
+    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    model = Conv1DStyle().half().eval()
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(7)).half()
+    calib, report = _calibrated_report(model, x, precision, tmp_path)
+    gemms = [g for g in seen if "compile_backend.scaled_mm" in g.ops]
+    assert len(gemms) == 2
+    for g in gemms:
+        wq = g.placeholders[2].meta["val"]
+        assert wq.dtype.itemsize == 1 and wq.is_contiguous(), (wq.shape, wq.stride())
+    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    assert cos > 0.99, cos
+
+
 class AttentionReadTwice(AttentionBlock):
     """The flattened attention output is also returned: the attention kernel cannot write it
     quantized (the float value is needed too), so the projection's quantize runs alone."""
