@@ -297,7 +297,9 @@ class _Partitioner:
             for t in sorted(members, key=self.index.__getitem__, reverse=True):
                 if t is anchor or any(u in members for u in t.users) or len(t.all_input_nodes) != 1:
                     continue
-                if t.all_input_nodes[0] not in members or not t.users:
+                # one reader, which can take it in (with several, none could: it would be a
+                # kernel of its own)
+                if t.all_input_nodes[0] not in members or len(t.users) != 1:
                     continue
                 kinds = {self.kind.get(u) for u in t.users}
                 widening = is_op(t, (aten._to_copy,)) and _itemsize(t) > _itemsize(t.all_input_nodes[0])
