@@ -29,7 +29,7 @@ import torch.fx as fx
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_split_epilogues, with_tma_configs
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config, long_chain, with_split_epilogues, with_tma_configs
 from .gemm_runner import EPILOGUE_ALTERNATIVES, MAX_BATCH, GemmRunner, epilogue_only, epilogue_tile_named
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, as3d,
@@ -76,7 +76,7 @@ def gemm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     if fits_template:
         if configs is None:
             configs = _template_configs(problem, ctx, tma, tma_first)
-            if ctx.device.type == "cuda" and not anchor_only(plan):
+            if ctx.device.type == "cuda" and long_chain(plan.chain_ops):
                 configs = with_split_epilogues(configs)
         candidates += [build.triton_candidate(c) for c in configs]
     if vendor:

@@ -66,6 +66,16 @@ class GemmConfig:
 SPLIT_EPILOGUE_VALUES = 128
 
 
+#: chain ops whose epilogue keeps many temporaries live (transcendentals, a quantize's rounding):
+#: only a chain holding one is worth timing split (a residual add or a scale is not)
+LONG_CHAIN_OPS = frozenset({"aten.gelu", "aten.tanh", "aten.erf", "aten.exp", "aten.sigmoid", "aten.silu",
+                            "aten.softplus", "aten.mish", "aten.round", "aten.pow", "aten.log"})
+
+
+def long_chain(chain_ops: Sequence[str]) -> bool:
+    return any(op in LONG_CHAIN_OPS for op in chain_ops)
+
+
 def with_split_epilogues(configs: Sequence[GemmConfig]) -> List[GemmConfig]:
     """``configs`` with, after each non-TMA one holding >= SPLIT_EPILOGUE_VALUES accumulator
     values a thread, its variant whose epilogue runs over half the columns at a time (for a

@@ -34,7 +34,7 @@ import torch.fx as fx
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config, with_split_epilogues, with_tma_configs
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config, long_chain, with_split_epilogues, with_tma_configs
 from .gemm_runner import EPILOGUE_ALTERNATIVES, GemmRunner, epilogue_only, epilogue_tile_named
 from .gemm_tma import tma_available, tma_layout_of
 from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, anchor_only, choose_kernel_of,
@@ -173,15 +173,15 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
                    scaled_source)
     if configs is None:
         configs = _template_configs(p, ctx)
-        if ctx.device.type == "cuda" and not anchor_only(plan):
+        if ctx.device.type == "cuda" and long_chain(plan.chain_ops):
             configs = with_split_epilogues(configs)
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
     vendor = (ctx.device.type == "cuda") if vendor is None else vendor
     if vendor and _vendor_fits(p) is None:
-        # with a chain, each vendor GEMM is timed with every epilogue tile: the default tile's
+        # with a long chain, each vendor GEMM is timed with every epilogue tile: the default tile's
         # epilogue took 20-30 us after ``_scaled_mm`` at BERT FFN1 (GELU + quantize, H100,
         # session 9) where the GEMM alone takes ~12
-        tiles = [None] if anchor_only(plan) else [None, *EPILOGUE_ALTERNATIVES]
+        tiles = [None, *EPILOGUE_ALTERNATIVES] if long_chain(plan.chain_ops) else [None]
         # FP8, first: on the H200 the fastest FP8 GEMM at every measured shape. Only with a bias
         # of the output dtype (an fp16 model's): cuBLAS then adds it in fp32 and rounds once, as
         # the reference; another dtype would round twice. The fp32 product's epilogue reads

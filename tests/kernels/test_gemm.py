@@ -242,7 +242,9 @@ def test_epilogue_split_in_halves(name, dtype):
 
 
 def test_split_epilogue_variants_only_for_crowded_tiles():
-    from compile_backend.kernels.gemm_config import with_split_epilogues
+    from compile_backend.kernels.gemm_config import long_chain, with_split_epilogues
+
+    assert long_chain(("aten.view", "aten.gelu")) and not long_chain(("aten.view", "aten.add"))
 
     big, small, tma = GemmConfig(128, 256, 64, num_warps=8), GemmConfig(64, 64, 64), GemmConfig(128, 256, 64, num_warps=8, tma=True)
     names = [c.name for c in with_split_epilogues([big, small, tma])]
