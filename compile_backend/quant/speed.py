@@ -14,6 +14,7 @@ quantize pass asks it (``QuantRequest.speed``); the report gives both times for 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from ..kernels import quant_ref
 
 Key = Tuple[int, int, int, torch.dtype, bool]
+log = logging.getLogger("compile_backend")
 
 
 class GemmSpeed:
@@ -34,7 +36,12 @@ class GemmSpeed:
     def __call__(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Optional[Tuple[float, float]]:
         key = (m, n, k, dtype, bias)
         if key not in self.seen:
-            self.seen[key] = self._measure(m, n, k, dtype, bias)
+            try:
+                self.seen[key] = self._measure(m, n, k, dtype, bias)
+            except Exception as exc:  # noqa: BLE001  (a failed measurement never fails the compile)
+                log.warning("compile_backend: could not time the %s GEMM %dx%dx%d against float (%s: %s); "
+                            "the layer is quantized", self.precision, m, n, k, type(exc).__name__, exc)
+                self.seen[key] = None
         return self.seen[key]
 
     def _measure(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Optional[Tuple[float, float]]:

@@ -84,3 +84,17 @@ def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     q_ms, f_ms = speed(2048, 2304, 768, torch.float16, True)
     assert 0 < q_ms < 10 and 0 < f_ms < 10
     assert speed(2048, 2304, 768, torch.float16, True) == (q_ms, f_ms)  # measured once
+
+
+def test_a_failed_measurement_quantizes_the_layer(caplog):
+    """A probe that raises (a GPU without the vendor GEMM, say) never fails the compile."""
+    from compile_backend.quant.speed import GemmSpeed
+
+    class Broken(GemmSpeed):
+        def _measure(self, *args):
+            raise RuntimeError("no such GEMM here")
+
+    speed = Broken(ctx=None, precision="int8", per_channel=True, dynamic=False)
+    with caplog.at_level("WARNING", logger="compile_backend"):
+        assert speed(64, 32, 16, torch.float16, True) is None
+    assert "could not time the int8 GEMM 64x32x16" in caplog.text
