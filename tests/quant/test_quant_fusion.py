@@ -21,6 +21,30 @@ def _calibrated_report(model, x, precision, tmp_path):
     return calib, report
 
 
+def _engine_cosine(model, x, q, tmp_path, **options) -> float:
+    """Cosine of the quantized engine's output (options["quant"] = q) with eager's, dtypes equal."""
+    fast = torch.compile(model, backend="compile_backend", options={"quant": q, "cache_dir": str(tmp_path), **options})
+    with torch.no_grad():
+        y, ref = fast(x), model(x)
+    assert y.dtype == ref.dtype
+    return torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+
+
+def _groups_built(monkeypatch) -> list:
+    """The kernel groups the pipeline builds from now on (appended as it partitions)."""
+    from compile_backend import pipeline
+
+    seen = []
+    real = pipeline.fuse_groups
+
+    def spy(gm, groups):
+        graph, calls = real(gm, groups)
+        seen.extend(c.group for c in calls)
+        return graph, calls
+    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    return seen
+
+
 @pytest.mark.parametrize("activations", ["static", "dynamic"])
 def test_quantize_joins_the_norm_kernel(activations, tmp_path):
     model = NormLinear().eval()
@@ -65,12 +89,8 @@ def test_attention_writes_the_output_projections_codes(precision, tmp_path):
     (left,) = g.standalone_quantizes
     assert g.kernels[left["kernel"]]["kind"] == "pointwise" and "graph input" in left["reason"]
     assert "standalone quantize: kernel #" in str(report)
-    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    assert y.dtype == ref.dtype
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
-    assert cos > 0.99
+    cos = _engine_cosine(model, x, calib, tmp_path)
+    assert cos > 0.99, cos
 
 
 class GeluMLP(torch.nn.Module):
@@ -101,11 +121,8 @@ def test_dynamic_row_quantize_reads_the_16_bit_value_once(precision, tmp_path):
     for k in g.kernels:
         if k["kind"] == "gemm":
             assert "aten.abs" not in k["ops"] and "aten._to_copy" not in k["ops"], k["ops"]
-    fast = torch.compile(model, backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
-    assert y.dtype == ref.dtype and cos > 0.995, cos
+    cos = _engine_cosine(model, x, cfg, tmp_path)
+    assert cos > 0.995, cos
 
 
 class UpcastAttentionBlock(AttentionBlock):
@@ -128,11 +145,8 @@ def test_upcast_attention_writes_the_projections_codes(precision, tmp_path):
     assert g.passes["lower_upcast_attention"] == 1
     reasons = [q["reason"] for q in g.standalone_quantizes]
     assert len(reasons) == 1 and "graph input" in reasons[0], reasons  # the attention output's is fused
-    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
-    assert y.dtype == ref.dtype and cos > 0.99, cos
+    cos = _engine_cosine(model, x, calib, tmp_path)
+    assert cos > 0.99, cos
 
 
 class ConvStack(torch.nn.Module):
@@ -163,14 +177,7 @@ def test_quantized_convolutions_run_channels_last_on_cuda(monkeypatch, tmp_path)
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(5)).half()
     calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
                             use_cache=False)
-    seen = []
-    real = pipeline.fuse_groups
-
-    def spy(gm, groups):
-        graph, calls = real(gm, groups)
-        seen.extend(c.group for c in calls)
-        return graph, calls
-    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    seen = _groups_built(monkeypatch)
     with torch.no_grad():
         report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
                                          speed_check=False)
@@ -181,10 +188,7 @@ def test_quantized_convolutions_run_channels_last_on_cuda(monkeypatch, tmp_path)
     for grp in convs:
         xq = grp.placeholders[0].meta["val"]
         assert xq.is_contiguous(memory_format=torch.channels_last), xq.stride()
-    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    cos = _engine_cosine(model, x, calib, tmp_path)
     assert cos > 0.995, cos
 
 
@@ -209,10 +213,7 @@ def test_one_activation_two_readers_one_quantize(tmp_path):
     (g,) = report.graphs
     stem = next(k for k in g.kernels if k["kind"] == "conv" and "aten.relu" in k["ops"])
     assert stem["ops"].count("aten.round") == 1, stem["ops"]  # the stem writes h's codes once
-    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    cos = _engine_cosine(model, x, calib, tmp_path)
     assert cos > 0.999, cos
 
 
@@ -235,16 +236,7 @@ def test_conv1d_style_weights_are_stored_k_major(precision, monkeypatch, tmp_pat
     """Codes of a [K, N] weight are folded K-major ([N, K] contiguous): cuBLAS's 8-bit GEMMs
     take nothing else and the template reads N-major 8-bit tiles slowly (the layout clone of a
     constant is not dropped: it is made once)."""
-    from compile_backend import pipeline
-
-    seen = []
-    real = pipeline.fuse_groups
-
-    def spy(gm, groups):
-        graph, calls = real(gm, groups)
-        seen.extend(c.group for c in calls)
-        return graph, calls
-    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    seen = _groups_built(monkeypatch)
     model = Conv1DStyle().half().eval()
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(7)).half()
     calib, report = _calibrated_report(model, x, precision, tmp_path)
@@ -253,10 +245,7 @@ def test_conv1d_style_weights_are_stored_k_major(precision, monkeypatch, tmp_pat
     for g in gemms:
         wq = g.placeholders[2].meta["val"]
         assert wq.dtype.itemsize == 1 and wq.is_contiguous(), (wq.shape, wq.stride())
-    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
+    cos = _engine_cosine(model, x, calib, tmp_path)
     assert cos > 0.99, cos
 
 
@@ -332,8 +321,5 @@ def test_class_token_head_quantizes_inside_the_norm(precision, tmp_path):
     (g,) = report.graphs
     assert [q["reason"] for q in g.standalone_quantizes] == [
         "its input is a graph input: no producer of ours to write it quantized"], g.standalone_quantizes
-    fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
-    with torch.no_grad():
-        y, ref = fast(x), model(x)
-    cos = torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
-    assert cos > 0.99
+    cos = _engine_cosine(model, x, calib, tmp_path)
+    assert cos > 0.99, cos
