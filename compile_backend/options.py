@@ -60,8 +60,8 @@ class Options:
         ``quant.Calibration`` from ``quant.calibrate`` (static activation scales), or a
         ``quant.QuantConfig`` with ``activations="dynamic"`` or ``activations=None`` (weight-only
         W8A16/W4A16; no calibration either). See quant/README.md.
-    quant_layers: which selected linear layers an INT8/FP8 (W8A8) engine quantizes on CUDA:
-        ``faster`` (default) only those whose 8-bit GEMM is measured faster than their float GEMM
+    quant_layers: which selected layers an INT8/FP8 (W8A8) engine quantizes on CUDA: ``faster``
+        (default) only those whose 8-bit GEMM or convolution is measured faster than the float one
         at the layer's shape on this GPU (TensorRT's precision as a permission, not an order: the
         rest stay float, the report gives both times); ``all`` every selected layer.
     """

@@ -210,7 +210,7 @@ def quant_request(options: Options):
 @contextlib.contextmanager
 def layer_speed(ctx: fx_passes.PassContext, options: Options):
     """With an INT8/FP8 request on CUDA and ``quant_layers="faster"``, give the quantize pass a
-    :class:`quant.speed.GemmSpeed` (the tuner on this device, its timing cache); yields the cache
+    :class:`quant.speed.ConvSpeed` (the tuner on this device, its timing cache); yields the cache
     scope it times in (None: nothing is measured)."""
     from .fx_passes.quantize import QuantRequest
 
@@ -219,13 +219,13 @@ def layer_speed(ctx: fx_passes.PassContext, options: Options):
             and triton_enabled(ctx.device) and not triton_interpret() and ctx.device.type == "cuda"):
         yield None
         return
-    from .quant.speed import GemmSpeed
+    from .quant.speed import ConvSpeed
 
     scope = scopes.open_scope(options.cache_dir, ctx.device)
     timings = plans.PlanTimings()
     timings.backing = scopes.timing_cache(scope)
     kctx = KernelContext(options=options, device=ctx.device, interpret=False, timing_cache=timings, progress=_progress)
-    request.speed = GemmSpeed(kctx, request.precision, request.per_channel, request.dynamic)
+    request.speed = ConvSpeed(kctx, request.precision, request.per_channel, request.dynamic)
     try:
         yield scope
     finally:

@@ -65,8 +65,9 @@ class QuantRequest:
     # the layer's calibrated smoothing factors [K] (None: not smoothed) and their alpha
     smooth: Callable[[str], Optional[Sequence[float]]] = lambda name: None
     smooth_alpha: Callable[[str], Optional[float]] = lambda name: None
-    # on CUDA with options quant_layers="faster": speed(m, n, k, dtype, bias) -> (8-bit ms, float
-    # ms) of the layer's GEMM at its shape, measured (quant/speed.py), or None (not measured)
+    # on CUDA with options quant_layers="faster": speed(m, n, k, dtype, bias) and speed.conv(x
+    # shape, w shape, stride, padding, dilation, groups, dtype, bias) -> (8-bit ms, float ms) of
+    # the layer at its shape, measured (quant/speed.py), or None (not measured)
     speed: Optional[Callable[[int, int, int, torch.dtype, bool], Optional[Tuple[float, float]]]] = None
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     # static quantizes already written, by (value, inverse scale): layers reading one activation
@@ -237,23 +238,30 @@ def _match(kind: str):
 
 
 def _slower_than_float(layer: Layer, request: QuantRequest) -> Optional[str]:
-    """Why a linear layer stays float: its 8-bit GEMM measured no faster than its float GEMM at
-    its shape (``request.speed``), else None. The activation's quantize is not counted: a
+    """Why a layer stays float: its 8-bit GEMM or convolution measured no faster than its float
+    one at its shape (``request.speed``), else None. The activation's quantize is not counted: a
     producer of ours writes it (static scales) or one row reduction per layer computes it."""
-    if request.speed is None or layer.kind != "linear":
+    if request.speed is None:
         return None
     x = tensor_val(layer.x)
     if x is None or not x.is_floating_point() or x.dtype == torch.float32:
         return None  # fp32 layers: 8 bits against fp32 (or TF32) always pays; not measured
-    m = x.numel() // max(layer.k, 1)
-    times = request.speed(m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm))
-    if times is None:
+    if layer.kind == "linear":
+        m = x.numel() // max(layer.k, 1)
+        times = request.speed(m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm))
+        what = f"GEMM took {{q}} at {m}x{layer.n}x{layer.k}"
+    else:
+        _, w, bias, stride, padding, dilation, transposed, _, groups = layer.node.args
+        if transposed or x.dim() != 4 or not hasattr(request.speed, "conv"):
+            return None
+        times = request.speed.conv(tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype,
+                                   bias is not None)
+        what = f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
+    if times is None or times[0] < times[1]:
         return None
     q_ms, f_ms = times
-    if q_ms < f_ms:
-        return None
-    return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} GEMM took "
-            f"{q_ms * 1e3:.1f} us against {f_ms * 1e3:.1f} us at {m}x{layer.n}x{layer.k} (quant_layers='all' quantizes it)")
+    return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
+            + what.format(q=f"{q_ms * 1e3:.1f} us against {f_ms * 1e3:.1f} us") + " (quant_layers='all' quantizes it)")
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

@@ -63,6 +63,58 @@ def test_a_layer_slower_in_8_bits_stays_float(mode, monkeypatch, tmp_path):
     assert cos > 0.999, cos
 
 
+class TwoConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
+    seen = []
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, stride, padding, dilation, groups, dtype, bias):
+            seen.append((x_shape, w_shape, list(stride), list(padding), groups, dtype, bias))
+            return (0.03, 0.01) if w_shape[2] == 3 else (0.001, 0.01)
+
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = Speed()
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    model = TwoConvs().half().eval()
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    status = {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}
+    assert ((2, 3, 9, 11), (16, 3, 3, 3), [1, 1], [1, 1], 1, torch.float16, True) in seen
+    assert status["a.weight"][0] == "float" and "convolution took 30.0 us against 10.0 us" in status["a.weight"][1]
+    assert status["b.weight"][0] == "quantized"
+
+
+def test_probes_run_their_code_path_on_the_cpu():
+    """No timings on the CPU (the tuner does not measure there): both probes answer None."""
+    import compile_backend.ops  # noqa: F401
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.quant.speed import ConvSpeed
+
+    ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cpu"), interpret=True)
+    speed = ConvSpeed(ctx, "int8", per_channel=True, dynamic=False)
+    assert speed(33, 48, 32, torch.float16, True) is None
+    assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
+
+
 def test_quant_layers_option_is_checked():
     assert Options().quant_layers == "faster"
     with pytest.raises(ValueError, match="quant_layers"):
@@ -74,16 +126,18 @@ def test_quant_layers_option_is_checked():
 def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     from compile_backend.cache.timing import TimingCache
     from compile_backend.kernels.base import KernelContext
-    from compile_backend.quant.speed import GemmSpeed
+    from compile_backend.quant.speed import ConvSpeed
 
     if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs sm_89+")
     ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cuda"), interpret=False,
                         timing_cache=TimingCache(str(tmp_path)))
-    speed = GemmSpeed(ctx, precision, per_channel=True, dynamic=False)
+    speed = ConvSpeed(ctx, precision, per_channel=True, dynamic=False)
     q_ms, f_ms = speed(2048, 2304, 768, torch.float16, True)
     assert 0 < q_ms < 10 and 0 < f_ms < 10
     assert speed(2048, 2304, 768, torch.float16, True) == (q_ms, f_ms)  # measured once
+    q_ms, f_ms = speed.conv((32, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True)
+    assert 0 < q_ms < 10 and 0 < f_ms < 10
 
 
 def test_a_failed_measurement_quantizes_the_layer(caplog):
