@@ -145,10 +145,7 @@ def compile_graph(
         groups = fx_passes.partition(gm)                        # ops -> kernel groups
         graph, calls = fuse_groups(gm, groups)
     scope = scopes.open_scope(options.cache_dir, device) if triton_enabled(device) else None
-    timings = timings or plans.PlanTimings()
-    timings.backing = scopes.timing_cache(scope)
-    kctx = KernelContext(options=options, device=device, interpret=triton_interpret(),
-                         timing_cache=timings, progress=_progress, plan=plan)
+    kctx = kernel_context(options, device, scope, timings, plan)
     with scopes.triton_binaries(scope, triton_enabled(device)):
         fallbacks = build_kernels(graph, calls, gm, args, kctx, report)  # Triton / vendor / ATen
     if options.quant is not None:                               # quantizes left on their own, and why
@@ -210,7 +207,7 @@ def quant_request(options: Options):
 @contextlib.contextmanager
 def layer_speed(ctx: fx_passes.PassContext, options: Options):
     """With an INT8/FP8 request on CUDA and ``quant_layers="faster"``, give the quantize pass a
-    :class:`quant.speed.ConvSpeed` (the tuner on this device, its timing cache); yields the cache
+    :class:`quant.speed.LayerSpeed` (the tuner on this device, its timing cache); yields the cache
     scope it times in (None: nothing is measured)."""
     from .fx_passes.quantize import QuantRequest
 
@@ -219,17 +216,25 @@ def layer_speed(ctx: fx_passes.PassContext, options: Options):
             and triton_enabled(ctx.device) and not triton_interpret() and ctx.device.type == "cuda"):
         yield None
         return
-    from .quant.speed import ConvSpeed
+    from .quant.speed import LayerSpeed
 
     scope = scopes.open_scope(options.cache_dir, ctx.device)
-    timings = plans.PlanTimings()
-    timings.backing = scopes.timing_cache(scope)
-    kctx = KernelContext(options=options, device=ctx.device, interpret=False, timing_cache=timings, progress=_progress)
-    request.speed = ConvSpeed(kctx, request.precision, request.per_channel, request.dynamic)
+    kctx = kernel_context(options, ctx.device, scope)
+    request.speed = LayerSpeed(kctx, request.precision, request.per_channel, request.dynamic)
     try:
         yield scope
     finally:
         request.speed = None
+
+
+def kernel_context(options: Options, device: torch.device, scope, timings: Optional[plans.PlanTimings] = None,
+                   plan: Optional[plans.Plan] = None) -> KernelContext:
+    """The kernel builders' context: tuning results read and written through the cache
+    ``scope``'s timing cache (and ``plan``'s stored choices, on an engine-cache hit)."""
+    timings = timings or plans.PlanTimings()
+    timings.backing = scopes.timing_cache(scope)
+    return KernelContext(options=options, device=device, interpret=triton_interpret(), timing_cache=timings,
+                         progress=_progress, plan=plan)
 
 
 def wants_cuda_graph(options: Options, role: str, device: torch.device) -> bool:

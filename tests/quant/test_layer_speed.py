@@ -107,10 +107,10 @@ def test_probes_run_their_code_path_on_the_cpu():
     """No timings on the CPU (the tuner does not measure there): both probes answer None."""
     import compile_backend.ops  # noqa: F401
     from compile_backend.kernels.base import KernelContext
-    from compile_backend.quant.speed import ConvSpeed
+    from compile_backend.quant.speed import LayerSpeed
 
     ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cpu"), interpret=True)
-    speed = ConvSpeed(ctx, "int8", per_channel=True, dynamic=False)
+    speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
 
@@ -126,13 +126,13 @@ def test_quant_layers_option_is_checked():
 def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     from compile_backend.cache.timing import TimingCache
     from compile_backend.kernels.base import KernelContext
-    from compile_backend.quant.speed import ConvSpeed
+    from compile_backend.quant.speed import LayerSpeed
 
     if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs sm_89+")
     ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cuda"), interpret=False,
                         timing_cache=TimingCache(str(tmp_path)))
-    speed = ConvSpeed(ctx, precision, per_channel=True, dynamic=False)
+    speed = LayerSpeed(ctx, precision, per_channel=True, dynamic=False)
     q_ms, f_ms = speed(2048, 2304, 768, torch.float16, True)
     assert 0 < q_ms < 10 and 0 < f_ms < 10
     assert speed(2048, 2304, 768, torch.float16, True) == (q_ms, f_ms)  # measured once
@@ -142,10 +142,10 @@ def test_gpu_gemm_speed_measures_both(precision, tmp_path):
 
 def test_a_failed_measurement_quantizes_the_layer(caplog):
     """A probe that raises (a GPU without the vendor GEMM, say) never fails the compile."""
-    from compile_backend.quant.speed import GemmSpeed
+    from compile_backend.quant.speed import LayerSpeed
 
-    class Broken(GemmSpeed):
-        def _measure(self, *args):
+    class Broken(LayerSpeed):
+        def _linear(self, *args):
             raise RuntimeError("no such GEMM here")
 
     speed = Broken(ctx=None, precision="int8", per_channel=True, dynamic=False)
