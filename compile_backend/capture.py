@@ -90,6 +90,10 @@ def lower(
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=training_decompositions(),
+        # an inference graph's writes into its inputs (a KV cache's update) stay in the graph as
+        # copy_ nodes, so our kernels can write the input in place (input_writes.py); without
+        # it AOT returns each new value and copies it over the input after the call
+        keep_inference_input_mutations=True,
     )(gm, example_inputs)
 
 

@@ -16,6 +16,14 @@ are always cloned (the next call's input copy or a refit writes there).
 
 Where the storage reference count cannot be read (a PyTorch without
 ``torch._C._storage_Use_Count``), every output is cloned, as before.
+
+Inputs the engine writes (a KV cache updated in place) are *borrowed*: recorded where the caller
+keeps them, so a replay reads and writes the caller's tensor, with no copy in or out (a decode
+step's caches are most of the bytes it would copy). The warm-up runs on copies, so the caller's
+tensor is written once per call, as in eager. When the caller passes another tensor there (a new
+cache), the runner records again for it; a caller that changes it nearly every call (fewer than
+``REBIND_MIN_REPLAYS`` replays in between, after ``FREE_REBINDS``) gets copies instead: the
+input is copied into a buffer of the runner before each replay and the buffer back after it.
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 log = logging.getLogger("compile_backend")
 
 HAND_OUT_SLOTS = 2  # recordings whose outputs are returned without a copy
+FREE_REBINDS = 2  # records again for a borrowed input's new tensor at least this often
+REBIND_MIN_REPLAYS = 4  # after that, only if the last tensor served this many replays
 storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -74,10 +84,11 @@ class CudaGraphRunner:
     """Replays an engine's launches from CUDA graphs.
 
     Inputs are copied into static buffers (skipped when the caller passes the static buffer
-    itself); constants are read where they live, so a refit that updates them in place needs no
-    re-recording, and one that moves them re-records on the next call. The engine's arena
-    (planned intermediates) is allocated once and never moved, so every recording shares it.
-    If recording fails (an op that synchronises, a CPU tensor), the engine runs without a graph.
+    itself), except those the engine writes, which are borrowed (module docstring); constants are
+    read where they live, so a refit that updates them in place needs no re-recording, and one
+    that moves them re-records on the next call. The engine's arena (planned intermediates) is
+    allocated once and never moved, so every recording shares it. If recording fails (an op
+    that synchronises, a CPU tensor), the engine runs without a graph.
     """
 
     def __init__(self, engine: Any):
@@ -90,6 +101,10 @@ class CudaGraphRunner:
         self.hand_out_slots = HAND_OUT_SLOTS
         self.lock = threading.Lock()  # replays share the static buffers and the arena
         self.done = None  # event after the last replay
+        # written inputs recorded on the caller's tensors; those given up on are copied back
+        self.borrowed = set(getattr(engine, "written_inputs", ())) - set(engine.frozen)
+        self.copied_back = set()
+        self.rebinds, self.replays = 0, 0  # records for a borrowed input's new tensor; replays since
 
     @property
     def graph(self) -> Any:  # the first recording (None before the first call or after a refit)
@@ -104,6 +119,8 @@ class CudaGraphRunner:
             stream = torch.cuda.current_stream()
             if self.done is not None:  # the previous replay, maybe on another stream, must finish
                 stream.wait_event(self.done)
+            if self.slots and self._moved(args):
+                self._rebind()
             if not self.slots:
                 try:
                     self._warm_up(args)
@@ -114,17 +131,20 @@ class CudaGraphRunner:
                     self.usable = False
                     torch.cuda.synchronize()
                     return self.engine.run(args)
-            else:
-                for static, arg in zip(self.static_args, args):
-                    if isinstance(static, torch.Tensor) and static is not arg and \
-                            static.data_ptr() != arg.data_ptr():
-                        static.copy_(arg)
+            # every call: the warm-up may have written the copies of written inputs
+            for static, arg in zip(self.static_args, args):
+                if isinstance(static, torch.Tensor) and static is not arg and static.data_ptr() != arg.data_ptr():
+                    static.copy_(arg)
             slot = self._free_slot()
             if slot is None:  # every recording's outputs are held and no copy recording could be made
                 return self.engine.run(args)
             if slot.stream is not None and slot.stream != stream:
                 stream.wait_stream(slot.stream)  # the caller may have read its outputs there
             slot.graph.replay()
+            self.replays += 1
+            for i in self.copied_back:
+                if self.static_args[i].data_ptr() != args[i].data_ptr():
+                    args[i].copy_(self.static_args[i])
             slot.stream = stream
             out = slot.outputs()
             self.done = torch.cuda.Event()
@@ -152,6 +172,21 @@ class CudaGraphRunner:
                 self.copy_failed = True
         return self.copy_slot
 
+    def _moved(self, args: Sequence[Any]) -> bool:
+        """A borrowed input came in another tensor than the one the recordings write."""
+        return any(args[i].data_ptr() != self.static_args[i].data_ptr() for i in self.borrowed)
+
+    def _rebind(self) -> None:
+        """Record again for the new tensors, or, for a caller that changes them nearly every
+        call, stop borrowing: copy those inputs in before each replay and back after it."""
+        if self.rebinds >= FREE_REBINDS and self.replays < REBIND_MIN_REPLAYS:
+            log.info("compile_backend: written inputs change tensors every few calls; copying them "
+                     "in and out of the CUDA graph's buffers instead of recording again")
+            self.copied_back |= self.borrowed
+            self.borrowed = set()
+        self.rebinds += 1
+        self.invalidate()
+
     def _warm_up(self, args: Sequence[Any]) -> None:
         frozen = set(self.engine.frozen)
         self.static_args = [
@@ -159,6 +194,7 @@ class CudaGraphRunner:
             if isinstance(a, torch.Tensor) and i not in frozen else a
             for i, a in enumerate(args)
         ]
+        self.replays = 0
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         # the warm-up runs draw random numbers the user's call must not see consumed
@@ -167,6 +203,8 @@ class CudaGraphRunner:
             for _ in range(2):  # warm-up outside the graph: lazy inits, workspace allocation
                 self.engine.launch(self.static_args)
         torch.cuda.current_stream().wait_stream(side)
+        for i in self.borrowed:  # recorded on the caller's tensor (the warm-up wrote copies)
+            self.static_args[i] = args[i]
 
     def _record(self, hand_out: bool) -> Recording:
         graph = torch.cuda.CUDAGraph()

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from .cuda_graph import CudaGraphRunner
 from .fx_passes.constant_fold import ConstantProgram
+from .fx_passes.rules import written_placeholders
 from .kernels.base import INTERPRETER_LOCK, Kernel, KernelGroup
 from .weights import WeightWatch
 
@@ -35,9 +36,10 @@ class GroupCall:
     def __init__(self, index: int, group: KernelGroup):
         self.index, self.group = index, group
         self.kernel: Kernel | None = None
-        # outputs the kernel writes into slices of a stack's buffer (stack_outputs.py):
-        # {output index: (the buffer's node, slice index)}, passed as out= by the engine
-        self.out_views: Dict[int, Tuple[fx.Node, int]] = {}
+        # outputs the kernel writes into given tensors, passed as out= by the engine:
+        # {output index: (node, slice index)}: a slice of a stack's buffer (stack_outputs.py),
+        # or with index None the node's tensor itself, an input written in place (input_writes.py)
+        self.out_views: Dict[int, Tuple[fx.Node, Optional[int]]] = {}
         self.__name__ = f"kernel_{index}"
 
     def __call__(self, *args: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
@@ -99,6 +101,9 @@ class Engine:
         # Triton loads or builds lazily on that call come from (and go to) our cache directory
         self.first_call_context = first_call_context
         self._called = False
+        # inputs the engine writes (a KV cache updated in place): a CUDA graph records them where
+        # the caller keeps them instead of copying them in (and back out)
+        self.written_inputs = written_inputs(graph)
         self.cuda_graph: CudaGraphRunner | None = CudaGraphRunner(self) if cuda_graph else None
         self.cache_key: Optional[str] = None  # the engine cache's key, when it came through the cache
 
@@ -194,6 +199,17 @@ class Engine:
             self.cuda_graph.invalidate()  # a recorded graph reads constants at fixed addresses
 
 
+def written_inputs(graph: fx.Graph) -> frozenset:
+    """Argument indices of the inputs the engine graph writes: through an ATen op (``copy_``)
+    or as a kernel's ``out=`` tensor (input_writes.py)."""
+    nodes = set(written_placeholders(graph))
+    for node in graph.nodes:
+        if isinstance(node.target, GroupCall):
+            nodes.update(n for n, index in node.target.out_views.values() if index is None and n.op == "placeholder")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return frozenset(n.meta.get("arg_index", placeholders.index(n)) for n in nodes)
+
+
 # --------------------------------------------------------------------------- code generation
 def _generate(graph: fx.Graph, const_names: List[str],
               outs: Dict[str, Dict[int, torch.Tensor]]) -> Tuple[str, Callable]:
@@ -227,7 +243,8 @@ def _generate(graph: fx.Graph, const_names: List[str],
     nodes = list(graph.nodes)
     last_use: Dict[fx.Node, fx.Node] = {}
     for node in nodes:
-        for inp in node.all_input_nodes:
+        written = [n for n, _ in node.target.out_views.values()] if isinstance(node.target, GroupCall) else []
+        for inp in [*node.all_input_nodes, *written]:  # a tensor a kernel writes lives until then
             last_use[inp] = node
     frees: Dict[fx.Node, List[str]] = {}
 
@@ -255,7 +272,8 @@ def _generate(graph: fx.Graph, const_names: List[str],
                 if node.name in outs or sliced:  # views of the arena, made once: constants of the source
                     n_out = len(node.target.group.outputs)
                     views = [glob(outs[node.name][k], "buf") if k in outs.get(node.name, {}) else
-                             f"{names[sliced[k][0]]}[{sliced[k][1]}]" if k in sliced else "None" for k in range(n_out)]
+                             _out_view(names[sliced[k][0]], sliced[k][1]) if k in sliced else "None"
+                             for k in range(n_out)]
                     call_args.append("out=(" + "".join(v + ", " for v in views) + ")")
                 lines.append(f"    {var} = {fn}({', '.join(call_args)})")
         elif node.op == "output":
@@ -263,7 +281,8 @@ def _generate(graph: fx.Graph, const_names: List[str],
             continue
         else:
             raise NotImplementedError(f"engine cannot run node op {node.op!r} ({node})")
-        for inp in node.all_input_nodes:
+        written = [n for n, _ in node.target.out_views.values()] if isinstance(node.target, GroupCall) else []
+        for inp in [*node.all_input_nodes, *written]:
             if last_use.get(inp) is node and inp.op != "get_attr":
                 frees.setdefault(node, []).append(names[inp])
         if not node.users and node.op == "call_function":
@@ -275,3 +294,7 @@ def _generate(graph: fx.Graph, const_names: List[str],
     scope: Dict[str, Any] = dict(globals_)
     exec(code, scope)  # our own generated source, built from the graph above
     return source, scope["run"]
+
+
+def _out_view(name: str, index: Optional[int]) -> str:
+    return name if index is None else f"{name}[{index}]"

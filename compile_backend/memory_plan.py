@@ -173,7 +173,7 @@ class _EngineGraph:
         call = node.args[0]
         kernel = call.target.kernel
         if k in call.target.out_views:
-            return False  # written into its stack's slice: the stack's buffer, not the arena
+            return False  # written into a given tensor (a stack's slice, an input), not the arena
         return bool(kernel is not None and kernel.supports_out and k < len(kernel.out_layouts)
                     and kernel.out_layouts[k] is not None and not self.aliases[call][k]
                     # a node reading the call's tuple itself would read outputs unseen

@@ -24,6 +24,7 @@ from .cache import post_pass
 from .cache import scope as scopes
 from .engine import Engine, GroupCall
 from .fx_passes.constant_fold import constant_programs, freeze
+from .fx_passes.rules import written_placeholders
 from .groups import fuse_groups, inline_aten_groups
 from .kernels.base import KernelContext, KernelGroup, op_name, triton_enabled, triton_interpret
 from .kernels.select import choose_kernel
@@ -31,6 +32,7 @@ from .options import Options
 from .quant.qat_report import fake_quant_placement, mark_fake_quant
 from .quant.standalone import standalone_quantizes
 from .report import GraphReport
+from .input_writes import write_inputs_in_place
 from .stack_outputs import write_stacks_in_place
 
 log = logging.getLogger("compile_backend")
@@ -154,6 +156,7 @@ def compile_graph(
         report.fake_quant = fake_quant_placement(graph)
     report.tuning = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
     _in_place(write_stacks_in_place(graph), report, fallbacks)  # stacked outputs written where made
+    report.input_writes = _input_writes(write_inputs_in_place(graph), graph)  # a KV cache written in place
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena
     report.memory = memory_plan.summary(memory, graph, front.eager_peak)
@@ -267,9 +270,12 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
         for x in node.all_input_nodes:
             last_use[x] = node
     constants = _constants(gm)
+    written = set(written_placeholders(graph))  # the build's run must leave the caller's inputs as they are
     for node in graph.nodes:
         if node.op == "placeholder":
             env[node] = args[node.meta["arg_index"]]
+            if node in written:
+                env[node] = env[node].clone()
         elif node.op == "get_attr":
             env[node] = constants[node.target]
         elif node.op == "call_function":
@@ -321,6 +327,17 @@ def _record(report: GraphReport, call: GroupCall, fallbacks: List[Dict[str, str]
     report.kernels.append(call.kernel.describe())
     report.fallbacks.extend(fallbacks)
     return fallbacks
+
+
+def _input_writes(in_place: List, graph: fx.Graph) -> List[Dict[str, Any]]:
+    """The report's entries: inputs our kernels write in place, then those ATen copies into."""
+    out = [{"input": call.out_views[k][0].meta.get("arg_index"), "by": "kernel", "kernel": call.report_index}
+           for call, k in in_place]
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.copy_.default and \
+                isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
+            out.append({"input": node.args[0].meta.get("arg_index"), "by": "copy_"})
+    return out
 
 
 def _in_place(stacks: List[GroupCall], report: GraphReport, fallbacks: Dict[str, List]) -> None:

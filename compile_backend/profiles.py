@@ -249,6 +249,11 @@ class GraphProfiles:
         if role != "inference":
             return self._not_applied_all("profiles apply to inference graphs; a training graph "
                                          "builds one engine per shape")
+        from .fx_passes.rules import written_placeholders
+
+        if written_placeholders(aten_gm.graph):  # a write into a padded copy never reaches the caller
+            return self._not_applied_all("the graph writes its inputs (e.g. a KV cache updated in "
+                                         "place); it builds one engine per shape")
         user_inputs = aten_gm.meta.get(USER_INPUTS_META)
         if user_inputs is None:
             return self._not_applied_all("which arguments of this graph are the model's inputs is "

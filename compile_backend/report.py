@@ -46,6 +46,9 @@ class GraphReport:
     # the tuner's counters for this graph's build (kernels.autotune.Tuner.stats): {"tuned",
     # "from_cache", "heuristic", "candidates_timed", "seconds"}; empty when no kernel was tuned
     tuning: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # inputs the graph writes (a KV cache's update): {"input": argument index, "by": "kernel"
+    # (written in place by kernel ``kernel``, input_writes.py) | "copy_" (an ATen copy after the fact)}
+    input_writes: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     # first-call speed check (CUDA inference, compile_backend.speed_check): {"ms": {runner: median
     # ms}, "chosen": runner, "from_cache": True when an earlier process's verdict was applied}; empty when it did not run
     speed_check: Dict[str, Any] = dataclasses.field(default_factory=dict)

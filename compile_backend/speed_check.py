@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
+from .fx_passes.rules import written_placeholders
+
 #: another runner must be this much faster than the engine to replace it (timing noise)
 MARGIN = 0.03
 WARMUP, REPS = 2, 9
@@ -33,16 +35,8 @@ ENGINE, NO_GRAPH, ATEN = "engine", "engine without CUDA graph", "aten graph"
 
 
 def writes_inputs(gm: fx.GraphModule) -> bool:
-    """Whether any op writes one of the graph's placeholders (an input mutation)."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        for i, arg in enumerate(node.target._schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write and i < len(node.args):
-                a = node.args[i]
-                if isinstance(a, fx.Node) and a.op == "placeholder":
-                    return True
-    return False
+    """Whether any op writes one of the graph's inputs (an input mutation)."""
+    return bool(written_placeholders(gm.graph))
 
 
 def cuda_event_ms(fn: Callable[[], Any]) -> float:

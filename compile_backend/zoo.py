@@ -9,7 +9,7 @@ deterministic random weights (no downloads) and inputs that exercise what matter
                 mask -> softmax -> dropout -> matmul, some tokens padded
 * ``gpt2``      GPT-2 small decoder; causal mask through a registered tril buffer + masked_fill
 * ``vit``       ViT-B/16; attention through ``F.scaled_dot_product_attention``
-* ``llama_decode``, ``llama_prefill``  a Llama-style decoder (GQA, rotary, SwiGLU) with a static
+* ``llama_decode``, ``llama_decode_inplace``, ``llama_prefill``  a Llama-style decoder (GQA, rotary, SwiGLU) with a static
                 KV cache passed in: one decode step, one prompt (``zoo_llama``). In ``LLM_NAMES``,
                 not ``NAMES``: they return (logits, caches) and have no dropout, and the suites
                 that sweep ``NAMES`` expect one output tensor and dropout
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from . import zoo_llama
 
 NAMES = ("mlp", "resnet50", "bert", "gpt2", "vit")
-LLM_NAMES = ("llama_decode", "llama_prefill")
+LLM_NAMES = ("llama_decode", "llama_decode_inplace", "llama_prefill")
 SIZES = ("tiny", "base")
 DROPOUT = 0.1
 
@@ -429,6 +429,14 @@ _SPECS: Dict[Tuple[str, str], Spec] = {
     ("llama_decode", "tiny"): Spec(lambda: zoo_llama.decode_model(zoo_llama.TINY), 2,
                                    zoo_llama.decode_inputs(zoo_llama.TINY, 37),
                                    "2-layer Llama, hidden 64, GQA 4/2, decode at position 36", logits=True),
+    ("llama_decode_inplace", "base"): Spec(lambda: zoo_llama.decode_in_place_model(zoo_llama.BASE), 1,
+                                           zoo_llama.decode_in_place_inputs(zoo_llama.BASE, 512),
+                                           "Llama 1.1B (GQA 32/4), one decode step at position 511 into "
+                                           "per-layer caches written in place", logits=True),
+    ("llama_decode_inplace", "tiny"): Spec(lambda: zoo_llama.decode_in_place_model(zoo_llama.TINY), 2,
+                                           zoo_llama.decode_in_place_inputs(zoo_llama.TINY, 37),
+                                           "2-layer Llama, hidden 64, GQA 4/2, decode at position 36 into "
+                                           "caches written in place", logits=True),
     ("llama_prefill", "base"): Spec(lambda: zoo_llama.prefill_model(zoo_llama.BASE), 1,
                                     zoo_llama.prefill_inputs(zoo_llama.BASE, 2048),
                                     "Llama 1.1B (GQA 32/4), prefill of 2048 tokens", logits=True),

@@ -21,6 +21,10 @@ compiles to one static graph (they share one ``LlamaDecoder`` and so its weights
 * ``LlamaDecode(decoder)(input_ids [B, 1], position [B] or [], k_cache, v_cache)``: one new
   token per sequence at ``position`` (per row; a 0-d position serves every row). The new key
   and value go to cache slot ``position``; the token attends to slots ``<= position``.
+* ``LlamaDecodeInPlace(decoder)(input_ids [B, 1], position, k_0, v_0, k_1, v_1, ...)``: the same
+  step with a cache tensor per layer, written in place (HF ``StaticCache``'s way, what a serving
+  loop runs); returns the logits alone. Compiled, the kernel making each new entry writes the
+  caller's cache (``input_writes.py``) and a CUDA graph records on the caller's caches.
 * ``LlamaPrefill(decoder)(input_ids [B, T], k_cache, v_cache)``: a prompt of T tokens from
   position 0, causal attention among them; cache slots 0..T-1 are filled, later slots keep
   what the given caches held.
@@ -39,7 +43,7 @@ the caller carries the returned caches into the next step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -215,6 +219,33 @@ class LlamaDecoder(nn.Module):
             x = layer.finish(x, layer.self_attn.attend(q, layer_k, layer_v, keep_mask=keep_mask))
         return self._logits(x[:, -1]), torch.stack(new_k), torch.stack(new_v)
 
+    def decode_in_place(self, input_ids: torch.Tensor, position: torch.Tensor,
+                        caches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``decode`` writing each layer's new key and value into the caller's caches (HF
+        ``StaticCache``'s way): ``caches`` is (k_0, v_0, k_1, v_1, ...), each [B, kv_heads,
+        max_context, head_dim]; returns the logits. One position for every row is HF's
+        ``index_copy_``; a position per row is a select written back."""
+        batch, context = input_ids.shape[0], caches[0].shape[2]
+        shared = position.numel() == 1
+        position = position.reshape(-1, 1).expand(batch, 1)
+        cos = self.rope_cos[position][:, None]
+        sin = self.rope_sin[position][:, None]
+        slots = torch.arange(context, device=position.device)
+        is_new_slot = (slots == position)[:, None, :, None]
+        keep_mask = (slots <= position)[:, None, None, :]
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.self_attn.project(layer.input_layernorm(x), cos, sin)
+            k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
+            if shared:
+                k_cache.index_copy_(2, position[:1, 0], k)
+                v_cache.index_copy_(2, position[:1, 0], v)
+            else:
+                k_cache.copy_(torch.where(is_new_slot, k, k_cache))
+                v_cache.copy_(torch.where(is_new_slot, v, v_cache))
+            x = layer.finish(x, layer.self_attn.attend(q, k_cache, v_cache, keep_mask=keep_mask))
+        return self._logits(x[:, -1])
+
     def prefill(self, input_ids: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> StepOutput:
         prompt = input_ids.shape[1]
         cos, sin = self.rope_cos[:prompt], self.rope_sin[:prompt]
@@ -245,6 +276,19 @@ class LlamaDecode(nn.Module):
         return self.decoder.decode(input_ids, position, k_cache, v_cache)
 
 
+class LlamaDecodeInPlace(nn.Module):
+    """One decode step into per-layer caches written in place: ``(input_ids [B, 1], position [1]
+    or [B], k_0, v_0, k_1, v_1, ...)`` -> (logits [B, vocab],). A serving loop's step: no cache
+    is returned or copied, each step writes one slot per cache."""
+
+    def __init__(self, decoder: LlamaDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, input_ids, position, *caches) -> Tuple[torch.Tensor]:
+        return (self.decoder.decode_in_place(input_ids, position, caches),)
+
+
 class LlamaPrefill(nn.Module):
     """A prompt from position 0: ``(input_ids [B, T], k_cache, v_cache)`` -> last logits [B, vocab], caches."""
 
@@ -258,6 +302,10 @@ class LlamaPrefill(nn.Module):
 
 def decode_model(cfg: LlamaConfig) -> LlamaDecode:
     return LlamaDecode(LlamaDecoder(cfg))
+
+
+def decode_in_place_model(cfg: LlamaConfig) -> LlamaDecodeInPlace:
+    return LlamaDecodeInPlace(LlamaDecoder(cfg))
 
 
 def prefill_model(cfg: LlamaConfig) -> LlamaPrefill:
@@ -284,6 +332,19 @@ def decode_inputs(cfg: LlamaConfig, context: int) -> Callable:
     return make
 
 
+def decode_in_place_inputs(cfg: LlamaConfig, context: int) -> Callable:
+    """``decode_inputs``'s step as ``LlamaDecodeInPlace`` takes it: the position as one value
+    (batch 1) or per row, each layer's key and value cache its own tensor."""
+    functional = decode_inputs(cfg, context)
+
+    def make(batch: int, gen: torch.Generator):
+        ids, position, k_cache, v_cache = functional(batch, gen)
+        caches = [c[i].clone() for i in range(cfg.layers) for c in (k_cache, v_cache)]
+        return (ids, position[:1] if batch == 1 else position, *caches)
+
+    return make
+
+
 def prefill_inputs(cfg: LlamaConfig, prompt: int) -> Callable:
     """Zoo input factory for a prefill of ``prompt`` tokens into empty (zero) caches."""
     if not 1 <= prompt <= cfg.max_context:
@@ -297,5 +358,6 @@ def prefill_inputs(cfg: LlamaConfig, prompt: int) -> Callable:
 
 
 __all__ = ["LlamaConfig", "TINY", "BASE", "RMSNorm", "rotary_tables", "apply_rotary", "SwiGLU",
-           "GroupedQueryAttention", "DecoderLayer", "LlamaDecoder", "LlamaDecode", "LlamaPrefill",
-           "decode_model", "prefill_model", "decode_inputs", "prefill_inputs"]
+           "GroupedQueryAttention", "DecoderLayer", "LlamaDecoder", "LlamaDecode", "LlamaDecodeInPlace",
+           "LlamaPrefill", "decode_model", "decode_in_place_model", "prefill_model", "decode_inputs",
+           "decode_in_place_inputs", "prefill_inputs"]

@@ -57,6 +57,9 @@ def test_static_cache_decode_matches_eager_and_updates_the_cache_in_our_kernels(
     assert {f["op"] for f in g.fallbacks} <= {"aten.embedding"}, g.fallbacks
     updates = [k for k in g.kernels if k["ops"].count("aten.where") >= 2 and k["ops"].count("aten.cat") == 2]
     assert len(updates) == cfg.num_hidden_layers, [(k["kind"], k["ops"]) for k in g.kernels]
+    # each layer's key and value caches written in place by that kernel: no copy after the call
+    assert [w["by"] for w in g.input_writes] == ["kernel"] * 2 * cfg.num_hidden_layers, g.input_writes
+    assert all(g.kernels[w["kernel"]]["ops"].count("aten.where") >= 2 for w in g.input_writes)
 
 
 def _decoder(name):

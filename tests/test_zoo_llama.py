@@ -89,7 +89,7 @@ def token_ids(batch, length, seed=1):
 # ----------------------------------------------------------------------------- the zoo entries
 
 def test_zoo_entries_build_run_and_cast():
-    assert set(zoo.LLM_NAMES) == {"llama_decode", "llama_prefill"} and not set(zoo.LLM_NAMES) & set(zoo.NAMES)
+    assert set(zoo.LLM_NAMES) == {"llama_decode", "llama_decode_inplace", "llama_prefill"} and not set(zoo.LLM_NAMES) & set(zoo.NAMES)
     cache = CFG.cache_shape(2)
     model, (ids, position, k, v) = zoo.get("llama_decode", "tiny")
     assert not model.training and ids.shape == (2, 1) and position.tolist() == [36, 36]
@@ -239,13 +239,14 @@ ATEN_OPS = {"aten.embedding", "aten.index", "aten.cat", "aten.stack",
 @pytest.mark.parametrize("name", zoo.LLM_NAMES)
 def test_entry_point_compiles_fullgraph_and_matches_eager(name):
     model, inputs = zoo.get(name, "tiny")
-    before = [t.clone() for t in inputs]
     with torch.no_grad():
-        expected = model(*inputs)
+        expected = model(*inputs)  # the in-place entry writes its caches here (the same slot each call)
+        before = [t.clone() for t in inputs]
         compiled = torch.compile(model, backend="compile_backend", fullgraph=True)
         for _ in range(2):
             assert_same(compiled(*inputs), expected)
-    assert all(torch.equal(a, b) for a, b in zip(inputs, before)), "the caches are inputs, never written"
+    for a, b in zip(inputs, before):  # the in-place entry's caches: the same slot, our kernels' rounding
+        torch.testing.assert_close(a, b, **EAGER_TOL, msg="inputs written other than eager writes them")
 
     report = compile_backend.explain(model, *inputs)
     kernels = [k for g in report.graphs for k in g.kernels]
@@ -301,3 +302,41 @@ def test_decode_step_kernels_per_layer():
     # combined kernel: kernels/pointwise_combo.py)
     updates = [k for k in g.kernels if k["ops"].count("aten.where") >= 2 and k["ops"].count("aten.cat") == 2]
     assert len(updates) == CFG.layers, [(k["kind"], k["ops"]) for k in g.kernels]
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # one position for all rows (index_copy_), one per row (select)
+def test_in_place_decode_equals_the_functional_step_and_writes_caches_in_our_kernels(batch, tmp_path):
+    """``LlamaDecodeInPlace`` computes the functional step's logits and leaves in its per-layer
+    caches what the functional step returns; compiled, each layer's key/value update kernel
+    writes the caller's caches (no copy after the call), equal to eager over three steps."""
+    decoder = sharp_decoder()
+    functional, in_place = zoo_llama.LlamaDecode(decoder).eval(), zoo_llama.LlamaDecodeInPlace(decoder).eval()
+    make = zoo_llama.decode_in_place_inputs(CFG, 30)
+    ids, position, *caches = make(batch, torch.Generator().manual_seed(3))
+    assert position.shape == ((1,) if batch == 1 else (batch,))
+    k5, v5 = torch.stack(caches[0::2]), torch.stack(caches[1::2])
+    mine = [c.clone() for c in caches]
+    with torch.no_grad():
+        want, new_k, new_v = functional(ids, position, k5, v5)
+        (got,) = in_place(ids, position, *mine)
+    torch.testing.assert_close(got, want, **EAGER_TOL)
+    for i in range(CFG.layers):
+        torch.testing.assert_close(mine[2 * i], new_k[i], **EAGER_TOL)
+        torch.testing.assert_close(mine[2 * i + 1], new_v[i], **EAGER_TOL)
+
+    compiled = torch.compile(in_place, backend="compile_backend", fullgraph=True,
+                             options={"cache_dir": str(tmp_path)})
+    eager_caches, our_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    with torch.no_grad():
+        for step in range(3):  # three tokens: each step writes the next slot
+            pos = position + step
+            (e,) = in_place(ids, pos, *eager_caches)
+            (o,) = compiled(ids, pos, *our_caches)
+            torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-4)
+            for a, b in zip(our_caches, eager_caches):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        report = compile_backend.explain(in_place, ids, position, *[c.clone() for c in caches],
+                                         cache_dir=str(tmp_path / "r"))
+    (g,) = report.graphs
+    assert [w["by"] for w in g.input_writes] == ["kernel"] * 2 * CFG.layers, g.input_writes
+    assert len({w["input"] for w in g.input_writes}) == 2 * CFG.layers  # every cache, once

@@ -205,6 +205,18 @@ def _match_clone(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
     return x if _replaceable(node, x, facts) else None
 
 
+def _match_functional_copy(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
+    """``aten.copy(x, src)`` (functionalization's form of ``x.copy_(src)``, before the write back
+    into ``x``) takes ``x``'s layout and ``src``'s values: when the layouts agree, it is ``src``."""
+    if not is_op(node, aten.copy) or len(node.args) < 2 or node.kwargs.get("non_blocking", False):
+        return None
+    x, src = node.args[:2]
+    xv, sv = tensor_val(x), tensor_val(src)
+    if xv is None or sv is None or xv.shape != sv.shape or xv.dtype != sv.dtype:
+        return None  # a broadcast or a cast: not the source as it is
+    return src if _replaceable(node, src, facts) else None
+
+
 NOOP_RULES = (
     Rule("identity_view", "a view (reshape, expand, slice, alias, transpose pair...) that "
          "reproduces its input or an earlier value of its view chain is that value",
@@ -218,6 +230,8 @@ NOOP_RULES = (
          _match_same_dtype_cast, _redirect),
     Rule("redundant_clone", "a clone with its input's layout, of a value nobody mutates, is the input",
          _match_clone, _redirect),
+    Rule("functional_copy", "copy(x, src) with src of x's shape, dtype and layout is src (the value "
+         "an in-place copy_ into x writes back)", _match_functional_copy, _redirect),
 )
 
 __all__ = ["eliminate_common_subexpressions", "remove_noops", "NOOP_RULES"]

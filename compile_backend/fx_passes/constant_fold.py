@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from .base import PassContext
+from .rules import written_placeholders
 
 FROZEN_PREFIX = "_frozen_"
 FOLDED_PREFIX = "_folded_"
@@ -45,7 +46,7 @@ def freeze(gm: fx.GraphModule, frozen: Sequence[bool], args: Sequence[Any],
     """Replace frozen placeholders by get_attr constants; returns {arg index: attribute name}.
     ``names`` (the parameters' FQNs, when known) go to each constant's ``meta['param_name']``."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mutated = _mutated_placeholders(gm)
+    mutated = set(written_placeholders(gm.graph))
     bound: Dict[int, str] = {}
     for i, (node, is_frozen) in enumerate(zip(placeholders, frozen)):
         if not is_frozen or not isinstance(args[i], torch.Tensor) or node in mutated:
@@ -217,14 +218,3 @@ def _nbytes(value: Any) -> int:
     return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
-def _mutated_placeholders(gm: fx.GraphModule) -> set:
-    out = set()
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            schema = node.target._schema
-            for i, arg in enumerate(schema.arguments):
-                if arg.alias_info is not None and arg.alias_info.is_write and i < len(node.args):
-                    a = node.args[i]
-                    if isinstance(a, fx.Node) and a.op == "placeholder":
-                        out.add(a)
-    return out

@@ -218,6 +218,14 @@ def unsafe_aliases(graph: fx.Graph) -> Set[fx.Node]:
     return {n for n in graph.nodes if find(n) in bad_roots}
 
 
+def written_placeholders(graph: fx.Graph) -> List[fx.Node]:
+    """The graph's inputs some op writes, directly or through a view (a KV cache's update, kept
+    in inference graphs as ``copy_(input, new)``): never frozen, never run on the caller's tensor
+    while building, and borrowed, not copied, by a CUDA graph."""
+    unsafe = unsafe_aliases(graph)
+    return [n for n in graph.nodes if n.op == "placeholder" and n in unsafe]
+
+
 # ----------------------------------------------------------------------------- building nodes
 _fallback_mode = None
 
