@@ -16,7 +16,8 @@ fp16 eager peer, for the weight-only engines each quantized layer's output SQNR 
 numerics on the inputs the float model gives it; ``layer_sqnr_db``), and each of our engines'
 report (layers quantized, fallbacks). ``--model hf``: the decode step of transformers'
 ``LlamaForCausalLM`` at the same sizes with a ``StaticCache`` (written in place), in place of
-the zoo decoder. ``--profile``: each peer's GPU kernels per call
+the zoo decoder; ``--model zoo-inplace``: the zoo decoder's step into per-layer caches written
+in place (``llama_decode_inplace``: a serving loop's step, no cache returned). ``--profile``: each peer's GPU kernels per call
 (``kernel_profile.profile_kernels``, the CUDA graph replayed). Each record carries the device,
 versions and commit.
 """
@@ -187,6 +188,10 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         if kind != "decode":
             raise ValueError("--model hf times the decode step (the prefill is the zoo decoder's)")
         model, inputs = hf_decode_case(size, batch, device, dtype)
+    elif model_kind == "zoo-inplace":
+        if kind != "decode":
+            raise ValueError("--model zoo-inplace times the decode step (the prefill is the zoo decoder's)")
+        model, inputs = zoo.get("llama_decode_inplace", size, batch=batch, dtype=dtype, device=device)
     else:
         model, inputs = zoo.get(f"llama_{kind}", size, batch=batch, dtype=dtype, device=device)
     model.eval()
@@ -241,9 +246,10 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefill", action="store_true", help="also a prefill at batch 1")
     p.add_argument("--profile", action="store_true", help="each peer's GPU kernels per call (torch.profiler)")
-    p.add_argument("--model", choices=("zoo", "hf"), default="zoo",
-                   help="zoo: our Llama-style decoder; hf: transformers' LlamaForCausalLM of the same sizes with a "
-                        "StaticCache (decode only)")
+    p.add_argument("--model", choices=("zoo", "zoo-inplace", "hf"), default="zoo",
+                   help="zoo: our Llama-style decoder (caches in, new caches out); zoo-inplace: the same step "
+                        "writing per-layer caches in place (decode only); hf: transformers' LlamaForCausalLM of "
+                        "the same sizes with a StaticCache (decode only)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 

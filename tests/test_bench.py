@@ -513,6 +513,21 @@ def test_decode_bench_times_transformers_llama_with_a_static_cache(tmp_path, mon
     assert rows["w4a16"]["quantized"] == 8 and rows["w4a16"]["cosine_vs_eager"] > 0.99  # 2 layers x 4 (merged)
 
 
+def test_decode_bench_times_the_zoo_step_writing_its_caches_in_place(tmp_path, monkeypatch):
+    """``--model zoo-inplace``: the zoo decoder's step into per-layer caches written in place."""
+    import json
+
+    from benchmarks import decode_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "zoo_inplace.json"
+    assert decode_bench.main(["--model", "zoo-inplace", "--size", "tiny", "--device", "cpu", "--batches", "1",
+                              "--iters", "1", "--peers", "eager", "compile_backend", "w8a16", "--out", str(out)]) == 0
+    rows = {r["peer"]: r for r in json.loads(out.read_text())}
+    assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
+    assert rows["compile_backend"]["cosine_vs_eager"] > 0.9999 and rows["w8a16"]["cosine_vs_eager"] > 0.999
+
+
 def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
     """The real-text accuracy benchmark of issue #20 in miniature: a few training steps of a
     tiny byte-level decoder, then a weight-only and a W8A8 mode against FP32 on held-out text."""
