@@ -205,9 +205,20 @@ def is_symbolic(gm: fx.GraphModule) -> bool:
 
 
 def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
-    """A copy of ``gm`` with concrete shapes: engines are built per concrete input shape."""
+    """A copy of ``gm`` with concrete shapes: engines are built per concrete input shape. A
+    graph whose recorded input layouts differ from the real inputs' is traced again from them:
+    AOT's metadata can disagree with the kernels' (on the CPU, BatchNorm of bf16 input under
+    autocast saves fp32 statistics that the backward graph records as bf16): its values' metadata
+    is propagated again from the real inputs (every other meta entry kept), so passes and the
+    stored graph's check see what runs."""
     if not is_symbolic(gm):
-        return _copy(gm)
+        copy = _copy(gm)
+        if not _inputs_match(gm, args):
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+            FakeTensorProp(copy, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+        return copy
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def run(*flat):
@@ -216,6 +227,16 @@ def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     with contextlib.nullcontext() if needs_grad else torch.no_grad():
         return make_fx(run, tracing_mode="fake")(*args)
+
+
+def _inputs_match(gm: fx.GraphModule, args: Sequence[Any]) -> bool:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, arg in zip(placeholders, args):
+        val = node.meta.get("val")
+        if isinstance(arg, torch.Tensor) and isinstance(val, torch.Tensor) and (
+                tuple(val.shape), tuple(val.stride()), val.dtype) != (tuple(arg.shape), tuple(arg.stride()), arg.dtype):
+            return False
+    return True
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:

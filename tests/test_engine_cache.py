@@ -354,3 +354,30 @@ def test_quantized_hit_reports_the_same_layers(tmp_path, monkeypatch):
     assert c.quant and quant_lines(g.quant) == quant_lines(c.quant)
     assert g.fired() == c.fired() and g.standalone_quantizes == c.standalone_quantizes
     assert torch.equal(warm, cold)
+
+
+def test_autocast_batchnorm_training_hits_its_stored_backward_graph(tmp_path):
+    """On the CPU, BatchNorm of bf16 input under autocast saves fp32 statistics that AOT's backward
+    graph records as bf16: the graph's metadata is propagated again from the real inputs, so the
+    stored backward graph matches them and a second process loads it (it was refused every run)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5)).train()
+    x = torch.randn(2, 3, 6, 6)
+    reports, grads = [], []
+    for _ in range(2):
+        with torch.autocast("cpu", torch.bfloat16):
+            reports.append(_explain(model, x, tmp_path))
+        torch._dynamo.reset()
+        model.zero_grad()
+        compiled = torch.compile(model, backend="compile_backend", options={"cache_dir": str(tmp_path)})
+        with torch.autocast("cpu", torch.bfloat16):
+            out = compiled(x)
+        out.float().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    cold, warm = reports
+    assert [g.role for g in warm.graphs] == ["forward", "backward"]
+    assert [g.cache["graph"] for g in cold.graphs] == ["stored", "stored"]
+    assert [g.cache["graph"] for g in warm.graphs] == ["loaded", "loaded"], [g.cache for g in warm.graphs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
