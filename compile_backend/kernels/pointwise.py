@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from . import expr
+from . import expr, expr_casts
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, is_view_op, meta_of, op_name, output_tensor
 from .launch import (PointwiseConfig, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
@@ -228,10 +228,13 @@ def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
 
 
 def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
-            round_intermediates: bool = True, cat_dims: Sequence[int] = (), gather_dim: Any = None) -> str:
+            round_intermediates: bool = True, cat_dims: Sequence[int] = (), gather_dim: Any = None,
+            kept: Sequence[int] = ()) -> str:
     """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
     div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
-    long division per element."""
+    long division per element. ``kept``: stored outputs ``where(c, a, x)`` written over ``x``
+    itself (``keeper_outputs``): stored only where ``c`` holds, ``x`` never loaded."""
+    unread = {plan.stored[i].args[2] for i in kept}
     ndims, numel = len(sizes), 1
     for s in sizes:
         numel *= s
@@ -265,7 +268,10 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     for node, t, pat in zip(plan.operands, tensors, patterns):
         dtype = meta_of(node).dtype
         var = f"l_{node.name}"
-        if pat == "flat" or pat:
+        if node in unread:  # kept where it is: read by nothing that is stored
+            load = f"tl.zeros([BLOCK], dtype={expr_casts.tl_type(dtype)})"
+            block_values.add(node)
+        elif pat == "flat" or pat:
             load = f"tl.load({t}_ptr + {offset(t, pat)}, mask=mask, other=0)"
             block_values.add(node)
         else:  # broadcast scalar (0-dim or all-stride-0 input): one load per program
@@ -318,6 +324,8 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
         # an output smaller than the iteration shape: only the first element along each of its
         # broadcast dims writes (every element computed the same value)
         once = "" if pat == "flat" else "".join(f" & (i{j} == 0)" for j in range(ndims) if j not in pat)
+        if i in kept:  # elsewhere the output already holds x, the value the select keeps
+            once += f" & ({names[node.args[0]]})"
         body.append(f"tl.store(out{i}_ptr + {offset(f'out{i}', pat) or '0 * offs'}, "
                     f"{expr.to_storage(value, meta_of(node).dtype)}, mask=mask{once})")
     header = ["import triton", "import triton.language as tl", "",
@@ -342,9 +350,10 @@ class PointwiseLauncher:
     def __init__(self, plan: PointwisePlan, config: PointwiseConfig, device: torch.device):
         self.plan, self.config, self.device = plan, config, device
         self._launches: Dict[Tuple, _Launch] = {}
+        self.keepers = keeper_outputs(plan)
         self.last_compiled: Any = None
 
-    def _layout(self, operands: Sequence[torch.Tensor]) -> _Launch:
+    def _layout(self, operands: Sequence[torch.Tensor], kept: Tuple[int, ...] = ()) -> _Launch:
         plan = self.plan
         for node, t in zip(plan.operands, operands):
             want = meta_of(node)
@@ -381,7 +390,7 @@ class PointwiseLauncher:
         reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1
                                for t in list(operands) + list(pieces) + list(gathered)])
         wide = reach + self.config.block > INT32_MAX
-        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim)
+        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim, kept=kept)
         int_args = tuple(
             s[j] for s, pat in zip(strides, patterns) if pat not in ("flat", "gather") for j in pat)
         int_args += tuple(x for w in gathered[::2] for x in w.stride())
@@ -407,11 +416,11 @@ class PointwiseLauncher:
         return tuple(0 if d < lead or (t.shape[d - lead] == 1 and shape[d] != 1 and d - lead != dim)
                      else t.stride(d - lead) for d in range(len(shape)))
 
-    def launch_for(self, operands: Sequence[torch.Tensor]) -> _Launch:
-        key = tuple((t.dtype, tuple(t.shape), t.stride()) for t in operands)
+    def launch_for(self, operands: Sequence[torch.Tensor], kept: Tuple[int, ...] = ()) -> _Launch:
+        key = (tuple((t.dtype, tuple(t.shape), t.stride()) for t in operands), kept)
         launch = self._launches.get(key)
         if launch is None:
-            launch = self._launches[key] = self._layout(operands)
+            launch = self._launches[key] = self._layout(operands, kept)
         return launch
 
     def out_layouts(self) -> Tuple[Any, ...]:
@@ -435,6 +444,9 @@ class PointwiseLauncher:
             launch = self.launch_for(operands)
             outs = [output_tensor(out, plan.outputs.index(o), (tuple(meta_of(o).shape), st, meta_of(o).dtype), device)
                     for o, st in zip(plan.stored, launch.out_strides)]
+            kept = tuple(i for i, x in self.keepers.items() if _same_memory(outs[i], env[x]))
+            if kept:  # an input written in place (a KV cache's slot): the other elements stay as they are
+                launch = self.launch_for(operands, kept)
             args = (*operands, *outs, *[env[n] for n in plan.scalars], *launch.int_args)
             env.update(zip(plan.stored, outs))
         programs = triton_cdiv(launch.numel, self.config.block) if launch is not None else 0
@@ -447,6 +459,28 @@ class PointwiseLauncher:
             self.last_compiled = ready.launch.kernel[(ready.programs,)](
                 *ready.args, BLOCK=self.config.block, num_warps=self.config.num_warps)
         return ready.outputs
+
+
+def keeper_outputs(plan: PointwisePlan) -> Dict[int, fx.Node]:
+    """{stored output index: x} for outputs ``where(c, a, x)`` of an operand ``x`` nothing else in
+    the group reads. Written into ``x`` itself (an input updated in place: a KV cache's slot,
+    ``input_writes.py``), such an output needs storing only where ``c`` holds, and ``x`` no load:
+    one slot's bytes, not the whole cache's read and written."""
+    out = {}
+    for i, node in enumerate(plan.stored):
+        if node.op != "call_function" or node.target is not torch.ops.aten.where.self or len(node.args) != 3:
+            continue
+        c, _, x = node.args
+        if isinstance(c, fx.Node) and x in plan.operands and x is not c and len(x.users) == 1 \
+                and x not in plan.pieces and x not in plan.gathered and meta_of(x).dtype not in (expr_casts.FP8,) \
+                and meta_of(x).dtype == meta_of(node).dtype and tuple(meta_of(x).shape) == tuple(meta_of(node).shape):
+            out[i] = x
+    return out
+
+
+def _same_memory(a: Any, b: Any) -> bool:
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 @dataclasses.dataclass

@@ -289,3 +289,30 @@ def test_cat_as_the_output_and_unsupported_pieces():
     two_inputs = make_group(lambda a, b: torch.cat((a * b, b), 1), a, b)  # a piece reading two tensors
     with pytest.raises(Unsupported, match="cat of a computed value"):
         build_pointwise(two_inputs, context())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_select_written_over_its_input_stores_only_the_selected_elements(dtype):
+    """``where(c, a, x)`` written into ``x`` itself (an input written in place, input_writes.py):
+    the kernel loads no ``x`` and stores only where ``c`` holds; the result equals the reference,
+    elsewhere ``x`` keeps its values bit for bit. Into a fresh tensor it is the plain kernel."""
+    cache, k = randn(2, 3, 37, 5, dtype=dtype, seed=11), randn(2, 3, 1, 5, dtype=dtype, seed=12)
+    position, slots = torch.tensor([13]), torch.arange(37).view(1, 1, -1, 1)  # slots: a folded constant
+    group = make_group(lambda c, x, p, s: torch.where(s == p.view(1, 1, 1, 1), x * 2.0 + 1.0, c),
+                       cache, k, position, slots)
+    kernel = build_pointwise(group, context())
+    (expected,) = group.reference(cache, k, position, slots)
+    (fresh,) = kernel(cache, k, position, slots)
+    torch.testing.assert_close(fresh, expected, **TOL[dtype])
+    launcher = kernel.fn
+    assert list(launcher.keepers) == [0]
+    mine = cache.clone()
+    (got,) = kernel(mine, k, position, slots, out=(mine,))
+    assert got.data_ptr() == mine.data_ptr()
+    torch.testing.assert_close(mine, expected, **TOL[dtype])
+    keep = torch.ones(37, dtype=torch.bool)
+    keep[13] = False
+    assert torch.equal(mine[:, :, keep], cache[:, :, keep])  # untouched, not rewritten
+    sources = [launch.source for key, launch in launcher._launches.items() if key[1] == (0,)]
+    assert len(sources) == 1 and "tl.zeros([BLOCK]" in sources[0]
+    assert sources[0].count("tl.load(") == 3  # k, the position and the slots; not the cache
