@@ -100,3 +100,26 @@ def test_weight_only_decode_of_other_decoders(name, tmp_path, monkeypatch):
     assert sum(bool(c.get("fused")) for c in kernels) == 4 * cfg.num_hidden_layers + 1, [k["ops"] for k in g.kernels]
     assert sum(bool(c.get("decode")) for c in kernels) == cfg.num_hidden_layers
     assert not g.fallbacks, g.fallbacks
+
+
+@pytest.mark.parametrize("name", ["Mistral", "Phi3", "Qwen3"])
+def test_other_decoders_write_their_caches_in_place(name, tmp_path):
+    """Decoders no one here wrote, each with its own attention and cache plumbing: every layer's
+    key and value caches written by our kernels into the caller's tensors, the step equal to eager."""
+    torch.manual_seed(0)
+    cfg = getattr(transformers, name + "Config")(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                                   max_position_embeddings=128, pad_token_id=0)
+    model = getattr(transformers, name + "ForCausalLM")(cfg).eval()
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(1))
+    expected, eager_cache = _generate(cfg, model, Step(model).eval(), prompt, steps=2)
+    compiled = torch.compile(Step(model).eval(), backend="compile_backend", options={"cache_dir": str(tmp_path)})
+    got, cache = _generate(cfg, model, compiled, prompt, steps=2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for a, b in zip(cache.layers, eager_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]),
+                                     _generate(cfg, model, Step(model).eval(), prompt, steps=0)[1],
+                                     cache_dir=str(tmp_path / "r"))
+    (g,) = report.graphs
+    assert [w["by"] for w in g.input_writes] == ["kernel"] * 2 * cfg.num_hidden_layers, g.input_writes
