@@ -123,3 +123,32 @@ def test_other_decoders_write_their_caches_in_place(name, tmp_path):
                                      cache_dir=str(tmp_path / "r"))
     (g,) = report.graphs
     assert [w["by"] for w in g.input_writes] == ["kernel"] * 2 * cfg.num_hidden_layers, g.input_writes
+
+
+def test_generate_with_a_static_cache_through_the_backend(tmp_path):
+    """The usual way to compile an HF decoder: ``model.forward`` through the backend, then
+    ``generate(cache_implementation="static")``: the same tokens as eager, two graphs (prefill and
+    decode), the decode step's caches written by our kernels (the prefill's many-slot
+    ``index_copy`` writes through ATen)."""
+    from compile_backend.backend import compile_backend as backend_fn
+    from compile_backend.options import Options
+    from compile_backend.report import Report
+
+    cfg, model = _model()
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                                  pad_token_id=0)
+    report = Report()
+    model.forward = torch.compile(model.forward, backend=lambda gm, inputs: backend_fn(
+        gm, inputs, options=Options(cache_dir=str(tmp_path)), report=report))
+    try:
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                                 pad_token_id=0)
+    finally:
+        del model.forward
+    assert torch.equal(got, expected)
+    writes = [[w["by"] for w in g.input_writes] for g in report.graphs]
+    assert len(report.graphs) == 2 and all(len(w) == 2 * cfg.num_hidden_layers for w in writes), writes
+    assert ["kernel"] * 2 * cfg.num_hidden_layers in writes, writes
