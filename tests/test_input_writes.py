@@ -150,3 +150,37 @@ def test_gpu_written_input_is_borrowed_by_the_cuda_graph(engines, tmp_path):
             torch.testing.assert_close(others[i], wants[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5)  # the first tensor untouched since
         assert runner.copied_back == {0} and not runner.borrowed
+
+
+def _row_update(x, y):
+    x[0].add_(y[0])
+    return x.sum(1)
+
+
+def _through_transpose(x, y):
+    x.t().mul_(2)
+    return x + y
+
+
+def _two_writes(x, y):
+    x.mul_(y)
+    x.add_(1)
+    return x * 3
+
+
+def _strided_fill(x, y):
+    x.view(-1)[::2] = 0.5
+    return y * 2
+
+
+@pytest.mark.parametrize("fn", [_row_update, _through_transpose, _two_writes, _strided_fill], ids=lambda f: f.__name__)
+def test_writes_through_views_and_chains_are_exactly_eager(fn, tmp_path):
+    _run(fn, lambda: (torch.randn(4, 6), torch.randn(4, 6)), tmp_path)
+
+
+def test_write_into_a_slice_of_a_transposed_input(tmp_path):
+    def slide(x, y):
+        x[:, 1:].copy_(y[:, :-1])
+        return x.mean(0)
+
+    _run(slide, lambda: (torch.randn(5, 4).t(), torch.randn(4, 5)), tmp_path)
