@@ -184,3 +184,11 @@ def test_write_into_a_slice_of_a_transposed_input(tmp_path):
         return x.mean(0)
 
     _run(slide, lambda: (torch.randn(5, 4).t(), torch.randn(4, 5)), tmp_path)
+
+
+def test_engine_cache_hit_writes_in_place_too(tmp_path):
+    first = _run(_accumulate, lambda: (torch.randn(5, 7), torch.randn(5, 7)), tmp_path, calls=1)
+    torch._dynamo.reset()
+    warm = _run(_accumulate, lambda: (torch.randn(5, 7), torch.randn(5, 7)), tmp_path, calls=2)
+    assert first.cache["engine"] == "miss" and warm.cache["engine"] == "hit"
+    assert warm.input_writes == first.input_writes and warm.input_writes[0]["by"] == "kernel"
