@@ -159,6 +159,10 @@ class Report:
             lines.extend(quant_lines(g.quant))
             for q in g.standalone_quantizes:
                 lines.append(f"standalone quantize: kernel #{q['kernel']}: {q['reason']}")
+            if g.input_writes:
+                by_kernel = [w for w in g.input_writes if w["by"] == "kernel"]
+                lines.append(f"inputs written: {len(g.input_writes)} ({len(by_kernel)} in place by the kernel "
+                             f"making the value, {len(g.input_writes) - len(by_kernel)} by an ATen copy_)")
             if g.fake_quant:
                 f = g.fake_quant
                 kinds = ", ".join(f"{k} {v}" for k, v in f["kernels"].items()) or "none"

@@ -69,6 +69,8 @@ def test_element_wise_update_is_written_by_its_kernel(tmp_path):
     assert graph.input_writes[0]["input"] == 0
     kernel = graph.kernels[graph.input_writes[0]["kernel"]]
     assert kernel["impl"] == "triton" and "aten.add" in kernel["ops"], kernel
+    report = Report(graphs=[graph])
+    assert "inputs written: 1 (1 in place by the kernel making the value, 0 by an ATen copy_)" in str(report)
 
 
 def test_shifted_read_of_the_input_keeps_the_copy(tmp_path):
