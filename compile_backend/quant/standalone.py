@@ -26,7 +26,7 @@ from ..kernels.quant_ref import STORAGE
 QUANTIZE_OPS = frozenset({
     "aten._to_copy", "aten.mul", "aten.div", "aten.round", "aten.clamp", "aten.nan_to_num", "aten.abs",
     "aten.amax", "aten.gt", "aten.where", "aten.reciprocal", "aten.maximum", "aten.reshape", "aten.view",
-    "aten.clamp_min",
+    "aten.clamp_min", "aten.lt", "aten.bitwise_and",  # the dynamic row scale's finite-amax test
 })
 QUANTIZED_DTYPES = frozenset(STORAGE.values())
 
@@ -51,7 +51,7 @@ def standalone_quantizes(graph: fx.Graph) -> List[Dict[str, Any]]:
         if is_quantize_group(call.group):
             # "cb_standalone_why": fx_passes.quant_sources.STANDALONE_WHY (a stored meta key, read literally)
             why = next((n.meta["cb_standalone_why"] for n in call.group.gm.graph.nodes if "cb_standalone_why" in n.meta), None)
-            out.append({"kernel": index, "reason": why or _reason(_producer(node))})
+            out.append({"kernel": index, "reason": why or _reason(_producer(node), "aten.amax" in call.group.ops)})
         index += 1
     return out
 
@@ -65,18 +65,32 @@ def _producer(node: fx.Node) -> Optional[fx.Node]:
     return src
 
 
-def _reason(src: Optional[fx.Node]) -> str:
+#: why a dynamic (per-row scale) quantize cannot join a producer of this kind: the scale is the
+#: row's amax, and the producer's programs each hold only part of a row
+ROW_SPLIT = {
+    "attention": "the row's scale needs its max over every head, and the attention kernel writes "
+                 "each head from a program of its own",
+    "gemm": "the row's scale needs its max over all N columns, which the GEMM's epilogue does not "
+            "reduce (at transformer widths a row spans several column tiles, separate programs)",
+    "conv": "the row's scale needs its max over all output channels, which the convolution's "
+            "epilogue does not reduce (its channel tiles are separate programs)",
+}
+
+
+def _reason(src: Optional[fx.Node], dynamic: bool = False) -> str:
     if src is None or src.op == "placeholder":
         return "its input is a graph input: no producer of ours to write it quantized"
     target = src.target
     if hasattr(target, "group"):
-        return (f"its producer, a {target.group.kind} kernel ({', '.join(dict.fromkeys(target.group.ops))}), "
-                "does not take this quantize")
+        kind = target.group.kind
+        why = f": {ROW_SPLIT[kind]}" if dynamic and kind in ROW_SPLIT else ""
+        return (f"its producer, a {kind} kernel ({', '.join(dict.fromkeys(target.group.ops))}), "
+                f"does not take this {'dynamic ' if dynamic else ''}quantize{why}")
     if src.op == "call_function" and getattr(target, "__name__", "") == "getitem":
         # an output of a group call (groups.getitem) or of a multi-output op (operator.getitem):
         # the producer is what it takes the item of (H200 BERT: "its producer getitem runs in
         # ATen" stood for our own kernels' outputs, groups.getitem not being operator's)
-        return _reason(src.args[0] if isinstance(src.args[0], fx.Node) else None)
+        return _reason(src.args[0] if isinstance(src.args[0], fx.Node) else None, dynamic)
     return f"its producer {op_name(target) if src.op == 'call_function' else src.op} runs in ATen"
 
 

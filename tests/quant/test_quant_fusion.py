@@ -121,6 +121,10 @@ def test_dynamic_row_quantize_reads_the_16_bit_value_once(precision, tmp_path):
     for k in g.kernels:
         if k["kind"] == "gemm":
             assert "aten.abs" not in k["ops"] and "aten._to_copy" not in k["ops"], k["ops"]
+    # each row quantize is reported, with why its producer cannot compute the row's scale
+    reasons = [q["reason"] for q in g.standalone_quantizes]
+    assert len(reasons) == 3 and "graph input" in reasons[0], reasons
+    assert all("dynamic quantize" in r and "all N columns" in r for r in reasons[1:]), reasons
     cos = _engine_cosine(model, x, cfg, tmp_path)
     assert cos > 0.995, cos
 
