@@ -522,10 +522,15 @@ def test_decode_bench_times_the_zoo_step_writing_its_caches_in_place(tmp_path, m
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "zoo_inplace.json"
     assert decode_bench.main(["--model", "zoo-inplace", "--size", "tiny", "--device", "cpu", "--batches", "1",
-                              "--iters", "1", "--peers", "eager", "compile_backend", "w8a16", "--out", str(out)]) == 0
+                              "--iters", "1", "--peers", "eager", "compile_backend", "w8a16", "w8a16-head",
+                              "--out", str(out)]) == 0
     rows = {r["peer"]: r for r in json.loads(out.read_text())}
     assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
     assert rows["compile_backend"]["cosine_vs_eager"] > 0.9999 and rows["w8a16"]["cosine_vs_eager"] > 0.999
+    # the -head peer quantizes the LM head as well, and reports its SQNR
+    assert rows["w8a16-head"]["quantized"] == rows["w8a16"]["quantized"] + 1
+    assert "decoder.lm_head.weight" in rows["w8a16"]["float_layers"] and not rows["w8a16-head"]["float_layers"]
+    assert rows["w8a16-head"]["layer_sqnr_db"]["decoder.lm_head"] > 30
 
 
 def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
