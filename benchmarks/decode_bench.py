@@ -7,7 +7,8 @@ The zoo's Llama-style decoder (``compile_backend/zoo_llama.py``; base: 1.1B para
 32/4, a static KV cache passed in), fp16. Per batch (default 1 and 16), one decode step at
 context 512 (position 511), for each peer: eager, Inductor reduce-overhead (CUDA graphs), our
 FP16 engine, our weight-only engines W8A16 (per channel) and W4A16 (group 128; the ``-head``
-variants quantize the LM head too, as torchao's and gpt-fast's recipes do), and our W8A8
+variants quantize the LM head too, as torchao's and gpt-fast's recipes do; a ``-pdl`` suffix:
+the same engine launching with Programmatic Dependent Launch, ``Options.pdl``), and our W8A8
 engines with SmoothQuant (``int8-sq``, ``fp8-sq``: static, calibrated on the case's inputs,
 alpha chosen per layer group; the prefill row's). With ``--prefill``, a 2048-token prefill at
 batch 1 as well. Times: median of ``--iters`` calls
@@ -34,7 +35,10 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 
 PEERS = ("eager", "inductor-reduce-overhead", "compile_backend", "w8a16", "w4a16", "w8a16-head", "w4a16-head",
-         "int8-sq", "fp8-sq")
+         "int8-sq", "fp8-sq", "compile_backend-pdl", "w8a16-pdl", "w4a16-pdl", "w4a16-head-pdl")
+#: a peer of ours with this suffix: the same engine with ``Options.pdl`` (kernels launched with
+#: Programmatic Dependent Launch: each may start while the one before it drains)
+PDL_SUFFIX = "-pdl"
 #: W8A8 with SmoothQuant (issue #20's prefill row): static activations calibrated on a batch like
 #: the case's (random init is fine for speed), the smoothing alpha chosen per layer group
 W8A8_SMOOTH = {"int8-sq": "int8", "fp8-sq": "fp8"}
@@ -76,6 +80,8 @@ def _peer(name: str, model: torch.nn.Module, inputs=()):
         return model, None
     if name == "inductor-reduce-overhead":
         return torch.compile(model, mode="reduce-overhead"), None
+    use_pdl = name.endswith(PDL_SUFFIX)
+    name = name[:-len(PDL_SUFFIX)] if use_pdl else name
     options = {"compile_backend": {}}
     options.update({n: {"quant": quant.QuantConfig(precision=p, activations=None, group_size=g,
                                                    default_exclusions=not head)}
@@ -83,7 +89,7 @@ def _peer(name: str, model: torch.nn.Module, inputs=()):
     if name in W8A8_SMOOTH:
         cfg = quant.QuantConfig(precision=W8A8_SMOOTH[name], activations="static", smoothquant="auto")
         options[name] = {"quant": quant.calibrate(model, [tuple(inputs)], cfg, progress=False, use_cache=False)}
-    options = options[name]
+    options = {**options[name], "pdl": use_pdl}
     report = Report()
     return torch.compile(model, backend=functools.partial(backend, options=options, report=report)), report
 
@@ -225,9 +231,10 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
             row.update(ms=ms, tokens_per_s=batch * (1 if kind == "decode" else inputs[0].shape[1]) / (ms * 1e-3),
                        cosine_vs_eager=torch.nn.functional.cosine_similarity(
                            logits.reshape(-1), ref.reshape(-1), dim=0).item(), **_summary(report))
-            if name in WEIGHT_ONLY and report is not None:  # issue #20: per-layer output SQNR
-                sqnr = layer_output_sqnr(model, inputs, *WEIGHT_ONLY[name][:2], quantized=_quantized_weights(report))
-            elif name in W8A8_SMOOTH and report is not None:  # measured by calibration, per engine layer
+            base = name[:-len(PDL_SUFFIX)] if name.endswith(PDL_SUFFIX) else name
+            if base in WEIGHT_ONLY and report is not None:  # issue #20: per-layer output SQNR
+                sqnr = layer_output_sqnr(model, inputs, *WEIGHT_ONLY[base][:2], quantized=_quantized_weights(report))
+            elif base in W8A8_SMOOTH and report is not None:  # measured by calibration, per engine layer
                 sqnr = {q["name"]: q.get("sqnr_db") for g in report.graphs for q in g.quant if q["status"] == "quantized"}
             else:
                 sqnr = None

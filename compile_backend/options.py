@@ -60,6 +60,11 @@ class Options:
         ``quant.Calibration`` from ``quant.calibrate`` (static activation scales), or a
         ``quant.QuantConfig`` with ``activations="dynamic"`` or ``activations=None`` (weight-only
         W8A16/W4A16; no calibration either). See quant/README.md.
+    pdl: launch the generated pointwise, reduction, GEMV and flash-decoding kernels with
+        Programmatic Dependent Launch on Hopper and later GPUs: each may start launching while
+        the kernel before it runs, and waits for it before touching memory (kernels/pdl.py; for
+        launch-bound work such as an LLM decode step). Off by default until measured; ignored
+        where the GPU or Triton lacks it.
     quant_layers: which selected layers an INT8/FP8 (W8A8) engine quantizes on CUDA: ``faster``
         (default) only those whose 8-bit GEMM or convolution is measured faster than the float one
         at the layer's shape on this GPU (TensorRT's precision as a permission, not an order: the
@@ -79,6 +84,7 @@ class Options:
     speed_check: bool = True
     quant: Any = None
     quant_layers: str = "faster"
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -95,7 +101,7 @@ class Options:
                 f"option 'autotune' must be one of {', '.join(AUTOTUNE_MODES)} or a positive "
                 f"number of seconds, got {self.autotune!r}"
             )
-        for name in ("validate", "freeze", "speed_check"):
+        for name in ("validate", "freeze", "speed_check", "pdl"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes < 0:

@@ -523,7 +523,7 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
     def decode_runner(config: DecodeConfig):
         from .attention_decode import DecodeRunner
 
-        launch = DecodeRunner(config, scale, causal, dead_rows_nan, quant, allow_tf32)
+        launch = DecodeRunner(config, scale, causal, dead_rows_nan, quant, allow_tf32, ctx.pdl)
 
         def run(*inputs: Any, out: Optional[Sequence[Optional[torch.Tensor]]] = None):
             q, k, v, mask = operands(inputs)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import quant_ref
+from . import pdl, quant_ref
 from .attention_parts import mask_argument, quantize_output
 from .attention_config import DecodeConfig, pow2_at_least
 from .base import output_tensor, triton_interpret
@@ -51,8 +51,11 @@ def _decode_fwd(
     UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     QUANT: tl.constexpr, QMAX: tl.constexpr, ROUND_TO: tl.constexpr, QUANT_FP8: tl.constexpr,
-    SOFT_FP8: tl.constexpr,
+    SOFT_FP8: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:  # launched with PDL (kernels/pdl.py): the previous kernel done before any load
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // kv_heads).to(tl.int64)
@@ -164,11 +167,11 @@ class DecodeRunner:
     """Launches the decode kernel for one built problem; keeps the split counters."""
 
     def __init__(self, config: DecodeConfig, scale: float, causal: bool, dead_rows_nan: bool,
-                 quant: Optional[Tuple[str, float]], allow_tf32: bool) -> None:
+                 quant: Optional[Tuple[str, float]], allow_tf32: bool, use_pdl: bool = False) -> None:
         from .gemv import Counters
 
         self.config, self.scale, self.causal, self.dead_rows_nan = config, scale, causal, dead_rows_nan
-        self.quant, self.allow_tf32 = quant, allow_tf32
+        self.quant, self.allow_tf32, self.use_pdl = quant, allow_tf32, use_pdl
         self.counters = Counters()
 
     def __call__(self, q, k, v, mask, layout, into: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -201,8 +204,8 @@ class DecodeRunner:
             BLOCK_R=block_r, BLOCK_N=self.config.block_n, BLOCK_D=pow2_at_least(head_dim), BLOCK_DV=block_dv,
             QUANT=quant is not None, QMAX=127.0 if quant is None else quant_ref.QMAX[quant[0]],
             ROUND_TO=_TL_TYPES[q.dtype], QUANT_FP8=quant is not None and quant[0] == "fp8",
-            SOFT_FP8=interpret,
-            num_warps=self.config.num_warps, num_stages=1,
+            SOFT_FP8=interpret, USE_GDC=self.use_pdl,
+            num_warps=self.config.num_warps, num_stages=1, **pdl.launch_kwargs(self.use_pdl),
         )
         return out
 

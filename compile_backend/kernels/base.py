@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 import torch.fx as fx
 
+from . import pdl
+
 # Triton's interpreter (TRITON_INTERPRET=1) swaps globals of triton.language while a kernel runs,
 # so two threads inside it at once break each other (InterpreterError). Everything that runs
 # interpreted kernels (an engine call, a build that tunes and validates) holds this lock; on
@@ -153,10 +155,12 @@ class KernelContext:
     tuner: Any = None  # autotune.Tuner, made by the first group that tunes
     tuning: str = dataclasses.field(init=False)  # tuning_level(options.autotune)
     allow_tf32: bool = dataclasses.field(init=False)  # allows_tf32(options.precision)
+    pdl: bool = dataclasses.field(init=False)  # Options.pdl, where the device and Triton have it (kernels/pdl.py)
 
     def __post_init__(self) -> None:
         self.tuning = tuning_level(self.options.autotune)
         self.allow_tf32 = allows_tf32(self.options.precision)
+        self.pdl = bool(getattr(self.options, "pdl", False)) and not self.interpret and pdl.available(self.device)
 
     @property
     def autotune(self) -> Any:

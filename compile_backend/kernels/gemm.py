@@ -119,7 +119,7 @@ def _gemv_tuning(group: KernelGroup, p: "GemmProblem", fused, ctx: KernelContext
     key = TuningKey(kind="gemm", template=tpl.source_hash(plan.source[0]), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"fused gemv {p.op} {'|'.join(group.ops)}")
-    candidates = [gemv_build.gemv_candidate(group, spec, c, probe, plan) for c in configs]
+    candidates = [gemv_build.gemv_candidate(group, spec, c, probe, plan, ctx.pdl) for c in configs]
     if plan.prologue_ops and ctx.device.type == "cuda":
         # the safety net the tuner times too: the group as it was, its prologue and chain as ATen
         # ops around cuBLAS (no fused candidate takes a prologue otherwise)

@@ -46,6 +46,7 @@ import torch
 import triton
 
 from . import gemm_template as tpl
+from . import pdl
 from .base import triton_interpret
 from .expr_casts import tl_type
 from .launch import next_pow2
@@ -238,7 +239,7 @@ WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
 def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
            weights: str, group: int, config, x_dtype: torch.dtype, row_values: bool = False,
-           counters: Optional[Counters] = None) -> None:
+           counters: Optional[Counters] = None, use_pdl: bool = False) -> None:
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
     or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
     ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
@@ -246,7 +247,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``row_values``:
     the prologue computes row values (an RMS norm's mean of squares, one row a program), else
     the tensor-core loop takes up to 16 rows a program (the weights read once for all);
-    ``counters``: the caller's reusable split-K counters (None: a zeroed buffer for this launch)."""
+    ``counters``: the caller's reusable split-K counters (None: a zeroed buffer for this launch);
+    ``use_pdl``: the kernel was rendered with ``pdl.with_entry``: launch it with PDL."""
     m, k = x_loads[0].shape
     n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
@@ -275,7 +277,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
         DOT=dot, ROWS=rows, UNROLL=config.unroll,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
 
 
 def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from . import expr
 from . import gemm_template as tpl
-from . import gemv, gemv_prologue
+from . import gemv, gemv_prologue, pdl
 from .autotune import Candidate
 from .base import KernelGroup, Unsupported
 from .template import Probe, warmed
@@ -67,15 +67,19 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
     return GemvPlan(tuple(x_loads), plan, source, len(operands), bool(x.row_lines))
 
 
-def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan) -> Candidate:
-    """A tuner candidate running ``plan`` with ``cfg`` (a gemv ``weight_only.WeightOnlyConfig``)."""
+def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan,
+                   use_pdl: bool = False) -> Candidate:
+    """A tuner candidate running ``plan`` with ``cfg`` (a gemv ``weight_only.WeightOnlyConfig``);
+    ``use_pdl``: launched with Programmatic Dependent Launch (kernels/pdl.py)."""
     name = (f"triton fused gemv {spec.weights}{' tc' if cfg.tensor_cores else ''} {cfg.block_n}x{cfg.block_k} "
             f"split{cfg.split_k} waves{cfg.waves} w{cfg.num_warps} s{cfg.num_stages}"
             f"{f' u{cfg.unroll}' if cfg.unroll > 1 else ''}")
     config = {"impl": "triton", "fused": True, "weights": spec.weights, **dataclasses.asdict(cfg)}
 
     def compile_():
-        return warmed(GemvRunner(group, spec, cfg, plan, tpl.load_kernel(*plan.source)), probe)
+        source, name = plan.source
+        kernel = tpl.load_kernel(pdl.with_entry(source, name) if use_pdl else source, name)
+        return warmed(GemvRunner(group, spec, cfg, plan, kernel, use_pdl), probe)
 
     return Candidate(name, config, compile_, "triton")
 
@@ -85,8 +89,9 @@ class GemvRunner:
     them in x's [M, K] and the output's [M, N] index spaces, allocates the outputs. ``counters``:
     the split-K arrival counters its launches share (the kernel resets them)."""
 
-    def __init__(self, group: KernelGroup, spec: GemvSpec, cfg: Any, plan: GemvPlan, kernel) -> None:
+    def __init__(self, group: KernelGroup, spec: GemvSpec, cfg: Any, plan: GemvPlan, kernel, use_pdl: bool = False) -> None:
         self.group, self.spec, self.cfg, self.plan, self.kernel = group, spec, cfg, plan, kernel
+        self.use_pdl = use_pdl
         self.counters = gemv.Counters()
 
     def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
@@ -98,7 +103,7 @@ class GemvRunner:
         outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, xs[0].device)
         gemv.launch(self.kernel, xs, w.t() if s.transposed else w, scales, bias, loads,
                     [v.view(s.m, s.n) for v in views], weights=s.weights, group=s.group_size, config=self.cfg,
-                    x_dtype=s.dtype, row_values=self.plan.row_values, counters=self.counters)
+                    x_dtype=s.dtype, row_values=self.plan.row_values, counters=self.counters, use_pdl=self.use_pdl)
         return tpl.group_outputs(plan, env, outs)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 
-from . import expr, expr_casts
+from . import expr, expr_casts, pdl
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, is_view_op, meta_of, op_name, output_tensor
 from .launch import (PointwiseConfig, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
@@ -347,8 +347,8 @@ class _Launch:
 class PointwiseLauncher:
     """Checks inputs, evaluates host views, allocates outputs and launches the kernel."""
 
-    def __init__(self, plan: PointwisePlan, config: PointwiseConfig, device: torch.device):
-        self.plan, self.config, self.device = plan, config, device
+    def __init__(self, plan: PointwisePlan, config: PointwiseConfig, device: torch.device, pdl: bool = False):
+        self.plan, self.config, self.device, self.pdl = plan, config, device, pdl
         self._launches: Dict[Tuple, _Launch] = {}
         self.keepers = keeper_outputs(plan)
         self.last_compiled: Any = None
@@ -391,6 +391,8 @@ class PointwiseLauncher:
                                for t in list(operands) + list(pieces) + list(gathered)])
         wide = reach + self.config.block > INT32_MAX
         source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim, kept=kept)
+        if self.pdl:
+            source = pdl.with_entry(source, "pointwise_kernel", after=1)  # after its program id
         int_args = tuple(
             s[j] for s, pat in zip(strides, patterns) if pat not in ("flat", "gather") for j in pat)
         int_args += tuple(x for w in gathered[::2] for x in w.stride())
@@ -457,7 +459,7 @@ class PointwiseLauncher:
         if ready.programs > 0:
             # the compiled kernel (None under the interpreter): registers/PTX for benchmarks
             self.last_compiled = ready.launch.kernel[(ready.programs,)](
-                *ready.args, BLOCK=self.config.block, num_warps=self.config.num_warps)
+                *ready.args, BLOCK=self.config.block, num_warps=self.config.num_warps, **pdl.launch_kwargs(self.pdl))
         return ready.outputs
 
 
@@ -516,7 +518,7 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
     for s in plan.shape:
         numel *= s
     config = config or pointwise_heuristic(numel)
-    launcher = PointwiseLauncher(plan, config, ctx.device)
+    launcher = PointwiseLauncher(plan, config, ctx.device, ctx.pdl)
     source = None
     if plan.stored:  # generate (and load) the source for the layout the graph was traced with
         metas = [meta_of(n) for n in plan.operands + plan.pieces + plan.gathered]
@@ -537,8 +539,8 @@ def _build_combo(group: KernelGroup, ctx: KernelContext, parts) -> Kernel:
         numel = 1
         for s in plan.shape:
             numel *= s
-        launchers.append((PointwiseLauncher(plan, pointwise_heuristic(numel), ctx.device), ins, outs))
-    combo = ComboLauncher(launchers, len(group.outputs))
+        launchers.append((PointwiseLauncher(plan, pointwise_heuristic(numel), ctx.device, ctx.pdl), ins, outs))
+    combo = ComboLauncher(launchers, len(group.outputs), ctx.pdl)
     sources = [launcher.launch_for([meta_of(n) for n in launcher.plan.operands + launcher.plan.pieces
                                     + launcher.plan.gathered]).source
                for launcher, _, _ in launchers if launcher.plan.stored]

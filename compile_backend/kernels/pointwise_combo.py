@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 
+from . import pdl
 from .base import KernelGroup, Unsupported
 from .launch import load_source
 
@@ -105,8 +106,9 @@ def combo_source(sources: Sequence[str]) -> str:
 class ComboLauncher:
     """The parts' launchers, prepared per call and launched as one kernel."""
 
-    def __init__(self, parts: Sequence[Tuple[Any, List[int], List[int]]], n_outputs: int) -> None:
+    def __init__(self, parts: Sequence[Tuple[Any, List[int], List[int]]], n_outputs: int, pdl: bool = False) -> None:
         self.parts, self.n_outputs = list(parts), n_outputs  # (PointwiseLauncher, input idx, output idx)
+        self.pdl = pdl  # the parts' sources wait first (kernels/pdl.py): the combined kernel launches with PDL
         self._kernels: Dict[Tuple[str, ...], Any] = {}
         self.last_compiled: Any = None
 
@@ -141,7 +143,8 @@ class ComboLauncher:
             counts = [r.programs for _, r in ready]
             blocks = {f"BLOCK{i}": launcher.config.block for i, (launcher, _) in enumerate(ready)}
             warps = max(launcher.config.num_warps for launcher, _ in ready)
-            self.last_compiled = kernel[(sum(counts),)](*args, *counts, **blocks, num_warps=warps)
+            self.last_compiled = kernel[(sum(counts),)](*args, *counts, **blocks, num_warps=warps,
+                                                        **pdl.launch_kwargs(self.pdl))
         return tuple(results)
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.fx as fx
 
-from . import expr
+from . import expr, pdl
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, output_tensor
 from .launch import ReductionConfig, load_source, map_nodes, output_order, reduction_heuristic, strides_for
 from .pointwise import INT32_MAX, collapse
@@ -402,8 +402,8 @@ class _Launch:
 class ReductionLauncher:
     """Checks inputs, evaluates host views, allocates outputs and launches the kernel."""
 
-    def __init__(self, plan: ReductionPlan, config: ReductionConfig, device: torch.device):
-        self.plan, self.config, self.device = plan, config, device
+    def __init__(self, plan: ReductionPlan, config: ReductionConfig, device: torch.device, pdl: bool = False):
+        self.plan, self.config, self.device, self.pdl = plan, config, device, pdl
         self._launches: Dict[Tuple, _Launch] = {}
         self.last_compiled: Any = None
 
@@ -435,6 +435,8 @@ class ReductionLauncher:
         even_x = plan.xnumel % cfg.xblock == 0
         even_r = plan.rnumel == cfg.rblock if cfg.persistent else plan.rnumel % cfg.rblock == 0
         source = _emit(plan, patterns, ksizes, rsizes, cfg.persistent, wide, even_x, even_r)
+        if self.pdl:
+            source = pdl.with_entry(source, "reduction_kernel")
         int_args: Tuple[int, ...] = ()
         for (kt, rt), k, r in zip(patterns, kst, rst):
             int_args += tuple(k[j] for j in kt) + tuple(r[j] for j in rt)
@@ -468,7 +470,8 @@ class ReductionLauncher:
         if plan.xnumel > 0:
             grid = (-(-plan.xnumel // cfg.xblock),)
             self.last_compiled = launch.kernel[grid](  # None under the interpreter
-                *tensors, *outs, *[env[n] for n in plan.scalars], *launch.int_args, XBLOCK=cfg.xblock, RBLOCK=cfg.rblock, num_warps=cfg.num_warps)
+                *tensors, *outs, *[env[n] for n in plan.scalars], *launch.int_args, XBLOCK=cfg.xblock, RBLOCK=cfg.rblock,
+                num_warps=cfg.num_warps, **pdl.launch_kwargs(self.pdl))
         env.update((s.node, o) for s, o in zip(plan.stores, outs))
         return tuple(env[o] for o in plan.outputs)
 
@@ -495,7 +498,7 @@ def build_reduction(group: KernelGroup, ctx: KernelContext,
     config = config or reduction_heuristic(plan.xnumel, plan.rnumel, _row_contiguous(plan), row_inputs)
     if config.persistent and config.rblock < plan.rnumel:
         raise Unsupported(f"persistent config with rblock {config.rblock} < row length {plan.rnumel}")
-    launcher = ReductionLauncher(plan, config, ctx.device)
+    launcher = ReductionLauncher(plan, config, ctx.device, ctx.pdl)
     source = launcher.launch_for([ld.source.meta["val"] for ld in plan.loads]).source
     return Kernel(kind="reduction", impl="triton", ops=group.ops, fn=launcher,
                   config=dataclasses.asdict(config), source=source,

@@ -97,7 +97,7 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     if fused is not None and p.m > weight_only.GEMV_MAX_M and fused.row_values:
         fused = None  # row values mean one row a program: past GEMV_MAX_M rows, the skinny path
     candidates: List[Candidate] = [
-        gemv_build.gemv_candidate(group, spec, cfg, probe, fused) if cfg.path == "gemv" and fused is not None
+        gemv_build.gemv_candidate(group, spec, cfg, probe, fused, ctx.pdl) if cfg.path == "gemv" and fused is not None
         else _candidate(group, p, cfg, probe, epilogue) for cfg in configs]
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.dtype, p.has_bias, ctx.device))
