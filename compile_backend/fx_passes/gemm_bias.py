@@ -1,4 +1,6 @@
-"""A bias added after a GEMM through a reshape is the GEMM's own bias: ``add(view(mm(a, b)),
+"""GEMMs written in a form that costs more than it must, rewritten to the same values.
+
+A bias added after a GEMM through a reshape is the GEMM's own bias: ``add(view(mm(a, b)),
 bias)`` -> ``view(addmm(bias, a, b))``.
 
 ``F.linear`` on a non-contiguous 3-D input (nn.MultiheadAttention's projections, after its
@@ -8,6 +10,11 @@ with its bias add took 75 us as cuBLAS + ATen add where cuBLAS with the bias in 
 takes ~34). As ``addmm`` every GEMM kernel applies the bias in its epilogue. Numerics: the bias is
 added to the fp32 accumulator before the one rounding, as ``addmm`` (and ``F.linear`` on a
 contiguous input) already does.
+
+A matmul over K = 1 is an outer product: ``mm(a[M, 1], b[1, N])`` (``bmm`` with a batch) ->
+``mul(a, b)``, element-wise, so it joins the pointwise kernel around it instead of launching a
+GEMM (HF decoders' rotary frequencies, ``inv_freq[:, None] @ position[None, :]``, every step).
+Numerics: one product rounded once, as the GEMM computes it.
 """
 from __future__ import annotations
 
@@ -62,7 +69,27 @@ def _to_addmm(gm: fx.GraphModule, node: fx.Node, found) -> None:
     node.replace_all_uses_with(out)
 
 
+def _match_outer_product(node: fx.Node, facts: Facts) -> Optional[Tuple[fx.Node, fx.Node]]:
+    if node.target not in (aten.mm.default, aten.bmm.default) or node in facts.unsafe:
+        return None
+    a, b = node.args[:2]
+    av, bv, out = tensor_val(a), tensor_val(b), tensor_val(node)
+    if None in (av, bv, out) or av.shape[-1] != 1 or av.dtype != bv.dtype or out.dtype != av.dtype:
+        return None
+    if not (av.is_floating_point() and out.is_contiguous()):
+        return None
+    return a, b
+
+
+def _to_mul(gm: fx.GraphModule, node: fx.Node, found) -> None:
+    with gm.graph.inserting_before(node):
+        product = call(gm.graph, aten.mul.Tensor, found)
+    node.replace_all_uses_with(product)
+
+
 BIAS_RULES = (
     Rule("bias_after_view", "add(view(mm(a, b)), bias[N]) -> view(addmm(bias, a, b)): the GEMM "
          "applies the bias in its epilogue", _match_bias_after_view, _to_addmm),
+    Rule("outer_product", "mm / bmm over K = 1 -> mul(a, b): an element-wise product, fused with its "
+         "neighbours instead of a GEMM launch", _match_outer_product, _to_mul),
 )
