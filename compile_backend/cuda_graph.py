@@ -19,7 +19,9 @@ Where the storage reference count cannot be read (a PyTorch without
 
 Inputs the engine writes (a KV cache updated in place) are *borrowed*: recorded where the caller
 keeps them, so a replay reads and writes the caller's tensor, with no copy in or out (a decode
-step's caches are most of the bytes it would copy). The warm-up runs on copies, so the caller's
+step's caches are most of the bytes it would copy). The runner keeps their addresses, not the
+tensors (a cache the caller drops is freed at once), and replays only when the caller passes
+tensors at those addresses. The warm-up runs on copies, so the caller's
 tensor is written once per call, as in eager. When the caller passes another tensor there (a new
 cache), the runner records again for it; a caller that changes it nearly every call (fewer than
 ``REBIND_MIN_REPLAYS`` replays in between, after ``FREE_REBINDS``) gets copies instead: the
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -106,6 +108,7 @@ class CudaGraphRunner:
         self.copied_back = set()
         self.rebinds, self.replays = 0, 0  # records for a borrowed input's new tensor; replays since
         self.copied_in: List[int] = []
+        self.borrowed_ptrs: Dict[int, int] = {}  # borrowed input -> the address its recordings use
 
     @property
     def graph(self) -> Any:  # the first recording (None before the first call or after a refit)
@@ -125,7 +128,7 @@ class CudaGraphRunner:
             if not self.slots:
                 try:
                     self._warm_up(args)
-                    self.slots.append(self._record(hand_out=True))
+                    self.slots.append(self._record(args, hand_out=True))
                 except Exception as exc:
                     log.warning("compile_backend: CUDA graph recording failed (%s: %s); running "
                                 "this engine without a graph", type(exc).__name__, exc)
@@ -137,7 +140,7 @@ class CudaGraphRunner:
                 static, arg = self.static_args[i], args[i]
                 if static is not arg and static.data_ptr() != arg.data_ptr():
                     static.copy_(arg)
-            slot = self._free_slot()
+            slot = self._free_slot(args)
             if slot is None:  # every recording's outputs are held and no copy recording could be made
                 return self.engine.run(args)
             if slot.stream is not None and slot.stream != stream:
@@ -153,13 +156,13 @@ class CudaGraphRunner:
             self.done.record(stream)
             return out
 
-    def _free_slot(self) -> Optional[Recording]:
+    def _free_slot(self, args: Sequence[Any]) -> Optional[Recording]:
         slot = next((s for s in self.slots if s.free()), None)
         if slot is not None:
             return slot
         if len(self.slots) < self.hand_out_slots:
             try:
-                self.slots.append(self._record(hand_out=True))
+                self.slots.append(self._record(args, hand_out=True))
                 return self.slots[-1]
             except Exception as exc:  # memory, most likely: keep to the slots there are
                 log.warning("compile_backend: a second CUDA graph recording failed (%s: %s); "
@@ -167,7 +170,7 @@ class CudaGraphRunner:
                 self.hand_out_slots = len(self.slots)
         if self.copy_slot is None and not self.copy_failed:
             try:
-                self.copy_slot = self._record(hand_out=False)
+                self.copy_slot = self._record(args, hand_out=False)
             except Exception as exc:  # then such calls run without a graph (fresh outputs)
                 log.warning("compile_backend: the CUDA graph copy recording failed (%s: %s); calls made "
                             "while every earlier output is held run without a graph", type(exc).__name__, exc)
@@ -176,7 +179,7 @@ class CudaGraphRunner:
 
     def _moved(self, args: Sequence[Any]) -> bool:
         """A borrowed input came in another tensor than the one the recordings write."""
-        return any(args[i].data_ptr() != self.static_args[i].data_ptr() for i in self.borrowed)
+        return any(args[i].data_ptr() != self.borrowed_ptrs[i] for i in self.borrowed)
 
     def _rebind(self) -> None:
         """Record again for the new tensors, or, for a caller that changes them nearly every
@@ -210,16 +213,20 @@ class CudaGraphRunner:
                 self.engine.launch(self.static_args)
         torch.cuda.current_stream().wait_stream(side)
         for i in self.borrowed:  # recorded on the caller's tensor (the warm-up wrote copies)
-            self.static_args[i] = args[i]
+            self.static_args[i] = None  # not held: a cache the caller drops is freed at once
+            self.borrowed_ptrs[i] = args[i].data_ptr()
 
-    def _record(self, hand_out: bool) -> Recording:
+    def _record(self, args: Sequence[Any], hand_out: bool) -> Recording:
+        """Record the launches on the static buffers and this call's borrowed tensors (a replay
+        happens only when the caller passes tensors at those addresses again: ``_moved``)."""
+        bound = [args[i] if i in self.borrowed else t for i, t in enumerate(self.static_args)]
         graph = torch.cuda.CUDAGraph()
         # thread_local: the default ("global") mode makes any other thread's unsafe CUDA call
         # (an allocation, a synchronize) during the capture fail there and invalidate the
         # capture; a user's other threads must never see an error because an engine records
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_out = self.engine.launch(self.static_args)
-        fixed = {t.untyped_storage().data_ptr() for t in self.static_args if isinstance(t, torch.Tensor)}
+            static_out = self.engine.launch(bound)
+        fixed = {t.untyped_storage().data_ptr() for t in bound if isinstance(t, torch.Tensor)}
         fixed |= {t.untyped_storage().data_ptr() for t in self.engine.constants.values()
                   if isinstance(t, torch.Tensor)}
         return Recording(graph, static_out, fixed, hand_out)

@@ -142,7 +142,7 @@ def test_gpu_written_input_is_borrowed_by_the_cuda_graph(engines, tmp_path):
         (engine,) = engines
         runner = engine.cuda_graph
         assert runner is not None and runner.usable and runner.borrowed == {0}
-        assert runner.static_args[0] is c
+        assert runner.borrowed_ptrs[0] == c.data_ptr() and runner.static_args[0] is None  # recorded on c, not held
         others = [make()[0] for _ in range(2)]
         wants = [o.clone() for o in others]
         for step in range(8):  # alternate: records again twice, then copies
@@ -152,6 +152,13 @@ def test_gpu_written_input_is_borrowed_by_the_cuda_graph(engines, tmp_path):
             torch.testing.assert_close(others[i], wants[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5)  # the first tensor untouched since
         assert runner.copied_back == {0} and not runner.borrowed
+    import gc
+    import weakref
+
+    gone = weakref.ref(c)
+    del c
+    gc.collect()
+    assert gone() is None  # the runner keeps no reference to a tensor it borrowed
 
 
 def _row_update(x, y):
