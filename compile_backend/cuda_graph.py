@@ -21,8 +21,9 @@ Inputs the engine writes (a KV cache updated in place) are *borrowed*: recorded 
 keeps them, so a replay reads and writes the caller's tensor, with no copy in or out (a decode
 step's caches are most of the bytes it would copy). The runner keeps their addresses, not the
 tensors (a cache the caller drops is freed at once), and replays only when the caller passes
-tensors at those addresses. The warm-up runs on copies, so the caller's
-tensor is written once per call, as in eager. When the caller passes another tensor there (a new
+tensors at those addresses. An engine with borrowed inputs
+runs its first call outside the graph, for real (the warm-up, writing the caller's tensor once,
+as eager does), and records on the second. When the caller passes another tensor there (a new
 cache), the runner records again for it; a caller that changes it nearly every call (fewer than
 ``REBIND_MIN_REPLAYS`` replays in between, after ``FREE_REBINDS``) gets copies instead: the
 input is copied into a buffer of the runner before each replay and the buffer back after it.
@@ -109,6 +110,7 @@ class CudaGraphRunner:
         self.rebinds, self.replays = 0, 0  # records for a borrowed input's new tensor; replays since
         self.copied_in: List[int] = []
         self.borrowed_ptrs: Dict[int, int] = {}  # borrowed input -> the address its recordings use
+        self.warm = False  # the engine has run outside a graph on this device (lazy inits done)
 
     @property
     def graph(self) -> Any:  # the first recording (None before the first call or after a refit)
@@ -125,6 +127,9 @@ class CudaGraphRunner:
                 stream.wait_event(self.done)
             if self.slots and self._moved(args):
                 self._rebind()
+            if not self.slots and self.borrowed and not self.warm:
+                self.warm = True  # this call, run for real, is the warm-up; the next one records
+                return self.engine.run(args)
             if not self.slots:
                 try:
                     self._warm_up(args)
@@ -193,17 +198,25 @@ class CudaGraphRunner:
         self.invalidate()
 
     def _warm_up(self, args: Sequence[Any]) -> None:
+        """Static buffers for the copied inputs, addresses of the borrowed ones, and two runs
+        outside the graph (lazy inits, workspace allocation) on a side stream; not for an engine
+        with borrowed inputs: its first call ran for real instead (``warm``), as a copy of a
+        borrowed cache for the warm-up to write would double its memory for a moment."""
         frozen = set(self.engine.frozen)
         self.static_args = [
+            None if i in self.borrowed else  # not held: a cache the caller drops is freed at once
             torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=a.device).copy_(a)
             if isinstance(a, torch.Tensor) and i not in frozen else a
             for i, a in enumerate(args)
         ]
+        self.borrowed_ptrs = {i: args[i].data_ptr() for i in self.borrowed}
         self.replays = 0
         # the inputs copied in before each replay: neither weights nor borrowed (looping over only
         # these matters: a decoder passes 200 weights and 44 caches beside its 2 small inputs)
         self.copied_in = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
                           and i not in frozen and i not in self.borrowed]
+        if self.warm:
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         # the warm-up runs draw random numbers the user's call must not see consumed
@@ -212,9 +225,7 @@ class CudaGraphRunner:
             for _ in range(2):  # warm-up outside the graph: lazy inits, workspace allocation
                 self.engine.launch(self.static_args)
         torch.cuda.current_stream().wait_stream(side)
-        for i in self.borrowed:  # recorded on the caller's tensor (the warm-up wrote copies)
-            self.static_args[i] = None  # not held: a cache the caller drops is freed at once
-            self.borrowed_ptrs[i] = args[i].data_ptr()
+        self.warm = True
 
     def _record(self, args: Sequence[Any], hand_out: bool) -> Recording:
         """Record the launches on the static buffers and this call's borrowed tensors (a replay
