@@ -19,6 +19,11 @@ Conditions (otherwise the ``copy_`` stays an ATen call, still correct):
   of it is an element-wise op of the input's shape (each element is read by the program that
   then writes it; never a broadcast, a shifted ``cat`` piece or a reduction).
 Runs on the engine graph after kernels are chosen, beside ``stack_outputs``.
+
+Where ATen makes the new value with an op that has an in-place form writing only part of its
+input (``index_copy`` of several slots: HF ``StaticCache``'s prefill), the op runs in place on the
+input instead (``index_copy_``: the prompt's slots written, not a whole new cache made and then
+copied over the old one), under the same conditions about the input's other readers.
 """
 from __future__ import annotations
 
@@ -34,19 +39,71 @@ from .memory_plan import getitem_index
 aten = torch.ops.aten
 
 
-def write_inputs_in_place(graph: fx.Graph) -> List[Tuple[GroupCall, int]]:
-    """Rewrite every eligible ``copy_`` of a kernel output into an input; returns the (call,
-    output) pairs that now write an input."""
-    done: List[Tuple[GroupCall, int]] = []
+#: functional ATen ops whose in-place form writes only part of ``self`` (argument 0)
+IN_PLACE_FORMS = {aten.index_copy.default: aten.index_copy_.default}
+
+
+def write_inputs_in_place(graph: fx.Graph) -> List[Tuple[GroupCall, Optional[int], Optional[fx.Node]]]:
+    """Rewrite every eligible ``copy_`` of a kernel output into an input, and every ``copy_`` of
+    an ATen ``index_copy`` of the input itself into ``index_copy_``. Returns per rewrite (the
+    group call, the output index it writes into the input, None) or, for an ATen op now run in
+    place, (the group call it replaced, None, the ``op_`` node)."""
+    done: List[Tuple[GroupCall, Optional[int], Optional[fx.Node]]] = []
     for node in list(graph.nodes):
         found = _writer_of(node, graph)
-        if found is None:
-            continue
-        producer, k = found
-        producer.target.out_views[k] = (node.args[0], None)
-        graph.erase_node(node)
-        done.append((producer.target, k))
+        if found is not None:
+            producer, k = found
+            producer.target.out_views[k] = (node.args[0], None)
+            graph.erase_node(node)
+            done.append((producer.target, k, None))
+        else:
+            replaced = _aten_in_place(node, graph)
+            if replaced is not None:
+                done.append((*replaced[:1], None, replaced[1]))
     return done
+
+
+def _aten_in_place(copy: fx.Node, graph: fx.Graph) -> Optional[Tuple[GroupCall, fx.Node]]:
+    """``copy_(x, getitem(aten_group(op(x, ...))))`` -> ``op_(x, ...)`` (``IN_PLACE_FORMS``), the
+    readers of the new value reading ``x``; (the group call replaced, the new node), or None."""
+    if copy.op != "call_function" or copy.target is not aten.copy_.default or copy.users or len(copy.args) != 2:
+        return None
+    dst, src = copy.args
+    k = getitem_index(src) if isinstance(src, fx.Node) else None
+    if not isinstance(dst, fx.Node) or dst.op != "placeholder" or k != 0:
+        return None
+    call_node = src.args[0]
+    call = call_node.target
+    if not isinstance(call, GroupCall) or call.kernel is None or call.kernel.impl != "aten" or len(call_node.users) != 1:
+        return None
+    ops = [n for n in call.group.gm.graph.nodes if n.op == "call_function"]
+    if len(ops) != 1 or ops[0].target not in IN_PLACE_FORMS:
+        return None
+    op = ops[0]
+    placeholders = call.group.placeholders
+    env = dict(zip(placeholders, call_node.args))
+    if not op.args or op.args[0] not in env or env[op.args[0]] is not dst or \
+            sum(a is dst for a in call_node.args) != 1 or any(u.op == "output" for u in src.users):
+        return None
+    val = dst.meta.get("val")
+    if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(op.meta["val"].shape):
+        return None
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for reader, through_view in _readers(dst):
+        if reader in (copy, call_node) and not through_view:
+            continue
+        if reader is call_node or is_mutating(reader) or order[reader] > order[call_node]:
+            return None
+    args = fx.node.map_arg(op.args, lambda a: env[a])
+    kwargs = fx.node.map_arg(op.kwargs, lambda a: env[a])
+    with graph.inserting_before(call_node):
+        written = graph.call_function(IN_PLACE_FORMS[op.target], args, kwargs)
+    written.meta.update(src.meta)
+    src.replace_all_uses_with(written)
+    graph.erase_node(copy)
+    graph.erase_node(src)
+    graph.erase_node(call_node)
+    return call, written
 
 
 def _writer_of(copy: fx.Node, graph: fx.Graph) -> Optional[Tuple[fx.Node, int]]:

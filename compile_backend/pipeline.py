@@ -156,7 +156,7 @@ def compile_graph(
         report.fake_quant = fake_quant_placement(graph)
     report.tuning = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
     _in_place(write_stacks_in_place(graph), report, fallbacks)  # stacked outputs written where made
-    report.input_writes = _input_writes(write_inputs_in_place(graph), graph)  # a KV cache written in place
+    report.input_writes = _input_writes(write_inputs_in_place(graph), graph, report)  # a KV cache written in place
     inline_aten_groups(graph, calls)
     memory = memory_plan.plan(graph)                            # kernel outputs share one arena
     report.memory = memory_plan.summary(memory, graph, front.eager_peak)
@@ -329,10 +329,17 @@ def _record(report: GraphReport, call: GroupCall, fallbacks: List[Dict[str, str]
     return fallbacks
 
 
-def _input_writes(in_place: List, graph: fx.Graph) -> List[Dict[str, Any]]:
-    """The report's entries: inputs our kernels write in place, then those ATen copies into."""
-    out = [{"input": call.out_views[k][0].meta.get("arg_index"), "by": "kernel", "kernel": call.report_index}
-           for call, k in in_place]
+def _input_writes(in_place: List, graph: fx.Graph, report: GraphReport) -> List[Dict[str, Any]]:
+    """The report's entries: inputs our kernels write in place, inputs an ATen op writes in place
+    (its group's kernel entry says which op), then the inputs ATen copies into."""
+    out = []
+    for call, k, op in in_place:
+        if op is None:
+            out.append({"input": call.out_views[k][0].meta.get("arg_index"), "by": "kernel", "kernel": call.report_index})
+        else:
+            index = op.args[0].meta.get("arg_index")
+            report.kernels[call.report_index]["config"] = {"in_place": f"{op_name(op.target)} into input {index}"}
+            out.append({"input": index, "by": "aten in place", "kernel": call.report_index})
     for node in graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.copy_.default and \
                 isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":

@@ -47,7 +47,8 @@ class GraphReport:
     # "from_cache", "heuristic", "candidates_timed", "seconds"}; empty when no kernel was tuned
     tuning: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # inputs the graph writes (a KV cache's update): {"input": argument index, "by": "kernel"
-    # (written in place by kernel ``kernel``, input_writes.py) | "copy_" (an ATen copy after the fact)}
+    # (written in place by kernel ``kernel``, input_writes.py) | "aten in place" (kernel ``kernel``'s
+    # ATen op in its in-place form: index_copy_) | "copy_" (an ATen copy after the fact)}
     input_writes: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     # first-call speed check (CUDA inference, compile_backend.speed_check): {"ms": {runner: median
     # ms}, "chosen": runner, "from_cache": True when an earlier process's verdict was applied}; empty when it did not run
@@ -160,9 +161,9 @@ class Report:
             for q in g.standalone_quantizes:
                 lines.append(f"standalone quantize: kernel #{q['kernel']}: {q['reason']}")
             if g.input_writes:
-                by_kernel = [w for w in g.input_writes if w["by"] == "kernel"]
-                lines.append(f"inputs written: {len(g.input_writes)} ({len(by_kernel)} in place by the kernel "
-                             f"making the value, {len(g.input_writes) - len(by_kernel)} by an ATen copy_)")
+                n = {how: sum(w["by"] == how for w in g.input_writes) for how in ("kernel", "aten in place", "copy_")}
+                lines.append(f"inputs written: {len(g.input_writes)} ({n['kernel']} in place by the kernel making "
+                             f"the value, {n['aten in place']} by an ATen op in place, {n['copy_']} by an ATen copy_)")
             if g.fake_quant:
                 f = g.fake_quant
                 kinds = ", ".join(f"{k} {v}" for k, v in f["kernels"].items()) or "none"

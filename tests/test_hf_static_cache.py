@@ -152,3 +152,34 @@ def test_generate_with_a_static_cache_through_the_backend(tmp_path):
     writes = [[w["by"] for w in g.input_writes] for g in report.graphs]
     assert len(report.graphs) == 2 and all(len(w) == 2 * cfg.num_hidden_layers for w in writes), writes
     assert ["kernel"] * 2 * cfg.num_hidden_layers in writes, writes
+
+
+def test_prefill_writes_its_slots_with_index_copy_in_place(tmp_path):
+    """A prompt of several tokens into an initialised StaticCache: each cache's ``index_copy`` of
+    the prompt's slots runs as ``index_copy_`` on the caller's cache (no whole new cache made and
+    copied back); the logits and the caches equal eager's."""
+    cfg, model = _model()
+    prompt = torch.randint(0, 1000, (1, 6), generator=torch.Generator().manual_seed(2))
+
+    def fresh():
+        cache = transformers.StaticCache(config=cfg, max_batch_size=1, max_cache_len=32, device="cpu",
+                                         dtype=torch.float32)
+        with torch.no_grad():  # one token first: the cache's tensors exist before the compiled call
+            model(torch.tensor([[7]]), past_key_values=cache, cache_position=torch.arange(1), use_cache=True)
+        return cache
+
+    eager_cache, our_cache = fresh(), fresh()
+    position = torch.arange(1, 7)
+    with torch.no_grad():
+        want = Step(model).eval()(prompt, position, eager_cache)
+        got = torch.compile(Step(model).eval(), backend="compile_backend",
+                            options={"cache_dir": str(tmp_path)})(prompt, position, our_cache)
+        report = compile_backend.explain(Step(model).eval(), prompt, position, fresh(), cache_dir=str(tmp_path / "r"))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(our_cache.layers, eager_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+    (g,) = report.graphs
+    assert [w["by"] for w in g.input_writes] == ["aten in place"] * 2 * cfg.num_hidden_layers, g.input_writes
+    assert all(g.kernels[w["kernel"]]["config"]["in_place"].startswith("aten.index_copy_")
+               for w in g.input_writes)

@@ -70,7 +70,8 @@ def test_element_wise_update_is_written_by_its_kernel(tmp_path):
     kernel = graph.kernels[graph.input_writes[0]["kernel"]]
     assert kernel["impl"] == "triton" and "aten.add" in kernel["ops"], kernel
     report = Report(graphs=[graph])
-    assert "inputs written: 1 (1 in place by the kernel making the value, 0 by an ATen copy_)" in str(report)
+    assert "inputs written: 1 (1 in place by the kernel making the value, 0 by an ATen op in place, 0 by an ATen copy_)" \
+        in str(report)
 
 
 def test_shifted_read_of_the_input_keeps_the_copy(tmp_path):
@@ -201,3 +202,14 @@ def test_engine_cache_hit_writes_in_place_too(tmp_path):
     warm = _run(_accumulate, lambda: (torch.randn(5, 7), torch.randn(5, 7)), tmp_path, calls=2)
     assert first.cache["engine"] == "miss" and warm.cache["engine"] == "hit"
     assert warm.input_writes == first.input_writes and warm.input_writes[0]["by"] == "kernel"
+
+
+def test_several_slots_copied_in_are_written_by_index_copy_in_place(tmp_path):
+    def fill(c, src, idx):
+        c.index_copy_(1, idx, src)
+        return c * 2
+
+    idx = torch.tensor([4, 1, 6])
+    graph = _run(fill, lambda: (torch.randn(3, 8), torch.randn(3, 3), idx), tmp_path)
+    assert [w["by"] for w in graph.input_writes] == ["aten in place"], graph.input_writes
+    assert graph.kernels[graph.input_writes[0]["kernel"]]["config"] == {"in_place": "aten.index_copy_ into input 0"}
