@@ -206,6 +206,8 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         if kind != "decode":
             raise ValueError("--model zoo-inplace times the decode step (the prefill is the zoo decoder's)")
         model, inputs = zoo.get("llama_decode_inplace", size, batch=batch, dtype=dtype, device=device)
+        for cache in inputs[2:]:  # as HF's StaticCache does: Inductor's CUDA graphs skip mutated inputs otherwise
+            torch._dynamo.mark_static_address(cache)
     else:
         model, inputs = zoo.get(f"llama_{kind}", size, batch=batch, dtype=dtype, device=device)
     model.eval()
