@@ -59,19 +59,30 @@ def write_inputs_in_place(graph: fx.Graph) -> List[Tuple[GroupCall, Optional[int
         else:
             replaced = _aten_in_place(node, graph)
             if replaced is not None:
-                done.append((*replaced[:1], None, replaced[1]))
+                call, written = replaced
+                done.append((call, None, written))
     return done
+
+
+def _copy_into_input(copy: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, int]]:
+    """(input, source, output index of the source's group call) of ``copy_(input, getitem(...))``
+    at the graph's end (nothing reads it), else None."""
+    if copy.op != "call_function" or copy.target is not aten.copy_.default or copy.users or len(copy.args) != 2:
+        return None
+    dst, src = copy.args
+    k = getitem_index(src) if isinstance(src, fx.Node) else None
+    if not isinstance(dst, fx.Node) or dst.op != "placeholder" or k is None:  # k: of a group call's outputs
+        return None
+    return dst, src, k
 
 
 def _aten_in_place(copy: fx.Node, graph: fx.Graph) -> Optional[Tuple[GroupCall, fx.Node]]:
     """``copy_(x, getitem(aten_group(op(x, ...))))`` -> ``op_(x, ...)`` (``IN_PLACE_FORMS``), the
     readers of the new value reading ``x``; (the group call replaced, the new node), or None."""
-    if copy.op != "call_function" or copy.target is not aten.copy_.default or copy.users or len(copy.args) != 2:
+    parts = _copy_into_input(copy)
+    if parts is None or parts[2] != 0:
         return None
-    dst, src = copy.args
-    k = getitem_index(src) if isinstance(src, fx.Node) else None
-    if not isinstance(dst, fx.Node) or dst.op != "placeholder" or k != 0:
-        return None
+    dst, src, _ = parts
     call_node = src.args[0]
     call = call_node.target
     if not isinstance(call, GroupCall) or call.kernel is None or call.kernel.impl != "aten" or len(call_node.users) != 1:
@@ -108,12 +119,10 @@ def _aten_in_place(copy: fx.Node, graph: fx.Graph) -> Optional[Tuple[GroupCall, 
 
 def _writer_of(copy: fx.Node, graph: fx.Graph) -> Optional[Tuple[fx.Node, int]]:
     """(group-call node, output index) that may write ``copy``'s source into its destination."""
-    if copy.op != "call_function" or copy.target is not aten.copy_.default or copy.users or len(copy.args) != 2:
+    parts = _copy_into_input(copy)
+    if parts is None:
         return None
-    dst, src = copy.args
-    k = getitem_index(src) if isinstance(src, fx.Node) else None
-    if not isinstance(dst, fx.Node) or dst.op != "placeholder" or k is None:
-        return None
+    dst, src, k = parts
     producer = src.args[0]
     call = producer.target
     kernel = call.kernel
