@@ -550,3 +550,16 @@ def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
     for mode in ("w8a16", "int8-sq"):
         assert rows[mode]["quantized"] > 0 and rows[mode]["logits_cosine"] > 0.99, rows[mode]
     assert rows["w8a16"]["layer_sqnr_db_min"] > 20
+
+
+def test_hf_cache_writes_records_each_family(tmp_path):
+    """benchmarks.hf_cache_writes on one family: the caches written by kernels, the step equal."""
+    import json
+
+    pytest.importorskip("transformers")
+    from benchmarks import hf_cache_writes
+
+    out = tmp_path / "writes.json"
+    assert hf_cache_writes.main(["--families", "Mistral", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["input_writes"] == ["kernel"] * 4 and row["max_abs_diff"] < 1e-5
