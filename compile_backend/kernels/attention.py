@@ -50,6 +50,8 @@ MASK_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: largest head dim (of q/k and of v) the kernel keeps in registers; the D block is padded to
 #: the next power of two with masked loads, so 80 or 96 work too
 MAX_HEAD_DIM = 128
+#: the decode kernel (few query rows a K/V head) takes wider heads: Gemma's and Gemma 2's 256
+MAX_DECODE_HEAD_DIM = 256
 
 
 
@@ -316,8 +318,9 @@ def _tma_compatible(t: torch.Tensor) -> bool:
     return True
 
 
-def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any) -> Optional[str]:
-    """None when the kernel supports these tensors (real or meta), else the reason it does not."""
+def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any, max_head_dim: int = MAX_HEAD_DIM) -> Optional[str]:
+    """None when the kernel supports these tensors (real or meta), else the reason it does not
+    (``max_head_dim``: ``MAX_DECODE_HEAD_DIM`` where the decode kernel serves)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{name} is not a tensor"
@@ -333,8 +336,8 @@ def check_attention_inputs(q: Any, k: Any, v: Any, mask: Any) -> Optional[str]:
         return f"batch/head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if dk != d or seq_v != seq_k:
         return f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
-    if not (1 <= d <= MAX_HEAD_DIM and 1 <= dv <= MAX_HEAD_DIM):
-        return f"head dims {d}/{dv} outside 1..{MAX_HEAD_DIM}"
+    if not (1 <= d <= max_head_dim and 1 <= dv <= max_head_dim):
+        return f"head dims {d}/{dv} outside 1..{max_head_dim}"
     if seq_k == 0:
         return "no keys (Sk = 0)"
     if bq * hq > 65535:
@@ -487,10 +490,17 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
         raise Unsupported(f"attention out_perm must be a permutation of 4 dims, got {out_perm!r}")
 
     metas = {name: (meta_of(args[name]) if positions[name] is not None else None) for name in positions}
-    problem = check_attention_inputs(metas["q"], metas["k"], metas["v"], metas["mask"])
+    problem = check_attention_inputs(metas["q"], metas["k"], metas["v"], metas["mask"], MAX_DECODE_HEAD_DIM)
     if problem is not None:
         raise Unsupported(problem)
     q_meta, k_meta, v_meta = metas["q"], metas["k"], metas["v"]
+    # a decode step (a few query rows per K/V head): flash-decoding, key ranges split over the
+    # GPU (kernels/attention_decode.py); the tuner also times the flash kernel and SDPA
+    decode = decode_applies(q_meta.shape[2], q_meta.shape[1], k_meta.shape[1])
+    wide = max(q_meta.shape[-1], v_meta.shape[-1]) > MAX_HEAD_DIM  # the decode kernel's alone
+    if wide and (not decode or config is not None):
+        raise Unsupported(f"head dims {q_meta.shape[-1]}/{v_meta.shape[-1]} outside 1..{MAX_HEAD_DIM} "
+                          f"(up to {MAX_DECODE_HEAD_DIM} for a decode step only)")
     allow_tf32 = ctx.allow_tf32  # fp32 attention on TF32 tensor cores only when precision allows
     dims = (q_meta.shape[-1], v_meta.shape[-1], q_meta.shape[-2], k_meta.shape[-2], q_meta.dtype, causal)
     tuned = config is None and tuner_for(ctx).times
@@ -543,16 +553,13 @@ def build_attention(group: KernelGroup, ctx: KernelContext, config: Optional[Att
 
     out_dtype = q_meta.dtype if quant is None else quant_ref.STORAGE[quant[0]]
     layouts = (_out_layout(q_meta.shape, v_meta.shape, out_dtype, out_perm),)
-    # a decode step (a few query rows per K/V head): flash-decoding, key ranges split over the
-    # GPU (kernels/attention_decode.py); the tuner also times the flash kernel and SDPA
-    decode = decode_applies(q_meta.shape[2], q_meta.shape[1], k_meta.shape[1])
     if tuned:
         # short sequences: also two batched GEMMs around one softmax kernel (16-bit only: the
         # fp32 products would follow the user's global TF32 setting, not options.precision)
         # (not for grouped-query attention: the batched GEMMs would need k/v repeated per head)
         short = q_meta.dtype in (torch.float16, torch.bfloat16) and k_meta.shape[-2] <= _unfused_max_keys() \
             and k_meta.shape[1] == q_meta.shape[1]
-        return _tuned_attention(group, ctx, dims, runner, layouts,
+        return _tuned_attention(group, ctx, dims, None if wide else runner, layouts,
                                 f"scale={scale} causal={causal} tf32={allow_tf32} nan_rows={dead_rows_nan} quant={quant}",
                                 unfused if short else None, decode_runner if decode else None)
     if decode and explicit is None:
@@ -578,7 +585,7 @@ def _tuned_attention(group: KernelGroup, ctx: KernelContext, dims, runner, layou
     from .autotune import Candidate, TuningKey
     from .template import Probe, group_dtypes, group_shapes, group_strides
 
-    configs = candidate_configs(*dims)
+    configs = candidate_configs(*dims) if runner is not None else []  # None: heads too wide for it
     if ctx.tuning != "max":
         configs = configs[:6]
     candidates = [Candidate(f"triton {c.as_dict()}", {"impl": "triton", **c.as_dict()},

@@ -117,3 +117,39 @@ def test_gpu_decode_step_shape(splits):
     want = _expect(q, k, v, keep)
     for _ in range(2):
         _close(runner(q, k, v, keep, _layout(q, v, q.dtype)), want)
+
+
+@pytest.mark.parametrize("d", [256, 200], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_wide_heads(dtype, d):
+    """Gemma's and Gemma 2's head dim 256 (and a padded 200): only the decode kernel takes heads
+    wider than 128; grouped-query, a static cache's mask, 3 key ranges."""
+    q, k, v = _inputs(1, 4, 2, 1, 45, d, d, dtype, seed=5)
+    keep = (torch.arange(45) <= 39)[None, None, None, :]
+    _close(_run(q, k, v, keep), _expect(q, k, v, keep))
+
+
+def test_wide_heads_are_the_decode_kernels_alone():
+    """The builder takes head dim 256 for a decode step (its kernel), and says why for a prefill."""
+    import compile_backend
+    from compile_backend.kernels.attention import build_attention
+    from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    import compile_backend.ops  # noqa: F401  (registers compile_backend::attention)
+
+    def group(sq):
+        q, k, v = _inputs(1, 4, 2, sq, 45, 256, 256, torch.float16, seed=6)
+        gm = make_fx(lambda q, k, v: (torch.ops.compile_backend.attention(q, k, v, None, 0.0625, False),))(q, k, v)
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(q, k, v)
+        return KernelGroup("attention", gm), (q, k, v)
+
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    g, inputs = group(1)
+    kernel = build_attention(g, ctx)
+    assert kernel.config.get("decode") is True
+    _close(kernel(*inputs)[0], g.reference(*inputs)[0])
+    with pytest.raises(Unsupported, match="up to 256 for a decode step only"):
+        build_attention(group(64)[0], ctx)
