@@ -31,6 +31,11 @@ from .profiles import USER_INPUTS_META
 #: (``encoder.layer.0.attention.self.query.weight``) or None; quantization names layers by it
 PARAM_NAMES_META = "compile_backend_param_names"
 
+#: ``aten_gm.meta`` key of a training graph: the argument indices whose tensors keep their
+#: address from call to call (a forward's parameters and buffers; a backward's saved values,
+#: everything but the output gradients), which a CUDA graph reads in place instead of copying
+STATIC_INPUTS_META = "compile_backend_static_inputs"
+
 _graph_ids = itertools.count()
 
 
@@ -80,6 +85,8 @@ def lower(
                 aten_gm.meta[USER_INPUTS_META] = inputs
             if role == "inference" and n_placeholders == len(names):
                 aten_gm.meta[PARAM_NAMES_META] = names
+            if role != "inference":
+                aten_gm.meta[STATIC_INPUTS_META] = static_inputs(aten_gm, role, mask)
             fn = compile_aten(aten_gm, role=role, name=f"graph{graph_id}.{role}", frozen=frozen)
             return make_boxed_func(fn)
 
@@ -95,6 +102,17 @@ def lower(
         # it AOT returns each new value and copies it over the input after the call
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
+
+
+def static_inputs(aten_gm: fx.GraphModule, role: str, mask: Sequence[bool]) -> frozenset:
+    """A training graph's arguments at a stable address: the forward's parameters and buffers
+    (Dynamo's order, when AOT added no argument), the backward's saved values (AOT names the
+    output gradients ``tangents_*``; RNG seeds are per call)."""
+    names = [n.name for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    if role == "forward":
+        return frozenset(i for i, m in enumerate(mask) if m) if len(names) == len(mask) else frozenset()
+    per_call = ("tangents", "bwd_seed", "bwd_base_offset")
+    return frozenset(i for i, name in enumerate(names) if not name.startswith(per_call))
 
 
 #: backward ops no kernel of ours runs as such, but whose decompositions (a sum over the row,
@@ -247,4 +265,4 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-__all__ = ["lower", "frozen_mask", "param_names", "PARAM_NAMES_META", "user_inputs", "specialize", "is_symbolic"]
+__all__ = ["lower", "frozen_mask", "param_names", "PARAM_NAMES_META", "STATIC_INPUTS_META", "static_inputs", "user_inputs", "specialize", "is_symbolic"]

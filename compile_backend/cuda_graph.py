@@ -17,21 +17,27 @@ are always cloned (the next call's input copy or a refit writes there).
 Where the storage reference count cannot be read (a PyTorch without
 ``torch._C._storage_Use_Count``), every output is cloned, as before.
 
-Inputs the engine writes (a KV cache updated in place) are *borrowed*: recorded where the caller
-keeps them, so a replay reads and writes the caller's tensor, with no copy in or out (a decode
-step's caches are most of the bytes it would copy). The runner keeps their addresses, not the
-tensors (a cache the caller drops is freed at once), and replays only when the caller passes
-tensors at those addresses. An engine with borrowed inputs
-runs its first call outside the graph, for real (the warm-up, writing the caller's tensor once,
-as eager does), and records on the second. When the caller passes another tensor there (a new
-cache), the runner records again for it; a caller that changes it nearly every call (fewer than
-``REBIND_MIN_REPLAYS`` replays in between, after ``FREE_REBINDS``) gets copies instead: the
-input is copied into a buffer of the runner before each replay and the buffer back after it.
+Inputs at a stable address are *borrowed*: recorded where the caller keeps them, so a replay
+reads (and, for inputs the engine writes, writes) the caller's tensor, with no copy in or out.
+They are the inputs the engine writes (a decode step's KV caches: most of the bytes it would
+copy) and a training graph's static inputs (``Engine.static_inputs``: the forward's parameters,
+the backward's saved activations). The runner keeps their addresses, not the tensors (a cache
+the caller drops is freed at once), and keeps the recordings per set of addresses (a
+*binding*): a caller alternating two caches, or a backward reading the saved activations of
+either of the forward's two hand-out slots, replays one recording per binding, up to
+``MAX_BINDINGS`` (least recently used dropped). A borrowed input seen at more than
+``MAX_ADDRESSES`` addresses (a new tensor every call) is copied instead: into a buffer of the
+runner before each replay, and, if the engine writes it, back after. An engine with borrowed
+inputs runs its first call outside the graph, for real (the warm-up, writing the caller's tensor
+once, as eager does), and records on the second. An output that is a borrowed input, or a view
+of one (a forward returning a weight it saves for the backward), is handed out as that view of
+the caller's tensor, never cloned.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 import torch
@@ -40,8 +46,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 log = logging.getLogger("compile_backend")
 
 HAND_OUT_SLOTS = 2  # recordings whose outputs are returned without a copy
-FREE_REBINDS = 2  # records again for a borrowed input's new tensor at least this often
-REBIND_MIN_REPLAYS = 4  # after that, only if the last tensor served this many replays
+MAX_ADDRESSES = 3  # a borrowed input seen at more addresses than this is copied instead
+MAX_BINDINGS = 3  # sets of borrowed addresses whose recordings are kept
 storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
 
 
@@ -63,10 +69,30 @@ class OutputLease:
         return all(storage_use_count(r.cdata) <= b for r, b in zip(self.refs, self.baseline))
 
 
+class InputView:
+    """An output that is a borrowed input or a view of one: rebuilt from the caller's tensor at
+    each call (a recording holding it would keep a cache the caller dropped alive)."""
+
+    def __init__(self, index: int, t: torch.Tensor, arg: torch.Tensor):
+        self.index = index
+        self.same = (t.shape, t.stride(), t.storage_offset()) == (arg.shape, arg.stride(), arg.storage_offset())
+        self.geometry = (tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+    def of(self, args: Sequence[Any]) -> torch.Tensor:
+        arg = args[self.index]
+        return arg if self.same else arg.as_strided(*self.geometry)
+
+
 class Recording:
     """One recording: its graph, its outputs, who may still read them."""
 
-    def __init__(self, graph: Any, static_out: Any, fixed: Set[int], hand_out: bool):
+    def __init__(self, graph: Any, static_out: Any, fixed: Set[int], hand_out: bool,
+                 borrowed: Optional[Dict[int, torch.Tensor]] = None):
+        storages = {t.untyped_storage().data_ptr(): i for i, t in (borrowed or {}).items()}
+        # outputs in a borrowed input's memory: views of the caller's tensor, made per call
+        static_out = _map(static_out, lambda t: InputView(storages[t.untyped_storage().data_ptr()], t,
+                                                          borrowed[storages[t.untyped_storage().data_ptr()]])
+                          if t.untyped_storage().data_ptr() in storages else t)
         self.graph, self.static_out = graph, static_out
         self.hand_out = hand_out and storage_use_count is not None
         tensors = _tensors(static_out)
@@ -78,62 +104,77 @@ class Recording:
     def free(self) -> bool:
         return self.lease is None or self.lease.free()
 
-    def outputs(self) -> Any:
+    def outputs(self, args: Sequence[Any]) -> Any:
         return _map(self.static_out, lambda t: t.detach() if self.hand_out and id(t) in self.owned
-                    else t.clone())
+                    else t.clone(), lambda v: v.of(args))
+
+
+class Binding:
+    """The recordings made for one set of borrowed inputs' addresses."""
+
+    def __init__(self) -> None:
+        self.slots: List[Recording] = []  # hand-out recordings
+        self.copy_slot: Optional[Recording] = None  # recorded once every hand-out slot was held
+        self.copy_failed = False
 
 
 class CudaGraphRunner:
     """Replays an engine's launches from CUDA graphs.
 
     Inputs are copied into static buffers (skipped when the caller passes the static buffer
-    itself), except those the engine writes, which are borrowed (module docstring); constants are
-    read where they live, so a refit that updates them in place needs no re-recording, and one
-    that moves them re-records on the next call. The engine's arena (planned intermediates) is
-    allocated once and never moved, so every recording shares it. If recording fails (an op
-    that synchronises, a CPU tensor), the engine runs without a graph.
+    itself), except the borrowed ones (module docstring); constants are read where they live, so
+    a refit that updates them in place needs no re-recording, and one that moves them re-records
+    on the next call. The engine's arena (planned intermediates) is allocated once and never
+    moved, so every recording shares it. If recording fails (an op that synchronises, a CPU
+    tensor), the engine runs without a graph.
     """
 
     def __init__(self, engine: Any):
         self.engine = engine
         self.usable = True
-        self.static_args: list = []
-        self.slots: List[Recording] = []  # hand-out recordings
-        self.copy_slot: Optional[Recording] = None  # recorded once both hand-out slots were held
-        self.copy_failed = False
+        self.static_args: list = []  # per argument: its buffer (copied), None (borrowed) or itself
+        self.prepared = False  # static_args made for the current borrowed set
+        self.bindings: "OrderedDict[tuple, Binding]" = OrderedDict()  # least recently used first
         self.hand_out_slots = HAND_OUT_SLOTS
         self.lock = threading.Lock()  # replays share the static buffers and the arena
         self.done = None  # event after the last replay
-        # written inputs recorded on the caller's tensors; those given up on are copied back
-        self.borrowed = set(getattr(engine, "written_inputs", ())) - set(engine.frozen)
-        self.copied_back = set()
-        self.rebinds, self.replays = 0, 0  # records for a borrowed input's new tensor; replays since
+        frozen = set(engine.frozen)
+        self.written = set(getattr(engine, "written_inputs", ())) - frozen
+        self.borrowed = (self.written | set(getattr(engine, "static_inputs", ()))) - frozen
+        self.copied_back: Set[int] = set()  # written inputs copied in and back out instead
+        self.addresses: Dict[int, Set[int]] = {i: set() for i in self.borrowed}  # seen per borrowed input
         self.copied_in: List[int] = []
-        self.borrowed_ptrs: Dict[int, int] = {}  # borrowed input -> the address its recordings use
+        self.replays = 0
         self.warm = False  # the engine has run outside a graph on this device (lazy inits done)
 
     @property
-    def graph(self) -> Any:  # the first recording (None before the first call or after a refit)
+    def slots(self) -> List[Recording]:  # the hand-out recordings of the last binding used
+        return next(reversed(self.bindings.values())).slots if self.bindings else []
+
+    @property
+    def graph(self) -> Any:  # a recording (None before the first call or after a refit)
         return self.slots[0].graph if self.slots else None
 
     def invalidate(self) -> None:
         """Drop every recording (constants moved); outputs callers hold stay theirs."""
-        self.slots, self.copy_slot, self.static_args, self.copy_failed = [], None, [], False
+        self.bindings.clear()
+        self.static_args, self.prepared = [], False
 
     def __call__(self, args: Sequence[Any]) -> Any:
         with self.lock:
             stream = torch.cuda.current_stream()
             if self.done is not None:  # the previous replay, maybe on another stream, must finish
                 stream.wait_event(self.done)
-            if self.slots and self._moved(args):
-                self._rebind()
-            if not self.slots and self.borrowed and not self.warm:
+            if self.borrowed and not self.warm:
                 self.warm = True  # this call, run for real, is the warm-up; the next one records
+                self._seen(args)
                 return self.engine.run(args)
-            if not self.slots:
+            binding = self._binding(args)
+            if not binding.slots:
                 try:
-                    self._warm_up(args)
-                    self.slots.append(self._record(args, hand_out=True))
+                    if not self.prepared:
+                        self._warm_up(args)
+                    binding.slots.append(self._record(args, hand_out=True))
                 except Exception as exc:
                     log.warning("compile_backend: CUDA graph recording failed (%s: %s); running "
                                 "this engine without a graph", type(exc).__name__, exc)
@@ -145,7 +186,7 @@ class CudaGraphRunner:
                 static, arg = self.static_args[i], args[i]
                 if static is not arg and static.data_ptr() != arg.data_ptr():
                     static.copy_(arg)
-            slot = self._free_slot(args)
+            slot = self._free_slot(binding, args)
             if slot is None:  # every recording's outputs are held and no copy recording could be made
                 return self.engine.run(args)
             if slot.stream is not None and slot.stream != stream:
@@ -156,52 +197,69 @@ class CudaGraphRunner:
                 if self.static_args[i].data_ptr() != args[i].data_ptr():
                     args[i].copy_(self.static_args[i])
             slot.stream = stream
-            out = slot.outputs()
+            out = slot.outputs(args)
             self.done = torch.cuda.Event()
             self.done.record(stream)
             return out
 
-    def _free_slot(self, args: Sequence[Any]) -> Optional[Recording]:
-        slot = next((s for s in self.slots if s.free()), None)
+    def _key(self, args: Sequence[Any]) -> tuple:
+        return tuple(args[i].data_ptr() for i in sorted(self.borrowed))
+
+    def _seen(self, args: Sequence[Any]) -> List[int]:
+        """Remember the borrowed inputs' addresses; those not seen before."""
+        new = [i for i in self.borrowed if args[i].data_ptr() not in self.addresses[i]]
+        for i in new:
+            self.addresses[i].add(args[i].data_ptr())
+        return new
+
+    def _binding(self, args: Sequence[Any]) -> Binding:
+        """The recordings for the borrowed inputs' addresses in ``args`` (a new, empty binding
+        for addresses not met together before). A borrowed input met at too many addresses
+        is copied from then on: every recording is dropped, as they all read it in place."""
+        key = self._key(args)
+        binding = self.bindings.get(key)
+        if binding is not None:
+            self.bindings.move_to_end(key)
+            return binding
+        restless = {i for i in self._seen(args) if len(self.addresses[i]) > MAX_ADDRESSES}
+        if restless:
+            log.info("compile_backend: inputs %s come in a new tensor nearly every call; copying them "
+                     "into the CUDA graph's buffers instead of recording again", sorted(restless))
+            self.borrowed -= restless
+            self.copied_back |= restless & self.written
+            self.invalidate()
+            key = self._key(args)
+        binding = self.bindings[key] = Binding()
+        if len(self.bindings) > MAX_BINDINGS:
+            self.bindings.popitem(last=False)
+        return binding
+
+    def _free_slot(self, binding: Binding, args: Sequence[Any]) -> Optional[Recording]:
+        slot = next((s for s in binding.slots if s.free()), None)
         if slot is not None:
             return slot
-        if len(self.slots) < self.hand_out_slots:
+        if len(binding.slots) < self.hand_out_slots:
             try:
-                self.slots.append(self._record(args, hand_out=True))
-                return self.slots[-1]
+                binding.slots.append(self._record(args, hand_out=True))
+                return binding.slots[-1]
             except Exception as exc:  # memory, most likely: keep to the slots there are
                 log.warning("compile_backend: a second CUDA graph recording failed (%s: %s); "
                             "outputs held across calls are copied", type(exc).__name__, exc)
-                self.hand_out_slots = len(self.slots)
-        if self.copy_slot is None and not self.copy_failed:
+                self.hand_out_slots = len(binding.slots)
+        if binding.copy_slot is None and not binding.copy_failed:
             try:
-                self.copy_slot = self._record(args, hand_out=False)
+                binding.copy_slot = self._record(args, hand_out=False)
             except Exception as exc:  # then such calls run without a graph (fresh outputs)
                 log.warning("compile_backend: the CUDA graph copy recording failed (%s: %s); calls made "
                             "while every earlier output is held run without a graph", type(exc).__name__, exc)
-                self.copy_failed = True
-        return self.copy_slot
-
-    def _moved(self, args: Sequence[Any]) -> bool:
-        """A borrowed input came in another tensor than the one the recordings write."""
-        return any(args[i].data_ptr() != self.borrowed_ptrs[i] for i in self.borrowed)
-
-    def _rebind(self) -> None:
-        """Record again for the new tensors, or, for a caller that changes them nearly every
-        call, stop borrowing: copy those inputs in before each replay and back after it."""
-        if self.rebinds >= FREE_REBINDS and self.replays < REBIND_MIN_REPLAYS:
-            log.info("compile_backend: written inputs change tensors every few calls; copying them "
-                     "in and out of the CUDA graph's buffers instead of recording again")
-            self.copied_back |= self.borrowed
-            self.borrowed = set()
-        self.rebinds += 1
-        self.invalidate()
+                binding.copy_failed = True
+        return binding.copy_slot
 
     def _warm_up(self, args: Sequence[Any]) -> None:
-        """Static buffers for the copied inputs, addresses of the borrowed ones, and two runs
-        outside the graph (lazy inits, workspace allocation) on a side stream; not for an engine
-        with borrowed inputs: its first call ran for real instead (``warm``), as a copy of a
-        borrowed cache for the warm-up to write would double its memory for a moment."""
+        """Static buffers for the copied inputs, and, unless the engine already ran for real
+        (``warm``: an engine with borrowed inputs, whose first call was its warm-up, as a copy
+        of a borrowed cache for a warm-up to write would double its memory for a moment), two
+        runs outside the graph (lazy inits, workspace allocation) on a side stream."""
         frozen = set(self.engine.frozen)
         self.static_args = [
             None if i in self.borrowed else  # not held: a cache the caller drops is freed at once
@@ -209,8 +267,7 @@ class CudaGraphRunner:
             if isinstance(a, torch.Tensor) and i not in frozen else a
             for i, a in enumerate(args)
         ]
-        self.borrowed_ptrs = {i: args[i].data_ptr() for i in self.borrowed}
-        self.replays = 0
+        self.prepared = True
         # the inputs copied in before each replay: neither weights nor borrowed (looping over only
         # these matters: a decoder passes 200 weights and 44 caches beside its 2 small inputs)
         self.copied_in = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
@@ -229,7 +286,7 @@ class CudaGraphRunner:
 
     def _record(self, args: Sequence[Any], hand_out: bool) -> Recording:
         """Record the launches on the static buffers and this call's borrowed tensors (a replay
-        happens only when the caller passes tensors at those addresses again: ``_moved``)."""
+        happens only when the caller passes tensors at those addresses again: ``_binding``)."""
         bound = [args[i] if i in self.borrowed else t for i, t in enumerate(self.static_args)]
         graph = torch.cuda.CUDAGraph()
         # thread_local: the default ("global") mode makes any other thread's unsafe CUDA call
@@ -240,7 +297,7 @@ class CudaGraphRunner:
         fixed = {t.untyped_storage().data_ptr() for t in bound if isinstance(t, torch.Tensor)}
         fixed |= {t.untyped_storage().data_ptr() for t in self.engine.constants.values()
                   if isinstance(t, torch.Tensor)}
-        return Recording(graph, static_out, fixed, hand_out)
+        return Recording(graph, static_out, fixed, hand_out, {i: args[i] for i in self.borrowed})
 
 
 def _tensors(out: Any) -> List[torch.Tensor]:
@@ -251,9 +308,11 @@ def _tensors(out: Any) -> List[torch.Tensor]:
     return []
 
 
-def _map(out: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+def _map(out: Any, fn: Callable[[torch.Tensor], Any], view: Optional[Callable[[InputView], Any]] = None) -> Any:
     if isinstance(out, torch.Tensor):
         return fn(out)
+    if isinstance(out, InputView) and view is not None:
+        return view(out)
     if isinstance(out, (list, tuple)):
-        return type(out)(_map(o, fn) for o in out)
+        return type(out)(_map(o, fn, view) for o in out)
     return out

@@ -73,7 +73,8 @@ class Engine:
         calls: Sequence[GroupCall] = (),  # its kernel groups, in graph order (the cached plan)
         fallbacks: Optional[Dict[str, List[Dict[str, str]]]] = None,  # per group: why ATen runs it
         first_call_context: Callable[[], ContextManager] = contextlib.nullcontext,
-        cuda_graph: bool = False,  # record the launches once and replay them (CUDA inference)
+        cuda_graph: bool = False,  # record the launches once and replay them (CUDA)
+        static_inputs: Sequence[int] = (),  # arguments at a stable address (a training graph's weights)
     ):
         self.device = device
         self.constants = constants
@@ -104,6 +105,8 @@ class Engine:
         # inputs the engine writes (a KV cache updated in place): a CUDA graph records them where
         # the caller keeps them instead of copying them in (and back out)
         self.written_inputs = written_inputs(graph)
+        # and those it reads where they are, recording again if one moves (cuda_graph.py)
+        self.static_inputs = frozenset(static_inputs)
         self.cuda_graph: CudaGraphRunner | None = CudaGraphRunner(self) if cuda_graph else None
         self.cache_key: Optional[str] = None  # the engine cache's key, when it came through the cache
 

@@ -36,7 +36,7 @@ class Options:
     cache_dir: where compiled engines and tuning results live (None: the default location).
     autotune: ``off`` (heuristic configs), ``fast`` (small pruned set), ``max`` (full set) or a
         number of seconds: a tuning budget for the whole graph.
-    cuda_graphs: ``auto`` records CUDA graphs for static-shape inference on CUDA.
+    cuda_graphs: ``auto`` records CUDA graphs for static-shape graphs on CUDA, training included.
     validate: check every generated kernel once against ATen on the real inputs and fall back
         to ATen (with a report entry) when it disagrees.
     freeze: in inference, treat parameters and buffers as constants (fold BatchNorm, merged

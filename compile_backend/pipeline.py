@@ -164,7 +164,8 @@ def compile_graph(
                     interpreted=kctx.interpret and triton_enabled(device),
                     calls=calls, fallbacks=fallbacks,           # the plan the engine cache stores
                     first_call_context=functools.partial(scopes.triton_binaries, scope, triton_enabled(device)),
-                    cuda_graph=wants_cuda_graph(options, role, device))  # record once, replay
+                    cuda_graph=wants_cuda_graph(options, role, device),  # record once, replay
+                    static_inputs=aten_gm.meta.get(capture.STATIC_INPUTS_META, ()))  # read in place by it
     report.cuda_graph = engine.cuda_graph is not None
     return engine
 
@@ -241,10 +242,11 @@ def kernel_context(options: Options, device: torch.device, scope, timings: Optio
 
 
 def wants_cuda_graph(options: Options, role: str, device: torch.device) -> bool:
-    """CUDA graphs for inference on CUDA ("auto" and "on"); training graphs run launch by launch
-    (their saved activations would have to outlive the graph's memory pool). AOTAutograd only
-    produces an inference graph when no output needs a gradient, so that role is the test."""
-    return options.cuda_graphs != "off" and device.type == "cuda" and role == "inference"
+    """CUDA graphs on CUDA ("auto" and "on"), training graphs included: a forward's saved
+    activations are its recording's outputs, handed out and not replayed over while autograd
+    holds them (cuda_graph.py); a training step launches ~800 kernels for a BERT-base, whose
+    launch by launch host time was 3x the step's GPU time (benchmarks/notes/qat.md)."""
+    return options.cuda_graphs != "off" and device.type == "cuda"
 
 
 def graph_device(args: Sequence[Any]) -> torch.device:

@@ -1,7 +1,8 @@
-"""The CUDA graph runner's bookkeeping for inputs the engine writes (borrowing, recording again,
-copy mode), on the CPU: ``torch.cuda``'s graph, stream and event calls are replaced by stand-ins
-whose "recording" remembers the engine's work and whose replay does it, so a test can count
-what ran where. The real thing runs in tests/test_input_writes.py (GPU)."""
+"""The CUDA graph runner's bookkeeping for borrowed inputs (written ones, a training graph's static
+ones: recordings per set of addresses, copy mode) and for training steps, on the CPU:
+``torch.cuda``'s graph, stream and event calls are replaced by stand-ins whose "recording"
+remembers the engine's work and whose replay does it, so a test can count what ran where. The
+real thing runs in tests/test_input_writes.py and tests/test_cuda_graphs.py (GPU)."""
 import contextlib
 
 import pytest
@@ -91,10 +92,10 @@ def test_written_input_is_borrowed_written_once_a_call_and_not_held(fake_cuda):
         assert torch.equal(c, torch.full((3, 4), float(step))) and torch.equal(out, torch.full((3,), 4.0 * step))
     # the first call ran for real (the warm-up), the others replayed one recording on c itself
     assert engine.eager_runs == 1 and engine.launches == 1 and len(runner.slots) >= 1
-    assert runner.borrowed == {0} and runner.borrowed_ptrs[0] == c.data_ptr() and runner.static_args[0] is None
+    assert runner.borrowed == {0} and runner.addresses[0] == {c.data_ptr()} and runner.static_args[0] is None
 
 
-def test_a_new_tensor_records_again_and_one_changing_every_call_is_copied(fake_cuda):
+def test_alternating_tensors_replay_one_recording_each(fake_cuda):
     engine = AccumulateEngine()
     runner = cuda_graph.CudaGraphRunner(engine)
     x = torch.ones(2, 3)
@@ -102,12 +103,26 @@ def test_a_new_tensor_records_again_and_one_changing_every_call_is_copied(fake_c
     for _ in range(5):
         runner([first, x])
     tensors = [torch.full((2, 3), 10.0), torch.full((2, 3), 20.0)]
-    for step in range(6):  # alternating: records again twice, then copies in and out
+    for step in range(6):  # alternating between two caches: one recording for each, no copies
         runner([tensors[step % 2], x])
     assert torch.equal(tensors[0], torch.full((2, 3), 13.0)) and torch.equal(tensors[1], torch.full((2, 3), 23.0))
     assert torch.equal(first, torch.full((2, 3), 5.0))  # untouched since it was last passed
-    assert runner.rebinds == 3 and runner.copied_back == {0} and not runner.borrowed
-    assert engine.eager_runs == 1  # recordings replayed from then on, copy mode included
+    assert len(runner.bindings) == 3 and not runner.copied_back and runner.borrowed == {0}
+    assert all(len(b.slots) == 1 for b in runner.bindings.values())
+    assert engine.eager_runs == 1  # recordings replayed from then on
+
+
+def test_a_new_tensor_every_call_is_copied_in_and_out(fake_cuda):
+    engine = AccumulateEngine()
+    runner = cuda_graph.CudaGraphRunner(engine)
+    x = torch.ones(2, 3)
+    tensors = [torch.full((2, 3), 10.0 * k) for k in range(8)]  # all alive: eight addresses
+    for t in tensors:
+        runner([t, x])
+    assert all(torch.equal(t, torch.full((2, 3), 10.0 * k + 1)) for k, t in enumerate(tensors))
+    assert runner.copied_back == {0} and not runner.borrowed  # given up after MAX_ADDRESSES
+    assert len(runner.bindings) == 1 and runner.static_args[0] is not None
+    assert engine.eager_runs == 1
 
 
 def test_an_engine_writing_nothing_warms_up_on_copies_then_replays(fake_cuda):
@@ -117,3 +132,39 @@ def test_an_engine_writing_nothing_warms_up_on_copies_then_replays(fake_cuda):
     runner([c, x])
     assert engine.eager_runs == 0 and engine.launches == 2  # the side-stream warm-up, on copies
     assert torch.equal(c, torch.zeros(2, 2)) and not runner.borrowed
+
+
+class ReadEngine:
+    """``return (w, w.t(), x @ w)`` reading its argument 0 (a weight, static) in place."""
+
+    frozen: dict = {}
+    constants: dict = {}
+    written_inputs = frozenset()
+
+    def __init__(self):
+        self.static_inputs = frozenset({0})
+        self.eager_runs = 0
+
+    def launch(self, args):
+        w, x = args
+        if _Capture.graph is not None:
+            out = torch.empty(x.shape[0], w.shape[1])
+            _Capture.graph.work = lambda: out.copy_(x @ w)
+            return w, w.t(), out
+        return w, w.t(), x @ w
+
+    def run(self, args):
+        self.eager_runs += 1
+        return self.launch(args)
+
+
+def test_a_static_input_is_read_in_place_and_returned_as_the_callers_tensor(fake_cuda):
+    engine = ReadEngine()
+    runner = cuda_graph.CudaGraphRunner(engine)
+    w, x = torch.randn(4, 3), torch.randn(2, 4)
+    for step in range(4):
+        w.add_(1.0)  # an optimizer step: same tensor, new values, read by the replay
+        same, t, y = runner([w, x])
+        assert same is w and t.data_ptr() == w.data_ptr() and t.shape == (3, 4)  # no clone
+        torch.testing.assert_close(y, x @ w)
+    assert engine.eager_runs == 1 and runner.static_args[0] is None and len(runner.bindings) == 1

@@ -121,10 +121,10 @@ def test_held_outputs_when_no_copy_recording_can_be_made(monkeypatch):
 
     real = CudaGraphRunner._record
 
-    def record(self, hand_out):
+    def record(self, args, hand_out):
         if not hand_out:
             raise RuntimeError("out of memory (simulated)")
-        return real(self, hand_out)
+        return real(self, args, hand_out)
 
     monkeypatch.setattr(CudaGraphRunner, "_record", record)
     m = _model()
@@ -134,3 +134,35 @@ def test_held_outputs_when_no_copy_recording_can_be_made(monkeypatch):
         kept = [compiled(x) for x in xs]
         for got, x in zip(kept, xs):
             assert_same(got, m(x))
+
+
+class _TrainNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.norm, self.b = nn.Linear(64, 96), nn.LayerNorm(96), nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.b(self.norm(torch.nn.functional.gelu(self.a(x))))
+
+
+@pytest.mark.parametrize("accumulate,set_to_none", [(1, True), (2, False)])
+def test_gpu_training_steps_replay(engines, accumulate, set_to_none):
+    """Forward and backward recorded and replayed over optimizer steps: parameters equal eager's
+    (the weights read in place after each update, saved activations never replayed over)."""
+    eager, ours = _TrainNet().cuda(), _TrainNet().cuda()
+    compiled = torch.compile(ours, backend="compile_backend")
+    batches = [torch.randn(16, 64, device="cuda") for _ in range(3)]
+    for model in (eager, compiled):
+        opt = torch.optim.SGD((eager if model is eager else ours).parameters(), lr=0.05, momentum=0.9)
+        for step in range(8):
+            opt.zero_grad(set_to_none=set_to_none)
+            for k in range(accumulate):
+                out = model(batches[(step * accumulate + k) % 3])
+                (out * out).mean().backward()
+            opt.step()
+    for p, q in zip(ours.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
+    runners = [e.cuda_graph for e in engines]
+    assert len(runners) == 2 and all(r is not None and r.usable for r in runners)
+    assert all(r.replays == 8 * accumulate - 1 for r in runners), [r.replays for r in runners]

@@ -128,8 +128,8 @@ def test_profiles_do_not_apply_to_a_graph_writing_its_inputs():
 @pytest.mark.gpu
 def test_gpu_written_input_is_borrowed_by_the_cuda_graph(engines, tmp_path):
     """Under CUDA graphs the written input is recorded where the caller keeps it: written once a
-    call, no copy in or out; another tensor there records again; a caller alternating tensors
-    every call gets copies (and still the right values)."""
+    call, no copy in or out; a caller alternating two tensors replays one recording for each; a
+    new tensor every call is copied in and out (and still gets the right values)."""
     make = lambda: (torch.randn(64, 33, device="cuda"), torch.randn(64, 33, device="cuda"))  # noqa: E731
     compiled, _ = _compiled(_accumulate, tmp_path)
     c, x = make()
@@ -143,14 +143,20 @@ def test_gpu_written_input_is_borrowed_by_the_cuda_graph(engines, tmp_path):
         (engine,) = engines
         runner = engine.cuda_graph
         assert runner is not None and runner.usable and runner.borrowed == {0}
-        assert runner.borrowed_ptrs[0] == c.data_ptr() and runner.static_args[0] is None  # recorded on c, not held
+        assert runner.addresses[0] == {c.data_ptr()} and runner.static_args[0] is None  # recorded on c, not held
         others = [make()[0] for _ in range(2)]
         wants = [o.clone() for o in others]
-        for step in range(8):  # alternate: records again twice, then copies
+        for step in range(8):  # alternate: one recording each, replayed, nothing copied
             i = step % 2
             compiled(others[i], x)
             wants[i] += torch.tanh(x) * 2
             torch.testing.assert_close(others[i], wants[i], rtol=1e-5, atol=1e-5)
+        assert runner.borrowed == {0} and not runner.copied_back and len(runner.bindings) == 3
+        fresh = [make()[0] for _ in range(4)]  # alive together: four new addresses
+        for t in fresh:
+            expect = t + torch.tanh(x) * 2
+            compiled(t, x)
+            torch.testing.assert_close(t, expect, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c, want, rtol=1e-5, atol=1e-5)  # the first tensor untouched since
         assert runner.copied_back == {0} and not runner.borrowed
     import gc

@@ -34,11 +34,11 @@ def test_outputs_sharing_one_storage():
 def test_slot_hands_out_views_and_clones_what_it_does_not_own():
     owned, fixed = torch.randn(4), torch.randn(4)
     slot = cuda_graph.Recording(None, (owned, fixed, 3), {fixed.untyped_storage().data_ptr()}, hand_out=True)
-    a, b, n = slot.outputs()
+    a, b, n = slot.outputs(())
     assert a.data_ptr() == owned.data_ptr() and b.data_ptr() != fixed.data_ptr() and n == 3
     assert not slot.free()
     del a
     assert slot.free()
     copy_slot = cuda_graph.Recording(None, (owned,), set(), hand_out=False)
-    (c,) = copy_slot.outputs()
+    (c,) = copy_slot.outputs(())
     assert c.data_ptr() != owned.data_ptr() and copy_slot.free()
