@@ -164,14 +164,8 @@ def _signature(args: Sequence[Any], indices: Sequence[int]) -> Tuple:
     frozen weights. Those are left out: this runs on every call, a model passes hundreds of them
     (a 22-layer decoder: 200 of its 250 arguments), and the engine itself checks each one's
     identity and version (and raises ``WeightLayoutChanged`` when a new one has another layout)."""
-    out = []
-    for i in indices:
-        a = args[i]
-        if isinstance(a, torch.Tensor):
-            out.append((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad))
-        else:
-            out.append(a if isinstance(a, (int, float, bool)) else type(a))
-    return tuple(out)
+    return tuple([(a.shape, a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor)
+                  else a if isinstance(a, (int, float, bool)) else type(a) for a in map(args.__getitem__, indices)])
 
 
 def _describe(args: Sequence[Any]) -> str:
