@@ -137,10 +137,11 @@ class CudaGraphRunner:
         self.bindings: "OrderedDict[tuple, Binding]" = OrderedDict()  # least recently used first
         self.hand_out_slots = HAND_OUT_SLOTS
         self.lock = threading.Lock()  # replays share the static buffers and the arena
-        self.done = None  # event after the last replay
+        self.last_stream: Any = None  # the stream of the last replay
         frozen = set(engine.frozen)
         self.written = set(getattr(engine, "written_inputs", ())) - frozen
         self.borrowed = (self.written | set(getattr(engine, "static_inputs", ()))) - frozen
+        self.order = tuple(sorted(self.borrowed))  # the binding key's inputs
         self.copied_back: Set[int] = set()  # written inputs copied in and back out instead
         self.addresses: Dict[int, Set[int]] = {i: set() for i in self.borrowed}  # seen per borrowed input
         self.copied_in: List[int] = []
@@ -163,8 +164,8 @@ class CudaGraphRunner:
     def __call__(self, args: Sequence[Any]) -> Any:
         with self.lock:
             stream = torch.cuda.current_stream()
-            if self.done is not None:  # the previous replay, maybe on another stream, must finish
-                stream.wait_event(self.done)
+            if self.last_stream is not None and self.last_stream != stream:
+                stream.wait_stream(self.last_stream)  # the previous replay, on another stream, must finish
             if self.borrowed and not self.warm:
                 self.warm = True  # this call, run for real, is the warm-up; the next one records
                 self._seen(args)
@@ -197,13 +198,11 @@ class CudaGraphRunner:
                 if self.static_args[i].data_ptr() != args[i].data_ptr():
                     args[i].copy_(self.static_args[i])
             slot.stream = stream
-            out = slot.outputs(args)
-            self.done = torch.cuda.Event()
-            self.done.record(stream)
-            return out
+            self.last_stream = stream
+            return slot.outputs(args)
 
     def _key(self, args: Sequence[Any]) -> tuple:
-        return tuple(args[i].data_ptr() for i in sorted(self.borrowed))
+        return tuple([args[i].data_ptr() for i in self.order])
 
     def _seen(self, args: Sequence[Any]) -> List[int]:
         """Remember the borrowed inputs' addresses; those not seen before."""
@@ -226,6 +225,7 @@ class CudaGraphRunner:
             log.info("compile_backend: inputs %s come in a new tensor nearly every call; copying them "
                      "into the CUDA graph's buffers instead of recording again", sorted(restless))
             self.borrowed -= restless
+            self.order = tuple(sorted(self.borrowed))
             self.copied_back |= restless & self.written
             self.invalidate()
             key = self._key(args)
