@@ -3,37 +3,11 @@ ones: recordings per set of addresses, copy mode) and for training steps, on the
 ``torch.cuda``'s graph, stream and event calls are replaced by stand-ins whose "recording"
 remembers the engine's work and whose replay does it, so a test can count what ran where. The
 real thing runs in tests/test_input_writes.py and tests/test_cuda_graphs.py (GPU)."""
-import contextlib
-
 import pytest
 import torch
 
 from compile_backend import cuda_graph
-
-
-class _Capture:
-    graph = None
-
-
-class FakeGraph:
-    def __init__(self):
-        self.work = None
-
-    def replay(self):
-        self.work()
-
-
-class FakeStream:
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-
-class FakeEvent:
-    def record(self, stream=None):
-        pass
+from cuda_standins import Capture, install
 
 
 class AccumulateEngine:
@@ -49,9 +23,9 @@ class AccumulateEngine:
 
     def launch(self, args):
         c, x = args
-        if _Capture.graph is not None:
+        if Capture.graph is not None:
             out = torch.empty(c.shape[0])
-            _Capture.graph.work = lambda: (c.add_(x), out.copy_(c.sum(1)))
+            Capture.graph.work = lambda: (c.add_(x), out.copy_(c.sum(1)))
             return out
         self.launches += 1
         c.add_(x)
@@ -64,23 +38,7 @@ class AccumulateEngine:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    stream = FakeStream()
-
-    @contextlib.contextmanager
-    def graph(g, capture_error_mode=None):
-        _Capture.graph = g
-        try:
-            yield
-        finally:
-            _Capture.graph = None
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None: contextlib.nullcontext())
+    install(monkeypatch)
 
 
 def test_written_input_is_borrowed_written_once_a_call_and_not_held(fake_cuda):
@@ -147,9 +105,9 @@ class ReadEngine:
 
     def launch(self, args):
         w, x = args
-        if _Capture.graph is not None:
+        if Capture.graph is not None:
             out = torch.empty(x.shape[0], w.shape[1])
-            _Capture.graph.work = lambda: out.copy_(x @ w)
+            Capture.graph.work = lambda: out.copy_(x @ w)
             return w, w.t(), out
         return w, w.t(), x @ w
 

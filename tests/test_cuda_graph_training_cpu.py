@@ -5,60 +5,20 @@ recorded tensors, copying the results into the recorded outputs, as a replay wri
 addresses. Values against eager over several optimizer steps; the bookkeeping (weights read in
 place, saved activations per forward slot, held outputs never replayed over) asserted. The real
 thing: tests/test_cuda_graphs.py::test_gpu_training_steps_replay (GPU)."""
-import contextlib
-
 import pytest
 import torch
-import torch.nn as nn
 
 from compile_backend import cuda_graph, pipeline
 from compile_backend.engine import Engine
-
-
-class _Capture:
-    graph = None
-    args = None
-
-
-class FakeGraph:
-    def __init__(self):
-        self.work = None
-        self.replays = 0
-
-    def replay(self):
-        self.replays += 1
-        self.work()
-
-
-class FakeStream:
-    def wait_stream(self, other):
-        pass
-
-    def wait_event(self, event):
-        pass
-
-
-class FakeEvent:
-    def record(self, stream=None):
-        pass
+from cuda_standins import Capture, TrainNet, install, train_steps
 
 
 @pytest.fixture
 def graphed(monkeypatch, engines):
-    stream = FakeStream()
-
-    @contextlib.contextmanager
-    def graph(g, capture_error_mode=None):
-        _Capture.graph = g
-        try:
-            yield
-        finally:
-            _Capture.graph = None
-
     launch = Engine.launch
 
     def captured_launch(self, args):
-        g = _Capture.graph
+        g = Capture.graph
         if g is None:
             return launch(self, args)
         saved = {i: args[i].clone() for i in self.written_inputs}
@@ -71,7 +31,7 @@ def graphed(monkeypatch, engines):
         ptrs, outs = [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in args], cuda_graph._tensors(out)
 
         def work():
-            bound = [k if k is not None else a for k, a in zip(kept, _Capture.args)]
+            bound = [k if k is not None else a for k, a in zip(kept, Capture.args)]
             assert [t.data_ptr() if isinstance(t, torch.Tensor) else None for t in bound] == ptrs
             for static, new in zip(outs, cuda_graph._tensors(launch(self, bound))):
                 if static.data_ptr() != new.data_ptr():
@@ -83,58 +43,28 @@ def graphed(monkeypatch, engines):
     call = cuda_graph.CudaGraphRunner.__call__
 
     def calling(self, args):
-        _Capture.args = args
+        Capture.args = args
         try:
             return call(self, args)
         finally:
-            _Capture.args = None
+            Capture.args = None
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: stream)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None: contextlib.nullcontext())
+    install(monkeypatch)
     monkeypatch.setattr(Engine, "launch", captured_launch)
     monkeypatch.setattr(cuda_graph.CudaGraphRunner, "__call__", calling)
     monkeypatch.setattr(pipeline, "wants_cuda_graph", lambda options, role, device: options.cuda_graphs != "off")
     return engines
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.norm, self.b = nn.Linear(12, 24), nn.LayerNorm(24), nn.Linear(24, 5)
-
-    def forward(self, x):
-        return self.b(self.norm(torch.nn.functional.gelu(self.a(x))))
-
-
-def _train(model, steps, batches, accumulate=1, set_to_none=True, keep=None):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for step in range(steps):
-        opt.zero_grad(set_to_none=set_to_none)
-        for k in range(accumulate):
-            out = model(batches[(step * accumulate + k) % len(batches)])
-            (out * out).mean().backward()
-            if keep is not None:
-                keep.append(out)
-        opt.step()
-    return out
-
-
 @pytest.mark.parametrize("accumulate,set_to_none,keep", [(1, True, False), (2, False, False), (1, True, True)],
                          ids=["plain", "accumulate-zero-grad-in-place", "outputs-kept"])
 def test_training_steps_replay_and_match_eager(graphed, tmp_path, accumulate, set_to_none, keep):
-    eager, ours = Net(), Net()
+    eager, ours = TrainNet(12, 24, 5), TrainNet(12, 24, 5)
     batches = [torch.randn(7, 12, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     compiled = torch.compile(ours, backend="compile_backend", options={"cache_dir": str(tmp_path)})
     kept_eager, kept_ours = ([], []) if keep else (None, None)
-    want = _train(eager, 6, batches, accumulate, set_to_none, kept_eager)
-    got = _train(compiled, 6, batches, accumulate, set_to_none, kept_ours)
+    want = train_steps(eager, eager.parameters(), 6, batches, accumulate, set_to_none, kept_eager)
+    got = train_steps(compiled, ours.parameters(), 6, batches, accumulate, set_to_none, kept_ours)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(ours.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

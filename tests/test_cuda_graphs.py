@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import compile_backend
+from cuda_standins import TrainNet, train_steps
 from helpers import assert_same
 
 pytestmark = pytest.mark.gpu
@@ -136,31 +137,15 @@ def test_held_outputs_when_no_copy_recording_can_be_made(monkeypatch):
             assert_same(got, m(x))
 
 
-class _TrainNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.norm, self.b = nn.Linear(64, 96), nn.LayerNorm(96), nn.Linear(96, 32)
-
-    def forward(self, x):
-        return self.b(self.norm(torch.nn.functional.gelu(self.a(x))))
-
-
 @pytest.mark.parametrize("accumulate,set_to_none", [(1, True), (2, False)])
 def test_gpu_training_steps_replay(engines, accumulate, set_to_none):
     """Forward and backward recorded and replayed over optimizer steps: parameters equal eager's
     (the weights read in place after each update, saved activations never replayed over)."""
-    eager, ours = _TrainNet().cuda(), _TrainNet().cuda()
+    eager, ours = TrainNet(64, 96, 32).cuda(), TrainNet(64, 96, 32).cuda()
     compiled = torch.compile(ours, backend="compile_backend")
     batches = [torch.randn(16, 64, device="cuda") for _ in range(3)]
-    for model in (eager, compiled):
-        opt = torch.optim.SGD((eager if model is eager else ours).parameters(), lr=0.05, momentum=0.9)
-        for step in range(8):
-            opt.zero_grad(set_to_none=set_to_none)
-            for k in range(accumulate):
-                out = model(batches[(step * accumulate + k) % 3])
-                (out * out).mean().backward()
-            opt.step()
+    for model, params in ((eager, eager.parameters()), (compiled, ours.parameters())):
+        train_steps(model, params, 8, batches, accumulate, set_to_none, lr=0.05)
     for p, q in zip(ours.parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-3, atol=2e-4)
     runners = [e.cuda_graph for e in engines]
