@@ -86,13 +86,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     results = {}
+    doc = {"epochs": args.epochs, "compiled": args.compiled, "results": results,
+           "environment": environment(args.device, commit=os.environ.get("COMMIT"))}
     for precision in args.precisions.split(","):
         results[precision] = run(precision, args.epochs, device, args.compiled)
         print(precision, json.dumps(results[precision]), flush=True)
-    doc = {"epochs": args.epochs, "compiled": args.compiled, "results": results,
-           "environment": environment(args.device, commit=os.environ.get("COMMIT"))}
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+        with open(args.out, "w") as f:  # after each precision: a time-limited run keeps what it measured
+            json.dump(doc, f, indent=1)
     return 0
 
 

