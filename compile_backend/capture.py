@@ -36,6 +36,11 @@ PARAM_NAMES_META = "compile_backend_param_names"
 #: everything but the output gradients), which a CUDA graph reads in place instead of copying
 STATIC_INPUTS_META = "compile_backend_static_inputs"
 
+#: ``aten_gm.meta`` key of a training forward: how many of its outputs go back to the caller
+#: (AOT's ``num_forward_returns``: user outputs, new values of mutated inputs); the rest are saved
+#: for the backward, which autograd drops after it, so a CUDA graph hands those out uncopied
+RETURNED_OUTPUTS_META = "compile_backend_returned_outputs"
+
 _graph_ids = itertools.count()
 
 
@@ -87,6 +92,8 @@ def lower(
                 aten_gm.meta[PARAM_NAMES_META] = names
             if role != "inference":
                 aten_gm.meta[STATIC_INPUTS_META] = static_inputs(aten_gm, role, mask)
+            if role == "forward" and returned_outputs() is not None:
+                aten_gm.meta[RETURNED_OUTPUTS_META] = returned_outputs()
             fn = compile_aten(aten_gm, role=role, name=f"graph{graph_id}.{role}", frozen=frozen)
             return make_boxed_func(fn)
 
@@ -113,6 +120,14 @@ def static_inputs(aten_gm: fx.GraphModule, role: str, mask: Sequence[bool]) -> f
         return frozenset(i for i, m in enumerate(mask) if m) if len(names) == len(mask) else frozenset()
     per_call = ("tangents", "bwd_seed", "bwd_base_offset")
     return frozenset(i for i, name in enumerate(names) if not name.startswith(per_call))
+
+
+def returned_outputs() -> Optional[int]:
+    """The forward being compiled: its outputs that AOT returns to the caller (the first ones;
+    None when AOT's metadata does not say)."""
+    context = torch._guards.TracingContext.try_get()
+    n = getattr(getattr(context, "fw_metadata", None), "num_forward_returns", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 #: backward ops no kernel of ours runs as such, but whose decompositions (a sum over the row,
@@ -265,4 +280,4 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-__all__ = ["lower", "frozen_mask", "param_names", "PARAM_NAMES_META", "STATIC_INPUTS_META", "static_inputs", "user_inputs", "specialize", "is_symbolic"]
+__all__ = ["lower", "frozen_mask", "param_names", "PARAM_NAMES_META", "STATIC_INPUTS_META", "static_inputs", "RETURNED_OUTPUTS_META", "returned_outputs", "user_inputs", "specialize", "is_symbolic"]

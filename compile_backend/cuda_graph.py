@@ -9,6 +9,10 @@ no longer holds any of that slot's outputs (the outputs' storage reference count
 what they were right after recording). The usual loop ``out = model(x)`` keeps one output
 alive while the next call runs, so two slots alternate and nothing is copied.
 
+A training forward's outputs are of two kinds: those the caller gets (``Engine.returned_outputs``,
+the first ones), which are copied, and the activations saved for the backward, handed out and
+released by autograd after it; so one recording serves every step, whatever the caller keeps.
+
 A caller that keeps more outputs (appending them to a list) finds both slots held; the runner
 then replays a third recording, the *copy* slot, whose outputs are only ever cloned, so no
 output a caller holds is ever overwritten. Outputs that alias an input buffer or a constant
@@ -84,10 +88,13 @@ class InputView:
 
 
 class Recording:
-    """One recording: its graph, its outputs, who may still read them."""
+    """One recording: its graph, its outputs, who may still read them. With ``returned`` (a
+    training forward), only the outputs past the first ``returned`` top-level ones (the values
+    saved for the backward, which autograd drops after it) are handed out; those the caller gets
+    are copied, so a caller keeping its outputs never holds the recording."""
 
     def __init__(self, graph: Any, static_out: Any, fixed: Set[int], hand_out: bool,
-                 borrowed: Optional[Dict[int, torch.Tensor]] = None):
+                 borrowed: Optional[Dict[int, torch.Tensor]] = None, returned: Optional[int] = None):
         storages = {t.untyped_storage().data_ptr(): i for i, t in (borrowed or {}).items()}
         # outputs in a borrowed input's memory: views of the caller's tensor, made per call
         static_out = _map(static_out, lambda t: InputView(storages[t.untyped_storage().data_ptr()], t,
@@ -95,18 +102,21 @@ class Recording:
                           if t.untyped_storage().data_ptr() in storages else t)
         self.graph, self.static_out = graph, static_out
         self.hand_out = hand_out and storage_use_count is not None
+        top = static_out if isinstance(static_out, (list, tuple)) else [static_out]
+        # per output tensor (in _map's order): handed out (the recording's own memory, not one the
+        # caller gets) or cloned (an input buffer, a constant, a returned output)
+        self.handed = [self.hand_out and (returned is None or i >= returned) and t.untyped_storage().data_ptr() not in fixed
+                       for i, o in enumerate(top) for t in _tensors(o)]
         tensors = _tensors(static_out)
-        # an output whose storage the runner does not own (an input buffer, a constant) is cloned
-        self.owned = {id(t) for t in tensors if t.untyped_storage().data_ptr() not in fixed}
-        self.lease = OutputLease([t for t in tensors if id(t) in self.owned]) if self.hand_out else None
+        self.lease = OutputLease([t for t, h in zip(tensors, self.handed) if h]) if self.hand_out else None
         self.stream: Any = None  # the stream of the last replay: a later one on another waits for it
 
     def free(self) -> bool:
         return self.lease is None or self.lease.free()
 
     def outputs(self, args: Sequence[Any]) -> Any:
-        return _map(self.static_out, lambda t: t.detach() if self.hand_out and id(t) in self.owned
-                    else t.clone(), lambda v: v.of(args))
+        handed = iter(self.handed)
+        return _map(self.static_out, lambda t: t.detach() if next(handed) else t.clone(), lambda v: v.of(args))
 
 
 class Binding:
@@ -297,7 +307,8 @@ class CudaGraphRunner:
         fixed = {t.untyped_storage().data_ptr() for t in bound if isinstance(t, torch.Tensor)}
         fixed |= {t.untyped_storage().data_ptr() for t in self.engine.constants.values()
                   if isinstance(t, torch.Tensor)}
-        return Recording(graph, static_out, fixed, hand_out, {i: args[i] for i in self.borrowed})
+        return Recording(graph, static_out, fixed, hand_out, {i: args[i] for i in self.borrowed},
+                         getattr(self.engine, "returned_outputs", None))
 
 
 def _tensors(out: Any) -> List[torch.Tensor]:

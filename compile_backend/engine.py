@@ -78,6 +78,7 @@ class Engine:
         first_call_context: Callable[[], ContextManager] = contextlib.nullcontext,
         cuda_graph: bool = False,  # record the launches once and replay them (CUDA)
         static_inputs: Sequence[int] = (),  # arguments at a stable address (a training graph's weights)
+        returned_outputs: Optional[int] = None,  # a training forward's outputs the caller gets (then saved ones)
     ):
         self.device = device
         self.constants = constants
@@ -110,6 +111,8 @@ class Engine:
         self.written_inputs = written_inputs(graph)
         # and those it reads where they are, recording again if one moves (cuda_graph.py)
         self.static_inputs = frozenset(static_inputs)
+        # a CUDA graph copies those out and hands the saved ones out (freed after the backward)
+        self.returned_outputs = returned_outputs
         self.cuda_graph: CudaGraphRunner | None = CudaGraphRunner(self) if cuda_graph else None
         self.cache_key: Optional[str] = None  # the engine cache's key, when it came through the cache
 

@@ -165,7 +165,8 @@ def compile_graph(
                     calls=calls, fallbacks=fallbacks,           # the plan the engine cache stores
                     first_call_context=functools.partial(scopes.triton_binaries, scope, triton_enabled(device)),
                     cuda_graph=wants_cuda_graph(options, role, device),  # record once, replay
-                    static_inputs=aten_gm.meta.get(capture.STATIC_INPUTS_META, ()))  # read in place by it
+                    static_inputs=aten_gm.meta.get(capture.STATIC_INPUTS_META, ()),  # read in place by it
+                    returned_outputs=aten_gm.meta.get(capture.RETURNED_OUTPUTS_META))  # the rest: saved
     report.cuda_graph = engine.cuda_graph is not None
     return engine
 

@@ -78,7 +78,10 @@ def test_training_steps_replay_and_match_eager(graphed, tmp_path, accumulate, se
         assert runner.replays == 6 * accumulate - 1, (engine, runner.replays)  # all but the warm-up
     weights = {i for i, t in enumerate(forward.cuda_graph.static_args) if t is None}
     assert len(weights) == 6 and weights <= forward.static_inputs  # the weights: read in place
-    # the backward reads the saved activations of the forward's recordings in place: one
-    # binding per forward recording whose outputs it got (two hand-out slots at most, or,
-    # outputs kept, the copy recording's fresh clones, copied in once they keep moving)
-    assert len(backward.cuda_graph.bindings) <= 2, list(backward.cuda_graph.bindings)
+    # the caller's outputs are copies, the saved activations handed out and freed by the backward:
+    # one forward recording serves every step, outputs kept or not; the backward reads its saved
+    # activations in place (one binding), the batch it saves copied in (a new tensor each step)
+    assert forward.returned_outputs == 1
+    runner = forward.cuda_graph
+    assert len(runner.bindings) == 1 and len(runner.slots) == 1 and next(iter(runner.bindings.values())).copy_slot is None
+    assert len(backward.cuda_graph.bindings) == 1 and 0 not in backward.cuda_graph.borrowed
