@@ -85,3 +85,30 @@ def test_training_steps_replay_and_match_eager(graphed, tmp_path, accumulate, se
     runner = forward.cuda_graph
     assert len(runner.bindings) == 1 and len(runner.slots) == 1 and next(iter(runner.bindings.values())).copy_slot is None
     assert len(backward.cuda_graph.bindings) == 1 and 0 not in backward.cuda_graph.borrowed
+
+
+class ConvBN(torch.nn.Module):
+    """BatchNorm in training: its running statistics (buffers) are written every step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6)
+        self.head = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_batchnorm_running_statistics_under_replay(graphed, tmp_path):
+    eager, ours = ConvBN(), ConvBN()
+    batches = [torch.randn(4, 3, 7, 9, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    compiled = torch.compile(ours, backend="compile_backend", options={"cache_dir": str(tmp_path)})
+    want = train_steps(eager, eager.parameters(), 5, batches)
+    got = train_steps(compiled, ours.parameters(), 5, batches)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for (name, b), e in zip(ours.named_buffers(), eager.buffers()):
+        torch.testing.assert_close(b, e, rtol=1e-4, atol=1e-5, msg=name)  # running mean / var / count
+    for (name, p), q in zip(ours.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(e.cuda_graph.replays == 4 for e in graphed), [e.cuda_graph.replays for e in graphed]
