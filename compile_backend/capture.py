@@ -115,11 +115,13 @@ def static_inputs(aten_gm: fx.GraphModule, role: str, mask: Sequence[bool]) -> f
     """A training graph's arguments at a stable address: the forward's parameters and buffers
     (Dynamo's order, when AOT added no argument), the backward's saved values (AOT names the
     output gradients ``tangents_*``; RNG seeds are per call)."""
-    names = [n.name for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if role == "forward":
-        return frozenset(i for i, m in enumerate(mask) if m) if len(names) == len(mask) else frozenset()
+        return frozenset(i for i, m in enumerate(mask) if m) if len(placeholders) == len(mask) else frozenset()
     per_call = ("tangents", "bwd_seed", "bwd_base_offset")
-    return frozenset(i for i, name in enumerate(names) if not name.startswith(per_call))
+    # tensors only: a dynamic graph's backward also takes the sizes it saved
+    return frozenset(i for i, n in enumerate(placeholders)
+                     if not n.name.startswith(per_call) and isinstance(n.meta.get("val"), torch.Tensor))
 
 
 def returned_outputs() -> Optional[int]:

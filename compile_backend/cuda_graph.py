@@ -178,6 +178,7 @@ class CudaGraphRunner:
                 stream.wait_stream(self.last_stream)  # the previous replay, on another stream, must finish
             if self.borrowed and not self.warm:
                 self.warm = True  # this call, run for real, is the warm-up; the next one records
+                self._tensors_only(args)
                 self._seen(args)
                 return self.engine.run(args)
             binding = self._binding(args)
@@ -210,6 +211,13 @@ class CudaGraphRunner:
             slot.stream = stream
             self.last_stream = stream
             return slot.outputs(args)
+
+    def _tensors_only(self, args: Sequence[Any]) -> None:
+        """Borrow tensors only (a size among the static inputs is a value, not an address)."""
+        self.borrowed = {i for i in self.borrowed if isinstance(args[i], torch.Tensor)}
+        self.written &= self.borrowed
+        self.order = tuple(sorted(self.borrowed))
+        self.addresses = {i: self.addresses.get(i, set()) for i in self.borrowed}
 
     def _key(self, args: Sequence[Any]) -> tuple:
         return tuple([args[i].data_ptr() for i in self.order])

@@ -9,6 +9,7 @@ random generators are restored afterwards (``preserve_rng``). Declared dynamic d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -26,6 +27,12 @@ from .options import Options
 from .profiles import GraphProfiles, Plan
 
 log = logging.getLogger("compile_backend")
+
+#: input shapes per training graph whose engines replay CUDA graphs (``cuda_graphs="auto"``):
+#: a recording keeps the memory of the activations it saves for as long as its engine lives, so
+#: a graph meeting many shapes (variable sequence lengths) runs the later ones launch by launch
+#: rather than hold one activation pool per shape
+TRAINING_GRAPHED_SHAPES = 2
 
 
 class CompiledGraph:
@@ -108,7 +115,7 @@ class CompiledGraph:
             # numbers it draws must not shift the ones the user's call then draws
             with preserve_rng(args), _interpreter_lock():
                 engine = pipeline.compile_graph_cached(self.aten_gm, args, role=self.role, frozen=self.frozen,
-                                              options=self.options, report=report)
+                                              options=self._engine_options(), report=report)
         except Exception as exc:
             if self.options.fallback == "error" or isinstance(exc, UserError):
                 raise
@@ -135,6 +142,14 @@ class CompiledGraph:
         report.compile_s = time.perf_counter() - start
         self.engines[key] = engine
         return engine
+
+    def _engine_options(self) -> Options:
+        """The options of the next engine: past TRAINING_GRAPHED_SHAPES shapes of a training
+        graph, no CUDA graph unless asked for ("on")."""
+        if self.role != "inference" and self.options.cuda_graphs == "auto" and \
+                len(self.engines) >= TRAINING_GRAPHED_SHAPES:
+            return dataclasses.replace(self.options, cuda_graphs="off")
+        return self.options
 
     def _checks_speed(self, engine: Any) -> bool:
         """The first-call speed check applies: an engine for CUDA inference, one shape per
