@@ -223,11 +223,15 @@ def hf_fp32_logits(model: torch.nn.Module, inputs, size: str) -> torch.Tensor:
     cache32 = transformers.StaticCache(config=cfg, max_batch_size=token.shape[0],
                                        max_cache_len=2048 if size == "base" else 32, device=token.device,
                                        dtype=torch.float32)
-    for src, dst in zip(cache.layers, cache32.layers):  # the prefill's entries, widened
-        if getattr(dst, "keys", None) is None:  # layers allocate on first use in recent releases
-            dst.lazy_initialization(src.keys)
-        dst.keys.copy_(src.keys)
-        dst.values.copy_(src.values)
+    if hasattr(cache, "layers"):  # transformers >= 4.56: a cache layer per decoder layer
+        for src, dst in zip(cache.layers, cache32.layers):  # the prefill's entries, widened
+            if getattr(dst, "keys", None) is None:  # layers allocate on first use
+                dst.lazy_initialization(src.keys)
+            dst.keys.copy_(src.keys)
+            dst.values.copy_(src.values)
+    else:  # earlier releases: lists of key and value tensors
+        for src, dst in zip(cache.key_cache + cache.value_cache, cache32.key_cache + cache32.value_cache):
+            dst.copy_(src)
     with torch.no_grad():
         out = twin(token, position, cache32)[0].float()
     del twin, cache32
