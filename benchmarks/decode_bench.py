@@ -287,6 +287,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
             row.update(ms=ms, tokens_per_s=batch * (1 if kind == "decode" else inputs[0].shape[1]) / (ms * 1e-3),
                        cosine_vs_eager=torch.nn.functional.cosine_similarity(
                            logits.reshape(-1), ref.reshape(-1), dim=0).item(), **_summary(report))
+            row["logits_std"] = logits.std().item()  # the signal a cosine compares (tiny logits: rounding)
             if ref32 is not None:
                 row["cosine_vs_fp32"] = torch.nn.functional.cosine_similarity(
                     logits.reshape(-1), ref32.reshape(-1), dim=0).item()
@@ -304,7 +305,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager", "cosine_vs_fp32",
+        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager", "cosine_vs_fp32", "logits_std",
                                                   "layer_sqnr_db_min", "quantized", "fallbacks", "error")}), flush=True)
     return rows
 
