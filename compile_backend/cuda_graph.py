@@ -15,8 +15,10 @@ released by autograd after it; so one recording serves every step, whatever the 
 
 A caller that keeps more outputs (appending them to a list) finds both slots held; the runner
 then replays a third recording, the *copy* slot, whose outputs are only ever cloned, so no
-output a caller holds is ever overwritten. Outputs that alias an input buffer or a constant
-are always cloned (the next call's input copy or a refit writes there).
+output a caller holds is ever overwritten. Outputs in an input's memory (the input itself or a
+view of it, also where the input is copied into a buffer of the runner) are handed back as that
+view of the caller's tensor, as eager returns them; outputs in a constant's memory are cloned (a
+refit writes there).
 
 Where the storage reference count cannot be read (a PyTorch without
 ``torch._C._storage_Use_Count``), every output is cloned, as before.
@@ -27,15 +29,15 @@ They are the inputs the engine writes (a decode step's KV caches: most of the by
 copy) and a training graph's static inputs (``Engine.static_inputs``: the forward's parameters,
 the backward's saved activations). The runner keeps their addresses, not the tensors (a cache
 the caller drops is freed at once), and keeps the recordings per set of addresses (a
-*binding*): a caller alternating two caches, or a backward reading the saved activations of
-either of the forward's two hand-out slots, replays one recording per binding, up to
+*binding*): a caller alternating two caches, or a backward reading saved activations from
+more than one place, replays one recording per binding, up to
 ``MAX_BINDINGS`` (least recently used dropped). A borrowed input seen at more than
 ``MAX_ADDRESSES`` addresses (a new tensor every call) is copied instead: into a buffer of the
 runner before each replay, and, if the engine writes it, back after. An engine with borrowed
 inputs runs its first call outside the graph, for real (the warm-up, writing the caller's tensor
-once, as eager does), and records on the second. An output that is a borrowed input, or a view
-of one (a forward returning a weight it saves for the backward), is handed out as that view of
-the caller's tensor, never cloned.
+once, as eager does), and records on the second. An output that is an input, or a view of
+one (a forward returning a weight or its batch, saved for the backward), is handed out as that
+view of the caller's tensor, never cloned.
 """
 from __future__ import annotations
 
@@ -74,17 +76,19 @@ class OutputLease:
 
 
 class InputView:
-    """An output that is a borrowed input or a view of one: rebuilt from the caller's tensor at
-    each call (a recording holding it would keep a cache the caller dropped alive)."""
+    """An output in an input's memory (a borrowed input, or the buffer a copied one is copied
+    into): rebuilt per call as that view of the caller's tensor, as eager returns it (a recording
+    holding the tensor would keep a cache the caller dropped alive; a copy would cost a clone)."""
 
-    def __init__(self, index: int, t: torch.Tensor, arg: torch.Tensor):
+    def __init__(self, index: int, t: torch.Tensor, base: torch.Tensor):
         self.index = index
-        self.same = (t.shape, t.stride(), t.storage_offset()) == (arg.shape, arg.stride(), arg.storage_offset())
-        self.geometry = (tuple(t.shape), tuple(t.stride()), t.storage_offset())
+        self.offset = t.storage_offset() - base.storage_offset()  # from the input's first element
+        self.same = (t.shape, t.stride(), self.offset) == (base.shape, base.stride(), 0)
+        self.size, self.stride = tuple(t.shape), tuple(t.stride())
 
     def of(self, args: Sequence[Any]) -> torch.Tensor:
         arg = args[self.index]
-        return arg if self.same else arg.as_strided(*self.geometry)
+        return arg if self.same else arg.as_strided(self.size, self.stride, arg.storage_offset() + self.offset)
 
 
 class Recording:
@@ -94,12 +98,11 @@ class Recording:
     are copied, so a caller keeping its outputs never holds the recording."""
 
     def __init__(self, graph: Any, static_out: Any, fixed: Set[int], hand_out: bool,
-                 borrowed: Optional[Dict[int, torch.Tensor]] = None, returned: Optional[int] = None):
-        storages = {t.untyped_storage().data_ptr(): i for i, t in (borrowed or {}).items()}
-        # outputs in a borrowed input's memory: views of the caller's tensor, made per call
-        static_out = _map(static_out, lambda t: InputView(storages[t.untyped_storage().data_ptr()], t,
-                                                          borrowed[storages[t.untyped_storage().data_ptr()]])
-                          if t.untyped_storage().data_ptr() in storages else t)
+                 inputs: Optional[Dict[int, torch.Tensor]] = None, returned: Optional[int] = None):
+        # ``inputs``: per argument, the tensor the recording read it from (the caller's, borrowed,
+        # or the runner's buffer); outputs in their memory become views of the caller's tensor
+        storages = {t.untyped_storage().data_ptr(): (i, t) for i, t in (inputs or {}).items()}
+        static_out = _map(static_out, lambda t: _input_view(storages, t))
         self.graph, self.static_out = graph, static_out
         self.hand_out = hand_out and storage_use_count is not None
         top = static_out if isinstance(static_out, (list, tuple)) else [static_out]
@@ -315,8 +318,15 @@ class CudaGraphRunner:
         fixed = {t.untyped_storage().data_ptr() for t in bound if isinstance(t, torch.Tensor)}
         fixed |= {t.untyped_storage().data_ptr() for t in self.engine.constants.values()
                   if isinstance(t, torch.Tensor)}
-        return Recording(graph, static_out, fixed, hand_out, {i: args[i] for i in self.borrowed},
-                         getattr(self.engine, "returned_outputs", None))
+        inputs = {i: t for i, t in enumerate(bound) if isinstance(t, torch.Tensor) and i not in self.engine.frozen}
+        return Recording(graph, static_out, fixed, hand_out, inputs, getattr(self.engine, "returned_outputs", None))
+
+
+def _input_view(storages: Dict[int, tuple], t: torch.Tensor) -> Any:
+    """``t``, or an InputView when it lies in an input's memory (``storages``: storage address ->
+    (argument index, the tensor the recording read it from))."""
+    found = storages.get(t.untyped_storage().data_ptr())
+    return InputView(found[0], t, found[1]) if found is not None else t
 
 
 def _tensors(out: Any) -> List[torch.Tensor]:

@@ -126,3 +126,19 @@ def test_a_static_input_is_read_in_place_and_returned_as_the_callers_tensor(fake
         assert same is w and t.data_ptr() == w.data_ptr() and t.shape == (3, 4)  # no clone
         torch.testing.assert_close(y, x @ w)
     assert engine.eager_runs == 1 and runner.static_args[0] is None and len(runner.bindings) == 1
+
+
+def test_an_output_in_a_copied_inputs_buffer_is_the_callers_tensor(fake_cuda):
+    """An input copied into the runner's buffer (not static: a new batch each call) that the
+    engine also returns (a training forward saving its input): the caller's own tensor comes
+    back, as in eager, not the buffer's copy nor a clone."""
+    engine = ReadEngine()
+    engine.static_inputs = frozenset()
+    runner = cuda_graph.CudaGraphRunner(engine)
+    x = torch.randn(2, 4)
+    for step in range(3):
+        w = torch.randn(4, 3)[:, :3] + step  # a new tensor every call
+        same, t, y = runner([w, x])
+        assert same is w and t.data_ptr() == w.data_ptr() and torch.equal(t, w.t())
+        torch.testing.assert_close(y, x @ w)
+    assert runner.static_args[0] is not None and runner.replays == 3  # copied in, replayed
