@@ -92,8 +92,9 @@ def lower(
                 aten_gm.meta[PARAM_NAMES_META] = names
             if role != "inference":
                 aten_gm.meta[STATIC_INPUTS_META] = static_inputs(aten_gm, role, mask)
-            if role == "forward" and returned_outputs() is not None:
-                aten_gm.meta[RETURNED_OUTPUTS_META] = returned_outputs()
+            returned = returned_outputs() if role == "forward" else None
+            if returned is not None:
+                aten_gm.meta[RETURNED_OUTPUTS_META] = returned
             fn = compile_aten(aten_gm, role=role, name=f"graph{graph_id}.{role}", frozen=frozen)
             return make_boxed_func(fn)
 

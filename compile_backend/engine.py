@@ -30,9 +30,6 @@ from .kernels.base import INTERPRETER_LOCK, Kernel, KernelGroup
 from .weights import WeightWatch
 
 
-_VERSION = operator.attrgetter("_version")
-
-
 class GroupCall:
     """Graph target standing for one kernel group until its kernel is chosen."""
 
@@ -173,17 +170,8 @@ class Engine:
         # compile_backend.weights)
         self._bound = {i: (args[i], args[i].data_ptr(), args[i]._version) for i in self.frozen}
         self._watch.remember(args[i] for i in self.frozen)
-        # the same, as lists the per-call check compares in C loops (a decoder has 200 weights)
-        self._frozen_idx = tuple(self._bound)
-        self._bound_state = ([b[0] for b in self._bound.values()], [b[2] for b in self._bound.values()],
-                             [b[1] for b in self._bound.values()])
 
     def _stale(self, args: Sequence[Any]) -> bool:
-        current = list(map(args.__getitem__, self._frozen_idx))
-        tensors, versions, ptrs = self._bound_state
-        if all(map(operator.is_, current, tensors)) and \
-                list(map(_VERSION, current)) == versions and list(map(torch.Tensor.data_ptr, current)) == ptrs:
-            return False
         stale = False
         for i, (tensor, ptr, version) in self._bound.items():
             new = args[i]

@@ -1,4 +1,4 @@
-"""Stand-ins for ``torch.cuda``'s graph, stream and event calls, so the CUDA graph runner's
+"""Stand-ins for ``torch.cuda``'s graph and stream calls, so the CUDA graph runner's
 bookkeeping runs on the CPU (tests/test_cuda_graph_runner_cpu.py, test_cuda_graph_training_cpu.py):
 ``Capture.graph`` is the graph being recorded while ``torch.cuda.graph(g)`` is entered; what a
 "recording" does on replay is up to the test (``FakeGraph.work``). Also the small training net
@@ -28,17 +28,9 @@ class FakeStream:
     def wait_stream(self, other):
         pass
 
-    def wait_event(self, event):
-        pass
-
-
-class FakeEvent:
-    def record(self, stream=None):
-        pass
-
 
 def install(monkeypatch) -> None:
-    """Replace torch.cuda's graph, stream and event calls (and fork_rng's device handling)."""
+    """Replace torch.cuda's graph and stream calls (and fork_rng's device handling)."""
     stream = FakeStream()
 
     @contextlib.contextmanager
@@ -54,7 +46,6 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None: contextlib.nullcontext())
 
