@@ -11,8 +11,10 @@ record with
     ``scaled_mm(xq, x_scale, wq, w_scale, bias) -> fp16`` (per-row x scales for the dynamic
     flavour, per-channel w scales), timed by the tuner at level ``max`` without a cache: every
     Triton config, the vendor GEMM + our epilogue kernel, and the float linear yardstick;
-  * for fp8, the best Triton config again with promotion after every wgmma (``promote_per_tile=False``,
-    the template's setting before session 5), to show what the promotion interval costs;
+  * for fp8, per ``--accumulation`` mode (``tile``: fp32 promotion every K tile, the default
+    numerics; ``fast``: the tensor cores' accumulator alone, ``Options.fp8_accumulation="fast"``,
+    with ``_scaled_mm(use_fast_accum=True)`` as its vendor), and at level ``max`` the best Triton
+    config again with promotion after every wgmma (the template's setting before session 5);
   * with ``--epilogue gelu_quant`` also the FFN1 form: ``quantize(gelu(scaled_mm(...)))``.
 Times are CUDA-event medians over inputs rotated beyond the L2 cache (``gemm_bench.bench_ms``).
 """
@@ -70,7 +72,7 @@ def form(epilogue: str, precision: str):
     return linear if epilogue == "linear" else gelu_quant
 
 
-def tune(group: KernelGroup, cache_dir: str, level: str = "max", promote_per_tile=True, configs=None):
+def tune(group: KernelGroup, cache_dir: str, level: str = "max", accumulation: str = "tile", configs=None):
     from compile_backend.cache.timing import TimingCache
     from compile_backend.kernels.autotune import Tuner
     from compile_backend.kernels.qgemm import scaled_mm_candidates
@@ -79,7 +81,7 @@ def tune(group: KernelGroup, cache_dir: str, level: str = "max", promote_per_til
     ctx = KernelContext(options=Options(autotune=level), device=DEV, interpret=SMOKE,
                         timing_cache=TimingCache(cache_dir))
     ctx.tuner = Tuner(level, cache=None, device=DEV)  # no cache: always measure
-    tuning = scaled_mm_candidates(group, ctx, configs=configs, promote_per_tile=promote_per_tile)
+    tuning = scaled_mm_candidates(group, ctx, configs=configs, accumulation=accumulation)
     t0 = time.monotonic()
     choice = ctx.tuner.choose(tuning.key, tuning.candidates, tuning.make_inputs)
     return choice, tuning, time.monotonic() - t0
@@ -110,16 +112,16 @@ def chain_ms(precision: str, m: int, n: int) -> Dict[str, float]:
             "copy_ms": bench_ms(lambda y, inv: y.clone(), ys)}
 
 
-def vendor_raw(precision: str, sets) -> float:
+def vendor_raw(precision: str, sets, fast: bool = False) -> float:
     if precision == "int8":
         return bench_ms(lambda xq, xs, wq, ws, b, inv: torch._int_mm(xq, wq.t()), sets)
     one = torch.ones((), device=DEV)
     return bench_ms(lambda xq, xs, wq, ws, b, inv: torch._scaled_mm(xq, wq.t(), scale_a=one, scale_b=one, bias=b,
-                                                                    out_dtype=torch.float16), sets)
+                                                                    out_dtype=torch.float16, use_fast_accum=fast), sets)
 
 
 def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, precision: str,
-              epilogue: str, per_row: bool, level: str = "max") -> None:
+              epilogue: str, per_row: bool, level: str = "max", accumulation: str = "tile") -> None:
     from compile_backend.kernels.gemm_config import GemmConfig
 
     sets = rotated(lambda: operands(precision, m, n, k, per_row), 2 * m * k + n * k + 2 * m * n)
@@ -129,7 +131,8 @@ def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, 
             else bench_ms(F.linear, x16))
     fn = form(epilogue, precision)
     group = group_of(fn, sets[0])
-    choice, tuning, tune_s = tune(group, cache_dir, level)
+    accumulation = accumulation if precision == "fp8" else "exact"
+    choice, tuning, tune_s = tune(group, cache_dir, level, "tile" if precision != "fp8" else accumulation)
     expected = group.reference(*sets[0])[0]
     got = choice.runner(*sets[0])[0]
     diff = (got.float() - expected.float()).abs()
@@ -137,8 +140,9 @@ def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, 
     triton = {c: t for c, t in timings.items() if c.startswith("triton")}
     best_cfg = min(triton, key=triton.get) if triton else None
     row = dict(shape=name, m=m, n=n, k=k, precision=precision, epilogue=epilogue,
-               x_scale="per_row" if per_row else "per_tensor", fp16_ms=fp16,
-               vendor_raw_ms=vendor_raw(precision, sets) if epilogue == "linear" and not SMOKE else None,
+               x_scale="per_row" if per_row else "per_tensor", fp16_ms=fp16, accumulation=accumulation,
+               vendor_raw_ms=(vendor_raw(precision, sets, accumulation == "fast") if epilogue == "linear" and not SMOKE
+                              else None),
                choice=choice.candidate.name, choice_ms=timings.get(choice.candidate.name),
                best_triton=best_cfg, best_triton_ms=triton.get(best_cfg),
                best_triton_tflops=tflops(2 * m * n * k, triton[best_cfg]) if best_cfg else None,
@@ -147,9 +151,9 @@ def run_shape(rec: Recorder, cache_dir: str, name: str, m: int, n: int, k: int, 
                max_abs_diff=diff.max().item(), timings_ms=timings)
     if epilogue == "gelu_quant" and not SMOKE:
         row.update(vendor_scaled_ms=vendor_scaled(precision, sets), **chain_ms(precision, m, n))
-    if precision == "fp8" and best_cfg and level == "max":  # what promotion after every wgmma costs
+    if accumulation == "tile" and best_cfg and level == "max":  # what promotion after every wgmma costs
         cfg = GemmConfig(**_cfg_fields(tuning, best_cfg))
-        old, _, _ = tune(group, cache_dir, level, promote_per_tile=False, configs=[cfg])
+        old, _, _ = tune(group, cache_dir, level, "instruction", configs=[cfg])
         row["best_triton_promote_every_wgmma_ms"] = min(
             (t for c, t in old.timings_ms.items() if c.startswith("triton")), default=None)
     rec.add(**row)
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="*", default=None, help="shape names (default: all)")
     p.add_argument("--epilogue", nargs="*", default=["linear"], choices=("linear", "gelu_quant"))
     p.add_argument("--per-row", action="store_true", help="per-row (dynamic) activation scales")
+    p.add_argument("--accumulation", nargs="*", default=["tile"], choices=("tile", "fast"),
+                   help="FP8 accumulation modes to time (tile: fp32 every K tile; fast: Options.fp8_accumulation)")
     p.add_argument("--level", choices=("fast", "max"), default="max", help="tuning level: which candidates are timed")
     p.add_argument("--smoke", action="store_true", help="one tiny shape on the CPU (checks the script)")
     args = p.parse_args(argv)
@@ -187,12 +193,13 @@ def main(argv=None) -> int:
                 continue
             for epilogue in args.epilogue:
                 for precision in args.precisions:
-                    if rec.left() < 20:
-                        return 0
-                    try:
-                        run_shape(rec, cache_dir, name, m, n, k, precision, epilogue, args.per_row, args.level)
-                    except Exception as exc:  # recorded, the next shape still runs
-                        rec.error(f"{name} {precision} {epilogue}", exc)
+                    for acc in (args.accumulation if precision == "fp8" else ["tile"]):
+                        if rec.left() < 20:
+                            return 0
+                        try:
+                            run_shape(rec, cache_dir, name, m, n, k, precision, epilogue, args.per_row, args.level, acc)
+                        except Exception as exc:  # recorded, the next shape still runs
+                            rec.error(f"{name} {precision} {epilogue} {acc}", exc)
     return 0
 
 

@@ -7,7 +7,7 @@ quantized engines and torchao's, latency and accuracy side by side.
 Peers (``--peers``, default all that apply): ``eager``, ``inductor``,
 ``inductor-reduce-overhead``, ``compile_backend`` (our FP16 engine), ``cb-int8-static``,
 ``cb-int8-dynamic``, ``cb-fp8-static``, ``cb-fp8-dynamic``, ``cb-fp8-static-tensor`` (per-tensor
-weight scales) (our quantized engines; static scales
+weight scales), the FP8 ones again with ``-fast`` (``fp8_accumulation="fast"``) (our quantized engines; static scales
 calibrated on four random batches like the case's inputs: random init is fine for speed), and,
 where ``torchao`` imports (carry the wheel that matches the GPU image's torch), ``torchao-fp8-dyn``
 (``Float8DynamicActivationFloat8WeightConfig``) and ``torchao-int8-dyn``
@@ -45,7 +45,11 @@ OUR_QUANT = {"cb-int8-static": ("int8", "static"), "cb-int8-dynamic": ("int8", "
              "cb-fp8-static": ("fp8", "static"), "cb-fp8-dynamic": ("fp8", "dynamic"),
              # TensorRT's FP8 recipe: one weight scale per tensor, so cuBLAS's tensorwise FP8
              # GEMM serves (rowwise, needed by per-channel weights, ran 1.5x slower at BERT QKV)
-             "cb-fp8-static-tensor": ("fp8", "static", "per_tensor")}
+             "cb-fp8-static-tensor": ("fp8", "static", "per_tensor"),
+             # Options.fp8_accumulation="fast": the tensor cores' accumulator alone (torchao's FP8 setting)
+             "cb-fp8-static-fast": ("fp8", "static", "per_channel", "fast"),
+             "cb-fp8-static-tensor-fast": ("fp8", "static", "per_tensor", "fast"),
+             "cb-fp8-dynamic-fast": ("fp8", "dynamic", "per_channel", "fast")}
 TORCHAO = {"torchao-fp8-dyn": "Float8DynamicActivationFloat8WeightConfig",
            "torchao-int8-dyn": "Int8DynamicActivationInt8WeightConfig"}
 ALL_PEERS = FP16_PEERS + tuple(OUR_QUANT) + tuple(TORCHAO)
@@ -85,8 +89,9 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
         options = {"cache_dir": cache_dir, "autotune": autotune} if peer == "compile_backend" else {}
         return compile_peer(peer, model, options, report), 0.0, report
     if peer in OUR_QUANT:
-        precision, acts, *weights = OUR_QUANT[peer]
-        cfg = quant.QuantConfig(precision=precision, activations=acts, weights=(weights or ["per_channel"])[0])
+        precision, acts, *rest = OUR_QUANT[peer]
+        weights, accumulation = (list(rest) + ["per_channel", "fp32"][len(rest):])[:2]
+        cfg = quant.QuantConfig(precision=precision, activations=acts, weights=weights)
         t0 = time.perf_counter()
         if acts == "static":
             gen = torch.Generator().manual_seed(1)
@@ -94,7 +99,8 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
             cfg = quant.calibrate(model, batches, cfg, progress=False, cache_dir=cache_dir)
         prep = time.perf_counter() - t0
         report = Report()
-        options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg, "quant_layers": quant_layers}
+        options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg, "quant_layers": quant_layers,
+                   "fp8_accumulation": accumulation}
         return compile_peer("compile_backend", model, options, report), prep, report
     if peer in TORCHAO:
         t0 = time.perf_counter()

@@ -19,6 +19,7 @@ FALLBACKS = ("eager", "error")
 AUTOTUNE_MODES = ("off", "fast", "max")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
 QUANT_LAYER_MODES = ("faster", "all")
+FP8_ACCUMULATIONS = ("fp32", "fast")
 
 #: documented environment variable for the cache location (see README)
 CACHE_DIR_ENV = "COMPILE_BACKEND_CACHE_DIR"
@@ -69,6 +70,13 @@ class Options:
         (default) only those whose 8-bit GEMM or convolution is measured faster than the float one
         at the layer's shape on this GPU (TensorRT's precision as a permission, not an order: the
         rest stay float, the report gives both times); ``all`` every selected layer.
+    fp8_accumulation: how FP8 GEMMs and convolutions sum their products. ``fp32`` (default): the
+        tensor cores' partial sums are added into an fp32 accumulator every K tile (Triton) or
+        as cuBLAS's default mode does. ``fast``: the Hopper tensor cores' own accumulator (about
+        14 mantissa bits) holds the whole sum, as ``torch._scaled_mm(use_fast_accum=True)`` and
+        torchao's FP8 inference do: no second accumulator, so larger tiles fit in registers and
+        the GEMM runs faster; the error it adds is below FP8's quantization error (measured in
+        quant/README.md). Ignored by INT8 (exact int32 sums) and on GPUs without it.
     """
 
     precision: str = "fp32"
@@ -85,10 +93,12 @@ class Options:
     quant: Any = None
     quant_layers: str = "faster"
     pdl: bool = False
+    fp8_accumulation: str = "fp32"
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _choice("quant_layers", self.quant_layers, QUANT_LAYER_MODES)
+        _choice("fp8_accumulation", self.fp8_accumulation, FP8_ACCUMULATIONS)
         _choice("fallback", self.fallback, FALLBACKS)
         _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):

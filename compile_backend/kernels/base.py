@@ -156,11 +156,13 @@ class KernelContext:
     tuning: str = dataclasses.field(init=False)  # tuning_level(options.autotune)
     allow_tf32: bool = dataclasses.field(init=False)  # allows_tf32(options.precision)
     pdl: bool = dataclasses.field(init=False)  # Options.pdl, where the device and Triton have it (kernels/pdl.py)
+    fp8_fast_accumulation: bool = dataclasses.field(init=False)  # Options.fp8_accumulation == "fast"
 
     def __post_init__(self) -> None:
         self.tuning = tuning_level(self.options.autotune)
         self.allow_tf32 = allows_tf32(self.options.precision)
         self.pdl = bool(getattr(self.options, "pdl", False)) and not self.interpret and pdl.available(self.device)
+        self.fp8_fast_accumulation = getattr(self.options, "fp8_accumulation", "fp32") == "fast"
 
     @property
     def autotune(self) -> Any:

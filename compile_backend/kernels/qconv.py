@@ -32,7 +32,7 @@ from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .conv import ConvRunner, conv_heuristic
 from .gemm_config import GemmConfig, candidate_configs
 from .qgemm import (check_scaled_dtypes, eight_bit_configs, scale_lines, scaled_anchor, scaled_arg,
-                    scaled_dot_fields)
+                    scaled_dot_fields, fp8_accumulation_of)
 from .template import (Probe, TemplateTuning, choose_kernel_of, device_limits, dtype_name, fit_pow2,
                        float_reference_candidate, group_dtypes, group_shapes, group_strides, warmed)
 
@@ -105,7 +105,7 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
     template configs (tests)."""
     p = scaled_conv_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
-    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda")
+    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", fp8_accumulation_of(ctx))
     source = tpl.render_conv(tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.bias is not None, p.out_dtype),
                                                p.int_acc), dot)
     probe = Probe(group, ctx.device)

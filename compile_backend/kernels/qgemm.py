@@ -76,18 +76,32 @@ def check_scaled_dtypes(xq: torch.Tensor, wq: torch.Tensor, out_dtype: Any, devi
         raise Unsupported("float8_e4m3fn operands need an sm_89+ GPU")
 
 
-def scaled_dot_fields(dtype: torch.dtype, interpret: bool, promote_per_tile: bool = True) -> dict:
+#: how an FP8 dot sums its products (Options.fp8_accumulation; see :func:`scaled_dot_fields`)
+FP8_ACCUMULATION_MODES = ("tile", "instruction", "fast")
+
+
+def fp8_accumulation_of(ctx: KernelContext) -> str:
+    """The FP8 accumulation mode the context's options ask for: ``fast`` or ``tile`` (fp32)."""
+    return "fast" if ctx.fp8_fast_accumulation else "tile"
+
+
+def scaled_dot_fields(dtype: torch.dtype, interpret: bool, accumulation: str = "tile") -> dict:
     """Template fields of the main loop's dot for quantized operands: int32 accumulation for
     int8; for fp8 fp32 accumulation. The tensor cores sum fp8 products in a reduced-precision
     accumulator; Triton adds it into the fp32 one every ``max_num_imprecise_acc`` K elements.
-    We promote once per K tile (BLOCK_K = 64 or 128: two or four wgmma instructions; the error
-    of a partial sum stays near 2^-14 of it; DeepSeek-V3 trains with 128), as cuBLAS's
-    non-fast-accumulation mode does. ``promote_per_tile=False`` promotes after every
-    instruction (the setting before session 5, which on the H200 made the FP8 template slower
-    than cuBLAS's fp16 GEMM; kept for the kernel benchmark's comparison)."""
+    ``tile`` promotes once per K tile (BLOCK_K = 64 or 128: two or four wgmma instructions; the
+    error of a partial sum stays near 2^-14 of it; DeepSeek-V3 trains with 128), as cuBLAS's
+    non-fast-accumulation mode does; Triton then keeps a second accumulator of the tile's size
+    in registers (128x256 tiles spill: 354 us where 128x128 took 116 at the MLP shape, H100,
+    session 11). ``fast`` never promotes (Triton's own default on sm_90: one accumulator, the
+    tensor cores' precision), as ``_scaled_mm(use_fast_accum=True)``. ``instruction`` promotes
+    after every wgmma (the setting before session 5, which on the H200 made the FP8 template
+    slower than cuBLAS's fp16 GEMM; kept for the kernel benchmark's comparison)."""
+    if accumulation not in FP8_ACCUMULATION_MODES:
+        raise ValueError(f"fp8 accumulation {accumulation!r}: one of {', '.join(FP8_ACCUMULATION_MODES)}")
     dot = tpl.dot_fields(dtype_name(dtype), False, interpret, dtype == torch.int8)
-    if dtype != torch.int8:
-        dot["dot_args"] += ", max_num_imprecise_acc=" + ("BLOCK_K" if promote_per_tile else "0")
+    if dtype != torch.int8 and accumulation != "fast":
+        dot["dot_args"] += ", max_num_imprecise_acc=" + ("BLOCK_K" if accumulation == "tile" else "0")
     return dot
 
 
@@ -155,14 +169,15 @@ def _vendor_fits(p: ScaledMMProblem) -> Optional[str]:
 # ------------------------------------------------------------------------------- candidates
 def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
                          configs: Optional[Sequence[GemmConfig]] = None,
-                         promote_per_tile: bool = True) -> TemplateTuning:
+                         accumulation: Optional[str] = None) -> TemplateTuning:
     """Candidates for a scaled_mm group, heuristic first. ``vendor`` (default: on CUDA, when the
     shape suits it) adds ``torch._int_mm`` / ``torch._scaled_mm`` + the epilogue kernel;
-    ``configs`` replaces the template configs (tests, benchmarks); ``promote_per_tile``: see
-    :func:`scaled_dot_fields` (the kernel benchmark compares both)."""
+    ``configs`` replaces the template configs (tests, benchmarks); ``accumulation`` (FP8; default
+    from the options): see :func:`scaled_dot_fields` (the kernel benchmark compares them)."""
     p = scaled_mm_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
-    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", promote_per_tile)
+    accumulation = accumulation or fp8_accumulation_of(ctx)
+    dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", accumulation)
     spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc)
     # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2);
     # the persistent TMA kernel has the same epilogue
@@ -170,7 +185,7 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
     # the chain alone, over the product cuBLAS wrote with the scales and the bias applied
     scaled_source = tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"], p.int_acc, skip_loads=len(p.loads)), dot)
     build = _Build(group, p, plan, source, Probe(group, ctx.device), tma_source, device_limits(ctx.device)[0],
-                   scaled_source)
+                   scaled_source, accumulation == "fast")
     if configs is None:
         configs = _template_configs(p, ctx)
         if ctx.device.type == "cuda" and long_chain(plan.chain_ops):
@@ -233,6 +248,7 @@ class _Build:
     tma_source: Tuple[str, str]
     num_sms: int
     scaled_source: Tuple[str, str]  # the chain after ``_scaled_mm`` applied scales and bias
+    fast_accumulation: bool = False  # FP8: ``_scaled_mm(use_fast_accum=True)``, as the template's dot
 
     def io(self, env, device, out, skip: int = 0):
         """Epilogue loads (past the first ``skip``) and output views in the template's (1, M, N)
@@ -241,6 +257,10 @@ class _Build:
         loads = [tpl.to_anchor_space(env[lp.source], lp, plan.anchor_shape).unsqueeze(0) for lp in plan.loads[skip:]]
         outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, device, out)
         return loads, outs, [v.unsqueeze(0) for v in views]
+
+    def accumulation_field(self) -> dict:
+        """``{"accumulation": "fast"}`` for a report of a fast-accumulating FP8 candidate."""
+        return {"accumulation": "fast"} if self.fast_accumulation and not self.problem.int_acc else {}
 
     def triton_candidate(self, cfg: GemmConfig) -> Candidate:
         p, plan, group = self.problem, self.plan, self.group
@@ -258,7 +278,8 @@ class _Build:
 
             return warmed(run, self.probe)
 
-        return Candidate(f"triton {cfg.name}", {"impl": "triton", "scaled": True, **cfg.as_dict()}, compile_, "triton")
+        return Candidate(f"triton {cfg.name}", {"impl": "triton", "scaled": True, **cfg.as_dict(),
+                                                **self.accumulation_field()}, compile_, "triton")
 
     def vendor_candidate(self, tile: Optional[GemmConfig] = None) -> Candidate:
         """The vendor's raw product (int32 / fp32) then the whole epilogue (scales, bias, chain)
@@ -276,7 +297,8 @@ class _Build:
                 one = units.get(xq.device)
                 if one is None:
                     one = units[xq.device] = torch.ones((), dtype=torch.float32, device=xq.device)
-                return torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+                return torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=one, scale_b=one, out_dtype=torch.float32,
+                                        use_fast_accum=self.fast_accumulation)
 
             def run(*inputs, out=None):
                 env = tpl.bind_group(plan, group, inputs)
@@ -288,8 +310,8 @@ class _Build:
             return warmed(run, self.probe)
 
         suffix, fields = epilogue_tile_named(tile)
-        return Candidate(f"{name} + triton epilogue{suffix}", {"impl": "cublas", "vendor": name, **fields},
-                         compile_, "cublas")
+        return Candidate(f"{name} + triton epilogue{suffix}", {"impl": "cublas", "vendor": name, **fields,
+                                                               **self.accumulation_field()}, compile_, "cublas")
 
     def vendor_scaled_candidate(self, tile: Optional[GemmConfig] = None) -> Candidate:
         """FP8: ``torch._scaled_mm`` with the scales (per tensor, or per row of x and column of
@@ -332,7 +354,8 @@ class _Build:
                     sa = row_scales(xs)
                     sb = ws.to(torch.float32).reshape(1, -1).expand(1, p.n).contiguous()
                 bias = env[p.loads[2].source] if p.has_bias else None
-                y = torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=p.out_dtype)
+                y = torch._scaled_mm(xq.contiguous(), wq.t(), scale_a=sa, scale_b=sb, bias=bias, out_dtype=p.out_dtype,
+                                     use_fast_accum=self.fast_accumulation)
                 if trivial:
                     return tpl.group_outputs(plan, env, [y.reshape(shape) for _, shape, *_ in plan.stores])
                 loads, outs, views = self.io(env, y.device, out, skip=len(p.loads))
@@ -343,9 +366,10 @@ class _Build:
 
         suffix, fields = epilogue_tile_named(tile)
         name = "torch._scaled_mm scaled" + ("" if trivial else " + triton epilogue" + suffix)
-        return Candidate(name, {"impl": "cublas", "vendor": "torch._scaled_mm", "scaled": True, **fields},
-                         compile_, "cublas")
+        return Candidate(name, {"impl": "cublas", "vendor": "torch._scaled_mm", "scaled": True, **fields,
+                                **self.accumulation_field()}, compile_, "cublas")
 
 
 __all__ = ["build_scaled_mm", "scaled_mm_candidates", "scaled_mm_problem", "ScaledMMProblem", "scaled_anchor",
-           "scaled_arg", "check_scaled_dtypes", "scale_lines", "eight_bit_configs", "scaled_dot_fields"]
+           "scaled_arg", "check_scaled_dtypes", "scale_lines", "eight_bit_configs", "scaled_dot_fields",
+           "fp8_accumulation_of"]

@@ -133,6 +133,34 @@ def test_scaled_mm_vendor_candidate(precision):
         assert run(*inputs, out=[out])[0] is out  # writes into the engine's buffer
 
 
+def test_fp8_accumulation_option_reaches_the_dot_and_the_vendor():
+    """Options.fp8_accumulation: "fp32" promotes the tensor cores' sum every K tile, "fast" keeps
+    Triton's (and cuBLAS's fast-accumulation) one accumulator; INT8 sums stay exact either way.
+    Under the interpreter both are fp32 sums, so both match the reference."""
+    from compile_backend.kernels.qgemm import scaled_dot_fields
+
+    with pytest.raises(ValueError, match="fp8_accumulation"):
+        Options(fp8_accumulation="fp16")
+    assert "max_num_imprecise_acc=BLOCK_K" in scaled_dot_fields(FP8, False, "tile")["dot_args"]
+    assert "max_num_imprecise_acc=0" in scaled_dot_fields(FP8, False, "instruction")["dot_args"]
+    assert "imprecise" not in scaled_dot_fields(FP8, False, "fast")["dot_args"]
+    assert "imprecise" not in scaled_dot_fields(torch.int8, False, "tile")["dot_args"]
+    fast_ctx = KernelContext(Options(fp8_accumulation="fast"), torch.device("cpu"), True)
+    assert fast_ctx.fp8_fast_accumulation and not CTX.fp8_fast_accumulation
+    inputs = quantized_linear(33, 48, 32, "fp8", seed=4)
+    fn = lambda xq, xs, wq, ws, b: F.gelu(scaled_mm(xq, xs, wq, ws, b, torch.float16))  # noqa: E731
+    group = anchor_group(fn, *inputs)
+    fast, fp32 = (scaled_mm_candidates(group, c, vendor=True) for c in (fast_ctx, CTX))
+    assert fast.key != fp32.key  # the timing cache keeps their winners apart
+    assert all(c.config.get("accumulation") == "fast" for c in fast.candidates)
+    assert not any("accumulation" in c.config for c in fp32.candidates)
+    expected = group.reference(*inputs)[0]
+    for cand in fast.candidates:
+        torch.testing.assert_close(cand.compile()(*inputs)[0], expected, **TOL[torch.float16])
+    int8 = quantized_linear(33, 48, 32, "int8", seed=4)
+    assert not any("accumulation" in c.config for c in scaled_mm_candidates(anchor_group(fn, *int8), fast_ctx).candidates)
+
+
 def test_vendor_candidate_needs_its_shapes():
     inputs = quantized_linear(16, 40, 24, "int8")  # M <= 16: torch._int_mm refuses
     fn = lambda xq, xs, wq, ws, b: scaled_mm(xq, xs, wq, ws, b, torch.float32)  # noqa: E731
@@ -368,8 +396,8 @@ def test_scaled_conv_routing_and_unsupported():
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_ctx(autotune="fast"):
-    return KernelContext(Options(autotune=autotune), torch.device("cuda"), False)
+def _gpu_ctx(autotune="fast", fp8_accumulation="fp32"):
+    return KernelContext(Options(autotune=autotune, fp8_accumulation=fp8_accumulation), torch.device("cuda"), False)
 
 
 def _fp8_ok():
@@ -377,17 +405,20 @@ def _fp8_ok():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("precision", ["int8", "fp8", "fp8-fast"])
 @pytest.mark.parametrize("mkn", [(1, 24, 8), (33, 40, 24), (256, 512, 384)], ids=str)
 def test_gpu_scaled_mm_tuned(mkn, precision):
-    """Every candidate (template configs, vendor + epilogue) compiles, runs and matches."""
+    """Every candidate (template configs, vendor + epilogue) compiles, runs and matches; with
+    fp8_accumulation="fast" too (the tensor cores' accumulator: still within 1e-2)."""
+    accumulation = "fast" if precision.endswith("-fast") else "fp32"
+    precision = precision.split("-")[0]
     if precision == "fp8" and not _fp8_ok():
         pytest.skip("fp8 needs sm_89+")
     inputs = tuple(t.cuda() if t is not None else None for t in quantized_linear(*mkn, precision, per_row=True))
     fn = lambda xq, xs, wq, ws, b: F.silu(scaled_mm(xq, xs, wq, ws, b, torch.bfloat16))  # noqa: E731
     group = anchor_group(fn, *inputs)
     expected = group.reference(*inputs)[0].float()
-    tuning = scaled_mm_candidates(group, _gpu_ctx())
+    tuning = scaled_mm_candidates(group, _gpu_ctx(fp8_accumulation=accumulation))
     names = [c.name for c in tuning.candidates]
     m, k, n = mkn
     assert names[0] == "float linear bfloat16" and tuning.candidates[0].reference, names
@@ -397,7 +428,7 @@ def test_gpu_scaled_mm_tuned(mkn, precision):
         got = cand.compile()(*inputs)[0].float()
         err = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
         assert err < 1e-2, (cand.name, err)
-    kernel = build_scaled_mm(group, _gpu_ctx())
+    kernel = build_scaled_mm(group, _gpu_ctx(fp8_accumulation=accumulation))
     timed, total = map(int, kernel.config["timed"].split("/"))
     assert timed == total, kernel.config
     # the float GEMM the layer replaces is timed beside the candidates (the report compares)
