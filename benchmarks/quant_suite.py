@@ -155,6 +155,11 @@ def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str
             record.update(timed)
             record["accuracy"] = compare(snapshot(call()), ref, logits)
             record["quant"] = quant_summary(report)
+            if args.profile and args.device.startswith("cuda"):  # where an engine's time goes, kernel by kernel
+                from .kernel_profile import format_profile, profile_kernels
+
+                record["profile"] = profile_kernels(call, calls=5, warmup=2, top=30)
+                log(format_profile({"peer": peer, **record["profile"]}))
         log(f"{peer}: {record['median_ms']:.3f} ms, cosine {record['accuracy']['cosine']:.5f}, "
             f"first call {record['first_call_s']:.1f} s")
     except Exception as exc:  # noqa: BLE001  (one failing peer must not end the case)
@@ -203,6 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quant-layers", default="faster", choices=("faster", "all"),
                    help="our quantized engines: quantize only the layers whose 8-bit GEMM is faster (default), or all")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--profile", action="store_true", help="each peer's GPU kernels per call (torch.profiler)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
