@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import inspect
 import json
 import statistics
 import time
@@ -225,8 +226,9 @@ def hf_fp32_logits(model: torch.nn.Module, inputs, size: str) -> torch.Tensor:
                                        dtype=torch.float32)
     if hasattr(cache, "layers"):  # transformers >= 4.56: a cache layer per decoder layer
         for src, dst in zip(cache.layers, cache32.layers):  # the prefill's entries, widened
-            if getattr(dst, "keys", None) is None:  # layers allocate on first use
-                dst.lazy_initialization(src.keys)
+            if getattr(dst, "keys", None) is None:  # layers allocate on first use: (keys) or (keys, values)
+                takes = len(inspect.signature(dst.lazy_initialization).parameters)
+                dst.lazy_initialization(*(src.keys, src.values)[:takes])
             dst.keys.copy_(src.keys)
             dst.values.copy_(src.values)
     else:  # earlier releases: lists of key and value tensors
@@ -258,6 +260,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
     model.eval()
     rows, ref = [], None
     ref32 = None
+    seen: Dict[str, torch.Tensor] = {}  # each peer's logits: which peers agree with which
     if model_kind == "hf":
         try:
             ref32 = hf_fp32_logits(model, inputs, size)
@@ -288,6 +291,9 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
                        cosine_vs_eager=torch.nn.functional.cosine_similarity(
                            logits.reshape(-1), ref.reshape(-1), dim=0).item(), **_summary(report))
             row["logits_std"] = logits.std().item()  # the signal a cosine compares (tiny logits: rounding)
+            row["cosine_vs_peers"] = {other: torch.nn.functional.cosine_similarity(
+                logits.reshape(-1), theirs.reshape(-1), dim=0).item() for other, theirs in seen.items()}
+            seen[name] = logits
             if ref32 is not None:
                 row["cosine_vs_fp32"] = torch.nn.functional.cosine_similarity(
                     logits.reshape(-1), ref32.reshape(-1), dim=0).item()
@@ -305,7 +311,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager", "cosine_vs_fp32", "logits_std",
+        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager", "cosine_vs_fp32", "cosine_vs_peers", "logits_std",
                                                   "layer_sqnr_db_min", "quantized", "fallbacks", "error")}), flush=True)
     return rows
 
