@@ -11,7 +11,7 @@ each read that head's keys again. Here:
 * the keys are split into ranges (``DecodeConfig.splits``, or enough for ``waves`` programs per
   SM), each range's online softmax (m, l, acc) stored as a partial; the last program of a
   (batch, kv head) to arrive (an atomic counter, acquire/release, reset by that program: the
-  runner keeps the counters, ``gemv.Counters``) merges the ranges in order (deterministic);
+  runner keeps the counters, ``launch.Counters``) merges the ranges in order (deterministic);
 * a key block every row masks out (a bool mask all False, an additive mask all -inf: a static
   KV cache's empty slots past the decode position) is skipped before its K and V are read.
 
@@ -168,7 +168,7 @@ class DecodeRunner:
 
     def __init__(self, config: DecodeConfig, scale: float, causal: bool, dead_rows_nan: bool,
                  quant: Optional[Tuple[str, float]], allow_tf32: bool, use_pdl: bool = False) -> None:
-        from .gemv import Counters
+        from .launch import Counters
 
         self.config, self.scale, self.causal, self.dead_rows_nan = config, scale, causal, dead_rows_nan
         self.quant, self.allow_tf32, self.use_pdl = quant, allow_tf32, use_pdl

@@ -49,7 +49,7 @@ from . import gemm_template as tpl
 from . import pdl
 from .base import triton_interpret
 from .expr_casts import tl_type
-from .launch import next_pow2
+from .launch import Counters, next_pow2
 from .weight_only_parts import auto_split, k_slices
 from .gemv_prologue import PLAIN_X, XPrologue
 
@@ -209,28 +209,6 @@ def render(x: XPrologue, epilogue: tpl.EpilogueSpec, x_dtype: torch.dtype, out_d
         epilogue="\n".join(tpl.epilogue_body(epilogue, offset, "mask", " " * 8)))
 
 
-class Counters:
-    """One runner's split-K arrival counters, reused by all its launches (each launch leaves them
-    at 0). Launches that share them must not overlap: on one stream they cannot; a launch on
-    another stream than the last first waits for that stream's work (not while a CUDA graph is
-    being captured: the graph runner orders its warm-up and capture itself)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict = {}
-        self.stream: Any = None
-
-    def get(self, size: int, device: torch.device) -> torch.Tensor:
-        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            stream = torch.cuda.current_stream(device)
-            if self.stream is not None and self.stream != stream:
-                stream.wait_stream(self.stream)
-            self.stream = stream
-        buf = self.buffers.get(device)
-        if buf is None or buf.numel() < size:
-            buf = self.buffers[device] = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
-        return buf
-
-
 #: the kernel's WEIGHTS: INT8 codes [N, K] + a scale per row; INT4 codes packed [N, ceil(K / 2)]
 #: + a scale per group; float weights W [N, K] of any strides (``mm``'s b transposed)
 WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
@@ -300,4 +278,4 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
            weights="int4" if int4 else "int8", group=group, config=config, x_dtype=x.dtype)
 
 
-__all__ = ["PLAIN_EPILOGUE", "WEIGHT_KINDS", "Counters", "render", "launch", "uses_tensor_cores", "plain_kernel", "gemv"]
+__all__ = ["PLAIN_EPILOGUE", "WEIGHT_KINDS", "render", "launch", "uses_tensor_cores", "plain_kernel", "gemv"]

@@ -19,6 +19,7 @@ from . import gemm_template as tpl
 from . import gemv, gemv_prologue, pdl
 from .autotune import Candidate
 from .base import KernelGroup, Unsupported
+from .launch import Counters
 from .template import Probe, warmed
 
 
@@ -92,7 +93,7 @@ class GemvRunner:
     def __init__(self, group: KernelGroup, spec: GemvSpec, cfg: Any, plan: GemvPlan, kernel, use_pdl: bool = False) -> None:
         self.group, self.spec, self.cfg, self.plan, self.kernel = group, spec, cfg, plan, kernel
         self.use_pdl = use_pdl
-        self.counters = gemv.Counters()
+        self.counters = Counters()
 
     def __call__(self, *inputs: Any) -> Tuple[Any, ...]:
         s, plan = self.spec, self.plan.epilogue

@@ -19,7 +19,7 @@ import sys
 import threading
 from collections import OrderedDict
 from types import ModuleType
-from typing import Tuple
+from typing import Any, Tuple
 
 _POW2 = tuple(1 << i for i in range(20))
 
@@ -47,13 +47,16 @@ class ReductionConfig:
 
     xblock rows per program; rblock row elements per step. persistent: the whole row is held
     in registers (rblock >= row length) and read once; otherwise the kernel loops over the row
-    in rblock chunks, re-reading it once per reduction stage.
+    in rblock chunks, re-reading it once per reduction stage. split: programs per block of rows,
+    each reducing a contiguous part of the row (looped kernels of one stage, see reduction.py):
+    a whole-tensor sum, one row of millions of elements, is otherwise one program on one SM.
     """
 
     xblock: int = 1
     rblock: int = 1024
     num_warps: int = 4
     persistent: bool = True
+    split: int = 1
 
     def __post_init__(self) -> None:
         _check_pow2("xblock", self.xblock, 1, 4096)
@@ -63,6 +66,9 @@ class ReductionConfig:
             raise ValueError(f"persistent must be True or False, got {self.persistent!r}")
         if self.xblock * self.rblock > (1 << 16):
             raise ValueError(f"xblock * rblock must be at most 65536, got {self.xblock * self.rblock}")
+        _check_pow2("split", self.split, 1, SPLIT_MAX)
+        if self.split > 1 and self.persistent:
+            raise ValueError("a split reduction loops over its part of the row: persistent must be False")
 
 
 def next_pow2(n: int) -> int:
@@ -105,6 +111,49 @@ def reduction_heuristic(rows: int, row_len: int, row_contiguous: bool, row_input
     # looped: 16 warps x 8192 elements (~55 registers offline, sm_90) keep 2 programs per SM, so
     # fewer rows are in flight and a row read again in a later pass is still in L2
     return ReductionConfig(xblock=1, rblock=8192, num_warps=16, persistent=False)
+
+
+#: split reductions: at most this many programs per block of rows; a row shorter than
+#: SPLIT_MIN_ROW elements is never split (one program reads it in a few microseconds)
+SPLIT_MAX = 1024
+SPLIT_MIN_ROW = 1 << 16
+
+
+def reduction_split(row_blocks: int, row_len: int, rblock: int, sm_count: int) -> int:
+    """Programs per block of rows for a looped reduction: enough for about two programs per
+    SM in all, each still looping over at least two chunks of ``rblock``; 1 when the rows
+    alone fill the GPU or the row is short."""
+    if row_len < SPLIT_MIN_ROW or row_blocks >= sm_count:
+        return 1
+    want = next_pow2(-(-2 * sm_count // row_blocks))
+    most = max(1, row_len // (2 * rblock))
+    most = 1 << (most.bit_length() - 1)  # a power of two, at most row_len / (2 rblock)
+    return max(1, min(SPLIT_MAX, want, most))
+
+
+class Counters:
+    """One runner's split arrival counters (split-K GEMVs, split reductions, flash-decoding),
+    reused by all its launches (each launch leaves them at 0). Launches that share them must not overlap: on one stream they cannot; a launch on
+    another stream than the last first waits for that stream's work (not while a CUDA graph is
+    being captured: the graph runner orders its warm-up and capture itself)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+        self.stream: Any = None
+
+    def get(self, size: int, device: Any) -> Any:
+        import torch
+
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            stream = torch.cuda.current_stream(device)
+            if self.stream is not None and self.stream != stream:
+                stream.wait_stream(self.stream)
+            self.stream = stream
+        buf = self.buffers.get(device)
+        if buf is None or buf.numel() < size:
+            buf = self.buffers[device] = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
+        return buf
+
 
 
 # Process-wide memo of loaded kernel modules, least recently used first. Bounded: past

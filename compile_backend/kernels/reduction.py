@@ -45,7 +45,8 @@ import torch.fx as fx
 
 from . import expr, pdl
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, output_tensor
-from .launch import ReductionConfig, load_source, map_nodes, output_order, reduction_heuristic, strides_for
+from .launch import (Counters, ReductionConfig, load_source, map_nodes, output_order, reduction_heuristic,
+                     reduction_split, strides_for)
 from .pointwise import INT32_MAX, collapse
 from .reduction_plan import ReductionPlan, Store, Val, emit_exp, analyze
 
@@ -63,29 +64,37 @@ def _needed(plan: ReductionPlan) -> set:
 
 def _emit(plan: ReductionPlan, patterns: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]],
           ksizes: Sequence[int], rsizes: Sequence[int], persistent: bool, wide: bool,
-          even_x: bool = False, even_r: bool = False) -> str:
+          even_x: bool = False, even_r: bool = False, split: Optional["_Split"] = None) -> str:
     """The Triton module for one layout pattern. patterns: per tensor (loads, then stores), the
     merged kept dims and merged reduced dims it moves along. even_x: the row count is a multiple
-    of XBLOCK; even_r: the row length is a multiple of RBLOCK (persistent: equal to it). Masks
-    are emitted only for a side that can run past its end: a full tile loads, reduces and
-    stores without ``where``s (two instructions per element less in a softmax)."""
+    of XBLOCK; even_r: the row length is a multiple of RBLOCK (persistent: equal to it), or with
+    ``split`` of its part of the row. Masks are emitted only for a side that can run past its
+    end: a full tile loads, reduces and stores without ``where``s (two instructions per element
+    less in a softmax)."""
     body = _Body(plan, patterns, rsizes, wide, even_x, even_r)
     body.row_block(ksizes)
     if persistent:
         _persistent(body)
+    elif split is not None:
+        _split_looped(body, _schedule(plan), split)
     else:
         _looped(body, _schedule(plan))
-    return _module(plan, patterns, persistent, body.lines)
+    return _module(plan, patterns, persistent, body.lines, split)
 
 
-def _module(plan: ReductionPlan, patterns, persistent: bool, lines: List[str]) -> str:
+def _module(plan: ReductionPlan, patterns, persistent: bool, lines: List[str],
+            split: Optional["_Split"] = None) -> str:
     """The module around a kernel body: imports, helpers the body calls, the signature."""
     tensors = [f"in{i}" for i in range(len(plan.loads))] + [f"out{j}" for j in range(len(plan.stores))]
-    params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
+    params = [f"{t}_ptr" for t in tensors]
+    if split is not None:  # the partial results' workspaces and the arrival counters
+        params += [f"ws{i}_ptr" for i in range(len(split.reductions))] + ["cnt_ptr"]
+    params += [f"s_{n.name}" for n in plan.scalars]
     for t, (kt, rt) in zip(tensors, patterns):
         params += [f"{t}_xs{j}" for j in kt] + [f"{t}_rs{j}" for j in rt]
     header = ["import triton", "import triton.language as tl", "",
-              f"# reduction over dims {plan.rdims} of {plan.x_shape}; {'persistent' if persistent else 'looped'}"]
+              f"# reduction over dims {plan.rdims} of {plan.x_shape}; {'persistent' if persistent else 'looped'}"
+              + (f", the row split in {split.parts}" if split is not None else "")]
     kernel = "\n\n@triton.jit\ndef reduction_kernel(" + ", ".join(params + ["XBLOCK: tl.constexpr", "RBLOCK: tl.constexpr"]) + \
         "):\n" + "\n".join(lines) + "\n"
     return "\n".join(header) + expr.REDUCE_HELPERS + expr.helper_source(kernel) + kernel
@@ -140,9 +149,10 @@ class _Body:
             self.out("mask = xmask & rmask")
 
     @contextlib.contextmanager
-    def row_loop(self) -> Iterator[None]:
-        """A loop over the row in RBLOCK chunks; the body is emitted inside the ``with``."""
-        self.out(f"for roffset in range(0, {self.plan.rnumel}, RBLOCK):")
+    def row_loop(self, start: str = "0", stop: Optional[str] = None) -> Iterator[None]:
+        """A loop over the row (or its part from ``start`` to ``stop``) in RBLOCK chunks; the
+        body is emitted inside the ``with``."""
+        self.out(f"for roffset in range({start}, {stop or self.plan.rnumel}, RBLOCK):")
         self.depth += 1
         self.chunk("roffset + ")
         yield
@@ -306,6 +316,58 @@ def _looped(b: _Body, sched: _Schedule) -> None:
             b.store(j, s, b.names[s.val])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """A one-stage looped reduction whose row is cut in ``parts`` (``chunk`` elements each, a
+    multiple of RBLOCK): program (x, p) reduces part p of its rows and stores its partial results
+    (``reductions``, in order) to a workspace [parts, rows] per reduction; the last of a row
+    block's programs to arrive (an atomic counter per block, acquire/release) reduces the partials
+    in part order, so the result does not depend on the order the programs ran in, computes the
+    per-row outputs and stores them, and sets the counter back to 0 for the next launch."""
+
+    parts: int
+    chunk: int
+    rows: int  # workspace rows: the row blocks times XBLOCK
+    reductions: Tuple[Val, ...]
+
+
+def splittable(plan: ReductionPlan) -> bool:
+    """Whether the plan's kernel can run split: one reduction stage (each reduction reads the
+    row alone, not another reduction's result), no online softmax sums, no row-shaped outputs."""
+    sched = _schedule(plan)
+    return len(sched.stages) == 1 and not sched.row_stores and not sched.online and not sched.running
+
+
+def _split_looped(b: _Body, sched: _Schedule, split: _Split) -> None:
+    group = sched.stages[0]
+    assert tuple(group) == split.reductions and not sched.row_stores and not sched.online
+    b.out("pid_s = tl.program_id(1)")
+    b.emit_perrow_deps(sched.passes[0])
+    _init_accumulators(b, sched, group)
+    _set_hints(b, sched, 0)
+    with b.row_loop(f"pid_s * {split.chunk}", f"pid_s * {split.chunk} + {split.chunk}"):
+        value_of = b.emit_chunk(sched.passes[0], "_p1")
+        _accumulate(b, sched, group, value_of)
+    _finish_reductions(b, sched, group)
+    for i, v in enumerate(group):  # this part's results, rows past the end included (never read)
+        b.out(f"tl.store(ws{i}_ptr + pid_s * {split.rows} + xindex, {b.names[v]})")
+    b.out("tl.debug_barrier()  # every thread's partials are written before the release below")
+    b.out('arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")')
+    b.out(f"if arrived == {split.parts - 1}:")
+    b.depth += 1
+    b.out("tl.store(cnt_ptr + pid, 0)  # every part has arrived: the counter is free for the next launch")
+    b.out(f"parts = tl.arange(0, {split.parts})[None, :] * {split.rows}")
+    for i, v in enumerate(group):
+        tile = f'tl.load(ws{i}_ptr + parts + xindex, cache_modifier=".cg")'
+        b.out(f"{v.base} = " + expr.REDUCE_OPS[v.reduce][0].format(x=tile) + "[:, None]")
+    b.hints.clear()
+    for j, s in enumerate(b.plan.stores):
+        if s.val.reduce is None:
+            b.emit_global(s.val)
+        b.store(j, s, b.names[s.val])
+    b.depth -= 1
+
+
 def _set_hints(b: _Body, sched: _Schedule, k: int) -> None:
     # a row tensor stays in L2 for a later pass and leaves it after its last one;
     # tensors broadcast over rows (a norm's weight) stay for the other rows
@@ -406,6 +468,16 @@ class ReductionLauncher:
         self.plan, self.config, self.device, self.pdl = plan, config, device, pdl
         self._launches: Dict[Tuple, _Launch] = {}
         self.last_compiled: Any = None
+        self.split: Optional[_Split] = None
+        self.counters: Optional[Counters] = None
+        if config.split > 1:
+            if config.persistent or not splittable(plan):
+                raise Unsupported("a split reduction needs a looped kernel of one stage without row outputs")
+            blocks = -(-plan.xnumel // config.xblock)
+            per_part = -(-plan.rnumel // config.split)
+            chunk = -(-per_part // config.rblock) * config.rblock
+            self.split = _Split(config.split, chunk, blocks * config.xblock, tuple(_schedule(plan).stages[0]))
+            self.counters = Counters()
 
     def _xstrides(self, strides, xmap) -> List[int]:
         xs = [0] * len(self.plan.x_shape)
@@ -434,7 +506,10 @@ class ReductionLauncher:
         wide = reach + cfg.xblock * cfg.rblock > INT32_MAX
         even_x = plan.xnumel % cfg.xblock == 0
         even_r = plan.rnumel == cfg.rblock if cfg.persistent else plan.rnumel % cfg.rblock == 0
-        source = _emit(plan, patterns, ksizes, rsizes, cfg.persistent, wide, even_x, even_r)
+        split = self.split
+        if split is not None:
+            even_r = plan.rnumel % split.chunk == 0
+        source = _emit(plan, patterns, ksizes, rsizes, cfg.persistent, wide, even_x, even_r, split)
         if self.pdl:
             source = pdl.with_entry(source, "reduction_kernel")
         int_args: Tuple[int, ...] = ()
@@ -468,10 +543,16 @@ class ReductionLauncher:
         outs = [output_tensor(out, plan.outputs.index(s.node), (tuple(s.node.meta["val"].shape), st,
                               s.node.meta["val"].dtype), device) for s, st in zip(plan.stores, launch.out_strides)]
         if plan.xnumel > 0:
-            grid = (-(-plan.xnumel // cfg.xblock),)
+            blocks = -(-plan.xnumel // cfg.xblock)
+            grid, split_args = (blocks,), []
+            if self.split is not None:  # a workspace per reduction for the partials, the counters
+                grid = (blocks, self.split.parts)
+                split_args = [torch.empty(self.split.parts * self.split.rows, device=device,
+                                          dtype=expr.compute_dtype(v.dtype)) for v in self.split.reductions]
+                split_args.append(self.counters.get(blocks, device))
             self.last_compiled = launch.kernel[grid](  # None under the interpreter
-                *tensors, *outs, *[env[n] for n in plan.scalars], *launch.int_args, XBLOCK=cfg.xblock, RBLOCK=cfg.rblock,
-                num_warps=cfg.num_warps, **pdl.launch_kwargs(self.pdl))
+                *tensors, *outs, *split_args, *[env[n] for n in plan.scalars], *launch.int_args,
+                XBLOCK=cfg.xblock, RBLOCK=cfg.rblock, num_warps=cfg.num_warps, **pdl.launch_kwargs(self.pdl))
         env.update((s.node, o) for s, o in zip(plan.stores, outs))
         return tuple(env[o] for o in plan.outputs)
 
@@ -495,7 +576,15 @@ def build_reduction(group: KernelGroup, ctx: KernelContext,
     if plan.rnumel == 0:
         raise Unsupported("reduction over an empty dim")
     row_inputs = sum(ld.level == "row" for ld in plan.loads)
-    config = config or reduction_heuristic(plan.xnumel, plan.rnumel, _row_contiguous(plan), row_inputs)
+    if config is None:
+        config = reduction_heuristic(plan.xnumel, plan.rnumel, _row_contiguous(plan), row_inputs)
+        if not config.persistent and ctx.device.type == "cuda" and splittable(plan):
+            # a long row over few rows (a whole-tensor sum: QAT's scale gradients, an amax):
+            # one program per row would leave all but a few SMs idle
+            sms = torch.cuda.get_device_properties(ctx.device).multi_processor_count
+            parts = reduction_split(-(-plan.xnumel // config.xblock), plan.rnumel, config.rblock, sms)
+            if parts > 1:
+                config = dataclasses.replace(config, split=parts)
     if config.persistent and config.rblock < plan.rnumel:
         raise Unsupported(f"persistent config with rblock {config.rblock} < row length {plan.rnumel}")
     launcher = ReductionLauncher(plan, config, ctx.device, ctx.pdl)

@@ -17,9 +17,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from groups import DTYPES, assert_matches, context, fake_prop, make_group, randn  # tests/kernels/groups.py
-from compile_backend.kernels.base import KernelGroup, Unsupported
+from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
 from compile_backend.kernels.launch import ReductionConfig, reduction_heuristic
 from compile_backend.kernels.reduction import build_reduction
+from compile_backend.options import Options
 
 aten = torch.ops.aten
 TOL_RED = {
@@ -281,3 +282,73 @@ def test_per_row_chain_without_keepdim_then_full_rows(dtype):
 
     check(fn, w, dtype=dtype)
     check(fn, w, config=LOOPED, dtype=dtype)
+
+
+# ------------------------------------------------------------------ split reductions (long rows)
+def lsq_scale_gradient(dy, x, s):
+    """The shape of QAT's LSQ scale gradient (quant/fake_quant.py): a pointwise chain over the
+    whole activation summed to one value, then scaled: one row of every element."""
+    v = x.float() / s
+    inside = v.abs() <= 127
+    q = torch.clamp(torch.round(v), -127, 127)
+    return ((dy.float() * torch.where(inside, q - v, q)).sum() / 91.0).to(torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("parts", [2, 8])
+def test_split_reduction_whole_tensor_sum(dtype, parts):
+    """A whole-tensor sum cut in parts: odd size (the last part short), partials combined by
+    the last program to arrive; the counters are left at 0, so the next launch works too."""
+    dy, x = randn(37, 61, dtype=dtype), randn(37, 61, dtype=dtype, seed=2) * 60
+    s = torch.tensor(0.5)
+    cfg = ReductionConfig(xblock=1, rblock=16, num_warps=4, persistent=False, split=parts)
+    k = check(lsq_scale_gradient, dy, x, s, config=cfg, dtype=torch.float16)
+    assert k.config["split"] == parts and "split in" in k.source
+    again = randn(37, 61, dtype=dtype, seed=5)
+    group = make_group(lsq_scale_gradient, dy, x, s, kind="reduction")
+    assert_matches(k, group, [again, x, s], tol=TOL_RED[torch.float16])
+
+
+def test_split_reduction_few_rows_several_reductions_and_nan():
+    """Rows kept (a per-channel amax and sum over the rest), two reductions in one stage, a
+    per-row epilogue, NaN in one row: the max propagates it as torch does."""
+    x = randn(3, 5, 41)
+    x[1, 2, 7] = float("nan")
+    fn = lambda t: (t.amax((1, 2)), t.sum((1, 2)) * 0.5, t.abs().amin((1, 2), keepdim=True))  # noqa: E731
+    for cfg in (ReductionConfig(xblock=1, rblock=8, persistent=False, split=4),
+                ReductionConfig(xblock=2, rblock=32, persistent=False, split=2)):
+        check(fn, x, config=cfg)
+
+
+def test_split_only_where_one_stage_without_row_outputs():
+    """A layer norm (mean, then the variance: two stages) or a softmax (row outputs) cannot
+    run split: the builder says why instead of computing something else."""
+    cfg = ReductionConfig(xblock=1, rblock=16, persistent=False, split=2)
+    for fn in (softmax, lambda t: t.var(-1)):
+        with pytest.raises(Unsupported, match="split"):
+            build_reduction(make_group(fn, randn(4, 100), kind="reduction"), context(), cfg)
+    with pytest.raises(ValueError, match="persistent"):
+        ReductionConfig(rblock=64, persistent=True, split=2)
+
+
+def test_split_heuristic():
+    from compile_backend.kernels.launch import reduction_split
+
+    assert reduction_split(1, 2048 * 3072, 8192, 132) == 256  # BERT FFN activation, one row
+    assert reduction_split(1, 1 << 15, 8192, 132) == 1  # short: one program reads it quickly
+    assert reduction_split(200, 1 << 20, 8192, 132) == 1  # the rows alone fill the GPU
+    assert reduction_split(8, 1 << 20, 8192, 132) == 64  # two programs per SM in all
+
+
+@pytest.mark.gpu
+def test_gpu_whole_tensor_sum_runs_split():
+    """On the GPU the heuristic splits a whole-tensor sum of a BERT FFN activation's size."""
+    dy = randn(2048, 3072, dtype=torch.bfloat16).cuda()
+    x = (randn(2048, 3072, dtype=torch.bfloat16, seed=2) * 60).cuda()
+    s = torch.tensor(0.5, device="cuda")
+    group = make_group(lsq_scale_gradient, dy, x, s, kind="reduction")
+    ctx = KernelContext(options=Options(), device=torch.device("cuda"), interpret=False)
+    kernel = build_reduction(group, ctx)
+    assert kernel.config["split"] > 1, kernel.config
+    for _ in range(3):  # the counters are reset by each launch
+        assert_matches(kernel, group, [dy, x, s], tol=TOL_RED[torch.float16])
