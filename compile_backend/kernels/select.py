@@ -127,7 +127,8 @@ def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any
             got = (tuple(out.shape), out.dtype) if isinstance(out, torch.Tensor) else type(out).__name__
             return f"output {i}: got {got}, expected {(tuple(ref.shape), ref.dtype)}"
         if ref.dtype in FP8_OUTPUTS or (rounds_to_int and ref.dtype == torch.int8):
-            problem = quantized_mismatch(out, ref)
+            fast = (kernel.config or {}).get("accumulation") == "fast"
+            problem = quantized_mismatch(out, ref, FAST_ACCUMULATION_STEP_FRACTION if fast else QUANTIZED_STEP_FRACTION)
             if problem:
                 return f"output {i}: {problem}"
         elif ref.is_floating_point():
@@ -156,6 +157,11 @@ def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any
 #: the neighbouring code. Accepted: every code within one step of the reference's, and at most
 #: this fraction of them off (the statement in quant/README.md).
 QUANTIZED_STEP_FRACTION = 1e-2
+#: the same for an FP8 GEMM that sums in the tensor cores' own accumulator
+#: (``Options.fp8_accumulation="fast"``): its sums differ from the reference's fp32 ones by
+#: more rounding, so more values land one code away (H100, session 12: 1.2% at the MLP's
+#: K = 4096 with GELU + quantize, growing with K); a wrong scale or sign is still many steps off
+FAST_ACCUMULATION_STEP_FRACTION = 5e-2
 #: fp8's grid is relative: near zero its steps (2^-9 at the bottom) are far finer than the
 #: numerical noise of the value being quantized (attention's probabilities rounded to fp16, seen
 #: under the interpreter: 3 codes apart; the FP8 tensor cores' accumulation: the suspected cause
@@ -165,8 +171,9 @@ QUANTIZED_STEP_FRACTION = 1e-2
 FP8_NOISE_FRACTION = 2.0 ** -9
 
 
-def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor) -> Optional[str]:
-    """Why int8 / fp8 codes ``out`` are not ``ref`` up to one quantization step, or None."""
+def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor, step_fraction: float = QUANTIZED_STEP_FRACTION) -> Optional[str]:
+    """Why int8 / fp8 codes ``out`` are not ``ref`` up to one quantization step (on at most
+    ``step_fraction`` of them), or None."""
     if ref.dtype == torch.int8:
         steps = (out.to(torch.int16) - ref.to(torch.int16)).abs()
     else:  # fp8 codes are ordered like sign-magnitude integers: a step is a code distance of 1
@@ -182,7 +189,7 @@ def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor) -> Optional[str]:
     if steps.numel() == 0:
         return None
     worst, fraction = int(steps.max()), float((steps > 0).double().mean())
-    if worst > 1 or fraction > QUANTIZED_STEP_FRACTION:
+    if worst > 1 or fraction > step_fraction:
         # the worst element's two values: enough to tell a scale, a cast or a rounding apart
         at = int(steps.reshape(-1).argmax())
         got, want = out.reshape(-1)[at].float().item(), ref.reshape(-1)[at].float().item()
