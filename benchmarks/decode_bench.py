@@ -88,6 +88,45 @@ def host_profile(fn, calls: int, top: int = 30) -> str:
     return text.getvalue()
 
 
+def host_layers(fn, calls: int = 200) -> Dict[str, float]:
+    """Median microseconds per call spent inside each layer of a call (inclusive), timed by
+    wrapping them: the whole call, our runtime (``CompiledGraph.__call__``), the engine (weight
+    checks, then the runner), the CUDA graph runner and ``CUDAGraph.replay`` itself. What a
+    cProfile cannot say without inflating every small call: where a call's host time goes."""
+    from compile_backend import cuda_graph, engine, runtime
+
+    layers = {"runtime": (runtime.CompiledGraph, "__call__"), "engine": (engine.Engine, "_call"),
+              "runner": (cuda_graph.CudaGraphRunner, "__call__"), "replay": (torch.cuda.CUDAGraph, "replay")}
+    spent: Dict[str, List[float]] = {k: [] for k in ["call", *layers]}
+    saved = {k: getattr(cls, attr) for k, (cls, attr) in layers.items()}
+
+    def timed(key, original):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key][-1] += time.perf_counter() - t0
+        return wrapper
+
+    try:
+        for key, (cls, attr) in layers.items():
+            setattr(cls, attr, timed(key, saved[key]))
+        with torch.no_grad():
+            for _ in range(calls):
+                for v in spent.values():
+                    v.append(0.0)
+                t0 = time.perf_counter()
+                fn()
+                spent["call"][-1] = time.perf_counter() - t0
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+    finally:
+        for key, (cls, attr) in layers.items():
+            setattr(cls, attr, saved[key])
+    return {k: round(statistics.median(v) * 1e6, 1) for k, v in spent.items()}
+
+
 def _peer(name: str, model: torch.nn.Module, inputs=()):
     """(callable, report or None) for one peer (``inputs``: the case's, for calibration)."""
     from compile_backend import quant
@@ -282,6 +321,9 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
 
                 row["profile"] = profile_kernels(lambda: fn(*inputs), calls=5, warmup=2, top=25)
                 print(format_profile({"peer": name, **row["profile"]}), flush=True)
+            if profile and device == "cuda":  # host time per call, layer by layer (inclusive, us)
+                row["host_layers_us"] = host_layers(lambda: fn(*inputs))
+                print(f"host layers, {name}: {row['host_layers_us']}", flush=True)
             if profile:  # where the host's time per call goes (ours was 0.55 ms a call, Inductor's 0.30)
                 row["host_profile"] = host_profile(lambda: fn(*inputs), calls=50)
                 print(f"host profile, {name}:\n{row['host_profile']}", flush=True)
