@@ -225,9 +225,10 @@ def _render_sources(problem: GemmProblem, plan: tpl.EpiloguePlan, ctx: KernelCon
     interpret = ctx.device.type != "cuda"
     dot = tpl.dot_fields(dtype_name(problem.dtype), ctx.allow_tf32, interpret, int_acc=False)
     vendor_skip = len(_anchor_loads(problem))
-    return GemmSources(main=tpl.render_gemm(tpl.epilogue_spec(plan, main_lines), dot),
-                       tma=tpl.render_gemm_tma(tpl.epilogue_spec(plan, main_lines), dot),
-                       vendor=tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"], skip_loads=vendor_skip), dot),
+    spec = tpl.epilogue_spec(plan, main_lines, broadcast=True)
+    return GemmSources(main=tpl.render_gemm(spec, dot), tma=tpl.render_gemm_tma(spec, dot),
+                       vendor=tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"], skip_loads=vendor_skip,
+                                                                broadcast=True), dot),
                        vendor_skip=vendor_skip)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 # ---------------------------------------------------------------------------------- epilogue
 
@@ -36,19 +36,32 @@ class EpilogueSpec:
     stores: Tuple[str, ...] = ("acc",)
     int_acc: bool = False
     helpers: str = ""  # module-level @triton.jit helpers the lines call (expr.helper_source)
+    # per load, (varies along the rows, varies along the columns) of the (batch, rows, columns)
+    # space, or () for every load a full tile: a bias or a per-column scale is loaded as a
+    # [1, BLOCK_N] row, a per-row scale as [BLOCK_M, 1], a per-tensor one as a scalar, instead
+    # of a full tile of repeated values (registers: the 128x256 FP8 tile spilled with three)
+    load_axes: Tuple[Tuple[bool, bool], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stores:
             raise ValueError("an epilogue must store at least one value")
+        if self.load_axes and len(self.load_axes) != len(self.loads):
+            raise ValueError(f"load_axes needs one entry per load: {self}")
         names = list(self.loads)
         if len(set(names)) != len(names) or any(not n.isidentifier() for n in names + list(self.stores)):
             raise ValueError(f"epilogue names must be distinct identifiers: {self}")
 
 
-def epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str) -> list:
-    """The epilogue's lines: loads at ``offset(pointer)``, the spec's lines, the stores."""
+def epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str, broadcast_load=None) -> list:
+    """The epilogue's lines: loads at ``offset(pointer)``, the spec's lines, the stores.
+    ``broadcast_load(pointer, rows, columns)``: (offset, mask or None) of a load that varies
+    only along the given sides (the template's, for ``spec.load_axes``)."""
     out = []
     for i, name in enumerate(spec.loads):
+        if broadcast_load is not None and spec.load_axes and spec.load_axes[i] != (True, True):
+            off, m = broadcast_load(f"l{i}", *spec.load_axes[i])
+            out.append(f"{name} = tl.load(L{i} + {off}" + (f", mask={m}, other=0)" if m else ")"))
+            continue
         out.append(f"{name} = tl.load(L{i} + {offset(f'l{i}')}, mask={mask}, other=0)")
     out.extend(spec.lines)
     for j, name in enumerate(spec.stores):
@@ -165,6 +178,15 @@ def dot_fields(operand: str, allow_tf32: bool, interpret: bool, int_acc: bool) -
     }
 
 
+def broadcast_load(p: str, rows: bool, columns: bool) -> Tuple[str, Optional[str]]:
+    """(offset, mask) in the GEMM templates' (batch, m, n) space of a load varying only along
+    ``rows`` / ``columns`` (the batch term is always kept): a [BLOCK_M, 1] column, a
+    [1, BLOCK_N] row or a scalar, broadcast by the epilogue's arithmetic and stores."""
+    terms = [f"pid_b * {p}_s0"] + ([f"rm[:, None] * {p}_s1"] if rows else []) + ([f"rn[None, :] * {p}_s2"] if columns else [])
+    masks = (["(rm < M)[:, None]"] if rows else []) + (["(rn < N)[None, :]"] if columns else [])
+    return " + ".join(terms), " & ".join(masks) or None
+
+
 def render_gemm(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
     """Source of a GEMM kernel with ``spec`` as epilogue (``dot``: :func:`dot_fields`) and its
     name. Loads and stores are addressed in the 3-D index space (batch, m, n)."""
@@ -173,7 +195,7 @@ def render_gemm(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
         return f"pid_b * {p}_s0 + rm[:, None] * {p}_s1 + rn[None, :] * {p}_s2"
 
     ptrs, strides = io_params(spec, 3)
-    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 8))
+    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 8, broadcast_load))
     return finish(_GEMM, "gemm", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 
@@ -237,7 +259,7 @@ def render_gemm_tma(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
         return f"pid_b * {p}_s0 + rm[:, None] * {p}_s1 + rn[None, :] * {p}_s2"
 
     ptrs, strides = io_params(spec, 3)
-    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 8))
+    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 8, broadcast_load))
     return finish(_GEMM_TMA, "gemm_tma", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 
@@ -496,9 +518,12 @@ def _out_layouts(stores, outputs, anchor_shape) -> tuple:
 
 
 def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool = False,
-                  skip_loads: int = 0) -> EpilogueSpec:
+                  skip_loads: int = 0, broadcast: bool = False) -> EpilogueSpec:
     """The kernel epilogue of ``plan`` after ``anchor_lines``; ``skip_loads`` leaves out the
-    first anchor loads (when the anchor's value comes from cuBLAS with its bias applied)."""
+    first anchor loads (when the anchor's value comes from cuBLAS with its bias applied).
+    ``broadcast``: loads broadcast along the rows or the columns are loaded as such
+    (:func:`load_sides`; for runners that view the anchor's space as (batch, rows, columns)
+    with ``template.as3d``: the GEMM and scaled-GEMM builders)."""
     from . import expr
 
     n = len(plan.loads)
@@ -508,7 +533,29 @@ def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool
         stores=tuple(s[0] for s in plan.stores),
         int_acc=int_acc,
         helpers=expr.helper_source(plan.helpers),
+        load_axes=tuple(load_sides(lp, plan.anchor_shape) for lp in plan.loads[skip_loads:]) if broadcast else (),
     )
+
+
+def load_sides(lp: LoadPlan, anchor_shape: Sequence[int]) -> Tuple[bool, bool]:
+    """(varies along the rows, varies along the columns) of a load in a 2-D or 3-D anchor's
+    space: the columns are the last dim, the rows every other one (a batch dim included, so
+    a load varying by batch alone counts as varying along the rows). From the broadcast alone
+    (a stride 0 after ``expand``), which holds whatever the run-time tensor's strides."""
+    import torch
+
+    val = getattr(lp.source, "meta", {}).get("val")
+    if val is None or len(anchor_shape) not in (2, 3):
+        return (True, True)
+    t = torch.empty(tuple(val.shape), device="meta")
+    try:
+        if lp.pre_view is not None:
+            t = t.view(lp.pre_view)
+        t = t.expand(lp.shape).view(tuple(anchor_shape))
+    except RuntimeError:  # run through a copy: a full tile
+        return (True, True)
+    varies = [size > 1 and stride != 0 for size, stride in zip(t.shape, t.stride())]
+    return any(varies[:-1]), varies[-1]
 
 
 def bind_group(plan: EpiloguePlan, group, inputs: Sequence[object]) -> Dict[object, object]:

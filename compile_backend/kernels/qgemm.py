@@ -178,12 +178,13 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
     accumulation = accumulation or fp8_accumulation_of(ctx)
     dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", accumulation)
-    spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc)
+    spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.has_bias, p.out_dtype), p.int_acc, broadcast=True)
     # one source serves the template (MODE 0) and the epilogue after the vendor GEMM (MODE 2);
     # the persistent TMA kernel has the same epilogue
     source, tma_source = tpl.render_gemm(spec, dot), tpl.render_gemm_tma(spec, dot)
     # the chain alone, over the product cuBLAS wrote with the scales and the bias applied
-    scaled_source = tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"], p.int_acc, skip_loads=len(p.loads)), dot)
+    scaled_source = tpl.render_gemm(tpl.epilogue_spec(plan, ["acc_v = acc"], p.int_acc, skip_loads=len(p.loads),
+                                                      broadcast=True), dot)
     build = _Build(group, p, plan, source, Probe(group, ctx.device), tma_source, device_limits(ctx.device)[0],
                    scaled_source, accumulation == "fast")
     if configs is None:

@@ -215,6 +215,26 @@ def test_baddbmm_alpha_beta(dtype):
     check_group(build_gemm(group, context()), group, [c, a, b], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_epilogue_loads_broadcast_along_one_side_are_rows_columns_or_scalars(dtype):
+    """A bias [N] is loaded as one row of the tile, a per-row tensor [M, 1] as one column, a 0-d
+    value as a scalar (registers: no full tile of repeated values); a batched GEMM's per-batch
+    row [B, 1, N] and per-row [1, M, 1] values keep the batch term. Results as ATen's."""
+    a, b = randn(19, 24, dtype=dtype, seed=40), randn(24, 33, dtype=dtype, seed=41)
+    bias, rows, s = randn(33, dtype=dtype, seed=42), randn(19, 1, dtype=dtype, seed=43), randn((), dtype=dtype, seed=44)
+    group = gemm_group(lambda a, b, bias, rows, s: torch.relu(a @ b + bias) * rows + s, a, b, bias, rows, s)
+    kernel = build_gemm(group, context())
+    check_group(kernel, group, [a, b, bias, rows, s], dtype)
+    loads = [line.strip() for line in kernel.source.splitlines() if "= tl.load(L" in line]
+    assert any("rn[None, :]" in line and "rm[:, None]" not in line for line in loads), loads  # the bias row
+    assert any("rm[:, None]" in line and "rn[None, :]" not in line for line in loads), loads  # the column
+    assert any("rm[" not in line and "rn[" not in line for line in loads), loads  # the scalar
+    x, y = randn(3, 5, 9, dtype=dtype, seed=45), randn(3, 9, 7, dtype=dtype, seed=46)
+    per_batch, per_row = randn(3, 1, 7, dtype=dtype, seed=47), randn(1, 5, 1, dtype=dtype, seed=48)
+    group = gemm_group(lambda x, y, p, r: torch.bmm(x, y) * r + p, x, y, per_batch, per_row)
+    check_group(build_gemm(group, context()), group, [x, y, per_batch, per_row], dtype)
+
+
 def test_mm_transposed_input_and_addmm_beta_zero():
     a, b, c = randn(9, 17, seed=32), randn(9, 5, seed=33), torch.full((17, 5), float("nan"))
     group = gemm_group(lambda a, b, c: torch.addmm(c, a.t(), b, beta=0.0), a, b, c)
