@@ -253,26 +253,30 @@ def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, conte
 
 def hf_fp32_logits(model: torch.nn.Module, inputs, size: str) -> torch.Tensor:
     """The step's last logits from an fp32 copy of ``model`` over an fp32 copy of its cache: the
-    reference every peer's fp16 logits are compared with besides eager fp16's (the H100 run of
-    session 11 had both compiled peers at cosine 0.30-0.32 against eager fp16: which one is off?)."""
+    reference every peer's fp16 logits are compared with besides eager fp16's (the H100 runs of
+    sessions 11-12 had both compiled peers at cosine 0.30-0.36 against eager fp16: which one is
+    off?). The copy's cache is exactly as long as the context (the prefill's slots and the
+    step's): no empty slot for a mask to hide, so the reference does not depend on how a peer
+    masks the static cache's unused slots."""
     import transformers
 
     token, position, cache = inputs
     twin = copy.deepcopy(model).float()
     cfg = twin.model.config
-    cache32 = transformers.StaticCache(config=cfg, max_batch_size=token.shape[0],
-                                       max_cache_len=2048 if size == "base" else 32, device=token.device,
-                                       dtype=torch.float32)
+    length = int(position.max()) + 1
+    cache32 = transformers.StaticCache(config=cfg, max_batch_size=token.shape[0], max_cache_len=length,
+                                       device=token.device, dtype=torch.float32)
     if hasattr(cache, "layers"):  # transformers >= 4.56: a cache layer per decoder layer
         for src, dst in zip(cache.layers, cache32.layers):  # the prefill's entries, widened
+            keys, values = src.keys[:, :, :length].float(), src.values[:, :, :length].float()
             if getattr(dst, "keys", None) is None:  # layers allocate on first use: (keys) or (keys, values)
                 takes = len(inspect.signature(dst.lazy_initialization).parameters)
-                dst.lazy_initialization(*(src.keys, src.values)[:takes])
-            dst.keys.copy_(src.keys)
-            dst.values.copy_(src.values)
+                dst.lazy_initialization(*(keys, values)[:takes])
+            dst.keys.copy_(keys)
+            dst.values.copy_(values)
     else:  # earlier releases: lists of key and value tensors
         for src, dst in zip(cache.key_cache + cache.value_cache, cache32.key_cache + cache32.value_cache):
-            dst.copy_(src)
+            dst.copy_(src[:, :, :length])
     with torch.no_grad():
         out = twin(token, position, cache32)[0].float()
     del twin, cache32
