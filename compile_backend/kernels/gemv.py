@@ -26,7 +26,7 @@ fourth (the activation's producer):
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
   depend on the order the programs ran in (bitwise reproducible, unlike fp32 atomics). That
   program sets the counter back to 0, so an engine's runner keeps one counter buffer for all
-  its launches (:class:`Counters`: no fill per launch, which a decode step's CUDA graph would
+  its launches (:class:`launch.Counters`: no fill per launch, which a decode step's CUDA graph would
   replay 66 times); a launch without one zeroes a fresh buffer.
 * **epilogue.** Bias in fp32, the one rounding to the output dtype (the anchor's value), then the
   group's chain (``gemm_template.plan_epilogue``: a residual add, the next norm's square) in the

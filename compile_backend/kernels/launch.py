@@ -133,9 +133,10 @@ def reduction_split(row_blocks: int, row_len: int, rblock: int, sm_count: int) -
 
 class Counters:
     """One runner's split arrival counters (split-K GEMVs, split reductions, flash-decoding),
-    reused by all its launches (each launch leaves them at 0). Launches that share them must not overlap: on one stream they cannot; a launch on
-    another stream than the last first waits for that stream's work (not while a CUDA graph is
-    being captured: the graph runner orders its warm-up and capture itself)."""
+    reused by all its launches (each launch leaves them at 0). Launches that share them must not
+    overlap: on one stream they cannot; a launch on another stream than the last first waits for
+    that stream's work (not while a CUDA graph is being captured: the graph runner orders its
+    warm-up and capture itself)."""
 
     def __init__(self) -> None:
         self.buffers: dict = {}
@@ -153,7 +154,6 @@ class Counters:
         if buf is None or buf.numel() < size:
             buf = self.buffers[device] = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
         return buf
-
 
 
 # Process-wide memo of loaded kernel modules, least recently used first. Bounded: past
