@@ -507,8 +507,9 @@ class ReductionLauncher:
         even_x = plan.xnumel % cfg.xblock == 0
         even_r = plan.rnumel == cfg.rblock if cfg.persistent else plan.rnumel % cfg.rblock == 0
         split = self.split
-        if split is not None:
-            even_r = plan.rnumel % split.chunk == 0
+        if split is not None:  # every part full: a chunk dividing the row is not enough, as the
+            # parts' count is a power of two (the last parts may start past the row's end)
+            even_r = split.parts * split.chunk == plan.rnumel
         source = _emit(plan, patterns, ksizes, rsizes, cfg.persistent, wide, even_x, even_r, split)
         if self.pdl:
             source = pdl.with_entry(source, "reduction_kernel")

@@ -309,6 +309,18 @@ def test_split_reduction_whole_tensor_sum(dtype, parts):
     assert_matches(k, group, [again, x, s], tol=TOL_RED[torch.float16])
 
 
+def test_split_reduction_parts_past_the_row_are_masked():
+    """144 elements in 4 parts of rblock 16: each part is 48 long (3 blocks), so the row ends
+    after 3 parts and the 4th has nothing to read. The chunk divides the row, yet the loads
+    must keep their masks (ResNet-50's BatchNorm/QAT gradients read past their row on the
+    H100 in session 13 and faulted)."""
+    dy, x = randn(9, 16), randn(9, 16, seed=2) * 60
+    s = torch.tensor(0.5)
+    cfg = ReductionConfig(xblock=1, rblock=16, num_warps=4, persistent=False, split=4)
+    k = check(lsq_scale_gradient, dy, x, s, config=cfg, dtype=torch.float16)
+    assert "mask" in k.source.split("def reduction_kernel")[1].split("tl.atomic_add")[0]
+
+
 def test_split_reduction_few_rows_several_reductions_and_nan():
     """Rows kept (a per-channel amax and sum over the rest), two reductions in one stage, a
     per-row epilogue, NaN in one row: the max propagates it as torch does."""
