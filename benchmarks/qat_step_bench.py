@@ -197,6 +197,16 @@ def run_peer(peer: str, model, inputs, args, root: str, eager_grads) -> Dict[str
                 twin = without_dropout(mine)
                 twin_run = compiled(twin, peer, os.path.join(cache, "cb"), None)
                 record["gradients_vs_eager"] = compare_gradients(gradients(twin, twin_run, inputs, args), *eager_grads)
+                if args.autocast != "off":  # deep BatchNorm nets: bf16 rounding dominates most
+                    # gradients (all but ResNet-50's last layers), so fp32 against fp32 as well
+                    fp32 = argparse.Namespace(**{**vars(args), "autocast": "off"})
+                    record["gradients_vs_eager_fp32"] = compare_gradients(gradients(twin, twin_run, inputs, fp32),
+                                                                          eager_grads[1])
+                for key in ("gradients_vs_eager", "gradients_vs_eager_fp32"):
+                    if key in record:
+                        g = record[key]
+                        log(f"{peer}: {key} worst cosine {g['worst_cosine']:.6f} over "
+                            f"{g['parameters'] - len(g['near_zero']) - len(g['rounding_dominated'])} parameters")
                 del twin, twin_run
             step = make_step(mine, run, inputs, args)
             timed = first_and_steady(step, args.iters, args.warmup, args.device)
