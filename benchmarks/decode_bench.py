@@ -222,6 +222,13 @@ class HFDecodeStep(torch.nn.Module):
         self.model = model
 
     def forward(self, token, position, cache):
+        # transformers >= 5 ignores cache_position: each cache layer counts the tokens it has
+        # written (``cumulative_length``, advanced in place by every call) and places the next
+        # one there; so the step sets the count to the step's position first, or every timed
+        # call would decode one slot further (the H100 runs of sessions 11-13: cosine 0.04-0.36)
+        for layer in getattr(cache, "layers", ()):
+            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+                layer.cumulative_length.copy_(position.reshape(()))
         return (self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1],)
 
 
