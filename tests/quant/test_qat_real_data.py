@@ -24,11 +24,14 @@ def test_mnist_qat_short_run(aten_only, precision):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", ["auto", "off"])
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_gpu_compiled_qat_steps_move_the_parameters_as_eager_does(precision):
+def test_gpu_compiled_qat_steps_move_the_parameters_as_eager_does(precision, cuda_graphs):
     """The MNIST CNN, QAT-prepared twice, a few Adam steps eager and through the backend on the
-    GPU (training graphs replayed as CUDA graphs): the parameters move, and as eager's do. The
-    H100 run of session 13 had the compiled 2-epoch QAT leave top-1 exactly at PTQ's."""
+    GPU, training graphs replayed as CUDA graphs or not: the parameters move, and as eager's do.
+    The H100 runs of session 13 had the compiled QAT leave every parameter where it was (the
+    2-epoch run's top-1 exactly PTQ's); the first step's gradients are printed to say whether
+    they came back None, zero or wrong, and the two CUDA-graph modes say whether replay is why."""
     import copy
 
     from compile_backend import quant
@@ -42,8 +45,9 @@ def test_gpu_compiled_qat_steps_move_the_parameters_as_eager_does(precision):
     calib = [(train_x[i:i + 128].cuda(),) for i in range(0, 512, 128)]
     models = [quant.prepare_qat(copy.deepcopy(model), cfg, calib, progress=False) for _ in range(2)]
     before = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    first_grads = []
     for m, compiled in zip(models, (False, True)):
-        run = torch.compile(m, backend="compile_backend") if compiled else m
+        run = torch.compile(m, backend="compile_backend", options={"cuda_graphs": cuda_graphs}) if compiled else m
         scales = [p for n, p in m.named_parameters() if n.endswith("qat_scale")]
         weights = [p for n, p in m.named_parameters() if not n.endswith("qat_scale")]
         opt = torch.optim.Adam([{"params": weights, "lr": 1e-3}, {"params": scales, "lr": 1e-3}])
@@ -53,7 +57,13 @@ def test_gpu_compiled_qat_steps_move_the_parameters_as_eager_does(precision):
             loss = torch.nn.functional.cross_entropy(run(x), y)
             opt.zero_grad()
             loss.backward()
+            if i == 0:
+                first_grads.append({n: None if p.grad is None else p.grad.detach().clone() for n, p in m.named_parameters()})
             opt.step()
+    for name, g in first_grads[0].items():
+        ours = first_grads[1][name]
+        print(f"{precision} step-0 gradient {name}: eager norm {float(g.norm()):.4g}, ours "
+              + ("None" if ours is None else f"norm {float(ours.norm()):.4g}, diff {float((ours - g).norm()):.4g}"))
     for (name, eager), (_, ours) in zip(models[0].named_parameters(), models[1].named_parameters()):
         # norms: Adam steps every element by about lr, so a gradient that is rounding noise
         # near zero may step either way; the update as a whole must agree
