@@ -30,6 +30,13 @@ TARGETS = {("mlp", "fp8"): 0.65, ("mlp", "int8"): 0.75,
            ("resnet50_b32", "fp8"): 0.85, ("resnet50_b32", "int8"): 0.85}
 
 
+def is_ours(backend: str) -> bool:
+    """One of our quantized engines: ``cb-<precision>-<mode>`` and its variants
+    (``-tensor``: per-tensor weight scales, ``-fast``: FP8 fast accumulation) get the targets."""
+    parts = backend.split("-")
+    return "-".join(parts[:3]) in OURS and set(parts[3:]) <= {"tensor", "fast"}
+
+
 def family(model: str, batch: int) -> Optional[str]:
     if model == "mlp":
         return "mlp"
@@ -76,7 +83,7 @@ def verdicts(records: Sequence[dict]) -> List[dict]:
                    "best_fp16_ms": fp16[best_peer], "ratio": r["median_ms"] / fp16[best_peer],
                    "vs_ours_fp16": r["median_ms"] / fp16["compile_backend"] if "compile_backend" in fp16 else None,
                    "cosine": (r.get("accuracy") or {}).get("cosine")}
-            if backend in OURS:
+            if is_ours(backend):
                 precision, mode = backend.split("-")[1:3]
                 fam = family(r.get("model", case.split(":")[0]), int(r.get("batch", case.rsplit(":", 1)[-1])))
                 target = TARGETS.get((fam, precision)) if mode == "static" else None
