@@ -34,14 +34,6 @@ log = logging.getLogger("compile_backend")
 #: rather than hold one activation pool per shape
 TRAINING_GRAPHED_SHAPES = 2
 
-#: issue #19, session 13: on an H100 a QAT model trained through the backend kept its weights
-#: (tests/quant/test_qat_real_data.py's GPU test; the CPU path matches eager). Said at build
-#: time, never silently; goes when that GPU test passes.
-QAT_ON_CUDA_WARNING = (
-    "compile_backend: training a quantization-aware (quant.prepare_qat) model through the backend "
-    "on CUDA is known to leave its parameters unchanged (issue #19, under investigation). Train the "
-    "QAT model eagerly on the GPU, then compile the converted model (quant.convert) for inference.")
-
 
 class CompiledGraph:
     """What AOTAutograd calls: one engine per input-shape signature, built on first use.
@@ -147,9 +139,6 @@ class CompiledGraph:
                 log.warning("compile_backend: %s: speed check failed (%s: %s); keeping the engine",
                             self.name, type(exc).__name__, exc)
             report.cuda_graph = isinstance(engine, Engine) and engine.cuda_graph is not None
-        if self.role != "inference" and report.fake_quant and isinstance(engine, Engine) \
-                and engine.device is not None and engine.device.type == "cuda":
-            warnings.warn(QAT_ON_CUDA_WARNING, stacklevel=3)
         report.compile_s = time.perf_counter() - start
         self.engines[key] = engine
         return engine

@@ -42,7 +42,10 @@ class _FakeQuantize(torch.autograd.Function):
         ctx.save_for_backward(x, s, q)
         ctx.precision, ctx.learn_scale, ctx.lsq_elements = precision, learn_scale, lsq_elements
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
-        return (q * s).to(x.dtype)
+        out = q * s
+        # never ``out.to(x.dtype)`` with the dtypes equal: that returns ``out`` itself, and
+        # torch 2.11's Dynamo then drops this Function's backward (zero gradients; 2.13 not)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):

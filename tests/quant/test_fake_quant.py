@@ -90,3 +90,27 @@ def test_bad_arguments():
         fake_quantize(torch.ones(2), torch.tensor(1.0), "int3")
     with pytest.raises(ValueError, match="does not broadcast"):
         fake_quantize(torch.ones(2, 3), torch.ones(4, 1), "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("learn", [False, True])
+def test_gradients_under_dynamo_equal_eager(dtype, learn):
+    """Traced by Dynamo (backend "eager": Dynamo alone), both gradients equal eager's. With torch
+    2.11 a Function whose forward returned ``out.to(x.dtype)`` with the dtypes equal (``out``
+    itself) had its backward dropped: zero gradients, every QAT model trained through
+    torch.compile on the GPU image learned nothing (session 13)."""
+    x0 = torch.randn(6, 5).to(dtype) * 3
+    s0 = torch.tensor(0.02)
+
+    def grads(compiled):
+        torch._dynamo.reset()
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        f = lambda x, s: (fake_quantize(x, s, "int8", learn_scale=learn) * torch.arange(30.0).reshape(6, 5)).sum()  # noqa: E731
+        (torch.compile(f, backend="eager") if compiled else f)(x, s).backward()
+        return x.grad, s.grad
+
+    (gx, gs), (ex, es) = grads(True), grads(False)
+    assert float(ex.float().abs().sum()) > 0
+    torch.testing.assert_close(gx, ex)
+    if learn:
+        torch.testing.assert_close(gs, es)
