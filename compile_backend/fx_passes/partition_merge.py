@@ -58,12 +58,59 @@ def _merge_into_readers(groups: List, index: Dict[fx.Node, int]) -> List:
             target = groups[readers.pop()]
             if target.kind != "pointwise" or not broadcasts_to(_group_shape(g), _group_shape(target)):
                 continue
-            if safe(index, set(target.nodes), g.nodes):
+            if safe(index, set(target.nodes), g.nodes) or \
+                    (_hoist_fences(index, target.nodes + g.nodes, groups) and safe(index, set(target.nodes), g.nodes)):
                 target.nodes = sorted(target.nodes + g.nodes, key=index.__getitem__)
                 groups = [x for x in groups if x is not g]
                 changed = True
                 break
     return groups
+
+
+def _hoist_fences(index: Dict[fx.Node, int], nodes: Sequence[fx.Node], groups: Sequence) -> bool:
+    """Move the outside inputs of ``nodes`` made after their first node above it, where each is
+    a pure value of earlier ones (a view, or a whole pointwise group, with what it reads after
+    that node): transformers 5's decode slot, ``arange(1) + cumulative_length`` made inside each
+    layer's cache update after the key's rotation, fenced the rotation off the select reading
+    it. Nothing moves past a write (a mutating op in between). Returns whether it moved them."""
+    inside = set(nodes)
+    head = min(inside, key=index.__getitem__)
+    first = index[head]
+    group_of = {n: g for g in groups for n in g.nodes}
+    moving: Set[fx.Node] = set()
+
+    def movable(a: fx.Node) -> bool:
+        if a in moving or index[a] < first:
+            return True
+        if a in inside or a.op != "call_function":
+            return False
+        members = list(group_of[a].nodes) if a in group_of else [a]
+        if any(not _pure_value(m) for m in members) or (a in group_of and group_of[a].kind != "pointwise"):
+            return False
+        moving.update(members)
+        return all(movable(i) for m in members for i in m.all_input_nodes if i not in moving)
+
+    fences = [a for n in inside for a in n.all_input_nodes if a not in inside and index[a] >= first]
+    if not fences or not all(movable(a) for a in fences):
+        return False
+    last = max(index[m] for m in moving)
+    if any(first <= i <= last and n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+           and n.target._schema.is_mutable for n, i in index.items()):
+        return False
+    below = max((i for i in index.values() if i < first), default=first - 1)
+    ordered = sorted(moving, key=index.__getitem__)
+    for k, m in enumerate(ordered, 1):  # in their order, between the node before and the head
+        head.prepend(m)
+        index[m] = below + k * (first - below) / (len(ordered) + 1)
+    return True
+
+
+def _pure_value(n: fx.Node) -> bool:
+    """A node computing a value from its inputs alone: a view, or an element-wise ATen op."""
+    t = n.target
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
+        return False
+    return is_view_op(t) or torch.Tag.pointwise in t.tags
 
 
 def _merge_siblings(groups: List, index: Dict[fx.Node, int]) -> List:
@@ -81,7 +128,9 @@ def _merge_siblings(groups: List, index: Dict[fx.Node, int]) -> List:
             for h in readers.get(x, ()):
                 if h is g or id(h) in gone or _group_shape(h) != shape:
                     continue
-                if safe(index, set(g.nodes), h.nodes):
+                if safe(index, set(g.nodes), h.nodes) or \
+                        (_hoist_fences(index, g.nodes + h.nodes, [x for x in groups if id(x) not in gone])
+                         and safe(index, set(g.nodes), h.nodes)):
                     g.nodes = sorted(g.nodes + h.nodes, key=index.__getitem__)
                     gone.add(id(h))
     return [g for g in groups if id(g) not in gone]

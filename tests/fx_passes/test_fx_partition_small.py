@@ -100,6 +100,33 @@ def test_cache_updates_of_keys_and_values_are_one_kernel_with_the_rotation():
     assert groups[0].ops.count("where") == 2 and "cat" in groups[0].ops
 
 
+def test_slot_index_made_after_the_rotation_from_a_count_still_joins_one_kernel():
+    """transformers 5's StaticCache: the slot is ``arange(1) + cumulative_length`` (a count the
+    step carries as an input), computed inside the cache update, after the key's rotation. That
+    value of earlier inputs moves above the rotation when the rotation joins the select reading
+    it, so it no longer fences them apart: one kernel (it was two per layer)."""
+    b = Builder()
+    k = b.input(torch.randn(1, 2, 1, 8))
+    v = b.input(torch.randn(1, 2, 1, 8))
+    cos = b.input(torch.randn(1, 1, 1, 8))
+    count = b.input(torch.tensor(3))
+    kc, vc = b.input(torch.randn(1, 2, 5, 8)), b.input(torch.randn(1, 2, 5, 8))
+    first = b.const("first", torch.arange(1))
+    slots = b.const("slots", torch.arange(5).view(1, 1, 5, 1))
+    lo = b.op(aten.slice.Tensor, k, 3, 0, 4)
+    hi = b.op(aten.slice.Tensor, k, 3, 4, 8)
+    rot = b.op(aten.cat.default, [b.op(aten.neg.default, hi), lo], -1)
+    k_rot = b.op(aten.add.Tensor, b.op(aten.mul.Tensor, k, cos), rot)
+    index = b.op(aten.add.Tensor, first, count)  # made here, after the rotation
+    hit_k = b.op(aten.eq.Tensor, slots, b.op(aten.view.default, index, [1, 1, 1, 1]))
+    new_k = b.op(aten.where.self, hit_k, k_rot, kc)
+    hit_v = b.op(aten.eq.Tensor, slots, b.op(aten.view.default, index, [1, 1, 1, 1]))
+    new_v = b.op(aten.where.self, hit_v, v, vc)
+    groups = _check(b.build(new_k, new_v))
+    (update,) = [g for g in groups if "where" in g.ops]
+    assert update.ops.count("where") == 2 and "cat" in update.ops, _kinds(groups)
+
+
 def test_siblings_that_depend_on_each_other_through_a_kernel_stay_apart():
     b = Builder()
     x = b.input(torch.randn(4, 6))
