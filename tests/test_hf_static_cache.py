@@ -26,6 +26,12 @@ class Step(torch.nn.Module):
         return self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
 
 
+def _counts(cache):
+    """Cache layers that count their tokens in a tensor the step writes (transformers >= 5's
+    ``cumulative_length``; none before): written in place too, beside the keys and values."""
+    return sum(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor) for layer in getattr(cache, "layers", ()))
+
+
 def _generate(cfg, model, step, prompt, steps=3):
     cache = transformers.StaticCache(config=cfg, max_batch_size=prompt.shape[0], max_cache_len=32,
                                      device="cpu", dtype=torch.float32)
@@ -51,14 +57,16 @@ def test_static_cache_decode_matches_eager_and_updates_the_cache_in_our_kernels(
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
 
-    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]),
-                                     _generate(cfg, model, eager, prompt, steps=0)[1])
+    fresh = _generate(cfg, model, eager, prompt, steps=0)[1]
+    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]), fresh)
     (g,) = report.graphs
     assert {f["op"] for f in g.fallbacks} <= {"aten.embedding"}, g.fallbacks
     updates = [k for k in g.kernels if k["ops"].count("aten.where") >= 2 and k["ops"].count("aten.cat") == 2]
     assert len(updates) == cfg.num_hidden_layers, [(k["kind"], k["ops"]) for k in g.kernels]
-    # each layer's key and value caches written in place by that kernel: no copy after the call
-    assert [w["by"] for w in g.input_writes] == ["kernel"] * 2 * cfg.num_hidden_layers, g.input_writes
+    # each layer's key and value caches (and token count) written in place by that kernel: no
+    # copy after the call
+    assert [w["by"] for w in g.input_writes] == ["kernel"] * (2 * cfg.num_hidden_layers + _counts(fresh)), \
+        g.input_writes
     assert all(g.kernels[w["kernel"]]["ops"].count("aten.where") >= 2 for w in g.input_writes)
 
 
@@ -118,11 +126,12 @@ def test_other_decoders_write_their_caches_in_place(name, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for a, b in zip(cache.layers, eager_cache.layers):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
-    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]),
-                                     _generate(cfg, model, Step(model).eval(), prompt, steps=0)[1],
+    fresh = _generate(cfg, model, Step(model).eval(), prompt, steps=0)[1]
+    report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]), fresh,
                                      cache_dir=str(tmp_path / "r"))
     (g,) = report.graphs
-    assert [w["by"] for w in g.input_writes] == ["kernel"] * 2 * cfg.num_hidden_layers, g.input_writes
+    assert [w["by"] for w in g.input_writes] == ["kernel"] * (2 * cfg.num_hidden_layers + _counts(fresh)), \
+        g.input_writes
 
 
 def test_generate_with_a_static_cache_through_the_backend(tmp_path):
@@ -150,8 +159,12 @@ def test_generate_with_a_static_cache_through_the_backend(tmp_path):
         del model.forward
     assert torch.equal(got, expected)
     writes = [[w["by"] for w in g.input_writes] for g in report.graphs]
-    assert len(report.graphs) == 2 and all(len(w) == 2 * cfg.num_hidden_layers for w in writes), writes
-    assert ["kernel"] * 2 * cfg.num_hidden_layers in writes, writes
+    counts = _counts(transformers.StaticCache(config=cfg, max_batch_size=1, max_cache_len=4, device="cpu",
+                                              dtype=torch.float32))
+    # the decode step writes every layer's caches (and token count) with its kernels; the prefill
+    # its caches (transformers 4: index_copy_ in place; 5: made in the graph at first use)
+    assert len(report.graphs) == 2 and all(len(w) <= 2 * cfg.num_hidden_layers + counts for w in writes), writes
+    assert ["kernel"] * (2 * cfg.num_hidden_layers + counts) in writes, writes
 
 
 def test_prefill_writes_its_slots_with_index_copy_in_place(tmp_path):
@@ -180,6 +193,7 @@ def test_prefill_writes_its_slots_with_index_copy_in_place(tmp_path):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
     (g,) = report.graphs
-    assert [w["by"] for w in g.input_writes] == ["aten in place"] * 2 * cfg.num_hidden_layers, g.input_writes
+    by = sorted(w["by"] for w in g.input_writes)
+    assert by == sorted(["aten in place"] * 2 * cfg.num_hidden_layers + ["kernel"] * _counts(our_cache)), g.input_writes
     assert all(g.kernels[w["kernel"]]["config"]["in_place"].startswith("aten.index_copy_")
-               for w in g.input_writes)
+               for w in g.input_writes if w["by"] == "aten in place")

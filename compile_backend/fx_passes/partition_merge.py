@@ -67,15 +67,15 @@ def _merge_into_readers(groups: List, index: Dict[fx.Node, int]) -> List:
     return groups
 
 
-def _hoist_fences(index: Dict[fx.Node, int], nodes: Sequence[fx.Node], groups: Sequence) -> bool:
-    """Move the outside inputs of ``nodes`` made after their first node above it, where each is
-    a pure value of earlier ones (a view, or a whole pointwise group, with what it reads after
-    that node): transformers 5's decode slot, ``arange(1) + cumulative_length`` made inside each
-    layer's cache update after the key's rotation, fenced the rotation off the select reading
-    it. Nothing moves past a write (a mutating op in between). Returns whether it moved them."""
+def _hoist_fences(index: Dict[fx.Node, float], nodes: Sequence[fx.Node], groups: Sequence) -> bool:
+    """Move the outside inputs of ``nodes`` made after their first node up behind their own
+    inputs, where each is a pure value of earlier ones (a view, or a whole pointwise group,
+    with what it reads after that node): transformers 5's decode slot, ``arange(1) +
+    cumulative_length`` made inside each layer's cache update after the key's rotation, fenced
+    the rotation off the select reading it. Nothing moves above a write of what it reads.
+    Returns whether it moved them (``index`` and the graph order updated)."""
     inside = set(nodes)
-    head = min(inside, key=index.__getitem__)
-    first = index[head]
+    first = min(index[n] for n in inside)
     group_of = {n: g for g in groups for n in g.nodes}
     moving: Set[fx.Node] = set()
 
@@ -93,16 +93,31 @@ def _hoist_fences(index: Dict[fx.Node, int], nodes: Sequence[fx.Node], groups: S
     fences = [a for n in inside for a in n.all_input_nodes if a not in inside and index[a] >= first]
     if not fences or not all(movable(a) for a in fences):
         return False
-    last = max(index[m] for m in moving)
-    if any(first <= i <= last and n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-           and n.target._schema.is_mutable for n, i in index.items()):
-        return False
-    below = max((i for i in index.values() if i < first), default=first - 1)
     ordered = sorted(moving, key=index.__getitem__)
-    for k, m in enumerate(ordered, 1):  # in their order, between the node before and the head
-        head.prepend(m)
-        index[m] = below + k * (first - below) / (len(ordered) + 1)
+    reads = {_root(i) for m in ordered for i in m.all_input_nodes if i not in moving}
+    top = min(max((index[i] for i in m.all_input_nodes if i not in moving), default=-1) for m in ordered)
+    if any(top < i < index[ordered[-1]] and n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+           and n.target._schema.is_mutable and any(_root(x) in reads for x in n.all_input_nodes)
+           for n, i in index.items()):
+        return False
+    behind: Dict[fx.Node, fx.Node] = {}
+    for m in ordered:  # behind its last input (after the ones moved there before it), in order
+        last = max(m.all_input_nodes, key=index.__getitem__, default=None)
+        spot = behind.get(last, last) if last is not None else None
+        if spot is None:
+            continue
+        after = min((i for i in index.values() if i > index[spot]), default=index[spot] + 1)
+        spot.append(m)
+        index[m] = (index[spot] + after) / 2
+        behind[last] = m
     return True
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """The tensor a view chain starts from."""
+    while node.op == "call_function" and is_view_op(node.target) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _pure_value(n: fx.Node) -> bool:
