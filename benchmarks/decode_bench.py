@@ -32,7 +32,7 @@ import inspect
 import json
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -217,18 +217,22 @@ class HFDecodeStep(torch.nn.Module):
     wrote): ``(token [B, 1], position [1], cache)`` -> (last logits,); the cache is written in
     place, as HF's generate loop does."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, position: Optional[int] = None) -> None:
         super().__init__()
         self.model = model
+        self.position = position  # the step's position as a Python int (sliding-window layers)
 
     def forward(self, token, position, cache):
         # transformers >= 5 ignores cache_position: each cache layer counts the tokens it has
         # written (``cumulative_length``, advanced in place by every call) and places the next
         # one there; so the step sets the count to the step's position first, or every timed
-        # call would decode one slot further (the H100 runs of sessions 11-13: cosine 0.04-0.36)
+        # call would decode one slot further (the H100 runs of sessions 11-13: cosine 0.04-0.36).
+        # Sliding-window layers also keep the count as a Python int (``cumulative_length_int``).
         for layer in getattr(cache, "layers", ()):
             if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
                 layer.cumulative_length.copy_(position.reshape(()))
+            if self.position is not None and isinstance(getattr(layer, "cumulative_length_int", None), int):
+                layer.cumulative_length_int = self.position
         return (self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1],)
 
 
@@ -255,7 +259,7 @@ def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, conte
     with torch.no_grad():
         model(prompt, past_key_values=cache, cache_position=torch.arange(context - 1, device=device), use_cache=True)
     token = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen).to(device)
-    return HFDecodeStep(model).eval(), (token, torch.tensor([context - 1], device=device), cache)
+    return HFDecodeStep(model, context - 1).eval(), (token, torch.tensor([context - 1], device=device), cache)
 
 
 def hf_fp32_logits(model: torch.nn.Module, inputs, size: str) -> torch.Tensor:

@@ -18,16 +18,9 @@ from typing import Any, Dict, List
 
 import torch
 
+from .decode_bench import HFDecodeStep as Step  # sets transformers 5's token counts to the position
+
 FAMILIES = ("Llama", "Qwen2", "Gemma", "Mistral", "Phi3", "Gemma2", "Qwen3", "Olmo", "Granite", "Cohere", "StableLm")
-
-
-class Step(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, token, position, cache):
-        return self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1]
 
 
 def check(family: str, cache_dir: str) -> Dict[str, Any]:
@@ -46,15 +39,18 @@ def check(family: str, cache_dir: str) -> Dict[str, Any]:
     token, position = torch.tensor([[5]]), torch.tensor([3])
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), past_key_values=cache, cache_position=torch.arange(3), use_cache=True)
-        want = Step(model).eval()(token, position, cache)
-        report = compile_backend.explain(Step(model).eval(), token, position, cache, cache_dir=cache_dir)
+        want = Step(model, 3).eval()(token, position, cache)[0]
+        report = compile_backend.explain(Step(model, 3).eval(), token, position, cache, cache_dir=cache_dir)
         torch._dynamo.reset()
-        got = torch.compile(Step(model).eval(), backend="compile_backend", options={"cache_dir": cache_dir})(
-            token, position, cache)
+        got = torch.compile(Step(model, 3).eval(), backend="compile_backend", options={"cache_dir": cache_dir})(
+            token, position, cache)[0]
     torch._dynamo.reset()
     graphs = report.graphs
     return {"family": family, "graphs": [g.role for g in graphs],
             "input_writes": [w["by"] for g in graphs for w in g.input_writes],
+            # transformers >= 5: each layer's token count, written in place beside its caches
+            "token_counts": sum(isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)
+                                for layer in getattr(cache, "layers", ())),
             "fallbacks": sorted({f["op"] for g in graphs for f in g.fallbacks}),
             "max_abs_diff": float((got - want).abs().max())}
 
