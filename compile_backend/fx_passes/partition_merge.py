@@ -85,8 +85,9 @@ def _hoist_fences(index: Dict[fx.Node, float], nodes: Sequence[fx.Node], groups:
         if a in inside or a.op != "call_function":
             return False
         members = list(group_of[a].nodes) if a in group_of else [a]
-        if any(not _pure_value(m) for m in members) or (a in group_of and group_of[a].kind != "pointwise"):
-            return False
+        if any(not _pure_value(m) or not m.all_input_nodes for m in members) or \
+                (a in group_of and group_of[a].kind != "pointwise"):
+            return False  # (a value of no input, a fill, has each reader compute it: fills_per_reader)
         moving.update(members)
         return all(movable(i) for m in members for i in m.all_input_nodes if i not in moving)
 
@@ -102,14 +103,14 @@ def _hoist_fences(index: Dict[fx.Node, float], nodes: Sequence[fx.Node], groups:
         return False
     behind: Dict[fx.Node, fx.Node] = {}
     for m in ordered:  # behind its last input (after the ones moved there before it), in order
-        last = max(m.all_input_nodes, key=index.__getitem__, default=None)
-        spot = behind.get(last, last) if last is not None else None
-        if spot is None:
-            continue
+        last = max(m.all_input_nodes, key=index.__getitem__)
+        spot = behind.get(last, last)
         after = min((i for i in index.values() if i > index[spot]), default=index[spot] + 1)
         spot.append(m)
         index[m] = (index[spot] + after) / 2
         behind[last] = m
+    for g in {id(group_of[m]): group_of[m] for m in ordered if m in group_of}.values():
+        g.nodes.sort(key=index.__getitem__)  # a moved group's nodes stay in graph order
     return True
 
 
