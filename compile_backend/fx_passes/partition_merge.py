@@ -36,6 +36,7 @@ from ..kernels.base import is_view_op
 from ..kernels.gemv_prologue import reduces_rows
 from ..kernels.weight_only_ref import GEMV_MAX_M
 from .partition_graph import REDUCTIONS, broadcasts_to, is_reshape, safe
+from .rules import is_mutating, is_pure
 
 aten = torch.ops.aten
 
@@ -97,8 +98,7 @@ def _hoist_fences(index: Dict[fx.Node, float], nodes: Sequence[fx.Node], groups:
     ordered = sorted(moving, key=index.__getitem__)
     reads = {_root(i) for m in ordered for i in m.all_input_nodes if i not in moving}
     top = min(max((index[i] for i in m.all_input_nodes if i not in moving), default=-1) for m in ordered)
-    if any(top < i < index[ordered[-1]] and n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-           and n.target._schema.is_mutable and any(_root(x) in reads for x in n.all_input_nodes)
+    if any(top < i < index[ordered[-1]] and is_mutating(n) and any(_root(x) in reads for x in n.all_input_nodes)
            for n, i in index.items()):
         return False
     behind: Dict[fx.Node, fx.Node] = {}
@@ -124,9 +124,7 @@ def _root(node: fx.Node) -> fx.Node:
 def _pure_value(n: fx.Node) -> bool:
     """A node computing a value from its inputs alone: a view, or an element-wise ATen op."""
     t = n.target
-    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t._schema.is_mutable:
-        return False
-    return is_view_op(t) or torch.Tag.pointwise in t.tags
+    return is_pure(n) and isinstance(t, torch._ops.OpOverload) and (is_view_op(t) or torch.Tag.pointwise in t.tags)
 
 
 def _merge_siblings(groups: List, index: Dict[fx.Node, int]) -> List:
@@ -259,9 +257,7 @@ def _outside_inputs(group) -> List[fx.Node]:
     for a in (a for n in group.nodes for a in n.all_input_nodes):
         if a in inside or not isinstance(a.meta.get("val"), torch.Tensor):
             continue
-        while a.op == "call_function" and is_view_op(a.target) and a.args and isinstance(a.args[0], fx.Node):
-            a = a.args[0]
-        out.append(a)
+        out.append(_root(a))
     return list(dict.fromkeys(out))
 
 
