@@ -66,17 +66,27 @@ def test_gpu_compiled_qat_steps_move_the_parameters_as_eager_does(precision, cud
             if i == 0:
                 first_grads.append({n: None if p.grad is None else p.grad.detach().clone() for n, p in m.named_parameters()})
             opt.step()
+    wrong = []
     for name, g in first_grads[0].items():
         ours = first_grads[1][name]
         print(f"{precision} {cuda_graphs} {kernels} step-0 gradient {name}: eager norm {float(g.norm()):.4g}, ours "
               + ("None" if ours is None else f"norm {float(ours.norm()):.4g}, diff {float((ours - g).norm()):.4g}"))
-    wrong = []
+        # the first step's gradients are the exact check: same inputs, same weights, only the
+        # kernels' rounding apart (H100, session 14: at most 3.5% on the first conv's weight)
+        if ours is None or not float((ours - g).norm()) <= 0.1 * float(g.norm()):
+            wrong.append((name, "step-0 gradient", None if ours is None else float((ours - g).norm())))
     for (name, eager), (_, ours) in zip(models[0].named_parameters(), models[1].named_parameters()):
-        # norms: Adam steps every element by about lr, so a gradient that is rounding noise
-        # near zero may step either way; the update as a whole must agree
         moved = float((eager.detach() - before[name]).norm())
+        ours_moved = float((ours.detach() - before[name]).norm())
         diff = float((ours.detach() - eager.detach()).norm())
-        print(f"{precision} {cuda_graphs} {kernels} {name}: eager moved {moved:.3g}, ours - eager {diff:.3g}")
-        if not (moved > 0 and diff <= 0.2 * moved):
+        print(f"{precision} {cuda_graphs} {kernels} {name}: eager moved {moved:.3g}, ours moved {ours_moved:.3g}, "
+              f"ours - eager {diff:.3g}")
+        if not (moved > 0 and ours_moved > 0):
+            wrong.append((name, moved, ours_moved))
+        # a learned per-tensor scale's gradient is a sum of many terms that nearly cancel (~1e-7
+        # against its weights' ~1e-2): Adam steps it by about lr whatever its size, so its sign
+        # flips with rounding and its path after 6 steps is noise (H100, session 14: ours - eager
+        # up to 1.8x its movement); the weights' update as a whole must agree
+        elif not name.endswith("qat_scale") and diff > 0.2 * moved:
             wrong.append((name, moved, diff))
     assert not wrong, wrong
