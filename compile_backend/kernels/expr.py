@@ -242,7 +242,9 @@ def _clamp(args, kwargs, out, helpers):
         # eager replaces only values beyond a number bound: clamp(-0.0, min=0) is -0.0
         number = out.is_floating_point and isinstance(bound, (int, float)) and not math.isnan(bound)
         b = _as(bound, out)
-        x = f"tl.where({x} {beyond} {b}, {b}, {x})" if number else f"tl.{fn}({x}, {b}{nan})"
+        # a nonzero number bound: min/max that keep NaN are one instruction (the quantize
+        # chains' +-127 / +-448) where compare-and-select is two; a zero bound keeps the select
+        x = f"tl.where({x} {beyond} {b}, {b}, {x})" if number and bound == 0 else f"tl.{fn}({x}, {b}{nan})"
     return x
 
 
@@ -530,6 +532,7 @@ HELPERS.update(casts.HELPERS)  # cb_rint
 # take the remainder in fp64, where q * b (24 x 24 bits) is exact and a - q * b keeps its sign
 # and is 0 only when exact; fp64 operands keep the fma.
 _INTERPRETED_HELPERS = {
+    **casts.INTERPRETED_HELPERS,  # cb_rint
     "floordiv": '''
 @triton.jit
 def cb_floordiv(a, b, q):
@@ -624,6 +627,10 @@ def scalar_dtype(v: Any) -> torch.dtype:
     return torch.bool if isinstance(v, bool) else (torch.int64 if isinstance(v, int) else torch.float32)
 
 
+#: ops whose lowering already yields a value of the result dtype, rounded (``_convert``)
+ROUNDS_ITSELF = frozenset({aten._to_copy.default, prims.convert_element_type.default, aten.clone.default})
+
+
 def var_name(node: fx.Node) -> str:
     return f"v_{node.name}"
 
@@ -657,8 +664,10 @@ def emit_pointwise(nodes: Sequence[fx.Node], names: Dict[fx.Node, str], helpers:
         args = [operand(a) for a in node.args]
         kwargs = {k: operand(v) for k, v in node.kwargs.items()}
         expr = lower(node.target, args, kwargs, val.dtype, helpers)
-        if round_intermediates:
-            expr = round_to(f"({expr})", val.dtype) if val.dtype in REDUCED_FLOATS else expr
+        # a conversion rounds to its dtype itself (``convert``): rounding again costs a round trip
+        # per element that the compiler cannot fold for fp8 (FFN1's quantize epilogue did both)
+        if round_intermediates and val.dtype in REDUCED_FLOATS and node.target not in ROUNDS_ITSELF:
+            expr = round_to(f"({expr})", val.dtype)
         name = var_name(node)
         lines.append(f"{name} = {expr}")
         names[node] = name

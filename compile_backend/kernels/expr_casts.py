@@ -13,9 +13,9 @@ storage dtype becomes another.
   carry into the exponent and loses NaN; its fp8 -> fp32 reads the NaN code as 480. Under
   ``TRITON_INTERPRET=1`` the ``cb_*`` helpers below therefore convert with integer arithmetic
   (same bits as the GPU).
-* ``round`` is round half to even like torch (``cb_rint``: the fp32/fp64 add-and-subtract of
-  2^23 / 2^52, exact with IEEE round-to-nearest-even; no libdevice, so the interpreter runs
-  it); ``nan_to_num`` maps NaN / +inf / -inf to the given values or the dtype's finite extremes.
+* ``round`` is round half to even like torch (``cb_rint``/``cb_rint64``: the GPU's ``cvt.rni``;
+  under the interpreter the add-and-subtract of 2^23 / 2^52, exact with IEEE
+  round-to-nearest-even); ``nan_to_num`` maps NaN / +inf / -inf to the given values or the dtype's finite extremes.
   float -> int8 is a plain conversion: the quantize chain rounds and clamps to [-127, 127] first.
 
 This module imports neither Triton nor :mod:`.expr` (which imports it).
@@ -121,8 +121,11 @@ def round_half_even(x: str, out: torch.dtype, kwargs: Dict[str, Any], helpers: S
         raise Unsupported(f"round with decimals={kwargs['decimals']}")
     if not out.is_floating_point:
         return x  # integers are already round
+    if compute_dtype(out) == torch.float64:
+        helpers.add("rint64")
+        return f"cb_rint64({x}, 4503599627370496.0)"
     helpers.add("rint")
-    return f"cb_rint({x}, {'4503599627370496.0' if compute_dtype(out) == torch.float64 else '8388608.0'})"
+    return f"cb_rint({x}, 8388608.0)"
 
 
 def nan_to_num(x: str, out: torch.dtype, nan: Optional[float], posinf: Optional[float],
@@ -136,25 +139,46 @@ def nan_to_num(x: str, out: torch.dtype, nan: Optional[float], posinf: Optional[
     posinf = info.max if posinf is None else posinf
     neginf = info.min if neginf is None else neginf
     lit = lambda v: literal(v, out)  # noqa: E731
+    if posinf >= info.max and neginf <= info.min:
+        # the defaults: +-inf become the extremes, every finite value stays; a min and a max do
+        # that in two instructions where two compare-and-selects take four (the INT8 quantize
+        # chain runs this per element in the producer's epilogue)
+        return f"tl.where({x} != {x}, {lit(nan)}, tl.minimum(tl.maximum({x}, {lit(neginf)}), {lit(posinf)}))"
     return (f"tl.where({x} != {x}, {lit(nan)}, tl.where({x} == {lit(math.inf)}, {lit(posinf)}, "
             f"tl.where({x} == {lit(-math.inf)}, {lit(neginf)}, {x})))")
 
 
-#: helper functions the rounding ops call (merged into expr.HELPERS)
+#: helper functions the rounding ops call (merged into expr.HELPERS): on the GPU ``round`` is the
+#: hardware's round-to-nearest-even, one instruction (NaN, inf and -0.0 as IEEE says, like torch;
+#: the INT8 quantize chain rounds every element of a producer's epilogue); ``big`` is unused
+#: there, kept so both variants take the same call
 HELPERS = {
     "rint": '''
 @triton.jit
 def cb_rint(x, big):
-    # round half to even: below ``big`` (2^23 fp32, 2^52 fp64) |x| + big rounds to an integer
-    # (big is even, so ties go to even) and subtracting big is exact; beyond it x is integral
-    # (NaN and inf included); x * 0 keeps the sign of a zero result (round(-0.3) is -0.0)
+    return tl.inline_asm_elementwise("cvt.rni.f32.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+''',
+    "rint64": '''
+@triton.jit
+def cb_rint64(x, big):
+    return tl.inline_asm_elementwise("cvt.rni.f64.f64 $0, $1;", "=d,d", [x], dtype=tl.float64, is_pure=True, pack=1)
+''',
+}
+# the interpreter's round half to even (no PTX there): below ``big`` (2^23 fp32, 2^52 fp64)
+# |x| + big rounds to an integer (big is even, so ties go to even) and subtracting big is exact;
+# beyond it x is integral (NaN and inf included); x * 0 keeps the sign of a zero result
+# (round(-0.3) is -0.0)
+_RINT_BY_ARITHMETIC = '''
+@triton.jit
+def NAME(x, big):
     ax = tl.abs(x)
     t = (ax + big) - big
     r = tl.where(x < 0, -t, t)
     r = tl.where(t == 0, x * 0.0, r)
     return tl.where(ax < big, r, x)
-''',
-}
+'''
+INTERPRETED_HELPERS = {"rint": _RINT_BY_ARITHMETIC.replace("NAME", "cb_rint"),
+                       "rint64": _RINT_BY_ARITHMETIC.replace("NAME", "cb_rint64")}
 
 
 # fp32 <-> bf16 / fp8 (e4m3fn) conversions: native on the GPU, integer arithmetic under the

@@ -184,8 +184,8 @@ def test_fp8_overflow_follows_this_torchs_cast(monkeypatch):
 def test_round_and_nan_to_num_lowerings():
     x = expr.Var("x", torch.float32)
     assert "cb_rint(x, 8388608.0)" == expr.lower(torch.ops.aten.round.default, [x], {}, torch.float32)
-    assert "4503599627370496.0" in expr.lower(torch.ops.aten.round.default, [expr.Var("x", torch.float64)], {},
-                                              torch.float64)
+    assert "cb_rint64(x, 4503599627370496.0)" == expr.lower(torch.ops.aten.round.default,
+                                                             [expr.Var("x", torch.float64)], {}, torch.float64)
     assert expr.lower(torch.ops.aten.round.default, [expr.Var("i", torch.int32)], {}, torch.int32) == "i"
     with pytest.raises(expr.Unsupported, match="decimals"):
         expr.lower(torch.ops.aten.round.decimals, [x], {"decimals": 2}, torch.float32)
@@ -196,6 +196,32 @@ def test_round_and_nan_to_num_lowerings():
         g = make_group(lambda y: (torch.nan_to_num(y), torch.nan_to_num(y, nan=2.0, posinf=7.0, neginf=-1.0)), y)
         for a, b in zip(build_pointwise(g, KernelContext(Options(), torch.device("cpu"), True))(y), g.reference(y)):
             assert_same_bits(a, b) if dt == torch.float32 else torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_quantize_chains_lower_without_redundant_work():
+    """A producer's epilogue runs the quantize chain per element, so its code is kept short
+    (``python -m benchmarks.kernel_sass`` counts the instructions): the FP8 conversion rounds
+    once (its result is not rounded again), number bounds clamp with NaN-keeping min/max, the
+    default nan_to_num is a min and a max, and on the GPU round is the hardware's ``cvt.rni``."""
+    def code(fn, *inputs):
+        g = make_group(fn, *inputs)
+        nodes = [n for n in g.gm.graph.nodes if n.op == "call_function" and not n.target.__name__.startswith("view")]
+        names = {p: p.name for p in g.gm.graph.nodes if p.op == "placeholder"}
+        return "\n".join(expr.emit_pointwise(nodes, names))
+
+    x, inv = randn(5, 7).half(), torch.tensor(3.0)
+    fp8 = code(lambda x, inv: static_quantize(x, inv, "fp8"), x, inv)
+    assert fp8.count("cb_round_fp8(") == 1 and "tl.where" not in fp8, fp8
+    assert "tl.maximum(" in fp8 and "tl.minimum(" in fp8
+    int8 = code(lambda x, inv: static_quantize(x, inv, "int8"), x, inv)
+    assert int8.count("tl.where") == 1 and "cb_rint(" in int8, int8  # the NaN test of nan_to_num only
+    # a zero bound keeps compare-and-select: clamp(-0.0, min=0) is -0.0 in eager
+    relu_like = code(lambda x: x.clamp(min=0), x)
+    assert "tl.where" in relu_like and "tl.maximum" not in relu_like
+    # a custom nan_to_num replacement keeps the exact test of each infinity
+    assert expr.lower(torch.ops.aten.nan_to_num.default, [expr.Var("x", torch.float32), 0.0, 7.0], {},
+                      torch.float32).count("tl.where") == 3
+    assert "cvt.rni.f32.f32" in expr.HELPERS["rint"] and "cvt.rni.f64.f64" in expr.HELPERS["rint64"]
 
 
 # ----------------------------------------------------------------------------- GPU

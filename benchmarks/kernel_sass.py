@@ -1,0 +1,184 @@
+"""What our generated GEMM kernels cost per output element on Hopper, read on a machine without a GPU.
+
+Triton compiles for any target where it runs: its wheel ships ``ptxas``, ``cuobjdump`` and
+``nvdisasm``. This tool builds a GEMM group's real kernel (the template and epilogue the engine
+would launch, for a config named on the command line), compiles it for sm_90 exactly as Triton's
+JIT would specialise it for 16-byte aligned arguments, and reports per form (``linear``,
+``gelu``, ``gelu_fp8``, ``gelu_int8``: FFN1's epilogue without, with an FP8 and with an INT8
+quantize of the next layer's input) the registers, the spill traffic (local stores/loads) and the
+SASS instructions the epilogue adds per output element over the plain GEMM. A GEMM epilogue is
+straight-line code over each thread's share of the tile, so that count is what the SMs issue per
+element after the main loop: on BERT-base's FFN1 (H100, session 13) FP8's epilogue took ~12 us
+of a 27 us kernel at ~46 instructions an element.
+
+Run: ``python -m benchmarks.kernel_sass [--shape M N K] [--forms ...] [--json FILE]``.
+It uses Triton's JIT binder (``create_function_from_signature``, ``JITFunction._pack_args``), so it
+follows the installed Triton's specialisation; checked with Triton 3.9 (another may move them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+FORMS = ("linear", "gelu", "gelu_fp8", "gelu_int8")
+CONFIGS = {  # name: GemmConfig fields (block_m, block_n, block_k, group_m, split_k, warps, stages, tma)
+    "tma128x256w8s3": (128, 256, 64, 8, 1, 8, 3, True),
+    "tma128x128w8s4": (128, 128, 64, 8, 1, 8, 4, True),
+    "ptr64x128x128w4s4": (64, 128, 128, 8, 1, 4, 4, False),
+}
+
+
+class _Compiled:
+    """Stands in for a loaded kernel: ``kernel[grid](*args, **meta)`` compiles it for sm_90 and
+    records what ptxas made of it."""
+
+    def __init__(self, fn, sink: List[dict]):
+        self.fn, self.sink = fn, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(compile_for_hopper(self.fn, args, kwargs))
+        return launch
+
+
+def tools_dir() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=options.__dict__)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    try:
+        usage = subprocess.run([os.path.join(tools_dir(), "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools_dir(), "nvdisasm"), "-c", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    instructions = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    return {"kernel": fn.__name__, "registers": regs, "stack_bytes": stack,
+            "instructions": sum(1 for i in instructions if not re.search(r"\bNOP\b", i)),
+            "local_stores": sum(" STL" in i for i in instructions),
+            "local_loads": sum(" LDL" in i for i in instructions),
+            "mufu": sum("MUFU" in i for i in instructions)}
+
+
+def form_fn(form: str, scaled: bool):
+    from compile_backend.kernels import quant_ref
+
+    def tail(y, inv):
+        if form == "linear":
+            return y
+        y = F.gelu(y)
+        if form == "gelu":
+            return y
+        return quant_ref.quantize_steps(quant_ref.eager, y, torch.float16, inv, form.split("_")[1])
+
+    if scaled:
+        return lambda xq, xs, wq, ws, b, inv: tail(
+            torch.ops.compile_backend.scaled_mm(xq, xs, wq, ws, b, torch.float16), inv)
+    return lambda x, w, b, inv: tail(F.linear(x, w, b), inv)
+
+
+def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg) -> List[dict]:
+    """Build the group's candidate for ``cfg`` as on a GPU and run it once on CPU tensors: each
+    launch compiles for sm_90 instead."""
+    from compile_backend import ops  # noqa: F401  (registers compile_backend::scaled_mm)
+    from compile_backend.kernels import gemm, gemm_template, qgemm, quant_ref
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.template import traced_group
+    from compile_backend.options import Options
+
+    sink: List[dict] = []
+    load, dot_fields = gemm_template.load_kernel, gemm_template.dot_fields
+    # the GPU's kernels: the dot as compiled there (the CPU context would pick the interpreter's)
+    gemm_template.load_kernel = lambda source, name: _Compiled(load(source, name), sink)
+    gemm_template.dot_fields = lambda operand, tf32, interpret, int_acc: dot_fields(operand, tf32, False, int_acc)
+    try:
+        ctx = KernelContext(options=Options(), device=torch.device("cpu"), interpret=False)
+        inv = torch.tensor(20.0)
+        if operands == "fp16":
+            inputs = (torch.randn(m, k, dtype=torch.float16), torch.randn(n, k, dtype=torch.float16),
+                      torch.randn(n, dtype=torch.float16), inv)
+            group = traced_group(form_fn(form, False), inputs, "gemm", "addmm")
+            tuning = gemm.gemm_candidates(group, ctx, vendor=False, configs=[cfg], tma=cfg.tma)
+        else:
+            x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
+            xs = quant_ref.scale_from_amax(x.abs().amax(), operands)
+            wq, ws = quant_ref.quantize_weight(w, operands, True)
+            inputs = (quant_ref.quantize(x, xs, operands), xs, wq, ws, torch.randn(n, dtype=torch.float16), inv)
+            group = traced_group(form_fn(form, True), inputs, "gemm", "scaled_mm")
+            tuning = qgemm.scaled_mm_candidates(group, ctx, vendor=False, configs=[cfg])
+        tuning.candidates[0].compile()(*tuning.make_inputs())
+    finally:
+        gemm_template.load_kernel, gemm_template.dot_fields = load, dot_fields
+    return sink
+
+
+def main(argv=None) -> int:
+    from compile_backend.kernels.gemm_config import GemmConfig
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_sass", description=__doc__.split("\n")[0])
+    p.add_argument("--shape", nargs=3, type=int, default=[2048, 3072, 768], metavar=("M", "N", "K"))
+    p.add_argument("--forms", nargs="*", default=list(FORMS), choices=FORMS)
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--operands", nargs="*", default=["fp16", "fp8"], choices=("fp16", "fp8", "int8"))
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("kernel_sass: compiles for the GPU; run it without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if not os.path.exists(os.path.join(tools_dir(), "ptxas")):
+        print(f"kernel_sass: no ptxas in {tools_dir()} (this Triton wheel ships none)", file=sys.stderr)
+        return 2
+    m, n, k = args.shape
+    rows = []
+    for cname in args.configs:
+        fields = CONFIGS[cname]
+        for operands in args.operands:
+            if operands != "fp16" and fields[7]:
+                continue  # the 8-bit GEMMs' TMA configs are tuned at "max" only: not shown
+            cfg = GemmConfig(*fields[:2], max(fields[2], 32 if operands != "fp16" else 16), *fields[3:7], tma=fields[7])
+            base = None
+            for form in args.forms:
+                (r,) = kernels_of(form, operands, m, n, k, cfg)
+                per_thread = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+                base = r["instructions"] if form == "linear" else base
+                extra = None if base is None else round((r["instructions"] - base) / per_thread, 1)
+                row = {"config": cname, "operands": operands, "form": form, "shape": [m, n, k], **r,
+                       "epilogue_instructions_per_element": extra}
+                rows.append(row)
+                print(f"{cname:18s} {operands:5s} {form:10s} regs {r['registers']:3d} stack {r['stack_bytes']:4d} "
+                      f"spill st/ld {r['local_stores']:3d}/{r['local_loads']:3d} SASS {r['instructions']:6d}"
+                      + ("" if extra is None else f"  epilogue +{extra} / element"), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

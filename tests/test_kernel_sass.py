@@ -1,0 +1,34 @@
+"""benchmarks/kernel_sass.py: our generated GEMM kernels compiled for sm_90 on this CPU machine
+(Triton's own ptxas), read back as registers, spills and SASS instructions per element."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_epilogue_instructions_per_element_on_hopper(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "sass.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": ROOT}
+    run = subprocess.run([sys.executable, "-m", "benchmarks.kernel_sass", "--shape", "64", "128", "96",
+                          "--configs", "ptr64x128x128w4s4", "--operands", "fp16", "--forms", "linear", "gelu",
+                          "gelu_int8", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode == 2 and "no ptxas" in run.stderr:
+        pytest.skip(run.stderr.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["form"]: r for r in json.loads(out.read_text())}
+    assert rows["linear"]["epilogue_instructions_per_element"] == 0
+    # GELU's erf costs tens of instructions an element, the INT8 quantize ~10-15 more (session 14:
+    # 33.5 and +15.5 at this tile); no spills at this tile
+    assert 15 < rows["gelu"]["epilogue_instructions_per_element"] < 60
+    assert 3 < rows["gelu_int8"]["epilogue_instructions_per_element"] - rows["gelu"]["epilogue_instructions_per_element"] < 30
+    assert all(r["local_stores"] == 0 for r in rows.values())
+    assert "TRITON_INTERPRET=1" in subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_sass"], cwd=ROOT, capture_output=True, text=True,
+        env={**env, "TRITON_INTERPRET": "1"}, timeout=120).stderr
