@@ -6,9 +6,10 @@ would launch, for a config named on the command line), compiles it for sm_90 exa
 JIT would specialise it for 16-byte aligned arguments, and reports per form (``linear``,
 ``gelu``, ``gelu_fp8``, ``gelu_int8``: FFN1's epilogue without, with an FP8 and with an INT8
 quantize of the next layer's input) the registers, the spill traffic (local stores/loads) and the
-SASS instructions the epilogue adds per output element over the plain GEMM. A GEMM epilogue is
-straight-line code over each thread's share of the tile, so that count is what the SMs issue per
-element after the main loop: on BERT-base's FFN1 (H100, session 13) FP8's epilogue took ~12 us
+SASS instructions the epilogue adds per output element over the plain GEMM (per copy: the
+persistent TMA kernel's binary holds its epilogue twice). A GEMM epilogue is straight-line code
+over each thread's share of the tile, so that count is what the SMs issue per element after the
+main loop: on BERT-base's FFN1 (H100, session 13) FP8's epilogue took ~12 us
 of a 27 us kernel at ~46 instructions an element.
 
 Run: ``python -m benchmarks.kernel_sass [--shape M N K] [--forms ...] [--json FILE]``.
@@ -163,13 +164,19 @@ def main(argv=None) -> int:
                 continue  # the 8-bit GEMMs' TMA configs are tuned at "max" only: not shown
             cfg = GemmConfig(*fields[:2], max(fields[2], 32 if operands != "fp16" else 16), *fields[3:7], tma=fields[7])
             base = None
+            per_thread = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+            # the persistent TMA kernel's flattened tile loop is pipelined with one peeled
+            # iteration: its epilogue is in the binary twice (GELU's one MUFU an element shows it)
+            copies = 2 if cfg.tma else 1
             for form in args.forms:
                 (r,) = kernels_of(form, operands, m, n, k, cfg)
-                per_thread = cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
-                base = r["instructions"] if form == "linear" else base
-                extra = None if base is None else round((r["instructions"] - base) / per_thread, 1)
+                base = r if form == "linear" else base
+                extra = None if base is None else round((r["instructions"] - base["instructions"]) / per_thread / copies, 1)
+                if form == "gelu" and base is not None and r["mufu"] - base["mufu"] != copies * per_thread:
+                    print(f"kernel_sass: {cname}: {r['mufu'] - base['mufu']} MUFU for GELU, expected {copies} "
+                          f"epilogue copies x {per_thread} elements: the per-element counts may be off", file=sys.stderr)
                 row = {"config": cname, "operands": operands, "form": form, "shape": [m, n, k], **r,
-                       "epilogue_instructions_per_element": extra}
+                       "epilogue_copies": copies, "epilogue_instructions_per_element": extra}
                 rows.append(row)
                 print(f"{cname:18s} {operands:5s} {form:10s} regs {r['registers']:3d} stack {r['stack_bytes']:4d} "
                       f"spill st/ld {r['local_stores']:3d}/{r['local_loads']:3d} SASS {r['instructions']:6d}"
