@@ -292,6 +292,7 @@ class Tuner:
             self.budget.start()
         label = key.describe()
         runners = self._compile_all(key, candidates)
+        compiled_s = time.monotonic() - t0  # said in the progress line: which half a slow tuning spent
         input_sets = self._input_sets(make_inputs)
         timings: Dict[str, float] = {}
         best: Optional[Tuple[float, Candidate]] = None
@@ -321,7 +322,8 @@ class Tuner:
             raise RuntimeError(f"every candidate failed for {label}")
         winner = best[1]
         if chatty:
-            self._say(f"tuned {label}: {winner.name} {best[0]:.4f} ms in {time.monotonic() - t0:.1f}s")
+            self._say(f"tuned {label}: {winner.name} {best[0]:.4f} ms in {time.monotonic() - t0:.1f}s "
+                      f"({compiled_s:.1f}s compiling {len(runners)} of {len(candidates)} candidates)")
         self.stats["tuned"] += 1
         self.stats["candidates_timed"] += len(timings)
         if self.cache is not None:

@@ -163,7 +163,7 @@ def test_progress_lines():
     c = Counting()
     tuner.choose(KEY, [c.make("a", 0.0), c.make("b", 0.0)], make_inputs)
     assert any("tuning test" in line and "2/2" in line for line in lines)
-    assert lines[-1].startswith("tuned test")
+    assert lines[-1].startswith("tuned test") and "compiling 2 of 2 candidates)" in lines[-1], lines[-1]
 
 
 def test_levels_and_tuner_for_context():
