@@ -12,7 +12,8 @@ over each thread's share of the tile, so that count is what the SMs issue per el
 main loop: on BERT-base's FFN1 (H100, session 13) FP8's epilogue took ~12 us
 of a 27 us kernel at ~46 instructions an element.
 
-Run: ``python -m benchmarks.kernel_sass [--shape M N K] [--forms ...] [--json FILE]``.
+Run: ``python -m benchmarks.kernel_sass [--shape M N K] [--forms ...] [--json FILE]``; with
+``--gemv N K`` the decode GEMV's main loop instead (SASS instructions per weight, by weight kind).
 It uses Triton's JIT binder (``create_function_from_signature``, ``JITFunction._pack_args``), so it
 follows the installed Triton's specialisation; checked with Triton 3.9 (another may move them).
 """
@@ -84,7 +85,30 @@ def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
             "instructions": sum(1 for i in instructions if not re.search(r"\bNOP\b", i)),
             "local_stores": sum(" STL" in i for i in instructions),
             "local_loads": sum(" LDL" in i for i in instructions),
-            "mufu": sum("MUFU" in i for i in instructions)}
+            "mufu": sum("MUFU" in i for i in instructions),
+            "loop_instructions": longest_loop(sass)}
+
+
+def longest_loop(sass: str) -> int:
+    """Instructions in the longest loop of a disassembly (a branch back to an earlier label):
+    a main loop's body, executed once per K step."""
+    at, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        label = re.match(r"^\.(L_x_\d+):", line)
+        if label:
+            pending = label.group(1)
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*)", line)
+        if m:
+            at.append((int(m.group(1), 16), m.group(2)))
+            if pending:
+                labels[pending], pending = at[-1][0], None
+    longest = 0
+    for address, text in at:
+        target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", text)
+        if target and labels.get(target.group(1), address + 1) < address:
+            longest = max(longest, sum(1 for a, _ in at if labels[target.group(1)] <= a <= address))
+    return longest
 
 
 def form_fn(form: str, scaled: bool):
@@ -139,6 +163,41 @@ def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg) -> List[di
     return sink
 
 
+def gemv_rows(n: int, k: int) -> List[dict]:
+    """The decode GEMV (``kernels/gemv.py``, M = 1) for INT4 (group 128), INT8 and fp16 weights,
+    elementwise and tensor-core loops: main-loop SASS instructions per weight. At the H200's
+    4.8 TB/s an INT4 weight (half a byte) leaves an SM ~3.5 issue slots (132 SMs x 128 lanes x
+    1.98 GHz / 9.6e12 weights/s); more and the GEMV is bound by instructions, not bytes."""
+    from compile_backend.kernels import gemm_template, gemv, weight_only_ref
+    from compile_backend.kernels.weight_only import _gemv
+
+    sink: List[dict] = []
+    load = gemm_template.load_kernel
+    gemm_template.load_kernel = lambda source, name: _Compiled(load(source, name), sink)
+    rows = []
+    try:
+        x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k)
+        for weights in ("int4", "int8", "float"):
+            for cfg in (_gemv(32, 128, unroll=2), _gemv(64, 128, tc=True)):
+                gemv.plain_kernel.cache_clear()
+                out = torch.empty(1, n, dtype=torch.float16)
+                if weights == "float":
+                    gemv.launch(gemv.plain_kernel(x.dtype, out.dtype), [x], w.half(), None, None, [], [out],
+                                weights="float", group=1, config=cfg, x_dtype=x.dtype)
+                else:
+                    codes, scales = weight_only_ref.quantize_weight(w, weights, 128 if weights == "int4" else None)
+                    gemv.gemv(x, codes, scales, None, out, int4=weights == "int4", group=128, config=cfg)
+                r = sink[-1]
+                per_thread = cfg.block_n * cfg.block_k * cfg.unroll / (32 * cfg.num_warps)
+                rows.append({"weights": weights, "loop": "tensor cores" if cfg.tensor_cores else "elementwise",
+                             "shape": [n, k], **r,
+                             "instructions_per_weight": round(r["loop_instructions"] / per_thread, 2)})
+    finally:
+        gemm_template.load_kernel = load
+        gemv.plain_kernel.cache_clear()
+    return rows
+
+
 def main(argv=None) -> int:
     from compile_backend.kernels.gemm_config import GemmConfig
 
@@ -147,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--forms", nargs="*", default=list(FORMS), choices=FORMS)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--operands", nargs="*", default=["fp16", "fp8"], choices=("fp16", "fp8", "int8"))
+    p.add_argument("--gemv", nargs=2, type=int, metavar=("N", "K"),
+                   help="instead: the decode GEMV's main loop per weight at [N, K] (e.g. 5632 2048)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -155,6 +216,15 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(tools_dir(), "ptxas")):
         print(f"kernel_sass: no ptxas in {tools_dir()} (this Triton wheel ships none)", file=sys.stderr)
         return 2
+    if args.gemv:
+        rows = gemv_rows(*args.gemv)
+        for r in rows:
+            print(f"gemv {r['weights']:5s} {r['loop']:12s} regs {r['registers']:3d} loop {r['loop_instructions']:4d} "
+                  f"SASS = {r['instructions_per_weight']} a weight", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     m, n, k = args.shape
     rows = []
     for cname in args.configs:

@@ -79,7 +79,7 @@ def {name}(
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
-    ROWS: tl.constexpr, UNROLL: tl.constexpr,
+    ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,13 +99,19 @@ def {name}(
                 for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
                     k0 = k_step + u * BLOCK_K
                     rb = k0 // 2 + tl.arange(0, HALF16)
-                    lo, hi = int4_weights16(W, S, rn, rb, k0, n_ok, k_hi, swn, ssn, GROUP, {x_dtype})
+                    lo, hi = int4_weights16(W, S, rn, rb, k0, n_ok, k_hi, swn, ssn, GROUP, {x_dtype}, ODD_K)
+                    # x read along K in one piece, then split into the even and odd k the low and
+                    # high nibbles meet (read at a stride of 2 it took a 2-byte load per element)
+                    rk = k0 + tl.arange(0, BLOCK_K)
                     if ROWS == 16:
-                        part = dot16(lo, x_at(xm, 2 * rb[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
-                        part = dot16(hi, x_at(xm, 2 * rb[:, None] + 1, k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
+                        xs = tl.permute(tl.reshape(x_at(xm, rk[:, None], k_hi, {x_args}{row_params}), [HALF16, 2, 16]), (0, 2, 1))
+                        x_even, x_odd = tl.split(xs)
+                        part = dot16(lo, x_even.to({x_dtype}), part, SOFT_BF16)
+                        part = dot16(hi, x_odd.to({x_dtype}), part, SOFT_BF16)
                     else:
-                        part = dot_column(lo, x_at(m, 2 * rb, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
-                        part = dot_column(hi, x_at(m, 2 * rb + 1, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                        x_even, x_odd = tl.split(tl.reshape(x_at(m, rk, k_hi, {x_args}{row_params}), [HALF16, 2]))
+                        part = dot_column(lo, x_even.to({x_dtype}), part, 16, SOFT_BF16)
+                        part = dot_column(hi, x_odd.to({x_dtype}), part, 16, SOFT_BF16)
         elif WEIGHTS == 0:
             scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
@@ -138,8 +144,9 @@ def {name}(
             for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
                 k0 = k_step + u * BLOCK_K
                 rb = k0 // 2 + tl.arange(0, HALF)
-                lo, hi = int4_weights(W, S, rn, rb, k0, n_ok, k_hi, swn, ssn, GROUP, {x_dtype}, SOFT_BF16)
-                part += lo * x_at(m, 2 * rb, k_hi, {x_args}{row_params})[None, :] + hi * x_at(m, 2 * rb + 1, k_hi, {x_args}{row_params})[None, :]
+                lo, hi = int4_weights(W, S, rn, rb, k0, n_ok, k_hi, swn, ssn, GROUP, {x_dtype}, SOFT_BF16, ODD_K)
+                x_even, x_odd = tl.split(tl.reshape(x_at(m, k0 + tl.arange(0, BLOCK_K), k_hi, {x_args}{row_params}), [HALF, 2]))
+                part += lo * x_even[None, :] + hi * x_odd[None, :]
     elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -254,7 +261,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
-        DOT=dot, ROWS=rows, UNROLL=config.unroll,
+        DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
 
 

@@ -34,13 +34,26 @@ def int8_weights(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr, SOFT_B
 
 
 @triton.jit
+def packed_bytes_ok(rb, K, ODD_K: tl.constexpr):
+    """Which packed INT4 bytes ``rb`` hold codes below K. With K even the bound is K // 2, which
+    keeps K's divisibility (Triton specialises K on 16), so the mask is constant over 8 bytes
+    and the codes load 8 bytes at a time; ``(K + 1) // 2`` (needed only for an odd K) loses it
+    and the loads went one byte each (sm_90 SASS of the decode GEMV: 52 loads a K step, 24 with
+    K // 2; ``benchmarks/kernel_sass.py``)."""
+    if ODD_K:
+        return rb < (K + 1) // 2
+    return rb < K // 2
+
+
+@triton.jit
 def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr,
-                 SOFT_BF16: tl.constexpr):
+                 SOFT_BF16: tl.constexpr, ODD_K: tl.constexpr):
     """INT4 weight rows ``rn`` at packed bytes ``rb`` (byte j holds k = 2j in its low nibble,
     2j + 1 in its high one), dequantized with the scale of the group holding ``k0`` (the tile
     never straddles two groups), rounded to DTYPE: (low, high) as fp32, 0 past N and K (K: the
-    bound the caller masks at, e.g. its K slice's end; a tile past it loads no scale)."""
-    ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
+    bound the caller masks at, e.g. its K slice's end; a tile past it loads no scale). ODD_K:
+    K may be odd (see :func:`packed_bytes_ok`)."""
+    ok = n_ok[:, None] & packed_bytes_ok(rb, K, ODD_K)[None, :]
     packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
     # rn * 0 + k0: a vector (the interpreter refuses a mask term without a shape)
     scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0).to(tl.float32)[:, None]
@@ -78,10 +91,11 @@ def int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr):
+def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr,
+                   ODD_K: tl.constexpr):
     """:func:`int4_weights` for 16-bit DTYPE: (low, high) as DTYPE. A nibble's two's complement
     plus 8 is the nibble with its top bit flipped."""
-    ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
+    ok = n_ok[:, None] & packed_bytes_ok(rb, K, ODD_K)[None, :]
     packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
     scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
     lo = offset_codes_to((packed & 15) ^ 8, 8, scale, DTYPE)
@@ -134,5 +148,5 @@ def k_slices(k: int, block_k: int, split: int):
     return k_slice, triton.cdiv(k, k_slice)
 
 
-__all__ = ["round_to", "int8_weights", "int4_weights", "offset_codes_to", "int8_weights16", "int4_weights16",
+__all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to", "int8_weights16", "int4_weights16",
            "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]

@@ -206,6 +206,37 @@ def test_sixteen_rows_a_program_on_the_tensor_cores(dtype, precision, group_size
     _close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [70, 69], ids=["even_k", "odd_k"])
+def test_int4_tensor_core_loop_with_row_values(dtype, k, monkeypatch):
+    """INT4 on the tensor cores with one row a program (an RMS norm's row values before the
+    GEMV): x is read along K in one piece and split into the even and odd k its nibbles meet;
+    an odd K masks the packed bytes at (K + 1) // 2, an even one at K // 2 (the bound whose
+    divisibility lets the codes load 8 bytes at a time)."""
+    from compile_backend.kernels import weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    n = 33
+    codes, scales = _weights(n, k, "int4", 32, seed=41)
+    gen = torch.Generator().manual_seed(42)
+    monkeypatch.setattr(weight_only, "heuristic", lambda m: weight_only.WeightOnlyConfig(
+        "gemv", 1, 16, 32, split_k=2, tensor_cores=True))
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+
+    def normed(h, c, s):
+        h32 = h.float()
+        x = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype)
+        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int4", 32)
+
+    inputs = (torch.randn(2, k, generator=gen).to(dtype), codes, scales)
+    group = _group(normed, inputs)
+    kernel, fallbacks = choose_kernel(group, inputs, ctx)
+    assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+    assert kernel.fn.plan.row_values is True
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
 def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
     """A softmax over x's row is no row value the prologue knows (amax): the group still runs,
     through the non-fused path, equal to its reference."""
