@@ -208,8 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--operands", nargs="*", default=["fp16", "fp8"], choices=("fp16", "fp8", "int8"))
     p.add_argument("--gemv", nargs=2, type=int, metavar=("N", "K"),
                    help="instead: the decode GEMV's main loop per weight at [N, K] (e.g. 5632 2048)")
+    p.add_argument("--fp8-cast", choices=("this-torch", "nan"), default="this-torch",
+                   help="nan: generate as for a torch whose fp32 -> fp8 cast makes overflow NaN (torch "
+                        "2.11, the GPU image's: FP8 conversions then carry an overflow guard)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.fp8_cast == "nan":
+        from compile_backend.kernels import expr_casts
+        expr_casts.fp8_saturates = lambda: False
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernel_sass: compiles for the GPU; run it without TRITON_INTERPRET=1", file=sys.stderr)
         return 2

@@ -631,6 +631,18 @@ def scalar_dtype(v: Any) -> torch.dtype:
 ROUNDS_ITSELF = frozenset({aten._to_copy.default, prims.convert_element_type.default, aten.clone.default})
 
 
+def _within_fp8_range(a: Any) -> bool:
+    """Whether ``a`` is an fp32-computed clamp to bounds within e4m3fn's +-448 (NaN passes
+    through it, and converts to NaN with or without the overflow guard)."""
+    if not (isinstance(a, fx.Node) and a.op == "call_function" and a.target == aten.clamp.default):
+        return False
+    val = meta_of(a)
+    if not isinstance(val, torch.Tensor) or compute_dtype(val.dtype) != torch.float32:
+        return False
+    bounds = [a.args[i] if len(a.args) > i else a.kwargs.get(name) for i, name in ((1, "min"), (2, "max"))]
+    return all(isinstance(b, (int, float)) and not isinstance(b, bool) and abs(b) <= 448 for b in bounds)
+
+
 def var_name(node: fx.Node) -> str:
     return f"v_{node.name}"
 
@@ -663,7 +675,10 @@ def emit_pointwise(nodes: Sequence[fx.Node], names: Dict[fx.Node, str], helpers:
 
         args = [operand(a) for a in node.args]
         kwargs = {k: operand(v) for k, v in node.kwargs.items()}
-        expr = lower(node.target, args, kwargs, val.dtype, helpers)
+        if node.target in ROUNDS_ITSELF and val.dtype == casts.FP8 and _within_fp8_range(node.args[0]):
+            expr = casts.round_fp8_in_range(args[0].name)  # a quantize's cast after its clamp
+        else:
+            expr = lower(node.target, args, kwargs, val.dtype, helpers)
         # a conversion rounds to its dtype itself (``convert``): rounding again costs a round trip
         # per element that the compiler cannot fold for fp8 (FFN1's quantize epilogue did both)
         if round_intermediates and val.dtype in REDUCED_FLOATS and node.target not in ROUNDS_ITSELF:

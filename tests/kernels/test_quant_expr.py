@@ -201,7 +201,8 @@ def test_round_and_nan_to_num_lowerings():
 def test_quantize_chains_lower_without_redundant_work():
     """A producer's epilogue runs the quantize chain per element, so its code is kept short
     (``python -m benchmarks.kernel_sass`` counts the instructions): the FP8 conversion rounds
-    once (its result is not rounded again), number bounds clamp with NaN-keeping min/max, the
+    once (its result is not rounded again) and, after the clamp to +-448, without the overflow
+    guard a NaN-making torch (2.11) needs; number bounds clamp with NaN-keeping min/max, the
     default nan_to_num is a min and a max, and on the GPU round is the hardware's ``cvt.rni``."""
     def code(fn, *inputs):
         g = make_group(fn, *inputs)
@@ -211,8 +212,11 @@ def test_quantize_chains_lower_without_redundant_work():
 
     x, inv = randn(5, 7).half(), torch.tensor(3.0)
     fp8 = code(lambda x, inv: static_quantize(x, inv, "fp8"), x, inv)
-    assert fp8.count("cb_round_fp8(") == 1 and "tl.where" not in fp8, fp8
+    # one rounding, without the overflow guard (the clamp came first)
+    assert fp8.count("cb_round_fp8_in_range(") == 1 and "cb_round_fp8(" not in fp8 and "tl.where" not in fp8, fp8
     assert "tl.maximum(" in fp8 and "tl.minimum(" in fp8
+    wide = code(lambda x: x.float().clamp(-500, 500).to(FP8), x)  # past +-448: the guard stays
+    assert "cb_round_fp8(" in wide and "in_range" not in wide, wide
     int8 = code(lambda x, inv: static_quantize(x, inv, "int8"), x, inv)
     assert int8.count("tl.where") == 1 and "cb_rint(" in int8, int8  # the NaN test of nan_to_num only
     # a zero bound keeps compare-and-select: clamp(-0.0, min=0) is -0.0 in eager
