@@ -12,11 +12,10 @@ import triton.language as tl
 from .expr_casts import conversion_source
 from .launch import load_source
 
-# fp32 -> float8_e4m3fn for the fused FP8 output quantize: the generated kernels' helpers, the
-# GPU's native cast and, for Triton's interpreter (whose own fp8 cast is wrong), integer
-# arithmetic; the launch picks one (SOFT_FP8), so the import-time mode does not matter
+# fp32 -> float8_e4m3fn for the fused FP8 output quantize under Triton's interpreter (whose own
+# fp8 cast is wrong): the generated kernels' integer-arithmetic helper; on the GPU the native
+# cast. The launch picks one (SOFT_FP8), so the import-time mode does not matter
 _PRELUDE = "import triton\nimport triton.language as tl\n"
-to_fp8_native = load_source(_PRELUDE + conversion_source("cb_to_fp8(", interpret=False)).cb_to_fp8
 to_fp8_soft = load_source(_PRELUDE + conversion_source("cb_to_fp8(", interpret=True)).cb_to_fp8
 
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
@@ -31,11 +30,14 @@ def quantize_output(out, quant_inv_scale, QMAX: tl.constexpr, ROUND_TO: tl.const
     half to even (|y| <= QMAX < 2^23)."""
     y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
     if QUANT_FP8:
-        y = tl.where(y > QMAX, QMAX, tl.where(y < -QMAX, -QMAX, y))
+        # min/max that keep NaN: one instruction each; the value is then within +-QMAX (or
+        # NaN), so the GPU's cast needs no overflow guard (kernels/expr_casts.fp8_saturates)
+        y = tl.minimum(tl.maximum(y, -QMAX, propagate_nan=tl.PropagateNan.ALL), QMAX,
+                       propagate_nan=tl.PropagateNan.ALL)
         if SOFT_FP8:
             res = to_fp8_soft(y)
         else:
-            res = to_fp8_native(y)
+            res = y.to(tl.float8e4nv)
     else:
         y = tl.where(y != y, 0.0, y)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
@@ -57,5 +59,5 @@ def mask_argument(mask: Optional[torch.Tensor], q: torch.Tensor, seq_k: int):
     return MASK_ADDITIVE, arg, arg.stride()
 
 
-__all__ = ["MASK_NONE", "MASK_BOOL", "MASK_ADDITIVE", "mask_argument", "quantize_output", "to_fp8_native",
+__all__ = ["MASK_NONE", "MASK_BOOL", "MASK_ADDITIVE", "mask_argument", "quantize_output",
            "to_fp8_soft"]
