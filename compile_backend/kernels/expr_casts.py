@@ -15,7 +15,8 @@ storage dtype becomes another.
   (same bits as the GPU).
 * ``round`` is round half to even like torch (``cb_rint``/``cb_rint64``: the GPU's ``cvt.rni``;
   under the interpreter the add-and-subtract of 2^23 / 2^52, exact with IEEE
-  round-to-nearest-even); ``nan_to_num`` maps NaN / +inf / -inf to the given values or the dtype's finite extremes.
+  round-to-nearest-even); ``nan_to_num`` maps NaN / +inf / -inf to the given values or the
+  dtype's finite extremes.
   float -> int8 is a plain conversion: the quantize chain rounds and clamps to [-127, 127] first.
 
 This module imports neither Triton nor :mod:`.expr` (which imports it).
