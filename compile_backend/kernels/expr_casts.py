@@ -156,7 +156,7 @@ def nan_to_num(x: str, out: torch.dtype, nan: Optional[float], posinf: Optional[
             f"tl.where({x} == {lit(-math.inf)}, {lit(neginf)}, {x})))")
 
 
-#: helper functions the rounding ops call (merged into expr.HELPERS): on the GPU ``round`` is the
+#: helper functions the rounding ops call (merged into expr_helpers.HELPERS): on the GPU ``round`` is the
 #: hardware's round-to-nearest-even, one instruction (NaN, inf and -0.0 as IEEE says, like torch;
 #: the INT8 quantize chain rounds every element of a producer's epilogue); ``big`` is unused
 #: there, kept so both variants take the same call
