@@ -67,9 +67,10 @@ class Options:
         launch-bound work such as an LLM decode step). Off by default until measured; ignored
         where the GPU or Triton lacks it.
     quant_layers: which selected layers an INT8/FP8 (W8A8) engine quantizes on CUDA: ``faster``
-        (default) only those whose 8-bit GEMM or convolution is measured faster than the float one
-        at the layer's shape on this GPU (TensorRT's precision as a permission, not an order: the
-        rest stay float, the report gives both times); ``all`` every selected layer.
+        (default) only those whose 8-bit GEMM or convolution, measured, plus the estimated cost of
+        writing the layer's input in 8 bits, beats the float one at the layer's shape on this GPU
+        (TensorRT's precision as a permission, not an order: the rest stay float, the report gives
+        the times); ``all`` every selected layer.
     fp8_accumulation: how FP8 GEMMs and convolutions sum their products. ``fp32`` (default): the
         tensor cores' partial sums are added into an fp32 accumulator every K tile (Triton) or
         as cuBLAS's default mode does. ``fast``: the Hopper tensor cores' own accumulator (about

@@ -67,7 +67,8 @@ class QuantRequest:
     smooth_alpha: Callable[[str], Optional[float]] = lambda name: None
     # on CUDA with options quant_layers="faster": speed(m, n, k, dtype, bias) and speed.conv(x
     # shape, w shape, stride, padding, dilation, groups, dtype, bias) -> (8-bit ms, float ms) of
-    # the layer at its shape, measured (quant/speed.py), or None (not measured)
+    # the layer at its shape, measured (quant/speed.py), or None (not measured); and
+    # speed.quantize_ms(numel): the estimated cost of writing the layer's input in 8 bits
     speed: Optional[Callable[[int, int, int, torch.dtype, bool], Optional[Tuple[float, float]]]] = None
     records: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     # static quantizes already written, by (value, inverse scale): layers reading one activation
@@ -238,9 +239,10 @@ def _match(kind: str):
 
 
 def _slower_than_float(layer: Layer, request: QuantRequest) -> Optional[str]:
-    """Why a layer stays float: its 8-bit GEMM or convolution measured no faster than its float
-    one at its shape (``request.speed``), else None. The activation's quantize is not counted: a
-    producer of ours writes it (static scales) or one row reduction per layer computes it."""
+    """Why a layer stays float: its 8-bit GEMM or convolution measured, plus the estimated cost
+    of writing its input in 8 bits where that input is made (``speed.quantize_ms``: a producer
+    of ours writes it, or one row reduction per layer for dynamic scales), no faster than its
+    float one at its shape (``request.speed``), else None."""
     if request.speed is None:
         return None
     x = tensor_val(layer.x)
@@ -257,11 +259,15 @@ def _slower_than_float(layer: Layer, request: QuantRequest) -> Optional[str]:
         times = request.speed.conv(tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype,
                                    bias is not None)
         what = f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
-    if times is None or times[0] < times[1]:
+    estimate = getattr(request.speed, "quantize_ms", None)
+    extra = estimate(x.numel()) if times is not None and estimate is not None else 0.0
+    if times is None or times[0] + extra < times[1]:
         return None
     q_ms, f_ms = times
+    plus = f" + {extra * 1e3:.1f} us (estimated) to write its input in {request.precision}" if extra else ""
     return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
-            + what.format(q=f"{q_ms * 1e3:.1f} us against {f_ms * 1e3:.1f} us") + " (quant_layers='all' quantizes it)")
+            + what.format(q=f"{q_ms * 1e3:.1f} us{plus} against {f_ms * 1e3:.1f} us")
+            + " (quant_layers='all' quantizes it)")
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

@@ -9,8 +9,11 @@ than the FP16 one (session 9, run 1: BERT INT8 1.29 ms, FP16 1.04).
 :class:`LayerSpeed` times, per distinct layer shape, the layer's ``scaled_mm`` / ``scaled_conv``
 alone (the vendor GEMMs and the template's heuristic config; convolutions channels-last, as the
 engine runs them on CUDA) beside the float GEMM / cuDNN convolution the tuner times as its
-reference, through the tuner and its timing cache (a warm process measures nothing). The quantize
-pass asks it (``QuantRequest.speed``); the report gives both times for a layer left float.
+reference, through the tuner and its timing cache (a warm process measures nothing), and
+estimates what writing the layer's input in 8 bits adds to the kernel producing it
+(:meth:`LayerSpeed.quantize_ms`). The quantize pass asks it (``QuantRequest.speed``) and keeps a
+layer float unless its 8-bit GEMM plus that estimate beats the float GEMM; the report gives the
+times for a layer left float.
 """
 from __future__ import annotations
 
@@ -24,6 +27,18 @@ from ..kernels import quant_ref
 
 Times = Optional[Tuple[float, float]]  # (8-bit ms, float ms), or None: not measured
 log = logging.getLogger("compile_backend")
+
+#: SASS instructions an element that writing a layer's input in 8 bits adds to the kernel that
+#: produces it (a GEMM's epilogue, a norm's reduction): BERT FFN1's FP8 GEMM + GELU epilogue on
+#: sm_90 (``benchmarks/kernel_sass.py``, session 14): FP8 6.8, INT8 15.4 (round, clamps, NaN -> 0).
+#: Not counted, the probe's INT8 BERT made FFN1 (GELU + INT8 quantize) 52 us against 33 in FP16
+#: to win 2 us on FFN2: the engine came out slower than FP16 (H100, session 13).
+QUANTIZE_INSTRUCTIONS = {"fp8": 7.0, "int8": 16.0, "int4": 16.0}
+#: lanes an SM issues a clock (4 schedulers x 32) and the sustained clock the estimate assumes
+LANES_PER_SM, CLOCK_HZ = 128, 1.75e9
+#: a dynamic per-row scale is a row reduction of its own over the input: it reads the input again
+#: and writes the codes (3 bytes an element of fp16 input) at about this rate
+DYNAMIC_BYTES_PER_S = 3.0e12
 
 
 class LayerSpeed:
@@ -45,6 +60,19 @@ class LayerSpeed:
         key = ("conv", tuple(x_shape), tuple(w_shape), repr(geometry), dtype, bias)
         return self._once(key, f"convolution {tuple(x_shape)} * {tuple(w_shape)}",
                           lambda: self._conv(tuple(x_shape), tuple(w_shape), geometry, dtype, bias))
+
+    def quantize_ms(self, numel: int) -> float:
+        """Estimated time the layer's input quantize adds where that input is made, for
+        ``numel`` elements: the instructions an element (:data:`QUANTIZE_INSTRUCTIONS`) at the
+        GPU's issue rate; a dynamic scale's row reduction at :data:`DYNAMIC_BYTES_PER_S`. An
+        estimate, not a measurement: the producer is some other group of the graph. 0 off CUDA."""
+        if self.ctx is None or self.ctx.device.type != "cuda":
+            return 0.0
+        sms = torch.cuda.get_device_properties(self.ctx.device).multi_processor_count
+        seconds = numel * QUANTIZE_INSTRUCTIONS.get(self.precision, 16.0) / (sms * LANES_PER_SM * CLOCK_HZ)
+        if self.dynamic:
+            seconds += numel * 3 / DYNAMIC_BYTES_PER_S
+        return seconds * 1e3
 
     def _once(self, key, what: str, measure: Callable[[], Times]) -> Times:
         if key not in self.seen:
@@ -114,4 +142,4 @@ class LayerSpeed:
         return (min(quants), floats[0]) if floats and quants else None
 
 
-__all__ = ["LayerSpeed", "Times"]
+__all__ = ["LayerSpeed", "Times", "QUANTIZE_INSTRUCTIONS"]

@@ -103,6 +103,44 @@ def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
     assert status["b.weight"][0] == "quantized"
 
 
+def test_the_inputs_quantize_counts_against_the_8_bit_gemm(monkeypatch, tmp_path):
+    """A layer whose 8-bit GEMM wins by less than the estimated cost of writing its input in 8
+    bits stays float (INT8 BERT, session 13: FFN2 won 2 us and its producer FFN1 lost 19)."""
+    class Speed:
+        def __call__(self, m, n, k, dtype, bias):
+            return (0.008, 0.010) if n == 40 else (0.002, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.004
+
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = Speed()
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    model = TwoLinears().half().eval()
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    status = {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}
+    assert status["a.weight"][0] == "quantized"
+    kept, why = status["b.weight"]
+    assert kept == "float" and "8.0 us + 4.0 us (estimated) to write its input in int8 against 10.0 us" in why, why
+
+
+def test_the_quantize_estimate_is_zero_off_cuda():
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.quant.speed import LayerSpeed
+
+    ctx = KernelContext(options=Options(), device=torch.device("cpu"), interpret=True)
+    assert LayerSpeed(ctx, "int8", per_channel=True, dynamic=True).quantize_ms(10**6) == 0.0
+    assert LayerSpeed(None, "fp8", per_channel=False, dynamic=False).quantize_ms(10**6) == 0.0
+
+
 def test_probes_run_their_code_path_on_the_cpu():
     """No timings on the CPU (the tuner does not measure there): both probes answer None."""
     import compile_backend.ops  # noqa: F401
@@ -138,6 +176,8 @@ def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     assert speed(2048, 2304, 768, torch.float16, True) == (q_ms, f_ms)  # measured once
     q_ms, f_ms = speed.conv((32, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True)
     assert 0 < q_ms < 10 and 0 < f_ms < 10
+    # BERT FFN2's input (2048 x 3072): ~1.5 us in FP8, ~3.4 in INT8 on an H100/H200
+    assert 0.0005 < speed.quantize_ms(2048 * 3072) < 0.01
 
 
 def test_a_failed_measurement_quantizes_the_layer(caplog):
