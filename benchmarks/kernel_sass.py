@@ -86,12 +86,38 @@ def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
             "local_stores": sum(" STL" in i for i in instructions),
             "local_loads": sum(" LDL" in i for i in instructions),
             "mufu": sum("MUFU" in i for i in instructions),
-            "loop_instructions": longest_loop(sass)}
+            "loop_instructions": longest_loop(sass),
+            "loop_sm_clocks": loop_clocks(longest_loop(sass, body=True))}
 
 
-def longest_loop(sass: str) -> int:
+#: warp instructions an SM completes a clock, by SASS opcode (compute capability 9.0, from the
+#: CUDA C programming guide's arithmetic throughput table: results a clock / 32; opcodes it does
+#: not list are taken as the integer ALU's): fp32 FMA pipe 4, half2 4 (8 results), integer,
+#: logic, compare, select and permute 2, conversions and MUFU 0.5, loads and stores 1 (the
+#: LSU). Tensor-core and control instructions are not counted.
+WARP_RATE = {"FFMA": 4, "FADD": 4, "FMUL": 4, "HFMA2": 4, "HADD2": 4, "HMUL2": 4,
+             "I2F": 0.5, "F2I": 0.5, "F2F": 0.5, "I2FP": 0.5, "F2IP": 0.5, "MUFU": 0.5, "POPC": 0.5, "FLO": 0.5,
+             "LDG": 1, "LDS": 1, "STS": 1, "STG": 1, "LDSM": 1, "STSM": 1, "SHFL": 1}
+_FREE = ("HGMMA", "QGMMA", "IGMMA", "WARPGROUP", "BRA", "BAR", "NOP", "EXIT", "MEMBAR", "FENCE", "DEPBAR", "ELECT",
+         "SYNCS", "UMOV", "ULDC", "UIADD3", "USHF", "ULEA", "UIMAD", "ULOP3", "R2UR", "S2UR", "S2R", "CS2R")
+
+
+def loop_clocks(body: List[str]) -> float:
+    """SM clocks one warp's pass through ``body`` occupies its busiest pipes, summed over
+    instructions at :data:`WARP_RATE` (an issue model: latencies and dual issue ignored)."""
+    clocks = 0.0
+    for text in body:
+        m = re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", text)
+        op = m.group(2) if m else ""
+        if op.startswith(_FREE):
+            continue
+        clocks += 1.0 / WARP_RATE.get(op, 2)
+    return clocks
+
+
+def longest_loop(sass: str, body: bool = False):
     """Instructions in the longest loop of a disassembly (a branch back to an earlier label):
-    a main loop's body, executed once per K step."""
+    a main loop's body, executed once per K step (with ``body``: the instructions' text)."""
     at, labels, pending = [], {}, None
     for line in sass.splitlines():
         label = re.match(r"^\.(L_x_\d+):", line)
@@ -103,12 +129,13 @@ def longest_loop(sass: str) -> int:
             at.append((int(m.group(1), 16), m.group(2)))
             if pending:
                 labels[pending], pending = at[-1][0], None
-    longest = 0
+    longest: List[str] = []
     for address, text in at:
         target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", text)
         if target and labels.get(target.group(1), address + 1) < address:
-            longest = max(longest, sum(1 for a, _ in at if labels[target.group(1)] <= a <= address))
-    return longest
+            loop = [t for a, t in at if labels[target.group(1)] <= a <= address]
+            longest = loop if len(loop) > len(longest) else longest
+    return longest if body else len(longest)
 
 
 def form_fn(form: str, scaled: bool):
@@ -189,9 +216,13 @@ def gemv_rows(n: int, k: int) -> List[dict]:
                     gemv.gemv(x, codes, scales, None, out, int4=weights == "int4", group=128, config=cfg)
                 r = sink[-1]
                 per_thread = cfg.block_n * cfg.block_k * cfg.unroll / (32 * cfg.num_warps)
+                weight_bytes = {"int4": 0.5, "int8": 1.0, "float": 2.0}[weights]
+                # the weight bytes a second the issue model lets 132 SMs at 1.755 GHz stream
+                issue_tb_s = 132 * 1.755e9 * per_thread * 32 / r["loop_sm_clocks"] * weight_bytes / 1e12
                 rows.append({"weights": weights, "loop": "tensor cores" if cfg.tensor_cores else "elementwise",
                              "shape": [n, k], **r,
-                             "instructions_per_weight": round(r["loop_instructions"] / per_thread, 2)})
+                             "instructions_per_weight": round(r["loop_instructions"] / per_thread, 2),
+                             "issue_bound_tb_s": round(issue_tb_s, 2)})
     finally:
         gemm_template.load_kernel = load
         gemv.plain_kernel.cache_clear()
@@ -226,7 +257,8 @@ def main(argv=None) -> int:
         rows = gemv_rows(*args.gemv)
         for r in rows:
             print(f"gemv {r['weights']:5s} {r['loop']:12s} regs {r['registers']:3d} loop {r['loop_instructions']:4d} "
-                  f"SASS = {r['instructions_per_weight']} a weight", flush=True)
+                  f"SASS = {r['instructions_per_weight']} a weight; the issue model's bound "
+                  f"{r['issue_bound_tb_s']} TB/s of weights (H200 copy: ~4.8)", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

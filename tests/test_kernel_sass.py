@@ -49,3 +49,6 @@ def test_decode_gemv_instructions_per_weight(tmp_path):
     rows = {(r["weights"], r["loop"]): r["instructions_per_weight"] for r in json.loads(out.read_text())}
     assert rows[("int4", "tensor cores")] < min(7.0, rows[("int4", "elementwise")]), rows
     assert rows[("float", "tensor cores")] < 3.5, rows
+    bound = {(r["weights"], r["loop"]): r["issue_bound_tb_s"] for r in json.loads(out.read_text())}
+    # the issue model: fp16 streams far past the copy bandwidth, INT4 at most a third of it
+    assert bound[("float", "tensor cores")] > 8 and 0.3 < bound[("int4", "tensor cores")] < 3, bound
