@@ -76,7 +76,7 @@ def offset_codes_to(u, OFFSET: tl.constexpr, scale, DTYPE: tl.constexpr):
         c = (u | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
         return (c.to(tl.float16) * scale).to(tl.float16)
     else:
-        c = (u | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+        c = (u.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
         b = (c * scale.to(tl.float32)).to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -87,7 +87,8 @@ def int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr):
     """:func:`int8_weights` for 16-bit DTYPE, as DTYPE (``scale``: [BLOCK_N, 1] fp16)."""
     ok = n_ok[:, None] & (rk < K)[None, :]
     codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
-    return offset_codes_to(codes.to(tl.int32) + 128, 128, scale, DTYPE)
+    # code + 128 is the code's byte with its top bit flipped: 16-bit lanes, no add
+    return offset_codes_to(codes.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80, 128, scale, DTYPE)
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.conste
     """:func:`int4_weights` for 16-bit DTYPE: (low, high) as DTYPE. A nibble's two's complement
     plus 8 is the nibble with its top bit flipped."""
     ok = n_ok[:, None] & packed_bytes_ok(rb, K, ODD_K)[None, :]
-    packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
+    packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.uint16)  # 16-bit lanes
     scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
     lo = offset_codes_to((packed & 15) ^ 8, 8, scale, DTYPE)
     hi = offset_codes_to(((packed >> 4) & 15) ^ 8, 8, scale, DTYPE)
