@@ -27,7 +27,11 @@ def round_to(v, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
 @triton.jit
 def int8_weights(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
     """INT8 weight rows ``rn`` at columns ``rk`` dequantized with their ``scale`` ([BLOCK_N, 1]
-    fp32), rounded to DTYPE, as fp32; 0 past N and K."""
+    fp32, an fp16 value), rounded to DTYPE, as fp32; 0 past N and K. For 16-bit DTYPE through
+    :func:`int8_weights16`: no int -> float conversion a weight (Hopper issues those at 1/8 of the
+    FMA rate; the decode GEMV's elementwise loop was bound by them: ``kernel_sass --gemv``)."""
+    if DTYPE != tl.float32:
+        return int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale.to(tl.float16), DTYPE).to(tl.float32)
     ok = n_ok[:, None] & (rk < K)[None, :]
     codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
     return round_to(codes.to(tl.float32) * scale, DTYPE, SOFT_BF16).to(tl.float32)
@@ -52,7 +56,11 @@ def int4_weights(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
     2j + 1 in its high one), dequantized with the scale of the group holding ``k0`` (the tile
     never straddles two groups), rounded to DTYPE: (low, high) as fp32, 0 past N and K (K: the
     bound the caller masks at, e.g. its K slice's end; a tile past it loads no scale). ODD_K:
-    K may be odd (see :func:`packed_bytes_ok`)."""
+    K may be odd (see :func:`packed_bytes_ok`). For 16-bit DTYPE through :func:`int4_weights16`
+    (see :func:`int8_weights`)."""
+    if DTYPE != tl.float32:
+        lo16, hi16 = int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP, DTYPE, ODD_K)
+        return lo16.to(tl.float32), hi16.to(tl.float32)
     ok = n_ok[:, None] & packed_bytes_ok(rb, K, ODD_K)[None, :]
     packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
     # rn * 0 + k0: a vector (the interpreter refuses a mask term without a shape)
