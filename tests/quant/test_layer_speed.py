@@ -73,6 +73,23 @@ class TwoConvs(torch.nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
+def _quant_status(monkeypatch, tmp_path, model, x, speed):
+    """{layer: (status, reason)} of ``model`` compiled INT8 with ``speed`` standing in for the
+    quantize pass's measurement."""
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = speed
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    return {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}
+
+
 def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
     seen = []
 
@@ -84,20 +101,8 @@ def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
             seen.append((x_shape, w_shape, list(stride), list(padding), groups, dtype, bias))
             return (0.03, 0.01) if w_shape[2] == 3 else (0.001, 0.01)
 
-    @contextlib.contextmanager
-    def fake(ctx, options):
-        if ctx.quant is not None:
-            ctx.quant.speed = Speed()
-        yield None
-    monkeypatch.setattr(pipeline, "layer_speed", fake)
-    model = TwoConvs().half().eval()
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
-                            use_cache=False)
-    with torch.no_grad():
-        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
-                                         speed_check=False)
-    status = {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}
+    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
     assert ((2, 3, 9, 11), (16, 3, 3, 3), [1, 1], [1, 1], 1, torch.float16, True) in seen
     assert status["a.weight"][0] == "float" and "convolution took 30.0 us against 10.0 us" in status["a.weight"][1]
     assert status["b.weight"][0] == "quantized"
@@ -113,20 +118,8 @@ def test_the_inputs_quantize_counts_against_the_8_bit_gemm(monkeypatch, tmp_path
         def quantize_ms(self, numel):
             return 0.004
 
-    @contextlib.contextmanager
-    def fake(ctx, options):
-        if ctx.quant is not None:
-            ctx.quant.speed = Speed()
-        yield None
-    monkeypatch.setattr(pipeline, "layer_speed", fake)
-    model = TwoLinears().half().eval()
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
-    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
-                            use_cache=False)
-    with torch.no_grad():
-        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
-                                         speed_check=False)
-    status = {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}
+    status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
     assert status["a.weight"][0] == "quantized"
     kept, why = status["b.weight"]
     assert kept == "float" and "8.0 us + 4.0 us (estimated) to write its input in int8 against 10.0 us" in why, why
