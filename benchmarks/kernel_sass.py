@@ -196,7 +196,7 @@ def gemv_rows(n: int, k: int) -> List[dict]:
     4.8 TB/s an INT4 weight (half a byte) leaves an SM ~3.5 issue slots (132 SMs x 128 lanes x
     1.98 GHz / 9.6e12 weights/s); more and the GEMV is bound by instructions, not bytes."""
     from compile_backend.kernels import gemm_template, gemv, weight_only_ref
-    from compile_backend.kernels.weight_only import _gemv
+    from compile_backend.kernels.weight_only import WeightOnlyConfig
 
     sink: List[dict] = []
     load = gemm_template.load_kernel
@@ -205,7 +205,9 @@ def gemv_rows(n: int, k: int) -> List[dict]:
     try:
         x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k)
         for weights in ("int4", "int8", "float"):
-            for cfg in (_gemv(32, 128, unroll=2), _gemv(64, 128, tc=True)):
+            # the tuner's elementwise and tensor-core candidates (weight_only.CONFIGS["gemv"])
+            for cfg in (WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, waves=8, unroll=2),
+                        WeightOnlyConfig("gemv", 1, 64, 128, num_stages=1, waves=8, tensor_cores=True)):
                 gemv.plain_kernel.cache_clear()
                 out = torch.empty(1, n, dtype=torch.float16)
                 if weights == "float":
@@ -259,10 +261,7 @@ def main(argv=None) -> int:
             print(f"gemv {r['weights']:5s} {r['loop']:12s} regs {r['registers']:3d} loop {r['loop_instructions']:4d} "
                   f"SASS = {r['instructions_per_weight']} a weight; the issue model's bound "
                   f"{r['issue_bound_tb_s']} TB/s of weights (H200 copy: ~4.8)", flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return 0
+        return write_json(args.json, rows)
     m, n, k = args.shape
     rows = []
     for cname in args.configs:
@@ -289,8 +288,12 @@ def main(argv=None) -> int:
                 print(f"{cname:18s} {operands:5s} {form:10s} regs {r['registers']:3d} stack {r['stack_bytes']:4d} "
                       f"spill st/ld {r['local_stores']:3d}/{r['local_loads']:3d} SASS {r['instructions']:6d}"
                       + ("" if extra is None else f"  epilogue +{extra} / element"), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    return write_json(args.json, rows)
+
+
+def write_json(path, rows) -> int:
+    if path:
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
 
