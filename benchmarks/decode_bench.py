@@ -15,9 +15,12 @@ batch 1 as well. Times: median of ``--iters`` calls
 timed with CUDA events after warm-up, the same inputs every call (a decode step costs the same
 at a fixed position). Accuracy beside speed: cosine of the last-position logits against the
 fp16 eager peer, for the weight-only engines each quantized layer's output SQNR (the reference
-numerics on the inputs the float model gives it; ``layer_sqnr_db``), and each of our engines'
-report (layers quantized, fallbacks). ``--model hf``: the decode step of transformers'
-``LlamaForCausalLM`` at the same sizes with a ``StaticCache`` (written in place), in place of
+numerics on the inputs the float model gives it; ``layer_sqnr_db``) and ``cosine_vs_reference``:
+the cosine against the same model in fp32, eager, with the weights of exactly the layers the
+engine quantized round-tripped by the reference numerics (``decode_reference.py``; near 1: the
+engine computes the reference's numbers, and ``cosine_vs_fp32`` is the quantization's own
+effect), and each of our engines' report (layers quantized, fallbacks). ``--model hf``: the
+decode step of transformers' ``LlamaForCausalLM`` at the same sizes with a ``StaticCache`` (written in place), in place of
 the zoo decoder; ``--model zoo-inplace``: the zoo decoder's step into per-layer caches written
 in place (``llama_decode_inplace``: a serving loop's step, no cache returned). ``--profile``: each peer's GPU kernels per call and its host time by function (cProfile)
 (``kernel_profile.profile_kernels``, the CUDA graph replayed). Each record carries the device,
@@ -183,8 +186,13 @@ def layer_output_sqnr(model: torch.nn.Module, inputs, precision: str, group_size
     """Per ``nn.Linear`` (those named in ``quantized``, when given), the SQNR in dB of its output
     with the weight-only quantized weight against its float output, on the inputs the float
     model feeds it here: the engine's kernels equal this reference (kernels/weight_only_ref.py,
-    tested), so it is the engine's per-layer error without reading inside a fused graph."""
-    from compile_backend.kernels import quant_ref, weight_only_ref
+    tested), so it is the engine's per-layer error without reading inside a fused graph. The
+    weight is quantized as the engine does, as [N, K] (rows = output channels: INT4 groups run
+    along K); until session 15 this quantized its transpose (groups along N, INT8 scales per
+    input channel), which gives about the same SQNR on Gaussian weights but not the engine's."""
+    from compile_backend.kernels import quant_ref
+
+    from .decode_reference import round_trip
 
     captured: Dict[str, Any] = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, name=n: captured.__setitem__(name, args[0].detach()))
@@ -199,11 +207,10 @@ def layer_output_sqnr(model: torch.nn.Module, inputs, precision: str, group_size
     out = {}
     for name, x in captured.items():
         layer = model.get_submodule(name)
-        w = layer.weight.detach().t().float()  # [K, N], as the engine reads it
-        s = weight_only_ref.scales(w, precision, group_size, clip)
-        deq = weight_only_ref.dequantize(weight_only_ref.quantize(w, s, precision, group_size), s, precision, group_size)
-        x = x.float().reshape(-1, w.shape[0])
-        out[name] = round(quant_ref.sqnr_db(x @ w, x @ deq), 2)
+        w = layer.weight.detach().float()  # [N, K]: what fx_passes/weight_only quantizes
+        deq = round_trip(w, precision, group_size, clip)
+        x = x.float().reshape(-1, w.shape[1])
+        out[name] = round(quant_ref.sqnr_db(x @ w.t(), x @ deq.t()), 2)
     return out
 
 
@@ -262,17 +269,21 @@ def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, conte
     return HFDecodeStep(model, context - 1).eval(), (token, torch.tensor([context - 1], device=device), cache)
 
 
-def hf_fp32_logits(model: torch.nn.Module, inputs, size: str) -> torch.Tensor:
+def hf_fp32_logits(model: torch.nn.Module, inputs, size: str,
+                   prepare: Optional[Callable[[torch.nn.Module], Any]] = None) -> torch.Tensor:
     """The step's last logits from an fp32 copy of ``model`` over an fp32 copy of its cache: the
     reference every peer's fp16 logits are compared with besides eager fp16's (the H100 runs of
     sessions 11-12 had both compiled peers at cosine 0.30-0.36 against eager fp16: which one is
     off?). The copy's cache is exactly as long as the context (the prefill's slots and the
     step's): no empty slot for a mask to hide, so the reference does not depend on how a peer
-    masks the static cache's unused slots."""
+    masks the static cache's unused slots. ``prepare``: called on the fp32 copy before it runs
+    (``decode_reference``: the quantized layers' weights round-tripped)."""
     import transformers
 
     token, position, cache = inputs
     twin = copy.deepcopy(model).float()
+    if prepare is not None:
+        prepare(twin)
     cfg = twin.model.config
     length = int(position.max()) + 1
     cache32 = transformers.StaticCache(config=cfg, max_batch_size=token.shape[0], max_cache_len=length,
@@ -357,6 +368,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
             base = name[:-len(PDL_SUFFIX)] if name.endswith(PDL_SUFFIX) else name
             if base in WEIGHT_ONLY and report is not None:  # issue #20: per-layer output SQNR
                 sqnr = layer_output_sqnr(model, inputs, *WEIGHT_ONLY[base][:2], quantized=_quantized_weights(report))
+                row.update(_reference_cosine(logits, model, inputs, model_kind, size, report))
             elif base in W8A8_SMOOTH and report is not None:  # measured by calibration, per engine layer
                 sqnr = {q["name"]: q.get("sqnr_db") for g in report.graphs for q in g.quant if q["status"] == "quantized"}
             else:
@@ -368,9 +380,31 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager", "cosine_vs_fp32", "cosine_vs_peers", "logits_std",
+        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "cosine_vs_eager", "cosine_vs_fp32", "cosine_vs_reference", "cosine_vs_peers", "logits_std",
                                                   "layer_sqnr_db_min", "quantized", "fallbacks", "error")}), flush=True)
     return rows
+
+
+def _reference_cosine(logits, model, inputs, model_kind: str, size: str, report) -> Dict[str, Any]:
+    """``cosine_vs_reference`` of a weight-only engine's logits: against an fp32 copy of
+    ``model`` (built once, freed before returning) whose weights of exactly the layers the
+    report says were quantized are round-tripped by the reference numerics
+    (``decode_reference``); ``reference_layers``: how many weights that is. A failure is
+    recorded as ``reference_error`` and leaves the row's other measurements."""
+    from . import decode_reference
+
+    try:
+        spec = decode_reference.spec_from_report(report)
+        ref = decode_reference.fp32_logits(model, inputs, model_kind, size, spec)
+        out = {"cosine_vs_reference": torch.nn.functional.cosine_similarity(
+            logits.reshape(-1).float(), ref.reshape(-1).to(logits.device).float(), dim=0).item(),
+            "reference_layers": len(spec)}
+        del ref
+    except Exception as exc:  # recorded, never hidden
+        out = {"reference_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the fp32 copy's blocks (4.4 GB at base size) back before the next peer
+    return out
 
 
 def main(argv=None) -> int:
