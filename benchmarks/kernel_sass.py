@@ -155,10 +155,13 @@ def form_fn(form: str, scaled: bool):
     return lambda x, w, b, inv: tail(F.linear(x, w, b), inv)
 
 
-def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg) -> List[dict]:
+def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg, quant_gelu: str = "tanh") -> List[dict]:
     """Build the group's candidate for ``cfg`` as on a GPU and run it once on CPU tensors: each
-    launch compiles for sm_90 instead."""
+    launch compiles for sm_90 instead. ``quant_gelu``: as ``Options.quant_gelu`` (a GELU only a
+    quantize reads takes its tanh form on the tanh unit, fx_passes.quant_math)."""
     from compile_backend import ops  # noqa: F401  (registers compile_backend::scaled_mm)
+    from compile_backend.fx_passes import PassContext
+    from compile_backend.fx_passes.quant_math import approximate_before_quantize
     from compile_backend.kernels import gemm, gemm_template, qgemm, quant_ref
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.template import traced_group
@@ -176,6 +179,8 @@ def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg) -> List[di
             inputs = (torch.randn(m, k, dtype=torch.float16), torch.randn(n, k, dtype=torch.float16),
                       torch.randn(n, dtype=torch.float16), inv)
             group = traced_group(form_fn(form, False), inputs, "gemm", "addmm")
+            if quant_gelu == "tanh":
+                approximate_before_quantize(group.gm, PassContext())
             tuning = gemm.gemm_candidates(group, ctx, vendor=False, configs=[cfg], tma=cfg.tma)
         else:
             x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
@@ -183,6 +188,8 @@ def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg) -> List[di
             wq, ws = quant_ref.quantize_weight(w, operands, True)
             inputs = (quant_ref.quantize(x, xs, operands), xs, wq, ws, torch.randn(n, dtype=torch.float16), inv)
             group = traced_group(form_fn(form, True), inputs, "gemm", "scaled_mm")
+            if quant_gelu == "tanh":
+                approximate_before_quantize(group.gm, PassContext())
             tuning = qgemm.scaled_mm_candidates(group, ctx, vendor=False, configs=[cfg])
         tuning.candidates[0].compile()(*tuning.make_inputs())
     finally:
@@ -244,6 +251,8 @@ def main(argv=None) -> int:
     p.add_argument("--fp8-cast", choices=("this-torch", "nan"), default="this-torch",
                    help="nan: generate as for a torch whose fp32 -> fp8 cast makes overflow NaN (torch "
                         "2.11, the GPU image's: FP8 conversions then carry an overflow guard)")
+    p.add_argument("--quant-gelu", choices=("tanh", "exact"), default="tanh",
+                   help="a GELU only a quantize reads: as Options.quant_gelu (default tanh: the tanh unit)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.fp8_cast == "nan":
@@ -276,7 +285,7 @@ def main(argv=None) -> int:
             # iteration: its epilogue is in the binary twice (GELU's one MUFU an element shows it)
             copies = 2 if cfg.tma else 1
             for form in args.forms:
-                (r,) = kernels_of(form, operands, m, n, k, cfg)
+                (r,) = kernels_of(form, operands, m, n, k, cfg, args.quant_gelu)
                 base = r if form == "linear" else base
                 extra = None if base is None else round((r["instructions"] - base["instructions"]) / per_thread / copies, 1)
                 if form == "gelu" and base is not None and r["mufu"] - base["mufu"] != copies * per_thread:

@@ -204,9 +204,13 @@ def _stage(name: str):
 def quant_request(options: Options):
     if options.quant is None:
         return None
+    from .fx_passes.quantize import QuantRequest
     from .quant.request import build_request
 
-    return build_request(options.quant)
+    request = build_request(options.quant)
+    if isinstance(request, QuantRequest):
+        request.gelu = options.quant_gelu
+    return request
 
 
 @contextlib.contextmanager

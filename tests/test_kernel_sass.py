@@ -24,10 +24,11 @@ def test_epilogue_instructions_per_element_on_hopper(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["form"]: r for r in json.loads(out.read_text())}
     assert rows["linear"]["epilogue_instructions_per_element"] == 0
-    # GELU's erf costs tens of instructions an element, the INT8 quantize ~10-15 more (session 14:
-    # 33.5 and +15.5 at this tile); no spills at this tile
+    # GELU's erf costs tens of instructions an element (session 14: 33.5 at this tile); before an
+    # INT8 quantize it takes its tanh form on the tanh unit (quant_gelu="tanh", fx_passes/quant_math):
+    # GELU and quantize together cost less than erf GELU alone (session 15: 24.2 against 33.4)
     assert 15 < rows["gelu"]["epilogue_instructions_per_element"] < 60
-    assert 3 < rows["gelu_int8"]["epilogue_instructions_per_element"] - rows["gelu"]["epilogue_instructions_per_element"] < 30
+    assert 5 < rows["gelu_int8"]["epilogue_instructions_per_element"] < rows["gelu"]["epilogue_instructions_per_element"] - 5
     assert all(r["local_stores"] == 0 for r in rows.values())
     assert "TRITON_INTERPRET=1" in subprocess.run(
         [sys.executable, "-m", "benchmarks.kernel_sass"], cwd=ROOT, capture_output=True, text=True,

@@ -38,6 +38,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm
 from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
+from .quant_math import QUANT_MATH_RULES, approximate_before_quantize
 from .quant_sources import STANDALONE_WHY, attention_chain, numel, quantize_attention_output, row_major_source
 from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
 from .smooth import as_factors, inverse_factors, scale_columns_steps
@@ -74,6 +75,7 @@ class QuantRequest:
     # static quantizes already written, by (value, inverse scale): layers reading one activation
     # with one scale (a ResNet stage's first block and its downsample) share its codes
     written: Dict[Tuple[fx.Node, float], Tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=dict)
+    gelu: str = "tanh"  # options["quant_gelu"]: an activation only a quantize reads may take its tanh form
 
     def check_coverage(self) -> None:
         """A calibration that names none of a graph's eligible layers was made for another model
@@ -195,6 +197,9 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
         return {}
     counts = apply_rules(gm, ctx, QUANT_RULES)
     ctx.quant.check_coverage()
+    # after the quantize steps exist: activations only they read (every rule listed, as apply_rules does)
+    counts.update(approximate_before_quantize(gm, ctx) if ctx.quant.gelu == "tanh"
+                  else {rule.name: 0 for rule in QUANT_MATH_RULES})
     return counts
 
 

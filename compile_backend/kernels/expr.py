@@ -263,11 +263,11 @@ def _masked_fill(args, kwargs, out, helpers):
     return f"tl.where({_as(args[1], torch.bool)}, {_as(args[2], out)}, {_as(args[0], out)})"
 
 
-def _gelu(args, kwargs, out, helpers):
+def _gelu(args, kwargs, out, helpers, tanh: str = "tanh"):
     x = _as(args[0], out)
     if kwargs.get("approximate", args[1] if len(args) > 1 else "none") == "tanh":
-        helpers.add("tanh")
-        return f"0.5 * {x} * (1.0 + cb_tanh(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})))"
+        helpers.add(tanh)
+        return f"0.5 * {x} * (1.0 + cb_{tanh}(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x})))"
     return f"0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476))"
 
 
@@ -434,6 +434,22 @@ LOWERINGS: Dict[Any, Callable] = {
         o, "{g} * {m} * {s}", g=a[0], m=a[1], s=_kw(a, k, 2, "scale")),
 }
 
+#: node meta flag (set by fx_passes.quant_math): this tanh, or tanh-form GELU, feeds only 8-bit
+#: quantizes, so it may use the GPU's tanh unit (``cb_tanh_approx``: ``tanh.approx.f32``, relative
+#: error <= 2^-10.99, one instruction where ``cb_tanh`` takes ~20) -- an error far below the
+#: quantize's own (quant/README.md, "GELU before a quantize")
+APPROXIMATE_TANH = "cb_approximate_tanh"
+_APPROXIMATED = {aten.tanh.default: _with_helper("tanh_approx", "cb_tanh_approx({a})"),
+                 aten.gelu.default: lambda a, k, o, h: _gelu(a, k, o, h, tanh="tanh_approx")}
+
+
+def _approximated(node: fx.Node, out: torch.dtype):
+    """The hardware-tanh lowering of ``node`` when the flag allows it (fp32 compute), else None."""
+    if not node.meta.get(APPROXIMATE_TANH) or compute_dtype(out) != torch.float32:
+        return None
+    return _APPROXIMATED.get(node.target)
+
+
 # ops whose value does not depend on any tensor operand's elements (they broadcast a constant)
 CONSTANT_OPS = FILL_OPS | {aten.fill}
 
@@ -547,6 +563,8 @@ def emit_pointwise(nodes: Sequence[fx.Node], names: Dict[fx.Node, str], helpers:
         kwargs = {k: operand(v) for k, v in node.kwargs.items()}
         if node.target in ROUNDS_ITSELF and val.dtype == casts.FP8 and _within_fp8_range(node.args[0]):
             expr = casts.round_fp8_in_range(args[0].name)  # a quantize's cast after its clamp
+        elif _approximated(node, val.dtype) is not None:
+            expr = _approximated(node, val.dtype)(args, kwargs, val.dtype, helpers)
         else:
             expr = lower(node.target, args, kwargs, val.dtype, helpers)
         # a conversion rounds to its dtype itself (``convert``): rounding again costs a round trip

@@ -46,6 +46,13 @@ def cb_tanh(x):
         -0.05396825396825397 + x2 * (0.021869488536155203 - x2 * 0.008863235529902197)))))
     return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
 ''',
+    "tanh_approx": '''
+@triton.jit
+def cb_tanh_approx(x):
+    # the GPU's tanh unit (MUFU.TANH): relative error <= 2^-10.99, for values only an 8-bit
+    # quantize reads (expr.APPROXIMATE_TANH); the interpreter has no PTX: cb_tanh there
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+''',
     "pow": '''
 @triton.jit
 def cb_pow(x, e):
@@ -109,6 +116,11 @@ HELPERS.update(casts.HELPERS)  # cb_rint
 # and is 0 only when exact; fp64 operands keep the fma.
 _INTERPRETED_HELPERS = {
     **casts.INTERPRETED_HELPERS,  # cb_rint
+    "tanh_approx": '''
+@triton.jit
+def cb_tanh_approx(x):
+    return cb_tanh(x)
+''',
     "floordiv": '''
 @triton.jit
 def cb_floordiv(a, b, q):
