@@ -119,7 +119,18 @@ def quant_summary(report) -> Optional[Dict[str, Any]]:
             "standalone_quantizes": [q["reason"] for g in report.graphs for q in g.standalone_quantizes],
             "fallbacks": [f for g in report.graphs for f in g.fallbacks],
             "kernels": sorted({k["impl"] for g in report.graphs for k in g.kernels}),
-            "gemm_choices": gemm_choices(report)}
+            "gemm_choices": gemm_choices(report), "float_layers": float_reasons(layers)}
+
+
+def float_reasons(layers: List[Dict[str, Any]], limit: int = 12) -> List[Dict[str, Any]]:
+    """Why layers stayed float, one row per distinct reason (digits kept: the times in a
+    quant_layers="faster" refusal tell which GEMM lost by how much), most frequent first."""
+    counts: Dict[str, List[str]] = {}
+    for q in layers:
+        if q["status"] != "quantized":
+            counts.setdefault(q.get("reason") or "", []).append(q["name"])
+    rows = [{"reason": r, "n": len(names), "first": names[0]} for r, names in counts.items()]
+    return sorted(rows, key=lambda r: -r["n"])[:limit]
 
 
 def gemm_choices(report) -> List[Dict[str, Any]]:
