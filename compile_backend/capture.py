@@ -250,10 +250,9 @@ def specialize(gm: fx.GraphModule, args: Sequence[Any]) -> fx.GraphModule:
     if not is_symbolic(gm):
         copy = _copy(gm)
         if not _inputs_match(gm, args):
-            from torch._subclasses.fake_tensor import FakeTensorMode
-            from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+            from .kernels.base import propagate_fake
 
-            FakeTensorProp(copy, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*args)
+            propagate_fake(copy, args)
         return copy
     from torch.fx.experimental.proxy_tensor import make_fx
 

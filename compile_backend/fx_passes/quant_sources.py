@@ -101,6 +101,31 @@ def row_major_source(x: fx.Node) -> Optional[fx.Node]:
     return src if sv.shape[-1] == v.shape[-1] and sv.dtype == v.dtype else None
 
 
+def producer_gemm(x: fx.Node, constant) -> Tuple[Optional[fx.Node], Tuple[str, ...]]:
+    """The float GEMM (``mm``/``addmm``) or convolution whose kernel computes ``x`` in its epilogue,
+    and the element-wise ops between (views aside): ``x`` followed back through views and
+    element-wise ops with one operand that is not a constant (``constant``: ``Facts.constant``).
+    (None, ()) when ``x`` comes from a norm, a pool, a graph input, an op of two activations (a
+    residual add: which GEMM's epilogue computes it is the partition's choice) or a GEMM already
+    quantized. Writing ``x`` in 8 bits makes that producer's kernel our template or the vendor's
+    plus a kernel of ours, instead of possibly cuBLAS/cuDNN with their own fused epilogue."""
+    from .partition import classify  # (imports no kernel module)
+
+    node, ops = x, []
+    for _ in range(32):
+        if is_op(node, aten.mm, aten.addmm, aten.convolution):
+            return node, tuple(reversed(ops))
+        if not isinstance(node, fx.Node) or node.op != "call_function" or classify(node) not in (None, "pointwise"):
+            return None, ()
+        live = [a for a in node.all_input_nodes if not constant(a)]
+        if len(live) != 1:
+            return None, ()
+        if not is_view(node):
+            ops.append(str(node.target.overloadpacket.__name__) if hasattr(node.target, "overloadpacket") else op_label(node))
+        node = live[0]
+    return None, ()
+
+
 def numel(dims) -> int:
     out = 1
     for d in dims:
@@ -109,4 +134,4 @@ def numel(dims) -> int:
 
 
 __all__ = ["STANDALONE_WHY", "attention_chain", "activation_source", "smoothing_reason", "attention_source", "quantize_attention_output",
-           "row_major_source", "numel"]
+           "row_major_source", "numel", "producer_gemm"]

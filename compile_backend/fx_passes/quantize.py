@@ -39,7 +39,8 @@ from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
 from .quant_math import QUANT_MATH_RULES, approximate_before_quantize
-from .quant_sources import STANDALONE_WHY, attention_chain, numel, quantize_attention_output, row_major_source
+from .quant_sources import (STANDALONE_WHY, attention_chain, numel, producer_gemm, quantize_attention_output,
+                            row_major_source)
 from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
 from .smooth import as_factors, inverse_factors, scale_columns_steps
 
@@ -222,7 +223,7 @@ def _match(kind: str):
         if reason is not None:
             record.update(status="float", reason=reason)
             return None
-        slower = _slower_than_float(layer, request)
+        slower = _slower_than_float(layer, request, facts)
         if slower is not None:
             record.update(status="float", reason=slower)
             return None
@@ -243,11 +244,14 @@ def _match(kind: str):
     return match
 
 
-def _slower_than_float(layer: Layer, request: QuantRequest) -> Optional[str]:
-    """Why a layer stays float: its 8-bit GEMM or convolution measured, plus the estimated cost
-    of writing its input in 8 bits where that input is made (``speed.quantize_ms``: a producer
-    of ours writes it, or one row reduction per layer for dynamic scales), no faster than its
-    float one at its shape (``request.speed``), else None."""
+def _slower_than_float(layer: Layer, request: QuantRequest, facts: Facts) -> Optional[str]:
+    """Why a layer stays float: its 8-bit GEMM or convolution measured, plus what writing its
+    input in 8 bits costs where that input is made, no faster than its float one at its shape
+    (``request.speed``), else None. That cost is measured when a float GEMM / convolution makes
+    the input (``speed.write_ms``: the producer may lose cuBLAS/cuDNN's fused epilogue: ResNet-50's
+    1x1 convolutions went from 12.5 to 17.8 us to feed FP8 3x3 ones that won 1.4 us, H100 session
+    15), else estimated (``speed.quantize_ms``: a norm or element-wise kernel of ours writes it, or
+    one row reduction per layer for dynamic scales)."""
     if request.speed is None:
         return None
     x = tensor_val(layer.x)
@@ -264,15 +268,43 @@ def _slower_than_float(layer: Layer, request: QuantRequest) -> Optional[str]:
         times = request.speed.conv(tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype,
                                    bias is not None)
         what = f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
+    if times is None:
+        return None
+    # measured only where the 8-bit kernel wins on its own (each measurement tunes the producer twice)
+    written = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] else None
     estimate = getattr(request.speed, "quantize_ms", None)
-    extra = estimate(x.numel()) if times is not None and estimate is not None else 0.0
-    if times is None or times[0] + extra < times[1]:
+    extra = written if written is not None else (estimate(x.numel()) if estimate is not None else 0.0)
+    if times[0] + extra < times[1]:
         return None
     q_ms, f_ms = times
-    plus = f" + {extra * 1e3:.1f} us (estimated) to write its input in {request.precision}" if extra else ""
+    how = "measured: its producer's kernel" if written is not None else "estimated"
+    plus = f" + {extra * 1e3:.1f} us ({how}) to write its input in {request.precision}" if extra else ""
     return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
             + what.format(q=f"{q_ms * 1e3:.1f} us{plus} against {f_ms * 1e3:.1f} us")
             + " (quant_layers='all' quantizes it)")
+
+
+def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Optional[float]:
+    """``speed.write_ms`` for the float GEMM / convolution whose epilogue would write the layer's
+    input (static scales: the quantize joins that epilogue), or None (another producer, or not
+    measured)."""
+    producer, ops = producer_gemm(layer.x, facts.constant)
+    write = getattr(request.speed, "write_ms", None)
+    if producer is None or write is None:
+        return None
+    activation = next((a for a in ops if a in ("relu", "gelu")), None)
+    val = tensor_val(producer)
+    if is_op(producer, aten.convolution):
+        x, w, bias, stride, padding, dilation, transposed, _, groups = producer.args
+        if transposed or len(shape(x)) != 4:
+            return None
+        problem = ("conv", tuple(shape(x)), tuple(shape(w)), (list(stride), list(padding), list(dilation), groups),
+                   val.dtype, bias is not None)
+    else:
+        a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
+        (m, k), n = shape(a), shape(b)[1]
+        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm))
+    return write(problem, activation)
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

@@ -240,6 +240,19 @@ def meta_of(node: fx.Node) -> Any:
     return node.meta.get("val")
 
 
+def propagate_fake(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
+    """``meta['val']`` of every node of ``gm`` from ``inputs`` (fake tensors; Python scalars as
+    themselves). torch 2.11's FakeTensorProp leaves a scalar placeholder without one (2.13 stores
+    the scalar), and kernels read a scalar input's value type from it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), inputs):
+        if node.meta.get("val") is None and isinstance(value, (bool, int, float)):
+            node.meta["val"] = value
+
+
 def tensor_inputs(inputs: Sequence[Any]) -> List[torch.Tensor]:
     return [x for x in inputs if isinstance(x, torch.Tensor)]
 

@@ -445,7 +445,7 @@ _APPROXIMATED = {aten.tanh.default: _with_helper("tanh_approx", "cb_tanh_approx(
 
 def _approximated(node: fx.Node, out: torch.dtype):
     """The hardware-tanh lowering of ``node`` when the flag allows it (fp32 compute), else None."""
-    if not node.meta.get(APPROXIMATE_TANH) or compute_dtype(out) != torch.float32:
+    if not node.meta.get("cb_approximate_tanh") or compute_dtype(out) != torch.float32:  # APPROXIMATE_TANH
         return None
     return _APPROXIMATED.get(node.target)
 

@@ -22,7 +22,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 import torch
 
 from .autotune import Candidate, TuningKey, tuner_for
-from .base import Kernel, KernelContext, KernelGroup, meta_of
+from .base import Kernel, KernelContext, KernelGroup, meta_of, propagate_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None),) if d is not None)
@@ -197,12 +197,10 @@ def traced_group(fn, inputs, kind: str, anchor_op: str) -> KernelGroup:
     """A group of ``kind`` made by tracing ``fn(*inputs)`` to ATen (fake metadata on every node),
     anchored on its first call of an op whose name contains ``anchor_op``: a layer's GEMM on its
     own, for timing it outside a model (quant/speed.py, benchmarks)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     gm = make_fx(lambda *xs: (fn(*xs),))(*inputs)
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
+    propagate_fake(gm, inputs)
     anchor = next(n for n in gm.graph.nodes if n.op == "call_function" and anchor_op in str(n.target))
     return KernelGroup(kind, gm, anchor=anchor.name)
 

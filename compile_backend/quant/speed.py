@@ -74,6 +74,58 @@ class LayerSpeed:
             seconds += numel * 3 / DYNAMIC_BYTES_PER_S
         return seconds * 1e3
 
+    def write_ms(self, producer: Tuple[Any, ...], activation: Optional[str]) -> Optional[float]:
+        """What writing its output in 8 bits costs a float GEMM / convolution producer, measured:
+        its best kernel with the quantize in its epilogue against its best kernel without (every
+        candidate of the tuner: cuBLAS/cuDNN with their own fused epilogues, our templates, the
+        vendor's plus a kernel of ours), on the producer's shapes with its bias and ``activation``
+        ("relu", "gelu" or None). ``producer``: ("linear", m, n, k, dtype, bias) or ("conv",
+        x_shape, w_shape, geometry, dtype, bias). None: not measured."""
+        key = ("write", repr(producer), activation)
+        what = f"{producer[0]} producer {producer[1:3]}"
+        times = self._once(key, what, lambda: self._write(producer, activation))
+        return None if times is None else max(0.0, times[0] - times[1])
+
+    def _write(self, producer, activation) -> Times:
+        from ..kernels.conv import conv_candidates
+        from ..kernels.gemm import gemm_candidates
+        from ..kernels.template import traced_group
+
+        dev, gen = self.ctx.device, torch.Generator(device=self.ctx.device).manual_seed(0)
+        act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}.get(activation, lambda y: y)
+        inv = torch.tensor(16.0, device=dev)
+        if producer[0] == "linear":
+            _, m, n, k, dtype, bias = producer
+            inputs = (torch.randn(m, k, device=dev, generator=gen).to(dtype),
+                      torch.randn(n, k, device=dev, generator=gen).to(dtype))
+            inputs += (torch.randn(n, device=dev, generator=gen).to(dtype),) if bias else ()
+            layer, kind, anchor, build = torch.nn.functional.linear, "gemm", "mm", gemm_candidates
+        else:
+            _, x_shape, w_shape, geometry, dtype, bias = producer
+            cl = torch.channels_last
+            inputs = (torch.randn(x_shape, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl),
+                      torch.randn(w_shape, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl))
+            inputs += (torch.randn(w_shape[0], device=dev, generator=gen).to(dtype),) if bias else ()
+            stride, padding, dilation, groups = geometry
+
+            def layer(x, w, b=None):
+                return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+            kind, anchor, build = "conv", "convolution", conv_candidates
+        quantized = lambda inv, *xwb: quant_ref.quantize_steps(  # noqa: E731
+            quant_ref.eager, act(layer(*xwb)), dtype, inv, self.precision)
+        best = []
+        for fn, args in ((quantized, (inv,) + inputs), (lambda *xwb: act(layer(*xwb)), inputs)):
+            group = traced_group(fn, args, kind, anchor)
+            best.append(self._fastest(build(group, self.ctx), "producer write probe"))
+        return None if None in best else (best[0], best[1])
+
+    def _fastest(self, tuning, tag: str) -> Optional[float]:
+        from ..kernels.autotune import tuner_for
+
+        key = dataclasses.replace(tuning.key, extra=tuning.key.extra + " | " + tag)
+        timed = tuner_for(self.ctx).choose(key, tuning.candidates, tuning.make_inputs).timings_ms or {}
+        return min(timed.values()) if timed else None
+
     def _once(self, key, what: str, measure: Callable[[], Times]) -> Times:
         if key not in self.seen:
             try:

@@ -32,6 +32,7 @@ def _graph():
     mm.meta["val"] = torch.empty(4, 3, device="meta")
     c = g.create_node("call_function", aten.clamp.default, (mm, float("-inf"), 0.1), name="clamp")
     c.meta["val"] = torch.empty(4, 3, device="meta")
+    c.meta["cb_approximate_tanh"] = True  # (a flag the kernels read: fx_passes/quant_math.py)
     cast = g.create_node("call_function", aten._to_copy.default, (c,),
                          {"dtype": torch.float16, "device": torch.device("cpu")}, name="_to_copy")
     parts = g.create_node("call_function", aten.split_with_sizes.default, (cast, [1, 2], 1), name="split_with_sizes")
@@ -57,6 +58,7 @@ def test_round_trip_keeps_code_arguments_and_meta():
     assert nodes["_to_copy"].kwargs == {"dtype": torch.float16, "device": torch.device("cpu")}
     assert isinstance(nodes["split_with_sizes"].args[1], list)
     assert nodes["x"].meta["arg_index"] == 0
+    assert nodes["clamp"].meta["cb_approximate_tanh"] is True and "cb_approximate_tanh" not in nodes["mm"].meta
     val = nodes["mm"].meta["val"]
     assert isinstance(val, torch._subclasses.FakeTensor) and val.shape == (4, 3) and val.stride() == (3, 1)
     assert [v.dtype for v in nodes["split_with_sizes"].meta["val"]] == [torch.float16] * 2

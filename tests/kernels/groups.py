@@ -14,11 +14,9 @@ from typing import Any, Callable, Dict, Sequence  # noqa: E402
 
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
-from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp  # noqa: E402
 
-from compile_backend.kernels.base import KernelContext, KernelGroup  # noqa: E402
+from compile_backend.kernels.base import KernelContext, KernelGroup, propagate_fake  # noqa: E402
 from compile_backend.options import Options  # noqa: E402
 
 # Tolerances per dtype. fp32: a few ulp of the transcendental functions. fp16/bf16: the kernel
@@ -43,8 +41,7 @@ def make_group(fn: Callable, *inputs: Any, kind: str = "pointwise", name: str = 
 
 
 def fake_prop(gm: fx.GraphModule, inputs: Sequence[Any]) -> None:
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    FakeTensorProp(gm, mode).propagate(*inputs)
+    propagate_fake(gm, inputs)
 
 
 def context() -> KernelContext:

@@ -31,7 +31,7 @@ from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext, KernelGroup, Unsupported
 from compile_backend.kernels.gemm_config import GemmConfig
 from compile_backend.kernels.gemm_runner import EPILOGUE_ALTERNATIVES
-from compile_backend.kernels.qconv import best_cudnn_conv2d, build_scaled_conv, scaled_conv_candidates
+from compile_backend.kernels.qconv import build_scaled_conv, scaled_conv_candidates
 from compile_backend.kernels.qgemm import build_scaled_mm, scaled_mm_candidates
 from compile_backend.kernels.select import builders_for, choose_kernel
 from compile_backend.options import Options
@@ -379,18 +379,22 @@ def test_scaled_conv_output_layout_is_the_same_everywhere(channels_last):
     torch.testing.assert_close(out, real, rtol=0, atol=0)
 
 
-def test_the_float_conv_yardstick_lets_cudnn_time_its_algorithms(monkeypatch):
-    """The float convolution a quantized one is measured against runs with cudnn.benchmark (its
-    untimed pick was half as fast as the FP16 engine's convolutions on ResNet-50, session 15), and
-    the user's cuDNN settings come back after it."""
+def test_the_float_conv_yardstick_has_no_bias_pass(monkeypatch):
+    """The float convolution a quantized one is timed against (the report's and the layer
+    decision's yardstick) runs without its bias: a float engine fuses the bias into its epilogue,
+    and ``F.conv2d``'s separate bias pass doubled the yardstick on ResNet-50's stage-1 layers
+    (session 15), so slower FP8 convolutions passed for as fast as float."""
+    from compile_backend.kernels import qconv
+
+    xq, xs, wq, ws, b = quantized_conv(2, 6, (7, 9), 8, 3, 1, "int8", seed=11)
+    fn = lambda xq, xs, wq, ws, b: scaled_conv(xq, xs, wq, ws, b, [1, 1], [1, 1], [1, 1], 1, torch.float16)  # noqa: E731
+    group = anchor_group(fn, xq, xs, wq, ws, b, kind="conv", op="scaled_conv")
     seen = []
     real = F.conv2d
-    monkeypatch.setattr(F, "conv2d", lambda *a: seen.append(torch.backends.cudnn.benchmark) or real(*a))
-    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic)
-    x, w = randn(1, 3, 5, 5, seed=1), randn(4, 3, 3, 3, seed=2)
-    out = best_cudnn_conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
-    assert seen == [True] and torch.equal(out, real(x, w, None, [1, 1], [1, 1], [1, 1], 1))
-    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.enabled, torch.backends.cudnn.deterministic) == before
+    monkeypatch.setattr(F, "conv2d", lambda x, w, bias, *geometry: seen.append(bias) or real(x.float(), w.float(), bias, *geometry))
+    reference = qconv._float_conv(qconv.scaled_conv_problem(group, torch.device("cpu")), torch.device("cpu"))
+    out = reference.compile()(xq, xs, wq, ws, b)
+    assert reference.reference and seen == [None] and out.shape == (2, 8, 7, 9)
 
 
 def test_scaled_conv_routing_and_unsupported():

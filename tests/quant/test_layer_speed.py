@@ -125,6 +125,43 @@ def test_the_inputs_quantize_counts_against_the_8_bit_gemm(monkeypatch, tmp_path
     assert kept == "float" and "8.0 us + 4.0 us (estimated) to write its input in int8 against 10.0 us" in why, why
 
 
+def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path):
+    """Where a float GEMM / convolution makes the layer's input, what its kernel pays to write it
+    in 8 bits is measured on that producer (ResNet-50, session 15: 1x1 convolutions went from
+    12.5 to 17.8 us, losing cuDNN's fused epilogue, to feed FP8 3x3 ones that won 1.4 us) and
+    replaces the instruction estimate; the producer's shape and activation are what it measures."""
+    asked = []
+
+    class Speed:
+        def __call__(self, m, n, k, dtype, bias):
+            return (0.008, 0.010) if n == 40 else (0.020, 0.010)  # a: float; b: wins 2 us
+
+        def quantize_ms(self, numel):
+            return 0.0005
+
+        def write_ms(self, producer, activation):
+            asked.append((producer, activation))
+            return 0.005
+
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
+    status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
+    assert asked == [(("linear", 5, 48, 32, torch.float16, True), "relu")], asked
+    kept, why = status["b.weight"]
+    assert kept == "float" and "8.0 us + 5.0 us (measured: its producer's kernel) to write its input in int8" in why, why
+    # convolutions: the producer's geometry; a graph input has no producer (the estimate applies)
+    asked.clear()
+
+    class ConvSpeed(Speed):
+        def conv(self, x_shape, w_shape, stride, padding, dilation, groups, dtype, bias):
+            return (0.020, 0.010) if w_shape[2] == 3 else (0.001, 0.010)  # a: float
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, ConvSpeed())
+    assert asked == [(("conv", (2, 3, 9, 11), (16, 3, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True),
+                      "relu")], asked
+    assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"  # 1 + 5 < 10 us
+
+
 def test_the_quantize_estimate_is_zero_off_cuda():
     from compile_backend.kernels.base import KernelContext
     from compile_backend.quant.speed import LayerSpeed
@@ -144,6 +181,9 @@ def test_probes_run_their_code_path_on_the_cpu():
     speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
+    assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True), "gelu") is None
+    assert speed.write_ms(("conv", (2, 8, 7, 9), (16, 8, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True),
+                          "relu") is None
 
 
 def test_quant_layers_option_is_checked():
@@ -171,6 +211,10 @@ def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     assert 0 < q_ms < 10 and 0 < f_ms < 10
     # BERT FFN2's input (2048 x 3072): ~1.5 us in FP8, ~3.4 in INT8 on an H100/H200
     assert 0.0005 < speed.quantize_ms(2048 * 3072) < 0.01
+    # what FFN1 (GEMM + GELU) and a ResNet-50 1x1 convolution (+ ReLU) pay to write 8 bits
+    assert 0 <= speed.write_ms(("linear", 2048, 3072, 768, torch.float16, True), "gelu") < 0.05
+    assert 0 <= speed.write_ms(("conv", (32, 256, 56, 56), (64, 256, 1, 1), ([1, 1], [0, 0], [1, 1], 1),
+                                torch.float16, True), "relu") < 0.05
 
 
 def test_a_failed_measurement_quantizes_the_layer(caplog):
