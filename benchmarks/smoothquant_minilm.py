@@ -71,12 +71,13 @@ def run(variants: List[Dict[str, Any]], length: int = 64, precision: str = "int8
     encoder = Encoder(model).eval()
     results = []
     for variant in variants:
-        cfg = quant.QuantConfig(**{**BASE, "precision": precision}, **variant)
+        cfg = quant.QuantConfig(**{**BASE, "precision": precision}, **{k: v for k, v in variant.items() if k != "quant_gelu"})
         start = time.perf_counter()
         calib = quant.calibrate(encoder, batches, cfg, progress=False, use_cache=False)
         calibrate_s = time.perf_counter() - start
         torch._dynamo.reset()
-        fast = torch.compile(encoder, backend="compile_backend", options={"quant": calib})
+        options = {"quant": calib, **({"quant_gelu": variant["quant_gelu"]} if "quant_gelu" in variant else {})}
+        fast = torch.compile(encoder, backend="compile_backend", options=options)
         with torch.no_grad():
             emb = data.mean_pooled_embeddings(fast, tokenizer, split.evaluation, length=length)
         sqnr = {n: r.stats.get("sqnr_db") for n, r in calib.layers.items()}
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="int8", choices=("int8", "fp8"))
     parser.add_argument("--no-extra", action="store_true",
                         help="only the grid (default adds per-channel weights and FFN-down-in-float variants)")
+    parser.add_argument("--quant-gelu", default=None,
+                        help="comma-separated Options.quant_gelu modes (tanh, exact) to run each variant with "
+                             "(default: the option's default only)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--exploration", help="a JSON file of earlier rows to keep beside the results")
     args = parser.parse_args(argv)
@@ -130,6 +134,8 @@ def main(argv=None) -> int:
         variants += grid(["per_channel"], ["max"], [None, 0.8, "auto"])
         variants += grid(["per_tensor"], ["max"], ["auto"])
         variants += [dict(weights="per_tensor", calibrator="max", smoothquant=0.5, exclude=[FFN_DOWN])]
+    if args.quant_gelu:
+        variants = [{**v, "quant_gelu": mode} for v in variants for mode in args.quant_gelu.split(",")]
     out = run(variants, precision=args.precision)
     if args.exploration:
         with open(args.exploration) as f:
