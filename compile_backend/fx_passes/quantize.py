@@ -304,7 +304,7 @@ def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Opt
         a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
         (m, k), n = shape(a), shape(b)[1]
         problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm))
-    return write(problem, activation)
+    return write(problem, activation, request.gelu == "tanh")
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

@@ -74,19 +74,22 @@ class LayerSpeed:
             seconds += numel * 3 / DYNAMIC_BYTES_PER_S
         return seconds * 1e3
 
-    def write_ms(self, producer: Tuple[Any, ...], activation: Optional[str]) -> Optional[float]:
+    def write_ms(self, producer: Tuple[Any, ...], activation: Optional[str], tanh_unit: bool = True) -> Optional[float]:
         """What writing its output in 8 bits costs a float GEMM / convolution producer, measured:
         its best kernel with the quantize in its epilogue against its best kernel without (every
         candidate of the tuner: cuBLAS/cuDNN with their own fused epilogues, our templates, the
         vendor's plus a kernel of ours), on the producer's shapes with its bias and ``activation``
-        ("relu", "gelu" or None). ``producer``: ("linear", m, n, k, dtype, bias) or ("conv",
+        ("relu", "gelu" or None; ``tanh_unit``: a GELU before the quantize takes its tanh form,
+        ``Options.quant_gelu``). ``producer``: ("linear", m, n, k, dtype, bias) or ("conv",
         x_shape, w_shape, geometry, dtype, bias). None: not measured."""
-        key = ("write", repr(producer), activation)
+        key = ("write", repr(producer), activation, tanh_unit)
         what = f"{producer[0]} producer {producer[1:3]}"
-        times = self._once(key, what, lambda: self._write(producer, activation))
+        times = self._once(key, what, lambda: self._write(producer, activation, tanh_unit))
         return None if times is None else max(0.0, times[0] - times[1])
 
-    def _write(self, producer, activation) -> Times:
+    def _write(self, producer, activation, tanh_unit) -> Times:
+        from ..fx_passes import PassContext
+        from ..fx_passes.quant_math import approximate_before_quantize
         from ..kernels.conv import conv_candidates
         from ..kernels.gemm import gemm_candidates
         from ..kernels.template import traced_group
@@ -116,15 +119,19 @@ class LayerSpeed:
         best = []
         for fn, args in ((quantized, (inv,) + inputs), (lambda *xwb: act(layer(*xwb)), inputs)):
             group = traced_group(fn, args, kind, anchor)
-            best.append(self._fastest(build(group, self.ctx), "producer write probe"))
+            if tanh_unit and fn is quantized:  # as the engine computes a GELU only a quantize reads
+                approximate_before_quantize(group.gm, PassContext())
+            timed = self._timings(build(group, self.ctx), "producer write probe")
+            best.append(min(timed.values()) if timed else None)
         return None if None in best else (best[0], best[1])
 
-    def _fastest(self, tuning, tag: str) -> Optional[float]:
+    def _timings(self, tuning, tag: str) -> Dict[str, float]:
+        """{candidate: ms} from the tuner, under the tuning's key marked ``tag`` (a probe's group
+        is not the engine's, though its shapes are)."""
         from ..kernels.autotune import tuner_for
 
         key = dataclasses.replace(tuning.key, extra=tuning.key.extra + " | " + tag)
-        timed = tuner_for(self.ctx).choose(key, tuning.candidates, tuning.make_inputs).timings_ms or {}
-        return min(timed.values()) if timed else None
+        return tuner_for(self.ctx).choose(key, tuning.candidates, tuning.make_inputs).timings_ms or {}
 
     def _once(self, key, what: str, measure: Callable[[], Times]) -> Times:
         if key not in self.seen:
@@ -185,10 +192,7 @@ class LayerSpeed:
     def _race(self, tuning) -> Times:
         """Best 8-bit candidate and the float reference, timed by the tuner under a key of its
         own (the layer's real group, same shapes, tunes every config under the plain key)."""
-        from ..kernels.autotune import tuner_for
-
-        key = dataclasses.replace(tuning.key, extra=tuning.key.extra + " | layer speed probe")
-        timed = tuner_for(self.ctx).choose(key, tuning.candidates, tuning.make_inputs).timings_ms or {}
+        timed = self._timings(tuning, "layer speed probe")
         floats = [timed[c.name] for c in tuning.candidates if c.reference and c.name in timed]
         quants = [timed[c.name] for c in tuning.candidates if not c.reference and c.name in timed]
         return (min(quants), floats[0]) if floats and quants else None

@@ -139,8 +139,9 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
         def quantize_ms(self, numel):
             return 0.0005
 
-        def write_ms(self, producer, activation):
+        def write_ms(self, producer, activation, tanh_unit):
             asked.append((producer, activation))
+            assert tanh_unit  # Options.quant_gelu's default
             return 0.005
 
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
