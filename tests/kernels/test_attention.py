@@ -364,11 +364,16 @@ def test_gpu_matches_reference(dtype, causal, tma):
     torch.testing.assert_close(out.float(), ref, rtol=rtol, atol=atol)
 
 
-def test_tuned_builder_times_our_configs_against_sdpa():
+def test_tuned_builder_times_our_configs_against_sdpa(monkeypatch):
     """With a timing tuner the builder times its configs and SDPA (the group's ATen reference)
     and keeps the fastest; either way the kernel matches the reference, and the tuning key
-    lands in the timing cache so the next build times nothing."""
+    lands in the timing cache so the next build times nothing. Each of our candidates is warmed
+    (compiled, on the GPU) in the tuner's compile step, not in its timing loop."""
+    from compile_backend.kernels import template
     from compile_backend.kernels.autotune import Tuner, WallClockTimer
+
+    warmed, real_warmed = [], template.warmed
+    monkeypatch.setattr(template, "warmed", lambda run, probe: warmed.append(probe) or real_warmed(run, probe))
 
     dtype = torch.float16
     q, k, v = _qkv(9, 13, 16, dtype)
@@ -393,6 +398,7 @@ def test_tuned_builder_times_our_configs_against_sdpa():
     ours = len(candidate_configs(16, 16, 9, 13, dtype, causal=True)[:6])
     # + SDPA + the unfused path (bmm + softmax kernel + bmm: 13 keys is a short sequence)
     assert ctx.tuner.stats["tuned"] == 1 and ctx.tuner.stats["candidates_timed"] == ours + 2
+    assert len(warmed) == ours and len(set(map(id, warmed))) == 1  # one probe's inputs for all
     assert kernel.supports_out == (kernel.impl == "triton")
     assert check_outputs(kernel, (q, k, v), group.reference(q, k, v)) is None
     (record,) = cache.records.values()
