@@ -20,8 +20,8 @@ absolute) and the GPU tanh unit's (relative 2^-10.99). So, unless ``options["qua
 and float conversions, every path ends in a conversion to int8/fp8 or in a row/tensor ``amax``
 (a dynamic scale's reduction, whose result only sets the scale). A value the graph returns, a
 GEMM reads in float or a float tensor is stored from is never approximated. Measured effect
-(quant/README.md, "GELU before a quantize"): SQNR of the quantized activation unchanged to 0.01
-dB on N(0, 1.5) inputs.
+(quant/README.md, "GELU before a quantize"): SQNR of the quantized activation unchanged within
+0.05 dB (tests, CPU and GPU); real MiniLM embedding cosine within 2e-4 of erf GELU's.
 """
 from __future__ import annotations
 

@@ -563,10 +563,9 @@ def emit_pointwise(nodes: Sequence[fx.Node], names: Dict[fx.Node, str], helpers:
         kwargs = {k: operand(v) for k, v in node.kwargs.items()}
         if node.target in ROUNDS_ITSELF and val.dtype == casts.FP8 and _within_fp8_range(node.args[0]):
             expr = casts.round_fp8_in_range(args[0].name)  # a quantize's cast after its clamp
-        elif _approximated(node, val.dtype) is not None:
-            expr = _approximated(node, val.dtype)(args, kwargs, val.dtype, helpers)
         else:
-            expr = lower(node.target, args, kwargs, val.dtype, helpers)
+            lowering = _approximated(node, val.dtype) or (lambda *a: lower(node.target, *a))
+            expr = lowering(args, kwargs, val.dtype, helpers)
         # a conversion rounds to its dtype itself (``convert``): rounding again costs a round trip
         # per element that the compiler cannot fold for fp8 (FFN1's quantize epilogue did both)
         if round_intermediates and val.dtype in REDUCED_FLOATS and node.target not in ROUNDS_ITSELF:

@@ -115,7 +115,7 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
     if (ctx.device.type == "cuda") if vendor is None else vendor:
         candidates.append(_cudnn_candidate(group, p, probe))
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
-        candidates.insert(0, _float_conv(p, ctx.device))
+        candidates.insert(0, float_conv_candidate(p, ctx.device))
     key = TuningKey(kind="conv", template=tpl.source_hash(source[0]), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_conv s={p.stride} p={p.padding} d={p.dilation} g={p.groups} "
@@ -124,7 +124,7 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
                           frozenset(c.name for c in candidates if c.impl == "triton"))
 
 
-def _float_conv(p: ScaledConvProblem, device: torch.device) -> Candidate:
+def float_conv_candidate(p: ScaledConvProblem, device: torch.device) -> Candidate:
     """The float convolution (cuDNN, channels-last as the engine's float convs) the layer
     replaces, in the output dtype: the report compares the chosen kernel with it, and
     ``quant_layers="faster"`` decides by it. Without its bias: a float engine adds the bias in
@@ -211,4 +211,4 @@ def _pair(v: Any) -> Tuple[int, int]:
     return (int(v[0]), int(v[-1]))
 
 
-__all__ = ["build_scaled_conv", "scaled_conv_candidates", "scaled_conv_problem", "ScaledConvProblem"]
+__all__ = ["build_scaled_conv", "scaled_conv_candidates", "scaled_conv_problem", "ScaledConvProblem", "float_conv_candidate"]

@@ -392,7 +392,7 @@ def test_the_float_conv_yardstick_has_no_bias_pass(monkeypatch):
     seen = []
     real = F.conv2d
     monkeypatch.setattr(F, "conv2d", lambda x, w, bias, *geometry: seen.append(bias) or real(x.float(), w.float(), bias, *geometry))
-    reference = qconv._float_conv(qconv.scaled_conv_problem(group, torch.device("cpu")), torch.device("cpu"))
+    reference = qconv.float_conv_candidate(qconv.scaled_conv_problem(group, torch.device("cpu")), torch.device("cpu"))
     out = reference.compile()(xq, xs, wq, ws, b)
     assert reference.reference and seen == [None] and out.shape == (2, 8, 7, 9)
 

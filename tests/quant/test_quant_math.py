@@ -92,9 +92,13 @@ def test_the_gpu_lowering_uses_the_tanh_unit(monkeypatch):
     interpreter (same values as the unflagged tanh form there)."""
     from compile_backend.kernels.expr_helpers import helper_source
 
-    x = expr.Var("x", torch.float32, 2)
-    flagged = expr._APPROXIMATED[torch.ops.aten.gelu.default]([x], {"approximate": "tanh"}, torch.float32, set())
+    gm, _ = _graph(lambda x, inv: _quantize(F.gelu(x), inv), torch.randn(8, 16), torch.tensor(30.0))
+    gelu = next(n for n in gm.graph.nodes if n.meta.get(expr.APPROXIMATE_TANH))
+    (line,) = expr.emit_pointwise([gelu], {gelu.args[0]: "x"})
+    flagged = line.split(" = ", 1)[1]
     assert "cb_tanh_approx(" in flagged
+    del gelu.meta[expr.APPROXIMATE_TANH]  # unflagged: the exact tanh helper
+    assert "cb_tanh(" in expr.emit_pointwise([gelu], {gelu.args[0]: "x"})[0]
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert "tanh.approx.f32" in helper_source(flagged)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
