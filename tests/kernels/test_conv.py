@@ -200,3 +200,15 @@ def test_gpu_tuned_bn_block(dtype, autotune, tmp_path):
     expected, got = group.reference(x, w, b, r)[0], kernel(x, w, b, r)[0]
     err = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
     assert err < {torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype], err
+
+
+def test_size_one_dims_pass_stride_zero_so_triton_sees_aligned_addresses():
+    # a 1x1 weight [oc, cg, 1, 1] has strides (cg, 1, 1, 1): passed as 1, Triton treats them as
+    # constants of unknown divisibility and loads the weight tile byte by byte (sm_90 SASS)
+    from compile_backend.kernels.conv import index_strides
+
+    w = torch.empty(64, 32, 1, 1)
+    assert w.stride() == (32, 1, 1, 1)
+    assert index_strides(w) == (32, 1, 0, 0)
+    x = torch.empty(2, 32, 5, 7).to(memory_format=torch.channels_last)
+    assert index_strides(x) == x.stride()
