@@ -54,6 +54,12 @@ from .weight_only_parts import auto_split, k_slices
 from .gemv_prologue import PLAIN_X, XPrologue
 
 INT32_MAX = 2**31 - 1
+#: the kernel's statements before a PDL launch's wait (``pdl.with_entry``'s ``after``): program
+#: ids and indices, then the weight prefetch. Why: a weight-only decode step is ~90 GEMVs of a few
+#: microseconds, each paying a memory latency before its first bytes arrive (H100 session 16:
+#: a 2 MB INT4 GEMV 5.3 us in the step's graph, ~4 us of it fixed); with PDL a kernel's programs
+#: are placed while the one before drains, and weights (constants) can stream in meanwhile.
+PDL_AFTER = 10
 #: elements of a row a prologue's row loop reads per step (registers: 32 a thread at 4 warps)
 ROW_BLOCK_MAX = 4096
 
@@ -61,7 +67,7 @@ _TEMPLATE = '''\
 import triton
 import triton.language as tl
 from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16,
-                                                          int8_weights, int8_weights16, round_to)
+                                                          int8_weights, int8_weights16, l2_prefetch, round_to)
 {helpers}
 
 @triton.jit
@@ -79,7 +85,7 @@ def {name}(
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
-    ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr,
+    ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -90,6 +96,11 @@ def {name}(
     n_ok = rn < N
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
+    W_BYTES: tl.constexpr = (PREFETCH + 7) // 8  # bytes a W element takes (PREFETCH: bits a weight, 0 = off)
+    if PREFETCH > 0:  # this program's weight bytes into L2, before a PDL launch's wait (PDL_AFTER)
+        pf_rows = tl.minimum(rn, N - 1).to(tl.int64)
+        pf_at = W.to(tl.pointer_type(tl.uint8)) + pf_rows * (swn * W_BYTES) + (k_lo * PREFETCH) // 8
+        l2_prefetch(pf_at, (rn * 0 + (k_hi - k_lo) * PREFETCH) // 8)
 {row_body}
     if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
         part = tl.zeros([BLOCK_N, 16], tl.float32)
@@ -255,14 +266,30 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     else:
         ws = count = w  # never read with one slice
     io = [*loads, *outs]
+    bits = weight_bits(w, weights) if use_pdl and prefetch_ok(w, weights, k, k_slice) else 0
     kernel[(grid_n, split, grid_m)](
         w, scales if scales is not None else w, bias if bias is not None else w, ws, count, *x_loads, *io,
         m, n, k, k_slice, w.stride(0), w.stride(1), scales.stride(0) if scales is not None else 0,
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
-        DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1,
+        DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1, PREFETCH=bits,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
+
+
+def weight_bits(w: torch.Tensor, weights: str) -> int:
+    """Bits one weight takes in ``w`` (INT4: two codes a byte)."""
+    return 4 if weights == "int4" else w.element_size() * 8
+
+
+def prefetch_ok(w: torch.Tensor, weights: str, k: int, k_slice: int) -> bool:
+    """The kernel may bulk-prefetch its weight rows into L2: Hopper or later, rows contiguous
+    along K, every row's slice start and length a multiple of 16 bytes (the instruction's rule)."""
+    if triton_interpret() or w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 9:
+        return False
+    bits = weight_bits(w, weights)
+    return (w.stride(1) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * w.element_size()) % 16 == 0
+            and (k_slice * bits) % 128 == 0 and (k * bits) % 128 == 0)
 
 
 def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:
@@ -285,4 +312,5 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
            weights="int4" if int4 else "int8", group=group, config=config, x_dtype=x.dtype)
 
 
-__all__ = ["PLAIN_EPILOGUE", "WEIGHT_KINDS", "render", "launch", "uses_tensor_cores", "plain_kernel", "gemv"]
+__all__ = ["PDL_AFTER", "PLAIN_EPILOGUE", "WEIGHT_KINDS", "render", "launch", "weight_bits", "prefetch_ok",
+           "uses_tensor_cores", "plain_kernel", "gemv"]

@@ -79,7 +79,7 @@ def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, p
 
     def compile_():
         source, name = plan.source
-        kernel = tpl.load_kernel(pdl.with_entry(source, name) if use_pdl else source, name)
+        kernel = tpl.load_kernel(pdl.with_entry(source, name, after=gemv.PDL_AFTER) if use_pdl else source, name)
         return warmed(GemvRunner(group, spec, cfg, plan, kernel, use_pdl), probe)
 
     return Candidate(name, config, compile_, "triton")
