@@ -7,8 +7,8 @@ per-channel weight scales (rowwise) at some; a layer quantized there made the wh
 than the FP16 one (session 9, run 1: BERT INT8 1.29 ms, FP16 1.04).
 
 :class:`LayerSpeed` times, per distinct layer shape, the layer's ``scaled_mm`` / ``scaled_conv``
-alone (the vendor GEMMs and the template's heuristic config; convolutions channels-last, as the
-engine runs them on CUDA) beside the float GEMM / cuDNN convolution the tuner times as its
+alone (the vendor GEMMs and the template configs the layer's build tunes; convolutions
+channels-last, as the engine runs them on CUDA) beside the float GEMM / cuDNN convolution the tuner times as its
 reference, through the tuner and its timing cache (a warm process measures nothing), and
 estimates what writing the layer's input in 8 bits adds to the kernel producing it
 (:meth:`LayerSpeed.quantize_ms`). The quantize pass asks it (``QuantRequest.speed``) and keeps a
@@ -158,36 +158,29 @@ class LayerSpeed:
         return quant_ref.quantize(x, xs, self.precision).to(storage), xs, wq, ws, b
 
     def _linear(self, m, n, k, dtype, bias) -> Times:
-        from ..kernels.gemm_config import heuristic_config
-        from ..kernels.qgemm import eight_bit_configs, scaled_mm_candidates
+        from ..kernels.qgemm import scaled_mm_candidates
         from ..kernels.template import traced_group
 
         inputs = self._operands((m, k), (n, k), self.dynamic, dtype, bias)
         group = traced_group(lambda xq, xs, wq, ws, b: torch.ops.compile_backend.scaled_mm(xq, xs, wq, ws, b, dtype),
                              inputs, "gemm", "scaled_mm")
-        # the vendor GEMMs and one template config: cheap to compile, and where they lose to the
-        # float GEMM a tuned template config rarely wins (H200, session 5: INT8 Triton at best
-        # fp16's speed at BERT's shapes); the layer's own build then tunes every config
-        configs = eight_bit_configs([heuristic_config(m, n, k, 1, inputs[0].dtype)])
-        return self._race(scaled_mm_candidates(group, self.ctx, configs=configs))
+        # the vendor GEMMs and the template configs the layer's own build tunes at this tuning
+        # level (``fast``: at most 8): with the heuristic config alone the INT8 GEMM at BERT's QKV
+        # timed 23.2 us against fp16's 17.0 (H100, session 16) where tuned it takes 15.7 against
+        # 16.9 (H200, session 15), so INT8 engines quantized nothing
+        return self._race(scaled_mm_candidates(group, self.ctx))
 
     def _conv(self, x_shape, w_shape, geometry, dtype, bias) -> Times:
-        from ..kernels.conv import conv_heuristic
         from ..kernels.qconv import scaled_conv_candidates
-        from ..kernels.qgemm import eight_bit_configs
-        from ..kernels.template import device_limits, traced_group
+        from ..kernels.template import traced_group
 
         xq, xs, wq, ws, b = self._operands(x_shape, w_shape, False, dtype, bias)
         cl = torch.channels_last
         inputs = (xq.contiguous(memory_format=cl), xs, wq.contiguous(memory_format=cl), ws, b)
         group = traced_group(lambda xq, xs, wq, ws, b: torch.ops.compile_backend.scaled_conv(xq, xs, wq, ws, b, *geometry, dtype),
                              inputs, "conv", "scaled_conv")
-        out = group.gm.graph.find_nodes(op="output")[0].args[0][0].meta["val"]
-        groups = geometry[3]
-        m = out.shape[0] * out.shape[2] * out.shape[3]
-        configs = eight_bit_configs([conv_heuristic(m, w_shape[0] // groups, x_shape[1] // groups, xq.dtype, False,
-                                                    *device_limits(self.ctx.device))])
-        return self._race(scaled_conv_candidates(group, self.ctx, vendor=False, configs=configs))
+        # the template configs the layer's own build tunes (see _linear)
+        return self._race(scaled_conv_candidates(group, self.ctx, vendor=False))
 
     def _race(self, tuning) -> Times:
         """Best 8-bit candidate and the float reference, timed by the tuner under a key of its
