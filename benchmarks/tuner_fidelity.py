@@ -86,7 +86,7 @@ def tuner_style_us(runner, input_sets: Sequence) -> float:
     return statistics.median(CudaEventTimer().measure(runner, input_sets, 50, host_s)) * 1e3
 
 
-def measure_case(name: str, dtype: torch.dtype) -> List[Dict]:
+def measure_case(name: str, dtype: torch.dtype, save: Callable[[List[Dict]], None]) -> List[Dict]:
     from compile_backend.kernels import gemm
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.template import traced_group
@@ -118,6 +118,7 @@ def measure_case(name: str, dtype: torch.dtype) -> List[Dict]:
             row["error"] = f"{type(exc).__name__}: {exc}"[:200]
         print(json.dumps(row), flush=True)
         rows.append(row)
+        save(rows)  # a run cut short by its time limit keeps what it measured
     # under sustained load (2 s of replays first): the four fastest in the graph and by the tuner
     timed = [r for r in rows if "graph_us" in r]
     chosen = {r["candidate"] for key in ("graph_us", "tuner_us") for r in sorted(timed, key=lambda r: r[key])[:4]}
@@ -140,11 +141,15 @@ def main(argv=None) -> int:
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "commit": os.environ.get("COMMIT", "unknown"), "layers": LAYERS}
-    rows = []
-    for case in args.cases:
-        rows += measure_case(case, torch.float16)
+    done: List[Dict] = []
+
+    def save(rows: List[Dict]) -> None:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": done + rows}, f, indent=1)
+
+    for case in args.cases:
+        done += measure_case(case, torch.float16, save)
+        save([])
     return 0
 
 
