@@ -42,6 +42,7 @@ view of the caller's tensor, never cloned.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
@@ -57,6 +58,18 @@ MAX_BINDINGS = 3  # sets of borrowed addresses whose recordings are kept
 storage_use_count: Optional[Callable[[int], int]] = getattr(torch._C, "_storage_Use_Count", None)
 
 
+def items_at(indices: Sequence[int]) -> Callable[[Sequence[Any]], tuple]:
+    """``seq -> tuple(seq[i] for i in indices)`` in one C call: the per-call checks pick their
+    arguments out of hundreds (``operator.itemgetter``, which returns a bare item for one index)."""
+    indices = tuple(indices)
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    if indices:
+        (only,) = indices
+        return lambda seq: (seq[only],)
+    return lambda seq: ()
+
+
 class OutputLease:
     """Whether anyone besides the runner still holds a recording's output storages.
 
@@ -69,10 +82,12 @@ class OutputLease:
         for t in owned:
             storages.setdefault(t.untyped_storage().data_ptr(), t)
         self.refs = [StorageWeakRef(t.untyped_storage()) for t in storages.values()]
+        # what storage_use_count reads, kept alive by the weak references above
+        self.storage_impls = [r.cdata for r in self.refs]
         self.baseline = [storage_use_count(r.cdata) for r in self.refs] if storage_use_count else []
 
     def free(self) -> bool:
-        return all(storage_use_count(r.cdata) <= b for r, b in zip(self.refs, self.baseline))
+        return all(map(operator.le, map(storage_use_count, self.storage_impls), self.baseline))
 
 
 class InputView:
@@ -113,11 +128,16 @@ class Recording:
         tensors = _tensors(static_out)
         self.lease = OutputLease([t for t, h in zip(tensors, self.handed) if h]) if self.hand_out else None
         self.stream: Any = None  # the stream of the last replay: a later one on another waits for it
+        # the usual inference call: a flat list or tuple of outputs, every one handed out
+        self.flat_handed = type(static_out) in (list, tuple) and all(self.handed) and \
+            all(isinstance(o, torch.Tensor) for o in static_out)
 
     def free(self) -> bool:
         return self.lease is None or self.lease.free()
 
     def outputs(self, args: Sequence[Any]) -> Any:
+        if self.flat_handed:
+            return type(self.static_out)(map(torch.Tensor.detach, self.static_out))
         handed = iter(self.handed)
         return _map(self.static_out, lambda t: t.detach() if next(handed) else t.clone(), lambda v: v.of(args))
 
@@ -153,11 +173,10 @@ class CudaGraphRunner:
         self.last_stream: Any = None  # the stream of the last replay
         frozen = set(engine.frozen)
         self.written = set(getattr(engine, "written_inputs", ())) - frozen
-        self.borrowed = (self.written | set(getattr(engine, "static_inputs", ()))) - frozen
-        self.order = tuple(sorted(self.borrowed))  # the binding key's inputs
+        self._borrow((self.written | set(getattr(engine, "static_inputs", ()))) - frozen)
         self.copied_back: Set[int] = set()  # written inputs copied in and back out instead
         self.addresses: Dict[int, Set[int]] = {i: set() for i in self.borrowed}  # seen per borrowed input
-        self.copied_in: List[int] = []
+        self.copied_in: List[tuple] = []  # (argument index, its buffer) per input copied in before a replay
         self.replays = 0
         self.warm = False  # the engine has run outside a graph on this device (lazy inits done)
 
@@ -172,13 +191,22 @@ class CudaGraphRunner:
     def invalidate(self) -> None:
         """Drop every recording (constants moved); outputs callers hold stay theirs."""
         self.bindings.clear()
-        self.static_args, self.prepared = [], False
+        self.static_args, self.prepared, self.copied_in = [], False, []
+
+    def _borrow(self, borrowed: Set[int]) -> None:
+        self.borrowed = borrowed
+        self.order = tuple(sorted(borrowed))  # the binding key's inputs
+        self.borrowed_args = items_at(self.order)
 
     def __call__(self, args: Sequence[Any]) -> Any:
         with self.lock:
             stream = torch.cuda.current_stream()
-            if self.last_stream is not None and self.last_stream != stream:
-                stream.wait_stream(self.last_stream)  # the previous replay, on another stream, must finish
+            if self.last_stream is not None:
+                if self.last_stream == stream:
+                    # one object while the stream stays: the slot's check below is then `is`
+                    stream = self.last_stream
+                else:
+                    stream.wait_stream(self.last_stream)  # the previous replay, on another stream, must finish
             if self.borrowed and not self.warm:
                 self.warm = True  # this call, run for real, is the warm-up; the next one records
                 self._tensors_only(args)
@@ -197,14 +225,14 @@ class CudaGraphRunner:
                     torch.cuda.synchronize()
                     return self.engine.run(args)
             # every call: the warm-up may have written the copies of written inputs
-            for i in self.copied_in:
-                static, arg = self.static_args[i], args[i]
+            for i, static in self.copied_in:
+                arg = args[i]
                 if static is not arg and static.data_ptr() != arg.data_ptr():
                     static.copy_(arg)
             slot = self._free_slot(binding, args)
             if slot is None:  # every recording's outputs are held and no copy recording could be made
                 return self.engine.run(args)
-            if slot.stream is not None and slot.stream != stream:
+            if slot.stream is not None and slot.stream is not stream and slot.stream != stream:
                 stream.wait_stream(slot.stream)  # the caller may have read its outputs there
             slot.graph.replay()
             self.replays += 1
@@ -217,13 +245,12 @@ class CudaGraphRunner:
 
     def _tensors_only(self, args: Sequence[Any]) -> None:
         """Borrow tensors only (a size among the static inputs is a value, not an address)."""
-        self.borrowed = {i for i in self.borrowed if isinstance(args[i], torch.Tensor)}
+        self._borrow({i for i in self.borrowed if isinstance(args[i], torch.Tensor)})
         self.written &= self.borrowed
-        self.order = tuple(sorted(self.borrowed))
         self.addresses = {i: self.addresses.get(i, set()) for i in self.borrowed}
 
     def _key(self, args: Sequence[Any]) -> tuple:
-        return tuple([args[i].data_ptr() for i in self.order])
+        return tuple(map(torch.Tensor.data_ptr, self.borrowed_args(args)))
 
     def _seen(self, args: Sequence[Any]) -> List[int]:
         """Remember the borrowed inputs' addresses; those not seen before."""
@@ -245,8 +272,7 @@ class CudaGraphRunner:
         if restless:
             log.info("compile_backend: inputs %s come in a new tensor nearly every call; copying them "
                      "into the CUDA graph's buffers instead of recording again", sorted(restless))
-            self.borrowed -= restless
-            self.order = tuple(sorted(self.borrowed))
+            self._borrow(self.borrowed - restless)
             self.copied_back |= restless & self.written
             self.invalidate()
             key = self._key(args)
@@ -256,9 +282,9 @@ class CudaGraphRunner:
         return binding
 
     def _free_slot(self, binding: Binding, args: Sequence[Any]) -> Optional[Recording]:
-        slot = next((s for s in binding.slots if s.free()), None)
-        if slot is not None:
-            return slot
+        for slot in binding.slots:
+            if slot.free():
+                return slot
         if len(binding.slots) < self.hand_out_slots:
             try:
                 binding.slots.append(self._record(args, hand_out=True))
@@ -291,7 +317,7 @@ class CudaGraphRunner:
         self.prepared = True
         # the inputs copied in before each replay: neither weights nor borrowed (looping over only
         # these matters: a decoder passes 200 weights and 44 caches beside its 2 small inputs)
-        self.copied_in = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+        self.copied_in = [(i, self.static_args[i]) for i, a in enumerate(args) if isinstance(a, torch.Tensor)
                           and i not in frozen and i not in self.borrowed]
         if self.warm:
             return
