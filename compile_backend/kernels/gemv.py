@@ -66,7 +66,7 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16,
+from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16, int4_words16,
                                                           int8_weights, int8_weights16, l2_prefetch, round_to)
 {helpers}
 
@@ -86,6 +86,7 @@ def {name}(
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
     ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr, PREFETCH: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -148,6 +149,22 @@ def {name}(
             acc = tl.trans(part)  # [16 rows, BLOCK_N]
         else:
             acc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0), axis=1)[None, :]  # columns 1.. are 0 * w
+    elif WEIGHTS == 1 and WORDS:  # INT4 read as 16-bit words of four codes (16-bit x; int4_words16)
+        QUARTER: tl.constexpr = BLOCK_K // 4
+        part = tl.zeros([BLOCK_N, QUARTER], tl.float32)
+        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+            for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                k0 = k_step + u * BLOCK_K
+                w0, w1, w2, w3 = int4_words16(W, S, rn, k0 // 4 + tl.arange(0, QUARTER), k0, n_ok, k_hi, swn, ssn,
+                                              GROUP, {x_dtype})
+                # x at k = 4j + 2a + b as [j, a, b]: b split first, then a
+                x_b0, x_b1 = tl.split(tl.reshape(x_at(m, k0 + tl.arange(0, BLOCK_K), k_hi, {x_args}{row_params}), [QUARTER, 2, 2]))
+                x0, x2 = tl.split(x_b0)
+                x1, x3 = tl.split(x_b1)
+                part += w0.to(tl.float32) * x0[None, :]
+                part += w1.to(tl.float32) * x1[None, :]
+                part += w2.to(tl.float32) * x2[None, :]
+                part += w3.to(tl.float32) * x3[None, :]
     elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -277,6 +294,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
         DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1, PREFETCH=bits,
+        WORDS=weights == "int4" and not dot and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
+        and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
 
 
