@@ -15,12 +15,16 @@ fourth (the activation's producer):
 * **main loop.** BLOCK_N weight rows over one K slice, ``UNROLL`` K tiles a step (their loads
   issued together: the H200 measured these loops bound by the bytes in flight). Weight tiles
   loaded (float, any strides) or dequantized (``weight_only_parts``); INT4 bytes are not
-  interleaved (low nibbles meet x's even elements, high nibbles its odd ones). Elementwise:
+  interleaved (low nibbles meet x's even elements, high nibbles its odd ones); with 16-bit x
+  the elementwise loop reads them as 16-bit words of four codes (``int4_words16``: no byte
+  widening), x split four ways to meet them. Elementwise:
   one row of x per program (grid axis 2), products accumulated in a [BLOCK_N, BLOCK_K] fp32
   tile, summed over K once after the loop. Tensor cores (``DOT``, 16-bit x): weights made from
   their codes' bits in x's dtype, products summed by ``tl.dot`` in fp32 against a [K, 16]
   operand holding x's row in column 0, or (``ROWS`` 16, no row values) 16 rows of x, so
   batch-16 decode reads each weight once.
+* **PDL** (``Options.pdl``): the wait for the kernel before comes after the program ids and a
+  bulk prefetch of the program's weight rows into L2 (``PDL_AFTER``): weights are constants.
 * **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
   Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
