@@ -430,3 +430,21 @@ def test_float_prologue_groups_keep_cublas_as_a_timed_candidate():
         names[device] = [c.name for c in gemm_candidates(group, ctx).candidates]
     assert all(n.startswith("triton fused gemv") for n in names["cpu"])
     assert names["cuda"][:-1] == names["cpu"] and names["cuda"][-1] == "cublas + aten prologue and epilogue"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k", [(37, 260), (5, 132), (9, 130)])  # K % 4 == 2: the byte loop
+def test_int4_elementwise_loops_words_and_bytes_match_the_reference(dtype, n, k):
+    # 16-bit x reads the codes as 16-bit words of four nibbles where K % 4 == 0, bytes otherwise;
+    # each weight is the reference's rounded value either way, so the sums differ by fp32 order only
+    from compile_backend.kernels import gemv
+    from compile_backend.kernels.weight_only import WeightOnlyConfig, weight_only_linear_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(3, k).to(dtype)
+    codes, scales = ref.quantize_weight(torch.randn(n, k), "int4", 64)
+    out = torch.empty(3, n, dtype=dtype)
+    cfg = WeightOnlyConfig("gemv", 1, 32, 64, num_stages=1, waves=8, unroll=2)
+    gemv.gemv(x, codes, scales, None, out, int4=True, group=64, config=cfg)
+    expected = weight_only_linear_reference(x, codes, scales, None, precision="int4", group_size=64)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-2)
