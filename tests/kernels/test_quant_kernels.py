@@ -359,6 +359,43 @@ def test_scaled_conv_fused_chain_and_cudnn_candidate(out_dtype, precision):
     check(lambda *a: cudnn.compile()(*a), group, inputs, precision, out_dtype, chain=True)
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_scaled_conv_as_a_gemm_over_its_rows(precision, channels_last):
+    """A 1x1 convolution's rows GEMM (bias, ReLU and a residual add in its epilogue) equals the
+    convolution template; on NCHW tensors (rows not viewable) the candidate fails to run, so the
+    tuner would skip it."""
+    xq, xs, wq, ws, b = quantized_conv(2, 24, (5, 7), 40, 1, 1, precision, per_channel=True, bias=True,
+                                       channels_last=channels_last, seed=5)
+    r = randn(2, 40, 5, 7, seed=6).half()
+    if channels_last:
+        r = r.contiguous(memory_format=torch.channels_last)
+
+    def fn(xq, xs, wq, ws, b, r):
+        return torch.relu(scaled_conv(xq, xs, wq, ws, b, [1, 1], [0, 0], [1, 1], 1, torch.float16)) + r
+
+    inputs = (xq, xs, wq, ws, b, r)
+    group = anchor_group(fn, *inputs, kind="conv", op="scaled_conv")
+    tuning = scaled_conv_candidates(group, CTX, vendor=False)
+    rows = [c for c in tuning.candidates if c.config.get("rows_gemm")]
+    assert len(rows) == 1 and rows[0].name in tuning.writes_out
+    if not channels_last:
+        with pytest.raises(RuntimeError):
+            rows[0].compile()(*inputs)
+        return
+    (got,) = rows[0].compile()(*inputs)
+    (want,) = tuning.candidates[0].compile()(*inputs)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_only_pointwise_convolutions_get_the_rows_gemm():
+    xq, xs, wq, ws, b = quantized_conv(1, 8, (5, 5), 16, 3, 1, "int8", channels_last=True)
+    group = anchor_group(lambda xq, xs, wq, ws: scaled_conv(xq, xs, wq, ws, None, [1, 1], [1, 1], [1, 1], 1,
+                                                            torch.float16), xq, xs, wq, ws, kind="conv", op="scaled_conv")
+    assert not any(c.config.get("rows_gemm") for c in scaled_conv_candidates(group, CTX, vendor=False).candidates)
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_scaled_conv_output_layout_is_the_same_everywhere(channels_last):
     """Regression: the op's fake (what the engine plans with) and its CPU implementation gave
