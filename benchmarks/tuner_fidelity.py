@@ -73,17 +73,11 @@ def graph_ms(runner, x_sets: Sequence, w_sets: Sequence, replays: int = 20, soak
 
 
 def tuner_style_us(runner, input_sets: Sequence) -> float:
-    """As ``autotune.Tuner`` times a candidate: a warm-up, the host time of one call sizing
-    the spin kernel ``CudaEventTimer`` puts before each launch, the median of the launches."""
-    from compile_backend.kernels.autotune import CudaEventTimer
+    """As ``autotune.Tuner`` times a candidate (``gemm_bench.bench_ms``: a spin kernel before
+    each launch, sized by one call's host time; the median), in microseconds."""
+    from benchmarks.gemm_bench import bench_ms
 
-    runner(*input_sets[0])
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    runner(*input_sets[-1])
-    host_s = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    return statistics.median(CudaEventTimer().measure(runner, input_sets, 50, host_s)) * 1e3
+    return bench_ms(runner, input_sets, reps=50) * 1e3
 
 
 def measure_case(name: str, dtype: torch.dtype, save: Callable[[List[Dict]], None]) -> List[Dict]:
