@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -517,6 +517,32 @@ def scalar_dtype(v: Any) -> torch.dtype:
 ROUNDS_ITSELF = frozenset({aten._to_copy.default, prims.convert_element_type.default, aten.clone.default})
 
 
+def _int8_quantize_tail(node: fx.Node) -> Optional[Tuple[fx.Node, int, int]]:
+    """(x, low, high) when ``node`` converts ``clamp(round(nan_to_num(x)), low, high)`` to int8,
+    all in fp32, with integer bounds within int8's range and nan_to_num's NaN -> 0 and infinities
+    beyond the bounds (``quant_ref.quantize_steps``' INT8 tail): ``casts.saturate_to_int8``
+    computes the same values in one conversion."""
+    def op(a: Any, target) -> bool:
+        v = meta_of(a) if isinstance(a, fx.Node) and a.op == "call_function" and a.target == target else None
+        return isinstance(v, torch.Tensor) and compute_dtype(v.dtype) == torch.float32
+
+    clamp = node.args[0] if node.args else None
+    if not op(clamp, aten.clamp.default) or not op(clamp.args[0], aten.round.default) \
+            or not op(clamp.args[0].args[0], aten.nan_to_num.default):
+        return None
+    low, high = (clamp.args[i] if len(clamp.args) > i else clamp.kwargs.get(k) for i, k in ((1, "min"), (2, "max")))
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and float(b).is_integer()
+               and -128 <= b <= 127 for b in (low, high)) or low > high:
+        return None
+    fix = clamp.args[0].args[0]
+    nan, posinf, neginf = (fix.args[i] if len(fix.args) > i else fix.kwargs.get(k)
+                           for i, k in ((1, "nan"), (2, "posinf"), (3, "neginf")))
+    if nan not in (None, 0, 0.0) or (posinf is not None and posinf < high) or (neginf is not None and neginf > low):
+        return None
+    x = fix.args[0]
+    return (x, int(low), int(high)) if isinstance(x, fx.Node) else None
+
+
 def _within_fp8_range(a: Any) -> bool:
     """Whether ``a`` is an fp32-computed clamp to bounds within e4m3fn's +-448 (NaN passes
     through it, and converts to NaN with or without the overflow guard)."""
@@ -561,8 +587,11 @@ def emit_pointwise(nodes: Sequence[fx.Node], names: Dict[fx.Node, str], helpers:
 
         args = [operand(a) for a in node.args]
         kwargs = {k: operand(v) for k, v in node.kwargs.items()}
+        int8_tail = _int8_quantize_tail(node) if node.target in ROUNDS_ITSELF and val.dtype == torch.int8 else None
         if node.target in ROUNDS_ITSELF and val.dtype == casts.FP8 and _within_fp8_range(node.args[0]):
             expr = casts.round_fp8_in_range(args[0].name)  # a quantize's cast after its clamp
+        elif int8_tail is not None and int8_tail[0] in names:  # an INT8 quantize's tail: one conversion
+            expr = casts.saturate_to_int8(operand(int8_tail[0]).name, int8_tail[1], int8_tail[2], helpers)
         else:
             lowering = _approximated(node, val.dtype) or (lambda *a: lower(node.target, *a))
             expr = lowering(args, kwargs, val.dtype, helpers)

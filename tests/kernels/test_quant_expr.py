@@ -219,6 +219,16 @@ def test_quantize_chains_lower_without_redundant_work():
     assert "cb_round_fp8(" in wide and "in_range" not in wide, wide
     int8 = code(lambda x, inv: static_quantize(x, inv, "int8"), x, inv)
     assert int8.count("tl.where") == 1 and "cb_rint(" in int8, int8  # the NaN test of nan_to_num only
+    # the tail (nan_to_num, round, clamp, cast) as one conversion to int32 and an integer clamp;
+    # the float steps' lines stay, unused (the compiler drops them)
+    last = int8.strip().splitlines()[-1]
+    assert "cb_rint_s32(" in last and "tl.maximum(" in last and ", -127)" in last and ", 127)" in last, last
+    assert "cvt.rni.s32.f32" in expr.HELPERS["rint_s32"]
+    int4_like = code(lambda x, inv: (x.float() * inv).nan_to_num(0.0).round().clamp(-7, 7).to(torch.int8), x, inv)
+    assert "cb_rint_s32(" in int4_like.splitlines()[-1]
+    # a replacement for infinity inside the bounds keeps the chain (saturation would differ)
+    custom = code(lambda x, inv: (x.float() * inv).nan_to_num(0.0, 5.0).round().clamp(-127, 127).to(torch.int8), x, inv)
+    assert "cb_rint_s32(" not in custom, custom
     # a zero bound keeps compare-and-select: clamp(-0.0, min=0) is -0.0 in eager
     relu_like = code(lambda x: x.clamp(min=0), x)
     assert "tl.where" in relu_like and "tl.maximum" not in relu_like
