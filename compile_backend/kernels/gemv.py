@@ -109,7 +109,33 @@ def {name}(
 {row_body}
     if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
         part = tl.zeros([BLOCK_N, 16], tl.float32)
-        if WEIGHTS == 1:
+        if WEIGHTS == 1 and WORDS:  # INT4 as 16-bit words of four codes (int4_words16): four dots a tile
+            QUARTER16: tl.constexpr = BLOCK_K // 4
+            for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+                for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
+                    k0 = k_step + u * BLOCK_K
+                    w0, w1, w2, w3 = int4_words16(W, S, rn, k0 // 4 + tl.arange(0, QUARTER16), k0, n_ok, k_hi, swn, ssn,
+                                                  GROUP, {x_dtype}, not SOFT_BF16)
+                    # x at k = 4j + 2a + b: b split first, then a (rows of x as the dots' columns)
+                    rk = k0 + tl.arange(0, BLOCK_K)
+                    if ROWS == 16:
+                        xs = tl.permute(tl.reshape(x_at(xm, rk[:, None], k_hi, {x_args}{row_params}), [QUARTER16, 2, 2, 16]), (0, 3, 1, 2))
+                        x_b0, x_b1 = tl.split(xs)
+                        x0, x2 = tl.split(x_b0)
+                        x1, x3 = tl.split(x_b1)
+                        part = dot16(w0, x0.to({x_dtype}), part, SOFT_BF16)
+                        part = dot16(w1, x1.to({x_dtype}), part, SOFT_BF16)
+                        part = dot16(w2, x2.to({x_dtype}), part, SOFT_BF16)
+                        part = dot16(w3, x3.to({x_dtype}), part, SOFT_BF16)
+                    else:
+                        x_b0, x_b1 = tl.split(tl.reshape(x_at(m, rk, k_hi, {x_args}{row_params}), [QUARTER16, 2, 2]))
+                        x0, x2 = tl.split(x_b0)
+                        x1, x3 = tl.split(x_b1)
+                        part = dot_column(w0, x0.to({x_dtype}), part, 16, SOFT_BF16)
+                        part = dot_column(w1, x1.to({x_dtype}), part, 16, SOFT_BF16)
+                        part = dot_column(w2, x2.to({x_dtype}), part, 16, SOFT_BF16)
+                        part = dot_column(w3, x3.to({x_dtype}), part, 16, SOFT_BF16)
+        elif WEIGHTS == 1:
             HALF16: tl.constexpr = BLOCK_K // 2
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
                 for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
@@ -134,7 +160,7 @@ def {name}(
                 for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
                     k0 = k_step + u * BLOCK_K
                     rk = k0 + tl.arange(0, BLOCK_K)
-                    w = int8_weights16(W, rn, rk, n_ok, k_hi, swn, scale, {x_dtype})
+                    w = int8_weights16(W, rn, rk, n_ok, k_hi, swn, scale, {x_dtype}, not SOFT_BF16)
                     if ROWS == 16:
                         part = dot16(w, x_at(xm, rk[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
                     else:
@@ -160,7 +186,7 @@ def {name}(
             for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
                 k0 = k_step + u * BLOCK_K
                 w0, w1, w2, w3 = int4_words16(W, S, rn, k0 // 4 + tl.arange(0, QUARTER), k0, n_ok, k_hi, swn, ssn,
-                                              GROUP, {x_dtype})
+                                              GROUP, {x_dtype}, not SOFT_BF16)
                 # x at k = 4j + 2a + b as [j, a, b]: b split first, then a
                 x_b0, x_b1 = tl.split(tl.reshape(x_at(m, k0 + tl.arange(0, BLOCK_K), k_hi, {x_args}{row_params}), [QUARTER, 2, 2]))
                 x0, x2 = tl.split(x_b0)
@@ -298,7 +324,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
         DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1, PREFETCH=bits,
-        WORDS=weights == "int4" and not dot and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
+        WORDS=weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
         and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
 

@@ -152,7 +152,7 @@ def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GR
         lo, hi = int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP, DTYPE, True)  # any K
         return tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
     scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
-    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE)
+    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE, False)
 
 
 @triton.jit

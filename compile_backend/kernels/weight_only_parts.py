@@ -31,7 +31,7 @@ def int8_weights(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr, SOFT_B
     :func:`int8_weights16`: no int -> float conversion a weight (Hopper issues those at 1/8 of the
     FMA rate; the decode GEMV's elementwise loop was bound by them: ``kernel_sass --gemv``)."""
     if DTYPE != tl.float32:
-        return int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale.to(tl.float16), DTYPE).to(tl.float32)
+        return int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale.to(tl.float16), DTYPE, not SOFT_BF16).to(tl.float32)
     ok = n_ok[:, None] & (rk < K)[None, :]
     codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
     return round_to(codes.to(tl.float32) * scale, DTYPE, SOFT_BF16).to(tl.float32)
@@ -90,11 +90,33 @@ def offset_codes_to(u, OFFSET: tl.constexpr, scale, DTYPE: tl.constexpr):
         return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+#: INT8 codes to fp16 four at a time (PTX): a 32-bit register of four codes ($2) and their
+#: rows' fp16 scales in pairs ($3, $4) in, ``code * scale`` as two f16x2 ($0, $1) out. The top
+#: bits flipped (code + 128) and ``prmt`` puts each byte under an 0x64 byte: fp16 1024 + code
+#: + 128 (exact); subtracting 1152 is exact, the multiply rounds once (see _INT4_PAIRS_F16)
+_INT8_QUADS_F16 = tl.constexpr("""{
+.reg .b32 t, a, b, h, o;
+mov.b32 h, 0x64646464;
+mov.b32 o, 0x64806480;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 a, t, h, 0x4140;
+prmt.b32 b, t, h, 0x4342;
+sub.rn.f16x2 a, a, o;
+sub.rn.f16x2 b, b, o;
+mul.rn.f16x2 $0, a, $3;
+mul.rn.f16x2 $1, b, $4;
+}""")
+
+
 @triton.jit
-def int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr):
-    """:func:`int8_weights` for 16-bit DTYPE, as DTYPE (``scale``: [BLOCK_N, 1] fp16)."""
+def int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """:func:`int8_weights` for 16-bit DTYPE, as DTYPE (``scale``: [BLOCK_N, 1] fp16). NATIVE
+    (compiled for a GPU) with fp16: four codes a register through ``_INT8_QUADS_F16``."""
     ok = n_ok[:, None] & (rk < K)[None, :]
     codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
+    if NATIVE and DTYPE == tl.float16:
+        return tl.inline_asm_elementwise(_INT8_QUADS_F16, "=r,=r,r,r,r", [codes, tl.broadcast_to(scale, codes.shape)],
+                                         dtype=tl.float16, is_pure=True, pack=4)
     # code + 128 is the code's byte with its top bit flipped: 16-bit lanes, no add
     return offset_codes_to(codes.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80, 128, scale, DTYPE)
 
@@ -112,16 +134,52 @@ def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.conste
     return lo, hi
 
 
+#: INT4 codes to fp16 two at a time (PTX): a 32-bit register holding two 16-bit words of
+#: codes ($4) and their rows' fp16 scales as a pair ($5) in, the pair's nibble i as
+#: ``(code - 8) * scale`` in f16x2 ($i) out. ``lop3`` 0x6a is ``(a & b) ^ c``: the nibble, its
+#: top bit flipped (two's complement + 8) and 0x6400 set make fp16 1024 + code + 8 (exact);
+#: subtracting 1032 is exact, the multiply rounds once, as the reference's fp32 product
+#: rounded to fp16 (``.rn``: ptxas does not contract it into an fma)
+_INT4_PAIRS_F16 = tl.constexpr("""{
+.reg .b32 t<4>, m, o;
+mov.b32 m, 0x000F000F;
+mov.b32 o, 0x64086408;
+shr.b32 t1, $4, 4;
+shr.b32 t2, $4, 8;
+shr.b32 t3, $4, 12;
+lop3.b32 t0, $4, m, o, 0x6a;
+lop3.b32 t1, t1, m, o, 0x6a;
+lop3.b32 t2, t2, m, o, 0x6a;
+lop3.b32 t3, t3, m, o, 0x6a;
+sub.rn.f16x2 t0, t0, o;
+sub.rn.f16x2 t1, t1, o;
+sub.rn.f16x2 t2, t2, o;
+sub.rn.f16x2 t3, t3, o;
+mul.rn.f16x2 $0, t0, $5;
+mul.rn.f16x2 $1, t1, $5;
+mul.rn.f16x2 $2, t2, $5;
+mul.rn.f16x2 $3, t3, $5;
+}""")
+
+
 @triton.jit
-def int4_words16(w_ptr, s_ptr, rn, rq, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr):
+def int4_words16(w_ptr, s_ptr, rn, rq, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr,
+                 NATIVE: tl.constexpr):
     """INT4 weight rows ``rn`` at 16-bit words ``rq`` of their packed codes (word j holds
     k = 4j .. 4j + 3, a nibble each from the lowest), dequantized as :func:`int4_weights16`:
     the four weights of each word as DTYPE. Loaded as words, the nibbles are masked and shifted
     in 16-bit lanes as loaded: no byte permute to widen each code (the byte loads' loop spent
-    118 of its 498 instructions on PRMT, sm_90). Needs K % 4 == 0 and an even row stride."""
+    118 of its 498 instructions on PRMT, sm_90). Needs K % 4 == 0 and an even row stride.
+    NATIVE (compiled for a GPU, not the interpreter) with fp16: two words a register through
+    ``_INT4_PAIRS_F16`` (Triton's own lowering worked on one 16-bit word a register and packed
+    the pairs for the f16x2 arithmetic after: 138 shift/logic/permute instructions for 64
+    weights in the main loop, sm_90; this takes 56)."""
     ok = n_ok[:, None] & (rq < K // 4)[None, :]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :], mask=ok, other=0)
     scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
+    if NATIVE and DTYPE == tl.float16:
+        return tl.inline_asm_elementwise(_INT4_PAIRS_F16, "=r,=r,=r,=r,r,r", [words, tl.broadcast_to(scale, words.shape)],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
     w0 = offset_codes_to((words & 15) ^ 8, 8, scale, DTYPE)
     w1 = offset_codes_to(((words >> 4) & 15) ^ 8, 8, scale, DTYPE)
     w2 = offset_codes_to(((words >> 8) & 15) ^ 8, 8, scale, DTYPE)

@@ -448,3 +448,58 @@ def test_int4_elementwise_loops_words_and_bytes_match_the_reference(dtype, n, k)
     gemv.gemv(x, codes, scales, None, out, int4=True, group=64, config=cfg)
     expected = weight_only_linear_reference(x, codes, scales, None, precision="int4", group_size=64)
     torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_gpu_native_dequantize_bit_identical(precision):
+    """Compiled on the GPU: the PTX dequantize of the fp16 loops (``weight_only_parts``'
+    ``_INT4_PAIRS_F16`` / ``_INT8_QUADS_F16``) equals Triton's own lowering (the interpreter's)
+    bit for bit, over every code and scales of every magnitude (subnormal, huge: products
+    overflowing to inf, inf, NaN, -0.0)."""
+    import triton
+    import triton.language as tl
+
+    from compile_backend.kernels.weight_only_parts import int4_words16, int8_weights16
+
+    @triton.jit
+    def dequantize(W, S, OUT, N, K, swn, ssn, INT4: tl.constexpr, NATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        n_ok = rn < N
+        ok = n_ok[:, None]
+        if INT4:
+            rq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+            w0, w1, w2, w3 = int4_words16(W, S, rn, rq, k0, n_ok, K, swn, ssn, BLOCK_K, tl.float16, NATIVE)
+            at = OUT + rn[:, None] * K + 4 * rq[None, :]
+            tl.store(at, w0, mask=ok)
+            tl.store(at + 1, w1, mask=ok)
+            tl.store(at + 2, w2, mask=ok)
+            tl.store(at + 3, w3, mask=ok)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
+            w = int8_weights16(W, rn, rk, n_ok, K, swn, scale, tl.float16, NATIVE)
+            tl.store(OUT + rn[:, None] * K + rk[None, :], w, mask=ok)
+
+    gen = torch.Generator().manual_seed(16)
+    n, k, group = 64, 1024, 128  # every byte value in every row; 8 scale groups a row (INT4)
+    int4 = precision == "int4"
+    codes = torch.arange(n * k // (2 if int4 else 1), dtype=torch.int64).remainder(256).reshape(n, -1)
+    codes = codes[:, torch.randperm(codes.shape[1], generator=gen)].to(torch.uint8)
+    codes = codes if int4 else codes.view(torch.int8)
+    magnitude = torch.exp2(torch.randint(-24, 16, (n, k // group), generator=gen).float())
+    scales = (torch.randn(n, k // group, generator=gen) * magnitude).half()
+    scales[0, 0], scales[1, 1], scales[2, 2], scales[3, 3] = float("inf"), float("nan"), -0.0, 6.0e-8
+    scales = scales if int4 else scales[:, :1].contiguous()
+    outs = []
+    for native in (False, True):
+        out = torch.empty(n, k, dtype=torch.float16, device="cuda")
+        dequantize[(1, k // group)](codes.cuda(), scales.cuda(), out, n, k, codes.stride(0), scales.stride(0),
+                                    INT4=int4, NATIVE=native, BLOCK_N=n, BLOCK_K=group)
+        outs.append(out.cpu())
+    want = ref.dequantize(ref.unpack_int4(codes, k) if int4 else codes, scales, precision, group if int4 else None).half()
+    nan = want.isnan()  # NaN payloads may differ (the GPU's canonical NaN)
+    for out in outs:
+        assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
