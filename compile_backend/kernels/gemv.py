@@ -71,7 +71,7 @@ _TEMPLATE = '''\
 import triton
 import triton.language as tl
 from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16, int4_words16,
-                                                          int8_weights, int8_weights16, l2_prefetch, round_to)
+                                                          int8_weights, int8_weights16, l2_prefetch, round_to, words_to)
 {helpers}
 
 @triton.jit
@@ -180,21 +180,29 @@ def {name}(
         else:
             acc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0), axis=1)[None, :]  # columns 1.. are 0 * w
     elif WEIGHTS == 1 and WORDS:  # INT4 read as 16-bit words of four codes (16-bit x; int4_words16)
+        # a step's UNROLL tiles as one [BLOCK_N, UNROLL, BLOCK_K / 4] load, so all its bytes are
+        # in flight at once (tiles unrolled one by one, ptxas kept 2-3 of them in flight: each
+        # tile's x went through shared memory, and loads stay behind its barriers; sm_90 SASS)
         QUARTER: tl.constexpr = BLOCK_K // 4
-        part = tl.zeros([BLOCK_N, QUARTER], tl.float32)
+        ru = tl.arange(0, UNROLL)
+        w16 = W.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (swn // 2)
+        part = tl.zeros([BLOCK_N, UNROLL, QUARTER], tl.float32)
         for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
-            for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
-                k0 = k_step + u * BLOCK_K
-                w0, w1, w2, w3 = int4_words16(W, S, rn, k0 // 4 + tl.arange(0, QUARTER), k0, n_ok, k_hi, swn, ssn,
-                                              GROUP, {x_dtype}, not SOFT_BF16)
-                # x at k = 4j + 2a + b as [j, a, b]: b split first, then a
-                x_b0, x_b1 = tl.split(tl.reshape(x_at(m, k0 + tl.arange(0, BLOCK_K), k_hi, {x_args}{row_params}), [QUARTER, 2, 2]))
-                x0, x2 = tl.split(x_b0)
-                x1, x3 = tl.split(x_b1)
-                part += w0.to(tl.float32) * x0[None, :]
-                part += w1.to(tl.float32) * x1[None, :]
-                part += w2.to(tl.float32) * x2[None, :]
-                part += w3.to(tl.float32) * x3[None, :]
+            k0s = k_step + ru * BLOCK_K  # [UNROLL] each tile's first k (a tile never straddles two groups)
+            rq = (k0s // 4)[:, None] + tl.arange(0, QUARTER)[None, :]  # [UNROLL, QUARTER] words
+            words = tl.load(w16 + rq[None, :, :], mask=n_ok[:, None, None] & (rq < k_hi // 4)[None, :, :], other=0)
+            scale = tl.load(S + rn[:, None] * ssn + (k0s // GROUP)[None, :], mask=n_ok[:, None] & (k0s < k_hi)[None, :],
+                            other=0.0)
+            w0, w1, w2, w3 = words_to(words, scale[:, :, None], {x_dtype}, not SOFT_BF16)
+            # x at k = 4j + 2a + b as [u, j, a, b]: b split first, then a
+            xs = tl.reshape(x_at(m, k_step + tl.arange(0, BLOCK_K * UNROLL), k_hi, {x_args}{row_params}), [UNROLL, QUARTER, 2, 2])
+            x_b0, x_b1 = tl.split(xs)
+            x0, x2 = tl.split(x_b0)
+            x1, x3 = tl.split(x_b1)
+            part += w0.to(tl.float32) * x0[None, :, :]
+            part += w1.to(tl.float32) * x1[None, :, :]
+            part += w2.to(tl.float32) * x2[None, :, :]
+            part += w3.to(tl.float32) * x3[None, :, :]
     elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -224,7 +232,9 @@ def {name}(
                 k0 = k_step + u * BLOCK_K
                 rk = k0 + tl.arange(0, BLOCK_K)
                 part += float_weights(W, rn, rk, n_ok, k_hi, swn, swk) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
-    if not DOT:
+    if WEIGHTS == 1 and WORDS and not DOT:
+        acc = tl.sum(tl.sum(part, axis=2), axis=1)[None, :]
+    elif not DOT:
         acc = tl.sum(part, axis=1)[None, :]
     rm = m * ROWS + tl.arange(0, ROWS)
     mask = (rm < M)[:, None] & n_ok[None, :]

@@ -265,8 +265,8 @@ class WeightOnlyConfig:
                                     ("num_stages", self.num_stages, 1, 8), ("waves", self.waves, 1, 64)):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-        if isinstance(self.unroll, bool) or self.unroll not in (1, 2, 4) or (self.unroll > 1 and self.path != "gemv"):
-            raise ValueError(f"unroll is a gemv-path setting (1, 2 or 4), got {self.unroll!r} for path {self.path!r}")
+        if isinstance(self.unroll, bool) or self.unroll not in (1, 2, 4, 8, 16) or (self.unroll > 1 and self.path != "gemv"):
+            raise ValueError(f"unroll is a gemv-path setting (1, 2, 4, 8 or 16), got {self.unroll!r} for path {self.path!r}")
         if not isinstance(self.tensor_cores, bool) or (self.tensor_cores and self.path != "gemv"):
             raise ValueError(f"tensor_cores is a gemv-path setting (True or False), got {self.tensor_cores!r} "
                              f"for path {self.path!r}")
@@ -314,7 +314,9 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     "gemv": (_gemv(64, 128, tc=True), _gemv(32, 128, unroll=2), _gemv(32, 128, unroll=4), _gemv(64, 128, 8, unroll=2),
              _gemv(32, 128, waves=2, unroll=2), _gemv(64, 128, tc=True, unroll=2), _gemv(64, 256, tc=True),
              _gemv(128, 64, 4, waves=4, tc=True), _gemv(32, 128), _gemv(32, 128, waves=2),
-             _gemv(32, 128, stages=3), _gemv(32, 128, 4, split_k=1)),
+             _gemv(32, 128, stages=3), _gemv(32, 128, 4, split_k=1),
+             # INT4 words: a step's tiles in one load (gemv.py); fewer rows, more tiles a step
+             _gemv(16, 128, unroll=4), _gemv(32, 128, 8, unroll=4)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper

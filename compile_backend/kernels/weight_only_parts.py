@@ -177,6 +177,13 @@ def int4_words16(w_ptr, s_ptr, rn, rq, k0, n_ok, K, swn, ssn, GROUP: tl.constexp
     ok = n_ok[:, None] & (rq < K // 4)[None, :]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :], mask=ok, other=0)
     scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
+    return words_to(words, scale, DTYPE, NATIVE)
+
+
+@triton.jit
+def words_to(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """The four weights of each 16-bit word of INT4 codes (any shape; ``scale``: fp16,
+    broadcastable to it) as DTYPE: see :func:`int4_words16`."""
     if NATIVE and DTYPE == tl.float16:
         return tl.inline_asm_elementwise(_INT4_PAIRS_F16, "=r,=r,=r,=r,r,r", [words, tl.broadcast_to(scale, words.shape)],
                                          dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
@@ -242,4 +249,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to", "int8_weights16",
-           "int4_weights16", "int4_words16", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+           "int4_weights16", "int4_words16", "words_to", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]

@@ -182,7 +182,7 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     (dict(path="gemv", block_m=1, block_n=128, block_k=256, tensor_cores=True), "at most 16384"),
     (dict(path="skinny", block_m=1, block_n=16, block_k=16, tensor_cores=True), "gemv-path setting"),
     (dict(path="gemv", block_m=1, block_n=16, block_k=16, weights_first=True), "tiled-path setting"),
-    (dict(path="gemv", block_m=1, block_n=16, block_k=16, unroll=3), "1, 2 or 4"),
+    (dict(path="gemv", block_m=1, block_n=16, block_k=16, unroll=3), "1, 2, 4, 8 or 16"),
     (dict(path="skinny", block_m=1, block_n=16, block_k=16, unroll=2), "gemv-path setting"),
 ])
 def test_config_checks(fields, match):
