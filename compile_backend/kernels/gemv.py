@@ -109,32 +109,44 @@ def {name}(
 {row_body}
     if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
         part = tl.zeros([BLOCK_N, 16], tl.float32)
-        if WEIGHTS == 1 and WORDS:  # INT4 as 16-bit words of four codes (int4_words16): four dots a tile
+        if WEIGHTS == 1 and WORDS:  # INT4 as 16-bit words of four codes: four dots a step
+            # a step's UNROLL tiles in one load, as the elementwise loop below; nibble i of word
+            # (u, j) is k = k_step + 4 (u QUARTER16 + j) + i, so [BLOCK_N, UNROLL, QUARTER16]
+            # flattened is one K run of UNROLL * QUARTER16 for each nibble's dot
             QUARTER16: tl.constexpr = BLOCK_K // 4
+            KQ: tl.constexpr = UNROLL * QUARTER16
+            ru16 = tl.arange(0, UNROLL)
+            w16 = W.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (swn // 2)
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
-                for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
-                    k0 = k_step + u * BLOCK_K
-                    w0, w1, w2, w3 = int4_words16(W, S, rn, k0 // 4 + tl.arange(0, QUARTER16), k0, n_ok, k_hi, swn, ssn,
-                                                  GROUP, {x_dtype}, not SOFT_BF16)
-                    # x at k = 4j + 2a + b: b split first, then a (rows of x as the dots' columns)
-                    rk = k0 + tl.arange(0, BLOCK_K)
-                    if ROWS == 16:
-                        xs = tl.permute(tl.reshape(x_at(xm, rk[:, None], k_hi, {x_args}{row_params}), [QUARTER16, 2, 2, 16]), (0, 3, 1, 2))
-                        x_b0, x_b1 = tl.split(xs)
-                        x0, x2 = tl.split(x_b0)
-                        x1, x3 = tl.split(x_b1)
-                        part = dot16(w0, x0.to({x_dtype}), part, SOFT_BF16)
-                        part = dot16(w1, x1.to({x_dtype}), part, SOFT_BF16)
-                        part = dot16(w2, x2.to({x_dtype}), part, SOFT_BF16)
-                        part = dot16(w3, x3.to({x_dtype}), part, SOFT_BF16)
-                    else:
-                        x_b0, x_b1 = tl.split(tl.reshape(x_at(m, rk, k_hi, {x_args}{row_params}), [QUARTER16, 2, 2]))
-                        x0, x2 = tl.split(x_b0)
-                        x1, x3 = tl.split(x_b1)
-                        part = dot_column(w0, x0.to({x_dtype}), part, 16, SOFT_BF16)
-                        part = dot_column(w1, x1.to({x_dtype}), part, 16, SOFT_BF16)
-                        part = dot_column(w2, x2.to({x_dtype}), part, 16, SOFT_BF16)
-                        part = dot_column(w3, x3.to({x_dtype}), part, 16, SOFT_BF16)
+                k0s = k_step + ru16 * BLOCK_K
+                rq = (k0s // 4)[:, None] + tl.arange(0, QUARTER16)[None, :]
+                words = tl.load(w16 + rq[None, :, :], mask=n_ok[:, None, None] & (rq < k_hi // 4)[None, :, :], other=0)
+                scale = tl.load(S + rn[:, None] * ssn + (k0s // GROUP)[None, :],
+                                mask=n_ok[:, None] & (k0s < k_hi)[None, :], other=0.0)
+                w0, w1, w2, w3 = words_to(words, scale[:, :, None], {x_dtype}, not SOFT_BF16)
+                w0 = tl.reshape(w0, [BLOCK_N, KQ])
+                w1 = tl.reshape(w1, [BLOCK_N, KQ])
+                w2 = tl.reshape(w2, [BLOCK_N, KQ])
+                w3 = tl.reshape(w3, [BLOCK_N, KQ])
+                # x at k = 4j + 2a + b: b split first, then a (rows of x as the dots' columns)
+                rk = k_step + tl.arange(0, BLOCK_K * UNROLL)
+                if ROWS == 16:
+                    xs = tl.permute(tl.reshape(x_at(xm, rk[:, None], k_hi, {x_args}{row_params}), [KQ, 2, 2, 16]), (0, 3, 1, 2))
+                    x_b0, x_b1 = tl.split(xs)
+                    x0, x2 = tl.split(x_b0)
+                    x1, x3 = tl.split(x_b1)
+                    part = dot16(w0, x0.to({x_dtype}), part, SOFT_BF16)
+                    part = dot16(w1, x1.to({x_dtype}), part, SOFT_BF16)
+                    part = dot16(w2, x2.to({x_dtype}), part, SOFT_BF16)
+                    part = dot16(w3, x3.to({x_dtype}), part, SOFT_BF16)
+                else:
+                    x_b0, x_b1 = tl.split(tl.reshape(x_at(m, rk, k_hi, {x_args}{row_params}), [KQ, 2, 2]))
+                    x0, x2 = tl.split(x_b0)
+                    x1, x3 = tl.split(x_b1)
+                    part = dot_column(w0, x0.to({x_dtype}), part, 16, SOFT_BF16)
+                    part = dot_column(w1, x1.to({x_dtype}), part, 16, SOFT_BF16)
+                    part = dot_column(w2, x2.to({x_dtype}), part, 16, SOFT_BF16)
+                    part = dot_column(w3, x3.to({x_dtype}), part, 16, SOFT_BF16)
         elif WEIGHTS == 1:
             HALF16: tl.constexpr = BLOCK_K // 2
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):

@@ -503,3 +503,25 @@ def test_gpu_native_dequantize_bit_identical(precision):
     nan = want.isnan()  # NaN payloads may differ (the GPU's canonical NaN)
     for out in outs:
         assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tc", [False, True], ids=["elementwise", "tensor_cores"])
+@pytest.mark.parametrize("unroll,split", [(2, 1), (4, 2), (8, 1)], ids=str)
+def test_int4_words_step_in_one_load(dtype, tc, unroll, split):
+    """INT4 read as 16-bit words with a step's tiles in one [BLOCK_N, UNROLL, BLOCK_K / 4] load:
+    K of 10 groups of 64 (a step past K's end, split-K slices ending mid-step), odd N, one and
+    two rows, against the reference."""
+    from compile_backend.kernels import gemv, weight_only
+
+    gen = torch.Generator().manual_seed(23)
+    n, k, group = 33, 640, 64
+    w, s = _weights(n, k, "int4", group, seed=24)
+    kernel = gemv.plain_kernel(dtype, dtype)
+    for m in (1, 2):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        want = weight_only.weight_only_linear_reference(x, w, s, None, precision="int4", group_size=group)
+        cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 64, split_k=split, tensor_cores=tc, unroll=unroll)
+        out = torch.empty(m, n, dtype=dtype)
+        gemv.launch(kernel, [x], w, s, None, [], [out], weights="int4", group=group, config=cfg, x_dtype=dtype)
+        _close(out, want)
