@@ -71,7 +71,7 @@ _TEMPLATE = '''\
 import triton
 import triton.language as tl
 from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16, int4_words16,
-                                                          int8_weights, int8_weights16, l2_prefetch, round_to, words_to)
+                                                          int8_weights, int8_weights16, l2_prefetch, round_to, words_to, codes_to)
 {helpers}
 
 @triton.jit
@@ -228,6 +228,16 @@ def {name}(
                 # multiply, a fused one and an add: 32 of the loop's 529 instructions, sm_90)
                 part += lo * x_even[None, :]
                 part += hi * x_odd[None, :]
+    elif WEIGHTS == 0 and {x_dtype} != tl.float32:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
+        ru = tl.arange(0, UNROLL)
+        part = tl.zeros([BLOCK_N, UNROLL, BLOCK_K], tl.float32)
+        scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None, None]
+        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
+            rk = k_step + (ru * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]
+            codes = tl.load(W + rn[:, None, None] * swn + rk[None, :, :], mask=n_ok[:, None, None] & (rk < k_hi)[None, :, :],
+                            other=0)
+            w = codes_to(codes, scale, {x_dtype}, not SOFT_BF16)
+            part += w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
     elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -244,7 +254,7 @@ def {name}(
                 k0 = k_step + u * BLOCK_K
                 rk = k0 + tl.arange(0, BLOCK_K)
                 part += float_weights(W, rn, rk, n_ok, k_hi, swn, swk) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
-    if WEIGHTS == 1 and WORDS and not DOT:
+    if ((WEIGHTS == 1 and WORDS) or (WEIGHTS == 0 and {x_dtype} != tl.float32)) and not DOT:
         acc = tl.sum(tl.sum(part, axis=2), axis=1)[None, :]
     elif not DOT:
         acc = tl.sum(part, axis=1)[None, :]

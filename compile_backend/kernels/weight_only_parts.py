@@ -114,6 +114,13 @@ def int8_weights16(w_ptr, rn, rk, n_ok, K, swn, scale, DTYPE: tl.constexpr, NATI
     (compiled for a GPU) with fp16: four codes a register through ``_INT8_QUADS_F16``."""
     ok = n_ok[:, None] & (rk < K)[None, :]
     codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
+    return codes_to(codes, scale, DTYPE, NATIVE)
+
+
+@triton.jit
+def codes_to(codes, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """INT8 ``codes`` (any shape; ``scale``: fp16, broadcastable to it) dequantized as DTYPE
+    (16-bit): see :func:`int8_weights16`."""
     if NATIVE and DTYPE == tl.float16:
         return tl.inline_asm_elementwise(_INT8_QUADS_F16, "=r,=r,r,r,r", [codes, tl.broadcast_to(scale, codes.shape)],
                                          dtype=tl.float16, is_pure=True, pack=4)
@@ -249,4 +256,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to", "int8_weights16",
-           "int4_weights16", "int4_words16", "words_to", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+           "int4_weights16", "int4_words16", "words_to", "codes_to", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]

@@ -506,22 +506,24 @@ def test_gpu_native_dequantize_bit_identical(precision):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("tc", [False, True], ids=["elementwise", "tensor_cores"])
+@pytest.mark.parametrize("precision,tc", [("int4", False), ("int4", True), ("int8", False)], ids=str)
 @pytest.mark.parametrize("unroll,split", [(2, 1), (4, 2), (8, 1)], ids=str)
-def test_int4_words_step_in_one_load(dtype, tc, unroll, split):
-    """INT4 read as 16-bit words with a step's tiles in one [BLOCK_N, UNROLL, BLOCK_K / 4] load:
-    K of 10 groups of 64 (a step past K's end, split-K slices ending mid-step), odd N, one and
-    two rows, against the reference."""
+def test_step_in_one_load(dtype, precision, tc, unroll, split):
+    """INT4 read as 16-bit words (and INT8 codes, elementwise) with a step's tiles in one
+    [BLOCK_N, UNROLL, BLOCK_K (/ 4)] load: K of 10 tiles of 64 (INT4: 10 scale groups; a step
+    past K's end, split-K slices ending mid-step), odd N, one and two rows, against the
+    reference."""
     from compile_backend.kernels import gemv, weight_only
 
     gen = torch.Generator().manual_seed(23)
-    n, k, group = 33, 640, 64
-    w, s = _weights(n, k, "int4", group, seed=24)
+    n, k = 33, 640
+    group = 64 if precision == "int4" else None
+    w, s = _weights(n, k, precision, group, seed=24)
     kernel = gemv.plain_kernel(dtype, dtype)
     for m in (1, 2):
         x = torch.randn(m, k, generator=gen).to(dtype)
-        want = weight_only.weight_only_linear_reference(x, w, s, None, precision="int4", group_size=group)
+        want = weight_only.weight_only_linear_reference(x, w, s, None, precision=precision, group_size=group)
         cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 64, split_k=split, tensor_cores=tc, unroll=unroll)
         out = torch.empty(m, n, dtype=dtype)
-        gemv.launch(kernel, [x], w, s, None, [], [out], weights="int4", group=group, config=cfg, x_dtype=dtype)
+        gemv.launch(kernel, [x], w, s, None, [], [out], weights=precision, group=group or 1, config=cfg, x_dtype=dtype)
         _close(out, want)
