@@ -63,7 +63,7 @@ INT32_MAX = 2**31 - 1
 #: microseconds, each paying a memory latency before its first bytes arrive (H100 session 16:
 #: a 2 MB INT4 GEMV 5.3 us in the step's graph, ~4 us of it fixed); with PDL a kernel's programs
 #: are placed while the one before drains, and weights (constants) can stream in meanwhile.
-PDL_AFTER = 10
+PDL_AFTER = 11
 #: elements of a row a prologue's row loop reads per step (registers: 32 a thread at 4 warps)
 ROW_BLOCK_MAX = 4096
 
@@ -71,7 +71,7 @@ _TEMPLATE = '''\
 import triton
 import triton.language as tl
 from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16, int4_words16,
-                                                          int8_weights, int8_weights16, l2_prefetch, round_to, words_to, codes_to)
+                                                          int8_weights, int8_weights16, l2_prefetch, round_to, step_weights, words_dots, words_math, codes_to)
 {helpers}
 
 @triton.jit
@@ -90,7 +90,7 @@ def {name}(
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
     ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr, PREFETCH: tl.constexpr,
-    WORDS: tl.constexpr,
+    WORDS: tl.constexpr, ONE_LOAD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -106,47 +106,30 @@ def {name}(
         pf_rows = tl.minimum(rn, N - 1).to(tl.int64)
         pf_at = W.to(tl.pointer_type(tl.uint8)) + pf_rows * (swn * W_BYTES) + (k_lo * PREFETCH) // 8
         l2_prefetch(pf_at, (rn * 0 + (k_hi - k_lo) * PREFETCH) // 8)
+    # the first step's weights (ONE_LOAD loops), before the prologue reads x (and before a PDL
+    # launch's wait: weights are constants), so their latency overlaps the prologue's; that step
+    # is peeled off the loop (carried through it, the loaded codes went one a register and were
+    # packed again for the dequantize: +10-60% instructions, sm_90)
+    first_w, first_s = step_weights(W, S, rn, n_ok, k_lo, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
+    STEP: tl.constexpr = BLOCK_K * UNROLL
 {row_body}
     if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
         part = tl.zeros([BLOCK_N, 16], tl.float32)
-        if WEIGHTS == 1 and WORDS:  # INT4 as 16-bit words of four codes: four dots a step
-            # a step's UNROLL tiles in one load, as the elementwise loop below; nibble i of word
-            # (u, j) is k = k_step + 4 (u QUARTER16 + j) + i, so [BLOCK_N, UNROLL, QUARTER16]
-            # flattened is one K run of UNROLL * QUARTER16 for each nibble's dot
-            QUARTER16: tl.constexpr = BLOCK_K // 4
-            KQ: tl.constexpr = UNROLL * QUARTER16
-            ru16 = tl.arange(0, UNROLL)
-            w16 = W.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (swn // 2)
-            for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
-                k0s = k_step + ru16 * BLOCK_K
-                rq = (k0s // 4)[:, None] + tl.arange(0, QUARTER16)[None, :]
-                words = tl.load(w16 + rq[None, :, :], mask=n_ok[:, None, None] & (rq < k_hi // 4)[None, :, :], other=0)
-                scale = tl.load(S + rn[:, None] * ssn + (k0s // GROUP)[None, :],
-                                mask=n_ok[:, None] & (k0s < k_hi)[None, :], other=0.0)
-                w0, w1, w2, w3 = words_to(words, scale[:, :, None], {x_dtype}, not SOFT_BF16)
-                w0 = tl.reshape(w0, [BLOCK_N, KQ])
-                w1 = tl.reshape(w1, [BLOCK_N, KQ])
-                w2 = tl.reshape(w2, [BLOCK_N, KQ])
-                w3 = tl.reshape(w3, [BLOCK_N, KQ])
-                # x at k = 4j + 2a + b: b split first, then a (rows of x as the dots' columns)
-                rk = k_step + tl.arange(0, BLOCK_K * UNROLL)
+        if WEIGHTS == 1 and WORDS:  # INT4 as 16-bit words of four codes, a step in one load: four dots a step
+            if ROWS == 16:
+                part = words_dots(part, first_w, first_s, x_at(xm, (k_lo + tl.arange(0, STEP))[:, None], k_hi, {x_args}{row_params}),
+                                  ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
+            else:
+                part = words_dots(part, first_w, first_s, x_at(m, k_lo + tl.arange(0, STEP), k_hi, {x_args}{row_params}),
+                                  ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
+            for k_step in range(k_lo + STEP, k_hi, STEP):
+                words, scale = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
                 if ROWS == 16:
-                    xs = tl.permute(tl.reshape(x_at(xm, rk[:, None], k_hi, {x_args}{row_params}), [KQ, 2, 2, 16]), (0, 3, 1, 2))
-                    x_b0, x_b1 = tl.split(xs)
-                    x0, x2 = tl.split(x_b0)
-                    x1, x3 = tl.split(x_b1)
-                    part = dot16(w0, x0.to({x_dtype}), part, SOFT_BF16)
-                    part = dot16(w1, x1.to({x_dtype}), part, SOFT_BF16)
-                    part = dot16(w2, x2.to({x_dtype}), part, SOFT_BF16)
-                    part = dot16(w3, x3.to({x_dtype}), part, SOFT_BF16)
+                    part = words_dots(part, words, scale, x_at(xm, (k_step + tl.arange(0, STEP))[:, None], k_hi, {x_args}{row_params}),
+                                      ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
                 else:
-                    x_b0, x_b1 = tl.split(tl.reshape(x_at(m, rk, k_hi, {x_args}{row_params}), [KQ, 2, 2]))
-                    x0, x2 = tl.split(x_b0)
-                    x1, x3 = tl.split(x_b1)
-                    part = dot_column(w0, x0.to({x_dtype}), part, 16, SOFT_BF16)
-                    part = dot_column(w1, x1.to({x_dtype}), part, 16, SOFT_BF16)
-                    part = dot_column(w2, x2.to({x_dtype}), part, 16, SOFT_BF16)
-                    part = dot_column(w3, x3.to({x_dtype}), part, 16, SOFT_BF16)
+                    part = words_dots(part, words, scale, x_at(m, k_step + tl.arange(0, STEP), k_hi, {x_args}{row_params}),
+                                      ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
         elif WEIGHTS == 1:
             HALF16: tl.constexpr = BLOCK_K // 2
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
@@ -191,30 +174,17 @@ def {name}(
             acc = tl.trans(part)  # [16 rows, BLOCK_N]
         else:
             acc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0), axis=1)[None, :]  # columns 1.. are 0 * w
-    elif WEIGHTS == 1 and WORDS:  # INT4 read as 16-bit words of four codes (16-bit x; int4_words16)
+    elif WEIGHTS == 1 and WORDS:  # INT4 read as 16-bit words of four codes (16-bit x), a step in one load
         # a step's UNROLL tiles as one [BLOCK_N, UNROLL, BLOCK_K / 4] load, so all its bytes are
         # in flight at once (tiles unrolled one by one, ptxas kept 2-3 of them in flight: each
         # tile's x went through shared memory, and loads stay behind its barriers; sm_90 SASS)
-        QUARTER: tl.constexpr = BLOCK_K // 4
-        ru = tl.arange(0, UNROLL)
-        w16 = W.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (swn // 2)
-        part = tl.zeros([BLOCK_N, UNROLL, QUARTER], tl.float32)
-        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
-            k0s = k_step + ru * BLOCK_K  # [UNROLL] each tile's first k (a tile never straddles two groups)
-            rq = (k0s // 4)[:, None] + tl.arange(0, QUARTER)[None, :]  # [UNROLL, QUARTER] words
-            words = tl.load(w16 + rq[None, :, :], mask=n_ok[:, None, None] & (rq < k_hi // 4)[None, :, :], other=0)
-            scale = tl.load(S + rn[:, None] * ssn + (k0s // GROUP)[None, :], mask=n_ok[:, None] & (k0s < k_hi)[None, :],
-                            other=0.0)
-            w0, w1, w2, w3 = words_to(words, scale[:, :, None], {x_dtype}, not SOFT_BF16)
-            # x at k = 4j + 2a + b as [u, j, a, b]: b split first, then a
-            xs = tl.reshape(x_at(m, k_step + tl.arange(0, BLOCK_K * UNROLL), k_hi, {x_args}{row_params}), [UNROLL, QUARTER, 2, 2])
-            x_b0, x_b1 = tl.split(xs)
-            x0, x2 = tl.split(x_b0)
-            x1, x3 = tl.split(x_b1)
-            part += w0.to(tl.float32) * x0[None, :, :]
-            part += w1.to(tl.float32) * x1[None, :, :]
-            part += w2.to(tl.float32) * x2[None, :, :]
-            part += w3.to(tl.float32) * x3[None, :, :]
+        part = tl.zeros([BLOCK_N, UNROLL, BLOCK_K // 4], tl.float32)
+        part = words_math(part, first_w, first_s, x_at(m, k_lo + tl.arange(0, STEP), k_hi, {x_args}{row_params}),
+                          {x_dtype}, not SOFT_BF16)
+        for k_step in range(k_lo + STEP, k_hi, STEP):
+            words, scale = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
+            part = words_math(part, words, scale, x_at(m, k_step + tl.arange(0, STEP), k_hi, {x_args}{row_params}),
+                              {x_dtype}, not SOFT_BF16)
     elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -228,16 +198,14 @@ def {name}(
                 # multiply, a fused one and an add: 32 of the loop's 529 instructions, sm_90)
                 part += lo * x_even[None, :]
                 part += hi * x_odd[None, :]
-    elif WEIGHTS == 0 and {x_dtype} != tl.float32:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
-        ru = tl.arange(0, UNROLL)
-        part = tl.zeros([BLOCK_N, UNROLL, BLOCK_K], tl.float32)
+    elif WEIGHTS == 0 and ONE_LOAD:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None, None]
-        for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
-            rk = k_step + (ru * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]
-            codes = tl.load(W + rn[:, None, None] * swn + rk[None, :, :], mask=n_ok[:, None, None] & (rk < k_hi)[None, :, :],
-                            other=0)
-            w = codes_to(codes, scale, {x_dtype}, not SOFT_BF16)
-            part += w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+        rk = k_lo + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]
+        part = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16).to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+        for k_step in range(k_lo + STEP, k_hi, STEP):
+            codes, _ = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
+            rk = k_step + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
+            part += codes_to(codes, scale, {x_dtype}, not SOFT_BF16).to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
     elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -254,7 +222,7 @@ def {name}(
                 k0 = k_step + u * BLOCK_K
                 rk = k0 + tl.arange(0, BLOCK_K)
                 part += float_weights(W, rn, rk, n_ok, k_hi, swn, swk) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
-    if ((WEIGHTS == 1 and WORDS) or (WEIGHTS == 0 and {x_dtype} != tl.float32)) and not DOT:
+    if ONE_LOAD and not DOT:
         acc = tl.sum(tl.sum(part, axis=2), axis=1)[None, :]
     elif not DOT:
         acc = tl.sum(part, axis=1)[None, :]
@@ -349,6 +317,9 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         ws = count = w  # never read with one slice
     io = [*loads, *outs]
     bits = weight_bits(w, weights) if use_pdl and prefetch_ok(w, weights, k, k_slice) else 0
+    # INT4 read as 16-bit words (four codes each): 16-bit x, K a multiple of 4, even row stride
+    words = (weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
+             and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0)
     kernel[(grid_n, split, grid_m)](
         w, scales if scales is not None else w, bias if bias is not None else w, ws, count, *x_loads, *io,
         m, n, k, k_slice, w.stride(0), w.stride(1), scales.stride(0) if scales is not None else 0,
@@ -356,8 +327,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
         DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1, PREFETCH=bits,
-        WORDS=weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
-        and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0,
+        WORDS=words, ONE_LOAD=words or (weights == "int8" and not dot and x_dtype in (torch.float16, torch.bfloat16)),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
 
 

@@ -202,6 +202,81 @@ def words_to(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
 
 
 @triton.jit
+def step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS: tl.constexpr, ONE_LOAD: tl.constexpr,
+                 GROUP: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL: tl.constexpr):
+    """The weights of one main-loop step of the decode GEMV, all in one load: INT4 as 16-bit
+    words [BLOCK_N, UNROLL, BLOCK_K / 4] with each tile's fp16 scale [BLOCK_N, UNROLL, 1];
+    INT8 as codes [BLOCK_N, UNROLL, BLOCK_K] (their scale, one a row, is loaded once by the
+    caller: returned twice). Masked past ``k_hi``. Without ONE_LOAD (other loops) nothing is
+    loaded: the GEMV calls this for its first step before its prologue either way."""
+    if ONE_LOAD and WEIGHTS == 1:
+        k0s = k_step + tl.arange(0, UNROLL) * BLOCK_K  # each tile's first k (a tile never straddles two groups)
+        rq = (k0s // 4)[:, None] + tl.arange(0, BLOCK_K // 4)[None, :]
+        w16 = W.to(tl.pointer_type(tl.uint16)) + rn[:, None, None] * (swn // 2)
+        words = tl.load(w16 + rq[None, :, :], mask=n_ok[:, None, None] & (rq < k_hi // 4)[None, :, :], other=0)
+        scale = tl.load(S + rn[:, None] * ssn + (k0s // GROUP)[None, :], mask=n_ok[:, None] & (k0s < k_hi)[None, :],
+                        other=0.0)
+        return words, scale[:, :, None]
+    elif ONE_LOAD and WEIGHTS == 0:
+        rk = k_step + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
+        codes = tl.load(W + rn[:, None, None] * swn + rk[None, :, :], mask=n_ok[:, None, None] & (rk < k_hi)[None, :, :],
+                        other=0)
+        return codes, codes
+    else:
+        return k_step, k_step
+
+
+@triton.jit
+def words_math(part, words, scale, x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """``part [BLOCK_N, UNROLL, BLOCK_K / 4] += w * x`` for a step of INT4 words (from
+    :func:`step_weights`), ``x`` the step's activations [UNROLL * BLOCK_K] in fp32: nibble i
+    of word (u, j) meets x at k = 4 (u BLOCK_K / 4 + j) + i (products in fp32, exact)."""
+    w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+    # x at k = 4j + 2a + b as [u, j, a, b]: b split first, then a
+    x_b0, x_b1 = tl.split(tl.reshape(x, [words.shape[1], words.shape[2], 2, 2]))
+    x0, x2 = tl.split(x_b0)
+    x1, x3 = tl.split(x_b1)
+    part += w0.to(tl.float32) * x0[None, :, :]
+    part += w1.to(tl.float32) * x1[None, :, :]
+    part += w2.to(tl.float32) * x2[None, :, :]
+    part += w3.to(tl.float32) * x3[None, :, :]
+    return part
+
+
+@triton.jit
+def words_dots(part, words, scale, x, ROWS: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """:func:`words_math` on the tensor cores: ``part [BLOCK_N, 16]``; ``x`` [UNROLL * BLOCK_K]
+    (one row: column 0 of the dots' operand) or [UNROLL * BLOCK_K, 16] (ROWS 16: rows of x as
+    the dots' columns). [BLOCK_N, UNROLL, BLOCK_K / 4] flattened is one K run for each nibble's
+    dot."""
+    BN: tl.constexpr = words.shape[0]
+    KQ: tl.constexpr = words.shape[1] * words.shape[2]
+    w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+    w0 = tl.reshape(w0, [BN, KQ])
+    w1 = tl.reshape(w1, [BN, KQ])
+    w2 = tl.reshape(w2, [BN, KQ])
+    w3 = tl.reshape(w3, [BN, KQ])
+    if ROWS == 16:
+        x_b0, x_b1 = tl.split(tl.permute(tl.reshape(x, [KQ, 2, 2, 16]), (0, 3, 1, 2)))
+        x0, x2 = tl.split(x_b0)
+        x1, x3 = tl.split(x_b1)
+        part = dot16(w0, x0.to(DTYPE), part, UPCAST)
+        part = dot16(w1, x1.to(DTYPE), part, UPCAST)
+        part = dot16(w2, x2.to(DTYPE), part, UPCAST)
+        part = dot16(w3, x3.to(DTYPE), part, UPCAST)
+    else:
+        x_b0, x_b1 = tl.split(tl.reshape(x, [KQ, 2, 2]))
+        x0, x2 = tl.split(x_b0)
+        x1, x3 = tl.split(x_b1)
+        part = dot_column(w0, x0.to(DTYPE), part, 16, UPCAST)
+        part = dot_column(w1, x1.to(DTYPE), part, 16, UPCAST)
+        part = dot_column(w2, x2.to(DTYPE), part, 16, UPCAST)
+        part = dot_column(w3, x3.to(DTYPE), part, 16, UPCAST)
+    return part
+
+
+@triton.jit
 def l2_prefetch(ptrs, nbytes):
     """Ask L2 for ``nbytes`` bytes from each of ``ptrs`` (Hopper's bulk prefetch: one
     instruction a row, 16-byte aligned addresses and sizes; a hint: it neither waits nor faults
@@ -256,4 +331,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to", "int8_weights16",
-           "int4_weights16", "int4_words16", "words_to", "codes_to", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+           "int4_weights16", "int4_words16", "words_to", "codes_to", "step_weights", "words_math", "words_dots", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]

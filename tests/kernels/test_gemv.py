@@ -527,3 +527,16 @@ def test_step_in_one_load(dtype, precision, tc, unroll, split):
         out = torch.empty(m, n, dtype=dtype)
         gemv.launch(kernel, [x], w, s, None, [], [out], weights=precision, group=group or 1, config=cfg, x_dtype=dtype)
         _close(out, want)
+
+
+def test_pdl_wait_after_the_weight_preload_and_before_x():
+    """Under PDL the GEMV's first statements (program ids, the L2 prefetch, the first step's
+    weights: constants) come before the wait; every read of x (the kernel before's output) after."""
+    from compile_backend.kernels import gemv, pdl
+    from compile_backend.kernels.gemv_prologue import PLAIN_X
+
+    source, name = gemv.render(PLAIN_X, gemv.PLAIN_EPILOGUE, torch.float16, torch.float16)
+    body = pdl.with_entry(source, name, after=gemv.PDL_AFTER).split(f"def {name}(")[1]
+    wait = body.index(pdl.ENTRY[0])
+    assert body.rindex("step_weights(W, S, rn, n_ok, k_lo", 0, wait) < wait
+    assert "x_at(" not in body[:wait] and "tl.load(" not in body[:wait]
