@@ -16,8 +16,10 @@ fourth (the activation's producer):
   issued together: the H200 measured these loops bound by the bytes in flight). Weight tiles
   loaded (float, any strides) or dequantized (``weight_only_parts``); INT4 bytes are not
   interleaved (low nibbles meet x's even elements, high nibbles its odd ones); with 16-bit x
-  the elementwise loop reads them as 16-bit words of four codes (``int4_words16``: no byte
-  widening), x split four ways to meet them. Elementwise:
+  INT4 is read as 16-bit words of four codes (x split four ways to meet them) and INT8 as
+  codes, a step's tiles in ONE load (``step_weights``, ``ONE_LOAD``); the first step's load
+  comes before the prologue (and a PDL wait), that step peeled off the loop; fp16 weights
+  are made from the codes in PTX, two words or four codes a register. Elementwise:
   one row of x per program (grid axis 2), products accumulated in a [BLOCK_N, BLOCK_K] fp32
   tile, summed over K once after the loop. Tensor cores (``DOT``, 16-bit x): weights made from
   their codes' bits in x's dtype, products summed by ``tl.dot`` in fp32 against a [K, 16]
