@@ -300,8 +300,11 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     dot = uses_tensor_cores(config, x_dtype, weights, bk)
     rows = 16 if dot and not row_values else 1
     grid_m = triton.cdiv(m, rows)
-    split = config.split_k or auto_split(grid_n * grid_m, triton.cdiv(k, bk), w.device, config.waves, min_tiles=1)
-    k_slice, split = k_slices(k, bk, split)
+    # slices of whole steps (UNROLL tiles): a slice of 2 tiles under UNROLL 4 ran 2 masked tiles'
+    # instructions for nothing (the base decoder's qkv at 8 slices: half its loop)
+    step = bk * config.unroll
+    split = config.split_k or auto_split(grid_n * grid_m, triton.cdiv(k, step), w.device, config.waves, min_tiles=1)
+    k_slice, split = k_slices(k, step, split)
     if max((n - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1, split * m * n,
            *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
         raise ValueError("weight_only_linear: an operand (or the split-K workspace) has 2**31 elements or more; "

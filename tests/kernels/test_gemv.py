@@ -540,3 +540,24 @@ def test_pdl_wait_after_the_weight_preload_and_before_x():
     wait = body.index(pdl.ENTRY[0])
     assert body.rindex("step_weights(W, S, rn, n_ok, k_lo", 0, wait) < wait
     assert "x_at(" not in body[:wait] and "tl.load(" not in body[:wait]
+
+
+def test_split_k_slices_are_whole_steps():
+    """K slices hold whole steps of UNROLL tiles: 16 tiles asked in 8 slices under UNROLL 4 make
+    4 slices of one step (2 tiles a slice left half of each step's tiles masked)."""
+    from compile_backend.kernels import gemv, weight_only
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, args, kwargs))
+
+    n, k = 64, 2048
+    w, s = _weights(n, k, "int4", 128, seed=25)
+    x, out = torch.randn(1, k).half(), torch.empty(1, n, dtype=torch.float16)
+    cfg = weight_only.WeightOnlyConfig("gemv", 1, 32, 128, split_k=8, unroll=4)
+    gemv.launch(Recorder(), [x], w, s, None, [], [out], weights="int4", group=128, config=cfg, x_dtype=torch.float16)
+    (grid, args, kwargs), = launches
+    k_slice = args[10]  # after W, S, BIAS, WS, COUNT, x, out, M, N, K
+    assert (grid[1], k_slice, kwargs["UNROLL"]) == (4, 512, 4)
