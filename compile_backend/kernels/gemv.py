@@ -72,7 +72,7 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16, int4_words16,
+from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16,
                                                           int8_weights, int8_weights16, l2_prefetch, round_to, step_weights, words_dots, words_math, codes_to)
 {helpers}
 

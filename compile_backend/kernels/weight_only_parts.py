@@ -170,27 +170,16 @@ mul.rn.f16x2 $3, t3, $5;
 
 
 @triton.jit
-def int4_words16(w_ptr, s_ptr, rn, rq, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr,
-                 NATIVE: tl.constexpr):
-    """INT4 weight rows ``rn`` at 16-bit words ``rq`` of their packed codes (word j holds
-    k = 4j .. 4j + 3, a nibble each from the lowest), dequantized as :func:`int4_weights16`:
-    the four weights of each word as DTYPE. Loaded as words, the nibbles are masked and shifted
-    in 16-bit lanes as loaded: no byte permute to widen each code (the byte loads' loop spent
-    118 of its 498 instructions on PRMT, sm_90). Needs K % 4 == 0 and an even row stride.
-    NATIVE (compiled for a GPU, not the interpreter) with fp16: two words a register through
-    ``_INT4_PAIRS_F16`` (Triton's own lowering worked on one 16-bit word a register and packed
-    the pairs for the f16x2 arithmetic after: 138 shift/logic/permute instructions for 64
-    weights in the main loop, sm_90; this takes 56)."""
-    ok = n_ok[:, None] & (rq < K // 4)[None, :]
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :], mask=ok, other=0)
-    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
-    return words_to(words, scale, DTYPE, NATIVE)
-
-
-@triton.jit
 def words_to(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
-    """The four weights of each 16-bit word of INT4 codes (any shape; ``scale``: fp16,
-    broadcastable to it) as DTYPE: see :func:`int4_words16`."""
+    """The four weights of each 16-bit word of packed INT4 codes (word j holds k = 4j .. 4j + 3,
+    a nibble each from the lowest; any shape; ``scale``: fp16, broadcastable to it),
+    dequantized as :func:`int4_weights16`, as DTYPE. Read as words, the nibbles are masked and
+    shifted in 16-bit lanes as loaded: no byte permute to widen each code (the byte loads' loop
+    spent 118 of its 498 instructions on PRMT, sm_90). NATIVE (compiled for a GPU, not the
+    interpreter) with fp16: two words a register through ``_INT4_PAIRS_F16`` (Triton's own
+    lowering worked on one 16-bit word a register and packed the pairs for the f16x2
+    arithmetic after: 138 shift/logic/permute instructions for 64 weights in the main loop,
+    sm_90; this takes 56)."""
     if NATIVE and DTYPE == tl.float16:
         return tl.inline_asm_elementwise(_INT4_PAIRS_F16, "=r,=r,=r,=r,r,r", [words, tl.broadcast_to(scale, words.shape)],
                                          dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
@@ -331,4 +320,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to", "int8_weights16",
-           "int4_weights16", "int4_words16", "words_to", "codes_to", "step_weights", "words_math", "words_dots", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+           "int4_weights16", "words_to", "codes_to", "step_weights", "words_math", "words_dots", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]

@@ -454,13 +454,13 @@ def test_int4_elementwise_loops_words_and_bytes_match_the_reference(dtype, n, k)
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_gpu_native_dequantize_bit_identical(precision):
     """Compiled on the GPU: the PTX dequantize of the fp16 loops (``weight_only_parts``'
-    ``_INT4_PAIRS_F16`` / ``_INT8_QUADS_F16``) equals Triton's own lowering (the interpreter's)
+    ``words_to`` / ``int8_weights16`` through ``_INT4_PAIRS_F16`` / ``_INT8_QUADS_F16``) equals Triton's own lowering (the interpreter's)
     bit for bit, over every code and scales of every magnitude (subnormal, huge: products
     overflowing to inf, inf, NaN, -0.0)."""
     import triton
     import triton.language as tl
 
-    from compile_backend.kernels.weight_only_parts import int4_words16, int8_weights16
+    from compile_backend.kernels.weight_only_parts import int8_weights16, words_to
 
     @triton.jit
     def dequantize(W, S, OUT, N, K, swn, ssn, INT4: tl.constexpr, NATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -471,7 +471,9 @@ def test_gpu_native_dequantize_bit_identical(precision):
         ok = n_ok[:, None]
         if INT4:
             rq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-            w0, w1, w2, w3 = int4_words16(W, S, rn, rq, k0, n_ok, K, swn, ssn, BLOCK_K, tl.float16, NATIVE)
+            words = tl.load(W.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :], mask=ok, other=0)
+            scale = tl.load(S + rn * ssn + k0 // BLOCK_K, mask=n_ok, other=0.0)[:, None]
+            w0, w1, w2, w3 = words_to(words, scale, tl.float16, NATIVE)
             at = OUT + rn[:, None] * K + 4 * rq[None, :]
             tl.store(at, w0, mask=ok)
             tl.store(at + 1, w1, mask=ok)
