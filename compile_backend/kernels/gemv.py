@@ -72,8 +72,9 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (dot16, dot_column, float_weights, int4_weights, int4_weights16,
-                                                          int8_weights, int8_weights16, l2_prefetch, round_to, step_weights, words_dots, words_math, codes_to)
+from compile_backend.kernels.weight_only_parts import (codes_to, dot16, dot_column, float_weights, int4_weights, int4_weights16,
+                                                          int8_weights, int8_weights16, l2_prefetch, round_to, step_weights,
+                                                          words_dots, words_math)
 {helpers}
 
 @triton.jit
@@ -198,11 +199,13 @@ def {name}(
     elif WEIGHTS == 0 and ONE_LOAD:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None, None]
         rk = k_lo + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]
-        part = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16).to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+        w = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16)
+        part = w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
         for k_step in range(k_lo + STEP, k_hi, STEP):
             codes, _ = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
             rk = k_step + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
-            part += codes_to(codes, scale, {x_dtype}, not SOFT_BF16).to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+            w = codes_to(codes, scale, {x_dtype}, not SOFT_BF16)
+            part += w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
     elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]

@@ -319,5 +319,6 @@ def k_slices(k: int, block_k: int, split: int):
     return k_slice, triton.cdiv(k, k_slice)
 
 
-__all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to", "int8_weights16",
-           "int4_weights16", "words_to", "codes_to", "step_weights", "words_math", "words_dots", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+__all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
+           "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "words_math",
+           "words_dots", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
