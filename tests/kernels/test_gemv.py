@@ -509,7 +509,7 @@ def test_gpu_native_dequantize_bit_identical(precision):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("precision,tc", [("int4", False), ("int4", True), ("int8", False)], ids=str)
-@pytest.mark.parametrize("unroll,split", [(2, 1), (4, 2), (8, 1)], ids=str)
+@pytest.mark.parametrize("unroll,split", [(2, 1), (4, 2), (8, 1), (16, 1)], ids=str)
 def test_step_in_one_load(dtype, precision, tc, unroll, split):
     """INT4 read as 16-bit words (and INT8 codes, elementwise) with a step's tiles in one
     [BLOCK_N, UNROLL, BLOCK_K (/ 4)] load: K of 10 tiles of 64 (INT4: 10 scale groups; a step
