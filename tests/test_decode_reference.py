@@ -132,6 +132,7 @@ def test_decode_bench_rows_carry_cosine_vs_reference(tmp_path, monkeypatch, caps
         assert "error" not in r and "reference_error" not in r, (r.get("error"), r.get("reference_error"))
         assert r["cosine_vs_reference"] > 0.99999 and r["reference_layers"] == len(r["layer_sqnr_db"]) == 14, r
     assert rows["w8a16"]["cosine_vs_fp32"] > rows["w4a16"]["cosine_vs_fp32"]
+    assert all(r["ms_pipelined"] > 0 and r["tokens_per_s_pipelined"] > 0 for r in rows.values())
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [p["cosine_vs_reference"] for p in printed if p["peer"] == "w4a16"] == [rows["w4a16"]["cosine_vs_reference"]]
 
@@ -171,3 +172,19 @@ def test_non_hf_reference_copies_the_callers_caches():
     with torch.no_grad():
         want = twin(*[x.clone() for x in inputs])[0]
     torch.testing.assert_close(ref, want.float(), rtol=0, atol=0)
+
+
+def test_pipelined_loop_feeds_each_steps_argmax_to_the_next():
+    """``_loop_ms``: a step reads the token the step before it chose, on the device, with no
+    host read between steps."""
+    seen = []
+    token = torch.tensor([[3]])
+
+    def step():
+        seen.append(int(token))
+        logits = torch.zeros(1, 10)
+        logits[0, (int(token) + 1) % 10] = 1.0  # the next token: this one plus one
+        return (logits,)
+
+    assert decode_bench._loop_ms(step, token, steps=4) >= 0
+    assert seen == [(3 + i) % 10 for i in range(len(seen))] and len(seen) == 3 + 5 * 4
