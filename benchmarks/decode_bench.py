@@ -196,7 +196,11 @@ def _summary(report) -> Dict[str, Any]:
             "fallbacks": sorted({f["op"] for g in report.graphs for f in g.fallbacks}),
             # why each was left in ATen (session 16's HF runs left a rotary group there, reason unrecorded)
             "fallback_reasons": sorted({f"{f['op']}: {f.get('reason', '?')}"[:400] for g in report.graphs for f in g.fallbacks}),
-            "kernels": {k: v for g in report.graphs for k, v in _impls(g).items()}}
+            "kernels": {k: v for g in report.graphs for k, v in _impls(g).items()},
+            # inputs written in place (the KV caches, HF's per-layer token counts): by our kernel,
+            # or by an ATen call (each one a launch a step)
+            "input_writes": {by: sum(w.get("by") == by for g in report.graphs for w in g.input_writes)
+                             for by in sorted({w.get("by") for g in report.graphs for w in g.input_writes})}}
 
 
 def _impls(graph_report) -> Dict[str, int]:
