@@ -510,7 +510,7 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
     except Unsupported:
         from .pointwise_combo import split_parts
 
-        parts = split_parts(group)
+        parts = split_parts(group, joins=_one_kernel)
         if len(parts) < 2:
             raise
         return _build_combo(group, ctx, parts)
@@ -528,11 +528,18 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
                   supports_out=bool(plan.stored), out_layouts=launcher.out_layouts())
 
 
-def _build_combo(group: KernelGroup, ctx: KernelContext, parts) -> Kernel:
-    from .pointwise_combo import MAX_PARTS, ComboLauncher
+def _one_kernel(group: KernelGroup) -> bool:
+    """Whether the group runs as one plain pointwise kernel (one iteration space)."""
+    try:
+        analyze(group)
+    except Unsupported:
+        return False
+    return True
 
-    if len(parts) > MAX_PARTS:
-        raise Unsupported(f"{len(parts)} independent parts: a combined launch takes at most {MAX_PARTS}")
+
+def _build_combo(group: KernelGroup, ctx: KernelContext, parts) -> Kernel:
+    from .pointwise_combo import MAX_PARTS, ComboLauncher, ComboLaunches, combo_source
+
     launchers = []
     for part, ins, outs in parts:
         plan = analyze(part)
@@ -540,13 +547,17 @@ def _build_combo(group: KernelGroup, ctx: KernelContext, parts) -> Kernel:
         for s in plan.shape:
             numel *= s
         launchers.append((PointwiseLauncher(plan, pointwise_heuristic(numel), ctx.device, ctx.pdl), ins, outs))
-    combo = ComboLauncher(launchers, len(group.outputs), ctx.pdl)
-    sources = [launcher.launch_for([meta_of(n) for n in launcher.plan.operands + launcher.plan.pieces
-                                    + launcher.plan.gathered]).source
-               for launcher, _, _ in launchers if launcher.plan.stored]
-    from .pointwise_combo import combo_source
-
-    return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=combo,
-                  config={"combo": len(launchers), "parts": [dataclasses.asdict(l.config) for l, _, _ in launchers]},
-                  source=combo_source(sources) if len(sources) > 1 else None,
+    chunks = [launchers[i:i + MAX_PARTS] for i in range(0, len(launchers), MAX_PARTS)]
+    combos = [ComboLauncher(chunk, len(group.outputs), ctx.pdl) for chunk in chunks]
+    combo = combos[0] if len(combos) == 1 else ComboLaunches(combos)
+    sources = [[launcher.launch_for([meta_of(n) for n in launcher.plan.operands + launcher.plan.pieces
+                                     + launcher.plan.gathered]).source
+                for launcher, _, _ in chunk if launcher.plan.stored] for chunk in chunks]
+    source = "\n".join(combo_source(s) if len(s) > 1 else "".join(s) for s in sources) \
+        if sum(map(len, sources)) > 1 else None
+    config = {"combo": len(launchers), "parts": [dataclasses.asdict(l.config) for l, _, _ in launchers]}
+    if len(chunks) > 1:
+        config["launches"] = len(chunks)
+    return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=combo, config=config,
+                  source=source,
                   supports_out=any(l.plan.stored for l, _, _ in launchers), out_layouts=combo.out_layouts())

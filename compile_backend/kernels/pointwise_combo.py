@@ -17,7 +17,7 @@ when a group has more than one component. The reference is the group's ATen grap
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 
@@ -29,9 +29,14 @@ from .launch import load_source
 MAX_PARTS = 8
 
 
-def split_parts(group: KernelGroup) -> List[Tuple[KernelGroup, List[int], List[int]]]:
+def split_parts(group: KernelGroup, joins: Optional[Callable[[KernelGroup], bool]] = None
+                ) -> List[Tuple[KernelGroup, List[int], List[int]]]:
     """The group's connected components (nodes linked through values computed in the group), each
-    as (a pointwise KernelGroup, its inputs' indices among the group's, its outputs' indices)."""
+    as (a pointwise KernelGroup, its inputs' indices among the group's, its outputs' indices).
+    With ``joins``, components whose values have one shape become one part where ``joins``
+    accepts their union (one kernel over that shape): a decoder's per-layer token counts, 22
+    ``position + 1`` writes of one element, are one part, not 22 (HF Llama 1.1B on an H100: 25
+    parts, more than a combined launch takes, left the whole group to ATen)."""
     gm = group.gm
     calls = [n for n in gm.graph.nodes if n.op in ("call_function", "get_attr")]
     parent: Dict[fx.Node, fx.Node] = {n: n for n in calls}
@@ -50,28 +55,49 @@ def split_parts(group: KernelGroup) -> List[Tuple[KernelGroup, List[int], List[i
     for n in calls:
         if n.op == "call_function":
             roots.setdefault(find(n), []).append(n)
-    placeholders, outputs = group.placeholders, group.outputs
-    parts = []
-    for nodes in roots.values():
-        members = set(nodes)
-        sub = fx.Graph()
-        env: Dict[fx.Node, fx.Node] = {}
-        inputs = [p for p in placeholders if any(p in n.all_input_nodes for n in nodes)]
-        for p in inputs:
-            env[p] = sub.placeholder(p.name)
-            env[p].meta.update(p.meta)
-        for n in gm.graph.nodes:  # constants the part reads, then its nodes, in graph order
-            if n.op == "get_attr" and any(n in m.all_input_nodes for m in nodes):
-                env[n] = sub.node_copy(n, lambda a: env[a])
-            elif n in members:
-                env[n] = sub.node_copy(n, lambda a: env[a])
-        outs = [i for i, o in enumerate(outputs) if o in members]
-        sub.output(tuple(env[outputs[i]] for i in outs))
-        part = KernelGroup("pointwise", fx.GraphModule(gm, sub), name=f"{group.name}.{len(parts)}")
-        parts.append((part, [placeholders.index(p) for p in inputs], outs))
-    if any(not isinstance(o, fx.Node) or o.op not in ("call_function",) for o in outputs):
+    if any(not isinstance(o, fx.Node) or o.op not in ("call_function",) for o in group.outputs):
         raise Unsupported("a combined pointwise group returns an input or a constant as is")
-    return parts
+    components = list(roots.values())
+    if joins is None:
+        return [_part(group, nodes, i) for i, nodes in enumerate(components)]
+    by_shape: Dict[Any, List[List[fx.Node]]] = {}
+    for nodes in components:
+        by_shape.setdefault(_shapes(nodes), []).append(nodes)
+    merged: List[List[fx.Node]] = []
+    for same in by_shape.values():
+        union = [n for n in gm.graph.nodes if any(n in nodes for nodes in same)]
+        if len(same) > 1 and joins(_part(group, union, 0)[0]):
+            merged.append(union)
+        else:
+            merged += same
+    merged.sort(key=lambda nodes: calls.index(nodes[0]))  # graph order, as the components were
+    return [_part(group, nodes, i) for i, nodes in enumerate(merged)]
+
+
+def _shapes(nodes: List[fx.Node]) -> Tuple[Any, ...]:
+    """The shapes a component's values have, as a key (one shape: a candidate for joining)."""
+    shapes = {tuple(n.meta["val"].shape) for n in nodes if hasattr(n.meta.get("val"), "shape")}
+    return tuple(sorted(shapes)) if len(shapes) == 1 else ("several", id(nodes))
+
+
+def _part(group: KernelGroup, nodes: List[fx.Node], number: int) -> Tuple[KernelGroup, List[int], List[int]]:
+    gm, placeholders, outputs = group.gm, group.placeholders, group.outputs
+    members = set(nodes)
+    sub = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    inputs = [p for p in placeholders if any(p in n.all_input_nodes for n in nodes)]
+    for p in inputs:
+        env[p] = sub.placeholder(p.name)
+        env[p].meta.update(p.meta)
+    for n in gm.graph.nodes:  # constants the part reads, then its nodes, in graph order
+        if n.op == "get_attr" and any(n in m.all_input_nodes for m in nodes):
+            env[n] = sub.node_copy(n, lambda a: env[a])
+        elif n in members:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+    outs = [i for i, o in enumerate(outputs) if o in members]
+    sub.output(tuple(env[outputs[i]] for i in outs))
+    part = KernelGroup("pointwise", fx.GraphModule(gm, sub), name=f"{group.name}.{number}")
+    return part, [placeholders.index(p) for p in inputs], outs
 
 
 def combo_source(sources: Sequence[str]) -> str:
@@ -148,4 +174,24 @@ class ComboLauncher:
         return tuple(results)
 
 
-__all__ = ["split_parts", "combo_source", "ComboLauncher", "MAX_PARTS"]
+class ComboLaunches:
+    """More parts than one combined kernel takes: consecutive launches of at most ``MAX_PARTS``
+    parts each (still far fewer than a launch a part, and never the whole group left to ATen)."""
+
+    def __init__(self, launches: Sequence[ComboLauncher]) -> None:
+        self.launches = list(launches)
+
+    def out_layouts(self) -> Tuple[Any, ...]:
+        layouts = [launch.out_layouts() for launch in self.launches]
+        return tuple(next((l[i] for l in layouts if l[i] is not None), None) for i in range(len(layouts[0])))
+
+    def __call__(self, *inputs: Any, out: Optional[Sequence[Any]] = None) -> Tuple[Any, ...]:
+        results: List[Any] = [None] * self.launches[0].n_outputs
+        for launch in self.launches:
+            got = launch(*inputs, out=out)
+            for i in (i for _, _, outs in launch.parts for i in outs):
+                results[i] = got[i]
+        return tuple(results)
+
+
+__all__ = ["split_parts", "combo_source", "ComboLauncher", "ComboLaunches", "MAX_PARTS"]

@@ -529,3 +529,24 @@ def test_decode_shapes_build_the_decode_kernel(quant):
     else:  # codes within one step
         assert (got.float() - want.float()).abs().max().item() <= 1
     assert _tuned_candidates(group)["decode"] is not None
+
+
+def test_quantized_attention_output_is_compared_in_steps():
+    """An attention whose int8 output is the next GEMM's quantized input rounds float values:
+    its codes may sit one step from ATen's where the two float results differ by rounding (the
+    H100 rejected every INT8 BERT attention kernel by comparing them exactly); a plain float
+    attention group is not such a group."""
+    from compile_backend.kernels.base import Kernel
+    from compile_backend.kernels.select import rounds_floats
+
+    shapes = [(1, 2, 8, 16)] * 3
+    quantized = _attention_group(shapes, torch.float16, quant=("int8", 40.0))
+    assert rounds_floats(quantized) and not rounds_floats(_attention_group(shapes, torch.float16))
+    ref = torch.arange(-100, 100, dtype=torch.int8).repeat(5)
+    near = ref.clone()
+    near[::250] += 1  # 0.4% one step off
+    far = ref.clone()
+    far[7] += 3
+    kernel = lambda out: Kernel(kind="attention", impl="triton", ops=("compile_backend.attention",), fn=lambda *a: (out,))
+    assert check_outputs(kernel(near), (), (ref,), rounds_to_int=rounds_floats(quantized)) is None
+    assert "3 steps" in check_outputs(kernel(far), (), (ref,), rounds_to_int=rounds_floats(quantized))

@@ -72,3 +72,38 @@ def test_the_partitioner_merges_small_independent_neighbours_only():
     combos = [g for g in groups if g.kind == "pointwise" and {"sin", "cos"} <= set(g.ops)]
     assert combos, [(g.kind, g.ops) for g in groups]
     assert all(g.ops.count("cos") == 1 for g in combos)  # the big cos stays a kernel of its own
+
+
+def test_many_one_shape_parts_join_into_one():
+    """A decoder's per-layer token counts: many independent ``position + 1`` of one shape beside
+    parts of other shapes join into one part, not one per layer (HF Llama 1.1B on an H100: 25
+    parts were more than a combined launch takes, and the whole group ran in ATen)."""
+    gen = torch.Generator().manual_seed(2)
+    layers = 22
+    inputs = (torch.randn(5, 7, generator=gen), torch.randn(2, 3, 6, generator=gen), torch.randn(6, generator=gen),
+              torch.randint(0, 9, (4,), generator=gen), torch.randn(9, 6, generator=gen), torch.tensor([511]))
+
+    def step(a, b, c, idx, table, position):
+        return (*_parts(a, b, c, idx, table), *[position + 1 for _ in range(layers)])
+
+    group = _group(step, inputs)
+    kernel, fallbacks = choose_kernel(group, inputs, _ctx())
+    assert (kernel.impl, fallbacks, kernel.config["combo"]) == ("triton", [], 5)
+    for got, want in zip(kernel(*inputs), group.reference(*inputs)):
+        assert torch.equal(got, want)
+
+
+def test_more_parts_than_one_launch_takes_run_as_several():
+    """Eleven parts of eleven shapes (none joins another): two combined launches, not ATen."""
+    from compile_backend.kernels.pointwise_combo import MAX_PARTS
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = tuple(torch.randn(i + 1, 5, generator=gen) for i in range(MAX_PARTS + 3))
+    group = _group(lambda *xs: tuple(torch.cat([x[:, 2:], -x[:, :2]], -1) * (i + 2) for i, x in enumerate(xs)), inputs)
+    kernel, fallbacks = choose_kernel(group, inputs, _ctx())
+    assert (kernel.impl, fallbacks, kernel.config["combo"], kernel.config["launches"]) == ("triton", [], MAX_PARTS + 3, 2)
+    for got, want in zip(kernel(*inputs), group.reference(*inputs)):
+        assert torch.equal(got, want)
+    outs = [torch.empty_strided(s, st, dtype=d) for s, st, d in kernel.out_layouts]
+    got = kernel.fn(*inputs, out=outs)
+    assert all(g is o for g, o in zip(got, outs))
