@@ -107,6 +107,32 @@ def heuristic_config(m: int, n: int, k: int, batch: int, dtype: torch.dtype, int
     return max(pool, key=lambda c: (round(_efficiency(c, m, n, batch, sm_count), 2), -pool.index(c)))
 
 
+#: register-light tiles (at most 64 fp32 accumulators a thread) for GEMMs with few K steps
+_SHORT_K_TILES = ((128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4))
+
+
+def short_k_steps(k: int, dtype: torch.dtype) -> int:
+    """How many block_k steps the ``fast`` tiles take over K (1-2: a short-K GEMM)."""
+    bk = _BLOCK_K.get(_size(dtype), (32,))[-1]
+    return triton_cdiv(k, bk)
+
+
+def short_k_configs(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int = 132) -> List[GemmConfig]:
+    """Configs for a GEMM whose K takes one or two block_k steps (a 1x1 convolution over 64-256
+    channels, the rows of ResNet-50's expanding layers): with nothing to pipeline along K each
+    program is a chain (load, multiply, store its tile), hidden only behind the other programs
+    resident on its SM. So tiles light on registers (several programs an SM, where 128x256 tiles
+    of 8 warps fit one), and no more stages than K steps (more only take shared memory). Ranked
+    as :func:`candidate_configs` ranks."""
+    size = _size(dtype)
+    bk = _BLOCK_K.get(size, (32,))[-1]
+    bk = bk if k >= bk else max(16, fit_pow2(k, 16, bk))
+    steps = triton_cdiv(k, bk)
+    pool = [GemmConfig(bm, bn, bk, 8, 1, w, max(1, min(2, steps))) for bm, bn, w in _SHORT_K_TILES
+            if bm <= max(16, fit_pow2(m, 16, 256)) and bn <= max(64, fit_pow2(n, 32, 256))]
+    return sorted(pool, key=lambda c: -round(_efficiency(c, m, n, 1, sm_count), 2))
+
+
 def tma_heuristic(m: int, n: int) -> GemmConfig:
     """The TMA config used untuned: the best at 4096^3 and on the LM head in run 2 (H100)."""
     if m >= 1024 and n >= 1024:

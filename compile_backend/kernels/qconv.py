@@ -30,7 +30,7 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .conv import ConvRunner, conv_heuristic
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config
+from .gemm_config import GemmConfig, candidate_configs, heuristic_config, short_k_configs, short_k_steps
 from .gemm_runner import GemmRunner
 from .qgemm import (check_scaled_dtypes, eight_bit_configs, scale_lines, scaled_anchor, scaled_arg,
                     scaled_dot_fields, fp8_accumulation_of)
@@ -183,8 +183,15 @@ def _gemm_configs(p: ScaledConvProblem, ctx: KernelContext) -> List[GemmConfig]:
     if ctx.device.type != "cuda":
         return eight_bit_configs([heuristic_config(p.m, p.oc, p.cg, 1, p.dtype, interpret=True)])
     level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
-    configs = [c for c in eight_bit_configs(candidate_configs(p.m, p.oc, p.cg, 1, p.dtype, level,
-                                                               *device_limits(ctx.device))) if c.split_k == 1]
+    sms, smem = device_limits(ctx.device)
+    configs = [c for c in eight_bit_configs(candidate_configs(p.m, p.oc, p.cg, 1, p.dtype, level, sms, smem))
+               if c.split_k == 1]
+    if short_k_steps(p.cg, p.dtype) <= 2:
+        # few channels in (ResNet-50's expanding 1x1 layers, 64-256): the big tiles ranked first
+        # ran 2-3x slower than cuDNN fp16 (H100, session 18: 64 -> 256 at 56x56 62.3 us against
+        # 27.3), a chain a program with one program an SM; register-light tiles after the heuristic
+        light = eight_bit_configs(short_k_configs(p.m, p.oc, p.cg, p.dtype, sms))
+        configs = list(dict.fromkeys(configs[:1] + light + configs[1:]))
     # at "fast" the heuristic and the three best ranked: each config is a compile per layer shape
     # (and the layer-speed probe tunes them too), and cold compiles should stay within 1.5x FP16's
     return configs if level == "max" else configs[:4]

@@ -333,6 +333,30 @@ def test_config_sets_are_pruned_and_valid():
     assert candidate_configs(4096, 4096, 4096, 1, torch.float16, "off") == [heuristic_config(4096, 4096, 4096, 1, torch.float16)]
 
 
+def test_short_k_configs_are_light_and_stage_no_further_than_k():
+    """A GEMM of one or two K steps (ResNet-50's expanding 1x1 layers as rows) gets tiles of at
+    most 64 accumulators a thread and no more stages than K steps; the scaled 1x1 convolution's
+    rows candidates try them right after the heuristic on a GPU."""
+    from types import SimpleNamespace
+
+    import compile_backend
+    from compile_backend.kernels import qconv
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.gemm_config import short_k_configs, short_k_steps
+
+    f8 = torch.float8_e4m3fn
+    assert [short_k_steps(k, f8) for k in (64, 128, 256, 512)] == [1, 1, 2, 4]
+    for k, stages in ((64, 1), (256, 2)):
+        configs = short_k_configs(100352, 256, k, f8)
+        assert configs and all(c.num_stages == stages and c.block_k == min(k, 128) for c in configs)
+        assert all(c.block_m * c.block_n // (32 * c.num_warps) <= 64 for c in configs)
+    gpu = KernelContext(options=compile_backend.Options(), device=torch.device("cuda"), interpret=False)
+    rows = qconv._gemm_configs(SimpleNamespace(m=100352, oc=256, cg=64, dtype=f8), gpu)
+    assert len(rows) == 4 and rows[0].num_stages == 3 and all(c.num_stages == 1 for c in rows[1:])
+    long_k = qconv._gemm_configs(SimpleNamespace(m=1568, oc=2048, cg=512, dtype=f8), gpu)
+    assert all(c.num_stages > 2 for c in long_k)  # K of four steps and more: as before
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,autotune", [(torch.float16, "fast"), (torch.bfloat16, "off"), (torch.float32, "off")], ids=str)
 def test_gpu_tuned_linear(dtype, autotune, tmp_path):
