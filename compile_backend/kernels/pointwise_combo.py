@@ -65,7 +65,8 @@ def split_parts(group: KernelGroup, joins: Optional[Callable[[KernelGroup], bool
         by_shape.setdefault(_shapes(nodes), []).append(nodes)
     merged: List[List[fx.Node]] = []
     for same in by_shape.values():
-        union = [n for n in gm.graph.nodes if any(n in nodes for nodes in same)]
+        members = set().union(*same)
+        union = [n for n in gm.graph.nodes if n in members]
         if len(same) > 1 and joins(_part(group, union, 0)[0]):
             merged.append(union)
         else:
