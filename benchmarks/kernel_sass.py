@@ -86,6 +86,9 @@ def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
             "local_stores": sum(" STL" in i for i in instructions),
             "local_loads": sum(" LDL" in i for i in instructions),
             "mufu": sum("MUFU" in i for i in instructions),
+            # asynchronous copies global -> shared (cp.async / TMA): loads Triton's pipeliner
+            # keeps in flight in shared memory rather than in registers
+            "async_copies": sum(bool(re.search(r"\b(LDGSTS|UBLKCP|UTMALDG)\b", i)) for i in instructions),
             "loop_instructions": longest_loop(sass),
             "loop_sm_clocks": loop_clocks(longest_loop(sass, body=True))}
 
@@ -213,8 +216,10 @@ def gemv_rows(n: int, k: int) -> List[dict]:
         x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k)
         for weights in ("int4", "int8", "float"):
             # the tuner's elementwise and tensor-core candidates (weight_only.CONFIGS["gemv"])
+            # the third: tensor cores at 4 stages, its weight loads pipelined through shared memory
             for cfg in (WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, waves=8, unroll=2),
-                        WeightOnlyConfig("gemv", 1, 64, 128, num_stages=1, waves=8, tensor_cores=True)):
+                        WeightOnlyConfig("gemv", 1, 64, 128, num_stages=1, waves=8, tensor_cores=True),
+                        WeightOnlyConfig("gemv", 1, 64, 128, num_stages=4, waves=2, tensor_cores=True)):
                 gemv.plain_kernel.cache_clear()
                 out = torch.empty(1, n, dtype=torch.float16)
                 if weights == "float":
@@ -228,7 +233,9 @@ def gemv_rows(n: int, k: int) -> List[dict]:
                 weight_bytes = {"int4": 0.5, "int8": 1.0, "float": 2.0}[weights]
                 # the weight bytes a second the issue model lets 132 SMs at 1.755 GHz stream
                 issue_tb_s = 132 * 1.755e9 * per_thread * 32 / r["loop_sm_clocks"] * weight_bytes / 1e12
-                rows.append({"weights": weights, "loop": "tensor cores" if cfg.tensor_cores else "elementwise",
+                loop = ("elementwise" if not cfg.tensor_cores else "tensor cores"
+                        + (f" {cfg.num_stages} stages" if cfg.num_stages > 1 else ""))
+                rows.append({"weights": weights, "loop": loop,
                              "shape": [n, k], **r,
                              "instructions_per_weight": round(r["loop_instructions"] / per_thread, 2),
                              "issue_bound_tb_s": round(issue_tb_s, 2)})
@@ -267,7 +274,8 @@ def main(argv=None) -> int:
     if args.gemv:
         rows = gemv_rows(*args.gemv)
         for r in rows:
-            print(f"gemv {r['weights']:5s} {r['loop']:12s} regs {r['registers']:3d} loop {r['loop_instructions']:4d} "
+            print(f"gemv {r['weights']:5s} {r['loop']:21s} regs {r['registers']:3d} async copies {r['async_copies']:2d} "
+                  f"loop {r['loop_instructions']:4d} "
                   f"SASS = {r['instructions_per_weight']} a weight; the issue model's bound "
                   f"{r['issue_bound_tb_s']} TB/s of weights (H200 copy: ~4.8)", flush=True)
         return write_json(args.json, rows)

@@ -53,3 +53,8 @@ def test_decode_gemv_instructions_per_weight(tmp_path):
     bound = {(r["weights"], r["loop"]): r["issue_bound_tb_s"] for r in json.loads(out.read_text())}
     # the issue model: fp16 streams far past the copy bandwidth, INT4 at most a third of it
     assert bound[("float", "tensor cores")] > 8 and 0.3 < bound[("int4", "tensor cores")] < 3, bound
+    # weight loads in flight without registers: Triton pipelines the tensor-core loop's loads
+    # through shared memory at 4 stages (cp.async), never the elementwise loop's (session 19)
+    copies = {(r["weights"], r["loop"]): r["async_copies"] for r in json.loads(out.read_text())}
+    for weights in ("int4", "int8", "float"):
+        assert copies[(weights, "tensor cores 4 stages")] > 0 and copies[(weights, "elementwise")] == 0, copies

@@ -323,7 +323,12 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # INT4 only). H100 session 18: the split-K candidates reached 29-43% of a copy of
              # the same bytes at decode's shapes
              _gemv(16, 128, 8, split_k=1, unroll=16), _gemv(16, 128, 4, split_k=1, unroll=8),
-             _gemv(16, 128, 8, split_k=2, unroll=16)),
+             _gemv(16, 128, 8, split_k=2, unroll=16),
+             # tensor cores, 3-4 stages, fewer K slices: Triton pipelines the weight loads that
+             # feed tl.dot into shared memory (cp.async, 15-27 in sm_90 SASS with Triton 3.6), so
+             # 2-3 steps are in flight a program without their registers; the elementwise loops'
+             # loads never are (no async copy at any num_stages), nor the tensor-core ones at 1
+             _gemv(64, 128, waves=2, stages=4, tc=True), _gemv(128, 128, 8, waves=2, stages=3, tc=True)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
