@@ -320,12 +320,13 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # INT4 in one wave, no split-K: 16 KB of a program's rows in flight at once, no
              # partial sums' round trip (store, counter, reload) before the output; a 2048 x 2048
              # layer is 128 programs, each reading its rows in one step (``fits_registers``:
-             # INT4 only). H100 session 18: the split-K candidates reached 29-43% of a copy of
-             # the same bytes at decode's shapes
+             # INT4 only). H100, M = 1: q_o 5.9 -> 4.3 us, k_v 3.9 -> 3.1, gate_up 8.3 -> 6.6
+             # (session 19; the split-K candidates' best in session 18); in the decode step they
+             # lose where an RMS norm prologue takes the registers to 211 (one CTA an SM)
              _gemv(16, 128, 8, split_k=1, unroll=16), _gemv(16, 128, 4, split_k=1, unroll=8),
              _gemv(16, 128, 8, split_k=2, unroll=16),
              # tensor cores, 3-4 stages, fewer K slices: Triton pipelines the weight loads that
-             # feed tl.dot into shared memory (cp.async, 15-27 in sm_90 SASS with Triton 3.6), so
+             # feed tl.dot into shared memory (cp.async, 15-40 in sm_90 SASS with Triton 3.6), so
              # 2-3 steps are in flight a program without their registers; the elementwise loops'
              # loads never are (no async copy at any num_stages), nor the tensor-core ones at 1
              _gemv(64, 128, waves=2, stages=4, tc=True), _gemv(128, 128, 8, waves=2, stages=3, tc=True)),
