@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 import torch.fx as fx
 
 from .engine import GroupCall
-from .kernels.base import KernelGroup
+from .kernels.base import KernelGroup, canonical_names
 
 
 def fuse_groups(gm: fx.GraphModule, specs) -> Tuple[fx.Graph, List[GroupCall]]:
@@ -52,15 +52,9 @@ def extract_group(gm: fx.GraphModule, spec, name: str) -> KernelGroup:
     for n in spec.nodes:
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in _group_outputs(spec.nodes)))
-    # canonical names: identical layers give identical generated source, so they share one
-    # tuning result and one compiled kernel instead of one per layer
-    inputs = _group_inputs(spec.nodes)
-    for i, x in enumerate(n for n in sub.nodes if n.op == "placeholder"):
-        x._rename(f"in{i}")
+    canonical_names(sub)
     # graph constants feeding the group: a kernel may derive a value from one once per version
-    constants = frozenset(env[x].name for x in inputs if x.op == "get_attr")
-    for j, n in enumerate(n for n in sub.nodes if n.op not in ("placeholder", "output")):
-        n._rename(f"op{j}")
+    constants = frozenset(env[x].name for x in _group_inputs(spec.nodes) if x.op == "get_attr")
     sub_gm = fx.GraphModule(gm, sub)
     anchor = env[spec.anchor].name if spec.anchor is not None else None
     return KernelGroup(kind=spec.kind, gm=sub_gm, anchor=anchor, name=name, constants=constants)

@@ -41,7 +41,7 @@ from .base import PassContext
 from .quant_math import QUANT_MATH_RULES, approximate_before_quantize
 from .quant_sources import (STANDALONE_WHY, attention_chain, numel, producer_gemm, quantize_attention_output,
                             row_major_source)
-from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
+from .rules import Facts, Rule, apply_rules, call, is_op, is_view, propagate_meta, shape, tensor_val
 from .smooth import as_factors, inverse_factors, scale_columns_steps
 
 aten = torch.ops.aten
@@ -303,7 +303,14 @@ def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Opt
     else:
         a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
         (m, k), n = shape(a), shape(b)[1]
-        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm))
+        # the probe traces the producer in the form the engine's group will have, so the engine
+        # reuses its timings: b as the GEMM reads it ([K, N] rows or a transposed [N, K]), and the
+        # shape the activation and the quantize run in (x followed back through views)
+        b_val, frame = tensor_val(b), layer.x
+        while isinstance(frame, fx.Node) and is_view(frame) and frame is not producer:
+            frame = frame.all_input_nodes[0]
+        b_transposed = b_val is not None and b_val.dim() == 2 and b_val.stride(0) == 1 and b_val.stride(1) != 1
+        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, tuple(shape(frame)))
     return write(problem, activation, request.gelu == "tanh")
 
 

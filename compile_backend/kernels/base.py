@@ -33,6 +33,17 @@ class Unsupported(Exception):
     """A builder cannot serve this group; the message says why (it goes into the report)."""
 
 
+def canonical_names(graph: fx.Graph) -> None:
+    """Name a group's placeholders ``in0``, ``in1``, ... and its other nodes ``op0``, ... in graph
+    order. Generated kernels use node names, so identical layers (or a probe traced in a layer's
+    form, quant/speed.py) give identical source and share one tuning result and one compiled
+    kernel instead of one each."""
+    for i, x in enumerate(n for n in graph.nodes if n.op == "placeholder"):
+        x._rename(f"in{i}")
+    for j, n in enumerate(n for n in graph.nodes if n.op not in ("placeholder", "output")):
+        n._rename(f"op{j}")
+
+
 @dataclasses.dataclass
 class KernelGroup:
     """One unit of work for a kernel builder.

@@ -83,57 +83,33 @@ class LayerSpeed:
         candidate of the tuner: cuBLAS/cuDNN with their own fused epilogues, our templates, the
         vendor's plus a kernel of ours), on the producer's shapes with its bias and ``activation``
         ("relu", "gelu" or None; ``tanh_unit``: a GELU before the quantize takes its tanh form,
-        ``Options.quant_gelu``). ``producer``: ("linear", m, n, k, dtype, bias) or ("conv",
-        x_shape, w_shape, geometry, dtype, bias). None: not measured."""
+        ``Options.quant_gelu``). ``producer``: ("linear", m, n, k, dtype, bias, b_transposed,
+        frame) or ("conv", x_shape, w_shape, geometry, dtype, bias) (:func:`write_groups`). The
+        groups timed are the engine's own, so their timings serve its build. None: not measured."""
         key = ("write", repr(producer), activation, tanh_unit)
         what = f"{producer[0]} producer {producer[1:3]}"
         times = self._once(key, what, lambda: self._write(producer, activation, tanh_unit))
         return None if times is None else max(0.0, times[0] - times[1])
 
     def _write(self, producer, activation, tanh_unit) -> Times:
-        from ..fx_passes import PassContext
-        from ..fx_passes.quant_math import approximate_before_quantize
         from ..kernels.conv import conv_candidates
         from ..kernels.gemm import gemm_candidates
-        from ..kernels.template import traced_group
 
-        dev, gen = self.ctx.device, torch.Generator(device=self.ctx.device).manual_seed(0)
-        act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}.get(activation, lambda y: y)
-        inv = torch.tensor(16.0, device=dev)
-        if producer[0] == "linear":
-            _, m, n, k, dtype, bias = producer
-            inputs = (torch.randn(m, k, device=dev, generator=gen).to(dtype),
-                      torch.randn(n, k, device=dev, generator=gen).to(dtype))
-            inputs += (torch.randn(n, device=dev, generator=gen).to(dtype),) if bias else ()
-            layer, kind, anchor, build = torch.nn.functional.linear, "gemm", "mm", gemm_candidates
-        else:
-            _, x_shape, w_shape, geometry, dtype, bias = producer
-            cl = torch.channels_last
-            inputs = (torch.randn(x_shape, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl),
-                      torch.randn(w_shape, device=dev, generator=gen).to(dtype).contiguous(memory_format=cl))
-            inputs += (torch.randn(w_shape[0], device=dev, generator=gen).to(dtype),) if bias else ()
-            stride, padding, dilation, groups = geometry
-
-            def layer(x, w, b=None):
-                return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
-            kind, anchor, build = "conv", "convolution", conv_candidates
-        quantized = lambda inv, *xwb: quant_ref.quantize_steps(  # noqa: E731
-            quant_ref.eager, act(layer(*xwb)), dtype, inv, self.precision)
+        build = gemm_candidates if producer[0] == "linear" else conv_candidates
         best = []
-        for fn, args in ((quantized, (inv,) + inputs), (lambda *xwb: act(layer(*xwb)), inputs)):
-            group = traced_group(fn, args, kind, anchor)
-            if tanh_unit and fn is quantized:  # as the engine computes a GELU only a quantize reads
-                approximate_before_quantize(group.gm, PassContext())
-            timed = self._timings(build(group, self.ctx), "producer write probe")
+        for group in write_groups(producer, activation, tanh_unit, self.precision, self.ctx.device):
+            # no tag: the probe's group is the engine's own (see write_groups), so the engine
+            # finds these timings under its key and tunes the producer once, not twice
+            timed = self._timings(build(group, self.ctx))
             best.append(min(timed.values()) if timed else None)
         return None if None in best else (best[0], best[1])
 
-    def _timings(self, tuning, tag: str) -> Dict[str, float]:
-        """{candidate: ms} from the tuner, under the tuning's key marked ``tag`` (a probe's group
-        is not the engine's, though its shapes are)."""
+    def _timings(self, tuning, tag: Optional[str] = None) -> Dict[str, float]:
+        """{candidate: ms} from the tuner, under the tuning's key, marked ``tag`` where the probe's
+        group is not the engine's though its shapes are (the layer's 8-bit GEMM alone)."""
         from ..kernels.autotune import tuner_for
 
-        key = dataclasses.replace(tuning.key, extra=tuning.key.extra + " | " + tag)
+        key = tuning.key if tag is None else dataclasses.replace(tuning.key, extra=tuning.key.extra + " | " + tag)
         return tuner_for(self.ctx).choose(key, tuning.candidates, tuning.make_inputs).timings_ms or {}
 
     def _once(self, key, what: str, measure: Callable[[], Times]) -> Times:
@@ -194,4 +170,57 @@ class LayerSpeed:
         return (min(quants), floats[0]) if floats and quants else None
 
 
-__all__ = ["LayerSpeed", "Times", "QUANTIZE_INSTRUCTIONS"]
+def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit: bool, precision: str,
+                 device: torch.device):
+    """The producer's group with its output quantized to ``precision`` and without, as kernel
+    groups in the form the engine's partition gives them: inputs in first-use order (a GEMM's bias,
+    x, its b as the GEMM reads it, then the quantize's inverse scale), the view to the frame the
+    activation runs in, canonical node names. So the engine's own group has the same tuning key,
+    and reuses the probe's timings (INT8 BERT's FFN1 was tuned three times: session 19's notes).
+    ``producer``: ("linear", m, n, k, dtype, bias, b_transposed, frame) or ("conv", x_shape,
+    w_shape, geometry, dtype, bias) (``LayerSpeed.write_ms``)."""
+    from ..fx_passes import PassContext
+    from ..fx_passes.quant_math import approximate_before_quantize
+    from ..kernels.base import canonical_names
+    from ..kernels.template import traced_group
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}.get(activation, lambda y: y)
+    inv = torch.tensor(16.0, device=device)
+    if producer[0] == "linear":
+        _, m, n, k, dtype, bias, b_transposed, frame = producer
+        b = torch.randn(n, k, device=device, generator=gen).to(dtype).t() if b_transposed else \
+            torch.randn(k, n, device=device, generator=gen).to(dtype)
+        inputs = ((torch.randn(n, device=device, generator=gen).to(dtype),) if bias else ()) + \
+            (torch.randn(m, k, device=device, generator=gen).to(dtype), b)
+
+        def layer(*xb):
+            y = torch.addmm(*xb) if bias else torch.mm(*xb)
+            return y if tuple(frame) == (m, n) else y.view(frame)
+        kind, anchor = "gemm", "mm"
+    else:
+        _, x_shape, w_shape, geometry, dtype, bias = producer
+        cl = torch.channels_last
+        inputs = (torch.randn(x_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl),
+                  torch.randn(w_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl))
+        inputs += (torch.randn(w_shape[0], device=device, generator=gen).to(dtype),) if bias else ()
+        stride, padding, dilation, groups = geometry
+
+        def layer(x, w, b=None):
+            return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+        kind, anchor = "conv", "convolution"
+    quantized = lambda *args: quant_ref.quantize_steps(  # noqa: E731
+        quant_ref.eager, act(layer(*args[:-1])), dtype, args[-1], precision)
+    out = []
+    for fn, args in ((quantized, inputs + (inv,)), (lambda *args: act(layer(*args)), inputs)):
+        group = traced_group(fn, args, kind, anchor)
+        if tanh_unit and fn is quantized:  # as the engine computes a GELU only a quantize reads
+            approximate_before_quantize(group.gm, PassContext())
+        canonical_names(group.gm.graph)
+        group.gm.recompile()
+        group.anchor = next(n.name for n in group.gm.graph.nodes if n.op == "call_function" and anchor in str(n.target))
+        out.append(group)
+    return out
+
+
+__all__ = ["LayerSpeed", "Times", "QUANTIZE_INSTRUCTIONS", "write_groups"]

@@ -146,7 +146,8 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
 
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
     status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
-    assert asked == [(("linear", 5, 48, 32, torch.float16, True), "relu")], asked
+    # b read transposed (nn.Linear's weight), the ReLU in x's own [5, 48] frame
+    assert asked == [(("linear", 5, 48, 32, torch.float16, True, True, (5, 48)), "relu")], asked
     kept, why = status["b.weight"]
     assert kept == "float" and "8.0 us + 5.0 us (measured: its producer's kernel) to write its input in int8" in why, why
     # convolutions: the producer's geometry; a graph input has no producer (the estimate applies)
@@ -161,6 +162,64 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
     assert asked == [(("conv", (2, 3, 9, 11), (16, 3, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True),
                       "relu")], asked
     assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"  # 1 + 5 < 10 us
+
+
+class FeedForward(torch.nn.Module):
+    """BERT's FFN on [batch, seq, hidden]: Linear -> GELU -> Linear (addmm between views)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp_path, engines):
+    """The write probe traces the producer as the engine's partition groups it (input order, b
+    transposed, the view to [batch, seq, N] the GELU runs in, canonical names): the same tuning
+    key, so the engine reuses the probe's timings instead of tuning that GEMM again (INT8 BERT's
+    FFN1 was tuned three times, FP16's once: session 19)."""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.gemm import gemm_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = []
+
+    class Speed:
+        def __call__(self, m, n, k, dtype, bias):
+            return (0.001, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation, tanh_unit))
+            return 0.0
+
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = Speed()
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    model, x = FeedForward().half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
+    cfg = quant.QuantConfig(precision=precision, min_features=1, weights="per_tensor", exclude=("a",))
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
+                                                                  "autotune": "off"})
+    with torch.no_grad():
+        fn(x)
+    ((producer, activation, tanh_unit),) = asked
+    assert producer == ("linear", 14, 48, 32, torch.float16, True, True, (2, 7, 48)) and activation == "gelu"
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    (producer_group,) = [c.group for e in engines for c in e.calls
+                         if getattr(c, "group", None) is not None and "aten.gelu" in c.group.ops]
+    with_quantize, without = write_groups(producer, activation, tanh_unit, precision, torch.device("cpu"))
+    assert gemm_candidates(with_quantize, ctx).key == gemm_candidates(producer_group, ctx).key
+    assert "aten.gelu" in without.ops and len(without.ops) < len(with_quantize.ops)
 
 
 def test_the_quantize_estimate_is_zero_off_cuda():
@@ -182,7 +241,7 @@ def test_probes_run_their_code_path_on_the_cpu():
     speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
-    assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True), "gelu") is None
+    assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu") is None
     assert speed.write_ms(("conv", (2, 8, 7, 9), (16, 8, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True),
                           "relu") is None
 
@@ -213,7 +272,7 @@ def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     # BERT FFN2's input (2048 x 3072): ~1.5 us in FP8, ~3.4 in INT8 on an H100/H200
     assert 0.0005 < speed.quantize_ms(2048 * 3072) < 0.01
     # what FFN1 (GEMM + GELU) and a ResNet-50 1x1 convolution (+ ReLU) pay to write 8 bits
-    assert 0 <= speed.write_ms(("linear", 2048, 3072, 768, torch.float16, True), "gelu") < 0.05
+    assert 0 <= speed.write_ms(("linear", 2048, 3072, 768, torch.float16, True, True, (16, 128, 3072)), "gelu") < 0.05
     assert 0 <= speed.write_ms(("conv", (32, 256, 56, 56), (64, 256, 1, 1), ([1, 1], [0, 0], [1, 1], 1),
                                 torch.float16, True), "relu") < 0.05
 
