@@ -222,6 +222,54 @@ def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp
     assert "aten.gelu" in without.ops and len(without.ops) < len(with_quantize.ops)
 
 
+def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch, tmp_path, engines):
+    """A convolution producer's probe: the engine's group (input order, ops, names) with its
+    activations channels-last, as the layout pass makes them on CUDA (on the CPU it does not)."""
+    import dataclasses
+
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.conv import conv_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return (0.001, 0.010)
+
+        def conv(self, *args):
+            return (0.001, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation, tanh_unit))
+            return 0.0
+
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = Speed()
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    model, x = TwoConvs().half().eval(), torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(4)).half()
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=("a",)),
+                            progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
+                                                                  "autotune": "off"})
+    with torch.no_grad():
+        fn(x)
+    ((producer, activation, tanh_unit),) = asked
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    (producer_group,) = [c.group for e in engines for c in e.calls
+                         if getattr(c, "group", None) is not None and "aten.relu" in c.group.ops]
+    probe = conv_candidates(write_groups(producer, activation, tanh_unit, "int8", torch.device("cpu"))[0], ctx).key
+    engine = conv_candidates(producer_group, ctx).key
+    assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
+    assert probe.strides[:2] == ((297, 1, 33, 3), (27, 1, 9, 3))  # NHWC x and weight
+
+
 def test_the_quantize_estimate_is_zero_off_cuda():
     from compile_backend.kernels.base import KernelContext
     from compile_backend.quant.speed import LayerSpeed
