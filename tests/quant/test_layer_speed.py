@@ -270,6 +270,35 @@ def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch
     assert probe.strides[:2] == ((297, 1, 33, 3), (27, 1, 9, 3))  # NHWC x and weight
 
 
+@pytest.mark.gpu
+def test_gpu_engine_reuses_the_producer_probes_tuning(monkeypatch, tmp_path):
+    """On CUDA: the float FFN1 that writes FFN2's INT8 input is tuned by the write probe (with and
+    without the quantize) and then found in the timing cache by the engine: no key tuned twice
+    (session 18's INT8 BERT tuned it a third time under another key)."""
+    from compile_backend.kernels import autotune
+    from compile_backend.quant.speed import LayerSpeed
+
+    tuned = []
+    real = autotune.Tuner._tune
+
+    def recording(self, key, candidates, make_inputs):
+        tuned.append(key)
+        return real(self, key, candidates, make_inputs)
+    monkeypatch.setattr(autotune.Tuner, "_tune", recording)
+    monkeypatch.setattr(LayerSpeed, "__call__", lambda self, *args: (0.001, 1.0))  # 8 bits win: probe FFN1
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(768, 3072), torch.nn.GELU(), torch.nn.Linear(3072, 768)).half().cuda().eval()
+    x = torch.randn(16, 128, 768, device="cuda").half()
+    cfg = quant.QuantConfig(precision="int8", weights="per_tensor", exclude=("0",))
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        fn(x)
+    seen = [repr(k) for k in tuned]
+    assert len(seen) == len(set(seen)), seen
+    assert sum("aten.gelu" in k.extra for k in tuned) == 2, seen  # the probe's two; the engine's is a hit
+
+
 def test_the_quantize_estimate_is_zero_off_cuda():
     from compile_backend.kernels.base import KernelContext
     from compile_backend.quant.speed import LayerSpeed
