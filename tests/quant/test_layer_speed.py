@@ -164,6 +164,34 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
     assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"  # 1 + 5 < 10 us
 
 
+def _recording_write_probe(monkeypatch) -> list:
+    """Every layer's 8-bit kernel measured faster; the producers' write probes asked are recorded
+    (producer, activation, tanh_unit) and cost nothing."""
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return (0.001, 0.010)
+
+        def conv(self, *args):
+            return (0.001, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation, tanh_unit))
+            return 0.0
+
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = Speed()
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    return asked
+
+
 class FeedForward(torch.nn.Module):
     """BERT's FFN on [batch, seq, hidden]: Linear -> GELU -> Linear (addmm between views)."""
 
@@ -186,25 +214,7 @@ def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp
     from compile_backend.kernels.gemm import gemm_candidates
     from compile_backend.quant.speed import write_groups
 
-    asked = []
-
-    class Speed:
-        def __call__(self, m, n, k, dtype, bias):
-            return (0.001, 0.010)
-
-        def quantize_ms(self, numel):
-            return 0.0
-
-        def write_ms(self, producer, activation, tanh_unit):
-            asked.append((producer, activation, tanh_unit))
-            return 0.0
-
-    @contextlib.contextmanager
-    def fake(ctx, options):
-        if ctx.quant is not None:
-            ctx.quant.speed = Speed()
-        yield None
-    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    asked = _recording_write_probe(monkeypatch)
     model, x = FeedForward().half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
     cfg = quant.QuantConfig(precision=precision, min_features=1, weights="per_tensor", exclude=("a",))
     calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
@@ -231,28 +241,7 @@ def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch
     from compile_backend.kernels.conv import conv_candidates
     from compile_backend.quant.speed import write_groups
 
-    asked = []
-
-    class Speed:
-        def __call__(self, *args):
-            return (0.001, 0.010)
-
-        def conv(self, *args):
-            return (0.001, 0.010)
-
-        def quantize_ms(self, numel):
-            return 0.0
-
-        def write_ms(self, producer, activation, tanh_unit):
-            asked.append((producer, activation, tanh_unit))
-            return 0.0
-
-    @contextlib.contextmanager
-    def fake(ctx, options):
-        if ctx.quant is not None:
-            ctx.quant.speed = Speed()
-        yield None
-    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    asked = _recording_write_probe(monkeypatch)
     model, x = TwoConvs().half().eval(), torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(4)).half()
     calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=("a",)),
                             progress=False, use_cache=False)
