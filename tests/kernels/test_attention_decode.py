@@ -4,7 +4,7 @@ plain-PyTorch reference (``attention.attention_reference``), under the interpret
 Odd shapes: Sk 77 (a partial key block), head dims 40 / 24 (padded lanes), grouped-query heads
 (8 query heads on 2 K/V heads) and plain multi-head, Sq 1 and 3; masks none, bool (a padding
 mask whose empty tail skips whole blocks), additive with -inf, causal; a fully masked row
-(zeros, or NaN with ``dead_rows_nan``); key ranges merged from 3 splits and 1; the INT8 / FP8
+(zeros, or NaN with ``dead_rows_nan``); key ranges merged from 3 splits and 1, and 22 (in chunks); the INT8 / FP8
 output quantize. Tolerances per dtype as the flash kernel's tests: the same math in another
 order of fp32 sums (and tf32 for fp32 where allowed: not here).
 """
@@ -89,6 +89,19 @@ def test_quantized_output(precision):
     diff = (got.float() - want.float()).abs()
     step = 1.0 if precision == "int8" else want.float().abs().max().item() * 2.0**-3
     assert diff.max().item() <= step  # at most one step where the rounding boundary is close
+
+
+def test_many_ranges_merge_in_chunks_in_range_order():
+    """More ranges than the merge reads at once (MERGE_UNROLL 16): 22 ranges of 16 keys, merged as
+    a chunk of 16 and one of 6 (the tail masked), with an empty tail of the cache; the sum in
+    range order, so one range less in a chunk changes nothing but the order-free max."""
+    from compile_backend.kernels.attention_decode import MERGE_UNROLL, splits_for
+
+    q, k, v = _inputs(1, 8, 2, 1, 350, 32, 32, torch.float16, seed=5)
+    assert splits_for(2, 350, DecodeConfig(block_n=16, splits=22), q.device)[0] == 22 > MERGE_UNROLL
+    keep = (torch.arange(350) < 300)[None, None, None, :]
+    for mask in (None, keep):
+        _close(_run(q, k, v, mask, splits=22), _expect(q, k, v, mask))
 
 
 def test_split_counters_are_reused_and_left_at_zero():
