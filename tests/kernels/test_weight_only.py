@@ -136,11 +136,13 @@ def test_every_candidate_config_runs():
         check(x, codes, scales, b, "int4", 64, config=cfg)
 
 
-def test_one_wave_int4_configs_read_several_steps_and_stay_int4_only():
-    # K of 2 and a bit steps of unroll x block_k (the last one masked), odd N, no split and split 2
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_wave_int4_configs_read_several_steps_and_stay_int4_only(dtype):
+    # K of 2 and a bit steps of unroll x block_k (the last one masked), odd N, no split and split
+    # 2; 16-bit x reads the codes as words, fp32 x two codes a byte
     one_wave = [c for c in CONFIGS["gemv"] if c.split_k in (1, 2) and c.unroll >= 8]
     assert len(one_wave) == 3
-    x, codes, scales, b = operands(1, 19, 2 * 16 * 32 + 70, torch.float16, "int4", 32, seed=14)
+    x, codes, scales, b = operands(1, 19, 2 * 16 * 32 + 70, dtype, "int4", 32, seed=14)
     for cfg in one_wave:
         check(x, codes, scales, b, "int4", 32, config=cfg)
         assert fits_registers(cfg, "int4")
