@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -194,9 +195,12 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
         inputs = ((torch.randn(n, device=device, generator=gen).to(dtype),) if bias else ()) + \
             (torch.randn(m, k, device=device, generator=gen).to(dtype), b)
 
+        # a frame of another size (an op between that broadcasts): the GEMM's own [m, n] shape
+        framed = tuple(frame) != (m, n) and math.prod(frame) == m * n
+
         def layer(*xb):
             y = torch.addmm(*xb) if bias else torch.mm(*xb)
-            return y if tuple(frame) == (m, n) else y.view(frame)
+            return y.view(frame) if framed else y
         kind, anchor = "gemm", "mm"
     else:
         _, x_shape, w_shape, geometry, dtype, bias = producer

@@ -308,6 +308,11 @@ def test_probes_run_their_code_path_on_the_cpu():
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
     assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu") is None
+    # a frame that is not the GEMM's output viewed (an op between broadcast it): no view, no error
+    from compile_backend.quant.speed import write_groups
+    groups = write_groups(("linear", 33, 48, 32, torch.float16, False, False, (2, 33, 48)), "relu", True, "int8",
+                          torch.device("cpu"))
+    assert [("aten.view" in g.ops, "aten.mm" in g.ops) for g in groups] == [(False, True), (False, True)]
     assert speed.write_ms(("conv", (2, 8, 7, 9), (16, 8, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True),
                           "relu") is None
 
