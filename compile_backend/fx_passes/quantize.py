@@ -196,6 +196,12 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     """Rewrite the selected layers to scaled INT8/FP8 ops; {rule: layers quantized}."""
     if ctx.training or ctx.quant is None:
         return {}
+    prepare = getattr(ctx.quant.speed, "prepare", None)
+    if prepare is not None:  # every layer probe compiled at once, before the rules time them one by one
+        facts = Facts(gm, ctx)
+        layers = [find_layer(node, facts) for node in gm.graph.nodes if node.op == "call_function"]
+        prepare([probe[:2] for layer in layers if layer is not None and _config_reason(layer, ctx.quant) is None
+                 for probe in [_speed_probe(layer)] if probe is not None])
     counts = apply_rules(gm, ctx, QUANT_RULES)
     ctx.quant.check_coverage()
     # after the quantize steps exist: activations only they read (every rule listed, as apply_rules does)
@@ -212,12 +218,8 @@ def _match(kind: str):
         request: QuantRequest = facts.ctx.quant
         if layer.reason is None:
             request.check(layer.name, weight_params(facts.gm, layer.weight))
-        reason = layer.reason or selection_reason(layer, request.decide)
-        # a dynamic config is calibrated only for SmoothQuant's factors; then every layer needs its record
-        needs_record = not request.dynamic or request.calibrated
-        uncalibrated = reason is None and needs_record and request.amax(layer.name) is None
-        if uncalibrated:
-            reason = "no calibration data for this layer (the calibration never saw it run)"
+        reason = _config_reason(layer, request)
+        uncalibrated = reason == UNCALIBRATED
         record = request.records.setdefault(layer.name, _record(layer, request))
         record["uncalibrated"] = uncalibrated
         if reason is not None:
@@ -244,6 +246,38 @@ def _match(kind: str):
     return match
 
 
+UNCALIBRATED = "no calibration data for this layer (the calibration never saw it run)"
+
+
+def _config_reason(layer: Layer, request: QuantRequest) -> Optional[str]:
+    """Why the config and its calibration leave ``layer`` float, before any speed is measured
+    (None: quantize it where it pays)."""
+    reason = layer.reason or selection_reason(layer, request.decide)
+    # a dynamic config is calibrated only for SmoothQuant's factors; then every layer needs its record
+    needs_record = not request.dynamic or request.calibrated
+    if reason is None and needs_record and request.amax(layer.name) is None:
+        return UNCALIBRATED
+    return reason
+
+
+def _speed_probe(layer: Layer) -> Optional[Tuple[str, Tuple[Any, ...], str]]:
+    """(method, arguments, what) of the ``request.speed`` probe that times ``layer`` (method
+    "linear": ``speed(*arguments)``, "conv": ``speed.conv(*arguments)``), or None: not measured
+    (fp32 layers, where 8 bits always pay; transposed or non-2-D convolutions)."""
+    x = tensor_val(layer.x)
+    if x is None or not x.is_floating_point() or x.dtype == torch.float32:
+        return None
+    if layer.kind == "linear":
+        m = x.numel() // max(layer.k, 1)
+        return "linear", (m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm)), \
+            f"GEMM took {{q}} at {m}x{layer.n}x{layer.k}"
+    _, w, bias, stride, padding, dilation, transposed, _, groups = layer.node.args
+    if transposed or x.dim() != 4:
+        return None
+    return "conv", (tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype, bias is not None), \
+        f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
+
+
 def _slower_than_float(layer: Layer, request: QuantRequest, facts: Facts) -> Optional[str]:
     """Why a layer stays float: its 8-bit GEMM or convolution measured, plus what writing its
     input in 8 bits costs where that input is made, no faster than its float one at its shape
@@ -252,24 +286,14 @@ def _slower_than_float(layer: Layer, request: QuantRequest, facts: Facts) -> Opt
     1x1 convolutions went from 12.5 to 17.8 us to feed FP8 3x3 ones that won 1.4 us, H100 session
     15), else estimated (``speed.quantize_ms``: a norm or element-wise kernel of ours writes it, or
     one row reduction per layer for dynamic scales)."""
-    if request.speed is None:
+    probe = _speed_probe(layer) if request.speed is not None else None
+    if probe is None or (probe[0] == "conv" and not hasattr(request.speed, "conv")):
         return None
-    x = tensor_val(layer.x)
-    if x is None or not x.is_floating_point() or x.dtype == torch.float32:
-        return None  # fp32 layers: 8 bits against fp32 (or TF32) always pays; not measured
-    if layer.kind == "linear":
-        m = x.numel() // max(layer.k, 1)
-        times = request.speed(m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm))
-        what = f"GEMM took {{q}} at {m}x{layer.n}x{layer.k}"
-    else:
-        _, w, bias, stride, padding, dilation, transposed, _, groups = layer.node.args
-        if transposed or x.dim() != 4 or not hasattr(request.speed, "conv"):
-            return None
-        times = request.speed.conv(tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype,
-                                   bias is not None)
-        what = f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
+    method, args, what = probe
+    times = (request.speed if method == "linear" else request.speed.conv)(*args)
     if times is None:
         return None
+    x = tensor_val(layer.x)
     # measured only where the 8-bit kernel wins on its own (each measurement tunes the producer twice)
     written = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] else None
     estimate = getattr(request.speed, "quantize_ms", None)

@@ -11,6 +11,10 @@ What the tuner does, by ``Options.autotune``:
   is the slow part), then each is timed with CUDA events: warm-up, then the median of repeats,
   the inputs rotated over enough copies that L2 does not flatter small problems. A candidate
   that fails to compile or to run (e.g. out of shared memory) is skipped with a debug log.
+- ``Tuner.precompile(tunings)``: the candidates of several problems compiled at once, in one
+  wider pool, before any is timed (a quantized engine's layer probes: one problem at a time
+  keeps at most its own 7-13 compiles in flight on a 16-core machine); each problem's
+  ``choose`` then times the runners already built.
 - a number of seconds: a budget for the whole graph, shared by every ``choose`` of one tuner;
   candidates are timed in heuristic order until it runs out, then the best so far wins.
 - on CPU (the Triton interpreter) there is nothing worth timing: the heuristic choice wins,
@@ -41,6 +45,9 @@ log = logging.getLogger("compile_backend")
 
 #: how thorough a level is; a cached winner is reused when it was tuned at least as thoroughly
 LEVEL_RANK = {"off": 0, "budget": 1, "fast": 2, "max": 3}
+#: threads of ``Tuner.precompile``'s pool at most (one a core below that): compiling is mostly
+#: outside the GIL (LLVM, ptxas), and threads scaled as processes did (session 19's notes)
+PRECOMPILE_WORKERS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +240,9 @@ class Tuner:
         self.settings = SETTINGS.get(self.level, SETTINGS["fast"])
         self.env = current_environment(self.device)
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0}
+        # runners (None: failed to compile) that precompile built, by (key, candidate name):
+        # each is taken by the first tuning of its key
+        self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
 
     @property
     def times(self) -> bool:
@@ -249,6 +259,32 @@ class Tuner:
         if self.budget is not None and self.budget.exhausted:
             return self._heuristic(key, candidates, make_inputs)
         return self._tune(key, candidates, make_inputs)
+
+    def precompile(self, tunings: Sequence[Tuple[TuningKey, Sequence[Candidate]]],
+                   workers: Optional[int] = None) -> int:
+        """Compile the candidates of every problem in ``tunings`` that the next ``choose`` of its
+        key would compile (it times; not cached; not built already), all in one pool of
+        ``workers`` threads (default: one a core, at most :data:`PRECOMPILE_WORKERS`), so a
+        dozen problems of a dozen candidates keep every core busy; returns how many compiled."""
+        if not self.times:
+            return 0
+        todo = []
+        for key, candidates in tunings:
+            if self._cached_record(key) is not None:
+                continue  # a cache hit compiles its winner only
+            todo += [(key, c) for c in candidates if (key, c.name) not in self._prebuilt]
+        todo = list({(key, c.name): (key, c) for key, c in todo}.values())
+        if not todo:
+            return 0
+        t0 = time.monotonic()
+        workers = workers or max(1, min(PRECOMPILE_WORKERS, os.cpu_count() or 1))
+        built = self._build_each(todo, workers)
+        self._prebuilt.update({(key, c.name): r for (key, c), r in zip(todo, built)})
+        took = time.monotonic() - t0
+        if took >= self.progress_after_s:
+            self._say(f"compiled {len(todo)} candidates of {len({key for key, _ in todo})} problems "
+                      f"in {took:.1f}s ({workers} threads)")
+        return sum(r is not None for r in built)
 
     # ------------------------------------------------------------------ paths
     def _heuristic(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs) -> Choice:
@@ -269,11 +305,18 @@ class Tuner:
             return Choice(cand, runner)
         raise RuntimeError(f"every candidate failed for {key.describe()}")
 
-    def _from_cache(self, key: TuningKey, candidates: Sequence[Candidate]) -> Optional[Choice]:
+    def _cached_record(self, key: TuningKey) -> Optional[Dict[str, Any]]:
+        """The timing cache's record of ``key``, if tuned at least as thoroughly as this level."""
         if self.cache is None:
             return None
         record = self.cache.get(key.as_dict(), self.env)
         if record is None or LEVEL_RANK.get(record.get("level"), 0) < LEVEL_RANK[self.level]:
+            return None
+        return record
+
+    def _from_cache(self, key: TuningKey, candidates: Sequence[Candidate]) -> Optional[Choice]:
+        record = self._cached_record(key)
+        if record is None:
             return None
         for cand in candidates:
             if not cand.reference and cand.config_json() == record.get("winner"):
@@ -337,9 +380,17 @@ class Tuner:
         return Choice(winner, runners[winner.name], timings_ms=timings, tuned=True)
 
     def _compile_all(self, key: TuningKey, candidates: Sequence[Candidate]) -> Dict[str, Callable]:
+        runners = {c.name: self._prebuilt.pop((key, c.name)) for c in candidates if (key, c.name) in self._prebuilt}
+        todo = [(key, c) for c in candidates if c.name not in runners]
+        runners.update({c.name: r for (_, c), r in zip(todo, self._build_each(todo, self.compile_workers))})
+        return {c.name: runners[c.name] for c in candidates if runners.get(c.name) is not None}
+
+    def _build_each(self, todo: Sequence[Tuple[TuningKey, Candidate]], workers: int) -> List[Optional[Callable]]:
+        """Each candidate's runner (None: it failed to compile), built on ``workers`` threads."""
         index = cuda_index(self.device)
 
-        def build(cand: Candidate):
+        def build(item: Tuple[TuningKey, Candidate]):
+            key, cand = item
             try:
                 if index is not None:  # a worker thread has no current CUDA context:
                     torch.cuda.set_device(index)  # cuBLAS warned and guessed the primary one
@@ -352,12 +403,10 @@ class Tuner:
         # (CUDA tensors included) kernels run in Triton's interpreter, whose state is process-wide:
         # two threads in it at once fail each other (InterpreterError), and every candidate but
         # one or two was dropped as "failed to compile". So one at a time there.
-        if self.compile_workers <= 1 or len(candidates) <= 1 or triton_interpret():
-            built = [build(c) for c in candidates]
-        else:
-            with concurrent.futures.ThreadPoolExecutor(self.compile_workers) as pool:
-                built = list(pool.map(build, candidates))
-        return {c.name: r for c, r in zip(candidates, built) if r is not None}
+        if workers <= 1 or len(todo) <= 1 or triton_interpret():
+            return [build(item) for item in todo]
+        with concurrent.futures.ThreadPoolExecutor(min(workers, len(todo))) as pool:
+            return list(pool.map(build, todo))
 
     def _input_sets(self, make_inputs) -> List[Sequence[Any]]:
         first = make_inputs()

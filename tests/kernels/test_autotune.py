@@ -336,3 +336,44 @@ def test_cuda_index_of_a_bare_cuda_device_is_the_current_one(monkeypatch):
     assert cuda_index(torch.device("cuda")) == 3
     assert cuda_index(torch.device("cuda", 1)) == 1
     assert cuda_index(torch.device("cpu")) is None
+
+
+def test_precompile_builds_every_problems_candidates_once_in_one_pool(tmp_path, monkeypatch):
+    """``precompile`` compiles the candidates of several problems in one pool (the pool, not the
+    interpreter's one-at-a-time path), skips a problem the timing cache answers, and each
+    problem's ``choose`` then times those runners without compiling again; a candidate that
+    failed to compile stays failed."""
+    import dataclasses
+    import threading
+
+    from compile_backend.kernels import autotune
+
+    monkeypatch.setattr(autotune, "triton_interpret", lambda: False)
+    c = Counting()
+    threads = set()
+    key_b, key_c = dataclasses.replace(KEY, extra="b"), dataclasses.replace(KEY, extra="c")
+
+    def traced(cand):
+        def compile_():
+            threads.add(threading.get_ident())
+            time.sleep(0.05)  # a compile takes a while: the pool's threads share the six
+            return cand.compile()
+        return dataclasses.replace(cand, compile=compile_)
+
+    prefix = {KEY: "a", key_b: "b"}
+    problems = {key: [traced(c.make(f"{prefix[key]}{i}", 0.0, fail="compile" if i == 2 else "")) for i in range(3)]
+                for key in prefix}
+    cache = TimingCache(tmp_path)
+    timed_tuner(tmp_path).choose(key_c, [c.make("c0", 0.0)], make_inputs)  # key_c: in the cache now
+    c.compiled.clear()
+    tuner = Tuner("fast", cache=cache, timer=WallClockTimer(), compile_workers=1)
+    built = tuner.precompile([(KEY, problems[KEY]), (key_b, problems[key_b]), (key_c, [c.make("c0", 0.0)])],
+                             workers=4)
+    assert built == 4 and sorted(c.compiled) == ["a0", "a1", "a2", "b0", "b1", "b2"] and len(threads) > 1
+    assert tuner.precompile([(KEY, problems[KEY])]) == 0  # built already: nothing again
+    for key in (KEY, key_b):
+        choice = tuner.choose(key, problems[key], make_inputs)
+        assert choice.tuned and set(choice.timings_ms) == {f"{prefix[key]}0", f"{prefix[key]}1"}
+    assert len(c.compiled) == 6  # choose compiled nothing more
+    off = Tuner("fast")  # no timer (the CPU): nothing is timed, so nothing is precompiled
+    assert off.precompile([(KEY, problems[KEY])]) == 0 and len(c.compiled) == 6

@@ -333,6 +333,19 @@ def test_config_sets_are_pruned_and_valid():
     assert candidate_configs(4096, 4096, 4096, 1, torch.float16, "off") == [heuristic_config(4096, 4096, 4096, 1, torch.float16)]
 
 
+def test_eight_bit_fast_tiles_over_a_short_k_take_three_stages():
+    """8-bit operands over K = 768 (6 steps of 128): the fast set's tiles at most 3 stages, so two
+    programs fit an SM (the 3-stage tiles won every "max" timing at that K on the H100/H200);
+    over K = 3072 and for 16-bit operands the stages are as before."""
+    for dt in (torch.int8, torch.float8_e4m3fn):
+        short = candidate_configs(6304, 2304, 768, 1, dt, "fast")
+        assert len(short) == 8 and all(c.num_stages <= 3 for c in short)
+        assert GemmConfig(128, 128, 128, 8, 1, 4, 3) in short
+        long_k = candidate_configs(6304, 768, 3072, 1, dt, "fast")
+        assert any(c.num_stages == 4 for c in long_k)
+    assert any(c.num_stages == 4 for c in candidate_configs(6304, 2304, 768, 1, torch.float16, "fast"))
+
+
 def test_short_k_configs_are_light_and_stage_no_further_than_k():
     """A GEMM of one or two K steps (ResNet-50's expanding 1x1 layers as rows) gets tiles of at
     most 64 accumulators a thread and no more stages than K steps; the scaled 1x1 convolution's

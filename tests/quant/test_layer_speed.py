@@ -108,6 +108,41 @@ def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
     assert status["b.weight"][0] == "quantized"
 
 
+def test_every_layer_probe_is_prepared_before_any_is_timed(monkeypatch, tmp_path):
+    """The pass hands the measurement every probe it will ask for before it asks for any (so
+    their candidates compile in one pool: ``LayerSpeed.prepare``), then asks for each of them."""
+    events = []
+
+    class Speed:
+        def prepare(self, probes):
+            events.append(("prepare", [(kind, tuple(args[:2])) for kind, args in probes]))
+
+        def __call__(self, m, n, k, dtype, bias):
+            events.append(("time", ("linear", (m, n))))
+            return (0.001, 0.010)
+
+        def conv(self, x_shape, w_shape, *rest):
+            events.append(("time", ("conv", (x_shape, w_shape))))
+            return (0.001, 0.010)
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = _quant_status(monkeypatch, tmp_path, Mixed().half().eval(), x, Speed())
+    assert all(s == "quantized" for s, _ in status.values()), status
+    (first, probes), *timed = events
+    assert first == "prepare" and sorted(probes, key=repr) == sorted([("conv", ((2, 3, 9, 11), (8, 3, 3, 3))),
+                                                                      ("linear", (2, 5))], key=repr)
+    assert sorted(what for _, what in timed) == sorted(probes)
+
+
 def test_the_inputs_quantize_counts_against_the_8_bit_gemm(monkeypatch, tmp_path):
     """A layer whose 8-bit GEMM wins by less than the estimated cost of writing its input in 8
     bits stays float (INT8 BERT, session 13: FFN2 won 2 us and its producer FFN1 lost 19)."""
@@ -305,8 +340,12 @@ def test_probes_run_their_code_path_on_the_cpu():
 
     ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cpu"), interpret=True)
     speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
+    speed.prepare([("linear", (33, 48, 32, torch.float16, True)),
+                   ("conv", ((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True))])
+    assert len(speed.built) == 2  # built (nothing compiled: no timing on the CPU), taken by the calls
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
+    assert not speed.built
     assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu") is None
     # a frame that is not the GEMM's output viewed (an op between broadcast it): no view, no error
     from compile_backend.quant.speed import write_groups
@@ -335,11 +374,15 @@ def test_gpu_gemm_speed_measures_both(precision, tmp_path):
     ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cuda"), interpret=False,
                         timing_cache=TimingCache(str(tmp_path)))
     speed = LayerSpeed(ctx, precision, per_channel=True, dynamic=False)
+    speed.prepare([("linear", (2048, 2304, 768, torch.float16, True)),
+                   ("conv", ((32, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True))])
+    assert ctx.tuner._prebuilt  # both probes' candidates compiled in one pool, timed below
     q_ms, f_ms = speed(2048, 2304, 768, torch.float16, True)
     assert 0 < q_ms < 10 and 0 < f_ms < 10
     assert speed(2048, 2304, 768, torch.float16, True) == (q_ms, f_ms)  # measured once
     q_ms, f_ms = speed.conv((32, 64, 56, 56), (64, 64, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True)
     assert 0 < q_ms < 10 and 0 < f_ms < 10
+    assert not ctx.tuner._prebuilt  # every runner prepare built was taken by its probe
     # BERT FFN2's input (2048 x 3072): ~1.5 us in FP8, ~3.4 in INT8 on an H100/H200
     assert 0.0005 < speed.quantize_ms(2048 * 3072) < 0.01
     # what FFN1 (GEMM + GELU) and a ResNet-50 1x1 convolution (+ ReLU) pay to write 8 bits
@@ -353,7 +396,7 @@ def test_a_failed_measurement_quantizes_the_layer(caplog):
     from compile_backend.quant.speed import LayerSpeed
 
     class Broken(LayerSpeed):
-        def _linear(self, *args):
+        def _tuning(self, *args):
             raise RuntimeError("no such GEMM here")
 
     speed = Broken(ctx=None, precision="int8", per_channel=True, dynamic=False)
