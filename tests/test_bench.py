@@ -420,6 +420,7 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
         assert r["accuracy"]["cosine"] > 0.99 and r["median_ms"] > 0
     assert records[2]["quant"]["quantized"] == records[2]["quant"]["layers"] > 0
     assert records[2]["prepare_s"] > 0  # calibration timed apart from the compile
+    assert records[0]["primed_s"] > 0  # the process's first compile paid before any peer
 
     # issue #18's table and plot from that file, with a max-autotune record of benchmarks.suite's
     from benchmarks import quant_table
@@ -569,3 +570,19 @@ def test_hf_cache_writes_records_each_family(tmp_path):
     assert hf_cache_writes.main(["--families", "Mistral", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["input_writes"] == ["kernel"] * (4 + row["token_counts"]) and row["max_abs_diff"] < 1e-5, row
+
+
+def test_clean_slate_forgets_the_kernels_compiled_before():
+    """Each peer's first call compiles its own kernels: the memo of generated modules is
+    emptied between peers, so an identical source is compiled again (a quantized engine
+    built after the FP16 one found its float kernels compiled in memory, session 20)."""
+    from compile_backend.bench.measure import clean_slate
+    from compile_backend.kernels import launch
+
+    source = "VALUE = 41\n"
+    first = launch.load_source(source)
+    assert launch.load_source(source) is first
+    clean_slate("cpu")
+    again = launch.load_source(source)
+    assert again is not first and again.VALUE == 41
+

@@ -133,11 +133,57 @@ def fresh_compiler_caches(root: str):
 # ----------------------------------------------------------------------------- timing
 
 def clean_slate(device: str) -> None:
-    """Before a peer: none of the last one's compiled graphs, garbage or cached GPU memory."""
+    """Before a peer: none of the last one's compiled graphs, generated kernels, garbage or
+    cached GPU memory."""
     torch._dynamo.reset()
+    forget_compiled_kernels()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+
+
+def forget_compiled_kernels() -> None:
+    """Drop this process's memo of our generated kernel modules (and so Triton's in-memory
+    binaries of their kernels): the next peer's first call compiles every kernel it needs, as a
+    fresh process would. Without it a quantized engine built after the FP16 one found the
+    kernels of its float groups compiled already, and its "cold" compile looked cheaper than it
+    is (session 20's notes)."""
+    from ..kernels import gemv, launch
+
+    launch.forget_loaded()
+    gemv.plain_kernel.cache_clear()
+
+
+def prime_process(device: str, cache_root: str) -> float:
+    """Pay, before the first peer, what only a process's first compile pays (Dynamo's and
+    AOTAutograd's first use, Triton's compiler, cuDNN's and cuBLAS's handles): a small
+    convolution + linear + attention model through our backend, then a clean slate. Without
+    it the first peer's first call carries those seconds (session 20: ResNet-50's FP16 engine
+    46.3 s first in its process, 37.4 s after another case). Returns the seconds it took."""
+    t0 = time.perf_counter()
+    ensure_backend_registered()
+
+    class Small(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+            self.fc = torch.nn.Linear(16, 32)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2)  # [B, HW, 16]
+            q = self.fc(y).view(y.shape[0], y.shape[1], 2, 16).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q).sum()
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = Small().to(device, dtype).eval()
+    x = torch.randn(2, 3, 8, 8, device=device, dtype=dtype)
+    with fresh_compiler_caches(os.path.join(cache_root, "prime")), torch.no_grad():
+        fn = torch.compile(model, backend="compile_backend",
+                           options={"cache_dir": os.path.join(cache_root, "prime", "cb")})
+        fn(x)
+    sync(device)
+    clean_slate(device)
+    return time.perf_counter() - t0
 
 
 def sync(device: str) -> None:

@@ -165,6 +165,19 @@ _LOCK = threading.Lock()
 _stats = {"compiled": 0, "reused": 0}
 
 
+def forget_loaded() -> int:
+    """Forget every memoised module (how many): a later identical source is compiled again, as in
+    a fresh process, while engines holding kernels keep theirs. For benchmarks that time a cold
+    compile after another engine in the same process (``bench.measure.clean_slate``)."""
+    with _LOCK:
+        count = len(_MODULES)
+        while _MODULES:
+            _, old = _MODULES.popitem(last=False)
+            sys.modules.pop(old.__name__, None)
+            linecache.cache.pop(f"<compile_backend generated k_{old.__name__.rsplit('_', 1)[-1]}>", None)
+        return count
+
+
 def load_source(source: str) -> ModuleType:
     """Run generated source as a module, memoised by the source text.
 
