@@ -196,18 +196,38 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     """Rewrite the selected layers to scaled INT8/FP8 ops; {rule: layers quantized}."""
     if ctx.training or ctx.quant is None:
         return {}
-    prepare = getattr(ctx.quant.speed, "prepare", None)
-    if prepare is not None:  # every layer probe compiled at once, before the rules time them one by one
-        facts = Facts(gm, ctx)
-        layers = [find_layer(node, facts) for node in gm.graph.nodes if node.op == "call_function"]
-        prepare([probe[:2] for layer in layers if layer is not None and _config_reason(layer, ctx.quant) is None
-                 for probe in [_speed_probe(layer)] if probe is not None])
+    if hasattr(ctx.quant.speed, "prepare"):
+        _prepare_probes(gm, ctx)
     counts = apply_rules(gm, ctx, QUANT_RULES)
     ctx.quant.check_coverage()
     # after the quantize steps exist: activations only they read (every rule listed, as apply_rules does)
     counts.update(approximate_before_quantize(gm, ctx) if ctx.quant.gelu == "tanh"
                   else {rule.name: 0 for rule in QUANT_MATH_RULES})
     return counts
+
+
+def _prepare_probes(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Hand the measurement every probe the rules will ask for before they ask for any, so their
+    candidates compile in one pool (``LayerSpeed.prepare``): the layers' own, then the write
+    probes of the float producers feeding the layers whose 8-bit kernel wins (what
+    ``_slower_than_float`` measures next; a producer the rules quantize first is never asked
+    for: its compile is wasted, in the pool)."""
+    request, facts = ctx.quant, Facts(gm, ctx)
+    layers = [layer for node in gm.graph.nodes if node.op == "call_function"
+              for layer in [find_layer(node, facts)] if layer is not None and _config_reason(layer, request) is None]
+    probes = [(layer, probe) for layer in layers for probe in [_speed_probe(layer)] if probe is not None]
+    request.speed.prepare([probe[:2] for _, probe in probes])
+    prepare_writes = getattr(request.speed, "prepare_writes", None)
+    if request.dynamic or prepare_writes is None:
+        return
+    writes = []
+    for layer, (method, args, _) in probes:
+        measure = request.speed if method == "linear" else getattr(request.speed, "conv", None)
+        times = measure(*args) if measure is not None else None
+        problem = _write_problem(layer, facts) if times is not None and times[0] < times[1] else None
+        if problem is not None:
+            writes.append(problem + (request.gelu == "tanh",))
+    prepare_writes(writes)
 
 
 def _match(kind: str):
@@ -312,9 +332,16 @@ def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Opt
     """``speed.write_ms`` for the float GEMM / convolution whose epilogue would write the layer's
     input (static scales: the quantize joins that epilogue), or None (another producer, or not
     measured)."""
-    producer, ops = producer_gemm(layer.x, facts.constant)
     write = getattr(request.speed, "write_ms", None)
-    if producer is None or write is None:
+    problem = _write_problem(layer, facts) if write is not None else None
+    return None if problem is None else write(*problem, request.gelu == "tanh")
+
+
+def _write_problem(layer: Layer, facts: Facts) -> Optional[Tuple[Tuple[Any, ...], Optional[str]]]:
+    """(producer, activation) of the float GEMM / convolution making ``layer``'s input, as
+    ``speed.write_ms`` takes them, or None (another kind of producer)."""
+    producer, ops = producer_gemm(layer.x, facts.constant)
+    if producer is None:
         return None
     activation = next((a for a in ops if a in ("relu", "gelu")), None)
     val = tensor_val(producer)
@@ -335,7 +362,7 @@ def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Opt
             frame = frame.all_input_nodes[0]
         b_transposed = b_val is not None and b_val.dim() == 2 and b_val.stride(0) == 1 and b_val.stride(1) != 1
         problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, tuple(shape(frame)))
-    return write(problem, activation, request.gelu == "tanh")
+    return problem, activation
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

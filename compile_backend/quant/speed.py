@@ -85,6 +85,29 @@ class LayerSpeed:
                 log.debug("compile_backend: probe %s not prepared: %s", key, exc)
         tuner_for(self.ctx).precompile([(self._tagged(t, PROBE_TAG), t.candidates) for t in self.built.values()])
 
+    def prepare_writes(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]]) -> None:
+        """As :meth:`prepare`, for producer write probes: ``writes`` = the arguments of
+        :meth:`write_ms` calls to come; both groups of each (with and without the quantize)
+        compile in one pool."""
+        from ..kernels.autotune import tuner_for
+
+        tunings = []
+        for producer, activation, tanh_unit in writes:
+            key = self._write_key(producer, activation, tanh_unit)
+            if key in self.seen or key in self.built:
+                continue
+            try:
+                self.built[key] = self._write_tunings(producer, activation, tanh_unit)
+            except Exception as exc:  # noqa: BLE001  (its own call says why, or times it)
+                log.debug("compile_backend: write probe %s not prepared: %s", key, exc)
+                continue
+            tunings += [(t.key, t.candidates) for t in self.built[key]]
+        tuner_for(self.ctx).precompile(tunings)
+
+    @staticmethod
+    def _write_key(producer, activation, tanh_unit) -> Tuple[Any, ...]:
+        return ("write", repr(producer), activation, tanh_unit)
+
     @staticmethod
     def _conv_key(x_shape, w_shape, stride, padding, dilation, groups, dtype, bias) -> Tuple[Any, ...]:
         geometry = (tuple(stride), tuple(padding), tuple(dilation), groups)
@@ -112,23 +135,29 @@ class LayerSpeed:
         ``Options.quant_gelu``). ``producer``: ("linear", m, n, k, dtype, bias, b_transposed,
         frame) or ("conv", x_shape, w_shape, geometry, dtype, bias) (:func:`write_groups`). The
         groups timed are the engine's own, so their timings serve its build. None: not measured."""
-        key = ("write", repr(producer), activation, tanh_unit)
+        key = self._write_key(producer, activation, tanh_unit)
         what = f"{producer[0]} producer {producer[1:3]}"
-        times = self._once(key, what, lambda: self._write(producer, activation, tanh_unit))
+        times = self._once(key, what, lambda: self._write(key, producer, activation, tanh_unit))
         return None if times is None else max(0.0, times[0] - times[1])
 
-    def _write(self, producer, activation, tanh_unit) -> Times:
+    def _write(self, key, producer, activation, tanh_unit) -> Times:
+        best = []
+        tunings = self.built.pop(key, None) or self._write_tunings(producer, activation, tanh_unit)
+        for tuning in tunings:
+            # no tag: the probe's group is the engine's own (see write_groups), so the engine
+            # finds these timings under its key and tunes the producer once, not twice
+            timed = self._timings(tuning)
+            best.append(min(timed.values()) if timed else None)
+        return None if None in best else (best[0], best[1])
+
+    def _write_tunings(self, producer, activation, tanh_unit) -> list:
+        """The tunings of the producer's group with its output quantized and without."""
         from ..kernels.conv import conv_candidates
         from ..kernels.gemm import gemm_candidates
 
         build = gemm_candidates if producer[0] == "linear" else conv_candidates
-        best = []
-        for group in write_groups(producer, activation, tanh_unit, self.precision, self.ctx.device):
-            # no tag: the probe's group is the engine's own (see write_groups), so the engine
-            # finds these timings under its key and tunes the producer once, not twice
-            timed = self._timings(build(group, self.ctx))
-            best.append(min(timed.values()) if timed else None)
-        return None if None in best else (best[0], best[1])
+        return [build(group, self.ctx)
+                for group in write_groups(producer, activation, tanh_unit, self.precision, self.ctx.device)]
 
     def _timings(self, tuning, tag: Optional[str] = None) -> Dict[str, float]:
         """{candidate: ms} from the tuner, under the tuning's key, marked ``tag`` where the probe's

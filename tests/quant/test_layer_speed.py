@@ -199,6 +199,41 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
     assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"  # 1 + 5 < 10 us
 
 
+def test_the_write_probes_of_winning_layers_are_prepared_first(monkeypatch, tmp_path):
+    """Before the rules run, the write probe of each float producer feeding a layer whose 8-bit
+    kernel wins is handed to the measurement (``prepare_writes``: compiled in one pool), with the
+    arguments the rules then pass to ``write_ms``."""
+    events = []
+
+    class Speed:
+        def prepare(self, probes):
+            events.append("prepare")
+
+        def prepare_writes(self, writes):
+            events.append(("prepare_writes", list(writes)))
+
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.020, 0.010) if w_shape[2] == 3 else (0.001, 0.010)  # a: float; b: wins
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            events.append(("write_ms", [(producer, activation, tanh_unit)]))
+            return 0.001
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"
+    (_, prepared), (_, asked) = events[1], events[2]
+    assert events[0] == "prepare" and events[1][0] == "prepare_writes" and events[2][0] == "write_ms"
+    assert prepared == asked == [(("conv", (2, 3, 9, 11), (16, 3, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16,
+                                   True), "relu", True)], events
+
+
 def _recording_write_probe(monkeypatch) -> list:
     """Every layer's 8-bit kernel measured faster; the producers' write probes asked are recorded
     (producer, activation, tanh_unit) and cost nothing."""
@@ -346,7 +381,10 @@ def test_probes_run_their_code_path_on_the_cpu():
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
     assert not speed.built
+    speed.prepare_writes([(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu", True)])
+    assert len(speed.built) == 1  # both groups' tunings, taken by the call
     assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu") is None
+    assert not speed.built
     # a frame that is not the GEMM's output viewed (an op between broadcast it): no view, no error
     from compile_backend.quant.speed import write_groups
     groups = write_groups(("linear", 33, 48, 32, torch.float16, False, False, (2, 33, 48)), "relu", True, "int8",
