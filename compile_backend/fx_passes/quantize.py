@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +46,7 @@ from .rules import Facts, Rule, apply_rules, call, is_op, is_view, propagate_met
 from .smooth import as_factors, inverse_factors, scale_columns_steps
 
 aten = torch.ops.aten
+log = logging.getLogger("compile_backend")
 #: meta key of a frozen weight's get_attr node: the parameter's fully qualified name
 PARAM_NAME = "param_name"
 
@@ -197,7 +199,11 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     if ctx.training or ctx.quant is None:
         return {}
     if hasattr(ctx.quant.speed, "prepare"):
-        _prepare_probes(gm, ctx)
+        try:
+            _prepare_probes(gm, ctx)
+        except Exception as exc:  # noqa: BLE001  (only a speed-up: the rules then time the probes one by one)
+            log.warning("compile_backend: could not prepare the layer speed probes (%s: %s); timing them one by one",
+                        type(exc).__name__, exc)
     counts = apply_rules(gm, ctx, QUANT_RULES)
     ctx.quant.check_coverage()
     # after the quantize steps exist: activations only they read (every rule listed, as apply_rules does)

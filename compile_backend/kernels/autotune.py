@@ -266,8 +266,8 @@ class Tuner:
         key would compile (it times; not cached; not built already), all in one pool of
         ``workers`` threads (default: one a core, at most :data:`PRECOMPILE_WORKERS`), so a
         dozen problems of a dozen candidates keep every core busy; returns how many compiled."""
-        if not self.times:
-            return 0
+        if not self.times or self.budget is not None:
+            return 0  # a seconds budget tunes in heuristic order until spent: nothing compiled ahead
         todo = []
         for key, candidates in tunings:
             if self._cached_record(key) is not None:

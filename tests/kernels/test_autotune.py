@@ -377,3 +377,11 @@ def test_precompile_builds_every_problems_candidates_once_in_one_pool(tmp_path, 
     assert len(c.compiled) == 6  # choose compiled nothing more
     off = Tuner("fast")  # no timer (the CPU): nothing is timed, so nothing is precompiled
     assert off.precompile([(KEY, problems[KEY])]) == 0 and len(c.compiled) == 6
+
+
+def test_precompile_leaves_a_seconds_budget_alone():
+    """A seconds budget tunes in the heuristic order until spent; precompiling every candidate
+    ahead would spend what the budget is meant to bound."""
+    c = Counting()
+    tuner = Tuner(0.5, timer=WallClockTimer())
+    assert tuner.precompile([(KEY, [c.make("a", 0.0), c.make("b", 0.0)])]) == 0 and c.compiled == []

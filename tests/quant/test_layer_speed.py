@@ -234,6 +234,25 @@ def test_the_write_probes_of_winning_layers_are_prepared_first(monkeypatch, tmp_
                                    True), "relu", True)], events
 
 
+def test_a_failed_preparation_leaves_the_probes_to_the_rules(monkeypatch, tmp_path, caplog):
+    """``prepare`` is only a speed-up: when it raises, the rules time each probe as before."""
+    seen = []
+
+    class Speed:
+        def prepare(self, probes):
+            raise RuntimeError("no pool here")
+
+        def __call__(self, m, n, k, dtype, bias):
+            seen.append(n)
+            return (0.001, 0.010)
+
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
+    with caplog.at_level("WARNING", logger="compile_backend"):
+        status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
+    assert sorted(seen) == [40, 48] and all(s == "quantized" for s, _ in status.values())
+    assert "could not prepare the layer speed probes (RuntimeError: no pool here)" in caplog.text
+
+
 def _recording_write_probe(monkeypatch) -> list:
     """Every layer's 8-bit kernel measured faster; the producers' write probes asked are recorded
     (producer, activation, tanh_unit) and cost nothing."""
