@@ -111,6 +111,30 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
     raise ValueError(f"unknown peer {peer!r}; choose among {', '.join(ALL_PEERS)}")
 
 
+def compile_stages(report) -> Optional[Dict[str, Any]]:
+    """Where our engine's first call went, summed over its graphs (``GraphReport.stages``):
+    seconds in the passes (with the layer speed probes' own), in building the kernels (with the
+    tuner's), in the speed check; None for the other peers."""
+    if report is None:
+        return None
+    out: Dict[str, float] = {}
+
+    def add(name: str, value: Any) -> None:
+        out[name] = round(out.get(name, 0.0) + float(value or 0.0), 3)
+
+    for g in report.graphs:
+        add("compile_s", g.compile_s)
+        for stage in ("passes", "kernels", "speed_check"):
+            add(stage + "_s", g.stages.get(stage))
+        probes = g.stages.get("probes") or {}
+        add("probe_tuning_s", probes.get("seconds"))
+        add("probe_precompile_s", probes.get("precompile_seconds"))
+        add("probes_tuned", probes.get("tuned"))
+        add("kernel_tuning_s", g.tuning.get("seconds"))
+        add("kernels_tuned", g.tuning.get("tuned"))
+    return out
+
+
 def quant_summary(report) -> Optional[Dict[str, Any]]:
     """What our engine quantized, tuned and left alone (None for the other peers)."""
     if report is None:
@@ -173,6 +197,7 @@ def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str
             record.update(timed)
             record["accuracy"] = compare(snapshot(call()), ref, logits)
             record["quant"] = quant_summary(report)
+            record["compile_stages"] = compile_stages(report)
             if args.profile and args.device.startswith("cuda"):  # where an engine's time goes, kernel by kernel
                 from .kernel_profile import format_profile, profile_kernels
 

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -71,7 +72,7 @@ def compile_with_cache(store, aten_gm: fx.GraphModule, args: Sequence[Any], *, r
 
     def build_cold():
         timings = plans.PlanTimings()
-        front = run_front(aten_gm, args, role=role, frozen=frozen, options=options)
+        front = timed_front(aten_gm, args, role=role, frozen=frozen, options=options, report=report)
         try:  # before the later stages touch the graph
             files, tensors = post_pass.dump(front, aten_gm)
             cold["graph"] = "stored"
@@ -140,7 +141,7 @@ def compile_graph(
 ) -> Engine:
     device = graph_device(args)
     if front is None:
-        front = run_front(aten_gm, args, role=role, frozen=frozen, options=options)
+        front = timed_front(aten_gm, args, role=role, frozen=frozen, options=options, report=report)
     gm = front.gm
     report.passes, report.rules, report.quant = front.passes, front.rules, front.quant
     with _stage("partition"):
@@ -148,7 +149,7 @@ def compile_graph(
         graph, calls = fuse_groups(gm, groups)
     scope = scopes.open_scope(options.cache_dir, device) if triton_enabled(device) else None
     kctx = kernel_context(options, device, scope, timings, plan)
-    with scopes.triton_binaries(scope, triton_enabled(device)):
+    with scopes.triton_binaries(scope, triton_enabled(device)), _timed(report, "kernels"):
         fallbacks = build_kernels(graph, calls, gm, args, kctx, report)  # Triton / vendor / ATen
     if options.quant is not None:                               # quantizes left on their own, and why
         report.standalone_quantizes = standalone_quantizes(graph)
@@ -188,7 +189,27 @@ def run_front(aten_gm: fx.GraphModule, args: Sequence[Any], *, role: str, frozen
     if ctx.training:
         mark_fake_quant(gm)                                     # QAT's ops, for the report (kept when stored)
     quant = list(ctx.quant.records.values()) if ctx.quant is not None else []
-    return post_pass.PostPass(gm, constant_programs(gm), bound, eager_peak, counts.totals, counts.rules, quant)
+    return post_pass.PostPass(gm, constant_programs(gm), bound, eager_peak, counts.totals, counts.rules, quant,
+                              probes=ctx.stats.get("probes", {}))
+
+
+def timed_front(aten_gm: fx.GraphModule, args: Sequence[Any], *, role: str, frozen: Optional[Sequence[bool]],
+                options: Options, report: GraphReport) -> post_pass.PostPass:
+    """``run_front``, its seconds and its layer speed probes' counters in ``report.stages``."""
+    with _timed(report, "passes"):
+        front = run_front(aten_gm, args, role=role, frozen=frozen, options=options)
+    report.stages["probes"] = front.probes
+    return front
+
+
+@contextlib.contextmanager
+def _timed(report: GraphReport, stage: str):
+    """Seconds spent in the block, as ``report.stages[stage]`` (where a first call's time went)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.stages[stage] = round(time.perf_counter() - t0, 3)
 
 
 @contextlib.contextmanager
@@ -234,6 +255,7 @@ def layer_speed(ctx: fx_passes.PassContext, options: Options):
         yield scope
     finally:
         request.speed = None
+        ctx.stats["probes"] = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
 
 
 def kernel_context(options: Options, device: torch.device, scope, timings: Optional[plans.PlanTimings] = None,

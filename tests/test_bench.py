@@ -421,6 +421,9 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
     assert records[2]["quant"]["quantized"] == records[2]["quant"]["layers"] > 0
     assert records[2]["prepare_s"] > 0  # calibration timed apart from the compile
     assert records[0]["primed_s"] > 0  # the process's first compile paid before any peer
+    stages = records[2]["compile_stages"]  # where our INT8 engine's first call went
+    assert stages["compile_s"] > 0 and stages["passes_s"] > 0 and stages["kernels_s"] >= 0
+    assert stages["passes_s"] + stages["kernels_s"] <= stages["compile_s"] + 1e-3
 
     # issue #18's table and plot from that file, with a max-autotune record of benchmarks.suite's
     from benchmarks import quant_table

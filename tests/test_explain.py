@@ -155,3 +155,15 @@ def test_explain_shows_per_rule_counts_for_resnet50(aten_only):
     assert graph.passes["fold_batchnorm"] == 53
     assert "fold_batchnorm.conv_bn: 53" in str(report)
     assert report.to_dict()["graphs"][0]["rules"]["fold_batchnorm"]["conv_bn"] == 53
+
+
+def test_report_says_where_the_first_call_went(tmp_path):
+    """Each graph's report splits its first call's seconds into the passes and the kernels'
+    build (``GraphReport.stages``), and the text report says it on a ``compile:`` line."""
+    with torch.no_grad():
+        report = compile_backend.explain(Small().eval(), torch.randn(3, 5), cache_dir=str(tmp_path))
+    (g,) = report.graphs
+    assert {"passes", "kernels"} <= set(g.stages) and g.stages["probes"] == {}  # nothing quantized: no probes
+    assert 0 <= g.stages["passes"] + g.stages["kernels"] <= g.compile_s + 1e-3
+    line = next(line for line in str(report).splitlines() if line.startswith("compile: "))
+    assert line.startswith("compile: passes ") and "kernels " in line and "probes" not in line

@@ -43,6 +43,8 @@ class PostPass:
     passes: Dict[str, int]  # the report's lines: pass totals, per-rule counts, quantized layers
     rules: Dict[str, Dict[str, int]]
     quant: List[Dict[str, Any]]
+    # the quantize pass's layer speed probes, for the report (kernels.autotune.Tuner.stats); not stored
+    probes: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- writing

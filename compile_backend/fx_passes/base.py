@@ -32,6 +32,8 @@ class PassContext:
     precision: str = "fp32"
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     quant: Any = None  # fx_passes.quantize.QuantRequest when options ask for quantization
+    # what the passes measured, for the report (the layer speed probes' tuner counters: "probes")
+    stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 PassFn = Callable[[fx.GraphModule, PassContext], Union[int, Dict[str, int]]]

@@ -239,7 +239,8 @@ class Tuner:
         self.progress_after_s = progress_after_s  # tunings shorter than this print nothing
         self.settings = SETTINGS.get(self.level, SETTINGS["fast"])
         self.env = current_environment(self.device)
-        self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0}
+        self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
+                      "precompile_seconds": 0.0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -281,6 +282,7 @@ class Tuner:
         built = self._build_each(todo, workers)
         self._prebuilt.update({(key, c.name): r for (key, c), r in zip(todo, built)})
         took = time.monotonic() - t0
+        self.stats["precompile_seconds"] += took
         if took >= self.progress_after_s:
             self._say(f"compiled {len(todo)} candidates of {len({key for key, _ in todo})} problems "
                       f"in {took:.1f}s ({workers} threads)")

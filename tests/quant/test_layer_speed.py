@@ -377,6 +377,22 @@ def test_gpu_engine_reuses_the_producer_probes_tuning(monkeypatch, tmp_path):
     assert sum("aten.gelu" in k.extra for k in tuned) == 2, seen  # the probe's two; the engine's is a hit
 
 
+@pytest.mark.gpu
+def test_gpu_report_gives_the_probes_seconds(tmp_path):
+    """On CUDA an INT8 engine's report says what its layer speed probes took: how many were
+    timed, their seconds, and the seconds compiling their candidates ahead in one pool."""
+    model = TwoLinears().half().cuda().eval()
+    x = torch.randn(256, 32, device="cuda").half()
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), speed_check=False)
+    probes = report.graphs[0].stages["probes"]
+    # two layer probes, and a producer's write probe pair where an 8-bit layer won
+    assert probes["tuned"] in (2, 4) and probes["seconds"] > 0 and probes["precompile_seconds"] > 0, probes
+    assert "compile: passes " in str(report) and f"probes: {probes['tuned']} tuned in" in str(report)
+
+
 def test_the_quantize_estimate_is_zero_off_cuda():
     from compile_backend.kernels.base import KernelContext
     from compile_backend.quant.speed import LayerSpeed
