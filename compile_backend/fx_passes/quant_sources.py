@@ -101,29 +101,56 @@ def row_major_source(x: fx.Node) -> Optional[fx.Node]:
     return src if sv.shape[-1] == v.shape[-1] and sv.dtype == v.dtype else None
 
 
-def producer_gemm(x: fx.Node, constant) -> Tuple[Optional[fx.Node], Tuple[str, ...]]:
+def producer_gemm(x: fx.Node, constant) -> Tuple[Optional[fx.Node], Tuple[str, ...], Optional[Tuple[fx.Node, int]]]:
     """The float GEMM (``mm``/``addmm``) or convolution whose kernel computes ``x`` in its epilogue,
-    and the element-wise ops between (views aside): ``x`` followed back through views and
-    element-wise ops with one operand that is not a constant (``constant``: ``Facts.constant``).
-    (None, ()) when ``x`` comes from a norm, a pool, a graph input, an op of two activations (a
-    residual add: which GEMM's epilogue computes it is the partition's choice) or a GEMM already
-    quantized. Writing ``x`` in 8 bits makes that producer's kernel our template or the vendor's
-    plus a kernel of ours, instead of possibly cuBLAS/cuDNN with their own fused epilogue."""
+    the element-wise ops between (views aside), and the residual its epilogue adds with its
+    operand position in the add (None: none):
+    ``x`` followed back through views and element-wise ops with one operand that is not a
+    constant (``constant``: ``Facts.constant``), and through one residual ``add`` of two
+    activations where one is a GEMM / convolution's own output and the other is computed before
+    it: the partition grows the first anchor's epilogue over such an add (a ResNet block's
+    ``relu(conv3 + identity)``; with a downsample branch computed after conv3, its convolution
+    takes the add). (None, (), None) when ``x`` comes from a norm, a pool, a graph input, another
+    op of two activations or a GEMM already quantized. Writing ``x`` in 8 bits makes that
+    producer's kernel our template or the vendor's plus a kernel of ours, instead of possibly
+    cuBLAS/cuDNN with their own fused epilogue (ResNet-50's conv + add + ReLU in one cuDNN call)."""
     from .partition import classify  # (imports no kernel module)
 
-    node, ops = x, []
+    node, ops, residual = x, [], None
     for _ in range(32):
         if is_op(node, aten.mm, aten.addmm, aten.convolution):
-            return node, tuple(reversed(ops))
+            return node, tuple(reversed(ops)), residual
         if not isinstance(node, fx.Node) or node.op != "call_function" or classify(node) not in (None, "pointwise"):
-            return None, ()
+            return None, (), None
         live = [a for a in node.all_input_nodes if not constant(a)]
+        if len(live) == 2 and residual is None and is_op(node, aten.add) and len(node.args) == 2 \
+                and shape(live[0]) == shape(live[1]) == shape(node):
+            anchor = _residual_anchor(live)
+            if anchor is None:
+                return None, (), None
+            ops.append("add")
+            other = live[1] if anchor is live[0] else live[0]
+            residual = (other, list(node.args).index(other))
+            node = anchor
+            continue
         if len(live) != 1:
-            return None, ()
+            return None, (), None
         if not is_view(node):
             ops.append(str(node.target.overloadpacket.__name__) if hasattr(node.target, "overloadpacket") else op_label(node))
         node = live[0]
-    return None, ()
+    return None, (), None
+
+
+def _residual_anchor(operands) -> Optional[fx.Node]:
+    """Of a residual add's two operands, the GEMM / convolution output whose epilogue the
+    partition gives the add: the first in graph order whose partner is computed before it."""
+    order = {n: i for i, n in enumerate(operands[0].graph.nodes)}
+    anchors = [a for a in operands if is_op(a, aten.mm, aten.addmm, aten.convolution)]
+    for a in sorted(anchors, key=order.__getitem__):
+        other = operands[1] if a is operands[0] else operands[0]
+        if order[other] < order[a]:
+            return a
+    return None
 
 
 def numel(dims) -> int:

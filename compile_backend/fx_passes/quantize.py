@@ -346,17 +346,21 @@ def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Opt
 def _write_problem(layer: Layer, facts: Facts) -> Optional[Tuple[Tuple[Any, ...], Optional[str]]]:
     """(producer, activation) of the float GEMM / convolution making ``layer``'s input, as
     ``speed.write_ms`` takes them, or None (another kind of producer)."""
-    producer, ops = producer_gemm(layer.x, facts.constant)
+    producer, ops, residual = producer_gemm(layer.x, facts.constant)
     if producer is None:
         return None
     activation = next((a for a in ops if a in ("relu", "gelu")), None)
+    if activation is not None and residual is not None and ops.index(activation) < ops.index("add"):
+        return None  # act(conv) + residual: not a form the probe traces (the estimate applies)
     val = tensor_val(producer)
     if is_op(producer, aten.convolution):
         x, w, bias, stride, padding, dilation, transposed, _, groups = producer.args
         if transposed or len(shape(x)) != 4:
             return None
         problem = ("conv", tuple(shape(x)), tuple(shape(w)), (list(stride), list(padding), list(dilation), groups),
-                   val.dtype, bias is not None)
+                   val.dtype, bias is not None) + ((residual[1],) if residual is not None else ())
+    elif residual is not None:
+        return None  # a GEMM's residual epilogue: not a form the probe traces (the estimate applies)
     else:
         a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
         (m, k), n = shape(a), shape(b)[1]

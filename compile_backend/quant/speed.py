@@ -239,7 +239,9 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
     activation runs in, canonical node names. So the engine's own group has the same tuning key,
     and reuses the probe's timings (INT8 BERT's FFN1 was tuned three times: session 19's notes).
     ``producer``: ("linear", m, n, k, dtype, bias, b_transposed, frame) or ("conv", x_shape,
-    w_shape, geometry, dtype, bias) (``LayerSpeed.write_ms``)."""
+    w_shape, geometry, dtype, bias[, p: a residual of the output's shape added before the
+    activation as the add's operand p (0 or 1), the engine's conv + add + ReLU group])
+    (``LayerSpeed.write_ms``)."""
     from ..fx_passes import PassContext
     from ..fx_passes.quant_math import approximate_before_quantize
     from ..kernels.base import canonical_names
@@ -263,15 +265,23 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
             return y.view(frame) if framed else y
         kind, anchor = "gemm", "mm"
     else:
-        _, x_shape, w_shape, geometry, dtype, bias = producer
+        _, x_shape, w_shape, geometry, dtype, bias, *residual = producer
         cl = torch.channels_last
         inputs = (torch.randn(x_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl),
                   torch.randn(w_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl))
         inputs += (torch.randn(w_shape[0], device=device, generator=gen).to(dtype),) if bias else ()
         stride, padding, dilation, groups = geometry
+        if residual:  # of the convolution's output shape (computed on meta tensors)
+            out = torch.nn.functional.conv2d(torch.empty(x_shape, device="meta"), torch.empty(w_shape, device="meta"),
+                                             None, stride, padding, dilation, groups).shape
+            inputs += (torch.randn(out, device=device, generator=gen).to(dtype).contiguous(memory_format=cl),)
 
-        def layer(x, w, b=None):
-            return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+        def layer(x, w, *rest):
+            b = rest[0] if bias else None
+            y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+            if not residual:
+                return y
+            return rest[-1] + y if residual[0] == 0 else y + rest[-1]  # the model's operand order
         kind, anchor = "conv", "convolution"
     quantized = lambda *args: quant_ref.quantize_steps(  # noqa: E731
         quant_ref.eager, act(layer(*args[:-1])), dtype, args[-1], precision)

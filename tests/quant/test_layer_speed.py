@@ -253,6 +253,68 @@ def test_a_failed_preparation_leaves_the_probes_to_the_rules(monkeypatch, tmp_pa
     assert "could not prepare the layer speed probes (RuntimeError: no pool here)" in caplog.text
 
 
+class ResidualBlock(torch.nn.Module):
+    """``c(relu(b(relu(a(x))) + r))``, r = x or a downsample convolution of x computed after b
+    (torchvision's Bottleneck order)."""
+
+    def __init__(self, downsample: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        out = 16 if downsample else 8
+        self.a, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, out, 1)
+        self.ds = torch.nn.Conv2d(8, out, 1) if downsample else None
+        self.c = torch.nn.Conv2d(out, 4, 1)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return self.c(torch.relu(y + (self.ds(x) if self.ds is not None else x)))
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_a_residual_blocks_write_cost_is_measured_on_its_conv_add_relu(downsample, monkeypatch, tmp_path):
+    """A layer reading a residual block's ``relu(conv + r)``: what writing it in 8 bits costs is
+    measured on the convolution whose group the partition gives the add (b's with an identity, the
+    downsample's when it comes after b), with the residual among its inputs (the engine's conv +
+    add + ReLU group: ResNet-50 INT8 quantized two 2048 -> 512 layers that won 1 us each on an
+    estimated write cost and ran 16 us slower than FP16, session 20)."""
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.001, 0.010) if w_shape[0] == 4 else (0.020, 0.010)  # only c wins
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation))
+            return 0.050  # the fused conv + add + ReLU lost: c stays float
+
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = _quant_status(monkeypatch, tmp_path, ResidualBlock(downsample).half().eval(), x, Speed())
+    out = 16 if downsample else 8
+    at = 0 if downsample else 1  # b's output + r: the residual is the add's first operand for the downsample's group
+    assert asked == [(("conv", (2, 8, 9, 11), (out, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, at),
+                      "relu")], asked
+    assert status["c.weight"][0] == "float" and "measured: its producer's kernel" in status["c.weight"][1]
+
+
+def test_the_residual_write_probe_is_the_engines_conv_add_relu_group():
+    """The probe's groups for a residual producer: conv, add, ReLU (and the quantize), with the
+    residual of the output's shape after x, w and the bias, as the engine's group reads them."""
+    from compile_backend.quant.speed import write_groups
+
+    producer = ("conv", (2, 8, 7, 9), (16, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, 1)
+    quantized, plain = write_groups(producer, "relu", True, "int8", torch.device("cpu"))
+    shapes = [tuple(n.meta["val"].shape) for n in plain.gm.graph.nodes if n.op == "placeholder"]
+    assert shapes == [(2, 8, 7, 9), (16, 8, 1, 1), (16,), (2, 16, 7, 9)]
+    assert plain.ops == ("aten.convolution", "aten.add", "aten.relu")
+    assert quantized.ops[:3] == plain.ops and "aten.round" in quantized.ops
+
+
 def _recording_write_probe(monkeypatch) -> list:
     """Every layer's 8-bit kernel measured faster; the producers' write probes asked are recorded
     (producer, activation, tanh_unit) and cost nothing."""
@@ -346,6 +408,36 @@ def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch
     engine = conv_candidates(producer_group, ctx).key
     assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
     assert probe.strides[:2] == ((297, 1, 33, 3), (27, 1, 9, 3))  # NHWC x and weight
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_the_residual_probe_is_the_engines_conv_add_relu_group(downsample, monkeypatch, tmp_path, engines):
+    """A residual block's producer probe has the engine's conv + add + ReLU group's key but for
+    the channels-last strides (the layout pass's, on CUDA only)."""
+    import dataclasses
+
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.conv import conv_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = _recording_write_probe(monkeypatch)
+    model = ResidualBlock(downsample).half().eval()
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(4)).half()
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=("a", "b", "ds")),
+                            progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
+                                                                  "autotune": "off"})
+    with torch.no_grad():
+        fn(x)
+    ((producer, activation, tanh_unit),) = asked
+    # the downsample's group: b's output + its result; b's: its result + x
+    assert producer[-1] == (0 if downsample else 1) and activation == "relu"
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    (producer_group,) = [c.group for e in engines for c in e.calls
+                         if getattr(c, "group", None) is not None and "aten.add" in c.group.ops]
+    probe = conv_candidates(write_groups(producer, activation, tanh_unit, "int8", torch.device("cpu"))[0], ctx).key
+    engine = conv_candidates(producer_group, ctx).key
+    assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
 
 
 @pytest.mark.gpu
