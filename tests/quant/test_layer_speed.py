@@ -383,18 +383,16 @@ def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp
     assert "aten.gelu" in without.ops and len(without.ops) < len(with_quantize.ops)
 
 
-def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch, tmp_path, engines):
-    """A convolution producer's probe: the engine's group (input order, ops, names) with its
-    activations channels-last, as the layout pass makes them on CUDA (on the CPU it does not)."""
-    import dataclasses
-
+def _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, model, x, exclude, engine_op: str):
+    """(the write probe's asked producer, the probe group's tuning key, the engine's producer
+    group's key) for ``model`` compiled INT8 with ``exclude`` float; the engine's group is the
+    one whose ops include ``engine_op``."""
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.conv import conv_candidates
     from compile_backend.quant.speed import write_groups
 
     asked = _recording_write_probe(monkeypatch)
-    model, x = TwoConvs().half().eval(), torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(4)).half()
-    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=("a",)),
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=exclude),
                             progress=False, use_cache=False)
     fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
                                                                   "autotune": "off"})
@@ -403,9 +401,19 @@ def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch
     ((producer, activation, tanh_unit),) = asked
     ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
     (producer_group,) = [c.group for e in engines for c in e.calls
-                         if getattr(c, "group", None) is not None and "aten.relu" in c.group.ops]
+                         if getattr(c, "group", None) is not None and engine_op in c.group.ops]
     probe = conv_candidates(write_groups(producer, activation, tanh_unit, "int8", torch.device("cpu"))[0], ctx).key
-    engine = conv_candidates(producer_group, ctx).key
+    return (producer, activation), probe, conv_candidates(producer_group, ctx).key
+
+
+def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch, tmp_path, engines):
+    """A convolution producer's probe: the engine's group (input order, ops, names) with its
+    activations channels-last, as the layout pass makes them on CUDA (on the CPU it does not)."""
+    import dataclasses
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(4)).half()
+    _, probe, engine = _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, TwoConvs().half().eval(), x,
+                                                   ("a",), "aten.relu")
     assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
     assert probe.strides[:2] == ((297, 1, 33, 3), (27, 1, 9, 3))  # NHWC x and weight
 
@@ -416,27 +424,11 @@ def test_the_residual_probe_is_the_engines_conv_add_relu_group(downsample, monke
     the channels-last strides (the layout pass's, on CUDA only)."""
     import dataclasses
 
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.conv import conv_candidates
-    from compile_backend.quant.speed import write_groups
-
-    asked = _recording_write_probe(monkeypatch)
-    model = ResidualBlock(downsample).half().eval()
     x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(4)).half()
-    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=("a", "b", "ds")),
-                            progress=False, use_cache=False)
-    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
-                                                                  "autotune": "off"})
-    with torch.no_grad():
-        fn(x)
-    ((producer, activation, tanh_unit),) = asked
+    (producer, activation), probe, engine = _conv_probe_and_engine_keys(
+        monkeypatch, tmp_path, engines, ResidualBlock(downsample).half().eval(), x, ("a", "b", "ds"), "aten.add")
     # the downsample's group: b's output + its result; b's: its result + x
     assert producer[-1] == (0 if downsample else 1) and activation == "relu"
-    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    (producer_group,) = [c.group for e in engines for c in e.calls
-                         if getattr(c, "group", None) is not None and "aten.add" in c.group.ops]
-    probe = conv_candidates(write_groups(producer, activation, tanh_unit, "int8", torch.device("cpu"))[0], ctx).key
-    engine = conv_candidates(producer_group, ctx).key
     assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
 
 
