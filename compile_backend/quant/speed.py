@@ -76,6 +76,7 @@ class LayerSpeed:
         from ..kernels.autotune import tuner_for
 
         keys = [("linear",) + tuple(args) if kind == "linear" else self._conv_key(*args) for kind, args in probes]
+        tunings = []
         for key in dict.fromkeys(keys):
             if key in self.seen or key in self.built:
                 continue
@@ -83,7 +84,9 @@ class LayerSpeed:
                 self.built[key] = self._tuning(key)
             except Exception as exc:  # noqa: BLE001  (its own call says why, or times it)
                 log.debug("compile_backend: probe %s not prepared: %s", key, exc)
-        tuner_for(self.ctx).precompile([(self._tagged(t, PROBE_TAG), t.candidates) for t in self.built.values()])
+                continue
+            tunings.append((self._tagged(self.built[key], PROBE_TAG), self.built[key].candidates))
+        tuner_for(self.ctx).precompile(tunings)
 
     def prepare_writes(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]]) -> None:
         """As :meth:`prepare`, for producer write probes: ``writes`` = the arguments of
@@ -133,7 +136,7 @@ class LayerSpeed:
         vendor's plus a kernel of ours), on the producer's shapes with its bias and ``activation``
         ("relu", "gelu" or None; ``tanh_unit``: a GELU before the quantize takes its tanh form,
         ``Options.quant_gelu``). ``producer``: ("linear", m, n, k, dtype, bias, b_transposed,
-        frame) or ("conv", x_shape, w_shape, geometry, dtype, bias) (:func:`write_groups`). The
+        frame) or ("conv", x_shape, w_shape, geometry, dtype, bias[, residual operand]) (:func:`write_groups`). The
         groups timed are the engine's own, so their timings serve its build. None: not measured."""
         key = self._write_key(producer, activation, tanh_unit)
         what = f"{producer[0]} producer {producer[1:3]}"

@@ -502,8 +502,10 @@ def test_probes_run_their_code_path_on_the_cpu():
     assert not speed.built
     speed.prepare_writes([(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu", True)])
     assert len(speed.built) == 1  # both groups' tunings, taken by the call
+    speed.prepare([("linear", (17, 48, 32, torch.float16, False))])  # beside a prepared write probe
+    assert len(speed.built) == 2
     assert speed.write_ms(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu") is None
-    assert not speed.built
+    assert speed(17, 48, 32, torch.float16, False) is None and not speed.built
     # a frame that is not the GEMM's output viewed (an op between broadcast it): no view, no error
     from compile_backend.quant.speed import write_groups
     groups = write_groups(("linear", 33, 48, 32, torch.float16, False, False, (2, 33, 48)), "relu", True, "int8",
