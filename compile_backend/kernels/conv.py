@@ -153,7 +153,8 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
         anchor_loads.append(tpl.LoadPlan(problem.bias, tuple(problem.out_val.shape), pre_view=(1, problem.oc, 1, 1)))
     plan = tpl.plan_epilogue(group, problem.anchor, "acc_v", anchor_loads)
     build = _ConvBuild(group, problem, plan, _render_sources(problem, plan, ctx), Probe(group, ctx.device))
-    fused = _cudnn_fused_candidate(group, problem.anchor, build.probe, problem.geometry)
+    fused = [c for c in (_cudnn_fused_candidate(group, problem.anchor, build.probe, problem.geometry),
+                         _cublas_rows_candidate(group, problem, build.probe)) if c is not None]
     if configs is None:
         configs = _template_configs(problem, ctx)
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
@@ -303,10 +304,11 @@ class _ConvBuild:
 
         return Candidate(f"triton {cfg.name}", {"impl": "triton", **cfg.as_dict()}, compile_, "triton")
 
-    def vendor_candidates(self, fused: Optional[Candidate]) -> List[Candidate]:
+    def vendor_candidates(self, fused: Sequence[Candidate]) -> List[Candidate]:
         """cuDNN first: untuned, it beat the template on 21 of 23 ResNet-50 shapes (run 1); its
-        epilogue as one Triton kernel, or (timed too) as the group's own ATen ops."""
-        vendors = [self.cudnn_candidate()] + ([fused] if fused is not None else [])
+        epilogue as one Triton kernel, the vendors' fused kernels (``fused``), or (timed too) the
+        group's own ATen ops."""
+        vendors = [self.cudnn_candidate()] + list(fused)
         if not anchor_only(self.plan):
             vendors.append(aten_epilogue_candidate("cudnn", self.group, self.probe))
         return vendors
@@ -405,6 +407,43 @@ def _cudnn_fused_candidate(group: KernelGroup, anchor, probe, geometry) -> Optio
     name = "cudnn fused conv+bias+relu" if residual is None else "cudnn fused conv+bias+add+relu"
     return Candidate(name, {"impl": "cudnn", "fused": "add_relu" if residual is not None else "relu"},
                      compile_, "cudnn")
+
+
+def _cublas_rows_candidate(group: KernelGroup, p: ConvProblem, probe) -> Optional[Candidate]:
+    """A pointwise convolution with its bias and nothing after it (1x1, stride 1, no padding,
+    one group, 16-bit): ``addmm(bias, x, w^T)`` over its channels-last rows, cuBLAS adding the
+    bias in its own epilogue. cuDNN has no convolution + bias without a ReLU, so such a layer ran
+    as our template or cuDNN plus a bias pass: ResNet-50's first conv3 of a stage (its residual add
+    taken by the downsample's group), 64 -> 256 at 56x56, b32: our template 54.0 us where the bare
+    convolution takes 28.0 (H100, session 20); MobileNet's linear bottlenecks are the same layer.
+    None for any other group."""
+    calls = [n for n in group.gm.graph.nodes if n.op == "call_function"]
+    if calls != [p.anchor] or list(group.outputs) != [p.anchor] or p.bias is None:
+        return None
+    if (p.kh, p.kw) != (1, 1) or tuple(p.stride) != (1, 1) or tuple(p.padding) != (0, 0) or p.groups != 1 \
+            or p.out_val.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    places = {n: i for i, n in enumerate(group.placeholders)}
+    if not all(n in places for n in (p.x, p.w, p.bias)):
+        return None
+    ix, iw, ib = places[p.x], places[p.w], places[p.bias]
+    nb, oc, oh, ow = p.out_val.shape
+    want = tuple(p.out_val.stride())
+
+    def compile_():
+        def run(*inputs, out=None):
+            x = inputs[ix]
+            rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view of channels-last x
+            y = torch.addmm(inputs[ib], rows, inputs[iw].reshape(oc, -1).t())
+            return (y.view(nb, oh, ow, oc).permute(0, 3, 1, 2),)
+
+        if probe.device.type == "cuda":
+            (y,) = run(*probe.first())
+            if tuple(y.stride()) != want:  # the engine plans the group's output layout
+                raise Unsupported(f"cuBLAS rows wrote strides {tuple(y.stride())}, not {want}")
+        return run
+
+    return Candidate("cublas rows conv+bias", {"impl": "cublas", "rows": True}, compile_, "cublas")
 
 
 def _pair(v: Any) -> Tuple[int, int]:

@@ -151,6 +151,30 @@ def test_cudnn_fused_candidate_only_for_its_exact_chain():
     assert fused_names(lambda x, w, b: F.relu(F.conv2d(x.transpose(2, 3), w, b, 1, 1)), x, w, b) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cublas_rows_candidate_for_a_pointwise_conv_with_its_bias(dtype):
+    """A 1x1 convolution with its bias and nothing else (cuDNN has no conv + bias kernel without
+    a ReLU): cuBLAS's addmm over the channels-last rows, the bias in its epilogue, equal to the
+    reference; not offered for another geometry, a longer chain, no bias or fp32."""
+    x = randn(2, 8, 7, 9, dtype=dtype, seed=31).contiguous(memory_format=CL)
+    w, b = randn(12, 8, 1, 1, dtype=dtype, seed=32), randn(12, dtype=dtype, seed=33)
+
+    def rows(fn, *inputs):
+        tuning = conv_candidates(conv_group(fn, *inputs), context(), vendor=True)
+        return [c for c in tuning.candidates if c.name == "cublas rows conv+bias"]
+
+    group = conv_group(lambda x, w, b: F.conv2d(x, w, b), x, w, b)
+    (cand,) = [c for c in conv_candidates(group, context(), vendor=True).candidates if c.name == "cublas rows conv+bias"]
+    assert cand.impl == "cublas"
+    check_group(cand.compile()(x, w, b), group, [x, w, b], dtype)
+    w3 = randn(12, 8, 3, 3, dtype=dtype, seed=34)
+    assert rows(lambda x, w, b: F.conv2d(x, w, b, 1, 1), x, w3, b) == []  # 3x3
+    assert rows(lambda x, w, b: F.conv2d(x, w, b, 2), x, w, b) == []  # stride 2
+    assert rows(lambda x, w, b: F.relu(F.conv2d(x, w, b)), x, w, b) == []  # cuDNN's fused conv + bias + ReLU
+    assert rows(lambda x, w: F.conv2d(x, w), x, w) == []  # no bias: the bare convolution is cuDNN's
+    assert rows(lambda x, w, b: F.conv2d(x, w, b), x.float(), w.float(), b.float()) == []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chain", ["bias_relu", "bias_add_relu"])
@@ -170,6 +194,21 @@ def test_gpu_cudnn_fused_candidate(chain, dtype):
     fused = [c for c in tuning.candidates if c.name.startswith("cudnn fused")]
     assert len(fused) == 1
     check_group(fused[0].compile()(x, w, b, r), group, [x, w, b, r], dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_cublas_rows_candidate(dtype):
+    """cuBLAS's addmm over a 1x1 convolution's channels-last rows on the GPU: the group's ATen
+    reference, in the channels-last output layout the engine planned (checked on its probe run)."""
+    dev = "cuda"
+    x = randn(4, 64, 28, 28, dtype=dtype, seed=35).to(dev).contiguous(memory_format=CL)
+    w = randn(256, 64, 1, 1, dtype=dtype, seed=36).to(dev).contiguous(memory_format=CL)
+    b = randn(256, dtype=dtype, seed=37).to(dev)
+    group = conv_group(lambda x, w, b: F.conv2d(x, w, b), x, w, b)
+    ctx = KernelContext(options=Options(), device=torch.device(dev), interpret=False)
+    (cand,) = [c for c in conv_candidates(group, ctx, vendor=True).candidates if c.name == "cublas rows conv+bias"]
+    check_group(cand.compile()(x, w, b), group, [x, w, b], dtype)
 
 
 def test_unsupported():
