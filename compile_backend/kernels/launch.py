@@ -172,10 +172,15 @@ def forget_loaded() -> int:
     with _LOCK:
         count = len(_MODULES)
         while _MODULES:
-            _, old = _MODULES.popitem(last=False)
-            sys.modules.pop(old.__name__, None)
-            linecache.cache.pop(f"<compile_backend generated k_{old.__name__.rsplit('_', 1)[-1]}>", None)
+            _forget_oldest()
         return count
+
+
+def _forget_oldest() -> None:
+    """Drop the least recently used module with its sys.modules and linecache entries (under _LOCK)."""
+    _, old = _MODULES.popitem(last=False)
+    sys.modules.pop(old.__name__, None)
+    linecache.cache.pop(f"<compile_backend generated k_{old.__name__.rsplit('_', 1)[-1]}>", None)
 
 
 def load_source(source: str) -> ModuleType:
@@ -204,9 +209,7 @@ def load_source(source: str) -> ModuleType:
         _MODULES[source] = mod
         _stats["compiled"] += 1
         while len(_MODULES) > MAX_MODULES:
-            _, old = _MODULES.popitem(last=False)
-            sys.modules.pop(old.__name__, None)
-            linecache.cache.pop(f"<compile_backend generated k_{old.__name__.rsplit('_', 1)[-1]}>", None)
+            _forget_oldest()
         return mod
 
 
