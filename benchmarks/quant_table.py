@@ -90,7 +90,7 @@ def verdicts(records: Sequence[dict]) -> List[dict]:
                 row["target"] = target
                 row["meets_target"] = None if target is None else row["ratio"] <= target
                 row["not_slower_than_ours_fp16"] = None if row["vs_ours_fp16"] is None else row["vs_ours_fp16"] <= 1.0
-                twin = TORCHAO_TWIN.get(backend)
+                twin = TORCHAO_TWIN.get(backend.removesuffix("-fast"))  # the accumulation is not the mode
                 if twin and (case, twin) in chosen:
                     row["vs_torchao"] = r["median_ms"] / chosen[(case, twin)]["median_ms"]
             rows.append(row)

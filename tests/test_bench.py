@@ -443,6 +443,19 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
     assert png.stat().st_size > 1000
 
 
+def test_quant_table_compares_each_dynamic_engine_with_torchaos():
+    """Our dynamic engines face torchao's of the same precision, whatever their FP8 accumulation
+    (``cb-fp8-dynamic-fast`` against ``torchao-fp8-dyn``: the column was empty in session 21)."""
+    from benchmarks import quant_table
+
+    def rec(backend, ms):
+        return {"case": "mlp:8", "model": "mlp", "batch": 8, "backend": backend, "median_ms": ms}
+    rows = quant_table.verdicts([rec("compile_backend", 1.0), rec("cb-fp8-dynamic-fast", 0.6),
+                                 rec("cb-int8-dynamic", 0.8), rec("torchao-fp8-dyn", 0.75), rec("torchao-int8-dyn", 1.6)])
+    vs = {r["backend"]: r.get("vs_torchao") for r in rows if r["backend"].startswith("cb-")}
+    assert vs == {"cb-fp8-dynamic-fast": pytest.approx(0.8), "cb-int8-dynamic": pytest.approx(0.5)}
+
+
 def test_qat_step_bench_cpu_times_steps_and_checks_float_gradients(tmp_path, monkeypatch):
     """One QAT training step beside the float steps (tiny MLP on the CPU): each peer timed, the
     QAT step's ratio to Inductor's float step recorded, our float step's gradients against

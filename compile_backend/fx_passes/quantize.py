@@ -40,9 +40,10 @@ from ..errors import UserError
 from ..kernels import quant_ref
 from .base import PassContext
 from .quant_math import QUANT_MATH_RULES, approximate_before_quantize
-from .quant_sources import (STANDALONE_WHY, attention_chain, numel, producer_gemm, quantize_attention_output,
+from .quant_probes import prepare_probes, slower_than_float
+from .quant_sources import (STANDALONE_WHY, attention_chain, numel, quantize_attention_output,
                             row_major_source)
-from .rules import Facts, Rule, apply_rules, call, is_op, is_view, propagate_meta, shape, tensor_val
+from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
 from .smooth import as_factors, inverse_factors, scale_columns_steps
 
 aten = torch.ops.aten
@@ -200,7 +201,11 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
         return {}
     if hasattr(ctx.quant.speed, "prepare"):
         try:
-            _prepare_probes(gm, ctx)
+            facts = Facts(gm, ctx)
+            layers = [layer for node in gm.graph.nodes if node.op == "call_function"
+                      for layer in [find_layer(node, facts)]
+                      if layer is not None and _config_reason(layer, ctx.quant) is None]
+            prepare_probes(layers, ctx.quant, facts)
         except Exception as exc:  # noqa: BLE001  (only a speed-up: the rules then time the probes one by one)
             log.warning("compile_backend: could not prepare the layer speed probes (%s: %s); timing them one by one",
                         type(exc).__name__, exc)
@@ -210,30 +215,6 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     counts.update(approximate_before_quantize(gm, ctx) if ctx.quant.gelu == "tanh"
                   else {rule.name: 0 for rule in QUANT_MATH_RULES})
     return counts
-
-
-def _prepare_probes(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """Hand the measurement every probe the rules will ask for before they ask for any, so their
-    candidates compile in one pool (``LayerSpeed.prepare``): the layers' own, then the write
-    probes of the float producers feeding the layers whose 8-bit kernel wins (what
-    ``_slower_than_float`` measures next; a producer the rules quantize first is never asked
-    for: its compile is wasted, in the pool)."""
-    request, facts = ctx.quant, Facts(gm, ctx)
-    layers = [layer for node in gm.graph.nodes if node.op == "call_function"
-              for layer in [find_layer(node, facts)] if layer is not None and _config_reason(layer, request) is None]
-    probes = [(layer, probe) for layer in layers for probe in [_speed_probe(layer)] if probe is not None]
-    request.speed.prepare([probe[:2] for _, probe in probes])
-    prepare_writes = getattr(request.speed, "prepare_writes", None)
-    if request.dynamic or prepare_writes is None:
-        return
-    writes = []
-    for layer, (method, args, _) in probes:
-        measure = request.speed if method == "linear" else getattr(request.speed, "conv", None)
-        times = measure(*args) if measure is not None else None
-        problem = _write_problem(layer, facts) if times is not None and times[0] < times[1] else None
-        if problem is not None:
-            writes.append(problem + (request.gelu == "tanh",))
-    prepare_writes(writes)
 
 
 def _match(kind: str):
@@ -251,7 +232,7 @@ def _match(kind: str):
         if reason is not None:
             record.update(status="float", reason=reason)
             return None
-        slower = _slower_than_float(layer, request, facts)
+        slower = slower_than_float(layer, request, facts)
         if slower is not None:
             record.update(status="float", reason=slower)
             return None
@@ -284,95 +265,6 @@ def _config_reason(layer: Layer, request: QuantRequest) -> Optional[str]:
     if reason is None and needs_record and request.amax(layer.name) is None:
         return UNCALIBRATED
     return reason
-
-
-def _speed_probe(layer: Layer) -> Optional[Tuple[str, Tuple[Any, ...], str]]:
-    """(method, arguments, what) of the ``request.speed`` probe that times ``layer`` (method
-    "linear": ``speed(*arguments)``, "conv": ``speed.conv(*arguments)``), or None: not measured
-    (fp32 layers, where 8 bits always pay; transposed or non-2-D convolutions)."""
-    x = tensor_val(layer.x)
-    if x is None or not x.is_floating_point() or x.dtype == torch.float32:
-        return None
-    if layer.kind == "linear":
-        m = x.numel() // max(layer.k, 1)
-        return "linear", (m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm)), \
-            f"GEMM took {{q}} at {m}x{layer.n}x{layer.k}"
-    _, w, bias, stride, padding, dilation, transposed, _, groups = layer.node.args
-    if transposed or x.dim() != 4:
-        return None
-    return "conv", (tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype, bias is not None), \
-        f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
-
-
-def _slower_than_float(layer: Layer, request: QuantRequest, facts: Facts) -> Optional[str]:
-    """Why a layer stays float: its 8-bit GEMM or convolution measured, plus what writing its
-    input in 8 bits costs where that input is made, no faster than its float one at its shape
-    (``request.speed``), else None. That cost is measured when a float GEMM / convolution makes
-    the input (``speed.write_ms``: the producer may lose cuBLAS/cuDNN's fused epilogue: ResNet-50's
-    1x1 convolutions went from 12.5 to 17.8 us to feed FP8 3x3 ones that won 1.4 us, H100 session
-    15), else estimated (``speed.quantize_ms``: a norm or element-wise kernel of ours writes it, or
-    one row reduction per layer for dynamic scales)."""
-    probe = _speed_probe(layer) if request.speed is not None else None
-    if probe is None or (probe[0] == "conv" and not hasattr(request.speed, "conv")):
-        return None
-    method, args, what = probe
-    times = (request.speed if method == "linear" else request.speed.conv)(*args)
-    if times is None:
-        return None
-    x = tensor_val(layer.x)
-    # measured only where the 8-bit kernel wins on its own (each measurement tunes the producer twice)
-    written = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] else None
-    estimate = getattr(request.speed, "quantize_ms", None)
-    extra = written if written is not None else (estimate(x.numel()) if estimate is not None else 0.0)
-    if times[0] + extra < times[1]:
-        return None
-    q_ms, f_ms = times
-    how = "measured: its producer's kernel" if written is not None else "estimated"
-    plus = f" + {extra * 1e3:.1f} us ({how}) to write its input in {request.precision}" if extra else ""
-    return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
-            + what.format(q=f"{q_ms * 1e3:.1f} us{plus} against {f_ms * 1e3:.1f} us")
-            + " (quant_layers='all' quantizes it)")
-
-
-def _producer_write_ms(layer: Layer, request: QuantRequest, facts: Facts) -> Optional[float]:
-    """``speed.write_ms`` for the float GEMM / convolution whose epilogue would write the layer's
-    input (static scales: the quantize joins that epilogue), or None (another producer, or not
-    measured)."""
-    write = getattr(request.speed, "write_ms", None)
-    problem = _write_problem(layer, facts) if write is not None else None
-    return None if problem is None else write(*problem, request.gelu == "tanh")
-
-
-def _write_problem(layer: Layer, facts: Facts) -> Optional[Tuple[Tuple[Any, ...], Optional[str]]]:
-    """(producer, activation) of the float GEMM / convolution making ``layer``'s input, as
-    ``speed.write_ms`` takes them, or None (another kind of producer)."""
-    producer, ops, residual = producer_gemm(layer.x, facts.constant)
-    if producer is None:
-        return None
-    activation = next((a for a in ops if a in ("relu", "gelu")), None)
-    if activation is not None and residual is not None and ops.index(activation) < ops.index("add"):
-        return None  # act(conv) + residual: not a form the probe traces (the estimate applies)
-    val = tensor_val(producer)
-    if is_op(producer, aten.convolution):
-        x, w, bias, stride, padding, dilation, transposed, _, groups = producer.args
-        if transposed or len(shape(x)) != 4:
-            return None
-        problem = ("conv", tuple(shape(x)), tuple(shape(w)), (list(stride), list(padding), list(dilation), groups),
-                   val.dtype, bias is not None) + ((residual[1],) if residual is not None else ())
-    elif residual is not None:
-        return None  # a GEMM's residual epilogue: not a form the probe traces (the estimate applies)
-    else:
-        a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
-        (m, k), n = shape(a), shape(b)[1]
-        # the probe traces the producer in the form the engine's group will have, so the engine
-        # reuses its timings: b as the GEMM reads it ([K, N] rows or a transposed [N, K]), and the
-        # shape the activation and the quantize run in (x followed back through views)
-        b_val, frame = tensor_val(b), layer.x
-        while isinstance(frame, fx.Node) and is_view(frame) and frame is not producer:
-            frame = frame.all_input_nodes[0]
-        b_transposed = b_val is not None and b_val.dim() == 2 and b_val.stride(0) == 1 and b_val.stride(1) != 1
-        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, tuple(shape(frame)))
-    return problem, activation
 
 
 def _record(layer: Layer, request: QuantRequest) -> Dict[str, Any]:

@@ -133,6 +133,22 @@ def short_k_configs(m: int, n: int, k: int, dtype: torch.dtype, sm_count: int = 
     return sorted(pool, key=lambda c: -round(_efficiency(c, m, n, 1, sm_count), 2))
 
 
+#: 8-bit tiles for GEMMs of one or two K steps, from ``qgemm_bench`` at "max" (H100, session 21,
+#: ResNet-50 b32's expanding 1x1 layers as rows, INT8 / FP8 us): the persistent TMA tiles, whose
+#: loop loads the next tile while this one's epilogue stores (64 -> 256: 256x128x64 w8 s4 27.7 /
+#: 28.3; 128 -> 512: 256x128x128 w8 s4 17.6 / 18.4; 256 -> 1024: 128x128x128 w4 s3 12.9 / 14.1),
+#: and the best pointer tile (128x64x64 w4 s4: 29.8 / 30.8 at 64 -> 256), where the one-stage
+#: register-light tiles the convolution's rows took ran ~58 us (session 20)
+SHORT_K_8BIT_TILES = (GemmConfig(128, 64, 64, 8, 1, 4, 4), GemmConfig(256, 128, 64, 8, 1, 8, 4, tma=True),
+                      GemmConfig(256, 128, 128, 8, 1, 8, 4, tma=True), GemmConfig(128, 128, 128, 8, 1, 4, 3, tma=True))
+
+
+def short_k_8bit_configs(k: int, tma: bool) -> List[GemmConfig]:
+    """:data:`SHORT_K_8BIT_TILES` for a K of one or two steps: block_k no wider than K (one step of
+    64 channels reads no padding), the TMA tiles only where ``tma`` (Hopper, TMA-loadable rows)."""
+    return [c for c in SHORT_K_8BIT_TILES if (tma or not c.tma) and c.block_k <= max(64, k)]
+
+
 def tma_heuristic(m: int, n: int) -> GemmConfig:
     """The TMA config used untuned: the best at 4096^3 and on the LM head in run 2 (H100)."""
     if m >= 1024 and n >= 1024:

@@ -30,7 +30,9 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .conv import ConvRunner, conv_heuristic
-from .gemm_config import GemmConfig, candidate_configs, heuristic_config, short_k_configs, short_k_steps
+from .gemm_config import (GemmConfig, candidate_configs, heuristic_config, short_k_8bit_configs, short_k_configs,
+                          short_k_steps)
+from .gemm_tma import tma_available
 from .gemm_runner import GemmRunner
 from .qgemm import (check_scaled_dtypes, eight_bit_configs, scale_lines, scaled_anchor, scaled_arg,
                     scaled_dot_fields, fp8_accumulation_of)
@@ -115,17 +117,19 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
     if configs is None:
         configs = _template_configs(p, ctx)
     candidates = [_triton_candidate(group, p, plan, source, probe, c) for c in configs]
+    hashed = source[0]
     if is_pointwise(p):
         if gemm_configs is None:
             gemm_configs = _gemm_configs(p, ctx)
-        gemm_source = tpl.render_gemm(spec, dot)
+        gemm_sources = (tpl.render_gemm(spec, dot), tpl.render_gemm_tma(spec, dot))
         sms = device_limits(ctx.device)[0]
-        candidates += [_rows_gemm_candidate(group, p, plan, gemm_source, probe, c, sms) for c in gemm_configs]
+        candidates += [_rows_gemm_candidate(group, p, plan, gemm_sources, probe, c, sms) for c in gemm_configs]
+        hashed += gemm_sources[0][0] + gemm_sources[1][0]
     if (ctx.device.type == "cuda") if vendor is None else vendor:
         candidates.append(_cudnn_candidate(group, p, probe))
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_conv_candidate(p, ctx.device))
-    key = TuningKey(kind="conv", template=tpl.source_hash(source[0]), shapes=group_shapes(group),
+    key = TuningKey(kind="conv", template=tpl.source_hash(hashed), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_conv s={p.stride} p={p.padding} d={p.dilation} g={p.groups} "
                           f"{'|'.join(plan.chain_ops)}")
@@ -189,22 +193,30 @@ def _gemm_configs(p: ScaledConvProblem, ctx: KernelContext) -> List[GemmConfig]:
     if short_k_steps(p.cg, p.dtype) <= 2:
         # few channels in (ResNet-50's expanding 1x1 layers, 64-256): the big tiles ranked first
         # ran 2-3x slower than cuDNN fp16 (H100, session 18: 64 -> 256 at 56x56 62.3 us against
-        # 27.3), a chain a program with one program an SM; register-light tiles after the heuristic
+        # 27.3), a chain a program with one program an SM; after the heuristic, the tiles timed
+        # best there (persistent TMA ones on Hopper: rows of a channels-last input are K-major,
+        # and a layout they cannot load runs the tile's pointer kernel), then register-light ones
+        tma = tma_available(ctx.device)
+        best = eight_bit_configs(short_k_8bit_configs(p.cg, tma))
         light = eight_bit_configs(short_k_configs(p.m, p.oc, p.cg, p.dtype, sms))
-        configs = list(dict.fromkeys(configs[:1] + light + configs[1:]))
-    # at "fast" the heuristic and the three best ranked: each config is a compile per layer shape
-    # (and the layer-speed probe tunes them too), and cold compiles should stay within 1.5x FP16's
+        configs = list(dict.fromkeys(configs[:1] + best + light + configs[1:]))
+        # at "fast" the heuristic, those tiles and one light one: each config is a compile per
+        # layer shape (the layer-speed probe tunes them too); cold compiles should stay within
+        # 1.5x FP16's
+        return configs if level == "max" else configs[:2 + len(best)]
+    # at "fast" the heuristic and the three best ranked (as above)
     return configs if level == "max" else configs[:4]
 
 
-def _rows_gemm_candidate(group, p: ScaledConvProblem, plan, source, probe, cfg: GemmConfig, sms: int) -> Candidate:
+def _rows_gemm_candidate(group, p: ScaledConvProblem, plan, sources, probe, cfg: GemmConfig, sms: int) -> Candidate:
     """The scaled GEMM template over a pointwise convolution's rows (:func:`as_rows`), its
     epilogue addressed in the same rows. Why: the convolution template's 1x1 FP8 kernels took
     12.9-74.9 us at ResNet-50 b32's shapes where cuDNN fp16 took 11.2-28.2 (H100, session 16),
     while the GEMM template reaches 0.56x fp16 on the MLP. A layout the rows cannot view (not
     channels-last) fails this candidate on its probe run, and the tuner skips it."""
     def compile_():
-        runner = GemmRunner(tpl.load_kernel(*source), cfg, p.int_acc, None, sms)
+        main, tma = sources  # the grouped-M kernel, the persistent TMA one (a TMA config's)
+        runner = GemmRunner(tpl.load_kernel(*main), cfg, p.int_acc, tpl.load_kernel(*tma) if cfg.tma else None, sms)
 
         def run(*inputs, out=None):
             env = tpl.bind_group(plan, group, inputs)

@@ -88,24 +88,49 @@ class LayerSpeed:
             tunings.append((self._tagged(self.built[key], PROBE_TAG), self.built[key].candidates))
         tuner_for(self.ctx).precompile(tunings)
 
-    def prepare_writes(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]]) -> None:
-        """As :meth:`prepare`, for producer write probes: ``writes`` = the arguments of
-        :meth:`write_ms` calls to come; both groups of each (with and without the quantize)
-        compile in one pool."""
+    def prepare_groups(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]],
+                       floats: Sequence[Tuple[Tuple[Any, ...], Optional[str]]] = ()) -> None:
+        """As :meth:`prepare`, for the probes asked next of the layers whose 8-bit kernel wins:
+        ``writes`` = the arguments of :meth:`write_ms` calls to come (both groups of each, with
+        and without the quantize), ``floats`` those of :meth:`float_ms`; all compile in one pool."""
         from ..kernels.autotune import tuner_for
 
         tunings = []
-        for producer, activation, tanh_unit in writes:
-            key = self._write_key(producer, activation, tanh_unit)
+        for key, build in [(self._write_key(*w), lambda w=w: self._write_tunings(*w)) for w in writes] + \
+                          [(self._float_key(*f), lambda f=f: [self._float_tuning(*f)]) for f in floats]:
             if key in self.seen or key in self.built:
                 continue
             try:
-                self.built[key] = self._write_tunings(producer, activation, tanh_unit)
+                self.built[key] = build()
             except Exception as exc:  # noqa: BLE001  (its own call says why, or times it)
-                log.debug("compile_backend: write probe %s not prepared: %s", key, exc)
+                log.debug("compile_backend: group probe %s not prepared: %s", key, exc)
                 continue
             tunings += [(t.key, t.candidates) for t in self.built[key]]
         tuner_for(self.ctx).precompile(tunings)
+
+    def float_ms(self, producer: Tuple[Any, ...], activation: Optional[str]) -> Optional[float]:
+        """The best time of a convolution's own float group, as a float engine builds it (the
+        bias, residual add and ReLU in its epilogue; every candidate the engine tunes): the
+        float side a layer's 8-bit kernel must beat. ``producer`` and ``activation`` as
+        :meth:`write_ms` takes them. Its key is the engine's, so a layer left float finds its
+        group tuned. None: not measured."""
+        key = self._float_key(producer, activation)
+        times = self._once(key, f"float group {producer[0]} {producer[1:3]}", lambda: self._float(key, producer, activation))
+        return None if times is None else times[1]
+
+    def _float(self, key, producer, activation) -> Times:
+        tuning = (self.built.pop(key, None) or [self._float_tuning(producer, activation)])[0]
+        timed = self._timings(tuning)
+        return None if not timed else (min(timed.values()),) * 2
+
+    def _float_tuning(self, producer, activation):
+        from ..kernels.conv import conv_candidates
+
+        return conv_candidates(write_groups(producer, activation, False, self.precision, self.ctx.device)[1], self.ctx)
+
+    @staticmethod
+    def _float_key(producer, activation) -> Tuple[Any, ...]:
+        return ("float", repr(producer), activation)
 
     @staticmethod
     def _write_key(producer, activation, tanh_unit) -> Tuple[Any, ...]:

@@ -346,7 +346,7 @@ def test_eight_bit_fast_tiles_over_a_short_k_take_three_stages():
     assert any(c.num_stages == 4 for c in candidate_configs(6304, 2304, 768, 1, torch.float16, "fast"))
 
 
-def test_short_k_configs_are_light_and_stage_no_further_than_k():
+def test_short_k_configs_are_light_and_stage_no_further_than_k(monkeypatch):
     """A GEMM of one or two K steps (ResNet-50's expanding 1x1 layers as rows) gets tiles of at
     most 64 accumulators a thread and no more stages than K steps; the scaled 1x1 convolution's
     rows candidates try them right after the heuristic on a GPU."""
@@ -364,10 +364,17 @@ def test_short_k_configs_are_light_and_stage_no_further_than_k():
         assert configs and all(c.num_stages == stages and c.block_k == min(k, 128) for c in configs)
         assert all(c.block_m * c.block_n // (32 * c.num_warps) <= 64 for c in configs)
     gpu = KernelContext(options=compile_backend.Options(), device=torch.device("cuda"), interpret=False)
-    rows = qconv._gemm_configs(SimpleNamespace(m=100352, oc=256, cg=64, dtype=f8), gpu)
-    assert len(rows) == 4 and rows[0].num_stages == 3 and all(c.num_stages == 1 for c in rows[1:])
+    # after the heuristic: the short-K 8-bit tiles timed best (the TMA ones on Hopper), one light tile
+    for tma, cg, names in ((False, 64, ["128x64x64 w4 s4 g8"]),
+                           (True, 64, ["128x64x64 w4 s4 g8", "256x128x64 w8 s4 g8 tma"]),
+                           (True, 256, ["128x64x64 w4 s4 g8", "256x128x64 w8 s4 g8 tma", "256x128x128 w8 s4 g8 tma",
+                                        "128x128x128 w4 s3 g8 tma"])):
+        monkeypatch.setattr(qconv, "tma_available", lambda device, tma=tma: tma)
+        rows = qconv._gemm_configs(SimpleNamespace(m=100352, oc=256, cg=cg, dtype=f8), gpu)
+        assert [c.name for c in rows[1:-1]] == names, rows
+        assert rows[-1].num_stages == short_k_steps(cg, f8) and not rows[-1].tma
     long_k = qconv._gemm_configs(SimpleNamespace(m=1568, oc=2048, cg=512, dtype=f8), gpu)
-    assert all(c.num_stages > 2 for c in long_k)  # K of four steps and more: as before
+    assert all(c.num_stages > 2 and not c.tma for c in long_k)  # K of four steps and more: as before
 
 
 @pytest.mark.gpu

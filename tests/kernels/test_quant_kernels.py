@@ -491,6 +491,37 @@ def test_gpu_scaled_mm_tuned(mkn, precision):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("cin", [64, 256])
+def test_gpu_pointwise_conv_rows_on_the_short_k_tiles(precision, cin):
+    """A 1x1 convolution of few input channels (ResNet-50's expanding layers) gets the short-K
+    8-bit tiles over its rows, the persistent TMA ones on Hopper; each matches the convolution
+    template with its bias, ReLU and residual add, on odd spatial sizes."""
+    if precision == "fp8" and not _fp8_ok():
+        pytest.skip("fp8 needs sm_89+")
+    xq, xs, wq, ws, b = (t.cuda() for t in quantized_conv(3, cin, (9, 13), 96, 1, 1, precision, per_channel=True,
+                                                           bias=True, channels_last=True, seed=7))
+    r = randn(3, 96, 9, 13, seed=8).half().cuda().contiguous(memory_format=torch.channels_last)
+
+    def fn(xq, xs, wq, ws, b, r):
+        return torch.relu(scaled_conv(xq, xs, wq, ws, b, [1, 1], [0, 0], [1, 1], 1, torch.float16) + r)
+
+    inputs = (xq, xs, wq, ws, b, r)
+    group = anchor_group(fn, *inputs, kind="conv", op="scaled_conv")
+    tuning = scaled_conv_candidates(group, _gpu_ctx(), vendor=False)
+    rows = [c for c in tuning.candidates if c.config.get("rows_gemm")]
+    names = [c.name for c in rows]
+    assert any(" 128x64x64 w4 s4 " in n for n in names), names
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert any(n.endswith(" tma") for n in names), names
+    want = group.reference(*inputs)[0].float()
+    for cand in rows:
+        got = cand.compile()(*inputs)[0].float()
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, (cand.name, err)
+
+
+@pytest.mark.gpu
 def test_gpu_int8_anchor_is_exact_to_fp32_rounding():
     inputs = tuple(t.cuda() for t in quantized_linear(65, 128, 96, "int8", per_row=True, seed=3))
     fn = lambda xq, xs, wq, ws, b: scaled_mm(xq, xs, wq, ws, b, torch.float32)  # noqa: E731

@@ -1,0 +1,194 @@
+"""Whether a layer pays in 8 bits: the speed probes the quantize pass asks, and its decision.
+
+With ``options["quant_layers"] = "faster"`` the quantize pass keeps a layer float unless its
+8-bit kernel, plus what writing its input in 8 bits costs where that input is made, beats the
+float way of running it (``request.speed``: ``quant/speed.py``'s ``LayerSpeed`` on CUDA; tests
+pass stand-ins). Three measurements, each asked only where the one before leaves 8 bits ahead:
+
+* the layer probe: the 8-bit ``scaled_mm`` / ``scaled_conv`` alone against cuBLAS's GEMM /
+  cuDNN's convolution at its shape (``speed(...)``, ``speed.conv(...)``);
+* the write probe: the float GEMM / convolution producing the layer's input, with the quantize in
+  its epilogue and without (``speed.write_ms``; else an estimate, ``speed.quantize_ms``);
+* for a convolution, its own float group (``speed.float_ms``): the convolution with the bias,
+  residual add and ReLU a float engine fuses into it, tuned over every candidate the engine has
+  (cuDNN's fused kernels, our templates, cuBLAS over the rows). A bare cuDNN call is not what a
+  float engine runs: at ResNet-50 batch 1 our templates ran 3x3 layers in 6-7 us where the bare
+  convolution took 8-10, so 10 layers quantized on 0.5-2.8 us wins came out 8 us slower than the
+  FP16 engine in all (H100, session 21).
+
+:func:`prepare_probes` hands every probe the rules will ask for to the measurement before any is
+asked, so their candidates compile in one pool.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+
+from .quant_sources import producer_gemm
+from .rules import Facts, is_op, is_view, shape, tensor_val
+
+if TYPE_CHECKING:  # (quantize imports this module)
+    from .quantize import Layer, QuantRequest
+
+aten = torch.ops.aten
+#: ops a float engine's partition grows a convolution's epilogue over (with its bias)
+_EPILOGUE_OPS = (aten.relu, aten.add)
+
+
+def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Facts) -> None:
+    """Hand the measurement every probe the rules will ask for before they ask for any, so their
+    candidates compile in one pool (``LayerSpeed.prepare``): the layers' own; then, for the layers
+    whose 8-bit kernel wins, the write probes of the float producers feeding them (static scales)
+    and the convolutions' own float groups (``LayerSpeed.prepare_groups``). A producer the rules
+    quantize first is never asked for: its compile is wasted, in the pool."""
+    probes = [(layer, probe) for layer in layers for probe in [speed_probe(layer)] if probe is not None]
+    request.speed.prepare([probe[:2] for _, probe in probes])
+    prepare_groups = getattr(request.speed, "prepare_groups", None)
+    if prepare_groups is None:
+        return
+    tanh = request.gelu == "tanh"
+    writes, floats = [], []
+    for layer, (method, args, _) in probes:
+        times = _measure(request, method, args)
+        if times is None or times[0] >= times[1]:
+            continue
+        problem = None if request.dynamic else group_problem(layer.x, facts)
+        if problem is not None:
+            writes.append(problem[1:] + (tanh,))
+        own = own_group_problem(layer, facts)
+        if own is not None:
+            floats.append(own)
+    prepare_groups(writes, floats)
+
+
+def speed_probe(layer: "Layer") -> Optional[Tuple[str, Tuple[Any, ...], str]]:
+    """(method, arguments, what) of the ``request.speed`` probe that times ``layer`` (method
+    "linear": ``speed(*arguments)``, "conv": ``speed.conv(*arguments)``), or None: not measured
+    (fp32 layers, where 8 bits always pay; transposed or non-2-D convolutions)."""
+    x = tensor_val(layer.x)
+    if x is None or not x.is_floating_point() or x.dtype == torch.float32:
+        return None
+    if layer.kind == "linear":
+        m = x.numel() // max(layer.k, 1)
+        return "linear", (m, layer.n, layer.k, x.dtype, is_op(layer.node, aten.addmm)), \
+            f"GEMM took {{q}} at {m}x{layer.n}x{layer.k}"
+    _, w, bias, stride, padding, dilation, transposed, _, groups = layer.node.args
+    if transposed or x.dim() != 4:
+        return None
+    return "conv", (tuple(x.shape), tuple(shape(w)), stride, padding, dilation, groups, x.dtype, bias is not None), \
+        f"convolution took {{q}} at {tuple(x.shape)} * {tuple(shape(w))}"
+
+
+def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> Optional[str]:
+    """Why a layer stays float: its 8-bit GEMM or convolution measured, plus what writing its
+    input in 8 bits costs where that input is made, no faster than its float one at its shape
+    (``request.speed``), else None. That cost is measured when a float GEMM / convolution makes
+    the input (``speed.write_ms``: the producer may lose cuBLAS/cuDNN's fused epilogue: ResNet-50's
+    1x1 convolutions went from 12.5 to 17.8 us to feed FP8 3x3 ones that won 1.4 us, H100 session
+    15), else estimated (``speed.quantize_ms``: a norm or element-wise kernel of ours writes it, or
+    one row reduction per layer for dynamic scales). A convolution still ahead is then timed
+    against its own float group (``speed.float_ms``, see the module's docstring)."""
+    probe = speed_probe(layer) if request.speed is not None else None
+    if probe is None or (probe[0] == "conv" and not hasattr(request.speed, "conv")):
+        return None
+    method, args, what = probe
+    times = _measure(request, method, args)
+    if times is None:
+        return None
+    x = tensor_val(layer.x)
+    # measured only where the 8-bit kernel wins on its own (each measurement tunes the producer twice)
+    written = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] else None
+    estimate = getattr(request.speed, "quantize_ms", None)
+    extra = written if written is not None else (estimate(x.numel()) if estimate is not None else 0.0)
+    q_ms, f_ms = times
+    against = f"{f_ms * 1e3:.1f} us"
+    if q_ms + extra < f_ms:
+        own = _own_float_ms(layer, request, facts)
+        if own is None or q_ms + extra < own:
+            return None
+        against = f"{own * 1e3:.1f} us (its float group, as a float engine runs it)"
+    how = "measured: its producer's kernel" if written is not None else "estimated"
+    plus = f" + {extra * 1e3:.1f} us ({how}) to write its input in {request.precision}" if extra else ""
+    return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
+            + what.format(q=f"{q_ms * 1e3:.1f} us{plus} against {against}")
+            + " (quant_layers='all' quantizes it)")
+
+
+def _measure(request: "QuantRequest", method: str, args) -> Optional[Tuple[float, float]]:
+    measure = request.speed if method == "linear" else getattr(request.speed, "conv", None)
+    return measure(*args) if measure is not None else None
+
+
+def _producer_write_ms(layer: "Layer", request: "QuantRequest", facts: Facts) -> Optional[float]:
+    """``speed.write_ms`` for the float GEMM / convolution whose epilogue would write the layer's
+    input (static scales: the quantize joins that epilogue), or None (another producer, or not
+    measured)."""
+    write = getattr(request.speed, "write_ms", None)
+    problem = group_problem(layer.x, facts) if write is not None else None
+    return None if problem is None else write(*problem[1:], request.gelu == "tanh")
+
+
+def _own_float_ms(layer: "Layer", request: "QuantRequest", facts: Facts) -> Optional[float]:
+    """``speed.float_ms`` of the layer's own float group, or None (a linear layer, whose
+    reference, cuBLAS's GEMM, is what float engines run; or not measured)."""
+    measure = getattr(request.speed, "float_ms", None)
+    own = own_group_problem(layer, facts) if measure is not None else None
+    return None if own is None else measure(*own)
+
+
+def own_group_problem(layer: "Layer", facts: Facts) -> Optional[Tuple[Tuple[Any, ...], Optional[str]]]:
+    """(producer, activation) describing the float group a convolution layer heads in a float
+    engine (``speed.float_ms`` takes them): the convolution followed through its single readers
+    while they are views, a ReLU or a residual add the partition gives it (the furthest such
+    value whose producer is this convolution). None for linear layers."""
+    if layer.kind != "conv":
+        return None
+    chain: List[fx.Node] = [layer.node]
+    while len(chain) < 8:
+        users = list(chain[-1].users)
+        if len(users) != 1 or not (is_view(users[0]) or is_op(users[0], *_EPILOGUE_OPS)):
+            break
+        chain.append(users[0])
+    for end in reversed(chain):
+        found = group_problem(end, facts)
+        if found is not None and found[0] is layer.node:
+            return found[1:]
+    return None
+
+
+def group_problem(value: fx.Node, facts: Facts) -> Optional[Tuple[fx.Node, Tuple[Any, ...], Optional[str]]]:
+    """(producer node, producer, activation) of the float GEMM / convolution whose kernel computes
+    ``value`` in its epilogue, ``producer`` and ``activation`` as ``speed.write_ms`` /
+    ``speed.float_ms`` take them, or None (another kind of producer)."""
+    producer, ops, residual = producer_gemm(value, facts.constant)
+    if producer is None:
+        return None
+    activation = next((a for a in ops if a in ("relu", "gelu")), None)
+    if activation is not None and residual is not None and ops.index(activation) < ops.index("add"):
+        return None  # act(conv) + residual: not a form the probe traces (the estimate applies)
+    val = tensor_val(producer)
+    if is_op(producer, aten.convolution):
+        x, w, bias, stride, padding, dilation, transposed, _, groups = producer.args
+        if transposed or len(shape(x)) != 4:
+            return None
+        problem = ("conv", tuple(shape(x)), tuple(shape(w)), (list(stride), list(padding), list(dilation), groups),
+                   val.dtype, bias is not None) + ((residual[1],) if residual is not None else ())
+    elif residual is not None:
+        return None  # a GEMM's residual epilogue: not a form the probe traces (the estimate applies)
+    else:
+        a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
+        (m, k), n = shape(a), shape(b)[1]
+        # the probe traces the producer in the form the engine's group will have, so the engine
+        # reuses its timings: b as the GEMM reads it ([K, N] rows or a transposed [N, K]), and the
+        # shape the activation and the quantize run in (value followed back through views)
+        b_val, frame = tensor_val(b), value
+        while isinstance(frame, fx.Node) and is_view(frame) and frame is not producer:
+            frame = frame.all_input_nodes[0]
+        b_transposed = b_val is not None and b_val.dim() == 2 and b_val.stride(0) == 1 and b_val.stride(1) != 1
+        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, tuple(shape(frame)))
+    return producer, problem, activation
+
+
+__all__ = ["group_problem", "own_group_problem", "prepare_probes", "slower_than_float", "speed_probe"]
