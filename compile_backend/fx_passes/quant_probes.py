@@ -3,7 +3,9 @@
 With ``options["quant_layers"] = "faster"`` the quantize pass keeps a layer float unless its
 8-bit kernel, plus what writing its input in 8 bits costs where that input is made, beats the
 float way of running it (``request.speed``: ``quant/speed.py``'s ``LayerSpeed`` on CUDA; tests
-pass stand-ins). Three measurements, each asked only where the one before leaves 8 bits ahead:
+pass stand-ins). A layer whose float kernel is under ``speed.latency_floor_ms`` of ideal work
+(batch-1 convolutions) is not measured: it stays float. Otherwise three measurements, each asked
+only where the one before leaves 8 bits ahead:
 
 * the layer probe: the 8-bit ``scaled_mm`` / ``scaled_conv`` alone against cuBLAS's GEMM /
   cuDNN's convolution at its shape (``speed(...)``, ``speed.conv(...)``);
@@ -43,7 +45,8 @@ def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Fa
     whose 8-bit kernel wins, the write probes of the float producers feeding them (static scales)
     and the convolutions' own float groups (``LayerSpeed.prepare_groups``). A producer the rules
     quantize first is never asked for: its compile is wasted, in the pool."""
-    probes = [(layer, probe) for layer in layers for probe in [speed_probe(layer)] if probe is not None]
+    probes = [(layer, probe) for layer in layers for probe in [speed_probe(layer)]
+              if probe is not None and _too_small(probe, request) is None]
     request.speed.prepare([probe[:2] for _, probe in probes])
     prepare_groups = getattr(request.speed, "prepare_groups", None)
     if prepare_groups is None:
@@ -93,6 +96,9 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
     probe = speed_probe(layer) if request.speed is not None else None
     if probe is None or (probe[0] == "conv" and not hasattr(request.speed, "conv")):
         return None
+    too_small = _too_small(probe, request)
+    if too_small is not None:
+        return too_small
     method, args, what = probe
     times = _measure(request, method, args)
     if times is None:
@@ -114,6 +120,21 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
     return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
             + what.format(q=f"{q_ms * 1e3:.1f} us{plus} against {against}")
             + " (quant_layers='all' quantizes it)")
+
+
+def _too_small(probe: Tuple[str, Tuple[Any, ...], str], request: "QuantRequest") -> Optional[str]:
+    """Why a layer is not measured: its float kernel's ideal time is under the measurement's
+    latency floor (``speed.latency_floor_ms``, ``speed.ideal_ms``), or None."""
+    floor = getattr(request.speed, "latency_floor_ms", 0.0)
+    if not floor:
+        return None
+    method, args, _ = probe
+    ideal = request.speed.ideal_ms(method, args)
+    if ideal >= floor:
+        return None
+    kind = "GEMM" if method == "linear" else "convolution"
+    return (f"too small for {request.precision} to pay: its float {kind} is {ideal * 1e3:.2f} us of work at "
+            f"peak rates, under the {floor * 1e3:g} us a kernel's latency costs (quant_layers='all' quantizes it)")
 
 
 def _measure(request: "QuantRequest", method: str, args) -> Optional[Tuple[float, float]]:

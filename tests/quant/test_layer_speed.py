@@ -509,9 +509,12 @@ def test_gpu_engine_reuses_the_producer_probes_tuning(monkeypatch, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_report_gives_the_probes_seconds(tmp_path):
+def test_gpu_report_gives_the_probes_seconds(tmp_path, monkeypatch):
     """On CUDA an INT8 engine's report says what its layer speed probes took: how many were
     timed, their seconds, and the seconds compiling their candidates ahead in one pool."""
+    from compile_backend.quant.speed import LayerSpeed
+
+    monkeypatch.setattr(LayerSpeed, "latency_floor_ms", 0.0)  # small layers, measured all the same
     model = TwoLinears().half().cuda().eval()
     x = torch.randn(256, 32, device="cuda").half()
     calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
@@ -522,6 +525,41 @@ def test_gpu_report_gives_the_probes_seconds(tmp_path):
     # two layer probes, and a producer's write probe pair where an 8-bit layer won
     assert probes["tuned"] in (2, 4) and probes["seconds"] > 0 and probes["precompile_seconds"] > 0, probes
     assert "compile: passes " in str(report) and f"probes: {probes['tuned']} tuned in" in str(report)
+
+
+def test_a_layer_under_the_latency_floor_is_not_measured(monkeypatch, tmp_path):
+    """A layer whose float kernel is under the measurement's latency floor of ideal work (batch-1
+    convolutions) stays float without a probe, neither prepared nor timed; the report says why."""
+    from compile_backend.quant.speed import LayerSpeed
+
+    asked = []
+
+    class Speed:
+        latency_floor_ms = 0.0015
+        ideal_ms = staticmethod(LayerSpeed.ideal_ms)
+
+        def prepare(self, probes):
+            asked.extend(("prepare", p[1][1]) for p in probes)
+
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            asked.append(("time", w_shape))
+            return (0.001, 0.010)
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    assert asked == [] and all(s == "float" for s, _ in status.values()), (asked, status)
+    assert "too small for int8 to pay: its float convolution is 0.00 us of work at peak rates, under the 1.5 us" \
+        in status["a.weight"][1]
+    # at ResNet-50's shapes: batch 1 under the floor, batch 32 over it; BERT-base b16's GEMMs over it
+    ideal = LayerSpeed.ideal_ms
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    assert ideal("conv", ((1, 512, 7, 7), (512, 512, 3, 3)) + geometry) == pytest.approx(0.0010, rel=0.01)
+    assert ideal("conv", ((32, 512, 7, 7), (512, 512, 3, 3)) + geometry) > 0.0015 * 4
+    assert ideal("conv", ((32, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1)) == pytest.approx(0.0127, rel=0.01)
+    assert ideal("linear", (2048, 768, 768)) == pytest.approx(0.00244, rel=0.01)
 
 
 def test_the_quantize_estimate_is_zero_off_cuda():
