@@ -131,6 +131,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("probe_precompile_s", probes.get("precompile_seconds"))
         add("probes_tuned", probes.get("tuned"))
         add("kernel_tuning_s", g.tuning.get("seconds"))
+        add("kernel_precompile_s", g.tuning.get("precompile_seconds"))
         add("kernels_tuned", g.tuning.get("tuned"))
     return out
 

@@ -28,7 +28,7 @@ from .fx_passes.constant_fold import constant_programs, freeze
 from .fx_passes.rules import written_placeholders
 from .groups import fuse_groups, inline_aten_groups
 from .kernels.base import KernelContext, KernelGroup, op_name, triton_enabled, triton_interpret
-from .kernels.select import choose_kernel
+from .kernels.select import choose_kernel, compile_ahead
 from .options import Options
 from .quant.qat_report import fake_quant_placement, mark_fake_quant
 from .quant.standalone import standalone_quantizes
@@ -298,6 +298,7 @@ def build_kernels(graph, calls, gm, args, ctx: KernelContext, report: GraphRepor
     for node in graph.nodes:
         for x in node.all_input_nodes:
             last_use[x] = node
+    compile_ahead([call.group for call in calls], ctx)  # every tuned group's candidates, in one pool
     constants = _constants(gm)
     written = set(written_placeholders(graph))  # the build's run must leave the caller's inputs as they are
     for node in graph.nodes:

@@ -62,7 +62,8 @@ class GraphReport:
 
     def stage_line(self) -> str:
         """Where the first call's seconds went: ``passes 3.1s (probes: 24 tuned in 9.8s, 12.1s
-        compiling ahead), kernels 30.2s (40 tuned in 21.0s), speed check 0.8s``."""
+        compiling ahead), kernels 30.2s (40 tuned in 21.0s, 8.0s compiling ahead), speed check
+        0.8s``."""
         parts = []
         probes = self.stages.get("probes") or {}
         if "passes" in self.stages:
@@ -70,7 +71,9 @@ class GraphReport:
                      f"{probes.get('precompile_seconds', 0.0):.1f}s compiling ahead)") if probes else ""
             parts.append(f"passes {self.stages['passes']:.1f}s{extra}")
         if "kernels" in self.stages:
-            tuned = (f" ({self.tuning.get('tuned', 0)} tuned in {self.tuning.get('seconds', 0.0):.1f}s)"
+            ahead = self.tuning.get("precompile_seconds", 0.0)
+            ahead = f", {ahead:.1f}s compiling ahead" if ahead else ""
+            tuned = (f" ({self.tuning.get('tuned', 0)} tuned in {self.tuning.get('seconds', 0.0):.1f}s{ahead})"
                      if self.tuning.get("tuned") else "")
             parts.append(f"kernels {self.stages['kernels']:.1f}s{tuned}")
         if "speed_check" in self.stages:

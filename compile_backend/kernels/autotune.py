@@ -249,6 +249,11 @@ class Tuner:
     def times(self) -> bool:
         return self.timer is not None and self.level != "off"
 
+    @property
+    def compiles_ahead(self) -> bool:
+        """Whether :meth:`precompile` compiles anything (it times, without a seconds budget)."""
+        return self.times and self.budget is None
+
     def choose(self, key: TuningKey, candidates: Sequence[Candidate], make_inputs: Callable[[], Sequence[Any]]) -> Choice:
         if not any(not c.reference for c in candidates):
             raise ValueError(f"no candidates to choose from for {key.describe()}")
@@ -267,7 +272,7 @@ class Tuner:
         key would compile (it times; not cached; not built already), all in one pool of
         ``workers`` threads (default: one a core, at most :data:`PRECOMPILE_WORKERS`), so a
         dozen problems of a dozen candidates keep every core busy; returns how many compiled."""
-        if not self.times or self.budget is not None:
+        if not self.compiles_ahead:
             return 0  # a seconds budget tunes in heuristic order until spent: nothing compiled ahead
         todo = []
         for key, candidates in tunings:

@@ -36,6 +36,16 @@ ANCHOR_BUILDERS: Dict[str, Tuple[str, ...]] = {
     "compile_backend.weight_only_linear": ("compile_backend.kernels.weight_only_build:build_weight_only_linear",),
 }
 
+#: the builders that tune, and the function making their candidates (:func:`compile_ahead`)
+TUNINGS: Dict[str, str] = {
+    "compile_backend.kernels.gemm:build_gemm": "compile_backend.kernels.gemm:gemm_candidates",
+    "compile_backend.kernels.conv:build_conv": "compile_backend.kernels.conv:conv_candidates",
+    "compile_backend.kernels.qgemm:build_scaled_mm": "compile_backend.kernels.qgemm:scaled_mm_candidates",
+    "compile_backend.kernels.qconv:build_scaled_conv": "compile_backend.kernels.qconv:scaled_conv_candidates",
+    "compile_backend.kernels.weight_only_build:build_weight_only_linear":
+        "compile_backend.kernels.weight_only_build:weight_only_candidates",
+}
+
 #: relative error ‖out − ref‖ / ‖ref‖ a generated kernel may show against ATen, per dtype
 #: (fp32 GEMMs on tensor cores run in tf32 only when precision allows it)
 FP8_OUTPUTS = tuple(d for d in (getattr(torch, "float8_e4m3fn", None),) if d is not None)
@@ -87,6 +97,43 @@ def choose_kernel(
     if not fallbacks:
         fallbacks.append({"op": _ops(group), "reason": f"no {group.kind} kernel builder available"})
     return aten_kernel(group), fallbacks
+
+
+def compile_ahead(groups: Sequence[KernelGroup], ctx: KernelContext) -> int:
+    """Compile the candidates of every group the build will tune, all in the tuner's pool
+    (``Tuner.precompile``), before any is timed; returns how many compiled. Why: the build
+    tunes one group after another, each compiling its dozen candidates while the GPU waits
+    (ResNet-50's FP16 engine: 30 tuned groups, 28-59 s of a 31-65 s first call; H100, session
+    21), where the quantize pass's probes compile theirs in one pool. A group whose candidates
+    cannot be made yet (``Unsupported``, no shapes) is left to its build; a problem two groups
+    share is compiled once. Nothing happens where the tuner does not time (the CPU, ``off``) or
+    tunes under a seconds budget."""
+    from .autotune import tuner_for
+    from .template import release_probe
+
+    if not triton_enabled(ctx.device) or not tuner_for(ctx).compiles_ahead:
+        return 0
+    tunings, keys = [], set()
+    for group in groups:
+        paths = builders_for(group) if group.kind != "aten" else ()
+        make = TUNINGS.get(paths[0]) if paths else None
+        if make is None or (planned(group, ctx) or {}).get("impl") == "aten":
+            continue
+        try:
+            tuning = _load(make)(group, ctx)
+        except Exception as exc:  # noqa: BLE001  (its build says why, or builds it)
+            log.debug("compile_backend: %s not compiled ahead: %s", group.name, exc)
+            continue
+        if tuning.key in keys:
+            release_probe(tuning)
+            continue
+        keys.add(tuning.key)
+        tunings.append(tuning)
+    try:
+        return tuner_for(ctx).precompile([(t.key, t.candidates) for t in tunings])
+    finally:
+        for tuning in tunings:
+            release_probe(tuning)
 
 
 def builders_for(group: KernelGroup) -> Tuple[str, ...]:

@@ -143,9 +143,7 @@ class TemplateTuning:
 def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTuning) -> Kernel:
     """The tuner's choice among ``tuning``'s candidates, as the group's :class:`Kernel`."""
     choice = tuner_for(ctx).choose(tuning.key, tuning.candidates, tuning.make_inputs)
-    probe = getattr(tuning.make_inputs, "__self__", None)  # the builders pass ``Probe.make``
-    if isinstance(probe, Probe):
-        probe.release()
+    release_probe(tuning)
     cand = choice.candidate
     config = dict(cand.config)
     if choice.timings_ms and cand.name in choice.timings_ms:
@@ -158,6 +156,14 @@ def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTun
                   source=None if config.get("epilogue") == "aten" else tuning.sources.get("tma" if config.get("tma") else cand.impl),
                   tuned_from_cache=choice.from_cache, supports_out=writes_out,
                   out_layouts=tuning.out_layouts if writes_out else ())
+
+
+def release_probe(tuning: TemplateTuning) -> None:
+    """Drop the random inputs the tuning's probe holds (the builders pass ``Probe.make``): the
+    runners keep their probe for the engine's life."""
+    probe = getattr(tuning.make_inputs, "__self__", None)
+    if isinstance(probe, Probe):
+        probe.release()
 
 
 def aten_epilogue_candidate(vendor: str, group: KernelGroup, probe: Probe) -> Candidate:

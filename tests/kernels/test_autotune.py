@@ -385,3 +385,55 @@ def test_precompile_leaves_a_seconds_budget_alone():
     c = Counting()
     tuner = Tuner(0.5, timer=WallClockTimer())
     assert tuner.precompile([(KEY, [c.make("a", 0.0), c.make("b", 0.0)])]) == 0 and c.compiled == []
+
+
+class ConvLinear(torch.nn.Module):
+    """Two convolutions of one shape (one tuning problem) and a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 5 * 7, 8)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return self.fc(torch.relu(y).flatten(1))
+
+
+def test_the_build_compiles_every_tuned_groups_candidates_ahead(monkeypatch, tmp_path):
+    """Where the tuner times, the engine's build hands every tuned group's candidates to one
+    compile pool before it times any (``select.compile_ahead``): each problem once (the two
+    convolutions share theirs), and the groups' tunings then compile nothing more."""
+    import compile_backend
+    from compile_backend import pipeline
+    from compile_backend.kernels import autotune, select
+
+    monkeypatch.setattr(autotune, "triton_interpret", lambda: False)  # the pool, not one at a time
+    real_init = Tuner.__init__
+
+    def timing_init(self, *args, **kwargs):  # time on the CPU (the wall clock) as on a GPU
+        real_init(self, *args, **{**kwargs, "timer": WallClockTimer()})
+    monkeypatch.setattr(Tuner, "__init__", timing_init)
+    ahead, built = [], []
+    real_ahead, real_build = select.compile_ahead, Tuner._build_each
+
+    def recording_ahead(groups, ctx):
+        ahead.append(real_ahead(groups, ctx))
+        return ahead[-1]
+
+    def recording_build(self, todo, workers):
+        built.append((workers > 1, [key.kind for key, _ in todo]))
+        return real_build(self, todo, workers)
+    monkeypatch.setattr(select, "compile_ahead", recording_ahead)
+    monkeypatch.setattr(pipeline, "compile_ahead", recording_ahead)
+    monkeypatch.setattr(Tuner, "_build_each", recording_build)
+    x = torch.randn(2, 4, 5, 7)
+    report = compile_backend.explain(ConvLinear().eval(), x, cache_dir=str(tmp_path), speed_check=False)
+    assert ahead and ahead[0] > 0, ahead
+    (_, kinds), *later = built
+    assert sorted(set(kinds)) == ["conv", "gemm"] and kinds.count("conv") == len(kinds) - kinds.count("gemm")
+    assert not any(todo for _, todo in later), later  # the tunings found every runner built
+    graph = report.graphs[0]
+    assert graph.tuning["tuned"] == 2 and graph.tuning["precompile_seconds"] > 0  # a conv problem, a gemm
+    assert "s compiling ahead)" in graph.stage_line().split("kernels")[1], graph.stage_line()
