@@ -113,12 +113,16 @@ def compile_ahead(groups: Sequence[KernelGroup], ctx: KernelContext) -> int:
 
     if not triton_enabled(ctx.device) or not tuner_for(ctx).compiles_ahead:
         return 0
+    room = _room_for_probes(ctx.device)
     tunings, keys = [], set()
     for group in groups:
         paths = builders_for(group) if group.kind != "aten" else ()
         make = TUNINGS.get(paths[0]) if paths else None
         if make is None or (planned(group, ctx) or {}).get("impl") == "aten":
             continue
+        room -= _probe_bytes(group)
+        if room < 0:  # the groups left build as before, one at a time
+            break
         try:
             tuning = _load(make)(group, ctx)
         except Exception as exc:  # noqa: BLE001  (its build says why, or builds it)
@@ -134,6 +138,28 @@ def compile_ahead(groups: Sequence[KernelGroup], ctx: KernelContext) -> int:
     finally:
         for tuning in tunings:
             release_probe(tuning)
+
+
+#: of the device's free memory, what the groups compiled ahead may hold at once: each compile runs
+#: its candidate once on random inputs of the group's shapes (``template.warmed``), and all of
+#: them are alive until the pool is done, where a one-at-a-time build held one group's
+COMPILE_AHEAD_MEMORY = 0.25
+
+
+def _room_for_probes(device: torch.device) -> float:
+    if device.type != "cuda":
+        return math.inf
+    free, _ = torch.cuda.mem_get_info(device)
+    return COMPILE_AHEAD_MEMORY * free
+
+
+def _probe_bytes(group: KernelGroup) -> int:
+    """Bytes of a group's inputs and outputs (its probe's inputs, a candidate's first run's outputs)."""
+    from .base import meta_of
+
+    outputs = [x for node in group.gm.graph.nodes if node.op == "output" for x in node.all_input_nodes]
+    values = [meta_of(node) for node in list(group.placeholders) + outputs]
+    return sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
 
 def builders_for(group: KernelGroup) -> Tuple[str, ...]:

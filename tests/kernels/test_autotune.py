@@ -437,3 +437,27 @@ def test_the_build_compiles_every_tuned_groups_candidates_ahead(monkeypatch, tmp
     graph = report.graphs[0]
     assert graph.tuning["tuned"] == 2 and graph.tuning["precompile_seconds"] > 0  # a conv problem, a gemm
     assert "s compiling ahead)" in graph.stage_line().split("kernels")[1], graph.stage_line()
+
+
+def test_compile_ahead_stops_where_the_probes_would_crowd_the_device(monkeypatch):
+    """The groups compiled ahead hold their probes' inputs and first outputs until the pool is
+    done: past a quarter of the device's free memory the rest build one at a time, as before."""
+    from compile_backend.kernels import select
+
+    x, w = torch.randn(8, 16), torch.randn(16, 32)
+    groups = [make_group(lambda a, b: torch.relu(a @ b), x, w, kind="gemm", name=f"g{i}") for i in range(3)]
+    for g in groups:
+        g.anchor = next(n.name for n in g.gm.graph.nodes if n.op == "call_function" and "mm" in str(n.target))
+    each = select._probe_bytes(groups[0])
+    assert each == (8 * 16 + 16 * 32 + 8 * 32) * 4
+    made = []
+
+    def candidates(group, ctx):  # records which groups were taken, makes none (left to their builds)
+        made.append(group.name)
+        raise RuntimeError("not needed here")
+    monkeypatch.setattr(select, "_room_for_probes", lambda device: 2.5 * each)
+    monkeypatch.setattr(select, "_load", lambda path: candidates)
+    ctx = context()
+    ctx.tuner = timed_tuner()
+    assert select.compile_ahead(groups, ctx) == 0
+    assert made == ["g0", "g1"]
