@@ -30,8 +30,10 @@ for spec in "$@"; do
   case "$part" in
     # TRITON_INTERPRET=0: tests/conftest.py defaults it to 1, which would run every GPU test's
     # kernels in the interpreter (H200 run 3 did: attention GPU tests skipped, tuning threads failed)
+    # GPU_TESTS_K: a pytest -k expression picking tests in those files (session 21's run 5 spent
+    # its 100 s in test_quant_kernels.py's tuned GEMM tests before reaching the new ones)
     tests) TRITON_INTERPRET=0 timeout "$limit" python3 -m pytest -v -p no:cacheprovider -m gpu --continue-on-collection-errors \
-             --durations=20 $(echo ${models:-tests} | tr , " ") > "$OUT/gpu_tests_h200.txt" 2>&1
+             --durations=20 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} $(echo ${models:-tests} | tr , " ") > "$OUT/gpu_tests_h200.txt" 2>&1
            grep -E "PASSED|FAILED|ERROR" "$OUT/gpu_tests_h200.txt" | grep -v PASSED | tail -20
            tail -3 "$OUT/gpu_tests_h200.txt" ;;
     suite) # the quantized suite (issue #18): third field = cases, e.g. hf_bert:16,mlp:2048
