@@ -30,6 +30,7 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, allows_tf32, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config
+from .conv_tma import configs_for, render_conv_tma, tma_conv_candidate
 from .gemm_runner import epilogue_only
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, choose_kernel_of,
                        device_limits, dtype_name, fit_pow2, group_dtypes, group_shapes, group_strides, triton_cdiv,
@@ -144,9 +145,12 @@ def build_conv(group: KernelGroup, ctx: KernelContext) -> Kernel:
 
 
 def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
-                    configs: Optional[Sequence[GemmConfig]] = None) -> TemplateTuning:
+                    configs: Optional[Sequence[GemmConfig]] = None,
+                    tma_configs: Optional[Sequence[Any]] = None) -> TemplateTuning:
     """Candidates for a conv group, heuristic first; ``vendor`` (default: on CUDA) adds cuDNN +
-    a fused epilogue kernel; ``configs`` replaces the template configs (tests)."""
+    a fused epilogue kernel; ``configs`` replaces the template configs (tests); on Hopper a
+    stride-1 convolution the TMA kernel takes gets its configs too (``conv_tma``; ``tma_configs``
+    replaces them, and adds them anywhere: the interpreter runs them)."""
     problem = conv_problem(group)
     anchor_loads = []
     if problem.bias is not None:
@@ -158,6 +162,10 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     if configs is None:
         configs = _template_configs(problem, ctx)
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
+    candidates += [tma_conv_candidate(group, plan, problem.x, problem.w, problem.padding, build.sources.tma,
+                                      build.probe, c, {})
+                   for c in (tma_configs if tma_configs is not None else
+                             configs_for(problem.x_val, meta_of(problem.w), problem.out_val.shape, *problem.geometry, ctx))]
     if ctx.device.type == "cuda" if vendor is None else vendor:
         candidates[0:0] = build.vendor_candidates(fused)
     # template kernels and cuDNN + epilogue kernel write through allocate_outputs, so take out=
@@ -226,6 +234,7 @@ class ConvSources:
     """The generated kernels of one group: (source, kernel name) each."""
 
     main: Tuple[str, str]  # the implicit-GEMM template
+    tma: Tuple[str, str]  # the same with TMA loads (conv_tma: stride 1, Hopper)
     vendor: Tuple[str, str]  # the epilogue after cuDNN
     vendor_bias: bool  # the epilogue adds the bias (cuDNN convolves without it)
     vendor_skip: int  # anchor loads the vendor applies itself
@@ -244,7 +253,8 @@ def _render_sources(problem: ConvProblem, plan: tpl.EpiloguePlan, ctx: KernelCon
     vendor_bias = has_bias and not anchor_only(plan)
     vendor_lines = [f"acc_v = {expr.round_to('(acc + x0)', dtype)}"] if vendor_bias else ["acc_v = acc"]
     vendor_skip = 0 if vendor_bias else int(has_bias)
-    return ConvSources(main=tpl.render_conv(tpl.epilogue_spec(plan, main_lines), dot),
+    main_spec = tpl.epilogue_spec(plan, main_lines)
+    return ConvSources(main=tpl.render_conv(main_spec, dot), tma=render_conv_tma(main_spec, dot),
                        vendor=tpl.render_gemm(tpl.epilogue_spec(plan, vendor_lines, skip_loads=vendor_skip), dot),
                        vendor_bias=vendor_bias, vendor_skip=vendor_skip)
 
@@ -267,7 +277,7 @@ def _template_configs(problem: ConvProblem, ctx: KernelContext) -> List[GemmConf
 def _tuning_key(build: "_ConvBuild", ctx: KernelContext) -> TuningKey:
     p, group = build.problem, build.group
     return TuningKey(
-        kind="conv", template=tpl.source_hash(build.sources.main[0] + build.sources.vendor[0]),
+        kind="conv", template=tpl.source_hash(build.sources.main[0] + build.sources.tma[0] + build.sources.vendor[0]),
         shapes=group_shapes(group), strides=group_strides(group), dtypes=group_dtypes(group),
         extra=f"s={p.stride} p={p.padding} d={p.dilation} g={p.groups} {'|'.join(build.plan.chain_ops)} "
               f"precision={ctx.options.precision}",

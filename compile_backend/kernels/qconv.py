@@ -30,6 +30,7 @@ from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .conv import ConvRunner, conv_heuristic
+from .conv_tma import ConvTmaConfig, configs_for, render_conv_tma, tma_conv_candidate
 from .gemm_config import (GemmConfig, candidate_configs, heuristic_config, short_k_8bit_configs, short_k_configs,
                           short_k_steps)
 from .gemm_tma import tma_available
@@ -103,11 +104,14 @@ def scaled_conv_problem(group: KernelGroup, device: torch.device) -> ScaledConvP
 
 def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[bool] = None,
                            configs: Optional[Sequence[GemmConfig]] = None,
-                           gemm_configs: Optional[Sequence[GemmConfig]] = None) -> TemplateTuning:
+                           gemm_configs: Optional[Sequence[GemmConfig]] = None,
+                           tma_configs: Optional[Sequence[ConvTmaConfig]] = None) -> TemplateTuning:
     """Candidates for a scaled_conv group, template heuristic first; ``vendor`` (default: on
     CUDA) adds cuDNN on fp32-converted operands + ATen epilogue; ``configs`` replaces the
     template configs (tests); a pointwise convolution (:func:`is_pointwise`) also gets the
-    scaled GEMM template's configs over its channels-last rows (``gemm_configs`` replaces them)."""
+    scaled GEMM template's configs over its channels-last rows (``gemm_configs`` replaces them);
+    a stride-1 one the TMA convolution computes (``conv_tma``), on Hopper, its configs
+    (``tma_configs`` replaces them, and adds them anywhere: the interpreter runs them too)."""
     p = scaled_conv_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
     dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", fp8_accumulation_of(ctx))
@@ -125,6 +129,14 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
         sms = device_limits(ctx.device)[0]
         candidates += [_rows_gemm_candidate(group, p, plan, gemm_sources, probe, c, sms) for c in gemm_configs]
         hashed += gemm_sources[0][0] + gemm_sources[1][0]
+    if tma_configs is None:
+        tma_configs = configs_for(meta_of(p.xq), meta_of(p.wq), p.out_val.shape, p.stride, p.padding, p.dilation,
+                                  p.groups, ctx)
+    if tma_configs:
+        tma_source = render_conv_tma(spec, dot)
+        candidates += [tma_conv_candidate(group, plan, p.xq, p.wq, p.padding, tma_source, probe, c, {"scaled": True})
+                       for c in tma_configs]
+        hashed += tma_source[0]
     if (ctx.device.type == "cuda") if vendor is None else vendor:
         candidates.append(_cudnn_candidate(group, p, probe))
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it

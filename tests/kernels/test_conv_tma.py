@@ -1,0 +1,157 @@
+"""The TMA convolution (kernels/conv_tma.py): which problems it takes, its configs, and its
+results against the scaled convolution's reference under Triton's interpreter (CPU, odd shapes,
+padding through the loads' out-of-bounds zeros, a channel tail) and on a Hopper GPU.
+
+Tolerances: INT8 products accumulate exactly in int32; the fp16 output is one rounding of the
+fp32 epilogue, so int8 results equal the reference up to that rounding (``TOL[float16]``); FP8
+sums in fp32 in another order (atol 1e-5 of the largest output), as test_quant_kernels.py's
+``check``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compile_backend.ops  # noqa: F401  (registers torch.ops.compile_backend.*)
+from groups import TOL, randn  # tests/kernels/groups.py
+from test_quant_kernels import CTX, anchor_group, quantized_conv
+from compile_backend.kernels.conv_tma import ConvTmaConfig, conv_tma_configs, conv_tma_supported
+from compile_backend.kernels.qconv import scaled_conv_candidates
+
+scaled_conv = torch.ops.compile_backend.scaled_conv
+CL = torch.channels_last
+
+
+def _problem(precision, c, hw, oc, k, pad, seed=3, device="cpu"):
+    xq, xs, wq, ws, b = quantized_conv(2, c, hw, oc, k, 1, precision, per_channel=True, bias=True,
+                                       channels_last=True, seed=seed)
+    wq = wq.contiguous(memory_format=CL)  # as the layout pass stores a convolution's weight on CUDA
+    oh, ow = hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1
+    r = randn(2, oc, oh, ow, seed=seed + 5).half().contiguous(memory_format=CL)
+    inputs = tuple(t.to(device) for t in (xq, xs, wq, ws, b, r))
+
+    def fn(xq, xs, wq, ws, b, r):
+        return torch.relu(scaled_conv(xq, xs, wq, ws, b, [1, 1], [pad, pad], [1, 1], 1, torch.float16) + r)
+
+    return anchor_group(fn, *inputs, kind="conv", op="scaled_conv"), inputs
+
+
+def _close(got, want, precision):
+    tol = dict(TOL[torch.float16])
+    if precision == "fp8":
+        tol["atol"] = max(tol["atol"], 1e-5 * want.float().abs().max().item())
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("c,hw,oc,k,pad", [(32, (5, 7), 24, 3, 1), (48, (9, 6), 40, 3, 0), (32, (6, 5), 16, 5, 2)],
+                         ids=["3x3_pad1", "3x3_pad0_channel_tail", "5x5_pad2"])
+def test_tma_convolution_matches_the_reference_in_the_interpreter(precision, c, hw, oc, k, pad):
+    """Patches that overhang the map, padding read as the loads' zeros, a channel block past C
+    (48 = 32 + 16: zeros on both operands), output channels past OC (masked), with the group's
+    bias, residual add and ReLU in the epilogue."""
+    group, inputs = _problem(precision, c, hw, oc, k, pad)
+    cfg = ConvTmaConfig(4, 8, 16, 32, 4, 1)
+    tuning = scaled_conv_candidates(group, CTX, vendor=False, tma_configs=[cfg])
+    (tma,) = [cand for cand in tuning.candidates if cand.config.get("conv_tma")]
+    assert tma.name == "triton conv 4x8x16x32 w4 s1 g8 tma" and tma.name in tuning.writes_out
+    (got,) = tma.compile()(*inputs)
+    (want,) = group.reference(*inputs)
+    assert got.shape == want.shape and got.stride() == want.stride()
+    _close(got, want, precision)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float_convolution_on_the_tma_kernel_in_the_interpreter(dtype):
+    """A 16-bit convolution group (bias, ReLU) on the TMA kernel equals its reference: 16
+    channels (32 bytes a pixel) over an odd map with padding 1."""
+    from compile_backend.kernels.conv import conv_candidates
+    from groups import make_group
+
+    x = randn(2, 16, 7, 5, seed=11).to(dtype).contiguous(memory_format=CL)
+    w = (randn(24, 16, 3, 3, seed=12) / 12).to(dtype).contiguous(memory_format=CL)
+    b = randn(24, seed=13).to(dtype)
+    g = make_group(lambda x, w, b: torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 1)), x, w, b)
+    anchor = next(n.name for n in g.gm.graph.nodes if n.op == "call_function" and "convolution" in str(n.target))
+    group = type(g)("conv", g.gm, anchor=anchor)
+    tuning = conv_candidates(group, CTX, vendor=False, tma_configs=[ConvTmaConfig(4, 4, 16, 16, 4, 1)])
+    (tma,) = [c for c in tuning.candidates if c.config.get("conv_tma")]
+    (got,), (want,) = tma.compile()(x, w, b), group.reference(x, w, b)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_which_convolutions_it_takes():
+    x = torch.zeros(2, 32, 9, 9, dtype=torch.int8).contiguous(memory_format=CL)
+    w = torch.zeros(16, 32, 3, 3, dtype=torch.int8).contiguous(memory_format=CL)
+    assert conv_tma_supported(x, w, (1, 1), (1, 1), (1, 1), 1)
+    assert not conv_tma_supported(x, w, (2, 2), (1, 1), (1, 1), 1)  # strided: not one box
+    assert not conv_tma_supported(x, w, (1, 1), (2, 2), (2, 2), 1)  # dilated
+    assert not conv_tma_supported(x, w[:, :16].contiguous(memory_format=CL), (1, 1), (1, 1), (1, 1), 2)  # groups
+    assert not conv_tma_supported(x, w[:, :, :1, :1].contiguous(memory_format=CL), (1, 1), (0, 0), (1, 1), 1)  # 1x1: rows
+    assert not conv_tma_supported(x.contiguous(), w, (1, 1), (1, 1), (1, 1), 1)  # NCHW
+    x8, w8 = x[:, :8].contiguous(memory_format=CL), w[:, :8].contiguous(memory_format=CL)
+    assert not conv_tma_supported(x8, w8, (1, 1), (1, 1), (1, 1), 1)  # 8-byte channel rows
+    assert conv_tma_supported(x8.half(), w8.half(), (1, 1), (1, 1), (1, 1), 1)  # 16 bytes in fp16
+    assert not conv_tma_supported(x.float(), w.float(), (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_configs_fit_the_map_and_the_channels():
+    fast = conv_tma_configs(256, 56, 56, torch.int8, "fast")
+    assert len(fast) == 5 and all(c.block_k == 128 for c in fast) and fast[0].name == "8x16x128x128 w8 s4 g8 tma"
+    assert all(c.block_k == 64 for c in conv_tma_configs(64, 56, 56, torch.int8, "fast"))  # 128 does not divide 64
+    assert all(c.block_k == 64 for c in conv_tma_configs(512, 7, 7, torch.float16, "fast"))
+    small = conv_tma_configs(512, 3, 3, torch.int8, "max")
+    assert small and all(c.block_h <= 8 and c.block_w <= 8 for c in small)
+    assert len(conv_tma_configs(256, 56, 56, torch.int8, "max")) > len(fast)
+    assert conv_tma_configs(256, 56, 56, torch.int8, "off") == fast[:1]
+
+
+def test_no_tma_candidates_off_hopper():
+    group, _ = _problem("int8", 32, (5, 7), 24, 3, 1)
+    assert not any(c.config.get("conv_tma") for c in scaled_conv_candidates(group, CTX, vendor=False).candidates)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_gpu_tma_convolution_candidates(precision):
+    """On Hopper a stride-1 3x3 scaled convolution gets the TMA configs; each runs and matches."""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.options import Options
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    group, inputs = _problem(precision, 64, (14, 13), 96, 3, 1, device="cuda")
+    ctx = KernelContext(Options(), torch.device("cuda"), False)
+    tma = [c for c in scaled_conv_candidates(group, ctx, vendor=False).candidates if c.config.get("conv_tma")]
+    assert len(tma) == 5, [c.name for c in tma]
+    (want,) = group.reference(*inputs)
+    for cand in tma:
+        (got,) = cand.compile()(*inputs)
+        _close(got, want, precision)
+
+
+@pytest.mark.gpu
+def test_gpu_float_tma_convolution_candidates():
+    """On Hopper a stride-1 3x3 fp16 convolution group gets the TMA configs beside cuDNN's and the
+    template's; each runs and matches."""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.conv import conv_candidates
+    from compile_backend.options import Options
+    from groups import make_group
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    x = randn(4, 64, 14, 13, seed=21).half().cuda().contiguous(memory_format=CL)
+    w = (randn(96, 64, 3, 3, seed=22) / 24).half().cuda().contiguous(memory_format=CL)
+    b = randn(96, seed=23).half().cuda()
+    g = make_group(lambda x, w, b: torch.relu(torch.nn.functional.conv2d(x, w, b, 1, 1)), x, w, b)
+    anchor = next(n.name for n in g.gm.graph.nodes if n.op == "call_function" and "convolution" in str(n.target))
+    group = type(g)("conv", g.gm, anchor=anchor)
+    ctx = KernelContext(Options(), torch.device("cuda"), False)
+    tma = [c for c in conv_candidates(group, ctx).candidates if c.config.get("conv_tma")]
+    assert len(tma) == 5, [c.name for c in tma]
+    (want,) = group.reference(x, w, b)
+    for cand in tma:
+        (got,) = cand.compile()(x, w, b)
+        torch.testing.assert_close(got, want, **TOL[torch.float16])
