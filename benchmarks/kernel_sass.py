@@ -13,7 +13,8 @@ main loop: on BERT-base's FFN1 (H100, session 13) FP8's epilogue took ~12 us
 of a 27 us kernel at ~46 instructions an element.
 
 Run: ``python -m benchmarks.kernel_sass [--shape M N K] [--forms ...] [--json FILE]``; with
-``--gemv N K`` the decode GEMV's main loop instead (SASS instructions per weight, by weight kind).
+``--gemv N K`` the decode GEMV's main loop instead (SASS instructions per weight, by weight kind);
+with ``--conv-tma C HW OC`` the TMA convolution of a 3x3 layer (TMA loads, tensor-core operands).
 It uses Triton's JIT binder (``create_function_from_signature``, ``JITFunction._pack_args``), so it
 follows the installed Triton's specialisation; checked with Triton 3.9 (another may move them).
 """
@@ -89,6 +90,12 @@ def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
             # asynchronous copies global -> shared (cp.async / TMA): loads Triton's pipeliner
             # keeps in flight in shared memory rather than in registers
             "async_copies": sum(bool(re.search(r"\b(LDGSTS|UBLKCP|UTMALDG)\b", i)) for i in instructions),
+            "tma_loads": sum(bool(re.search(r"\bUTMALDG\b", i)) for i in instructions),
+            "mma": sum(bool(re.search(r"\b[HQI]GMMA\b", i)) for i in instructions),
+            # Hopper's tensor-core GEMM reads its A operand from shared memory (TTGIR: a memdesc)
+            # or from registers (after a local_load): a TMA convolution's 2-D patch takes the latter
+            "dot_a_shared": bool(re.search(r"warp_group_dot %\S+, %\S+, %\S+ \{[^}]*\} : !ttg\.memdesc",
+                                           kernel.asm.get("ttgir", ""))),
             "loop_instructions": longest_loop(sass),
             "loop_sm_clocks": loop_clocks(longest_loop(sass, body=True))}
 
@@ -200,6 +207,54 @@ def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg, quant_gelu
     return sink
 
 
+def conv_tma_rows(c: int, hw: int, oc: int, kinds=("int8", "fp8", "fp16")) -> List[dict]:
+    """The TMA convolution (``kernels/conv_tma.py``) of a 3x3 stride-1 pad-1 layer (``c`` ->
+    ``oc`` channels over an ``hw`` x ``hw`` map, its bias and ReLU) per operand kind (``kinds``) and patch kind,
+    compiled for sm_90: registers, spills, TMA loads (UTMALDG), tensor-core instructions, and
+    whether the input tile reaches the tensor cores from shared memory (a row patch's) or through
+    registers (a 2-D patch's: Triton reshapes it there)."""
+    from compile_backend import ops  # noqa: F401  (registers compile_backend::scaled_conv)
+    from compile_backend.kernels import conv, gemm_template, qconv, qgemm, quant_ref
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.conv_tma import ConvTmaConfig
+    from compile_backend.kernels.template import traced_group
+    from compile_backend.options import Options
+
+    sink: List[dict] = []
+    load, dot_fields, scaled_dot = gemm_template.load_kernel, gemm_template.dot_fields, qgemm.scaled_dot_fields
+    gemm_template.load_kernel = lambda source, name: _Compiled(load(source, name), sink)
+    gemm_template.dot_fields = lambda operand, tf32, interpret, int_acc: dot_fields(operand, tf32, False, int_acc)
+    qconv.scaled_dot_fields = lambda dtype, interpret, accumulation="tile": scaled_dot(dtype, False, accumulation)
+    cl = torch.channels_last
+    rows = []
+    try:
+        ctx = KernelContext(options=Options(), device=torch.device("cpu"), interpret=False)
+        x, w = torch.randn(2, c, hw, hw).contiguous(memory_format=cl), torch.randn(oc, c, 3, 3) / (9 * c) ** 0.5
+        b = torch.randn(oc, dtype=torch.float16)
+        for operands in kinds:
+            for patch in ((1, 64), (8, 16)):
+                bk = 64 if operands == "fp16" else 128
+                cfg = ConvTmaConfig(*patch, 128, bk, 4 if patch[0] == 1 else 8, 4)
+                if operands == "fp16":
+                    inputs = (x.half(), w.half().contiguous(memory_format=cl), b)
+                    group = traced_group(lambda x, w, b: torch.relu(F.conv2d(x, w, b, 1, 1)), inputs, "conv", "convolution")
+                    tuning = conv.conv_candidates(group, ctx, vendor=False, configs=[], tma_configs=[cfg])
+                else:
+                    xs = quant_ref.scale_from_amax(x.abs().amax(), operands)
+                    wq, ws = quant_ref.quantize_weight(w, operands, True)
+                    inputs = (quant_ref.quantize(x, xs, operands), xs, wq.contiguous(memory_format=cl), ws, b)
+                    group = traced_group(lambda xq, xs, wq, ws, b: torch.relu(torch.ops.compile_backend.scaled_conv(
+                        xq, xs, wq, ws, b, [1, 1], [1, 1], [1, 1], 1, torch.float16)), inputs, "conv", "scaled_conv")
+                    tuning = qconv.scaled_conv_candidates(group, ctx, vendor=False, configs=[], gemm_configs=[],
+                                                          tma_configs=[cfg])
+                (cand,) = [t for t in tuning.candidates if t.config.get("conv_tma")]
+                cand.compile()(*inputs)
+                rows.append({"operands": operands, "patch": list(patch), "config": cfg.name, **sink[-1]})
+    finally:
+        gemm_template.load_kernel, gemm_template.dot_fields, qconv.scaled_dot_fields = load, dot_fields, scaled_dot
+    return rows
+
+
 def gemv_rows(n: int, k: int) -> List[dict]:
     """The decode GEMV (``kernels/gemv.py``, M = 1) for INT4 (group 128), INT8 and fp16 weights,
     elementwise and tensor-core loops: main-loop SASS instructions per weight. At the H200's
@@ -255,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--operands", nargs="*", default=["fp16", "fp8"], choices=("fp16", "fp8", "int8"))
     p.add_argument("--gemv", nargs=2, type=int, metavar=("N", "K"),
                    help="instead: the decode GEMV's main loop per weight at [N, K] (e.g. 5632 2048)")
+    p.add_argument("--conv-tma", nargs=3, type=int, metavar=("C", "HW", "OC"),
+                   help="instead: the TMA convolution of a 3x3 layer C -> OC over an HW x HW map (e.g. 64 56 64)")
     p.add_argument("--fp8-cast", choices=("this-torch", "nan"), default="this-torch",
                    help="nan: generate as for a torch whose fp32 -> fp8 cast makes overflow NaN (torch "
                         "2.11, the GPU image's: FP8 conversions then carry an overflow guard)")
@@ -271,6 +328,13 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(tools_dir(), "ptxas")):
         print(f"kernel_sass: no ptxas in {tools_dir()} (this Triton wheel ships none)", file=sys.stderr)
         return 2
+    if args.conv_tma:
+        rows = conv_tma_rows(*args.conv_tma, kinds=args.operands)
+        for r in rows:
+            print(f"conv tma {r['operands']:5s} {r['config']:26s} regs {r['registers']:3d} spill st/ld "
+                  f"{r['local_stores']}/{r['local_loads']} TMA loads {r['tma_loads']} tensor-core ops {r['mma']} "
+                  f"A from {'shared memory' if r['dot_a_shared'] else 'registers'}", flush=True)
+        return write_json(args.json, rows)
     if args.gemv:
         rows = gemv_rows(*args.gemv)
         for r in rows:

@@ -117,23 +117,30 @@ class ConvTmaConfig:
 
 #: (BLOCK_H, BLOCK_W, BLOCK_N, warps, stages), tried in this order at "fast" (not yet timed on a
 #: GPU: 128-pixel patches as the GEMM templates' best 128-row tiles, 64-pixel ones for the 7x7
-#: and 14x14 maps of ResNet's last stages, where a 8x16 patch wastes half its rows)
-_FAST = ((8, 16, 128, 8, 4), (8, 8, 128, 4, 4), (16, 8, 128, 8, 4), (8, 16, 64, 4, 4), (8, 8, 64, 4, 3))
-_MAX = tuple((bh, bw, bn, w, s) for bh, bw in ((8, 8), (8, 16), (16, 8), (16, 16)) for bn in (64, 128, 256)
-             for w in (4, 8) for s in (3, 4, 5) if bh * bw * bn <= 128 * 256 and not (bh * bw * bn >= 128 * 128 and w == 4))
+#: and 14x14 maps of ResNet's last stages, where a 8x16 patch wastes half its rows). Row patches
+#: (BLOCK_H 1) for wide maps: their input tile folds only unit dimensions into the GEMM's rows,
+#: so Triton keeps it in shared memory for the tensor cores (wgmma's SS form, sm_90 TTGIR:
+#: ``memdesc_reshape``), where a 2-D patch's tile goes through registers (``local_load`` +
+#: ``reshape``: the RS form); which is faster is the tuner's to say
+_FAST = ((8, 16, 128, 8, 4), (1, 64, 128, 4, 4), (1, 128, 128, 8, 4), (8, 8, 128, 4, 4), (16, 8, 128, 8, 4),
+         (8, 16, 64, 4, 4), (8, 8, 64, 4, 3))
+_MAX = tuple((bh, bw, bn, w, s) for bh, bw in ((1, 64), (1, 128), (8, 8), (8, 16), (16, 8), (16, 16))
+             for bn in (64, 128, 256) for w in (4, 8) for s in (3, 4, 5)
+             if bh * bw * bn <= 128 * 256 and not (bh * bw * bn >= 128 * 128 and w == 4))
 
 
 def conv_tma_configs(c: int, oh: int, ow: int, dtype: torch.dtype, level: str) -> List[ConvTmaConfig]:
     """Configs for ``c`` input channels of ``dtype`` over an ``oh`` x ``ow`` output map: BLOCK_K
     128 bytes of channels where they divide evenly (64 for 16-bit operands), else 64 bytes;
-    patches no larger than the map ("fast": five, "max": every combination; "off": the first)."""
+    patches no larger than twice the map, row patches over 3/4 of a row at least ("fast": up to
+    seven, "max": every combination; "off": the first)."""
     size = torch.empty((), dtype=dtype).element_size()
     bk = 128 // size if c % (128 // size) == 0 else 64 // size
     pool = _MAX if level == "max" else _FAST
     out = []
     for bh, bw, bn, warps, stages in pool:
-        if bh > max(8, 2 * oh) or bw > max(8, 2 * ow):
-            continue
+        if bh > max(8, 2 * oh) or bw > max(8, 2 * ow) or (bh == 1 and 4 * ow < 3 * bw):
+            continue  # a patch past twice the map, or a row patch over less than 3/4 of a row
         cfg = ConvTmaConfig(bh, bw, bn, bk, warps, stages)
         if cfg not in out:
             out.append(cfg)

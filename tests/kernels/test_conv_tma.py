@@ -46,15 +46,16 @@ def _close(got, want, precision):
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 @pytest.mark.parametrize("c,hw,oc,k,pad", [(32, (5, 7), 24, 3, 1), (48, (9, 6), 40, 3, 0), (32, (6, 5), 16, 5, 2)],
                          ids=["3x3_pad1", "3x3_pad0_channel_tail", "5x5_pad2"])
-def test_tma_convolution_matches_the_reference_in_the_interpreter(precision, c, hw, oc, k, pad):
-    """Patches that overhang the map, padding read as the loads' zeros, a channel block past C
-    (48 = 32 + 16: zeros on both operands), output channels past OC (masked), with the group's
-    bias, residual add and ReLU in the epilogue."""
+@pytest.mark.parametrize("patch", [(4, 8), (1, 8)], ids=["patch", "row"])
+def test_tma_convolution_matches_the_reference_in_the_interpreter(precision, c, hw, oc, k, pad, patch):
+    """Patches (2-D, and rows) that overhang the map, padding read as the loads' zeros, a channel
+    block past C (48 = 32 + 16: zeros on both operands), output channels past OC (masked), with
+    the group's bias, residual add and ReLU in the epilogue."""
     group, inputs = _problem(precision, c, hw, oc, k, pad)
-    cfg = ConvTmaConfig(4, 8, 16, 32, 4, 1)
+    cfg = ConvTmaConfig(*patch, 16, 32, 4, 1)
     tuning = scaled_conv_candidates(group, CTX, vendor=False, tma_configs=[cfg])
     (tma,) = [cand for cand in tuning.candidates if cand.config.get("conv_tma")]
-    assert tma.name == "triton conv 4x8x16x32 w4 s1 g8 tma" and tma.name in tuning.writes_out
+    assert tma.name == f"triton conv {patch[0]}x{patch[1]}x16x32 w4 s1 g8 tma" and tma.name in tuning.writes_out
     (got,) = tma.compile()(*inputs)
     (want,) = group.reference(*inputs)
     assert got.shape == want.shape and got.stride() == want.stride()
@@ -98,7 +99,9 @@ def test_which_convolutions_it_takes():
 
 def test_configs_fit_the_map_and_the_channels():
     fast = conv_tma_configs(256, 56, 56, torch.int8, "fast")
-    assert len(fast) == 5 and all(c.block_k == 128 for c in fast) and fast[0].name == "8x16x128x128 w8 s4 g8 tma"
+    assert len(fast) == 6 and all(c.block_k == 128 for c in fast) and fast[0].name == "8x16x128x128 w8 s4 g8 tma"
+    assert [c.block_w for c in fast if c.block_h == 1] == [64]  # a 128-wide row patch wastes over half a 56 row
+    assert not any(c.block_h == 1 for c in conv_tma_configs(256, 28, 28, torch.int8, "fast"))
     assert all(c.block_k == 64 for c in conv_tma_configs(64, 56, 56, torch.int8, "fast"))  # 128 does not divide 64
     assert all(c.block_k == 64 for c in conv_tma_configs(512, 7, 7, torch.float16, "fast"))
     small = conv_tma_configs(512, 3, 3, torch.int8, "max")
