@@ -86,13 +86,23 @@ def {name}(
 
 def render_conv_tma(spec: tpl.EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
     """Source of the TMA convolution kernel with ``spec``'s epilogue and ``dot``'s main-loop dot
-    (``gemm_template.dot_fields`` / ``qgemm.scaled_dot_fields``)."""
+    (``gemm_template.dot_fields`` / ``qgemm.scaled_dot_fields``). A spec made with
+    ``epilogue_spec(..., broadcast=True, column_dim=1)`` loads its broadcast operands as such."""
 
     def offset(p: str) -> str:
         return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None] + oc_out[None, :] * {p}_s1"
 
+    def broadcast(p: str, pixels: bool, channels: bool) -> Tuple[str, object]:
+        # a per-channel vector (a bias, per-channel scales) as one [1, BLOCK_N] row, a per-pixel
+        # one as a [BLOCK_M, 1] column, a scalar as itself: not a [BLOCK_M, BLOCK_N] gather each
+        if channels:
+            return f"oc_out[None, :] * {p}_s1", "(rn < OC)[None, :]"
+        if pixels:
+            return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None]", "((oh < OH) & (ow < OW))[:, None]"
+        return "0", None
+
     ptrs, strides = tpl.io_params(spec, 4)
-    body = "\n".join(tpl.epilogue_body(spec, offset, "mask", " " * 4))
+    body = "\n".join(tpl.epilogue_body(spec, offset, "mask", " " * 4, broadcast))
     return tpl.finish(_CONV_TMA, "conv_tma", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 

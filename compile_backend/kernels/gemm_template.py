@@ -518,12 +518,13 @@ def _out_layouts(stores, outputs, anchor_shape) -> tuple:
 
 
 def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool = False,
-                  skip_loads: int = 0, broadcast: bool = False) -> EpilogueSpec:
+                  skip_loads: int = 0, broadcast: bool = False, column_dim: int = -1) -> EpilogueSpec:
     """The kernel epilogue of ``plan`` after ``anchor_lines``; ``skip_loads`` leaves out the
     first anchor loads (when the anchor's value comes from cuBLAS with its bias applied).
     ``broadcast``: loads broadcast along the rows or the columns are loaded as such
     (:func:`load_sides`; for runners that view the anchor's space as (batch, rows, columns)
-    with ``template.as3d``: the GEMM and scaled-GEMM builders)."""
+    with ``template.as3d``: the GEMM and scaled-GEMM builders; ``column_dim`` 1: the columns are
+    a convolution's output channels in its (n, c, h, w) space, the TMA convolution's)."""
     from . import expr
 
     n = len(plan.loads)
@@ -533,19 +534,21 @@ def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool
         stores=tuple(s[0] for s in plan.stores),
         int_acc=int_acc,
         helpers=expr.helper_source(plan.helpers),
-        load_axes=tuple(load_sides(lp, plan.anchor_shape) for lp in plan.loads[skip_loads:]) if broadcast else (),
+        load_axes=tuple(load_sides(lp, plan.anchor_shape, column_dim) for lp in plan.loads[skip_loads:])
+        if broadcast else (),
     )
 
 
-def load_sides(lp: LoadPlan, anchor_shape: Sequence[int]) -> Tuple[bool, bool]:
+def load_sides(lp: LoadPlan, anchor_shape: Sequence[int], column_dim: int = -1) -> Tuple[bool, bool]:
     """(varies along the rows, varies along the columns) of a load in a 2-D or 3-D anchor's
     space: the columns are the last dim, the rows every other one (a batch dim included, so
-    a load varying by batch alone counts as varying along the rows). From the broadcast alone
-    (a stride 0 after ``expand``), which holds whatever the run-time tensor's strides."""
+    a load varying by batch alone counts as varying along the rows); with ``column_dim`` 1, in
+    a 4-D (n, c, h, w) space, the columns are c. From the broadcast alone (a stride 0 after
+    ``expand``), which holds whatever the run-time tensor's strides."""
     import torch
 
     val = getattr(lp.source, "meta", {}).get("val")
-    if val is None or len(anchor_shape) not in (2, 3):
+    if val is None or len(anchor_shape) not in ((2, 3) if column_dim == -1 else (4,)):
         return (True, True)
     t = torch.empty(tuple(val.shape), device="meta")
     try:
@@ -555,7 +558,8 @@ def load_sides(lp: LoadPlan, anchor_shape: Sequence[int]) -> Tuple[bool, bool]:
     except RuntimeError:  # run through a copy: a full tile
         return (True, True)
     varies = [size > 1 and stride != 0 for size, stride in zip(t.shape, t.stride())]
-    return any(varies[:-1]), varies[-1]
+    column = varies.pop(column_dim)
+    return any(varies), column
 
 
 def bind_group(plan: EpiloguePlan, group, inputs: Sequence[object]) -> Dict[object, object]:

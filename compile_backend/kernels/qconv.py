@@ -133,7 +133,9 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
         tma_configs = configs_for(meta_of(p.xq), meta_of(p.wq), p.out_val.shape, p.stride, p.padding, p.dilation,
                                   p.groups, ctx)
     if tma_configs:
-        tma_source = render_conv_tma(spec, dot)
+        tma_spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.bias is not None, p.out_dtype), p.int_acc,
+                                     broadcast=True, column_dim=1)
+        tma_source = render_conv_tma(tma_spec, dot)
         candidates += [tma_conv_candidate(group, plan, p.xq, p.wq, p.padding, tma_source, probe, c, {"scaled": True})
                        for c in tma_configs]
         hashed += tma_source[0]

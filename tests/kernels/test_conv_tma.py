@@ -158,3 +158,23 @@ def test_gpu_float_tma_convolution_candidates():
     for cand in tma:
         (got,) = cand.compile()(x, w, b)
         torch.testing.assert_close(got, want, **TOL[torch.float16])
+
+
+def test_broadcast_operands_load_as_rows_and_scalars(monkeypatch):
+    """The epilogue loads the per-channel bias and weight scales as one [1, BLOCK_N] row and the
+    per-tensor input scale as a scalar, the residual as the full tile (sm_90: the INT8 kernel's
+    registers 250 -> 122 with them, benchmarks/kernel_sass.py --conv-tma)."""
+    from compile_backend.kernels import gemm_template
+
+    sources = []
+    load = gemm_template.load_kernel
+    monkeypatch.setattr(gemm_template, "load_kernel", lambda source, name: sources.append(source) or load(source, name))
+    group, inputs = _problem("int8", 32, (5, 7), 24, 3, 1)
+    tuning = scaled_conv_candidates(group, CTX, vendor=False, tma_configs=[ConvTmaConfig(4, 8, 16, 32, 4, 1)])
+    (tma,) = [c for c in tuning.candidates if c.config.get("conv_tma")]
+    tma.compile()(*inputs)
+    loads = [line.strip() for line in sources[-1].splitlines() if "tl.load(L" in line]
+    rows = [line for line in loads if "oc_out[None, :] * l" in line and "nb *" not in line]
+    scalars = [line for line in loads if line.endswith("+ 0)")]
+    full = [line for line in loads if "nb *" in line and "oc_out[None, :]" in line]
+    assert len(rows) == 2 and len(scalars) == 1 and len(full) == 1, loads  # w_scale, bias; x_scale; residual
