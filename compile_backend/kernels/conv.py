@@ -253,8 +253,8 @@ def _render_sources(problem: ConvProblem, plan: tpl.EpiloguePlan, ctx: KernelCon
     vendor_bias = has_bias and not anchor_only(plan)
     vendor_lines = [f"acc_v = {expr.round_to('(acc + x0)', dtype)}"] if vendor_bias else ["acc_v = acc"]
     vendor_skip = 0 if vendor_bias else int(has_bias)
-    return ConvSources(main=tpl.render_conv(tpl.epilogue_spec(plan, main_lines), dot),
-                       tma=render_conv_tma(tpl.epilogue_spec(plan, main_lines, broadcast=True, column_dim=1), dot),
+    main_spec = tpl.epilogue_spec(plan, main_lines, broadcast=True, column_dim=1)  # the bias as a row
+    return ConvSources(main=tpl.render_conv(main_spec, dot), tma=render_conv_tma(main_spec, dot),
                        vendor=tpl.render_gemm(tpl.epilogue_spec(plan, vendor_lines, skip_loads=vendor_skip), dot),
                        vendor_bias=vendor_bias, vendor_skip=vendor_skip)
 

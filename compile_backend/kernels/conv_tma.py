@@ -79,7 +79,9 @@ def {name}(
     nb = n.to(tl.int64)
     rn = n0 + tl.arange(0, BLOCK_N)
     oc_out = rn
-    mask = ((oh < OH) & (ow < OW))[:, None] & (rn < OC)[None, :]
+    row_ok = (oh < OH) & (ow < OW)
+    col_ok = rn < OC
+    mask = row_ok[:, None] & col_ok[None, :]
 {epilogue}
 '''
 
@@ -89,20 +91,8 @@ def render_conv_tma(spec: tpl.EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, s
     (``gemm_template.dot_fields`` / ``qgemm.scaled_dot_fields``). A spec made with
     ``epilogue_spec(..., broadcast=True, column_dim=1)`` loads its broadcast operands as such."""
 
-    def offset(p: str) -> str:
-        return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None] + oc_out[None, :] * {p}_s1"
-
-    def broadcast(p: str, pixels: bool, channels: bool) -> Tuple[str, object]:
-        # a per-channel vector (a bias, per-channel scales) as one [1, BLOCK_N] row, a per-pixel
-        # one as a [BLOCK_M, 1] column, a scalar as itself: not a [BLOCK_M, BLOCK_N] gather each
-        if channels:
-            return f"oc_out[None, :] * {p}_s1", "(rn < OC)[None, :]"
-        if pixels:
-            return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None]", "((oh < OH) & (ow < OW))[:, None]"
-        return "0", None
-
     ptrs, strides = tpl.io_params(spec, 4)
-    body = "\n".join(tpl.epilogue_body(spec, offset, "mask", " " * 4, broadcast))
+    body = "\n".join(tpl.epilogue_body(spec, tpl.conv_offset, "mask", " " * 4, tpl.conv_broadcast_load))
     return tpl.finish(_CONV_TMA, "conv_tma", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 

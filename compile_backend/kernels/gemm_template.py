@@ -320,21 +320,38 @@ def {name}(
         b = tl.load(w_base[None, :] + (c0 + rk)[:, None] * sw_c + kh * sw_h + kw * sw_w,
                     mask=c_ok[:, None], other={zero})
         acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
-    mask = (rm < M)[:, None] & (rn < OCG)[None, :]
+    row_ok = rm < M
+    col_ok = rn < OCG
+    mask = row_ok[:, None] & col_ok[None, :]
     oc_out = g * OCG + rn
 {epilogue}
 '''
 
 
+def conv_offset(p: str) -> str:
+    """A convolution epilogue's address of a full [pixels, channels] tile of pointer ``p`` in
+    the output's (n, c, h, w) space (the kernel's ``nb``, ``oh``, ``ow``, ``oc_out``)."""
+    return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None] + oc_out[None, :] * {p}_s1"
+
+
+def conv_broadcast_load(p: str, pixels: bool, channels: bool) -> Tuple[str, Optional[str]]:
+    """(offset, mask: the kernel's ``row_ok`` / ``col_ok``) of a load varying along the pixels or the channels only (a spec made with
+    ``epilogue_spec(..., broadcast=True, column_dim=1)``): a per-channel vector (a bias,
+    per-channel scales) as one [1, BLOCK_N] row, a per-pixel one as a [BLOCK_M, 1] column, a
+    scalar as itself, where a full-tile gather each took registers and load instructions per
+    element (sm_90: the TMA convolution's INT8 kernel 250 -> 122 registers)."""
+    if channels:
+        return f"oc_out[None, :] * {p}_s1", "col_ok[None, :]"
+    if pixels:
+        return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None]", "row_ok[:, None]"
+    return "0", None
+
+
 def render_conv(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
     """Source of an implicit-GEMM 2-D convolution kernel; loads and stores are addressed in the
-    output's (n, c, h, w) index space."""
-
-    def offset(p: str) -> str:
-        return f"(nb * {p}_s0 + oh * {p}_s2 + ow * {p}_s3)[:, None] + oc_out[None, :] * {p}_s1"
-
+    output's (n, c, h, w) index space (broadcast loads as such: :func:`conv_broadcast_load`)."""
     ptrs, strides = io_params(spec, 4)
-    body = "\n".join(epilogue_body(spec, offset, "mask", " " * 4))
+    body = "\n".join(epilogue_body(spec, conv_offset, "mask", " " * 4, conv_broadcast_load))
     return finish(_CONV, "conv", helpers=spec.helpers, ptrs=ptrs, strides=strides, epilogue=body, **dot)
 
 

@@ -115,7 +115,10 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
     p = scaled_conv_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)
     dot = scaled_dot_fields(p.dtype, ctx.device.type != "cuda", fp8_accumulation_of(ctx))
-    spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.bias is not None, p.out_dtype), p.int_acc)
+    # broadcast operands (x_scale, w_scale, bias) load as rows and scalars: the channels are the
+    # columns of the (n, c, h, w) space, and of the rows GEMM's (1, n*h*w, c) view of it
+    spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.bias is not None, p.out_dtype), p.int_acc,
+                             broadcast=True, column_dim=1)
     source = tpl.render_conv(spec, dot)
     probe = Probe(group, ctx.device)
     if configs is None:
@@ -133,9 +136,7 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
         tma_configs = configs_for(meta_of(p.xq), meta_of(p.wq), p.out_val.shape, p.stride, p.padding, p.dilation,
                                   p.groups, ctx)
     if tma_configs:
-        tma_spec = tpl.epilogue_spec(plan, scale_lines(p.int_acc, p.bias is not None, p.out_dtype), p.int_acc,
-                                     broadcast=True, column_dim=1)
-        tma_source = render_conv_tma(tma_spec, dot)
+        tma_source = render_conv_tma(spec, dot)
         candidates += [tma_conv_candidate(group, plan, p.xq, p.wq, p.padding, tma_source, probe, c, {"scaled": True})
                        for c in tma_configs]
         hashed += tma_source[0]
