@@ -208,8 +208,9 @@ def kernels_of(form: str, operands: str, m: int, n: int, k: int, cfg, quant_gelu
 
 
 def conv_tma_rows(c: int, hw: int, oc: int, kinds=("int8", "fp8", "fp16")) -> List[dict]:
-    """The TMA convolution (``kernels/conv_tma.py``) of a 3x3 stride-1 pad-1 layer (``c`` ->
-    ``oc`` channels over an ``hw`` x ``hw`` map, its bias and ReLU) per operand kind (``kinds``) and patch kind,
+    """The TMA convolution (``kernels/conv_tma.py``) of a 3x3 pad-1 layer (``c`` -> ``oc``
+    channels over an ``hw`` x ``hw`` map, its bias and ReLU) per operand kind (``kinds``), stride
+    (1; 2: a 5-D box over the pixel pairs) and patch kind,
     compiled for sm_90: registers, spills, TMA loads (UTMALDG), tensor-core instructions, and
     whether the input tile reaches the tensor cores from shared memory (a row patch's) or through
     registers (a 2-D patch's: Triton reshapes it there)."""
@@ -232,24 +233,26 @@ def conv_tma_rows(c: int, hw: int, oc: int, kinds=("int8", "fp8", "fp16")) -> Li
         x, w = torch.randn(2, c, hw, hw).contiguous(memory_format=cl), torch.randn(oc, c, 3, 3) / (9 * c) ** 0.5
         b = torch.randn(oc, dtype=torch.float16)
         for operands in kinds:
-            for patch in ((1, 64), (8, 16)):
-                bk = 64 if operands == "fp16" else 128
-                cfg = ConvTmaConfig(*patch, 128, bk, 4 if patch[0] == 1 else 8, 4)
+            for stride, patch in ((1, (1, 64)), (1, (8, 16)), (2, (1, 64)), (2, (8, 8))):
+                bk = min(64 if operands == "fp16" else 128, c)
+                cfg = ConvTmaConfig(*patch, 128, bk, 4 if patch[0] * patch[1] <= 64 else 8, 4)
                 if operands == "fp16":
                     inputs = (x.half(), w.half().contiguous(memory_format=cl), b)
-                    group = traced_group(lambda x, w, b: torch.relu(F.conv2d(x, w, b, 1, 1)), inputs, "conv", "convolution")
+                    group = traced_group(lambda x, w, b, s=stride: torch.relu(F.conv2d(x, w, b, s, 1)), inputs, "conv",
+                                         "convolution")
                     tuning = conv.conv_candidates(group, ctx, vendor=False, configs=[], tma_configs=[cfg])
                 else:
                     xs = quant_ref.scale_from_amax(x.abs().amax(), operands)
                     wq, ws = quant_ref.quantize_weight(w, operands, True)
                     inputs = (quant_ref.quantize(x, xs, operands), xs, wq.contiguous(memory_format=cl), ws, b)
-                    group = traced_group(lambda xq, xs, wq, ws, b: torch.relu(torch.ops.compile_backend.scaled_conv(
-                        xq, xs, wq, ws, b, [1, 1], [1, 1], [1, 1], 1, torch.float16)), inputs, "conv", "scaled_conv")
+                    group = traced_group(lambda xq, xs, wq, ws, b, s=stride: torch.relu(torch.ops.compile_backend.scaled_conv(
+                        xq, xs, wq, ws, b, [s, s], [1, 1], [1, 1], 1, torch.float16)), inputs, "conv", "scaled_conv")
                     tuning = qconv.scaled_conv_candidates(group, ctx, vendor=False, configs=[], gemm_configs=[],
                                                           tma_configs=[cfg])
                 (cand,) = [t for t in tuning.candidates if t.config.get("conv_tma")]
                 cand.compile()(*inputs)
-                rows.append({"operands": operands, "patch": list(patch), "config": cfg.name, **sink[-1]})
+                rows.append({"operands": operands, "stride": stride, "patch": list(patch), "config": cfg.name,
+                             **sink[-1]})
     finally:
         gemm_template.load_kernel, gemm_template.dot_fields, qconv.scaled_dot_fields = load, dot_fields, scaled_dot
     return rows
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
     if args.conv_tma:
         rows = conv_tma_rows(*args.conv_tma, kinds=args.operands)
         for r in rows:
-            print(f"conv tma {r['operands']:5s} {r['config']:26s} regs {r['registers']:3d} spill st/ld "
+            print(f"conv tma {r['operands']:5s} stride {r['stride']} {r['config']:26s} regs {r['registers']:3d} spill st/ld "
                   f"{r['local_stores']}/{r['local_loads']} TMA loads {r['tma_loads']} tensor-core ops {r['mma']} "
                   f"A from {'shared memory' if r['dot_a_shared'] else 'registers'}", flush=True)
         return write_json(args.json, rows)

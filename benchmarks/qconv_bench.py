@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python3 -m benchmarks.qconv_bench --out $OUT/qconv.json --deadline 300
 
-For each convolution shape (ResNet-50 at batch 32 by default: its stride-1 3x3 layers, where the
-TMA convolution of ``kernels/conv_tma.py`` applies) and each of int8 / fp8 / fp16, one record with
+For each convolution shape (ResNet-50 at batch 32 by default: its 3x3 layers and a stride-2
+downsample, where the TMA convolution of ``kernels/conv_tma.py`` applies) and each of int8 / fp8 /
+fp16, one record with
   * ``cudnn_fp16_ms``: ``F.conv2d`` fp16 channels-last with its bias, then ReLU (eager: two
     kernels), and ``cudnn_bare_ms``: the convolution alone, no bias (the float yardstick the
     quantize pass's probes use);
@@ -31,9 +32,12 @@ from compile_backend import ops  # noqa: F401  (registers compile_backend.scaled
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.template import traced_group
 
-SHAPES = [  # (name, batch, channels in, h = w, channels out, kernel, padding)
-    ("resnet 3x3 64 56", 32, 64, 56, 64, 3, 1), ("resnet 3x3 128 28", 32, 128, 28, 128, 3, 1),
-    ("resnet 3x3 256 14", 32, 256, 14, 256, 3, 1), ("resnet 3x3 512 7", 32, 512, 7, 512, 3, 1),
+SHAPES = [  # (name, batch, channels in, h = w (input), channels out, kernel, padding, stride)
+    ("resnet 3x3 64 56", 32, 64, 56, 64, 3, 1, 1), ("resnet 3x3 128 28", 32, 128, 28, 128, 3, 1, 1),
+    ("resnet 3x3 256 14", 32, 256, 14, 256, 3, 1, 1), ("resnet 3x3 512 7", 32, 512, 7, 512, 3, 1, 1),
+    # the first block of stages 2-4: a stride-2 3x3 and the stride-2 1x1 downsample
+    ("resnet 3x3 s2 128 56", 32, 128, 56, 128, 3, 1, 2), ("resnet 1x1 s2 256-512 56", 32, 256, 56, 512, 1, 0, 2),
+    ("resnet 3x3 s2 256 28", 32, 256, 28, 256, 3, 1, 2),
 ]
 STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 CL = torch.channels_last
@@ -57,11 +61,11 @@ def operands(precision: str, nb: int, c: int, hw: int, oc: int, k: int):
     return quant_ref.quantize(x, xs, precision), xs, wq.contiguous(memory_format=CL), ws, b
 
 
-def group_of(precision: str, pad: int, inputs):
+def group_of(precision: str, pad: int, stride: int, inputs):
     if precision == "fp16":
-        return traced_group(lambda x, w, b: torch.relu(F.conv2d(x, w, b, 1, pad)), inputs, "conv", "convolution")
+        return traced_group(lambda x, w, b: torch.relu(F.conv2d(x, w, b, stride, pad)), inputs, "conv", "convolution")
     return traced_group(lambda xq, xs, wq, ws, b: torch.relu(torch.ops.compile_backend.scaled_conv(
-        xq, xs, wq, ws, b, [1, 1], [pad, pad], [1, 1], 1, torch.float16)), inputs, "conv", "scaled_conv")
+        xq, xs, wq, ws, b, [stride] * 2, [pad, pad], [1, 1], 1, torch.float16)), inputs, "conv", "scaled_conv")
 
 
 def tune(group, precision: str, level: str, cache_dir: str):
@@ -84,13 +88,14 @@ def tune(group, precision: str, level: str, cache_dir: str):
 
 
 def run_shape(rec: Recorder, cache_dir: str, name: str, nb: int, c: int, hw: int, oc: int, k: int, pad: int,
-              precision: str, level: str) -> None:
-    elements = nb * c * hw * hw + oc * c * k * k + nb * oc * hw * hw
+              stride: int, precision: str, level: str) -> None:
+    elements = nb * c * hw * hw + oc * c * k * k + nb * oc * (hw // stride) ** 2
     sets = rotated(lambda: operands(precision, nb, c, hw, oc, k), 2 * elements)
     x16 = [operands("fp16", nb, c, hw, oc, k) for _ in range(len(sets))]
-    cudnn = bench_ms(lambda x, w, b: torch.relu(F.conv2d(x, w, b, 1, pad)), x16) if not gemm_bench.SMOKE else None
-    bare = bench_ms(lambda x, w, b: F.conv2d(x, w, None, 1, pad), x16) if not gemm_bench.SMOKE else None
-    group = group_of(precision, pad, sets[0])
+    smoke = gemm_bench.SMOKE
+    cudnn = bench_ms(lambda x, w, b: torch.relu(F.conv2d(x, w, b, stride, pad)), x16) if not smoke else None
+    bare = bench_ms(lambda x, w, b: F.conv2d(x, w, None, stride, pad), x16) if not smoke else None
+    group = group_of(precision, pad, stride, sets[0])
     choice, tuning = tune(group, precision, level, cache_dir)
     want, got = group.reference(*sets[0])[0], choice.runner(*sets[0])[0]
     timings: Dict[str, float] = choice.timings_ms or {}
@@ -99,7 +104,7 @@ def run_shape(rec: Recorder, cache_dir: str, name: str, nb: int, c: int, hw: int
 
     def best(d: Dict[str, float]) -> Optional[str]:
         return min(d, key=d.get) if d else None
-    rec.add(shape=name, batch=nb, c=c, hw=hw, oc=oc, k=k, padding=pad, precision=precision, level=level,
+    rec.add(shape=name, batch=nb, c=c, hw=hw, oc=oc, k=k, padding=pad, stride=stride, precision=precision, level=level,
             cudnn_fp16_ms=cudnn, cudnn_bare_ms=bare, choice=choice.candidate.name,
             choice_ms=timings.get(choice.candidate.name), best_tma=best(tma), best_tma_ms=tma.get(best(tma)),
             best_other_triton=best(other), best_other_triton_ms=other.get(best(other)),
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     shapes = list(SHAPES)
     if args.smoke:
         gemm_bench.SMOKE = True
-        shapes = [("tiny", 2, 32, 6, 16, 3, 1)]
+        shapes = [("tiny", 2, 32, 6, 16, 3, 1, 1)]
     elif not torch.cuda.is_available():
         print("qconv_bench: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -129,14 +134,14 @@ def main(argv=None) -> int:
     rec = Recorder(args.out, args.deadline)
     rec.data["meta"]["commit"] = os.environ.get("COMMIT")
     with tempfile.TemporaryDirectory() as cache_dir:
-        for name, nb, c, hw, oc, k, pad in shapes:
+        for name, nb, c, hw, oc, k, pad, stride in shapes:
             if args.shapes and name not in {s.replace("_", " ") for s in args.shapes}:
                 continue
             for precision in args.precisions:
                 if rec.left() < 20:
                     return 0
                 try:
-                    run_shape(rec, cache_dir, name, args.batch or nb, c, hw, oc, k, pad, precision, args.level)
+                    run_shape(rec, cache_dir, name, args.batch or nb, c, hw, oc, k, pad, stride, precision, args.level)
                 except Exception as exc:  # recorded, the next shape still runs
                     rec.error(f"{name} {precision}", exc)
     return 0

@@ -162,7 +162,7 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
     if configs is None:
         configs = _template_configs(problem, ctx)
     candidates: List[Candidate] = [build.triton_candidate(c) for c in configs]
-    candidates += [tma_conv_candidate(group, plan, problem.x, problem.w, problem.padding, build.sources.tma,
+    candidates += [tma_conv_candidate(group, plan, problem.x, problem.w, problem.stride, problem.padding, build.sources.tma,
                                       build.probe, c, {})
                    for c in (tma_configs if tma_configs is not None else
                              configs_for(problem.x_val, meta_of(problem.w), problem.out_val.shape, *problem.geometry, ctx))]

@@ -1,5 +1,5 @@
 """Implicit-GEMM 2-D convolution with TMA operand loads (Hopper and later; Triton's interpreter
-too): stride 1, no dilation, one group, channels-last tensors, any kernel size and padding.
+too): stride 1 or 2, no dilation, one group, channels-last tensors, any kernel size, padding <= 4.
 
 A program computes BLOCK_H x BLOCK_W output pixels of one image by BLOCK_N output channels. For
 each tap (kh, kw) and block of BLOCK_K input channels, its input tile is ONE 4-D load of
@@ -11,8 +11,9 @@ pointer template (``gemm_template.render_conv``) gathers every row's address and
 tap, and ResNet-50's 8-bit 3x3 convolutions ran ~2x cuDNN fp16's time with it (H100, session 20's
 report); the TMA GEMM over the 1x1 layers' rows reached 2.1 TB/s (session 21, run 2).
 
-Why stride 1 only: a strided tile's input pixels are not one box (TMA's element strides are not
-in Triton's descriptors). The epilogue is the convolution template's
+Stride 2: a strided patch's input pixels are not one box (TMA's element strides are not in
+Triton's descriptors), but they are in x viewed ``[N, H/2, 2, W/2, 2C]`` (an even map): each tap
+reads one parity of the row and column pairs, a 5-D box. The epilogue is the convolution template's
 (``gemm_template.epilogue_body``), addressed in the output's (n, c, h, w) index space.
 
 Layers: the template and :func:`render_conv_tma`, the configs (:class:`ConvTmaConfig`,
@@ -42,7 +43,7 @@ def {name}(
     X_DESC, W_DESC, {ptrs},
     NB, OH, OW, C, OC, pad_h, pad_w,
     {strides},
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -70,7 +71,17 @@ def {name}(
     for it in range(0, KH * KW * c_blocks):
         tap = it // c_blocks
         c0 = (it % c_blocks) * BLOCK_K
-        a = X_DESC.load([n, h0 + tap // KW - pad_h, w0 + tap % KW - pad_w, c0]).reshape(BLOCK_M, BLOCK_K)
+        dh = tap // KW - pad_h
+        dw = tap % KW - pad_w
+        if STRIDE == 1:
+            a = X_DESC.load([n, h0 + dh, w0 + dw, c0]).reshape(BLOCK_M, BLOCK_K)
+        else:
+            # stride 2 over x viewed [N, H/2, 2, W/2, 2C]: input row 2*oh + dh is row pair
+            # oh + floor(dh / 2), parity dh mod 2 (floor division spelled for dh >= -4: Triton's
+            # // truncates); column likewise, its parity selecting a half of the 2C channels
+            fh = (dh + 4) // 2 - 2
+            fw = (dw + 4) // 2 - 2
+            a = X_DESC.load([n, h0 + fh, dh - 2 * fh, w0 + fw, (dw - 2 * fw) * C + c0]).reshape(BLOCK_M, BLOCK_K)
         b = tl.trans(W_DESC.load([n0, tap, c0]).reshape(BLOCK_N, BLOCK_K))
         acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
     r = tl.arange(0, BLOCK_M)
@@ -129,13 +140,15 @@ _MAX = tuple((bh, bw, bn, w, s) for bh, bw in ((1, 64), (1, 128), (8, 8), (8, 16
              if bh * bw * bn <= 128 * 256 and not (bh * bw * bn >= 128 * 128 and w == 4))
 
 
-def conv_tma_configs(c: int, oh: int, ow: int, dtype: torch.dtype, level: str) -> List[ConvTmaConfig]:
+def conv_tma_configs(c: int, oh: int, ow: int, dtype: torch.dtype, level: str, stride: int = 1) -> List[ConvTmaConfig]:
     """Configs for ``c`` input channels of ``dtype`` over an ``oh`` x ``ow`` output map: BLOCK_K
-    128 bytes of channels where they divide evenly (64 for 16-bit operands), else 64 bytes;
-    patches no larger than twice the map, row patches over 3/4 of a row at least ("fast": up to
-    seven, "max": every combination; "off": the first)."""
+    128 bytes of channels where they divide evenly, else 64 bytes with the tail read as zeros
+    (stride 2: the widest of 128, 64, 32, 16 bytes that divides them: a tile must not reach the
+    other parity's channels); patches no larger than twice the map, row patches over 3/4 of a
+    row at least ("fast": up to seven, "max": every combination; "off": the first)."""
     size = torch.empty((), dtype=dtype).element_size()
-    bk = 128 // size if c % (128 // size) == 0 else 64 // size
+    widths = (128, 64, 32, 16) if stride == 2 else (128,)
+    bk = next((b // size for b in widths if c % (b // size) == 0), 64 // size)
     pool = _MAX if level == "max" else _FAST
     out = []
     for bh, bw, bn, warps, stages in pool:
@@ -148,17 +161,23 @@ def conv_tma_configs(c: int, oh: int, ow: int, dtype: torch.dtype, level: str) -
 
 
 def conv_tma_supported(x: torch.Tensor, w: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
-    """Whether the TMA kernel computes this convolution: stride 1, dilation 1, one group, a kernel
-    larger than 1x1 (a 1x1 one is a GEMM over its rows), 4-D channels-last input and weight of one
-    8- or 16-bit dtype, channels a multiple of 16 bytes (TMA's stride alignment)."""
-    if (tuple(stride), tuple(dilation), groups) != ((1, 1), (1, 1), 1) or x.dim() != 4 or w.dim() != 4:
+    """Whether the TMA kernel computes this convolution: stride 1 (a kernel larger than 1x1: a
+    1x1 one is a GEMM over its rows) or stride 2 over an even map (any kernel), dilation 1, one
+    group, 4-D channels-last input and weight of one 8- or 16-bit dtype, channels a multiple of
+    16 bytes (TMA's stride alignment), padding at most 4."""
+    if tuple(dilation) != (1, 1) or groups != 1 or x.dim() != 4 or w.dim() != 4:
         return False
-    if w.shape[2] * w.shape[3] == 1 or x.dtype != w.dtype or x.element_size() not in (1, 2):
+    if tuple(stride) == (1, 1):
+        if w.shape[2] * w.shape[3] == 1:
+            return False
+    elif tuple(stride) != (2, 2) or x.shape[2] % 2 or x.shape[3] % 2:
+        return False
+    if x.dtype != w.dtype or x.element_size() not in (1, 2) or not all(0 <= p <= 4 for p in padding):
         return False
     cl = torch.channels_last
     if not (x.is_contiguous(memory_format=cl) and w.is_contiguous(memory_format=cl)):
         return False
-    return x.shape[1] * x.element_size() % 16 == 0 and all(p >= 0 for p in padding)
+    return x.shape[1] * x.element_size() % 16 == 0
 
 
 def configs_for(x, w, out_shape, stride, padding, dilation, groups: int, ctx) -> List[ConvTmaConfig]:
@@ -172,16 +191,16 @@ def configs_for(x, w, out_shape, stride, padding, dilation, groups: int, ctx) ->
     if not conv_tma_supported(x, w, stride, padding, dilation, groups):
         return []
     level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
-    return conv_tma_configs(x.shape[1], out_shape[2], out_shape[3], x.dtype, level)
+    return conv_tma_configs(x.shape[1], out_shape[2], out_shape[3], x.dtype, level, stride[0])
 
 
-def tma_conv_candidate(group, plan: tpl.EpiloguePlan, x_node, w_node, padding, source: Tuple[str, str], probe,
-                       cfg: ConvTmaConfig, config: Dict[str, object]) -> Candidate:
+def tma_conv_candidate(group, plan: tpl.EpiloguePlan, x_node, w_node, stride, padding, source: Tuple[str, str],
+                       probe, cfg: ConvTmaConfig, config: Dict[str, object]) -> Candidate:
     """A convolution group's candidate running the TMA kernel on ``cfg``: its epilogue's loads
     in the output's space, outputs allocated as the template's (``out=`` taken); ``config`` adds
     the fields of the caller's kind (``{"scaled": True}``)."""
     def compile_():
-        runner = ConvTmaRunner(tpl.load_kernel(*source), cfg, padding)
+        runner = ConvTmaRunner(tpl.load_kernel(*source), cfg, padding, stride[0])
 
         def run(*inputs, out=None):
             env = tpl.bind_group(plan, group, inputs)
@@ -200,29 +219,36 @@ class ConvTmaRunner:
     """Launches the TMA convolution kernel: ``x`` [N, C, H, W] and ``w`` [OC, C, KH, KW]
     channels-last, ``loads`` / ``outs`` viewed in (n, c, h, w) space."""
 
-    def __init__(self, kernel, config: ConvTmaConfig, padding: Sequence[int]):
-        self.kernel, self.config, self.padding = kernel, config, tuple(padding)
+    def __init__(self, kernel, config: ConvTmaConfig, padding: Sequence[int], stride: int = 1):
+        self.kernel, self.config, self.padding, self.stride = kernel, config, tuple(padding), stride
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> None:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         from .conv import index_strides
 
-        if not conv_tma_supported(x, w, (1, 1), self.padding, (1, 1), 1):
+        stride = (self.stride,) * 2
+        if not conv_tma_supported(x, w, stride, self.padding, (1, 1), 1) or x.shape[1] % self.config.block_k and \
+                self.stride == 2:
             raise RuntimeError("the TMA convolution needs channels-last 8/16-bit x and w of 16-byte channel rows")
         cfg = self.config
         nb, c, ih, iw = x.shape
         oc, _, kh, kw = w.shape
         oh, ow = outs[0].shape[2], outs[0].shape[3]
         xv = x.permute(0, 2, 3, 1)  # NHWC, contiguous
+        if self.stride == 1:
+            box = [1, cfg.block_h, cfg.block_w, cfg.block_k]
+        else:  # [N, H/2, 2, W/2, 2C]: a stride-2 patch's pixels are one box of a parity
+            xv, box = xv.reshape(nb, ih // 2, 2, iw // 2, 2 * c), [1, cfg.block_h, 1, cfg.block_w, cfg.block_k]
         wv = w.permute(0, 2, 3, 1).reshape(oc, kh * kw, c)  # a view of the channels-last weight
-        x_desc = TensorDescriptor(xv, list(xv.shape), list(xv.stride()), [1, cfg.block_h, cfg.block_w, cfg.block_k])
+        x_desc = TensorDescriptor(xv, list(xv.shape), list(xv.stride()), box)
         w_desc = TensorDescriptor(wv, list(wv.shape), list(wv.stride()), [cfg.block_n, 1, cfg.block_k])
         io = list(loads) + list(outs)
         tiles = nb * triton_cdiv(oh, cfg.block_h) * triton_cdiv(ow, cfg.block_w) * triton_cdiv(oc, cfg.block_n)
         self.kernel[(tiles,)](
             x_desc, w_desc, *io, nb, oh, ow, c, oc, *self.padding, *[s for t in io for s in index_strides(t)],
-            KH=kh, KW=kw, BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            KH=kh, KW=kw, STRIDE=self.stride, BLOCK_H=cfg.block_h, BLOCK_W=cfg.block_w, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

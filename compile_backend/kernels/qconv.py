@@ -137,7 +137,7 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
                                   p.groups, ctx)
     if tma_configs:
         tma_source = render_conv_tma(spec, dot)
-        candidates += [tma_conv_candidate(group, plan, p.xq, p.wq, p.padding, tma_source, probe, c, {"scaled": True})
+        candidates += [tma_conv_candidate(group, plan, p.xq, p.wq, p.stride, p.padding, tma_source, probe, c, {"scaled": True})
                        for c in tma_configs]
         hashed += tma_source[0]
     if (ctx.device.type == "cuda") if vendor is None else vendor:

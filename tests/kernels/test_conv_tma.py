@@ -22,16 +22,16 @@ scaled_conv = torch.ops.compile_backend.scaled_conv
 CL = torch.channels_last
 
 
-def _problem(precision, c, hw, oc, k, pad, seed=3, device="cpu"):
+def _problem(precision, c, hw, oc, k, pad, seed=3, device="cpu", stride=1):
     xq, xs, wq, ws, b = quantized_conv(2, c, hw, oc, k, 1, precision, per_channel=True, bias=True,
                                        channels_last=True, seed=seed)
     wq = wq.contiguous(memory_format=CL)  # as the layout pass stores a convolution's weight on CUDA
-    oh, ow = hw[0] + 2 * pad - k + 1, hw[1] + 2 * pad - k + 1
+    oh, ow = ((size + 2 * pad - k) // stride + 1 for size in hw)
     r = randn(2, oc, oh, ow, seed=seed + 5).half().contiguous(memory_format=CL)
     inputs = tuple(t.to(device) for t in (xq, xs, wq, ws, b, r))
 
     def fn(xq, xs, wq, ws, b, r):
-        return torch.relu(scaled_conv(xq, xs, wq, ws, b, [1, 1], [pad, pad], [1, 1], 1, torch.float16) + r)
+        return torch.relu(scaled_conv(xq, xs, wq, ws, b, [stride] * 2, [pad, pad], [1, 1], 1, torch.float16) + r)
 
     return anchor_group(fn, *inputs, kind="conv", op="scaled_conv"), inputs
 
@@ -82,14 +82,34 @@ def test_float_convolution_on_the_tma_kernel_in_the_interpreter(dtype):
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("c,hw,oc,k,pad", [(32, (6, 10), 24, 3, 1), (64, (8, 6), 16, 1, 0), (32, (10, 8), 16, 5, 2)],
+                         ids=["3x3_pad1", "1x1_downsample", "5x5_pad2"])
+@pytest.mark.parametrize("patch", [(4, 8), (1, 8)], ids=["patch", "row"])
+def test_stride_2_reads_one_parity_of_the_pixel_pairs(precision, c, hw, oc, k, pad, patch):
+    """Stride 2 over an even map: x viewed [N, H/2, 2, W/2, 2C], each tap one 5-D box of a row and
+    column parity; the padding's negative offsets, the map's far edge and the downsampling 1x1
+    convolution (a stride-2 one: no rows GEMM) all match the reference. BLOCK_K divides C (32)."""
+    group, inputs = _problem(precision, c, hw, oc, k, pad, stride=2)
+    tuning = scaled_conv_candidates(group, CTX, vendor=False, tma_configs=[ConvTmaConfig(*patch, 16, 32, 4, 1)])
+    (tma,) = [cand for cand in tuning.candidates if cand.config.get("conv_tma")]
+    (got,), (want,) = tma.compile()(*inputs), group.reference(*inputs)
+    assert got.shape == want.shape
+    _close(got, want, precision)
+
+
 def test_which_convolutions_it_takes():
     x = torch.zeros(2, 32, 9, 9, dtype=torch.int8).contiguous(memory_format=CL)
     w = torch.zeros(16, 32, 3, 3, dtype=torch.int8).contiguous(memory_format=CL)
     assert conv_tma_supported(x, w, (1, 1), (1, 1), (1, 1), 1)
-    assert not conv_tma_supported(x, w, (2, 2), (1, 1), (1, 1), 1)  # strided: not one box
+    assert conv_tma_supported(x[:, :, :8, :8].contiguous(memory_format=CL), w, (2, 2), (1, 1), (1, 1), 1)
+    assert not conv_tma_supported(x, w, (2, 2), (1, 1), (1, 1), 1)  # stride 2 over an odd map (9x9)
+    assert not conv_tma_supported(x, w, (3, 3), (1, 1), (1, 1), 1)
     assert not conv_tma_supported(x, w, (1, 1), (2, 2), (2, 2), 1)  # dilated
     assert not conv_tma_supported(x, w[:, :16].contiguous(memory_format=CL), (1, 1), (1, 1), (1, 1), 2)  # groups
-    assert not conv_tma_supported(x, w[:, :, :1, :1].contiguous(memory_format=CL), (1, 1), (0, 0), (1, 1), 1)  # 1x1: rows
+    w1 = w[:, :, :1, :1].contiguous(memory_format=CL)
+    assert not conv_tma_supported(x, w1, (1, 1), (0, 0), (1, 1), 1)  # 1x1 stride 1: the rows GEMM's
+    assert conv_tma_supported(x[:, :, :8, :8].contiguous(memory_format=CL), w1, (2, 2), (0, 0), (1, 1), 1)
     assert not conv_tma_supported(x.contiguous(), w, (1, 1), (1, 1), (1, 1), 1)  # NCHW
     x8, w8 = x[:, :8].contiguous(memory_format=CL), w[:, :8].contiguous(memory_format=CL)
     assert not conv_tma_supported(x8, w8, (1, 1), (1, 1), (1, 1), 1)  # 8-byte channel rows
@@ -103,6 +123,8 @@ def test_configs_fit_the_map_and_the_channels():
     assert [c.block_w for c in fast if c.block_h == 1] == [64]  # a 128-wide row patch wastes over half a 56 row
     assert not any(c.block_h == 1 for c in conv_tma_configs(256, 28, 28, torch.int8, "fast"))
     assert all(c.block_k == 64 for c in conv_tma_configs(64, 56, 56, torch.int8, "fast"))  # 128 does not divide 64
+    assert all(c.block_k == 64 for c in conv_tma_configs(48, 56, 56, torch.int8, "fast"))  # a tail of zeros
+    assert all(c.block_k == 16 for c in conv_tma_configs(48, 28, 28, torch.int8, "fast", stride=2))  # divides 48
     assert all(c.block_k == 64 for c in conv_tma_configs(512, 7, 7, torch.float16, "fast"))
     small = conv_tma_configs(512, 3, 3, torch.int8, "max")
     assert small and all(c.block_h <= 8 and c.block_w <= 8 for c in small)
