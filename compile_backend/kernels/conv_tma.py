@@ -36,6 +36,7 @@ from .template import triton_cdiv, warmed
 _CONV_TMA = '''\
 import triton
 import triton.language as tl
+from compile_backend.kernels.tile_order import grouped_tile
 {helpers}
 
 @triton.jit
@@ -55,11 +56,7 @@ def {name}(
     tiles_w = tl.cdiv(OW, BLOCK_W)
     grid_m = NB * tiles_h * tiles_w
     grid_n = tl.cdiv(OC, BLOCK_N)
-    width = GROUP_M * grid_n
-    group_id = pid // width
-    group_size = min(grid_m - group_id * GROUP_M, GROUP_M)
-    pid_m = group_id * GROUP_M + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = grouped_tile(pid, grid_m, grid_n, GROUP_M)
     tw = pid_m % tiles_w
     th = (pid_m // tiles_w) % tiles_h
     n = pid_m // (tiles_w * tiles_h)

@@ -268,6 +268,7 @@ def render_gemm_tma(spec: EpilogueSpec, dot: Dict[str, str]) -> Tuple[str, str]:
 _CONV = '''\
 import triton
 import triton.language as tl
+from compile_backend.kernels.tile_order import grouped_tile
 {helpers}
 
 @triton.jit
@@ -287,11 +288,7 @@ def {name}(
     g = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(OCG, BLOCK_N)
-    width = GROUP_M * grid_n
-    group_id = pid // width
-    group_size = min(grid_m - group_id * GROUP_M, GROUP_M)
-    pid_m = group_id * GROUP_M + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    pid_m, pid_n = grouped_tile(pid, grid_m, grid_n, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     pix = rm % M
