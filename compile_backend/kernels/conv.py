@@ -33,8 +33,8 @@ from .gemm_config import GemmConfig, candidate_configs, heuristic_config
 from .conv_tma import configs_for, render_conv_tma, tma_conv_candidate
 from .gemm_runner import epilogue_only
 from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candidate, anchor_only, choose_kernel_of,
-                       device_limits, dtype_name, fit_pow2, group_dtypes, group_shapes, group_strides, triton_cdiv,
-                       warmed)
+                       device_limits, dtype_name, fit_pow2, group_dtypes, group_shapes, group_strides, index_strides,
+                       triton_cdiv, warmed)
 
 
 class ConvRunner:
@@ -60,18 +60,6 @@ class ConvRunner:
             *self.stride, *self.padding, *self.dilation, *[s for t in io for s in index_strides(t)],
             KH=kh, KW=kw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def index_strides(t: torch.Tensor) -> Tuple[int, ...]:
-    """``t``'s strides for a kernel's address arithmetic, 0 for a dim of size 1 (its index is
-    always 0, so its stride is never used). Why: Triton specialises an integer argument equal to
-    1 as the constant 1, which says nothing about its divisibility; a 1x1 convolution's weight
-    [oc, cg, 1, 1] has strides (cg, 1, 1, 1), so ``kh * sw_h`` left the weight tile's address of
-    unknown alignment and the FP8/INT8 template loaded it one byte at a time (32 byte loads and
-    shared-memory stores a thread a K step, SASS for sm_90): ResNet-50's 1x1 convolutions ran
-    at 40-90 us in FP8 against cuDNN's 11-28 us in fp16 (H100, session 16). 0 is divisible by
-    16, so Triton vectorises the loads."""
-    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
 
 
 def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:

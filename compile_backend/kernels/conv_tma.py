@@ -31,7 +31,7 @@ import torch
 
 from . import gemm_template as tpl
 from .autotune import Candidate
-from .template import triton_cdiv, warmed
+from .template import index_strides, triton_cdiv, warmed
 
 _CONV_TMA = '''\
 import triton
@@ -221,8 +221,6 @@ class ConvTmaRunner:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor]) -> None:
         from triton.tools.tensor_descriptor import TensorDescriptor
-
-        from .conv import index_strides
 
         stride = (self.stride,) * 2
         if not conv_tma_supported(x, w, stride, self.padding, (1, 1), 1) or x.shape[1] % self.config.block_k and \

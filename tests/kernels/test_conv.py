@@ -244,7 +244,7 @@ def test_gpu_tuned_bn_block(dtype, autotune, tmp_path):
 def test_size_one_dims_pass_stride_zero_so_triton_sees_aligned_addresses():
     # a 1x1 weight [oc, cg, 1, 1] has strides (cg, 1, 1, 1): passed as 1, Triton treats them as
     # constants of unknown divisibility and loads the weight tile byte by byte (sm_90 SASS)
-    from compile_backend.kernels.conv import index_strides
+    from compile_backend.kernels.template import index_strides
 
     w = torch.empty(64, 32, 1, 1)
     assert w.stride() == (32, 1, 1, 1)
