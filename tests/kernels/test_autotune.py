@@ -461,3 +461,18 @@ def test_compile_ahead_stops_where_the_probes_would_crowd_the_device(monkeypatch
     ctx.tuner = timed_tuner()
     assert select.compile_ahead(groups, ctx) == 0
     assert made == ["g0", "g1"]
+
+
+@pytest.mark.gpu
+def test_gpu_engine_compiles_its_groups_ahead(tmp_path):
+    """On CUDA a cold build compiles its tuned groups' candidates in one pool before timing any:
+    the report's kernels stage says the seconds spent compiling ahead."""
+    import compile_backend
+
+    model = ConvLinear().half().cuda().eval()
+    x = torch.randn(4, 4, 5, 7, device="cuda").half()
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, cache_dir=str(tmp_path), speed_check=False)
+    graph = report.graphs[0]
+    assert graph.tuning["tuned"] >= 2 and graph.tuning["precompile_seconds"] > 0, graph.tuning
+    assert "compiling ahead)" in graph.stage_line().split("kernels")[1]
