@@ -107,7 +107,8 @@ def compile_ahead(groups: Sequence[KernelGroup], ctx: KernelContext) -> int:
     21), where the quantize pass's probes compile theirs in one pool. A group whose candidates
     cannot be made yet (``Unsupported``, no shapes) is left to its build; a problem two groups
     share is compiled once. Nothing happens where the tuner does not time (the CPU, ``off``) or
-    tunes under a seconds budget."""
+    tunes under a seconds budget, nor for the groups of a warm build (an engine plan describes
+    them: their candidates are not even made)."""
     from .autotune import tuner_for
     from .template import release_probe
 
@@ -118,8 +119,8 @@ def compile_ahead(groups: Sequence[KernelGroup], ctx: KernelContext) -> int:
     for group in groups:
         paths = builders_for(group) if group.kind != "aten" else ()
         make = TUNINGS.get(paths[0]) if paths else None
-        if make is None or (planned(group, ctx) or {}).get("impl") == "aten":
-            continue
+        if make is None or planned(group, ctx) is not None:
+            continue  # a group an engine plan describes was tuned by the cold build: its tunings are cached
         room -= _probe_bytes(group)
         if room < 0:  # the groups left build as before, one at a time
             break

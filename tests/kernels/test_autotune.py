@@ -441,7 +441,8 @@ def test_the_build_compiles_every_tuned_groups_candidates_ahead(monkeypatch, tmp
 
 def test_compile_ahead_stops_where_the_probes_would_crowd_the_device(monkeypatch):
     """The groups compiled ahead hold their probes' inputs and first outputs until the pool is
-    done: past a quarter of the device's free memory the rest build one at a time, as before."""
+    done: past a quarter of the device's free memory the rest build one at a time, as before;
+    and a warm build's planned groups are skipped."""
     from compile_backend.kernels import select
 
     x, w = torch.randn(8, 16), torch.randn(16, 32)
@@ -461,6 +462,11 @@ def test_compile_ahead_stops_where_the_probes_would_crowd_the_device(monkeypatch
     ctx.tuner = timed_tuner()
     assert select.compile_ahead(groups, ctx) == 0
     assert made == ["g0", "g1"]
+    # a warm build's groups (an engine plan describes them) are not even made
+    made.clear()
+    monkeypatch.setattr(select, "_room_for_probes", lambda device: 10 * each)
+    monkeypatch.setattr(select, "planned", lambda group, ctx: {"impl": "triton"} if group.name != "g2" else None)
+    assert select.compile_ahead(groups, ctx) == 0 and made == ["g2"]
 
 
 @pytest.mark.gpu
