@@ -137,7 +137,7 @@ def conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Optional[
                     tma_configs: Optional[Sequence[Any]] = None) -> TemplateTuning:
     """Candidates for a conv group, heuristic first; ``vendor`` (default: on CUDA) adds cuDNN +
     a fused epilogue kernel; ``configs`` replaces the template configs (tests); on Hopper a
-    stride-1 convolution the TMA kernel takes gets its configs too (``conv_tma``; ``tma_configs``
+    convolution the TMA kernel takes (stride 1 or 2) gets its configs too (``conv_tma``; ``tma_configs``
     replaces them, and adds them anywhere: the interpreter runs them)."""
     problem = conv_problem(group)
     anchor_loads = []
@@ -222,7 +222,7 @@ class ConvSources:
     """The generated kernels of one group: (source, kernel name) each."""
 
     main: Tuple[str, str]  # the implicit-GEMM template
-    tma: Tuple[str, str]  # the same with TMA loads (conv_tma: stride 1, Hopper)
+    tma: Tuple[str, str]  # the same with TMA loads (conv_tma: stride 1 or 2, Hopper)
     vendor: Tuple[str, str]  # the epilogue after cuDNN
     vendor_bias: bool  # the epilogue adds the bias (cuDNN convolves without it)
     vendor_skip: int  # anchor loads the vendor applies itself

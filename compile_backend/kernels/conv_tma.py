@@ -230,6 +230,9 @@ class ConvTmaRunner:
         nb, c, ih, iw = x.shape
         oc, _, kh, kw = w.shape
         oh, ow = outs[0].shape[2], outs[0].shape[3]
+        # a TMA descriptor's base address is 16-byte aligned: a view at another offset (a slice of a
+        # graph input) is copied rather than refused at launch, where no other candidate is left
+        x, w = (t if t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.channels_last) for t in (x, w))
         xv = x.permute(0, 2, 3, 1)  # NHWC, contiguous
         if self.stride == 1:
             box = [1, cfg.block_h, cfg.block_w, cfg.block_k]

@@ -110,7 +110,7 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
     CUDA) adds cuDNN on fp32-converted operands + ATen epilogue; ``configs`` replaces the
     template configs (tests); a pointwise convolution (:func:`is_pointwise`) also gets the
     scaled GEMM template's configs over its channels-last rows (``gemm_configs`` replaces them);
-    a stride-1 one the TMA convolution computes (``conv_tma``), on Hopper, its configs
+    one the TMA convolution computes (``conv_tma``: stride 1 or 2), on Hopper, its configs
     (``tma_configs`` replaces them, and adds them anywhere: the interpreter runs them too)."""
     p = scaled_conv_problem(group, ctx.device)
     plan = tpl.plan_epilogue(group, p.anchor, "acc_v", p.loads)

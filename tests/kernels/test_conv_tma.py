@@ -98,6 +98,21 @@ def test_stride_2_reads_one_parity_of_the_pixel_pairs(precision, c, hw, oc, k, p
     _close(got, want, precision)
 
 
+def test_an_unaligned_input_view_is_copied_not_refused():
+    """A descriptor's base address must be 16-byte aligned: an input viewed at an odd offset of
+    its storage (a slice of a graph input) is copied for the kernel, and the result is right."""
+    group, inputs = _problem("int8", 32, (5, 7), 24, 3, 1)
+    xq = inputs[0]
+    storage = torch.zeros(xq.numel() + 1, dtype=xq.dtype)
+    shifted = storage[1:].as_strided(xq.shape, xq.stride())
+    shifted.copy_(xq)
+    assert shifted.data_ptr() % 16 and shifted.is_contiguous(memory_format=CL)
+    tuning = scaled_conv_candidates(group, CTX, vendor=False, tma_configs=[ConvTmaConfig(4, 8, 16, 32, 4, 1)])
+    (tma,) = [c for c in tuning.candidates if c.config.get("conv_tma")]
+    (got,), (want,) = tma.compile()(shifted, *inputs[1:]), group.reference(*inputs)
+    _close(got, want, "int8")
+
+
 def test_which_convolutions_it_takes():
     x = torch.zeros(2, 32, 9, 9, dtype=torch.int8).contiguous(memory_format=CL)
     w = torch.zeros(16, 32, 3, 3, dtype=torch.int8).contiguous(memory_format=CL)
