@@ -51,7 +51,10 @@ OUR_QUANT = {"cb-int8-static": ("int8", "static"), "cb-int8-dynamic": ("int8", "
              # Options.fp8_accumulation="fast": the tensor cores' accumulator alone (torchao's FP8 setting)
              "cb-fp8-static-fast": ("fp8", "static", "per_channel", "fast"),
              "cb-fp8-static-tensor-fast": ("fp8", "static", "per_tensor", "fast"),
-             "cb-fp8-dynamic-fast": ("fp8", "dynamic", "per_channel", "fast")}
+             "cb-fp8-dynamic-fast": ("fp8", "dynamic", "per_channel", "fast"),
+             # Options.quant_residuals="quantized": skip connections read the block input's codes
+             "cb-int8-static-codes": ("int8", "static", "per_channel", "fp32", "quantized"),
+             "cb-fp8-static-tensor-fast-codes": ("fp8", "static", "per_tensor", "fast", "quantized")}
 TORCHAO = {"torchao-fp8-dyn": "Float8DynamicActivationFloat8WeightConfig",
            "torchao-int8-dyn": "Int8DynamicActivationInt8WeightConfig"}
 ALL_PEERS = FP16_PEERS + tuple(OUR_QUANT) + tuple(TORCHAO)
@@ -92,7 +95,7 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
         return compile_peer(peer, model, options, report), 0.0, report
     if peer in OUR_QUANT:
         precision, acts, *rest = OUR_QUANT[peer]
-        weights, accumulation = (list(rest) + ["per_channel", "fp32"][len(rest):])[:2]
+        weights, accumulation, residuals = (list(rest) + ["per_channel", "fp32", "float"][len(rest):])[:3]
         cfg = quant.QuantConfig(precision=precision, activations=acts, weights=weights)
         t0 = time.perf_counter()
         if acts == "static":
@@ -102,7 +105,7 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
         prep = time.perf_counter() - t0
         report = Report()
         options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg, "quant_layers": quant_layers,
-                   "fp8_accumulation": accumulation}
+                   "fp8_accumulation": accumulation, "quant_residuals": residuals}
         return compile_peer("compile_backend", model, options, report), prep, report
     if peer in TORCHAO:
         t0 = time.perf_counter()

@@ -32,9 +32,10 @@ TARGETS = {("mlp", "fp8"): 0.65, ("mlp", "int8"): 0.75,
 
 def is_ours(backend: str) -> bool:
     """One of our quantized engines: ``cb-<precision>-<mode>`` and its variants
-    (``-tensor``: per-tensor weight scales, ``-fast``: FP8 fast accumulation) get the targets."""
+    (``-tensor``: per-tensor weight scales, ``-fast``: FP8 fast accumulation, ``-codes``:
+    residual adds reading 8-bit codes) get the targets."""
     parts = backend.split("-")
-    return "-".join(parts[:3]) in OURS and set(parts[3:]) <= {"tensor", "fast"}
+    return "-".join(parts[:3]) in OURS and set(parts[3:]) <= {"tensor", "fast", "codes"}
 
 
 def family(model: str, batch: int) -> Optional[str]:

@@ -21,6 +21,7 @@ CUDA_GRAPH_MODES = ("auto", "on", "off")
 QUANT_LAYER_MODES = ("faster", "all")
 FP8_ACCUMULATIONS = ("fp32", "fast")
 QUANT_GELU_MODES = ("tanh", "exact")
+QUANT_RESIDUAL_MODES = ("float", "quantized")
 
 #: documented environment variable for the cache location (see README)
 CACHE_DIR_ENV = "COMPILE_BACKEND_CACHE_DIR"
@@ -84,6 +85,13 @@ class Options:
         form of GELU on the GPU's tanh unit, ~6 instructions an element where erf takes ~25
         (at most 4.8e-4 from erf GELU, far below the quantize's rounding: the quantized
         activation's SQNR is unchanged; quant/README.md). ``exact``: erf, as in the model.
+    quant_residuals: what a residual add reads of a value a static-scale INT8/FP8 layer also
+        reads quantized (a ResNet block's input: its first convolution's and the skip
+        connection's). ``float`` (default): the float value, so its producer writes it twice,
+        float and 8-bit. ``quantized``: the 8-bit codes, dequantized in the add's kernel, as
+        TensorRT's INT8 residual adds: where every other reader is quantized too the float copy
+        is never written (half the bytes of the residual stream), and the skip connection then
+        carries the quantization error (measured in quant/README.md).
     """
 
     precision: str = "fp32"
@@ -102,12 +110,14 @@ class Options:
     pdl: bool = False
     fp8_accumulation: str = "fp32"
     quant_gelu: str = "tanh"
+    quant_residuals: str = "float"
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
         _choice("quant_layers", self.quant_layers, QUANT_LAYER_MODES)
         _choice("fp8_accumulation", self.fp8_accumulation, FP8_ACCUMULATIONS)
         _choice("quant_gelu", self.quant_gelu, QUANT_GELU_MODES)
+        _choice("quant_residuals", self.quant_residuals, QUANT_RESIDUAL_MODES)
         _choice("fallback", self.fallback, FALLBACKS)
         _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):

@@ -231,6 +231,7 @@ def quant_request(options: Options):
     request = build_request(options.quant)
     if isinstance(request, QuantRequest):
         request.gelu = options.quant_gelu
+        request.residuals = options.quant_residuals
     return request
 
 

@@ -68,6 +68,8 @@ _GEMMS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _POOLS = (aten.max_pool2d_with_indices,)
 _UNIT_VIEWS = RESHAPES + (aten.unsqueeze, aten.squeeze)
 #: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
+#: 8-bit code dtypes (not bool: a mask widened to float stays in its epilogue)
+_CODES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 _SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv", "weight_only_linear": "gemm"}
 
 
@@ -274,7 +276,7 @@ class _Partitioner:
         numel = _numel(anchor)
 
         def joins(u: fx.Node) -> bool:
-            if not self._free(u) or _numel(u) != numel:
+            if not self._free(u) or _numel(u) != numel or _dequantizes(u):
                 return False
             if is_reshape(u):
                 return u.args[0] in members
@@ -505,6 +507,17 @@ class _Partitioner:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _dequantizes(node: fx.Node) -> bool:
+    """A widening cast of 8-bit codes (a dequantize's first step): it joins the kernel that reads
+    the codes, not the one that writes them, which would write the float value back (a residual
+    add reading a block input's codes, fx_passes/quant_residual.py)."""
+    if not is_op(node, (aten._to_copy,)) or not node.all_input_nodes:
+        return False
+    src, out = (n.meta.get("val") for n in (node.all_input_nodes[0], node))
+    return (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dtype in _CODES
+            and out.dtype.is_floating_point)
+
+
 def _op_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}" if target.namespace != "aten" else target._opname

@@ -41,6 +41,7 @@ from ..kernels import quant_ref
 from .base import PassContext
 from .quant_math import QUANT_MATH_RULES, approximate_before_quantize
 from .quant_probes import prepare_probes, slower_than_float
+from .quant_residual import RESIDUAL_RULES
 from .quant_sources import (STANDALONE_WHY, attention_chain, numel, quantize_attention_output,
                             row_major_source)
 from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
@@ -80,6 +81,7 @@ class QuantRequest:
     # with one scale (a ResNet stage's first block and its downsample) share its codes
     written: Dict[Tuple[fx.Node, float], Tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=dict)
     gelu: str = "tanh"  # options["quant_gelu"]: an activation only a quantize reads may take its tanh form
+    residuals: str = "float"  # options["quant_residuals"]: what a residual add reads of a quantized value
 
     def check_coverage(self) -> None:
         """A calibration that names none of a graph's eligible layers was made for another model
@@ -211,6 +213,9 @@ def quantize(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
                         type(exc).__name__, exc)
     counts = apply_rules(gm, ctx, QUANT_RULES)
     ctx.quant.check_coverage()
+    # after every layer's quantize exists: a skip connection may read the codes instead
+    counts.update(apply_rules(gm, ctx, RESIDUAL_RULES) if ctx.quant.residuals == "quantized" and not ctx.quant.dynamic
+                  else {rule.name: 0 for rule in RESIDUAL_RULES})
     # after the quantize steps exist: activations only they read (every rule listed, as apply_rules does)
     counts.update(approximate_before_quantize(gm, ctx) if ctx.quant.gelu == "tanh"
                   else {rule.name: 0 for rule in QUANT_MATH_RULES})

@@ -188,7 +188,14 @@ def configs_for(x, w, out_shape, stride, padding, dilation, groups: int, ctx) ->
     if not conv_tma_supported(x, w, stride, padding, dilation, groups):
         return []
     level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
-    return conv_tma_configs(x.shape[1], out_shape[2], out_shape[3], x.dtype, level, stride[0])
+    configs = conv_tma_configs(x.shape[1], out_shape[2], out_shape[3], x.dtype, level, stride[0])
+    if x.dtype == torch.float8_e4m3fn and not ctx.fp8_fast_accumulation:
+        # Triton 3.6 splits a dot whose A operand comes through registers (a 2-D patch's tile)
+        # and drops its max_num_imprecise_acc: the FP8 sum would stay in the tensor cores'
+        # reduced-precision accumulator (sm_90 TTGIR: maxNumImpreciseAcc = 2^30; H100 session 22:
+        # 2 fp16 ulps off at 4% of outputs). Only row patches (A in shared memory) promote per tile.
+        configs = [c for c in configs if c.block_h == 1]
+    return configs
 
 
 def tma_conv_candidate(group, plan: tpl.EpiloguePlan, x_node, w_node, stride, padding, source: Tuple[str, str],

@@ -118,6 +118,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * torch.as_tensor(scale, dtype=torch.float32).to(q.device)
 
 
+def dequantize_steps(op, q, scale, out_dtype: torch.dtype):
+    """:func:`dequantize` as ops (``op(target, *args)``), converted to ``out_dtype``."""
+    x = op(aten.mul.Tensor, op(aten._to_copy.default, q, dtype=torch.float32), scale)
+    return x if out_dtype == torch.float32 else op(aten._to_copy.default, x, dtype=out_dtype)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, precision: str) -> torch.Tensor:
     """quantize then dequantize, in x's dtype: the value a quantized engine sees."""
     return dequantize(quantize(x, scale, precision), scale).to(x.dtype)
