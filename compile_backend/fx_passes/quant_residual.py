@@ -99,18 +99,9 @@ def _read_codes(gm: fx.GraphModule, node: fx.Node, found: Tuple[int, fx.Node, fx
     node.replace_input_with(value, dequantized)
 
 
-def codes_replace_float(x: fx.Node, request) -> bool:
-    """Whether quantizing the layers reading ``x`` may leave no float reader of it, so that its
-    producer writes 8 bits instead of 16 (static scales, ``residuals="quantized"``, every reader
-    a convolution, a GEMM or a plain add): the speed probes then charge no extra write."""
-    if request.dynamic or getattr(request, "residuals", "float") != "quantized":
-        return False
-    return all(is_op(u, aten.convolution, aten.mm, aten.addmm) or plain_add(u) for u in x.users)
-
-
 RESIDUAL_RULES = (
     Rule("residual_reads_codes", "x + r, r also quantized by a static-scale layer -> x + dequantize(r's codes)",
          _codes_for_add, _read_codes),
 )
 
-__all__ = ["RESIDUAL_RULES", "codes_replace_float", "plain_add"]
+__all__ = ["RESIDUAL_RULES", "plain_add"]

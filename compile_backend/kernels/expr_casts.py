@@ -334,3 +334,9 @@ def fp8_saturates() -> bool:
     torch values beyond 464, which round past 448, become NaN first). Quantization clamps to
     +-448 before the cast, so its results do not depend on this."""
     return FP8 is not None and bool(torch.isfinite(torch.tensor(1000.0).to(FP8).float()))
+
+
+def masked_zero(val) -> str:
+    """The ``other=`` literal of a masked load of ``val``'s dtype: ``0.0`` for FP8 (compiled
+    Triton has no int -> fp8 cast; its interpreter has), else ``0``."""
+    return "0.0" if isinstance(val, torch.Tensor) and val.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else "0"

@@ -41,6 +41,9 @@ class EpilogueSpec:
     # [1, BLOCK_N] row, a per-row scale as [BLOCK_M, 1], a per-tensor one as a scalar, instead
     # of a full tile of repeated values (registers: the 128x256 FP8 tile spilled with three)
     load_axes: Tuple[Tuple[bool, bool], ...] = ()
+    # per load, the value its masked-off lanes read (``other=``), or () for 0 everywhere: an FP8
+    # load takes 0.0 (Triton compiles no int -> fp8 cast; its interpreter does)
+    load_zeros: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -58,11 +61,12 @@ def epilogue_body(spec: EpilogueSpec, offset, mask: str, indent: str, broadcast_
     only along the given sides (the template's, for ``spec.load_axes``)."""
     out = []
     for i, name in enumerate(spec.loads):
+        zero = spec.load_zeros[i] if spec.load_zeros else "0"
         if broadcast_load is not None and spec.load_axes and spec.load_axes[i] != (True, True):
             off, m = broadcast_load(f"l{i}", *spec.load_axes[i])
-            out.append(f"{name} = tl.load(L{i} + {off}" + (f", mask={m}, other=0)" if m else ")"))
+            out.append(f"{name} = tl.load(L{i} + {off}" + (f", mask={m}, other={zero})" if m else ")"))
             continue
-        out.append(f"{name} = tl.load(L{i} + {offset(f'l{i}')}, mask={mask}, other=0)")
+        out.append(f"{name} = tl.load(L{i} + {offset(f'l{i}')}, mask={mask}, other={zero})")
     out.extend(spec.lines)
     for j, name in enumerate(spec.stores):
         out.append(f"tl.store(O{j} + {offset(f'o{j}')}, {name}.to(O{j}.dtype.element_ty), mask={mask})")
@@ -539,7 +543,7 @@ def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool
     (:func:`load_sides`; for runners that view the anchor's space as (batch, rows, columns)
     with ``template.as3d``: the GEMM and scaled-GEMM builders; ``column_dim`` 1: the columns are
     a convolution's output channels in its (n, c, h, w) space, the TMA convolution's)."""
-    from . import expr
+    from . import expr, expr_casts
 
     n = len(plan.loads)
     return EpilogueSpec(
@@ -550,7 +554,10 @@ def epilogue_spec(plan: EpiloguePlan, anchor_lines: Sequence[str], int_acc: bool
         helpers=expr.helper_source(plan.helpers),
         load_axes=tuple(load_sides(lp, plan.anchor_shape, column_dim) for lp in plan.loads[skip_loads:])
         if broadcast else (),
+        load_zeros=tuple(expr_casts.masked_zero(getattr(lp.source, "meta", {}).get("val"))
+                         for lp in plan.loads[skip_loads:]),
     )
+
 
 
 def load_sides(lp: LoadPlan, anchor_shape: Sequence[int], column_dim: int = -1) -> Tuple[bool, bool]:

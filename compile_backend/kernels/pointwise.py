@@ -272,7 +272,7 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             load = f"tl.zeros([BLOCK], dtype={expr_casts.tl_type(dtype)})"
             block_values.add(node)
         elif pat == "flat" or pat:
-            load = f"tl.load({t}_ptr + {offset(t, pat)}, mask=mask, other=0)"
+            load = f"tl.load({t}_ptr + {offset(t, pat)}, mask=mask, other={expr_casts.masked_zero(meta_of(node))})"
             block_values.add(node)
         else:  # broadcast scalar (0-dim or all-stride-0 input): one load per program
             load = f"tl.load({t}_ptr)"
@@ -292,7 +292,8 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             inside = f"(i{j} >= {start}) & (i{j} < {start + size})"
             loaded = f"c_{cat.name}_{k}"
             body.append(f"{loaded} = " + expr.to_compute(
-                f"tl.load({t}_ptr + {idx or 0}, mask=mask & {inside}, other=0)", meta_of(src).dtype))
+                f"tl.load({t}_ptr + {idx or 0}, mask=mask & {inside}, other={expr_casts.masked_zero(meta_of(src))})",
+                meta_of(src).dtype))
             local = {**names, src: loaded}
             body += expr.emit_pointwise(chain, local, helpers, round_intermediates)
             value = local[piece]

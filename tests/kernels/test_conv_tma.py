@@ -154,7 +154,7 @@ def test_no_tma_candidates_off_hopper():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,hw,count", [("int8", (14, 13), 5), ("fp8-fast", (14, 13), 5), ("fp8", (14, 13), 0),
-                                                ("fp8", (6, 64), 2)])
+                                                ("fp8", (6, 64), 1)])
 def test_gpu_tma_convolution_candidates(precision, hw, count):
     """On Hopper a stride-1 3x3 scaled convolution gets the TMA configs; each runs and matches.
     FP8 summed in fp32 (the default accumulation) gets row patches only: Triton drops the

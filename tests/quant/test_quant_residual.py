@@ -102,3 +102,17 @@ def test_the_option_is_checked():
 
     with pytest.raises(ValueError, match="quant_residuals"):
         Options(quant_residuals="int8")
+
+
+def test_an_fp8_epilogue_load_reads_zero_as_a_float():
+    """Masked-off lanes of an FP8 load read 0.0: compiled Triton has no int -> fp8 cast (the
+    interpreter has one), and every Triton candidate of an FP8 residual group failed on the GPU
+    for ``other=0`` (H100 session 22: the group fell back to cuDNN over fp32 copies, 0.9 ms)."""
+    from compile_backend.kernels.expr_casts import masked_zero
+    from compile_backend.kernels.gemm_template import EpilogueSpec, epilogue_body
+
+    assert masked_zero(torch.empty(2, dtype=torch.float8_e4m3fn)) == "0.0"
+    assert masked_zero(torch.empty(2, dtype=torch.int8)) == masked_zero(torch.empty(2)) == "0"
+    spec = EpilogueSpec(loads=("r0", "r1"), lines=("v = acc + r0 + r1",), stores=("v",), load_zeros=("0.0", "0"))
+    body = "\n".join(epilogue_body(spec, lambda p: f"{p}_off", "mask", ""))
+    assert "L0 + l0_off, mask=mask, other=0.0)" in body and "L1 + l1_off, mask=mask, other=0)" in body
