@@ -132,6 +132,14 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
             + " (quant_layers='all' quantizes it)")
 
 
+def probe_seeds(layer: "Layer", request: "QuantRequest") -> Tuple[str, ...]:
+    """The names of the 8-bit candidates the layer's probe timed fastest (``speed.seeds_of``),
+    for its engine group to tune again (``kernels.template.seeded``); () where not measured."""
+    seeds_of = getattr(request.speed, "seeds_of", None) if request.speed is not None else None
+    probe = speed_probe(layer) if seeds_of is not None else None
+    return tuple(seeds_of(*probe[:2])) if probe is not None else ()
+
+
 def _close_race(q_ms: float, f_ms: float) -> bool:
     """The 8-bit side's lead over the bare float kernel is within :data:`FLOAT_RACE_MARGIN`."""
     return q_ms > (1.0 - FLOAT_RACE_MARGIN) * f_ms
@@ -227,4 +235,4 @@ def group_problem(value: fx.Node, facts: Facts) -> Optional[Tuple[fx.Node, Tuple
     return producer, problem, activation
 
 
-__all__ = ["FLOAT_RACE_MARGIN", "group_problem", "own_group_problem", "prepare_probes", "slower_than_float", "speed_probe"]
+__all__ = ["FLOAT_RACE_MARGIN", "group_problem", "own_group_problem", "prepare_probes", "probe_seeds", "slower_than_float", "speed_probe"]

@@ -38,9 +38,10 @@ import torch.fx as fx
 from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.scaled_mm / scaled_conv)
 from ..errors import UserError
 from ..kernels import quant_ref
+from ..kernels.template import PROBE_SEEDS
 from .base import PassContext
 from .quant_math import QUANT_MATH_RULES, approximate_before_quantize
-from .quant_probes import prepare_probes, slower_than_float
+from .quant_probes import prepare_probes, probe_seeds, slower_than_float
 from .quant_residual import RESIDUAL_RULES
 from .quant_sources import (STANDALONE_WHY, attention_chain, numel, quantize_attention_output,
                             row_major_source)
@@ -107,6 +108,7 @@ class Layer:
     n: int
     reason: Optional[str] = None  # why it cannot be quantized (None: it can)
     request: Optional[QuantRequest] = None  # set when the pass rewrites it
+    seeds: Tuple[str, ...] = ()   # its speed probe's fastest 8-bit candidates (the engine tunes those)
 
 
 def find_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
@@ -242,6 +244,7 @@ def _match(kind: str):
             record.update(status="float", reason=slower)
             return None
         record.update(status="quantized", reason="")
+        layer.seeds = probe_seeds(layer, request)
         factors = request.smooth(layer.name)
         if factors is not None:
             if len(factors) != layer.k:
@@ -311,6 +314,7 @@ def _rewrite_linear(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
         per_column = bias is not None and shape(bias) == (layer.n,)
         y = call(graph, torch.ops.compile_backend.scaled_mm.default,
                  (xq, x_scale, wq, w_scale, bias if per_column else None, out_dtype))
+        _seed(y, layer)
         if bias is not None and not per_column:
             y = call(graph, aten.add.Tensor, (y, bias))
     node.replace_all_uses_with(y)
@@ -330,9 +334,16 @@ def _rewrite_conv(gm: fx.GraphModule, node: fx.Node, layer: Layer) -> None:
         y = call(graph, torch.ops.compile_backend.scaled_conv.default,
                  (xq, x_scale, wq, w_scale, bias, list(stride), list(padding), list(dilation), groups,
                   before.dtype))
+        _seed(y, layer)
     node.replace_all_uses_with(y)
     if tensor_val(y).stride() != before.stride():
         propagate_meta(graph, [y])
+
+
+def _seed(node: fx.Node, layer: Layer) -> None:
+    """Hand the layer's probe winners to the kernel build of its group (``template.seeded``)."""
+    if layer.seeds:
+        node.meta[PROBE_SEEDS] = layer.seeds
 
 
 def _emitter(graph: fx.Graph):

@@ -38,7 +38,7 @@ from .gemm_runner import GemmRunner
 from .qgemm import (check_scaled_dtypes, eight_bit_configs, scale_lines, scaled_anchor, scaled_arg,
                     scaled_dot_fields, fp8_accumulation_of)
 from .template import (Probe, TemplateTuning, choose_kernel_of, device_limits, dtype_name, fit_pow2,
-                       float_reference_candidate, group_dtypes, group_shapes, group_strides, warmed)
+                       float_reference_candidate, group_dtypes, group_shapes, group_strides, seeded, warmed)
 
 
 def build_scaled_conv(group: KernelGroup, ctx: KernelContext) -> Kernel:
@@ -148,8 +148,8 @@ def scaled_conv_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Op
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_conv s={p.stride} p={p.padding} d={p.dilation} g={p.groups} "
                           f"{'|'.join(plan.chain_ops)}")
-    return TemplateTuning("conv", key, candidates, probe.make, {"triton": source[0]}, plan.out_layouts,
-                          frozenset(c.name for c in candidates if c.impl == "triton"))
+    return seeded(TemplateTuning("conv", key, candidates, probe.make, {"triton": source[0]}, plan.out_layouts,
+                                 frozenset(c.name for c in candidates if c.impl == "triton")), group)
 
 
 def float_conv_candidate(p: ScaledConvProblem, device: torch.device) -> Candidate:

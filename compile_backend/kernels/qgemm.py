@@ -37,9 +37,9 @@ from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_config import GemmConfig, candidate_configs, heuristic_config, long_chain, with_split_epilogues, with_tma_configs
 from .gemm_runner import EPILOGUE_ALTERNATIVES, GemmRunner, epilogue_only, epilogue_tile_named
 from .gemm_tma import tma_available, tma_layout_of
-from .template import (FLOAT_DTYPES, QUANT_DTYPES, Probe, TemplateTuning, anchor_only, choose_kernel_of,
-                       device_limits, dtype_name, float_linear_candidate, group_dtypes, group_shapes,
-                       group_strides, warmed)
+from .template import (FLOAT_DTYPES, Probe, QUANT_DTYPES, TemplateTuning, anchor_only, choose_kernel_of,
+                       device_limits, dtype_name, float_linear_candidate, group_dtypes, group_shapes, group_strides,
+                       seeded, warmed)
 
 
 def build_scaled_mm(group: KernelGroup, ctx: KernelContext) -> Kernel:
@@ -213,9 +213,9 @@ def scaled_mm_candidates(group: KernelGroup, ctx: KernelContext, *, vendor: Opti
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"scaled_mm {'|'.join(plan.chain_ops)}")
     # every candidate writes into planned outputs (out=) except the vendor's own result returned as is
-    return TemplateTuning("gemm", key, candidates, build.probe.make,
-                          {"triton": source[0], "cublas": source[0], "tma": tma_source[0]},
-                          plan.out_layouts, frozenset(c.name for c in candidates if c.name != "torch._scaled_mm scaled"))
+    return seeded(TemplateTuning("gemm", key, candidates, build.probe.make,
+                                 {"triton": source[0], "cublas": source[0], "tma": tma_source[0]}, plan.out_layouts,
+                                 frozenset(c.name for c in candidates if c.name != "torch._scaled_mm scaled")), group)
 
 
 def _template_configs(p: ScaledMMProblem, ctx: KernelContext) -> List[GemmConfig]:

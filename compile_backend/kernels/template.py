@@ -170,6 +170,35 @@ def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTun
                   out_layouts=tuning.out_layouts if writes_out else ())
 
 
+#: anchor node meta: names of the candidates the quantize pass's speed probe timed fastest for
+#: this layer, best first (``fx_passes/quant_probes.py``); :func:`seeded` narrows the group's
+#: tuning to them
+PROBE_SEEDS = "cb_probe_seeds"
+
+
+def seeded(tuning: TemplateTuning, group: KernelGroup) -> TemplateTuning:
+    """``tuning`` narrowed to its anchor's :data:`PROBE_SEEDS` among the Triton candidates, plus
+    the heuristic's first (insurance against an epilogue that changes the ranking), every vendor
+    candidate and the float reference. The probe timed every config on the layer's 8-bit GEMM /
+    convolution alone at these shapes; the engine's group adds its epilogue, and tuned all of
+    them again (INT8 BERT: 16 groups tuned in the kernels stage, 8.8 s of a 32.6 s first call
+    against FP16's 19.8; H100, session 22). The key records the seeds, so a tuning of the full
+    list and a seeded one never share a timing-cache record. Unchanged without seeds, or when
+    none is a candidate here."""
+    anchor = next((n for n in group.gm.graph.nodes if n.name == group.anchor), None)
+    seeds = tuple(anchor.meta.get(PROBE_SEEDS, ())) if anchor is not None else ()
+    triton = [c for c in tuning.candidates if c.impl == "triton" and not c.reference]
+    if not seeds or not any(c.name in seeds for c in triton):
+        return tuning
+    keep = {c.name for c in triton if c.name in seeds} | {triton[0].name}
+    candidates = [c for c in tuning.candidates if c.reference or c.impl != "triton" or c.name in keep]
+    if len(candidates) == len(tuning.candidates):
+        return tuning
+    key = dataclasses.replace(tuning.key, extra=f"{tuning.key.extra} | seeded {','.join(sorted(keep))}")
+    return dataclasses.replace(tuning, key=key, candidates=candidates,
+                               writes_out=frozenset(n for n in tuning.writes_out if any(c.name == n for c in candidates)))
+
+
 def release_probe(tuning: TemplateTuning) -> None:
     """Drop the random inputs the tuning's probe holds (the builders pass ``Probe.make``): the
     runners keep their probe for the engine's life."""

@@ -52,6 +52,9 @@ PROBE_TAG = "layer speed probe"
 #: builds against FP16 builds of 0.328-0.330 (and one of 0.370: batch 1's own spread). The
 #: smallest layer of the issue's other models is BERT-base b16's attention output, 2.4 us
 LATENCY_FLOOR_MS = 0.0015
+#: how many of a probe's fastest 8-bit candidates the layer's engine group tunes again (with the
+#: heuristic's first and the vendor's): its epilogue may reorder close configs, not far ones
+SEEDS = 3
 #: the fastest rates any GPU here has (H200: 4.8 TB/s, 990 TFLOP/s dense fp16), so the ideal
 #: time is a lower bound everywhere
 IDEAL_BYTES_PER_S, IDEAL_FLOP_PER_S = 4.8e12, 990e12
@@ -66,15 +69,24 @@ class LayerSpeed:
         self.per_channel, self.dynamic = per_channel, dynamic
         self.seen: Dict[Tuple[Any, ...], Times] = {}
         self.built: Dict[Tuple[Any, ...], Any] = {}  # probe key -> its tuning, made by prepare
+        self.seeds: Dict[Tuple[Any, ...], Tuple[str, ...]] = {}  # probe key -> its fastest 8-bit candidates
 
     def __call__(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Times:
         key = ("linear", m, n, k, dtype, bias)
-        return self._once(key, f"GEMM {m}x{n}x{k}", lambda: self._race(self._tuning(key)))
+        return self._once(key, f"GEMM {m}x{n}x{k}", lambda: self._race(key, self._tuning(key)))
 
     def conv(self, x_shape: Sequence[int], w_shape: Sequence[int], stride, padding, dilation, groups: int,
              dtype: torch.dtype, bias: bool) -> Times:
         key = self._conv_key(x_shape, w_shape, stride, padding, dilation, groups, dtype, bias)
-        return self._once(key, f"convolution {tuple(x_shape)} * {tuple(w_shape)}", lambda: self._race(self._tuning(key)))
+        return self._once(key, f"convolution {tuple(x_shape)} * {tuple(w_shape)}",
+                          lambda: self._race(key, self._tuning(key)))
+
+    def seeds_of(self, method: str, args: Tuple[Any, ...]) -> Tuple[str, ...]:
+        """The names of the :data:`SEEDS` fastest 8-bit candidates of a probe already timed
+        (``method`` and ``args`` as the quantize pass asks it), best first: the layer's engine
+        group tunes those (``kernels.template.seeded``). Empty: not timed."""
+        key = ("linear",) + tuple(args) if method == "linear" else self._conv_key(*args)
+        return self.seeds.get(key, ())
 
     #: read by the quantize pass: a layer under this ideal time is not measured (stays float)
     latency_floor_ms = LATENCY_FLOOR_MS
@@ -283,13 +295,15 @@ class LayerSpeed:
                              inputs, "conv", "scaled_conv")
         return scaled_conv_candidates(group, self.ctx, vendor=False)
 
-    def _race(self, tuning) -> Times:
+    def _race(self, key, tuning) -> Times:
         """Best 8-bit candidate and the float reference, timed by the tuner under a key of its
-        own (the layer's real group, same shapes, tunes every config under the plain key)."""
+        own (the layer's real group, same shapes, is tuned under the plain key: over the
+        :data:`SEEDS` fastest here, which :meth:`seeds_of` gives)."""
         timed = self._timings(tuning, PROBE_TAG)
         floats = [timed[c.name] for c in tuning.candidates if c.reference and c.name in timed]
-        quants = [timed[c.name] for c in tuning.candidates if not c.reference and c.name in timed]
-        return (min(quants), floats[0]) if floats and quants else None
+        quants = sorted((timed[c.name], c.name) for c in tuning.candidates if not c.reference and c.name in timed)
+        self.seeds[key] = tuple(name for _, name in quants[:SEEDS])
+        return (quants[0][0], floats[0]) if floats and quants else None
 
 
 def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit: bool, precision: str,
@@ -358,4 +372,4 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
     return out
 
 
-__all__ = ["LayerSpeed", "Times", "LATENCY_FLOOR_MS", "QUANTIZE_INSTRUCTIONS", "write_groups"]
+__all__ = ["LayerSpeed", "Times", "LATENCY_FLOOR_MS", "SEEDS", "QUANTIZE_INSTRUCTIONS", "write_groups"]

@@ -554,3 +554,24 @@ def test_gpu_scaled_conv_tuned(case, precision):
     timed, total = map(int, kernel.config["timed"].split("/"))
     assert timed == total, kernel.config
     assert kernel.config["reference_ms"] > 0
+
+
+def test_a_seeded_group_tunes_its_probe_winners():
+    """``template.seeded``: an anchor carrying its speed probe's winners (PROBE_SEEDS) tunes
+    those Triton configs, the heuristic's first and the vendor's, under a key of its own."""
+    from compile_backend.kernels.template import PROBE_SEEDS
+
+    xq, xs, wq, ws, b = quantized_conv(2, 16, (7, 5), 24, 3, 1, "int8")
+    fn = lambda xq, xs, wq, ws, b: scaled_conv(xq, xs, wq, ws, b, [1, 1], [1, 1], [1, 1], 1, torch.float16)  # noqa: E731
+    configs = [GemmConfig(16, 16, 32, num_stages=1), GemmConfig(32, 16, 32, num_stages=1),
+               GemmConfig(16, 32, 32, num_stages=1), GemmConfig(32, 32, 32, num_stages=1)]
+    group = anchor_group(fn, xq, xs, wq, ws, b, kind="conv", op="scaled_conv")
+    full = scaled_conv_candidates(group, CTX, vendor=True, configs=configs)
+    names = [c.name for c in full.candidates]
+    anchor = next(n for n in group.gm.graph.nodes if n.name == group.anchor)
+    anchor.meta[PROBE_SEEDS] = (names[2], "triton 999x1x1 w1 s1 g1")  # a seed no candidate has is ignored
+    tuning = scaled_conv_candidates(group, CTX, vendor=True, configs=configs)
+    assert [c.name for c in tuning.candidates] == [names[0], names[2], names[-1]]  # heuristic, seed, cuDNN
+    assert tuning.key != full.key and "seeded" in tuning.key.extra and tuning.writes_out <= full.writes_out
+    anchor.meta[PROBE_SEEDS] = ("triton 999x1x1 w1 s1 g1",)
+    assert scaled_conv_candidates(group, CTX, vendor=True, configs=configs).key == full.key

@@ -685,3 +685,54 @@ def test_a_failed_measurement_quantizes_the_layer(caplog):
     with caplog.at_level("WARNING", logger="compile_backend"):
         assert speed(64, 32, 16, torch.float16, True) is None
     assert "could not time the int8 GEMM 64x32x16" in caplog.text
+
+
+def test_a_quantized_layer_hands_its_probe_winners_to_its_group(monkeypatch, tmp_path):
+    """The probe's fastest 8-bit candidates (``speed.seeds_of``) ride on the scaled op's node to
+    the kernel build of the layer's group (``template.PROBE_SEEDS``), which then tunes those."""
+    from compile_backend.kernels.template import PROBE_SEEDS
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.001, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def seeds_of(self, method, args):
+            return ("triton a", "triton b") if args[1][2] == 3 else ()
+
+    seen = []
+    real = pipeline.fuse_groups
+
+    def spy(gm, groups):
+        graph, calls = real(gm, groups)
+        seen.extend(c.group for c in calls)
+        return graph, calls
+    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    assert all(s == "quantized" for s, _ in status.values()), status
+    anchors = {n.args[2].meta["val"].shape[2]: n.meta.get(PROBE_SEEDS)
+               for g in seen if g.kind == "conv" for n in g.gm.graph.nodes if n.name == g.anchor}
+    assert anchors == {3: ("triton a", "triton b"), 1: None}, anchors
+
+
+def test_the_probe_keeps_its_fastest_candidates_as_seeds(monkeypatch):
+    """``LayerSpeed`` keeps the SEEDS fastest 8-bit candidates of each probe it times."""
+    from types import SimpleNamespace
+
+    from compile_backend.quant.speed import SEEDS, LayerSpeed
+
+    speed = LayerSpeed(None, "int8", True, False)
+    cands = [SimpleNamespace(name=n, reference=n == "float") for n in ("float", "t1", "t2", "t3", "t4", "broken")]
+    tuning = SimpleNamespace(candidates=cands)
+    times = {"float": 0.010, "t1": 0.009, "t2": 0.004, "t3": 0.006, "t4": 0.005}
+    monkeypatch.setattr(speed, "_tuning", lambda key: tuning)
+    monkeypatch.setattr(speed, "_timings", lambda tuning, tag=None: times)
+    assert speed(8, 16, 32, torch.float16, True) == (0.004, 0.010)
+    assert SEEDS == 3 and speed.seeds_of("linear", (8, 16, 32, torch.float16, True)) == ("t2", "t4", "t3")
+    assert speed.seeds_of("linear", (8, 16, 64, torch.float16, True)) == ()
