@@ -101,7 +101,8 @@ def row_major_source(x: fx.Node) -> Optional[fx.Node]:
     return src if sv.shape[-1] == v.shape[-1] and sv.dtype == v.dtype else None
 
 
-def producer_gemm(x: fx.Node, constant) -> Tuple[Optional[fx.Node], Tuple[str, ...], Optional[Tuple[fx.Node, int]]]:
+def producer_gemm(x: fx.Node, constant, quantized: bool = False
+                  ) -> Tuple[Optional[fx.Node], Tuple[str, ...], Optional[Tuple[fx.Node, int]]]:
     """The float GEMM (``mm``/``addmm``) or convolution whose kernel computes ``x`` in its epilogue,
     the element-wise ops between (views aside), and the residual its epilogue adds with its
     operand position in the add (None: none):
@@ -113,19 +114,22 @@ def producer_gemm(x: fx.Node, constant) -> Tuple[Optional[fx.Node], Tuple[str, .
     takes the add). (None, (), None) when ``x`` comes from a norm, a pool, a graph input, another
     op of two activations or a GEMM already quantized. Writing ``x`` in 8 bits makes that
     producer's kernel our template or the vendor's plus a kernel of ours, instead of possibly
-    cuBLAS/cuDNN with their own fused epilogue (ResNet-50's conv + add + ReLU in one cuDNN call)."""
+    cuBLAS/cuDNN with their own fused epilogue (ResNet-50's conv + add + ReLU in one cuDNN call).
+    ``quantized``: a convolution already quantized (``compile_backend.scaled_conv``) is a
+    producer too."""
     from .partition import classify  # (imports no kernel module)
 
+    anchors = _ANCHORS + ((torch.ops.compile_backend.scaled_conv,) if quantized else ())
     node, ops, residual = x, [], None
     for _ in range(32):
-        if is_op(node, aten.mm, aten.addmm, aten.convolution):
+        if is_op(node, *anchors):
             return node, tuple(reversed(ops)), residual
         if not isinstance(node, fx.Node) or node.op != "call_function" or classify(node) not in (None, "pointwise"):
             return None, (), None
         live = [a for a in node.all_input_nodes if not constant(a)]
         if len(live) == 2 and residual is None and is_op(node, aten.add) and len(node.args) == 2 \
                 and shape(live[0]) == shape(live[1]) == shape(node):
-            anchor = _residual_anchor(live)
+            anchor = _residual_anchor(live, anchors)
             if anchor is None:
                 return None, (), None
             ops.append("add")
@@ -141,16 +145,20 @@ def producer_gemm(x: fx.Node, constant) -> Tuple[Optional[fx.Node], Tuple[str, .
     return None, (), None
 
 
-def _residual_anchor(operands) -> Optional[fx.Node]:
-    """Of a residual add's two operands, the GEMM / convolution output whose epilogue the
-    partition gives the add: the first in graph order whose partner is computed before it."""
+def _residual_anchor(operands, kinds) -> Optional[fx.Node]:
+    """Of a residual add's two operands, the GEMM / convolution output (of the ops ``kinds``)
+    whose epilogue the partition gives the add: the first in graph order whose partner is
+    computed before it."""
     order = {n: i for i, n in enumerate(operands[0].graph.nodes)}
-    anchors = [a for a in operands if is_op(a, aten.mm, aten.addmm, aten.convolution)]
+    anchors = [a for a in operands if is_op(a, *kinds)]
     for a in sorted(anchors, key=order.__getitem__):
         other = operands[1] if a is operands[0] else operands[0]
         if order[other] < order[a]:
             return a
     return None
+
+
+_ANCHORS = (aten.mm, aten.addmm, aten.convolution)
 
 
 def numel(dims) -> int:

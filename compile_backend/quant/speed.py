@@ -227,10 +227,12 @@ class LayerSpeed:
         """The tunings of the producer's group with its output quantized and without."""
         from ..kernels.conv import conv_candidates
         from ..kernels.gemm import gemm_candidates
+        from ..kernels.qconv import scaled_conv_candidates
 
-        build = gemm_candidates if producer[0] == "linear" else conv_candidates
-        return [build(group, self.ctx)
-                for group in write_groups(producer, activation, tanh_unit, self.precision, self.ctx.device)]
+        build = {"linear": gemm_candidates, "conv": conv_candidates,
+                 "qconv": lambda group, ctx: scaled_conv_candidates(group, ctx, vendor=False)}[producer[0]]
+        return [build(group, self.ctx) for group in write_groups(producer, activation, tanh_unit, self.precision,
+                                                                 self.ctx.device, self.per_channel)]
 
     def _timings(self, tuning, tag: Optional[str] = None) -> Dict[str, float]:
         """{candidate: ms} from the tuner, under the tuning's key, marked ``tag`` where the probe's
@@ -307,7 +309,7 @@ class LayerSpeed:
 
 
 def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit: bool, precision: str,
-                 device: torch.device):
+                 device: torch.device, per_channel: bool = True):
     """The producer's group with its output quantized to ``precision`` and without, as kernel
     groups in the form the engine's partition gives them: inputs in first-use order (a GEMM's bias,
     x, its b as the GEMM reads it, then the quantize's inverse scale), the view to the frame the
@@ -315,8 +317,9 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
     and reuses the probe's timings (INT8 BERT's FFN1 was tuned three times: session 19's notes).
     ``producer``: ("linear", m, n, k, dtype, bias, b_transposed, frame) or ("conv", x_shape,
     w_shape, geometry, dtype, bias[, p: a residual of the output's shape added before the
-    activation as the add's operand p (0 or 1), the engine's conv + add + ReLU group])
-    (``LayerSpeed.write_ms``)."""
+    activation as the add's operand p (0 or 1), the engine's conv + add + ReLU group]), or
+    ("qconv", ...) as "conv" for a convolution already quantized to ``precision`` (its 8-bit
+    operands, weight scales per channel or not as ``per_channel``) (``LayerSpeed.write_ms``)."""
     from ..fx_passes import PassContext
     from ..fx_passes.quant_math import approximate_before_quantize
     from ..kernels.base import canonical_names
@@ -342,8 +345,14 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
     else:
         _, x_shape, w_shape, geometry, dtype, bias, *residual = producer
         cl = torch.channels_last
-        inputs = (torch.randn(x_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl),
-                  torch.randn(w_shape, device=device, generator=gen).to(dtype).contiguous(memory_format=cl))
+        x, w = torch.randn(x_shape, device=device, generator=gen), torch.randn(w_shape, device=device, generator=gen)
+        if producer[0] == "qconv":
+            xs = quant_ref.scale_from_amax(x.abs().amax(), precision)
+            wq, ws = quant_ref.quantize_weight(w, precision, per_channel)
+            inputs = (quant_ref.quantize(x, xs, precision).contiguous(memory_format=cl), xs,
+                      wq.contiguous(memory_format=cl), ws)
+        else:
+            inputs = (x.to(dtype).contiguous(memory_format=cl), w.to(dtype).contiguous(memory_format=cl))
         inputs += (torch.randn(w_shape[0], device=device, generator=gen).to(dtype),) if bias else ()
         stride, padding, dilation, groups = geometry
         if residual:  # of the convolution's output shape (computed on meta tensors)
@@ -351,13 +360,20 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
                                              None, stride, padding, dilation, groups).shape
             inputs += (torch.randn(out, device=device, generator=gen).to(dtype).contiguous(memory_format=cl),)
 
-        def layer(x, w, *rest):
+        scaled = producer[0] == "qconv"
+
+        def layer(*args):
+            (x, w), rest = (args[0], args[2]) if scaled else args[:2], args[4 if scaled else 2:]
             b = rest[0] if bias else None
-            y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+            if scaled:
+                y = torch.ops.compile_backend.scaled_conv(x, args[1], w, args[3], b, stride, padding, dilation, groups,
+                                                          dtype)
+            else:
+                y = torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
             if not residual:
                 return y
             return rest[-1] + y if residual[0] == 0 else y + rest[-1]  # the model's operand order
-        kind, anchor = "conv", "convolution"
+        kind, anchor = "conv", "scaled_conv" if scaled else "convolution"
     quantized = lambda *args: quant_ref.quantize_steps(  # noqa: E731
         quant_ref.eager, act(layer(*args[:-1])), dtype, args[-1], precision)
     out = []
