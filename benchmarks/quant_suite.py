@@ -132,9 +132,11 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         probes = g.stages.get("probes") or {}
         add("probe_tuning_s", probes.get("seconds"))
         add("probe_precompile_s", probes.get("precompile_seconds"))
+        add("probe_spin_s", probes.get("spin_seconds"))
         add("probes_tuned", probes.get("tuned"))
         add("kernel_tuning_s", g.tuning.get("seconds"))
         add("kernel_precompile_s", g.tuning.get("precompile_seconds"))
+        add("kernel_spin_s", g.tuning.get("spin_seconds"))
         add("kernels_tuned", g.tuning.get("tuned"))
     return out
 

@@ -148,10 +148,14 @@ class CudaEventTimer:
     spin is generous (4x the host time of one call, at least ~100 us): a launch the host queues
     after the spin ended is timed with the GPU's wait for it. On the H200 (session 8) the
     tuner once chose a 38 us config for a GEMV shape where another tuning of the same shape chose
-    a 12 us one; with this spin the choice was 12 us."""
+    a 12 us one; with this spin the choice was 12 us. ``spin_s``: the seconds of spin queued so
+    far (at 2 GHz), which the tuner reports: how much of a tuning the GPU spends waiting."""
+
+    spin_s: float = 0.0
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         spin = int(min(4e6, max(2e5, 4 * host_s * 2e9)))  # cycles; ~2 GHz clocks
+        self.spin_s += reps * spin / 2e9
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for i in range(reps):
@@ -239,8 +243,9 @@ class Tuner:
         self.progress_after_s = progress_after_s  # tunings shorter than this print nothing
         self.settings = SETTINGS.get(self.level, SETTINGS["fast"])
         self.env = current_environment(self.device)
+        # spin_seconds: of "seconds", the GPU's spins before each timed launch (CudaEventTimer)
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
-                      "precompile_seconds": 0.0}
+                      "precompile_seconds": 0.0, "spin_seconds": 0.0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -368,6 +373,7 @@ class Tuner:
                 chatty, last_line = True, now
                 self._say(f"tuning {label}: {i + 1}/{len(candidates)} candidates, best {best[0]:.4f} ms ({best[1].name})")
         self.stats["seconds"] += time.monotonic() - t0
+        self.stats["spin_seconds"] = round(getattr(self.timer, "spin_s", 0.0), 3)
         if best is None:
             raise RuntimeError(f"every candidate failed for {label}")
         winner = best[1]
