@@ -136,3 +136,18 @@ def image_batches(n: int, seed: int = 0, size: int = 8):
     """``n`` calibration batches (input tuples) of random [size, 3, 6, 6] images for ConvMLP."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 3, 6, 6, generator=g),) for _ in range(n)]
+
+
+def groups_built(monkeypatch) -> list:
+    """The kernel groups the pipeline builds from now on (appended as it partitions)."""
+    from compile_backend import pipeline
+
+    seen = []
+    real = pipeline.fuse_groups
+
+    def spy(gm, groups):
+        graph, calls = real(gm, groups)
+        seen.extend(c.group for c in calls)
+        return graph, calls
+    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    return seen

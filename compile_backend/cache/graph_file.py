@@ -35,7 +35,8 @@ OP_NAMESPACES = ("aten", "prims", "compile_backend")
 PYTHON_TARGETS: Dict[str, Callable] = {"operator.getitem": operator.getitem}
 #: the node meta the partitioner, kernel builders, memory plan and engine read (tests/cache
 #: checks that no other key is read there); the rest (stack traces, module stacks) is not kept
-STORED_META = ("val", "arg_index", "param_name", "fake_quant", "cb_standalone_why", "cb_approximate_tanh")
+STORED_META = ("val", "arg_index", "param_name", "fake_quant", "cb_standalone_why", "cb_approximate_tanh",
+               "cb_probe_seeds")
 OPS = ("placeholder", "get_attr", "call_function", "output")
 MAX_NODES = 1_000_000
 MAX_DEPTH = 16

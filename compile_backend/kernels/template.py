@@ -172,7 +172,7 @@ def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTun
 
 #: anchor node meta: names of the candidates the quantize pass's speed probe timed fastest for
 #: this layer, best first (``fx_passes/quant_probes.py``); :func:`seeded` narrows the group's
-#: tuning to them
+#: tuning to them (stored with an engine's graph: ``cache/graph_file.STORED_META``)
 PROBE_SEEDS = "cb_probe_seeds"
 
 
@@ -186,7 +186,7 @@ def seeded(tuning: TemplateTuning, group: KernelGroup) -> TemplateTuning:
     list and a seeded one never share a timing-cache record. Unchanged without seeds, or when
     none is a candidate here."""
     anchor = next((n for n in group.gm.graph.nodes if n.name == group.anchor), None)
-    seeds = tuple(anchor.meta.get(PROBE_SEEDS, ())) if anchor is not None else ()
+    seeds = tuple(anchor.meta.get("cb_probe_seeds", ())) if anchor is not None else ()  # PROBE_SEEDS
     triton = [c for c in tuning.candidates if c.impl == "triton" and not c.reference]
     if not seeds or not any(c.name in seeds for c in triton):
         return tuning

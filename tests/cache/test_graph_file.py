@@ -30,6 +30,7 @@ def _graph():
     w.meta["val"] = torch.empty(6, 3, device="meta")
     mm = g.create_node("call_function", aten.mm.default, (x, w), name="mm")
     mm.meta["val"] = torch.empty(4, 3, device="meta")
+    mm.meta["cb_probe_seeds"] = ("triton 128x64x64 w4 s3 g8", "triton 64x64x64 w4 s4 g8")  # (kernels/template.seeded)
     c = g.create_node("call_function", aten.clamp.default, (mm, float("-inf"), 0.1), name="clamp")
     c.meta["val"] = torch.empty(4, 3, device="meta")
     c.meta["cb_approximate_tanh"] = True  # (a flag the kernels read: fx_passes/quant_math.py)
@@ -59,6 +60,7 @@ def test_round_trip_keeps_code_arguments_and_meta():
     assert isinstance(nodes["split_with_sizes"].args[1], list)
     assert nodes["x"].meta["arg_index"] == 0
     assert nodes["clamp"].meta["cb_approximate_tanh"] is True and "cb_approximate_tanh" not in nodes["mm"].meta
+    assert nodes["mm"].meta["cb_probe_seeds"] == ("triton 128x64x64 w4 s3 g8", "triton 64x64x64 w4 s4 g8")
     val = nodes["mm"].meta["val"]
     assert isinstance(val, torch._subclasses.FakeTensor) and val.shape == (4, 3) and val.stride() == (3, 1)
     assert [v.dtype for v in nodes["split_with_sizes"].meta["val"]] == [torch.float16] * 2

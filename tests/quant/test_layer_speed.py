@@ -12,6 +12,7 @@ from compile_backend import pipeline, quant
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext
 from compile_backend.options import Options
+from helpers import groups_built  # tests/helpers.py
 
 
 class TwoLinears(torch.nn.Module):
@@ -751,14 +752,7 @@ def test_a_quantized_layer_hands_its_probe_winners_to_its_group(monkeypatch, tmp
         def seeds_of(self, method, args):
             return ("triton a", "triton b") if args[1][2] == 3 else ()
 
-    seen = []
-    real = pipeline.fuse_groups
-
-    def spy(gm, groups):
-        graph, calls = real(gm, groups)
-        seen.extend(c.group for c in calls)
-        return graph, calls
-    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    seen = groups_built(monkeypatch)
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
     status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
     assert all(s == "quantized" for s, _ in status.values()), status

@@ -8,6 +8,7 @@ import torch
 
 import compile_backend
 from compile_backend import quant
+from helpers import groups_built  # tests/helpers.py
 from quant_models import AttentionBlock, NormLinear  # tests/quant/quant_models.py
 
 
@@ -28,21 +29,6 @@ def _engine_cosine(model, x, q, tmp_path, **options) -> float:
         y, ref = fast(x), model(x)
     assert y.dtype == ref.dtype
     return torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0).item()
-
-
-def _groups_built(monkeypatch) -> list:
-    """The kernel groups the pipeline builds from now on (appended as it partitions)."""
-    from compile_backend import pipeline
-
-    seen = []
-    real = pipeline.fuse_groups
-
-    def spy(gm, groups):
-        graph, calls = real(gm, groups)
-        seen.extend(c.group for c in calls)
-        return graph, calls
-    monkeypatch.setattr(pipeline, "fuse_groups", spy)
-    return seen
 
 
 @pytest.mark.parametrize("activations", ["static", "dynamic"])
@@ -181,7 +167,7 @@ def test_quantized_convolutions_run_channels_last_on_cuda(monkeypatch, tmp_path)
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(5)).half()
     calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
                             use_cache=False)
-    seen = _groups_built(monkeypatch)
+    seen = groups_built(monkeypatch)
     with torch.no_grad():
         report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
                                          speed_check=False)
@@ -240,7 +226,7 @@ def test_conv1d_style_weights_are_stored_k_major(precision, monkeypatch, tmp_pat
     """Codes of a [K, N] weight are folded K-major ([N, K] contiguous): cuBLAS's 8-bit GEMMs
     take nothing else and the template reads N-major 8-bit tiles slowly (the layout clone of a
     constant is not dropped: it is made once)."""
-    seen = _groups_built(monkeypatch)
+    seen = groups_built(monkeypatch)
     model = Conv1DStyle().half().eval()
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(7)).half()
     calib, report = _calibrated_report(model, x, precision, tmp_path)

@@ -7,6 +7,7 @@ import torch
 
 import compile_backend
 from compile_backend import quant
+from helpers import groups_built  # tests/helpers.py
 
 
 class ResidualStack(torch.nn.Module):
@@ -37,16 +38,7 @@ def _explain(model, x, calib, tmp_path, residuals):
 
 def _written(monkeypatch, model, x, calib, tmp_path, residuals):
     """(report, [(ops, output dtypes)] of each convolution kernel the engine builds)."""
-    from compile_backend import pipeline
-
-    seen = []
-    real = pipeline.fuse_groups
-
-    def spy(gm, groups):
-        graph, calls = real(gm, groups)
-        seen.extend(c.group for c in calls)
-        return graph, calls
-    monkeypatch.setattr(pipeline, "fuse_groups", spy)
+    seen = groups_built(monkeypatch)
     report = _explain(model, x, calib, tmp_path, residuals)
     convs = [(g.ops, [o.meta["val"].dtype for o in g.outputs]) for g in seen if g.kind == "conv"]
     monkeypatch.undo()
