@@ -1,8 +1,14 @@
-"""Small models shared by the quantization tests (tests/quant is on sys.path for its modules)."""
+"""Small models shared by the quantization tests (tests/quant is on sys.path for its modules), and
+:func:`quant_status`: a model compiled INT8 with a stand-in for the layer speed measurement."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
+
+import compile_backend
+from compile_backend import pipeline, quant
 
 
 class NormLinear(nn.Module):
@@ -33,3 +39,57 @@ class AttentionBlock(nn.Module):
         split = lambda t: t.view(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         a = torch.nn.functional.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
         return self.o(a.transpose(1, 2).contiguous().view(b, s, d))
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class TwoConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class ResidualBlock(torch.nn.Module):
+    """``c(relu(b(relu(a(x))) + r))``, r = x or a downsample convolution of x computed after b
+    (torchvision's Bottleneck order)."""
+
+    def __init__(self, downsample: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        out = 16 if downsample else 8
+        self.a, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, out, 1)
+        self.ds = torch.nn.Conv2d(8, out, 1) if downsample else None
+        self.c = torch.nn.Conv2d(out, 4, 1)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return self.c(torch.relu(y + (self.ds(x) if self.ds is not None else x)))
+
+
+def quant_status(monkeypatch, tmp_path, model, x, speed):
+    """{layer: (status, reason)} of ``model`` compiled INT8 with ``speed`` standing in for the
+    quantize pass's measurement."""
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = speed
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    with torch.no_grad():
+        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                         speed_check=False)
+    return {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}

@@ -9,20 +9,10 @@ import torch
 
 import compile_backend
 from compile_backend import pipeline, quant
-from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext
 from compile_backend.options import Options
 from helpers import groups_built  # tests/helpers.py
-
-
-class TwoLinears(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+from quant_models import ResidualBlock, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
 
 
 def _fake_speed(monkeypatch, slow_n: int, seen: list):
@@ -66,33 +56,6 @@ def test_a_layer_slower_in_8_bits_stays_float(mode, monkeypatch, tmp_path):
     assert cos > 0.999, cos
 
 
-class TwoConvs(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
-
-
-def _quant_status(monkeypatch, tmp_path, model, x, speed):
-    """{layer: (status, reason)} of ``model`` compiled INT8 with ``speed`` standing in for the
-    quantize pass's measurement."""
-    @contextlib.contextmanager
-    def fake(ctx, options):
-        if ctx.quant is not None:
-            ctx.quant.speed = speed
-        yield None
-    monkeypatch.setattr(pipeline, "layer_speed", fake)
-    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
-                            use_cache=False)
-    with torch.no_grad():
-        report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
-                                         speed_check=False)
-    return {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}
-
-
 def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
     seen = []
 
@@ -105,7 +68,7 @@ def test_a_convolution_slower_in_8_bits_stays_float(monkeypatch, tmp_path):
             return (0.03, 0.01) if w_shape[2] == 3 else (0.001, 0.01)
 
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
     assert ((2, 3, 9, 11), (16, 3, 3, 3), [1, 1], [1, 1], 1, torch.float16, True) in seen
     assert status["a.weight"][0] == "float" and "convolution took 30.0 us against 10.0 us" in status["a.weight"][1]
     assert status["b.weight"][0] == "quantized"
@@ -138,7 +101,7 @@ def test_every_layer_probe_is_prepared_before_any_is_timed(monkeypatch, tmp_path
             return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, Mixed().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, Mixed().half().eval(), x, Speed())
     assert all(s == "quantized" for s, _ in status.values()), status
     (first, probes), *timed = events
     assert first == "prepare" and sorted(probes, key=repr) == sorted([("conv", ((2, 3, 9, 11), (8, 3, 3, 3))),
@@ -157,7 +120,7 @@ def test_the_inputs_quantize_counts_against_the_8_bit_gemm(monkeypatch, tmp_path
             return 0.004
 
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
     assert status["a.weight"][0] == "quantized"
     kept, why = status["b.weight"]
     assert kept == "float" and "8.0 us + 4.0 us (estimated) to write its input in int8 against 10.0 us" in why, why
@@ -183,7 +146,7 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
             return 0.005
 
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
     # b read transposed (nn.Linear's weight), the ReLU in x's own [5, 48] frame
     assert asked == [(("linear", 5, 48, 32, torch.float16, True, True, (5, 48)), "relu")], asked
     kept, why = status["b.weight"]
@@ -196,7 +159,7 @@ def test_a_float_gemm_producers_measured_write_cost_counts(monkeypatch, tmp_path
             return (0.020, 0.010) if w_shape[2] == 3 else (0.001, 0.010)  # a: float
 
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, ConvSpeed())
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, ConvSpeed())
     assert asked == [(("conv", (2, 3, 9, 11), (16, 3, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True),
                       "relu")], asked
     assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"  # 1 + 5 < 10 us
@@ -235,7 +198,7 @@ def test_the_group_probes_of_winning_layers_are_prepared_first(monkeypatch, tmp_
             return 0.0099
 
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
     assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized"  # 8.8 + 1 < 9.9 us
     assert [e if isinstance(e, str) else e[0] for e in events] == ["prepare", "prepare_groups", "write_ms", "float_ms"]
     (_, writes, floats), (_, written), (_, own) = events[1:]
@@ -272,7 +235,7 @@ def test_a_convolution_ahead_of_cudnn_still_races_its_own_float_group(downsample
             return 0.005 if producer[2][0] == (16 if downsample else 8) and producer[2][2] == 1 else 0.0095
 
     x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, ResidualBlock(downsample).half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, ResidualBlock(downsample).half().eval(), x, Speed())
     out = 16 if downsample else 8
     geometry = ([1, 1], [0, 0], [1, 1], 1)
     # a: conv + ReLU; b: + x and ReLU without a downsample, else alone (the downsample takes the add)
@@ -310,7 +273,7 @@ def test_a_convolution_far_ahead_races_no_float_group(monkeypatch, tmp_path):
             return 0.001
 
     x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, ResidualBlock(False).half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, ResidualBlock(False).half().eval(), x, Speed())
     assert not asked and all(s == "quantized" for s, _ in status.values()), status
 
 
@@ -328,232 +291,9 @@ def test_a_failed_preparation_leaves_the_probes_to_the_rules(monkeypatch, tmp_pa
 
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).half()
     with caplog.at_level("WARNING", logger="compile_backend"):
-        status = _quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
+        status = quant_status(monkeypatch, tmp_path, TwoLinears().half().eval(), x, Speed())
     assert sorted(seen) == [40, 48] and all(s == "quantized" for s, _ in status.values())
     assert "could not prepare the layer speed probes (RuntimeError: no pool here)" in caplog.text
-
-
-class ResidualBlock(torch.nn.Module):
-    """``c(relu(b(relu(a(x))) + r))``, r = x or a downsample convolution of x computed after b
-    (torchvision's Bottleneck order)."""
-
-    def __init__(self, downsample: bool):
-        super().__init__()
-        torch.manual_seed(0)
-        out = 16 if downsample else 8
-        self.a, self.b = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, out, 1)
-        self.ds = torch.nn.Conv2d(8, out, 1) if downsample else None
-        self.c = torch.nn.Conv2d(out, 4, 1)
-
-    def forward(self, x):
-        y = self.b(torch.relu(self.a(x)))
-        return self.c(torch.relu(y + (self.ds(x) if self.ds is not None else x)))
-
-
-@pytest.mark.parametrize("downsample", [False, True])
-def test_a_residual_blocks_write_cost_is_measured_on_its_conv_add_relu(downsample, monkeypatch, tmp_path):
-    """A layer reading a residual block's ``relu(conv + r)``: what writing it in 8 bits costs is
-    measured on the convolution whose group the partition gives the add (b's with an identity, the
-    downsample's when it comes after b), with the residual among its inputs (the engine's conv +
-    add + ReLU group: ResNet-50 INT8 quantized two 2048 -> 512 layers that won 1 us each on an
-    estimated write cost and ran 16 us slower than FP16, session 20)."""
-    asked = []
-
-    class Speed:
-        def __call__(self, *args):
-            return None
-
-        def conv(self, x_shape, w_shape, *rest):
-            return (0.001, 0.010) if w_shape[0] == 4 else (0.020, 0.010)  # only c wins
-
-        def quantize_ms(self, numel):
-            return 0.0
-
-        def write_ms(self, producer, activation, tanh_unit):
-            asked.append((producer, activation))
-            return 0.050  # the fused conv + add + ReLU lost: c stays float
-
-    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, ResidualBlock(downsample).half().eval(), x, Speed())
-    out = 16 if downsample else 8
-    at = 0 if downsample else 1  # b's output + r: the residual is the add's first operand for the downsample's group
-    assert asked == [(("conv", (2, 8, 9, 11), (out, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, at),
-                      "relu")], asked
-    assert status["c.weight"][0] == "float" and "measured: its producer's kernel" in status["c.weight"][1]
-
-
-def test_the_residual_write_probe_is_the_engines_conv_add_relu_group():
-    """The probe's groups for a residual producer: conv, add, ReLU (and the quantize), with the
-    residual of the output's shape after x, w and the bias, as the engine's group reads them."""
-    from compile_backend.quant.speed import write_groups
-
-    producer = ("conv", (2, 8, 7, 9), (16, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, 1)
-    quantized, plain = write_groups(producer, "relu", True, "int8", torch.device("cpu"))
-    shapes = [tuple(n.meta["val"].shape) for n in plain.gm.graph.nodes if n.op == "placeholder"]
-    assert shapes == [(2, 8, 7, 9), (16, 8, 1, 1), (16,), (2, 16, 7, 9)]
-    assert plain.ops == ("aten.convolution", "aten.add", "aten.relu")
-    assert quantized.ops[:3] == plain.ops and "aten.round" in quantized.ops
-
-
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_a_quantized_producers_write_cost_is_measured_on_its_8_bit_group(precision, monkeypatch, tmp_path):
-    """A layer reading a residual block whose convolution is already 8-bit: the write probe
-    times that convolution's own 8-bit group (scaled_conv + add + ReLU, with the quantize and
-    without), not an estimate (ResNet-50 b32 FP8: those groups took 56 us against the float
-    group's 28 where 1.5 us was estimated; H100, session 22). Its groups run (the interpreter)."""
-    from compile_backend.kernels.qconv import scaled_conv_candidates
-    from compile_backend.quant.speed import write_groups
-
-    asked = []
-
-    class Speed:
-        def __call__(self, *args):
-            return None
-
-        def conv(self, x_shape, w_shape, *rest):
-            return (0.001, 0.010)  # every 8-bit convolution wins
-
-        def quantize_ms(self, numel):
-            return 0.0
-
-        def write_ms(self, producer, activation, tanh_unit):
-            asked.append((producer, activation))
-            return 0.050 if producer[0] == "qconv" and producer[2][2] == 1 else 0.0  # b's 8-bit group loses
-
-    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, ResidualBlock(False).half().eval(), x, Speed())
-    qconv = [pa for i, pa in enumerate(asked) if pa[0][0] == "qconv" and pa not in asked[:i]]
-    assert qconv == [(("qconv", (2, 8, 9, 11), (8, 8, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True), "relu"),
-                     (("qconv", (2, 8, 9, 11), (8, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, 1),
-                      "relu")], asked
-    assert [status[n][0] for n in ("a.weight", "b.weight", "c.weight")] == ["quantized", "quantized", "float"], status
-    assert "measured: its producer's kernel" in status["c.weight"][1]
-    quantized, plain = write_groups(qconv[1][0], "relu", True, precision, torch.device("cpu"), per_channel=True)
-    assert plain.ops == ("compile_backend.scaled_conv", "aten.add", "aten.relu") and "aten.clamp" in quantized.ops
-    for group in (quantized, plain):
-        inputs = [n.meta["val"] for n in group.gm.graph.nodes if n.op == "placeholder"]
-        assert inputs[0].dtype == inputs[2].dtype == quant_ref.STORAGE[precision]
-        ctx = KernelContext(Options(), torch.device("cpu"), True)
-        assert scaled_conv_candidates(group, ctx, vendor=False).candidates
-        group.reference(*[torch.zeros(v.shape, dtype=v.dtype).contiguous(memory_format=torch.channels_last) if v.dim() == 4
-                          else torch.ones(v.shape, dtype=v.dtype) for v in inputs])
-
-
-def _recording_write_probe(monkeypatch) -> list:
-    """Every layer's 8-bit kernel measured faster; the producers' write probes asked are recorded
-    (producer, activation, tanh_unit) and cost nothing."""
-    asked = []
-
-    class Speed:
-        def __call__(self, *args):
-            return (0.001, 0.010)
-
-        def conv(self, *args):
-            return (0.001, 0.010)
-
-        def quantize_ms(self, numel):
-            return 0.0
-
-        def write_ms(self, producer, activation, tanh_unit):
-            asked.append((producer, activation, tanh_unit))
-            return 0.0
-
-    @contextlib.contextmanager
-    def fake(ctx, options):
-        if ctx.quant is not None:
-            ctx.quant.speed = Speed()
-        yield None
-    monkeypatch.setattr(pipeline, "layer_speed", fake)
-    return asked
-
-
-class FeedForward(torch.nn.Module):
-    """BERT's FFN on [batch, seq, hidden]: Linear -> GELU -> Linear (addmm between views)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
-
-    def forward(self, x):
-        return self.b(torch.nn.functional.gelu(self.a(x)))
-
-
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
-def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp_path, engines):
-    """The write probe traces the producer as the engine's partition groups it (input order, b
-    transposed, the view to [batch, seq, N] the GELU runs in, canonical names): the same tuning
-    key, so the engine reuses the probe's timings instead of tuning that GEMM again (INT8 BERT's
-    FFN1 was tuned three times, FP16's once: session 19)."""
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.gemm import gemm_candidates
-    from compile_backend.quant.speed import write_groups
-
-    asked = _recording_write_probe(monkeypatch)
-    model, x = FeedForward().half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
-    cfg = quant.QuantConfig(precision=precision, min_features=1, weights="per_tensor", exclude=("a",))
-    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
-    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
-                                                                  "autotune": "off"})
-    with torch.no_grad():
-        fn(x)
-    ((producer, activation, tanh_unit),) = asked
-    assert producer == ("linear", 14, 48, 32, torch.float16, True, True, (2, 7, 48)) and activation == "gelu"
-    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    (producer_group,) = [c.group for e in engines for c in e.calls
-                         if getattr(c, "group", None) is not None and "aten.gelu" in c.group.ops]
-    with_quantize, without = write_groups(producer, activation, tanh_unit, precision, torch.device("cpu"))
-    assert gemm_candidates(with_quantize, ctx).key == gemm_candidates(producer_group, ctx).key
-    assert "aten.gelu" in without.ops and len(without.ops) < len(with_quantize.ops)
-
-
-def _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, model, x, exclude, engine_op: str):
-    """(the write probe's asked producer, the probe group's tuning key, the engine's producer
-    group's key) for ``model`` compiled INT8 with ``exclude`` float; the engine's group is the
-    one whose ops include ``engine_op``."""
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.conv import conv_candidates
-    from compile_backend.quant.speed import write_groups
-
-    asked = _recording_write_probe(monkeypatch)
-    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=exclude),
-                            progress=False, use_cache=False)
-    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
-                                                                  "autotune": "off"})
-    with torch.no_grad():
-        fn(x)
-    ((producer, activation, tanh_unit),) = asked
-    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    (producer_group,) = [c.group for e in engines for c in e.calls
-                         if getattr(c, "group", None) is not None and engine_op in c.group.ops]
-    probe = conv_candidates(write_groups(producer, activation, tanh_unit, "int8", torch.device("cpu"))[0], ctx).key
-    return (producer, activation), probe, conv_candidates(producer_group, ctx).key
-
-
-def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch, tmp_path, engines):
-    """A convolution producer's probe: the engine's group (input order, ops, names) with its
-    activations channels-last, as the layout pass makes them on CUDA (on the CPU it does not)."""
-    import dataclasses
-
-    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(4)).half()
-    _, probe, engine = _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, TwoConvs().half().eval(), x,
-                                                   ("a",), "aten.relu")
-    assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
-    assert probe.strides[:2] == ((297, 1, 33, 3), (27, 1, 9, 3))  # NHWC x and weight
-
-
-@pytest.mark.parametrize("downsample", [False, True])
-def test_the_residual_probe_is_the_engines_conv_add_relu_group(downsample, monkeypatch, tmp_path, engines):
-    """A residual block's producer probe has the engine's conv + add + ReLU group's key but for
-    the channels-last strides (the layout pass's, on CUDA only)."""
-    import dataclasses
-
-    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(4)).half()
-    (producer, activation), probe, engine = _conv_probe_and_engine_keys(
-        monkeypatch, tmp_path, engines, ResidualBlock(downsample).half().eval(), x, ("a", "b", "ds"), "aten.add")
-    # the downsample's group: b's output + its result; b's: its result + x
-    assert producer[-1] == (0 if downsample else 1) and activation == "relu"
-    assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
 
 
 @pytest.mark.gpu
@@ -626,7 +366,7 @@ def test_a_layer_under_the_latency_floor_is_not_measured(monkeypatch, tmp_path):
             return (0.001, 0.010)
 
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
     assert asked == [] and all(s == "float" for s, _ in status.values()), (asked, status)
     assert "too small for int8 to pay: its float convolution is 0.00 us of work at peak rates, under the 1.5 us" \
         in status["a.weight"][1]
@@ -754,7 +494,7 @@ def test_a_quantized_layer_hands_its_probe_winners_to_its_group(monkeypatch, tmp
 
     seen = groups_built(monkeypatch)
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = _quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
     assert all(s == "quantized" for s, _ in status.values()), status
     anchors = {n.args[2].meta["val"].shape[2]: n.meta.get(PROBE_SEEDS)
                for g in seen if g.kind == "conv" for n in g.gm.graph.nodes if n.name == g.anchor}

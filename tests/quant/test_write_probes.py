@@ -1,0 +1,221 @@
+"""The write probes of ``options["quant_layers"] = "faster"`` (fx_passes/quant_probes.py,
+``quant/speed.py``): what writing a layer's input in 8 bits costs the kernel that produces it,
+measured on that producer's own group as the engine builds it (a float GEMM or convolution, a
+residual block's conv + add + ReLU, a convolution already 8-bit), with the probe's tuning key
+the engine's. A stand-in measurement on the CPU; the GPU tests in test_layer_speed.py."""
+import contextlib
+
+import pytest
+import torch
+
+from compile_backend import pipeline, quant
+from compile_backend.kernels import quant_ref
+from compile_backend.kernels.base import KernelContext
+from compile_backend.options import Options
+from quant_models import ResidualBlock, TwoConvs, quant_status  # tests/quant/quant_models.py
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_a_residual_blocks_write_cost_is_measured_on_its_conv_add_relu(downsample, monkeypatch, tmp_path):
+    """A layer reading a residual block's ``relu(conv + r)``: what writing it in 8 bits costs is
+    measured on the convolution whose group the partition gives the add (b's with an identity, the
+    downsample's when it comes after b), with the residual among its inputs (the engine's conv +
+    add + ReLU group: ResNet-50 INT8 quantized two 2048 -> 512 layers that won 1 us each on an
+    estimated write cost and ran 16 us slower than FP16, session 20)."""
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.001, 0.010) if w_shape[0] == 4 else (0.020, 0.010)  # only c wins
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation))
+            return 0.050  # the fused conv + add + ReLU lost: c stays float
+
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = quant_status(monkeypatch, tmp_path, ResidualBlock(downsample).half().eval(), x, Speed())
+    out = 16 if downsample else 8
+    at = 0 if downsample else 1  # b's output + r: the residual is the add's first operand for the downsample's group
+    assert asked == [(("conv", (2, 8, 9, 11), (out, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, at),
+                      "relu")], asked
+    assert status["c.weight"][0] == "float" and "measured: its producer's kernel" in status["c.weight"][1]
+
+
+def test_the_residual_write_probe_is_the_engines_conv_add_relu_group():
+    """The probe's groups for a residual producer: conv, add, ReLU (and the quantize), with the
+    residual of the output's shape after x, w and the bias, as the engine's group reads them."""
+    from compile_backend.quant.speed import write_groups
+
+    producer = ("conv", (2, 8, 7, 9), (16, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, 1)
+    quantized, plain = write_groups(producer, "relu", True, "int8", torch.device("cpu"))
+    shapes = [tuple(n.meta["val"].shape) for n in plain.gm.graph.nodes if n.op == "placeholder"]
+    assert shapes == [(2, 8, 7, 9), (16, 8, 1, 1), (16,), (2, 16, 7, 9)]
+    assert plain.ops == ("aten.convolution", "aten.add", "aten.relu")
+    assert quantized.ops[:3] == plain.ops and "aten.round" in quantized.ops
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_a_quantized_producers_write_cost_is_measured_on_its_8_bit_group(precision, monkeypatch, tmp_path):
+    """A layer reading a residual block whose convolution is already 8-bit: the write probe
+    times that convolution's own 8-bit group (scaled_conv + add + ReLU, with the quantize and
+    without), not an estimate (ResNet-50 b32 FP8: those groups took 56 us against the float
+    group's 28 where 1.5 us was estimated; H100, session 22). Its groups run (the interpreter)."""
+    from compile_backend.kernels.qconv import scaled_conv_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.001, 0.010)  # every 8-bit convolution wins
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation))
+            return 0.050 if producer[0] == "qconv" and producer[2][2] == 1 else 0.0  # b's 8-bit group loses
+
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = quant_status(monkeypatch, tmp_path, ResidualBlock(False).half().eval(), x, Speed())
+    qconv = [pa for i, pa in enumerate(asked) if pa[0][0] == "qconv" and pa not in asked[:i]]
+    assert qconv == [(("qconv", (2, 8, 9, 11), (8, 8, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True), "relu"),
+                     (("qconv", (2, 8, 9, 11), (8, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, 1),
+                      "relu")], asked
+    assert [status[n][0] for n in ("a.weight", "b.weight", "c.weight")] == ["quantized", "quantized", "float"], status
+    assert "measured: its producer's kernel" in status["c.weight"][1]
+    quantized, plain = write_groups(qconv[1][0], "relu", True, precision, torch.device("cpu"), per_channel=True)
+    assert plain.ops == ("compile_backend.scaled_conv", "aten.add", "aten.relu") and "aten.clamp" in quantized.ops
+    for group in (quantized, plain):
+        inputs = [n.meta["val"] for n in group.gm.graph.nodes if n.op == "placeholder"]
+        assert inputs[0].dtype == inputs[2].dtype == quant_ref.STORAGE[precision]
+        ctx = KernelContext(Options(), torch.device("cpu"), True)
+        assert scaled_conv_candidates(group, ctx, vendor=False).candidates
+        group.reference(*[torch.zeros(v.shape, dtype=v.dtype).contiguous(memory_format=torch.channels_last) if v.dim() == 4
+                          else torch.ones(v.shape, dtype=v.dtype) for v in inputs])
+
+
+def _recording_write_probe(monkeypatch) -> list:
+    """Every layer's 8-bit kernel measured faster; the producers' write probes asked are recorded
+    (producer, activation, tanh_unit) and cost nothing."""
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return (0.001, 0.010)
+
+        def conv(self, *args):
+            return (0.001, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation, tanh_unit))
+            return 0.0
+
+    @contextlib.contextmanager
+    def fake(ctx, options):
+        if ctx.quant is not None:
+            ctx.quant.speed = Speed()
+        yield None
+    monkeypatch.setattr(pipeline, "layer_speed", fake)
+    return asked
+
+
+class FeedForward(torch.nn.Module):
+    """BERT's FFN on [batch, seq, hidden]: Linear -> GELU -> Linear (addmm between views)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp_path, engines):
+    """The write probe traces the producer as the engine's partition groups it (input order, b
+    transposed, the view to [batch, seq, N] the GELU runs in, canonical names): the same tuning
+    key, so the engine reuses the probe's timings instead of tuning that GEMM again (INT8 BERT's
+    FFN1 was tuned three times, FP16's once: session 19)."""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.gemm import gemm_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = _recording_write_probe(monkeypatch)
+    model, x = FeedForward().half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
+    cfg = quant.QuantConfig(precision=precision, min_features=1, weights="per_tensor", exclude=("a",))
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
+                                                                  "autotune": "off"})
+    with torch.no_grad():
+        fn(x)
+    ((producer, activation, tanh_unit),) = asked
+    assert producer == ("linear", 14, 48, 32, torch.float16, True, True, (2, 7, 48)) and activation == "gelu"
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    (producer_group,) = [c.group for e in engines for c in e.calls
+                         if getattr(c, "group", None) is not None and "aten.gelu" in c.group.ops]
+    with_quantize, without = write_groups(producer, activation, tanh_unit, precision, torch.device("cpu"))
+    assert gemm_candidates(with_quantize, ctx).key == gemm_candidates(producer_group, ctx).key
+    assert "aten.gelu" in without.ops and len(without.ops) < len(with_quantize.ops)
+
+
+def _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, model, x, exclude, engine_op: str):
+    """(the write probe's asked producer, the probe group's tuning key, the engine's producer
+    group's key) for ``model`` compiled INT8 with ``exclude`` float; the engine's group is the
+    one whose ops include ``engine_op``."""
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.conv import conv_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = _recording_write_probe(monkeypatch)
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1, exclude=exclude),
+                            progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
+                                                                  "autotune": "off"})
+    with torch.no_grad():
+        fn(x)
+    ((producer, activation, tanh_unit),) = asked
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    (producer_group,) = [c.group for e in engines for c in e.calls
+                         if getattr(c, "group", None) is not None and engine_op in c.group.ops]
+    probe = conv_candidates(write_groups(producer, activation, tanh_unit, "int8", torch.device("cpu"))[0], ctx).key
+    return (producer, activation), probe, conv_candidates(producer_group, ctx).key
+
+
+def test_the_convolution_probe_is_the_engines_group_in_channels_last(monkeypatch, tmp_path, engines):
+    """A convolution producer's probe: the engine's group (input order, ops, names) with its
+    activations channels-last, as the layout pass makes them on CUDA (on the CPU it does not)."""
+    import dataclasses
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(4)).half()
+    _, probe, engine = _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, TwoConvs().half().eval(), x,
+                                                   ("a",), "aten.relu")
+    assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
+    assert probe.strides[:2] == ((297, 1, 33, 3), (27, 1, 9, 3))  # NHWC x and weight
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_the_residual_probe_is_the_engines_conv_add_relu_group(downsample, monkeypatch, tmp_path, engines):
+    """A residual block's producer probe has the engine's conv + add + ReLU group's key but for
+    the channels-last strides (the layout pass's, on CUDA only)."""
+    import dataclasses
+
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(4)).half()
+    (producer, activation), probe, engine = _conv_probe_and_engine_keys(
+        monkeypatch, tmp_path, engines, ResidualBlock(downsample).half().eval(), x, ("a", "b", "ds"), "aten.add")
+    # the downsample's group: b's output + its result; b's: its result + x
+    assert producer[-1] == (0 if downsample else 1) and activation == "relu"
+    assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
