@@ -60,7 +60,7 @@ def _before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def plain_add(node: fx.Node) -> bool:
+def _plain_add(node: fx.Node) -> bool:
     """``a + b`` of two float tensors of the add's own shape and dtype (no broadcast, alpha 1)."""
     if not is_op(node, aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
         return False
@@ -73,7 +73,7 @@ def plain_add(node: fx.Node) -> bool:
 def _codes_for_add(node: fx.Node, facts: Facts) -> Optional[Tuple[int, fx.Node, fx.Node]]:
     """(operand index, codes, scale) when the add may read an operand's 8-bit codes."""
     request = facts.ctx.quant
-    if request is None or not plain_add(node):
+    if request is None or not _plain_add(node):
         return None
     for i, value in enumerate(node.args):
         found = next(((q, s) for (base, _), (q, s) in request.written.items() if base is value), None)
@@ -85,7 +85,7 @@ def _codes_for_add(node: fx.Node, facts: Facts) -> Optional[Tuple[int, fx.Node, 
         if tensor_val(codes) is None or tensor_val(codes).shape != tensor_val(value).shape:
             continue  # codes of a view of the value (a GEMM's rows): not the add's layout
         quantizes = _quantize_readers(value, codes)
-        if quantizes and all(u in quantizes or plain_add(u) for u in value.users):
+        if quantizes and all(u in quantizes or _plain_add(u) for u in value.users):
             return i, codes, scale
     return None
 
@@ -104,4 +104,4 @@ RESIDUAL_RULES = (
          _codes_for_add, _read_codes),
 )
 
-__all__ = ["RESIDUAL_RULES", "plain_add"]
+__all__ = ["RESIDUAL_RULES"]
