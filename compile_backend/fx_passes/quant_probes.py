@@ -101,7 +101,8 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
     the input (``speed.write_ms``: the producer may lose cuBLAS/cuDNN's fused epilogue: ResNet-50's
     1x1 convolutions went from 12.5 to 17.8 us to feed FP8 3x3 ones that won 1.4 us, H100 session
     15), else estimated (``speed.quantize_ms``: a norm or element-wise kernel of ours writes it, or
-    one row reduction per layer for dynamic scales). A convolution still ahead is then timed
+    one row reduction per layer for dynamic scales; ``speed.standalone_quantize_ms`` where the
+    static quantize runs as a kernel of its own: a graph input, a max pool's output). A convolution still ahead is then timed
     against its own float group (``speed.float_ms``, see the module's docstring)."""
     probe = speed_probe(layer) if request.speed is not None else None
     if probe is None or (probe[0] == "conv" and not hasattr(request.speed, "conv")):
@@ -116,8 +117,15 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
     x = tensor_val(layer.x)
     # measured only where the 8-bit kernel wins on its own (each measurement tunes the producer twice)
     written = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] else None
-    estimate = getattr(request.speed, "quantize_ms", None)
-    extra = written if written is not None else (estimate(x.numel()) if estimate is not None else 0.0)
+    fused = getattr(request.speed, "quantize_ms", None)
+    alone = getattr(request.speed, "standalone_quantize_ms", None) if written is None and not request.dynamic \
+        and _quantize_runs_alone(layer.x) else None
+    if written is not None:
+        extra = written
+    elif alone is not None:
+        extra = alone(x.numel(), x.element_size())
+    else:
+        extra = fused(x.numel()) if fused is not None else 0.0
     q_ms, f_ms = times
     against = f"{f_ms * 1e3:.1f} us"
     if q_ms + extra < f_ms:
@@ -125,11 +133,24 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
         if own is None or q_ms + extra < own:
             return None
         against = f"{own * 1e3:.1f} us (its float group, as a float engine runs it)"
-    how = "measured: its producer's kernel" if written is not None else "estimated"
+    how = ("measured: its producer's kernel" if written is not None
+           else "estimated: a quantize kernel of its own" if alone is not None else "estimated")
     plus = f" + {extra * 1e3:.1f} us ({how}) to write its input in {request.precision}" if extra else ""
     return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
             + what.format(q=f"{q_ms * 1e3:.1f} us{plus} against {against}")
             + " (quant_layers='all' quantizes it)")
+
+
+def _quantize_runs_alone(x: fx.Node) -> bool:
+    """The layer's input comes from where no kernel of ours can write it quantized, so its static
+    quantize runs as a kernel of its own (``quant/standalone.py`` names these in the report): a
+    graph input, or a max pool's values (the pool kernel takes no epilogue)."""
+    while is_view(x) and x.all_input_nodes:
+        x = x.all_input_nodes[0]
+    if x.op == "placeholder":
+        return True
+    return (x.op == "call_function" and getattr(x.target, "__name__", "") == "getitem"
+            and is_op(x.args[0], aten.max_pool2d_with_indices))
 
 
 def probe_seeds(layer: "Layer", request: "QuantRequest") -> Tuple[str, ...]:

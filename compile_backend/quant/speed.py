@@ -199,6 +199,19 @@ class LayerSpeed:
             seconds += numel * 3 / DYNAMIC_BYTES_PER_S
         return seconds * 1e3
 
+    def standalone_quantize_ms(self, numel: int, itemsize: int) -> float:
+        """Estimated time of a static quantize that runs as a kernel of its own (its input is a
+        graph input or a max pool's output: no kernel of ours writes it quantized): the input
+        read and the codes written at :data:`DYNAMIC_BYTES_PER_S`, plus a kernel's latency
+        (:data:`LATENCY_FLOOR_MS`). The instruction count of :meth:`quantize_ms` charged 1.5 us
+        for ResNet-50 b32's pool output (6.4M fp16 values, 19 MB moved: ~6 us), which the FP8
+        engine then quantized in a kernel of its own for layer1's downsample (H100, session 22).
+        0 off CUDA."""
+        if self.ctx is None or self.ctx.device.type != "cuda":
+            return 0.0
+        moved_ms = numel * (itemsize + 1) / DYNAMIC_BYTES_PER_S * 1e3
+        return max(self.quantize_ms(numel), moved_ms) + LATENCY_FLOOR_MS
+
     def write_ms(self, producer: Tuple[Any, ...], activation: Optional[str], tanh_unit: bool = True) -> Optional[float]:
         """What writing its output in 8 bits costs a float GEMM / convolution producer, measured:
         its best kernel with the quantize in its epilogue against its best kernel without (every

@@ -219,3 +219,58 @@ def test_the_residual_probe_is_the_engines_conv_add_relu_group(downsample, monke
     # the downsample's group: b's output + its result; b's: its result + x
     assert producer[-1] == (0 if downsample else 1) and activation == "relu"
     assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
+
+
+class PoolConv(torch.nn.Module):
+    """conv -> ReLU -> max pool -> conv: the second convolution's input is a pool's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.max_pool2d(torch.relu(self.a(x)), 3, 2, 1))
+
+
+def test_a_quantize_of_its_own_is_estimated_as_one(monkeypatch, tmp_path):
+    """A layer whose input no kernel of ours can write quantized (a graph input, a max pool's
+    output) is charged a quantize kernel of its own (``speed.standalone_quantize_ms``: the bytes
+    it moves and a kernel's latency), not the instructions a fused quantize adds."""
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.006, 0.010)
+
+        def quantize_ms(self, numel):
+            asked.append(("fused", numel))
+            return 0.0001
+
+        def standalone_quantize_ms(self, numel, itemsize):
+            asked.append(("alone", numel, itemsize))
+            return 0.005
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = quant_status(monkeypatch, tmp_path, PoolConv().half().eval(), x, Speed())
+    assert ("alone", 2 * 3 * 9 * 11, 2) in asked and ("alone", 2 * 16 * 5 * 6, 2) in asked, asked
+    assert all(s == "float" for s, _ in status.values()), status  # 6 + 5 > 10 us
+    assert "+ 5.0 us (estimated: a quantize kernel of its own)" in status["b.weight"][1]
+
+
+def test_the_standalone_estimate_counts_bytes_and_a_launch():
+    from compile_backend.quant.speed import LATENCY_FLOOR_MS, LayerSpeed
+
+    speed = LayerSpeed(None, "int8", True, False)
+    assert speed.standalone_quantize_ms(10 ** 6, 2) == 0.0  # nothing to measure off CUDA
+
+    class OnCuda(LayerSpeed):
+        def quantize_ms(self, numel):
+            return 0.0
+
+    cuda = OnCuda(type("Ctx", (), {"device": torch.device("cuda")})(), "int8", True, False)
+    ms = cuda.standalone_quantize_ms(6_422_528, 2)  # ResNet-50 b32's pool output, fp16
+    assert ms == pytest.approx(6_422_528 * 3 / 3.0e12 * 1e3 + LATENCY_FLOOR_MS)
