@@ -42,23 +42,31 @@ class AttentionBlock(nn.Module):
 
 
 class TwoLinears(torch.nn.Module):
-    def __init__(self):
+    """Linear -> ``activation`` -> Linear (with GELU on [batch, seq, hidden]: BERT's FFN, the GEMMs
+    addmm between views)."""
+
+    def __init__(self, activation=torch.relu):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
+        self.activation = activation
 
     def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+        return self.b(self.activation(self.a(x)))
 
 
 class TwoConvs(torch.nn.Module):
-    def __init__(self):
+    """conv -> ReLU (-> a 3x3 stride-2 max pool with ``pool``) -> 1x1 conv."""
+
+    def __init__(self, pool: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
+        self.pool = pool
 
     def forward(self, x):
-        return self.b(torch.relu(self.a(x)))
+        h = torch.relu(self.a(x))
+        return self.b(torch.nn.functional.max_pool2d(h, 3, 2, 1) if self.pool else h)
 
 
 class ResidualBlock(torch.nn.Module):

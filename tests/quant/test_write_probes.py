@@ -12,7 +12,7 @@ from compile_backend import pipeline, quant
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext
 from compile_backend.options import Options
-from quant_models import ResidualBlock, TwoConvs, quant_status  # tests/quant/quant_models.py
+from quant_models import ResidualBlock, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
 
 
 @pytest.mark.parametrize("downsample", [False, True])
@@ -132,18 +132,6 @@ def _recording_write_probe(monkeypatch) -> list:
     return asked
 
 
-class FeedForward(torch.nn.Module):
-    """BERT's FFN on [batch, seq, hidden]: Linear -> GELU -> Linear (addmm between views)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 40)
-
-    def forward(self, x):
-        return self.b(torch.nn.functional.gelu(self.a(x)))
-
-
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp_path, engines):
     """The write probe traces the producer as the engine's partition groups it (input order, b
@@ -155,7 +143,7 @@ def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp
     from compile_backend.quant.speed import write_groups
 
     asked = _recording_write_probe(monkeypatch)
-    model, x = FeedForward().half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
+    model, x = TwoLinears(torch.nn.functional.gelu).half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
     cfg = quant.QuantConfig(precision=precision, min_features=1, weights="per_tensor", exclude=("a",))
     calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
     fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
@@ -221,18 +209,6 @@ def test_the_residual_probe_is_the_engines_conv_add_relu_group(downsample, monke
     assert dataclasses.replace(probe, strides=()) == dataclasses.replace(engine, strides=())
 
 
-class PoolConv(torch.nn.Module):
-    """conv -> ReLU -> max pool -> conv: the second convolution's input is a pool's output."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 1)
-
-    def forward(self, x):
-        return self.b(torch.nn.functional.max_pool2d(torch.relu(self.a(x)), 3, 2, 1))
-
-
 def test_a_quantize_of_its_own_is_estimated_as_one(monkeypatch, tmp_path):
     """A layer whose input no kernel of ours can write quantized (a graph input, a max pool's
     output) is charged a quantize kernel of its own (``speed.standalone_quantize_ms``: the bytes
@@ -255,7 +231,7 @@ def test_a_quantize_of_its_own_is_estimated_as_one(monkeypatch, tmp_path):
             return 0.005
 
     x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
-    status = quant_status(monkeypatch, tmp_path, PoolConv().half().eval(), x, Speed())
+    status = quant_status(monkeypatch, tmp_path, TwoConvs(pool=True).half().eval(), x, Speed())
     assert ("alone", 2 * 3 * 9 * 11, 2) in asked and ("alone", 2 * 16 * 5 * 6, 2) in asked, asked
     assert all(s == "float" for s, _ in status.values()), status  # 6 + 5 > 10 us
     assert "+ 5.0 us (estimated: a quantize kernel of its own)" in status["b.weight"][1]
