@@ -243,9 +243,12 @@ class Tuner:
         self.progress_after_s = progress_after_s  # tunings shorter than this print nothing
         self.settings = SETTINGS.get(self.level, SETTINGS["fast"])
         self.env = current_environment(self.device)
-        # spin_seconds: of "seconds", the GPU's spins before each timed launch (CudaEventTimer)
+        # of "seconds": spin_seconds, the GPU's spins before each timed launch (CudaEventTimer);
+        # inputs_seconds, making each problem's input sets; warmup_seconds, each candidate's
+        # first launches and host-time probe (module loading, vendor heuristics) before its reps
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
-                      "precompile_seconds": 0.0, "spin_seconds": 0.0}
+                      "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
+                      "warmup_seconds": 0.0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -349,6 +352,7 @@ class Tuner:
         runners = self._compile_all(key, candidates)
         compiled_s = time.monotonic() - t0  # said in the progress line: which half a slow tuning spent
         input_sets = self._input_sets(make_inputs)
+        self.stats["inputs_seconds"] += time.monotonic() - t0 - compiled_s
         timings: Dict[str, float] = {}
         best: Optional[Tuple[float, Candidate]] = None
         chatty = False
@@ -431,6 +435,7 @@ class Tuner:
         return [first] + [make_inputs() for _ in range(copies - 1)]
 
     def _time_one(self, key: TuningKey, cand: Candidate, runner, input_sets) -> Optional[float]:
+        t_warm = time.perf_counter()
         try:
             runner(*input_sets[0])  # warm-up: lazy compile, autotune-free first launch
             self.timer.sync()
@@ -438,6 +443,7 @@ class Tuner:
             runner(*input_sets[-1])
             host_s = time.perf_counter() - t0
             self.timer.sync()
+            self.stats["warmup_seconds"] += time.perf_counter() - t_warm
             estimate = self.timer.measure(runner, input_sets, 2, host_s)
             per_run = max(min(estimate), 1e-4)
             reps = int(min(self.settings.max_reps, max(self.settings.min_reps, self.settings.target_ms / per_run)))
