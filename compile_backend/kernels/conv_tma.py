@@ -190,11 +190,13 @@ def configs_for(x, w, out_shape, stride, padding, dilation, groups: int, ctx) ->
     level = {"off": "off", "max": "max"}.get(ctx.tuning, "fast")
     configs = conv_tma_configs(x.shape[1], out_shape[2], out_shape[3], x.dtype, level, stride[0])
     if x.dtype == torch.float8_e4m3fn and not ctx.fp8_fast_accumulation:
-        # Triton 3.6 splits a dot whose A operand comes through registers (a 2-D patch's tile)
-        # and drops its max_num_imprecise_acc: the FP8 sum would stay in the tensor cores'
-        # reduced-precision accumulator (sm_90 TTGIR: maxNumImpreciseAcc = 2^30; H100 session 22:
-        # 2 fp16 ulps off at 4% of outputs). Only row patches (A in shared memory) promote per tile.
-        configs = [c for c in configs if c.block_h == 1]
+        # FP8 summed in fp32 gets none: Triton 3.6 splits a dot whose A operand comes through
+        # registers (a 2-D patch's tile) and drops its max_num_imprecise_acc (sm_90 TTGIR:
+        # 2^30; H100 session 22: 2 fp16 ulps off at 4% of outputs), and the row patches, whose
+        # TTGIR keeps the promotion, were still up to 4 ulps off at 0.9% of outputs (H100,
+        # session 23). The pointer template promotes per K tile; fp8_accumulation="fast" asks
+        # for the tensor cores' own accumulator, which every TMA config then uses.
+        return []
     return configs
 
 

@@ -154,12 +154,12 @@ def test_no_tma_candidates_off_hopper():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,hw,count", [("int8", (14, 13), 5), ("fp8-fast", (14, 13), 5), ("fp8", (14, 13), 0),
-                                                ("fp8", (6, 64), 1)])
+                                                ("fp8", (6, 64), 0)])
 def test_gpu_tma_convolution_candidates(precision, hw, count):
     """On Hopper a stride-1 3x3 scaled convolution gets the TMA configs; each runs and matches.
-    FP8 summed in fp32 (the default accumulation) gets row patches only: Triton drops the
-    promotion of a dot whose input tile comes through registers (a 2-D patch's); with
-    fp8_accumulation="fast" every patch, within the tensor cores' accumulator's 1e-2."""
+    FP8 summed in fp32 (the default accumulation) gets none (``configs_for``: Triton's dots
+    there lose the per-tile promotion, H100 sessions 22-23); with fp8_accumulation="fast"
+    every patch, within the tensor cores' accumulator's 1e-2."""
     from compile_backend.kernels.base import KernelContext
     from compile_backend.options import Options
 
@@ -180,7 +180,7 @@ def test_gpu_tma_convolution_candidates(precision, hw, count):
             _close(got, want, precision)
 
 
-def test_fp8_tma_convolution_keeps_row_patches_unless_fast(monkeypatch):
+def test_fp8_tma_convolution_only_with_fast_accumulation(monkeypatch):
     """Which TMA configs an FP8 convolution gets per accumulation mode (see the GPU test)."""
     from types import SimpleNamespace
 
@@ -196,8 +196,7 @@ def test_fp8_tma_convolution_keeps_row_patches_unless_fast(monkeypatch):
         return configs_for(x, w, (2, 96, 6, 64), (1, 1), (1, 1), (1, 1), 1, ctx)
 
     fast, fp32 = pick(True), pick(False)
-    assert {c.block_h for c in fast} > {1} and fp32 and all(c.block_h == 1 for c in fp32)
-    assert fp32 == [c for c in fast if c.block_h == 1]
+    assert {c.block_h for c in fast} > {1} and any(c.block_h == 1 for c in fast) and fp32 == []
 
 
 @pytest.mark.gpu
