@@ -63,9 +63,12 @@ class TuningSettings:
             raise ValueError(f"invalid tuning settings {self}")
 
 
+#: a launch costs the tuner the larger of its GPU time and the host's time to queue it (our
+#: templates' runners: ~270 us a call, ResNet-50 b32 on the H100, session 23), so ``target_ms``
+#: is wall time; "fast" took 30 launches of every candidate until session 23 (15 ms of target)
 SETTINGS = {
-    "fast": TuningSettings(min_reps=5, max_reps=30, target_ms=15.0),
-    "budget": TuningSettings(min_reps=5, max_reps=30, target_ms=15.0),
+    "fast": TuningSettings(min_reps=5, max_reps=20, target_ms=10.0),
+    "budget": TuningSettings(min_reps=5, max_reps=20, target_ms=10.0),
     "max": TuningSettings(min_reps=10, max_reps=100, target_ms=60.0),
 }
 
@@ -152,7 +155,7 @@ class CudaEventTimer:
     ``batched`` (the default): one spin for all of a measurement's launches, sized for the host
     time of queueing them (:func:`batch_spin_cycles`); if the spin has ended before the last
     launch was queued (``Event.query`` after queueing), the host fell behind and the batch is
-    timed again with one spin before each launch. ``batched=False``: always one spin before
+    timed again with one spin before each launch (``fallbacks``). ``batched=False``: always one spin before
     each launch, 4x the host time of one call (at least ~100 us, at most ~2 ms): what the tuner
     did until session 23, when these spins were 92% of every tuning's seconds (ResNet-50 b32's
     FP16 engine: 11.3 of 12.4 s, ~37 ms a candidate; H100). ``spin_s``: the seconds of spin
@@ -211,9 +214,11 @@ SPIN_HZ = 2e9
 
 def batch_spin_cycles(reps: int, host_s: float) -> int:
     """Spin cycles covering the host's queueing of ``reps`` timed launches: each costs one
-    call's host time (``host_s``) plus two event records (~10 us), with half again as margin
-    and 50 us for the spin's own launch; at least ~100 us."""
-    return int(max(2e5, (1.5 * reps * (host_s + 10e-6) + 50e-6) * SPIN_HZ))
+    call's host time (``host_s``) plus two event records (~10 us), with a quarter again as
+    margin and 50 us for the spin's own launch; at least ~100 us. (With half again, none of
+    ResNet-50 b32's ~900 measurements fell behind, and the spins were still 80% of tuning time:
+    H100, session 23; a batch that falls behind is timed again, see :class:`CudaEventTimer`.)"""
+    return int(max(2e5, (1.25 * reps * (host_s + 10e-6) + 50e-6) * SPIN_HZ))
 
 
 class WallClockTimer:
@@ -493,7 +498,7 @@ class Tuner:
             self.timer.sync()
             self.stats["warmup_seconds"] += time.perf_counter() - t_warm
             estimate = self.timer.measure(runner, input_sets, 2, host_s)
-            per_run = max(min(estimate), 1e-4)
+            per_run = max(min(estimate), host_s * 1e3, 1e-4)  # ms of wall a launch
             reps = int(min(self.settings.max_reps, max(self.settings.min_reps, self.settings.target_ms / per_run)))
             return statistics.median(self.timer.measure(runner, input_sets, reps, host_s))
         except Exception as exc:  # out of resources, illegal config, ...: skip, never crash
