@@ -250,3 +250,39 @@ def test_the_standalone_estimate_counts_bytes_and_a_launch():
     cuda = OnCuda(type("Ctx", (), {"device": torch.device("cuda")})(), "int8", True, False)
     ms = cuda.standalone_quantize_ms(6_422_528, 2)  # ResNet-50 b32's pool output, fp16
     assert ms == pytest.approx(6_422_528 * 3 / 3.0e12 * 1e3 + LATENCY_FLOOR_MS)
+
+
+def test_a_winning_producers_8_bit_write_probe_is_prepared_with_the_float_one(monkeypatch, tmp_path):
+    """Where a layer's producer is a convolution whose own 8-bit kernel wins too, the rules may
+    quantize the producer first and then ask for its 8-bit group's write probe ("qconv"): that
+    probe is handed to ``prepare_groups`` beside the float one, so it compiles in the pool (FP8
+    ResNet-50 b32 compiled 20 of them one problem at a time: H100, session 23)."""
+    prepared, asked = [], []
+
+    class Speed:
+        def prepare(self, probes):
+            pass
+
+        def prepare_groups(self, writes, floats):
+            prepared.extend(writes)
+
+        def __call__(self, *args):
+            return None
+
+        def conv(self, *args):
+            return (0.001, 0.010)  # every 8-bit convolution wins, by far (no float-group races)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation, tanh_unit))
+            return 0.0
+
+    x = torch.randn(2, 8, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = quant_status(monkeypatch, tmp_path, ResidualBlock(False).half().eval(), x, Speed())
+    assert all(s[0] == "quantized" for s in status.values()), status
+    qconv = [w for w in asked if w[0][0] == "qconv"]
+    assert qconv and all(w in prepared for w in qconv), (asked, prepared)
+    floats = [w[0][1:] for w in prepared if w[0][0] == "conv"]
+    assert all(w[0][1:] in floats for w in prepared if w[0][0] == "qconv")  # each beside its float probe
