@@ -16,6 +16,7 @@ from .gemm_bias import fold_gemm_bias
 from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
 from .partition import GroupSpec, partition
+from .patchify import patchify_convolutions
 from .precision import lower_precision, lower_upcast_attention
 from .quantize import quantize
 from .row_select import select_rows_first
@@ -29,6 +30,7 @@ REGISTRY.register("remove_noops")(remove_noops)
 REGISTRY.register("select_rows_first")(select_rows_first)
 REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)
+REGISTRY.register("patchify_convolutions", inference_only=True)(patchify_convolutions)  # before quantize: a linear then
 REGISTRY.register("merge_parallel_gemms", inference_only=True)(merge_parallel_gemms)
 REGISTRY.register("fuse_attention", inference_only=True)(fuse_attention)
 REGISTRY.register("lower_upcast_attention", inference_only=True)(lower_upcast_attention)  # before quantize

@@ -141,8 +141,9 @@ def find_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
 
 
 def weight_names(w: fx.Node) -> List[str]:
-    """FQNs of the frozen parameters a weight is computed from that have its rank (the weight
-    itself, or the parts of a merged weight; BatchNorm vectors are left out)."""
+    """FQNs of the frozen parameters a weight is computed from that are matrices or more (the
+    weight itself, the parts of a merged weight, the filters a patch GEMM views; BatchNorm
+    vectors are left out)."""
     return sorted({n.meta[PARAM_NAME] for n in _weight_params(w)})
 
 
@@ -158,7 +159,9 @@ def _weight_params(w: fx.Node) -> List[fx.Node]:
         if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
-        if n.op == "get_attr" and PARAM_NAME in n.meta and len(shape(n)) == rank:
+        # rank >= 2 where the weight is: a convolution's 4-D filters under a patch GEMM's 2-D
+        # view (fx_passes/patchify.py) name the layer; BatchNorm's folded vectors do not
+        if n.op == "get_attr" and PARAM_NAME in n.meta and len(shape(n)) >= min(rank, 2):
             found.append(n)
         stack.extend(n.all_input_nodes)
     return found

@@ -1,0 +1,91 @@
+"""patchify_convolutions: a convolution whose stride is its kernel, over few input channels (a
+ViT's / Swin's / ConvNeXt's patch embedding), becomes one copy of its patches and a GEMM; other
+convolutions stay. Values against eager, metadata against a fresh propagation."""
+import pytest
+import torch
+import torch.nn as nn
+
+from compile_backend.fx_passes.patchify import patchify_convolutions
+from fx_passes.graphs import check_meta, count, ctx, inference_graph, run
+
+
+def _patchified(model, *inputs):
+    t = inference_graph(model, *inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    n = patchify_convolutions(t.gm, ctx())["patch_conv_as_gemm"]
+    t.gm.graph.lint()
+    check_meta(t.gm)
+    got = run(t)
+    got = got[0] if isinstance(got, (list, tuple)) and len(got) == 1 else got
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    return t, n
+
+
+class PatchEmbed(nn.Module):
+    """torchvision ViT's embedding: conv (stride = kernel), flattened to tokens, then a linear."""
+
+    def __init__(self, c=3, dim=12, patch=(4, 4), bias=True):
+        super().__init__()
+        self.proj = nn.Conv2d(c, dim, patch, stride=patch, bias=bias)
+        self.fc = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return self.fc(y.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("shape,patch,bias", [((2, 3, 16, 12), (4, 4), True), ((1, 3, 19, 10), (4, 3), False),
+                                              ((3, 1, 10, 14), (5, 7), True)])
+def test_a_patch_embedding_becomes_a_gemm_of_its_patches(shape, patch, bias):
+    """Odd sizes: pixels past the last whole patch are dropped as the convolution drops them."""
+    t, n = _patchified(PatchEmbed(shape[1], 12, patch, bias).eval(), torch.randn(shape))
+    assert n == 1 and count(t.gm, "convolution") == 0
+    assert count(t.gm, "addmm" if bias else "mm") >= 1
+
+
+class Stem(nn.Module):
+    """A ConvNeXt-like stem (4x4 stride 4) feeding a 3x3 convolution, and a ResNet stem (7x7
+    stride 2, padding 3) and a convolution over many channels: only the first is a patch GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.resnet = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+        self.wide = nn.Conv2d(8, 8, 2, stride=2)
+
+    def forward(self, x):
+        a = self.body(torch.relu(self.patch(x)))
+        return a.sum() + self.resnet(x).sum() + self.wide(a).sum()
+
+
+def test_only_patch_convolutions_over_few_channels_change():
+    t, n = _patchified(Stem().eval(), torch.randn(2, 3, 16, 16))
+    assert n == 1 and count(t.gm, "convolution") == 3
+
+
+def test_training_graphs_are_left_alone():
+    from fx_passes.graphs import training_graph
+
+    t = training_graph(PatchEmbed().train(), torch.randn(2, 3, 8, 8))
+    assert patchify_convolutions(t.gm, ctx(training=True)) == {}
+
+
+def test_a_patch_embedding_runs_as_our_gemm_through_the_backend(tmp_path):
+    """End to end (generated kernels under the interpreter): the report counts the rule, the
+    engine has no convolution group, the values match eager; an INT8 engine quantizes the patch
+    GEMM as a linear layer (its input's quantize joins the patches' copy)."""
+    import compile_backend
+    from compile_backend import quant
+    from helpers import compile_and_compare
+
+    model, x = PatchEmbed(3, 16, (4, 4)).eval(), torch.randn(2, 3, 17, 16)
+    report = compile_backend.explain(model, x, cache_dir=str(tmp_path))
+    (g,) = report.graphs
+    assert g.rules["patchify_convolutions"] == {"patch_conv_as_gemm": 1}
+    assert "conv" not in {k["kind"] for k in g.kernels} and "gemm" in {k["kind"] for k in g.kernels}
+    compile_and_compare(model, [x], options={"cache_dir": str(tmp_path)})
+    cfg = quant.QuantConfig(precision="int8", activations="dynamic")
+    q = compile_backend.explain(model, x, quant=cfg, cache_dir=str(tmp_path)).graphs[0]
+    assert {s["name"]: s["status"] for s in q.quant}.get("proj.weight") == "quantized", q.quant
