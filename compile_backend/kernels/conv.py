@@ -37,6 +37,14 @@ from .template import (FLOAT_DTYPES, Probe, TemplateTuning, aten_epilogue_candid
                        triton_cdiv, warmed)
 
 
+def flat_k(channels_per_group: int, block_k: int) -> bool:
+    """Whether the convolution template steps over the flattened (kh, kw, channel) reduction:
+    when a tap's channels would fill at most half of a K block (ResNet-50's RGB stem: 3 of 16,
+    49 steps of mostly masked dot products where flat there are 10; a depthwise convolution's
+    single channel: 9 steps where flat there is one)."""
+    return 2 * channels_per_group <= block_k
+
+
 class ConvRunner:
     """Launches a generated conv kernel; ``loads``/``outs`` are viewed in (n, c, h, w) space."""
 
@@ -58,7 +66,7 @@ class ConvRunner:
         self.kernel[grid](
             x, w, *io, m, ih, iw, oh, ow, cg, ocg, *index_strides(x), *index_strides(w),
             *self.stride, *self.padding, *self.dilation, *[s for t in io for s in index_strides(t)],
-            KH=kh, KW=kw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            KH=kh, KW=kw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FLAT_K=cg if flat_k(cg, cfg.block_k) else 0,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -121,9 +129,19 @@ def conv_heuristic(m: int, ocg: int, cg: int, dtype: torch.dtype, interpret: boo
     return _clamp_k(cfg, cg)
 
 
-def _clamp_k(cfg: GemmConfig, cg: int) -> GemmConfig:
-    # the reduction walks one (kh, kw) tap at a time: a block wider than the channels is waste
-    return dataclasses.replace(cfg, block_k=min(cfg.block_k, max(16, fit_pow2(cg, 16, 128))))
+def _clamp_k(cfg: GemmConfig, cg: int, taps: int = 1) -> GemmConfig:
+    return dataclasses.replace(cfg, block_k=reduction_block(cfg.block_k, cg, taps, 16))
+
+
+def reduction_block(block_k: int, cg: int, taps: int, lo: int) -> int:
+    """A config's K block for a convolution over ``cg`` channels a group and ``taps`` = kh * kw:
+    the reduction walks one tap at a time, so a block wider than the channels is waste; over
+    few channels (:func:`flat_k`) it walks the flattened taps x channels, up to 64 wide (the
+    per-element tap indices of a 128-wide block spill: sm_90, Triton 3.6). ``lo``: the dot's
+    narrowest K (16 for 16-bit operands, 32 for 8-bit)."""
+    if flat_k(cg, lo):
+        return min(block_k, fit_pow2(cg * taps, lo, 64))
+    return min(block_k, max(lo, fit_pow2(cg, lo, 128)))
 
 
 # ------------------------------------------------------------------------------- group builder
@@ -255,7 +273,7 @@ def _template_configs(problem: ConvProblem, ctx: KernelContext) -> List[GemmConf
     level = ctx.tuning
     # tiles over 128x128 spill here (the per-row pixel indices cost registers): 5-10x slower
     # on H100 in run 1 (benchmarks/notes/gemm.md)
-    pool = [_clamp_k(c, p.cg) for c in candidate_configs(p.m, p.ocg, p.cg * p.kh * p.kw, 1, p.x_val.dtype,
+    pool = [_clamp_k(c, p.cg, p.kh * p.kw) for c in candidate_configs(p.m, p.ocg, p.cg * p.kh * p.kw, 1, p.x_val.dtype,
                                                          {"off": "fast", "max": "max"}.get(level, "fast"),
                                                          *device_limits(ctx.device))
             if c.split_k == 1 and c.block_m * c.block_n <= 128 * 128]

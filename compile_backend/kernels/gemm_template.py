@@ -284,10 +284,14 @@ def {name}(
     {strides},
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FLAT_K: tl.constexpr,
 ):
     # implicit GEMM per group g: rows = output pixels (n, oh, ow), columns = output channels
     # of the group, reduction = (kh, kw, input channel) with the channel innermost, so a
-    # channels-last input is read along contiguous memory
+    # channels-last input is read along contiguous memory. FLAT_K = CG where a group has few
+    # channels (an RGB stem, a depthwise convolution; else 0): K steps over the flattened (kh, kw,
+    # channel) index, each element's tap and channel computed (divisions by constants), instead
+    # of a step per tap over a mostly masked block
     pid = tl.program_id(0)
     g = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -305,22 +309,37 @@ def {name}(
     x_base = X + nb * sx_n + (g * CG) * sx_c
     w_base = W + oc.to(tl.int64) * sw_o
     rk = tl.arange(0, BLOCK_K)
-    c_blocks = tl.cdiv(CG, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype={acc_type})
-    for it in range(0, KH * KW * c_blocks):
-        tap = it // c_blocks
-        c0 = (it % c_blocks) * BLOCK_K
-        kh = tap // KW
-        kw = tap % KW
-        ih = ih0 + kh * dil_h
-        iw = iw0 + kw * dil_w
-        inside = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
-        c_ok = (c0 + rk) < CG
-        a = tl.load(x_base[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (c0 + rk)[None, :] * sx_c,
-                    mask=inside[:, None] & c_ok[None, :], other={zero})
-        b = tl.load(w_base[None, :] + (c0 + rk)[:, None] * sw_c + kh * sw_h + kw * sw_w,
-                    mask=c_ok[:, None], other={zero})
-        acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
+    if FLAT_K:
+        for k0 in range(0, KH * KW * FLAT_K, BLOCK_K):
+            k = k0 + rk
+            k_ok = k < KH * KW * FLAT_K
+            ck = k % FLAT_K
+            kh = k // FLAT_K // KW
+            kw = k // FLAT_K % KW
+            ih = ih0[:, None] + (kh * dil_h)[None, :]
+            iw = iw0[:, None] + (kw * dil_w)[None, :]
+            inside = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & k_ok[None, :]
+            a = tl.load(x_base[:, None] + ih * sx_h + iw * sx_w + ck[None, :] * sx_c, mask=inside, other={zero})
+            b = tl.load(w_base[None, :] + (ck * sw_c + kh * sw_h + kw * sw_w)[:, None], mask=k_ok[:, None],
+                        other={zero})
+            acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
+    else:
+        c_blocks = tl.cdiv(CG, BLOCK_K)
+        for it in range(0, KH * KW * c_blocks):
+            tap = it // c_blocks
+            c0 = (it % c_blocks) * BLOCK_K
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            inside = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+            c_ok = (c0 + rk) < CG
+            a = tl.load(x_base[:, None] + (ih * sx_h + iw * sx_w)[:, None] + (c0 + rk)[None, :] * sx_c,
+                        mask=inside[:, None] & c_ok[None, :], other={zero})
+            b = tl.load(w_base[None, :] + (c0 + rk)[:, None] * sw_c + kh * sw_h + kw * sw_w,
+                        mask=c_ok[:, None], other={zero})
+            acc = tl.dot({dot_a}, {dot_b}, acc{dot_args})
     row_ok = rm < M
     col_ok = rn < OCG
     mask = row_ok[:, None] & col_ok[None, :]

@@ -29,7 +29,7 @@ import torch.fx as fx
 from . import gemm_template as tpl
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
-from .conv import ConvRunner, conv_heuristic
+from .conv import ConvRunner, conv_heuristic, reduction_block
 from .conv_tma import ConvTmaConfig, configs_for, render_conv_tma, tma_conv_candidate
 from .gemm_config import (GemmConfig, candidate_configs, heuristic_config, short_k_8bit_configs, short_k_configs,
                           short_k_steps)
@@ -37,7 +37,7 @@ from .gemm_tma import tma_available
 from .gemm_runner import GemmRunner
 from .qgemm import (check_scaled_dtypes, eight_bit_configs, scale_lines, scaled_anchor, scaled_arg,
                     scaled_dot_fields, fp8_accumulation_of)
-from .template import (Probe, TemplateTuning, choose_kernel_of, device_limits, dtype_name, fit_pow2,
+from .template import (Probe, TemplateTuning, choose_kernel_of, device_limits, dtype_name,
                        float_reference_candidate, group_dtypes, group_shapes, group_strides, seeded, warmed)
 
 
@@ -178,8 +178,8 @@ def _template_configs(p: ScaledConvProblem, ctx: KernelContext) -> List[GemmConf
     level = {"max": "max"}.get(ctx.tuning, "fast")
     first = conv_heuristic(p.m, ocg, p.cg, p.dtype, False, *device_limits(ctx.device))
     # as the float template: no split-K, tiles up to 128x128 (larger ones spill), block_k no
-    # wider than the channels (the reduction walks one (kh, kw) tap at a time)
-    pool = [dataclasses.replace(c, block_k=min(c.block_k, max(32, fit_pow2(p.cg, 32, 128))))
+    # wider than the channels, or the taps x channels over few channels (conv.reduction_block)
+    pool = [dataclasses.replace(c, block_k=reduction_block(c.block_k, p.cg, p.kh * p.kw, 32))
             for c in candidate_configs(p.m, ocg, p.cg * p.kh * p.kw, 1, p.dtype, level, *device_limits(ctx.device))
             if c.split_k == 1 and c.block_m * c.block_n <= 128 * 128]
     configs = eight_bit_configs([first] + pool)

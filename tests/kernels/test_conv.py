@@ -251,3 +251,23 @@ def test_size_one_dims_pass_stride_zero_so_triton_sees_aligned_addresses():
     assert index_strides(w) == (32, 1, 0, 0)
     x = torch.empty(2, 32, 5, 7).to(memory_format=torch.channels_last)
     assert index_strides(x) == x.stride()
+
+
+@pytest.mark.parametrize("block_k", [16, 32, 64])
+def test_few_channels_step_over_the_flattened_reduction(block_k):
+    """An RGB stem (3 channels, 7x7, stride 2, padding 3) and a depthwise 3x3 run the flat-K
+    loop (each K element's tap and channel computed; masked past K = 147 / 9) and match the
+    reference at every K block; a 64-channel layer keeps the per-tap loop."""
+    from compile_backend.kernels.conv import flat_k, reduction_block
+
+    assert flat_k(3, block_k) and flat_k(1, block_k) and not flat_k(64, block_k)
+    # configs' K blocks: the stem's 147 = 3 x 49 flattened up to 64 wide; 64 channels per tap
+    assert reduction_block(128, 3, 49, 16) == reduction_block(128, 3, 49, 32) == 64
+    assert reduction_block(block_k, 64, 9, 16) == min(block_k, 64) and reduction_block(32, 1, 9, 16) == 16
+    x = randn(2, 3, 13, 11, seed=21).contiguous(memory_format=CL)
+    w, b = randn(8, 3, 7, 7, seed=22), randn(8, seed=23)
+    out = conv2d(x, w, b, (2, 2), (3, 3), relu=True, config=GemmConfig(16, 16, block_k, num_stages=1))
+    torch.testing.assert_close(out, conv2d_reference(x, w, b, (2, 2), (3, 3), relu=True), **DIRECT_TOL[torch.float32])
+    xd, wd = randn(1, 6, 9, 8, seed=24).contiguous(memory_format=CL), randn(6, 1, 3, 3, seed=25)
+    out = conv2d(xd, wd, None, (1, 1), (1, 1), (1, 1), 6, config=GemmConfig(16, 16, block_k, num_stages=1))
+    torch.testing.assert_close(out, conv2d_reference(xd, wd, None, (1, 1), (1, 1), (1, 1), 6), **DIRECT_TOL[torch.float32])
