@@ -68,14 +68,14 @@ def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Fa
     wins = {layer.node for layer, _ in winning}
     writes, floats = [], []
     for layer, times in winning:
-        problem = None if request.dynamic else group_problem(layer.x, facts)
+        problem = None if request.dynamic else group_problem(layer.x, facts, keep_float=_keeps_float(layer, request))
         if problem is not None:
             writes.append(problem[1:] + (tanh,))
-            if problem[0] in wins and problem[1][0] == "conv":
+            if problem[0] in wins and problem[1][0].startswith("conv"):
                 # the producer may be quantized first, and its 8-bit group is asked then
                 # ("qconv"): ResNet-50 b32 FP8 compiled 20 of these one problem at a time,
                 # 2-3.5 s each (H100, session 23); compiled here unused if it stays float
-                writes.append((("qconv",) + problem[1][1:],) + problem[2:] + (tanh,))
+                writes.append(((problem[1][0].replace("conv", "qconv", 1),) + problem[1][1:],) + problem[2:] + (tanh,))
         own = own_group_problem(layer, facts) if _close_race(*times) else None
         if own is not None:
             floats.append(own)
@@ -197,8 +197,31 @@ def _producer_write_ms(layer: "Layer", request: "QuantRequest", facts: Facts) ->
     input (static scales: the quantize joins that epilogue), or None (another producer, or not
     measured)."""
     write = getattr(request.speed, "write_ms", None)
-    problem = group_problem(layer.x, facts, quantized=True) if write is not None else None
+    problem = group_problem(layer.x, facts, quantized=True, keep_float=_keeps_float(layer, request)) \
+        if write is not None else None
     return None if problem is None else write(*problem[1:], request.gelu == "tanh")
+
+
+def _keeps_float(layer: "Layer", request: "QuantRequest") -> bool:
+    """Whether the kernel writing the layer's input in 8 bits must write it in float as well: a
+    residual add reads it (ResNet's block output, read by the next block's skip connection
+    besides its first convolution), unless residual adds read the codes
+    (``quant_residuals="quantized"``). Writing both cost ResNet-50 b32's 8-bit producers 3-12 us
+    over the float output where the codes alone cost 0-1.7 (H100, session 23, write_bench)."""
+    if getattr(request, "residuals", "float") == "quantized":
+        return False
+    stack, seen = [layer.x], set()
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_view(user):
+                stack.append(user)
+            elif is_op(user, aten.add):
+                return True
+    return False
 
 
 def _own_float_ms(layer: "Layer", request: "QuantRequest", facts: Facts) -> Optional[float]:
@@ -229,7 +252,7 @@ def own_group_problem(layer: "Layer", facts: Facts) -> Optional[Tuple[Tuple[Any,
     return None
 
 
-def group_problem(value: fx.Node, facts: Facts, quantized: bool = False
+def group_problem(value: fx.Node, facts: Facts, quantized: bool = False, keep_float: bool = False
                   ) -> Optional[Tuple[fx.Node, Tuple[Any, ...], Optional[str]]]:
     """(producer node, producer, activation) of the float GEMM / convolution whose kernel computes
     ``value`` in its epilogue, ``producer`` and ``activation`` as ``speed.write_ms`` /
@@ -237,7 +260,8 @@ def group_problem(value: fx.Node, facts: Facts, quantized: bool = False
     convolution the rules already made 8-bit is a producer too ("qconv": its kernel would write
     the value in float and in 8 bits; ResNet-50 b32's FP8 conv + add + ReLU kernels then took
     56 us against the float group's 28, where the estimate charged their quantize 1.5 us; H100,
-    session 22)."""
+    session 22). ``keep_float``: the kernel writes the value in float besides its codes (the
+    producer's kind marked ``+float``: ``speed.write_ms`` times the group with both outputs)."""
     producer, ops, residual = producer_gemm(value, facts.constant, quantized)
     if producer is None:
         return None
@@ -268,6 +292,8 @@ def group_problem(value: fx.Node, facts: Facts, quantized: bool = False
             frame = frame.all_input_nodes[0]
         b_transposed = b_val is not None and b_val.dim() == 2 and b_val.stride(0) == 1 and b_val.stride(1) != 1
         problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, tuple(shape(frame)))
+    if keep_float:
+        problem = (problem[0] + "+float",) + problem[1:]
     return producer, problem, activation
 
 

@@ -243,10 +243,11 @@ def float_linear_candidate(m: int, n: int, k: int, dtype: torch.dtype, has_bias:
 def traced_group(fn, inputs, kind: str, anchor_op: str) -> KernelGroup:
     """A group of ``kind`` made by tracing ``fn(*inputs)`` to ATen (fake metadata on every node),
     anchored on its first call of an op whose name contains ``anchor_op``: a layer's GEMM on its
-    own, for timing it outside a model (quant/speed.py, benchmarks)."""
+    own, for timing it outside a model (quant/speed.py, benchmarks). ``fn`` returns a tensor or
+    a tuple of them (the group's outputs)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(lambda *xs: (fn(*xs),))(*inputs)
+    gm = make_fx(lambda *xs: (lambda out: out if isinstance(out, tuple) else (out,))(fn(*xs)))(*inputs)
     propagate_fake(gm, inputs)
     anchor = next(n for n in gm.graph.nodes if n.op == "call_function" and anchor_op in str(n.target))
     return KernelGroup(kind, gm, anchor=anchor.name)

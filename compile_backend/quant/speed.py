@@ -243,7 +243,7 @@ class LayerSpeed:
         from ..kernels.qconv import scaled_conv_candidates
 
         build = {"linear": gemm_candidates, "conv": conv_candidates,
-                 "qconv": lambda group, ctx: scaled_conv_candidates(group, ctx, vendor=False)}[producer[0]]
+                 "qconv": lambda group, ctx: scaled_conv_candidates(group, ctx, vendor=False)}[producer[0].split("+")[0]]
         return [build(group, self.ctx) for group in write_groups(producer, activation, tanh_unit, self.precision,
                                                                  self.ctx.device, self.per_channel)]
 
@@ -332,12 +332,16 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
     w_shape, geometry, dtype, bias[, p: a residual of the output's shape added before the
     activation as the add's operand p (0 or 1), the engine's conv + add + ReLU group]), or
     ("qconv", ...) as "conv" for a convolution already quantized to ``precision`` (its 8-bit
-    operands, weight scales per channel or not as ``per_channel``) (``LayerSpeed.write_ms``)."""
+    operands, weight scales per channel or not as ``per_channel``) (``LayerSpeed.write_ms``). A
+    kind marked ``+float`` ("conv+float") writes the float value beside the codes: another reader
+    needs it (``quant_probes.group_problem``)."""
     from ..fx_passes import PassContext
     from ..fx_passes.quant_math import approximate_before_quantize
     from ..kernels.base import canonical_names
     from ..kernels.template import traced_group
 
+    base, _, kept = producer[0].partition("+")
+    producer = (base,) + tuple(producer[1:])
     gen = torch.Generator(device=device).manual_seed(0)
     act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu}.get(activation, lambda y: y)
     inv = torch.tensor(16.0, device=device)
@@ -387,8 +391,11 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
                 return y
             return rest[-1] + y if residual[0] == 0 else y + rest[-1]  # the model's operand order
         kind, anchor = "conv", "scaled_conv" if scaled else "convolution"
-    quantized = lambda *args: quant_ref.quantize_steps(  # noqa: E731
-        quant_ref.eager, act(layer(*args[:-1])), dtype, args[-1], precision)
+
+    def quantized(*args):
+        value = act(layer(*args[:-1]))
+        codes = quant_ref.quantize_steps(quant_ref.eager, value, dtype, args[-1], precision)
+        return (value, codes) if kept == "float" else codes
     out = []
     for fn, args in ((quantized, inputs + (inv,)), (lambda *args: act(layer(*args)), inputs)):
         group = traced_group(fn, args, kind, anchor)

@@ -86,9 +86,23 @@ class ResidualBlock(torch.nn.Module):
         return self.c(torch.relu(y + (self.ds(x) if self.ds is not None else x)))
 
 
-def quant_status(monkeypatch, tmp_path, model, x, speed):
+class ResidualStream(torch.nn.Module):
+    """Two residual blocks: ``z = relu(b(relu(a(x))) + x)``, then ``relu(c(z) + z)``: c's input
+    is read by its skip connection too (ResNet's block output)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1), torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        z = torch.relu(self.b(torch.relu(self.a(x))) + x)
+        return torch.relu(self.c(z) + z)
+
+
+def quant_status(monkeypatch, tmp_path, model, x, speed, **options):
     """{layer: (status, reason)} of ``model`` compiled INT8 with ``speed`` standing in for the
-    quantize pass's measurement."""
+    quantize pass's measurement (``options``: the backend's, e.g. quant_residuals)."""
     @contextlib.contextmanager
     def fake(ctx, options):
         if ctx.quant is not None:
@@ -99,5 +113,5 @@ def quant_status(monkeypatch, tmp_path, model, x, speed):
                             use_cache=False)
     with torch.no_grad():
         report = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
-                                         speed_check=False)
+                                         speed_check=False, **options)
     return {r["name"]: (r["status"], r["reason"]) for r in report.graphs[0].quant}

@@ -12,7 +12,7 @@ from compile_backend import pipeline, quant
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext
 from compile_backend.options import Options
-from quant_models import ResidualBlock, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
+from quant_models import ResidualBlock, ResidualStream, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
 
 
 @pytest.mark.parametrize("downsample", [False, True])
@@ -286,3 +286,46 @@ def test_a_winning_producers_8_bit_write_probe_is_prepared_with_the_float_one(mo
     assert qconv and all(w in prepared for w in qconv), (asked, prepared)
     floats = [w[0][1:] for w in prepared if w[0][0] == "conv"]
     assert all(w[0][1:] in floats for w in prepared if w[0][0] == "qconv")  # each beside its float probe
+
+
+@pytest.mark.parametrize("residuals", ["float", "quantized"])
+def test_a_block_output_read_by_its_skip_connection_is_written_both_ways(residuals, monkeypatch, tmp_path):
+    """c reads a block output that the next skip connection reads too: a producer writing it in
+    8 bits writes it in float as well, and the write probe times that group ("+float": both
+    outputs; ResNet-50 b32's 8-bit producers paid 3-12 us for both where the codes alone cost
+    0-1.7, H100 session 23). Where residual adds read the codes, the codes alone."""
+    from compile_backend.kernels.conv import conv_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            return (0.001, 0.010)
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append(producer)
+            return 0.0
+
+    x = torch.randn(2, 8, 7, 9, generator=torch.Generator().manual_seed(2)).half()
+    quant_status(monkeypatch, tmp_path, ResidualStream().half().eval(), x, Speed(), quant_residuals=residuals)
+    c_input = [p for p in asked if p[2] == (8, 8, 1, 1) and len(p) == 7]  # b's conv + add + ReLU group
+    assert c_input and {p[0] for p in c_input} <= ({"conv+float", "qconv+float"} if residuals == "float"
+                                                   else {"conv", "qconv"}), asked
+    both, plain = write_groups(("conv+float",) + c_input[0][1:], "relu", True, "int8", torch.device("cpu"))
+    assert len(both.outputs) == 2 and len(plain.outputs) == 1 and "aten.round" in both.ops
+    ctx = KernelContext(Options(), torch.device("cpu"), True)
+    tuning = conv_candidates(both, ctx)
+    inputs = [torch.randn(n.meta["val"].shape).to(n.meta["val"].dtype).contiguous(
+        memory_format=torch.channels_last if n.meta["val"].dim() == 4 else torch.contiguous_format)
+        for n in both.gm.graph.nodes if n.op == "placeholder"]
+    got = next(c for c in tuning.candidates if not c.reference).compile()(*inputs)
+    want = both.reference(*inputs)
+    torch.testing.assert_close(got[0], want[0], atol=1e-2, rtol=1e-2)
+    assert (got[1].float() - want[1].float()).abs().max() <= 1  # codes: one step at a rounding tie
