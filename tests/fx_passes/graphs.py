@@ -108,6 +108,19 @@ def checked_run(traced: Traced) -> Any:
     return run(traced)
 
 
+def rewritten(pass_fn, rule: str, model: torch.nn.Module, *inputs: Any, tol: float = 1e-5):
+    """(traced graph, matches of ``rule``) after ``pass_fn`` rewrote ``model``'s inference graph:
+    linted, its meta checked, its single output (or outputs) against eager within ``tol``."""
+    t = inference_graph(model, *inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    n = pass_fn(t.gm, ctx())[rule]
+    got = checked_run(t)
+    got = got[0] if isinstance(got, (list, tuple)) and len(got) == 1 else got
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    return t, n
+
+
 def check_meta(gm: fx.GraphModule) -> None:
     """Every tensor node's meta['val'] matches a fresh fake propagation (shape, stride, dtype)."""
     from compile_backend.fx_passes.rules import fake_value

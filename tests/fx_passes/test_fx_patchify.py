@@ -6,20 +6,11 @@ import torch
 import torch.nn as nn
 
 from compile_backend.fx_passes.patchify import patchify_convolutions
-from fx_passes.graphs import check_meta, count, ctx, inference_graph, run
+from fx_passes.graphs import count, ctx, rewritten
 
 
 def _patchified(model, *inputs):
-    t = inference_graph(model, *inputs)
-    with torch.no_grad():
-        expected = model(*inputs)
-    n = patchify_convolutions(t.gm, ctx())["patch_conv_as_gemm"]
-    t.gm.graph.lint()
-    check_meta(t.gm)
-    got = run(t)
-    got = got[0] if isinstance(got, (list, tuple)) and len(got) == 1 else got
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    return t, n
+    return rewritten(patchify_convolutions, "patch_conv_as_gemm", model, *inputs, tol=1e-4)
 
 
 class PatchEmbed(nn.Module):

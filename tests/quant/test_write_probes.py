@@ -12,7 +12,7 @@ from compile_backend import pipeline, quant
 from compile_backend.kernels import quant_ref
 from compile_backend.kernels.base import KernelContext
 from compile_backend.options import Options
-from quant_models import ResidualBlock, ResidualStream, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
+from quant_models import ConvsWin, ResidualBlock, ResidualStream, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
 
 
 @pytest.mark.parametrize("downsample", [False, True])
@@ -259,21 +259,12 @@ def test_a_winning_producers_8_bit_write_probe_is_prepared_with_the_float_one(mo
     ResNet-50 b32 compiled 20 of them one problem at a time: H100, session 23)."""
     prepared, asked = [], []
 
-    class Speed:
+    class Speed(ConvsWin):
         def prepare(self, probes):
             pass
 
         def prepare_groups(self, writes, floats):
             prepared.extend(writes)
-
-        def __call__(self, *args):
-            return None
-
-        def conv(self, *args):
-            return (0.001, 0.010)  # every 8-bit convolution wins, by far (no float-group races)
-
-        def quantize_ms(self, numel):
-            return 0.0
 
         def write_ms(self, producer, activation, tanh_unit):
             asked.append((producer, activation, tanh_unit))
@@ -299,16 +290,7 @@ def test_a_block_output_read_by_its_skip_connection_is_written_both_ways(residua
 
     asked = []
 
-    class Speed:
-        def __call__(self, *args):
-            return None
-
-        def conv(self, x_shape, w_shape, *rest):
-            return (0.001, 0.010)
-
-        def quantize_ms(self, numel):
-            return 0.0
-
+    class Speed(ConvsWin):
         def write_ms(self, producer, activation, tanh_unit):
             asked.append(producer)
             return 0.0
