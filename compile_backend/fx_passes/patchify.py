@@ -6,8 +6,11 @@ channels (RGB: a ViT's, Swin's or ConvNeXt's patch embedding) the vendor's convo
 badly: torchvision ViT-B/16 at batch 32 (3 -> 768 channels, 16x16 patches, a 6272 x 768 x 768
 GEMM's work) took 350 us in cuDNN's fastest kernel, and Inductor's engine 320 us with cuDNN's
 layout transforms (H100 session 23, H200 session 4's kernel profile): ~10% of the whole model.
-Written as ``patches(x) @ w.view(N, -1).T`` the GEMM is ~15 us and the patches are one copy of
-the input (~10 us), which the input's cast (and in 8-bit engines its quantize) joins.
+Written as ``patches(x) @ w.view(N, -1).T`` the GEMM's work is ~15 us and the patches are one
+copy of the input (~10 us; estimates from bytes and FLOPs, not yet measured). A cast of the
+patches (an fp32 model run in fp16) or their quantize (8-bit engines) runs as a second
+element-wise kernel after the copy: the 2-D view between them keeps the partition from fusing
+the two (a few us at ViT-B/16 b32; left).
 
 Rule ``patch_conv_as_gemm``: ``convolution(x, w, b, stride=kernel, padding=0)`` with at most
 :data:`MAX_CHANNELS` input channels -> ``x`` viewed as ``[B, C, h, kh, w, kw]``, permuted to

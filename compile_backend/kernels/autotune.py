@@ -301,7 +301,8 @@ class Tuner:
         # spin_fallbacks, the measurements timed again with a spin before each launch;
         # host_seconds, the host time of one call summed over the candidates timed (what the
         # spins cover: ~270 us a call on average at ResNet-50 b32, H100 session 23, where our
-        # runners' Python takes ~20 us), slow_hosts those over SLOW_HOST_S
+        # runners' own Python, the launch stubbed, took ~20 us on the CI machine), slow_hosts
+        # those over SLOW_HOST_S
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
                       "warmup_seconds": 0.0, "spin_fallbacks": 0, "host_seconds": 0.0, "slow_hosts": 0}

@@ -13,8 +13,9 @@ Layers:
 
 Stride, padding, dilation and groups are supported. On CUDA the untuned choice is cuDNN + the
 fused epilogue kernel (it won most ResNet-50 shapes, see benchmarks/notes/gemm.md); tuning
-times the template configs against it. Depthwise and other thin-group convolutions are correct
-in the template but slow (tiny reductions on tensor cores). Transposed and non-2-D convolutions
+times the template configs against it. Over few channels a group (an RGB stem, a depthwise
+convolution: :func:`flat_k`) the reduction steps over the flattened taps x channels rather than
+one tap at a time over a mostly masked channel block (speed not yet measured on a GPU). Transposed and non-2-D convolutions
 go to ATen.
 """
 from __future__ import annotations
@@ -66,7 +67,8 @@ class ConvRunner:
         self.kernel[grid](
             x, w, *io, m, ih, iw, oh, ow, cg, ocg, *index_strides(x), *index_strides(w),
             *self.stride, *self.padding, *self.dilation, *[s for t in io for s in index_strides(t)],
-            KH=kh, KW=kw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FLAT_K=cg if flat_k(cg, cfg.block_k) else 0,
+            KH=kh, KW=kw, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            FLAT_K=cg if flat_k(cg, cfg.block_k) else 0,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -273,9 +275,9 @@ def _template_configs(problem: ConvProblem, ctx: KernelContext) -> List[GemmConf
     level = ctx.tuning
     # tiles over 128x128 spill here (the per-row pixel indices cost registers): 5-10x slower
     # on H100 in run 1 (benchmarks/notes/gemm.md)
-    pool = [_clamp_k(c, p.cg, p.kh * p.kw) for c in candidate_configs(p.m, p.ocg, p.cg * p.kh * p.kw, 1, p.x_val.dtype,
-                                                         {"off": "fast", "max": "max"}.get(level, "fast"),
-                                                         *device_limits(ctx.device))
+    pool = [_clamp_k(c, p.cg, p.kh * p.kw)
+            for c in candidate_configs(p.m, p.ocg, p.cg * p.kh * p.kw, 1, p.x_val.dtype,
+                                       {"off": "fast", "max": "max"}.get(level, "fast"), *device_limits(ctx.device))
             if c.split_k == 1 and c.block_m * c.block_n <= 128 * 128]
     return list(dict.fromkeys(pool))[: 8 if level != "max" else None]
 
