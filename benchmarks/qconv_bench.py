@@ -38,6 +38,9 @@ SHAPES = [  # (name, batch, channels in, h = w (input), channels out, kernel, pa
     # the first block of stages 2-4: a stride-2 3x3 and the stride-2 1x1 downsample
     ("resnet 3x3 s2 128 56", 32, 128, 56, 128, 3, 1, 2), ("resnet 1x1 s2 256-512 56", 32, 256, 56, 512, 1, 0, 2),
     ("resnet 3x3 s2 256 28", 32, 256, 28, 256, 3, 1, 2),
+    # the RGB stem (3 channels, 7x7, stride 2): cuDNN 107 us at b32 (H100, session 22); the
+    # template's flat-K loop (few channels) since session 23
+    ("resnet stem 7x7 s2 3-64 224", 32, 3, 224, 64, 7, 3, 2),
 ]
 STORAGE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 CL = torch.channels_last
