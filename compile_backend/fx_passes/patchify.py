@@ -51,6 +51,8 @@ def _match_patch_conv(node: fx.Node, facts: Facts) -> Optional[Tuple[Any, ...]]:
     xv, wv, out = tensor_val(x), tensor_val(w), tensor_val(node)
     if None in (xv, wv, out) or transposed or groups != 1 or xv.dim() != 4 or not xv.is_floating_point():
         return None
+    if not all(isinstance(d, int) for d in tuple(xv.shape) + tuple(out.shape)):
+        return None  # symbolic sizes: the views below need concrete ones
     n, c, kh, kw = wv.shape
     if list(stride) != [kh, kw] or any(padding) or any(d != 1 for d in dilation) or c > MAX_CHANNELS:
         return None

@@ -80,3 +80,14 @@ def test_a_patch_embedding_runs_as_our_gemm_through_the_backend(tmp_path):
     cfg = quant.QuantConfig(precision="int8", activations="dynamic")
     q = compile_backend.explain(model, x, quant=cfg, cache_dir=str(tmp_path)).graphs[0]
     assert {s["name"]: s["status"] for s in q.quant}.get("proj.weight") == "quantized", q.quant
+
+
+def test_dynamic_batch_sizes_stay_correct():
+    """Compiled with dynamic shapes (a symbolic batch): the rule leaves symbolic sizes alone and
+    every batch matches eager."""
+    model = PatchEmbed(3, 16, (4, 4)).eval()
+    compiled = torch.compile(model, backend="compile_backend", dynamic=True)
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 16, 12)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
