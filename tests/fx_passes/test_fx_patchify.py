@@ -91,3 +91,31 @@ def test_dynamic_batch_sizes_stay_correct():
         for batch in (2, 3, 5):
             x = torch.randn(batch, 3, 16, 12)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    return {
+        "vit": lambda: transformers.ViTModel(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+            patch_size=8)),
+        "swin": lambda: transformers.SwinModel(transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)),
+        "convnext": lambda: transformers.ConvNextModel(transformers.ConvNextConfig(
+            hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, image_size=32)),
+    }
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "convnext"])
+def test_transformers_patch_embeddings_become_gemms(name):
+    """Models no one here wrote (tiny transformers configs, random weights): each one's patch
+    embedding is rewritten once and the compiled model matches eager."""
+    import compile_backend
+
+    torch.manual_seed(0)
+    model, x = _hf_models()[name]().eval(), torch.randn(2, 3, 32, 32)
+    report = compile_backend.explain(model, x, autotune="off", speed_check=False)
+    assert sum(g.rules.get("patchify_convolutions", {}).get("patch_conv_as_gemm", 0) for g in report.graphs) == 1
+    compiled = torch.compile(model, backend="compile_backend", options={"autotune": "off", "speed_check": False})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)
