@@ -20,6 +20,7 @@ from .patchify import patchify_convolutions
 from .precision import lower_precision, lower_upcast_attention
 from .quantize import quantize
 from .row_select import select_rows_first
+from .sink_views import sink_views
 from .weight_only import with_weight_only
 
 # Order matters: casts from lower_precision would hide conv/GEMM from BN folding and the merge,
@@ -38,6 +39,7 @@ REGISTRY.register("quantize", inference_only=True)(with_weight_only(quantize))  
 REGISTRY.register("choose_layout", inference_only=True)(choose_layout)
 REGISTRY.register("lower_precision", inference_only=True)(lower_precision)
 REGISTRY.register("drop_copies", inference_only=True)(drop_copies)
+REGISTRY.register("sink_views", inference_only=True)(sink_views)  # after the casts and quantizes exist
 REGISTRY.register("constant_fold", inference_only=True)(constant_fold)
 REGISTRY.register("eliminate_dead_code")(eliminate_dead_code)
 

@@ -8,9 +8,8 @@ GEMM's work) took 350 us in cuDNN's fastest kernel, and Inductor's engine 320 us
 layout transforms (H100 session 23, H200 session 4's kernel profile): ~10% of the whole model.
 Written as ``patches(x) @ w.view(N, -1).T`` the GEMM's work is ~15 us and the patches are one
 copy of the input (~10 us; estimates from bytes and FLOPs, not yet measured). A cast of the
-patches (an fp32 model run in fp16) or their quantize (8-bit engines) runs as a second
-element-wise kernel after the copy: the 2-D view between them keeps the partition from fusing
-the two (a few us at ViT-B/16 b32; left).
+patches (an fp32 model run in fp16) or their static quantize (8-bit engines) joins the copy's
+kernel: ``sink_views`` moves them in front of the rows' view.
 
 Rule ``patch_conv_as_gemm``: ``convolution(x, w, b, stride=kernel, padding=0)`` with at most
 :data:`MAX_CHANNELS` input channels -> ``x`` viewed as ``[B, C, h, kh, w, kw]``, permuted to

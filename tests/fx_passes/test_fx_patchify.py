@@ -119,3 +119,20 @@ def test_transformers_patch_embeddings_become_gemms(name):
     compiled = torch.compile(model, backend="compile_backend", options={"autotune": "off", "speed_check": False})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).last_hidden_state, model(x).last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_a_static_int8_engine_quantizes_the_patches_in_their_copy(tmp_path):
+    """INT8 static: the patch GEMM's input quantize (scale, round, clamp, cast) runs in the
+    kernel copying the patches (``sink_views`` moved it in front of the rows' view), not in a
+    second element-wise kernel."""
+    import compile_backend
+    from compile_backend import quant
+
+    model, x = PatchEmbed(3, 64, (4, 4)).eval(), torch.randn(2, 3, 32, 32)
+    calib = quant.calibrate(model, [(x,)], quant.QuantConfig(precision="int8", min_features=1), progress=False,
+                            use_cache=False)
+    (g,) = compile_backend.explain(model, x, quant=calib, cache_dir=str(tmp_path), autotune="off",
+                                   speed_check=False).graphs
+    copies = [k for k in g.kernels if "aten.clone" in k["ops"]]
+    assert len(copies) == 1 and "aten.round" in copies[0]["ops"], g.kernels
+    assert g.rules["sink_views"]["elementwise_before_view"] >= 4
