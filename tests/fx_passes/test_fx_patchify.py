@@ -51,6 +51,15 @@ class Stem(nn.Module):
         return a.sum() + self.resnet(x).sum() + self.wide(a).sum()
 
 
+def test_channels_last_and_strided_inputs():
+    """The patch grid is a view that only splits dims: any input strides take it."""
+    x = torch.randn(2, 3, 16, 12).contiguous(memory_format=torch.channels_last)
+    _, n = _patchified(PatchEmbed().eval(), x)
+    assert n == 1
+    _, n = _patchified(PatchEmbed().eval(), torch.randn(2, 3, 33, 26)[:, :, 1:, ::2])
+    assert n == 1
+
+
 def test_only_patch_convolutions_over_few_channels_change():
     t, n = _patchified(Stem().eval(), torch.randn(2, 3, 16, 16))
     assert n == 1 and count(t.gm, "convolution") == 3
