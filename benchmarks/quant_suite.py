@@ -136,6 +136,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("probe_inputs_s", probes.get("inputs_seconds"))
         add("probe_warmup_s", probes.get("warmup_seconds"))
         add("probe_host_s", probes.get("host_seconds"))
+        add("probe_spin_fallbacks", probes.get("spin_fallbacks"))
         add("probes_tuned", probes.get("tuned"))
         add("kernel_tuning_s", g.tuning.get("seconds"))
         add("kernel_precompile_s", g.tuning.get("precompile_seconds"))
@@ -144,6 +145,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("kernel_warmup_s", g.tuning.get("warmup_seconds"))
         add("kernel_host_s", g.tuning.get("host_seconds"))
         add("kernel_slow_hosts", g.tuning.get("slow_hosts"))
+        add("kernel_spin_fallbacks", g.tuning.get("spin_fallbacks"))
         add("kernels_tuned", g.tuning.get("tuned"))
     return out
 

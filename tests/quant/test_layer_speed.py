@@ -12,7 +12,7 @@ from compile_backend import pipeline, quant
 from compile_backend.kernels.base import KernelContext
 from compile_backend.options import Options
 from helpers import groups_built  # tests/helpers.py
-from quant_models import ResidualBlock, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
+from quant_models import ConvsWin, ResidualBlock, TwoConvs, TwoLinears, quant_status  # tests/quant/quant_models.py
 
 
 def _fake_speed(monkeypatch, slow_n: int, seen: list):
@@ -479,16 +479,7 @@ def test_a_quantized_layer_hands_its_probe_winners_to_its_group(monkeypatch, tmp
     the kernel build of the layer's group (``template.PROBE_SEEDS``), which then tunes those."""
     from compile_backend.kernels.template import PROBE_SEEDS
 
-    class Speed:
-        def __call__(self, *args):
-            return None
-
-        def conv(self, x_shape, w_shape, *rest):
-            return (0.001, 0.010)
-
-        def quantize_ms(self, numel):
-            return 0.0
-
+    class Speed(ConvsWin):
         def seeds_of(self, method, args):
             return ("triton a", "triton b") if args[1][2] == 3 else ()
 
