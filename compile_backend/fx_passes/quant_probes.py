@@ -71,11 +71,11 @@ def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Fa
         problem = None if request.dynamic else group_problem(layer.x, facts, keep_float=_keeps_float(layer, request))
         if problem is not None:
             writes.append(problem[1:] + (tanh,))
-            if problem[0] in wins and problem[1][0].startswith("conv"):
+            if problem[0] in wins and problem[1][0].startswith(("conv", "linear")):
                 # the producer may be quantized first, and its 8-bit group is asked then
-                # ("qconv"): ResNet-50 b32 FP8 compiled 20 of these one problem at a time,
-                # 2-3.5 s each (H100, session 23); compiled here unused if it stays float
-                writes.append(((problem[1][0].replace("conv", "qconv", 1),) + problem[1][1:],) + problem[2:] + (tanh,))
+                # ("qconv" / "qlinear"): ResNet-50 b32 FP8 compiled 20 of these one problem at a
+                # time, 2-3.5 s each (H100, session 23); compiled here unused if it stays float
+                writes.append((_quantized_form(problem[1]),) + problem[2:] + (tanh,))
         own = own_group_problem(layer, facts) if _close_race(*times) else None
         if own is not None:
             floats.append(own)
@@ -257,11 +257,13 @@ def group_problem(value: fx.Node, facts: Facts, quantized: bool = False, keep_fl
     """(producer node, producer, activation) of the float GEMM / convolution whose kernel computes
     ``value`` in its epilogue, ``producer`` and ``activation`` as ``speed.write_ms`` /
     ``speed.float_ms`` take them, or None (another kind of producer). ``quantized``: a
-    convolution the rules already made 8-bit is a producer too ("qconv": its kernel would write
-    the value in float and in 8 bits; ResNet-50 b32's FP8 conv + add + ReLU kernels then took
-    56 us against the float group's 28, where the estimate charged their quantize 1.5 us; H100,
-    session 22). ``keep_float``: the kernel writes the value in float besides its codes (the
-    producer's kind marked ``+float``: ``speed.write_ms`` times the group with both outputs)."""
+    convolution or GEMM the rules already made 8-bit is a producer too ("qconv" / "qlinear": its
+    kernel would write the value in float and in 8 bits; ResNet-50 b32's FP8 conv + add + ReLU
+    kernels then took 56 us against the float group's 28, where the estimate charged their
+    quantize 1.5 us, H100 session 22; ViT-B/16's INT8 FFN2 was left float on an estimated 4.6 us
+    for FFN1's quantize, which also turns FFN1's erf GELU, ~33 SASS instructions an element, into
+    the tanh unit's form). ``keep_float``: the kernel writes the value in float besides its codes
+    (the producer's kind marked ``+float``: ``speed.write_ms`` times the group with both outputs)."""
     producer, ops, residual = producer_gemm(value, facts.constant, quantized)
     if producer is None:
         return None
@@ -281,20 +283,39 @@ def group_problem(value: fx.Node, facts: Facts, quantized: bool = False, keep_fl
                    val.dtype, bias is not None) + ((residual[1],) if residual is not None else ())
     elif residual is not None:
         return None  # a GEMM's residual epilogue: not a form the probe traces (the estimate applies)
+    elif is_op(producer, torch.ops.compile_backend.scaled_mm):
+        xq, _, wq, _, bias = producer.args[:5]
+        (m, k), n = shape(xq), shape(wq)[0]
+        # wq is [N, K] as the op takes it (no transposed form to tell apart)
+        problem = ("qlinear", m, n, k, val.dtype, bias is not None, False, _frame(value, producer))
     else:
         a, b = (producer.args[1], producer.args[2]) if is_op(producer, aten.addmm) else producer.args[:2]
         (m, k), n = shape(a), shape(b)[1]
         # the probe traces the producer in the form the engine's group will have, so the engine
         # reuses its timings: b as the GEMM reads it ([K, N] rows or a transposed [N, K]), and the
-        # shape the activation and the quantize run in (value followed back through views)
-        b_val, frame = tensor_val(b), value
-        while isinstance(frame, fx.Node) and is_view(frame) and frame is not producer:
-            frame = frame.all_input_nodes[0]
+        # shape the activation and the quantize run in
+        b_val = tensor_val(b)
         b_transposed = b_val is not None and b_val.dim() == 2 and b_val.stride(0) == 1 and b_val.stride(1) != 1
-        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, tuple(shape(frame)))
+        problem = ("linear", m, n, k, val.dtype, is_op(producer, aten.addmm), b_transposed, _frame(value, producer))
     if keep_float:
         problem = (problem[0] + "+float",) + problem[1:]
     return producer, problem, activation
+
+
+def _quantized_form(problem: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """A float producer's problem as :func:`group_problem` gives it once the rules made that
+    producer 8-bit: "qconv" / "qlinear" (whose [N, K] weights have no transposed form)."""
+    kind = "q" + problem[0]
+    return (kind,) + problem[1:6] + (False,) + problem[7:] if kind.startswith("qlinear") else (kind,) + problem[1:]
+
+
+def _frame(value: fx.Node, producer: fx.Node) -> Tuple[int, ...]:
+    """The shape a GEMM producer's activation and quantize run in: ``value`` followed back
+    through views to the GEMM."""
+    frame = value
+    while isinstance(frame, fx.Node) and is_view(frame) and frame is not producer:
+        frame = frame.all_input_nodes[0]
+    return tuple(shape(frame))
 
 
 __all__ = ["FLOAT_RACE_MARGIN", "group_problem", "own_group_problem", "prepare_probes", "probe_seeds", "slower_than_float", "speed_probe"]

@@ -115,11 +115,12 @@ def producer_gemm(x: fx.Node, constant, quantized: bool = False
     op of two activations or a GEMM already quantized. Writing ``x`` in 8 bits makes that
     producer's kernel our template or the vendor's plus a kernel of ours, instead of possibly
     cuBLAS/cuDNN with their own fused epilogue (ResNet-50's conv + add + ReLU in one cuDNN call).
-    ``quantized``: a convolution already quantized (``compile_backend.scaled_conv``) is a
-    producer too."""
+    ``quantized``: a GEMM or convolution already quantized (``compile_backend.scaled_mm`` /
+    ``scaled_conv``) is a producer too."""
     from .partition import classify  # (imports no kernel module)
 
-    anchors = _ANCHORS + ((torch.ops.compile_backend.scaled_conv,) if quantized else ())
+    anchors = _ANCHORS + ((torch.ops.compile_backend.scaled_mm, torch.ops.compile_backend.scaled_conv)
+                          if quantized else ())
     node, ops, residual = x, [], None
     for _ in range(32):
         if is_op(node, *anchors):

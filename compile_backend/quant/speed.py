@@ -219,7 +219,8 @@ class LayerSpeed:
         vendor's plus a kernel of ours), on the producer's shapes with its bias and ``activation``
         ("relu", "gelu" or None; ``tanh_unit``: a GELU before the quantize takes its tanh form,
         ``Options.quant_gelu``). ``producer``: ("linear", m, n, k, dtype, bias, b_transposed,
-        frame) or ("conv", x_shape, w_shape, geometry, dtype, bias[, residual operand]) (:func:`write_groups`). The
+        frame) or ("conv", x_shape, w_shape, geometry, dtype, bias[, residual operand]), or their 8-bit
+        forms "qlinear" / "qconv" (:func:`write_groups`). The
         groups timed are the engine's own, so their timings serve its build. None: not measured."""
         key = self._write_key(producer, activation, tanh_unit)
         what = f"{producer[0]} producer {producer[1:3]}"
@@ -241,8 +242,9 @@ class LayerSpeed:
         from ..kernels.conv import conv_candidates
         from ..kernels.gemm import gemm_candidates
         from ..kernels.qconv import scaled_conv_candidates
+        from ..kernels.qgemm import scaled_mm_candidates
 
-        build = {"linear": gemm_candidates, "conv": conv_candidates,
+        build = {"linear": gemm_candidates, "conv": conv_candidates, "qlinear": scaled_mm_candidates,
                  "qconv": lambda group, ctx: scaled_conv_candidates(group, ctx, vendor=False)}[producer[0].split("+")[0]]
         return [build(group, self.ctx) for group in write_groups(producer, activation, tanh_unit, self.precision,
                                                                  self.ctx.device, self.per_channel)]
@@ -331,8 +333,9 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
     ``producer``: ("linear", m, n, k, dtype, bias, b_transposed, frame) or ("conv", x_shape,
     w_shape, geometry, dtype, bias[, p: a residual of the output's shape added before the
     activation as the add's operand p (0 or 1), the engine's conv + add + ReLU group]), or
-    ("qconv", ...) as "conv" for a convolution already quantized to ``precision`` (its 8-bit
-    operands, weight scales per channel or not as ``per_channel``) (``LayerSpeed.write_ms``). A
+    ("qconv", ...) / ("qlinear", ...) as "conv" / "linear" for a convolution / GEMM already
+    quantized to ``precision`` (its 8-bit operands, weight scales per channel or not as
+    ``per_channel``; a qlinear's weight is [N, K]) (``LayerSpeed.write_ms``). A
     kind marked ``+float`` ("conv+float") writes the float value beside the codes: another reader
     needs it (``quant_probes.group_problem``)."""
     from ..fx_passes import PassContext
@@ -359,6 +362,19 @@ def write_groups(producer: Tuple[Any, ...], activation: Optional[str], tanh_unit
             y = torch.addmm(*xb) if bias else torch.mm(*xb)
             return y.view(frame) if framed else y
         kind, anchor = "gemm", "mm"
+    elif producer[0] == "qlinear":
+        _, m, n, k, dtype, bias, _, frame = producer
+        x, w = torch.randn(m, k, device=device, generator=gen), torch.randn(n, k, device=device, generator=gen)
+        xs = quant_ref.scale_from_amax(x.abs().amax(), precision)
+        wq, ws = quant_ref.quantize_weight(w, precision, per_channel)
+        inputs = (quant_ref.quantize(x, xs, precision), xs, wq, ws) + \
+            ((torch.randn(n, device=device, generator=gen).to(dtype),) if bias else ())
+        framed = tuple(frame) != (m, n) and math.prod(frame) == m * n
+
+        def layer(xq, xs, wq, ws, *b):
+            y = torch.ops.compile_backend.scaled_mm(xq, xs, wq, ws, b[0] if b else None, dtype)
+            return y.view(frame) if framed else y
+        kind, anchor = "gemm", "scaled_mm"
     else:
         _, x_shape, w_shape, geometry, dtype, bias, *residual = producer
         cl = torch.channels_last

@@ -160,6 +160,42 @@ def test_the_producer_probe_is_the_engines_own_group(precision, monkeypatch, tmp
     assert "aten.gelu" in without.ops and len(without.ops) < len(with_quantize.ops)
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_a_quantized_gemms_write_cost_is_measured_on_its_8_bit_group(precision, monkeypatch, tmp_path, engines):
+    """A layer reading a GEMM already 8-bit (a transformer's FFN2 after FFN1 + GELU): the write
+    probe times FFN1's own 8-bit group (scaled_mm + GELU, with the quantize and without), not the
+    7-instructions-an-element estimate (ViT-B/16 INT8 left FFN2 float on an estimated 4.6 us,
+    where the quantize also turns FFN1's erf GELU into the tanh unit's form). The probe's group
+    with the quantize has the engine's FFN1 group's tuning key, and both groups run."""
+    from compile_backend.kernels.qgemm import scaled_mm_candidates
+    from compile_backend.quant.speed import write_groups
+
+    asked = _recording_write_probe(monkeypatch)
+    model, x = TwoLinears(torch.nn.functional.gelu).half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
+    cfg = quant.QuantConfig(precision=precision, min_features=1, weights="per_tensor")
+    calib = quant.calibrate(model, [(x,)], cfg, progress=False, use_cache=False)
+    fn = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path),
+                                                                  "autotune": "off"})
+    with torch.no_grad():
+        fn(x)
+    qlinear = [a for a in asked if a[0][0] == "qlinear"]
+    assert qlinear and qlinear[0][:2] == (("qlinear", 14, 48, 32, torch.float16, True, False, (2, 7, 48)), "gelu"), asked
+    producer, activation, tanh_unit = qlinear[0]
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    with_quantize, without = write_groups(producer, activation, tanh_unit, precision, torch.device("cpu"),
+                                          per_channel=False)
+    assert without.ops[0] == "compile_backend.scaled_mm" and "aten.gelu" in without.ops
+    assert len(without.ops) < len(with_quantize.ops)
+    (engine_group,) = [c.group for e in engines for c in e.calls
+                       if getattr(c, "group", None) is not None and "compile_backend.scaled_mm" in c.group.ops
+                       and "aten.gelu" in c.group.ops]
+    assert scaled_mm_candidates(with_quantize, ctx).key == scaled_mm_candidates(engine_group, ctx).key
+    for group in (with_quantize, without):
+        inputs = [n.meta["val"] for n in group.gm.graph.nodes if n.op == "placeholder"]
+        assert scaled_mm_candidates(group, ctx, vendor=False).candidates
+        group.reference(*[torch.ones(v.shape, dtype=v.dtype) for v in inputs])
+
+
 def _conv_probe_and_engine_keys(monkeypatch, tmp_path, engines, model, x, exclude, engine_op: str):
     """(the write probe's asked producer, the probe group's tuning key, the engine's producer
     group's key) for ``model`` compiled INT8 with ``exclude`` float; the engine's group is the
