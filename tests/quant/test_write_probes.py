@@ -347,3 +347,36 @@ def test_a_block_output_read_by_its_skip_connection_is_written_both_ways(residua
     want = both.reference(*inputs)
     torch.testing.assert_close(got[0], want[0], atol=1e-2, rtol=1e-2)
     assert (got[1].float() - want[1].float()).abs().max() <= 1  # codes: one step at a rounding tie
+
+
+@pytest.mark.parametrize("kind", ["qconv", "qlinear"])
+def test_an_8_bit_producers_write_probe_tunes_its_probes_seeds(kind, monkeypatch):
+    """An 8-bit producer's write probe tunes the producer's own probe's fastest configs (its
+    seeds, on the groups' anchors: ``template.seeded`` narrows the candidates) as the producer's
+    engine group will, not every config: ResNet-50 b32's first INT8 call compiled 45 s of
+    candidates against 17 s before these probes were prepared in the pool (H100, session 24).
+    Without seeds (a probe not timed) nothing is marked."""
+    from compile_backend.kernels import qconv, qgemm
+    from compile_backend.kernels.template import PROBE_SEEDS
+    from compile_backend.quant.speed import LayerSpeed
+
+    marked = []
+
+    def record(group, ctx, **kwargs):
+        marked.append(next(n for n in group.gm.graph.nodes if n.name == group.anchor).meta.get(PROBE_SEEDS))
+    monkeypatch.setattr(qconv, "scaled_conv_candidates", record)
+    monkeypatch.setattr(qgemm, "scaled_mm_candidates", record)
+    ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cpu"), interpret=True)
+    speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
+    if kind == "qconv":
+        producer = ("qconv", (2, 8, 7, 9), (16, 8, 3, 3), ([1, 1], [1, 1], [1, 1], 1), torch.float16, True)
+        probe_key = speed._conv_key((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True)
+    else:
+        producer = ("qlinear", 14, 48, 32, torch.float16, True, False, (2, 7, 48))
+        probe_key = ("linear", 14, 48, 32, torch.float16, True)
+    speed._write_tunings(producer, "relu", True)
+    assert marked == [None, None]
+    speed.seeds[probe_key] = ("triton a", "triton b")
+    speed._write_tunings(producer + (0,) if kind == "qconv" else producer, "relu", True)
+    speed._write_tunings((kind + "+float",) + producer[1:], "relu", True)
+    assert marked[2:] == [("triton a", "triton b")] * 4, marked
