@@ -17,6 +17,9 @@ between two CUDA events, the median block; ms a chain, us a launch, the weights'
 * ``gemv`` / ``gemv_pdl``: the chain as the engine launches it, without and with PDL (the wait
   after the weight prefetch, ``gemv.PDL_AFTER``; ``launch_pdl``): does starting a kernel while the
   one before drains shorten the chain? Both outputs bitwise equal: ``pdl_equal``.
+  ``gemv_pdl_nopf``: the same without the L2 bulk prefetch of the program's rows (the first
+  step's loads still before the wait); ``gemv_pdl_top``: the wait first, before any load (as the
+  floor kernels): which part of the engine's PDL form costs (session 24: gemv_pdl 7% slower).
 * ``empty`` / ``empty_pdl``: as many 1-program launches, each storing the one before's value + 1:
   the floor of a launch in a graph.
 * ``copy`` / ``copy_pdl``: per GEMV one launch reading its codes' and scales' bytes (a max a program
@@ -53,7 +56,7 @@ from compile_backend.kernels.gemv_prologue import PLAIN_X
 from compile_backend.kernels.launch import Counters
 from compile_backend.kernels.weight_only import WeightOnlyConfig, weight_only_linear_reference
 
-VARIANTS = ("gemv", "gemv_pdl", "empty", "empty_pdl", "copy", "copy_pdl", "standalone")
+VARIANTS = ("gemv", "gemv_pdl", "gemv_pdl_nopf", "gemv_pdl_top", "empty", "empty_pdl", "copy", "copy_pdl", "standalone")
 FP16 = torch.float16
 REL_TOL = 1e-2  # relative L2 error of an fp16 GEMV against the reference (test_gemv's bound)
 COPY_BLOCK = 4096  # int32 words a copy program reads: 16 KB, eight 16-byte loads a thread at 4 warps
@@ -147,11 +150,12 @@ def tuned_configs(shapes: List[Shape], weights: str, group: int, device, level: 
     return out
 
 
-def gemv_source(use_pdl: bool) -> Tuple[str, str]:
+def gemv_source(use_pdl: bool, after: int = gemv.PDL_AFTER) -> Tuple[str, str]:
     """(source, name) of the plain fp16 GEMV (``gemv.plain_kernel``'s); with PDL, its wait/signal
-    after the program ids and weight prefetch, as ``gemv_build`` renders a PDL candidate."""
+    after the program ids and weight prefetch, as ``gemv_build`` renders a PDL candidate (or
+    after ``after`` statements)."""
     source, name = gemv.render(PLAIN_X, gemv.PLAIN_EPILOGUE, FP16, FP16)
-    return (pdl.with_entry(source, name, after=gemv.PDL_AFTER) if use_pdl else source), name
+    return (pdl.with_entry(source, name, after=after) if use_pdl else source), name
 
 
 def floor_kernel(name: str, use_pdl: bool):
@@ -291,7 +295,8 @@ class ChainBench:
         self.finals: Dict[str, torch.Tensor] = {}  # each gemv variant's last output
 
     def variant(self, name: str) -> Dict[str, Any]:
-        args, kind, use_pdl = self.args, name.removesuffix("_pdl"), name.endswith("_pdl")
+        kind, pdl_mark, mode = name.partition("_pdl")
+        args, use_pdl = self.args, bool(pdl_mark)
         if use_pdl and not pdl.available(self.device):
             return {"skipped": "pdl.available: False (needs sm_90+ and a Triton with launch_pdl)"}
         if name == "standalone" and not self.timed:
@@ -302,7 +307,7 @@ class ChainBench:
             entry = {"per_call_us": {k: round(v, 2) for k, v in per_call.items()},
                      "ms_per_chain": self.layers * sum(per_call.values()) / 1e3}
         else:
-            run, check = getattr(self, kind)(use_pdl)
+            run, check = self.gemv(use_pdl, name, mode.lstrip("_")) if kind == "gemv" else getattr(self, kind)(use_pdl)
             if self.timed:
                 ms, blocks = graph_ms(run, args.iters, self.forget_outputs if kind == "gemv" else lambda: None)
                 entry = {"ms_per_chain": ms, "blocks_ms": [round(b, 5) for b in blocks]}
@@ -320,23 +325,36 @@ class ChainBench:
         for out in (o for row in self.outs for o in row):
             out.fill_(float("nan"))  # an output the launches did not write passes no check
 
-    def gemv(self, use_pdl: bool):
+    def gemv(self, use_pdl: bool, name: str = "gemv", mode: str = ""):
         """(the chain, its check): the last output kept for ``pdl_equal``; after the plain chain,
-        every GEMV against the reference."""
+        every GEMV against the reference. ``mode`` (PDL): "" the engine's form, "nopf" without the
+        L2 prefetch, "top" the wait before any load."""
         args = self.args
         self.forget_outputs()
-        run = gemv_chain(tpl.load_kernel(*gemv_source(use_pdl)), self.weights, self.x0, self.outs, self.shapes,
-                         self.configs, args.weights, args.group, self.counters, use_pdl)
+        kernel = tpl.load_kernel(*gemv_source(use_pdl, 0 if mode == "top" else gemv.PDL_AFTER))
+        chain = gemv_chain(kernel, self.weights, self.x0, self.outs, self.shapes,
+                           self.configs, args.weights, args.group, self.counters, use_pdl)
+
+        def run() -> None:
+            if mode not in ("nopf", "top"):
+                return chain()
+            prefetch_ok = gemv.prefetch_ok
+            gemv.prefetch_ok = lambda *a, **k: False  # launch renders PREFETCH 0 (read at each launch)
+            try:
+                chain()
+            finally:
+                gemv.prefetch_ok = prefetch_ok
 
         def check() -> Dict[str, Any]:
-            last = self.finals["gemv_pdl" if use_pdl else "gemv"] = self.outs[-1][-1].clone()
+            last = self.finals[name] = self.outs[-1][-1].clone()
             entry: Dict[str, Any] = {"finite": bool(torch.isfinite(last).all())}
             if not use_pdl:
                 errs = reference_errors(self.x0, self.weights, self.outs, self.shapes, args.weights, args.group)
                 entry["reference"] = self.result["reference"] = {
                     "first_rel_err": errs[0], "max_rel_err": max(errs), "ok": max(errs) < REL_TOL}
-            if len(self.finals) == 2:
-                entry["pdl_equal"] = self.result["pdl_equal"] = torch.equal(*self.finals.values())
+            if use_pdl and "gemv" in self.finals:
+                entry["pdl_equal"] = torch.equal(last, self.finals["gemv"])
+                self.result["pdl_equal"] = self.result.get("pdl_equal", True) and entry["pdl_equal"]
             return entry
         return run, check
 
