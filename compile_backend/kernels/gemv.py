@@ -11,7 +11,10 @@ fourth (the activation's producer):
   coordinates: a load of x, or element-wise ops over loads (SwiGLU's ``silu(gate) * up`` read
   from the gate/up projection's output), each intermediate rounded to its dtype as eager's
   kernels store it; row values (an RMS norm's mean of squares) are loops over the row before
-  the main loop.
+  the main loop, or, where they reach x as one factor (Llama's RMS norm), deferred: x_at
+  computes x without the factor, ``x_row_terms`` the reduction's input at the same k, which the
+  main loop sums next to x's use (per element of a tile, over the tile after the loop), and the
+  factor is computed from the total after the loop (``DEFERRED``).
 * **main loop.** BLOCK_N weight rows over one K slice, ``UNROLL`` K tiles a step (their loads
   issued together: the H200 measured these loops bound by the bytes in flight). Weight tiles
   loaded (float, any strides) or dequantized (``weight_only_parts``); INT4 bytes are not
@@ -30,13 +33,14 @@ fourth (the activation's producer):
 * **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
   Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
-  depend on the order the programs ran in (bitwise reproducible, unlike fp32 atomics). That
+  depend on the order the programs ran in (bitwise reproducible, unlike fp32 atomics); a
+  deferred factor's row sums likewise (after the partials, one per slice and tile). That
   program sets the counter back to 0, so an engine's runner keeps one counter buffer for all
   its launches (:class:`launch.Counters`: no fill per launch, which a decode step's CUDA graph would
   replay 66 times); a launch without one zeroes a fresh buffer.
-* **epilogue.** Bias in fp32, the one rounding to the output dtype (the anchor's value), then the
-  group's chain (``gemm_template.plan_epilogue``: a residual add, the next norm's square) in the
-  (m, n) index space.
+* **epilogue.** A deferred row factor times the fp32 sums, bias in fp32, the one rounding to the
+  output dtype (the anchor's value), then the group's chain (``gemm_template.plan_epilogue``: a
+  residual add, the next norm's square) in the (m, n) index space.
 
 Layers: the template and :func:`render` (source), :func:`launch` (checks, allocates, launches),
 :func:`gemv` (the plain kernel, no prologue or chain: ``weight_only.weight_only_linear``'s gemv
@@ -57,7 +61,7 @@ from .base import triton_interpret
 from .expr_casts import tl_type
 from .launch import Counters, next_pow2
 from .weight_only_parts import auto_split, k_slices
-from .gemv_prologue import PLAIN_X, XPrologue
+from .gemv_prologue import PLAIN_X, ROW_TOTAL, XPrologue
 
 INT32_MAX = 2**31 - 1
 #: the kernel's statements before a PDL launch's wait (``pdl.with_entry``'s ``after``): program
@@ -83,6 +87,11 @@ def x_at(m, kk, K, {x_params}{row_params}):
     ok = kk < K
 {x_body}
     return tl.where(ok, {x_value}, 0.0)
+
+
+@triton.jit
+def x_row_terms(m, kk, K, {x_params}):
+{row_terms_body}
 
 
 @triton.jit
@@ -115,6 +124,14 @@ def {name}(
     # packed again for the dequantize: +10-60% instructions, sm_90)
     first_w, first_s = step_weights(W, S, rn, n_ok, k_lo, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
     STEP: tl.constexpr = BLOCK_K * UNROLL
+    # a deferred row factor (gemv_prologue): its reduction's input summed from the x the loop
+    # loads, per element of a K tile (of a step where a step is one load: the peeled first step
+    # rebinds it), then over the tile after the loop. Summed over the tile every step, it took
+    # shuffles and barriers in the loop (32 x 128 u2, sm_90: +3 BAR, +7 SHFL, +19 instructions)
+    DEFERRED: tl.constexpr = {deferred}
+    if DEFERRED:
+        tl.static_assert(ROWS == 1, "a deferred row factor is one row's: one row a program")
+        row_acc = tl.zeros([BLOCK_K], tl.float32)
 {row_body}
     if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
         part = tl.zeros([BLOCK_N, 16], tl.float32)
@@ -122,11 +139,15 @@ def {name}(
             # x: one row [STEP] (column 0 of the dots' operand) or ROWS 16 rows [STEP, 16]
             xk = k_lo + tl.arange(0, STEP)
             xs = x_at(xm, xk[:, None], k_hi, {x_args}{row_params}) if ROWS == 16 else x_at(m, xk, k_hi, {x_args}{row_params})
+            if DEFERRED:
+                row_acc = x_row_terms(m, xk, k_hi, {x_args})
             part = words_dots(part, first_w, first_s, xs, ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
             for k_step in range(k_lo + STEP, k_hi, STEP):
                 words, scale = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
                 xk = k_step + tl.arange(0, STEP)
                 xs = x_at(xm, xk[:, None], k_hi, {x_args}{row_params}) if ROWS == 16 else x_at(m, xk, k_hi, {x_args}{row_params})
+                if DEFERRED:
+                    row_acc += x_row_terms(m, xk, k_hi, {x_args})
                 part = words_dots(part, words, scale, xs, ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
         elif WEIGHTS == 1:
             HALF16: tl.constexpr = BLOCK_K // 2
@@ -145,6 +166,8 @@ def {name}(
                         part = dot16(hi, x_odd.to({x_dtype}), part, SOFT_BF16)
                     else:
                         x_even, x_odd = tl.split(tl.reshape(x_at(m, rk, k_hi, {x_args}{row_params}), [HALF16, 2]))
+                        if DEFERRED:
+                            row_acc += x_row_terms(m, rk, k_hi, {x_args})
                         part = dot_column(lo, x_even.to({x_dtype}), part, 16, SOFT_BF16)
                         part = dot_column(hi, x_odd.to({x_dtype}), part, 16, SOFT_BF16)
         elif WEIGHTS == 0:
@@ -158,6 +181,8 @@ def {name}(
                         part = dot16(w, x_at(xm, rk[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
                     else:
                         part = dot_column(w, x_at(m, rk, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                        if DEFERRED:
+                            row_acc += x_row_terms(m, rk, k_hi, {x_args})
         else:
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
                 for u in tl.static_range(UNROLL):  # UNROLL K tiles a step: their loads in flight together
@@ -168,6 +193,8 @@ def {name}(
                         part = dot16(w.to({x_dtype}), x_at(xm, rk[:, None], k_hi, {x_args}{row_params}).to({x_dtype}), part, SOFT_BF16)
                     else:
                         part = dot_column(w.to({x_dtype}), x_at(m, rk, k_hi, {x_args}{row_params}).to({x_dtype}), part, 16, SOFT_BF16)
+                        if DEFERRED:
+                            row_acc += x_row_terms(m, rk, k_hi, {x_args})
         if ROWS == 16:
             acc = tl.trans(part)  # [16 rows, BLOCK_N]
         else:
@@ -179,10 +206,14 @@ def {name}(
         part = tl.zeros([BLOCK_N, UNROLL, BLOCK_K // 4], tl.float32)
         part = words_math(part, first_w, first_s, x_at(m, k_lo + tl.arange(0, STEP), k_hi, {x_args}{row_params}),
                           {x_dtype}, not SOFT_BF16)
+        if DEFERRED:
+            row_acc = x_row_terms(m, k_lo + tl.arange(0, STEP), k_hi, {x_args})
         for k_step in range(k_lo + STEP, k_hi, STEP):
             words, scale = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
             part = words_math(part, words, scale, x_at(m, k_step + tl.arange(0, STEP), k_hi, {x_args}{row_params}),
                               {x_dtype}, not SOFT_BF16)
+            if DEFERRED:
+                row_acc += x_row_terms(m, k_step + tl.arange(0, STEP), k_hi, {x_args})
     elif WEIGHTS == 1:  # INT4, two codes a byte
         HALF: tl.constexpr = BLOCK_K // 2
         part = tl.zeros([BLOCK_N, HALF], tl.float32)
@@ -196,16 +227,22 @@ def {name}(
                 # multiply, a fused one and an add: 32 of the loop's 529 instructions, sm_90)
                 part += lo * x_even[None, :]
                 part += hi * x_odd[None, :]
+                if DEFERRED:
+                    row_acc += x_row_terms(m, k0 + tl.arange(0, BLOCK_K), k_hi, {x_args})
     elif WEIGHTS == 0 and ONE_LOAD:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None, None]
         rk = k_lo + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]
         w = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16)
         part = w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+        if DEFERRED:
+            row_acc = x_row_terms(m, rk, k_hi, {x_args})
         for k_step in range(k_lo + STEP, k_hi, STEP):
             codes, _ = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
             rk = k_step + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
             w = codes_to(codes, scale, {x_dtype}, not SOFT_BF16)
             part += w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+            if DEFERRED:
+                row_acc += x_row_terms(m, rk, k_hi, {x_args})
     elif WEIGHTS == 0:  # INT8, a scale per row
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -215,6 +252,8 @@ def {name}(
                 rk = k0 + tl.arange(0, BLOCK_K)
                 w = int8_weights(W, rn, rk, n_ok, k_hi, swn, scale, {x_dtype}, SOFT_BF16)
                 part += w * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
+                if DEFERRED:
+                    row_acc += x_row_terms(m, rk, k_hi, {x_args})
     else:  # float weights
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):
@@ -222,6 +261,8 @@ def {name}(
                 k0 = k_step + u * BLOCK_K
                 rk = k0 + tl.arange(0, BLOCK_K)
                 part += float_weights(W, rn, rk, n_ok, k_hi, swn, swk) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
+                if DEFERRED:
+                    row_acc += x_row_terms(m, rk, k_hi, {x_args})
     if ONE_LOAD and not DOT:
         acc = tl.sum(tl.sum(part, axis=2), axis=1)[None, :]
     elif not DOT:
@@ -229,9 +270,15 @@ def {name}(
     rm = m * ROWS + tl.arange(0, ROWS)
     mask = (rm < M)[:, None] & n_ok[None, :]
     last = pid_k == pid_k
+    if DEFERRED:
+        row_acc = tl.sum(row_acc)  # the slice's part of the row's sum
+        {row_total} = row_acc
     if SPLIT > 1:
         ws = WS + rm[:, None] * N + rn[None, :]
         tl.store(ws + pid_k * M * N, acc, mask=mask)
+        if DEFERRED:  # the slice's row sum after the partials, [SPLIT, M, grid_n]: each tile reads its own
+            row_ws = WS + SPLIT * M * N + m * tl.num_programs(0) + pid_n
+            tl.store(row_ws + pid_k * M * tl.num_programs(0), row_acc)
         tl.debug_barrier()  # every thread's partials are written before the release below
         counter = COUNT + m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(counter, 1, sem="acq_rel")
@@ -241,7 +288,13 @@ def {name}(
             acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
             for s in tl.static_range(SPLIT):  # unrolled: the loads go out together, not one round trip each
                 acc += tl.load(ws + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            if DEFERRED:  # in slice order, as the partials: the same bits every run
+                {row_total} = tl.load(row_ws, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    {row_total} += tl.load(row_ws + s * M * tl.num_programs(0), cache_modifier=".cg")
     if last:
+        if DEFERRED:  # the row factor of x, on the fp32 sums (before the bias and the output's rounding)
+{factor_body}
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc = round_to(acc, {out_dtype}, SOFT_BF16).to(tl.float32)
@@ -267,6 +320,12 @@ def render(x: XPrologue, epilogue: tpl.EpilogueSpec, x_dtype: torch.dtype, out_d
     x_params = ", ".join(f"P{i}, p{i}_s0, p{i}_s1" for i in range(x.loads))
     x_body = [f"r{i} = tl.load(P{i} + m * p{i}_s0 + kk * p{i}_s1, mask=ok, other=0)" for i in range(x.loads)]
     x_body += list(x.lines)
+    if x.deferred:
+        row_terms_body = ["# the deferred row reduction's input (gemv_prologue) at [m, kk], 0 past K",
+                        "ok = kk < K", *x.row_input_lines, f"return tl.where(ok, {x.row_input}, 0.0)"]
+        factor_body = [*x.factor_lines, f"acc = acc * {x.factor}"]
+    else:
+        row_terms_body, factor_body = ["return 0.0  # no deferred row factor: never called (DEFERRED is False)"], ["pass"]
     return tpl.finish(
         _TEMPLATE, "wo_gemv", helpers=helpers or epilogue.helpers, x_params=x_params,
         x_body="\n".join("    " + line for line in x_body), x_value=x.value, x_ptrs=", ".join(x_ptrs),
@@ -274,6 +333,8 @@ def render(x: XPrologue, epilogue: tpl.EpilogueSpec, x_dtype: torch.dtype, out_d
         x_dtype=tl_type(x_dtype), out_dtype=tl_type(out_dtype),
         row_params="".join(", " + a for a in x.row_args),
         row_body="\n".join("    " + line for line in x.row_lines) or "    pass",
+        deferred=str(x.deferred), row_total=ROW_TOTAL, row_terms_body="\n".join("    " + line for line in row_terms_body),
+        factor_body="\n".join(" " * 12 + line for line in factor_body),
         epilogue="\n".join(tpl.epilogue_body(epilogue, offset, "mask", " " * 8)))
 
 
@@ -285,7 +346,7 @@ WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
 def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
            weights: str, group: int, config, x_dtype: torch.dtype, row_values: bool = False,
-           counters: Optional[Counters] = None, use_pdl: bool = False) -> None:
+           deferred: bool = False, counters: Optional[Counters] = None, use_pdl: bool = False) -> None:
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
     or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
     ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
@@ -293,6 +354,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``row_values``:
     the prologue computes row values (an RMS norm's mean of squares, one row a program), else
     the tensor-core loop takes up to 16 rows a program (the weights read once for all);
+    ``deferred``: the prologue defers its row factor (``XPrologue.deferred``; implies
+    ``row_values``): the split-K workspace also holds each slice's row sums;
     ``counters``: the caller's reusable split-K counters (None: a zeroed buffer for this launch);
     ``use_pdl``: the kernel was rendered with ``pdl.with_entry``: launch it with PDL."""
     m, k = x_loads[0].shape
@@ -301,19 +364,22 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30))
     grid_n = triton.cdiv(n, bn)
     dot = uses_tensor_cores(config, x_dtype, weights, bk)
-    rows = 16 if dot and not row_values else 1
+    rows = 16 if dot and not (row_values or deferred) else 1
     grid_m = triton.cdiv(m, rows)
     # slices of whole steps (UNROLL tiles): a slice of 2 tiles under UNROLL 4 ran 2 masked tiles'
     # instructions for nothing (the base decoder's qkv at 8 slices: half its loop)
     step = bk * config.unroll
     split = config.split_k or auto_split(grid_n * grid_m, triton.cdiv(k, step), w.device, config.waves, min_tiles=1)
     k_slice, split = k_slices(k, step, split)
-    if max((n - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1, split * m * n,
+    # a deferred factor's row sums after the partials: [split, m, grid_n] (one per tile, so the
+    # tile's last program reads what its own slices wrote before their release)
+    workspace = split * m * (n + (grid_n if deferred else 0))
+    if max((n - 1) * w.stride(0) + (w.shape[1] - 1) * w.stride(1) + 1, workspace,
            *(t.stride(0) * m for t in x_loads)) > INT32_MAX:
         raise ValueError("weight_only_linear: an operand (or the split-K workspace) has 2**31 elements or more; "
                          "split the call or lower split_k (the kernels index in 32 bits)")
     if split > 1:
-        ws = torch.empty(split, m, n, dtype=torch.float32, device=w.device)
+        ws = torch.empty(workspace, dtype=torch.float32, device=w.device)
         count = (counters.get(m * grid_n, w.device) if counters is not None
                  else torch.zeros(m * grid_n, dtype=torch.int32, device=w.device))
     else:

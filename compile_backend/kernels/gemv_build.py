@@ -54,6 +54,7 @@ class GemvPlan:
     source: Tuple[str, str]
     prologue_ops: int  # nodes x's prologue computes (0: x is loaded as it is)
     row_values: bool = False  # the prologue computes row values (one x row a program)
+    deferred: bool = False  # its row values are one factor of x, applied to the sums (gemv_prologue)
 
 
 def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
@@ -65,7 +66,7 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
         return None
     source = gemv.render(x, tpl.epilogue_spec(plan, ["acc_v = acc"]), spec.dtype, spec.out_dtype,
                          expr.helper_source(plan.helpers | x.helpers))
-    return GemvPlan(tuple(x_loads), plan, source, len(operands), bool(x.row_lines))
+    return GemvPlan(tuple(x_loads), plan, source, len(operands), x.row_values, x.deferred)
 
 
 def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan,
@@ -104,7 +105,8 @@ class GemvRunner:
         outs, views = tpl.allocate_outputs(plan, plan.anchor_shape, xs[0].device)
         gemv.launch(self.kernel, xs, w.t() if s.transposed else w, scales, bias, loads,
                     [v.view(s.m, s.n) for v in views], weights=s.weights, group=s.group_size, config=self.cfg,
-                    x_dtype=s.dtype, row_values=self.plan.row_values, counters=self.counters, use_pdl=self.use_pdl)
+                    x_dtype=s.dtype, row_values=self.plan.row_values, deferred=self.plan.deferred,
+                    counters=self.counters, use_pdl=self.use_pdl)
         return tpl.group_outputs(plan, env, outs)
 
 

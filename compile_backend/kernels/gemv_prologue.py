@@ -13,13 +13,33 @@ into the GEMV's group; :func:`plan_x` turns the group's ops upstream of the anch
   rows of K values, from L2, ``ROW_BLOCK`` = up to 4096 at a time); element-wise ops on row
   values (``+ eps``, ``rsqrt``) follow it.
   x_at takes the row values it reads as arguments.
+* **deferred row factor.** Where the row values reach x only as one factor (Llama's RMS norm:
+  x = round16(round16(h32 * rsqrt(mean(h32^2) + eps)) * g), so x[m, k] = E(m, k) * R(m)), the
+  GEMV computes sum_k x[m, k] w[n, k] as R(m) * sum_k E(m, k) w[n, k]: x_at computes E (the
+  factor's product dropped, the casts after it kept: round16(round16(h) * g)), the reduction's
+  input (h32^2) is summed from the x values the main loop loads anyway (the renderer's
+  ``x_row_terms``, next to each x_at), and the row values (the mean's division by K, ``+ eps``,
+  ``rsqrt``, rounded as eager rounds them) are computed from that total after the loop, where
+  the accumulator takes the factor (fp32, before the bias and the rounding to the output
+  dtype). Why: the row loop is serial work before every program's first weight use (x's row
+  read from L2, summed across the block, rsqrt); on the H100 the two norm GEMVs of a decode
+  layer took ~3 us each more than with a plain x (session 24: qkv + gate_up 9.0 us against
+  ~5 / ~6.7), ~0.13 ms of a 0.86 ms W4A16 step.
+  Numerics: eager rounds h * R (and the products after it) to x's dtype; here those
+  roundings are of E, not of E * R, and R is applied in fp32 to the fp32 sum, so results
+  differ from eager's by about one rounding of the output (within the select module's
+  validation bounds, as the fused kernel's other reorderings), accepted for the row pass's
+  cost. E is not normalised: where |h * g| exceeds x's dtype's range (fp16: 65504) E
+  overflows while eager's normalised x does not (bf16 and fp32 reach 3e38; a cast to fp8 on
+  the way keeps the row loop). Any other use of row values keeps the row loop
+  (:meth:`_Writer._deferred_factor`).
 
 This module does not import Triton (the renderer does).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -32,6 +52,11 @@ from .gemm_template import LoadPlan, is_row_major_reshape
 aten = torch.ops.aten
 #: reductions a prologue computes over x's last dim, and whether the sum is divided by K
 ROW_REDUCTIONS = {aten.mean.dim: True, aten.sum.dim_IntList: False}
+#: the kernel variable a deferred factor's lines start from: the reduction's input summed over the row
+ROW_TOTAL = "row_total"
+#: casts a deferred factor may pass through to x: fp16's range or wider (E, not normalised, would
+#: overflow fp8's +-448 where eager's normalised x does not)
+_DEFERRABLE_CASTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def reduces_rows(n: fx.Node, numel: int, k: int) -> bool:
@@ -51,7 +76,12 @@ class XPrologue:
     """How the kernel computes x[m, k]: ``loads`` tensors read at x's coordinates (raw values
     ``r0``, ``r1``, ...), ``lines`` computing from them, ``value`` the variable holding x in fp32;
     ``row_lines``: kernel statements before the main loop computing the row values ``row_args``
-    that x_at takes; ``helpers`` the ``expr`` helper names the lines call."""
+    that x_at takes; ``helpers`` the ``expr`` helper names the lines call.
+
+    A deferred row factor (``factor`` set; no row lines or args): ``lines`` compute E, x without
+    the factor; ``row_input_lines`` compute the row reduction's input at (m, kk) after their loads,
+    into ``row_input``; ``factor_lines`` compute the row values from :data:`ROW_TOTAL` (that
+    input summed over the row), the last of which, ``factor``, multiplies the GEMV's sums."""
 
     loads: int
     lines: Tuple[str, ...]
@@ -59,10 +89,31 @@ class XPrologue:
     helpers: frozenset = frozenset()
     row_lines: Tuple[str, ...] = ()
     row_args: Tuple[str, ...] = ()
+    row_input_lines: Tuple[str, ...] = ()
+    row_input: str = ""
+    factor_lines: Tuple[str, ...] = ()
+    factor: str = ""
 
     def __post_init__(self) -> None:
         if self.loads < 1 or not self.value.isidentifier():
             raise ValueError(f"an x prologue reads at least one tensor and names its value: {self}")
+        if self.factor:
+            if not (self.row_input.isidentifier() and self.factor.isidentifier() and self.factor_lines):
+                raise ValueError(f"a deferred row factor names its reduction's input and its lines: {self}")
+            if self.row_lines or self.row_args:
+                raise ValueError(f"a deferred row factor replaces the row loop, not both: {self}")
+        elif self.row_input_lines or self.row_input or self.factor_lines:
+            raise ValueError(f"a row reduction's input or factor lines without a deferred factor: {self}")
+
+    @property
+    def deferred(self) -> bool:
+        """The row values reach x as one factor, applied to the GEMV's sums after the loop."""
+        return bool(self.factor)
+
+    @property
+    def row_values(self) -> bool:
+        """The prologue computes row values (before the loop or deferred): one x row a program."""
+        return bool(self.row_lines) or self.deferred
 
 
 #: x loaded as it is
@@ -108,23 +159,74 @@ class _Writer:
             self._classify_row(n)
         for n in sorted(operands - self.row, key=self.order.__getitem__, reverse=True):
             self._frame(n)
-        row_lines: List[str] = []
-        row_names: Dict[fx.Node, str] = {}
-        for n in sorted(self.row, key=self.order.__getitem__):
-            if n.target in ROW_REDUCTIONS:
-                row_lines += self._reduction(n, row_names)
-            elif is_view_op(n.target):
-                row_names[n] = row_names[n.args[0]]  # unsqueeze of a mean without keepdim
-            else:
-                self._check_row_op(n)
-                row_lines += expr.emit_pointwise([n], row_names, self.helpers)
+        deferred = self._deferred_factor(operands)
+        prologue = self._deferred_plan(*deferred) if deferred is not None else self._row_loop_plan(operands)
+        return prologue, list(self.loads), frozenset(operands)
+
+    def _row_loop_plan(self, operands: Set[fx.Node]) -> XPrologue:
+        """Row values computed before the main loop (a loop over the row each), read by x_at."""
+        row_lines, row_names = self._row_values(self._reduction)
         names: Dict[fx.Node, str] = {}
         x_lines = self._elements(self._upstream([self.x], stop_at_rows=True), names, row_names)
         read = {a for n in operands - self.row for a in n.all_input_nodes if a in self.row}
         row_args = tuple(dict.fromkeys(row_names[r] for r in sorted(read, key=self.order.__getitem__)))
-        prologue = XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
-                             tuple(row_lines), row_args)
-        return prologue, list(self.loads), frozenset(operands)
+        return XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
+                         tuple(row_lines), row_args)
+
+    def _deferred_plan(self, reduction: fx.Node, mul: fx.Node, element: fx.Node, factor: fx.Node) -> XPrologue:
+        """x without ``mul``'s row factor; the reduction's input summed by the main loop, the
+        row values computed from its total after it."""
+        src = reduction.args[0]
+        input_names: Dict[fx.Node, str] = {}
+        input_lines = self._elements(self._upstream([src], stop_at_rows=True), input_names, {},
+                                     leaf=None if self.computed(src) else src)
+        factor_lines, row_names = self._row_values(
+            lambda n, names: [self._reduced_value(n, ROW_TOTAL, names)])
+        names: Dict[fx.Node, str] = {}
+        # no row values in x's lines: the factor's product is its element operand there
+        x_lines = self._elements(self._upstream([self.x], stop_at_rows=True), names, {}, skip={mul: element})
+        return XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
+                         row_input_lines=tuple(input_lines), row_input=input_names[src],
+                         factor_lines=tuple(factor_lines), factor=row_names[factor])
+
+    def _row_values(self, reduce) -> Tuple[List[str], Dict[fx.Node, str]]:
+        """Lines computing the row values in graph order (``reduce(node, row_names)``: a
+        reduction's), and the variables holding them."""
+        lines: List[str] = []
+        row_names: Dict[fx.Node, str] = {}
+        for n in sorted(self.row, key=self.order.__getitem__):
+            if n.target in ROW_REDUCTIONS:
+                lines += reduce(n, row_names)
+            elif is_view_op(n.target):
+                row_names[n] = row_names[n.args[0]]  # unsqueeze of a mean without keepdim
+            else:
+                self._check_row_op(n)
+                lines += expr.emit_pointwise([n], row_names, self.helpers)
+        return lines, row_names
+
+    def _deferred_factor(self, operands: Set[fx.Node]) -> Optional[Tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+        """(the reduction, the product, its element operand, its row operand) where x's row
+        values reach x only as one factor: one row reduction (every row value is then a
+        function of its total); one element node reading row values, ``element * factor``
+        (either order); from it to x only products with values the factor does not scale,
+        floating casts and row-major reshapes (x = E * factor, E free of row values). Else None."""
+        reductions = [n for n in self.row if n.target in ROW_REDUCTIONS]
+        readers = [n for n in operands - self.row if any(a in self.row for a in n.all_input_nodes)]
+        if len(reductions) != 1 or len(readers) != 1:
+            return None
+        mul = readers[0]
+        if mul.target != aten.mul.Tensor or len(mul.args) != 2 or mul.kwargs or not _floating(mul):
+            return None
+        factor, element = mul.args if mul.args[0] in self.row else mul.args[::-1]
+        if not isinstance(element, fx.Node) or element in self.row or factor not in self.row:
+            return None
+        node = mul
+        while node is not self.x:
+            users = [u for u in node.users if u in operands]
+            if len(users) != 1 or not _keeps_factor(users[0], node):
+                return None
+            node = users[0]
+        return reductions[0], mul, element, factor
 
     # ------------------------------------------------------------------ what is computed
     def _upstream(self, roots: List[fx.Node], stop_at_rows: bool = False) -> Set[fx.Node]:
@@ -196,9 +298,11 @@ class _Writer:
         self.used.add(i)
 
     def _elements(self, nodes: Set[fx.Node], names: Dict[fx.Node, str], row_names: Dict[fx.Node, str],
-                  leaf: Any = None) -> List[str]:
+                  leaf: Any = None, skip: Optional[Dict[fx.Node, fx.Node]] = None) -> List[str]:
         """Lines computing ``nodes`` (element values) at the index vector ``kk`` of row ``m``,
-        after their loads (and ``leaf``'s: a tensor the caller reads as it is)."""
+        after their loads (and ``leaf``'s: a tensor the caller reads as it is); a node of
+        ``skip`` takes the value of the operand it maps to (a deferred factor's product)."""
+        skip = skip or {}
         names.update(row_names)
         self.used = set()
         lines: List[str] = []
@@ -212,6 +316,9 @@ class _Writer:
             for a in n.all_input_nodes:
                 if a not in names and not self.computed(a):
                     self._load(a, self.frame[n], names, lines)
+            if n in skip:
+                names[n] = names[skip[n]]
+                continue
             lines.extend(expr.emit_pointwise([n], names, self.helpers))
         loads = [f"r{i} = tl.load(P{i} + m * p{i}_s0 + kk * p{i}_s1, mask=ok, other=0)" for i in sorted(self.used)]
         return loads + lines
@@ -225,9 +332,6 @@ class _Writer:
                               leaf=None if self.computed(src) else src)
         value = names[src]
         acc = f"acc_{n.name}"
-        total = f"tl.sum({acc}, 0)" + (f" / {float(self.k)!r}" if ROW_REDUCTIONS[n.target] else "")
-        out = expr.var_name(n)
-        row_names[n] = out
         # ROW_BLOCK: the whole row in one or a few steps (each program waits for this loop
         # before its first weight load: one L2 round trip, not K / BLOCK_K of them)
         return ([f"{acc} = tl.zeros([ROW_BLOCK], tl.float32)",
@@ -236,7 +340,33 @@ class _Writer:
                  "    ok = kk < K"]
                 + ["    " + line for line in body]
                 + [f"    {acc} += tl.where(ok, {value}, 0.0)",
-                   f"{out} = {round_to(f'({total})', meta_of(n).dtype)}"])
+                   self._reduced_value(n, f"tl.sum({acc}, 0)", row_names)])
+
+    def _reduced_value(self, n: fx.Node, total: str, row_names: Dict[fx.Node, str]) -> str:
+        """The line computing reduction ``n``'s value from the sum ``total`` of its input over
+        the row (a mean's division by K), rounded to its dtype as eager stores it."""
+        if ROW_REDUCTIONS[n.target]:
+            total += f" / {float(self.k)!r}"
+        row_names[n] = expr.var_name(n)
+        return f"{row_names[n]} = {round_to(f'({total})', meta_of(n).dtype)}"
 
 
-__all__ = ["XPrologue", "PLAIN_X", "plan_x", "reduces_rows", "ROW_REDUCTIONS"]
+def _floating(n: fx.Node) -> bool:
+    val = meta_of(n)
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _keeps_factor(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` of ``node`` (a value a row factor scales) is that factor times a value free of
+    it: a product with another value (the factor's own value read twice would square it), a
+    cast to a float dtype of eager's range, a row-major reshape."""
+    if not _floating(user):
+        return False
+    if user.target == aten.mul.Tensor:
+        return len(user.args) == 2 and not user.kwargs and sum(a is node for a in user.args) == 1
+    if user.target in expr.ROUNDS_ITSELF:
+        return user.args[0] is node and meta_of(user).dtype in _DEFERRABLE_CASTS
+    return is_view_op(user.target) and is_row_major_reshape(user)
+
+
+__all__ = ["XPrologue", "PLAIN_X", "plan_x", "reduces_rows", "ROW_REDUCTIONS", "ROW_TOTAL"]

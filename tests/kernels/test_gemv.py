@@ -7,13 +7,17 @@ Groups as the partitioner hands them (make_fx graphs with meta['val']), CPU tens
 interpreter, odd shapes (K 37 / 70: a short last INT4 group and partial K tiles; N 33), M 1 and
 3, INT8 and INT4, split-K forced to 3 slices (the last-arriving program sums the partials) and
 the heuristic's. Prologues: SwiGLU's ``silu(gate) * up`` read from a slice of the gate/up
-output; an RMS norm (fp32 mean of squares, Llama's) before the GEMV; a norm whose square was
-computed by the previous GEMM's epilogue (a loaded row statistic).
+output; an RMS norm (fp32 mean of squares, Llama's) before the GEMV, its row factor deferred to
+the sums (gemv_prologue); a norm whose square was computed by the previous GEMM's epilogue (a
+loaded row statistic); row values that are no factor of x (added, squared, a mean subtracted),
+computed by the row loop before the main loop.
 
 Tolerances: the kernel computes the reference's function; the prologue's intermediates are
 rounded to their dtypes as eager stores them, so x agrees to an ulp at most, and the GEMV's fp32
 sums differ only in order: fp32 1e-4 relative, fp16 / bf16 the select module's validation
-bounds (1e-2 / 4e-2 relative to the output's norm).
+bounds (1e-2 / 4e-2 relative to the output's norm). A deferred norm factor skips eager's
+rounding of h * rstd (and of the products after it) to x's dtype: about one rounding of the
+output more, within the same bounds.
 """
 from __future__ import annotations
 
@@ -114,16 +118,13 @@ class _Norm(torch.nn.Module):
         return self.weight.to(h.dtype) * h32.to(h.dtype)
 
 
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m,split_k", [(1, 3), (4, 3), (2, 1)], ids=str)
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_rms_norm_prologue(dtype, precision, group_size, m, monkeypatch):
-    """The norm's row statistic is a loop over the row in every program (K 70: a partial tile;
-    for M = 3 in steps of 32, else in one), with a bias and three K slices."""
-    from compile_backend.kernels import gemv
-
-    if m == 3:
-        monkeypatch.setattr(gemv, "ROW_BLOCK_MAX", 32)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_rms_norm_prologue(dtype, precision, group_size, m, split_k, monkeypatch):
+    """The norm's row factor rsqrt(mean(h^2) + eps) is deferred: x_at computes w * h (in x's
+    dtype), the main loop sums h^2 next to it, the factor multiplies the sums after the loop (K
+    70: a partial tile), with a bias; three K slices (each its share of the row's sum) or one."""
     k, n = 70, 33
     norm = _Norm(k)
     codes, scales = _weights(n, k, precision, group_size, seed=3)
@@ -140,7 +141,8 @@ def test_rms_norm_prologue(dtype, precision, group_size, m, monkeypatch):
 
     inputs = (h, codes, scales, bias, w)
     group = _group(fn, inputs)
-    kernel = _choose(group, inputs, monkeypatch, split_k=3)
+    kernel = _choose(group, inputs, monkeypatch, split_k=split_k)
+    assert kernel.fn.plan.row_values and kernel.fn.plan.deferred
     runs = _launches(monkeypatch)
     _close(kernel(*inputs)[0], group.reference(*inputs)[0])
     assert runs == ["gemv"]
@@ -162,6 +164,7 @@ def test_norm_of_a_square_computed_elsewhere(monkeypatch):
     inputs = (h, sq, codes, scales)
     group = _group(fn, inputs)
     kernel = _choose(group, inputs, monkeypatch, split_k=3)
+    assert kernel.fn.plan.deferred  # the loaded square summed by the main loop
     _close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
@@ -233,8 +236,144 @@ def test_int4_tensor_core_loop_with_row_values(dtype, k, monkeypatch):
     group = _group(normed, inputs)
     kernel, fallbacks = choose_kernel(group, inputs, ctx)
     assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
-    assert kernel.fn.plan.row_values is True
+    assert kernel.fn.plan.row_values is True and kernel.fn.plan.deferred
     _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def _rms_norm(h, w, eps=1e-6):
+    """Llama's RMS norm (as ``_Norm``) of ``h`` with weight ``w``."""
+    h32 = h.float()
+    h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return w.to(h.dtype) * h32.to(h.dtype)
+
+
+def test_llama_norm_plan_defers_one_factor():
+    """The plan of Llama's norm: x_at computes w * h without the factor (no row lines or row
+    arguments), the row sum's input is h^2, the factor lines end in the rsqrt; the prologue
+    refuses a row loop and a deferred factor at once, or row sums without a factor."""
+    from compile_backend.kernels.gemv_prologue import XPrologue, plan_x
+
+    m, k = 2, 70
+    codes, scales = _weights(33, k, "int4", 32, seed=44)
+    inputs = (torch.randn(m, k).half(), codes, scales, torch.linspace(0.5, 1.5, k))
+    group = _group(lambda h, c, s, w: torch.ops.compile_backend.weight_only_linear(
+        _rms_norm(h, w), c, s, None, "int4", 32), inputs)
+    anchor = next(n for n in group.gm.graph.nodes if n.name == group.anchor)
+    x, loads, _ = plan_x(group, anchor, anchor.args[0], m, k)
+    assert x.deferred and x.row_values and not x.row_lines and not x.row_args and len(loads) == 2
+    assert "rsqrt" in x.factor_lines[-1] and x.factor_lines[-1].startswith(x.factor)
+    assert not any("rsqrt" in line for line in x.lines + x.row_input_lines)
+    with pytest.raises(ValueError):
+        XPrologue(x.loads, x.lines, x.value, row_lines=("v = 1.0",), row_input_lines=x.row_input_lines,
+                  row_input=x.row_input, factor_lines=x.factor_lines, factor=x.factor)
+    with pytest.raises(ValueError):
+        XPrologue(x.loads, x.lines, x.value, row_input_lines=x.row_input_lines, row_input=x.row_input)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_deferred_norm_in_the_one_load_and_tensor_core_loops(dtype, monkeypatch):
+    """The deferred factor's row sum next to each main loop's x: INT4 as 16-bit words,
+    elementwise and on the tensor cores (a step's tiles in one load, the first step peeled off
+    the loop), INT8 and float weights on the tensor cores; K 200 (a multiple of 4 for the words,
+    a short last INT4 group, a partial last step), two slices, two rows."""
+    from compile_backend.kernels import weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    m, k, n = 2, 200, 33
+    gen = torch.Generator().manual_seed(45)
+    h = (4 * torch.randn(m, k, generator=gen)).to(dtype)
+    nw = torch.linspace(0.5, 1.5, k)
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    for weights, group_size, loop in (("int4", 64, dict(unroll=2)), ("int4", 64, dict(unroll=2, tensor_cores=True)),
+                                      ("int8", None, dict(tensor_cores=True)), ("float", None, dict(tensor_cores=True))):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, loop=loop: weight_only.WeightOnlyConfig(
+            "gemv", 1, 16, 64, split_k=2, **loop))
+        if weights == "float":
+            inputs, op = (h, (torch.randn(n, k, generator=gen) * 0.1).to(dtype), nw), "aten.mm"
+
+            def fn(h, w, nw):
+                return _rms_norm(h, nw) @ w.t()
+        else:
+            inputs, op = (h, *_weights(n, k, weights, group_size, seed=46), nw), "weight_only_linear"
+
+            def fn(h, c, s, nw, weights=weights, group_size=group_size):
+                return torch.ops.compile_backend.weight_only_linear(_rms_norm(h, nw), c, s, None, weights, group_size)
+        group = _group(fn, inputs, anchor_op=op)
+        kernel, fallbacks = choose_kernel(group, inputs, ctx)
+        assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+        assert kernel.fn.plan.deferred and kernel.config["tensor_cores"] == loop.get("tensor_cores", False)
+        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def _rstd(h32):
+    return torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+def _added(h32):
+    return h32 + _rstd(h32)
+
+
+def _squared(h32):
+    r = _rstd(h32)
+    return h32 * r * r
+
+
+def _centred(h32):
+    return h32 - h32.mean(-1, keepdim=True)
+
+
+def _layer_norm(h32):
+    c = _centred(h32)
+    return c * _rstd(c)
+
+
+@pytest.mark.parametrize("form", [_added, _squared, _centred, _layer_norm], ids=lambda f: f.__name__.strip("_"))
+def test_row_values_that_are_no_factor_of_x_keep_the_row_loop(form, monkeypatch):
+    """Row values added to x, read twice (squared), or a mean subtracted (LayerNorm's centring)
+    are no single factor of x: they stay loops over the row before the main loop (here in steps
+    of 32 of K 70), read by x_at, and the kernel equals its reference."""
+    from compile_backend.kernels import gemv
+
+    monkeypatch.setattr(gemv, "ROW_BLOCK_MAX", 32)
+    m, k, n = 3, 70, 33
+    codes, scales = _weights(n, k, "int4", 32, seed=47)
+    h = (4 * torch.randn(m, k, generator=torch.Generator().manual_seed(48))).half()
+
+    def fn(h, c, s):
+        return torch.ops.compile_backend.weight_only_linear(form(h.float()).to(h.dtype), c, s, None, "int4", 32)
+
+    inputs = (h, codes, scales)
+    group = _group(fn, inputs)
+    kernel = _choose(group, inputs, monkeypatch, split_k=3)
+    assert kernel.fn.plan.row_values and not kernel.fn.plan.deferred
+    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def test_deferred_norm_split_k_is_reproducible_and_near_the_row_loop(monkeypatch):
+    """Three K slices each store their share of the row's sum of squares after their partial
+    sums; the tile's last program adds them in slice order: two launches give the same bits
+    (and leave the counters at 0). The row loop (deferral turned off) computes the same
+    function: the two agree within the validation bound."""
+    from compile_backend.kernels import gemv_prologue
+
+    m, k, n = 3, 70, 33
+    codes, scales = _weights(n, k, "int8", None, seed=49)
+    gen = torch.Generator().manual_seed(50)
+    inputs = ((4 * torch.randn(m, k, generator=gen)).half(), codes, scales, torch.linspace(0.5, 1.5, k))
+
+    def fn(h, c, s, w):
+        return torch.ops.compile_backend.weight_only_linear(_rms_norm(h, w), c, s, None, "int8", None)
+
+    kernel = _choose(_group(fn, inputs), inputs, monkeypatch, split_k=3)
+    assert kernel.fn.plan.deferred
+    first = kernel(*inputs)[0]
+    (counts,) = kernel.fn.counters.buffers.values()
+    assert torch.equal(kernel(*inputs)[0], first) and not counts.any()
+    monkeypatch.setattr(gemv_prologue._Writer, "_deferred_factor", lambda self, operands: None)
+    row_loop = _choose(_group(fn, inputs), inputs, monkeypatch, split_k=3)
+    assert not row_loop.fn.plan.deferred
+    _close(first, row_loop(*inputs)[0])
 
 
 def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
@@ -312,8 +451,9 @@ def test_tensor_core_loop_equals_the_elementwise_one(dtype, weights, group_size,
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 128)], ids=str)
 def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
     """Compiled on the GPU at decoder sizes (K 2048 + 64 and 5632: split-K with many slices, the
-    counters' acquire/release for real): an RMS norm prologue with a residual epilogue, and the
-    SwiGLU prologue, at the heuristic's config and at 16 slices; twice (the counters reset)."""
+    counters' acquire/release for real): an RMS norm prologue (its factor deferred) with a
+    residual epilogue, and the SwiGLU prologue, at the heuristic's config and at 16 slices;
+    twice (the counters reset), the same bits both times."""
     from compile_backend.kernels import weight_only
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.select import choose_kernel
@@ -345,9 +485,11 @@ def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
             group = _group(fn, inputs)
             kernel, fallbacks = choose_kernel(group, inputs, ctx)
             assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+            assert kernel.fn.plan.deferred == (fn is normed)
             want = group.reference(*inputs)[0]
-            for _ in range(2):
-                _close(kernel(*inputs)[0], want)
+            first = kernel(*inputs)[0]
+            _close(first, want)
+            assert torch.equal(kernel(*inputs)[0], first)  # split-K sums (and row sums) in slice order
 
 
 @pytest.mark.parametrize("split_k", [3, None], ids=["split3", "heuristic"])
@@ -375,6 +517,7 @@ def test_float_weights_through_the_gemm_builder(dtype, split_k, monkeypatch):
     for fn, inputs, op in ((normed, (h, w1, bias, nw, res), "addmm"), (swiglu, (gu, w2), "aten.mm")):
         group = _group(fn, inputs, anchor_op=op)
         kernel = _choose(group, inputs, monkeypatch, split_k)
+        assert kernel.fn.plan.deferred == (fn is normed)
         runs = _launches(monkeypatch)
         _close(kernel(*inputs)[0], group.reference(*inputs)[0])
         assert runs == ["gemv"] and kernel.config["weights"] == "float"
