@@ -15,11 +15,11 @@ captured as ONE CUDA graph: 3 warm-up replays, 5 blocks of ``--iters`` back-to-b
 between two CUDA events, the median block; ms a chain, us a launch, the weights' GB/s:
 
 * ``gemv`` / ``gemv_pdl``: the chain as the engine launches it, without and with PDL (the wait
-  after the weight prefetch, ``gemv.PDL_AFTER``; ``launch_pdl``): does starting a kernel while the
-  one before drains shorten the chain? Both outputs bitwise equal: ``pdl_equal``.
-  ``gemv_pdl_nopf``: the same without the L2 bulk prefetch of the program's rows (the first
-  step's loads still before the wait); ``gemv_pdl_top``: the wait first, before any load (as the
-  floor kernels): which part of the engine's PDL form costs (session 24: gemv_pdl 7% slower).
+  after the first step's weight load, ``gemv.PDL_AFTER``; ``launch_pdl``): does starting a kernel
+  while the one before drains shorten the chain? Outputs bitwise equal: ``pdl_equal``.
+  ``gemv_pdl_top``: the wait first, before any load (as the floor kernels). H100, session 24, us
+  a launch: 6.15 plain, 5.40 PDL, 6.11 wait first; 6.80 with a bulk L2 prefetch of the
+  program's rows before the wait as well (the engine's form until then, removed).
 * ``empty`` / ``empty_pdl``: as many 1-program launches, each storing the one before's value + 1:
   the floor of a launch in a graph.
 * ``copy`` / ``copy_pdl``: per GEMV one launch reading its codes' and scales' bytes (a max a program
@@ -56,7 +56,7 @@ from compile_backend.kernels.gemv_prologue import PLAIN_X
 from compile_backend.kernels.launch import Counters
 from compile_backend.kernels.weight_only import WeightOnlyConfig, weight_only_linear_reference
 
-VARIANTS = ("gemv", "gemv_pdl", "gemv_pdl_nopf", "gemv_pdl_top", "empty", "empty_pdl", "copy", "copy_pdl", "standalone")
+VARIANTS = ("gemv", "gemv_pdl", "gemv_pdl_top", "empty", "empty_pdl", "copy", "copy_pdl", "standalone")
 FP16 = torch.float16
 REL_TOL = 1e-2  # relative L2 error of an fp16 GEMV against the reference (test_gemv's bound)
 COPY_BLOCK = 4096  # int32 words a copy program reads: 16 KB, eight 16-byte loads a thread at 4 warps
@@ -152,8 +152,8 @@ def tuned_configs(shapes: List[Shape], weights: str, group: int, device, level: 
 
 def gemv_source(use_pdl: bool, after: int = gemv.PDL_AFTER) -> Tuple[str, str]:
     """(source, name) of the plain fp16 GEMV (``gemv.plain_kernel``'s); with PDL, its wait/signal
-    after the program ids and weight prefetch, as ``gemv_build`` renders a PDL candidate (or
-    after ``after`` statements)."""
+    after the program ids and the first step's weights, as ``gemv_build`` renders a PDL candidate
+    (or after ``after`` statements)."""
     source, name = gemv.render(PLAIN_X, gemv.PLAIN_EPILOGUE, FP16, FP16)
     return (pdl.with_entry(source, name, after=after) if use_pdl else source), name
 
@@ -327,23 +327,13 @@ class ChainBench:
 
     def gemv(self, use_pdl: bool, name: str = "gemv", mode: str = ""):
         """(the chain, its check): the last output kept for ``pdl_equal``; after the plain chain,
-        every GEMV against the reference. ``mode`` (PDL): "" the engine's form, "nopf" without the
-        L2 prefetch, "top" the wait before any load."""
+        every GEMV against the reference. ``mode`` (PDL): "" the engine's form, "top" the wait
+        before any load."""
         args = self.args
         self.forget_outputs()
         kernel = tpl.load_kernel(*gemv_source(use_pdl, 0 if mode == "top" else gemv.PDL_AFTER))
-        chain = gemv_chain(kernel, self.weights, self.x0, self.outs, self.shapes,
-                           self.configs, args.weights, args.group, self.counters, use_pdl)
-
-        def run() -> None:
-            if mode not in ("nopf", "top"):
-                return chain()
-            prefetch_ok = gemv.prefetch_ok
-            gemv.prefetch_ok = lambda *a, **k: False  # launch renders PREFETCH 0 (read at each launch)
-            try:
-                chain()
-            finally:
-                gemv.prefetch_ok = prefetch_ok
+        run = gemv_chain(kernel, self.weights, self.x0, self.outs, self.shapes,
+                         self.configs, args.weights, args.group, self.counters, use_pdl)
 
         def check() -> Dict[str, Any]:
             last = self.finals[name] = self.outs[-1][-1].clone()

@@ -28,8 +28,8 @@ fourth (the activation's producer):
   their codes' bits in x's dtype, products summed by ``tl.dot`` in fp32 against a [K, 16]
   operand holding x's row in column 0, or (``ROWS`` 16, no row values) 16 rows of x, so
   batch-16 decode reads each weight once.
-* **PDL** (``Options.pdl``): the wait for the kernel before comes after the program ids and a
-  bulk prefetch of the program's weight rows into L2 (``PDL_AFTER``): weights are constants.
+* **PDL** (``Options.pdl``): the wait for the kernel before comes after the program ids and the
+  first step's weight load (``PDL_AFTER``): weights are constants.
 * **split-K finish.** Decode has too few N blocks to fill the GPU, so K is cut into slices.
   Each program stores its fp32 partial sums; the last of a tile's programs to arrive (an atomic
   counter per tile, acquire/release) adds all slices in slice order, so the result does not
@@ -65,11 +65,15 @@ from .gemv_prologue import PLAIN_X, ROW_TOTAL, XPrologue
 
 INT32_MAX = 2**31 - 1
 #: the kernel's statements before a PDL launch's wait (``pdl.with_entry``'s ``after``): program
-#: ids and indices, then the weight prefetch. Why: a weight-only decode step is ~90 GEMVs of a few
-#: microseconds, each paying a memory latency before its first bytes arrive (H100 session 16:
-#: a 2 MB INT4 GEMV 5.3 us in the step's graph, ~4 us of it fixed); with PDL a kernel's programs
-#: are placed while the one before drains, and weights (constants) can stream in meanwhile.
-PDL_AFTER = 11
+#: ids and indices, then the first step's weight load. Why: a weight-only decode step is ~90
+#: GEMVs of a few microseconds, each paying a memory latency before its first bytes arrive; with
+#: PDL a kernel's programs are placed while the one before drains, and their first weights
+#: (constants) load meanwhile. H100, session 24, 88 INT4 GEMVs in one graph (benchmarks/
+#: gemv_chain.py): 6.15 us a launch plain, 5.40 with the first step before the wait, 6.11 with
+#: the wait first, 6.80 when a bulk L2 prefetch of the program's rows also went before the wait
+#: (the form measured slower in sessions 11-18, removed); the decode step (HF Llama 1.1B, b1):
+#: W4A16 0.891 -> 0.788 ms, our FP16 1.276 -> 1.178.
+PDL_AFTER = 9
 #: elements of a row a prologue's row loop reads per step (registers: 32 a thread at 4 warps)
 ROW_BLOCK_MAX = 4096
 
@@ -77,7 +81,7 @@ _TEMPLATE = '''\
 import triton
 import triton.language as tl
 from compile_backend.kernels.weight_only_parts import (codes_to, dot16, dot_column, float_weights, int4_weights, int4_weights16,
-                                                          int8_weights, int8_weights16, l2_prefetch, round_to, step_weights,
+                                                          int8_weights, int8_weights16, round_to, step_weights,
                                                           words_dots, words_math)
 {helpers}
 
@@ -101,7 +105,7 @@ def {name}(
     {x_strides}, {strides},
     WEIGHTS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
     SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, DOT: tl.constexpr,
-    ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr, UNROLL: tl.constexpr, ODD_K: tl.constexpr,
     WORDS: tl.constexpr, ONE_LOAD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -113,11 +117,6 @@ def {name}(
     n_ok = rn < N
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
-    W_BYTES: tl.constexpr = (PREFETCH + 7) // 8  # bytes a W element takes (PREFETCH: bits a weight, 0 = off)
-    if PREFETCH > 0:  # this program's weight bytes into L2, before a PDL launch's wait (PDL_AFTER)
-        pf_rows = tl.minimum(rn, N - 1).to(tl.int64)
-        pf_at = W.to(tl.pointer_type(tl.uint8)) + pf_rows * (swn * W_BYTES) + (k_lo * PREFETCH) // 8
-        l2_prefetch(pf_at, (rn * 0 + (k_hi - k_lo) * PREFETCH) // 8)
     # the first step's weights (ONE_LOAD loops), before the prologue reads x (and before a PDL
     # launch's wait: weights are constants), so their latency overlaps the prologue's; that step
     # is peeled off the loop (carried through it, the loaded codes went one a register and were
@@ -385,7 +384,6 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     else:
         ws = count = w  # never read with one slice
     io = [*loads, *outs]
-    bits = weight_bits(w, weights) if use_pdl and prefetch_ok(w, weights, k, k_slice) else 0
     # INT4 read as 16-bit words (four codes each): 16-bit x, K a multiple of 4, even row stride
     words = (weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
              and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0)
@@ -395,24 +393,9 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         *(s for t in [*x_loads, *io] for s in t.stride()),
         WEIGHTS=WEIGHT_KINDS[weights], GROUP=group, HAS_BIAS=bias is not None, SOFT_BF16=triton_interpret(), SPLIT=split,
         BLOCK_N=bn, BLOCK_K=bk, ROW_BLOCK=min(next_pow2(k), ROW_BLOCK_MAX),
-        DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1, PREFETCH=bits,
+        DOT=dot, ROWS=rows, UNROLL=config.unroll, ODD_K=k % 2 == 1,
         WORDS=words, ONE_LOAD=words or (weights == "int8" and not dot and x_dtype in (torch.float16, torch.bfloat16)),
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_kwargs(use_pdl))
-
-
-def weight_bits(w: torch.Tensor, weights: str) -> int:
-    """Bits one weight takes in ``w`` (INT4: two codes a byte)."""
-    return 4 if weights == "int4" else w.element_size() * 8
-
-
-def prefetch_ok(w: torch.Tensor, weights: str, k: int, k_slice: int) -> bool:
-    """The kernel may bulk-prefetch its weight rows into L2: Hopper or later, rows contiguous
-    along K, every row's slice start and length a multiple of 16 bytes (the instruction's rule)."""
-    if triton_interpret() or w.device.type != "cuda" or torch.cuda.get_device_capability(w.device)[0] < 9:
-        return False
-    bits = weight_bits(w, weights)
-    return (w.stride(1) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * w.element_size()) % 16 == 0
-            and (k_slice * bits) % 128 == 0 and (k * bits) % 128 == 0)
 
 
 def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:
@@ -435,5 +418,5 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
            weights="int4" if int4 else "int8", group=group, config=config, x_dtype=x.dtype)
 
 
-__all__ = ["PDL_AFTER", "PLAIN_EPILOGUE", "WEIGHT_KINDS", "render", "launch", "weight_bits", "prefetch_ok",
+__all__ = ["PDL_AFTER", "PLAIN_EPILOGUE", "WEIGHT_KINDS", "render", "launch",
            "uses_tensor_cores", "plain_kernel", "gemv"]

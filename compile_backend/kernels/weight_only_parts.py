@@ -266,15 +266,6 @@ def words_dots(part, words, scale, x, ROWS: tl.constexpr, DTYPE: tl.constexpr, N
 
 
 @triton.jit
-def l2_prefetch(ptrs, nbytes):
-    """Ask L2 for ``nbytes`` bytes from each of ``ptrs`` (Hopper's bulk prefetch: one
-    instruction a row, 16-byte aligned addresses and sizes; a hint: it neither waits nor faults
-    on the data). Used before a PDL kernel's wait (weights are constants: no ordering needed)."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def dot16(w, xt, acc, UPCAST: tl.constexpr):
     """``acc [BLOCK_N, R] += w [BLOCK_N, BK] @ xt [BK, R]`` on the tensor cores (16-bit
     operands: products exact, summed in fp32). UPCAST: the interpreter multiplies bf16 dot
@@ -321,4 +312,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "words_math",
-           "words_dots", "l2_prefetch", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+           "words_dots", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
