@@ -48,6 +48,7 @@ if "--cpu-smoke" in sys.argv:  # before Triton decorates a kernel (it picks the 
 import torch
 
 import compile_backend.ops  # noqa: F401  (registers compile_backend::weight_only_linear)
+from benchmarks.timing import event_ms
 from benchmarks.weight_only_bench import L2_BYTES
 from compile_backend.kernels import gemm_template as tpl
 from compile_backend.kernels import gemv, pdl, weight_only_ref
@@ -231,15 +232,10 @@ def graph_ms(run: Callable[[], None], iters: int, prepare: Callable[[], Any] = l
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(blocks):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def replays() -> None:
         for _ in range(iters):
             graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
+    times = [event_ms(replays) / iters for _ in range(blocks)]
     return statistics.median(times), times
 
 

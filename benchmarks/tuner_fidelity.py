@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import event_ms
+
 LAYERS = 12
 CASES = {  # name: (M, N, K, epilogue)
     "bert_ffn1": (2048, 3072, 768, "gelu"),
@@ -61,14 +63,7 @@ def graph_ms(runner, x_sets: Sequence, w_sets: Sequence, replays: int = 20, soak
         for _ in range(20):
             graph.replay()
         torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(w_sets))
+    times = [event_ms(graph.replay) * 1e3 / len(w_sets) for _ in range(replays)]
     return statistics.median(times)
 
 
