@@ -7,17 +7,12 @@ Groups as the partitioner hands them (make_fx graphs with meta['val']), CPU tens
 interpreter, odd shapes (K 37 / 70: a short last INT4 group and partial K tiles; N 33), M 1 and
 3, INT8 and INT4, split-K forced to 3 slices (the last-arriving program sums the partials) and
 the heuristic's. Prologues: SwiGLU's ``silu(gate) * up`` read from a slice of the gate/up
-output; an RMS norm (fp32 mean of squares, Llama's) before the GEMV, its row factor deferred to
-the sums (gemv_prologue); a norm whose square was computed by the previous GEMM's epilogue (a
-loaded row statistic); row values that are no factor of x (added, squared, a mean subtracted),
-computed by the row loop before the main loop.
+output (the norm prologues: test_gemv_norm.py; the helpers: gemv_groups.py).
 
 Tolerances: the kernel computes the reference's function; the prologue's intermediates are
 rounded to their dtypes as eager stores them, so x agrees to an ulp at most, and the GEMV's fp32
 sums differ only in order: fp32 1e-4 relative, fp16 / bf16 the select module's validation
-bounds (1e-2 / 4e-2 relative to the output's norm). A deferred norm factor skips eager's
-rounding of h * rstd (and of the products after it) to x's dtype: about one rounding of the
-output more, within the same bounds.
+bounds (1e-2 / 4e-2 relative to the output's norm).
 """
 from __future__ import annotations
 
@@ -28,57 +23,7 @@ import torch.nn.functional as F
 import compile_backend
 import compile_backend.ops  # noqa: F401 (registers compile_backend::weight_only_linear)
 from compile_backend.kernels import weight_only_ref as ref
-
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
-
-
-def _group(fn, inputs, anchor_op="weight_only_linear"):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    from compile_backend.kernels.base import KernelGroup
-
-    gm = make_fx(lambda *a: (fn(*a),))(*inputs)
-    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*inputs)
-    anchor = next(n.name for n in gm.graph.nodes if anchor_op in str(n.target))
-    return KernelGroup("gemm", gm, anchor=anchor)
-
-
-def _choose(group, inputs, monkeypatch, split_k):
-    from compile_backend.kernels import weight_only
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.select import choose_kernel
-
-    if split_k is not None:  # the first (heuristic) candidate is what runs with tuning off
-        cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 16, split_k=split_k)
-        monkeypatch.setattr(weight_only, "heuristic", lambda m: cfg)
-    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    kernel, fallbacks = choose_kernel(group, inputs, ctx)
-    assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True), (kernel.impl, fallbacks)
-    return kernel
-
-
-def _close(got, want):
-    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
-    assert got.dtype == want.dtype and got.shape == want.shape and err < TOL[want.dtype], err
-
-
-def _launches(monkeypatch):
-    """Counts the fused kernel's launches and any generated epilogue kernel's."""
-    from compile_backend.kernels import weight_only_build as wob
-    from compile_backend.kernels import gemv
-
-    runs = []
-    real_launch, real_epilogue = gemv.launch, wob.epilogue_only
-    monkeypatch.setattr(gemv, "launch", lambda *a, **k: runs.append("gemv") or real_launch(*a, **k))
-    monkeypatch.setattr(wob, "epilogue_only", lambda *a, **k: runs.append("epilogue") or real_epilogue(*a, **k))
-    return runs
-
-
-def _weights(n, k, precision, group_size, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return ref.quantize_weight(torch.randn(n, k, generator=gen), precision, group_size)
+from gemv_groups import Norm, assert_close, choose_gemv, count_launches, gemv_group, quantized_weights  # tests/kernels/gemv_groups.py
 
 
 @pytest.mark.parametrize("split_k", [3, None], ids=["split3", "heuristic"])
@@ -87,7 +32,7 @@ def _weights(n, k, precision, group_size, seed):
 def test_swiglu_prologue_and_residual_epilogue(dtype, precision, group_size, split_k, monkeypatch):
     """down(silu(gate) * up) + residual, gate and up two slices of one [M, 2I] tensor."""
     m, k, n = 3, 37, 33
-    codes, scales = _weights(n, k, precision, group_size, seed=1)
+    codes, scales = quantized_weights(n, k, precision, group_size, seed=1)
     gen = torch.Generator().manual_seed(2)
     gu = torch.randn(1, m, 2 * k, generator=gen).to(dtype)
     res = torch.randn(1, m, n, generator=gen).to(dtype)
@@ -97,75 +42,11 @@ def test_swiglu_prologue_and_residual_epilogue(dtype, precision, group_size, spl
         return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size) + r
 
     inputs = (gu, codes, scales, res)
-    group = _group(fn, inputs)
-    kernel = _choose(group, inputs, monkeypatch, split_k)
-    runs = _launches(monkeypatch)
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    group = gemv_group(fn, inputs)
+    kernel = choose_gemv(group, inputs, monkeypatch, split_k)
+    runs = count_launches(monkeypatch)
+    assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
     assert runs == ["gemv"]  # prologue, GEMV, split-K sum and chain: one launch
-
-
-class _Norm(torch.nn.Module):
-    """Llama's RMS norm: the mean of squares in fp32, the scale applied in the input dtype."""
-
-    def __init__(self, k, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, k))
-
-    def forward(self, h):
-        h32 = h.float()
-        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(h.dtype) * h32.to(h.dtype)
-
-
-@pytest.mark.parametrize("m,split_k", [(1, 3), (4, 3), (2, 1)], ids=str)
-@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_rms_norm_prologue(dtype, precision, group_size, m, split_k, monkeypatch):
-    """The norm's row factor rsqrt(mean(h^2) + eps) is deferred: x_at computes w * h (in x's
-    dtype), the main loop sums h^2 next to it, the factor multiplies the sums after the loop (K
-    70: a partial tile), with a bias; three K slices (each its share of the row's sum) or one."""
-    k, n = 70, 33
-    norm = _Norm(k)
-    codes, scales = _weights(n, k, precision, group_size, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    h = (4 * torch.randn(1, m, k, generator=gen)).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype)
-    w = norm.weight.detach()
-
-    def fn(h, c, s, b, w):
-        h32 = h.float()
-        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.eps)
-        x = w.to(h.dtype) * h32.to(h.dtype)
-        return torch.ops.compile_backend.weight_only_linear(x, c, s, b, precision, group_size)
-
-    inputs = (h, codes, scales, bias, w)
-    group = _group(fn, inputs)
-    kernel = _choose(group, inputs, monkeypatch, split_k=split_k)
-    assert kernel.fn.plan.row_values and kernel.fn.plan.deferred
-    runs = _launches(monkeypatch)
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
-    assert runs == ["gemv"]
-
-
-def test_norm_of_a_square_computed_elsewhere(monkeypatch):
-    """The square is an input (the previous GEMM's epilogue stored it): the row loop loads it;
-    the mean is kept 2-D without keepdim and broadcast back through an unsqueeze."""
-    m, k, n = 2, 37, 33
-    codes, scales = _weights(n, k, "int4", 32, seed=5)
-    gen = torch.Generator().manual_seed(6)
-    h = torch.randn(m, k, generator=gen)
-    sq = h * h
-
-    def fn(h, sq, c, s):
-        x = h * torch.rsqrt(sq.mean(-1) + 1e-5).unsqueeze(-1)
-        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int4", 32)
-
-    inputs = (h, sq, codes, scales)
-    group = _group(fn, inputs)
-    kernel = _choose(group, inputs, monkeypatch, split_k=3)
-    assert kernel.fn.plan.deferred  # the loaded square summed by the main loop
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -180,7 +61,7 @@ def test_sixteen_rows_a_program_on_the_tensor_cores(dtype, precision, group_size
     from compile_backend.kernels.select import choose_kernel
 
     k, n = 70, 33
-    codes, scales = _weights(n, k, precision, group_size, seed=31)
+    codes, scales = quantized_weights(n, k, precision, group_size, seed=31)
     gen = torch.Generator().manual_seed(32)
     monkeypatch.setattr(weight_only, "heuristic", lambda m: weight_only.WeightOnlyConfig(
         "gemv", 1, 16, 32, split_k=3, tensor_cores=True))
@@ -191,11 +72,11 @@ def test_sixteen_rows_a_program_on_the_tensor_cores(dtype, precision, group_size
 
     for m in (13, 16):
         inputs = (torch.randn(m, k, generator=gen).to(dtype), codes, scales, torch.randn(m, n, generator=gen).to(dtype))
-        group = _group(residual, inputs)
+        group = gemv_group(residual, inputs)
         kernel, fallbacks = choose_kernel(group, inputs, ctx)
         assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
         assert kernel.fn.plan.row_values is False
-        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+        assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
     def normed(h, c, s):
         h32 = h.float()
@@ -203,177 +84,10 @@ def test_sixteen_rows_a_program_on_the_tensor_cores(dtype, precision, group_size
         return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size)
 
     inputs = (torch.randn(13, k, generator=gen).to(dtype), codes, scales)
-    group = _group(normed, inputs)
+    group = gemv_group(normed, inputs)
     kernel, fallbacks = choose_kernel(group, inputs, ctx)
     assert not kernel.config.get("fused")
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("k", [70, 69], ids=["even_k", "odd_k"])
-def test_int4_tensor_core_loop_with_row_values(dtype, k, monkeypatch):
-    """INT4 on the tensor cores with one row a program (an RMS norm's row values before the
-    GEMV): x is read along K in one piece and split into the even and odd k its nibbles meet;
-    an odd K masks the packed bytes at (K + 1) // 2, an even one at K // 2 (the bound whose
-    divisibility lets the codes load 8 bytes at a time)."""
-    from compile_backend.kernels import weight_only
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.select import choose_kernel
-
-    n = 33
-    codes, scales = _weights(n, k, "int4", 32, seed=41)
-    gen = torch.Generator().manual_seed(42)
-    monkeypatch.setattr(weight_only, "heuristic", lambda m: weight_only.WeightOnlyConfig(
-        "gemv", 1, 16, 32, split_k=2, tensor_cores=True))
-    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-
-    def normed(h, c, s):
-        h32 = h.float()
-        x = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(h.dtype)
-        return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int4", 32)
-
-    inputs = (torch.randn(2, k, generator=gen).to(dtype), codes, scales)
-    group = _group(normed, inputs)
-    kernel, fallbacks = choose_kernel(group, inputs, ctx)
-    assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
-    assert kernel.fn.plan.row_values is True and kernel.fn.plan.deferred
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
-
-
-def _rms_norm(h, w, eps=1e-6):
-    """Llama's RMS norm (as ``_Norm``) of ``h`` with weight ``w``."""
-    h32 = h.float()
-    h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
-    return w.to(h.dtype) * h32.to(h.dtype)
-
-
-def test_llama_norm_plan_defers_one_factor():
-    """The plan of Llama's norm: x_at computes w * h without the factor (no row lines or row
-    arguments), the row sum's input is h^2, the factor lines end in the rsqrt; the prologue
-    refuses a row loop and a deferred factor at once, or row sums without a factor."""
-    from compile_backend.kernels.gemv_prologue import XPrologue, plan_x
-
-    m, k = 2, 70
-    codes, scales = _weights(33, k, "int4", 32, seed=44)
-    inputs = (torch.randn(m, k).half(), codes, scales, torch.linspace(0.5, 1.5, k))
-    group = _group(lambda h, c, s, w: torch.ops.compile_backend.weight_only_linear(
-        _rms_norm(h, w), c, s, None, "int4", 32), inputs)
-    anchor = next(n for n in group.gm.graph.nodes if n.name == group.anchor)
-    x, loads, _ = plan_x(group, anchor, anchor.args[0], m, k)
-    assert x.deferred and x.row_values and not x.row_lines and not x.row_args and len(loads) == 2
-    assert "rsqrt" in x.factor_lines[-1] and x.factor_lines[-1].startswith(x.factor)
-    assert not any("rsqrt" in line for line in x.lines + x.row_input_lines)
-    with pytest.raises(ValueError):
-        XPrologue(x.loads, x.lines, x.value, row_lines=("v = 1.0",), row_input_lines=x.row_input_lines,
-                  row_input=x.row_input, factor_lines=x.factor_lines, factor=x.factor)
-    with pytest.raises(ValueError):
-        XPrologue(x.loads, x.lines, x.value, row_input_lines=x.row_input_lines, row_input=x.row_input)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_deferred_norm_in_the_one_load_and_tensor_core_loops(dtype, monkeypatch):
-    """The deferred factor's row sum next to each main loop's x: INT4 as 16-bit words,
-    elementwise and on the tensor cores (a step's tiles in one load, the first step peeled off
-    the loop), INT8 and float weights on the tensor cores; K 200 (a multiple of 4 for the words,
-    a short last INT4 group, a partial last step), two slices, two rows."""
-    from compile_backend.kernels import weight_only
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.select import choose_kernel
-
-    m, k, n = 2, 200, 33
-    gen = torch.Generator().manual_seed(45)
-    h = (4 * torch.randn(m, k, generator=gen)).to(dtype)
-    nw = torch.linspace(0.5, 1.5, k)
-    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    for weights, group_size, loop in (("int4", 64, dict(unroll=2)), ("int4", 64, dict(unroll=2, tensor_cores=True)),
-                                      ("int8", None, dict(tensor_cores=True)), ("float", None, dict(tensor_cores=True))):
-        monkeypatch.setattr(weight_only, "heuristic", lambda m, loop=loop: weight_only.WeightOnlyConfig(
-            "gemv", 1, 16, 64, split_k=2, **loop))
-        if weights == "float":
-            inputs, op = (h, (torch.randn(n, k, generator=gen) * 0.1).to(dtype), nw), "aten.mm"
-
-            def fn(h, w, nw):
-                return _rms_norm(h, nw) @ w.t()
-        else:
-            inputs, op = (h, *_weights(n, k, weights, group_size, seed=46), nw), "weight_only_linear"
-
-            def fn(h, c, s, nw, weights=weights, group_size=group_size):
-                return torch.ops.compile_backend.weight_only_linear(_rms_norm(h, nw), c, s, None, weights, group_size)
-        group = _group(fn, inputs, anchor_op=op)
-        kernel, fallbacks = choose_kernel(group, inputs, ctx)
-        assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
-        assert kernel.fn.plan.deferred and kernel.config["tensor_cores"] == loop.get("tensor_cores", False)
-        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
-
-
-def _rstd(h32):
-    return torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-5)
-
-
-def _added(h32):
-    return h32 + _rstd(h32)
-
-
-def _squared(h32):
-    r = _rstd(h32)
-    return h32 * r * r
-
-
-def _centred(h32):
-    return h32 - h32.mean(-1, keepdim=True)
-
-
-def _layer_norm(h32):
-    c = _centred(h32)
-    return c * _rstd(c)
-
-
-@pytest.mark.parametrize("form", [_added, _squared, _centred, _layer_norm], ids=lambda f: f.__name__.strip("_"))
-def test_row_values_that_are_no_factor_of_x_keep_the_row_loop(form, monkeypatch):
-    """Row values added to x, read twice (squared), or a mean subtracted (LayerNorm's centring)
-    are no single factor of x: they stay loops over the row before the main loop (here in steps
-    of 32 of K 70), read by x_at, and the kernel equals its reference."""
-    from compile_backend.kernels import gemv
-
-    monkeypatch.setattr(gemv, "ROW_BLOCK_MAX", 32)
-    m, k, n = 3, 70, 33
-    codes, scales = _weights(n, k, "int4", 32, seed=47)
-    h = (4 * torch.randn(m, k, generator=torch.Generator().manual_seed(48))).half()
-
-    def fn(h, c, s):
-        return torch.ops.compile_backend.weight_only_linear(form(h.float()).to(h.dtype), c, s, None, "int4", 32)
-
-    inputs = (h, codes, scales)
-    group = _group(fn, inputs)
-    kernel = _choose(group, inputs, monkeypatch, split_k=3)
-    assert kernel.fn.plan.row_values and not kernel.fn.plan.deferred
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
-
-
-def test_deferred_norm_split_k_is_reproducible_and_near_the_row_loop(monkeypatch):
-    """Three K slices each store their share of the row's sum of squares after their partial
-    sums; the tile's last program adds them in slice order: two launches give the same bits
-    (and leave the counters at 0). The row loop (deferral turned off) computes the same
-    function: the two agree within the validation bound."""
-    from compile_backend.kernels import gemv_prologue
-
-    m, k, n = 3, 70, 33
-    codes, scales = _weights(n, k, "int8", None, seed=49)
-    gen = torch.Generator().manual_seed(50)
-    inputs = ((4 * torch.randn(m, k, generator=gen)).half(), codes, scales, torch.linspace(0.5, 1.5, k))
-
-    def fn(h, c, s, w):
-        return torch.ops.compile_backend.weight_only_linear(_rms_norm(h, w), c, s, None, "int8", None)
-
-    kernel = _choose(_group(fn, inputs), inputs, monkeypatch, split_k=3)
-    assert kernel.fn.plan.deferred
-    first = kernel(*inputs)[0]
-    (counts,) = kernel.fn.counters.buffers.values()
-    assert torch.equal(kernel(*inputs)[0], first) and not counts.any()
-    monkeypatch.setattr(gemv_prologue._Writer, "_deferred_factor", lambda self, operands: None)
-    row_loop = _choose(_group(fn, inputs), inputs, monkeypatch, split_k=3)
-    assert not row_loop.fn.plan.deferred
-    _close(first, row_loop(*inputs)[0])
+    assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
 def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
@@ -383,32 +97,32 @@ def test_a_prologue_it_cannot_express_leaves_the_kernel_path():
     from compile_backend.kernels.select import choose_kernel
 
     m, k, n = 1, 37, 33
-    codes, scales = _weights(n, k, "int8", None, seed=7)
+    codes, scales = quantized_weights(n, k, "int8", None, seed=7)
     h = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
 
     def fn(h, c, s):
         return torch.ops.compile_backend.weight_only_linear(torch.softmax(h, -1), c, s, None, "int8", None)
 
     inputs = (h, codes, scales)
-    group = _group(fn, inputs)
+    group = gemv_group(fn, inputs)
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
     kernel, _ = choose_kernel(group, inputs, ctx)
     assert not kernel.config.get("fused")
-    _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
 def test_split_k_counters_are_reused_and_left_at_zero(monkeypatch):
     """The runner's arrival counters serve every launch: the last program of each tile sets its
     counter back to 0, so repeated calls give the same bits with no fill in between."""
     m, k, n = 2, 70, 33
-    codes, scales = _weights(n, k, "int8", None, seed=9)
+    codes, scales = quantized_weights(n, k, "int8", None, seed=9)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(10)).half()
 
     def fn(x, c, s):
         return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int8", None)
 
     inputs = (x, codes, scales)
-    kernel = _choose(_group(fn, inputs), inputs, monkeypatch, split_k=3)
+    kernel = choose_gemv(gemv_group(fn, inputs), inputs, monkeypatch, split_k=3)
     first = kernel(*inputs)[0]
     (counts,) = kernel.fn.counters.buffers.values()
     assert not counts.any()
@@ -432,7 +146,7 @@ def test_tensor_core_loop_equals_the_elementwise_one(dtype, weights, group_size,
         w, s = (torch.randn(n, k, generator=gen) * 0.05).to(dtype), None
         want = (x.float() @ w.float().t()).to(dtype)
     else:
-        w, s = _weights(n, k, weights, group_size, seed=22)
+        w, s = quantized_weights(n, k, weights, group_size, seed=22)
         want = weight_only.weight_only_linear_reference(x, w, s, bias, precision=weights, group_size=group_size)
     kernel = gemv.plain_kernel(dtype, dtype)
     outs = {}
@@ -443,8 +157,8 @@ def test_tensor_core_loop_equals_the_elementwise_one(dtype, weights, group_size,
         gemv.launch(kernel, [x], w, s, bias, [], [out], weights=weights, group=group_size or 1, config=cfg,
                     x_dtype=dtype)
         outs[tc] = out
-        _close(out, want)
-    _close(outs[True], outs[False])
+        assert_close(out, want)
+    assert_close(outs[True], outs[False])
 
 
 @pytest.mark.gpu
@@ -460,9 +174,9 @@ def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
 
     gen = torch.Generator().manual_seed(11)
     k1, k2, n = 2048 + 64, 5632, 2048 + 8
-    norm = _Norm(k1)
-    c1, s1 = (t.cuda() for t in _weights(n, k1, precision, group_size, seed=12))
-    c2, s2 = (t.cuda() for t in _weights(n, k2, precision, group_size, seed=13))
+    norm = Norm(k1)
+    c1, s1 = (t.cuda() for t in quantized_weights(n, k1, precision, group_size, seed=12))
+    c2, s2 = (t.cuda() for t in quantized_weights(n, k2, precision, group_size, seed=13))
     h = torch.randn(1, 1, k1, generator=gen).half().cuda()
     res = torch.randn(1, 1, n, generator=gen).half().cuda()
     gu = torch.randn(1, 1, 2 * k2, generator=gen).half().cuda()
@@ -482,13 +196,13 @@ def test_gpu_fused_decode_layer(precision, group_size, monkeypatch):
         monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split, tc=tc, u=unroll: weight_only.WeightOnlyConfig(
             "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8, tensor_cores=tc, unroll=u))
         for fn, inputs in ((normed, (h, c1, s1, w, res)), (swiglu, (gu, c2, s2))):
-            group = _group(fn, inputs)
+            group = gemv_group(fn, inputs)
             kernel, fallbacks = choose_kernel(group, inputs, ctx)
             assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
             assert kernel.fn.plan.deferred == (fn is normed)
             want = group.reference(*inputs)[0]
             first = kernel(*inputs)[0]
-            _close(first, want)
+            assert_close(first, want)
             assert torch.equal(kernel(*inputs)[0], first)  # split-K sums (and row sums) in slice order
 
 
@@ -499,7 +213,7 @@ def test_float_weights_through_the_gemm_builder(dtype, split_k, monkeypatch):
     the same prologues: the RMS norm (with a bias and a residual) and SwiGLU (no bias)."""
     m, k, n = 2, 70, 33
     gen = torch.Generator().manual_seed(14)
-    norm = _Norm(k)
+    norm = Norm(k)
     w1, w2 = (torch.randn(n, k, generator=gen).to(dtype) * 0.1 for _ in range(2))
     bias = torch.randn(n, generator=gen).to(dtype)
     h, res = torch.randn(m, k, generator=gen).to(dtype), torch.randn(m, n, generator=gen).to(dtype)
@@ -515,11 +229,11 @@ def test_float_weights_through_the_gemm_builder(dtype, split_k, monkeypatch):
         return (F.silu(gu[:, :k]) * gu[:, k:]) @ w.t()
 
     for fn, inputs, op in ((normed, (h, w1, bias, nw, res), "addmm"), (swiglu, (gu, w2), "aten.mm")):
-        group = _group(fn, inputs, anchor_op=op)
-        kernel = _choose(group, inputs, monkeypatch, split_k)
+        group = gemv_group(fn, inputs, anchor_op=op)
+        kernel = choose_gemv(group, inputs, monkeypatch, split_k)
         assert kernel.fn.plan.deferred == (fn is normed)
-        runs = _launches(monkeypatch)
-        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+        runs = count_launches(monkeypatch)
+        assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
         assert runs == ["gemv"] and kernel.config["weights"] == "float"
 
 
@@ -532,7 +246,7 @@ def test_gpu_float_decode_gemv_against_cublas(monkeypatch):
 
     gen = torch.Generator().manual_seed(15)
     k, n = 2048, 11264
-    norm = _Norm(k)
+    norm = Norm(k)
     w = (torch.randn(n, k, generator=gen) * 0.02).half().cuda()
     h = torch.randn(1, k, generator=gen).half().cuda()
     nw = norm.weight.detach().half().cuda()
@@ -550,10 +264,10 @@ def test_gpu_float_decode_gemv_against_cublas(monkeypatch):
     for split, tc in ((1, False), (16, False), (1, True), (16, True)):
         monkeypatch.setattr(weight_only, "heuristic", lambda m, s=split, tc=tc: weight_only.WeightOnlyConfig(
             "gemv", 1, 32, 128, split_k=s, num_stages=1, waves=8, tensor_cores=tc))
-        group = _group(normed, inputs, anchor_op="aten.mm")
+        group = gemv_group(normed, inputs, anchor_op="aten.mm")
         kernel, fallbacks = choose_kernel(group, inputs, ctx)
         assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
-        _close(kernel(*inputs)[0], group.reference(*inputs)[0])
+        assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
 def test_float_prologue_groups_keep_cublas_as_a_timed_candidate():
@@ -566,7 +280,7 @@ def test_float_prologue_groups_keep_cublas_as_a_timed_candidate():
 
     gen = torch.Generator().manual_seed(16)
     h, w = torch.randn(1, 64, generator=gen), torch.randn(32, 64, generator=gen)
-    group = _group(lambda h, w: F.silu(h) @ w.t(), (h, w), anchor_op="aten.mm")
+    group = gemv_group(lambda h, w: F.silu(h) @ w.t(), (h, w), anchor_op="aten.mm")
     names = {}
     for device in ("cpu", "cuda"):
         ctx = KernelContext(options=compile_backend.Options(), device=torch.device(device), interpret=device == "cpu")
@@ -663,7 +377,7 @@ def test_step_in_one_load(dtype, precision, tc, unroll, split):
     gen = torch.Generator().manual_seed(23)
     n, k = 33, 640
     group = 64 if precision == "int4" else None
-    w, s = _weights(n, k, precision, group, seed=24)
+    w, s = quantized_weights(n, k, precision, group, seed=24)
     kernel = gemv.plain_kernel(dtype, dtype)
     for m in (1, 2):
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -671,7 +385,7 @@ def test_step_in_one_load(dtype, precision, tc, unroll, split):
         cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 64, split_k=split, tensor_cores=tc, unroll=unroll)
         out = torch.empty(m, n, dtype=dtype)
         gemv.launch(kernel, [x], w, s, None, [], [out], weights=precision, group=group or 1, config=cfg, x_dtype=dtype)
-        _close(out, want)
+        assert_close(out, want)
 
 
 def test_pdl_wait_after_the_weight_preload_and_before_x():
@@ -699,7 +413,7 @@ def test_split_k_slices_are_whole_steps():
             return lambda *args, **kwargs: launches.append((grid, args, kwargs))
 
     n, k = 64, 2048
-    w, s = _weights(n, k, "int4", 128, seed=25)
+    w, s = quantized_weights(n, k, "int4", 128, seed=25)
     x, out = torch.randn(1, k).half(), torch.empty(1, n, dtype=torch.float16)
     cfg = weight_only.WeightOnlyConfig("gemv", 1, 32, 128, split_k=8, unroll=4)
     gemv.launch(Recorder(), [x], w, s, None, [], [out], weights="int4", group=128, config=cfg, x_dtype=torch.float16)
