@@ -21,7 +21,8 @@ import json
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-FP16_PEERS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "compile_backend")
+FP16_PEERS = ("eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "compile_backend",
+              "compile_backend-pdl")
 OURS = ("cb-fp8-static", "cb-int8-static", "cb-fp8-dynamic", "cb-int8-dynamic", "cb-fp8-static-tensor")
 TORCHAO_TWIN = {"cb-fp8-dynamic": "torchao-fp8-dyn", "cb-int8-dynamic": "torchao-int8-dyn"}
 #: issue #18's targets (quantized static / best FP16 peer), by model family and precision
@@ -33,9 +34,9 @@ TARGETS = {("mlp", "fp8"): 0.65, ("mlp", "int8"): 0.75,
 def is_ours(backend: str) -> bool:
     """One of our quantized engines: ``cb-<precision>-<mode>`` and its variants
     (``-tensor``: per-tensor weight scales, ``-fast``: FP8 fast accumulation, ``-codes``:
-    residual adds reading 8-bit codes) get the targets."""
+    residual adds reading 8-bit codes, ``-pdl``: Programmatic Dependent Launch) get the targets."""
     parts = backend.split("-")
-    return "-".join(parts[:3]) in OURS and set(parts[3:]) <= {"tensor", "fast", "codes"}
+    return "-".join(parts[:3]) in OURS and set(parts[3:]) <= {"tensor", "fast", "codes", "pdl"}
 
 
 def family(model: str, batch: int) -> Optional[str]:
@@ -80,9 +81,11 @@ def verdicts(records: Sequence[dict]) -> List[dict]:
         best_peer = min(fp16, key=fp16.get)
         for backend in [b for c, b in chosen if c == case and b not in FP16_PEERS]:
             r = chosen[(case, backend)]
+            # a -pdl engine against our FP16 engine launched the same way, where that ran
+            ours = "compile_backend-pdl" if backend.endswith("-pdl") and "compile_backend-pdl" in fp16 else "compile_backend"
             row = {"case": case, "backend": backend, "ms": r["median_ms"], "best_fp16_peer": best_peer,
                    "best_fp16_ms": fp16[best_peer], "ratio": r["median_ms"] / fp16[best_peer],
-                   "vs_ours_fp16": r["median_ms"] / fp16["compile_backend"] if "compile_backend" in fp16 else None,
+                   "vs_ours_fp16": r["median_ms"] / fp16[ours] if ours in fp16 else None,
                    "cosine": (r.get("accuracy") or {}).get("cosine")}
             if is_ours(backend):
                 precision, mode = backend.split("-")[1:3]
@@ -91,7 +94,7 @@ def verdicts(records: Sequence[dict]) -> List[dict]:
                 row["target"] = target
                 row["meets_target"] = None if target is None else row["ratio"] <= target
                 row["not_slower_than_ours_fp16"] = None if row["vs_ours_fp16"] is None else row["vs_ours_fp16"] <= 1.0
-                twin = TORCHAO_TWIN.get(backend.removesuffix("-fast"))  # the accumulation is not the mode
+                twin = TORCHAO_TWIN.get(backend.removesuffix("-pdl").removesuffix("-fast"))  # not the mode
                 if twin and (case, twin) in chosen:
                     row["vs_torchao"] = r["median_ms"] / chosen[(case, twin)]["median_ms"]
             rows.append(row)

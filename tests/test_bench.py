@@ -497,6 +497,31 @@ def test_quant_table_compares_each_dynamic_engine_with_torchaos():
     assert vs == {"cb-fp8-dynamic-fast": pytest.approx(0.8), "cb-int8-dynamic": pytest.approx(0.5)}
 
 
+def test_pdl_peers_are_ours_with_the_option_and_face_their_twin(monkeypatch):
+    """``-pdl`` peers (asked by name) build our engine with ``Options.pdl``; in the table our
+    FP16 engine with PDL is an FP16 peer (the best one where fastest), a quantized ``-pdl``
+    engine gets its static target and is compared with our FP16 engine launched the same way."""
+    from benchmarks import quant_suite, quant_table
+
+    seen = []
+    monkeypatch.setattr(quant_suite, "compile_peer", lambda peer, model, options, report: seen.append(options))
+    quant_suite.build_peer("compile_backend-pdl", None, (), "cpu", "/tmp/x", "off")
+    quant_suite.build_peer("compile_backend", None, (), "cpu", "/tmp/x", "off")
+    assert [o["pdl"] for o in seen] == [True, False]
+    assert "cb-int8-static-pdl" in quant_suite.KNOWN_PEERS and "cb-int8-static-pdl" not in quant_suite.ALL_PEERS
+
+    def rec(backend, ms):
+        return {"case": "hf_bert_mask:16", "model": "hf_bert_mask", "batch": 16, "backend": backend, "median_ms": ms}
+    rows = quant_table.verdicts([rec("compile_backend", 1.0), rec("compile_backend-pdl", 0.9),
+                                 rec("cb-int8-static-pdl", 0.72), rec("cb-int8-static", 0.85)])
+    by = {r["backend"]: r for r in rows}
+    assert set(by) == {"cb-int8-static-pdl", "cb-int8-static"}
+    assert by["cb-int8-static-pdl"]["best_fp16_peer"] == "compile_backend-pdl"
+    assert by["cb-int8-static-pdl"]["ratio"] == pytest.approx(0.8) and by["cb-int8-static-pdl"]["target"] == 0.9
+    assert by["cb-int8-static-pdl"]["vs_ours_fp16"] == pytest.approx(0.8)
+    assert by["cb-int8-static"]["vs_ours_fp16"] == pytest.approx(0.85)
+
+
 def test_qat_step_bench_cpu_times_steps_and_checks_float_gradients(tmp_path, monkeypatch):
     """One QAT training step beside the float steps (tiny MLP on the CPU): each peer timed, the
     QAT step's ratio to Inductor's float step recorded, our float step's gradients against
