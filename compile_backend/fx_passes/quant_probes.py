@@ -285,6 +285,8 @@ def group_problem(value: fx.Node, facts: Facts, quantized: bool = False, keep_fl
         return None  # a GEMM's residual epilogue: not a form the probe traces (the estimate applies)
     elif is_op(producer, torch.ops.compile_backend.scaled_mm):
         xq, _, wq, _, bias = producer.args[:5]
+        if len(shape(xq)) != 2 or len(shape(wq)) != 2:
+            return None  # the op takes [M, K] x [N, K]; anything else is not a form the probe traces
         (m, k), n = shape(xq), shape(wq)[0]
         # wq is [N, K] as the op takes it (no transposed form to tell apart)
         problem = ("qlinear", m, n, k, val.dtype, bias is not None, False, _frame(value, producer))
