@@ -53,9 +53,10 @@ def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Fa
     """Hand the measurement every probe the rules will ask for before they ask for any, so their
     candidates compile in one pool (``LayerSpeed.prepare``): the layers' own; then, for the layers
     whose 8-bit kernel wins, the write probes of the float producers feeding them (static scales),
-    and of those producers' 8-bit groups where the producer is a convolution that wins too, and
-    the convolutions' own float groups (``LayerSpeed.prepare_groups``). Whichever of a
-    producer's two write probes the rules do not ask for is compiled for nothing, in the pool."""
+    and of those producers' 8-bit groups where the producer wins too, and the convolutions' own
+    float groups (``LayerSpeed.prepare_groups``). Where the producer's own decision is known
+    already (:func:`_known_decision`) only the probe of the form it will have; else whichever of
+    its two write probes the rules do not ask for is compiled for nothing, in the pool."""
     probes = [(layer, probe) for layer in layers for probe in [speed_probe(layer)]
               if probe is not None and _too_small(probe, request) is None]
     request.speed.prepare([probe[:2] for _, probe in probes])
@@ -66,12 +67,15 @@ def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Fa
     winning = [(layer, times) for layer, (method, args, _) in probes
                for times in [_measure(request, method, args)] if times is not None and times[0] < times[1]]
     wins = {layer.node for layer, _ in winning}
+    layer_of = {layer.node: layer for layer in layers}
     writes, floats = [], []
     for layer, times in winning:
         problem = None if request.dynamic else group_problem(layer.x, facts, keep_float=_keeps_float(layer, request))
         if problem is not None:
-            writes.append(problem[1:] + (tanh,))
-            if problem[0] in wins and problem[1][0].startswith(("conv", "linear")):
+            quantized = _known_decision(layer_of[problem[0]], request, facts) if problem[0] in wins else False
+            if quantized is not True:
+                writes.append(problem[1:] + (tanh,))
+            if quantized is not False and problem[1][0].startswith(("conv", "linear")):
                 # the producer may be quantized first, and its 8-bit group is asked then
                 # ("qconv" / "qlinear"): ResNet-50 b32 FP8 compiled 20 of these one problem at a
                 # time, 2-3.5 s each (H100, session 23); compiled here unused if it stays float
@@ -302,6 +306,18 @@ def group_problem(value: fx.Node, facts: Facts, quantized: bool = False, keep_fl
     if keep_float:
         problem = (problem[0] + "+float",) + problem[1:]
     return producer, problem, activation
+
+
+def _known_decision(producer: "Layer", request: "QuantRequest", facts: Facts) -> Optional[bool]:
+    """Whether the speed rule will quantize a winning producer layer, where that is known before
+    the rules run: a linear layer whose own input no GEMM or convolution writes (a norm's output,
+    BERT's and ViT's FFN1), so its write cost is an estimate and its probe already timed. None
+    where a measurement to come decides (a convolution's float race, a measured write). Both of
+    the consumer's write probes were prepared before; one was compiled for nothing (BERT INT8's
+    first call: 13 s of probe compiling against 7, H100 session 24)."""
+    if producer.kind != "linear" or group_problem(producer.x, facts, quantized=True) is not None:
+        return None
+    return slower_than_float(producer, request, facts) is None
 
 
 def _quantized_form(problem: Tuple[Any, ...]) -> Tuple[Any, ...]:

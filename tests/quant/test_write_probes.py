@@ -380,3 +380,39 @@ def test_an_8_bit_producers_write_probe_tunes_its_probes_seeds(kind, monkeypatch
     speed._write_tunings(producer + (0,) if kind == "qconv" else producer, "relu", True)
     speed._write_tunings((kind + "+float",) + producer[1:], "relu", True)
     assert marked[2:] == [("triton a", "triton b")] * 4, marked
+
+
+@pytest.mark.parametrize("a_wins_with_its_write", [True, False])
+def test_a_linear_producers_known_decision_prepares_one_write_probe(a_wins_with_its_write, monkeypatch, tmp_path):
+    """FFN1 -> GELU -> FFN2 with both 8-bit GEMMs winning their probes: FFN1's input comes from
+    no GEMM (its write cost is the estimate), so whether the rules quantize FFN1 is known before
+    they run, and only FFN2's write probe of that form is prepared: the 8-bit one ("qlinear")
+    where FFN1 will be quantized, the float one where its estimated write makes it lose (both
+    were compiled before, one for nothing: BERT INT8, H100 session 24). The probe asked is the
+    one prepared."""
+    prepared, asked = [], []
+
+    class Speed:
+        def prepare(self, probes):
+            pass
+
+        def prepare_groups(self, writes, floats):
+            prepared.extend(writes)
+
+        def __call__(self, m, n, k, *rest):
+            return (0.001, 0.010) if k == 48 or a_wins_with_its_write else (0.009, 0.010)  # b; a
+
+        def quantize_ms(self, numel):
+            return 0.0 if numel != 14 * 32 else 0.002  # a's input: 2 us estimated
+
+        def write_ms(self, producer, activation, tanh_unit):
+            asked.append((producer, activation, tanh_unit))
+            return 0.0
+
+    model, x = TwoLinears(torch.nn.functional.gelu).half().eval(), torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3)).half()
+    status = quant_status(monkeypatch, tmp_path, model, x, Speed())
+    assert status["a.weight"][0] == ("quantized" if a_wins_with_its_write else "float"), status
+    assert status["b.weight"][0] == "quantized", status
+    kinds = [w[0][0] for w in prepared]
+    assert kinds == (["qlinear"] if a_wins_with_its_write else ["linear"]), prepared
+    assert asked and all(w in prepared for w in asked), (asked, prepared)
