@@ -48,7 +48,7 @@ if "--cpu-smoke" in sys.argv:  # before Triton decorates a kernel (it picks the 
 import torch
 
 import compile_backend.ops  # noqa: F401  (registers compile_backend::weight_only_linear)
-from benchmarks.timing import event_ms
+from compile_backend.speed_check import cuda_event_ms
 from benchmarks.weight_only_bench import L2_BYTES
 from compile_backend.kernels import gemm_template as tpl
 from compile_backend.kernels import gemv, pdl, weight_only_ref
@@ -235,7 +235,7 @@ def graph_ms(run: Callable[[], None], iters: int, prepare: Callable[[], Any] = l
     def replays() -> None:
         for _ in range(iters):
             graph.replay()
-    times = [event_ms(replays) / iters for _ in range(blocks)]
+    times = [cuda_event_ms(replays) / iters for _ in range(blocks)]
     return statistics.median(times), times
 
 

@@ -39,14 +39,3 @@ def graph_median_ms(calls: Sequence[Callable[[], object]], reps: int = 25, warm_
         times.append(start.elapsed_time(end) / len(calls))
     del graph, flush
     return float(statistics.median(times))
-
-
-def event_ms(work: Callable[[], object]) -> float:
-    """Milliseconds the GPU took for what ``work`` enqueues (graph replays, launches), between two
-    CUDA events around it; waits for the end event."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    work()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)

@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import event_ms
+from compile_backend.speed_check import cuda_event_ms
 
 LAYERS = 12
 CASES = {  # name: (M, N, K, epilogue)
@@ -63,7 +63,7 @@ def graph_ms(runner, x_sets: Sequence, w_sets: Sequence, replays: int = 20, soak
         for _ in range(20):
             graph.replay()
         torch.cuda.synchronize()
-    times = [event_ms(graph.replay) * 1e3 / len(w_sets) for _ in range(replays)]
+    times = [cuda_event_ms(graph.replay) * 1e3 / len(w_sets) for _ in range(replays)]
     return statistics.median(times)
 
 
