@@ -29,10 +29,10 @@ into the GEMV's group; :func:`plan_x` turns the group's ops upstream of the anch
   roundings are of E, not of E * R, and R is applied in fp32 to the fp32 sum, so results
   differ from eager's by about one rounding of the output (within the select module's
   validation bounds, as the fused kernel's other reorderings), accepted for the row pass's
-  cost. E is not normalised: where |h * g| exceeds x's dtype's range (fp16: 65504) E
-  overflows while eager's normalised x does not (bf16 and fp32 reach 3e38; a cast to fp8 on
-  the way keeps the row loop). Any other use of row values keeps the row loop
-  (:meth:`_Writer._deferred_factor`).
+  cost. E is not normalised, so every value on its path is of fp32's exponent range (bf16,
+  fp32): in fp16 |h * g| can exceed 65504 where eager's normalised x is finite, so fp16 models
+  (the measured HF Llama above included) keep the row loop. Any other use of row values keeps
+  the row loop (:meth:`_Writer._deferred_factor`).
 
 This module does not import Triton (the renderer does).
 """
@@ -54,9 +54,11 @@ aten = torch.ops.aten
 ROW_REDUCTIONS = {aten.mean.dim: True, aten.sum.dim_IntList: False}
 #: the kernel variable a deferred factor's lines start from: the reduction's input summed over the row
 ROW_TOTAL = "row_total"
-#: casts a deferred factor may pass through to x: fp16's range or wider (E, not normalised, would
-#: overflow fp8's +-448 where eager's normalised x does not)
-_DEFERRABLE_CASTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: dtypes a deferred factor's path to x may round to: fp32's exponent range. E is not normalised
+#: (|h * g| where eager rounds h * rstd * g): in fp16 (max 65504) or fp8 it can overflow to inf
+#: where eager's normalised x is finite (a residual stream's outlier of a few thousand times a
+#: norm weight above ~20), a wrong result; so fp16 models keep the row loop
+_WIDE_RANGE = (torch.bfloat16, torch.float32, torch.float64)
 
 
 def reduces_rows(n: fx.Node, numel: int, k: int) -> bool:
@@ -215,7 +217,7 @@ class _Writer:
         if len(reductions) != 1 or len(readers) != 1:
             return None
         mul = readers[0]
-        if mul.target != aten.mul.Tensor or len(mul.args) != 2 or mul.kwargs or not _floating(mul):
+        if mul.target != aten.mul.Tensor or len(mul.args) != 2 or mul.kwargs or not _wide(mul):
             return None
         factor, element = mul.args if mul.args[0] in self.row else mul.args[::-1]
         if not isinstance(element, fx.Node) or element in self.row or factor not in self.row:
@@ -351,21 +353,22 @@ class _Writer:
         return f"{row_names[n]} = {round_to(f'({total})', meta_of(n).dtype)}"
 
 
-def _floating(n: fx.Node) -> bool:
+def _wide(n: fx.Node) -> bool:
+    """A float value of fp32's exponent range (:data:`_WIDE_RANGE`)."""
     val = meta_of(n)
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+    return isinstance(val, torch.Tensor) and val.dtype in _WIDE_RANGE
 
 
 def _keeps_factor(user: fx.Node, node: fx.Node) -> bool:
     """``user`` of ``node`` (a value a row factor scales) is that factor times a value free of
-    it: a product with another value (the factor's own value read twice would square it), a
-    cast to a float dtype of eager's range, a row-major reshape."""
-    if not _floating(user):
+    it, in fp32's range (:data:`_WIDE_RANGE`): a product with another value (the factor's own
+    value read twice would square it), a cast, a row-major reshape."""
+    if not _wide(user):
         return False
     if user.target == aten.mul.Tensor:
         return len(user.args) == 2 and not user.kwargs and sum(a is node for a in user.args) == 1
     if user.target in expr.ROUNDS_ITSELF:
-        return user.args[0] is node and meta_of(user).dtype in _DEFERRABLE_CASTS
+        return user.args[0] is node
     return is_view_op(user.target) and is_row_major_reshape(user)
 
 
