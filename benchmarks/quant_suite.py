@@ -145,6 +145,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("probe_warmup_s", probes.get("warmup_seconds"))
         add("probe_host_s", probes.get("host_seconds"))
         add("probe_spin_fallbacks", probes.get("spin_fallbacks"))
+        add("probe_spin_rebatches", probes.get("spin_rebatches"))
         add("probes_tuned", probes.get("tuned"))
         add("kernel_tuning_s", g.tuning.get("seconds"))
         add("kernel_precompile_s", g.tuning.get("precompile_seconds"))
@@ -154,6 +155,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("kernel_host_s", g.tuning.get("host_seconds"))
         add("kernel_slow_hosts", g.tuning.get("slow_hosts"))
         add("kernel_spin_fallbacks", g.tuning.get("spin_fallbacks"))
+        add("kernel_spin_rebatches", g.tuning.get("spin_rebatches"))
         add("kernels_tuned", g.tuning.get("tuned"))
     return out
 

@@ -154,8 +154,12 @@ class CudaEventTimer:
 
     ``batched`` (the default): one spin for all of a measurement's launches, sized for the host
     time of queueing them (:func:`batch_spin_cycles`); if the spin has ended before the last
-    launch was queued (``Event.query`` after queueing), the host fell behind and the batch is
-    timed again with one spin before each launch (``fallbacks``). ``batched=False``: always one spin before
+    launch was queued (``Event.query`` after queueing), the host fell behind. Where its queueing
+    took longer than the host time it was sized for, the batch is timed once more behind a spin
+    sized for the queueing seen
+    (``rebatches``); else, or behind again, with one spin before each launch (``fallbacks``). (ResNet-50
+    b32's INT8 layer probes fell behind in 532 of ~1,800 batches, their spaced spins 15.5 s of a
+    78 s first call: H100, session 24.) ``batched=False``: always one spin before
     each launch, 4x the host time of one call (at least ~100 us, at most ~2 ms): what the tuner
     did until session 23, when these spins were 92% of every tuning's seconds (ResNet-50 b32's
     FP16 engine: 11.3 of 12.4 s, ~37 ms a candidate; H100). ``spin_s``: the seconds of spin
@@ -165,30 +169,41 @@ class CudaEventTimer:
         self.batched = batched
         self.spin_s = 0.0
         self.fallbacks = 0
+        self.rebatches = 0
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         if self.batched:
-            times = self._batch(runner, input_sets, reps, host_s)
+            times, queued_s = self._batch(runner, input_sets, reps, host_s)
+            per_launch = queued_s / reps
+            if times is None and per_launch > host_s + EVENTS_S:
+                # the host was slower than its two-call probe said: once more, behind a spin
+                # sized for the queueing seen, with margin (a call that waits for the GPU falls
+                # behind again, and is timed spaced)
+                self.rebatches += 1
+                times, _ = self._batch(runner, input_sets, reps, 1.5 * per_launch - EVENTS_S)
             if times is not None:
                 return times
             self.fallbacks += 1
         return self._spaced(runner, input_sets, reps, host_s)
 
-    def _batch(self, runner, input_sets, reps: int, host_s: float) -> Optional[List[float]]:
-        """The launches back to back behind one spin; None when the host fell behind it."""
+    def _batch(self, runner, input_sets, reps: int, host_s: float) -> Tuple[Optional[List[float]], float]:
+        """The launches back to back behind one spin: (their times, None when the host fell
+        behind the spin; the host's seconds queueing them)."""
         spin = batch_spin_cycles(reps, host_s)
         self.spin_s += spin / SPIN_HZ
         spun = torch.cuda.Event()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         torch.cuda._sleep(spin)
         spun.record()
+        t0 = time.perf_counter()
         for i, (start, end) in enumerate(events):
             start.record()
             runner(*input_sets[i % len(input_sets)])
             end.record()
+        queued_s = time.perf_counter() - t0
         behind = spun.query()  # the GPU finished the spin before the host queued the last launch
         torch.cuda.synchronize()
-        return None if behind else [s.elapsed_time(e) for s, e in events]
+        return (None if behind else [s.elapsed_time(e) for s, e in events]), queued_s
 
     def _spaced(self, runner, input_sets, reps: int, host_s: float) -> List[float]:
         """One spin before each launch (4x one call's host time): slow, but the host is never behind."""
@@ -214,13 +229,17 @@ SLOW_HOST_S = 100e-6
 SPIN_HZ = 2e9
 
 
+#: the host seconds of a timed launch's two event records, beside the call's own
+EVENTS_S = 10e-6
+
+
 def batch_spin_cycles(reps: int, host_s: float) -> int:
     """Spin cycles covering the host's queueing of ``reps`` timed launches: each costs one
     call's host time (``host_s``) plus two event records (~10 us), with a quarter again as
     margin and 50 us for the spin's own launch; at least ~100 us. (With half again, none of
     ResNet-50 b32's ~900 measurements fell behind, and the spins were still 80% of tuning time:
     H100, session 23; a batch that falls behind is timed again, see :class:`CudaEventTimer`.)"""
-    return int(max(2e5, (1.25 * reps * (host_s + 10e-6) + 50e-6) * SPIN_HZ))
+    return int(max(2e5, (1.25 * reps * (host_s + EVENTS_S) + 50e-6) * SPIN_HZ))
 
 
 class WallClockTimer:
@@ -299,13 +318,14 @@ class Tuner:
         # inputs_seconds, making each problem's input sets; warmup_seconds, each candidate's
         # first launches and host-time probe (module loading, vendor heuristics) before its reps;
         # spin_fallbacks, the measurements timed again with a spin before each launch;
+        # spin_rebatches, those timed again behind one longer spin (CudaEventTimer);
         # host_seconds, the host time of one call summed over the candidates timed (what the
         # spins cover: ~270 us a call on average at ResNet-50 b32, H100 session 23, where our
         # runners' own Python, the launch stubbed, took ~20 us on the CI machine), slow_hosts
         # those over SLOW_HOST_S
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
-                      "warmup_seconds": 0.0, "spin_fallbacks": 0, "host_seconds": 0.0, "slow_hosts": 0}
+                      "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "host_seconds": 0.0, "slow_hosts": 0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -436,6 +456,7 @@ class Tuner:
         self.stats["seconds"] += time.monotonic() - t0
         self.stats["spin_seconds"] = round(getattr(self.timer, "spin_s", 0.0), 3)
         self.stats["spin_fallbacks"] = getattr(self.timer, "fallbacks", 0)
+        self.stats["spin_rebatches"] = getattr(self.timer, "rebatches", 0)
         if best is None:
             raise RuntimeError(f"every candidate failed for {label}")
         winner = best[1]
