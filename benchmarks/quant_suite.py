@@ -146,6 +146,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("probe_host_s", probes.get("host_seconds"))
         add("probe_spin_fallbacks", probes.get("spin_fallbacks"))
         add("probe_spin_rebatches", probes.get("spin_rebatches"))
+        add("probe_behind_queue_ratio", probes.get("behind_queue_ratio"))
         add("probes_tuned", probes.get("tuned"))
         add("kernel_tuning_s", g.tuning.get("seconds"))
         add("kernel_precompile_s", g.tuning.get("precompile_seconds"))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -170,6 +171,7 @@ class CudaEventTimer:
         self.spin_s = 0.0
         self.fallbacks = 0
         self.rebatches = 0
+        self.behind_ratios: List[float] = []  # a rebatched launch's queueing over its probed host time
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         if self.batched:
@@ -180,6 +182,7 @@ class CudaEventTimer:
                 # sized for the queueing seen, with margin (a call that waits for the GPU falls
                 # behind again, and is timed spaced)
                 self.rebatches += 1
+                self.behind_ratios.append(per_launch / (host_s + EVENTS_S))
                 times, _ = self._batch(runner, input_sets, reps, 1.5 * per_launch - EVENTS_S)
             if times is not None:
                 return times
@@ -193,14 +196,20 @@ class CudaEventTimer:
         self.spin_s += spin / SPIN_HZ
         spun = torch.cuda.Event()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        torch.cuda._sleep(spin)
-        spun.record()
-        t0 = time.perf_counter()
-        for i, (start, end) in enumerate(events):
-            start.record()
-            runner(*input_sets[i % len(input_sets)])
-            end.record()
-        queued_s = time.perf_counter() - t0
+        collecting = gc.isenabled()
+        gc.disable()  # a collection of a large graph's objects mid-batch outlasts any spin
+        try:
+            torch.cuda._sleep(spin)
+            spun.record()
+            t0 = time.perf_counter()
+            for i, (start, end) in enumerate(events):
+                start.record()
+                runner(*input_sets[i % len(input_sets)])
+                end.record()
+            queued_s = time.perf_counter() - t0
+        finally:
+            if collecting:
+                gc.enable()
         behind = spun.query()  # the GPU finished the spin before the host queued the last launch
         torch.cuda.synchronize()
         return (None if behind else [s.elapsed_time(e) for s, e in events]), queued_s
@@ -318,14 +327,15 @@ class Tuner:
         # inputs_seconds, making each problem's input sets; warmup_seconds, each candidate's
         # first launches and host-time probe (module loading, vendor heuristics) before its reps;
         # spin_fallbacks, the measurements timed again with a spin before each launch;
-        # spin_rebatches, those timed again behind one longer spin (CudaEventTimer);
+        # spin_rebatches, those timed again behind one longer spin (CudaEventTimer), and
+        # behind_queue_ratio the median of their queueing a launch over the probed host time;
         # host_seconds, the host time of one call summed over the candidates timed (what the
         # spins cover: ~270 us a call on average at ResNet-50 b32, H100 session 23, where our
         # runners' own Python, the launch stubbed, took ~20 us on the CI machine), slow_hosts
         # those over SLOW_HOST_S
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
-                      "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "host_seconds": 0.0, "slow_hosts": 0}
+                      "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0, "host_seconds": 0.0, "slow_hosts": 0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -457,6 +467,8 @@ class Tuner:
         self.stats["spin_seconds"] = round(getattr(self.timer, "spin_s", 0.0), 3)
         self.stats["spin_fallbacks"] = getattr(self.timer, "fallbacks", 0)
         self.stats["spin_rebatches"] = getattr(self.timer, "rebatches", 0)
+        ratios = sorted(getattr(self.timer, "behind_ratios", ()))
+        self.stats["behind_queue_ratio"] = round(ratios[len(ratios) // 2], 2) if ratios else 0.0
         if best is None:
             raise RuntimeError(f"every candidate failed for {label}")
         winner = best[1]
