@@ -156,8 +156,8 @@ class CudaEventTimer:
     ``batched`` (the default): one spin for all of a measurement's launches, sized for the host
     time of queueing them (:func:`batch_spin_cycles`); if the spin has ended before the last
     launch was queued (``Event.query`` after queueing), the host fell behind. Where its queueing
-    took longer than the host time it was sized for, the batch is timed once more behind a spin
-    sized for the queueing seen
+    took longer than the host time it was sized for, by at most :data:`REBATCH_MAX_RATIO`, the
+    batch is timed once more behind a spin sized for the queueing seen
     (``rebatches``); else, or behind again, with one spin before each launch (``fallbacks``). (ResNet-50
     b32's INT8 layer probes fell behind in 532 of ~1,800 batches, their spaced spins 15.5 s of a
     78 s first call: H100, session 24.) ``batched=False``: always one spin before
@@ -171,19 +171,20 @@ class CudaEventTimer:
         self.spin_s = 0.0
         self.fallbacks = 0
         self.rebatches = 0
-        self.behind_ratios: List[float] = []  # a rebatched launch's queueing over its probed host time
+        self.behind_ratios: List[float] = []  # a fallen-behind batch's queueing a launch over its probed host time
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         if self.batched:
             times, queued_s = self._batch(runner, input_sets, reps, host_s)
-            per_launch = queued_s / reps
-            if times is None and per_launch > host_s + EVENTS_S:
-                # the host was slower than its two-call probe said: once more, behind a spin
-                # sized for the queueing seen, with margin (a call that waits for the GPU falls
-                # behind again, and is timed spaced)
+            ratio = queued_s / reps / (host_s + EVENTS_S)
+            if times is None:
+                self.behind_ratios.append(ratio)
+            if times is None and 1.0 < ratio <= REBATCH_MAX_RATIO:
+                # the host was a little slower than its two-call probe said: once more, behind a
+                # spin sized for the queueing seen, with margin (a call that waits for the GPU
+                # falls behind again, and is timed spaced)
                 self.rebatches += 1
-                self.behind_ratios.append(per_launch / (host_s + EVENTS_S))
-                times, _ = self._batch(runner, input_sets, reps, 1.5 * per_launch - EVENTS_S)
+                times, _ = self._batch(runner, input_sets, reps, 1.5 * ratio * (host_s + EVENTS_S) - EVENTS_S)
             if times is not None:
                 return times
             self.fallbacks += 1
@@ -240,6 +241,11 @@ SPIN_HZ = 2e9
 
 #: the host seconds of a timed launch's two event records, beside the call's own
 EVENTS_S = 10e-6
+#: a batch the host fell behind is timed again behind a longer spin only where its queueing was
+#: at most this many times the probed host time: that spin (1.25 x 1.5 x the queueing) is then
+#: shorter than the spaced spins (4x the probed time a launch). Rebatching every such batch cost
+#: ResNet-50 b32's INT8 probes 19.6 s of spin against 15.5 spaced (716 batches; H100, session 25)
+REBATCH_MAX_RATIO = 2.0
 
 
 def batch_spin_cycles(reps: int, host_s: float) -> int:
@@ -328,7 +334,8 @@ class Tuner:
         # first launches and host-time probe (module loading, vendor heuristics) before its reps;
         # spin_fallbacks, the measurements timed again with a spin before each launch;
         # spin_rebatches, those timed again behind one longer spin (CudaEventTimer), and
-        # behind_queue_ratio the median of their queueing a launch over the probed host time;
+        # behind_queue_ratio the median queueing a launch over the probed host time of the
+        # batches that fell behind;
         # host_seconds, the host time of one call summed over the candidates timed (what the
         # spins cover: ~270 us a call on average at ResNet-50 b32, H100 session 23, where our
         # runners' own Python, the launch stubbed, took ~20 us on the CI machine), slow_hosts

@@ -538,25 +538,31 @@ def test_event_timer_spins_once_a_batch_unless_the_host_falls_behind(monkeypatch
     assert spaced.measure(fake.runner, [()], 7, 50e-6) == [1.0] * 7 and spaced.spin_s > timer.spin_s / (8 if behind else 1) > 0
 
 
-def test_a_batch_whose_host_was_slower_than_probed_is_timed_again_behind_a_longer_spin(monkeypatch):
-    """The host queued slower than its two-call probe said (the spin was not waited for): the
-    batch runs once more behind one spin sized for the queueing seen, not a spin a launch."""
-    from compile_backend.kernels.autotune import CudaEventTimer, batch_spin_cycles
+@pytest.mark.parametrize("probed_s, rebatched", [(1.5e-3, True), (10e-6, False)])
+def test_a_batch_whose_host_was_slower_than_probed(monkeypatch, probed_s, rebatched):
+    """The host queued slower than its two-call probe said: a little slower (at most
+    REBATCH_MAX_RATIO), the batch runs once more behind one spin sized for the queueing seen;
+    far slower, with a spin before each launch (then the cheaper), the ratio recorded either way."""
+    from compile_backend.kernels.autotune import REBATCH_MAX_RATIO, CudaEventTimer, batch_spin_cycles
 
     fake = _FakeCuda(True)
     fake.install(monkeypatch)
 
-    def slow_runner(*inputs):  # ~2 ms a call against a probe of 10 us
+    def slow_runner(*inputs):  # ~2 ms a call
         time.sleep(2e-3)
         fake.launches += 1
-        fake.behind = fake.launches <= 5  # the first batch falls behind, the second does not
+        fake.behind = fake.launches <= 5  # the first batch falls behind, nothing after it does
 
     timer = CudaEventTimer()
-    fake.sleeps.clear()
-    assert timer.measure(slow_runner, [()], 5, 10e-6) == [1.0] * 5
-    assert timer.rebatches == 1 and timer.fallbacks == 0 and fake.launches == 10
-    assert len(fake.sleeps) == 2 and fake.sleeps[1] > 10 * batch_spin_cycles(5, 10e-6)
-    assert fake.sleeps[1] / 2e9 >= 1.5 * 5 * 2e-3  # covers the queueing seen, with margin
+    assert timer.measure(slow_runner, [()], 5, probed_s) == [1.0] * 5
+    ratio, = timer.behind_ratios
+    assert (ratio <= REBATCH_MAX_RATIO) == rebatched and ratio > 1
+    assert fake.launches == 10 and timer.rebatches == int(rebatched) and timer.fallbacks == int(not rebatched)
+    if rebatched:  # one spin for the second batch, covering the queueing seen with margin
+        assert len(fake.sleeps) == 2 and fake.sleeps[1] > batch_spin_cycles(5, probed_s)
+        assert fake.sleeps[1] / 2e9 >= 1.5 * 5 * 2e-3
+    else:  # a spin before each launch
+        assert len(fake.sleeps) == 1 + 5
 
 
 def test_batch_spin_covers_the_hosts_queueing():
