@@ -115,8 +115,10 @@ def _gemv_tuning(group: KernelGroup, p: "GemmProblem", fused, ctx: KernelContext
 
     spec, plan = fused
     probe = Probe(group, ctx.device)
-    configs = [weight_only.heuristic(p.m)] + [c for c in weight_only.CONFIGS["gemv"] if c != weight_only.heuristic(p.m)
-                                              and weight_only.fits_registers(c, "float")]
+    configs = [c for c in [weight_only.heuristic(p.m)] + [c for c in weight_only.CONFIGS["gemv"]
+                                                           if c != weight_only.heuristic(p.m)
+                                                           and weight_only.fits_registers(c, "float")]
+               if plan.runs(c)]  # an unrounded x (gemv_prologue): the elementwise loops only
     key = TuningKey(kind="gemm", template=tpl.source_hash(plan.source[0]), shapes=group_shapes(group),
                     strides=group_strides(group), dtypes=group_dtypes(group),
                     extra=f"fused gemv {p.op} {'|'.join(group.ops)}")

@@ -345,7 +345,8 @@ WEIGHT_KINDS = {"int8": 0, "int4": 1, "float": 2}
 def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Optional[torch.Tensor],
            bias: Optional[torch.Tensor], loads: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *,
            weights: str, group: int, config, x_dtype: torch.dtype, row_values: bool = False,
-           deferred: bool = False, counters: Optional[Counters] = None, use_pdl: bool = False) -> None:
+           deferred: bool = False, unrounded_x: bool = False, counters: Optional[Counters] = None,
+           use_pdl: bool = False) -> None:
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
     or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
     ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
@@ -354,7 +355,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     the prologue computes row values (an RMS norm's mean of squares, one row a program), else
     the tensor-core loop takes up to 16 rows a program (the weights read once for all);
     ``deferred``: the prologue defers its row factor (``XPrologue.deferred``; implies
-    ``row_values``): the split-K workspace also holds each slice's row sums;
+    ``row_values``): the split-K workspace also holds each slice's row sums; ``unrounded_x``:
+    x's values may exceed x's dtype (``XPrologue.unrounded``): no tensor-core loop;
     ``counters``: the caller's reusable split-K counters (None: a zeroed buffer for this launch);
     ``use_pdl``: the kernel was rendered with ``pdl.with_entry``: launch it with PDL."""
     m, k = x_loads[0].shape
@@ -363,6 +365,9 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30))
     grid_n = triton.cdiv(n, bn)
     dot = uses_tensor_cores(config, x_dtype, weights, bk)
+    if dot and unrounded_x:
+        raise ValueError("gemv: a tensor-core config for an x computed past its dtype's range (an unrounded deferred "
+                         "norm factor); the candidates leave these out (gemv_build.GemvPlan.runs)")
     rows = 16 if dot and not (row_values or deferred) else 1
     grid_m = triton.cdiv(m, rows)
     # slices of whole steps (UNROLL tiles): a slice of 2 tiles under UNROLL 4 ran 2 masked tiles'

@@ -55,6 +55,12 @@ class GemvPlan:
     prologue_ops: int  # nodes x's prologue computes (0: x is loaded as it is)
     row_values: bool = False  # the prologue computes row values (one x row a program)
     deferred: bool = False  # its row values are one factor of x, applied to the sums (gemv_prologue)
+    unrounded_x: bool = False  # x computed in fp32 past its dtype's range: no tensor-core loop
+
+    def runs(self, cfg: Any) -> bool:
+        """Whether a gemv config may run this plan: the tensor-core main loops take x in its
+        dtype, which an unrounded x (``gemv_prologue.XPrologue.unrounded``) may exceed."""
+        return not (self.unrounded_x and cfg.tensor_cores)
 
 
 def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
@@ -66,7 +72,7 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
         return None
     source = gemv.render(x, tpl.epilogue_spec(plan, ["acc_v = acc"]), spec.dtype, spec.out_dtype,
                          expr.helper_source(plan.helpers | x.helpers))
-    return GemvPlan(tuple(x_loads), plan, source, len(operands), x.row_values, x.deferred)
+    return GemvPlan(tuple(x_loads), plan, source, len(operands), x.row_values, x.deferred, x.unrounded)
 
 
 def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan,
@@ -106,7 +112,7 @@ class GemvRunner:
         gemv.launch(self.kernel, xs, w.t() if s.transposed else w, scales, bias, loads,
                     [v.view(s.m, s.n) for v in views], weights=s.weights, group=s.group_size, config=self.cfg,
                     x_dtype=s.dtype, row_values=self.plan.row_values, deferred=self.plan.deferred,
-                    counters=self.counters, use_pdl=self.use_pdl)
+                    unrounded_x=self.plan.unrounded_x, counters=self.counters, use_pdl=self.use_pdl)
         return tpl.group_outputs(plan, env, outs)
 
 

@@ -29,10 +29,12 @@ into the GEMV's group; :func:`plan_x` turns the group's ops upstream of the anch
   roundings are of E, not of E * R, and R is applied in fp32 to the fp32 sum, so results
   differ from eager's by about one rounding of the output (within the select module's
   validation bounds, as the fused kernel's other reorderings), accepted for the row pass's
-  cost. E is not normalised, so every value on its path is of fp32's exponent range (bf16,
-  fp32): in fp16 |h * g| can exceed 65504 where eager's normalised x is finite, so fp16 models
-  (the measured HF Llama above included) keep the row loop. Any other use of row values keeps
-  the row loop (:meth:`_Writer._deferred_factor`).
+  cost. E is not normalised: in fp16 |h * g| can exceed 65504 where eager's normalised x is
+  finite. So fp16 values on E's path (fp16 models: HF Llama's ``g * x.to(fp16)``) are kept in
+  fp32, not rounded (``XPrologue.unrounded``), and such a kernel runs the elementwise main
+  loops only, where x stays fp32 (the tensor-core loops take x in its dtype:
+  :meth:`gemv_build.GemvPlan.runs`); bf16 and fp32 (fp32's exponent range) round as eager. Any other use of
+  row values keeps the row loop (:meth:`_Writer._deferred_factor`).
 
 This module does not import Triton (the renderer does).
 """
@@ -57,8 +59,11 @@ ROW_TOTAL = "row_total"
 #: dtypes a deferred factor's path to x may round to: fp32's exponent range. E is not normalised
 #: (|h * g| where eager rounds h * rstd * g): in fp16 (max 65504) or fp8 it can overflow to inf
 #: where eager's normalised x is finite (a residual stream's outlier of a few thousand times a
-#: norm weight above ~20), a wrong result; so fp16 models keep the row loop
+#: norm weight above ~20), a wrong result
 _WIDE_RANGE = (torch.bfloat16, torch.float32, torch.float64)
+#: dtypes of E's path computed in fp32 and not rounded (so E cannot overflow), the kernel then
+#: running its elementwise loops only. fp8 (a quantize's cast) is no product: the row loop
+_UNROUNDED = (torch.float16,)
 
 
 def reduces_rows(n: fx.Node, numel: int, k: int) -> bool:
@@ -95,6 +100,9 @@ class XPrologue:
     row_input: str = ""
     factor_lines: Tuple[str, ...] = ()
     factor: str = ""
+    #: x computed in fp32 past its dtype's range (a deferred factor's fp16 path, not rounded):
+    #: the elementwise main loops only (``gemv_build.GemvPlan.runs``)
+    unrounded: bool = False
 
     def __post_init__(self) -> None:
         if self.loads < 1 or not self.value.isidentifier():
@@ -104,8 +112,8 @@ class XPrologue:
                 raise ValueError(f"a deferred row factor names its reduction's input and its lines: {self}")
             if self.row_lines or self.row_args:
                 raise ValueError(f"a deferred row factor replaces the row loop, not both: {self}")
-        elif self.row_input_lines or self.row_input or self.factor_lines:
-            raise ValueError(f"a row reduction's input or factor lines without a deferred factor: {self}")
+        elif self.row_input_lines or self.row_input or self.factor_lines or self.unrounded:
+            raise ValueError(f"a row reduction's input, factor lines or unrounded x without a deferred factor: {self}")
 
     @property
     def deferred(self) -> bool:
@@ -175,9 +183,11 @@ class _Writer:
         return XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
                          tuple(row_lines), row_args)
 
-    def _deferred_plan(self, reduction: fx.Node, mul: fx.Node, element: fx.Node, factor: fx.Node) -> XPrologue:
-        """x without ``mul``'s row factor; the reduction's input summed by the main loop, the
-        row values computed from its total after it."""
+    def _deferred_plan(self, reduction: fx.Node, mul: fx.Node, element: fx.Node, factor: fx.Node,
+                       unrounded: Set[fx.Node]) -> XPrologue:
+        """x without ``mul``'s row factor (``unrounded``: nodes of its path computed in fp32, not
+        rounded); the reduction's input summed by the main loop, the row values computed from
+        its total after it."""
         src = reduction.args[0]
         input_names: Dict[fx.Node, str] = {}
         input_lines = self._elements(self._upstream([src], stop_at_rows=True), input_names, {},
@@ -186,10 +196,11 @@ class _Writer:
             lambda n, names: [self._reduced_value(n, ROW_TOTAL, names)])
         names: Dict[fx.Node, str] = {}
         # no row values in x's lines: the factor's product is its element operand there
-        x_lines = self._elements(self._upstream([self.x], stop_at_rows=True), names, {}, skip={mul: element})
+        x_lines = self._elements(self._upstream([self.x], stop_at_rows=True), names, {}, skip={mul: element},
+                                 unrounded=unrounded)
         return XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
                          row_input_lines=tuple(input_lines), row_input=input_names[src],
-                         factor_lines=tuple(factor_lines), factor=row_names[factor])
+                         factor_lines=tuple(factor_lines), factor=row_names[factor], unrounded=bool(unrounded))
 
     def _row_values(self, reduce) -> Tuple[List[str], Dict[fx.Node, str]]:
         """Lines computing the row values in graph order (``reduce(node, row_names)``: a
@@ -206,12 +217,13 @@ class _Writer:
                 lines += expr.emit_pointwise([n], row_names, self.helpers)
         return lines, row_names
 
-    def _deferred_factor(self, operands: Set[fx.Node]) -> Optional[Tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
-        """(the reduction, the product, its element operand, its row operand) where x's row
-        values reach x only as one factor: one row reduction (every row value is then a
-        function of its total); one element node reading row values, ``element * factor``
-        (either order); from it to x only products with values the factor does not scale,
-        floating casts and row-major reshapes (x = E * factor, E free of row values). Else None."""
+    def _deferred_factor(self, operands: Set[fx.Node]) -> Optional[Tuple[fx.Node, fx.Node, fx.Node, fx.Node, Set[fx.Node]]]:
+        """(the reduction, the product, its element operand, its row operand, the nodes after it
+        computed unrounded) where x's row values reach x only as one factor: one row reduction
+        (every row value is then a function of its total); one element node reading row values,
+        ``element * factor`` (either order); from it to x only products with values the factor
+        does not scale, floating casts and row-major reshapes (x = E * factor, E free of row
+        values), of fp32's range or of :data:`_UNROUNDED` dtypes (those unrounded). Else None."""
         reductions = [n for n in self.row if n.target in ROW_REDUCTIONS]
         readers = [n for n in operands - self.row if any(a in self.row for a in n.all_input_nodes)]
         if len(reductions) != 1 or len(readers) != 1:
@@ -222,13 +234,15 @@ class _Writer:
         factor, element = mul.args if mul.args[0] in self.row else mul.args[::-1]
         if not isinstance(element, fx.Node) or element in self.row or factor not in self.row:
             return None
-        node = mul
+        node, unrounded = mul, set()
         while node is not self.x:
             users = [u for u in node.users if u in operands]
             if len(users) != 1 or not _keeps_factor(users[0], node):
                 return None
             node = users[0]
-        return reductions[0], mul, element, factor
+            if not _wide(node):
+                unrounded.add(node)
+        return reductions[0], mul, element, factor, unrounded
 
     # ------------------------------------------------------------------ what is computed
     def _upstream(self, roots: List[fx.Node], stop_at_rows: bool = False) -> Set[fx.Node]:
@@ -300,10 +314,12 @@ class _Writer:
         self.used.add(i)
 
     def _elements(self, nodes: Set[fx.Node], names: Dict[fx.Node, str], row_names: Dict[fx.Node, str],
-                  leaf: Any = None, skip: Optional[Dict[fx.Node, fx.Node]] = None) -> List[str]:
+                  leaf: Any = None, skip: Optional[Dict[fx.Node, fx.Node]] = None,
+                  unrounded: Set[fx.Node] = frozenset()) -> List[str]:
         """Lines computing ``nodes`` (element values) at the index vector ``kk`` of row ``m``,
         after their loads (and ``leaf``'s: a tensor the caller reads as it is); a node of
-        ``skip`` takes the value of the operand it maps to (a deferred factor's product)."""
+        ``skip`` takes the value of the operand it maps to (a deferred factor's product); one of
+        ``unrounded`` is computed in fp32 and not rounded to its dtype (a cast: its operand)."""
         skip = skip or {}
         names.update(row_names)
         self.used = set()
@@ -321,7 +337,10 @@ class _Writer:
             if n in skip:
                 names[n] = names[skip[n]]
                 continue
-            lines.extend(expr.emit_pointwise([n], names, self.helpers))
+            if n in unrounded and n.target in expr.ROUNDS_ITSELF:
+                names[n] = names[n.args[0]]  # a float cast (_keeps_factor): its operand, in fp32
+                continue
+            lines.extend(expr.emit_pointwise([n], names, self.helpers, round_intermediates=n not in unrounded))
         loads = [f"r{i} = tl.load(P{i} + m * p{i}_s0 + kk * p{i}_s1, mask=ok, other=0)" for i in sorted(self.used)]
         return loads + lines
 
@@ -361,9 +380,11 @@ def _wide(n: fx.Node) -> bool:
 
 def _keeps_factor(user: fx.Node, node: fx.Node) -> bool:
     """``user`` of ``node`` (a value a row factor scales) is that factor times a value free of
-    it, in fp32's range (:data:`_WIDE_RANGE`): a product with another value (the factor's own
-    value read twice would square it), a cast, a row-major reshape."""
-    if not _wide(user):
+    it, in fp32's range (:data:`_WIDE_RANGE`) or computed unrounded (:data:`_UNROUNDED`): a
+    product with another value (the factor's own value read twice would square it), a cast, a
+    row-major reshape."""
+    val = meta_of(user)
+    if not (isinstance(val, torch.Tensor) and val.dtype in _WIDE_RANGE + _UNROUNDED):
         return False
     if user.target == aten.mul.Tensor:
         return len(user.args) == 2 and not user.kwargs and sum(a is node for a in user.args) == 1

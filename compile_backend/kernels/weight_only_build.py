@@ -97,6 +97,8 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     fused = gemv_build.gemv_plan(group, spec) if p.m <= weight_only.SKINNY_MAX_M else None
     if fused is not None and p.m > weight_only.GEMV_MAX_M and fused.row_values:
         fused = None  # row values mean one row a program: past GEMV_MAX_M rows, the skinny path
+    if fused is not None:  # an unrounded x (gemv_prologue): the elementwise loops only
+        configs = [c for c in configs if c.path != "gemv" or fused.runs(c)]
     candidates: List[Candidate] = [
         gemv_build.gemv_candidate(group, spec, cfg, probe, fused, ctx.pdl) if cfg.path == "gemv" and fused is not None
         else _candidate(group, p, cfg, probe, epilogue) for cfg in configs]

@@ -5,7 +5,8 @@ tensor-core loop with row values; row values that are no factor of x (added, squ
 subtracted), computed by the row loop before the main loop. Groups, tolerances and helpers as
 test_gemv.py's (tests/kernels/gemv_groups.py); a deferred factor skips eager's rounding of
 h * rstd (and of the products after it) to x's dtype: about one rounding of the output more,
-within the same bounds."""
+within the same bounds; in fp16 those products stay fp32 (unrounded: they may pass 65504), and
+such kernels run the elementwise loops only."""
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,10 @@ from gemv_groups import (Norm, assert_close, choose_gemv, count_launches, gemv_g
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_rms_norm_prologue(dtype, precision, group_size, m, split_k, monkeypatch):
-    """The norm's row factor rsqrt(mean(h^2) + eps) is deferred for bf16 / fp32 x: x_at computes
-    w * h (in x's dtype), the main loop sums h^2 next to it, the factor multiplies the sums after
-    the loop (K 70: a partial tile), with a bias; three K slices (each its share of the row's sum)
-    or one. fp16 x keeps the row loop (w * h could overflow fp16 where the normalised x does not)."""
+    """The norm's row factor rsqrt(mean(h^2) + eps) is deferred: x_at computes w * h (in x's
+    dtype; fp16's in fp32, unrounded: w * h could overflow fp16 where the normalised x does not),
+    the main loop sums h^2 next to it, the factor multiplies the sums after the loop (K 70: a
+    partial tile), with a bias; three K slices (each its share of the row's sum) or one."""
     k, n = 70, 33
     norm = Norm(k)
     codes, scales = quantized_weights(n, k, precision, group_size, seed=3)
@@ -42,7 +43,8 @@ def test_rms_norm_prologue(dtype, precision, group_size, m, split_k, monkeypatch
     inputs = (h, codes, scales, bias, w)
     group = gemv_group(fn, inputs)
     kernel = choose_gemv(group, inputs, monkeypatch, split_k=split_k)
-    assert kernel.fn.plan.row_values and kernel.fn.plan.deferred == (dtype != torch.float16)
+    assert kernel.fn.plan.row_values and kernel.fn.plan.deferred
+    assert kernel.fn.plan.unrounded_x == (dtype == torch.float16) and not kernel.config["tensor_cores"]
     runs = count_launches(monkeypatch)
     assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
     assert runs == ["gemv"]
@@ -74,7 +76,8 @@ def test_int4_tensor_core_loop_with_row_values(dtype, k, monkeypatch):
     """INT4 on the tensor cores with one row a program (an RMS norm's row values before the
     GEMV): x is read along K in one piece and split into the even and odd k its nibbles meet;
     an odd K masks the packed bytes at (K + 1) // 2, an even one at K // 2 (the bound whose
-    divisibility lets the codes load 8 bytes at a time)."""
+    divisibility lets the codes load 8 bytes at a time). fp16's deferred norm is unrounded: its
+    tensor-core configs are left out, and the elementwise loop runs."""
     from compile_backend.kernels import weight_only
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.select import choose_kernel
@@ -95,7 +98,8 @@ def test_int4_tensor_core_loop_with_row_values(dtype, k, monkeypatch):
     group = gemv_group(normed, inputs)
     kernel, fallbacks = choose_kernel(group, inputs, ctx)
     assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
-    assert kernel.fn.plan.row_values is True and kernel.fn.plan.deferred == (dtype != torch.float16)
+    assert kernel.fn.plan.row_values is True and kernel.fn.plan.deferred
+    assert kernel.config["tensor_cores"] == (dtype == torch.bfloat16)
     assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
@@ -124,7 +128,7 @@ def test_llama_norm_plan_defers_one_factor():
         XPrologue(x.loads, x.lines, x.value, row_input_lines=x.row_input_lines, row_input=x.row_input)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # (fp16 x keeps the row loop)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # (fp16: test_unrounded_fp16_norm_...)
 def test_deferred_norm_in_the_one_load_and_tensor_core_loops(dtype, monkeypatch):
     """The deferred factor's row sum next to each main loop's x: INT4 as 16-bit words,
     elementwise and on the tensor cores (a step's tiles in one load, the first step peeled off
@@ -233,8 +237,9 @@ def test_deferred_norm_split_k_is_reproducible_and_near_the_row_loop(monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_a_norm_whose_unnormalised_input_overflows_fp16_stays_finite(dtype, monkeypatch):
     """An outlier of the residual stream (6000) times a norm weight of 20 is 120000: past fp16's
-    65504, while eager's normalised x (~170) is not. In fp16 the factor is not deferred (w * h
-    would be inf and the output with it); bf16's range takes it deferred. Both match eager."""
+    65504, while eager's normalised x (~170) is not. Deferred in both: fp16's w * h in fp32, not
+    rounded (rounded, it would be inf and the output with it); bf16's range takes it. Both
+    match eager."""
     m, k, n = 1, 70, 33
     codes, scales = quantized_weights(n, k, "int8", None, seed=51)
     gen = torch.Generator().manual_seed(52)
@@ -249,7 +254,46 @@ def test_a_norm_whose_unnormalised_input_overflows_fp16_stays_finite(dtype, monk
 
     group = gemv_group(fn, inputs)
     kernel = choose_gemv(group, inputs, monkeypatch, split_k=3)
-    assert kernel.fn.plan.deferred == (dtype == torch.bfloat16)
+    assert kernel.fn.plan.deferred and kernel.fn.plan.unrounded_x == (dtype == torch.float16)
     got, want = kernel(*inputs)[0], group.reference(*inputs)[0]
     assert torch.isfinite(want).all() and torch.isfinite(got).all()
     assert_close(got, want)
+
+
+def test_unrounded_fp16_norm_runs_the_elementwise_loops(monkeypatch):
+    """fp16's deferred norm (x unrounded, in fp32): the INT4 words, INT8 one-load and float
+    elementwise loops each match eager; its tensor-core configs are not candidates, and a
+    launch asked for one refuses (x could pass fp16's range there)."""
+    from compile_backend.kernels import gemv, weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+
+    m, k, n = 1, 200, 33
+    gen = torch.Generator().manual_seed(53)
+    h = (4 * torch.randn(m, k, generator=gen)).half()
+    nw = torch.linspace(0.5, 1.5, k)
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    for weights, group_size, loop in (("int4", 64, dict(unroll=2)), ("int8", None, dict(unroll=2)),
+                                      ("float", None, {})):
+        monkeypatch.setattr(weight_only, "heuristic", lambda m, loop=loop: weight_only.WeightOnlyConfig(
+            "gemv", 1, 16, 64, split_k=2, **loop))
+        if weights == "float":
+            inputs, op = (h, (torch.randn(n, k, generator=gen) * 0.1).half(), nw), "aten.mm"
+
+            def fn(h, w, nw):
+                return rms_norm(h, nw) @ w.t()
+        else:
+            inputs, op = (h, *quantized_weights(n, k, weights, group_size, seed=54), nw), "weight_only_linear"
+
+            def fn(h, c, s, nw, weights=weights, group_size=group_size):
+                return torch.ops.compile_backend.weight_only_linear(rms_norm(h, nw), c, s, None, weights, group_size)
+        group = gemv_group(fn, inputs, anchor_op=op)
+        kernel, fallbacks = choose_kernel(group, inputs, ctx)
+        assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
+        assert kernel.fn.plan.deferred and kernel.fn.plan.unrounded_x and not kernel.config["tensor_cores"]
+        assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    tc = weight_only.WeightOnlyConfig("gemv", 1, 64, 128, tensor_cores=True)
+    assert not kernel.fn.plan.runs(tc)
+    monkeypatch.setattr(kernel.fn, "cfg", tc)
+    with pytest.raises(ValueError, match="tensor-core config"):
+        kernel(*inputs)
