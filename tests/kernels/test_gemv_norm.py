@@ -128,12 +128,21 @@ def test_llama_norm_plan_defers_one_factor():
         XPrologue(x.loads, x.lines, x.value, row_input_lines=x.row_input_lines, row_input=x.row_input)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # (fp16: test_unrounded_fp16_norm_...)
+#: (weights, INT4 group size, the config's loop) per dtype: bf16 on every loop; fp16's deferred
+#: norm is unrounded, so its tensor-core configs are left out (the elementwise loops only)
+_LOOPS = {torch.bfloat16: (("int4", 64, dict(unroll=2)), ("int4", 64, dict(unroll=2, tensor_cores=True)),
+                           ("int8", None, dict(tensor_cores=True)), ("float", None, dict(tensor_cores=True))),
+          torch.float16: (("int4", 64, dict(unroll=2)), ("int8", None, dict(unroll=2)), ("float", None, {}))}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_deferred_norm_in_the_one_load_and_tensor_core_loops(dtype, monkeypatch):
     """The deferred factor's row sum next to each main loop's x: INT4 as 16-bit words,
     elementwise and on the tensor cores (a step's tiles in one load, the first step peeled off
     the loop), INT8 and float weights on the tensor cores; K 200 (a multiple of 4 for the words,
-    a short last INT4 group, a partial last step), two slices, two rows."""
+    a short last INT4 group, a partial last step), two slices, two rows. fp16 (x unrounded): the
+    elementwise loops; a tensor-core config is no candidate, and a launch asked for one refuses
+    (x could pass fp16's range there)."""
     from compile_backend.kernels import weight_only
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.select import choose_kernel
@@ -143,8 +152,7 @@ def test_deferred_norm_in_the_one_load_and_tensor_core_loops(dtype, monkeypatch)
     h = (4 * torch.randn(m, k, generator=gen)).to(dtype)
     nw = torch.linspace(0.5, 1.5, k)
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    for weights, group_size, loop in (("int4", 64, dict(unroll=2)), ("int4", 64, dict(unroll=2, tensor_cores=True)),
-                                      ("int8", None, dict(tensor_cores=True)), ("float", None, dict(tensor_cores=True))):
+    for weights, group_size, loop in _LOOPS[dtype]:
         monkeypatch.setattr(weight_only, "heuristic", lambda m, loop=loop: weight_only.WeightOnlyConfig(
             "gemv", 1, 16, 64, split_k=2, **loop))
         if weights == "float":
@@ -161,7 +169,14 @@ def test_deferred_norm_in_the_one_load_and_tensor_core_loops(dtype, monkeypatch)
         kernel, fallbacks = choose_kernel(group, inputs, ctx)
         assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
         assert kernel.fn.plan.deferred and kernel.config["tensor_cores"] == loop.get("tensor_cores", False)
+        assert kernel.fn.plan.unrounded_x == (dtype == torch.float16)
         assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    if dtype == torch.float16:
+        tc = weight_only.WeightOnlyConfig("gemv", 1, 64, 128, tensor_cores=True)
+        assert not kernel.fn.plan.runs(tc)
+        monkeypatch.setattr(kernel.fn, "cfg", tc)
+        with pytest.raises(ValueError, match="tensor-core config"):
+            kernel(*inputs)
 
 
 def _rstd(h32):
@@ -259,41 +274,3 @@ def test_a_norm_whose_unnormalised_input_overflows_fp16_stays_finite(dtype, monk
     assert torch.isfinite(want).all() and torch.isfinite(got).all()
     assert_close(got, want)
 
-
-def test_unrounded_fp16_norm_runs_the_elementwise_loops(monkeypatch):
-    """fp16's deferred norm (x unrounded, in fp32): the INT4 words, INT8 one-load and float
-    elementwise loops each match eager; its tensor-core configs are not candidates, and a
-    launch asked for one refuses (x could pass fp16's range there)."""
-    from compile_backend.kernels import gemv, weight_only
-    from compile_backend.kernels.base import KernelContext
-    from compile_backend.kernels.select import choose_kernel
-
-    m, k, n = 1, 200, 33
-    gen = torch.Generator().manual_seed(53)
-    h = (4 * torch.randn(m, k, generator=gen)).half()
-    nw = torch.linspace(0.5, 1.5, k)
-    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
-    for weights, group_size, loop in (("int4", 64, dict(unroll=2)), ("int8", None, dict(unroll=2)),
-                                      ("float", None, {})):
-        monkeypatch.setattr(weight_only, "heuristic", lambda m, loop=loop: weight_only.WeightOnlyConfig(
-            "gemv", 1, 16, 64, split_k=2, **loop))
-        if weights == "float":
-            inputs, op = (h, (torch.randn(n, k, generator=gen) * 0.1).half(), nw), "aten.mm"
-
-            def fn(h, w, nw):
-                return rms_norm(h, nw) @ w.t()
-        else:
-            inputs, op = (h, *quantized_weights(n, k, weights, group_size, seed=54), nw), "weight_only_linear"
-
-            def fn(h, c, s, nw, weights=weights, group_size=group_size):
-                return torch.ops.compile_backend.weight_only_linear(rms_norm(h, nw), c, s, None, weights, group_size)
-        group = gemv_group(fn, inputs, anchor_op=op)
-        kernel, fallbacks = choose_kernel(group, inputs, ctx)
-        assert (kernel.impl, fallbacks, kernel.config.get("fused")) == ("triton", [], True)
-        assert kernel.fn.plan.deferred and kernel.fn.plan.unrounded_x and not kernel.config["tensor_cores"]
-        assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
-    tc = weight_only.WeightOnlyConfig("gemv", 1, 64, 128, tensor_cores=True)
-    assert not kernel.fn.plan.runs(tc)
-    monkeypatch.setattr(kernel.fn, "cfg", tc)
-    with pytest.raises(ValueError, match="tensor-core config"):
-        kernel(*inputs)
