@@ -157,10 +157,10 @@ class CudaEventTimer:
     time of queueing them (:func:`batch_spin_cycles`); if the spin has ended before the last
     launch was queued (``Event.query`` after queueing), the host fell behind. Where its queueing
     took longer than the host time it was sized for, by at most :data:`REBATCH_MAX_RATIO`, the
-    batch is timed once more behind a spin sized for the queueing seen
-    (``rebatches``); else, or behind again, with one spin before each launch (``fallbacks``). (ResNet-50
-    b32's INT8 layer probes fell behind in 532 of ~1,800 batches, their spaced spins 15.5 s of a
-    78 s first call: H100, session 24.) ``batched=False``: always one spin before
+    batch is timed once more behind a spin sized for the queueing seen (``rebatches``); else,
+    or behind again, with one spin before each launch (``fallbacks``). (ResNet-50 b32's INT8
+    layer probes fell behind in 532 of ~1,800 batches, their spaced spins 15.5 s of a 78 s
+    first call: H100, session 24.) ``batched=False``: always one spin before
     each launch, 4x the host time of one call (at least ~100 us, at most ~2 ms): what the tuner
     did until session 23, when these spins were 92% of every tuning's seconds (ResNet-50 b32's
     FP16 engine: 11.3 of 12.4 s, ~37 ms a candidate; H100). ``spin_s``: the seconds of spin
@@ -342,7 +342,8 @@ class Tuner:
         # those over SLOW_HOST_S
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
-                      "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0, "host_seconds": 0.0, "slow_hosts": 0}
+                      "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0,
+                      "host_seconds": 0.0, "slow_hosts": 0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}

@@ -33,8 +33,8 @@ into the GEMV's group; :func:`plan_x` turns the group's ops upstream of the anch
   finite. So fp16 values on E's path (fp16 models: HF Llama's ``g * x.to(fp16)``) are kept in
   fp32, not rounded (``XPrologue.unrounded``), and such a kernel runs the elementwise main
   loops only, where x stays fp32 (the tensor-core loops take x in its dtype:
-  :meth:`gemv_build.GemvPlan.runs`); bf16 and fp32 (fp32's exponent range) round as eager. Any other use of
-  row values keeps the row loop (:meth:`_Writer._deferred_factor`).
+  :meth:`gemv_build.GemvPlan.runs`); bf16 and fp32 (fp32's exponent range) round as eager.
+  Any other use of row values keeps the row loop (:meth:`_Writer._deferred_factor`).
 
 This module does not import Triton (the renderer does).
 """
@@ -217,7 +217,8 @@ class _Writer:
                 lines += expr.emit_pointwise([n], row_names, self.helpers)
         return lines, row_names
 
-    def _deferred_factor(self, operands: Set[fx.Node]) -> Optional[Tuple[fx.Node, fx.Node, fx.Node, fx.Node, Set[fx.Node]]]:
+    def _deferred_factor(self, operands: Set[fx.Node]
+                         ) -> Optional[Tuple[fx.Node, fx.Node, fx.Node, fx.Node, Set[fx.Node]]]:
         """(the reduction, the product, its element operand, its row operand, the nodes after it
         computed unrounded) where x's row values reach x only as one factor: one row reduction
         (every row value is then a function of its total); one element node reading row values,
