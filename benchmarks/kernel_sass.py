@@ -303,6 +303,52 @@ def gemv_rows(n: int, k: int) -> List[dict]:
     return rows
 
 
+def gemv_norm_rows(n: int, k: int) -> List[dict]:
+    """The fused decode GEMV with Llama's RMS norm as its x prologue (``kernels/gemv_prologue``),
+    M = 1, INT4 (group 128) and INT8 weights, fp16 and bf16 x, the elementwise 32 x 128 loop
+    (unroll 2): main-loop SASS with the norm's factor deferred (fp16: w * h unrounded, in fp32)
+    and with the row loop (deferral turned off), as the engine would build each."""
+    import triton
+
+    import compile_backend.ops  # noqa: F401  (registers compile_backend::weight_only_linear)
+    from compile_backend import Options
+    from compile_backend.kernels import gemm_template, gemv_prologue, weight_only_ref
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.template import traced_group
+    from compile_backend.kernels.weight_only_build import weight_only_candidates
+
+    def normed(h, codes, scales, w, precision, group):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = w.to(h.dtype) * h32.to(h.dtype)
+        return torch.ops.compile_backend.weight_only_linear(x, codes, scales, None, precision, group)
+
+    sink: List[dict] = []
+    load, deferral = gemm_template.load_kernel, gemv_prologue._Writer._deferred_factor
+    gemm_template.load_kernel = lambda source, name: _Compiled(load(source, name), sink)
+    ctx = KernelContext(options=Options(autotune="off"), device=torch.device("cpu"), interpret=False)
+    rows = []
+    try:
+        for weights, group in (("int4", 128), ("int8", None)):
+            codes, scales = weight_only_ref.quantize_weight(torch.randn(n, k), weights, group)
+            for dtype in (torch.float16, torch.bfloat16):
+                inputs = (torch.randn(1, k).to(dtype), codes, scales, torch.linspace(0.5, 1.5, k))
+                for prologue in ("deferred", "row loop"):
+                    gemv_prologue._Writer._deferred_factor = deferral if prologue == "deferred" else (lambda *a: None)
+                    group_ = traced_group(lambda h, c, s, w: normed(h, c, s, w, weights, group), inputs,
+                                          "gemm", "weight_only_linear")
+                    name = f"triton fused gemv {weights} 32x128 split0 waves8 w4 s1 u2"
+                    cand = next(c for c in weight_only_candidates(group_, ctx).candidates if c.name == name)
+                    cand.compile()(*inputs)
+                    r = sink[-1]
+                    rows.append({"weights": weights, "x": str(dtype).split(".")[-1], "prologue": prologue,
+                                 "shape": [n, k], "target": "sm_90", "triton": triton.__version__,
+                                 "torch": torch.__version__, **r})
+    finally:
+        gemm_template.load_kernel, gemv_prologue._Writer._deferred_factor = load, deferral
+    return rows
+
+
 def main(argv=None) -> int:
     from compile_backend.kernels.gemm_config import GemmConfig
 
@@ -313,6 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--operands", nargs="*", default=["fp16", "fp8"], choices=("fp16", "fp8", "int8"))
     p.add_argument("--gemv", nargs=2, type=int, metavar=("N", "K"),
                    help="instead: the decode GEMV's main loop per weight at [N, K] (e.g. 5632 2048)")
+    p.add_argument("--gemv-norm", nargs=2, type=int, metavar=("N", "K"),
+                   help="instead: the decode GEMV with an RMS norm prologue, its factor deferred or the row loop")
     p.add_argument("--conv-tma", nargs=3, type=int, metavar=("C", "HW", "OC"),
                    help="instead: the TMA convolution of a 3x3 layer C -> OC over an HW x HW map (e.g. 64 56 64)")
     p.add_argument("--fp8-cast", choices=("this-torch", "nan"), default="this-torch",
@@ -337,6 +385,13 @@ def main(argv=None) -> int:
             print(f"conv tma {r['operands']:5s} stride {r['stride']} {r['config']:26s} regs {r['registers']:3d} spill st/ld "
                   f"{r['local_stores']}/{r['local_loads']} TMA loads {r['tma_loads']} tensor-core ops {r['mma']} "
                   f"A from {'shared memory' if r['dot_a_shared'] else 'registers'}", flush=True)
+        return write_json(args.json, rows)
+    if args.gemv_norm:
+        rows = gemv_norm_rows(*args.gemv_norm)
+        for r in rows:
+            print(f"gemv {r['weights']:5s} {r['x']:9s} norm {r['prologue']:9s} regs {r['registers']:3d} instructions "
+                  f"{r['instructions']:5d} loop {r['loop_instructions']:4d} issue-model clocks {r['loop_sm_clocks']}",
+                  flush=True)
         return write_json(args.json, rows)
     if args.gemv:
         rows = gemv_rows(*args.gemv)
