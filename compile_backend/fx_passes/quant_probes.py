@@ -4,13 +4,16 @@ With ``options["quant_layers"] = "faster"`` the quantize pass keeps a layer floa
 8-bit kernel, plus what writing its input in 8 bits costs where that input is made, beats the
 float way of running it (``request.speed``: ``quant/speed.py``'s ``LayerSpeed`` on CUDA; tests
 pass stand-ins). A layer whose float kernel is under ``speed.latency_floor_ms`` of ideal work
-(batch-1 convolutions) is not measured: it stays float. Otherwise three measurements, each asked
+(batch-1 convolutions) is not measured: it stays float; nor is one 8 bits could speed up by less
+than ``speed.min_ideal_gain`` at peak rates (its 16-bit output's bytes bound it). Otherwise three measurements, each asked
 only where the one before leaves 8 bits ahead:
 
 * the layer probe: the 8-bit ``scaled_mm`` / ``scaled_conv`` alone against cuBLAS's GEMM /
   cuDNN's convolution at its shape (``speed(...)``, ``speed.conv(...)``);
 * the write probe: the float GEMM / convolution producing the layer's input, with the quantize in
-  its epilogue and without (``speed.write_ms``; else an estimate, ``speed.quantize_ms``). With
+  its epilogue and without (``speed.write_ms``; after no activation or a ReLU, estimated from the
+  producer's float group alone, which the engine tunes anyway; for other producers an estimate,
+  ``speed.quantize_ms``). With
   ``quant_residuals="quantized"`` the producer may write the codes instead of the float value,
   not beside it, so this overstates; charging nothing instead quantized ResNet-50 b32 layers that
   lost (INT8 1.180 ms against 1.144 measuring, H100 session 22): the measurement stays;
@@ -126,7 +129,8 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
         return None
     x = tensor_val(layer.x)
     # measured only where the 8-bit kernel wins on its own (each measurement tunes the producer twice)
-    written = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] else None
+    written, written_how = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] \
+        else (None, "")
     fused = getattr(request.speed, "quantize_ms", None)
     alone = getattr(request.speed, "standalone_quantize_ms", None) if written is None and not request.dynamic \
         and _quantize_runs_alone(layer.x) else None
@@ -143,7 +147,7 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
         if own is None or q_ms + extra < own:
             return None
         against = f"{own * 1e3:.1f} us (its float group, as a float engine runs it)"
-    how = ("measured: its producer's kernel" if written is not None
+    how = (written_how if written is not None
            else "estimated: a quantize kernel of its own" if alone is not None else "estimated")
     plus = f" + {extra * 1e3:.1f} us ({how}) to write its input in {request.precision}" if extra else ""
     return (f"faster in {str(x.dtype).replace('torch.', '')} on this GPU: the {request.precision} "
@@ -178,17 +182,22 @@ def _close_race(q_ms: float, f_ms: float) -> bool:
 
 def _too_small(probe: Tuple[str, Tuple[Any, ...], str], request: "QuantRequest") -> Optional[str]:
     """Why a layer is not measured: its float kernel's ideal time is under the measurement's
-    latency floor (``speed.latency_floor_ms``, ``speed.ideal_ms``), or None."""
+    latency floor (``speed.latency_floor_ms``, ``speed.ideal_ms``), or 8 bits could save less
+    than ``speed.min_ideal_gain`` of it at peak rates (``speed.ideal_gain``: its 16-bit output's
+    bytes bound it); else None."""
     floor = getattr(request.speed, "latency_floor_ms", 0.0)
-    if not floor:
-        return None
+    least = getattr(request.speed, "min_ideal_gain", 0.0)
     method, args, _ = probe
-    ideal = request.speed.ideal_ms(method, args)
-    if ideal >= floor:
-        return None
     kind = "GEMM" if method == "linear" else "convolution"
-    return (f"too small for {request.precision} to pay: its float {kind} is {ideal * 1e3:.2f} us of work at "
-            f"peak rates, under the {floor * 1e3:g} us a kernel's latency costs (quant_layers='all' quantizes it)")
+    ideal = request.speed.ideal_ms(method, args) if floor else None
+    if ideal is not None and ideal < floor:
+        return (f"too small for {request.precision} to pay: its float {kind} is {ideal * 1e3:.2f} us of work at "
+                f"peak rates, under the {floor * 1e3:g} us a kernel's latency costs (quant_layers='all' quantizes it)")
+    gain = request.speed.ideal_gain(method, args) if least else None
+    if gain is not None and gain < least:
+        return (f"{request.precision} could save only {gain:.0%} of its float {kind} at peak rates (its 16-bit "
+                f"output's bytes bound it), under the {least:.0%} worth measuring (quant_layers='all' quantizes it)")
+    return None
 
 
 def _measure(request: "QuantRequest", method: str, args) -> Optional[Tuple[float, float]]:
@@ -196,14 +205,19 @@ def _measure(request: "QuantRequest", method: str, args) -> Optional[Tuple[float
     return measure(*args) if measure is not None else None
 
 
-def _producer_write_ms(layer: "Layer", request: "QuantRequest", facts: Facts) -> Optional[float]:
-    """``speed.write_ms`` for the float GEMM / convolution whose epilogue would write the layer's
-    input (static scales: the quantize joins that epilogue), or None (another producer, or not
-    measured)."""
+def _producer_write_ms(layer: "Layer", request: "QuantRequest", facts: Facts) -> Tuple[Optional[float], str]:
+    """(``speed.write_ms`` for the GEMM / convolution whose epilogue would write the layer's input
+    (static scales: the quantize joins that epilogue), or None: another producer, or not
+    measured; how the report says it was found)."""
     write = getattr(request.speed, "write_ms", None)
     problem = group_problem(layer.x, facts, quantized=True, keep_float=_keeps_float(layer, request)) \
         if write is not None else None
-    return None if problem is None else write(*problem[1:], request.gelu == "tanh")
+    if problem is None:
+        return None, ""
+    estimated = getattr(request.speed, "write_estimated", lambda activation: False)(problem[2])
+    how = ("estimated from its producer's float group: our kernel there, the quantize's cost" if estimated
+           else "measured: its producer's kernel")
+    return write(*problem[1:], request.gelu == "tanh"), how
 
 
 def _keeps_float(layer: "Layer", request: "QuantRequest") -> bool:

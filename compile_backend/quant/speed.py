@@ -55,9 +55,46 @@ LATENCY_FLOOR_MS = 0.0015
 #: how many of a probe's fastest 8-bit candidates the layer's engine group tunes again (with the
 #: heuristic's first and the vendor's): its epilogue may reorder close configs, not far ones
 SEEDS = 3
+#: a layer whose ideal times (:meth:`LayerSpeed.ideal_gain`) leave 8 bits less than this to win is
+#: not measured: it stays float. Those are the layers whose 16-bit output outweighs their math and
+#: inputs: ResNet-50 b32's stem (8%) and its expanding 1x1 convolutions (10-11%, 15 of 53 layers),
+#: every one of which lost its probe or the write after it (H100, sessions 22-25), each probe ~12
+#: candidates of a first call 4x FP16's. Every GEMM of BERT, GPT-2 and ViT has 50%
+MIN_IDEAL_GAIN = 0.15
+#: the activations (none, ReLU) after which what writing a float producer's output in 8 bits costs
+#: is estimated from the producer's float group, which the engine tunes anyway
+#: (:meth:`LayerSpeed.write_estimated`): the fastest of our candidates there (they take the
+#: quantize in their epilogue; cuDNN's and cuBLAS's fused kernels do not) against the fastest of
+#: all, plus the quantize's instructions and bytes. Timing each producer once more with the quantize
+#: was 548 of the 822 candidates ResNet-50 b32's INT8 probes compiled, in a first call 4x FP16's
+#: (H100, session 25). After a GELU the write is timed: its epilogue's cost changes with the
+#: quantize (the tanh form; BERT's FFN1 took 52 us against 33 for an estimated 2, H100 session 13)
+ESTIMATED_WRITE_ACTIVATIONS = (None, "relu")
 #: the fastest rates any GPU here has (H200: 4.8 TB/s, 990 TFLOP/s dense fp16), so the ideal
 #: time is a lower bound everywhere
 IDEAL_BYTES_PER_S, IDEAL_FLOP_PER_S = 4.8e12, 990e12
+
+
+def _probe_args(producer: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """A :meth:`LayerSpeed.write_ms` producer's shapes as :func:`_work` takes them."""
+    if "linear" in producer[0]:
+        return producer[1:4]
+    _, x_shape, w_shape, (stride, padding, dilation, _) = producer[:4]
+    return x_shape, w_shape, stride, padding, dilation
+
+
+def _work(method: str, args: Tuple[Any, ...]) -> Tuple[int, int, int]:
+    """(flops, operand elements, output elements) of a probe's GEMM / convolution."""
+    if method == "linear":
+        m, n, k = args[:3]
+        return 2 * m * n * k, m * k + k * n, m * n
+    x_shape, w_shape, stride, padding, dilation = args[:5]
+    rows = x_shape[0]
+    for i, size in enumerate(x_shape[2:]):
+        span = dilation[i] * (w_shape[2 + i] - 1) + 1
+        rows *= max(0, (size + 2 * padding[i] - span) // stride[i] + 1)
+    w_numel = math.prod(w_shape)
+    return 2 * rows * w_numel, math.prod(x_shape) + w_numel, rows * w_shape[0]
 
 
 class LayerSpeed:
@@ -91,25 +128,26 @@ class LayerSpeed:
     #: read by the quantize pass: a layer under this ideal time is not measured (stays float)
     latency_floor_ms = LATENCY_FLOOR_MS
 
+    #: read by the quantize pass: a layer 8 bits could speed up by less than this is not measured
+    min_ideal_gain = MIN_IDEAL_GAIN
+
     @staticmethod
-    def ideal_ms(method: str, args: Tuple[Any, ...]) -> float:
-        """The layer's float GEMM / convolution at peak rates (:data:`IDEAL_BYTES_PER_S`,
-        :data:`IDEAL_FLOP_PER_S`), its operands and output read / written once in 16 bits:
-        ``method`` and ``args`` as the probes take them ("linear": (m, n, k, ...), "conv":
-        (x_shape, w_shape, stride, padding, dilation, groups, ...))."""
-        if method == "linear":
-            m, n, k = args[:3]
-            flops, elements = 2 * m * n * k, m * k + k * n + m * n
-        else:
-            x_shape, w_shape, stride, padding, dilation, groups = args[:6]
-            rows = x_shape[0]
-            for i, size in enumerate(x_shape[2:]):
-                span = dilation[i] * (w_shape[2 + i] - 1) + 1
-                rows *= max(0, (size + 2 * padding[i] - span) // stride[i] + 1)
-            w_numel = math.prod(w_shape)
-            flops = 2 * rows * w_numel
-            elements = math.prod(x_shape) + w_numel + rows * w_shape[0]
-        return max(flops / IDEAL_FLOP_PER_S, 2 * elements / IDEAL_BYTES_PER_S) * 1e3
+    def ideal_ms(method: str, args: Tuple[Any, ...], bits: int = 16) -> float:
+        """The layer's GEMM / convolution at peak rates (:data:`IDEAL_BYTES_PER_S`,
+        :data:`IDEAL_FLOP_PER_S`), its operands read once in ``bits`` bits and its output written
+        once in 16 (``bits=8``: the 8-bit kernel, at twice the float math rate): ``method`` and
+        ``args`` as the probes take them ("linear": (m, n, k, ...), "conv": (x_shape, w_shape,
+        stride, padding, dilation, groups, ...))."""
+        flops, operands, outputs = _work(method, args)
+        operand_bytes, math_rate = (1, 2 * IDEAL_FLOP_PER_S) if bits == 8 else (2, IDEAL_FLOP_PER_S)
+        return max(flops / math_rate, (operand_bytes * operands + 2 * outputs) / IDEAL_BYTES_PER_S) * 1e3
+
+    @classmethod
+    def ideal_gain(cls, method: str, args: Tuple[Any, ...]) -> float:
+        """The fraction of the layer's float time 8 bits could save at peak rates (0.5 at most:
+        twice the math rate, half the operand bytes; less where the 16-bit output's bytes bound
+        it): ``1 - ideal_ms(bits=8) / ideal_ms()``."""
+        return 1.0 - cls.ideal_ms(method, args, bits=8) / cls.ideal_ms(method, args)
 
     def prepare(self, probes: Sequence[Tuple[str, Tuple[Any, ...]]]) -> None:
         """Compile the candidates of every probe the quantize pass will ask for, all at once
@@ -213,7 +251,9 @@ class LayerSpeed:
         return max(self.quantize_ms(numel), moved_ms) + LATENCY_FLOOR_MS
 
     def write_ms(self, producer: Tuple[Any, ...], activation: Optional[str], tanh_unit: bool = True) -> Optional[float]:
-        """What writing its output in 8 bits costs a float GEMM / convolution producer, measured:
+        """What writing its output in 8 bits costs a float GEMM / convolution producer, measured
+        after a GELU, else estimated from its float group (:data:`ESTIMATED_WRITE_ACTIVATIONS`,
+        :meth:`_estimated_write`). Measured:
         its best kernel with the quantize in its epilogue against its best kernel without (every
         candidate of the tuner: cuBLAS/cuDNN with their own fused epilogues, our templates, the
         vendor's plus a kernel of ours), on the producer's shapes with its bias and ``activation``
@@ -227,9 +267,42 @@ class LayerSpeed:
         times = self._once(key, what, lambda: self._write(key, producer, activation, tanh_unit))
         return None if times is None else max(0.0, times[0] - times[1])
 
+    @staticmethod
+    def write_estimated(activation: Optional[str]) -> bool:
+        """Whether :meth:`write_ms` estimates the write after ``activation`` rather than timing a
+        group with the quantize (:data:`ESTIMATED_WRITE_ACTIVATIONS`)."""
+        return activation in ESTIMATED_WRITE_ACTIVATIONS
+
+    def codes_ms(self, numel: int, beside_float: bool) -> float:
+        """Estimated time the quantize adds to an epilogue of ours writing ``numel`` values: its
+        instructions (:meth:`quantize_ms`), and the codes' bytes where the float value is written
+        too (``beside_float``; else the codes replace it, fewer bytes than the float value). 0 off
+        CUDA."""
+        if self.ctx is None or self.ctx.device.type != "cuda":
+            return 0.0
+        return self.quantize_ms(numel) + (numel / DYNAMIC_BYTES_PER_S * 1e3 if beside_float else 0.0)
+
+    def _estimated_write(self, producer, tunings) -> Times:
+        """(our template with the quantize, the float group's best) for :meth:`write_ms`: the
+        float group's fastest candidate of ours (one that can take the quantize in its epilogue)
+        plus :meth:`codes_ms`, against its fastest of all (cuDNN's / cuBLAS's fused kernels
+        included); an 8-bit producer's kernel is ours already (no tuning: ``tunings`` empty)."""
+        _, _, outputs = _work("linear" if "linear" in producer[0] else "conv", _probe_args(producer))
+        codes = self.codes_ms(outputs, producer[0].endswith("+float"))
+        if not tunings:
+            return codes, 0.0
+        (tuning,) = tunings
+        timed = self._timings(tuning)
+        ours = [timed[c.name] for c in tuning.candidates if c.impl == "triton" and c.name in timed]
+        return (min(ours) + codes, min(timed.values())) if ours else None
+
     def _write(self, key, producer, activation, tanh_unit) -> Times:
         best = []
-        tunings = self.built.pop(key, None) or self._write_tunings(producer, activation, tanh_unit)
+        tunings = self.built.pop(key, None)
+        if tunings is None:
+            tunings = self._write_tunings(producer, activation, tanh_unit)
+        if self.write_estimated(activation):
+            return self._estimated_write(producer, tunings)
         for tuning in tunings:
             # no tag: the probe's group is the engine's own (see write_groups), so the engine
             # finds these timings under its key and tunes the producer once, not twice
@@ -238,7 +311,9 @@ class LayerSpeed:
         return None if None in best else (best[0], best[1])
 
     def _write_tunings(self, producer, activation, tanh_unit) -> list:
-        """The tunings of the producer's group with its output quantized and without."""
+        """The tunings of the producer's group with its output quantized and without; where the
+        write is estimated (:meth:`write_estimated`), the float producer's group without the
+        quantize alone (the engine's own), and nothing for an 8-bit producer."""
         from ..kernels.conv import conv_candidates
         from ..kernels.gemm import gemm_candidates
         from ..kernels.qconv import scaled_conv_candidates
@@ -246,9 +321,14 @@ class LayerSpeed:
         from ..kernels.template import PROBE_SEEDS
 
         kind = producer[0].split("+")[0]
+        estimated = self.write_estimated(activation)
+        if estimated and kind in ("qlinear", "qconv"):
+            return []
         build = {"linear": gemm_candidates, "conv": conv_candidates, "qlinear": scaled_mm_candidates,
                  "qconv": lambda group, ctx: scaled_conv_candidates(group, ctx, vendor=False)}[kind]
         groups = write_groups(producer, activation, tanh_unit, self.precision, self.ctx.device, self.per_channel)
+        if estimated:
+            return [build(groups[1], self.ctx)]
         seeds = self._producer_seeds(producer) if kind in ("qlinear", "qconv") else ()
         for group in groups if seeds else ():
             # an 8-bit producer's groups tune its own probe's fastest configs, as its engine

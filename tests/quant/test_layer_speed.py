@@ -379,6 +379,43 @@ def test_a_layer_under_the_latency_floor_is_not_measured(monkeypatch, tmp_path):
     assert ideal("linear", (2048, 768, 768)) == pytest.approx(0.00244, rel=0.01)
 
 
+def test_a_layer_8_bits_cannot_speed_up_much_is_not_measured(monkeypatch, tmp_path):
+    """A layer whose ideal times leave 8 bits less than ``min_ideal_gain`` to win (its 16-bit
+    output's bytes bound it: ResNet-50's stem and expanding 1x1 convolutions) stays float without
+    a probe; the report says why. The 16 -> 8 channel 1x1 convolution after it is measured."""
+    from compile_backend.quant.speed import LayerSpeed
+
+    asked = []
+
+    class Speed(ConvsWin):
+        min_ideal_gain = 0.15
+        ideal_ms = staticmethod(LayerSpeed.ideal_ms)
+        ideal_gain = staticmethod(LayerSpeed.ideal_gain)
+
+        def prepare(self, probes):
+            asked.extend(("prepare", p[1][1]) for p in probes)
+
+        def conv(self, x_shape, w_shape, *rest):
+            asked.append(("time", w_shape))
+            return (0.001, 0.010)
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    assert asked == [("prepare", (8, 16, 1, 1)), ("time", (8, 16, 1, 1))], asked
+    assert status["a.weight"][0] == "float" and status["b.weight"][0] == "quantized", status
+    assert "int8 could save only 12% of its float convolution at peak rates" in status["a.weight"][1]
+    # ResNet-50 b32: the stem 8%, the expanding 1x1s ~10%, its 3x3s and reducing 1x1s 40-50%;
+    # BERT's and GPT-2's GEMMs 50%
+    gain = LayerSpeed.ideal_gain
+    one, three = ([1, 1], [0, 0], [1, 1], 1), ([1, 1], [1, 1], [1, 1], 1)
+    assert gain("conv", ((32, 3, 224, 224), (64, 3, 7, 7), [2, 2], [3, 3], [1, 1], 1)) == pytest.approx(0.08, abs=0.01)
+    assert gain("conv", ((32, 64, 56, 56), (256, 64, 1, 1)) + one) == pytest.approx(0.10, abs=0.01)
+    assert gain("conv", ((32, 64, 56, 56), (64, 64, 3, 3)) + three) == pytest.approx(0.46, abs=0.01)
+    assert gain("conv", ((32, 1024, 14, 14), (256, 1024, 1, 1)) + one) == pytest.approx(0.40, abs=0.01)
+    assert gain("linear", (2048, 2304, 768)) == pytest.approx(0.5)
+    assert LayerSpeed.min_ideal_gain == 0.15
+
+
 def test_the_quantize_estimate_is_zero_off_cuda():
     from compile_backend.kernels.base import KernelContext
     from compile_backend.quant.speed import LayerSpeed

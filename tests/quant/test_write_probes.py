@@ -374,12 +374,65 @@ def test_an_8_bit_producers_write_probe_tunes_its_probes_seeds(kind, monkeypatch
     else:
         producer = ("qlinear", 14, 48, 32, torch.float16, True, False, (2, 7, 48))
         probe_key = ("linear", 14, 48, 32, torch.float16, True)
-    speed._write_tunings(producer, "relu", True)
+    speed._write_tunings(producer, "gelu", True)
     assert marked == [None, None]
     speed.seeds[probe_key] = ("triton a", "triton b")
-    speed._write_tunings(producer + (0,) if kind == "qconv" else producer, "relu", True)
-    speed._write_tunings((kind + "+float",) + producer[1:], "relu", True)
+    speed._write_tunings(producer + (0,) if kind == "qconv" else producer, "gelu", True)
+    speed._write_tunings((kind + "+float",) + producer[1:], "gelu", True)
     assert marked[2:] == [("triton a", "triton b")] * 4, marked
+    assert speed._write_tunings(producer, "relu", True) == [] and len(marked) == 6  # estimated: nothing tuned
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv+float", "qconv", "qconv+float", "linear"])
+def test_a_write_after_no_gelu_is_estimated_from_the_float_group(kind, monkeypatch):
+    """After no activation or a ReLU, what writing a producer's output in 8 bits costs is
+    estimated, not timed on a group with the quantize (548 of the 822 candidates of ResNet-50
+    b32's INT8 probes, H100 session 25): a float producer's group without the quantize (the
+    engine's own) is tuned, and the cost is its fastest candidate of ours (ours take the quantize
+    in their epilogue) plus the quantize's instructions, and its codes' bytes where the float value
+    is written too, against its fastest of all; an 8-bit producer's kernel is ours: the quantize
+    alone. After a GELU both groups are timed as before."""
+    from types import SimpleNamespace
+
+    from compile_backend.quant import speed as speed_module
+    from compile_backend.quant.speed import LayerSpeed
+
+    ctx = KernelContext(options=Options(autotune="fast"), device=torch.device("cpu"), interpret=True)
+    speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
+    geometry = ([1, 1], [0, 0], [1, 1], 1)
+    producer = (kind, 14, 48, 32, torch.float16, True, False, (14, 48)) if kind == "linear" else \
+        (kind, (2, 8, 7, 9), (16, 8, 1, 1), geometry, torch.float16, True)
+    numel = 14 * 48 if kind == "linear" else 2 * 16 * 7 * 9
+    tunings = speed._write_tunings(producer, "relu", True)
+    assert len(tunings) == (0 if kind.startswith("q") else 1)
+    if tunings:  # the float group: no quantize in it
+        assert "aten.relu" in tunings[0].key.extra or tunings[0].candidates
+    codes = []
+    monkeypatch.setattr(LayerSpeed, "codes_ms", lambda self, n, beside: codes.append((n, beside)) or 0.002)
+    fake = SimpleNamespace(candidates=[SimpleNamespace(name="cudnn", impl="cudnn"),
+                                       SimpleNamespace(name="ours a", impl="triton"),
+                                       SimpleNamespace(name="ours b", impl="triton")])
+    monkeypatch.setattr(speed, "_write_tunings", lambda *a: [] if kind.startswith("q") else [fake])
+    monkeypatch.setattr(speed, "_timings", lambda tuning, tag=None: {"cudnn": 0.010, "ours a": 0.015, "ours b": 0.013})
+    got = speed.write_ms(producer, "relu")
+    assert codes == [(numel, kind.endswith("+float"))]
+    assert got == pytest.approx(0.002 if kind.startswith("q") else 0.013 + 0.002 - 0.010)
+    assert LayerSpeed.write_estimated(None) and LayerSpeed.write_estimated("relu") and not LayerSpeed.write_estimated("gelu")
+    assert speed_module.ESTIMATED_WRITE_ACTIVATIONS == (None, "relu")
+
+
+def test_the_codes_estimate_counts_their_bytes_beside_a_float_value(monkeypatch):
+    """``codes_ms``: the quantize's instructions, plus the codes' bytes only where the float value
+    is written too; 0 off CUDA."""
+    from compile_backend.quant.speed import DYNAMIC_BYTES_PER_S, LayerSpeed
+
+    ctx = KernelContext(options=Options(), device=torch.device("cpu"), interpret=True)
+    speed = LayerSpeed(ctx, "int8", per_channel=True, dynamic=False)
+    assert speed.codes_ms(10**6, True) == 0.0
+    speed.ctx = KernelContext(options=Options(), device=torch.device("cuda"), interpret=True)
+    monkeypatch.setattr(LayerSpeed, "quantize_ms", lambda self, n: 0.001)
+    assert speed.codes_ms(10**6, False) == pytest.approx(0.001)
+    assert speed.codes_ms(10**6, True) == pytest.approx(0.001 + 10**6 / DYNAMIC_BYTES_PER_S * 1e3)
 
 
 @pytest.mark.parametrize("a_wins_with_its_write", [True, False])
