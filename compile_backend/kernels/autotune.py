@@ -9,7 +9,9 @@ What the tuner does, by ``Options.autotune``:
 - ``"off"``: the first candidate that compiles (on CUDA: and runs once) wins; nothing timed.
 - ``"fast"`` / ``"max"``: candidates are compiled in parallel (a thread pool; Triton's compile
   is the slow part), then each is timed with CUDA events: warm-up, then the median of repeats,
-  the inputs rotated over enough copies that L2 does not flatter small problems. A candidate
+  the inputs rotated over enough copies that L2 does not flatter small problems. The repeats
+  replay the candidate's calls captured in CUDA graphs (as the engine runs them), which spares
+  the host's Python of each launch; a call that cannot be captured is timed as launched. A candidate
   that fails to compile or to run (e.g. out of shared memory) is skipped with a debug log.
 - ``Tuner.precompile(tunings)``: the candidates of several problems compiled at once, in one
   wider pool, before any is timed (a quantized engine's layer probes: one problem at a time
@@ -166,12 +168,46 @@ class CudaEventTimer:
     FP16 engine: 11.3 of 12.4 s, ~37 ms a candidate; H100). ``spin_s``: the seconds of spin
     queued so far (at 2 GHz), which the tuner reports; ``fallbacks``: the batches timed again."""
 
-    def __init__(self, batched: bool = True):
+    def __init__(self, batched: bool = True, graphs: bool = True):
         self.batched = batched
+        self.graphs = graphs
         self.spin_s = 0.0
         self.fallbacks = 0
         self.rebatches = 0
+        self.capture_failures = 0
         self.behind_ratios: List[float] = []  # a fallen-behind batch's queueing a launch over its probed host time
+
+    def captured(self, runner: Callable, input_sets: Sequence[Sequence[Any]]) -> Optional[List[Any]]:
+        """Each input set's call of ``runner`` captured in a CUDA graph (one memory pool), for
+        the measurement to replay: a replay costs the host ~10 us where our templates' runners
+        cost ~270 (their Python: binding, output allocation, Triton's launcher; H100, session 23),
+        so the spins covering the host's queueing shrink with it; the engine runs its kernels in
+        CUDA graphs too. None where a call cannot be captured (it synchronises, say): those
+        launches are timed as they are, counted in ``capture_failures``. ``graphs=False``: never."""
+        if not self.graphs or not input_sets:
+            return None
+        graphs: List[Any] = []
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                for inputs in input_sets:
+                    graph = torch.cuda.CUDAGraph()
+                    graph.capture_begin(pool=graphs[0].pool() if graphs else None, capture_error_mode="thread_local")
+                    try:
+                        runner(*inputs)
+                    finally:
+                        graph.capture_end()
+                    graphs.append(graph)
+        except Exception as exc:  # noqa: BLE001  (timed uncaptured instead)
+            log.debug("compile_backend: a candidate's call could not be captured (%s: %s); timed as launched",
+                      type(exc).__name__, exc)
+            self.capture_failures += 1
+            release_graphs(graphs)
+            graphs = []
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+        return graphs or None
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         if self.batched:
@@ -231,6 +267,18 @@ class CudaEventTimer:
 
     def sync(self) -> None:
         torch.cuda.synchronize()
+
+
+def replay(graph: Any) -> None:
+    """A runner of one captured call (:meth:`CudaEventTimer.captured`)."""
+    graph.replay()
+
+
+def release_graphs(graphs: Sequence[Any]) -> None:
+    """Free captured calls' graphs and their memory pool."""
+    torch.cuda.synchronize()
+    for graph in graphs:
+        graph.reset()
 
 
 #: a candidate's host time per call counted as slow in ``Tuner.stats["slow_hosts"]``
@@ -339,11 +387,12 @@ class Tuner:
         # host_seconds, the host time of one call summed over the candidates timed (what the
         # spins cover: ~270 us a call on average at ResNet-50 b32, H100 session 23, where our
         # runners' own Python, the launch stubbed, took ~20 us on the CI machine), slow_hosts
-        # those over SLOW_HOST_S
+        # those over SLOW_HOST_S; captured, the candidates timed as replays of CUDA graphs
+        # (CudaEventTimer.captured), capture_failures those timed as launched instead
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
                       "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0,
-                      "host_seconds": 0.0, "slow_hosts": 0}
+                      "host_seconds": 0.0, "slow_hosts": 0, "captured": 0, "capture_failures": 0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -475,6 +524,7 @@ class Tuner:
         self.stats["spin_seconds"] = round(getattr(self.timer, "spin_s", 0.0), 3)
         self.stats["spin_fallbacks"] = getattr(self.timer, "fallbacks", 0)
         self.stats["spin_rebatches"] = getattr(self.timer, "rebatches", 0)
+        self.stats["capture_failures"] = getattr(self.timer, "capture_failures", 0)
         ratios = sorted(getattr(self.timer, "behind_ratios", ()))
         self.stats["behind_queue_ratio"] = round(ratios[len(ratios) // 2], 2) if ratios else 0.0
         if best is None:
@@ -535,6 +585,7 @@ class Tuner:
 
     def _time_one(self, key: TuningKey, cand: Candidate, runner, input_sets) -> Optional[float]:
         t_warm = time.perf_counter()
+        graphs = None
         try:
             runner(*input_sets[0])  # warm-up: lazy compile, autotune-free first launch
             self.timer.sync()
@@ -545,6 +596,14 @@ class Tuner:
             self.stats["host_seconds"] += host_s
             self.stats["slow_hosts"] += host_s > SLOW_HOST_S
             self.timer.sync()
+            graphs = self.timer.captured(runner, input_sets) if hasattr(self.timer, "captured") else None
+            if graphs:  # the captured calls are what is timed, at a replay's host time
+                runner, input_sets = replay, [(g,) for g in graphs]
+                t0 = time.perf_counter()
+                replay(graphs[-1])
+                replay(graphs[0])
+                host_s = (time.perf_counter() - t0) / 2
+                self.stats["captured"] += 1
             self.stats["warmup_seconds"] += time.perf_counter() - t_warm
             estimate = self.timer.measure(runner, input_sets, 2, host_s)
             per_run = max(min(estimate), host_s * 1e3, 1e-4)  # ms of wall a launch
@@ -558,6 +617,9 @@ class Tuner:
                 except Exception:
                     pass
             return None
+        finally:
+            if graphs:
+                release_graphs(graphs)
 
     def _say(self, message: str) -> None:
         if self.progress is not None:

@@ -7,6 +7,7 @@ behaviour (cache round trip, concurrent writers) runs real subprocesses.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -565,6 +566,82 @@ def test_a_batch_whose_host_was_slower_than_probed(monkeypatch, probed_s, rebatc
         assert len(fake.sleeps) == 1 + 5
 
 
+class _FakeGraphs:
+    """torch.cuda's streams and CUDA graphs over a :class:`_FakeCuda`: a captured call runs
+    again (a launch) at each replay; ``fail`` makes a capture raise, as a call that synchronises."""
+
+    def __init__(self, cuda: "_FakeCuda", fail: bool):
+        self.captures, self.replays, self.resets, self.capturing = 0, 0, 0, False
+        fakes = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def capture_begin(self, pool=None, capture_error_mode="global"):
+                assert capture_error_mode == "thread_local"
+                fakes.capturing, self.calls = True, cuda.launches
+
+            def capture_end(self):
+                fakes.capturing = False
+                fakes.captures += 1
+                if fail:
+                    raise RuntimeError("operation not permitted when stream is capturing (simulated)")
+                self.calls, cuda.launches = cuda.launches - self.calls, self.calls  # captured, not run
+
+            def pool(self):
+                return "pool"
+
+            def replay(self):
+                fakes.replays += 1
+                cuda.launches += self.calls
+
+            def reset(self):
+                fakes.resets += 1
+
+        self.Stream, self.CUDAGraph = Stream, CUDAGraph
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: self.Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+@pytest.mark.parametrize("capturable", [True, False])
+def test_the_timed_repeats_replay_captured_calls(monkeypatch, capturable):
+    """Each candidate's call is captured in a CUDA graph per input set and the timed repeats
+    replay those (a replay's host time, not our runners' ~270 us of Python, sizes the spins);
+    the graphs are freed after. A call that cannot be captured is timed as launched, counted."""
+    from compile_backend.kernels.autotune import CudaEventTimer
+
+    cuda = _FakeCuda(False)
+    cuda.install(monkeypatch)
+    graphs = _FakeGraphs(cuda, fail=not capturable)
+    graphs.install(monkeypatch)
+    direct = []
+
+    def compile_():
+        def run(*inputs):
+            direct.append(graphs.capturing)
+            cuda.launches += 1
+        return run
+
+    tuner = Tuner("fast", timer=CudaEventTimer(), compile_workers=1)
+    choice = tuner.choose(KEY, [Candidate("only", {}, compile_, impl="python")], make_inputs)
+    assert choice.timings_ms["only"] == 1.0  # one launch between a repeat's events
+    assert graphs.captures == 1  # one input set (no CUDA device: no L2 copies)
+    if capturable:
+        assert direct == [False] * 3 + [True] and graphs.replays >= 2 + 5 + 2
+        assert tuner.stats["captured"] == 1 and tuner.stats["capture_failures"] == 0
+        assert graphs.resets == 1
+    else:
+        assert direct[:4] == [False] * 3 + [True] and len(direct) >= 4 + 2 + 5 and graphs.replays == 0
+        assert tuner.stats["captured"] == 0 and tuner.stats["capture_failures"] == 1
+    assert not CudaEventTimer(graphs=False).captured(lambda: None, [()])
+
+
 def test_batch_spin_covers_the_hosts_queueing():
     from compile_backend.kernels.autotune import SPIN_HZ, batch_spin_cycles
 
@@ -597,3 +674,44 @@ def test_gpu_batched_event_timings_match_spaced_ones():
     # these launches' host time is short: the spaced spins are at their ~100 us floor (H100,
     # session 23: 9.5 ms of batched spin against 22 ms)
     assert batched.fallbacks == 0 and batched.spin_s < spaced.spin_s / 2
+
+
+@pytest.mark.gpu
+def test_gpu_captured_timings_match_launched_ones():
+    """Replays of captured calls time as the launches themselves do (a small and a large GEMM, a
+    copy, a cuDNN convolution), at a fraction of the host time a repeat; a call that synchronises
+    is not captured, is counted, and leaves the stream usable."""
+    from compile_backend.kernels.autotune import CudaEventTimer, release_graphs, replay
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    h = lambda *s: torch.randn(*s, device="cuda", dtype=torch.float16)  # noqa: E731
+    conv = lambda x, w: torch.nn.functional.conv2d(x, w, padding=1)  # noqa: E731
+    cases = [(torch.mm, [(h(64, 64), h(64, 64))]), (torch.mm, [(h(4096, 4096), h(4096, 4096))]),
+             (lambda x: x.clone(), [(torch.randn(1 << 24, device="cuda"),) for _ in range(3)]),
+             (conv, [(h(32, 64, 56, 56).contiguous(memory_format=torch.channels_last),
+                      h(64, 64, 3, 3).contiguous(memory_format=torch.channels_last))])]
+    timer = CudaEventTimer()
+    for fn, inputs in cases:
+        fn(*inputs[0])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(*inputs[0])
+        host_s = time.perf_counter() - t0
+        graphs = timer.captured(fn, inputs)
+        assert graphs is not None and len(graphs) == len(inputs)
+        t0 = time.perf_counter()
+        replay(graphs[0])
+        replay_s = time.perf_counter() - t0
+        launched = sorted(timer.measure(fn, inputs, 30, host_s))[15]
+        replayed = sorted(timer.measure(replay, [(g,) for g in graphs], 30, replay_s))[15]
+        release_graphs(graphs)
+        assert abs(replayed - launched) <= 0.15 * launched + 3e-3, (fn, replayed, launched)
+
+    def syncs(x):
+        y = x * 2
+        torch.cuda.synchronize()
+        return y
+    x = torch.randn(1024, device="cuda")
+    assert timer.captured(syncs, [(x,)]) is None and timer.capture_failures == 1
+    assert torch.equal(syncs(x), x * 2)
