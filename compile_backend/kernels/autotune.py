@@ -187,10 +187,12 @@ class CudaEventTimer:
         if not self.graphs or not input_sets:
             return None
         graphs: List[Any] = []
-        side = torch.cuda.Stream()
+        # one capture stream for the timer: cuBLAS keeps a workspace a (handle, stream)
+        self._side = side = getattr(self, "_side", None) or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(side):
+                runner(*input_sets[0])  # on this stream once uncaptured: its workspaces, lazy inits
                 for inputs in input_sets:
                     graph = torch.cuda.CUDAGraph()
                     graph.capture_begin(pool=graphs[0].pool() if graphs else None, capture_error_mode="thread_local")

@@ -633,11 +633,11 @@ def test_the_timed_repeats_replay_captured_calls(monkeypatch, capturable):
     assert choice.timings_ms["only"] == 1.0  # one launch between a repeat's events
     assert graphs.captures == 1  # one input set (no CUDA device: no L2 copies)
     if capturable:
-        assert direct == [False] * 3 + [True] and graphs.replays >= 2 + 5 + 2
+        assert direct == [False] * 4 + [True] and graphs.replays >= 2 + 5 + 2
         assert tuner.stats["captured"] == 1 and tuner.stats["capture_failures"] == 0
         assert graphs.resets == 1
     else:
-        assert direct[:4] == [False] * 3 + [True] and len(direct) >= 4 + 2 + 5 and graphs.replays == 0
+        assert direct[:5] == [False] * 4 + [True] and len(direct) >= 5 + 2 + 5 and graphs.replays == 0
         assert tuner.stats["captured"] == 0 and tuner.stats["capture_failures"] == 1
     assert not CudaEventTimer(graphs=False).captured(lambda: None, [()])
 
