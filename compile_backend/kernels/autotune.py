@@ -190,12 +190,14 @@ class CudaEventTimer:
         # one capture stream for the timer: cuBLAS keeps a workspace a (handle, stream)
         self._side = side = getattr(self, "_side", None) or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        pool = torch.cuda.graph_pool_handle()  # known before the capture: a failed one is ended by it
+        graph = None
         try:
             with torch.cuda.stream(side):
                 runner(*input_sets[0])  # on this stream once uncaptured: its workspaces, lazy inits
                 for inputs in input_sets:
                     graph = torch.cuda.CUDAGraph()
-                    graph.capture_begin(pool=graphs[0].pool() if graphs else None, capture_error_mode="thread_local")
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                     try:
                         runner(*inputs)
                     finally:
@@ -207,9 +209,29 @@ class CudaEventTimer:
             self.capture_failures += 1
             release_graphs(graphs)
             graphs = []
+            self._end_failed_capture(graph, pool)
         finally:
             torch.cuda.current_stream().wait_stream(side)
         return graphs or None
+
+    def _end_failed_capture(self, graph: Any, pool: Any) -> None:
+        """Undo what a failed capture leaves behind, and capture nothing more: torch (2.11-2.13)
+        ends a capture's routing of allocations to its memory pool only after the capture ended
+        well, so the caching allocator would go on consulting the dead capture (its frees deferred,
+        its pool never released). Where torch has the hooks, the routing is ended and the pool
+        released here; the graph object stays referenced (the host allocator's routing names it).
+        (A GPU test runs a failed capture, then compiles and captures, in a process of its own.)"""
+        self.graphs = False
+        self._failed_graphs = getattr(self, "_failed_graphs", []) + ([graph] if graph is not None else [])
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        release = getattr(torch._C, "_cuda_releasePool", None)
+        try:
+            torch.cuda.synchronize()
+            if end is not None and release is not None:
+                end(torch.cuda.current_device(), pool)
+                release(torch.cuda.current_device(), pool)  # the failed capture's use of it
+        except Exception as exc:  # noqa: BLE001  (best effort: the timing goes on uncaptured)
+            log.debug("compile_backend: ending a failed capture's memory pool failed (%s: %s)", type(exc).__name__, exc)
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         if self.batched:
