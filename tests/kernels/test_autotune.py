@@ -719,7 +719,7 @@ def test_gpu_captured_timings_match_launched_ones():
 
 
 @pytest.mark.gpu
-def test_gpu_a_failed_capture_leaves_compiling_and_capturing_working():
+def test_gpu_a_failed_capture_leaves_compiling_and_capturing_working(tmp_path):
     """A call that synchronises fails its capture; in that process a Triton kernel then compiles
     and runs, cuBLAS runs, and a fresh timer captures and replays (torch leaves the allocator
     routing to a failed capture's pool: session 26's GPU run, where this case ran in the test
@@ -759,5 +759,7 @@ def test_gpu_a_failed_capture_leaves_compiling_and_capturing_working():
         print("ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    path = tmp_path / "failed_capture.py"  # a file: Triton reads its kernels' source
+    path.write_text(script)
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
