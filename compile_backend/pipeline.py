@@ -255,8 +255,9 @@ def layer_speed(ctx: fx_passes.PassContext, options: Options):
     try:
         yield scope
     finally:
+        counts = request.speed.counts
         request.speed = None
-        ctx.stats["probes"] = dict(kctx.tuner.stats) if kctx.tuner is not None else {}
+        ctx.stats["probes"] = dict(kctx.tuner.stats, **counts) if kctx.tuner is not None else dict(counts)
 
 
 def kernel_context(options: Options, device: torch.device, scope, timings: Optional[plans.PlanTimings] = None,

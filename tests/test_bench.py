@@ -424,6 +424,7 @@ def test_quant_suite_cpu_records_every_peer_it_ran(tmp_path, monkeypatch):
     stages = records[2]["compile_stages"]  # where our INT8 engine's first call went
     assert stages["compile_s"] > 0 and stages["passes_s"] > 0 and stages["kernels_s"] >= 0
     assert stages["passes_s"] + stages["kernels_s"] <= stages["compile_s"] + 1e-3
+    assert stages["probe_layer_candidates"] == stages["probe_group_candidates"] == 0  # nothing probed on the CPU
 
     # issue #18's table and plot from that file, with a max-autotune record of benchmarks.suite's
     from benchmarks import quant_table

@@ -107,6 +107,9 @@ class LayerSpeed:
         self.seen: Dict[Tuple[Any, ...], Times] = {}
         self.built: Dict[Tuple[Any, ...], Any] = {}  # probe key -> its tuning, made by prepare
         self.seeds: Dict[Tuple[Any, ...], Tuple[str, ...]] = {}  # probe key -> its fastest 8-bit candidates
+        # candidates handed to the compile pools: the layers' own probes, the producers' and
+        # float groups (the report's stages["probes"]: where a first call's compiling went)
+        self.counts = {"layer_candidates": 0, "group_candidates": 0}
 
     def __call__(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Times:
         key = ("linear", m, n, k, dtype, bias)
@@ -169,6 +172,7 @@ class LayerSpeed:
                 log.debug("compile_backend: probe %s not prepared: %s", key, exc)
                 continue
             tunings.append((self._tagged(self.built[key], PROBE_TAG), self.built[key].candidates))
+        self.counts["layer_candidates"] += sum(len(c) for _, c in tunings)
         tuner_for(self.ctx).precompile(tunings)
 
     def prepare_groups(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]],
@@ -189,6 +193,7 @@ class LayerSpeed:
                 log.debug("compile_backend: group probe %s not prepared: %s", key, exc)
                 continue
             tunings += [(t.key, t.candidates) for t in self.built[key]]
+        self.counts["group_candidates"] += sum(len(c) for _, c in tunings)
         tuner_for(self.ctx).precompile(tunings)
 
     def float_ms(self, producer: Tuple[Any, ...], activation: Optional[str]) -> Optional[float]:

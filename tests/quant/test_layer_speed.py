@@ -436,12 +436,15 @@ def test_probes_run_their_code_path_on_the_cpu():
     speed.prepare([("linear", (33, 48, 32, torch.float16, True)),
                    ("conv", ((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True))])
     assert len(speed.built) == 2  # built (nothing compiled: no timing on the CPU), taken by the calls
+    laid = speed.counts["layer_candidates"]
+    assert laid == sum(len(t.candidates) for t in speed.built.values()) > 0  # handed to the pool, counted
     assert speed(33, 48, 32, torch.float16, True) is None
     assert speed.conv((2, 8, 7, 9), (16, 8, 3, 3), [1, 1], [1, 1], [1, 1], 1, torch.float16, True) is None
     assert not speed.built
     conv_group = (("conv", (2, 8, 7, 9), (16, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True, 1), "relu")
     speed.prepare_groups([(("linear", 33, 48, 32, torch.float16, True, True, (3, 11, 48)), "gelu", True)], [conv_group])
     assert len(speed.built) == 2  # the write probe's two tunings, the float group's; taken by the calls
+    assert speed.counts["group_candidates"] > 0 and speed.counts["layer_candidates"] == laid
     assert speed.float_ms(*conv_group) is None and len(speed.built) == 1
     speed.prepare([("linear", (17, 48, 32, torch.float16, False))])  # beside a prepared write probe
     assert len(speed.built) == 2
