@@ -659,6 +659,15 @@ def test_batch_spin_covers_the_hosts_queueing():
     assert batch_spin_cycles(30, 50e-6) < batch_spin_cycles(30, 100e-6) < 30 * 4e6  # under the old per-launch spins
 
 
+def _warm_host_s(fn, inputs) -> float:
+    """``fn``'s first call done, the host seconds of a second one."""
+    fn(*inputs[0])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*inputs[0])
+    return time.perf_counter() - t0
+
+
 @pytest.mark.gpu
 def test_gpu_batched_event_timings_match_spaced_ones():
     """The batched timer's medians agree with one-spin-a-launch timings (the method before
@@ -672,11 +681,7 @@ def test_gpu_batched_event_timings_match_spaced_ones():
              (lambda x: x.clone(), [(torch.randn(1 << 24, device="cuda"),) for _ in range(3)])]
     batched, spaced = CudaEventTimer(), CudaEventTimer(batched=False)
     for fn, inputs in cases:
-        fn(*inputs[0])
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(*inputs[0])
-        host_s = time.perf_counter() - t0
+        host_s = _warm_host_s(fn, inputs)
         b = sorted(batched.measure(fn, inputs, 30, host_s))[15]
         s = sorted(spaced.measure(fn, inputs, 30, host_s))[15]
         assert abs(b - s) <= 0.15 * s + 2e-3, (b, s)
@@ -688,8 +693,8 @@ def test_gpu_batched_event_timings_match_spaced_ones():
 @pytest.mark.gpu
 def test_gpu_captured_timings_match_launched_ones():
     """Replays of captured calls time as the launches themselves do (a small and a large GEMM, a
-    copy, a cuDNN convolution), at a fraction of the host time a repeat; a call that synchronises
-    is not captured, is counted, and leaves the stream usable."""
+    copy, a cuDNN convolution), at a fraction of the host time a repeat. (A call that cannot be
+    captured: the next test, in a process of its own.)"""
     from compile_backend.kernels.autotune import CudaEventTimer, release_graphs, replay
 
     if not torch.cuda.is_available():
@@ -702,11 +707,7 @@ def test_gpu_captured_timings_match_launched_ones():
                       h(64, 64, 3, 3).contiguous(memory_format=torch.channels_last))])]
     timer = CudaEventTimer()
     for fn, inputs in cases:
-        fn(*inputs[0])
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(*inputs[0])
-        host_s = time.perf_counter() - t0
+        host_s = _warm_host_s(fn, inputs)
         graphs = timer.captured(fn, inputs)
         assert graphs is not None and len(graphs) == len(inputs)
         t0 = time.perf_counter()
