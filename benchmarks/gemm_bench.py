@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from compile_backend.kernels import gemm_template as tpl
-from compile_backend.kernels.autotune import CudaEventTimer, WallClockTimer
+from compile_backend.kernels.timers import CudaEventTimer, WallClockTimer
 from compile_backend.kernels.base import KernelContext, KernelGroup
 from compile_backend.kernels.conv import build_conv
 from compile_backend.kernels.gemm import build_gemm

@@ -72,7 +72,8 @@ def group_of(precision: str, pad: int, stride: int, inputs):
 
 
 def tune(group, precision: str, level: str, cache_dir: str):
-    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+    from compile_backend.kernels.autotune import Tuner
+    from compile_backend.kernels.timers import WallClockTimer
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.conv import conv_candidates
     from compile_backend.kernels.conv_tma import ConvTmaConfig

@@ -103,7 +103,8 @@ def best(group, kind: str, ctx):
 
 
 def main(argv=None) -> int:
-    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+    from compile_backend.kernels.autotune import Tuner
+    from compile_backend.kernels.timers import WallClockTimer
     from compile_backend.kernels.base import KernelContext
     from compile_backend.options import Options
 

@@ -370,7 +370,8 @@ def test_tuned_builder_times_our_configs_against_sdpa(monkeypatch):
     lands in the timing cache so the next build times nothing. Each of our candidates is warmed
     (compiled, on the GPU) in the tuner's compile step, not in its timing loop."""
     from compile_backend.kernels import template
-    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+    from compile_backend.kernels.autotune import Tuner
+    from compile_backend.kernels.timers import WallClockTimer
 
     warmed, real_warmed = [], template.warmed
     monkeypatch.setattr(template, "warmed", lambda run, probe: warmed.append(probe) or real_warmed(run, probe))
@@ -412,7 +413,8 @@ def _tuned_candidates(group):
     """Build ``group`` with a timing tuner and return what the tuner was handed: the runner
     factory, and the unfused path (SDPA is ``group.reference``), to call each candidate."""
     from compile_backend.kernels import attention as att_mod
-    from compile_backend.kernels.autotune import Tuner, WallClockTimer
+    from compile_backend.kernels.autotune import Tuner
+    from compile_backend.kernels.timers import WallClockTimer
 
     ctx = _ctx()
     ctx.tuner = Tuner("fast", timer=WallClockTimer(), compile_workers=1)
