@@ -13,6 +13,7 @@ import torch
 
 log = logging.getLogger("compile_backend")
 
+
 class CudaEventTimer:
     """Per-launch CUDA event timings with the host's launch overhead left out. A spin kernel
     keeps the GPU busy while the host queues the timed launches, each between two events, so
@@ -41,6 +42,8 @@ class CudaEventTimer:
         self.rebatches = 0
         self.capture_failures = 0
         self.behind_ratios: List[float] = []  # a fallen-behind batch's queueing a launch over its probed host time
+        self._side: Optional[Any] = None  # the capture stream (cuBLAS keeps a workspace a handle and stream)
+        self._failed_graphs: List[Any] = []  # failed captures' graphs, kept (see _end_failed_capture)
 
     def captured(self, runner: Callable, input_sets: Sequence[Sequence[Any]]) -> Optional[List[Any]]:
         """Each input set's call of ``runner`` captured in a CUDA graph (one memory pool), for
@@ -52,8 +55,7 @@ class CudaEventTimer:
         if not self.graphs or not input_sets:
             return None
         graphs: List[Any] = []
-        # one capture stream for the timer: cuBLAS keeps a workspace a (handle, stream)
-        self._side = side = getattr(self, "_side", None) or torch.cuda.Stream()
+        self._side = side = self._side or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         pool = torch.cuda.graph_pool_handle()  # known before the capture: a failed one is ended by it
         graph = None
@@ -87,7 +89,7 @@ class CudaEventTimer:
         released here; the graph object stays referenced (the host allocator's routing names it).
         (A GPU test runs a failed capture, then compiles and captures, in a process of its own.)"""
         self.graphs = False
-        self._failed_graphs = getattr(self, "_failed_graphs", []) + ([graph] if graph is not None else [])
+        self._failed_graphs += [graph] if graph is not None else []
         end = getattr(torch._C, "_cuda_endAllocateToPool", None)
         release = getattr(torch._C, "_cuda_releasePool", None)
         try:
