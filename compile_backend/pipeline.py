@@ -255,7 +255,7 @@ def layer_speed(ctx: fx_passes.PassContext, options: Options):
     try:
         yield scope
     finally:
-        counts = request.speed.counts
+        counts = getattr(request.speed, "counts", {})
         request.speed = None
         ctx.stats["probes"] = dict(kctx.tuner.stats, **counts) if kctx.tuner is not None else dict(counts)
 
