@@ -90,8 +90,11 @@ def torchao_model(model: torch.nn.Module, config_name: str) -> torch.nn.Module:
     return quantized
 
 
-def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: str, quant_layers: str = "faster"):
-    """(callable, seconds spent preparing: calibration or torchao's quantize_, report or None)."""
+def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: str, quant_layers: str = "faster",
+               compile_processes: Optional[int] = None):
+    """(callable, seconds spent preparing: calibration or torchao's quantize_, report or None);
+    ``compile_processes``: our engines' option (None: its default)."""
+    ours = {} if compile_processes is None else {"compile_processes": compile_processes}
     from compile_backend import quant
     from compile_backend.report import Report
 
@@ -99,7 +102,7 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
     peer = peer.removesuffix(PDL_SUFFIX) if pdl else peer
     if peer in FP16_PEERS:
         report = Report() if peer == "compile_backend" else None
-        options = {"cache_dir": cache_dir, "autotune": autotune, "pdl": pdl} if peer == "compile_backend" else {}
+        options = {"cache_dir": cache_dir, "autotune": autotune, "pdl": pdl, **ours} if peer == "compile_backend" else {}
         return compile_peer(peer, model, options, report), 0.0, report
     if peer in OUR_QUANT:
         precision, acts, *rest = OUR_QUANT[peer]
@@ -113,7 +116,7 @@ def build_peer(peer: str, model, inputs, device: str, cache_dir: str, autotune: 
         prep = time.perf_counter() - t0
         report = Report()
         options = {"cache_dir": cache_dir, "autotune": autotune, "quant": cfg, "quant_layers": quant_layers,
-                   "fp8_accumulation": accumulation, "quant_residuals": residuals, "pdl": pdl}
+                   "fp8_accumulation": accumulation, "quant_residuals": residuals, "pdl": pdl, **ours}
         return compile_peer("compile_backend", model, options, report), prep, report
     if peer in TORCHAO:
         t0 = time.perf_counter()
@@ -165,6 +168,10 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("kernel_spin_fallbacks", g.tuning.get("spin_fallbacks"))
         add("kernel_spin_rebatches", g.tuning.get("spin_rebatches"))
         add("kernels_tuned", g.tuning.get("tuned"))
+        for where, stats in (("probe", probes), ("kernel", g.tuning)):  # the compile workers' share
+            for name in ("kernels", "compiled", "failed"):
+                add(f"{where}_pool_{name}", stats.get("pool_" + name))
+            add(f"{where}_pool_s", stats.get("pool_seconds"))
     return out
 
 
@@ -222,7 +229,7 @@ def run_peer(peer: str, model, inputs, ref, logits, args, root: str) -> Dict[str
     try:
         with fresh_compiler_caches(cache), torch.no_grad():
             fn, prep_s, report = build_peer(peer, model, inputs, args.device, os.path.join(cache, "cb"), args.autotune,
-                                            args.quant_layers)
+                                            args.quant_layers, args.compile_processes)
             record["prepare_s"] = prep_s
             call = make_call("inductor-reduce-overhead" if peer in TORCHAO else peer, fn, inputs)
             timed = first_and_steady(call, args.iters, args.warmup, args.device)
@@ -268,7 +275,7 @@ def run_case(case: str, peers: Sequence[str], args, results: ResultsFile, record
         for peer in peers:
             record = run_peer(peer, model, inputs, ref, logits, args, root)
             record.update(case=case, model=name, batch=batch, precision="fp16 model", kind="quant_suite",
-                          quant_layers=args.quant_layers, **env)
+                          quant_layers=args.quant_layers, compile_processes=args.compile_processes, **env)
             records.append(record)
             results.write(records)
 
@@ -284,6 +291,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quant-layers", default="faster", choices=("faster", "all"),
                    help="our quantized engines: quantize only the layers whose 8-bit GEMM is faster (default), or all")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--compile-processes", type=int, default=None,
+                   help="our engines' compile_processes option (0: every Triton compile in this process)")
     p.add_argument("--profile", action="store_true", help="each peer's GPU kernels per call (torch.profiler)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--out", required=True)

@@ -94,6 +94,10 @@ class Options:
         is never written (half the bytes of the residual stream), and the skip connection then
         carries the quantization error. Off by default: measured on ResNet-50 b32 (H100) it
         saved 0.08 ms of an all-8-bit engine, but made the ``faster`` one slower (quant/README.md).
+    compile_processes: worker processes that compile the tuner's Triton candidates on CUDA
+        (``kernels/compile_pool.py``: Triton's compile holds the GIL, so threads compile one
+        kernel at a time). None (default): one a core but one, at most 16, none on 2 cores or
+        fewer; 0: every compile in this process. The workers live until the process exits.
     """
 
     precision: str = "fp32"
@@ -113,6 +117,7 @@ class Options:
     fp8_accumulation: str = "fp32"
     quant_gelu: str = "tanh"
     quant_residuals: str = "float"
+    compile_processes: Optional[int] = None
 
     def __post_init__(self) -> None:
         _choice("precision", self.precision, PRECISIONS)
@@ -137,6 +142,10 @@ class Options:
                 raise ValueError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, int) or self.cache_max_bytes < 0:
             raise ValueError(f"option 'cache_max_bytes' must be a non-negative integer, got {self.cache_max_bytes!r}")
+        if self.compile_processes is not None and (isinstance(self.compile_processes, bool) or not isinstance(
+                self.compile_processes, int) or self.compile_processes < 0):
+            raise ValueError(f"option 'compile_processes' must be None or a non-negative integer, "
+                             f"got {self.compile_processes!r}")
         if isinstance(self.max_engines, bool) or not isinstance(self.max_engines, int) or self.max_engines < 1:
             raise ValueError(f"option 'max_engines' must be a positive integer, got {self.max_engines!r}")
         _check_quant(self.quant)

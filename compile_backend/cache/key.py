@@ -33,7 +33,8 @@ from . import location
 KEY_SCHEMA = 1
 
 #: options that choose where or how much to cache, not what gets built
-OPTIONS_NOT_IN_KEY = frozenset({"cache_dir", "cache_max_bytes", "cache", "quant"})  # quant: calibration_hash
+# quant: calibration_hash; compile_processes: where kernels compile, not what
+OPTIONS_NOT_IN_KEY = frozenset({"cache_dir", "cache_max_bytes", "cache", "quant", "compile_processes"})
 
 
 def hash_python_sources(package_dir: Path) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -41,6 +42,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from . import compile_pool
 from .base import triton_interpret, tuning_level
 from .timers import CudaEventTimer, release_graphs, replay
 
@@ -52,6 +54,14 @@ LEVEL_RANK = {"off": 0, "budget": 1, "fast": 2, "max": 3}
 #: threads of ``Tuner.precompile``'s pool at most (one a core below that): compiling is mostly
 #: outside the GIL (LLVM, ptxas), and threads scaled as processes did (session 19's notes)
 PRECOMPILE_WORKERS = 16
+
+
+def default_compile_processes() -> int:
+    """Compile worker processes when the caller names none: one a core but one, at most
+    :data:`PRECOMPILE_WORKERS`; 0 on a machine of 2 cores or fewer (the workers' start would
+    not pay)."""
+    cores = os.cpu_count() or 1
+    return min(PRECOMPILE_WORKERS, cores - 1) if cores > 2 else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +206,7 @@ class Tuner:
         progress: Optional[Callable[[str], None]] = None,
         timer: Any = None,
         compile_workers: Optional[int] = None,
+        compile_processes: Optional[int] = None,
         progress_after_s: float = 2.0,
     ):
         self.level = tuning_level(autotune)
@@ -207,6 +218,9 @@ class Tuner:
         # without a device to time on (CPU / interpreter) tuning would only measure Python
         self.timer = timer if timer is not None else (CudaEventTimer() if on_cuda else None)
         self.compile_workers = compile_workers or max(1, min(8, os.cpu_count() or 1))
+        # Triton compiles in this many worker processes (compile_pool; 0 or 1: in this process)
+        self.compile_processes = (default_compile_processes() if compile_processes is None
+                                  else max(0, int(compile_processes)))
         self.progress_after_s = progress_after_s  # tunings shorter than this print nothing
         self.settings = SETTINGS.get(self.level, SETTINGS["fast"])
         self.env = current_environment(self.device)
@@ -221,11 +235,14 @@ class Tuner:
         # spins cover: ~270 us a call on average at ResNet-50 b32, H100 session 23, where our
         # runners' own Python, the launch stubbed, took ~20 us on the CI machine), slow_hosts
         # those over SLOW_HOST_S; captured, the candidates timed as replays of CUDA graphs
-        # (CudaEventTimer.captured), capture_failures those timed as launched instead
+        # (CudaEventTimer.captured), capture_failures those timed as launched instead;
+        # pool_kernels, the Triton kernels recorded for the compile workers (compile_pool),
+        # pool_compiled / pool_failed their outcome there, pool_seconds recording + compiling
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
                       "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0,
-                      "host_seconds": 0.0, "slow_hosts": 0, "captured": 0, "capture_failures": 0}
+                      "host_seconds": 0.0, "slow_hosts": 0, "captured": 0, "capture_failures": 0,
+                      "pool_kernels": 0, "pool_compiled": 0, "pool_failed": 0, "pool_seconds": 0.0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -404,6 +421,14 @@ class Tuner:
         # one or two was dropped as "failed to compile". So one at a time there.
         if workers <= 1 or len(todo) <= 1 or triton_interpret():
             return [build(item) for item in todo]
+        if self.compile_processes > 1 and self.device.type == "cuda":
+            # Triton's compiles hold the GIL: the threads below would compile one at a time.
+            # Worker processes fill Triton's binary cache first; the threads then load from it.
+            got = compile_pool.precompile([functools.partial(build, item) for item in todo if item[1].impl == "triton"],
+                                          self.compile_processes)
+            for name in ("kernels", "compiled", "failed"):
+                self.stats["pool_" + name] += int(got[name])
+            self.stats["pool_seconds"] += got["record_seconds"] + got["compile_seconds"]
         with concurrent.futures.ThreadPoolExecutor(min(workers, len(todo))) as pool:
             return list(pool.map(build, todo))
 
@@ -475,5 +500,5 @@ def tuner_for(ctx: Any) -> Tuner:
     so that a seconds budget is shared by every group the context builds."""
     if ctx.tuner is None:
         ctx.tuner = Tuner(autotune=ctx.options.autotune, cache=ctx.timing_cache, device=ctx.device,
-                          progress=ctx.progress)
+                          progress=ctx.progress, compile_processes=getattr(ctx.options, "compile_processes", None))
     return ctx.tuner

@@ -19,7 +19,7 @@ import sys
 import threading
 from collections import OrderedDict
 from types import ModuleType
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 _POW2 = tuple(1 << i for i in range(20))
 
@@ -211,6 +211,16 @@ def load_source(source: str) -> ModuleType:
         while len(_MODULES) > MAX_MODULES:
             _forget_oldest()
         return mod
+
+
+def generated_source(module_name: str) -> Optional[str]:
+    """The source text of a module :func:`load_source` made, by the module's name (None for any
+    other module, or one forgotten since): how a kernel of ours is shipped to a compile worker."""
+    prefix = "compile_backend_gen_"
+    if not module_name.startswith(prefix):
+        return None
+    entry = linecache.cache.get(f"<compile_backend generated k_{module_name[len(prefix):]}>")
+    return "".join(entry[2]) if entry else None
 
 
 def memo_stats() -> Tuple[int, int]:

@@ -1,0 +1,285 @@
+"""Triton compiles in worker processes, for the tuner's candidates.
+
+Why: a candidate's Triton compile (~0.3-1 s) is mostly LLVM and MLIR passes that hold the GIL,
+so the tuner's thread pool compiled about one kernel at a time (Triton 3.6, sm_90, session 27:
+four GEMM configs 1.51 s one after another, 1.40 s on two threads). ResNet-50's quantized
+first call spent 22 s of its 34 s compiling (H100, session 26).
+
+How, in three steps (:func:`precompile`):
+
+1. **record**: each candidate's build runs on this thread with Triton's ``jit_cache_hook``
+   answering "skip" for this thread: the builds render their sources and make their warm-up
+   launches as usual, and every kernel they would have compiled is recorded instead (its
+   module, name and Triton's serialized specialization) and not launched;
+2. **compile**: worker processes (fresh interpreters: no CUDA state inherited) load each kernel's
+   module (generated source is shipped as text, ``launch.load_source``) and compile it with
+   Triton's ``JITFunction.preload`` into the same binary cache directory;
+3. the tuner's usual build then finds every kernel in that cache (a file read, not a compile).
+
+Anything that fails here (a Triton without the hook, a worker that dies, a kernel that does not
+compile) only costs the time spent: step 3 compiles whatever the cache lacks, as before. The
+pool lives as long as the process (started at the first use, shut down at exit); the tuner's
+``compile_processes`` (``Options.compile_processes``) sets its size, 0 disables it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib
+import logging
+import os
+import pickle
+import select
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+#: fewer kernels than this compile in this process (a pool's start, ~2-4 s of imports in each
+#: worker, overlaps the recording but not a handful of compiles)
+MIN_JOBS = 4
+#: a worker silent this long on one kernel is taken for hung: the pool is dropped, the rest
+#: compiles in this process (Triton's slowest compiles here took ~10 s: a TMA convolution)
+JOB_TIMEOUT_S = 180.0
+
+_LOCAL = threading.local()  # .jobs: the list the hook appends to on a recording thread
+_HOOK_LOCK = threading.Lock()
+_hook_state: Dict[str, Any] = {"users": 0, "previous": None}
+_pool_lock = threading.Lock()
+_pool: Dict[str, Any] = {"workers": [], "broken": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One kernel to compile: its module (``source`` set for generated code), its name in the
+    module, Triton's serialized specialization, the device index and binary cache directory."""
+
+    module: str
+    name: str
+    specialization: str
+    device: int
+    cache_dir: Optional[str]
+    source: Optional[str] = None
+
+
+def _hook(**kwargs) -> Optional[bool]:
+    jobs = getattr(_LOCAL, "jobs", None)
+    if jobs is None:
+        previous = _hook_state["previous"]
+        return previous(**kwargs) if previous is not None else None
+    fn, compile_args = kwargs["fn"], kwargs["compile"]
+    jit_fn = fn.jit_function
+    module = jit_fn.fn.__module__
+    from .launch import generated_source
+
+    jobs.append(Job(module=module, name=jit_fn.fn.__name__, specialization=compile_args["specialization_data"],
+                    device=int(compile_args["device"]), cache_dir=_cache_dir(), source=generated_source(module)))
+    return True  # skip: nothing compiles or launches on this thread now
+
+
+def _cache_dir() -> Optional[str]:
+    try:
+        from triton import knobs
+
+        return knobs.cache.dir
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_CACHE_DIR")
+
+
+def record(builds: Sequence[Callable[[], Any]]) -> List[Job]:
+    """Run ``builds`` on this thread with Triton's compiles recorded, not done (their launches
+    skipped); the kernels they would have compiled, each once. A build that raises is skipped."""
+    from triton import knobs
+
+    with _HOOK_LOCK:
+        if _hook_state["users"] == 0:
+            _hook_state["previous"] = knobs.runtime.jit_cache_hook
+            knobs.runtime.jit_cache_hook = _hook
+        _hook_state["users"] += 1
+    _LOCAL.jobs = jobs = []
+    try:
+        for build in builds:
+            try:
+                build()
+            except Exception as exc:  # the real build (step 3) reports it
+                log.debug("compile_backend: recording a build failed: %s", exc)
+    finally:
+        _LOCAL.jobs = None
+        with _HOOK_LOCK:
+            _hook_state["users"] -= 1
+            if _hook_state["users"] == 0:
+                knobs.runtime.jit_cache_hook = _hook_state["previous"]
+                _hook_state["previous"] = None
+    unique = {(j.module, j.name, j.specialization): j for j in jobs}
+    return list(unique.values())
+
+
+def compile_job(job: Job) -> Optional[str]:
+    """In a worker: compile ``job`` into its cache directory; None, or why it failed."""
+    try:
+        if job.cache_dir:
+            os.environ["TRITON_CACHE_DIR"] = job.cache_dir
+            try:
+                from triton import knobs
+
+                knobs.cache.dir = job.cache_dir
+            except (ImportError, AttributeError):
+                pass
+        if job.source is not None:
+            from .launch import load_source
+
+            module = load_source(job.source)
+        else:
+            module = importlib.import_module(job.module)
+        if job.device:  # set_device creates a CUDA context (CUDA 12): only off device 0
+            import torch
+
+            torch.cuda.set_device(job.device)
+        getattr(module, job.name).preload(job.specialization)
+        return None
+    except Exception as exc:  # the tuner's own build compiles it in-process
+        return f"{job.module}.{job.name}: {type(exc).__name__}: {exc}"
+
+
+class _Worker:
+    """One compile process: pickled jobs in on its stdin, length-prefixed pickled answers out on
+    a pipe of its own (its stdout is discarded: whatever Triton or torch print there cannot break
+    the stream). A plain ``python -c`` subprocess, not multiprocessing's spawn, which would re-run
+    the user's ``__main__`` script in every worker."""
+
+    def __init__(self):
+        read_fd, write_fd = os.pipe()
+        code = ("import sys; sys.path[:0] = " + repr(list(sys.path)) + "; "
+                "from compile_backend.kernels.compile_pool import serve; serve(" + str(write_fd) + ")")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_fd,),
+                                     stdout=subprocess.DEVNULL)
+        os.close(write_fd)
+        self.answers = read_fd
+
+    def ask(self, job: Job, timeout_s: float) -> Optional[str]:
+        """The worker's answer to ``job``; raises TimeoutError past ``timeout_s`` (a hung
+        compile), EOFError / BrokenPipeError if the worker died."""
+        pickle.dump(job, self.proc.stdin)
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        size = int.from_bytes(self._read(4, deadline), "little")
+        return pickle.loads(self._read(size, deadline))
+
+    def _read(self, count: int, deadline: float) -> bytes:
+        data = b""
+        while len(data) < count:
+            ready, _, _ = select.select([self.answers], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError("a compile worker did not answer in time")
+            chunk = os.read(self.answers, count - len(data))
+            if not chunk:
+                raise EOFError("a compile worker exited")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.close(self.answers)
+
+
+def serve(answer_fd: int) -> None:
+    """A worker's loop: a job from stdin, its answer (None or why it failed) to ``answer_fd``."""
+    jobs = sys.stdin.buffer
+    while True:
+        try:
+            job = pickle.load(jobs)
+        except EOFError:
+            return
+        answer = pickle.dumps(compile_job(job))
+        os.write(answer_fd, len(answer).to_bytes(4, "little") + answer)
+
+
+def _workers(count: int) -> Optional[List[_Worker]]:
+    with _pool_lock:
+        if _pool["broken"]:
+            return None
+        workers = _pool["workers"]
+        while len(workers) < count:
+            workers.append(_Worker())
+        return workers[:count]
+
+
+def shutdown() -> None:
+    """Stop the worker processes (also at exit); the next :func:`precompile` starts new ones."""
+    with _pool_lock:
+        for worker in _pool["workers"]:
+            worker.close()
+        _pool["workers"] = []
+
+
+def _run(workers: List[_Worker], jobs: List[Job]) -> List[Optional[str]]:
+    """Each job's answer, the jobs shared out to the workers by one thread each (waiting on a
+    pipe releases the GIL)."""
+    answers: List[Optional[str]] = [None] * len(jobs)
+    queue = list(enumerate(jobs))
+    queue.reverse()
+    lock = threading.Lock()
+
+    def drain(worker: _Worker) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                i, job = queue.pop()
+            answers[i] = worker.ask(job, JOB_TIMEOUT_S)
+
+    with concurrent.futures.ThreadPoolExecutor(len(workers)) as threads:
+        for done in [threads.submit(drain, w) for w in workers]:
+            done.result()  # a dead worker raises here (EOFError, BrokenPipeError)
+    return answers
+
+
+def precompile(builds: Sequence[Callable[[], Any]], workers: int) -> Dict[str, float]:
+    """Compile the Triton kernels ``builds`` would compile in ``workers`` processes, into Triton's
+    binary cache (steps 1-2 above); the builds themselves are not kept. Returns counts and
+    seconds for the tuner's stats: kernels recorded, compiled, failed."""
+    stats = {"kernels": 0, "compiled": 0, "failed": 0, "record_seconds": 0.0, "compile_seconds": 0.0}
+    if workers < 2 or len(builds) < MIN_JOBS:
+        return stats
+    pool = _workers(workers)  # started now: their imports overlap the recording
+    if pool is None:
+        return stats
+    t0 = time.monotonic()
+    try:
+        jobs = record(builds)
+    except Exception as exc:  # e.g. a Triton without jit_cache_hook
+        log.debug("compile_backend: could not record the candidates' kernels: %s", exc)
+        return stats
+    stats["record_seconds"] = time.monotonic() - t0
+    stats["kernels"] = len(jobs)
+    t1 = time.monotonic()
+    try:
+        for why in _run(pool[:max(1, min(len(pool), len(jobs)))], jobs) if jobs else []:
+            stats["compiled" if why is None else "failed"] += 1
+            if why is not None:
+                log.debug("compile_backend: a worker could not compile %s", why)
+    except Exception as exc:  # a worker died: compile in this process from now on
+        log.warning("compile_backend: the compile workers failed (%s: %s); compiling in this process",
+                    type(exc).__name__, exc)
+        shutdown()
+        with _pool_lock:
+            _pool["broken"] = True
+    stats["compile_seconds"] = time.monotonic() - t1
+    return stats
+
+
+import atexit  # noqa: E402
+
+atexit.register(shutdown)
+
+__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "precompile", "shutdown"]

@@ -1,0 +1,120 @@
+"""The compile workers (kernels/compile_pool.py): a generated module's source found by its name,
+the worker protocol (a job in, an answer out, a failing job answered with its reason), the
+recording hook, and on the GPU: a tuner's Triton candidates compiled in the workers, then loaded
+from Triton's cache by the tuner's own build."""
+import pytest
+import torch
+
+from compile_backend.kernels import compile_pool, launch
+from compile_backend.options import Options
+
+_SOURCE = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scale_kernel(X, Y, n, FACTOR: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(Y + offs, tl.load(X + offs, mask=ok) * FACTOR, mask=ok)
+'''
+
+
+def test_a_generated_modules_source_is_found_by_its_name():
+    mod = launch.load_source(_SOURCE + "\n# found by name\n")
+    assert launch.generated_source(mod.__name__) == _SOURCE + "\n# found by name\n"
+    assert launch.generated_source("compile_backend.kernels.pool") is None
+    assert launch.generated_source("compile_backend_gen_0000") is None
+
+
+def test_a_worker_answers_each_job_and_names_what_failed():
+    worker = compile_pool._Worker()
+    try:
+        bad = compile_pool.Job(module="no_such_module_here", name="k", specialization="{}", device=0, cache_dir=None)
+        why = worker.ask(bad, timeout_s=120)
+        assert "no_such_module_here.k" in why and "ModuleNotFoundError" in why
+        missing = compile_pool.Job(module="compile_backend_gen_x", name="nope", specialization="{}", device=0,
+                                   cache_dir=None, source=_SOURCE)
+        assert "AttributeError" in worker.ask(missing, timeout_s=60)  # the same worker, a second job
+    finally:
+        worker.close()
+    assert worker.proc.poll() is not None
+
+
+def test_the_hook_records_on_a_recording_thread_and_defers_elsewhere():
+    from types import SimpleNamespace
+
+    Info = SimpleNamespace(jit_function=SimpleNamespace(fn=SimpleNamespace(
+        __module__="compile_backend.kernels.pool", __name__="pool_kernel")))
+
+    calls = []
+    compile_pool._hook_state["previous"] = lambda **kw: calls.append(kw) or "theirs"
+    try:
+        assert compile_pool._hook(fn=Info, compile={"specialization_data": "{}", "device": 0}) == "theirs"
+        compile_pool._LOCAL.jobs = jobs = []
+        assert compile_pool._hook(fn=Info, compile={"specialization_data": "{\"a\": 1}", "device": 1}) is True
+    finally:
+        compile_pool._LOCAL.jobs = None
+        compile_pool._hook_state["previous"] = None
+    assert len(calls) == 1
+    (job,) = jobs
+    assert (job.module, job.name, job.specialization, job.device, job.source) == (
+        "compile_backend.kernels.pool", "pool_kernel", "{\"a\": 1}", 1, None)
+
+
+def test_too_few_builds_or_workers_compile_nothing_ahead():
+    builds = [lambda: None] * 10
+    assert compile_pool.precompile(builds, workers=1)["kernels"] == 0
+    assert compile_pool.precompile(builds[:compile_pool.MIN_JOBS - 1], workers=4)["kernels"] == 0
+
+
+def test_the_option_is_checked_and_not_part_of_the_engine_key():
+    from compile_backend.cache.key import OPTIONS_NOT_IN_KEY
+
+    assert Options(compile_processes=0).compile_processes == 0
+    for bad in (-1, True, 2.5, "4"):
+        with pytest.raises(ValueError, match="compile_processes"):
+            Options(compile_processes=bad)
+    assert "compile_processes" in OPTIONS_NOT_IN_KEY
+
+
+@pytest.mark.gpu
+def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(tmp_path):
+    """Eight candidates of distinct constexprs: the workers compile all eight, the tuner's build
+    then finds each in Triton's cache (no compile in this process), and the kernels compute."""
+    import triton
+
+    from compile_backend.cache.location import triton_cache
+    from compile_backend.kernels.autotune import Candidate, Tuner, TuningKey
+
+    kernel = launch.load_source(_SOURCE + "\n# gpu test\n").scale_kernel
+    x = torch.randn(1000, device="cuda")
+    outs = {}
+
+    def candidate(factor):
+        def compile_():
+            def run():
+                y = outs.setdefault(factor, torch.empty_like(x))
+                kernel[(triton.cdiv(1000, 256),)](x, y, 1000, FACTOR=factor, BLOCK=256)
+                return y
+            run()
+            return run
+        return Candidate(f"x{factor}", {"factor": factor}, compile_)
+
+    hits = []
+    listener = triton.knobs.compilation.listener
+    triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+    try:
+        with triton_cache(tmp_path / "triton"):
+            tuner = Tuner(device=torch.device("cuda"), compile_processes=4)
+            key = TuningKey("test", "scale", ((1000,),), ((1,),), ("fp32",))
+            built = tuner._build_each([(key, candidate(float(f))) for f in range(1, 9)], workers=4)
+    finally:
+        triton.knobs.compilation.listener = listener
+        compile_pool.shutdown()
+    print(tuner.stats)
+    assert tuner.stats["pool_kernels"] == 8 and tuner.stats["pool_compiled"] == 8, tuner.stats
+    assert hits == [True] * 8, hits
+    for f, run in zip(range(1, 9), built):
+        torch.testing.assert_close(run(), x * f)
