@@ -28,6 +28,7 @@ from .fx_passes.constant_fold import constant_programs, freeze
 from .fx_passes.rules import written_placeholders
 from .groups import fuse_groups, inline_aten_groups
 from .kernels.base import KernelContext, KernelGroup, op_name, triton_enabled, triton_interpret
+from .kernels.autotune import start_compile_workers
 from .kernels.select import choose_kernel, compile_ahead
 from .options import Options
 from .quant.qat_report import fake_quant_placement, mark_fake_quant
@@ -71,6 +72,7 @@ def compile_with_cache(store, aten_gm: fx.GraphModule, args: Sequence[Any], *, r
     cold: Dict[str, Any] = {}
 
     def build_cold():
+        start_compile_workers(options, device)  # their imports overlap the passes
         timings = plans.PlanTimings()
         front = timed_front(aten_gm, args, role=role, frozen=frozen, options=options, report=report)
         try:  # before the later stages touch the graph

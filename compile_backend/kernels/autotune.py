@@ -495,6 +495,15 @@ def cuda_index(device: torch.device) -> Optional[int]:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def start_compile_workers(options: Any, device: torch.device) -> None:
+    """Start the compile workers a cold build on ``device`` will use (``Options.compile_processes``),
+    so that their start overlaps the build's tracing and passes."""
+    if device.type != "cuda" or triton_interpret() or tuning_level(options.autotune) == "off":
+        return
+    count = options.compile_processes
+    compile_pool.start(default_compile_processes() if count is None else count)
+
+
 def tuner_for(ctx: Any) -> Tuner:
     """The tuner of one compilation (a ``KernelContext``), created on first use and kept on it
     so that a seconds budget is shared by every group the context builds."""

@@ -194,6 +194,10 @@ class _Worker:
 
 def serve(answer_fd: int) -> None:
     """A worker's loop: a job from stdin, its answer (None or why it failed) to ``answer_fd``."""
+    import triton  # noqa: F401  (imported before the first job: while the parent traces)
+
+    from . import launch  # noqa: F401
+
     jobs = sys.stdin.buffer
     while True:
         try:
@@ -212,6 +216,13 @@ def _workers(count: int) -> Optional[List[_Worker]]:
         while len(workers) < count:
             workers.append(_Worker())
         return workers[:count]
+
+
+def start(workers: int) -> None:
+    """Start ``workers`` processes now (if fewer run), without waiting: each spends ~2-4 s
+    importing torch and Triton, which a cold build's tracing and passes then hide."""
+    if workers >= 2:
+        _workers(workers)
 
 
 def shutdown() -> None:
@@ -282,4 +293,4 @@ import atexit  # noqa: E402
 
 atexit.register(shutdown)
 
-__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "precompile", "shutdown"]
+__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "start", "precompile", "shutdown"]

@@ -99,6 +99,27 @@ class CudaEventTimer:
                 release(torch.cuda.current_device(), pool)  # the failed capture's use of it
         except Exception as exc:  # noqa: BLE001  (best effort: the timing goes on uncaptured)
             log.debug("compile_backend: ending a failed capture's memory pool failed (%s: %s)", type(exc).__name__, exc)
+        self._reset_generators()
+
+    @staticmethod
+    def _reset_generators() -> None:
+        """Take the CUDA random generators out of capture mode: torch ends a generator's capture
+        (``capture_epilogue``) only after a capture ended well, so after a failed one every
+        random op raised "Offset increment outside graph capture encountered unexpectedly"
+        (H100, session 27). A capture begins every registered generator's capture and a good
+        end ends it: one tiny capture that ends well, released at once, does that."""
+        try:
+            scratch = torch.zeros(1, device="cuda")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(torch.cuda.Stream()):
+                graph.capture_begin()
+                scratch.add_(1)
+                graph.capture_end()
+            del graph
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("compile_backend: resetting the generators after a failed capture failed (%s: %s)",
+                      type(exc).__name__, exc)
 
     def measure(self, runner: Callable, input_sets: Sequence[Sequence[Any]], reps: int, host_s: float) -> List[float]:
         if self.batched:

@@ -278,14 +278,20 @@ class LayerSpeed:
         group with the quantize (:data:`ESTIMATED_WRITE_ACTIVATIONS`)."""
         return activation in ESTIMATED_WRITE_ACTIVATIONS
 
-    def codes_ms(self, numel: int, beside_float: bool) -> float:
+    def codes_ms(self, numel: int, beside_float: bool, float_itemsize: int = 2) -> float:
         """Estimated time the quantize adds to an epilogue of ours writing ``numel`` values: its
-        instructions (:meth:`quantize_ms`), and the codes' bytes where the float value is written
-        too (``beside_float``; else the codes replace it, fewer bytes than the float value). 0 off
-        CUDA."""
+        instructions (:meth:`quantize_ms`) and, where the float value is written too
+        (``beside_float``), the codes' bytes. Where the codes replace the float value (of
+        ``float_itemsize`` bytes), the instructions less the time the fewer bytes save, never
+        below 0: GPT-2 b8's FFN2 (4096x768x3072) lost its INT8 GEMM by 30.6 us (27.6 + 3.0
+        estimated) to 29.7 with the saving uncounted, where the timed writes of session 25 had
+        quantized it and the engine ran 0.80x FP16 (0.87x without; H100, session 27). 0 off CUDA."""
         if self.ctx is None or self.ctx.device.type != "cuda":
             return 0.0
-        return self.quantize_ms(numel) + (numel / DYNAMIC_BYTES_PER_S * 1e3 if beside_float else 0.0)
+        if beside_float:
+            return self.quantize_ms(numel) + numel / DYNAMIC_BYTES_PER_S * 1e3
+        saved = numel * max(0, float_itemsize - 1) / DYNAMIC_BYTES_PER_S * 1e3
+        return max(0.0, self.quantize_ms(numel) - saved)
 
     def _estimated_write(self, producer, tunings) -> Times:
         """(our template with the quantize, the float group's best) for :meth:`write_ms`: the
@@ -293,7 +299,7 @@ class LayerSpeed:
         plus :meth:`codes_ms`, against its fastest of all (cuDNN's / cuBLAS's fused kernels
         included); an 8-bit producer's kernel is ours already (no tuning: ``tunings`` empty)."""
         _, _, outputs = _work("linear" if "linear" in producer[0] else "conv", _probe_args(producer))
-        codes = self.codes_ms(outputs, producer[0].endswith("+float"))
+        codes = self.codes_ms(outputs, producer[0].endswith("+float"), producer[4].itemsize)
         if not tunings:
             return codes, 0.0
         (tuning,) = tunings

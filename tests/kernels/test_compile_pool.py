@@ -118,3 +118,17 @@ def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(tmp_path):
     assert hits == [True] * 8, hits
     for f, run in zip(range(1, 9), built):
         torch.testing.assert_close(run(), x * f)
+
+
+def test_a_cold_build_starts_workers_only_where_it_will_compile_on_a_gpu(monkeypatch):
+    from compile_backend.kernels import autotune
+
+    started = []
+    monkeypatch.setattr(compile_pool, "start", started.append)
+    autotune.start_compile_workers(Options(), torch.device("cpu"))
+    autotune.start_compile_workers(Options(compile_processes=3), torch.device("cuda"))  # interpreter: no
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    autotune.start_compile_workers(Options(compile_processes=3, autotune="off"), torch.device("cuda"))
+    autotune.start_compile_workers(Options(compile_processes=3), torch.device("cuda"))
+    autotune.start_compile_workers(Options(), torch.device("cuda"))
+    assert started == [3, autotune.default_compile_processes()]

@@ -408,14 +408,14 @@ def test_a_write_after_no_gelu_is_estimated_from_the_float_group(kind, monkeypat
     if tunings:  # the float group: no quantize in it
         assert "aten.relu" in tunings[0].key.extra or tunings[0].candidates
     codes = []
-    monkeypatch.setattr(LayerSpeed, "codes_ms", lambda self, n, beside: codes.append((n, beside)) or 0.002)
+    monkeypatch.setattr(LayerSpeed, "codes_ms", lambda self, n, beside, size: codes.append((n, beside, size)) or 0.002)
     fake = SimpleNamespace(candidates=[SimpleNamespace(name="cudnn", impl="cudnn"),
                                        SimpleNamespace(name="ours a", impl="triton"),
                                        SimpleNamespace(name="ours b", impl="triton")])
     monkeypatch.setattr(speed, "_write_tunings", lambda *a: [] if kind.startswith("q") else [fake])
     monkeypatch.setattr(speed, "_timings", lambda tuning, tag=None: {"cudnn": 0.010, "ours a": 0.015, "ours b": 0.013})
     got = speed.write_ms(producer, "relu")
-    assert codes == [(numel, kind.endswith("+float"))]
+    assert codes == [(numel, kind.endswith("+float"), 2)]
     assert got == pytest.approx(0.002 if kind.startswith("q") else 0.013 + 0.002 - 0.010)
     assert LayerSpeed.write_estimated(None) and LayerSpeed.write_estimated("relu") and not LayerSpeed.write_estimated("gelu")
     if not kind.startswith("q"):  # none of ours timed there: the quantize runs as a kernel of its own
@@ -427,8 +427,8 @@ def test_a_write_after_no_gelu_is_estimated_from_the_float_group(kind, monkeypat
 
 
 def test_the_codes_estimate_counts_their_bytes_beside_a_float_value(monkeypatch):
-    """``codes_ms``: the quantize's instructions, plus the codes' bytes only where the float value
-    is written too; 0 off CUDA."""
+    """``codes_ms``: the quantize's instructions, plus the codes' bytes where the float value is
+    written too; where the codes replace it, less the bytes they save (never below 0); 0 off CUDA."""
     from compile_backend.quant.speed import DYNAMIC_BYTES_PER_S, LayerSpeed
 
     ctx = KernelContext(options=Options(), device=torch.device("cpu"), interpret=True)
@@ -436,8 +436,12 @@ def test_the_codes_estimate_counts_their_bytes_beside_a_float_value(monkeypatch)
     assert speed.codes_ms(10**6, True) == 0.0
     speed.ctx = KernelContext(options=Options(), device=torch.device("cuda"), interpret=True)
     monkeypatch.setattr(LayerSpeed, "quantize_ms", lambda self, n: 0.001)
-    assert speed.codes_ms(10**6, False) == pytest.approx(0.001)
-    assert speed.codes_ms(10**6, True) == pytest.approx(0.001 + 10**6 / DYNAMIC_BYTES_PER_S * 1e3)
+    saved = 10**6 / DYNAMIC_BYTES_PER_S * 1e3  # an fp16 value's second byte, not written
+    assert speed.codes_ms(10**6, True) == pytest.approx(0.001 + saved)
+    assert speed.codes_ms(10**6, False) == pytest.approx(0.001 - saved)
+    assert speed.codes_ms(10**6, False, float_itemsize=4) == pytest.approx(max(0.0, 0.001 - 3 * saved))
+    monkeypatch.setattr(LayerSpeed, "quantize_ms", lambda self, n: 0.0001)
+    assert speed.codes_ms(10**6, False) == 0.0  # the bytes saved outweigh the instructions
 
 
 @pytest.mark.parametrize("a_wins_with_its_write", [True, False])
