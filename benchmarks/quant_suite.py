@@ -172,6 +172,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
             for name in ("kernels", "compiled", "failed"):
                 add(f"{where}_pool_{name}", stats.get("pool_" + name))
             add(f"{where}_pool_s", stats.get("pool_seconds"))
+            add(f"{where}_pool_record_s", stats.get("pool_record_seconds"))
     return out
 
 

@@ -237,12 +237,14 @@ class Tuner:
         # those over SLOW_HOST_S; captured, the candidates timed as replays of CUDA graphs
         # (CudaEventTimer.captured), capture_failures those timed as launched instead;
         # pool_kernels, the Triton kernels recorded for the compile workers (compile_pool),
-        # pool_compiled / pool_failed their outcome there, pool_seconds recording + compiling
+        # pool_compiled / pool_failed their outcome there, pool_seconds recording + compiling,
+        # pool_record_seconds the recording alone
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
                       "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0,
                       "host_seconds": 0.0, "slow_hosts": 0, "captured": 0, "capture_failures": 0,
-                      "pool_kernels": 0, "pool_compiled": 0, "pool_failed": 0, "pool_seconds": 0.0}
+                      "pool_kernels": 0, "pool_compiled": 0, "pool_failed": 0, "pool_seconds": 0.0,
+                      "pool_record_seconds": 0.0}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -429,6 +431,7 @@ class Tuner:
             for name in ("kernels", "compiled", "failed"):
                 self.stats["pool_" + name] += int(got[name])
             self.stats["pool_seconds"] += got["record_seconds"] + got["compile_seconds"]
+            self.stats["pool_record_seconds"] += got["record_seconds"]
         with concurrent.futures.ThreadPoolExecutor(min(workers, len(todo))) as pool:
             return list(pool.map(build, todo))
 
