@@ -113,8 +113,11 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
     (``request.speed``), else None. That cost is measured when a float GEMM / convolution makes
     the input (``speed.write_ms``: the producer may lose cuBLAS/cuDNN's fused epilogue: ResNet-50's
     1x1 convolutions went from 12.5 to 17.8 us to feed FP8 3x3 ones that won 1.4 us, H100 session
-    15), else estimated (``speed.quantize_ms``: a norm or element-wise kernel of ours writes it, or
-    one row reduction per layer for dynamic scales; ``speed.standalone_quantize_ms`` where the
+    15), else estimated (``speed.codes_ms``: a norm or element-wise kernel of ours writes it, the
+    quantize's instructions less the bytes its codes save where they replace the float value
+    (GPT-2's tanh-GELU output, which FFN2 reads: 3.0 us charged without that saving left the 12
+    FFN2s float, H100 session 27); ``speed.quantize_ms`` for dynamic scales, one row reduction per
+    layer; ``speed.standalone_quantize_ms`` where the
     static quantize runs as a kernel of its own: a graph input, a max pool's output). A convolution still ahead is then timed
     against its own float group (``speed.float_ms``, see the module's docstring)."""
     probe = speed_probe(layer) if request.speed is not None else None
@@ -132,12 +135,15 @@ def slower_than_float(layer: "Layer", request: "QuantRequest", facts: Facts) -> 
     written, written_how = _producer_write_ms(layer, request, facts) if not request.dynamic and times[0] < times[1] \
         else (None, "")
     fused = getattr(request.speed, "quantize_ms", None)
+    codes = getattr(request.speed, "codes_ms", None) if not request.dynamic else None
     alone = getattr(request.speed, "standalone_quantize_ms", None) if written is None and not request.dynamic \
         and _quantize_runs_alone(layer.x) else None
     if written is not None:
         extra = written
     elif alone is not None:
         extra = alone(x.numel(), x.element_size())
+    elif codes is not None:  # a norm or element-wise kernel of ours writes the codes (static scales)
+        extra = codes(x.numel(), _keeps_float(layer, request), x.element_size())
     else:
         extra = fused(x.numel()) if fused is not None else 0.0
     q_ms, f_ms = times

@@ -273,6 +273,31 @@ def test_a_quantize_of_its_own_is_estimated_as_one(monkeypatch, tmp_path):
     assert "+ 5.0 us (estimated: a quantize kernel of its own)" in status["b.weight"][1]
 
 
+def test_a_norms_quantized_write_is_charged_its_codes_estimate(monkeypatch, tmp_path):
+    """Where a kernel of ours that is no GEMM or convolution writes the layer's input (here a
+    LayerNorm; GPT-2's tanh-GELU chain before FFN2), static scales charge ``speed.codes_ms``: the
+    quantize's instructions less the bytes the codes save, the float value not kept."""
+    from quant_models import NormLinear
+
+    asked = []
+
+    class Speed:
+        def __call__(self, *args):
+            return (0.0100, 0.0104)  # the 8-bit GEMM leads by 0.4 us
+
+        def quantize_ms(self, numel):
+            return 0.003  # alone, it would lose the race
+
+        def codes_ms(self, numel, beside_float, itemsize):
+            asked.append((numel, beside_float, itemsize))
+            return 0.0
+
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(3)).half()
+    status = quant_status(monkeypatch, tmp_path, NormLinear().half().eval(), x, Speed())
+    assert asked == [(3 * 5 * 32, False, 2)], asked
+    assert status["fc.weight"][0] == "quantized", status
+
+
 def test_the_standalone_estimate_counts_bytes_and_a_launch():
     from compile_backend.quant.speed import LATENCY_FLOOR_MS, LayerSpeed
 
