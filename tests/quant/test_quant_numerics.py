@@ -63,3 +63,31 @@ def test_inf_in_calibration_data_is_clipped_and_reported(aten_only, tmp_path):
     report = compile_backend.explain(model, torch.randn(3, 32), quant=calib, cache_dir=str(tmp_path))
     (row,) = [q for g in report.graphs for q in g.quant if q["name"] == "a.weight"]
     assert row["inf_count"] == 1 and row["status"] == "quantized"
+
+
+def test_the_reference_sums_integer_codes_exactly_in_fp32_only_where_they_fit():
+    """``quant_ref``'s INT8 GEMM / convolution sums integer products in fp32 where max |x| times
+    the largest row's sum of |w| stays below 2^24 (exact there), else in fp64: equal to the
+    int64 product either way, at a K where K * 127^2 passes 2^24."""
+    from compile_backend.kernels import quant_ref
+
+    gen = torch.Generator().manual_seed(0)
+    k = 1153  # 1153 * 127^2 > 2^24
+    small = torch.randint(-40, 41, (5, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-30, 31, (7, k), generator=gen, dtype=torch.int8)
+    assert quant_ref.int_sums_fit_fp32(small, w)
+    full = torch.full((5, k), -127, dtype=torch.int8)
+    wide = torch.full((7, k), 127, dtype=torch.int8)
+    assert not quant_ref.int_sums_fit_fp32(full, wide)
+    assert not quant_ref.int_sums_fit_fp32(torch.full((1, k), -128, dtype=torch.int8), torch.full((1, k), 116, dtype=torch.int8))  # 128 (not -128) * 116 * 1153 > 2^24
+    one = torch.ones((), dtype=torch.float32)
+    for xq, wq in ((small, w), (full, wide)):
+        exact = (xq.to(torch.int64) @ wq.to(torch.int64).t()).double()
+        got = quant_ref.scaled_mm(xq, one, wq, one, out_dtype=torch.float64)
+        assert torch.equal(got, exact.float().double())  # the fp32 result of the exact sum
+    conv_x = torch.randint(-20, 21, (2, 128, 5, 5), generator=gen, dtype=torch.int8)
+    conv_w = torch.randint(-20, 21, (9, 128, 3, 3), generator=gen, dtype=torch.int8)  # K = 1152
+    assert quant_ref.int_sums_fit_fp32(conv_x, conv_w)
+    ref = torch.nn.functional.conv2d(conv_x.double(), conv_w.double(), padding=1)
+    got = quant_ref.scaled_conv(conv_x, one, conv_w, one, None, (1, 1), (1, 1), (1, 1), 1, out_dtype=torch.float64)
+    assert torch.equal(got, ref.float().double())
