@@ -154,9 +154,14 @@ class _Worker:
         read_fd, write_fd = os.pipe()
         code = ("import sys; sys.path[:0] = " + repr(list(sys.path)) + "; "
                 "from compile_backend.kernels.compile_pool import serve; serve(" + str(write_fd) + ")")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_fd,),
-                                     stdout=subprocess.DEVNULL)
-        os.close(write_fd)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, pass_fds=(write_fd,),
+                                         stdout=subprocess.DEVNULL)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         self.answers = read_fd
 
     def ask(self, job: Job, timeout_s: float) -> Optional[str]:
@@ -209,12 +214,20 @@ def serve(answer_fd: int) -> None:
 
 
 def _workers(count: int) -> Optional[List[_Worker]]:
+    """``count`` running workers (started where fewer run), or None where they cannot start
+    (no ``pass_fds`` off POSIX, no processes left): then every compile stays in this process."""
     with _pool_lock:
         if _pool["broken"]:
             return None
         workers = _pool["workers"]
-        while len(workers) < count:
-            workers.append(_Worker())
+        try:
+            while len(workers) < count:
+                workers.append(_Worker())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("compile_backend: could not start compile workers (%s: %s); compiling in this process",
+                        type(exc).__name__, exc)
+            _pool["broken"] = True
+            return None
         return workers[:count]
 
 

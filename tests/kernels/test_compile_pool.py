@@ -132,3 +132,15 @@ def test_a_cold_build_starts_workers_only_where_it_will_compile_on_a_gpu(monkeyp
     autotune.start_compile_workers(Options(compile_processes=3), torch.device("cuda"))
     autotune.start_compile_workers(Options(), torch.device("cuda"))
     assert started == [3, autotune.default_compile_processes()]
+
+
+def test_workers_that_cannot_start_leave_every_compile_in_this_process(monkeypatch):
+    def refuse():
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(compile_pool, "_Worker", refuse)
+    monkeypatch.setitem(compile_pool._pool, "workers", [])
+    monkeypatch.setitem(compile_pool._pool, "broken", False)
+    compile_pool.start(4)  # no raise
+    assert compile_pool._pool["broken"]
+    assert compile_pool.precompile([lambda: None] * 8, workers=4)["kernels"] == 0
