@@ -424,8 +424,8 @@ class Tuner:
         if workers <= 1 or len(todo) <= 1 or triton_interpret():
             return [build(item) for item in todo]
         if self.compile_processes > 1 and self.device.type == "cuda":
-            # Triton's compiles hold the GIL: the threads below would compile one at a time.
-            # Worker processes fill Triton's binary cache first; the threads then load from it.
+            # worker processes (every core but one, no GIL shared) fill Triton's binary cache
+            # first; the threads below then load from it (compile_pool's docstring: measured)
             got = compile_pool.precompile([functools.partial(build, item) for item in todo if item[1].impl == "triton"],
                                           self.compile_processes)
             for name in ("kernels", "compiled", "failed"):

@@ -1,9 +1,14 @@
 """Triton compiles in worker processes, for the tuner's candidates.
 
-Why: a candidate's Triton compile (~0.3-1 s) is mostly LLVM and MLIR passes that hold the GIL,
-so the tuner's thread pool compiled about one kernel at a time (Triton 3.6, sm_90, session 27:
-four GEMM configs 1.51 s one after another, 1.40 s on two threads). ResNet-50's quantized
-first call spent 22 s of its 34 s compiling (H100, session 26).
+Why: a candidate's Triton compile (~0.3-1 s of CPU) is LLVM and MLIR passes plus ptxas, and a
+quantized engine's first call is mostly these compiles (ResNet-50 b32's INT8 one: 22 of its 34
+s, H100, session 26). The tuner's threads hold the GIL for part of each compile (Triton 3.6,
+sm_90, on a 2-core machine: four GEMM configs 1.51 s one after another, 1.40 s on two threads)
+and were at most 8; processes take every core but one. Measured on one H100 host of 16 cores
+(session 27): ResNet-50 b32's INT8 first call 26.2 s compiling in process, 20.8 s with 15
+workers (its probes' 153 kernels 12.3 -> 8.2 s); the FP16 engine's 12.4 -> 12.8 s (8 threads
+had already compiled its 82 kernels in 6.2 s, and the first engine of a process waits for the
+workers' start).
 
 How, in three steps (:func:`precompile`):
 
