@@ -85,7 +85,7 @@ def test_weight_only_decode_of_other_decoders(name, tmp_path, monkeypatch):
     """W4A16 decode of decoders with other blocks (Qwen2: biased Q/K/V; Gemma: a (1 + w) RMS norm,
     a tanh-GELU gate, scaled embeddings): every linear is one fused GEMV with the norm or the
     gated product as its prologue (4 a layer, and the LM head's float GEMV with the final norm),
-    the attention is flash-decoding, and the kernels give the emulated path's logits over 3 steps."""
+    the attention is flash-decoding, and the kernels give the emulated path's logits over 2 steps."""
     from compile_backend import quant
 
     cfg, model = _decoder(name)
@@ -97,12 +97,14 @@ def test_weight_only_decode_of_other_decoders(name, tmp_path, monkeypatch):
         torch._dynamo.reset()
         step = torch.compile(Step(model).eval(), backend="compile_backend",
                              options={"quant": q, "cache_dir": str(tmp_path / interpret)})
-        outs[interpret] = _generate(cfg, model, step, prompt)[0]
+        outs[interpret] = _generate(cfg, model, step, prompt, steps=2)[0]
     torch._dynamo.reset()
     torch.testing.assert_close(outs["1"], outs["0"], rtol=1e-5, atol=1e-5)
+    # the structure only (the kernels' values were compared above): no validation launches
     report = compile_backend.explain(Step(model).eval(), torch.tensor([[5]]), torch.tensor([8]),
                                      _generate(cfg, model, Step(model).eval(), prompt, steps=0)[1], quant=q,
-                                     cache_dir=str(tmp_path / "explain"), autotune="off", speed_check=False)
+                                     cache_dir=str(tmp_path / "explain"), autotune="off", speed_check=False,
+                                     validate=False)
     (g,) = report.graphs
     kernels = [k.get("config", {}) for k in g.kernels]
     assert sum(bool(c.get("fused")) for c in kernels) == 4 * cfg.num_hidden_layers + 1, [k["ops"] for k in g.kernels]
