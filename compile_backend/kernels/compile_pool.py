@@ -7,8 +7,9 @@ sm_90, on a 2-core machine: four GEMM configs 1.51 s one after another, 1.40 s o
 and were at most 8; processes take every core but one. Measured on one H100 host of 16 cores
 (session 27): ResNet-50 b32's INT8 first call 26.2 s compiling in process, 20.8 s with 15
 workers (its probes' 153 kernels 12.3 -> 8.2 s); the FP16 engine's 12.4 -> 12.8 s (8 threads
-had already compiled its 82 kernels in 6.2 s, and the first engine of a process waits for the
-workers' start).
+had already compiled its 82 kernels in 6.2 s; and, inferred from the pool's rates, not timed
+apart: the first engine of a process waited ~1-2 s for the workers' start, which now begins
+with the cold build).
 
 How, in three steps (:func:`precompile`):
 

@@ -283,9 +283,11 @@ class LayerSpeed:
         instructions (:meth:`quantize_ms`) and, where the float value is written too
         (``beside_float``), the codes' bytes. Where the codes replace the float value (of
         ``float_itemsize`` bytes), the instructions less the time the fewer bytes save, never
-        below 0: GPT-2 b8's FFN2 (4096x768x3072) lost its INT8 GEMM by 30.6 us (27.6 + 3.0
-        estimated) to 29.7 with the saving uncounted, where the timed writes of session 25 had
-        quantized it and the engine ran 0.80x FP16 (0.87x without; H100, session 27). 0 off CUDA."""
+        below 0. Serves the estimated producer writes (:meth:`_estimated_write`) and the quantize
+        pass's charge where a norm or element-wise kernel writes the input: GPT-2 b8's FFN2
+        (4096x768x3072, after its tanh-GELU chain, the latter case) lost its INT8 GEMM by 30.6 us
+        (27.6 + 3.0 of instructions) to 29.7 with the saving uncounted; counted, 48 of 49 layers
+        quantize and the engine runs 0.81x FP16 against 0.87x (H100, session 27). 0 off CUDA."""
         if self.ctx is None or self.ctx.device.type != "cuda":
             return 0.0
         if beside_float:
