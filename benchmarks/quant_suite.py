@@ -156,6 +156,10 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("probes_tuned", probes.get("tuned"))
         add("probe_layer_candidates", probes.get("layer_candidates"))
         add("probe_group_candidates", probes.get("group_candidates"))
+        add("probe_async_candidates", probes.get("async_candidates"))  # compiled while the layers were timed
+        add("probe_async_kernels", probes.get("async_kernels"))
+        add("probe_async_s", probes.get("async_seconds"))
+        add("probe_async_pending", probes.get("async_pending"))
         add("probe_capture_failures", probes.get("capture_failures"))
         add("kernel_capture_failures", g.tuning.get("capture_failures"))
         add("kernel_tuning_s", g.tuning.get("seconds"))

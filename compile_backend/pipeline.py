@@ -259,6 +259,8 @@ def layer_speed(ctx: fx_passes.PassContext, options: Options):
     finally:
         counts = getattr(request.speed, "counts", {})
         request.speed = None
+        if kctx.tuner is not None:
+            kctx.tuner.collect_async()
         ctx.stats["probes"] = dict(kctx.tuner.stats, **counts) if kctx.tuner is not None else dict(counts)
 
 

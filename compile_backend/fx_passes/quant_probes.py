@@ -55,7 +55,9 @@ FLOAT_RACE_MARGIN = 0.15
 def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Facts) -> None:
     """Hand the measurement every probe the rules will ask for before they ask for any, so their
     candidates compile in one pool (``LayerSpeed.prepare``): the layers' own; then, for the layers
-    whose 8-bit kernel wins, the write probes of the float producers feeding them (static scales),
+    whose 8-bit kernel wins, the write probes of the float producers feeding them (static scales:
+    their float forms start compiling asynchronously, ``LayerSpeed.prepare_groups_async``, while the
+    layers are timed),
     and of those producers' 8-bit groups where the producer wins too, and the convolutions' own
     float groups (``LayerSpeed.prepare_groups``). Where the producer's own decision is known
     already (:func:`_known_decision`) only the probe of the form it will have; else whichever of
@@ -67,6 +69,12 @@ def prepare_probes(layers: Sequence["Layer"], request: "QuantRequest", facts: Fa
     if prepare_groups is None:
         return
     tanh = request.gelu == "tanh"
+    meanwhile = getattr(request.speed, "prepare_groups_async", None)
+    if meanwhile is not None and not request.dynamic:
+        # before the layers are timed: their float producers' groups compile meanwhile (which
+        # layers win is not known yet; a producer's float group serves its engine if they lose)
+        problems = [group_problem(layer.x, facts, keep_float=_keeps_float(layer, request)) for layer, _ in probes]
+        meanwhile([p[1:] + (tanh,) for p in problems if p is not None])
     winning = [(layer, times) for layer, (method, args, _) in probes
                for times in [_measure(request, method, args)] if times is not None and times[0] < times[1]]
     wins = {layer.node for layer, _ in winning}

@@ -56,6 +56,11 @@ _HOOK_LOCK = threading.Lock()
 _hook_state: Dict[str, Any] = {"users": 0, "previous": None}
 _pool_lock = threading.Lock()
 _pool: Dict[str, Any] = {"workers": [], "broken": False}
+#: one batch of jobs on the workers at a time (their pipes carry one job each way in turn)
+_run_lock = threading.Lock()
+#: jobs the workers compiled in this process's life: sent again (a batch compiled asynchronously, then
+#: the tuner's own build of the same candidates), they are skipped, not loaded again by a worker
+_done: set = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,34 +282,77 @@ def _run(workers: List[_Worker], jobs: List[Job]) -> List[Optional[str]]:
 def precompile(builds: Sequence[Callable[[], Any]], workers: int) -> Dict[str, float]:
     """Compile the Triton kernels ``builds`` would compile in ``workers`` processes, into Triton's
     binary cache (steps 1-2 above); the builds themselves are not kept. Returns counts and
-    seconds for the tuner's stats: kernels recorded, compiled, failed."""
-    stats = {"kernels": 0, "compiled": 0, "failed": 0, "record_seconds": 0.0, "compile_seconds": 0.0}
+    seconds for the tuner's stats: kernels recorded, compiled, failed. A batch started
+    asynchronously (:func:`precompile_async`) finishes on the workers first."""
+    recorded = _recorded(builds, workers)
+    if recorded is None:
+        return _no_stats()
+    return _compile(*recorded)
+
+
+def precompile_async(builds: Sequence[Callable[[], Any]], workers: int
+                      ) -> Optional["concurrent.futures.Future[Dict[str, float]]"]:
+    """As :func:`precompile`, but only step 1 runs before it returns: the workers compile on a
+    thread of this module's while the caller goes on (the quantize pass times its layer probes
+    meanwhile). The future's result is :func:`precompile`'s stats; None where nothing was sent.
+    A later :func:`precompile` waits for this batch (one batch on the workers at a time), and a
+    kernel of it built in this process meanwhile is only compiled twice, never wrong: Triton
+    writes each cache entry whole."""
+    recorded = _recorded(builds, workers)
+    if recorded is None or not recorded[1]:
+        return None
+    future: "concurrent.futures.Future[Dict[str, float]]" = concurrent.futures.Future()
+
+    def run() -> None:
+        future.set_result(_compile(*recorded))  # _compile catches what a worker raises
+
+    threading.Thread(target=run, name="compile_backend-precompile-async", daemon=True).start()
+    return future
+
+
+def _no_stats() -> Dict[str, float]:
+    return {"kernels": 0, "compiled": 0, "failed": 0, "record_seconds": 0.0, "compile_seconds": 0.0}
+
+
+def _recorded(builds: Sequence[Callable[[], Any]], workers: int):
+    """Step 1: (the workers, the recorded jobs, the stats so far), or None where the pool is not
+    used (too few builds or workers, a pool that cannot start, a Triton that cannot record)."""
+    stats = _no_stats()
     if workers < 2 or len(builds) < MIN_JOBS:
-        return stats
+        return None
     pool = _workers(workers)  # started now: their imports overlap the recording
     if pool is None:
-        return stats
+        return None
     t0 = time.monotonic()
     try:
         jobs = record(builds)
     except Exception as exc:  # e.g. a Triton without jit_cache_hook
         log.debug("compile_backend: could not record the candidates' kernels: %s", exc)
-        return stats
+        return None
     stats["record_seconds"] = time.monotonic() - t0
     stats["kernels"] = len(jobs)
-    t1 = time.monotonic()
-    try:
-        for why in _run(pool[:max(1, min(len(pool), len(jobs)))], jobs) if jobs else []:
-            stats["compiled" if why is None else "failed"] += 1
-            if why is not None:
-                log.debug("compile_backend: a worker could not compile %s", why)
-    except Exception as exc:  # a worker died: compile in this process from now on
-        log.warning("compile_backend: the compile workers failed (%s: %s); compiling in this process",
-                    type(exc).__name__, exc)
-        shutdown()
-        with _pool_lock:
-            _pool["broken"] = True
-    stats["compile_seconds"] = time.monotonic() - t1
+    return pool, jobs, stats
+
+
+def _compile(pool: List[_Worker], jobs: List[Job], stats: Dict[str, float]) -> Dict[str, float]:
+    """Step 2: the jobs on the workers, one batch at a time; counts and seconds into ``stats``."""
+    with _run_lock:
+        t1 = time.monotonic()
+        jobs = [job for job in jobs if job not in _done]
+        try:
+            for job, why in zip(jobs, _run(pool[:max(1, min(len(pool), len(jobs)))], jobs) if jobs else []):
+                stats["compiled" if why is None else "failed"] += 1
+                if why is None:
+                    _done.add(job)
+                else:
+                    log.debug("compile_backend: a worker could not compile %s", why)
+        except Exception as exc:  # a worker died: compile in this process from now on
+            log.warning("compile_backend: the compile workers failed (%s: %s); compiling in this process",
+                        type(exc).__name__, exc)
+            shutdown()
+            with _pool_lock:
+                _pool["broken"] = True
+        stats["compile_seconds"] = time.monotonic() - t1
     return stats
 
 
@@ -312,4 +360,4 @@ import atexit  # noqa: E402
 
 atexit.register(shutdown)
 
-__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "start", "precompile", "shutdown"]
+__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "start", "precompile", "precompile_async", "shutdown"]

@@ -109,7 +109,8 @@ class LayerSpeed:
         self.seeds: Dict[Tuple[Any, ...], Tuple[str, ...]] = {}  # probe key -> its fastest 8-bit candidates
         # candidates handed to the compile pools: the layers' own probes, the producers' and
         # float groups (the report's stages["probes"]: where a first call's compiling went)
-        self.counts = {"layer_candidates": 0, "group_candidates": 0}
+        self.counts = {"layer_candidates": 0, "group_candidates": 0, "async_candidates": 0}
+        self.pending: set = set()  # group probe keys whose kernels prepare_groups_async sent to compile
 
     def __call__(self, m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> Times:
         key = ("linear", m, n, k, dtype, bias)
@@ -182,19 +183,45 @@ class LayerSpeed:
         and without the quantize), ``floats`` those of :meth:`float_ms`; all compile in one pool."""
         from ..kernels.autotune import tuner_for
 
+        tunings = self._group_tunings(writes, floats)
+        self.counts["group_candidates"] += sum(len(c) for _, c in tunings)
+        tuner_for(self.ctx).precompile(tunings)
+
+    def prepare_groups_async(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]]) -> None:
+        """Start compiling the kernels of write probes that may be asked (``writes`` as for
+        :meth:`prepare_groups`) in the compile workers, and return at once: the quantize pass
+        then times the layer probes while they compile (``Tuner.precompile_async``). Which
+        layers win is not known yet, so these are every probed layer's producers' float forms;
+        the float group of a producer whose reader stays float is the engine's own group."""
+        from ..kernels.autotune import tuner_for
+
+        tunings = self._group_tunings(writes, (), pending=True)
+        self.counts["async_candidates"] += tuner_for(self.ctx).precompile_async(tunings)
+
+    def _group_tunings(self, writes, floats, pending: bool = False) -> list:
+        """(key, candidates) of the group probes ``writes`` and ``floats`` not yet timed, each
+        tuning made once (kept in ``self.built``; ``pending``: their keys in ``self.pending``);
+        those prepared so are handed on again, so their runners are built in one pool (their
+        kernels loaded from the binary cache)."""
         tunings = []
         for key, build in [(self._write_key(*w), lambda w=w: self._write_tunings(*w)) for w in writes] + \
                           [(self._float_key(*f), lambda f=f: [self._float_tuning(*f)]) for f in floats]:
-            if key in self.seen or key in self.built:
+            if key in self.seen or (key in self.built and key not in self.pending):
                 continue
-            try:
-                self.built[key] = build()
-            except Exception as exc:  # noqa: BLE001  (its own call says why, or times it)
-                log.debug("compile_backend: group probe %s not prepared: %s", key, exc)
-                continue
+            if key in self.pending:
+                if pending:
+                    continue
+                self.pending.discard(key)
+            else:
+                try:
+                    self.built[key] = build()
+                except Exception as exc:  # noqa: BLE001  (its own call says why, or times it)
+                    log.debug("compile_backend: group probe %s not prepared: %s", key, exc)
+                    continue
+                if pending:
+                    self.pending.add(key)
             tunings += [(t.key, t.candidates) for t in self.built[key]]
-        self.counts["group_candidates"] += sum(len(c) for _, c in tunings)
-        tuner_for(self.ctx).precompile(tunings)
+        return tunings
 
     def float_ms(self, producer: Tuple[Any, ...], activation: Optional[str]) -> Optional[float]:
         """The best time of a convolution's own float group, as a float engine builds it (the

@@ -67,6 +67,43 @@ def test_too_few_builds_or_workers_compile_nothing_ahead():
     builds = [lambda: None] * 10
     assert compile_pool.precompile(builds, workers=1)["kernels"] == 0
     assert compile_pool.precompile(builds[:compile_pool.MIN_JOBS - 1], workers=4)["kernels"] == 0
+    from compile_backend.kernels.autotune import Tuner
+
+    assert Tuner(compile_processes=4).precompile_async([]) == 0  # off CUDA: nothing sent
+
+
+def test_an_async_batch_finishes_before_the_next_and_is_not_sent_again(monkeypatch):
+    """``precompile_async`` records at once and compiles on a thread: a later ``precompile``
+    waits for that batch (one batch on the workers at a time) and sends only the kernels it
+    did not compile."""
+    import threading
+
+    asked, release = [], threading.Event()
+
+    class Worker:
+        def ask(self, job, timeout_s):
+            release.wait(10)  # the async batch is still compiling when the next one comes
+            asked.append(job.name)
+            return None if job.name != "bad" else "bad: failed"
+
+    def job(name):
+        return compile_pool.Job(module="m", name=name, specialization="{}", device=0, cache_dir="/c/" + name[:0])
+
+    batches = iter([[job(n) for n in ("a", "b", "c", "d")], [job(n) for n in ("c", "d", "e", "bad")]])
+    monkeypatch.setattr(compile_pool, "_workers", lambda count: [Worker(), Worker()])
+    monkeypatch.setattr(compile_pool, "record", lambda builds: next(batches))
+    monkeypatch.setattr(compile_pool, "_done", set())
+    future = compile_pool.precompile_async([lambda: None] * 4, workers=2)
+    assert future is not None and not future.done()
+    later = threading.Thread(target=lambda: asked.append(compile_pool.precompile([lambda: None] * 4, workers=2)))
+    later.start()
+    release.set()
+    later.join(10)
+    assert future.result(10)["compiled"] == 4
+    stats = asked.pop()
+    assert sorted(asked[:4]) == ["a", "b", "c", "d"] and sorted(asked[4:]) == ["bad", "e"], asked
+    assert (stats["kernels"], stats["compiled"], stats["failed"]) == (4, 1, 1)  # c, d: compiled already
+    assert compile_pool.precompile_async([lambda: None] * 2, workers=2) is None  # too few to send
 
 
 def test_the_option_is_checked_and_not_part_of_the_engine_key():
@@ -115,6 +152,49 @@ def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(tmp_path):
         compile_pool.shutdown()
     print(tuner.stats)
     assert tuner.stats["pool_kernels"] == 8 and tuner.stats["pool_compiled"] == 8, tuner.stats
+    assert hits == [True] * 8, hits
+    for f, run in zip(range(1, 9), built):
+        torch.testing.assert_close(run(), x * f)
+
+
+@pytest.mark.gpu
+def test_gpu_an_async_batch_fills_the_cache_for_the_later_build(tmp_path):
+    """The tuner's asynchronous precompile returns at once; its eight kernels compile in the
+    workers, and the later build of the same candidates loads each from Triton's cache."""
+    import triton
+
+    from compile_backend.cache.location import triton_cache
+    from compile_backend.kernels.autotune import Candidate, Tuner, TuningKey
+
+    kernel = launch.load_source(_SOURCE + "\n# gpu async test\n").scale_kernel
+    x = torch.randn(1000, device="cuda")
+
+    def candidate(factor):
+        def compile_():
+            def run():
+                y = torch.empty_like(x)
+                kernel[(triton.cdiv(1000, 256),)](x, y, 1000, FACTOR=factor, BLOCK=256)
+                return y
+            run()
+            return run
+        return Candidate(f"x{factor}", {"factor": factor}, compile_, impl="triton")
+
+    hits = []
+    listener = triton.knobs.compilation.listener
+    try:
+        with triton_cache(tmp_path / "triton"):
+            tuner = Tuner(device=torch.device("cuda"), compile_processes=4)
+            key = TuningKey("test", "scale-async", ((1000,),), ((1,),), ("fp32",))
+            todo = [(key, candidate(float(f))) for f in range(1, 9)]
+            assert tuner.precompile_async([(key, [c for _, c in todo])]) == 8
+            triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+            built = tuner._build_each(todo, workers=4)
+    finally:
+        triton.knobs.compilation.listener = listener
+        compile_pool.shutdown()
+    tuner.collect_async()
+    print(tuner.stats)
+    assert tuner.stats["async_kernels"] == 8 and tuner.stats["async_pending"] == 0, tuner.stats
     assert hits == [True] * 8, hits
     for f, run in zip(range(1, 9), built):
         torch.testing.assert_close(run(), x * f)

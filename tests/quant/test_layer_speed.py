@@ -209,6 +209,82 @@ def test_the_group_probes_of_winning_layers_are_prepared_first(monkeypatch, tmp_
                                  True), None)], events
 
 
+def test_the_producers_float_groups_start_compiling_before_the_layers_are_timed(monkeypatch, tmp_path):
+    """Before any layer probe is timed, the float form of each probed layer's producer group is
+    handed to ``prepare_groups_async`` (compiled in the workers while the probes are timed:
+    ~3.7 s of ResNet-50 b32 INT8's first call waited on these, H100 session 27); the winners'
+    writes then go to ``prepare_groups`` as before."""
+    events = []
+
+    class Speed:
+        def prepare(self, probes):
+            events.append("prepare")
+
+        def prepare_groups_async(self, writes):
+            events.append(("prepare_groups_async", list(writes)))
+
+        def prepare_groups(self, writes, floats):
+            events.append(("prepare_groups", list(writes)))
+
+        def __call__(self, *args):
+            return None
+
+        def conv(self, x_shape, w_shape, *rest):
+            events.append("conv")
+            return (0.020, 0.010) if w_shape[2] == 3 else (0.001, 0.010)  # a: float, b: wins
+
+        def quantize_ms(self, numel):
+            return 0.0
+
+        def write_ms(self, producer, activation, tanh_unit):
+            return 0.001
+
+    x = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(2)).half()
+    status = quant_status(monkeypatch, tmp_path, TwoConvs().half().eval(), x, Speed())
+    assert status["b.weight"][0] == "quantized"
+    names = [e if isinstance(e, str) else e[0] for e in events]
+    assert names[:3] == ["prepare", "prepare_groups_async", "conv"] and "prepare_groups" in names, names
+    geometry = ([1, 1], [1, 1], [1, 1], 1)
+    # a's input is the graph's (no producer group); b's is a's convolution + ReLU
+    assert events[1][1] == [(("conv", (2, 3, 9, 11), (16, 3, 3, 3), geometry, torch.float16, True), "relu", True)]
+
+
+def test_group_probes_prepared_asynchronously_are_built_once_and_handed_on(monkeypatch):
+    """``prepare_groups_async`` makes each write probe's tunings once and sends them to the
+    tuner's asynchronous compile; ``prepare_groups`` hands those asked again to the tuner's
+    precompile (their runners built in one pool) without making them again, and leaves the
+    others pending."""
+    from compile_backend.kernels import autotune
+    from compile_backend.quant.speed import LayerSpeed
+
+    made, sent = [], []
+
+    class Tuning:
+        def __init__(self, name):
+            self.key, self.candidates = name, [name + ":c"]
+
+    class FakeTuner:
+        def precompile_async(self, tunings):
+            sent.append(("async", [k for k, _ in tunings]))
+            return len(tunings)
+
+        def precompile(self, tunings):
+            sent.append(("sync", [k for k, _ in tunings]))
+
+    monkeypatch.setattr(autotune, "tuner_for", lambda ctx: FakeTuner())
+    speed = LayerSpeed(None, "int8", True, False)
+    monkeypatch.setattr(speed, "_write_tunings", lambda producer, act, tanh: made.append(producer[0]) or [Tuning(producer[0])])
+    w = {name: ((name, (1, 8, 4, 4), (8, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True), "relu", True)
+         for name in ("p1", "p2", "p3")}
+    speed.prepare_groups_async([w["p1"], w["p2"]])
+    speed.prepare_groups_async([w["p1"]])  # already on its way: not sent twice
+    speed.prepare_groups([w["p1"], w["p3"]])
+    assert made == ["p1", "p2", "p3"]
+    assert sent == [("async", ["p1", "p2"]), ("async", []), ("sync", ["p1", "p3"])]
+    assert speed.counts["async_candidates"] == 2 and speed.counts["group_candidates"] == 2
+    assert speed.pending == {speed._write_key(*w["p2"])}
+
+
 @pytest.mark.parametrize("downsample", [False, True])
 def test_a_convolution_ahead_of_cudnn_still_races_its_own_float_group(downsample, monkeypatch, tmp_path):
     """A convolution whose 8-bit kernel beats the bare cuDNN call is timed against its own float
