@@ -58,15 +58,22 @@ def compile_and_compare(
     options: Optional[dict] = None,
     tol: Optional[Dict] = None,
     calls: int = 2,
+    report: Optional[Any] = None,
 ):
     """Compile a copy of ``model`` with compile_backend and check it against eager.
 
     Inference runs under no_grad; training runs forward and backward on the sum of the
-    outputs and compares gradients of every parameter and floating input.
+    outputs and compares gradients of every parameter and floating input. ``report``: a
+    compile_backend Report the build fills (what ``compile_backend.explain`` returns for it).
     """
     eager = model
     ours = copy.deepcopy(model)
-    compiled = torch.compile(ours, backend="compile_backend", options=options)
+    if report is None:
+        compiled = torch.compile(ours, backend="compile_backend", options=options)
+    else:
+        from compile_backend.backend import compile_backend as backend_fn
+
+        compiled = torch.compile(ours, backend=lambda gm, ex: backend_fn(gm, ex, options=options, report=report))
     if not training:
         with torch.no_grad():
             expected = eager(*inputs)

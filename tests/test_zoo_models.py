@@ -8,13 +8,46 @@ import torch
 
 import compile_backend
 from compile_backend import zoo
+from compile_backend.report import Report
 from helpers import compile_and_compare
+
+
+_INFERENCE = {}
+
+
+def _inference(name):
+    """The zoo's tiny ``name`` compiled for inference under the interpreter and compared with eager,
+    and its engines' report (what ``compile_backend.explain`` gives). Built once a process:
+    test_zoo_inference and test_zoo_groups_run_through_triton_under_interpreter check the same
+    build (each built its own before: the second build was 27 of this file's 150 s in the suite,
+    session 28); either one run alone, or on another xdist worker, builds and compares it itself."""
+    if name not in _INFERENCE:
+        model, inputs = zoo.get(name, "tiny")
+        report = Report()
+        compile_and_compare(model.eval(), inputs, report=report)
+        _INFERENCE[name] = report
+    return _INFERENCE[name]
 
 
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_zoo_inference(name):
-    model, inputs = zoo.get(name, "tiny")
-    compile_and_compare(model.eval(), inputs)
+    _inference(name)
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_zoo_groups_run_through_triton_under_interpreter(name):
+    """With TRITON_INTERPRET=1 every GEMM, conv, pointwise, reduction, attention and pool group of a
+    tiny model runs in one of our Triton kernels (report impl 'triton'), nothing falls back
+    except ops no kernel covers, and the output matches eager (the same build as
+    test_zoo_inference's)."""
+    report = _inference(name)
+    kernels = [k for g in report.graphs for k in g.kernels]
+    ours = [k for k in kernels if k["kind"] in ("gemm", "conv", "pointwise", "reduction", "attention", "pool")]
+    assert ours
+    not_triton = [(k["kind"], k["ops"], k["impl"]) for k in ours if k["impl"] != "triton"]
+    assert not not_triton, not_triton
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert all("no kernel of ours covers" in f["reason"] for f in fallbacks), fallbacks
 
 
 @pytest.mark.parametrize("name", zoo.NAMES)
@@ -42,19 +75,3 @@ def test_zoo_report_lists_every_graph():
     g = report.graphs[0]
     assert g.role == "inference" and g.kernels
     assert sum(1 for k in g.kernels if k["kind"] == "gemm") >= 4
-
-
-@pytest.mark.parametrize("name", zoo.NAMES)
-def test_zoo_groups_run_through_triton_under_interpreter(name):
-    """With TRITON_INTERPRET=1 every GEMM, conv, pointwise, reduction, attention and pool group of a
-    tiny model runs in one of our Triton kernels (report impl 'triton'), nothing falls back
-    except ops no kernel covers, and the output matches eager (checked above)."""
-    model, inputs = zoo.get(name, "tiny")
-    report = compile_backend.explain(model.eval(), *inputs)
-    kernels = [k for g in report.graphs for k in g.kernels]
-    ours = [k for k in kernels if k["kind"] in ("gemm", "conv", "pointwise", "reduction", "attention", "pool")]
-    assert ours
-    not_triton = [(k["kind"], k["ops"], k["impl"]) for k in ours if k["impl"] != "triton"]
-    assert not not_triton, not_triton
-    fallbacks = [f for g in report.graphs for f in g.fallbacks]
-    assert all("no kernel of ours covers" in f["reason"] for f in fallbacks), fallbacks
