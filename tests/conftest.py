@@ -5,6 +5,7 @@ suite runs on CPU tensors under Triton's interpreter. Tests that check the plain
 set it to "0" with monkeypatch (the backend reads it when it builds an engine). Tests marked
 `gpu` run only on a CUDA machine with TRITON_INTERPRET=0 (benchmarks/device/quant_run.sh).
 """
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,6 +28,38 @@ import torch  # noqa: E402
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def _interpreter_without_dead_overflow_checks():
+    """Triton's interpreter (3.6 to 3.9) runs every int32 add, sub and mul of a kernel a second time
+    in int64 with range compares (``sanitize_overflow``, on by default), only to hand the result to
+    ``device_assert``, which returns at once unless ``options.debug``; the interpreter never sets
+    debug (always its default False), so the checks can never fire: work without effect, as on a
+    GPU, where they compile to dead code without debug. They were ~20% of the interpreted kernels'
+    time (cProfile, the HF static-cache tests, session 28). Kept on wherever debug is on."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    options = getattr(interpreter, "InterpreterOptions", None)
+    fields = getattr(options, "__dataclass_fields__", {})
+    if "sanitize_overflow" not in fields or "debug" not in fields or fields["debug"].default is not False:
+        return  # another Triton: left as it is
+
+    def without_dead_checks(*args, **kwargs):
+        made = options(*args, **kwargs)
+        if made.debug or "sanitize_overflow" in kwargs:
+            return made
+        return dataclasses.replace(made, sanitize_overflow=False)
+
+    interpreter.InterpreterOptions = without_dead_checks  # builders made later
+    builder = getattr(interpreter, "interpreter_builder", None)  # the one made at import
+    if builder is not None and isinstance(getattr(builder, "options", None), options) and not builder.options.debug:
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_without_dead_overflow_checks()
 
 
 def pytest_unconfigure(config):
