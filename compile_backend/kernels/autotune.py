@@ -325,10 +325,10 @@ class Tuner:
         self._async.append(future)
         return len(todo)
 
-    def collect_async(self) -> None:
-        """Add the stats of the batches compiled asynchronously that have finished (``async_pending``:
-        those still compiling)."""
-        for future in [f for f in self._async if f.done()]:
+    def collect_async(self, wait: bool = False) -> None:
+        """Add the stats of the batches compiled asynchronously that have finished (``wait``:
+        after waiting for every one; ``async_pending``: those still compiling)."""
+        for future in [f for f in self._async if wait or f.done()]:
             self._async.remove(future)
             got = future.result()
             self.stats["async_kernels"] += int(got["kernels"])

@@ -116,85 +116,54 @@ def test_the_option_is_checked_and_not_part_of_the_engine_key():
     assert "compile_processes" in OPTIONS_NOT_IN_KEY
 
 
-@pytest.mark.gpu
-def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(tmp_path):
-    """Eight candidates of distinct constexprs: the workers compile all eight, the tuner's build
-    then finds each in Triton's cache (no compile in this process), and the kernels compute."""
+def _scale_candidate(kernel, x, factor):
+    """A tuner candidate launching ``kernel`` (``_SOURCE``'s) with the constexpr ``factor``."""
     import triton
 
-    from compile_backend.cache.location import triton_cache
-    from compile_backend.kernels.autotune import Candidate, Tuner, TuningKey
+    from compile_backend.kernels.autotune import Candidate
 
-    kernel = launch.load_source(_SOURCE + "\n# gpu test\n").scale_kernel
-    x = torch.randn(1000, device="cuda")
-    outs = {}
-
-    def candidate(factor):
-        def compile_():
-            def run():
-                y = outs.setdefault(factor, torch.empty_like(x))
-                kernel[(triton.cdiv(1000, 256),)](x, y, 1000, FACTOR=factor, BLOCK=256)
-                return y
-            run()
-            return run
-        return Candidate(f"x{factor}", {"factor": factor}, compile_)
-
-    hits = []
-    listener = triton.knobs.compilation.listener
-    triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
-    try:
-        with triton_cache(tmp_path / "triton"):
-            tuner = Tuner(device=torch.device("cuda"), compile_processes=4)
-            key = TuningKey("test", "scale", ((1000,),), ((1,),), ("fp32",))
-            built = tuner._build_each([(key, candidate(float(f))) for f in range(1, 9)], workers=4)
-    finally:
-        triton.knobs.compilation.listener = listener
-        compile_pool.shutdown()
-    print(tuner.stats)
-    assert tuner.stats["pool_kernels"] == 8 and tuner.stats["pool_compiled"] == 8, tuner.stats
-    assert hits == [True] * 8, hits
-    for f, run in zip(range(1, 9), built):
-        torch.testing.assert_close(run(), x * f)
+    def compile_():
+        def run():
+            y = torch.empty_like(x)
+            kernel[(triton.cdiv(x.numel(), 256),)](x, y, x.numel(), FACTOR=factor, BLOCK=256)
+            return y
+        run()
+        return run
+    return Candidate(f"x{factor}", {"factor": factor}, compile_)
 
 
 @pytest.mark.gpu
-def test_gpu_an_async_batch_fills_the_cache_for_the_later_build(tmp_path):
-    """The tuner's asynchronous precompile returns at once; its eight kernels compile in the
-    workers, and the later build of the same candidates loads each from Triton's cache."""
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(asynchronous, tmp_path):
+    """Eight candidates of distinct constexprs: the workers compile all eight (in the build's
+    own precompile, or sent ahead by ``Tuner.precompile_async``, which returns at once), the
+    tuner's build then finds each in Triton's cache (no compile in this process), and the
+    kernels compute."""
     import triton
 
     from compile_backend.cache.location import triton_cache
-    from compile_backend.kernels.autotune import Candidate, Tuner, TuningKey
+    from compile_backend.kernels.autotune import Tuner, TuningKey
 
-    kernel = launch.load_source(_SOURCE + "\n# gpu async test\n").scale_kernel
+    kernel = launch.load_source(_SOURCE + f"\n# gpu test {asynchronous}\n").scale_kernel
     x = torch.randn(1000, device="cuda")
-
-    def candidate(factor):
-        def compile_():
-            def run():
-                y = torch.empty_like(x)
-                kernel[(triton.cdiv(1000, 256),)](x, y, 1000, FACTOR=factor, BLOCK=256)
-                return y
-            run()
-            return run
-        return Candidate(f"x{factor}", {"factor": factor}, compile_, impl="triton")
-
     hits = []
     listener = triton.knobs.compilation.listener
     try:
         with triton_cache(tmp_path / "triton"):
             tuner = Tuner(device=torch.device("cuda"), compile_processes=4)
-            key = TuningKey("test", "scale-async", ((1000,),), ((1,),), ("fp32",))
-            todo = [(key, candidate(float(f))) for f in range(1, 9)]
-            assert tuner.precompile_async([(key, [c for _, c in todo])]) == 8
+            key = TuningKey("test", f"scale {asynchronous}", ((1000,),), ((1,),), ("fp32",))
+            todo = [(key, _scale_candidate(kernel, x, float(f))) for f in range(1, 9)]
+            if asynchronous:
+                assert tuner.precompile_async([(key, [c for _, c in todo])]) == 8
             triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
             built = tuner._build_each(todo, workers=4)
     finally:
         triton.knobs.compilation.listener = listener
         compile_pool.shutdown()
-    tuner.collect_async()
+    tuner.collect_async(wait=True)
     print(tuner.stats)
-    assert tuner.stats["async_kernels"] == 8 and tuner.stats["async_pending"] == 0, tuner.stats
+    sent = ("async_kernels", "async_kernels") if asynchronous else ("pool_kernels", "pool_compiled")
+    assert [tuner.stats[s] for s in sent] == [8, 8] and tuner.stats["async_pending"] == 0, tuner.stats
     assert hits == [True] * 8, hits
     for f, run in zip(range(1, 9), built):
         torch.testing.assert_close(run(), x * f)
