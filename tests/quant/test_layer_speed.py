@@ -212,7 +212,7 @@ def test_the_group_probes_of_winning_layers_are_prepared_first(monkeypatch, tmp_
 def test_the_producers_float_groups_start_compiling_before_the_layers_are_timed(monkeypatch, tmp_path):
     """Before any layer probe is timed, the float form of each probed layer's producer group is
     handed to ``prepare_groups_async`` (compiled in the workers while the probes are timed:
-    ~3.7 s of ResNet-50 b32 INT8's first call waited on these, H100 session 27); the winners'
+    in ResNet-50 b32 INT8's first call they began after the probes' 3.7 s of timing, H100 session 27); the winners'
     writes then go to ``prepare_groups`` as before."""
     events = []
 
