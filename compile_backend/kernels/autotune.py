@@ -306,8 +306,9 @@ class Tuner:
         ``tunings``, in the worker processes, and return at once: the problems a caller may ask
         next compile while this thread times others (the quantize pass's producer groups, while
         the layer probes are timed: in ResNet-50 b32 INT8's first call those compiles, 4.3 s,
-        started only after the probes' 3.7 s of timing, H100 session 27). Nothing is built here; the later build loads the kernels
-        from Triton's binary cache (the workers finish this batch before compiling another).
+        started only after the probes' 3.7 s of timing, H100 session 27). Nothing is built
+        here; the later build loads the kernels from Triton's binary cache (the workers finish
+        this batch before compiling another).
         Only on CUDA with compile processes; returns how many candidates were recorded."""
         if not self.compiles_ahead or self.compile_processes < 2 or self.device.type != "cuda" or triton_interpret():
             return 0

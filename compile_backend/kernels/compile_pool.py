@@ -58,8 +58,8 @@ _pool_lock = threading.Lock()
 _pool: Dict[str, Any] = {"workers": [], "broken": False}
 #: one batch of jobs on the workers at a time (their pipes carry one job each way in turn)
 _run_lock = threading.Lock()
-#: jobs the workers compiled in this process's life: sent again (a batch compiled asynchronously, then
-#: the tuner's own build of the same candidates), they are skipped, not loaded again by a worker
+#: jobs the workers compiled in this process's life: sent again (a batch compiled
+#: asynchronously, then the tuner's own build of the same candidates), they are skipped
 _done: set = set()
 
 
@@ -360,4 +360,5 @@ import atexit  # noqa: E402
 
 atexit.register(shutdown)
 
-__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "start", "precompile", "precompile_async", "shutdown"]
+__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "start", "precompile",
+           "precompile_async", "shutdown"]

@@ -208,11 +208,12 @@ class LayerSpeed:
                           [(self._float_key(*f), lambda f=f: [self._float_tuning(*f)]) for f in floats]:
             if key in self.seen or (key in self.built and key not in self.pending):
                 continue
-            if key in self.pending:
+            if key in self.pending and key in self.built:
                 if pending:
                     continue
                 self.pending.discard(key)
-            else:
+            else:  # (a pending tuning already taken by its probe is made again)
+                self.pending.discard(key)
                 try:
                     self.built[key] = build()
                 except Exception as exc:  # noqa: BLE001  (its own call says why, or times it)

@@ -283,6 +283,9 @@ def test_group_probes_prepared_asynchronously_are_built_once_and_handed_on(monke
     assert sent == [("async", ["p1", "p2"]), ("async", []), ("sync", ["p1", "p3"])]
     assert speed.counts["async_candidates"] == 2 and speed.counts["group_candidates"] == 2
     assert speed.pending == {speed._write_key(*w["p2"])}
+    speed.built.pop(speed._write_key(*w["p2"]))  # taken by its probe meanwhile: made again when asked
+    speed.prepare_groups([w["p2"]])
+    assert made == ["p1", "p2", "p3", "p2"] and sent[-1] == ("sync", ["p2"]) and not speed.pending
 
 
 @pytest.mark.parametrize("downsample", [False, True])
