@@ -160,6 +160,7 @@ def compile_stages(report) -> Optional[Dict[str, Any]]:
         add("probe_async_kernels", probes.get("async_kernels"))
         add("probe_async_s", probes.get("async_seconds"))
         add("probe_async_pending", probes.get("async_pending"))
+        add("probe_stream_wait_s", probes.get("stream_wait_seconds"))  # timing waited for the streamed compiles
         add("probe_capture_failures", probes.get("capture_failures"))
         add("kernel_capture_failures", g.tuning.get("capture_failures"))
         add("kernel_tuning_s", g.tuning.get("seconds"))

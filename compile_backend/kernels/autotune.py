@@ -239,16 +239,19 @@ class Tuner:
         # pool_kernels, the Triton kernels recorded for the compile workers (compile_pool),
         # pool_compiled / pool_failed their outcome there, pool_seconds recording + compiling,
         # pool_record_seconds the recording alone; async_kernels / async_seconds, those of them
-        # compiled asynchronously (precompile_async) and the workers' time on them
+        # compiled asynchronously (precompile_async) and the workers' time on them;
+        # stream_wait_seconds, what choose waited for a streamed problem's kernels
         self.stats = {"tuned": 0, "from_cache": 0, "heuristic": 0, "candidates_timed": 0, "seconds": 0.0,
                       "precompile_seconds": 0.0, "spin_seconds": 0.0, "inputs_seconds": 0.0,
                       "warmup_seconds": 0.0, "spin_fallbacks": 0, "spin_rebatches": 0, "behind_queue_ratio": 0.0,
                       "host_seconds": 0.0, "slow_hosts": 0, "captured": 0, "capture_failures": 0,
                       "pool_kernels": 0, "pool_compiled": 0, "pool_failed": 0, "pool_seconds": 0.0,
                       "pool_record_seconds": 0.0, "async_kernels": 0, "async_seconds": 0.0,
-                      "async_pending": 0}
+                      "async_pending": 0, "stream_wait_seconds": 0.0}
         # batches compile_pool.precompile_async is compiling; their stats join self.stats once done
         self._async: List[concurrent.futures.Future] = []
+        # problems precompile_async(each=True) is compiling: {key: (its stream, its group)}
+        self._streamed: Dict[TuningKey, Tuple[Any, int]] = {}
         # runners (None: failed to compile) that precompile built, by (key, candidate name):
         # each is taken by the first tuning of its key
         self._prebuilt: Dict[Tuple[TuningKey, str], Optional[Callable]] = {}
@@ -301,7 +304,7 @@ class Tuner:
                       f"in {took:.1f}s ({workers} threads)")
         return sum(r is not None for r in built)
 
-    def precompile_async(self, tunings: Sequence[Tuple[TuningKey, Sequence[Candidate]]]) -> int:
+    def precompile_async(self, tunings: Sequence[Tuple[TuningKey, Sequence[Candidate]]], each: bool = False) -> int:
         """Start compiling the Triton kernels of the candidates :meth:`precompile` would build for
         ``tunings``, in the worker processes, and return at once: the problems a caller may ask
         next compile while this thread times others (the quantize pass's producer groups, while
@@ -309,6 +312,9 @@ class Tuner:
         started only after the probes' 3.7 s of timing, H100 session 27). Nothing is built
         here; the later build loads the kernels from Triton's binary cache (the workers finish
         this batch before compiling another).
+        ``each``: the problems compile in the order given, and :meth:`choose` of one waits for
+        its own kernels only, not the batch (the layer probes: their 4.3-4.7 s of compiling
+        came before their 3.4-3.5 s of timing, ResNet-50 b32 INT8 / FP8, H100 session 29).
         Only on CUDA with compile processes; returns how many candidates were recorded."""
         if not self.compiles_ahead or self.compile_processes < 2 or self.device.type != "cuda" or triton_interpret():
             return 0
@@ -319,11 +325,15 @@ class Tuner:
                 todo += [(key, c) for c in candidates if c.impl == "triton" and (key, c.name) not in self._prebuilt]
         todo = list({(key, c.name): (key, c) for key, c in todo}.values())
         index = cuda_index(self.device)
-        future = compile_pool.precompile_async([functools.partial(self._build, index, item) for item in todo],
-                                                self.compile_processes)
-        if future is None:
+        keys = list(dict.fromkeys(key for key, _ in todo)) if each else [None]
+        stream = compile_pool.precompile_groups_async(
+            [[functools.partial(self._build, index, item) for item in todo if not each or item[0] == key] for key in keys],
+            self.compile_processes)
+        if stream is None:
             return 0
-        self._async.append(future)
+        self._async.append(stream.future)
+        if each:
+            self._streamed.update({key: (stream, i) for i, key in enumerate(keys)})
         return len(todo)
 
     def collect_async(self, wait: bool = False) -> None:
@@ -440,7 +450,13 @@ class Tuner:
     def _compile_all(self, key: TuningKey, candidates: Sequence[Candidate]) -> Dict[str, Callable]:
         runners = {c.name: self._prebuilt.pop((key, c.name)) for c in candidates if (key, c.name) in self._prebuilt}
         todo = [(key, c) for c in candidates if c.name not in runners]
-        runners.update({c.name: r for (_, c), r in zip(todo, self._build_each(todo, self.compile_workers))})
+        streamed = self._streamed.pop(key, None)
+        if streamed is not None and todo:
+            t0 = time.monotonic()
+            streamed[0].wait(streamed[1], compile_pool.JOB_TIMEOUT_S)  # its kernels, not the batch's
+            self.stats["stream_wait_seconds"] += time.monotonic() - t0
+        built = self._build_each(todo, self.compile_workers, pool=streamed is None)
+        runners.update({c.name: r for (_, c), r in zip(todo, built)})
         return {c.name: runners[c.name] for c in candidates if runners.get(c.name) is not None}
 
     @staticmethod
@@ -455,8 +471,10 @@ class Tuner:
             log.debug("compile_backend: candidate %s for %s failed to compile: %s", cand.name, key.describe(), exc)
             return None
 
-    def _build_each(self, todo: Sequence[Tuple[TuningKey, Candidate]], workers: int) -> List[Optional[Callable]]:
-        """Each candidate's runner (None: it failed to compile), built on ``workers`` threads."""
+    def _build_each(self, todo: Sequence[Tuple[TuningKey, Candidate]], workers: int,
+                    pool: bool = True) -> List[Optional[Callable]]:
+        """Each candidate's runner (None: it failed to compile), built on ``workers`` threads
+        (``pool``: after the compile workers compiled their kernels, unless streamed there)."""
         build = functools.partial(self._build, cuda_index(self.device))
 
         # Compiling a candidate may run it (on CUDA, ``template.warmed``). Under TRITON_INTERPRET=1
@@ -465,7 +483,7 @@ class Tuner:
         # one or two was dropped as "failed to compile". So one at a time there.
         if workers <= 1 or len(todo) <= 1 or triton_interpret():
             return [build(item) for item in todo]
-        if self.compile_processes > 1 and self.device.type == "cuda":
+        if pool and self.compile_processes > 1 and self.device.type == "cuda":
             # worker processes (every core but one, no GIL shared) fill Triton's binary cache
             # first; the threads below then load from it (compile_pool's docstring: measured)
             got = compile_pool.precompile([functools.partial(build, item) for item in todo if item[1].impl == "triton"],

@@ -257,9 +257,10 @@ def shutdown() -> None:
         _pool["workers"] = []
 
 
-def _run(workers: List[_Worker], jobs: List[Job]) -> List[Optional[str]]:
+def _run(workers: List[_Worker], jobs: List[Job], finished: Optional[Callable[[Job], None]] = None
+         ) -> List[Optional[str]]:
     """Each job's answer, the jobs shared out to the workers by one thread each (waiting on a
-    pipe releases the GIL)."""
+    pipe releases the GIL), in the order given; ``finished`` is told of each job as it ends."""
     answers: List[Optional[str]] = [None] * len(jobs)
     queue = list(enumerate(jobs))
     queue.reverse()
@@ -272,11 +273,46 @@ def _run(workers: List[_Worker], jobs: List[Job]) -> List[Optional[str]]:
                     return
                 i, job = queue.pop()
             answers[i] = worker.ask(job, JOB_TIMEOUT_S)
+            if finished is not None:
+                finished(jobs[i])
 
     with concurrent.futures.ThreadPoolExecutor(len(workers)) as threads:
         for done in [threads.submit(drain, w) for w in workers]:
             done.result()  # a dead worker raises here (EOFError, BrokenPipeError)
     return answers
+
+
+class Stream:
+    """A batch compiling asynchronously in groups (:func:`precompile_groups_async`): the
+    workers take the groups' kernels in the order given, and :meth:`wait` returns as soon as one
+    group's are compiled, so the caller can use that group while the workers go on with the rest
+    (the quantize pass times each layer probe as its candidates are ready, instead of after all
+    of them). ``future``: the batch's stats, as :func:`precompile`'s."""
+
+    def __init__(self, groups: List[List[Job]]):
+        self.groups = groups
+        self.future: "concurrent.futures.Future[Dict[str, float]]" = concurrent.futures.Future()
+        self._finished: set = set()
+        self._over = False
+        self._changed = threading.Condition()
+
+    def finished(self, job: Job) -> None:
+        with self._changed:
+            self._finished.add(job)
+            self._changed.notify_all()
+
+    def end(self) -> None:
+        with self._changed:
+            self._over = True
+            self._changed.notify_all()
+
+    def wait(self, group: int, timeout_s: Optional[float] = None) -> bool:
+        """Wait until group ``group``'s kernels have compiled (or failed, or the batch ended: a
+        kernel left out then compiles in the caller's build, as without the workers); False
+        past ``timeout_s``."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._over or all(job in self._finished for job in self.groups[group]), timeout_s)
 
 
 def precompile(builds: Sequence[Callable[[], Any]], workers: int) -> Dict[str, float]:
@@ -298,25 +334,41 @@ def precompile_async(builds: Sequence[Callable[[], Any]], workers: int
     A later :func:`precompile` waits for this batch (one batch on the workers at a time), and a
     kernel of it built in this process meanwhile is only compiled twice, never wrong: Triton
     writes each cache entry whole."""
-    recorded = _recorded(builds, workers)
+    stream = precompile_groups_async([builds], workers)
+    return None if stream is None else stream.future
+
+
+def precompile_groups_async(groups: Sequence[Sequence[Callable[[], Any]]], workers: int) -> Optional[Stream]:
+    """:func:`precompile_async` of the builds of every group, recorded group by group: the
+    returned :class:`Stream` says when each group's kernels are compiled. A kernel two groups
+    share compiles once, with the first. None where nothing was sent."""
+    recorded = _recorded([build for group in groups for build in group], workers, groups)
     if recorded is None or not recorded[1]:
         return None
-    future: "concurrent.futures.Future[Dict[str, float]]" = concurrent.futures.Future()
+    pool, jobs_of, stats = recorded
+    stream = Stream(jobs_of)
+    jobs = list(dict.fromkeys(job for group in jobs_of for job in group))
+    stats["kernels"] = len(jobs)
 
     def run() -> None:
-        future.set_result(_compile(*recorded))  # _compile catches what a worker raises
+        try:
+            stream.future.set_result(_compile(pool, jobs, stats, stream.finished))  # _compile catches a worker's error
+        finally:
+            stream.end()
 
     threading.Thread(target=run, name="compile_backend-precompile-async", daemon=True).start()
-    return future
+    return stream
 
 
 def _no_stats() -> Dict[str, float]:
     return {"kernels": 0, "compiled": 0, "failed": 0, "record_seconds": 0.0, "compile_seconds": 0.0}
 
 
-def _recorded(builds: Sequence[Callable[[], Any]], workers: int):
+def _recorded(builds: Sequence[Callable[[], Any]], workers: int,
+              groups: Optional[Sequence[Sequence[Callable[[], Any]]]] = None):
     """Step 1: (the workers, the recorded jobs, the stats so far), or None where the pool is not
-    used (too few builds or workers, a pool that cannot start, a Triton that cannot record)."""
+    used (too few builds or workers, a pool that cannot start, a Triton that cannot record).
+    With ``groups`` (together ``builds``), the jobs are a list for each group."""
     stats = _no_stats()
     if workers < 2 or len(builds) < MIN_JOBS:
         return None
@@ -325,7 +377,7 @@ def _recorded(builds: Sequence[Callable[[], Any]], workers: int):
         return None
     t0 = time.monotonic()
     try:
-        jobs = record(builds)
+        jobs: Any = record(builds) if groups is None else [record(group) for group in groups]
     except Exception as exc:  # e.g. a Triton without jit_cache_hook
         log.debug("compile_backend: could not record the candidates' kernels: %s", exc)
         return None
@@ -334,13 +386,19 @@ def _recorded(builds: Sequence[Callable[[], Any]], workers: int):
     return pool, jobs, stats
 
 
-def _compile(pool: List[_Worker], jobs: List[Job], stats: Dict[str, float]) -> Dict[str, float]:
-    """Step 2: the jobs on the workers, one batch at a time; counts and seconds into ``stats``."""
+def _compile(pool: List[_Worker], jobs: List[Job], stats: Dict[str, float],
+             finished: Optional[Callable[[Job], None]] = None) -> Dict[str, float]:
+    """Step 2: the jobs on the workers, one batch at a time; counts and seconds into ``stats``;
+    ``finished`` is told of each job as it ends (a job compiled before, at once)."""
     with _run_lock:
         t1 = time.monotonic()
+        if finished is not None:
+            for job in jobs:
+                if job in _done:
+                    finished(job)
         jobs = [job for job in jobs if job not in _done]
         try:
-            for job, why in zip(jobs, _run(pool[:max(1, min(len(pool), len(jobs)))], jobs) if jobs else []):
+            for job, why in zip(jobs, _run(pool[:max(1, min(len(pool), len(jobs)))], jobs, finished) if jobs else []):
                 stats["compiled" if why is None else "failed"] += 1
                 if why is None:
                     _done.add(job)
@@ -360,5 +418,5 @@ import atexit  # noqa: E402
 
 atexit.register(shutdown)
 
-__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "record", "compile_job", "serve", "start", "precompile",
-           "precompile_async", "shutdown"]
+__all__ = ["MIN_JOBS", "JOB_TIMEOUT_S", "Job", "Stream", "record", "compile_job", "serve", "start", "precompile",
+           "precompile_async", "precompile_groups_async", "shutdown"]

@@ -159,7 +159,9 @@ class LayerSpeed:
         candidates each, compiled one probe after another, made its FP8 engine's first call 1.8x
         its FP16 one's (H100, session 19). ``probes``: ("linear", (m, n, k, dtype, bias)) or
         ("conv", (x_shape, w_shape, stride, padding, dilation, groups, dtype, bias)), the
-        arguments of ``__call__`` / ``conv``. A probe that cannot be built is left to its call."""
+        arguments of ``__call__`` / ``conv``. A probe that cannot be built is left to its call.
+        Where the tuner has compile workers, the compiles stream: each probe's timing waits for
+        its own candidates only, in the order given."""
         from ..kernels.autotune import tuner_for
 
         keys = [("linear",) + tuple(args) if kind == "linear" else self._conv_key(*args) for kind, args in probes]
@@ -174,7 +176,11 @@ class LayerSpeed:
                 continue
             tunings.append((self._tagged(self.built[key], PROBE_TAG), self.built[key].candidates))
         self.counts["layer_candidates"] += sum(len(c) for _, c in tunings)
-        tuner_for(self.ctx).precompile(tunings)
+        tuner = tuner_for(self.ctx)
+        # streamed: each probe is timed once its own candidates have compiled, while the workers
+        # compile the next ones (Tuner.precompile_async(each=True)); else all compile first
+        if not tuner.precompile_async(tunings, each=True):
+            tuner.precompile(tunings)
 
     def prepare_groups(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]],
                        floats: Sequence[Tuple[Tuple[Any, ...], Optional[str]]] = ()) -> None:
@@ -185,7 +191,9 @@ class LayerSpeed:
 
         tunings = self._group_tunings(writes, floats)
         self.counts["group_candidates"] += sum(len(c) for _, c in tunings)
-        tuner_for(self.ctx).precompile(tunings)
+        tuner = tuner_for(self.ctx)
+        if not tuner.precompile_async(tunings, each=True):  # streamed, as the layer probes (prepare)
+            tuner.precompile(tunings)
 
     def prepare_groups_async(self, writes: Sequence[Tuple[Tuple[Any, ...], Optional[str], bool]]) -> None:
         """Start compiling the kernels of write probes that may be asked (``writes`` as for

@@ -428,9 +428,9 @@ def test_the_build_compiles_every_tuned_groups_candidates_ahead(monkeypatch, tmp
         ahead.append(real_ahead(groups, ctx))
         return ahead[-1]
 
-    def recording_build(self, todo, workers):
+    def recording_build(self, todo, workers, pool=True):
         built.append((workers > 1, [key.kind for key, _ in todo]))
-        return real_build(self, todo, workers)
+        return real_build(self, todo, workers, pool)
     monkeypatch.setattr(select, "compile_ahead", recording_ahead)
     monkeypatch.setattr(pipeline, "compile_ahead", recording_ahead)
     monkeypatch.setattr(Tuner, "_build_each", recording_build)

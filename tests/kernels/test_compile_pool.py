@@ -106,6 +106,56 @@ def test_an_async_batch_finishes_before_the_next_and_is_not_sent_again(monkeypat
     assert compile_pool.precompile_async([lambda: None] * 2, workers=2) is None  # too few to send
 
 
+def test_a_streamed_batch_says_when_each_group_is_ready(monkeypatch):
+    """``precompile_groups_async`` compiles the groups' kernels in the order given, and its
+    stream's ``wait(i)`` returns once group i's are done, before the batch ends: the quantize
+    pass times one layer probe while the next compile. A kernel two groups share compiles once;
+    one compiled by an earlier batch counts as ready at once."""
+    import threading
+
+    from compile_backend.kernels.autotune import Tuner
+
+    asked, release = [], threading.Event()
+
+    class Worker:
+        def ask(self, job, timeout_s):
+            if job.name.startswith("late"):
+                release.wait(10)
+            asked.append(job.name)
+            return None
+
+    def job(name):
+        return compile_pool.Job(module="m", name=name, specialization="{}", device=0, cache_dir=None)
+
+    groups = {"g0": [job("a"), job("b")], "g1": [job("b"), job("late"), job("old")], "g2": [job("c")]}
+    monkeypatch.setattr(compile_pool, "_workers", lambda count: [Worker(), Worker()])
+    monkeypatch.setattr(compile_pool, "record", lambda builds: groups[builds[0]()])
+    monkeypatch.setattr(compile_pool, "_done", {job("old")})
+    stream = compile_pool.precompile_groups_async([[lambda: "g0", lambda: "g0"], [lambda: "g1"], [lambda: "g2"]], 2)
+    assert stream.wait(0, 10) and stream.wait(2, 10)  # a, b, c done while "late" still compiles
+    assert not stream.wait(1, 0.05) and not stream.future.done()
+    release.set()
+    assert stream.wait(1, 10) and stream.future.result(10)["compiled"] == 4
+    assert sorted(asked) == ["a", "b", "c", "late"] and asked[-1] == "late"
+    assert stream.future.result()["kernels"] == 5  # b once; "old" compiled before, not sent
+    # the tuner: a streamed problem's build waits for its own group, then builds without the pool
+    tuner = Tuner(compile_processes=4)
+    waited, built = [], []
+
+    class Stream:
+        def wait(self, group, timeout_s):
+            waited.append(group)
+            return True
+    monkeypatch.setattr(tuner, "_build_each", lambda todo, workers, pool=True: built.append(pool) or [lambda: 1] * len(todo))
+    tuner._streamed["key"] = (Stream(), 3)
+    from compile_backend.kernels.autotune import Candidate
+
+    cands = [Candidate("x", {}, lambda: None), Candidate("y", {}, lambda: None)]
+    assert sorted(tuner._compile_all("key", cands)) == ["x", "y"] and (waited, built) == ([3], [False])
+    assert sorted(tuner._compile_all("key", cands)) == ["x", "y"] and (waited, built) == ([3], [False, True])
+    assert not tuner._streamed and tuner.stats["stream_wait_seconds"] >= 0
+
+
 def test_the_option_is_checked_and_not_part_of_the_engine_key():
     from compile_backend.cache.key import OPTIONS_NOT_IN_KEY
 
@@ -133,36 +183,39 @@ def _scale_candidate(kernel, x, factor):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("asynchronous", [False, True])
-def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(asynchronous, tmp_path):
+@pytest.mark.parametrize("mode", ["pool", "async", "streamed"])
+def test_gpu_workers_fill_tritons_cache_and_the_build_loads_from_it(mode, tmp_path):
     """Eight candidates of distinct constexprs: the workers compile all eight (in the build's
-    own precompile, or sent ahead by ``Tuner.precompile_async``, which returns at once), the
-    tuner's build then finds each in Triton's cache (no compile in this process), and the
-    kernels compute."""
+    own precompile, or sent ahead by ``Tuner.precompile_async``, which returns at once; streamed:
+    the build waits for its problem's kernels alone), the tuner's build then finds each in
+    Triton's cache (no compile in this process), and the kernels compute."""
     import triton
 
     from compile_backend.cache.location import triton_cache
     from compile_backend.kernels.autotune import Tuner, TuningKey
 
-    kernel = launch.load_source(_SOURCE + f"\n# gpu test {asynchronous}\n").scale_kernel
+    kernel = launch.load_source(_SOURCE + f"\n# gpu test {mode}\n").scale_kernel
     x = torch.randn(1000, device="cuda")
     hits = []
     listener = triton.knobs.compilation.listener
     try:
         with triton_cache(tmp_path / "triton"):
             tuner = Tuner(device=torch.device("cuda"), compile_processes=4)
-            key = TuningKey("test", f"scale {asynchronous}", ((1000,),), ((1,),), ("fp32",))
+            key = TuningKey("test", f"scale {mode}", ((1000,),), ((1,),), ("fp32",))
             todo = [(key, _scale_candidate(kernel, x, float(f))) for f in range(1, 9)]
-            if asynchronous:
-                assert tuner.precompile_async([(key, [c for _, c in todo])]) == 8
+            if mode != "pool":
+                assert tuner.precompile_async([(key, [c for _, c in todo])], each=mode == "streamed") == 8
             triton.knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
-            built = tuner._build_each(todo, workers=4)
+            if mode == "streamed":
+                built = list(tuner._compile_all(key, [c for _, c in todo]).values())
+            else:
+                built = tuner._build_each(todo, workers=4)
     finally:
         triton.knobs.compilation.listener = listener
         compile_pool.shutdown()
     tuner.collect_async(wait=True)
     print(tuner.stats)
-    sent = ("async_kernels", "async_kernels") if asynchronous else ("pool_kernels", "pool_compiled")
+    sent = ("pool_kernels", "pool_compiled") if mode == "pool" else ("async_kernels", "async_kernels")
     assert [tuner.stats[s] for s in sent] == [8, 8] and tuner.stats["async_pending"] == 0, tuner.stats
     assert hits == [True] * 8, hits
     for f, run in zip(range(1, 9), built):
