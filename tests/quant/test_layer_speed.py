@@ -249,6 +249,42 @@ def test_the_producers_float_groups_start_compiling_before_the_layers_are_timed(
     assert events[1][1] == [(("conv", (2, 3, 9, 11), (16, 3, 3, 3), geometry, torch.float16, True), "relu", True)]
 
 
+@pytest.mark.parametrize("streams", [True, False])
+def test_probes_stream_their_compiles_where_the_tuner_can(streams, monkeypatch):
+    """``prepare`` and ``prepare_groups`` hand their tunings to the tuner's streamed compile
+    (each probe timed once its own candidates compiled); where it sends nothing (no compile
+    workers, off CUDA), to the synchronous precompile instead."""
+    from compile_backend.kernels import autotune
+    from compile_backend.quant.speed import LayerSpeed
+
+    sent = []
+
+    class Tuning:
+        def __init__(self, name):
+            self.key, self.candidates = name, [name + ":c"]
+
+    class FakeTuner:
+        def precompile_async(self, tunings, each=False):
+            sent.append(("stream" if each else "async", [k for k, _ in tunings]))
+            return len(tunings) if streams else 0
+
+        def precompile(self, tunings):
+            sent.append(("sync", [k for k, _ in tunings]))
+
+    monkeypatch.setattr(autotune, "tuner_for", lambda ctx: FakeTuner())
+    speed = LayerSpeed(None, "int8", True, False)
+    monkeypatch.setattr(speed, "_tuning", lambda key: Tuning(key[0] + str(key[1])))
+    monkeypatch.setattr(speed, "_tagged", lambda tuning, tag: tuning.key)
+    monkeypatch.setattr(speed, "_write_tunings", lambda producer, act, tanh: [Tuning(producer[0])])
+    speed.prepare([("linear", (33, 48, 32, torch.float16, True)), ("linear", (17, 48, 32, torch.float16, False))])
+    write = (("p1", (1, 8, 4, 4), (8, 8, 1, 1), ([1, 1], [0, 0], [1, 1], 1), torch.float16, True), "relu", True)
+    speed.prepare_groups([write])
+    expected = [("stream", ["linear33", "linear17"]), ("stream", ["p1"])]
+    if not streams:
+        expected = [expected[0], ("sync", ["linear33", "linear17"]), expected[1], ("sync", ["p1"])]
+    assert sent == expected
+
+
 def test_group_probes_prepared_asynchronously_are_built_once_and_handed_on(monkeypatch):
     """``prepare_groups_async`` makes each write probe's tunings once and sends them to the
     tuner's asynchronous compile; ``prepare_groups`` hands those asked again to the tuner's
