@@ -320,10 +320,11 @@ def precompile(builds: Sequence[Callable[[], Any]], workers: int) -> Dict[str, f
     binary cache (steps 1-2 above); the builds themselves are not kept. Returns counts and
     seconds for the tuner's stats: kernels recorded, compiled, failed. A batch started
     asynchronously (:func:`precompile_async`) finishes on the workers first."""
-    recorded = _recorded(builds, workers)
+    recorded = _recorded([builds], workers)
     if recorded is None:
         return _no_stats()
-    return _compile(*recorded)
+    pool, jobs_of, stats = recorded
+    return _compile(pool, jobs_of[0], stats)
 
 
 def precompile_async(builds: Sequence[Callable[[], Any]], workers: int
@@ -342,13 +343,12 @@ def precompile_groups_async(groups: Sequence[Sequence[Callable[[], Any]]], worke
     """:func:`precompile_async` of the builds of every group, recorded group by group: the
     returned :class:`Stream` says when each group's kernels are compiled. A kernel two groups
     share compiles once, with the first. None where nothing was sent."""
-    recorded = _recorded([build for group in groups for build in group], workers, groups)
-    if recorded is None or not recorded[1]:
+    recorded = _recorded(groups, workers)
+    if recorded is None or not any(recorded[1]):
         return None
     pool, jobs_of, stats = recorded
     stream = Stream(jobs_of)
     jobs = list(dict.fromkeys(job for group in jobs_of for job in group))
-    stats["kernels"] = len(jobs)
 
     def run() -> None:
         try:
@@ -364,26 +364,25 @@ def _no_stats() -> Dict[str, float]:
     return {"kernels": 0, "compiled": 0, "failed": 0, "record_seconds": 0.0, "compile_seconds": 0.0}
 
 
-def _recorded(builds: Sequence[Callable[[], Any]], workers: int,
-              groups: Optional[Sequence[Sequence[Callable[[], Any]]]] = None):
-    """Step 1: (the workers, the recorded jobs, the stats so far), or None where the pool is not
-    used (too few builds or workers, a pool that cannot start, a Triton that cannot record).
-    With ``groups`` (together ``builds``), the jobs are a list for each group."""
+def _recorded(groups: Sequence[Sequence[Callable[[], Any]]], workers: int):
+    """Step 1 for the builds of each group: (the workers, the recorded jobs of each group, the
+    stats so far), or None where the pool is not used (too few builds or workers, a pool that
+    cannot start, a Triton that cannot record)."""
     stats = _no_stats()
-    if workers < 2 or len(builds) < MIN_JOBS:
+    if workers < 2 or sum(len(group) for group in groups) < MIN_JOBS:
         return None
     pool = _workers(workers)  # started now: their imports overlap the recording
     if pool is None:
         return None
     t0 = time.monotonic()
     try:
-        jobs: Any = record(builds) if groups is None else [record(group) for group in groups]
+        jobs_of = [record(group) for group in groups]
     except Exception as exc:  # e.g. a Triton without jit_cache_hook
         log.debug("compile_backend: could not record the candidates' kernels: %s", exc)
         return None
     stats["record_seconds"] = time.monotonic() - t0
-    stats["kernels"] = len(jobs)
-    return pool, jobs, stats
+    stats["kernels"] = len({job for jobs in jobs_of for job in jobs})
+    return pool, jobs_of, stats
 
 
 def _compile(pool: List[_Worker], jobs: List[Job], stats: Dict[str, float],
