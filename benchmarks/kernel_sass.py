@@ -258,12 +258,15 @@ def conv_tma_rows(c: int, hw: int, oc: int, kinds=("int8", "fp8", "fp16")) -> Li
     return rows
 
 
-def gemv_rows(n: int, k: int) -> List[dict]:
+def gemv_rows(n: int, k: int, kinds=("int4", "int8", "float"), configs=None) -> List[dict]:
     """The decode GEMV (``kernels/gemv.py``, M = 1) for INT4 (group 128), INT8 and fp16 weights,
     elementwise and tensor-core loops: main-loop SASS instructions per weight. At the H200's
     4.8 TB/s an INT4 weight (half a byte) leaves an SM ~3.5 issue slots (132 SMs x 128 lanes x
-    1.98 GHz / 9.6e12 weights/s); more and the GEMV is bound by instructions, not bytes."""
+    1.98 GHz / 9.6e12 weights/s); more and the GEMV is bound by instructions, not bytes.
+    ``configs`` (default: one elementwise and two tensor-core loops) are then named in full."""
     from compile_backend.kernels import gemm_template, gemv, weight_only_ref
+    import triton
+
     from compile_backend.kernels.weight_only import WeightOnlyConfig
 
     sink: List[dict] = []
@@ -272,12 +275,14 @@ def gemv_rows(n: int, k: int) -> List[dict]:
     rows = []
     try:
         x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k)
-        for weights in ("int4", "int8", "float"):
-            # the tuner's elementwise and tensor-core candidates (weight_only.CONFIGS["gemv"])
-            # the third: tensor cores at 4 stages, its weight loads pipelined through shared memory
-            for cfg in (WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, waves=8, unroll=2),
-                        WeightOnlyConfig("gemv", 1, 64, 128, num_stages=1, waves=8, tensor_cores=True),
-                        WeightOnlyConfig("gemv", 1, 64, 128, num_stages=4, waves=2, tensor_cores=True)):
+        named = configs is not None
+        # the tuner's elementwise and tensor-core candidates (weight_only.CONFIGS["gemv"])
+        # the third: tensor cores at 4 stages, its weight loads pipelined through shared memory
+        configs = configs or (WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, waves=8, unroll=2),
+                              WeightOnlyConfig("gemv", 1, 64, 128, num_stages=1, waves=8, tensor_cores=True),
+                              WeightOnlyConfig("gemv", 1, 64, 128, num_stages=4, waves=2, tensor_cores=True))
+        for weights in kinds:
+            for cfg in configs:
                 gemv.plain_kernel.cache_clear()
                 out = torch.empty(1, n, dtype=torch.float16)
                 if weights == "float":
@@ -293,8 +298,10 @@ def gemv_rows(n: int, k: int) -> List[dict]:
                 issue_tb_s = 132 * 1.755e9 * per_thread * 32 / r["loop_sm_clocks"] * weight_bytes / 1e12
                 loop = ("elementwise" if not cfg.tensor_cores else "tensor cores"
                         + (f" {cfg.num_stages} stages" if cfg.num_stages > 1 else ""))
-                rows.append({"weights": weights, "loop": loop,
-                             "shape": [n, k], **r,
+                if named:
+                    loop += f" {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} split{cfg.split_k} u{cfg.unroll}"
+                rows.append({"weights": weights, "loop": loop, "shape": [n, k], "target": "sm_90",
+                             "triton": triton.__version__, "torch": torch.__version__, **r,
                              "instructions_per_weight": round(r["loop_instructions"] / per_thread, 2),
                              "issue_bound_tb_s": round(issue_tb_s, 2)})
     finally:
@@ -359,6 +366,9 @@ def main(argv=None) -> int:
     p.add_argument("--operands", nargs="*", default=["fp16", "fp8"], choices=("fp16", "fp8", "int8"))
     p.add_argument("--gemv", nargs=2, type=int, metavar=("N", "K"),
                    help="instead: the decode GEMV's main loop per weight at [N, K] (e.g. 5632 2048)")
+    p.add_argument("--gemv-int4", nargs=2, type=int, metavar=("N", "K"),
+                   help="the INT4 decode GEMV's elementwise loops at the tuner's words configs "
+                        "(16x128 w4 split1 u8, 32x128 u4, 64x128 u2)")
     p.add_argument("--gemv-norm", nargs=2, type=int, metavar=("N", "K"),
                    help="instead: the decode GEMV with an RMS norm prologue, its factor deferred or the row loop")
     p.add_argument("--conv-tma", nargs=3, type=int, metavar=("C", "HW", "OC"),
@@ -393,8 +403,16 @@ def main(argv=None) -> int:
                   f"{r['instructions']:5d} loop {r['loop_instructions']:4d} issue-model clocks {r['loop_sm_clocks']}",
                   flush=True)
         return write_json(args.json, rows)
-    if args.gemv:
-        rows = gemv_rows(*args.gemv)
+    if args.gemv or args.gemv_int4:
+        if args.gemv:
+            rows = gemv_rows(*args.gemv)
+        else:
+            from compile_backend.kernels.weight_only import WeightOnlyConfig
+
+            rows = gemv_rows(*args.gemv_int4, kinds=("int4",), configs=(
+                WeightOnlyConfig("gemv", 1, 16, 128, 1, num_warps=4, num_stages=1, unroll=8),
+                WeightOnlyConfig("gemv", 1, 32, 128, num_warps=8, num_stages=1, unroll=4),
+                WeightOnlyConfig("gemv", 1, 64, 128, num_warps=4, num_stages=1, unroll=2)))
         for r in rows:
             print(f"gemv {r['weights']:5s} {r['loop']:21s} regs {r['registers']:3d} async copies {r['async_copies']:2d} "
                   f"loop {r['loop_instructions']:4d} "
