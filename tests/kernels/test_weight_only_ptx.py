@@ -1,0 +1,143 @@
+"""The weight-only GEMV's PTX dequantize (``weight_only_parts._INT4_PAIRS_F16`` /
+``_INT8_QUADS_F16``), executed on the CPU: a numpy model of the few PTX instructions they use
+runs the asm text itself over every 16-bit word of INT4 codes / every byte of INT8 codes, and
+must equal the reference (``weight_only_ref.dequantize`` rounded to fp16) bit for bit. The GPU
+test ``test_gemv.py::test_gpu_native_dequantize_bit_identical`` checks the compiled kernels."""
+import numpy as np
+import pytest
+import torch
+
+from compile_backend.kernels import weight_only_ref as ref
+
+
+def _lop3(a, b, c, lut):
+    """PTX ``lop3.b32``: bit i of the result is bit (a_i b_i c_i as a 3-bit index) of ``lut``."""
+    out = np.zeros_like(a)
+    for index in range(8):
+        if lut >> index & 1:
+            out |= (a if index & 4 else ~a) & (b if index & 2 else ~b) & (c if index & 1 else ~c)
+    return out
+
+
+def _prmt(a, b, selector):
+    """PTX ``prmt.b32`` (default mode): byte i of the result is byte (selector's nibble i) of b:a."""
+    both = a.astype(np.uint64) | (b.astype(np.uint64) << 32)
+    out = np.zeros_like(a)
+    for i in range(4):
+        pick = selector >> (4 * i) & 7
+        out |= ((both >> np.uint64(8 * pick)) & np.uint64(0xFF)).astype(np.uint32) << np.uint32(8 * i)
+    return out
+
+
+def _f16x2(op, a, b):
+    """``{sub,mul}.rn.f16x2``: per 16-bit half, the exact result (float64 holds it) rounded once."""
+    out = np.zeros_like(a)
+    for shift in (0, 16):
+        x = ((a >> shift) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+        y = ((b >> shift) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+        with np.errstate(all="ignore"):
+            r = (x - y if op == "sub" else x * y).astype(np.float16)
+        out |= r.view(np.uint16).astype(np.uint32) << np.uint32(shift)
+    return out
+
+
+def run_ptx(text, operands):
+    """Execute inline asm ``text`` (the subset above; every register 32 bits) on numpy uint32
+    ``operands`` ($i in order); returns the values of all $ operands after it."""
+    regs = {f"${i}": v.astype(np.uint32) for i, v in enumerate(operands)}
+
+    def value(token):
+        token = token.strip()
+        if token in regs:
+            return regs[token]
+        return np.uint32(int(token, 0))
+
+    for line in text.strip().strip("{}").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [t.strip() for t in args.split(",")]
+        if op == "mov.b32":
+            result = np.broadcast_to(value(src[0]), operands[0].shape).astype(np.uint32)
+        elif op == "shr.b32":
+            result = value(src[0]) >> value(src[1])
+        elif op == "xor.b32":
+            result = value(src[0]) ^ value(src[1])
+        elif op == "lop3.b32":
+            result = _lop3(value(src[0]), value(src[1]), value(src[2]), int(src[3], 0))
+        elif op == "prmt.b32":
+            result = _prmt(value(src[0]), value(src[1]), int(src[2], 0))
+        elif op in ("sub.rn.f16x2", "mul.rn.f16x2"):
+            result = _f16x2(op[:3], value(src[0]), value(src[1]))
+        else:
+            raise AssertionError(f"the PTX model lacks {op!r}: extend it with the instruction's semantics")
+        regs[dst] = np.asarray(result, dtype=np.uint32) & np.uint32(0xFFFFFFFF)
+    return [regs[f"${i}"] for i in range(len(operands))]
+
+
+def _scale_pairs(n, gen):
+    """fp16 scales of every magnitude (subnormal, huge, inf, NaN, -0.0), as [n] pairs (low, high)."""
+    magnitude = torch.exp2(torch.randint(-24, 16, (n, 2), generator=gen).float())
+    s = (torch.randn(n, 2, generator=gen) * magnitude).half()
+    s[:4, 0] = torch.tensor([float("inf"), float("nan"), -0.0, 6.0e-8]).half()
+    return s
+
+
+def _same_bits(got_f16, want_f16):
+    """Equal fp16 tensors, NaN matching NaN (the GPU's NaN bits are its own)."""
+    nan = torch.isnan(want_f16)
+    assert torch.equal(torch.isnan(got_f16), nan)
+    assert torch.equal(got_f16[~nan].view(torch.int16), want_f16[~nan].view(torch.int16))
+
+
+def _halves(reg):
+    return torch.from_numpy((reg & 0xFFFF).astype(np.uint16).view(np.int16).copy()).view(torch.float16), \
+        torch.from_numpy((reg >> 16).astype(np.uint16).view(np.int16).copy()).view(torch.float16)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int4_pairs_ptx_equals_reference(seed):
+    """Every 16-bit word (4 codes, k = 4j .. 4j + 3 from the lowest nibble) in the low half of the
+    register, the words reversed in the high half; each half with its own scale."""
+    from compile_backend.kernels.weight_only_parts import _INT4_PAIRS_F16
+
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.arange(65536, dtype=torch.int64)
+    high = low[torch.randperm(65536, generator=gen)]
+    scales = _scale_pairs(65536, gen)
+    register = (low | high << 16).numpy().astype(np.uint32)
+    pair = (scales.view(torch.int16).to(torch.int64) & 0xFFFF)
+    pair = (pair[:, 0] | pair[:, 1] << 16).numpy().astype(np.uint32)
+    zero = np.zeros(65536, dtype=np.uint32)
+    outs = run_ptx(_INT4_PAIRS_F16.value, [zero, zero, zero, zero, register, pair])[:4]
+    for half, (words, scale) in enumerate(((low, scales[:, 0]), (high, scales[:, 1]))):
+        packed = torch.stack([(words >> (8 * b)) & 0xFF for b in range(2)], dim=1).to(torch.uint8)
+        codes = ref.unpack_int4(packed, 4)  # [65536, 4]
+        want = ref.dequantize(codes, scale[:, None], "int4", 32).half()  # one short group
+        for i in range(4):
+            _same_bits(_halves(outs[i])[half], want[:, i])
+
+
+def test_int8_quads_ptx_equals_reference():
+    """Every byte in every position of the register (four codes, k from the lowest byte)."""
+    from compile_backend.kernels.weight_only_parts import _INT8_QUADS_F16
+
+    gen = torch.Generator().manual_seed(2)
+    n = 4 * 256
+    codes = torch.stack([torch.arange(n) % 256] + [torch.randperm(n, generator=gen) % 256 for _ in range(3)], dim=1)
+    register = (codes[:, 0] | codes[:, 1] << 8 | codes[:, 2] << 16 | codes[:, 3] << 24).numpy().astype(np.uint32)
+    scales = _scale_pairs(n, gen)[:, 0]  # one scale a row: both halves of each pair
+    bits = scales.view(torch.int16).to(torch.int64) & 0xFFFF
+    pair = (bits | bits << 16).numpy().astype(np.uint32)
+    zero = np.zeros(n, dtype=np.uint32)
+    a, b = run_ptx(_INT8_QUADS_F16.value, [zero, zero, register, pair, pair])[:2]
+    want = ref.dequantize(codes.to(torch.uint8).view(torch.int8), scales, "int8").half()
+    got = [*_halves(a), *_halves(b)]
+    for i in range(4):
+        _same_bits(got[i], want[:, i])
+
+
+def test_model_refuses_unknown_instructions():
+    with pytest.raises(AssertionError, match="lacks 'add.u32'"):
+        run_ptx("{ add.u32 $0, $1, 1; }", [np.zeros(1, np.uint32), np.zeros(1, np.uint32)])
