@@ -318,9 +318,10 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # INT4 words: a step's tiles in one load (gemv.py); fewer rows, more tiles a step
              _gemv(16, 128, unroll=4), _gemv(32, 128, 8, unroll=4),
              # 4 rows a thread (64 rows, 4 warps): x's staging through shared memory shared by
-             # 4x the weights; INT4 words 4.88 SASS instructions a weight in the loop against
-             # 16 x 128 u8's 6.66 (sm_90, Triton 3.6, gate_up 5632 x 2048)
-             _gemv(64, 128, unroll=2),
+             # 4x the weights; INT4 words 4.64 SASS instructions a weight in the loop against
+             # 16 x 128 u8's 6.41 (sm_90, Triton 3.6, gate_up 5632 x 2048; `python -m
+             # benchmarks.kernel_sass --gemv-int4 5632 2048`); at 2 warps 4.32
+             _gemv(64, 128, unroll=2), _gemv(64, 128, 2),
              # INT4 in one wave, no split-K: 16 KB of a program's rows in flight at once, no
              # partial sums' round trip (store, counter, reload) before the output; a 2048 x 2048
              # layer is 128 programs, each reading its rows in one step (``fits_registers``:
