@@ -57,7 +57,7 @@ import triton.language as tl
 from . import gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import auto_split, dot16, int4_weights16, int8_weights16, k_slices, round_to
+from .weight_only_parts import auto_split, dot16, int4_weights16, int8_weights16, k_slices, round_to, words_to
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
@@ -70,6 +70,9 @@ GEMV_MAX_ACC = 8192
 #: would be read once per row
 GEMV_MAX_M = weight_only_ref.GEMV_MAX_M
 PATHS = ("gemv", "skinny", "tiled", "dequant")
+#: tiled launches (kernel, x dtype, tiles, warps, stages) whose INT4 words variant the installed
+#: Triton failed to compile: a cache of compiler failures, so each is tried once a process
+_WORDS_UNCOMPILABLE: set = set()
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -156,6 +159,25 @@ def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GR
 
 
 @triton.jit
+def _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """INT4 :func:`_dequant_tile16` read as 16-bit words of four codes (K a multiple of 4, even
+    row stride: the launcher's ``WORDS``), dequantized by ``words_to`` (NATIVE: 13 PTX
+    instructions for 8 weights; the byte loads' loop took ~9 SASS instructions a weight in the
+    prefill tiles, 3x the tensor cores' time at 128x128x64) and joined back into k order in
+    registers: [BLOCK_N, BLOCK_K] as DTYPE."""
+    n_ok = rn < N
+    rq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :],
+                    mask=n_ok[:, None] & (rq < K // 4)[None, :], other=0)
+    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+    w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+    # [n, j, b, a] = w(2b + a): k = 4j + 2b + a, the word's nibbles in order
+    w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    return tl.reshape(w, [w0.shape[0], BLOCK_K])
+
+
+@triton.jit
 def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's (rows, columns) of the output, program ids grouped along M so consecutive
     programs reuse the same weight tiles from L2."""
@@ -186,7 +208,7 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, swn, ssn, INT4: tl.constexpr, G
 @triton.jit
 def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
                      INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
-                     UPCAST: tl.constexpr,
+                     UPCAST: tl.constexpr, WORDS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The tiled GEMM as out^T = W x^T (16-bit x): the dequantized weight tile is the dot's
     first operand, which Hopper's wgmma reads from registers; as the second (``_tiled_kernel``)
@@ -196,7 +218,11 @@ def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rm[None, :] * sxm + rk[:, None], mask=(rm < M)[None, :] & (rk < K)[:, None], other=0.0)
-        w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty)
+        if WORDS:
+            w = _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
+                                 not SOFT_BF16)
+        else:
+            w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty)
         acc = dot16(w, xt, acc, UPCAST)
     _store_out(tl.trans(acc), b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
 
@@ -204,15 +230,19 @@ def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn
 @triton.jit
 def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
                   INT4: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
-                  UPCAST: tl.constexpr,
+                  UPCAST: tl.constexpr, WORDS: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
-                          x_ptr.dtype.element_ty, SOFT_BF16)
+        if WORDS:
+            w = _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
+                                 not SOFT_BF16)
+        else:
+            w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
+                              x_ptr.dtype.element_ty, SOFT_BF16)
         if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9)
             x, w = x.to(tl.float32), w.to(tl.float32)
         # ieee: fp32 activations keep the reference's fp32 products (no TF32); 16-bit ignore it
@@ -339,7 +369,10 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
     # on the H200 (session 8) every tiled kernel, weights-first ones included, took 2-4.6x cuBLAS
-    # fp16 at M = 2048, and the dequant path below won every prefill layer
+    # fp16 at M = 2048, and the dequant path below won every prefill layer. Why: the bytes'
+    # dequantize cost ~9 SASS instructions a weight, 3x the tensor cores' time a K step; INT4
+    # words (``_dequant_words16``, session 30) cut the loop's issue clocks 2.4-2.9x (sm_90:
+    # 128x128x64 w8 186 -> 77 a warp, 128x256x64 354 -> 120), at or under the wgmma time
     "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
               _tiled(64, 128, 32, 4, 4), _tiled(128, 128, 32, 8, 3), _tiled(128, 64, 64, 4, 3),
               _tiled(128, 256, 64, 8, 3), _tiled(128, 128, 64, 8, 4), _tiled(256, 128, 64, 8, 3),
@@ -481,8 +514,21 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         upcast = interpret and x.dtype == torch.bfloat16
         kernel = _tiled_wa_kernel if cfg.weights_first and x.dtype in (torch.float16, torch.bfloat16) else _tiled_kernel
-        kernel[grid](x, codes, scales, b, out, m, n, k, x.stride(0), codes.stride(0), scales.stride(0),
-                            UPCAST=upcast, GROUP_M=cfg.group_m, **common)
+        # INT4 read as 16-bit words of four codes: 16-bit x, K a multiple of 4, even row stride
+        words = (int4 and x.dtype in (torch.float16, torch.bfloat16) and k % 4 == 0 and codes.stride(0) % 2 == 0
+                 and codes.data_ptr() % 2 == 0)
+        args = (x, codes, scales, b, out, m, n, k, x.stride(0), codes.stride(0), scales.stride(0))
+        key = (kernel.__name__, x.dtype, bm, bn, bk, cfg.num_warps, cfg.num_stages)
+        if words and key not in _WORDS_UNCOMPILABLE:
+            try:
+                kernel[grid](*args, UPCAST=upcast, WORDS=True, GROUP_M=cfg.group_m, **common)
+                return
+            except (RuntimeError, triton.CompilationError, triton.runtime.OutOfResources):
+                # Triton 3.6 fails some of these layouts in its passes ("Illegal shared layout":
+                # 64x128x32 at 4 warps, not at 8; sm_90), or a variant may need more resources:
+                # the bytes' tile does the same math
+                _WORDS_UNCOMPILABLE.add(key)
+        kernel[grid](*args, UPCAST=upcast, WORDS=False, GROUP_M=cfg.group_m, **common)
         return
     if cfg.path == "gemv":
         gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)

@@ -81,6 +81,19 @@ def test_matches_reference(precision, group_size, path, dtype):
               config=FORCED[path])
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("path", ["tiled", "tiled-wf"])
+def test_tiled_int4_words(path, dtype):
+    """The tiled kernels read INT4 as 16-bit words (K a multiple of 4, 16-bit x): K tiles that end
+    inside a word run (K = 100, 68: masked by whole words), every group size; the words variant
+    ran (no compiler-failure fallback to the bytes' tile)."""
+    from compile_backend.kernels import weight_only
+
+    for i, (m, n, k, group) in enumerate([(17, 33, 100, 32), (19, 5, 68, 64), (3, 40, 132, 128)]):
+        check(*operands(m, n, k, dtype, "int4", group, bias=i % 2 == 0, seed=30 + i), "int4", group, config=FORCED[path])
+    assert not weight_only._WORDS_UNCOMPILABLE
+
+
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
 def test_heuristic_picks_the_path_by_m(precision, group_size):
     assert heuristic(1).path == heuristic(GEMV_MAX_M).path == "gemv"
