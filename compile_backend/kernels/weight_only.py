@@ -146,16 +146,17 @@ def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.const
 
 @triton.jit
 def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+                    BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     """:func:`_dequant_tile` for 16-bit DTYPE with no conversion instruction per weight
-    (``weight_only_parts.offset_codes_to``), as DTYPE."""
+    (``weight_only_parts.offset_codes_to``), as DTYPE. NATIVE (compiled for a GPU): INT8 with
+    fp16 four codes a register in PTX (``codes_to``)."""
     n_ok = rn < N
     if INT4:
         rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         lo, hi = int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP, DTYPE, True)  # any K
         return tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
     scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
-    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE, False)
+    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE, NATIVE)
 
 
 @triton.jit
@@ -200,7 +201,8 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, swn, ssn, INT4: tl.constexpr, G
     if out_ptr.dtype.element_ty == tl.float32:
         w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K, tl.float32, SOFT_BF16)
     else:
-        w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, out_ptr.dtype.element_ty)
+        w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, out_ptr.dtype.element_ty,
+                            not SOFT_BF16)
     rk = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
 
@@ -222,7 +224,8 @@ def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn
             w = _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
                                  not SOFT_BF16)
         else:
-            w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty)
+            w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
+                                not SOFT_BF16)
         acc = dot16(w, xt, acc, UPCAST)
     _store_out(tl.trans(acc), b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
 
@@ -240,6 +243,9 @@ def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
         if WORDS:
             w = _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
                                  not SOFT_BF16)
+        elif not INT4 and x_ptr.dtype.element_ty != tl.float32:  # INT8, 16-bit x: no conversion a weight
+            w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
+                                not SOFT_BF16)
         else:
             w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
                               x_ptr.dtype.element_ty, SOFT_BF16)
