@@ -413,7 +413,8 @@ def main(argv=None) -> int:
                 WeightOnlyConfig("gemv", 1, 16, 128, 1, num_warps=4, num_stages=1, unroll=8),
                 WeightOnlyConfig("gemv", 1, 32, 128, num_warps=8, num_stages=1, unroll=4),
                 WeightOnlyConfig("gemv", 1, 64, 128, num_warps=4, num_stages=1, unroll=2),
-                WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1)))
+                WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1),
+                WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1, tensor_cores=True)))
         for r in rows:
             print(f"gemv {r['weights']:5s} {r['loop']:21s} regs {r['registers']:3d} async copies {r['async_copies']:2d} "
                   f"loop {r['loop_instructions']:4d} "

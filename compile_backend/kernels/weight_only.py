@@ -370,7 +370,12 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # feed tl.dot into shared memory (cp.async, 15-40 in sm_90 SASS with Triton 3.6), so
              # 2-3 steps are in flight a program without their registers; the elementwise loops'
              # loads never are (no async copy at any num_stages), nor the tensor-core ones at 1
-             _gemv(64, 128, waves=2, stages=4, tc=True), _gemv(128, 128, 8, waves=2, stages=3, tc=True)),
+             _gemv(64, 128, waves=2, stages=4, tc=True), _gemv(128, 128, 8, waves=2, stages=3, tc=True),
+             # tensor cores at 1-2 warps: Triton takes mma.sync (its A operand, the weights, from
+             # registers) instead of wgmma, whose loops wait on each dot pair and stage the weights
+             # through shared memory (4+ warps: 4 DEPBAR, 12 BAR a step). INT4 64x128 w2 3.27 SASS
+             # instructions a weight in the loop, INT8 3.69 (sm_90, Triton 3.6; elementwise 4.32)
+             _gemv(64, 128, 2, tc=True), _gemv(32, 128, 1, tc=True)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
