@@ -356,7 +356,9 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # 4 rows a thread (64 rows, 4 warps): x's staging through shared memory shared by
              # 4x the weights; INT4 words 4.64 SASS instructions a weight in the loop against
              # 16 x 128 u8's 6.41 (sm_90, Triton 3.6, gate_up 5632 x 2048; `python -m
-             # benchmarks.kernel_sass --gemv-int4 5632 2048`); at 2 warps 4.32
+             # benchmarks.kernel_sass --gemv-int4 5632 2048`); at 2 warps 4.32. Measured (H100,
+             # session 30): 16 x 128 u8 split1 still won (gate_up 6.43 us; 64 x 128 w2 8.20, down
+             # 8.28 against 8.37): one wave without split-K beats the shorter loop
              _gemv(64, 128, unroll=2), _gemv(64, 128, 2),
              # INT4 in one wave, no split-K: 16 KB of a program's rows in flight at once, no
              # partial sums' round trip (store, counter, reload) before the output; a 2048 x 2048
@@ -370,12 +372,10 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # feed tl.dot into shared memory (cp.async, 15-40 in sm_90 SASS with Triton 3.6), so
              # 2-3 steps are in flight a program without their registers; the elementwise loops'
              # loads never are (no async copy at any num_stages), nor the tensor-core ones at 1
-             _gemv(64, 128, waves=2, stages=4, tc=True), _gemv(128, 128, 8, waves=2, stages=3, tc=True),
-             # tensor cores at 1-2 warps: Triton takes mma.sync (its A operand, the weights, from
-             # registers) instead of wgmma, whose loops wait on each dot pair and stage the weights
-             # through shared memory (4+ warps: 4 DEPBAR, 12 BAR a step). INT4 64x128 w2 3.27 SASS
-             # instructions a weight in the loop, INT8 3.69 (sm_90, Triton 3.6; elementwise 4.32)
-             _gemv(64, 128, 2, tc=True), _gemv(32, 128, 1, tc=True)),
+             # (tried, session 30: tensor cores at 1-2 warps, mma.sync with the weights from
+             # registers, INT4 64x128 w2 3.27 SASS a weight against 4.32 elementwise: never in the
+             # top 6 of any M = 1 layer on an H100; fewer instructions lose to split-K's round trip)
+             _gemv(64, 128, waves=2, stages=4, tc=True), _gemv(128, 128, 8, waves=2, stages=3, tc=True)),
     "skinny": (_skinny(1, 64, 128), _skinny(1, 32, 256), _skinny(1, 128, 64), _skinny(2, 32, 128),
                _skinny(4, 16, 128), _skinny(8, 16, 64), _skinny(16, 16, 32)),
     # prefill (M ~ 2048, compute-bound): also the big tiles fp16 GEMMs win with on Hopper
