@@ -160,18 +160,25 @@ def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GR
 
 
 @triton.jit
-def _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                     DTYPE: tl.constexpr, NATIVE: tl.constexpr):
-    """INT4 :func:`_dequant_tile16` read as 16-bit words of four codes (K a multiple of 4, even
-    row stride: the launcher's ``WORDS``), dequantized by ``words_to`` (NATIVE: 13 PTX
-    instructions for 8 weights; the byte loads' loop took ~9 SASS instructions a weight in the
-    prefill tiles, 3x the tensor cores' time at 128x128x64) and joined back into k order in
-    registers: [BLOCK_N, BLOCK_K] as DTYPE."""
+def _load_words(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """INT4 weight rows ``rn``, columns [k0, k0 + BLOCK_K), as 16-bit words of four codes (K a
+    multiple of 4, even row stride: the launcher's ``WORDS``), with each row's scale
+    [BLOCK_N, 1]; zeros (no access) from K on, so a loop may load one step past its last."""
     n_ok = rn < N
     rq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
     words = tl.load(w_ptr.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :],
                     mask=n_ok[:, None] & (rq < K // 4)[None, :], other=0)
-    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)[:, None]
+    # rn * 0 + k0: a vector (the interpreter refuses a mask term without a shape)
+    scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok & (rn * 0 + k0 < K), other=0.0)[:, None]
+    return words, scale
+
+
+@triton.jit
+def _words_tile(words, scale, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """Words from :func:`_load_words` dequantized by ``words_to`` (NATIVE: 13 PTX instructions
+    for 8 weights; the byte loads' loop took ~9 SASS instructions a weight in the prefill
+    tiles, 3x the tensor cores' time at 128x128x64) and joined back into k order in registers:
+    [BLOCK_N, BLOCK_K] as DTYPE (16-bit)."""
     w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
     # [n, j, b, a] = w(2b + a): k = 4j + 2b + a, the word's nibbles in order
     w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
@@ -217,12 +224,15 @@ def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn
     it is stored to shared memory every K step. Programs grouped along M as there."""
     rm, rn = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    if WORDS:  # the next step's words in flight during this step's math: see _tiled_kernel
+        words, scale = _load_words(w_ptr, s_ptr, rn, 0, N, K, swn, ssn, GROUP, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rm[None, :] * sxm + rk[:, None], mask=(rm < M)[None, :] & (rk < K)[:, None], other=0.0)
         if WORDS:
-            w = _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
-                                 not SOFT_BF16)
+            words_k, scale_k = words, scale
+            words, scale = _load_words(w_ptr, s_ptr, rn, k0 + BLOCK_K, N, K, swn, ssn, GROUP, BLOCK_K)
+            w = _words_tile(words_k, scale_k, BLOCK_K, x_ptr.dtype.element_ty, not SOFT_BF16)
         else:
             w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
                                 not SOFT_BF16)
@@ -237,12 +247,18 @@ def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # WORDS: the next step's words load before this step's dequantize and dot, so their latency
+    # hides behind them (Triton pipelines only the loads that feed tl.dot as they are, i.e. x);
+    # H100, session 30: 128x128x64 words tiles 2.2x cuBLAS fp16 at M = 2048 without this
+    if WORDS:
+        words, scale = _load_words(w_ptr, s_ptr, rn, 0, N, K, swn, ssn, GROUP, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
         if WORDS:
-            w = _dequant_words16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
-                                 not SOFT_BF16)
+            words_k, scale_k = words, scale
+            words, scale = _load_words(w_ptr, s_ptr, rn, k0 + BLOCK_K, N, K, swn, ssn, GROUP, BLOCK_K)
+            w = _words_tile(words_k, scale_k, BLOCK_K, x_ptr.dtype.element_ty, not SOFT_BF16)
         elif not INT4 and x_ptr.dtype.element_ty != tl.float32:  # INT8, 16-bit x: no conversion a weight
             w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
                                 not SOFT_BF16)
@@ -382,7 +398,7 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     # on the H200 (session 8) every tiled kernel, weights-first ones included, took 2-4.6x cuBLAS
     # fp16 at M = 2048, and the dequant path below won every prefill layer. Why: the bytes'
     # dequantize cost ~9 SASS instructions a weight, 3x the tensor cores' time a K step; INT4
-    # words (``_dequant_words16``, session 30) cut the loop's issue clocks 2.4-2.9x (sm_90:
+    # words (``_words_tile``, session 30) cut the loop's issue clocks 2.4-2.9x (sm_90:
     # 128x128x64 w8 186 -> 77 a warp, 128x256x64 354 -> 120), at or under the wgmma time
     "tiled": (_tiled(16, 64, 128, 4, 3), _tiled(32, 64, 64, 4, 3), _tiled(64, 64, 64, 4, 3),
               _tiled(64, 128, 32, 4, 4), _tiled(128, 128, 32, 8, 3), _tiled(128, 64, 64, 4, 3),
