@@ -149,8 +149,8 @@ def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.conste
 #: 0x5400 (64, whose mantissa's unit there is 1/16 * 16 = 1) are 64 + code + 8, so one shift
 #: serves four nibbles (three did: 15 instructions for 8 weights, now 13). Subtracting 1032 or
 #: 72 is exact, the multiply rounds once, as the reference's fp32 product rounded to fp16
-#: (``.rn``: ptxas does not contract it into an fma). tests/kernels/test_gemv.py checks the
-#: bits over every 16-bit word (CPU) and the compiled kernel against the interpreter (GPU).
+#: (``.rn``: ptxas does not contract it into an fma). tests/kernels/test_weight_only_ptx.py runs
+#: this text over every 16-bit word (CPU); test_gemv.py checks the compiled kernel (GPU).
 _INT4_PAIRS_F16 = tl.constexpr("""{
 .reg .b32 t<4>, s, m, n, o, p;
 mov.b32 m, 0x000F000F;

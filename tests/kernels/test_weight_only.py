@@ -94,6 +94,33 @@ def test_tiled_int4_words(path, dtype):
     assert not weight_only._WORDS_UNCOMPILABLE
 
 
+def test_tiled_words_that_fail_to_compile_fall_back_to_the_bytes_tile(monkeypatch):
+    """A words variant the installed Triton cannot compile (Triton 3.6: "Illegal shared layout"
+    at some tiles) runs as the bytes' tile, right, and is not tried again in the process."""
+    from compile_backend.kernels import weight_only
+
+    real, tried = weight_only._tiled_kernel, []
+
+    class Failing:
+        __name__ = real.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, WORDS, **kwargs):
+                tried.append(WORDS)
+                if WORDS:
+                    raise RuntimeError("PassManager::run failed")
+                return real[grid](*args, WORDS=WORDS, **kwargs)
+            return launch
+
+    monkeypatch.setattr(weight_only, "_tiled_kernel", Failing())
+    monkeypatch.setattr(weight_only, "_WORDS_UNCOMPILABLE", set())
+    x, codes, scales, b = operands(17, 33, 100, torch.float16, "int4", 32, seed=40)
+    for _ in range(2):
+        check(x, codes, scales, b, "int4", 32, config=FORCED["tiled"])
+    assert tried == [True, False, False]
+    assert len(weight_only._WORDS_UNCOMPILABLE) == 1
+
+
 @pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 64)], ids=str)
 def test_heuristic_picks_the_path_by_m(precision, group_size):
     assert heuristic(1).path == heuristic(GEMV_MAX_M).path == "gemv"
