@@ -59,7 +59,7 @@ def _copies(nbytes: int) -> int:
 
 def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
-    from compile_backend.kernels.weight_only import CONFIGS, fits_registers, paths_for, weight_only_linear
+    from compile_backend.kernels.weight_only import CONFIGS, GEMV_MAX_M, fits_registers, paths_for, weight_only_linear
 
     dev = "cuda"
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -76,7 +76,8 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
         nbytes = codes.numel() * codes.element_size() + scales.numel() * 2
         sets = [(codes.clone(), scales.clone()) for _ in range(_copies(nbytes))]
         best, best_cfg, failures, times = float("inf"), None, [], []
-        paths = paths_for(m) + (("tiled",) if m <= 16 else ())
+        # tiled at skinny M, tma (not yet in paths_for) at GEMV M: measured here first
+        paths = paths_for(m) + (("tiled",) if m <= 16 else ()) + (("tma",) if m <= GEMV_MAX_M else ())
         for cfg in [None] + [c for path in paths for c in CONFIGS[path] if fits_registers(c, precision)]:
             try:
                 ms = _time_ms(lambda i: weight_only_linear(x, *sets[i], precision=precision, group_size=group,
@@ -129,9 +130,9 @@ def torch_peers(x: torch.Tensor, m: int, n: int, k: int) -> Dict[str, Any]:
 
 
 def _short(cfg) -> str:
-    """A config in a few characters: path, tile, split, warps, stages, unroll, tensor cores."""
+    """A config in a few characters: path, tile, split, warps, stages, unroll, tensor cores, x by TMA."""
     return (f"{cfg.path} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k} w{cfg.num_warps} "
-            f"s{cfg.num_stages} u{cfg.unroll}{' tc' if cfg.tensor_cores else ''}")
+            f"s{cfg.num_stages} u{cfg.unroll}{' tc' if cfg.tensor_cores else ''}{' x' if cfg.tma_x else ''}")
 
 
 def _us(ms: Any) -> str:

@@ -1,7 +1,7 @@
 """Triton W8A16 / W4A16 GEMMs (weight-only quantization, issue #20): ``y = x @ dequantize(w)^T + bias``.
 
 Layers, as every kernel here: the @triton.jit kernels (``_skinny_kernel``, ``_tiled_kernel`` and
-``_split_sum_kernel``); :func:`weight_only_linear` checks the operands, picks a path, allocates
+``weight_only_parts.split_sum``); :func:`weight_only_linear` checks the operands, picks a path, allocates
 and launches; :func:`weight_only_linear_reference` is the plain-PyTorch version
 (``weight_only_ref.weight_only_mm`` on the unpacked codes) the tests hold the kernels to.
 
@@ -25,7 +25,7 @@ Paths, by M (the rows of x once its leading dims are flattened):
   product is a broadcast multiply and a sum over K, so no tensor-core tile pads 1 row to 16, and
   each program loads block_k consecutive codes per weight row (128 int8 = 128 bytes). Decode has
   too few N blocks to fill a GPU, so K is cut into split_k slices: each writes fp32 partial sums
-  to a [split, M, N] workspace and ``_split_sum_kernel`` adds them in a fixed order, adds the bias
+  to a [split, M, N] workspace and ``weight_only_parts.split_sum`` adds them in a fixed order, adds the bias
   and casts. Chosen over an fp32 atomic add: as many launches (atomics need a zeroed buffer, and
   a cast pass unless the output is fp32 without bias) and a result that does not depend on the
   order the programs run in, i.e. bitwise reproducible.
@@ -57,7 +57,9 @@ import triton.language as tl
 from . import gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import auto_split, dot16, int4_weights16, int8_weights16, k_slices, round_to, words_to
+from .weight_only_tma import tma_gemv
+from .weight_only_parts import (auto_split, dot16, int4_weights16, int8_weights16, k_slices, round_to, split_sum,
+                                words_to)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
@@ -69,7 +71,7 @@ GEMV_MAX_ACC = 8192
 #: M up to which the gemv path (one x row per program) is a candidate: beyond, each weight tile
 #: would be read once per row
 GEMV_MAX_M = weight_only_ref.GEMV_MAX_M
-PATHS = ("gemv", "skinny", "tiled", "dequant")
+PATHS = ("gemv", "skinny", "tiled", "dequant", "tma")
 #: tiled launches (kernel, x dtype, tiles, warps, stages) whose INT4 words variant the installed
 #: Triton failed to compile: a cache of compiler failures, so each is tried once a process
 _WORDS_UNCOMPILABLE: set = set()
@@ -129,19 +131,6 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, s
         tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
     else:
         _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
-
-
-@triton.jit
-def _split_sum_kernel(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(SPLIT):  # slices in order: the same sum whatever order the programs ran in
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 @triton.jit
@@ -291,7 +280,7 @@ class WeightOnlyConfig:
     i.e. several programs per SM at 2-4 KB a tile. Session 4's 2 programs per SM measured 6-24%
     of the copy bandwidth."""
 
-    path: str  # "gemv" | "skinny" | "tiled" | "dequant"
+    path: str  # "gemv" | "skinny" | "tiled" | "dequant" | "tma"
     block_m: int
     block_n: int
     block_k: int
@@ -303,13 +292,14 @@ class WeightOnlyConfig:
     tensor_cores: bool = False  # gemv: products on the tensor cores for 16-bit x (gemv.uses_tensor_cores)
     unroll: int = 1  # gemv: K tiles a loop step, their loads issued together (more bytes in flight)
     weights_first: bool = False  # tiled, 16-bit x: the weight tile as the dot's first operand
+    tma_x: bool = False  # tma: x through a descriptor too (pipelined; else pointer loads in the products' layout)
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {self.path!r}")
         tiled = self.path == "tiled"
         _check_pow2("block_m", self.block_m, 16 if tiled else 1,
-                    256 if tiled else 1 if self.path in ("gemv", "dequant") else SKINNY_MAX_M)
+                    256 if tiled else 1 if self.path in ("gemv", "dequant", "tma") else SKINNY_MAX_M)
         _check_pow2("block_n", self.block_n, 16, 256)
         _check_pow2("block_k", self.block_k, 16, 512)
         _check_pow2("num_warps", self.num_warps, 1, 32)
@@ -325,6 +315,11 @@ class WeightOnlyConfig:
         if not isinstance(self.weights_first, bool) or (self.weights_first and not tiled):
             raise ValueError(f"weights_first is a tiled-path setting (True or False), got {self.weights_first!r} "
                              f"for path {self.path!r}")
+        if not isinstance(self.tma_x, bool) or (self.tma_x and self.path != "tma"):
+            raise ValueError(f"tma_x is a tma-path setting (True or False), got {self.tma_x!r} for path {self.path!r}")
+        if self.path == "tma" and (self.num_stages < 2 or self.block_n * self.block_k > 2 * GEMV_MAX_ACC):
+            raise ValueError("the tma path pipelines 2 or more stages and holds block_n * block_k <= "
+                             f"{2 * GEMV_MAX_ACC} products, got {self.num_stages} stages, {self.block_n * self.block_k}")
         if tiled and self.split_k > 1:
             raise ValueError("split_k is a skinny-path setting: the tiled path takes split_k 0 or 1")
         if self.path == "skinny" and self.block_m * self.block_n * self.block_k > SKINNY_MAX_PRODUCTS:
@@ -349,6 +344,10 @@ def _gemv(block_n: int, block_k: int, warps: int = 4, split_k: int = 0, waves: i
 
 def _dequantize(block_n: int, block_k: int) -> WeightOnlyConfig:
     return WeightOnlyConfig("dequant", 1, block_n, block_k, num_warps=4, num_stages=1)
+
+
+def _tma(block_n: int, block_k: int, warps: int, stages: int, split_k: int = 0, x: bool = False) -> WeightOnlyConfig:
+    return WeightOnlyConfig("tma", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=8, tma_x=x)
 
 
 def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, wf: bool = False) -> WeightOnlyConfig:
@@ -412,6 +411,13 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     # prefill: the weights dequantized to x's dtype (a scratch [N, K], one memory-bound kernel),
     # then cuBLAS
     "dequant": (_dequantize(64, 128), _dequantize(32, 256)),
+    # the decode GEMV with its weights streamed through a shared-memory ring by TMA
+    # (weight_only_tma: each step's math overlaps the next steps' transfers), Hopper and later;
+    # not in paths_for until measured (session 31: INT4 64 x 128 main loop ~5.6 SASS
+    # instructions a weight, sm_90). INT4 steps shrink to the group (128)
+    "tma": (_tma(64, 128, 4, 4), _tma(32, 128, 4, 4), _tma(128, 128, 8, 4), _tma(64, 128, 4, 6),
+            _tma(16, 128, 4, 4), _tma(64, 128, 4, 4, split_k=1), _tma(32, 128, 4, 4, split_k=1),
+            _tma(64, 128, 4, 4, x=True), _tma(64, 256, 8, 4), _tma(32, 256, 4, 4), _tma(32, 256, 4, 6)),
 }
 
 
@@ -564,6 +570,10 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
     if cfg.path == "gemv":
         gemv.gemv(x, codes, scales, bias, out, int4=int4, group=group, config=cfg)
         return
+    if cfg.path == "tma":
+        tma_gemv(x, codes, scales, bias, out, int4=int4, group=group, block_n=cfg.block_n, block_k=cfg.block_k,
+                 stages=cfg.num_stages, warps=cfg.num_warps, split_k=cfg.split_k, waves=cfg.waves, x_tma=cfg.tma_x)
+        return
     if cfg.path == "dequant":
         _dequantized_mm(x, codes, scales, bias, out, int4, group, bn, bk, interpret)
         return
@@ -579,8 +589,8 @@ def _launch(x, codes, scales, bias, out, int4: bool, group: int, cfg: WeightOnly
         PARTIAL=split > 1, **common)
     if split > 1:
         block = 1024
-        _split_sum_kernel[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split,
-                                                        HAS_BIAS=bias is not None, SOFT_BF16=interpret, BLOCK=block)
+        split_sum[(triton.cdiv(m * n, block),)](part, b, out, m * n, n, split,
+                                                HAS_BIAS=bias is not None, SOFT_BF16=interpret, BLOCK=block)
 
 
 def _dequantized_mm(x, codes, scales, bias, out, int4: bool, group: int, bn: int, bk: int, interpret: bool) -> None:

@@ -295,6 +295,21 @@ def float_weights(w_ptr, rn, rk, n_ok, K, swn, swk):
     return tl.load(w_ptr + rn[:, None] * swn + rk[None, :] * swk, mask=ok, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def split_sum(part_ptr, b_ptr, out_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """out = the sum of the fp32 partial sums [SPLIT, M, N] (MN = M * N) over their slices, in
+    slice order (bitwise reproducible), plus the bias in fp32, rounded once to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT):  # slices in order: the same sum whatever order the programs ran in
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
 def auto_split(programs: int, k_tiles: int, device: torch.device, waves: int = 2, min_tiles: int = 2) -> int:
     """K slices for about ``waves`` programs per SM, each slice at least ``min_tiles`` tiles of K
     long (at most 64 slices). The interpreter runs programs one by one: more of them only cost
@@ -316,4 +331,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "words_math",
-           "words_dots", "dot16", "dot_column", "float_weights", "auto_split", "k_slices"]
+           "words_dots", "dot16", "dot_column", "float_weights", "split_sum", "auto_split", "k_slices"]

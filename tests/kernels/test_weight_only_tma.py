@@ -1,0 +1,88 @@
+"""The TMA-streamed weight-only GEMV (compile_backend/kernels/weight_only_tma.py, issue #20)
+against the reference, with test_weight_only's tolerances (only the order of the fp32 sums
+differs; under the interpreter most results are bit-identical).
+
+CPU under the interpreter (Triton's interpreter runs tensor descriptors, zeros past the bounds as
+TMA does): decode rows M 1/3, N not a multiple of the block (past-N rows read as zeros), K with a
+partial last step and a short last INT4 group, split-K (partial sums and ``split_sum``), x by
+pointer and by descriptor, fp16/bf16, with and without bias; the operands it refuses, by name.
+GPU: every ``CONFIGS["tma"]`` config at decoder shapes (compiled, with the PTX dequantize).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compile_backend.kernels.weight_only import CONFIGS, WeightOnlyConfig, weight_only_linear
+
+from test_weight_only import check, operands
+
+MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+#: (M, N, K): K a multiple of 32 (INT4's words need it), with steps past K and short groups
+SHAPES = [(1, 37, 160), (3, 70, 96)]
+#: small blocks and steps: several steps a slice, several slices, a partial block of rows
+SMALL = {"split": WeightOnlyConfig("tma", 1, 16, 32, split_k=3, num_stages=3),
+         "one-slice": WeightOnlyConfig("tma", 1, 32, 64, split_k=1, num_stages=2),
+         "x-tma": WeightOnlyConfig("tma", 1, 16, 64, split_k=2, num_stages=4, tma_x=True)}
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("precision,group_size", MODES, ids=str)
+def test_tma_gemv_matches_reference(precision, group_size, name, dtype):
+    for i, (m, n, k) in enumerate(SHAPES):
+        x, codes, scales, b = operands(m, n, k, dtype, precision, group_size, bias=i == 0, seed=7 * i)
+        check(x, codes, scales, b, precision, group_size, config=SMALL[name])
+
+
+def test_tma_gemv_zero_groups_and_outliers():
+    """A zero row group (scale 0) and a group with one outlier: their weights as the reference's."""
+    x, codes, scales, b = operands(1, 33, 256, torch.float16, "int4", 64, seed=3)
+    w = torch.randn(33, 256, generator=torch.Generator().manual_seed(5))
+    w[4, 64:128] = 0.0
+    w[9, 0] = 50.0
+    from compile_backend.kernels import weight_only_ref as ref
+
+    codes, scales = ref.quantize_weight(w, "int4", 64)
+    check(x, codes, scales, b, "int4", 64, config=SMALL["split"])
+
+
+@pytest.mark.parametrize("precision,group_size,k,match", [
+    ("int4", 128, 100, "multiple of 32"),  # K % 4 == 0 but the rows' bytes are not 16-byte multiples
+    ("int8", None, 40, "multiple of 16"),
+])
+def test_tma_gemv_refuses_what_tma_cannot_read(precision, group_size, k, match):
+    x, codes, scales, _ = operands(1, 16, k, torch.float16, precision, group_size)
+    with pytest.raises(ValueError, match=match):
+        weight_only_linear(x, codes, scales, precision=precision, group_size=group_size, config=SMALL["split"])
+
+
+def test_tma_gemv_refuses_fp32_x():
+    x, codes, scales, _ = operands(1, 16, 64, torch.float32, "int8", None)
+    with pytest.raises(ValueError, match="fp16/bf16 activations"):
+        weight_only_linear(x, codes, scales, precision="int8", config=SMALL["split"])
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(path="tma", block_m=1, block_n=16, block_k=32, num_stages=1), "2 or more stages"),
+    (dict(path="tma", block_m=1, block_n=128, block_k=256, num_stages=3), "<= 16384"),
+    (dict(path="tma", block_m=2, block_n=16, block_k=32, num_stages=3), "block_m"),
+    (dict(path="gemv", block_m=1, block_n=16, block_k=32, tma_x=True), "tma-path setting"),
+])
+def test_tma_config_checks(fields, match):
+    with pytest.raises(ValueError, match=match):
+        WeightOnlyConfig(**fields)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 128)], ids=str)
+def test_gpu_tma_configs(precision, group_size, dtype):
+    """Every tuner config of the tma path, compiled, at a decoder shape with a partial row block."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0 or later")
+    for m in (1, 3):
+        x, codes, scales, b = (t.cuda() if t is not None else None
+                               for t in operands(m, 2048 + 8, 1024 + 64, dtype, precision, group_size, seed=m))
+        for cfg in CONFIGS["tma"]:
+            check(x, codes, scales, b, precision, group_size, config=cfg)
