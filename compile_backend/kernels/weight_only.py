@@ -301,10 +301,10 @@ class WeightOnlyConfig:
         _check_pow2("block_m", self.block_m, 16 if tiled else 1,
                     256 if tiled else 1 if self.path in ("gemv", "dequant", "tma") else SKINNY_MAX_M)
         _check_pow2("block_n", self.block_n, 16, 256)
-        _check_pow2("block_k", self.block_k, 16, 512)
+        _check_pow2("block_k", self.block_k, 16, 1024 if self.path == "tma" else 512)
         _check_pow2("num_warps", self.num_warps, 1, 32)
         for name, value, lo, hi in (("split_k", self.split_k, 0, 256), ("group_m", self.group_m, 1, 64),
-                                    ("num_stages", self.num_stages, 1, 8), ("waves", self.waves, 1, 64)):
+                                    ("num_stages", self.num_stages, 1, 16 if self.path == "tma" else 8), ("waves", self.waves, 1, 64)):
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
         if isinstance(self.unroll, bool) or self.unroll not in (1, 2, 4, 8, 16) or (self.unroll > 1 and self.path != "gemv"):
@@ -413,11 +413,16 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     "dequant": (_dequantize(64, 128), _dequantize(32, 256)),
     # the decode GEMV with its weights streamed through a shared-memory ring by TMA
     # (weight_only_tma: each step's math overlaps the next steps' transfers), Hopper and later;
-    # not in paths_for until measured (session 31: INT4 64 x 128 main loop ~5.6 SASS
-    # instructions a weight, sm_90). INT4 steps shrink to the group (128)
-    "tma": (_tma(64, 128, 4, 4), _tma(32, 128, 4, 4), _tma(128, 128, 8, 4), _tma(64, 128, 4, 6),
-            _tma(16, 128, 4, 4), _tma(64, 128, 4, 4, split_k=1), _tma(32, 128, 4, 4, split_k=1),
-            _tma(64, 128, 4, 4, x=True), _tma(64, 256, 8, 4), _tma(32, 256, 4, 4), _tma(32, 256, 4, 6)),
+    # not in paths_for until measured. At these sizes the bytes in flight must be about all of
+    # a program's slice at once (Little's law: ~3 MB in flight GPU-wide against a 5.8 MB INT4
+    # gate/up layer), so stages >= steps a program + 1: the whole slice issued up front as the
+    # one-wave loops do, each step's math starting as its bytes land. H100, session 31 run 3:
+    # 64 x 128 rings of 3 steps (12 KB an SM in flight) and 8-wave split-K never reached the top
+    # 6 of any layer. INT8 steps shrink to 256 (TMA's box)
+    "tma": (_tma(16, 512, 4, 5, split_k=1), _tma(32, 512, 4, 5, split_k=1), _tma(16, 256, 4, 9, split_k=1),
+            _tma(16, 1024, 4, 3, split_k=1), _tma(16, 512, 4, 5, split_k=1, x=True), _tma(32, 256, 4, 9, split_k=1),
+            _tma(16, 512, 4, 5, split_k=4), _tma(32, 128, 4, 9, split_k=1), _tma(16, 256, 4, 5, split_k=2),
+            _tma(64, 128, 4, 4, split_k=1), _tma(16, 512, 8, 5, split_k=1)),
 }
 
 

@@ -21,8 +21,8 @@ and sums in fp32, bias in fp32, one rounding at the end.
 
 Operands TMA takes (else :func:`tma_gemv` raises, naming the cause): 16-bit x with unit stride
 along K; 16-byte aligned bases and row strides (INT8: K a multiple of 16; INT4: K a multiple of
-32, read as 16-bit words of four codes); INT4's step at most its scale group (one scale a row a
-step). This module imports Triton: only kernel modules and tests import it.
+32, read as 16-bit words of four codes); an INT4 step a divisor of its scale group, or whole
+groups with K a multiple of the group. This module imports Triton: only kernel modules and tests import it.
 """
 from __future__ import annotations
 
@@ -46,37 +46,46 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
     n0 = pid_n * BLOCK_N
     rn = n0 + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    # K_SLICE is a multiple of BLOCK_K (and BLOCK_K divides an INT4 group): no step crosses a
-    # slice or a scale group; TMA reads zeros past N and K (no masks in the loop)
+    # K_SLICE is a multiple of BLOCK_K, and an INT4 step is whole groups or a part of one: no
+    # step crosses a slice or a group; TMA reads zeros past N and K (no masks on the weights)
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
     DTYPE: tl.constexpr = x_desc.dtype
+    # INT4: a step is U groups of Q words (U = 1: Q words of one group)
+    U: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    Q: tl.constexpr = (GROUP if BLOCK_K > GROUP else BLOCK_K) // 4
     if INT4:
-        part = tl.zeros([BLOCK_N, 1, BLOCK_K // 4], tl.float32)
+        part = tl.zeros([BLOCK_N, U, Q], tl.float32)
+        n_groups = tl.cdiv(K, GROUP)
     else:
         row_scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if INT4:
-            # [BLOCK_N, 1, BLOCK_K / 4] as unsigned words (the descriptor's are int16: shifts sign-extend)
-            words = tl.expand_dims(w_desc.load([n0, k0 // 4]).to(tl.uint16, bitcast=True), 1)
-            # a pointer load, not pipelined: a row's scales share a 32-byte sector (16 groups), so
-            # after the first step they come from L1 (a descriptor needs 16-byte rows; selecting
-            # the step's column from the slice's scales held in registers took a cross-lane sum
-            # a step: 112 SHFL in the loop, sm_90)
-            scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)
+            # [BLOCK_N, U, Q] as unsigned words (the descriptor's are int16: shifts sign-extend)
+            if U == 1:
+                words = tl.expand_dims(w_desc.load([n0, k0 // 4]).to(tl.uint16, bitcast=True), 1)
+            else:
+                words = w_desc.load([n0, k0 // GROUP, 0]).to(tl.uint16, bitcast=True)
+            # pointer loads, not pipelined: a row's scales share 32-byte sectors (16 groups), so
+            # after the first step they mostly come from L1 (a descriptor needs 16-byte rows;
+            # picking the step's column from the slice's scales held in registers took a
+            # cross-lane sum a step: 112 SHFL in the loop, sm_90)
+            g = k0 // GROUP + tl.arange(0, U)
+            scale = tl.load(s_ptr + rn[:, None] * ssn + g[None, :], mask=n_ok[:, None] & (g < n_groups)[None, :],
+                            other=0.0)[:, :, None]
             if X_TMA:
                 x = tl.reshape(x_desc.load([m, k0]), [BLOCK_K]).to(tl.float32)
-                part = words_math(part, words, scale[:, None, None], x, DTYPE, NATIVE)
+                part = words_math(part, words, scale, x, DTYPE, NATIVE)
             else:
                 # x at each nibble's k (4j + i) loaded in the layout the products take
-                w0, w1, w2, w3 = words_to(words, scale[:, None, None], DTYPE, NATIVE)
-                kq = k0 + 4 * tl.arange(0, BLOCK_K // 4)
+                w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+                kq = k0 + (tl.arange(0, U) * GROUP)[:, None] + 4 * tl.arange(0, Q)[None, :]
                 xq = x_ptr + m * sxm + kq
-                part += w0.to(tl.float32) * tl.load(xq, mask=kq < K, other=0.0).to(tl.float32)[None, None, :]
-                part += w1.to(tl.float32) * tl.load(xq + 1, mask=kq + 1 < K, other=0.0).to(tl.float32)[None, None, :]
-                part += w2.to(tl.float32) * tl.load(xq + 2, mask=kq + 2 < K, other=0.0).to(tl.float32)[None, None, :]
-                part += w3.to(tl.float32) * tl.load(xq + 3, mask=kq + 3 < K, other=0.0).to(tl.float32)[None, None, :]
+                part += w0.to(tl.float32) * tl.load(xq, mask=kq < K, other=0.0).to(tl.float32)[None, :, :]
+                part += w1.to(tl.float32) * tl.load(xq + 1, mask=kq + 1 < K, other=0.0).to(tl.float32)[None, :, :]
+                part += w2.to(tl.float32) * tl.load(xq + 2, mask=kq + 2 < K, other=0.0).to(tl.float32)[None, :, :]
+                part += w3.to(tl.float32) * tl.load(xq + 3, mask=kq + 3 < K, other=0.0).to(tl.float32)[None, :, :]
         else:
             w = codes_to(w_desc.load([n0, k0]), row_scale, DTYPE, NATIVE)
             if X_TMA:
@@ -86,7 +95,7 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
                 x = tl.load(x_ptr + m * sxm + rk, mask=rk < K, other=0.0).to(tl.float32)
             part += w.to(tl.float32) * x[None, :]
     if INT4:
-        acc = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_K // 4]), 1)
+        acc = tl.sum(tl.reshape(part, [BLOCK_N, U * Q]), 1)
     else:
         acc = tl.sum(part, 1)
     if PARTIAL:  # this K slice's fp32 sums: [split, M, N]
@@ -102,9 +111,9 @@ def tma_gemv_ready(x: torch.Tensor, codes: torch.Tensor, int4: bool, group: int,
     k, itemsize = x.shape[1], codes.element_size()
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"x is {x.dtype}: the TMA path takes fp16/bf16 activations"
-    if int4 and (k % 32 or block_k < 32 or group % block_k):
-        return (f"INT4 needs K a multiple of 32 (got {k}) and a step of 32 or more that divides the group "
-                f"(step {block_k}, group {group})")
+    if int4 and (k % 32 or block_k < 32 or (group % block_k if block_k <= group else block_k % group or k % group)):
+        return (f"INT4 needs K a multiple of 32 (got {k}) and a step of 32 or more that divides the group, or of "
+                f"whole groups with K a multiple of the group (step {block_k}, group {group})")
     if not int4 and (k % 16 or block_k < 16 or block_k > 256):
         return f"INT8 needs K a multiple of 16 (got {k}) and a step in [16, 256] (got {block_k})"
     if x.stride(1) != 1 or x.stride(0) * 2 % 16 or x.data_ptr() % 16:
@@ -121,13 +130,17 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
              waves: int = 8, x_tma: bool = False) -> None:
     """``out [M, N] = x [M, K] @ dequantize(codes, scales)^T + bias`` (operands as
     ``weight_only.weight_only_linear`` checked them; x contiguous along K). ``block_k`` is the
-    step in weights along K (INT4: shrunk to the group); ``split_k`` 0: enough slices for
+    step in weights along K (INT4: at most 1024, whole groups past one; INT8: at most 256); ``split_k`` 0: enough slices for
     ``waves`` programs an SM. Raises ValueError naming the cause where TMA cannot take them."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     (m, k), n = x.shape, codes.shape[0]
     bn = max(16, min(block_n, next_pow2(n)))
-    bk = min(block_k, group) if int4 else max(16, min(block_k, next_pow2(k)))
+    # INT4: up to 256 words a row a step (TMA's box), whole groups past one; INT8: 256 codes
+    # (several groups a step only where K is whole groups: else one group's step)
+    bk = min(block_k, 1024, max(group, next_pow2(k))) if int4 else max(16, min(block_k, 256, next_pow2(k)))
+    if int4 and bk > group and k % group:
+        bk = group
     why = tma_gemv_ready(x, codes, int4, group, bk)
     if why:
         raise ValueError(f"the TMA GEMV cannot take these operands: {why}; use another weight-only path "
@@ -139,7 +152,11 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
         raise ValueError("an operand (or the split-K workspace) has 2**31 elements or more: split the call")
     if int4:
         words = codes.view(torch.int16)  # [N, K / 4]: four codes a word, the lowest nibble first
-        w_desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [bn, bk // 4])
+        if bk <= group:
+            w_desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [bn, bk // 4])
+        else:  # [N, K / group, group / 4]: a step's groups as one box
+            words = words.as_strided((n, k // group, group // 4), (words.stride(0), group // 4, 1))
+            w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [bn, bk // group, group // 4])
     else:
         w_desc = TensorDescriptor(codes, [n, k], [codes.stride(0), 1], [bn, bk])
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [1, bk])

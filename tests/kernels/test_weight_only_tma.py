@@ -4,7 +4,7 @@ differs; under the interpreter most results are bit-identical).
 
 CPU under the interpreter (Triton's interpreter runs tensor descriptors, zeros past the bounds as
 TMA does): decode rows M 1/3, N not a multiple of the block (past-N rows read as zeros), K with a
-partial last step and a short last INT4 group, split-K (partial sums and ``split_sum``), x by
+partial last step and a short last INT4 group, INT4 steps of several groups (a 3-D box), split-K (partial sums and ``split_sum``), x by
 pointer and by descriptor, fp16/bf16, with and without bias; the operands it refuses, by name.
 GPU: every ``CONFIGS["tma"]`` config at decoder shapes (compiled, with the PTX dequantize).
 """
@@ -19,11 +19,14 @@ from test_weight_only import check, operands
 
 MODES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
 #: (M, N, K): K a multiple of 32 (INT4's words need it), with steps past K and short groups
-SHAPES = [(1, 37, 160), (3, 70, 96)]
+SHAPES = [(1, 37, 160), (3, 70, 96), (2, 40, 256)]
 #: small blocks and steps: several steps a slice, several slices, a partial block of rows
 SMALL = {"split": WeightOnlyConfig("tma", 1, 16, 32, split_k=3, num_stages=3),
          "one-slice": WeightOnlyConfig("tma", 1, 32, 64, split_k=1, num_stages=2),
-         "x-tma": WeightOnlyConfig("tma", 1, 16, 64, split_k=2, num_stages=4, tma_x=True)}
+         "x-tma": WeightOnlyConfig("tma", 1, 16, 64, split_k=2, num_stages=4, tma_x=True),
+         # INT4 steps of whole groups (K a multiple of the group; else one group a step)
+         "groups": WeightOnlyConfig("tma", 1, 16, 128, split_k=2, num_stages=9),
+         "groups-x": WeightOnlyConfig("tma", 1, 16, 256, split_k=1, num_stages=3, tma_x=True)}
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
@@ -65,6 +68,8 @@ def test_tma_gemv_refuses_fp32_x():
 
 @pytest.mark.parametrize("fields,match", [
     (dict(path="tma", block_m=1, block_n=16, block_k=32, num_stages=1), "2 or more stages"),
+    (dict(path="tma", block_m=1, block_n=16, block_k=32, num_stages=17), "num_stages"),
+    (dict(path="gemv", block_m=1, block_n=16, block_k=32, num_stages=9), "num_stages"),
     (dict(path="tma", block_m=1, block_n=128, block_k=256, num_stages=3), "<= 16384"),
     (dict(path="tma", block_m=2, block_n=16, block_k=32, num_stages=3), "block_m"),
     (dict(path="gemv", block_m=1, block_n=16, block_k=32, tma_x=True), "tma-path setting"),
