@@ -383,10 +383,9 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
              # lose where an RMS norm prologue takes the registers to 211 (one CTA an SM)
              _gemv(16, 128, 8, split_k=1, unroll=16), _gemv(16, 128, 4, split_k=1, unroll=8),
              _gemv(16, 128, 8, split_k=2, unroll=16),
-             # the same bytes a step with 2 rows a thread (x's shared-memory reads serve twice the
-             # weights): INT4 loop 5.22 SASS a weight against 16 x 128 u8's 6.41 (sm_90, Triton
-             # 3.6; 128 / 243 registers); half the programs (session 30, not measured)
-             _gemv(32, 128, 4, split_k=1, unroll=4), _gemv(32, 128, 4, split_k=1, unroll=8),
+             # (2 rows a thread at the same bytes a step, 32 x 128 u4 / u8 split1, 5.22 SASS a weight
+             # against 16 x 128 u8's 6.41: lost on every layer, H100 sessions 31: gate_up 7.7-8.0
+             # us against 6.4; removed)
              # tensor cores, 3-4 stages, fewer K slices: Triton pipelines the weight loads that
              # feed tl.dot into shared memory (cp.async, 15-40 in sm_90 SASS with Triton 3.6), so
              # 2-3 steps are in flight a program without their registers; the elementwise loops'
