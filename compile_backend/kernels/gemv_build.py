@@ -77,9 +77,10 @@ def gemv_plan(group: KernelGroup, spec: GemvSpec) -> Optional[GemvPlan]:
 
 def gemv_candidate(group: KernelGroup, spec: GemvSpec, cfg: Any, probe: Probe, plan: GemvPlan,
                    use_pdl: bool = False) -> Candidate:
-    """A tuner candidate running ``plan`` with ``cfg`` (a gemv ``weight_only.WeightOnlyConfig``);
+    """A tuner candidate running ``plan`` with ``cfg`` (a gemv or tma ``weight_only.WeightOnlyConfig``);
     ``use_pdl``: launched with Programmatic Dependent Launch (kernels/pdl.py)."""
-    name = (f"triton fused gemv {spec.weights}{' tc' if cfg.tensor_cores else ''} {cfg.block_n}x{cfg.block_k} "
+    name = (f"triton fused gemv {spec.weights}{' tc' if cfg.tensor_cores else ''}{' tma' if cfg.path == 'tma' else ''} "
+            f"{cfg.block_n}x{cfg.block_k} "
             f"split{cfg.split_k} waves{cfg.waves} w{cfg.num_warps} s{cfg.num_stages}"
             f"{f' u{cfg.unroll}' if cfg.unroll > 1 else ''}")
     config = {"impl": "triton", "fused": True, "weights": spec.weights, **dataclasses.asdict(cfg)}

@@ -425,6 +425,24 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 }
 
 
+#: the tma configs the engine's tuner times for INT8 codes with 16-bit x at M <= GEMV_MAX_M (in
+#: the fused GEMV's tma loop, ``gemv.py``; INT8 steps are at most 256 codes): session 31's
+#: winners of the plain kernel (H100, M = 1: gate_up 16 x 256 s3 7.10 us, down s5 8.24, q_o s5
+#: 4.95). INT4 has none: its tma loop lost every layer to the one-wave loops
+ENGINE_TMA_INT8 = (_tma(16, 256, 4, 3, split_k=1), _tma(16, 256, 4, 5, split_k=1), _tma(16, 256, 4, 9, split_k=1),
+                   _tma(32, 256, 4, 5, split_k=1))
+
+
+def tma_candidates(precision: str, m: int, dtype: torch.dtype, k: int, device: torch.device) -> Tuple[WeightOnlyConfig, ...]:
+    """The tma configs worth timing for a weight-only problem: INT8, 16-bit x, M <= GEMV_MAX_M, K a
+    multiple of 16, on a device with TMA (compute capability 9.0+; the interpreter runs them too)."""
+    if precision != "int8" or m > GEMV_MAX_M or dtype not in (torch.float16, torch.bfloat16) or k % 16:
+        return ()
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        return ()
+    return ENGINE_TMA_INT8
+
+
 def paths_for(m: int) -> Tuple[str, ...]:
     """The paths worth timing for M rows, the heuristic's first (past GEMV_MAX_M rows, only
     the gemv configs :func:`worth_timing` keeps)."""
@@ -633,4 +651,5 @@ def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: t
 
 
 __all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
-           "paths_for", "worth_timing", "fits_registers", "GEMV_STEP_WEIGHTS", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]
+           "paths_for", "worth_timing", "fits_registers", "tma_candidates", "ENGINE_TMA_INT8", "GEMV_STEP_WEIGHTS",
+           "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]

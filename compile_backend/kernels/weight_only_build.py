@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from . import expr
 from . import gemm_template as tpl
-from . import gemv_build, weight_only, weight_only_parts
+from . import gemv_build, weight_only, weight_only_parts, weight_only_tma
 from .autotune import Candidate, TuningKey
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of
 from .gemm_runner import epilogue_only
@@ -90,6 +90,7 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     configs = [first] + [c for path in weight_only.paths_for(p.m) for c in weight_only.CONFIGS[path]
                          if c != first and weight_only.worth_timing(c, p.m, p.dtype)
                          and weight_only.fits_registers(c, p.precision)]
+    configs += [c for c in weight_only.tma_candidates(p.precision, p.m, p.dtype, p.k, ctx.device) if c != first]
     epilogue = _epilogue(group, p, ctx)
     a = p.anchor
     spec = gemv_build.GemvSpec(a, scaled_arg(a, "x"), scaled_arg(a, "codes"), scaled_arg(a, "scales"),
@@ -100,7 +101,8 @@ def weight_only_candidates(group: KernelGroup, ctx: KernelContext) -> TemplateTu
     if fused is not None:  # an unrounded x (gemv_prologue): the elementwise loops only
         configs = [c for c in configs if c.path != "gemv" or fused.runs(c)]
     candidates: List[Candidate] = [
-        gemv_build.gemv_candidate(group, spec, cfg, probe, fused, ctx.pdl) if cfg.path == "gemv" and fused is not None
+        gemv_build.gemv_candidate(group, spec, cfg, probe, fused, ctx.pdl)
+        if cfg.path in ("gemv", "tma") and fused is not None
         else _candidate(group, p, cfg, probe, epilogue) for cfg in configs]
     if ctx.device.type == "cuda":  # first, so a tuning budget never skips it
         candidates.insert(0, float_linear_candidate(p.m, p.n, p.k, p.dtype, p.has_bias, ctx.device))
@@ -213,7 +215,7 @@ def _kernels_digest() -> str:
     """sha256 of the kernels' modules: it keys tuning records and cached plans (a changed kernel
     is tuned and validated again)."""
     digest = hashlib.sha256()
-    for module in (weight_only, weight_only_parts, gemv_build.gemv, gemv_build.gemv_prologue):
+    for module in (weight_only, weight_only_parts, weight_only_tma, gemv_build.gemv, gemv_build.gemv_prologue):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 

@@ -106,22 +106,32 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
         tl.store(out_ptr + m * N + rn, round_to(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=n_ok)
 
 
-def tma_gemv_ready(x: torch.Tensor, codes: torch.Tensor, int4: bool, group: int, block_k: int) -> str:
-    """Why TMA cannot take these operands ('' when it can): see the module's list."""
-    k, itemsize = x.shape[1], codes.element_size()
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"x is {x.dtype}: the TMA path takes fp16/bf16 activations"
+def tma_weights_ready(codes: torch.Tensor, k: int, int4: bool, group: int, block_k: int) -> str:
+    """Why TMA cannot stream these weights ('' when it can): 16-byte aligned base and rows, unit
+    stride; INT8: K a multiple of 16, a step in [16, 256]; INT4: K a multiple of 32, a step of 32
+    or more dividing the group, or of whole groups with K a multiple of the group."""
     if int4 and (k % 32 or block_k < 32 or (group % block_k if block_k <= group else block_k % group or k % group)):
         return (f"INT4 needs K a multiple of 32 (got {k}) and a step of 32 or more that divides the group, or of "
                 f"whole groups with K a multiple of the group (step {block_k}, group {group})")
     if not int4 and (k % 16 or block_k < 16 or block_k > 256):
         return f"INT8 needs K a multiple of 16 (got {k}) and a step in [16, 256] (got {block_k})"
+    if codes.stride(1) != 1 or codes.stride(0) * codes.element_size() % 16 or codes.data_ptr() % 16:
+        return "the codes' rows are not 16-byte aligned with unit stride"
+    if codes.device.type == "cuda" and torch.cuda.get_device_capability(codes.device)[0] < 9:
+        return "TMA needs compute capability 9.0 or later"
+    return ""
+
+
+def tma_gemv_ready(x: torch.Tensor, codes: torch.Tensor, int4: bool, group: int, block_k: int) -> str:
+    """Why :func:`tma_gemv` cannot take these operands ('' when it can): :func:`tma_weights_ready`,
+    and 16-bit x with 16-byte aligned rows (its descriptor, for ``x_tma``)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"x is {x.dtype}: the TMA path takes fp16/bf16 activations"
+    why = tma_weights_ready(codes, x.shape[1], int4, group, block_k)
+    if why:
+        return why
     if x.stride(1) != 1 or x.stride(0) * 2 % 16 or x.data_ptr() % 16:
         return "x's rows are not 16-byte aligned with unit stride along K"
-    if codes.stride(1) != 1 or codes.stride(0) * itemsize % 16 or codes.data_ptr() % 16:
-        return "the codes' rows are not 16-byte aligned with unit stride"
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] < 9:
-        return "TMA needs compute capability 9.0 or later"
     return ""
 
 
@@ -174,4 +184,4 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
                                                 SOFT_BF16=interpret, BLOCK=block)
 
 
-__all__ = ["tma_gemv", "tma_gemv_ready"]
+__all__ = ["tma_gemv", "tma_gemv_ready", "tma_weights_ready"]

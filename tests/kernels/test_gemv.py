@@ -420,5 +420,5 @@ def test_split_k_slices_are_whole_steps():
     cfg = weight_only.WeightOnlyConfig("gemv", 1, 32, 128, split_k=8, unroll=4)
     gemv.launch(Recorder(), [x], w, s, None, [], [out], weights="int4", group=128, config=cfg, x_dtype=torch.float16)
     (grid, args, kwargs), = launches
-    k_slice = args[10]  # after W, S, BIAS, WS, COUNT, x, out, M, N, K
+    k_slice = args[11]  # after W, WD, S, BIAS, WS, COUNT, x, out, M, N, K
     assert (grid[1], k_slice, kwargs["UNROLL"]) == (4, 512, 4)

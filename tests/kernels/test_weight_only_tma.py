@@ -91,3 +91,57 @@ def test_gpu_tma_configs(precision, group_size, dtype):
                                for t in operands(m, 2048 + 8, 1024 + 64, dtype, precision, group_size, seed=m))
         for cfg in CONFIGS["tma"]:
             check(x, codes, scales, b, precision, group_size, config=cfg)
+        if precision == "int8":  # the fused GEMV's tma loop (gemv.py), the engine's configs
+            from compile_backend.kernels import gemv
+            from compile_backend.kernels.weight_only import ENGINE_TMA_INT8, weight_only_linear_reference
+            from gemv_groups import assert_close
+
+            want = weight_only_linear_reference(x, codes, scales, b, precision="int8")
+            for cfg in ENGINE_TMA_INT8:
+                out = torch.empty_like(want)
+                gemv.gemv(x, codes, scales, b, out, int4=False, group=1, config=cfg)
+                assert_close(out, want)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_fused_gemv_tma_loop(dtype, split_k, monkeypatch):
+    """The fused GEMV's tma main loop (gemv.py, INT8): Llama's RMS norm as x's prologue (its factor
+    deferred to the sums) and a residual add after, K 208 (a partial last step), two rows, one
+    and two K slices (the arrival counter's finish); the tuner's tma candidates are INT8-only."""
+    import compile_backend
+    from compile_backend.kernels import weight_only
+    from compile_backend.kernels.base import KernelContext
+    from compile_backend.kernels.select import choose_kernel
+    from gemv_groups import assert_close, gemv_group, quantized_weights, rms_norm
+
+    m, k, n = 2, 208, 33
+    gen = torch.Generator().manual_seed(61)
+    h, r = (2 * torch.randn(m, k, generator=gen)).to(dtype), torch.randn(m, n, generator=gen).to(dtype)
+    nw = torch.linspace(0.5, 1.5, k)
+    cfg = WeightOnlyConfig("tma", 1, 16, 64, split_k=split_k, num_stages=3)
+    monkeypatch.setattr(weight_only, "heuristic", lambda m: cfg)  # with tuning off, the first candidate runs
+    inputs = (h, *quantized_weights(n, k, "int8", None, seed=62), nw, r)
+
+    def fn(h, c, s, nw, r):
+        return torch.ops.compile_backend.weight_only_linear(rms_norm(h, nw), c, s, None, "int8", None) + r
+
+    group = gemv_group(fn, inputs)
+    ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
+    kernel, fallbacks = choose_kernel(group, inputs, ctx)
+    assert (kernel.impl, fallbacks, kernel.config.get("fused"), kernel.config["path"]) == ("triton", [], True, "tma")
+    assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
+    cpu = torch.device("cpu")
+    assert weight_only.tma_candidates("int8", 1, dtype, k, cpu) == weight_only.ENGINE_TMA_INT8
+    assert weight_only.tma_candidates("int4", 1, dtype, k, cpu) == ()
+    assert weight_only.tma_candidates("int8", 1, torch.float32, k, cpu) == ()
+    assert weight_only.tma_candidates("int8", 1, dtype, 200, cpu) == ()  # K not a multiple of 16
+
+
+def test_fused_gemv_tma_refuses_int4():
+    from compile_backend.kernels import gemv
+
+    x, codes, scales, _ = operands(1, 16, 64, torch.float16, "int4", 32)
+    with pytest.raises(ValueError, match="INT8 codes with 16-bit x"):
+        gemv.launch(gemv.plain_kernel(x.dtype, x.dtype), [x], codes, scales, None, [], [torch.empty(1, 16).half()],
+                    weights="int4", group=32, config=SMALL["split"], x_dtype=x.dtype)
