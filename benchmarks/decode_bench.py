@@ -45,6 +45,8 @@ import torch
 
 from compile_backend.bench.measure import clean_slate, prime_process
 
+from .quant_suite import gemm_choices
+
 PEERS = ("eager", "inductor-reduce-overhead", "compile_backend", "w8a16", "w4a16", "w8a16-head", "w4a16-head",
          "int8-sq", "fp8-sq", "compile_backend-pdl", "w8a16-pdl", "w4a16-pdl", "w4a16-head-pdl")
 #: a peer of ours with this suffix: the same engine with ``Options.pdl`` (kernels launched with
@@ -200,6 +202,8 @@ def _summary(report) -> Dict[str, Any]:
             # why each was left in ATen (session 16's HF runs left a rotary group there, reason unrecorded)
             "fallback_reasons": sorted({f"{f['op']}: {f.get('reason', '?')}"[:400] for g in report.graphs for f in g.fallbacks}),
             "kernels": {k: v for g in report.graphs for k, v in _impls(g).items()},
+            # the tuner's pick per distinct GEMV group (path: gemv / tma / skinny ..., tile, tuned ms)
+            "gemm_choices": gemm_choices(report),
             # inputs written in place (the KV caches, HF's per-layer token counts): by our kernel,
             # or by an ATen call (each one a launch a step)
             "input_writes": {by: sum(w.get("by") == by for g in report.graphs for w in g.input_writes)

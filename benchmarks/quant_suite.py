@@ -207,7 +207,7 @@ def float_reasons(layers: List[Dict[str, Any]], limit: int = 12) -> List[Dict[st
 
 def gemm_choices(report) -> List[Dict[str, Any]]:
     """The tuner's pick per distinct GEMM / convolution group, quantized and float (ops,
-    implementation, tile, tuned ms and, for an 8-bit group, the float reference's), once per
+    implementation, weight-only path, tile, tuned ms and, for an 8-bit group, the float reference's), once per
     distinct row: what a latency is made of, layer kind by layer kind. A group built without
     timing (tuning off, or the budget spent) says ``timed: "not timed"``: INT8 BERT's FFN1 (FP16
     GEMM + GELU + INT8 quantize) took 52 us where the FP16 engine's took 33 (session 13), and
@@ -219,9 +219,9 @@ def gemm_choices(report) -> List[Dict[str, Any]]:
             if k.get("kind") not in ("gemm", "conv"):
                 continue
             ops = [o for o in dict.fromkeys(k["ops"]) if o != "aten.view"]
-            fields = {f: c[f] for f in ("impl", "vendor", "epilogue", "epilogue_tile", "block_m", "block_n", "block_k",
-                                        "num_warps", "num_stages", "split_k", "tma", "epilogue_split", "tuned_ms",
-                                        "reference_ms", "timed") if f in c}
+            fields = {f: c[f] for f in ("impl", "vendor", "epilogue", "epilogue_tile", "path", "fused", "block_m",
+                                        "block_n", "block_k", "num_warps", "num_stages", "split_k", "unroll", "tma",
+                                        "epilogue_split", "tuned_ms", "reference_ms", "timed") if f in c}
             fields.setdefault("timed", "not timed")
             key = repr((ops, sorted(fields.items())))
             rows.setdefault(key, {"ops": ops, "kind": k["kind"], "n": 0, **fields})["n"] += 1
