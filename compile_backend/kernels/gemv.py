@@ -377,7 +377,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
     bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30,
-                     TMA_MAX_STEP if getattr(config, "path", "gemv") == "tma" else 1 << 30))
+                     TMA_MAX_STEP if config.path == "tma" else 1 << 30))
     grid_n = triton.cdiv(n, bn)
     dot = uses_tensor_cores(config, x_dtype, weights, bk)
     if dot and unrounded_x:
@@ -405,7 +405,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         ws = count = w  # never read with one slice
     io = [*loads, *outs]
     # the tma path's configs (``WeightOnlyConfig.path``): INT8 weights streamed by TMA
-    tma = getattr(config, "path", "gemv") == "tma"
+    tma = config.path == "tma"
     wd = tma_descriptor(w, k, weights, x_dtype, bn, bk) if tma else w
     # INT4 read as 16-bit words (four codes each): 16-bit x, K a multiple of 4, even row stride
     words = (weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
