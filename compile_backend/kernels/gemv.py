@@ -233,14 +233,24 @@ def {name}(
         # a shared-memory ring STAGES - 1 steps ahead, each step's math as its bytes land, where
         # the one-load loops do all theirs after the slice's last byte (H100, session 31, plain
         # kernels at M = 1: gate/up 8.85 -> 7.10 us, down 9.64 -> 8.24)
+        # x (the prologue's loads and math) one step ahead in registers: pointer loads outside
+        # tl.dot are never pipelined, and read in the step they feed, they stalled each step (in
+        # the W8A16 step, H100 session 31 run 6: SwiGLU + down's tma loop lost to the one-load
+        # loop's 10.9 us, where the plain kernel had won 8.24 against 9.64)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        rk = k_lo + tl.arange(0, BLOCK_K)
+        xs = x_at(m, rk, k_hi, {x_args}{row_params})
+        terms = x_row_terms(m, rk, k_hi, {x_args}) if DEFERRED else xs
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            rk = k0 + tl.arange(0, BLOCK_K)
+            rk = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next step's (zeros past the slice: no access)
+            xs_next = x_at(m, rk, k_hi, {x_args}{row_params})
             w = codes_to(WD.load([pid_n * BLOCK_N, k0]), scale, {x_dtype}, not SOFT_BF16)
-            part += w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
+            part += w.to(tl.float32) * xs[None, :]
             if DEFERRED:
-                row_acc += x_row_terms(m, rk, k_hi, {x_args})
+                row_acc += terms
+                terms = x_row_terms(m, rk, k_hi, {x_args})
+            xs = xs_next
     elif WEIGHTS == 0 and ONE_LOAD:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None, None]
         rk = k_lo + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]

@@ -105,10 +105,12 @@ def test_gpu_tma_configs(precision, group_size, dtype):
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("split_k", [1, 2])
-def test_fused_gemv_tma_loop(dtype, split_k, monkeypatch):
-    """The fused GEMV's tma main loop (gemv.py, INT8): Llama's RMS norm as x's prologue (its factor
-    deferred to the sums) and a residual add after, K 208 (a partial last step), two rows, one
-    and two K slices (the arrival counter's finish); the tuner's tma candidates are INT8-only."""
+@pytest.mark.parametrize("prologue", ["rms_norm", "swiglu"])
+def test_fused_gemv_tma_loop(dtype, split_k, prologue, monkeypatch):
+    """The fused GEMV's tma main loop (gemv.py, INT8), x a step ahead: Llama's RMS norm as x's
+    prologue (its factor deferred to the sums) or SwiGLU's product of a gate/up output's halves,
+    a residual add after, K 208 (a partial last step), two rows, one and two K slices (the
+    arrival counter's finish); the tuner's tma candidates are INT8-only."""
     import compile_backend
     from compile_backend.kernels import weight_only
     from compile_backend.kernels.base import KernelContext
@@ -121,10 +123,18 @@ def test_fused_gemv_tma_loop(dtype, split_k, monkeypatch):
     nw = torch.linspace(0.5, 1.5, k)
     cfg = WeightOnlyConfig("tma", 1, 16, 64, split_k=split_k, num_stages=3)
     monkeypatch.setattr(weight_only, "heuristic", lambda m: cfg)  # with tuning off, the first candidate runs
-    inputs = (h, *quantized_weights(n, k, "int8", None, seed=62), nw, r)
+    if prologue == "rms_norm":
+        inputs = (h, *quantized_weights(n, k, "int8", None, seed=62), nw, r)
 
-    def fn(h, c, s, nw, r):
-        return torch.ops.compile_backend.weight_only_linear(rms_norm(h, nw), c, s, None, "int8", None) + r
+        def fn(h, c, s, nw, r):
+            return torch.ops.compile_backend.weight_only_linear(rms_norm(h, nw), c, s, None, "int8", None) + r
+    else:
+        gu = torch.randn(m, 2 * k, generator=gen).to(dtype)
+        inputs = (gu, *quantized_weights(n, k, "int8", None, seed=62), r)
+
+        def fn(gu, c, s, r):
+            x = torch.nn.functional.silu(gu[:, :k]) * gu[:, k:]
+            return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int8", None) + r
 
     group = gemv_group(fn, inputs)
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
