@@ -12,7 +12,8 @@ never pipelined), so here the bytes in flight live in shared memory and each ste
 and multiply-adds overlap the next steps' transfers.
 
 Layers, as every kernel here: ``_tma_gemv_kernel`` (one x row a program, ``BLOCK_N`` weight
-rows, a K slice; the weights and x through descriptors, an INT4 step's scales by pointer, from L1 after the first);
+rows, a K slice; the weights through a descriptor, x by pointer or descriptor, an INT4 step's
+scales by pointer, from L1 after the first);
 :func:`tma_gemv_ready` (which operands TMA can take) and :func:`tma_gemv` (checks, descriptors,
 launch, and ``weight_only_parts.split_sum`` for split-K); the reference is
 ``weight_only.weight_only_linear_reference``. Numerics are the other paths': each weight
@@ -20,9 +21,10 @@ launch, and ``weight_only_parts.split_sum`` for split-K); the reference is
 and sums in fp32, bias in fp32, one rounding at the end.
 
 Operands TMA takes (else :func:`tma_gemv` raises, naming the cause): 16-bit x with unit stride
-along K; 16-byte aligned bases and row strides (INT8: K a multiple of 16; INT4: K a multiple of
-32, read as 16-bit words of four codes); an INT4 step a divisor of its scale group, or whole
-groups with K a multiple of the group. This module imports Triton: only kernel modules and tests import it.
+along K (16-byte aligned rows where x too goes through a descriptor); codes with 16-byte aligned
+bases and row strides (INT8: K a multiple of 16; INT4: K a multiple of 32, read as 16-bit words
+of four codes); an INT4 step a divisor of its scale group, or whole groups with K a multiple of
+the group. This module imports Triton: only kernel modules and tests import it.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
     # step crosses a slice or a group; TMA reads zeros past N and K (no masks on the weights)
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
-    DTYPE: tl.constexpr = x_desc.dtype
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     # INT4: a step is U groups of Q words (U = 1: Q words of one group)
     U: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     Q: tl.constexpr = (GROUP if BLOCK_K > GROUP else BLOCK_K) // 4
@@ -122,16 +124,17 @@ def tma_weights_ready(codes: torch.Tensor, k: int, int4: bool, group: int, block
     return ""
 
 
-def tma_gemv_ready(x: torch.Tensor, codes: torch.Tensor, int4: bool, group: int, block_k: int) -> str:
+def tma_gemv_ready(x: torch.Tensor, codes: torch.Tensor, int4: bool, group: int, block_k: int,
+                   x_tma: bool = False) -> str:
     """Why :func:`tma_gemv` cannot take these operands ('' when it can): :func:`tma_weights_ready`,
-    and 16-bit x with 16-byte aligned rows (its descriptor, for ``x_tma``)."""
+    16-bit x, and with ``x_tma`` (x through its own descriptor) x's rows 16-byte aligned."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"x is {x.dtype}: the TMA path takes fp16/bf16 activations"
     why = tma_weights_ready(codes, x.shape[1], int4, group, block_k)
     if why:
         return why
-    if x.stride(1) != 1 or x.stride(0) * 2 % 16 or x.data_ptr() % 16:
-        return "x's rows are not 16-byte aligned with unit stride along K"
+    if x_tma and (x.stride(1) != 1 or x.stride(0) * 2 % 16 or x.data_ptr() % 16):
+        return "x's rows are not 16-byte aligned with unit stride along K (needed with tma_x)"
     return ""
 
 
@@ -151,7 +154,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
     bk = min(block_k, 1024, max(group, next_pow2(k))) if int4 else max(16, min(block_k, 256, next_pow2(k)))
     if int4 and bk > group and k % group:
         bk = group
-    why = tma_gemv_ready(x, codes, int4, group, bk)
+    why = tma_gemv_ready(x, codes, int4, group, bk, x_tma)
     if why:
         raise ValueError(f"the TMA GEMV cannot take these operands: {why}; use another weight-only path "
                          "(weight_only.CONFIGS 'gemv')")
@@ -169,7 +172,8 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
             w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [bn, bk // group, group // 4])
     else:
         w_desc = TensorDescriptor(codes, [n, k], [codes.stride(0), 1], [bn, bk])
-    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [1, bk])
+    # x by pointer unless x_tma (then the descriptor is never read: x itself is passed)
+    x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [1, bk]) if x_tma else x
     interpret = triton_interpret()
     part = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else out
     b = bias if bias is not None else out  # never read without HAS_BIAS

@@ -4,8 +4,9 @@ differs; under the interpreter most results are bit-identical).
 
 CPU under the interpreter (Triton's interpreter runs tensor descriptors, zeros past the bounds as
 TMA does): decode rows M 1/3, N not a multiple of the block (past-N rows read as zeros), K with a
-partial last step and a short last INT4 group, INT4 steps of several groups (a 3-D box), split-K (partial sums and ``split_sum``), x by
-pointer and by descriptor, fp16/bf16, with and without bias; the operands it refuses, by name.
+partial last step and a short last INT4 group, INT4 steps of several groups (a 3-D box), split-K
+(partial sums and ``split_sum``), x by pointer (any row alignment) and by descriptor, fp16/bf16,
+with and without bias; the operands it refuses, by name.
 GPU: every ``CONFIGS["tma"]`` config at decoder shapes (compiled, with the PTX dequantize).
 """
 from __future__ import annotations
@@ -58,6 +59,16 @@ def test_tma_gemv_refuses_what_tma_cannot_read(precision, group_size, k, match):
     x, codes, scales, _ = operands(1, 16, k, torch.float16, precision, group_size)
     with pytest.raises(ValueError, match=match):
         weight_only_linear(x, codes, scales, precision=precision, group_size=group_size, config=SMALL["split"])
+
+
+def test_tma_gemv_pointer_x_takes_an_unaligned_view():
+    """x by pointer needs no alignment (a view one column in: 2-byte aligned rows); x through a
+    descriptor (``tma_x``) refuses it, naming why."""
+    x, codes, scales, b = operands(2, 33, 160, torch.float16, "int8", None, seed=9)
+    wide = torch.cat([torch.zeros(2, 1, dtype=x.dtype), x], 1)[:, 1:]  # x's values, rows at an odd offset
+    check(wide, codes, scales, b, "int8", None, config=SMALL["split"])
+    with pytest.raises(ValueError, match="needed with tma_x"):
+        weight_only_linear(wide, codes, scales, precision="int8", config=SMALL["x-tma"])
 
 
 def test_tma_gemv_refuses_fp32_x():
