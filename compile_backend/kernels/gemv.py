@@ -61,7 +61,7 @@ from .base import triton_interpret
 from .expr_casts import tl_type
 from .launch import Counters, next_pow2
 from .weight_only_parts import auto_split, k_slices
-from .weight_only_tma import tma_weights_ready
+from .weight_only_tma import int8_descriptor, int8_step_for, tma_weights_ready
 from .gemv_prologue import PLAIN_X, ROW_TOTAL, XPrologue
 
 INT32_MAX = 2**31 - 1
@@ -81,7 +81,7 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (codes_to, dot16, dot_column, float_weights, int4_weights, int4_weights16,
+from compile_backend.kernels.weight_only_parts import (codes_to, dot16, int8_step, dot_column, float_weights, int4_weights, int4_weights16,
                                                           int8_weights, int8_weights16, round_to, step_weights,
                                                           words_dots, words_math)
 {helpers}
@@ -245,7 +245,7 @@ def {name}(
         for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
             rk = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next step's (zeros past the slice: no access)
             xs_next = x_at(m, rk, k_hi, {x_args}{row_params})
-            w = codes_to(WD.load([pid_n * BLOCK_N, k0]), scale, {x_dtype}, not SOFT_BF16)
+            w = codes_to(int8_step(WD, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K), scale, {x_dtype}, not SOFT_BF16)
             part += w.to(tl.float32) * xs[None, :]
             if DEFERRED:
                 row_acc += terms
@@ -386,8 +386,8 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     m, k = x_loads[0].shape
     n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
-    bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30,
-                     TMA_MAX_STEP if config.path == "tma" else 1 << 30))
+    bk = (int8_step_for(config.block_k, k) if config.path == "tma"
+          else max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30)))
     grid_n = triton.cdiv(n, bn)
     dot = uses_tensor_cores(config, x_dtype, weights, bk)
     if dot and unrounded_x:
@@ -433,22 +433,17 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         **pdl.launch_kwargs(use_pdl))
 
 
-#: the tma path's step along K (INT8 codes: TMA's box is at most 256 elements a dimension)
-TMA_MAX_STEP = 256
-
-
 def tma_descriptor(w: torch.Tensor, k: int, weights: str, x_dtype: torch.dtype, bn: int, bk: int):
-    """The TMA descriptor of INT8 codes ``w`` [N, K] in [bn, bk] boxes; ValueError naming the
-    cause where TMA cannot stream them (the tuner then skips the candidate)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    """The TMA descriptor of INT8 codes ``w`` [N, K] for steps of ``bk`` codes
+    (``weight_only_tma.int8_descriptor``); ValueError naming the cause where TMA cannot stream
+    them (the tuner then skips the candidate)."""
     if weights != "int8" or x_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemv: the tma main loop takes INT8 codes with 16-bit x, got {weights} weights with "
                          f"{x_dtype} x; use a gemv config")
     why = tma_weights_ready(w, k, False, 1, bk)
     if why:
         raise ValueError(f"gemv: TMA cannot stream these weights: {why}; use a gemv config")
-    return TensorDescriptor(w, [w.shape[0], k], [w.stride(0), 1], [bn, bk])
+    return int8_descriptor(w, k, bn, bk)
 
 
 def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:
@@ -471,5 +466,5 @@ def gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optio
            weights="int4" if int4 else "int8", group=group, config=config, x_dtype=x.dtype)
 
 
-__all__ = ["PDL_AFTER", "PLAIN_EPILOGUE", "WEIGHT_KINDS", "TMA_MAX_STEP", "render", "launch", "tma_descriptor",
+__all__ = ["PDL_AFTER", "PLAIN_EPILOGUE", "WEIGHT_KINDS", "render", "launch", "tma_descriptor",
            "uses_tensor_cores", "plain_kernel", "gemv"]

@@ -346,8 +346,9 @@ def _dequantize(block_n: int, block_k: int) -> WeightOnlyConfig:
     return WeightOnlyConfig("dequant", 1, block_n, block_k, num_warps=4, num_stages=1)
 
 
-def _tma(block_n: int, block_k: int, warps: int, stages: int, split_k: int = 0, x: bool = False) -> WeightOnlyConfig:
-    return WeightOnlyConfig("tma", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=8, tma_x=x)
+def _tma(block_n: int, block_k: int, warps: int, stages: int, split_k: int = 0, x: bool = False,
+         waves: int = 8) -> WeightOnlyConfig:
+    return WeightOnlyConfig("tma", 1, block_n, block_k, split_k, num_warps=warps, num_stages=stages, waves=waves, tma_x=x)
 
 
 def _tiled(block_m: int, block_n: int, block_k: int, warps: int, stages: int, wf: bool = False) -> WeightOnlyConfig:
@@ -421,16 +422,25 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
     "tma": (_tma(16, 512, 4, 5, split_k=1), _tma(32, 512, 4, 5, split_k=1), _tma(16, 256, 4, 9, split_k=1),
             _tma(16, 1024, 4, 3, split_k=1), _tma(16, 512, 4, 5, split_k=1, x=True), _tma(32, 256, 4, 9, split_k=1),
             _tma(16, 512, 4, 5, split_k=4), _tma(32, 128, 4, 9, split_k=1), _tma(16, 256, 4, 5, split_k=2),
-            _tma(64, 128, 4, 4, split_k=1), _tma(16, 512, 8, 5, split_k=1)),
+            _tma(64, 128, 4, 4, split_k=1), _tma(16, 512, 8, 5, split_k=1), _tma(64, 256, 4, 3, waves=1),
+            _tma(32, 512, 4, 3, waves=1)),
 }
 
 
 #: the tma configs the engine's tuner times for INT8 codes with 16-bit x at M <= GEMV_MAX_M (in
-#: the fused GEMV's tma loop, ``gemv.py``; INT8 steps are at most 256 codes): session 31's
-#: winners of the plain kernel (H100, M = 1: gate_up 16 x 256 s3 7.10 us, down s5 8.24, q_o s5
-#: 4.95). INT4 has none: its tma loop lost every layer to the one-wave loops
-ENGINE_TMA_INT8 = (_tma(16, 256, 4, 3, split_k=1), _tma(16, 256, 4, 5, split_k=1), _tma(16, 256, 4, 9, split_k=1),
-                   _tma(32, 256, 4, 5, split_k=1))
+#: the fused GEMV's tma loop, ``gemv.py``). 16 x 256 s5: the plain kernel's winner (H100, session
+#: 31, M = 1: down 8.24 us against 9.64). In the W8A16 step the tuner took none of the 16 x 256
+#: loops (H100, session 31 run 6): each step's fixed cost (ring waits, x's loads, the next TMA
+#: issue: ~130 SASS a thread) over 32 weights a thread made them 0.12 SM clocks a weight under an
+#: RMS-norm prologue and 0.20 under SwiGLU (x recomputed by the 8 thread rows sharing a k), against
+#: the one-load loop's 0.05 / 0.07 (sm_90, Triton 3.6, ``kernel_sass``). Steps of 4 096 weights a
+#: warp bring them to 0.072 / 0.071 (64 x 256), 0.076 / 0.073 (32 x 512), 0.087 / 0.082
+#: (16 x 1024, a 3-D box): issue-bound ~7 us on the merged gate/up's 23 M weights, overlapped
+#: with the transfer where the one-load loop's ~5 us of math follows it. 32- and 64-row tiles
+#: split K for about one program an SM (down: 2048 rows). INT4 has none: its tma loop lost every
+#: layer to the one-wave loops
+ENGINE_TMA_INT8 = (_tma(16, 256, 4, 5, split_k=1), _tma(16, 1024, 4, 3, split_k=1), _tma(32, 512, 4, 3, waves=1),
+                   _tma(64, 256, 4, 3, waves=1))
 
 
 def tma_candidates(precision: str, m: int, dtype: torch.dtype, k: int, device: torch.device) -> Tuple[WeightOnlyConfig, ...]:

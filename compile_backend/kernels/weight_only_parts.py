@@ -128,6 +128,22 @@ def codes_to(codes, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     return offset_codes_to(codes.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80, 128, scale, DTYPE)
 
 
+#: INT8 codes a TMA box holds along K (a box is at most 256 elements a dimension): a longer step
+#: is a [rows, step / 256, 256] box of the codes viewed [N, K / 256, 256] (K a multiple of 256)
+TMA_INT8_BOX_K = 256
+
+
+@triton.jit
+def int8_step(desc, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A step's INT8 codes [BLOCK_N, BLOCK_K] from rows n0.., columns k0.. through ``desc`` (the
+    descriptor ``weight_only_tma.int8_descriptor`` makes: 2-D up to 256 codes a step, 3-D past)."""
+    if BLOCK_K > 256:  # TMA_INT8_BOX_K (a literal: the JIT reads no plain globals)
+        codes = tl.reshape(desc.load([n0, k0 // 256, 0]), [BLOCK_N, BLOCK_K])
+    else:  # (an if / else: code after a returning constexpr branch is still compiled)
+        codes = desc.load([n0, k0])
+    return codes
+
+
 @triton.jit
 def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr,
                    ODD_K: tl.constexpr):
@@ -331,4 +347,4 @@ def k_slices(k: int, block_k: int, split: int):
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "words_math",
-           "words_dots", "dot16", "dot_column", "float_weights", "split_sum", "auto_split", "k_slices"]
+           "words_dots", "int8_step", "TMA_INT8_BOX_K", "dot16", "dot_column", "float_weights", "split_sum", "auto_split", "k_slices"]

@@ -22,8 +22,8 @@ and sums in fp32, bias in fp32, one rounding at the end.
 
 Operands TMA takes (else :func:`tma_gemv` raises, naming the cause): 16-bit x with unit stride
 along K (16-byte aligned rows where x too goes through a descriptor); codes with 16-byte aligned
-bases and row strides (INT8: K a multiple of 16; INT4: K a multiple of 32, read as 16-bit words
-of four codes); an INT4 step a divisor of its scale group, or whole groups with K a multiple of
+bases and row strides (INT8: K a multiple of 16, steps past 256 codes with K a multiple of 256:
+3-D boxes; INT4: K a multiple of 32, read as 16-bit words of four codes); an INT4 step a divisor of its scale group, or whole groups with K a multiple of
 the group. This module imports Triton: only kernel modules and tests import it.
 """
 from __future__ import annotations
@@ -34,9 +34,12 @@ import triton.language as tl
 
 from .base import triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import auto_split, codes_to, k_slices, round_to, split_sum, words_math, words_to
+from .weight_only_parts import (TMA_INT8_BOX_K, auto_split, codes_to, int8_step, k_slices, round_to, split_sum, words_math,
+                                words_to)
 
 INT32_MAX = 2**31 - 1
+#: the longest INT8 step (codes a row): four boxes of 256
+INT8_MAX_STEP = 1024
 
 
 @triton.jit
@@ -89,7 +92,7 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
                 part += w2.to(tl.float32) * tl.load(xq + 2, mask=kq + 2 < K, other=0.0).to(tl.float32)[None, :, :]
                 part += w3.to(tl.float32) * tl.load(xq + 3, mask=kq + 3 < K, other=0.0).to(tl.float32)[None, :, :]
         else:
-            w = codes_to(w_desc.load([n0, k0]), row_scale, DTYPE, NATIVE)
+            w = codes_to(int8_step(w_desc, n0, k0, BLOCK_N, BLOCK_K), row_scale, DTYPE, NATIVE)
             if X_TMA:
                 x = tl.reshape(x_desc.load([m, k0]), [BLOCK_K]).to(tl.float32)
             else:
@@ -110,18 +113,41 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
 
 def tma_weights_ready(codes: torch.Tensor, k: int, int4: bool, group: int, block_k: int) -> str:
     """Why TMA cannot stream these weights ('' when it can): 16-byte aligned base and rows, unit
-    stride; INT8: K a multiple of 16, a step in [16, 256]; INT4: K a multiple of 32, a step of 32
+    stride; INT8: K a multiple of 16, a step in [16, 256] or of whole 256s (up to 1024) with K a
+    multiple of 256; INT4: K a multiple of 32, a step of 32
     or more dividing the group, or of whole groups with K a multiple of the group."""
     if int4 and (k % 32 or block_k < 32 or (group % block_k if block_k <= group else block_k % group or k % group)):
         return (f"INT4 needs K a multiple of 32 (got {k}) and a step of 32 or more that divides the group, or of "
                 f"whole groups with K a multiple of the group (step {block_k}, group {group})")
-    if not int4 and (k % 16 or block_k < 16 or block_k > 256):
-        return f"INT8 needs K a multiple of 16 (got {k}) and a step in [16, 256] (got {block_k})"
+    if not int4 and (k % 16 or block_k < 16 or block_k > INT8_MAX_STEP
+                     or (block_k > TMA_INT8_BOX_K and (k % TMA_INT8_BOX_K or block_k % TMA_INT8_BOX_K))):
+        return (f"INT8 needs K a multiple of 16 (got {k}) and a step in [16, {TMA_INT8_BOX_K}], or of whole "
+                f"{TMA_INT8_BOX_K}s up to {INT8_MAX_STEP} with K a multiple of {TMA_INT8_BOX_K} (step {block_k})")
     if codes.stride(1) != 1 or codes.stride(0) * codes.element_size() % 16 or codes.data_ptr() % 16:
         return "the codes' rows are not 16-byte aligned with unit stride"
     if codes.device.type == "cuda" and torch.cuda.get_device_capability(codes.device)[0] < 9:
         return "TMA needs compute capability 9.0 or later"
     return ""
+
+
+def int8_step_for(block_k: int, k: int) -> int:
+    """The INT8 step a config's ``block_k`` runs at for K: at most :data:`INT8_MAX_STEP`, past
+    one box (256 codes) only where K is whole boxes (else 256), at least 16."""
+    step = max(16, min(block_k, INT8_MAX_STEP, next_pow2(k)))
+    return min(step, TMA_INT8_BOX_K) if k % TMA_INT8_BOX_K else step
+
+
+def int8_descriptor(codes: torch.Tensor, k: int, block_n: int, block_k: int):
+    """The TMA descriptor :func:`weight_only_parts.int8_step` reads INT8 ``codes`` [N, K] through
+    (checked by :func:`tma_weights_ready`): [block_n, block_k] boxes, or past 256 codes a step
+    [block_n, block_k / 256, 256] boxes of the codes viewed [N, K / 256, 256]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n = codes.shape[0]
+    if block_k <= TMA_INT8_BOX_K:
+        return TensorDescriptor(codes, [n, k], [codes.stride(0), 1], [block_n, block_k])
+    box = TMA_INT8_BOX_K
+    return TensorDescriptor(codes, [n, k // box, box], [codes.stride(0), box, 1], [block_n, block_k // box, box])
 
 
 def tma_gemv_ready(x: torch.Tensor, codes: torch.Tensor, int4: bool, group: int, block_k: int,
@@ -143,15 +169,15 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
              waves: int = 8, x_tma: bool = False) -> None:
     """``out [M, N] = x [M, K] @ dequantize(codes, scales)^T + bias`` (operands as
     ``weight_only.weight_only_linear`` checked them; x contiguous along K). ``block_k`` is the
-    step in weights along K (INT4: at most 1024, whole groups past one; INT8: at most 256); ``split_k`` 0: enough slices for
+    step in weights along K (INT4: at most 1024, whole groups past one; INT8: :func:`int8_step_for`); ``split_k`` 0: enough slices for
     ``waves`` programs an SM. Raises ValueError naming the cause where TMA cannot take them."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     (m, k), n = x.shape, codes.shape[0]
     bn = max(16, min(block_n, next_pow2(n)))
-    # INT4: up to 256 words a row a step (TMA's box), whole groups past one; INT8: 256 codes
-    # (several groups a step only where K is whole groups: else one group's step)
-    bk = min(block_k, 1024, max(group, next_pow2(k))) if int4 else max(16, min(block_k, 256, next_pow2(k)))
+    # INT4: up to 256 words a row a step (TMA's box), whole groups past one (several groups a
+    # step only where K is whole groups: else one group's step); INT8: int8_step_for
+    bk = min(block_k, 1024, max(group, next_pow2(k))) if int4 else int8_step_for(block_k, k)
     if int4 and bk > group and k % group:
         bk = group
     why = tma_gemv_ready(x, codes, int4, group, bk, x_tma)
@@ -171,7 +197,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
             words = words.as_strided((n, k // group, group // 4), (words.stride(0), group // 4, 1))
             w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [bn, bk // group, group // 4])
     else:
-        w_desc = TensorDescriptor(codes, [n, k], [codes.stride(0), 1], [bn, bk])
+        w_desc = int8_descriptor(codes, k, bn, bk)
     # x by pointer unless x_tma (then the descriptor is never read: x itself is passed)
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [1, bk]) if x_tma else x
     interpret = triton_interpret()
@@ -188,4 +214,4 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
                                                 SOFT_BF16=interpret, BLOCK=block)
 
 
-__all__ = ["tma_gemv", "tma_gemv_ready", "tma_weights_ready"]
+__all__ = ["tma_gemv", "tma_gemv_ready", "tma_weights_ready", "int8_descriptor", "int8_step_for", "INT8_MAX_STEP"]

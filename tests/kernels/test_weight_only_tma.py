@@ -4,7 +4,8 @@ differs; under the interpreter most results are bit-identical).
 
 CPU under the interpreter (Triton's interpreter runs tensor descriptors, zeros past the bounds as
 TMA does): decode rows M 1/3, N not a multiple of the block (past-N rows read as zeros), K with a
-partial last step and a short last INT4 group, INT4 steps of several groups (a 3-D box), split-K
+partial last step and a short last INT4 group, INT4 steps of several groups and INT8 steps of
+several 256-code boxes (3-D boxes), split-K
 (partial sums and ``split_sum``), x by pointer (any row alignment) and by descriptor, fp16/bf16,
 with and without bias; the operands it refuses, by name.
 GPU: every ``CONFIGS["tma"]`` config at decoder shapes (compiled, with the PTX dequantize).
@@ -37,6 +38,29 @@ def test_tma_gemv_matches_reference(precision, group_size, name, dtype):
     for i, (m, n, k) in enumerate(SHAPES):
         x, codes, scales, b = operands(m, n, k, dtype, precision, group_size, bias=i == 0, seed=7 * i)
         check(x, codes, scales, b, precision, group_size, config=SMALL[name])
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("block_k,x_tma", [(512, False), (1024, False), (512, True)])
+def test_tma_gemv_int8_steps_of_several_boxes(block_k, x_tma, dtype):
+    """INT8 steps past one TMA box (256 codes): [rows, steps / 256, 256] boxes of the codes viewed
+    [N, K / 256, 256], K a multiple of 256: a partial last step (K 768 at 512 a step: its second
+    box past K reads zeros), a step longer than K (1024 at K 512), split-K, N a partial block."""
+    for i, (m, n, k) in enumerate([(1, 37, 768), (3, 20, 512), (2, 33, 1280)]):
+        x, codes, scales, b = operands(m, n, k, dtype, "int8", None, bias=i == 0, seed=11 * i)
+        cfg = WeightOnlyConfig("tma", 1, 16, block_k, split_k=1 + i % 2, num_stages=3, tma_x=x_tma)
+        check(x, codes, scales, b, "int8", None, config=cfg)
+
+
+def test_int8_steps_past_a_box_need_whole_boxes_of_k():
+    """Past 256 codes a step, K must be whole boxes: a config asking more runs 256 there (K 208,
+    K 272), the asked step where K is whole boxes, never more than K's next power of two."""
+    from compile_backend.kernels.weight_only_tma import int8_step_for, tma_weights_ready
+
+    assert [int8_step_for(1024, k) for k in (208, 272, 512, 768, 5632, 64)] == [256, 256, 512, 1024, 1024, 64]
+    codes = torch.zeros(16, 272, dtype=torch.int8)
+    assert "multiple of 256" in tma_weights_ready(codes, 272, False, 1, 512)
+    assert tma_weights_ready(codes[:, :256], 256, False, 1, 256) == ""
 
 
 def test_tma_gemv_zero_groups_and_outliers():
@@ -97,9 +121,10 @@ def test_gpu_tma_configs(precision, group_size, dtype):
     """Every tuner config of the tma path, compiled, at a decoder shape with a partial row block."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9.0 or later")
-    for m in (1, 3):
+    # K 1088: INT8 steps of 256 at most; K 1280: whole boxes, INT8 steps of 512 and 1024 (3-D boxes)
+    for m, k in ((1, 1024 + 64), (3, 1024 + 64), (1, 1024 + 256)):
         x, codes, scales, b = (t.cuda() if t is not None else None
-                               for t in operands(m, 2048 + 8, 1024 + 64, dtype, precision, group_size, seed=m))
+                               for t in operands(m, 2048 + 8, k, dtype, precision, group_size, seed=m))
         for cfg in CONFIGS["tma"]:
             check(x, codes, scales, b, precision, group_size, config=cfg)
         if precision == "int8":  # the fused GEMV's tma loop (gemv.py), the engine's configs
@@ -115,24 +140,25 @@ def test_gpu_tma_configs(precision, group_size, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("split_k,k,block_k", [(1, 208, 64), (2, 208, 64), (2, 768, 512)])
 @pytest.mark.parametrize("prologue", ["rms_norm", "swiglu"])
-def test_fused_gemv_tma_loop(dtype, split_k, prologue, monkeypatch):
+def test_fused_gemv_tma_loop(dtype, split_k, k, block_k, prologue, monkeypatch):
     """The fused GEMV's tma main loop (gemv.py, INT8), x a step ahead: Llama's RMS norm as x's
     prologue (its factor deferred to the sums) or SwiGLU's product of a gate/up output's halves,
-    a residual add after, K 208 (a partial last step), two rows, one and two K slices (the
-    arrival counter's finish); the tuner's tma candidates are INT8-only."""
+    a residual add after, K 208 (a partial last step) or 768 in steps of 512 (two TMA boxes a
+    step, the second step's second box past K), two rows, one and two K slices (the arrival
+    counter's finish); the tuner's tma candidates are INT8-only."""
     import compile_backend
     from compile_backend.kernels import weight_only
     from compile_backend.kernels.base import KernelContext
     from compile_backend.kernels.select import choose_kernel
     from gemv_groups import assert_close, gemv_group, quantized_weights, rms_norm
 
-    m, k, n = 2, 208, 33
+    m, n = 2, 33
     gen = torch.Generator().manual_seed(61)
     h, r = (2 * torch.randn(m, k, generator=gen)).to(dtype), torch.randn(m, n, generator=gen).to(dtype)
     nw = torch.linspace(0.5, 1.5, k)
-    cfg = WeightOnlyConfig("tma", 1, 16, 64, split_k=split_k, num_stages=3)
+    cfg = WeightOnlyConfig("tma", 1, 16, block_k, split_k=split_k, num_stages=3)
     monkeypatch.setattr(weight_only, "heuristic", lambda m: cfg)  # with tuning off, the first candidate runs
     if prologue == "rms_norm":
         inputs = (h, *quantized_weights(n, k, "int8", None, seed=62), nw, r)
