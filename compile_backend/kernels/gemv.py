@@ -81,7 +81,7 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (codes_to, dot16, int8_step, dot_column, float_weights, int4_weights, int4_weights16,
+from compile_backend.kernels.weight_only_parts import (codes_to, dot16, first_weights, int8_step, dot_column, float_weights, int4_weights, int4_weights16,
                                                           int8_weights, int8_weights16, round_to, step_weights,
                                                           words_dots, words_math)
 {helpers}
@@ -118,11 +118,12 @@ def {name}(
     n_ok = rn < N
     k_lo = pid_k * K_SLICE
     k_hi = tl.minimum(k_lo + K_SLICE, K)
-    # the first step's weights (ONE_LOAD loops), before the prologue reads x (and before a PDL
-    # launch's wait: weights are constants), so their latency overlaps the prologue's; that step
-    # is peeled off the loop (carried through it, the loaded codes went one a register and were
-    # packed again for the dequantize: +10-60% instructions, sm_90)
-    first_w, first_s = step_weights(W, S, rn, n_ok, k_lo, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
+    # the first step's weights (ONE_LOAD and TMA loops), before the prologue reads x (and before
+    # a PDL launch's wait: weights are constants), so their latency overlaps the prologue's; that
+    # step is peeled off the loop (carried through it, the loaded codes went one a register and
+    # were packed again for the dequantize: +10-60% instructions, sm_90)
+    first_w, first_s = first_weights(W, WD, S, rn, n_ok, k_lo, k_hi, swn, ssn, pid_n * BLOCK_N, WEIGHTS, ONE_LOAD, TMA,
+                                     GROUP, BLOCK_N, BLOCK_K, UNROLL)
     STEP: tl.constexpr = BLOCK_K * UNROLL
     # a deferred row factor (gemv_prologue): its reduction's input summed from the x the loop
     # loads, per element of a K tile (of a step where a step is one load: the peeled first step
@@ -237,13 +238,22 @@ def {name}(
         # tl.dot are never pipelined, and read in the step they feed, they stalled each step (in
         # the W8A16 step, H100 session 31 run 6: SwiGLU + down's tma loop lost to the one-load
         # loop's 10.9 us, where the plain kernel had won 8.24 against 9.64)
+        # the first step (its codes loaded before a PDL launch's wait: first_weights) peeled
+        # off: in the W8A16 step the tuner's tma picks (O and gate/up, 0.1-0.2 us faster alone)
+        # made the step 5% slower, each losing the one-load loops' early first load (H100,
+        # session 32 run 1: 0.885 -> 0.928 ms; session 24: 0.75 us a launch in a chain)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
-        part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         rk = k_lo + tl.arange(0, BLOCK_K)
         xs = x_at(m, rk, k_hi, {x_args}{row_params})
+        if DEFERRED:
+            row_acc = x_row_terms(m, rk, k_hi, {x_args})
+        rk = k_lo + BLOCK_K + tl.arange(0, BLOCK_K)  # the next step's (zeros past the slice: no access)
+        xs_next = x_at(m, rk, k_hi, {x_args}{row_params})
         terms = x_row_terms(m, rk, k_hi, {x_args}) if DEFERRED else xs
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            rk = k0 + BLOCK_K + tl.arange(0, BLOCK_K)  # the next step's (zeros past the slice: no access)
+        part = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16).to(tl.float32) * xs[None, :]
+        xs = xs_next
+        for k0 in tl.range(k_lo + BLOCK_K, k_hi, BLOCK_K, num_stages=STAGES):
+            rk = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
             xs_next = x_at(m, rk, k_hi, {x_args}{row_params})
             w = codes_to(int8_step(WD, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K), scale, {x_dtype}, not SOFT_BF16)
             part += w.to(tl.float32) * xs[None, :]

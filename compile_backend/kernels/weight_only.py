@@ -428,8 +428,8 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 
 
 #: the tma configs the engine's tuner times for INT8 codes with 16-bit x at M <= GEMV_MAX_M (in
-#: the fused GEMV's tma loop, ``gemv.py``). 16 x 256 s5: the plain kernel's winner (H100, session
-#: 31, M = 1: down 8.24 us against 9.64). In the W8A16 step the tuner took none of the 16 x 256
+#: the fused GEMV's tma loop, ``gemv.py``). 16 x 512 s5: the plain kernel's winner (H100, session
+#: 32 run 1, M = 1: down 7.30 us against fp16's 11.9, gate/up 7.62, q_o 4.76). In the W8A16 step the tuner took none of the 16 x 256
 #: loops (H100, session 31 run 6): each step's fixed cost (ring waits, x's loads, the next TMA
 #: issue: ~130 SASS a thread) over 32 weights a thread made them 0.12 SM clocks a weight under an
 #: RMS-norm prologue and 0.20 under SwiGLU (x recomputed by the 8 thread rows sharing a k), against
@@ -439,7 +439,7 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 #: with the transfer where the one-load loop's ~5 us of math follows it. 32- and 64-row tiles
 #: split K for about one program an SM (down: 2048 rows). INT4 has none: its tma loop lost every
 #: layer to the one-wave loops
-ENGINE_TMA_INT8 = (_tma(16, 256, 4, 5, split_k=1), _tma(16, 1024, 4, 3, split_k=1), _tma(32, 512, 4, 3, waves=1),
+ENGINE_TMA_INT8 = (_tma(16, 512, 4, 5, split_k=1), _tma(16, 1024, 4, 3, split_k=1), _tma(32, 512, 4, 3, waves=1),
                    _tma(64, 256, 4, 3, waves=1))
 
 

@@ -236,6 +236,20 @@ def step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS: tl.constexpr, 
 
 
 @triton.jit
+def first_weights(W, WD, S, rn, n_ok, k_lo, k_hi, swn, ssn, n0, WEIGHTS: tl.constexpr, ONE_LOAD: tl.constexpr,
+                  TMA: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  UNROLL: tl.constexpr):
+    """The decode GEMV's first step of weights, loaded before anything else: INT8 codes through
+    the descriptor ``WD`` (TMA loops; returned twice), else :func:`step_weights`."""
+    if TMA:
+        codes = int8_step(WD, n0, k_lo, BLOCK_N, BLOCK_K)
+        first = (codes, codes)
+    else:
+        first = step_weights(W, S, rn, n_ok, k_lo, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
+    return first
+
+
+@triton.jit
 def words_math(part, words, scale, x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     """``part [BLOCK_N, UNROLL, BLOCK_K / 4] += w * x`` for a step of INT4 words (from
     :func:`step_weights`), ``x`` the step's activations [UNROLL * BLOCK_K] in fp32: nibble i
@@ -346,5 +360,5 @@ def k_slices(k: int, block_k: int, split: int):
 
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
-           "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "words_math",
+           "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "first_weights", "words_math",
            "words_dots", "int8_step", "TMA_INT8_BOX_K", "dot16", "dot_column", "float_weights", "split_sum", "auto_split", "k_slices"]

@@ -140,13 +140,13 @@ def test_gpu_tma_configs(precision, group_size, dtype):
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("split_k,k,block_k", [(1, 208, 64), (2, 208, 64), (2, 768, 512)])
+@pytest.mark.parametrize("split_k,k,block_k", [(1, 208, 64), (2, 208, 64), (2, 768, 512), (1, 64, 64)])
 @pytest.mark.parametrize("prologue", ["rms_norm", "swiglu"])
 def test_fused_gemv_tma_loop(dtype, split_k, k, block_k, prologue, monkeypatch):
     """The fused GEMV's tma main loop (gemv.py, INT8), x a step ahead: Llama's RMS norm as x's
     prologue (its factor deferred to the sums) or SwiGLU's product of a gate/up output's halves,
-    a residual add after, K 208 (a partial last step) or 768 in steps of 512 (two TMA boxes a
-    step, the second step's second box past K), two rows, one and two K slices (the arrival
+    a residual add after, K 208 (a partial last step), 768 in steps of 512 (two TMA boxes a
+    step, the second step's second box past K) or 64 (one step: the peeled first, no loop), two rows, one and two K slices (the arrival
     counter's finish); the tuner's tma candidates are INT8-only."""
     import compile_backend
     from compile_backend.kernels import weight_only
