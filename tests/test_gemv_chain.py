@@ -76,7 +76,7 @@ def test_pdl_sources_render_with_the_wait_where_the_engine_puts_it():
     assert same == name and "gdc_wait" in source and "gdc_wait" not in plain
     added = [line.strip() for line in source.splitlines() if line not in plain.splitlines()]
     assert added == [wait, signal]
-    assert source.index(wait) > source.index("step_weights(")  # after the first step's weight load
+    assert source.index(wait) > source.index("first_weights(")  # after the first step's weight load
     assert callable(tpl.load_kernel(source, name))  # loads (compiled only when launched, on a GPU)
     for kernel in ("bump", "read_words"):
         assert "gdc_wait" in pdl.with_entry(gc.FLOOR_SOURCE, kernel)

@@ -399,7 +399,7 @@ def test_pdl_wait_after_the_weight_preload_and_before_x():
     source, name = gemv.render(PLAIN_X, gemv.PLAIN_EPILOGUE, torch.float16, torch.float16)
     body = pdl.with_entry(source, name, after=gemv.PDL_AFTER).split(f"def {name}(")[1]
     wait = body.index(pdl.ENTRY[0])
-    assert body.rindex("step_weights(W, S, rn, n_ok, k_lo", 0, wait) < wait
+    assert body.rindex("first_weights(W, WD, S, rn, n_ok, k_lo", 0, wait) < wait
     assert "x_at(" not in body[:wait] and "tl.load(" not in body[:wait]
 
 

@@ -82,7 +82,7 @@ def test_decode_gemv_waits_after_its_first_weights_and_before_any_other_load():
     with_entry = pdl.with_entry(source, name, after=gemv.PDL_AFTER)
     body = _body(with_entry, name)
     wait = body.index(WAIT)
-    assert body[wait + 1] == SIGNAL and "step_weights(" in "\n".join(body[:wait])
+    assert body[wait + 1] == SIGNAL and "first_weights(" in "\n".join(body[:wait])
     # before the wait: indices and the first step's constant weights only: no other load, no store
     assert not any(word in line for line in body[:wait] for word in ("tl.load", "tl.store", "atomic", "x_at("))
     tpl.load_kernel(with_entry, name)
