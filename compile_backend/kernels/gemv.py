@@ -81,9 +81,9 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (codes_to, dot16, first_weights, int8_step, dot_column, float_weights, int4_weights, int4_weights16,
-                                                          int8_weights, int8_weights16, round_to, step_weights,
-                                                          words_dots, words_math)
+from compile_backend.kernels.weight_only_parts import (codes_to, dot16, dot_column, first_weights, float_weights,
+                                                          int4_weights, int4_weights16, int8_step, int8_weights,
+                                                          int8_weights16, round_to, step_weights, words_dots, words_math)
 {helpers}
 
 @triton.jit

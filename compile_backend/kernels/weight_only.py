@@ -429,14 +429,13 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 
 #: the tma configs the engine's tuner times for INT8 codes with 16-bit x at M <= GEMV_MAX_M (in
 #: the fused GEMV's tma loop, ``gemv.py``). 16 x 512 s5: the plain kernel's winner (H100, session
-#: 32 run 1, M = 1: down 7.30 us against fp16's 11.9, gate/up 7.62, q_o 4.76). In the W8A16 step the tuner took none of the 16 x 256
-#: loops (H100, session 31 run 6): each step's fixed cost (ring waits, x's loads, the next TMA
-#: issue: ~130 SASS a thread) over 32 weights a thread made them 0.12 SM clocks a weight under an
-#: RMS-norm prologue and 0.20 under SwiGLU (x recomputed by the 8 thread rows sharing a k), against
-#: the one-load loop's 0.05 / 0.07 (sm_90, Triton 3.6, ``kernel_sass``). Steps of 4 096 weights a
-#: warp bring them to 0.072 / 0.071 (64 x 256), 0.076 / 0.073 (32 x 512), 0.087 / 0.082
-#: (16 x 1024, a 3-D box): issue-bound ~7 us on the merged gate/up's 23 M weights, overlapped
-#: with the transfer where the one-load loop's ~5 us of math follows it. 32- and 64-row tiles
+#: 32 run 1, M = 1: down 7.30 us against fp16's 11.9, gate/up 7.62, q_o 4.76). The others are
+#: steps of 4 096 weights a warp: a step's fixed cost (ring waits, x's loads, the next TMA issue,
+#: ~130 SASS a thread) over 32 weights a thread (16 x 256) made the loop 0.12 SM clocks a weight
+#: under an RMS-norm prologue and 0.20 under SwiGLU (x redone by the 8 thread rows sharing a k),
+#: against the one-load loop's 0.052 / 0.067 (sm_90, Triton 3.6, ``kernel_sass``), and the tuner
+#: took none (H100, session 31 run 6). 64 x 256: 0.046 / 0.071 since the first step is peeled
+#: (x then carried compact), 32 x 512 and 16 x 1024 (3-D boxes) close by. 32- and 64-row tiles
 #: split K for about one program an SM (down: 2048 rows). INT4 has none: its tma loop lost every
 #: layer to the one-wave loops
 ENGINE_TMA_INT8 = (_tma(16, 512, 4, 5, split_k=1), _tma(16, 1024, 4, 3, split_k=1), _tma(32, 512, 4, 3, waves=1),

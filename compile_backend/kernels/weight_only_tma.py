@@ -23,8 +23,8 @@ and sums in fp32, bias in fp32, one rounding at the end.
 Operands TMA takes (else :func:`tma_gemv` raises, naming the cause): 16-bit x with unit stride
 along K (16-byte aligned rows where x too goes through a descriptor); codes with 16-byte aligned
 bases and row strides (INT8: K a multiple of 16, steps past 256 codes with K a multiple of 256:
-3-D boxes; INT4: K a multiple of 32, read as 16-bit words of four codes); an INT4 step a divisor of its scale group, or whole groups with K a multiple of
-the group. This module imports Triton: only kernel modules and tests import it.
+3-D boxes; INT4: K a multiple of 32, read as 16-bit words of four codes); an INT4 step a divisor
+of its scale group, or whole groups with K a multiple of the group. This module imports Triton: only kernel modules and tests import it.
 """
 from __future__ import annotations
 
@@ -169,8 +169,9 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
              waves: int = 8, x_tma: bool = False) -> None:
     """``out [M, N] = x [M, K] @ dequantize(codes, scales)^T + bias`` (operands as
     ``weight_only.weight_only_linear`` checked them; x contiguous along K). ``block_k`` is the
-    step in weights along K (INT4: at most 1024, whole groups past one; INT8: :func:`int8_step_for`); ``split_k`` 0: enough slices for
-    ``waves`` programs an SM. Raises ValueError naming the cause where TMA cannot take them."""
+    step in weights along K (INT4: at most 1024, whole groups past one; INT8:
+    :func:`int8_step_for`); ``split_k`` 0: enough slices for ``waves`` programs an SM. Raises
+    ValueError naming the cause where TMA cannot take them."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     (m, k), n = x.shape, codes.shape[0]
