@@ -61,7 +61,7 @@ from .base import triton_interpret
 from .expr_casts import tl_type
 from .launch import Counters, next_pow2
 from .weight_only_parts import auto_split, k_slices
-from .weight_only_tma import int8_descriptor, int8_step_for, tma_weights_ready
+from .weight_only_tma import int4_descriptor, int4_step_for, int8_descriptor, int8_step_for, tma_weights_ready
 from .gemv_prologue import PLAIN_X, ROW_TOTAL, XPrologue
 
 INT32_MAX = 2**31 - 1
@@ -82,7 +82,7 @@ _TEMPLATE = '''\
 import triton
 import triton.language as tl
 from compile_backend.kernels.weight_only_parts import (codes_to, dot16, dot_column, first_weights, float_weights,
-                                                          int4_weights, int4_weights16, int8_step, int8_weights,
+                                                          int4_step, int4_weights, int4_weights16, int8_step, int8_weights,
                                                           int8_weights16, round_to, step_weights, words_dots, words_math)
 {helpers}
 
@@ -200,6 +200,20 @@ def {name}(
             acc = tl.trans(part)  # [16 rows, BLOCK_N]
         else:
             acc = tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, part, 0.0), axis=1)[None, :]  # columns 1.. are 0 * w
+    elif WEIGHTS == 1 and TMA:  # INT4 words through WD (16-bit x): U groups of Q words a step
+        U: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+        Q: tl.constexpr = (GROUP if BLOCK_K > GROUP else BLOCK_K) // 4
+        rk = k_lo + tl.arange(0, BLOCK_K)
+        part = words_math(tl.zeros([BLOCK_N, U, Q], tl.float32), first_w, first_s, x_at(m, rk, k_hi, {x_args}{row_params}),
+                          {x_dtype}, not SOFT_BF16)
+        if DEFERRED:
+            row_acc = x_row_terms(m, rk, k_hi, {x_args})
+        for k0 in tl.range(k_lo + BLOCK_K, k_hi, BLOCK_K, num_stages=STAGES):
+            words, scale = int4_step(WD, S, rn, n_ok, pid_n * BLOCK_N, k0, K, ssn, GROUP, BLOCK_K)
+            rk = k0 + tl.arange(0, BLOCK_K)
+            part = words_math(part, words, scale, x_at(m, rk, k_hi, {x_args}{row_params}), {x_dtype}, not SOFT_BF16)
+            if DEFERRED:
+                row_acc += x_row_terms(m, rk, k_hi, {x_args})
     elif WEIGHTS == 1 and WORDS:  # INT4 read as 16-bit words of four codes (16-bit x), a step in one load
         # a step's UNROLL tiles as one [BLOCK_N, UNROLL, BLOCK_K / 4] load, so all its bytes are
         # in flight at once (tiles unrolled one by one, ptxas kept 2-3 of them in flight: each
@@ -295,7 +309,7 @@ def {name}(
                 part += float_weights(W, rn, rk, n_ok, k_hi, swn, swk) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :]
                 if DEFERRED:
                     row_acc += x_row_terms(m, rk, k_hi, {x_args})
-    if ONE_LOAD and not DOT:
+    if (ONE_LOAD or (TMA and WEIGHTS == 1)) and not DOT:  # [BLOCK_N, steps or groups, K] sums
         acc = tl.sum(tl.sum(part, axis=2), axis=1)[None, :]
     elif not DOT:
         acc = tl.sum(part, axis=1)[None, :]
@@ -396,8 +410,10 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     m, k = x_loads[0].shape
     n = w.shape[0]
     bn = max(16, min(config.block_n, next_pow2(n)))
-    bk = (int8_step_for(config.block_k, k) if config.path == "tma"
-          else max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30)))
+    if config.path == "tma":
+        bk = int4_step_for(config.block_k, k, group) if weights == "int4" else int8_step_for(config.block_k, k)
+    else:
+        bk = max(16, min(config.block_k, next_pow2(k), group if weights == "int4" else 1 << 30))
     grid_n = triton.cdiv(n, bn)
     dot = uses_tensor_cores(config, x_dtype, weights, bk)
     if dot and unrounded_x:
@@ -426,7 +442,7 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     io = [*loads, *outs]
     # the tma path's configs (``WeightOnlyConfig.path``): INT8 weights streamed by TMA
     tma = config.path == "tma"
-    wd = tma_descriptor(w, k, weights, x_dtype, bn, bk) if tma else w
+    wd = tma_descriptor(w, k, weights, group, x_dtype, bn, bk) if tma else w
     # INT4 read as 16-bit words (four codes each): 16-bit x, K a multiple of 4, even row stride
     words = (weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
              and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0)
@@ -443,17 +459,18 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
         **pdl.launch_kwargs(use_pdl))
 
 
-def tma_descriptor(w: torch.Tensor, k: int, weights: str, x_dtype: torch.dtype, bn: int, bk: int):
-    """The TMA descriptor of INT8 codes ``w`` [N, K] for steps of ``bk`` codes
-    (``weight_only_tma.int8_descriptor``); ValueError naming the cause where TMA cannot stream
-    them (the tuner then skips the candidate)."""
-    if weights != "int8" or x_dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"gemv: the tma main loop takes INT8 codes with 16-bit x, got {weights} weights with "
+def tma_descriptor(w: torch.Tensor, k: int, weights: str, group: int, x_dtype: torch.dtype, bn: int, bk: int):
+    """The TMA descriptor of INT8 codes or packed INT4 codes ``w`` for steps of ``bk`` weights
+    (``weight_only_tma.int8_descriptor`` / ``int4_descriptor``); ValueError naming the cause
+    where TMA cannot stream them (the tuner then skips the candidate)."""
+    if weights not in ("int8", "int4") or x_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gemv: the tma main loop takes INT8 or INT4 codes with 16-bit x, got {weights} weights with "
                          f"{x_dtype} x; use a gemv config")
-    why = tma_weights_ready(w, k, False, 1, bk)
+    int4 = weights == "int4"
+    why = tma_weights_ready(w, k, int4, group, bk)
     if why:
         raise ValueError(f"gemv: TMA cannot stream these weights: {why}; use a gemv config")
-    return int8_descriptor(w, k, bn, bk)
+    return int4_descriptor(w, k, group, bn, bk) if int4 else int8_descriptor(w, k, bn, bk)
 
 
 def uses_tensor_cores(config, x_dtype: torch.dtype, weights: str, block_k: int) -> bool:

@@ -436,20 +436,30 @@ CONFIGS: Dict[str, Tuple[WeightOnlyConfig, ...]] = {
 #: against the one-load loop's 0.052 / 0.067 (sm_90, Triton 3.6, ``kernel_sass``), and the tuner
 #: took none (H100, session 31 run 6). 64 x 256: 0.046 / 0.071 since the first step is peeled
 #: (x then carried compact), 32 x 512 and 16 x 1024 (3-D boxes) close by. 32- and 64-row tiles
-#: split K for about one program an SM (down: 2048 rows). INT4 has none: its tma loop lost every
-#: layer to the one-wave loops
+#: split K for about one program an SM (down: 2048 rows)
 ENGINE_TMA_INT8 = (_tma(16, 512, 4, 5, split_k=1), _tma(16, 1024, 4, 3, split_k=1), _tma(32, 512, 4, 3, waves=1),
                    _tma(64, 256, 4, 3, waves=1))
 
 
+#: the tma configs the engine's tuner times for INT4 (16-bit words through 3-D boxes of whole
+#: groups, the first step before a PDL wait). Main-loop issue under an RMS-norm prologue (sm_90,
+#: Triton 3.6, merged gate/up, group 128): 32 x 512 0.048 SM clocks a weight, 16 x 1024 0.051,
+#: 64 x 256 0.056, 16 x 512 0.061, against the one-load loops' 0.043-0.055; the one-load loops do
+#: a slice's math after its bytes land (the merged INT4 gate/up: 12.24 us for 11.9 MB, a third of
+#: a copy; H100, session 32 run 1), the ring overlaps them. Not yet measured on a GPU
+ENGINE_TMA_INT4 = (_tma(32, 512, 4, 3, waves=1), _tma(16, 1024, 4, 3, split_k=1), _tma(64, 256, 4, 3, waves=1),
+                   _tma(16, 512, 4, 5, split_k=1))
+
+
 def tma_candidates(precision: str, m: int, dtype: torch.dtype, k: int, device: torch.device) -> Tuple[WeightOnlyConfig, ...]:
-    """The tma configs worth timing for a weight-only problem: INT8, 16-bit x, M <= GEMV_MAX_M, K a
-    multiple of 16, on a device with TMA (compute capability 9.0+; the interpreter runs them too)."""
-    if precision != "int8" or m > GEMV_MAX_M or dtype not in (torch.float16, torch.bfloat16) or k % 16:
+    """The tma configs worth timing for a weight-only problem: 16-bit x, M <= GEMV_MAX_M, K a
+    multiple of 16 (INT8) or 32 (INT4), on a device with TMA (compute capability 9.0+; the
+    interpreter runs them too)."""
+    if m > GEMV_MAX_M or dtype not in (torch.float16, torch.bfloat16) or k % (32 if precision == "int4" else 16):
         return ()
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
         return ()
-    return ENGINE_TMA_INT8
+    return {"int8": ENGINE_TMA_INT8, "int4": ENGINE_TMA_INT4}.get(precision, ())
 
 
 def paths_for(m: int) -> Tuple[str, ...]:
@@ -660,5 +670,5 @@ def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: t
 
 
 __all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
-           "paths_for", "worth_timing", "fits_registers", "tma_candidates", "ENGINE_TMA_INT8", "GEMV_STEP_WEIGHTS",
+           "paths_for", "worth_timing", "fits_registers", "tma_candidates", "ENGINE_TMA_INT8", "ENGINE_TMA_INT4", "GEMV_STEP_WEIGHTS",
            "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]

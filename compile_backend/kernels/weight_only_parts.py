@@ -145,6 +145,22 @@ def int8_step(desc, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def int4_step(desc, s_ptr, rn, n_ok, n0, k0, K, ssn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A step's INT4 codes through ``desc`` (``weight_only_tma.int4_descriptor``) as unsigned
+    16-bit words [BLOCK_N, U, Q] (U groups of Q words; U = 1: Q words of one group) and their
+    scales [BLOCK_N, U, 1] by pointer (a row's share 32-byte sectors: from L1 after the first)."""
+    U: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    if BLOCK_K > GROUP:
+        words = desc.load([n0, k0 // GROUP, 0])
+    else:
+        words = tl.expand_dims(desc.load([n0, k0 // 4]), 1)
+    g = k0 // GROUP + tl.arange(0, U)
+    scale = tl.load(s_ptr + rn[:, None] * ssn + g[None, :], mask=n_ok[:, None] & (g < tl.cdiv(K, GROUP))[None, :],
+                    other=0.0)
+    return words.to(tl.uint16, bitcast=True), scale[:, :, None]
+
+
+@triton.jit
 def int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP: tl.constexpr, DTYPE: tl.constexpr,
                    ODD_K: tl.constexpr):
     """:func:`int4_weights` for 16-bit DTYPE: (low, high) as DTYPE. A nibble's two's complement
@@ -239,9 +255,12 @@ def step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS: tl.constexpr, 
 def first_weights(W, WD, S, rn, n_ok, k_lo, k_hi, swn, ssn, n0, WEIGHTS: tl.constexpr, ONE_LOAD: tl.constexpr,
                   TMA: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   UNROLL: tl.constexpr):
-    """The decode GEMV's first step of weights, loaded before anything else: INT8 codes through
-    the descriptor ``WD`` (TMA loops; returned twice), else :func:`step_weights`."""
-    if TMA:
+    """The decode GEMV's first step of weights, loaded before anything else: through the
+    descriptor ``WD`` in TMA loops (INT4 words and scales, :func:`int4_step`; INT8 codes, returned
+    twice), else :func:`step_weights`."""
+    if TMA and WEIGHTS == 1:
+        first = int4_step(WD, S, rn, n_ok, n0, k_lo, k_hi, ssn, GROUP, BLOCK_K)
+    elif TMA:
         codes = int8_step(WD, n0, k_lo, BLOCK_N, BLOCK_K)
         first = (codes, codes)
     else:
@@ -361,5 +380,5 @@ def k_slices(k: int, block_k: int, split: int):
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "first_weights",
-           "words_math", "words_dots", "int8_step", "TMA_INT8_BOX_K", "dot16", "dot_column", "float_weights",
+           "words_math", "words_dots", "int8_step", "int4_step", "TMA_INT8_BOX_K", "dot16", "dot_column", "float_weights",
            "split_sum", "auto_split", "k_slices"]

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .base import triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import (TMA_INT8_BOX_K, auto_split, codes_to, int8_step, k_slices, round_to, split_sum, words_math,
+from .weight_only_parts import (TMA_INT8_BOX_K, auto_split, codes_to, int4_step, int8_step, k_slices, round_to, split_sum, words_math,
                                 words_to)
 
 INT32_MAX = 2**31 - 1
@@ -61,24 +61,17 @@ def _tma_gemv_kernel(w_desc, x_desc, x_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SL
     Q: tl.constexpr = (GROUP if BLOCK_K > GROUP else BLOCK_K) // 4
     if INT4:
         part = tl.zeros([BLOCK_N, U, Q], tl.float32)
-        n_groups = tl.cdiv(K, GROUP)
     else:
         row_scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
         part = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         if INT4:
-            # [BLOCK_N, U, Q] as unsigned words (the descriptor's are int16: shifts sign-extend)
-            if U == 1:
-                words = tl.expand_dims(w_desc.load([n0, k0 // 4]).to(tl.uint16, bitcast=True), 1)
-            else:
-                words = w_desc.load([n0, k0 // GROUP, 0]).to(tl.uint16, bitcast=True)
-            # pointer loads, not pipelined: a row's scales share 32-byte sectors (16 groups), so
-            # after the first step they mostly come from L1 (a descriptor needs 16-byte rows;
-            # picking the step's column from the slice's scales held in registers took a
-            # cross-lane sum a step: 112 SHFL in the loop, sm_90)
-            g = k0 // GROUP + tl.arange(0, U)
-            scale = tl.load(s_ptr + rn[:, None] * ssn + g[None, :], mask=n_ok[:, None] & (g < n_groups)[None, :],
-                            other=0.0)[:, :, None]
+            # [BLOCK_N, U, Q] unsigned words (the descriptor's are int16: shifts sign-extend) and
+            # their scales by pointer, not pipelined: a row's scales share 32-byte sectors (16
+            # groups), so after the first step they mostly come from L1 (a descriptor needs
+            # 16-byte rows; picking the step's column from the slice's scales held in registers
+            # took a cross-lane sum a step: 112 SHFL in the loop, sm_90)
+            words, scale = int4_step(w_desc, s_ptr, rn, n_ok, n0, k0, K, ssn, GROUP, BLOCK_K)
             if X_TMA:
                 x = tl.reshape(x_desc.load([m, k0]), [BLOCK_K]).to(tl.float32)
                 part = words_math(part, words, scale, x, DTYPE, NATIVE)
@@ -137,6 +130,29 @@ def int8_step_for(block_k: int, k: int) -> int:
     return min(step, TMA_INT8_BOX_K) if k % TMA_INT8_BOX_K else step
 
 
+def int4_step_for(block_k: int, k: int, group: int) -> int:
+    """The INT4 step (weights a row) a config's ``block_k`` runs at for K and the scale group: at
+    most 1024 (256 words: TMA's box), whole groups past one only where K is whole groups (else
+    one group)."""
+    step = min(block_k, 1024, max(group, next_pow2(k)))
+    return group if step > group and k % group else step
+
+
+def int4_descriptor(codes: torch.Tensor, k: int, group: int, block_n: int, block_k: int):
+    """The TMA descriptor :func:`weight_only_parts.int4_step` reads packed INT4 ``codes``
+    [N, K / 2] through (checked by :func:`tma_weights_ready`), as 16-bit words of four codes:
+    [block_n, block_k / 4] boxes of [N, K / 4], or for steps of whole groups [block_n,
+    block_k / group, group / 4] boxes of the words viewed [N, K / group, group / 4]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n = codes.shape[0]
+    words = codes.view(torch.int16)  # [N, K / 4]: four codes a word, the lowest nibble first
+    if block_k <= group:
+        return TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [block_n, block_k // 4])
+    words = words.as_strided((n, k // group, group // 4), (words.stride(0), group // 4, 1))
+    return TensorDescriptor(words, list(words.shape), list(words.stride()), [block_n, block_k // group, group // 4])
+
+
 def int8_descriptor(codes: torch.Tensor, k: int, block_n: int, block_k: int):
     """The TMA descriptor :func:`weight_only_parts.int8_step` reads INT8 ``codes`` [N, K] through
     (checked by :func:`tma_weights_ready`): [block_n, block_k] boxes, or past 256 codes a step
@@ -178,9 +194,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
     bn = max(16, min(block_n, next_pow2(n)))
     # INT4: up to 256 words a row a step (TMA's box), whole groups past one (several groups a
     # step only where K is whole groups: else one group's step); INT8: int8_step_for
-    bk = min(block_k, 1024, max(group, next_pow2(k))) if int4 else int8_step_for(block_k, k)
-    if int4 and bk > group and k % group:
-        bk = group
+    bk = int4_step_for(block_k, k, group) if int4 else int8_step_for(block_k, k)
     why = tma_gemv_ready(x, codes, int4, group, bk, x_tma)
     if why:
         raise ValueError(f"the TMA GEMV cannot take these operands: {why}; use another weight-only path "
@@ -190,15 +204,7 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
     k_slice, split = k_slices(k, bk, split)
     if max(x.stride(0) * m, codes.numel(), split * out.numel()) > INT32_MAX:
         raise ValueError("an operand (or the split-K workspace) has 2**31 elements or more: split the call")
-    if int4:
-        words = codes.view(torch.int16)  # [N, K / 4]: four codes a word, the lowest nibble first
-        if bk <= group:
-            w_desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [bn, bk // 4])
-        else:  # [N, K / group, group / 4]: a step's groups as one box
-            words = words.as_strided((n, k // group, group // 4), (words.stride(0), group // 4, 1))
-            w_desc = TensorDescriptor(words, list(words.shape), list(words.stride()), [bn, bk // group, group // 4])
-    else:
-        w_desc = int8_descriptor(codes, k, bn, bk)
+    w_desc = int4_descriptor(codes, k, group, bn, bk) if int4 else int8_descriptor(codes, k, bn, bk)
     # x by pointer unless x_tma (then the descriptor is never read: x itself is passed)
     x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [1, bk]) if x_tma else x
     interpret = triton_interpret()
@@ -215,4 +221,5 @@ def tma_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias, o
                                                 SOFT_BF16=interpret, BLOCK=block)
 
 
-__all__ = ["tma_gemv", "tma_gemv_ready", "tma_weights_ready", "int8_descriptor", "int8_step_for", "INT8_MAX_STEP"]
+__all__ = ["tma_gemv", "tma_gemv_ready", "tma_weights_ready", "int8_descriptor", "int8_step_for", "int4_descriptor",
+           "int4_step_for", "INT8_MAX_STEP"]

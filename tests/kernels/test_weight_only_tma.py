@@ -8,7 +8,8 @@ partial last step and a short last INT4 group, INT4 steps of several groups and 
 several 256-code boxes (3-D boxes), split-K
 (partial sums and ``split_sum``), x by pointer (any row alignment) and by descriptor, fp16/bf16,
 with and without bias; the operands it refuses, by name.
-GPU: every ``CONFIGS["tma"]`` config at decoder shapes (compiled, with the PTX dequantize).
+GPU: every ``CONFIGS["tma"]`` config and the fused loop's (``ENGINE_TMA_INT8`` / ``_INT4``) at
+decoder shapes (compiled, with the PTX dequantize).
 """
 from __future__ import annotations
 
@@ -127,27 +128,34 @@ def test_gpu_tma_configs(precision, group_size, dtype):
                                for t in operands(m, 2048 + 8, k, dtype, precision, group_size, seed=m))
         for cfg in CONFIGS["tma"]:
             check(x, codes, scales, b, precision, group_size, config=cfg)
-        if precision == "int8":  # the fused GEMV's tma loop (gemv.py), the engine's configs
-            from compile_backend.kernels import gemv
-            from compile_backend.kernels.weight_only import ENGINE_TMA_INT8, weight_only_linear_reference
-            from gemv_groups import assert_close
+        # the fused GEMV's tma loop (gemv.py), the engine's configs
+        from compile_backend.kernels import gemv
+        from compile_backend.kernels.weight_only import (ENGINE_TMA_INT4, ENGINE_TMA_INT8,
+                                                         weight_only_linear_reference)
+        from gemv_groups import assert_close
 
-            want = weight_only_linear_reference(x, codes, scales, b, precision="int8")
-            for cfg in ENGINE_TMA_INT8:
-                out = torch.empty_like(want)
-                gemv.gemv(x, codes, scales, b, out, int4=False, group=1, config=cfg)
-                assert_close(out, want)
+        want = weight_only_linear_reference(x, codes, scales, b, precision=precision, group_size=group_size)
+        for cfg in ENGINE_TMA_INT4 if precision == "int4" else ENGINE_TMA_INT8:
+            out = torch.empty_like(want)
+            gemv.gemv(x, codes, scales, b, out, int4=precision == "int4", group=group_size or 1, config=cfg)
+            assert_close(out, want)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("split_k,k,block_k", [(1, 208, 64), (2, 208, 64), (2, 768, 512), (1, 64, 64)])
+@pytest.mark.parametrize("precision,group_size,split_k,k,block_k", [
+    ("int8", None, 1, 208, 64), ("int8", None, 2, 208, 64), ("int8", None, 2, 768, 512), ("int8", None, 1, 64, 64),
+    ("int4", 64, 1, 320, 128), ("int4", 64, 2, 320, 128), ("int4", 64, 1, 192, 32), ("int4", 32, 1, 96, 128),
+    ("int4", 128, 2, 224, 512)], ids=str)
 @pytest.mark.parametrize("prologue", ["rms_norm", "swiglu"])
-def test_fused_gemv_tma_loop(dtype, split_k, k, block_k, prologue, monkeypatch):
-    """The fused GEMV's tma main loop (gemv.py, INT8), x a step ahead: Llama's RMS norm as x's
-    prologue (its factor deferred to the sums) or SwiGLU's product of a gate/up output's halves,
-    a residual add after, K 208 (a partial last step), 768 in steps of 512 (two TMA boxes a
-    step, the second step's second box past K) or 64 (one step: the peeled first, no loop), two rows, one and two K slices (the arrival
-    counter's finish); the tuner's tma candidates are INT8-only."""
+def test_fused_gemv_tma_loop(dtype, precision, group_size, split_k, k, block_k, prologue, monkeypatch):
+    """The fused GEMV's tma main loop (gemv.py), its first step loaded before the rest: Llama's
+    RMS norm as x's prologue (its factor deferred to the sums) or SwiGLU's product of a gate/up
+    output's halves, a residual add after, two rows, one and two K slices (the arrival counter's
+    finish). INT8: K 208 (a partial last step), 768 in steps of 512 (two TMA boxes a step, the
+    second step's second box past K), 64 (one step: the peeled first, no loop). INT4 (16-bit
+    words): steps of whole groups (3-D boxes: 2 groups of 64 a step over 5, a partial last
+    step), a step inside a group (32 of 64), K not whole groups (224 at group 128: one group a
+    step, the last short), a step past K (96 at 128)."""
     import compile_backend
     from compile_backend.kernels import weight_only
     from compile_backend.kernels.base import KernelContext
@@ -161,34 +169,44 @@ def test_fused_gemv_tma_loop(dtype, split_k, k, block_k, prologue, monkeypatch):
     cfg = WeightOnlyConfig("tma", 1, 16, block_k, split_k=split_k, num_stages=3)
     monkeypatch.setattr(weight_only, "heuristic", lambda m: cfg)  # with tuning off, the first candidate runs
     if prologue == "rms_norm":
-        inputs = (h, *quantized_weights(n, k, "int8", None, seed=62), nw, r)
+        inputs = (h, *quantized_weights(n, k, precision, group_size, seed=62), nw, r)
 
         def fn(h, c, s, nw, r):
-            return torch.ops.compile_backend.weight_only_linear(rms_norm(h, nw), c, s, None, "int8", None) + r
+            x = rms_norm(h, nw)
+            return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size) + r
     else:
         gu = torch.randn(m, 2 * k, generator=gen).to(dtype)
-        inputs = (gu, *quantized_weights(n, k, "int8", None, seed=62), r)
+        inputs = (gu, *quantized_weights(n, k, precision, group_size, seed=62), r)
 
         def fn(gu, c, s, r):
             x = torch.nn.functional.silu(gu[:, :k]) * gu[:, k:]
-            return torch.ops.compile_backend.weight_only_linear(x, c, s, None, "int8", None) + r
+            return torch.ops.compile_backend.weight_only_linear(x, c, s, None, precision, group_size) + r
 
     group = gemv_group(fn, inputs)
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
     kernel, fallbacks = choose_kernel(group, inputs, ctx)
     assert (kernel.impl, fallbacks, kernel.config.get("fused"), kernel.config["path"]) == ("triton", [], True, "tma")
     assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
+
+
+def test_tma_candidates_by_precision():
+    """The tuner's tma candidates: INT8 (K a multiple of 16) and INT4 (of 32) with 16-bit x."""
+    from compile_backend.kernels import weight_only
+
     cpu = torch.device("cpu")
-    assert weight_only.tma_candidates("int8", 1, dtype, k, cpu) == weight_only.ENGINE_TMA_INT8
-    assert weight_only.tma_candidates("int4", 1, dtype, k, cpu) == ()
-    assert weight_only.tma_candidates("int8", 1, torch.float32, k, cpu) == ()
-    assert weight_only.tma_candidates("int8", 1, dtype, 200, cpu) == ()  # K not a multiple of 16
+    for dtype in (torch.float16, torch.bfloat16):
+        assert weight_only.tma_candidates("int8", 1, dtype, 208, cpu) == weight_only.ENGINE_TMA_INT8
+        assert weight_only.tma_candidates("int4", 1, dtype, 224, cpu) == weight_only.ENGINE_TMA_INT4
+        assert weight_only.tma_candidates("int8", 1, dtype, 200, cpu) == ()  # K not a multiple of 16
+        assert weight_only.tma_candidates("int4", 1, dtype, 208, cpu) == ()  # K not a multiple of 32
+        assert weight_only.tma_candidates("int8", weight_only.GEMV_MAX_M + 1, dtype, 208, cpu) == ()
+    assert weight_only.tma_candidates("int8", 1, torch.float32, 208, cpu) == ()
 
 
-def test_fused_gemv_tma_refuses_int4():
+def test_fused_gemv_tma_refuses_float_weights():
     from compile_backend.kernels import gemv
 
-    x, codes, scales, _ = operands(1, 16, 64, torch.float16, "int4", 32)
-    with pytest.raises(ValueError, match="INT8 codes with 16-bit x"):
-        gemv.launch(gemv.plain_kernel(x.dtype, x.dtype), [x], codes, scales, None, [], [torch.empty(1, 16).half()],
-                    weights="int4", group=32, config=SMALL["split"], x_dtype=x.dtype)
+    x = torch.randn(1, 64).half()
+    with pytest.raises(ValueError, match="INT8 or INT4 codes with 16-bit x"):
+        gemv.launch(gemv.plain_kernel(x.dtype, x.dtype), [x], torch.randn(16, 64).half(), None, None, [],
+                    [torch.empty(1, 16).half()], weights="float", group=1, config=SMALL["split"], x_dtype=x.dtype)
