@@ -451,7 +451,8 @@ ENGINE_TMA_INT4 = (_tma(32, 512, 4, 3, waves=1), _tma(16, 1024, 4, 3, split_k=1)
                    _tma(16, 512, 4, 5, split_k=1))
 
 
-def tma_candidates(precision: str, m: int, dtype: torch.dtype, k: int, device: torch.device) -> Tuple[WeightOnlyConfig, ...]:
+def tma_candidates(precision: str, m: int, dtype: torch.dtype, k: int,
+                   device: torch.device) -> Tuple[WeightOnlyConfig, ...]:
     """The tma configs worth timing for a weight-only problem: 16-bit x, M <= GEMV_MAX_M, K a
     multiple of 16 (INT8) or 32 (INT4), on a device with TMA (compute capability 9.0+; the
     interpreter runs them too)."""
@@ -670,5 +671,5 @@ def weight_only_linear_reference(x: torch.Tensor, codes: torch.Tensor, scales: t
 
 
 __all__ = ["weight_only_linear", "weight_only_linear_reference", "WeightOnlyConfig", "CONFIGS", "heuristic",
-           "paths_for", "worth_timing", "fits_registers", "tma_candidates", "ENGINE_TMA_INT8", "ENGINE_TMA_INT4", "GEMV_STEP_WEIGHTS",
-           "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]
+           "paths_for", "worth_timing", "fits_registers", "tma_candidates", "ENGINE_TMA_INT8", "ENGINE_TMA_INT4",
+           "GEMV_STEP_WEIGHTS", "SKINNY_MAX_M", "GEMV_MAX_M", "PATHS"]

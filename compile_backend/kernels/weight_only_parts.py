@@ -380,5 +380,5 @@ def k_slices(k: int, block_k: int, split: int):
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "first_weights",
-           "words_math", "words_dots", "int8_step", "int4_step", "TMA_INT8_BOX_K", "dot16", "dot_column", "float_weights",
-           "split_sum", "auto_split", "k_slices"]
+           "words_math", "words_dots", "int8_step", "int4_step", "TMA_INT8_BOX_K", "dot16", "dot_column",
+           "float_weights", "split_sum", "auto_split", "k_slices"]
