@@ -397,9 +397,9 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     """Launch a rendered kernel. ``x_loads``: the prologue's tensors as [M, K] views; ``w``: codes
     or the float weight as [N, K] (a view); ``weights``: a key of WEIGHT_KINDS; ``loads`` and
     ``outs``: the epilogue's as [M, N] views; ``config``: a gemv ``WeightOnlyConfig`` (block_n,
-    block_k, split_k 0 = fill the GPU, warps, waves, tensor_cores), or a tma one (INT8 codes
-    streamed through a TMA descriptor, ``num_stages`` the ring's depth + 1); ``x_dtype``: the prologue's x
-    dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``row_values``:
+    block_k, split_k 0 = fill the GPU, warps, waves, tensor_cores), or a tma one (INT8 codes or
+    INT4 words streamed through a TMA descriptor, ``num_stages`` the ring's depth + 1);
+    ``x_dtype``: the prologue's x dtype (fp16 / bf16: the tensor-core main loop where the config asks for it); ``row_values``:
     the prologue computes row values (an RMS norm's mean of squares, one row a program), else
     the tensor-core loop takes up to 16 rows a program (the weights read once for all);
     ``deferred``: the prologue defers its row factor (``XPrologue.deferred``; implies
@@ -444,8 +444,9 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     tma = config.path == "tma"
     wd = tma_descriptor(w, k, weights, group, x_dtype, bn, bk) if tma else w
     # INT4 read as 16-bit words (four codes each): 16-bit x, K a multiple of 4, even row stride
-    words = (weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16) and k % 4 == 0
-             and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0)
+    # (the tma loop reads words through its descriptor: its own branch)
+    words = (not tma and weights == "int4" and (not dot or bk >= 64) and x_dtype in (torch.float16, torch.bfloat16)
+             and k % 4 == 0 and w.stride(0) % 2 == 0 and w.data_ptr() % 2 == 0)
     one_load = not tma and (words or (weights == "int8" and not dot and x_dtype in (torch.float16, torch.bfloat16)))
     kernel[(grid_n, split, grid_m)](
         w, wd, scales if scales is not None else w, bias if bias is not None else w, ws, count, *x_loads, *io,
