@@ -207,8 +207,9 @@ def float_reasons(layers: List[Dict[str, Any]], limit: int = 12) -> List[Dict[st
 
 def gemm_choices(report) -> List[Dict[str, Any]]:
     """The tuner's pick per distinct GEMM / convolution group, quantized and float (ops,
-    implementation, weight-only path, tile, tuned ms and, for an 8-bit group, the float reference's), once per
-    distinct row: what a latency is made of, layer kind by layer kind. A group built without
+    implementation, weight-only path, tile, tuned ms, the next fastest candidates (``runners_up``,
+    the first layer's) and, for an 8-bit group, the float reference's), once per distinct row:
+    what a latency is made of, layer kind by layer kind. A group built without
     timing (tuning off, or the budget spent) says ``timed: "not timed"``: INT8 BERT's FFN1 (FP16
     GEMM + GELU + INT8 quantize) took 52 us where the FP16 engine's took 33 (session 13), and
     only the 8-bit groups' picks were recorded then."""
@@ -224,7 +225,9 @@ def gemm_choices(report) -> List[Dict[str, Any]]:
                                         "epilogue_split", "tuned_ms", "reference_ms", "timed") if f in c}
             fields.setdefault("timed", "not timed")
             key = repr((ops, sorted(fields.items())))
-            rows.setdefault(key, {"ops": ops, "kind": k["kind"], "n": 0, **fields})["n"] += 1
+            # the first layer's runners-up stand for the row (their times differ layer by layer)
+            extra = {"runners_up": c["runners_up"]} if c.get("runners_up") else {}
+            rows.setdefault(key, {"ops": ops, "kind": k["kind"], "n": 0, **fields, **extra})["n"] += 1
     return list(rows.values())
 
 

@@ -28,7 +28,10 @@ from typing import Any, Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"q_o": (2048, 2048), "k_v": (256, 2048), "gate_up": (5632, 2048), "down": (2048, 5632)}
+SHAPES = {"q_o": (2048, 2048), "k_v": (256, 2048), "gate_up": (5632, 2048), "down": (2048, 5632),
+          # the engine's merged layers (fx_passes/merge_gemms: q/k/v as one, gate/up as one)
+          "qkv": (2560, 2048), "gate_up_merged": (11264, 2048)}
+DEFAULT_LAYERS = ("q_o", "k_v", "gate_up", "down")
 MS = (1, 16, 2048)
 L2_BYTES = 60 * 2**20
 
@@ -57,7 +60,7 @@ def _copies(nbytes: int) -> int:
     return max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
 
 
-def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
+def measure(name: str, n: int, k: int, m: int, anatomy: bool = False) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
     from compile_backend.kernels.weight_only import CONFIGS, GEMV_MAX_M, fits_registers, paths_for, weight_only_linear
 
@@ -75,7 +78,7 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
         codes, scales = ref.quantize_weight(w.float(), precision, group)
         nbytes = codes.numel() * codes.element_size() + scales.numel() * 2
         sets = [(codes.clone(), scales.clone()) for _ in range(_copies(nbytes))]
-        best, best_cfg, failures, times = float("inf"), None, [], []
+        best, best_cfg, failures, times, timed_gemv = float("inf"), None, [], [], []
         # tiled at skinny M, tma (not yet in paths_for) at GEMV M: measured here first
         paths = paths_for(m) + (("tiled",) if m <= 16 else ()) + (("tma",) if m <= GEMV_MAX_M else ())
         for cfg in [None] + [c for path in paths for c in CONFIGS[path] if fits_registers(c, precision)]:
@@ -86,6 +89,8 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
                 failures.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
             times.append((ms, "heuristic" if cfg is None else _short(cfg)))
+            if cfg is not None and cfg.path == "gemv":
+                timed_gemv.append((ms, cfg))
             if ms < best:
                 best, best_cfg = ms, ("heuristic" if cfg is None else repr(cfg))
         got = weight_only_linear(x, codes, scales, precision=precision, group_size=group)
@@ -102,10 +107,32 @@ def measure(name: str, n: int, k: int, m: int) -> Dict[str, Any]:
                           "fastest_us": [[round(t * 1e3, 2), c] for t, c in sorted(times)[:6]],
                           # the tma path's own (not yet in paths_for: measured here first)
                           "tma_us": [[round(t * 1e3, 2), c] for t, c in sorted(times) if c.startswith("tma")]}
+        if anatomy and timed_gemv:
+            row[precision]["copy_same_bytes_us"] = round(copy_ms * 1e3, 2)
+            row[precision]["math_only_us"] = math_only(x, codes, scales, precision, group, sorted(timed_gemv, key=lambda t: t[0])[:3])
     # a copy reads and writes the fp16 weight: bytes moved per second, the roofline of a weight read
     row["copy_gb_per_s"] = (w.numel() * 2) / (row["copy_fp16_ms"] * 1e-3) / 1e9 * 2
     row.update(torch_peers(x, m, n, k))
     return row
+
+
+def math_only(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, precision: str, group, timed) -> List[list]:
+    """Where a GEMV's time goes (``--anatomy``): each of the ``timed`` [(ms, gemv config)] again
+    with every row of codes and scales the first one's (stride 0 along N: the same math and
+    launch, the weights from L1 instead of memory): [[us with its weights, us without, config]].
+    Beside ``copy_same_bytes_us`` (the bytes alone): near their sum, the loop does its math
+    after its bytes land; near the larger, the two overlap."""
+    from compile_backend.kernels import gemv
+
+    n = codes.shape[0]
+    one_codes, one_scales = codes[:1].expand(n, -1), scales[:1].expand(n, *scales.shape[1:])
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    rows = []
+    for ms, cfg in timed:
+        alone = _time_ms(lambda i: gemv.gemv(x, one_codes, one_scales, None, out, int4=precision == "int4",
+                                             group=group or 1, config=cfg), 1)
+        rows.append([round(ms * 1e3, 2), round(alone * 1e3, 2), _short(cfg)])
+    return rows
 
 
 def torch_peers(x: torch.Tensor, m: int, n: int, k: int) -> Dict[str, Any]:
@@ -146,14 +173,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--commit", default=None)
     p.add_argument("--ms", type=int, nargs="+", default=list(MS), help="rows of x (default: 1 16 2048)")
+    p.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), choices=list(SHAPES))
+    p.add_argument("--anatomy", action="store_true",
+                   help="also time the 3 fastest gemv configs with their weights from L1 (math_only)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 
     rows: List[Dict[str, Any]] = []
     env = environment("cuda", commit=args.commit)
     for m in args.ms:
-        for name, (n, k) in SHAPES.items():
-            row = {**measure(name, n, k, m), **env}
+        for name in args.layers:
+            n, k = SHAPES[name]
+            row = {**measure(name, n, k, m, args.anatomy), **env}
             rows.append(row)
             i8, i4 = row["int8"], row["int4"]
             print(f"M={m:5d} {name:8s} {n}x{k}: fp16 {row['fp16_ms'] * 1e3:7.1f} us | int8 {i8['ms'] * 1e3:7.1f} us "
@@ -163,6 +194,10 @@ def main(argv=None) -> int:
                   f"{i4['cosine_vs_reference']:.5f} | torch int8pack {_us(row['torch_int8pack_ms'])} "
                   f"int4pack {_us(row['torch_int4pack_ms'])}", flush=True)
             print(f"    int4 fastest: {i4['fastest_us']}", flush=True)
+            for precision in ("int8", "int4"):
+                if "math_only_us" in row[precision]:
+                    print(f"    {precision} anatomy (us with weights, from L1, config; a copy of the bytes "
+                          f"{row[precision]['copy_same_bytes_us']}): {row[precision]['math_only_us']}", flush=True)
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1, default=str)
     return 0

@@ -152,6 +152,10 @@ class TemplateTuning:
     writes_out: FrozenSet[str] = frozenset()  # candidates whose runner takes out= (Kernel.supports_out)
 
 
+#: how many of the next fastest candidates a tuned kernel's config lists (``runners_up``)
+RUNNERS_UP = 3
+
+
 def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTuning) -> Kernel:
     """The tuner's choice among ``tuning``'s candidates, as the group's :class:`Kernel`."""
     choice = tuner_for(ctx).choose(tuning.key, tuning.candidates, tuning.make_inputs)
@@ -163,6 +167,11 @@ def choose_kernel_of(group: KernelGroup, ctx: KernelContext, tuning: TemplateTun
         config["timed"] = f"{len(choice.timings_ms)}/{len(tuning.candidates)}"  # skipped ones failed
         for ref in (c for c in tuning.candidates if c.reference and c.name in choice.timings_ms):
             config["reference"], config["reference_ms"] = ref.name, round(choice.timings_ms[ref.name], 5)
+        # the next fastest, so a report shows how close the race was and which family came second
+        # (a decode step's picks left it unknown whether a new loop lost by 1% or by 2x)
+        others = sorted((ms, name) for name, ms in choice.timings_ms.items()
+                        if name != cand.name and not any(c.reference and c.name == name for c in tuning.candidates))
+        config["runners_up"] = [[name, round(ms, 5)] for ms, name in others[:RUNNERS_UP]]
     writes_out = cand.name in tuning.writes_out and any(x is not None for x in tuning.out_layouts)
     return Kernel(kind=tuning.kind, impl=cand.impl, ops=group.ops, fn=choice.runner, config=config,
                   source=None if config.get("epilogue") == "aten" else tuning.sources.get("tma" if config.get("tma") else cand.impl),
