@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ def _copies(nbytes: int) -> int:
     return max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
 
 
-def measure(name: str, n: int, k: int, m: int, anatomy: bool = False) -> Dict[str, Any]:
+def measure(name: str, n: int, k: int, m: int, anatomy: Optional[int] = None) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
     from compile_backend.kernels.weight_only import CONFIGS, GEMV_MAX_M, fits_registers, paths_for, weight_only_linear
 
@@ -107,9 +107,11 @@ def measure(name: str, n: int, k: int, m: int, anatomy: bool = False) -> Dict[st
                           "fastest_us": [[round(t * 1e3, 2), c] for t, c in sorted(times)[:6]],
                           # the tma path's own (not yet in paths_for: measured here first)
                           "tma_us": [[round(t * 1e3, 2), c] for t, c in sorted(times) if c.startswith("tma")]}
-        if anatomy and timed_gemv:
+        if anatomy is not None and timed_gemv:
             row[precision]["copy_same_bytes_us"] = round(copy_ms * 1e3, 2)
-            row[precision]["math_only_us"] = math_only(x, codes, scales, precision, group, sorted(timed_gemv, key=lambda t: t[0])[:3])
+            fastest = sorted(timed_gemv, key=lambda t: t[0])
+            row[precision]["math_only_us"] = math_only(x, codes, scales, precision, group,
+                                                       fastest[:anatomy] if anatomy else fastest)
     # a copy reads and writes the fp16 weight: bytes moved per second, the roofline of a weight read
     row["copy_gb_per_s"] = (w.numel() * 2) / (row["copy_fp16_ms"] * 1e-3) / 1e9 * 2
     row.update(torch_peers(x, m, n, k))
@@ -174,8 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default=None)
     p.add_argument("--ms", type=int, nargs="+", default=list(MS), help="rows of x (default: 1 16 2048)")
     p.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), choices=list(SHAPES))
-    p.add_argument("--anatomy", action="store_true",
-                   help="also time the 3 fastest gemv configs with their weights from L1 (math_only)")
+    p.add_argument("--anatomy", nargs="?", type=int, const=3, default=None, metavar="CONFIGS",
+                   help="also time the fastest gemv configs (default 3; 0: all) with their weights from L1 (math_only)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 
