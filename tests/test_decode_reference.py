@@ -186,5 +186,7 @@ def test_pipelined_loop_feeds_each_steps_argmax_to_the_next():
         logits[0, (int(token) + 1) % 10] = 1.0  # the next token: this one plus one
         return (logits,)
 
-    assert decode_bench._loop_ms(step, token, steps=4) >= 0
+    host = []
+    assert decode_bench._loop_ms(step, token, steps=4, host=host) >= 0
     assert seen == [(3 + i) % 10 for i in range(len(seen))] and len(seen) == 3 + 5 * 4
+    assert len(host) == 5 and all(h >= 0 for h in host)  # each loop's host ms a step
