@@ -103,6 +103,9 @@ class XPrologue:
     #: x computed in fp32 past its dtype's range (a deferred factor's fp16 path, not rounded):
     #: the elementwise main loops only (``gemv_build.GemvPlan.runs``)
     unrounded: bool = False
+    #: x's lines call a transcendental (SwiGLU's SiLU, a GELU): the tma loop then computes x once
+    #: a step in a compact layout rather than in each thread row that shares a k (``COMPACT_X``)
+    transcendental: bool = False
 
     def __post_init__(self) -> None:
         if self.loads < 1 or not self.value.isidentifier():
@@ -125,6 +128,13 @@ class XPrologue:
         """The prologue computes row values (before the loop or deferred): one x row a program."""
         return bool(self.row_lines) or self.deferred
 
+
+#: ops whose values take the special-function unit (exp, reciprocal, ...) and a dozen more
+#: instructions an element: computed by each thread row sharing a k, SwiGLU's x cost the INT8 tma
+#: loop 16 x 512 9.25 SASS a weight against 5.47 for x loaded as it is (sm_90, Triton 3.6, down
+#: 2048 x 5632); once a step, compact, 7.39 (session 33)
+TRANSCENDENTAL = frozenset({aten.silu, aten.sigmoid, aten.exp, aten.exp2, aten.expm1, aten.tanh, aten.gelu, aten.erf,
+                            aten.log, aten.log1p, aten.log2, aten.sin, aten.cos, aten.softplus, aten.mish, aten.elu})
 
 #: x loaded as it is
 PLAIN_X = XPrologue(1, ("x0 = r0.to(tl.float32)",), "x0")
@@ -181,7 +191,7 @@ class _Writer:
         read = {a for n in operands - self.row for a in n.all_input_nodes if a in self.row}
         row_args = tuple(dict.fromkeys(row_names[r] for r in sorted(read, key=self.order.__getitem__)))
         return XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
-                         tuple(row_lines), row_args)
+                         tuple(row_lines), row_args, transcendental=self._transcendental())
 
     def _deferred_plan(self, reduction: fx.Node, mul: fx.Node, element: fx.Node, factor: fx.Node,
                        unrounded: Set[fx.Node]) -> XPrologue:
@@ -200,7 +210,13 @@ class _Writer:
                                  unrounded=unrounded)
         return XPrologue(len(self.loads), tuple(x_lines), names[self.x], frozenset(self.helpers),
                          row_input_lines=tuple(input_lines), row_input=input_names[src],
-                         factor_lines=tuple(factor_lines), factor=row_names[factor], unrounded=bool(unrounded))
+                         factor_lines=tuple(factor_lines), factor=row_names[factor], unrounded=bool(unrounded),
+                         transcendental=self._transcendental())
+
+    def _transcendental(self) -> bool:
+        """Whether x's element values call a transcendental (:data:`TRANSCENDENTAL`)."""
+        return any(getattr(n.target, "overloadpacket", None) in TRANSCENDENTAL
+                   for n in self._upstream([self.x], stop_at_rows=True))
 
     def _row_values(self, reduce) -> Tuple[List[str], Dict[fx.Node, str]]:
         """Lines computing the row values in graph order (``reduce(node, row_names)``: a

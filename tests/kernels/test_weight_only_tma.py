@@ -186,6 +186,8 @@ def test_fused_gemv_tma_loop(dtype, precision, group_size, split_k, k, block_k, 
     ctx = KernelContext(options=compile_backend.Options(autotune="off"), device=torch.device("cpu"), interpret=True)
     kernel, fallbacks = choose_kernel(group, inputs, ctx)
     assert (kernel.impl, fallbacks, kernel.config.get("fused"), kernel.config["path"]) == ("triton", [], True, "tma")
+    # SiLU in x: the INT8 loop makes x once a step, compact (gemv_prologue.TRANSCENDENTAL)
+    assert f"COMPACT_X: tl.constexpr = {prologue == 'swiglu'}" in kernel.source
     assert_close(kernel(*inputs)[0], group.reference(*inputs)[0])
 
 
