@@ -135,8 +135,8 @@ def {name}(
     # shared memory; made flat, Triton placed its math in the products' layout, so each thread row
     # sharing a k redid it (SwiGLU + down, INT8 16 x 512: MUFU 32 -> 8 a step, 9.25 -> 7.39 SASS a
     # weight, sm_90 Triton 3.6; an x loaded as it is pays for the reshape: 5.47 -> 6.31, left flat;
-    # INT4's words loop splits x four ways and mostly has it compact already: 32 x 512 0.033 ->
-    # 0.036 SM clocks a weight, 16 x 1024 0.051 -> 0.041, 16 x 512 0.051 -> 0.055: left as it is)
+    # INT4's words loop splits x four ways and mostly has it compact already: the same change
+    # helped its 16 x 1024 loop and slowed 32 x 512 and 16 x 512, so it is left as it is)
     COMPACT_X: tl.constexpr = {compact_x}
     XC: tl.constexpr = 32 if BLOCK_K >= 32 else BLOCK_K
     if DEFERRED:
