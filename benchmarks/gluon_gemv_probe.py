@@ -11,10 +11,12 @@ conversion), 16 bytes a thread a group in one load (the codes stored in that ord
 :func:`fragment_order`), dequantized by PTX (two codes a LOP3, a subtraction of two), products
 on the tensor cores with x in column 0 of B, each group's fp32 partial times its scale.
 
-State: **a probe, not a kernel of the engine.** Offline (sm_90, Triton 3.6) its loop issues 2.98
-SASS instructions a weight against 4.32 for the engine's elementwise loop (``--sass``). Its
-numbers were not run on a GPU yet: ``--check`` (CUDA) compares it with the reference and times
-it beside ``weight_only_linear`` at the merged gate/up's shape. Its numerics differ from the
+A program takes 64 rows over a K slice of four groups, all four groups' bytes loaded before any
+math, and adds its fp32 sums into a zeroed output (atomics: the probe's split-K finish).
+State: **a probe, not a kernel of the engine.** Offline (sm_90, Triton 3.6 and 3.9) a program
+issues 3.05 SASS instructions a weight against 4.32 for the engine's elementwise loop
+(``--sass``). It has not run on a GPU yet: ``--check`` (CUDA) compares it with the reference and
+times it beside ``weight_only_linear`` at the merged gate/up's shape. Its numerics differ from the
 reference's in one rounding: the scale multiplies a group's fp32 sum, not each weight in fp16.
 Gluon kernels do not run under ``TRITON_INTERPRET=1`` (Triton 3.9: "0 active drivers"), so an
 engine kernel built this way needs its Triton loop as CPU reference and fallback.
@@ -36,6 +38,7 @@ import torch
 
 GROUP = 128  # codes a scale (the probe's only group size)
 BLOCK_N = 64  # weight rows a program: four warps of mma's 16
+GROUPS_A_PROGRAM = 4  # a program's K slice: 512 codes, its bytes all loaded before its math
 # the dequantize of four code bytes (eight weights) into four fp16 pairs: nibble n -> fp16 bits
 # 0x6400 | (n ^ 8) = 1024 + (n ^ 8), less 1032 = the two's complement code; (a & b) ^ c is LOP3 0x6A
 _DEQUANT_PTX = """{
@@ -75,8 +78,24 @@ def _kernel():
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     @gluon.jit
+    def group_dot(b, xv, s, acc, a8: gl.constexpr, a16: gl.constexpr, mma: gl.constexpr, BLOCK_N: gl.constexpr,
+                  GROUP: gl.constexpr, PTX: gl.constexpr):
+        # one group: its bytes [row, q, j] back to k pairs (c = 4 j + q), the PTX dequantize, the
+        # nibbles joined into the fp16 A operand (k = 2 c + h), the products summed by mma_v2, the
+        # group's fp32 sum times its scale
+        b = gl.convert_layout(gl.reshape(gl.permute(b, [0, 2, 1]), [BLOCK_N, GROUP // 2]), a8)
+        lo, hi = gl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r", [b], dtype=(gl.float16, gl.float16),
+                                           is_pure=True, pack=4)
+        w = gl.convert_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, GROUP]), a16)
+        part = mma_v2(w, xv, gl.zeros([BLOCK_N, 8], gl.float32, mma))
+        return acc + part * s[:, None]
+
+    @gluon.jit
     def int4_gemv_mma(x_ptr, w_ptr, s_ptr, out_ptr, K: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
                       PTX: gl.constexpr):
+        # a program: BLOCK_N rows over 4 groups (a K slice of 512), all four groups' bytes loaded
+        # before any math (16 x 4 bytes a thread in flight: at one program's rows a step, each
+        # group would wait a memory latency); the slices' sums added into a zeroed fp32 out
         mma: gl.constexpr = NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1], instr_shape=[16, 8])
         a16: gl.constexpr = DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         a8: gl.constexpr = DotOperandLayout(operand_index=0, parent=mma, k_width=1)
@@ -89,24 +108,34 @@ def _kernel():
             warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[BLOCK_N, 4, 16])
         NG: gl.constexpr = K // GROUP
         pid = gl.program_id(0)
+        g0 = gl.program_id(1) * 4
         r = gl.arange(0, BLOCK_N, layout=SliceLayout(1, SliceLayout(2, ld)))
         q = gl.arange(0, 4, layout=SliceLayout(0, SliceLayout(2, ld)))
         j = gl.arange(0, 16, layout=SliceLayout(0, SliceLayout(1, ld)))
-        offs = (pid * BLOCK_N + r)[:, None, None] * (K // 2) + q[None, :, None] * 16 + j[None, None, :]
-        xk = gl.arange(0, GROUP, layout=SliceLayout(1, b16))
+        w_at = w_ptr + (pid * BLOCK_N + r)[:, None, None] * (K // 2) + q[None, :, None] * 16 + j[None, None, :]
+        x_at = x_ptr + gl.arange(0, GROUP, layout=SliceLayout(1, b16))
         rows = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=SliceLayout(1, mma))
+        b0 = gl.load(w_at + g0 * (GROUP // 2))
+        b1 = gl.load(w_at + (g0 + 1) * (GROUP // 2))
+        b2 = gl.load(w_at + (g0 + 2) * (GROUP // 2))
+        b3 = gl.load(w_at + (g0 + 3) * (GROUP // 2))
+        zx = gl.zeros([GROUP, 8], gl.float16, b16)
+        x0 = gl.broadcast(gl.load(x_at + g0 * GROUP)[:, None], zx)[0]
+        x1 = gl.broadcast(gl.load(x_at + (g0 + 1) * GROUP)[:, None], zx)[0]
+        x2 = gl.broadcast(gl.load(x_at + (g0 + 2) * GROUP)[:, None], zx)[0]
+        x3 = gl.broadcast(gl.load(x_at + (g0 + 3) * GROUP)[:, None], zx)[0]
+        s_at = s_ptr + rows * NG + g0
+        s0 = gl.load(s_at).to(gl.float32)
+        s1 = gl.load(s_at + 1).to(gl.float32)
+        s2 = gl.load(s_at + 2).to(gl.float32)
+        s3 = gl.load(s_at + 3).to(gl.float32)
         acc = gl.zeros([BLOCK_N, 8], gl.float32, mma)
-        for g in range(NG):
-            b = gl.load(w_ptr + offs + g * (GROUP // 2))
-            b = gl.convert_layout(gl.reshape(gl.permute(b, [0, 2, 1]), [BLOCK_N, GROUP // 2]), a8)
-            lo, hi = gl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r", [b], dtype=(gl.float16, gl.float16),
-                                               is_pure=True, pack=4)
-            w = gl.convert_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, GROUP]), a16)
-            xv = gl.broadcast(gl.load(x_ptr + g * GROUP + xk)[:, None], gl.zeros([GROUP, 8], gl.float16, b16))[0]
-            part = mma_v2(w, xv, gl.zeros([BLOCK_N, 8], gl.float32, mma))
-            acc += part * gl.load(s_ptr + rows * NG + g).to(gl.float32)[:, None]
+        acc = group_dot(b0, x0, s0, acc, a8, a16, mma, BLOCK_N, GROUP, PTX)
+        acc = group_dot(b1, x1, s1, acc, a8, a16, mma, BLOCK_N, GROUP, PTX)
+        acc = group_dot(b2, x2, s2, acc, a8, a16, mma, BLOCK_N, GROUP, PTX)
+        acc = group_dot(b3, x3, s3, acc, a8, a16, mma, BLOCK_N, GROUP, PTX)
         col = gl.arange(0, 8, layout=SliceLayout(0, mma))
-        gl.store(out_ptr + rows[:, None] + col[None, :] * 0, acc.to(gl.float16), mask=(col == 0)[None, :])
+        gl.atomic_add(out_ptr + rows[:, None] + col[None, :] * 0, acc, mask=(col == 0)[None, :])
 
     return int4_gemv_mma
 
@@ -119,7 +148,7 @@ def sass(k: int = 2048) -> Dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .kernel_sass import longest_loop, tools_dir
+    from .kernel_sass import tools_dir
 
     sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*fp16", "K": "constexpr",
            "BLOCK_N": "constexpr", "GROUP": "constexpr", "PTX": "constexpr"}
@@ -136,11 +165,14 @@ def sass(k: int = 2048) -> Dict[str, Any]:
                                capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
-    body = longest_loop(text, body=True)
-    per_thread = BLOCK_N * GROUP / 128  # weights a thread a loop pass (4 warps)
+    # straight-line code (a program's four groups unrolled): every instruction but NOPs, over the
+    # weights a thread covers
+    body = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", text, re.M)]
+    body = [t for t in body if not re.match(r"(@!?U?P\w+\s+)?NOP\b", t)]
+    per_thread = BLOCK_N * GROUPS_A_PROGRAM * GROUP / 128  # 4 warps
     ops = collections.Counter(re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(2) for t in body)
     return {"target": "sm_90", "triton": triton.__version__, "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "loop_instructions": len(body), "instructions_per_weight": round(len(body) / per_thread, 2),
+            "instructions": len(body), "instructions_per_weight": round(len(body) / per_thread, 2),
             "by_opcode_per_weight": {o: round(c / per_thread, 2) for o, c in ops.most_common(12)}}
 
 
@@ -156,20 +188,23 @@ def check(n: int = 11264, k: int = 2048) -> Dict[str, Any]:
     x = torch.randn(1, k, device=dev, dtype=torch.float16)
     codes, scales = ref.quantize_weight(torch.randn(n, k, device=dev) * 0.02, "int4", GROUP)
     want = ref.dequantize(ref.unpack_int4(codes, k), scales, "int4", GROUP).half().float() @ x.float().t()
+    if n % BLOCK_N or k % (GROUP * GROUPS_A_PROGRAM):
+        raise ValueError(f"the probe takes N a multiple of {BLOCK_N} and K of {GROUP * GROUPS_A_PROGRAM}")
     kernel = _kernel()
-    out = torch.empty(n, dtype=torch.float16, device=dev)
+    out = torch.empty(n, dtype=torch.float32, device=dev)
     sets = [(fragment_order(codes.clone()), scales.clone()) for _ in range(_copies(codes.numel() + scales.numel() * 2))]
 
-    def probe(i):
-        kernel[(n // BLOCK_N,)](x, sets[i][0], sets[i][1], out, K=k, BLOCK_N=BLOCK_N, GROUP=GROUP, PTX=_DEQUANT_PTX,
-                                num_warps=4)
+    def probe(i):  # the zeroing of the slices' sum is part of the call (a launch of its own)
+        out.zero_()
+        kernel[(n // BLOCK_N, k // (GROUP * GROUPS_A_PROGRAM))](x, sets[i][0], sets[i][1], out, K=k, BLOCK_N=BLOCK_N,
+                                                                 GROUP=GROUP, PTX=_DEQUANT_PTX, num_warps=4)
 
     probe(0)
     torch.cuda.synchronize()
-    cos = torch.nn.functional.cosine_similarity(out.float(), want.reshape(-1), dim=0).item()
+    cos = torch.nn.functional.cosine_similarity(out, want.reshape(-1), dim=0).item()
     ours = [(codes.clone(), scales.clone()) for _ in range(len(sets))]
     row = {"n": n, "k": k, "cosine_vs_reference": cos,
-           "max_abs_err": (out.float() - want.reshape(-1)).abs().max().item(),
+           "max_abs_err": (out - want.reshape(-1)).abs().max().item(),
            "probe_us": _time_ms(probe, len(sets)) * 1e3}
     for name, cfg in (("gemv_64x128_w2_us", WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1)),
                       ("gemv_32x128_u2_us", WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, unroll=2))):
