@@ -182,17 +182,20 @@ def check(n: int = 11264, k: int = 2048) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
     from compile_backend.kernels.weight_only import WeightOnlyConfig, weight_only_linear
 
-    from .weight_only_bench import _copies, _time_ms
+    from .weight_only_bench import graph_time_ms, weight_copies
 
+    if not torch.cuda.is_available():
+        raise SystemExit("gluon_gemv_probe --check runs the kernel: it needs a CUDA device (--sass needs none)")
+    if n % BLOCK_N or k % (GROUP * GROUPS_A_PROGRAM):
+        raise ValueError(f"the probe takes N a multiple of {BLOCK_N} and K of {GROUP * GROUPS_A_PROGRAM}")
     dev = "cuda"
     x = torch.randn(1, k, device=dev, dtype=torch.float16)
     codes, scales = ref.quantize_weight(torch.randn(n, k, device=dev) * 0.02, "int4", GROUP)
     want = ref.dequantize(ref.unpack_int4(codes, k), scales, "int4", GROUP).half().float() @ x.float().t()
-    if n % BLOCK_N or k % (GROUP * GROUPS_A_PROGRAM):
-        raise ValueError(f"the probe takes N a multiple of {BLOCK_N} and K of {GROUP * GROUPS_A_PROGRAM}")
     kernel = _kernel()
     out = torch.empty(n, dtype=torch.float32, device=dev)
-    sets = [(fragment_order(codes.clone()), scales.clone()) for _ in range(_copies(codes.numel() + scales.numel() * 2))]
+    copies = weight_copies(codes.numel() + scales.numel() * 2)
+    sets = [(fragment_order(codes.clone()), scales.clone()) for _ in range(copies)]
 
     def probe(i):  # the zeroing of the slices' sum is part of the call (a launch of its own)
         out.zero_()
@@ -205,10 +208,10 @@ def check(n: int = 11264, k: int = 2048) -> Dict[str, Any]:
     ours = [(codes.clone(), scales.clone()) for _ in range(len(sets))]
     row = {"n": n, "k": k, "cosine_vs_reference": cos,
            "max_abs_err": (out - want.reshape(-1)).abs().max().item(),
-           "probe_us": _time_ms(probe, len(sets)) * 1e3}
+           "probe_us": graph_time_ms(probe, len(sets)) * 1e3}
     for name, cfg in (("gemv_64x128_w2_us", WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1)),
                       ("gemv_32x128_u2_us", WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, unroll=2))):
-        row[name] = _time_ms(lambda i: weight_only_linear(x, *ours[i], precision="int4", group_size=GROUP,
+        row[name] = graph_time_ms(lambda i: weight_only_linear(x, *ours[i], precision="int4", group_size=GROUP,
                                                           config=cfg), len(ours)) * 1e3
     return row
 

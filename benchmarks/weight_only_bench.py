@@ -36,7 +36,7 @@ MS = (1, 16, 2048)
 L2_BYTES = 60 * 2**20
 
 
-def _time_ms(fn: Callable[[int], Any], copies: int, calls: int = 20) -> float:
+def graph_time_ms(fn: Callable[[int], Any], copies: int, calls: int = 20) -> float:
     for i in range(3):  # compile, autotune-free warm-up
         fn(i % copies)
     torch.cuda.synchronize()
@@ -56,7 +56,7 @@ def _time_ms(fn: Callable[[int], Any], copies: int, calls: int = 20) -> float:
     return statistics.median(blocks)
 
 
-def _copies(nbytes: int) -> int:
+def weight_copies(nbytes: int) -> int:
     return max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
 
 
@@ -68,22 +68,22 @@ def measure(name: str, n: int, k: int, m: int, anatomy: Optional[int] = None) ->
     x = torch.randn(m, k, device=dev, dtype=torch.float16)
     w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
     row: Dict[str, Any] = {"layer": name, "n": n, "k": k, "m": m}
-    ws = [w.clone() for _ in range(_copies(w.numel() * 2))]
-    row["fp16_ms"] = _time_ms(lambda i: F.linear(x, ws[i]), len(ws))
+    ws = [w.clone() for _ in range(weight_copies(w.numel() * 2))]
+    row["fp16_ms"] = graph_time_ms(lambda i: F.linear(x, ws[i]), len(ws))
     flat = w.reshape(-1)
     bufs = [flat.clone() for _ in range(len(ws))]
     out = torch.empty_like(flat)
-    row["copy_fp16_ms"] = _time_ms(lambda i: out.copy_(bufs[i]), len(bufs))  # reads and writes 2 B per weight
+    row["copy_fp16_ms"] = graph_time_ms(lambda i: out.copy_(bufs[i]), len(bufs))  # reads and writes 2 B per weight
     for precision, group in (("int8", None), ("int4", 128)):
         codes, scales = ref.quantize_weight(w.float(), precision, group)
         nbytes = codes.numel() * codes.element_size() + scales.numel() * 2
-        sets = [(codes.clone(), scales.clone()) for _ in range(_copies(nbytes))]
+        sets = [(codes.clone(), scales.clone()) for _ in range(weight_copies(nbytes))]
         best, best_cfg, failures, times, timed_gemv = float("inf"), None, [], [], []
         # tiled at skinny M, tma (not yet in paths_for) at GEMV M: measured here first
         paths = paths_for(m) + (("tiled",) if m <= 16 else ()) + (("tma",) if m <= GEMV_MAX_M else ())
         for cfg in [None] + [c for path in paths for c in CONFIGS[path] if fits_registers(c, precision)]:
             try:
-                ms = _time_ms(lambda i: weight_only_linear(x, *sets[i], precision=precision, group_size=group,
+                ms = graph_time_ms(lambda i: weight_only_linear(x, *sets[i], precision=precision, group_size=group,
                                                            config=cfg), len(sets))
             except Exception as exc:  # a config the shape refuses: recorded
                 failures.append(f"{cfg}: {type(exc).__name__}: {str(exc)[:120]}")
@@ -97,9 +97,9 @@ def measure(name: str, n: int, k: int, m: int, anatomy: Optional[int] = None) ->
         want = F.linear(x.float(), ref.dequantize(ref.unpack_int4(codes, k) if precision == "int4" else codes,
                                                   scales, precision, group).half().float())
         cos = F.cosine_similarity(got.float().reshape(-1), want.reshape(-1), dim=0).item()
-        half = [torch.empty(max(nbytes // 4, 1), dtype=torch.float16, device=dev) for _ in range(_copies(nbytes))]
+        half = [torch.empty(max(nbytes // 4, 1), dtype=torch.float16, device=dev) for _ in range(weight_copies(nbytes))]
         sink = torch.empty_like(half[0])
-        copy_ms = _time_ms(lambda i: sink.copy_(half[i]), len(half))  # reads nbytes / 2, writes nbytes / 2
+        copy_ms = graph_time_ms(lambda i: sink.copy_(half[i]), len(half))  # reads nbytes / 2, writes nbytes / 2
         row[precision] = {"ms": best, "config": best_cfg, "weight_bytes": nbytes,
                           "gb_per_s": nbytes / (best * 1e-3) / 1e9, "speedup_vs_fp16": row["fp16_ms"] / best,
                           "copy_same_bytes_gb_per_s": nbytes / (copy_ms * 1e-3) / 1e9, "of_copy": copy_ms / best,
@@ -131,7 +131,7 @@ def math_only(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, precis
     out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     rows = []
     for ms, cfg in timed:
-        alone = _time_ms(lambda i: gemv.gemv(x, one_codes, one_scales, None, out, int4=precision == "int4",
+        alone = graph_time_ms(lambda i: gemv.gemv(x, one_codes, one_scales, None, out, int4=precision == "int4",
                                              group=group or 1, config=cfg), 1)
         rows.append([round(ms * 1e3, 2), round(alone * 1e3, 2), _short(cfg)])
     return rows
@@ -144,17 +144,18 @@ def torch_peers(x: torch.Tensor, m: int, n: int, k: int) -> Dict[str, Any]:
     ``_convert_weight_to_int4pack``). Unavailable ones are recorded with the reason."""
     dev, out = x.device, {}
     try:
-        w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(_copies(n * k))]
+        w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, device=dev) for _ in range(weight_copies(n * k))]
         s8 = torch.rand(n, device=dev, dtype=x.dtype)
-        out["torch_int8pack_ms"] = _time_ms(lambda i: torch._weight_int8pack_mm(x, w8[i], s8), len(w8))
+        out["torch_int8pack_ms"] = graph_time_ms(lambda i: torch._weight_int8pack_mm(x, w8[i], s8), len(w8))
     except Exception as exc:  # not in this build for CUDA, or another signature
         out["torch_int8pack_ms"] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
     try:
         xb = x.to(torch.bfloat16)
         packed = [torch._convert_weight_to_int4pack(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev), 8)
-                  for _ in range(_copies(n * k // 2))]
+                  for _ in range(weight_copies(n * k // 2))]
         zeros = torch.rand(k // 128, n, 2, dtype=torch.bfloat16, device=dev)
-        out["torch_int4pack_ms"] = _time_ms(lambda i: torch._weight_int4pack_mm(xb, packed[i], 128, zeros), len(packed))
+        out["torch_int4pack_ms"] = graph_time_ms(lambda i: torch._weight_int4pack_mm(xb, packed[i], 128, zeros),
+                                                 len(packed))
     except Exception as exc:
         out["torch_int4pack_ms"] = f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"
     return out
