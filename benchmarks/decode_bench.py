@@ -50,13 +50,20 @@ from compile_backend.bench.measure import clean_slate, prime_process
 from .quant_suite import gemm_choices
 
 PEERS = ("eager", "inductor-reduce-overhead", "compile_backend", "w8a16", "w4a16", "w8a16-head", "w4a16-head",
-         "int8-sq", "fp8-sq", "compile_backend-pdl", "w8a16-pdl", "w4a16-pdl", "w4a16-head-pdl")
+         "int8-sq", "fp8-sq", "compile_backend-pdl", "w8a16-pdl", "w4a16-pdl", "w8a16-head-pdl", "w4a16-head-pdl",
+         "torchao-int8wo", "torchao-int4wo")
 #: a peer of ours with this suffix: the same engine with ``Options.pdl`` (kernels launched with
 #: Programmatic Dependent Launch: each may start while the one before it drains)
 PDL_SUFFIX = "-pdl"
 #: W8A8 with SmoothQuant (issue #20's prefill row): static activations calibrated on a batch like
 #: the case's (random init is fine for speed), the smoothing alpha chosen per layer group
 W8A8_SMOOTH = {"int8-sq": "int8", "fp8-sq": "fp8"}
+#: torchao's weight-only recipes (the peer issue #20's published numbers come from), every Linear
+#: quantized (the LM head too: compare with our ``-head`` peers), then Inductor reduce-overhead
+#: (CUDA graphs) as gpt-fast times decode. INT4: group 128, tinygemm's packing
+#: (``_weight_int4pack_mm``, bfloat16 only: run with ``--dtype bfloat16``); INT8: per channel.
+#: Inductor's settings are torchao's (``set_inductor_config``): run these peers last.
+TORCHAO_WEIGHT_ONLY = ("torchao-int8wo", "torchao-int4wo")
 
 
 def _time_ms(fn: Callable[[], Any], iters: int, cuda: bool) -> Tuple[float, float]:
@@ -189,6 +196,8 @@ def _peer(name: str, model: torch.nn.Module, inputs=()):
         return model, None
     if name == "inductor-reduce-overhead":
         return torch.compile(model, mode="reduce-overhead"), None
+    if name in TORCHAO_WEIGHT_ONLY:
+        return torch.compile(torchao_weight_only(model, name), mode="reduce-overhead"), None
     use_pdl = name.endswith(PDL_SUFFIX)
     name = name[:-len(PDL_SUFFIX)] if use_pdl else name
     options = {"compile_backend": {}}
@@ -201,6 +210,24 @@ def _peer(name: str, model: torch.nn.Module, inputs=()):
     options = {**options[name], "pdl": use_pdl}
     report = Report()
     return torch.compile(model, backend=functools.partial(backend, options=options, report=report)), report
+
+
+def torchao_weight_only(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A copy of ``model`` with every Linear quantized by torchao's weight-only config for
+    ``name`` (``TORCHAO_WEIGHT_ONLY``); an ImportError or torchao's own error says why not."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    if name == "torchao-int4wo":
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes != {torch.bfloat16}:
+            raise ValueError(f"torchao-int4wo packs for tinygemm, which takes bfloat16 only (the model is "
+                             f"{sorted(map(str, dtypes))}): run decode_bench with --dtype bfloat16")
+        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    else:
+        config = Int8WeightOnlyConfig()
+    twin = copy.deepcopy(model)
+    quantize_(twin, config)
+    return twin
 
 
 def _summary(report) -> Dict[str, Any]:
@@ -302,6 +329,9 @@ class HFDecodeStep(torch.nn.Module):
 #: the zoo base decoder's sizes (TinyLlama-1.1B's shape), and a tiny one for CPU smoke runs
 HF_LLAMA_DIMS = {"base": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                               num_key_value_heads=4, vocab_size=32000),
+                 # Llama-3-8B's shape (the model torchao's published decode numbers are for)
+                 "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256),
                  "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, vocab_size=1000)}
 
@@ -311,11 +341,17 @@ def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, conte
     ``context - 1`` slots a prefill filled; the step decodes the token at ``context - 1``."""
     import transformers
 
-    context = context if size == "base" else 16
+    full = size != "tiny"
+    context = context if full else 16
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(max_position_embeddings=2048, **HF_LLAMA_DIMS[size])
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
-    cache = transformers.StaticCache(config=cfg, max_batch_size=batch, max_cache_len=2048 if size == "base" else 32,
+    if size == "8b":  # initialised on the device: 8B parameters in fp32 on the host take minutes
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(cfg)
+        model = model.to(dtype=dtype).eval()
+    else:  # the base model's weights as every session since 11 drew them (host RNG)
+        model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    cache = transformers.StaticCache(config=cfg, max_batch_size=batch, max_cache_len=2048 if full else 32,
                                      device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (batch, context - 1), generator=gen).to(device)
@@ -362,10 +398,12 @@ def hf_fp32_logits(model: torch.nn.Module, inputs, size: str,
 
 
 def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], iters: int, env: dict,
-             profile: bool = False, model_kind: str = "zoo") -> List[dict]:
+             profile: bool = False, model_kind: str = "zoo", dtype: Optional[torch.dtype] = None) -> List[dict]:
     from compile_backend import zoo
 
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    if size == "8b" and model_kind != "hf":
+        raise ValueError("--size 8b is transformers' Llama (--model hf)")
     if model_kind == "hf":
         if kind != "decode":
             raise ValueError("--model hf times the decode step (the prefill is the zoo decoder's)")
@@ -388,7 +426,8 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         except Exception as exc:  # transformers' cache layout varies by release: recorded, not fatal
             print(f"no fp32 reference: {type(exc).__name__}: {exc}", flush=True)
     for name in peers:
-        row: Dict[str, Any] = {"case": kind, "model": model_kind, "size": size, "batch": batch, "peer": name, **env}
+        row: Dict[str, Any] = {"case": kind, "model": model_kind, "size": size, "batch": batch, "peer": name,
+                               "dtype": str(dtype).replace("torch.", ""), **env}
         clean_slate(device)  # its first call compiles every kernel it needs, as in a fresh process
         try:
             fn, report = _peer(name, model, inputs)
@@ -479,7 +518,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode_bench", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--commit", default=None)
-    p.add_argument("--size", choices=("tiny", "base"), default="base")
+    p.add_argument("--size", choices=("tiny", "base", "8b"), default="base",
+                   help="8b: Llama-3-8B's shape, transformers' model only (--model hf)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default=None,
+                   help="the model's dtype (default float16 on CUDA, float32 on the CPU); torchao-int4wo needs bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 16], help="decode batches (none: prefill only)")
     p.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
@@ -499,7 +541,8 @@ def main(argv=None) -> int:
     rows: List[dict] = []
     cases = [("decode", b) for b in args.batches] + ([("prefill", 1)] if args.prefill else [])
     for kind, batch in cases:
-        rows += run_case(kind, args.size, batch, args.device, args.peers, args.iters, env, args.profile, args.model)
+        rows += run_case(kind, args.size, batch, args.device, args.peers, args.iters, env, args.profile, args.model,
+                         getattr(torch, args.dtype) if args.dtype else None)
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1, default=str)

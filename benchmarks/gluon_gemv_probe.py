@@ -92,7 +92,7 @@ def _kernel():
 
     @gluon.jit
     def int4_gemv_mma(x_ptr, w_ptr, s_ptr, out_ptr, K: gl.constexpr, BLOCK_N: gl.constexpr, GROUP: gl.constexpr,
-                      PTX: gl.constexpr):
+                      PTX: gl.constexpr, ROW_BYTES: gl.constexpr):
         # a program: BLOCK_N rows over 4 groups (a K slice of 512), all four groups' bytes loaded
         # before any math (16 x 4 bytes a thread in flight: at one program's rows a step, each
         # group would wait a memory latency); the slices' sums added into a zeroed fp32 out
@@ -112,7 +112,8 @@ def _kernel():
         r = gl.arange(0, BLOCK_N, layout=SliceLayout(1, SliceLayout(2, ld)))
         q = gl.arange(0, 4, layout=SliceLayout(0, SliceLayout(2, ld)))
         j = gl.arange(0, 16, layout=SliceLayout(0, SliceLayout(1, ld)))
-        w_at = w_ptr + (pid * BLOCK_N + r)[:, None, None] * (K // 2) + q[None, :, None] * 16 + j[None, None, :]
+        # ROW_BYTES = K / 2; 0 reads every row from the first (the math alone: weights from L1)
+        w_at = w_ptr + (pid * BLOCK_N + r)[:, None, None] * ROW_BYTES + q[None, :, None] * 16 + j[None, None, :]
         x_at = x_ptr + gl.arange(0, GROUP, layout=SliceLayout(1, b16))
         rows = pid * BLOCK_N + gl.arange(0, BLOCK_N, layout=SliceLayout(1, mma))
         b0 = gl.load(w_at + g0 * (GROUP // 2))
@@ -151,8 +152,8 @@ def sass(k: int = 2048) -> Dict[str, Any]:
     from .kernel_sass import tools_dir
 
     sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "out_ptr": "*fp16", "K": "constexpr",
-           "BLOCK_N": "constexpr", "GROUP": "constexpr", "PTX": "constexpr"}
-    consts = {"K": k, "BLOCK_N": BLOCK_N, "GROUP": GROUP, "PTX": _DEQUANT_PTX}
+           "BLOCK_N": "constexpr", "GROUP": "constexpr", "PTX": "constexpr", "ROW_BYTES": "constexpr"}
+    consts = {"K": k, "BLOCK_N": BLOCK_N, "GROUP": GROUP, "PTX": _DEQUANT_PTX, "ROW_BYTES": k // 2}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(4)}  # 16-byte aligned pointers, as torch's
     compiled = triton.compile(GluonASTSource(_kernel(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4})
@@ -197,10 +198,14 @@ def check(n: int = 11264, k: int = 2048) -> Dict[str, Any]:
     copies = weight_copies(codes.numel() + scales.numel() * 2)
     sets = [(fragment_order(codes.clone()), scales.clone()) for _ in range(copies)]
 
+    def launch(i, row_bytes=k // 2):
+        kernel[(n // BLOCK_N, k // (GROUP * GROUPS_A_PROGRAM))](x, sets[i][0], sets[i][1], out, K=k, BLOCK_N=BLOCK_N,
+                                                                 GROUP=GROUP, PTX=_DEQUANT_PTX, ROW_BYTES=row_bytes,
+                                                                 num_warps=4)
+
     def probe(i):  # the zeroing of the slices' sum is part of the call (a launch of its own)
         out.zero_()
-        kernel[(n // BLOCK_N, k // (GROUP * GROUPS_A_PROGRAM))](x, sets[i][0], sets[i][1], out, K=k, BLOCK_N=BLOCK_N,
-                                                                 GROUP=GROUP, PTX=_DEQUANT_PTX, num_warps=4)
+        launch(i)
 
     probe(0)
     torch.cuda.synchronize()
@@ -208,7 +213,16 @@ def check(n: int = 11264, k: int = 2048) -> Dict[str, Any]:
     ours = [(codes.clone(), scales.clone()) for _ in range(len(sets))]
     row = {"n": n, "k": k, "cosine_vs_reference": cos,
            "max_abs_err": (out - want.reshape(-1)).abs().max().item(),
-           "probe_us": graph_time_ms(probe, len(sets)) * 1e3}
+           "probe_us": graph_time_ms(probe, len(sets)) * 1e3,
+           # where the probe's time goes: its kernel alone (the sums pile up: timing only), the
+           # zeroing alone, its math alone (every row read from the first: weights from L1), and
+           # a production row reduction of the same bytes (torch's sum over int32 words): the
+           # time to stream them in a GEMV's shape with next to no math
+           "kernel_alone_us": graph_time_ms(launch, len(sets)) * 1e3,
+           "zero_alone_us": graph_time_ms(lambda i: out.zero_(), len(sets)) * 1e3,
+           "math_alone_us": graph_time_ms(lambda i: launch(i, 0), len(sets)) * 1e3,
+           "row_sum_of_bytes_us": graph_time_ms(lambda i: sets[i][0].view(torch.int32).sum(dim=1, dtype=torch.int32),
+                                                len(sets)) * 1e3}
     for name, cfg in (("gemv_64x128_w2_us", WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1)),
                       ("gemv_32x128_u2_us", WeightOnlyConfig("gemv", 1, 32, 128, num_stages=1, unroll=2))):
         row[name] = graph_time_ms(lambda i: weight_only_linear(x, *ours[i], precision="int4", group_size=GROUP,

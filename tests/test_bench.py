@@ -670,3 +670,29 @@ def test_clean_slate_forgets_the_kernels_compiled_before():
     again = launch.load_source(source)
     assert again is not first and again.VALUE == 41
 
+
+
+def test_decode_bench_torchao_weight_only_peers(tmp_path):
+    """torchao's weight-only peers (issue #20's published numbers are torchao's): INT8 quantizes
+    every Linear of a copy and stays close to the float step; INT4 (tinygemm, bfloat16 only) on a
+    float32 model is refused with the reason and the flag that fixes it, recorded in its row."""
+    import json
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchao")
+    from benchmarks import decode_bench
+
+    model, inputs = decode_bench.hf_decode_case("tiny", 1, "cpu", torch.float32)
+    twin = decode_bench.torchao_weight_only(model, "torchao-int8wo")
+    assert twin is not model and type(model.model.lm_head.weight) is torch.nn.Parameter  # the original untouched
+    assert type(twin.model.lm_head.weight).__name__ != "Parameter"  # the head quantized too
+    with torch.no_grad():
+        ref, out = model(*inputs)[0], twin(*inputs)[0]
+    assert torch.nn.functional.cosine_similarity(ref.reshape(-1), out.reshape(-1), dim=0) > 0.99
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        decode_bench.torchao_weight_only(model, "torchao-int4wo")
+    out_file = tmp_path / "ao.json"
+    decode_bench.main(["--model", "hf", "--size", "tiny", "--device", "cpu", "--batches", "1", "--iters", "1",
+                       "--peers", "eager", "torchao-int4wo", "--out", str(out_file)])
+    rows = {r["peer"]: r for r in json.loads(out_file.read_text())}
+    assert "--dtype bfloat16" in rows["torchao-int4wo"]["error"] and rows["eager"]["dtype"] == "float32"
