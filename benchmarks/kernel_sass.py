@@ -21,6 +21,7 @@ follows the installed Triton's specialisation; checked with Triton 3.9 (another 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -97,7 +98,11 @@ def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
             "dot_a_shared": bool(re.search(r"warp_group_dot %\S+, %\S+, %\S+ \{[^}]*\} : !ttg\.memdesc",
                                            kernel.asm.get("ttgir", ""))),
             "loop_instructions": longest_loop(sass),
-            "loop_sm_clocks": loop_clocks(longest_loop(sass, body=True))}
+            "loop_sm_clocks": loop_clocks(longest_loop(sass, body=True)),
+            # what the main loop spends its instructions on (session 34: bf16 weight-only loops)
+            "loop_opcodes": dict(collections.Counter(
+                re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(2) for t in longest_loop(sass, body=True)
+                if re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t)).most_common(12))}
 
 
 #: warp instructions an SM completes a clock, by SASS opcode (compute capability 9.0, from the

@@ -1,7 +1,7 @@
 """The weight-only GEMV's PTX dequantize (``weight_only_parts._INT4_PAIRS_F16`` /
-``_INT8_QUADS_F16``), executed on the CPU: a numpy model of the few PTX instructions they use
+``_INT8_QUADS_F16`` and their bf16 twins ``_INT4_PAIRS_BF16`` / ``_INT8_QUADS_BF16``), executed on the CPU: a numpy model of the few PTX instructions they use
 runs the asm text itself over every 16-bit word of INT4 codes / every byte of INT8 codes, and
-must equal the reference (``weight_only_ref.dequantize`` rounded to fp16) bit for bit. The GPU
+must equal the reference (``weight_only_ref.dequantize`` rounded to fp16 or bf16) bit for bit. The GPU
 test ``test_gemv.py::test_gpu_native_dequantize_bit_identical`` checks the compiled kernels."""
 import numpy as np
 import pytest
@@ -41,6 +41,21 @@ def _f16x2(op, a, b):
     return out
 
 
+def _f32(op, a, b):
+    """``{sub,mul}.rn.f32`` on 32-bit registers: numpy's float32 arithmetic rounds to nearest even."""
+    x, y = a.astype(np.uint32).view(np.float32), np.broadcast_to(b, a.shape).astype(np.uint32).view(np.float32)
+    with np.errstate(all="ignore"):
+        return (x - y if op == "sub" else x * y).astype(np.float32).view(np.uint32)
+
+
+def _cvt_bf16x2(a, b):
+    """``cvt.rn.bf16x2.f32 d, a, b``: a rounded to bf16 (nearest even) in the upper half, b in the lower."""
+    def bf16_bits(v):
+        t = torch.from_numpy(v.astype(np.uint32).view(np.float32).copy()).to(torch.bfloat16)
+        return (t.view(torch.int16).numpy().astype(np.int64) & 0xFFFF).astype(np.uint32)
+    return bf16_bits(a) << np.uint32(16) | bf16_bits(b)
+
+
 def run_ptx(text, operands):
     """Execute inline asm ``text`` (the subset above; every register 32 bits) on numpy uint32
     ``operands`` ($i in order); returns the values of all $ operands after it."""
@@ -70,6 +85,10 @@ def run_ptx(text, operands):
             result = _prmt(value(src[0]), value(src[1]), int(src[2], 0))
         elif op in ("sub.rn.f16x2", "mul.rn.f16x2"):
             result = _f16x2(op[:3], value(src[0]), value(src[1]))
+        elif op in ("sub.rn.f32", "mul.rn.f32"):
+            result = _f32(op[:3], value(src[0]), value(src[1]))
+        elif op == "cvt.rn.bf16x2.f32":
+            result = _cvt_bf16x2(value(src[0]), value(src[1]))
         else:
             raise AssertionError(f"the PTX model lacks {op!r}: extend it with the instruction's semantics")
         regs[dst] = np.asarray(result, dtype=np.uint32) & np.uint32(0xFFFFFFFF)
@@ -91,9 +110,14 @@ def _same_bits(got_f16, want_f16):
     assert torch.equal(got_f16[~nan].view(torch.int16), want_f16[~nan].view(torch.int16))
 
 
-def _halves(reg):
-    return torch.from_numpy((reg & 0xFFFF).astype(np.uint16).view(np.int16).copy()).view(torch.float16), \
-        torch.from_numpy((reg >> 16).astype(np.uint16).view(np.int16).copy()).view(torch.float16)
+def _halves(reg, dtype=torch.float16):
+    return torch.from_numpy((reg & 0xFFFF).astype(np.uint16).view(np.int16).copy()).view(dtype), \
+        torch.from_numpy((reg >> 16).astype(np.uint16).view(np.int16).copy()).view(dtype)
+
+
+def _f32_bits(scales_f16):
+    """fp16 scales as the fp32 registers the bf16 PTX takes (exact)."""
+    return scales_f16.float().view(torch.int32).numpy().astype(np.uint32)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -134,6 +158,46 @@ def test_int8_quads_ptx_equals_reference():
     a, b = run_ptx(_INT8_QUADS_F16.value, [zero, zero, register, pair, pair])[:2]
     want = ref.dequantize(codes.to(torch.uint8).view(torch.int8), scales, "int8").half()
     got = [*_halves(a), *_halves(b)]
+    for i in range(4):
+        _same_bits(got[i], want[:, i])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int4_pairs_bf16_ptx_equals_reference(seed):
+    """The bf16 twin: every 16-bit word in the low half, the words reversed in the high half,
+    each word with its own fp32 scale (an fp16 value, of every magnitude); nibble i of both words
+    out in bf16x2 register i, bit for bit the reference's fp32 ``code * scale`` rounded to bf16."""
+    from compile_backend.kernels.weight_only_parts import _INT4_PAIRS_BF16
+
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.arange(65536, dtype=torch.int64)
+    high = low[torch.randperm(65536, generator=gen)]
+    scales = _scale_pairs(65536, gen)
+    register = (low | high << 16).numpy().astype(np.uint32)
+    zero = np.zeros(65536, dtype=np.uint32)
+    outs = run_ptx(_INT4_PAIRS_BF16.value, [zero, zero, zero, zero, register, _f32_bits(scales[:, 0]),
+                                            _f32_bits(scales[:, 1])])[:4]
+    for half, (words, scale) in enumerate(((low, scales[:, 0]), (high, scales[:, 1]))):
+        packed = torch.stack([(words >> (8 * b)) & 0xFF for b in range(2)], dim=1).to(torch.uint8)
+        want = ref.dequantize(ref.unpack_int4(packed, 4), scale[:, None], "int4", 32).to(torch.bfloat16)
+        for i in range(4):
+            _same_bits(_halves(outs[i], torch.bfloat16)[half], want[:, i])
+
+
+def test_int8_quads_bf16_ptx_equals_reference():
+    """Every byte in every position, each code with its own fp32 scale register (an fp16 value)."""
+    from compile_backend.kernels.weight_only_parts import _INT8_QUADS_BF16
+
+    gen = torch.Generator().manual_seed(3)
+    n = 4 * 256
+    codes = torch.stack([torch.arange(n) % 256] + [torch.randperm(n, generator=gen) % 256 for _ in range(3)], dim=1)
+    register = (codes[:, 0] | codes[:, 1] << 8 | codes[:, 2] << 16 | codes[:, 3] << 24).numpy().astype(np.uint32)
+    scales = torch.cat([_scale_pairs(n, gen), _scale_pairs(n, gen)], dim=1)  # [n, 4]
+    zero = np.zeros(n, dtype=np.uint32)
+    a, b = run_ptx(_INT8_QUADS_BF16.value, [zero, zero, register, *(_f32_bits(scales[:, i]) for i in range(4))])[:2]
+    want = ref.dequantize(codes.to(torch.uint8).view(torch.int8).reshape(-1, 1),
+                          scales.reshape(-1), "int8").reshape(n, 4).to(torch.bfloat16)
+    got = [*_halves(a, torch.bfloat16), *_halves(b, torch.bfloat16)]
     for i in range(4):
         _same_bits(got[i], want[:, i])
 
