@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 SHAPES = {"q_o": (2048, 2048), "k_v": (256, 2048), "gate_up": (5632, 2048), "down": (2048, 5632),
           # the engine's merged layers (fx_passes/merge_gemms: q/k/v as one, gate/up as one)
-          "qkv": (2560, 2048), "gate_up_merged": (11264, 2048)}
+          "qkv": (2560, 2048), "gate_up_merged": (11264, 2048),
+          # Llama-3-8B's merged layers (decode_bench --size 8b)
+          "qkv_8b": (6144, 4096), "o_8b": (4096, 4096), "gate_up_merged_8b": (28672, 4096), "down_8b": (4096, 14336)}
 DEFAULT_LAYERS = ("q_o", "k_v", "gate_up", "down")
 MS = (1, 16, 2048)
 L2_BYTES = 60 * 2**20
@@ -60,14 +62,15 @@ def weight_copies(nbytes: int) -> int:
     return max(2, -(-2 * L2_BYTES // max(nbytes, 1)))
 
 
-def measure(name: str, n: int, k: int, m: int, anatomy: Optional[int] = None) -> Dict[str, Any]:
+def measure(name: str, n: int, k: int, m: int, anatomy: Optional[int] = None,
+            dtype: torch.dtype = torch.float16) -> Dict[str, Any]:
     from compile_backend.kernels import weight_only_ref as ref
     from compile_backend.kernels.weight_only import CONFIGS, GEMV_MAX_M, fits_registers, paths_for, weight_only_linear
 
     dev = "cuda"
-    x = torch.randn(m, k, device=dev, dtype=torch.float16)
-    w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
-    row: Dict[str, Any] = {"layer": name, "n": n, "k": k, "m": m}
+    x = torch.randn(m, k, device=dev, dtype=dtype)  # the activations' dtype ("fp16_ms": the float GEMM's, in it)
+    w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
+    row: Dict[str, Any] = {"layer": name, "n": n, "k": k, "m": m, "dtype": str(dtype).replace("torch.", "")}
     ws = [w.clone() for _ in range(weight_copies(w.numel() * 2))]
     row["fp16_ms"] = graph_time_ms(lambda i: F.linear(x, ws[i]), len(ws))
     flat = w.reshape(-1)
@@ -95,7 +98,7 @@ def measure(name: str, n: int, k: int, m: int, anatomy: Optional[int] = None) ->
                 best, best_cfg = ms, ("heuristic" if cfg is None else repr(cfg))
         got = weight_only_linear(x, codes, scales, precision=precision, group_size=group)
         want = F.linear(x.float(), ref.dequantize(ref.unpack_int4(codes, k) if precision == "int4" else codes,
-                                                  scales, precision, group).half().float())
+                                                  scales, precision, group).to(dtype).float())
         cos = F.cosine_similarity(got.float().reshape(-1), want.reshape(-1), dim=0).item()
         half = [torch.empty(max(nbytes // 4, 1), dtype=torch.float16, device=dev) for _ in range(weight_copies(nbytes))]
         sink = torch.empty_like(half[0])
@@ -177,6 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--commit", default=None)
     p.add_argument("--ms", type=int, nargs="+", default=list(MS), help="rows of x (default: 1 16 2048)")
     p.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), choices=list(SHAPES))
+    p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="the activations' dtype")
     p.add_argument("--anatomy", nargs="?", type=int, const=3, default=None, metavar="CONFIGS",
                    help="also time the fastest gemv configs (default 3; 0: all) with their weights from L1 (math_only)")
     args = p.parse_args(argv)
@@ -187,7 +191,7 @@ def main(argv=None) -> int:
     for m in args.ms:
         for name in args.layers:
             n, k = SHAPES[name]
-            row = {**measure(name, n, k, m, args.anatomy), **env}
+            row = {**measure(name, n, k, m, args.anatomy, getattr(torch, args.dtype)), **env}
             rows.append(row)
             i8, i4 = row["int8"], row["int4"]
             print(f"M={m:5d} {name:8s} {n}x{k}: fp16 {row['fp16_ms'] * 1e3:7.1f} us | int8 {i8['ms'] * 1e3:7.1f} us "

@@ -81,7 +81,7 @@ ROW_BLOCK_MAX = 4096
 _TEMPLATE = '''\
 import triton
 import triton.language as tl
-from compile_backend.kernels.weight_only_parts import (codes_to, dot16, dot_column, first_weights, float_weights,
+from compile_backend.kernels.weight_only_parts import (codes_to_f32, dot16, dot_column, first_weights, float_weights,
                                                           int4_step, int4_weights, int4_weights16, int8_step, int8_weights,
                                                           int8_weights16, round_to, step_weights, words_dots, words_math)
 {helpers}
@@ -273,7 +273,7 @@ def {name}(
         rk = k_lo + BLOCK_K + tl.arange(0, BLOCK_K)  # the next step's (zeros past the slice: no access)
         xs_next = x_at(m, rk, k_hi, {x_args}{row_params})
         terms = x_row_terms(m, rk, k_hi, {x_args}) if DEFERRED else xs
-        part = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16).to(tl.float32) * xs[None, :]
+        part = codes_to_f32(first_w, scale, {x_dtype}, not SOFT_BF16) * xs[None, :]
         xs = xs_next
         for k0 in tl.range(k_lo + BLOCK_K, k_hi, BLOCK_K, num_stages=STAGES):
             rk = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
@@ -281,8 +281,8 @@ def {name}(
                 xs_next = tl.reshape(x_at(m, tl.reshape(rk, [BLOCK_K // XC, XC]), k_hi, {x_args}{row_params}), [BLOCK_K])
             else:
                 xs_next = x_at(m, rk, k_hi, {x_args}{row_params})
-            w = codes_to(int8_step(WD, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K), scale, {x_dtype}, not SOFT_BF16)
-            part += w.to(tl.float32) * xs[None, :]
+            w = codes_to_f32(int8_step(WD, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K), scale, {x_dtype}, not SOFT_BF16)
+            part += w * xs[None, :]
             if DEFERRED:
                 row_acc += terms
                 terms = x_row_terms(m, rk, k_hi, {x_args})
@@ -290,15 +290,15 @@ def {name}(
     elif WEIGHTS == 0 and ONE_LOAD:  # INT8, 16-bit x: a step's tiles in one load (see INT4 words)
         scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None, None]
         rk = k_lo + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [UNROLL, BLOCK_K]
-        w = codes_to(first_w, scale, {x_dtype}, not SOFT_BF16)
-        part = w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+        w = codes_to_f32(first_w, scale, {x_dtype}, not SOFT_BF16)
+        part = w * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
         if DEFERRED:
             row_acc = x_row_terms(m, rk, k_hi, {x_args})
         for k_step in range(k_lo + STEP, k_hi, STEP):
             codes, _ = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
             rk = k_step + (tl.arange(0, UNROLL) * BLOCK_K)[:, None] + tl.arange(0, BLOCK_K)[None, :]
-            w = codes_to(codes, scale, {x_dtype}, not SOFT_BF16)
-            part += w.to(tl.float32) * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
+            w = codes_to_f32(codes, scale, {x_dtype}, not SOFT_BF16)
+            part += w * x_at(m, rk, k_hi, {x_args}{row_params})[None, :, :]
             if DEFERRED:
                 row_acc += x_row_terms(m, rk, k_hi, {x_args})
     elif WEIGHTS == 0:  # INT8, a scale per row

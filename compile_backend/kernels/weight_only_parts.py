@@ -108,35 +108,43 @@ mul.rn.f16x2 $1, b, $4;
 }""")
 
 
-#: INT8 codes to bf16 four at a time (PTX): four codes ($2) and each one's row scale in fp32
-#: ($3..$6, an fp16 value) in, ``code * scale`` rounded to bf16 as two bf16x2 ($0, $1) out. A
-#: byte put under an fp32 exponent by ``lop3`` (top bit flipped: code + 128) is exact:
-#: byte 0 at bits 0-7 under 2**23 reads 2**23 + code + 128, byte 1 at bits 8-15 under 2**15
-#: reads 2**15 + code + 128 (the shift by 16 serves bytes 2 and 3); subtracting the bias
-#: is exact, so is the product with an fp16 scale (8 + 11 significant bits), and
-#: ``cvt.rn.bf16x2.f32`` rounds it once to nearest even: the reference's bf16 weight. Without
-#: this the bf16 loop rounded on the bits in 16-bit lanes: 12.3 SASS a weight against fp16's
-#: 5.5 (sm_90), and bf16 W8A16 decoded no faster than bf16 (session 34, H100).
-_INT8_QUADS_BF16 = tl.constexpr("""{
-.reg .b32 s, a, b, k, l;
-mov.b32 k, 0x4B000080;
-mov.b32 l, 0x47008000;
-shr.b32 s, $2, 16;
-lop3.b32 a, $2, 0x000000FF, k, 0x6a;
-lop3.b32 b, $2, 0x0000FF00, l, 0x6a;
-sub.rn.f32 a, a, k;
-sub.rn.f32 b, b, l;
-mul.rn.f32 a, a, $3;
-mul.rn.f32 b, b, $4;
-cvt.rn.bf16x2.f32 $0, b, a;
-lop3.b32 a, s, 0x000000FF, k, 0x6a;
-lop3.b32 b, s, 0x0000FF00, l, 0x6a;
-sub.rn.f32 a, a, k;
-sub.rn.f32 b, b, l;
-mul.rn.f32 a, a, $5;
-mul.rn.f32 b, b, $6;
-cvt.rn.bf16x2.f32 $1, b, a;
-}""")
+def _bf16_dequantize_ptx(fields, f32_out: bool) -> str:
+    """PTX text dequantizing packed codes to bf16 (shared by INT8 and INT4, see below): the
+    register after the outputs holds the codes; ``fields`` lists, per output pair, (source, mask, bias) of its two
+    codes, source "c" (the register) or "s" (it shifted right by 16). ``lop3`` puts a code, top
+    bit flipped (two's complement + 2**(bits-1)), under the fp32 exponent whose unit is the
+    code's lowest bit: bias = that exponent's bits | the flipped bit, read as fp32 = 2**e + the
+    code's offset (exact, no shift); less the bias (exact), times the element's fp32 scale (an
+    fp16 value: exact, 8 + 11 significant bits at most), ``cvt.rn.bf16x2.f32`` rounds each once
+    to nearest even: the reference's bf16 weight. Outputs: a bf16x2 a pair, or with ``f32_out``
+    the pair's two bf16 values widened to fp32 (bf16 is fp32's upper half: a shift, a mask), for
+    loops that multiply in fp32. Scales: one fp32 register an element, after the outputs and codes."""
+    outs = len(fields) * (2 if f32_out else 1)
+    scale0 = outs + 1
+    lines = [".reg .b32 s, a, b, r;", f"shr.b32 s, ${outs}, 16;"]
+    for pair, ((src_a, mask_a, bias_a, el_a), (src_b, mask_b, bias_b, el_b)) in enumerate(fields):
+        ra, rb = (f"${outs}" if src == "c" else "s" for src in (src_a, src_b))
+        lines += [f"lop3.b32 a, {ra}, {mask_a:#010x}, {bias_a:#010x}, 0x6a;",
+                  f"lop3.b32 b, {rb}, {mask_b:#010x}, {bias_b:#010x}, 0x6a;",
+                  f"sub.rn.f32 a, a, 0f{bias_a:08X};", f"sub.rn.f32 b, b, 0f{bias_b:08X};",
+                  f"mul.rn.f32 a, a, ${scale0 + el_a};", f"mul.rn.f32 b, b, ${scale0 + el_b};"]
+        if f32_out:  # element a in the low half, b in the high; widened back to fp32
+            lines += ["cvt.rn.bf16x2.f32 r, b, a;", f"shl.b32 ${2 * pair}, r, 16;",
+                      f"and.b32 ${2 * pair + 1}, r, 0xffff0000;"]
+        else:
+            lines += [f"cvt.rn.bf16x2.f32 ${pair}, b, a;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+#: INT8: four codes a register (byte i = element i); bytes 0 and 2 under 2**23 (bias 2**23 +
+#: 128), bytes 1 and 3 under 2**15 (their lowest bit is bit 8; bias 2**15 + 128); the shift
+#: by 16 serves bytes 2 and 3. Pairs out: (0, 1), (2, 3). Without this the bf16 loop rounded on
+#: the bits in 16-bit lanes: 12.3 SASS a weight against fp16's 5.5 (sm_90, 32x128 u2), and bf16
+#: W8A16 decoded no faster than bf16 (session 34, H100)
+_INT8_BF16_FIELDS = ((("c", 0xFF, 0x4B000080, 0), ("c", 0xFF00, 0x47008000, 1)),
+                     (("s", 0xFF, 0x4B000080, 2), ("s", 0xFF00, 0x47008000, 3)))
+_INT8_QUADS_BF16 = tl.constexpr(_bf16_dequantize_ptx(_INT8_BF16_FIELDS, False))
+_INT8_QUADS_BF16_F32 = tl.constexpr(_bf16_dequantize_ptx(_INT8_BF16_FIELDS, True))
 
 
 @triton.jit
@@ -161,6 +169,17 @@ def codes_to(codes, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
                                          dtype=tl.bfloat16, is_pure=True, pack=4)
     # code + 128 is the code's byte with its top bit flipped: 16-bit lanes, no add
     return offset_codes_to(codes.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x80, 128, scale, DTYPE)
+
+
+@triton.jit
+def codes_to_f32(codes, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """:func:`codes_to` widened to fp32 (the loops multiplying in fp32): NATIVE bf16 widens in its
+    PTX (``_INT8_QUADS_BF16_F32``: no separate unpacking of bf16 pairs after it)."""
+    if NATIVE and DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(_INT8_QUADS_BF16_F32, "=r,=r,=r,=r,r,r,r,r,r",
+                                         [codes, tl.broadcast_to(scale.to(tl.float32), codes.shape)],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+    return codes_to(codes, scale, DTYPE, NATIVE).to(tl.float32)
 
 
 #: INT8 codes a TMA box holds along K (a box is at most 256 elements a dimension): a longer step
@@ -240,51 +259,15 @@ mul.rn.f16x2 $3, t3, $5;
 }""")
 
 
-#: INT4 codes to bf16 (PTX): two 16-bit words of codes ($4) and each word's row scale in fp32
-#: ($5, $6: fp16 values) in, nibble i of both words as ``code * scale`` rounded to bf16 in a
-#: bf16x2 ($i) out. ``lop3`` puts nibble i, top bit flipped (code + 8), under the fp32 exponent
-#: whose unit is the nibble's lowest bit (2**23, 2**19, 2**15, 2**11 for bits 0, 4, 8, 12): an
-#: exact 2**e + code + 8 with no shift (one shift by 16 serves the second word); less the bias
-#: (exact), times the scale (exact: 4 + 11 significant bits), ``cvt.rn.bf16x2.f32`` rounds once
-#: to nearest even, as the reference. The bf16 loop rounded on the bits in 16-bit lanes before:
-#: 14.5 SASS a weight against fp16's 5.6 (sm_90, 32x128 u2), and bf16 W4A16 decoded no faster
-#: than bf16 (session 34, H100: Llama-3-8B's shape 6.70 ms against 5.98).
-_INT4_PAIRS_BF16 = tl.constexpr("""{
-.reg .b32 s, a, b, k<4>;
-mov.b32 k0, 0x4B000008;
-mov.b32 k1, 0x49000080;
-mov.b32 k2, 0x47000800;
-mov.b32 k3, 0x45008000;
-shr.b32 s, $4, 16;
-lop3.b32 a, $4, 0x0000000F, k0, 0x6a;
-lop3.b32 b, s, 0x0000000F, k0, 0x6a;
-sub.rn.f32 a, a, k0;
-sub.rn.f32 b, b, k0;
-mul.rn.f32 a, a, $5;
-mul.rn.f32 b, b, $6;
-cvt.rn.bf16x2.f32 $0, b, a;
-lop3.b32 a, $4, 0x000000F0, k1, 0x6a;
-lop3.b32 b, s, 0x000000F0, k1, 0x6a;
-sub.rn.f32 a, a, k1;
-sub.rn.f32 b, b, k1;
-mul.rn.f32 a, a, $5;
-mul.rn.f32 b, b, $6;
-cvt.rn.bf16x2.f32 $1, b, a;
-lop3.b32 a, $4, 0x00000F00, k2, 0x6a;
-lop3.b32 b, s, 0x00000F00, k2, 0x6a;
-sub.rn.f32 a, a, k2;
-sub.rn.f32 b, b, k2;
-mul.rn.f32 a, a, $5;
-mul.rn.f32 b, b, $6;
-cvt.rn.bf16x2.f32 $2, b, a;
-lop3.b32 a, $4, 0x0000F000, k3, 0x6a;
-lop3.b32 b, s, 0x0000F000, k3, 0x6a;
-sub.rn.f32 a, a, k3;
-sub.rn.f32 b, b, k3;
-mul.rn.f32 a, a, $5;
-mul.rn.f32 b, b, $6;
-cvt.rn.bf16x2.f32 $3, b, a;
-}""")
+#: INT4: two 16-bit words a register (word w = element w), nibble i of a word at bits 4i under
+#: 2**(23 - 4i) (bias that + 8); the shift by 16 brings word 1 down. Output i: nibble i of both
+#: words. The bf16 loop rounded on the bits before: 14.5 SASS a weight against fp16's 5.6
+#: (sm_90, 32x128 u2), and bf16 W4A16 decoded no faster than bf16 (session 34, H100:
+#: Llama-3-8B's shape 6.70 ms against 5.98)
+_INT4_BF16_FIELDS = tuple((("c", 0xF << 4 * i, ((150 - 4 * i) << 23) | 8 << 4 * i, 0),
+                           ("s", 0xF << 4 * i, ((150 - 4 * i) << 23) | 8 << 4 * i, 1)) for i in range(4))
+_INT4_PAIRS_BF16 = tl.constexpr(_bf16_dequantize_ptx(_INT4_BF16_FIELDS, False))
+_INT4_PAIRS_BF16_F32 = tl.constexpr(_bf16_dequantize_ptx(_INT4_BF16_FIELDS, True))
 
 
 @triton.jit
@@ -310,6 +293,18 @@ def words_to(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     w2 = offset_codes_to(((words >> 8) & 15) ^ 8, 8, scale, DTYPE)
     w3 = offset_codes_to((words >> 12) ^ 8, 8, scale, DTYPE)
     return w0, w1, w2, w3
+
+
+@triton.jit
+def words_to_f32(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """:func:`words_to` widened to fp32 (the elementwise loops): NATIVE bf16 widens in its PTX
+    (``_INT4_PAIRS_BF16_F32``; Triton's unpacking of the bf16 pairs took 2.2 SASS a weight)."""
+    if NATIVE and DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(_INT4_PAIRS_BF16_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r",
+                                         [words, tl.broadcast_to(scale.to(tl.float32), words.shape)],
+                                         dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=2)
+    w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+    return w0.to(tl.float32), w1.to(tl.float32), w2.to(tl.float32), w3.to(tl.float32)
 
 
 @triton.jit
@@ -359,15 +354,15 @@ def words_math(part, words, scale, x, DTYPE: tl.constexpr, NATIVE: tl.constexpr)
     """``part [BLOCK_N, UNROLL, BLOCK_K / 4] += w * x`` for a step of INT4 words (from
     :func:`step_weights`), ``x`` the step's activations [UNROLL * BLOCK_K] in fp32: nibble i
     of word (u, j) meets x at k = 4 (u BLOCK_K / 4 + j) + i (products in fp32, exact)."""
-    w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+    w0, w1, w2, w3 = words_to_f32(words, scale, DTYPE, NATIVE)
     # x at k = 4j + 2a + b as [u, j, a, b]: b split first, then a
     x_b0, x_b1 = tl.split(tl.reshape(x, [words.shape[1], words.shape[2], 2, 2]))
     x0, x2 = tl.split(x_b0)
     x1, x3 = tl.split(x_b1)
-    part += w0.to(tl.float32) * x0[None, :, :]
-    part += w1.to(tl.float32) * x1[None, :, :]
-    part += w2.to(tl.float32) * x2[None, :, :]
-    part += w3.to(tl.float32) * x3[None, :, :]
+    part += w0 * x0[None, :, :]
+    part += w1 * x1[None, :, :]
+    part += w2 * x2[None, :, :]
+    part += w3 * x3[None, :, :]
     return part
 
 

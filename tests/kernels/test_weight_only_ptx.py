@@ -65,6 +65,8 @@ def run_ptx(text, operands):
         token = token.strip()
         if token in regs:
             return regs[token]
+        if token.startswith("0f"):  # an fp32 literal: its bits in hex
+            return np.uint32(int(token[2:], 16))
         return np.uint32(int(token, 0))
 
     for line in text.strip().strip("{}").split(";"):
@@ -79,6 +81,10 @@ def run_ptx(text, operands):
             result = value(src[0]) >> value(src[1])
         elif op == "xor.b32":
             result = value(src[0]) ^ value(src[1])
+        elif op == "and.b32":
+            result = value(src[0]) & value(src[1])
+        elif op == "shl.b32":
+            result = value(src[0]) << value(src[1])
         elif op == "lop3.b32":
             result = _lop3(value(src[0]), value(src[1]), value(src[2]), int(src[3], 0))
         elif op == "prmt.b32":
@@ -162,21 +168,35 @@ def test_int8_quads_ptx_equals_reference():
         _same_bits(got[i], want[:, i])
 
 
+def _widened(regs, f32_out):
+    """The bf16 PTX's outputs as bf16 pairs: the f32 variant's two fp32 registers a pair (each
+    a bf16 value widened) narrowed back, after checking their low 16 bits are zero."""
+    if not f32_out:
+        return regs
+    pairs = []
+    for lo, hi in zip(regs[0::2], regs[1::2]):
+        assert not (lo & 0xFFFF).any() and not (hi & 0xFFFF).any()
+        pairs.append((lo >> np.uint32(16)) | (hi & np.uint32(0xFFFF0000)))
+    return pairs
+
+
+@pytest.mark.parametrize("f32_out", [False, True], ids=["bf16x2", "f32"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_int4_pairs_bf16_ptx_equals_reference(seed):
+def test_int4_pairs_bf16_ptx_equals_reference(seed, f32_out):
     """The bf16 twin: every 16-bit word in the low half, the words reversed in the high half,
     each word with its own fp32 scale (an fp16 value, of every magnitude); nibble i of both words
     out in bf16x2 register i, bit for bit the reference's fp32 ``code * scale`` rounded to bf16."""
-    from compile_backend.kernels.weight_only_parts import _INT4_PAIRS_BF16
+    from compile_backend.kernels.weight_only_parts import _INT4_PAIRS_BF16, _INT4_PAIRS_BF16_F32
 
+    text, outs_n = (_INT4_PAIRS_BF16_F32.value, 8) if f32_out else (_INT4_PAIRS_BF16.value, 4)
     gen = torch.Generator().manual_seed(seed)
     low = torch.arange(65536, dtype=torch.int64)
     high = low[torch.randperm(65536, generator=gen)]
     scales = _scale_pairs(65536, gen)
     register = (low | high << 16).numpy().astype(np.uint32)
     zero = np.zeros(65536, dtype=np.uint32)
-    outs = run_ptx(_INT4_PAIRS_BF16.value, [zero, zero, zero, zero, register, _f32_bits(scales[:, 0]),
-                                            _f32_bits(scales[:, 1])])[:4]
+    outs = _widened(run_ptx(text, [zero] * outs_n + [register, _f32_bits(scales[:, 0]),
+                                                     _f32_bits(scales[:, 1])])[:outs_n], f32_out)
     for half, (words, scale) in enumerate(((low, scales[:, 0]), (high, scales[:, 1]))):
         packed = torch.stack([(words >> (8 * b)) & 0xFF for b in range(2)], dim=1).to(torch.uint8)
         want = ref.dequantize(ref.unpack_int4(packed, 4), scale[:, None], "int4", 32).to(torch.bfloat16)
@@ -184,17 +204,20 @@ def test_int4_pairs_bf16_ptx_equals_reference(seed):
             _same_bits(_halves(outs[i], torch.bfloat16)[half], want[:, i])
 
 
-def test_int8_quads_bf16_ptx_equals_reference():
+@pytest.mark.parametrize("f32_out", [False, True], ids=["bf16x2", "f32"])
+def test_int8_quads_bf16_ptx_equals_reference(f32_out):
     """Every byte in every position, each code with its own fp32 scale register (an fp16 value)."""
-    from compile_backend.kernels.weight_only_parts import _INT8_QUADS_BF16
+    from compile_backend.kernels.weight_only_parts import _INT8_QUADS_BF16, _INT8_QUADS_BF16_F32
 
+    text, outs_n = (_INT8_QUADS_BF16_F32.value, 4) if f32_out else (_INT8_QUADS_BF16.value, 2)
     gen = torch.Generator().manual_seed(3)
     n = 4 * 256
     codes = torch.stack([torch.arange(n) % 256] + [torch.randperm(n, generator=gen) % 256 for _ in range(3)], dim=1)
     register = (codes[:, 0] | codes[:, 1] << 8 | codes[:, 2] << 16 | codes[:, 3] << 24).numpy().astype(np.uint32)
     scales = torch.cat([_scale_pairs(n, gen), _scale_pairs(n, gen)], dim=1)  # [n, 4]
     zero = np.zeros(n, dtype=np.uint32)
-    a, b = run_ptx(_INT8_QUADS_BF16.value, [zero, zero, register, *(_f32_bits(scales[:, i]) for i in range(4))])[:2]
+    a, b = _widened(run_ptx(text, [zero] * outs_n + [register, *(_f32_bits(scales[:, i]) for i in range(4))])[:outs_n],
+                    f32_out)
     want = ref.dequantize(codes.to(torch.uint8).view(torch.int8).reshape(-1, 1),
                           scales.reshape(-1), "int8").reshape(n, 4).to(torch.bfloat16)
     got = [*_halves(a, torch.bfloat16), *_halves(b, torch.bfloat16)]
