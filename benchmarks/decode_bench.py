@@ -420,7 +420,9 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
     rows, ref = [], None
     ref32 = None
     seen: Dict[str, torch.Tensor] = {}  # each peer's logits: which peers agree with which
-    if model_kind == "hf":
+    if model_kind == "hf" and fp32_copy_short(model):
+        print(f"no fp32 reference: {fp32_copy_short(model)}", flush=True)
+    elif model_kind == "hf":
         try:
             ref32 = hf_fp32_logits(model, inputs, size)
         except Exception as exc:  # transformers' cache layout varies by release: recorded, not fatal
@@ -429,6 +431,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         row: Dict[str, Any] = {"case": kind, "model": model_kind, "size": size, "batch": batch, "peer": name,
                                "dtype": str(dtype).replace("torch.", ""), **env}
         clean_slate(device)  # its first call compiles every kernel it needs, as in a fresh process
+        torch._dynamo.utils.counters.clear()
         try:
             fn, report = _peer(name, model, inputs)
             with torch.no_grad():
@@ -449,6 +452,7 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
                     if row["pipelined_host_bound"]:
                         print(f"[decode_bench] {name}: the host took {row['host_ms_pipelined']:.3f} ms a step of "
                               f"{row['ms_pipelined']:.3f}: ms_pipelined is the host's time, not the GPU's", flush=True)
+            row["compile_counters"] = compile_counters()
             if profile and device == "cuda":  # where the step's time goes, kernel by kernel (graphs replayed)
                 from .kernel_profile import format_profile, profile_kernels
 
@@ -487,9 +491,40 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
         except Exception as exc:  # recorded, never hidden
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         rows.append(row)
-        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "ms_pipelined", "pipelined_host_bound", "cosine_vs_eager", "cosine_vs_fp32", "cosine_vs_reference", "cosine_vs_peers", "logits_std",
+        print(json.dumps({k: row.get(k) for k in ("case", "batch", "peer", "ms", "host_ms", "tokens_per_s", "ms_pipelined", "pipelined_host_bound", "compile_counters", "cosine_vs_eager", "cosine_vs_fp32", "cosine_vs_reference", "cosine_vs_peers", "logits_std",
                                                   "layer_sqnr_db_min", "quantized", "fallbacks", "fallback_reasons", "error")}), flush=True)
     return rows
+
+
+#: GPU bytes a parameter takes while an fp32 reference copy is built (its 16-bit deep copy, then
+#: the fp32 one) and run: session 34's 8B reference ran out of memory beside the engines
+FP32_COPY_BYTES_A_PARAMETER = 6.5
+
+
+def fp32_copy_short(model: torch.nn.Module) -> Optional[str]:
+    """Why an fp32 reference copy of ``model`` would not fit in the GPU's free memory now (None:
+    it fits, or the model is on the CPU): measured rows keep their other numbers."""
+    params = list(model.parameters())
+    if not params or not params[0].is_cuda:
+        return None
+    free, _ = torch.cuda.mem_get_info(params[0].device)
+    need = FP32_COPY_BYTES_A_PARAMETER * sum(p.numel() for p in params)
+    if need <= free:
+        return None
+    return (f"skipped: an fp32 copy of the model needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free "
+            f"(a smaller --size, or a GPU with more memory)")
+
+
+def compile_counters() -> Dict[str, Any]:
+    """What Dynamo and Inductor did for the peer just timed (their counters, cleared before each
+    peer): graphs captured, graph breaks, and how often Inductor's reduce-overhead skipped its
+    CUDA graphs (then every kernel is launched from Python: session 34's torchao peers spent
+    5.8-8.7 ms of host time a step)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
 
 
 def _reference_cosine(logits, model, inputs, model_kind: str, size: str, report) -> Dict[str, Any]:
@@ -500,6 +535,9 @@ def _reference_cosine(logits, model, inputs, model_kind: str, size: str, report)
     recorded as ``reference_error`` and leaves the row's other measurements."""
     from . import decode_reference
 
+    short = fp32_copy_short(model)
+    if short:
+        return {"reference_error": short}
     try:
         spec = decode_reference.spec_from_report(report)
         ref = decode_reference.fp32_logits(model, inputs, model_kind, size, spec)

@@ -601,6 +601,9 @@ def test_decode_bench_times_transformers_llama_with_a_static_cache(tmp_path, mon
     # the step resets it), so a peer timed after others still matches the fp32 reference
     for peer in ("eager", "compile_backend"):
         assert rows[peer]["cosine_vs_fp32"] > 0.9999, (peer, rows[peer].get("cosine_vs_fp32"), rows[peer].get("error"))
+    # Dynamo's counters per peer: our engine's step is one graph, no break
+    assert rows["compile_backend"]["compile_counters"]["unique_graphs"] == 1
+    assert rows["compile_backend"]["compile_counters"]["graph_breaks"] == 0
     assert rows["w4a16"]["quantized"] == 8 and rows["w4a16"]["cosine_vs_eager"] > 0.99  # 2 layers x 4 (merged)
 
 
@@ -696,3 +699,27 @@ def test_decode_bench_torchao_weight_only_peers(tmp_path):
                        "--peers", "eager", "torchao-int4wo", "--out", str(out_file)])
     rows = {r["peer"]: r for r in json.loads(out_file.read_text())}
     assert "--dtype bfloat16" in rows["torchao-int4wo"]["error"] and rows["eager"]["dtype"] == "float32"
+    assert rows["eager"]["compile_counters"] == {"unique_graphs": 0, "graph_breaks": 0, "cudagraph_skips": 0}
+
+
+def test_decode_bench_skips_an_fp32_reference_that_would_not_fit(monkeypatch):
+    """An fp32 copy of the model for the reference cosine is skipped, with the sizes, when the
+    GPU's free memory cannot hold it (session 34: an 8B model's ran out of memory mid-run)."""
+    from benchmarks import decode_bench
+
+    class Weight:
+        is_cuda, device = True, "cuda:0"
+
+        def numel(self):
+            return 8 * 10**9
+
+    class Model:
+        def parameters(self):
+            return [Weight()]
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    reason = decode_bench.fp32_copy_short(Model())
+    assert reason.startswith("skipped") and "48.4 GiB" in reason and "40.0 GiB free" in reason
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (79 * 2**30, 80 * 2**30))
+    assert decode_bench.fp32_copy_short(Model()) is None
+    assert decode_bench.fp32_copy_short(torch.nn.Linear(2, 2)) is None  # on the CPU: nothing to check
