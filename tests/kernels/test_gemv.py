@@ -310,22 +310,24 @@ def test_int4_elementwise_loops_words_and_bytes_match_the_reference(dtype, n, k)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("widen", [False, True], ids=["16bit", "widened"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_gpu_native_dequantize_bit_identical(precision, dtype):
+def test_gpu_native_dequantize_bit_identical(precision, dtype, widen):
     """Compiled on the GPU: the PTX dequantize of the fp16 and bf16 loops (``weight_only_parts``'
     ``words_to`` / ``int8_weights16`` through ``_INT4_PAIRS_F16`` / ``_INT8_QUADS_F16`` and the
-    bf16 twins, whose fp32 scales take a register each) equals Triton's own lowering (the interpreter's)
+    bf16 twins, whose fp32 scales take a register each; ``widen``: the elementwise loops' fp32
+    variants ``words_to_f32`` / ``codes_to_f32``) equals Triton's own lowering (the interpreter's)
     bit for bit, over every code and scales of every magnitude (subnormal, huge: products
     overflowing to inf, inf, NaN, -0.0)."""
     import triton
     import triton.language as tl
 
-    from compile_backend.kernels.weight_only_parts import int8_weights16, words_to
+    from compile_backend.kernels.weight_only_parts import codes_to_f32, int8_weights16, words_to, words_to_f32
 
     @triton.jit
     def dequantize(W, S, OUT, N, K, swn, ssn, INT4: tl.constexpr, NATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+                   BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, WIDEN: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         n_ok = rn < N
@@ -334,7 +336,11 @@ def test_gpu_native_dequantize_bit_identical(precision, dtype):
             rq = k0 // 4 + tl.arange(0, BLOCK_K // 4)
             words = tl.load(W.to(tl.pointer_type(tl.uint16)) + rn[:, None] * (swn // 2) + rq[None, :], mask=ok, other=0)
             scale = tl.load(S + rn * ssn + k0 // BLOCK_K, mask=n_ok, other=0.0)[:, None]
-            w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+            if WIDEN:  # fp32 holding DTYPE values: stored as DTYPE exactly
+                w0, w1, w2, w3 = words_to_f32(words, scale, DTYPE, NATIVE)
+                w0, w1, w2, w3 = w0.to(DTYPE), w1.to(DTYPE), w2.to(DTYPE), w3.to(DTYPE)
+            else:
+                w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
             at = OUT + rn[:, None] * K + 4 * rq[None, :]
             tl.store(at, w0, mask=ok)
             tl.store(at + 1, w1, mask=ok)
@@ -343,7 +349,11 @@ def test_gpu_native_dequantize_bit_identical(precision, dtype):
         else:
             rk = k0 + tl.arange(0, BLOCK_K)
             scale = tl.load(S + rn * ssn, mask=n_ok, other=0.0)[:, None]
-            w = int8_weights16(W, rn, rk, n_ok, K, swn, scale, DTYPE, NATIVE)
+            if WIDEN:
+                codes = tl.load(W + rn[:, None] * swn + rk[None, :], mask=ok & (rk < K)[None, :], other=0)
+                w = codes_to_f32(codes, scale, DTYPE, NATIVE).to(DTYPE)
+            else:
+                w = int8_weights16(W, rn, rk, n_ok, K, swn, scale, DTYPE, NATIVE)
             tl.store(OUT + rn[:, None] * K + rk[None, :], w, mask=ok)
 
     gen = torch.Generator().manual_seed(16)
@@ -361,7 +371,7 @@ def test_gpu_native_dequantize_bit_identical(precision, dtype):
         out = torch.empty(n, k, dtype=dtype, device="cuda")
         dequantize[(1, k // group)](codes.cuda(), scales.cuda(), out, n, k, codes.stride(0), scales.stride(0),
                                     INT4=int4, NATIVE=native, BLOCK_N=n, BLOCK_K=group,
-                                    DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16)
+                                    DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, WIDEN=widen)
         outs.append(out.cpu())
     want = ref.dequantize(ref.unpack_int4(codes, k) if int4 else codes, scales, precision, group if int4 else None).to(dtype)
     nan = want.isnan()  # NaN payloads may differ (the GPU's canonical NaN)
