@@ -263,12 +263,14 @@ def conv_tma_rows(c: int, hw: int, oc: int, kinds=("int8", "fp8", "fp16")) -> Li
     return rows
 
 
-def gemv_rows(n: int, k: int, kinds=("int4", "int8", "float"), configs=None) -> List[dict]:
+def gemv_rows(n: int, k: int, kinds=("int4", "int8", "float"), configs=None,
+              x_dtype: torch.dtype = torch.float16) -> List[dict]:
     """The decode GEMV (``kernels/gemv.py``, M = 1) for INT4 (group 128), INT8 and fp16 weights,
     elementwise and tensor-core loops: main-loop SASS instructions per weight. At the H200's
     4.8 TB/s an INT4 weight (half a byte) leaves an SM ~3.5 issue slots (132 SMs x 128 lanes x
     1.98 GHz / 9.6e12 weights/s); more and the GEMV is bound by instructions, not bytes.
-    ``configs`` (default: one elementwise and two tensor-core loops) are then named in full."""
+    ``configs`` (default: one elementwise and two tensor-core loops) are then named in full.
+    ``x_dtype``: the activations' (bf16: session 34's bf16 dequantize)."""
     from compile_backend.kernels import gemm_template, gemv, weight_only_ref
     import triton
 
@@ -279,7 +281,7 @@ def gemv_rows(n: int, k: int, kinds=("int4", "int8", "float"), configs=None) -> 
     gemm_template.load_kernel = lambda source, name: _Compiled(load(source, name), sink)
     rows = []
     try:
-        x, w = torch.randn(1, k, dtype=torch.float16), torch.randn(n, k)
+        x, w = torch.randn(1, k, dtype=x_dtype), torch.randn(n, k)
         named = configs is not None
         # the tuner's elementwise and tensor-core candidates (weight_only.CONFIGS["gemv"])
         # the third: tensor cores at 4 stages, its weight loads pipelined through shared memory
@@ -289,9 +291,9 @@ def gemv_rows(n: int, k: int, kinds=("int4", "int8", "float"), configs=None) -> 
         for weights in kinds:
             for cfg in configs:
                 gemv.plain_kernel.cache_clear()
-                out = torch.empty(1, n, dtype=torch.float16)
+                out = torch.empty(1, n, dtype=x_dtype)
                 if weights == "float":
-                    gemv.launch(gemv.plain_kernel(x.dtype, out.dtype), [x], w.half(), None, None, [], [out],
+                    gemv.launch(gemv.plain_kernel(x.dtype, out.dtype), [x], w.to(x_dtype), None, None, [], [out],
                                 weights="float", group=1, config=cfg, x_dtype=x.dtype)
                 else:
                     codes, scales = weight_only_ref.quantize_weight(w, weights, 128 if weights == "int4" else None)
@@ -305,7 +307,8 @@ def gemv_rows(n: int, k: int, kinds=("int4", "int8", "float"), configs=None) -> 
                         + (f" {cfg.num_stages} stages" if cfg.num_stages > 1 else ""))
                 if named:
                     loop += f" {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} split{cfg.split_k} u{cfg.unroll}"
-                rows.append({"weights": weights, "loop": loop, "shape": [n, k], "target": "sm_90",
+                rows.append({"weights": weights, "x": str(x_dtype).split(".")[-1], "loop": loop, "shape": [n, k],
+                             "target": "sm_90",
                              "triton": triton.__version__, "torch": torch.__version__, **r,
                              "instructions_per_weight": round(r["loop_instructions"] / per_thread, 2),
                              "issue_bound_tb_s": round(issue_tb_s, 2)})
@@ -374,6 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--gemv-int4", nargs=2, type=int, metavar=("N", "K"),
                    help="the INT4 decode GEMV's elementwise loops at the tuner's words configs "
                         "(16x128 w4 split1 u8, 32x128 u4, 64x128 u2)")
+    p.add_argument("--gemv-x", choices=("float16", "bfloat16"), default="float16",
+                   help="with --gemv / --gemv-int4: the activations' dtype")
     p.add_argument("--gemv-norm", nargs=2, type=int, metavar=("N", "K"),
                    help="instead: the decode GEMV with an RMS norm prologue, its factor deferred or the row loop")
     p.add_argument("--conv-tma", nargs=3, type=int, metavar=("C", "HW", "OC"),
@@ -410,7 +415,7 @@ def main(argv=None) -> int:
         return write_json(args.json, rows)
     if args.gemv or args.gemv_int4:
         if args.gemv:
-            rows = gemv_rows(*args.gemv)
+            rows = gemv_rows(*args.gemv, x_dtype=getattr(torch, args.gemv_x))
         else:
             from compile_backend.kernels.weight_only import WeightOnlyConfig
 
@@ -419,9 +424,10 @@ def main(argv=None) -> int:
                 WeightOnlyConfig("gemv", 1, 32, 128, num_warps=8, num_stages=1, unroll=4),
                 WeightOnlyConfig("gemv", 1, 64, 128, num_warps=4, num_stages=1, unroll=2),
                 WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1),
-                WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1, tensor_cores=True)))
+                WeightOnlyConfig("gemv", 1, 64, 128, num_warps=2, num_stages=1, tensor_cores=True)),
+                x_dtype=getattr(torch, args.gemv_x))
         for r in rows:
-            print(f"gemv {r['weights']:5s} {r['loop']:21s} regs {r['registers']:3d} async copies {r['async_copies']:2d} "
+            print(f"gemv {r['weights']:5s} x {r['x']:8s} {r['loop']:21s} regs {r['registers']:3d} async copies {r['async_copies']:2d} "
                   f"loop {r['loop_instructions']:4d} "
                   f"SASS = {r['instructions_per_weight']} a weight; the issue model's bound "
                   f"{r['issue_bound_tb_s']} TB/s of weights (H200 copy: ~4.8)", flush=True)
