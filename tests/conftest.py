@@ -58,8 +58,26 @@ def _interpreter_without_dead_overflow_checks():
         builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
+def _decorate_kernel_helpers_for_the_interpreter():
+    """Import every kernel module now, under TRITON_INTERPRET=1. ``@triton.jit`` picks the
+    interpreter or the compiler when a module is imported; a generated kernel (built per call,
+    under the variable as it is then) calls the shared helpers (``weight_only_parts``, ...) as
+    they were decorated. A test that sets TRITON_INTERPRET=0 and is the first in its worker to
+    import a helper module left its helpers compiled-only, and every interpreted kernel after
+    it in that worker calling them failed ("Cannot call @triton.jit'd outside of the scope of a
+    kernel"): session 34 found it by running test_decode_bench.py before test_gemv.py."""
+    import importlib
+    import pkgutil
+
+    import compile_backend.kernels as kernels
+
+    for info in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"compile_backend.kernels.{info.name}")
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_without_dead_overflow_checks()
+    _decorate_kernel_helpers_for_the_interpreter()
 
 
 def pytest_unconfigure(config):
