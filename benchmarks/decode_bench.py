@@ -420,8 +420,9 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
     rows, ref = [], None
     ref32 = None
     seen: Dict[str, torch.Tensor] = {}  # each peer's logits: which peers agree with which
-    if model_kind == "hf" and fp32_copy_short(model):
-        print(f"no fp32 reference: {fp32_copy_short(model)}", flush=True)
+    short = fp32_copy_short(model) if model_kind == "hf" else None
+    if short:
+        print(f"no fp32 reference: {short}", flush=True)
     elif model_kind == "hf":
         try:
             ref32 = hf_fp32_logits(model, inputs, size)

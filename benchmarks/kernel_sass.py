@@ -101,8 +101,8 @@ def compile_for_hopper(fn, args, kwargs) -> Dict[str, object]:
             "loop_sm_clocks": loop_clocks(longest_loop(sass, body=True)),
             # what the main loop spends its instructions on (session 34: bf16 weight-only loops)
             "loop_opcodes": dict(collections.Counter(
-                re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t).group(2) for t in longest_loop(sass, body=True)
-                if re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t)).most_common(12))}
+                m.group(2) for m in (re.match(r"(@!?U?P\w+\s+)?([A-Z0-9_]+)", t) for t in longest_loop(sass, body=True))
+                if m).most_common(12))}
 
 
 #: warp instructions an SM completes a clock, by SASS opcode (compute capability 9.0, from the

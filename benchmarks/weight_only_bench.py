@@ -194,7 +194,8 @@ def main(argv=None) -> int:
             row = {**measure(name, n, k, m, args.anatomy, getattr(torch, args.dtype)), **env}
             rows.append(row)
             i8, i4 = row["int8"], row["int4"]
-            print(f"M={m:5d} {name:8s} {n}x{k}: fp16 {row['fp16_ms'] * 1e3:7.1f} us | int8 {i8['ms'] * 1e3:7.1f} us "
+            print(f"M={m:5d} {name:8s} {n}x{k}: {'fp16' if args.dtype == 'float16' else 'bf16'} "
+                  f"{row['fp16_ms'] * 1e3:7.1f} us | int8 {i8['ms'] * 1e3:7.1f} us "
                   f"({i8['speedup_vs_fp16']:.2f}x, {i8['gb_per_s']:.0f} GB/s) | int4 {i4['ms'] * 1e3:7.1f} us "
                   f"({i4['speedup_vs_fp16']:.2f}x, {i4['gb_per_s']:.0f} GB/s, {i4['of_copy']:.0%} of a copy of its "
                   f"bytes) | copy {row['copy_gb_per_s']:.0f} GB/s | cos {i8['cosine_vs_reference']:.5f} "
