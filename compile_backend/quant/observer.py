@@ -12,6 +12,15 @@ every calibrator (calibrators.py).
 * Values observed while no range exists yet (every |x| so far at or below quant_ref.TINY_AMAX,
   which quantizes to zero) count in the first bin.
 
+* A bf16 or fp16 activation's |x| sits on its dtype's grid: near the top of the range bf16 has
+  one value every 8 bins (2048 bins), fp16 one every 1-2. The calibrators model a smooth
+  distribution (entropy flattens point masses to their neighbourhood's level, and a grid with
+  empty bins between its values looks like nothing but point masses: in bf16 it clipped an RMS
+  norm's output at a quarter of its range, 7 dB SQNR against 38 in fp32). So each value of such a
+  dtype is spread over its own rounding interval, +-half a unit in the last place, by a
+  deterministic low-discrepancy offset per element (no RNG): the histogram of the float values
+  that round to it. Exact zeros stay zeros; ``amax`` is the real one.
+
 The histogram is computed on the tensor's device in fp32 (chunked, so a large activation needs
 no large temporary), the counts are kept in int64 there; one host sync per batch reads the amax.
 """
@@ -26,6 +35,13 @@ from ..kernels.quant_ref import TINY_AMAX
 
 #: elements per chunk: bounds the temporaries (index tensor) of one histogram step
 _CHUNK = 1 << 22
+
+#: significand bits (the implicit one included) of the dtypes whose values are spread over their
+#: rounding interval before binning (module docstring)
+_GRID_BITS = {torch.bfloat16: 8, torch.float16: 11}
+
+#: Knuth's multiplicative hash, 2^32 / golden ratio: element i's offset is frac(i * this / 2^32)
+_GOLDEN_32 = 2654435769
 
 
 class HistogramObserver:
@@ -67,9 +83,12 @@ class HistogramObserver:
             self._counts[0] += finite
         else:
             per_unit = self.num_bins / self.range
+            bits = _GRID_BITS.get(flat.dtype)
             for start in range(0, flat.numel(), _CHUNK):
                 a = flat[start:start + _CHUNK].float().abs()
                 a = a[torch.isfinite(a)] if infs else a
+                if bits is not None:
+                    a = spread_over_rounding_interval(a, bits)
                 index = (a * per_unit).long().clamp_(0, self.num_bins - 1)
                 self._counts += torch.bincount(index, minlength=self.num_bins)
         self._amax = max(self._amax, batch_amax)
@@ -200,6 +219,18 @@ class ChannelAbsMax:
         return self._amax.cpu()
 
 
+def spread_over_rounding_interval(a: torch.Tensor, bits: int) -> torch.Tensor:
+    """|x| values of a dtype with ``bits`` significand bits, each moved by a deterministic offset
+    in [-1/2, 1/2) of its unit in the last place (frac(i * golden ratio), i = its position):
+    the values that round to one grid point come out evenly over its interval. Zeros stay zero;
+    nothing goes below zero."""
+    _, exponent = torch.frexp(a)                       # a = m * 2**exponent, m in [0.5, 1)
+    ulp = torch.ldexp(torch.ones_like(a), exponent - bits)
+    index = torch.arange(a.numel(), device=a.device, dtype=torch.int64)
+    offset = ((index * _GOLDEN_32) & 0xFFFFFFFF).to(torch.float64).div_(2.0 ** 32).sub_(0.5).to(a.dtype)
+    return torch.where(a > 0, (a + offset * ulp).clamp_(min=0.0), a)
+
+
 def _rebin(counts: torch.Tensor, old_range: float, new_range: float) -> torch.Tensor:
     """Counts over [0, old_range] re-binned onto [0, new_range] (new_range = old_range * 2^k, or
     old_range was never grown: then each old bin goes to the new bin holding its lower edge)."""
@@ -221,4 +252,4 @@ def _rebin(counts: torch.Tensor, old_range: float, new_range: float) -> torch.Te
     return torch.zeros_like(counts).index_add_(0, index, counts)
 
 
-__all__ = ["HistogramObserver", "ChannelAbsMax"]
+__all__ = ["HistogramObserver", "ChannelAbsMax", "spread_over_rounding_interval"]
