@@ -14,12 +14,18 @@ numerics reference) and is compared with the FP32 model on held-out sentences:
 * next-byte accuracy against the text itself (the FP32 model's beside it);
 * per linear layer, the output SQNR of weight-only modes (``decode_bench.layer_output_sqnr``).
 
+``--dtype bfloat16`` (or float16) trains in FP32 as before, then casts the trained model to that
+dtype and compiles every mode from it: most LLM checkpoints are bf16, and the weight-only kernels
+dequantize to the activations' dtype. Each row then also carries its cosine against the unquantized
+model in that dtype, and a first row gives that model's own cosine against FP32.
+
 Modes: W8A16, W4A16 (group 128 minmax; group 32 with the MSE clip), W8A8 INT8 and FP8 static
 with SmoothQuant (alpha per layer group), INT8 dynamic. Each record carries versions and commit.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -48,6 +54,10 @@ def config(args):
     return zoo_llama.LlamaConfig(vocab=256, hidden=args.hidden, layers=args.layers, heads=heads,
                                  kv_heads=max(1, heads // 3), intermediate=args.hidden * 8 // 3 // 64 * 64 or 64,
                                  max_context=args.seq)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
 
 def text_bytes(sentences: List[str]) -> torch.Tensor:
@@ -102,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval", type=int, default=48, help="held-out windows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the dtype the trained model is cast to before each mode compiles it")
     args = p.parse_args(argv)
 
     from compile_backend import quant, zoo_llama
@@ -118,16 +130,28 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     losses = train(model.decoder, train_data, args.steps, args.seq, 16, args.seed)
     train_s = time.perf_counter() - t0
+    model.eval()
     windows = prompts(eval_data, args.seq, args.eval)
     ids = torch.stack([w[:-1] for w in windows])
     target = torch.stack([w[-1] for w in windows])
     caches = (torch.zeros(cfg.cache_shape(ids.shape[0])), torch.zeros(cfg.cache_shape(ids.shape[0])))
-    inputs = (ids, *caches)
     with torch.no_grad():
-        ref = model(*inputs)[0]
-    calib_ids = torch.stack([w[:-1] for w in prompts(train_data, args.seq, 16)])
-    calib = [(calib_ids, torch.zeros(cfg.cache_shape(16)), torch.zeros(cfg.cache_shape(16)))]
+        ref = model(ids, *caches)[0]
     results: List[Dict[str, Any]] = [{"mode": "fp32", "next_byte_top1": (ref.argmax(-1) == target).float().mean().item()}]
+    dtype = getattr(torch, args.dtype)
+    float_ref = ref
+    if dtype != torch.float32:  # every mode below compiles the model cast to this dtype
+        model = copy.deepcopy(model).to(dtype)
+        caches = tuple(c.to(dtype) for c in caches)
+        with torch.no_grad():
+            float_ref = model(ids, *caches)[0]
+        results.append({"mode": args.dtype, "logits_cosine": cosine(float_ref, ref),
+                        "top1_agreement": (float_ref.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                        "next_byte_top1": (float_ref.argmax(-1) == target).float().mean().item()})
+        print(json.dumps(results[-1]), flush=True)
+    inputs = (ids, *caches)
+    calib_ids = torch.stack([w[:-1] for w in prompts(train_data, args.seq, 16)])
+    calib = [(calib_ids, *(torch.zeros(cfg.cache_shape(16), dtype=dtype) for _ in range(2)))]
     for mode in args.modes:
         qcfg = quant.QuantConfig(min_features=16, **MODES[mode])
         q = quant.calibrate(model, calib, qcfg, progress=False, use_cache=False) if qcfg.activations == "static" else qcfg
@@ -139,13 +163,14 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         row: Dict[str, Any] = {
             "mode": mode, "config": {k: v for k, v in MODES[mode].items()},
-            "logits_cosine": torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(),
-                                                                   dim=0).item(),
+            "logits_cosine": cosine(out, ref),
             "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
             "next_byte_top1": (out.argmax(-1) == target).float().mean().item(),
             "quantized": sum(lay["status"] == "quantized" for g in report.graphs for lay in g.quant),
             "fallbacks": sorted({f["op"] for g in report.graphs for f in g.fallbacks}),
         }
+        if dtype != torch.float32:
+            row["logits_cosine_vs_" + args.dtype] = cosine(out, float_ref)
         if qcfg.activations is None:
             sqnr = layer_output_sqnr(model, inputs, qcfg.precision, qcfg.group_size, qcfg.clip)
             row["layer_sqnr_db"] = {k: round(v, 2) for k, v in sqnr.items()}
@@ -165,7 +190,7 @@ def main(argv=None) -> int:
                      "fingerprint": quant_data.fingerprint(split.calibration)},
         "evaluation": {"windows": args.eval, "text": "the odd sentences",
                        "fingerprint": quant_data.fingerprint(split.evaluation)},
-        "device": f"cpu ({platform.machine()}), emulated path: the kernels' numerics reference",
+        "dtype": args.dtype, "device": f"cpu ({platform.machine()}), emulated path: the kernels' numerics reference",
         "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": results,
     }

