@@ -550,9 +550,11 @@ def test_qat_step_bench_cpu_times_steps_and_checks_float_gradients(tmp_path, mon
     assert placement["ops"] > 0 and placement["aten"] == 0, placement
 
 
-def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch, dtype):
     """The real-text accuracy benchmark of issue #20 in miniature: a few training steps of a
-    tiny byte-level decoder, then a weight-only and a W8A8 mode against FP32 on held-out text."""
+    tiny byte-level decoder, then a weight-only and a W8A8 mode against FP32 on held-out text;
+    in bf16 every mode compiles the model cast to bf16 (calibration included)."""
     import json
 
     from benchmarks import llm_accuracy
@@ -560,12 +562,16 @@ def test_llm_accuracy_trains_then_compares_modes(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated path
     out = tmp_path / "acc.json"
     assert llm_accuracy.main(["--steps", "3", "--hidden", "64", "--layers", "1", "--seq", "32", "--eval", "4",
-                              "--modes", "w8a16", "int8-sq", "--out", str(out)]) == 0
+                              "--modes", "w8a16", "int8-sq", "--dtype", dtype, "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     rows = {r["mode"]: r for r in record["results"]}
-    assert set(rows) == {"fp32", "w8a16", "int8-sq"} and len(record["training"]["loss"]) >= 1
+    extra = {dtype} if dtype != "float32" else set()
+    assert set(rows) == {"fp32", "w8a16", "int8-sq"} | extra and len(record["training"]["loss"]) >= 1
+    assert record["dtype"] == dtype
     for mode in ("w8a16", "int8-sq"):
         assert rows[mode]["quantized"] > 0 and rows[mode]["logits_cosine"] > 0.99, rows[mode]
+        if extra:
+            assert rows[mode]["logits_cosine_vs_" + dtype] > 0.99, rows[mode]
     assert rows["w8a16"]["layer_sqnr_db_min"] > 20
 
 
