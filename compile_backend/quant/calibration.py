@@ -434,8 +434,10 @@ def _check_name(name: Any) -> None:
 
 
 def _check_smooth(name: str, smooth: Any, fingerprint: Any) -> Optional[Tuple[float, ...]]:
-    """None, or a tuple of finite positive floats, one per input channel (when the fingerprint's
-    shape is a linear weight's [N, K], exactly K of them; a merged layer's is checked at compile)."""
+    """None, or a tuple of finite positive floats, one per input channel. When the fingerprint's
+    shape is 2-D, as many as one of its dims: an ``nn.Linear`` weight is [N, K], a transformers
+    ``Conv1D`` weight (GPT-2's) is [K, N], and the fingerprint cannot tell them apart; the count is
+    checked against the layer's K at compile (as a merged layer's is)."""
     if smooth is None:
         return None
     if isinstance(smooth, (str, bytes)) or not isinstance(smooth, (list, tuple)) or not 0 < len(smooth) <= MAX_SMOOTH:
@@ -445,9 +447,10 @@ def _check_smooth(name: str, smooth: Any, fingerprint: Any) -> Optional[Tuple[fl
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"layer {name!r}: 'smooth' factors must be finite numbers > 0, got {v!r:.80}")
     dims = _shape_part(fingerprint).strip("[]").split(",") if isinstance(fingerprint, str) else []
-    if len(dims) == 2 and dims[1].isdigit() and int(dims[1]) != len(smooth):
+    if len(dims) == 2 and all(d.isdigit() for d in dims) and len(smooth) not in (int(dims[0]), int(dims[1])):
         raise ValueError(f"layer {name!r}: {len(smooth)} 'smooth' factors for a weight of shape "
-                         f"{_shape_part(fingerprint)} (one per input channel, {dims[1]})")
+                         f"{_shape_part(fingerprint)} (one per input channel: {dims[1]} for a [N, K] "
+                         f"weight, {dims[0]} for a [K, N] one)")
     return tuple(float(v) for v in smooth)
 
 

@@ -416,3 +416,37 @@ def test_auto_compiles_and_reports(aten_only, tmp_path):
     # each layer's own alpha, the one the search chose (test_auto_chooses_per_layer_and_beats_every_fixed_alpha)
     assert records["fc_a.weight"]["activations"].endswith(f"smoothquant alpha {calib.layer('fc_a.weight').alpha:g} (auto)")
     assert records["fc_b.weight"]["smoothquant"] == calib.layer("fc_b.weight").alpha
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_gpt2_conv1d_weights_smooth_and_round_trip(tmp_path, dtype):
+    """GPT-2's ``Conv1D`` keeps its weight [K, N] (addmm(bias, x, W)), not nn.Linear's [N, K]: the
+    calibration's check of the factor count read the fingerprint's second dim as K and refused
+    every GPT-2 layer (a crash in ``calibrate``). The factors are per input channel either way;
+    the file round trip and the compiled engine agree with the float model."""
+    transformers = pytest.importorskip("transformers")
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            cfg = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4, n_positions=64)
+            self.m = transformers.GPT2LMHeadModel(cfg)
+
+        def forward(self, ids):
+            return (self.m(input_ids=ids, use_cache=False).logits,)
+
+    model = LM().eval().to(dtype)
+    g = torch.Generator().manual_seed(0)
+    calib_data = [(torch.randint(0, 256, (4, 16), generator=g),) for _ in range(2)]
+    calib = quant.calibrate(model, calib_data, static(0.5), progress=False, use_cache=False)
+    smoothed = [n for n, r in calib.layers.items() if r.smooth is not None]
+    assert any("c_attn" in n for n in smoothed) and any("c_fc" in n for n in smoothed), smoothed
+    path = tmp_path / "gpt2.json"
+    calib.save(path)
+    assert quant.Calibration.load(path) == calib
+    ids = torch.randint(0, 256, (2, 16), generator=g)
+    with torch.no_grad():
+        ref = model(ids)[0]
+        out = torch.compile(model, backend="compile_backend", options={"quant": calib})(ids)[0]
+    assert cosine(out, ref) > 0.99
