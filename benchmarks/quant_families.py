@@ -1,0 +1,153 @@
+"""Every quantization mode on models no one here wrote: one tiny random-init model per
+``transformers`` family (decoders with RoPE / GQA / ALiBi / parallel blocks, GPT-2's ``Conv1D``,
+encoders), compiled through the backend in a dtype, against the same model in float.
+
+    PYTHONPATH=. python3 -m benchmarks.quant_families --dtype bfloat16 --out benchmarks/results/quant_families_bf16_cpu.json
+
+Random weights and random token ids say little about accuracy (there are no trained outliers);
+what this checks is that each mode goes through each family's graphs without an error, quantizes
+its linears, and stays close to float (output cosine). On a CPU the engine runs its emulated path
+(the kernels' numerics reference). Found with it (session 35): SmoothQuant refused GPT-2's
+``Conv1D`` weights (calibrate crashed), and bf16 calibration clipped RMS-norm outputs.
+An error is recorded in the row (type and message), never raised: the table is the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from typing import Any, Callable, Dict, List
+
+import torch
+
+MODES: Dict[str, Dict[str, Any]] = {
+    "w8a16": dict(precision="int8", activations=None),
+    "w4a16-g32": dict(precision="int4", activations=None, group_size=32),
+    "int8-static": dict(precision="int8", activations="static"),
+    "int8-sq": dict(precision="int8", activations="static", smoothquant="auto"),
+    "fp8-static": dict(precision="fp8", activations="static"),
+    "int8-dynamic": dict(precision="int8", activations="dynamic"),
+}
+VOCAB, HIDDEN, LAYERS, HEADS, FFN = 512, 128, 2, 4, 256
+
+
+def families() -> Dict[str, Callable[[], torch.nn.Module]]:
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  intermediate_size=FFN)
+    gqa = dict(common, num_key_value_heads=2)
+    return {
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**gqa)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**gqa)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**gqa)),
+        "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(head_dim=HIDDEN // HEADS, **gqa)),
+        "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(pad_token_id=0, **gqa)),
+        "stablelm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**gqa)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS)),
+        "gptj": lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                                        rotary_dim=16)),
+        "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**common)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                     num_attention_heads=HEADS, ffn_dim=FFN, word_embed_proj_dim=HIDDEN)),
+        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS,
+                                                           n_head=HEADS)),
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
+                                                              num_hidden_layers=LAYERS, num_attention_heads=HEADS)),
+        "bert": lambda: T.BertModel(T.BertConfig(**common)),
+        "roberta": lambda: T.RobertaModel(T.RobertaConfig(**common)),
+        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
+                                                                    n_heads=HEADS, hidden_dim=FFN)),
+    }
+
+
+class Output(torch.nn.Module):
+    """The tensor a user reads: ``logits`` of a causal LM (no KV cache), else ``last_hidden_state``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.causal = hasattr(model, "lm_head") or "CausalLM" in type(model).__name__
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, use_cache=False) if self.causal else self.model(input_ids=input_ids)
+        return (out.logits if self.causal else out.last_hidden_state,)
+
+
+def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[str], dtype: torch.dtype,
+               device: str, seq: int = 24) -> Dict[str, Any]:
+    from compile_backend import quant
+    from compile_backend.backend import compile_backend as backend
+    from compile_backend.report import Report
+
+    torch.manual_seed(0)
+    model = Output(factory()).eval().to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, seq), generator=g).to(device)
+    calib = [(torch.randint(0, VOCAB, (4, seq), generator=g).to(device),) for _ in range(2)]
+    with torch.no_grad():
+        ref = model(ids)[0].float()
+    row: Dict[str, Any] = {"family": name, "model": type(model.model).__name__, "modes": {}}
+    for mode in modes:
+        start = time.perf_counter()
+        try:
+            cfg = quant.QuantConfig(min_features=16, **MODES[mode])
+            q = quant.calibrate(model, calib, cfg, progress=False, use_cache=False) if cfg.activations == "static" else cfg
+            report = Report()
+            torch._dynamo.reset()
+            fast = torch.compile(model, backend=lambda gm, ex: backend(gm, ex, options={"quant": q}, report=report))
+            with torch.no_grad():
+                out = fast(ids)[0].float()
+            layers = [lay for g_ in report.graphs for lay in g_.quant]
+            row["modes"][mode] = {
+                "cosine": torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(),
+                                                                dim=0).item(),
+                "quantized": sum(lay["status"] == "quantized" for lay in layers), "layers": len(layers),
+                "fallbacks": sorted({f["op"] for g_ in report.graphs for f in g_.fallbacks}),
+                "seconds": round(time.perf_counter() - start, 2)}
+        except Exception as e:  # the row records it: the table is the result
+            row["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        finally:
+            torch._dynamo.reset()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--families", nargs="*", default=None, help="default: every family")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    known = families()
+    names = args.families or list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        p.error(f"unknown families {unknown}; known: {', '.join(known)}")
+    rows = []
+    for name in names:
+        rows.append(run_family(name, known[name], args.modes, getattr(torch, args.dtype), args.device))
+        cells = [f"{m}:{r['cosine']:.4f}/{r['quantized']}q" if "cosine" in r else f"{m}:ERROR {r['error'][:80]}"
+                 for m, r in rows[-1]["modes"].items()]
+        print(f"[quant_families] {name}: " + " ".join(cells), flush=True)
+    errors = sum("error" in r for row in rows for r in row["modes"].values())
+    import transformers
+    record = {
+        "benchmark": "quant_families", "dtype": args.dtype, "device": args.device,
+        "note": "random init, random ids: a does-it-run-and-stay-close check, not an accuracy claim",
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors, "results": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
