@@ -56,6 +56,19 @@ def config(args):
                                  max_context=args.seq)
 
 
+def quantized_engine(model: torch.nn.Module, qcfg, calib: List[tuple]):
+    """(the model compiled through the backend with ``qcfg``, its Report): static activations
+    are calibrated on ``calib`` first (no progress, no cache); Dynamo is reset before."""
+    from compile_backend import quant
+    from compile_backend.backend import compile_backend as backend
+    from compile_backend.report import Report
+
+    q = quant.calibrate(model, calib, qcfg, progress=False, use_cache=False) if qcfg.activations == "static" else qcfg
+    report = Report()
+    torch._dynamo.reset()
+    return torch.compile(model, backend=lambda gm, ex: backend(gm, ex, options={"quant": q}, report=report)), report
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
@@ -117,8 +130,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from compile_backend import quant, zoo_llama
-    from compile_backend.backend import compile_backend as backend
-    from compile_backend.report import Report
 
     from benchmarks.decode_bench import layer_output_sqnr
 
@@ -154,10 +165,7 @@ def main(argv=None) -> int:
     calib = [(calib_ids, *(torch.zeros(cfg.cache_shape(16), dtype=dtype) for _ in range(2)))]
     for mode in args.modes:
         qcfg = quant.QuantConfig(min_features=16, **MODES[mode])
-        q = quant.calibrate(model, calib, qcfg, progress=False, use_cache=False) if qcfg.activations == "static" else qcfg
-        report = Report()
-        torch._dynamo.reset()
-        fast = torch.compile(model, backend=lambda gm, ex: backend(gm, ex, options={"quant": q}, report=report))
+        fast, report = quantized_engine(model, qcfg, calib)
         with torch.no_grad():
             out = fast(*inputs)[0]
         torch._dynamo.reset()

@@ -79,8 +79,8 @@ class Output(torch.nn.Module):
 def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[str], dtype: torch.dtype,
                device: str, seq: int = 24) -> Dict[str, Any]:
     from compile_backend import quant
-    from compile_backend.backend import compile_backend as backend
-    from compile_backend.report import Report
+
+    from benchmarks.llm_accuracy import quantized_engine
 
     torch.manual_seed(0)
     model = Output(factory()).eval().to(device=device, dtype=dtype)
@@ -93,11 +93,7 @@ def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[st
     for mode in modes:
         start = time.perf_counter()
         try:
-            cfg = quant.QuantConfig(min_features=16, **MODES[mode])
-            q = quant.calibrate(model, calib, cfg, progress=False, use_cache=False) if cfg.activations == "static" else cfg
-            report = Report()
-            torch._dynamo.reset()
-            fast = torch.compile(model, backend=lambda gm, ex: backend(gm, ex, options={"quant": q}, report=report))
+            fast, report = quantized_engine(model, quant.QuantConfig(min_features=16, **MODES[mode]), calib)
             with torch.no_grad():
                 out = fast(ids)[0].float()
             layers = [lay for g_ in report.graphs for lay in g_.quant]
