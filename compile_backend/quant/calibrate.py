@@ -355,7 +355,9 @@ def _cache_key(model: Any, batches: Iterable[Any], config: QuantConfig) -> str:
     """sha256 of the config, the model's parameters and buffers (names, shapes, values), the data
     and the versions: a later calibrate with the same of each gives the same ranges."""
     h = hashlib.sha256()
-    h.update(f"calib-v2 torch {torch.__version__} config {config.digest()}".encode())
+    # v3: bf16 / fp16 activations binned over their rounding intervals (observer.py): a cached
+    # calibration of a 16-bit model from before had the grid's clipped ranges
+    h.update(f"calib-v3 torch {torch.__version__} config {config.digest()}".encode())
     state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
     for name, t in sorted(state.items()):
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())

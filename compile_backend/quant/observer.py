@@ -227,7 +227,8 @@ def spread_over_rounding_interval(a: torch.Tensor, bits: int) -> torch.Tensor:
     _, exponent = torch.frexp(a)                       # a = m * 2**exponent, m in [0.5, 1)
     ulp = torch.ldexp(torch.ones_like(a), exponent - bits)
     index = torch.arange(a.numel(), device=a.device, dtype=torch.int64)
-    offset = ((index * _GOLDEN_32) & 0xFFFFFFFF).to(torch.float64).div_(2.0 ** 32).sub_(0.5).to(a.dtype)
+    # the hash's top 24 bits: exact in fp32 (no fp64, which some devices lack)
+    offset = (((index * _GOLDEN_32) & 0xFFFFFFFF) >> 8).to(torch.float32).div_(2.0 ** 24).sub_(0.5).to(a.dtype)
     return torch.where(a > 0, (a + offset * ulp).clamp_(min=0.0), a)
 
 
