@@ -146,19 +146,22 @@ def {name}(
     if DOT:  # 16-bit x: weights in x's dtype, products on the tensor cores (dot_column)
         part = tl.zeros([BLOCK_N, 16], tl.float32)
         if WEIGHTS == 1 and WORDS:  # INT4 as 16-bit words of four codes, a step in one load: four dots a step
+            # bf16 with a step inside one group: the group scale applied to the dots' sums, not to
+            # each weight (words_dots); fp16 keeps the measured per-weight form
+            SCALE_AFTER: tl.constexpr = {x_dtype} == tl.bfloat16 and STEP <= GROUP
             # x: one row [STEP] (column 0 of the dots' operand) or ROWS 16 rows [STEP, 16]
             xk = k_lo + tl.arange(0, STEP)
             xs = x_at(xm, xk[:, None], k_hi, {x_args}{row_params}) if ROWS == 16 else x_at(m, xk, k_hi, {x_args}{row_params})
             if DEFERRED:
                 row_acc = x_row_terms(m, xk, k_hi, {x_args})
-            part = words_dots(part, first_w, first_s, xs, ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
+            part = words_dots(part, first_w, first_s, xs, ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16, SCALE_AFTER)
             for k_step in range(k_lo + STEP, k_hi, STEP):
                 words, scale = step_weights(W, S, rn, n_ok, k_step, k_hi, swn, ssn, WEIGHTS, ONE_LOAD, GROUP, BLOCK_K, UNROLL)
                 xk = k_step + tl.arange(0, STEP)
                 xs = x_at(xm, xk[:, None], k_hi, {x_args}{row_params}) if ROWS == 16 else x_at(m, xk, k_hi, {x_args}{row_params})
                 if DEFERRED:
                     row_acc += x_row_terms(m, xk, k_hi, {x_args})
-                part = words_dots(part, words, scale, xs, ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16)
+                part = words_dots(part, words, scale, xs, ROWS, {x_dtype}, not SOFT_BF16, SOFT_BF16, SCALE_AFTER)
         elif WEIGHTS == 1:
             HALF16: tl.constexpr = BLOCK_K // 2
             for k_step in range(k_lo, k_hi, BLOCK_K * UNROLL):

@@ -295,6 +295,43 @@ def words_to(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     return w0, w1, w2, w3
 
 
+#: INT4, bf16, the scale left out (``words_dots``' SCALE_AFTER): two 16-bit words a register;
+#: nibble i shifted down to bits 0-3 (bf16 keeps 7 mantissa bits, so no nibble but the lowest
+#: fits under one exponent in place), under 0x4300 (128, unit 1) with the top bit flipped by the
+#: `lop3`, minus 136: the signed code, exact. 11 instructions for 8 weights, against the scaled
+#: fp32 route's ~28 (sm_90)
+_INT4_CODE_PAIRS_BF16 = tl.constexpr("""{
+.reg .b32 s1, s2, s3, m, o;
+mov.b32 m, 0x000F000F;
+mov.b32 o, 0x43084308;
+shr.b32 s1, $4, 4;
+shr.b32 s2, $4, 8;
+shr.b32 s3, $4, 12;
+lop3.b32 $0, $4, m, o, 0x6a;
+lop3.b32 $1, s1, m, o, 0x6a;
+lop3.b32 $2, s2, m, o, 0x6a;
+lop3.b32 $3, s3, m, o, 0x6a;
+sub.rn.bf16x2 $0, $0, o;
+sub.rn.bf16x2 $1, $1, o;
+sub.rn.bf16x2 $2, $2, o;
+sub.rn.bf16x2 $3, $3, o;
+}""")
+
+
+@triton.jit
+def words_to_codes(words, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """The four signed INT4 codes (-8..7) of each 16-bit word (as :func:`words_to`, nibble i
+    from the lowest) as DTYPE values, exact and unscaled. NATIVE bf16: ``_INT4_CODE_PAIRS_BF16``."""
+    if NATIVE and DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(_INT4_CODE_PAIRS_BF16, "=r,=r,=r,=r,r", [words],
+                                         dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+    w0 = ((((words & 15) ^ 8).to(tl.int32)) - 8).to(tl.float32).to(DTYPE)
+    w1 = (((((words >> 4) & 15) ^ 8).to(tl.int32)) - 8).to(tl.float32).to(DTYPE)
+    w2 = (((((words >> 8) & 15) ^ 8).to(tl.int32)) - 8).to(tl.float32).to(DTYPE)
+    w3 = ((((words >> 12) ^ 8).to(tl.int32)) - 8).to(tl.float32).to(DTYPE)
+    return w0, w1, w2, w3
+
+
 @triton.jit
 def words_to_f32(words, scale, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
     """:func:`words_to` widened to fp32 (the elementwise loops): NATIVE bf16 widens in its PTX
@@ -368,14 +405,31 @@ def words_math(part, words, scale, x, DTYPE: tl.constexpr, NATIVE: tl.constexpr)
 
 @triton.jit
 def words_dots(part, words, scale, x, ROWS: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr,
-               UPCAST: tl.constexpr):
+               UPCAST: tl.constexpr, SCALE_AFTER: tl.constexpr = False):
     """:func:`words_math` on the tensor cores: ``part [BLOCK_N, 16]``; ``x`` [UNROLL * BLOCK_K]
     (one row: column 0 of the dots' operand) or [UNROLL * BLOCK_K, 16] (ROWS 16: rows of x as
     the dots' columns). [BLOCK_N, UNROLL, BLOCK_K / 4] flattened is one K run for each nibble's
-    dot."""
+    dot. SCALE_AFTER (the caller's step lies inside one group, so every scale of a row is the
+    same): the dots take the unscaled codes (``words_to_codes``) and their fp32 sums are scaled,
+    sum_g s_g * sum_k x_k q_k instead of sum_k x_k * round(s_g q_k): closer to the exact product,
+    not the reference's rounding of each weight (bf16 128x128 loop, sm_90: 4.88 -> 2.74 SASS a
+    weight, ``benchmarks/notes/probes/int4_scale_after_sass.py``)."""
     BN: tl.constexpr = words.shape[0]
-    KQ: tl.constexpr = words.shape[1] * words.shape[2]
-    w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+    if SCALE_AFTER:  # (scales are >= 0: the max over a row's tiles is its group's, masked tiles 0)
+        w0, w1, w2, w3 = words_to_codes(words, DTYPE, NATIVE)
+        row_scale = tl.max(tl.reshape(scale, [BN, words.shape[1]]), axis=1).to(tl.float32)[:, None]
+        part = part + words_dots_of(tl.zeros(part.shape, tl.float32), w0, w1, w2, w3, x, ROWS, DTYPE, UPCAST) * row_scale
+    else:
+        w0, w1, w2, w3 = words_to(words, scale, DTYPE, NATIVE)
+        part = words_dots_of(part, w0, w1, w2, w3, x, ROWS, DTYPE, UPCAST)
+    return part
+
+
+@triton.jit
+def words_dots_of(part, w0, w1, w2, w3, x, ROWS: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """``part`` plus the four nibble planes' dots with ``x`` (``words_dots``)."""
+    BN: tl.constexpr = w0.shape[0]
+    KQ: tl.constexpr = w0.shape[1] * w0.shape[2]
     w0 = tl.reshape(w0, [BN, KQ])
     w1 = tl.reshape(w1, [BN, KQ])
     w2 = tl.reshape(w2, [BN, KQ])
@@ -461,5 +515,5 @@ def k_slices(k: int, block_k: int, split: int):
 
 __all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "first_weights",
-           "words_math", "words_dots", "int8_step", "int4_step", "TMA_INT8_BOX_K", "dot16", "dot_column",
+           "words_math", "words_dots", "words_dots_of", "words_to_codes", "int8_step", "int4_step", "TMA_INT8_BOX_K", "dot16", "dot_column",
            "float_weights", "split_sum", "auto_split", "k_slices"]

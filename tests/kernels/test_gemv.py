@@ -435,3 +435,24 @@ def test_split_k_slices_are_whole_steps():
     (grid, args, kwargs), = launches
     k_slice = args[11]  # after W, WD, S, BIAS, WS, COUNT, x, out, M, N, K
     assert (grid[1], k_slice, kwargs["UNROLL"]) == (4, 512, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("unroll,rows", [(1, 1), (2, 1), (1, 13)], ids=["step-in-group", "step-spans-groups", "m13"])
+def test_int4_words_on_the_tensor_cores_scale_after_the_dot(dtype, unroll, rows):
+    """bf16 INT4 words on the tensor cores with a step inside one group apply the group scale to
+    the dots' fp32 sums (weight_only_parts.words_dots SCALE_AFTER); a step spanning groups and
+    fp16 keep the per-weight scale. K 200 (groups of 64: a short last group, a partial last step;
+    words on the tensor cores take K steps of 64 or more), N 37, split-K 3: every form within the
+    dtype's tolerance of the reference."""
+    from compile_backend.kernels import gemv, weight_only
+
+    m, k, n = rows, 200, 37
+    codes, scales = quantized_weights(n, k, "int4", 64, seed=41)
+    gen = torch.Generator().manual_seed(42)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    cfg = weight_only.WeightOnlyConfig("gemv", 1, 16, 64, split_k=3, tensor_cores=True, unroll=unroll)
+    gemv.gemv(x, codes, scales, None, out, int4=True, group=64, config=cfg)
+    want = ref.weight_only_mm(x, ref.unpack_int4(codes, k), scales, "int4", 64)
+    assert_close(out, want)
