@@ -1,32 +1,14 @@
 """Offline sm_90 SASS: the INT4 words tensor-core GEMV loop (M = 1) in bf16, today's words_dots
 (dequantize with the scale in PTX, fp32 route) against a scale-after-the-dot form: (q - 8) exact in
-bf16 (lop3 under 0x4300 + sub.rn.bf16x2), one dot per step (a step inside one group), then
-part += dot * scale."""
+bf16 (lop3 under 0x4300 + sub.rn.bf16x2: weight_only_parts.words_to_codes, since integrated), one dot
+per step (a step inside one group), then part += dot * scale. fp16's unscaled form stays here
+(the engine keeps fp16's measured per-weight form)."""
 import sys
 import triton
 import triton.language as tl
 import torch
-from compile_backend.kernels.weight_only_parts import words_dots, dot_column
+from compile_backend.kernels.weight_only_parts import dot_column, words_dots, words_to_codes
 from benchmarks.kernel_sass import compile_for_hopper, longest_loop
-
-# two 16-bit words a register; outputs: nibble i of both words as a bf16 pair, (q ^ 8) - 8 exact
-_Q_PAIRS_BF16 = tl.constexpr("""{
-.reg .b32 s1, s2, s3, m, o;
-mov.b32 m, 0x000F000F;
-mov.b32 o, 0x43084308;
-shr.b32 s1, $4, 4;
-shr.b32 s2, $4, 8;
-shr.b32 s3, $4, 12;
-lop3.b32 $0, $4, m, o, 0x6a;
-lop3.b32 $1, s1, m, o, 0x6a;
-lop3.b32 $2, s2, m, o, 0x6a;
-lop3.b32 $3, s3, m, o, 0x6a;
-sub.rn.bf16x2 $0, $0, o;
-sub.rn.bf16x2 $1, $1, o;
-sub.rn.bf16x2 $2, $2, o;
-sub.rn.bf16x2 $3, $3, o;
-}""")
-
 
 _Q_PAIRS_F16 = tl.constexpr("""{
 .reg .b32 s, m, n, o, p;
@@ -53,12 +35,6 @@ def words_q16(words):
 
 
 @triton.jit
-def words_q(words):
-    return tl.inline_asm_elementwise(_Q_PAIRS_BF16, "=r,=r,=r,=r,r", [words],
-                                     dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
-
-
-@triton.jit
 def gemv_k(X, W, S, OUT, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AFTER: tl.constexpr, DT: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,7 +49,7 @@ def gemv_k(X, W, S, OUT, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AFT
             if DT == tl.float16:
                 w0, w1, w2, w3 = words_q16(words)
             else:
-                w0, w1, w2, w3 = words_q(words)
+                w0, w1, w2, w3 = words_to_codes(words, tl.bfloat16, True)
             x_b0, x_b1 = tl.split(tl.reshape(x, [KQ, 2, 2]))
             x0, x2 = tl.split(x_b0)
             x1, x3 = tl.split(x_b1)
