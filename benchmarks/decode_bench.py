@@ -317,10 +317,13 @@ class HFDecodeStep(torch.nn.Module):
         # written (``cumulative_length``, advanced in place by every call) and places the next
         # one there; so the step sets the count to the step's position first, or every timed
         # call would decode one slot further (the H100 runs of sessions 11-13: cosine 0.04-0.36).
-        # Sliding-window layers also keep the count as a Python int (``cumulative_length_int``).
+        # Sliding-window layers also keep the count as a Python int (``cumulative_length_int``;
+        # transformers 4.57: ``cumulative_length`` itself, so each call advanced it and recompiled).
         for layer in getattr(cache, "layers", ()):
             if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
                 layer.cumulative_length.copy_(position.reshape(()))
+            elif self.position is not None and isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length = self.position
             if self.position is not None and isinstance(getattr(layer, "cumulative_length_int", None), int):
                 layer.cumulative_length_int = self.position
         return (self.model(token, past_key_values=cache, cache_position=position, use_cache=True).logits[:, -1],)

@@ -394,8 +394,11 @@ def _match_sdpa(node: fx.Node, facts: Facts) -> Optional[_Match]:
         op = node.args[0]
         if op.target not in _SDPA_MASK_ARG or op.target is aten.scaled_dot_product_attention.default:
             return None
-        if any(u.args[1] != 0 for u in op.users):
-            return None  # logsumexp etc. are used (a backward pass)
+        # logsumexp etc. read by something (a backward pass); a getitem of them read by nothing
+        # does not count: Dynamo's recompiled graphs keep such dead reads (transformers' Mistral
+        # decode step after a cache-length recompile left its attention in ATen for it)
+        if any(u.args[1] != 0 and u.users for u in op.users):
+            return None
     elif node.target is aten.scaled_dot_product_attention.default:
         op = node
     else:

@@ -1,6 +1,7 @@
 """Attention fusion: explicit chains and SDPA ops become compile_backend.attention with the
 right scale / causal / mask, values unchanged; inexpressible or shared chains stay as they are."""
 import math
+import operator
 
 import pytest
 import torch
@@ -177,6 +178,35 @@ def test_sdpa_ops_fuse(causal, scale, with_mask):
     assert node.args[5] is causal
     assert node.args[4] == pytest.approx(scale if scale is not None else 1 / math.sqrt(D))
     assert (node.args[3] is not None) is with_mask
+
+
+def test_sdpa_op_with_a_dead_read_of_its_logsumexp_fuses():
+    # Dynamo's recompiled graphs can keep a getitem of the SDPA op's logsumexp that nothing
+    # reads (transformers' Mistral decode step after a cache-length recompile): not a backward
+    # pass, so the op still fuses, and the dead read goes with it
+    t = inference_graph(SDPA(causal=True).eval(), *_qkv())
+    remove_noops(t.gm, ctx())
+    (op,) = [n for n in t.gm.graph.nodes if str(n.target).startswith("aten._scaled_dot_product")]
+    with t.gm.graph.inserting_after(op):
+        t.gm.graph.call_function(operator.getitem, (op, 1))
+    assert total(fuse_attention(t.gm, ctx())) == 1
+    t.gm.graph.lint()
+    assert not [n for n in t.gm.graph.nodes if str(n.target).startswith("aten._scaled_dot_product")]
+    assert not [n for n in t.gm.graph.nodes if n.target is operator.getitem]
+    torch.testing.assert_close(run(t)[0] if isinstance(run(t), (list, tuple)) else run(t),
+                               SDPA(causal=True)(*_qkv()), rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_op_whose_logsumexp_is_read_stays():
+    t = inference_graph(SDPA(causal=True).eval(), *_qkv())
+    remove_noops(t.gm, ctx())
+    graph = t.gm.graph
+    (op,) = [n for n in graph.nodes if str(n.target).startswith("aten._scaled_dot_product")]
+    out = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out):
+        lse = graph.call_function(operator.getitem, (op, 1))
+    out.args = ((*out.args[0], lse) if isinstance(out.args[0], (list, tuple)) else (out.args[0], lse),)
+    assert total(fuse_attention(t.gm, ctx())) == 0
 
 
 def test_sdpa_with_a_longer_key_sequence():
