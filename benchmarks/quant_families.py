@@ -45,6 +45,9 @@ def families() -> Dict[str, Callable[[], torch.nn.Module]]:
         "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**gqa)),
         "gemma": lambda: T.GemmaForCausalLM(T.GemmaConfig(head_dim=HIDDEN // HEADS, **gqa)),
         "phi3": lambda: T.Phi3ForCausalLM(T.Phi3Config(pad_token_id=0, **gqa)),
+        "qwen3": lambda: T.Qwen3ForCausalLM(T.Qwen3Config(head_dim=HIDDEN // HEADS, **gqa)),  # q/k RMS norms
+        "gemma2": lambda: T.Gemma2ForCausalLM(T.Gemma2Config(head_dim=HIDDEN // HEADS, **gqa)),  # logit soft-capping
+        "olmo": lambda: T.OlmoForCausalLM(T.OlmoConfig(**gqa)),  # LayerNorm without parameters
         "stablelm": lambda: T.StableLmForCausalLM(T.StableLmConfig(**gqa)),
         "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS)),
         "gptj": lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,

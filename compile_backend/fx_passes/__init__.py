@@ -12,6 +12,7 @@ from .cleanup import eliminate_dead_code
 from .cleanup_rules import eliminate_common_subexpressions, remove_noops
 from .constant_fold import constant_fold
 from .copies import drop_copies
+from .gathers import canonical_gathers
 from .gemm_bias import fold_gemm_bias
 from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
@@ -28,6 +29,7 @@ from .weight_only import with_weight_only
 REGISTRY = PassRegistry()
 REGISTRY.register("eliminate_common_subexpressions")(eliminate_common_subexpressions)
 REGISTRY.register("remove_noops")(remove_noops)
+REGISTRY.register("canonical_gathers", inference_only=True)(canonical_gathers)  # rotary spellings the kernels take
 REGISTRY.register("select_rows_first")(select_rows_first)
 REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)

@@ -307,6 +307,10 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
         body.append(f"# {node.name}: embedding rows gathered by index (an index out of range reads 0)")
         at = f"g{k}_i_ptr + {offset(f'g{k}_i', ipat)}" if ipat == "flat" or ipat else f"g{k}_i_ptr + 0 * offs"
         body.append(f"gi_{node.name} = tl.load({at}, mask=mask, other=0).to(tl.int64)")
+        if node.target is torch.ops.aten.index.Tensor:
+            # table[i] counts a negative index from the end, as Python does (Falcon picks its
+            # key head as qkv[..., [-2], :]); embedding has no such rows (eager raises)
+            body.append(f"gi_{node.name} = tl.where(gi_{node.name} < 0, gi_{node.name} + {rows}, gi_{node.name})")
         body.append(f"gok_{node.name} = (gi_{node.name} >= 0) & (gi_{node.name} < {rows})")
         load = (f"tl.load(g{k}_w_ptr + gi_{node.name} * g{k}_w_s0 + i{gather_dim} * g{k}_w_s1, "
                 f"mask=mask & gok_{node.name}, other=0)")

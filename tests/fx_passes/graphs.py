@@ -230,6 +230,7 @@ def pass_order():
     from compile_backend.fx_passes.batchnorm import fold_batchnorm
     from compile_backend.fx_passes.cleanup import eliminate_dead_code
     from compile_backend.fx_passes.cleanup_rules import eliminate_common_subexpressions, remove_noops
+    from compile_backend.fx_passes.gathers import canonical_gathers
     from compile_backend.fx_passes.constant_fold import constant_fold
     from compile_backend.fx_passes.copies import drop_copies
     from compile_backend.fx_passes.gemm_bias import fold_gemm_bias
@@ -237,7 +238,7 @@ def pass_order():
     from compile_backend.fx_passes.merge_gemms import merge_parallel_gemms
     from compile_backend.fx_passes.row_select import select_rows_first
 
-    return [eliminate_common_subexpressions, remove_noops, select_rows_first, fold_batchnorm, fold_gemm_bias, merge_parallel_gemms,
+    return [eliminate_common_subexpressions, remove_noops, canonical_gathers, select_rows_first, fold_batchnorm, fold_gemm_bias, merge_parallel_gemms,
             fuse_attention, choose_layout, drop_copies, constant_fold, eliminate_dead_code]
 
 

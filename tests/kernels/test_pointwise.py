@@ -263,6 +263,17 @@ def test_table_indexed_by_position_is_a_gather():
     assert_matches(kernel, group, [table, position, q])
 
 
+def test_table_indexed_by_a_negative_position_counts_from_the_end():
+    """``table[[-2]]`` is the second row from the end, as in eager (Falcon's key head,
+    qkv[..., [-2], :]); the kernel read 0 for it before (its validation fell back to ATen)."""
+    table, q = randn(6, 32, seed=38), randn(1, 4, 32, seed=39)
+    group = make_group(lambda t, p, q: (t[p] * q,), table, torch.tensor([-2]), q)
+    kernel = build_pointwise(group, context())
+    assert "aten.index" in " ".join(kernel.ops)
+    for index in ([-2], [-6], [5], [0]):
+        assert_matches(kernel, group, [table, torch.tensor(index), q])
+
+
 def test_embedding_of_a_strided_weight_and_a_scalar_index():
     w = randn(11, 20, seed=34).t()  # [20, 11] with strides (1, 20)
     idx = torch.tensor(7)
