@@ -8,18 +8,19 @@ import pytest
 pytest.importorskip("transformers")
 
 
-def test_gptj_falcon_and_mistral_decode_steps_leave_nothing_in_aten(tmp_path):
+def test_gptj_falcon_mistral_and_gpt2_decode_steps_leave_nothing_in_aten(tmp_path):
     from benchmarks import decode_families
 
     out = tmp_path / "decode.json"
-    assert decode_families.main(["--families", "gptj", "falcon", "mistral", "--modes", "float", "w4a16-g32",
+    assert decode_families.main(["--families", "gptj", "falcon", "mistral", "gpt2", "--modes", "float", "w4a16-g32",
                                  "--dtype", "float32", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["errors"] == 0
     for row in record["results"]:
         for mode, r in row["modes"].items():
             # GPT-J: gather of a repeated table + stack (fx_passes/gathers.py); Falcon: qkv[..., [-2], :]
-            # (a negative row index); Mistral: sliding-window cache layers
+            # (a negative row index); Mistral: sliding-window cache layers; GPT-2: Conv1D's [K, N]
+            # weights (INT4 codes of a transposed view)
             assert r["graphs"] == 1 and r["aten"] == [] and r["repeatable"], (row["family"], mode, r)
             assert r["cosine"] > (0.99999 if mode == "float" else 0.98), (row["family"], mode, r)
             assert (r["quantized"] > 0) is (mode != "float")

@@ -424,6 +424,10 @@ def launch(kernel, x_loads: Sequence[torch.Tensor], w: torch.Tensor, scales: Opt
     ``use_pdl``: the kernel was rendered with ``pdl.with_entry``: launch it with PDL."""
     m, k = x_loads[0].shape
     n = w.shape[0]
+    if weights == "int4" and w.shape[1] > 1 and w.stride(1) != 1:
+        # the INT4 loops read a row's packed bytes (or words) at unit stride along K
+        raise ValueError(f"gemv: INT4 codes with stride {w.stride(1)} along K; pass them row-major "
+                         "(weight_only_ref.pack_int4 makes them so)")
     bn = max(16, min(config.block_n, next_pow2(n)))
     if config.path == "tma":
         bk = int4_step_for(config.block_k, k, group) if weights == "int4" else int8_step_for(config.block_k, k)

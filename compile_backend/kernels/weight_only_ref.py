@@ -104,7 +104,9 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)
     if nib.shape[1] % 2:
         nib = torch.nn.functional.pad(nib, (0, 1))
-    return nib[:, 0::2] | (nib[:, 1::2] << 4)
+    # row-major whatever the codes' layout: the kernels read a row's bytes (and INT4 words)
+    # along K (a transposed weight, GPT-2's Conv1D [K, N], gave strides (1, N) here)
+    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:

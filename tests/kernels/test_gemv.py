@@ -309,6 +309,27 @@ def test_int4_elementwise_loops_words_and_bytes_match_the_reference(dtype, n, k)
     torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-2)
 
 
+def test_int4_codes_of_a_transposed_weight_are_row_major_and_others_refused():
+    """GPT-2's Conv1D keeps its weight [K, N]: the [N, K] rows the weight-only pass quantizes are a
+    transposed view, and the packed codes kept those strides, which the INT4 loops (reading a
+    row's bytes at unit stride) misread: every GPT-2 W4A16 GEMV was rejected by validation. The
+    packed codes are row-major now, and the launcher refuses codes that are not."""
+    from compile_backend.kernels import gemv
+    from compile_backend.kernels.weight_only import WeightOnlyConfig, weight_only_linear_reference
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 40).t()  # [N 40, K 96] as a view of a [K, N] weight
+    codes, scales = ref.quantize_weight(w, "int4", 32)
+    assert codes.is_contiguous()
+    x, out = torch.randn(1, 96), torch.empty(1, 40)
+    cfg = WeightOnlyConfig("gemv", 1, 32, 32, num_stages=1, waves=8, unroll=1)
+    gemv.gemv(x, codes, scales, None, out, int4=True, group=32, config=cfg)
+    expected = weight_only_linear_reference(x, codes, scales, None, precision="int4", group_size=32)
+    torch.testing.assert_close(out, expected, rtol=2e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="stride 40 along K"):
+        gemv.gemv(x, codes.t().contiguous().t(), scales, None, out, int4=True, group=32, config=cfg)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("widen", [False, True], ids=["16bit", "widened"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -25,6 +25,12 @@ def test_pack_layout_low_nibble_first():
     assert packed.tolist() == [[0xF1, 0x07]]  # k=0 low, k=1 high (-1 = 0xF), k=2 low, pad 0
 
 
+def test_pack_of_a_transposed_view_is_row_major():
+    codes = torch.randint(-8, 8, (9, 6), generator=torch.Generator().manual_seed(1), dtype=torch.int8).t()
+    packed = wo.pack_int4(codes)
+    assert packed.is_contiguous() and torch.equal(wo.unpack_int4(packed, 9), codes)
+
+
 def test_pack_rejects_out_of_range_and_bad_shapes():
     with pytest.raises(ValueError, match="\\[-8, 7\\]"):
         wo.pack_int4(torch.tensor([[9]], dtype=torch.int8))
