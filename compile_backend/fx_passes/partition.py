@@ -57,8 +57,8 @@ import torch
 import torch.fx as fx
 
 from ..kernels.base import FILL_OPS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
-from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, hoist_constants, hoist_views, is_op,
-                              is_reshape, make_adjacent, safe, validate)
+from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, gather_operands, hoist_constants,
+                              hoist_views, is_op, is_reshape, make_adjacent, safe, validate)
 from .partition_merge import merge_gemv_prologues, merge_independent_pointwise, merge_pointwise_groups
 
 aten = torch.ops.aten
@@ -141,19 +141,6 @@ def fusable_cat(node: fx.Node) -> bool:
                and p.meta["val"].dtype == val.dtype and p.meta["val"].dim() == val.dim() for p in pieces)
 
 
-def gather_operands(node: fx.Node):
-    """(table, indices) of a row gather: ``aten.embedding(weight, indices)`` or
-    ``aten.index.Tensor(table, [indices])`` (``table[indices]``: a rotary table by position);
-    None for anything else."""
-    if node.op != "call_function" or len(node.args) < 2:
-        return None
-    if node.target is aten.embedding.default:
-        return node.args[0], node.args[1]
-    if node.target is aten.index.Tensor and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 1:
-        return node.args[0], node.args[1][0]
-    return None
-
-
 def fusable_gather(node: fx.Node) -> bool:
     """A row gather (``gather_operands``) of a 2-D float table by integer indices, rows of more
     than one value: a pointwise kernel loads each element's row index, then the table (pointwise
@@ -220,6 +207,10 @@ class _Partitioner:
         # ops only generated pointwise kernels compute (no GEMM epilogue, no reduction)
         self.pointwise_only = self.cats | {n for n in self.nodes if self.kind[n] == "pointwise"
                                            and gather_operands(n) is not None}
+        # a gather's table and indices: the code generator loads them from group inputs, so
+        # their producers never join the gather's group (OPT's positions, cumsum(mask) + 2,
+        # took the whole group to ATen when they did)
+        self.gathered = {a for n in self.pointwise_only for a in (gather_operands(n) or ()) if isinstance(a, fx.Node)}
         self.group_of: Dict[fx.Node, int] = {}
         self.groups: List[GroupSpec] = []
 
@@ -499,7 +490,8 @@ class _Partitioner:
             changed = False
             for m in sorted(members, key=self.index.__getitem__):
                 for p in m.all_input_nodes:
-                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats:
+                    if p in members or not self._free(p) or self.kind.get(p) != "pointwise" or p in self.cats \
+                            or p in self.gathered:
                         continue
                     if broadcasts_to(_shape(p), shape) and self._safe(members, [p]):
                         members.add(p)

@@ -165,4 +165,17 @@ def broadcasts_to(shape: Tuple[int, ...], frame: Tuple[int, ...]) -> bool:
     return all(s in (1, f) for s, f in zip(reversed(shape), reversed(frame)))
 
 
-__all__ = ["RESHAPES", "safe", "broadcasts_to", "hoist_constants", "hoist_views", "fills_per_reader", "make_adjacent", "validate", "is_op", "is_reshape"]
+def gather_operands(node: fx.Node):
+    """(table, indices) of a row gather: ``aten.embedding(weight, indices)`` or
+    ``aten.index.Tensor(table, [indices])`` (``table[indices]``: a rotary table by position);
+    None for anything else."""
+    if node.op != "call_function" or len(node.args) < 2:
+        return None
+    if node.target is aten.embedding.default:
+        return node.args[0], node.args[1]
+    if node.target is aten.index.Tensor and isinstance(node.args[1], (list, tuple)) and len(node.args[1]) == 1:
+        return node.args[0], node.args[1][0]
+    return None
+
+
+__all__ = ["gather_operands", "RESHAPES", "safe", "broadcasts_to", "hoist_constants", "hoist_views", "fills_per_reader", "make_adjacent", "validate", "is_op", "is_reshape"]

@@ -138,6 +138,19 @@ def test_siblings_that_depend_on_each_other_through_a_kernel_stay_apart():
     assert [g.kind for g in groups] == ["pointwise", "aten", "pointwise"]
 
 
+def test_computed_indices_stay_out_of_their_embedding_group():
+    """OPT's positions (cumsum(mask) * mask + 2, a small pointwise group read only by the position
+    embedding) joined the embedding's group, whose kernel loads indices from group inputs: the
+    generator refused it and both ran in ATen. They stay two pointwise groups."""
+    b = Builder()
+    wpe, x = b.input(torch.randn(9, 8)), b.input(torch.randn(1, 1, 8))
+    ids = b.input(torch.tensor([[5]]))  # a decode step: [1, 1] broadcasts to the rows [1, 1, 8]
+    pos = b.op(aten.add.Tensor, ids, 2)
+    h = b.op(aten.add.Tensor, b.op(aten.embedding.default, wpe, pos), x)
+    groups = _check(b.build(h), ["pointwise", "pointwise"])
+    assert groups[0].ops == ("add",) and groups[1].ops == ("embedding", "add")
+
+
 def test_embeddings_join_pointwise_kernels_only():
     """Token + position embeddings and their add are one pointwise kernel (was an ATen
     embedding per table); a norm after them stays a reduction of its own (no gather there)."""
