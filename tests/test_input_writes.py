@@ -90,6 +90,21 @@ def test_returned_new_value_keeps_the_copy(tmp_path):
     assert [w["by"] for w in graph.input_writes] == ["copy_"], graph.input_writes
 
 
+def _slot_update_read_widened(c, new, pos):
+    """Falcon's fp16 decode step: the new key into its cache slot, then the whole updated cache
+    widened to fp32 (in the same pointwise kernel as the slot's write)."""
+    c.index_copy_(1, pos, new)
+    return c.float() * 0.5
+
+
+def test_slot_write_whose_value_is_read_again_is_whole(tmp_path):
+    # the kernel writes the slot into the cache in place; the widened copy must still see every
+    # other slot's old value (it read zeros when the in-place store skipped loading the cache)
+    graph = _run(_slot_update_read_widened,
+                 lambda: (torch.randn(2, 9, 4).half(), torch.randn(2, 1, 4).half(), torch.tensor([5])), tmp_path)
+    assert [w["by"] for w in graph.input_writes] == ["kernel"], graph.input_writes
+
+
 def test_engine_knows_its_written_inputs(engines, tmp_path):
     _run(_accumulate, lambda: (torch.randn(5, 7), torch.randn(5, 7)), tmp_path, calls=1)
     (engine,) = engines

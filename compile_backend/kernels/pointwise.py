@@ -472,10 +472,15 @@ def keeper_outputs(plan: PointwisePlan) -> Dict[int, fx.Node]:
     """{stored output index: x} for outputs ``where(c, a, x)`` of an operand ``x`` nothing else in
     the group reads. Written into ``x`` itself (an input updated in place: a KV cache's slot,
     ``input_writes.py``), such an output needs storing only where ``c`` holds, and ``x`` no load:
-    one slot's bytes, not the whole cache's read and written."""
+    one slot's bytes, not the whole cache's read and written. The ``where`` must be read by
+    nothing but the store: computed without ``x``, its value is right only where ``c`` holds
+    (Falcon's fp16 step also upcasts the updated cache to fp32 in the same group: that copy read
+    zeros for every other slot, and its attention a mostly empty cache)."""
     out = {}
     for i, node in enumerate(plan.stored):
         if node.op != "call_function" or node.target is not torch.ops.aten.where.self or len(node.args) != 3:
+            continue
+        if any(u.op != "output" for u in node.users):
             continue
         c, _, x = node.args
         if isinstance(c, fx.Node) and x in plan.operands and x is not c and len(x.users) == 1 \
