@@ -105,6 +105,10 @@ def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[st
                                                                 dim=0).item(),
                 "quantized": sum(lay["status"] == "quantized" for lay in layers), "layers": len(layers),
                 "fallbacks": sorted({f["op"] for g_ in report.graphs for f in g_.fallbacks}),
+                # kernels validation caught computing something else (or whose builder failed):
+                # bugs of ours, run in ATen instead (only under TRITON_INTERPRET=1 or on a GPU)
+                "rejected": sorted({f"{f['op']}: {f['reason']}"[:240] for g_ in report.graphs for f in g_.fallbacks
+                                    if "rejected" in f["reason"] or "builder error" in f["reason"]}),
                 "seconds": round(time.perf_counter() - start, 2)}
         except Exception as e:  # the row records it: the table is the result
             row["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         rows.append(run_family(name, known[name], args.modes, getattr(torch, args.dtype), args.device))
-        cells = [f"{m}:{r['cosine']:.4f}/{r['quantized']}q" if "cosine" in r else f"{m}:ERROR {r['error'][:80]}"
+        cells = [f"{m}:{r['cosine']:.4f}/{r['quantized']}q" + (f" REJECTED {len(r['rejected'])}" if r["rejected"] else "")
+                 if "cosine" in r else f"{m}:ERROR {r['error'][:80]}"
                  for m, r in rows[-1]["modes"].items()]
         print(f"[quant_families] {name}: " + " ".join(cells), flush=True)
     errors = sum("error" in r for row in rows for r in row["modes"].values())

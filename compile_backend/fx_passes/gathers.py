@@ -16,6 +16,8 @@ fewer):
 * ``gather(x, d, index)`` whose index is one value along every dim but ``d`` (an expand of a
   tensor with size 1 there) and whose output keeps ``x``'s other sizes is ``x`` indexed along
   ``d`` by that tensor's values (an ``index`` with ``None`` before ``d``).
+* ``index(x, [None] * d + [i])`` with a constant 1-D ``i`` whose values step evenly upwards is a
+  ``slice`` of ``x`` along ``d`` (a view: Falcon's ``qkv[..., [-2], :]`` at any batch).
 * ``index(x, [None] * d + [i])`` with a 1-D ``i`` and ``x``'s dims before ``d`` all of size 1 is
   a row gather of ``x`` viewed as [x.shape[d], rest], viewed back.
 """
@@ -28,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from .base import PassContext
-from .rules import Facts, Rule, apply_rules, call, erase_if_dead, is_op, shape, tensor_val
+from .rules import Facts, Rule, apply_rules, call, erase_if_dead, evaluate_constant, is_op, shape, tensor_val
 
 aten = torch.ops.aten
 
@@ -115,6 +117,39 @@ def _gather_as_index(gm: fx.GraphModule, node: fx.Node, found: tuple) -> None:
     _replace(gm, node, out)
 
 
+# ----------------------------------------------------------------------------- index -> slice
+def _match_constant_range(node: fx.Node, facts: Facts) -> Optional[tuple]:
+    """(d, start, stop, step) of ``index(x, [None] * d + [i])`` whose ``i`` is a constant 1-D
+    integer tensor of evenly rising in-range positions (negative ones counted from the end)."""
+    if node.target is not aten.index.Tensor or node in facts.unsafe:
+        return None
+    x, indices = tensor_val(node.args[0]), node.args[1]
+    if x is None or not isinstance(indices, (list, tuple)) or not indices or \
+            any(t is not None for t in indices[:-1]) or not isinstance(indices[-1], fx.Node):
+        return None
+    d, i = len(indices) - 1, indices[-1]
+    iv = tensor_val(i)
+    if d >= x.dim() or iv is None or iv.dim() != 1 or iv.numel() == 0 or iv.dtype not in (torch.int32, torch.int64) \
+            or not facts.constant(i):
+        return None
+    values = evaluate_constant(facts.gm, i)
+    size = x.shape[d]
+    if not isinstance(values, torch.Tensor) or not bool(((values >= -size) & (values < size)).all()):
+        return None
+    at = [int(v) % size for v in values.tolist()]
+    step = at[1] - at[0] if len(at) > 1 else 1
+    if step < 1 or any(b - a != step for a, b in zip(at, at[1:])):
+        return None
+    return d, at[0], at[-1] + 1, step
+
+
+def _index_as_slice(gm: fx.GraphModule, node: fx.Node, found: tuple) -> None:
+    d, start, stop, step = found
+    with gm.graph.inserting_before(node):
+        out = call(gm.graph, aten.slice.Tensor, (node.args[0], d, start, stop, step))
+    _replace(gm, node, out)
+
+
 # ----------------------------------------------------------------------------- index -> row gather
 def _match_index(node: fx.Node, facts: Facts) -> Optional[tuple]:
     """(d, i) of ``index(x, [None] * d + [i])``, d > 0, i 1-D integer, x's dims before d of
@@ -153,6 +188,8 @@ GATHER_RULES = (
          "(a view, no copy)", _match_repeat, _repeat_as_expand),
     Rule("gather_as_index", "gather by an index constant off its dim (an expand) is index along that dim "
          "(GPT-J's position row)", _match_gather, _gather_as_index),
+    Rule("index_as_slice", "index(x, [None]*d + [i]) by constant evenly rising positions is a slice along d "
+         "(a view: Falcon's qkv[..., [-2], :])", _match_constant_range, _index_as_slice),
     Rule("index_as_row_gather", "index(x, [None]*d + [i]) with x's dims before d of size 1 is a row gather "
          "of x viewed [rows, rest] (Falcon's cos[..., pos, :])", _match_index, _index_as_row_gather),
 )

@@ -71,6 +71,23 @@ def test_index_after_a_real_batch_dim_stays():
     assert counts["index_as_row_gather"] == 0 and len(_ops(t, "index")) == 1
 
 
+class ConstantRows(nn.Module):
+    def __init__(self, rows):
+        super().__init__()
+        self.register_buffer("rows", rows)  # a frozen constant (Falcon's: a tensor literal)
+
+    def forward(self, qkv):
+        return qkv[:, :, self.rows] * 2.0
+
+
+@pytest.mark.parametrize("rows,rewritten", [([-2], True), ([0, 2, 4], True), ([3, 4, 5], True), ([3, 1], False),
+                                            ([1, 1], False)], ids=["falcon-key", "step2", "run", "falling", "repeat"])
+def test_index_by_constant_rising_positions_is_a_slice(rows, rewritten):
+    t, counts = _rewritten(ConstantRows(torch.tensor(rows)).eval(), torch.randn(2, 1, 6, 32))
+    assert counts["index_as_slice"] == int(rewritten)
+    assert bool(_ops(t, "index")) is not rewritten
+
+
 class Stack(nn.Module):
     def __init__(self, dim, pieces):
         super().__init__()
