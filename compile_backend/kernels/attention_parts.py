@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .expr_casts import conversion_source
 from .launch import load_source
+from .weight_only_parts import round_to
 
 # fp32 -> float8_e4m3fn for the fused FP8 output quantize under Triton's interpreter (whose own
 # fp8 cast is wrong): the generated kernels' integer-arithmetic helper; on the GPU the native
@@ -23,18 +24,20 @@ MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
 
 @triton.jit
 def quantize_output(out, quant_inv_scale, QMAX: tl.constexpr, ROUND_TO: tl.constexpr, QUANT_FP8: tl.constexpr,
-                    SOFT_FP8: tl.constexpr):
+                    SOFT: tl.constexpr):
     """The next GEMM's static input quantize (kernels/quant_ref.quantize_steps) of an attention
     output as the op would return it (rounded to q's dtype first): FP8 saturates to +-QMAX (NaN
     stays NaN) then rounds to the e4m3 grid; integer codes map NaN to 0, saturate and round
-    half to even (|y| <= QMAX < 2^23)."""
-    y = out.to(ROUND_TO).to(tl.float32) * quant_inv_scale
+    half to even (|y| <= QMAX < 2^23). SOFT (under the interpreter, whose fp8 cast is wrong and
+    whose bf16 cast truncates): both rounded in software (a truncated bf16 moved 5-8% of a bf16
+    Llama's INT8 attention codes by a step, and validation rejected the kernel)."""
+    y = round_to(out, ROUND_TO, SOFT).to(tl.float32) * quant_inv_scale
     if QUANT_FP8:
         # min/max that keep NaN: one instruction each; the value is then within +-QMAX (or
         # NaN), so the GPU's cast needs no overflow guard (kernels/expr_casts.fp8_saturates)
         y = tl.minimum(tl.maximum(y, -QMAX, propagate_nan=tl.PropagateNan.ALL), QMAX,
                        propagate_nan=tl.PropagateNan.ALL)
-        if SOFT_FP8:
+        if SOFT:
             res = to_fp8_soft(y)
         else:
             res = y.to(tl.float8e4nv)
