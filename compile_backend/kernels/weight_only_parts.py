@@ -79,15 +79,18 @@ def offset_codes_to(u, OFFSET: tl.constexpr, scale, DTYPE: tl.constexpr):
     (2**10 + u is exact in fp16, 2**23 + u in fp32).
     fp16: one fp16 multiply, correctly rounded, equals fp32's exact product rounded to fp16.
     bf16 (an fp16 scale is not a bf16 value): the exact fp32 product rounded to nearest even on
-    its bits (finite: a code times a finite fp16 scale)."""
+    its bits; a NaN product (a NaN scale, 0 * inf) kept as NaN: the GPU's canonical NaN
+    0x7FFFFFFF carried into the sign bit and came out -0.0 (H100, session 36; the interpreter's
+    0x7FC00000 did not)."""
     if DTYPE == tl.float16:
         c = (u | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
         return (c.to(tl.float16) * scale).to(tl.float16)
     else:
         c = (u.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-        b = (c * scale.to(tl.float32)).to(tl.uint32, bitcast=True)
+        p = c * scale.to(tl.float32)
+        b = p.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        return b.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(p != p, p.to(tl.bfloat16), b.to(tl.uint16).to(tl.bfloat16, bitcast=True))
 
 
 #: INT8 codes to fp16 four at a time (PTX): a 32-bit register of four codes ($2) and their
