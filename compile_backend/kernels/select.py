@@ -221,9 +221,10 @@ def check_outputs(kernel: Kernel, inputs: Sequence[Any], reference: Sequence[Any
         if ref.dtype in FP8_OUTPUTS or (rounds_to_int and ref.dtype == torch.int8):
             fast = (kernel.config or {}).get("accumulation") == "fast"
             fraction = FAST_ACCUMULATION_STEP_FRACTION if fast else QUANTIZED_STEP_FRACTION
+            noise = FP8_NOISE_FRACTION
             if any(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in inputs):
-                fraction = max(fraction, BF16_STEP_FRACTION)
-            problem = quantized_mismatch(out, ref, fraction)
+                fraction, noise = max(fraction, BF16_STEP_FRACTION), BF16_FP8_NOISE_FRACTION
+            problem = quantized_mismatch(out, ref, fraction, noise)
             if problem:
                 return f"output {i}: {problem}"
         elif ref.is_floating_point():
@@ -272,11 +273,17 @@ BF16_STEP_FRACTION = 0.1
 #: to confirm on the GPU). Differences within this fraction of the reference's largest
 #: magnitude count as equal; a wrong scale or sign still differs far beyond it.
 FP8_NOISE_FRACTION = 2.0 ** -9
+#: the same where the group computes in bf16, 3 bits coarser than fp16: a bf16 DistilBERT's FP8
+#: attention output had near-zero codes of opposite signs (0.5 against -0.5 of a 448 range) on
+#: 5% of elements, each within 2^-8.8 of the largest magnitude (interpreter, session 36)
+BF16_FP8_NOISE_FRACTION = 2.0 ** -6
 
 
-def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor, step_fraction: float = QUANTIZED_STEP_FRACTION) -> Optional[str]:
+def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor, step_fraction: float = QUANTIZED_STEP_FRACTION,
+                       noise_fraction: float = FP8_NOISE_FRACTION) -> Optional[str]:
     """Why int8 / fp8 codes ``out`` are not ``ref`` up to one quantization step (on at most
-    ``step_fraction`` of them), or None."""
+    ``step_fraction`` of them; fp8 differences within ``noise_fraction`` of the largest
+    magnitude count as equal), or None."""
     if ref.dtype == torch.int8:
         steps = (out.to(torch.int16) - ref.to(torch.int16)).abs()
     else:  # fp8 codes are ordered like sign-magnitude integers: a step is a code distance of 1
@@ -288,7 +295,7 @@ def quantized_mismatch(out: torch.Tensor, ref: torch.Tensor, step_fraction: floa
         steps = (signed(o) - signed(r)).abs().masked_fill(r_nan, 0)
         of, rf = out.float().masked_fill(r_nan, 0), ref.float().masked_fill(r_nan, 0)
         if rf.numel():
-            steps = steps.masked_fill((of - rf).abs() <= FP8_NOISE_FRACTION * rf.abs().max(), 0)
+            steps = steps.masked_fill((of - rf).abs() <= noise_fraction * rf.abs().max(), 0)
     if steps.numel() == 0:
         return None
     worst, fraction = int(steps.max()), float((steps > 0).double().mean())
