@@ -17,19 +17,15 @@ An error is recorded in the row, never raised: the table is the result.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
-import json
-import platform
-import subprocess
 import time
 from typing import Any, Callable, Dict, List
 
 import torch
 
 from .decode_bench import HFDecodeStep
-from .quant_families import VOCAB, families
+from .quant_families import VOCAB, chosen_families, engine_row, families, families_parser, write_record
 
 MODES: Dict[str, Dict[str, Any]] = {
     "float": {},
@@ -89,18 +85,7 @@ def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str],
             with torch.no_grad():
                 out = fn(token, position, copy.deepcopy(cache))[0].float()
                 again = fn(token, position, copy.deepcopy(cache))[0].float()
-            row["modes"][mode] = {
-                "cosine": torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(),
-                                                                dim=0).item(),
-                "repeatable": bool(torch.equal(out, again)),
-                "graphs": len(report.graphs),
-                "quantized": sum(q["status"] == "quantized" for g in report.graphs for q in g.quant),
-                "aten": sorted({f["op"] for g in report.graphs for f in g.fallbacks}),
-                # kernels our validation caught computing something else (or whose builder
-                # failed): each is a bug of ours, run in ATen instead
-                "rejected": sorted({f"{f['op']}: {f['reason']}"[:240] for g in report.graphs for f in g.fallbacks
-                                    if "rejected" in f["reason"] or "builder error" in f["reason"]}),
-                "seconds": round(time.perf_counter() - start, 2)}
+            row["modes"][mode] = {**engine_row(out, ref, report, start), "repeatable": bool(torch.equal(out, again))}
         except Exception as e:  # the row records it: the table is the result
             row["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
@@ -109,19 +94,11 @@ def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str],
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu")
+    p = families_parser(__doc__.split("\n")[0], MODES)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--families", nargs="*", default=None, help="default: every decoder family")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     known = decoder_families()
-    names = args.families or list(known)
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        p.error(f"unknown families {unknown}; known: {', '.join(known)}")
+    names = chosen_families(p, args.families, known)
     rows = []
     for name in names:
         rows.append(run_family(name, known[name], args.modes, getattr(torch, args.dtype), args.device, args.batch))
@@ -131,19 +108,9 @@ def main(argv=None) -> int:
         print(f"[decode_families] {name}: " + (" | ".join(cells) or f"ERROR {rows[-1].get('error', '')[:120]}"),
               flush=True)
     errors = sum("error" in r for row in rows for r in [row, *row["modes"].values()])
-    import transformers
-    record = {
-        "benchmark": "decode_families", "dtype": args.dtype, "device": args.device, "batch": args.batch,
-        "note": "random init, one decode step over a prefilled StaticCache: does the step compile whole, "
-                "fused and close to eager; not an accuracy claim",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors, "results": rows,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
+    write_record(args.out, "decode_families", "random init, one decode step over a prefilled StaticCache: does the "
+                 "step compile whole, fused and close to eager; not an accuracy claim", rows, errors,
+                 dtype=args.dtype, device=args.device, batch=args.batch)
     return 1 if errors else 0
 
 

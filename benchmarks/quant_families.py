@@ -66,6 +66,59 @@ def families() -> Dict[str, Callable[[], torch.nn.Module]]:
     }
 
 
+def engine_row(out: torch.Tensor, ref: torch.Tensor, report, start: float) -> Dict[str, Any]:
+    """One mode's cell: the output's cosine to float, the layers quantized, the graphs Dynamo
+    made, the ops left in ATen, the kernels validation rejected, the seconds it took."""
+    layers = [lay for g in report.graphs for lay in g.quant]
+    return {"cosine": torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(),
+                                                            dim=0).item(),
+            "quantized": sum(lay["status"] == "quantized" for lay in layers), "layers": len(layers),
+            "graphs": len(report.graphs), "aten": sorted({f["op"] for g in report.graphs for f in g.fallbacks}),
+            "rejected": rejected_kernels(report), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def rejected_kernels(report) -> List[str]:
+    """A Report's kernels that validation caught computing something else (or whose builder
+    failed): bugs of ours, run in ATen instead (seen only under TRITON_INTERPRET=1 or on a GPU)."""
+    return sorted({f"{f['op']}: {f['reason']}"[:240] for g in report.graphs for f in g.fallbacks
+                   if "rejected" in f["reason"] or "builder error" in f["reason"]})
+
+
+def families_parser(description: str, modes) -> argparse.ArgumentParser:
+    """The options every families run takes (dtype, device, families, modes, out)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--families", nargs="*", default=None, help="default: every family")
+    p.add_argument("--modes", nargs="+", default=list(modes), choices=list(modes))
+    p.add_argument("--out", default=None)
+    return p
+
+
+def chosen_families(p: argparse.ArgumentParser, asked, known: Dict[str, Any]) -> List[str]:
+    """The families asked for (all when none), refusing unknown names through ``p``."""
+    names = asked or list(known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        p.error(f"unknown families {unknown}; known: {', '.join(known)}")
+    return names
+
+
+def write_record(path, benchmark: str, note: str, rows: List[dict], errors: int, **fields: Any) -> None:
+    """The results file of a families run (``path`` None: nothing written): what ran where."""
+    import transformers
+
+    record = {"benchmark": benchmark, **fields, "note": note, "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip(),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors, "results": rows}
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+
+
 class Output(torch.nn.Module):
     """The tensor a user reads: ``logits`` of a causal LM (no KV cache), else ``last_hidden_state``."""
 
@@ -99,17 +152,7 @@ def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[st
             fast, report = quantized_engine(model, quant.QuantConfig(min_features=16, **MODES[mode]), calib)
             with torch.no_grad():
                 out = fast(ids)[0].float()
-            layers = [lay for g_ in report.graphs for lay in g_.quant]
-            row["modes"][mode] = {
-                "cosine": torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(),
-                                                                dim=0).item(),
-                "quantized": sum(lay["status"] == "quantized" for lay in layers), "layers": len(layers),
-                "fallbacks": sorted({f["op"] for g_ in report.graphs for f in g_.fallbacks}),
-                # kernels validation caught computing something else (or whose builder failed):
-                # bugs of ours, run in ATen instead (only under TRITON_INTERPRET=1 or on a GPU)
-                "rejected": sorted({f"{f['op']}: {f['reason']}"[:240] for g_ in report.graphs for f in g_.fallbacks
-                                    if "rejected" in f["reason"] or "builder error" in f["reason"]}),
-                "seconds": round(time.perf_counter() - start, 2)}
+            row["modes"][mode] = engine_row(out, ref, report, start)
         except Exception as e:  # the row records it: the table is the result
             row["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         finally:
@@ -118,18 +161,10 @@ def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--families", nargs="*", default=None, help="default: every family")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    p.add_argument("--out", default=None)
+    p = families_parser(__doc__.split("\n")[0], MODES)
     args = p.parse_args(argv)
     known = families()
-    names = args.families or list(known)
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        p.error(f"unknown families {unknown}; known: {', '.join(known)}")
+    names = chosen_families(p, args.families, known)
     rows = []
     for name in names:
         rows.append(run_family(name, known[name], args.modes, getattr(torch, args.dtype), args.device))
@@ -138,18 +173,8 @@ def main(argv=None) -> int:
                  for m, r in rows[-1]["modes"].items()]
         print(f"[quant_families] {name}: " + " ".join(cells), flush=True)
     errors = sum("error" in r for row in rows for r in row["modes"].values())
-    import transformers
-    record = {
-        "benchmark": "quant_families", "dtype": args.dtype, "device": args.device,
-        "note": "random init, random ids: a does-it-run-and-stay-close check, not an accuracy claim",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "errors": errors, "results": rows,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-            f.write("\n")
+    write_record(args.out, "quant_families", "random init, random ids: a does-it-run-and-stay-close check, not an "
+                 "accuracy claim", rows, errors, dtype=args.dtype, device=args.device)
     return 1 if errors else 0
 
 
