@@ -19,10 +19,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import compile_backend
 import compile_backend.ops  # noqa: F401 (registers compile_backend::weight_only_linear)
 from compile_backend.kernels import weight_only_ref as ref
+from compile_backend.kernels.weight_only_parts import offset_codes_to
 from gemv_groups import Norm, assert_close, choose_gemv, count_launches, gemv_group, quantized_weights  # tests/kernels/gemv_groups.py
 
 
@@ -328,6 +331,27 @@ def test_int4_codes_of_a_transposed_weight_are_row_major_and_others_refused():
     torch.testing.assert_close(out, expected, rtol=2e-3, atol=1e-3)
     with pytest.raises(ValueError, match="stride 40 along K"):
         gemv.gemv(x, codes.t().contiguous().t(), scales, None, out, int4=True, group=32, config=cfg)
+
+
+@triton.jit
+def _dequantize_bf16_on_the_bits(U, S, OUT, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(OUT + i, offset_codes_to(tl.load(U + i), 8, tl.load(S + i), tl.bfloat16))
+
+
+def test_bf16_dequantize_on_the_bits_keeps_a_nan_product():
+    """The bf16 lowering on the bits (the interpreter's, and the GPU test's reference) rounds the
+    fp32 product to nearest even on its bits: a NaN with a full payload (the GPU's canonical
+    0x7FFFFFFF; here an fp16 NaN 0x7FFF widened to 0x7FFFE000) carried into the sign and came
+    out -0.0 (H100, session 36). A NaN product stays NaN; 0 x inf is NaN too."""
+    codes = torch.tensor([3, 8, 0, 15, 8, 12, 1, 9], dtype=torch.int32)  # 8 is the code 0
+    scales = torch.tensor([0x7FFF, 0x7C00, 0x7C00, 0xFC00, 0x3C00, 0x3C00, 0x7E00, 0x0001], dtype=torch.int32)
+    scales = scales.to(torch.int16).view(torch.float16)  # NaN (full payload), inf, inf, -inf, 1, 1, NaN, subnormal
+    out = torch.empty(8, dtype=torch.bfloat16)
+    _dequantize_bf16_on_the_bits[(1,)](codes, scales, out, N=8)
+    want = ((codes - 8).float() * scales.float()).to(torch.bfloat16)
+    assert torch.equal(out.isnan(), want.isnan()) and want.isnan()[[0, 1, 6]].all()  # NaN, 0 x inf, NaN
+    assert torch.equal(out[~want.isnan()], want[~want.isnan()])
 
 
 @pytest.mark.gpu
