@@ -151,7 +151,7 @@ def test_explain_shows_per_rule_counts_for_resnet50(aten_only):
     model = zoo.ResNet(64, (64, 128, 256, 512), (3, 4, 6, 3), 1000).eval()
     report = compile_backend.explain(model, torch.randn(1, 3, 32, 32))
     (graph,) = report.graphs
-    assert graph.rules["fold_batchnorm"] == {"conv_bn": 53, "linear_bn": 0}
+    assert graph.rules["fold_batchnorm"] == {"conv_bn": 53, "linear_bn": 0, "bn_affine": 0}
     assert graph.passes["fold_batchnorm"] == 53
     assert "fold_batchnorm.conv_bn: 53" in str(report)
     assert report.to_dict()["graphs"][0]["rules"]["fold_batchnorm"]["conv_bn"] == 53

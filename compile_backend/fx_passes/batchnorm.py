@@ -1,5 +1,6 @@
 """BatchNorm folding: an inference BatchNorm after a convolution or a linear layer disappears
-into that layer's weight and bias.
+into that layer's weight and bias; any other inference BatchNorm becomes a per-channel
+multiply-add (``x * s + t`` in fp32) that joins the element-wise kernels around it.
 
 For per-channel ``s = gamma / sqrt(running_var + eps)``::
 
@@ -43,8 +44,9 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> Dict[str, int]:
     return apply_rules(gm, ctx, BATCHNORM_RULES)
 
 
-def _inference_bn(node: fx.Node, facts: Facts) -> Optional[_BN]:
-    """``node`` is output 0 of an inference BN whose statistics and affine are constants."""
+def _inference_bn(node: fx.Node, facts: Facts, sole_reader: bool = True) -> Optional[_BN]:
+    """``node`` is output 0 of an inference BN whose statistics and affine are constants (and,
+    with ``sole_reader``, the BN is its input's only reader: a fold rewrites that input's layer)."""
     if node.target is not operator.getitem or node.args[1] != 0:
         return None
     bn = node.args[0]
@@ -64,9 +66,22 @@ def _inference_bn(node: fx.Node, facts: Facts) -> Optional[_BN]:
     for p in (gamma, beta, mean, var):
         if p is not None and not (isinstance(p, fx.Node) and facts.constant(p)):
             return None
-    if not isinstance(x, fx.Node) or single_user(x) is not bn:
+    if not isinstance(x, fx.Node) or (sole_reader and single_user(x) is not bn):
         return None
     return _BN(node, bn, x, gamma, beta, mean, var, float(eps))
+
+
+def _match_bn_affine(node: fx.Node, facts: Facts) -> Optional[_BN]:
+    """An inference BN no layer takes (after a cat, a pool, an add: DenseNet's pre-activation
+    BNs), over a float input with channels at dim 1; that input may have other readers (a
+    pre-activation residual block's skip)."""
+    bn = _inference_bn(node, facts, sole_reader=False)
+    if bn is None:
+        return None
+    x = tensor_val(bn.layer)
+    if x is None or not x.is_floating_point() or x.dim() < 2 or shape(bn.mean) != (x.shape[1],):
+        return None
+    return bn
 
 
 def _bn_args(bn: fx.Node, names):
@@ -159,6 +174,18 @@ def _fold_linear(gm: fx.GraphModule, node: fx.Node, bn: _BN) -> None:
     _replace_bn(graph, bn, folded)
 
 
+def _as_affine(gm: fx.GraphModule, node: fx.Node, bn: _BN) -> None:
+    graph, x = gm.graph, bn.layer
+    dtype = tensor_val(x).dtype
+    with graph.inserting_before(bn.bn):
+        s, shift = _scale_and_shift(graph, bn, None, torch.float32)
+        ones = [1] * (len(shape(x)) - 2)
+        s, shift = (call(graph, aten.view.default, (v, [-1, *ones])) for v in (s, shift))
+        y = call(graph, aten.add.Tensor, (call(graph, aten.mul.Tensor, (to_float(graph, x), s)), shift))
+        affine = to_dtype(graph, y, dtype)
+    _replace_bn(graph, bn, affine)
+
+
 def _replace_bn(graph: fx.Graph, bn: _BN, folded: fx.Node) -> None:
     # the BN node is erased explicitly: some BN overloads carry a mutable schema (running
     # statistics) although inference never writes them, so dead-code removal would keep them
@@ -173,6 +200,9 @@ BATCHNORM_RULES = (
          _match_conv_bn, _fold_conv),
     Rule("linear_bn", "mm/addmm -> inference BatchNorm1d becomes one addmm with scaled weight columns",
          _match_linear_bn, _fold_linear),
+    # after the folds (tried first on each BN): what is left is element-wise work, not an ATen launch
+    Rule("bn_affine", "any other inference BN becomes x * s + t in fp32 (s, t from the constants)",
+         _match_bn_affine, _as_affine),
 )
 
 __all__ = ["fold_batchnorm", "BATCHNORM_RULES"]

@@ -65,7 +65,7 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 _GEMMS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
-_POOLS = (aten.max_pool2d_with_indices,)
+_POOLS = (aten.max_pool2d_with_indices, aten.avg_pool2d)
 _UNIT_VIEWS = RESHAPES + (aten.unsqueeze, aten.squeeze)
 #: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
 #: 8-bit code dtypes (not bool: a mask widened to float stays in its epilogue)
@@ -123,6 +123,12 @@ def classify(node: fx.Node) -> Optional[str]:
     return "aten"
 
 
+#: element-wise ops PyTorch does not tag ``pointwise`` (2.11 and 2.13), which the code generator
+#: computes: untagged, MobileNetV3's hard-swish and a YOLO-style leaky ReLU each ran as an ATen
+#: launch between fused kernels (session 37, benchmarks/vision_families.py)
+UNTAGGED_ELEMENTWISE = frozenset((aten.hardswish.default, aten.leaky_relu.default, aten.rsub.Tensor))
+
+
 #: pieces a generated cat takes (kernels/pointwise.MAX_CAT_PIECES; one masked load each)
 _MAX_CAT_PIECES = 4
 
@@ -165,7 +171,7 @@ def fusable_pointwise(node: fx.Node) -> bool:
         if not set(node.kwargs) <= {"dtype", "memory_format", "layout", "device"} or not _stays_put(node):
             return False  # device / layout changes are not element-wise work
     elif t is not prims.convert_element_type.default and torch.Tag.pointwise not in t.tags \
-            and packet not in FILL_OPS:
+            and packet not in FILL_OPS and t not in UNTAGGED_ELEMENTWISE:
         return False
     reason = _codegen_reason(node)
     return reason is None

@@ -207,7 +207,7 @@ class MaxPoolLauncher:
         channels_inner, rows, inner = tiling(values.shape, values.stride())
         x_inner = x.stride(1) if channels_inner else x.stride(3)
         o_inner = values.stride(1) if channels_inner else values.stride(3)
-        reach = max(_reach(x), _reach(values), rows * inner) + cfg.block_r * cfg.block_i
+        extent = max(reach(x), reach(values), rows * inner) + cfg.block_r * cfg.block_i
         grid = (triton.cdiv(rows, cfg.block_r), triton.cdiv(inner, cfg.block_i))
         _maxpool2d_kernel[grid](
             x, values, indices if indices is not None else values,
@@ -216,11 +216,11 @@ class MaxPoolLauncher:
             KH=plan.kernel[0], KW=plan.kernel[1], SH=plan.stride[0], SW=plan.stride[1],
             PH=plan.padding[0], PW=plan.padding[1], DH=plan.dilation[0], DW=plan.dilation[1],
             CHANNELS_INNER=channels_inner, UNIT_INNER=x_inner == 1 and o_inner == 1,
-            WITH_INDICES=indices is not None, WIDE=reach > INT32_MAX,
+            WITH_INDICES=indices is not None, WIDE=extent > INT32_MAX,
             BLOCK_R=cfg.block_r, BLOCK_I=cfg.block_i, num_warps=cfg.num_warps)
 
 
-def _reach(t: torch.Tensor) -> int:
+def reach(t: torch.Tensor) -> int:
     """One past the largest element offset ``t`` addresses."""
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) + 1
 
@@ -259,12 +259,12 @@ def _pool_args(node: fx.Node):
     for i, name in enumerate(("self", "kernel_size", "stride", "padding", "dilation", "ceil_mode")):
         if name in node.kwargs:
             args[i] = node.kwargs[name]
-    kernel = _pair(args[1], None)
-    stride = _pair(args[2], kernel)  # empty stride: the kernel size, as in ATen
-    return kernel, stride, _pair(args[3], (0, 0)), _pair(args[4], (1, 1)), bool(args[5])
+    kernel = pair(args[1], None)
+    stride = pair(args[2], kernel)  # empty stride: the kernel size, as in ATen
+    return kernel, stride, pair(args[3], (0, 0)), pair(args[4], (1, 1)), bool(args[5])
 
 
-def _pair(value, default) -> Tuple[int, int]:
+def pair(value, default) -> Tuple[int, int]:
     if value is None or (isinstance(value, (list, tuple)) and len(value) == 0):
         return default
     if isinstance(value, int):
@@ -289,12 +289,12 @@ def maxpool2d_reference(x: torch.Tensor, kernel_size, stride=None, padding=0, di
                         ceil_mode: bool = False) -> torch.Tensor:
     """Max pooling in plain PyTorch: -inf padding, one strided slice per window element,
     ``torch.maximum`` (which propagates NaN); the result in ATen's layout for ``x``."""
-    kh, kw = _pair(kernel_size, None)
-    sh, sw = _pair(stride, (kh, kw))
-    ph, pw = _pair(padding, (0, 0))
-    dh, dw = _pair(dilation, (1, 1))
+    kh, kw = pair(kernel_size, None)
+    sh, sw = pair(stride, (kh, kw))
+    ph, pw = pair(padding, (0, 0))
+    dh, dw = pair(dilation, (1, 1))
     h, w = x.shape[-2:]
-    oh, ow = _out_size(h, kh, sh, ph, dh, ceil_mode), _out_size(w, kw, sw, pw, dw, ceil_mode)
+    oh, ow = out_size(h, kh, sh, ph, dh, ceil_mode), out_size(w, kw, sw, pw, dw, ceil_mode)
     # pad past the right edge too, so every (ceil_mode) window slice stays in bounds
     extra_h = max(0, (oh - 1) * sh + (kh - 1) * dh + 1 - (h + 2 * ph))
     extra_w = max(0, (ow - 1) * sw + (kw - 1) * dw + 1 - (w + 2 * pw))
@@ -309,7 +309,7 @@ def maxpool2d_reference(x: torch.Tensor, kernel_size, stride=None, padding=0, di
     return result.contiguous(memory_format=fmt)
 
 
-def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+def out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
     """ATen's pooling output size (a ceil_mode window must start inside the input or left pad)."""
     span = size + 2 * p - d * (k - 1) - 1
     out = (span + (s - 1 if ceil_mode else 0)) // s + 1
@@ -319,4 +319,4 @@ def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
 
 
 __all__ = ["build_pool", "maxpool2d_reference", "MaxPoolLauncher", "PoolConfig", "PoolPlan", "pool_heuristic",
-           "analyze", "tiling"]
+           "analyze", "tiling", "pair", "out_size", "reach"]

@@ -26,7 +26,7 @@ BUILDERS: Dict[str, Tuple[str, ...]] = {
     "pointwise": ("compile_backend.kernels.pointwise:build_pointwise",),
     "reduction": ("compile_backend.kernels.reduction:build_reduction",),
     "attention": ("compile_backend.kernels.attention:build_attention",),
-    "pool": ("compile_backend.kernels.pool:build_pool",),
+    "pool": ("compile_backend.kernels.pool:build_pool", "compile_backend.kernels.avgpool:build_avg_pool"),
 }
 
 #: builders of groups anchored on the quantized ops, tried instead of their kind's (by anchor op)

@@ -1,5 +1,6 @@
 """BatchNorm folding: conv+BN and linear+BN fold in inference (values unchanged, refit works);
-training graphs, non-constant statistics and shared conv outputs are left alone."""
+any other inference BN becomes a multiply-add in fp32; training graphs and non-constant
+statistics are left alone, and a shared conv output is not folded into."""
 import pytest
 import torch
 import torch.nn as nn
@@ -142,4 +143,43 @@ def test_no_fold_without_constant_statistics_or_with_a_shared_conv_output():
     bn2 = b.op(aten._native_batch_norm_legit_no_training.default, conv2, gamma, beta, mean_c, var_c, 0.1, 1e-5)
     out2 = b.op(__import__("operator").getitem, bn2, 0)
     t = b.build(out1, out2, conv2)  # conv2's output is also returned: folding would change it
-    assert total(fold_batchnorm(t.gm, ctx())) == 0
+    counts = fold_batchnorm(t.gm, ctx())
+    # no fold; the constant-statistics BN becomes element-wise work, the other stays a BN
+    assert (counts["conv_bn"], counts["linear_bn"], counts["bn_affine"]) == (0, 0, 1)
+    assert count(t.gm, "_native_batch_norm_legit_no_training") == 1
+    check_meta(t.gm)
+
+
+class PreActivation(nn.Module):
+    """DenseNet's layer (cat -> BN -> ReLU -> conv) and a pre-activation residual (the BN's
+    input is also the skip): no layer before either BN to fold it into."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(7)
+        self.conv = nn.Conv2d(7, 7, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(7, eps=1e-3)
+        self.bn3 = nn.BatchNorm1d(5)
+
+    def forward(self, a, b, v):
+        x = torch.cat([a, b], 1)
+        x = self.conv(torch.relu(self.bn1(x)))
+        return x + torch.relu(self.bn2(x)), self.bn3(v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_bn_no_layer_takes_becomes_a_multiply_add_in_fp32(dtype):
+    model = _randomise_bn(PreActivation()).eval().to(dtype)
+    inputs = (torch.randn(2, 3, 5, 6, dtype=dtype), torch.randn(2, 4, 5, 6, dtype=dtype),
+              torch.randn(4, 5, 3, dtype=dtype))
+    t = inference_graph(model, *inputs)
+    counts = fold_batchnorm(t.gm, ctx())
+    assert (counts["conv_bn"], counts["bn_affine"]) == (0, 3), counts
+    assert count(t.gm, "_native_batch_norm_legit_no_training") == 0
+    t.gm.graph.lint()
+    check_meta(t.gm)
+    with torch.no_grad():
+        expected = model.double()(*(x.double() for x in inputs))
+    rtol, atol = TOL[dtype]
+    for got, want in zip(run(t), expected):
+        torch.testing.assert_close(got, want.to(dtype), rtol=rtol, atol=atol)

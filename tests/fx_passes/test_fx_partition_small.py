@@ -162,3 +162,13 @@ def test_embeddings_join_pointwise_kernels_only():
     y = b.op(operator.getitem, out, 0)
     groups = _check(b.build(y), ["pointwise", "reduction"])
     assert groups[0].ops == ("embedding", "embedding", "add")
+
+
+def test_elementwise_ops_torch_leaves_untagged_join_pointwise_kernels():
+    # hardswish / leaky_relu / rsub.Tensor carry no `pointwise` tag in torch: they still fuse
+    b = Builder()
+    x = b.input(torch.randn(3, 5, 7))
+    y = b.op(aten.hardswish.default, b.op(aten.mul.Tensor, x, 2.0))
+    z = b.op(aten.rsub.Tensor, b.op(aten.leaky_relu.default, y, 0.2), x)
+    groups = _check(b.build(z), ["pointwise"])
+    assert set(groups[0].ops) >= {"hardswish", "leaky_relu", "rsub"}, _kinds(groups)

@@ -1,0 +1,46 @@
+"""Ops of torchvision classifiers the partitioner once left in ATen, found by
+benchmarks/vision_families.py (session 37), now in our kernels under the interpreter: a
+pre-activation BatchNorm after a cat (DenseNet; ``fold_batchnorm``'s rule ``bn_affine``), an
+average pooling (DenseNet's transition, Inception's branch pool; kernels/avgpool.py), and
+hard-swish / leaky ReLU, which torch does not tag ``pointwise``."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compile_backend.report import Report
+from helpers import compile_and_compare
+
+
+class DenseTransition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(7)
+        self.conv = nn.Conv2d(7, 6, 1)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, a, b):
+        x = self.conv(F.relu(self.bn(torch.cat([a, b], 1))))  # pre-activation: no layer before the BN
+        x = F.avg_pool2d(x, 2, 2)
+        y = F.avg_pool2d(F.hardswish(self.bn2(x)), 3, 1, 1, count_include_pad=False)
+        return F.leaky_relu(y, 0.1) + x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_transition_runs_in_our_kernels(dtype):
+    torch.manual_seed(0)
+    model = DenseTransition().eval()
+    with torch.no_grad():
+        for bn in (model.bn, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    model = model.to(dtype)
+    inputs = (torch.randn(2, 3, 9, 11, dtype=dtype), torch.randn(2, 4, 9, 11, dtype=dtype))
+    report = Report()
+    compile_and_compare(model, inputs, report=report)
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert fallbacks == [], fallbacks
+    rules = report.graphs[0].rules["fold_batchnorm"]
+    assert (rules["conv_bn"], rules["bn_affine"]) == (0, 2), rules  # bn2 reads the pool, which the add reads too
