@@ -57,6 +57,53 @@ def vision_families(size: int) -> Dict[str, Callable[[], torch.nn.Module]]:
         "convnext_tiny": lambda: tv.convnext_tiny(),  # 7x7 depthwise, channels-last LayerNorm, layer scale
         "swin_t": lambda: tv.swin_t(),  # shifted windows (roll), relative position bias
         "vit": vit,  # patch embedding as a strided conv, class token, encoder blocks
+        **hf_vision_families(size),
+    }
+
+
+class Logits(torch.nn.Module):
+    """A transformers image classifier as a function of the images: its ``logits``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(pixel_values=images).logits
+
+
+def hf_vision_families(size: int) -> Dict[str, Callable[[], torch.nn.Module]]:
+    """transformers' image classifiers, tiny (2-4 stages of 16-128 channels), random init; none
+    when transformers is absent."""
+    try:
+        import transformers as T
+    except ImportError:
+        return {}
+    vit = dict(image_size=size, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=128, num_labels=10)
+    stages = dict(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 2, 1], num_labels=10)
+    return {
+        "hf_vit": lambda: Logits(T.ViTForImageClassification(T.ViTConfig(**vit))),
+        "hf_beit": lambda: Logits(T.BeitForImageClassification(T.BeitConfig(  # relative position bias, layer scale
+            use_relative_position_bias=True, **vit))),
+        "hf_dinov2": lambda: Logits(T.Dinov2ForImageClassification(T.Dinov2Config(  # interpolated positions
+            **{**vit, "image_size": 2 * size}))),
+        "hf_convnext": lambda: Logits(T.ConvNextForImageClassification(T.ConvNextConfig(**stages))),
+        "hf_convnextv2": lambda: Logits(T.ConvNextV2ForImageClassification(T.ConvNextV2Config(**stages))),  # GRN
+        "hf_resnet": lambda: Logits(T.ResNetForImageClassification(T.ResNetConfig(embedding_size=16, **stages))),
+        "hf_regnet": lambda: Logits(T.RegNetForImageClassification(T.RegNetConfig(
+            embedding_size=16, groups_width=8, **stages))),
+        "hf_swin": lambda: Logits(T.SwinForImageClassification(T.SwinConfig(  # windows of 4 at 8x8 patches
+            image_size=size, patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[2, 4], window_size=4,
+            num_labels=10))),
+        "hf_segformer": lambda: Logits(T.SegformerForImageClassification(T.SegformerConfig(  # reduced-K attention
+            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 4, 8],
+            decoder_hidden_size=64, num_labels=10))),
+        "hf_mobilevit": lambda: Logits(T.MobileViTForImageClassification(T.MobileViTConfig(  # unfold/fold patches
+            image_size=size, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 160],
+            num_labels=10))),
+        "hf_poolformer": lambda: Logits(T.PoolFormerForImageClassification(T.PoolFormerConfig(  # avg pool token mixer
+            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10))),
     }
 
 

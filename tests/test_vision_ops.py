@@ -44,3 +44,33 @@ def test_dense_transition_runs_in_our_kernels(dtype):
     assert fallbacks == [], fallbacks
     rules = report.graphs[0].rules["fold_batchnorm"]
     assert (rules["conv_bn"], rules["bn_affine"]) == (0, 2), rules  # bn2 reads the pool, which the add reads too
+
+
+class GroupNormBlock(nn.Module):
+    """PoolFormer's token mixer (GroupNorm of one group, avg pool minus input) and ConvNeXt V2's
+    global response norm (a 2-norm over the spatial dims), then an F.normalize head."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(1, 6)
+        self.norm2 = nn.GroupNorm(3, 6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = self.norm(x)
+        x = x + F.avg_pool2d(y, 3, 1, 1, count_include_pad=False) - y
+        x = self.norm2(x)
+        g = torch.norm(x, p=2, dim=(2, 3), keepdim=True)
+        x = x * (g / (g.mean(dim=1, keepdim=True) + 1e-6)) + x
+        return F.normalize(self.fc(x.mean((2, 3))), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_group_norms_and_two_norms_run_in_our_kernels(dtype):
+    torch.manual_seed(0)
+    model = GroupNormBlock().eval().to(dtype)
+    report = Report()
+    compile_and_compare(model, (torch.randn(2, 6, 7, 9, dtype=dtype),), report=report)
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert fallbacks == [], fallbacks
+    assert report.graphs[0].rules["canonical_norms"] == {"group_norm_as_layer_norm": 2, "vector_norm_as_sum": 2}

@@ -16,6 +16,7 @@ from .gathers import canonical_gathers
 from .gemm_bias import fold_gemm_bias
 from .layout import choose_layout
 from .merge_gemms import merge_parallel_gemms
+from .norms import canonical_norms
 from .partition import GroupSpec, partition
 from .patchify import patchify_convolutions
 from .precision import lower_precision, lower_upcast_attention
@@ -30,6 +31,7 @@ REGISTRY = PassRegistry()
 REGISTRY.register("eliminate_common_subexpressions")(eliminate_common_subexpressions)
 REGISTRY.register("remove_noops")(remove_noops)
 REGISTRY.register("canonical_gathers", inference_only=True)(canonical_gathers)  # rotary spellings the kernels take
+REGISTRY.register("canonical_norms")(canonical_norms)  # group norms, 2-norms -> layer norms, sums
 REGISTRY.register("select_rows_first")(select_rows_first)
 REGISTRY.register("fold_batchnorm", inference_only=True)(fold_batchnorm)
 REGISTRY.register("fold_gemm_bias", inference_only=True)(fold_gemm_bias)
