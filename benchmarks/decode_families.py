@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from .decode_bench import HFDecodeStep
-from .quant_families import VOCAB, chosen_families, engine_row, families, families_parser, write_record
+from .quant_families import VOCAB, chosen_families, engine_row, families, families_parser, layers_that_matter, write_record
 
 MODES: Dict[str, Dict[str, Any]] = {
     "float": {},
@@ -48,7 +48,7 @@ def prefilled(make: Callable[[], torch.nn.Module], dtype: torch.dtype, device: s
     import transformers
 
     torch.manual_seed(0)
-    model = make().to(device=device, dtype=dtype).eval()
+    model = layers_that_matter(make()).to(device=device, dtype=dtype).eval()
     cache = transformers.StaticCache(config=model.config, max_batch_size=batch, max_cache_len=CACHE, device=device,
                                      dtype=dtype)
     g = torch.Generator().manual_seed(1)

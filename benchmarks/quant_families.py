@@ -5,7 +5,8 @@ encoders), compiled through the backend in a dtype, against the same model in fl
     PYTHONPATH=. python3 -m benchmarks.quant_families --dtype bfloat16 --out benchmarks/results/quant_families_bf16_cpu.json
 
 Random weights and random token ids say little about accuracy (there are no trained outliers);
-what this checks is that each mode goes through each family's graphs without an error, quantizes
+the linear weights are redrawn at a variance-preserving scale (``layers_that_matter``) so that
+every layer moves the output. What this checks is that each mode goes through each family's graphs without an error, quantizes
 its linears, and stays close to float (output cosine). On a CPU the engine runs its emulated path
 (the kernels' numerics reference). Found with it (session 35): SmoothQuant refused GPT-2's
 ``Conv1D`` weights (calibrate crashed), and bf16 calibration clipped RMS-norm outputs.
@@ -63,7 +64,30 @@ def families() -> Dict[str, Callable[[], torch.nn.Module]]:
         "roberta": lambda: T.RobertaModel(T.RobertaConfig(**common)),
         "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
                                                                     n_heads=HEADS, hidden_dim=FFN)),
+        "albert": lambda: T.AlbertModel(T.AlbertConfig(embedding_size=64, **common)),  # one layer's weights, shared
+        "electra": lambda: T.ElectraModel(T.ElectraConfig(embedding_size=64, **common)),  # embedding projection
+        "deberta_v2": lambda: T.DebertaV2Model(T.DebertaV2Config(**common)),  # disentangled relative attention
+        "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**common)),  # relative position bias buckets
+        "t5_encoder": lambda: T.T5EncoderModel(T.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_ff=FFN, num_layers=LAYERS,
+                                                           num_heads=HEADS, d_kv=HIDDEN // HEADS)),  # RMS norm, bias
     }
+
+
+def layers_that_matter(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every linear weight (``nn.Linear``, GPT-2's ``Conv1D``) redrawn at a
+    variance-preserving scale, N(0, 1 / fan_in), seeded. Why: at transformers' own init (std
+    0.02) each block adds ~5% to the residual stream, and the output with every linear weight
+    zeroed was still at cosine 0.998 to float (BERT, DeBERTa, MPNet, session 37): a broken
+    quantized layer could not show. At 1 / fan_in each block moves the output as much as the
+    embeddings do."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D":
+                fan_in = w.shape[1] if isinstance(m, torch.nn.Linear) else w.shape[0]
+                w.copy_(torch.randn(w.shape, generator=g) / fan_in ** 0.5)
+    return model
 
 
 def engine_row(out: torch.Tensor, ref: torch.Tensor, report, start: float) -> Dict[str, Any]:
@@ -149,7 +173,7 @@ def run_family(name: str, factory: Callable[[], torch.nn.Module], modes: List[st
     from benchmarks.llm_accuracy import quantized_engine
 
     torch.manual_seed(0)
-    model = Output(factory()).eval().to(device=device, dtype=dtype)
+    model = Output(layers_that_matter(factory())).eval().to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, seq), generator=g).to(device)
     calib = [(torch.randint(0, VOCAB, (4, seq), generator=g).to(device),) for _ in range(2)]
