@@ -217,6 +217,18 @@ def _match_functional_copy(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
     return src if _replaceable(node, src, facts) else None
 
 
+def _match_zero_pad(node: fx.Node, facts: Facts) -> Optional[fx.Node]:
+    """``constant_pad_nd(x, [0, 0, ...])`` (Swin pads each block to whole windows, by zero where
+    the size is already whole) laid out like ``x``."""
+    if not is_op(node, aten.constant_pad_nd) or len(node.args) < 2:
+        return None
+    pad = node.args[1]
+    if not isinstance(pad, (list, tuple)) or any(not isinstance(p, int) or p != 0 for p in pad):
+        return None
+    x = node.args[0]
+    return x if _replaceable(node, x, facts) else None
+
+
 NOOP_RULES = (
     Rule("identity_view", "a view (reshape, expand, slice, alias, transpose pair...) that "
          "reproduces its input or an earlier value of its view chain is that value",
@@ -232,6 +244,8 @@ NOOP_RULES = (
          _match_clone, _redirect),
     Rule("functional_copy", "copy(x, src) with src of x's shape, dtype and layout is src (the value "
          "an in-place copy_ into x writes back)", _match_functional_copy, _redirect),
+    Rule("zero_pad", "a constant pad of zero on every side, laid out like its input, is the input",
+         _match_zero_pad, _redirect),
 )
 
 __all__ = ["eliminate_common_subexpressions", "remove_noops", "NOOP_RULES"]

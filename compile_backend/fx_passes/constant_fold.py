@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.fx as fx
 
+from ..kernels.base import is_fill  # (imports neither Triton nor any kernel module)
 from .base import PassContext
 from .rules import written_placeholders
 
@@ -88,6 +89,12 @@ def constant_fold(gm: fx.GraphModule, ctx: PassContext) -> int:
             return 0
         boundary = [n for n in folded if any(not const.get(u, False) or u.op == "output" for u in n.users)]
         boundary = [n for n in boundary if not _is_scalar_val(n)]
+        # a fill read as it is stays a node: a kernel computes it for free where a folded one is
+        # a tensor in memory it would load (only what is built from fills folds)
+        bare = [n for n in boundary if _fill_view(n)]
+        if bare:
+            excluded.update(bare)
+            continue
         sources = [n for n in graph.nodes if n.op == "get_attr" and any(u in folded for u in n.users)]
         program = _extract(gm, sources, folded, boundary)
         values = program.run({s.target: _attr(gm, s.target) for s in sources})
@@ -131,7 +138,35 @@ def _foldable(node: fx.Node, const: Dict[fx.Node, bool]) -> bool:
             return False
     elif target is not operator.getitem:
         return False
-    return all(const.get(i, False) for i in node.all_input_nodes)
+    return _shape_only_fill(node) or all(const.get(i, False) for i in node.all_input_nodes)
+
+
+def _shape_only_fill(node: fx.Node) -> bool:
+    """A fill (``new_zeros(x, size)``, ``zeros_like(x)``...) of a static shape: its value is no
+    function of ``x``'s elements, so it is a constant whatever ``x`` is (Swin's shifted-window
+    mask is built on ``x.new_zeros`` by ~20 slice writes a block: all of it folds once)."""
+    val = node.meta.get("val")
+    return (is_fill(node) and bool(node.all_input_nodes) and isinstance(val, torch.Tensor)
+            and val.layout == torch.strided and all(isinstance(s, int) for s in val.shape))
+
+
+def _fill_view(node: fx.Node) -> bool:
+    """``node`` is a fill, or views of one."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.is_view \
+            and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node.op == "call_function" and is_fill(node)
+
+
+def _fill_value(node: fx.Node) -> Any:
+    """The value a shape-only fill writes (its op and arguments; see :func:`_shape_only_fill`)."""
+    name = node.target.overloadpacket.__name__
+    if name in ("zeros_like", "new_zeros"):
+        return 0
+    if name in ("ones_like", "new_ones"):
+        return 1
+    index, key = (1, "fill_value") if name == "full_like" else (2, "fill_value")
+    return node.kwargs[key] if key in node.kwargs else node.args[index]
 
 
 def _is_scalar_val(node: fx.Node) -> bool:
@@ -144,7 +179,13 @@ def _extract(gm, sources, folded, boundary) -> ConstantProgram:
     for s in sources:
         env[s] = sub.placeholder(s.target.replace(".", "_"))
     for node in folded:
-        env[node] = sub.node_copy(node, lambda n: env[n])
+        if _shape_only_fill(node):  # its tensor argument is not in the program: the same fill, same strides
+            val = node.meta["val"]
+            blank = sub.call_function(torch.ops.aten.empty_strided.default, (list(val.shape), list(val.stride())),
+                                      {"dtype": val.dtype, "device": val.device})
+            env[node] = sub.call_function(torch.ops.aten.fill.Scalar, (blank, _fill_value(node)))
+        else:
+            env[node] = sub.node_copy(node, lambda n: env[n])
     sub.output(tuple(env[n] for n in boundary))
     program_gm = fx.GraphModule(gm, sub)
     return ConstantProgram(program_gm, [s.target for s in sources], [n.name for n in boundary])

@@ -83,3 +83,34 @@ def test_engine_runs_the_gemm_on_the_weight_view():
     assert report.graphs[0].groups_by_kind() == {"gemm": 1}
     with torch.no_grad():
         torch.testing.assert_close(compile_backend.compile(model)(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class ShiftedWindowMask(nn.Module):
+    """torchvision Swin's shape of problem: a mask built on ``x.new_zeros`` by slice writes (a
+    value of ``x``'s shape alone, recomputed by ~20 ATen launches a block), then a bare
+    ``zeros_like(x)`` in a select, which a kernel computes for free and must stay a node."""
+
+    def forward(self, x):
+        mask = x.new_zeros((6, 6))
+        count = 0
+        for h in (slice(0, -3), slice(-3, -1), slice(-1, None)):
+            for w in (slice(0, -3), slice(-3, -1), slice(-1, None)):
+                mask[h, w] = count
+                count += 1
+        bias = (mask.view(1, 36) - mask.view(36, 1)).ne(0).float() * -100.0
+        y = x.view(-1, 36, 1) + bias.view(1, 36, 36)
+        return torch.where(y > 0, y, torch.zeros_like(y)), torch.ones_like(x).new_full((3,), 2.0)
+
+
+def test_values_built_from_shape_only_fills_fold_and_bare_fills_stay_nodes():
+    model = ShiftedWindowMask().eval()
+    x = torch.randn(2, 6, 6).to(memory_format=torch.contiguous_format)
+    t = inference_graph(model, x)
+    assert count(t.gm, "slice_scatter") > 0
+    assert constant_fold(t.gm, ctx()) > 0
+    assert count(t.gm, "slice_scatter") == 0 and count(t.gm, "new_zeros") == 0  # the mask is one constant
+    assert count(t.gm, "zeros_like") == 1  # read as it is by the select: computed in its kernel
+    with torch.no_grad():
+        expected = model(x)
+    for got, want in zip(run(t), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
