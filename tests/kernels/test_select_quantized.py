@@ -99,7 +99,7 @@ def test_a_bf16_group_may_be_one_code_off_more_often_and_noisier_near_zero():
     """A group computing in bf16 rounds the value it quantizes to 8 significant bits first: up to
     10% of codes one step off (a bf16 BERT-like attention's INT8 output: 7%), and fp8 codes near
     zero within 2^-6 of the largest magnitude count as equal (a bf16 DistilBERT's FP8 attention:
-    0.5 against -0.5 of 448). A wrong scale is still rejected, and fp16 groups keep the 1% and
+    0.5 against -0.5 of 448). A wrong scale is still rejected, and fp16 groups keep the 3% and
     2^-9 bounds."""
     ref = torch.arange(-100, 100, dtype=torch.int8).repeat(5)
     out = ref.clone()
@@ -117,3 +117,17 @@ def test_a_bf16_group_may_be_one_code_off_more_often_and_noisier_near_zero():
     assert "steps" in check_outputs(fp8, fp16_in, (ref8.to(f8),))
     out8[1500] = ref8[1500] * 2  # a wrong scale is not noise
     assert "steps" in check_outputs(fp8, bf16_in, (ref8.to(f8),))
+
+
+def test_an_fp16_group_may_be_one_code_off_on_a_few_percent():
+    """An fp16 ulp is c * 2^-11 of a step on a code of magnitude c: a tiny ViT's fp16 INT8
+    attention output (codes to +-53) had 1.01% one step off under the interpreter. Up to 3% is
+    accepted where an input is fp16; fp32 groups keep 1%, and two steps are still rejected."""
+    ref = torch.arange(-100, 100, dtype=torch.int8).repeat(5)
+    out = ref.clone()
+    out[::50] += 1  # 2% one step off
+    fp16_in, fp32_in = (torch.zeros(1, dtype=torch.float16),), (torch.zeros(1),)
+    assert check_outputs(_kernel(out), fp16_in, (ref,), rounds_to_int=True) is None
+    assert "of them" in check_outputs(_kernel(out), fp32_in, (ref,), rounds_to_int=True)
+    out[1] += 2
+    assert "steps" in check_outputs(_kernel(out), fp16_in, (ref,), rounds_to_int=True)
