@@ -74,3 +74,33 @@ def test_group_norms_and_two_norms_run_in_our_kernels(dtype):
     fallbacks = [f for g in report.graphs for f in g.fallbacks]
     assert fallbacks == [], fallbacks
     assert report.graphs[0].rules["canonical_norms"] == {"group_norm_as_layer_norm": 2, "vector_norm_as_sum": 2}
+
+
+class ShiftedWindows(nn.Module):
+    """Swin's block skeleton: LayerNorm, roll by half a window over H and W, the windows'
+    permute-copy, and the roll back after a linear, added to the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(6)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):  # [B, H, W, C]
+        b, h, w, c = x.shape
+        y = torch.roll(self.norm(x), shifts=(-2, -3), dims=(1, 2))
+        windows = y.view(b, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, c)
+        z = self.fc(windows).view(b, h // 4, w // 4, 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        return x + torch.roll(z, shifts=(2, 3), dims=(1, 2)), torch.roll(x, 5, 3) * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rolls_run_in_our_kernels(dtype):
+    torch.manual_seed(0)
+    model = ShiftedWindows().eval().to(dtype)
+    report = Report()
+    compile_and_compare(model, (torch.randn(2, 8, 12, 6, dtype=dtype),), report=report)
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert fallbacks == [], fallbacks
+    kernels = [k for g in report.graphs for k in g.kernels]
+    rolled = [k for k in kernels if "aten.roll" in k["ops"]]
+    assert sum(k["ops"].count("aten.roll") for k in rolled) == 3 and all(k["impl"] == "triton" for k in rolled), rolled

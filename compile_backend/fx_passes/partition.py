@@ -56,9 +56,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import FILL_OPS, is_fill, is_view_op  # (imports neither Triton nor any kernel module)
+from ..kernels.base import FILL_OPS, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
 from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, gather_operands, hoist_constants,
-                              hoist_views, is_op, is_reshape, make_adjacent, safe, validate)
+                              hoist_views, indexed_operands, is_op, is_reshape, make_adjacent, safe, validate)
 from .partition_merge import merge_gemv_prologues, merge_independent_pointwise, merge_pointwise_groups
 
 aten = torch.ops.aten
@@ -118,7 +118,7 @@ def classify(node: fx.Node) -> Optional[str]:
         return "reduction"
     if packet in _POOLS:
         return "pool"
-    if fusable_pointwise(node) or fusable_cat(node) or fusable_gather(node):
+    if fusable_pointwise(node) or fusable_cat(node) or fusable_gather(node) or fusable_roll(node):
         return "pointwise"
     return "aten"
 
@@ -157,6 +157,14 @@ def fusable_gather(node: fx.Node) -> bool:
     w, i = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in parts)
     return (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point() and w.shape[1] > 1
             and isinstance(i, torch.Tensor) and i.dtype in (torch.int32, torch.int64) and i.numel() > 0)
+
+
+def fusable_roll(node: fx.Node) -> bool:
+    """``aten.roll`` along named dims of a static shape (Swin's shifted windows, before and after
+    each shifted block's attention): a pointwise kernel loads its input at the rolled index
+    (pointwise groups only, its input a group input)."""
+    val = node.meta.get("val")
+    return roll_parts(node) is not None and isinstance(val, torch.Tensor) and val.numel() > 0
 
 
 def fusable_pointwise(node: fx.Node) -> bool:
@@ -211,12 +219,15 @@ class _Partitioner:
         # no cat in their code generators
         self.cats = {n for n in self.nodes if self.kind[n] == "pointwise" and n.target is aten.cat.default}
         # ops only generated pointwise kernels compute (no GEMM epilogue, no reduction)
-        self.pointwise_only = self.cats | {n for n in self.nodes if self.kind[n] == "pointwise"
-                                           and gather_operands(n) is not None}
+        # rolls: their kernel loads the input at the rolled index, so it is a group input and
+        # the roll no other group's member (each seeds its own group, before everything else)
+        self.rolls = {n for n in self.nodes if self.kind[n] == "pointwise" and roll_parts(n) is not None}
+        self.pointwise_only = self.cats | self.rolls | {n for n in self.nodes if self.kind[n] == "pointwise"
+                                                        and gather_operands(n) is not None}
         # a gather's table and indices: the code generator loads them from group inputs, so
         # their producers never join the gather's group (OPT's positions, cumsum(mask) + 2,
         # took the whole group to ATen when they did)
-        self.gathered = {a for n in self.pointwise_only for a in (gather_operands(n) or ()) if isinstance(a, fx.Node)}
+        self.gathered = {a for n in self.pointwise_only for a in (indexed_operands(n) or ()) if isinstance(a, fx.Node)}
         self.group_of: Dict[fx.Node, int] = {}
         self.groups: List[GroupSpec] = []
 
@@ -234,6 +245,9 @@ class _Partitioner:
             if self.kind[n] == "pool" and n not in self.group_of:
                 # the op returns (values, indices): its getitems make the group's outputs tensors
                 self._add(GroupSpec("pool", [n, *self._getitems(n)]))
+        for n in self.nodes:
+            if n in self.rolls and n not in self.group_of:
+                self._add(GroupSpec("pointwise", self._pointwise_group(n)))
         for n in self.nodes:  # cats first: their pieces' one-input chains (-x) join them
             if n in self.cats and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
@@ -328,6 +342,8 @@ class _Partitioner:
         stack = [(node, _shape(node))]  # (a node, the shape its producers must have)
         while stack:
             cur, frame = stack.pop()
+            if cur in self.rolls:
+                continue  # its input is loaded at the rolled index: a group input, never a member
             for p in cur.all_input_nodes:
                 if p in members or p in add:
                     continue
@@ -482,7 +498,8 @@ class _Partitioner:
                 chain = self._piece_chain(p, seed)
                 if chain and self._safe(members, chain):
                     members.update(chain)
-        self._grow(members, lambda n: self._free(n) and self.kind.get(n) == "pointwise" and _shape(n) == shape)
+        self._grow(members, lambda n: self._free(n) and self.kind.get(n) == "pointwise" and _shape(n) == shape
+                   and n not in self.rolls)
         self._absorb_small_producers(members, shape)
         return list(members)
 

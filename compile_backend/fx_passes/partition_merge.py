@@ -35,7 +35,7 @@ from ..kernels import expr  # (none of these imports Triton)
 from ..kernels.base import is_view_op
 from ..kernels.gemv_prologue import reduces_rows
 from ..kernels.weight_only_ref import GEMV_MAX_M
-from .partition_graph import REDUCTIONS, broadcasts_to, gather_operands, is_reshape, safe
+from .partition_graph import REDUCTIONS, broadcasts_to, indexed_operands, is_reshape, safe
 from .rules import is_mutating, is_pure
 
 aten = torch.ops.aten
@@ -187,11 +187,11 @@ COMBO_MAX_GROUPS = 4
 
 
 def _feeds_a_gather(g, target) -> bool:
-    """Whether a value of ``g`` is a table or the indices of a row gather in ``target``: the code
-    generator loads those from group inputs (OPT's positions, cumsum(mask) + 2, merged into its
-    embedding's group took the whole group to ATen)."""
+    """Whether a value of ``g`` is a table or the indices of a row gather in ``target``, or a
+    roll's input: the code generator loads those from group inputs (OPT's positions,
+    cumsum(mask) + 2, merged into its embedding's group took the whole group to ATen)."""
     inside = set(g.nodes)
-    return any(a in inside for n in target.nodes for a in (gather_operands(n) or ()))
+    return any(a in inside for n in target.nodes for a in (indexed_operands(n) or ()))
 
 
 def merge_independent_pointwise(groups: Sequence, index: Dict[fx.Node, int]) -> List:

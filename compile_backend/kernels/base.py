@@ -232,6 +232,27 @@ def is_fill(node: fx.Node) -> bool:
     return node.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.overloadpacket in FILL_OPS
 
 
+def roll_parts(node: fx.Node):
+    """(input, ((dim, shift), ...)) of ``aten.roll(x, shifts, dims)`` over named dims of a static
+    shape, each shift in [0, size) (``roll(x, -3, 1)`` on 56 rows: shift 53); None for anything
+    else (a roll of the flattened tensor, no dims)."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.roll.default or not node.args:
+        return None
+    x = node.args[0]
+    shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts")
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", [])
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    shifts, dims = ([v] if isinstance(v, int) else list(v or []) for v in (shifts, dims))
+    if not isinstance(val, torch.Tensor) or not dims or len(shifts) != len(dims) or val.dim() == 0 \
+            or not all(isinstance(v, int) for v in [*shifts, *dims, *val.shape]):
+        return None
+    parts = {}
+    for shift, dim in zip(shifts, dims):
+        dim %= val.dim()
+        parts[dim] = (parts.get(dim, 0) + shift) % max(int(val.shape[dim]), 1)
+    return x, tuple(sorted(parts.items()))
+
+
 def is_view_op(target: Any) -> bool:
     """``target``'s output is a re-indexing of its first input's values: an alias (``view``,
     ``slice``, ``transpose``, ``expand``, ``_unsafe_view``) or the functional copy of one

@@ -11,6 +11,9 @@ and merged when every operand is mergeable, so the common all-contiguous case (w
 broadcast operands) needs no div/mod at all for the contiguous tensors. Each operand is read
 through its own strides (stride 0 for broadcast dims, any non-contiguous layout); sizes and
 strides are runtime arguments; sizes are literals in the source (cheap div/mod by constants).
+Loads at another index than the element's own, each from a group input and with its dims kept
+apart from merging: a cat's pieces (masked, shifted along the cat dim), a row gather's table,
+a roll's input (at (i - shift) mod size along each rolled dim: Swin's shifted windows).
 Generated modules are memoised by their source (``launch.load_source``).
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from . import expr, expr_casts, pdl
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, is_view_op, meta_of, op_name, output_tensor
+from .base import Kernel, KernelContext, KernelGroup, Unsupported, is_view_op, meta_of, op_name, output_tensor, roll_parts
 from .launch import (PointwiseConfig, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
 
@@ -54,6 +57,9 @@ class PointwisePlan:
     # ``gathered`` lists those tensors in launch order (weight, indices per gather)
     gathers: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = dataclasses.field(default_factory=dict)
     gathered: List[fx.Node] = dataclasses.field(default_factory=list)
+    # roll nodes: (source, ((dim, shift), ...)): the source, a group input of the iteration
+    # shape listed among ``pieces``, is loaded at (i - shift) mod size along each rolled dim
+    rolls: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int], ...]]] = dataclasses.field(default_factory=dict)
 
 
 def analyze(group: KernelGroup) -> PointwisePlan:
@@ -62,6 +68,7 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     by_node: Dict[fx.Node, str] = {}
     cats: Dict[fx.Node, Tuple[int, List[Tuple[fx.Node, fx.Node, List[fx.Node]]]]] = {}
     gathers: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = {}
+    rolls: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int], ...]]] = {}
     for node in group.gm.graph.nodes:
         val = meta_of(node)
         if node.op == "placeholder":
@@ -81,6 +88,13 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                 continue
             if node.target is torch.ops.aten.cat.default:
                 cats[node] = _cat_pieces(node, sources, by_node)
+                by_node[node] = "compute"
+                continue
+            if node.target is torch.ops.aten.roll.default:
+                parts = roll_parts(node)
+                if parts is None or parts[0] not in sources:
+                    raise Unsupported("roll of a computed value, or over no named dims, inside a pointwise group")
+                rolls[node] = parts
                 by_node[node] = "compute"
                 continue
             if node.target is torch.ops.aten.embedding.default or (
@@ -113,18 +127,23 @@ def analyze(group: KernelGroup) -> PointwisePlan:
         if n not in chained:
             _check_broadcasts(meta_of(n).shape, shape, n.name)
     gathers = {g: v for g, v in gathers.items() if g in compute}
+    rolls = {r: v for r, v in rolls.items() if r in compute}
+    for r in rolls:
+        if tuple(meta_of(r).shape) != shape:
+            raise Unsupported(f"{r.name}: a roll of another shape than the group's")
     for g in gathers:  # its embedding dim is the iteration's last
         if meta_of(g).dim() == 0 or len(shape) == 0 or meta_of(g).shape[-1] != shape[-1] or shape[-1] < 2:
             raise Unsupported(f"{g.name}: an embedding whose rows do not run along the output's last dim")
-    used = [a for n in compute if n not in cats and n not in chained and n not in gathers for a in n.all_input_nodes]
+    used = [a for n in compute if n not in cats and n not in chained and n not in gathers and n not in rolls
+            for a in n.all_input_nodes]
     operands = [n for n in dict.fromkeys(used) if n in sources]
     scalars = [n for n in dict.fromkeys(used + [a for n in chained for a in n.all_input_nodes])
                if n.op == "placeholder" and n not in sources]
-    pieces = list(dict.fromkeys(src for _, ps in cats.values() for _, src, _ in ps))
+    pieces = list(dict.fromkeys([src for _, ps in cats.values() for _, src, _ in ps] + [src for src, _ in rolls.values()]))
     order = output_order(meta_of(big)) if stored else ()
     gathered = [t for w, i in gathers.values() for t in (w, i)]
     return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order,
-                         cats, pieces, gathers, gathered)
+                         cats, pieces, gathers, gathered, rolls)
 
 
 #: pieces a generated cat takes (each is a masked load per element)
@@ -229,7 +248,7 @@ def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
 
 def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
             round_intermediates: bool = True, cat_dims: Sequence[int] = (), gather_dim: Any = None,
-            kept: Sequence[int] = ()) -> str:
+            kept: Sequence[int] = (), roll_dims: Sequence[Sequence[Tuple[int, int]]] = ()) -> str:
     """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
     div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
     long division per element. ``kept``: stored outputs ``where(c, a, x)`` written over ``x``
@@ -251,7 +270,7 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             f"mask = offs < {numel}"]
     out_patterns = patterns[len(plan.operands) + len(plan.pieces) + len(gathered):]
     if (any(p != "flat" and p for p in patterns) or any(p != "flat" for p in out_patterns) or plan.cats
-            or plan.gathers) and ndims > 0:
+            or plan.gathers or plan.rolls) and ndims > 0:
         body.append("# multi-index over the (merged) iteration dims, outermost first")
         rest = "offs"
         for j in range(ndims - 1, 0, -1):
@@ -301,6 +320,17 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             start += size
         names[cat] = var
         block_values.add(cat)
+    for (roll, (src, _)), dims in zip(plan.rolls.items(), roll_dims):
+        # (merged dim, shift): the element at i reads the source at (i - shift) mod size there
+        rolled = dict(dims)
+        t = f"piece_{src.name}"
+        idx = " + ".join(f"(({'i%d + %d) %% %d' % (d, sizes[d] - rolled[d], sizes[d]) if d in rolled else 'i%d)' % d})"
+                         f" * {t}_st{d}" for d in piece_pats[src])
+        body.append(f"# {roll.name}: roll, the source read at (i - shift) mod size along {sorted(rolled)}")
+        body.append(f"v_{roll.name} = " + expr.to_compute(
+            f"tl.load({t}_ptr + {idx or 0}, mask=mask, other={expr_casts.masked_zero(meta_of(src))})", meta_of(src).dtype))
+        names[roll] = f"v_{roll.name}"
+        block_values.add(roll)
     gather_pats = patterns[len(plan.operands) + len(plan.pieces):len(plan.operands) + len(plan.pieces) + len(gathered)]
     for k, (node, (weight, _)) in enumerate(plan.gathers.items()):
         rows, ipat = meta_of(weight).shape[0], gather_pats[2 * k + 1]
@@ -320,7 +350,7 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     chained = {n for _, parts in plan.cats.values() for _, _, chain in parts for n in chain}
     body.append("# one line per ATen op; reduced floats are computed in fp32 and rounded like eager")
     body += expr.emit_pointwise([n for n in plan.compute if n not in plan.cats and n not in chained
-                                 and n not in plan.gathers], names, helpers, round_intermediates)
+                                 and n not in plan.gathers and n not in plan.rolls], names, helpers, round_intermediates)
     for node in plan.compute:
         if any(a in block_values for a in node.all_input_nodes):
             block_values.add(node)
@@ -374,6 +404,9 @@ class PointwiseLauncher:
         # so does one for the last dim when an embedding reads its weight's columns along it
         last = len(plan.shape) - 1
         markers = [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in plan.cats.values()]
+        # a rolled dim is kept apart the same way (its size is the modulus)
+        rolled = [(dim, shift) for _, dims in plan.rolls.values() for dim, shift in dims]
+        markers += [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in rolled]
         markers += [tuple(int(d == last) for d in range(len(plan.shape)))] if plan.gathers else []
         all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [self._piece_strides(p, t) for p, t in
                                                                                zip(plan.pieces, pieces)]
@@ -383,6 +416,10 @@ class PointwiseLauncher:
         sizes, strides = collapse(plan.shape, plan.order, all_strides)
         marked = [m.index(1) for m in strides[len(strides) - len(markers):]]
         cat_dims, gather_dim = marked[:len(plan.cats)], (marked[-1] if plan.gathers else None)
+        merged_rolls, k = [], len(plan.cats)
+        for _, dims in plan.rolls.values():
+            merged_rolls.append(tuple((marked[k + j], shift) for j, (_, shift) in enumerate(dims)))
+            k += len(dims)
         strides = strides[:len(strides) - len(markers)]
         patterns = [_pattern(s, sizes) for s in strides]
         for i in range(n_op, n_op + n_pc):  # pieces: always indexed by dim
@@ -395,7 +432,8 @@ class PointwiseLauncher:
         reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1
                                for t in list(operands) + list(pieces) + list(gathered)])
         wide = reach + self.config.block > INT32_MAX
-        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim, kept=kept)
+        source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim, kept=kept,
+                         roll_dims=merged_rolls)
         if self.pdl:
             source = pdl.with_entry(source, "pointwise_kernel", after=1)  # after its program id
         int_args = tuple(
@@ -418,7 +456,9 @@ class PointwiseLauncher:
         """A cat piece's strides at the iteration shape: its own along the cat dim (it is read
         shifted there), 0 along dims it broadcasts over (a cat computed inside a bigger kernel)."""
         shape = self.plan.shape
-        dim = next(d for d, parts in self.plan.cats.values() if any(src is piece for _, src, _ in parts))
+        dim = next((d for d, parts in self.plan.cats.values() if any(src is piece for _, src, _ in parts)), None)
+        if dim is None:  # a roll's source: of the iteration shape (analyze), read through its own strides
+            return tuple(t.stride())
         lead = len(shape) - t.dim()
         return tuple(0 if d < lead or (t.shape[d - lead] == 1 and shape[d] != 1 and d - lead != dim)
                      else t.stride(d - lead) for d in range(len(shape)))
