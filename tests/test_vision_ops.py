@@ -104,3 +104,26 @@ def test_rolls_run_in_our_kernels(dtype):
     kernels = [k for g in report.graphs for k in g.kernels]
     rolled = [k for k in kernels if "aten.roll" in k["ops"]]
     assert sum(k["ops"].count("aten.roll") for k in rolled) == 3 and all(k["impl"] == "triton" for k in rolled), rolled
+
+
+class Upsampling(nn.Module):
+    """A segmentation head's resize (bilinear, align_corners False and True) and a UNet's
+    nearest upsampling by 2, each with the ops around it."""
+
+    def forward(self, x):
+        a = F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=False)
+        b = F.interpolate(x, size=(9, 11), mode="bilinear", align_corners=True)
+        c = F.interpolate(torch.relu(x), scale_factor=2, mode="nearest")
+        return a + b, c * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_interpolations_run_in_our_kernels(dtype):
+    torch.manual_seed(0)
+    report = Report()
+    compile_and_compare(Upsampling().eval(), (torch.randn(2, 3, 5, 7, dtype=dtype),), report=report)
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert fallbacks == [], fallbacks
+    indexed = [k for g in report.graphs for k in g.kernels if "aten._unsafe_index" in k["ops"]]
+    assert sum(k["ops"].count("aten._unsafe_index") for k in indexed) == 9, indexed
+    assert len(indexed) <= 3 and all(k["impl"] == "triton" for k in indexed), indexed

@@ -56,7 +56,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import FILL_OPS, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
+from ..kernels.base import FILL_OPS, axis_index_parts, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
 from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, gather_operands, hoist_constants,
                               hoist_views, indexed_operands, is_op, is_reshape, make_adjacent, safe, validate)
 from .partition_merge import merge_gemv_prologues, merge_independent_pointwise, merge_pointwise_groups
@@ -118,7 +118,8 @@ def classify(node: fx.Node) -> Optional[str]:
         return "reduction"
     if packet in _POOLS:
         return "pool"
-    if fusable_pointwise(node) or fusable_cat(node) or fusable_gather(node) or fusable_roll(node):
+    if fusable_pointwise(node) or fusable_cat(node) or fusable_gather(node) or fusable_roll(node) \
+            or fusable_axis_index(node):
         return "pointwise"
     return "aten"
 
@@ -165,6 +166,15 @@ def fusable_roll(node: fx.Node) -> bool:
     (pointwise groups only, its input a group input)."""
     val = node.meta.get("val")
     return roll_parts(node) is not None and isinstance(val, torch.Tensor) and val.numel() > 0
+
+
+def fusable_axis_index(node: fx.Node) -> bool:
+    """``aten._unsafe_index`` by one index table per trailing dim (``F.interpolate``'s, nearest
+    or bilinear: four of them and the lerps are one kernel): a pointwise kernel loads each
+    element's row / column from the tables, then the input there (pointwise groups only, the
+    input and tables group inputs)."""
+    val = node.meta.get("val")
+    return axis_index_parts(node) is not None and isinstance(val, torch.Tensor) and val.numel() > 0
 
 
 def fusable_pointwise(node: fx.Node) -> bool:
@@ -219,9 +229,11 @@ class _Partitioner:
         # no cat in their code generators
         self.cats = {n for n in self.nodes if self.kind[n] == "pointwise" and n.target is aten.cat.default}
         # ops only generated pointwise kernels compute (no GEMM epilogue, no reduction)
-        # rolls: their kernel loads the input at the rolled index, so it is a group input and
-        # the roll no other group's member (each seeds its own group, before everything else)
-        self.rolls = {n for n in self.nodes if self.kind[n] == "pointwise" and roll_parts(n) is not None}
+        # rolls and interpolations' indexed loads: their kernel loads the input at another index,
+        # so it is a group input and the node no other group's member (each seeds its own group,
+        # before everything else)
+        self.rolls = {n for n in self.nodes if self.kind[n] == "pointwise"
+                      and (roll_parts(n) is not None or axis_index_parts(n) is not None)}
         self.pointwise_only = self.cats | self.rolls | {n for n in self.nodes if self.kind[n] == "pointwise"
                                                         and gather_operands(n) is not None}
         # a gather's table and indices: the code generator loads them from group inputs, so
@@ -343,8 +355,10 @@ class _Partitioner:
         while stack:
             cur, frame = stack.pop()
             if cur in self.rolls:
-                continue  # its input is loaded at the rolled index: a group input, never a member
+                continue  # its input is loaded at another index: a group input, never a member
             for p in cur.all_input_nodes:
+                if self._reads_members(p, members | add):
+                    return None
                 if p in members or p in add:
                     continue
                 if self._constant(p):  # a fill of its own reader: any kernel computes it
@@ -412,6 +426,11 @@ class _Partitioner:
             chain.append(cur)
             cur, reader = cur.all_input_nodes[0], cur
         return chain
+
+    def _reads_members(self, n: fx.Node, members: Set[fx.Node]) -> bool:
+        """``n`` is a roll / indexed load whose input (or index table) is in ``members``: the
+        kernel loads those at other indices than the element's, from group inputs only."""
+        return n in self.rolls and any(a in members for a in indexed_operands(n) or ())
 
     def _constant(self, p: fx.Node) -> bool:
         """A free fill that reads no tensor (``_fills_per_reader`` made one per reader)."""
@@ -499,7 +518,7 @@ class _Partitioner:
                 if chain and self._safe(members, chain):
                     members.update(chain)
         self._grow(members, lambda n: self._free(n) and self.kind.get(n) == "pointwise" and _shape(n) == shape
-                   and n not in self.rolls)
+                   and not self._reads_members(n, members))
         self._absorb_small_producers(members, shape)
         return list(members)
 

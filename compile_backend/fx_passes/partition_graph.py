@@ -10,7 +10,7 @@ from typing import Dict, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import KINDS, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
+from ..kernels.base import KINDS, axis_index_parts, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
 
 aten = torch.ops.aten
 #: reshapes that keep row-major order when their input is contiguous (``is_reshape``)
@@ -181,9 +181,15 @@ def gather_operands(node: fx.Node):
 def indexed_operands(node: fx.Node):
     """The tensors a generated pointwise kernel loads at computed indices rather than the
     element's own, which must be inputs of its group (their producers never join it): a row
-    gather's table and indices, a roll's input; None for other nodes."""
+    gather's table and indices, a roll's input, an interpolation's input and index tables; None for
+    other nodes."""
     parts = roll_parts(node)
-    return (parts[0],) if parts is not None else gather_operands(node)
+    if parts is not None:
+        return (parts[0],)
+    indexed = axis_index_parts(node)
+    if indexed is not None:
+        return (indexed[0], *(t for _, t in indexed[1]))
+    return gather_operands(node)
 
 
 __all__ = ["gather_operands", "indexed_operands", "RESHAPES", "safe", "broadcasts_to", "hoist_constants", "hoist_views", "fills_per_reader", "make_adjacent", "validate", "is_op", "is_reshape"]

@@ -253,6 +253,38 @@ def roll_parts(node: fx.Node):
     return x, tuple(sorted(parts.items()))
 
 
+def axis_index_parts(node: fx.Node):
+    """(input, ((dim, index tensor), ...)) of ``aten._unsafe_index(x, [None] * k + [t0, t1, ...])``
+    whose index tensors each vary along one result dim of their own, in order (``t0`` [OH, 1],
+    ``t1`` [OW]: an interpolation's rows and columns, ``F.interpolate`` nearest or bilinear):
+    result dim ``k + j`` reads ``x`` at ``tj``'s value there; None for anything else."""
+    if node.op != "call_function" or node.target is not torch.ops.aten._unsafe_index.Tensor or len(node.args) < 2:
+        return None
+    x, indices = node.args[0], node.args[1]
+    xv = x.meta.get("val") if isinstance(x, fx.Node) else None
+    out = node.meta.get("val")
+    if not isinstance(xv, torch.Tensor) or not isinstance(out, torch.Tensor) or not isinstance(indices, (list, tuple)):
+        return None
+    k = 0
+    while k < len(indices) and indices[k] is None:
+        k += 1
+    tables = list(indices[k:])
+    m = len(tables)
+    if m == 0 or k + m > xv.dim() or out.dim() != xv.dim() or any(not isinstance(t, fx.Node) for t in tables):
+        return None
+    parts = []
+    for j, t in enumerate(tables):
+        tv = t.meta.get("val")
+        if not isinstance(tv, torch.Tensor) or tv.dtype not in (torch.int32, torch.int64) or tv.dim() > m:
+            return None
+        sizes = [1] * (m - tv.dim()) + list(tv.shape)
+        if not all(isinstance(s, int) for s in sizes) or any(s != 1 for p, s in enumerate(sizes) if p != j) \
+                or sizes[j] != out.shape[k + j]:
+            return None
+        parts.append((k + j, t))
+    return x, tuple(parts)
+
+
 def is_view_op(target: Any) -> bool:
     """``target``'s output is a re-indexing of its first input's values: an alias (``view``,
     ``slice``, ``transpose``, ``expand``, ``_unsafe_view``) or the functional copy of one

@@ -13,7 +13,9 @@ through its own strides (stride 0 for broadcast dims, any non-contiguous layout)
 strides are runtime arguments; sizes are literals in the source (cheap div/mod by constants).
 Loads at another index than the element's own, each from a group input and with its dims kept
 apart from merging: a cat's pieces (masked, shifted along the cat dim), a row gather's table,
-a roll's input (at (i - shift) mod size along each rolled dim: Swin's shifted windows).
+a roll's input (at (i - shift) mod size along each rolled dim: Swin's shifted windows), an
+interpolation's input (``_unsafe_index`` by one index table a dim: each element loads its row /
+column there first; a bilinear resize's four loads and lerps are one kernel).
 Generated modules are memoised by their source (``launch.load_source``).
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from . import expr, expr_casts, pdl
-from .base import Kernel, KernelContext, KernelGroup, Unsupported, is_view_op, meta_of, op_name, output_tensor, roll_parts
+from .base import (Kernel, KernelContext, KernelGroup, Unsupported, axis_index_parts, is_view_op, meta_of, op_name,
+                   output_tensor, roll_parts)
 from .launch import (PointwiseConfig, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
 
@@ -60,6 +63,16 @@ class PointwisePlan:
     # roll nodes: (source, ((dim, shift), ...)): the source, a group input of the iteration
     # shape listed among ``pieces``, is loaded at (i - shift) mod size along each rolled dim
     rolls: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int], ...]]] = dataclasses.field(default_factory=dict)
+    # _unsafe_index nodes by per-dim tables (an interpolation): (source, ((dim, table), ...)); the
+    # source is listed among ``pieces``, the tables (integer group inputs, each varying along its
+    # dim only) in ``tables``: an element loads its index there, then the source at it
+    indexed: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, fx.Node], ...]]] = dataclasses.field(default_factory=dict)
+    tables: List[fx.Node] = dataclasses.field(default_factory=list)
+
+    @property
+    def loaded(self) -> List[fx.Node]:
+        """Every tensor the kernel reads, in launch order."""
+        return self.operands + self.pieces + self.gathered + self.tables
 
 
 def analyze(group: KernelGroup) -> PointwisePlan:
@@ -69,6 +82,7 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     cats: Dict[fx.Node, Tuple[int, List[Tuple[fx.Node, fx.Node, List[fx.Node]]]]] = {}
     gathers: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = {}
     rolls: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int], ...]]] = {}
+    indexed: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, fx.Node], ...]]] = {}
     for node in group.gm.graph.nodes:
         val = meta_of(node)
         if node.op == "placeholder":
@@ -95,6 +109,13 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                 if parts is None or parts[0] not in sources:
                     raise Unsupported("roll of a computed value, or over no named dims, inside a pointwise group")
                 rolls[node] = parts
+                by_node[node] = "compute"
+                continue
+            if node.target is torch.ops.aten._unsafe_index.Tensor:
+                parts = axis_index_parts(node)
+                if parts is None or parts[0] not in sources or any(t not in sources for _, t in parts[1]):
+                    raise Unsupported("_unsafe_index of computed values, or not one table a dim, in a pointwise group")
+                indexed[node] = parts
                 by_node[node] = "compute"
                 continue
             if node.target is torch.ops.aten.embedding.default or (
@@ -128,22 +149,27 @@ def analyze(group: KernelGroup) -> PointwisePlan:
             _check_broadcasts(meta_of(n).shape, shape, n.name)
     gathers = {g: v for g, v in gathers.items() if g in compute}
     rolls = {r: v for r, v in rolls.items() if r in compute}
-    for r in rolls:
+    indexed = {r: v for r, v in indexed.items() if r in compute}
+    for r in [*rolls, *indexed]:
         if tuple(meta_of(r).shape) != shape:
             raise Unsupported(f"{r.name}: a roll of another shape than the group's")
     for g in gathers:  # its embedding dim is the iteration's last
         if meta_of(g).dim() == 0 or len(shape) == 0 or meta_of(g).shape[-1] != shape[-1] or shape[-1] < 2:
             raise Unsupported(f"{g.name}: an embedding whose rows do not run along the output's last dim")
     used = [a for n in compute if n not in cats and n not in chained and n not in gathers and n not in rolls
-            for a in n.all_input_nodes]
+            and n not in indexed for a in n.all_input_nodes]
     operands = [n for n in dict.fromkeys(used) if n in sources]
     scalars = [n for n in dict.fromkeys(used + [a for n in chained for a in n.all_input_nodes])
                if n.op == "placeholder" and n not in sources]
-    pieces = list(dict.fromkeys([src for _, ps in cats.values() for _, src, _ in ps] + [src for src, _ in rolls.values()]))
+    pieces = list(dict.fromkeys([src for _, ps in cats.values() for _, src, _ in ps] + [src for src, _ in rolls.values()]
+                                + [src for src, _ in indexed.values()]))
+    tables = list(dict.fromkeys(t for _, dims in indexed.values() for _, t in dims))
+    if len({(t, d) for _, dims in indexed.values() for d, t in dims}) != len(tables):
+        raise Unsupported("an index table read along two dims")
     order = output_order(meta_of(big)) if stored else ()
     gathered = [t for w, i in gathers.values() for t in (w, i)]
     return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order,
-                         cats, pieces, gathers, gathered, rolls)
+                         cats, pieces, gathers, gathered, rolls, indexed, tables)
 
 
 #: pieces a generated cat takes (each is a masked load per element)
@@ -248,7 +274,8 @@ def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
 
 def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
             round_intermediates: bool = True, cat_dims: Sequence[int] = (), gather_dim: Any = None,
-            kept: Sequence[int] = (), roll_dims: Sequence[Sequence[Tuple[int, int]]] = ()) -> str:
+            kept: Sequence[int] = (), roll_dims: Sequence[Sequence[Tuple[int, int]]] = (),
+            index_dims: Sequence[Sequence[int]] = ()) -> str:
     """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
     div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
     long division per element. ``kept``: stored outputs ``where(c, a, x)`` written over ``x``
@@ -259,7 +286,7 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
         numel *= s
     gathered = [f"g{k}_{role}" for k in range(len(plan.gathers)) for role in ("w", "i")]
     tensors = ([f"in_{n.name}" for n in plan.operands] + [f"piece_{n.name}" for n in plan.pieces] + gathered
-               + [f"out{i}" for i in range(len(plan.stored))])
+               + [f"tab_{n.name}" for n in plan.tables] + [f"out{i}" for i in range(len(plan.stored))])
     params = [f"{t}_ptr" for t in tensors] + [f"s_{n.name}" for n in plan.scalars]
     for t, pat in zip(tensors, patterns):
         if pat not in ("flat", "gather"):
@@ -268,9 +295,9 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     body = ["pid = tl.program_id(0)",
             f"offs = {'pid.to(tl.int64)' if wide else 'pid'} * BLOCK + tl.arange(0, BLOCK)",
             f"mask = offs < {numel}"]
-    out_patterns = patterns[len(plan.operands) + len(plan.pieces) + len(gathered):]
+    out_patterns = patterns[len(plan.operands) + len(plan.pieces) + len(gathered) + len(plan.tables):]
     if (any(p != "flat" and p for p in patterns) or any(p != "flat" for p in out_patterns) or plan.cats
-            or plan.gathers or plan.rolls) and ndims > 0:
+            or plan.gathers or plan.rolls or plan.indexed) and ndims > 0:
         body.append("# multi-index over the (merged) iteration dims, outermost first")
         rest = "offs"
         for j in range(ndims - 1, 0, -1):
@@ -331,6 +358,25 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             f"tl.load({t}_ptr + {idx or 0}, mask=mask, other={expr_casts.masked_zero(meta_of(src))})", meta_of(src).dtype))
         names[roll] = f"v_{roll.name}"
         block_values.add(roll)
+    table_pats = dict(zip(plan.tables, patterns[len(plan.operands) + len(plan.pieces) + len(gathered):]))
+    for (node, (src, dims)), merged in zip(plan.indexed.items(), index_dims):
+        # each indexed dim's position comes from its table (an index out of range reads 0)
+        t, at, ok = f"piece_{src.name}", {}, []
+        body.append(f"# {node.name}: the source read at each element's entries of its index tables")
+        for (dim, table), d in zip(dims, merged):
+            n = meta_of(src).shape[dim]
+            j = f"j{d}_{node.name}"
+            body.append(f"{j} = tl.load(tab_{table.name}_ptr + {offset(f'tab_{table.name}', table_pats[table]) or '0 * offs'}, "
+                        f"mask=mask, other=0).to(tl.int64)")
+            body.append(f"{j} = tl.where({j} < 0, {j} + {n}, {j})")
+            at[d] = j
+            ok.append(f"({j} >= 0) & ({j} < {n})")
+        idx = " + ".join(f"{at.get(d, 'i%d' % d)} * {t}_st{d}" for d in piece_pats[src])
+        body.append(f"v_{node.name} = " + expr.to_compute(
+            f"tl.load({t}_ptr + {idx or 0}, mask=mask & {' & '.join(ok)}, other={expr_casts.masked_zero(meta_of(src))})",
+            meta_of(src).dtype))
+        names[node] = f"v_{node.name}"
+        block_values.add(node)
     gather_pats = patterns[len(plan.operands) + len(plan.pieces):len(plan.operands) + len(plan.pieces) + len(gathered)]
     for k, (node, (weight, _)) in enumerate(plan.gathers.items()):
         rows, ipat = meta_of(weight).shape[0], gather_pats[2 * k + 1]
@@ -350,7 +396,8 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     chained = {n for _, parts in plan.cats.values() for _, _, chain in parts for n in chain}
     body.append("# one line per ATen op; reduced floats are computed in fp32 and rounded like eager")
     body += expr.emit_pointwise([n for n in plan.compute if n not in plan.cats and n not in chained
-                                 and n not in plan.gathers and n not in plan.rolls], names, helpers, round_intermediates)
+                                 and n not in plan.gathers and n not in plan.rolls and n not in plan.indexed],
+                                names, helpers, round_intermediates)
     for node in plan.compute:
         if any(a in block_values for a in node.all_input_nodes):
             block_values.add(node)
@@ -396,8 +443,9 @@ class PointwiseLauncher:
                 raise ValueError(f"input {node.name}: kernel built for {want.dtype}{tuple(want.shape)}, "
                                  f"got {t.dtype}{tuple(t.shape)}")
         out_strides = [strides_for(tuple(meta_of(o).shape), output_order(meta_of(o))) for o in plan.stored]
-        n_op, n_pc = len(plan.operands), len(plan.pieces)
-        pieces, gathered = operands[n_op:n_op + n_pc], operands[n_op + n_pc:]
+        n_op, n_pc, n_g = len(plan.operands), len(plan.pieces), len(plan.gathered)
+        pieces, gathered = operands[n_op:n_op + n_pc], operands[n_op + n_pc:n_op + n_pc + n_g]
+        tables = operands[n_op + n_pc + n_g:]
         operands = operands[:n_op]
         # a piece is read at the output's index shifted along its cat dim: its own strides, and
         # one marker per cat dim (stride 1 there, 0 elsewhere) keeps that dim apart when merging;
@@ -407,10 +455,13 @@ class PointwiseLauncher:
         # a rolled dim is kept apart the same way (its size is the modulus)
         rolled = [(dim, shift) for _, dims in plan.rolls.values() for dim, shift in dims]
         markers += [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in rolled]
+        looked_up = [dim for _, dims in plan.indexed.values() for dim, _ in dims]  # kept apart too
+        markers += [tuple(int(d == dim) for d in range(len(plan.shape))) for dim in looked_up]
         markers += [tuple(int(d == last) for d in range(len(plan.shape)))] if plan.gathers else []
         all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [self._piece_strides(p, t) for p, t in
                                                                                zip(plan.pieces, pieces)]
                        + [self._gathered_strides(t, k % 2 == 0) for k, t in enumerate(gathered)]
+                       + [self._table_strides(node, t) for node, t in zip(plan.tables, tables)]
                        + [_broadcast_strides(meta_of(o).shape, st, plan.shape) for o, st in zip(plan.stored, out_strides)]
                        + markers)
         sizes, strides = collapse(plan.shape, plan.order, all_strides)
@@ -419,6 +470,10 @@ class PointwiseLauncher:
         merged_rolls, k = [], len(plan.cats)
         for _, dims in plan.rolls.values():
             merged_rolls.append(tuple((marked[k + j], shift) for j, (_, shift) in enumerate(dims)))
+            k += len(dims)
+        merged_index = []
+        for _, dims in plan.indexed.values():
+            merged_index.append(tuple(marked[k + j] for j in range(len(dims))))
             k += len(dims)
         strides = strides[:len(strides) - len(markers)]
         patterns = [_pattern(s, sizes) for s in strides]
@@ -430,10 +485,10 @@ class PointwiseLauncher:
         for s in plan.shape:
             numel *= s
         reach = max([numel] + [sum((n - 1) * abs(x) for n, x in zip(t.shape, t.stride())) + 1
-                               for t in list(operands) + list(pieces) + list(gathered)])
+                               for t in list(operands) + list(pieces) + list(gathered) + list(tables)])
         wide = reach + self.config.block > INT32_MAX
         source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim, kept=kept,
-                         roll_dims=merged_rolls)
+                         roll_dims=merged_rolls, index_dims=merged_index)
         if self.pdl:
             source = pdl.with_entry(source, "pointwise_kernel", after=1)  # after its program id
         int_args = tuple(
@@ -451,6 +506,15 @@ class PointwiseLauncher:
         lead = len(shape) - 1 - t.dim()
         return tuple(0 if d < lead or d == len(shape) - 1 or t.shape[d - lead] == 1 else t.stride(d - lead)
                      for d in range(len(shape)))
+
+    def _table_strides(self, table: fx.Node, t: torch.Tensor) -> Tuple[int, ...]:
+        """An index table's strides at the iteration shape: its stride along the one dim it
+        varies in (right-aligned with the other tables of its ``_unsafe_index``), 0 elsewhere."""
+        shape = self.plan.shape
+        dim = next(d for _, dims in self.plan.indexed.values() for d, tab in dims if tab is table)
+        varying = [p for p in range(t.dim()) if t.shape[p] != 1]
+        stride = t.stride(varying[0]) if varying else 0
+        return tuple(stride if d == dim else 0 for d in range(len(shape)))
 
     def _piece_strides(self, piece: fx.Node, t: torch.Tensor) -> Tuple[int, ...]:
         """A cat piece's strides at the iteration shape: its own along the cat dim (it is read
@@ -484,7 +548,7 @@ class PointwiseLauncher:
         env: Dict[fx.Node, Any] = dict(zip(plan.placeholders, inputs))
         for v in plan.host_views:
             env[v] = v.target(*map_nodes(v.args, env), **map_nodes(v.kwargs, env))
-        operands = [env[n] for n in plan.operands + plan.pieces + plan.gathered]
+        operands = [env[n] for n in plan.loaded]
         device = operands[0].device if operands else self.device
         launch, args = None, ()
         if plan.stored:
@@ -524,7 +588,8 @@ def keeper_outputs(plan: PointwisePlan) -> Dict[int, fx.Node]:
             continue
         c, _, x = node.args
         if isinstance(c, fx.Node) and x in plan.operands and x is not c and len(x.users) == 1 \
-                and x not in plan.pieces and x not in plan.gathered and meta_of(x).dtype not in (expr_casts.FP8,) \
+                and x not in plan.pieces and x not in plan.gathered and x not in plan.tables \
+                and meta_of(x).dtype not in (expr_casts.FP8,) \
                 and meta_of(x).dtype == meta_of(node).dtype and tuple(meta_of(x).shape) == tuple(meta_of(node).shape):
             out[i] = x
     return out
@@ -571,7 +636,7 @@ def build_pointwise(group: KernelGroup, ctx: KernelContext,
     launcher = PointwiseLauncher(plan, config, ctx.device, ctx.pdl)
     source = None
     if plan.stored:  # generate (and load) the source for the layout the graph was traced with
-        metas = [meta_of(n) for n in plan.operands + plan.pieces + plan.gathered]
+        metas = [meta_of(n) for n in plan.loaded]
         source = launcher.launch_for(metas).source
     return Kernel(kind="pointwise", impl="triton", ops=group.ops, fn=launcher,
                   config=dataclasses.asdict(config), source=source,
@@ -600,8 +665,7 @@ def _build_combo(group: KernelGroup, ctx: KernelContext, parts) -> Kernel:
     chunks = [launchers[i:i + MAX_PARTS] for i in range(0, len(launchers), MAX_PARTS)]
     combos = [ComboLauncher(chunk, len(group.outputs), ctx.pdl) for chunk in chunks]
     combo = combos[0] if len(combos) == 1 else ComboLaunches(combos)
-    sources = [[launcher.launch_for([meta_of(n) for n in launcher.plan.operands + launcher.plan.pieces
-                                     + launcher.plan.gathered]).source
+    sources = [[launcher.launch_for([meta_of(n) for n in launcher.plan.loaded]).source
                 for launcher, _, _ in chunk if launcher.plan.stored] for chunk in chunks]
     source = "\n".join(combo_source(s) if len(s) > 1 else "".join(s) for s in sources) \
         if sum(map(len, sources)) > 1 else None
