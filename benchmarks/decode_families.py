@@ -18,14 +18,13 @@ An error is recorded in the row, never raised: the table is the result.
 from __future__ import annotations
 
 import copy
-import functools
-import time
 from typing import Any, Callable, Dict, List
 
 import torch
 
 from .decode_bench import HFDecodeStep
-from .quant_families import VOCAB, chosen_families, engine_row, families, families_parser, layers_that_matter, write_record
+from .quant_families import (VOCAB, chosen_families, compiled_cell, families, families_parser, layers_that_matter,
+                             write_record)
 
 MODES: Dict[str, Dict[str, Any]] = {
     "float": {},
@@ -62,8 +61,6 @@ def prefilled(make: Callable[[], torch.nn.Module], dtype: torch.dtype, device: s
 def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str], dtype: torch.dtype,
                device: str, batch: int = 1) -> Dict[str, Any]:
     from compile_backend import quant
-    from compile_backend.backend import compile_backend as backend
-    from compile_backend.report import Report
 
     row: Dict[str, Any] = {"family": name, "modes": {}}
     try:
@@ -76,20 +73,9 @@ def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str],
         return row
     row["model"] = type(step.model).__name__
     for mode in modes:
-        start = time.perf_counter()
-        torch._dynamo.reset()
-        report = Report()
-        options = {"quant": quant.QuantConfig(min_features=16, **MODES[mode])} if MODES[mode] else {}
-        try:
-            fn = torch.compile(step, backend=functools.partial(backend, options=options, report=report))
-            with torch.no_grad():
-                out = fn(token, position, copy.deepcopy(cache))[0].float()
-                again = fn(token, position, copy.deepcopy(cache))[0].float()
-            row["modes"][mode] = {**engine_row(out, ref, report, start), "repeatable": bool(torch.equal(out, again))}
-        except Exception as e:  # the row records it: the table is the result
-            row["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        finally:
-            torch._dynamo.reset()
+        config = {"quant": quant.QuantConfig(min_features=16, **MODES[mode])} if MODES[mode] else {}
+        row["modes"][mode] = compiled_cell(step, lambda fn: fn(token, position, copy.deepcopy(cache))[0], ref,
+                                           lambda: config)
     return row
 
 

@@ -15,6 +15,7 @@ An error is recorded in the row (type and message), never raised: the table is t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import subprocess
@@ -98,6 +99,29 @@ def engine_row(out: torch.Tensor, ref: torch.Tensor, report, start: float) -> Di
             "quantized": sum(lay["status"] == "quantized" for lay in layers), "layers": len(layers),
             "graphs": len(report.graphs), "aten": sorted({f["op"] for g in report.graphs for f in g.fallbacks}),
             "rejected": rejected_kernels(report), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def compiled_cell(model: torch.nn.Module, run: Callable[[Callable], torch.Tensor], ref: torch.Tensor,
+                  options: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """One mode's cell of a families run: ``model`` compiled through the backend with
+    ``options()`` (made inside: a calibration may fail too), ``run(compiled)`` called twice,
+    its output compared with ``ref`` (``engine_row``) and with itself (``repeatable``). An error
+    is recorded in the cell, never raised: the table is the result."""
+    from compile_backend.backend import compile_backend as backend
+    from compile_backend.report import Report
+
+    start, report = time.perf_counter(), Report()
+    try:
+        chosen = options()
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend=functools.partial(backend, options=chosen, report=report))
+        with torch.no_grad():
+            out, again = run(fn).float(), run(fn).float()
+        return {**engine_row(out, ref, report, start), "repeatable": bool(torch.equal(out, again))}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        torch._dynamo.reset()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

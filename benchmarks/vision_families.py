@@ -17,12 +17,11 @@ the result.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable, Dict, List
 
 import torch
 
-from .quant_families import chosen_families, cosine, engine_row, families_parser, write_record
+from .quant_families import chosen_families, compiled_cell, cosine, families_parser, write_record
 
 MODES: Dict[str, Dict[str, Any]] = {
     "float": {},
@@ -153,8 +152,6 @@ def int8_simulation(model: torch.nn.Module, images: torch.Tensor) -> torch.Tenso
 def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str], dtype: torch.dtype,
                device: str, size: int, batch: int) -> Dict[str, Any]:
     from compile_backend import quant
-    from compile_backend.backend import compile_backend as backend
-    from compile_backend.report import Report
 
     row: Dict[str, Any] = {"family": name, "modes": {}}
     torch.manual_seed(0)
@@ -167,26 +164,15 @@ def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str],
     with torch.no_grad():
         ref = model(images).float()
     row["int8_simulation_cosine"] = cosine(int8_simulation(model, images).float(), ref)
+    def options(mode: str) -> Dict[str, Any]:
+        if not MODES[mode]:
+            return {}
+        qcfg = quant.QuantConfig(min_features=16, **MODES[mode])
+        return {"quant": quant.calibrate(model, calib, qcfg, progress=False, use_cache=False)
+                if qcfg.activations == "static" else qcfg}
+
     for mode in modes:
-        start = time.perf_counter()
-        torch._dynamo.reset()
-        report = Report()
-        try:
-            options = {}
-            if MODES[mode]:
-                qcfg = quant.QuantConfig(min_features=16, **MODES[mode])
-                options["quant"] = (quant.calibrate(model, calib, qcfg, progress=False, use_cache=False)
-                                    if qcfg.activations == "static" else qcfg)
-            torch._dynamo.reset()
-            fn = torch.compile(model, backend=functools.partial(backend, options=options, report=report))
-            with torch.no_grad():
-                out = fn(images).float()
-                again = fn(images).float()
-            row["modes"][mode] = {**engine_row(out, ref, report, start), "repeatable": bool(torch.equal(out, again))}
-        except Exception as e:  # the row records it: the table is the result
-            row["modes"][mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        finally:
-            torch._dynamo.reset()
+        row["modes"][mode] = compiled_cell(model, lambda fn: fn(images), ref, functools.partial(options, mode))
     return row
 
 

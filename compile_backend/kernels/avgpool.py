@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .base import Kernel, KernelContext, KernelGroup, OutLayout, Unsupported, meta_of, output_tensor, triton_interpret
 from .launch import dense_order, strides_for
-from .pool import FLOAT_DTYPES, INT32_MAX, PoolConfig, out_size, pair, pool_heuristic, reach, tiling
+from .pool import FLOAT_DTYPES, INT32_MAX, PoolConfig, out_size, output_position, pair, pool_heuristic, reach, tiling
 from .weight_only_parts import round_to
 
 aten = torch.ops.aten
@@ -53,16 +53,7 @@ def _avgpool2d_kernel(
         rows = rows.to(tl.int64)
         inner = inner.to(tl.int64)
     mask = (rows < ROWS)[:, None] & (inner < INNER)[None, :]
-    if CHANNELS_INNER:  # rows: (n, oh, ow); inner: c
-        ow = (rows % OW)[:, None]
-        oh = ((rows // OW) % OH)[:, None]
-        n = (rows // (OW * OH))[:, None]
-        c = inner[None, :]
-    else:  # rows: (n, c, oh); inner: ow
-        oh = (rows % OH)[:, None]
-        c = ((rows // OH) % C)[:, None]
-        n = (rows // (OH * C))[:, None]
-        ow = inner[None, :]
+    n, c, oh, ow = output_position(rows, inner, C, OH, OW, CHANNELS_INNER)
     x_base = x_ptr + n * sxn + c * sxc
     o_off = n * son + c * soc + oh * soh + ow * sow
     ih_first = oh * SH - PH

@@ -43,6 +43,24 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- the kernel
 @triton.jit
+def output_position(rows, inner, C, OH, OW, CHANNELS_INNER: tl.constexpr):
+    """(n, c, oh, ow) of a [rows, inner] tile of outputs, each [BLOCK_R, 1] or [1, BLOCK_I]:
+    rows enumerate (n, oh, ow) and inner c for a channels-last output, else rows (n, c, oh) and
+    inner ow (the pooling kernels' tiling)."""
+    if CHANNELS_INNER:
+        ow = (rows % OW)[:, None]
+        oh = ((rows // OW) % OH)[:, None]
+        n = (rows // (OW * OH))[:, None]
+        c = inner[None, :]
+    else:
+        oh = (rows % OH)[:, None]
+        c = ((rows // OH) % C)[:, None]
+        n = (rows // (OH * C))[:, None]
+        ow = inner[None, :]
+    return n, c, oh, ow
+
+
+@triton.jit
 def _maxpool2d_kernel(
     x_ptr, out_ptr, idx_ptr,
     ROWS, INNER, C, H, W, OH, OW,
@@ -58,29 +76,21 @@ def _maxpool2d_kernel(
         rows = rows.to(tl.int64)
         inner = inner.to(tl.int64)
     mask = (rows < ROWS)[:, None] & (inner < INNER)[None, :]
-    if CHANNELS_INNER:  # rows: (n, oh, ow); inner: c
-        ow = (rows % OW)[:, None]
-        oh = ((rows // OW) % OH)[:, None]
-        n = (rows // (OW * OH))[:, None]
-        c = inner[None, :]
+    n, c, oh, ow = output_position(rows, inner, C, OH, OW, CHANNELS_INNER)
+    if CHANNELS_INNER:
         if UNIT_INNER:  # x and out are contiguous along c: the compiler sees it, vectorises
             x_base = x_ptr + n * sxn + c
             o_off = n * son + c + oh * soh + ow * sow
         else:
             x_base = x_ptr + n * sxn + c * sxc
             o_off = n * son + c * soc + oh * soh + ow * sow
-        iw_first = ow * SW - PW
-    else:  # rows: (n, c, oh); inner: ow
-        oh = (rows % OH)[:, None]
-        c = ((rows // OH) % C)[:, None]
-        n = (rows // (OH * C))[:, None]
-        ow = inner[None, :]
+    else:
         x_base = x_ptr + n * sxn + c * sxc
         if UNIT_INNER:
             o_off = n * son + c * soc + oh * soh + ow
         else:
             o_off = n * son + c * soc + oh * soh + ow * sow
-        iw_first = ow * SW - PW
+    iw_first = ow * SW - PW
     ih_first = oh * SH - PH
     best = tl.full([BLOCK_R, BLOCK_I], float("-inf"), tl.float32)
     if WITH_INDICES:
@@ -319,4 +329,4 @@ def out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
 
 
 __all__ = ["build_pool", "maxpool2d_reference", "MaxPoolLauncher", "PoolConfig", "PoolPlan", "pool_heuristic",
-           "analyze", "tiling", "pair", "out_size", "reach"]
+           "analyze", "tiling", "pair", "out_size", "reach", "output_position"]
