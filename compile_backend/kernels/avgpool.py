@@ -47,13 +47,7 @@ def _avgpool2d_kernel(
     CHANNELS_INNER: tl.constexpr, WIDE: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    inner = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    if WIDE:
-        rows = rows.to(tl.int64)
-        inner = inner.to(tl.int64)
-    mask = (rows < ROWS)[:, None] & (inner < INNER)[None, :]
-    n, c, oh, ow = output_position(rows, inner, C, OH, OW, CHANNELS_INNER)
+    n, c, oh, ow, mask = output_position(ROWS, INNER, C, OH, OW, CHANNELS_INNER, WIDE, BLOCK_R, BLOCK_I)
     x_base = x_ptr + n * sxn + c * sxc
     o_off = n * son + c * soc + oh * soh + ow * sow
     ih_first = oh * SH - PH

@@ -43,10 +43,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- the kernel
 @triton.jit
-def output_position(rows, inner, C, OH, OW, CHANNELS_INNER: tl.constexpr):
-    """(n, c, oh, ow) of a [rows, inner] tile of outputs, each [BLOCK_R, 1] or [1, BLOCK_I]:
-    rows enumerate (n, oh, ow) and inner c for a channels-last output, else rows (n, c, oh) and
-    inner ow (the pooling kernels' tiling)."""
+def output_position(ROWS, INNER, C, OH, OW, CHANNELS_INNER: tl.constexpr, WIDE: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+    """(n, c, oh, ow, mask) of this program's [BLOCK_R, BLOCK_I] tile of outputs, each index
+    [BLOCK_R, 1] or [1, BLOCK_I]: rows enumerate (n, oh, ow) and inner c for a channels-last
+    output, else rows (n, c, oh) and inner ow (the pooling kernels' tiling; int64 when WIDE)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    inner = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    if WIDE:
+        rows = rows.to(tl.int64)
+        inner = inner.to(tl.int64)
+    mask = (rows < ROWS)[:, None] & (inner < INNER)[None, :]
     if CHANNELS_INNER:
         ow = (rows % OW)[:, None]
         oh = ((rows // OW) % OH)[:, None]
@@ -57,7 +64,7 @@ def output_position(rows, inner, C, OH, OW, CHANNELS_INNER: tl.constexpr):
         c = ((rows // OH) % C)[:, None]
         n = (rows // (OH * C))[:, None]
         ow = inner[None, :]
-    return n, c, oh, ow
+    return n, c, oh, ow, mask
 
 
 @triton.jit
@@ -70,13 +77,7 @@ def _maxpool2d_kernel(
     CHANNELS_INNER: tl.constexpr, UNIT_INNER: tl.constexpr, WITH_INDICES: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    inner = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    if WIDE:
-        rows = rows.to(tl.int64)
-        inner = inner.to(tl.int64)
-    mask = (rows < ROWS)[:, None] & (inner < INNER)[None, :]
-    n, c, oh, ow = output_position(rows, inner, C, OH, OW, CHANNELS_INNER)
+    n, c, oh, ow, mask = output_position(ROWS, INNER, C, OH, OW, CHANNELS_INNER, WIDE, BLOCK_R, BLOCK_I)
     if CHANNELS_INNER:
         if UNIT_INNER:  # x and out are contiguous along c: the compiler sees it, vectorises
             x_base = x_ptr + n * sxn + c
