@@ -127,3 +127,22 @@ def test_interpolations_run_in_our_kernels(dtype):
     indexed = [k for g in report.graphs for k in g.kernels if "aten._unsafe_index" in k["ops"]]
     assert sum(k["ops"].count("aten._unsafe_index") for k in indexed) == 9, indexed
     assert len(indexed) <= 3 and all(k["impl"] == "triton" for k in indexed), indexed
+
+
+class EdgeSizes(nn.Module):
+    """Size-1 dims around the indexed loads: an interpolation to one row (left to ATen), one from a
+    single row, a roll over a size-1 dim and by a whole turn (no rolled dim)."""
+
+    def forward(self, x, y):
+        a = F.interpolate(x, size=(1, 6), mode="nearest")  # one row of five: stays an ATen op
+        b = F.interpolate(y, size=(1, 8), mode="bilinear")  # from a single row: no row lookup
+        c = torch.roll(x, shifts=(3, 5), dims=(0, 3))  # size-1 dim 0; a whole turn of 5 along dim 3
+        return a * 2, b + 1, c - 1
+
+
+def test_size_one_dims_around_indexed_loads():
+    torch.manual_seed(0)
+    report = Report()
+    compile_and_compare(EdgeSizes().eval(), (torch.randn(1, 3, 5, 5), torch.randn(2, 3, 1, 4)), report=report)
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert all(f["op"] == "aten._unsafe_index" and "no kernel of ours" in f["reason"] for f in fallbacks), fallbacks

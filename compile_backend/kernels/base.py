@@ -250,7 +250,8 @@ def roll_parts(node: fx.Node):
     for shift, dim in zip(shifts, dims):
         dim %= val.dim()
         parts[dim] = (parts.get(dim, 0) + shift) % max(int(val.shape[dim]), 1)
-    return x, tuple(sorted(parts.items()))
+    # a shift of a whole turn (any shift of a size-1 dim) moves nothing: no rolled dim there
+    return x, tuple(sorted((d, s) for d, s in parts.items() if s))
 
 
 def axis_index_parts(node: fx.Node):
@@ -281,6 +282,10 @@ def axis_index_parts(node: fx.Node):
         if not all(isinstance(s, int) for s in sizes) or any(s != 1 for p, s in enumerate(sizes) if p != j) \
                 or sizes[j] != out.shape[k + j]:
             return None
+        if out.shape[k + j] == 1:
+            if xv.shape[k + j] == 1:
+                continue  # the one element of a size-1 dim (its index can only be 0): nothing to look up
+            return None  # one row of many: the generator drops size-1 dims, so it could not look it up
         parts.append((k + j, t))
     return x, tuple(parts)
 

@@ -153,6 +153,9 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     for r in [*rolls, *indexed]:
         if tuple(meta_of(r).shape) != shape:
             raise Unsupported(f"{r.name}: a roll of another shape than the group's")
+    for r, (_, dims) in indexed.items():
+        if any(shape[d] == 1 for d, _ in dims):  # a dim of one element is dropped from the iteration
+            raise Unsupported(f"{r.name}: an index table for a dim of size 1 into a longer one")
     for g in gathers:  # its embedding dim is the iteration's last
         if meta_of(g).dim() == 0 or len(shape) == 0 or meta_of(g).shape[-1] != shape[-1] or shape[-1] < 2:
             raise Unsupported(f"{g.name}: an embedding whose rows do not run along the output's last dim")
