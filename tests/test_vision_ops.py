@@ -23,7 +23,7 @@ class DenseTransition(nn.Module):
         x = self.conv(F.relu(self.bn(torch.cat([a, b], 1))))  # pre-activation: no layer before the BN
         x = F.avg_pool2d(x, 2, 2)
         y = F.avg_pool2d(F.hardswish(self.bn2(x)), 3, 1, 1, count_include_pad=False)
-        return F.leaky_relu(y, 0.1) + x
+        return torch.rsub(F.leaky_relu(y, 0.1), x, alpha=2)  # rsub.Tensor: x - 2 * leaky_relu(y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
