@@ -232,9 +232,9 @@ class _Partitioner:
         # rolls and interpolations' indexed loads: their kernel loads the input at another index,
         # so it is a group input and the node no other group's member (each seeds its own group,
         # before everything else)
-        self.rolls = {n for n in self.nodes if self.kind[n] == "pointwise"
+        self.remapped = {n for n in self.nodes if self.kind[n] == "pointwise"
                       and (roll_parts(n) is not None or axis_index_parts(n) is not None)}
-        self.pointwise_only = self.cats | self.rolls | {n for n in self.nodes if self.kind[n] == "pointwise"
+        self.pointwise_only = self.cats | self.remapped | {n for n in self.nodes if self.kind[n] == "pointwise"
                                                         and gather_operands(n) is not None}
         # a gather's table and indices: the code generator loads them from group inputs, so
         # their producers never join the gather's group (OPT's positions, cumsum(mask) + 2,
@@ -258,7 +258,7 @@ class _Partitioner:
                 # the op returns (values, indices): its getitems make the group's outputs tensors
                 self._add(GroupSpec("pool", [n, *self._getitems(n)]))
         for n in self.nodes:
-            if n in self.rolls and n not in self.group_of:
+            if n in self.remapped and n not in self.group_of:
                 self._add(GroupSpec("pointwise", self._pointwise_group(n)))
         for n in self.nodes:  # cats first: their pieces' one-input chains (-x) join them
             if n in self.cats and n not in self.group_of:
@@ -354,7 +354,7 @@ class _Partitioner:
         stack = [(node, _shape(node))]  # (a node, the shape its producers must have)
         while stack:
             cur, frame = stack.pop()
-            if cur in self.rolls:
+            if cur in self.remapped:
                 continue  # its input is loaded at another index: a group input, never a member
             for p in cur.all_input_nodes:
                 if self._reads_members(p, members | add):
@@ -430,7 +430,7 @@ class _Partitioner:
     def _reads_members(self, n: fx.Node, members: Set[fx.Node]) -> bool:
         """``n`` is a roll / indexed load whose input (or index table) is in ``members``: the
         kernel loads those at other indices than the element's, from group inputs only."""
-        return n in self.rolls and any(a in members for a in indexed_operands(n) or ())
+        return n in self.remapped and any(a in members for a in indexed_operands(n) or ())
 
     def _constant(self, p: fx.Node) -> bool:
         """A free fill that reads no tensor (``_fills_per_reader`` made one per reader)."""
