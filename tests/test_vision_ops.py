@@ -146,3 +146,27 @@ def test_size_one_dims_around_indexed_loads():
     compile_and_compare(EdgeSizes().eval(), (torch.randn(1, 3, 5, 5), torch.randn(2, 3, 1, 4)), report=report)
     fallbacks = [f for g in report.graphs for f in g.fallbacks]
     assert all(f["op"] == "aten._unsafe_index" and "no kernel of ours" in f["reason"] for f in fallbacks), fallbacks
+
+
+class Padding(nn.Module):
+    """Swin's pad of [B, H, W, C] up to whole windows before its roll, an explicit "same" pad
+    with a value, and a negative pad (a crop), each with the ops around it."""
+
+    def forward(self, x, y):
+        a = F.pad(F.gelu(x), (0, 0, 0, 3, 0, 1))  # W + 3, H + 1 (zeros)
+        b = torch.roll(a, shifts=(-2, -2), dims=(1, 2)) * 2
+        c = F.pad(y, (1, 2, 2, 1), value=-1.5) + 1
+        d = F.pad(y, (-1, 0, 0, -2)) - 3  # crops
+        return b, c, d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_constant_pads_run_in_our_kernels(dtype):
+    torch.manual_seed(0)
+    report = Report()
+    compile_and_compare(Padding().eval(), (torch.randn(2, 5, 6, 4, dtype=dtype), torch.randn(2, 3, 5, 6, dtype=dtype)),
+                        report=report)
+    fallbacks = [f for g in report.graphs for f in g.fallbacks]
+    assert fallbacks == [], fallbacks
+    padded = [k for g in report.graphs for k in g.kernels if "aten.constant_pad_nd" in k["ops"]]
+    assert sum(k["ops"].count("aten.constant_pad_nd") for k in padded) == 3 and all(k["impl"] == "triton" for k in padded)

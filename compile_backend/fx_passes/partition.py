@@ -56,7 +56,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import FILL_OPS, axis_index_parts, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
+from ..kernels.base import FILL_OPS, axis_index_parts, is_fill, is_view_op, pad_parts, roll_parts  # (imports neither Triton nor any kernel module)
 from .partition_graph import (REDUCTIONS, RESHAPES, broadcasts_to, fills_per_reader, gather_operands, hoist_constants,
                               hoist_views, indexed_operands, is_op, is_reshape, make_adjacent, safe, validate)
 from .partition_merge import merge_gemv_prologues, merge_independent_pointwise, merge_pointwise_groups
@@ -119,7 +119,7 @@ def classify(node: fx.Node) -> Optional[str]:
     if packet in _POOLS:
         return "pool"
     if fusable_pointwise(node) or fusable_cat(node) or fusable_gather(node) or fusable_roll(node) \
-            or fusable_axis_index(node):
+            or fusable_axis_index(node) or fusable_pad(node):
         return "pointwise"
     return "aten"
 
@@ -166,6 +166,14 @@ def fusable_roll(node: fx.Node) -> bool:
     (pointwise groups only, its input a group input)."""
     val = node.meta.get("val")
     return roll_parts(node) is not None and isinstance(val, torch.Tensor) and val.numel() > 0
+
+
+def fusable_pad(node: fx.Node) -> bool:
+    """``aten.constant_pad_nd`` of static sizes (Swin's pad to whole windows, explicit "same"
+    paddings): a pointwise kernel loads its input at the shifted index, the value outside
+    (pointwise groups only, its input a group input)."""
+    val = node.meta.get("val")
+    return pad_parts(node) is not None and isinstance(val, torch.Tensor) and val.numel() > 0
 
 
 def fusable_axis_index(node: fx.Node) -> bool:
@@ -229,11 +237,11 @@ class _Partitioner:
         # no cat in their code generators
         self.cats = {n for n in self.nodes if self.kind[n] == "pointwise" and n.target is aten.cat.default}
         # ops only generated pointwise kernels compute (no GEMM epilogue, no reduction)
-        # rolls and interpolations' indexed loads: their kernel loads the input at another index,
+        # rolls, pads and interpolations' indexed loads: their kernel loads the input at another index,
         # so it is a group input and the node no other group's member (each seeds its own group,
         # before everything else)
         self.remapped = {n for n in self.nodes if self.kind[n] == "pointwise"
-                      and (roll_parts(n) is not None or axis_index_parts(n) is not None)}
+                      and any(f(n) is not None for f in (roll_parts, axis_index_parts, pad_parts))}
         self.pointwise_only = self.cats | self.remapped | {n for n in self.nodes if self.kind[n] == "pointwise"
                                                         and gather_operands(n) is not None}
         # a gather's table and indices: the code generator loads them from group inputs, so

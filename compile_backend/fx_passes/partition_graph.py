@@ -10,7 +10,7 @@ from typing import Dict, Sequence, Set, Tuple
 import torch
 import torch.fx as fx
 
-from ..kernels.base import KINDS, axis_index_parts, is_fill, is_view_op, roll_parts  # (imports neither Triton nor any kernel module)
+from ..kernels.base import KINDS, axis_index_parts, is_fill, is_view_op, pad_parts, roll_parts  # (imports neither Triton nor any kernel module)
 
 aten = torch.ops.aten
 #: reshapes that keep row-major order when their input is contiguous (``is_reshape``)
@@ -181,9 +181,9 @@ def gather_operands(node: fx.Node):
 def indexed_operands(node: fx.Node):
     """The tensors a generated pointwise kernel loads at computed indices rather than the
     element's own, which must be inputs of its group (their producers never join it): a row
-    gather's table and indices, a roll's input, an interpolation's input and index tables; None for
+    gather's table and indices, a roll's or a pad's input, an interpolation's input and index tables; None for
     other nodes."""
-    parts = roll_parts(node)
+    parts = roll_parts(node) or pad_parts(node)
     if parts is not None:
         return (parts[0],)
     indexed = axis_index_parts(node)

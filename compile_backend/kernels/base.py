@@ -254,6 +254,28 @@ def roll_parts(node: fx.Node):
     return x, tuple(sorted((d, s) for d, s in parts.items() if s))
 
 
+def pad_parts(node: fx.Node):
+    """(input, ((dim, low, input size), ...), value) of ``aten.constant_pad_nd(x, pad, value)`` of
+    static sizes: output index i along a padded dim reads the input at i - low, ``value`` where
+    that is outside it (a negative pad crops); None for anything else."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.constant_pad_nd.default or len(node.args) < 2:
+        return None
+    x, pad = node.args[0], node.args[1]
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(pad, (list, tuple)) or len(pad) % 2 \
+            or len(pad) // 2 > val.dim() or not isinstance(value, (int, float, bool)) \
+            or not all(isinstance(v, int) for v in [*pad, *val.shape]):
+        return None
+    dims = []
+    for j in range(len(pad) // 2):  # pad runs from the last dim backwards: (low, high) pairs
+        low, high = pad[2 * j], pad[2 * j + 1]
+        if low or high:
+            dim = val.dim() - 1 - j
+            dims.append((dim, int(low), int(val.shape[dim])))
+    return x, tuple(sorted(dims)), value
+
+
 def axis_index_parts(node: fx.Node):
     """(input, ((dim, index tensor), ...)) of ``aten._unsafe_index(x, [None] * k + [t0, t1, ...])``
     whose index tensors each vary along one result dim of their own, in order (``t0`` [OH, 1],

@@ -13,8 +13,8 @@ through its own strides (stride 0 for broadcast dims, any non-contiguous layout)
 strides are runtime arguments; sizes are literals in the source (cheap div/mod by constants).
 Loads at another index than the element's own, each from a group input and with its dims kept
 apart from merging: a cat's pieces (masked, shifted along the cat dim), a row gather's table,
-a roll's input (at (i - shift) mod size along each rolled dim: Swin's shifted windows), an
-interpolation's input (``_unsafe_index`` by one index table a dim: each element loads its row /
+a roll's input (at (i - shift) mod size along each rolled dim: Swin's shifted windows), a
+constant pad's (at i - low, its value outside: ``pointwise_loads``), an interpolation's input (``_unsafe_index`` by one index table a dim: each element loads its row /
 column there first; a bilinear resize's four loads and lerps are one kernel).
 Generated modules are memoised by their source (``launch.load_source``).
 """
@@ -29,9 +29,10 @@ import torch.fx as fx
 
 from . import expr, expr_casts, pdl
 from .base import (Kernel, KernelContext, KernelGroup, Unsupported, axis_index_parts, is_view_op, meta_of, op_name,
-                   output_tensor, roll_parts)
+                   output_tensor, pad_parts, roll_parts)
 from .launch import (PointwiseConfig, load_source, map_nodes, output_order,
                      pointwise_heuristic, strides_for)
+from .pointwise_loads import remapped_loads
 
 INT32_MAX = 2**31 - 1
 
@@ -68,6 +69,9 @@ class PointwisePlan:
     # dim only) in ``tables``: an element loads its index there, then the source at it
     indexed: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, fx.Node], ...]]] = dataclasses.field(default_factory=dict)
     tables: List[fx.Node] = dataclasses.field(default_factory=list)
+    # constant pads: (source, ((dim, low, source size), ...), value): the source (among
+    # ``pieces``) read at i - low along each padded dim, ``value`` outside it
+    pads: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int, int], ...], Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def loaded(self) -> List[fx.Node]:
@@ -83,6 +87,7 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     gathers: Dict[fx.Node, Tuple[fx.Node, fx.Node]] = {}
     rolls: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int], ...]]] = {}
     indexed: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, fx.Node], ...]]] = {}
+    pads: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int, int], ...], Any]] = {}
     for node in group.gm.graph.nodes:
         val = meta_of(node)
         if node.op == "placeholder":
@@ -109,6 +114,13 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                 if parts is None or parts[0] not in sources:
                     raise Unsupported("roll of a computed value, or over no named dims, inside a pointwise group")
                 rolls[node] = parts
+                by_node[node] = "compute"
+                continue
+            if node.target is torch.ops.aten.constant_pad_nd.default:
+                parts = pad_parts(node)
+                if parts is None or parts[0] not in sources:
+                    raise Unsupported("a pad of a computed value, or of dynamic sizes, inside a pointwise group")
+                pads[node] = parts
                 by_node[node] = "compute"
                 continue
             if node.target is torch.ops.aten._unsafe_index.Tensor:
@@ -150,29 +162,33 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     gathers = {g: v for g, v in gathers.items() if g in compute}
     rolls = {r: v for r, v in rolls.items() if r in compute}
     indexed = {r: v for r, v in indexed.items() if r in compute}
-    for r in [*rolls, *indexed]:
+    pads = {r: v for r, v in pads.items() if r in compute}
+    for r in [*rolls, *indexed, *pads]:
         if tuple(meta_of(r).shape) != shape:
             raise Unsupported(f"{r.name}: a roll of another shape than the group's")
     for r, (_, dims) in indexed.items():
         if any(shape[d] == 1 for d, _ in dims):  # a dim of one element is dropped from the iteration
             raise Unsupported(f"{r.name}: an index table for a dim of size 1 into a longer one")
+    for r, (_, dims, _) in pads.items():
+        if any(shape[d] == 1 for d, _, _ in dims):
+            raise Unsupported(f"{r.name}: a pad to a dim of size 1")
     for g in gathers:  # its embedding dim is the iteration's last
         if meta_of(g).dim() == 0 or len(shape) == 0 or meta_of(g).shape[-1] != shape[-1] or shape[-1] < 2:
             raise Unsupported(f"{g.name}: an embedding whose rows do not run along the output's last dim")
     used = [a for n in compute if n not in cats and n not in chained and n not in gathers and n not in rolls
-            and n not in indexed for a in n.all_input_nodes]
+            and n not in indexed and n not in pads for a in n.all_input_nodes]
     operands = [n for n in dict.fromkeys(used) if n in sources]
     scalars = [n for n in dict.fromkeys(used + [a for n in chained for a in n.all_input_nodes])
                if n.op == "placeholder" and n not in sources]
     pieces = list(dict.fromkeys([src for _, ps in cats.values() for _, src, _ in ps] + [src for src, _ in rolls.values()]
-                                + [src for src, _ in indexed.values()]))
+                                + [src for src, _ in indexed.values()] + [src for src, _, _ in pads.values()]))
     tables = list(dict.fromkeys(t for _, dims in indexed.values() for _, t in dims))
     if len({(t, d) for _, dims in indexed.values() for d, t in dims}) != len(tables):
         raise Unsupported("an index table read along two dims")
     order = output_order(meta_of(big)) if stored else ()
     gathered = [t for w, i in gathers.values() for t in (w, i)]
     return PointwisePlan(placeholders, host_views, compute, outputs, stored, operands, scalars, shape, order,
-                         cats, pieces, gathers, gathered, rolls, indexed, tables)
+                         cats, pieces, gathers, gathered, rolls, indexed, tables, pads)
 
 
 #: pieces a generated cat takes (each is a masked load per element)
@@ -278,7 +294,7 @@ def _pattern(strides: Sequence[int], sizes: Sequence[int]) -> Any:
 def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], wide: bool,
             round_intermediates: bool = True, cat_dims: Sequence[int] = (), gather_dim: Any = None,
             kept: Sequence[int] = (), roll_dims: Sequence[Sequence[Tuple[int, int]]] = (),
-            index_dims: Sequence[Sequence[int]] = ()) -> str:
+            index_dims: Sequence[Sequence[int]] = (), pad_dims: Sequence[Sequence[int]] = ()) -> str:
     """The Triton module for one layout (see ``PointwiseLauncher._layout``). Sizes are literals:
     div/mod by a constant is a multiply-shift (a mask for powers of two), by a runtime value a
     long division per element. ``kept``: stored outputs ``where(c, a, x)`` written over ``x``
@@ -300,7 +316,7 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             f"mask = offs < {numel}"]
     out_patterns = patterns[len(plan.operands) + len(plan.pieces) + len(gathered) + len(plan.tables):]
     if (any(p != "flat" and p for p in patterns) or any(p != "flat" for p in out_patterns) or plan.cats
-            or plan.gathers or plan.rolls or plan.indexed) and ndims > 0:
+            or plan.gathers or plan.rolls or plan.indexed or plan.pads) and ndims > 0:
         body.append("# multi-index over the (merged) iteration dims, outermost first")
         rest = "offs"
         for j in range(ndims - 1, 0, -1):
@@ -350,36 +366,11 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
             start += size
         names[cat] = var
         block_values.add(cat)
-    for (roll, (src, _)), dims in zip(plan.rolls.items(), roll_dims):
-        # (merged dim, shift): the element at i reads the source at (i - shift) mod size there
-        rolled = dict(dims)
-        t = f"piece_{src.name}"
-        idx = " + ".join(f"(({'i%d + %d) %% %d' % (d, sizes[d] - rolled[d], sizes[d]) if d in rolled else 'i%d)' % d})"
-                         f" * {t}_st{d}" for d in piece_pats[src])
-        body.append(f"# {roll.name}: roll, the source read at (i - shift) mod size along {sorted(rolled)}")
-        body.append(f"v_{roll.name} = " + expr.to_compute(
-            f"tl.load({t}_ptr + {idx or 0}, mask=mask, other={expr_casts.masked_zero(meta_of(src))})", meta_of(src).dtype))
-        names[roll] = f"v_{roll.name}"
-        block_values.add(roll)
     table_pats = dict(zip(plan.tables, patterns[len(plan.operands) + len(plan.pieces) + len(gathered):]))
-    for (node, (src, dims)), merged in zip(plan.indexed.items(), index_dims):
-        # each indexed dim's position comes from its table (an index out of range reads 0)
-        t, at, ok = f"piece_{src.name}", {}, []
-        body.append(f"# {node.name}: the source read at each element's entries of its index tables")
-        for (dim, table), d in zip(dims, merged):
-            n = meta_of(src).shape[dim]
-            j = f"j{d}_{node.name}"
-            body.append(f"{j} = tl.load(tab_{table.name}_ptr + {offset(f'tab_{table.name}', table_pats[table]) or '0 * offs'}, "
-                        f"mask=mask, other=0).to(tl.int64)")
-            body.append(f"{j} = tl.where({j} < 0, {j} + {n}, {j})")
-            at[d] = j
-            ok.append(f"({j} >= 0) & ({j} < {n})")
-        idx = " + ".join(f"{at.get(d, 'i%d' % d)} * {t}_st{d}" for d in piece_pats[src])
-        body.append(f"v_{node.name} = " + expr.to_compute(
-            f"tl.load({t}_ptr + {idx or 0}, mask=mask & {' & '.join(ok)}, other={expr_casts.masked_zero(meta_of(src))})",
-            meta_of(src).dtype))
-        names[node] = f"v_{node.name}"
-        block_values.add(node)
+    lines, loaded = remapped_loads(plan, sizes, piece_pats, table_pats, roll_dims, pad_dims, index_dims)
+    body += lines
+    names.update(loaded)
+    block_values.update(loaded)
     gather_pats = patterns[len(plan.operands) + len(plan.pieces):len(plan.operands) + len(plan.pieces) + len(gathered)]
     for k, (node, (weight, _)) in enumerate(plan.gathers.items()):
         rows, ipat = meta_of(weight).shape[0], gather_pats[2 * k + 1]
@@ -399,7 +390,8 @@ def _source(plan: PointwisePlan, sizes: Sequence[int], patterns: Sequence[Any], 
     chained = {n for _, parts in plan.cats.values() for _, _, chain in parts for n in chain}
     body.append("# one line per ATen op; reduced floats are computed in fp32 and rounded like eager")
     body += expr.emit_pointwise([n for n in plan.compute if n not in plan.cats and n not in chained
-                                 and n not in plan.gathers and n not in plan.rolls and n not in plan.indexed],
+                                 and n not in plan.gathers and n not in plan.rolls and n not in plan.indexed
+                                 and n not in plan.pads],
                                 names, helpers, round_intermediates)
     for node in plan.compute:
         if any(a in block_values for a in node.all_input_nodes):
@@ -460,6 +452,8 @@ class PointwiseLauncher:
         markers += [tuple(int(d == dim) for d in range(len(plan.shape))) for dim, _ in rolled]
         looked_up = [dim for _, dims in plan.indexed.values() for dim, _ in dims]  # kept apart too
         markers += [tuple(int(d == dim) for d in range(len(plan.shape))) for dim in looked_up]
+        padded = [dim for _, dims, _ in plan.pads.values() for dim, _, _ in dims]
+        markers += [tuple(int(d == dim) for d in range(len(plan.shape))) for dim in padded]
         markers += [tuple(int(d == last) for d in range(len(plan.shape)))] if plan.gathers else []
         all_strides = ([expanded_strides(t, plan.shape) for t in operands] + [self._piece_strides(p, t) for p, t in
                                                                                zip(plan.pieces, pieces)]
@@ -474,9 +468,12 @@ class PointwiseLauncher:
         for _, dims in plan.rolls.values():
             merged_rolls.append(tuple((marked[k + j], shift) for j, (_, shift) in enumerate(dims)))
             k += len(dims)
-        merged_index = []
+        merged_index, merged_pads = [], []
         for _, dims in plan.indexed.values():
             merged_index.append(tuple(marked[k + j] for j in range(len(dims))))
+            k += len(dims)
+        for _, dims, _ in plan.pads.values():
+            merged_pads.append(tuple(marked[k + j] for j in range(len(dims))))
             k += len(dims)
         strides = strides[:len(strides) - len(markers)]
         patterns = [_pattern(s, sizes) for s in strides]
@@ -491,7 +488,7 @@ class PointwiseLauncher:
                                for t in list(operands) + list(pieces) + list(gathered) + list(tables)])
         wide = reach + self.config.block > INT32_MAX
         source = _source(plan, sizes, patterns, wide, cat_dims=cat_dims, gather_dim=gather_dim, kept=kept,
-                         roll_dims=merged_rolls, index_dims=merged_index)
+                         roll_dims=merged_rolls, index_dims=merged_index, pad_dims=merged_pads)
         if self.pdl:
             source = pdl.with_entry(source, "pointwise_kernel", after=1)  # after its program id
         int_args = tuple(
