@@ -88,6 +88,8 @@ def analyze(group: KernelGroup) -> PointwisePlan:
     rolls: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int], ...]]] = {}
     indexed: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, fx.Node], ...]]] = {}
     pads: Dict[fx.Node, Tuple[fx.Node, Tuple[Tuple[int, int, int], ...], Any]] = {}
+    remapped = {torch.ops.aten.roll.default: (roll_parts, rolls), torch.ops.aten.constant_pad_nd.default: (pad_parts, pads),
+                torch.ops.aten._unsafe_index.Tensor: (axis_index_parts, indexed)}
     for node in group.gm.graph.nodes:
         val = meta_of(node)
         if node.op == "placeholder":
@@ -109,25 +111,15 @@ def analyze(group: KernelGroup) -> PointwisePlan:
                 cats[node] = _cat_pieces(node, sources, by_node)
                 by_node[node] = "compute"
                 continue
-            if node.target is torch.ops.aten.roll.default:
-                parts = roll_parts(node)
-                if parts is None or parts[0] not in sources:
-                    raise Unsupported("roll of a computed value, or over no named dims, inside a pointwise group")
-                rolls[node] = parts
-                by_node[node] = "compute"
-                continue
-            if node.target is torch.ops.aten.constant_pad_nd.default:
-                parts = pad_parts(node)
-                if parts is None or parts[0] not in sources:
-                    raise Unsupported("a pad of a computed value, or of dynamic sizes, inside a pointwise group")
-                pads[node] = parts
-                by_node[node] = "compute"
-                continue
-            if node.target is torch.ops.aten._unsafe_index.Tensor:
-                parts = axis_index_parts(node)
-                if parts is None or parts[0] not in sources or any(t not in sources for _, t in parts[1]):
-                    raise Unsupported("_unsafe_index of computed values, or not one table a dim, in a pointwise group")
-                indexed[node] = parts
+            if node.target in remapped:  # loads at another index (pointwise_loads): of group inputs
+                parts_of, into = remapped[node.target]
+                parts = parts_of(node)
+                tables = [t for _, t in parts[1]] if parts is not None and into is indexed else []
+                reads = () if parts is None else (parts[0], *tables)
+                if parts is None or any(a not in sources for a in reads):
+                    raise Unsupported(f"{op_name(node.target)} of a computed value, or in a form the generator has "
+                                      "no load for, inside a pointwise group")
+                into[node] = parts
                 by_node[node] = "compute"
                 continue
             if node.target is torch.ops.aten.embedding.default or (
