@@ -34,6 +34,7 @@ MODES: Dict[str, Dict[str, Any]] = {
 def vision_families(size: int) -> Dict[str, Callable[[], torch.nn.Module]]:
     """name -> a factory of the random-init model (images of ``size`` pixels a side)."""
     import torchvision.models as tv
+    import torchvision.models.segmentation as seg
 
     def vit():  # torchvision's ViT takes its image size; its head starts at zero (no cosine): a random one
         model = tv.VisionTransformer(image_size=size, patch_size=16, num_layers=2, num_heads=4, hidden_dim=128,
@@ -56,8 +57,24 @@ def vision_families(size: int) -> Dict[str, Callable[[], torch.nn.Module]]:
         "convnext_tiny": lambda: tv.convnext_tiny(),  # 7x7 depthwise, channels-last LayerNorm, layer scale
         "swin_t": lambda: tv.swin_t(),  # shifted windows (roll), relative position bias
         "vit": vit,  # patch embedding as a strided conv, class token, encoder blocks
+        # segmentation heads: a bilinear resize to the image (F.interpolate), ASPP's cat of 5
+        "fcn": lambda: SegmentationOut(seg.fcn_resnet50(weights=None, weights_backbone=None, aux_loss=False)),
+        "deeplabv3": lambda: SegmentationOut(seg.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                             aux_loss=False)),
+        "lraspp": lambda: SegmentationOut(seg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)),
         **hf_vision_families(size),
     }
+
+
+class SegmentationOut(torch.nn.Module):
+    """A torchvision segmentation model as a function of the images: its ``out`` map."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(images)["out"]
 
 
 class Logits(torch.nn.Module):
