@@ -198,3 +198,28 @@ def weight_only_linear(
 @weight_only_linear.register_fake
 def _weight_only_linear_fake(x, codes, scales, bias, precision, group_size, out_dtype=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("compile_backend::weight_only_grouped_mm", mutates_args=())
+def weight_only_grouped_mm(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offs: torch.Tensor,
+    precision: str,
+    group_size: Optional[int],
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """A mixture-of-experts layer's ``torch._grouped_mm(x, w, offs)`` over weight-only codes:
+    x [M, K] (rows sorted by expert), the E experts' [N, K] weights stacked as [E * N, K] codes
+    with their scales (:func:`weight_only_codes` / :func:`weight_only_scales` of the stacked
+    weight), ``offs`` [E] the cumulative rows per expert -> [M, N]; rows past ``offs[-1]`` 0
+    (``weight_only_ref.grouped_weight_only_mm``: no host sync, so a CUDA graph may hold it)."""
+    k = x.shape[-1]
+    unpacked = weight_only_ref.unpack_int4(codes, k) if precision == "int4" else codes
+    return weight_only_ref.grouped_weight_only_mm(x, unpacked, scales, offs, precision, group_size, out_dtype)
+
+
+@weight_only_grouped_mm.register_fake
+def _weight_only_grouped_mm_fake(x, codes, scales, offs, precision, group_size, out_dtype=None):
+    return x.new_empty((x.shape[0], codes.shape[0] // offs.shape[0]), dtype=out_dtype or x.dtype)

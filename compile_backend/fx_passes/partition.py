@@ -70,12 +70,13 @@ _UNIT_VIEWS = RESHAPES + (aten.unsqueeze, aten.squeeze)
 #: the quantized GEMM / convolution ops (compile_backend.ops) anchor groups like their float kinds
 #: 8-bit code dtypes (not bool: a mask widened to float stays in its epilogue)
 _CODES = (torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
-_SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv", "weight_only_linear": "gemm"}
+_SCALED = {"scaled_mm": "gemm", "scaled_conv": "conv", "weight_only_linear": "gemm",
+           "weight_only_grouped_mm": "grouped_gemm"}
 
 
 @dataclasses.dataclass
 class GroupSpec:
-    kind: str  # gemm | conv | pointwise | reduction | attention | pool | aten
+    kind: str  # gemm | grouped_gemm | conv | pointwise | reduction | attention | pool | aten
     nodes: List[fx.Node]
     anchor: Optional[fx.Node] = None
 
@@ -258,6 +259,8 @@ class _Partitioner:
         for n in self.nodes:
             if self.kind[n] in ("gemm", "conv") and n not in self.group_of:
                 self._add(GroupSpec(self.kind[n], self._epilogue_chain(n), n))
+            elif self.kind[n] == "grouped_gemm":  # experts' GEMMs: the launch alone, no chain
+                self._add(GroupSpec("grouped_gemm", [n], n))
         for n in self.nodes:
             if self.kind[n] == "reduction" and n not in self.group_of:
                 self._add(GroupSpec("reduction", self._reduction_group(n)))

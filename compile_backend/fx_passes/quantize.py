@@ -465,4 +465,4 @@ QUANT_RULES = (
          _match("conv"), _rewrite_conv),
 )
 
-__all__ = ["QuantRequest", "Layer", "find_layer", "selection_reason", "module_path", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]
+__all__ = ["QuantRequest", "Layer", "find_layer", "selection_reason", "module_path", "module_type", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]

@@ -23,6 +23,13 @@ default exclusions such as ``lm_head`` and embeddings, ``min_features``). Rewrit
 * with ``precision="fp16"`` / ``"bf16"`` an fp32 activation is cast down first: the A16 of
   W4A16, which ``lower_precision`` does for the float GEMMs but does not know this op for.
 
+A mixture-of-experts layer's experts (transformers 5's Mixtral, Qwen-MoE, DeepSeek-V3: one
+[E, N, K] parameter per projection, run as ``torch._grouped_mm(x, w.transpose(1, 2), offs)``, or
+as transformers' ``grouped_mm_fallback`` op where ``_grouped_mm`` is not traced, e.g. fp16) are
+one layer named by the parameter: the E weights stacked as [E * N, K] are quantized row by row
+like a linear's, and the anchor becomes ``weight_only_grouped_mm(x, codes, scales, offs, ...)``
+(``kernels/weight_only_grouped.py``; the experts' launch, the routing stays as it is).
+
 Convolutions stay float (the weight-only kernels are GEMMs). Every layer's decision goes to
 ``WeightOnlyRequest.records`` (the report's quantization table), a quantized layer's with the
 SQNR of its weight: the dequantized weight against the float one, in dB.
@@ -38,7 +45,7 @@ import torch.fx as fx
 from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.weight_only_*)
 from ..kernels import quant_ref, weight_only_ref
 from .base import PassContext, PassFn
-from .quantize import Layer, find_layer, selection_reason
+from .quantize import Layer, find_layer, module_type, selection_reason, weight_names
 from .rules import Facts, Rule, apply_rules, call, evaluate_constant, is_op, shape, tensor_val
 
 aten = torch.ops.aten
@@ -108,6 +115,54 @@ def _match(node: fx.Node, facts: Facts) -> Optional[_Found]:
     return _Found(layer, request, low if x is not None and x.dtype == torch.float32 else None)
 
 
+def _match_experts(node: fx.Node, facts: Facts) -> Optional[_Found]:
+    layer = _experts_layer(node, facts)
+    if layer is None:
+        return None
+    request: WeightOnlyRequest = facts.ctx.quant
+    reason = layer.reason or selection_reason(layer, request.decide)
+    record = request.records.setdefault(layer.name, _record(layer, request))
+    record["experts"] = shape(layer.weight)[0]
+    if reason is not None:
+        record.update(status="float", reason=reason)
+        return None
+    record.update(status="quantized", reason="", sqnr_db=_weight_sqnr(facts.gm, layer, request))
+    return _Found(layer, request, None)
+
+
+def _is_grouped_mm(node: fx.Node) -> bool:
+    """``aten._grouped_mm`` or transformers' stand-in for it (``transformers::grouped_mm_fallback``,
+    the same (x, w, offs) contract, which it registers where ``_grouped_mm`` cannot be traced)."""
+    t = node.target if node.op == "call_function" else None
+    return is_op(node, aten._grouped_mm) or (
+        isinstance(t, torch._ops.OpOverload) and t.namespace == "transformers" and t._opname == "grouped_mm_fallback")
+
+
+def _experts_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
+    """The experts' layer of a grouped GEMM x [M, K] by a [E, K, N] weight with offsets (with a
+    reason when it cannot be quantized), or None when ``node`` is not one."""
+    if not _is_grouped_mm(node) or len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
+        return None
+    x, w = node.args[0], node.args[1]
+    if len(shape(x) or ()) != 2 or len(shape(w) or ()) != 3:
+        return None
+    names = weight_names(w)
+    name = "+".join(names) or node.name
+    layer = Layer(node, "experts", name, x, w, module_type(node), [name], shape(w)[1], shape(w)[2])
+    xv, wv = tensor_val(x), tensor_val(w)
+    extra = [a for a in node.args[3:] if a is not None] + [v for v in node.kwargs.values() if v is not None]
+    if not facts.constant(w) or not names:
+        layer.reason = "weight is not a frozen parameter (compile with freeze=True, the default)"
+    elif xv is None or wv is None or xv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or wv.dtype != xv.dtype:
+        layer.reason = f"operands are not one float dtype ({getattr(xv, 'dtype', None)}, {getattr(wv, 'dtype', None)})"
+    elif extra:
+        layer.reason = "grouped GEMM with a bias or an out_dtype"
+    elif node in facts.unsafe:
+        layer.reason = "its value is written in place"
+    return layer
+
+
 def _record(layer: Layer, request: WeightOnlyRequest) -> Dict[str, Any]:
     return {"name": layer.name, "kind": layer.kind, "k": layer.k, "n": layer.n,
             "module": getattr(layer.module_type, "__name__", None), "precision": request.precision,
@@ -118,7 +173,8 @@ def _record(layer: Layer, request: WeightOnlyRequest) -> Dict[str, Any]:
 def _weight_sqnr(gm: fx.GraphModule, layer: Layer, request: WeightOnlyRequest) -> float:
     """SQNR of the dequantized weight against the float one, in dB (quant_ref.sqnr_db: inf when
     exact). Read from the constant (a pass may inspect constants); the graph keeps the ops."""
-    w = evaluate_constant(gm, layer.weight).detach().t().float()  # the anchor reads [K, N]
+    w = evaluate_constant(gm, layer.weight).detach().float()  # the anchor reads [K, N] (experts: [E, K, N])
+    w = w.transpose(-1, -2).reshape(-1, layer.k)
     g = request.group_size
     s = weight_only_ref.scales(w, request.precision, g, request.clip)
     deq = weight_only_ref.dequantize(weight_only_ref.quantize(w, s, request.precision, g), s, request.precision, g)
@@ -145,10 +201,29 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
     node.replace_all_uses_with(y)
 
 
+def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
+    layer, request, graph = found.layer, found.request, gm.graph
+    wo = torch.ops.compile_backend
+    precision, g = request.precision, request.group_size
+    experts = shape(layer.weight)[0]
+    with graph.inserting_before(node):
+        w = call(graph, aten.permute.default, (layer.weight, [0, 2, 1]))  # [E, N, K]: rows are output channels
+        w = call(graph, aten.clone.default, (w,), {"memory_format": torch.contiguous_format})
+        w = call(graph, aten.view.default, (w, [experts * layer.n, layer.k]))
+        scales = call(graph, wo.weight_only_scales.default, (w, precision, g, request.clip))
+        codes = call(graph, wo.weight_only_codes.default, (w, scales, precision, g))
+        y = call(graph, wo.weight_only_grouped_mm.default,
+                 (layer.x, codes, scales, node.args[2], precision, g, tensor_val(node).dtype))
+    node.replace_all_uses_with(y)
+
+
 # Rules: which anchors become the weight-only op (the request in ctx decides which layers).
 WEIGHT_ONLY_RULES = (
     Rule("weight_only_linear", "mm / addmm with a frozen weight -> weight_only_linear over the weight's "
          "codes and scales (computed from the constant by constant_fold)", _match, _rewrite),
+    Rule("weight_only_experts", "a mixture-of-experts grouped GEMM (_grouped_mm, transformers' grouped_mm_fallback) "
+         "with a frozen [E, K, N] weight -> weight_only_grouped_mm over the stacked experts' codes and scales",
+         _match_experts, _rewrite_experts),
 )
 
 __all__ = ["WeightOnlyRequest", "weight_only", "with_weight_only", "WEIGHT_ONLY_RULES"]

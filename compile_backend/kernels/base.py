@@ -26,7 +26,7 @@ from . import pdl
 # CUDA nothing takes it. Process-wide because the interpreter's state is.
 INTERPRETER_LOCK = threading.RLock()
 
-KINDS = ("gemm", "conv", "pointwise", "reduction", "attention", "pool", "aten")
+KINDS = ("gemm", "grouped_gemm", "conv", "pointwise", "reduction", "attention", "pool", "aten")
 
 
 class Unsupported(Exception):

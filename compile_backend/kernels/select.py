@@ -22,6 +22,7 @@ log = logging.getLogger("compile_backend")
 #: builders per group kind, tried in order (module:function)
 BUILDERS: Dict[str, Tuple[str, ...]] = {
     "gemm": ("compile_backend.kernels.gemm:build_gemm",),
+    "grouped_gemm": ("compile_backend.kernels.weight_only_grouped:build_weight_only_grouped_mm",),
     "conv": ("compile_backend.kernels.conv:build_conv",),
     "pointwise": ("compile_backend.kernels.pointwise:build_pointwise",),
     "reduction": ("compile_backend.kernels.reduction:build_reduction",),

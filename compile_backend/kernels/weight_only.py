@@ -58,7 +58,7 @@ from . import gemv, weight_only_ref
 from .base import triton_enabled, triton_interpret
 from .launch import next_pow2
 from .weight_only_tma import tma_gemv
-from .weight_only_parts import (auto_split, dot16, int4_weights16, int8_weights16, k_slices, round_to, split_sum,
+from .weight_only_parts import (auto_split, dequant_tile, dequant_tile16, dot16, k_slices, round_to, split_sum,
                                 words_to)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -78,29 +78,6 @@ _WORDS_UNCOMPILABLE: set = set()
 
 
 # ----------------------------------------------------------------------------- the kernels
-@triton.jit
-def _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """Weight rows ``rn``, columns [k0, k0 + BLOCK_K), dequantized and rounded to DTYPE; 0 past
-    N and K (x is 0 there too). INT4: the launcher keeps BLOCK_K <= GROUP (both powers of two),
-    so a tile never straddles two scale groups: one scale per row."""
-    n_ok = rn < N
-    if INT4:
-        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
-        packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
-        lo = ((packed & 15) ^ 8) - 8  # sign-extend the 4-bit two's complement nibbles
-        hi = (((packed >> 4) & 15) ^ 8) - 8
-        codes = tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
-        scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)
-    else:
-        rk = k0 + tl.arange(0, BLOCK_K)
-        ok = n_ok[:, None] & (rk < K)[None, :]
-        codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
-        scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)
-    return round_to(codes.to(tl.float32) * scale.to(tl.float32)[:, None], DTYPE, SOFT_BF16)
-
-
 @triton.jit
 def _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr, SOFT_BF16: tl.constexpr):
     """Bias in fp32, then the one rounding to the output dtype (out is contiguous [M, N])."""
@@ -123,7 +100,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, s
     for k0 in range(k_lo, tl.minimum(k_lo + K_SLICE, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
+        w = dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
                           x_ptr.dtype.element_ty, SOFT_BF16)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if PARTIAL:  # fp32 partial sums of this K slice: [split, M, N]
@@ -131,21 +108,6 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SLICE, sxm, s
         tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
     else:
         _store_out(acc, b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
-
-
-@triton.jit
-def _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
-    """:func:`_dequant_tile` for 16-bit DTYPE with no conversion instruction per weight
-    (``weight_only_parts.offset_codes_to``), as DTYPE. NATIVE (compiled for a GPU): INT8 with
-    fp16 four codes a register in PTX (``codes_to``)."""
-    n_ok = rn < N
-    if INT4:
-        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        lo, hi = int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP, DTYPE, True)  # any K
-        return tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
-    scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
-    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE, NATIVE)
 
 
 @triton.jit
@@ -195,9 +157,9 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, swn, ssn, INT4: tl.constexpr, G
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     if out_ptr.dtype.element_ty == tl.float32:
-        w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K, tl.float32, SOFT_BF16)
+        w = dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K, tl.float32, SOFT_BF16)
     else:
-        w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, out_ptr.dtype.element_ty,
+        w = dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, out_ptr.dtype.element_ty,
                             not SOFT_BF16)
     rk = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rn[:, None] * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
@@ -223,7 +185,7 @@ def _tiled_wa_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn
             words, scale = _load_words(w_ptr, s_ptr, rn, k0 + BLOCK_K, N, K, swn, ssn, GROUP, BLOCK_K)
             w = _words_tile(words_k, scale_k, BLOCK_K, x_ptr.dtype.element_ty, not SOFT_BF16)
         else:
-            w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
+            w = dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
                                 not SOFT_BF16)
         acc = dot16(w, xt, acc, UPCAST)
     _store_out(tl.trans(acc), b_ptr, out_ptr, rm, rn, M, N, HAS_BIAS, SOFT_BF16)
@@ -249,10 +211,10 @@ def _tiled_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, ssn,
             words, scale = _load_words(w_ptr, s_ptr, rn, k0 + BLOCK_K, N, K, swn, ssn, GROUP, BLOCK_K)
             w = _words_tile(words_k, scale_k, BLOCK_K, x_ptr.dtype.element_ty, not SOFT_BF16)
         elif not INT4 and x_ptr.dtype.element_ty != tl.float32:  # INT8, 16-bit x: no conversion a weight
-            w = _dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
+            w = dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_K, x_ptr.dtype.element_ty,
                                 not SOFT_BF16)
         else:
-            w = _dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
+            w = dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4, GROUP, BLOCK_N, BLOCK_K,
                               x_ptr.dtype.element_ty, SOFT_BF16)
         if UPCAST:  # the interpreter multiplies bf16 dot operands as raw integers (Triton 3.9)
             x, w = x.to(tl.float32), w.to(tl.float32)

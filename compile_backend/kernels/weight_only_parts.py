@@ -191,6 +191,44 @@ TMA_INT8_BOX_K = 256
 
 
 @triton.jit
+def dequant_tile(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Weight rows ``rn``, columns [k0, k0 + BLOCK_K), dequantized and rounded to DTYPE; 0 past
+    N and K (x is 0 there too). INT4: the launcher keeps BLOCK_K <= GROUP (both powers of two),
+    so a tile never straddles two scale groups: one scale per row."""
+    n_ok = rn < N
+    if INT4:
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        ok = n_ok[:, None] & (rb < (K + 1) // 2)[None, :]
+        packed = tl.load(w_ptr + rn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
+        lo = ((packed & 15) ^ 8) - 8  # sign-extend the 4-bit two's complement nibbles
+        hi = (((packed >> 4) & 15) ^ 8) - 8
+        codes = tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
+        scale = tl.load(s_ptr + rn * ssn + k0 // GROUP, mask=n_ok, other=0.0)
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        ok = n_ok[:, None] & (rk < K)[None, :]
+        codes = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=ok, other=0)
+        scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)
+    return round_to(codes.to(tl.float32) * scale.to(tl.float32)[:, None], DTYPE, SOFT_BF16)
+
+
+@triton.jit
+def dequant_tile16(w_ptr, s_ptr, rn, k0, N, K, swn, ssn, INT4: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
+    """:func:`dequant_tile` for 16-bit DTYPE with no conversion instruction per weight
+    (``weight_only_parts.offset_codes_to``), as DTYPE. NATIVE (compiled for a GPU): INT8 with
+    fp16 four codes a register in PTX (``codes_to``)."""
+    n_ok = rn < N
+    if INT4:
+        rb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        lo, hi = int4_weights16(w_ptr, s_ptr, rn, rb, k0, n_ok, K, swn, ssn, GROUP, DTYPE, True)  # any K
+        return tl.interleave(lo, hi)  # byte j -> k = 2j (low), 2j + 1 (high)
+    scale = tl.load(s_ptr + rn * ssn, mask=n_ok, other=0.0)[:, None]
+    return int8_weights16(w_ptr, rn, k0 + tl.arange(0, BLOCK_K), n_ok, K, swn, scale, DTYPE, NATIVE)
+
+
+@triton.jit
 def int8_step(desc, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """A step's INT8 codes [BLOCK_N, BLOCK_K] from rows n0.., columns k0.. through ``desc`` (the
     descriptor ``weight_only_tma.int8_descriptor`` makes: 2-D up to 256 codes a step, 3-D past)."""
@@ -516,7 +554,7 @@ def k_slices(k: int, block_k: int, split: int):
     return k_slice, triton.cdiv(k, k_slice)
 
 
-__all__ = ["round_to", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
+__all__ = ["round_to", "dequant_tile", "dequant_tile16", "int8_weights", "packed_bytes_ok", "int4_weights", "offset_codes_to",
            "int8_weights16", "int4_weights16", "words_to", "codes_to", "step_weights", "first_weights",
            "words_math", "words_dots", "words_dots_of", "words_to_codes", "int8_step", "int4_step", "TMA_INT8_BOX_K", "dot16", "dot_column",
            "float_weights", "split_sum", "auto_split", "k_slices"]

@@ -18,6 +18,11 @@ round half to even, saturate, NaN to 0: ``quant_ref.quantize``):
 * **GEMM.** ``y = x @ dequantize(w)^T + bias`` with ``dequantize(w) = code * scale`` in fp32,
   rounded to x's dtype (the kernels feed 16-bit operands to the tensor cores), products summed
   in fp32, the bias added in fp32, the result cast to ``out_dtype`` last.
+* **Grouped GEMM (mixture-of-experts).** E experts' [N, K] weights stacked as one [E * N, K]
+  weight (each row quantized as above), and ``offs`` [E], the cumulative row counts of x's
+  rows sorted by expert (``torch._grouped_mm``'s convention): rows ``[offs[e - 1], offs[e])``
+  are multiplied by expert e's weight as in the GEMM above; rows from ``offs[E - 1]`` on belong
+  to no expert and are 0 (``_grouped_mm`` leaves them unwritten; transformers masks them).
 """
 from __future__ import annotations
 
@@ -130,6 +135,27 @@ def weight_only_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, pr
     return y.to(out_dtype or x.dtype)
 
 
+def grouped_weight_only_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offs: torch.Tensor,
+                           precision: str, group_size: Optional[int] = None,
+                           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Reference grouped W8A16 / W4A16 GEMM: x [M, K] with rows sorted by expert, ``codes`` int8
+    [E * N, K] (unpack INT4 first), ``offs`` [E] cumulative row ends -> [M, N]; each expert's
+    rows through :func:`weight_only_mm` with its [N, K] slice, rows past ``offs[-1]`` 0."""
+    experts = offs.shape[0]
+    if experts == 0 or codes.shape[0] % experts:
+        raise ValueError(f"grouped_weight_only_mm: {codes.shape[0]} weight rows do not split into {experts} experts")
+    n = codes.shape[0] // experts
+    # each row's expert from offs on the device: no host sync, so a CUDA graph can hold it
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert = torch.searchsorted(offs.to(torch.int64).contiguous(), rows, right=True)
+    out = torch.zeros(x.shape[0], n, dtype=out_dtype or x.dtype, device=x.device)
+    for e in range(experts):
+        part = slice(e * n, (e + 1) * n)
+        y = weight_only_mm(x, codes[part], scale[part], precision, group_size, out_dtype=out_dtype)
+        out = torch.where((expert == e)[:, None], y, out)
+    return out
+
+
 def quantize_weight(w: torch.Tensor, precision: str, group_size: Optional[int] = None,
                     method: str = "minmax") -> Tuple[torch.Tensor, torch.Tensor]:
     """(codes — packed uint8 for int4, int8 for int8 — , fp16 scales) of a [N, K] weight."""
@@ -139,4 +165,4 @@ def quantize_weight(w: torch.Tensor, precision: str, group_size: Optional[int] =
 
 
 __all__ = ["GROUP_SIZES", "CLIP_RATIOS", "check", "scales", "quantize", "dequantize", "pack_int4", "unpack_int4",
-           "weight_only_mm", "quantize_weight"]
+           "weight_only_mm", "grouped_weight_only_mm", "quantize_weight"]

@@ -166,7 +166,7 @@ def test_mlp_quantizes_selected_layers_and_matches_the_reference(aten_only, prec
     report = compile_backend.explain(model, x, quant=cfg, cache_dir=str(tmp_path))
     (g,) = report.graphs
     layers = {q["name"]: q for q in g.quant}
-    assert g.rules["quantize"] == {"weight_only_linear": 3}
+    assert g.rules["quantize"] == {"weight_only_linear": 3, "weight_only_experts": 0}
     assert [n for n, q in layers.items() if q["status"] == "quantized"] == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert layers["lm_head.weight"]["reason"] == "output layer (lm_head)"
     assert layers["tiny.weight"]["reason"] == "N=8 < min_features 16"
