@@ -35,11 +35,15 @@ MODES: Dict[str, Dict[str, Any]] = {
 PREFILL, CACHE = 15, 32
 
 
+#: quant_families' encoder-only families (no decode step)
+ENCODERS = ("bert", "roberta", "distilbert", "albert", "electra", "deberta_v2", "mpnet", "t5_encoder", "modernbert")
+
+
 def decoder_families() -> Dict[str, Callable[[], torch.nn.Module]]:
     """quant_families' causal LMs (BLOOM left out: transformers' own prefill into a StaticCache
     fails for it, eager included)."""
     return {name: make for name, make in families().items()
-            if name not in ("bert", "roberta", "distilbert", "bloom")}
+            if name not in ENCODERS + ("bloom",)}
 
 
 def prefilled(make: Callable[[], torch.nn.Module], dtype: torch.dtype, device: str, batch: int = 1):

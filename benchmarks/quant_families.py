@@ -61,6 +61,25 @@ def families() -> Dict[str, Callable[[], torch.nn.Module]]:
                                                            n_head=HEADS)),
         "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
                                                               num_hidden_layers=LAYERS, num_attention_heads=HEADS)),
+        "phi": lambda: T.PhiForCausalLM(T.PhiConfig(partial_rotary_factor=0.5, **common)),  # parallel block
+        "cohere": lambda: T.CohereForCausalLM(T.CohereConfig(**gqa)),  # parallel block, logit scale
+        "granite": lambda: T.GraniteForCausalLM(T.GraniteConfig(  # embedding / residual / logit multipliers
+            embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=8.0,
+            **gqa)),
+        "nemotron": lambda: T.NemotronForCausalLM(T.NemotronConfig(**gqa)),  # squared ReLU, LayerNorm1P
+        "gemma3": lambda: T.Gemma3ForCausalLM(T.Gemma3TextConfig(head_dim=HIDDEN // HEADS, sliding_window=8, **gqa)),
+        "starcoder2": lambda: T.Starcoder2ForCausalLM(T.Starcoder2Config(**gqa)),
+        "gpt_bigcode": lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(  # multi-query attention
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, multi_query=True)),
+        # mixtures of experts (transformers 5: experts as one [E, N, K] parameter, torch._grouped_mm)
+        "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **gqa)),
+        "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(  # plus a shared expert
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128, **gqa)),
+        "deepseek_v3": lambda: T.DeepseekV3ForCausalLM(T.DeepseekV3Config(  # latent attention, routed experts
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=HEADS, intermediate_size=FFN, moe_intermediate_size=64, n_routed_experts=4,
+            num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32,
+            qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)),
         "bert": lambda: T.BertModel(T.BertConfig(**common)),
         "roberta": lambda: T.RobertaModel(T.RobertaConfig(**common)),
         "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS,
@@ -69,6 +88,8 @@ def families() -> Dict[str, Callable[[], torch.nn.Module]]:
         "electra": lambda: T.ElectraModel(T.ElectraConfig(embedding_size=64, **common)),  # embedding projection
         "deberta_v2": lambda: T.DebertaV2Model(T.DebertaV2Config(**common)),  # disentangled relative attention
         "mpnet": lambda: T.MPNetModel(T.MPNetConfig(**common)),  # relative position bias buckets
+        "modernbert": lambda: T.ModernBertModel(T.ModernBertConfig(  # rotary, GeGLU, local attention windows
+            pad_token_id=0, local_attention=8, global_attn_every_n_layers=2, **dict(common, num_hidden_layers=3))),
         "t5_encoder": lambda: T.T5EncoderModel(T.T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_ff=FFN, num_layers=LAYERS,
                                                            num_heads=HEADS, d_kv=HIDDEN // HEADS)),  # RMS norm, bias
     }
