@@ -213,11 +213,44 @@ def _match_slot_write(node: fx.Node, facts: Facts) -> Optional[int]:
     return dim
 
 
-def _select_into_slot(gm: fx.GraphModule, node: fx.Node, dim: int) -> None:
+def _match_slot_put(node: fx.Node, facts: Facts) -> Optional[int]:
+    """``index_put(x, [None, ..., index], src)`` (no accumulate) writing one slice by a one-element
+    index along one dim (transformers' sliding-window cache once full: ``roll`` then
+    ``new_keys[:, :, tensor([-1])] = key_states``, Gemma 2/3, Mistral): its dim, else None."""
+    if not is_op(node, aten.index_put) or node in facts.unsafe or len(node.args) < 3:
+        return None
+    if (node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)) is not False:
+        return None
+    x, indices, src = node.args[:3]
+    given = [i for i, t in enumerate(indices) if t is not None]
+    xv, sv = tensor_val(x), tensor_val(src)
+    if len(given) != 1 or xv is None or sv is None or sv.dtype != xv.dtype:
+        return None
+    dim, iv = given[0], tensor_val(indices[given[0]])
+    if iv is None or iv.shape != (1,) or iv.dtype not in (torch.int32, torch.int64) or dim >= xv.dim():
+        return None
+    written = list(xv.shape)
+    written[dim] = 1
+    try:
+        fits = list(torch.broadcast_shapes(tuple(sv.shape), tuple(written))) == written
+    except RuntimeError:
+        return None
+    return dim if fits else None
+
+
+def _put_into_slot(gm: fx.GraphModule, node: fx.Node, dim: int) -> None:
+    # the index counts from the end when negative, as index_put's does
+    x, indices, src = node.args[:3]
+    with gm.graph.inserting_before(node):
+        index = call(gm.graph, aten.remainder.Scalar, (indices[dim], tensor_val(x).shape[dim]))
+    _select_into_slot(gm, node, dim, (x, dim, index, src))
+
+
+def _select_into_slot(gm: fx.GraphModule, node: fx.Node, dim: int, operands=None) -> None:
     # where(arange(n) == index, src, x) along dim: element-wise, so the update runs in (and
     # fuses into) our generated kernels; index_copy ran in ATen, one launch per cache per layer.
     # An index out of range writes nothing here (eager raises).
-    x, _, index, src = node.args
+    x, _, index, src = operands or node.args
     xv = tensor_val(x)
     shape = [1] * xv.dim()
     shape[dim] = xv.shape[dim]
@@ -236,6 +269,9 @@ def _select_into_slot(gm: fx.GraphModule, node: fx.Node, dim: int) -> None:
 COPY_RULES = (
     Rule("slot_write_as_select", "an index_copy of one slice (a static KV cache's update) is a "
          "where(arange == index, src, x): element-wise, in our kernels", _match_slot_write, _select_into_slot),
+    Rule("slot_put_as_select", "an index_put of one slice by a one-element index (a full sliding-window "
+         "cache's update) is a where(arange == index mod size, src, x), as slot_write_as_select",
+         _match_slot_put, _put_into_slot),
     Rule("attention_output_layout", "an attention op whose readers all permute its output the same "
          "way writes it in that order", _match_attention_layout, _write_in_reader_order),
     Rule("copy_into_any_layout", "a contiguous copy (clone, same-dtype cast, cat of one non-empty "

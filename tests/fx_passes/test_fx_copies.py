@@ -159,6 +159,41 @@ def test_index_copy_of_one_slice_becomes_a_select():
         assert counts["slot_write_as_select"] == 1 and count(t.gm, "index_copy") == 0 and count(t.gm, "where") == 1
 
 
+class SlidingWrite(nn.Module):
+    """transformers' full sliding-window cache at a decode step: roll left by one, then the new
+    key into the last slot by a one-element index tensor (index_put), the cache copied back."""
+
+    def forward(self, cache, new, index):
+        rolled = cache.roll(-1, dims=-2)
+        rolled[:, :, index] = new
+        return rolled * 2.0
+
+
+def test_index_put_of_one_slice_becomes_a_select():
+    cache, new = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 1, 4)
+    for index in (torch.tensor([-1]), torch.tensor([0]), torch.tensor([4]), torch.tensor([-9])):
+        t = inference_graph(SlidingWrite(), cache, new, index)
+        expected = SlidingWrite()(cache, new, index)
+        counts = drop_copies(t.gm, ctx())
+        t.gm.graph.lint()
+        check_meta(t.gm)
+        torch.testing.assert_close(run(t), expected, rtol=0, atol=0)
+        assert counts["slot_put_as_select"] == 1 and count(t.gm, "index_put") == 0 and count(t.gm, "where") == 1
+
+
+def test_index_put_of_several_slices_or_accumulating_stays():
+    cache = torch.randn(2, 3, 9, 4)
+    t = inference_graph(SlidingWrite(), cache, torch.randn(2, 3, 2, 4), torch.tensor([1, 4]))
+    assert drop_copies(t.gm, ctx())["slot_put_as_select"] == 0 and count(t.gm, "index_put") == 1
+
+    class Accumulate(nn.Module):
+        def forward(self, cache, new, index):
+            return torch.ops.aten.index_put(cache, [None, None, index], new, True) * 2.0
+
+    t = inference_graph(Accumulate(), cache, torch.randn(2, 3, 1, 4), torch.tensor([3]))
+    assert drop_copies(t.gm, ctx())["slot_put_as_select"] == 0 and count(t.gm, "index_put") == 1
+
+
 def test_index_copy_of_several_slices_stays():
     cache, new = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 2, 4)
     t = inference_graph(SlotWrite(), cache, new, torch.tensor([1, 4]))
