@@ -16,6 +16,8 @@ fewer):
 * ``gather(x, d, index)`` whose index is one value along every dim but ``d`` (an expand of a
   tensor with size 1 there) and whose output keeps ``x``'s other sizes is ``x`` indexed along
   ``d`` by that tensor's values (an ``index`` with ``None`` before ``d``).
+* ``index_select(x, d, i)`` is ``index(x, [None] * d + [i])`` (XGLM's sinusoidal positions:
+  the rules below and the row gather take that form).
 * ``index(x, [None] * d + [i])`` with a constant 1-D ``i`` whose values step evenly upwards is a
   ``slice`` of ``x`` along ``d`` (a view: Falcon's ``qkv[..., [-2], :]`` at any batch).
 * ``index(x, [None] * d + [i])`` with a 1-D ``i`` and ``x``'s dims before ``d`` all of size 1 is
@@ -117,6 +119,23 @@ def _gather_as_index(gm: fx.GraphModule, node: fx.Node, found: tuple) -> None:
     _replace(gm, node, out)
 
 
+# ----------------------------------------------------------------------------- index_select -> index
+def _match_index_select(node: fx.Node, facts: Facts) -> Optional[int]:
+    """The dim of ``index_select(x, d, i)`` with a 1-D integer ``i``."""
+    if not is_op(node, aten.index_select) or node in facts.unsafe or len(node.args) != 3:
+        return None
+    xv, iv = tensor_val(node.args[0]), tensor_val(node.args[2])
+    if xv is None or iv is None or iv.dim() != 1 or iv.dtype not in (torch.int32, torch.int64) or xv.dim() == 0:
+        return None
+    return node.args[1] % xv.dim()
+
+
+def _index_select_as_index(gm: fx.GraphModule, node: fx.Node, d: int) -> None:
+    with gm.graph.inserting_before(node):
+        out = call(gm.graph, aten.index.Tensor, (node.args[0], [None] * d + [node.args[2]]))
+    _replace(gm, node, out)
+
+
 # ----------------------------------------------------------------------------- index -> slice
 def _match_constant_range(node: fx.Node, facts: Facts) -> Optional[tuple]:
     """(d, start, stop, step) of ``index(x, [None] * d + [i])`` whose ``i`` is a constant 1-D
@@ -182,6 +201,9 @@ def _index_as_row_gather(gm: fx.GraphModule, node: fx.Node, found: tuple) -> Non
 
 
 GATHER_RULES = (
+    Rule("index_select_as_index", "index_select(x, d, i) is index(x, [None]*d + [i]): the form the rules "
+         "below and the generated row gather take (XGLM's sinusoidal positions)", _match_index_select,
+         _index_select_as_index),
     Rule("stack_as_cat", "stack of <= 4 pieces along a dim other than 0 is cat of the pieces unsqueezed "
          "there (rotary interleaves; dim 0 stays for stack_outputs)", _match_stack, _stack_as_cat),
     Rule("repeat_as_expand", "repeat whose repeated dims have size 1 is an expand of the input reshaped "

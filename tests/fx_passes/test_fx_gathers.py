@@ -71,6 +71,24 @@ def test_index_after_a_real_batch_dim_stays():
     assert counts["index_as_row_gather"] == 0 and len(_ops(t, "index")) == 1
 
 
+class SinusoidalRows(nn.Module):
+    """XGLM's positions: a sinusoidal table's rows by computed position ids (index_select)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(20, 16))
+
+    def forward(self, ids):
+        return self.table.index_select(0, (ids + 2).view(-1)).view(*ids.shape, -1) * 2.0
+
+
+def test_index_select_is_a_row_gather():
+    t, counts = _rewritten(SinusoidalRows().eval(), torch.tensor([[3, 0, 7], [1, 1, 17]]))
+    assert counts["index_select_as_index"] == 1 and not _ops(t, "index_select")
+    (gather,) = _ops(t, "index")
+    assert fusable_gather(gather)
+
+
 class ConstantRows(nn.Module):
     def __init__(self, rows):
         super().__init__()
