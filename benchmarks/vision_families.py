@@ -140,15 +140,22 @@ def settled(model: torch.nn.Module, batches: List[torch.Tensor]) -> torch.nn.Mod
     return model.eval()
 
 
-def int8_simulation(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The model's output in eager with every conv / linear fed int8-rounded inputs (per tensor,
-    absmax of each call) and int8-rounded weights (per output channel): plain fake quantization,
-    written independently of ``compile_backend.quant``. Why: a random-init net may amplify
-    rounding noise layer by layer far more than a trained one; the cosine of this simulation to
-    float says how much, so an engine's int8 cosine is read against it, not against 1."""
+def simulation(model: torch.nn.Module, images: torch.Tensor, precision: str = "int8") -> torch.Tensor:
+    """The model's output in eager with every conv / linear fed 8-bit-rounded inputs (per tensor,
+    absmax of each call) and 8-bit-rounded weights (per output channel): plain fake quantization,
+    written independently of ``compile_backend.quant``. ``precision``: ``int8`` (127 levels a
+    sign, round half to even) or ``fp8`` (e4m3fn: absmax to 448, torch's own float8 cast). Why: a
+    random-init net may amplify rounding noise layer by layer far more than a trained one; the
+    cosine of this simulation to float says how much, so an engine's 8-bit cosine is read against
+    it, not against 1 (FP8's 3 mantissa bits give ~4x INT8's noise on Gaussian-like values, so its
+    cosines sit lower on these nets)."""
+    top = 127.0 if precision == "int8" else 448.0
+
     def rounded(t: torch.Tensor, dims) -> torch.Tensor:
-        scale = t.float().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / 127
-        return ((t.float() / scale).round().clamp(-127, 127) * scale).to(t.dtype)
+        scale = t.float().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / top
+        if precision == "int8":
+            return ((t.float() / scale).round().clamp(-127, 127) * scale).to(t.dtype)
+        return ((t.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).to(t.dtype)
 
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     saved = [m.weight.data for m in layers]
@@ -180,7 +187,8 @@ def run_family(name: str, make: Callable[[], torch.nn.Module], modes: List[str],
     row["model"] = type(model).__name__
     with torch.no_grad():
         ref = model(images).float()
-    row["int8_simulation_cosine"] = cosine(int8_simulation(model, images).float(), ref)
+    row["int8_simulation_cosine"] = cosine(simulation(model, images, "int8").float(), ref)
+    row["fp8_simulation_cosine"] = cosine(simulation(model, images, "fp8").float(), ref)
     def options(mode: str) -> Dict[str, Any]:
         if not MODES[mode]:
             return {}
@@ -208,7 +216,8 @@ def main(argv=None) -> int:
         cells = [f"{m}:{r['cosine']:.4f} {r['graphs']}g {r['quantized']}/{r['layers']}q aten={','.join(r['aten']) or '-'}"
                  + (f" REJECTED {len(r['rejected'])}" if r["rejected"] else "") + ("" if r["repeatable"] else " NOT-REPEATABLE")
                  if "cosine" in r else f"{m}:ERROR {r['error'][:100]}" for m, r in rows[-1]["modes"].items()]
-        print(f"[vision_families] {name} (int8 simulation {rows[-1]['int8_simulation_cosine']:.4f}): "
+        print(f"[vision_families] {name} (simulations: int8 {rows[-1]['int8_simulation_cosine']:.4f}, "
+              f"fp8 {rows[-1]['fp8_simulation_cosine']:.4f}): "
               + " | ".join(cells), flush=True)
     errors = sum("error" in r for row in rows for r in row["modes"].values())
     write_record(args.out, "vision_families", "random init, random images: does each mode compile the family's "
