@@ -140,6 +140,39 @@ def find_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
     return layer
 
 
+def is_grouped_mm(node: fx.Node) -> bool:
+    """``aten._grouped_mm`` or transformers' stand-in for it (``transformers::grouped_mm_fallback``,
+    the same (x, w, offs) contract, which it registers where ``_grouped_mm`` cannot be traced)."""
+    t = node.target if node.op == "call_function" else None
+    return is_op(node, aten._grouped_mm) or (
+        isinstance(t, torch._ops.OpOverload) and t.namespace == "transformers" and t._opname == "grouped_mm_fallback")
+
+
+def find_experts_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
+    """The experts' layer of a grouped GEMM x [M, K] by a [E, K, N] weight with offsets (with a
+    reason when it cannot be quantized), or None when ``node`` is not one."""
+    if not is_grouped_mm(node) or len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
+        return None
+    x, w = node.args[0], node.args[1]
+    if len(shape(x) or ()) != 2 or len(shape(w) or ()) != 3:
+        return None
+    names = weight_names(w)
+    name = "+".join(names) or node.name
+    layer = Layer(node, "experts", name, x, w, module_type(node), [name], shape(w)[1], shape(w)[2])
+    xv, wv = tensor_val(x), tensor_val(w)
+    extra = [a for a in node.args[3:] if a is not None] + [v for v in node.kwargs.values() if v is not None]
+    if not facts.constant(w) or not names:
+        layer.reason = "weight is not a frozen parameter (compile with freeze=True, the default)"
+    elif xv is None or wv is None or xv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
+            or wv.dtype != xv.dtype:
+        layer.reason = f"operands are not one float dtype ({getattr(xv, 'dtype', None)}, {getattr(wv, 'dtype', None)})"
+    elif extra:
+        layer.reason = "grouped GEMM with a bias or an out_dtype"
+    elif node in facts.unsafe:
+        layer.reason = "its value is written in place"
+    return layer
+
+
 def weight_names(w: fx.Node) -> List[str]:
     """FQNs of the frozen parameters a weight is computed from that are matrices or more (the
     weight itself, the parts of a merged weight, the filters a patch GEMM views; BatchNorm
@@ -458,11 +491,26 @@ def _plain_addmm(node: fx.Node) -> bool:
 
 
 # Rules: which anchors become which scaled op (the request in ctx decides which layers).
+def _match_experts(node: fx.Node, facts: Facts) -> None:
+    """Records a mixture-of-experts grouped GEMM as a float layer (its weights are most of such a
+    model's: the report must say they stay float); W8A8 has no grouped kernel, so nothing matches."""
+    layer = find_experts_layer(node, facts)
+    if layer is not None:
+        request: QuantRequest = facts.ctx.quant
+        record = request.records.setdefault(layer.name, _record(layer, request))
+        record.update(status="float", experts=shape(layer.weight)[0], uncalibrated=False,
+                      reason=layer.reason or "W8A8 quantizes linear layers and convolutions; experts' grouped GEMMs "
+                                             "take weight-only modes (activations=None)")
+    return None
+
+
 QUANT_RULES = (
     Rule("linear", "mm / addmm with a frozen weight -> quantize(x) and scaled_mm over the quantized weight",
          _match("linear"), _rewrite_linear),
     Rule("conv", "convolution with a frozen weight -> quantize(x) and scaled_conv over the quantized weight",
          _match("conv"), _rewrite_conv),
+    Rule("experts", "a mixture-of-experts grouped GEMM stays float (recorded in the report, never rewritten)",
+         _match_experts, lambda gm, node, found: None),
 )
 
-__all__ = ["QuantRequest", "Layer", "find_layer", "selection_reason", "module_path", "module_type", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]
+__all__ = ["QuantRequest", "Layer", "find_layer", "find_experts_layer", "is_grouped_mm", "selection_reason", "module_path", "module_type", "weight_names", "weight_params", "quantize", "QUANT_RULES", "PARAM_NAME"]

@@ -45,7 +45,7 @@ import torch.fx as fx
 from .. import ops  # noqa: F401  (registers torch.ops.compile_backend.weight_only_*)
 from ..kernels import quant_ref, weight_only_ref
 from .base import PassContext, PassFn
-from .quantize import Layer, find_layer, module_type, selection_reason, weight_names
+from .quantize import Layer, find_experts_layer, find_layer, selection_reason
 from .rules import Facts, Rule, apply_rules, call, evaluate_constant, is_op, shape, tensor_val
 
 aten = torch.ops.aten
@@ -116,7 +116,7 @@ def _match(node: fx.Node, facts: Facts) -> Optional[_Found]:
 
 
 def _match_experts(node: fx.Node, facts: Facts) -> Optional[_Found]:
-    layer = _experts_layer(node, facts)
+    layer = find_experts_layer(node, facts)
     if layer is None:
         return None
     request: WeightOnlyRequest = facts.ctx.quant
@@ -128,39 +128,6 @@ def _match_experts(node: fx.Node, facts: Facts) -> Optional[_Found]:
         return None
     record.update(status="quantized", reason="", sqnr_db=_weight_sqnr(facts.gm, layer, request))
     return _Found(layer, request, None)
-
-
-def _is_grouped_mm(node: fx.Node) -> bool:
-    """``aten._grouped_mm`` or transformers' stand-in for it (``transformers::grouped_mm_fallback``,
-    the same (x, w, offs) contract, which it registers where ``_grouped_mm`` cannot be traced)."""
-    t = node.target if node.op == "call_function" else None
-    return is_op(node, aten._grouped_mm) or (
-        isinstance(t, torch._ops.OpOverload) and t.namespace == "transformers" and t._opname == "grouped_mm_fallback")
-
-
-def _experts_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
-    """The experts' layer of a grouped GEMM x [M, K] by a [E, K, N] weight with offsets (with a
-    reason when it cannot be quantized), or None when ``node`` is not one."""
-    if not _is_grouped_mm(node) or len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
-        return None
-    x, w = node.args[0], node.args[1]
-    if len(shape(x) or ()) != 2 or len(shape(w) or ()) != 3:
-        return None
-    names = weight_names(w)
-    name = "+".join(names) or node.name
-    layer = Layer(node, "experts", name, x, w, module_type(node), [name], shape(w)[1], shape(w)[2])
-    xv, wv = tensor_val(x), tensor_val(w)
-    extra = [a for a in node.args[3:] if a is not None] + [v for v in node.kwargs.values() if v is not None]
-    if not facts.constant(w) or not names:
-        layer.reason = "weight is not a frozen parameter (compile with freeze=True, the default)"
-    elif xv is None or wv is None or xv.dtype not in (torch.float32, torch.float16, torch.bfloat16) \
-            or wv.dtype != xv.dtype:
-        layer.reason = f"operands are not one float dtype ({getattr(xv, 'dtype', None)}, {getattr(wv, 'dtype', None)})"
-    elif extra:
-        layer.reason = "grouped GEMM with a bias or an out_dtype"
-    elif node in facts.unsafe:
-        layer.reason = "its value is written in place"
-    return layer
 
 
 def _record(layer: Layer, request: WeightOnlyRequest) -> Dict[str, Any]:

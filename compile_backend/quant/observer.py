@@ -187,6 +187,8 @@ class ChannelAbsMax:
         self.count = 0          # values observed (finite and inf)
         self.inf_count = 0
         self._amax: Optional[torch.Tensor] = None
+        self._first_batch: Optional[int] = None
+        self._later: Optional[torch.Tensor] = None  # the maxima of every batch but the first
 
     def observe(self, x: torch.Tensor, batch: Optional[int] = None) -> None:
         x = x.detach()
@@ -208,7 +210,19 @@ class ChannelAbsMax:
                              f"{self._amax.shape[0]}")
         else:
             self._amax = torch.maximum(self._amax, a.to(self._amax.device))
+        index = self.batches if batch is None else batch
+        if self._first_batch is None:
+            self._first_batch = index
+        elif index != self._first_batch:
+            self._later = a if self._later is None else torch.maximum(self._later, a.to(self._later.device))
         self.batches += 1
+
+    @property
+    def held_out_amax(self) -> Optional[torch.Tensor]:
+        """fp32 [channels] on the CPU: the maxima of every batch but the first (None with one
+        batch): ranges the first batch did not set, to judge smoothing on that batch as on data
+        the calibration never saw (``smoothquant="auto"``)."""
+        return None if self._later is None else self._later.cpu()
 
     @property
     def amax(self) -> torch.Tensor:

@@ -54,7 +54,7 @@ def test_dynamic_quantization_rewrites_and_stays_close(aten_only, precision, tmp
     status = {q["name"]: q["status"] for q in g.quant}
     assert status["conv.weight"] == "quantized" and status["fc1.weight"] == "quantized"
     assert status["tiny.weight"] == "float"
-    assert g.rules["quantize"] == {"linear": 2, "conv": 1, "gelu_before_quantize": 0,  # head (N=10) and
+    assert g.rules["quantize"] == {"linear": 2, "conv": 1, "experts": 0, "gelu_before_quantize": 0,  # head (N=10) and
                                    "tanh_before_quantize": 0,                        # tiny (K=10) stay float
                                    "residual_reads_codes": 0}
     fast = torch.compile(model, backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})

@@ -305,10 +305,12 @@ def test_smoothing_joins_the_gemm_epilogue(tmp_path, monkeypatch):
 class TwoNeeds(nn.Module):
     """Two layers on separate activations that want different alphas. fc_a's input is peaky
     (cubed Gaussian: its rms is far below its max) with a mild outlier channel, and fc_a's
-    weights are uniform: activation rounding dominates, so more of the range should move into the
-    weights (about 0.8). fc_b's input is Gaussian with a strong outlier channel and its weights
-    heavy-tailed: the two sides are balanced near 0.5. (Measured, per-layer SQNR dB at alpha
-    0.5 / 0.8: fc_a 33.4 / 34.5, fc_b 35.7 / 32.8.)"""
+    weights are uniform; fc_b's input is Gaussian with a strong outlier channel and its weights
+    heavy-tailed. Judged on the calibration data itself fc_a wanted about 0.8 (per-layer SQNR dB
+    at alpha 0.5 / 0.8: fc_a 33.4 / 34.5, fc_b 35.7 / 32.8); on new inputs its cubed tails exceed
+    the calibrated per-channel maxima, and the higher the alpha the more channels clip: the
+    engine's held-out SQNR is 16.07 dB at 0.4, 14.38 at 0.8 (auto's choice before it judged
+    alphas on held-out batches)."""
 
     def __init__(self, dim=64):
         super().__init__()
@@ -339,31 +341,37 @@ def test_config_takes_auto():
         quant.QuantConfig(activations=None, smoothquant="auto")
 
 
-def test_auto_chooses_per_layer_and_beats_every_fixed_alpha(aten_only, tmp_path):
+def test_auto_matches_the_best_fixed_alpha_on_new_data(aten_only, tmp_path):
     from compile_backend.fx_passes.smooth import AUTO_ALPHAS
 
     model, data = TwoNeeds().eval(), batches()
     calibs = {a: quant.calibrate(model, data, static(a), progress=False, use_cache=False)
-              for a in [*(a for a in AUTO_ALPHAS if a), "auto"]}
+              for a in [None, *(a for a in AUTO_ALPHAS if a), "auto"]}
     auto = calibs["auto"]
     chosen = {n: r.alpha for n, r in auto.layers.items()}
-    assert chosen == {"fc_a.weight": 0.8, "fc_b.weight": 0.5}, chosen
+    assert chosen == {"fc_a.weight": 0.4, "fc_b.weight": 0.4}, chosen
     for n, r in auto.layers.items():  # the factors are exactly those of the chosen alpha
         assert r.smooth == calibs[r.alpha].layer(n).smooth
-    mean_db = {a: sum(r.stats["sqnr_db"] for r in c.layers.values()) / len(c) for a, c in calibs.items()}
-    assert all(mean_db["auto"] > mean_db[a] for a in mean_db if a != "auto"), mean_db
-    # and the model's output through the engine, against the best single alphas (on the calibration
-    # data: fc_a's cubed input has tails that held-out batches exceed, and clipping would decide)
-    x = torch.cat([b[0] for b in data])
+    # the model's output through the engine on inputs the calibration never saw, against every
+    # fixed alpha and no smoothing (measured: auto 16.07 dB; 0.3-0.6 16.02-16.07, 0.8 14.38, none 15.47)
+    x = torch.cat([b[0] for b in batches(n=8, seed=7)])
     with torch.no_grad():
         ref = model(x)
     out = {}
-    for a in ("auto", 0.5, 0.6, 0.7, 0.8):  # measured: 33.8 dB vs 32.4, 33.1, 33.5, 33.5
+    for a, calib in calibs.items():
         torch._dynamo.reset()
-        fast = torch.compile(model, backend="compile_backend", options={"quant": calibs[a], "cache_dir": str(tmp_path)})
+        fast = torch.compile(model, backend="compile_backend", options={"quant": calib, "cache_dir": str(tmp_path)})
         with torch.no_grad():
             out[a] = quant_ref.sqnr_db(ref, fast(x))
-    assert out["auto"] > max(v for a, v in out.items() if a != "auto"), out
+    best_fixed = max(v for a, v in out.items() if a != "auto")
+    assert out["auto"] > best_fixed - 0.05 and out["auto"] > out[None] + 0.5 and out["auto"] > out[0.8] + 1.0, out
+
+
+def test_auto_with_one_batch_judges_on_it_and_picks_per_layer():
+    """One calibration batch: nothing is held out, so the search judges each alpha on the batch
+    itself with its own range (as before held-out batches), and picks one per layer group."""
+    calib = quant.calibrate(TwoNeeds().eval(), batches(n=1), static("auto"), progress=False, use_cache=False)
+    assert {n: r.alpha for n, r in calib.layers.items()} == {"fc_a.weight": 0.6, "fc_b.weight": 0.5}
 
 
 def test_auto_may_leave_a_layer_unsmoothed():
@@ -384,9 +392,9 @@ def test_auto_calibration_file_round_trip(tmp_path):
     calib.save(path)
     loaded = quant.Calibration.load(path)
     assert loaded == calib and loaded.digest() == calib.digest() and loaded.config.smoothquant == "auto"
-    assert {n: r.alpha for n, r in loaded.layers.items()} == {"fc_a.weight": 0.8, "fc_b.weight": 0.5}
+    assert {n: r.alpha for n, r in loaded.layers.items()} == {"fc_a.weight": 0.4, "fc_b.weight": 0.4}
     data = json.loads(path.read_text())
-    for bad, message in [(1.5, "in \\[0, 1\\]"), ("0.8", "in \\[0, 1\\]"), (0.0, "means not smoothed")]:
+    for bad, message in [(1.5, "in \\[0, 1\\]"), ("0.4", "in \\[0, 1\\]"), (0.0, "means not smoothed")]:
         tampered = json.loads(path.read_text())
         tampered["layers"][0]["alpha"] = bad
         with pytest.raises(ValueError, match=f"layers\\[0\\].*'alpha'.*{message}"):
@@ -395,7 +403,7 @@ def test_auto_calibration_file_round_trip(tmp_path):
     fixed = quant.calibrate(TwoNeeds().eval(), batches(), static(0.5), progress=False, use_cache=False)
     assert {r.alpha for r in fixed.layers.values()} == {0.5}
     data["config"]["smoothquant"] = 0.5
-    with pytest.raises(ValueError, match="alpha 0.8 but the config has smoothquant=0.5"):
+    with pytest.raises(ValueError, match="alpha 0.4 but the config has smoothquant=0.5"):
         quant.Calibration.from_dict(data)
     # a file written before per-layer alphas (fixed alpha, no "alpha" key) loads, alpha None
     old = fixed.to_dict()

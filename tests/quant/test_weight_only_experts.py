@@ -162,3 +162,17 @@ def _fallback_op():
         return input.new_empty(input.shape[0], weight.shape[2])
 
     return torch.ops.transformers.grouped_mm_fallback
+
+
+def test_w8a8_reports_the_experts_as_float_with_the_mode_that_takes_them(aten_only, tmp_path):
+    """INT8 dynamic has no grouped kernel: the experts (most of an MoE model's weights) stay float,
+    and the report says so instead of leaving them out."""
+    model = MoE(grouped=_fallback_op().default).eval()
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(5))
+    cfg = quant.QuantConfig(precision="int8", activations="dynamic", min_features=16)
+    report = compile_backend.explain(model, x, quant=cfg, cache_dir=str(tmp_path))
+    layers = {q["name"]: q for g in report.graphs for q in g.quant}
+    for name in ("gate_up_proj", "down_proj"):
+        assert layers[name]["status"] == "float" and layers[name]["experts"] == 4
+        assert "weight-only modes (activations=None)" in layers[name]["reason"]
+    assert layers["out.weight"]["status"] == "quantized"
