@@ -3,8 +3,8 @@
 ``torch._grouped_mm`` over a frozen [E, K, N] expert weight: transformers' Mixtral, Qwen-MoE,
 DeepSeek-V3 experts).
 
-Layers, as every kernel here: ``_grouped_kernel`` (@triton.jit); :func:`weight_only_grouped_mm`
-checks the operands, allocates and launches; :func:`weight_only_grouped_mm_reference` is the
+Layers, as every kernel here: ``_grouped_kernel`` and ``_grouped_gemv_kernel`` (@triton.jit);
+:func:`weight_only_grouped_mm` checks the operands, picks one by M, allocates and launches; :func:`weight_only_grouped_mm_reference` is the
 plain-PyTorch version (``weight_only_ref.grouped_weight_only_mm`` on the unpacked codes);
 :func:`build_weight_only_grouped_mm` is the builder the engine tries for a "grouped_gemm" group.
 
@@ -22,6 +22,13 @@ holds it) and no program is spent on an expert without rows: at most ceil(M / BL
 row tiles (each expert's last tile may be partial), times the N tiles. A decode step at batch 1
 (M = top-k rows) thus runs top-k row tiles of real work and exits the rest at once.
 
+Up to ``GEMV_MAX_ROWS`` rows (a decode step: batch x top-k) the GEMV kernel runs instead: a
+program per (16 outputs, row), the row's expert counted from the offsets, products summed
+elementwise in fp32 and across K once. Offline for sm_90 (Triton 3.6, Mixtral's gate/up shape)
+its loop takes 5.2 (INT8, fp16) / 8.1 (INT8, bf16) / 9.8-10.3 (INT4) SASS instructions a
+weight against ~15 for the 16-row tensor-core tile; the decode engine's tuned GEMV (kernels/gemv.py)
+reaches 3.3-6.4. Not yet timed on a GPU.
+
 This module imports Triton at the top: only the builder loader and tests import it.
 """
 from __future__ import annotations
@@ -36,12 +43,15 @@ import triton.language as tl
 from . import weight_only_ref
 from .base import Kernel, KernelContext, KernelGroup, Unsupported, meta_of, triton_enabled, triton_interpret
 from .launch import next_pow2
-from .weight_only_parts import dequant_tile, dequant_tile16, round_to
+from .weight_only_parts import dequant_tile, dequant_tile16, int8_weights, packed_bytes_ok, round_to
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1
 #: experts one launch takes (the offsets are one vector in registers)
 MAX_EXPERTS = 1024
+#: rows up to which the GEMV kernel serves (a decode step at batch 1-8 with top-2 routing):
+#: each row reads its expert's weights once, where a 16-row tensor-core tile would pad it
+GEMV_MAX_ROWS = 16
 
 
 @triton.jit
@@ -92,6 +102,55 @@ def _grouped_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, out_ptr, M, N, K, E, sxm, swn
                  mask=mask)
 
 
+@triton.jit
+def _grouped_gemv_kernel(x_ptr, w_ptr, s_ptr, offs_ptr, out_ptr, M, N, K, E, sxm, swn, ssn,
+                         INT4: tl.constexpr, GROUP: tl.constexpr, SOFT_BF16: tl.constexpr, E_POW2: tl.constexpr,
+                         ODD_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decode rows (M <= GEMV_MAX_ROWS): one program per (BLOCK_N outputs, row); the row's expert
+    is the count of experts whose rows end at or before it (past the last: zeros). Products
+    accumulate elementwise in fp32 and are summed over K once, at the end (no tensor-core tile
+    padding one row to 16, no cross-lane sum a K step). INT4: each byte's two codes multiply x
+    at even and odd k (x loaded as two strided halves), so the codes are never interleaved."""
+    pid_n, row = tl.program_id(0), tl.program_id(1)
+    ids = tl.arange(0, E_POW2)
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + ids, mask=ids < E, other=0).to(tl.int32), 0), M)
+    expert = tl.sum(((ends <= row) & (ids < E)).to(tl.int32), 0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_K // 2
+    acc = tl.zeros([BLOCK_N, HALF], tl.float32)
+    acc_odd = tl.zeros([BLOCK_N, HALF], tl.float32)
+    if expert < E:
+        wn = expert * N + rn
+        n_ok = rn < N
+        for k0 in range(0, K, BLOCK_K):
+            if INT4:
+                rb = k0 // 2 + tl.arange(0, HALF)
+                # codes * scale in fp32 rounded to x's dtype (int4_weights' 16-bit route costs ~2x the
+                # SASS a weight here in bf16: sm_90, Triton 3.6)
+                ok = n_ok[:, None] & packed_bytes_ok(rb, K, ODD_K)[None, :]
+                packed = tl.load(w_ptr + wn[:, None] * swn + rb[None, :], mask=ok, other=0).to(tl.int32)
+                scale = tl.load(s_ptr + wn * ssn + k0 // GROUP, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                lo = round_to((((packed & 15) ^ 8) - 8).to(tl.float32) * scale, x_ptr.dtype.element_ty,
+                              SOFT_BF16).to(tl.float32)
+                hi = round_to(((((packed >> 4) & 15) ^ 8) - 8).to(tl.float32) * scale, x_ptr.dtype.element_ty,
+                              SOFT_BF16).to(tl.float32)
+                even = tl.load(x_ptr + row * sxm + 2 * rb, mask=2 * rb < K, other=0.0).to(tl.float32)
+                odd = tl.load(x_ptr + row * sxm + 2 * rb + 1, mask=2 * rb + 1 < K, other=0.0).to(tl.float32)
+                acc += lo * even[None, :]
+                acc_odd += hi * odd[None, :]
+            else:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + row * sxm + rk, mask=rk < K, other=0.0).to(tl.float32)
+                w = int8_weights(w_ptr, wn, rk, n_ok, K, swn, tl.load(s_ptr + wn * ssn, mask=n_ok, other=0.0)
+                                 .to(tl.float32)[:, None], x_ptr.dtype.element_ty, SOFT_BF16)
+                products = tl.reshape(w * x[None, :], [BLOCK_N, HALF, 2])
+                first, second = tl.split(products)
+                acc += first
+                acc_odd += second
+    y = tl.sum(acc + acc_odd, 1)
+    tl.store(out_ptr + row * N + rn, round_to(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=rn < N)
+
+
 # ----------------------------------------------------------------------------- the launcher
 def _fail(what: str, fix: str) -> None:
     raise ValueError(f"weight_only_grouped_mm: {what}; {fix}")
@@ -129,8 +188,11 @@ def _check(x, codes, scales, offs, precision, group_size, out_dtype) -> None:
 
 
 def tiles_for(m: int, n: int, k: int, experts: int, group: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): 16 rows a tile when each expert gets a few rows (decode),
-    64 beyond; INT4 tiles within one scale group."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K). BLOCK_M 1: the GEMV kernel, one row a program (up to
+    GEMV_MAX_ROWS rows: a decode step's top-k rows); else tensor-core tiles of 16 rows when each
+    expert gets a few rows, 64 beyond. INT4 tiles within one scale group."""
+    if m <= GEMV_MAX_ROWS:  # 16 x 128 at 2 warps: the fewest SASS a weight offline (sm_90: see the notes)
+        return 1, 16, max(16, min(128, next_pow2(k), group))
     bm = 16 if m <= 16 * experts else 64
     bn = max(16, min(64, next_pow2(n)))
     bk = max(16, min(64, next_pow2(k), group))
@@ -143,7 +205,8 @@ def weight_only_grouped_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.T
                            tiles: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
     """x [M, K] (rows sorted by expert) times each expert's dequantized [N, K] weight -> [M, N]
     in ``out_dtype`` (default x's dtype); see the module docstring. ``tiles`` forces
-    (BLOCK_M, BLOCK_N, BLOCK_K) (powers of two, at least 16); None: :func:`tiles_for`."""
+    (BLOCK_M, BLOCK_N, BLOCK_K) (powers of two, BLOCK_N and BLOCK_K at least 16; BLOCK_M 1 is
+    the GEMV kernel, else at least 16); None: :func:`tiles_for`."""
     _check(x, codes, scales, offs, precision, group_size, out_dtype)
     (m, k), experts = x.shape, offs.shape[0]
     n = codes.shape[0] // experts
@@ -159,11 +222,14 @@ def weight_only_grouped_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.T
     int4, group = precision == "int4", group_size or 1
     bm, bn, bk = tiles or tiles_for(m, n, k, experts, group if int4 else 1 << 30)
     interpret = triton_interpret()
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm) + experts + 1)
-    _grouped_kernel[grid](x, codes, scales, offs, out, m, n, k, experts, x.stride(0), codes.stride(0),
-                          scales.stride(0), INT4=int4, GROUP=group, SOFT_BF16=interpret,
-                          UPCAST=interpret and x.dtype == torch.bfloat16, E_POW2=max(2, next_pow2(experts)),
-                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    common = dict(INT4=int4, GROUP=group, SOFT_BF16=interpret, E_POW2=max(2, next_pow2(experts)), BLOCK_N=bn,
+                  BLOCK_K=bk, num_warps=2 if bm == 1 else 4)
+    args = (x, codes, scales, offs, out, m, n, k, experts, x.stride(0), codes.stride(0), scales.stride(0))
+    if bm == 1:
+        _grouped_gemv_kernel[(triton.cdiv(n, bn), m)](*args, ODD_K=k % 2 == 1, **common)
+        return out
+    _grouped_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm) + experts + 1)](
+        *args, UPCAST=interpret and x.dtype == torch.bfloat16, BLOCK_M=bm, **common)
     return out
 
 
@@ -213,4 +279,4 @@ def weight_only_grouped_mm_reference(x: torch.Tensor, codes: torch.Tensor, scale
 
 
 __all__ = ["weight_only_grouped_mm", "weight_only_grouped_mm_reference", "build_weight_only_grouped_mm", "tiles_for",
-           "MAX_EXPERTS"]
+           "MAX_EXPERTS", "GEMV_MAX_ROWS"]

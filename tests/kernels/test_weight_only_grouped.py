@@ -51,8 +51,10 @@ def check(x, codes, scales, offs, precision, group_size, tiles=None, out_dtype=N
 
 
 #: (M, N, K, rows per expert): decode top-2 of 4 experts, empty experts between, a tail of rows
-#: past the last expert, one expert holding every row, partial tiles everywhere
-CASES = [(2, 24, 40, [1, 0, 1, 0]), (7, 5, 7, [0, 3, 0, 2]), (37, 24, 130, [17, 0, 20]), (37, 5, 40, [0, 37, 0])]
+#: past the last expert, one expert holding every row, partial tiles everywhere; M <= 16 runs
+#: the GEMV kernel, beyond the tensor-core tiles
+CASES = [(2, 24, 40, [1, 0, 1, 0]), (7, 5, 7, [0, 3, 0, 2]), (37, 24, 130, [17, 0, 20]), (37, 5, 40, [0, 37, 0]),
+         (9, 24, 131, [2, 0, 5])]  # the GEMV kernel (M <= 16) on an odd K past a group's end, a tail row
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -62,7 +64,7 @@ def test_matches_reference(precision, group_size, dtype):
         check(*operands(m, n, k, counts, dtype, precision, group_size, seed=i), precision, group_size)
 
 
-@pytest.mark.parametrize("tiles", [(16, 16, 16), (64, 16, 32)], ids=str)
+@pytest.mark.parametrize("tiles", [(16, 16, 16), (64, 16, 32), (1, 16, 32)], ids=str)
 def test_row_tiles_across_experts_and_the_tail(tiles):
     """Many experts, row tiles ending inside an expert, the rows past the last expert zeroed
     whatever the output held; int64 offsets, a float32 output from bf16 rows."""
@@ -74,9 +76,10 @@ def test_row_tiles_across_experts_and_the_tail(tiles):
 
 
 def test_heuristic_tiles():
-    assert tiles_for(2, 4096, 2048, 8, 1 << 30)[0] == 16  # decode: a few rows an expert
+    assert tiles_for(2, 4096, 2048, 8, 1 << 30)[0] == 1  # decode: the GEMV kernel, a row a program
+    assert tiles_for(40, 4096, 2048, 8, 1 << 30)[0] == 16  # a few rows an expert
     assert tiles_for(4096, 4096, 2048, 8, 1 << 30)[0] == 64  # prefill
-    assert tiles_for(2, 4096, 2048, 8, 32)[2] == 32  # INT4 tiles within a scale group
+    assert tiles_for(2, 4096, 2048, 8, 32)[2] == 32 and tiles_for(40, 4096, 2048, 8, 32)[2] == 32  # INT4: one group
 
 
 def test_no_rows_and_no_k():
