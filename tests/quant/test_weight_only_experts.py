@@ -176,3 +176,17 @@ def test_w8a8_reports_the_experts_as_float_with_the_mode_that_takes_them(aten_on
         assert layers[name]["status"] == "float" and layers[name]["experts"] == 4
         assert "weight-only modes (activations=None)" in layers[name]["reason"]
     assert layers["out.weight"]["status"] == "quantized"
+
+
+def test_refit_requantizes_the_experts(aten_only, tmp_path):
+    """Experts' weights changed in place: the engine refits, the folded codes and scales follow."""
+    model = MoE(grouped=_fallback_op().default).eval()
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(6))
+    cfg = quant.QuantConfig(precision="int4", activations=None, group_size=32, min_features=16)
+    fast = torch.compile(model, backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        before = fast(x)
+        model.down_proj.mul_(-2.0)
+        after, want = fast(x), expected(model, cfg)(x)
+    torch.testing.assert_close(after, want, **FP32)
+    assert not torch.allclose(before, after)
