@@ -128,7 +128,9 @@ def classify(node: fx.Node) -> Optional[str]:
 #: element-wise ops PyTorch does not tag ``pointwise`` (2.11 and 2.13), which the code generator
 #: computes: untagged, MobileNetV3's hard-swish and a YOLO-style leaky ReLU each ran as an ATen
 #: launch between fused kernels (session 37, benchmarks/vision_families.py)
-UNTAGGED_ELEMENTWISE = frozenset((aten.hardswish.default, aten.leaky_relu.default, aten.rsub.Tensor))
+UNTAGGED_ELEMENTWISE = frozenset((aten.hardswish.default, aten.leaky_relu.default, aten.rsub.Tensor,
+                                  # an MoE's sorted slot // top_k (the token of each slot), every step
+                                  aten.floor_divide.default))
 
 
 #: pieces a generated cat takes (kernels/pointwise.MAX_CAT_PIECES; one masked load each)

@@ -185,7 +185,11 @@ def _div_op(args, kwargs, out, helpers):
     mode = kwargs.get("rounding_mode", args[2] if len(args) > 2 else None)
     cd = compute_dtype(out)
     if not cd.is_floating_point:
-        raise Unsupported(f"integer division with rounding_mode={mode!r}")
+        if mode != "floor" or cd == torch.bool:
+            raise Unsupported(f"integer division with rounding_mode={mode!r}")
+        helpers.add("int_floordiv")  # MoE routing's sorted slot // top_k: the token of each slot
+        b = args[1] if isinstance(args[1], Var) else f"tl.full([], {int(args[1])}, {tl_type(cd)})"
+        return f"cb_int_floordiv({_as(args[0], out)}, {_as(b, out) if isinstance(b, Var) else b})"
     a, b = _as(args[0], out), _as(args[1], out)
     q = _div(a, b, cd)
     if mode is None:
@@ -278,6 +282,41 @@ def _exp(args, kwargs, out, helpers):
         return f"tl.exp({_as(args[0], out)})"  # fp64: Triton calls libdevice's exp
     helpers.add("exp")
     return f"cb_exp({_as(args[0], out)})"
+
+
+def _softplus(args, kwargs, out, helpers):
+    # eager: x where beta * x > threshold, else log1p(exp(beta * x)) / beta (Mamba's dt, Jamba)
+    if not out.is_floating_point:
+        raise Unsupported(f"softplus on non-float result {out}")
+    beta, threshold = _kw(args, kwargs, 1, "beta", 1.0), _kw(args, kwargs, 2, "threshold", 20.0)
+    x = _as(args[0], out)
+    bx = x if beta == 1 else f"({x} * {literal(beta, out)})"
+    helpers.update(("log1p", "exp"))
+    soft = f"cb_log1p(cb_exp({bx}))" + ("" if beta == 1 else f" / {literal(beta, out)}")
+    return f"tl.where({bx} > {literal(threshold, out)}, {x}, {soft})"
+
+
+def _mish(args, kwargs, out, helpers):
+    # eager: x * tanh(softplus(x)) (softplus's default threshold; YOLOv4-style backbones)
+    if not out.is_floating_point:
+        raise Unsupported(f"mish on non-float result {out}")
+    helpers.update(("tanh", "log1p", "exp"))
+    x = _as(args[0], out)
+    return f"{x} * cb_tanh(tl.where({x} > 20.0, {x}, cb_log1p(cb_exp({x}))))"
+
+
+def _elu(args, kwargs, out, helpers):
+    # eager: x > 0 ? x * scale : alpha * (exp(x * input_scale) - 1) * scale (expm1 there: a tiny
+    # negative x keeps its digits, so exp(x) - 1 is computed as expm1 = 2 tanh(x/2) / (1 - tanh(x/2)))
+    if not out.is_floating_point:
+        raise Unsupported(f"elu on non-float result {out}")
+    alpha, scale, in_scale = (_kw(args, kwargs, i, n, 1.0) for i, n in ((1, "alpha"), (2, "scale"),
+                                                                          (3, "input_scale")))
+    helpers.add("tanh")
+    x = _as(args[0], out)
+    t = f"cb_tanh({x} * {literal(in_scale / 2, out)})"
+    neg = f"{literal(alpha * scale, out)} * (2.0 * {t} / (1.0 - {t}))"
+    return f"tl.where({x} > 0, {x} * {literal(scale, out)}, {neg})"
 
 
 def _constant(value_index: int) -> Callable:
@@ -405,6 +444,8 @@ LOWERINGS: Dict[Any, Callable] = {
     aten.relu: lambda a, k, o, h: f"tl.where({_as(a[0], o)} < 0, 0, {_as(a[0], o)})",
     aten.silu: _unary_float("{a} * tl.sigmoid({a})"),
     aten.gelu: _gelu, aten.leaky_relu: _leaky_relu, aten.hardtanh: _hardtanh,
+    aten.softplus: _softplus, aten.mish: _mish, aten.elu: _elu,
+    aten.floor_divide: lambda a, k, o, h: _div_op([a[0], a[1], "floor"], {}, o, h),
     aten.hardsigmoid: _unary_float("tl.minimum(tl.maximum({a} / 6.0 + 0.5, 0.0), 1.0)"),
     aten.hardswish: _unary_float("{a} * tl.minimum(tl.maximum({a} + 3.0, 0.0), 6.0) / 6.0"),
     aten.pow: None,  # overload-dependent, see _lowering_for

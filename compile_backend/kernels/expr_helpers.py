@@ -106,6 +106,21 @@ def cb_gelu_tanh_grad(dy, x):
 def cb_trunc(x):
     return tl.where(x < 0, tl.ceil(x), tl.floor(x))
 ''',
+    "log1p": '''
+@triton.jit
+def cb_log1p(u):
+    # log(1 + u) without losing a tiny u to 1 + u (Goldberg's correction: the rounding of w =
+    # 1 + u is divided back out); eager calls log1p, which softplus of very negative x needs
+    w = 1.0 + u
+    return tl.where(w == 1.0, u, tl.where(w == w + 1.0, tl.log(w), tl.log(w) * (u / (w - 1.0))))
+''',
+    "int_floordiv": '''
+@triton.jit
+def cb_int_floordiv(a, b):
+    # Triton's integer // truncates toward zero (C); torch's floor_divide rounds down
+    q = a // b
+    return tl.where(((a % b) != 0) & ((a < 0) != (b < 0)), q - 1, q)
+''',
 }
 HELPERS.update(casts.HELPERS)  # cb_rint
 

@@ -50,6 +50,13 @@ UNARY = {
     "floor_div": (lambda x: torch.div(x, 0.3, rounding_mode="floor"), randn),
     "trunc_div": (lambda x: torch.div(x, 0.3, rounding_mode="trunc"), randn),
     "sign": (torch.sign, randn), "floor": (torch.floor, randn), "ceil": (torch.ceil, randn),
+    # wide inputs: softplus's threshold (20) and log1p of a tiny exp (x << 0), elu's expm1 near 0
+    "softplus": (F.softplus, lambda *s, dtype: (randn(*s) * 12).to(dtype)),
+    "softplus_beta": (lambda x: F.softplus(x, beta=2.0, threshold=5.0), lambda *s, dtype: (randn(*s) * 6).to(dtype)),
+    "mish": (F.mish, lambda *s, dtype: (randn(*s) * 12).to(dtype)),
+    "elu": (F.elu, lambda *s, dtype: (randn(*s) * 4).to(dtype)), "selu": (F.selu, randn),
+    "elu_tiny": (lambda x: F.elu(x, alpha=0.5), lambda *s, dtype: (randn(*s) * 1e-4).to(dtype)),
+    "floor_divide": (lambda x: torch.floor_divide(x, 0.3), randn),
 }
 
 BINARY = {
@@ -108,6 +115,17 @@ def test_integer_ops_exact():
     a = torch.arange(-50, 49, dtype=torch.int32).reshape(9, 11)
     group = make_group(lambda x: (x * 3 - 7, torch.abs(x), torch.relu(x), x / 4, x > 3, torch.maximum(x, x * -1)), a)
     assert_matches(build_pointwise(group, context()), group, [a])
+
+
+@pytest.mark.parametrize("dtype", (torch.int32, torch.int64), ids=str)
+def test_integer_floor_division_rounds_down(dtype):
+    """torch's floor_divide / div(rounding_mode="floor") on integers rounds toward -inf (Triton's
+    // truncates): negative numerators and divisors, a tensor divisor, MoE's slot // top_k."""
+    a = torch.arange(-50, 49, dtype=dtype).reshape(9, 11)
+    b = torch.tensor([3, -4, 7, -1, 2, 5, -3, 11, 1, -9, 4], dtype=dtype).expand(9, 11)
+    group = make_group(lambda x, y: (torch.floor_divide(x, 2), torch.floor_divide(x, -3), torch.floor_divide(x, y),
+                                     torch.div(x, y, rounding_mode="floor")), a, b)
+    assert_matches(build_pointwise(group, context()), group, [a, b])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
