@@ -149,12 +149,19 @@ def is_grouped_mm(node: fx.Node) -> bool:
 
 
 def find_experts_layer(node: fx.Node, facts: Facts) -> Optional[Layer]:
-    """The experts' layer of a grouped GEMM x [M, K] by a [E, K, N] weight with offsets (with a
-    reason when it cannot be quantized), or None when ``node`` is not one."""
-    if not is_grouped_mm(node) or len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
+    """The experts' layer of a grouped GEMM x [M, K] by a [E, K, N] weight with offsets, or of a
+    ``bmm`` of x [E, T, K] by a frozen [E, K, N] weight (Llama 4's experts: every expert over its
+    T slots), with a reason when it cannot be quantized; None when ``node`` is neither (a ``bmm``
+    of two activations, attention's, is not a layer)."""
+    if is_op(node, aten.bmm):
+        x, w = node.args[0], node.args[1]
+        xs, ws = shape(x) or (), shape(w) or ()
+        if len(xs) != 3 or len(ws) != 3 or xs[0] != ws[0] or not facts.constant(w) or not weight_names(w):
+            return None
+    elif not is_grouped_mm(node) or len(node.args) < 3 or not isinstance(node.args[2], fx.Node):
         return None
     x, w = node.args[0], node.args[1]
-    if len(shape(x) or ()) != 2 or len(shape(w) or ()) != 3:
+    if len(shape(x) or ()) != (3 if is_op(node, aten.bmm) else 2) or len(shape(w) or ()) != 3:
         return None
     names = weight_names(w)
     name = "+".join(names) or node.name

@@ -25,7 +25,8 @@ default exclusions such as ``lm_head`` and embeddings, ``min_features``). Rewrit
 
 A mixture-of-experts layer's experts (transformers 5's Mixtral, Qwen-MoE, DeepSeek-V3: one
 [E, N, K] parameter per projection, run as ``torch._grouped_mm(x, w.transpose(1, 2), offs)``, or
-as transformers' ``grouped_mm_fallback`` op where ``_grouped_mm`` is not traced, e.g. fp16) are
+as transformers' ``grouped_mm_fallback`` op where ``_grouped_mm`` is not traced, e.g. fp16;
+Llama 4: ``bmm`` of x [E, T, K] by a frozen [E, K, N] weight, offsets T, 2T, ..., E T) are
 one layer named by the parameter: the E weights stacked as [E * N, K] are quantized row by row
 like a linear's, and the anchor becomes ``weight_only_grouped_mm(x, codes, scales, offs, ...)``
 (``kernels/weight_only_grouped.py``; the experts' launch, the routing stays as it is).
@@ -36,6 +37,7 @@ SQNR of its weight: the dequantized weight against the float one, in dB.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Optional
 
@@ -179,8 +181,18 @@ def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
         w = call(graph, aten.view.default, (w, [experts * layer.n, layer.k]))
         scales = call(graph, wo.weight_only_scales.default, (w, precision, g, request.clip))
         codes = call(graph, wo.weight_only_codes.default, (w, scales, precision, g))
-        y = call(graph, wo.weight_only_grouped_mm.default,
-                 (layer.x, codes, scales, node.args[2], precision, g, tensor_val(node).dtype))
+        x, offs = layer.x, node.args[2] if len(node.args) > 2 else None
+        if is_op(node, aten.bmm):  # x [E, T, K]: expert e's rows are slots [e T, (e + 1) T) of [E T, K]
+            slots = shape(x)[1]
+            x = call(graph, aten.reshape.default, (x, [experts * slots, layer.k]))
+            offs = graph.call_function(aten.arange.start_step, (slots, experts * slots + 1, slots),
+                                       {"dtype": torch.int32, "device": tensor_val(x).device})
+            with torch._guards.detect_fake_mode([tensor_val(x)]) or contextlib.nullcontext():  # x's fake mode
+                offs.meta["val"] = torch.arange(slots, experts * slots + 1, slots, dtype=torch.int32,
+                                                device=tensor_val(x).device)
+        y = call(graph, wo.weight_only_grouped_mm.default, (x, codes, scales, offs, precision, g, tensor_val(node).dtype))
+        if is_op(node, aten.bmm):
+            y = call(graph, aten.reshape.default, (y, list(shape(node))))
     node.replace_all_uses_with(y)
 
 
@@ -188,8 +200,9 @@ def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
 WEIGHT_ONLY_RULES = (
     Rule("weight_only_linear", "mm / addmm with a frozen weight -> weight_only_linear over the weight's "
          "codes and scales (computed from the constant by constant_fold)", _match, _rewrite),
-    Rule("weight_only_experts", "a mixture-of-experts grouped GEMM (_grouped_mm, transformers' grouped_mm_fallback) "
-         "with a frozen [E, K, N] weight -> weight_only_grouped_mm over the stacked experts' codes and scales",
+    Rule("weight_only_experts", "a mixture-of-experts grouped GEMM (_grouped_mm, transformers' grouped_mm_fallback; "
+         "a bmm by a frozen [E, K, N] weight, Llama 4) -> weight_only_grouped_mm over the stacked experts' codes "
+         "and scales",
          _match_experts, _rewrite_experts),
 )
 

@@ -190,3 +190,45 @@ def test_refit_requantizes_the_experts(aten_only, tmp_path):
         after, want = fast(x), expected(model, cfg)(x)
     torch.testing.assert_close(after, want, **FP32)
     assert not torch.allclose(before, after)
+
+
+class BmmExperts(nn.Module):
+    """Llama 4's experts: every expert over its slots of the routed tokens, one bmm each by a
+    frozen [E, K, N] weight (stored K-major, unlike transformers' grouped_mm experts)."""
+
+    def __init__(self, experts=4, h=32, f=48):
+        super().__init__()
+        torch.manual_seed(7)
+        self.router = nn.Linear(h, experts, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, h, 2 * f) / h**0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, f, h) / f**0.5)
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.router(x)).t()  # [E, T]: every expert sees every token, weighted
+        slots = (x.unsqueeze(0) * scores.unsqueeze(-1))  # [E, T, H]
+        gate, up = torch.bmm(slots, self.gate_up_proj).chunk(2, -1)
+        return torch.bmm(F.silu(gate) * up, self.down_proj).sum(0)
+
+
+@pytest.mark.parametrize("path", ["aten", "triton"])
+def test_bmm_experts_quantized_and_match_the_dequantized_model(path, monkeypatch, tmp_path):
+    if path == "aten":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model, x = BmmExperts().eval(), torch.randn(5, 32, generator=torch.Generator().manual_seed(8))
+    cfg = quant.QuantConfig(precision="int4", activations=None, group_size=32, min_features=16)
+    report = compile_backend.explain(model, x, quant=cfg, cache_dir=str(tmp_path))
+    (g,) = report.graphs
+    assert g.rules["quantize"]["weight_only_experts"] == 2
+    layers = {q["name"]: q for q in g.quant}
+    assert (layers["gate_up_proj"]["k"], layers["gate_up_proj"]["n"], layers["gate_up_proj"]["experts"]) == (32, 96, 4)
+    fast = torch.compile(model, backend="compile_backend", options={"quant": cfg, "cache_dir": str(tmp_path)})
+    want = copy.deepcopy(model)
+    for name in ("gate_up_proj", "down_proj"):  # stored [E, K, N]: the rows quantized are [E, N, K]'s
+        p = getattr(want, name)
+        e, k, n = p.shape
+        rows = p.detach().transpose(1, 2).reshape(e * n, k)
+        p.data = dequantized(rows, cfg).reshape(e, n, k).transpose(1, 2).contiguous()
+    with torch.no_grad():
+        got, flt = fast(x), model(x)
+        torch.testing.assert_close(got, want(x), **FP32)
+    assert 0.01 < ((got - flt).norm() / flt.norm()).item() < 0.35  # INT4 g32, two GEMMs through silu * up: 0.22
