@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from .base import PassContext
 from .rules import (Facts, Rule, apply_rules, call, erase_if_dead, fake_value, is_attention, is_op, is_view, propagate_meta,
-                    same_layout, takes_any_layout, tensor_val)
+                    same_layout, shape, takes_any_layout, tensor_val)
 from .strided_views import compose_view
 
 aten = torch.ops.aten
@@ -266,12 +266,63 @@ def _select_into_slot(gm: fx.GraphModule, node: fx.Node, dim: int, operands=None
     gm.graph.erase_node(node)
 
 
+def _match_filled_by_slices(node: fx.Node, facts: Facts) -> Optional[tuple]:
+    """(dim, [(start, end, value), ...] in order) of a chain of ``slice_scatter`` s along one dim
+    whose regions tile the whole dim (DeepSeek-V3's keys: ``new_empty`` then ``k[..., :a].copy_(x)``
+    and ``k[..., a:].copy_(y)``): the base's values are never read, the result is a cat."""
+    if not is_op(node, aten.slice_scatter) or node in facts.unsafe:
+        return None
+    out = tensor_val(node)
+    if out is None or out.dim() == 0:
+        return None
+    pieces, dim, cur = [], None, node
+    while is_op(cur, aten.slice_scatter) and len(pieces) <= 16:
+        args = list(cur.args) + [None] * (6 - len(cur.args))
+        d = cur.kwargs.get("dim", args[2] if args[2] is not None else 0) % out.dim()
+        start, end = cur.kwargs.get("start", args[3]), cur.kwargs.get("end", args[4])
+        if cur.kwargs.get("step", args[5] if args[5] is not None else 1) != 1 or (dim is not None and d != dim) \
+                or cur in facts.unsafe:
+            break
+        dim, size = d, out.shape[d]
+        start = 0 if start is None else (start + size if start < 0 else start)
+        end = size if end is None else (end + size if end < 0 else end)
+        pieces.append((max(0, min(start, size)), max(0, min(end, size)), cur.args[1]))
+        cur = cur.args[0]
+    pieces = sorted(p for p in pieces if p[1] > p[0])
+    if not pieces or pieces[0][0] != 0 or pieces[-1][1] != out.shape[dim] or \
+            any(a[1] != b[0] for a, b in zip(pieces, pieces[1:])):
+        return None
+    return dim, pieces
+
+
+def _filled_as_cat(gm: fx.GraphModule, node: fx.Node, found: tuple) -> None:
+    dim, pieces = found
+    out, graph = tensor_val(node), gm.graph
+    parts = []
+    with graph.inserting_before(node):
+        for start, end, value in pieces:
+            region = list(out.shape)
+            region[dim] = end - start
+            if is_op(value, aten.copy) and len(value.args) >= 2:  # copy(dst, src): src as dst's shape and dtype
+                value = value.args[1]  # (read without dst, so the chain of scatters dies)
+            if list(shape(value)) != region:
+                value = call(graph, aten.expand.default, (value, region))
+            if tensor_val(value).dtype != out.dtype:
+                value = call(graph, aten._to_copy.default, (value,), {"dtype": out.dtype})
+            parts.append(value)
+        y = call(graph, aten.cat.default, (parts, dim)) if len(parts) > 1 else \
+            call(graph, aten.clone.default, (parts[0],), {"memory_format": torch.contiguous_format})
+    node.replace_all_uses_with(y)
+
+
 COPY_RULES = (
     Rule("slot_write_as_select", "an index_copy of one slice (a static KV cache's update) is a "
          "where(arange == index, src, x): element-wise, in our kernels", _match_slot_write, _select_into_slot),
     Rule("slot_put_as_select", "an index_put of one slice by a one-element index (a full sliding-window "
          "cache's update) is a where(arange == index mod size, src, x), as slot_write_as_select",
          _match_slot_put, _put_into_slot),
+    Rule("slices_filling_as_cat", "slice_scatters along one dim whose regions tile it (a new_empty filled by "
+         "slice copies: DeepSeek-V3's keys) are a cat of the written values", _match_filled_by_slices, _filled_as_cat),
     Rule("attention_output_layout", "an attention op whose readers all permute its output the same "
          "way writes it in that order", _match_attention_layout, _write_in_reader_order),
     Rule("copy_into_any_layout", "a contiguous copy (clone, same-dtype cast, cat of one non-empty "

@@ -194,6 +194,41 @@ def test_index_put_of_several_slices_or_accumulating_stays():
     assert drop_copies(t.gm, ctx())["slot_put_as_select"] == 0 and count(t.gm, "index_put") == 1
 
 
+class FilledBySlices(nn.Module):
+    """DeepSeek-V3's keys: a new_empty tensor filled by two slice copies along the last dim (the
+    second from a broadcast rotary part, cast on the way)."""
+
+    def forward(self, nope, rot):
+        keys = nope.new_empty(*nope.shape[:-1], nope.shape[-1] + rot.shape[-1])
+        keys[..., : nope.shape[-1]].copy_(nope)
+        keys[..., nope.shape[-1]:].copy_(rot.expand(*nope.shape[:-1], -1))
+        return keys * 2.0
+
+
+def test_slices_filling_an_empty_tensor_become_a_cat():
+    nope, rot = torch.randn(2, 3, 5, 4), torch.randn(2, 1, 5, 2, dtype=torch.float64)
+    t = inference_graph(FilledBySlices(), nope, rot)
+    expected = FilledBySlices()(nope, rot)
+    counts = drop_copies(t.gm, ctx())
+    t.gm.graph.lint()
+    check_meta(t.gm)
+    torch.testing.assert_close(run(t), expected, rtol=0, atol=0)
+    assert counts["slices_filling_as_cat"] == 1 and count(t.gm, "cat") == 1
+    assert count(t.gm, "slice_scatter") == 0 and count(t.gm, "new_empty") == 0
+
+
+class PartlyFilled(nn.Module):
+    def forward(self, x, part):
+        out = x.clone()
+        out[..., 1:3].copy_(part)
+        return out * 2.0
+
+
+def test_slices_that_leave_part_of_the_tensor_stay():
+    t = inference_graph(PartlyFilled(), torch.randn(2, 5), torch.randn(2, 2))
+    assert drop_copies(t.gm, ctx())["slices_filling_as_cat"] == 0 and count(t.gm, "slice_scatter") == 1
+
+
 def test_index_copy_of_several_slices_stays():
     cache, new = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 2, 4)
     t = inference_graph(SlotWrite(), cache, new, torch.tensor([1, 4]))
