@@ -11,6 +11,10 @@ copy of the input (~10 us; estimates from bytes and FLOPs, not yet measured). A 
 patches (an fp32 model run in fp16) or their static quantize (8-bit engines) joins the copy's
 kernel: ``sink_views`` moves them in front of the rows' view.
 
+Rule ``conv1d_as_conv2d`` first: a 1-D convolution (Whisper's and wav2vec2's feature convs,
+Mamba's depthwise causal conv) becomes a 2-D one over a height of 1, the form the conv templates,
+their tuning and the 8-bit convolutions take (1-D ones ran in ATen: "the template is 2-D").
+
 Rule ``patch_conv_as_gemm``: ``convolution(x, w, b, stride=kernel, padding=0)`` with at most
 :data:`MAX_CHANNELS` input channels -> ``x`` viewed as ``[B, C, h, kh, w, kw]``, permuted to
 ``[B, h, w, C, kh, kw]`` and copied to ``[B*h*w, C*kh*kw]``; ``addmm(b, patches, w.view(N,
@@ -28,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from .base import PassContext
-from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, tensor_val
+from .rules import Facts, Rule, apply_rules, call, is_op, propagate_meta, shape, tensor_val
 
 aten = torch.ops.aten
 #: input channels up to which a patch convolution becomes a GEMM (RGB stems; over more channels
@@ -91,7 +95,40 @@ def _to_patch_gemm(gm: fx.GraphModule, node: fx.Node, found) -> None:
 PROVENANCE = ("nn_module_stack", "stack_trace", "source_fn_stack")
 
 
+def _match_conv1d(node: fx.Node, facts: Facts) -> Optional[Tuple[Any, ...]]:
+    """The arguments of a 1-D convolution (not transposed) over concrete sizes."""
+    if not is_op(node, aten.convolution) or node in facts.unsafe or len(node.args) != 9:
+        return None
+    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
+    xv, wv = tensor_val(x), tensor_val(w)
+    if xv is None or wv is None or transposed or xv.dim() != 3 or wv.dim() != 3 or not xv.is_floating_point():
+        return None
+    if not all(isinstance(v, int) for v in (*xv.shape, *wv.shape, *stride, *padding, *dilation)):
+        return None
+    return node.args
+
+
+def _conv1d_as_conv2d(gm: fx.GraphModule, node: fx.Node, args) -> None:
+    # [N, C, L] as [N, C, 1, L] and the filters [O, C/g, K] as [O, C/g, 1, K]: the same sums
+    x, w, bias, stride, padding, dilation, _, _, groups = args
+    graph = gm.graph
+    with graph.inserting_before(node):
+        # views (a size-1 dim fits any strides), the form a conv's epilogue grows through
+        x4 = call(graph, aten.view.default, (x, [*shape(x)[:2], 1, shape(x)[2]]))
+        w4 = call(graph, aten.view.default, (w, [*shape(w)[:2], 1, shape(w)[2]]))
+        conv = call(graph, aten.convolution.default, (x4, w4, bias, [1, stride[0]], [0, padding[0]],
+                                                      [1, dilation[0]], False, [0, 0], groups))
+        out = call(graph, aten.view.default, (conv, list(shape(node))))
+    for new in (x4, w4, conv, out):  # the module the convolution came from names the layer
+        new.meta.update({key: node.meta[key] for key in PROVENANCE if key in node.meta})
+    node.replace_all_uses_with(out)
+    propagate_meta(graph, [out])
+
+
 PATCH_RULES = (
+    Rule("conv1d_as_conv2d", "a 1-D convolution is a 2-D one over a height of 1 (the conv templates and the "
+         "8-bit convolutions are 2-D: audio encoders' feature convs, Mamba's depthwise conv)",
+         _match_conv1d, _conv1d_as_conv2d),
     Rule("patch_conv_as_gemm", "convolution with stride = kernel over <= 4 channels -> a GEMM of its "
          "patches (one copy of the input) by the flattened filters", _match_patch_conv, _to_patch_gemm),
 )

@@ -83,7 +83,7 @@ def test_a_patch_embedding_runs_as_our_gemm_through_the_backend(tmp_path):
     model, x = PatchEmbed(3, 16, (4, 4)).eval(), torch.randn(2, 3, 17, 16)
     report = compile_backend.explain(model, x, cache_dir=str(tmp_path))
     (g,) = report.graphs
-    assert g.rules["patchify_convolutions"] == {"patch_conv_as_gemm": 1}
+    assert g.rules["patchify_convolutions"] == {"conv1d_as_conv2d": 0, "patch_conv_as_gemm": 1}
     assert "conv" not in {k["kind"] for k in g.kernels} and "gemm" in {k["kind"] for k in g.kernels}
     compile_and_compare(model, [x], options={"cache_dir": str(tmp_path)})
     cfg = quant.QuantConfig(precision="int8", activations="dynamic")
@@ -145,3 +145,49 @@ def test_a_static_int8_engine_quantizes_the_patches_in_their_copy(tmp_path):
     copies = [k for k in g.kernels if "aten.clone" in k["ops"]]
     assert len(copies) == 1 and "aten.round" in copies[0]["ops"], g.kernels
     assert g.rules["sink_views"]["elementwise_before_view"] >= 4
+
+
+class AudioConvs(nn.Module):
+    """1-D convolutions as audio encoders and Mamba have them: a strided feature conv (wav2vec2),
+    a padded one with GELU (Whisper), a grouped one with dilation, a depthwise causal one sliced
+    back to the input's length (Mamba), over a transposed (non-contiguous) input."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature = nn.Conv1d(1, 16, 10, stride=5)
+        self.padded = nn.Conv1d(16, 16, 3, padding=1)
+        self.grouped = nn.Conv1d(16, 16, 5, padding=4, dilation=2, groups=4, bias=False)
+        self.depthwise = nn.Conv1d(16, 16, 4, padding=3, groups=16)
+
+    def forward(self, wave, tokens):
+        h = nn.functional.gelu(self.padded(self.feature(wave)))
+        h = self.grouped(h)
+        t = tokens.transpose(1, 2)  # [B, L, C] -> [B, C, L]
+        return h.sum(-1), torch.relu(self.depthwise(t)[..., :t.shape[-1]])
+
+
+def test_1d_convolutions_become_2d_ones_over_a_height_of_one():
+    t, n = rewritten(patchify_convolutions, "conv1d_as_conv2d", AudioConvs().eval(), torch.randn(2, 1, 97),
+                     torch.randn(2, 23, 16), tol=1e-5)
+    assert n == 4 and count(t.gm, "convolution") == 4
+    assert all(len(c.meta["val"].shape) == 4 for c in t.gm.graph.nodes if c.op == "call_function"
+               and "convolution" in str(c.target))
+
+
+def test_1d_convolutions_run_as_our_conv_kernels_with_their_epilogues(tmp_path):
+    """End to end under the interpreter: every 1-D convolution is a Triton conv group (they ran in
+    ATen: "the template is 2-D"), the GELU joins its convolution's epilogue through the view; an
+    INT8 engine quantizes them as convolutions."""
+    import compile_backend
+    from compile_backend import quant
+    from helpers import compile_and_compare
+
+    model, inputs = AudioConvs().eval(), (torch.randn(2, 1, 97), torch.randn(2, 23, 16))
+    (g,) = compile_backend.explain(model, *inputs, cache_dir=str(tmp_path)).graphs
+    convs = [k for k in g.kernels if "aten.convolution" in k["ops"]]
+    assert len(convs) == 4 and {k["impl"] for k in convs} == {"triton"}, g.kernels
+    assert any("aten.gelu" in k["ops"] for k in convs) and not g.fallbacks
+    compile_and_compare(model, list(inputs), options={"cache_dir": str(tmp_path)})
+    cfg = quant.QuantConfig(precision="int8", activations="dynamic", min_features=1)
+    q = compile_backend.explain(model, *inputs, quant=cfg, cache_dir=str(tmp_path)).graphs[0]
+    assert {s["name"]: s["status"] for s in q.quant}.get("padded.weight") == "quantized", q.quant
