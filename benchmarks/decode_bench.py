@@ -339,21 +339,37 @@ HF_LLAMA_DIMS = {"base": dict(hidden_size=2048, intermediate_size=5632, num_hidd
                               num_key_value_heads=2, vocab_size=1000)}
 
 
-def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, context: int = 512):
+#: ``--model hf-moe``: transformers' Mixtral. base: Mixtral-8x7B's layer shape (8 experts, top-2,
+#: hidden 4096, expert FFN 14336, 8 KV heads) with 4 of its 32 layers (5.6 B parameters: a
+#: decode step's per-layer time, on one GPU); tiny: CPU smoke runs
+HF_MIXTRAL_DIMS = {"base": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2),
+                   "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=1000, num_local_experts=4, num_experts_per_tok=2)}
+
+
+def hf_decode_case(size: str, batch: int, device: str, dtype: torch.dtype, context: int = 512, moe: bool = False):
     """(HFDecodeStep, inputs): random init, a StaticCache of 2048 slots (32 for tiny) whose first
-    ``context - 1`` slots a prefill filled; the step decodes the token at ``context - 1``."""
+    ``context - 1`` slots a prefill filled; the step decodes the token at ``context - 1``.
+    ``moe``: transformers' Mixtral of :data:`HF_MIXTRAL_DIMS` (its experts run as
+    ``torch._grouped_mm`` in bf16), else Llama of :data:`HF_LLAMA_DIMS`."""
     import transformers
 
     full = size != "tiny"
     context = context if full else 16
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(max_position_embeddings=2048, **HF_LLAMA_DIMS[size])
-    if size == "8b":  # initialised on the device: 8B parameters in fp32 on the host take minutes
+    if moe:
+        cfg = transformers.MixtralConfig(max_position_embeddings=2048, **HF_MIXTRAL_DIMS[size])
+        model_class = transformers.MixtralForCausalLM
+    else:
+        cfg = transformers.LlamaConfig(max_position_embeddings=2048, **HF_LLAMA_DIMS[size])
+        model_class = transformers.LlamaForCausalLM
+    if size == "8b" or (moe and full):  # initialised on the device: billions of fp32 parameters on the host take minutes
         with torch.device(device):
-            model = transformers.LlamaForCausalLM(cfg)
+            model = model_class(cfg)
         model = model.to(dtype=dtype).eval()
     else:  # the base model's weights as every session since 11 drew them (host RNG)
-        model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+        model = model_class(cfg).to(device=device, dtype=dtype).eval()
     cache = transformers.StaticCache(config=cfg, max_batch_size=batch, max_cache_len=2048 if full else 32,
                                      device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
@@ -407,10 +423,10 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
     if size == "8b" and model_kind != "hf":
         raise ValueError("--size 8b is transformers' Llama (--model hf)")
-    if model_kind == "hf":
+    if model_kind in ("hf", "hf-moe"):
         if kind != "decode":
-            raise ValueError("--model hf times the decode step (the prefill is the zoo decoder's)")
-        model, inputs = hf_decode_case(size, batch, device, dtype)
+            raise ValueError(f"--model {model_kind} times the decode step (the prefill is the zoo decoder's)")
+        model, inputs = hf_decode_case(size, batch, device, dtype, moe=model_kind == "hf-moe")
     elif model_kind == "zoo-inplace":
         if kind != "decode":
             raise ValueError("--model zoo-inplace times the decode step (the prefill is the zoo decoder's)")
@@ -424,6 +440,8 @@ def run_case(kind: str, size: str, batch: int, device: str, peers: List[str], it
     ref32 = None
     seen: Dict[str, torch.Tensor] = {}  # each peer's logits: which peers agree with which
     short = fp32_copy_short(model) if model_kind == "hf" else None
+    if model_kind == "hf-moe":  # eager experts in fp32 run torch._grouped_mm, which takes bf16 only
+        short = "an MoE's experts (torch._grouped_mm takes bf16): no fp32 reference, cosines are to the bf16 eager step"
     if short:
         print(f"no fp32 reference: {short}", flush=True)
     elif model_kind == "hf":
@@ -570,10 +588,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--prefill", action="store_true", help="also a prefill at batch 1")
     p.add_argument("--profile", action="store_true", help="each peer's GPU kernels per call (torch.profiler)")
-    p.add_argument("--model", choices=("zoo", "zoo-inplace", "hf"), default="zoo",
+    p.add_argument("--model", choices=("zoo", "zoo-inplace", "hf", "hf-moe"), default="zoo",
                    help="zoo: our Llama-style decoder (caches in, new caches out); zoo-inplace: the same step "
                         "writing per-layer caches in place (decode only); hf: transformers' LlamaForCausalLM of "
-                        "the same sizes with a StaticCache (decode only)")
+                        "the same sizes with a StaticCache (decode only); hf-moe: transformers' Mixtral "
+                        "(base: 4 layers of Mixtral-8x7B's shape; bfloat16, decode only)")
     args = p.parse_args(argv)
     from compile_backend.bench.results import environment
 

@@ -39,13 +39,16 @@ MODES = {"w8a16": ("int8", None), "w4a16": ("int4", 128)}
 def round_trip(weight: torch.Tensor, precision: str, group_size: Optional[int] = None,
                clip: str = "minmax") -> torch.Tensor:
     """fp32 ``dequantize(quantize(W))`` of a linear layer's [N, K] weight (rows are output
-    channels: INT8 one scale per row, INT4 one per ``group_size`` inputs of a row), by
+    channels: INT8 one scale per row, INT4 one per ``group_size`` inputs of a row), or of an MoE's
+    experts [E, N, K] (transformers' layout: each expert's rows, as the pass stacks them), by
     ``kernels/weight_only_ref.py``: the values the engine's weight-only GEMM multiplies by
     (before it rounds them to the activations' dtype)."""
     from compile_backend.kernels import weight_only_ref
 
+    if weight.dim() == 3:
+        return round_trip(weight.reshape(-1, weight.shape[-1]), precision, group_size, clip).reshape(weight.shape)
     if weight.dim() != 2:
-        raise ValueError(f"round_trip takes a 2-D [N, K] weight, got shape {tuple(weight.shape)}")
+        raise ValueError(f"round_trip takes a 2-D [N, K] weight (or [E, N, K] experts), got shape {tuple(weight.shape)}")
     w = weight.detach().float()
     s = weight_only_ref.scales(w, precision, group_size, clip)
     return weight_only_ref.dequantize(weight_only_ref.quantize(w, s, precision, group_size), s, precision, group_size)
@@ -116,7 +119,7 @@ def fp32_logits(model: torch.nn.Module, inputs, model_kind: str = "hf", size: st
     from . import decode_bench
 
     prepare = (lambda twin: round_trip_weights(twin, spec)) if spec else None
-    if model_kind == "hf":
+    if model_kind in ("hf", "hf-moe"):
         return decode_bench.hf_fp32_logits(model, inputs, size, prepare=prepare)
     twin = reference_model(model, spec)
     args = [x.to(torch.float32 if x.is_floating_point() else x.dtype, copy=True) if isinstance(x, torch.Tensor) else x

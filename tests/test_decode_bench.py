@@ -40,6 +40,26 @@ def test_decode_bench_cpu_records_peers_cosine_and_per_layer_sqnr(tmp_path, monk
         assert r["quantized"] > 0 and r["cosine_vs_eager"] > 0.98 and r["layer_sqnr_db_min"] > 10, r
 
 
+def test_decode_bench_times_transformers_mixtral(tmp_path, monkeypatch):
+    """``--model hf-moe``: transformers' Mixtral decode step, tiny, bf16, on the CPU: every peer
+    runs and the weight-only engine quantizes layers (on transformers 5 the experts too, as
+    ``weight_only_grouped_mm``; transformers 4's experts are linears in a loop)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from benchmarks import decode_bench
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the emulated path: fast on the CPU
+    out = tmp_path / "moe.json"
+    assert decode_bench.main(["--model", "hf-moe", "--size", "tiny", "--device", "cpu", "--dtype", "bfloat16",
+                              "--batches", "1", "--iters", "1", "--peers", "eager", "w4a16", "--out", str(out)]) == 0
+    rows = {r["peer"]: r for r in json.loads(out.read_text())}
+    assert rows["eager"]["model"] == "hf-moe" and not rows["w4a16"].get("error"), rows["w4a16"].get("error")
+    assert rows["w4a16"]["quantized"] > 0 and rows["w4a16"]["cosine_vs_eager"] > 0.98
+    if int(transformers.__version__.split(".")[0]) >= 5:  # experts as [E, N, K] parameters: 4 linears + 4 experts
+        assert rows["w4a16"]["quantized"] == 8 and rows["w4a16"]["cosine_vs_reference"] > 0.9999, rows["w4a16"]
+
+
 def test_decode_bench_times_transformers_llama_with_a_static_cache(tmp_path, monkeypatch):
     """``--model hf``: the decode step of transformers' LlamaForCausalLM (a StaticCache written in
     place) through the same peers, tiny sizes on the CPU: recorded, close to eager, quantized."""
