@@ -129,7 +129,9 @@ def _match_experts(node: fx.Node, facts: Facts) -> Optional[_Found]:
         record.update(status="float", reason=reason)
         return None
     record.update(status="quantized", reason="", sqnr_db=_weight_sqnr(facts.gm, layer, request))
-    return _Found(layer, request, None)
+    x = tensor_val(layer.x)
+    low = _LOW_PRECISION.get(facts.ctx.precision)
+    return _Found(layer, request, low if x is not None and x.dtype == torch.float32 else None)
 
 
 def _record(layer: Layer, request: WeightOnlyRequest) -> Dict[str, Any]:
@@ -182,6 +184,8 @@ def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
         scales = call(graph, wo.weight_only_scales.default, (w, precision, g, request.clip))
         codes = call(graph, wo.weight_only_codes.default, (w, scales, precision, g))
         x, offs = layer.x, node.args[2] if len(node.args) > 2 else None
+        if found.act_dtype is not None:  # the A16 of W4A16 with precision fp16 / bf16, as for a linear
+            x = call(graph, aten._to_copy.default, (x,), {"dtype": found.act_dtype})
         if is_op(node, aten.bmm):  # x [E, T, K]: expert e's rows are slots [e T, (e + 1) T) of [E T, K]
             slots = shape(x)[1]
             x = call(graph, aten.reshape.default, (x, [experts * slots, layer.k]))
@@ -190,7 +194,8 @@ def _rewrite_experts(gm: fx.GraphModule, node: fx.Node, found: _Found) -> None:
             with torch._guards.detect_fake_mode([tensor_val(x)]) or contextlib.nullcontext():  # x's fake mode
                 offs.meta["val"] = torch.arange(slots, experts * slots + 1, slots, dtype=torch.int32,
                                                 device=tensor_val(x).device)
-        y = call(graph, wo.weight_only_grouped_mm.default, (x, codes, scales, offs, precision, g, tensor_val(node).dtype))
+        y = call(graph, wo.weight_only_grouped_mm.default,
+                 (x, codes, scales, offs, precision, g, tensor_val(node).dtype))
         if is_op(node, aten.bmm):
             y = call(graph, aten.reshape.default, (y, list(shape(node))))
     node.replace_all_uses_with(y)

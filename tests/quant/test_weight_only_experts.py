@@ -232,3 +232,25 @@ def test_bmm_experts_quantized_and_match_the_dequantized_model(path, monkeypatch
         got, flt = fast(x), model(x)
         torch.testing.assert_close(got, want(x), **FP32)
     assert 0.01 < ((got - flt).norm() / flt.norm()).item() < 0.35  # INT4 g32, two GEMMs through silu * up: 0.22
+
+
+def test_fp16_precision_runs_the_experts_in_16_bits(aten_only, monkeypatch, tmp_path):
+    """options precision="fp16" on an fp32 model: the experts' grouped GEMM takes fp16 rows (the
+    A16 of W8A16, as a linear's) and still writes the fp32 value the graph had."""
+    seen = []
+    real = ref.grouped_weight_only_mm
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(ref, "grouped_weight_only_mm", recording)
+    model = MoE(grouped=_fallback_op().default).eval()
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(9))
+    cfg = quant.QuantConfig(precision="int8", activations=None, min_features=16)
+    fast = torch.compile(model, backend="compile_backend",
+                         options={"quant": cfg, "precision": "fp16", "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        got, want = fast(x), expected(model, cfg)(x)
+    assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() < 5e-3
+    assert seen and set(seen) == {torch.float16}, seen
