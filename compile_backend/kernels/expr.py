@@ -187,6 +187,8 @@ def _div_op(args, kwargs, out, helpers):
     if not cd.is_floating_point:
         if mode != "floor" or cd == torch.bool:
             raise Unsupported(f"integer division with rounding_mode={mode!r}")
+        if not isinstance(args[1], Var) and int(args[1]) == 0:
+            raise Unsupported("integer division by a literal 0 (eager raises)")
         helpers.add("int_floordiv")  # MoE routing's sorted slot // top_k: the token of each slot
         b = args[1] if isinstance(args[1], Var) else f"tl.full([], {int(args[1])}, {tl_type(cd)})"
         return f"cb_int_floordiv({_as(args[0], out)}, {_as(b, out) if isinstance(b, Var) else b})"
