@@ -102,29 +102,23 @@ def _match(node: fx.Node, facts: Facts) -> Optional[_Found]:
     layer = find_layer(node, facts)
     if layer is None:
         return None
-    request: WeightOnlyRequest = facts.ctx.quant
-    reason = layer.reason
-    if reason is None and layer.kind != "linear":
-        reason = "weight-only quantization covers linear layers (mm / addmm); convolutions stay float"
-    reason = reason or selection_reason(layer, request.decide)
-    record = request.records.setdefault(layer.name, _record(layer, request))
-    if reason is not None:
-        record.update(status="float", reason=reason)
-        return None
-    record.update(status="quantized", reason="", sqnr_db=_weight_sqnr(facts.gm, layer, request))
-    x = tensor_val(layer.x)
-    low = _LOW_PRECISION.get(facts.ctx.precision)
-    return _Found(layer, request, low if x is not None and x.dtype == torch.float32 else None)
+    if layer.reason is None and layer.kind != "linear":
+        layer.reason = "weight-only quantization covers linear layers (mm / addmm); convolutions stay float"
+    return _decided(layer, facts)
 
 
 def _match_experts(node: fx.Node, facts: Facts) -> Optional[_Found]:
     layer = find_experts_layer(node, facts)
-    if layer is None:
-        return None
+    return None if layer is None else _decided(layer, facts, experts=shape(layer.weight)[0])
+
+
+def _decided(layer: Layer, facts: Facts, **extra: Any) -> Optional[_Found]:
+    """The layer's record (float with the reason, or quantized with its weight SQNR), and what the
+    rewrite needs when it is quantized: x cast to the precision option's 16 bits when fp32."""
     request: WeightOnlyRequest = facts.ctx.quant
     reason = layer.reason or selection_reason(layer, request.decide)
     record = request.records.setdefault(layer.name, _record(layer, request))
-    record["experts"] = shape(layer.weight)[0]
+    record.update(extra)
     if reason is not None:
         record.update(status="float", reason=reason)
         return None
