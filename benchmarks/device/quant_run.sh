@@ -79,7 +79,7 @@ for spec in "$@"; do
              ${FAMILIES_ARGS:-} > "$OUT/decode_families.log" 2>&1
            grep "\[decode_families\]" "$OUT/decode_families.log" | cut -c1-300 ;;
     vision) # torchvision families through every engine mode on the GPU (benchmarks.vision_families): ATen ops,
-           # rejected kernels, cosine to eager beside an int8 simulation; VISION_ARGS: e.g. "--dtype float16 --size 96"
+           # rejected kernels, cosine to eager beside int8 and fp8 simulations; VISION_ARGS: e.g. "--dtype float16 --size 96"
            timeout "$limit" python3 -m benchmarks.vision_families --device cuda --out "$OUT/vision_families_h200.json" \
              ${VISION_ARGS:-} > "$OUT/vision_families.log" 2>&1
            grep "\[vision_families\]" "$OUT/vision_families.log" | cut -c1-400 ;;
