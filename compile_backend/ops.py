@@ -213,7 +213,8 @@ def weight_only_grouped_mm(
     """A mixture-of-experts layer's ``torch._grouped_mm(x, w, offs)`` over weight-only codes:
     x [M, K] (rows sorted by expert), the E experts' [N, K] weights stacked as [E * N, K] codes
     with their scales (:func:`weight_only_codes` / :func:`weight_only_scales` of the stacked
-    weight), ``offs`` [E] the cumulative rows per expert -> [M, N]; rows past ``offs[-1]`` 0
+    weight), ``offs`` [E] the cumulative rows per expert (non-decreasing, as ``_grouped_mm`` takes them:
+    not checked, which would sync the host) -> [M, N]; rows past ``offs[-1]`` 0
     (``weight_only_ref.grouped_weight_only_mm``: no host sync, so a CUDA graph may hold it)."""
     k = x.shape[-1]
     unpacked = weight_only_ref.unpack_int4(codes, k) if precision == "int4" else codes

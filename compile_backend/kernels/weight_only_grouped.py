@@ -11,7 +11,8 @@ plain-PyTorch version (``weight_only_ref.grouped_weight_only_mm`` on the unpacke
 Operands: x [M, K] with its rows sorted by expert; the experts' weights stacked as one [E * N, K]
 weight, quantized row by row as ``weight_only_ref.quantize_weight`` makes them (INT8 codes with a
 scale a row, INT4 packed two a byte with a scale a group of K); ``offs`` [E], the cumulative row
-ends per expert (int32, as ``torch._grouped_mm`` takes them). Numerics are the tiled weight-only
+ends per expert (int32, non-decreasing, as ``torch._grouped_mm`` takes them; their values are not
+checked, which would cost a host sync: out-of-range ends are clamped to [0, M], so no access leaves x). Numerics are the tiled weight-only
 GEMM's: each weight tile dequantized (code * scale in fp32, rounded to x's dtype), products
 summed in fp32, one rounding to the output dtype; rows past ``offs[-1]`` are written 0.
 
